@@ -1,0 +1,38 @@
+# The README's two commands:
+#   make demo   set up, build the default model's engines, serve them, replay the bundled drive
+#   make test   set up and run the whole test suite (what .ci/run calls)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard proto/perception/v1/*.proto)
+PROTO_OUT := perception/v1/detector_pb2.py
+
+.PHONY: demo test setup proto bench clean
+
+setup: $(STAMP) $(PROTO_OUT)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Python stubs are generated from the contract, never edited by hand.
+$(PROTO_OUT): $(PROTO_SRC) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+
+proto: $(PROTO_OUT)
+
+demo: setup
+	PY=$(PY) bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) artifacts/demo perception/v1/*_pb2*.py perception/v1/*_pb2*.pyi

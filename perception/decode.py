@@ -1,0 +1,141 @@
+"""Decode frames to BGR uint8: encoded JPEG/PNG bytes, or raw pixels with a row stride.
+
+Sizes are validated before anything is allocated. A JPEG much larger than the model input is
+decoded at reduced scale by libjpeg's DCT scaling (measured 2.5x faster for 1920x1080 ->
+640x360, ../shared/MEASURED.md) when the caller passes the input size it needs.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.errors import InvalidInputError
+
+# 8K UHD; anything larger is refused before allocation.
+MAX_SIDE = 8192
+MAX_PIXELS = 7680 * 4320
+
+
+class PixelFormat(IntEnum):
+    """Mirrors perception.v1.PixelFormat."""
+
+    UNSPECIFIED = 0
+    BGR8 = 1
+    RGB8 = 2
+    GRAY8 = 3
+    NV12 = 4
+
+
+def check_size(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"image size must be positive, got {width}x{height}")
+    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+        raise InvalidInputError(f"image {width}x{height} exceeds the limit of {MAX_SIDE} per side / {MAX_PIXELS} pixels")
+
+
+def encoded_size(data: bytes) -> tuple[str, int, int]:
+    """(kind, width, height) read from a JPEG/PNG header without decoding the pixels."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n":
+        w, h = struct.unpack(">II", data[16:24])
+        return "png", int(w), int(h)
+    if len(data) >= 4 and data[:2] == b"\xff\xd8":
+        i = 2
+        n = len(data)
+        while i + 4 <= n:
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+            # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size.
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                if i + 9 > n:
+                    break
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return "jpeg", int(w), int(h)
+            i += 2 + seg_len
+        raise InvalidInputError("JPEG has no frame header (truncated or corrupt)")
+    raise InvalidInputError("encoded image is neither JPEG nor PNG")
+
+
+def _reduced_flag(src_w: int, src_h: int, need_w: int, need_h: int) -> tuple[int, int]:
+    """The largest libjpeg reduction (1, 2, 4, 8) that still leaves at least the needed size."""
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if src_w // factor >= need_w and src_h // factor >= need_h:
+            return factor, flag
+    return 1, cv2.IMREAD_COLOR
+
+
+def decode_encoded(
+    data: bytes, min_size: tuple[int, int] | None = None
+) -> tuple[NDArray[np.uint8], int, int]:
+    """Decode JPEG/PNG bytes to BGR.
+
+    Returns (image, source_width, source_height). With ``min_size=(w, h)``, a JPEG that is at
+    least twice as large on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below
+    ``min_size``; the returned image is then smaller than the source size reported.
+    """
+    if not data:
+        raise InvalidInputError("frame has no image bytes")
+    kind, w, h = encoded_size(data)
+    check_size(w, h)
+    flag = cv2.IMREAD_COLOR
+    if kind == "jpeg" and min_size is not None:
+        _, flag = _reduced_flag(w, h, min_size[0], min_size[1])
+    buf = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buf, flag)
+    if img is None:
+        raise InvalidInputError(f"{kind.upper()} could not be decoded (truncated or corrupt)")
+    if flag == cv2.IMREAD_COLOR and (img.shape[1], img.shape[0]) != (w, h):
+        raise InvalidInputError(f"{kind.upper()} header says {w}x{h} but decoded {img.shape[1]}x{img.shape[0]}")
+    return img, w, h
+
+
+def decode_raw(
+    data: bytes, width: int, height: int, pixel_format: int, row_stride: int = 0
+) -> NDArray[np.uint8]:
+    """Raw pixels (BGR8, RGB8, GRAY8 or NV12) with an optional row stride -> BGR (H, W, 3)."""
+    check_size(width, height)
+    try:
+        fmt = PixelFormat(pixel_format)
+    except ValueError as exc:
+        raise InvalidInputError(f"unknown pixel format {pixel_format}") from exc
+    if fmt == PixelFormat.UNSPECIFIED:
+        raise InvalidInputError("raw frame has no pixel format")
+    bpp = {PixelFormat.BGR8: 3, PixelFormat.RGB8: 3, PixelFormat.GRAY8: 1, PixelFormat.NV12: 1}[fmt]
+    row = width * bpp
+    stride = row_stride or row
+    if stride < row:
+        raise InvalidInputError(f"row_stride {stride} is smaller than a row of {row} bytes")
+    if fmt == PixelFormat.NV12:
+        if width % 2 or height % 2:
+            raise InvalidInputError(f"NV12 needs even width and height, got {width}x{height}")
+        rows = height + height // 2
+    else:
+        rows = height
+    # The last row needs only `row` bytes, not a whole stride.
+    need = stride * (rows - 1) + row
+    if len(data) < need or len(data) > stride * rows:
+        raise InvalidInputError(
+            f"raw {fmt.name} {width}x{height} (stride {stride}) needs {need}..{stride * rows} bytes, got {len(data)}"
+        )
+    buf = np.frombuffer(data, np.uint8)
+    if len(data) < stride * rows:
+        buf = np.concatenate([buf, np.zeros(stride * rows - len(data), np.uint8)])
+    plane = buf.reshape(rows, stride)[:, :row]
+    if fmt == PixelFormat.NV12:
+        return cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_YUV2BGR_NV12)
+    if fmt == PixelFormat.GRAY8:
+        return cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_GRAY2BGR)
+    img = plane.reshape(height, width, 3)
+    if fmt == PixelFormat.RGB8:
+        return np.ascontiguousarray(img[:, :, ::-1])
+    return np.ascontiguousarray(img)

@@ -1,0 +1,42 @@
+"""Domain types shared by build, serve and replay. Arrays, not per-box objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Detections of one image.
+
+    boxes: (N, 4) float32, x1 y1 x2 y2 in pixels of the image they refer to.
+    scores: (N,) float32 in [0, 1].
+    class_ids: (N,) int64.
+    """
+
+    boxes: NDArray[np.float32]
+    scores: NDArray[np.float32]
+    class_ids: NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        n = self.boxes.shape[0]
+        if self.boxes.shape != (n, 4) or self.scores.shape != (n,) or self.class_ids.shape != (n,):
+            raise ValueError(
+                f"inconsistent detection arrays: boxes {self.boxes.shape}, "
+                f"scores {self.scores.shape}, class_ids {self.class_ids.shape}"
+            )
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(
+            np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64)
+        )
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> "Detections":
+        return Detections(self.boxes[index], self.scores[index], self.class_ids[index])
