@@ -21,7 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("build_engine.build_cli", "fold BN, export ONNX, quantize, build engines, gate, write the manifest"),
     "serve": ("server.cli", "serve a manifest's engine over gRPC"),
     "verify-engine": ("server.verify_cli", "check an engine against the ONNX model on this device"),
+    "health": ("server.health_cli", "ask a server's gRPC health service whether it is SERVING"),
     "replay": ("client.replay_cli", "replay a recorded drive against a server"),
+    "compare": ("client.compare_cli", "diff two replays of the same drive, frame by frame, with KPI side by side"),
 }
 
 

@@ -1,0 +1,16 @@
+"""The detector family: one definition, presets (nano, small, ...) by width/depth/input size."""
+
+from build_engine.model.blocks import ConvBNAct, ResidualBlock, CSPStage
+from build_engine.model.config import PRESETS, ModelConfig, preset
+from build_engine.model.detector import Detector, build_detector
+
+__all__ = [
+    "ConvBNAct",
+    "ResidualBlock",
+    "CSPStage",
+    "ModelConfig",
+    "PRESETS",
+    "preset",
+    "Detector",
+    "build_detector",
+]

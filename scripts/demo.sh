@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The README's first command (`make demo`): build the shipped default model's engines, serve
+# them, replay the bundled recorded drive over gRPC, print the summary, shut down cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${DEMO_OUT:-artifacts/demo}
+DRIVE=${DEMO_DRIVE:-assets/drives/demo/drive.mcap}
+GT=${DEMO_GT:-assets/drives/demo/gt.json}
+mkdir -p "$OUT"
+perception() { "$PY" -m perception.cli "$@"; }
+
+echo "== 1/3 build: fold BN, export ONNX, quantize, gate -> $OUT/engine"
+perception build --out "$OUT/engine" ${DEMO_BUILD_ARGS:-}
+
+echo "== 2/3 serve: $OUT/engine/manifest.json"
+LOG="$OUT/server.log"
+perception serve --model "$OUT/engine/manifest.json" --host 127.0.0.1 --port 0 --metrics-port 0 2>"$LOG" &
+SERVER_PID=$!
+cleanup() {
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+READY=""
+for _ in $(seq 1 240); do
+  READY=$(grep -o 'ready grpc=[^ ]* metrics=[^ ]*' "$LOG" | head -n1 || true)
+  [ -n "$READY" ] && break
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "server exited before it was ready:"; cat "$LOG"; exit 1
+  fi
+  sleep 0.5
+done
+[ -n "$READY" ] || { echo "server not ready after 120 s:"; cat "$LOG"; exit 1; }
+GRPC=${READY#ready grpc=}; GRPC=${GRPC%% *}
+METRICS=${READY##*metrics=}
+echo "   server ready: gRPC $GRPC, metrics http://$METRICS/metrics"
+
+echo "== 3/3 replay: $DRIVE (recorded timing) against $GRPC"
+perception replay "$DRIVE" --server "$GRPC" --out "$OUT/detections.jsonl" \
+  --summary-json "$OUT/summary.json" --gt "$GT" ${DEMO_REPLAY_ARGS:-}
+
+echo "== server metrics (excerpt)"
+"$PY" - "$METRICS" <<'PYEOF'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode()
+for line in text.splitlines():
+    if line.startswith(("perception_stage_latency_seconds_count", "perception_frames_", "perception_model_info")):
+        print("  ", line)
+PYEOF
+
+kill -TERM "$SERVER_PID"
+wait "$SERVER_PID" && echo "== server stopped cleanly (exit 0)"
+trap - EXIT
+echo "outputs: $OUT/detections.jsonl, $OUT/summary.json, $OUT/engine/report.md"

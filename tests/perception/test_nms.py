@@ -1,0 +1,76 @@
+"""NMS against a slow, obviously-correct reference on random boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perception.boxes import box_iou
+from perception.nms import batched_nms, nms
+
+
+def reference_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> list[int]:
+    """Textbook greedy NMS: one box at a time, plain Python loops."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    keep: list[int] = []
+    for i in order:
+        ok = True
+        for k in keep:
+            x1, y1 = max(boxes[i][0], boxes[k][0]), max(boxes[i][1], boxes[k][1])
+            x2, y2 = min(boxes[i][2], boxes[k][2]), min(boxes[i][3], boxes[k][3])
+            inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+            a = (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])
+            b = (boxes[k][2] - boxes[k][0]) * (boxes[k][3] - boxes[k][1])
+            union = a + b - inter
+            if union > 0 and inter / union > iou_thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def random_boxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # clustered boxes so that suppression actually happens
+    centres = rng.uniform(0, 200, (max(1, n // 8), 2))
+    c = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 6, (n, 2))
+    wh = rng.uniform(5, 60, (n, 2))
+    boxes = np.concatenate([c - wh / 2, c + wh / 2], axis=1).astype(np.float32)
+    return boxes, rng.uniform(0, 1, n).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("iou_thr", [0.3, 0.5, 0.7])
+def test_nms_matches_reference(seed: int, iou_thr: float) -> None:
+    rng = np.random.default_rng(seed)
+    boxes, scores = random_boxes(rng, int(rng.integers(1, 300)))
+    assert nms(boxes, scores, iou_thr).tolist() == reference_nms(boxes, scores, iou_thr)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_batched_nms_is_per_class(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    boxes, scores = random_boxes(rng, 200)
+    classes = rng.integers(0, 4, 200)
+    kept = set(batched_nms(boxes, scores, classes, 0.5).tolist())
+    expected: set[int] = set()
+    for c in range(4):
+        idx = np.flatnonzero(classes == c)
+        expected |= {int(idx[i]) for i in reference_nms(boxes[idx], scores[idx], 0.5)}
+    assert kept == expected
+    agnostic = batched_nms(boxes, scores, classes, 0.5, class_agnostic=True).tolist()
+    assert agnostic == reference_nms(boxes, scores, 0.5)
+
+
+def test_kept_boxes_do_not_overlap_beyond_threshold() -> None:
+    boxes, scores = random_boxes(np.random.default_rng(7), 500)
+    keep = nms(boxes, scores, 0.45)
+    iou = box_iou(boxes[keep], boxes[keep])
+    np.fill_diagonal(iou, 0)
+    assert iou.max() <= 0.45 + 1e-6
+    assert (np.diff(scores[keep]) <= 0).all()
+
+
+def test_empty_input() -> None:
+    assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).shape == (0,)
+    assert batched_nms(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), 0.5).shape == (0,)
