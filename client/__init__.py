@@ -1,1 +1,13 @@
-"""client package."""
+"""Camera-node client library and the replay tools. No torch; protobuf stops at convert.py.
+
+- ``config``: ClientConfig (targets, TLS / mTLS, bearer token, window, deadlines, backoff).
+- ``detector_client.DetectorClient`` (sync) and ``aio_client.AsyncDetectorClient`` (asyncio):
+  unary Detect, GetModelInfo, and StreamDetect sessions (``stream.StreamSession``) with a
+  bounded send window, per-frame deadlines, reconnect with exponential backoff + jitter and
+  re-send of unanswered frames, round-robin over several servers (``channels``).
+- ``sources``: video files, image folders, MCAP, ROS 1 / ROS 2 bags -> ``frames.SourceFrame``.
+- ``pacing``: recorded time / speed factor / max rate, skip, loop, cameras kept in sync.
+- ``replay`` + ``replay_cli``: ``perception replay``; ``sinks``: JSONL, COCO results,
+  annotated video; ``summary``: the statistics and table; ``evaluation``: KPI with ``--gt``.
+- ``compare`` + ``compare_cli``: ``perception compare`` of two replays.
+"""

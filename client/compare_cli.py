@@ -1,0 +1,85 @@
+"""``perception compare A.jsonl B.jsonl [--gt GT.json] [--iou 0.5]``: what changes on the same
+drive when engine A is replaced by engine B — per-frame detection diff and KPI side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from perception.errors import ConfigError
+
+KPI_KEYS = ("map50_95", "map50", "precision", "recall", "f1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception compare", description="Diff two replays of the same drive frame by frame, with KPI side by side.")
+    p.add_argument("a", type=Path, help="replay JSONL of engine A (the baseline)")
+    p.add_argument("b", type=Path, help="replay JSONL of engine B (the candidate)")
+    p.add_argument("--gt", type=Path, help="COCO ground truth: also score both runs")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU at or above which a same-class pair is unchanged (default 0.5)")
+    p.add_argument("--pair-iou", type=float, default=0.1, help="lowest IoU at which two detections are paired (default 0.1)")
+    p.add_argument("--kpi-score-threshold", type=float, default=0.25, help="score threshold for precision / recall")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the full report (per-frame diffs) as JSON")
+    p.add_argument("--top", type=int, default=10, help="list this many most-changed frames (default 10)")
+    return p
+
+
+def _fmt_table(report: dict[str, Any], a: str, b: str, top: list[dict[str, Any]]) -> str:
+    t = report["totals"]
+    lines = [
+        f"frames compared {report['frames_compared']}  changed {report['frames_changed']}  "
+        f"only in A {report['frames_only_in_a']}  only in B {report['frames_only_in_b']}",
+        f"detections A {t['detections_a']}  B {t['detections_b']}  unchanged {t['unchanged']}  "
+        f"appeared {t['appeared']}  vanished {t['vanished']}  moved {t['moved']}  "
+        f"class changed {t['class_changed']}  status changed {t['status_changed']}",
+        "",
+        f"{'':<22}{'A':>12}{'B':>12}{'B - A':>12}",
+    ]
+    for k in ("p50", "p95", "p99"):
+        va, vb = report["latency_ms"]["a"][k], report["latency_ms"]["b"][k]
+        lines.append(f"{'latency ' + k + ' (ms)':<22}{va:>12.2f}{vb:>12.2f}{vb - va:>+12.2f}")
+    kpi = report.get("kpi")
+    if kpi:
+        for k in KPI_KEYS:
+            if k in kpi["a"] and k in kpi["b"]:
+                va, vb = float(kpi["a"][k]), float(kpi["b"][k])
+                lines.append(f"{k:<22}{va:>12.4f}{vb:>12.4f}{vb - va:>+12.4f}")
+    if top:
+        lines += ["", "most changed frames:"]
+        for d in top:
+            lines.append(
+                f"  {d['camera_id']}#{d['sequence']}: +{len(d['appeared'])} appeared, -{len(d['vanished'])} vanished, "
+                f"{len(d['moved'])} moved, {len(d['class_changed'])} class changed"
+                + (f", status {d['status']['a']} -> {d['status']['b']}" if "status" in d else "")
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0.0 < args.iou <= 1.0 or not 0.0 < args.pair_iou <= args.iou:
+        raise ConfigError("need 0 < --pair-iou <= --iou <= 1")
+    from client.compare import compare_runs
+    from client.evaluation import evaluate_replay
+    from client.ground_truth import GroundTruthIndex
+    from client.sinks.atomic_json import write_json_atomic
+    from client.sinks.jsonl import load_results
+
+    ra, rb = load_results(args.a), load_results(args.b)
+    rep = compare_runs(ra, rb, args.iou, args.pair_iou)
+    report = rep.as_dict()
+    if args.gt:
+        gt = GroundTruthIndex.load(args.gt)
+        report["kpi"] = {
+            "a": evaluate_replay(ra, gt, args.kpi_score_threshold),
+            "b": evaluate_replay(rb, gt, args.kpi_score_threshold),
+        }
+    ranked = sorted((d for d in rep.diffs if d.changes), key=lambda d: -d.changes)[: max(0, args.top)]
+    print(_fmt_table(report, str(args.a), str(args.b), [d.as_dict() for d in ranked]))
+    sys.stdout.flush()
+    if args.json_out:
+        write_json_atomic(args.json_out, report)
+    return 0
+

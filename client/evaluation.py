@@ -1,0 +1,55 @@
+"""A replay as an evaluation: the answered frames scored against COCO ground truth with the
+same KPI code as ``perception eval`` (perception.kpi.evaluate_coco).
+
+Only ground-truth images that were replayed and answered OK are scored, so a replay with
+``--skip`` or ``--max-frames`` measures the frames it saw rather than counting the rest as
+missed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from client.frames import FrameResult, FrameStatus
+from client.ground_truth import GroundTruthIndex, coco_predictions
+from perception.errors import DataError
+
+
+def evaluate_replay(
+    results: list[FrameResult],
+    gt: GroundTruthIndex,
+    score_threshold: float = 0.25,
+    file_names: dict[tuple[str, int], str] | None = None,
+) -> dict[str, Any]:
+    """KPI dict (map50_95, map50, precision, recall, ...) plus how the frames matched."""
+    from perception.kpi import evaluate_coco
+
+    file_names = file_names or {}
+    preds, unmatched = coco_predictions(results, gt, file_names)
+    seen: set[int] = set()
+    for r in results:
+        if r.status is not FrameStatus.OK:
+            continue
+        fname = file_names.get((r.camera_id, r.sequence)) or str(r.extra.get("file_name", ""))
+        iid = gt.image_id(r.camera_id, r.sequence, fname)
+        if iid is not None:
+            seen.add(iid)
+    if not seen:
+        raise DataError(
+            f"{gt.path or 'ground truth'}: no replayed frame matches a ground-truth image "
+            "(by camera_id + sequence or file_name)"
+        )
+    raw = gt.dataset.raw
+    subset = {
+        **{k: v for k, v in raw.items() if not k.startswith("_")},
+        "images": [im for im in raw["images"] if im["id"] in seen],
+        "annotations": [a for a in raw.get("annotations", []) if a.get("image_id") in seen],
+    }
+    report = evaluate_coco(subset, preds, score_threshold)
+    out = report.to_dict(curves=False)
+    out.update(
+        frames_evaluated=len(seen),
+        frames_without_gt=unmatched,
+        gt_images_not_replayed=len(gt.dataset.images) - len(seen),
+    )
+    return out

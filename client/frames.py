@@ -1,0 +1,178 @@
+"""Client-side domain types: a frame read from a recording and the server's answer to it.
+
+Protobuf stops at client/convert.py; everything else in the client works on these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from perception.decode import PixelFormat
+from perception.errors import DataError, InvalidInputError
+from perception.types import Detections
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Uncompressed pixels as a driver hands them over.
+
+    data: the bytes of the image, ``row_stride`` bytes per row (0 = tightly packed).
+    """
+
+    width: int
+    height: int
+    pixel_format: PixelFormat
+    data: bytes
+    row_stride: int = 0
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """One camera frame as recorded.
+
+    Exactly one of ``encoded`` (JPEG/PNG bytes, sent as-is) or ``raw`` is set.
+    ``sequence`` is the index of the frame in its camera's recording (0-based, timestamp
+    order; frames skipped by ``--skip`` keep their index). ``timestamp_ns`` is the capture
+    time in nanoseconds. ``file_name`` is "<camera_id>/<sequence:06d>.jpg" unless the source
+    knows a better one (an image folder).
+    """
+
+    camera_id: str
+    sequence: int
+    timestamp_ns: int
+    encoded: bytes | None = None
+    raw: RawPixels | None = None
+    file_name: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.encoded is None) == (self.raw is None):
+            raise InvalidInputError("a SourceFrame carries exactly one of encoded bytes or raw pixels")
+        if not self.file_name:
+            object.__setattr__(self, "file_name", f"{self.camera_id}/{self.sequence:06d}.jpg")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.encoded) if self.encoded is not None else len(self.raw.data)  # type: ignore[union-attr]
+
+
+class FrameStatus(str, Enum):
+    """Mirrors perception.v1.FrameStatus; the string is what JSONL files carry."""
+
+    OK = "OK"
+    DROPPED_STALE = "DROPPED_STALE"
+    EXPIRED = "EXPIRED"
+    INVALID = "INVALID"
+    OVERLOADED = "OVERLOADED"
+
+    @property
+    def reason(self) -> str:
+        """Short drop reason used in summaries and metrics ("stale", "expired", ...)."""
+        return {"DROPPED_STALE": "stale"}.get(self.value, self.value.lower())
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Server-side wall time per stage, microseconds."""
+
+    queue_us: int = 0
+    preprocess_us: int = 0
+    inference_us: int = 0
+    postprocess_us: int = 0
+    total_us: int = 0
+    batch_size: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "queue_us": self.queue_us,
+            "preprocess_us": self.preprocess_us,
+            "inference_us": self.inference_us,
+            "postprocess_us": self.postprocess_us,
+            "total_us": self.total_us,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """The server's answer to one frame, plus the client-measured round trip.
+
+    detections.boxes are in source-image pixels; ``class_names[i]`` names ``class_ids[i]``.
+    """
+
+    camera_id: str
+    sequence: int
+    capture_timestamp_ns: int
+    status: FrameStatus
+    message: str
+    image_width: int
+    image_height: int
+    detections: Detections
+    class_names: tuple[str, ...]
+    timings: StageTimings
+    latency_ms: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, object]:
+        """The JSONL record (shared interface: one object per answered frame)."""
+        dets = [
+            {
+                "box": [round(float(v), 2) for v in box],
+                "score": round(float(score), 5),
+                "class_id": int(cid),
+                "class_name": name,
+            }
+            for box, score, cid, name in zip(
+                self.detections.boxes, self.detections.scores, self.detections.class_ids, self.class_names
+            )
+        ]
+        return {
+            "camera_id": self.camera_id,
+            "sequence": self.sequence,
+            "capture_timestamp_ns": self.capture_timestamp_ns,
+            "status": self.status.value,
+            "message": self.message,
+            "image_width": self.image_width,
+            "image_height": self.image_height,
+            "detections": dets,
+            "timings": self.timings.as_dict(),
+            "latency_ms": round(self.latency_ms, 3),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, object]) -> "FrameResult":
+        """Inverse of to_json_dict (for compare / evaluation of a saved replay). Raises
+        DataError, KeyError, TypeError or ValueError on a malformed record."""
+        dets = d.get("detections") or []
+        if not isinstance(dets, list):
+            raise DataError("'detections' must be a list")
+        n = len(dets)
+        boxes = np.array([x["box"] for x in dets], np.float32).reshape(n, 4)
+        scores = np.array([x["score"] for x in dets], np.float32).reshape(n)
+        ids = np.array([x["class_id"] for x in dets], np.int64).reshape(n)
+        names = tuple(str(x.get("class_name", "")) for x in dets)
+        t = d.get("timings") or {}
+        if not isinstance(t, dict):
+            raise DataError("'timings' must be an object")
+        known = {
+            "camera_id", "sequence", "capture_timestamp_ns", "status", "message", "image_width",
+            "image_height", "detections", "timings", "latency_ms",
+        }
+        return cls(
+            camera_id=str(d["camera_id"]),
+            sequence=int(d["sequence"]),  # type: ignore[arg-type]
+            capture_timestamp_ns=int(d.get("capture_timestamp_ns", 0)),  # type: ignore[arg-type]
+            status=FrameStatus(str(d.get("status", "OK"))),
+            message=str(d.get("message", "")),
+            image_width=int(d.get("image_width", 0)),  # type: ignore[arg-type]
+            image_height=int(d.get("image_height", 0)),  # type: ignore[arg-type]
+            detections=Detections(boxes, scores, ids),
+            class_names=names,
+            timings=StageTimings(**{k: int(v) for k, v in t.items() if k in StageTimings.__dataclass_fields__}),
+            latency_ms=float(d.get("latency_ms", 0.0)),  # type: ignore[arg-type]
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+

@@ -1,0 +1,201 @@
+"""``perception replay SOURCE --server HOST:PORT --out FILE.jsonl``: replay a recorded drive
+(video, image folder, MCAP, ROS 1 / ROS 2 bag) against one or more servers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from client.config import BackoffConfig, ClientConfig, TlsConfig
+from client.convert import RequestOptions
+from client.frames import FrameResult
+from client.pacing import Pacing
+from perception.errors import ConfigError, PerceptionError
+
+log = logging.getLogger(__name__)
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server connection")
+    g.add_argument("--server", action="append", required=True, metavar="HOST:PORT",
+                   help="server address; repeat or comma-separate for client-side round-robin "
+                        "(a name resolving to several addresses is expanded too)")
+    g.add_argument("--token", default=None, help="bearer token (default: $PERCEPTION_TOKEN)")
+    g.add_argument("--tls-ca", type=Path, help="CA bundle to verify the server (enables TLS)")
+    g.add_argument("--tls-cert", type=Path, help="client certificate for mTLS")
+    g.add_argument("--tls-key", type=Path, help="client private key for mTLS")
+    g.add_argument("--tls-server-name", default="", help="name to check in the server certificate")
+    g.add_argument("--tls", action="store_true", help="TLS with the system CA bundle")
+    g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for a server (default 10)")
+    g.add_argument("--reconnect-attempts", type=int, default=8,
+                   help="consecutive reconnect attempts before giving up (0 = forever; default 8)")
+
+
+def client_config(args: argparse.Namespace, window: int = 4, deadline_ms: int = 0) -> ClientConfig:
+    targets = tuple(t.strip() for s in args.server for t in s.split(",") if t.strip())
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    token = args.token if args.token is not None else os.environ.get("PERCEPTION_TOKEN", "")
+    return ClientConfig(
+        targets=targets, tls=tls, token=token, window=window, deadline_ms=deadline_ms,
+        connect_timeout_s=args.connect_timeout, backoff=BackoffConfig(max_attempts=args.reconnect_attempts),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="perception replay",
+        description="Replay a recording (MP4/AVI, image folder, MCAP, ROS 1 .bag, ROS 2 bag) against a detector server.",
+    )
+    p.add_argument("source", type=Path, help="recording: video file, image folder, .mcap, .bag or ROS 2 bag directory")
+    add_connection_args(p)
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", type=Path, help="JSONL, one object per answered frame")
+    o.add_argument("--summary-json", type=Path, help="write the summary (and KPI with --gt) as JSON")
+    o.add_argument("--coco-results", type=Path, help="write detections as COCO results JSON")
+    o.add_argument("--video-out", type=Path, help="annotated video (boxes, labels, latency overlay) of one camera")
+    o.add_argument("--video-camera", default="", help="camera for --video-out (default: the first one)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--gt", type=Path, help="COCO ground truth: turn the replay into an evaluation")
+    e.add_argument("--kpi-score-threshold", type=float, default=0.25,
+                   help="score threshold for precision / recall (default 0.25)")
+    t = p.add_argument_group("pacing")
+    speed = t.add_mutually_exclusive_group()
+    speed.add_argument("--speed", type=float, default=1.0, help="playback speed factor (1 = recorded time)")
+    speed.add_argument("--max-rate", action="store_true", help="as fast as the server answers")
+    t.add_argument("--loop", action="store_true", help="start over at the end (until --max-frames or Ctrl-C)")
+    t.add_argument("--skip", type=int, default=0, metavar="N", help="after each frame sent, skip N of that camera")
+    t.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = all)")
+    t.add_argument("--window", type=int, default=2,
+                   help="frames in flight per camera stream (default 2: a server keeps the newest 2 frames per "
+                        "camera and answers older ones DROPPED_STALE, so a larger window only adds drops)")
+    t.add_argument("--deadline-ms", type=int, default=0, help="per-frame deadline sent to the server (0 = none)")
+    s = p.add_argument_group("source")
+    s.add_argument("--topic", action="append", default=[], help="MCAP / bag image topic (repeat; default: all)")
+    s.add_argument("--camera", default="", help="camera id of a video or flat image folder (default: its name)")
+    s.add_argument("--fps", type=float, default=10.0, help="frame rate of an image folder without timestamps")
+    s.add_argument("--timestamps", type=Path, help="image folder timestamps file")
+    s.add_argument("--encode", choices=("raw", "jpeg"), default="raw",
+                   help="send decoded video frames raw (default) or re-encoded as JPEG")
+    r = p.add_argument_group("detection options (default: the model's)")
+    r.add_argument("--score-threshold", type=float, default=0.0)
+    r.add_argument("--iou-threshold", type=float, default=0.0)
+    r.add_argument("--max-detections", type=int, default=0)
+    r.add_argument("--classes", default="", help="comma-separated class ids to keep")
+    r.add_argument("--class-agnostic-nms", action="store_true")
+    return p
+
+
+def _progress(total: int | None, disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", file=sys.stderr, disable=disable or None, dynamic_ncols=True, leave=False)
+
+
+def _total_frames(source: Any, pacing: Pacing) -> int | None:
+    if pacing.loop and not pacing.max_frames:
+        return None
+    counts: list[int] = []
+    if hasattr(source, "frame_count"):
+        counts = [int(source.frame_count)]
+    elif hasattr(source, "topics"):
+        counts = [int(n) for _, n in source.topics.values()]
+    elif hasattr(source, "cameras"):
+        counts = [len(v) for v in source.cameras.values()]
+    if not counts or min(counts) < 0:
+        return pacing.max_frames or None
+    total = sum(-(-c // (pacing.skip + 1)) for c in counts)
+    return min(total, pacing.max_frames) if pacing.max_frames else total
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from client.detector_client import DetectorClient
+    from client.evaluation import evaluate_replay
+    from client.ground_truth import GroundTruthIndex, coco_predictions
+    from client.replay import Replay, ReplayConfig
+    from client.sinks.atomic_json import write_json_atomic
+    from client.sources.base import SourceOptions, open_source
+    from client.summary import format_table
+
+    if args.loop and args.gt:
+        raise ConfigError("--gt cannot be combined with --loop (each frame would be scored once per lap)")
+    if not args.out and not args.summary_json and not args.coco_results and not args.video_out:
+        log.info("no --out given: only the summary is printed")
+    try:
+        classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--classes must be comma-separated class ids, got {args.classes!r}") from exc
+    options = RequestOptions(args.score_threshold, args.iou_threshold, args.max_detections, classes, args.class_agnostic_nms)
+    pacing = Pacing(speed=None if args.max_rate else args.speed, skip=args.skip, loop=args.loop, max_frames=args.max_frames)
+    config = client_config(args, window=args.window, deadline_ms=args.deadline_ms)
+    gt = GroundTruthIndex.load(args.gt) if args.gt else None
+    source = open_source(
+        args.source,
+        SourceOptions(topics=tuple(args.topic), camera=args.camera, fps=args.fps, encode=args.encode, timestamps=args.timestamps),
+    )
+    log.info("source: %s", source.describe())
+
+    sinks: list[Any] = []
+    client = DetectorClient(config)
+    try:
+        client.wait_ready()
+        info = client.model_info()
+        log.info("server: model %s %s (%s, %s) at %s", info.name, info.version, info.variant or info.precision,
+                 info.backend, ", ".join(e.address for e in client.pool.endpoints))
+        if args.out:
+            from client.sinks.jsonl import JsonlSink
+
+            sinks.append(JsonlSink(args.out))
+        if args.video_out:
+            from client.sinks.annotated_video import AnnotatedVideoSink
+
+            fps = float(getattr(source, "fps", 0.0) or args.fps)
+            sinks.append(AnnotatedVideoSink(args.video_out, fps=fps * (1 if args.skip == 0 else 1 / (args.skip + 1)),
+                                            camera_id=args.video_camera))
+        bar = _progress(_total_frames(source, pacing), args.no_progress)
+
+        def on_progress(result: FrameResult) -> None:
+            bar.update(1)
+
+        keep = bool(args.gt or args.coco_results)  # a long --loop replay must not grow without bound
+        replay = Replay(client, source, ReplayConfig(pacing=pacing, options=options, keep_results=keep), sinks, on_progress)
+        try:
+            outcome = replay.run()
+        finally:
+            bar.close()
+    finally:
+        for sink in sinks:
+            sink.close()
+        client.close()
+
+    summary = outcome.stats.as_dict()
+    summary["source"] = str(args.source)
+    kpi_error: PerceptionError | None = None
+    if gt is not None and outcome.results:
+        try:
+            summary["kpi"] = evaluate_replay(outcome.results, gt, args.kpi_score_threshold, outcome.file_names)
+        except PerceptionError as exc:  # still write what the replay produced
+            kpi_error = exc
+            summary["kpi_error"] = str(exc)
+    if args.coco_results:
+        preds, _ = coco_predictions(outcome.results, gt, outcome.file_names)
+        write_json_atomic(args.coco_results, preds, indent=None)
+    if args.summary_json:
+        write_json_atomic(args.summary_json, summary)
+    print(format_table(summary))
+    sys.stdout.flush()
+    if outcome.interrupted:
+        print("perception replay: interrupted; outputs hold the frames answered so far", file=sys.stderr)
+        return 130
+    if outcome.error is not None:
+        raise outcome.error
+    if kpi_error is not None:
+        raise kpi_error
+    return 0

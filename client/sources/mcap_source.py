@@ -1,0 +1,186 @@
+"""MCAP recordings: ROS 2 sensor_msgs/Image and CompressedImage (CDR), Foxglove
+CompressedImage (ROS 2, JSON or protobuf encoding).
+
+Camera id = the message's frame_id, else the topic ("/cameras/<id>/..."); capture time =
+the message's header stamp, else the MCAP log time. A file without a readable summary
+(truncated while recording) is streamed record by record up to the damage.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from client.frames import SourceFrame
+from client.sources.base import SourceOptions
+from client.sources.images import camera_from_topic, compressed_frame, ros_image_frame
+from perception.errors import DataError
+
+log = logging.getLogger(__name__)
+
+RAW_SCHEMAS = ("sensor_msgs/msg/Image", "sensor_msgs/Image")
+COMPRESSED_SCHEMAS = (
+    "sensor_msgs/msg/CompressedImage",
+    "sensor_msgs/CompressedImage",
+    "foxglove_msgs/msg/CompressedImage",
+    "foxglove.CompressedImage",
+)
+IMAGE_SCHEMAS = RAW_SCHEMAS + COMPRESSED_SCHEMAS
+
+
+def _get(obj: Any, *names: str, default: Any = None) -> Any:
+    """First present attribute / key of ``obj`` (decoded messages are objects or dicts)."""
+    for n in names:
+        if isinstance(obj, dict):
+            if n in obj:
+                return obj[n]
+        elif hasattr(obj, n):
+            return getattr(obj, n)
+    return default
+
+
+def stamp_ns(stamp: Any) -> int:
+    """ROS 2 (sec, nanosec), ROS 1 / Foxglove JSON (sec, nsec), protobuf (seconds, nanos)."""
+    if stamp is None:
+        return 0
+    sec = _get(stamp, "sec", "secs", "seconds", default=0) or 0
+    nsec = _get(stamp, "nanosec", "nsec", "nsecs", "nanos", default=0) or 0
+    return int(sec) * 1_000_000_000 + int(nsec)
+
+
+def message_to_frame(msg: Any, schema_name: str, topic: str, log_time: int, counters: dict[str, int], where: str) -> SourceFrame:
+    """Convert one decoded image message (ROS 2, ROS 1 or Foxglove) to a SourceFrame and
+    advance its camera's sequence counter."""
+    header = _get(msg, "header")
+    if header is not None:
+        frame_id = _get(header, "frame_id", default="") or ""
+        ts = stamp_ns(_get(header, "stamp"))
+    else:  # Foxglove: timestamp + frame_id at top level
+        frame_id = _get(msg, "frame_id", default="") or ""
+        ts = stamp_ns(_get(msg, "timestamp"))
+    camera = str(frame_id) or camera_from_topic(topic)
+    ts = ts or int(log_time)
+    seq = counters[camera]
+    counters[camera] += 1
+    if schema_name in RAW_SCHEMAS:
+        return ros_image_frame(
+            camera, seq, ts, str(_get(msg, "encoding")), int(_get(msg, "width")), int(_get(msg, "height")),
+            int(_get(msg, "step")), bytes(_get(msg, "data")), where,
+        )
+    data = _get(msg, "data", default=b"")
+    if isinstance(data, str):  # Foxglove JSON carries bytes as base64
+        data = base64.b64decode(data)
+    return compressed_frame(camera, seq, ts, bytes(data), where)
+
+
+def _protobuf_decoder(schema: Any) -> Callable[[bytes], Any]:
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fds = descriptor_pb2.FileDescriptorSet.FromString(schema.data)
+    pool = descriptor_pool.DescriptorPool()
+    for fd in fds.file:
+        pool.Add(fd)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName(schema.name))
+    return cls.FromString
+
+
+def make_decoder(schema: Any, message_encoding: str) -> Callable[[bytes], Any]:
+    """A bytes -> message function for one channel; DataError if the encoding is unknown."""
+    if message_encoding == "cdr" and schema is not None and schema.encoding == "ros2msg":
+        from mcap_ros2.decoder import DecoderFactory
+
+        dec = DecoderFactory().decoder_for("cdr", schema)
+        if dec is not None:
+            return dec
+    if message_encoding == "json":
+        return lambda data: json.loads(data)
+    if message_encoding == "protobuf" and schema is not None:
+        return _protobuf_decoder(schema)
+    name = schema.name if schema is not None else "?"
+    raise DataError(f"cannot decode {name} messages encoded as {message_encoding!r}")
+
+
+class McapSource:
+    def __init__(self, path: Path, options: SourceOptions) -> None:
+        self.path = Path(path)
+        self._opts = options
+        self.seekable = True
+        self.topics = self._image_topics()
+        if not self.topics:
+            raise DataError(f"{self.path}: no image topics ({', '.join(IMAGE_SCHEMAS)})")
+        if options.topics:
+            unknown = [t for t in options.topics if t not in self.topics]
+            if unknown:
+                raise DataError(
+                    f"{self.path}: unknown topic {unknown[0]!r}; image topics: {', '.join(sorted(self.topics))}"
+                )
+            self.topics = {t: self.topics[t] for t in options.topics}
+
+    def _image_topics(self) -> dict[str, tuple[str, int]]:
+        """topic -> (schema name, message count or -1) of the image channels."""
+        from mcap.exceptions import McapError
+        from mcap.reader import NonSeekingReader, SeekingReader
+
+        try:
+            with open(self.path, "rb") as f:
+                summary = SeekingReader(f).get_summary()
+        except (McapError, OSError, ValueError, EOFError, KeyError) as exc:
+            log.debug("%s: no summary (%s)", self.path, exc)
+            summary = None
+        if summary is not None:
+            counts = summary.statistics.channel_message_counts if summary.statistics else {}
+            out = {}
+            for cid, ch in summary.channels.items():
+                schema = summary.schemas.get(ch.schema_id)
+                if schema is not None and schema.name in IMAGE_SCHEMAS:
+                    out[ch.topic] = (schema.name, int(counts.get(cid, -1)))
+            return out
+        # No summary: truncated, or still being written. Scan the records that are there.
+        self.seekable = False
+        out = {}
+        try:
+            with open(self.path, "rb") as f:
+                for schema, ch, _ in NonSeekingReader(f).iter_messages(log_time_order=False):
+                    if schema is not None and schema.name in IMAGE_SCHEMAS and ch.topic not in out:
+                        out[ch.topic] = (schema.name, -1)
+        except (McapError, OSError, ValueError, EOFError) as exc:
+            if not out:
+                raise DataError(f"{self.path}: not a readable MCAP file ({type(exc).__name__}: {exc})") from exc
+            log.warning("%s: truncated MCAP (%s); replaying the readable part", self.path, exc)
+        return out
+
+    def describe(self) -> str:
+        parts = [f"{t} [{s.split('/')[-1]}{'' if n < 0 else f', {n}'}]" for t, (s, n) in sorted(self.topics.items())]
+        return f"MCAP {self.path.name}: " + "; ".join(parts)
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        from mcap.exceptions import McapError
+        from mcap.reader import NonSeekingReader, SeekingReader
+
+        counters: dict[str, int] = defaultdict(int)
+        decoders: dict[int, Callable[[bytes], Any]] = {}
+        topics = list(self.topics)
+        try:
+            with open(self.path, "rb") as f:
+                if self.seekable:
+                    messages = SeekingReader(f).iter_messages(topics=topics, log_time_order=True)
+                else:
+                    messages = NonSeekingReader(f).iter_messages(topics=topics, log_time_order=False)
+                for schema, channel, message in messages:
+                    dec = decoders.get(channel.id)
+                    if dec is None:
+                        dec = decoders[channel.id] = make_decoder(schema, channel.message_encoding)
+                    where = f"{self.path}: {channel.topic} message at {message.log_time}"
+                    try:
+                        msg = dec(message.data)
+                    except Exception as exc:  # decoders raise anything on a corrupt payload
+                        raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
+                    yield message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
+        except (McapError, OSError, EOFError) as exc:
+            raise DataError(f"{self.path}: truncated or corrupt MCAP ({type(exc).__name__}: {exc})") from exc
+        if not counters:
+            raise DataError(f"{self.path}: no image messages on {', '.join(topics)}")

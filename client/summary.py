@@ -1,0 +1,141 @@
+"""Replay statistics: counts, drops by reason, fps, latency percentiles per camera and per
+server stage; the summary JSON and the table printed at the end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from client.frames import FrameResult, FrameStatus
+
+STAGES = ("queue", "preprocess", "inference", "postprocess", "total")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50 / p95 / p99 (linear interpolation); zeros when there are no values."""
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    p = np.percentile(np.asarray(values, np.float64), [50, 95, 99])
+    return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
+
+
+class ReplayStats:
+    """Thread-safe accumulator fed by every stream's receiver thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.frames_sent = 0
+        self.frames_answered = 0
+        self.detections = 0
+        self.dropped: dict[str, int] = defaultdict(int)
+        self.latency_ms: list[float] = []
+        self.stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
+        self.per_camera: dict[str, dict[str, Any]] = {}
+        self.lost = 0
+        self.reconnects = 0
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+
+    def sent(self, camera_id: str) -> None:
+        with self._lock:
+            self.frames_sent += 1
+            cam = self._camera(camera_id)
+            cam["sent"] += 1
+
+    def _camera(self, camera_id: str) -> dict[str, Any]:
+        cam = self.per_camera.get(camera_id)
+        if cam is None:
+            cam = self.per_camera[camera_id] = {"sent": 0, "frames": 0, "latency": [], "first": None, "last": None}
+        return cam
+
+    def add(self, result: FrameResult) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            self.frames_answered += 1
+            cam = self._camera(result.camera_id)
+            cam["frames"] += 1
+            cam["latency"].append(result.latency_ms)
+            cam["first"] = now if cam["first"] is None else cam["first"]
+            cam["last"] = now
+            self.latency_ms.append(result.latency_ms)
+            if result.status is FrameStatus.OK:
+                self.detections += len(result.detections)
+                t = result.timings
+                for stage, us in zip(STAGES, (t.queue_us, t.preprocess_us, t.inference_us, t.postprocess_us, t.total_us)):
+                    self.stage_ms[stage].append(us / 1e3)
+            else:
+                self.dropped[result.status.reason] += 1
+
+    def finish(self) -> None:
+        self.finished = time.perf_counter()
+
+    @property
+    def duration_s(self) -> float:
+        return max(1e-9, (self.finished or time.perf_counter()) - self.started)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The --summary-json object (shared interface)."""
+        with self._lock:
+            dur = self.duration_s
+            per_camera = {}
+            for cam_id, cam in sorted(self.per_camera.items()):
+                span = (cam["last"] - cam["first"]) if cam["frames"] > 1 else 0.0
+                fps = (cam["frames"] - 1) / span if span > 0 else (cam["frames"] / dur)
+                per_camera[cam_id] = {
+                    "frames": cam["frames"],
+                    "sent": cam["sent"],
+                    "fps": round(fps, 3),
+                    "latency_ms": percentiles(cam["latency"]),
+                }
+            dropped = dict(sorted(self.dropped.items()))
+            if self.lost:
+                dropped["lost"] = self.lost
+            return {
+                "frames_sent": self.frames_sent,
+                "frames_answered": self.frames_answered,
+                "dropped": dropped,
+                "detections": self.detections,
+                "fps": round(self.frames_answered / dur, 3),
+                "duration_s": round(dur, 3),
+                "latency_ms": percentiles(self.latency_ms),
+                "per_camera": per_camera,
+                "server_stage_ms": {s: percentiles(v) for s, v in self.stage_ms.items()},
+                "reconnects": self.reconnects,
+            }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The human-readable summary printed on stdout."""
+    lines = []
+    dropped = summary["dropped"]
+    drop_text = ", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else "none"
+    lines.append(
+        f"frames sent {summary['frames_sent']}  answered {summary['frames_answered']}  "
+        f"dropped {sum(dropped.values())} ({drop_text})  detections {summary['detections']}"
+    )
+    lines.append(f"duration {summary['duration_s']:.2f} s  fps {summary['fps']:.1f}  reconnect attempts {summary.get('reconnects', 0)}")
+    lines.append("")
+    header = f"{'latency (ms)':<28}{'p50':>9}{'p95':>9}{'p99':>9}"
+    lines.append(header)
+    lines.append("-" * len(header))
+
+    def row(name: str, p: dict[str, float]) -> str:
+        return f"{name:<28}{p['p50']:>9.2f}{p['p95']:>9.2f}{p['p99']:>9.2f}"
+
+    lines.append(row("client round trip", summary["latency_ms"]))
+    for stage, p in summary["server_stage_ms"].items():
+        lines.append(row(f"  server {stage}", p))
+    cams = summary.get("per_camera", {})
+    if len(cams) > 1:
+        for cam, c in cams.items():
+            lines.append(row(f"camera {cam} ({c['fps']:.1f} fps)", c["latency_ms"]))
+    kpi = summary.get("kpi")
+    if kpi:
+        lines.append("")
+        keys = [k for k in ("map50_95", "map50", "precision", "recall") if k in kpi]
+        lines.append("KPI  " + "  ".join(f"{k} {float(kpi[k]):.4f}" for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""The asyncio client against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from client.aio_client import AsyncDetectorClient
+from client.config import BackoffConfig, ClientConfig
+from client.frames import FrameResult, FrameStatus, SourceFrame
+from perception.errors import InvalidInputError, NotReadyError
+from tests.client import recordings as R
+from tests.tiny_model import CLASSES
+
+
+def _frames(n: int, cam: str) -> list[SourceFrame]:
+    return [SourceFrame(cam, i, i * 10**8, encoded=R.jpeg(R.scene(i))) for i in range(n)]
+
+
+def test_async_detect_and_two_concurrent_streams(server: str) -> None:
+    async def run() -> dict[str, list[FrameResult]]:
+        got: dict[str, list[FrameResult]] = {"left": [], "right": []}
+        async with AsyncDetectorClient(ClientConfig(targets=(server,), window=2)) as client:
+            info = await client.model_info()
+            assert info.classes == CLASSES
+            r = await client.detect(_frames(1, "left")[0])
+            assert r.status is FrameStatus.OK and r.latency_ms > 0
+            with pytest.raises(InvalidInputError):
+                await client.detect(SourceFrame("left", 9, 0, encoded=b"junk"))
+
+            async def camera(cam: str) -> None:
+                async def on_result(frame: SourceFrame, result: FrameResult) -> None:
+                    assert frame.sequence == result.sequence
+                    got[cam].append(result)
+
+                async with client.stream(on_result, name=cam) as s:
+                    for f in _frames(8, cam):
+                        await s.send(f)
+                        assert s._config.window - s._free <= 2
+
+            await asyncio.gather(camera("left"), camera("right"))
+        return got
+
+    got = asyncio.run(run())
+    for cam in ("left", "right"):
+        assert [r.sequence for r in got[cam]] == list(range(8))
+        assert all(r.status is FrameStatus.OK and r.camera_id == cam for r in got[cam])
+
+
+def test_async_stream_gives_up_on_a_dead_server() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def run() -> None:
+        cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
+        async with AsyncDetectorClient(cfg) as client:
+            s = client.stream(lambda f, r: None)
+            await s.send(_frames(1, "x")[0])
+            with pytest.raises(NotReadyError):
+                await s.close(timeout=10)
+            assert [f.sequence for f in s.lost] == [0] and s.reconnects == 2
+
+    asyncio.run(run())

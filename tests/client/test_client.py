@@ -1,0 +1,126 @@
+"""The sync client library against a real server: unary Detect, StreamDetect with a bounded
+window, invalid frames, round-robin over several servers."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.config import BackoffConfig, ClientConfig
+from client.convert import RequestOptions
+from client.detector_client import DetectorClient
+from client.frames import FrameResult, FrameStatus, SourceFrame
+from client.sources.images import bgr_frame
+from perception.errors import InvalidInputError, NotReadyError
+from tests.client import recordings as R
+from tests.client.conftest import start_server
+from tests.tiny_model import CLASSES
+
+
+def _frames(n: int, camera: str = "front") -> list[SourceFrame]:
+    return [SourceFrame(camera, i, R.T0_NS + i * 10**8, encoded=R.jpeg(R.scene(i))) for i in range(n)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_detect_and_model_info(server: str) -> None:
+    with DetectorClient(ClientConfig(targets=(server,))) as client:
+        info = client.model_info()
+        assert info.classes == CLASSES and (info.input_width, info.input_height) == (64, 48)
+        r = client.detect(_frames(1)[0])
+        assert r.status is FrameStatus.OK and (r.image_width, r.image_height) == (96, 64) and r.latency_ms > 0
+        raw = client.detect(bgr_frame("front", 1, 0, R.scene(0)))
+        assert raw.status is FrameStatus.OK and len(raw.detections) > 0
+        few = client.detect(_frames(1)[0], RequestOptions(max_detections=2, class_filter=(0,)))
+        assert len(few.detections) <= 2 and set(few.detections.class_ids.tolist()) <= {0}
+        with pytest.raises(InvalidInputError):
+            client.detect(SourceFrame("front", 2, 0, encoded=b"\xff\xd8garbage"))
+
+
+def test_stream_window_order_and_invalid_frame(server: str) -> None:
+    frames = _frames(12)
+    frames[5] = SourceFrame("front", 5, frames[5].timestamp_ns, encoded=b"not an image")
+    got: list[tuple[SourceFrame, FrameResult]] = []
+    peak = 0
+    with DetectorClient(ClientConfig(targets=(server,), window=2)) as client:
+        session = client.stream(lambda f, r: got.append((f, r)))
+        with session:
+            for f in frames:
+                session.send(f)
+                peak = max(peak, session.in_flight)
+                assert session.in_flight <= 2
+    assert [r.sequence for _, r in got] == list(range(12))
+    assert all(f.sequence == r.sequence for f, r in got), "each answer is delivered with its own frame"
+    assert got[5][1].status is FrameStatus.INVALID and got[5][1].message
+    assert all(r.status is FrameStatus.OK for i, (_, r) in enumerate(got) if i != 5)
+    assert peak == 2
+
+
+def test_send_blocks_while_the_window_is_full() -> None:
+    # Nobody answers (the server is not there yet), so the window of 2 fills and stays full.
+    cfg = ClientConfig(targets=(f"127.0.0.1:{_free_port()}",), window=2,
+                       backoff=BackoffConfig(initial_s=2.0, max_s=2.0, max_attempts=0))
+    with DetectorClient(cfg) as client:
+        session = client.stream(lambda f, r: None)
+        frames = _frames(3)
+        assert session.send(frames[0], timeout=0.5) and session.send(frames[1], timeout=0.5)
+        assert not session.send(frames[2], timeout=0.3)
+        assert session.in_flight == 2
+        session.abort()
+        assert sorted(f.sequence for f in session.lost) == [0, 1]
+
+
+def test_round_robin_over_servers_and_failover(tiny_manifest: Path, server: str) -> None:
+    srv2, port2 = start_server(tiny_manifest)
+    try:
+        second = f"127.0.0.1:{port2}"
+        cfg = ClientConfig(targets=(server, second))
+        with DetectorClient(cfg) as client:
+            got: list[FrameResult] = []
+            sessions = [client.stream(lambda f, r: got.append(r), name=c) for c in ("a", "b", "c", "d")]
+            for s, cam in zip(sessions, "abcd"):
+                for f in _frames(2, camera=cam):
+                    s.send(f)
+            for s in sessions:
+                s.close(timeout=10)
+            assert [s.address for s in sessions] == [server, second, server, second]
+            assert len(got) == 8
+    finally:
+        srv2.shutdown(0.5)
+    # A dead address in the list is skipped: unary calls move on to the next server.
+    dead = f"127.0.0.1:{_free_port()}"
+    with DetectorClient(ClientConfig(targets=(dead, server), backoff=BackoffConfig(initial_s=0.01, max_attempts=3))) as client:
+        for f in _frames(3):
+            assert client.detect(f).status is FrameStatus.OK
+
+
+def test_stream_gives_up_on_a_dead_server() -> None:
+    cfg = ClientConfig(targets=(f"127.0.0.1:{_free_port()}",), backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
+    with DetectorClient(cfg) as client:
+        session = client.stream(lambda f, r: None)
+        session.send(_frames(1)[0])
+        with pytest.raises(NotReadyError, match="UNAVAILABLE"):
+            session.close(timeout=10)
+        assert [f.sequence for f in session.lost] == [0]
+        assert session.reconnects == 2
+
+
+def test_per_frame_deadline_is_sent_and_enforced(server: str) -> None:
+    # Decoding a 1920x1080 noise JPEG alone takes ~13 ms here: a 1 ms deadline cannot be met.
+    noise = np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8)
+    data = R.jpeg(noise)
+    with DetectorClient(ClientConfig(targets=(server,), deadline_ms=1)) as client:
+        assert client.detect(SourceFrame("front", 0, 0, encoded=data)).status is FrameStatus.EXPIRED
+        got: list[FrameResult] = []
+        with client.stream(lambda f, r: got.append(r)) as s:
+            s.send(SourceFrame("front", 1, 0, encoded=data))
+        assert got[0].status is FrameStatus.EXPIRED and got[0].message
+    with DetectorClient(ClientConfig(targets=(server,), deadline_ms=10_000)) as client:
+        assert client.detect(SourceFrame("front", 2, 0, encoded=data)).status is FrameStatus.OK

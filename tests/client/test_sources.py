@@ -1,0 +1,184 @@
+"""Every source format, read from small recordings the tests write themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from client.frames import SourceFrame
+from client.sources import open_source
+from client.sources.base import SourceOptions
+from perception.decode import PixelFormat, decode_encoded, decode_raw
+from perception.errors import DataError
+from tests.client import recordings as R
+
+
+def _pixels(f: SourceFrame) -> np.ndarray:
+    if f.encoded is not None:
+        return decode_encoded(f.encoded)[0]
+    assert f.raw is not None
+    return decode_raw(f.raw.data, f.raw.width, f.raw.height, int(f.raw.pixel_format), f.raw.row_stride)
+
+
+def _check_order(frames: list[SourceFrame]) -> None:
+    ts = [f.timestamp_ns for f in frames]
+    assert ts == sorted(ts), "frames must come in timestamp order across cameras"
+    per_cam: dict[str, list[int]] = {}
+    for f in frames:
+        per_cam.setdefault(f.camera_id, []).append(f.sequence)
+    for seqs in per_cam.values():
+        assert seqs == list(range(len(seqs))), "sequences start at 0 and count up per camera"
+
+
+def test_mp4_video_raw_and_jpeg(tmp_path: Path) -> None:
+    path = R.write_mp4(tmp_path / "front.mp4", n=8, fps=20.0)
+    src = open_source(path)
+    frames = list(src)
+    assert len(frames) == 8 and {f.camera_id for f in frames} == {"front"}
+    _check_order(frames)
+    assert frames[1].timestamp_ns - frames[0].timestamp_ns == 50_000_000  # 20 fps
+    assert frames[0].raw is not None and frames[0].raw.pixel_format is PixelFormat.BGR8
+    assert (frames[0].raw.width, frames[0].raw.height) == (96, 64)
+    # The decoded video frame looks like the scene that was written (lossy codec: loose bound).
+    assert np.abs(_pixels(frames[3]).astype(int) - R.scene(3).astype(int)).mean() < 12
+    jpeg = list(open_source(path, SourceOptions(encode="jpeg", camera="cam0")))
+    assert jpeg[0].encoded is not None and jpeg[0].encoded[:2] == b"\xff\xd8" and jpeg[0].camera_id == "cam0"
+
+
+def test_avi_video(tmp_path: Path) -> None:
+    path = tmp_path / "rear.avi"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for i in range(4):
+        vw.write(R.scene(i, 64, 48))
+    vw.release()
+    frames = list(open_source(path))
+    assert [f.sequence for f in frames] == [0, 1, 2, 3] and frames[0].camera_id == "rear"
+
+
+def test_image_folder_flat_sends_jpeg_bytes_as_is(tmp_path: Path) -> None:
+    root = R.write_folder(tmp_path / "cam", n=4)
+    frames = list(open_source(root, SourceOptions(fps=5.0)))
+    assert [f.file_name for f in frames] == [f"{i:06d}.jpg" for i in range(4)]
+    assert frames[2].encoded == (root / "000002.jpg").read_bytes()
+    assert frames[1].timestamp_ns == 200_000_000
+
+
+def test_image_folder_cameras_and_timestamps(tmp_path: Path) -> None:
+    root = R.write_folder(tmp_path / "drive", cameras=("left", "right"), n=3)
+    (root / "left" / "timestamps.txt").write_text("\n".join(str(1000 + 30 * i) for i in range(3)))
+    (root / "right" / "timestamps.txt").write_text("\n".join(f"{i:06d}.jpg {1010 + 30 * i}" for i in range(3)))
+    frames = list(open_source(root))
+    _check_order(frames)
+    assert [(f.camera_id, f.timestamp_ns) for f in frames[:3]] == [("left", 1000), ("right", 1010), ("left", 1030)]
+    assert frames[0].file_name == "left/000000.jpg"
+
+
+def test_image_folder_bad_timestamps_file(tmp_path: Path) -> None:
+    root = R.write_folder(tmp_path / "cam", n=3)
+    (root / "timestamps.txt").write_text("1\n2\n")
+    with pytest.raises(DataError, match="2 timestamps for 3 images"):
+        open_source(root)
+
+
+def test_image_folder_bmp_is_sent_raw(tmp_path: Path) -> None:
+    root = tmp_path / "bmp"
+    root.mkdir()
+    cv2.imwrite(str(root / "a.bmp"), R.scene(0))
+    (f,) = list(open_source(root))
+    assert f.raw is not None and np.array_equal(_pixels(f), R.scene(0))
+
+
+def test_mcap_ros2_compressed_and_raw_cameras_in_sync(tmp_path: Path) -> None:
+    path = R.write_mcap_ros2(tmp_path / "drive.mcap", cameras=("front", "rear"), n=5, raw_camera="rear")
+    src = open_source(path)
+    assert set(src.topics) == {"/cameras/front/image/compressed", "/cameras/rear/image_raw"}
+    frames = list(src)
+    assert len(frames) == 10
+    _check_order(frames)
+    front = [f for f in frames if f.camera_id == "front"]
+    rear = [f for f in frames if f.camera_id == "rear"]
+    assert front[0].encoded is not None and front[0].timestamp_ns == R.T0_NS
+    assert rear[0].raw is not None and rear[0].raw.pixel_format is PixelFormat.RGB8
+    assert np.array_equal(_pixels(rear[2]), R.scene(2, seed=1))  # raw pixels survive exactly
+    only = list(open_source(path, SourceOptions(topics=("/cameras/rear/image_raw",))))
+    assert {f.camera_id for f in only} == {"rear"}
+
+
+@pytest.mark.parametrize("encoding", ["json", "cdr", "protobuf"])
+def test_mcap_foxglove_compressed_image(tmp_path: Path, encoding: str) -> None:
+    path = R.write_mcap_foxglove(tmp_path / "fox.mcap", n=3, encoding=encoding)
+    frames = list(open_source(path))
+    assert [(f.camera_id, f.sequence) for f in frames] == [("left", 0), ("left", 1), ("left", 2)]
+    assert frames[1].timestamp_ns == R.T0_NS + 100_000_000
+    assert frames[0].encoded is not None and decode_encoded(frames[0].encoded)[0].shape == (64, 96, 3)
+
+
+@pytest.mark.parametrize("ros1,storage", [(True, ""), (False, "sqlite3"), (False, "mcap")],
+                         ids=["ros1", "ros2-sqlite3", "ros2-mcap"])
+def test_ros_bags(tmp_path: Path, ros1: bool, storage: str) -> None:
+    path = R.write_bag(tmp_path / ("drive.bag" if ros1 else "drive_ros2"), ros1=ros1, n=4, storage=storage)
+    src = open_source(path)
+    assert type(src).__name__ == "BagSource"
+    frames = list(src)
+    assert len(frames) == 8
+    _check_order(frames)
+    side = [f for f in frames if f.camera_id == "side"]
+    assert side[0].raw is not None and np.array_equal(_pixels(side[1]), R.scene(1, seed=1))
+    front = [f for f in frames if f.camera_id == "front"]
+    assert front[0].encoded is not None and front[0].encoded[:2] == b"\xff\xd8"
+
+
+def test_unknown_topic_is_a_one_line_error(tmp_path: Path) -> None:
+    path = R.write_mcap_ros2(tmp_path / "d.mcap", n=2)
+    with pytest.raises(DataError, match=r"unknown topic '/nope'.*image topics: /cameras/front"):
+        open_source(path, SourceOptions(topics=("/nope",)))
+    bag = R.write_bag(tmp_path / "d.bag", ros1=True, n=2)
+    with pytest.raises(DataError, match="unknown topic"):
+        open_source(bag, SourceOptions(topics=("/nope",)))
+
+
+def test_truncated_mcap_yields_what_is_readable_then_fails(tmp_path: Path) -> None:
+    path = R.write_mcap_ros2(tmp_path / "full.mcap", cameras=("front",), n=30, chunk_size=4096)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mcap"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    src = open_source(cut)
+    got: list[SourceFrame] = []
+    with pytest.raises(DataError, match="cut.mcap"):
+        for f in src:
+            got.append(f)
+    assert 0 < len(got) < 30
+    assert [f.sequence for f in got] == list(range(len(got)))
+
+
+@pytest.mark.parametrize("name,content", [("junk.mcap", b"not an mcap at all"), ("junk.bag", b"#ROSBAG V2.0\ngarbage"),
+                                          ("junk.mp4", b"\x00\x00\x00\x18ftypmp42 garbage")])
+def test_unreadable_recordings(tmp_path: Path, name: str, content: bytes) -> None:
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=name):
+        src = open_source(p)
+        list(src)
+
+
+def test_unknown_file_type_and_missing_path(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError, match="unknown recording type"):
+        open_source(tmp_path / "x.txt")
+    with pytest.raises(DataError, match="no such file"):
+        open_source(tmp_path / "missing.mcap")
+
+
+def test_folder_of_videos_is_one_camera_per_file(tmp_path: Path) -> None:
+    d = tmp_path / "drive"
+    d.mkdir()
+    R.write_mp4(d / "front.mp4", n=4, fps=10.0)
+    R.write_mp4(d / "rear.mp4", n=3, fps=10.0)
+    (d / "notes.json").write_text("{}")
+    frames = list(open_source(d))
+    assert [(f.camera_id, f.sequence) for f in frames] == [
+        ("front", 0), ("rear", 0), ("front", 1), ("rear", 1), ("front", 2), ("rear", 2), ("front", 3)
+    ]

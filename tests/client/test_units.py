@@ -1,0 +1,87 @@
+"""Small pure pieces: backoff, config validation, target resolution, protobuf conversion."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.backoff import Backoff
+from client.channels import resolve_targets
+from client.config import BackoffConfig, ClientConfig, TlsConfig
+from client.convert import RequestOptions, from_response, to_request
+from client.frames import FrameResult, FrameStatus, RawPixels, SourceFrame
+from perception.decode import PixelFormat
+from perception.errors import ConfigError
+from perception.v1 import detector_pb2 as pb
+
+
+def test_backoff_grows_is_capped_jittered_and_gives_up() -> None:
+    b = Backoff(BackoffConfig(initial_s=0.1, max_s=1.0, multiplier=2.0, jitter=0.5, max_attempts=6), random.Random(1))
+    delays = [b.next_delay() for _ in range(6)]
+    ceilings = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    for d, c in zip(delays, ceilings):
+        assert d is not None and c * 0.5 <= d <= c
+    assert len({round(d, 6) for d in delays if d}) == 6  # jittered, not lock-step
+    assert b.next_delay() is None
+    b.reset()
+    assert b.next_delay() is not None
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        ClientConfig(targets=("localhost",))
+    with pytest.raises(ConfigError):
+        ClientConfig(targets=("a:1",), window=0)
+    with pytest.raises(ConfigError, match="both"):
+        TlsConfig(cert=tmp_path / "c.pem")
+    with pytest.raises(ConfigError, match="not found"):
+        TlsConfig(ca=tmp_path / "missing.pem")
+    cfg = ClientConfig(targets=("a:1",), token="s3cret")
+    assert cfg.metadata() == (("authorization", "Bearer s3cret"),)
+    assert ClientConfig(targets=("a:1",)).metadata() == ()
+
+
+def test_resolve_targets_expands_a_name_with_several_addresses() -> None:
+    def resolver(host: str, port: int, type: int = 0) -> list:  # the getaddrinfo signature
+        table = {"edge": ["10.0.0.1", "10.0.0.2", "10.0.0.1"], "one": ["10.0.0.9"], "v6": ["fd00::1", "fd00::2"]}
+        if host not in table:
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in table[host]]
+
+    got = resolve_targets(("edge:50051", "one:7", "unknown:5", "v6:1"), resolver)
+    assert [a for a, _ in got] == ["10.0.0.1:50051", "10.0.0.2:50051", "one:7", "unknown:5", "[fd00::1]:1", "[fd00::2]:1"]
+    assert got[0][1] == "edge"  # TLS checks the certificate against the name, not the IP
+
+
+def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
+    jpg = b"\xff\xd8\xff\xe0fake"
+    req = to_request(SourceFrame("front", 7, 123, encoded=jpg), RequestOptions(score_threshold=0.3, class_filter=(0, 3)), 250)
+    assert req.frame.encoded == jpg and req.frame.sequence == 7 and req.frame.deadline_ms == 250
+    assert list(req.options.class_filter) == [0, 3] and req.options.score_threshold == pytest.approx(0.3)
+    raw = RawPixels(4, 2, PixelFormat.NV12, bytes(12), row_stride=4)
+    req = to_request(SourceFrame("rear", 1, 5, raw=raw))
+    assert req.frame.WhichOneof("image") == "raw" and req.frame.raw.format == pb.PIXEL_FORMAT_NV12
+    assert req.frame.raw.row_stride == 4 and not req.HasField("options")
+
+
+def test_response_round_trips_through_jsonl_record() -> None:
+    resp = pb.DetectResponse(camera_id="c", sequence=3, capture_timestamp_ns=9, status=pb.FRAME_STATUS_OK,
+                             image_width=640, image_height=480,
+                             timings=pb.StageTimings(queue_us=5, inference_us=100, total_us=150, batch_size=2))
+    d = resp.detections.add()
+    d.box.x1, d.box.y1, d.box.x2, d.box.y2 = 1, 2, 30, 40
+    d.score, d.class_id, d.class_name = 0.75, 3, "pedestrian"
+    r = from_response(resp, latency_ms=1.5)
+    assert r.status is FrameStatus.OK and r.class_names == ("pedestrian",)
+    np.testing.assert_allclose(r.detections.boxes, [[1, 2, 30, 40]])
+    rec = r.to_json_dict()
+    assert set(rec) >= {"camera_id", "sequence", "capture_timestamp_ns", "status", "message", "image_width",
+                        "image_height", "detections", "timings", "latency_ms"}
+    back = FrameResult.from_json_dict(rec)
+    assert back.timings.batch_size == 2 and int(back.detections.class_ids[0]) == 3
+    stale = from_response(pb.DetectResponse(camera_id="c", sequence=4, status=pb.FRAME_STATUS_DROPPED_STALE))
+    assert stale.status.reason == "stale" and len(stale.detections) == 0
