@@ -1,0 +1,139 @@
+# syntax=docker/dockerfile:1.7
+#
+# perception: build the default model's artifacts with PyTorch, serve them without it.
+#
+#   docker build -t perception:cpu .                                   # CPU runtime (default target)
+#   docker build -t perception:gpu --target runtime-gpu .              # NVIDIA TensorRT runtime
+#   docker build --build-context checkpoint=/path/to/ckpt_dir \
+#                --build-arg CHECKPOINT_FILE=detector.pt -t perception:mine .   # your own weights
+#
+# Stages:
+#   checkpoint   the weights the build stage compiles: models/default/ unless replaced by a
+#                named build context (--build-context checkpoint=DIR), so no weights need
+#                to be copied into the repository to build an image of them.
+#   build        PyTorch (CPU wheel) + the build stage: fold BN, export ONNX, quantize, gate,
+#                write /artifacts/default/manifest.json. Runs on the build host's platform:
+#                ONNX artifacts are portable; TensorRT engines are not and are built on the
+#                device on first start (runtime-gpu).
+#   runtime-gpu  NVIDIA TensorRT base; server + client with the gpu extra; engines cached in
+#                the /cache volume. For Jetson (L4T) see deploy/README.md.
+#   runtime      python slim + onnxruntime on CPU; server + client + artifacts; no torch.
+#
+# The runtime stages install through deploy/vehicle/install.sh, the same script a vehicle
+# computer without containers runs; tests/deploy/test_runtime_recipe.py runs it in a fresh
+# virtual environment so this recipe cannot rot unnoticed.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG GPU_IMAGE=nvcr.io/nvidia/tensorrt:25.01-py3
+
+# --------------------------------------------------------------------------- checkpoint
+FROM scratch AS checkpoint
+COPY models/default/ /
+
+# --------------------------------------------------------------------------- build
+FROM --platform=$BUILDPLATFORM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG CHECKPOINT_FILE=detector.pt
+ARG MODEL_NAME=default
+# Extra flags for `perception build`, e.g. --build-arg BUILD_FLAGS="--continue-on-fail".
+ARG BUILD_FLAGS=""
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    OMP_NUM_THREADS=2
+WORKDIR /src
+COPY pyproject.toml ./
+COPY proto ./proto
+COPY perception ./perception
+COPY build_engine ./build_engine
+COPY server ./server
+COPY client ./client
+# torch pinned exactly and taken from the CPU wheel index: a looser pin or the default
+# index pulls a multi-GB CUDA build into a stage that never sees a GPU.
+RUN python -m pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+    && python -m pip install --extra-index-url "${TORCH_INDEX_URL}" -e ".[build]" "grpcio-tools>=1.62"
+# The wire contract's stubs: exactly the Makefile's `proto` target.
+RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+        proto/perception/v1/detector.proto
+RUN --mount=type=bind,from=checkpoint,target=/checkpoint \
+    perception build --checkpoint "/checkpoint/${CHECKPOINT_FILE}" --name "${MODEL_NAME}" \
+        --out /artifacts/default ${BUILD_FLAGS} \
+    && test -f /artifacts/default/manifest.json
+
+# --------------------------------------------------------------------------- runtime-gpu
+FROM ${GPU_IMAGE} AS runtime-gpu
+# Jetson (L4T) bases: RUNTIME_EXTRAS=server,client (no onnxruntime-gpu / tensorrt wheels for
+# Jetson on PyPI; the JetPack TensorRT bindings come from the base image). deploy/README.md.
+ARG RUNTIME_EXTRAS=server,client,gpu
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The TensorRT image ships python3 and the TensorRT bindings system-wide; the venv sees
+# them (PERCEPTION_SYSTEM_SITE_PACKAGES=1) so pip does not pull a second TensorRT.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV INSTALL_PREFIX=/opt/perception \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PERCEPTION_SYSTEM_SITE_PACKAGES=1
+WORKDIR /opt/perception/src
+COPY pyproject.toml ./
+COPY proto ./proto
+COPY perception ./perception
+COPY server ./server
+COPY client ./client
+COPY deploy/vehicle/install.sh ./deploy/vehicle/install.sh
+RUN PYTHON=python3 deploy/vehicle/install.sh "${INSTALL_PREFIX}" "${RUNTIME_EXTRAS}"
+RUN groupadd --system --gid 10001 perception \
+    && useradd --system --uid 10001 --gid perception --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin perception \
+    && mkdir -p /cache \
+    && chown perception:perception /cache
+COPY --from=build /artifacts/default /models/default
+# TensorRT engines are specific to the GPU, TensorRT version and precision: build them on
+# first start and keep them in the mounted cache (server/runtime/fingerprint.py refuses a
+# mismatched engine, so a cache shared across devices is safe, only slower once).
+ENV PATH=/opt/perception/venv/bin:$PATH \
+    PERCEPTION_BACKENDS=tensorrt,onnxruntime-cuda,onnxruntime-cpu \
+    PERCEPTION_ENGINE_CACHE_DIR=/cache \
+    PERCEPTION_BUILD_ENGINE_ON_START=1 \
+    PERCEPTION_ENGINE_PRECISION=fp16
+VOLUME ["/cache"]
+WORKDIR /
+USER 10001:10001
+EXPOSE 50051 9100
+# First start builds the engine (minutes on a Jetson): a long start period.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["perception", "health", "--address", "127.0.0.1:50051", "--timeout", "3"]
+ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9100", "--host", "0.0.0.0"]
+
+# --------------------------------------------------------------------------- runtime (default)
+FROM ${PYTHON_IMAGE} AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV INSTALL_PREFIX=/opt/perception \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /opt/perception/src
+COPY pyproject.toml ./
+COPY proto ./proto
+COPY perception ./perception
+COPY server ./server
+COPY client ./client
+COPY deploy/vehicle/install.sh ./deploy/vehicle/install.sh
+RUN PYTHON=python3 deploy/vehicle/install.sh "${INSTALL_PREFIX}" server,client
+RUN groupadd --system --gid 10001 perception \
+    && useradd --system --uid 10001 --gid perception --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin perception
+# Artifacts stay root-owned: the service reads them and can never rewrite them.
+COPY --from=build /artifacts/default /models/default
+ENV PATH=/opt/perception/venv/bin:$PATH \
+    PERCEPTION_BACKENDS=onnxruntime-cpu \
+    PERCEPTION_THREADS=2
+WORKDIR /
+USER 10001:10001
+EXPOSE 50051 9100
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["perception", "health", "--address", "127.0.0.1:50051", "--timeout", "3"]
+ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9100", "--host", "0.0.0.0"]

