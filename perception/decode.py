@@ -77,7 +77,7 @@ def _reduced_flag(src_w: int, src_h: int, need_w: int, need_h: int) -> tuple[int
 def decode_encoded(
     data: bytes, min_size: tuple[int, int] | None = None
 ) -> tuple[NDArray[np.uint8], int, int]:
-    """Decode JPEG/PNG bytes to BGR.
+    """Decode JPEG/PNG bytes to BGR (H, W, 3) uint8.
 
     Returns (image, source_width, source_height). With ``min_size=(w, h)``, a JPEG that is at
     least twice as large on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below
@@ -87,16 +87,30 @@ def decode_encoded(
         raise InvalidInputError("frame has no image bytes")
     kind, w, h = encoded_size(data)
     check_size(w, h)
-    flag = cv2.IMREAD_COLOR
+    _check_complete(kind, data)
+    factor, flag = 1, cv2.IMREAD_COLOR
     if kind == "jpeg" and min_size is not None:
-        _, flag = _reduced_flag(w, h, min_size[0], min_size[1])
+        factor, flag = _reduced_flag(w, h, min_size[0], min_size[1])
     buf = np.frombuffer(data, np.uint8)
     img = cv2.imdecode(buf, flag)
     if img is None:
         raise InvalidInputError(f"{kind.upper()} could not be decoded (truncated or corrupt)")
-    if flag == cv2.IMREAD_COLOR and (img.shape[1], img.shape[0]) != (w, h):
-        raise InvalidInputError(f"{kind.upper()} header says {w}x{h} but decoded {img.shape[1]}x{img.shape[0]}")
+    # libjpeg's scaled decode rounds the size up: ceil(w / factor) x ceil(h / factor).
+    expect = (-(-w // factor), -(-h // factor))
+    if (img.shape[1], img.shape[0]) != expect:
+        raise InvalidInputError(
+            f"{kind.upper()} header says {w}x{h} but decoded {img.shape[1] * factor}x{img.shape[0] * factor}"
+        )
     return img, w, h
+
+
+def _check_complete(kind: str, data: bytes) -> None:
+    """Refuse an image cut short: libjpeg would otherwise pad a truncated JPEG with grey."""
+    # Some encoders pad after the end-of-image marker; a few dozen bytes of slack covers them.
+    if kind == "jpeg" and b"\xff\xd9" not in data[-64:]:
+        raise InvalidInputError("JPEG is truncated (no end-of-image marker)")
+    if kind == "png" and b"IEND" not in data[-32:]:
+        raise InvalidInputError("PNG is truncated (no IEND chunk)")
 
 
 def decode_raw(

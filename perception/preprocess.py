@@ -23,20 +23,23 @@ def to_bgr(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     raise ValueError(f"expected an (H, W), (H, W, 1) or (H, W, 3) uint8 image, got {image.shape}")
 
 
-def preprocess_into(
-    image_bgr: NDArray[np.uint8], spec: PreprocessSpec, out: NDArray[np.float32]
-) -> Letterbox:
-    """Write one (3, H, W) float32 model input for ``image_bgr`` into ``out``; return the placement.
+def letterbox_canvas(image_bgr: NDArray[np.uint8], spec: PreprocessSpec) -> tuple[NDArray[np.uint8], Letterbox]:
+    """The first half of pre-processing: the (H, W, 3) uint8 BGR canvas of the model input size
+    (letterboxed, or plainly resized when the manifest says so) and the placement.
 
-    ``image_bgr``: (H, W, 3) uint8 in BGR order (or GRAY8, promoted).
+    Four times smaller than the float input: the server queues canvases, not tensors.
     """
     image_bgr = to_bgr(image_bgr)
     if spec.letterbox:
-        canvas, lb = letterbox_image(image_bgr, spec.input_width, spec.input_height, spec.pad_value)
-    else:
-        src_h, src_w = image_bgr.shape[:2]
-        canvas = cv2.resize(image_bgr, (spec.input_width, spec.input_height), interpolation=cv2.INTER_LINEAR)
-        lb = Letterbox(src_w, src_h, spec.input_width, spec.input_height, spec.input_width, spec.input_height, 0, 0)
+        return letterbox_image(image_bgr, spec.input_width, spec.input_height, spec.pad_value)
+    src_h, src_w = image_bgr.shape[:2]
+    canvas = cv2.resize(image_bgr, (spec.input_width, spec.input_height), interpolation=cv2.INTER_LINEAR)
+    return canvas, Letterbox(src_w, src_h, spec.input_width, spec.input_height, spec.input_width, spec.input_height, 0, 0)
+
+
+def normalize_into(canvas: NDArray[np.uint8], spec: PreprocessSpec, out: NDArray[np.float32]) -> None:
+    """The second half: a (H, W, 3) uint8 BGR canvas -> (3, H, W) float32 model input in ``out``
+    (colour order, scale, mean / std as the manifest says)."""
     if spec.color_order == "RGB":
         canvas = canvas[:, :, ::-1]
     chw = canvas.transpose(2, 0, 1)
@@ -46,6 +49,25 @@ def preprocess_into(
         std = np.asarray(spec.std, np.float32).reshape(3, 1, 1)
         out -= mean
         out /= std
+
+
+def normalize_batch(canvases: list[NDArray[np.uint8]], spec: PreprocessSpec) -> NDArray[np.float32]:
+    """(B, 3, H, W) float32 input from B canvases of ``letterbox_canvas``."""
+    batch = np.empty((len(canvases), 3, spec.input_height, spec.input_width), np.float32)
+    for i, c in enumerate(canvases):
+        normalize_into(c, spec, batch[i])
+    return batch
+
+
+def preprocess_into(
+    image_bgr: NDArray[np.uint8], spec: PreprocessSpec, out: NDArray[np.float32]
+) -> Letterbox:
+    """Write one (3, H, W) float32 model input for ``image_bgr`` into ``out``; return the placement.
+
+    ``image_bgr``: (H, W, 3) uint8 in BGR order (or GRAY8, promoted).
+    """
+    canvas, lb = letterbox_canvas(image_bgr, spec)
+    normalize_into(canvas, spec, out)
     return lb
 
 

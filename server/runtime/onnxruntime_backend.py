@@ -1,4 +1,8 @@
-"""ONNX Runtime backend (CPU by default; CUDA / TensorRT execution providers where installed)."""
+"""ONNX Runtime backend (CPU by default; CUDA / TensorRT execution providers where installed).
+
+``PROVIDERS`` maps the server's backend names to execution-provider preference lists; the
+factory only picks a name whose first provider the installed onnxruntime build offers.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,28 @@ from perception.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "onnxruntime-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "onnxruntime-cpu": ("CPUExecutionProvider",),
+}
+
+
+def available_providers() -> set[str]:
+    """Execution providers of the installed onnxruntime build (empty if it is not installed)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return set()
+    return set(ort.get_available_providers())
+
 
 class OnnxRuntimeBackend:
     """Runs an ONNX file with onnxruntime.
 
     providers: execution providers in preference order; those not available in the installed
     onnxruntime build are skipped (CPU is always last resort).
+    memory_arena: keep onnxruntime's CPU memory arena (faster allocation, but it never shrinks).
     """
 
     def __init__(
@@ -27,13 +47,16 @@ class OnnxRuntimeBackend:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int = 0,
         max_batch: int = 8,
+        memory_arena: bool = False,
     ) -> None:
         self.path = Path(path)
         self._providers = tuple(providers)
         self._threads = intra_op_threads
         self._max_batch = max_batch
+        self._memory_arena = memory_arena
         self._session = None
         self._input_name = ""
+        self._static_batch = 0  # > 0 when the model's batch dimension is fixed
         self.name = "onnxruntime"
 
     @property
@@ -54,19 +77,49 @@ class OnnxRuntimeBackend:
         if self._threads > 0:
             opts.intra_op_num_threads = self._threads
             opts.inter_op_num_threads = 1
+        # Idle pool threads must not spin: decode and NMS run beside inference on few cores.
+        # Measured on the 2-core build machine, decode+infer+NMS of one 1080p frame in one
+        # process: 22.9 ms with spinning, 15.0 ms without.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime's CPU arena keeps the peak of every batch size ever run: +127 MB RSS
+        # after one batch-8 run of the 640x384 "small" detector, +60 MB without it (measured
+        # here); inference time did not measurably change.
+        opts.enable_cpu_mem_arena = self._memory_arena
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {self.path}: {exc}") from exc
-        self._input_name = self._session.get_inputs()[0].name
+        first = self._session.get_inputs()[0]
+        self._input_name = first.name
+        batch_dim = first.shape[0] if first.shape else None
+        if isinstance(batch_dim, int) and batch_dim > 0:
+            # A fixed-batch export: serve up to that batch, padding smaller ones.
+            self._static_batch = batch_dim
+            self._max_batch = batch_dim
         self.name = "onnxruntime-" + chosen[0].replace("ExecutionProvider", "").lower()
         log.info("loaded %s with %s", self.path.name, chosen)
 
     def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         if self._session is None:
             raise ModelError("backend is not activated")
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if not self._static_batch:
+            return self._run(x)
+        # A fixed-batch export runs in chunks of exactly its batch, the last one zero-padded.
+        k, n = self._static_batch, x.shape[0]
+        outs = []
+        for i in range(0, n, k):
+            chunk = x[i : i + k]
+            if chunk.shape[0] < k:
+                chunk = np.concatenate([chunk, np.zeros((k - chunk.shape[0],) + x.shape[1:], np.float32)])
+            outs.append(self._run(chunk)[: min(k, n - i)])
+        return np.concatenate(outs)
+
+    def _run(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        assert self._session is not None
         try:
-            (out,) = self._session.run(None, {self._input_name: np.ascontiguousarray(batch, dtype=np.float32)})[:1]
+            (out,) = self._session.run(None, {self._input_name: x})[:1]
         except Exception as exc:
             raise ModelError(f"onnxruntime inference failed: {exc}") from exc
         return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,174 @@
+"""One frame's journey from arrival to answer, and the answer itself (protobuf-free).
+
+Both ``Detect`` and ``StreamDetect`` track each frame as a ``FrameTask``; ``finish_task``
+turns a completed task into a ``FrameAnswer`` (post-processing the raw output when the frame
+was inferred) and records the frame's metrics, so every answer is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from perception.types import Detections
+from server.pipeline import FramePipeline, Prepared
+from server.scheduler import CANCELLED, ERROR, EXPIRED, OK, STALE, JobResult
+
+# Answer statuses (names of perception.v1.FrameStatus without the prefix).
+ANSWER_OK = "OK"
+DROPPED_STALE = "DROPPED_STALE"
+ANSWER_EXPIRED = "EXPIRED"
+INVALID = "INVALID"
+OVERLOADED = "OVERLOADED"
+# Metric drop reasons per non-OK status.
+DROP_REASON = {DROPPED_STALE: "stale", ANSWER_EXPIRED: "expired", INVALID: "invalid", OVERLOADED: "overloaded"}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-stage wall-clock time of one frame, microseconds."""
+
+    queue_us: int = 0
+    preprocess_us: int = 0
+    inference_us: int = 0
+    postprocess_us: int = 0
+    total_us: int = 0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class FrameAnswer:
+    camera_id: str
+    sequence: int
+    capture_timestamp_ns: int
+    status: str
+    message: str
+    detections: Detections
+    image_width: int
+    image_height: int
+    timings: Timings
+
+
+@dataclass(eq=False)
+class FrameTask:
+    """A frame in flight. ``status`` is set for frames answered without inference."""
+
+    camera_id: str
+    sequence: int
+    capture_timestamp_ns: int
+    deadline_ms: int = 0
+    received: float = field(default_factory=time.monotonic)
+    prepared: Prepared | None = None
+    status: str = ""
+    message: str = ""
+    result: JobResult | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    on_change: Callable[[], None] | None = None
+
+    def complete(self, result: JobResult) -> None:
+        """Scheduler callback: the frame was inferred, dropped or expired."""
+        self.result = result
+        if self.prepared is not None:
+            self.prepared.tensor = None  # inferred or dropped: only the placement is still needed
+        self._finish()
+
+    def answer_now(self, status: str, message: str) -> None:
+        """Answer without inference (invalid input, overload)."""
+        self.status, self.message = status, message
+        if self.prepared is not None:
+            self.prepared.tensor = None
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done.set()
+        if self.on_change is not None:
+            self.on_change()
+
+
+def finish_task(task: FrameTask, pipeline: FramePipeline, metrics: Any) -> FrameAnswer:
+    """The answer of a done task; post-processes an inferred frame. Records metrics.
+
+    Raises perception.errors.ModelError if inference itself failed.
+    """
+    from perception.errors import ModelError
+
+    result = task.result
+    status, message = task.status, task.message
+    detections = Detections.empty()
+    post_s = 0.0
+    prep = task.prepared
+    if not status:
+        assert result is not None
+        if result.status == OK and prep is not None:
+            t0 = time.perf_counter()
+            assert result.output is not None
+            detections = pipeline.finish(result.output, prep)
+            post_s = time.perf_counter() - t0
+            status = ANSWER_OK
+            result.output = None
+        elif result.status == STALE:
+            status, message = DROPPED_STALE, result.message
+        elif result.status == EXPIRED:
+            status, message = ANSWER_EXPIRED, result.message
+        elif result.status == CANCELLED:
+            status, message = OVERLOADED, result.message
+        elif result.status == ERROR:
+            raise ModelError(result.message)
+    total_s = time.monotonic() - task.received
+    if status == ANSWER_OK and task.prepared is not None and _past_deadline(task, total_s):
+        status, message, detections = ANSWER_EXPIRED, "deadline passed during inference", Detections.empty()
+    timings = Timings(
+        queue_us=_us(result.queue_s if result else 0.0),
+        preprocess_us=_us(prep.preprocess_s if prep else 0.0),
+        inference_us=_us(result.inference_s if result and status == ANSWER_OK else 0.0),
+        postprocess_us=_us(post_s),
+        total_us=_us(total_s),
+        batch_size=result.batch_size if result and status == ANSWER_OK else 0,
+    )
+    _record(metrics, task.camera_id, status, detections, pipeline, timings, total_s)
+    return FrameAnswer(
+        camera_id=task.camera_id,
+        sequence=task.sequence,
+        capture_timestamp_ns=task.capture_timestamp_ns,
+        status=status,
+        message=message,
+        detections=detections,
+        image_width=prep.image_width if prep else 0,
+        image_height=prep.image_height if prep else 0,
+        timings=timings,
+    )
+
+
+def _past_deadline(task: FrameTask, total_s: float) -> bool:
+    return bool(task.deadline_ms) and total_s * 1000.0 > task.deadline_ms
+
+
+def _us(seconds: float) -> int:
+    return max(0, int(round(seconds * 1e6)))
+
+
+def _record(
+    metrics: Any, camera: str, status: str, det: Detections, pipeline: FramePipeline, t: Timings, total_s: float
+) -> None:
+    if metrics is None:
+        return
+    if status == ANSWER_OK:
+        metrics.frame_answered(camera)
+        metrics.observe_stage("preprocess", t.preprocess_us / 1e6)
+        metrics.observe_stage("postprocess", t.postprocess_us / 1e6)
+        metrics.observe_stage("end_to_end", total_s)
+        if len(det):
+            ids, counts = _class_counts(det)
+            for cid, n in zip(ids, counts):
+                metrics.detections_emitted(pipeline.classes[cid], n)
+    else:
+        metrics.frame_dropped(camera, DROP_REASON[status])
+
+
+def _class_counts(det: Detections) -> tuple[list[int], list[int]]:
+    import numpy as np
+
+    ids, counts = np.unique(det.class_ids, return_counts=True)
+    return [int(i) for i in ids], [int(c) for c in counts]

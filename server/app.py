@@ -1,0 +1,195 @@
+"""Wire the server: config -> backend -> scheduler -> servicer -> grpc.Server (+ health, reflection).
+
+``create_server(config, registry)`` returns ``(server, port)``; ``server`` is a ``ManagedServer``
+that behaves like a ``grpc.Server`` and also owns the scheduler and backend, so one
+``server.shutdown(grace)`` stops accepting, answers in-flight frames and frees the engine.
+
+Health (``grpc.health.v1``) says NOT_SERVING while the model loads and warms up, SERVING
+after, and NOT_SERVING again from the moment shutdown begins.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from perception.errors import ConfigError
+from perception.manifest import load_manifest
+from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
+from server import convert
+from server.config import ServerConfig
+from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
+from server.pipeline import FramePipeline
+from server.runtime.factory import BackendRequest, create_backend
+from server.scheduler import Scheduler
+from server.service import DetectorService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+
+
+class ManagedServer:
+    """A started ``grpc.Server`` plus what it owns. Unknown attributes go to the grpc.Server."""
+
+    def __init__(self, server: grpc.Server, port: int, scheduler: Scheduler, backend: Any,
+                 health_servicer: health.HealthServicer, metrics: Any,
+                 ready: threading.Event, draining: threading.Event) -> None:
+        self.grpc_server = server
+        self.port = port
+        self.scheduler = scheduler
+        self.backend = backend
+        self.health = health_servicer
+        self.metrics = metrics
+        self.ready = ready
+        self.draining = draining
+        self._stopped = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grpc_server, name)
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def shutdown(self, grace_s: float) -> bool:
+        """Stop accepting, answer in-flight frames, free the engine. True if done within grace."""
+        if self._stopped.is_set():
+            return True
+        t0 = time.monotonic()
+        self.draining.set()
+        self.set_serving(False)
+        done = self.grpc_server.stop(grace_s)
+        finished = done.wait(grace_s + 1.0)
+        self.scheduler.stop(timeout=max(0.5, grace_s - (time.monotonic() - t0)))
+        self.backend.deactivate()
+        self._stopped.set()
+        log.info("stopped in %.2f s%s", time.monotonic() - t0, "" if finished else " (grace period ran out)")
+        return finished
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """grpc.Server.stop semantics (returns an event), plus the scheduler and engine."""
+        event = threading.Event()
+
+        def run() -> None:
+            self.shutdown(grace or 0.0)
+            event.set()
+
+        threading.Thread(target=run, name="server-shutdown", daemon=True).start()
+        return event
+
+
+def _warm_up(backend: Any, pipeline: FramePipeline, iters: int, max_batch: int) -> None:
+    """Run the engine at batch 1 and max batch so the first real frames pay no lazy-init cost."""
+    spec = pipeline.spec
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    from perception.preprocess import preprocess
+
+    x, _ = preprocess(img, spec)
+    for b in sorted({1, max_batch}):
+        batch = np.repeat(x[None], b, axis=0)
+        for _ in range(iters):
+            backend.infer(batch)
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls:
+        return None
+    try:
+        key = Path(config.tls_key).read_bytes()
+        cert = Path(config.tls_cert).read_bytes()
+        ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS files: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def create_server(config: ServerConfig, registry: Any = None, metrics: Any = None) -> tuple[ManagedServer, int]:
+    """Build, bind and start the server; returns once the model is warm and health is SERVING.
+
+    registry: a prometheus CollectorRegistry for the server's metrics (None = no metrics,
+    unless ``metrics`` is given directly).
+    """
+    if metrics is None and registry is not None:
+        from server.metrics import ServerMetrics
+
+        metrics = ServerMetrics(registry, cameras=frozenset(config.cameras) or None)
+    manifest = load_manifest(config.model)
+    pipeline = FramePipeline(manifest)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    interceptors: list[grpc.ServerInterceptor] = []
+    if config.auth_tokens:
+        interceptors.append(TokenAuthInterceptor(config.auth_tokens, metrics))
+    interceptors.append(ErrorInterceptor(metrics))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=options,
+        maximum_concurrent_rpcs=config.max_workers,
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{config.host}:{config.port}"
+    creds = _credentials(config)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise ConfigError(f"cannot bind {address} (in use, or not a local address?)")
+
+    managed_ready = threading.Event()
+    draining = threading.Event()
+    service = DetectorService(
+        pipeline, metrics, config.outbox_size, frozenset(config.cameras),
+        ready=managed_ready.is_set, draining=draining.is_set,
+    )
+    pb_grpc.add_DetectorServicer_to_server(service, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    # Health answers NOT_SERVING (and Detect UNAVAILABLE) while the model loads and warms up.
+    server.start()
+    try:
+        backend, variant = create_backend(BackendRequest(
+            manifest=manifest,
+            variant=config.variant,
+            preference=config.backends,
+            threads=config.threads,
+            max_batch=config.max_batch,
+            engine_cache_dir=config.engine_cache_dir,
+            build_engine_on_start=config.build_engine_on_start,
+            engine_precision=config.engine_precision,
+        ))
+    except BaseException:
+        server.stop(0)
+        raise
+    max_batch = max(1, min(config.max_batch, backend.max_batch))
+    scheduler = Scheduler(backend.infer, max_batch, config.max_wait_ms / 1000.0, config.queue_size,
+                          config.max_pending, metrics, to_batch=pipeline.to_batch)
+    managed = ManagedServer(server, port, scheduler, backend, health_servicer, metrics,
+                            ready=managed_ready, draining=draining)
+    service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch))
+    t0 = time.monotonic()
+    _warm_up(backend, pipeline, config.warmup_iters, max_batch)
+    scheduler.start()
+    if metrics is not None:
+        metrics.set_model_info(manifest, variant.name, backend.name)
+    managed.ready.set()
+    managed.set_serving(True)
+    log.info("model %s %s (%s) on %s, max batch %d, warm in %.2f s",
+             manifest.name, manifest.version, variant.name, backend.name, max_batch, time.monotonic() - t0)
+    return managed, port

@@ -1,0 +1,181 @@
+"""Server configuration: one frozen dataclass, validated on construction, loaded once.
+
+Precedence: command-line flag > environment (``PERCEPTION_<FIELD>``) > YAML file > default.
+The entry point (``server.cli``) loads it and passes it down; nothing reads the environment
+anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from perception.errors import ConfigError
+
+ENV_PREFIX = "PERCEPTION_"
+BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+LOG_FORMATS = ("text", "json")
+# A raw 3840x2160 BGR8 frame is 24.9 MB; 64 MiB leaves room for a 4K frame with a stride.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``perception serve`` can be told. Times in milliseconds / seconds as named."""
+
+    model: str = ""  # path of manifest.json (or its directory)
+    variant: str = ""  # manifest variant name; "" = the manifest's default
+    backends: tuple[str, ...] = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")  # fallback order
+    threads: int = 2  # intra-op threads of the inference runtime
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9464
+    max_batch: int = 8  # clipped to the engine's batch range
+    max_wait_ms: float = 4.0  # how long the batcher waits for a fuller batch
+    queue_size: int = 2  # per camera; the latest frame wins, older ones are answered stale
+    max_pending: int = 64  # frames queued across all cameras before shedding load
+    outbox_size: int = 32  # answers held per stream for a client that is slow to read
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_workers: int = 32  # gRPC handler threads (each open stream holds one)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
+    auth_tokens: tuple[str, ...] = ()  # non-empty => `authorization: Bearer <token>` required
+    cameras: tuple[str, ...] = ()  # allow-list of camera ids; empty = any
+    grace_s: float = 10.0  # SIGTERM: time to answer in-flight frames before exiting
+    log_format: str = "text"
+    warmup_iters: int = 3
+    engine_cache_dir: str = ""  # TensorRT: where engines built on first start are cached
+    build_engine_on_start: bool = False  # TensorRT: build (and cache) an engine if none matches
+    engine_precision: str = "fp16"  # TensorRT build precision when building on start
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("no model given: pass --model path/to/manifest.json (or PERCEPTION_MODEL)")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise ConfigError(f"backends must be a non-empty list from {BACKENDS}, got {list(self.backends)}")
+        if not 1 <= self.threads <= 256:
+            raise ConfigError(f"threads must be in 1..256, got {self.threads}")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be in 0..65535 (0 = pick a free port), got {value}")
+        if not 1 <= self.max_batch <= 1024:
+            raise ConfigError(f"max_batch must be in 1..1024, got {self.max_batch}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise ConfigError(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
+        for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters"):
+            if getattr(self, name) < (0 if name == "warmup_iters" else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_message_bytes < 3840 * 2160 * 3 + 1024:
+            raise ConfigError(
+                f"max_message_bytes {self.max_message_bytes} is too small for a raw 3840x2160 BGR frame"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("mutual TLS (tls_client_ca) also needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name}: no such file {value}")
+        if any(not t or any(ch.isspace() for ch in t) for t in self.auth_tokens):
+            raise ConfigError("auth tokens must be non-empty and contain no whitespace")
+        if self.grace_s < 0:
+            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.engine_precision not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"engine_precision must be fp32, fp16 or int8, got {self.engine_precision!r}")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML / environment value into the field's type; one-line error otherwise."""
+    default = _FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return low in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, (list, tuple)):
+                return tuple(str(v) for v in value)
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config {name}: cannot use {value!r} ({type(default).__name__} expected)") from exc
+
+
+def _from_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    # Accept either a flat mapping or one nested under "server:".
+    if "server" in data and isinstance(data["server"], dict):
+        data = data["server"]
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(_FIELDS)}")
+    return dict(data)
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env and env[key] != "":
+            out[name] = env[key]
+    return out
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> ServerConfig:
+    """Merge defaults < YAML ``file`` < ``env`` (PERCEPTION_*) < ``flags`` (None values ignored)."""
+    merged: dict[str, Any] = {}
+    if file:
+        merged.update(_from_file(file))
+    merged.update(_from_env(os.environ if env is None else env))
+    for name, value in (flags or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            merged[name] = value
+    return ServerConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+
+
+def with_overrides(config: ServerConfig, **changes: Any) -> ServerConfig:
+    """A copy with some fields changed, validated again."""
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = ["ServerConfig", "load_config", "with_overrides", "BACKENDS"]

@@ -1,0 +1,126 @@
+"""Protobuf <-> domain conversion at the servicer boundary; nothing inside sees protobuf."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from perception.errors import InvalidInputError
+from perception.manifest import Manifest, Variant
+from perception.v1 import detector_pb2 as pb
+from server.answer import FrameAnswer
+from server.pipeline import FrameInput, RawPixels, RequestOptions
+
+_STATUS = {
+    "OK": pb.FRAME_STATUS_OK,
+    "DROPPED_STALE": pb.FRAME_STATUS_DROPPED_STALE,
+    "EXPIRED": pb.FRAME_STATUS_EXPIRED,
+    "INVALID": pb.FRAME_STATUS_INVALID,
+    "OVERLOADED": pb.FRAME_STATUS_OVERLOADED,
+}
+
+
+def frame_from_proto(request: pb.DetectRequest) -> tuple[FrameInput, RequestOptions]:
+    """The frame and options of a request. Raises InvalidInputError for a frame with no image."""
+    f = request.frame
+    kind = f.WhichOneof("image")
+    encoded = raw = None
+    if kind == "encoded":
+        encoded = f.encoded
+    elif kind == "raw":
+        r = f.raw
+        raw = RawPixels(int(r.width), int(r.height), int(r.row_stride), int(r.format), r.data)
+    frame = FrameInput(
+        camera_id=f.camera_id,
+        sequence=int(f.sequence),
+        capture_timestamp_ns=int(f.capture_timestamp_ns),
+        encoded=encoded,
+        raw=raw,
+        deadline_ms=int(f.deadline_ms),
+    )
+    if kind is None:
+        # Checked here, with the oneof at hand; the pipeline re-checks for in-process callers.
+        frame = FrameInput(frame.camera_id, frame.sequence, frame.capture_timestamp_ns, deadline_ms=frame.deadline_ms)
+    o = request.options
+    opts = RequestOptions(
+        score_threshold=_finite("score_threshold", o.score_threshold),
+        iou_threshold=_finite("iou_threshold", o.iou_threshold),
+        max_detections=int(o.max_detections),
+        class_filter=tuple(int(c) for c in o.class_filter),
+        class_agnostic=bool(o.class_agnostic_nms),
+    )
+    return frame, opts
+
+
+def identify(request: pb.DetectRequest) -> tuple[str, int, int, int]:
+    """(camera_id, sequence, capture_timestamp_ns, deadline_ms) of a request, for echoing."""
+    f = request.frame
+    return f.camera_id, int(f.sequence), int(f.capture_timestamp_ns), int(f.deadline_ms)
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectResponse:
+    d = answer.detections
+    t = answer.timings
+    resp = pb.DetectResponse(
+        camera_id=answer.camera_id,
+        sequence=answer.sequence,
+        capture_timestamp_ns=answer.capture_timestamp_ns,
+        status=_STATUS[answer.status],
+        message=answer.message,
+        image_width=answer.image_width,
+        image_height=answer.image_height,
+        timings=pb.StageTimings(
+            queue_us=t.queue_us,
+            preprocess_us=t.preprocess_us,
+            inference_us=t.inference_us,
+            postprocess_us=t.postprocess_us,
+            total_us=t.total_us,
+            batch_size=t.batch_size,
+        ),
+    )
+    if len(d):
+        boxes = d.boxes.tolist()
+        scores = d.scores.tolist()
+        ids = d.class_ids.tolist()
+        resp.detections.extend(
+            pb.Detection(
+                box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, class_id=c, class_name=classes[c]
+            )
+            for b, s, c in zip(boxes, scores, ids)
+        )
+    return resp
+
+
+def status_only(camera_id: str, sequence: int, ts: int, status: str, message: str) -> pb.DetectResponse:
+    return pb.DetectResponse(
+        camera_id=camera_id, sequence=sequence, capture_timestamp_ns=ts, status=_STATUS[status], message=message
+    )
+
+
+def model_info(manifest: Manifest, variant: Variant, backend: str, max_batch: int) -> pb.ModelInfo:
+    kpi = {**variant.metrics}
+    return pb.ModelInfo(
+        name=manifest.name,
+        version=manifest.version,
+        classes=list(manifest.classes),
+        input_width=manifest.preprocess.input_width,
+        input_height=manifest.preprocess.input_height,
+        precision=variant.precision,
+        backend=backend,
+        macs=int(variant.macs),
+        params=int(variant.params),
+        kpi=[pb.Metric(name=k, value=float(v)) for k, v in sorted(kpi.items()) if _is_number(v)],
+        variant=variant.name,
+        max_batch=max_batch,
+        manifest_json=json.dumps(manifest.to_dict(), default=str),
+    )
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

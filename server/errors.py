@@ -1,0 +1,32 @@
+"""Exceptions -> gRPC status codes, in one place.
+
+InvalidInputError -> INVALID_ARGUMENT, NotReadyError -> UNAVAILABLE, OverloadedError ->
+RESOURCE_EXHAUSTED, AuthError -> UNAUTHENTICATED; anything else -> INTERNAL, with the
+traceback logged (the client gets a one-line message, never the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from perception.errors import AuthError, InvalidInputError, NotReadyError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+)
+
+
+def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception raised while serving ``method``."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc) or cls.__name__
+    log.error("internal error in %s", method or "a call", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the server log"

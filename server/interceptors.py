@@ -1,0 +1,123 @@
+"""Cross-cutting concerns of every call: token auth, and exceptions -> status codes + metrics.
+
+Servicers raise project exceptions; ``ErrorInterceptor`` maps them (server.errors) and counts
+them per method and code. ``TokenAuthInterceptor`` demands ``authorization: Bearer <token>``
+on every method except the health service (probes carry no credentials).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+import grpc
+
+from server.errors import status_for
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Callable[..., Any]], Callable[..., Any]],
+    streaming: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (unary- or stream-response aware)."""
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions escaping a handler to status codes; counts errors; logs slow calls."""
+
+    def __init__(self, metrics: Any = None, prefix: str = "/perception.") -> None:
+        self._metrics = metrics
+        self._prefix = prefix
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        method = details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        short = method.rsplit("/", 1)[-1]
+
+        def fail(exc: BaseException, context: grpc.ServicerContext) -> None:
+            code, message = status_for(exc, method)
+            if self._metrics is not None:
+                self._metrics.grpc_error(short, code.name)
+            context.abort(code, message)
+
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return behavior(request, context)
+                except Exception as exc:
+                    fail(exc, context)
+                finally:
+                    log.debug("%s took %.2f ms", short, (time.perf_counter() - t0) * 1e3)
+
+            return run
+
+        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
+                try:
+                    yield from behavior(request, context)
+                except Exception as exc:
+                    fail(exc, context)
+
+            return run
+
+        return _wrap_handler(handler, unary, streaming)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without a valid bearer token with UNAUTHENTICATED (health is exempt)."""
+
+    def __init__(self, tokens: Iterable[str], metrics: Any = None) -> None:
+        self._tokens = tuple(t.encode() for t in tokens)
+        self._metrics = metrics
+
+    def _authorized(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                text = value.decode() if isinstance(value, bytes) else str(value)
+                scheme, _, token = text.partition(" ")
+                if scheme.lower() != "bearer":
+                    return False
+                given = token.strip().encode()
+                # Constant-time compare against every token: no timing oracle.
+                return any([hmac.compare_digest(given, t) for t in self._tokens])
+        return False
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith(HEALTH_PREFIX) or self._authorized(details.invocation_metadata):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        short = details.method.rsplit("/", 1)[-1]
+        metrics = self._metrics
+
+        def deny(_behavior: Callable[..., Any]) -> Callable[..., Any]:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                if metrics is not None:
+                    metrics.grpc_error(short, grpc.StatusCode.UNAUTHENTICATED.name)
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or invalid token: send metadata 'authorization: Bearer <token>'",
+                )
+
+            return run
+
+        return _wrap_handler(handler, deny, deny)

@@ -1,0 +1,90 @@
+"""Build a TensorRT 10 engine from the manifest's ONNX file, on the device that will run it.
+
+- FP16: the FP16 builder flag over an FP32 ONNX model.
+- INT8: from the build stage's Q/DQ ONNX model with explicit quantization, as a strongly-typed
+  network (precision comes from the Q/DQ graph). The deprecated implicit-quantization
+  calibrators are not used.
+- An optimisation profile for batch 1..max_batch (opt = max_batch), and a timing cache so a
+  rebuild on the same device takes seconds instead of minutes.
+The engine is written with its fingerprint (``fingerprint.py``). TensorRT is imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from perception.errors import ModelError
+from server.runtime.fingerprint import EngineFingerprint, write_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str  # fp32 | fp16 | int8 (int8 requires a Q/DQ ONNX model)
+    max_batch: int
+    workspace_bytes: int = 1 << 30
+    timing_cache: str = ""  # file; created if missing, updated after the build
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ModelError(f"unknown TensorRT precision {self.precision!r}")
+        if self.max_batch < 1:
+            raise ModelError(f"max_batch must be >= 1, got {self.max_batch}")
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOptions, fp: EngineFingerprint) -> Path:
+    """Build ``engine_path`` (+ its fingerprint) from ``onnx_path``. Raises ModelError."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise ModelError("TensorRT is not installed on this device (pip install 'perception[gpu]')") from exc
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if opts.precision == "int8":
+        # Explicit quantization: the Q/DQ nodes decide what runs in INT8.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_bytes)
+    if opts.precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    inp = network.get_input(0)
+    _, c, h, w = tuple(inp.shape)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, (1, c, h, w), (opts.max_batch, c, h, w), (opts.max_batch, c, h, w))
+    config.add_optimization_profile(profile)
+    cache_file = Path(opts.timing_cache) if opts.timing_cache else None
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log.info("building TensorRT %s engine from %s (batch 1..%d)", opts.precision, onnx_path.name, opts.max_batch)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ModelError(f"TensorRT failed to build an engine from {onnx_path.name}; see the log above")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(engine_path, bytes(serialized))
+    write_fingerprint(engine_path, fp)
+    if cache_file is not None:
+        _atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
+    return engine_path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

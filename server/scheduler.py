@@ -1,0 +1,293 @@
+"""Cross-camera dynamic batching in front of one inference worker thread.
+
+Every camera of every stream has its own bounded queue in which the latest frame wins: when
+it is full, the oldest queued frame is answered ``stale`` (never silently lost). One worker
+thread takes frames round robin across queues into a batch of up to ``max_batch``, waiting at
+most ``max_wait`` after the oldest queued frame arrived for the batch to fill; it stops
+waiting early once every known queue has contributed. Frames whose deadline passed are
+answered ``expired``. Past ``max_pending`` queued frames in total, ``submit`` raises
+OverloadedError instead of letting latency grow without bound.
+
+Answers leave through each job's ``on_done`` callback, called on the worker thread (or on the
+submitting thread for a stale drop) and never under the scheduler's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.errors import NotReadyError, OverloadedError, PerceptionError
+
+log = logging.getLogger(__name__)
+
+OK, STALE, EXPIRED, ERROR, CANCELLED = "ok", "stale", "expired", "error", "cancelled"
+
+
+@dataclass
+class JobResult:
+    """What became of a job. ``output``: the frame's raw head output (N, 5 + C) when ok."""
+
+    status: str
+    output: NDArray[np.float32] | None = None
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batch_size: int = 0
+    message: str = ""
+
+
+@dataclass(eq=False)
+class Job:
+    """One frame waiting for inference. ``tensor``: what ``to_batch`` takes, e.g. (3, H, W)
+    float32 model input or an (H, W, 3) uint8 canvas."""
+
+    key: Hashable  # the queue it belongs to, e.g. (session id, camera id)
+    tensor: NDArray[Any] | None
+    on_done: Callable[[JobResult], None]
+    deadline: float | None = None  # time.monotonic() after which the frame is expired
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    """Batches jobs from many queues into calls of ``infer`` on one worker thread.
+
+    infer: (B, 3, H, W) float32 -> (B, N, 5 + C) float32, B <= max_batch.
+    to_batch: the queued items of a batch -> infer's input (default: np.stack of float tensors;
+    the server queues uint8 canvases and normalises here, on the inference thread).
+    metrics: optional object with observe_stage / observe_batch / set_queue_depth.
+    """
+
+    def __init__(
+        self,
+        infer: Callable[[NDArray[np.float32]], NDArray[np.float32]],
+        max_batch: int,
+        max_wait_s: float,
+        queue_size: int,
+        max_pending: int,
+        metrics: Any = None,
+        to_batch: Callable[[list[Any]], NDArray[np.float32]] | None = None,
+    ) -> None:
+        if max_batch < 1 or queue_size < 1 or max_pending < 1 or max_wait_s < 0:
+            raise ValueError("max_batch, queue_size, max_pending must be >= 1 and max_wait_s >= 0")
+        self._infer = infer
+        self._to_batch = to_batch or (lambda items: np.stack(items))
+        self.max_batch = max_batch
+        self._max_wait = max_wait_s
+        self.queue_size = queue_size
+        self._max_pending = max_pending
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._queues: dict[Hashable, deque[Job]] = {}  # insertion order = round-robin order
+        self._transient: set[Hashable] = set()  # queues removed once empty (unary calls)
+        self._pending = 0
+        self._rr = 0
+        self._stopping = False
+        self._accepting = False
+        self._thread: threading.Thread | None = None
+
+    # -- producers -------------------------------------------------------------------------
+
+    def submit(self, job: Job, transient: bool = False) -> None:
+        """Queue ``job``. Raises OverloadedError when over capacity, NotReadyError when stopped.
+
+        If the job's queue is full, its oldest job is answered ``stale`` (on this thread).
+        """
+        stale: Job | None = None
+        with self._cond:
+            if not self._accepting:
+                raise NotReadyError("the server is not accepting frames (starting or shutting down)")
+            q = self._queues.get(job.key)
+            if q is None:
+                q = self._queues[job.key] = deque()
+                if transient:
+                    self._transient.add(job.key)
+            if len(q) >= self.queue_size:
+                stale = q.popleft()
+                self._pending -= 1
+            elif self._pending >= self._max_pending:
+                if not q:
+                    self._forget_locked(job.key)
+                raise OverloadedError(
+                    f"server over capacity: {self._pending} frames queued (max_pending {self._max_pending})"
+                )
+            q.append(job)
+            self._pending += 1
+            depth = self._pending
+            self._cond.notify_all()
+        self._gauge(depth)
+        if stale is not None:
+            stale.tensor = None
+            _call(stale, JobResult(STALE, queue_s=time.monotonic() - stale.enqueued,
+                                   message="a newer frame of this camera arrived first"))
+
+    def open(self, key: Hashable) -> None:
+        """Make queue ``key`` known before its first frame, so batches wait for it (a stream
+        that has announced its camera)."""
+        with self._cond:
+            self._queues.setdefault(key, deque())
+
+    def close(self, key: Hashable) -> int:
+        """Forget queue ``key`` (its stream ended or was cancelled); queued jobs are answered
+        ``cancelled`` and their memory released. Returns how many were dropped."""
+        with self._cond:
+            q = self._queues.pop(key, None)
+            self._transient.discard(key)
+            dropped = list(q or ())
+            self._pending -= len(dropped)
+            depth = self._pending
+        self._gauge(depth)
+        for job in dropped:
+            job.tensor = None
+            _call(job, JobResult(CANCELLED, message="stream closed"))
+        return len(dropped)
+
+    @property
+    def pending(self) -> int:
+        """Frames queued (not yet taken into a batch), across all queues."""
+        with self._cond:
+            return self._pending
+
+    @property
+    def queue_count(self) -> int:
+        """Queues currently known (one per open stream camera, plus waiting unary calls)."""
+        with self._cond:
+            return len(self._queues)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._accepting = True
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting; answer every queued frame (drain), then end the worker."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("inference worker did not finish within %.1f s", timeout or 0.0)
+        with self._cond:
+            self._thread = None
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending == 0 and not self._stopping:
+                    self._cond.wait()
+                if self._pending == 0 and self._stopping:
+                    return
+                self._wait_for_batch_locked()
+                jobs, expired = self._take_batch_locked(time.monotonic())
+                depth = self._pending
+            self._gauge(depth)
+            now = time.monotonic()
+            for job in expired:
+                job.tensor = None
+                _call(job, JobResult(EXPIRED, queue_s=now - job.enqueued,
+                                     message="deadline passed while the frame was queued"))
+            if jobs:
+                self._run_batch(jobs)
+
+    def _wait_for_batch_locked(self) -> None:
+        while not self._stopping:
+            heads = [q[0] for q in self._queues.values() if q]
+            target = min(self.max_batch, len(self._queues))
+            if len(heads) >= target or self._pending >= self.max_batch:
+                return
+            remaining = min(j.enqueued for j in heads) + self._max_wait - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _take_batch_locked(self, now: float) -> tuple[list[Job], list[Job]]:
+        """Round robin: one frame per queue per round, starting after last batch's start."""
+        jobs: list[Job] = []
+        expired: list[Job] = []
+        keys = list(self._queues)
+        if not keys:
+            return jobs, expired
+        start = self._rr % len(keys)
+        order = keys[start:] + keys[:start]
+        self._rr = start + 1
+        progress = True
+        while len(jobs) < self.max_batch and progress:
+            progress = False
+            for key in order:
+                q = self._queues.get(key)
+                if not q:
+                    continue
+                job = q.popleft()
+                self._pending -= 1
+                progress = True
+                if job.deadline is not None and now > job.deadline:
+                    expired.append(job)
+                else:
+                    jobs.append(job)
+                if len(jobs) >= self.max_batch:
+                    break
+        for key in order:
+            if key in self._transient and not self._queues.get(key):
+                self._forget_locked(key)
+        return jobs, expired
+
+    def _forget_locked(self, key: Hashable) -> None:
+        self._queues.pop(key, None)
+        self._transient.discard(key)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        start = time.monotonic()
+        try:
+            batch = self._to_batch([j.tensor for j in jobs])
+            out = self._infer(batch)
+            error = ""
+        except PerceptionError as exc:
+            log.error("inference of a batch of %d failed: %s", len(jobs), exc)
+            out, error = None, str(exc)
+        except Exception as exc:  # a runtime bug must answer the frames, not kill the worker
+            log.exception("inference of a batch of %d failed", len(jobs))
+            out, error = None, f"{type(exc).__name__}: {exc}"
+        end = time.monotonic()
+        infer_s = end - start
+        if self._metrics is not None:
+            self._metrics.observe_batch(len(jobs))
+            self._metrics.observe_stage("inference", infer_s)
+        for i, job in enumerate(jobs):
+            job.tensor = None
+            queue_s = start - job.enqueued
+            if self._metrics is not None:
+                self._metrics.observe_stage("queue", queue_s)
+            if out is None:
+                result = JobResult(ERROR, None, queue_s, infer_s, len(jobs), f"inference failed: {error}")
+            else:
+                # A copy, so one slow reader does not pin the whole batch output in memory.
+                result = JobResult(OK, np.array(out[i], dtype=np.float32), queue_s, infer_s, len(jobs))
+            _call(job, result)
+
+    def _gauge(self, depth: int) -> None:
+        if self._metrics is not None:
+            self._metrics.set_queue_depth(depth)
+
+
+def _call(job: Job, result: JobResult) -> None:
+    try:
+        job.on_done(result)
+    except Exception:  # a broken callback must not take the worker down
+        log.exception("answer callback failed")

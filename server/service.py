@@ -1,0 +1,124 @@
+"""The thin ``perception.v1.Detector`` servicer: protobuf in, domain calls, protobuf out.
+
+Errors are raised as project exceptions and mapped to status codes by
+``server.interceptors.ErrorInterceptor``; nothing here calls ``context.abort``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable, Iterable, Iterator
+
+import grpc
+
+from perception.errors import InvalidInputError, NotReadyError
+from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
+from server import convert
+from server.answer import INVALID, FrameTask, finish_task
+from server.pipeline import FramePipeline
+from server.scheduler import CANCELLED, Job, Scheduler
+from server.stream import StreamSession
+
+log = logging.getLogger(__name__)
+_unary_ids = itertools.count(1)
+
+
+class DetectorService(pb_grpc.DetectorServicer):
+    """Serves one loaded model. ``ready()`` / ``draining()`` come from the owning app."""
+
+    def __init__(
+        self,
+        pipeline: FramePipeline,
+        metrics: Any,
+        outbox_size: int,
+        cameras: frozenset[str],
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._pipeline = pipeline
+        self._scheduler: Scheduler | None = None
+        self._model_info = pb.ModelInfo()
+        self._metrics = metrics
+        self._outbox_size = outbox_size
+        self._cameras = cameras
+        self._ready = ready
+        self._draining = draining
+
+    def attach(self, scheduler: Scheduler, model_info: pb.ModelInfo) -> None:
+        """Called once the model is loaded; until then every call is answered UNAVAILABLE."""
+        self._scheduler = scheduler
+        self._model_info = model_info
+
+    def _check_serving(self) -> Scheduler:
+        if self._draining():
+            raise NotReadyError("server is shutting down; retry on another instance")
+        if not self._ready() or self._scheduler is None:
+            raise NotReadyError("model is still loading / warming up; retry shortly")
+        return self._scheduler
+
+    def admit_camera(self, camera_id: str) -> None:
+        if self._cameras and camera_id not in self._cameras:
+            raise InvalidInputError(
+                f"camera {camera_id!r} is not in the server's camera allow-list {sorted(self._cameras)}"
+            )
+
+    def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:
+        scheduler = self._check_serving()
+        camera_id, sequence, ts, deadline_ms = convert.identify(request)
+        task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms)
+        if self._metrics is not None:
+            self._metrics.frame_received(camera_id)
+        try:
+            frame, opts = convert.frame_from_proto(request)
+            self.admit_camera(frame.camera_id)
+            task.prepared = self._pipeline.prepare(frame, opts)
+        except InvalidInputError as exc:
+            task.answer_now(INVALID, str(exc))
+            finish_task(task, self._pipeline, self._metrics)  # counts the drop
+            raise
+        key = ("unary", next(_unary_ids))
+        deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None
+        scheduler.submit(
+            Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline), transient=True
+        )
+        while not task.done.wait(0.25):
+            if not context.is_active():  # the client cancelled or its deadline passed
+                scheduler.close(key)
+                return pb.DetectResponse()
+        if task.result is not None and task.result.status == CANCELLED:
+            raise NotReadyError("server is shutting down; retry on another instance")
+        answer = finish_task(task, self._pipeline, self._metrics)
+        return convert.answer_to_proto(answer, self._pipeline.classes)
+
+    def StreamDetect(
+        self, request_iterator: Iterable[pb.DetectRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.DetectResponse]:
+        scheduler = self._check_serving()
+        session = StreamSession(
+            self._pipeline,
+            scheduler,
+            convert.frame_from_proto,
+            convert.identify,
+            self._metrics,
+            self._outbox_size,
+            self.admit_camera,
+            self._draining,
+        )
+        if self._metrics is not None:
+            self._metrics.stream_opened()
+        metrics = self._metrics
+
+        def ended() -> None:  # runs once when the call ends, however it ends
+            session.cancel()
+            if metrics is not None:
+                metrics.stream_closed()
+
+        context.add_callback(ended)
+        for answer in session.answers(request_iterator):
+            yield convert.answer_to_proto(answer, self._pipeline.classes)
+
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        self._check_serving()
+        return self._model_info

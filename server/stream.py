@@ -1,0 +1,198 @@
+"""One ``StreamDetect`` call: reader -> pre-processor -> scheduler -> handler, per stream.
+
+- The reader thread only takes requests off the wire: each frame gets a task in the stream's
+  ordered outbox and waits in a small per-camera inbox. When a camera's inbox is full, its
+  oldest frame is answered stale before anything was spent decoding it: an overloaded server
+  does not decode frames it would throw away.
+- The pre-processor thread decodes + letterboxes the waiting frames (round robin across the
+  stream's cameras) and submits them to the scheduler, whose per-camera queue drops stale
+  frames again while they wait for a batch slot.
+- The handler thread yields answers strictly in arrival order, post-processing each.
+
+The outbox is bounded: when a client stops reading, the reader stops taking frames, so HTTP/2
+flow control pushes back on the client and the server's memory stays flat. Cancellation (or
+the end of the call) closes the stream's scheduler queues, releasing every tensor it held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+from perception.errors import InvalidInputError, NotReadyError, OverloadedError
+from server.answer import DROPPED_STALE, INVALID, OVERLOADED, FrameAnswer, FrameTask, finish_task
+from server.pipeline import FrameInput, FramePipeline, RequestOptions
+from server.scheduler import Job, Scheduler
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+# (request) -> (frame, options); raises InvalidInputError. Keeps protobuf out of this module.
+Converter = Callable[[Any], tuple[FrameInput, RequestOptions]]
+# (request) -> (camera_id, sequence, capture_timestamp_ns, deadline_ms); never raises.
+Identifier = Callable[[Any], tuple[str, int, int, int]]
+
+
+class StreamSession:
+    """Serve one bidirectional stream of frames (possibly from several cameras)."""
+
+    def __init__(
+        self,
+        pipeline: FramePipeline,
+        scheduler: Scheduler,
+        convert: Converter,
+        identify: Identifier,
+        metrics: Any,
+        outbox_size: int,
+        admit_camera: Callable[[str], None],
+        draining: Callable[[], bool],
+    ) -> None:
+        self.id = next(_ids)
+        self._pipeline = pipeline
+        self._scheduler = scheduler
+        self._convert = convert
+        self._identify = identify
+        self._metrics = metrics
+        self._outbox_size = outbox_size
+        self._admit_camera = admit_camera
+        self._draining = draining
+        self._cond = threading.Condition()
+        self._outbox: deque[FrameTask] = deque()  # every unanswered frame, in arrival order
+        # camera -> frames waiting to be decoded; dict order = round-robin order.
+        self._inbox: dict[str, deque[tuple[FrameTask, Any]]] = {}
+        # Room for a client's usual send window (4) without a drop; beyond it the camera is
+        # sending faster than it is served and the oldest undecoded frame is stale.
+        self._inbox_size = scheduler.queue_size + 2
+        self._keys: set[tuple[int, str]] = set()
+        self._reader_done = False
+        self._cancelled = False
+        self._stopped_for_drain = False
+
+    # -- called by the servicer ------------------------------------------------------------
+
+    def answers(self, requests: Iterable[Any]) -> Iterator[FrameAnswer]:
+        """Answers in arrival order until the client half-closes (or the call ends).
+
+        Raises NotReadyError at the end if the server started draining mid-stream.
+        """
+        for target, name, args in ((self._read, "reader", (requests,)), (self._prepare_loop, "prep", ())):
+            threading.Thread(target=target, args=args, name=f"stream-{self.id}-{name}", daemon=True).start()
+        try:
+            while True:
+                with self._cond:
+                    while not self._cancelled and not (self._outbox and self._outbox[0].done.is_set()):
+                        if not self._outbox and (self._reader_done or self._draining()):
+                            # Shutting down: in-flight frames are answered, then the call ends.
+                            self._stopped_for_drain = self._stopped_for_drain or not self._reader_done
+                            break
+                        self._cond.wait(0.1 if self._draining() else 0.5)
+                    if self._cancelled or not self._outbox:
+                        break
+                    task = self._outbox.popleft()
+                    self._cond.notify_all()  # room in the outbox for the reader
+                yield finish_task(task, self._pipeline, self._metrics)
+        finally:
+            self.cancel()
+        if self._stopped_for_drain:
+            raise NotReadyError("server is shutting down; reconnect to another instance or retry")
+
+    def cancel(self) -> None:
+        """The call ended or was cancelled: drop everything the stream still holds."""
+        with self._cond:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            keys = list(self._keys)
+            self._outbox.clear()
+            self._inbox.clear()
+            self._cond.notify_all()
+        for key in keys:
+            self._scheduler.close(key)
+
+    # -- the reader thread -----------------------------------------------------------------
+
+    def _read(self, requests: Iterable[Any]) -> None:
+        try:
+            for request in requests:
+                if not self._wait_for_room():
+                    break
+                if self._draining():
+                    self._stopped_for_drain = True
+                    break
+                self._take(request)
+        except Exception as exc:  # the call was cancelled or the client went away
+            if not self._cancelled:
+                log.debug("stream %d: request stream ended: %s", self.id, exc)
+        finally:
+            with self._cond:
+                self._reader_done = True
+                self._cond.notify_all()
+
+    def _wait_for_room(self) -> bool:
+        with self._cond:
+            while len(self._outbox) >= self._outbox_size and not self._cancelled:
+                self._cond.wait(0.5)
+            return not self._cancelled
+
+    def _take(self, request: Any) -> None:
+        camera_id, sequence, ts, deadline_ms = self._identify(request)
+        task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms, on_change=self._notify)
+        if self._metrics is not None:
+            self._metrics.frame_received(camera_id)
+        replaced = None
+        with self._cond:
+            self._outbox.append(task)
+            waiting = self._inbox.setdefault(camera_id, deque())
+            waiting.append((task, request))
+            if len(waiting) > self._inbox_size:
+                replaced = waiting.popleft()
+            self._cond.notify_all()
+        if replaced is not None:
+            replaced[0].answer_now(DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded")
+
+    # -- the pre-processor thread ----------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and not self._cancelled and not self._reader_done:
+                    self._cond.wait(0.5)
+                if self._cancelled or not self._inbox:
+                    return
+                camera = next(iter(self._inbox))
+                waiting = self._inbox.pop(camera)
+                task, request = waiting.popleft()
+                if waiting:
+                    self._inbox[camera] = waiting  # to the back of the round robin
+            self._accept(task, request)
+
+    def _accept(self, task: FrameTask, request: Any) -> None:
+        try:
+            fin, opts = self._convert(request)
+            self._admit_camera(fin.camera_id)
+            task.prepared = self._pipeline.prepare(fin, opts)
+        except InvalidInputError as exc:
+            task.answer_now(INVALID, str(exc))
+            return
+        key = (self.id, task.camera_id)
+        with self._cond:
+            if self._cancelled:
+                return
+            self._keys.add(key)
+        deadline = task.received + fin.deadline_ms / 1000.0 if fin.deadline_ms else None
+        job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline)
+        try:
+            self._scheduler.submit(job)
+        except OverloadedError as exc:
+            task.answer_now(OVERLOADED, str(exc))
+        except NotReadyError as exc:
+            self._stopped_for_drain = True
+            task.answer_now(OVERLOADED, str(exc))
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()

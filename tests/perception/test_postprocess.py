@@ -1,0 +1,106 @@
+"""The vectorised post-processing against a slow, obviously-correct reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perception.errors import InvalidInputError
+from perception.letterbox import compute_letterbox
+from perception.manifest import PostprocessSpec
+from perception.postprocess import PostprocessOptions, merge_options, postprocess
+
+
+def reference(out, lb, opts: PostprocessOptions):
+    """Anchor by anchor, class by class, in plain Python."""
+    cands = []
+    for row in out.tolist():
+        obj = row[4]
+        best_c, best_s = None, -1.0
+        for c, p in enumerate(row[5:]):
+            if opts.class_filter and c not in opts.class_filter:
+                continue
+            if obj * p > best_s:
+                best_c, best_s = c, obj * p
+        if best_c is not None and best_s >= opts.score_threshold:
+            cands.append((best_s, best_c, row[:4]))
+    cands.sort(key=lambda t: -t[0])
+    cands = cands[: opts.pre_nms_topk]
+    kept = []
+    for s, c, b in cands:
+        suppressed = False
+        for _, c2, b2 in kept:
+            if not opts.class_agnostic and c2 != c:
+                continue
+            iw = max(0.0, min(b[2], b2[2]) - max(b[0], b2[0]))
+            ih = max(0.0, min(b[3], b2[3]) - max(b[1], b2[1]))
+            inter = iw * ih
+            union = (b[2] - b[0]) * (b[3] - b[1]) + (b2[2] - b2[0]) * (b2[3] - b2[1]) - inter
+            if union > 0 and inter / union > opts.iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append((s, c, b))
+    kept = kept[: opts.max_detections]
+    res = []
+    for s, c, b in kept:
+        x1 = min(max((b[0] - lb.pad_left) / lb.scale_x, 0), lb.src_w)
+        y1 = min(max((b[1] - lb.pad_top) / lb.scale_y, 0), lb.src_h)
+        x2 = min(max((b[2] - lb.pad_left) / lb.scale_x, 0), lb.src_w)
+        y2 = min(max((b[3] - lb.pad_top) / lb.scale_y, 0), lb.src_h)
+        res.append((s, c, (x1, y1, x2, y2)))
+    return res
+
+
+def head(rng, n=400, c=7, w=96, h=64):
+    """Random (N, 5 + C) output: clustered boxes, distinct scores."""
+    centres = rng.uniform(0, [w, h], (max(1, n // 10), 2))
+    xy = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 3, (n, 2))
+    wh = rng.uniform(4, 30, (n, 2))
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+    obj = rng.uniform(0, 1, (n, 1))
+    cls = rng.uniform(0, 1, (n, c))
+    return np.concatenate([boxes, obj, cls], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_matches_reference(seed, agnostic):
+    rng = np.random.default_rng(seed)
+    out = head(rng)
+    lb = compute_letterbox(int(rng.integers(50, 400)), int(rng.integers(50, 400)), 96, 64)
+    filt = () if seed % 2 else (1, 3, 4)
+    opts = PostprocessOptions(score_threshold=float(rng.uniform(0.05, 0.4)), iou_threshold=float(rng.uniform(0.3, 0.7)),
+                              max_detections=int(rng.integers(5, 60)), pre_nms_topk=int(rng.integers(20, 300)),
+                              class_agnostic=agnostic, class_filter=filt)
+    det = postprocess(out, lb, opts)
+    ref = reference(out, lb, opts)
+    assert len(det) == len(ref) > 0
+    for i, (s, c, b) in enumerate(ref):
+        assert det.class_ids[i] == c
+        assert det.scores[i] == pytest.approx(s, rel=1e-5)
+        np.testing.assert_allclose(det.boxes[i], b, rtol=1e-4, atol=1e-3)
+    if filt:
+        assert set(det.class_ids.tolist()) <= set(filt)
+    assert (det.boxes[:, [0, 2]] <= lb.src_w).all() and (det.boxes >= 0).all()
+
+
+def test_empty_cases():
+    lb = compute_letterbox(100, 100, 96, 64)
+    opts = PostprocessOptions(0.5, 0.5, 10, 100)
+    assert len(postprocess(np.zeros((0, 12), np.float32), lb, opts)) == 0
+    low = head(np.random.default_rng(0))
+    low[:, 4] = 0.01
+    assert len(postprocess(low, lb, opts)) == 0
+
+
+def test_merge_options_rejects_absurd_values():
+    spec = PostprocessSpec(score_threshold=0.3, iou_threshold=0.5, max_detections=50)
+    o = merge_options(spec, 7)
+    assert (o.score_threshold, o.iou_threshold, o.max_detections) == (0.3, 0.5, 50)
+    o = merge_options(spec, 7, score_threshold=0.6, class_filter=(3, 1, 3), class_agnostic=True)
+    assert o.score_threshold == 0.6 and o.class_filter == (1, 3) and o.class_agnostic
+    for kw in ({"score_threshold": -0.1}, {"iou_threshold": 1.5}, {"max_detections": 10**9},
+               {"class_filter": (7,)}, {"score_threshold": float("inf")}):
+        with pytest.raises(InvalidInputError):
+            merge_options(spec, 7, **kw)

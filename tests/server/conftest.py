@@ -1,0 +1,75 @@
+"""Fixtures for server tests: a real server on a free loopback port, real frames."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
+from server.app import ManagedServer, create_server
+from server.config import ServerConfig
+
+
+def jpeg(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    """A real JPEG of a random scene with a few filled rectangles."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 90, np.uint8)
+    for _ in range(4):
+        x, y = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
+        cv2.rectangle(img, (x, y), (x + width // 4, y + height // 4), tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+    img = cv2.add(img, rng.integers(0, 30, img.shape, dtype=np.uint8))
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    return buf.tobytes()
+
+
+def request(camera: str, seq: int, data: bytes | None = None, **frame_kw: Any) -> pb.DetectRequest:
+    frame = pb.Frame(camera_id=camera, sequence=seq, capture_timestamp_ns=1_000_000 * seq, **frame_kw)
+    if data is not None:
+        frame.encoded = data
+    return pb.DetectRequest(frame=frame)
+
+
+@dataclasses.dataclass
+class Running:
+    server: ManagedServer
+    port: int
+    channel: grpc.Channel
+    stub: pb_grpc.DetectorStub
+    registry: CollectorRegistry
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def serve(tiny_manifest: Path) -> Iterator[Callable[..., Running]]:
+    """serve(**config_overrides) -> Running; everything started is stopped after the test."""
+    started: list[Running] = []
+
+    def start(channel: bool = True, **overrides: Any) -> Running:
+        kw: dict[str, Any] = dict(model=str(tiny_manifest), host="127.0.0.1", port=0, metrics_port=0,
+                                  threads=1, warmup_iters=1, grace_s=2.0)
+        kw.update(overrides)
+        registry = CollectorRegistry()
+        server, port = create_server(ServerConfig(**kw), registry)
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}") if channel else None
+        run = Running(server, port, ch, pb_grpc.DetectorStub(ch) if ch else None, registry)  # type: ignore[arg-type]
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.channel is not None:
+            run.channel.close()
+        run.server.shutdown(1.0)

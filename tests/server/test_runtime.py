@@ -1,0 +1,132 @@
+"""Runtime selection and the TensorRT engine fingerprint (pure parts; GPU parts skipped here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from perception.errors import ModelError
+from perception.manifest import load_manifest
+from server.runtime.base import Backend
+from server.runtime.factory import Availability, BackendRequest, create_backend, plan
+from server.runtime.fingerprint import EngineFingerprint, check_engine, mismatches, write_fingerprint
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def test_plan_follows_preference_and_skips_what_is_missing():
+    pref = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+    cpu_only = Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"}))
+    tries, skipped = plan(pref, cpu_only)
+    assert tries == ["onnxruntime-cpu"]
+    assert "not installed" in skipped["tensorrt"] and "CUDAExecutionProvider" in skipped["onnxruntime-cuda"]
+    gpu = Availability(tensorrt=True, ort_providers=frozenset({"CUDAExecutionProvider", "CPUExecutionProvider"}))
+    assert plan(pref, gpu)[0] == list(pref)
+    assert plan(("onnxruntime-cpu", "tensorrt"), gpu)[0] == ["onnxruntime-cpu", "tensorrt"]
+
+
+def test_create_backend_falls_back_to_cpu(tiny_manifest):
+    m = load_manifest(tiny_manifest)
+    # TensorRT "available" but failing to load (no engine, not installed): falls through to CPU.
+    avail = Availability(tensorrt=True, ort_providers=frozenset({"CPUExecutionProvider"}))
+    backend, variant = create_backend(
+        BackendRequest(m, preference=("tensorrt", "onnxruntime-cpu"), threads=1, max_batch=4), avail
+    )
+    try:
+        assert isinstance(backend, Backend)
+        assert backend.name == "onnxruntime-cpu" and variant.name == "fp32" and backend.max_batch == 4
+        out = backend.infer(np.zeros((3, 3, 48, 64), np.float32))
+        assert out.shape == (3, 48, 12)
+    finally:
+        backend.deactivate()
+    with pytest.raises(ModelError, match="no inference backend"):
+        create_backend(BackendRequest(m, preference=("onnxruntime-cuda",)),
+                       Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"})))
+
+
+def fp(**kw) -> EngineFingerprint:
+    base = dict(tensorrt_version="10.3.0", compute_capability="8.7", precision="fp16",
+                onnx_sha256="ab" * 32, max_batch=8, device_name="Orin")
+    base.update(kw)
+    return EngineFingerprint(**base)
+
+
+def test_fingerprint_mismatches_are_explained():
+    assert mismatches(fp(), fp()) == []
+    assert mismatches(fp(max_batch=8), fp(max_batch=4)) == []  # a wider batch range is fine
+    probs = mismatches(fp(tensorrt_version="10.0.1", compute_capability="8.6"), fp())
+    assert any("TensorRT 10.0.1 built it, this device runs 10.3.0" in p for p in probs)
+    assert any("compute capability 8.6" in p and "8.7" in p for p in probs)
+    assert mismatches(fp(precision="int8"), fp()) and mismatches(fp(onnx_sha256="cd" * 32), fp())
+    assert fp().cache_name() != fp(compute_capability="8.6").cache_name()
+    assert EngineFingerprint.from_json(fp().to_json()) == fp()
+
+
+def test_check_engine_refuses_a_mismatched_engine(tmp_path):
+    engine = tmp_path / "model.engine"
+    with pytest.raises(ModelError, match="does not exist"):
+        check_engine(engine, fp())
+    engine.write_bytes(b"serialized")
+    with pytest.raises(ModelError, match="no model.engine.fingerprint.json"):
+        check_engine(engine, fp())
+    write_fingerprint(engine, fp(tensorrt_version="8.6.1"))
+    with pytest.raises(ModelError, match=r"refusing TensorRT engine model.engine: TensorRT 8.6.1 built it.*Rebuild"):
+        check_engine(engine, fp())
+    write_fingerprint(engine, fp())
+    check_engine(engine, fp())
+    (tmp_path / "model.engine.fingerprint.json").write_text(json.dumps({"nope": 1}))
+    with pytest.raises(ModelError, match="malformed"):
+        check_engine(engine, fp())
+
+
+def test_tensorrt_modules_import_without_tensorrt():
+    for name in ("server.runtime.tensorrt_backend", "server.runtime.tensorrt_builder", "server.runtime.fingerprint"):
+        __import__(name)
+    if not HAS_TRT:
+        assert "tensorrt" not in sys.modules
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (CPU-only machine)")
+def test_tensorrt_build_and_run_matches_onnxruntime(tiny_manifest, tmp_path):
+    from server.runtime.fingerprint import device_fingerprint
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from server.runtime.tensorrt_backend import TensorRTBackend
+    from server.runtime.tensorrt_builder import BuildOptions, build_engine
+
+    m = load_manifest(tiny_manifest)
+    v = m.variant()
+    want = device_fingerprint("fp32", v.sha256, 4)
+    engine = build_engine(m.path_of(v), tmp_path / "m.engine", BuildOptions("fp32", 4, timing_cache=str(tmp_path / "t.cache")), want)
+    trt_b = TensorRTBackend(engine, want, 4)
+    ort_b = OnnxRuntimeBackend(m.path_of(v), max_batch=4)
+    trt_b.activate()
+    ort_b.activate()
+    x = np.random.default_rng(0).random((3, 3, 48, 64), dtype=np.float32)
+    np.testing.assert_allclose(trt_b.infer(x), ort_b.infer(x), atol=1e-3)
+    trt_b.deactivate()
+
+
+def test_fixed_batch_export_runs_in_padded_chunks(tmp_path):
+    import onnx
+
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from tests.tiny_model import make_tiny_onnx
+
+    dyn = tmp_path / "dyn.onnx"
+    make_tiny_onnx(dyn)
+    model = onnx.load(str(dyn))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    a, b = OnnxRuntimeBackend(dyn, intra_op_threads=1), OnnxRuntimeBackend(fixed, intra_op_threads=1, max_batch=8)
+    a.activate()
+    b.activate()
+    assert b.max_batch == 4  # the engine's batch range wins over the configured one
+    x = np.random.default_rng(0).random((6, 3, 48, 64), dtype=np.float32)
+    np.testing.assert_allclose(b.infer(x), a.infer(x), rtol=1e-5, atol=1e-5)
+    assert b.infer(x[:1]).shape[0] == 1

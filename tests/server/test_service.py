@@ -1,0 +1,399 @@
+"""End to end over loopback: a real server (tiny real ONNX model) and real gRPC clients."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from perception.v1 import detector_pb2 as pb
+from tests.server.conftest import jpeg, request
+
+OK = pb.FRAME_STATUS_OK
+
+
+def test_detect_returns_boxes_in_source_pixels(serve):
+    run = serve()
+    resp = run.stub.Detect(request("front", 7, jpeg(320, 200)), timeout=10)
+    assert resp.status == OK and resp.camera_id == "front" and resp.sequence == 7
+    assert (resp.image_width, resp.image_height) == (320, 200)
+    assert resp.capture_timestamp_ns == 7_000_000
+    assert len(resp.detections) > 0  # the tiny model's objectness leans positive
+    for d in resp.detections:
+        assert 0 <= d.box.x1 <= d.box.x2 <= 320 and 0 <= d.box.y1 <= d.box.y2 <= 200
+        assert 0.3 <= d.score <= 1.0  # the manifest's default score threshold is 0.3
+        assert d.class_name == ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_light", "traffic_sign")[d.class_id]
+    t = resp.timings
+    assert t.batch_size == 1 and t.total_us >= t.inference_us > 0 and t.preprocess_us > 0
+
+
+def test_stream_several_cameras_in_order_with_garbage_mid_stream(serve):
+    run = serve()
+    cams = ("front", "rear", "left")
+    frames = {c: [jpeg(200, 150, seed=i + 10 * k) for i in range(6)] for k, c in enumerate(cams)}
+
+    rounds = threading.Semaphore(1)
+
+    def requests():
+        # Each camera at its own pace, like a real camera: the next round after the last answer.
+        for i in range(6):
+            rounds.acquire()
+            for c in cams:
+                data = b"\xff\xd8 not really a jpeg" if (c == "rear" and i == 3) else frames[c][i]
+                yield request(c, i, data)
+
+    answers = []
+    for a in run.stub.StreamDetect(requests(), timeout=30):
+        answers.append(a)
+        if len(answers) % 3 == 0:
+            rounds.release()
+    assert len(answers) == 18
+    # Every frame answered, in the order sent, per camera and overall.
+    assert [(a.camera_id, a.sequence) for a in answers] == [(c, i) for i in range(6) for c in cams]
+    bad = [a for a in answers if a.status != OK]
+    assert [(a.camera_id, a.sequence, a.status) for a in bad] == [("rear", 3, pb.FRAME_STATUS_INVALID)]
+    assert "JPEG" in bad[0].message
+    for a in answers:
+        if a.status == OK:
+            assert (a.image_width, a.image_height) == (200, 150)
+            assert all(0 <= d.box.x2 <= 200 and 0 <= d.box.y2 <= 150 for d in a.detections)
+    # The server goes on serving.
+    assert run.stub.Detect(request("front", 99, jpeg()), timeout=10).status == OK
+
+
+@pytest.mark.parametrize(
+    "frame_kw, options, needle",
+    [
+        ({"encoded": b""}, {}, "no image"),
+        ({}, {}, "exactly one"),
+        ({"encoded": jpeg()[:200]}, {}, "truncated"),
+        ({"encoded": b"GIF89a" + bytes(100)}, {}, "neither JPEG nor PNG"),
+        ({"raw": pb.RawImage(width=4, height=4, format=pb.PIXEL_FORMAT_BGR8, data=bytes(47))}, {}, "needs 48"),
+        ({"raw": pb.RawImage(width=0, height=4, format=pb.PIXEL_FORMAT_BGR8, data=b"")}, {}, "positive"),
+        ({"raw": pb.RawImage(width=100000, height=100000, format=pb.PIXEL_FORMAT_BGR8, data=b"x")}, {}, "limit"),
+        ({"raw": pb.RawImage(width=4, height=4, format=77, data=bytes(48))}, {}, "pixel format"),
+        ({"raw": pb.RawImage(width=4, height=4, data=bytes(48))}, {}, "no pixel format"),
+        ({"encoded": jpeg()}, {"score_threshold": -0.5}, "score_threshold"),
+        ({"encoded": jpeg()}, {"iou_threshold": 7.0}, "iou_threshold"),
+        ({"encoded": jpeg()}, {"max_detections": 10**9}, "max_detections"),
+        ({"encoded": jpeg()}, {"class_filter": [3, 42]}, "class_filter"),
+        ({"encoded": jpeg()}, {"score_threshold": float("nan")}, "finite"),
+    ],
+)
+def test_bad_input_is_invalid_argument_with_a_message(serve, frame_kw, options, needle):
+    run = serve()
+    req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=1, **frame_kw), options=pb.DetectOptions(**options))
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Detect(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+    # The same input inside a stream: answered INVALID, and the stream goes on.
+    out = list(run.stub.StreamDetect(iter([req, request("front", 2, jpeg())]), timeout=10))
+    assert [a.status for a in out] == [pb.FRAME_STATUS_INVALID, OK]
+    assert needle in out[0].message
+
+
+def test_options_thresholds_filter_and_agnostic(serve):
+    run = serve()
+    img = jpeg(256, 192, seed=3)
+    base = run.stub.Detect(request("front", 1, img), timeout=10)
+    strict = run.stub.Detect(pb.DetectRequest(frame=request("front", 2, img).frame,
+                                              options=pb.DetectOptions(score_threshold=0.6)), timeout=10)
+    assert all(d.score >= 0.6 for d in strict.detections)
+    assert len(strict.detections) <= len(base.detections)
+    only = run.stub.Detect(pb.DetectRequest(frame=request("front", 3, img).frame,
+                                            options=pb.DetectOptions(class_filter=[2], score_threshold=0.05)), timeout=10)
+    assert only.detections and {d.class_id for d in only.detections} == {2}
+    capped = run.stub.Detect(pb.DetectRequest(frame=request("front", 4, img).frame,
+                                              options=pb.DetectOptions(max_detections=2, score_threshold=0.05)), timeout=10)
+    assert len(capped.detections) == 2
+
+
+def test_raw_frames_match_encoded_png(serve):
+    run = serve()
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    stride = 120 * 3 + 8
+    padded = np.zeros((90, stride), np.uint8)
+    padded[:, : 120 * 3] = img.reshape(90, -1)
+    raw_bgr = pb.RawImage(width=120, height=90, row_stride=stride, format=pb.PIXEL_FORMAT_BGR8, data=padded.tobytes())
+    raw_rgb = pb.RawImage(width=120, height=90, format=pb.PIXEL_FORMAT_RGB8, data=img[:, :, ::-1].tobytes())
+    a = run.stub.Detect(request("c", 1, png), timeout=10)
+    b = run.stub.Detect(pb.DetectRequest(frame=pb.Frame(camera_id="c", sequence=2, raw=raw_bgr)), timeout=10)
+    c = run.stub.Detect(pb.DetectRequest(frame=pb.Frame(camera_id="c", sequence=3, raw=raw_rgb)), timeout=10)
+    boxes = [[(d.class_id, round(d.box.x1, 3), round(d.score, 5)) for d in r.detections] for r in (a, b, c)]
+    assert boxes[0] == boxes[1] == boxes[2] and boxes[0]
+
+
+def test_raw_4k_bgr_frame_fits_the_message_limit(serve):
+    run = serve()
+    data = bytes(3840 * 2160 * 3)
+    req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=1, raw=pb.RawImage(
+        width=3840, height=2160, format=pb.PIXEL_FORMAT_BGR8, data=data)))
+    resp = run.stub.Detect(req, timeout=30)
+    assert resp.status == OK and (resp.image_width, resp.image_height) == (3840, 2160)
+
+
+def test_stale_frames_are_answered_dropped_in_order(serve):
+    # One camera, latest wins with a queue of 1; a long max_wait with a second (idle) camera
+    # stream open keeps the batcher waiting, so the three frames meet in the queue.
+    run = serve(queue_size=1, max_wait_ms=400, max_batch=4)
+    frames = [request("front", i, jpeg(seed=i)) for i in range(3)]
+    idle = threading.Event()
+
+    def other():
+        yield request("rear", 0, jpeg())
+        idle.wait(10)
+
+    other_call = run.stub.StreamDetect(other(), timeout=20)
+    next(other_call)  # the "rear" queue now exists and stays known (idle)
+    try:
+        out = list(run.stub.StreamDetect(iter(frames), timeout=20))
+    finally:
+        idle.set()
+    assert [a.sequence for a in out] == [0, 1, 2]
+    assert [a.status for a in out] == [pb.FRAME_STATUS_DROPPED_STALE, pb.FRAME_STATUS_DROPPED_STALE, OK]
+    assert "newer frame" in out[0].message
+
+
+def test_deadline_expired(serve):
+    run = serve(max_wait_ms=300, max_batch=8)
+
+    def reqs():
+        yield request("rear", 0, jpeg())
+        time.sleep(0.05)
+        yield request("front", 1, jpeg(), deadline_ms=20)
+
+    out = list(run.stub.StreamDetect(reqs(), timeout=20))
+    assert [a.status for a in out] == [OK, pb.FRAME_STATUS_EXPIRED]
+    assert "deadline" in out[1].message
+    # A generous deadline is met.
+    ok = run.stub.Detect(request("front", 2, jpeg(), deadline_ms=5000), timeout=10)
+    assert ok.status == OK
+
+
+def test_overload_is_resource_exhausted_not_unbounded_queueing(serve):
+    run = serve(max_pending=1, max_wait_ms=400, max_batch=8)
+    img = jpeg()
+    codes: list[str] = []
+    lock = threading.Lock()
+    # Hold a stream open (idle), so the batcher waits for frames from it before each batch.
+    hold = threading.Event()
+
+    def idle():
+        yield request("rear", 0, img)
+        hold.wait(10)
+
+    held = run.stub.StreamDetect(idle(), timeout=20)
+    next(held)
+
+    def call(i: int) -> None:
+        try:
+            r = run.stub.Detect(request(f"cam{i}", i, img), timeout=10)
+            code = "OK" if r.status == OK else str(r.status)
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hold.set()
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+
+
+def test_client_that_stops_reading_does_not_grow_the_server(serve):
+    run = serve(outbox_size=4, queue_size=1)
+    # A client with a tiny receive window and no window growth: once it stops reading,
+    # HTTP/2 flow control makes the server's sends block.
+    channel = grpc.insecure_channel(
+        run.address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    )
+    from perception.v1 import detector_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.DetectorStub(channel)
+    raw = pb.RawImage(width=320, height=240, format=pb.PIXEL_FORMAT_BGR8,
+                      data=np.random.default_rng(0).integers(0, 255, 320 * 240 * 3, dtype=np.uint8).tobytes())
+    opts = pb.DetectOptions(score_threshold=0.01, max_detections=100)  # big answers fill the window fast
+    consumed = 0
+
+    def reqs():
+        nonlocal consumed
+        for i in range(300):
+            consumed += 1
+            yield pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, raw=raw), options=opts)
+
+    call = stub.StreamDetect(reqs(), timeout=30)
+    time.sleep(2.0)  # never read: the server must stop taking frames
+    taken = consumed
+    assert taken < 100, f"server kept reading {taken} frames from a client that reads nothing"
+    assert run.server.scheduler.pending <= 1
+    call.cancel()
+    channel.close()
+    deadline = time.monotonic() + 5
+    while run.server.scheduler.queue_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.server.scheduler.queue_count == 0 and run.server.scheduler.pending == 0
+
+
+def test_model_info_health_and_reflection(serve):
+    run = serve()
+    info = run.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    assert info.name == "tiny" and info.classes[0] == "car" and info.input_width == 64
+    assert info.backend == "onnxruntime-cpu" and info.max_batch == 8 and '"classes"' in info.manifest_json
+    health = health_pb2_grpc.HealthStub(run.channel)
+    for svc in ("", "perception.v1.Detector"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    refl = reflection_pb2_grpc.ServerReflectionStub(run.channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"perception.v1.Detector", "grpc.health.v1.Health"} <= names
+
+
+def test_shutdown_answers_in_flight_then_refuses(serve):
+    run = serve(max_wait_ms=300, max_batch=8)
+    results: list = []
+
+    def call():
+        results.append(run.stub.Detect(request("front", 1, jpeg()), timeout=10))
+
+    # A held-open idle stream makes the batcher wait ~300 ms: the frame is in flight at stop.
+    hold = threading.Event()
+
+    def idle():
+        yield request("rear", 0, jpeg())
+        hold.wait(5)
+
+    held = run.stub.StreamDetect(idle(), timeout=20)
+    next(held)
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.1)
+    assert run.server.shutdown(3.0) in (True, False)
+    t.join(5)
+    hold.set()
+    assert results and results[0].status == OK
+    health = health_pb2_grpc.HealthStub(run.channel)
+    with pytest.raises(grpc.RpcError):
+        health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
+def test_metrics_count_every_answer(serve):
+    run = serve()
+    reg = run.registry
+    reqs = [request("front", 0, jpeg()), request("front", 1, b"junk"), request("rear", 2, jpeg())]
+    out = list(run.stub.StreamDetect(iter(reqs), timeout=10))
+    with pytest.raises(grpc.RpcError):
+        run.stub.Detect(request("front", 3, b""), timeout=5)
+    assert [a.status for a in out] == [OK, pb.FRAME_STATUS_INVALID, OK]
+    get = reg.get_sample_value
+    assert get("perception_frames_received_total", {"camera": "front"}) == 3
+    assert get("perception_frames_answered_total", {"camera": "front"}) == 1
+    assert get("perception_frames_dropped_total", {"camera": "front", "reason": "invalid"}) == 2
+    assert get("perception_stage_latency_seconds_count", {"stage": "end_to_end"}) == 2
+    assert get("perception_grpc_errors_total", {"method": "Detect", "code": "INVALID_ARGUMENT"}) == 1
+    n_det = sum(len(a.detections) for a in out)
+    counted = sum(s.value for m in reg.collect() if m.name == "perception_detections" for s in m.samples
+                  if s.name.endswith("_total"))
+    assert counted == n_det > 0
+
+
+def test_stream_over_capacity_answers_overloaded_and_goes_on(serve):
+    run = serve(max_pending=1, max_wait_ms=400, max_batch=8)
+    hold = threading.Event()
+
+    def idle():
+        yield request("rear", 0, jpeg())
+        hold.wait(10)
+
+    held = run.stub.StreamDetect(idle(), timeout=20)
+    next(held)  # a known, idle queue: the batcher waits up to 400 ms for it
+    try:
+        out = list(run.stub.StreamDetect(iter([request("a", 0, jpeg()), request("b", 1, jpeg())]), timeout=20))
+    finally:
+        hold.set()
+    assert [(a.camera_id, a.status) for a in out] == [("a", OK), ("b", pb.FRAME_STATUS_OVERLOADED)]
+    assert "over capacity" in out[1].message
+    assert run.stub.Detect(request("c", 2, jpeg()), timeout=10).status == OK
+
+
+def test_camera_allow_list(serve):
+    run = serve(cameras=("front", "rear"))
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).status == OK
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Detect(request("intruder", 1, jpeg()), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "allow-list" in err.value.details()
+
+
+def test_camera_faster_than_the_server_is_shed_before_decoding(serve):
+    run = serve(queue_size=1)
+    big = jpeg(1280, 720, seed=4)  # slow enough to decode that a burst backs up
+    out = list(run.stub.StreamDetect(iter([request("front", i, big) for i in range(40)]), timeout=30))
+    assert [a.sequence for a in out] == list(range(40))  # every frame answered, in order
+    assert out[-1].status == OK  # the latest frame always wins
+    early = [a for a in out if a.status == pb.FRAME_STATUS_DROPPED_STALE and "before this one was decoded" in a.message]
+    assert early, "a burst should be shed before it is decoded"
+    assert all(a.timings.preprocess_us == 0 for a in early)
+
+
+def test_not_serving_until_warm(tiny_manifest):
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from perception.v1 import detector_pb2_grpc as pb_grpc
+    from server.app import create_server
+    from server.config import ServerConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServerConfig(model=str(tiny_manifest), host="127.0.0.1", port=port, metrics_port=0, threads=1,
+                       warmup_iters=4000)  # a few seconds of warm-up on the tiny model
+    started: list = []
+    t = threading.Thread(target=lambda: started.append(create_server(cfg, CollectorRegistry())))
+    t.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
+        ("grpc.max_reconnect_backoff_ms", 50)])
+    health = health_pb2_grpc.HealthStub(channel)
+    seen = set()
+    code = None
+    try:
+        deadline = time.monotonic() + 60
+        while t.is_alive() and time.monotonic() < deadline:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                seen.add(status)
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING and code is None:
+                    try:
+                        pb_grpc.DetectorStub(channel).Detect(request("front", 1, jpeg()), timeout=2)
+                        got = "OK"
+                    except grpc.RpcError as exc:
+                        got = exc.code()
+                    # Only conclusive if the server was still warming up after the call.
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == status:
+                        code = got
+            except grpc.RpcError:
+                pass  # not bound yet
+            time.sleep(0.02)
+        t.join()
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        channel.close()
+        for server, _ in started:
+            server.shutdown(1)

@@ -1,0 +1,57 @@
+"""``perception verify-engine`` comparing ONNX variants on real frames; TensorRT absent -> exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
+from server.verify_cli import main
+from tests.server.conftest import jpeg
+from tests.tiny_model import CLASSES, make_tiny_onnx
+
+
+@pytest.fixture
+def two_variants(tmp_path):
+    d = tmp_path / "art"
+    d.mkdir()
+    make_tiny_onnx(d / "a.onnx", seed=0)
+    make_tiny_onnx(d / "b.onnx", seed=1)  # different weights: must not pass as equal
+    variants = tuple(
+        Variant(name=n, file=f, precision="fp32", sha256=sha256_file(d / f), input_shape=(-1, 3, 48, 64))
+        for n, f in (("fp32", "a.onnx"), ("other", "b.onnx"), ("same", "a.onnx"))
+    )
+    m = Manifest("tiny", "1", CLASSES, PreprocessSpec(64, 48), PostprocessSpec(score_threshold=0.3), variants, "fp32")
+    save_manifest(m, d)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        (frames / f"{i:03d}.jpg").write_bytes(jpeg(160, 120, seed=i))
+    return d / "manifest.json", frames
+
+
+def test_identical_variant_passes(two_variants, capsys):
+    manifest, frames = two_variants
+    assert main(["--model", str(manifest), "--variant", "same", "--frames", str(frames), "--json", "--threads", "1"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["max_abs_diff"] == 0.0 and rep["parity_recall"] == 1.0 and rep["frames"] == 4
+    assert rep["detections_reference"] > 0
+
+
+def test_different_variant_fails(two_variants, capsys):
+    manifest, frames = two_variants
+    assert main(["--model", str(manifest), "--variant", "other", "--frames", str(frames), "--threads", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "max |diff|" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_engine_without_tensorrt_says_so(two_variants, tmp_path, capsys):
+    manifest, frames = two_variants
+    assert main(["--model", str(manifest), "--engine", str(tmp_path / "x.engine"), "--frames", str(frames)]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed" in err and len(err.strip().splitlines()) == 1
