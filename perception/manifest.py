@@ -218,6 +218,7 @@ def save_manifest(manifest: Manifest, directory: str | os.PathLike[str]) -> Path
         with os.fdopen(fd, "w") as f:
             json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the server may run as another user
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,434 @@
+"""The build: checkpoint -> folded, exported, quantized, gated variants + manifest + report.
+
+Everything is written into a temporary sibling of the output directory and renamed into place
+at the very end, so a failed or interrupted build never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from perception.errors import ConfigError, ModelError
+from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "default" / "detector.pt"
+# The server batches across cameras; 8 covers a vehicle's camera ring in one call.
+MAX_BATCH = 8
+# Seeds of the generated sets, the same as the training config's (configs/default.yaml,
+# build_engine.config.DataConfig): the gate scores the training run's val split; calibration
+# uses the first images of the *train* split, so it never sees a val image. Image i of a
+# generated set depends only on (seed, i), so the first n images are the same however many
+# the training run generated.
+VAL_SEED = 2
+CALIB_SEED = 1
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Largest allowed mAP50-95 drop vs FP32, in mAP points (0..100 scale)."""
+
+    fp16: float = 0.2
+    int8: float = 1.0
+    pruned: float = 1.5
+
+    def __post_init__(self) -> None:
+        if min(self.fp16, self.int8, self.pruned) < 0:
+            raise ConfigError("gate thresholds must be >= 0 mAP points")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Every knob of ``perception build``; validated on construction."""
+
+    out_dir: Path
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    pruned: tuple[Path, ...] = ()
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    calibrator: str = "minmax"
+    calib_images: int = 48
+    val_images: int = 300  # the training run's whole val split (DataConfig.val_images)
+    data_dir: Path | None = None  # val dataset dir (annotations.json + images/); generated if None
+    calib_dir: Path | None = None  # calibration images; a generated set (other seed) if None
+    image_width: int = 640
+    image_height: int = 360
+    seed: int = 0
+    opset: int = 17
+    max_batch: int = MAX_BATCH
+    nms_in_graph: bool = False
+    gates: GateThresholds = field(default_factory=GateThresholds)
+    continue_on_fail: bool = False
+    latency_runs: int = 30
+    threads: int = 2
+    report: bool = True
+    scaling: bool = True  # the report's scaling table (exports and times ~11 models)
+    scaling_val_images: int = 32
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        from build_engine.calibration import CALIBRATORS
+
+        bad = [p for p in self.precisions if p not in ("fp32", "fp16", "int8")]
+        if bad or "fp32" not in self.precisions:
+            raise ConfigError(f"precisions must include fp32 and be among fp32/fp16/int8, got {self.precisions}")
+        if self.calibrator not in CALIBRATORS:
+            raise ConfigError(f"calibrator must be one of {sorted(CALIBRATORS)}, got {self.calibrator!r}")
+        if self.calib_images < 1 or self.val_images < 1:
+            raise ConfigError("calib_images and val_images must be >= 1")
+        if self.opset < 17:
+            raise ConfigError(f"opset must be >= 17, got {self.opset}")
+        if not 1 <= self.max_batch <= 64 or self.latency_runs < 1 or self.threads < 1:
+            raise ConfigError("max_batch must be 1..64, latency_runs and threads >= 1")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's model (eval mode) and what the manifest needs to know about it."""
+
+    model: Any  # nn.Module; typed loosely so importing this module does not import torch
+    classes: tuple[str, ...]
+    input_width: int
+    input_height: int
+    checkpoint: Path
+    checkpoint_sha256: str
+    meta: dict[str, Any]
+
+
+def load_model(checkpoint: Path) -> LoadedModel:
+    """Load a (possibly pruned) checkpoint; ModelError with a one-line reason otherwise."""
+    from build_engine.prune import load_any_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        hint = " (train one with `perception train`, or pass --checkpoint)" if checkpoint == DEFAULT_CHECKPOINT else ""
+        raise ModelError(f"{checkpoint}: no such checkpoint{hint}")
+    model, meta = load_any_checkpoint(checkpoint)
+    w, h = (int(v) for v in meta.input_size)
+    return LoadedModel(model, tuple(meta.classes), w, h, checkpoint, sha256_file(checkpoint), meta.to_dict())
+
+
+def preprocess_spec(lm: LoadedModel) -> PreprocessSpec:
+    """The detector family's input contract: letterboxed RGB in [0, 1], NCHW."""
+    return PreprocessSpec(input_width=lm.input_width, input_height=lm.input_height, letterbox=True, color_order="RGB")
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxslim", "torch-pruning", "numpy", "opencv-python-headless"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance(lm: LoadedModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "git_sha": git_sha(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "libraries": library_versions(),
+        "checkpoint": {"file": lm.checkpoint.name, "sha256": lm.checkpoint_sha256, "meta": lm.meta},
+        **(extra or {}),
+    }
+
+
+def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[Path, dict[str, int]]:
+    """Fold BN, export ``lm.model`` to ``path``; return the path and its MAC/param counts."""
+    from build_engine.export import export_onnx
+    from build_engine.fold import fold_batchnorm
+    from build_engine.profile import profile_model
+
+    folded, _ = fold_batchnorm(lm.model)
+    prof = profile_model(folded, (1, 3, lm.input_height, lm.input_width))
+    export_onnx(folded, path, (lm.input_height, lm.input_width), opset=opset)
+    return path, {"macs": prof.total_macs, "params": prof.total_params}
+
+
+def _variant(lm: LoadedModel, name: str, file: Path, precision: str, max_batch: int, **kw: Any) -> Variant:
+    return Variant(
+        name=name,
+        file=file.name,
+        precision=precision,
+        sha256=sha256_file(file),
+        input_shape=(-1, 3, lm.input_height, lm.input_width),
+        max_batch=max_batch,
+        **kw,
+    )
+
+
+def export_fp32_artifact(checkpoint: Path, out_dir: Path) -> Path:
+    """The fast path for tests and demos: fold + export FP32 + manifest, no gating.
+
+    Writes ``out_dir/model.fp32.onnx`` and ``out_dir/manifest.json``; returns the manifest path.
+    """
+    lm = load_model(Path(checkpoint))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path, counts = export_variant_onnx(lm, out_dir / "model.fp32.onnx")
+    variant = _variant(lm, "fp32", onnx_path, "fp32", MAX_BATCH, **counts, gate={"passed": True, "reason": "reference (not gated)"})
+    manifest = Manifest(
+        name=lm.checkpoint.parent.name or "model",
+        version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
+        classes=lm.classes,
+        preprocess=preprocess_spec(lm),
+        postprocess=PostprocessSpec(),
+        variants=(variant,),
+        default_variant="fp32",
+        provenance=provenance(lm),
+    )
+    return save_manifest(manifest, out_dir)
+
+
+def replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move a finished ``staging`` dir to ``out_dir``, replacing an old build there."""
+    out_dir = Path(out_dir)
+    old: Path | None = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    d.chmod(0o755)  # mkdtemp makes 0700; the server may run as another user
+    return d
+
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def tensorrt_available() -> bool:
+    """True iff the ``tensorrt`` package imports and a CUDA GPU is visible."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # a broken install is "not available" here, not a build failure
+        return False
+    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _generated(work: Path, split: str, n: int, seed: int, opts: BuildOptions, progress: Progress) -> Path:
+    """A generated dataset: the training run's cached split when it holds at least ``n`` images
+    of this seed and size (image i depends only on (seed, i), so its first n images are the
+    set wanted; callers take the first n), else generated fresh into ``work``."""
+    from build_engine.config import DataConfig
+    from build_engine.data.generate import generate_dataset
+
+    size = f"{opts.image_width}x{opts.image_height}"
+    cache = Path(DataConfig().cache_dir).expanduser()
+    for cached in sorted(cache.glob(f"{split}-s{seed}-n*-{size}")) if cache.is_dir() else []:
+        count = cached.name.split("-n", 1)[1].split("-", 1)[0]
+        if count.isdigit() and int(count) >= n and (cached / ".complete").is_file():
+            progress(f"using the first {n} images of the training run's cached {split} set {cached}")
+            return cached
+    progress(f"generating {n} {split} images (seed {seed}, {size})")
+    return Path(generate_dataset(work / f"{split}-s{seed}-n{n}-{size}", n, seed, opts.image_width, opts.image_height))
+
+
+def _prepare_data(opts: BuildOptions, work: Path, progress: Progress) -> tuple[Path, list[Path], Path]:
+    """(val dataset dir, calibration image paths, calibration root)."""
+    from build_engine.calibration import list_images
+
+    val_dir = opts.data_dir or _generated(work, "val", opts.val_images, VAL_SEED + opts.seed, opts, progress)
+    calib_root = opts.calib_dir
+    if calib_root is None:
+        calib_root = _generated(work, "train", opts.calib_images, CALIB_SEED + opts.seed, opts, progress)
+    calib = list_images(Path(calib_root), limit=opts.calib_images)
+    return Path(val_dir), calib, Path(calib_root)
+
+
+def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, bool]:
+    """The full build; return (manifest path, every gated variant passed).
+
+    Bad input (missing / corrupt checkpoint, empty calibration set, ...) raises before
+    anything is moved to ``opts.out_dir``. A failed gate still writes the artifact with the
+    variant marked failed; the caller decides the exit code.
+    """
+    from build_engine import gate as g
+    from build_engine.calibration import ImageCalibrationReader, calibration_set_hash
+    from build_engine.quantize import convert_fp16, quantize_int8
+
+    progress(f"loading {opts.checkpoint}")
+    lm = load_model(opts.checkpoint)
+    pruned = [load_model(p) for p in opts.pruned]
+    for pm in pruned:
+        if (pm.input_width, pm.input_height, pm.classes) != (lm.input_width, lm.input_height, lm.classes):
+            raise ConfigError(f"{pm.checkpoint}: input size / classes differ from {lm.checkpoint}")
+    pre, post = preprocess_spec(lm), PostprocessSpec()
+    staging = staging_dir(opts.out_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix="build_work_") as tmp:
+            work = Path(tmp)
+            val_dir, calib, calib_root = _prepare_data(opts, work, progress)
+            valset = g.ValSet.load(val_dir, limit=opts.val_images)
+            calib_hash = calibration_set_hash(calib, calib_root)
+            built: dict[str, tuple[Path, str, dict[str, int], dict[str, Any]]] = {}
+
+            progress("folding BatchNorm and exporting FP32 ONNX (opset %d, dynamic batch, onnxslim)" % opts.opset)
+            fp32, counts = export_variant_onnx(lm, staging / "model.fp32.onnx", opts.opset)
+            built["fp32"] = (fp32, "fp32", counts, {})
+            if "fp16" in opts.precisions:
+                progress("converting to FP16 (IO and box decode kept FP32)")
+                built["fp16"] = (convert_fp16(fp32, staging / "model.fp16.onnx"), "fp16", counts, {})
+            calib_info = {"calibrator": opts.calibrator, "images": [str(p.relative_to(calib_root)) for p in calib],
+                          "sha256": calib_hash}
+            quant_jobs = [("int8", fp32, counts)] if "int8" in opts.precisions else []
+            for i, pm in enumerate(pruned):
+                tag = "pruned" if len(pruned) == 1 else f"pruned{i + 1}"
+                progress(f"exporting pruned checkpoint {pm.checkpoint.name} as {tag}_fp32")
+                p32, pcounts = export_variant_onnx(pm, staging / f"model.{tag}.fp32.onnx", opts.opset)
+                info = {"checkpoint": pm.checkpoint.name, "checkpoint_sha256": pm.checkpoint_sha256,
+                        "pruning": pm.meta.get("extra", {}).get("pruned", {})}
+                built[f"{tag}_fp32"] = (p32, "fp32", pcounts, info)
+                if "int8" in opts.precisions:
+                    quant_jobs.append((f"{tag}_int8", p32, pcounts))
+            for name, src, c in quant_jobs:
+                progress(f"quantizing {name} (Q/DQ, per-channel weights, U8 activations, {opts.calibrator} on {len(calib)} images)")
+                reader = ImageCalibrationReader(calib, pre)
+                q = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
+                base = built.get(name.replace("_int8", "_fp32"), (None, None, None, {}))[3]
+                built[name] = (q.path, "int8", c, {**base, "calibrator": opts.calibrator, "fp32_nodes": list(q.excluded_nodes)})
+            order = ("fp32", "fp16", "int8")
+            built = dict(sorted(built.items(), key=lambda kv: (
+                kv[0].startswith("pruned"), kv[0].rsplit("_", 1)[0] if "_" in kv[0] else "", order.index(kv[1][1]))))
+            extra: dict[str, Any] = {}
+            if opts.nms_in_graph:
+                extra["nms_in_graph"] = _write_nms_model(fp32, staging / "model.fp32.nms.onnx", post)
+
+            limits = {n: (None if n == "fp32" else _threshold(n, opts.gates)) for n in built}
+            results = g.run_gate({n: v[0] for n, v in built.items()}, limits, valset, pre, post,
+                                 opts.latency_runs, opts.threads, progress=progress)
+            variants = []
+            for name, (path, precision, c, info) in built.items():
+                r = results[name]
+                v_extra = {**info, "calibration_sha256": calib_hash} if precision == "int8" else dict(info)
+                variants.append(_variant(lm, name, path, precision, opts.max_batch, **c, metrics=r.metrics,
+                                         latency_ms=r.latency_ms, parity=r.parity, gate=r.gate, extra=v_extra))
+            if tensorrt_available():
+                variants += _build_tensorrt(staging, variants, results["fp32"], valset, pre, post, opts, progress)
+            else:
+                progress("TensorRT not available here: skipping engine build")
+            all_passed = all(v.gate["passed"] for v in variants)
+            passed = [v for v in variants if v.gate["passed"]]
+            # By the least-disturbed run: p50 swings with other load on a shared machine.
+            default = min(passed, key=lambda v: v.latency_ms["min"]).name
+            progress(f"default variant: {default} (the fastest that passed its gate)")
+            manifest = Manifest(
+                name=opts.name or lm.checkpoint.parent.name or "model",
+                version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
+                classes=lm.classes,
+                preprocess=pre,
+                postprocess=post,
+                variants=tuple(variants),
+                default_variant=default,
+                provenance=provenance(lm, {"calibration": calib_info, "val_set": {
+                    "images": len(valset.images), "source": str(opts.data_dir) if opts.data_dir else
+                    f"generated seed {VAL_SEED + opts.seed} {opts.image_width}x{opts.image_height}"}}),
+                extra={**extra, "gates_points": dataclasses.asdict(opts.gates)},
+            )
+            save_manifest(manifest, staging)
+            if opts.report:
+                from build_engine.report import build_report
+
+                scaling_runs = max(3, opts.latency_runs // 6) if opts.scaling else 0
+                build_report(staging, manifest, lm.model, valset, calib, pre, post, scaling_runs,
+                             opts.scaling_val_images, opts.threads, progress)
+        replace_dir(staging, opts.out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(opts.out_dir) / "manifest.json", all_passed
+
+
+def _threshold(name: str, gates: GateThresholds) -> float:
+    if name.startswith("pruned"):
+        return gates.pruned + (gates.int8 if name.endswith("int8") else 0.0)
+    return gates.fp16 if name == "fp16" else gates.int8
+
+
+def _write_nms_model(fp32: Path, path: Path, post: PostprocessSpec) -> dict[str, Any]:
+    import onnx
+
+    from build_engine.export import append_nms, save_onnx
+
+    save_onnx(append_nms(onnx.load(str(fp32)), post.iou_threshold, post.score_threshold, post.max_detections), path)
+    return {"file": path.name, "sha256": sha256_file(path), "output": "selected_indices (K, 3): batch, class, candidate"}
+
+
+def _build_tensorrt(staging: Path, variants: list[Variant], fp32: Any, valset: Any, pre: PreprocessSpec,
+                    post: PostprocessSpec, opts: BuildOptions, progress: Progress) -> list[Variant]:
+    """TensorRT engines with the server's builder (the code the device runs on first start):
+    FP16 from the FP32 ONNX, INT8 from the Q/DQ ONNX; batch profile 1..max_batch; a timing
+    cache beside them. Each engine is a ``format="tensorrt"`` variant naming its ONNX source,
+    gated like the others (through the server's TensorRT backend) against the FP32 result."""
+    from build_engine.gate import run_gate
+    from server.runtime.fingerprint import device_fingerprint
+    from server.runtime.tensorrt_backend import TensorRTBackend
+    from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
+    from server.runtime.tensorrt_builder import build_engine
+
+    engines: dict[str, tuple[Path, Variant, Any]] = {}
+    for v in variants:
+        precision = {"fp32": "fp16", "int8": "int8"}.get(v.name)
+        if precision is None:
+            continue
+        fp = device_fingerprint(precision, v.sha256, opts.max_batch)
+        engine = staging / fp.cache_name()
+        progress(f"building TensorRT {precision} engine from {v.file}")
+        build_engine(staging / v.file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
+        engines[f"trt_{precision}"] = (engine, v, fp)
+
+    def factory(name: str, path: Path) -> Any:
+        b = TensorRTBackend(path, engines[name][2], opts.max_batch)
+        b.activate()
+        return b
+
+    limits = {n: (opts.gates.fp16 if n == "trt_fp16" else opts.gates.int8) for n in engines}
+    results = run_gate({n: e[0] for n, e in engines.items()}, limits, valset, pre, post, opts.latency_runs,
+                       opts.threads, reference=fp32, factory=factory, progress=progress)
+    out = []
+    for name, (engine, src, fp) in engines.items():
+        r = results[name]
+        out.append(dataclasses.replace(
+            src, name=name, file=engine.name, precision=fp.precision, format="tensorrt", sha256=sha256_file(engine),
+            metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate,
+            extra={**src.extra, "onnx_variant": src.name, "fingerprint": dataclasses.asdict(fp)},
+        ))
+    return out

@@ -1,0 +1,87 @@
+"""``perception build``: fold BN, export ONNX, quantize, build engines, gate, write the manifest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from build_engine.build import DEFAULT_CHECKPOINT, BuildOptions, GateThresholds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="perception build",
+        description="Turn a trained checkpoint into gated deployable variants: DIR/manifest.json, "
+        "model.*.onnx, report.md and plots/.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write (replaced atomically)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="trained checkpoint (default: %(default)s)")
+    p.add_argument("--pruned", type=Path, action="append", default=[], help="a pruned checkpoint to add as variants (repeatable)")
+    p.add_argument("--precisions", default="fp32,fp16,int8", help="comma list among fp32,fp16,int8 (default: %(default)s)")
+    p.add_argument("--calibrator", default="minmax", choices=("minmax", "percentile", "entropy"), help="INT8 activation calibrator")
+    p.add_argument("--calib-images", type=int, default=48, help="calibration images (default: %(default)s)")
+    p.add_argument("--val-images", type=int, default=300, help="val images for the gate (default: %(default)s, the training run's whole val split)")
+    p.add_argument("--data", type=Path, default=None, help="dataset dir (annotations.json + images/) used as the val set; "
+                   "its images also calibrate unless --calib-data is given. Default: generated, seeded")
+    p.add_argument("--calib-data", type=Path, default=None, help="directory of calibration images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines accept")
+    p.add_argument("--nms-in-graph", action="store_true", help="also write model.fp32.nms.onnx with ONNX NonMaxSuppression")
+    p.add_argument("--gate-fp16", type=float, default=0.2, help="max mAP50-95 drop in points (default: %(default)s)")
+    p.add_argument("--gate-int8", type=float, default=1.0, help="max mAP50-95 drop in points (default: %(default)s)")
+    p.add_argument("--gate-pruned", type=float, default=1.5, help="max mAP50-95 drop in points (default: %(default)s)")
+    p.add_argument("--continue-on-fail", action="store_true", help="exit 0 even when a variant fails its gate")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs per variant")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and plots/")
+    p.add_argument("--no-scaling", action="store_true", help="skip the report's scaling table (~11 extra models)")
+    p.add_argument("--scaling-val-images", type=int, default=32, help="val images for the scaling table's mAP")
+    p.add_argument("--name", default="", help="model name in the manifest (default: the checkpoint's directory)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import logging
+
+    from build_engine.build import run_build
+
+    # One "[build] ..." line per step is the progress output; per-session load logs are noise.
+    for noisy in ("server.runtime", "build_engine.export", "build_engine.data"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    opts = BuildOptions(
+        out_dir=args.out,
+        checkpoint=args.checkpoint,
+        pruned=tuple(args.pruned),
+        precisions=tuple(s.strip() for s in args.precisions.split(",") if s.strip()),
+        calibrator=args.calibrator,
+        calib_images=args.calib_images,
+        val_images=args.val_images,
+        data_dir=args.data,
+        calib_dir=args.calib_data,
+        seed=args.seed,
+        opset=args.opset,
+        max_batch=args.max_batch,
+        nms_in_graph=args.nms_in_graph,
+        gates=GateThresholds(fp16=args.gate_fp16, int8=args.gate_int8, pruned=args.gate_pruned),
+        continue_on_fail=args.continue_on_fail,
+        latency_runs=args.latency_runs,
+        threads=args.threads,
+        report=not args.no_report,
+        scaling=not args.no_scaling,
+        scaling_val_images=args.scaling_val_images,
+        name=args.name,
+    )
+
+    def progress(msg: str) -> None:
+        print(f"[build] {msg}", file=sys.stderr, flush=True)
+
+    manifest_path, passed = run_build(opts, progress)
+    print(manifest_path)
+    if not passed:
+        print("perception build: one or more variants failed their gate (see the manifest and report.md)", file=sys.stderr)
+        return 0 if args.continue_on_fail else 3
+    return 0

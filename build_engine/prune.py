@@ -1,0 +1,250 @@
+"""Structured pruning: remove whole residual blocks and whole channels, then fine-tune.
+
+* **Block removal**: the residual blocks with the smallest contribution (the L1 norm of the
+  BN gammas of their last conv: a block whose output is ~0 is ~identity) are deleted from
+  their ``nn.Sequential``. Only blocks with an identity shortcut can go.
+* **Channel pruning**: dependency-aware, with Torch-Pruning's ``DependencyGraph``: removing an
+  output channel of a conv also removes the matching BN channel, the input channel of every
+  consumer, and keeps concat / residual groups consistent. Importance is the L1 norm of the
+  conv weights or |BN gamma|. The head's prediction convs and the stem's input are never pruned.
+
+The pruned model physically has fewer channels. It is saved as a normal weights-only
+checkpoint whose ``meta.extra["pruned"]`` lists the removed blocks; ``load_any_checkpoint``
+rebuilds the architecture from the config, removes those blocks, resizes every layer to the
+saved tensor shapes, and loads the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from perception.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every Conv / BN / Linear the tensor shapes found in ``state`` (a pruned state dict)."""
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        w = state.get(prefix + "weight")
+        if isinstance(m, nn.Conv2d) and w is not None and tuple(w.shape) != tuple(m.weight.shape):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            m.out_channels = int(w.shape[0])
+            m.groups = m.out_channels if depthwise else m.groups
+            m.in_channels = int(w.shape[1]) * m.groups
+            m.weight = nn.Parameter(torch.empty_like(w))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(m.out_channels))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            rm = state.get(prefix + "running_mean")
+            n = int(rm.shape[0]) if rm is not None else (int(w.shape[0]) if w is not None else m.num_features)
+            if n != m.num_features:
+                m.num_features = n
+                if m.weight is not None:
+                    m.weight = nn.Parameter(torch.ones(n))
+                    m.bias = nn.Parameter(torch.zeros(n))
+                m.register_buffer("running_mean", torch.zeros(n))
+                m.register_buffer("running_var", torch.ones(n))
+        elif isinstance(m, nn.Linear) and w is not None and tuple(w.shape) != tuple(m.weight.shape):
+            m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
+            m.weight = nn.Parameter(torch.empty_like(w))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(m.out_features))
+
+
+def remove_blocks(model: nn.Module, names: list[str]) -> None:
+    """Delete the named submodules from their parent ``nn.Sequential`` (keys are kept, so the
+    state-dict names of the remaining blocks do not change)."""
+    for name in names:
+        parent_name, _, key = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not isinstance(parent, nn.Sequential) or key not in parent._modules:
+            raise ModelError(f"cannot remove block {name!r}: not an element of an nn.Sequential")
+        del parent._modules[key]
+
+
+def load_any_checkpoint(path: str | Path) -> tuple[nn.Module, Any]:
+    """``load_checkpoint`` that also understands pruned checkpoints; eval mode."""
+    from build_engine.checkpoint import CheckpointMeta, load_checkpoint, load_payload
+    from build_engine.model import build_detector
+
+    payload = load_payload(path)
+    meta_d = payload.get("meta", {})
+    pruned = (meta_d.get("extra") or {}).get("pruned") if isinstance(meta_d, dict) else None
+    if not pruned:
+        return load_checkpoint(path)
+    try:
+        meta = CheckpointMeta.from_dict(meta_d)
+        model = build_detector(meta.config)
+        remove_blocks(model, list(pruned.get("removed_blocks", [])))
+        _resize_to_state(model, payload["state_dict"])
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
+        raise ModelError(f"{path}: pruned checkpoint does not match its config: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model, meta
+
+
+IMPORTANCES = ("l1", "bn")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """ratio: share of channels removed per prunable layer (MACs fall roughly as (1 - ratio)^2).
+    remove_blocks: residual blocks to delete (-1: the same share ``ratio`` of the removable ones)."""
+
+    ratio: float
+    remove_blocks: int = -1
+    importance: str = "l1"
+    round_to: int = 8  # channel counts stay multiples of 8 (INT8 / SIMD friendly)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 0.95:
+            raise ConfigError(f"pruning ratio must be in [0, 0.95), got {self.ratio}")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if self.round_to < 1:
+            raise ConfigError("round_to must be >= 1")
+
+
+def removable_blocks(model: nn.Module) -> list[str]:
+    """Residual blocks with an identity shortcut that sit in an ``nn.Sequential``: removing one
+    leaves a valid network (the shortcut carries the signal)."""
+    from build_engine.model.blocks import ResidualBlock
+
+    parents = {name: m for name, m in model.named_modules() if isinstance(m, nn.Sequential)}
+    out = []
+    for name, m in model.named_modules():
+        parent = name.rpartition(".")[0]
+        if isinstance(m, ResidualBlock) and m.shortcut and parent in parents:
+            out.append(name)
+    return out
+
+
+def block_contributions(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, float]:
+    """mean |block(x) - x| / mean |x| per block on real ``images``: how far from identity it is."""
+    scores: dict[str, list[float]] = {n: [] for n in names}
+    handles = []
+    for n in names:
+        def hook(mod: nn.Module, args: Any, out: torch.Tensor, n: str = n) -> None:
+            x = args[0]
+            scores[n].append(float((out - x).abs().mean() / x.abs().mean().clamp(min=1e-12)))
+
+        handles.append(model.get_submodule(n).register_forward_hook(hook))
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: float(np.mean(v)) for n, v in scores.items()}
+
+
+def conv_channels(model: nn.Module) -> int:
+    """Total output channels over all convolutions (the physical width of the network)."""
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a copy of ``model`` (a Detector): remove blocks, then channels. Returns the pruned
+    model (eval mode) and a JSON-able description (stored in the checkpoint's meta)."""
+    import copy
+
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model).eval()
+    before = conv_channels(pruned)
+    candidates = removable_blocks(pruned)
+    n_remove = opts.remove_blocks if opts.remove_blocks >= 0 else int(round(opts.ratio * len(candidates)))
+    n_remove = min(n_remove, len(candidates))
+    scores = block_contributions(pruned, candidates, images) if candidates else {}
+    removed = sorted(candidates, key=lambda n: scores[n])[:n_remove]
+    remove_blocks(pruned, removed)
+    if opts.ratio > 0:
+        heads = getattr(pruned, "heads", [])
+        # Never prune what the output layout fixes: the prediction convs' output channels.
+        ignored = [m for h in heads for m in (h.cls_pred, h.box_pred, h.obj_pred)]
+        importance = tp.importance.MagnitudeImportance(p=1) if opts.importance == "l1" else tp.importance.BNScaleImportance()
+        example = images[:1]
+        try:
+            pruner = tp.pruner.MetaPruner(
+                pruned, example, importance=importance, pruning_ratio=opts.ratio,
+                ignored_layers=ignored, round_to=opts.round_to,
+            )
+            pruner.step()
+        except Exception as exc:  # torch-pruning raises assorted errors on untraceable graphs
+            raise ModelError(f"channel pruning failed: {exc}") from exc
+    pruned.eval()
+    info = {
+        "method": f"{len(removed)} residual blocks removed (smallest |f(x)| / |x| on real images), then "
+                  f"{opts.ratio:.0%} of channels per layer by {'L1 weight norm' if opts.importance == 'l1' else '|BN gamma|'} "
+                  f"(Torch-Pruning dependency graph, rounded to {opts.round_to})",
+        "ratio": opts.ratio,
+        "importance": opts.importance,
+        "removed_blocks": removed,
+        "block_scores": {k: round(v, 5) for k, v in scores.items()},
+        "channels_before": before,
+        "channels_after": conv_channels(pruned),
+    }
+    return pruned, info
+
+
+def finetune(
+    model: nn.Module, train_cfg: Any, epochs: int, lr: float, max_images: int = 0, progress: bool = True
+) -> dict[str, float]:
+    """Fine-tune a (pruned) detector with the training code's data, loss, optimizer, schedule
+    and EMA; return the val KPI of the EMA weights. ``max_images`` > 0 caps the train set."""
+    import dataclasses
+
+    from build_engine.losses import DetectionLoss
+    from build_engine.train.ema import ModelEMA
+    from build_engine.train.schedule import learning_rates
+    from build_engine.train.trainer import anchor_points, load_batch, make_optimizer, prepare_data, validate
+
+    o = dataclasses.replace(train_cfg.optim, lr=lr, epochs=max(epochs, 1), warmup_epochs=0.0)
+    cfg = dataclasses.replace(train_cfg, optim=o)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train_set, val_set = prepare_data(cfg, progress)
+    n = min(len(train_set), max_images) if max_images > 0 else len(train_set)
+    optimizer = make_optimizer(model, cfg)
+    ema = ModelEMA(model, o.ema_decay) if o.ema else None
+    criterion = DetectionLoss(cfg.loss, cfg.model.num_classes)
+    centers, strides = anchor_points(model)
+    bs = o.batch_size
+    steps = max(1, n // bs)
+    for epoch in range(epochs):
+        model.train()
+        order = np.random.default_rng((cfg.seed, 1000 + epoch)).permutation(len(train_set))[:n].tolist()
+        it: Any = range(steps)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=f"fine-tune {epoch + 1}/{epochs}", unit="batch", mininterval=5.0)
+        for k in it:
+            lr_w, lr_b = learning_rates(epoch * steps + k, steps, epochs, o.lr, o.schedule, o.final_lr_ratio, 0.0, o.lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_b if g["kind"] == "bias" else lr_w
+            images, targets = load_batch(train_set, order[k * bs : (k + 1) * bs], cfg, epoch)
+            loss, _ = criterion(model.decode(model(images)), centers, strides, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+    final = ema.ema if ema is not None else model
+    if final is not model:
+        model.load_state_dict(final.state_dict())
+    model.eval()
+    return validate(model, val_set, cfg) if epochs > 0 else {}

@@ -1,0 +1,187 @@
+"""``perception build`` end to end on a tiny real detector: every variant, the gate, the
+manifest, the report; and bad input that must leave no half-written artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny checkpoint, a pruned copy (untrained, so it fails its gate), a val set labelled with
+    the FP32 model's own detections (FP32 mAP ~ 1: drift is measurable), calibration images."""
+    from build_engine.build import export_fp32_artifact
+    from build_engine.checkpoint import meta_for, save_checkpoint
+    from build_engine.data.generate import generate_dataset
+    from build_engine.prune import PruneOptions, prune_model
+    from tests.build_engine.test_gate import make_pseudo_labelled_set
+    from tests.build_engine.test_prune import _images
+    from tests.build_engine.test_quantize import _tiny_detector
+
+    tmp = tmp_path_factory.mktemp("build")
+    model = _tiny_detector()
+    ckpt = save_checkpoint(tmp / "ckpt" / "detector.pt", model, meta_for(model))
+    pruned, info = prune_model(model, _images(2), PruneOptions(ratio=0.5))
+    pruned_ckpt = save_checkpoint(tmp / "ckpt" / "pruned.pt", pruned, meta_for(pruned, extra={"pruned": info}))
+    val = make_pseudo_labelled_set(export_fp32_artifact(ckpt, tmp / "ref"), tmp / "val", n=8)
+    calib = generate_dataset(tmp / "calib", 4, seed=1, width=320, height=180)
+    return {"ckpt": ckpt, "pruned": pruned_ckpt, "val": val, "calib": Path(calib) / "images", "tmp": tmp}
+
+
+def _argv(inputs, out: Path, *extra: str) -> list[str]:
+    return ["build", "--out", str(out), "--checkpoint", str(inputs["ckpt"]), "--data", str(inputs["val"]),
+            "--calib-data", str(inputs["calib"]), "--latency-runs", "3", "--threads", "1", "--no-scaling", *extra]
+
+
+def test_full_build_gate_manifest_report(inputs, capsys):
+    import onnx
+
+    from perception.cli import main
+    from perception.manifest import load_manifest
+
+    out = inputs["tmp"] / "art"
+    rc = main(_argv(inputs, out, "--pruned", str(inputs["pruned"]), "--nms-in-graph"))
+    err = capsys.readouterr().err
+    assert "TensorRT not available here: skipping engine build" in err
+    # The untrained pruned model cannot hold the FP32 model's detections: gate fails -> exit 3,
+    # but the artifact is complete and says so.
+    assert rc == 3, err[-2000:]
+    m = load_manifest(out / "manifest.json")  # checks every sha256
+    names = [v.name for v in m.variants]
+    assert names == ["fp32", "fp16", "int8", "pruned_fp32", "pruned_int8"]
+    for v in m.variants:
+        assert len(v.sha256) == 64 and v.input_shape == (-1, 3, 96, 128) and v.macs > 0 and v.params > 0
+        assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"}
+        assert v.latency_ms["p95"] >= v.latency_ms["p50"] >= v.latency_ms["min"] > 0
+        assert {"vanished", "moved", "appeared"} <= set(v.parity)
+        assert isinstance(v.gate["passed"], bool) and v.gate["reason"]
+        assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(m.path_of(v))).graph.node]
+    fp32, int8, pr = m.variant("fp32"), m.variant("int8"), m.variant("pruned_fp32")
+    assert fp32.metrics["map50"] > 0.85
+    assert not pr.gate["passed"] and "outside" in pr.gate["reason"]
+    assert pr.macs < 0.5 * fp32.macs and pr.params < 0.5 * fp32.params
+    assert int8.precision == "int8" and int8.extra["calibration_sha256"] == m.provenance["calibration"]["sha256"]
+    passed = [v for v in m.variants if v.gate["passed"]]
+    assert m.default_variant == min(passed, key=lambda v: v.latency_ms["min"]).name
+    cal = m.provenance["calibration"]
+    assert cal["calibrator"] == "minmax" and len(cal["images"]) == 4 and len(cal["sha256"]) == 64
+    assert m.provenance["git_sha"] and m.provenance["libraries"]["onnxruntime"]
+    assert (m.preprocess.input_width, m.preprocess.input_height) == (128, 96)
+    assert m.extra["nms_in_graph"]["file"] == "model.fp32.nms.onnx" and (out / "model.fp32.nms.onnx").is_file()
+    report = (out / "report.md").read_text()
+    for needle in ("## Variants", "pruned_fp32", "## Quantization", "SQNR", "## Pruning", "MACs"):
+        assert needle in report
+    assert (out / "plots" / "activation_histograms.png").is_file() and (out / "plots" / "weight_histograms.png").is_file()
+    assert not list(out.parent.glob(".art.building-*"))
+
+
+def test_continue_on_fail_exits_zero(inputs):
+    from perception.cli import main
+    from perception.manifest import load_manifest
+
+    out = inputs["tmp"] / "art2"
+    assert main(_argv(inputs, out, "--precisions", "fp32", "--pruned", str(inputs["pruned"]),
+                      "--continue-on-fail", "--no-report")) == 0
+    m = load_manifest(out)
+    assert [v.name for v in m.variants] == ["fp32", "pruned_fp32"] and m.default_variant == "fp32"
+    assert not (out / "report.md").exists()
+
+
+def _assert_untouched(out: Path, before: str | None) -> None:
+    if before is None:
+        assert not out.exists()
+    else:
+        assert (out / "manifest.json").read_text() == before
+    assert not list(out.parent.glob(f".{out.name}.building-*"))
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "empty_calib", "bad_precision"])
+def test_bad_input_one_line_error_no_half_manifest(inputs, tmp_path, capsys, case):
+    from perception.cli import main
+
+    out = tmp_path / "art"
+    before = None
+    if case in ("corrupt", "empty_calib"):  # an existing good build must survive a failed one
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"previous": True}))
+        before = (out / "manifest.json").read_text()
+    argv = _argv(inputs, out)
+    if case == "missing":
+        argv[argv.index("--checkpoint") + 1] = str(tmp_path / "nope.pt")
+    elif case == "corrupt":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+        argv[argv.index("--checkpoint") + 1] = str(bad)
+    elif case == "empty_calib":
+        (tmp_path / "empty").mkdir()
+        argv[argv.index("--calib-data") + 1] = str(tmp_path / "empty")
+    else:
+        argv += ["--precisions", "fp16,int8"]
+    rc = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("perception build")]
+    assert rc != 0 and len(err) == 1, err
+    assert {"missing": "no such checkpoint", "corrupt": "not a readable", "empty_calib": "empty",
+            "bad_precision": "fp32"}[case] in err[0]
+    _assert_untouched(out, before)
+
+
+def test_scaling_table_rows_are_real_models():
+    from build_engine.scaling import markdown_table, scaling_table
+    from tests.build_engine.test_quantize import _tiny_detector
+
+    model = _tiny_detector()  # pico widths/depths at 128x96
+    scored = []
+
+    def score(path, w, h):
+        scored.append((w, h))
+        return 0.5
+
+    quantized = []
+
+    def quantize(src, out):
+        import shutil
+
+        quantized.append(src)
+        return Path(shutil.copy(src, out))  # the timing path is what is under test here
+
+    rows = scaling_table(model, score, runs=2, threads=1, resolutions=(("double", 256, 192), ("base", 128, 96)),
+                         depths=(1.0,), widths=(0.125, 0.25), quantize=quantize)
+    by = {r.label: r for r in rows}
+    base = by["base (128x96)"]
+    assert by["double (256x192)"].macs == pytest.approx(4 * base.macs, rel=0.02)  # MACs ~ pixels
+    assert by["double (256x192)"].params == base.params
+    assert by["depth x1.0"].macs > base.macs and by["depth x1.0"].params > base.params
+    assert by["width x0.25"].params > 3 * base.params  # params ~ width^2
+    assert by["width x0.25"].map50_95 is None and "training" in by["width x0.25"].note
+    assert sorted(set(scored)) == [(128, 96), (256, 192)]  # trained weights scored once per input size
+    assert all(r.latency_ms > 0 for r in rows)
+    assert len(quantized) == 2  # one per width; x0.125 is the base model, exported once
+    assert by["width x0.25"].int8_ratio is not None and by["width x0.125"].int8_ratio is not None
+    assert by["base (128x96)"].int8_ratio == by["width x0.125"].int8_ratio
+    assert "| resolution | double (256x192) |" in markdown_table(rows, base.macs)
+
+
+def _has_tensorrt_gpu() -> bool:
+    from build_engine.build import tensorrt_available
+
+    return tensorrt_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_tensorrt_gpu(), reason="needs TensorRT and an NVIDIA GPU (CPU-only machine)")
+def test_tensorrt_engines_are_built_fingerprinted_and_gated(inputs):
+    from perception.cli import main
+    from perception.manifest import load_manifest
+    from server.runtime.fingerprint import fingerprint_path
+
+    out = inputs["tmp"] / "trt"
+    assert main(_argv(inputs, out, "--continue-on-fail", "--no-report")) == 0
+    m = load_manifest(out)
+    trt = {v.name: v for v in m.variants if v.format == "tensorrt"}
+    assert set(trt) == {"trt_fp16", "trt_int8"}
+    for v in trt.values():
+        assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] in ("fp32", "int8")
+        assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["p50"] > 0
