@@ -1,0 +1,227 @@
+"""The train config: one YAML file with sections, command-line overrides ``--set key=value``.
+
+Every section is a frozen dataclass validated on construction; an unknown key (in the file or
+an override) is a one-line ``ConfigError`` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from build_engine.losses import LossConfig
+from build_engine.model.config import PRESETS, ModelConfig
+from perception.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training data comes from: ``train_dir``/``val_dir`` (COCO or YOLO), or, when empty,
+    generated into ``cache_dir`` from the seeds below (never committed)."""
+
+    train_dir: str = ""
+    val_dir: str = ""
+    cache_dir: str = "~/.cache/perception/data"
+    train_images: int = 4000
+    val_images: int = 300
+    image_width: int = 640
+    image_height: int = 360
+    train_seed: int = 1
+    val_seed: int = 2
+
+    def __post_init__(self) -> None:
+        if self.train_images <= 0 or self.val_images <= 0:
+            raise ConfigError("data.train_images and data.val_images must be positive")
+        if self.image_width <= 0 or self.image_height <= 0:
+            raise ConfigError("data.image_width and data.image_height must be positive")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    final_lr_ratio: float = 0.05
+    warmup_epochs: float = 1.0
+    warmup_bias_lr: float = 0.1
+    epochs: int = 30
+    batch_size: int = 16
+    grad_clip: float = 10.0
+    ema: bool = True
+    ema_decay: float = 0.9995
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optim.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0 or self.epochs <= 0 or self.batch_size <= 0:
+            raise ConfigError("optim.lr, optim.epochs and optim.batch_size must be positive")
+        if not 0 <= self.ema_decay < 1 or self.warmup_epochs < 0 or not 0 < self.final_lr_ratio <= 1:
+            raise ConfigError("optim.ema_decay must be in [0, 1), warmup_epochs >= 0, final_lr_ratio in (0, 1]")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: float = 0.5
+    scale_min: float = 0.7
+    scale_max: float = 1.4
+    translate: float = 0.1
+    hsv_h: float = 0.015
+    hsv_s: float = 0.5
+    hsv_v: float = 0.35
+    min_box_px: float = 2.0
+    min_visible: float = 0.4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.flip <= 1 or not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError("augment.flip must be in [0, 1] and 0 < scale_min <= scale_max")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "default"
+    preset: str = "nano"
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 1
+    score_threshold: float = 0.25
+    init_checkpoint: str = ""  # start from these weights (fine-tuning); empty = random init
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.eval_every < 1:
+            raise ConfigError("threads and eval_every must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short content hash (provenance: which config produced a checkpoint)."""
+        d = self.to_dict()
+        if not d["init_checkpoint"]:
+            del d["init_checkpoint"]  # keeps hashes of from-scratch configs stable across versions
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "augment": AugmentConfig}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string; a command line means the number
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> None:
+    """Apply one ``key.sub=value`` override to a nested dict (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"{source} {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    d = raw
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} {item!r}: {p!r} is not a section")
+    d[parts[-1]] = _parse_value(value)
+
+
+def _coerce_numbers(cls: type, section: dict[str, Any], where: str) -> dict[str, Any]:
+    """Numbers YAML left as strings ("5e-4") become floats; other type mistakes are named."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = dict(section)
+    for k, v in section.items():
+        d = defaults.get(k)
+        if isinstance(d, bool) or not isinstance(d, (int, float)):
+            if isinstance(d, bool) and not isinstance(v, bool):
+                raise ConfigError(f"{where}.{k} must be true or false, got {v!r}")
+            continue
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{k} must be a number, got {v!r}") from exc
+        if isinstance(d, int) and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise ConfigError(f"{where}.{k} must be a number, got {v!r}")
+        out[k] = v
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    """Validate a nested dict into a TrainConfig; unknown keys name the file."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a train config must be a mapping")
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key {unknown[0]!r}; known: {sorted(top)}")
+    kw: dict[str, Any] = {k: v for k, v in raw.items() if k not in SECTIONS}
+    preset_name = kw.get("preset", "nano")
+    if preset_name not in PRESETS:
+        raise ConfigError(f"{source}: unknown preset {preset_name!r}; known: {sorted(PRESETS)}")
+    for name, cls in SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(section) - known)
+        if bad:
+            raise ConfigError(f"{source}: unknown config key '{name}.{bad[0]}'; known in {name}: {sorted(known)}")
+        section = _coerce_numbers(cls, section, f"{source}: {name}")
+        try:
+            if name == "model":
+                kw[name] = dataclasses.replace(PRESETS[preset_name], **section)
+            else:
+                kw[name] = cls(**section)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: section {name!r}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    try:
+        return TrainConfig(**kw)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML train config (or defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such config file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: malformed YAML: {str(exc).splitlines()[0]}") from exc
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw, source)

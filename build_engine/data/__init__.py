@@ -1,0 +1,1 @@
+"""Datasets: the road-scene generator, COCO / YOLO readers and writers, recorded drives."""

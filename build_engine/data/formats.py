@@ -1,0 +1,179 @@
+"""Label formats users bring their data in: COCO JSON and YOLO txt, read and written.
+
+In memory a dataset is a list of ``Sample``: image file, size, boxes (N, 4) float32 xyxy in
+pixels and class indices (N,) int64 into the dataset's class list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.coco import load_coco
+from perception.errors import DataError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image. boxes: (N, 4) float32 xyxy pixels; class_ids: (N,) int64 indices."""
+
+    image_id: int
+    file: Path
+    width: int
+    height: int
+    boxes: NDArray[np.float32]
+    class_ids: NDArray[np.int64]
+    extra: dict | None = None
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Samples plus the class names their indices refer to; ``root`` is the dataset directory."""
+
+    root: Path
+    classes: tuple[str, ...]
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def samples_to_coco(samples: list[Sample], classes: tuple[str, ...], root: Path | None = None) -> dict:
+    """A COCO dict (category ids 1..C) for the samples; file names relative to ``root/images``."""
+    images, anns = [], []
+    aid = 1
+    for s in samples:
+        name = s.file.name if root is None else os.path.relpath(s.file, root / "images")
+        im = {"id": s.image_id, "file_name": name, "width": s.width, "height": s.height}
+        im.update(s.extra or {})
+        images.append(im)
+        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist()):
+            w, h = b[2] - b[0], b[3] - b[1]
+            anns.append({"id": aid, "image_id": s.image_id, "category_id": int(c) + 1, "bbox": [round(v, 2) for v in (b[0], b[1], w, h)],
+                         "area": round(w * h, 2), "iscrowd": 0})
+            aid += 1
+    cats = [{"id": i + 1, "name": n, "supercategory": "road"} for i, n in enumerate(classes)]
+    return {"info": {"description": "perception dataset"}, "images": images, "annotations": anns, "categories": cats}
+
+
+def write_coco(path: Path, samples: list[Sample], classes: tuple[str, ...], root: Path | None = None) -> Path:
+    path.write_text(json.dumps(samples_to_coco(samples, classes, root)))
+    return path
+
+
+def read_coco_set(root: Path, ann_path: Path | None = None) -> LabelledSet:
+    """A COCO dataset: ``root/annotations.json`` and images under ``root/images`` (or ``root``)."""
+    ann_path = ann_path or root / "annotations.json"
+    gt = load_coco(ann_path)
+    cat_ids = sorted(gt.categories)
+    index = {cid: i for i, cid in enumerate(cat_ids)}
+    samples = []
+    for iid, im in gt.images.items():
+        f = root / "images" / im.file_name
+        if not f.is_file():
+            f = root / im.file_name
+        if not f.is_file():
+            raise DataError(f"{ann_path}: image id {iid} names {im.file_name!r}, which does not exist under {root}")
+        labels = np.array([index[int(c)] for c in gt.labels[iid]], np.int64)
+        samples.append(Sample(iid, f, im.width, im.height, gt.boxes[iid].copy(), labels, dict(im.extra)))
+    return LabelledSet(root, tuple(gt.categories[c] for c in cat_ids), samples)
+
+
+def read_classes(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such class list (one class name per line)")
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not names:
+        raise DataError(f"{path}: the class list is empty")
+    return names
+
+
+def write_yolo(root: Path, samples: list[Sample], classes: tuple[str, ...]) -> None:
+    """``root/labels/<stem>.txt`` per image ("class cx cy w h", normalised) + ``root/classes.txt``."""
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for s in samples:
+        lines = []
+        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist()):
+            cx, cy = (b[0] + b[2]) / 2 / s.width, (b[1] + b[3]) / 2 / s.height
+            w, h = (b[2] - b[0]) / s.width, (b[3] - b[1]) / s.height
+            lines.append(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        (root / "labels" / f"{s.file.stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file; DataError naming it if it does not decode."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"{path}: image does not decode")
+    return int(img.shape[1]), int(img.shape[0])
+
+
+def read_yolo_set(root: Path) -> LabelledSet:
+    """A YOLO dataset: ``root/images/*``, ``root/labels/<stem>.txt``, ``root/classes.txt``.
+
+    An image without a label file has no objects; a label file without an image is an error.
+    """
+    classes = read_classes(root / "classes.txt")
+    img_dir, lbl_dir = root / "images", root / "labels"
+    if not img_dir.is_dir():
+        raise DataError(f"{img_dir}: no images directory")
+    files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise DataError(f"{img_dir}: no images (looked for {', '.join(IMAGE_EXTS)})")
+    stems = {p.stem for p in files}
+    if lbl_dir.is_dir():
+        orphans = sorted(p.name for p in lbl_dir.glob("*.txt") if p.stem not in stems)
+        if orphans:
+            raise DataError(f"{lbl_dir / orphans[0]}: label file has no image ({len(orphans)} such files)")
+    samples = []
+    for i, f in enumerate(files):
+        w, h = image_size(f)
+        lf = lbl_dir / f"{f.stem}.txt"
+        rows: list[list[float]] = []
+        cls: list[int] = []
+        if lf.is_file():
+            for ln, line in enumerate(lf.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    if len(parts) != 5:
+                        raise ValueError(f"expected 5 fields, got {len(parts)}")
+                    c = int(parts[0])
+                    cx, cy, bw, bh = (float(v) for v in parts[1:])
+                except ValueError as exc:
+                    raise DataError(f"{lf}:{ln}: malformed YOLO line {line.strip()!r} ({exc})") from exc
+                if not 0 <= c < len(classes):
+                    raise DataError(f"{lf}:{ln}: class id {c} out of range 0..{len(classes) - 1}")
+                if not all(np.isfinite([cx, cy, bw, bh])) or bw < 0 or bh < 0:
+                    raise DataError(f"{lf}:{ln}: box values must be finite with non-negative size")
+                rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+                cls.append(c)
+        samples.append(Sample(i + 1, f, w, h, np.array(rows, np.float32).reshape(-1, 4), np.array(cls, np.int64)))
+    return LabelledSet(root, classes, samples)
+
+
+def read_labelled_set(root: str | os.PathLike[str]) -> LabelledSet:
+    """COCO if ``root/annotations.json`` exists, else YOLO (``root/labels`` + ``classes.txt``)."""
+    r = Path(root)
+    if not r.is_dir():
+        raise DataError(f"{r}: no such dataset directory")
+    if (r / "annotations.json").is_file():
+        ds = read_coco_set(r)
+    elif (r / "classes.txt").is_file() or (r / "labels").is_dir():
+        ds = read_yolo_set(r)
+    else:
+        raise DataError(f"{r}: neither annotations.json (COCO) nor classes.txt + labels/ (YOLO) found")
+    if not ds.samples:
+        raise DataError(f"{r}: the dataset is empty")
+    return ds

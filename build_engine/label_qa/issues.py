@@ -1,0 +1,104 @@
+"""Issues and the geometric checks (no model needed).
+
+Every issue has a ``score`` in [0, 1]: how likely it is a real mistake. Geometric defects are
+certain (1.0), except implausible sizes, which are scored by how extreme they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from build_engine.label_qa.records import LabelSet
+from perception.boxes import box_iou
+
+KINDS = (
+    "outside_image", "zero_area", "duplicate", "unknown_class", "tiny_box", "huge_box",  # geometric
+    "bad_box", "missing_label", "wrong_class", "no_object",  # model-assisted
+)
+# A box may poke out of the image by this much (rounding of the labelling tool).
+OUTSIDE_TOLERANCE_PX = 1.0
+DUPLICATE_IOU = 0.9
+TINY_SIDE_PX = 2.0
+HUGE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Issue:
+    image: str
+    image_id: int
+    box: tuple[float, float, float, float]  # x1 y1 x2 y2 pixels (the label's, or the model's for missing_label)
+    kind: str
+    score: float
+    class_name: str = ""
+    ref: str = ""  # the record, e.g. annotations[17] (id 18)
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["box"] = [round(v, 1) for v in self.box]
+        d["score"] = round(self.score, 4)
+        return d
+
+
+def _name(ls: LabelSet, c: int) -> str:
+    return ls.classes[c] if 0 <= c < len(ls.classes) else f"<unknown {c - 10_000 if c >= 10_000 else c}>"
+
+
+def find_geometric_issues(ls: LabelSet) -> list[Issue]:
+    """Boxes outside the image, zero / negative area, duplicates, unknown class ids, and
+    implausibly tiny or huge boxes."""
+    out: list[Issue] = []
+    by_image: dict[int, list[int]] = {}
+    for i, r in enumerate(ls.records):
+        x1, y1, x2, y2 = r.box
+        name = _name(ls, r.class_id)
+        mk = lambda kind, score, detail: Issue(r.image, r.image_id, r.box, kind, score, name, r.ref, detail)  # noqa: E731
+        if not 0 <= r.class_id < len(ls.classes):
+            out.append(mk("unknown_class", 1.0, f"class id not in 0..{len(ls.classes) - 1}"))
+            continue
+        if x2 <= x1 or y2 <= y1:
+            out.append(mk("zero_area", 1.0, f"width {x2 - x1:.1f}, height {y2 - y1:.1f}"))
+            continue
+        t = OUTSIDE_TOLERANCE_PX
+        if x1 < -t or y1 < -t or x2 > r.width + t or y2 > r.height + t:
+            out.append(mk("outside_image", 1.0, f"image is {r.width}x{r.height}"))
+        w, h = x2 - x1, y2 - y1
+        if w < TINY_SIDE_PX or h < TINY_SIDE_PX:
+            out.append(mk("tiny_box", 0.9, f"{w:.1f}x{h:.1f} px"))
+        elif w * h > HUGE_FRACTION * r.width * r.height:
+            out.append(mk("huge_box", 0.8, f"covers {w * h / (r.width * r.height):.0%} of the image"))
+        by_image.setdefault(r.image_id, []).append(i)
+    for idx in by_image.values():
+        if len(idx) < 2:
+            continue
+        boxes = np.array([ls.records[i].box for i in idx], np.float32)
+        iou = box_iou(boxes, boxes)
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                ra, rb = ls.records[idx[a]], ls.records[idx[b]]
+                if iou[a, b] >= DUPLICATE_IOU and ra.class_id == rb.class_id:
+                    out.append(Issue(rb.image, rb.image_id, rb.box, "duplicate", float(iou[a, b]), _name(ls, rb.class_id), rb.ref,
+                                     f"IoU {iou[a, b]:.2f} with {ra.ref}"))
+    return out
+
+
+def rank(issues: list[Issue]) -> list[Issue]:
+    """Most likely mistakes first; ties by image and kind for a stable order."""
+    return sorted(issues, key=lambda i: (-i.score, i.image, i.kind, i.box))
+
+
+def format_table(issues: list[Issue], limit: int = 50) -> str:
+    lines = [f"{'#':>4} {'score':>6} {'kind':<14} {'class':<14} {'image':<24} {'box':<28} record / detail"]
+    for n, i in enumerate(issues[:limit], start=1):
+        box = "[" + ", ".join(f"{v:.0f}" for v in i.box) + "]"
+        lines.append(f"{n:>4} {i.score:>6.3f} {i.kind:<14} {i.class_name:<14} {i.image:<24} {box:<28} {i.ref} {i.detail}".rstrip())
+    if len(issues) > limit:
+        lines.append(f"... {len(issues) - limit} more (see --json)")
+    counts: dict[str, int] = {}
+    for i in issues:
+        counts[i.kind] = counts.get(i.kind, 0) + 1
+    lines.append("issues: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    return "\n".join(lines)

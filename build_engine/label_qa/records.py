@@ -1,0 +1,120 @@
+"""A lenient view of a dataset's labels for linting: every box as a record with where it came
+from (``annotations[17]``, ``labels/000003.txt:4``), keeping what a strict reader would refuse
+(unknown class ids, boxes outside the image, zero area) so the linter can report it.
+
+Files that cannot be parsed at all (broken JSON, a YOLO line without 5 fields) are still a
+one-line ``DataError``: there is no record to report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from perception.coco import read_json
+from perception.errors import DataError
+
+from build_engine.data.formats import IMAGE_EXTS, image_size, read_classes
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """One label. box: x1 y1 x2 y2 pixels as written; class_id: index (may be out of range)."""
+
+    image_id: int
+    image: str  # file name relative to the dataset root
+    width: int
+    height: int
+    box: tuple[float, float, float, float]
+    class_id: int
+    ref: str  # where the record lives
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    root: Path
+    classes: tuple[str, ...]
+    images: dict[int, tuple[str, int, int]]  # image_id -> (relative file, width, height)
+    records: list[LabelRecord]
+    source: str  # "coco" or "yolo"
+
+
+def _coco(root: Path) -> LabelSet:
+    path = root / "annotations.json"
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
+        raise DataError(f"{path}: not a COCO detection file (needs 'images' and 'categories' lists)")
+    cat_ids = sorted(int(c["id"]) for c in data["categories"])
+    names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    index = {cid: i for i, cid in enumerate(cat_ids)}
+    images: dict[int, tuple[str, int, int]] = {}
+    for i, im in enumerate(data["images"]):
+        try:
+            images[int(im["id"])] = ("images/" + str(im["file_name"]), int(im["width"]), int(im["height"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}: images[{i}] needs id, file_name, width and height") from exc
+    records = []
+    for i, a in enumerate(data.get("annotations", [])):
+        ref = f"annotations[{i}] (id {a.get('id', '?')})" if isinstance(a, dict) else f"annotations[{i}]"
+        bbox = a.get("bbox") if isinstance(a, dict) else None
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise DataError(f"{path}: {ref} needs 'bbox' as 4 numbers, got {bbox!r}")
+        iid = a.get("image_id")
+        if iid not in images:
+            raise DataError(f"{path}: {ref} refers to unknown image_id {iid!r}")
+        f, w, h = images[iid]
+        cid = a.get("category_id")
+        cls = index.get(cid, -1) if isinstance(cid, int) else -1
+        if cls < 0:
+            cls = 10_000 + (cid if isinstance(cid, int) else 0)  # reported as unknown
+        x, y, bw, bh = (float(v) for v in bbox)
+        records.append(LabelRecord(iid, f, w, h, (x, y, x + bw, y + bh), cls, ref))
+    return LabelSet(root, tuple(names[c] for c in cat_ids), images, records, "coco")
+
+
+def _yolo(root: Path) -> LabelSet:
+    classes = read_classes(root / "classes.txt")
+    files = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTS) if (root / "images").is_dir() else []
+    if not files:
+        raise DataError(f"{root / 'images'}: no images")
+    images, records = {}, []
+    for iid, f in enumerate(files, start=1):
+        w, h = image_size(f)
+        images[iid] = (f"images/{f.name}", w, h)
+        lf = root / "labels" / f"{f.stem}.txt"
+        if not lf.is_file():
+            continue
+        for ln, line in enumerate(lf.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                if len(parts) != 5:
+                    raise ValueError(f"expected 5 fields, got {len(parts)}")
+                c = int(parts[0])
+                cx, cy, bw, bh = (float(v) for v in parts[1:])
+            except ValueError as exc:
+                raise DataError(f"{lf}:{ln}: malformed YOLO line {line.strip()!r} ({exc})") from exc
+            box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
+            records.append(LabelRecord(iid, f"images/{f.name}", w, h, box, c, f"labels/{lf.name}:{ln}"))
+    return LabelSet(root, classes, images, records, "yolo")
+
+
+def read_label_set(root: str | os.PathLike[str]) -> LabelSet:
+    r = Path(root)
+    if not r.is_dir():
+        raise DataError(f"{r}: no such dataset directory")
+    ls = _coco(r) if (r / "annotations.json").is_file() else _yolo(r)
+    if not ls.images:
+        raise DataError(f"{r}: the dataset has no images")
+    return ls
+
+
+def boxes_of(ls: LabelSet, image_id: int) -> tuple[np.ndarray, np.ndarray, list[LabelRecord]]:
+    """Valid records (known class, positive size) of one image: (N, 4) boxes, (N,) classes, records."""
+    recs = [r for r in ls.records if r.image_id == image_id and 0 <= r.class_id < len(ls.classes)
+            and r.box[2] > r.box[0] and r.box[3] > r.box[1]]
+    return (np.array([r.box for r in recs], np.float32).reshape(-1, 4), np.array([r.class_id for r in recs], np.int64), recs)

@@ -1,0 +1,52 @@
+"""``perception lint-labels --data DIR [--checkpoint CKPT] [--json OUT] [--limit N]``.
+
+Geometric defects always; with a checkpoint, model-assisted mistakes too. Prints a ranked
+table; ``--json`` writes the full ranked list. Exit code 0 even when issues are found (they are
+the output); 1 only on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perception lint-labels", description="Find geometric and model-assisted label mistakes.")
+    p.add_argument("--data", required=True, help="dataset directory (COCO annotations.json or YOLO labels/ + classes.txt)")
+    p.add_argument("--checkpoint", help="a trained checkpoint for model-assisted checks (e.g. models/default/detector.pt)")
+    p.add_argument("--json", dest="json_out", help="write the ranked issues as JSON here")
+    p.add_argument("--limit", type=int, default=50, help="rows in the printed table (default 50)")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop issues scored below this")
+    return p
+
+
+def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> list:  # type: ignore[type-arg]
+    from build_engine.label_qa.issues import find_geometric_issues, rank
+    from build_engine.label_qa.records import read_label_set
+
+    ls = read_label_set(data)
+    issues = find_geometric_issues(ls)
+    if checkpoint:
+        from build_engine.checkpoint import load_checkpoint
+        from build_engine.evaluate import torch_runner
+        from build_engine.label_qa.model_assisted import find_model_issues
+        from perception.errors import ConfigError
+
+        model, meta = load_checkpoint(checkpoint)
+        if tuple(meta.classes) != tuple(ls.classes):
+            raise ConfigError(f"{checkpoint}: model classes {list(meta.classes)} differ from the dataset's {list(ls.classes)}")
+        issues += find_model_issues(ls, torch_runner(model), tuple(meta.input_size))  # type: ignore[arg-type]
+    return rank([i for i in issues if i.score >= min_score])
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from build_engine.label_qa.issues import format_table
+
+    issues = run(args.data, args.checkpoint, args.min_score)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([i.to_dict() for i in issues], indent=1))
+    print(format_table(issues, args.limit))
+    return 0

@@ -1,0 +1,247 @@
+"""Detection losses: classification (BCE, focal, CE), box regression (IoU, GIoU, DIoU, CIoU,
+L1, MSE), objectness, and ``DetectionLoss`` combining them with cls / box / obj weights.
+
+Boxes are (..., 4) xyxy tensors in pixels. Element-wise losses return per-element values; the
+caller reduces. ``DetectionLoss`` assigns targets with a simplified SimOTA (YOLOX, Ge et al.
+2021): candidate cells are those whose centre lies in a ground-truth box or within 2.5 strides
+of its centre; each ground truth takes its ``k`` lowest-cost candidates, k from the sum of its
+top-10 IoUs; cost = class BCE + 3 * -log(IoU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from perception.errors import ConfigError
+
+CLS_LOSSES = ("bce", "focal", "ce")
+BOX_LOSSES = ("iou", "giou", "diou", "ciou", "l1", "mse")
+EPS = 1e-7
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Element-wise binary cross-entropy on logits: -(t log s(x) + (1 - t) log(1 - s(x)))."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    """Element-wise focal loss (Lin et al. 2017): alpha_t (1 - p_t)^gamma BCE; alpha < 0 disables alpha."""
+    p = torch.sigmoid(logits)
+    ce = bce_loss(logits, targets)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def ce_loss(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy per row: logits (N, C), target_index (N,) int64 -> (N,)."""
+    return F.cross_entropy(logits, target_index, reduction="none")
+
+
+def _iou_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IoU and the enclosing box's (x1, y1, x2, y2) for pairs of boxes (..., 4)."""
+    lt = torch.maximum(pred[..., :2], target[..., :2])
+    rb = torch.minimum(pred[..., 2:], target[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_p = (pred[..., 2:] - pred[..., :2]).clamp(min=0).prod(-1)
+    area_t = (target[..., 2:] - target[..., :2]).clamp(min=0).prod(-1)
+    union = area_p + area_t - inter
+    iou = inter / (union + EPS)
+    c_lt = torch.minimum(pred[..., :2], target[..., :2])
+    c_rb = torch.maximum(pred[..., 2:], target[..., 2:])
+    return iou, union, c_lt, c_rb
+
+
+def box_iou_pairs(pred: torch.Tensor, target: torch.Tensor, kind: str = "iou") -> torch.Tensor:
+    """IoU / GIoU / DIoU / CIoU between matching pairs of xyxy boxes (..., 4) -> (...)."""
+    iou, union, c_lt, c_rb = _iou_terms(pred, target)
+    if kind == "iou":
+        return iou
+    if kind == "giou":
+        c_area = (c_rb - c_lt).prod(-1)
+        return iou - (c_area - union) / (c_area + EPS)
+    c2 = ((c_rb - c_lt) ** 2).sum(-1) + EPS  # squared diagonal of the enclosing box
+    ctr_p = (pred[..., :2] + pred[..., 2:]) / 2
+    ctr_t = (target[..., :2] + target[..., 2:]) / 2
+    rho2 = ((ctr_p - ctr_t) ** 2).sum(-1)
+    if kind == "diou":
+        return iou - rho2 / c2
+    if kind == "ciou":
+        wp, hp = pred[..., 2] - pred[..., 0], pred[..., 3] - pred[..., 1]
+        wt, ht = target[..., 2] - target[..., 0], target[..., 3] - target[..., 1]
+        v = (4 / math.pi**2) * (torch.atan(wt / (ht + EPS)) - torch.atan(wp / (hp + EPS))) ** 2
+        with torch.no_grad():
+            alpha = v / (v - iou + 1 + EPS)
+        return iou - rho2 / c2 - alpha * v
+    raise ValueError(f"unknown IoU kind {kind!r}")
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "ciou", norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-box regression loss (...,): 1 - IoU-family metric, or L1 / MSE summed over the 4
+    coordinates (divided by ``norm``, e.g. the stride, so they are scale-free)."""
+    if kind in ("iou", "giou", "diou", "ciou"):
+        return 1.0 - box_iou_pairs(pred, target, kind)
+    d = pred - target
+    if norm is not None:
+        d = d / norm.unsqueeze(-1)
+    if kind == "l1":
+        return d.abs().sum(-1)
+    if kind == "mse":
+        return (d**2).sum(-1)
+    raise ValueError(f"unknown box loss {kind!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss choices and weights (the ``loss:`` section of a train config)."""
+
+    cls_loss: str = "bce"
+    box_loss: str = "ciou"
+    cls_weight: float = 1.0
+    box_weight: float = 5.0
+    obj_weight: float = 1.0
+    l1_weight: float = 0.0  # an extra L1 term on top of an IoU loss (0 = off)
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    center_radius: float = 2.5
+    obj_focal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cls_loss not in CLS_LOSSES:
+            raise ConfigError(f"loss.cls_loss must be one of {CLS_LOSSES}, got {self.cls_loss!r}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ConfigError(f"loss.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
+        for n in ("cls_weight", "box_weight", "obj_weight", "l1_weight", "focal_gamma", "center_radius"):
+            if getattr(self, n) < 0:
+                raise ConfigError(f"loss.{n} must be >= 0, got {getattr(self, n)}")
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, N) IoU between (M, 4) and (N, 4) xyxy boxes."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter + EPS)
+
+
+@torch.no_grad()
+def simota_assign(
+    pred: torch.Tensor, centers: torch.Tensor, strides: torch.Tensor, gt_boxes: torch.Tensor, gt_cls: torch.Tensor,
+    num_classes: int, radius: float = 2.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assign one image's anchors to ground truths.
+
+    pred: (N, 5 + C) decoded boxes + obj/cls logits; centers (N, 2) px; strides (N,);
+    gt_boxes (M, 4) xyxy px; gt_cls (M,) int64. Returns (fg_mask (N,) bool,
+    matched_gt (num_fg,) int64 index into gt, matched_iou (num_fg,)).
+    """
+    n = pred.shape[0]
+    m = gt_boxes.shape[0]
+    if m == 0:
+        return torch.zeros(n, dtype=torch.bool), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    cx, cy = centers[:, 0][None], centers[:, 1][None]
+    in_box = (cx > gt_boxes[:, 0:1]) & (cx < gt_boxes[:, 2:3]) & (cy > gt_boxes[:, 1:2]) & (cy < gt_boxes[:, 3:4])
+    gcx = (gt_boxes[:, 0:1] + gt_boxes[:, 2:3]) / 2
+    gcy = (gt_boxes[:, 1:2] + gt_boxes[:, 3:4]) / 2
+    r = radius * strides[None]
+    in_ctr = ((cx - gcx).abs() < r) & ((cy - gcy).abs() < r)
+    cand = (in_box | in_ctr).any(0)
+    cidx = cand.nonzero(as_tuple=True)[0]
+    if cidx.numel() == 0:
+        return torch.zeros(n, dtype=torch.bool), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    p = pred[cidx]
+    ious = pairwise_iou(gt_boxes, p[:, :4])  # (M, K)
+    scores = (p[:, 5:].sigmoid() * p[:, 4:5].sigmoid()).sqrt().clamp(EPS, 1 - EPS)  # (K, C)
+    onehot = F.one_hot(gt_cls, num_classes).float()  # (M, C)
+    cls_cost = F.binary_cross_entropy(
+        scores[None].expand(m, -1, -1), onehot[:, None].expand(-1, cidx.numel(), -1), reduction="none"
+    ).sum(-1)
+    both = (in_box & in_ctr)[:, cidx]
+    cost = cls_cost + 3.0 * -torch.log(ious + EPS) + 1e5 * (~both).float()
+    topk = min(10, cidx.numel())
+    dyn_k = ious.topk(topk, dim=1).values.sum(1).int().clamp(min=1)
+    match = torch.zeros_like(cost)
+    for g in range(m):
+        idx = cost[g].topk(int(dyn_k[g]), largest=False).indices
+        match[g, idx] = 1.0
+    multi = match.sum(0) > 1
+    if multi.any():
+        best = cost[:, multi].argmin(0)
+        match[:, multi] = 0.0
+        match[best, multi.nonzero(as_tuple=True)[0]] = 1.0
+    fg_c = match.sum(0) > 0
+    matched = match[:, fg_c].argmax(0)
+    fg = torch.zeros(n, dtype=torch.bool)
+    fg[cidx[fg_c]] = True
+    return fg, matched, ious[matched, fg_c.nonzero(as_tuple=True)[0]]
+
+
+class DetectionLoss:
+    """Total loss over a batch of raw head maps.
+
+    ``__call__(raws, centers, strides, targets, decode)``: ``decode(raws)`` -> (B, N, 5 + C);
+    ``targets`` is a list of (boxes (M, 4) xyxy input px, classes (M,)) per image.
+    Returns (total, parts) with parts = {"box", "obj", "cls", "l1", "num_fg"}.
+    """
+
+    def __init__(self, cfg: LossConfig, num_classes: int) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    def __call__(
+        self,
+        decoded: torch.Tensor,
+        centers: torch.Tensor,
+        strides: torch.Tensor,
+        targets: list[tuple[torch.Tensor, torch.Tensor]],
+        raw_flat: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        b = decoded.shape[0]
+        obj_t = torch.zeros(decoded.shape[:2])
+        fg_all, cls_logits, cls_t, box_p, box_t, stride_fg = [], [], [], [], [], []
+        for i, (gb, gc) in enumerate(targets):
+            fg, mg, miou = simota_assign(decoded[i].detach(), centers, strides, gb, gc, self.num_classes, cfg.center_radius)
+            fg_all.append(fg)
+            if mg.numel() == 0:
+                continue
+            obj_t[i, fg] = 1.0
+            cls_logits.append(decoded[i, fg, 5:])
+            if cfg.cls_loss == "ce":
+                cls_t.append(gc[mg])
+            else:
+                cls_t.append(F.one_hot(gc[mg], self.num_classes).float() * miou[:, None].clamp(min=0.0))
+            box_p.append(decoded[i, fg, :4])
+            box_t.append(gb[mg])
+            stride_fg.append(strides[fg])
+        num_fg = max(1.0, float(sum(int(f.sum()) for f in fg_all)))
+        obj_logits = decoded[..., 4]
+        if cfg.obj_focal:
+            l_obj = focal_loss(obj_logits, obj_t, cfg.focal_gamma, cfg.focal_alpha).sum() / num_fg
+        else:
+            l_obj = bce_loss(obj_logits, obj_t).sum() / num_fg
+        zero = decoded.sum() * 0.0
+        l_box = l_cls = l_l1 = zero
+        if box_p:
+            bp, bt, st = torch.cat(box_p), torch.cat(box_t), torch.cat(stride_fg)
+            l_box = box_loss(bp, bt, cfg.box_loss, st).sum() / num_fg
+            if cfg.l1_weight > 0:
+                l_l1 = box_loss(bp, bt, "l1", st).sum() / num_fg
+            cl = torch.cat(cls_logits)
+            if cfg.cls_loss == "ce":
+                l_cls = ce_loss(cl, torch.cat(cls_t)).sum() / num_fg
+            elif cfg.cls_loss == "focal":
+                l_cls = focal_loss(cl, torch.cat(cls_t), cfg.focal_gamma, cfg.focal_alpha).sum() / num_fg
+            else:
+                l_cls = bce_loss(cl, torch.cat(cls_t)).sum() / num_fg
+        total = cfg.box_weight * l_box + cfg.obj_weight * l_obj + cfg.cls_weight * l_cls + cfg.l1_weight * l_l1
+        parts = {"box": float(l_box.detach()), "obj": float(l_obj.detach()), "cls": float(l_cls.detach()), "l1": float(l_l1.detach()), "num_fg": num_fg / b}
+        return total, parts

@@ -1,0 +1,1 @@
+"""Training: augmentation, EMA, learning-rate schedule and the trainer loop."""

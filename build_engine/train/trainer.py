@@ -1,0 +1,233 @@
+"""The training loop: CPU, deterministic with a seed, EMA, warm-up + schedule, per-epoch JSONL
+log of losses and validation KPI, weights-only checkpoints (``last.pt`` with resume state,
+``best.pt`` with the best EMA weights by val mAP50-95), resume from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from build_engine.checkpoint import CheckpointMeta, load_payload, meta_for, save_checkpoint
+from build_engine.config import TrainConfig
+from build_engine.data.formats import LabelledSet, read_labelled_set
+from build_engine.data.generate import generate_dataset
+from build_engine.evaluate import evaluate_runner, read_image, torch_runner
+from build_engine.losses import DetectionLoss
+from build_engine.model import build_detector
+from build_engine.model.detector import Detector
+from build_engine.train.augment import hsv_jitter, random_affine
+from build_engine.train.ema import ModelEMA
+from build_engine.train.schedule import learning_rates
+from perception.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_kpi: dict[str, float]
+    epochs_run: int
+    seconds: float
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = False) -> tuple[LabelledSet, LabelledSet]:
+    """Read ``data.train_dir``/``val_dir``, or generate (once) into the cache directory."""
+    d = cfg.data
+    if d.train_dir or d.val_dir:
+        if not (d.train_dir and d.val_dir):
+            raise ConfigError("data.train_dir and data.val_dir must be given together")
+        return read_labelled_set(d.train_dir), read_labelled_set(d.val_dir)
+    sets = []
+    for split, n, seed in (("train", d.train_images, d.train_seed), ("val", d.val_images, d.val_seed)):
+        root = Path(d.cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{d.image_width}x{d.image_height}"
+        if not (root / ".complete").is_file():
+            log.info("generating %d %s images into %s", n, split, root)
+            generate_dataset(root, n, seed, d.image_width, d.image_height, progress=progress)
+            (root / ".complete").write_text("ok\n")
+        sets.append(read_labelled_set(root))
+    return sets[0], sets[1]
+
+
+def load_batch(
+    ds: LabelledSet, indices: list[int], cfg: TrainConfig, epoch: int, augment: bool = True
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(B, 3, H, W) float RGB in [0, 1] and per-image (boxes xyxy input px, classes)."""
+    w, h = cfg.model.input_width, cfg.model.input_height
+    imgs = np.empty((len(indices), 3, h, w), np.float32)
+    targets = []
+    for k, i in enumerate(indices):
+        s = ds.samples[i]
+        img = read_image(s.file)
+        if img.shape[1] != s.width or img.shape[0] != s.height:
+            raise DataError(f"{s.file}: image is {img.shape[1]}x{img.shape[0]} but its labels say {s.width}x{s.height}")
+        rng = np.random.default_rng((cfg.seed, epoch, i)) if augment else None
+        canvas, boxes, keep = random_affine(img, s.boxes, w, h, cfg.augment, rng)
+        if rng is not None:
+            canvas = hsv_jitter(canvas, cfg.augment, rng)
+        imgs[k] = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).transpose(2, 0, 1) / np.float32(255.0)
+        targets.append((torch.from_numpy(boxes[keep]), torch.from_numpy(s.class_ids[keep])))
+    return torch.from_numpy(imgs), targets
+
+
+def anchor_points(model: Detector) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 2) cell centres in input px and (N,) strides, in the model's output order."""
+    centers, strides = [], []
+    for i, s in enumerate(model.strides):
+        g = getattr(model, f"grid{i}")[0]
+        centers.append((g + 0.5) * s)
+        strides.append(torch.full((g.shape[0],), float(s)))
+    return torch.cat(centers), torch.cat(strides)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on conv / linear weights only (not on BN or biases)."""
+    decay, no_decay, bias = [], [], []
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            no_decay.append(m.weight)
+            bias.append(m.bias)
+        elif isinstance(m, torch.nn.Conv2d):
+            decay.append(m.weight)
+            if m.bias is not None:
+                bias.append(m.bias)
+    o = cfg.optim
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay, "kind": "weight"},
+        {"params": no_decay, "weight_decay": 0.0, "kind": "weight"},
+        {"params": bias, "weight_decay": 0.0, "kind": "bias"},
+    ]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, 0.999))
+
+
+def validate(model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig) -> dict[str, float]:
+    report, _, _ = evaluate_runner(
+        torch_runner(model), val, (cfg.model.input_width, cfg.model.input_height), cfg.score_threshold
+    )
+    d = report.to_dict(curves=False)
+    return {k: float(d[k]) for k in ("map50_95", "map50", "map75", "precision", "recall", "f1")}
+
+
+def train(
+    cfg: TrainConfig, out_dir: str | os.PathLike[str], resume: bool = False, progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``cfg``; write checkpoints and ``train_log.jsonl`` into ``out_dir``.
+
+    ``stop_after``: stop after this many epochs of this call (a later ``resume`` continues).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    train_set, val_set = prepare_data(cfg, progress)
+    model = build_detector(cfg.model)
+    if cfg.init_checkpoint and not resume:
+        init = load_payload(cfg.init_checkpoint)
+        try:
+            model.load_state_dict(init["state_dict"])
+        except RuntimeError as exc:
+            raise ConfigError(f"{cfg.init_checkpoint}: does not fit model config {cfg.model}: {str(exc).splitlines()[0]}") from exc
+        log.info("initialised from %s", cfg.init_checkpoint)
+    optimizer = make_optimizer(model, cfg)
+    ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
+    start_epoch, best = 0, {"map50_95": -1.0}
+    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "train_log.jsonl"
+    if resume:
+        if not last_path.is_file():
+            raise ConfigError(f"{last_path}: nothing to resume from")
+        payload = load_payload(last_path)
+        st = payload.get("train_state", {})
+        if st.get("config_hash") != cfg.hash():
+            raise ConfigError(f"{last_path}: was trained with a different config (hash {st.get('config_hash')} != {cfg.hash()})")
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(st["optimizer"])
+        if ema is not None:
+            ema.ema.load_state_dict(st["ema"])
+            ema.updates = int(st["ema_updates"])
+        start_epoch = int(payload["meta"]["epoch"])
+        best = dict(st.get("best", best))
+        log.info("resumed from %s at epoch %d", last_path, start_epoch)
+    elif log_path.exists():
+        log_path.unlink()
+    criterion = DetectionLoss(cfg.loss, cfg.model.num_classes)
+    centers, strides = anchor_points(model)
+    bs = cfg.optim.batch_size
+    steps_per_epoch = max(1, len(train_set) // bs)
+    o = cfg.optim
+    end_epoch = o.epochs if stop_after is None else min(o.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        model.train()
+        order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train_set)).tolist()
+        sums: dict[str, float] = {}
+        it = range(steps_per_epoch)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(it, desc=f"epoch {epoch + 1}/{o.epochs}", unit="batch", mininterval=5.0)
+            it = bar
+        te = time.time()
+        for k in it:
+            step = epoch * steps_per_epoch + k
+            lr_w, lr_b = learning_rates(step, steps_per_epoch, o.epochs, o.lr, o.schedule, o.final_lr_ratio, o.warmup_epochs, o.warmup_bias_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_b if g["kind"] == "bias" else lr_w
+            images, targets = load_batch(train_set, order[k * bs:(k + 1) * bs], cfg, epoch)
+            raws = model(images)
+            decoded = model.decode(raws)
+            loss, parts = criterion(decoded, centers, strides, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            parts["total"] = float(loss.detach())
+            for name, v in parts.items():
+                sums[name] = sums.get(name, 0.0) + v
+            if bar is not None:
+                bar.set_postfix(loss=f"{sums['total'] / (k + 1):.3f}", lr=f"{lr_w:.4f}")
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_w, "seconds": round(time.time() - te, 1)}
+        record.update({f"loss_{n}": round(v / steps_per_epoch, 5) for n, v in sums.items()})
+        eval_model = ema.ema if ema is not None else model
+        last = epoch + 1 == o.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or last:
+            kpi = validate(eval_model, val_set, cfg)
+            record["val"] = kpi
+            if kpi["map50_95"] > best["map50_95"]:
+                best = dict(kpi, epoch=epoch + 1)
+                save_checkpoint(best_path, eval_model, meta_for(eval_model, train_set.classes, epoch=epoch + 1, val_kpi=kpi, train_config_hash=cfg.hash()))
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d: %s", epoch + 1, json.dumps(record))
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "config_hash": cfg.hash(),
+            "best": best,
+            "ema": ema.ema.state_dict() if ema is not None else {},
+            "ema_updates": ema.updates if ema is not None else 0,
+        }
+        save_checkpoint(last_path, model, meta_for(model, train_set.classes, epoch=epoch + 1, train_config_hash=cfg.hash()), state)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return TrainResult(out, best_path, last_path, best, end_epoch - start_epoch, time.time() - t0)
+
+
+def ema_checkpoint_meta(path: Path) -> CheckpointMeta:
+    return CheckpointMeta.from_dict(load_payload(path)["meta"])

@@ -1,0 +1,204 @@
+"""Generated datasets, COCO / YOLO readers and writers, recorded drives, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from build_engine.data.formats import read_coco_set, read_labelled_set, read_yolo_set
+from build_engine.data.generate import generate_dataset
+from build_engine.data.scene import random_image
+from build_engine.model.config import DEFAULT_CLASSES
+from perception.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):  # type: ignore[no-untyped-def]
+    return generate_dataset(tmp_path_factory.mktemp("ds"), 12, seed=5, width=320, height=192)
+
+
+def test_generated_dataset_layout_and_labels(small_set) -> None:  # type: ignore[no-untyped-def]
+    assert (small_set / "annotations.json").is_file() and (small_set / "classes.txt").is_file()
+    assert len(list((small_set / "images").glob("*.jpg"))) == 12 == len(list((small_set / "labels").glob("*.txt")))
+    ds = read_labelled_set(small_set)
+    assert ds.classes == DEFAULT_CLASSES and len(ds) == 12
+    boxes = np.concatenate([s.boxes for s in ds.samples])
+    assert len(boxes) > 24
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 320).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 192).all()
+    assert ((boxes[:, 2] - boxes[:, 0]) >= 4).all() and ((boxes[:, 3] - boxes[:, 1]) >= 4).all()
+
+
+def test_all_classes_and_many_small_objects() -> None:
+    classes, heights = set(), []
+    for i in range(40):
+        r = random_image(1000 + i, 640, 360)
+        classes.update(r.class_ids.tolist())
+        heights += (r.boxes[:, 3] - r.boxes[:, 1]).tolist()
+    assert classes == set(range(7))
+    h = np.array(heights)
+    assert (h < 32).mean() > 0.4 and (h > 64).any()  # many small far objects, and some near
+
+
+def test_generation_is_deterministic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = random_image(42, 320, 192), random_image(42, 320, 192)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.boxes, b.boxes)
+    assert not np.array_equal(a.image, random_image(43, 320, 192).image)
+
+
+def test_boxes_fit_visible_pixels() -> None:
+    # Render each object alone and the empty scene: the label box must be the bounding box of
+    # the changed pixels (within 1 px: anti-aliased fringe pixels with alpha < 0.5 change the
+    # image but are not part of the object).
+    from dataclasses import replace
+
+    from build_engine.data import scene
+
+    rng = np.random.default_rng(7)
+    cam = scene.random_camera(rng, 320, 192)
+    # (lights and signs stand on an unlabelled pole, which would change pixels below the box)
+    objs = [o for o in scene.random_scene(rng, cam, 10, 10) if o.labelled and o.kind not in ("traffic_light", "traffic_sign")]
+    look = replace(scene.Look.random(rng), noise_sigma=0.0, blur_sigma=0.0, motion_blur=0)
+    empty = scene.render([], cam, look).image.astype(int)
+    checked = 0
+    for o in objs:
+        r = scene.render([o], cam, look)
+        if len(r.boxes) != 1:
+            continue
+        ys, xs = np.nonzero(np.abs(scene.render([o], cam, look).image.astype(int) - empty).sum(-1) > 0)
+        x1, y1, x2, y2 = r.boxes[0]
+        assert xs.min() - 1 <= x1 <= xs.min() + 1 and xs.max() <= x2 <= xs.max() + 2
+        assert ys.min() - 1 <= y1 <= ys.min() + 1 and ys.max() <= y2 <= ys.max() + 2
+        checked += 1
+    assert checked >= 3
+    # Occlusion: a car right in front of another shrinks the far car's box to its visible part.
+    # The near car's left edge (0.87 m at 15 m) lines up with the far car's centre (1.75 m at 30 m).
+    far = scene.WorldObject("car", 1.75, 30.0, 1.8, 1.5, style=1, track_id=1)
+    near = scene.WorldObject("car", 1.77, 15.0, 1.8, 1.5, style=2, track_id=2)
+    alone = scene.render([far], cam, look).boxes[0]
+    both = scene.render([far, near], cam, look)
+    assert 1 in both.track_ids and 2 in both.track_ids
+    far_box = both.boxes[both.track_ids.index(1)]
+    assert far_box[0] == alone[0] and far_box[2] < alone[2]
+
+
+def test_coco_and_yolo_readers_agree(small_set) -> None:  # type: ignore[no-untyped-def]
+    a, b = read_coco_set(small_set), read_yolo_set(small_set)
+    assert a.classes == b.classes
+    for sa, sb in zip(sorted(a.samples, key=lambda s: s.file.name), b.samples):
+        assert sa.file.name == sb.file.name and (sa.width, sa.height) == (sb.width, sb.height)
+        np.testing.assert_allclose(sa.boxes, sb.boxes, atol=0.02)
+        assert sa.class_ids.tolist() == sb.class_ids.tolist()
+
+
+def yolo_copy(src, tmp_path):  # type: ignore[no-untyped-def]
+    dst = tmp_path / "y"
+    shutil.copytree(src, dst)
+    (dst / "annotations.json").unlink()
+    return dst
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [("9 0.5 0.5 0.1 0.1", "class id 9 out of range"), ("0 0.5 0.5 0.1", "malformed YOLO line"), ("x 0.5 0.5 0.1 0.1", "malformed")],
+)
+def test_bad_yolo_lines_name_file_and_line(small_set, tmp_path, line, fragment) -> None:  # type: ignore[no-untyped-def]
+    d = yolo_copy(small_set, tmp_path)
+    lf = d / "labels" / "000003.txt"
+    lf.write_text(lf.read_text() + line + "\n")
+    with pytest.raises(DataError) as ei:
+        read_labelled_set(d)
+    assert f"{lf}:" in str(ei.value) and fragment in str(ei.value)
+
+
+def test_undecodable_image_and_orphan_label(small_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = yolo_copy(small_set, tmp_path)
+    (d / "images" / "000002.jpg").write_bytes(b"\xff\xd8garbage")
+    with pytest.raises(DataError, match="000002.jpg: image does not decode"):
+        read_labelled_set(d)
+    d2 = yolo_copy(small_set, tmp_path / "b")
+    (d2 / "images" / "000004.jpg").unlink()
+    with pytest.raises(DataError, match="000004.txt: label file has no image"):
+        read_labelled_set(d2)
+
+
+def test_missing_or_empty_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DataError, match="no such dataset"):
+        read_labelled_set(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither annotations.json"):
+        read_labelled_set(tmp_path / "empty")
+
+
+def test_coco_set_missing_image_is_named(small_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = tmp_path / "c"
+    shutil.copytree(small_set, d)
+    (d / "images" / "000001.jpg").unlink()
+    with pytest.raises(DataError, match="000001.jpg"):
+        read_labelled_set(d)
+
+
+def test_recorded_drive(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mcap_ros2.reader import read_ros2_messages
+
+    from build_engine.data.drive import write_drive
+
+    out = write_drive(tmp_path / "drive", ["front", "rear"], frames=4, fps=10, seed=1, width=320, height=192)
+    gt = json.loads((out / "gt.json").read_text())
+    assert len(gt["images"]) == 8 and [c["name"] for c in gt["categories"]] == list(DEFAULT_CLASSES)
+    msgs = list(read_ros2_messages(str(out / "drive.mcap")))
+    assert [m.channel.topic for m in msgs[:2]] == ["/cameras/front/image/compressed", "/cameras/rear/image/compressed"]
+    stamps = [m.ros_msg.header.stamp.sec * 10**9 + m.ros_msg.header.stamp.nanosec for m in msgs]
+    assert stamps == sorted(stamps)
+    by_key = {(im["camera_id"], im["sequence"]): im for im in gt["images"]}
+    for m, ts in zip(msgs, stamps):
+        cam = m.ros_msg.header.frame_id
+        seq = [s for (c, s), im in by_key.items() if c == cam and im["timestamp_ns"] == ts]
+        assert len(seq) == 1
+        im = by_key[(cam, seq[0])]
+        assert im["file_name"] == f"{cam}/{seq[0]:06d}.jpg" and m.ros_msg.format == "jpeg"
+        img = cv2.imdecode(np.frombuffer(bytes(m.ros_msg.data), np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape == (192, 320, 3)
+    assert sorted(s for c, s in by_key if c == "rear") == [0, 1, 2, 3]
+    cap = cv2.VideoCapture(str(out / "front.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    # Consistent motion: a tracked object moves by a small amount from one frame to the next.
+    tracks: dict[tuple[str, int], list[tuple[int, list[float]]]] = {}
+    id_to_im = {im["id"]: im for im in gt["images"]}
+    for a in gt["annotations"]:
+        im = id_to_im[a["image_id"]]
+        tracks.setdefault((im["camera_id"], a["track_id"]), []).append((im["sequence"], a["bbox"]))
+    steps = []
+    for obs in tracks.values():
+        obs.sort()
+        steps += [abs(b[1][0] - a[1][0]) for a, b in zip(obs, obs[1:]) if b[0] == a[0] + 1]
+    assert steps and np.median(steps) < 20
+    # The drive as a COCO dataset (exact JPEG bytes from the MCAP), readable like any other.
+    from build_engine.data.drive import extract_frames
+
+    ds = read_labelled_set(extract_frames(out, tmp_path / "frames"))
+    assert len(ds) == 8 and sum(len(s.boxes) for s in ds.samples) == len(gt["annotations"])
+
+
+def test_bundled_drive_is_small_and_valid(repo_root) -> None:  # type: ignore[no-untyped-def]
+    d = repo_root / "assets" / "drives" / "demo"
+    total = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+    assert total < 5 * 2**20
+    gt = json.loads((d / "gt.json").read_text())
+    cams = {im["camera_id"] for im in gt["images"]}
+    assert cams == {"front", "rear"} and len(gt["images"]) >= 100 and len(gt["annotations"]) > 500
+    assert (d / "front.mp4").is_file() and (d / "drive.mcap").is_file()
+
+
+def test_gen_data_cli(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from perception.cli import main
+
+    assert main(["gen-data", "--out", str(tmp_path / "g"), "--images", "3", "--seed", "4", "--width", "160", "--height", "96"]) == 0
+    assert len(json.loads((tmp_path / "g" / "annotations.json").read_text())["images"]) == 3
+    capsys.readouterr()
+    assert main(["gen-data", "--drive", "--out", str(tmp_path / "d"), "--cameras", "left", "--frames", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown camera 'left'" in err and "Traceback" not in err

@@ -1,0 +1,111 @@
+"""Each loss against values computed by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from build_engine.losses import (
+    DetectionLoss, LossConfig, bce_loss, box_iou_pairs, box_loss, ce_loss, focal_loss, simota_assign,
+)
+from perception.errors import ConfigError
+
+A = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+B = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+# A and B: intersection 1, union 4 + 4 - 1 = 7, IoU 1/7; enclosing box (0,0)-(3,3) area 9;
+# centres (1,1) and (2,2): rho^2 = 2; enclosing diagonal^2 = 18.
+
+
+def test_bce() -> None:
+    # -log(sigmoid(0)) = log 2 for either target; target 1 at logit 2: log(1 + e^-2).
+    got = bce_loss(torch.tensor([0.0, 2.0, 2.0]), torch.tensor([1.0, 1.0, 0.0]))
+    want = torch.tensor([math.log(2), math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_focal() -> None:
+    # logit 0, target 1: p_t = 0.5, CE = log 2; (1 - 0.5)^2 = 0.25; alpha_t = 0.25 -> 0.0625 log 2.
+    assert focal_loss(torch.tensor([0.0]), torch.tensor([1.0]), 2.0, 0.25).item() == pytest.approx(0.0625 * math.log(2), abs=1e-7)
+    # target 0: alpha_t = 0.75 -> 0.1875 log 2; gamma 0 and no alpha is plain BCE.
+    assert focal_loss(torch.tensor([0.0]), torch.tensor([0.0]), 2.0, 0.25).item() == pytest.approx(0.1875 * math.log(2), abs=1e-7)
+    x, t = torch.tensor([1.3, -0.4]), torch.tensor([1.0, 0.0])
+    assert torch.allclose(focal_loss(x, t, 0.0, -1.0), bce_loss(x, t))
+
+
+def test_ce() -> None:
+    # logits (0, ln 3): softmax (1/4, 3/4); target 1 -> -ln(3/4).
+    got = ce_loss(torch.tensor([[0.0, math.log(3)]]), torch.tensor([1]))
+    assert got.item() == pytest.approx(-math.log(0.75), abs=1e-6)
+
+
+def test_iou_family_by_hand() -> None:
+    iou = 1 / 7
+    assert box_iou_pairs(A, B, "iou").item() == pytest.approx(iou, abs=1e-6)
+    assert box_iou_pairs(A, B, "giou").item() == pytest.approx(iou - (9 - 7) / 9, abs=1e-6)
+    assert box_iou_pairs(A, B, "diou").item() == pytest.approx(iou - 2 / 18, abs=1e-6)
+    # Same aspect ratio: CIoU's v term is 0, so CIoU = DIoU.
+    assert box_iou_pairs(A, B, "ciou").item() == pytest.approx(iou - 2 / 18, abs=1e-6)
+    assert box_loss(A, B, "giou").item() == pytest.approx(1 - (iou - 2 / 9), abs=1e-6)
+
+
+def test_ciou_aspect_term() -> None:
+    # Same centre (rho = 0): pred 2x2 inside target 4x2 at (0,0)-(4,2), pred (1,0)-(3,2).
+    p, t = torch.tensor([[1.0, 0.0, 3.0, 2.0]]), torch.tensor([[0.0, 0.0, 4.0, 2.0]])
+    iou = 4 / 8
+    v = 4 / math.pi**2 * (math.atan(4 / 2) - math.atan(2 / 2)) ** 2
+    alpha = v / (v - iou + 1)
+    assert box_iou_pairs(p, t, "ciou").item() == pytest.approx(iou - alpha * v, abs=1e-6)
+
+
+def test_l1_mse_with_stride_norm() -> None:
+    p, t = torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[2.0, 0.0, 10.0, 14.0]])
+    # differences (-2, 0, 0, -4) / stride 2 -> (-1, 0, 0, -2): L1 3, MSE 5.
+    assert box_loss(p, t, "l1", torch.tensor([2.0])).item() == pytest.approx(3.0)
+    assert box_loss(p, t, "mse", torch.tensor([2.0])).item() == pytest.approx(5.0)
+    assert box_loss(t, t, "ciou").item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_config_validation() -> None:
+    with pytest.raises(ConfigError):
+        LossConfig(box_loss="smooth")
+    with pytest.raises(ConfigError):
+        LossConfig(cls_weight=-1)
+
+
+def _setup() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # 4x4 grid of stride-8 cells (32x32 image).
+    ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    centers = torch.stack([xs, ys], -1).reshape(-1, 2) * 8 + 4
+    strides = torch.full((16,), 8.0)
+    return centers, strides, torch.zeros(16, 5 + 2)
+
+
+def test_assignment_picks_cells_inside_the_object() -> None:
+    centers, strides, pred = _setup()
+    pred[:, :4] = torch.cat([centers - 4, centers + 4], 1)  # each cell predicts its own 8x8 box
+    gt = torch.tensor([[8.0, 8.0, 16.0, 16.0]])  # exactly cell (1, 1) -> index 5
+    fg, matched, iou = simota_assign(pred, centers, strides, gt, torch.tensor([1]), 2)
+    assert fg.nonzero().flatten().tolist() == [5]
+    assert matched.tolist() == [0] and iou.item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_detection_loss_weights_and_no_objects() -> None:
+    centers, strides, pred = _setup()
+    pred[:, :4] = torch.cat([centers - 4, centers + 4], 1)
+    pred = pred[None].clone().requires_grad_(True)
+    # No ground truth: only objectness counts; 16 cells at logit 0 -> 16 log 2 (num_fg floor 1).
+    total, parts = DetectionLoss(LossConfig(), 2)(pred, centers, strides, [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))])
+    assert total.item() == pytest.approx(16 * math.log(2), abs=1e-5) and parts["box"] == 0.0
+    total.backward()
+    assert pred.grad is not None
+    # With one perfectly boxed object: box loss 0; obj = 16 log 2 (BCE at logit 0 is log 2 either way);
+    # cls target (0, 1) * IoU 1 at logits 0 -> 2 log 2. Weights scale each part.
+    gt = [(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), torch.tensor([1]))]
+    cfg = LossConfig(cls_weight=2.0, obj_weight=0.5, box_weight=5.0)
+    total, parts = DetectionLoss(cfg, 2)(pred.detach(), centers, strides, gt)
+    assert parts["box"] == pytest.approx(0.0, abs=1e-5)
+    assert parts["obj"] == pytest.approx(16 * math.log(2), abs=1e-5)
+    assert parts["cls"] == pytest.approx(2 * math.log(2), abs=1e-5)
+    assert total.item() == pytest.approx(0.5 * 16 * math.log(2) + 2.0 * 2 * math.log(2), abs=1e-4)

@@ -1,0 +1,107 @@
+"""Training: config loading / overrides / errors, a tiny real run, determinism and resume."""
+
+from __future__ import annotations
+
+import json
+import pytest
+import torch
+
+from build_engine.config import load_config
+from build_engine.train.schedule import learning_rates
+from build_engine.train.trainer import train
+from perception.errors import ConfigError
+
+
+def tiny_overrides(cache) -> list[str]:  # type: ignore[no-untyped-def]
+    return [
+        "preset=pico", "model.input_width=128", "model.input_height=96", "threads=1",
+        f"data.cache_dir={cache}", "data.train_images=8", "data.val_images=4",
+        "data.image_width=160", "data.image_height=96", "optim.epochs=2", "optim.batch_size=4",
+        "optim.warmup_epochs=0.5",
+    ]
+
+
+def test_config_file_overrides_and_errors(tmp_path, repo_root) -> None:  # type: ignore[no-untyped-def]
+    cfg = load_config(repo_root / "configs" / "default.yaml", ["optim.lr=0.005", "loss.box_loss=giou", "augment.flip=0"])
+    assert cfg.optim.lr == 0.005 and cfg.loss.box_loss == "giou" and cfg.augment.flip == 0
+    assert cfg.model.act == "relu" and cfg.model.num_classes == 7
+    with pytest.raises(ConfigError, match=r"default.yaml: unknown config key 'optim.learning_rate'"):
+        load_config(repo_root / "configs" / "default.yaml", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        load_config(None, ["bogus=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  optimizer: adam\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*optimizer"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    kw = dict(steps_per_epoch=10, epochs=10, base_lr=0.1, schedule="cosine", final_ratio=0.1, warmup_epochs=1, warmup_bias_lr=0.5)
+    w0, b0 = learning_rates(0, **kw)  # type: ignore[arg-type]
+    assert w0 == 0.0 and b0 == 0.5
+    w, b = learning_rates(50, **kw)  # type: ignore[arg-type]
+    assert w == b == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+    assert learning_rates(100, **kw)[0] == pytest.approx(0.01)  # type: ignore[arg-type]
+
+
+def test_tiny_training_run_is_deterministic_and_resumable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache"))
+    a = train(cfg, tmp_path / "a", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert all("loss_box" in x and "loss_obj" in x and "loss_cls" in x and "map50_95" in x["val"] for x in lines)
+    assert a.best_checkpoint.is_file()
+    torch.load(a.best_checkpoint, weights_only=True)
+    torch.load(a.last_checkpoint, weights_only=True)  # the resume state is weights-only too
+    # Interrupted after one epoch, then resumed: identical weights and log.
+    train(cfg, tmp_path / "b", progress=False, stop_after=1)
+    train(cfg, tmp_path / "b", progress=False, resume=True)
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    lb = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["loss_total"] for x in lb] == [x["loss_total"] for x in lines]
+    # Fine-tuning starts from given weights: with a vanishing lr, the weights stay those weights.
+    init = a.best_checkpoint
+    ft = load_config(None, tiny_overrides(tmp_path / "cache") + [f"init_checkpoint={init}", "optim.epochs=1", "optim.lr=1e-12",
+                                                                  "optim.warmup_bias_lr=0", "optim.weight_decay=0"])
+    train(ft, tmp_path / "ft", progress=False)
+    w0 = torch.load(init, weights_only=True)["state_dict"]
+    w1 = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["state_dict"]
+    conv = [k for k in w0 if k.endswith("conv.weight")]
+    assert conv and all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in conv)
+    # Resuming with a different config is refused.
+    other = load_config(None, tiny_overrides(tmp_path / "cache") + ["optim.lr=0.001"])
+    with pytest.raises(ConfigError, match="different config"):
+        train(other, tmp_path / "b", progress=False, resume=True)
+
+
+def test_train_cli_unknown_key_is_one_line_error(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from perception.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "o"), "--set", "optim.nope=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("perception train: error:") and "optim.nope" in err and len(err.splitlines()) == 1
+
+
+def test_augmentation_moves_boxes_with_pixels() -> None:
+    import numpy as np
+
+    from build_engine.config import AugmentConfig
+    from build_engine.train.augment import random_affine
+
+    img = np.zeros((90, 160, 3), np.uint8)
+    img[20:50, 30:70] = 255  # the object: x 30..70, y 20..50
+    boxes = np.array([[30, 20, 70, 50]], np.float32)
+    cfg = AugmentConfig(flip=0.5, scale_min=0.6, scale_max=1.5, translate=0.2)
+    for seed in range(6):
+        out, nb, keep = random_affine(img, boxes, 128, 96, cfg, np.random.default_rng(seed))
+        ys, xs = np.nonzero(out[..., 0] > 128)
+        if keep[0]:
+            assert abs(xs.min() - nb[0, 0]) <= 1.5 and abs(xs.max() + 1 - nb[0, 2]) <= 1.5
+            assert abs(ys.min() - nb[0, 1]) <= 1.5 and abs(ys.max() + 1 - nb[0, 3]) <= 1.5
+    plain, pb, _ = random_affine(img, boxes, 128, 96, cfg, None)  # letterbox only, like serving
+    # scale min(128/160, 96/90) = 0.8 -> 128x72 content, (96 - 72) / 2 = 12 px pad on top
+    np.testing.assert_allclose(pb[0], [30 * 0.8, 20 * 0.8 + 12, 70 * 0.8, 50 * 0.8 + 12], atol=1e-4)
