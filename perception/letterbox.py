@@ -63,12 +63,15 @@ def letterbox_image(
 ) -> tuple[NDArray[np.uint8], Letterbox]:
     """Resize ``image`` (H, W[, C]) uint8 into a ``dst_h x dst_w`` canvas filled with ``pad_value``.
 
-    An image already smaller or larger is scaled either way (bilinear up, area down).
+    Scaling is bilinear, except for downscales by 2x or more, which use area averaging
+    against aliasing. Below 2x bilinear aliases little and costs a quarter as much
+    (0.27 ms vs 0.7-1.3 ms from a half-scale decoded 1080p frame to 640x360, bench_server),
+    which is the common case after a reduced-scale JPEG decode.
     """
     src_h, src_w = image.shape[:2]
     lb = compute_letterbox(src_w, src_h, dst_w, dst_h)
     if (lb.new_w, lb.new_h) != (src_w, src_h):
-        interp = cv2.INTER_AREA if lb.new_w < src_w else cv2.INTER_LINEAR
+        interp = cv2.INTER_AREA if lb.new_w * 2 <= src_w else cv2.INTER_LINEAR
         image = cv2.resize(image, (lb.new_w, lb.new_h), interpolation=interp)
     shape = (dst_h, dst_w) + image.shape[2:]
     canvas = np.full(shape, pad_value, dtype=np.uint8)
