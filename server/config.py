@@ -32,7 +32,7 @@ class ServerConfig:
     threads: int = 2  # intra-op threads of the inference runtime
     host: str = "0.0.0.0"
     port: int = 50051
-    metrics_port: int = 9464
+    metrics_port: int = 9108  # the port deploy/prometheus/prometheus.yml scrapes
     max_batch: int = 8  # clipped to the engine's batch range
     max_wait_ms: float = 4.0  # how long the batcher waits for a fuller batch
     queue_size: int = 2  # per camera; the latest frame wins, older ones are answered stale

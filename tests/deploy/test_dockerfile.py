@@ -106,10 +106,10 @@ def test_entrypoint_is_the_serve_command(dockerfile: Dockerfile, name: str) -> N
     assert argv[:2] == ["perception", "serve"]
     flags = dict(zip(argv[2::2], argv[3::2]))
     assert flags["--model"] == "/models/default/manifest.json"
-    assert flags["--port"] == "50051" and flags["--metrics-port"] == "9100"
+    assert flags["--port"] == "50051" and flags["--metrics-port"] == "9108"
     parse_perception_argv(argv)
     exposed = {p for i in dockerfile.stage(name).of("EXPOSE") for p in i.args.split()}
-    assert {"50051", "9100"} <= exposed
+    assert {"50051", "9108"} <= exposed
 
 
 @pytest.mark.parametrize("name", RUNTIME_STAGES)
