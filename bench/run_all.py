@@ -1,0 +1,30 @@
+"""`make bench`: every benchmark, one after another, each printing its side-by-side ratios.
+
+Benchmarks are not tests: they measure, they do not assert. Run one alone with
+`python -m bench.bench_<name> --help` for its options (durations, models, sizes).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench import bench_build, bench_client, bench_server
+
+BENCHES = (
+    ("build: INT8 / FP16 / pruned vs FP32 latency and mAP", bench_build.main, []),
+    ("server: loopback vs in-process, batching throughput, reduced decode, memory", bench_server.main, ["--duration-s", "60"]),
+    ("client: unary vs stream windows, raw vs JPEG payloads", bench_client.main, []),
+)
+
+
+def main() -> int:
+    failed = 0
+    for title, run, args in BENCHES:
+        print(f"\n=== {title}", flush=True)
+        rc = run(list(args))
+        failed += int(rc != 0)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
