@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+OUR_PACKAGES = ("perception", "build_engine", "server", "client")
+
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "gen-data": ("build_engine.datagen_cli", "generate a labelled road-scene dataset or a recorded drive"),
@@ -52,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"perception: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # Our packages log at INFO; third-party libraries only warnings (onnxruntime's quantizer
+    # logs a line per tensor on the root logger) unless --debug.
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=logging.DEBUG if debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.DEBUG if debug else logging.INFO)
     module_name = COMMANDS[name][0]
     try:
         module = importlib.import_module(module_name)

@@ -47,6 +47,8 @@ echo "== server metrics (excerpt)"
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode()
 for line in text.splitlines():
+    if "_created" in line:
+        continue
     if line.startswith(("perception_stage_latency_seconds_count", "perception_frames_", "perception_model_info")):
         print("  ", line)
 PYEOF
