@@ -19,6 +19,13 @@ from perception.errors import InvalidInputError
 # 8K UHD; anything larger is refused before allocation.
 MAX_SIDE = 8192
 MAX_PIXELS = 7680 * 4320
+# Row padding a raw frame may carry beyond its pixels. Camera drivers pad rows to an alignment
+# (64..4096 bytes in V4L2/NVMM/ISP buffers), i.e. at most a few hundred bytes to a few KiB per
+# row; 64 KiB is far above any of them and stops a client-chosen stride from dictating memory.
+MAX_ROW_PADDING = 64 * 1024
+# Decode in stored orientation: the header's size is what the client sent and what boxes
+# refer to; OpenCV would otherwise rotate by the EXIF orientation tag.
+_NO_EXIF_ROTATION = cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class PixelFormat(IntEnum):
@@ -66,12 +73,23 @@ def encoded_size(data: bytes) -> tuple[str, int, int]:
     raise InvalidInputError("encoded image is neither JPEG nor PNG")
 
 
+def reduction_factor(src_w: int, src_h: int, min_size: tuple[int, int] | None) -> int:
+    """The scale divisor (1, 2, 4 or 8) ``decode_encoded`` uses for a JPEG of ``src_w x src_h``.
+
+    The reduced image is ceil(src_w / f) x ceil(src_h / f) and covers f times that many source
+    pixels, which can exceed the source size by up to f - 1 pixels per axis.
+    """
+    if min_size is None:
+        return 1
+    return _reduced_flag(src_w, src_h, min_size[0], min_size[1])[0]
+
+
 def _reduced_flag(src_w: int, src_h: int, need_w: int, need_h: int) -> tuple[int, int]:
     """The largest libjpeg reduction (1, 2, 4, 8) that still leaves at least the needed size."""
     for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
         if src_w // factor >= need_w and src_h // factor >= need_h:
-            return factor, flag
-    return 1, cv2.IMREAD_COLOR
+            return factor, flag | _NO_EXIF_ROTATION
+    return 1, cv2.IMREAD_COLOR | _NO_EXIF_ROTATION
 
 
 def decode_encoded(
@@ -88,7 +106,7 @@ def decode_encoded(
     kind, w, h = encoded_size(data)
     check_size(w, h)
     _check_complete(kind, data)
-    factor, flag = 1, cv2.IMREAD_COLOR
+    factor, flag = 1, cv2.IMREAD_COLOR | _NO_EXIF_ROTATION
     if kind == "jpeg" and min_size is not None:
         factor, flag = _reduced_flag(w, h, min_size[0], min_size[1])
     buf = np.frombuffer(data, np.uint8)
@@ -129,6 +147,10 @@ def decode_raw(
     stride = row_stride or row
     if stride < row:
         raise InvalidInputError(f"row_stride {stride} is smaller than a row of {row} bytes")
+    if stride > row + MAX_ROW_PADDING:
+        raise InvalidInputError(
+            f"row_stride {stride} pads a row of {row} bytes by more than {MAX_ROW_PADDING} bytes"
+        )
     if fmt == PixelFormat.NV12:
         if width % 2 or height % 2:
             raise InvalidInputError(f"NV12 needs even width and height, got {width}x{height}")
@@ -141,10 +163,10 @@ def decode_raw(
         raise InvalidInputError(
             f"raw {fmt.name} {width}x{height} (stride {stride}) needs {need}..{stride * rows} bytes, got {len(data)}"
         )
-    buf = np.frombuffer(data, np.uint8)
-    if len(data) < stride * rows:
-        buf = np.concatenate([buf, np.zeros(stride * rows - len(data), np.uint8)])
-    plane = buf.reshape(rows, stride)[:, :row]
+    # A read-only strided view of the rows: nothing is copied or padded before the one copy
+    # below, whatever the stride (the last row may end right after its pixels).
+    buf = np.frombuffer(data, np.uint8, count=need)
+    plane = np.lib.stride_tricks.as_strided(buf, shape=(rows, row), strides=(stride, 1), writeable=False)
     if fmt == PixelFormat.NV12:
         return cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_YUV2BGR_NV12)
     if fmt == PixelFormat.GRAY8:

@@ -87,10 +87,13 @@ class FrameTask:
             self.on_change()
 
 
-def finish_task(task: FrameTask, pipeline: FramePipeline, metrics: Any) -> FrameAnswer:
+def finish_task(
+    task: FrameTask, pipeline: FramePipeline, metrics: Any, answer_errors: bool = False
+) -> FrameAnswer:
     """The answer of a done task; post-processes an inferred frame. Records metrics.
 
-    Raises perception.errors.ModelError if inference itself failed.
+    If inference itself failed: raises perception.errors.ModelError (a unary call ends
+    INTERNAL), or with ``answer_errors`` (a stream, which goes on) answers the frame OVERLOADED.
     """
     from perception.errors import ModelError
 
@@ -115,7 +118,12 @@ def finish_task(task: FrameTask, pipeline: FramePipeline, metrics: Any) -> Frame
         elif result.status == CANCELLED:
             status, message = OVERLOADED, result.message
         elif result.status == ERROR:
-            raise ModelError(result.message)
+            if not answer_errors:
+                raise ModelError(result.message)
+            # No FrameStatus says "internal error"; OVERLOADED tells the client to send the next
+            # frame (this one was not processed), which is what it should do.
+            reason = result.message.removeprefix("inference failed: ")
+            status, message = OVERLOADED, f"inference failed: {reason}; frame not processed"
     total_s = time.monotonic() - task.received
     if status == ANSWER_OK and task.prepared is not None and _past_deadline(task, total_s):
         status, message, detections = ANSWER_EXPIRED, "deadline passed during inference", Detections.empty()

@@ -22,7 +22,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from perception.errors import ConfigError
+from perception.errors import ConfigError, ModelError
 from perception.manifest import load_manifest
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
@@ -121,11 +121,20 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
 
     registry: a prometheus CollectorRegistry for the server's metrics (None = no metrics,
     unless ``metrics`` is given directly).
+    Raises ModelError if the model fails its warm-up inference; whatever was started by then
+    (the bound port, the scheduler, the engine) is stopped first.
     """
     if metrics is None and registry is not None:
         from server.metrics import ServerMetrics
 
-        metrics = ServerMetrics(registry, cameras=frozenset(config.cameras) or None)
+        if config.cameras:
+            metrics = ServerMetrics(registry, cameras=frozenset(config.cameras))
+        else:
+            # Any camera id may connect: bound the label values the ids become.
+            from server.camera_labels import CameraLabelledMetrics, CameraLabels
+
+            metrics = CameraLabelledMetrics(ServerMetrics(registry, cameras=None),
+                                            CameraLabels(config.max_camera_labels))
     manifest = load_manifest(config.model)
     pipeline = FramePipeline(manifest)
     options = [
@@ -163,6 +172,8 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     # Health answers NOT_SERVING (and Detect UNAVAILABLE) while the model loads and warms up.
     server.start()
+    backend: Any = None
+    scheduler: Scheduler | None = None
     try:
         backend, variant = create_backend(BackendRequest(
             manifest=manifest,
@@ -174,20 +185,30 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
             build_engine_on_start=config.build_engine_on_start,
             engine_precision=config.engine_precision,
         ))
+        max_batch = max(1, min(config.max_batch, backend.max_batch))
+        scheduler = Scheduler(backend.infer, max_batch, config.max_wait_ms / 1000.0, config.queue_size,
+                              config.max_pending, metrics, to_batch=pipeline.to_batch)
+        managed = ManagedServer(server, port, scheduler, backend, health_servicer, metrics,
+                                ready=managed_ready, draining=draining)
+        service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch))
+        t0 = time.monotonic()
+        try:
+            _warm_up(backend, pipeline, config.warmup_iters, max_batch)
+        except Exception as exc:
+            raise ModelError(f"model {manifest.name} {manifest.version} ({variant.name}) failed its warm-up "
+                             f"inference on {backend.name}: {exc}") from exc
+        scheduler.start()
+        if metrics is not None:
+            metrics.set_model_info(manifest, variant.name, backend.name)
     except BaseException:
-        server.stop(0)
+        # Nothing may outlive a failed start: the bound port, the scheduler, the engine.
+        draining.set()
+        server.stop(0).wait(5.0)
+        if scheduler is not None:
+            scheduler.stop(timeout=1.0)
+        if backend is not None:
+            backend.deactivate()
         raise
-    max_batch = max(1, min(config.max_batch, backend.max_batch))
-    scheduler = Scheduler(backend.infer, max_batch, config.max_wait_ms / 1000.0, config.queue_size,
-                          config.max_pending, metrics, to_batch=pipeline.to_batch)
-    managed = ManagedServer(server, port, scheduler, backend, health_servicer, metrics,
-                            ready=managed_ready, draining=draining)
-    service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch))
-    t0 = time.monotonic()
-    _warm_up(backend, pipeline, config.warmup_iters, max_batch)
-    scheduler.start()
-    if metrics is not None:
-        metrics.set_model_info(manifest, variant.name, backend.name)
     managed.ready.set()
     managed.set_serving(True)
     log.info("model %s %s (%s) on %s, max batch %d, warm in %.2f s",

@@ -45,6 +45,9 @@ class ServerConfig:
     tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
     auth_tokens: tuple[str, ...] = ()  # non-empty => `authorization: Bearer <token>` required
     cameras: tuple[str, ...] = ()  # allow-list of camera ids; empty = any
+    # Without an allow-list: the first N distinct camera ids get their own metric label, the
+    # rest are counted as "other" (a vehicle has a few dozen cameras at most; bounds series).
+    max_camera_labels: int = 32
     grace_s: float = 10.0  # SIGTERM: time to answer in-flight frames before exiting
     log_format: str = "text"
     warmup_iters: int = 3
@@ -68,8 +71,8 @@ class ServerConfig:
             raise ConfigError(f"max_batch must be in 1..1024, got {self.max_batch}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
-        for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters"):
-            if getattr(self, name) < (0 if name == "warmup_iters" else 1):
+        for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters", "max_camera_labels"):
+            if getattr(self, name) < (0 if name in ("warmup_iters", "max_camera_labels") else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_message_bytes < 3840 * 2160 * 3 + 1024:
             raise ConfigError(

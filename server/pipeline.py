@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.decode import decode_encoded, decode_raw
+from perception.decode import decode_encoded, decode_raw, reduction_factor
 from perception.errors import InvalidInputError
 from perception.letterbox import Letterbox
 from perception.manifest import Manifest
@@ -73,8 +73,9 @@ class Prepared:
 
     tensor: the (H, W, 3) uint8 letterboxed canvas (``FramePipeline.to_batch`` turns canvases
     into the float model input: queued frames take a quarter of the memory). letterbox:
-    placement relative to the SOURCE image (already corrected for a reduced-scale decode), so
-    boxes map straight back to source pixels.
+    placement in SOURCE pixels (already corrected for a reduced-scale decode, whose placed
+    image may span a few pixels more than the source: boxes are clipped to image_width x
+    image_height in ``finish``).
     """
 
     tensor: NDArray[np.uint8] | None
@@ -130,9 +131,12 @@ class FramePipeline:
         img, src_w, src_h = self.decode(frame)
         tensor, lb = letterbox_canvas(img, self.spec)
         if (img.shape[1], img.shape[0]) != (src_w, src_h):
-            # Reduced-scale decode: the letterbox placed a smaller image. Keep the placed size
-            # (new_w, new_h) and refer it to the source size, so scale = new / source exactly.
-            lb = dataclasses.replace(lb, src_w=src_w, src_h=src_h)
+            # Reduced-scale decode by f: pixel i of the reduced image covers source pixels
+            # [i*f, (i+1)*f), so the placed image spans (reduced size * f) source pixels, which
+            # is up to f - 1 more than the source when its size is not a multiple of f. Refer
+            # the placement to that span; ``finish`` clips to the true source size.
+            f = reduction_factor(src_w, src_h, (self.spec.input_width, self.spec.input_height))
+            lb = dataclasses.replace(lb, src_w=img.shape[1] * f, src_h=img.shape[0] * f)
         return Prepared(tensor, lb, src_w, src_h, opts, time.perf_counter() - t0)
 
     def to_batch(self, canvases: list[NDArray[np.uint8]]) -> NDArray[np.float32]:
@@ -141,7 +145,14 @@ class FramePipeline:
 
     def finish(self, output: NDArray[np.floating], prepared: Prepared) -> Detections:
         """Raw head output (N, 5 + C) of this frame -> detections in source pixels."""
-        return postprocess(output, prepared.letterbox, prepared.options)
+        det = postprocess(output, prepared.letterbox, prepared.options)
+        lb = prepared.letterbox
+        if len(det) and (lb.src_w, lb.src_h) != (prepared.image_width, prepared.image_height):
+            boxes = det.boxes.copy()
+            boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, prepared.image_width)
+            boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, prepared.image_height)
+            det = dataclasses.replace(det, boxes=boxes)
+        return det
 
     def run_batch(
         self, frames: list[FrameInput], req: RequestOptions, infer: InferFn

@@ -17,7 +17,7 @@ from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.answer import INVALID, FrameTask, finish_task
-from server.pipeline import FramePipeline
+from server.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
 from server.scheduler import CANCELLED, Job, Scheduler
 from server.stream import StreamSession
 
@@ -67,6 +67,8 @@ class DetectorService(pb_grpc.DetectorServicer):
     def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:
         scheduler = self._check_serving()
         camera_id, sequence, ts, deadline_ms = convert.identify(request)
+        if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)
+            raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
         task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms)
         if self._metrics is not None:
             self._metrics.frame_received(camera_id)

@@ -25,11 +25,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from server.answer import DROPPED_STALE, INVALID, OVERLOADED, FrameAnswer, FrameTask, finish_task
-from server.pipeline import FrameInput, FramePipeline, RequestOptions
-from server.scheduler import Job, Scheduler
+from server.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
+from server.scheduler import ERROR, Job, Scheduler
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+METHOD = "StreamDetect"  # the grpc_error metric's method label for errors answered per frame
+SHUTTING_DOWN = "server is shutting down; reconnect to another instance or retry"
 
 # (request) -> (frame, options); raises InvalidInputError. Keeps protobuf out of this module.
 Converter = Callable[[Any], tuple[FrameInput, RequestOptions]]
@@ -94,11 +96,17 @@ class StreamSession:
                         break
                     task = self._outbox.popleft()
                     self._cond.notify_all()  # room in the outbox for the reader
-                yield finish_task(task, self._pipeline, self._metrics)
+                if task.result is not None and task.result.status == ERROR:
+                    # One failed batch must not end the stream and discard its other answers:
+                    # the scheduler logged the traceback; the frame is answered, counted INTERNAL.
+                    log.error("stream %d: camera %r frame %d not inferred: %s",
+                              self.id, task.camera_id, task.sequence, task.result.message)
+                    self._count_internal()
+                yield finish_task(task, self._pipeline, self._metrics, answer_errors=True)
         finally:
             self.cancel()
         if self._stopped_for_drain:
-            raise NotReadyError("server is shutting down; reconnect to another instance or retry")
+            raise NotReadyError(SHUTTING_DOWN)
 
     def cancel(self) -> None:
         """The call ended or was cancelled: drop everything the stream still holds."""
@@ -121,7 +129,9 @@ class StreamSession:
                 if not self._wait_for_room():
                     break
                 if self._draining():
+                    # Already taken off the wire: answer it rather than drop it silently.
                     self._stopped_for_drain = True
+                    self._take(request, refuse=SHUTTING_DOWN)
                     break
                 self._take(request)
         except Exception as exc:  # the call was cancelled or the client went away
@@ -138,19 +148,27 @@ class StreamSession:
                 self._cond.wait(0.5)
             return not self._cancelled
 
-    def _take(self, request: Any) -> None:
+    def _take(self, request: Any, refuse: str = "") -> None:
+        """Queue a request for decoding; with ``refuse``, answer it OVERLOADED right away."""
         camera_id, sequence, ts, deadline_ms = self._identify(request)
         task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms, on_change=self._notify)
+        # Validated before it is counted or becomes an inbox key (metric label, memory).
+        invalid = ""
+        if len(camera_id) > MAX_CAMERA_ID_LEN:
+            invalid = f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters"
         if self._metrics is not None:
             self._metrics.frame_received(camera_id)
         replaced = None
         with self._cond:
             self._outbox.append(task)
-            waiting = self._inbox.setdefault(camera_id, deque())
-            waiting.append((task, request))
-            if len(waiting) > self._inbox_size:
-                replaced = waiting.popleft()
+            if not (invalid or refuse):
+                waiting = self._inbox.setdefault(camera_id, deque())
+                waiting.append((task, request))
+                if len(waiting) > self._inbox_size:
+                    replaced = waiting.popleft()
             self._cond.notify_all()
+        if invalid or refuse:
+            task.answer_now(INVALID if invalid else OVERLOADED, invalid or refuse)
         if replaced is not None:
             replaced[0].answer_now(DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded")
 
@@ -178,6 +196,11 @@ class StreamSession:
         except InvalidInputError as exc:
             task.answer_now(INVALID, str(exc))
             return
+        except Exception as exc:  # a bug or a resource error on one frame must not hang the stream
+            log.exception("stream %d: pre-processing camera %r frame %d failed", self.id, task.camera_id, task.sequence)
+            self._count_internal()
+            task.answer_now(INVALID, f"internal error while pre-processing this frame: {type(exc).__name__}: {exc}")
+            return
         key = (self.id, task.camera_id)
         with self._cond:
             if self._cancelled:
@@ -192,6 +215,16 @@ class StreamSession:
         except NotReadyError as exc:
             self._stopped_for_drain = True
             task.answer_now(OVERLOADED, str(exc))
+        with self._cond:
+            cancelled = self._cancelled
+        if cancelled:
+            # cancel() ran between the check above and submit: it may have closed the key
+            # before submit re-created its queue, which nobody else would close.
+            self._scheduler.close(key)
+
+    def _count_internal(self) -> None:
+        if self._metrics is not None:
+            self._metrics.grpc_error(METHOD, "INTERNAL")
 
     def _notify(self) -> None:
         with self._cond:

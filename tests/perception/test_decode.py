@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
+
 import cv2
 import numpy as np
 import pytest
 
-from perception.decode import PixelFormat, decode_encoded, decode_raw, encoded_size
+from perception.decode import MAX_ROW_PADDING, PixelFormat, decode_encoded, decode_raw, encoded_size
 from perception.errors import InvalidInputError
 
 
@@ -95,3 +98,49 @@ def test_reduced_scale_decode():
     assert out.shape == (270, 480, 3)  # 1/4
     out, _, _ = decode_encoded(jpg, (1280, 720))
     assert out.shape == (1080, 1920, 3)
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an APP1 EXIF segment whose only tag is Orientation, spliced after SOI."""
+    # TIFF header (big endian), one IFD entry: tag 0x0112 SHORT count 1 value, no next IFD.
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    assert jpeg[:2] == b"\xff\xd8"
+    return jpeg[:2] + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("min_size", [None, (40, 20)])
+def test_exif_rotated_jpeg_decodes_in_stored_orientation(min_size):
+    rng = np.random.default_rng(3)
+    img = cv2.resize(rng.integers(0, 255, (4, 8, 3), dtype=np.uint8), (80, 40), interpolation=cv2.INTER_NEAREST)
+    data = _with_exif_orientation(cv2.imencode(".jpg", img)[1].tobytes(), 6)  # 6 = rotate 90 CW
+    # Precondition: OpenCV's default decode honours the tag (otherwise this test proves nothing).
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (80, 40)
+    out, w, h = decode_encoded(data, min_size)
+    factor = 1 if min_size is None else 2
+    assert (w, h) == (80, 40) and out.shape == (40 // factor, 80 // factor, 3)
+
+
+def test_raw_stride_never_allocates_the_padding():
+    # A 1x1 BGR frame with the largest allowed stride: only the 3 pixel bytes are sent, and
+    # nothing near the stride may be allocated (the old code padded the buffer to a stride).
+    stride = 3 + MAX_ROW_PADDING
+    tracemalloc.start()
+    try:
+        out = decode_raw(b"\x01\x02\x03", 1, 1, PixelFormat.BGR8, stride)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.tolist() == [[[1, 2, 3]]]
+    assert peak < 8 * 1024, peak
+    # Two rows: the second row starts one stride in.
+    data = b"\x01\x02\x03" + bytes(stride - 3) + b"\x04\x05\x06"
+    assert decode_raw(data, 1, 2, PixelFormat.RGB8, stride).tolist() == [[[3, 2, 1]], [[6, 5, 4]]]
+
+
+@pytest.mark.parametrize("stride", [3 + MAX_ROW_PADDING + 1, 50_000_000])
+def test_raw_absurd_stride_refused(stride):
+    with pytest.raises(InvalidInputError, match="row_stride"):
+        decode_raw(b"\x01\x02\x03", 1, 1, PixelFormat.BGR8, stride)

@@ -51,3 +51,9 @@ def test_bad_file_and_env(tmp_path):
         load_config({"model": "m"}, env={"PERCEPTION_MAX_BATCH": "many"})
     with pytest.raises(ConfigError, match="cannot read"):
         load_config({"model": "m"}, env={}, file=tmp_path / "missing.yaml")
+
+
+def test_max_camera_labels_default_and_validation():
+    assert ServerConfig(model="m.json").max_camera_labels == 32
+    with pytest.raises(ConfigError, match="max_camera_labels"):
+        ServerConfig(model="m.json", max_camera_labels=-1)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cv2
@@ -23,7 +24,7 @@ def manifest(tiny_manifest):
 
 
 @pytest.mark.parametrize("size", [(1920, 1080), (1917, 1083), (1080, 1920)])
-def test_reduced_decode_maps_back_to_source_pixels(manifest, size):
+def test_reduced_decode_matches_full_decode(manifest, size):
     w, h = size
     rng = np.random.default_rng(1)
     img = cv2.resize(rng.integers(0, 255, (h // 40, w // 40, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
@@ -31,14 +32,41 @@ def test_reduced_decode_maps_back_to_source_pixels(manifest, size):
     fast = FramePipeline(manifest, reduced_decode=True).prepare(frame, RequestOptions())
     full = FramePipeline(manifest, reduced_decode=False).prepare(frame, RequestOptions())
     assert (fast.image_width, fast.image_height) == (full.image_width, full.image_height) == (w, h)
-    assert (fast.letterbox.src_w, fast.letterbox.src_h) == (w, h)
-    # The whole placed image maps back onto the whole source image, for both paths.
-    for p in (fast, full):
-        lb = p.letterbox
-        placed = np.array([[lb.pad_left, lb.pad_top, lb.pad_left + lb.new_w, lb.pad_top + lb.new_h]], np.float32)
-        np.testing.assert_allclose(boxes_to_source(placed, lb), [[0, 0, w, h]], atol=1e-2)
     # Same picture either way (up to resampling differences).
     assert np.abs(fast.tensor.astype(float) - full.tensor.astype(float)).mean() < 0.03 * 255
+
+
+def _edges(coverage: np.ndarray, inside: int, lo: int, hi: int) -> tuple[float, float]:
+    """Sub-pixel (start, end) of the run of 1s around index ``inside`` of a 0..1 profile whose
+    background is 0 on [lo, hi) (the placed image, not the letterbox padding)."""
+    return inside - coverage[lo:inside].sum(), inside + coverage[inside:hi].sum()
+
+
+@pytest.mark.parametrize("reduced", [True, False])
+def test_known_object_maps_back_to_its_source_pixels(manifest, reduced):
+    # 1913x1081 is 8k+1 on both sides: a 1/8 decode is 240x136 and spans 1920x1088 source
+    # pixels, the worst case for referring the placement to the source size (7 px).
+    w, h = 1913, 1081
+    truth = np.array([1600, 800, 1880, 1060], np.float64)
+    src = np.zeros((h, w), np.uint8)
+    src[800:1060, 1600:1880] = 255
+    data = cv2.imencode(".jpg", cv2.cvtColor(src, cv2.COLOR_GRAY2BGR), [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    # A 224x126 input makes the pipeline take the 1/8 decode (1913 // 8 = 239 >= 224).
+    spec = dataclasses.replace(manifest.preprocess, input_width=224, input_height=126)
+    pipe = FramePipeline(dataclasses.replace(manifest, preprocess=spec), reduced_decode=reduced)
+    p = pipe.prepare(FrameInput("front", 1, 0, encoded=data), RequestOptions(score_threshold=0.01))
+    lb = p.letterbox
+    # Where the object really is in model space, measured from the letterboxed pixels.
+    canvas = p.tensor[..., 0].astype(np.float64) / 255.0
+    cx, cy = int(lb.pad_left + 1740 * lb.new_w / w), int(lb.pad_top + 930 * lb.new_h / h)
+    x1, x2 = _edges(canvas[cy - 3 : cy + 4].mean(axis=0), cx, lb.pad_left, lb.pad_left + lb.new_w)
+    y1, y2 = _edges(canvas[:, cx - 3 : cx + 4].mean(axis=1), cy, lb.pad_top, lb.pad_top + lb.new_h)
+    out = np.zeros((1, 5 + manifest.num_classes), np.float32)
+    out[0, :6] = [x1, y1, x2, y2, 1.0, 0.9]
+    det = pipe.finish(out, p)
+    assert len(det) == 1
+    # One source pixel is 1/8.6 model pixel: ~1 px needs the exact placement, not algebra.
+    np.testing.assert_allclose(det.boxes[0], truth, atol=1.5)
 
 
 def test_finish_gives_source_pixel_boxes(manifest):

@@ -134,10 +134,11 @@ def test_waits_for_a_fuller_batch_but_not_longer_than_max_wait(backend):
     s = Scheduler(calls, max_batch=4, max_wait_s=0.15, queue_size=2, max_pending=64)
     s.start()
     s._accepting = True
+    # "b" is a known queue (opened before "a" arrives) with nothing queued: the batcher waits
+    # for it. Opened after the submit, the batcher could take "a" alone first.
+    s.open("b")
     t0 = time.monotonic()
     s.submit(Job("a", tensor(0), rec.cb("a")))
-    # "b" is a known queue (opened earlier) with nothing queued: the batcher waits for it.
-    s.open("b")
     time.sleep(0.05)
     s.submit(Job("b", tensor(1), rec.cb("b")))
     rec.wait(2)

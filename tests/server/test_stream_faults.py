@@ -1,0 +1,219 @@
+"""Faults on one frame answer that frame and keep the stream going; a failed start leaks
+nothing; camera ids cannot grow the metrics without bound."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from concurrent import futures
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from perception.errors import ModelError, NotReadyError
+from perception.manifest import (
+    Manifest, PostprocessSpec, PreprocessSpec, Variant, load_manifest, save_manifest, sha256_file,
+)
+from perception.v1 import detector_pb2 as pb
+from server import convert
+from server.answer import FrameTask
+from server.app import create_server
+from server.config import ServerConfig
+from server.pipeline import FramePipeline
+from server.scheduler import Job, Scheduler
+from server.stream import StreamSession
+from tests.server.conftest import jpeg, request
+from tests.tiny_model import CLASSES, make_tiny_onnx
+
+OK = pb.FRAME_STATUS_OK
+
+
+def test_unexpected_preprocessing_error_answers_the_frame_and_goes_on(serve, monkeypatch):
+    run = serve()
+    original = FramePipeline.prepare
+
+    def prepare(self: FramePipeline, frame: Any, req: Any) -> Any:
+        if frame.camera_id == "boom":
+            raise MemoryError("no room for this frame")
+        return original(self, frame, req)
+
+    monkeypatch.setattr(FramePipeline, "prepare", prepare)
+    reqs = [request("front", 0, jpeg()), request("boom", 1, jpeg()), request("front", 2, jpeg())]
+    out = list(run.stub.StreamDetect(iter(reqs), timeout=10))  # before the fix: hangs, then DEADLINE
+    assert [(a.camera_id, a.status) for a in out] == [("front", OK), ("boom", pb.FRAME_STATUS_INVALID), ("front", OK)]
+    assert out[1].message == "internal error while pre-processing this frame: MemoryError: no room for this frame"
+    get = run.registry.get_sample_value
+    assert get("perception_grpc_errors_total", {"method": "StreamDetect", "code": "INTERNAL"}) == 1
+
+
+def _fail_first_batch(run: Any) -> threading.Event:
+    """Make the server's next inference fail (as a broken engine would), once."""
+    scheduler = run.server.scheduler
+    infer = scheduler._infer
+    failed = threading.Event()
+
+    def flaky(batch: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise ModelError("CUDA error: an illegal memory access was encountered")
+        return infer(batch)
+
+    scheduler._infer = flaky
+    return failed
+
+
+def test_failed_inference_answers_the_frame_and_the_stream_goes_on(serve):
+    run = serve()
+    _fail_first_batch(run)
+    answers: queue.Queue[pb.DetectResponse] = queue.Queue()
+
+    def one_at_a_time() -> Iterator[pb.DetectRequest]:
+        for seq in range(3):
+            yield request("front", seq, jpeg(seed=seq))
+            answers.get(timeout=10)  # the next frame only after this one's answer
+
+    out = []
+    for a in run.stub.StreamDetect(one_at_a_time(), timeout=20):  # before the fix: INTERNAL
+        out.append(a)
+        answers.put(a)
+    assert [(a.sequence, a.status) for a in out] == [(0, pb.FRAME_STATUS_OVERLOADED), (1, OK), (2, OK)]
+    assert out[0].message == (
+        "inference failed: CUDA error: an illegal memory access was encountered; frame not processed"
+    )
+    get = run.registry.get_sample_value
+    assert get("perception_grpc_errors_total", {"method": "StreamDetect", "code": "INTERNAL"}) == 1
+
+
+def test_failed_inference_of_a_unary_call_is_internal(serve):
+    run = serve()
+    _fail_first_batch(run)
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Detect(request("front", 0, jpeg()), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).status == OK
+
+
+def test_camera_labels_are_bounded_without_an_allow_list(serve):
+    run = serve(max_camera_labels=2)
+    long_id = "x" * 129
+    reqs = [request(f"cam{i}", i, jpeg()) for i in range(5)] + [request(long_id, 5, jpeg())]
+    out = list(run.stub.StreamDetect(iter(reqs), timeout=10))
+    assert [a.status for a in out] == [OK] * 5 + [pb.FRAME_STATUS_INVALID]
+    assert "longer than 128" in out[5].message
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Detect(request("y" * 129, 6, jpeg()), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    labels = {s.labels["camera"] for m in run.registry.collect() if m.name == "perception_frames_received"
+              for s in m.samples}
+    assert labels == {"cam0", "cam1", "other"}
+    get = run.registry.get_sample_value
+    assert get("perception_frames_received_total", {"camera": "other"}) == 4  # cam2..cam4 + the long id
+
+
+class _CancelDuringSubmit(Scheduler):
+    """A real scheduler; the stream is cancelled just before a submit gets through (the race)."""
+
+    session: StreamSession | None = None
+
+    def submit(self, job: Job, transient: bool = False) -> None:
+        if self.session is not None:
+            self.session.cancel()
+        super().submit(job, transient)
+
+
+def _no_boxes(batch: np.ndarray) -> np.ndarray:
+    """An engine that sees nothing: (B, 1, 5 + C) zeros."""
+    return np.zeros((len(batch), 1, 5 + len(CLASSES)), np.float32)
+
+
+def _session(pipeline: FramePipeline, scheduler: Scheduler, draining: Any = lambda: False) -> StreamSession:
+    return StreamSession(pipeline, scheduler, convert.frame_from_proto, convert.identify, None, 8,
+                         lambda camera: None, draining)
+
+
+def test_cancel_between_accept_and_submit_leaves_no_queue(tiny_manifest: Path):
+    pipeline = FramePipeline(load_manifest(tiny_manifest))
+    scheduler = _CancelDuringSubmit(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    scheduler._accepting = True  # the worker is not started: the job stays queued
+    session = scheduler.session = _session(pipeline, scheduler)
+    req = request("front", 0, jpeg())
+    camera_id, seq, ts, deadline_ms = convert.identify(req)
+    task = FrameTask(camera_id, seq, ts, deadline_ms=deadline_ms)
+    session._accept(task, req)
+    # Before the fix the queue re-created by submit stayed forever (batches wait for it).
+    assert (session.id, "front") not in scheduler._queues
+    assert task.done.is_set() and task.result is not None and task.result.status == "cancelled"
+
+
+def test_request_taken_while_draining_is_answered(tiny_manifest: Path):
+    pipeline = FramePipeline(load_manifest(tiny_manifest))
+    scheduler = Scheduler(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    scheduler.start()
+    drain = threading.Event()
+    first_answered = threading.Event()
+
+    def draining() -> bool:
+        # Only the reader sees the drain, so the answer loop cannot end first (deterministic).
+        return drain.is_set() and threading.current_thread().name.endswith("-reader")
+
+    def reqs() -> Iterator[pb.DetectRequest]:
+        yield request("front", 0, jpeg())
+        first_answered.wait(10)
+        drain.set()
+        yield request("front", 1, jpeg())  # pulled off the wire, then the server drains
+
+    session = _session(pipeline, scheduler, draining)
+    out = []
+    try:
+        with pytest.raises(NotReadyError):
+            for a in session.answers(reqs()):
+                out.append(a)
+                first_answered.set()
+    finally:
+        scheduler.stop(2)
+    assert [(a.sequence, a.status) for a in out] == [(0, "OK"), (1, "OVERLOADED")]
+    assert "shutting down" in out[1].message
+
+
+def _mismatched_manifest(directory: Path) -> Path:
+    """A manifest whose ONNX model takes 32x24 while the manifest says 64x48: loads, fails to infer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx_path = directory / "model.fp32.onnx"
+    make_tiny_onnx(onnx_path, 32, 24)
+    manifest = Manifest(
+        name="broken", version="0.0.1", classes=CLASSES,
+        preprocess=PreprocessSpec(input_width=64, input_height=48),
+        postprocess=PostprocessSpec(score_threshold=0.3, iou_threshold=0.5, max_detections=50),
+        variants=(Variant(name="fp32", file=onnx_path.name, precision="fp32", sha256=sha256_file(onnx_path),
+                          input_shape=(-1, 3, 48, 64), max_batch=2),),
+        default_variant="fp32",
+        provenance={"source": "tests/server/test_stream_faults.py"},
+    )
+    return save_manifest(manifest, directory)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_failed_warm_up_stops_the_server_and_releases_the_port(tmp_path: Path):
+    port = _free_port()
+    config = ServerConfig(model=str(_mismatched_manifest(tmp_path / "broken")), host="127.0.0.1", port=port,
+                          metrics_port=0, threads=1, warmup_iters=1, backends=("onnxruntime-cpu",))
+    with pytest.raises(ModelError) as err:
+        create_server(config)
+    # The port is free again: a new server binds it (before the fix the old one still held it).
+    again = grpc.server(futures.ThreadPoolExecutor(1),
+                        options=[("grpc.so_reuseport", 0)])
+    try:
+        assert again.add_insecure_port(f"127.0.0.1:{port}") == port
+    finally:
+        again.stop(0)
+    assert "failed its warm-up inference" in str(err.value) and "broken" in str(err.value)
