@@ -6,7 +6,6 @@ at the very end, so a failed or interrupted build never leaves a half-written ar
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from build_engine.thresholds import GateThresholds  # also build_cli's import of it
 from perception.errors import ConfigError, ModelError
 from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
 
@@ -34,19 +34,6 @@ MAX_BATCH = 8
 # the training run generated.
 VAL_SEED = 2
 CALIB_SEED = 1
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """Largest allowed mAP50-95 drop vs FP32, in mAP points (0..100 scale)."""
-
-    fp16: float = 0.2
-    int8: float = 1.0
-    pruned: float = 1.5
-
-    def __post_init__(self) -> None:
-        if min(self.fp16, self.int8, self.pruned) < 0:
-            raise ConfigError("gate thresholds must be >= 0 mAP points")
 
 
 @dataclass(frozen=True)
@@ -332,7 +319,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             if opts.nms_in_graph:
                 extra["nms_in_graph"] = _write_nms_model(fp32, staging / "model.fp32.nms.onnx", post)
 
-            limits = {n: (None if n == "fp32" else _threshold(n, opts.gates)) for n in built}
+            limits = {n: opts.gates.limits(n) for n in built}
             results = g.run_gate({n: v[0] for n, v in built.items()}, limits, valset, pre, post,
                                  opts.latency_runs, opts.threads, progress=progress)
             variants = []
@@ -342,14 +329,17 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 variants.append(_variant(lm, name, path, precision, opts.max_batch, **c, metrics=r.metrics,
                                          latency_ms=r.latency_ms, parity=r.parity, gate=r.gate, extra=v_extra))
             if tensorrt_available():
-                variants += _build_tensorrt(staging, variants, results["fp32"], valset, pre, post, opts, progress)
+                from build_engine.tensorrt_variants import build_tensorrt_variants
+
+                variants += build_tensorrt_variants(staging, variants, results["fp32"], valset, pre, post, opts, progress)
             else:
                 progress("TensorRT not available here: skipping engine build")
             all_passed = all(v.gate["passed"] for v in variants)
             passed = [v for v in variants if v.gate["passed"]]
             # By the least-disturbed run: p50 swings with other load on a shared machine.
-            default = min(passed, key=lambda v: v.latency_ms["min"]).name
-            progress(f"default variant: {default} (the fastest that passed its gate)")
+            default = min(passed or variants, key=lambda v: v.latency_ms["min"]).name
+            progress(f"default variant: {default} (the fastest that passed its gate)" if passed else
+                     f"default variant: {default} (no variant passed its gate: the fastest of all)")
             manifest = Manifest(
                 name=opts.name or lm.checkpoint.parent.name or "model",
                 version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
@@ -361,7 +351,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 provenance=provenance(lm, {"calibration": calib_info, "val_set": {
                     "images": len(valset.images), "source": str(opts.data_dir) if opts.data_dir else
                     f"generated seed {VAL_SEED + opts.seed} {opts.image_width}x{opts.image_height}"}}),
-                extra={**extra, "gates_points": dataclasses.asdict(opts.gates)},
+                extra={**extra, **opts.gates.to_manifest()},
             )
             save_manifest(manifest, staging)
             if opts.report:
@@ -377,12 +367,6 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
     return Path(opts.out_dir) / "manifest.json", all_passed
 
 
-def _threshold(name: str, gates: GateThresholds) -> float:
-    if name.startswith("pruned"):
-        return gates.pruned + (gates.int8 if name.endswith("int8") else 0.0)
-    return gates.fp16 if name == "fp16" else gates.int8
-
-
 def _write_nms_model(fp32: Path, path: Path, post: PostprocessSpec) -> dict[str, Any]:
     import onnx
 
@@ -390,45 +374,3 @@ def _write_nms_model(fp32: Path, path: Path, post: PostprocessSpec) -> dict[str,
 
     save_onnx(append_nms(onnx.load(str(fp32)), post.iou_threshold, post.score_threshold, post.max_detections), path)
     return {"file": path.name, "sha256": sha256_file(path), "output": "selected_indices (K, 3): batch, class, candidate"}
-
-
-def _build_tensorrt(staging: Path, variants: list[Variant], fp32: Any, valset: Any, pre: PreprocessSpec,
-                    post: PostprocessSpec, opts: BuildOptions, progress: Progress) -> list[Variant]:
-    """TensorRT engines with the server's builder (the code the device runs on first start):
-    FP16 from the FP32 ONNX, INT8 from the Q/DQ ONNX; batch profile 1..max_batch; a timing
-    cache beside them. Each engine is a ``format="tensorrt"`` variant naming its ONNX source,
-    gated like the others (through the server's TensorRT backend) against the FP32 result."""
-    from build_engine.gate import run_gate
-    from server.runtime.fingerprint import device_fingerprint
-    from server.runtime.tensorrt_backend import TensorRTBackend
-    from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
-    from server.runtime.tensorrt_builder import build_engine
-
-    engines: dict[str, tuple[Path, Variant, Any]] = {}
-    for v in variants:
-        precision = {"fp32": "fp16", "int8": "int8"}.get(v.name)
-        if precision is None:
-            continue
-        fp = device_fingerprint(precision, v.sha256, opts.max_batch)
-        engine = staging / fp.cache_name()
-        progress(f"building TensorRT {precision} engine from {v.file}")
-        build_engine(staging / v.file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
-        engines[f"trt_{precision}"] = (engine, v, fp)
-
-    def factory(name: str, path: Path) -> Any:
-        b = TensorRTBackend(path, engines[name][2], opts.max_batch)
-        b.activate()
-        return b
-
-    limits = {n: (opts.gates.fp16 if n == "trt_fp16" else opts.gates.int8) for n in engines}
-    results = run_gate({n: e[0] for n, e in engines.items()}, limits, valset, pre, post, opts.latency_runs,
-                       opts.threads, reference=fp32, factory=factory, progress=progress)
-    out = []
-    for name, (engine, src, fp) in engines.items():
-        r = results[name]
-        out.append(dataclasses.replace(
-            src, name=name, file=engine.name, precision=fp.precision, format="tensorrt", sha256=sha256_file(engine),
-            metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate,
-            extra={**src.extra, "onnx_variant": src.name, "fingerprint": dataclasses.asdict(fp)},
-        ))
-    return out

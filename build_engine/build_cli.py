@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-fp16", type=float, default=0.2, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-int8", type=float, default=1.0, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-pruned", type=float, default=1.5, help="max mAP50-95 drop in points (default: %(default)s)")
+    p.add_argument("--gate-fp16-latency", type=float, default=1.5,
+                   help="max min-latency ratio vs fp32 (default: %(default)s; FP16 is kept for GPU devices, often not faster on a CPU)")
+    p.add_argument("--gate-int8-latency", type=float, default=1.0, help="max min-latency ratio vs fp32 (default: %(default)s)")
+    p.add_argument("--gate-pruned-latency", type=float, default=1.0, help="max min-latency ratio vs fp32 (default: %(default)s)")
+    p.add_argument("--latency-budget-ms", type=float, default=None, help="max p95 batch-1 latency of every variant, ms (default: none)")
     p.add_argument("--continue-on-fail", action="store_true", help="exit 0 even when a variant fails its gate")
     p.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs per variant")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
@@ -66,7 +71,15 @@ def main(argv: list[str]) -> int:
         opset=args.opset,
         max_batch=args.max_batch,
         nms_in_graph=args.nms_in_graph,
-        gates=GateThresholds(fp16=args.gate_fp16, int8=args.gate_int8, pruned=args.gate_pruned),
+        gates=GateThresholds(
+            fp16=args.gate_fp16,
+            int8=args.gate_int8,
+            pruned=args.gate_pruned,
+            fp16_max_latency_ratio=args.gate_fp16_latency,
+            int8_max_latency_ratio=args.gate_int8_latency,
+            pruned_max_latency_ratio=args.gate_pruned_latency,
+            latency_budget_ms=args.latency_budget_ms,
+        ),
         continue_on_fail=args.continue_on_fail,
         latency_runs=args.latency_runs,
         threads=args.threads,

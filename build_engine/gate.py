@@ -1,22 +1,23 @@
-"""The gate: every variant evaluated through the server's own runtime code, then judged.
+"""The gate: every variant evaluated through the server's own code, then judged.
 
-Each variant runs through ``server.runtime.onnxruntime_backend.OnnxRuntimeBackend`` with
-``perception.preprocess.preprocess_batch`` and ``perception.postprocess.postprocess``, the
-exact code path of serving, on every image of the val set. Measured per variant:
+Each val image's encoded bytes go through ``server.pipeline.FramePipeline`` (the servicer's
+decode -> letterbox -> batch -> infer -> decode head -> NMS -> source pixels, including the
+reduced-scale JPEG decode of large images) with the model on a ``server.runtime`` backend,
+so the KPI is measured on exactly the pixels served. Measured per variant:
 
 * KPI (``perception.kpi.evaluate_coco``): mAP50-95 and mAP50 over all detections down to
   ``EVAL_SCORE_FLOOR`` (as COCO does), precision and recall at the deployed threshold;
-* latency p50 / p95 of batch-1 inference on this CPU, all variants timed round-robin in one
-  loop so machine noise hits them alike (``measure_latency``);
+* latency p50 / p95 / min of batch-1 inference on the backend alone (no decode), all variants
+  timed round-robin in one loop so machine noise hits them alike (``measure_latency``);
 * parity with FP32 at the deployed threshold (``parity``): share of FP32 detections that
   vanish or move (best same-class match below IoU 0.9), share of new ones that appear.
 
-A variant passes if its mAP50-95 is within its gate (in mAP points, 0..100) of FP32.
+A variant passes if its mAP50-95 drop vs FP32 and its min-latency ratio to FP32 are within
+its ``GateLimits`` (``build_engine.thresholds``), and its p95 within the budget if one is set.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,13 +26,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from build_engine.calibration import read_bgr
+from build_engine.thresholds import GateLimits
 from perception.boxes import box_iou
-from perception.errors import DataError
-from perception.manifest import PostprocessSpec, PreprocessSpec
-from perception.postprocess import PostprocessOptions, postprocess
-from perception.preprocess import preprocess_batch
+from perception.errors import DataError, InvalidInputError
+from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant
 from perception.types import Detections
+from server.pipeline import FrameInput, FramePipeline, Prepared, RequestOptions
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,42 @@ def make_backend(path: Path, threads: int, max_batch: int = 8) -> Any:
     return backend
 
 
+def serving_pipeline(pre: PreprocessSpec, post: PostprocessSpec, classes: Sequence[str]) -> FramePipeline:
+    """The server's frame pipeline for a model with these specs.
+
+    The server builds it from the manifest; the gate runs before the manifest exists, so it
+    builds one holding the specs the manifest will carry. The stub variant only satisfies
+    the manifest's validation: the pipeline never reads variants.
+    """
+    stub = Variant(name="gated", file="model.onnx", precision="fp32")
+    return FramePipeline(Manifest(name="gate", version="0", classes=tuple(classes), preprocess=pre, postprocess=post,
+                                  variants=(stub,), default_variant=stub.name))
+
+
+def val_frame(valset: ValSet, index: int) -> FrameInput:
+    """Val image ``index`` as the server receives it from ``perception replay``: the file's
+    encoded bytes, unchanged."""
+    image_id, path = valset.images[index]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read val image: {exc}") from exc
+    return FrameInput(camera_id="gate", sequence=int(image_id), capture_timestamp_ns=0, encoded=data)
+
+
+def prepare_val_frame(pipeline: FramePipeline, valset: ValSet, index: int, request: RequestOptions) -> Prepared:
+    """``pipeline.prepare`` of val image ``index``; DataError naming the file if the server
+    would refuse it (e.g. neither JPEG nor PNG)."""
+    try:
+        return pipeline.prepare(val_frame(valset, index), request)
+    except InvalidInputError as exc:
+        raise DataError(f"{valset.images[index][1]}: the server would refuse this val image: {exc}") from exc
+
+
+def _class_names(valset: ValSet) -> list[str]:
+    return [str(c.get("name", c["id"])) for c in sorted(valset.gt["categories"], key=lambda c: c["id"])]
+
+
 def evaluate_variant(
     name: str,
     path: Path,
@@ -108,24 +144,29 @@ def evaluate_variant(
 ) -> VariantEval:
     """Run ``path`` on every val image through the serving code; KPI + detections.
 
+    Each image's encoded bytes take the servicer's path: ``FramePipeline.prepare`` per frame,
+    ``to_batch`` + one inference per ``batch_size`` frames (the batcher's job on the server),
+    ``finish`` per frame into detections in source pixels.
     backend: an activated ``server.runtime`` backend to use instead of onnxruntime on ``path``
     (e.g. a TensorRT engine); it is deactivated afterwards either way.
     """
     from perception.kpi import evaluate_coco
 
     backend = backend if backend is not None else make_backend(path, threads, max(batch_size, 1))
-    opts = dataclasses.replace(
-        PostprocessOptions.from_spec(post), score_threshold=EVAL_SCORE_FLOOR, max_detections=post.max_detections
-    )
+    pipeline = serving_pipeline(pre, post, _class_names(valset))
+    # Every detection down to the floor, as a request with that threshold would get them;
+    # the other options stay the manifest's defaults (a zero field means "default").
+    request = RequestOptions(score_threshold=EVAL_SCORE_FLOOR)
     cat_ids = sorted(c["id"] for c in valset.gt["categories"])
     ev = VariantEval(name)
     try:
         for start in range(0, len(valset.images), batch_size):
-            chunk = valset.images[start : start + batch_size]
-            batch, lbs = preprocess_batch([read_bgr(p) for _, p in chunk], pre)
-            out = backend.infer(batch)
-            for (image_id, _), raw, lb in zip(chunk, out, lbs):
-                dets = postprocess(raw, lb, opts)
+            indices = range(start, min(start + batch_size, len(valset.images)))
+            prepared = [prepare_val_frame(pipeline, valset, i, request) for i in indices]
+            out = backend.infer(pipeline.to_batch([p.tensor for p in prepared]))
+            for k, (i, prep) in enumerate(zip(indices, prepared)):
+                dets = pipeline.finish(out[k], prep)
+                image_id = valset.images[i][0]
                 for box, score, cls in zip(dets.boxes, dets.scores, dets.class_ids):
                     x1, y1, x2, y2 = (float(v) for v in box)
                     ev.predictions.append(
@@ -134,7 +175,7 @@ def evaluate_variant(
                     )
                 ev.detections.append(dets.take(dets.scores >= post.score_threshold))
             if progress is not None:
-                progress(min(start + batch_size, len(valset.images)), len(valset.images))
+                progress(indices.stop, len(valset.images))
     finally:
         backend.deactivate()
     report = evaluate_coco(valset.gt, ev.predictions, score_threshold=post.score_threshold).to_dict()
@@ -227,17 +268,46 @@ def parity(reference: Sequence[Detections], other: Sequence[Detections], iou: fl
     }
 
 
-def gate_decision(reference_map: float, variant_map: float, max_drop_points: float) -> dict[str, Any]:
-    """``{"passed", "reason", "map50_95_drop_points", "max_drop_points"}``; mAP on 0..1 scale in."""
-    drop = (reference_map - variant_map) * 100.0
-    passed = drop <= max_drop_points
-    verb = "within" if passed else "outside"
-    return {
-        "passed": bool(passed),
-        "reason": f"mAP50-95 drop {drop:+.2f} points vs fp32, {verb} the {max_drop_points:.2f}-point gate",
-        "map50_95_drop_points": round(drop, 4),
-        "max_drop_points": max_drop_points,
-    }
+def gate_decision(
+    limits: GateLimits,
+    reference_map: float,
+    variant_map: float,
+    reference_latency_ms: dict[str, float],
+    variant_latency_ms: dict[str, float],
+) -> dict[str, Any]:
+    """Judge one variant; mAP on the 0..1 scale, latencies as ``measure_latency`` gives them.
+
+    Returns ``{"passed", "reason"}`` plus, for the checks that apply, ``map50_95_drop_points``
+    / ``max_drop_points``, ``latency_ratio`` / ``max_latency_ratio`` (min vs min) and
+    ``p95_ms`` / ``latency_budget_ms``. The reason states every check, each "within" or
+    "outside" its limit.
+    """
+    checks: list[tuple[bool, str]] = []
+    out: dict[str, Any] = {}
+    if limits.max_drop_points is not None:
+        drop = (reference_map - variant_map) * 100.0
+        ok = drop <= limits.max_drop_points
+        checks.append((ok, f"mAP50-95 drop {drop:+.2f} points vs fp32, {_verb(ok)} the "
+                           f"{limits.max_drop_points:.2f}-point gate"))
+        out |= {"map50_95_drop_points": round(drop, 4), "max_drop_points": limits.max_drop_points}
+    if limits.max_latency_ratio is not None:
+        ref_min, var_min = reference_latency_ms["min"], variant_latency_ms["min"]
+        ratio = var_min / ref_min if ref_min > 0 else float("inf")
+        ok = ratio <= limits.max_latency_ratio
+        checks.append((ok, f"min latency {var_min:.2f} ms = {ratio:.2f}x fp32's {ref_min:.2f} ms, {_verb(ok)} the "
+                           f"{limits.max_latency_ratio:.2f}x gate"))
+        out |= {"latency_ratio": round(ratio, 4), "max_latency_ratio": limits.max_latency_ratio}
+    if limits.latency_budget_ms is not None:
+        p95 = variant_latency_ms["p95"]
+        ok = p95 <= limits.latency_budget_ms
+        checks.append((ok, f"p95 latency {p95:.2f} ms, {_verb(ok)} the {limits.latency_budget_ms:g} ms budget"))
+        out |= {"p95_ms": round(p95, 4), "latency_budget_ms": limits.latency_budget_ms}
+    reasons = (["reference (FP32)"] if limits.is_reference else []) + [text for _, text in checks]
+    return {"passed": all(ok for ok, _ in checks), "reason": "; ".join(reasons), **out}
+
+
+def _verb(ok: bool) -> str:
+    return "within" if ok else "outside"
 
 
 @dataclass
@@ -253,7 +323,7 @@ class GateResult:
 
 def run_gate(
     variants: dict[str, Path],
-    max_drop: dict[str, float | None],
+    limits: dict[str, GateLimits],
     valset: ValSet,
     pre: PreprocessSpec,
     post: PostprocessSpec,
@@ -265,9 +335,9 @@ def run_gate(
 ) -> dict[str, GateResult]:
     """Evaluate, time (round-robin) and judge ``variants`` (name -> model file).
 
-    max_drop[name]: allowed mAP50-95 drop in points vs the reference, None for the reference
-    itself (the variant named ``fp32`` unless ``reference`` is given, e.g. when gating
-    TensorRT engines against an earlier FP32 result).
+    limits[name]: that variant's gate (``GateThresholds.limits``). The reference is the variant
+    named ``fp32`` unless ``reference`` is given (e.g. when gating TensorRT engines against an
+    earlier FP32 result).
     """
     import sys
 
@@ -282,17 +352,16 @@ def run_gate(
             evals[name] = evaluate_variant(name, path, valset, pre, post, threads=threads, backend=backend,
                                            progress=lambda done, _total: bar.update(done - bar.n))
     progress(f"gate: timing {len(variants)} variants round-robin ({runs} runs, batch 1)")
-    sample, _ = preprocess_batch([read_bgr(valset.images[0][1])], pre)
+    # Timed on the backend alone: decode and letterbox cost the same for every variant.
+    pipeline = serving_pipeline(pre, post, _class_names(valset))
+    sample = pipeline.to_batch([prepare_val_frame(pipeline, valset, 0, RequestOptions()).tensor])
     lat = measure_latency(variants, sample, runs, threads, factory=factory)
     ref_metrics = reference.metrics if reference else evals["fp32"].metrics
+    ref_latency = reference.latency_ms if reference else lat["fp32"]
     ref_dets = reference.detections if reference else evals["fp32"].detections
     out = {}
     for name, ev in evals.items():
-        limit = max_drop.get(name)
-        if limit is None:
-            gate = {"passed": True, "reason": "reference (FP32)"}
-        else:
-            gate = gate_decision(ref_metrics["map50_95"], ev.metrics["map50_95"], limit)
+        gate = gate_decision(limits[name], ref_metrics["map50_95"], ev.metrics["map50_95"], ref_latency, lat[name])
         out[name] = GateResult(ev.metrics, lat[name], parity(ref_dets, ev.detections), gate, ev.detections)
         progress(f"  {name:<14} mAP50-95 {100 * ev.metrics['map50_95']:6.2f}  p50 {lat[name]['p50']:6.2f} ms  "
                  f"min {lat[name]['min']:6.2f} ms  {'PASS' if gate['passed'] else 'FAIL'}: {gate['reason']}")

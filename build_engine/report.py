@@ -225,8 +225,10 @@ def write_report(
         f"Classes: {', '.join(manifest.classes)}. Input {pre.input_width}x{pre.input_height} letterboxed "
         f"{pre.color_order}, scale {pre.scale:.6f}. Default variant: **{manifest.default_variant}** "
         "(the fastest that passed its gate). Gates (max mAP50-95 drop vs FP32, points): "
-        f"{manifest.extra.get('gates_points', {})}. Every variant was run through the server's own runtime code "
-        f"(OnnxRuntimeBackend + preprocess + postprocess) on {manifest.provenance.get('val_set', {}).get('images')} "
+        f"{manifest.extra.get('gates_points', {})}; latency (max min-latency ratio vs FP32, optional p95 budget): "
+        f"{manifest.extra.get('gates_latency', {})}. Every variant was run through the server's own frame pipeline "
+        f"(server.pipeline.FramePipeline: the served decode, letterbox, runtime and NMS) on "
+        f"{manifest.provenance.get('val_set', {}).get('images')} "
         f"val images; P/R and parity at the deployed threshold {manifest.postprocess.score_threshold}.",
         "",
         "## Variants",

@@ -185,3 +185,43 @@ def test_tensorrt_engines_are_built_fingerprinted_and_gated(inputs):
     for v in trt.values():
         assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] in ("fp32", "int8")
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["p50"] > 0
+
+
+@pytest.mark.parametrize("case", ["ratio", "budget"])
+def test_latency_gates_reach_the_manifest(inputs, case):
+    """Every variant is gated on latency too: a ratio no FP16 build can meet fails FP16 alone;
+    a p95 budget no model can meet fails every variant, FP32 included, and the default falls
+    back to the fastest of all (the build reports the failure)."""
+    from build_engine.build import BuildOptions, GateThresholds, run_build
+    from perception.manifest import load_manifest
+
+    gates = (GateThresholds(fp16_max_latency_ratio=0.01, latency_budget_ms=1e4) if case == "ratio"
+             else GateThresholds(latency_budget_ms=1e-3))
+    opts = BuildOptions(out_dir=inputs["tmp"] / f"lat_{case}", checkpoint=inputs["ckpt"], precisions=("fp32", "fp16"),
+                        data_dir=inputs["val"], calib_dir=inputs["calib"], latency_runs=3, threads=1, report=False,
+                        scaling=False, gates=gates)
+    manifest_path, all_passed = run_build(opts)
+    m = load_manifest(manifest_path)
+    fp32, fp16 = m.variant("fp32"), m.variant("fp16")
+    assert not all_passed and not fp16.gate["passed"]
+    assert "mAP50-95 drop" in fp16.gate["reason"] and "x fp32's" in fp16.gate["reason"]
+    assert fp16.gate["latency_ratio"] == pytest.approx(fp16.latency_ms["min"] / fp32.latency_ms["min"], rel=1e-3)
+    assert m.extra["gates_latency"]["budget_p95_ms"] == gates.latency_budget_ms
+    assert m.extra["gates_points"] == {"fp16": 0.2, "int8": 1.0, "pruned": 1.5}
+    if case == "ratio":
+        assert "outside the 0.01x gate" in fp16.gate["reason"] and "within the 10000 ms budget" in fp16.gate["reason"]
+        assert fp32.gate["passed"] and m.default_variant == "fp32"
+    else:
+        assert not fp32.gate["passed"] and "reference (FP32); p95 latency" in fp32.gate["reason"]
+        assert "outside the 0.001 ms budget" in fp16.gate["reason"]
+        assert m.default_variant == min(m.variants, key=lambda v: v.latency_ms["min"]).name
+
+
+def test_cli_latency_gate_flags_reach_the_thresholds() -> None:
+    from build_engine.build_cli import build_parser
+
+    args = build_parser().parse_args(
+        ["--out", "x", "--gate-int8-latency", "0.9", "--gate-fp16-latency", "2.0", "--latency-budget-ms", "15"]
+    )
+    assert (args.gate_int8_latency, args.gate_fp16_latency, args.latency_budget_ms) == (0.9, 2.0, 15.0)
+    assert build_parser().parse_args(["--out", "x"]).latency_budget_ms is None

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from build_engine.gate import gate_decision, parity
+from build_engine.thresholds import GateLimits, GateThresholds
+from perception.errors import ConfigError
 from perception.types import Detections
 
 
@@ -45,12 +47,56 @@ def test_parity_needs_same_images():
         parity([_dets([])], [])
 
 
-def test_gate_decision():
-    ok = gate_decision(0.500, 0.495, 1.0)
+def _lat(min_ms: float, p95_ms: float | None = None) -> dict[str, float]:
+    return {"min": min_ms, "p50": min_ms * 1.1, "p95": p95_ms if p95_ms is not None else min_ms * 1.2}
+
+
+def test_gate_decision_map_drop():
+    limits = GateLimits(max_drop_points=1.0, max_latency_ratio=1.0)
+    ok = gate_decision(limits, 0.500, 0.495, _lat(2.0), _lat(1.5))
     assert ok["passed"] and ok["map50_95_drop_points"] == pytest.approx(0.5)
-    bad = gate_decision(0.500, 0.480, 1.0)
-    assert not bad["passed"] and "outside" in bad["reason"]
-    assert gate_decision(0.5, 0.51, 0.0)["passed"]  # an improvement always passes
+    bad = gate_decision(limits, 0.500, 0.480, _lat(2.0), _lat(1.5))
+    assert not bad["passed"] and "mAP50-95 drop +2.00 points vs fp32, outside" in bad["reason"]
+    assert gate_decision(GateLimits(0.0, 1.0), 0.5, 0.51, _lat(2.0), _lat(2.0))["passed"]  # an improvement passes
+
+
+def test_gate_decision_latency_ratio_fails_an_accurate_but_slow_variant():
+    limits = GateLimits(max_drop_points=1.0, max_latency_ratio=1.0)
+    slow = gate_decision(limits, 0.5, 0.5, _lat(2.0), _lat(2.5))
+    assert not slow["passed"]
+    assert slow["latency_ratio"] == pytest.approx(1.25) and slow["max_latency_ratio"] == 1.0
+    # The verdict states both checks, each against its own limit.
+    assert "mAP50-95 drop +0.00 points vs fp32, within the 1.00-point gate" in slow["reason"]
+    assert "1.25x fp32's 2.00 ms, outside the 1.00x gate" in slow["reason"]
+    # FP16 on a CPU is allowed to be somewhat slower (kept for GPU devices).
+    assert gate_decision(GateThresholds().limits("fp16"), 0.5, 0.5, _lat(2.0), _lat(2.5))["passed"]
+    assert not gate_decision(GateThresholds().limits("fp16"), 0.5, 0.5, _lat(2.0), _lat(3.1))["passed"]
+
+
+def test_gate_decision_latency_budget_applies_to_the_reference_too():
+    ref = gate_decision(GateLimits(None, None), 0.5, 0.5, _lat(2.0), _lat(2.0))
+    assert ref == {"passed": True, "reason": "reference (FP32)"}
+    over = gate_decision(GateLimits(None, None, latency_budget_ms=3.0), 0.5, 0.5, _lat(2.0), _lat(2.0, p95_ms=3.5))
+    assert not over["passed"] and over["reason"].startswith("reference (FP32); p95 latency 3.50 ms, outside")
+    within = gate_decision(GateLimits(1.0, 1.5, latency_budget_ms=3.0), 0.5, 0.5, _lat(2.0), _lat(2.0, p95_ms=2.9))
+    assert within["passed"] and within["reason"].count("within") == 3
+
+
+def test_thresholds_per_variant():
+    t = GateThresholds()
+    assert t.limits("fp32") == GateLimits(None, None, None)
+    assert t.limits("fp16") == t.limits("trt_fp16") == GateLimits(0.2, 1.5)
+    assert t.limits("int8") == t.limits("trt_int8") == GateLimits(1.0, 1.0)
+    assert t.limits("pruned_fp32") == t.limits("pruned2_fp32") == GateLimits(1.5, 1.0)
+    t = GateThresholds(int8_max_latency_ratio=0.8, pruned_max_latency_ratio=0.5, latency_budget_ms=9.0)
+    assert t.limits("pruned_int8") == GateLimits(2.5, 0.4, 9.0)  # the two steps compound
+    assert t.limits("fp32").latency_budget_ms == 9.0
+    with pytest.raises(ConfigError):
+        t.limits("mystery")
+    for bad in ({"int8_max_latency_ratio": 0.0}, {"fp16_max_latency_ratio": -1.0}, {"latency_budget_ms": 0.0},
+                {"int8": -0.1}):
+        with pytest.raises(ConfigError):
+            GateThresholds(**bad)
 
 
 def make_pseudo_labelled_set(manifest_path: Path, root: Path, n: int = 8, seed: int = 2) -> Path:
@@ -128,3 +174,140 @@ def test_valset_missing_image(artifact, tmp_path):
     with pytest.raises(DataError, match="missing"):
         ValSet.load(copy)
     assert len(ValSet.load(val, limit=3).images) == 3
+
+
+class _SlowBackend:
+    """A real backend that takes ``extra_s`` longer per call: an accurate but slow variant."""
+
+    def __init__(self, inner, extra_s: float) -> None:
+        self.inner, self.extra_s = inner, extra_s
+
+    def infer(self, batch):
+        import time
+
+        time.sleep(self.extra_s)
+        return self.inner.infer(batch)
+
+    def deactivate(self) -> None:
+        self.inner.deactivate()
+
+
+def test_run_gate_fails_a_variant_slower_than_fp32(artifact):
+    from build_engine.gate import ValSet, make_backend, run_gate
+    from perception.manifest import load_manifest
+
+    manifest_path, val = artifact
+    m = load_manifest(manifest_path)
+    model = m.path_of(m.variant("fp32"))
+    # The same model twice, one of them 20 ms slower per call (the tiny model runs in ~1 ms):
+    # identical mAP, so only the latency check can fail it.
+    slow_s = 0.02
+
+    def factory(name, path):
+        b = make_backend(path, 1)
+        return _SlowBackend(b, slow_s) if name == "int8" else b
+
+    t = GateThresholds()
+    res = run_gate({"fp32": model, "int8": model}, {n: t.limits(n) for n in ("fp32", "int8")},
+                   ValSet.load(val, limit=4), m.preprocess, m.postprocess, runs=3, threads=1, factory=factory)
+    assert res["fp32"].gate == {"passed": True, "reason": "reference (FP32)"}
+    gate = res["int8"].gate
+    assert not gate["passed"] and gate["map50_95_drop_points"] == 0.0
+    assert gate["latency_ratio"] > 2 and "outside the 1.00x gate" in gate["reason"]
+    assert res["int8"].latency_ms["min"] >= 1e3 * slow_s
+
+
+# A val image at least twice the model input on both sides: the server decodes such a JPEG at
+# reduced scale (libjpeg 1/2, 1/4, 1/8), so its pixels differ from a full decode + resize.
+_LARGE = ((512, 384), (515, 389), (250, 180))  # 1/4, 1/4 (not a multiple of 4), full
+
+
+def _jpeg_val_set(root: Path, classes: int = 3) -> Path:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i, (w, h) in enumerate(_LARGE, start=1):
+        # Smooth gradients plus fine noise: a scaled decode and an area resize round differently.
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], axis=2).astype(np.int16)
+        img = np.clip(img + rng.integers(-40, 40, img.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / "images" / f"{i:03d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        images.append({"id": i, "file_name": f"{i:03d}.jpg", "width": w, "height": h})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [10.0, 10.0, w / 2, h / 2],
+                     "area": w * h / 4, "iscrowd": 0})
+    cats = [{"id": c + 1, "name": f"c{c}"} for c in range(classes)]
+    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+class _RecordingBackend:
+    """Records every input; answers two confident boxes in model-input pixels per image."""
+
+    def __init__(self, classes: int = 3) -> None:
+        self.inputs: list[np.ndarray] = []
+        self.classes = classes
+
+    def infer(self, batch):
+        self.inputs.append(batch.copy())
+        out = np.zeros((len(batch), 4, 5 + self.classes), np.float32)
+        out[:, 0, :6] = [0, 0, 128, 96, 0.9, 0.9]  # the whole canvas
+        out[:, 1, :6] = [20, 30, 60, 70, 0.8, 0.9]
+        return out
+
+    def deactivate(self) -> None:
+        pass
+
+
+def test_gate_sees_exactly_the_pixels_served(tmp_path):
+    """The gate feeds each val image's encoded bytes through the server's FramePipeline: the
+    model gets the same input tensor the server would build (reduced-scale JPEG decode
+    included) and detections come back in source pixels the same way."""
+    from build_engine.calibration import read_bgr
+    from build_engine.gate import EVAL_SCORE_FLOOR, ValSet, evaluate_variant
+    from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant
+    from perception.preprocess import preprocess_batch
+    from server.pipeline import FrameInput, FramePipeline, RequestOptions
+
+    pre, post = PreprocessSpec(input_width=128, input_height=96), PostprocessSpec()
+    vs = ValSet.load(_jpeg_val_set(tmp_path / "val"))
+    backend = _RecordingBackend()
+    ev = evaluate_variant("v", tmp_path / "unused.onnx", vs, pre, post, batch_size=2, backend=backend)
+
+    # What the server builds from the manifest the build will write.
+    pipeline = FramePipeline(Manifest(name="m", version="1", classes=("c0", "c1", "c2"), preprocess=pre,
+                                      postprocess=post, variants=(Variant("v", "model.onnx", "fp32"),),
+                                      default_variant="v"))
+    req = RequestOptions(score_threshold=EVAL_SCORE_FLOOR)
+    prepared = [pipeline.prepare(FrameInput("cam", i, 0, encoded=p.read_bytes()), req) for i, p in vs.images]
+    served = pipeline.to_batch([p.tensor for p in prepared])
+    assert [len(b) for b in backend.inputs] == [2, 1]
+    np.testing.assert_array_equal(np.concatenate(backend.inputs), served)
+    # The check has teeth: a full decode + resize of the large images gives other pixels.
+    full, _ = preprocess_batch([read_bgr(p) for _, p in vs.images], pre)
+    assert not np.array_equal(full[:2], served[:2]) and np.array_equal(full[2], served[2])
+
+    raw = backend.infer(served)
+    for det, prep, (_, path), (w, h) in zip(ev.detections, prepared, vs.images, _LARGE):
+        expect = pipeline.finish(raw[0], prep)
+        np.testing.assert_array_equal(det.boxes, expect.boxes)
+        # The whole-canvas box is the whole source image, in source pixels.
+        np.testing.assert_allclose(det.boxes[0], [0, 0, w, h], atol=4.0)
+    assert {p["image_id"] for p in ev.predictions} == {1, 2, 3}
+
+
+def test_gate_refuses_a_val_image_the_server_would_refuse(tmp_path):
+    import cv2
+
+    from build_engine.gate import ValSet, evaluate_variant
+    from perception.errors import DataError
+    from perception.manifest import PostprocessSpec, PreprocessSpec
+
+    root = _jpeg_val_set(tmp_path / "val")
+    bmp = root / "images" / "002.jpg"
+    cv2.imwrite(str(tmp_path / "x.bmp"), np.zeros((96, 128, 3), np.uint8))
+    bmp.write_bytes((tmp_path / "x.bmp").read_bytes())  # a BMP under a .jpg name: the server says no
+    with pytest.raises(DataError, match="002.jpg.*would refuse"):
+        evaluate_variant("v", tmp_path / "unused.onnx", ValSet.load(root), PreprocessSpec(input_width=128, input_height=96),
+                         PostprocessSpec(), backend=_RecordingBackend())

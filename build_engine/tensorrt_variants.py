@@ -1,0 +1,58 @@
+"""TensorRT engines as manifest variants, built and gated on a device with an NVIDIA GPU.
+
+Split from ``build_engine.build`` (which calls it when ``tensorrt_available()``); it uses the
+server's own builder and backend, imported lazily so a CPU-only install imports cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from perception.manifest import PostprocessSpec, PreprocessSpec, Variant, sha256_file
+
+if TYPE_CHECKING:
+    from build_engine.build import BuildOptions
+
+
+def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, valset: Any, pre: PreprocessSpec,
+                            post: PostprocessSpec, opts: "BuildOptions", progress: Callable[[str], None]) -> list[Variant]:
+    """TensorRT engines with the server's builder (the code the device runs on first start):
+    FP16 from the FP32 ONNX, INT8 from the Q/DQ ONNX; batch profile 1..max_batch; a timing
+    cache beside them. Each engine is a ``format="tensorrt"`` variant naming its ONNX source,
+    gated like the others (through the server's TensorRT backend) against the FP32 result."""
+    from build_engine.gate import run_gate
+    from server.runtime.fingerprint import device_fingerprint
+    from server.runtime.tensorrt_backend import TensorRTBackend
+    from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
+    from server.runtime.tensorrt_builder import build_engine
+
+    engines: dict[str, tuple[Path, Variant, Any]] = {}
+    for v in variants:
+        precision = {"fp32": "fp16", "int8": "int8"}.get(v.name)
+        if precision is None:
+            continue
+        fp = device_fingerprint(precision, v.sha256, opts.max_batch)
+        engine = staging / fp.cache_name()
+        progress(f"building TensorRT {precision} engine from {v.file}")
+        build_engine(staging / v.file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
+        engines[f"trt_{precision}"] = (engine, v, fp)
+
+    def factory(name: str, path: Path) -> Any:
+        b = TensorRTBackend(path, engines[name][2], opts.max_batch)
+        b.activate()
+        return b
+
+    limits = {n: opts.gates.limits(n) for n in engines}
+    results = run_gate({n: e[0] for n, e in engines.items()}, limits, valset, pre, post, opts.latency_runs,
+                       opts.threads, reference=fp32, factory=factory, progress=progress)
+    out = []
+    for name, (engine, src, fp) in engines.items():
+        r = results[name]
+        out.append(dataclasses.replace(
+            src, name=name, file=engine.name, precision=fp.precision, format="tensorrt", sha256=sha256_file(engine),
+            metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate,
+            extra={**src.extra, "onnx_variant": src.name, "fingerprint": dataclasses.asdict(fp)},
+        ))
+    return out
