@@ -12,7 +12,7 @@ import numpy as np
 
 from perception.decode import PixelFormat
 from perception.errors import DataError, InvalidInputError
-from perception.types import Detections
+from perception.types import Detections, StageTimings
 
 
 @dataclass(frozen=True)
@@ -71,28 +71,6 @@ class FrameStatus(str, Enum):
     def reason(self) -> str:
         """Short drop reason used in summaries and metrics ("stale", "expired", ...)."""
         return {"DROPPED_STALE": "stale"}.get(self.value, self.value.lower())
-
-
-@dataclass(frozen=True)
-class StageTimings:
-    """Server-side wall time per stage, microseconds."""
-
-    queue_us: int = 0
-    preprocess_us: int = 0
-    inference_us: int = 0
-    postprocess_us: int = 0
-    total_us: int = 0
-    batch_size: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "queue_us": self.queue_us,
-            "preprocess_us": self.preprocess_us,
-            "inference_us": self.inference_us,
-            "postprocess_us": self.postprocess_us,
-            "total_us": self.total_us,
-            "batch_size": self.batch_size,
-        }
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,3 +40,19 @@ class Detections:
 
     def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> "Detections":
         return Detections(self.boxes[index], self.scores[index], self.class_ids[index])
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Server-side wall-clock time of one frame per pipeline stage, in microseconds, and how
+    many frames shared its inference call. Mirrors perception.v1.StageTimings."""
+
+    queue_us: int = 0
+    preprocess_us: int = 0
+    inference_us: int = 0
+    postprocess_us: int = 0
+    total_us: int = 0
+    batch_size: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from perception.types import Detections
+from perception.types import Detections, StageTimings
 from server.pipeline import FramePipeline, Prepared
 from server.scheduler import CANCELLED, ERROR, EXPIRED, OK, STALE, JobResult
 
@@ -27,18 +27,6 @@ DROP_REASON = {DROPPED_STALE: "stale", ANSWER_EXPIRED: "expired", INVALID: "inva
 
 
 @dataclass(frozen=True)
-class Timings:
-    """Per-stage wall-clock time of one frame, microseconds."""
-
-    queue_us: int = 0
-    preprocess_us: int = 0
-    inference_us: int = 0
-    postprocess_us: int = 0
-    total_us: int = 0
-    batch_size: int = 0
-
-
-@dataclass(frozen=True)
 class FrameAnswer:
     camera_id: str
     sequence: int
@@ -48,7 +36,7 @@ class FrameAnswer:
     detections: Detections
     image_width: int
     image_height: int
-    timings: Timings
+    timings: StageTimings
 
 
 @dataclass(eq=False)
@@ -127,7 +115,7 @@ def finish_task(
     total_s = time.monotonic() - task.received
     if status == ANSWER_OK and task.prepared is not None and _past_deadline(task, total_s):
         status, message, detections = ANSWER_EXPIRED, "deadline passed during inference", Detections.empty()
-    timings = Timings(
+    timings = StageTimings(
         queue_us=_us(result.queue_s if result else 0.0),
         preprocess_us=_us(prep.preprocess_s if prep else 0.0),
         inference_us=_us(result.inference_s if result and status == ANSWER_OK else 0.0),
@@ -158,7 +146,7 @@ def _us(seconds: float) -> int:
 
 
 def _record(
-    metrics: Any, camera: str, status: str, det: Detections, pipeline: FramePipeline, t: Timings, total_s: float
+    metrics: Any, camera: str, status: str, det: Detections, pipeline: FramePipeline, t: StageTimings, total_s: float
 ) -> None:
     if metrics is None:
         return
