@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from client.frames import FrameResult, FrameStatus, SourceFrame
-from perception.types import StageTimings
 from perception.errors import ConfigError
-from perception.types import Detections
+from perception.types import Detections, StageTimings
 from perception.v1 import detector_pb2 as pb
 
 
