@@ -31,12 +31,29 @@ def model_card(meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str
     }
 
 
+# A run directory nests each later stage inside the one it continues from:
+# RUN/ (stage 1), RUN/finetune/ (stage 2), RUN/finetune/hires/ (stage 3); see scripts/train_default.sh.
+STAGE_CONFIGS = {"finetune": "configs/default_finetune.yaml", "hires": "configs/default_hires.yaml"}
+
+
+def training_stages(run_dir: Path) -> list[tuple[str, Path]]:
+    """(config, run directory) of every stage that led to ``run_dir``, first stage first."""
+    stages: list[tuple[str, Path]] = []
+    d = run_dir
+    while d.name in STAGE_CONFIGS:
+        stages.append((STAGE_CONFIGS[d.name], d))
+        d = d.parent
+    stages.append(("configs/default.yaml", d))
+    return stages[::-1]
+
+
 def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
     model, meta = load_checkpoint(run_dir / "best.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out_dir / "detector.pt", model, meta_for(model, meta.classes, epoch=meta.epoch, val_kpi=meta.val_kpi,
                                                                 train_config_hash=meta.train_config_hash))
-    recipe = "configs/default.yaml then configs/default_finetune.yaml" if run_dir.name == "finetune" else "configs/default.yaml"
+    stages = training_stages(run_dir)
+    recipe = " then ".join(config for config, _ in stages)
     extra: dict[str, Any] = {"train_config": recipe, "train_config_hash": meta.train_config_hash, "epoch": meta.epoch}
     card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra)
     (out_dir / "config.yaml").write_text("# Written by build_engine.train.export_default; see eval.md for the full report.\n"
@@ -53,7 +70,6 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
         for png in ("pr_curve.png", "f1_confidence.png", "confusion_matrix.png"):
             if (eval_dir / png).is_file():
                 shutil.copy(eval_dir / png, plots / png)
-        log = run_dir / "train_log.jsonl"
         lines = ["# Default detector: evaluation", "",
                  f"Checkpoint `detector.pt` (epoch {meta.epoch} of {recipe}, config hash {meta.train_config_hash}; "
                  "reproduce with `scripts/train_default.sh`).",
@@ -67,9 +83,8 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
                       f"mAP50-95 {v['map50_95']:.4f}, P {v['precision']:.4f}, R {v['recall']:.4f} at score >= {v['score_threshold']}.", ""]
         lines += [
                  "![PR curve](plots/pr_curve.png) ![F1](plots/f1_confidence.png) ![confusion](plots/confusion_matrix.png)", ""]
-        stages = [("stage 1 (configs/default.yaml)", run_dir.parent / "train_log.jsonl")] if run_dir.name == "finetune" else []
-        stages.append(("stage 2 (fine-tune)" if stages else "(configs/default.yaml)", log))
-        for label, path in stages:
+        for i, (config, stage_dir) in enumerate(stages, 1):
+            label, path = f"stage {i} ({config})", stage_dir / "train_log.jsonl"
             if not path.is_file():
                 continue
             hist = [json.loads(line) for line in path.read_text().splitlines()]
