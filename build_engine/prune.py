@@ -211,7 +211,13 @@ def finetune(
     from build_engine.train.trainer import anchor_points, load_batch, make_optimizer, prepare_data, validate
 
     o = dataclasses.replace(train_cfg.optim, lr=lr, epochs=max(epochs, 1), warmup_epochs=0.0)
-    cfg = dataclasses.replace(train_cfg, optim=o)
+    # Train at the model's own input size, whatever the config says: the head's anchor grid
+    # is built for it, and images letterboxed to another size silently wreck the weights.
+    size = getattr(model, "cfg", None)
+    model_cfg = train_cfg.model
+    if size is not None:
+        model_cfg = dataclasses.replace(model_cfg, input_width=size.input_width, input_height=size.input_height)
+    cfg = dataclasses.replace(train_cfg, optim=o, model=model_cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train_set, val_set = prepare_data(cfg, progress)

@@ -158,3 +158,27 @@ def test_pruning_a_pruned_checkpoint_keeps_its_removed_blocks(tmp_path, capsys):
     assert len(second["removed_blocks"]) == 2 and second["removed_blocks"][0] == first["removed_blocks"][0]
     loaded, meta = load_any_checkpoint(tmp_path / "p2.pt")
     assert conv_channels(loaded) == second["channels_after"] and meta.extra["pruned"]["previous"]["ratio"] == 0.3
+
+
+def test_finetune_trains_at_the_model_input_size_whatever_the_config_says(tmp_path):
+    """A checkpoint trained at one size, fine-tuned with a config written for another, must
+    see images at its own size (the head's anchor grid is built for it)."""
+    import copy
+
+    from build_engine.config import config_from_dict
+    from build_engine.prune import finetune
+
+    def cfg(w: int, h: int):
+        return config_from_dict({
+            "preset": "pico", "threads": 1,
+            "model": {"input_width": w, "input_height": h},
+            "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 8, "val_images": 4, "image_width": 320, "image_height": 180},
+            "optim": {"batch_size": 4, "epochs": 1, "ema": False},
+        })
+
+    pruned, _ = prune_model(_model(), _images(2), PruneOptions(ratio=0.3, remove_blocks=0))
+    a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    finetune(a, cfg(W, H), epochs=1, lr=0.01, progress=False)
+    finetune(b, cfg(W * 2, H * 2), epochs=1, lr=0.01, progress=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), f"{k} differs: the mismatched config changed what was trained"
