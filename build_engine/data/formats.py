@@ -118,6 +118,20 @@ def image_size(path: Path) -> tuple[int, int]:
     return int(img.shape[1]), int(img.shape[0])
 
 
+
+def parse_yolo_line(line: str, path: Path, line_no: int) -> tuple[int, float, float, float, float]:
+    """One YOLO label line: class id, then centre x, centre y, width, height (fractions of the
+    image). A malformed line raises DataError naming the file and line."""
+    parts = line.split()
+    try:
+        if len(parts) != 5:
+            raise ValueError(f"expected 5 fields, got {len(parts)}")
+        c = int(parts[0])
+        cx, cy, bw, bh = (float(v) for v in parts[1:])
+    except ValueError as exc:
+        raise DataError(f"{path}:{line_no}: malformed YOLO line {line.strip()!r} ({exc})") from exc
+    return c, cx, cy, bw, bh
+
 def read_yolo_set(root: Path) -> LabelledSet:
     """A YOLO dataset: ``root/images/*``, ``root/labels/<stem>.txt``, ``root/classes.txt``.
 
@@ -145,14 +159,7 @@ def read_yolo_set(root: Path) -> LabelledSet:
             for ln, line in enumerate(lf.read_text().splitlines(), start=1):
                 if not line.strip():
                     continue
-                parts = line.split()
-                try:
-                    if len(parts) != 5:
-                        raise ValueError(f"expected 5 fields, got {len(parts)}")
-                    c = int(parts[0])
-                    cx, cy, bw, bh = (float(v) for v in parts[1:])
-                except ValueError as exc:
-                    raise DataError(f"{lf}:{ln}: malformed YOLO line {line.strip()!r} ({exc})") from exc
+                c, cx, cy, bw, bh = parse_yolo_line(line, lf, ln)
                 if not 0 <= c < len(classes):
                     raise DataError(f"{lf}:{ln}: class id {c} out of range 0..{len(classes) - 1}")
                 if not all(np.isfinite([cx, cy, bw, bh])) or bw < 0 or bh < 0:

@@ -17,7 +17,7 @@ import numpy as np
 from perception.coco import read_json
 from perception.errors import DataError
 
-from build_engine.data.formats import IMAGE_EXTS, image_size, read_classes
+from build_engine.data.formats import IMAGE_EXTS, image_size, parse_yolo_line, read_classes
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,7 @@ def _yolo(root: Path) -> LabelSet:
         for ln, line in enumerate(lf.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
-            parts = line.split()
-            try:
-                if len(parts) != 5:
-                    raise ValueError(f"expected 5 fields, got {len(parts)}")
-                c = int(parts[0])
-                cx, cy, bw, bh = (float(v) for v in parts[1:])
-            except ValueError as exc:
-                raise DataError(f"{lf}:{ln}: malformed YOLO line {line.strip()!r} ({exc})") from exc
+            c, cx, cy, bw, bh = parse_yolo_line(line, lf, ln)
             box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
             records.append(LabelRecord(iid, f"images/{f.name}", w, h, box, c, f"labels/{lf.name}:{ln}"))
     return LabelSet(root, classes, images, records, "yolo")
