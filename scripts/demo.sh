@@ -15,7 +15,9 @@ perception build --out "$OUT/engine" ${DEMO_BUILD_ARGS:-}
 
 echo "== 2/3 serve: $OUT/engine/manifest.json"
 LOG="$OUT/server.log"
-perception serve --model "$OUT/engine/manifest.json" --host 127.0.0.1 --port 0 --metrics-port 0 2>"$LOG" &
+# Started directly (not through the shell function) so that $! is the server itself and
+# SIGTERM reaches it.
+"$PY" -m perception.cli serve --model "$OUT/engine/manifest.json" --host 127.0.0.1 --port 0 --metrics-port 0 2>"$LOG" &
 SERVER_PID=$!
 cleanup() {
   if kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -54,6 +56,11 @@ for line in text.splitlines():
 PYEOF
 
 kill -TERM "$SERVER_PID"
-wait "$SERVER_PID" && echo "== server stopped cleanly (exit 0)"
+rc=0
+wait "$SERVER_PID" || rc=$?
 trap - EXIT
+if [ "$rc" -ne 0 ]; then
+  echo "server exited with status $rc after SIGTERM:"; tail -n 20 "$LOG"; exit 1
+fi
+echo "== server stopped cleanly (exit 0)"
 echo "outputs: $OUT/detections.jsonl, $OUT/summary.json, $OUT/engine/report.md"
