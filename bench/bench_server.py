@@ -129,7 +129,7 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
     from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     m = load_manifest(manifest)
-    pipe = FramePipeline(m)
+    pipe = FramePipeline.from_manifest(m)
     backend = OnnxRuntimeBackend(m.path_of(m.variant()), intra_op_threads=threads, max_batch=1)
     backend.activate()
     server = ServerProcess(manifest, threads, ["--max-batch", "1"])

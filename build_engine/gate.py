@@ -29,7 +29,7 @@ import numpy as np
 from build_engine.thresholds import GateLimits
 from perception.boxes import box_iou
 from perception.errors import DataError, InvalidInputError
-from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant
+from perception.manifest import PostprocessSpec, PreprocessSpec
 from perception.types import Detections
 from server.pipeline import FrameInput, FramePipeline, Prepared, RequestOptions
 
@@ -96,15 +96,9 @@ def make_backend(path: Path, threads: int, max_batch: int = 8) -> Any:
 
 
 def serving_pipeline(pre: PreprocessSpec, post: PostprocessSpec, classes: Sequence[str]) -> FramePipeline:
-    """The server's frame pipeline for a model with these specs.
-
-    The server builds it from the manifest; the gate runs before the manifest exists, so it
-    builds one holding the specs the manifest will carry. The stub variant only satisfies
-    the manifest's validation: the pipeline never reads variants.
-    """
-    stub = Variant(name="gated", file="model.onnx", precision="fp32")
-    return FramePipeline(Manifest(name="gate", version="0", classes=tuple(classes), preprocess=pre, postprocess=post,
-                                  variants=(stub,), default_variant=stub.name))
+    """The server's frame pipeline for a model with these specs (the server builds the same
+    one from the manifest the build is about to write)."""
+    return FramePipeline(pre, post, tuple(classes))
 
 
 def val_frame(valset: ValSet, index: int) -> FrameInput:

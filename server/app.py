@@ -136,7 +136,7 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
             metrics = CameraLabelledMetrics(ServerMetrics(registry, cameras=None),
                                             CameraLabels(config.max_camera_labels))
     manifest = load_manifest(config.model)
-    pipeline = FramePipeline(manifest)
+    pipeline = FramePipeline.from_manifest(manifest)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from perception.decode import decode_encoded, decode_raw, reduction_factor
 from perception.errors import InvalidInputError
 from perception.letterbox import Letterbox
-from perception.manifest import Manifest
+from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec
 from perception.postprocess import PostprocessOptions, merge_options, postprocess
 from perception.preprocess import letterbox_canvas, normalize_batch
 from perception.types import Detections
@@ -87,21 +87,31 @@ class Prepared:
 
 
 class FramePipeline:
-    """Pre- and post-processing of one manifest's model."""
+    """Pre- and post-processing of one model, as its manifest specifies them."""
 
-    def __init__(self, manifest: Manifest, reduced_decode: bool = True) -> None:
-        self.manifest = manifest
-        self.spec = manifest.preprocess
-        self.classes = manifest.classes
+    def __init__(
+        self,
+        preprocess: PreprocessSpec,
+        postprocess: PostprocessSpec,
+        classes: tuple[str, ...],
+        reduced_decode: bool = True,
+    ) -> None:
+        self.spec = preprocess
+        self.postprocess = postprocess
+        self.classes = tuple(classes)
         self.reduced_decode = reduced_decode
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, reduced_decode: bool = True) -> "FramePipeline":
+        return cls(manifest.preprocess, manifest.postprocess, manifest.classes, reduced_decode)
 
     def options(self, req: RequestOptions) -> PostprocessOptions:
         """Merge request options over the manifest's defaults. Raises InvalidInputError."""
         if req.max_detections < 0:
             raise InvalidInputError(f"max_detections must be >= 0, got {req.max_detections}")
         return merge_options(
-            self.manifest.postprocess,
-            self.manifest.num_classes,
+            self.postprocess,
+            len(self.classes),
             score_threshold=float(req.score_threshold),
             iou_threshold=float(req.iou_threshold),
             max_detections=int(req.max_detections),

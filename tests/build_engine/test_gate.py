@@ -276,7 +276,7 @@ def test_gate_sees_exactly_the_pixels_served(tmp_path):
     ev = evaluate_variant("v", tmp_path / "unused.onnx", vs, pre, post, batch_size=2, backend=backend)
 
     # What the server builds from the manifest the build will write.
-    pipeline = FramePipeline(Manifest(name="m", version="1", classes=("c0", "c1", "c2"), preprocess=pre,
+    pipeline = FramePipeline.from_manifest(Manifest(name="m", version="1", classes=("c0", "c1", "c2"), preprocess=pre,
                                       postprocess=post, variants=(Variant("v", "model.onnx", "fp32"),),
                                       default_variant="v"))
     req = RequestOptions(score_threshold=EVAL_SCORE_FLOOR)

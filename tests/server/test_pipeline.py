@@ -29,8 +29,8 @@ def test_reduced_decode_matches_full_decode(manifest, size):
     rng = np.random.default_rng(1)
     img = cv2.resize(rng.integers(0, 255, (h // 40, w // 40, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
     frame = FrameInput("front", 1, 0, encoded=cv2.imencode(".jpg", img)[1].tobytes())
-    fast = FramePipeline(manifest, reduced_decode=True).prepare(frame, RequestOptions())
-    full = FramePipeline(manifest, reduced_decode=False).prepare(frame, RequestOptions())
+    fast = FramePipeline.from_manifest(manifest, reduced_decode=True).prepare(frame, RequestOptions())
+    full = FramePipeline.from_manifest(manifest, reduced_decode=False).prepare(frame, RequestOptions())
     assert (fast.image_width, fast.image_height) == (full.image_width, full.image_height) == (w, h)
     # Same picture either way (up to resampling differences).
     assert np.abs(fast.tensor.astype(float) - full.tensor.astype(float)).mean() < 0.03 * 255
@@ -53,7 +53,7 @@ def test_known_object_maps_back_to_its_source_pixels(manifest, reduced):
     data = cv2.imencode(".jpg", cv2.cvtColor(src, cv2.COLOR_GRAY2BGR), [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
     # A 224x126 input makes the pipeline take the 1/8 decode (1913 // 8 = 239 >= 224).
     spec = dataclasses.replace(manifest.preprocess, input_width=224, input_height=126)
-    pipe = FramePipeline(dataclasses.replace(manifest, preprocess=spec), reduced_decode=reduced)
+    pipe = FramePipeline.from_manifest(dataclasses.replace(manifest, preprocess=spec), reduced_decode=reduced)
     p = pipe.prepare(FrameInput("front", 1, 0, encoded=data), RequestOptions(score_threshold=0.01))
     lb = p.letterbox
     # Where the object really is in model space, measured from the letterboxed pixels.
@@ -70,7 +70,7 @@ def test_known_object_maps_back_to_its_source_pixels(manifest, reduced):
 
 
 def test_finish_gives_source_pixel_boxes(manifest):
-    pipe = FramePipeline(manifest)
+    pipe = FramePipeline.from_manifest(manifest)
     frame = FrameInput("front", 1, 0, raw=RawPixels(640, 480, 0, 1, bytes(640 * 480 * 3)))
     p = pipe.prepare(frame, RequestOptions(score_threshold=0.01))
     out = np.zeros((3, 12), np.float32)
@@ -93,7 +93,7 @@ dims = st.one_of(st.integers(min_value=0, max_value=64), st.integers(min_value=0
 @given(w=dims, h=dims, fmt=pixel_formats, stride=st.integers(min_value=0, max_value=400),
        extra=st.integers(min_value=-50, max_value=50), seed=st.integers(0, 2**16))
 def test_raw_frames_valid_or_invalid_never_crash(manifest, w, h, fmt, stride, extra, seed):
-    pipe = FramePipeline(manifest)
+    pipe = FramePipeline.from_manifest(manifest)
     bpp = {1: 3, 2: 3, 3: 1, 4: 1}.get(fmt, 3)
     rows = h + h // 2 if fmt == 4 else h
     n = max(0, min((stride or w * bpp) * rows + extra, 1 << 20))  # never build huge buffers here
@@ -119,7 +119,7 @@ floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(min
 @given(score=floats, iou=floats, max_det=st.integers(min_value=-5, max_value=2**32 - 1),
        classes=st.lists(st.integers(min_value=0, max_value=20), max_size=5), agnostic=st.booleans())
 def test_options_valid_or_invalid(tiny_manifest, score, iou, max_det, classes, agnostic):
-    pipe = FramePipeline(load_manifest(tiny_manifest, verify_checksums=False))
+    pipe = FramePipeline.from_manifest(load_manifest(tiny_manifest, verify_checksums=False))
     req = RequestOptions(score, iou, max_det, tuple(classes), agnostic)
     try:
         o = pipe.options(req)
@@ -134,13 +134,13 @@ def test_options_valid_or_invalid(tiny_manifest, score, iou, max_det, classes, a
 
 
 def manifest_agnostic(pipe: FramePipeline) -> bool:
-    return pipe.manifest.postprocess.class_agnostic
+    return pipe.postprocess.class_agnostic
 
 
 @settings(max_examples=150, deadline=None, database=None)
 @given(data=st.binary(max_size=300), cut=st.integers(min_value=0, max_value=2000))
 def test_encoded_garbage_and_truncation_is_invalid(tiny_manifest, data, cut):
-    pipe = FramePipeline(load_manifest(tiny_manifest, verify_checksums=False))
+    pipe = FramePipeline.from_manifest(load_manifest(tiny_manifest, verify_checksums=False))
     good = cv2.imencode(".jpg", np.full((40, 60, 3), 128, np.uint8))[1].tobytes()
     for payload in (data, b"\xff\xd8" + data, good[: min(cut, len(good) - 1)]):
         try:

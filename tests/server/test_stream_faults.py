@@ -137,7 +137,7 @@ def _session(pipeline: FramePipeline, scheduler: Scheduler, draining: Any = lamb
 
 
 def test_cancel_between_accept_and_submit_leaves_no_queue(tiny_manifest: Path):
-    pipeline = FramePipeline(load_manifest(tiny_manifest))
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
     scheduler = _CancelDuringSubmit(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
     scheduler._accepting = True  # the worker is not started: the job stays queued
     session = scheduler.session = _session(pipeline, scheduler)
@@ -151,7 +151,7 @@ def test_cancel_between_accept_and_submit_leaves_no_queue(tiny_manifest: Path):
 
 
 def test_request_taken_while_draining_is_answered(tiny_manifest: Path):
-    pipeline = FramePipeline(load_manifest(tiny_manifest))
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
     scheduler = Scheduler(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
     scheduler.start()
     drain = threading.Event()
