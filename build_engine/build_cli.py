@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def gate_thresholds(args: argparse.Namespace) -> GateThresholds:
+    """The gates the command line asks for (validated by GateThresholds)."""
+    return GateThresholds(
+        fp16=args.gate_fp16,
+        int8=args.gate_int8,
+        pruned=args.gate_pruned,
+        fp16_max_latency_ratio=args.gate_fp16_latency,
+        int8_max_latency_ratio=args.gate_int8_latency,
+        pruned_max_latency_ratio=args.gate_pruned_latency,
+        latency_budget_ms=args.latency_budget_ms,
+    )
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import logging
@@ -71,15 +84,7 @@ def main(argv: list[str]) -> int:
         opset=args.opset,
         max_batch=args.max_batch,
         nms_in_graph=args.nms_in_graph,
-        gates=GateThresholds(
-            fp16=args.gate_fp16,
-            int8=args.gate_int8,
-            pruned=args.gate_pruned,
-            fp16_max_latency_ratio=args.gate_fp16_latency,
-            int8_max_latency_ratio=args.gate_int8_latency,
-            pruned_max_latency_ratio=args.gate_pruned_latency,
-            latency_budget_ms=args.latency_budget_ms,
-        ),
+        gates=gate_thresholds(args),
         continue_on_fail=args.continue_on_fail,
         latency_runs=args.latency_runs,
         threads=args.threads,

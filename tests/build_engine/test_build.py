@@ -217,11 +217,14 @@ def test_latency_gates_reach_the_manifest(inputs, case):
         assert m.default_variant == min(m.variants, key=lambda v: v.latency_ms["min"]).name
 
 
-def test_cli_latency_gate_flags_reach_the_thresholds() -> None:
-    from build_engine.build_cli import build_parser
+def test_cli_gate_flags_become_the_thresholds() -> None:
+    from build_engine.build_cli import build_parser, gate_thresholds
+    from perception.errors import ConfigError
 
-    args = build_parser().parse_args(
+    g = gate_thresholds(build_parser().parse_args(
         ["--out", "x", "--gate-int8-latency", "0.9", "--gate-fp16-latency", "2.0", "--latency-budget-ms", "15"]
-    )
-    assert (args.gate_int8_latency, args.gate_fp16_latency, args.latency_budget_ms) == (0.9, 2.0, 15.0)
-    assert build_parser().parse_args(["--out", "x"]).latency_budget_ms is None
+    ))
+    assert (g.int8_max_latency_ratio, g.fp16_max_latency_ratio, g.latency_budget_ms) == (0.9, 2.0, 15.0)
+    assert gate_thresholds(build_parser().parse_args(["--out", "x"])).latency_budget_ms is None
+    with pytest.raises(ConfigError):
+        gate_thresholds(build_parser().parse_args(["--out", "x", "--gate-int8-latency", "-1"]))
