@@ -57,9 +57,12 @@ class CSPStage(nn.Module):
     dropped (depth scaling / block pruning) without touching the rest.
     """
 
-    def __init__(self, c_in: int, c_out: int, n: int = 1, act: str = "relu", shortcut: bool = True) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, n: int = 1, act: str = "relu", shortcut: bool = True, multiple: int = 8
+    ) -> None:
         super().__init__()
         hidden = max(8, c_out // 2)
+        hidden += -hidden % multiple  # round up to the channel multiple
         self.cv1 = ConvBNAct(c_in, hidden, 1, 1, act)
         self.cv2 = ConvBNAct(c_in, hidden, 1, 1, act)
         self.blocks = nn.Sequential(*(ResidualBlock(hidden, act, shortcut) for _ in range(n)))

@@ -36,12 +36,14 @@ class Backbone(nn.Module):
         super().__init__()
         c = [cfg.channels(b) for b in BASE_CHANNELS]
         d = [cfg.depth(b) for b in BASE_DEPTHS]
-        a = cfg.act
+        a, m = cfg.act, cfg.channel_multiple
         self.stem = ConvBNAct(3, c[0], 3, 2, a)
-        self.stage1 = nn.Sequential(ConvBNAct(c[0], c[1], 3, 2, a), CSPStage(c[1], c[1], d[0], a))
-        self.stage2 = nn.Sequential(ConvBNAct(c[1], c[2], 3, 2, a), CSPStage(c[2], c[2], d[1], a))
-        self.stage3 = nn.Sequential(ConvBNAct(c[2], c[3], 3, 2, a), CSPStage(c[3], c[3], d[2], a))
-        self.stage4 = nn.Sequential(ConvBNAct(c[3], c[4], 3, 2, a), CSPStage(c[4], c[4], d[3], a), SPPF(c[4], c[4], a))
+        self.stage1 = nn.Sequential(ConvBNAct(c[0], c[1], 3, 2, a), CSPStage(c[1], c[1], d[0], a, multiple=m))
+        self.stage2 = nn.Sequential(ConvBNAct(c[1], c[2], 3, 2, a), CSPStage(c[2], c[2], d[1], a, multiple=m))
+        self.stage3 = nn.Sequential(ConvBNAct(c[2], c[3], 3, 2, a), CSPStage(c[3], c[3], d[2], a, multiple=m))
+        self.stage4 = nn.Sequential(
+            ConvBNAct(c[3], c[4], 3, 2, a), CSPStage(c[4], c[4], d[3], a, multiple=m), SPPF(c[4], c[4], a)
+        )
         self.out_channels = (c[2], c[3], c[4])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,16 +61,16 @@ class PAN(nn.Module):
         super().__init__()
         c3, c4, c5 = in_channels
         n = cfg.depth(BASE_NECK_DEPTH)
-        a = cfg.act
+        a, m = cfg.act, cfg.channel_multiple
         self.reduce5 = ConvBNAct(c5, c4, 1, 1, a)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.td4 = CSPStage(c4 * 2, c4, n, a, shortcut=False)
+        self.td4 = CSPStage(c4 * 2, c4, n, a, shortcut=False, multiple=m)
         self.reduce4 = ConvBNAct(c4, c3, 1, 1, a)
-        self.td3 = CSPStage(c3 * 2, c3, n, a, shortcut=False)
+        self.td3 = CSPStage(c3 * 2, c3, n, a, shortcut=False, multiple=m)
         self.down3 = ConvBNAct(c3, c3, 3, 2, a)
-        self.bu4 = CSPStage(c3 * 2, c4, n, a, shortcut=False)
+        self.bu4 = CSPStage(c3 * 2, c4, n, a, shortcut=False, multiple=m)
         self.down4 = ConvBNAct(c4, c4, 3, 2, a)
-        self.bu5 = CSPStage(c4 * 2, c5, n, a, shortcut=False)
+        self.bu5 = CSPStage(c4 * 2, c5, n, a, shortcut=False, multiple=m)
         self.out_channels = (c3, c4, c5)
 
     def forward(self, feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:

@@ -67,13 +67,24 @@ def test_width_depth_multipliers_scale_the_family() -> None:
     assert count(deep) > count(shallow)
 
 
-def test_default_is_a_few_hundred_million_macs() -> None:
-    cfg = ModelConfig()
+def test_shipped_default_stays_under_a_billion_macs() -> None:
+    cfg = preset("edge")  # configs/default.yaml
     macs = conv_macs(build_detector(cfg), cfg.input_height, cfg.input_width)
-    assert 50e6 < macs < 400e6, macs
+    assert 300e6 < macs < 800e6, macs
 
 
-@pytest.mark.parametrize("bad", [dict(input_width=100), dict(act="gelu"), dict(width_mult=0.0), dict(num_classes=0)])
+def test_channel_multiple_rounds_every_conv_width() -> None:
+    m = build_detector(preset("edge", **SMALL))
+    preds = {id(x) for h in m.heads for x in (h.cls_pred, h.box_pred, h.obj_pred)}
+    widths = [x.out_channels for x in m.modules() if isinstance(x, torch.nn.Conv2d) and id(x) not in preds]
+    assert widths and all(w % 16 == 0 for w in widths), widths
+    # The default multiple of 8 leaves nano exactly as it was trained and shipped before.
+    nano = build_detector(preset("nano", **SMALL))
+    assert nano.backbone.stage1[1].cv1.conv.out_channels == 8
+
+
+@pytest.mark.parametrize("bad", [dict(input_width=100), dict(act="gelu"), dict(width_mult=0.0), dict(num_classes=0),
+                                 dict(channel_multiple=12)])
 def test_bad_model_config_is_rejected(bad: dict) -> None:
     with pytest.raises(ConfigError):
         ModelConfig(**bad)
