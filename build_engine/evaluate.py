@@ -128,9 +128,9 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str], data_dir: str | os.PathLike[str], score_threshold: float = 0.25,
     progress: bool = False,
 ) -> tuple[KpiReport, list[dict[str, Any]], dict[str, Any]]:
-    from build_engine.checkpoint import load_checkpoint
+    from build_engine.prune import load_any_checkpoint
 
-    model, meta = load_checkpoint(checkpoint)
+    model, meta = load_any_checkpoint(checkpoint)  # plain or pruned
     ds = read_labelled_set(data_dir)
     return evaluate_runner(torch_runner(model), ds, tuple(meta.input_size), score_threshold, progress=progress)  # type: ignore[arg-type]
 

@@ -29,12 +29,12 @@ def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> lis
     ls = read_label_set(data)
     issues = find_geometric_issues(ls)
     if checkpoint:
-        from build_engine.checkpoint import load_checkpoint
         from build_engine.evaluate import torch_runner
         from build_engine.label_qa.model_assisted import find_model_issues
+        from build_engine.prune import load_any_checkpoint
         from perception.errors import ConfigError
 
-        model, meta = load_checkpoint(checkpoint)
+        model, meta = load_any_checkpoint(checkpoint)
         if tuple(meta.classes) != tuple(ls.classes):
             raise ConfigError(f"{checkpoint}: model classes {list(meta.classes)} differ from the dataset's {list(ls.classes)}")
         issues += find_model_issues(ls, torch_runner(model), tuple(meta.input_size))  # type: ignore[arg-type]

@@ -104,15 +104,15 @@ class PruneOptions:
     ratio: float
     remove_blocks: int = -1
     importance: str = "l1"
-    round_to: int = 8  # channel counts stay multiples of 8 (INT8 / SIMD friendly)
+    round_to: int = 0  # kept channel counts are multiples of this; 0: the model's channel_multiple
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 0.95:
             raise ConfigError(f"pruning ratio must be in [0, 0.95), got {self.ratio}")
         if self.importance not in IMPORTANCES:
             raise ConfigError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
-        if self.round_to < 1:
-            raise ConfigError("round_to must be >= 1")
+        if self.round_to < 0:
+            raise ConfigError("round_to must be >= 0")
 
 
 def removable_blocks(model: nn.Module) -> list[str]:
@@ -162,6 +162,8 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
+    # INT8 kernels want the same channel multiple the architecture was designed with.
+    round_to = opts.round_to or int(getattr(getattr(model, "cfg", None), "channel_multiple", 8))
     before = conv_channels(pruned)
     candidates = removable_blocks(pruned)
     n_remove = opts.remove_blocks if opts.remove_blocks >= 0 else int(round(opts.ratio * len(candidates)))
@@ -178,7 +180,7 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
         try:
             pruner = tp.pruner.MetaPruner(
                 pruned, example, importance=importance, pruning_ratio=opts.ratio,
-                ignored_layers=ignored, round_to=opts.round_to,
+                ignored_layers=ignored, round_to=round_to,
             )
             pruner.step()
         except Exception as exc:  # torch-pruning raises assorted errors on untraceable graphs
@@ -187,7 +189,7 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
     info = {
         "method": f"{len(removed)} residual blocks removed (smallest |f(x)| / |x| on real images), then "
                   f"{opts.ratio:.0%} of channels per layer by {'L1 weight norm' if opts.importance == 'l1' else '|BN gamma|'} "
-                  f"(Torch-Pruning dependency graph, rounded to {opts.round_to})",
+                  f"(Torch-Pruning dependency graph, rounded to {round_to})",
         "ratio": opts.ratio,
         "importance": opts.importance,
         "removed_blocks": removed,
