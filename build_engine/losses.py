@@ -245,3 +245,37 @@ class DetectionLoss:
         total = cfg.box_weight * l_box + cfg.obj_weight * l_obj + cfg.cls_weight * l_cls + cfg.l1_weight * l_l1
         parts = {"box": float(l_box.detach()), "obj": float(l_obj.detach()), "cls": float(l_cls.detach()), "l1": float(l_l1.detach()), "num_fg": num_fg / b}
         return total, parts
+
+
+def bernoulli_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Element-wise KL(sigmoid(teacher) || sigmoid(student)): 0 where the logits agree, > 0 elsewhere.
+
+    BCE(student, p_t) - BCE(teacher, p_t), both with the teacher's probability as the soft target.
+    """
+    p = torch.sigmoid(teacher_logits)
+    return (F.binary_cross_entropy_with_logits(student_logits, p, reduction="none")
+            - F.binary_cross_entropy_with_logits(teacher_logits, p, reduction="none"))
+
+
+def distillation_loss(student_raws: list[torch.Tensor], teacher_raws: list[torch.Tensor]) -> torch.Tensor:
+    """Dense output distillation between two detectors with the same head layout (a pruned
+    student and its unpruned teacher): per level (B, 4 + 1 + C, h, w) raw maps.
+
+    Objectness and class logits are matched by Bernoulli KL, box parameters by L1. Every cell
+    is weighted by max(teacher, student) objectness (detached), so the loss looks where either
+    model sees an object - the teacher's detections and the student's false positives - instead of
+    averaging over the empty background; the weights are normalised to sum to 1.
+    """
+    if len(student_raws) != len(teacher_raws):
+        raise ValueError(f"{len(student_raws)} student levels vs {len(teacher_raws)} teacher levels")
+    terms, weights = [], []
+    for s, t in zip(student_raws, teacher_raws):
+        if s.shape != t.shape:
+            raise ValueError(f"student map {tuple(s.shape)} vs teacher map {tuple(t.shape)}")
+        w = torch.maximum(torch.sigmoid(t[:, 4]), torch.sigmoid(s[:, 4])).detach()  # (B, h, w)
+        box = (s[:, :4] - t[:, :4]).abs().mean(1)
+        obj = bernoulli_kl(s[:, 4], t[:, 4])
+        cls = bernoulli_kl(s[:, 5:], t[:, 5:]).mean(1)
+        terms.append((w * (box + obj + cls)).sum())
+        weights.append(w.sum())
+    return torch.stack(terms).sum() / torch.stack(weights).sum().clamp(min=1e-6)

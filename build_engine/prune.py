@@ -201,13 +201,19 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
 
 
 def finetune(
-    model: nn.Module, train_cfg: Any, epochs: int, lr: float, max_images: int = 0, progress: bool = True
+    model: nn.Module, train_cfg: Any, epochs: int, lr: float, max_images: int = 0, progress: bool = True,
+    teacher: nn.Module | None = None, distill_weight: float = 1.0,
 ) -> dict[str, float]:
     """Fine-tune a (pruned) detector with the training code's data, loss, optimizer, schedule
-    and EMA; return the val KPI of the EMA weights. ``max_images`` > 0 caps the train set."""
+    and EMA; return the val KPI of the EMA weights. ``max_images`` > 0 caps the train set.
+
+    teacher: the unpruned parent; when given, ``distill_weight`` x ``losses.distillation_loss``
+    (the student's raw head maps pulled towards the teacher's on every batch) is added to the
+    detection loss. The teacher sees the same augmented images and stays frozen in eval mode.
+    """
     import dataclasses
 
-    from build_engine.losses import DetectionLoss
+    from build_engine.losses import DetectionLoss, distillation_loss
     from build_engine.train.ema import ModelEMA
     from build_engine.train.schedule import learning_rates
     from build_engine.train.trainer import anchor_points, load_batch, make_optimizer, prepare_data, validate
@@ -220,6 +226,8 @@ def finetune(
     if size is not None:
         model_cfg = dataclasses.replace(model_cfg, input_width=size.input_width, input_height=size.input_height)
     cfg = dataclasses.replace(train_cfg, optim=o, model=model_cfg)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train_set, val_set = prepare_data(cfg, progress)
@@ -238,12 +246,18 @@ def finetune(
             from tqdm import tqdm
 
             it = tqdm(it, desc=f"fine-tune {epoch + 1}/{epochs}", unit="batch", mininterval=5.0)
+        total = 0.0
         for k in it:
             lr_w, lr_b = learning_rates(epoch * steps + k, steps, epochs, o.lr, o.schedule, o.final_lr_ratio, 0.0, o.lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr_b if g["kind"] == "bias" else lr_w
             images, targets = load_batch(train_set, order[k * bs : (k + 1) * bs], cfg, epoch)
-            loss, _ = criterion(model.decode(model(images)), centers, strides, targets)
+            raws = model(images)
+            loss, _ = criterion(model.decode(raws), centers, strides, targets)
+            if teacher is not None and distill_weight > 0:
+                with torch.no_grad():
+                    teacher_raws = teacher.forward_raw(images)
+                loss = loss + distill_weight * distillation_loss(raws, teacher_raws)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip > 0:
@@ -251,6 +265,8 @@ def finetune(
             optimizer.step()
             if ema is not None:
                 ema.update(model)
+            total += float(loss.detach())
+        log.info("fine-tune epoch %d/%d: mean loss %.4f over %d batches", epoch + 1, epochs, total / steps, steps)
     final = ema.ema if ema is not None else model
     if final is not model:
         model.load_state_dict(final.state_dict())

@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=("l1", "bn"), default="l1", help="channel importance: L1 weight norm or |BN gamma|")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (default: %(default)s)")
     p.add_argument("--finetune-images", type=int, default=0, help="cap the train images per fine-tune epoch (0: all)")
-    p.add_argument("--lr", type=float, default=0.005, help="fine-tuning learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default: %(default)s)")
+    p.add_argument("--distill", type=float, default=1.0, metavar="W",
+                   help="weight of distillation from the unpruned checkpoint during fine-tuning; 0 disables "
+                        "(default: %(default)s)")
     p.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "default.yaml",
                    help="train config for fine-tuning data / loss / optimizer (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,7 +65,9 @@ def main(argv: list[str]) -> int:
         from build_engine.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images, progress=not args.no_progress)
+        teacher = model if args.distill > 0 else None  # prune_model pruned a copy: model is the parent
+        kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images, progress=not args.no_progress,
+                       teacher=teacher, distill_weight=args.distill)
     prev = dict(meta.extra.get("pruned") or {})
     if prev:  # pruning (or fine-tuning) a pruned checkpoint again: its removed blocks stay removed
         info["removed_blocks"] = list(prev.get("removed_blocks", [])) + info["removed_blocks"]
@@ -71,7 +76,8 @@ def main(argv: list[str]) -> int:
     info.update(
         macs_before=before.total_macs, macs_after=after.total_macs,
         params_before=before.total_params, params_after=after.total_params,
-        finetune_epochs=args.finetune_epochs, parent_checkpoint=args.checkpoint.name,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.lr, distill_weight=args.distill if args.finetune_epochs else 0.0,
+        parent_checkpoint=args.checkpoint.name,
         parent_sha256=sha256_file(args.checkpoint),
     )
     new_meta = meta_for(pruned, meta.classes, epoch=meta.epoch, val_kpi=kpi or dict(meta.val_kpi),

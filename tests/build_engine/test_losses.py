@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from build_engine.losses import (
-    DetectionLoss, LossConfig, bce_loss, box_iou_pairs, box_loss, ce_loss, focal_loss, simota_assign,
+    DetectionLoss, LossConfig, bce_loss, bernoulli_kl, box_iou_pairs, box_loss, ce_loss, distillation_loss, focal_loss,
+    simota_assign,
 )
 from perception.errors import ConfigError
 
@@ -109,3 +110,27 @@ def test_detection_loss_weights_and_no_objects() -> None:
     assert parts["obj"] == pytest.approx(16 * math.log(2), abs=1e-5)
     assert parts["cls"] == pytest.approx(2 * math.log(2), abs=1e-5)
     assert total.item() == pytest.approx(0.5 * 16 * math.log(2) + 2.0 * 2 * math.log(2), abs=1e-4)
+
+
+def test_bernoulli_kl_by_hand() -> None:
+    # teacher p = 0.75 (logit ln 3), student p = 0.5 (logit 0):
+    # 0.75 ln(0.75 / 0.5) + 0.25 ln(0.25 / 0.5) = 0.130812
+    kl = bernoulli_kl(torch.tensor([0.0]), torch.tensor([math.log(3.0)]))
+    assert kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
+    assert bernoulli_kl(torch.tensor([1.3, -2.0]), torch.tensor([1.3, -2.0])).abs().max().item() < 1e-6
+
+
+def test_distillation_loss_by_hand() -> None:
+    c = 4 + 1 + 2
+    teacher = torch.zeros(1, c, 1, 1)  # objectness logit 0 -> weight 0.5
+    student = teacher.clone()
+    assert distillation_loss([student], [teacher]).item() == pytest.approx(0.0, abs=1e-7)
+    student[0, 0] = 1.0  # one box parameter off by 1: L1 mean over 4 = 0.25, weight cancels
+    assert distillation_loss([student], [teacher]).item() == pytest.approx(0.25, abs=1e-6)
+    # A second, empty-looking cell (both objectness logits -20) barely counts.
+    t2, s2 = torch.full((1, c, 1, 2), -20.0), torch.full((1, c, 1, 2), -20.0)
+    t2[..., 0], s2[..., 0] = teacher[..., 0], student[..., 0]
+    s2[0, 0, 0, 1] = 5.0
+    assert distillation_loss([s2], [t2]).item() == pytest.approx(0.25, abs=1e-4)
+    with pytest.raises(ValueError):
+        distillation_loss([student], [torch.zeros(1, c, 2, 2)])
