@@ -65,14 +65,22 @@ def save_checkpoint(
     model: nn.Module,
     meta: CheckpointMeta,
     extra_state: dict[str, Any] | None = None,
+    half: bool = False,
 ) -> Path:
-    """Write weights (+ optional tensors-only training state, e.g. optimizer) atomically."""
+    """Write weights (+ optional tensors-only training state, e.g. optimizer) atomically.
+
+    half: store floating-point tensors as FP16 (half the file; for shipped weights). Loading
+    always yields FP32 tensors (``load_payload``).
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "meta": meta.to_dict(),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": state,
     }
     if extra_state:
         payload["train_state"] = extra_state
@@ -99,6 +107,10 @@ def load_payload(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelError(f"{p}: not a readable weights-only checkpoint ({type(exc).__name__})") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload or "meta" not in payload:
         raise ModelError(f"{p}: checkpoint lacks 'state_dict'/'meta' (not written by save_checkpoint)")
+    state = payload["state_dict"]
+    if isinstance(state, dict):  # weights stored in FP16 (save_checkpoint(half=True)) load as FP32
+        payload["state_dict"] = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+                                 for k, v in state.items()}
     return payload
 
 

@@ -130,3 +130,18 @@ def test_missing_or_corrupt_checkpoint_is_a_one_line_model_error(tmp_path) -> No
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(ModelError, match="other.pt"):
         load_checkpoint(other)
+
+
+def test_half_checkpoint_is_smaller_and_loads_as_fp32(tmp_path) -> None:
+    torch.manual_seed(0)
+    m = build_detector(preset("pico", **SMALL)).eval()
+    full = save_checkpoint(tmp_path / "full.pt", m, meta_for(m))
+    half = save_checkpoint(tmp_path / "half.pt", m, meta_for(m), half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in loaded.state_dict().values() if p.is_floating_point())
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), m(x), atol=0.05)
+    payload = torch.load(half, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
