@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=1.0, metavar="W",
                    help="weight of distillation from the unpruned checkpoint during fine-tuning; 0 disables "
                         "(default: %(default)s)")
+    p.add_argument("--teacher", type=Path, help="checkpoint to distil from (default: --checkpoint; give the unpruned "
+                   "original when continuing to fine-tune an already pruned checkpoint)")
     p.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "default.yaml",
                    help="train config for fine-tuning data / loss / optimizer (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -65,7 +67,9 @@ def main(argv: list[str]) -> int:
         from build_engine.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        teacher = model if args.distill > 0 else None  # prune_model pruned a copy: model is the parent
+        teacher = None
+        if args.distill > 0:  # prune_model pruned a copy: model is the parent
+            teacher = load_any_checkpoint(args.teacher)[0] if args.teacher else model
         kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images, progress=not args.no_progress,
                        teacher=teacher, distill_weight=args.distill)
     prev = dict(meta.extra.get("pruned") or {})
@@ -77,7 +81,7 @@ def main(argv: list[str]) -> int:
         macs_before=before.total_macs, macs_after=after.total_macs,
         params_before=before.total_params, params_after=after.total_params,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.lr, distill_weight=args.distill if args.finetune_epochs else 0.0,
-        parent_checkpoint=args.checkpoint.name,
+        parent_checkpoint=args.checkpoint.name, teacher_checkpoint=(args.teacher or args.checkpoint).name,
         parent_sha256=sha256_file(args.checkpoint),
     )
     new_meta = meta_for(pruned, meta.classes, epoch=meta.epoch, val_kpi=kpi or dict(meta.val_kpi),
