@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # (label, width, height): camera resolutions down to the family's own sizes. Inputs must be
 # multiples of 32 (the largest stride), so 1080 and 720 round up to 1088 and 736.
 RESOLUTIONS = (("1920x1080 camera", 1920, 1088), ("1280x720 camera", 1280, 736), ("small-preset input", 640, 384),
-               ("nano-preset input", 512, 288), ("pico-preset input", 384, 224))
+               ("edge/nano-preset input", 512, 288), ("pico-preset input", 384, 224))
 DEPTHS = (0.33, 0.67, 1.0)
 WIDTHS = (0.125, 0.25, 0.5)
 

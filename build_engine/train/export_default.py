@@ -1,8 +1,13 @@
 """Publish a training run as a shipped model directory (``models/default``):
 ``detector.pt`` (weights-only, EMA weights), ``config.yaml`` (model, classes, pre/post-processing
 defaults, provenance) and, when the run has been evaluated, ``eval.json`` + ``eval.md`` + plots.
+When the run holds a pruned, fine-tuned copy (``RUN/pruned.pt``, from ``perception prune``) it is
+published too, as ``detector_pruned.pt`` with ``eval_pruned.json``.
 
   python -m build_engine.train.export_default RUN_DIR models/default
+
+scripts/train_default.sh lays the run out: RUN/best.pt, RUN/eval (test), RUN/eval_val,
+RUN/pruned.pt, RUN/eval_pruned (test).
 """
 
 from __future__ import annotations
@@ -31,29 +36,58 @@ def model_card(meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str
     }
 
 
-# A run directory nests each later stage inside the one it continues from:
-# RUN/ (stage 1), RUN/finetune/ (stage 2), RUN/finetune/hires/ (stage 3); see scripts/train_default.sh.
-STAGE_CONFIGS = {"finetune": "configs/default_finetune.yaml", "hires": "configs/default_hires.yaml"}
+TRAIN_CONFIG = "configs/default.yaml"
 
 
-def training_stages(run_dir: Path) -> list[tuple[str, Path]]:
-    """(config, run directory) of every stage that led to ``run_dir``, first stage first."""
-    stages: list[tuple[str, Path]] = []
-    d = run_dir
-    while d.name in STAGE_CONFIGS:
-        stages.append((STAGE_CONFIGS[d.name], d))
-        d = d.parent
-    stages.append(("configs/default.yaml", d))
-    return stages[::-1]
+def _epoch_table(path: Path, threads: int) -> list[str]:
+    hist = [json.loads(line) for line in path.read_text().splitlines()]
+    total = sum(h.get("seconds", 0) for h in hist)
+    lines = [f"Training ({TRAIN_CONFIG}): {len(hist)} epochs, {total / 60:.1f} min of epoch time on a 2-core CPU "
+             f"({threads} thread{'s' if threads != 1 else ''}).", "",
+             "| epoch | loss | val mAP50 | val mAP50-95 |", "|---|---|---|---|"]
+    for h in hist:
+        v = h.get("val", {})
+        lines.append(f"| {h['epoch']} | {h.get('loss_total', 0):.3f} | {v.get('map50', float('nan')):.4f} | {v.get('map50_95', float('nan')):.4f} |")
+    return lines + [""]
+
+
+def _pruned_section(run_dir: Path, out_dir: Path) -> list[str]:
+    """Publish RUN/pruned.pt (and its test-set KPI) when the run has one; the eval.md lines."""
+    from build_engine.prune import load_any_checkpoint
+
+    src = run_dir / "pruned.pt"
+    if not src.is_file():
+        return []
+    model, meta = load_any_checkpoint(src)
+    save_checkpoint(out_dir / "detector_pruned.pt", model, meta, half=True)
+    info = meta.extra.get("pruned", {})
+    first = info  # a checkpoint fine-tuned further keeps its pruning step under "previous"
+    while first.get("previous"):
+        first = first["previous"]
+    lines = ["## Pruned variant", "",
+             f"`detector_pruned.pt`: {first.get('method', 'pruned')}; fine-tuned "
+             f"{info.get('finetune_epochs_total', info.get('finetune_epochs', 0))} epochs, distilled from `detector.pt`. "
+             f"{info.get('macs_after', 0) / 1e6:.1f} M MACs ({info.get('macs_after', 0) / max(first.get('macs_before', 1), 1):.2f}x), "
+             f"{info.get('params_after', 0) / 1e6:.3f} M params. `perception build --pruned models/default/detector_pruned.pt` "
+             "adds it to the build's variants.", ""]
+    kpi_path = run_dir / "eval_pruned" / "kpi.json"
+    if kpi_path.is_file():
+        from build_engine.eval_cli import format_table
+
+        kpi = {k: v for k, v in json.loads(kpi_path.read_text()).items() if k not in ("pr_curves", "f1_curve")}
+        (out_dir / "eval_pruned.json").write_text(json.dumps(kpi, indent=1) + "\n")
+        lines += ["Held-out test set:", "", "```", format_table(kpi), "```", ""]
+    return lines
 
 
 def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
     model, meta = load_checkpoint(run_dir / "best.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Shipped in FP16 (half the size in the repository); every loader reads it back as FP32.
+    # scripts/train_default.sh scores the published files, so the reports describe these weights.
     save_checkpoint(out_dir / "detector.pt", model, meta_for(model, meta.classes, epoch=meta.epoch, val_kpi=meta.val_kpi,
-                                                                train_config_hash=meta.train_config_hash))
-    stages = training_stages(run_dir)
-    recipe = " then ".join(config for config, _ in stages)
+                                                                train_config_hash=meta.train_config_hash), half=True)
+    recipe = TRAIN_CONFIG
     extra: dict[str, Any] = {"train_config": recipe, "train_config_hash": meta.train_config_hash, "epoch": meta.epoch}
     card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra)
     (out_dir / "config.yaml").write_text("# Written by build_engine.train.export_default; see eval.md for the full report.\n"
@@ -83,18 +117,10 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
                       f"mAP50-95 {v['map50_95']:.4f}, P {v['precision']:.4f}, R {v['recall']:.4f} at score >= {v['score_threshold']}.", ""]
         lines += [
                  "![PR curve](plots/pr_curve.png) ![F1](plots/f1_confidence.png) ![confusion](plots/confusion_matrix.png)", ""]
-        for i, (config, stage_dir) in enumerate(stages, 1):
-            label, path = f"stage {i} ({config})", stage_dir / "train_log.jsonl"
-            if not path.is_file():
-                continue
-            hist = [json.loads(line) for line in path.read_text().splitlines()]
-            total = sum(h.get("seconds", 0) for h in hist)
-            lines += [f"Training {label}: {len(hist)} epochs, {total / 60:.1f} min of epoch time on a shared 2-core CPU (1 thread).", "",
-                      "| epoch | loss | val mAP50 | val mAP50-95 |", "|---|---|---|---|"]
-            for h in hist:
-                v = h.get("val", {})
-                lines.append(f"| {h['epoch']} | {h.get('loss_total', 0):.3f} | {v.get('map50', float('nan')):.4f} | {v.get('map50_95', float('nan')):.4f} |")
-            lines.append("")
+        if (run_dir / "train_log.jsonl").is_file():
+            threads = int(json.loads((run_dir / "config.json").read_text()).get("threads", 1)) if (run_dir / "config.json").is_file() else 1
+            lines += _epoch_table(run_dir / "train_log.jsonl", threads)
+        lines += _pruned_section(run_dir, out_dir)
         (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
     return out_dir
 
