@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
     prev = dict(meta.extra.get("pruned") or {})
     if prev:  # pruning (or fine-tuning) a pruned checkpoint again: its removed blocks stay removed
         info["removed_blocks"] = list(prev.get("removed_blocks", [])) + info["removed_blocks"]
-        info["previous"] = {k: v for k, v in prev.items() if k != "previous"}
+        info["previous"] = prev  # the whole chain: the first entry holds the original pruning step
         info["finetune_epochs_total"] = int(prev.get("finetune_epochs_total", prev.get("finetune_epochs", 0))) + args.finetune_epochs
     info.update(
         macs_before=before.total_macs, macs_after=after.total_macs,

@@ -158,6 +158,10 @@ def test_pruning_a_pruned_checkpoint_keeps_its_removed_blocks(tmp_path, capsys):
     assert len(second["removed_blocks"]) == 2 and second["removed_blocks"][0] == first["removed_blocks"][0]
     loaded, meta = load_any_checkpoint(tmp_path / "p2.pt")
     assert conv_channels(loaded) == second["channels_after"] and meta.extra["pruned"]["previous"]["ratio"] == 0.3
+    assert main(["prune", "--checkpoint", str(tmp_path / "p2.pt"), "--ratio", "0", "--remove-blocks", "0",
+                 "--out", str(tmp_path / "p3.pt")]) == 0
+    _, meta = load_any_checkpoint(tmp_path / "p3.pt")
+    assert meta.extra["pruned"]["previous"]["previous"]["ratio"] == 0.3  # the original step survives a third pass
 
 
 def test_finetune_trains_at_the_model_input_size_whatever_the_config_says(tmp_path):
