@@ -9,8 +9,9 @@
 #
 # Training: configs/default.yaml from scratch (22 epochs at 512x288). Pruning: PRUNE_RATIO of the
 # channels of every prunable layer (kept counts rounded to the model's multiple of 16) and
-# PRUNE_BLOCKS whole residual blocks, then 3 x PRUNE_EPOCHS epochs of fine-tuning on the whole
-# train set, distilled from the unpruned model. See models/default/eval.md for the times measured here.
+# PRUNE_BLOCKS whole residual blocks, then fine-tuning on the whole train set (PRUNE_EPOCHS, then
+# the passes of PRUNE_PASSES distilled from the unpruned model: 45 epochs in all by default).
+# See models/default/eval.md for the times measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,14 +23,18 @@ mkdir -p "$RUN"
 extra=()
 if [[ "${RESUME:-0}" == 1 ]]; then extra+=(--resume); fi
 "$PY" -m perception.cli train --config configs/default.yaml --out "$RUN" "${extra[@]}" 2>&1 | tee "$RUN/train.log"
-# Pruning, then fine-tuning distilled from the unpruned model in three runs of PRUNE_EPOCHS each
-# (lr 0.01, then 0.005 and 0.003, each a fresh cosine schedule).
+# Pruning with a first fine-tune (lr 0.01), then further fine-tuning passes distilled from the
+# unpruned model, each a fresh cosine schedule: "lr:epochs" in PRUNE_PASSES.
+PRUNE_PASSES=${PRUNE_PASSES:-"0.005:$PRUNE_EPOCHS 0.003:$PRUNE_EPOCHS 0.003:15"}
 "$PY" -m perception.cli prune --checkpoint "$RUN/best.pt" --ratio "$PRUNE_RATIO" --remove-blocks "$PRUNE_BLOCKS" \
     --finetune-epochs "$PRUNE_EPOCHS" --lr 0.01 --out "$RUN/pruned_stage1.pt" 2>&1 | tee "$RUN/prune.log"
-"$PY" -m perception.cli prune --checkpoint "$RUN/pruned_stage1.pt" --teacher "$RUN/best.pt" --ratio 0 --remove-blocks 0 \
-    --finetune-epochs "$PRUNE_EPOCHS" --lr 0.005 --out "$RUN/pruned_stage2.pt" 2>&1 | tee "$RUN/prune2.log"
-"$PY" -m perception.cli prune --checkpoint "$RUN/pruned_stage2.pt" --teacher "$RUN/best.pt" --ratio 0 --remove-blocks 0 \
-    --finetune-epochs "$PRUNE_EPOCHS" --lr 0.003 --out "$RUN/pruned.pt" 2>&1 | tee "$RUN/prune3.log"
+stage=1
+for pass in $PRUNE_PASSES; do
+    "$PY" -m perception.cli prune --checkpoint "$RUN/pruned_stage$stage.pt" --teacher "$RUN/best.pt" --ratio 0 --remove-blocks 0 \
+        --finetune-epochs "${pass#*:}" --lr "${pass%%:*}" --out "$RUN/pruned_stage$((stage + 1)).pt" 2>&1 | tee "$RUN/prune$((stage + 1)).log"
+    stage=$((stage + 1))
+done
+cp "$RUN/pruned_stage$stage.pt" "$RUN/pruned.pt"
 VAL=$(eval echo "$("$PY" -c 'from build_engine.config import load_config; d = load_config("configs/default.yaml").data; print(f"{d.cache_dir}/val-s{d.val_seed}-n{d.val_images}-{d.image_width}x{d.image_height}")')")
 TEST=$(dirname "$VAL")/test-s3-n300-640x360
 [[ -f "$TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$TEST" --images 300 --seed 3 --width 640 --height 360
