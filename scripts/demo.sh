@@ -10,8 +10,9 @@ GT=${DEMO_GT:-assets/drives/demo/gt.json}
 mkdir -p "$OUT"
 perception() { "$PY" -m perception.cli "$@"; }
 
-echo "== 1/3 build: fold BN, export ONNX, quantize, gate -> $OUT/engine"
-perception build --out "$OUT/engine" ${DEMO_BUILD_ARGS:-}
+PRUNED=${DEMO_PRUNED:-models/default/detector_pruned.pt}
+echo "== 1/3 build: fold BN, export ONNX, quantize, gate (with the pruned $PRUNED) -> $OUT/engine"
+perception build --out "$OUT/engine" --pruned "$PRUNED" ${DEMO_BUILD_ARGS:-}
 
 echo "== 2/3 serve: $OUT/engine/manifest.json"
 LOG="$OUT/server.log"
