@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from build_engine.thresholds import GateThresholds  # also build_cli's import of it
+from build_engine.thresholds import GateLimits, GateThresholds  # also build_cli's import of GateThresholds
 from perception.errors import ConfigError, ModelError
 from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
 
@@ -45,6 +45,10 @@ class BuildOptions:
     pruned: tuple[Path, ...] = ()
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     calibrator: str = "minmax"
+    # Each INT8 model also in the form TensorRT builds from: signed INT8, every zero point 0
+    # (onnxruntime's faster U8 model has fitted zero points, which TensorRT rejects).
+    tensorrt_qdq: bool = True
+    tensorrt_calibrator: str = "percentile"
     calib_images: int = 48
     val_images: int = 300  # the training run's whole val split (DataConfig.val_images)
     data_dir: Path | None = None  # val dataset dir (annotations.json + images/); generated if None
@@ -70,8 +74,9 @@ class BuildOptions:
         bad = [p for p in self.precisions if p not in ("fp32", "fp16", "int8")]
         if bad or "fp32" not in self.precisions:
             raise ConfigError(f"precisions must include fp32 and be among fp32/fp16/int8, got {self.precisions}")
-        if self.calibrator not in CALIBRATORS:
-            raise ConfigError(f"calibrator must be one of {sorted(CALIBRATORS)}, got {self.calibrator!r}")
+        for what, cal in (("calibrator", self.calibrator), ("tensorrt_calibrator", self.tensorrt_calibrator)):
+            if cal not in CALIBRATORS:
+                raise ConfigError(f"{what} must be one of {sorted(CALIBRATORS)}, got {cal!r}")
         if self.calib_images < 1 or self.val_images < 1:
             raise ConfigError("calib_images and val_images must be >= 1")
         if self.opset < 17:
@@ -306,12 +311,18 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 built[f"{tag}_fp32"] = (p32, "fp32", pcounts, info)
                 if "int8" in opts.precisions:
                     quant_jobs.append((f"{tag}_int8", p32, pcounts))
+            trt_qdq: dict[str, Any] = {}  # INT8 variant -> its TensorRT Q/DQ model (QuantizeResult)
             for name, src, c in quant_jobs:
                 progress(f"quantizing {name} (Q/DQ, per-channel weights, U8 activations, {opts.calibrator} on {len(calib)} images)")
                 reader = ImageCalibrationReader(calib, pre)
                 q = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
                 base = built.get(name.replace("_int8", "_fp32"), (None, None, None, {}))[3]
                 built[name] = (q.path, "int8", c, {**base, "calibrator": opts.calibrator, "fp32_nodes": list(q.excluded_nodes)})
+                if opts.tensorrt_qdq:
+                    progress(f"quantizing {name} for TensorRT (signed INT8, zero points 0, {opts.tensorrt_calibrator})")
+                    trt_qdq[name] = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.trt.onnx",
+                                                  ImageCalibrationReader(calib, pre), opts.tensorrt_calibrator,
+                                                  target="tensorrt")
             order = ("fp32", "fp16", "int8")
             built = dict(sorted(built.items(), key=lambda kv: (
                 kv[0].startswith("pruned"), kv[0].rsplit("_", 1)[0] if "_" in kv[0] else "", order.index(kv[1][1]))))
@@ -320,12 +331,24 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 extra["nms_in_graph"] = _write_nms_model(fp32, staging / "model.fp32.nms.onnx", post)
 
             limits = {n: opts.gates.limits(n) for n in built}
-            results = g.run_gate({n: v[0] for n, v in built.items()}, limits, valset, pre, post,
-                                 opts.latency_runs, opts.threads, progress=progress)
+            # A TensorRT Q/DQ model is scored here through onnxruntime (the same quantization
+            # grid TensorRT will use) against its INT8 variant's accuracy gate; its CPU speed is
+            # not judged, and the engine built from it is gated again on the device.
+            trt_keys = {n: f"{n}:trt" for n in trt_qdq}
+            limits |= {trt_keys[n]: GateLimits(limits[n].max_drop_points, None) for n in trt_qdq}
+            results = g.run_gate({**{n: v[0] for n, v in built.items()}, **{trt_keys[n]: q.path for n, q in trt_qdq.items()}},
+                                 limits, valset, pre, post, opts.latency_runs, opts.threads, progress=progress)
             variants = []
             for name, (path, precision, c, info) in built.items():
                 r = results[name]
                 v_extra = {**info, "calibration_sha256": calib_hash} if precision == "int8" else dict(info)
+                if name in trt_qdq:
+                    t = results[trt_keys[name]]
+                    v_extra["tensorrt_qdq"] = {
+                        "file": trt_qdq[name].path.name, "sha256": sha256_file(trt_qdq[name].path),
+                        "calibrator": trt_qdq[name].calibrator, "activations": "int8, symmetric (zero point 0)",
+                        "metrics": t.metrics, "parity": t.parity, "gate": t.gate,
+                    }
                 variants.append(_variant(lm, name, path, precision, opts.max_batch, **c, metrics=r.metrics,
                                          latency_ms=r.latency_ms, parity=r.parity, gate=r.gate, extra=v_extra))
             if tensorrt_available():

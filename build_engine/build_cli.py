@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruned", type=Path, action="append", default=[], help="a pruned checkpoint to add as variants (repeatable)")
     p.add_argument("--precisions", default="fp32,fp16,int8", help="comma list among fp32,fp16,int8 (default: %(default)s)")
     p.add_argument("--calibrator", default="minmax", choices=("minmax", "percentile", "entropy"), help="INT8 activation calibrator")
+    p.add_argument("--tensorrt-calibrator", default="percentile", choices=("minmax", "percentile", "entropy"),
+                   help="calibrator of the TensorRT INT8 Q/DQ models (signed, symmetric; default: %(default)s)")
+    p.add_argument("--no-tensorrt-qdq", action="store_true",
+                   help="skip the TensorRT INT8 Q/DQ models (a device could then build only FP16 engines)")
     p.add_argument("--calib-images", type=int, default=48, help="calibration images (default: %(default)s)")
     p.add_argument("--val-images", type=int, default=300, help="val images for the gate (default: %(default)s, the training run's whole val split)")
     p.add_argument("--data", type=Path, default=None, help="dataset dir (annotations.json + images/) used as the val set; "
@@ -76,6 +80,8 @@ def main(argv: list[str]) -> int:
         pruned=tuple(args.pruned),
         precisions=tuple(s.strip() for s in args.precisions.split(",") if s.strip()),
         calibrator=args.calibrator,
+        tensorrt_calibrator=args.tensorrt_calibrator,
+        tensorrt_qdq=not args.no_tensorrt_qdq,
         calib_images=args.calib_images,
         val_images=args.val_images,
         data_dir=args.data,

@@ -53,6 +53,29 @@ def variants_table(manifest: Manifest, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tensorrt_qdq_table(manifest: Manifest) -> str:
+    """The INT8 variants' TensorRT Q/DQ twins, as scored here through onnxruntime."""
+    rows = [(v, v.extra["tensorrt_qdq"]) for v in manifest.variants
+            if isinstance(v.extra, dict) and isinstance(v.extra.get("tensorrt_qdq"), dict)]
+    if not rows:
+        return ""
+    lines = [
+        "TensorRT's explicit quantization takes signed INT8 with every zero point 0, so each INT8 variant also "
+        "ships a symmetric Q/DQ twin for TensorRT to build from. Scored here through onnxruntime (the same "
+        "quantization grid; its CPU speed is not judged); the engine is gated again on the device.",
+        "",
+        "| INT8 variant | TensorRT Q/DQ file | calibrator | mAP50-95 | vs the variant's | vanished | moved | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v, t in rows:
+        m, par = t.get("metrics", {}), t.get("parity", {})
+        gate = ("PASS" if t.get("gate", {}).get("passed") else "**FAIL**") + f": {t.get('gate', {}).get('reason', '')}"
+        delta = 100 * (m.get("map50_95", float("nan")) - v.metrics.get("map50_95", float("nan")))
+        lines.append(f"| {v.name} | `{t.get('file')}` | {t.get('calibrator')} | {_pct(m.get('map50_95', float('nan')))} | "
+                     f"{delta:+.2f} points | {_pct(par.get('vanished', 0))} % | {_pct(par.get('moved', 0))} % | {gate} |")
+    return "\n".join(lines) + "\n"
+
+
 def profile_section(model: Any, pre: PreprocessSpec, top: int = 10) -> str:
     from build_engine.fold import fold_batchnorm
     from build_engine.profile import profile_model
@@ -239,6 +262,7 @@ def write_report(
         "",
         "![variants](plots/variants.png)",
         "",
+        *(["## TensorRT INT8 models", "", trt] if (trt := tensorrt_qdq_table(manifest)) else []),
         "## MAC profile (deployed graph)",
         "",
         profile_section(model, pre),

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, valset: Any, pre: PreprocessSpec,
                             post: PostprocessSpec, opts: "BuildOptions", progress: Callable[[str], None]) -> list[Variant]:
     """TensorRT engines with the server's builder (the code the device runs on first start):
-    FP16 from the FP32 ONNX, INT8 from the Q/DQ ONNX; batch profile 1..max_batch; a timing
-    cache beside them. Each engine is a ``format="tensorrt"`` variant naming its ONNX source,
+    FP16 from the FP32 ONNX, INT8 from the TensorRT Q/DQ ONNX; batch profile 1..max_batch; a timing
+    cache beside them (INT8 from the signed, zero-point-0 Q/DQ twin). Each engine is a ``format="tensorrt"`` variant naming its ONNX source,
     gated like the others (through the server's TensorRT backend) against the FP32 result."""
     from build_engine.gate import run_gate
     from server.runtime.fingerprint import device_fingerprint
@@ -33,10 +33,15 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
         precision = {"fp32": "fp16", "int8": "int8"}.get(v.name)
         if precision is None:
             continue
-        fp = device_fingerprint(precision, v.sha256, opts.max_batch)
+        if precision == "int8" and "tensorrt_qdq" not in v.extra:
+            progress("no TensorRT Q/DQ model (--no-tensorrt-qdq): skipping the TensorRT INT8 engine")
+            continue
+        # INT8: the signed, zero-point-0 twin of the onnxruntime model (tensorrt_source).
+        onnx_file = staging / v.extra["tensorrt_qdq"]["file"] if precision == "int8" else staging / v.file
+        fp = device_fingerprint(precision, sha256_file(onnx_file), opts.max_batch)
         engine = staging / fp.cache_name()
-        progress(f"building TensorRT {precision} engine from {v.file}")
-        build_engine(staging / v.file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
+        progress(f"building TensorRT {precision} engine from {onnx_file.name}")
+        build_engine(onnx_file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
         engines[f"trt_{precision}"] = (engine, v, fp)
 
     def factory(name: str, path: Path) -> Any:

@@ -122,15 +122,15 @@ def compare(manifest_path: str, candidate: str, engine: str | None, reference: s
     ref_b = OnnxRuntimeBackend(m.path_of(ref_v), intra_op_threads=threads, max_batch=1)
     cand_v = m.variant(candidate) if candidate else None
     if engine or (cand_v is not None and cand_v.format == "tensorrt"):
-        from perception.manifest import sha256_file
+        from server.runtime.factory import tensorrt_source
         from server.runtime.fingerprint import device_fingerprint
         from server.runtime.tensorrt_backend import TensorRTBackend
 
         path = Path(engine) if engine else m.path_of(cand_v)  # type: ignore[arg-type]
         source = onnx_variant(m, cand_v.name if cand_v else "")
         precision = cand_v.precision if cand_v else "fp16"
-        want = device_fingerprint(precision, source.sha256 or sha256_file(m.path_of(source)), 1)
-        cand_b = TensorRTBackend(path, None if engine else want, max_batch=1)
+        want = None if engine else device_fingerprint(precision, tensorrt_source(m, source)[1], 1)
+        cand_b = TensorRTBackend(path, want, max_batch=1)
         cand_name = str(path.name)
     else:
         if cand_v is None:

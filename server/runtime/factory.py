@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perception.errors import ModelError
-from perception.manifest import Manifest, Variant
+from perception.manifest import Manifest, Variant, sha256_file
 from server.runtime.base import Backend
 from server.runtime.onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
 
@@ -84,6 +84,32 @@ def onnx_variant(manifest: Manifest, name: str = "") -> Variant:
     return onnx[0]
 
 
+def tensorrt_source(manifest: Manifest, source: Variant) -> tuple[Path, str]:
+    """The ONNX file TensorRT builds an engine of ``source`` from, and its sha256.
+
+    FP32 / FP16 variants are their own source. An INT8 variant's own file is onnxruntime's
+    model (U8 activations with fitted zero points), which TensorRT's explicit quantization
+    rejects; the build writes a signed, zero-point-0 twin of it, named in
+    ``extra["tensorrt_qdq"]``, and that is the one built (and checked against its hash).
+    """
+    if source.precision != "int8":
+        path = manifest.path_of(source)
+        return path, source.sha256 or sha256_file(path)
+    qdq = source.extra.get("tensorrt_qdq") if isinstance(source.extra, dict) else None
+    if not isinstance(qdq, dict) or not qdq.get("file"):
+        raise ModelError(
+            f"variant {source.name!r} has no TensorRT Q/DQ model (signed INT8, zero points 0): TensorRT cannot "
+            "build its onnxruntime U8 model; rebuild with a current `perception build`"
+        )
+    path = manifest.path_of(source).parent / str(qdq["file"])
+    if not path.is_file():
+        raise ModelError(f"{path}: the TensorRT Q/DQ model of variant {source.name!r} is missing")
+    digest = sha256_file(path)
+    if qdq.get("sha256") and digest != qdq["sha256"]:
+        raise ModelError(f"{path}: sha256 does not match the manifest (corrupt or replaced file)")
+    return path, digest
+
+
 def create_backend(req: BackendRequest, avail: Availability | None = None) -> tuple[Backend, Variant]:
     """Load the first backend of the preference order that works here; activated and ready."""
     avail = avail or Availability.detect()
@@ -115,14 +141,12 @@ def _load(name: str, req: BackendRequest) -> tuple[Backend, Variant]:
 
 
 def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
-    from perception.manifest import sha256_file
     from server.runtime.fingerprint import check_engine, device_fingerprint
     from server.runtime.tensorrt_backend import TensorRTBackend
 
     m = req.manifest
     named = m.variant(req.variant or None)
     source = onnx_variant(m, req.variant)
-    onnx_sha = source.sha256 or sha256_file(m.path_of(source))
     if named.format == "tensorrt":
         precision, engine = named.precision, m.path_of(named)
         variant = named
@@ -135,6 +159,7 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
         ]
         variant = engines[0] if engines else source
         engine = m.path_of(engines[0]) if engines else None
+    build_from, onnx_sha = tensorrt_source(m, source)
     batch = min(req.max_batch, variant.max_batch)
     wanted = device_fingerprint(precision, onnx_sha, batch)
     if engine is not None:
@@ -158,6 +183,6 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
         from server.runtime.tensorrt_builder import BuildOptions, build_engine
 
         build_engine(
-            m.path_of(source), cached, BuildOptions(precision, batch, timing_cache=str(cache / "timing.cache")), wanted
+            build_from, cached, BuildOptions(precision, batch, timing_cache=str(cache / "timing.cache")), wanted
         )
     return TensorRTBackend(cached, wanted, batch), variant

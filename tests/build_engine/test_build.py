@@ -36,7 +36,7 @@ def _argv(inputs, out: Path, *extra: str) -> list[str]:
             "--calib-data", str(inputs["calib"]), "--latency-runs", "3", "--threads", "1", "--no-scaling", *extra]
 
 
-def test_full_build_gate_manifest_report(inputs, capsys):
+def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     import onnx
 
     from perception.cli import main
@@ -64,6 +64,23 @@ def test_full_build_gate_manifest_report(inputs, capsys):
     assert not pr.gate["passed"] and "outside" in pr.gate["reason"]
     assert pr.macs < 0.5 * fp32.macs and pr.params < 0.5 * fp32.params
     assert int8.precision == "int8" and int8.extra["calibration_sha256"] == m.provenance["calibration"]["sha256"]
+    # Each INT8 variant ships its TensorRT twin (signed, zero points 0), hashed and scored.
+    from perception.manifest import sha256_file
+    from server.runtime.factory import tensorrt_source
+
+    cals = {}
+    for name in ("int8", "pruned_int8"):
+        twin = m.variant(name).extra["tensorrt_qdq"]
+        path = out / twin["file"]
+        assert tensorrt_source(m, m.variant(name)) == (path, sha256_file(path))
+        cals[name] = twin["calibrator"]
+        assert set(twin["metrics"]) == {"map50_95", "map50", "precision", "recall"} and isinstance(twin["gate"]["passed"], bool)
+        zps = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
+        assert zps and {z.data_type for z in zps} == {onnx.TensorProto.INT8}
+    # The untrained pruned copy has a near-constant map that a 2048-bin histogram cannot resolve:
+    # its percentile calibration falls back to min-max, says so, and the manifest records it.
+    assert cals == {"int8": "percentile", "pruned_int8": "minmax"}, cals
+    assert "percentile calibration failed" in caplog.text
     passed = [v for v in m.variants if v.gate["passed"]]
     assert m.default_variant == min(passed, key=lambda v: v.latency_ms["min"]).name
     cal = m.provenance["calibration"]
@@ -72,7 +89,8 @@ def test_full_build_gate_manifest_report(inputs, capsys):
     assert (m.preprocess.input_width, m.preprocess.input_height) == (128, 96)
     assert m.extra["nms_in_graph"]["file"] == "model.fp32.nms.onnx" and (out / "model.fp32.nms.onnx").is_file()
     report = (out / "report.md").read_text()
-    for needle in ("## Variants", "pruned_fp32", "## Quantization", "SQNR", "## Pruning", "MACs"):
+    for needle in ("## Variants", "pruned_fp32", "## TensorRT INT8 models", "model.int8.trt.onnx", "## Quantization", "SQNR",
+                   "## Pruning", "MACs"):
         assert needle in report
     assert (out / "plots" / "activation_histograms.png").is_file() and (out / "plots" / "weight_histograms.png").is_file()
     assert not list(out.parent.glob(".art.building-*"))

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from perception.errors import ModelError
+
 W, H = 128, 96
 
 
@@ -82,6 +84,37 @@ def test_int8_qdq_structure_and_accuracy(setup):
     corr = np.corrcoef(ref[..., 4:].ravel(), out[..., 4:].ravel())[0, 1]
     assert corr > 0.95, corr
     assert np.abs(ref[..., :4] - out[..., :4]).mean() < 0.05 * W  # boxes within a few px on average
+
+
+def test_tensorrt_target_is_signed_symmetric_and_runs(setup):
+    """TensorRT's explicit quantization takes INT8 Q/DQ with zero points of 0 and no INT32
+    biases: the TensorRT target must produce exactly that, and still compute the model."""
+    import onnx
+
+    from build_engine.calibration import ImageCalibrationReader, iter_batches
+    from build_engine.quantize import quantize_int8
+
+    res = quantize_int8(setup["fp32"], setup["tmp"] / "int8.trt.onnx", ImageCalibrationReader(setup["images"], setup["spec"]),
+                        "percentile", target="tensorrt")
+    proto = onnx.load(str(res.path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 40
+    for n in qdq:
+        zp = inits[n.input[2]]
+        assert zp.data_type == onnx.TensorProto.INT8, n.name
+        assert not np.any(onnx.numpy_helper.to_array(zp)), f"{n.name}: zero point must be 0 for TensorRT"
+    dq_inputs = [inits[n.input[0]] for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dq_inputs and {t.data_type for t in dq_inputs} == {onnx.TensorProto.INT8}  # weights only; biases stay FP32
+    conv_bias = [n.input[2] for n in proto.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    assert conv_bias and all(b in inits and inits[b].data_type == onnx.TensorProto.FLOAT for b in conv_bias)
+    x = next(iter_batches(setup["images"][:2], setup["spec"], 2))
+    ref, out = _run(setup["fp32"], x), _run(res.path, x)
+    corr = np.corrcoef(ref[..., 4:].ravel(), out[..., 4:].ravel())[0, 1]
+    assert corr > 0.95, corr
+    with pytest.raises(ModelError, match="unknown quantization target"):
+        quantize_int8(setup["fp32"], setup["tmp"] / "x.onnx", ImageCalibrationReader(setup["images"], setup["spec"]),
+                      target="tflite")
 
 
 def test_calibrators_choose_different_ranges(setup):

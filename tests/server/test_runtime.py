@@ -90,6 +90,32 @@ def test_tensorrt_modules_import_without_tensorrt():
         assert "tensorrt" not in sys.modules
 
 
+def test_tensorrt_source_of_int8_is_its_signed_qdq_twin(tiny_manifest, tmp_path):
+    """TensorRT builds INT8 engines from the variant's TensorRT Q/DQ file, never from the
+    onnxruntime U8 model, and refuses a missing or altered one in one line."""
+    import dataclasses
+    import shutil
+
+    from perception.manifest import sha256_file
+    from server.runtime.factory import tensorrt_source
+
+    m = load_manifest(tiny_manifest)
+    fp32 = m.variant()
+    assert tensorrt_source(m, fp32) == (m.path_of(fp32), fp32.sha256)
+    twin = m.path_of(fp32).parent / "model.int8.trt.onnx"
+    shutil.copy(m.path_of(fp32), twin)  # any ONNX file stands in for the twin here
+    int8 = dataclasses.replace(fp32, name="int8", precision="int8",
+                               extra={"tensorrt_qdq": {"file": twin.name, "sha256": sha256_file(twin)}})
+    assert tensorrt_source(m, int8) == (twin, sha256_file(twin))
+    with pytest.raises(ModelError, match="no TensorRT Q/DQ model"):
+        tensorrt_source(m, dataclasses.replace(int8, extra={}))
+    with pytest.raises(ModelError, match="sha256 does not match"):
+        tensorrt_source(m, dataclasses.replace(int8, extra={"tensorrt_qdq": {"file": twin.name, "sha256": "0" * 64}}))
+    twin.unlink()
+    with pytest.raises(ModelError, match="is missing"):
+        tensorrt_source(m, int8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (CPU-only machine)")
 def test_tensorrt_build_and_run_matches_onnxruntime(tiny_manifest, tmp_path):
