@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, valset: Any, pre: PreprocessSpec,
                             post: PostprocessSpec, opts: "BuildOptions", progress: Callable[[str], None]) -> list[Variant]:
-    """TensorRT engines with the server's builder (the code the device runs on first start):
-    FP16 from the FP32 ONNX, INT8 from the TensorRT Q/DQ ONNX; batch profile 1..max_batch; a timing
-    cache beside them (INT8 from the signed, zero-point-0 Q/DQ twin). Each engine is a ``format="tensorrt"`` variant naming its ONNX source,
-    gated like the others (through the server's TensorRT backend) against the FP32 result."""
+    """TensorRT engines with the server's builder (the code the device runs on first start),
+    strongly typed: FP16 from the FP16 ONNX, INT8 from the INT8 model's signed, zero-point-0
+    Q/DQ twin; batch profile 1..max_batch; a timing cache beside them. Each engine is a
+    ``format="tensorrt"`` variant naming its ONNX source, gated like the others (through the
+    server's TensorRT backend) against the FP32 result."""
     from build_engine.gate import run_gate
+    from server.runtime.factory import tensorrt_source
     from server.runtime.fingerprint import device_fingerprint
     from server.runtime.tensorrt_backend import TensorRTBackend
     from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
@@ -30,15 +32,15 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
 
     engines: dict[str, tuple[Path, Variant, Any]] = {}
     for v in variants:
-        precision = {"fp32": "fp16", "int8": "int8"}.get(v.name)
+        # Strongly typed builds: FP16 from the FP16 model, INT8 from the INT8 model's TensorRT twin.
+        precision = {"fp16": "fp16", "int8": "int8"}.get(v.name)
         if precision is None:
             continue
         if precision == "int8" and "tensorrt_qdq" not in v.extra:
             progress("no TensorRT Q/DQ model (--no-tensorrt-qdq): skipping the TensorRT INT8 engine")
             continue
-        # INT8: the signed, zero-point-0 twin of the onnxruntime model (tensorrt_source).
-        onnx_file = staging / v.extra["tensorrt_qdq"]["file"] if precision == "int8" else staging / v.file
-        fp = device_fingerprint(precision, sha256_file(onnx_file), opts.max_batch)
+        onnx_file, onnx_sha = tensorrt_source(staging, variants, v, precision)
+        fp = device_fingerprint(precision, onnx_sha, opts.max_batch)
         engine = staging / fp.cache_name()
         progress(f"building TensorRT {precision} engine from {onnx_file.name}")
         build_engine(onnx_file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)

@@ -129,7 +129,8 @@ def compare(manifest_path: str, candidate: str, engine: str | None, reference: s
         path = Path(engine) if engine else m.path_of(cand_v)  # type: ignore[arg-type]
         source = onnx_variant(m, cand_v.name if cand_v else "")
         precision = cand_v.precision if cand_v else "fp16"
-        want = None if engine else device_fingerprint(precision, tensorrt_source(m, source)[1], 1)
+        want = None if engine else device_fingerprint(
+            precision, tensorrt_source(m.path_of(source).parent, m.variants, source, precision)[1], 1)
         cand_b = TensorRTBackend(path, want, max_batch=1)
         cand_name = str(path.name)
     else:

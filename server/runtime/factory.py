@@ -11,6 +11,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from perception.errors import ModelError
 from perception.manifest import Manifest, Variant, sha256_file
@@ -84,30 +85,44 @@ def onnx_variant(manifest: Manifest, name: str = "") -> Variant:
     return onnx[0]
 
 
-def tensorrt_source(manifest: Manifest, source: Variant) -> tuple[Path, str]:
-    """The ONNX file TensorRT builds an engine of ``source`` from, and its sha256.
+def tensorrt_source(root: Path, variants: Sequence[Variant], source: Variant, precision: str) -> tuple[Path, str]:
+    """The ONNX file TensorRT builds a ``precision`` engine of ``source`` from, and its sha256
+    (``root``: the manifest's directory; ``variants``: all of its variants).
 
-    FP32 / FP16 variants are their own source. An INT8 variant's own file is onnxruntime's
-    model (U8 activations with fitted zero points), which TensorRT's explicit quantization
-    rejects; the build writes a signed, zero-point-0 twin of it, named in
-    ``extra["tensorrt_qdq"]``, and that is the one built (and checked against its hash).
+    Engines are built strongly typed (TensorRT 10.12 deprecated the FP16 / INT8 builder flags,
+    11.x removed them), so the precision must already be in the graph:
+    - fp32: the FP32 model itself;
+    - fp16: the FP16 model (the variant itself, or the FP16 sibling of an FP32 variant:
+      ``fp32`` -> ``fp16``), whose IO and box decode stay FP32;
+    - int8: not the variant's own file, onnxruntime's model with U8 activations and fitted zero
+      points, which TensorRT's explicit quantization rejects, but the signed, zero-point-0
+      twin the build writes beside it (``extra["tensorrt_qdq"]``), checked against its hash.
     """
-    if source.precision != "int8":
-        path = manifest.path_of(source)
-        return path, source.sha256 or sha256_file(path)
-    qdq = source.extra.get("tensorrt_qdq") if isinstance(source.extra, dict) else None
-    if not isinstance(qdq, dict) or not qdq.get("file"):
-        raise ModelError(
-            f"variant {source.name!r} has no TensorRT Q/DQ model (signed INT8, zero points 0): TensorRT cannot "
-            "build its onnxruntime U8 model; rebuild with a current `perception build`"
-        )
-    path = manifest.path_of(source).parent / str(qdq["file"])
-    if not path.is_file():
-        raise ModelError(f"{path}: the TensorRT Q/DQ model of variant {source.name!r} is missing")
-    digest = sha256_file(path)
-    if qdq.get("sha256") and digest != qdq["sha256"]:
-        raise ModelError(f"{path}: sha256 does not match the manifest (corrupt or replaced file)")
-    return path, digest
+    if precision == "int8":
+        qdq = source.extra.get("tensorrt_qdq") if isinstance(source.extra, dict) and source.precision == "int8" else None
+        if not isinstance(qdq, dict) or not qdq.get("file"):
+            raise ModelError(
+                f"variant {source.name!r} has no TensorRT Q/DQ model (signed INT8, zero points 0): TensorRT cannot "
+                "build an INT8 engine from it; use an INT8 variant of a current `perception build`"
+            )
+        path = root / str(qdq["file"])
+        if not path.is_file():
+            raise ModelError(f"{path}: the TensorRT Q/DQ model of variant {source.name!r} is missing")
+        digest = sha256_file(path)
+        if qdq.get("sha256") and digest != qdq["sha256"]:
+            raise ModelError(f"{path}: sha256 does not match the manifest (corrupt or replaced file)")
+        return path, digest
+    if precision == "fp16" and source.precision == "fp32":
+        twin = source.name[: -len("fp32")] + "fp16" if source.name.endswith("fp32") else ""
+        match = [v for v in variants if v.name == twin and v.format == "onnx" and v.precision == "fp16"]
+        if not match:
+            raise ModelError(f"no FP16 ONNX model of variant {source.name!r} to build a strongly typed FP16 engine "
+                             "from; build with --precisions fp32,fp16,... or use engine_precision fp32")
+        source = match[0]
+    if source.precision != precision:
+        raise ModelError(f"cannot build a TensorRT {precision} engine from the {source.precision} variant {source.name!r}")
+    path = root / source.file
+    return path, source.sha256 or sha256_file(path)
 
 
 def create_backend(req: BackendRequest, avail: Availability | None = None) -> tuple[Backend, Variant]:
@@ -150,16 +165,18 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
     if named.format == "tensorrt":
         precision, engine = named.precision, m.path_of(named)
         variant = named
+        build_from, onnx_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
     else:
         precision = req.engine_precision if source.precision == "fp32" else source.precision
+        build_from, onnx_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
+        # A shipped engine of exactly this ONNX file, if the build made one.
         engines = [
             v for v in m.variants
-            if v.format == "tensorrt" and v.precision == precision
-            and (not isinstance(v.extra, dict) or v.extra.get("onnx_variant", source.name) == source.name)
+            if v.format == "tensorrt" and v.precision == precision and isinstance(v.extra, dict)
+            and v.extra.get("fingerprint", {}).get("onnx_sha256") == onnx_sha
         ]
         variant = engines[0] if engines else source
         engine = m.path_of(engines[0]) if engines else None
-    build_from, onnx_sha = tensorrt_source(m, source)
     batch = min(req.max_batch, variant.max_batch)
     wanted = device_fingerprint(precision, onnx_sha, batch)
     if engine is not None:

@@ -1,9 +1,12 @@
 """Build a TensorRT 10 engine from the manifest's ONNX file, on the device that will run it.
 
-- FP16: the FP16 builder flag over an FP32 ONNX model.
-- INT8: from the build stage's Q/DQ ONNX model with explicit quantization, as a strongly-typed
-  network (precision comes from the Q/DQ graph). The deprecated implicit-quantization
-  calibrators are not used.
+Every network is strongly typed: the precision comes from the ONNX graph itself, never from
+builder flags (TensorRT 10.12 deprecated the FP16 / INT8 flags and implicit-quantization
+calibrators; 11.x removed them). So the ONNX file decides (``factory.tensorrt_source``):
+- FP32: the FP32 model.
+- FP16: the build stage's FP16 model (FP16 weights and activations, FP32 IO and box decode).
+- INT8: the build stage's TensorRT Q/DQ model (explicit quantization: signed INT8, zero
+  points 0, per-channel weights); the layers it leaves unquantized run in FP32.
 - An optimisation profile for batch 1..max_batch (opt = max_batch), and a timing cache so a
   rebuild on the same device takes seconds instead of minutes.
 The engine is written with its fingerprint (``fingerprint.py``). TensorRT is imported lazily.
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuildOptions:
-    precision: str  # fp32 | fp16 | int8 (int8 requires a Q/DQ ONNX model)
+    precision: str  # fp32 | fp16 | int8: what the ONNX model holds (recorded in the fingerprint)
     max_batch: int
     workspace_bytes: int = 1 << 30
     timing_cache: str = ""  # file; created if missing, updated after the build
@@ -46,19 +49,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if opts.precision == "int8":
-        # Explicit quantization: the Q/DQ nodes decide what runs in INT8.
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    # Required for this on 10.x, the only mode on 11.x (where the flag is accepted and ignored).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_bytes)
-    if opts.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
     inp = network.get_input(0)
     _, c, h, w = tuple(inp.shape)
     profile = builder.create_optimization_profile()

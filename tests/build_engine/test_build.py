@@ -72,7 +72,7 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     for name in ("int8", "pruned_int8"):
         twin = m.variant(name).extra["tensorrt_qdq"]
         path = out / twin["file"]
-        assert tensorrt_source(m, m.variant(name)) == (path, sha256_file(path))
+        assert tensorrt_source(out, m.variants, m.variant(name), "int8") == (path, sha256_file(path))
         cals[name] = twin["calibrator"]
         assert set(twin["metrics"]) == {"map50_95", "map50", "precision", "recall"} and isinstance(twin["gate"]["passed"], bool)
         zps = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
@@ -201,7 +201,7 @@ def test_tensorrt_engines_are_built_fingerprinted_and_gated(inputs):
     trt = {v.name: v for v in m.variants if v.format == "tensorrt"}
     assert set(trt) == {"trt_fp16", "trt_int8"}
     for v in trt.values():
-        assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] in ("fp32", "int8")
+        assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] in ("fp16", "int8")
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["p50"] > 0
 
 

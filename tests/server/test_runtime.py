@@ -90,9 +90,10 @@ def test_tensorrt_modules_import_without_tensorrt():
         assert "tensorrt" not in sys.modules
 
 
-def test_tensorrt_source_of_int8_is_its_signed_qdq_twin(tiny_manifest, tmp_path):
-    """TensorRT builds INT8 engines from the variant's TensorRT Q/DQ file, never from the
-    onnxruntime U8 model, and refuses a missing or altered one in one line."""
+def test_tensorrt_source_is_the_onnx_that_holds_the_precision(tiny_manifest, tmp_path):
+    """Engines are built strongly typed, so the ONNX file carries the precision: FP16 from the
+    FP16 model (an FP32 variant's ``fp16`` sibling), INT8 from the INT8 variant's signed,
+    zero-point-0 twin, never from onnxruntime's U8 model; anything else is refused in one line."""
     import dataclasses
     import shutil
 
@@ -101,19 +102,31 @@ def test_tensorrt_source_of_int8_is_its_signed_qdq_twin(tiny_manifest, tmp_path)
 
     m = load_manifest(tiny_manifest)
     fp32 = m.variant()
-    assert tensorrt_source(m, fp32) == (m.path_of(fp32), fp32.sha256)
-    twin = m.path_of(fp32).parent / "model.int8.trt.onnx"
-    shutil.copy(m.path_of(fp32), twin)  # any ONNX file stands in for the twin here
+    root = m.path_of(fp32).parent
+    assert tensorrt_source(root, m.variants, fp32, "fp32") == (root / fp32.file, fp32.sha256)
+    with pytest.raises(ModelError, match="no FP16 ONNX model of variant"):
+        tensorrt_source(root, m.variants, fp32, "fp16")
+    fp16 = dataclasses.replace(fp32, name=fp32.name.replace("fp32", "fp16"), precision="fp16", file="half.onnx", sha256="")
+    shutil.copy(root / fp32.file, root / "half.onnx")  # any ONNX file stands in for the models here
+    assert fp32.name.endswith("fp32")
+    assert tensorrt_source(root, (fp32, fp16), fp32, "fp16") == (root / "half.onnx", sha256_file(root / "half.onnx"))
+    twin = root / "model.int8.trt.onnx"
+    shutil.copy(root / fp32.file, twin)
     int8 = dataclasses.replace(fp32, name="int8", precision="int8",
                                extra={"tensorrt_qdq": {"file": twin.name, "sha256": sha256_file(twin)}})
-    assert tensorrt_source(m, int8) == (twin, sha256_file(twin))
+    assert tensorrt_source(root, m.variants, int8, "int8") == (twin, sha256_file(twin))
+    with pytest.raises(ModelError, match="cannot build a TensorRT fp32 engine from the int8"):
+        tensorrt_source(root, m.variants, int8, "fp32")
     with pytest.raises(ModelError, match="no TensorRT Q/DQ model"):
-        tensorrt_source(m, dataclasses.replace(int8, extra={}))
+        tensorrt_source(root, m.variants, dataclasses.replace(int8, extra={}), "int8")
+    with pytest.raises(ModelError, match="no TensorRT Q/DQ model"):
+        tensorrt_source(root, m.variants, fp32, "int8")
     with pytest.raises(ModelError, match="sha256 does not match"):
-        tensorrt_source(m, dataclasses.replace(int8, extra={"tensorrt_qdq": {"file": twin.name, "sha256": "0" * 64}}))
+        bad = dataclasses.replace(int8, extra={"tensorrt_qdq": {"file": twin.name, "sha256": "0" * 64}})
+        tensorrt_source(root, m.variants, bad, "int8")
     twin.unlink()
     with pytest.raises(ModelError, match="is missing"):
-        tensorrt_source(m, int8)
+        tensorrt_source(root, m.variants, int8, "int8")
 
 
 @pytest.mark.gpu
