@@ -309,6 +309,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 info = {"checkpoint": pm.checkpoint.name, "checkpoint_sha256": pm.checkpoint_sha256,
                         "pruning": pm.meta.get("extra", {}).get("pruned", {})}
                 built[f"{tag}_fp32"] = (p32, "fp32", pcounts, info)
+                if "fp16" in opts.precisions:  # what a GPU device builds its FP16 engine from
+                    built[f"{tag}_fp16"] = (convert_fp16(p32, staging / f"model.{tag}.fp16.onnx"), "fp16", pcounts, dict(info))
                 if "int8" in opts.precisions:
                     quant_jobs.append((f"{tag}_int8", p32, pcounts))
             trt_qdq: dict[str, Any] = {}  # INT8 variant -> its TensorRT Q/DQ model (QuantizeResult)

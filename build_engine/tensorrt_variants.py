@@ -33,18 +33,18 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
     engines: dict[str, tuple[Path, Variant, Any]] = {}
     for v in variants:
         # Strongly typed builds: FP16 from the FP16 model, INT8 from the INT8 model's TensorRT twin.
-        precision = {"fp16": "fp16", "int8": "int8"}.get(v.name)
-        if precision is None:
+        precision = v.precision
+        if v.format != "onnx" or precision not in ("fp16", "int8"):
             continue
         if precision == "int8" and "tensorrt_qdq" not in v.extra:
-            progress("no TensorRT Q/DQ model (--no-tensorrt-qdq): skipping the TensorRT INT8 engine")
+            progress(f"no TensorRT Q/DQ model of {v.name} (--no-tensorrt-qdq): skipping its TensorRT engine")
             continue
         onnx_file, onnx_sha = tensorrt_source(staging, variants, v, precision)
         fp = device_fingerprint(precision, onnx_sha, opts.max_batch)
         engine = staging / fp.cache_name()
         progress(f"building TensorRT {precision} engine from {onnx_file.name}")
         build_engine(onnx_file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
-        engines[f"trt_{precision}"] = (engine, v, fp)
+        engines[f"trt_{v.name}"] = (engine, v, fp)
 
     def factory(name: str, path: Path) -> Any:
         b = TensorRTBackend(path, engines[name][2], opts.max_batch)

@@ -72,16 +72,18 @@ class GateThresholds:
 
     def limits(self, name: str) -> GateLimits:
         """The gate of variant ``name``: ``fp32`` (the reference), ``fp16``, ``int8``,
-        ``trt_fp16``, ``trt_int8``, ``pruned[N]_fp32``, ``pruned[N]_int8``.
+        ``pruned[N]_fp32``, ``pruned[N]_fp16``, ``pruned[N]_int8``, and any of these with a
+        ``trt_`` prefix (its TensorRT engine).
 
-        A pruned INT8 variant compounds both steps: mAP drops add, latency ratios multiply.
+        A pruned FP16 / INT8 variant compounds both steps: mAP drops add, latency ratios multiply.
         """
         budget = self.latency_budget_ms
         kind = name.rsplit("_", 1)[-1]
-        if name.startswith("pruned"):
-            if kind == "int8":
-                return GateLimits(self.pruned + self.int8,
-                                  self.pruned_max_latency_ratio * self.int8_max_latency_ratio, budget)
+        base = name.removeprefix("trt_")  # a TensorRT engine is gated like the ONNX model it is built from
+        if base.startswith("pruned"):
+            if kind in ("int8", "fp16"):
+                step, ratio = (self.int8, self.int8_max_latency_ratio) if kind == "int8" else (self.fp16, self.fp16_max_latency_ratio)
+                return GateLimits(self.pruned + step, self.pruned_max_latency_ratio * ratio, budget)
             return GateLimits(self.pruned, self.pruned_max_latency_ratio, budget)
         if kind == "fp32":
             return GateLimits(None, None, budget)

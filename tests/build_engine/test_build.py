@@ -51,7 +51,7 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     assert rc == 3, err[-2000:]
     m = load_manifest(out / "manifest.json")  # checks every sha256
     names = [v.name for v in m.variants]
-    assert names == ["fp32", "fp16", "int8", "pruned_fp32", "pruned_int8"]
+    assert names == ["fp32", "fp16", "int8", "pruned_fp32", "pruned_fp16", "pruned_int8"]
     for v in m.variants:
         assert len(v.sha256) == 64 and v.input_shape == (-1, 3, 96, 128) and v.macs > 0 and v.params > 0
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"}
@@ -199,9 +199,9 @@ def test_tensorrt_engines_are_built_fingerprinted_and_gated(inputs):
     assert main(_argv(inputs, out, "--continue-on-fail", "--no-report")) == 0
     m = load_manifest(out)
     trt = {v.name: v for v in m.variants if v.format == "tensorrt"}
-    assert set(trt) == {"trt_fp16", "trt_int8"}
+    assert set(trt) == {"trt_fp16", "trt_int8"}  # (no pruned checkpoint in this build)
     for v in trt.values():
-        assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] in ("fp16", "int8")
+        assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] == v.name.removeprefix("trt_")
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["p50"] > 0
 
 

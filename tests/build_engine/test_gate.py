@@ -89,7 +89,8 @@ def test_thresholds_per_variant():
     assert t.limits("int8") == t.limits("trt_int8") == GateLimits(1.0, 1.0)
     assert t.limits("pruned_fp32") == t.limits("pruned2_fp32") == GateLimits(1.5, 1.0)
     t = GateThresholds(int8_max_latency_ratio=0.8, pruned_max_latency_ratio=0.5, latency_budget_ms=9.0)
-    assert t.limits("pruned_int8") == GateLimits(2.5, 0.4, 9.0)  # the two steps compound
+    assert t.limits("pruned_int8") == t.limits("trt_pruned_int8") == GateLimits(2.5, 0.4, 9.0)  # the two steps compound
+    assert t.limits("pruned_fp16") == GateLimits(1.7, 0.5 * 1.5, 9.0)
     assert t.limits("fp32").latency_budget_ms == 9.0
     with pytest.raises(ConfigError):
         t.limits("mystery")
