@@ -43,7 +43,7 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
         fp = device_fingerprint(precision, onnx_sha, opts.max_batch)
         engine = staging / fp.cache_name()
         progress(f"building TensorRT {precision} engine from {onnx_file.name}")
-        build_engine(onnx_file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / "timing.cache")), fp)
+        build_engine(onnx_file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / fp.timing_cache_name())), fp)
         engines[f"trt_{v.name}"] = (engine, v, fp)
 
     def factory(name: str, path: Path) -> Any:

@@ -200,6 +200,6 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
         from server.runtime.tensorrt_builder import BuildOptions, build_engine
 
         build_engine(
-            build_from, cached, BuildOptions(precision, batch, timing_cache=str(cache / "timing.cache")), wanted
+            build_from, cached, BuildOptions(precision, batch, timing_cache=str(cache / wanted.timing_cache_name())), wanted
         )
     return TensorRTBackend(cached, wanted, batch), variant

@@ -45,6 +45,11 @@ class EngineFingerprint:
         return f"model.{self.precision}.b{self.max_batch}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.engine"
 
 
+    def timing_cache_name(self) -> str:
+        """Timing caches are valid for one TensorRT version on one kind of GPU only."""
+        return f"timing.trt{self.tensorrt_version}.sm{self.compute_capability.replace('.', '')}.cache"
+
+
 def fingerprint_path(engine: str | Path) -> Path:
     return Path(str(engine) + ".fingerprint.json")
 

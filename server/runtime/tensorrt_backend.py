@@ -35,6 +35,7 @@ class TensorRTBackend:
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity bytes)
         self._input = ""
         self._output = ""
+        self._outputs: list[str] = []
         self._out_dtype: Any = np.float32
 
     @property
@@ -64,7 +65,10 @@ class TensorRTBackend:
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or not outputs:
             raise ModelError(f"{self.path}: expected one input and at least one output, got {inputs} / {outputs}")
+        if engine.get_tensor_dtype(inputs[0]) != trt.DataType.FLOAT:
+            raise ModelError(f"{self.path}: input {inputs[0]!r} must be FP32 (the build keeps FP32 IO)")
         self._input, self._output = inputs[0], outputs[0]
+        self._outputs = outputs  # every output needs an address before execute_async_v3
         _, _, max_shape = engine.get_tensor_profile_shape(self._input, 0)
         self._max_batch = min(self._max_batch, int(max_shape[0]))
         self._out_dtype = trt.nptype(engine.get_tensor_dtype(self._output))
@@ -92,6 +96,7 @@ class TensorRTBackend:
         from server.runtime.cuda import check, cudart
 
         rt = cudart()
+        check(rt.cudaSetDevice(self._device))  # the current device is per thread; this is the worker's
         x = np.ascontiguousarray(batch, dtype=np.float32)
         n = x.shape[0]
         if not 1 <= n <= self._max_batch:
@@ -102,6 +107,9 @@ class TensorRTBackend:
         out = np.empty(out_shape, dtype=self._out_dtype)
         d_in = self._buffer(self._input, x.nbytes)
         d_out = self._buffer(self._output, out.nbytes)
+        for name in self._outputs[1:]:  # bound, not read back
+            shape = tuple(self._context.get_tensor_shape(name))
+            self._buffer(name, int(np.prod(shape)) * np.dtype(self._engine_nptype(name)).itemsize)
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         check(rt.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
@@ -110,6 +118,11 @@ class TensorRTBackend:
         check(rt.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self._stream))
         check(rt.cudaStreamSynchronize(self._stream))
         return out.astype(np.float32, copy=False)
+
+    def _engine_nptype(self, name: str) -> Any:
+        import tensorrt as trt
+
+        return trt.nptype(self._engine.get_tensor_dtype(name))
 
     def deactivate(self) -> None:
         if self._engine is None:

@@ -52,7 +52,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     # Required for this on 10.x, the only mode on 11.x (where the flag is accepted and ignored).
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse_from_file(str(onnx_path)):  # (from the file: resolves external weight data too)
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
@@ -64,7 +64,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     config.add_optimization_profile(profile)
     cache_file = Path(opts.timing_cache) if opts.timing_cache else None
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not fit this TensorRT / GPU; starting a fresh one", cache_file)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     log.info("building TensorRT %s engine from %s (batch 1..%d)", opts.precision, onnx_path.name, opts.max_batch)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

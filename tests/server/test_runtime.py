@@ -63,6 +63,9 @@ def test_fingerprint_mismatches_are_explained():
     assert any("compute capability 8.6" in p and "8.7" in p for p in probs)
     assert mismatches(fp(precision="int8"), fp()) and mismatches(fp(onnx_sha256="cd" * 32), fp())
     assert fp().cache_name() != fp(compute_capability="8.6").cache_name()
+    # Timing caches are shared across models and precisions, never across TensorRT versions or GPUs.
+    assert fp().timing_cache_name() == fp(precision="int8", onnx_sha256="cd" * 32).timing_cache_name() == "timing.trt10.3.0.sm87.cache"
+    assert fp().timing_cache_name() != fp(tensorrt_version="10.0.1").timing_cache_name()
     assert EngineFingerprint.from_json(fp().to_json()) == fp()
 
 
