@@ -319,7 +319,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 reader = ImageCalibrationReader(calib, pre)
                 q = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
                 base = built.get(name.replace("_int8", "_fp32"), (None, None, None, {}))[3]
-                built[name] = (q.path, "int8", c, {**base, "calibrator": opts.calibrator, "fp32_nodes": list(q.excluded_nodes)})
+                built[name] = (q.path, "int8", c, {**base, "calibrator": q.calibrator, "fp32_nodes": list(q.excluded_nodes)})
                 if opts.tensorrt_qdq:
                     progress(f"quantizing {name} for TensorRT (signed INT8, zero points 0, {opts.tensorrt_calibrator})")
                     trt_qdq[name] = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.trt.onnx",
@@ -346,6 +346,9 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 v_extra = {**info, "calibration_sha256": calib_hash} if precision == "int8" else dict(info)
                 if name in trt_qdq:
                     t = results[trt_keys[name]]
+                    if not t.gate["passed"]:
+                        progress(f"warning: the TensorRT Q/DQ model of {name} failed its gate; devices will not build "
+                                 "an INT8 engine from it (try another --tensorrt-calibrator)")
                     v_extra["tensorrt_qdq"] = {
                         "file": trt_qdq[name].path.name, "sha256": sha256_file(trt_qdq[name].path),
                         "calibrator": trt_qdq[name].calibrator, "activations": "int8, symmetric (zero point 0)",

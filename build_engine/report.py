@@ -56,7 +56,7 @@ def variants_table(manifest: Manifest, root: Path) -> str:
 def tensorrt_qdq_table(manifest: Manifest) -> str:
     """The INT8 variants' TensorRT Q/DQ twins, as scored here through onnxruntime."""
     rows = [(v, v.extra["tensorrt_qdq"]) for v in manifest.variants
-            if isinstance(v.extra, dict) and isinstance(v.extra.get("tensorrt_qdq"), dict)]
+            if v.format == "onnx" and isinstance(v.extra, dict) and isinstance(v.extra.get("tensorrt_qdq"), dict)]
     if not rows:
         return ""
     lines = [

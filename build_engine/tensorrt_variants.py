@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from perception.errors import ModelError
 from perception.manifest import PostprocessSpec, PreprocessSpec, Variant, sha256_file
 
 if TYPE_CHECKING:
@@ -39,7 +40,11 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
         if precision == "int8" and "tensorrt_qdq" not in v.extra:
             progress(f"no TensorRT Q/DQ model of {v.name} (--no-tensorrt-qdq): skipping its TensorRT engine")
             continue
-        onnx_file, onnx_sha = tensorrt_source(staging, variants, v, precision)
+        try:
+            onnx_file, onnx_sha = tensorrt_source(staging, variants, v, precision)
+        except ModelError as exc:  # e.g. a twin that failed its accuracy gate
+            progress(f"skipping the TensorRT engine of {v.name}: {exc}")
+            continue
         fp = device_fingerprint(precision, onnx_sha, opts.max_batch)
         engine = staging / fp.cache_name()
         progress(f"building TensorRT {precision} engine from {onnx_file.name}")
@@ -60,6 +65,7 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
         out.append(dataclasses.replace(
             src, name=name, file=engine.name, precision=fp.precision, format="tensorrt", sha256=sha256_file(engine),
             metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate,
-            extra={**src.extra, "onnx_variant": src.name, "fingerprint": dataclasses.asdict(fp)},
+            extra={**{k: v for k, v in src.extra.items() if k != "tensorrt_qdq"}, "onnx_variant": src.name,
+                   "fingerprint": dataclasses.asdict(fp)},
         ))
     return out

@@ -10,9 +10,10 @@ GT=${DEMO_GT:-assets/drives/demo/gt.json}
 mkdir -p "$OUT"
 perception() { "$PY" -m perception.cli "$@"; }
 
-PRUNED=${DEMO_PRUNED:-models/default/detector_pruned.pt}
-echo "== 1/3 build: fold BN, export ONNX, quantize, gate (with the pruned $PRUNED) -> $OUT/engine"
-perception build --out "$OUT/engine" --pruned "$PRUNED" ${DEMO_BUILD_ARGS:-}
+# The shipped pruned model is built and gated beside the default one; DEMO_PRUNED= (empty) leaves it out.
+PRUNED=${DEMO_PRUNED-models/default/detector_pruned.pt}
+echo "== 1/3 build: fold BN, export ONNX, quantize, gate${PRUNED:+ (with the pruned $PRUNED)} -> $OUT/engine"
+perception build --out "$OUT/engine" ${PRUNED:+--pruned "$PRUNED"} ${DEMO_BUILD_ARGS:-}
 
 echo "== 2/3 serve: $OUT/engine/manifest.json"
 LOG="$OUT/server.log"

@@ -17,11 +17,15 @@ import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perception.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    from perception.manifest import Manifest, Variant
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -34,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--engine", help="TensorRT engine file to check")
     g.add_argument("--variant", help="manifest variant to check (ONNX or TensorRT)")
-    p.add_argument("--reference", help="ONNX variant to compare against (default: the fp32 one)")
+    p.add_argument("--reference", help="ONNX variant to compare against (default: the candidate's own FP32 model, "
+                   "e.g. pruned_fp32 for trt_pruned_int8)")
     p.add_argument("--frames", help=f"image folder, image or video (default {DEFAULT_FRAMES})")
     p.add_argument("--num-frames", type=int, default=16, help="frames to compare")
     p.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance on raw outputs")
@@ -108,6 +113,20 @@ def detection_parity(ref_boxes: list, ref_cls: list, cand_boxes: list, cand_cls:
         m[:, j] = 0.0
 
 
+def family_fp32(m: Manifest, candidate: Variant | None) -> Variant:
+    """The FP32 ONNX model a candidate derives from: ``pruned_fp32`` for ``trt_pruned_int8``,
+    ``fp32`` for ``int8``; for a bare ``--engine``, that of the manifest's default variant (the
+    one a device builds its engine of). A pruned model must not be judged against the unpruned one."""
+    from server.runtime.factory import onnx_variant
+
+    base = (candidate.name if candidate else m.default_variant).removeprefix("trt_")
+    family = base.rsplit("_", 1)[0] + "_" if "_" in base else ""
+    for v in m.variants:
+        if v.name == f"{family}fp32" and v.format == "onnx":
+            return v
+    return next((v for v in m.variants if v.format == "onnx" and v.precision == "fp32"), onnx_variant(m))
+
+
 def compare(manifest_path: str, candidate: str, engine: str | None, reference: str | None,
             frames: list[NDArray[np.uint8]], atol: float, rtol: float, min_parity: float, threads: int) -> Report:
     from perception.manifest import load_manifest
@@ -117,10 +136,9 @@ def compare(manifest_path: str, candidate: str, engine: str | None, reference: s
     from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     m = load_manifest(manifest_path)
-    ref_v = m.variant(reference) if reference else next(
-        (v for v in m.variants if v.format == "onnx" and v.precision == "fp32"), onnx_variant(m))
-    ref_b = OnnxRuntimeBackend(m.path_of(ref_v), intra_op_threads=threads, max_batch=1)
     cand_v = m.variant(candidate) if candidate else None
+    ref_v = m.variant(reference) if reference else family_fp32(m, cand_v)
+    ref_b = OnnxRuntimeBackend(m.path_of(ref_v), intra_op_threads=threads, max_batch=1)
     if engine or (cand_v is not None and cand_v.format == "tensorrt"):
         from server.runtime.factory import tensorrt_source
         from server.runtime.fingerprint import device_fingerprint

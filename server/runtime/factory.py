@@ -105,6 +105,10 @@ def tensorrt_source(root: Path, variants: Sequence[Variant], source: Variant, pr
                 f"variant {source.name!r} has no TensorRT Q/DQ model (signed INT8, zero points 0): TensorRT cannot "
                 "build an INT8 engine from it; use an INT8 variant of a current `perception build`"
             )
+        gate = qdq.get("gate")
+        if isinstance(gate, dict) and gate.get("passed") is False:
+            raise ModelError(f"the TensorRT Q/DQ model of variant {source.name!r} failed its accuracy gate at build "
+                             f"time ({gate.get('reason', '')}); no INT8 engine is built from it")
         path = root / str(qdq["file"])
         if not path.is_file():
             raise ModelError(f"{path}: the TensorRT Q/DQ model of variant {source.name!r} is missing")
@@ -165,7 +169,11 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
     if named.format == "tensorrt":
         precision, engine = named.precision, m.path_of(named)
         variant = named
-        build_from, onnx_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
+        # A shipped engine is checked against the ONNX hash it was built from; the source
+        # itself is only needed (and resolved) if this device must rebuild it.
+        recorded = named.extra.get("fingerprint", {}) if isinstance(named.extra, dict) else {}
+        build_from, onnx_sha = ((None, str(recorded["onnx_sha256"])) if recorded.get("onnx_sha256") else
+                                tensorrt_source(m.path_of(source).parent, m.variants, source, precision))
     else:
         precision = req.engine_precision if source.precision == "fp32" else source.precision
         build_from, onnx_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
@@ -199,6 +207,10 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
             )
         from server.runtime.tensorrt_builder import BuildOptions, build_engine
 
+        if build_from is None:
+            build_from, source_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
+            if source_sha != onnx_sha:
+                raise ModelError(f"{build_from.name} is not the ONNX model engine {named.file} was built from")
         build_engine(
             build_from, cached, BuildOptions(precision, batch, timing_cache=str(cache / wanted.timing_cache_name())), wanted
         )

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from perception.errors import ModelError
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -68,11 +70,16 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     from perception.manifest import sha256_file
     from server.runtime.factory import tensorrt_source
 
-    cals = {}
+    cals, gates = {}, {}
     for name in ("int8", "pruned_int8"):
         twin = m.variant(name).extra["tensorrt_qdq"]
         path = out / twin["file"]
-        assert tensorrt_source(out, m.variants, m.variant(name), "int8") == (path, sha256_file(path))
+        if twin["gate"]["passed"]:
+            assert tensorrt_source(out, m.variants, m.variant(name), "int8") == (path, sha256_file(path))
+        else:  # a device must not build an INT8 engine from a twin that failed its gate
+            with pytest.raises(ModelError, match="failed its accuracy gate"):
+                tensorrt_source(out, m.variants, m.variant(name), "int8")
+        gates[name] = twin["gate"]["passed"]
         cals[name] = twin["calibrator"]
         assert set(twin["metrics"]) == {"map50_95", "map50", "precision", "recall"} and isinstance(twin["gate"]["passed"], bool)
         zps = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
@@ -80,6 +87,10 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     # The untrained pruned copy has a near-constant map that a 2048-bin histogram cannot resolve:
     # its percentile calibration falls back to min-max, says so, and the manifest records it.
     assert cals == {"int8": "percentile", "pruned_int8": "minmax"}, cals
+    # Neither untrained model survives signed, symmetric INT8 within its gate (the trained default
+    # does: README); the build says so, and a device refuses to build from them (above).
+    assert gates == {"int8": False, "pruned_int8": False}, gates
+    assert "warning: the TensorRT Q/DQ model of int8 failed its gate" in err
     assert "percentile calibration failed" in caplog.text
     passed = [v for v in m.variants if v.gate["passed"]]
     assert m.default_variant == min(passed, key=lambda v: v.latency_ms["min"]).name
