@@ -140,15 +140,14 @@ def compare(manifest_path: str, candidate: str, engine: str | None, reference: s
     ref_v = m.variant(reference) if reference else family_fp32(m, cand_v)
     ref_b = OnnxRuntimeBackend(m.path_of(ref_v), intra_op_threads=threads, max_batch=1)
     if engine or (cand_v is not None and cand_v.format == "tensorrt"):
-        from server.runtime.factory import tensorrt_source
+        from server.runtime.factory import engine_source_sha
         from server.runtime.fingerprint import device_fingerprint
         from server.runtime.tensorrt_backend import TensorRTBackend
 
         path = Path(engine) if engine else m.path_of(cand_v)  # type: ignore[arg-type]
         source = onnx_variant(m, cand_v.name if cand_v else "")
         precision = cand_v.precision if cand_v else "fp16"
-        want = None if engine else device_fingerprint(
-            precision, tensorrt_source(m.path_of(source).parent, m.variants, source, precision)[1], 1)
+        want = None if engine else device_fingerprint(precision, engine_source_sha(m, cand_v, source), 1)  # type: ignore[arg-type]
         cand_b = TensorRTBackend(path, want, max_batch=1)
         cand_name = str(path.name)
     else:

@@ -129,6 +129,15 @@ def tensorrt_source(root: Path, variants: Sequence[Variant], source: Variant, pr
     return path, source.sha256 or sha256_file(path)
 
 
+def engine_source_sha(manifest: Manifest, engine: Variant, source: Variant) -> str:
+    """The ONNX hash a shipped engine variant must have been built from: the one recorded in
+    its fingerprint, else that of the file ``tensorrt_source`` would build it from."""
+    recorded = engine.extra.get("fingerprint", {}) if isinstance(engine.extra, dict) else {}
+    if recorded.get("onnx_sha256"):
+        return str(recorded["onnx_sha256"])
+    return tensorrt_source(manifest.path_of(source).parent, manifest.variants, source, engine.precision)[1]
+
+
 def create_backend(req: BackendRequest, avail: Availability | None = None) -> tuple[Backend, Variant]:
     """Load the first backend of the preference order that works here; activated and ready."""
     avail = avail or Availability.detect()
@@ -166,17 +175,16 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
     m = req.manifest
     named = m.variant(req.variant or None)
     source = onnx_variant(m, req.variant)
+    root = m.path_of(source).parent
+    build_from: Path | None = None
     if named.format == "tensorrt":
         precision, engine = named.precision, m.path_of(named)
         variant = named
-        # A shipped engine is checked against the ONNX hash it was built from; the source
-        # itself is only needed (and resolved) if this device must rebuild it.
-        recorded = named.extra.get("fingerprint", {}) if isinstance(named.extra, dict) else {}
-        build_from, onnx_sha = ((None, str(recorded["onnx_sha256"])) if recorded.get("onnx_sha256") else
-                                tensorrt_source(m.path_of(source).parent, m.variants, source, precision))
+        # The source file itself is only resolved if this device must rebuild the engine.
+        onnx_sha = engine_source_sha(m, named, source)
     else:
         precision = req.engine_precision if source.precision == "fp32" else source.precision
-        build_from, onnx_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
+        build_from, onnx_sha = tensorrt_source(root, m.variants, source, precision)
         # A shipped engine of exactly this ONNX file, if the build made one.
         engines = [
             v for v in m.variants
@@ -208,7 +216,7 @@ def _load_tensorrt(req: BackendRequest) -> tuple[Backend, Variant]:
         from server.runtime.tensorrt_builder import BuildOptions, build_engine
 
         if build_from is None:
-            build_from, source_sha = tensorrt_source(m.path_of(source).parent, m.variants, source, precision)
+            build_from, source_sha = tensorrt_source(root, m.variants, source, precision)
             if source_sha != onnx_sha:
                 raise ModelError(f"{build_from.name} is not the ONNX model engine {named.file} was built from")
         build_engine(

@@ -15,23 +15,29 @@ from tests.server.conftest import jpeg
 from tests.tiny_model import CLASSES, make_tiny_onnx
 
 
-@pytest.fixture
-def two_variants(tmp_path):
+def make_artifact(tmp_path, names_files, frames: int = 4):
+    """A manifest of FP32 variants over two tiny models (a.onnx, b.onnx: different weights,
+    so they must not pass as equal), and a folder of JPEG frames."""
     d = tmp_path / "art"
     d.mkdir()
     make_tiny_onnx(d / "a.onnx", seed=0)
-    make_tiny_onnx(d / "b.onnx", seed=1)  # different weights: must not pass as equal
+    make_tiny_onnx(d / "b.onnx", seed=1)
     variants = tuple(
         Variant(name=n, file=f, precision="fp32", sha256=sha256_file(d / f), input_shape=(-1, 3, 48, 64))
-        for n, f in (("fp32", "a.onnx"), ("other", "b.onnx"), ("same", "a.onnx"))
+        for n, f in names_files
     )
     m = Manifest("tiny", "1", CLASSES, PreprocessSpec(64, 48), PostprocessSpec(score_threshold=0.3), variants, "fp32")
     save_manifest(m, d)
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i in range(4):
-        (frames / f"{i:03d}.jpg").write_bytes(jpeg(160, 120, seed=i))
-    return d / "manifest.json", frames
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(frames):
+        (folder / f"{i:03d}.jpg").write_bytes(jpeg(160, 120, seed=i))
+    return d / "manifest.json", folder
+
+
+@pytest.fixture
+def two_variants(tmp_path):
+    return make_artifact(tmp_path, (("fp32", "a.onnx"), ("other", "b.onnx"), ("same", "a.onnx")))
 
 
 def test_identical_variant_passes(two_variants, capsys):
@@ -60,21 +66,8 @@ def test_engine_without_tensorrt_says_so(two_variants, tmp_path, capsys):
 def test_pruned_candidate_is_judged_against_its_own_fp32(tmp_path, capsys):
     """A pruned model's variants are compared with the pruned FP32 model, not the unpruned one
     (which has other weights and would fail them all)."""
-    d = tmp_path / "art"
-    d.mkdir()
-    make_tiny_onnx(d / "a.onnx", seed=0)
-    make_tiny_onnx(d / "b.onnx", seed=1)
-    variants = tuple(
-        Variant(name=n, file=f, precision="fp32", sha256=sha256_file(d / f), input_shape=(-1, 3, 48, 64))
-        for n, f in (("fp32", "a.onnx"), ("pruned_fp32", "b.onnx"), ("pruned_copy", "b.onnx"))
-    )
-    m = Manifest("tiny", "1", CLASSES, PreprocessSpec(64, 48), PostprocessSpec(score_threshold=0.3), variants, "fp32")
-    save_manifest(m, d)
-    frames = tmp_path / "frames"
-    frames.mkdir()
-    for i in range(3):
-        (frames / f"{i:03d}.jpg").write_bytes(jpeg(160, 120, seed=i))
-    argv = ["--model", str(d / "manifest.json"), "--variant", "pruned_copy", "--frames", str(frames), "--json", "--threads", "1"]
+    manifest, frames = make_artifact(tmp_path, (("fp32", "a.onnx"), ("pruned_fp32", "b.onnx"), ("pruned_copy", "b.onnx")), 3)
+    argv = ["--model", str(manifest), "--variant", "pruned_copy", "--frames", str(frames), "--json", "--threads", "1"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["max_abs_diff"] == 0.0
     assert main([*argv, "--reference", "fp32"]) == 1  # the unpruned model is another model
