@@ -1,6 +1,7 @@
 # The README's two commands:
 #   make demo   set up, build the default model's engines, serve them, replay the bundled drive
 #   make test   set up and run the whole test suite (what .ci/run calls)
+#   make lint   ruff + mypy over the code and tests (also run by .ci/run)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/perception/v1/*.proto)
 PROTO_OUT := perception/v1/detector_pb2.py
 
-.PHONY: demo test setup proto bench clean
+.PHONY: demo test setup proto bench clean lint
 
 setup: $(STAMP) $(PROTO_OUT)
 
@@ -30,6 +31,22 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# TensorRT itself cannot be installed on CPU machines, so mypy checks the TensorRT calls against
+# the `tensorrt-stubs` package, installed without its dependencies and repaired by the script.
+TRT_STUBS := $(VENV)/.tensorrt-stubs
+LINT_PATHS := perception build_engine server client bench tests scripts
+
+$(TRT_STUBS): scripts/install_tensorrt_stubs.py $(STAMP)
+	$(PY) scripts/install_tensorrt_stubs.py
+	touch $(TRT_STUBS)
+
+# Both checkers always run, so one pass reports every problem; either one failing fails lint.
+lint: setup $(TRT_STUBS)
+	@status=0; \
+	echo "$(PY) -m ruff check $(LINT_PATHS)"; $(PY) -m ruff check $(LINT_PATHS) || status=1; \
+	echo "$(PY) -m mypy $(LINT_PATHS)"; $(PY) -m mypy $(LINT_PATHS) || status=1; \
+	exit $$status
 
 bench: setup
 	$(PY) -m bench.run_all

@@ -125,13 +125,13 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
 
     from perception.manifest import load_manifest
     from perception.v1 import detector_pb2_grpc as pb_grpc
-    from server.pipeline import FrameInput, FramePipeline, RequestOptions
-    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from perception.pipeline import FrameInput, FramePipeline, RequestOptions
+    from server.runtime.factory import RuntimeSettings, backend_for
 
     m = load_manifest(manifest)
     pipe = FramePipeline.from_manifest(m)
-    backend = OnnxRuntimeBackend(m.path_of(m.variant()), intra_op_threads=threads, max_batch=1)
-    backend.activate()
+    backend, _ = backend_for(m, "", RuntimeSettings(threads=threads, max_batch=1))
+    pipe.bind_outputs(backend.outputs)
     server = ServerProcess(manifest, threads, ["--max-batch", "1"])
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = pb_grpc.DetectorStub(channel)
@@ -159,16 +159,15 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     import grpc
 
     from perception.manifest import load_manifest
-    from perception.preprocess import preprocess
+    from perception.pipeline import FrameInput, FramePipeline
     from perception.v1 import detector_pb2 as pb
     from perception.v1 import detector_pb2_grpc as pb_grpc
-    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from server.runtime.factory import RuntimeSettings, backend_for
 
     m = load_manifest(manifest)
-    backend = OnnxRuntimeBackend(m.path_of(m.variant()), intra_op_threads=threads, max_batch=batch)
-    backend.activate()
-    img = cv2.imdecode(np.frombuffer(frames[0], np.uint8), cv2.IMREAD_COLOR)
-    x = np.repeat(preprocess(img, m.preprocess)[0][None], batch, axis=0)
+    backend, _ = backend_for(m, "", RuntimeSettings(threads=threads, max_batch=batch))
+    x = np.repeat(FramePipeline.from_manifest(m).model_inputs([FrameInput("front", 0, 0, encoded=frames[0])]),
+                  batch, axis=0)
     for _ in range(3):
         backend.infer(x)
     iters, t0 = 0, time.perf_counter()

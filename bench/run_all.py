@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import bench_build, bench_client, bench_server
+from bench import bench_build, bench_client, bench_kernels, bench_server
 
 BENCHES = (
     ("build: INT8 / FP16 / pruned vs FP32 latency and mAP", bench_build.main, []),
     ("server: loopback vs in-process, batching throughput, reduced decode, memory", bench_server.main, ["--duration-s", "60"]),
     ("client: unary vs stream windows, raw vs JPEG payloads", bench_client.main, []),
+    ("kernels: reduced JPEG decode, numpy vs OpenCV NMS, INT8 U8 vs S8 activations", bench_kernels.main, []),
 )
 
 

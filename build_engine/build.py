@@ -19,7 +19,18 @@ from typing import Any, Callable
 
 from build_engine.thresholds import GateLimits, GateThresholds  # also build_cli's import of GateThresholds
 from perception.errors import ConfigError, ModelError
-from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
+from perception.manifest import (
+    Calibration,
+    Manifest,
+    PostprocessSpec,
+    Precision,
+    PreprocessSpec,
+    QdqTwin,
+    Variant,
+    Weights,
+    save_manifest,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +97,19 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
+class _Built:
+    """A model file the build made, before it is gated and becomes a manifest variant."""
+
+    path: Path
+    precision: Precision
+    counts: dict[str, int]
+    family: str
+    parent: str
+    weights: Weights
+    calibration: Calibration | None = None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A checkpoint's model (eval mode) and what the manifest needs to know about it."""
 
@@ -100,7 +124,7 @@ class LoadedModel:
 
 def load_model(checkpoint: Path) -> LoadedModel:
     """Load a (possibly pruned) checkpoint; ModelError with a one-line reason otherwise."""
-    from build_engine.prune import load_any_checkpoint
+    from build_engine.pruned_checkpoint import load_any_checkpoint
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -161,7 +185,7 @@ def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[P
     return path, {"macs": prof.total_macs, "params": prof.total_params}
 
 
-def _variant(lm: LoadedModel, name: str, file: Path, precision: str, max_batch: int, **kw: Any) -> Variant:
+def _variant(lm: LoadedModel, name: str, file: Path, precision: Precision | str, max_batch: int, **kw: Any) -> Variant:
     return Variant(
         name=name,
         file=file.name,
@@ -225,9 +249,9 @@ def _noop(_: str) -> None:
 
 def tensorrt_available() -> bool:
     """True iff the ``tensorrt`` package imports and a CUDA GPU is visible."""
-    import importlib.util
+    from server.runtime.availability import tensorrt_installed
 
-    if importlib.util.find_spec("tensorrt") is None:
+    if not tensorrt_installed():
         return False
     try:
         import tensorrt  # noqa: F401
@@ -291,79 +315,83 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             val_dir, calib, calib_root = _prepare_data(opts, work, progress)
             valset = g.ValSet.load(val_dir, limit=opts.val_images)
             calib_hash = calibration_set_hash(calib, calib_root)
-            built: dict[str, tuple[Path, str, dict[str, int], dict[str, Any]]] = {}
+            built: dict[str, _Built] = {}
 
             progress("folding BatchNorm and exporting FP32 ONNX (opset %d, dynamic batch, onnxslim)" % opts.opset)
             fp32, counts = export_variant_onnx(lm, staging / "model.fp32.onnx", opts.opset)
-            built["fp32"] = (fp32, "fp32", counts, {})
+            base_weights = Weights(lm.checkpoint.name, lm.checkpoint_sha256)
+            built["fp32"] = _Built(fp32, Precision.FP32, counts, "base", "", base_weights)
             if "fp16" in opts.precisions:
                 progress("converting to FP16 (IO and box decode kept FP32)")
-                built["fp16"] = (convert_fp16(fp32, staging / "model.fp16.onnx"), "fp16", counts, {})
+                built["fp16"] = _Built(convert_fp16(fp32, staging / "model.fp16.onnx"), Precision.FP16, counts, "base",
+                                       "fp32", base_weights)
             calib_info = {"calibrator": opts.calibrator, "images": [str(p.relative_to(calib_root)) for p in calib],
                           "sha256": calib_hash}
-            quant_jobs = [("int8", fp32, counts)] if "int8" in opts.precisions else []
+            quant_jobs = [("int8", "fp32")] if "int8" in opts.precisions else []
             for i, pm in enumerate(pruned):
                 tag = "pruned" if len(pruned) == 1 else f"pruned{i + 1}"
                 progress(f"exporting pruned checkpoint {pm.checkpoint.name} as {tag}_fp32")
                 p32, pcounts = export_variant_onnx(pm, staging / f"model.{tag}.fp32.onnx", opts.opset)
-                info = {"checkpoint": pm.checkpoint.name, "checkpoint_sha256": pm.checkpoint_sha256,
-                        "pruning": pm.meta.get("extra", {}).get("pruned", {})}
-                built[f"{tag}_fp32"] = (p32, "fp32", pcounts, info)
+                weights = Weights(pm.checkpoint.name, pm.checkpoint_sha256, pm.meta.get("extra", {}).get("pruned", {}))
+                built[f"{tag}_fp32"] = _Built(p32, Precision.FP32, pcounts, tag, "", weights)
                 if "fp16" in opts.precisions:  # what a GPU device builds its FP16 engine from
-                    built[f"{tag}_fp16"] = (convert_fp16(p32, staging / f"model.{tag}.fp16.onnx"), "fp16", pcounts, dict(info))
+                    built[f"{tag}_fp16"] = _Built(convert_fp16(p32, staging / f"model.{tag}.fp16.onnx"), Precision.FP16,
+                                                  pcounts, tag, f"{tag}_fp32", weights)
                 if "int8" in opts.precisions:
-                    quant_jobs.append((f"{tag}_int8", p32, pcounts))
+                    quant_jobs.append((f"{tag}_int8", f"{tag}_fp32"))
             trt_qdq: dict[str, Any] = {}  # INT8 variant -> its TensorRT Q/DQ model (QuantizeResult)
-            for name, src, c in quant_jobs:
+            for name, parent in quant_jobs:
+                src = built[parent]
                 progress(f"quantizing {name} (Q/DQ, per-channel weights, U8 activations, {opts.calibrator} on {len(calib)} images)")
                 reader = ImageCalibrationReader(calib, pre)
-                q = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
-                base = built.get(name.replace("_int8", "_fp32"), (None, None, None, {}))[3]
-                built[name] = (q.path, "int8", c, {**base, "calibrator": q.calibrator, "fp32_nodes": list(q.excluded_nodes)})
+                q = quantize_int8(src.path, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
+                built[name] = _Built(q.path, Precision.INT8, src.counts, src.family, parent, src.weights,
+                                     Calibration(q.calibrator, calib_hash, tuple(q.excluded_nodes)))
                 if opts.tensorrt_qdq:
                     progress(f"quantizing {name} for TensorRT (signed INT8, zero points 0, {opts.tensorrt_calibrator})")
-                    trt_qdq[name] = quantize_int8(src, staging / f"model.{name.replace('_', '.')}.trt.onnx",
+                    trt_qdq[name] = quantize_int8(src.path, staging / f"model.{name.replace('_', '.')}.trt.onnx",
                                                   ImageCalibrationReader(calib, pre), opts.tensorrt_calibrator,
                                                   target="tensorrt")
-            order = ("fp32", "fp16", "int8")
-            built = dict(sorted(built.items(), key=lambda kv: (
-                kv[0].startswith("pruned"), kv[0].rsplit("_", 1)[0] if "_" in kv[0] else "", order.index(kv[1][1]))))
+            order = list(Precision)
+            built = dict(sorted(built.items(), key=lambda kv: (kv[1].family != "base", kv[1].family,
+                                                               order.index(kv[1].precision))))
             extra: dict[str, Any] = {}
             if opts.nms_in_graph:
                 extra["nms_in_graph"] = _write_nms_model(fp32, staging / "model.fp32.nms.onnx", post)
 
-            limits = {n: opts.gates.limits(n) for n in built}
+            limits = {n: opts.gates.limits(b.family, b.precision) for n, b in built.items()}
             # A TensorRT Q/DQ model is scored here through onnxruntime (the same quantization
             # grid TensorRT will use) against its INT8 variant's accuracy gate; its CPU speed is
             # not judged, and the engine built from it is gated again on the device.
             trt_keys = {n: f"{n}:trt" for n in trt_qdq}
             limits |= {trt_keys[n]: GateLimits(limits[n].max_drop_points, None) for n in trt_qdq}
-            results = g.run_gate({**{n: v[0] for n, v in built.items()}, **{trt_keys[n]: q.path for n, q in trt_qdq.items()}},
+            results = g.run_gate({**{n: b.path for n, b in built.items()}, **{trt_keys[n]: q.path for n, q in trt_qdq.items()}},
                                  limits, valset, pre, post, opts.latency_runs, opts.threads, progress=progress)
             variants = []
-            for name, (path, precision, c, info) in built.items():
+            for name, b in built.items():
                 r = results[name]
-                v_extra = {**info, "calibration_sha256": calib_hash} if precision == "int8" else dict(info)
+                twin = None
                 if name in trt_qdq:
                     t = results[trt_keys[name]]
                     if not t.gate["passed"]:
                         progress(f"warning: the TensorRT Q/DQ model of {name} failed its gate; devices will not build "
                                  "an INT8 engine from it (try another --tensorrt-calibrator)")
-                    v_extra["tensorrt_qdq"] = {
-                        "file": trt_qdq[name].path.name, "sha256": sha256_file(trt_qdq[name].path),
-                        "calibrator": trt_qdq[name].calibrator, "activations": "int8, symmetric (zero point 0)",
-                        "metrics": t.metrics, "parity": t.parity, "gate": t.gate,
-                    }
-                variants.append(_variant(lm, name, path, precision, opts.max_batch, **c, metrics=r.metrics,
-                                         latency_ms=r.latency_ms, parity=r.parity, gate=r.gate, extra=v_extra))
+                    twin = QdqTwin(trt_qdq[name].path.name, sha256_file(trt_qdq[name].path), trt_qdq[name].calibrator,
+                                   metrics=t.metrics, parity=t.parity, gate=t.gate)
+                variants.append(_variant(lm, name, b.path, b.precision, opts.max_batch, **b.counts, family=b.family,
+                                         parent=b.parent, weights=b.weights, calibration=b.calibration,
+                                         tensorrt_qdq=twin, metrics=r.metrics, latency_ms=r.latency_ms,
+                                         parity=r.parity, gate=r.gate))
             if tensorrt_available():
                 from build_engine.tensorrt_variants import build_tensorrt_variants
 
-                variants += build_tensorrt_variants(staging, variants, results["fp32"], valset, pre, post, opts, progress)
+                variants += build_tensorrt_variants(staging, variants, results["fp32"], valset, pre, post, opts.gates,
+                                                    opts.max_batch, opts.latency_runs, opts.threads, progress,
+                                                    lm.classes)
             else:
                 progress("TensorRT not available here: skipping engine build")
-            all_passed = all(v.gate["passed"] for v in variants)
-            passed = [v for v in variants if v.gate["passed"]]
+            all_passed = all(v.passed for v in variants)
+            passed = [v for v in variants if v.passed]
             # By the least-disturbed run: p50 swings with other load on a shared machine.
             default = min(passed or variants, key=lambda v: v.latency_ms["min"]).name
             progress(f"default variant: {default} (the fastest that passed its gate)" if passed else

@@ -1,8 +1,8 @@
-"""INT8 calibration data: real dataset images through exactly the serving pre-processing.
+"""INT8 calibration data: real dataset images through the one frame pipeline.
 
-``ImageCalibrationReader`` implements onnxruntime's ``CalibrationDataReader`` interface; the
-images are decoded with OpenCV (BGR, like the server) and turned into model input by
-``perception.preprocess.preprocess_batch`` with the manifest's ``PreprocessSpec``, so the
+``ImageCalibrationReader`` implements onnxruntime's ``CalibrationDataReader`` interface; each
+image file's encoded bytes go through ``perception.pipeline.FramePipeline`` exactly as the
+server receives them (including its reduced-scale JPEG decode of large frames), so the
 activation ranges are fitted to what the deployed model will actually see.
 
 The calibration set is identified by ``calibration_set_hash``: sha256 over the sorted
@@ -17,19 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.errors import DataError
-from perception.manifest import PreprocessSpec, sha256_file
-from perception.preprocess import preprocess_batch
+from perception.errors import DataError, InvalidInputError
+from perception.manifest import PostprocessSpec, PreprocessSpec, sha256_file
+from perception.pipeline import FramePipeline, file_frame
 
 log = logging.getLogger(__name__)
 
 # name -> onnxruntime.quantization.CalibrationMethod attribute name.
 CALIBRATORS: dict[str, str] = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# What the server decodes (JPEG and PNG): calibrating on anything else would fit ranges to
+# pixels the model is never served.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def calibration_method(name: str) -> "object":
@@ -67,22 +68,18 @@ def calibration_set_hash(paths: Sequence[Path], root: Path | None = None) -> str
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
-def read_bgr(path: Path) -> NDArray[np.uint8]:
-    """Decode an image file to BGR uint8; DataError naming the file if it cannot be read."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"{path}: cannot decode image")
-    return img
-
-
 def iter_batches(
     paths: Sequence[Path], spec: PreprocessSpec, batch_size: int = 1
 ) -> Iterator[NDArray[np.float32]]:
-    """(B, 3, H, W) float32 model inputs for ``paths``, in order, via the serving pre-processing."""
+    """(B, 3, H, W) float32 model inputs for ``paths``, in order, as the server builds them."""
+    # Only the pre-processing half runs here; the output layout plays no part.
+    pipeline = FramePipeline(spec, PostprocessSpec(), ("object",))
     for i in range(0, len(paths), batch_size):
-        images = [read_bgr(p) for p in paths[i : i + batch_size]]
-        batch, _ = preprocess_batch(images, spec)
-        yield batch
+        chunk = paths[i : i + batch_size]
+        try:
+            yield pipeline.model_inputs(file_frame(p) for p in chunk)
+        except InvalidInputError as exc:
+            raise DataError(f"{', '.join(str(p) for p in chunk)}: the server would refuse this image: {exc}") from exc
 
 
 class ImageCalibrationReader:

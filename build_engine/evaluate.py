@@ -1,8 +1,8 @@
 """Run a detector (a PyTorch checkpoint or an ONNX file) over a labelled dataset and score it.
 
-Inference goes through the serving code: ``perception.preprocess`` (letterbox) ->
-model -> ``perception.postprocess`` (decode, NMS, map back to source pixels), and ONNX files
-run in ``server.runtime.onnxruntime_backend.OnnxRuntimeBackend``, so the numbers are what the
+Every image goes through the one frame pipeline (``perception.pipeline.FramePipeline``: the
+server's decode, letterbox, output decoding, NMS and mapping back to source pixels), and ONNX
+files run on the server's own runtime (``server.runtime``), so the numbers are what the
 server would produce.
 """
 
@@ -14,81 +14,66 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from build_engine.data.formats import LabelledSet, read_labelled_set, samples_to_coco
-from perception.boxes import xyxy_to_xywh
-from perception.errors import DataError, ModelError
+from perception.coco import category_ids, detections_to_results
+from perception.errors import ModelError
 from perception.kpi import KpiReport, evaluate_coco
 from perception.manifest import PostprocessSpec, PreprocessSpec
-from perception.postprocess import PostprocessOptions, postprocess
-from perception.preprocess import preprocess_batch
+from perception.pipeline import EVAL_REQUEST, FramePipeline, InferFn, RequestOptions
 
 log = logging.getLogger(__name__)
 
-# mAP needs the whole PR curve: keep low-scoring detections (COCO practice); P / R / F1 are
-# reported at the deployed threshold separately.
-EVAL_SCORE_THRESHOLD = 0.001
-
-Runner = Callable[[NDArray[np.float32]], NDArray[np.float32]]
-
-
-def eval_options(post: PostprocessSpec | None = None) -> PostprocessOptions:
-    p = post or PostprocessSpec()
-    return PostprocessOptions(
-        score_threshold=EVAL_SCORE_THRESHOLD, iou_threshold=p.iou_threshold, max_detections=100,
-        pre_nms_topk=p.pre_nms_topk, class_agnostic=p.class_agnostic,
-    )
-
-
-def read_image(path: Path) -> NDArray[np.uint8]:
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"{path}: image does not decode")
-    return img
+# The names a PyTorch detector's outputs get, in the order its forward returns them; the
+# same names its ONNX export gives them (``build_engine.export``).
+TORCH_OUTPUT_NAMES = ("output",)
 
 
 def predict(
-    runner: Runner, dataset: LabelledSet, pre: PreprocessSpec, options: PostprocessOptions,
+    runner: InferFn, dataset: LabelledSet, pipeline: FramePipeline, request: RequestOptions = EVAL_REQUEST,
     batch_size: int = 8, progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """COCO results (category ids 1..C, xywh boxes in source pixels) for every sample."""
-    results: list[dict[str, Any]] = []
-    idx = range(0, len(dataset.samples), batch_size)
+    """COCO results (the dataset's category ids, xywh boxes in source pixels) for every sample."""
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        idx = tqdm(idx, desc="eval", unit="batch")
-    for start in idx:
-        chunk = dataset.samples[start:start + batch_size]
-        batch, lbs = preprocess_batch([read_image(s.file) for s in chunk], pre)
-        out = runner(batch)
-        for s, o, lb in zip(chunk, out, lbs):
-            det = postprocess(o, lb, options)
-            for b, sc, c in zip(xyxy_to_xywh(det.boxes).tolist(), det.scores.tolist(), det.class_ids.tolist()):
-                results.append({"image_id": s.image_id, "category_id": int(c) + 1, "bbox": [round(v, 2) for v in b], "score": round(float(sc), 5)})
+        bar = tqdm(total=len(dataset.samples), desc="eval", unit="img")
+    paths = [s.file for s in dataset.samples]
+    try:
+        dets = pipeline.detect_files(paths, runner, request, batch_size,
+                                     progress=(lambda done, _t: bar.update(done - bar.n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    cats = category_ids(samples_to_coco(dataset.samples[:0], dataset.classes, dataset.root))
+    results: list[dict[str, Any]] = []
+    for s, d in zip(dataset.samples, dets):
+        results += detections_to_results(d.boxes, d.scores, d.class_ids, s.image_id, cats)
     return results
 
 
-def torch_runner(model: Any) -> Runner:
+def torch_runner(model: Any, names: tuple[str, ...] = TORCH_OUTPUT_NAMES) -> InferFn:
+    """A PyTorch detector as an ``InferFn``: its outputs (a tensor or a tuple) by name."""
     import torch
 
     model.eval()
 
-    def run(batch: NDArray[np.float32]) -> NDArray[np.float32]:
+    def run(batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         with torch.no_grad():
-            return model(torch.from_numpy(batch)).numpy()
+            out = model(torch.from_numpy(batch))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.numpy() for n, o in zip(names, outs)}
 
     return run
 
 
-def onnx_runner(path: Path, threads: int = 2) -> tuple[Runner, Callable[[], None]]:
-    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+def onnx_runner(path: Path, threads: int = 2) -> tuple[InferFn, Callable[[], None]]:
+    from server.runtime.factory import RuntimeSettings, open_backend
 
-    backend = OnnxRuntimeBackend(path, intra_op_threads=threads, max_batch=64)
-    backend.activate()
+    backend = open_backend(path, RuntimeSettings(threads=threads, max_batch=64))
     return backend.infer, backend.deactivate
 
 
@@ -114,12 +99,13 @@ def onnx_input_size(path: Path) -> tuple[int, int]:
 
 
 def evaluate_runner(
-    runner: Runner, dataset: LabelledSet, input_size: tuple[int, int], score_threshold: float = 0.25,
-    batch_size: int = 8, progress: bool = False,
+    runner: InferFn, dataset: LabelledSet, input_size: tuple[int, int], score_threshold: float = 0.25,
+    batch_size: int = 8, progress: bool = False, post: PostprocessSpec | None = None,
 ) -> tuple[KpiReport, list[dict[str, Any]], dict[str, Any]]:
     """(KPI report, COCO results, COCO ground truth) of a runner on a dataset."""
     pre = PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
-    preds = predict(runner, dataset, pre, eval_options(), batch_size, progress)
+    pipeline = FramePipeline(pre, post or PostprocessSpec(), dataset.classes)
+    preds = predict(runner, dataset, pipeline, EVAL_REQUEST, batch_size, progress)
     gt = samples_to_coco(dataset.samples, dataset.classes, dataset.root)
     return evaluate_coco(gt, preds, score_threshold), preds, gt
 
@@ -128,11 +114,12 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str], data_dir: str | os.PathLike[str], score_threshold: float = 0.25,
     progress: bool = False,
 ) -> tuple[KpiReport, list[dict[str, Any]], dict[str, Any]]:
-    from build_engine.prune import load_any_checkpoint
+    from build_engine.pruned_checkpoint import load_any_checkpoint
 
     model, meta = load_any_checkpoint(checkpoint)  # plain or pruned
     ds = read_labelled_set(data_dir)
-    return evaluate_runner(torch_runner(model), ds, tuple(meta.input_size), score_threshold, progress=progress)  # type: ignore[arg-type]
+    width, height = meta.input_size
+    return evaluate_runner(torch_runner(model), ds, (width, height), score_threshold, progress=progress)
 
 
 def evaluate_onnx(

@@ -1,7 +1,7 @@
 """ONNX export: an eval-mode detector -> opset >= 17, dynamic batch, simplified ONNX file.
 
 The exported graph has one input ``images`` (batch, 3, H, W) float32 and one output
-``output`` (batch, N, 5 + C) in the ``xyxy_obj_cls`` layout the server decodes. An optional
+``output`` (batch, N, 5 + C) in the ``yolo_obj`` layout the server decodes. An optional
 in-graph NMS (``append_nms``) adds a second output ``selected_indices`` (K, 3) int64 rows of
 (batch index, class id, candidate index), ONNX ``NonMaxSuppression`` semantics, for runtimes
 that want NMS inside the engine; the ``output`` tensor stays, so the server can ignore it.
@@ -136,7 +136,7 @@ def append_nms(
     score_threshold: float,
     max_per_class: int,
 ) -> "onnx.ModelProto":  # noqa: F821
-    """A copy of an ``xyxy_obj_cls`` model with ONNX NonMaxSuppression appended.
+    """A copy of an ``yolo_obj`` model with ONNX NonMaxSuppression appended.
 
     Adds output ``selected_indices`` (K, 3) int64: (batch, class, candidate) per kept box,
     with score = objectness x class probability, per-class NMS, corners (x1 y1 x2 y2).

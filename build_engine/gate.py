@@ -1,7 +1,7 @@
-"""The gate: every variant evaluated through the server's own code, then judged.
+"""The gate: every variant evaluated through the one frame pipeline, then judged.
 
-Each val image's encoded bytes go through ``server.pipeline.FramePipeline`` (the servicer's
-decode -> letterbox -> batch -> infer -> decode head -> NMS -> source pixels, including the
+Each val image's encoded bytes go through ``perception.pipeline.FramePipeline`` (the server's
+decode -> letterbox -> batch -> infer -> decode outputs -> NMS -> source pixels, including the
 reduced-scale JPEG decode of large images) with the model on a ``server.runtime`` backend,
 so the KPI is measured on exactly the pixels served. Measured per variant:
 
@@ -9,8 +9,8 @@ so the KPI is measured on exactly the pixels served. Measured per variant:
   ``EVAL_SCORE_FLOOR`` (as COCO does), precision and recall at the deployed threshold;
 * latency p50 / p95 / min of batch-1 inference on the backend alone (no decode), all variants
   timed round-robin in one loop so machine noise hits them alike (``measure_latency``);
-* parity with FP32 at the deployed threshold (``parity``): share of FP32 detections that
-  vanish or move (best same-class match below IoU 0.9), share of new ones that appear.
+* parity with FP32 at the deployed threshold (``perception.parity``): share of FP32
+  detections that vanish or move (best same-class match below IoU 0.9), share of new ones.
 
 A variant passes if its mAP50-95 drop vs FP32 and its min-latency ratio to FP32 are within
 its ``GateLimits`` (``build_engine.thresholds``), and its p95 within the budget if one is set.
@@ -22,25 +22,23 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from build_engine.thresholds import GateLimits
-from perception.boxes import box_iou
-from perception.errors import DataError, InvalidInputError
+from perception.coco import category_ids, detections_to_results
+from perception.errors import DataError
 from perception.manifest import PostprocessSpec, PreprocessSpec
+from perception.parity import parity
+from perception.pipeline import EVAL_SCORE_FLOOR, FramePipeline, file_frame
 from perception.types import Detections
-from server.pipeline import FrameInput, FramePipeline, Prepared, RequestOptions
+from server.runtime.base import Backend
+from server.runtime.factory import RuntimeSettings, open_backend
 
 log = logging.getLogger(__name__)
 
-# Detections kept for mAP: COCO evaluates the whole ranking, not only confident boxes.
-EVAL_SCORE_FLOOR = 0.001
-# A detection "moved" if its best same-class match is below this IoU (the issue's definition).
-PARITY_IOU = 0.9
-# Below this IoU the best match is no match at all: the detection vanished / appeared.
-MATCH_IOU = 0.5
+__all__ = ["EVAL_SCORE_FLOOR", "GateResult", "ValSet", "evaluate_variant", "measure_latency", "parity", "run_gate"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class ValSet:
     images: tuple[tuple[int, Path], ...]
 
     @classmethod
-    def load(cls, root: Path, limit: int | None = None) -> "ValSet":
+    def load(cls, root: Path, limit: int | None = None) -> ValSet:
         """``root/annotations.json`` + ``root/images/<file_name>``; the first ``limit`` images."""
         from perception.coco import load_coco
 
@@ -74,6 +72,13 @@ class ValSet:
         gt["annotations"] = [a for a in ds.raw.get("annotations", []) if a["image_id"] in keep]
         return cls(Path(root), gt, tuple(images))
 
+    @property
+    def paths(self) -> list[Path]:
+        return [p for _, p in self.images]
+
+    def class_names(self) -> list[str]:
+        return [str(c.get("name", c["id"])) for c in sorted(self.gt["categories"], key=lambda c: c["id"])]
+
 
 @dataclass
 class VariantEval:
@@ -86,43 +91,9 @@ class VariantEval:
     predictions: list[dict[str, Any]] = field(default_factory=list)  # COCO results, score floor
 
 
-def make_backend(path: Path, threads: int, max_batch: int = 8) -> Any:
+def make_backend(path: Path, threads: int, max_batch: int = 8) -> Backend:
     """The server's onnxruntime backend for ``path``, activated."""
-    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(path, intra_op_threads=threads, max_batch=max_batch)
-    backend.activate()
-    return backend
-
-
-def serving_pipeline(pre: PreprocessSpec, post: PostprocessSpec, classes: Sequence[str]) -> FramePipeline:
-    """The server's frame pipeline for a model with these specs (the server builds the same
-    one from the manifest the build is about to write)."""
-    return FramePipeline(pre, post, tuple(classes))
-
-
-def val_frame(valset: ValSet, index: int) -> FrameInput:
-    """Val image ``index`` as the server receives it from ``perception replay``: the file's
-    encoded bytes, unchanged."""
-    image_id, path = valset.images[index]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read val image: {exc}") from exc
-    return FrameInput(camera_id="gate", sequence=int(image_id), capture_timestamp_ns=0, encoded=data)
-
-
-def prepare_val_frame(pipeline: FramePipeline, valset: ValSet, index: int, request: RequestOptions) -> Prepared:
-    """``pipeline.prepare`` of val image ``index``; DataError naming the file if the server
-    would refuse it (e.g. neither JPEG nor PNG)."""
-    try:
-        return pipeline.prepare(val_frame(valset, index), request)
-    except InvalidInputError as exc:
-        raise DataError(f"{valset.images[index][1]}: the server would refuse this val image: {exc}") from exc
-
-
-def _class_names(valset: ValSet) -> list[str]:
-    return [str(c.get("name", c["id"])) for c in sorted(valset.gt["categories"], key=lambda c: c["id"])]
+    return open_backend(path, RuntimeSettings(threads=threads, max_batch=max_batch))
 
 
 def evaluate_variant(
@@ -134,47 +105,39 @@ def evaluate_variant(
     threads: int = 2,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
-    backend: Any = None,
+    backend: Backend | None = None,
 ) -> VariantEval:
-    """Run ``path`` on every val image through the serving code; KPI + detections.
+    """Run ``path`` on every val image through the frame pipeline; KPI + detections.
 
-    Each image's encoded bytes take the servicer's path: ``FramePipeline.prepare`` per frame,
-    ``to_batch`` + one inference per ``batch_size`` frames (the batcher's job on the server),
-    ``finish`` per frame into detections in source pixels.
     backend: an activated ``server.runtime`` backend to use instead of onnxruntime on ``path``
     (e.g. a TensorRT engine); it is deactivated afterwards either way.
     """
     from perception.kpi import evaluate_coco
 
     backend = backend if backend is not None else make_backend(path, threads, max(batch_size, 1))
-    pipeline = serving_pipeline(pre, post, _class_names(valset))
-    # Every detection down to the floor, as a request with that threshold would get them;
-    # the other options stay the manifest's defaults (a zero field means "default").
-    request = RequestOptions(score_threshold=EVAL_SCORE_FLOOR)
-    cat_ids = sorted(c["id"] for c in valset.gt["categories"])
+    pipeline = FramePipeline(pre, post, valset.class_names())
+    cats = category_ids(valset.gt)
     ev = VariantEval(name)
     try:
-        for start in range(0, len(valset.images), batch_size):
-            indices = range(start, min(start + batch_size, len(valset.images)))
-            prepared = [prepare_val_frame(pipeline, valset, i, request) for i in indices]
-            out = backend.infer(pipeline.to_batch([p.tensor for p in prepared]))
-            for k, (i, prep) in enumerate(zip(indices, prepared)):
-                dets = pipeline.finish(out[k], prep)
-                image_id = valset.images[i][0]
-                for box, score, cls in zip(dets.boxes, dets.scores, dets.class_ids):
-                    x1, y1, x2, y2 = (float(v) for v in box)
-                    ev.predictions.append(
-                        {"image_id": int(image_id), "category_id": int(cat_ids[int(cls)]),
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
-                    )
-                ev.detections.append(dets.take(dets.scores >= post.score_threshold))
-            if progress is not None:
-                progress(indices.stop, len(valset.images))
+        pipeline.bind_outputs(backend.outputs)
+        dets = pipeline.detect_files(valset.paths, backend.infer, batch_size=batch_size, progress=progress)
     finally:
         backend.deactivate()
+    for (image_id, _), d in zip(valset.images, dets):
+        ev.predictions += detections_to_results(d.boxes, d.scores, d.class_ids, image_id, cats)
+        ev.detections.append(d.take(d.scores >= post.score_threshold))
     report = evaluate_coco(valset.gt, ev.predictions, score_threshold=post.score_threshold).to_dict()
     ev.metrics = {k: float(report[k]) for k in ("map50_95", "map50", "precision", "recall")}
     return ev
+
+
+def latency_sample(valset: ValSet, pre: PreprocessSpec, post: PostprocessSpec) -> np.ndarray:
+    """The (1, 3, H, W) input the server builds for the first val image."""
+    pipeline = FramePipeline(pre, post, valset.class_names())
+    try:
+        return pipeline.model_inputs([file_frame(valset.images[0][1])])
+    except Exception as exc:
+        raise DataError(f"{valset.images[0][1]}: the server would refuse this val image: {exc}") from exc
 
 
 def measure_latency(
@@ -183,14 +146,14 @@ def measure_latency(
     runs: int = 30,
     threads: int = 2,
     warmup: int = 3,
-    factory: Callable[[str, Path], Any] | None = None,
+    factory: Callable[[str, Path], Backend] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Batch-1 inference latency per variant in ms (p50, p95, mean, min), timed round-robin.
 
     sample: one (1, 3, H, W) float32 input, or one per variant (by name). factory(name, path)
-    returns an activated backend (default: onnxruntime with ``threads``). Interleaving the variants run by run means a
-    burst of load from elsewhere on this shared machine slows them all alike, so the
-    *ratios* between variants stay meaningful even when absolute numbers drift.
+    returns an activated backend (default: onnxruntime with ``threads``). Interleaving the
+    variants run by run means a burst of load from elsewhere on this shared machine slows them
+    all alike, so the *ratios* between variants stay meaningful even when absolute numbers drift.
     """
     backends = {n: (factory(n, p) if factory else make_backend(p, threads, 1)) for n, p in paths.items()}
     times: dict[str, list[float]] = {n: [] for n in paths}
@@ -213,52 +176,6 @@ def measure_latency(
             # load (same model 3.3-7.6 ms in one session), the minimum stays within ~5 %.
             "min": float(np.min(t))}
         for n, t in times.items()
-    }
-
-
-def parity(reference: Sequence[Detections], other: Sequence[Detections], iou: float = PARITY_IOU) -> dict[str, float]:
-    """Detection-level agreement of ``other`` with ``reference``, image by image.
-
-    Greedy same-class matching in descending reference score. Returns shares in [0, 1]:
-    ``vanished`` (reference detections with no match at IoU >= 0.5), ``moved`` (matched but
-    below ``iou``), ``appeared`` (other's detections left unmatched, as a share of other's),
-    ``stable`` (matched at >= ``iou``), and the raw counts.
-    """
-    if len(reference) != len(other):
-        raise ValueError(f"parity needs the same images: {len(reference)} vs {len(other)}")
-    n_ref = n_oth = vanished = moved = stable = 0
-    for ref, oth in zip(reference, other):
-        n_ref += len(ref)
-        n_oth += len(oth)
-        used = np.zeros(len(oth), bool)
-        if len(ref) and len(oth):
-            ious = box_iou(ref.boxes, oth.boxes)
-            # Identical boxes agree even when degenerate (zero area, e.g. clipped at the border).
-            ious[np.all(ref.boxes[:, None, :] == oth.boxes[None, :, :], axis=2)] = 1.0
-            ious[ref.class_ids[:, None] != oth.class_ids[None, :]] = 0.0
-        for i in np.argsort(-ref.scores, kind="stable"):
-            if not len(oth):
-                vanished += 1
-                continue
-            cand = np.where(used, -1.0, ious[i])
-            j = int(np.argmax(cand))
-            if cand[j] < MATCH_IOU:
-                vanished += 1
-                continue
-            used[j] = True
-            if cand[j] >= iou:
-                stable += 1
-            else:
-                moved += 1
-    appeared = n_oth - stable - moved
-    return {
-        "vanished": vanished / n_ref if n_ref else 0.0,
-        "moved": moved / n_ref if n_ref else 0.0,
-        "appeared": appeared / n_oth if n_oth else 0.0,
-        "stable": stable / n_ref if n_ref else 1.0,
-        "reference_detections": float(n_ref),
-        "variant_detections": float(n_oth),
-        "iou": iou,
     }
 
 
@@ -324,7 +241,7 @@ def run_gate(
     runs: int = 30,
     threads: int = 2,
     reference: GateResult | None = None,
-    factory: Callable[[str, Path], Any] | None = None,
+    factory: Callable[[str, Path], Backend] | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, GateResult]:
     """Evaluate, time (round-robin) and judge ``variants`` (name -> model file).
@@ -347,8 +264,7 @@ def run_gate(
                                            progress=lambda done, _total: bar.update(done - bar.n))
     progress(f"gate: timing {len(variants)} variants round-robin ({runs} runs, batch 1)")
     # Timed on the backend alone: decode and letterbox cost the same for every variant.
-    pipeline = serving_pipeline(pre, post, _class_names(valset))
-    sample = pipeline.to_batch([prepare_val_frame(pipeline, valset, 0, RequestOptions()).tensor])
+    sample = latency_sample(valset, pre, post)
     lat = measure_latency(variants, sample, runs, threads, factory=factory)
     ref_metrics = reference.metrics if reference else evals["fp32"].metrics
     ref_latency = reference.latency_ms if reference else lat["fp32"]

@@ -31,7 +31,7 @@ def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> lis
     if checkpoint:
         from build_engine.evaluate import torch_runner
         from build_engine.label_qa.model_assisted import find_model_issues
-        from build_engine.prune import load_any_checkpoint
+        from build_engine.pruned_checkpoint import load_any_checkpoint
         from perception.errors import ConfigError
 
         model, meta = load_any_checkpoint(checkpoint)

@@ -191,7 +191,7 @@ def load_model_spec(spec: str) -> nn.Module:
     """
     path = Path(spec)
     if path.suffix in (".pt", ".pth", ".ckpt") or path.exists():
-        from build_engine.prune import load_any_checkpoint  # plain or pruned checkpoints
+        from build_engine.pruned_checkpoint import load_any_checkpoint  # plain or pruned checkpoints
 
         if not path.is_file():
             raise ModelError(f"{spec}: no such checkpoint")

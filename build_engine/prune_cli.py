@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     from build_engine.checkpoint import meta_for, save_checkpoint
     from build_engine.data.generate import generate_dataset
     from build_engine.profile import profile_model
-    from build_engine.prune import PruneOptions, finetune, load_any_checkpoint, prune_model
+    from build_engine.prune import PruneOptions, finetune, prune_model
+    from build_engine.pruned_checkpoint import load_any_checkpoint
     from perception.manifest import PreprocessSpec, sha256_file
 
     opts = PruneOptions(ratio=args.ratio, remove_blocks=args.remove_blocks, importance=args.importance)

@@ -2,8 +2,8 @@
 
 INT8 (``quantize_int8``): onnxruntime's static quantizer in QDQ format (QuantizeLinear /
 DequantizeLinear pairs around every quantized tensor: the form both onnxruntime and current
-TensorRT consume), per-channel symmetric INT8 weights, **U8 activations** (MEASURED.md: S8
-activations make SiLU / Hardswish models ~3x *slower* on this CPU, U8 never did), ranges
+TensorRT consume), per-channel symmetric INT8 weights, **U8 activations** (docs/performance.md: S8
+activations make SiLU / Hardswish models ~1.9x *slower* than FP32 on this CPU, U8 never did), ranges
 fitted by a selectable calibrator on real images (``build_engine.calibration``).
 
 The stem stays FP32 for speed (``slow_int8_nodes``). The sensitive tail stays FP32 (``sensitive_nodes``): the head's prediction convs and the

@@ -7,6 +7,7 @@ clipping range chosen vs a fixed one), pruning before/after, the scaling table, 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -55,8 +56,7 @@ def variants_table(manifest: Manifest, root: Path) -> str:
 
 def tensorrt_qdq_table(manifest: Manifest) -> str:
     """The INT8 variants' TensorRT Q/DQ twins, as scored here through onnxruntime."""
-    rows = [(v, v.extra["tensorrt_qdq"]) for v in manifest.variants
-            if v.format == "onnx" and isinstance(v.extra, dict) and isinstance(v.extra.get("tensorrt_qdq"), dict)]
+    rows = [(v, v.tensorrt_qdq) for v in manifest.variants if v.tensorrt_qdq is not None]
     if not rows:
         return ""
     lines = [
@@ -68,10 +68,10 @@ def tensorrt_qdq_table(manifest: Manifest) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for v, t in rows:
-        m, par = t.get("metrics", {}), t.get("parity", {})
-        gate = ("PASS" if t.get("gate", {}).get("passed") else "**FAIL**") + f": {t.get('gate', {}).get('reason', '')}"
+        m, par = t.metrics, t.parity
+        gate = ("PASS" if t.passed else "**FAIL**") + f": {t.gate.get('reason', '')}"
         delta = 100 * (m.get("map50_95", float("nan")) - v.metrics.get("map50_95", float("nan")))
-        lines.append(f"| {v.name} | `{t.get('file')}` | {t.get('calibrator')} | {_pct(m.get('map50_95', float('nan')))} | "
+        lines.append(f"| {v.name} | `{t.file}` | {t.calibrator} | {_pct(m.get('map50_95', float('nan')))} | "
                      f"{delta:+.2f} points | {_pct(par.get('vanished', 0))} % | {_pct(par.get('moved', 0))} % | {gate} |")
     return "\n".join(lines) + "\n"
 
@@ -135,10 +135,10 @@ def quant_section(root: Path, manifest: Manifest, calib: Sequence[Path], pre: Pr
         wrows.append((sqnr_db(w.reshape(-1), per_ch), sqnr_db(w.reshape(-1), per_t), name, r, w.reshape(-1)))
     wrows.sort(key=lambda t: t[0])
     plots = _histograms(root / "plots", rows[:SENSITIVE_SHOWN], wrows[:SENSITIVE_SHOWN])
-    fp32_nodes = v8.extra.get("fp32_nodes", [])
+    fp32_nodes = v8.calibration.fp32_nodes if v8.calibration is not None else ()
     out = [
         f"INT8 as explicit Q/DQ ONNX: per-channel symmetric INT8 weights, asymmetric **U8** activations "
-        f"(S8 activations are ~3x slower for non-ReLU models on this CPU, MEASURED.md). Calibrator "
+        f"(S8 activations make SiLU / Hardswish models about 2x slower than FP32 on this CPU: docs/performance.md). Calibrator "
         f"**{calib_info.get('calibrator')}** on {len(calib_info.get('images', []))} real images through the serving "
         f"pre-processing; calibration set sha256 `{calib_info.get('sha256', '')}` (the image list is in the manifest).",
         "",
@@ -295,12 +295,12 @@ def pruning_section(manifest: Manifest) -> str:
             "|---|---|---|---|---|---|---|---|"]
     notes = []
     for v in manifest.variants:
-        if not v.name.startswith("pruned"):
+        if v.family == "base":
             continue
-        base = names.get(v.name.split("_", 1)[1])
+        base = manifest.sibling(manifest.variant("fp32"), v.precision, v.format) if "fp32" in names else None
         if base is None:
             continue
-        info = v.extra.get("pruning", {})
+        info = v.weights.pruning if v.weights is not None else {}
         first = _first_pruning(info)
         r50 = v.latency_ms.get("p50", float("nan")) / max(base.latency_ms.get("p50", float("nan")), 1e-9)
         rmin = v.latency_ms.get("min", float("nan")) / max(base.latency_ms.get("min", float("nan")), 1e-9)
@@ -335,12 +335,12 @@ def build_report(
     progress: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """The build's report: pruning and (``scaling_runs`` > 0) scaling sections, then
-    ``write_report``. The scaling rows are also stored in ``manifest.extra["scaling"]``."""
+    ``write_report``. The scaling rows are also written to ``scaling.json`` beside the report
+    (the manifest is written once, by the build, and never edited afterwards)."""
     import dataclasses
 
     from build_engine import gate as g
     from build_engine.scaling import markdown_table, scaling_table
-    from perception.manifest import save_manifest
 
     sections = {"Pruning": pruning_section(manifest)}
     if scaling_runs > 0:
@@ -367,7 +367,6 @@ def build_report(
             f"checkpoint's weights at each input size on the first {len(sub.images)} val images (the variants table "
             f"uses all {len(valset.images)}).\n\n" + markdown_table(rows, manifest.variant("fp32").macs)
         )
-        manifest.extra["scaling"] = [r.to_dict() for r in rows]  # a dict field: extended in place on purpose
-        save_manifest(manifest, root)
+        (root / "scaling.json").write_text(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
     progress("writing report.md and plots/")
     return write_report(root, manifest, sections, calib, pre, model, progress)

@@ -8,64 +8,75 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Sequence
 
+from build_engine.thresholds import GateThresholds
 from perception.errors import ModelError
-from perception.manifest import PostprocessSpec, PreprocessSpec, Variant, sha256_file
-
-if TYPE_CHECKING:
-    from build_engine.build import BuildOptions
+from perception.manifest import (
+    EngineRecord,
+    Manifest,
+    PostprocessSpec,
+    Precision,
+    PreprocessSpec,
+    SourceFile,
+    Variant,
+    VariantFormat,
+    sha256_file,
+)
 
 
 def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, valset: Any, pre: PreprocessSpec,
-                            post: PostprocessSpec, opts: "BuildOptions", progress: Callable[[str], None]) -> list[Variant]:
+                            post: PostprocessSpec, gates: GateThresholds, max_batch: int, latency_runs: int,
+                            threads: int, progress: Callable[[str], None], classes: Sequence[str]) -> list[Variant]:
     """TensorRT engines with the server's builder (the code the device runs on first start),
     strongly typed: FP16 from the FP16 ONNX, INT8 from the INT8 model's signed, zero-point-0
     Q/DQ twin; batch profile 1..max_batch; a timing cache beside them. Each engine is a
-    ``format="tensorrt"`` variant naming its ONNX source, gated like the others (through the
-    server's TensorRT backend) against the FP32 result."""
+    ``format="tensorrt"`` variant whose parent is its ONNX variant and whose ``source`` is the
+    exact file it was built from, gated like its parent (through the server's TensorRT
+    backend) against the FP32 result."""
     from build_engine.gate import run_gate
-    from server.runtime.factory import tensorrt_source
+    from server.runtime.tensorrt_engines import tensorrt_source
     from server.runtime.fingerprint import device_fingerprint
     from server.runtime.tensorrt_backend import TensorRTBackend
     from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
     from server.runtime.tensorrt_builder import build_engine
 
-    engines: dict[str, tuple[Path, Variant, Any]] = {}
+    staged = Manifest("staging", "0", tuple(classes), pre, post, tuple(variants), variants[0].name, root=staging)
+    engines: dict[str, tuple[Path, Variant, Any, Path]] = {}
     for v in variants:
-        # Strongly typed builds: FP16 from the FP16 model, INT8 from the INT8 model's TensorRT twin.
-        precision = v.precision
-        if v.format != "onnx" or precision not in ("fp16", "int8"):
+        if v.format is not VariantFormat.ONNX or v.precision not in (Precision.FP16, Precision.INT8):
             continue
-        if precision == "int8" and "tensorrt_qdq" not in v.extra:
+        if v.precision is Precision.INT8 and v.tensorrt_qdq is None:
             progress(f"no TensorRT Q/DQ model of {v.name} (--no-tensorrt-qdq): skipping its TensorRT engine")
             continue
         try:
-            onnx_file, onnx_sha = tensorrt_source(staging, variants, v, precision)
+            onnx_file, onnx_sha = tensorrt_source(staged, v, v.precision)
         except ModelError as exc:  # e.g. a twin that failed its accuracy gate
             progress(f"skipping the TensorRT engine of {v.name}: {exc}")
             continue
-        fp = device_fingerprint(precision, onnx_sha, opts.max_batch)
+        fp = device_fingerprint(v.precision.value, onnx_sha, max_batch)
         engine = staging / fp.cache_name()
-        progress(f"building TensorRT {precision} engine from {onnx_file.name}")
-        build_engine(onnx_file, engine, TrtOptions(precision, opts.max_batch, timing_cache=str(staging / fp.timing_cache_name())), fp)
-        engines[f"trt_{v.name}"] = (engine, v, fp)
+        progress(f"building TensorRT {v.precision.value} engine from {onnx_file.name}")
+        build_engine(onnx_file, engine, TrtOptions(v.precision.value, max_batch,
+                                                   timing_cache=str(staging / fp.timing_cache_name())), fp)
+        engines[f"trt_{v.name}"] = (engine, v, fp, onnx_file)
 
     def factory(name: str, path: Path) -> Any:
-        b = TensorRTBackend(path, engines[name][2], opts.max_batch)
+        b = TensorRTBackend(path, engines[name][2], max_batch)
         b.activate()
         return b
 
-    limits = {n: opts.gates.limits(n) for n in engines}
-    results = run_gate({n: e[0] for n, e in engines.items()}, limits, valset, pre, post, opts.latency_runs,
-                       opts.threads, reference=fp32, factory=factory, progress=progress)
+    limits = {n: gates.limits(e[1].family, e[1].precision) for n, e in engines.items()}
+    results = run_gate({n: e[0] for n, e in engines.items()}, limits, valset, pre, post, latency_runs,
+                       threads, reference=fp32, factory=factory, progress=progress)
     out = []
-    for name, (engine, src, fp) in engines.items():
+    for name, (engine, src, fp, onnx_file) in engines.items():
         r = results[name]
         out.append(dataclasses.replace(
-            src, name=name, file=engine.name, precision=fp.precision, format="tensorrt", sha256=sha256_file(engine),
+            src, name=name, file=engine.name, precision=Precision(fp.precision), format=VariantFormat.TENSORRT,
+            sha256=sha256_file(engine), parent=src.name, tensorrt_qdq=None,
+            source=SourceFile(onnx_file.name, sha256_file(onnx_file)),
+            engine=EngineRecord(**dataclasses.asdict(fp)),
             metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate,
-            extra={**{k: v for k, v in src.extra.items() if k != "tensorrt_qdq"}, "onnx_variant": src.name,
-                   "fingerprint": dataclasses.asdict(fp)},
         ))
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from perception.errors import ConfigError
+from perception.manifest import Precision
 
 
 @dataclass(frozen=True)
@@ -70,28 +71,23 @@ class GateThresholds:
             raise ConfigError(f"gate latency ratios must be > 0, got {ratios}")
         GateLimits(None, None, self.latency_budget_ms)  # validates the budget
 
-    def limits(self, name: str) -> GateLimits:
-        """The gate of variant ``name``: ``fp32`` (the reference), ``fp16``, ``int8``,
-        ``pruned[N]_fp32``, ``pruned[N]_fp16``, ``pruned[N]_int8``, and any of these with a
-        ``trt_`` prefix (its TensorRT engine).
+    def limits(self, family: str, precision: Precision | str) -> GateLimits:
+        """The gate of a variant of weights ``family`` ("base", or a pruned family) at
+        ``precision``; a TensorRT engine is gated like the ONNX model it is built from.
 
         A pruned FP16 / INT8 variant compounds both steps: mAP drops add, latency ratios multiply.
         """
         budget = self.latency_budget_ms
-        kind = name.rsplit("_", 1)[-1]
-        base = name.removeprefix("trt_")  # a TensorRT engine is gated like the ONNX model it is built from
-        if base.startswith("pruned"):
-            if kind in ("int8", "fp16"):
-                step, ratio = (self.int8, self.int8_max_latency_ratio) if kind == "int8" else (self.fp16, self.fp16_max_latency_ratio)
-                return GateLimits(self.pruned + step, self.pruned_max_latency_ratio * ratio, budget)
+        precision = Precision(precision)
+        step = {Precision.FP16: (self.fp16, self.fp16_max_latency_ratio),
+                Precision.INT8: (self.int8, self.int8_max_latency_ratio)}.get(precision)
+        if family != "base":
+            if step is not None:
+                return GateLimits(self.pruned + step[0], self.pruned_max_latency_ratio * step[1], budget)
             return GateLimits(self.pruned, self.pruned_max_latency_ratio, budget)
-        if kind == "fp32":
+        if step is None:
             return GateLimits(None, None, budget)
-        if kind == "fp16":
-            return GateLimits(self.fp16, self.fp16_max_latency_ratio, budget)
-        if kind == "int8":
-            return GateLimits(self.int8, self.int8_max_latency_ratio, budget)
-        raise ConfigError(f"no gate for variant {name!r}: its name must end in _fp32, _fp16 or _int8")
+        return GateLimits(step[0], step[1], budget)
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's record of the gates (``extra``)."""

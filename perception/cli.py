@@ -7,32 +7,48 @@ A sub-command module exposes ``main(argv: list[str]) -> int`` (and its own ``bui
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 import sys
+from dataclasses import dataclass
 
 OUR_PACKAGES = ("perception", "build_engine", "server", "client")
-
-# name -> (module, one-line help). Order is the order shown in --help.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "gen-data": ("build_engine.datagen_cli", "generate a labelled road-scene dataset or a recorded drive"),
-    "lint-labels": ("build_engine.lint_cli", "find geometric and model-assisted label mistakes"),
-    "train": ("build_engine.train_cli", "train a detector from a config file"),
-    "eval": ("build_engine.eval_cli", "score detections against COCO ground truth (P, R, PR curve, mAP)"),
-    "profile": ("build_engine.profile_cli", "count MACs and params per layer"),
-    "prune": ("build_engine.prune_cli", "structured channel / block pruning with fine-tuning"),
-    "build": ("build_engine.build_cli", "fold BN, export ONNX, quantize, build engines, gate, write the manifest"),
-    "serve": ("server.cli", "serve a manifest's engine over gRPC"),
-    "verify-engine": ("server.verify_cli", "check an engine against the ONNX model on this device"),
-    "health": ("server.health_cli", "ask a server's gRPC health service whether it is SERVING"),
-    "replay": ("client.replay_cli", "replay a recorded drive against a server"),
-    "compare": ("client.compare_cli", "diff two replays of the same drive, frame by frame, with KPI side by side"),
-}
+# The entry-point group through which the upper layers register their sub-commands: the
+# kernel names none of them (``pyproject.toml`` lists each layer's table).
+ENTRY_POINT_GROUP = "perception.commands"
 
 
-def _usage() -> str:
-    width = max(len(n) for n in COMMANDS)
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: the module that implements it (imported only when it runs) and its help.
+
+    ``order`` places it in ``--help`` (build stage first, then serving, then the client)."""
+
+    name: str
+    module: str
+    help: str
+    order: int = 0
+
+
+def commands() -> dict[str, Command]:
+    """Every registered sub-command, in ``--help`` order."""
+    found: list[Command] = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            table = ep.load()
+        except ImportError:
+            # That layer is not on this image (a vehicle's runtime image has no build stage).
+            continue
+        found += list(table)
+    return {c.name: c for c in sorted(found, key=lambda c: (c.order, c.name))}
+
+
+def _usage(table: dict[str, Command]) -> str:
+    width = max((len(n) for n in table), default=8)
     lines = ["usage: perception <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {c.name:<{width}}  {c.help}" for c in table.values()]
+    if not table:
+        lines.append("  (none registered: install the package, e.g. pip install -e '.[server,client]')")
     lines += ["", "Run `perception <command> --help` for a command's options. --debug shows tracebacks."]
     return "\n".join(lines)
 
@@ -42,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    table = commands()
     if not args or args[0] in ("-h", "--help"):
-        print(_usage())
+        print(_usage(table))
         return 0 if args else 2
     if args[0] == "--version":
         from perception import __version__
@@ -51,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"perception: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    if name not in table:
+        print(f"perception: unknown command {name!r}\n\n{_usage(table)}", file=sys.stderr)
         return 2
     # Our packages log at INFO; third-party libraries only warnings (onnxruntime's quantizer
     # logs a line per tensor on the root logger) unless --debug.
@@ -62,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for package in OUR_PACKAGES:
         logging.getLogger(package).setLevel(logging.DEBUG if debug else logging.INFO)
-    module_name = COMMANDS[name][0]
+    module_name = table[name].module
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -173,3 +173,26 @@ def parse_results(data: Any, gt: CocoDataset | None = None, source: str = "<resu
 
 def load_results(path: str | os.PathLike[str], gt: CocoDataset | None = None) -> list[dict[str, Any]]:
     return parse_results(read_json(path), gt, str(path))
+
+
+def category_ids(gt: dict[str, Any] | CocoDataset) -> list[int]:
+    """COCO category ids in id order: the model's class index i is ``category_ids(gt)[i]``."""
+    if isinstance(gt, CocoDataset):
+        return sorted(gt.categories)
+    return sorted(int(c["id"]) for c in gt.get("categories", []))
+
+
+def detections_to_results(
+    boxes: NDArray[np.floating], scores: NDArray[np.floating], class_ids: NDArray[np.integer], image_id: int,
+    categories: list[int],
+) -> list[dict[str, Any]]:
+    """COCO result records (xywh boxes in source pixels) of one image's detections.
+
+    boxes: (N, 4) xyxy; class_ids: model class indices, mapped through ``categories``.
+    """
+    out = []
+    for (x1, y1, x2, y2), score, cls in zip(np.asarray(boxes, np.float64).tolist(), np.asarray(scores).tolist(),
+                                             np.asarray(class_ids).tolist()):
+        out.append({"image_id": int(image_id), "category_id": int(categories[int(cls)]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    return out

@@ -1,8 +1,8 @@
 """Decode frames to BGR uint8: encoded JPEG/PNG bytes, or raw pixels with a row stride.
 
 Sizes are validated before anything is allocated. A JPEG much larger than the model input is
-decoded at reduced scale by libjpeg's DCT scaling (measured 2.5x faster for 1920x1080 ->
-640x360, ../shared/MEASURED.md) when the caller passes the input size it needs.
+decoded at reduced scale by libjpeg's DCT scaling (measured 1.7-2.4x faster for 1920x1080 ->
+640x360, docs/performance.md) when the caller passes the input size it needs.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
 """The manifest: the only handshake between the build stage and the server.
 
 ``manifest.json`` sits beside the engine files it names. It says how to pre-process a frame,
-how to read the model's output, which variants exist (fp32 / fp16 / int8 / pruned ...),
-what each costs (MACs, params, latency) and scores (KPI, parity, gate), and where it came from.
+how to read the model's outputs (``postprocess.output_layout``, a name from
+``perception.layouts.DECODERS``, documented in ``docs/output_layouts.md``), which variants
+exist (fp32 / fp16 / int8 / pruned / TensorRT engines ...), what each costs (MACs, params,
+latency) and scores (KPI, parity, gate), and where each came from, as declared fields:
+its weights family, parent variant, the exact ONNX file an engine was built from, the
+TensorRT Q/DQ twin of an INT8 model, an engine's device fingerprint, its calibration. Nothing
+is inferred from variant names.
 
-Output layout ``"xyxy_obj_cls"`` (the only one the server decodes today):
-one output tensor of shape (batch, N, 5 + num_classes): x1 y1 x2 y2 in model-input pixels,
-then objectness and per-class probabilities, both already passed through a sigmoid.
-A detection's score is objectness x class probability.
+Schema versions: 2 is current. A version-1 manifest (``perception build`` before typed
+provenance) loads through ``migrate_v1``, which is the one place that reads the old
+free-form ``extra`` keys and name conventions; anything older or newer is refused.
 """
 
 from __future__ import annotations
@@ -18,14 +22,53 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from perception.errors import ManifestError
+from perception.layouts import DECODERS
 
-SCHEMA_VERSION = 1
-OUTPUT_LAYOUTS = ("xyxy_obj_cls",)
-PRECISIONS = ("fp32", "fp16", "int8")
+SCHEMA_VERSION = 2
+
+
+class Precision(str, Enum):
+    """Numeric precision of a variant's weights and activations."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class VariantFormat(str, Enum):
+    """What kind of file a variant is: an ONNX model, or a TensorRT engine built on a device."""
+
+    ONNX = "onnx"
+    TENSORRT = "tensorrt"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _enum(cls: type[Enum], value: Any, what: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ManifestError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}") from None
+
+
+def check_relative(path: str, what: str) -> None:
+    """A path the manifest names must stay inside the artifact directory."""
+    if not path or os.path.isabs(path) or ".." in Path(path).parts:
+        raise ManifestError(f"{what}: file must be a relative path inside the artifact dir, got {path!r}")
+
+
+def _check_sha(sha: str, what: str) -> None:
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ManifestError(f"{what}: sha256 must be 64 lowercase hex digits, got {sha!r}")
 
 
 @dataclass(frozen=True)
@@ -51,37 +94,122 @@ class PreprocessSpec:
             raise ManifestError(f"only NCHW layout is supported, got {self.layout!r}")
         if not 0 <= self.pad_value <= 255:
             raise ManifestError(f"pad_value must be in 0..255, got {self.pad_value}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
+            raise ManifestError("mean and std need three values each, and std no zero")
 
 
 @dataclass(frozen=True)
 class PostprocessSpec:
-    """How to read the output tensor, and the NMS defaults requests may override."""
+    """How to read the outputs, and the NMS defaults requests may override.
 
-    output_layout: str = "xyxy_obj_cls"
+    output_layout: a registered layout name (``yolo_obj``, ...). outputs: role -> model output
+    name, for models whose output names the layout cannot match on its own (empty: match).
+    """
+
+    output_layout: str = "yolo_obj"
     score_threshold: float = 0.25
     iou_threshold: float = 0.5
     max_detections: int = 100
     pre_nms_topk: int = 1000
     class_agnostic: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.output_layout not in OUTPUT_LAYOUTS:
-            raise ManifestError(f"unknown output_layout {self.output_layout!r}; known: {OUTPUT_LAYOUTS}")
+        if self.output_layout not in DECODERS:
+            raise ManifestError(f"unknown output_layout {self.output_layout!r}; known: {sorted(DECODERS)}")
         if not 0.0 <= self.score_threshold <= 1.0 or not 0.0 < self.iou_threshold <= 1.0:
             raise ManifestError("score_threshold must be in [0, 1] and iou_threshold in (0, 1]")
         if self.max_detections <= 0 or self.pre_nms_topk <= 0:
             raise ManifestError("max_detections and pre_nms_topk must be positive")
+        roles = DECODERS[self.output_layout].roles
+        unknown = sorted(set(self.outputs) - set(roles))
+        if unknown:
+            raise ManifestError(f"outputs maps roles {unknown} that layout {self.output_layout} does not have {roles}")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """An exact file, by name and content: what a TensorRT engine was built from."""
+
+    file: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        check_relative(self.file, "source file")
+        _check_sha(self.sha256, f"source file {self.file}")
+
+
+@dataclass(frozen=True)
+class QdqTwin:
+    """The signed, zero-point-0 Q/DQ model TensorRT builds an INT8 engine from (onnxruntime's
+    U8 model is not accepted by TensorRT's explicit quantization), scored at build time through
+    onnxruntime against its INT8 variant's accuracy gate."""
+
+    file: str
+    sha256: str
+    calibrator: str
+    activations: str = "int8, symmetric (zero point 0)"
+    metrics: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, float] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=lambda: {"passed": True, "reason": "not gated"})
+
+    def __post_init__(self) -> None:
+        check_relative(self.file, "TensorRT Q/DQ twin")
+        _check_sha(self.sha256, f"TensorRT Q/DQ twin {self.file}")
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gate.get("passed", False))
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """What a shipped TensorRT engine was built for (its device fingerprint)."""
+
+    tensorrt_version: str
+    compute_capability: str
+    precision: str
+    onnx_sha256: str
+    max_batch: int
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How an INT8 variant was calibrated: the calibrator, the calibration set's hash, and the
+    nodes left in FP32."""
+
+    calibrator: str
+    set_sha256: str
+    fp32_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The checkpoint a family of variants was exported from (and its pruning history)."""
+
+    checkpoint: str
+    sha256: str
+    pruning: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One deployable engine file and the evidence gathered for it at build time."""
+    """One deployable model file, where it came from, and the evidence gathered for it.
+
+    family: the weights this variant carries ("base", "pruned", ...): variants of one family
+    differ only in precision or runtime. parent: the variant it was derived from ("" for a
+    family's FP32 export). For a TensorRT engine: ``source`` is the exact ONNX file it was
+    built from and ``engine`` its device fingerprint.
+    """
 
     name: str
     file: str
-    precision: str
-    sha256: str = ""
-    format: str = "onnx"  # "onnx" or "tensorrt"
+    precision: Precision
+    sha256: str
+    format: VariantFormat = VariantFormat.ONNX
+    family: str = "base"
+    parent: str = ""
     input_shape: tuple[int, ...] = ()  # e.g. (-1, 3, 384, 640); -1 = dynamic batch
     max_batch: int = 8
     macs: int = 0
@@ -90,13 +218,35 @@ class Variant:
     latency_ms: dict[str, float] = field(default_factory=dict)
     parity: dict[str, float] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=lambda: {"passed": True, "reason": "not gated"})
-    extra: dict[str, Any] = field(default_factory=dict)
+    weights: Weights | None = None
+    calibration: Calibration | None = None
+    tensorrt_qdq: QdqTwin | None = None
+    source: SourceFile | None = None
+    engine: EngineRecord | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ManifestError(f"variant {self.name!r}: precision must be one of {PRECISIONS}")
-        if not self.file or os.path.isabs(self.file) or ".." in Path(self.file).parts:
-            raise ManifestError(f"variant {self.name!r}: file must be a relative path inside the artifact dir")
+        object.__setattr__(self, "precision", _enum(Precision, self.precision, f"variant {self.name!r}: precision"))
+        object.__setattr__(self, "format", _enum(VariantFormat, self.format, f"variant {self.name!r}: format"))
+        check_relative(self.file, f"variant {self.name!r}")
+        _check_sha(self.sha256, f"variant {self.name!r}")
+        if not self.family:
+            raise ManifestError(f"variant {self.name!r}: family must be named")
+        if self.format is VariantFormat.TENSORRT and (self.source is None or self.engine is None):
+            raise ManifestError(f"TensorRT variant {self.name!r} must declare its source ONNX file and engine record")
+        if self.tensorrt_qdq is not None and self.precision is not Precision.INT8:
+            raise ManifestError(f"variant {self.name!r}: only an INT8 variant has a TensorRT Q/DQ twin")
+
+    @property
+    def passed(self) -> bool:
+        """Whether the variant passed its build-time gate."""
+        return bool(self.gate.get("passed", False))
+
+    def files(self) -> dict[str, str]:
+        """Every file this variant names -> its sha256 (the model, and its Q/DQ twin)."""
+        out = {self.file: self.sha256}
+        if self.tensorrt_qdq is not None:
+            out[self.tensorrt_qdq.file] = self.tensorrt_qdq.sha256
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,12 +259,15 @@ class Manifest:
     variants: tuple[Variant, ...]
     default_variant: str
     schema_version: int = SCHEMA_VERSION
+    architecture: str = ""  # the detector family, e.g. "yolo", "ssd", "rcnn", "imported"
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     # Directory the manifest was loaded from; not serialised.
     root: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ManifestError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
         if not self.classes:
             raise ManifestError("manifest lists no classes")
         if not self.variants:
@@ -124,6 +277,9 @@ class Manifest:
             raise ManifestError(f"duplicate variant names: {names}")
         if self.default_variant not in names:
             raise ManifestError(f"default_variant {self.default_variant!r} is not one of {names}")
+        for v in self.variants:
+            if v.parent and v.parent not in names:
+                raise ManifestError(f"variant {v.name!r}: parent {v.parent!r} is not one of {names}")
 
     @property
     def num_classes(self) -> int:
@@ -137,15 +293,40 @@ class Manifest:
                 return v
         raise ManifestError(f"no variant {wanted!r}; available: {[v.name for v in self.variants]}")
 
-    def path_of(self, variant: Variant) -> Path:
+    def sibling(self, of: Variant, precision: Precision, fmt: VariantFormat = VariantFormat.ONNX) -> Variant | None:
+        """The variant of ``of``'s family at ``precision`` in format ``fmt``, if the build made one."""
+        for v in self.variants:
+            if v.family == of.family and v.precision is precision and v.format is fmt:
+                return v
+        return None
+
+    def onnx_of(self, variant: Variant) -> Variant:
+        """The ONNX variant behind ``variant``: itself, or the parent a TensorRT engine was built from."""
+        v = variant
+        seen = set()
+        while v.format is not VariantFormat.ONNX:
+            if not v.parent or v.name in seen:
+                raise ManifestError(f"variant {variant.name!r} names no ONNX parent")
+            seen.add(v.name)
+            v = self.variant(v.parent)
+        return v
+
+    def path_of(self, variant: Variant | str) -> Path:
+        """Absolute path of a variant's file (or of a file name the manifest lists)."""
         if self.root is None:
             raise ManifestError("manifest was not loaded from a directory")
-        return self.root / variant.file
+        return self.root / (variant.file if isinstance(variant, Variant) else variant)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("root", None)
-        return d
+        return json.loads(json.dumps(d, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Enum):
+        return o.value
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -160,16 +341,38 @@ def _tuple_fields(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: (tuple(v) if k in keys and isinstance(v, list) else v) for k, v in d.items()}
 
 
+def _sub(cls: type, value: Any, what: str, tuples: tuple[str, ...] = ()) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError(f"{what} must be an object")
+    return cls(**_tuple_fields(value, tuples))
+
+
+def _variant_from_dict(v: dict[str, Any]) -> Variant:
+    name = v.get("name", "?")
+    d = _tuple_fields(v, ("input_shape",))
+    d["weights"] = _sub(Weights, d.get("weights"), f"variant {name!r}: weights")
+    d["calibration"] = _sub(Calibration, d.get("calibration"), f"variant {name!r}: calibration", ("fp32_nodes",))
+    d["tensorrt_qdq"] = _sub(QdqTwin, d.get("tensorrt_qdq"), f"variant {name!r}: tensorrt_qdq")
+    d["source"] = _sub(SourceFile, d.get("source"), f"variant {name!r}: source")
+    d["engine"] = _sub(EngineRecord, d.get("engine"), f"variant {name!r}: engine")
+    return Variant(**d)
+
+
 def manifest_from_dict(data: dict[str, Any], root: Path | None = None) -> Manifest:
-    """Build and validate a Manifest from parsed JSON; unknown keys are an error."""
+    """Build and validate a Manifest from parsed JSON (migrating schema 1); unknown keys are an error."""
     try:
-        if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        version = data.get("schema_version", 1)
+        if version == 1:
+            data = migrate_v1(data)
+        elif version != SCHEMA_VERSION:
             raise ManifestError(
-                f"manifest schema_version {data.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
+                f"manifest schema_version {version} is not supported (this release reads 1 and {SCHEMA_VERSION})"
             )
         pre = PreprocessSpec(**_tuple_fields(data["preprocess"], ("mean", "std")))
         post = PostprocessSpec(**data.get("postprocess", {}))
-        variants = tuple(Variant(**_tuple_fields(v, ("input_shape",))) for v in data["variants"])
+        variants = tuple(_variant_from_dict(v) for v in data["variants"])
         rest = {k: v for k, v in data.items() if k not in ("preprocess", "postprocess", "variants", "classes")}
         return Manifest(
             classes=tuple(data["classes"]), preprocess=pre, postprocess=post, variants=variants, root=root, **rest
@@ -178,12 +381,91 @@ def manifest_from_dict(data: dict[str, Any], root: Path | None = None) -> Manife
         raise
     except KeyError as exc:
         raise ManifestError(f"manifest is missing the key {exc}") from exc
-    except TypeError as exc:
+    except (TypeError, AttributeError) as exc:
         raise ManifestError(f"manifest has a malformed or unknown field: {exc}") from exc
 
 
+_V1_LAYOUTS = {"xyxy_obj_cls": "yolo_obj"}
+
+
+def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest as schema 2: the one place that reads v1's free-form ``extra`` keys
+    and its variant-name conventions (``trt_`` prefix, ``pruned_`` family, ``_fp32`` parents).
+
+    A v1 variant without a sha256 cannot be verified and is refused.
+    """
+    out = json.loads(json.dumps(data))
+    out["schema_version"] = SCHEMA_VERSION
+    post = out.setdefault("postprocess", {})
+    layout = post.get("output_layout", "xyxy_obj_cls")
+    post["output_layout"] = _V1_LAYOUTS.get(layout, layout)
+    names = {v.get("name") for v in out.get("variants", [])}
+    migrated = []
+    for v in out.get("variants", []):
+        extra = v.pop("extra", {}) or {}
+        name = str(v.get("name", ""))
+        if not v.get("sha256"):
+            raise ManifestError(f"schema-1 variant {name!r} has no sha256 and cannot be verified; rebuild the artifact "
+                                "with `perception build`")
+        base = name.removeprefix("trt_")
+        family = base.rsplit("_", 1)[0] if "_" in base else "base"
+        v["family"] = family
+        fp32 = f"{family}_fp32" if family != "base" else "fp32"
+        if v.get("format") == "tensorrt":
+            v["parent"] = str(extra.get("onnx_variant") or base)
+            fp = extra.get("fingerprint") or {}
+            v["engine"] = {k: fp[k] for k in ("tensorrt_version", "compute_capability", "precision", "onnx_sha256",
+                                              "max_batch", "device_name") if k in fp}
+            v["source"] = {"file": "", "sha256": fp.get("onnx_sha256", "")}
+            v["source"]["file"] = _v1_engine_source_file(out, v["parent"], v.get("precision", ""))
+        elif name != fp32 and fp32 in names:
+            v["parent"] = fp32
+        if "checkpoint" in extra:
+            v["weights"] = {"checkpoint": extra["checkpoint"], "sha256": extra.get("checkpoint_sha256", ""),
+                            "pruning": extra.get("pruning", {})}
+        if "calibrator" in extra or "calibration_sha256" in extra:
+            v["calibration"] = {"calibrator": extra.get("calibrator", ""), "set_sha256": extra.get("calibration_sha256", ""),
+                                "fp32_nodes": list(extra.get("fp32_nodes", []))}
+        if isinstance(extra.get("tensorrt_qdq"), dict):
+            q = extra["tensorrt_qdq"]
+            v["tensorrt_qdq"] = {k: q[k] for k in ("file", "sha256", "calibrator", "activations", "metrics", "parity",
+                                                    "gate") if k in q}
+        migrated.append(v)
+    out["variants"] = migrated
+    return out
+
+
+def _v1_engine_source_file(data: dict[str, Any], parent: str, precision: str) -> str:
+    for v in data.get("variants", []):
+        if v.get("name") == parent:
+            q = (v.get("extra") or {}).get("tensorrt_qdq") if isinstance(v.get("extra"), dict) else None
+            if precision == "int8" and isinstance(q, dict):
+                return str(q.get("file", ""))
+            if isinstance(v.get("tensorrt_qdq"), dict) and precision == "int8":
+                return str(v["tensorrt_qdq"].get("file", ""))
+            return str(v.get("file", ""))
+    return ""
+
+
+def check_file(root: Path, name: str, sha256: str, what: str) -> Path:
+    """``root/name`` as a regular file inside ``root`` (after resolving links) with this sha256."""
+    check_relative(name, what)
+    path = root / name
+    try:
+        resolved = path.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise ManifestError(f"{what} names {name}, which does not exist") from None
+    if not resolved.is_relative_to(root.resolve()):
+        raise ManifestError(f"{what} names {name}, which resolves outside the artifact directory")
+    if not resolved.is_file():
+        raise ManifestError(f"{what} names {name}, which is not a regular file")
+    if sha256_file(resolved) != sha256:
+        raise ManifestError(f"{what}: {name} does not match its sha256 in the manifest (corrupt or replaced file)")
+    return resolved
+
+
 def load_manifest(path: str | os.PathLike[str], verify_checksums: bool = True) -> Manifest:
-    """Load ``manifest.json`` (or a directory holding one) and check the files it names."""
+    """Load ``manifest.json`` (or a directory holding one) and check every file it names."""
     p = Path(path)
     if p.is_dir():
         p = p / "manifest.json"
@@ -191,20 +473,22 @@ def load_manifest(path: str | os.PathLike[str], verify_checksums: bool = True) -
         data = json.loads(p.read_text())
     except FileNotFoundError as exc:
         raise ManifestError(f"{p}: no such manifest") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{p}: cannot read manifest: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{p}: manifest must be a JSON object")
-    manifest = manifest_from_dict(data, root=p.parent.resolve())
+    try:
+        manifest = manifest_from_dict(data, root=p.parent.resolve())
+    except ManifestError as exc:
+        raise ManifestError(f"{p}: {exc}") from exc
     if verify_checksums:
+        assert manifest.root is not None
         for v in manifest.variants:
-            f = manifest.path_of(v)
-            if v.format == "tensorrt":
-                continue  # engines are built on the device; checked by their fingerprint
-            if not f.is_file():
-                raise ManifestError(f"{p}: variant {v.name!r} names {v.file}, which does not exist")
-            if v.sha256 and sha256_file(f) != v.sha256:
-                raise ManifestError(f"{p}: {v.file} does not match its sha256 in the manifest")
+            for name, sha in v.files().items():
+                try:
+                    check_file(manifest.root, name, sha, f"variant {v.name!r}")
+                except ManifestError as exc:
+                    raise ManifestError(f"{p}: {exc}") from exc
     return manifest
 
 
@@ -218,6 +502,8 @@ def save_manifest(manifest: Manifest, directory: str | os.PathLike[str]) -> Path
         with os.fdopen(fd, "w") as f:
             json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the server may run as another user
         os.replace(tmp, target)
     except BaseException:

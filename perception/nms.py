@@ -1,6 +1,6 @@
 """Greedy non-maximum suppression, vectorised over the candidate set.
 
-Measured (../shared/MEASURED.md): numpy NMS over thousands of candidates costs as much as a
+Measured (docs/performance.md): numpy NMS over thousands of candidates costs as much as a
 small model, so callers cut candidates by score and a pre-NMS top-k first.
 """
 

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 import numpy as np
 from numpy.typing import NDArray
+
+
+class FrameStatus(str, Enum):
+    """What became of one frame, end to end (perception.v1.FrameStatus without its prefix).
+
+    The value is the name written to JSONL and shown to users.
+    """
+
+    OK = "OK"
+    DROPPED_STALE = "DROPPED_STALE"  # a newer frame of the same camera replaced it
+    EXPIRED = "EXPIRED"  # its deadline passed before it was answered
+    INVALID = "INVALID"  # it could not be decoded, or its options are invalid
+    OVERLOADED = "OVERLOADED"  # shed under load (or not processed): send the next one
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)

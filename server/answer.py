@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import threading
 import time
+
+import numpy as np
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from perception.types import Detections, StageTimings
-from server.pipeline import FramePipeline, Prepared
-from server.scheduler import CANCELLED, ERROR, EXPIRED, OK, STALE, JobResult
+from perception.errors import ModelError
+from perception.pipeline import FramePipeline, Prepared
+from perception.types import Detections, FrameStatus, StageTimings
+from server.metrics_protocol import Metrics
+from server.scheduler import JobResult, JobStatus
 
-# Answer statuses (names of perception.v1.FrameStatus without the prefix).
-ANSWER_OK = "OK"
-DROPPED_STALE = "DROPPED_STALE"
-ANSWER_EXPIRED = "EXPIRED"
-INVALID = "INVALID"
-OVERLOADED = "OVERLOADED"
 # Metric drop reasons per non-OK status.
-DROP_REASON = {DROPPED_STALE: "stale", ANSWER_EXPIRED: "expired", INVALID: "invalid", OVERLOADED: "overloaded"}
+DROP_REASON = {FrameStatus.DROPPED_STALE: "stale", FrameStatus.EXPIRED: "expired", FrameStatus.INVALID: "invalid",
+               FrameStatus.OVERLOADED: "overloaded"}
+# A scheduler outcome that is not OK -> the answer status it becomes.
+_JOB_ANSWER = {JobStatus.STALE: FrameStatus.DROPPED_STALE, JobStatus.EXPIRED: FrameStatus.EXPIRED,
+               JobStatus.CANCELLED: FrameStatus.OVERLOADED}
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class FrameAnswer:
     camera_id: str
     sequence: int
     capture_timestamp_ns: int
-    status: str
+    status: FrameStatus
     message: str
     detections: Detections
     image_width: int
@@ -49,7 +51,7 @@ class FrameTask:
     deadline_ms: int = 0
     received: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
-    status: str = ""
+    status: FrameStatus | None = None
     message: str = ""
     result: JobResult | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -62,7 +64,7 @@ class FrameTask:
             self.prepared.tensor = None  # inferred or dropped: only the placement is still needed
         self._finish()
 
-    def answer_now(self, status: str, message: str) -> None:
+    def answer_now(self, status: FrameStatus, message: str) -> None:
         """Answer without inference (invalid input, overload)."""
         self.status, self.message = status, message
         if self.prepared is not None:
@@ -76,52 +78,47 @@ class FrameTask:
 
 
 def finish_task(
-    task: FrameTask, pipeline: FramePipeline, metrics: Any, answer_errors: bool = False
+    task: FrameTask, pipeline: FramePipeline, metrics: Metrics, answer_errors: bool = False
 ) -> FrameAnswer:
     """The answer of a done task; post-processes an inferred frame. Records metrics.
 
     If inference itself failed: raises perception.errors.ModelError (a unary call ends
     INTERNAL), or with ``answer_errors`` (a stream, which goes on) answers the frame OVERLOADED.
     """
-    from perception.errors import ModelError
-
     result = task.result
     status, message = task.status, task.message
     detections = Detections.empty()
     post_s = 0.0
     prep = task.prepared
-    if not status:
-        assert result is not None
-        if result.status == OK and prep is not None:
+    if status is None:
+        if result is None:
+            raise ModelError("a frame was finished before it was answered")
+        if result.status is JobStatus.OK and prep is not None and result.outputs is not None:
             t0 = time.perf_counter()
-            assert result.output is not None
-            detections = pipeline.finish(result.output, prep)
+            detections = pipeline.finish(result.outputs, prep)
             post_s = time.perf_counter() - t0
-            status = ANSWER_OK
-            result.output = None
-        elif result.status == STALE:
-            status, message = DROPPED_STALE, result.message
-        elif result.status == EXPIRED:
-            status, message = ANSWER_EXPIRED, result.message
-        elif result.status == CANCELLED:
-            status, message = OVERLOADED, result.message
-        elif result.status == ERROR:
+            status = FrameStatus.OK
+            result.outputs = None
+        elif result.status is JobStatus.ERROR or result.status is JobStatus.OK:
             if not answer_errors:
-                raise ModelError(result.message)
+                raise ModelError(result.message or "inference returned no output")
             # No FrameStatus says "internal error"; OVERLOADED tells the client to send the next
             # frame (this one was not processed), which is what it should do.
             reason = result.message.removeprefix("inference failed: ")
-            status, message = OVERLOADED, f"inference failed: {reason}; frame not processed"
+            status, message = FrameStatus.OVERLOADED, f"inference failed: {reason}; frame not processed"
+        else:
+            status, message = _JOB_ANSWER[result.status], result.message
     total_s = time.monotonic() - task.received
-    if status == ANSWER_OK and task.prepared is not None and _past_deadline(task, total_s):
-        status, message, detections = ANSWER_EXPIRED, "deadline passed during inference", Detections.empty()
+    if status is FrameStatus.OK and task.prepared is not None and _past_deadline(task, total_s):
+        status, message, detections = FrameStatus.EXPIRED, "deadline passed during inference", Detections.empty()
+    ok = status is FrameStatus.OK
     timings = StageTimings(
         queue_us=_us(result.queue_s if result else 0.0),
         preprocess_us=_us(prep.preprocess_s if prep else 0.0),
-        inference_us=_us(result.inference_s if result and status == ANSWER_OK else 0.0),
+        inference_us=_us(result.inference_s if result and ok else 0.0),
         postprocess_us=_us(post_s),
         total_us=_us(total_s),
-        batch_size=result.batch_size if result and status == ANSWER_OK else 0,
+        batch_size=result.batch_size if result and ok else 0,
     )
     _record(metrics, task.camera_id, status, detections, pipeline, timings, total_s)
     return FrameAnswer(
@@ -146,11 +143,10 @@ def _us(seconds: float) -> int:
 
 
 def _record(
-    metrics: Any, camera: str, status: str, det: Detections, pipeline: FramePipeline, t: StageTimings, total_s: float
+    metrics: Metrics, camera: str, status: FrameStatus, det: Detections, pipeline: FramePipeline, t: StageTimings,
+    total_s: float,
 ) -> None:
-    if metrics is None:
-        return
-    if status == ANSWER_OK:
+    if status is FrameStatus.OK:
         metrics.frame_answered(camera)
         metrics.observe_stage("preprocess", t.preprocess_us / 1e6)
         metrics.observe_stage("postprocess", t.postprocess_us / 1e6)
@@ -164,7 +160,5 @@ def _record(
 
 
 def _class_counts(det: Detections) -> tuple[list[int], list[int]]:
-    import numpy as np
-
     ids, counts = np.unique(det.class_ids, return_counts=True)
     return [int(i) for i in ids], [int(c) for c in counts]

@@ -29,8 +29,10 @@ from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.config import ServerConfig
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
-from server.pipeline import FramePipeline
-from server.runtime.factory import BackendRequest, create_backend
+from perception.pipeline import FramePipeline
+from server.metrics_protocol import NULL_METRICS, Metrics
+from server.runtime.base import Backend
+from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
 from server.service import DetectorService
 
@@ -42,8 +44,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
 class ManagedServer:
     """A started ``grpc.Server`` plus what it owns. Unknown attributes go to the grpc.Server."""
 
-    def __init__(self, server: grpc.Server, port: int, scheduler: Scheduler, backend: Any,
-                 health_servicer: health.HealthServicer, metrics: Any,
+    def __init__(self, server: grpc.Server, port: int, scheduler: Scheduler, backend: Backend,
+                 health_servicer: health.HealthServicer, metrics: Metrics,
                  ready: threading.Event, draining: threading.Event) -> None:
         self.grpc_server = server
         self.port = port
@@ -90,16 +92,14 @@ class ManagedServer:
         return event
 
 
-def _warm_up(backend: Any, pipeline: FramePipeline, iters: int, max_batch: int) -> None:
+def _warm_up(backend: Backend, pipeline: FramePipeline, iters: int, max_batch: int) -> None:
     """Run the engine at batch 1 and max batch so the first real frames pay no lazy-init cost."""
     spec = pipeline.spec
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (spec.input_height, spec.input_width, 3), dtype=np.uint8)
-    from perception.preprocess import preprocess
-
-    x, _ = preprocess(img, spec)
+    canvas = rng.integers(0, 255, (spec.input_height, spec.input_width, 3), dtype=np.uint8)
+    x = pipeline.to_batch([canvas])
     for b in sorted({1, max_batch}):
-        batch = np.repeat(x[None], b, axis=0)
+        batch = np.repeat(x, b, axis=0)
         for _ in range(iters):
             backend.infer(batch)
 
@@ -116,7 +116,9 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def create_server(config: ServerConfig, registry: Any = None, metrics: Any = None) -> tuple[ManagedServer, int]:
+def create_server(
+    config: ServerConfig, registry: Any = None, metrics: Metrics | None = None
+) -> tuple[ManagedServer, int]:
     """Build, bind and start the server; returns once the model is warm and health is SERVING.
 
     registry: a prometheus CollectorRegistry for the server's metrics (None = no metrics,
@@ -135,6 +137,8 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
 
             metrics = CameraLabelledMetrics(ServerMetrics(registry, cameras=None),
                                             CameraLabels(config.max_camera_labels))
+    if metrics is None:
+        metrics = NULL_METRICS
     manifest = load_manifest(config.model)
     pipeline = FramePipeline.from_manifest(manifest)
     options = [
@@ -172,19 +176,18 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     # Health answers NOT_SERVING (and Detect UNAVAILABLE) while the model loads and warms up.
     server.start()
-    backend: Any = None
+    backend: Backend | None = None
     scheduler: Scheduler | None = None
     try:
-        backend, variant = create_backend(BackendRequest(
-            manifest=manifest,
-            variant=config.variant,
-            preference=config.backends,
+        backend, variant = backend_for(manifest, config.variant, RuntimeSettings(
             threads=config.threads,
             max_batch=config.max_batch,
             engine_cache_dir=config.engine_cache_dir,
             build_engine_on_start=config.build_engine_on_start,
             engine_precision=config.engine_precision,
-        ))
+        ), preference=config.backends)
+        # Refuse a model whose outputs do not fit its declared layout now, not on the first frame.
+        pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))
         scheduler = Scheduler(backend.infer, max_batch, config.max_wait_ms / 1000.0, config.queue_size,
                               config.max_pending, metrics, to_batch=pipeline.to_batch)
@@ -198,8 +201,7 @@ def create_server(config: ServerConfig, registry: Any = None, metrics: Any = Non
             raise ModelError(f"model {manifest.name} {manifest.version} ({variant.name}) failed its warm-up "
                              f"inference on {backend.name}: {exc}") from exc
         scheduler.start()
-        if metrics is not None:
-            metrics.set_model_info(manifest, variant.name, backend.name)
+        metrics.set_model_info(manifest, variant.name, backend.name)
     except BaseException:
         # Nothing may outlive a failed start: the bound port, the scheduler, the engine.
         draining.set()

@@ -11,7 +11,8 @@ import threading
 from typing import Any
 
 from server.metrics import OTHER_CAMERA
-from server.pipeline import MAX_CAMERA_ID_LEN
+from server.metrics_protocol import Metrics
+from perception.pipeline import MAX_CAMERA_ID_LEN
 
 
 class CameraLabels:
@@ -43,7 +44,7 @@ class CameraLabelledMetrics:
     Everything else is passed through unchanged.
     """
 
-    def __init__(self, metrics: Any, labels: CameraLabels) -> None:
+    def __init__(self, metrics: Metrics, labels: CameraLabels) -> None:
         self._metrics = metrics
         self._labels = labels
 

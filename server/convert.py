@@ -8,15 +8,16 @@ import math
 from perception.errors import InvalidInputError
 from perception.manifest import Manifest, Variant
 from perception.v1 import detector_pb2 as pb
+from perception.pipeline import FrameInput, RawPixels, RequestOptions
+from perception.types import FrameStatus
 from server.answer import FrameAnswer
-from server.pipeline import FrameInput, RawPixels, RequestOptions
 
 _STATUS = {
-    "OK": pb.FRAME_STATUS_OK,
-    "DROPPED_STALE": pb.FRAME_STATUS_DROPPED_STALE,
-    "EXPIRED": pb.FRAME_STATUS_EXPIRED,
-    "INVALID": pb.FRAME_STATUS_INVALID,
-    "OVERLOADED": pb.FRAME_STATUS_OVERLOADED,
+    FrameStatus.OK: pb.FRAME_STATUS_OK,
+    FrameStatus.DROPPED_STALE: pb.FRAME_STATUS_DROPPED_STALE,
+    FrameStatus.EXPIRED: pb.FRAME_STATUS_EXPIRED,
+    FrameStatus.INVALID: pb.FRAME_STATUS_INVALID,
+    FrameStatus.OVERLOADED: pb.FRAME_STATUS_OVERLOADED,
 }
 
 
@@ -97,7 +98,7 @@ def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectR
     return resp
 
 
-def status_only(camera_id: str, sequence: int, ts: int, status: str, message: str) -> pb.DetectResponse:
+def status_only(camera_id: str, sequence: int, ts: int, status: FrameStatus, message: str) -> pb.DetectResponse:
     return pb.DetectResponse(
         camera_id=camera_id, sequence=sequence, capture_timestamp_ns=ts, status=_STATUS[status], message=message
     )
@@ -111,7 +112,7 @@ def model_info(manifest: Manifest, variant: Variant, backend: str, max_batch: in
         classes=list(manifest.classes),
         input_width=manifest.preprocess.input_width,
         input_height=manifest.preprocess.input_height,
-        precision=variant.precision,
+        precision=variant.precision.value,
         backend=backend,
         macs=int(variant.macs),
         params=int(variant.params),

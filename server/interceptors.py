@@ -16,6 +16,8 @@ import grpc
 
 from server.errors import status_for
 
+from server.metrics_protocol import NULL_METRICS, Metrics
+
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -40,7 +42,7 @@ def _wrap_handler(
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions escaping a handler to status codes; counts errors; logs slow calls."""
 
-    def __init__(self, metrics: Any = None, prefix: str = "/perception.") -> None:
+    def __init__(self, metrics: Metrics = NULL_METRICS, prefix: str = "/perception.") -> None:
         self._metrics = metrics
         self._prefix = prefix
 
@@ -53,8 +55,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         def fail(exc: BaseException, context: grpc.ServicerContext) -> None:
             code, message = status_for(exc, method)
-            if self._metrics is not None:
-                self._metrics.grpc_error(short, code.name)
+            self._metrics.grpc_error(short, code.name)
             context.abort(code, message)
 
         def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,7 +85,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a valid bearer token with UNAUTHENTICATED (health is exempt)."""
 
-    def __init__(self, tokens: Iterable[str], metrics: Any = None) -> None:
+    def __init__(self, tokens: Iterable[str], metrics: Metrics = NULL_METRICS) -> None:
         self._tokens = tuple(t.encode() for t in tokens)
         self._metrics = metrics
 
@@ -111,8 +112,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
         def deny(_behavior: Callable[..., Any]) -> Callable[..., Any]:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
-                if metrics is not None:
-                    metrics.grpc_error(short, grpc.StatusCode.UNAUTHENTICATED.name)
+                metrics.grpc_error(short, grpc.StatusCode.UNAUTHENTICATED.name)
                 context.abort(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "missing or invalid token: send metadata 'authorization: Bearer <token>'",

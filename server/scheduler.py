@@ -19,24 +19,36 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from enum import Enum
+from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perception.errors import NotReadyError, OverloadedError, PerceptionError
+from perception.pipeline import frame_outputs
+from server.metrics_protocol import NULL_METRICS, Metrics
 
 log = logging.getLogger(__name__)
 
-OK, STALE, EXPIRED, ERROR, CANCELLED = "ok", "stale", "expired", "error", "cancelled"
+
+class JobStatus(Enum):
+    """What became of a queued frame."""
+
+    OK = "ok"
+    STALE = "stale"  # a newer frame of the same camera took its place
+    EXPIRED = "expired"  # its deadline passed while it was queued
+    ERROR = "error"  # inference of its batch failed
+    CANCELLED = "cancelled"  # its stream ended first
 
 
 @dataclass
 class JobResult:
-    """What became of a job. ``output``: the frame's raw head output (N, 5 + C) when ok."""
+    """What became of a job. ``outputs``: the frame's model outputs by name (batch axis taken
+    off) when ok."""
 
-    status: str
-    output: NDArray[np.float32] | None = None
+    status: JobStatus
+    outputs: dict[str, NDArray[Any]] | None = None
     queue_s: float = 0.0
     inference_s: float = 0.0
     batch_size: int = 0
@@ -58,20 +70,20 @@ class Job:
 class Scheduler:
     """Batches jobs from many queues into calls of ``infer`` on one worker thread.
 
-    infer: (B, 3, H, W) float32 -> (B, N, 5 + C) float32, B <= max_batch.
+    infer: (B, 3, H, W) float32 -> every model output (B, ...) by name, B <= max_batch.
     to_batch: the queued items of a batch -> infer's input (default: np.stack of float tensors;
     the server queues uint8 canvases and normalises here, on the inference thread).
-    metrics: optional object with observe_stage / observe_batch / set_queue_depth.
+    metrics: where batch sizes, stage times and the queue depth are recorded.
     """
 
     def __init__(
         self,
-        infer: Callable[[NDArray[np.float32]], NDArray[np.float32]],
+        infer: Callable[[NDArray[np.float32]], Mapping[str, NDArray[Any]]],
         max_batch: int,
         max_wait_s: float,
         queue_size: int,
         max_pending: int,
-        metrics: Any = None,
+        metrics: Metrics = NULL_METRICS,
         to_batch: Callable[[list[Any]], NDArray[np.float32]] | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_pending < 1 or max_wait_s < 0:
@@ -124,7 +136,7 @@ class Scheduler:
         self._gauge(depth)
         if stale is not None:
             stale.tensor = None
-            _call(stale, JobResult(STALE, queue_s=time.monotonic() - stale.enqueued,
+            _call(stale, JobResult(JobStatus.STALE, queue_s=time.monotonic() - stale.enqueued,
                                    message="a newer frame of this camera arrived first"))
 
     def open(self, key: Hashable) -> None:
@@ -145,7 +157,7 @@ class Scheduler:
         self._gauge(depth)
         for job in dropped:
             job.tensor = None
-            _call(job, JobResult(CANCELLED, message="stream closed"))
+            _call(job, JobResult(JobStatus.CANCELLED, message="stream closed"))
         return len(dropped)
 
     @property
@@ -201,7 +213,7 @@ class Scheduler:
             now = time.monotonic()
             for job in expired:
                 job.tensor = None
-                _call(job, JobResult(EXPIRED, queue_s=now - job.enqueued,
+                _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
                                      message="deadline passed while the frame was queued"))
             if jobs:
                 self._run_batch(jobs)
@@ -266,24 +278,20 @@ class Scheduler:
             out, error = None, f"{type(exc).__name__}: {exc}"
         end = time.monotonic()
         infer_s = end - start
-        if self._metrics is not None:
-            self._metrics.observe_batch(len(jobs))
-            self._metrics.observe_stage("inference", infer_s)
+        self._metrics.observe_batch(len(jobs))
+        self._metrics.observe_stage("inference", infer_s)
         for i, job in enumerate(jobs):
             job.tensor = None
             queue_s = start - job.enqueued
-            if self._metrics is not None:
-                self._metrics.observe_stage("queue", queue_s)
+            self._metrics.observe_stage("queue", queue_s)
             if out is None:
-                result = JobResult(ERROR, None, queue_s, infer_s, len(jobs), f"inference failed: {error}")
+                result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed: {error}")
             else:
-                # A copy, so one slow reader does not pin the whole batch output in memory.
-                result = JobResult(OK, np.array(out[i], dtype=np.float32), queue_s, infer_s, len(jobs))
+                result = JobResult(JobStatus.OK, frame_outputs(out, i), queue_s, infer_s, len(jobs))
             _call(job, result)
 
     def _gauge(self, depth: int) -> None:
-        if self._metrics is not None:
-            self._metrics.set_queue_depth(depth)
+        self._metrics.set_queue_depth(depth)
 
 
 def _call(job: Job, result: JobResult) -> None:

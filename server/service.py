@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 
@@ -16,9 +16,11 @@ from perception.errors import InvalidInputError, NotReadyError
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
-from server.answer import INVALID, FrameTask, finish_task
-from server.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
-from server.scheduler import CANCELLED, Job, Scheduler
+from perception.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
+from perception.types import FrameStatus
+from server.answer import FrameTask, finish_task
+from server.metrics_protocol import Metrics
+from server.scheduler import Job, JobStatus, Scheduler
 from server.stream import StreamSession
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class DetectorService(pb_grpc.DetectorServicer):
     def __init__(
         self,
         pipeline: FramePipeline,
-        metrics: Any,
+        metrics: Metrics,
         outbox_size: int,
         cameras: frozenset[str],
         ready: Callable[[], bool],
@@ -70,14 +72,13 @@ class DetectorService(pb_grpc.DetectorServicer):
         if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)
             raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
         task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms)
-        if self._metrics is not None:
-            self._metrics.frame_received(camera_id)
+        self._metrics.frame_received(camera_id)
         try:
             frame, opts = convert.frame_from_proto(request)
             self.admit_camera(frame.camera_id)
             task.prepared = self._pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
-            task.answer_now(INVALID, str(exc))
+            task.answer_now(FrameStatus.INVALID, str(exc))
             finish_task(task, self._pipeline, self._metrics)  # counts the drop
             raise
         key = ("unary", next(_unary_ids))
@@ -89,7 +90,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             if not context.is_active():  # the client cancelled or its deadline passed
                 scheduler.close(key)
                 return pb.DetectResponse()
-        if task.result is not None and task.result.status == CANCELLED:
+        if task.result is not None and task.result.status is JobStatus.CANCELLED:
             raise NotReadyError("server is shutting down; retry on another instance")
         answer = finish_task(task, self._pipeline, self._metrics)
         return convert.answer_to_proto(answer, self._pipeline.classes)
@@ -108,14 +109,12 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.admit_camera,
             self._draining,
         )
-        if self._metrics is not None:
-            self._metrics.stream_opened()
+        self._metrics.stream_opened()
         metrics = self._metrics
 
         def ended() -> None:  # runs once when the call ends, however it ends
             session.cancel()
-            if metrics is not None:
-                metrics.stream_closed()
+            metrics.stream_closed()
 
         context.add_callback(ended)
         for answer in session.answers(request_iterator):

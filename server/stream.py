@@ -24,9 +24,11 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
-from server.answer import DROPPED_STALE, INVALID, OVERLOADED, FrameAnswer, FrameTask, finish_task
-from server.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
-from server.scheduler import ERROR, Job, Scheduler
+from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
+from perception.types import FrameStatus
+from server.answer import FrameAnswer, FrameTask, finish_task
+from server.metrics_protocol import Metrics
+from server.scheduler import Job, JobStatus, Scheduler
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -48,7 +50,7 @@ class StreamSession:
         scheduler: Scheduler,
         convert: Converter,
         identify: Identifier,
-        metrics: Any,
+        metrics: Metrics,
         outbox_size: int,
         admit_camera: Callable[[str], None],
         draining: Callable[[], bool],
@@ -96,7 +98,7 @@ class StreamSession:
                         break
                     task = self._outbox.popleft()
                     self._cond.notify_all()  # room in the outbox for the reader
-                if task.result is not None and task.result.status == ERROR:
+                if task.result is not None and task.result.status is JobStatus.ERROR:
                     # One failed batch must not end the stream and discard its other answers:
                     # the scheduler logged the traceback; the frame is answered, counted INTERNAL.
                     log.error("stream %d: camera %r frame %d not inferred: %s",
@@ -156,8 +158,7 @@ class StreamSession:
         invalid = ""
         if len(camera_id) > MAX_CAMERA_ID_LEN:
             invalid = f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters"
-        if self._metrics is not None:
-            self._metrics.frame_received(camera_id)
+        self._metrics.frame_received(camera_id)
         replaced = None
         with self._cond:
             self._outbox.append(task)
@@ -168,9 +169,9 @@ class StreamSession:
                     replaced = waiting.popleft()
             self._cond.notify_all()
         if invalid or refuse:
-            task.answer_now(INVALID if invalid else OVERLOADED, invalid or refuse)
+            task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
         if replaced is not None:
-            replaced[0].answer_now(DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded")
+            replaced[0].answer_now(FrameStatus.DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded")
 
     # -- the pre-processor thread ----------------------------------------------------------
 
@@ -194,12 +195,12 @@ class StreamSession:
             self._admit_camera(fin.camera_id)
             task.prepared = self._pipeline.prepare(fin, opts)
         except InvalidInputError as exc:
-            task.answer_now(INVALID, str(exc))
+            task.answer_now(FrameStatus.INVALID, str(exc))
             return
         except Exception as exc:  # a bug or a resource error on one frame must not hang the stream
             log.exception("stream %d: pre-processing camera %r frame %d failed", self.id, task.camera_id, task.sequence)
             self._count_internal()
-            task.answer_now(INVALID, f"internal error while pre-processing this frame: {type(exc).__name__}: {exc}")
+            task.answer_now(FrameStatus.INVALID, f"internal error while pre-processing this frame: {type(exc).__name__}: {exc}")
             return
         key = (self.id, task.camera_id)
         with self._cond:
@@ -211,10 +212,10 @@ class StreamSession:
         try:
             self._scheduler.submit(job)
         except OverloadedError as exc:
-            task.answer_now(OVERLOADED, str(exc))
+            task.answer_now(FrameStatus.OVERLOADED, str(exc))
         except NotReadyError as exc:
             self._stopped_for_drain = True
-            task.answer_now(OVERLOADED, str(exc))
+            task.answer_now(FrameStatus.OVERLOADED, str(exc))
         with self._cond:
             cancelled = self._cancelled
         if cancelled:
@@ -223,8 +224,7 @@ class StreamSession:
             self._scheduler.close(key)
 
     def _count_internal(self) -> None:
-        if self._metrics is not None:
-            self._metrics.grpc_error(METHOD, "INTERNAL")
+        self._metrics.grpc_error(METHOD, "INTERNAL")
 
     def _notify(self) -> None:
         with self._cond:

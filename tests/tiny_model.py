@@ -1,6 +1,6 @@
 """A tiny, real ONNX detector built inline with onnx.helper (no torch), for plumbing tests.
 
-Input ``images`` (B, 3, H, W) float32; output (B, N, 5 + C) in the ``xyxy_obj_cls`` layout:
+Input ``images`` (B, 3, H, W) float32; output (B, N, 5 + C) in the ``yolo_obj`` layout:
 a strided conv gives one candidate per 8x8 cell; x1 y1 come from a sigmoid scaled to the
 input size, width/height from a sigmoid scaled to a quarter of it, then obj and class
 probabilities through a sigmoid. Random weights, seeded: detections are meaningless but

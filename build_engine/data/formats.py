@@ -184,3 +184,14 @@ def read_labelled_set(root: str | os.PathLike[str]) -> LabelledSet:
     if not ds.samples:
         raise DataError(f"{r}: the dataset is empty")
     return ds
+
+
+def read_image(path: Path) -> NDArray[np.uint8]:
+    """A training image as BGR uint8, at full size (augmentation crops and scales it itself;
+    scoring a model reads images through ``perception.pipeline`` instead)."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: image does not decode")
+    return img

@@ -10,12 +10,12 @@ trained detector's confident opinion is compared with each image's labels.
 - ``no_object``: a label with no detection of any class, even at a low score, overlapping it;
   score = 1 - best overlapping score.
 
-Detections come from the serving pre / post-processing (``build_engine.evaluate.predict``).
+Detections come from the one frame pipeline, as served (``build_engine.evaluate.predict``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +24,8 @@ from build_engine.evaluate import predict
 from build_engine.label_qa.issues import Issue
 from build_engine.label_qa.records import LabelSet, boxes_of
 from perception.boxes import box_iou
-from perception.manifest import PreprocessSpec
-from perception.postprocess import PostprocessOptions
+from perception.manifest import PostprocessSpec, PreprocessSpec
+from perception.pipeline import FramePipeline, InferFn, RequestOptions
 
 # Thresholds chosen on the injected-mistake measurement (build_engine.label_qa.measure).
 CONFIDENT = 0.5  # a detection the model stands by
@@ -38,14 +38,14 @@ MIN_JUDGED_PX = 8.0
 
 
 def detections_by_image(
-    runner: Callable[[np.ndarray], np.ndarray], ls: LabelSet, input_size: tuple[int, int]
+    runner: InferFn, ls: LabelSet, input_size: tuple[int, int]
 ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """image_id -> (boxes (N, 4) xyxy source px, scores (N,), class ids (N,)) at a low threshold."""
     samples = [Sample(iid, ls.root / f, w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for iid, (f, w, h) in ls.images.items()]
     ds = LabelledSet(ls.root, ls.classes, samples)
     pre = PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
-    opts = PostprocessOptions(score_threshold=SUPPORT, iou_threshold=0.5, max_detections=300, pre_nms_topk=2000)
-    preds = predict(runner, ds, pre, opts)
+    post = PostprocessSpec(score_threshold=SUPPORT, iou_threshold=0.5, max_detections=300, pre_nms_topk=2000)
+    preds = predict(runner, ds, FramePipeline(pre, post, ls.classes), RequestOptions())
     rows: dict[int, list[tuple[list[float], float, int]]] = {iid: [] for iid in ls.images}
     for p in preds:
         x, y, w, h = p["bbox"]
@@ -105,7 +105,7 @@ def image_issues(
 
 
 def find_model_issues(
-    ls: LabelSet, runner: Callable[[np.ndarray], np.ndarray], input_size: tuple[int, int]
+    ls: LabelSet, runner: InferFn, input_size: tuple[int, int]
 ) -> list[Issue]:
     """All model-assisted issues of a dataset (unranked)."""
     dets = detections_by_image(runner, ls, input_size)

@@ -1,7 +1,7 @@
 """The anchor-free YOLO-style detector: CSP backbone, PAN neck, decoupled head (strides 8/16/32).
 
 ``eval()`` mode: ``forward(x)`` with x (B, 3, H, W) float32 RGB in [0, 1] returns (B, N, 5 + C)
-in the manifest's ``xyxy_obj_cls`` layout: x1 y1 x2 y2 in input pixels, sigmoid objectness,
+in the manifest's ``yolo_obj`` layout: x1 y1 x2 y2 in input pixels, sigmoid objectness,
 sigmoid class probabilities; N = sum over levels of (H / s) * (W / s). The decode (grid +
 stride) is in the graph and has no data-dependent control flow, so it exports to ONNX
 opset 17 with a dynamic batch.

@@ -30,7 +30,7 @@ def model_card(meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str
         "model": cfg,
         "preprocess": {"input_width": cfg["input_width"], "input_height": cfg["input_height"], "letterbox": True,
                        "pad_value": 114, "color_order": "RGB", "scale": 1.0 / 255.0},
-        "postprocess": {"output_layout": "xyxy_obj_cls", "score_threshold": 0.25, "iou_threshold": 0.5, "max_detections": 100},
+        "postprocess": {"output_layout": "yolo_obj", "score_threshold": 0.25, "iou_threshold": 0.5, "max_detections": 100},
         "val_kpi": meta_kpi,
         **extra,
     }
@@ -53,7 +53,7 @@ def _epoch_table(path: Path, threads: int) -> list[str]:
 
 def _pruned_section(run_dir: Path, out_dir: Path) -> list[str]:
     """Publish RUN/pruned.pt (and its test-set KPI) when the run has one; the eval.md lines."""
-    from build_engine.prune import load_any_checkpoint
+    from build_engine.pruned_checkpoint import load_any_checkpoint
 
     src = run_dir / "pruned.pt"
     if not src.is_file():

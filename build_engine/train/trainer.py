@@ -21,7 +21,8 @@ from build_engine.checkpoint import CheckpointMeta, load_payload, meta_for, save
 from build_engine.config import TrainConfig
 from build_engine.data.formats import LabelledSet, read_labelled_set
 from build_engine.data.generate import generate_dataset
-from build_engine.evaluate import evaluate_runner, read_image, torch_runner
+from build_engine.data.formats import read_image
+from build_engine.evaluate import evaluate_runner, torch_runner
 from build_engine.losses import DetectionLoss
 from build_engine.model import build_detector
 from build_engine.model.detector import Detector

@@ -32,7 +32,7 @@ class EngineFingerprint:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "EngineFingerprint":
+    def from_json(cls, text: str) -> EngineFingerprint:
         try:
             data = json.loads(text)
             return cls(**data)
@@ -43,7 +43,6 @@ class EngineFingerprint:
         """A file name unique to everything that makes an engine incompatible."""
         key = f"{self.tensorrt_version}|{self.compute_capability}|{self.precision}|{self.onnx_sha256}|{self.max_batch}"
         return f"model.{self.precision}.b{self.max_batch}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.engine"
-
 
     def timing_cache_name(self) -> str:
         """Timing caches are valid for one TensorRT version on one kind of GPU only."""

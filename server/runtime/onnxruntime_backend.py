@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perception.errors import ModelError
+from perception.layouts import TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,13 @@ def available_providers() -> set[str]:
     return set(ort.get_available_providers())
 
 
+# onnxruntime's tensor type strings -> numpy dtype names.
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
+
+
 class OnnxRuntimeBackend:
-    """Runs an ONNX file with onnxruntime.
+    """Runs an ONNX file with onnxruntime; ``infer`` returns every output by name.
 
     providers: execution providers in preference order; those not available in the installed
     onnxruntime build are skipped (CPU is always last resort).
@@ -54,14 +60,19 @@ class OnnxRuntimeBackend:
         self._threads = intra_op_threads
         self._max_batch = max_batch
         self._memory_arena = memory_arena
-        self._session = None
+        self._session: Any = None
         self._input_name = ""
+        self._outputs: tuple[TensorInfo, ...] = ()
         self._static_batch = 0  # > 0 when the model's batch dimension is fixed
         self.name = "onnxruntime"
 
     @property
     def max_batch(self) -> int:
         return self._max_batch
+
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        return self._outputs
 
     def activate(self) -> None:
         if self._session is not None:
@@ -90,6 +101,11 @@ class OnnxRuntimeBackend:
             self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+        self._outputs = tuple(
+            TensorInfo(o.name, tuple(d if isinstance(d, int) else None for d in (o.shape or ())),
+                       _ORT_TYPES.get(o.type, o.type))
+            for o in self._session.get_outputs()
+        )
         first = self._session.get_inputs()[0]
         self._input_name = first.name
         batch_dim = first.shape[0] if first.shape else None
@@ -100,7 +116,7 @@ class OnnxRuntimeBackend:
         self.name = "onnxruntime-" + chosen[0].replace("ExecutionProvider", "").lower()
         log.info("loaded %s with %s", self.path.name, chosen)
 
-    def infer(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+    def infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         if self._session is None:
             raise ModelError("backend is not activated")
         x = np.ascontiguousarray(batch, dtype=np.float32)
@@ -108,21 +124,20 @@ class OnnxRuntimeBackend:
             return self._run(x)
         # A fixed-batch export runs in chunks of exactly its batch, the last one zero-padded.
         k, n = self._static_batch, x.shape[0]
-        outs = []
+        parts: list[dict[str, NDArray[Any]]] = []
         for i in range(0, n, k):
             chunk = x[i : i + k]
             if chunk.shape[0] < k:
-                chunk = np.concatenate([chunk, np.zeros((k - chunk.shape[0],) + x.shape[1:], np.float32)])
-            outs.append(self._run(chunk)[: min(k, n - i)])
-        return np.concatenate(outs)
+                chunk = np.concatenate([chunk, np.zeros((k - chunk.shape[0], *x.shape[1:]), np.float32)])
+            parts.append({name: out[: min(k, n - i)] for name, out in self._run(chunk).items()})
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def _run(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        assert self._session is not None
+    def _run(self, x: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         try:
-            (out,) = self._session.run(None, {self._input_name: x})[:1]
-        except Exception as exc:
+            values = self._session.run(None, {self._input_name: x})
+        except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime inference failed: {exc}") from exc
-        return np.asarray(out, dtype=np.float32)
+        return {info.name: np.asarray(v) for info, v in zip(self._outputs, values)}
 
     def deactivate(self) -> None:
         self._session = None

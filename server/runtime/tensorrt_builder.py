@@ -57,10 +57,16 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_bytes)
+    if network.num_inputs != 1:
+        raise ModelError(f"{onnx_path.name} has {network.num_inputs} inputs; the detector takes one image batch")
     inp = network.get_input(0)
-    _, c, h, w = tuple(inp.shape)
+    dims = inp.shape
+    if len(dims) != 4:
+        raise ModelError(f"{onnx_path.name}: input {inp.name!r} has shape {dims}, expected (batch, 3, H, W)")
+    c, h, w = dims[1], dims[2], dims[3]
+    lo, hi = trt.Dims([1, c, h, w]), trt.Dims([opts.max_batch, c, h, w])
     profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (1, c, h, w), (opts.max_batch, c, h, w), (opts.max_batch, c, h, w))
+    profile.set_shape(inp.name, lo, hi, hi)  # min, opt, max: opt = max, the batch the server fills
     config.add_optimization_profile(profile)
     cache_file = Path(opts.timing_cache) if opts.timing_cache else None
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
@@ -68,7 +74,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
         log.warning("timing cache %s does not fit this TensorRT / GPU; starting a fresh one", cache_file)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     log.info("building TensorRT %s engine from %s (batch 1..%d)", opts.precision, onnx_path.name, opts.max_batch)
-    serialized = builder.build_serialized_network(network, config)
+    # None when the build fails (the reason is in TensorRT's log), though the stubs promise memory.
+    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelError(f"TensorRT failed to build an engine from {onnx_path.name}; see the log above")
     engine_path.parent.mkdir(parents=True, exist_ok=True)

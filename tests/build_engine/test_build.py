@@ -48,9 +48,10 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     rc = main(_argv(inputs, out, "--pruned", str(inputs["pruned"]), "--nms-in-graph"))
     err = capsys.readouterr().err
     assert "TensorRT not available here: skipping engine build" in err
-    # The untrained pruned model cannot hold the FP32 model's detections: gate fails -> exit 3,
-    # but the artifact is complete and says so.
-    assert rc == 3, err[-2000:]
+    # The untrained pruned model cannot hold the FP32 model's detections: its gate fails, the
+    # build says which, and the artifact is complete; the default variant passed, so exit 0.
+    assert rc == 0, err[-2000:]
+    assert "these variants failed their gate" in err and "pruned_fp32" in err
     m = load_manifest(out / "manifest.json")  # checks every sha256
     names = [v.name for v in m.variants]
     assert names == ["fp32", "fp16", "int8", "pruned_fp32", "pruned_fp16", "pruned_int8"]
@@ -65,23 +66,26 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     assert fp32.metrics["map50"] > 0.85
     assert not pr.gate["passed"] and "outside" in pr.gate["reason"]
     assert pr.macs < 0.5 * fp32.macs and pr.params < 0.5 * fp32.params
-    assert int8.precision == "int8" and int8.extra["calibration_sha256"] == m.provenance["calibration"]["sha256"]
+    assert int8.precision == "int8" and int8.calibration.set_sha256 == m.provenance["calibration"]["sha256"]
+    # Provenance is declared, not inferred from names.
+    assert (int8.family, int8.parent, pr.family, m.variant("pruned_int8").parent) == ("base", "fp32", "pruned", "pruned_fp32")
+    assert pr.weights is not None and pr.weights.pruning and fp32.weights.sha256 == m.provenance["checkpoint"]["sha256"]
     # Each INT8 variant ships its TensorRT twin (signed, zero points 0), hashed and scored.
-    from perception.manifest import sha256_file
-    from server.runtime.factory import tensorrt_source
+    from perception.manifest import Precision, sha256_file
+    from server.runtime.tensorrt_engines import tensorrt_source
 
     cals, gates = {}, {}
     for name in ("int8", "pruned_int8"):
-        twin = m.variant(name).extra["tensorrt_qdq"]
-        path = out / twin["file"]
-        if twin["gate"]["passed"]:
-            assert tensorrt_source(out, m.variants, m.variant(name), "int8") == (path, sha256_file(path))
+        twin = m.variant(name).tensorrt_qdq
+        path = out / twin.file
+        if twin.passed:
+            assert tensorrt_source(m, m.variant(name), Precision.INT8) == (path, sha256_file(path))
         else:  # a device must not build an INT8 engine from a twin that failed its gate
             with pytest.raises(ModelError, match="failed its accuracy gate"):
-                tensorrt_source(out, m.variants, m.variant(name), "int8")
-        gates[name] = twin["gate"]["passed"]
-        cals[name] = twin["calibrator"]
-        assert set(twin["metrics"]) == {"map50_95", "map50", "precision", "recall"} and isinstance(twin["gate"]["passed"], bool)
+                tensorrt_source(m, m.variant(name), Precision.INT8)
+        gates[name] = twin.passed
+        cals[name] = twin.calibrator
+        assert set(twin.metrics) == {"map50_95", "map50", "precision", "recall"} and isinstance(twin.gate["passed"], bool)
         zps = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
         assert zps and {z.data_type for z in zps} == {onnx.TensorProto.INT8}
     # The untrained pruned copy has a near-constant map that a 2048-bin histogram cannot resolve:
@@ -212,7 +216,8 @@ def test_tensorrt_engines_are_built_fingerprinted_and_gated(inputs):
     trt = {v.name: v for v in m.variants if v.format == "tensorrt"}
     assert set(trt) == {"trt_fp16", "trt_int8"}  # (no pruned checkpoint in this build)
     for v in trt.values():
-        assert fingerprint_path(m.path_of(v)).is_file() and v.extra["onnx_variant"] == v.name.removeprefix("trt_")
+        assert fingerprint_path(m.path_of(v)).is_file() and v.parent == v.name.removeprefix("trt_")
+        assert v.source is not None and v.engine is not None and v.engine.onnx_sha256 == v.source.sha256
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["p50"] > 0
 
 

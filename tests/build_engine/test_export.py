@@ -57,7 +57,7 @@ def test_export_opset_dynamic_batch_and_parity(tmp_path):
         x = rng.random((b, 3, 96, 128), dtype=np.float32)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        out = backend.infer(x)
+        out = backend.infer(x)["output"]
         assert out.shape == ref.shape == (b, (12 * 16 + 6 * 8 + 3 * 4), 12)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
@@ -77,7 +77,8 @@ def test_in_graph_nms_matches_server_nms(tmp_path):
     from build_engine.export import append_nms, export_onnx
     from build_engine.fold import fold_batchnorm
     from perception.nms import batched_nms
-    from perception.postprocess import PostprocessOptions, decode_candidates
+    from perception.layouts import decoder_for
+    from perception.postprocess import PostprocessOptions
 
     folded, _ = fold_batchnorm(_tiny_detector())
     path = export_onnx(folded, tmp_path / "m.onnx", (96, 128))
@@ -95,7 +96,7 @@ def test_in_graph_nms_matches_server_nms(tmp_path):
         expected = sorted(zip(cls[keep].tolist(), cand[keep].tolist()))
         got = sorted((int(c), int(i)) for bb, c, i in sel if bb == b)
         assert got == expected
-        assert len(decode_candidates(raw[b], opts)) > 0
+        assert len(decoder_for("yolo_obj").candidates({"predictions": raw[b]}, opts, raw.shape[2] - 5)) > 0
 
 
 def test_export_fp32_artifact_is_servable(tmp_path, tiny_ckpt):
@@ -116,7 +117,7 @@ def test_export_fp32_artifact_is_servable(tmp_path, tiny_ckpt):
     assert m.provenance["checkpoint"]["sha256"] and m.provenance["libraries"]["torch"]
     b = OnnxRuntimeBackend(m.path_of(v), intra_op_threads=1)
     b.activate()
-    assert b.infer(np.zeros((2, 3, 96, 128), np.float32)).shape[0] == 2
+    assert b.infer(np.zeros((2, 3, 96, 128), np.float32))["output"].shape[0] == 2
 
 
 def test_export_fp32_artifact_missing_checkpoint(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -69,8 +70,8 @@ def test_gate_decision_latency_ratio_fails_an_accurate_but_slow_variant():
     assert "mAP50-95 drop +0.00 points vs fp32, within the 1.00-point gate" in slow["reason"]
     assert "1.25x fp32's 2.00 ms, outside the 1.00x gate" in slow["reason"]
     # FP16 on a CPU is allowed to be somewhat slower (kept for GPU devices).
-    assert gate_decision(GateThresholds().limits("fp16"), 0.5, 0.5, _lat(2.0), _lat(2.5))["passed"]
-    assert not gate_decision(GateThresholds().limits("fp16"), 0.5, 0.5, _lat(2.0), _lat(3.1))["passed"]
+    assert gate_decision(GateThresholds().limits("base", "fp16"), 0.5, 0.5, _lat(2.0), _lat(2.5))["passed"]
+    assert not gate_decision(GateThresholds().limits("base", "fp16"), 0.5, 0.5, _lat(2.0), _lat(3.1))["passed"]
 
 
 def test_gate_decision_latency_budget_applies_to_the_reference_too():
@@ -84,16 +85,16 @@ def test_gate_decision_latency_budget_applies_to_the_reference_too():
 
 def test_thresholds_per_variant():
     t = GateThresholds()
-    assert t.limits("fp32") == GateLimits(None, None, None)
-    assert t.limits("fp16") == t.limits("trt_fp16") == GateLimits(0.2, 1.5)
-    assert t.limits("int8") == t.limits("trt_int8") == GateLimits(1.0, 1.0)
-    assert t.limits("pruned_fp32") == t.limits("pruned2_fp32") == GateLimits(1.5, 1.0)
+    assert t.limits("base", "fp32") == GateLimits(None, None, None)
+    assert t.limits("base", "fp16") == GateLimits(0.2, 1.5)
+    assert t.limits("base", "int8") == GateLimits(1.0, 1.0)
+    assert t.limits("pruned", "fp32") == t.limits("pruned2", "fp32") == GateLimits(1.5, 1.0)
     t = GateThresholds(int8_max_latency_ratio=0.8, pruned_max_latency_ratio=0.5, latency_budget_ms=9.0)
-    assert t.limits("pruned_int8") == t.limits("trt_pruned_int8") == GateLimits(2.5, 0.4, 9.0)  # the two steps compound
-    assert t.limits("pruned_fp16") == GateLimits(1.7, 0.5 * 1.5, 9.0)
-    assert t.limits("fp32").latency_budget_ms == 9.0
-    with pytest.raises(ConfigError):
-        t.limits("mystery")
+    assert t.limits("pruned", "int8") == GateLimits(2.5, 0.4, 9.0)  # the two steps compound
+    assert t.limits("pruned", "fp16") == GateLimits(1.7, 0.5 * 1.5, 9.0)
+    assert t.limits("base", "fp32").latency_budget_ms == 9.0
+    with pytest.raises(ValueError):
+        t.limits("base", "int4")
     for bad in ({"int8_max_latency_ratio": 0.0}, {"fp16_max_latency_ratio": -1.0}, {"latency_budget_ms": 0.0},
                 {"int8": -0.1}):
         with pytest.raises(ConfigError):
@@ -103,22 +104,20 @@ def test_thresholds_per_variant():
 def make_pseudo_labelled_set(manifest_path: Path, root: Path, n: int = 8, seed: int = 2) -> Path:
     """A val set whose ground truth is the FP32 model's own detections on rendered scenes, so
     an untrained model still has a meaningful mAP (FP32 ~ 1.0) and any variant drift shows."""
-    from build_engine.calibration import read_bgr
     from build_engine.data.generate import generate_dataset
     from build_engine.gate import make_backend
     from perception.manifest import load_manifest
-    from perception.postprocess import PostprocessOptions, postprocess
-    from perception.preprocess import preprocess
+    from perception.pipeline import FramePipeline, RequestOptions
 
     m = load_manifest(manifest_path)
     generate_dataset(root, n, seed=seed, width=320, height=180)
     coco = json.loads((root / "annotations.json").read_text())
     backend = make_backend(m.path_of(m.variant("fp32")), 1)
-    opts = PostprocessOptions.from_spec(m.postprocess)
+    pipeline = FramePipeline.from_manifest(m)
+    dets = pipeline.detect_files([root / "images" / im["file_name"] for im in coco["images"]], backend.infer,
+                                 RequestOptions())
     anns = []
-    for im in coco["images"]:
-        x, lb = preprocess(read_bgr(root / "images" / im["file_name"]), m.preprocess)
-        d = postprocess(backend.infer(x[None])[0], lb, opts)
+    for im, d in zip(coco["images"], dets):
         for b, c in zip(d.boxes, d.class_ids):
             if min(b[2] - b[0], b[3] - b[1]) < 2:  # the untrained head's boxes clipped flat at the border
                 continue
@@ -183,6 +182,10 @@ class _SlowBackend:
     def __init__(self, inner, extra_s: float) -> None:
         self.inner, self.extra_s = inner, extra_s
 
+    @property
+    def outputs(self):
+        return self.inner.outputs
+
     def infer(self, batch):
         import time
 
@@ -209,7 +212,7 @@ def test_run_gate_fails_a_variant_slower_than_fp32(artifact):
         return _SlowBackend(b, slow_s) if name == "int8" else b
 
     t = GateThresholds()
-    res = run_gate({"fp32": model, "int8": model}, {n: t.limits(n) for n in ("fp32", "int8")},
+    res = run_gate({"fp32": model, "int8": model}, {n: t.limits("base", n) for n in ("fp32", "int8")},
                    ValSet.load(val, limit=4), m.preprocess, m.postprocess, runs=3, threads=1, factory=factory)
     assert res["fp32"].gate == {"passed": True, "reason": "reference (FP32)"}
     gate = res["int8"].gate
@@ -223,13 +226,11 @@ def test_run_gate_fails_a_variant_slower_than_fp32(artifact):
 _LARGE = ((512, 384), (515, 389), (250, 180))  # 1/4, 1/4 (not a multiple of 4), full
 
 
-def _jpeg_val_set(root: Path, classes: int = 3) -> Path:
-    import cv2
-
+def _jpeg_val_set(root: Path, classes: int = 3, sizes: tuple[tuple[int, int], ...] = _LARGE) -> Path:
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     images, anns = [], []
-    for i, (w, h) in enumerate(_LARGE, start=1):
+    for i, (w, h) in enumerate(sizes, start=1):
         # Smooth gradients plus fine noise: a scaled decode and an area resize round differently.
         yy, xx = np.mgrid[0:h, 0:w]
         img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], axis=2).astype(np.int16)
@@ -250,52 +251,78 @@ class _RecordingBackend:
         self.inputs: list[np.ndarray] = []
         self.classes = classes
 
+    @property
+    def outputs(self):
+        from perception.layouts import TensorInfo
+
+        return (TensorInfo("output", (None, 4, 5 + self.classes)),)
+
     def infer(self, batch):
         self.inputs.append(batch.copy())
         out = np.zeros((len(batch), 4, 5 + self.classes), np.float32)
         out[:, 0, :6] = [0, 0, 128, 96, 0.9, 0.9]  # the whole canvas
         out[:, 1, :6] = [20, 30, 60, 70, 0.8, 0.9]
-        return out
+        return {"output": out}
 
     def deactivate(self) -> None:
         pass
 
 
 def test_gate_sees_exactly_the_pixels_served(tmp_path):
-    """The gate feeds each val image's encoded bytes through the server's FramePipeline: the
-    model gets the same input tensor the server would build (reduced-scale JPEG decode
-    included) and detections come back in source pixels the same way."""
-    from build_engine.calibration import read_bgr
-    from build_engine.gate import EVAL_SCORE_FLOOR, ValSet, evaluate_variant
-    from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant
+    """The gate feeds each val image's encoded bytes through the one FramePipeline: the model
+    gets the same input tensor the server would build (reduced-scale JPEG decode included) and
+    detections come back in source pixels the same way."""
+    from build_engine.gate import ValSet, evaluate_variant
+    from perception.manifest import PostprocessSpec, PreprocessSpec
+    from perception.pipeline import EVAL_REQUEST, FrameInput, FramePipeline, frame_outputs
     from perception.preprocess import preprocess_batch
-    from server.pipeline import FrameInput, FramePipeline, RequestOptions
 
     pre, post = PreprocessSpec(input_width=128, input_height=96), PostprocessSpec()
     vs = ValSet.load(_jpeg_val_set(tmp_path / "val"))
     backend = _RecordingBackend()
     ev = evaluate_variant("v", tmp_path / "unused.onnx", vs, pre, post, batch_size=2, backend=backend)
 
-    # What the server builds from the manifest the build will write.
-    pipeline = FramePipeline.from_manifest(Manifest(name="m", version="1", classes=("c0", "c1", "c2"), preprocess=pre,
-                                      postprocess=post, variants=(Variant("v", "model.onnx", "fp32"),),
-                                      default_variant="v"))
-    req = RequestOptions(score_threshold=EVAL_SCORE_FLOOR)
-    prepared = [pipeline.prepare(FrameInput("cam", i, 0, encoded=p.read_bytes()), req) for i, p in vs.images]
+    # What the server builds (its scheduler batches the canvases of ``prepare``).
+    pipeline = FramePipeline(pre, post, ("c0", "c1", "c2"))
+    prepared = [pipeline.prepare(FrameInput("cam", i, 0, encoded=p.read_bytes()), EVAL_REQUEST) for i, p in vs.images]
     served = pipeline.to_batch([p.tensor for p in prepared])
     assert [len(b) for b in backend.inputs] == [2, 1]
     np.testing.assert_array_equal(np.concatenate(backend.inputs), served)
     # The check has teeth: a full decode + resize of the large images gives other pixels.
-    full, _ = preprocess_batch([read_bgr(p) for _, p in vs.images], pre)
+    full, _ = preprocess_batch([cv2.imread(str(p)) for _, p in vs.images], pre)
     assert not np.array_equal(full[:2], served[:2]) and np.array_equal(full[2], served[2])
 
     raw = backend.infer(served)
-    for det, prep, (_, path), (w, h) in zip(ev.detections, prepared, vs.images, _LARGE):
-        expect = pipeline.finish(raw[0], prep)
+    for i, (det, prep, (w, h)) in enumerate(zip(ev.detections, prepared, _LARGE)):
+        expect = pipeline.finish(frame_outputs(raw, i), prep)
         np.testing.assert_array_equal(det.boxes, expect.boxes)
         # The whole-canvas box is the whole source image, in source pixels.
         np.testing.assert_allclose(det.boxes[0], [0, 0, w, h], atol=4.0)
     assert {p["image_id"] for p in ev.predictions} == {1, 2, 3}
+
+
+def test_calibration_gate_and_serving_see_identical_inputs_for_a_1080p_jpeg(tmp_path):
+    """One 1920x1080 JPEG: INT8 calibration, the build gate and the served path (and so
+    verify-engine, which batches through the same pipeline) hand the model byte-identical
+    input tensors, all through the reduced-scale decode a full-size decode would not give."""
+    from build_engine.calibration import ImageCalibrationReader
+    from build_engine.gate import ValSet, evaluate_variant
+    from perception.manifest import PostprocessSpec, PreprocessSpec
+    from perception.pipeline import FrameInput, FramePipeline, RequestOptions
+    from perception.preprocess import preprocess_batch
+
+    root = _jpeg_val_set(tmp_path / "val", sizes=((1920, 1080),))
+    path = root / "images" / "001.jpg"
+    pre, post = PreprocessSpec(input_width=512, input_height=288), PostprocessSpec()
+    calibrated = ImageCalibrationReader([path], pre).get_next()["images"]
+    backend = _RecordingBackend()
+    evaluate_variant("v", tmp_path / "unused.onnx", ValSet.load(root), pre, post, backend=backend)
+    pipeline = FramePipeline(pre, post, ("c0", "c1", "c2"))
+    served = pipeline.to_batch([pipeline.prepare(FrameInput("front", 0, 0, encoded=path.read_bytes()),
+                                                 RequestOptions()).tensor])
+    assert calibrated.tobytes() == backend.inputs[0].tobytes() == served.tobytes()
+    full, _ = preprocess_batch([cv2.imread(str(path))], pre)
+    assert full.tobytes() != served.tobytes()  # a full decode differs: the check can fail
 
 
 def test_gate_refuses_a_val_image_the_server_would_refuse(tmp_path):

@@ -12,10 +12,10 @@ from torch import nn
 from build_engine.prune import (
     PruneOptions,
     conv_channels,
-    load_any_checkpoint,
     prune_model,
     removable_blocks,
 )
+from build_engine.pruned_checkpoint import load_any_checkpoint
 from perception.errors import ConfigError
 
 W, H = 128, 96
@@ -97,7 +97,7 @@ def test_pruned_checkpoint_round_trip_and_export(tmp_path):
     assert "BatchNormalization" not in op_types(onnx_path)
     b = OnnxRuntimeBackend(onnx_path, intra_op_threads=1)
     b.activate()
-    np.testing.assert_allclose(b.infer(x.numpy()), pruned(x).detach().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(b.infer(x.numpy())["output"], pruned(x).detach().numpy(), rtol=1e-3, atol=1e-3)
 
 
 def test_prune_options_validated():

@@ -50,7 +50,7 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 
     b = OnnxRuntimeBackend(path, intra_op_threads=1)
     b.activate()
-    return b.infer(x)
+    return b.infer(x)["output"]
 
 
 def test_int8_qdq_structure_and_accuracy(setup):
@@ -72,7 +72,7 @@ def test_int8_qdq_structure_and_accuracy(setup):
     w_scales = [inits[n.input[1]] for n in proto.graph.node
                 if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
     assert w_scales and all(len(s.dims) == 1 and s.dims[0] > 1 for s in w_scales)
-    # U8 activations (MEASURED.md), S8 weights.
+    # U8 activations (docs/performance.md), S8 weights.
     act_zp = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert {z.data_type for z in act_zp} == {onnx.TensorProto.UINT8}
     # The decode and the prediction convs stay FP32.

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from perception.cli import COMMANDS
+from perception.cli import commands
+
+COMMANDS = commands()
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +40,7 @@ def parse_perception_argv(argv: list[str]) -> argparse.Namespace:
         raise AssertionError(f"not a perception command: {argv}")
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise AssertionError(f"unknown perception sub-command in {argv}; known: {sorted(COMMANDS)}")
-    module_name = COMMANDS[argv[1]][0]
+    module_name = COMMANDS[argv[1]].module
     if not module_written(module_name):
         pytest.skip(f"{module_name} is not in this tree yet; cannot check {' '.join(argv)}")
     module = importlib.import_module(module_name)

@@ -134,7 +134,9 @@ def _peel(argv: list[str]) -> list[str]:
 
 def check_perception(cmd: Command, argv: list[str], state: State) -> None:
     if cmd.inline and len(argv) == 2:  # prose naming a sub-command, e.g. `perception build`
-        from perception.cli import COMMANDS
+        from perception.cli import commands
+
+        COMMANDS = commands()
 
         assert argv[1] in COMMANDS, f"{cmd}: no sub-command {argv[1]}"
         return

@@ -59,3 +59,63 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="cannot read"):
         load_manifest(tmp_path)
+
+
+def _v1(tiny_manifest: Path) -> dict:
+    """The tiny manifest as `perception build` wrote it before schema 2."""
+    data = json.loads(tiny_manifest.read_text())
+    v = data["variants"][0]
+    for key in ("family", "parent", "weights", "calibration", "tensorrt_qdq", "source", "engine"):
+        v.pop(key, None)
+    v["extra"] = {"checkpoint": "detector.pt", "checkpoint_sha256": "ab" * 32}
+    int8 = dict(v, name="int8", precision="int8",
+                extra={"calibrator": "minmax", "calibration_sha256": "cd" * 32, "fp32_nodes": ["head"]})
+    data["variants"].append(int8)
+    data.update(schema_version=1, postprocess={**data["postprocess"], "output_layout": "xyxy_obj_cls"})
+    data.pop("architecture", None)
+    return data
+
+
+def test_schema_1_migrates_explicitly(tiny_manifest: Path, tmp_path: Path) -> None:
+    (tmp_path / "model.fp32.onnx").write_bytes((tiny_manifest.parent / "model.fp32.onnx").read_bytes())
+    m = load_manifest(_write(tmp_path, _v1(tiny_manifest)))
+    assert m.schema_version == 2 and m.postprocess.output_layout == "yolo_obj"
+    fp32, int8 = m.variant("fp32"), m.variant("int8")
+    assert (fp32.family, fp32.parent, int8.parent) == ("base", "", "fp32")
+    assert fp32.weights is not None and fp32.weights.checkpoint == "detector.pt"
+    assert int8.calibration is not None and int8.calibration.fp32_nodes == ("head",)
+    assert m.to_dict()["schema_version"] == 2 and "extra" not in m.to_dict()["variants"][0]
+
+
+def test_schema_1_without_checksums_is_refused(tiny_manifest: Path, tmp_path: Path) -> None:
+    data = _v1(tiny_manifest)
+    data["variants"][1]["sha256"] = ""
+    with pytest.raises(ManifestError, match="no sha256 and cannot be verified"):
+        load_manifest(_write(tmp_path, data), verify_checksums=False)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d["variants"][0].update(sha256=""), "sha256 must be 64"),
+        (lambda d: d["postprocess"].update(output_layout="mystery"), "unknown output_layout"),
+        (lambda d: d["variants"][0].update(parent="nowhere"), "parent"),
+        (lambda d: d["variants"][0].update(format="tensorrt"), "source ONNX file"),
+    ],
+)
+def test_schema_2_fields_are_validated(tiny_manifest: Path, tmp_path: Path, mutate, match: str) -> None:
+    data = json.loads(tiny_manifest.read_text())
+    mutate(data)
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(_write(tmp_path, data), verify_checksums=False)
+
+
+def test_a_link_out_of_the_artifact_dir_is_refused(tiny_manifest: Path, tmp_path: Path) -> None:
+    data = json.loads(tiny_manifest.read_text())
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((tiny_manifest.parent / "model.fp32.onnx").read_bytes())
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.fp32.onnx").symlink_to(outside)
+    with pytest.raises(ManifestError, match="outside the artifact directory"):
+        load_manifest(_write(art, data))

@@ -8,7 +8,14 @@ import pytest
 from perception.errors import InvalidInputError
 from perception.letterbox import compute_letterbox
 from perception.manifest import PostprocessSpec
-from perception.postprocess import PostprocessOptions, merge_options, postprocess
+from perception.layouts import decoder_for
+from perception.postprocess import PostprocessOptions, merge_options
+from perception.postprocess import postprocess as _postprocess
+
+
+def postprocess(out, lb, opts):
+    """Today's layout, one image: (N, 5 + C) -> detections in source pixels."""
+    return _postprocess({"predictions": out}, lb, opts, decoder_for("yolo_obj"), out.shape[1] - 5)
 
 
 def reference(out, lb, opts: PostprocessOptions):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from perception.errors import InvalidInputError
 from perception.letterbox import boxes_to_source
 from perception.manifest import load_manifest
-from server.pipeline import FrameInput, FramePipeline, RawPixels, RequestOptions
+from perception.pipeline import FrameInput, FramePipeline, RawPixels, RequestOptions
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_known_object_maps_back_to_its_source_pixels(manifest, reduced):
     y1, y2 = _edges(canvas[:, cx - 3 : cx + 4].mean(axis=1), cy, lb.pad_top, lb.pad_top + lb.new_h)
     out = np.zeros((1, 5 + manifest.num_classes), np.float32)
     out[0, :6] = [x1, y1, x2, y2, 1.0, 0.9]
-    det = pipe.finish(out, p)
+    det = pipe.finish({"output": out}, p)
     assert len(det) == 1
     # One source pixel is 1/8.6 model pixel: ~1 px needs the exact placement, not algebra.
     np.testing.assert_allclose(det.boxes[0], truth, atol=1.5)
@@ -80,7 +80,7 @@ def test_finish_gives_source_pixel_boxes(manifest):
     out[0, :4] = [6.4, 4.8, 32.0, 24.0]
     out[1, :4] = [-10, -10, 100, 100]  # clipped to the image
     out[2, :4] = [40, 30, 50, 40]
-    det = pipe.finish(out, p)
+    det = pipe.finish({"output": out}, p)
     got = sorted(map(tuple, np.round(det.boxes, 2).tolist()))
     assert got == sorted([(64.0, 48.0, 320.0, 240.0), (0.0, 0.0, 640.0, 480.0), (400.0, 300.0, 500.0, 400.0)])
 

@@ -11,11 +11,12 @@ import pytest
 
 from perception.errors import ModelError
 from perception.manifest import load_manifest
+from server.runtime.availability import tensorrt_installed
 from server.runtime.base import Backend
-from server.runtime.factory import Availability, BackendRequest, create_backend, plan
+from server.runtime.factory import Availability, RuntimeSettings, backend_for, plan
 from server.runtime.fingerprint import EngineFingerprint, check_engine, mismatches, write_fingerprint
 
-HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+HAS_TRT = tensorrt_installed()
 
 
 def test_plan_follows_preference_and_skips_what_is_missing():
@@ -29,23 +30,23 @@ def test_plan_follows_preference_and_skips_what_is_missing():
     assert plan(("onnxruntime-cpu", "tensorrt"), gpu)[0] == ["onnxruntime-cpu", "tensorrt"]
 
 
-def test_create_backend_falls_back_to_cpu(tiny_manifest):
+def test_backend_for_falls_back_to_cpu(tiny_manifest):
     m = load_manifest(tiny_manifest)
     # TensorRT "available" but failing to load (no engine, not installed): falls through to CPU.
     avail = Availability(tensorrt=True, ort_providers=frozenset({"CPUExecutionProvider"}))
-    backend, variant = create_backend(
-        BackendRequest(m, preference=("tensorrt", "onnxruntime-cpu"), threads=1, max_batch=4), avail
-    )
+    backend, variant = backend_for(m, "", RuntimeSettings(threads=1, max_batch=4),
+                                   preference=("tensorrt", "onnxruntime-cpu"), avail=avail)
     try:
         assert isinstance(backend, Backend)
         assert backend.name == "onnxruntime-cpu" and variant.name == "fp32" and backend.max_batch == 4
         out = backend.infer(np.zeros((3, 3, 48, 64), np.float32))
-        assert out.shape == (3, 48, 12)
+        assert set(out) == {"output"} and out["output"].shape == (3, 48, 12)
+        assert [o.name for o in backend.outputs] == ["output"] and backend.outputs[0].shape[-1] == 12
     finally:
         backend.deactivate()
     with pytest.raises(ModelError, match="no inference backend"):
-        create_backend(BackendRequest(m, preference=("onnxruntime-cuda",)),
-                       Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"})))
+        backend_for(m, preference=("onnxruntime-cuda",),
+                    avail=Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"})))
 
 
 def fp(**kw) -> EngineFingerprint:
@@ -95,41 +96,49 @@ def test_tensorrt_modules_import_without_tensorrt():
 
 def test_tensorrt_source_is_the_onnx_that_holds_the_precision(tiny_manifest, tmp_path):
     """Engines are built strongly typed, so the ONNX file carries the precision: FP16 from the
-    FP16 model (an FP32 variant's ``fp16`` sibling), INT8 from the INT8 variant's signed,
+    FP16 model of the same weights family, INT8 from the INT8 variant's declared signed,
     zero-point-0 twin, never from onnxruntime's U8 model; anything else is refused in one line."""
     import dataclasses
     import shutil
 
-    from perception.manifest import sha256_file
-    from server.runtime.factory import tensorrt_source
+    from perception.manifest import Precision, QdqTwin, sha256_file
+    from server.runtime.tensorrt_engines import tensorrt_source
 
     m = load_manifest(tiny_manifest)
     fp32 = m.variant()
     root = m.path_of(fp32).parent
-    assert tensorrt_source(root, m.variants, fp32, "fp32") == (root / fp32.file, fp32.sha256)
+    assert tensorrt_source(m, fp32, Precision.FP32) == (root / fp32.file, fp32.sha256)
     with pytest.raises(ModelError, match="no FP16 ONNX model of variant"):
-        tensorrt_source(root, m.variants, fp32, "fp16")
-    fp16 = dataclasses.replace(fp32, name=fp32.name.replace("fp32", "fp16"), precision="fp16", file="half.onnx", sha256="")
+        tensorrt_source(m, fp32, Precision.FP16)
     shutil.copy(root / fp32.file, root / "half.onnx")  # any ONNX file stands in for the models here
-    assert fp32.name.endswith("fp32")
-    assert tensorrt_source(root, (fp32, fp16), fp32, "fp16") == (root / "half.onnx", sha256_file(root / "half.onnx"))
+    half = sha256_file(root / "half.onnx")
+    fp16 = dataclasses.replace(fp32, name="half", precision=Precision.FP16, file="half.onnx", sha256=half, parent="fp32")
+    with_fp16 = dataclasses.replace(m, variants=(fp32, fp16))
+    assert tensorrt_source(with_fp16, fp32, Precision.FP16) == (root / "half.onnx", half)
+    other_family = dataclasses.replace(m, variants=(fp32, dataclasses.replace(fp16, family="pruned")))
+    with pytest.raises(ModelError, match="no FP16 ONNX model"):
+        tensorrt_source(other_family, fp32, Precision.FP16)
     twin = root / "model.int8.trt.onnx"
     shutil.copy(root / fp32.file, twin)
-    int8 = dataclasses.replace(fp32, name="int8", precision="int8",
-                               extra={"tensorrt_qdq": {"file": twin.name, "sha256": sha256_file(twin)}})
-    assert tensorrt_source(root, m.variants, int8, "int8") == (twin, sha256_file(twin))
+    int8 = dataclasses.replace(fp32, name="int8", precision=Precision.INT8, parent="fp32",
+                               tensorrt_qdq=QdqTwin(twin.name, sha256_file(twin), "percentile"))
+    assert tensorrt_source(m, int8, Precision.INT8) == (twin, sha256_file(twin))
     with pytest.raises(ModelError, match="cannot build a TensorRT fp32 engine from the int8"):
-        tensorrt_source(root, m.variants, int8, "fp32")
+        tensorrt_source(m, int8, Precision.FP32)
     with pytest.raises(ModelError, match="no TensorRT Q/DQ model"):
-        tensorrt_source(root, m.variants, dataclasses.replace(int8, extra={}), "int8")
+        tensorrt_source(m, dataclasses.replace(int8, tensorrt_qdq=None), Precision.INT8)
     with pytest.raises(ModelError, match="no TensorRT Q/DQ model"):
-        tensorrt_source(root, m.variants, fp32, "int8")
-    with pytest.raises(ModelError, match="sha256 does not match"):
-        bad = dataclasses.replace(int8, extra={"tensorrt_qdq": {"file": twin.name, "sha256": "0" * 64}})
-        tensorrt_source(root, m.variants, bad, "int8")
+        tensorrt_source(m, fp32, Precision.INT8)
+    failed = dataclasses.replace(int8, tensorrt_qdq=QdqTwin(twin.name, sha256_file(twin), "minmax",
+                                                            gate={"passed": False, "reason": "drop 3 points"}))
+    with pytest.raises(ModelError, match="failed its accuracy gate"):
+        tensorrt_source(m, failed, Precision.INT8)
+    with pytest.raises(Exception, match="does not match its sha256"):
+        bad = dataclasses.replace(int8, tensorrt_qdq=QdqTwin(twin.name, "0" * 64, "minmax"))
+        tensorrt_source(m, bad, Precision.INT8)
     twin.unlink()
-    with pytest.raises(ModelError, match="is missing"):
-        tensorrt_source(root, m.variants, int8, "int8")
+    with pytest.raises(Exception, match="does not exist"):
+        tensorrt_source(m, int8, Precision.INT8)
 
 
 @pytest.mark.gpu
@@ -149,7 +158,7 @@ def test_tensorrt_build_and_run_matches_onnxruntime(tiny_manifest, tmp_path):
     trt_b.activate()
     ort_b.activate()
     x = np.random.default_rng(0).random((3, 3, 48, 64), dtype=np.float32)
-    np.testing.assert_allclose(trt_b.infer(x), ort_b.infer(x), atol=1e-3)
+    np.testing.assert_allclose(trt_b.infer(x)["output"], ort_b.infer(x)["output"], atol=1e-3)
     trt_b.deactivate()
 
 
@@ -170,5 +179,5 @@ def test_fixed_batch_export_runs_in_padded_chunks(tmp_path):
     b.activate()
     assert b.max_batch == 4  # the engine's batch range wins over the configured one
     x = np.random.default_rng(0).random((6, 3, 48, 64), dtype=np.float32)
-    np.testing.assert_allclose(b.infer(x), a.infer(x), rtol=1e-5, atol=1e-5)
-    assert b.infer(x[:1]).shape[0] == 1
+    np.testing.assert_allclose(b.infer(x)["output"], a.infer(x)["output"], rtol=1e-5, atol=1e-5)
+    assert b.infer(x[:1])["output"].shape[0] == 1

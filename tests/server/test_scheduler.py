@@ -11,7 +11,9 @@ import pytest
 from perception.errors import NotReadyError, OverloadedError
 from perception.manifest import load_manifest
 from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from server.scheduler import EXPIRED, OK, STALE, Job, JobResult, Scheduler
+from server.scheduler import Job, JobResult, JobStatus, Scheduler
+
+OK, STALE, EXPIRED = JobStatus.OK, JobStatus.STALE, JobStatus.EXPIRED
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,9 @@ def test_latest_frame_wins_and_overload_before_start(backend):
     rec.wait(4)
     s.stop(2)
     assert rec.results["a1"].status == OK and rec.results["b1"].status == OK
-    out = rec.results["a1"].output
-    assert out is not None and out.shape == (48, 12) and out.dtype == np.float32
+    outs = rec.results["a1"].outputs
+    assert outs is not None and set(outs) == {"output"}
+    assert outs["output"].shape == (48, 12) and outs["output"].dtype == np.float32
     assert rec.results["a1"].batch_size == 2  # a and b shared one inference
 
 
@@ -94,8 +97,8 @@ def test_results_match_unbatched_inference(backend):
     rec.wait(5)
     s.stop(2)
     for k, x in xs.items():
-        ref = backend.infer(x[None])[0]
-        np.testing.assert_allclose(rec.results[k].output, ref, rtol=1e-5, atol=1e-5)
+        ref = backend.infer(x[None])["output"][0]
+        np.testing.assert_allclose(rec.results[k].outputs["output"], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_round_robin_is_fair_across_cameras(backend):
@@ -160,6 +163,6 @@ def test_close_drops_queued_and_stop_drains(backend):
     s.start()
     s.stop(5)  # drains: every kept frame is answered before the worker ends
     assert all(rec.results[f"k{i}"].status == OK for i in range(3))
-    assert all(rec.results[f"g{i}"].status == "cancelled" for i in range(3))
+    assert all(rec.results[f"g{i}"].status is JobStatus.CANCELLED for i in range(3))
     with pytest.raises(NotReadyError):
         s.submit(Job("kept", tensor(0), rec.cb("late")))

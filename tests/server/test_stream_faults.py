@@ -24,8 +24,9 @@ from server import convert
 from server.answer import FrameTask
 from server.app import create_server
 from server.config import ServerConfig
-from server.pipeline import FramePipeline
-from server.scheduler import Job, Scheduler
+from perception.pipeline import FramePipeline
+from server.metrics_protocol import NULL_METRICS
+from server.scheduler import Job, JobStatus, Scheduler
 from server.stream import StreamSession
 from tests.server.conftest import jpeg, request
 from tests.tiny_model import CLASSES, make_tiny_onnx
@@ -126,13 +127,13 @@ class _CancelDuringSubmit(Scheduler):
         super().submit(job, transient)
 
 
-def _no_boxes(batch: np.ndarray) -> np.ndarray:
+def _no_boxes(batch: np.ndarray) -> dict[str, np.ndarray]:
     """An engine that sees nothing: (B, 1, 5 + C) zeros."""
-    return np.zeros((len(batch), 1, 5 + len(CLASSES)), np.float32)
+    return {"output": np.zeros((len(batch), 1, 5 + len(CLASSES)), np.float32)}
 
 
 def _session(pipeline: FramePipeline, scheduler: Scheduler, draining: Any = lambda: False) -> StreamSession:
-    return StreamSession(pipeline, scheduler, convert.frame_from_proto, convert.identify, None, 8,
+    return StreamSession(pipeline, scheduler, convert.frame_from_proto, convert.identify, NULL_METRICS, 8,
                          lambda camera: None, draining)
 
 
@@ -147,7 +148,7 @@ def test_cancel_between_accept_and_submit_leaves_no_queue(tiny_manifest: Path):
     session._accept(task, req)
     # Before the fix the queue re-created by submit stayed forever (batches wait for it).
     assert (session.id, "front") not in scheduler._queues
-    assert task.done.is_set() and task.result is not None and task.result.status == "cancelled"
+    assert task.done.is_set() and task.result is not None and task.result.status is JobStatus.CANCELLED
 
 
 def test_request_taken_while_draining_is_answered(tiny_manifest: Path):

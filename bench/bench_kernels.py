@@ -1,0 +1,401 @@
+"""Kernel measurements behind the code's choices, side by side in one run (docs/performance.md).
+
+1. JPEG decode of a synthetic 1920x1080 road frame (q90; with sensor noise, and without) then
+   resize: full decode (IMREAD_COLOR) + resize vs libjpeg's DCT-reduced decode
+   (IMREAD_REDUCED_COLOR_2 to 640x360, _4 to 320x180) + resize.
+   Why ``perception.decode`` decodes at reduced scale when the frame is >= 2x the input.
+2. NMS: ``perception.nms.batched_nms`` (numpy greedy) vs OpenCV's C++ ``cv2.dnn.NMSBoxesBatched``
+   on seeded clustered candidates, at ~4,000, 1,000 (the manifest's default pre-NMS top-k) and
+   300 candidates; ms each, ratio, and whether the kept sets agree. Why candidates are cut by
+   score and top-k before NMS.
+3. INT8 on the CPU: a tiny 8-layer Conv(BN folded)+activation detector-like model at 1x3x384x640,
+   ReLU / SiLU / Hardswish, FP32 vs QDQ INT8 with U8 activations vs S8 activations (onnxruntime,
+   1 intra-op thread, round-robin). Why ``build_engine.quantize`` uses U8 activations.
+
+Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
+variants of each measurement are interleaved so load hits them alike: compare ratios.
+
+    .venv/bin/python -m bench.bench_kernels [--only decode nms int8] [--decode-runs N]
+        [--nms-runs N] [--int8-runs N] [--cv-threads T] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+PARTS = ("decode", "nms", "int8")
+ACTIVATIONS = ("relu", "silu", "hardswish")
+INPUT_HW = (384, 640)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --- 1. JPEG decode -------------------------------------------------------------------------
+
+
+def synthetic_frame(w: int = 1920, h: int = 1080, seed: int = 0, noise_sigma: float = 4.0) -> np.ndarray:
+    """A road-like frame: sky and road gradients, lane lines, vehicles, poles, sensor noise
+    (Gaussian, ``noise_sigma`` grey levels; 0 = a perfectly denoised camera)."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
+    x = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
+    img = np.empty((h, w, 3), np.float32)
+    sky = y < 0.45
+    # Sky: blue to pale towards the horizon; road: grey, darker towards the camera, slight vignette.
+    img[..., 0] = np.where(sky, 230 - 60 * y, 110 - 40 * (y - 0.45)) - 20 * (x - 0.5) ** 2
+    img[..., 1] = np.where(sky, 180 - 30 * y, 105 - 40 * (y - 0.45)) - 20 * (x - 0.5) ** 2
+    img[..., 2] = np.where(sky, 120 + 60 * y, 100 - 40 * (y - 0.45)) - 20 * (x - 0.5) ** 2
+    out: np.ndarray = np.clip(img, 0, 255).astype(np.uint8)
+    hz = int(0.45 * h)
+    for k in (-1, 0, 1):  # lane markings converging on the horizon
+        cv2.line(out, (w // 2 + k * 40, hz), (w // 2 + k * 900, h), (230, 230, 230), 6, cv2.LINE_AA)
+    for _ in range(6):  # poles and trees at the roadside
+        px = int(rng.integers(0, w))
+        cv2.rectangle(out, (px, int(rng.integers(hz - 300, hz - 50))), (px + int(rng.integers(6, 20)), hz + 40),
+                      (60, 70, 60), -1)
+        cv2.circle(out, (px, int(rng.integers(hz - 350, hz - 200))), int(rng.integers(40, 120)),
+                   tuple(int(c) for c in rng.integers(20, 120, 3)), -1, cv2.LINE_AA)
+    for _ in range(12):  # vehicles: body, windows, wheels
+        bw, bh = int(rng.integers(80, 360)), int(rng.integers(60, 220))
+        vx, vy = int(rng.integers(0, w - bw)), int(rng.integers(hz - bh // 2, h - bh))
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        cv2.rectangle(out, (vx, vy), (vx + bw, vy + bh), color, -1)
+        cv2.rectangle(out, (vx + bw // 8, vy + bh // 8), (vx + 7 * bw // 8, vy + bh // 2), (40, 40, 50), -1)
+        for wx in (vx + bw // 5, vx + 4 * bw // 5):
+            cv2.circle(out, (wx, vy + bh), max(bh // 6, 4), (20, 20, 20), -1, cv2.LINE_AA)
+    cv2.putText(out, "SPEED 50", (w - 420, hz - 120), cv2.FONT_HERSHEY_SIMPLEX, 2.0, (250, 250, 250), 4, cv2.LINE_AA)
+    out = cv2.GaussianBlur(out, (3, 3), 0)  # optics: edges are not pixel-sharp
+    noise = rng.normal(0.0, noise_sigma, out.shape).astype(np.float32)
+    return np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def _decode_resize(data: np.ndarray, flag: int, size: tuple[int, int]) -> np.ndarray:
+    img = cv2.imdecode(data, flag)
+    if img is None:
+        raise SystemExit("the synthetic JPEG did not decode")
+    # The interpolation rule of perception.letterbox: area when shrinking by >= 2x, else linear.
+    interp = cv2.INTER_AREA if size[0] * 2 <= img.shape[1] else cv2.INTER_LINEAR
+    return cv2.resize(img, size, interpolation=interp)
+
+
+def bench_decode(runs: int, rounds: int = 5, quality: int = 90, noise_sigma: float = 4.0) -> dict[str, Any]:
+    """Median / min ms of decode + resize for each path; variants run in alternating blocks."""
+    frame = synthetic_frame(noise_sigma=noise_sigma)
+    data = np.frombuffer(cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], np.uint8)
+    cases = {
+        ("640x360", "full"): (cv2.IMREAD_COLOR, (640, 360)),
+        ("640x360", "reduced_2"): (cv2.IMREAD_REDUCED_COLOR_2, (640, 360)),
+        ("320x180", "full"): (cv2.IMREAD_COLOR, (320, 180)),
+        ("320x180", "reduced_4"): (cv2.IMREAD_REDUCED_COLOR_4, (320, 180)),
+    }
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+    per_block = max(runs // rounds, 1)
+    # Blocks of one kind at a time, alternating: per-frame alternation thrashes the caches and
+    # slows every path alike (bench_server's decode measurement saw ~1.5x).
+    for _ in range(rounds):
+        for key, (flag, size) in cases.items():
+            _decode_resize(data, flag, size)  # warm this path's buffers
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                _decode_resize(data, flag, size)
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    rows = []
+    for target, reduced in (("640x360", "reduced_2"), ("320x180", "reduced_4")):
+        full, red = times[(target, "full")], times[(target, reduced)]
+        rows.append({
+            "target": target, "reduced": reduced,
+            "full_p50_ms": statistics.median(full), "reduced_p50_ms": statistics.median(red),
+            "full_min_ms": min(full), "reduced_min_ms": min(red),
+            "speedup_p50": statistics.median(full) / statistics.median(red), "speedup_min": min(full) / min(red),
+        })
+    return {"noise_sigma": noise_sigma, "jpeg_bytes": int(data.size), "quality": quality,
+            "runs_per_variant": per_block * rounds,
+            "cv_threads": cv2.getNumThreads(), "rows": rows}
+
+
+# --- 2. NMS ---------------------------------------------------------------------------------
+
+
+def clustered_candidates(
+    n: int, seed: int = 0, width: float = 640.0, height: float = 384.0, classes: int = 3
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.int64]]:
+    """(boxes xyxy (n, 4), scores (n,), class ids (n,)) like a dense head's raw output:
+    ~100 jittered candidates around each object, 10 % of them voting another class, plus
+    10 % low-score background boxes."""
+    rng = np.random.default_rng(seed)
+    n_bg = n // 10
+    n_obj = n - n_bg
+    objects = max(n_obj // 100, 1)
+    ow = rng.uniform(12, 220, objects)
+    oh = ow * rng.uniform(0.5, 1.6, objects)
+    ocx, ocy = rng.uniform(0, width, objects), rng.uniform(0, height, objects)
+    oscore, ocls = rng.uniform(0.4, 0.95, objects), rng.integers(0, classes, objects)
+    which = rng.integers(0, objects, n_obj)
+    jitter = rng.normal(0.0, 1.0, (n_obj, 4))
+    cx = ocx[which] + 0.12 * ow[which] * jitter[:, 0]
+    cy = ocy[which] + 0.12 * oh[which] * jitter[:, 1]
+    bw = ow[which] * np.exp(0.15 * jitter[:, 2])
+    bh = oh[which] * np.exp(0.15 * jitter[:, 3])
+    # Candidates far from the object's centre score lower, as a trained head's do.
+    s = oscore[which] * np.exp(-0.5 * (jitter[:, 0] ** 2 + jitter[:, 1] ** 2) / 2) + rng.normal(0, 0.02, n_obj)
+    cls = np.where(rng.random(n_obj) < 0.1, rng.integers(0, classes, n_obj), ocls[which])
+    bgw, bgh = rng.uniform(8, 160, n_bg), rng.uniform(8, 160, n_bg)
+    bgx, bgy = rng.uniform(0, width, n_bg), rng.uniform(0, height, n_bg)
+    cx, cy = np.concatenate([cx, bgx]), np.concatenate([cy, bgy])
+    bw, bh = np.concatenate([bw, bgw]), np.concatenate([bh, bgh])
+    s = np.concatenate([s, rng.uniform(0.01, 0.2, n_bg)])
+    cls = np.concatenate([cls, rng.integers(0, classes, n_bg)])
+    xyxy = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+    boxes = np.clip(xyxy, 0, [width, height, width, height]).astype(np.float32)
+    return boxes, np.clip(s, 0.001, 1.0).astype(np.float32), cls.astype(np.int64)
+
+
+def _cv2_batched_nms(
+    boxes: NDArray[np.float32], scores: NDArray[np.float32], class_ids: NDArray[np.int64], iou: float
+) -> NDArray[np.int64]:
+    """OpenCV's NMS on xyxy boxes (it takes x, y, w, h); the conversion is part of the cost."""
+    xywh = np.empty(boxes.shape, np.float64)
+    xywh[:, :2] = boxes[:, :2]
+    xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
+    # score_threshold 0: keep every candidate (all scores are > 0), as batched_nms does.
+    # The stubs say Sequence; numpy arrays are accepted too and skip a list copy.
+    keep = cv2.dnn.NMSBoxesBatched(
+        xywh, scores.astype(np.float64), class_ids.astype(np.int32), 0.0, iou)  # type: ignore[arg-type]
+    return np.asarray(keep, np.int64).reshape(-1)
+
+
+def bench_nms(runs: int, sizes: tuple[int, ...] = (4000, 1000, 300), iou: float = 0.5) -> dict[str, Any]:
+    from perception.nms import batched_nms
+
+    boxes, scores, cls = clustered_candidates(sizes[0])
+    order = np.argsort(-scores, kind="stable")
+    rows = []
+    for n in sizes:
+        # The smaller sets are the top-n by score of the big one: what a pre-NMS top-k leaves.
+        idx = order[:n]
+        b, s, c = boxes[idx], scores[idx], cls[idx]
+        impls: dict[str, Callable[[], NDArray[np.int64]]] = {
+            "numpy": partial(batched_nms, b, s, c, iou),
+            "opencv": partial(_cv2_batched_nms, b, s, c, iou),
+        }
+        kept = {name: f() for name, f in impls.items()}  # also the warm-up
+        t: dict[str, list[float]] = {name: [] for name in impls}
+        for r in range(runs):
+            for name in sorted(impls, reverse=bool(r % 2)):  # alternate who goes first
+                t0 = time.perf_counter()
+                impls[name]()
+                t[name].append((time.perf_counter() - t0) * 1e3)
+        a, o = kept["numpy"], kept["opencv"]
+        sa, so = set(a.tolist()), set(o.tolist())
+        rows.append({
+            "candidates": n, "kept_numpy": len(a), "kept_opencv": len(o), "same_set": sa == so,
+            "same_order": bool(len(a) == len(o) and np.array_equal(a, o)),
+            "only_numpy": sorted(sa - so)[:10], "only_opencv": sorted(so - sa)[:10],
+            "numpy_p50_ms": statistics.median(t["numpy"]), "opencv_p50_ms": statistics.median(t["opencv"]),
+            "numpy_min_ms": min(t["numpy"]), "opencv_min_ms": min(t["opencv"]),
+            "ratio_p50": statistics.median(t["numpy"]) / statistics.median(t["opencv"]),
+            "ratio_min": min(t["numpy"]) / min(t["opencv"]),
+        })
+    return {"iou_threshold": iou, "classes": int(cls.max()) + 1, "runs": runs, "rows": rows}
+
+
+# --- 3. INT8 activations --------------------------------------------------------------------
+
+
+def export_tiny_detector(activation: str, path: Path, seed: int = 0) -> None:
+    """An 8-layer Conv(+BN folded)+activation stride-16 detector-like model, FP32 ONNX opset 17."""
+    import torch
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    torch.manual_seed(seed)
+    act: type[nn.Module] = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish}[activation]
+    # (in, out, stride): stem, then stride-2 / stride-1 pairs, a YOLO-nano-like width.
+    plan = ((3, 16, 2), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1))
+    layers: list[nn.Module] = []
+    for cin, cout, stride in plan:
+        conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        bn = nn.BatchNorm2d(cout)
+        with torch.no_grad():  # non-trivial statistics, so the folded weights look trained
+            bn.running_mean = torch.empty(cout).uniform_(-0.5, 0.5)
+            bn.running_var = torch.empty(cout).uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+        layers += [fuse_conv_bn_eval(conv.eval(), bn.eval()), act()]
+    layers.append(nn.Conv2d(128, 4 + 1 + 3, 1))  # box, objectness, 3 classes per cell
+    model = nn.Sequential(*layers).eval()
+    x = torch.rand(1, 3, *INPUT_HW)
+    with warnings.catch_warnings():  # "legacy TorchScript-based export": chosen on purpose, below
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["preds"], opset_version=17,
+                          dynamo=False)  # the dynamo exporter needs onnxscript, not installed
+
+
+def quantize(fp32: Path, out: Path, activation_type: str, batches: int, seed: int = 0) -> None:
+    """Static QDQ INT8: per-channel S8 weights, MinMax ranges from random batches."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    rng = np.random.default_rng(seed)
+    data = [rng.random((1, 3, *INPUT_HW), dtype=np.float32) for _ in range(batches)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(data)
+
+        def get_next(self) -> dict[str, NDArray[np.float32]] | None:
+            x = next(self._it, None)
+            return None if x is None else {"images": x}
+
+    prepped = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type={"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[activation_type],
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+    )
+
+
+def bench_int8(runs: int, warmup: int, calib_batches: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).random((1, 3, *INPUT_HW), dtype=np.float32)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_kernels_") as tmp:
+        for act in ACTIVATIONS:
+            _log(f"int8: export + quantize ({act})")
+            paths = {"fp32": Path(tmp) / f"{act}_fp32.onnx"}
+            export_tiny_detector(act, paths["fp32"])
+            for at in ("u8", "s8"):
+                paths[f"int8_{at}"] = Path(tmp) / f"{act}_{at}.onnx"
+                quantize(paths["fp32"], paths[f"int8_{at}"], at, calib_batches)
+            sessions = {k: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                        for k, p in paths.items()}
+            names = list(sessions)
+            for _ in range(warmup):
+                for k in names:
+                    sessions[k].run(None, {"images": x})
+            _log(f"int8: timing {act}, {runs} round-robin runs of {', '.join(names)}")
+            t: dict[str, list[float]] = {k: [] for k in names}
+            for r in range(runs):
+                for k in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+                    t0 = time.perf_counter()
+                    sessions[k].run(None, {"images": x})
+                    t[k].append((time.perf_counter() - t0) * 1e3)
+            p50 = {k: statistics.median(v) for k, v in t.items()}
+            mn = {k: min(v) for k, v in t.items()}
+            rows.append({"activation": act, **{f"{k}_p50_ms": p50[k] for k in names},
+                         **{f"{k}_min_ms": mn[k] for k in names},
+                         **{f"{k}_ratio_p50": p50[k] / p50["fp32"] for k in names if k != "fp32"},
+                         **{f"{k}_ratio_min": mn[k] / mn["fp32"] for k in names if k != "fp32"}})
+            del sessions
+    return {"input": f"1x3x{INPUT_HW[0]}x{INPUT_HW[1]}", "runs": runs, "threads": 1,
+            "calibration_batches": calib_batches, "onnxruntime": ort.__version__, "rows": rows}
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", choices=PARTS, help="run only these measurements (default: all)")
+    p.add_argument("--decode-runs", type=int, default=100, help="decode + resize runs per variant")
+    p.add_argument("--nms-runs", type=int, default=50, help="NMS runs per implementation and size")
+    p.add_argument("--int8-runs", type=int, default=30, help="timed round-robin runs per model")
+    p.add_argument("--int8-warmup", type=int, default=5)
+    p.add_argument("--calib-batches", type=int, default=8, help="random calibration batches for INT8")
+    p.add_argument("--cv-threads", type=int, help="cv2.setNumThreads (default: OpenCV's own, as the server runs)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    which = set(a.only or PARTS)
+    if a.cv_threads is not None:
+        cv2.setNumThreads(a.cv_threads)
+    results: dict[str, Any] = {"cpu": cpu_model(), "opencv": cv2.__version__, "numpy": np.__version__}
+    print(f"CPU: {results['cpu']}; OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads), numpy {np.__version__}")
+    if "decode" in which:
+        # Two frames: DCT scaling skips inverse-DCT, upsampling and colour work, not the entropy
+        # decode, so the gain depends on how many bytes the frame is; the noise sets that.
+        results["decode"] = []
+        print("\n1. decode a 1920x1080 JPEG + resize (INTER_AREA when shrinking >= 2x, else linear), "
+              f"full vs DCT-reduced, {a.decode_runs} runs each")
+        print(f"{'frame':<26} {'to':<8} {'reduced':<10} {'full p50':>9} {'reduced p50':>12} {'speedup p50':>12} "
+              f"{'min full/reduced':>17}")
+        for sigma in (4.0, 0.0):
+            _log(f"decode (noise sigma {sigma})")
+            d = bench_decode(a.decode_runs, noise_sigma=sigma)
+            results["decode"].append(d)
+            frame = f"noise {sigma:g}, q{d['quality']}, {d['jpeg_bytes'] // 1024} KB"
+            for r in d["rows"]:
+                print(f"{frame:<26} {r['target']:<8} {r['reduced']:<10} {r['full_p50_ms']:>6.2f} ms "
+                      f"{r['reduced_p50_ms']:>9.2f} ms {r['speedup_p50']:>11.2f}x "
+                      f"{r['full_min_ms']:>6.2f}/{r['reduced_min_ms']:.2f} = {r['speedup_min']:.2f}x")
+    if "nms" in which:
+        _log("nms")
+        results["nms"] = n = bench_nms(a.nms_runs)
+        print(f"\n2. batched NMS, IoU {n['iou_threshold']}, {n['classes']} classes, {n['runs']} runs each: "
+              f"perception.nms (numpy) vs cv2.dnn.NMSBoxesBatched (C++)")
+        print(f"{'cands':>6} {'numpy p50':>10} {'opencv p50':>11} {'ratio p50':>10} {'ratio min':>10} {'kept':>9}  "
+              "same set")
+        for r in n["rows"]:
+            same = "yes" if r["same_set"] else f"NO (only numpy {r['only_numpy']}, only opencv {r['only_opencv']})"
+            if r["same_set"] and not r["same_order"]:
+                same += " (order differs)"
+            print(f"{r['candidates']:>6} {r['numpy_p50_ms']:>7.3f} ms {r['opencv_p50_ms']:>8.3f} ms "
+                  f"{r['ratio_p50']:>9.2f}x {r['ratio_min']:>9.2f}x {r['kept_numpy']:>4}/{r['kept_opencv']:<4}  {same}")
+    if "int8" in which:
+        results["int8"] = q = bench_int8(a.int8_runs, a.int8_warmup, a.calib_batches)
+        print(f"\n3. INT8 QDQ (per-channel S8 weights, MinMax) vs FP32, 8-layer conv model {q['input']}, onnxruntime "
+              f"{q['onnxruntime']}, {q['threads']} thread, {q['runs']} round-robin runs")
+        print(f"{'activation':<10} {'fp32 p50':>9} {'U8 p50':>8} {'S8 p50':>8}  {'U8/fp32 p50, min':>17}  "
+              f"{'S8/fp32 p50, min':>17}")
+        for r in q["rows"]:
+            print(f"{r['activation']:<10} {r['fp32_p50_ms']:>6.2f} ms {r['int8_u8_p50_ms']:>5.2f} ms "
+                  f"{r['int8_s8_p50_ms']:>5.2f} ms  {r['int8_u8_ratio_p50']:>7.2f}x, {r['int8_u8_ratio_min']:.2f}x  "
+                  f"{r['int8_s8_ratio_p50']:>8.2f}x, {r['int8_s8_ratio_min']:.2f}x")
+    print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""What an output-layout decoder is: one model output convention, one name.
+
+A decoder binds a model's named outputs to the roles its layout needs (checked once, when
+the model is loaded), then turns ONE image's outputs into candidate detections in model-input
+pixels. Whether the pipeline still runs its own NMS afterwards is the decoder's to say
+(``applies_nms``): a model with NMS in the graph has already done it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.errors import ModelError
+from perception.options import PostprocessOptions
+from perception.types import Detections
+
+# One image's outputs by role (the batch axis already taken off).
+RoleArrays = Mapping[str, NDArray[np.generic]]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model output as its runtime reports it. ``shape``: ints, or None / a name for a
+    dynamic axis. ``dtype``: numpy dtype name (``float32``, ``int64``, ...)."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str = "float32"
+
+
+class LayoutDecoder(Protocol):
+    """One output layout: its name, the roles it needs, and how one image's outputs decode."""
+
+    name: str
+    roles: tuple[str, ...]
+    applies_nms: bool
+
+    def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
+        """{role: output name}; ``mapping`` (role -> name, may be empty) overrides matching.
+        Raises ModelError naming the tensor and shape when the outputs do not fit."""
+        ...
+
+    def candidates(self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int) -> Detections:
+        """One image's candidates in model-input pixels, cut by threshold, class filter and
+        pre-NMS top-k (or, for a post-NMS layout, the final detections before mapping back)."""
+        ...
+
+
+def bind_single(layout: str, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], role: str) -> dict[str, str]:
+    """Bind a one-output layout: the mapped name, the only output, or a refusal."""
+    names = [o.name for o in outputs]
+    if role in mapping:
+        if mapping[role] not in names:
+            raise ModelError(f"layout {layout}: output {mapping[role]!r} mapped to {role!r} is not one of {names}")
+        return {role: mapping[role]}
+    if len(outputs) != 1:
+        raise ModelError(f"layout {layout} reads one output but the model has {len(outputs)} ({names}); "
+                         f"map it explicitly ({role}=NAME)")
+    return {role: outputs[0].name}
+
+
+def static_dim(info: TensorInfo, axis: int) -> int | None:
+    """The size of ``axis`` if the runtime reports it as a fixed positive int."""
+    if axis >= len(info.shape) or axis < -len(info.shape):
+        return None
+    d = info.shape[axis]
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def top_candidates(
+    boxes: NDArray[np.floating], scores: NDArray[np.floating], class_ids: NDArray[np.integer],
+    options: PostprocessOptions,
+) -> Detections:
+    """Cut by score threshold and class filter, then keep the pre-NMS top-k (in model pixels)."""
+    keep = scores >= options.score_threshold
+    if options.class_filter:
+        keep &= np.isin(class_ids, options.class_filter)
+    idx = np.flatnonzero(keep)
+    if idx.size > options.pre_nms_topk:
+        idx = idx[np.argpartition(-scores[idx], options.pre_nms_topk - 1)[: options.pre_nms_topk]]
+    if idx.size == 0:
+        return Detections.empty()
+    return Detections(np.asarray(boxes[idx], np.float32).reshape(-1, 4), np.asarray(scores[idx], np.float32),
+                      np.asarray(class_ids[idx], np.int64))

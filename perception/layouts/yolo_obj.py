@@ -1,0 +1,57 @@
+"""``yolo_obj``: this project's own head.
+
+One output ``(B, N, 5 + C)``: ``x1, y1, x2, y2`` in model-input pixels, objectness, then
+per-class probabilities, both already passed through a sigmoid. score = objectness x class
+probability of the best class.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from perception.errors import ModelError
+from perception.layouts.base import RoleArrays, TensorInfo, bind_single, static_dim
+from perception.options import PostprocessOptions
+from perception.types import Detections
+
+
+class YoloObj:
+    name = "yolo_obj"
+    roles = ("predictions",)
+    applies_nms = True
+
+    def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
+        bound = bind_single(self.name, outputs, mapping, "predictions")
+        info = next(o for o in outputs if o.name == bound["predictions"])
+        last = static_dim(info, -1)
+        if len(info.shape) != 3 or (last is not None and last != 5 + num_classes):
+            raise ModelError(f"layout {self.name}: output {info.name!r} has shape {list(info.shape)}, "
+                             f"expected (B, N, {5 + num_classes}) for {num_classes} classes")
+        return bound
+
+    def candidates(self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int) -> Detections:
+        out = np.asarray(outputs["predictions"])
+        if out.ndim != 2 or out.shape[1] != 5 + num_classes:
+            raise ModelError(f"layout {self.name}: expected one image's output (N, {5 + num_classes}), got {out.shape}")
+        obj = out[:, 4]
+        # Cheap first cut on objectness alone: score = obj * cls <= obj.
+        idx = np.flatnonzero(obj >= options.score_threshold)
+        if idx.size == 0:
+            return Detections.empty()
+        cls_prob = out[idx, 5:]
+        if options.class_filter:
+            mask = np.zeros(cls_prob.shape[1], bool)
+            mask[list(options.class_filter)] = True
+            cls_prob = np.where(mask[None, :], cls_prob, 0.0)
+        cls_id = cls_prob.argmax(axis=1)
+        scores = (obj[idx] * cls_prob[np.arange(idx.size), cls_id]).astype(np.float32)
+        keep = scores >= options.score_threshold
+        if options.class_filter:
+            keep &= np.isin(cls_id, options.class_filter)
+        idx, cls_id, scores = idx[keep], cls_id[keep], scores[keep]
+        if idx.size > options.pre_nms_topk:
+            top = np.argpartition(-scores, options.pre_nms_topk - 1)[: options.pre_nms_topk]
+            idx, cls_id, scores = idx[top], cls_id[top], scores[top]
+        return Detections(out[idx, :4].astype(np.float32), scores, cls_id.astype(np.int64))
