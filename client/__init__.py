@@ -4,8 +4,10 @@
 - ``detector_client.DetectorClient`` (sync) and ``aio_client.AsyncDetectorClient`` (asyncio):
   unary Detect, GetModelInfo, and StreamDetect sessions (``stream.StreamSession``) with a
   bounded send window, per-frame deadlines, reconnect with exponential backoff + jitter and
-  re-send of unanswered frames, round-robin over several servers (``channels``).
-- ``sources``: video files, image folders, MCAP, ROS 1 / ROS 2 bags -> ``frames.SourceFrame``.
+  re-send of unanswered frames, round-robin over several servers (``channels``). Both sessions
+  share one set of window / re-send / backoff / give-up rules: ``resend_window.ResendWindow``.
+- ``sources``: video files, image folders, MCAP, ROS 1 / ROS 2 bags -> ``frames.SourceFrame``;
+  ``sources.registry`` picks the reader for a path.
 - ``pacing``: recorded time / speed factor / max rate, skip, loop, cameras kept in sync.
 - ``replay`` + ``replay_cli``: ``perception replay``; ``sinks``: JSONL, COCO results,
   annotated video; ``summary``: the statistics and table; ``evaluation``: KPI with ``--gt``.

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -22,8 +22,9 @@ from client.channels import ChannelPool
 from client.config import ClientConfig
 from client.convert import RequestOptions, from_response, to_request
 from client.detector_client import ModelInfo, model_info_from_pb
-from client.errors import is_retryable, translate
+from client.errors import is_retryable, is_retryable_unary, translate
 from client.frames import FrameResult, SourceFrame
+from client.resend_window import Next, ResendWindow
 from perception.errors import NotReadyError, PerceptionError
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc
@@ -47,9 +48,7 @@ class AsyncDetectorClient:
                 return await getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
             except grpc.aio.AioRpcError as exc:
                 err = translate(exc, endpoint.address)
-                if not is_retryable(exc.code()) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise err from exc
-                delay = backoff.next_delay()
+                delay = backoff.next_delay() if is_retryable_unary(exc.code()) else None
                 if delay is None:
                     raise err from exc
                 log.warning("%s; retrying in %.2fs", err, delay)
@@ -66,13 +65,13 @@ class AsyncDetectorClient:
 
     def stream(
         self, on_result: AsyncResultCallback, options: RequestOptions | None = None, name: str = "stream"
-    ) -> "AsyncStreamSession":
+    ) -> AsyncStreamSession:
         return AsyncStreamSession(self.pool, self.config, on_result, options, name)
 
     async def close(self) -> None:
         await self.pool.aclose()
 
-    async def __aenter__(self) -> "AsyncDetectorClient":
+    async def __aenter__(self) -> AsyncDetectorClient:
         return self
 
     async def __aexit__(self, *_: Any) -> None:
@@ -80,7 +79,9 @@ class AsyncDetectorClient:
 
 
 class AsyncStreamSession:
-    """asyncio twin of client.stream.StreamSession (same window, reconnect and re-send rules)."""
+    """asyncio twin of client.stream.StreamSession: the same window, reconnect and re-send
+    rules (``resend_window.ResendWindow``) on grpc.aio. Unlike the sync session, an exception
+    raised by ``on_result`` ends the session and comes out of ``close()``."""
 
     def __init__(
         self, pool: ChannelPool, config: ClientConfig, on_result: AsyncResultCallback,
@@ -92,20 +93,27 @@ class AsyncStreamSession:
         self._options = options
         self.name = name
         self._cond = asyncio.Condition()
-        self._queue: deque[SourceFrame] = deque()
-        self._inflight: OrderedDict[tuple[str, int], list[Any]] = OrderedDict()  # key -> [frame, sent]
-        self._free = config.window
-        self._closed = False
-        self._generation = 0
-        self._error: PerceptionError | None = None
-        self._backoff = Backoff(config.backoff)
-        self.reconnects = 0
-        self.lost: list[SourceFrame] = []
+        self._window = ResendWindow(config.window, Backoff(config.backoff), name)
         self.address = ""
         self._call: Any = None
         self._cancelled_by_us = False
         self._task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-opened after a failure."""
+        return self._window.reconnects
+
+    @property
+    def lost(self) -> list[SourceFrame]:
+        """Accepted frames never answered (the session gave up or was aborted)."""
+        return self._window.lost
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted frames not answered yet."""
+        return self._window.in_flight
 
     def _start(self) -> None:
         if self._task is None:
@@ -116,21 +124,19 @@ class AsyncStreamSession:
         """Queue a frame, waiting while ``window`` frames are unanswered."""
         self._start()
         async with self._cond:
-            await self._cond.wait_for(lambda: self._free > 0 or self._error is not None)
-            if self._error is not None:
-                raise self._error
-            if self._closed:
-                raise PerceptionError(f"{self.name}: send() after close()")
-            self._free -= 1
-            self._queue.append(frame)
+            await self._cond.wait_for(lambda: self._window.can_accept)
+            self._window.accept(frame)
             self._cond.notify_all()
 
     async def close(self, timeout: float | None = None) -> None:
+        """No more frames: wait until every accepted frame is answered (or the session gives
+        up, which raises)."""
         self._start()
         async with self._cond:
-            self._closed = True
+            self._window.close()
             self._cond.notify_all()
-        assert self._task is not None and self._watch_task is not None
+        if self._task is None or self._watch_task is None:
+            raise RuntimeError(f"{self.name}: session tasks were not started")
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except asyncio.TimeoutError as exc:
@@ -138,22 +144,21 @@ class AsyncStreamSession:
             raise NotReadyError(f"{self.name}: frames still unanswered after {timeout}s") from exc
         finally:
             self._watch_task.cancel()
-        if self._error is not None:
-            raise self._error
+        if self._window.error is not None:
+            raise self._window.error
 
     async def abort(self) -> None:
+        """Stop now; unanswered frames go to ``lost``."""
         async with self._cond:
-            self._closed = True
-            if self._error is None:
-                self._error = PerceptionError(f"{self.name}: aborted")
-            self._give_up()
+            self._window.abort(PerceptionError(f"{self.name}: aborted"))
+            self._cond.notify_all()
         if self._call is not None:
             self._call.cancel()
         for t in (self._task, self._watch_task):
             if t is not None:
                 t.cancel()
 
-    async def __aenter__(self) -> "AsyncStreamSession":
+    async def __aenter__(self) -> AsyncStreamSession:
         self._start()
         return self
 
@@ -163,91 +168,72 @@ class AsyncStreamSession:
         else:
             await self.abort()
 
-    def _give_up(self) -> None:
-        self.lost.extend(f for f, _ in self._inflight.values())
-        self.lost.extend(self._queue)
-        self._inflight.clear()
-        self._queue.clear()
-        self._free = self._config.window
-        self._cond.notify_all()
-
-    def _finished(self) -> bool:
-        return self._closed and not self._queue and not self._inflight
-
     async def _requests(self, generation: int) -> AsyncIterator[Any]:
-        now = time.perf_counter()
-        resend = list(self._inflight.values())
-        for p in resend:
-            p[1] = now
-            yield to_request(p[0], self._options, self._config.deadline_ms)
+        for frame in self._window.resend(time.perf_counter()):
+            yield to_request(frame, self._options, self._config.deadline_ms)
         while True:
             async with self._cond:
-                await self._cond.wait_for(
-                    lambda: bool(self._queue) or self._closed or generation != self._generation or self._error is not None
-                )
-                if generation != self._generation or self._error is not None or not self._queue:
-                    return
-                frame = self._queue.popleft()
-                self._inflight[(frame.camera_id, frame.sequence)] = [frame, time.perf_counter()]
-            yield to_request(frame, self._options, self._config.deadline_ms)
+                await self._cond.wait_for(lambda: self._window.has_work(generation))
+                next_frame = self._window.take(generation, time.perf_counter())
+            if next_frame is None:
+                return
+            yield to_request(next_frame, self._options, self._config.deadline_ms)
 
     async def _run(self) -> None:
         while True:
             async with self._cond:
-                if self._error is not None or self._finished():
+                generation = self._window.begin_connection()
+                if generation is None:
                     return
-                self._generation += 1
-                generation = self._generation
                 self._cancelled_by_us = False
             endpoint = self._pool.next()
             self.address = endpoint.address
             stub = detector_pb2_grpc.DetectorStub(endpoint.channel)
+            failure: PerceptionError
             retry = True
             try:
                 self._call = stub.StreamDetect(self._requests(generation), metadata=self._config.metadata())
                 async for resp in self._call:
                     await self._handle(resp)
                 async with self._cond:
-                    if self._finished():
+                    if self._window.finished:
                         return
-                failure: PerceptionError = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
+                failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
             except grpc.aio.AioRpcError as exc:
                 failure = translate(exc, endpoint.address)
                 retry = is_retryable(exc.code()) or self._cancelled_by_us
             except asyncio.CancelledError:
                 # grpc.aio reports a call we cancelled (the watchdog) as a cancelled await.
-                if not self._cancelled_by_us or self._error is not None:
+                if not self._cancelled_by_us or self._window.error is not None:
                     raise
                 failure = NotReadyError(f"server {endpoint.address} stopped answering")
             finally:
                 self._call = None
                 async with self._cond:
-                    self._generation += 1
+                    self._window.end_connection()
                     self._cond.notify_all()
-            if self._error is not None:
+            async with self._cond:
+                decision = self._window.after_failure(failure, retry)
+                self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
+            if decision.next is Next.STOP:
                 return
-            delay = self._backoff.next_delay() if retry else None
-            if delay is None:
+            if decision.next is Next.GIVE_UP:
                 log.error("%s: giving up: %s", self.name, failure)
-                async with self._cond:
-                    self._error = failure
-                    self._give_up()
                 return
-            self.reconnects += 1
-            level = logging.WARNING if self._backoff.attempts == 1 else logging.INFO
-            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, delay)
-            await asyncio.sleep(delay)
+            # The first failure of a streak is news; the retries that follow are not.
+            level = logging.WARNING if decision.first_of_streak else logging.INFO
+            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, decision.delay_s)
+            await asyncio.sleep(decision.delay_s)
 
     async def _handle(self, resp: Any) -> None:
-        now = time.perf_counter()
         async with self._cond:
-            pending = self._inflight.pop((resp.camera_id, int(resp.sequence)), None)
-            if pending is None:
-                return
-            self._free += 1
+            answered = self._window.answer(resp.camera_id, int(resp.sequence), time.perf_counter())
+            if answered is None:
+                return  # a duplicate answer to a re-sent frame
             self._cond.notify_all()
-        self._backoff.reset()
-        out = self._on_result(pending[0], from_response(resp, latency_ms=(now - pending[1]) * 1e3))
+        if answered.reconnected:
+            log.info("%s: reconnected to %s", self.name, self.address)
+        out = self._on_result(answered.frame, from_response(resp, latency_ms=answered.latency_ms))
         if asyncio.iscoroutine(out):
             await out
 
@@ -255,9 +241,7 @@ class AsyncStreamSession:
         timeout = self._config.response_timeout_s
         while True:
             await asyncio.sleep(min(0.5, timeout / 4))
-            if self._inflight and self._call is not None:
-                oldest = next(iter(self._inflight.values()))[1]
-                if time.perf_counter() - oldest > timeout:
-                    log.warning("%s: no answer for %.1fs; dropping the connection", self.name, timeout)
-                    self._cancelled_by_us = True
-                    self._call.cancel()
+            if self._call is not None and self._window.stalled(time.perf_counter(), timeout):
+                log.warning("%s: no answer for %.1fs; dropping the connection", self.name, timeout)
+                self._cancelled_by_us = True
+                self._call.cancel()

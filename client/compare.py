@@ -26,7 +26,7 @@ class FrameDiff:
     vanished: list[dict[str, Any]] = field(default_factory=list)
     moved: list[dict[str, Any]] = field(default_factory=list)
     class_changed: list[dict[str, Any]] = field(default_factory=list)
-    status: tuple[str, str] | None = None  # (A, B) when the statuses differ
+    status: tuple[FrameStatus, FrameStatus] | None = None  # (A, B) when the statuses differ
 
     @property
     def changes(self) -> int:
@@ -38,7 +38,7 @@ class FrameDiff:
             "appeared": self.appeared, "vanished": self.vanished, "moved": self.moved, "class_changed": self.class_changed,
         }
         if self.status is not None:
-            d["status"] = {"a": self.status[0], "b": self.status[1]}
+            d["status"] = {"a": self.status[0].value, "b": self.status[1].value}
         return d
 
 
@@ -54,7 +54,7 @@ def _det(r: FrameResult, i: int) -> dict[str, Any]:
 def diff_frame(a: FrameResult, b: FrameResult, iou: float = 0.5, pair_iou: float = 0.1) -> FrameDiff:
     out = FrameDiff(a.camera_id, a.sequence)
     if a.status is not b.status:
-        out.status = (a.status.value, b.status.value)
+        out.status = (a.status, b.status)
     na, nb = len(a.detections), len(b.detections)
     pairs: list[tuple[int, int, float]] = []
     if na and nb:

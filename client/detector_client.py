@@ -22,7 +22,7 @@ from client.backoff import Backoff
 from client.channels import ChannelPool
 from client.config import ClientConfig
 from client.convert import RequestOptions, from_response, to_request
-from client.errors import is_retryable, translate
+from client.errors import is_retryable_unary, translate
 from client.frames import FrameResult, SourceFrame
 from client.stream import ResultCallback, StreamSession
 from perception.errors import NotReadyError
@@ -90,10 +90,7 @@ class DetectorClient:
                 return getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
             except grpc.RpcError as exc:
                 err = translate(exc, endpoint.address)
-                # A frame's own deadline passing is an answer, not a reason to retry.
-                if not is_retryable(exc.code()) or exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise err from exc
-                delay = backoff.next_delay()
+                delay = backoff.next_delay() if is_retryable_unary(exc.code()) else None
                 if delay is None:
                     raise err from exc
                 log.warning("%s; retrying in %.2fs", err, delay)

@@ -20,7 +20,16 @@ RETRYABLE = frozenset(
 
 
 def is_retryable(code: grpc.StatusCode | None) -> bool:
+    """Whether a stream that failed with ``code`` is worth reconnecting."""
     return code in RETRYABLE
+
+
+def is_retryable_unary(code: grpc.StatusCode | None) -> bool:
+    """Whether a unary call that failed with ``code`` is worth repeating on the next server.
+
+    A frame's own deadline passing is an answer, not a reason to retry.
+    """
+    return is_retryable(code) and code != grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def translate(exc: grpc.RpcError, address: str) -> PerceptionError:

@@ -12,7 +12,7 @@ import numpy as np
 
 from perception.decode import PixelFormat
 from perception.errors import DataError, InvalidInputError
-from perception.types import Detections, StageTimings
+from perception.types import Detections, FrameStatus, StageTimings
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,30 @@ class SourceFrame:
         return len(self.encoded) if self.encoded is not None else len(self.raw.data)  # type: ignore[union-attr]
 
 
-class FrameStatus(str, Enum):
-    """Mirrors perception.v1.FrameStatus; the string is what JSONL files carry."""
+class DropReason(str, Enum):
+    """Why a sent frame has no detection result: the keys of the summary's ``dropped`` counts.
+    The string is what summary JSON files carry."""
 
-    OK = "OK"
-    DROPPED_STALE = "DROPPED_STALE"
-    EXPIRED = "EXPIRED"
-    INVALID = "INVALID"
-    OVERLOADED = "OVERLOADED"
+    STALE = "stale"
+    EXPIRED = "expired"
+    INVALID = "invalid"
+    OVERLOADED = "overloaded"
+    LOST = "lost"  # never answered: the session gave up or was aborted (no server status)
 
-    @property
-    def reason(self) -> str:
-        """Short drop reason used in summaries and metrics ("stale", "expired", ...)."""
-        return {"DROPPED_STALE": "stale"}.get(self.value, self.value.lower())
+
+def drop_reason(status: FrameStatus) -> DropReason:
+    """The drop reason a summary counts a non-OK status under; ValueError for OK, which is not a drop."""
+    if status is FrameStatus.OK:
+        raise ValueError("an OK frame was not dropped")
+    return _DROP_REASONS[status]
+
+
+_DROP_REASONS = {
+    FrameStatus.DROPPED_STALE: DropReason.STALE,
+    FrameStatus.EXPIRED: DropReason.EXPIRED,
+    FrameStatus.INVALID: DropReason.INVALID,
+    FrameStatus.OVERLOADED: DropReason.OVERLOADED,
+}
 
 
 @dataclass(frozen=True)

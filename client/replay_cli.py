@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     from client.ground_truth import GroundTruthIndex, coco_predictions
     from client.replay import Replay, ReplayConfig
     from client.sinks.atomic_json import write_json_atomic
-    from client.sources.base import SourceOptions, open_source
+    from client.sources import SourceOptions, open_source
     from client.summary import format_table
 
     if args.loop and args.gt:

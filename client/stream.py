@@ -7,6 +7,9 @@ backoff and jitter to the next server address and re-sends the frames that were 
 but unanswered, so every accepted frame is answered exactly once; a duplicate answer to a
 re-sent frame is ignored. After ``backoff.max_attempts`` consecutive failures the session
 gives up: ``send()`` and ``close()`` raise, and ``lost`` lists the frames never answered.
+
+Those rules live in ``resend_window.ResendWindow``, shared with the asyncio session; this
+module adds the threads, the lock and gRPC.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -26,18 +28,13 @@ from client.config import ClientConfig
 from client.convert import RequestOptions, from_response, to_request
 from client.errors import is_retryable, translate
 from client.frames import FrameResult, SourceFrame
+from client.resend_window import Next, ResendWindow
 from perception.errors import NotReadyError, PerceptionError
 from perception.v1 import detector_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 ResultCallback = Callable[[SourceFrame, FrameResult], None]
-
-
-@dataclass
-class _Pending:
-    frame: SourceFrame
-    sent: float  # time.perf_counter() when (last) written to the wire
 
 
 class StreamSession:
@@ -57,24 +54,26 @@ class StreamSession:
         self._options = options
         self.name = name
         self._cond = threading.Condition()
-        self._queue: deque[SourceFrame] = deque()  # accepted, not yet on the wire
-        self._inflight: OrderedDict[tuple[str, int], _Pending] = OrderedDict()
-        self._free = config.window
-        self._closed = False
-        self._generation = 0
-        self._error: PerceptionError | None = None
+        self._window = ResendWindow(config.window, Backoff(config.backoff), name)
         self._call: Any = None
         self._cancelled_by_us = False
-        self.reconnects = 0
-        self.lost: list[SourceFrame] = []
         self.callback_error: Exception | None = None
         self.address = ""
-        self._backoff = Backoff(config.backoff)
         self._stop_watchdog = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{name}-recv", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
         self._thread.start()
         self._watchdog.start()
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-opened after a failure."""
+        return self._window.reconnects
+
+    @property
+    def lost(self) -> list[SourceFrame]:
+        """Accepted frames never answered (the session gave up or was aborted)."""
+        return self._window.lost
 
     # -- caller side ---------------------------------------------------------------------
 
@@ -83,38 +82,34 @@ class StreamSession:
         session gave up or was closed."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._free <= 0 and self._error is None:
+            while not self._window.can_accept:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(left)
-            if self._error is not None:
-                raise self._error
-            if self._closed:
-                raise PerceptionError(f"{self.name}: send() after close()")
-            self._free -= 1
-            self._queue.append(frame)
+            self._window.accept(frame)
             self._cond.notify_all()
         return True
 
     @property
     def in_flight(self) -> int:
+        """Accepted frames not answered yet."""
         with self._cond:
-            return self._config.window - self._free
+            return self._window.in_flight
 
     def close(self, timeout: float | None = None) -> None:
         """No more frames: wait until every accepted frame is answered (or the session gives
         up, which raises)."""
         with self._cond:
-            self._closed = True
+            self._window.close()
             self._cond.notify_all()
         self._thread.join(timeout)
         self._stop_watchdog.set()
         if self._thread.is_alive():
             self.abort()
             raise NotReadyError(f"{self.name}: {self.in_flight} frames still unanswered after {timeout}s")
-        if self._error is not None:
-            raise self._error
+        if self._window.error is not None:
+            raise self._window.error
         if self.callback_error is not None:
             raise PerceptionError(f"{self.name}: on_result failed: {self.callback_error}") from self.callback_error
 
@@ -124,16 +119,14 @@ class StreamSession:
             self._stop_watchdog.set()
             return
         with self._cond:
-            self._closed = True
-            if self._error is None:
-                self._error = PerceptionError(f"{self.name}: aborted")
-            self._give_up_locked()
+            self._window.abort(PerceptionError(f"{self.name}: aborted"))
+            self._cond.notify_all()
             call = self._call
         self._stop_watchdog.set()
         if call is not None:
             call.cancel()
 
-    def __enter__(self) -> "StreamSession":
+    def __enter__(self) -> StreamSession:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -146,50 +139,32 @@ class StreamSession:
 
     def _requests(self, generation: int) -> Iterator[Any]:
         with self._cond:
-            resend = [p for p in self._inflight.values()]
-            now = time.perf_counter()
-            for p in resend:
-                p.sent = now
-        for p in resend:
-            yield to_request(p.frame, self._options, self._config.deadline_ms)
+            resend = self._window.resend(time.perf_counter())
+        for frame in resend:
+            yield to_request(frame, self._options, self._config.deadline_ms)
         while True:
             with self._cond:
-                while not self._queue and not self._closed and generation == self._generation:
+                while not self._window.has_work(generation):
                     self._cond.wait(0.2)
-                if generation != self._generation or self._error is not None:
-                    return
-                if not self._queue:
-                    return  # closed and drained: half-close, the server answers the rest
-                frame = self._queue.popleft()
-                self._inflight[(frame.camera_id, frame.sequence)] = _Pending(frame, time.perf_counter())
-            yield to_request(frame, self._options, self._config.deadline_ms)
-
-    def _finished_locked(self) -> bool:
-        return self._closed and not self._queue and not self._inflight
-
-    def _give_up_locked(self) -> None:
-        self.lost.extend(p.frame for p in self._inflight.values())
-        self.lost.extend(self._queue)
-        self._inflight.clear()
-        self._queue.clear()
-        self._free = self._config.window
-        self._cond.notify_all()
+                next_frame = self._window.take(generation, time.perf_counter())
+            if next_frame is None:
+                return
+            yield to_request(next_frame, self._options, self._config.deadline_ms)
 
     def _run(self) -> None:
         stub_cache: dict[str, Any] = {}
         while True:
             with self._cond:
-                if self._error is not None or self._finished_locked():
+                generation = self._window.begin_connection()
+                if generation is None:
                     return
-                self._generation += 1
-                generation = self._generation
                 self._cancelled_by_us = False
             endpoint = self._pool.next()
             self.address = endpoint.address
             stub = stub_cache.get(endpoint.address)
             if stub is None:
                 stub = stub_cache[endpoint.address] = detector_pb2_grpc.DetectorStub(endpoint.channel)
-            failure: PerceptionError | None = None
+            failure: PerceptionError
             retry = True
             try:
                 call = stub.StreamDetect(self._requests(generation), metadata=self._config.metadata())
@@ -198,7 +173,7 @@ class StreamSession:
                 for resp in call:
                     self._handle(resp)
                 with self._cond:
-                    if self._finished_locked():
+                    if self._window.finished:
                         return
                 failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
             except grpc.RpcError as exc:
@@ -207,40 +182,36 @@ class StreamSession:
             finally:
                 with self._cond:
                     self._call = None
-                    self._generation += 1  # stop this call's request iterator
+                    self._window.end_connection()
                     self._cond.notify_all()
             with self._cond:
-                if self._error is not None:
-                    return
-            delay = self._backoff.next_delay() if retry else None
-            if delay is None:
-                log.error("%s: giving up: %s", self.name, failure)
-                with self._cond:
-                    self._error = failure
-                    self._give_up_locked()
+                decision = self._window.after_failure(failure, retry)
+                self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
+            if decision.next is Next.STOP:
                 return
-            self.reconnects += 1
+            if decision.next is Next.GIVE_UP:
+                log.error("%s: giving up: %s", self.name, failure)
+                return
             # The first failure of a streak is news; the retries that follow are not.
-            level = logging.WARNING if self._backoff.attempts == 1 else logging.INFO
-            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, delay)
-            time.sleep(delay)
+            level = logging.WARNING if decision.first_of_streak else logging.INFO
+            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, decision.delay_s)
+            time.sleep(decision.delay_s)
 
     def _handle(self, resp: Any) -> None:
-        key = (resp.camera_id, int(resp.sequence))
         now = time.perf_counter()
         with self._cond:
-            pending = self._inflight.pop(key, None)
-            if pending is None:
-                log.debug("%s: ignoring an answer to %s that is not in flight (a re-sent duplicate)", self.name, key)
-                return
-            self._free += 1
-            self._cond.notify_all()
-        if self._backoff.attempts:
+            answered = self._window.answer(resp.camera_id, int(resp.sequence), now)
+            if answered is not None:
+                self._cond.notify_all()
+        if answered is None:
+            key = (resp.camera_id, int(resp.sequence))
+            log.debug("%s: ignoring an answer to %s that is not in flight (a re-sent duplicate)", self.name, key)
+            return
+        if answered.reconnected:
             log.info("%s: reconnected to %s", self.name, self.address)
-            self._backoff.reset()
-        result = from_response(resp, latency_ms=(now - pending.sent) * 1e3)
+        result = from_response(resp, latency_ms=answered.latency_ms)
         try:
-            self._on_result(pending.frame, result)
+            self._on_result(answered.frame, result)
         except Exception as exc:  # the caller's callback must not kill the receiver thread
             log.exception("%s: on_result failed", self.name)
             self.callback_error = self.callback_error or exc
@@ -249,10 +220,7 @@ class StreamSession:
         timeout = self._config.response_timeout_s
         while not self._stop_watchdog.wait(min(0.5, timeout / 4)):
             with self._cond:
-                if not self._inflight or self._call is None:
-                    continue
-                oldest = next(iter(self._inflight.values())).sent
-                if time.perf_counter() - oldest <= timeout:
+                if self._call is None or not self._window.stalled(time.perf_counter(), timeout):
                     continue
                 call = self._call
                 self._cancelled_by_us = True

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from client.frames import FrameResult, FrameStatus
+from client.frames import DropReason, FrameResult, FrameStatus, drop_reason
 
 STAGES = ("queue", "preprocess", "inference", "postprocess", "total")
 
@@ -31,7 +31,7 @@ class ReplayStats:
         self.frames_sent = 0
         self.frames_answered = 0
         self.detections = 0
-        self.dropped: dict[str, int] = defaultdict(int)
+        self.dropped: dict[DropReason, int] = defaultdict(int)
         self.latency_ms: list[float] = []
         self.stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
         self.per_camera: dict[str, dict[str, Any]] = {}
@@ -68,7 +68,7 @@ class ReplayStats:
                 for stage, us in zip(STAGES, (t.queue_us, t.preprocess_us, t.inference_us, t.postprocess_us, t.total_us)):
                     self.stage_ms[stage].append(us / 1e3)
             else:
-                self.dropped[result.status.reason] += 1
+                self.dropped[drop_reason(result.status)] += 1
 
     def finish(self) -> None:
         self.finished = time.perf_counter()
@@ -91,9 +91,10 @@ class ReplayStats:
                     "fps": round(fps, 3),
                     "latency_ms": percentiles(cam["latency"]),
                 }
-            dropped = dict(sorted(self.dropped.items()))
+            # Plain-string keys, sorted, then "lost": the summary JSON is a shared interface.
+            dropped = {reason.value: n for reason, n in sorted(self.dropped.items(), key=lambda kv: kv[0].value)}
             if self.lost:
-                dropped["lost"] = self.lost
+                dropped[DropReason.LOST.value] = self.lost
             return {
                 "frames_sent": self.frames_sent,
                 "frames_answered": self.frames_answered,

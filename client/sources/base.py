@@ -1,4 +1,7 @@
-"""The frame-source interface and the factory that picks a reader for a path.
+"""The frame-source interface and its options; ``registry.py`` picks the reader for a path.
+
+Every reader imports this module, so it imports none of them: an import cycle would make the
+import order matter (tests/client/test_layering.py checks for cycles).
 
 A source yields ``SourceFrame``s of all its cameras merged in capture-timestamp order;
 iterating again starts from the beginning (that is how ``--loop`` works). Readers raise
@@ -8,9 +11,10 @@ yielding every frame read before the damage.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from client.frames import SourceFrame
 from perception.errors import DataError
@@ -56,52 +60,3 @@ class SourceOptions:
             raise DataError(f"fps must be positive, got {self.fps}")
         if self.encode not in ("raw", "jpeg"):
             raise DataError(f"encode must be raw or jpeg, got {self.encode!r}")
-
-
-def open_source(path: str | Path, options: SourceOptions | None = None) -> FrameSource:
-    """Pick the reader for ``path``: a video file, a folder of videos (one per camera), an image
-    folder, an MCAP file, a ROS 1 bag (.bag) or a ROS 2 bag (a directory with metadata.yaml,
-    or its .db3 / .mcap)."""
-    opts = options or SourceOptions()
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory")
-    suffix = p.suffix.lower()
-    if p.is_dir():
-        if (p / "metadata.yaml").is_file():
-            from client.sources.bag_source import BagSource
-
-            return BagSource(p, opts)
-        images = [f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
-        videos = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
-        if videos and not images:
-            from client.sources.video_source import VideoFolderSource
-
-            return VideoFolderSource(p, opts, videos)
-        from client.sources.folder_source import FolderSource
-
-        return FolderSource(p, opts)
-    if suffix == ".mcap":
-        if (p.parent / "metadata.yaml").is_file():
-            from client.sources.bag_source import BagSource
-
-            return BagSource(p.parent, opts)
-        from client.sources.mcap_source import McapSource
-
-        return McapSource(p, opts)
-    if suffix == ".db3":
-        from client.sources.bag_source import BagSource
-
-        return BagSource(p.parent, opts)
-    if suffix == ".bag":
-        from client.sources.bag_source import BagSource
-
-        return BagSource(p, opts)
-    if suffix in VIDEO_SUFFIXES:
-        from client.sources.video_source import VideoSource
-
-        return VideoSource(p, opts)
-    raise DataError(
-        f"{p}: unknown recording type {suffix!r}; expected a video ({', '.join(VIDEO_SUFFIXES)}), "
-        "an image folder, .mcap, .bag or a ROS 2 bag directory"
-    )

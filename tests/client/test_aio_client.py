@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from client.aio_client import AsyncDetectorClient
+from client.aio_client import AsyncDetectorClient, AsyncStreamSession
 from client.config import BackoffConfig, ClientConfig
 from client.frames import FrameResult, FrameStatus, SourceFrame
 from perception.errors import InvalidInputError, NotReadyError
 from tests.client import recordings as R
+from tests.client.conftest import start_server
 from tests.tiny_model import CLASSES
 
 
@@ -38,7 +42,7 @@ def test_async_detect_and_two_concurrent_streams(server: str) -> None:
                 async with client.stream(on_result, name=cam) as s:
                     for f in _frames(8, cam):
                         await s.send(f)
-                        assert s._config.window - s._free <= 2
+                        assert s.in_flight <= 2
 
             await asyncio.gather(camera("left"), camera("right"))
         return got
@@ -64,3 +68,40 @@ def test_async_stream_gives_up_on_a_dead_server() -> None:
             assert [f.sequence for f in s.lost] == [0] and s.reconnects == 2
 
     asyncio.run(run())
+
+
+def test_async_stream_reconnects_and_resends_when_the_server_restarts(tiny_manifest: Path) -> None:
+    srv, port = start_server(tiny_manifest)
+    servers = [srv]
+
+    def restart() -> None:
+        servers[0].shutdown(0.0)  # gone mid-stream, in-flight calls cancelled
+        time.sleep(0.3)
+        servers.append(start_server(tiny_manifest, port=port)[0])
+
+    async def run() -> tuple[list[int], AsyncStreamSession]:
+        got: list[int] = []
+        cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), window=3,
+                           backoff=BackoffConfig(initial_s=0.05, max_s=0.3, max_attempts=40))
+        async with AsyncDetectorClient(cfg) as client:
+            s = client.stream(lambda f, r: got.append(r.sequence))
+            restarter = threading.Thread(target=restart)
+            for i, f in enumerate(_frames(24, "front")):
+                if i == 8:
+                    restarter.start()
+                await s.send(f)
+                await asyncio.sleep(0.02)
+            try:
+                await s.close(timeout=10)  # a frame never re-sent would hang here
+            finally:
+                restarter.join()
+        return got, s
+
+    try:
+        got, session = asyncio.run(run())
+    finally:
+        for s in servers:
+            s.shutdown(0.0)
+    assert session.reconnects >= 1, "the restart must actually have been crossed"
+    assert got == list(range(24)), "every frame answered exactly once, in order"
+    assert session.lost == [] and session.in_flight == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from client.backoff import Backoff
 from client.channels import resolve_targets
 from client.config import BackoffConfig, ClientConfig, TlsConfig
 from client.convert import RequestOptions, from_response, to_request
-from client.frames import FrameResult, FrameStatus, RawPixels, SourceFrame
+from client.frames import DropReason, FrameResult, FrameStatus, RawPixels, SourceFrame, drop_reason
 from perception.decode import PixelFormat
 from perception.errors import ConfigError
 from perception.v1 import detector_pb2 as pb
@@ -84,4 +85,43 @@ def test_response_round_trips_through_jsonl_record() -> None:
     back = FrameResult.from_json_dict(rec)
     assert back.timings.batch_size == 2 and int(back.detections.class_ids[0]) == 3
     stale = from_response(pb.DetectResponse(camera_id="c", sequence=4, status=pb.FRAME_STATUS_DROPPED_STALE))
-    assert stale.status.reason == "stale" and len(stale.detections) == 0
+    assert drop_reason(stale.status) == "stale" and len(stale.detections) == 0
+
+
+def _answer(seq: int, status: pb.FrameStatus) -> FrameResult:
+    return from_response(pb.DetectResponse(camera_id="c", sequence=seq, status=status), latency_ms=2.0)
+
+
+def test_status_strings_in_jsonl_summary_and_compare_are_unchanged() -> None:
+    """The files a replay writes carry the status vocabulary as plain strings, byte for byte."""
+    import json
+
+    from client.compare import diff_frame
+    from client.summary import ReplayStats
+
+    line = json.dumps(_answer(4, pb.FRAME_STATUS_DROPPED_STALE).to_json_dict(), separators=(",", ":"))
+    assert line == (
+        '{"camera_id":"c","sequence":4,"capture_timestamp_ns":0,"status":"DROPPED_STALE","message":"",'
+        '"image_width":0,"image_height":0,"detections":[],"timings":{"queue_us":0,"preprocess_us":0,'
+        '"inference_us":0,"postprocess_us":0,"total_us":0,"batch_size":0},"latency_ms":2.0}'
+    )
+    wire = [pb.FRAME_STATUS_OK, pb.FRAME_STATUS_DROPPED_STALE, pb.FRAME_STATUS_EXPIRED, pb.FRAME_STATUS_INVALID,
+            pb.FRAME_STATUS_OVERLOADED, pb.FRAME_STATUS_DROPPED_STALE,
+            cast(pb.FrameStatus, 99)]  # a status this client does not know (a newer server's)
+    results = [_answer(i, s) for i, s in enumerate(wire)]
+    assert [r.to_json_dict()["status"] for r in results] == [
+        "OK", "DROPPED_STALE", "EXPIRED", "INVALID", "OVERLOADED", "DROPPED_STALE", "INVALID"]
+    assert all(FrameResult.from_json_dict(r.to_json_dict()).status is r.status for r in results)
+    stats = ReplayStats()
+    for r in results:
+        stats.add(r)
+    stats.lost = 2
+    dropped = stats.as_dict()["dropped"]
+    assert json.dumps(dropped) == '{"expired": 1, "invalid": 2, "overloaded": 1, "stale": 2, "lost": 2}'
+    assert all(type(k) is str for k in dropped), "summary keys are plain strings, not enum members"
+    assert [drop_reason(r.status) for r in results[1:5]] == [DropReason.STALE, DropReason.EXPIRED, DropReason.INVALID,
+                                                        DropReason.OVERLOADED]
+    with pytest.raises(ValueError, match="not dropped"):
+        _ = drop_reason(results[0].status)
+    diff = diff_frame(results[0], results[1]).as_dict()["status"]
+    assert diff == {"a": "OK", "b": "DROPPED_STALE"} and all(type(v) is str for v in diff.values())

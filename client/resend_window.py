@@ -1,0 +1,222 @@
+"""The send window of one StreamDetect session, across reconnects: which frames are accepted,
+which are on the wire unanswered, which to re-send after a reconnect, how long to back off,
+and when to give up.
+
+No gRPC, no threads, no clock: the sync (``stream.py``) and asyncio (``aio_client.py``) fronts
+call it under their own lock and pass the time in, so both follow one set of rules and the
+rules are tested without a server.
+
+Invariants, kept by every method:
+
+- A frame is accepted into the window at most ``window`` at a time; ``in_flight`` counts the
+  accepted frames not yet answered (queued or on the wire).
+- Every accepted frame ends exactly once: answered (``answer``) or ``lost`` (give-up or abort).
+  An answer to a frame that is not on the wire (a re-sent duplicate) changes nothing.
+- After a reconnect the frames that were on the wire are re-sent first, in the order they were
+  first sent, then the queue continues; so one camera's answers stay in sequence order.
+- A connection is a *generation*; a request stream of an ended generation stops taking frames,
+  so two connections never send the same queued frame.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from enum import Enum
+
+from client.backoff import Backoff
+from client.frames import SourceFrame
+from perception.errors import ConfigError, InvalidInputError, PerceptionError
+
+FrameKey = tuple[str, int]  # (camera_id, sequence): how an answer names its frame
+
+
+class Next(Enum):
+    """What the connection loop does after a connection failed."""
+
+    RECONNECT = "reconnect"  # wait ``delay_s``, then connect again and re-send
+    GIVE_UP = "give up"  # this failure ended the session: ``error`` is set, frames are in ``lost``
+    STOP = "stop"  # the session had already ended (aborted or gave up): nothing to do
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """The decision ``ResendWindow.after_failure`` takes.
+
+    first_of_streak: the first failure since the last answer (worth a warning; the retries that
+        follow it are not news).
+    """
+
+    next: Next
+    delay_s: float = 0.0
+    first_of_streak: bool = False
+
+
+@dataclass(frozen=True)
+class Answered:
+    """An answered frame. latency_ms: from its last write to the wire to ``now`` of ``answer``.
+    reconnected: the first answer after one or more failed connections (the backoff restarts)."""
+
+    frame: SourceFrame
+    latency_ms: float
+    reconnected: bool
+
+
+@dataclass
+class _OnWire:
+    frame: SourceFrame
+    sent: float  # the caller's clock (seconds) when last written to the wire
+
+
+class ResendWindow:
+    """Window, re-send and give-up state of one stream session (not thread-safe: the caller
+    holds its lock around every call)."""
+
+    def __init__(self, window: int, backoff: Backoff, name: str = "stream") -> None:
+        if window < 1:
+            raise ConfigError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.name = name
+        self._backoff = backoff
+        self._queue: deque[SourceFrame] = deque()  # accepted, not yet on the wire
+        self._on_wire: OrderedDict[FrameKey, _OnWire] = OrderedDict()  # in first-sent order
+        self._closed = False
+        self._generation = 0
+        self._error: PerceptionError | None = None
+        self.reconnects = 0
+        self.lost: list[SourceFrame] = []
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted frames not answered yet (queued or on the wire)."""
+        return len(self._queue) + len(self._on_wire)
+
+    @property
+    def error(self) -> PerceptionError | None:
+        """Why the session ended without answering everything (give-up or abort), else None."""
+        return self._error
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def finished(self) -> bool:
+        """Closed and every accepted frame answered: the session ended well."""
+        return self._closed and not self._queue and not self._on_wire
+
+    # -- caller side ---------------------------------------------------------------------
+
+    @property
+    def can_accept(self) -> bool:
+        """Whether ``accept`` would not have to wait: a free slot. A session that ended has
+        emptied its window, so a waiting sender wakes up and ``accept`` raises its error."""
+        return self.in_flight < self.window
+
+    def accept(self, frame: SourceFrame) -> None:
+        """Take a frame into the window. Raises the session's error once it ended, and
+        PerceptionError after ``close``; the caller waits for ``can_accept`` first.
+        InvalidInputError for a frame whose (camera_id, sequence) is already in flight."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise PerceptionError(f"{self.name}: send() after close()")
+        if self.in_flight >= self.window:
+            raise PerceptionError(f"{self.name}: window of {self.window} is full; wait for can_accept")
+        key = (frame.camera_id, frame.sequence)
+        # Answers name their frame by this key: a second frame under it could never be told apart.
+        if key in self._on_wire or any((f.camera_id, f.sequence) == key for f in self._queue):
+            raise InvalidInputError(f"{self.name}: frame {key} is already in flight")
+        self._queue.append(frame)
+
+    def close(self) -> None:
+        """No more frames; the session finishes when the accepted ones are answered."""
+        self._closed = True
+
+    def abort(self, error: PerceptionError) -> None:
+        """End now: every unanswered frame goes to ``lost``. An earlier error is kept."""
+        self._closed = True
+        if self._error is None:
+            self._error = error
+        self._give_up()
+
+    # -- connection side -----------------------------------------------------------------
+
+    def begin_connection(self) -> int | None:
+        """Start a connection: its generation, or None when there is nothing left to connect
+        for (finished, gave up or aborted)."""
+        if self._error is not None or self.finished:
+            return None
+        self._generation += 1
+        return self._generation
+
+    def end_connection(self) -> None:
+        """The connection is over (for whatever reason): its request stream must stop."""
+        self._generation += 1
+
+    def resend(self, now: float) -> list[SourceFrame]:
+        """The frames to write first on a new connection: those on the wire and unanswered,
+        in the order they were first sent. Their latency counts from ``now``."""
+        for entry in self._on_wire.values():
+            entry.sent = now
+        return [entry.frame for entry in self._on_wire.values()]
+
+    def has_work(self, generation: int) -> bool:
+        """Whether the request stream of ``generation`` can stop waiting: a frame is queued, or
+        the stream has to end (closed, its connection ended, the session ended)."""
+        return bool(self._queue) or self._closed or generation != self._generation or self._error is not None
+
+    def take(self, generation: int, now: float) -> SourceFrame | None:
+        """The next queued frame for the request stream of ``generation``, now on the wire; None
+        when that stream must end (its connection ended, the session ended, or closed and
+        drained: the half-close lets the server answer the rest). Call once ``has_work``."""
+        if generation != self._generation or self._error is not None:
+            return None
+        if not self._queue:
+            if not self._closed:
+                raise RuntimeError(f"{self.name}: take() with nothing queued; wait for has_work()")
+            return None
+        frame = self._queue.popleft()
+        self._on_wire[(frame.camera_id, frame.sequence)] = _OnWire(frame, now)
+        return frame
+
+    def answer(self, camera_id: str, sequence: int, now: float) -> Answered | None:
+        """The server answered (camera_id, sequence): its frame leaves the window. None for an
+        answer to a frame that is not on the wire (a duplicate of a re-sent frame): ignore it."""
+        entry = self._on_wire.pop((camera_id, int(sequence)), None)
+        if entry is None:
+            return None
+        # An answer proves the connection works: the next failure starts a new streak.
+        reconnected = self._backoff.attempts > 0
+        self._backoff.reset()
+        return Answered(entry.frame, (now - entry.sent) * 1e3, reconnected)
+
+    def after_failure(self, failure: PerceptionError, retryable: bool) -> AfterFailure:
+        """A connection failed with ``failure``: reconnect after a backoff delay, or give up
+        (not retryable, or ``max_attempts`` consecutive failures) with ``failure`` as the
+        session's error and the unanswered frames in ``lost``."""
+        if self._error is not None:
+            return AfterFailure(Next.STOP)
+        delay = self._backoff.next_delay() if retryable else None
+        if delay is None:
+            self._error = failure
+            self._give_up()
+            return AfterFailure(Next.GIVE_UP)
+        self.reconnects += 1
+        return AfterFailure(Next.RECONNECT, delay, first_of_streak=self._backoff.attempts == 1)
+
+    def stalled(self, now: float, timeout_s: float) -> bool:
+        """Whether the oldest frame on the wire has waited longer than ``timeout_s``: a hung
+        server sends no error, so only this shows the connection is dead."""
+        if not self._on_wire:
+            return False
+        oldest = next(iter(self._on_wire.values()))
+        return now - oldest.sent > timeout_s
+
+    def _give_up(self) -> None:
+        self.lost.extend(entry.frame for entry in self._on_wire.values())
+        self.lost.extend(self._queue)
+        self._on_wire.clear()
+        self._queue.clear()

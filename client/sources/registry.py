@@ -1,0 +1,89 @@
+"""Which reader opens a recording: the kind of a path, and one opener per kind.
+
+Imports point one way, ``registry -> readers -> base``: the readers know only the interface in
+base.py, and only this module knows the readers. A new recording format is a reader module,
+one ``SourceKind``, one ``OPENERS`` line and the rule in ``locate`` that recognises it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+from client.sources.bag_source import BagSource
+from client.sources.base import IMAGE_SUFFIXES, VIDEO_SUFFIXES, FrameSource, SourceOptions
+from client.sources.folder_source import FolderSource
+from client.sources.mcap_source import McapSource
+from client.sources.video_source import VideoFolderSource, VideoSource
+from perception.errors import DataError
+
+
+class SourceKind(Enum):
+    """The recording formats a replay reads."""
+
+    VIDEO = "video"
+    VIDEO_FOLDER = "video folder"
+    IMAGE_FOLDER = "image folder"
+    MCAP = "MCAP"
+    ROS_BAG = "ROS bag"
+
+
+Opener = Callable[[Path, SourceOptions], FrameSource]
+
+
+def _video_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def _open_video_folder(path: Path, options: SourceOptions) -> FrameSource:
+    return VideoFolderSource(path, options, _video_files(path))
+
+
+OPENERS: dict[SourceKind, Opener] = {
+    SourceKind.VIDEO: VideoSource,
+    SourceKind.VIDEO_FOLDER: _open_video_folder,
+    SourceKind.IMAGE_FOLDER: FolderSource,
+    SourceKind.MCAP: McapSource,
+    SourceKind.ROS_BAG: BagSource,
+}
+
+
+def locate(path: Path) -> tuple[SourceKind, Path]:
+    """The kind of the recording at an existing ``path`` and the path its reader opens (a ROS 2
+    bag is opened as its directory, also when given its .db3 / .mcap file). DataError for
+    anything else."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if (path / "metadata.yaml").is_file():
+            return SourceKind.ROS_BAG, path
+        # Videos and no image anywhere below: one camera per video file; otherwise image folders.
+        has_images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*"))
+        if _video_files(path) and not has_images:
+            return SourceKind.VIDEO_FOLDER, path
+        return SourceKind.IMAGE_FOLDER, path
+    if suffix == ".mcap":
+        if (path.parent / "metadata.yaml").is_file():
+            return SourceKind.ROS_BAG, path.parent
+        return SourceKind.MCAP, path
+    if suffix == ".db3":
+        return SourceKind.ROS_BAG, path.parent
+    if suffix == ".bag":
+        return SourceKind.ROS_BAG, path
+    if suffix in VIDEO_SUFFIXES:
+        return SourceKind.VIDEO, path
+    raise DataError(
+        f"{path}: unknown recording type {suffix!r}; expected a video ({', '.join(VIDEO_SUFFIXES)}), "
+        "an image folder, .mcap, .bag or a ROS 2 bag directory"
+    )
+
+
+def open_source(path: str | Path, options: SourceOptions | None = None) -> FrameSource:
+    """Open the reader for ``path``: a video file, a folder of videos (one per camera), an image
+    folder, an MCAP file, a ROS 1 bag (.bag) or a ROS 2 bag (a directory with metadata.yaml,
+    or its .db3 / .mcap)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    kind, where = locate(p)
+    return OPENERS[kind](where, options or SourceOptions())
