@@ -7,14 +7,18 @@ Benchmarks are not tests: they measure, they do not assert. Run one alone with
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
-from bench import bench_build, bench_client, bench_kernels, bench_server
+from bench import bench_build, bench_client, bench_kernels, bench_layouts, bench_server
 
-BENCHES = (
+# (title, the bench's main(argv) -> exit code, its arguments)
+BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = (
     ("build: INT8 / FP16 / pruned vs FP32 latency and mAP", bench_build.main, []),
-    ("server: loopback vs in-process, batching throughput, reduced decode, memory", bench_server.main, ["--duration-s", "60"]),
+    ("server: loopback vs in-process, batching throughput, reduced decode, memory", bench_server.main,
+     ["--duration-s", "60"]),
     ("client: unary vs stream windows, raw vs JPEG payloads", bench_client.main, []),
     ("kernels: reduced JPEG decode, numpy vs OpenCV NMS, INT8 U8 vs S8 activations", bench_kernels.main, []),
+    ("layouts: decode + NMS cost per frame of every output layout", bench_layouts.main, []),
 )
 
 

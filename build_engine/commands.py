@@ -12,4 +12,6 @@ COMMANDS = (
     Command("prune", "build_engine.prune_cli", "structured channel / block pruning with fine-tuning", 15),
     Command("build", "build_engine.build_cli",
             "fold BN, export ONNX, quantize, build engines, gate, write the manifest", 16),
+    Command("import", "build_engine.import_cli",
+            "make a servable, gated artifact of an ONNX detector trained elsewhere", 17),
 )

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from perception.pipeline import EVAL_SCORE_FLOOR, FramePipeline, file_frame
 from perception.types import Detections
 from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, open_backend
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,7 @@ def evaluate_variant(
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     backend: Backend | None = None,
+    priors: np.ndarray | None = None,
 ) -> VariantEval:
     """Run ``path`` on every val image through the frame pipeline; KPI + detections.
 
@@ -115,7 +120,7 @@ def evaluate_variant(
     from perception.kpi import evaluate_coco
 
     backend = backend if backend is not None else make_backend(path, threads, max(batch_size, 1))
-    pipeline = FramePipeline(pre, post, valset.class_names())
+    pipeline = FramePipeline(pre, post, valset.class_names(), priors=priors)
     cats = category_ids(valset.gt)
     ev = VariantEval(name)
     try:
@@ -123,12 +128,19 @@ def evaluate_variant(
         dets = pipeline.detect_files(valset.paths, backend.infer, batch_size=batch_size, progress=progress)
     finally:
         backend.deactivate()
-    for (image_id, _), d in zip(valset.images, dets):
+    for (image_id, _), d in zip(valset.images, dets, strict=True):
         ev.predictions += detections_to_results(d.boxes, d.scores, d.class_ids, image_id, cats)
         ev.detections.append(d.take(d.scores >= post.score_threshold))
     report = evaluate_coco(valset.gt, ev.predictions, score_threshold=post.score_threshold).to_dict()
     ev.metrics = {k: float(report[k]) for k in ("map50_95", "map50", "precision", "recall")}
     return ev
+
+
+def load_priors_of(post: PostprocessSpec, root: Path) -> np.ndarray | None:
+    """The prior boxes an ``ssd`` spec names, read from the artifact directory ``root``."""
+    from perception.pipeline import load_priors
+
+    return load_priors(root / post.priors.file) if post.priors is not None else None
 
 
 def latency_sample(valset: ValSet, pre: PreprocessSpec, post: PostprocessSpec) -> np.ndarray:
@@ -217,6 +229,15 @@ def gate_decision(
     return {"passed": all(ok for ok, _ in checks), "reason": "; ".join(reasons), **out}
 
 
+def _bar_progress(bar: tqdm[Any]) -> Callable[[int, int], None]:
+    """A ``(done, total)`` progress callback that moves ``bar`` to ``done``."""
+
+    def advance(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return advance
+
+
 def _verb(ok: bool) -> str:
     return "within" if ok else "outside"
 
@@ -243,6 +264,7 @@ def run_gate(
     reference: GateResult | None = None,
     factory: Callable[[str, Path], Backend] | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    priors: np.ndarray | None = None,
 ) -> dict[str, GateResult]:
     """Evaluate, time (round-robin) and judge ``variants`` (name -> model file).
 
@@ -261,7 +283,7 @@ def run_gate(
         with tqdm(total=len(valset.images), desc=f"gate {name}", unit="img", leave=False,
                   disable=not sys.stderr.isatty()) as bar:
             evals[name] = evaluate_variant(name, path, valset, pre, post, threads=threads, backend=backend,
-                                           progress=lambda done, _total: bar.update(done - bar.n))
+                                           priors=priors, progress=_bar_progress(bar))
     progress(f"gate: timing {len(variants)} variants round-robin ({runs} runs, batch 1)")
     # Timed on the backend alone: decode and letterbox cost the same for every variant.
     sample = latency_sample(valset, pre, post)

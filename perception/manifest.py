@@ -99,11 +99,29 @@ class PreprocessSpec:
 
 
 @dataclass(frozen=True)
+class Priors:
+    """An SSD's prior boxes: a ``.npy`` file of (N, 4) float32 ``cx, cy, w, h`` normalised to
+    0..1 of the model input, and the two variances its box offsets are scaled by."""
+
+    file: str
+    sha256: str
+    variances: tuple[float, float] = (0.1, 0.2)
+
+    def __post_init__(self) -> None:
+        check_relative(self.file, "priors")
+        _check_sha(self.sha256, f"priors {self.file}")
+        if len(self.variances) != 2 or not all(v > 0 for v in self.variances):
+            raise ManifestError(f"priors: two positive variances needed, got {self.variances}")
+
+
+@dataclass(frozen=True)
 class PostprocessSpec:
     """How to read the outputs, and the NMS defaults requests may override.
 
     output_layout: a registered layout name (``yolo_obj``, ...). outputs: role -> model output
     name, for models whose output names the layout cannot match on its own (empty: match).
+    priors: an ``ssd`` model's prior boxes when its boxes are raw offsets. class_offset: what
+    to subtract from a post-NMS model's class ids (1 when its class 0 is the background).
     """
 
     output_layout: str = "yolo_obj"
@@ -113,8 +131,16 @@ class PostprocessSpec:
     pre_nms_topk: int = 1000
     class_agnostic: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
+    priors: Priors | None = None
+    class_offset: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.priors, dict):
+            object.__setattr__(self, "priors", Priors(**_tuple_fields(self.priors, ("variances",))))
+        if self.priors is not None and self.output_layout != "ssd":
+            raise ManifestError(f"priors only apply to the ssd layout, not {self.output_layout}")
+        if not 0 <= self.class_offset <= 1:
+            raise ManifestError(f"class_offset must be 0 or 1, got {self.class_offset}")
         if self.output_layout not in DECODERS:
             raise ManifestError(f"unknown output_layout {self.output_layout!r}; known: {sorted(DECODERS)}")
         if not 0.0 <= self.score_threshold <= 1.0 or not 0.0 < self.iou_threshold <= 1.0:
@@ -483,6 +509,12 @@ def load_manifest(path: str | os.PathLike[str], verify_checksums: bool = True) -
         raise ManifestError(f"{p}: {exc}") from exc
     if verify_checksums:
         assert manifest.root is not None
+        priors = manifest.postprocess.priors
+        if priors is not None:
+            try:
+                check_file(manifest.root, priors.file, priors.sha256, "priors")
+            except ManifestError as exc:
+                raise ManifestError(f"{p}: {exc}") from exc
         for v in manifest.variants:
             for name, sha in v.files().items():
                 try:

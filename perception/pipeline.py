@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from perception.decode import decode_encoded, decode_raw, reduction_factor
 from perception.errors import DataError, InvalidInputError, ModelError
-from perception.layouts import TensorInfo, decoder_for
+from perception.layouts import DecodeContext, TensorInfo, decoder_for
 from perception.letterbox import Letterbox
 from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec
 from perception.postprocess import PostprocessOptions, merge_options, postprocess
@@ -101,6 +102,19 @@ class Prepared:
     preprocess_s: float
 
 
+def load_priors(path: Path) -> NDArray[np.float32]:
+    """An SSD's prior boxes, (N, 4) float32 cx cy w h normalised; ManifestError if malformed."""
+    from perception.errors import ManifestError
+
+    try:
+        priors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: cannot read prior boxes: {exc}") from exc
+    if priors.ndim != 2 or priors.shape[1] != 4 or not np.all(np.isfinite(priors)):
+        raise ManifestError(f"{path}: prior boxes must be a finite (N, 4) array, got {priors.shape}")
+    return np.asarray(priors, np.float32)
+
+
 def file_frame(path: Path, sequence: int = 0, camera_id: str = "file") -> FrameInput:
     """An image file as the server receives it from ``perception replay``: its encoded bytes."""
     try:
@@ -125,6 +139,7 @@ class FramePipeline:
         postprocess: PostprocessSpec,
         classes: Sequence[str],
         reduced_decode: bool = True,
+        priors: NDArray[np.float32] | None = None,
     ) -> None:
         self.spec = preprocess
         self.postprocess = postprocess
@@ -132,10 +147,16 @@ class FramePipeline:
         self.reduced_decode = reduced_decode
         self.decoder = decoder_for(postprocess.output_layout)
         self._roles: dict[str, str] | None = None  # role -> output name, once bound
+        variances = postprocess.priors.variances if postprocess.priors is not None else (0.1, 0.2)
+        self.context = DecodeContext(preprocess.input_width, preprocess.input_height, priors, variances,
+                                     postprocess.class_offset)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, reduced_decode: bool = True) -> FramePipeline:
-        return cls(manifest.preprocess, manifest.postprocess, manifest.classes, reduced_decode)
+        priors = None
+        if manifest.postprocess.priors is not None:
+            priors = load_priors(manifest.path_of(manifest.postprocess.priors.file))
+        return cls(manifest.preprocess, manifest.postprocess, manifest.classes, reduced_decode, priors)
 
     @property
     def num_classes(self) -> int:
@@ -211,7 +232,7 @@ class FramePipeline:
         """One frame's model outputs (name -> array without the batch axis) -> detections in
         source pixels."""
         det = postprocess(self._role_arrays(outputs), prepared.letterbox, prepared.options, self.decoder,
-                          self.num_classes)
+                          self.num_classes, self.context)
         lb = prepared.letterbox
         if len(det) and (lb.src_w, lb.src_h) != (prepared.image_width, prepared.image_height):
             boxes = det.boxes.copy()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from perception.errors import InvalidInputError
-from perception.layouts.base import LayoutDecoder, RoleArrays
+from perception.layouts.base import DecodeContext, LayoutDecoder, RoleArrays
 from perception.letterbox import Letterbox, boxes_to_source
 from perception.manifest import PostprocessSpec
 from perception.nms import batched_nms
@@ -65,13 +65,14 @@ def merge_options(
 
 
 def postprocess(
-    outputs: RoleArrays, letterbox: Letterbox, options: PostprocessOptions, decoder: LayoutDecoder, num_classes: int
+    outputs: RoleArrays, letterbox: Letterbox, options: PostprocessOptions, decoder: LayoutDecoder, num_classes: int,
+    ctx: DecodeContext | None = None,
 ) -> Detections:
     """Detections of one image in source pixels, clipped, sorted by score, at most max_detections.
 
     outputs: this image's outputs by the decoder's roles (batch axis taken off).
     """
-    cand = decoder.candidates(outputs, options, num_classes)
+    cand = decoder.candidates(outputs, options, num_classes, ctx)
     if len(cand) == 0:
         return cand
     if decoder.applies_nms:

@@ -8,8 +8,9 @@ pixels. Whether the pipeline still runs its own NMS afterwards is the decoder's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,7 +45,9 @@ class LayoutDecoder(Protocol):
         Raises ModelError naming the tensor and shape when the outputs do not fit."""
         ...
 
-    def candidates(self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int) -> Detections:
+    def candidates(
+        self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int, ctx: DecodeContext | None = None
+    ) -> Detections:
         """One image's candidates in model-input pixels, cut by threshold, class filter and
         pre-NMS top-k (or, for a post-NMS layout, the final detections before mapping back)."""
         ...
@@ -86,3 +89,40 @@ def top_candidates(
         return Detections.empty()
     return Detections(np.asarray(boxes[idx], np.float32).reshape(-1, 4), np.asarray(scores[idx], np.float32),
                       np.asarray(class_ids[idx], np.int64))
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    """What a decoder may need besides the outputs: the model's input size, and for an SSD
+    with raw box offsets its prior boxes ``(N, 4)`` (cx, cy, w, h normalised to 0..1) and the
+    two variances; ``class_offset`` is subtracted from a post-NMS model's class ids (1 for a
+    torchvision-style export whose class 0 is the background)."""
+
+    input_width: int
+    input_height: int
+    priors: NDArray[np.float32] | None = None
+    variances: tuple[float, float] = (0.1, 0.2)
+    class_offset: int = 0
+
+
+def find_output(
+    layout: str, role: str, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], names: Sequence[str],
+    taken: set[str],
+) -> TensorInfo | None:
+    """The output playing ``role``: the explicitly mapped one, else the first of the family's
+    usual ``names`` present (case-insensitive), else None (the caller matches by shape)."""
+    by_name = {o.name: o for o in outputs}
+    if role in mapping:
+        if mapping[role] not in by_name:
+            raise ModelError(f"layout {layout}: output {mapping[role]!r} mapped to {role!r} is not one of "
+                             f"{list(by_name)}")
+        return by_name[mapping[role]]
+    lower = {o.name.lower(): o for o in outputs if o.name not in taken}
+    for n in names:
+        if n.lower() in lower:
+            return lower[n.lower()]
+    return None
+
+
+def describe(outputs: Sequence[TensorInfo]) -> str:
+    return ", ".join(f"{o.name} {list(o.shape)} {o.dtype}" for o in outputs)

@@ -7,8 +7,9 @@ factory only picks a name whose first provider the installed onnxruntime build o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -64,6 +65,7 @@ class OnnxRuntimeBackend:
         self._input_name = ""
         self._outputs: tuple[TensorInfo, ...] = ()
         self._static_batch = 0  # > 0 when the model's batch dimension is fixed
+        self._single_image = False  # the model takes one (3, H, W) image and has no batch axis
         self.name = "onnxruntime"
 
     @property
@@ -109,7 +111,13 @@ class OnnxRuntimeBackend:
         first = self._session.get_inputs()[0]
         self._input_name = first.name
         batch_dim = first.shape[0] if first.shape else None
-        if isinstance(batch_dim, int) and batch_dim > 0:
+        if first.shape is not None and len(first.shape) == 3:
+            # A single-image export (torchvision-style two-stage models): one image per run;
+            # its outputs are given a batch axis so that every layout sees (B, ...).
+            self._single_image = True
+            self._max_batch = 1
+            self._outputs = tuple(TensorInfo(o.name, (1, *o.shape), o.dtype) for o in self._outputs)
+        elif isinstance(batch_dim, int) and batch_dim > 0:
             # A fixed-batch export: serve up to that batch, padding smaller ones.
             self._static_batch = batch_dim
             self._max_batch = batch_dim
@@ -120,6 +128,11 @@ class OnnxRuntimeBackend:
         if self._session is None:
             raise ModelError("backend is not activated")
         x = np.ascontiguousarray(batch, dtype=np.float32)
+        if self._single_image:
+            parts = [self._run(x[i]) for i in range(x.shape[0])]
+            if len(parts) != 1:
+                raise ModelError(f"a single-image model got a batch of {len(parts)}")
+            return {name: out[None] for name, out in parts[0].items()}
         if not self._static_batch:
             return self._run(x)
         # A fixed-batch export runs in chunks of exactly its batch, the last one zero-padded.

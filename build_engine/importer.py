@@ -1,0 +1,278 @@
+"""``perception import``: a detector trained elsewhere, as an artifact this project can serve.
+
+The ONNX model is checked (it loads, its input size is known, its outputs fit the declared
+layout and the class list) and copied into a staging directory beside ``--out``. Without data,
+the artifact has the FP32 model only and says that nothing was measured. With labelled data
+(COCO or YOLO), the same build steps as ``perception build`` follow: FP16 and calibrated INT8
+variants, every variant scored through the one frame pipeline with the project's KPI, timed
+round-robin, gated against FP32, and the fastest variant that passed becomes the default. The
+manifest is written once and the directory moved into place whole: a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from build_engine.gate import ValSet
+from build_engine.thresholds import GateThresholds
+from perception.errors import ConfigError, DataError, ManifestError, ModelError
+from perception.layouts import DECODERS, TensorInfo
+from perception.manifest import (
+    Calibration,
+    Manifest,
+    PostprocessSpec,
+    Precision,
+    PreprocessSpec,
+    Priors,
+    Variant,
+    save_manifest,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    onnx: Path
+    layout: str
+    classes: Path
+    out: Path
+    input_size: tuple[int, int] | None = None  # (width, height) when the model's is dynamic
+    data: Path | None = None
+    color_order: str = "RGB"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    letterbox: bool = True
+    outputs: dict[str, str] = field(default_factory=dict)  # role -> output name
+    priors: Path | None = None
+    variances: tuple[float, float] = (0.1, 0.2)
+    class_offset: int = 0
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.5
+    max_detections: int = 100
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    calibrator: str = "minmax"
+    calib_images: int = 48
+    val_images: int = 300
+    latency_runs: int = 30
+    threads: int = 2
+    max_batch: int = 8
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.layout not in DECODERS:
+            raise ConfigError(f"unknown layout {self.layout!r}; choose one of {sorted(DECODERS)}")
+        if self.priors is not None and self.layout != "ssd":
+            raise ConfigError("--priors only applies to --layout ssd")
+
+
+def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
+    """(model proto, (width, height) of its image input if fixed, its fixed batch if any).
+    ModelError in one line if the file is not a usable ONNX model."""
+    import onnx
+
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends, untyped
+        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) not in (3, 4) or (dims[-3] not in (3, None)):
+        raise ModelError(f"{path}: input {inputs[0].name!r} has shape {dims}; expected (B, 3, H, W) or (3, H, W)")
+    h, w = dims[-2], dims[-1]
+    batch = dims[0] if len(dims) == 4 and dims[0] else None
+    return proto, ((int(w), int(h)) if h and w else None), batch
+
+
+def probe_outputs(path: Path) -> tuple[TensorInfo, ...]:
+    """The model's outputs as the server's runtime reports them."""
+    from server.runtime.factory import RuntimeSettings, open_backend
+
+    backend = open_backend(path, RuntimeSettings(threads=1, max_batch=1))
+    try:
+        return backend.outputs
+    finally:
+        backend.deactivate()
+
+
+def load_valset(data: Path, classes: tuple[str, ...], limit: int) -> ValSet:
+    """Labelled images (a COCO JSON file, or a COCO / YOLO dataset folder) as a ValSet whose
+    category ids, in order, are the model's classes."""
+    from build_engine.data.formats import read_labelled_set, samples_to_coco
+
+    if data.suffix.lower() == ".json" and data.is_file():
+        vs = _coco_json_valset(data, limit)
+    else:
+        ds = read_labelled_set(data)
+        samples = ds.samples[:limit]
+        gt = samples_to_coco(samples, ds.classes, ds.root)
+        vs = ValSet(ds.root, gt, tuple((s.image_id, s.file) for s in samples))
+    names = vs.class_names()
+    if len(names) != len(classes):
+        raise DataError(f"{data}: the data has {len(names)} categories {names}, the class list {len(classes)}")
+    if not vs.images:
+        raise DataError(f"{data}: no images")
+    return vs
+
+
+def _coco_json_valset(path: Path, limit: int) -> ValSet:
+    from perception.coco import load_coco
+
+    ds = load_coco(path)
+    ids = sorted(ds.images)[:limit]
+    images = []
+    for i in ids:
+        name = ds.images[i].file_name
+        for cand in (path.parent / name, path.parent / "images" / name):
+            if cand.is_file():
+                images.append((i, cand))
+                break
+        else:
+            raise DataError(f"{path}: image {name!r} (id {i}) is neither beside the JSON nor in images/")
+    keep = set(ids)
+    gt = dict(ds.raw)
+    gt["images"] = [im for im in ds.raw["images"] if im["id"] in keep]
+    gt["annotations"] = [a for a in ds.raw.get("annotations", []) if a["image_id"] in keep]
+    return ValSet(path.parent, gt, tuple(images))
+
+
+def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path:
+    """Import ``opts.onnx``; return the manifest path. Raises ConfigError / DataError /
+    ModelError / ManifestError in one line; ``opts.out`` is untouched on failure."""
+    import onnx
+
+    from build_engine.build import library_versions, replace_dir, staging_dir
+    from build_engine.data.formats import read_classes
+
+    proto, size, batch = read_onnx(opts.onnx)
+    if size is None and opts.input_size is None:
+        raise ConfigError(f"{opts.onnx}: the input height/width are dynamic; pass --input-size WxH")
+    if size is not None and opts.input_size is not None and size != opts.input_size:
+        raise ConfigError(f"{opts.onnx}: the model's input is {size[0]}x{size[1]}, not --input-size "
+                          f"{opts.input_size[0]}x{opts.input_size[1]}")
+    width, height = size or opts.input_size  # type: ignore[misc]  # one of them is set (checked above)
+    classes = read_classes(opts.classes)
+    # Bad data is refused before anything is written or run.
+    valset = load_valset(opts.data, classes, opts.val_images) if opts.data is not None else None
+    pre = PreprocessSpec(width, height, letterbox=opts.letterbox, color_order=opts.color_order, scale=opts.scale,
+                         mean=opts.mean, std=opts.std)
+    staging = staging_dir(opts.out)
+    try:
+        src = staging / "model.fp32.onnx"
+        onnx.save(proto, str(src))
+        priors = None
+        if opts.priors is not None:
+            priors = _stage_priors(opts.priors, staging, opts.variances)
+        post = PostprocessSpec(output_layout=opts.layout, score_threshold=opts.score_threshold,
+                               iou_threshold=opts.iou_threshold, max_detections=opts.max_detections,
+                               outputs=dict(opts.outputs), priors=priors, class_offset=opts.class_offset)
+        outputs = probe_outputs(src)
+        roles = DECODERS[opts.layout].bind(outputs, post.outputs, len(classes))
+        progress(f"outputs bound as {opts.layout}: " + ", ".join(f"{r}={n}" for r, n in roles.items()))
+        max_batch = min(opts.max_batch, batch or opts.max_batch)
+        input_shape = (batch or -1, 3, height, width)
+        if valset is None:
+            variants = (Variant("fp32", src.name, Precision.FP32, sha256_file(src), input_shape=input_shape,
+                                max_batch=max_batch, gate={"passed": True, "reason": "not measured: imported without "
+                                                           "--data (no accuracy, latency or parity measured)"}),)
+            progress("no --data: FP32 only, nothing measured")
+        else:
+            variants = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch, progress)
+        passed = [v for v in variants if v.passed]
+        default = min(passed, key=lambda v: v.latency_ms.get("min", float("inf"))).name if passed else "fp32"
+        manifest = Manifest(
+            name=opts.name or opts.onnx.stem, version=f"imported+{sha256_file(opts.onnx)[:8]}", classes=classes,
+            preprocess=pre, postprocess=post, variants=tuple(variants), default_variant=default,
+            architecture="imported",
+            provenance={"imported_from": {"file": opts.onnx.name, "sha256": sha256_file(opts.onnx)},
+                        "data": str(opts.data) if opts.data else None, "libraries": library_versions()},
+        )
+        save_manifest(manifest, staging)
+        replace_dir(staging, opts.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(opts.out) / "manifest.json"
+
+
+def _stage_priors(path: Path, staging: Path, variances: tuple[float, float]) -> Priors:
+    from perception.pipeline import load_priors
+
+    arr = load_priors(path)  # validates shape and values
+    dst = staging / "priors.npy"
+    np.save(dst, arr)
+    return Priors(dst.name, sha256_file(dst), variances)
+
+
+def _measured_variants(
+    opts: ImportOptions, valset: ValSet, src: Path, staging: Path, pre: PreprocessSpec, post: PostprocessSpec,
+    input_shape: tuple[int, ...], max_batch: int, progress: Progress,
+) -> list[Variant]:
+    from build_engine import gate as g
+    from build_engine.calibration import ImageCalibrationReader, calibration_set_hash
+    from build_engine.quantize import convert_fp16, quantize_int8
+
+    calib = [p for _, p in valset.images[: opts.calib_images]]
+    files: dict[str, tuple[Path, Precision, Calibration | None]] = {"fp32": (src, Precision.FP32, None)}
+    skipped: dict[str, str] = {}
+    if "fp16" in opts.precisions:
+        try:
+            files["fp16"] = (convert_fp16(src, staging / "model.fp16.onnx"), Precision.FP16, None)
+        except (ModelError, ValueError, RuntimeError) as exc:
+            skipped["fp16"] = f"FP16 conversion failed: {exc}"
+    if "int8" in opts.precisions:
+        progress(f"calibrating INT8 ({opts.calibrator}) on {len(calib)} images through the frame pipeline")
+        try:
+            q = quantize_int8(src, staging / "model.int8.onnx", ImageCalibrationReader(calib, pre), opts.calibrator)
+            files["int8"] = (q.path, Precision.INT8, Calibration(q.calibrator, calibration_set_hash(calib),
+                                                                 tuple(q.excluded_nodes)))
+        except (ModelError, ValueError, RuntimeError) as exc:
+            skipped["int8"] = f"INT8 quantization failed: {exc}"
+    for name, why in skipped.items():
+        progress(f"skipping {name}: {why}")
+    gates = GateThresholds()
+    limits = {n: gates.limits("base", p) for n, (_, p, _) in files.items()}
+    priors = g.load_priors_of(post, staging)
+    results = g.run_gate({n: f[0] for n, f in files.items()}, limits, valset, pre, post, opts.latency_runs,
+                         opts.threads, progress=progress, priors=priors)
+    out = []
+    for name, (path, precision, cal) in files.items():
+        r = results[name]
+        out.append(Variant(name, path.name, precision, sha256_file(path), input_shape=input_shape,
+                           max_batch=max_batch, parent="" if name == "fp32" else "fp32", calibration=cal,
+                           metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate))
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WxH`` -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--input-size must be WxH, e.g. 640x640, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ConfigError(f"--input-size must be positive, got {text!r}")
+    return w, h
+
+
+def check_manifest_dir(path: Path) -> None:
+    """Refuse to import over something that is not a previous artifact."""
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").is_file())):
+        raise ManifestError(f"{path}: exists and is not an artifact directory; choose another --out")
+
+
+__all__ = ["ImportOptions", "check_manifest_dir", "load_valset", "parse_size", "read_onnx", "run_import"]

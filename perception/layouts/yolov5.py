@@ -1,0 +1,49 @@
+"""``yolov5``: the YOLOv5-family export (also YOLOv7 and the like).
+
+One output ``(B, N, 5 + C)``: ``cx, cy, w, h`` in model-input pixels, objectness, then per-class
+scores, both already through a sigmoid. score = objectness x the best class's score.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from perception.boxes import cxcywh_to_xyxy
+from perception.errors import ModelError
+from perception.layouts.base import DecodeContext, RoleArrays, TensorInfo, describe, find_output, static_dim
+from perception.layouts.yolo_obj import objectness_candidates
+from perception.options import PostprocessOptions
+from perception.types import Detections
+
+# What the family's exporters name the output.
+NAMES = ("output0", "output", "predictions")
+
+
+class YoloV5:
+    name = "yolov5"
+    roles = ("predictions",)
+    applies_nms = True
+
+    def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
+        info = find_output(self.name, "predictions", outputs, mapping, NAMES, set())
+        if info is None:
+            rank3 = [o for o in outputs if len(o.shape) == 3]
+            if len(rank3) != 1:
+                raise ModelError(f"layout {self.name} reads one (B, N, 5 + C) output; the model has "
+                                 f"{describe(outputs)}: map it explicitly (predictions=NAME)")
+            info = rank3[0]
+        last = static_dim(info, -1)
+        if len(info.shape) != 3 or (last is not None and last != 5 + num_classes):
+            raise ModelError(f"layout {self.name}: output {info.name!r} has shape {list(info.shape)}, "
+                             f"expected (B, N, {5 + num_classes}) for {num_classes} classes")
+        return {"predictions": info.name}
+
+    def candidates(
+        self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int, ctx: DecodeContext | None = None
+    ) -> Detections:
+        out = np.asarray(outputs["predictions"], np.float32)
+        if out.ndim != 2 or out.shape[1] != 5 + num_classes:
+            raise ModelError(f"layout {self.name}: expected one image's output (N, {5 + num_classes}), got {out.shape}")
+        return objectness_candidates(out, cxcywh_to_xyxy(out[:, :4]), options)

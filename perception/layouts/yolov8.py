@@ -1,0 +1,66 @@
+"""``yolov8``: the YOLOv8 / YOLO11-family export.
+
+One output ``(B, 4 + C, N)``, channel-first as that family exports it: ``cx, cy, w, h`` in
+model-input pixels, then per-class scores (already through a sigmoid); no objectness.
+score = the best class's score.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from perception.boxes import cxcywh_to_xyxy
+from perception.errors import ModelError
+from perception.layouts.base import (
+    DecodeContext,
+    RoleArrays,
+    TensorInfo,
+    describe,
+    find_output,
+    static_dim,
+    top_candidates,
+)
+from perception.options import PostprocessOptions
+from perception.types import Detections
+
+NAMES = ("output0", "output", "predictions")
+
+
+class YoloV8:
+    name = "yolov8"
+    roles = ("predictions",)
+    applies_nms = True
+
+    def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
+        info = find_output(self.name, "predictions", outputs, mapping, NAMES, set())
+        if info is None:
+            rank3 = [o for o in outputs if len(o.shape) == 3]
+            if len(rank3) != 1:
+                raise ModelError(f"layout {self.name} reads one (B, 4 + C, N) output; the model has "
+                                 f"{describe(outputs)}: map it explicitly (predictions=NAME)")
+            info = rank3[0]
+        channels = static_dim(info, 1)
+        if len(info.shape) != 3 or (channels is not None and channels != 4 + num_classes):
+            raise ModelError(f"layout {self.name}: output {info.name!r} has shape {list(info.shape)}, "
+                             f"expected (B, {4 + num_classes}, N) for {num_classes} classes")
+        return {"predictions": info.name}
+
+    def candidates(
+        self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int, ctx: DecodeContext | None = None
+    ) -> Detections:
+        out = np.asarray(outputs["predictions"], np.float32)
+        if out.ndim != 2 or out.shape[0] != 4 + num_classes:
+            raise ModelError(f"layout {self.name}: expected one image's output ({4 + num_classes}, N), got {out.shape}")
+        cls = out[4:]
+        if options.class_filter:
+            mask = np.zeros(num_classes, bool)
+            mask[list(options.class_filter)] = True
+            cls = np.where(mask[:, None], cls, 0.0)
+        cls_id = cls.argmax(axis=0)
+        scores = cls[cls_id, np.arange(cls.shape[1])]
+        idx = np.flatnonzero(scores >= options.score_threshold)
+        if idx.size == 0:
+            return Detections.empty()
+        return top_candidates(cxcywh_to_xyxy(out[:4, idx].T), scores[idx], cls_id[idx], options)

@@ -1,0 +1,318 @@
+"""``perception import`` and every output layout, end to end: small detectors of each family's
+layout, written here as torch modules with planted outputs (so the right answer is known
+exactly), exported to ONNX, imported, served by a real server on a loopback port and called
+over gRPC; the boxes must come back in source pixels within 1 px for frames of several sizes
+and aspect ratios."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from perception.cli import main as cli
+from perception.manifest import load_manifest
+from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
+from server.app import create_server
+from server.config import ServerConfig
+
+W, H = 320, 256  # model input
+CLASSES = ("car", "truck", "pedestrian")
+# The planted detection, in model-input pixels: class "truck" (1), score 0.8.
+BOX = (128.0, 112.0, 192.0, 144.0)
+CLS, SCORE = 1, 0.8
+FRAMES = ((640, 512), (1280, 720), (300, 400), (1920, 1080))
+
+
+def _cxcywh() -> list[float]:
+    x1, y1, x2, y2 = BOX
+    return [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+
+
+class Planted(nn.Module):
+    """Returns fixed tensors (plus 0 x the input, so the graph depends on it)."""
+
+    def __init__(self, *outputs: torch.Tensor) -> None:
+        super().__init__()
+        self.outs = [nn.Parameter(o, requires_grad=False) for o in outputs]
+        for i, o in enumerate(self.outs):
+            self.register_parameter(f"o{i}", o)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        zero = x.mean() * 0
+        outs = tuple(o + zero.to(o.dtype) if o.is_floating_point() else o + zero.to(torch.int64).to(o.dtype)
+                     for o in self.outs)
+        return outs if len(outs) > 1 else outs[0]
+
+
+def yolov5_model() -> Planted:
+    out = torch.zeros(1, 4, 5 + len(CLASSES))
+    out[0, :, :4] = torch.tensor([[10.0, 10.0, 4.0, 4.0]] * 4)  # decoys with no objectness
+    out[0, 2, :4] = torch.tensor(_cxcywh())
+    out[0, 2, 4] = 1.0
+    out[0, 2, 5:] = torch.tensor([0.1, SCORE, 0.05])
+    return Planted(out)
+
+
+def yolov8_model() -> Planted:
+    out = torch.zeros(1, 4 + len(CLASSES), 5)
+    out[0, :4, 3] = torch.tensor(_cxcywh())
+    out[0, 4:, 3] = torch.tensor([0.1, SCORE, 0.05])
+    return Planted(out)
+
+
+def ssd_model(offsets: bool) -> Planted:
+    n = 6
+    boxes = torch.zeros(1, n, 4)
+    scores = torch.zeros(1, n, len(CLASSES) + 1)
+    scores[0, :, 0] = 1.0  # background everywhere ...
+    scores[0, 4] = torch.tensor([0.1, 0.05, SCORE, 0.05])  # ... but prior 4 is a truck
+    if not offsets:
+        x1, y1, x2, y2 = BOX
+        boxes[0, 4] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H])
+    return Planted(boxes, scores)
+
+
+def priors() -> np.ndarray:
+    p = np.tile(np.array([[0.1, 0.1, 0.05, 0.05]], np.float32), (6, 1))
+    cx, cy, w, h = _cxcywh()
+    p[4] = [cx / W, cy / H, w / W, h / H]
+    return p
+
+
+def nms_model() -> Planted:
+    k = 5
+    boxes = torch.zeros(1, k, 4)
+    boxes[0, 0] = torch.tensor(BOX)
+    boxes[0, 1] = torch.tensor([0.0, 0.0, 10.0, 10.0])  # past num_dets: must be ignored
+    scores = torch.zeros(1, k)
+    scores[0, :2] = torch.tensor([SCORE, 0.99])
+    classes = torch.zeros(1, k, dtype=torch.int32)
+    classes[0, 0] = CLS
+    return Planted(torch.tensor([[1]], dtype=torch.int32), boxes, scores, classes)
+
+
+class TorchvisionStyle(nn.Module):
+    """A single-image export: input (3, H, W), outputs boxes (K, 4), scores (K,), labels (K,)
+    with class 0 the background (so labels are class + 1)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zero = x.mean() * 0
+        boxes = torch.tensor([BOX]) + zero
+        return boxes, torch.tensor([SCORE]) + zero, torch.tensor([CLS + 1], dtype=torch.int64)
+
+
+MODELS: dict[str, tuple[str, Any, list[str], dict[str, Any]]] = {
+    # name: (layout, model factory, output names, export kwargs)
+    "yolov5": ("yolov5", yolov5_model, ["output0"], {"dynamic_axes": {"images": {0: "batch"}, "output0": {0: "batch"}}}),
+    "yolov8": ("yolov8", yolov8_model, ["output0"], {}),
+    "ssd": ("ssd", lambda: ssd_model(False), ["boxes", "scores"], {}),
+    "ssd_priors": ("ssd", lambda: ssd_model(True), ["bbox_regression", "cls_probs"], {}),
+    "nms": ("nms_detections", nms_model, ["num_dets", "det_boxes", "det_scores", "det_classes"], {}),
+    "torchvision": ("nms_detections", TorchvisionStyle, ["boxes", "scores", "labels"], {}),
+}
+
+
+def export(name: str, path: Path) -> Path:
+    layout, make, names, kw = MODELS[name]
+    dummy = torch.zeros(3, H, W) if name == "torchvision" else torch.zeros(1, 3, H, W)
+    torch.onnx.export(make().eval(), (dummy,), str(path), dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=names, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("import")
+    (d / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    np.save(d / "priors.npy", priors())
+    return d
+
+
+def import_model(work: Path, name: str, *extra: str) -> Path:
+    layout = MODELS[name][0]
+    onnx_path = export(name, work / f"{name}.onnx")
+    out = work / f"art_{name}"
+    args = ["import", "--onnx", str(onnx_path), "--layout", layout, "--classes", str(work / "classes.txt"),
+            "--out", str(out), *extra]
+    if name == "ssd_priors":
+        args += ["--priors", str(work / "priors.npy"), "--map", "boxes=bbox_regression", "--map", "scores=cls_probs"]
+    if name == "torchvision":
+        args += ["--class-offset", "1"]
+    assert cli(args) == 0
+    return out / "manifest.json"
+
+
+def expected(frame_w: int, frame_h: int) -> np.ndarray:
+    """The planted box in source pixels, worked out by hand from the letterbox definition."""
+    scale = min(W / frame_w, H / frame_h)
+    new_w, new_h = round(frame_w * scale), round(frame_h * scale)
+    pad_x, pad_y = (W - new_w) // 2, (H - new_h) // 2
+    x1, y1, x2, y2 = BOX
+    return np.array([(x1 - pad_x) * frame_w / new_w, (y1 - pad_y) * frame_h / new_h,
+                     (x2 - pad_x) * frame_w / new_w, (y2 - pad_y) * frame_h / new_h])
+
+
+def jpeg(w: int, h: int) -> bytes:
+    img = np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    started: list[Any] = []
+
+    def start(manifest: Path) -> tuple[pb_grpc.DetectorStub, str]:
+        srv, port = create_server(ServerConfig(model=str(manifest), host="127.0.0.1", port=0, metrics_port=0,
+                                               threads=1, warmup_iters=1, grace_s=1.0), CollectorRegistry())
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        started.append((srv, ch))
+        return pb_grpc.DetectorStub(ch), f"127.0.0.1:{port}"
+
+    yield start
+    for srv, ch in started:
+        ch.close()
+        srv.shutdown(1.0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_layout_serves_boxes_in_source_pixels(work: Path, server: Any, name: str) -> None:
+    manifest = import_model(work, name)
+    m = load_manifest(manifest)
+    assert m.postprocess.output_layout == MODELS[name][0] and m.architecture == "imported"
+    assert [v.name for v in m.variants] == ["fp32"] and "not measured" in m.variant().gate["reason"]
+    stub, _ = server(manifest)
+    for fw, fh in FRAMES:
+        frame = pb.Frame(camera_id="cam", sequence=fw, encoded=jpeg(fw, fh))
+        resp = stub.Detect(pb.DetectRequest(frame=frame), timeout=30)
+        assert resp.status == pb.FRAME_STATUS_OK, resp.message
+        assert [(d.class_id, d.class_name) for d in resp.detections] == [(CLS, "truck")], (name, fw, fh)
+        d = resp.detections[0]
+        np.testing.assert_allclose([d.box.x1, d.box.y1, d.box.x2, d.box.y2], expected(fw, fh), atol=1.0)
+        assert d.score == pytest.approx(SCORE * (1.0 if name != "yolov5" else 1.0), abs=1e-5)
+    # Request options still apply to every layout: a threshold above the score, a class filter.
+    frame = pb.Frame(camera_id="cam", sequence=1, encoded=jpeg(640, 512))
+    high = stub.Detect(pb.DetectRequest(frame=frame, options=pb.DetectOptions(score_threshold=0.9)), timeout=30)
+    other = stub.Detect(pb.DetectRequest(frame=frame, options=pb.DetectOptions(class_filter=[0, 2])), timeout=30)
+    assert len(high.detections) == 0 and len(other.detections) == 0
+
+
+def test_import_refuses_bad_input_in_one_line_and_writes_nothing(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    onnx_path = export("yolov8", work / "refuse.onnx")
+    out = work / "refused"
+    base = ["import", "--onnx", str(onnx_path), "--classes", str(work / "classes.txt"), "--out", str(out)]
+    not_onnx = work / "not.onnx"
+    not_onnx.write_bytes(b"\x00garbage")
+    four = work / "four.txt"
+    four.write_text("a\nb\nc\nd\n")
+    empty = work / "empty_data"
+    empty.mkdir(exist_ok=True)
+    cases = [
+        (["import", "--onnx", str(not_onnx), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
+          "--out", str(out)], "not an ONNX model"),
+        ([*base, "--layout", "yolov5"], "expected (B, N, 8)"),  # a yolov8 model declared as yolov5
+        ([*base, "--layout", "ssd"], "needs boxes"),
+        (["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(four), "--out", str(out)],
+         "expected (B, 8, N) for 4 classes"),
+        ([*base, "--layout", "yolov8", "--data", str(empty)], "neither annotations.json"),
+    ]
+    for argv, needle in cases:
+        assert cli(argv) == 1, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert not out.exists(), "a refused import left a directory behind"
+    assert not [p for p in work.iterdir() if p.name.startswith(".refused")], "staging left behind"
+
+
+def test_import_with_data_builds_scores_and_gates_variants(work: Path, tmp_path: Path) -> None:
+    """With labelled data: FP16 and INT8 variants are calibrated and scored through the frame
+    pipeline with the project's KPI and gated like `perception build`; the planted model
+    finds the one labelled truck in every image."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i, (fw, fh) in enumerate(FRAMES, start=1):
+        (data / "images" / f"{i}.jpg").write_bytes(jpeg(fw, fh))
+        x1, y1, x2, y2 = expected(fw, fh)
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": fw, "height": fh})
+        anns.append({"id": i, "image_id": i, "category_id": CLS + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                     "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    cats = [{"id": c + 1, "name": n} for c, n in enumerate(CLASSES)]
+    (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    manifest = import_model(work, "yolov8", "--data", str(data / "annotations.json"), "--latency-runs", "3",
+                            "--threads", "1", "--calib-images", "4")
+    m = load_manifest(manifest)
+    assert [v.name for v in m.variants] == ["fp32", "fp16", "int8"]
+    for v in m.variants:
+        assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["min"] > 0
+        assert v.metrics["map50"] == pytest.approx(1.0) and v.metrics["recall"] == pytest.approx(1.0)
+        assert isinstance(v.gate["passed"], bool) and v.gate["reason"]
+    assert m.variant("int8").calibration is not None and m.variant("int8").parent == "fp32"
+
+
+def test_default_detector_with_nms_in_its_graph_serves_the_same_detections(tmp_path: Path, server: Any) -> None:
+    """The shipped default detector, exported as usual (yolo_obj, the server's NMS) and once
+    with NMS inside its graph (nms_detections, the server's NMS skipped), imported and served:
+    the same detections on real drive frames, matched by IoU >= 0.9."""
+    from build_engine.build import export_fp32_artifact
+    from build_engine.nms_export import export_nms_detections
+    from perception.parity import parity
+    from perception.types import Detections
+    from tests.conftest import REPO_ROOT
+
+    plain = export_fp32_artifact(REPO_ROOT / "models/default/detector.pt", tmp_path / "plain")
+    m = load_manifest(plain)
+    nms_onnx = export_nms_detections(m.path_of(m.variant()), tmp_path / "nms.onnx", m.postprocess.iou_threshold,
+                                     m.postprocess.score_threshold, m.postprocess.max_detections)
+    (tmp_path / "classes.txt").write_text("\n".join(m.classes) + "\n")
+    assert cli(["import", "--onnx", str(nms_onnx), "--layout", "nms_detections", "--classes",
+                str(tmp_path / "classes.txt"), "--out", str(tmp_path / "nms")]) == 0
+    started = [server(plain), server(tmp_path / "nms" / "manifest.json")]
+    stubs = [stub for stub, _ in started]
+    cap = cv2.VideoCapture(str(REPO_ROOT / "assets/drives/demo/front.mp4"))
+    dets: list[list[Detections]] = [[], []]
+    for i in range(12):
+        ok, img = cap.read()
+        assert ok
+        if i % 3:
+            continue
+        data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        for k, stub in enumerate(stubs):
+            resp = stub.Detect(pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, encoded=data)),
+                               timeout=30)
+            assert resp.status == pb.FRAME_STATUS_OK
+            boxes = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in resp.detections], np.float32)
+            dets[k].append(Detections(boxes.reshape(-1, 4), np.array([d.score for d in resp.detections], np.float32),
+                                      np.array([d.class_id for d in resp.detections], np.int64)))
+    cap.release()
+    par = parity(dets[0], dets[1], iou=0.9)
+    assert par["reference_detections"] >= 20, par  # the frames have objects to find
+    assert par["vanished"] == 0.0 and par["moved"] == 0.0 and par["appeared"] <= 0.02, par
+
+    # Replay evaluation and `perception compare` work on the imported model as on any other.
+    drive = REPO_ROOT / "assets/drives/demo"
+    outs = []
+    for k, (_, address) in enumerate(started):
+        out = tmp_path / f"replay{k}.jsonl"
+        summary = tmp_path / f"summary{k}.json"
+        assert cli(["replay", str(drive / "drive.mcap"), "--server", address, "--out", str(out), "--max-rate",
+                    "--max-frames", "16", "--gt", str(drive / "gt.json"), "--summary-json", str(summary),
+                    "--no-progress"]) == 0
+        result = json.loads(summary.read_text())
+        assert result["frames_answered"] == 16 and result["kpi"]["map50"] > 0.3, result.get("kpi")
+        outs.append(out)
+    cmp_json = tmp_path / "compare.json"
+    assert cli(["compare", str(outs[0]), str(outs[1]), "--gt", str(drive / "gt.json"), "--json", str(cmp_json)]) == 0
+    assert cmp_json.is_file() and json.loads(cmp_json.read_text())
