@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -185,10 +186,11 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         progress(f"outputs bound as {opts.layout}: " + ", ".join(f"{r}={n}" for r, n in roles.items()))
         max_batch = min(opts.max_batch, batch or opts.max_batch)
         input_shape = (batch or -1, 3, height, width)
+        variants: list[Variant]
         if valset is None:
-            variants = (Variant("fp32", src.name, Precision.FP32, sha256_file(src), input_shape=input_shape,
+            variants = [Variant("fp32", src.name, Precision.FP32, sha256_file(src), input_shape=input_shape,
                                 max_batch=max_batch, gate={"passed": True, "reason": "not measured: imported without "
-                                                           "--data (no accuracy, latency or parity measured)"}),)
+                                                           "--data (no accuracy, latency or parity measured)"})]
             progress("no --data: FP32 only, nothing measured")
         else:
             variants = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch, progress)

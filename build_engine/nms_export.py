@@ -33,7 +33,7 @@ def export_nms_detections(
     dim0 = g.input[0].type.tensor_type.shape.dim[0]
     dim0.Clear()
     dim0.dim_value = 1  # the selection below is per image
-    consts = {
+    consts: dict[str, np.ndarray] = {
         "nd_s0": np.array([0], np.int64), "nd_s4": np.array([4], np.int64), "nd_s5": np.array([5], np.int64),
         "nd_big": np.array([np.iinfo(np.int64).max], np.int64), "nd_axis2": np.array([2], np.int64),
         "nd_axis0": np.array([0], np.int64), "nd_one": np.array([1], np.int64), "nd_two": np.array([2], np.int64),

@@ -61,7 +61,8 @@ class AsyncDetectorClient:
         return from_response(resp, latency_ms=(time.perf_counter() - t0) * 1e3)
 
     async def model_info(self) -> ModelInfo:
-        return model_info_from_pb(await self._unary("GetModelInfo", pb.GetModelInfoRequest(), self.config.rpc_timeout_s))
+        resp = await self._unary("GetModelInfo", pb.GetModelInfoRequest(), self.config.rpc_timeout_s)
+        return model_info_from_pb(resp)
 
     def stream(
         self, on_result: AsyncResultCallback, options: RequestOptions | None = None, name: str = "stream"

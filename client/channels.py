@@ -13,8 +13,9 @@ import itertools
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
@@ -24,7 +25,9 @@ from perception.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def resolve_targets(targets: tuple[str, ...], resolver: Callable[..., Any] = socket.getaddrinfo) -> list[tuple[str, str]]:
+def resolve_targets(
+    targets: tuple[str, ...], resolver: Callable[..., Any] = socket.getaddrinfo
+) -> list[tuple[str, str]]:
     """Expand "host:port" targets to (address, host) pairs, one per distinct IP.
 
     A name that does not resolve is kept as given (gRPC resolves it again and reports the
@@ -40,10 +43,7 @@ def resolve_targets(targets: tuple[str, ...], resolver: Callable[..., Any] = soc
             ips = list(dict.fromkeys(info[4][0] for info in infos))
         except (OSError, UnicodeError):
             ips = []
-        if len(ips) <= 1:
-            addrs = [target]
-        else:
-            addrs = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
+        addrs = [target] if len(ips) <= 1 else [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
         for a in addrs:
             if a not in seen:
                 seen.add(a)

@@ -5,6 +5,7 @@ from perception.cli import Command
 
 COMMANDS = (
     Command("replay", "client.replay_cli", "replay a recorded drive against a server", 30),
-    Command("compare", "client.compare_cli", "diff two replays of the same drive, frame by frame, with KPI side by side",
-            31),
+    Command(
+        "compare", "client.compare_cli", "diff two replays of the same drive, frame by frame, with KPI side by side", 31
+    ),
 )

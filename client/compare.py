@@ -30,12 +30,16 @@ class FrameDiff:
 
     @property
     def changes(self) -> int:
-        return len(self.appeared) + len(self.vanished) + len(self.moved) + len(self.class_changed) + (self.status is not None)
+        return (
+            len(self.appeared) + len(self.vanished) + len(self.moved) + len(self.class_changed)
+            + (self.status is not None)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "camera_id": self.camera_id, "sequence": self.sequence, "unchanged": self.unchanged,
-            "appeared": self.appeared, "vanished": self.vanished, "moved": self.moved, "class_changed": self.class_changed,
+            "appeared": self.appeared, "vanished": self.vanished, "moved": self.moved,
+            "class_changed": self.class_changed,
         }
         if self.status is not None:
             d["status"] = {"a": self.status[0].value, "b": self.status[1].value}

@@ -14,12 +14,19 @@ KPI_KEYS = ("map50_95", "map50", "precision", "recall", "f1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="perception compare", description="Diff two replays of the same drive frame by frame, with KPI side by side.")
+    p = argparse.ArgumentParser(
+        prog="perception compare",
+        description="Diff two replays of the same drive frame by frame, with KPI side by side.",
+    )
     p.add_argument("a", type=Path, help="replay JSONL of engine A (the baseline)")
     p.add_argument("b", type=Path, help="replay JSONL of engine B (the candidate)")
     p.add_argument("--gt", type=Path, help="COCO ground truth: also score both runs")
-    p.add_argument("--iou", type=float, default=0.5, help="IoU at or above which a same-class pair is unchanged (default 0.5)")
-    p.add_argument("--pair-iou", type=float, default=0.1, help="lowest IoU at which two detections are paired (default 0.1)")
+    p.add_argument(
+        "--iou", type=float, default=0.5, help="IoU at or above which a same-class pair is unchanged (default 0.5)"
+    )
+    p.add_argument(
+        "--pair-iou", type=float, default=0.1, help="lowest IoU at which two detections are paired (default 0.1)"
+    )
     p.add_argument("--kpi-score-threshold", type=float, default=0.25, help="score threshold for precision / recall")
     p.add_argument("--json", type=Path, dest="json_out", help="write the full report (per-frame diffs) as JSON")
     p.add_argument("--top", type=int, default=10, help="list this many most-changed frames (default 10)")

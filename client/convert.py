@@ -6,6 +6,7 @@ Nothing else in client/ touches perception.v1 messages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -45,9 +46,12 @@ def to_request(frame: SourceFrame, options: RequestOptions | None = None, deadli
     else:
         raw = frame.raw
         assert raw is not None
+        # The generated stub types enum fields as pb.PixelFormat, which is no callable class at
+        # runtime (an EnumTypeWrapper); the wire value is the plain int.
+        wire_format = cast(pb.PixelFormat, int(raw.pixel_format))
         msg.raw.CopyFrom(
             pb.RawImage(
-                width=raw.width, height=raw.height, row_stride=raw.row_stride, format=int(raw.pixel_format), data=raw.data
+                width=raw.width, height=raw.height, row_stride=raw.row_stride, format=wire_format, data=raw.data
             )
         )
     req = pb.DetectRequest(frame=msg)

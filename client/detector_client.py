@@ -131,7 +131,7 @@ class DetectorClient:
     def close(self) -> None:
         self.pool.close()
 
-    def __enter__(self) -> "DetectorClient":
+    def __enter__(self) -> DetectorClient:
         return self
 
     def __exit__(self, *_: Any) -> None:

@@ -55,7 +55,10 @@ class SourceFrame:
 
     @property
     def nbytes(self) -> int:
-        return len(self.encoded) if self.encoded is not None else len(self.raw.data)  # type: ignore[union-attr]
+        if self.encoded is not None:
+            return len(self.encoded)
+        assert self.raw is not None  # __post_init__: exactly one of encoded / raw is set
+        return len(self.raw.data)
 
 
 class DropReason(str, Enum):
@@ -114,7 +117,7 @@ class FrameResult:
                 "class_name": name,
             }
             for box, score, cid, name in zip(
-                self.detections.boxes, self.detections.scores, self.detections.class_ids, self.class_names
+                self.detections.boxes, self.detections.scores, self.detections.class_ids, self.class_names, strict=True
             )
         ]
         return {
@@ -132,7 +135,7 @@ class FrameResult:
         }
 
     @classmethod
-    def from_json_dict(cls, d: dict[str, object]) -> "FrameResult":
+    def from_json_dict(cls, d: dict[str, object]) -> FrameResult:
         """Inverse of to_json_dict (for compare / evaluation of a saved replay). Raises
         DataError, KeyError, TypeError or ValueError on a malformed record."""
         dets = d.get("detections") or []
@@ -152,16 +155,30 @@ class FrameResult:
         }
         return cls(
             camera_id=str(d["camera_id"]),
-            sequence=int(d["sequence"]),  # type: ignore[arg-type]
-            capture_timestamp_ns=int(d.get("capture_timestamp_ns", 0)),  # type: ignore[arg-type]
+            sequence=_json_int(d["sequence"]),
+            capture_timestamp_ns=_json_int(d.get("capture_timestamp_ns", 0)),
             status=FrameStatus(str(d.get("status", "OK"))),
             message=str(d.get("message", "")),
-            image_width=int(d.get("image_width", 0)),  # type: ignore[arg-type]
-            image_height=int(d.get("image_height", 0)),  # type: ignore[arg-type]
+            image_width=_json_int(d.get("image_width", 0)),
+            image_height=_json_int(d.get("image_height", 0)),
             detections=Detections(boxes, scores, ids),
             class_names=names,
             timings=StageTimings(**{k: int(v) for k, v in t.items() if k in StageTimings.__dataclass_fields__}),
-            latency_ms=float(d.get("latency_ms", 0.0)),  # type: ignore[arg-type]
+            latency_ms=_json_float(d.get("latency_ms", 0.0)),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
+
+
+def _json_int(value: object) -> int:
+    """``int(value)`` of a JSON scalar; anything else raises TypeError, as ``int()`` would."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return int(value)
+
+
+def _json_float(value: object) -> float:
+    """``float(value)`` of a JSON scalar; anything else raises TypeError, as ``float()`` would."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)

@@ -26,12 +26,12 @@ class GroundTruthIndex:
     path: Path | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "GroundTruthIndex":
+    def load(cls, path: str | os.PathLike[str]) -> GroundTruthIndex:
         ds = load_coco(path)
         return cls.from_dataset(ds, Path(path))
 
     @classmethod
-    def from_dataset(cls, ds: CocoDataset, path: Path | None = None) -> "GroundTruthIndex":
+    def from_dataset(cls, ds: CocoDataset, path: Path | None = None) -> GroundTruthIndex:
         by_key: dict[tuple[str, int], int] = {}
         by_file: dict[str, int] = {}
         for img in ds.images.values():
@@ -80,8 +80,10 @@ def coco_predictions(
                 continue
         else:
             image_id = n
-        xywh = xyxy_to_xywh(r.detections.boxes) if len(r.detections) else []
-        for box, score, cid, name in zip(xywh, r.detections.scores, r.detections.class_ids, r.class_names):
+        xywh = xyxy_to_xywh(r.detections.boxes)  # (0, 4) when the frame has no detections
+        for box, score, cid, name in zip(
+            xywh, r.detections.scores, r.detections.class_ids, r.class_names, strict=True
+        ):
             cat = gt.category_id(name) if gt is not None else int(cid)
             if cat is None:
                 continue

@@ -9,8 +9,8 @@ import dataclasses
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 from client.frames import SourceFrame
 from perception.errors import ConfigError

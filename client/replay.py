@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from client.convert import RequestOptions
 from client.detector_client import DetectorClient
@@ -133,8 +134,12 @@ class Replay:
         self.stats.reconnects = sum(s.reconnects for s in self._sessions.values())
         self.stats.lost = sum(len(s.lost) for s in self._sessions.values())
         if self._sink_error is not None:
-            exc = self._sink_error
-            error = exc if isinstance(exc, PerceptionError) else PerceptionError(f"writing results failed: {exc}")
+            sink_error = self._sink_error
+            error = (
+                sink_error
+                if isinstance(sink_error, PerceptionError)
+                else PerceptionError(f"writing results failed: {sink_error}")
+            )
         return ReplayOutcome(self.stats, self.results, self.file_names, error, self.interrupted)
 
     def _send(self, frame: SourceFrame) -> None:
@@ -157,7 +162,7 @@ class Replay:
         for s in self._sessions.values():
             s.abort()
 
-    def __enter__(self) -> "Replay":
+    def __enter__(self) -> Replay:
         return self
 
     def __exit__(self, *_: Any) -> None:

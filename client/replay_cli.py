@@ -50,7 +50,9 @@ def client_config(args: argparse.Namespace, window: int = 4, deadline_ms: int = 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="perception replay",
-        description="Replay a recording (MP4/AVI, image folder, MCAP, ROS 1 .bag, ROS 2 bag) against a detector server.",
+        description=(
+            "Replay a recording (MP4/AVI, image folder, MCAP, ROS 1 .bag, ROS 2 bag) against a detector server."
+        ),
     )
     p.add_argument("source", type=Path, help="recording: video file, image folder, .mcap, .bag or ROS 2 bag directory")
     add_connection_args(p)
@@ -132,13 +134,19 @@ def main(argv: list[str]) -> int:
         classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
     except ValueError as exc:
         raise ConfigError(f"--classes must be comma-separated class ids, got {args.classes!r}") from exc
-    options = RequestOptions(args.score_threshold, args.iou_threshold, args.max_detections, classes, args.class_agnostic_nms)
-    pacing = Pacing(speed=None if args.max_rate else args.speed, skip=args.skip, loop=args.loop, max_frames=args.max_frames)
+    options = RequestOptions(
+        args.score_threshold, args.iou_threshold, args.max_detections, classes, args.class_agnostic_nms
+    )
+    pacing = Pacing(
+        speed=None if args.max_rate else args.speed, skip=args.skip, loop=args.loop, max_frames=args.max_frames
+    )
     config = client_config(args, window=args.window, deadline_ms=args.deadline_ms)
     gt = GroundTruthIndex.load(args.gt) if args.gt else None
     source = open_source(
         args.source,
-        SourceOptions(topics=tuple(args.topic), camera=args.camera, fps=args.fps, encode=args.encode, timestamps=args.timestamps),
+        SourceOptions(
+            topics=tuple(args.topic), camera=args.camera, fps=args.fps, encode=args.encode, timestamps=args.timestamps
+        ),
     )
     log.info("source: %s", source.describe())
 
@@ -165,7 +173,8 @@ def main(argv: list[str]) -> int:
             bar.update(1)
 
         keep = bool(args.gt or args.coco_results)  # a long --loop replay must not grow without bound
-        replay = Replay(client, source, ReplayConfig(pacing=pacing, options=options, keep_results=keep), sinks, on_progress)
+        replay_config = ReplayConfig(pacing=pacing, options=options, keep_results=keep)
+        replay = Replay(client, source, replay_config, sinks, on_progress)
         try:
             outcome = replay.run()
         finally:

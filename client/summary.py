@@ -65,7 +65,8 @@ class ReplayStats:
             if result.status is FrameStatus.OK:
                 self.detections += len(result.detections)
                 t = result.timings
-                for stage, us in zip(STAGES, (t.queue_us, t.preprocess_us, t.inference_us, t.postprocess_us, t.total_us)):
+                stage_us = (t.queue_us, t.preprocess_us, t.inference_us, t.postprocess_us, t.total_us)
+                for stage, us in zip(STAGES, stage_us, strict=True):
                     self.stage_ms[stage].append(us / 1e3)
             else:
                 self.dropped[drop_reason(result.status)] += 1
@@ -118,7 +119,10 @@ def format_table(summary: dict[str, Any]) -> str:
         f"frames sent {summary['frames_sent']}  answered {summary['frames_answered']}  "
         f"dropped {sum(dropped.values())} ({drop_text})  detections {summary['detections']}"
     )
-    lines.append(f"duration {summary['duration_s']:.2f} s  fps {summary['fps']:.1f}  reconnect attempts {summary.get('reconnects', 0)}")
+    lines.append(
+        f"duration {summary['duration_s']:.2f} s  fps {summary['fps']:.1f}  "
+        f"reconnect attempts {summary.get('reconnects', 0)}"
+    )
     lines.append("")
     header = f"{'latency (ms)':<28}{'p50':>9}{'p95':>9}{'p99':>9}"
     lines.append(header)

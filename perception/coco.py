@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from numpy.typing import NDArray
@@ -55,7 +55,8 @@ class CocoDataset:
         return [self.categories[k] for k in sorted(self.categories)]
 
 
-def _num(v: Any) -> bool:
+def _num(v: object) -> TypeGuard[float]:
+    """A finite JSON number (int or float, not bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -123,12 +124,10 @@ def parse_coco(data: Any, source: str = "<coco>", require_annotations: bool = Fa
             raise DataError(f"{where} needs 'bbox' as 4 finite numbers [x, y, w, h], got {bbox!r}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise DataError(f"{where} has a negative bbox width/height {bbox!r}")
-        area = a.get("area")
-        if not _num(area):
-            area = float(bbox[2]) * float(bbox[3])
-        per_img[a["image_id"]].append(
-            ([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]], a["category_id"], a.get("id", -1), bool(a.get("iscrowd", 0)), float(area))
-        )
+        given_area = a.get("area")
+        area = float(given_area) if _num(given_area) else float(bbox[2]) * float(bbox[3])
+        xyxy = [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]
+        per_img[a["image_id"]].append((xyxy, a["category_id"], a.get("id", -1), bool(a.get("iscrowd", 0)), area))
     boxes, labels, ids, crowd, areas = {}, {}, {}, {}, {}
     for k, rows in per_img.items():
         boxes[k] = np.array([r[0] for r in rows], np.float32).reshape(-1, 4)
@@ -191,8 +190,9 @@ def detections_to_results(
     boxes: (N, 4) xyxy; class_ids: model class indices, mapped through ``categories``.
     """
     out = []
-    for (x1, y1, x2, y2), score, cls in zip(np.asarray(boxes, np.float64).tolist(), np.asarray(scores).tolist(),
-                                             np.asarray(class_ids).tolist()):
+    for (x1, y1, x2, y2), score, cls in zip(
+        np.asarray(boxes, np.float64).tolist(), np.asarray(scores).tolist(), np.asarray(class_ids).tolist(), strict=True
+    ):
         out.append({"image_id": int(image_id), "category_id": int(categories[int(cls)]),
                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import cast
 
 import cv2
 import numpy as np
@@ -42,7 +43,9 @@ def check_size(width: int, height: int) -> None:
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"image size must be positive, got {width}x{height}")
     if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-        raise InvalidInputError(f"image {width}x{height} exceeds the limit of {MAX_SIDE} per side / {MAX_PIXELS} pixels")
+        raise InvalidInputError(
+            f"image {width}x{height} exceeds the limit of {MAX_SIDE} per side / {MAX_PIXELS} pixels"
+        )
 
 
 def encoded_size(data: bytes) -> tuple[str, int, int]:
@@ -86,7 +89,8 @@ def reduction_factor(src_w: int, src_h: int, min_size: tuple[int, int] | None) -
 
 def _reduced_flag(src_w: int, src_h: int, need_w: int, need_h: int) -> tuple[int, int]:
     """The largest libjpeg reduction (1, 2, 4, 8) that still leaves at least the needed size."""
-    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2)):
+    reductions = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+    for factor, flag in reductions:
         if src_w // factor >= need_w and src_h // factor >= need_h:
             return factor, flag | _NO_EXIF_ROTATION
     return 1, cv2.IMREAD_COLOR | _NO_EXIF_ROTATION
@@ -110,9 +114,11 @@ def decode_encoded(
     if kind == "jpeg" and min_size is not None:
         factor, flag = _reduced_flag(w, h, min_size[0], min_size[1])
     buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, flag)
-    if img is None:
+    decoded = cv2.imdecode(buf, flag)
+    if decoded is None:
         raise InvalidInputError(f"{kind.upper()} could not be decoded (truncated or corrupt)")
+    # The (reduced) colour flags always decode to 8-bit BGR; OpenCV's stub admits any depth.
+    img = cast(NDArray[np.uint8], decoded)
     # libjpeg's scaled decode rounds the size up: ceil(w / factor) x ceil(h / factor).
     expect = (-(-w // factor), -(-h // factor))
     if (img.shape[1], img.shape[0]) != expect:
@@ -167,10 +173,11 @@ def decode_raw(
     # below, whatever the stride (the last row may end right after its pixels).
     buf = np.frombuffer(data, np.uint8, count=need)
     plane = np.lib.stride_tricks.as_strided(buf, shape=(rows, row), strides=(stride, 1), writeable=False)
+    # cvtColor keeps the 8-bit depth of its input; OpenCV's stub admits any depth.
     if fmt == PixelFormat.NV12:
-        return cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_YUV2BGR_NV12)
+        return cast(NDArray[np.uint8], cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_YUV2BGR_NV12))
     if fmt == PixelFormat.GRAY8:
-        return cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_GRAY2BGR)
+        return cast(NDArray[np.uint8], cv2.cvtColor(np.ascontiguousarray(plane), cv2.COLOR_GRAY2BGR))
     img = plane.reshape(height, width, 3)
     if fmt == PixelFormat.RGB8:
         return np.ascontiguousarray(img[:, :, ::-1])

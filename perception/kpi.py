@@ -22,7 +22,9 @@ AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0**2), "medium": (32.0**2, 
 MAX_DETS = 100
 
 
-def iou_matrix(dt: NDArray[np.floating], gt: NDArray[np.floating], crowd: NDArray[np.bool_] | None = None) -> NDArray[np.float64]:
+def iou_matrix(
+    dt: NDArray[np.floating], gt: NDArray[np.floating], crowd: NDArray[np.bool_] | None = None
+) -> NDArray[np.float64]:
     """(D, G) IoU of xyxy boxes; for a crowd ground truth, intersection over the detection's area (COCO)."""
     dt = np.asarray(dt, np.float64).reshape(-1, 4)
     gt = np.asarray(gt, np.float64).reshape(-1, 4)
@@ -82,8 +84,9 @@ def match_image(
 
 def precision_recall(
     scores: NDArray[np.floating], tp: NDArray[np.bool_], num_gt: int
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """Cumulative (precision, recall, sorted scores) over detections sorted by score (stable)."""
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.floating]]:
+    """Cumulative (precision, recall, sorted scores) over detections sorted by score (stable).
+    The sorted scores keep the dtype of ``scores``."""
     order = np.argsort(-scores, kind="mergesort")
     tp_s = tp[order].astype(np.float64)
     tps = np.cumsum(tp_s)
@@ -146,11 +149,16 @@ def _group_predictions(predictions: list[dict[str, Any]]) -> dict[tuple[int, int
     rows: dict[tuple[int, int], list[tuple[list[float], float]]] = {}
     for p in predictions:
         x, y, w, h = p["bbox"]
-        rows.setdefault((int(p["image_id"]), int(p["category_id"])), []).append(([x, y, x + w, y + h], float(p["score"])))
-    return {k: (np.array([r[0] for r in v], np.float64), np.array([r[1] for r in v], np.float64)) for k, v in rows.items()}
+        key = (int(p["image_id"]), int(p["category_id"]))
+        rows.setdefault(key, []).append(([x, y, x + w, y + h], float(p["score"])))
+    return {
+        k: (np.array([r[0] for r in v], np.float64), np.array([r[1] for r in v], np.float64)) for k, v in rows.items()
+    }
 
 
-def evaluate_coco(gt: dict[str, Any] | CocoDataset, predictions: list[dict[str, Any]], score_threshold: float = 0.25) -> KpiReport:
+def evaluate_coco(
+    gt: dict[str, Any] | CocoDataset, predictions: list[dict[str, Any]], score_threshold: float = 0.25
+) -> KpiReport:
     """Score COCO results against COCO ground truth.
 
     mAP50-95 / mAP50 / per-size follow pycocotools exactly; precision, recall and F1 are at
@@ -180,7 +188,9 @@ def evaluate_coco(gt: dict[str, Any] | CocoDataset, predictions: list[dict[str, 
                     continue
                 d_area = (db[:, 2] - db[:, 0]) * (db[:, 3] - db[:, 1]) if len(db) else np.zeros(0)
                 s, m, di, gi = match_image(db, ds, d_area, gb, g.areas[iid][mask], g.iscrowd[iid][mask], rng)
-                sc.append(s), mt.append(m), ig.append(di)
+                sc.append(s)
+                mt.append(m)
+                ig.append(di)
                 n_gt += int((~gi).sum())
             if n_gt == 0:
                 continue
@@ -194,13 +204,17 @@ def evaluate_coco(gt: dict[str, Any] | CocoDataset, predictions: list[dict[str, 
                 ap[area_name][ti, ci] = ap_t
                 if area_name == "all" and ti == 0:
                     pr_curves[names[ci]] = q.tolist()
-                    all_scores.append(scores[keep]), all_tp.append(matched[0][keep])
+                    all_scores.append(scores[keep])
+                    all_tp.append(matched[0][keep])
                     total_gt += n_gt
                     thr_keep = scores[keep] >= score_threshold
                     tp_c = int(matched[0][keep][thr_keep].sum())
                     n_det = int(thr_keep.sum())
                     per_class[names[ci]] = {
-                        "ap50": ap_t, "precision": tp_c / n_det if n_det else 0.0, "recall": tp_c / n_gt, "num_gt": n_gt,
+                        "ap50": ap_t,
+                        "precision": tp_c / n_det if n_det else 0.0,
+                        "recall": tp_c / n_gt,
+                        "num_gt": n_gt,
                     }
         if names[ci] in per_class:
             per_class[names[ci]]["ap50_95"] = float(ap["all"][:, ci].mean())
@@ -233,7 +247,12 @@ def evaluate_coco(gt: dict[str, Any] | CocoDataset, predictions: list[dict[str, 
         per_class=per_class, per_size=per_size,
         confusion=confusion_matrix(g, grouped, cat_ids, score_threshold).tolist(), classes=names,
         pr_curves=pr_curves,
-        f1_curve={"threshold": thresholds.tolist(), "precision": prec_t.tolist(), "recall": rec_t.tolist(), "f1": f1_t.tolist()},
+        f1_curve={
+            "threshold": thresholds.tolist(),
+            "precision": prec_t.tolist(),
+            "recall": rec_t.tolist(),
+            "f1": f1_t.tolist(),
+        },
         best_f1_threshold=float(thresholds[int(np.argmax(f1_t))]),
         num_images=len(img_ids), num_gt=g.num_annotations, num_dets=len(preds),
     )
@@ -251,7 +270,7 @@ def confusion_matrix(
     cm = np.zeros((C + 1, C + 1), np.int64)
     by_image: dict[int, list[tuple[np.ndarray, float, int]]] = {}
     for (iid, cid), (boxes, scores) in grouped.items():
-        for b, s in zip(boxes, scores):
+        for b, s in zip(boxes, scores, strict=True):
             if s >= score_threshold:
                 by_image.setdefault(iid, []).append((b, s, index[cid]))
     for iid in g.images:
@@ -270,6 +289,6 @@ def confusion_matrix(
                     cm[index[int(gl[gi])], pc] += 1
                     continue
             cm[C, pc] += 1
-        for gi in np.flatnonzero(~used):
-            cm[index[int(gl[gi])], C] += 1
+        for missed in np.flatnonzero(~used):
+            cm[index[int(gl[missed])], C] += 1
     return cm

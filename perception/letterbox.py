@@ -8,6 +8,7 @@ per-axis factors are kept, so that mapping a box to model space and back is loss
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -72,7 +73,8 @@ def letterbox_image(
     lb = compute_letterbox(src_w, src_h, dst_w, dst_h)
     if (lb.new_w, lb.new_h) != (src_w, src_h):
         interp = cv2.INTER_AREA if lb.new_w * 2 <= src_w else cv2.INTER_LINEAR
-        image = cv2.resize(image, (lb.new_w, lb.new_h), interpolation=interp)
+        # resize keeps the uint8 depth; OpenCV's stub admits any depth.
+        image = cast(NDArray[np.uint8], cv2.resize(image, (lb.new_w, lb.new_h), interpolation=interp))
     shape = (dst_h, dst_w) + image.shape[2:]
     canvas = np.full(shape, pad_value, dtype=np.uint8)
     canvas[lb.pad_top : lb.pad_top + lb.new_h, lb.pad_left : lb.pad_left + lb.new_w] = image

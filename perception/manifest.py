@@ -450,7 +450,8 @@ def migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
             v["weights"] = {"checkpoint": extra["checkpoint"], "sha256": extra.get("checkpoint_sha256", ""),
                             "pruning": extra.get("pruning", {})}
         if "calibrator" in extra or "calibration_sha256" in extra:
-            v["calibration"] = {"calibrator": extra.get("calibrator", ""), "set_sha256": extra.get("calibration_sha256", ""),
+            v["calibration"] = {"calibrator": extra.get("calibrator", ""),
+                                "set_sha256": extra.get("calibration_sha256", ""),
                                 "fp32_nodes": list(extra.get("fp32_nodes", []))}
         if isinstance(extra.get("tensorrt_qdq"), dict):
             q = extra["tensorrt_qdq"]

@@ -3,7 +3,7 @@ its ONNX model): pure numpy, used by the build gate and ``perception verify-engi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def parity(reference: Sequence[Detections], other: Sequence[Detections], iou: fl
     if len(reference) != len(other):
         raise ValueError(f"parity needs the same images: {len(reference)} vs {len(other)}")
     n_ref = n_oth = vanished = moved = stable = 0
-    for ref, oth in zip(reference, other):
+    for ref, oth in zip(reference, other, strict=True):
         n_ref += len(ref)
         n_oth += len(oth)
         used = np.zeros(len(oth), bool)

@@ -265,7 +265,7 @@ class FramePipeline:
             try:
                 prepared = [self.prepare(f, request) for f in frames]
             except InvalidInputError as exc:
-                bad = next(p for p, f in zip(chunk, frames) if not _accepted(self, f, request))
+                bad = next(p for p, f in zip(chunk, frames, strict=True) if not _accepted(self, f, request))
                 raise DataError(f"{bad}: the server would refuse this image: {exc}") from exc
             batch_out = infer(self.to_batch([p.tensor for p in prepared]))
             for i, prep in enumerate(prepared):

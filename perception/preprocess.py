@@ -6,6 +6,8 @@ there is no train/serve skew.
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 from numpy.typing import NDArray
@@ -17,7 +19,8 @@ from perception.manifest import PreprocessSpec
 def to_bgr(image: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Promote a GRAY8 (H, W) or (H, W, 1) image to BGR; BGR passes through."""
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
-        return cv2.cvtColor(image.reshape(image.shape[0], image.shape[1]), cv2.COLOR_GRAY2BGR)
+        bgr = cv2.cvtColor(image.reshape(image.shape[0], image.shape[1]), cv2.COLOR_GRAY2BGR)
+        return cast(NDArray[np.uint8], bgr)  # cvtColor keeps uint8; OpenCV's stub admits any depth
     if image.ndim == 3 and image.shape[2] == 3:
         return image
     raise ValueError(f"expected an (H, W), (H, W, 1) or (H, W, 3) uint8 image, got {image.shape}")
@@ -33,8 +36,10 @@ def letterbox_canvas(image_bgr: NDArray[np.uint8], spec: PreprocessSpec) -> tupl
     if spec.letterbox:
         return letterbox_image(image_bgr, spec.input_width, spec.input_height, spec.pad_value)
     src_h, src_w = image_bgr.shape[:2]
-    canvas = cv2.resize(image_bgr, (spec.input_width, spec.input_height), interpolation=cv2.INTER_LINEAR)
-    return canvas, Letterbox(src_w, src_h, spec.input_width, spec.input_height, spec.input_width, spec.input_height, 0, 0)
+    resized = cv2.resize(image_bgr, (spec.input_width, spec.input_height), interpolation=cv2.INTER_LINEAR)
+    canvas = cast(NDArray[np.uint8], resized)  # resize keeps uint8; OpenCV's stub admits any depth
+    w, h = spec.input_width, spec.input_height
+    return canvas, Letterbox(src_w, src_h, w, h, w, h, 0, 0)
 
 
 def normalize_into(canvas: NDArray[np.uint8], spec: PreprocessSpec, out: NDArray[np.float32]) -> None:

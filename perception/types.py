@@ -47,7 +47,7 @@ class Detections:
             )
 
     @classmethod
-    def empty(cls) -> "Detections":
+    def empty(cls) -> Detections:
         return cls(
             np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int64)
         )
@@ -55,7 +55,7 @@ class Detections:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> "Detections":
+    def take(self, index: NDArray[np.int64] | NDArray[np.bool_]) -> Detections:
         return Detections(self.boxes[index], self.scores[index], self.class_ids[index])
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
-from dataclasses import dataclass, field
-from typing import Callable
 
 from perception.errors import ModelError
 from perception.pipeline import FramePipeline, Prepared
@@ -153,7 +153,7 @@ def _record(
         metrics.observe_stage("end_to_end", total_s)
         if len(det):
             ids, counts = _class_counts(det)
-            for cid, n in zip(ids, counts):
+            for cid, n in zip(ids, counts, strict=True):
                 metrics.detections_emitted(pipeline.classes[cid], n)
     else:
         metrics.frame_dropped(camera, DROP_REASON[status])

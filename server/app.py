@@ -24,12 +24,12 @@ from grpc_reflection.v1alpha import reflection
 
 from perception.errors import ConfigError, ModelError
 from perception.manifest import load_manifest
+from perception.pipeline import FramePipeline
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.config import ServerConfig
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
-from perception.pipeline import FramePipeline
 from server.metrics_protocol import NULL_METRICS, Metrics
 from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, backend_for

@@ -10,9 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from server.metrics import OTHER_CAMERA
-from server.metrics_protocol import Metrics
 from perception.pipeline import MAX_CAMERA_ID_LEN
+from server.metrics import OTHER_CAMERA, ServerMetrics
 
 
 class CameraLabels:
@@ -44,7 +43,7 @@ class CameraLabelledMetrics:
     Everything else is passed through unchanged.
     """
 
-    def __init__(self, metrics: Metrics, labels: CameraLabels) -> None:
+    def __init__(self, metrics: ServerMetrics, labels: CameraLabels) -> None:
         self._metrics = metrics
         self._labels = labels
 

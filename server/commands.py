@@ -5,6 +5,8 @@ from perception.cli import Command
 
 COMMANDS = (
     Command("serve", "server.cli", "serve a manifest's engine over gRPC", 20),
-    Command("verify-engine", "server.verify_cli", "check an engine's detections against its ONNX model on this device", 21),
+    Command(
+        "verify-engine", "server.verify_cli", "check an engine's detections against its ONNX model on this device", 21
+    ),
     Command("health", "server.health_cli", "ask a server's gRPC health service whether it is SERVING", 22),
 )

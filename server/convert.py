@@ -7,9 +7,9 @@ import math
 
 from perception.errors import InvalidInputError
 from perception.manifest import Manifest, Variant
-from perception.v1 import detector_pb2 as pb
 from perception.pipeline import FrameInput, RawPixels, RequestOptions
 from perception.types import FrameStatus
+from perception.v1 import detector_pb2 as pb
 from server.answer import FrameAnswer
 
 _STATUS = {
@@ -93,7 +93,7 @@ def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectR
             pb.Detection(
                 box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, class_id=c, class_name=classes[c]
             )
-            for b, s, c in zip(boxes, scores, ids)
+            for b, s, c in zip(boxes, scores, ids, strict=True)
         )
     return resp
 

@@ -53,7 +53,7 @@ class GpuCollector(Collector):
 def register_gpu_collector(registry: CollectorRegistry) -> bool:
     """Register GPU metrics if NVML is usable; returns whether it was (False on CPU-only hosts)."""
     try:
-        import pynvml  # type: ignore[import-not-found]  # optional: nvidia-ml-py
+        import pynvml  # optional: nvidia-ml-py
     except ImportError:
         logger.debug("pynvml is not installed: no GPU metrics")
         return False

@@ -35,7 +35,10 @@ def main(argv: list[str]) -> int:
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            check = stub.Check  # type: ignore[attr-defined]  # types-grpcio-health-checking omits HealthStub's RPCs
+            resp: health_pb2.HealthCheckResponse = check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as exc:
             print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

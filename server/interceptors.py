@@ -10,12 +10,12 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 
 from server.errors import status_for
-
 from server.metrics_protocol import NULL_METRICS, Metrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def _wrap_handler(
         return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+    assert handler.stream_stream is not None  # grpc sets exactly one of the four behaviours
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
 
 

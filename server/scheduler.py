@@ -18,9 +18,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray

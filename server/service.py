@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
 from perception.errors import InvalidInputError, NotReadyError
+from perception.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
+from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
-from perception.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
-from perception.types import FrameStatus
 from server.answer import FrameTask, finish_task
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler

@@ -19,9 +19,9 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
@@ -171,7 +171,9 @@ class StreamSession:
         if invalid or refuse:
             task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
         if replaced is not None:
-            replaced[0].answer_now(FrameStatus.DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded")
+            replaced[0].answer_now(
+                FrameStatus.DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded"
+            )
 
     # -- the pre-processor thread ----------------------------------------------------------
 
@@ -200,7 +202,9 @@ class StreamSession:
         except Exception as exc:  # a bug or a resource error on one frame must not hang the stream
             log.exception("stream %d: pre-processing camera %r frame %d failed", self.id, task.camera_id, task.sequence)
             self._count_internal()
-            task.answer_now(FrameStatus.INVALID, f"internal error while pre-processing this frame: {type(exc).__name__}: {exc}")
+            task.answer_now(
+                FrameStatus.INVALID, f"internal error while pre-processing this frame: {type(exc).__name__}: {exc}"
+            )
             return
         key = (self.id, task.camera_id)
         with self._cond:

@@ -147,7 +147,7 @@ def compare(m: Manifest, candidate: str, engine: str | None, reference: str | No
     dets: tuple[list[Detections], list[Detections]] = ([], [])
     max_diff = 0.0
     try:
-        for pipe, b in zip(pipes, (ref_b, cand_b)):
+        for pipe, b in zip(pipes, (ref_b, cand_b), strict=True):
             pipe.bind_outputs(b.outputs)
         for f in frames:
             prepared = pipes[0].prepare(f, RequestOptions())

@@ -42,7 +42,8 @@ def annotate(image: np.ndarray, result: FrameResult) -> np.ndarray:
     h = out.shape[0]
     thick = max(1, h // 360)
     font = max(0.35, h / 1400)
-    for box, score, cid, name in zip(result.detections.boxes, result.detections.scores, result.detections.class_ids, result.class_names):
+    dets = result.detections
+    for box, score, cid, name in zip(dets.boxes, dets.scores, dets.class_ids, result.class_names, strict=True):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         color = class_color(int(cid))
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thick)
@@ -52,7 +53,10 @@ def annotate(image: np.ndarray, result: FrameResult) -> np.ndarray:
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty), color, -1)
         cv2.putText(out, label, (x1 + 1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 1, cv2.LINE_AA)
     server_ms = result.timings.total_us / 1e3
-    text = f"{result.camera_id} #{result.sequence}  rt {result.latency_ms:.1f} ms  server {server_ms:.1f} ms  {len(result.detections)} det"
+    text = (
+        f"{result.camera_id} #{result.sequence}  rt {result.latency_ms:.1f} ms  server {server_ms:.1f} ms"
+        f"  {len(result.detections)} det"
+    )
     if result.status is not FrameStatus.OK:
         text += f"  {result.status.value}"
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
@@ -94,7 +98,7 @@ class AnnotatedVideoSink:
             if self._writer is None:
                 self._size = (img.shape[1], img.shape[0])
                 fourcc = "MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"
-                self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps, self._size)
+                self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter.fourcc(*fourcc), self.fps, self._size)
                 if not self._writer.isOpened():
                     raise DataError(f"{self.path}: OpenCV cannot write this video file")
             elif (img.shape[1], img.shape[0]) != self._size:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from client.frames import FrameResult, SourceFrame
 from perception.errors import DataError
@@ -19,7 +20,7 @@ class JsonlSink:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "w", buffering=1)
+            self._f = open(self.path, "w", buffering=1)  # noqa: SIM115 - held until close(), not one block
         except OSError as exc:
             raise DataError(f"{self.path}: cannot write: {exc.strerror}") from exc
         self.lines = 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from client.frames import SourceFrame
 from client.sources.base import SourceOptions
@@ -45,7 +46,9 @@ class BagSource:
         if options.topics:
             unknown = [t for t in options.topics if t not in self.topics]
             if unknown:
-                raise DataError(f"{self.path}: unknown topic {unknown[0]!r}; image topics: {', '.join(sorted(self.topics))}")
+                raise DataError(
+                    f"{self.path}: unknown topic {unknown[0]!r}; image topics: {', '.join(sorted(self.topics))}"
+                )
             self.topics = {t: self.topics[t] for t in options.topics}
 
     def describe(self) -> str:

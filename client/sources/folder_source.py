@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -85,7 +85,7 @@ class FolderSource:
         return f"image folder {self.path}: cameras {cams}"
 
     def _camera_frames(self, cam: str) -> Iterator[SourceFrame]:
-        for seq, (f, ts) in enumerate(zip(self.cameras[cam], self._stamps[cam])):
+        for seq, (f, ts) in enumerate(zip(self.cameras[cam], self._stamps[cam], strict=True)):
             rel = f.relative_to(self.path).as_posix()
             try:
                 data = f.read_bytes()

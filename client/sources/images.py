@@ -11,7 +11,13 @@ from perception.decode import PixelFormat
 from perception.errors import DataError
 
 # ROS sensor_msgs/Image encodings the wire carries without conversion.
-_ROS_RAW = {"bgr8": PixelFormat.BGR8, "rgb8": PixelFormat.RGB8, "mono8": PixelFormat.GRAY8, "8uc1": PixelFormat.GRAY8, "nv12": PixelFormat.NV12}
+_ROS_RAW = {
+    "bgr8": PixelFormat.BGR8,
+    "rgb8": PixelFormat.RGB8,
+    "mono8": PixelFormat.GRAY8,
+    "8uc1": PixelFormat.GRAY8,
+    "nv12": PixelFormat.NV12,
+}
 # Encodings converted to BGR8 on the client (channel order / alpha / 16-bit).
 _ROS_CONVERT = {
     "bgra8": (4, cv2.COLOR_BGRA2BGR),
@@ -46,7 +52,15 @@ def bgr_frame(camera_id: str, sequence: int, timestamp_ns: int, image: np.ndarra
 
 
 def ros_image_frame(
-    camera_id: str, sequence: int, timestamp_ns: int, encoding: str, width: int, height: int, step: int, data: bytes, where: str
+    camera_id: str,
+    sequence: int,
+    timestamp_ns: int,
+    encoding: str,
+    width: int,
+    height: int,
+    step: int,
+    data: bytes,
+    where: str,
 ) -> SourceFrame:
     """A sensor_msgs/Image: rgb8/bgr8/mono8/nv12 raw as recorded (row stride kept); bgra8,
     rgba8 and mono16 converted to BGR8."""
@@ -72,9 +86,8 @@ def ros_image_frame(
     if len(buf) < step * h:
         buf = np.concatenate([buf, np.zeros(step * h - len(buf), np.uint8)])
     img = buf[: step * h].reshape(h, step)[:, : w * ch].reshape(h, w, ch)
-    if code is not None:
-        img = cv2.cvtColor(img, code)
-    return bgr_frame(camera_id, sequence, timestamp_ns, img)
+    bgr = img if code is None else cv2.cvtColor(img, code)
+    return bgr_frame(camera_id, sequence, timestamp_ns, bgr)
 
 
 def camera_from_topic(topic: str) -> str:

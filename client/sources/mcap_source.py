@@ -12,8 +12,9 @@ import base64
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from client.frames import SourceFrame
 from client.sources.base import SourceOptions
@@ -52,7 +53,9 @@ def stamp_ns(stamp: Any) -> int:
     return int(sec) * 1_000_000_000 + int(nsec)
 
 
-def message_to_frame(msg: Any, schema_name: str, topic: str, log_time: int, counters: dict[str, int], where: str) -> SourceFrame:
+def message_to_frame(
+    msg: Any, schema_name: str, topic: str, log_time: int, counters: dict[str, int], where: str
+) -> SourceFrame:
     """Convert one decoded image message (ROS 2, ROS 1 or Foxglove) to a SourceFrame and
     advance its camera's sequence counter."""
     header = _get(msg, "header")
@@ -179,6 +182,8 @@ class McapSource:
                         msg = dec(message.data)
                     except Exception as exc:  # decoders raise anything on a corrupt payload
                         raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
+                    if schema is None:  # a schemaless channel sharing an image topic's name
+                        raise DataError(f"{where}: channel has no schema")
                     yield message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
         except (McapError, OSError, EOFError) as exc:
             raise DataError(f"{self.path}: truncated or corrupt MCAP ({type(exc).__name__}: {exc})") from exc

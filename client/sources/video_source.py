@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 
@@ -44,7 +44,10 @@ class VideoSource:
         return cap
 
     def describe(self) -> str:
-        return f"video {self.path.name}: camera {self.camera_id!r}, {self.width}x{self.height}, {self.frame_count} frames at {self.fps:.2f} fps"
+        return (
+            f"video {self.path.name}: camera {self.camera_id!r}, {self.width}x{self.height}, "
+            f"{self.frame_count} frames at {self.fps:.2f} fps"
+        )
 
     def __iter__(self) -> Iterator[SourceFrame]:
         cap = self._open()
@@ -80,7 +83,9 @@ class VideoFolderSource:
     def __init__(self, path: Path, options: SourceOptions, files: list[Path]) -> None:
         self.path = Path(path)
         if options.camera:
-            raise DataError(f"{self.path}: --camera applies to a single video; camera ids come from the file names here")
+            raise DataError(
+                f"{self.path}: --camera applies to a single video; camera ids come from the file names here"
+            )
         self.videos = [VideoSource(f, options) for f in files]
         self.fps = max(v.fps for v in self.videos)
         self.frame_count = sum(v.frame_count for v in self.videos)

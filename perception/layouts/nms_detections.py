@@ -10,7 +10,7 @@ detections still apply.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ NAMES = {
 
 class NmsDetections:
     name = "nms_detections"
-    roles = ("num_dets", "boxes", "scores", "classes")
+    roles: tuple[str, ...] = ("num_dets", "boxes", "scores", "classes")
     applies_nms = False
 
     def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:

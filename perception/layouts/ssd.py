@@ -10,7 +10,7 @@ Every (box, class) pair above the threshold is a candidate, as SSD's own post-pr
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,7 +48,7 @@ def decode_offsets(
 
 class Ssd:
     name = "ssd"
-    roles = ("boxes", "scores")
+    roles: tuple[str, ...] = ("boxes", "scores")
     applies_nms = True
 
     def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
@@ -65,7 +65,8 @@ class Ssd:
             raise ModelError(f"layout {self.name} needs boxes (B, N, 4) and scores (B, N, C + 1); the model has "
                              f"{describe(outputs)}: map them explicitly (boxes=NAME, scores=NAME)")
         if len(boxes.shape) != 3 or static_dim(boxes, -1) not in (4, None):
-            raise ModelError(f"layout {self.name}: output {boxes.name!r} has shape {list(boxes.shape)}, expected (B, N, 4)")
+            raise ModelError(f"layout {self.name}: output {boxes.name!r} has shape {list(boxes.shape)}, "
+                             "expected (B, N, 4)")
         last = static_dim(scores, -1)
         if len(scores.shape) != 3 or (last is not None and last != num_classes + 1):
             raise ModelError(f"layout {self.name}: output {scores.name!r} has shape {list(scores.shape)}, expected "
@@ -80,7 +81,8 @@ class Ssd:
         boxes = np.asarray(outputs["boxes"], np.float32)
         scores = np.asarray(outputs["scores"], np.float32)
         if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (boxes.shape[0], num_classes + 1):
-            raise ModelError(f"layout {self.name}: expected one image's boxes (N, 4) and scores (N, {num_classes + 1}), "
+            raise ModelError(f"layout {self.name}: expected one image's boxes (N, 4) and scores "
+                             f"(N, {num_classes + 1}), "
                              f"got {boxes.shape} and {scores.shape}")
         if ctx.priors is not None:
             if ctx.priors.shape != boxes.shape:

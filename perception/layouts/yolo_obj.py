@@ -20,7 +20,7 @@ from perception.types import Detections
 
 class YoloObj:
     name = "yolo_obj"
-    roles = ("predictions",)
+    roles: tuple[str, ...] = ("predictions",)
     applies_nms = True
 
     def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
@@ -35,7 +35,7 @@ class YoloObj:
     def candidates(
         self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int, ctx: DecodeContext | None = None
     ) -> Detections:
-        out = np.asarray(outputs["predictions"])
+        out = np.asarray(outputs["predictions"], np.float32)
         if out.ndim != 2 or out.shape[1] != 5 + num_classes:
             raise ModelError(f"layout {self.name}: expected one image's output (N, {5 + num_classes}), got {out.shape}")
         return objectness_candidates(out, out[:, :4], options)

@@ -6,7 +6,7 @@ scores, both already through a sigmoid. score = objectness x the best class's sc
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ NAMES = ("output0", "output", "predictions")
 
 class YoloV5:
     name = "yolov5"
-    roles = ("predictions",)
+    roles: tuple[str, ...] = ("predictions",)
     applies_nms = True
 
     def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:

@@ -7,7 +7,7 @@ score = the best class's score.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ NAMES = ("output0", "output", "predictions")
 
 class YoloV8:
     name = "yolov8"
-    roles = ("predictions",)
+    roles: tuple[str, ...] = ("predictions",)
     applies_nms = True
 
     def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:

@@ -12,18 +12,17 @@ backend that fails to load falls through to the next, with a logged reason).
 
 from __future__ import annotations
 
-
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from perception.errors import ModelError
 from perception.manifest import Manifest, Variant
 from server.runtime.availability import tensorrt_installed
 from server.runtime.base import Backend
-from server.runtime.settings import RuntimeSettings
 from server.runtime.onnxruntime_backend import PROVIDERS, OnnxRuntimeBackend, available_providers
+from server.runtime.settings import RuntimeSettings
 
 __all__ = ["LOADERS", "Availability", "RuntimeSettings", "backend_for", "open_backend", "plan"]
 

@@ -129,10 +129,9 @@ class OnnxRuntimeBackend:
             raise ModelError("backend is not activated")
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if self._single_image:
-            parts = [self._run(x[i]) for i in range(x.shape[0])]
-            if len(parts) != 1:
-                raise ModelError(f"a single-image model got a batch of {len(parts)}")
-            return {name: out[None] for name, out in parts[0].items()}
+            if x.shape[0] != 1:
+                raise ModelError(f"a single-image model got a batch of {x.shape[0]}")
+            return {name: out[None] for name, out in self._run(x[0]).items()}
         if not self._static_batch:
             return self._run(x)
         # A fixed-batch export runs in chunks of exactly its batch, the last one zero-padded.
@@ -150,7 +149,7 @@ class OnnxRuntimeBackend:
             values = self._session.run(None, {self._input_name: x})
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime inference failed: {exc}") from exc
-        return {info.name: np.asarray(v) for info, v in zip(self._outputs, values)}
+        return {info.name: np.asarray(v) for info, v in zip(self._outputs, values, strict=True)}
 
     def deactivate(self) -> None:
         self._session = None

@@ -114,7 +114,8 @@ class TorchvisionStyle(nn.Module):
 
 MODELS: dict[str, tuple[str, Any, list[str], dict[str, Any]]] = {
     # name: (layout, model factory, output names, export kwargs)
-    "yolov5": ("yolov5", yolov5_model, ["output0"], {"dynamic_axes": {"images": {0: "batch"}, "output0": {0: "batch"}}}),
+    "yolov5": ("yolov5", yolov5_model, ["output0"],
+               {"dynamic_axes": {"images": {0: "batch"}, "output0": {0: "batch"}}}),
     "yolov8": ("yolov8", yolov8_model, ["output0"], {}),
     "ssd": ("ssd", lambda: ssd_model(False), ["boxes", "scores"], {}),
     "ssd_priors": ("ssd", lambda: ssd_model(True), ["bbox_regression", "cls_probs"], {}),
@@ -209,7 +210,9 @@ def test_every_layout_serves_boxes_in_source_pixels(work: Path, server: Any, nam
     assert len(high.detections) == 0 and len(other.detections) == 0
 
 
-def test_import_refuses_bad_input_in_one_line_and_writes_nothing(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     onnx_path = export("yolov8", work / "refuse.onnx")
     out = work / "refused"
     base = ["import", "--onnx", str(onnx_path), "--classes", str(work / "classes.txt"), "--out", str(out)]
