@@ -1,13 +1,15 @@
 """Decode frames to BGR uint8: encoded JPEG/PNG bytes, or raw pixels with a row stride.
 
-Sizes are validated before anything is allocated. A JPEG much larger than the model input is
-decoded at reduced scale by libjpeg's DCT scaling (measured 1.7-2.4x faster for 1920x1080 ->
+Sizes are validated before anything is allocated, against limits a deployment can lower to its
+cameras' resolutions. JPEGs are decoded strictly: a corrupt or truncated one is refused. A
+JPEG much larger than the model input is decoded at reduced scale by libjpeg's DCT scaling (measured 1.7-2.4x faster for 1920x1080 ->
 640x360, docs/performance.md) when the caller passes the input size it needs.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import cast
 
@@ -39,41 +41,93 @@ class PixelFormat(IntEnum):
     NV12 = 4
 
 
-def check_size(width: int, height: int) -> None:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a frame may cost to decode, checked from its header before anything is allocated.
+
+    max_pixels: any frame (JPEG, PNG or raw). max_full_buffer_pixels: frames whose decoder needs
+    a full-size buffer whatever the output scale (progressive JPEG keeps every DCT coefficient of
+    the image; PNG inflates the whole image): a 97 KB PNG may declare 8192x4050 and cost 160 MB
+    and most of a second. Lower both to the cameras' real resolutions on a vehicle.
+    """
+
+    max_side: int = MAX_SIDE
+    max_pixels: int = MAX_PIXELS
+    max_full_buffer_pixels: int = 3840 * 2160
+
+    def __post_init__(self) -> None:
+        if min(self.max_side, self.max_pixels, self.max_full_buffer_pixels) < 1:
+            raise ValueError("decode limits must be positive")
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def check_size(width: int, height: int, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"image size must be positive, got {width}x{height}")
-    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
+    if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
         raise InvalidInputError(
-            f"image {width}x{height} exceeds the limit of {MAX_SIDE} per side / {MAX_PIXELS} pixels"
+            f"image {width}x{height} exceeds the limit of {limits.max_side} per side / {limits.max_pixels} pixels"
         )
 
 
-def encoded_size(data: bytes) -> tuple[str, int, int]:
-    """(kind, width, height) read from a JPEG/PNG header without decoding the pixels."""
+@dataclass(frozen=True)
+class EncodedHeader:
+    """What a JPEG/PNG header says, read without decoding: kind, size, and whether decoding
+    needs a full-size buffer (progressive JPEG, PNG)."""
+
+    kind: str  # "jpeg" or "png"
+    width: int
+    height: int
+    full_buffer: bool
+
+
+# SOF markers of progressive JPEG (SOF2, SOF6, SOF10, SOF14).
+_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def read_header(data: bytes) -> EncodedHeader:
+    """Parse a JPEG/PNG header in time linear in its size, with no Python loop over bytes:
+    segments are skipped by their length and any fill between them by ``bytes.find``."""
     if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n":
         w, h = struct.unpack(">II", data[16:24])
-        return "png", int(w), int(h)
+        return EncodedHeader("png", int(w), int(h), True)
     if len(data) >= 4 and data[:2] == b"\xff\xd8":
-        i = 2
-        n = len(data)
+        i, n = 2, len(data)
         while i + 4 <= n:
             if data[i] != 0xFF:
-                i += 1
+                i = data.find(b"\xff", i)
+                if i < 0:
+                    break
                 continue
             marker = data[i + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                i += 1 if marker == 0xFF else 2
+            if marker == 0xFF:  # fill byte
+                i += 1
                 continue
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+                break
             seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
             # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size.
             if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
                 if i + 9 > n:
                     break
                 h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-                return "jpeg", int(w), int(h)
+                return EncodedHeader("jpeg", int(w), int(h), marker in _PROGRESSIVE)
+            if seg_len < 2:
+                break
             i += 2 + seg_len
         raise InvalidInputError("JPEG has no frame header (truncated or corrupt)")
     raise InvalidInputError("encoded image is neither JPEG nor PNG")
+
+
+def encoded_size(data: bytes) -> tuple[str, int, int]:
+    """(kind, width, height) read from a JPEG/PNG header without decoding the pixels."""
+    h = read_header(data)
+    return h.kind, h.width, h.height
 
 
 def reduction_factor(src_w: int, src_h: int, min_size: tuple[int, int] | None) -> int:
@@ -84,64 +138,77 @@ def reduction_factor(src_w: int, src_h: int, min_size: tuple[int, int] | None) -
     """
     if min_size is None:
         return 1
-    return _reduced_flag(src_w, src_h, min_size[0], min_size[1])[0]
-
-
-def _reduced_flag(src_w: int, src_h: int, need_w: int, need_h: int) -> tuple[int, int]:
-    """The largest libjpeg reduction (1, 2, 4, 8) that still leaves at least the needed size."""
-    reductions = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
-    for factor, flag in reductions:
-        if src_w // factor >= need_w and src_h // factor >= need_h:
-            return factor, flag | _NO_EXIF_ROTATION
-    return 1, cv2.IMREAD_COLOR | _NO_EXIF_ROTATION
+    for factor in (8, 4, 2):
+        if src_w // factor >= min_size[0] and src_h // factor >= min_size[1]:
+            return factor
+    return 1
 
 
 def decode_encoded(
-    data: bytes, min_size: tuple[int, int] | None = None
+    data: bytes, min_size: tuple[int, int] | None = None, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> tuple[NDArray[np.uint8], int, int]:
     """Decode JPEG/PNG bytes to BGR (H, W, 3) uint8.
 
     Returns (image, source_width, source_height). With ``min_size=(w, h)``, a JPEG that is at
     least twice as large on both sides is decoded at 1/2, 1/4 or 1/8 scale, never below
     ``min_size``; the returned image is then smaller than the source size reported.
+
+    JPEGs are decoded strictly (libjpeg-turbo through ``simplejpeg``): a corrupt or truncated
+    one is InvalidInputError, never an image padded with grey. Limits are checked on the header,
+    before any pixel is allocated.
     """
     if not data:
         raise InvalidInputError("frame has no image bytes")
-    kind, w, h = encoded_size(data)
-    check_size(w, h)
-    _check_complete(kind, data)
-    factor, flag = 1, cv2.IMREAD_COLOR | _NO_EXIF_ROTATION
-    if kind == "jpeg" and min_size is not None:
-        factor, flag = _reduced_flag(w, h, min_size[0], min_size[1])
-    buf = np.frombuffer(data, np.uint8)
-    decoded = cv2.imdecode(buf, flag)
-    if decoded is None:
-        raise InvalidInputError(f"{kind.upper()} could not be decoded (truncated or corrupt)")
-    # The (reduced) colour flags always decode to 8-bit BGR; OpenCV's stub admits any depth.
-    img = cast(NDArray[np.uint8], decoded)
+    head = read_header(data)
+    w, h = head.width, head.height
+    check_size(w, h, limits)
+    if head.full_buffer and w * h > limits.max_full_buffer_pixels:
+        what = "progressive JPEG" if head.kind == "jpeg" else "PNG"
+        raise InvalidInputError(
+            f"{what} {w}x{h} needs a full-size decode buffer; above the limit of {limits.max_full_buffer_pixels} "
+            "pixels for such images (send baseline JPEG, or raw pixels)"
+        )
+    if head.kind == "png":
+        return _decode_png(data, w, h), w, h
+    factor = 1 if head.full_buffer else reduction_factor(w, h, min_size)
+    img = _decode_jpeg(data, -(-w // factor), -(-h // factor))
     # libjpeg's scaled decode rounds the size up: ceil(w / factor) x ceil(h / factor).
     expect = (-(-w // factor), -(-h // factor))
     if (img.shape[1], img.shape[0]) != expect:
         raise InvalidInputError(
-            f"{kind.upper()} header says {w}x{h} but decoded {img.shape[1] * factor}x{img.shape[0] * factor}"
+            f"JPEG header says {w}x{h} but decoded {img.shape[1] * factor}x{img.shape[0] * factor}"
         )
     return img, w, h
 
 
-def _check_complete(kind: str, data: bytes) -> None:
-    """Refuse an image cut short: libjpeg would otherwise pad a truncated JPEG with grey."""
-    # Some encoders pad after the end-of-image marker; a few dozen bytes of slack covers them.
-    if kind == "jpeg" and b"\xff\xd9" not in data[-64:]:
-        raise InvalidInputError("JPEG is truncated (no end-of-image marker)")
-    if kind == "png" and b"IEND" not in data[-32:]:
+def _decode_jpeg(data: bytes, min_w: int, min_h: int) -> NDArray[np.uint8]:
+    import simplejpeg
+
+    try:
+        # The smallest libjpeg-turbo scale giving at least (min_w, min_h) is exactly 1/factor.
+        img = simplejpeg.decode_jpeg(data, colorspace="BGR", min_width=min_w, min_height=min_h, strict=True)
+    except ValueError as exc:  # simplejpeg's one error type; strict turns libjpeg warnings into it
+        raise InvalidInputError(f"JPEG could not be decoded (truncated or corrupt): {exc}") from None
+    return cast(NDArray[np.uint8], img)
+
+
+def _decode_png(data: bytes, w: int, h: int) -> NDArray[np.uint8]:
+    if b"IEND" not in data[-32:]:
         raise InvalidInputError("PNG is truncated (no IEND chunk)")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | _NO_EXIF_ROTATION)
+    if img is None:
+        raise InvalidInputError("PNG could not be decoded (truncated or corrupt)")
+    if (img.shape[1], img.shape[0]) != (w, h):
+        raise InvalidInputError(f"PNG header says {w}x{h} but decoded {img.shape[1]}x{img.shape[0]}")
+    return cast(NDArray[np.uint8], img)
 
 
 def decode_raw(
-    data: bytes, width: int, height: int, pixel_format: int, row_stride: int = 0
+    data: bytes, width: int, height: int, pixel_format: int, row_stride: int = 0,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> NDArray[np.uint8]:
     """Raw pixels (BGR8, RGB8, GRAY8 or NV12) with an optional row stride -> BGR (H, W, 3)."""
-    check_size(width, height)
+    check_size(width, height, limits)
     try:
         fmt = PixelFormat(pixel_format)
     except ValueError as exc:

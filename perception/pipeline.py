@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.decode import decode_encoded, decode_raw, reduction_factor
+from perception.decode import DEFAULT_LIMITS, DecodeLimits, decode_encoded, decode_raw, reduction_factor
 from perception.errors import DataError, InvalidInputError, ModelError
 from perception.layouts import DecodeContext, TensorInfo, decoder_for
 from perception.letterbox import Letterbox
@@ -140,8 +140,10 @@ class FramePipeline:
         classes: Sequence[str],
         reduced_decode: bool = True,
         priors: NDArray[np.float32] | None = None,
+        limits: DecodeLimits = DEFAULT_LIMITS,
     ) -> None:
         self.spec = preprocess
+        self.limits = limits
         self.postprocess = postprocess
         self.classes = tuple(classes)
         self.reduced_decode = reduced_decode
@@ -152,11 +154,13 @@ class FramePipeline:
                                      postprocess.class_offset)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, reduced_decode: bool = True) -> FramePipeline:
+    def from_manifest(
+        cls, manifest: Manifest, reduced_decode: bool = True, limits: DecodeLimits = DEFAULT_LIMITS
+    ) -> FramePipeline:
         priors = None
         if manifest.postprocess.priors is not None:
             priors = load_priors(manifest.path_of(manifest.postprocess.priors.file))
-        return cls(manifest.preprocess, manifest.postprocess, manifest.classes, reduced_decode, priors)
+        return cls(manifest.preprocess, manifest.postprocess, manifest.classes, reduced_decode, priors, limits)
 
     @property
     def num_classes(self) -> int:
@@ -187,10 +191,10 @@ class FramePipeline:
         """(BGR image, source width, source height); the image may be a reduced-scale decode."""
         if frame.encoded is not None and frame.raw is None:
             need = (self.spec.input_width, self.spec.input_height) if self.reduced_decode else None
-            return decode_encoded(frame.encoded, need)
+            return decode_encoded(frame.encoded, need, self.limits)
         if frame.raw is not None and frame.encoded is None:
             raw = frame.raw
-            img = decode_raw(raw.data, raw.width, raw.height, raw.pixel_format, raw.row_stride)
+            img = decode_raw(raw.data, raw.width, raw.height, raw.pixel_format, raw.row_stride, self.limits)
             return img, raw.width, raw.height
         raise InvalidInputError("frame must carry exactly one of encoded bytes or raw pixels")
 

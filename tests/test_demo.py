@@ -19,7 +19,9 @@ def test_demo_script_runs_end_to_end_and_stops_the_server(tmp_path: Path) -> Non
         "PY": sys.executable,
         "DEMO_OUT": str(out),
         # a smaller gate and no scaling table keep this test short; the pipeline is the same
-        "DEMO_BUILD_ARGS": "--no-scaling --no-report --val-images 24 --calib-images 8 --latency-runs 5 --continue-on-fail",
+        "DEMO_BUILD_ARGS": (
+            "--no-scaling --no-report --val-images 24 --calib-images 8 --latency-runs 5 --continue-on-fail"
+        ),
         "DEMO_REPLAY_ARGS": "--max-rate",
     }
     proc = subprocess.run(

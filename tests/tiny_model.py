@@ -13,12 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
-from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
+from perception.manifest import (
+    Manifest,
+    PostprocessSpec,
+    Precision,
+    PreprocessSpec,
+    Variant,
+    save_manifest,
+    sha256_file,
+)
 
 CLASSES = ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_light", "traffic_sign")
 
 
-def make_tiny_onnx(path: Path, width: int = 64, height: int = 48, num_classes: int = len(CLASSES), seed: int = 0) -> None:
+def make_tiny_onnx(
+    path: Path, width: int = 64, height: int = 48, num_classes: int = len(CLASSES), seed: int = 0
+) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -77,7 +87,7 @@ def make_tiny_artifact(directory: Path, width: int = 64, height: int = 48, max_b
             Variant(
                 name="fp32",
                 file=onnx_path.name,
-                precision="fp32",
+                precision=Precision.FP32,
                 sha256=sha256_file(onnx_path),
                 input_shape=(-1, 3, height, width),
                 max_batch=max_batch,

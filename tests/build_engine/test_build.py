@@ -66,10 +66,13 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     assert fp32.metrics["map50"] > 0.85
     assert not pr.gate["passed"] and "outside" in pr.gate["reason"]
     assert pr.macs < 0.5 * fp32.macs and pr.params < 0.5 * fp32.params
+    assert int8.calibration is not None
     assert int8.precision == "int8" and int8.calibration.set_sha256 == m.provenance["calibration"]["sha256"]
     # Provenance is declared, not inferred from names.
-    assert (int8.family, int8.parent, pr.family, m.variant("pruned_int8").parent) == ("base", "fp32", "pruned", "pruned_fp32")
-    assert pr.weights is not None and pr.weights.pruning and fp32.weights.sha256 == m.provenance["checkpoint"]["sha256"]
+    provenance = (int8.family, int8.parent, pr.family, m.variant("pruned_int8").parent)
+    assert provenance == ("base", "fp32", "pruned", "pruned_fp32")
+    assert pr.weights is not None and fp32.weights is not None
+    assert pr.weights.pruning and fp32.weights.sha256 == m.provenance["checkpoint"]["sha256"]
     # Each INT8 variant ships its TensorRT twin (signed, zero points 0), hashed and scored.
     from perception.manifest import Precision, sha256_file
     from server.runtime.tensorrt_engines import tensorrt_source
@@ -77,6 +80,7 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     cals, gates = {}, {}
     for name in ("int8", "pruned_int8"):
         twin = m.variant(name).tensorrt_qdq
+        assert twin is not None, f"{name} ships no TensorRT twin"
         path = out / twin.file
         if twin.passed:
             assert tensorrt_source(m, m.variant(name), Precision.INT8) == (path, sha256_file(path))
@@ -85,7 +89,8 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
                 tensorrt_source(m, m.variant(name), Precision.INT8)
         gates[name] = twin.passed
         cals[name] = twin.calibrator
-        assert set(twin.metrics) == {"map50_95", "map50", "precision", "recall"} and isinstance(twin.gate["passed"], bool)
+        assert set(twin.metrics) == {"map50_95", "map50", "precision", "recall"}
+        assert isinstance(twin.gate["passed"], bool)
         zps = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("zero_point")]
         assert zps and {z.data_type for z in zps} == {onnx.TensorProto.INT8}
     # The untrained pruned copy has a near-constant map that a 2048-bin histogram cannot resolve:
@@ -104,10 +109,11 @@ def test_full_build_gate_manifest_report(inputs, capsys, caplog):
     assert (m.preprocess.input_width, m.preprocess.input_height) == (128, 96)
     assert m.extra["nms_in_graph"]["file"] == "model.fp32.nms.onnx" and (out / "model.fp32.nms.onnx").is_file()
     report = (out / "report.md").read_text()
-    for needle in ("## Variants", "pruned_fp32", "## TensorRT INT8 models", "model.int8.trt.onnx", "## Quantization", "SQNR",
-                   "## Pruning", "MACs"):
+    for needle in ("## Variants", "pruned_fp32", "## TensorRT INT8 models", "model.int8.trt.onnx",
+                   "## Quantization", "SQNR", "## Pruning", "MACs"):
         assert needle in report
-    assert (out / "plots" / "activation_histograms.png").is_file() and (out / "plots" / "weight_histograms.png").is_file()
+    assert (out / "plots" / "activation_histograms.png").is_file()
+    assert (out / "plots" / "weight_histograms.png").is_file()
     assert not list(out.parent.glob(".art.building-*"))
 
 

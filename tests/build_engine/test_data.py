@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -17,18 +18,19 @@ from perception.errors import DataError
 
 
 @pytest.fixture(scope="module")
-def small_set(tmp_path_factory):  # type: ignore[no-untyped-def]
+def small_set(tmp_path_factory):
     return generate_dataset(tmp_path_factory.mktemp("ds"), 12, seed=5, width=320, height=192)
 
 
-def test_generated_dataset_layout_and_labels(small_set) -> None:  # type: ignore[no-untyped-def]
+def test_generated_dataset_layout_and_labels(small_set) -> None:
     assert (small_set / "annotations.json").is_file() and (small_set / "classes.txt").is_file()
     assert len(list((small_set / "images").glob("*.jpg"))) == 12 == len(list((small_set / "labels").glob("*.txt")))
     ds = read_labelled_set(small_set)
     assert ds.classes == DEFAULT_CLASSES and len(ds) == 12
     boxes = np.concatenate([s.boxes for s in ds.samples])
     assert len(boxes) > 24
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 320).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 192).all()
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 320).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 192).all()
     assert ((boxes[:, 2] - boxes[:, 0]) >= 4).all() and ((boxes[:, 3] - boxes[:, 1]) >= 4).all()
 
 
@@ -43,7 +45,7 @@ def test_all_classes_and_many_small_objects() -> None:
     assert (h < 32).mean() > 0.4 and (h > 64).any()  # many small far objects, and some near
 
 
-def test_generation_is_deterministic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_generation_is_deterministic(tmp_path) -> None:
     a, b = random_image(42, 320, 192), random_image(42, 320, 192)
     assert np.array_equal(a.image, b.image) and np.array_equal(a.boxes, b.boxes)
     assert not np.array_equal(a.image, random_image(43, 320, 192).image)
@@ -60,7 +62,8 @@ def test_boxes_fit_visible_pixels() -> None:
     rng = np.random.default_rng(7)
     cam = scene.random_camera(rng, 320, 192)
     # (lights and signs stand on an unlabelled pole, which would change pixels below the box)
-    objs = [o for o in scene.random_scene(rng, cam, 10, 10) if o.labelled and o.kind not in ("traffic_light", "traffic_sign")]
+    objs = [o for o in scene.random_scene(rng, cam, 10, 10)
+            if o.labelled and o.kind not in ("traffic_light", "traffic_sign")]
     look = replace(scene.Look.random(rng), noise_sigma=0.0, blur_sigma=0.0, motion_blur=0)
     empty = scene.render([], cam, look).image.astype(int)
     checked = 0
@@ -85,16 +88,16 @@ def test_boxes_fit_visible_pixels() -> None:
     assert far_box[0] == alone[0] and far_box[2] < alone[2]
 
 
-def test_coco_and_yolo_readers_agree(small_set) -> None:  # type: ignore[no-untyped-def]
+def test_coco_and_yolo_readers_agree(small_set) -> None:
     a, b = read_coco_set(small_set), read_yolo_set(small_set)
     assert a.classes == b.classes
-    for sa, sb in zip(sorted(a.samples, key=lambda s: s.file.name), b.samples):
+    for sa, sb in zip(sorted(a.samples, key=lambda s: s.file.name), b.samples, strict=True):
         assert sa.file.name == sb.file.name and (sa.width, sa.height) == (sb.width, sb.height)
         np.testing.assert_allclose(sa.boxes, sb.boxes, atol=0.02)
         assert sa.class_ids.tolist() == sb.class_ids.tolist()
 
 
-def yolo_copy(src, tmp_path):  # type: ignore[no-untyped-def]
+def yolo_copy(src, tmp_path):
     dst = tmp_path / "y"
     shutil.copytree(src, dst)
     (dst / "annotations.json").unlink()
@@ -103,9 +106,13 @@ def yolo_copy(src, tmp_path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(
     "line, fragment",
-    [("9 0.5 0.5 0.1 0.1", "class id 9 out of range"), ("0 0.5 0.5 0.1", "malformed YOLO line"), ("x 0.5 0.5 0.1 0.1", "malformed")],
+    [
+        ("9 0.5 0.5 0.1 0.1", "class id 9 out of range"),
+        ("0 0.5 0.5 0.1", "malformed YOLO line"),
+        ("x 0.5 0.5 0.1 0.1", "malformed"),
+    ],
 )
-def test_bad_yolo_lines_name_file_and_line(small_set, tmp_path, line, fragment) -> None:  # type: ignore[no-untyped-def]
+def test_bad_yolo_lines_name_file_and_line(small_set, tmp_path, line, fragment) -> None:
     d = yolo_copy(small_set, tmp_path)
     lf = d / "labels" / "000003.txt"
     lf.write_text(lf.read_text() + line + "\n")
@@ -114,7 +121,7 @@ def test_bad_yolo_lines_name_file_and_line(small_set, tmp_path, line, fragment) 
     assert f"{lf}:" in str(ei.value) and fragment in str(ei.value)
 
 
-def test_undecodable_image_and_orphan_label(small_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_undecodable_image_and_orphan_label(small_set, tmp_path) -> None:
     d = yolo_copy(small_set, tmp_path)
     (d / "images" / "000002.jpg").write_bytes(b"\xff\xd8garbage")
     with pytest.raises(DataError, match="000002.jpg: image does not decode"):
@@ -125,7 +132,7 @@ def test_undecodable_image_and_orphan_label(small_set, tmp_path) -> None:  # typ
         read_labelled_set(d2)
 
 
-def test_missing_or_empty_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_or_empty_dataset(tmp_path) -> None:
     with pytest.raises(DataError, match="no such dataset"):
         read_labelled_set(tmp_path / "nothing")
     (tmp_path / "empty").mkdir()
@@ -133,7 +140,7 @@ def test_missing_or_empty_dataset(tmp_path) -> None:  # type: ignore[no-untyped-
         read_labelled_set(tmp_path / "empty")
 
 
-def test_coco_set_missing_image_is_named(small_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_coco_set_missing_image_is_named(small_set, tmp_path) -> None:
     d = tmp_path / "c"
     shutil.copytree(small_set, d)
     (d / "images" / "000001.jpg").unlink()
@@ -141,7 +148,7 @@ def test_coco_set_missing_image_is_named(small_set, tmp_path) -> None:  # type: 
         read_labelled_set(d)
 
 
-def test_recorded_drive(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_recorded_drive(tmp_path) -> None:
     from mcap_ros2.reader import read_ros2_messages
 
     from build_engine.data.drive import write_drive
@@ -154,14 +161,14 @@ def test_recorded_drive(tmp_path) -> None:  # type: ignore[no-untyped-def]
     stamps = [m.ros_msg.header.stamp.sec * 10**9 + m.ros_msg.header.stamp.nanosec for m in msgs]
     assert stamps == sorted(stamps)
     by_key = {(im["camera_id"], im["sequence"]): im for im in gt["images"]}
-    for m, ts in zip(msgs, stamps):
+    for m, ts in zip(msgs, stamps, strict=True):
         cam = m.ros_msg.header.frame_id
         seq = [s for (c, s), im in by_key.items() if c == cam and im["timestamp_ns"] == ts]
         assert len(seq) == 1
         im = by_key[(cam, seq[0])]
         assert im["file_name"] == f"{cam}/{seq[0]:06d}.jpg" and m.ros_msg.format == "jpeg"
         img = cv2.imdecode(np.frombuffer(bytes(m.ros_msg.data), np.uint8), cv2.IMREAD_COLOR)
-        assert img.shape == (192, 320, 3)
+        assert img is not None and img.shape == (192, 320, 3)
     assert sorted(s for c, s in by_key if c == "rear") == [0, 1, 2, 3]
     cap = cv2.VideoCapture(str(out / "front.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
@@ -174,7 +181,7 @@ def test_recorded_drive(tmp_path) -> None:  # type: ignore[no-untyped-def]
     steps = []
     for obs in tracks.values():
         obs.sort()
-        steps += [abs(b[1][0] - a[1][0]) for a, b in zip(obs, obs[1:]) if b[0] == a[0] + 1]
+        steps += [abs(b[1][0] - a[1][0]) for a, b in itertools.pairwise(obs) if b[0] == a[0] + 1]
     assert steps and np.median(steps) < 20
     # The drive as a COCO dataset (exact JPEG bytes from the MCAP), readable like any other.
     from build_engine.data.drive import extract_frames
@@ -183,7 +190,7 @@ def test_recorded_drive(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert len(ds) == 8 and sum(len(s.boxes) for s in ds.samples) == len(gt["annotations"])
 
 
-def test_bundled_drive_is_small_and_valid(repo_root) -> None:  # type: ignore[no-untyped-def]
+def test_bundled_drive_is_small_and_valid(repo_root) -> None:
     d = repo_root / "assets" / "drives" / "demo"
     total = sum(p.stat().st_size for p in d.iterdir() if p.is_file())
     assert total < 5 * 2**20
@@ -193,10 +200,12 @@ def test_bundled_drive_is_small_and_valid(repo_root) -> None:  # type: ignore[no
     assert (d / "front.mp4").is_file() and (d / "drive.mcap").is_file()
 
 
-def test_gen_data_cli(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_gen_data_cli(tmp_path, capsys) -> None:
     from perception.cli import main
 
-    assert main(["gen-data", "--out", str(tmp_path / "g"), "--images", "3", "--seed", "4", "--width", "160", "--height", "96"]) == 0
+    argv = ["gen-data", "--out", str(tmp_path / "g"), "--images", "3", "--seed", "4",
+            "--width", "160", "--height", "96"]
+    assert main(argv) == 0
     assert len(json.loads((tmp_path / "g" / "annotations.json").read_text())["images"]) == 3
     capsys.readouterr()
     assert main(["gen-data", "--drive", "--out", str(tmp_path / "d"), "--cameras", "left", "--frames", "2"]) == 1

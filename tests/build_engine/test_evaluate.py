@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 
@@ -11,27 +12,31 @@ from build_engine.checkpoint import meta_for, save_checkpoint
 from build_engine.data.generate import generate_dataset
 from build_engine.evaluate import evaluate_checkpoint, evaluate_onnx, write_report
 from build_engine.model import build_detector, preset
+from build_engine.model.detector import HeadLevel
 from perception.errors import ModelError
 
 
 @pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory):  # type: ignore[no-untyped-def]
+def model_and_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ev")
     data = generate_dataset(d / "data", 6, seed=9, width=160, height=96)
     torch.manual_seed(0)
     m = build_detector(preset("pico", input_width=128, input_height=96)).eval()
     with torch.no_grad():  # scores around 0.25 so there are plenty of (random) detections
         for h in m.heads:
+            assert isinstance(h, HeadLevel)
+            assert h.obj_pred.bias is not None and h.cls_pred.bias is not None
             h.obj_pred.bias.zero_()
             h.cls_pred.bias.zero_()
     ckpt = save_checkpoint(d / "m.pt", m, meta_for(m))
     onnx_path = d / "m.onnx"
-    torch.onnx.export(m, torch.rand(1, 3, 96, 128), str(onnx_path), opset_version=17, input_names=["images"],
-                      output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(m, (torch.rand(1, 3, 96, 128),), str(onnx_path), opset_version=17, input_names=["images"],
+                      output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+                      dynamo=False)
     return ckpt, onnx_path, data
 
 
-def test_checkpoint_and_onnx_score_the_same(model_and_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_and_onnx_score_the_same(model_and_data, tmp_path) -> None:
     ckpt, onnx_path, data = model_and_data
     r1, p1, gt = evaluate_checkpoint(ckpt, data)
     r2, p2, _ = evaluate_onnx(onnx_path, data)
@@ -44,7 +49,7 @@ def test_checkpoint_and_onnx_score_the_same(model_and_data, tmp_path) -> None:  
     assert json.loads((out / "kpi.json").read_text())["map50_95"] == r1.map50_95
 
 
-def test_bad_model_files(tmp_path, model_and_data) -> None:  # type: ignore[no-untyped-def]
+def test_bad_model_files(tmp_path, model_and_data) -> None:
     _, _, data = model_and_data
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"nope")
@@ -54,7 +59,7 @@ def test_bad_model_files(tmp_path, model_and_data) -> None:  # type: ignore[no-u
         evaluate_checkpoint(tmp_path / "missing.pt", data)
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """The real CLI entry point in-process (same dispatch and error handling as the script)."""
     from perception.cli import main
 
@@ -64,15 +69,18 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:  # type: ignore[no-unty
     return code, out.out, out.err
 
 
-def test_eval_cli_gt_pred_json_and_errors(model_and_data, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_eval_cli_gt_pred_json_and_errors(model_and_data, tmp_path, capsys) -> None:
     ckpt, _, data = model_and_data
     gt = json.loads((data / "annotations.json").read_text())
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
     (tmp_path / "p.json").write_text(json.dumps(perfect))
-    code, out, err = run_cli(capsys, "--gt", str(data / "annotations.json"), "--pred", str(tmp_path / "p.json"), "--json", "--out", str(tmp_path / "o"))
+    code, out, err = run_cli(capsys, "--gt", str(data / "annotations.json"), "--pred", str(tmp_path / "p.json"),
+                             "--json", "--out", str(tmp_path / "o"))
     assert code == 0, err
     d = json.loads(out)
-    assert d["map50_95"] == pytest.approx(1.0) and d["map50"] == pytest.approx(1.0) and d["precision"] == 1.0 and d["recall"] == 1.0
+    assert d["map50_95"] == pytest.approx(1.0) and d["map50"] == pytest.approx(1.0)
+    assert d["precision"] == 1.0 and d["recall"] == 1.0
     assert (tmp_path / "o" / "pr_curve.png").is_file()
     code, out, _ = run_cli(capsys, "--checkpoint", str(ckpt), "--data", str(data))
     assert code == 0 and "mAP50-95" in out and "car" in out

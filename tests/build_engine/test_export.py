@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from build_engine.model.detector import Detector, HeadLevel
 
-def _tiny_detector(seed: int = 0):
+
+def _tiny_detector(seed: int = 0) -> Detector:
     from build_engine.model import build_detector, preset
 
     torch.manual_seed(seed)
@@ -20,6 +22,8 @@ def _tiny_detector(seed: int = 0):
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     for head in model.heads:
+        assert isinstance(head, HeadLevel)
+        assert head.obj_pred.bias is not None and head.cls_pred.bias is not None
         nn.init.normal_(head.box_pred.weight, std=0.05)
         nn.init.normal_(head.obj_pred.weight, std=0.5)
         nn.init.constant_(head.obj_pred.bias, 0.0)
@@ -76,8 +80,8 @@ def test_in_graph_nms_matches_server_nms(tmp_path):
 
     from build_engine.export import append_nms, export_onnx
     from build_engine.fold import fold_batchnorm
-    from perception.nms import batched_nms
     from perception.layouts import decoder_for
+    from perception.nms import batched_nms
     from perception.postprocess import PostprocessOptions
 
     folded, _ = fold_batchnorm(_tiny_detector())
@@ -93,7 +97,7 @@ def test_in_graph_nms_matches_server_nms(tmp_path):
         scores = raw[b, :, 4:5] * raw[b, :, 5:]
         cand, cls = np.nonzero(scores >= 0.3)
         keep = batched_nms(raw[b, cand, :4], scores[cand, cls], cls, 0.5, False)
-        expected = sorted(zip(cls[keep].tolist(), cand[keep].tolist()))
+        expected = sorted(zip(cls[keep].tolist(), cand[keep].tolist(), strict=True))
         got = sorted((int(c), int(i)) for bb, c, i in sel if bb == b)
         assert got == expected
         assert len(decoder_for("yolo_obj").candidates({"predictions": raw[b]}, opts, raw.shape[2] - 5)) > 0

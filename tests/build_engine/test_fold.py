@@ -15,6 +15,7 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features
+            assert m.running_mean is not None and m.running_var is not None  # tracked by default
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.05)
             m.weight.data.copy_(torch.randn(n, generator=g))
@@ -33,6 +34,7 @@ def test_fuse_conv_bn_formula(groups, bias):
     x = torch.randn(2, 8, 10, 10)
     torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
     # w' = gamma * w / sqrt(var + eps), per output channel
+    assert bn.running_var is not None
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     torch.testing.assert_close(fused.weight, conv.weight * s.reshape(-1, 1, 1, 1))
 
@@ -60,6 +62,7 @@ def _real_batch(n: int, width: int, height: int) -> torch.Tensor:
 
 def test_fold_detector_matches_on_real_images():
     from build_engine.model import build_detector, preset
+    from build_engine.model.detector import HeadLevel
 
     torch.manual_seed(0)
     cfg = preset("pico", input_width=192, input_height=128)
@@ -75,6 +78,7 @@ def test_fold_detector_matches_on_real_images():
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     for head in model.heads:  # a non-degenerate box branch (zero-initialised in the model)
+        assert isinstance(head, HeadLevel)
         nn.init.normal_(head.box_pred.weight, std=0.05)
     model.eval()
     folded, n = fold_batchnorm(model)

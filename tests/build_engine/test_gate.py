@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from build_engine.gate import gate_decision, parity
 from build_engine.thresholds import GateLimits, GateThresholds
 from perception.errors import ConfigError
+from perception.layouts import TensorInfo
 from perception.types import Detections
 
 
@@ -116,9 +119,9 @@ def make_pseudo_labelled_set(manifest_path: Path, root: Path, n: int = 8, seed: 
     pipeline = FramePipeline.from_manifest(m)
     dets = pipeline.detect_files([root / "images" / im["file_name"] for im in coco["images"]], backend.infer,
                                  RequestOptions())
-    anns = []
-    for im, d in zip(coco["images"], dets):
-        for b, c in zip(d.boxes, d.class_ids):
+    anns: list[dict[str, Any]] = []
+    for im, d in zip(coco["images"], dets, strict=True):
+        for b, c in zip(d.boxes, d.class_ids, strict=True):
             if min(b[2] - b[0], b[3] - b[1]) < 2:  # the untrained head's boxes clipped flat at the border
                 continue
             anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": int(c) + 1, "iscrowd": 0,
@@ -132,9 +135,9 @@ def make_pseudo_labelled_set(manifest_path: Path, root: Path, n: int = 8, seed: 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from tests.build_engine.test_quantize import _tiny_detector  # noqa: F401  (same tiny model)
     from build_engine.build import export_fp32_artifact
     from build_engine.checkpoint import meta_for, save_checkpoint
+    from tests.build_engine.test_quantize import _tiny_detector  # noqa: F401  (same tiny model)
 
     tmp = tmp_path_factory.mktemp("gate")
     model = _tiny_detector()
@@ -244,20 +247,34 @@ def _jpeg_val_set(root: Path, classes: int = 3, sizes: tuple[tuple[int, int], ..
     return root
 
 
+def _imread(path: Path) -> NDArray[np.uint8]:
+    """A full-size BGR decode of ``path``: what the reduced-scale decode must not match."""
+    img = cv2.imread(str(path))
+    assert img is not None, f"{path} does not decode"
+    return np.asarray(img, dtype=np.uint8)
+
+
 class _RecordingBackend:
     """Records every input; answers two confident boxes in model-input pixels per image."""
+
+    name = "recording"
 
     def __init__(self, classes: int = 3) -> None:
         self.inputs: list[np.ndarray] = []
         self.classes = classes
 
     @property
-    def outputs(self):
-        from perception.layouts import TensorInfo
+    def max_batch(self) -> int:
+        return 64
 
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]:
         return (TensorInfo("output", (None, 4, 5 + self.classes)),)
 
-    def infer(self, batch):
+    def activate(self) -> None:
+        pass
+
+    def infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         self.inputs.append(batch.copy())
         out = np.zeros((len(batch), 4, 5 + self.classes), np.float32)
         out[:, 0, :6] = [0, 0, 128, 96, 0.9, 0.9]  # the whole canvas
@@ -289,11 +306,11 @@ def test_gate_sees_exactly_the_pixels_served(tmp_path):
     assert [len(b) for b in backend.inputs] == [2, 1]
     np.testing.assert_array_equal(np.concatenate(backend.inputs), served)
     # The check has teeth: a full decode + resize of the large images gives other pixels.
-    full, _ = preprocess_batch([cv2.imread(str(p)) for _, p in vs.images], pre)
+    full, _ = preprocess_batch([_imread(p) for _, p in vs.images], pre)
     assert not np.array_equal(full[:2], served[:2]) and np.array_equal(full[2], served[2])
 
     raw = backend.infer(served)
-    for i, (det, prep, (w, h)) in enumerate(zip(ev.detections, prepared, _LARGE)):
+    for i, (det, prep, (w, h)) in enumerate(zip(ev.detections, prepared, _LARGE, strict=True)):
         expect = pipeline.finish(frame_outputs(raw, i), prep)
         np.testing.assert_array_equal(det.boxes, expect.boxes)
         # The whole-canvas box is the whole source image, in source pixels.
@@ -314,14 +331,16 @@ def test_calibration_gate_and_serving_see_identical_inputs_for_a_1080p_jpeg(tmp_
     root = _jpeg_val_set(tmp_path / "val", sizes=((1920, 1080),))
     path = root / "images" / "001.jpg"
     pre, post = PreprocessSpec(input_width=512, input_height=288), PostprocessSpec()
-    calibrated = ImageCalibrationReader([path], pre).get_next()["images"]
+    calibration_batch = ImageCalibrationReader([path], pre).get_next()
+    assert calibration_batch is not None
+    calibrated = calibration_batch["images"]
     backend = _RecordingBackend()
     evaluate_variant("v", tmp_path / "unused.onnx", ValSet.load(root), pre, post, backend=backend)
     pipeline = FramePipeline(pre, post, ("c0", "c1", "c2"))
     served = pipeline.to_batch([pipeline.prepare(FrameInput("front", 0, 0, encoded=path.read_bytes()),
                                                  RequestOptions()).tensor])
     assert calibrated.tobytes() == backend.inputs[0].tobytes() == served.tobytes()
-    full, _ = preprocess_batch([cv2.imread(str(path))], pre)
+    full, _ = preprocess_batch([_imread(path)], pre)
     assert full.tobytes() != served.tobytes()  # a full decode differs: the check can fail
 
 
@@ -337,5 +356,6 @@ def test_gate_refuses_a_val_image_the_server_would_refuse(tmp_path):
     cv2.imwrite(str(tmp_path / "x.bmp"), np.zeros((96, 128, 3), np.uint8))
     bmp.write_bytes((tmp_path / "x.bmp").read_bytes())  # a BMP under a .jpg name: the server says no
     with pytest.raises(DataError, match="002.jpg.*would refuse"):
-        evaluate_variant("v", tmp_path / "unused.onnx", ValSet.load(root), PreprocessSpec(input_width=128, input_height=96),
-                         PostprocessSpec(), backend=_RecordingBackend())
+        evaluate_variant("v", tmp_path / "unused.onnx", ValSet.load(root),
+                         PreprocessSpec(input_width=128, input_height=96), PostprocessSpec(),
+                         backend=_RecordingBackend())

@@ -4,6 +4,7 @@ and the end-to-end measurement with the shipped default model."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 
@@ -11,26 +12,26 @@ from build_engine.data.generate import generate_dataset
 from build_engine.label_qa.issues import find_geometric_issues
 from build_engine.label_qa.measure import GEOMETRIC, inject, measure, score_flags
 from build_engine.label_qa.model_assisted import image_issues
-from build_engine.label_qa.records import read_label_set
+from build_engine.label_qa.records import LabelRecord, read_label_set
 from perception.coco import read_json
 
 
 @pytest.fixture(scope="module")
-def val_set(tmp_path_factory):  # type: ignore[no-untyped-def]
+def val_set(tmp_path_factory):
     return generate_dataset(tmp_path_factory.mktemp("qa"), 10, seed=21, width=320, height=192)
 
 
-def test_clean_generated_labels_have_no_geometric_issues(val_set) -> None:  # type: ignore[no-untyped-def]
+def test_clean_generated_labels_have_no_geometric_issues(val_set) -> None:
     assert find_geometric_issues(read_label_set(val_set)) == []
 
 
-def test_injected_geometric_mistakes_are_all_found(val_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_injected_geometric_mistakes_are_all_found(val_set, tmp_path) -> None:
     r = measure(val_set, None, tmp_path / "bad", per_kind=4, seed=3)
     assert r["injected"] == 4 * len(GEOMETRIC)
     assert r["recall"] == 1.0 and r["precision"] == 1.0 and r["flags_on_clean_data"] == 0
 
 
-def test_yolo_unknown_class_is_flagged_not_fatal(val_set, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_yolo_unknown_class_is_flagged_not_fatal(val_set, tmp_path) -> None:
     import shutil
 
     d = tmp_path / "y"
@@ -42,7 +43,7 @@ def test_yolo_unknown_class_is_flagged_not_fatal(val_set, tmp_path) -> None:  # 
     assert kinds == [("unknown_class", "labels/000001.txt:1"), ("zero_area", "labels/000001.txt:2")]
 
 
-def test_lint_cli_json_and_table(val_set, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_lint_cli_json_and_table(val_set, tmp_path, capsys) -> None:
     from perception.cli import main
 
     gt, _ = inject(read_json(val_set / "annotations.json"), 1, 0, ("duplicate", "unknown_class"))
@@ -55,13 +56,18 @@ def test_lint_cli_json_and_table(val_set, tmp_path, capsys) -> None:  # type: ig
     assert main(["lint-labels", "--data", str(d), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert sorted(x["kind"] for x in rows) == ["duplicate", "unknown_class"]
-    assert {"image", "box", "kind", "score"} <= set(rows[0]) and "issues: duplicate 1, unknown_class 1" in capsys.readouterr().out
+    assert {"image", "box", "kind", "score"} <= set(rows[0])
+    assert "issues: duplicate 1, unknown_class 1" in capsys.readouterr().out
 
 
-def test_model_rules_on_given_detections(val_set) -> None:  # type: ignore[no-untyped-def]
+def test_model_rules_on_given_detections(val_set) -> None:
     ls = read_label_set(val_set)
-    iid = max(ls.images, key=lambda i: sum(1 for r in ls.records if r.image_id == i and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= 8))
-    recs = [r for r in ls.records if r.image_id == iid and min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= 8]
+
+    def big(r: LabelRecord) -> bool:
+        return min(r.box[2] - r.box[0], r.box[3] - r.box[1]) >= 8
+
+    iid = max(ls.images, key=lambda i: sum(1 for r in ls.records if r.image_id == i and big(r)))
+    recs = [r for r in ls.records if r.image_id == iid and big(r)]
     assert len(recs) >= 2
     boxes = np.array([r.box for r in recs], np.float32)
     cls = np.array([r.class_id for r in recs], np.int64)
@@ -83,10 +89,11 @@ def test_model_rules_on_given_detections(val_set) -> None:  # type: ignore[no-un
     keep = [k for k in range(len(recs)) if k != z]
     det = (np.concatenate([db[keep], extra]), np.full(len(keep) + 1, 0.9, np.float32), np.concatenate([dc[keep], [0]]))
     got = {(i.kind, i.ref) for i in image_issues(ls, iid, det)}
-    assert got == {("wrong_class", recs[0].ref), ("bad_box", recs[1].ref), ("missing_label", ""), ("no_object", recs[z].ref)}
+    assert got == {("wrong_class", recs[0].ref), ("bad_box", recs[1].ref), ("missing_label", ""),
+                   ("no_object", recs[z].ref)}
 
 
-def test_model_assisted_finds_injected_mistakes(repo_root, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_model_assisted_finds_injected_mistakes(repo_root, tmp_path) -> None:
     ckpt = repo_root / "models" / "default" / "detector.pt"
     if not ckpt.is_file():
         pytest.skip("models/default/detector.pt is not trained yet")
@@ -101,6 +108,7 @@ def test_score_flags_counts() -> None:
     from build_engine.label_qa.issues import Issue
 
     inj = [{"kind": "bad_box", "image_id": 1, "box": [0, 0, 10, 10], "ann_id": 5}]
-    flags = [Issue("a", 1, (0, 0, 10, 10), "bad_box", 0.9, "car", "annotations[3] (id 5)"), Issue("a", 1, (50, 50, 60, 60), "missing_label", 0.8)]
+    flags = [Issue("a", 1, (0, 0, 10, 10), "bad_box", 0.9, "car", "annotations[3] (id 5)"),
+             Issue("a", 1, (50, 50, 60, 60), "missing_label", 0.8)]
     r = score_flags(flags, inj)
     assert r["recall"] == 1.0 and r["precision"] == 0.5 and r["precision_at_n_injected"] == 1.0

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from build_engine.losses import (
-    DetectionLoss, LossConfig, bce_loss, bernoulli_kl, box_iou_pairs, box_loss, ce_loss, distillation_loss, focal_loss,
+    DetectionLoss,
+    LossConfig,
+    bce_loss,
+    bernoulli_kl,
+    box_iou_pairs,
+    box_loss,
+    ce_loss,
+    distillation_loss,
+    focal_loss,
     simota_assign,
 )
 from perception.errors import ConfigError
@@ -28,9 +36,11 @@ def test_bce() -> None:
 
 def test_focal() -> None:
     # logit 0, target 1: p_t = 0.5, CE = log 2; (1 - 0.5)^2 = 0.25; alpha_t = 0.25 -> 0.0625 log 2.
-    assert focal_loss(torch.tensor([0.0]), torch.tensor([1.0]), 2.0, 0.25).item() == pytest.approx(0.0625 * math.log(2), abs=1e-7)
+    positive = focal_loss(torch.tensor([0.0]), torch.tensor([1.0]), 2.0, 0.25).item()
+    assert positive == pytest.approx(0.0625 * math.log(2), abs=1e-7)
     # target 0: alpha_t = 0.75 -> 0.1875 log 2; gamma 0 and no alpha is plain BCE.
-    assert focal_loss(torch.tensor([0.0]), torch.tensor([0.0]), 2.0, 0.25).item() == pytest.approx(0.1875 * math.log(2), abs=1e-7)
+    negative = focal_loss(torch.tensor([0.0]), torch.tensor([0.0]), 2.0, 0.25).item()
+    assert negative == pytest.approx(0.1875 * math.log(2), abs=1e-7)
     x, t = torch.tensor([1.3, -0.4]), torch.tensor([1.0, 0.0])
     assert torch.allclose(focal_loss(x, t, 0.0, -1.0), bce_loss(x, t))
 
@@ -97,7 +107,8 @@ def test_detection_loss_weights_and_no_objects() -> None:
     pred[:, :4] = torch.cat([centers - 4, centers + 4], 1)
     pred = pred[None].clone().requires_grad_(True)
     # No ground truth: only objectness counts; 16 cells at logit 0 -> 16 log 2 (num_fg floor 1).
-    total, parts = DetectionLoss(LossConfig(), 2)(pred, centers, strides, [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))])
+    no_objects = [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))]
+    total, parts = DetectionLoss(LossConfig(), 2)(pred, centers, strides, no_objects)
     assert total.item() == pytest.approx(16 * math.log(2), abs=1e-5) and parts["box"] == 0.0
     total.backward()
     assert pred.grad is not None

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import pytest
 import torch
 
 from build_engine.checkpoint import CheckpointMeta, load_checkpoint, meta_for, save_checkpoint
 from build_engine.model import ConvBNAct, ModelConfig, build_detector, preset
-from build_engine.model.blocks import ResidualBlock
+from build_engine.model.blocks import CSPStage, ResidualBlock
 from perception.errors import ConfigError, ModelError
 
 torch.set_num_threads(1)
-SMALL = dict(input_width=128, input_height=96)
+
+
+class _InputSize(TypedDict):
+    input_width: int
+    input_height: int
+
+
+SMALL: _InputSize = {"input_width": 128, "input_height": 96}
 
 
 def conv_macs(model: torch.nn.Module, h: int, w: int) -> int:
@@ -80,7 +89,9 @@ def test_channel_multiple_rounds_every_conv_width() -> None:
     assert widths and all(w % 16 == 0 for w in widths), widths
     # The default multiple of 8 leaves nano exactly as it was trained and shipped before.
     nano = build_detector(preset("nano", **SMALL))
-    assert nano.backbone.stage1[1].cv1.conv.out_channels == 8
+    stage = nano.backbone.stage1[1]
+    assert isinstance(stage, CSPStage)
+    assert stage.cv1.conv.out_channels == 8
 
 
 @pytest.mark.parametrize("bad", [dict(input_width=100), dict(act="gelu"), dict(width_mult=0.0), dict(num_classes=0),
@@ -90,14 +101,15 @@ def test_bad_model_config_is_rejected(bad: dict) -> None:
         ModelConfig(**bad)
 
 
-def test_onnx_export_dynamic_batch_matches_torch(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_onnx_export_dynamic_batch_matches_torch(tmp_path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(0)
     m = build_detector(preset("pico", **SMALL)).eval()
     path = tmp_path / "m.onnx"
-    torch.onnx.export(m, torch.rand(1, 3, 96, 128), str(path), opset_version=17, input_names=["images"],
-                      output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(m, (torch.rand(1, 3, 96, 128),), str(path), opset_version=17, input_names=["images"],
+                      output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+                      dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for b in (1, 3):
         x = torch.rand(b, 3, 96, 128)
@@ -105,7 +117,7 @@ def test_onnx_export_dynamic_batch_matches_torch(tmp_path) -> None:  # type: ign
         np.testing.assert_allclose(got, m(x).detach().numpy(), atol=1e-4)
 
 
-def test_checkpoint_roundtrip_weights_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_roundtrip_weights_only(tmp_path) -> None:
     torch.manual_seed(1)
     m = build_detector(preset("pico", **SMALL)).eval()
     path = save_checkpoint(tmp_path / "c.pt", m, meta_for(m, epoch=3, val_kpi={"map50": 0.5}))
@@ -118,7 +130,7 @@ def test_checkpoint_roundtrip_weights_only(tmp_path) -> None:  # type: ignore[no
     assert torch.equal(m(x), m2(x))
 
 
-def test_missing_or_corrupt_checkpoint_is_a_one_line_model_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_or_corrupt_checkpoint_is_a_one_line_model_error(tmp_path) -> None:
     with pytest.raises(ModelError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from torch import nn
 
 from build_engine.profile import load_model_spec, parse_input_shape, profile_model
@@ -116,7 +115,8 @@ def test_load_model_spec_errors():
 def test_cli_json_and_errors(capsys, tmp_path):
     from perception.cli import main
 
-    assert main(["profile", "--model", "tests.build_engine.test_profile:mobilenet_v2", "--input", "1x3x96x96", "--json"]) == 0
+    argv = ["profile", "--model", "tests.build_engine.test_profile:mobilenet_v2", "--input", "1x3x96x96", "--json"]
+    assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["total_macs"] > 0 and out["total_params"] > 3.4e6
     assert out["total_flops"] == 2 * out["total_macs"]

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from build_engine.model.blocks import ConvBNAct, ResidualBlock
+from build_engine.model.detector import Detector, HeadLevel
 from build_engine.prune import (
     PruneOptions,
     conv_channels,
@@ -21,7 +23,7 @@ from perception.errors import ConfigError
 W, H = 128, 96
 
 
-def _model():
+def _model() -> Detector:
     from tests.build_engine.test_quantize import _tiny_detector
 
     return _tiny_detector()
@@ -32,7 +34,8 @@ def _images(n: int = 4) -> torch.Tensor:
     from perception.manifest import PreprocessSpec
     from perception.preprocess import preprocess_batch
 
-    batch, _ = preprocess_batch([random_image(77 + i, 320, 180).image for i in range(n)], PreprocessSpec(input_width=W, input_height=H))
+    images = [random_image(77 + i, 320, 180).image for i in range(n)]
+    batch, _ = preprocess_batch(images, PreprocessSpec(input_width=W, input_height=H))
     return torch.from_numpy(batch)
 
 
@@ -50,9 +53,12 @@ def test_prune_removes_channels_and_blocks_physically():
             pruned.get_submodule(name)
     assert info["channels_after"] == conv_channels(pruned) < 0.75 * conv_channels(model)
     # The widest stage really lost channels, its BN with it (pico's 8-channel stem stays: round_to=8).
-    c_new, c_old = pruned.backbone.stage4[0].conv.out_channels, model.backbone.stage4[0].conv.out_channels
+    assert isinstance(pruned, Detector)
+    new_down, old_down = pruned.backbone.stage4[0], model.backbone.stage4[0]
+    assert isinstance(new_down, ConvBNAct) and isinstance(old_down, ConvBNAct)
+    c_new, c_old = new_down.conv.out_channels, old_down.conv.out_channels
     assert c_new <= 0.5 * c_old and c_new % 8 == 0
-    assert pruned.backbone.stage4[0].bn.num_features == c_new
+    assert new_down.bn.num_features == c_new
     # The output layout is untouched: same candidates, 5 + 7 channels.
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape == (4, 12 * 16 + 6 * 8 + 3 * 4, 12)
@@ -68,6 +74,7 @@ def test_block_removal_picks_the_most_identity_like_block():
     names = removable_blocks(model)
     target = names[1]
     blk = model.get_submodule(target)
+    assert isinstance(blk, ResidualBlock)
     nn.init.zeros_(blk.cv2.bn.weight)  # this block now outputs exactly its input
     nn.init.zeros_(blk.cv2.bn.bias)
     scores = block_contributions(model, names, _images(2))
@@ -114,7 +121,8 @@ def test_finetune_updates_weights_with_the_training_code(tmp_path):
     cfg = config_from_dict({
         "preset": "pico", "threads": 1,
         "model": {"input_width": W, "input_height": H},
-        "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 8, "val_images": 4, "image_width": 320, "image_height": 180},
+        "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 8, "val_images": 4,
+                 "image_width": 320, "image_height": 180},
         "optim": {"batch_size": 4, "epochs": 1, "ema": False},
     })
     pruned, _ = prune_model(_model(), _images(2), PruneOptions(ratio=0.3, remove_blocks=0))
@@ -138,7 +146,8 @@ def test_prune_cli(tmp_path, capsys):
     assert res["macs_after"] < res["macs_before"] and res["channels_after"] < res["channels_before"]
     loaded, _ = load_any_checkpoint(out)
     assert conv_channels(loaded) == res["channels_after"]
-    assert main(["prune", "--checkpoint", str(tmp_path / "missing.pt"), "--ratio", "0.5", "--out", str(tmp_path / "x.pt")]) == 1
+    assert main(["prune", "--checkpoint", str(tmp_path / "missing.pt"), "--ratio", "0.5",
+                 "--out", str(tmp_path / "x.pt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such checkpoint" in err[0]
     assert not (tmp_path / "x.pt").exists()
@@ -150,7 +159,8 @@ def test_pruning_a_pruned_checkpoint_keeps_its_removed_blocks(tmp_path, capsys):
 
     model = _model()
     ckpt = save_checkpoint(tmp_path / "d.pt", model, meta_for(model))
-    assert main(["prune", "--checkpoint", str(ckpt), "--ratio", "0.3", "--remove-blocks", "1", "--out", str(tmp_path / "p1.pt")]) == 0
+    assert main(["prune", "--checkpoint", str(ckpt), "--ratio", "0.3", "--remove-blocks", "1",
+                 "--out", str(tmp_path / "p1.pt")]) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(["prune", "--checkpoint", str(tmp_path / "p1.pt"), "--ratio", "0", "--remove-blocks", "1",
                  "--out", str(tmp_path / "p2.pt")]) == 0
@@ -176,7 +186,8 @@ def test_finetune_trains_at_the_model_input_size_whatever_the_config_says(tmp_pa
         return config_from_dict({
             "preset": "pico", "threads": 1,
             "model": {"input_width": w, "input_height": h},
-            "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 8, "val_images": 4, "image_width": 320, "image_height": 180},
+            "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 8, "val_images": 4,
+                     "image_width": 320, "image_height": 180},
             "optim": {"batch_size": 4, "epochs": 1, "ema": False},
         })
 
@@ -184,7 +195,7 @@ def test_finetune_trains_at_the_model_input_size_whatever_the_config_says(tmp_pa
     a, b = copy.deepcopy(pruned), copy.deepcopy(pruned)
     finetune(a, cfg(W, H), epochs=1, lr=0.01, progress=False)
     finetune(b, cfg(W * 2, H * 2), epochs=1, lr=0.01, progress=False)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), f"{k} differs: the mismatched config changed what was trained"
 
 
@@ -201,14 +212,18 @@ def test_finetune_with_a_teacher_pulls_the_student_towards_it(tmp_path):
     cfg = config_from_dict({
         "preset": "pico", "threads": 1,
         "model": {"input_width": W, "input_height": H},
-        "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 16, "val_images": 4, "image_width": 320, "image_height": 180},
+        "data": {"cache_dir": str(tmp_path / "cache"), "train_images": 16, "val_images": 4,
+                 "image_width": 320, "image_height": 180},
         "optim": {"batch_size": 4, "epochs": 1, "ema": False},
         "loss": {"cls_weight": 1e-4, "box_weight": 1e-4, "obj_weight": 1e-4},
     })
     teacher = _model().eval()
     student, _ = prune_model(teacher, _images(2), PruneOptions(ratio=0.3, remove_blocks=0))
+    assert isinstance(student, Detector)
     with torch.no_grad():  # start the student visibly away from the teacher's outputs
         for h in student.heads:
+            assert isinstance(h, HeadLevel)
+            assert h.box_pred.bias is not None and h.obj_pred.bias is not None
             h.box_pred.bias.add_(0.5)
             h.obj_pred.bias.add_(2.0)
     x = _images(2)

@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from build_engine.model.detector import Detector, HeadLevel
 from perception.errors import ModelError
 
 W, H = 128, 96
 
 
-def _tiny_detector():
+def _tiny_detector() -> Detector:
     from build_engine.model import build_detector, preset
 
     torch.manual_seed(0)
@@ -23,8 +24,10 @@ def _tiny_detector():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     for head in model.heads:
+        assert isinstance(head, HeadLevel)
         nn.init.normal_(head.box_pred.weight, std=0.05)
         for conv in (head.obj_pred, head.cls_pred):
+            assert conv.bias is not None
             nn.init.normal_(conv.weight, std=0.3)
             nn.init.constant_(conv.bias, 0.0)
     return model.eval()
@@ -42,7 +45,8 @@ def setup(tmp_path_factory):
     model = _tiny_detector()
     fp32 = export_onnx(fold_batchnorm(model)[0], tmp / "fp32.onnx", (H, W))
     data = generate_dataset(tmp / "calib", 6, seed=1, width=320, height=180)
-    return {"tmp": tmp, "fp32": fp32, "images": list_images(Path(data)), "spec": PreprocessSpec(input_width=W, input_height=H)}
+    spec = PreprocessSpec(input_width=W, input_height=H)
+    return {"tmp": tmp, "fp32": fp32, "images": list_images(Path(data)), "spec": spec}
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -94,8 +98,8 @@ def test_tensorrt_target_is_signed_symmetric_and_runs(setup):
     from build_engine.calibration import ImageCalibrationReader, iter_batches
     from build_engine.quantize import quantize_int8
 
-    res = quantize_int8(setup["fp32"], setup["tmp"] / "int8.trt.onnx", ImageCalibrationReader(setup["images"], setup["spec"]),
-                        "percentile", target="tensorrt")
+    reader = ImageCalibrationReader(setup["images"], setup["spec"])
+    res = quantize_int8(setup["fp32"], setup["tmp"] / "int8.trt.onnx", reader, "percentile", target="tensorrt")
     proto = onnx.load(str(res.path))
     inits = {i.name: i for i in proto.graph.initializer}
     qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -129,8 +133,8 @@ def test_calibrators_choose_different_ranges(setup):
     small = export_onnx(net, setup["tmp"] / "small.onnx", (H, W))
     highs = {}
     for cal in ("minmax", "percentile", "entropy"):
-        res = quantize_int8(small, setup["tmp"] / f"{cal}.onnx", ImageCalibrationReader(setup["images"], setup["spec"]), cal,
-                            exclude=[])
+        reader = ImageCalibrationReader(setup["images"], setup["spec"])
+        res = quantize_int8(small, setup["tmp"] / f"{cal}.onnx", reader, cal, exclude=[])
         ranges = qdq_ranges(res.path)
         acts = sorted(k for k, r in ranges.items() if r.kind == "activation" and k != "images")
         highs[cal] = np.array([ranges[k].hi for k in acts])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from build_engine.train.trainer import train
 from perception.errors import ConfigError
 
 
-def tiny_overrides(cache) -> list[str]:  # type: ignore[no-untyped-def]
+def tiny_overrides(cache) -> list[str]:
     return [
         "preset=pico", "model.input_width=128", "model.input_height=96", "threads=1",
         f"data.cache_dir={cache}", "data.train_images=8", "data.val_images=4",
@@ -21,8 +23,9 @@ def tiny_overrides(cache) -> list[str]:  # type: ignore[no-untyped-def]
     ]
 
 
-def test_config_file_overrides_and_errors(tmp_path, repo_root) -> None:  # type: ignore[no-untyped-def]
-    cfg = load_config(repo_root / "configs" / "default.yaml", ["optim.lr=0.005", "loss.box_loss=giou", "augment.flip=0"])
+def test_config_file_overrides_and_errors(tmp_path, repo_root) -> None:
+    cfg = load_config(repo_root / "configs" / "default.yaml",
+                      ["optim.lr=0.005", "loss.box_loss=giou", "augment.flip=0"])
     assert cfg.optim.lr == 0.005 and cfg.loss.box_loss == "giou" and cfg.augment.flip == 0
     assert cfg.model.act == "relu" and cfg.model.num_classes == 7
     with pytest.raises(ConfigError, match=r"default.yaml: unknown config key 'optim.learning_rate'"):
@@ -38,15 +41,16 @@ def test_config_file_overrides_and_errors(tmp_path, repo_root) -> None:  # type:
 
 
 def test_schedule_warmup_then_cosine() -> None:
-    kw = dict(steps_per_epoch=10, epochs=10, base_lr=0.1, schedule="cosine", final_ratio=0.1, warmup_epochs=1, warmup_bias_lr=0.5)
-    w0, b0 = learning_rates(0, **kw)  # type: ignore[arg-type]
+    rates = functools.partial(learning_rates, steps_per_epoch=10, epochs=10, base_lr=0.1, schedule="cosine",
+                              final_ratio=0.1, warmup_epochs=1, warmup_bias_lr=0.5)
+    w0, b0 = rates(0)
     assert w0 == 0.0 and b0 == 0.5
-    w, b = learning_rates(50, **kw)  # type: ignore[arg-type]
+    w, b = rates(50)
     assert w == b == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))  # half way: cos = 0
-    assert learning_rates(100, **kw)[0] == pytest.approx(0.01)  # type: ignore[arg-type]
+    assert rates(100)[0] == pytest.approx(0.01)
 
 
-def test_tiny_training_run_is_deterministic_and_resumable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_tiny_training_run_is_deterministic_and_resumable(tmp_path) -> None:
     cfg = load_config(None, tiny_overrides(tmp_path / "cache"))
     a = train(cfg, tmp_path / "a", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
@@ -65,8 +69,9 @@ def test_tiny_training_run_is_deterministic_and_resumable(tmp_path) -> None:  # 
     assert [x["loss_total"] for x in lb] == [x["loss_total"] for x in lines]
     # Fine-tuning starts from given weights: with a vanishing lr, the weights stay those weights.
     init = a.best_checkpoint
-    ft = load_config(None, tiny_overrides(tmp_path / "cache") + [f"init_checkpoint={init}", "optim.epochs=1", "optim.lr=1e-12",
-                                                                  "optim.warmup_bias_lr=0", "optim.weight_decay=0"])
+    ft = load_config(None, tiny_overrides(tmp_path / "cache") + [f"init_checkpoint={init}", "optim.epochs=1",
+                                                                  "optim.lr=1e-12", "optim.warmup_bias_lr=0",
+                                                                  "optim.weight_decay=0"])
     train(ft, tmp_path / "ft", progress=False)
     w0 = torch.load(init, weights_only=True)["state_dict"]
     w1 = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["state_dict"]
@@ -78,7 +83,7 @@ def test_tiny_training_run_is_deterministic_and_resumable(tmp_path) -> None:  # 
         train(other, tmp_path / "b", progress=False, resume=True)
 
 
-def test_train_cli_unknown_key_is_one_line_error(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_train_cli_unknown_key_is_one_line_error(tmp_path, capsys) -> None:
     from perception.cli import main
 
     assert main(["train", "--out", str(tmp_path / "o"), "--set", "optim.nope=1"]) == 1

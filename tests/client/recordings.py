@@ -20,8 +20,8 @@ uint32 nanosec
 """
 COMPRESSED_DEF = "std_msgs/Header header\nstring format\nuint8[] data" + HEADER_DEF
 IMAGE_DEF = (
-    "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\nuint32 step\nuint8[] data"
-    + HEADER_DEF
+    "std_msgs/Header header\nuint32 height\nuint32 width\nstring encoding\nuint8 is_bigendian\nuint32 step\n"
+    "uint8[] data" + HEADER_DEF
 )
 FOXGLOVE_DEF = """builtin_interfaces/Time timestamp
 string frame_id
@@ -54,7 +54,7 @@ def jpeg(img: np.ndarray) -> bytes:
 
 
 def write_mp4(path: Path, n: int = 8, w: int = 96, h: int = 64, fps: float = 20.0) -> Path:
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
     assert vw.isOpened()
     for i in range(n):
         vw.write(scene(i, w, h))
@@ -129,10 +129,10 @@ def write_mcap_foxglove(path: Path, n: int = 4, encoding: str = "json") -> Path:
     from mcap.writer import Writer
 
     with open(path, "wb") as f:
-        w = Writer(f)
-        w.start()
-        sid = w.register_schema("foxglove.CompressedImage", "jsonschema", json.dumps({"type": "object"}).encode())
-        cid = w.register_channel("/cam/left", "json", sid)
+        writer = Writer(f)
+        writer.start()
+        sid = writer.register_schema("foxglove.CompressedImage", "jsonschema", json.dumps({"type": "object"}).encode())
+        cid = writer.register_channel("/cam/left", "json", sid)
         for i in range(n):
             ts = T0_NS + i * 100_000_000
             msg = {
@@ -141,14 +141,19 @@ def write_mcap_foxglove(path: Path, n: int = 4, encoding: str = "json") -> Path:
                 "format": "jpeg",
                 "data": base64.b64encode(jpeg(scene(i))).decode(),
             }
-            w.add_message(cid, log_time=ts, data=json.dumps(msg).encode(), publish_time=ts)
-        w.finish()
+            writer.add_message(cid, log_time=ts, data=json.dumps(msg).encode(), publish_time=ts)
+        writer.finish()
     return path
 
 
-def write_bag(path: Path, ros1: bool, n: int = 5, cameras: tuple[str, ...] = ("front", "side"), storage: str = "sqlite3") -> Path:
+def write_bag(
+    path: Path, ros1: bool, n: int = 5, cameras: tuple[str, ...] = ("front", "side"), storage: str = "sqlite3"
+) -> Path:
     """A ROS 1 .bag or ROS 2 bag directory: CompressedImage for the first camera, Image bgr8
     for the others."""
+    from rosbags.rosbag1 import Writer as Ros1Writer
+    from rosbags.rosbag2 import Writer as Ros2Writer
+    from rosbags.rosbag2.writer import StoragePlugin
     from rosbags.typesys import Stores, get_typestore
 
     store = get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_HUMBLE)
@@ -161,18 +166,13 @@ def write_bag(path: Path, ros1: bool, n: int = 5, cameras: tuple[str, ...] = ("f
         t = Time(sec=ts // 10**9, nanosec=ts % 10**9)
         return Header(seq=seq, stamp=t, frame_id=cam) if ros1 else Header(stamp=t, frame_id=cam)
 
+    writer: Ros1Writer | Ros2Writer
     if ros1:
-        from rosbags.rosbag1 import Writer
-
-        writer = Writer(path)
+        writer = Ros1Writer(path)
         ser = store.serialize_ros1
     else:
-        from rosbags.rosbag2 import Writer
-
-        from rosbags.rosbag2.writer import StoragePlugin
-
         plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-        writer = Writer(path, version=9, storage_plugin=plugin)
+        writer = Ros2Writer(path, version=9, storage_plugin=plugin)
         ser = store.serialize_cdr
     with writer:
         conns = {}
@@ -208,7 +208,8 @@ def _foxglove_protobuf_schema() -> tuple[bytes, type]:
                                            dependency=["google/protobuf/timestamp.proto"])
     m = f.message_type.add(name="CompressedImage")
     F = descriptor_pb2.FieldDescriptorProto
-    m.field.add(name="timestamp", number=1, type=F.TYPE_MESSAGE, type_name=".google.protobuf.Timestamp", label=F.LABEL_OPTIONAL)
+    m.field.add(name="timestamp", number=1, type=F.TYPE_MESSAGE, type_name=".google.protobuf.Timestamp",
+                label=F.LABEL_OPTIONAL)
     m.field.add(name="frame_id", number=4, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     m.field.add(name="data", number=2, type=F.TYPE_BYTES, label=F.LABEL_OPTIONAL)
     m.field.add(name="format", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)

@@ -59,7 +59,8 @@ def test_async_stream_gives_up_on_a_dead_server() -> None:
         port = sock.getsockname()[1]
 
     async def run() -> None:
-        cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
+        cfg = ClientConfig(targets=(f"127.0.0.1:{port}",),
+                           backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
         async with AsyncDetectorClient(cfg) as client:
             s = client.stream(lambda f, r: None)
             await s.send(_frames(1, "x")[0])

@@ -85,7 +85,7 @@ def test_round_robin_over_servers_and_failover(tiny_manifest: Path, server: str)
         with DetectorClient(cfg) as client:
             got: list[FrameResult] = []
             sessions = [client.stream(lambda f, r: got.append(r), name=c) for c in ("a", "b", "c", "d")]
-            for s, cam in zip(sessions, "abcd"):
+            for s, cam in zip(sessions, "abcd", strict=True):
                 for f in _frames(2, camera=cam):
                     s.send(f)
             for s in sessions:
@@ -96,13 +96,15 @@ def test_round_robin_over_servers_and_failover(tiny_manifest: Path, server: str)
         srv2.shutdown(0.5)
     # A dead address in the list is skipped: unary calls move on to the next server.
     dead = f"127.0.0.1:{_free_port()}"
-    with DetectorClient(ClientConfig(targets=(dead, server), backoff=BackoffConfig(initial_s=0.01, max_attempts=3))) as client:
+    cfg = ClientConfig(targets=(dead, server), backoff=BackoffConfig(initial_s=0.01, max_attempts=3))
+    with DetectorClient(cfg) as client:
         for f in _frames(3):
             assert client.detect(f).status is FrameStatus.OK
 
 
 def test_stream_gives_up_on_a_dead_server() -> None:
-    cfg = ClientConfig(targets=(f"127.0.0.1:{_free_port()}",), backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
+    cfg = ClientConfig(targets=(f"127.0.0.1:{_free_port()}",),
+                       backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
     with DetectorClient(cfg) as client:
         session = client.stream(lambda f, r: None)
         session.send(_frames(1)[0])

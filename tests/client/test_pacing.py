@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -55,7 +56,7 @@ def test_loop_keeps_sequences_and_timestamps_increasing() -> None:
     a = [f for f in out if f.camera_id == "a"]
     assert [f.sequence for f in a] == list(range(7))
     ts = [f.timestamp_ns for f in a]
-    assert all(t2 - t1 == 40_000_000 for t1, t2 in zip(ts, ts[1:]))
+    assert all(t2 - t1 == 40_000_000 for t1, t2 in itertools.pairwise(ts))
 
 
 def test_stop_event_interrupts_a_wait() -> None:

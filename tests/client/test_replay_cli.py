@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -34,7 +36,8 @@ def test_replay_mcap_two_cameras_max_rate(tmp_path: Path, server: str, capsys: p
         assert seqs == list(range(6)), "answers come back in order per camera"
     r0 = recs[0]
     assert r0["status"] == "OK" and (r0["image_width"], r0["image_height"]) == (96, 64)
-    assert set(r0["timings"]) == {"queue_us", "preprocess_us", "inference_us", "postprocess_us", "total_us", "batch_size"}
+    assert set(r0["timings"]) == {"queue_us", "preprocess_us", "inference_us", "postprocess_us", "total_us",
+                                  "batch_size"}
     assert r0["latency_ms"] > 0
     for d in (x for r in recs for x in r["detections"]):
         x1, y1, x2, y2 = d["box"]
@@ -52,7 +55,8 @@ def test_replay_mcap_two_cameras_max_rate(tmp_path: Path, server: str, capsys: p
 def test_replay_mp4_in_real_time_with_annotated_video(tmp_path: Path, server: str) -> None:
     src = R.write_mp4(tmp_path / "front.mp4", n=6, fps=20.0)  # 250 ms of video
     out, summ, video = tmp_path / "o.jsonl", tmp_path / "s.json", tmp_path / "annotated.mp4"
-    assert _replay(str(src), "--server", server, "--out", str(out), "--summary-json", str(summ), "--video-out", str(video)) == 0
+    assert _replay(str(src), "--server", server, "--out", str(out), "--summary-json", str(summ),
+                   "--video-out", str(video)) == 0
     s = json.loads(summ.read_text())
     assert s["frames_answered"] == 6 and s["duration_s"] >= 0.25  # recorded timing was respected
     assert [r["camera_id"] for r in _jsonl(out)] == ["front"] * 6
@@ -94,17 +98,20 @@ def test_replay_with_gt_scores_like_perception_eval(tmp_path: Path, server: str)
     # Ground truth = the first run's detections (2 of 3 kept, and only boxes of at least 2x2 px:
     # the random tiny model also emits sliver boxes whose IoU does not survive JSON rounding).
     # The second run must find them all.
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for k, r in enumerate(_jsonl(first), 1):
-        images.append({"id": 100 + k, "file_name": f"{r['camera_id']}/{r['sequence']:06d}.jpg", "width": 96, "height": 64,
-                       "camera_id": r["camera_id"], "sequence": r["sequence"], "timestamp_ns": r["capture_timestamp_ns"]})
+        images.append({"id": 100 + k, "file_name": f"{r['camera_id']}/{r['sequence']:06d}.jpg",
+                       "width": 96, "height": 64, "camera_id": r["camera_id"], "sequence": r["sequence"],
+                       "timestamp_ns": r["capture_timestamp_ns"]})
         for j, d in enumerate(r["detections"]):
             x1, y1, x2, y2 = d["box"]
             if j % 3 == 2 or x2 - x1 < 2 or y2 - y1 < 2:
                 continue
             anns.append({"id": len(anns) + 1, "image_id": 100 + k, "category_id": d["class_id"] + 1,
                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-    gt = {"images": images, "annotations": anns, "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]
+    gt = {"images": images, "annotations": anns, "categories": categories}
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(gt))
     summ, coco = tmp_path / "s.json", tmp_path / "results.json"
@@ -128,13 +135,16 @@ def test_server_down_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     src = R.write_folder(tmp_path / "cam", n=2)
-    rc = _replay(str(src), "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "o.jsonl"), "--connect-timeout", "0.5")
+    rc = _replay(str(src), "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "o.jsonl"),
+                 "--connect-timeout", "0.5")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("perception replay: error: no server reachable at 127.0.0.1:")
     assert "Traceback" not in "\n".join(err)
 
 
-def test_truncated_recording_keeps_outputs_valid(tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_recording_keeps_outputs_valid(
+    tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     full = R.write_mcap_ros2(tmp_path / "full.mcap", cameras=("front",), n=30, chunk_size=4096)
     cut = tmp_path / "cut.mcap"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
@@ -153,10 +163,11 @@ def test_unknown_topic_fails_before_connecting(tmp_path: Path, capsys: pytest.Ca
     assert "unknown topic '/lidar'" in capsys.readouterr().err
 
 
-def _rec(seq: int, dets: list[tuple[list[float], int]], status: str = "OK", latency: float = 5.0) -> dict:
+def _rec(seq: int, dets: Sequence[tuple[Sequence[float], int]], status: str = "OK", latency: float = 5.0) -> dict:
     return {"camera_id": "front", "sequence": seq, "capture_timestamp_ns": seq, "status": status, "message": "",
             "image_width": 640, "image_height": 480, "latency_ms": latency,
-            "timings": {"queue_us": 1, "preprocess_us": 1, "inference_us": 1, "postprocess_us": 1, "total_us": 4, "batch_size": 1},
+            "timings": {"queue_us": 1, "preprocess_us": 1, "inference_us": 1, "postprocess_us": 1, "total_us": 4,
+                        "batch_size": 1},
             "detections": [{"box": b, "score": 0.9, "class_id": c, "class_name": CLASSES[c]} for b, c in dets]}
 
 
@@ -187,9 +198,12 @@ def test_compare_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_compare_with_gt_puts_kpi_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     car, bus = ([10, 10, 60, 40], 0), ([100, 100, 200, 180], 2)
-    gt = {"images": [{"id": 7, "file_name": "front/000000.jpg", "width": 640, "height": 480, "camera_id": "front", "sequence": 0}],
-          "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 50, 30], "area": 1500, "iscrowd": 0},
-                          {"id": 2, "image_id": 7, "category_id": 3, "bbox": [100, 100, 100, 80], "area": 8000, "iscrowd": 0}],
+    gt = {"images": [{"id": 7, "file_name": "front/000000.jpg", "width": 640, "height": 480,
+                      "camera_id": "front", "sequence": 0}],
+          "annotations": [
+              {"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 50, 30], "area": 1500, "iscrowd": 0},
+              {"id": 2, "image_id": 7, "category_id": 3, "bbox": [100, 100, 100, 80], "area": 8000, "iscrowd": 0},
+          ],
           "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "a.jsonl").write_text(json.dumps(_rec(0, [car, bus])) + "\n")
@@ -212,7 +226,9 @@ def test_compare_treats_identical_degenerate_boxes_as_unchanged(tmp_path: Path) 
     assert (t["unchanged"], t["appeared"], t["vanished"]) == (2, 0, 0)
 
 
-def test_compare_rejects_a_malformed_record_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_rejects_a_malformed_record_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = json.dumps(_rec(0, [([1, 1, 5, 5], 0)]))
     bad = json.dumps({"camera_id": "front", "sequence": 1, "detections": [{"score": 0.5}]})
     p = tmp_path / "a.jsonl"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -54,7 +54,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("pki")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca", cwd=d)
-    for name, san in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "subjectAltName=DNS:camera-front")):
+    sans = (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "subjectAltName=DNS:camera-front"))
+    for name, san in sans:
         _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
         (d / f"{name}.ext").write_text(san + "\n")
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
@@ -76,12 +77,11 @@ def test_tls_and_mutual_tls(tiny_manifest: Path, pki: Path) -> None:
             assert client.detect(FRAME).status is FrameStatus.OK
         # Without a client certificate the handshake is refused.
         with DetectorClient(ClientConfig(targets=(addr,), tls=TlsConfig(ca=pki / "ca.pem"), backoff=NO_RETRY,
-                                         rpc_timeout_s=3)) as client:
-            with pytest.raises(PerceptionError):
-                client.detect(FRAME)
+                                         rpc_timeout_s=3)) as client, pytest.raises(PerceptionError):
+            client.detect(FRAME)
         # Plain text to a TLS server fails too.
-        with DetectorClient(ClientConfig(targets=(addr,), backoff=NO_RETRY, rpc_timeout_s=3)) as client:
-            with pytest.raises(PerceptionError):
-                client.detect(FRAME)
+        with DetectorClient(ClientConfig(targets=(addr,), backoff=NO_RETRY, rpc_timeout_s=3)) as client, \
+                pytest.raises(PerceptionError):
+            client.detect(FRAME)
     finally:
         srv.shutdown(0.0)

@@ -11,6 +11,7 @@ import pytest
 from client.frames import SourceFrame
 from client.sources import open_source
 from client.sources.base import SourceOptions
+from client.sources.mcap_source import McapSource
 from perception.decode import PixelFormat, decode_encoded, decode_raw
 from perception.errors import DataError
 from tests.client import recordings as R
@@ -50,7 +51,7 @@ def test_mp4_video_raw_and_jpeg(tmp_path: Path) -> None:
 
 def test_avi_video(tmp_path: Path) -> None:
     path = tmp_path / "rear.avi"
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (64, 48))
     for i in range(4):
         vw.write(R.scene(i, 64, 48))
     vw.release()
@@ -94,6 +95,7 @@ def test_image_folder_bmp_is_sent_raw(tmp_path: Path) -> None:
 def test_mcap_ros2_compressed_and_raw_cameras_in_sync(tmp_path: Path) -> None:
     path = R.write_mcap_ros2(tmp_path / "drive.mcap", cameras=("front", "rear"), n=5, raw_camera="rear")
     src = open_source(path)
+    assert isinstance(src, McapSource)
     assert set(src.topics) == {"/cameras/front/image/compressed", "/cameras/rear/image_raw"}
     frames = list(src)
     assert len(frames) == 10

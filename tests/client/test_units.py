@@ -24,7 +24,7 @@ def test_backoff_grows_is_capped_jittered_and_gives_up() -> None:
     b = Backoff(BackoffConfig(initial_s=0.1, max_s=1.0, multiplier=2.0, jitter=0.5, max_attempts=6), random.Random(1))
     delays = [b.next_delay() for _ in range(6)]
     ceilings = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
-    for d, c in zip(delays, ceilings):
+    for d, c in zip(delays, ceilings, strict=True):
         assert d is not None and c * 0.5 <= d <= c
     assert len({round(d, 6) for d in delays if d}) == 6  # jittered, not lock-step
     assert b.next_delay() is None
@@ -54,13 +54,15 @@ def test_resolve_targets_expands_a_name_with_several_addresses() -> None:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in table[host]]
 
     got = resolve_targets(("edge:50051", "one:7", "unknown:5", "v6:1"), resolver)
-    assert [a for a, _ in got] == ["10.0.0.1:50051", "10.0.0.2:50051", "one:7", "unknown:5", "[fd00::1]:1", "[fd00::2]:1"]
+    assert [a for a, _ in got] == ["10.0.0.1:50051", "10.0.0.2:50051", "one:7", "unknown:5",
+                                   "[fd00::1]:1", "[fd00::2]:1"]
     assert got[0][1] == "edge"  # TLS checks the certificate against the name, not the IP
 
 
 def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
     jpg = b"\xff\xd8\xff\xe0fake"
-    req = to_request(SourceFrame("front", 7, 123, encoded=jpg), RequestOptions(score_threshold=0.3, class_filter=(0, 3)), 250)
+    opts = RequestOptions(score_threshold=0.3, class_filter=(0, 3))
+    req = to_request(SourceFrame("front", 7, 123, encoded=jpg), opts, 250)
     assert req.frame.encoded == jpg and req.frame.sequence == 7 and req.frame.deadline_ms == 250
     assert list(req.options.class_filter) == [0, 3] and req.options.score_threshold == pytest.approx(0.3)
     raw = RawPixels(4, 2, PixelFormat.NV12, bytes(12), row_stride=4)

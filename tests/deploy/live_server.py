@@ -33,10 +33,10 @@ class LiveServer:
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.process.kill()
             self.process.wait()
-            raise AssertionError("perception serve did not exit within its grace period after SIGTERM")
+            raise AssertionError("perception serve did not exit within its grace period after SIGTERM") from exc
 
 
 def _env() -> dict[str, str]:

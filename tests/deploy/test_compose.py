@@ -41,9 +41,9 @@ def host_path(service: dict, container_path: str) -> Path:
     path = PurePosixPath(container_path)
     best: tuple[Path, PurePosixPath] | None = None
     for source, target in bind_mounts(service):
-        if path == target or target in path.parents:
-            if best is None or len(target.parts) > len(best[1].parts):
-                best = (source, target)
+        mounted = path == target or target in path.parents
+        if mounted and (best is None or len(target.parts) > len(best[1].parts)):
+            best = (source, target)
     assert best is not None, f"{container_path} is not bind-mounted into the container"
     return best[0] / path.relative_to(best[1])
 
@@ -74,7 +74,8 @@ def published(service: dict) -> set[int]:
 def server_argv(compose: dict) -> list[str]:
     """The server container's full command: the image's ENTRYPOINT + the compose command."""
     service = compose["services"]["perception"]
-    stage = parse_dockerfile(REPO_ROOT / service["build"].get("dockerfile", "Dockerfile")).stage(service["build"]["target"])
+    dockerfile = parse_dockerfile(REPO_ROOT / service["build"].get("dockerfile", "Dockerfile"))
+    stage = dockerfile.stage(service["build"]["target"])
     entry = stage.of("ENTRYPOINT")[-1].exec_form()
     assert entry is not None
     return [*entry, *service.get("command", [])]
@@ -124,7 +125,9 @@ def test_prometheus_scrapes_the_server_and_loads_every_rule_file(compose: dict) 
     for rule in rule_files:
         container = PurePosixPath(config_path).parent / rule  # may be a glob, as Prometheus allows
         folder = host_path(prom, str(container.parent))
-        assert [p for p in folder.glob(container.name) if p.is_file()], f"rule file {rule} is not mounted beside the config"
+        assert [p for p in folder.glob(container.name) if p.is_file()], (
+            f"rule file {rule} is not mounted beside the config"
+        )
 
     metrics_port = parse_perception_argv(server_argv(compose)).metrics_port
     owner = netns_owner(compose, "prometheus")
@@ -143,7 +146,8 @@ def test_prometheus_scrapes_the_server_and_loads_every_rule_file(compose: dict) 
 def test_grafana_gets_datasource_and_dashboards(compose: dict) -> None:
     graf = compose["services"]["grafana"]
     provisioning = host_path(graf, "/etc/grafana/provisioning")
-    datasources = [d for f in sorted((provisioning / "datasources").glob("*.y*ml")) for d in yaml.safe_load(f.read_text())["datasources"]]
+    datasources = [d for f in sorted((provisioning / "datasources").glob("*.y*ml"))
+                   for d in yaml.safe_load(f.read_text())["datasources"]]
     prom_ds = [d for d in datasources if d["type"] == "prometheus"]
     assert prom_ds
     prom_flags = dict(a.split("=", 1) for a in compose["services"]["prometheus"]["command"] if "=" in a)
@@ -151,12 +155,15 @@ def test_grafana_gets_datasource_and_dashboards(compose: dict) -> None:
     for ds in prom_ds:
         url = urlsplit(ds["url"])
         if url.hostname in ("localhost", "127.0.0.1"):
-            assert netns_owner(compose, "grafana") == netns_owner(compose, "prometheus"), "grafana cannot reach localhost prometheus"
+            assert netns_owner(compose, "grafana") == netns_owner(compose, "prometheus"), (
+                "grafana cannot reach localhost prometheus"
+            )
         else:
             target = resolves_to(compose, str(url.hostname))
             assert target == netns_owner(compose, "prometheus"), f"datasource host {url.hostname} is not Prometheus"
         assert url.port == prom_port
-    providers = [p for f in sorted((provisioning / "dashboards").glob("*.y*ml")) for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [p for f in sorted((provisioning / "dashboards").glob("*.y*ml"))
+                 for p in yaml.safe_load(f.read_text())["providers"]]
     assert providers
     for provider in providers:
         folder = host_path(graf, provider["options"]["path"])

@@ -104,7 +104,7 @@ def test_entrypoint_is_the_serve_command(dockerfile: Dockerfile, name: str) -> N
     argv = dockerfile.stage(name).of("ENTRYPOINT")[-1].exec_form()
     assert argv is not None, "ENTRYPOINT must use the exec form (signals reach the server)"
     assert argv[:2] == ["perception", "serve"]
-    flags = dict(zip(argv[2::2], argv[3::2]))
+    flags = dict(zip(argv[2::2], argv[3::2], strict=True))
     assert flags["--model"] == "/models/default/manifest.json"
     assert flags["--port"] == "50051" and flags["--metrics-port"] == "9108"
     parse_perception_argv(argv)
@@ -132,7 +132,8 @@ def test_server_settings_in_env_are_valid(dockerfile: Dockerfile) -> None:
         env: dict[str, str] = {}
         for ins in dockerfile.stage(name).of("ENV"):
             env.update(parse_env(ins.args))
-        server_env = {k: v for k, v in env.items() if k.startswith("PERCEPTION_") and k != "PERCEPTION_SYSTEM_SITE_PACKAGES"}
+        server_env = {k: v for k, v in env.items()
+                      if k.startswith("PERCEPTION_") and k != "PERCEPTION_SYSTEM_SITE_PACKAGES"}
         assert server_env, name
         assert set(server_env) <= fields, f"{name}: unknown server settings {set(server_env) - fields}"
         load_config(flags={"model": "/models/default/manifest.json"}, env=server_env)

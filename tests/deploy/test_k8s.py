@@ -56,7 +56,8 @@ def _version(v: str) -> str:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("doc", [d for _, d in DOCS if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS], ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+@pytest.mark.parametrize("doc", [d for _, d in DOCS if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS],
+                         ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
 def test_core_kinds_validate_strictly(doc: dict, version: str) -> None:
     from kubernetes_validate.utils import validate
 
@@ -75,7 +76,7 @@ def test_strict_validation_rejects_a_typo() -> None:
 def test_every_kind_is_known() -> None:
     from kubernetes_validate.utils import SchemaNotFoundError, validate
 
-    for name, doc in DOCS:
+    for _name, doc in DOCS:
         if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
             with pytest.raises(SchemaNotFoundError):  # so it must be checked by hand, below
                 validate(doc, _version("latest"), strict=True)
@@ -91,6 +92,7 @@ def test_kustomization_lists_the_serving_stack() -> None:
 
 # --- ServiceMonitor: the CRD's structure for the fields used, plus what it must point at ---
 
+DURATION_PATTERN = "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 SERVICE_MONITOR_SCHEMA = {
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -120,7 +122,10 @@ SERVICE_MONITOR_SCHEMA = {
                 "namespaceSelector": {
                     "type": "object",
                     "additionalProperties": False,
-                    "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}},
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
                 },
                 "endpoints": {
                     "type": "array",
@@ -133,8 +138,8 @@ SERVICE_MONITOR_SCHEMA = {
                             "targetPort": {"type": ["string", "integer"]},
                             "path": {"type": "string", "pattern": "^/"},
                             "scheme": {"enum": ["http", "https"]},
-                            "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
-                            "scrapeTimeout": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                            "interval": {"type": "string", "pattern": DURATION_PATTERN},
+                            "scrapeTimeout": {"type": "string", "pattern": DURATION_PATTERN},
                             "honorLabels": {"type": "boolean"},
                         },
                         "anyOf": [{"required": ["port"]}, {"required": ["targetPort"]}],
@@ -147,7 +152,8 @@ SERVICE_MONITOR_SCHEMA = {
 
 
 def _seconds(duration: str) -> float:
-    return sum(float(n) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)(ms|s|m|h)", duration))
+    unit_s = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * unit_s[u] for n, u in re.findall(r"(\d+)(ms|s|m|h)", duration))
 
 
 def test_service_monitor_structure_and_target() -> None:
@@ -246,7 +252,8 @@ def test_hpa_metrics_are_served_by_the_adapter_from_real_server_metrics() -> Non
     metrics = ServerMetrics(registry)
     metrics.observe_stage("end_to_end", 0.01)
     metrics.set_queue_depth(3)
-    exported = {line.split("{")[0].split(" ")[0] for line in generate_latest(registry).decode().splitlines() if line and not line.startswith("#")}
+    exported = {line.split("{")[0].split(" ")[0] for line in generate_latest(registry).decode().splitlines()
+                if line and not line.startswith("#")}
     served = {}
     for rule in _adapter_rules():
         series = rule["seriesQuery"].split("{")[0].strip("'\" ")
@@ -307,7 +314,8 @@ def test_job_script_runs_against_a_live_server(tmp_path: Path, tiny_manifest: Pa
     bin_dir = Path(sys.executable).parent
     with serve([str(bin_dir / "perception"), "serve"], tiny_manifest) as server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PERCEPTION_")}
-        env.update(JOB_COMPLETION_INDEX="0", PERCEPTION_SERVER=server.address, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+        env.update(JOB_COMPLETION_INDEX="0", PERCEPTION_SERVER=server.address,
+                   PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
         result = subprocess.run([*container["command"], script], env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
         assert server.stop() == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,8 @@ def _split(text: str, line: int, inline: bool) -> list[Command]:
     tokens = shlex.split(text, comments=not inline)
     for bad in ("|", ";", "||", ">", "<"):
         assert bad not in tokens, f"README line {line}: keep commands simple (no {bad!r}): {text}"
-    commands, current = [], []
+    commands: list[list[str]] = []
+    current: list[str] = []
     for token in tokens:
         if token == "&&":
             commands.append(current)
@@ -156,7 +158,8 @@ def _options(argv: list[str], with_value: set[str], flags: set[str]) -> tuple[li
         if rest:  # everything after the first positional belongs to it (image args)
             rest.append(a)
         elif a.startswith("-") and "=" in a and a.split("=", 1)[0] in with_value:
-            opts.append(tuple(a.split("=", 1)))  # type: ignore[arg-type]
+            key, value = a.split("=", 1)
+            opts.append((key, value))
         elif a in with_value:
             opts.append((a, argv[i + 1]))
             i += 1
@@ -175,7 +178,8 @@ def check_docker(cmd: Command, argv: list[str], state: State) -> None:
     stages = [s.name for s in dockerfile.stages]
     sub = argv[1]
     if sub == "build":
-        opts, rest = _options(argv[2:], {"-t", "--tag", "--target", "--build-arg", "--build-context", "--platform", "-f"}, set())
+        with_value = {"-t", "--tag", "--target", "--build-arg", "--build-context", "--platform", "-f"}
+        opts, rest = _options(argv[2:], with_value, set())
         assert rest == ["."], f"{cmd}: build from the repository root (context '.')"
         target = stages[-1]
         for key, value in opts:
@@ -220,7 +224,8 @@ def check_docker(cmd: Command, argv: list[str], state: State) -> None:
         opts, rest = _options(argv[2:], {"-f", "--file"}, set())
         files = [v for k, v in opts if k in ("-f", "--file")]
         assert files and all((REPO_ROOT / f).is_file() for f in files), f"{cmd}: compose file missing"
-        assert rest and rest[0] in ("up", "down", "ps", "logs", "pull", "build", "restart"), f"{cmd}: unknown compose verb"
+        verbs = ("up", "down", "ps", "logs", "pull", "build", "restart")
+        assert rest and rest[0] in verbs, f"{cmd}: unknown compose verb"
     else:
         raise AssertionError(f"{cmd}: no checker for `docker {sub}`")
 
@@ -263,7 +268,8 @@ def check_kubectl(cmd: Command, argv: list[str], state: State) -> None:
     resources = _k8s_resources()
     assert namespace and any(r[0] == namespace for r in resources), f"{cmd}: unknown namespace {namespace!r}"
     verb, *targets = rest
-    assert verb in ("get", "logs", "describe", "rollout", "port-forward", "delete"), f"{cmd}: no checker for kubectl {verb}"
+    checked_verbs = ("get", "logs", "describe", "rollout", "port-forward", "delete")
+    assert verb in checked_verbs, f"{cmd}: no checker for kubectl {verb}"
     if verb == "rollout":
         assert targets[0] == "status"
         targets = targets[1:]
@@ -321,10 +327,13 @@ def check_cp(cmd: Command, argv: list[str], state: State) -> None:
     opts, rest = _options(argv[1:], set(), {"-r", "-a"})
     *sources, dest = rest
     unit_text = UNIT.read_text()
+    env_file = REPO_ROOT / "deploy/vehicle/perception.env"
     for source in sources:
-        assert (REPO_ROOT / source).exists() or source.rstrip("/") in state.produced, f"{cmd}: {source} neither exists nor was produced"
+        assert (REPO_ROOT / source).exists() or source.rstrip("/") in state.produced, (
+            f"{cmd}: {source} neither exists nor was produced"
+        )
         placed = f"{dest.rstrip('/')}/{Path(source).name}"
-        assert placed in unit_text or any(placed in line for line in (REPO_ROOT / "deploy/vehicle/perception.env").read_text().splitlines()), (
+        assert placed in unit_text or any(placed in line for line in env_file.read_text().splitlines()), (
             f"{cmd}: {placed} is not where the unit or its environment file look"
         )
 
@@ -343,9 +352,14 @@ def check_install_script(cmd: Command, argv: list[str], state: State) -> None:
     assert script.is_file() and script.stat().st_mode & 0o111, f"{cmd}: not an executable script"
     assert argv[1].startswith("/"), f"{cmd}: PREFIX must be absolute"
     if len(argv) > 2:
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
 
-        extras = set(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+            extras = set(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+        else:  # tomllib is 3.11+ (the project supports 3.10): the installed metadata lists the same extras
+            from importlib.metadata import metadata
+
+            extras = set(metadata("perception").get_all("Provides-Extra") or [])
         assert set(argv[2].split(",")) <= extras, f"{cmd}: unknown extras"
     assert f"{argv[1]}/venv/bin/perception" in UNIT.read_text(), f"{cmd}: the unit runs a different install"
 

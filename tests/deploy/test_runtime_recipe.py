@@ -68,7 +68,10 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
             workdir.mkdir(parents=True, exist_ok=True)
         elif ins.keyword == "ENV":
             for key, value in parse_env(ins.args).items():
-                env[key] = str(prefix) if key == "INSTALL_PREFIX" else _expand(value.replace("/opt/perception", str(prefix)), env)
+                if key == "INSTALL_PREFIX":
+                    env[key] = str(prefix)
+                else:
+                    env[key] = _expand(value.replace("/opt/perception", str(prefix)), env)
         elif ins.keyword == "COPY" and not ins.args.startswith("--from"):
             assert workdir is not None
             *sources, dest = ins.args.split()
@@ -89,7 +92,9 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 text=True,
                 timeout=540,
             )
-            assert result.returncode == 0, f"Dockerfile line {ins.line} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            assert result.returncode == 0, (
+                f"Dockerfile line {ins.line} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            )
             ran_install |= "install.sh" in ins.args
     assert ran_install, "the runtime stage no longer runs deploy/vehicle/install.sh"
     return prefix / "venv" / "bin"
@@ -97,10 +102,11 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_runtime_has_no_torch(runtime_install: Path) -> None:
     # cwd=/ so the repository checkout is not on sys.path ('' = cwd for `python -c`).
-    result = subprocess.run([str(runtime_install / "python"), "-c", "import torch"], capture_output=True, text=True, cwd="/")
+    python = str(runtime_install / "python")
+    result = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, cwd="/")
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr
     for absent in ("build_engine", "grpc_tools"):
-        result = subprocess.run([str(runtime_install / "python"), "-c", f"import {absent}"], capture_output=True, text=True, cwd="/")
+        result = subprocess.run([python, "-c", f"import {absent}"], capture_output=True, text=True, cwd="/")
         assert result.returncode != 0, f"{absent} is importable in the runtime environment"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -102,13 +103,16 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
 @needs_systemd_analyze
 def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     """`verify` exits 0 on unknown keys; the test above fails on any finding, as here."""
-    broken = UNIT.read_text().replace("Restart=on-failure", "Restart=sometimes").replace("WatchdogSec=", "WatchdogSecs=")
+    broken = UNIT.read_text().replace("Restart=on-failure", "Restart=sometimes")
+    broken = broken.replace("WatchdogSec=", "WatchdogSecs=")
     result = _systemd_analyze_verify(broken, tmp_path)
     text = result.stdout + result.stderr
     assert "sometimes" in text and "WatchdogSecs" in text
 
 
-def test_unit_restarts_watchdogs_limits_and_sandboxes(unit: dict[str, dict[str, list[str]]], env_file: dict[str, str]) -> None:
+def test_unit_restarts_watchdogs_limits_and_sandboxes(
+    unit: dict[str, dict[str, list[str]]], env_file: dict[str, str]
+) -> None:
     svc = "Service"
     assert one(unit, svc, "Type") == "notify"
     assert one(unit, svc, "Restart") == "on-failure"
@@ -141,7 +145,9 @@ def test_env_file_is_a_valid_server_config(env_file: dict[str, str]) -> None:
     assert config.engine_cache_dir and config.build_engine_on_start
 
 
-def test_exec_start_is_the_supervised_serve_command(unit: dict[str, dict[str, list[str]]], env_file: dict[str, str]) -> None:
+def test_exec_start_is_the_supervised_serve_command(
+    unit: dict[str, dict[str, list[str]]], env_file: dict[str, str]
+) -> None:
     argv = shlex.split(one(unit, "Service", "ExecStart"))
     expanded = [env_file.get(a[2:-1], a) if a.startswith("${") and a.endswith("}") else a for a in argv]
     assert expanded[0] == f"{INSTALL_ROOT}/venv/bin/python"
@@ -170,10 +176,8 @@ class NotifySocket:
         while time.monotonic() < deadline:
             if any(text in m for m in self.messages):
                 return True
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                pass
         return any(text in m for m in self.messages)
 
     def close(self) -> None:
@@ -219,7 +223,9 @@ def test_unit_command_with_its_env_file_serves_under_the_supervisor(
     command = [str(Path(sys.executable).parent / "perception"), *serve[1:]]
     proc = _supervise(notify, command, tmp_path, settings)
     try:
-        assert notify.wait_for("READY=1", 60), f"no READY=1; stderr:\n{proc.stderr.read() if proc.poll() is not None else ''}"
+        assert proc.stderr is not None  # piped by _supervise
+        ready = notify.wait_for("READY=1", 60)
+        assert ready, f"no READY=1; stderr:\n{proc.stderr.read() if proc.poll() is not None else ''}"
         first_ready = next(i for i, m in enumerate(notify.messages) if "READY=1" in m)
         assert not any("WATCHDOG=1" in m for m in notify.messages[:first_ready]), "fed before ready"
         # WATCHDOG_USEC=1 s -> a ping every 0.5 s while gRPC health answers SERVING.
@@ -246,7 +252,8 @@ def test_supervisor_starves_the_watchdog_when_health_fails(tmp_path: Path) -> No
     liar = [
         sys.executable,
         "-c",
-        f"import sys, time; print('ready grpc=127.0.0.1:{dead_port} metrics=127.0.0.1:1', file=sys.stderr, flush=True); time.sleep(60)",
+        f"import sys, time; print('ready grpc=127.0.0.1:{dead_port} metrics=127.0.0.1:1', file=sys.stderr, flush=True)"
+        "; time.sleep(60)",
     ]
     proc = _supervise(notify, liar, tmp_path)
     try:

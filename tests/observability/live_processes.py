@@ -78,8 +78,8 @@ class ServeProcess:
         if not ready.wait(timeout) or self._match is None:
             stop(self.proc)
             raise RuntimeError("perception serve never logged its ready line:\n" + "".join(self.lines[-30:]))
-        self.grpc = f"127.0.0.1:{self._match['gport']}"
-        self.metrics = f"127.0.0.1:{self._match['mport']}"
+        self.grpc: str = f"127.0.0.1:{self._match['gport']}"
+        self.metrics: str = f"127.0.0.1:{self._match['mport']}"
 
     def stop(self) -> None:
         stop(self.proc)
@@ -93,7 +93,8 @@ class PrometheusProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
-            "global": {"scrape_interval": f"{int(interval_s * 1000)}ms", "evaluation_interval": f"{int(interval_s * 1000)}ms",
+            "global": {"scrape_interval": f"{int(interval_s * 1000)}ms",
+                       "evaluation_interval": f"{int(interval_s * 1000)}ms",
                        "scrape_timeout": f"{int(interval_s * 900)}ms"},
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [{"job_name": "perception", "static_configs": [{"targets": targets}]}],
@@ -109,7 +110,8 @@ class PrometheusProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {(workdir / 'prometheus.log').read_text()}")
+                log = (workdir / "prometheus.log").read_text()
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {log}")
             try:
                 with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
                     if r.status == 200:

@@ -13,7 +13,6 @@ from tests.observability.grafana_dashboard import iter_exprs, iter_panels, load_
 from tests.observability.promql_names import GPU_ONLY, PROMETHEUS_SYNTHETIC, exposed_names, metric_names
 
 
-
 @pytest.fixture(scope="module")
 def dashboard(deploy_dir: Path) -> dict:
     return load_dashboard(deploy_dir / "grafana" / "dashboards" / "perception.json")
@@ -27,7 +26,7 @@ def test_dashboard_is_well_formed(dashboard: dict) -> None:
         if panel["type"] == "row":
             continue
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         assert panel["datasource"]["uid"] == "${datasource}"
     variables = {v["name"] for v in dashboard["templating"]["list"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import urllib.request
 from pathlib import Path
@@ -19,9 +20,16 @@ def _value(registry: CollectorRegistry, name: str, **labels: str) -> float | Non
     return registry.get_sample_value(name, labels)
 
 
+def _present(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """The sample's value; the sample must exist."""
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name}{labels}"
+    return value
+
+
 def test_latency_buckets_resolve_1ms_to_1s() -> None:
     assert LATENCY_BUCKETS[0] == 0.001 and 1.0 in LATENCY_BUCKETS
-    ratios = [b / a for a, b in zip(LATENCY_BUCKETS, LATENCY_BUCKETS[1:]) if b <= 1.0]
+    ratios = [b / a for a, b in itertools.pairwise(LATENCY_BUCKETS) if b <= 1.0]
     assert max(ratios) <= 2.0  # no gap wider than x2 between 1 ms and 1 s
 
 
@@ -68,9 +76,10 @@ def test_camera_label_is_bounded_by_configuration() -> None:
     assert _value(registry, "perception_frames_received_total", camera="front") == 1
     assert _value(registry, "perception_frames_answered_total", camera="front") == 1
     assert _value(registry, "perception_frames_dropped_total", camera="other", reason="invalid") == 1
-    assert _value(registry, "perception_camera_last_frame_timestamp_seconds", camera="front") > 1e9
+    assert _present(registry, "perception_camera_last_frame_timestamp_seconds", camera="front") > 1e9
     assert _value(registry, "perception_camera_last_frame_timestamp_seconds", camera="rear") == 0
-    cameras = {s.labels["camera"] for f in registry.collect() if f.name == "perception_frames_received" for s in f.samples}
+    cameras = {s.labels["camera"] for f in registry.collect() if f.name == "perception_frames_received"
+               for s in f.samples}
     assert cameras == {"front", "rear", "other"}
     with pytest.raises(ValueError):
         ServerMetrics(CollectorRegistry(), cameras=["other"], process=False, gpu=False)
@@ -149,11 +158,12 @@ def test_build_info(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_process_metrics_are_exported() -> None:
     registry = CollectorRegistry()
     ServerMetrics(registry, gpu=False)
-    assert _value(registry, "process_resident_memory_bytes") > 1e6
-    assert _value(registry, "process_cpu_seconds_total") > 0
-    assert _value(registry, "perception_process_threads") >= 1
-    assert 0.0 <= _value(registry, "perception_host_cpu_utilization_ratio") <= 1.0
-    assert _value(registry, "perception_host_memory_used_bytes") < _value(registry, "perception_host_memory_total_bytes")
+    assert _present(registry, "process_resident_memory_bytes") > 1e6
+    assert _present(registry, "process_cpu_seconds_total") > 0
+    assert _present(registry, "perception_process_threads") >= 1
+    assert 0.0 <= _present(registry, "perception_host_cpu_utilization_ratio") <= 1.0
+    used = _present(registry, "perception_host_memory_used_bytes")
+    assert used < _present(registry, "perception_host_memory_total_bytes")
 
 
 def test_gpu_metrics_skip_cleanly_without_a_gpu() -> None:

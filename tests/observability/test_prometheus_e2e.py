@@ -19,7 +19,10 @@ import yaml
 
 from tests.observability.grafana_dashboard import iter_exprs, load_dashboard, substitute
 from tests.observability.live_processes import (
-    PrometheusProcess, ServeProcess, child_env, perception_cmd,
+    PrometheusProcess,
+    ServeProcess,
+    child_env,
+    perception_cmd,
 )
 
 pytestmark = pytest.mark.prometheus
@@ -38,7 +41,8 @@ BUCKET_SLACK = 1.7
 
 def _needs(module: str) -> None:
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} does not exist yet: the end-to-end test needs `perception serve` and `perception replay`")
+        pytest.skip(f"{module} does not exist yet: "
+                    "the end-to-end test needs `perception serve` and `perception replay`")
 
 
 def write_drive(root: Path) -> Path:

@@ -46,7 +46,8 @@ def test_rule_files_are_valid(promtool: str, deploy_dir: Path) -> None:
 
 
 def test_rule_unit_tests_pass(promtool: str, deploy_dir: Path) -> None:
-    tests = sorted(p.relative_to(deploy_dir / "prometheus").as_posix() for p in (deploy_dir / "prometheus").glob("tests/*_test.yml"))
+    rules_dir = deploy_dir / "prometheus"
+    tests = sorted(p.relative_to(rules_dir).as_posix() for p in rules_dir.glob("tests/*_test.yml"))
     assert tests == ["tests/alerts_test.yml", "tests/triton_compat_test.yml"]
     result = _run([promtool, "test", "rules", *tests], cwd=deploy_dir / "prometheus")
     assert result.returncode == 0 and result.stdout.count("SUCCESS") == len(tests), result.stdout + result.stderr

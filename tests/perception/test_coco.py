@@ -16,13 +16,13 @@ GOOD = {
 }
 
 
-def write(tmp_path, data, name="gt.json"):  # type: ignore[no-untyped-def]
+def write(tmp_path, data, name="gt.json"):
     p = tmp_path / name
     p.write_text(data if isinstance(data, str) else json.dumps(data))
     return p
 
 
-def test_good_file_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_good_file_loads(tmp_path) -> None:
     ds = load_coco(write(tmp_path, GOOD))
     assert ds.boxes[1].tolist() == [[1, 2, 11, 22]] and ds.labels[1].tolist() == [1]
     assert ds.images[1].extra == {"camera_id": "front"} and ds.class_names() == ["car"]
@@ -40,7 +40,7 @@ def test_good_file_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
         (lambda d: d.pop("categories"), "'categories'"),
     ],
 )
-def test_malformed_records_are_named(tmp_path, mutate, fragment) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_records_are_named(tmp_path, mutate, fragment) -> None:
     data = json.loads(json.dumps(GOOD))
     mutate(data)
     p = write(tmp_path, data)
@@ -50,14 +50,14 @@ def test_malformed_records_are_named(tmp_path, mutate, fragment) -> None:  # typ
     assert str(p) in msg and fragment in msg and "\n" not in msg
 
 
-def test_broken_json_and_missing_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_broken_json_and_missing_file(tmp_path) -> None:
     with pytest.raises(DataError, match="line 1"):
         load_coco(write(tmp_path, '{"images": [', "broken.json"))
     with pytest.raises(DataError, match="no such file"):
         load_coco(tmp_path / "missing.json")
 
 
-def test_results_validation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_results_validation(tmp_path) -> None:
     gt = parse_coco(GOOD)
     ok = write(tmp_path, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}], "r.json")
     assert len(load_results(ok, gt)) == 1

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,9 +34,10 @@ def make_case(seed: int, n_img: int = 30, n_cls: int = 4) -> tuple[dict, list[di
                             "bbox": [x + j[0], y + j[1], max(1.0, w + j[2]), max(1.0, h + j[3])]})
         for _ in range(int(rng.integers(0, 4))):
             w, h = rng.uniform(4, 150, 2)
-            res.append({"image_id": im["id"], "category_id": int(rng.integers(1, n_cls + 1)), "score": float(rng.random() * 0.6),
-                        "bbox": [rng.uniform(0, 500), rng.uniform(0, 400), w, h]})
-    gt = {"images": images, "annotations": anns, "categories": [{"id": i, "name": f"c{i}"} for i in range(1, n_cls + 1)]}
+            res.append({"image_id": im["id"], "category_id": int(rng.integers(1, n_cls + 1)),
+                        "score": float(rng.random() * 0.6), "bbox": [rng.uniform(0, 500), rng.uniform(0, 400), w, h]})
+    categories = [{"id": i, "name": f"c{i}"} for i in range(1, n_cls + 1)]
+    gt = {"images": images, "annotations": anns, "categories": categories}
     return gt, res
 
 
@@ -45,7 +47,8 @@ def pycocotools_stats(gt: dict, res: list[dict]) -> np.ndarray:
 
     with contextlib.redirect_stdout(io.StringIO()):
         cg = COCO()
-        cg.dataset = copy.deepcopy(gt)
+        # The stub's dataset type also demands "segmentation" and "supercategory", which bbox evaluation never reads.
+        cg.dataset = copy.deepcopy(gt)  # type: ignore[assignment]  # partial COCO: see above
         cg.createIndex()
         cd = cg.loadRes(copy.deepcopy(res))
         e = COCOeval(cg, cd, "bbox")
@@ -70,7 +73,7 @@ def test_map_matches_pycocotools(seed: int) -> None:
 
 def _gt(boxes_by_img: list[list[tuple[float, float, float, float, int]]]) -> dict:
     images = [{"id": i + 1, "width": 100, "height": 100} for i in range(len(boxes_by_img))]
-    anns = []
+    anns: list[dict[str, Any]] = []
     for i, boxes in enumerate(boxes_by_img):
         for x, y, w, h, c in boxes:
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": [x, y, w, h], "area": w * h})
@@ -79,7 +82,8 @@ def _gt(boxes_by_img: list[list[tuple[float, float, float, float, int]]]) -> dic
 
 def test_perfect_and_empty_predictions() -> None:
     gt = _gt([[(10, 10, 20, 20, 1), (50, 50, 30, 30, 2)]])
-    perfect = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    perfect = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
     r = evaluate_coco(gt, perfect)
     assert r.map50_95 == pytest.approx(1.0) and r.precision == 1.0 and r.recall == 1.0 and r.f1 == 1.0
     assert r.confusion == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
@@ -122,6 +126,7 @@ def test_ap_helpers() -> None:
 def test_report_dict_has_the_keys_the_build_stage_reads() -> None:
     gt, res = make_case(3, n_img=5)
     d = evaluate_coco(gt, res).to_dict()
-    for k in ("map50_95", "map50", "precision", "recall", "f1", "per_class", "per_size", "confusion", "pr_curves", "f1_curve"):
+    for k in ("map50_95", "map50", "precision", "recall", "f1", "per_class", "per_size", "confusion", "pr_curves",
+              "f1_curve"):
         assert k in d
     json.dumps(d)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from perception.errors import InvalidInputError
+from perception.layouts import decoder_for
 from perception.letterbox import compute_letterbox
 from perception.manifest import PostprocessSpec
-from perception.layouts import decoder_for
 from perception.postprocess import PostprocessOptions, merge_options
 from perception.postprocess import postprocess as _postprocess
 
@@ -20,7 +20,7 @@ def postprocess(out, lb, opts):
 
 def reference(out, lb, opts: PostprocessOptions):
     """Anchor by anchor, class by class, in plain Python."""
-    cands = []
+    cands: list[tuple[float, int, list[float]]] = []
     for row in out.tolist():
         obj = row[4]
         best_c, best_s = None, -1.0
@@ -33,7 +33,7 @@ def reference(out, lb, opts: PostprocessOptions):
             cands.append((best_s, best_c, row[:4]))
     cands.sort(key=lambda t: -t[0])
     cands = cands[: opts.pre_nms_topk]
-    kept = []
+    kept: list[tuple[float, int, list[float]]] = []
     for s, c, b in cands:
         suppressed = False
         for _, c2, b2 in kept:

@@ -11,6 +11,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from perception.v1 import detector_pb2 as pb
@@ -25,9 +26,10 @@ def jpeg(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
     img = np.full((height, width, 3), 90, np.uint8)
     for _ in range(4):
         x, y = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
-        cv2.rectangle(img, (x, y), (x + width // 4, y + height // 4), tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
-    img = cv2.add(img, rng.integers(0, 30, img.shape, dtype=np.uint8))
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        cv2.rectangle(img, (x, y), (x + width // 4, y + height // 4), colour, -1)
+    noisy = cv2.add(img, rng.integers(0, 30, img.shape, dtype=np.uint8))
+    ok, buf = cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 85])
     assert ok
     return buf.tobytes()
 
@@ -39,17 +41,37 @@ def request(camera: str, seq: int, data: bytes | None = None, **frame_kw: Any) -
     return pb.DetectRequest(frame=frame)
 
 
+def health_check(
+    channel: grpc.Channel,
+) -> grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
+    """``HealthStub(channel).Check``, typed."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    check: grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+    check = stub.Check  # type: ignore[attr-defined]  # generated stub: types-grpcio-health-checking omits its RPCs
+    return check
+
+
 @dataclasses.dataclass
 class Running:
     server: ManagedServer
     port: int
-    channel: grpc.Channel
-    stub: pb_grpc.DetectorStub
     registry: CollectorRegistry
+    own_channel: grpc.Channel | None  # None when started with channel=False
+    own_stub: pb_grpc.DetectorStub | None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def channel(self) -> grpc.Channel:
+        assert self.own_channel is not None, "this server was started with channel=False"
+        return self.own_channel
+
+    @property
+    def stub(self) -> pb_grpc.DetectorStub:
+        assert self.own_stub is not None, "this server was started with channel=False"
+        return self.own_stub
 
 
 @pytest.fixture
@@ -64,12 +86,12 @@ def serve(tiny_manifest: Path) -> Iterator[Callable[..., Running]]:
         registry = CollectorRegistry()
         server, port = create_server(ServerConfig(**kw), registry)
         ch = grpc.insecure_channel(f"127.0.0.1:{port}") if channel else None
-        run = Running(server, port, ch, pb_grpc.DetectorStub(ch) if ch else None, registry)  # type: ignore[arg-type]
+        run = Running(server, port, registry, ch, pb_grpc.DetectorStub(ch) if ch else None)
         started.append(run)
         return run
 
     yield start
     for run in started:
-        if run.channel is not None:
-            run.channel.close()
+        if run.own_channel is not None:
+            run.own_channel.close()
         run.server.shutdown(1.0)

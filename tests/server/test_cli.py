@@ -99,7 +99,7 @@ def test_serve_ready_health_and_sigterm_with_stream_in_flight(tiny_manifest, tmp
         with pytest.raises(grpc.RpcError) as err:
             for a in answers:
                 rest.append(a)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (err.value.details() or "")
         assert [a.sequence for a in got] == [0, 1, 2] and all(a.status == pb.FRAME_STATUS_OK for a in got)
         channel.close()
         t0 = time.monotonic()
@@ -121,7 +121,9 @@ def test_health_cli_fails_without_a_server():
 def test_serve_works_with_torch_unimportable(tiny_manifest, tmp_path):
     shim = tmp_path / "shim" / "torch"
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("raise ImportError('torch is blocked in this test: the server must not need it')\n")
+    (shim / "__init__.py").write_text(
+        "raise ImportError('torch is blocked in this test: the server must not need it')\n"
+    )
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "shim"), str(REPO)])
     served = start_serve(["--model", str(tiny_manifest), "--host", "127.0.0.1", "--port", "0",
@@ -141,7 +143,8 @@ def test_serve_works_with_torch_unimportable(tiny_manifest, tmp_path):
 def test_serve_config_errors_are_one_line(tiny_manifest, tmp_path):
     cfg = tmp_path / "server.yaml"
     cfg.write_text("max_batch: 0\n")
-    r = subprocess.run([sys.executable, "-m", "perception.cli", "serve", "--model", str(tiny_manifest), "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "perception.cli", "serve", "--model", str(tiny_manifest),
+                        "--config", str(cfg)],
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 1
     assert "max_batch must be in 1..1024" in r.stderr and "Traceback" not in r.stderr

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from perception.errors import InvalidInputError
-from perception.letterbox import boxes_to_source
 from perception.manifest import load_manifest
 from perception.pipeline import FrameInput, FramePipeline, RawPixels, RequestOptions
 
@@ -27,12 +26,14 @@ def manifest(tiny_manifest):
 def test_reduced_decode_matches_full_decode(manifest, size):
     w, h = size
     rng = np.random.default_rng(1)
-    img = cv2.resize(rng.integers(0, 255, (h // 40, w // 40, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
+    coarse = rng.integers(0, 255, (h // 40, w // 40, 3), dtype=np.uint8)
+    img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
     frame = FrameInput("front", 1, 0, encoded=cv2.imencode(".jpg", img)[1].tobytes())
     fast = FramePipeline.from_manifest(manifest, reduced_decode=True).prepare(frame, RequestOptions())
     full = FramePipeline.from_manifest(manifest, reduced_decode=False).prepare(frame, RequestOptions())
     assert (fast.image_width, fast.image_height) == (full.image_width, full.image_height) == (w, h)
     # Same picture either way (up to resampling differences).
+    assert fast.tensor is not None and full.tensor is not None
     assert np.abs(fast.tensor.astype(float) - full.tensor.astype(float)).mean() < 0.03 * 255
 
 
@@ -57,6 +58,7 @@ def test_known_object_maps_back_to_its_source_pixels(manifest, reduced):
     p = pipe.prepare(FrameInput("front", 1, 0, encoded=data), RequestOptions(score_threshold=0.01))
     lb = p.letterbox
     # Where the object really is in model space, measured from the letterboxed pixels.
+    assert p.tensor is not None
     canvas = p.tensor[..., 0].astype(np.float64) / 255.0
     cx, cy = int(lb.pad_left + 1740 * lb.new_w / w), int(lb.pad_top + 930 * lb.new_h / h)
     x1, x2 = _edges(canvas[cy - 3 : cy + 4].mean(axis=0), cx, lb.pad_left, lb.pad_left + lb.new_w)
@@ -109,7 +111,7 @@ def test_raw_frames_valid_or_invalid_never_crash(manifest, w, h, fmt, stride, ex
     row = w * bpp
     s = stride or row
     assert s >= row and s * (rows - 1) + row <= n <= s * rows
-    assert p.tensor.shape == (48, 64, 3) and (p.image_width, p.image_height) == (w, h)
+    assert p.tensor is not None and p.tensor.shape == (48, 64, 3) and (p.image_width, p.image_height) == (w, h)
 
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0, max_value=1))
@@ -147,4 +149,4 @@ def test_encoded_garbage_and_truncation_is_invalid(tiny_manifest, data, cut):
             p = pipe.prepare(FrameInput("cam", 0, 0, encoded=payload), RequestOptions())
         except InvalidInputError:
             continue
-        assert p.tensor.shape == (48, 64, 3)
+        assert p.tensor is not None and p.tensor.shape == (48, 64, 3)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,11 +50,10 @@ def test_backend_for_falls_back_to_cpu(tiny_manifest):
                     avail=Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"})))
 
 
-def fp(**kw) -> EngineFingerprint:
-    base = dict(tensorrt_version="10.3.0", compute_capability="8.7", precision="fp16",
-                onnx_sha256="ab" * 32, max_batch=8, device_name="Orin")
-    base.update(kw)
-    return EngineFingerprint(**base)
+def fp(**kw: Any) -> EngineFingerprint:
+    base = EngineFingerprint(tensorrt_version="10.3.0", compute_capability="8.7", precision="fp16",
+                             onnx_sha256="ab" * 32, max_batch=8, device_name="Orin")
+    return dataclasses.replace(base, **kw)
 
 
 def test_fingerprint_mismatches_are_explained():
@@ -65,7 +65,8 @@ def test_fingerprint_mismatches_are_explained():
     assert mismatches(fp(precision="int8"), fp()) and mismatches(fp(onnx_sha256="cd" * 32), fp())
     assert fp().cache_name() != fp(compute_capability="8.6").cache_name()
     # Timing caches are shared across models and precisions, never across TensorRT versions or GPUs.
-    assert fp().timing_cache_name() == fp(precision="int8", onnx_sha256="cd" * 32).timing_cache_name() == "timing.trt10.3.0.sm87.cache"
+    shared = fp(precision="int8", onnx_sha256="cd" * 32).timing_cache_name()
+    assert fp().timing_cache_name() == shared == "timing.trt10.3.0.sm87.cache"
     assert fp().timing_cache_name() != fp(tensorrt_version="10.0.1").timing_cache_name()
     assert EngineFingerprint.from_json(fp().to_json()) == fp()
 
@@ -98,7 +99,6 @@ def test_tensorrt_source_is_the_onnx_that_holds_the_precision(tiny_manifest, tmp
     """Engines are built strongly typed, so the ONNX file carries the precision: FP16 from the
     FP16 model of the same weights family, INT8 from the INT8 variant's declared signed,
     zero-point-0 twin, never from onnxruntime's U8 model; anything else is refused in one line."""
-    import dataclasses
     import shutil
 
     from perception.manifest import Precision, QdqTwin, sha256_file
@@ -112,7 +112,8 @@ def test_tensorrt_source_is_the_onnx_that_holds_the_precision(tiny_manifest, tmp
         tensorrt_source(m, fp32, Precision.FP16)
     shutil.copy(root / fp32.file, root / "half.onnx")  # any ONNX file stands in for the models here
     half = sha256_file(root / "half.onnx")
-    fp16 = dataclasses.replace(fp32, name="half", precision=Precision.FP16, file="half.onnx", sha256=half, parent="fp32")
+    fp16 = dataclasses.replace(fp32, name="half", precision=Precision.FP16, file="half.onnx", sha256=half,
+                               parent="fp32")
     with_fp16 = dataclasses.replace(m, variants=(fp32, fp16))
     assert tensorrt_source(with_fp16, fp32, Precision.FP16) == (root / "half.onnx", half)
     other_family = dataclasses.replace(m, variants=(fp32, dataclasses.replace(fp16, family="pruned")))
@@ -152,7 +153,8 @@ def test_tensorrt_build_and_run_matches_onnxruntime(tiny_manifest, tmp_path):
     m = load_manifest(tiny_manifest)
     v = m.variant()
     want = device_fingerprint("fp32", v.sha256, 4)
-    engine = build_engine(m.path_of(v), tmp_path / "m.engine", BuildOptions("fp32", 4, timing_cache=str(tmp_path / "t.cache")), want)
+    options = BuildOptions("fp32", 4, timing_cache=str(tmp_path / "t.cache"))
+    engine = build_engine(m.path_of(v), tmp_path / "m.engine", options, want)
     trt_b = TensorRTBackend(engine, want, 4)
     ort_b = OnnxRuntimeBackend(m.path_of(v), max_batch=4)
     trt_b.activate()

@@ -54,7 +54,8 @@ class Batches:
     """Wraps the backend to record every batch size it is called with."""
 
     def __init__(self, backend) -> None:
-        self.backend, self.sizes = backend, []
+        self.backend = backend
+        self.sizes: list[int] = []
 
     def __call__(self, x):
         self.sizes.append(x.shape[0])
@@ -98,7 +99,9 @@ def test_results_match_unbatched_inference(backend):
     s.stop(2)
     for k, x in xs.items():
         ref = backend.infer(x[None])["output"][0]
-        np.testing.assert_allclose(rec.results[k].outputs["output"], ref, rtol=1e-5, atol=1e-5)
+        outputs = rec.results[k].outputs
+        assert outputs is not None, rec.results[k]
+        np.testing.assert_allclose(outputs["output"], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_round_robin_is_fair_across_cameras(backend):

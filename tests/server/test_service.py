@@ -9,10 +9,10 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from perception.v1 import detector_pb2 as pb
-from tests.server.conftest import jpeg, request
+from tests.server.conftest import health_check, jpeg, request
 
 OK = pb.FRAME_STATUS_OK
 
@@ -27,7 +27,8 @@ def test_detect_returns_boxes_in_source_pixels(serve):
     for d in resp.detections:
         assert 0 <= d.box.x1 <= d.box.x2 <= 320 and 0 <= d.box.y1 <= d.box.y2 <= 200
         assert 0.3 <= d.score <= 1.0  # the manifest's default score threshold is 0.3
-        assert d.class_name == ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_light", "traffic_sign")[d.class_id]
+        classes = ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_light", "traffic_sign")
+        assert d.class_name == classes[d.class_id]
     t = resp.timings
     assert t.batch_size == 1 and t.total_us >= t.inference_us > 0 and t.preprocess_us > 0
 
@@ -76,7 +77,9 @@ def test_stream_several_cameras_in_order_with_garbage_mid_stream(serve):
         ({"raw": pb.RawImage(width=4, height=4, format=pb.PIXEL_FORMAT_BGR8, data=bytes(47))}, {}, "needs 48"),
         ({"raw": pb.RawImage(width=0, height=4, format=pb.PIXEL_FORMAT_BGR8, data=b"")}, {}, "positive"),
         ({"raw": pb.RawImage(width=100000, height=100000, format=pb.PIXEL_FORMAT_BGR8, data=b"x")}, {}, "limit"),
-        ({"raw": pb.RawImage(width=4, height=4, format=77, data=bytes(48))}, {}, "pixel format"),
+        ({"raw": pb.RawImage(width=4, height=4, data=bytes(48),
+                             format=77)},  # type: ignore[arg-type]  # not a PixelFormat, on purpose
+         {}, "pixel format"),
         ({"raw": pb.RawImage(width=4, height=4, data=bytes(48))}, {}, "no pixel format"),
         ({"encoded": jpeg()}, {"score_threshold": -0.5}, "score_threshold"),
         ({"encoded": jpeg()}, {"iou_threshold": 7.0}, "iou_threshold"),
@@ -87,11 +90,12 @@ def test_stream_several_cameras_in_order_with_garbage_mid_stream(serve):
 )
 def test_bad_input_is_invalid_argument_with_a_message(serve, frame_kw, options, needle):
     run = serve()
-    req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=1, **frame_kw), options=pb.DetectOptions(**options))
+    req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=1, **frame_kw),
+                           options=pb.DetectOptions(**options))
     with pytest.raises(grpc.RpcError) as err:
         run.stub.Detect(req, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert needle in err.value.details()
+    assert needle in (err.value.details() or "")
     # The same input inside a stream: answered INVALID, and the stream goes on.
     out = list(run.stub.StreamDetect(iter([req, request("front", 2, jpeg())]), timeout=10))
     assert [a.status for a in out] == [pb.FRAME_STATUS_INVALID, OK]
@@ -107,10 +111,12 @@ def test_options_thresholds_filter_and_agnostic(serve):
     assert all(d.score >= 0.6 for d in strict.detections)
     assert len(strict.detections) <= len(base.detections)
     only = run.stub.Detect(pb.DetectRequest(frame=request("front", 3, img).frame,
-                                            options=pb.DetectOptions(class_filter=[2], score_threshold=0.05)), timeout=10)
+                                            options=pb.DetectOptions(class_filter=[2], score_threshold=0.05)),
+                           timeout=10)
     assert only.detections and {d.class_id for d in only.detections} == {2}
     capped = run.stub.Detect(pb.DetectRequest(frame=request("front", 4, img).frame,
-                                              options=pb.DetectOptions(max_detections=2, score_threshold=0.05)), timeout=10)
+                                              options=pb.DetectOptions(max_detections=2, score_threshold=0.05)),
+                             timeout=10)
     assert len(capped.detections) == 2
 
 
@@ -251,13 +257,16 @@ def test_model_info_health_and_reflection(serve):
     info = run.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
     assert info.name == "tiny" and info.classes[0] == "car" and info.input_width == 64
     assert info.backend == "onnxruntime-cpu" and info.max_batch == 8 and '"classes"' in info.manifest_json
-    health = health_pb2_grpc.HealthStub(run.channel)
+    check = health_check(run.channel)
     for svc in ("", "perception.v1.Detector"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        status = check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     refl = reflection_pb2_grpc.ServerReflectionStub(run.channel)
-    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    list_services = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    # types-grpcio-reflection declares this generated RPC as `binascii.Incomplete` (an exception class).
+    resp = next(refl.ServerReflectionInfo(list_services, timeout=5))  # type: ignore[operator]  # mistyped stub, above
     names = {s.name for s in resp.list_services_response.service}
     assert {"perception.v1.Detector", "grpc.health.v1.Health"} <= names
 
@@ -285,9 +294,9 @@ def test_shutdown_answers_in_flight_then_refuses(serve):
     t.join(5)
     hold.set()
     assert results and results[0].status == OK
-    health = health_pb2_grpc.HealthStub(run.channel)
+    check = health_check(run.channel)
     with pytest.raises(grpc.RpcError):
-        health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        check(health_pb2.HealthCheckRequest(), timeout=2)
 
 
 def test_metrics_count_every_answer(serve):
@@ -334,7 +343,7 @@ def test_camera_allow_list(serve):
     assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).status == OK
     with pytest.raises(grpc.RpcError) as err:
         run.stub.Detect(request("intruder", 1, jpeg()), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "allow-list" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "allow-list" in (err.value.details() or "")
 
 
 def test_camera_faster_than_the_server_is_shed_before_decoding(serve):
@@ -368,23 +377,24 @@ def test_not_serving_until_warm(tiny_manifest):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
         ("grpc.max_reconnect_backoff_ms", 50)])
-    health = health_pb2_grpc.HealthStub(channel)
+    check = health_check(channel)
     seen = set()
     code = None
     try:
         deadline = time.monotonic() + 60
         while t.is_alive() and time.monotonic() < deadline:
             try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                status = check(health_pb2.HealthCheckRequest(), timeout=1).status
                 seen.add(status)
                 if status == health_pb2.HealthCheckResponse.NOT_SERVING and code is None:
+                    got: grpc.StatusCode | str
                     try:
                         pb_grpc.DetectorStub(channel).Detect(request("front", 1, jpeg()), timeout=2)
                         got = "OK"
                     except grpc.RpcError as exc:
                         got = exc.code()
                     # Only conclusive if the server was still warming up after the call.
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == status:
+                    if check(health_pb2.HealthCheckRequest(), timeout=1).status == status:
                         code = got
             except grpc.RpcError:
                 pass  # not bound yet
@@ -392,7 +402,7 @@ def test_not_serving_until_warm(tiny_manifest):
         t.join()
         assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
         assert code == grpc.StatusCode.UNAVAILABLE
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+        assert check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         channel.close()
         for server, _ in started:

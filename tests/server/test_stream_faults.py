@@ -6,8 +6,8 @@ from __future__ import annotations
 import queue
 import socket
 import threading
-from concurrent import futures
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,21 @@ import pytest
 
 from perception.errors import ModelError, NotReadyError
 from perception.manifest import (
-    Manifest, PostprocessSpec, PreprocessSpec, Variant, load_manifest, save_manifest, sha256_file,
+    Manifest,
+    PostprocessSpec,
+    Precision,
+    PreprocessSpec,
+    Variant,
+    load_manifest,
+    save_manifest,
+    sha256_file,
 )
+from perception.pipeline import FramePipeline
 from perception.v1 import detector_pb2 as pb
 from server import convert
 from server.answer import FrameTask
 from server.app import create_server
 from server.config import ServerConfig
-from perception.pipeline import FramePipeline
 from server.metrics_protocol import NULL_METRICS
 from server.scheduler import Job, JobStatus, Scheduler
 from server.stream import StreamSession
@@ -190,7 +197,7 @@ def _mismatched_manifest(directory: Path) -> Path:
         name="broken", version="0.0.1", classes=CLASSES,
         preprocess=PreprocessSpec(input_width=64, input_height=48),
         postprocess=PostprocessSpec(score_threshold=0.3, iou_threshold=0.5, max_detections=50),
-        variants=(Variant(name="fp32", file=onnx_path.name, precision="fp32", sha256=sha256_file(onnx_path),
+        variants=(Variant(name="fp32", file=onnx_path.name, precision=Precision.FP32, sha256=sha256_file(onnx_path),
                           input_shape=(-1, 3, 48, 64), max_batch=2),),
         default_variant="fp32",
         provenance={"source": "tests/server/test_stream_faults.py"},

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 from perception.manifest import Manifest, PostprocessSpec, PreprocessSpec, Variant, save_manifest, sha256_file
@@ -47,7 +45,8 @@ def two_variants(tmp_path):
 
 def test_identical_variant_passes(two_variants, capsys):
     manifest, frames = two_variants
-    assert main(["--model", str(manifest), "--variant", "same", "--frames", str(frames), "--json", "--threads", "1"]) == 0
+    argv = ["--model", str(manifest), "--variant", "same", "--frames", str(frames), "--json", "--threads", "1"]
+    assert main(argv) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["max_abs_diff"] == 0.0 and rep["vanished"] == 0.0 and rep["appeared"] == 0.0 and rep["frames"] == 4
     assert rep["detections_reference"] > 0 and rep["precision"] == "int8" and rep["max_changed"] == 0.15
