@@ -2,8 +2,9 @@
 
 Sizes are validated before anything is allocated, against limits a deployment can lower to its
 cameras' resolutions. JPEGs are decoded strictly: a corrupt or truncated one is refused. A
-JPEG much larger than the model input is decoded at reduced scale by libjpeg's DCT scaling (measured 1.7-2.4x faster for 1920x1080 ->
-640x360, docs/performance.md) when the caller passes the input size it needs.
+JPEG much larger than the model input is decoded at reduced scale by libjpeg's DCT scaling
+(measured 1.7-2.4x faster for 1920x1080 -> 640x360, docs/performance.md) when the caller
+passes the input size it needs.
 """
 
 from __future__ import annotations
