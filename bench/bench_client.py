@@ -49,12 +49,13 @@ def start_server(model: Path) -> tuple[subprocess.Popen[str], str]:
     cmd = [sys.executable, "-m", "perception.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "0", "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert proc.stderr is not None
+    stderr = proc.stderr
+    assert stderr is not None  # stderr=PIPE
     deadline = time.monotonic() + 120
-    for line in proc.stderr:
+    for line in stderr:
         m = READY.search(line)
         if m:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+            threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()  # keep the pipe drained
             return proc, f"{m.group(1)}:{m.group(2)}"
         if time.monotonic() > deadline:
             break
@@ -81,16 +82,24 @@ def bench_modes(address: str, frames: list[Any]) -> dict[str, dict[str, Any]]:
             lat.append(client.detect(f).latency_ms)
         out["unary"] = {"fps": round(len(frames) / (time.perf_counter() - t0), 1), **_pct(lat)}
     for window in (1, 2, 4):
-        with DetectorClient(ClientConfig(targets=(address,), window=window)) as client:
-            got: list[Any] = []
-            t0 = time.perf_counter()
-            with client.stream(lambda fr, r: got.append(r)) as s:
-                for f in frames:
-                    s.send(f)
-            dt = time.perf_counter() - t0
-            ok = [r.latency_ms for r in got if r.status.value == "OK"]
-            out[f"stream_w{window}"] = {"fps": round(len(got) / dt, 1), "answered_ok": len(ok), **_pct(ok)}
+        out[f"stream_w{window}"] = bench_stream(address, frames, window)
     return out
+
+
+def bench_stream(address: str, frames: list[Any], window: int) -> dict[str, Any]:
+    """One StreamDetect session with ``window`` frames in flight: answered fps and OK latency."""
+    from client.config import ClientConfig
+    from client.detector_client import DetectorClient
+
+    with DetectorClient(ClientConfig(targets=(address,), window=window)) as client:
+        got: list[Any] = []
+        t0 = time.perf_counter()
+        with client.stream(lambda fr, r: got.append(r)) as s:
+            for f in frames:
+                s.send(f)
+        dt = time.perf_counter() - t0
+        ok = [r.latency_ms for r in got if r.status.value == "OK"]
+        return {"fps": round(len(got) / dt, 1), "answered_ok": len(ok), **_pct(ok)}
 
 
 def bench_payload(address: str, n: int) -> dict[str, dict[str, Any]]:

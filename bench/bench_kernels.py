@@ -176,7 +176,7 @@ def _cv2_batched_nms(
     # score_threshold 0: keep every candidate (all scores are > 0), as batched_nms does.
     # The stubs say Sequence; numpy arrays are accepted too and skip a list copy.
     keep = cv2.dnn.NMSBoxesBatched(
-        xywh, scores.astype(np.float64), class_ids.astype(np.int32), 0.0, iou)  # type: ignore[arg-type]
+        xywh, scores.astype(np.float64), class_ids.astype(np.int32), 0.0, iou)  # type: ignore[arg-type]  # stubs: Sequence only
     return np.asarray(keep, np.int64).reshape(-1)
 
 

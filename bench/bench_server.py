@@ -27,11 +27,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from perception.v1.detector_pb2 import DetectRequest
 
 REPO = Path(__file__).resolve().parents[1]
 READY = re.compile(r"ready grpc=(\S+):(\d+) metrics=(\S+):(\d+)")
@@ -94,10 +98,11 @@ class ServerProcess:
         return self.proc.wait(60)
 
 
-def _req(cam: str, seq: int, data: bytes) -> Any:
+def _req(cam: str, seq: int, data: bytes) -> DetectRequest:
     from perception.v1 import detector_pb2 as pb
 
-    return pb.DetectRequest(frame=pb.Frame(camera_id=cam, sequence=seq, capture_timestamp_ns=time.time_ns(), encoded=data))
+    frame = pb.Frame(camera_id=cam, sequence=seq, capture_timestamp_ns=time.time_ns(), encoded=data)
+    return pb.DetectRequest(frame=frame)
 
 
 def lockstep_stream(stub: Any, frames: list[bytes], n: int) -> list[float]:
@@ -105,7 +110,7 @@ def lockstep_stream(stub: Any, frames: list[bytes], n: int) -> list[float]:
     q: queue.Queue = queue.Queue()
     lat: list[float] = []
 
-    def gen():
+    def gen() -> Iterator[DetectRequest]:
         for i in range(n):
             q.get()
             yield _req("front", i, frames[i % len(frames)])
@@ -124,8 +129,8 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
     import grpc
 
     from perception.manifest import load_manifest
-    from perception.v1 import detector_pb2_grpc as pb_grpc
     from perception.pipeline import FrameInput, FramePipeline, RequestOptions
+    from perception.v1 import detector_pb2_grpc as pb_grpc
     from server.runtime.factory import RuntimeSettings, backend_for
 
     m = load_manifest(manifest)
@@ -142,7 +147,8 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
         for _round in range(3):  # interleave, so drift in machine load hits both alike
             for i in range(n):
                 t0 = time.perf_counter()
-                pipe.run_batch([FrameInput("front", i, 0, encoded=frames[i % len(frames)])], RequestOptions(), backend.infer)
+                batch = [FrameInput("front", i, 0, encoded=frames[i % len(frames)])]
+                pipe.run_batch(batch, RequestOptions(), backend.infer)
                 inproc.append((time.perf_counter() - t0) * 1e3)
             loop += lockstep_stream(stub, frames, n)
     finally:
@@ -187,7 +193,7 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
         stub = pb_grpc.DetectorStub(ch)
         credits = threading.Semaphore(window)
 
-        def gen():
+        def gen() -> Iterator[DetectRequest]:
             i = 0
             while time.perf_counter() < stop_at:
                 credits.acquire()
@@ -209,7 +215,8 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     server.stop()
     ok_fps = counts.get(pb.FRAME_STATUS_OK, 0) / seconds
     return {"offline_fps": offline_fps, "served_fps": ok_fps, "ratio": ok_fps / offline_fps, "batch": batch,
-            "stale": counts.get(pb.FRAME_STATUS_DROPPED_STALE, 0), "overloaded": counts.get(pb.FRAME_STATUS_OVERLOADED, 0)}
+            "stale": counts.get(pb.FRAME_STATUS_DROPPED_STALE, 0),
+            "overloaded": counts.get(pb.FRAME_STATUS_OVERLOADED, 0)}
 
 
 def drive_frame(path: Path = REPO / "assets/drives/demo/front.mp4") -> np.ndarray | None:
@@ -269,7 +276,7 @@ def bench_memory(manifest: Path, frames: list[bytes], threads: int, seconds: flo
         ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         stub = pb_grpc.DetectorStub(ch)
 
-        def gen():
+        def gen() -> Iterator[DetectRequest]:
             i, t_next = 0, time.perf_counter()
             while time.perf_counter() < stop_at:
                 t_next += 1.0 / fps
@@ -353,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = resolve_model(args, Path(tmp))
         results["model"] = str(manifest)
         if "decode" in which:
-            sources = {"synthetic (noisy, high-entropy)": None}
+            sources: dict[str, np.ndarray | None] = {"synthetic (noisy, high-entropy)": None}
             real = drive_frame()
             if real is not None:
                 sources = {"bundled drive frame": real, **sources}
@@ -367,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['reduced_preprocess_ms']:.2f} ms = {r['preprocess_speedup']:.2f}x", flush=True)
         if "latency" in which:
             results["latency"] = r = bench_latency(manifest, frames, args.threads, args.frames)
-            print(f"StreamDetect p50 loopback {r['loopback_p50_ms']:.2f} ms vs in-process {r['inprocess_p50_ms']:.2f} ms "
-                  f"= {r['ratio']:.3f}x (target <= 1.10x)", flush=True)
+            print(f"StreamDetect p50 loopback {r['loopback_p50_ms']:.2f} ms "
+                  f"vs in-process {r['inprocess_p50_ms']:.2f} ms = {r['ratio']:.3f}x (target <= 1.10x)", flush=True)
         if "throughput" in which:
             results["throughput"] = r = bench_throughput(manifest, frames, args.threads, args.batch, args.throughput_s)
             print(f"4 cameras: served {r['served_fps']:.1f} fps vs offline engine {r['offline_fps']:.1f} fps at batch "

@@ -6,6 +6,7 @@ at the very end, so a failed or interrupted build never leaves a half-written ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -13,9 +14,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from build_engine.thresholds import GateLimits, GateThresholds  # also build_cli's import of GateThresholds
 from perception.errors import ConfigError, ModelError
@@ -155,10 +157,8 @@ def library_versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for dist in ("torch", "onnx", "onnxruntime", "onnxslim", "torch-pruning", "numpy", "opencv-python-headless"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -185,7 +185,7 @@ def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[P
     return path, {"macs": prof.total_macs, "params": prof.total_params}
 
 
-def _variant(lm: LoadedModel, name: str, file: Path, precision: Precision | str, max_batch: int, **kw: Any) -> Variant:
+def _variant(lm: LoadedModel, name: str, file: Path, precision: Precision, max_batch: int, **kw: Any) -> Variant:
     return Variant(
         name=name,
         file=file.name,
@@ -206,7 +206,8 @@ def export_fp32_artifact(checkpoint: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path, counts = export_variant_onnx(lm, out_dir / "model.fp32.onnx")
-    variant = _variant(lm, "fp32", onnx_path, "fp32", MAX_BATCH, **counts, gate={"passed": True, "reason": "reference (not gated)"})
+    variant = _variant(lm, "fp32", onnx_path, Precision.FP32, MAX_BATCH, **counts,
+                       gate={"passed": True, "reason": "reference (not gated)"})
     manifest = Manifest(
         name=lm.checkpoint.parent.name or "model",
         version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
@@ -317,7 +318,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             calib_hash = calibration_set_hash(calib, calib_root)
             built: dict[str, _Built] = {}
 
-            progress("folding BatchNorm and exporting FP32 ONNX (opset %d, dynamic batch, onnxslim)" % opts.opset)
+            progress(f"folding BatchNorm and exporting FP32 ONNX (opset {opts.opset:d}, dynamic batch, onnxslim)")
             fp32, counts = export_variant_onnx(lm, staging / "model.fp32.onnx", opts.opset)
             base_weights = Weights(lm.checkpoint.name, lm.checkpoint_sha256)
             built["fp32"] = _Built(fp32, Precision.FP32, counts, "base", "", base_weights)
@@ -342,7 +343,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             trt_qdq: dict[str, Any] = {}  # INT8 variant -> its TensorRT Q/DQ model (QuantizeResult)
             for name, parent in quant_jobs:
                 src = built[parent]
-                progress(f"quantizing {name} (Q/DQ, per-channel weights, U8 activations, {opts.calibrator} on {len(calib)} images)")
+                progress(f"quantizing {name} (Q/DQ, per-channel weights, U8 activations, "
+                         f"{opts.calibrator} on {len(calib)} images)")
                 reader = ImageCalibrationReader(calib, pre)
                 q = quantize_int8(src.path, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
                 built[name] = _Built(q.path, Precision.INT8, src.counts, src.family, parent, src.weights,
@@ -365,8 +367,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             # not judged, and the engine built from it is gated again on the device.
             trt_keys = {n: f"{n}:trt" for n in trt_qdq}
             limits |= {trt_keys[n]: GateLimits(limits[n].max_drop_points, None) for n in trt_qdq}
-            results = g.run_gate({**{n: b.path for n, b in built.items()}, **{trt_keys[n]: q.path for n, q in trt_qdq.items()}},
-                                 limits, valset, pre, post, opts.latency_runs, opts.threads, progress=progress)
+            gated = {**{n: b.path for n, b in built.items()}, **{trt_keys[n]: q.path for n, q in trt_qdq.items()}}
+            results = g.run_gate(gated, limits, valset, pre, post, opts.latency_runs, opts.threads, progress=progress)
             variants = []
             for name, b in built.items():
                 r = results[name]
@@ -429,4 +431,5 @@ def _write_nms_model(fp32: Path, path: Path, post: PostprocessSpec) -> dict[str,
     from build_engine.export import append_nms, save_onnx
 
     save_onnx(append_nms(onnx.load(str(fp32)), post.iou_threshold, post.score_threshold, post.max_detections), path)
-    return {"file": path.name, "sha256": sha256_file(path), "output": "selected_indices (K, 3): batch, class, candidate"}
+    return {"file": path.name, "sha256": sha256_file(path),
+            "output": "selected_indices (K, 3): batch, class, candidate"}

@@ -16,31 +16,42 @@ def build_parser() -> argparse.ArgumentParser:
         "model.*.onnx, report.md and plots/.",
     )
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write (replaced atomically)")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="trained checkpoint (default: %(default)s)")
-    p.add_argument("--pruned", type=Path, action="append", default=[], help="a pruned checkpoint to add as variants (repeatable)")
-    p.add_argument("--precisions", default="fp32,fp16,int8", help="comma list among fp32,fp16,int8 (default: %(default)s)")
-    p.add_argument("--calibrator", default="minmax", choices=("minmax", "percentile", "entropy"), help="INT8 activation calibrator")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="trained checkpoint (default: %(default)s)")
+    p.add_argument("--pruned", type=Path, action="append", default=[],
+                   help="a pruned checkpoint to add as variants (repeatable)")
+    p.add_argument("--precisions", default="fp32,fp16,int8",
+                   help="comma list among fp32,fp16,int8 (default: %(default)s)")
+    p.add_argument("--calibrator", default="minmax", choices=("minmax", "percentile", "entropy"),
+                   help="INT8 activation calibrator")
     p.add_argument("--tensorrt-calibrator", default="percentile", choices=("minmax", "percentile", "entropy"),
                    help="calibrator of the TensorRT INT8 Q/DQ models (signed, symmetric; default: %(default)s)")
     p.add_argument("--no-tensorrt-qdq", action="store_true",
                    help="skip the TensorRT INT8 Q/DQ models (a device could then build only FP16 engines)")
     p.add_argument("--calib-images", type=int, default=48, help="calibration images (default: %(default)s)")
-    p.add_argument("--val-images", type=int, default=300, help="val images for the gate (default: %(default)s, the training run's whole val split)")
-    p.add_argument("--data", type=Path, default=None, help="dataset dir (annotations.json + images/) used as the val set; "
+    p.add_argument("--val-images", type=int, default=300,
+                   help="val images for the gate (default: %(default)s, the training run's whole val split)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset dir (annotations.json + images/) used as the val set; "
                    "its images also calibrate unless --calib-data is given. Default: generated, seeded")
     p.add_argument("--calib-data", type=Path, default=None, help="directory of calibration images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines accept")
-    p.add_argument("--nms-in-graph", action="store_true", help="also write model.fp32.nms.onnx with ONNX NonMaxSuppression")
+    p.add_argument("--nms-in-graph", action="store_true",
+                   help="also write model.fp32.nms.onnx with ONNX NonMaxSuppression")
     p.add_argument("--gate-fp16", type=float, default=0.2, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-int8", type=float, default=1.0, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-pruned", type=float, default=1.5, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-fp16-latency", type=float, default=1.5,
-                   help="max min-latency ratio vs fp32 (default: %(default)s; FP16 is kept for GPU devices, often not faster on a CPU)")
-    p.add_argument("--gate-int8-latency", type=float, default=1.0, help="max min-latency ratio vs fp32 (default: %(default)s)")
-    p.add_argument("--gate-pruned-latency", type=float, default=1.0, help="max min-latency ratio vs fp32 (default: %(default)s)")
-    p.add_argument("--latency-budget-ms", type=float, default=None, help="max p95 batch-1 latency of every variant, ms (default: none)")
+                   help="max min-latency ratio vs fp32 (default: %(default)s; "
+                   "FP16 is kept for GPU devices, often not faster on a CPU)")
+    p.add_argument("--gate-int8-latency", type=float, default=1.0,
+                   help="max min-latency ratio vs fp32 (default: %(default)s)")
+    p.add_argument("--gate-pruned-latency", type=float, default=1.0,
+                   help="max min-latency ratio vs fp32 (default: %(default)s)")
+    p.add_argument("--latency-budget-ms", type=float, default=None,
+                   help="max p95 batch-1 latency of every variant, ms (default: none)")
     p.add_argument("--continue-on-fail", action="store_true", help="exit 0 even when a variant fails its gate")
     p.add_argument("--latency-runs", type=int, default=30, help="timed batch-1 runs per variant")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,7 +33,7 @@ CALIBRATORS: dict[str, str] = {"minmax": "MinMax", "percentile": "Percentile", "
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def calibration_method(name: str) -> "object":
+def calibration_method(name: str) -> object:
     """The onnxruntime CalibrationMethod for ``minmax`` / ``percentile`` / ``entropy``."""
     from onnxruntime.quantization import CalibrationMethod
 
@@ -88,7 +88,9 @@ class ImageCalibrationReader:
     input_name: the model's input tensor name. Each call of ``get_next`` returns one batch.
     """
 
-    def __init__(self, paths: Sequence[Path], spec: PreprocessSpec, input_name: str = "images", batch_size: int = 1) -> None:
+    def __init__(
+        self, paths: Sequence[Path], spec: PreprocessSpec, input_name: str = "images", batch_size: int = 1
+    ) -> None:
         if not paths:
             raise DataError("calibration set is empty")
         self.paths = list(paths)
@@ -110,11 +112,11 @@ class ImageCalibrationReader:
         return (len(self.paths) + self.batch_size - 1) // self.batch_size
 
 
-def as_ort_reader(reader: ImageCalibrationReader) -> "object":
+def as_ort_reader(reader: ImageCalibrationReader) -> object:
     """Wrap in a real ``CalibrationDataReader`` subclass (onnxruntime checks the type)."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    class _Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, NDArray[np.float32]] | None:
             return reader.get_next()
 
@@ -184,7 +186,11 @@ def sqnr_db(x: NDArray[np.floating], xq: NDArray[np.floating]) -> float:
 
 
 def collect_tensors(
-    fp32_path: Path, names: Sequence[str], batches: Sequence[NDArray[np.float32]], max_values: int = 200_000, seed: int = 0
+    fp32_path: Path,
+    names: Sequence[str],
+    batches: Sequence[NDArray[np.float32]],
+    max_values: int = 200_000,
+    seed: int = 0,
 ) -> dict[str, NDArray[np.float32]]:
     """Values of intermediate tensors of an FP32 ONNX model on ``batches`` (subsampled, flat)."""
     import onnx
@@ -195,14 +201,16 @@ def collect_tensors(
     produced = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
     wanted = [n for n in names if n in produced]
     existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in wanted if n not in existing)
+    proto.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in wanted if n not in existing
+    )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     input_name = sess.get_inputs()[0].name
     chunks: dict[str, list[NDArray[np.float32]]] = {n: [] for n in wanted}
     for batch in batches:
-        for n, v in zip(wanted, sess.run(wanted, {input_name: batch})):
+        for n, v in zip(wanted, sess.run(wanted, {input_name: batch}), strict=True):
             chunks[n].append(np.asarray(v, np.float32).reshape(-1))
     rng = np.random.default_rng(seed)
     out = {}

@@ -40,7 +40,7 @@ class CheckpointMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CheckpointMeta":
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["classes"] = tuple(d.get("classes", DEFAULT_CLASSES))
@@ -54,7 +54,7 @@ class CheckpointMeta:
 
 def meta_for(model: nn.Module, classes: tuple[str, ...] = DEFAULT_CLASSES, **kw: Any) -> CheckpointMeta:
     """Metadata for a ``Detector`` (reads its ``cfg``)."""
-    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    cfg: ModelConfig = model.cfg  # type: ignore[assignment]  # nn.Module types unknown attributes as Tensor | Module
     return CheckpointMeta(
         model_config=cfg.to_dict(), classes=tuple(classes), input_size=(cfg.input_width, cfg.input_height), **kw
     )

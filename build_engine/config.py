@@ -120,7 +120,9 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "augment": AugmentConfig}
+SECTIONS = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "augment": AugmentConfig,
+}
 
 
 def _parse_value(text: str) -> Any:

@@ -11,13 +11,15 @@ import json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="perception gen-data", description="Generate labelled road scenes or a recorded drive.")
+    p = argparse.ArgumentParser(prog="perception gen-data",
+                                description="Generate labelled road scenes or a recorded drive.")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None, help="image width (default 640; 960 for drives)")
     p.add_argument("--height", type=int, default=None, help="image height (default 360; 540 for drives)")
     p.add_argument("--images", type=int, default=100, help="number of still images")
-    p.add_argument("--drive", action="store_true", help="write a recorded drive (MP4 per camera + drive.mcap + gt.json)")
+    p.add_argument("--drive", action="store_true",
+                   help="write a recorded drive (MP4 per camera + drive.mcap + gt.json)")
     p.add_argument("--cameras", default="front,rear", help="comma-separated camera ids (front / rear)")
     p.add_argument("--frames", type=int, default=60, help="frames per camera")
     p.add_argument("--fps", type=float, default=10.0)
@@ -35,7 +37,8 @@ def main(argv: list[str]) -> int:
         cams = [c.strip() for c in args.cameras.split(",") if c.strip()]
         if not cams:
             raise ConfigError("--cameras names no camera")
-        out = write_drive(args.out, cams, args.frames, args.fps, args.seed, args.width or 960, args.height or 540, args.jpeg_quality)
+        out = write_drive(args.out, cams, args.frames, args.fps, args.seed, args.width or 960, args.height or 540,
+                          args.jpeg_quality)
         print(json.dumps({"drive": str(out), "cameras": cams, "frames": args.frames}))
         return 0
     if args.images <= 0:

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="score a PyTorch checkpoint on --data")
     p.add_argument("--onnx", help="score an ONNX model on --data (runs the serving pre/post-processing)")
     p.add_argument("--data", help="labelled dataset directory (COCO annotations.json or YOLO labels/)")
-    p.add_argument("--score-threshold", type=float, default=0.25, help="deployed threshold for P / R / F1 (default 0.25)")
+    p.add_argument("--score-threshold", type=float, default=0.25,
+                   help="deployed threshold for P / R / F1 (default 0.25)")
     p.add_argument("--out", help="write kpi.json, results.json and PNG plots here")
     p.add_argument("--json", action="store_true", help="print the KPI JSON (no curves) instead of a table")
     p.add_argument("--progress", action="store_true", help="progress bar while running a model")
@@ -28,14 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 def format_table(d: dict) -> str:
     lines = [
         f"mAP50-95 {d['map50_95']:.4f}  mAP50 {d['map50']:.4f}  mAP75 {d['map75']:.4f}",
-        f"at score >= {d['score_threshold']:.2f}: precision {d['precision']:.4f}  recall {d['recall']:.4f}  F1 {d['f1']:.4f}"
-        f"  (best F1 at {d['best_f1_threshold']:.2f})",
+        f"at score >= {d['score_threshold']:.2f}: precision {d['precision']:.4f}  recall {d['recall']:.4f}  "
+        f"F1 {d['f1']:.4f}  (best F1 at {d['best_f1_threshold']:.2f})",
         f"images {d['num_images']}  ground truths {d['num_gt']}  detections {d['num_dets']}",
         "",
         f"{'class':<14} {'n_gt':>6} {'AP50':>7} {'AP50-95':>8} {'P':>7} {'R':>7}",
     ]
     for name, c in d["per_class"].items():
-        lines.append(f"{name:<14} {c['num_gt']:>6} {c['ap50']:>7.4f} {c['ap50_95']:>8.4f} {c['precision']:>7.4f} {c['recall']:>7.4f}")
+        lines.append(f"{name:<14} {c['num_gt']:>6} {c['ap50']:>7.4f} {c['ap50_95']:>8.4f} "
+                     f"{c['precision']:>7.4f} {c['recall']:>7.4f}")
     lines.append("")
     for size, s in d["per_size"].items():
         if s["map50"] < 0:  # COCO's -1: no ground truth of this size

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,15 +43,19 @@ def predict(
 
         bar = tqdm(total=len(dataset.samples), desc="eval", unit="img")
     paths = [s.file for s in dataset.samples]
+
+    def advance(done: int, _total: int) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+
     try:
-        dets = pipeline.detect_files(paths, runner, request, batch_size,
-                                     progress=(lambda done, _t: bar.update(done - bar.n)) if bar else None)
+        dets = pipeline.detect_files(paths, runner, request, batch_size, progress=advance if bar else None)
     finally:
         if bar is not None:
             bar.close()
     cats = category_ids(samples_to_coco(dataset.samples[:0], dataset.classes, dataset.root))
     results: list[dict[str, Any]] = []
-    for s, d in zip(dataset.samples, dets):
+    for s, d in zip(dataset.samples, dets, strict=True):
         results += detections_to_results(d.boxes, d.scores, d.class_ids, s.image_id, cats)
     return results
 
@@ -65,7 +70,7 @@ def torch_runner(model: Any, names: tuple[str, ...] = TORCH_OUTPUT_NAMES) -> Inf
         with torch.no_grad():
             out = model(torch.from_numpy(batch))
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.numpy() for n, o in zip(names, outs)}
+        return {n: o.numpy() for n, o in zip(names, outs, strict=True)}
 
     return run
 
@@ -138,7 +143,9 @@ def evaluate_onnx(
         close()
 
 
-def write_report(out_dir: str | os.PathLike[str], report: KpiReport, predictions: list[dict[str, Any]] | None = None) -> Path:
+def write_report(
+    out_dir: str | os.PathLike[str], report: KpiReport, predictions: list[dict[str, Any]] | None = None
+) -> Path:
     """``out_dir/kpi.json`` (+ results.json) and the PNG plots."""
     from build_engine.plots import write_plots
 

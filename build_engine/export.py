@@ -14,12 +14,16 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from perception.errors import ModelError
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def export_onnx(
     return out_path
 
 
-def simplify_onnx(proto: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821
+def simplify_onnx(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Constant-fold and clean the graph with onnxslim; the batch axis stays symbolic."""
     try:
         import onnxslim
@@ -105,7 +109,7 @@ def simplify_onnx(proto: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821
         raise ModelError(f"onnxslim failed to simplify the model: {exc}") from exc
 
 
-def save_onnx(proto: "onnx.ModelProto", path: str | os.PathLike[str]) -> Path:  # noqa: F821
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``proto`` to ``path`` atomically (single file, no external data)."""
     import onnx
 
@@ -122,7 +126,7 @@ def save_onnx(proto: "onnx.ModelProto", path: str | os.PathLike[str]) -> Path:  
     return p
 
 
-def op_types(path_or_proto: "str | os.PathLike[str] | onnx.ModelProto") -> list[str]:  # noqa: F821
+def op_types(path_or_proto: str | os.PathLike[str] | onnx.ModelProto) -> list[str]:
     """The op type of every node in the graph, in order."""
     import onnx
 
@@ -131,11 +135,11 @@ def op_types(path_or_proto: "str | os.PathLike[str] | onnx.ModelProto") -> list[
 
 
 def append_nms(
-    proto: "onnx.ModelProto",  # noqa: F821
+    proto: onnx.ModelProto,
     iou_threshold: float,
     score_threshold: float,
     max_per_class: int,
-) -> "onnx.ModelProto":  # noqa: F821
+) -> onnx.ModelProto:
     """A copy of an ``yolo_obj`` model with ONNX NonMaxSuppression appended.
 
     Adds output ``selected_indices`` (K, 3) int64: (batch, class, candidate) per kept box,
@@ -148,7 +152,7 @@ def append_nms(
     m.CopyFrom(proto)
     g = m.graph
     out = g.output[0].name
-    consts = {
+    consts: dict[str, np.ndarray] = {
         "nms_s0": np.array([0], np.int64),
         "nms_s4": np.array([4], np.int64),
         "nms_s5": np.array([5], np.int64),

@@ -17,6 +17,7 @@ by a BatchNorm2d inside an ``nn.Sequential``.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 
 import torch
@@ -25,6 +26,12 @@ from torch import nn
 from perception.errors import ModelError
 
 log = logging.getLogger(__name__)
+
+
+def _pair(v: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's stored size (typed ``tuple[int, ...]``) as the 2-tuple its constructor takes."""
+    a, b = v
+    return a, b
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -41,14 +48,15 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        dilation=conv.dilation,  # type: ignore[arg-type]
+        _pair(conv.kernel_size),
+        stride=_pair(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        dilation=_pair(conv.dilation),
         groups=conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
     ).to(conv.weight.device)
+    assert fused.bias is not None  # built with bias=True; nn.Conv2d types its bias as optional
     with torch.no_grad():
         # Computed in float64: folding tiny variances in float32 loses the 1e-4 match.
         w = conv.weight.double()
@@ -71,7 +79,7 @@ def _fold_in_place(module: nn.Module) -> int:
         count += 1
     if isinstance(module, nn.Sequential):
         names = list(module._modules.keys())
-        for first, second in zip(names, names[1:]):
+        for first, second in itertools.pairwise(names):
             a, b = module._modules[first], module._modules[second]
             if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
                 module._modules[first] = fuse_conv_bn(a, b)

@@ -10,19 +10,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from build_engine.label_qa.issues import Issue
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="perception lint-labels", description="Find geometric and model-assisted label mistakes.")
-    p.add_argument("--data", required=True, help="dataset directory (COCO annotations.json or YOLO labels/ + classes.txt)")
-    p.add_argument("--checkpoint", help="a trained checkpoint for model-assisted checks (e.g. models/default/detector.pt)")
+    p = argparse.ArgumentParser(prog="perception lint-labels",
+                                description="Find geometric and model-assisted label mistakes.")
+    p.add_argument("--data", required=True,
+                   help="dataset directory (COCO annotations.json or YOLO labels/ + classes.txt)")
+    p.add_argument("--checkpoint",
+                   help="a trained checkpoint for model-assisted checks (e.g. models/default/detector.pt)")
     p.add_argument("--json", dest="json_out", help="write the ranked issues as JSON here")
     p.add_argument("--limit", type=int, default=50, help="rows in the printed table (default 50)")
     p.add_argument("--min-score", type=float, default=0.0, help="drop issues scored below this")
     return p
 
 
-def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> list:  # type: ignore[type-arg]
+def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> list[Issue]:
     from build_engine.label_qa.issues import find_geometric_issues, rank
     from build_engine.label_qa.records import read_label_set
 
@@ -36,8 +43,9 @@ def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> lis
 
         model, meta = load_any_checkpoint(checkpoint)
         if tuple(meta.classes) != tuple(ls.classes):
-            raise ConfigError(f"{checkpoint}: model classes {list(meta.classes)} differ from the dataset's {list(ls.classes)}")
-        issues += find_model_issues(ls, torch_runner(model), tuple(meta.input_size))  # type: ignore[arg-type]
+            raise ConfigError(f"{checkpoint}: model classes {list(meta.classes)} "
+                              f"differ from the dataset's {list(ls.classes)}")
+        issues += find_model_issues(ls, torch_runner(model), meta.input_size)
     return rank([i for i in issues if i.score >= min_score])
 
 

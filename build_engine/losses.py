@@ -44,7 +44,9 @@ def ce_loss(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target_index, reduction="none")
 
 
-def _iou_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _iou_terms(
+    pred: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """IoU and the enclosing box's (x1, y1, x2, y2) for pairs of boxes (..., 4)."""
     lt = torch.maximum(pred[..., :2], target[..., :2])
     rb = torch.minimum(pred[..., 2:], target[..., 2:])
@@ -82,7 +84,9 @@ def box_iou_pairs(pred: torch.Tensor, target: torch.Tensor, kind: str = "iou") -
     raise ValueError(f"unknown IoU kind {kind!r}")
 
 
-def box_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "ciou", norm: torch.Tensor | None = None) -> torch.Tensor:
+def box_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str = "ciou", norm: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-box regression loss (...,): 1 - IoU-family metric, or L1 / MSE summed over the 4
     coordinates (divided by ``norm``, e.g. the stride, so they are scale-free)."""
     if kind in ("iou", "giou", "diou", "ciou"):
@@ -209,7 +213,8 @@ class DetectionLoss:
         obj_t = torch.zeros(decoded.shape[:2])
         fg_all, cls_logits, cls_t, box_p, box_t, stride_fg = [], [], [], [], [], []
         for i, (gb, gc) in enumerate(targets):
-            fg, mg, miou = simota_assign(decoded[i].detach(), centers, strides, gb, gc, self.num_classes, cfg.center_radius)
+            fg, mg, miou = simota_assign(decoded[i].detach(), centers, strides, gb, gc, self.num_classes,
+                                         cfg.center_radius)
             fg_all.append(fg)
             if mg.numel() == 0:
                 continue
@@ -243,7 +248,8 @@ class DetectionLoss:
             else:
                 l_cls = bce_loss(cl, torch.cat(cls_t)).sum() / num_fg
         total = cfg.box_weight * l_box + cfg.obj_weight * l_obj + cfg.cls_weight * l_cls + cfg.l1_weight * l_l1
-        parts = {"box": float(l_box.detach()), "obj": float(l_obj.detach()), "cls": float(l_cls.detach()), "l1": float(l_l1.detach()), "num_fg": num_fg / b}
+        parts = {"box": float(l_box.detach()), "obj": float(l_obj.detach()), "cls": float(l_cls.detach()),
+                 "l1": float(l_l1.detach()), "num_fg": num_fg / b}
         return total, parts
 
 
@@ -269,7 +275,7 @@ def distillation_loss(student_raws: list[torch.Tensor], teacher_raws: list[torch
     if len(student_raws) != len(teacher_raws):
         raise ValueError(f"{len(student_raws)} student levels vs {len(teacher_raws)} teacher levels")
     terms, weights = [], []
-    for s, t in zip(student_raws, teacher_raws):
+    for s, t in zip(student_raws, teacher_raws, strict=True):
         if s.shape != t.shape:
             raise ValueError(f"student map {tuple(s.shape)} vs teacher map {tuple(t.shape)}")
         w = torch.maximum(torch.sigmoid(t[:, 4]), torch.sigmoid(s[:, 4])).detach()  # (B, h, w)

@@ -10,22 +10,23 @@ import numpy as np
 from perception.kpi import RECALL_THRESHOLDS, KpiReport
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def _use_agg() -> None:
+    """Select the non-interactive Agg backend; call before importing ``matplotlib.pyplot``."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_pr_curve(report: KpiReport, path: Path) -> Path:
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for name, prec in report.pr_curves.items():
         ap = report.per_class.get(name, {}).get("ap50", 0.0)
         ax.plot(RECALL_THRESHOLDS, prec, label=f"{name} {ap:.3f}")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"PR curve @IoU0.5, mAP50 {report.map50:.3f}")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"PR curve @IoU0.5, mAP50 {report.map50:.3f}")
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -35,14 +36,17 @@ def plot_pr_curve(report: KpiReport, path: Path) -> Path:
 
 
 def plot_f1_confidence(report: KpiReport, path: Path) -> Path:
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     c = report.f1_curve
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     ax.plot(c["threshold"], c["f1"], label="F1")
     ax.plot(c["threshold"], c["precision"], label="precision", alpha=0.7)
     ax.plot(c["threshold"], c["recall"], label="recall", alpha=0.7)
     ax.axvline(report.score_threshold, color="k", ls="--", lw=0.8, label=f"deployed {report.score_threshold:.2f}")
-    ax.set(xlabel="score threshold", ylabel="value", xlim=(0, 1), ylim=(0, 1.02), title=f"best F1 at {report.best_f1_threshold:.2f}")
+    ax.set(xlabel="score threshold", ylabel="value", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"best F1 at {report.best_f1_threshold:.2f}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -52,7 +56,9 @@ def plot_f1_confidence(report: KpiReport, path: Path) -> Path:
 
 
 def plot_confusion(report: KpiReport, path: Path) -> Path:
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     cm = np.asarray(report.confusion, np.float64)
     labels = list(report.classes) + ["background"]
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -61,7 +67,8 @@ def plot_confusion(report: KpiReport, path: Path) -> Path:
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.set(xlabel="predicted", ylabel="ground truth", title=f"confusion @IoU0.5, score >= {report.score_threshold:.2f}")

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -181,7 +182,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int, int]:
         raise InvalidInputError(f"input shape {text!r} has rank {len(dims)}; expected 4 (NxCxHxW)")
     if any(d <= 0 for d in dims):
         raise InvalidInputError(f"input shape {text!r} has a non-positive dimension")
-    return dims  # type: ignore[return-value]
+    return dims
 
 
 def load_model_spec(spec: str) -> nn.Module:

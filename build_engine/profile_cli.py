@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
     width = max([len(r.name) for r in layers] + [5])
     print(f"{'layer':<{width}}  {'type':<16} {'MACs':>10} {'params':>10}  output")
     for r in layers:
-        print(f"{r.name:<{width}}  {r.type:<16} {_fmt(r.macs):>10} {_fmt(r.params):>10}  {'x'.join(map(str, r.output_shape))}")
+        shape_text = "x".join(map(str, r.output_shape))
+        print(f"{r.name:<{width}}  {r.type:<16} {_fmt(r.macs):>10} {_fmt(r.params):>10}  {shape_text}")
     print(
         f"\ninput {'x'.join(map(str, shape))}: total {_fmt(result.total_macs)} MACs "
         f"(= {_fmt(result.total_flops)} FLOPs; conv+linear {_fmt(result.conv_linear_macs)} MACs), "

@@ -17,8 +17,8 @@ saved tensor shapes, and loads the weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,7 +113,8 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
         heads = getattr(pruned, "heads", [])
         # Never prune what the output layout fixes: the prediction convs' output channels.
         ignored = [m for h in heads for m in (h.cls_pred, h.box_pred, h.obj_pred)]
-        importance = tp.importance.MagnitudeImportance(p=1) if opts.importance == "l1" else tp.importance.BNScaleImportance()
+        importance = (tp.importance.MagnitudeImportance(p=1) if opts.importance == "l1"
+                      else tp.importance.BNScaleImportance())
         example = images[:1]
         try:
             pruner = tp.pruner.MetaPruner(
@@ -124,9 +125,10 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
         except Exception as exc:  # torch-pruning raises assorted errors on untraceable graphs
             raise ModelError(f"channel pruning failed: {exc}") from exc
     pruned.eval()
+    criterion = "L1 weight norm" if opts.importance == "l1" else "|BN gamma|"
     info = {
         "method": f"{len(removed)} residual blocks removed (smallest |f(x)| / |x| on real images), then "
-                  f"{opts.ratio:.0%} of channels per layer by {'L1 weight norm' if opts.importance == 'l1' else '|BN gamma|'} "
+                  f"{opts.ratio:.0%} of channels per layer by {criterion} "
                   f"(Torch-Pruning dependency graph, rounded to {round_to})",
         "ratio": opts.ratio,
         "importance": opts.importance,
@@ -152,10 +154,13 @@ def finetune(
     import dataclasses
 
     from build_engine.losses import DetectionLoss, distillation_loss
+    from build_engine.model.detector import Detector
     from build_engine.train.ema import ModelEMA
     from build_engine.train.schedule import learning_rates
     from build_engine.train.trainer import anchor_points, load_batch, make_optimizer, prepare_data, validate
 
+    if not isinstance(model, Detector) or not (teacher is None or isinstance(teacher, Detector)):
+        raise ModelError("fine-tuning needs detectors (build_engine.model.Detector, pruned or not)")
     o = dataclasses.replace(train_cfg.optim, lr=lr, epochs=max(epochs, 1), warmup_epochs=0.0)
     # Train at the model's own input size, whatever the config says: the head's anchor grid
     # is built for it, and images letterboxed to another size silently wreck the weights.
@@ -179,7 +184,7 @@ def finetune(
     for epoch in range(epochs):
         model.train()
         order = np.random.default_rng((cfg.seed, 1000 + epoch)).permutation(len(train_set))[:n].tolist()
-        it: Any = range(steps)
+        it: Iterable[int] = range(steps)
         if progress:
             from tqdm import tqdm
 

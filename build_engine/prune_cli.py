@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,9 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="trained checkpoint to prune")
     p.add_argument("--ratio", required=True, type=float, help="share of channels removed per layer, e.g. 0.3")
     p.add_argument("--out", required=True, type=Path, help="pruned checkpoint to write")
-    p.add_argument("--remove-blocks", type=int, default=-1, help="residual blocks to remove (default: ratio x removable)")
-    p.add_argument("--importance", choices=("l1", "bn"), default="l1", help="channel importance: L1 weight norm or |BN gamma|")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (default: %(default)s)")
+    p.add_argument("--remove-blocks", type=int, default=-1,
+                   help="residual blocks to remove (default: ratio x removable)")
+    p.add_argument("--importance", choices=("l1", "bn"), default="l1",
+                   help="channel importance: L1 weight norm or |BN gamma|")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tuning epochs after pruning (default: %(default)s)")
     p.add_argument("--finetune-images", type=int, default=0, help="cap the train images per fine-tune epoch (0: all)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default: %(default)s)")
     p.add_argument("--distill", type=float, default=1.0, metavar="W",
@@ -73,15 +77,17 @@ def main(argv: list[str]) -> int:
             teacher = load_any_checkpoint(args.teacher)[0] if args.teacher else model
         kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images, progress=not args.no_progress,
                        teacher=teacher, distill_weight=args.distill)
-    prev = dict(meta.extra.get("pruned") or {})
+    prev: dict[str, Any] = dict(meta.extra.get("pruned") or {})
     if prev:  # pruning (or fine-tuning) a pruned checkpoint again: its removed blocks stay removed
         info["removed_blocks"] = list(prev.get("removed_blocks", [])) + info["removed_blocks"]
         info["previous"] = prev  # the whole chain: the first entry holds the original pruning step
-        info["finetune_epochs_total"] = int(prev.get("finetune_epochs_total", prev.get("finetune_epochs", 0))) + args.finetune_epochs
+        prev_epochs = int(prev.get("finetune_epochs_total", prev.get("finetune_epochs", 0)))
+        info["finetune_epochs_total"] = prev_epochs + args.finetune_epochs
     info.update(
         macs_before=before.total_macs, macs_after=after.total_macs,
         params_before=before.total_params, params_after=after.total_params,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.lr, distill_weight=args.distill if args.finetune_epochs else 0.0,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.lr,
+        distill_weight=args.distill if args.finetune_epochs else 0.0,
         parent_checkpoint=args.checkpoint.name, teacher_checkpoint=(args.teacher or args.checkpoint).name,
         parent_sha256=sha256_file(args.checkpoint),
     )

@@ -7,13 +7,16 @@ profiling, the build) does not depend on the pruning and fine-tuning code.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from perception.errors import ModelError
+
+if TYPE_CHECKING:
+    from build_engine.checkpoint import CheckpointMeta
 
 
 def _resize_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -57,7 +60,7 @@ def remove_blocks(model: nn.Module, names: list[str]) -> None:
         del parent._modules[key]
 
 
-def load_any_checkpoint(path: str | Path) -> tuple[nn.Module, Any]:
+def load_any_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointMeta]:
     """``load_checkpoint`` that also understands pruned checkpoints; eval mode."""
     from build_engine.checkpoint import CheckpointMeta, load_checkpoint, load_payload
     from build_engine.model import build_detector

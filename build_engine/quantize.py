@@ -6,10 +6,10 @@ TensorRT consume), per-channel symmetric INT8 weights, **U8 activations** (docs/
 activations make SiLU / Hardswish models ~1.9x *slower* than FP32 on this CPU, U8 never did), ranges
 fitted by a selectable calibrator on real images (``build_engine.calibration``).
 
-The stem stays FP32 for speed (``slow_int8_nodes``). The sensitive tail stays FP32 (``sensitive_nodes``): the head's prediction convs and the
-box decode after them. The decode turns grid offsets into pixel coordinates up to the input
-width; 8 bits over [0, 512] px is a 2 px step, which costs far more mAP than the few MACs
-it would save.
+The stem stays FP32 for speed (``slow_int8_nodes``). The sensitive tail stays FP32
+(``sensitive_nodes``): the head's prediction convs and the box decode after them. The decode
+turns grid offsets into pixel coordinates up to the input width; 8 bits over [0, 512] px is a
+2 px step, which costs far more mAP than the few MACs it would save.
 
 FP16 (``convert_fp16``): weights and activations in half precision with FP32 graph IO, the
 decode kept in FP32 for the same reason. On a CPU this is a size win, not a speed win; it
@@ -23,13 +23,17 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from build_engine.calibration import ImageCalibrationReader, as_ort_reader, calibration_method
 from build_engine.export import save_onnx
 from perception.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ class QuantizeResult:
     num_calibration_batches: int
 
 
-def name_nodes(proto: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821
+def name_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Give every unnamed node a unique name (the quantizer addresses nodes by name)."""
     used = {n.name for n in proto.graph.node if n.name}
     for i, n in enumerate(proto.graph.node):
@@ -85,15 +89,15 @@ def name_nodes(proto: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821
     return proto
 
 
-def _reaches_weighted(proto: "onnx.ModelProto") -> dict[str, bool]:  # noqa: F821
+def _reaches_weighted(proto: onnx.ModelProto) -> dict[str, bool]:
     """node name -> whether some weighted op is downstream of the node's outputs."""
-    consumers: dict[str, list] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in proto.graph.node:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
     memo: dict[str, bool] = {}
 
-    def reach(node: "onnx.NodeProto") -> bool:  # noqa: F821
+    def reach(node: onnx.NodeProto) -> bool:
         if node.name in memo:
             return memo[node.name]
         memo[node.name] = False  # graphs are acyclic; this guards malformed input only
@@ -111,7 +115,7 @@ def _reaches_weighted(proto: "onnx.ModelProto") -> dict[str, bool]:  # noqa: F82
     return {n.name: reach(n) for n in proto.graph.node}
 
 
-def sensitive_nodes(proto: "onnx.ModelProto", include_prediction_convs: bool = True) -> list[str]:  # noqa: F821
+def sensitive_nodes(proto: onnx.ModelProto, include_prediction_convs: bool = True) -> list[str]:
     """Names of the tail nodes to keep in FP32: every node with no weighted op downstream
     (the decode), and optionally the last weighted ops themselves (the prediction convs)."""
     name_nodes(proto)
@@ -126,7 +130,7 @@ def sensitive_nodes(proto: "onnx.ModelProto", include_prediction_convs: bool = T
     return out
 
 
-def slow_int8_nodes(proto: "onnx.ModelProto", min_in_channels: int = 8) -> list[str]:  # noqa: F821
+def slow_int8_nodes(proto: onnx.ModelProto, min_in_channels: int = 8) -> list[str]:
     """Convolutions with fewer than ``min_in_channels`` input channels per group (the stem
     reading the 3-channel image): their INT8 kernels underfill the SIMD dot products, and the
     image would need a QuantizeLinear of its own. Measured on this CPU (nano, 512x288, 1
@@ -135,9 +139,9 @@ def slow_int8_nodes(proto: "onnx.ModelProto", min_in_channels: int = 8) -> list[
     inits = {i.name: i for i in proto.graph.initializer}
     out = []
     for n in proto.graph.node:
-        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
-            if inits[n.input[1]].dims[1] < min_in_channels:
-                out.append(n.name)
+        if (n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits
+                and inits[n.input[1]].dims[1] < min_in_channels):
+            out.append(n.name)
     return out
 
 
@@ -223,7 +227,9 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=excluded,
                 calibrate_method=method,
-                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric},
+                extra_options={
+                    "ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric,
+                },
                 calibration_cache_path=cache,
             )
         except DataError:
@@ -250,7 +256,7 @@ def convert_fp16(fp32_path: Path, out_path: Path, keep_fp32: Sequence[str] | Non
     return save_onnx(half, out_path)
 
 
-def topo_sort(proto: "onnx.ModelProto") -> "onnx.ModelProto":  # noqa: F821
+def topo_sort(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Order the graph's nodes topologically (the FP16 converter appends its IO casts last)."""
     available = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer} | {""}
     pending = list(proto.graph.node)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 from perception.manifest import Manifest, PreprocessSpec
+
+if TYPE_CHECKING:
+    from build_engine.calibration import ChosenRange
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +36,8 @@ def _pct(x: float) -> str:
 def variants_table(manifest: Manifest, root: Path) -> str:
     ref = manifest.variant("fp32")
     lines = [
-        "| variant | precision | file MB | MACs | params | mAP50-95 | mAP50 | P | R | p50 ms | p95 ms | min ms | vs fp32 (p50 / min) | "
-        "vanished | moved | appeared | gate |",
+        "| variant | precision | file MB | MACs | params | mAP50-95 | mAP50 | P | R | p50 ms | p95 ms | min ms | "
+        "vs fp32 (p50 / min) | vanished | moved | appeared | gate |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in manifest.variants:
@@ -47,8 +52,8 @@ def variants_table(manifest: Manifest, root: Path) -> str:
             f"{v.macs / 1e6:.1f} M | {v.params / 1e6:.3f} M | {_pct(m.get('map50_95', float('nan')))} | "
             f"{_pct(m.get('map50', float('nan')))} | {_pct(m.get('precision', float('nan')))} | "
             f"{_pct(m.get('recall', float('nan')))} | {lat.get('p50', float('nan')):.2f} | "
-            f"{lat.get('p95', float('nan')):.2f} | {lat.get('min', float('nan')):.2f} | {ratio:.2f}x / {ratio_min:.2f}x | "
-            f"{_pct(par.get('vanished', 0))} % | "
+            f"{lat.get('p95', float('nan')):.2f} | {lat.get('min', float('nan')):.2f} | "
+            f"{ratio:.2f}x / {ratio_min:.2f}x | {_pct(par.get('vanished', 0))} % | "
             f"{_pct(par.get('moved', 0))} % | {_pct(par.get('appeared', 0))} % | {gate} |"
         )
     return "\n".join(lines) + "\n"
@@ -72,7 +77,8 @@ def tensorrt_qdq_table(manifest: Manifest) -> str:
         gate = ("PASS" if t.passed else "**FAIL**") + f": {t.gate.get('reason', '')}"
         delta = 100 * (m.get("map50_95", float("nan")) - v.metrics.get("map50_95", float("nan")))
         lines.append(f"| {v.name} | `{t.file}` | {t.calibrator} | {_pct(m.get('map50_95', float('nan')))} | "
-                     f"{delta:+.2f} points | {_pct(par.get('vanished', 0))} % | {_pct(par.get('moved', 0))} % | {gate} |")
+                     f"{delta:+.2f} points | {_pct(par.get('vanished', 0))} % | {_pct(par.get('moved', 0))} % | "
+                     f"{gate} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +103,28 @@ def profile_section(model: Any, pre: PreprocessSpec, top: int = 10) -> str:
     return "\n".join(out) + "\n"
 
 
+class _ActivationRow(NamedTuple):
+    """One quantized activation: its SQNR (dB) with the chosen, a fixed and the min-max range."""
+
+    sqnr_chosen: float
+    sqnr_fixed: float
+    sqnr_minmax: float
+    name: str
+    chosen: ChosenRange
+    fixed: tuple[float, float]
+    values: NDArray[np.float32]
+
+
+class _WeightRow(NamedTuple):
+    """One quantized weight: its SQNR (dB) with per-channel and with one per-tensor range."""
+
+    sqnr_per_channel: float
+    sqnr_per_tensor: float
+    name: str
+    chosen: ChosenRange
+    values: NDArray[np.float64]
+
+
 def quant_section(root: Path, manifest: Manifest, calib: Sequence[Path], pre: PreprocessSpec) -> str:
     """Sensitivity of the INT8 variant's tensors + histogram plots of the worst ones."""
     from build_engine.calibration import collect_tensors, fake_quant, iter_batches, qdq_ranges, sqnr_db
@@ -111,18 +139,18 @@ def quant_section(root: Path, manifest: Manifest, calib: Sequence[Path], pre: Pr
     weights = {k: r for k, r in ranges.items() if r.kind == "weight"}
     batches = list(iter_batches(list(calib[:4]), pre))
     values = collect_tensors(root / manifest.variant("fp32").file, list(acts), batches)
-    rows = []
+    rows: list[_ActivationRow] = []
     for name, r in acts.items():
         x = values.get(name)
         if x is None or x.size == 0:
             continue
         fixed = (0.0, FIXED_RANGE) if x.min() >= 0 else (-FIXED_RANGE, FIXED_RANGE)
-        rows.append((sqnr_db(x, fake_quant(x, r.lo, r.hi)), sqnr_db(x, fake_quant(x, *fixed)),
-                     sqnr_db(x, fake_quant(x, float(x.min()), float(x.max()))), name, r, fixed, x))
+        rows.append(_ActivationRow(sqnr_db(x, fake_quant(x, r.lo, r.hi)), sqnr_db(x, fake_quant(x, *fixed)),
+                                   sqnr_db(x, fake_quant(x, float(x.min()), float(x.max()))), name, r, fixed, x))
     rows.sort(key=lambda t: t[0])
-    wrows = []
-    from onnx import numpy_helper
+    wrows: list[_WeightRow] = []
     import onnx
+    from onnx import numpy_helper
 
     inits = {i.name: i for i in onnx.load(str(root / manifest.variant("fp32").file)).graph.initializer}
     for name, r in weights.items():
@@ -132,15 +160,16 @@ def quant_section(root: Path, manifest: Manifest, calib: Sequence[Path], pre: Pr
         per_ch = np.concatenate([fake_quant(w[c], -127 * s, 127 * s, 255).reshape(-1) for c, s in enumerate(r.scales)])
         amax = float(np.abs(w).max())
         per_t = fake_quant(w, -amax, amax, 255).reshape(-1)
-        wrows.append((sqnr_db(w.reshape(-1), per_ch), sqnr_db(w.reshape(-1), per_t), name, r, w.reshape(-1)))
+        wrows.append(_WeightRow(sqnr_db(w.reshape(-1), per_ch), sqnr_db(w.reshape(-1), per_t), name, r, w.reshape(-1)))
     wrows.sort(key=lambda t: t[0])
     plots = _histograms(root / "plots", rows[:SENSITIVE_SHOWN], wrows[:SENSITIVE_SHOWN])
     fp32_nodes = v8.calibration.fp32_nodes if v8.calibration is not None else ()
     out = [
-        f"INT8 as explicit Q/DQ ONNX: per-channel symmetric INT8 weights, asymmetric **U8** activations "
-        f"(S8 activations make SiLU / Hardswish models about 2x slower than FP32 on this CPU: docs/performance.md). Calibrator "
-        f"**{calib_info.get('calibrator')}** on {len(calib_info.get('images', []))} real images through the serving "
-        f"pre-processing; calibration set sha256 `{calib_info.get('sha256', '')}` (the image list is in the manifest).",
+        "INT8 as explicit Q/DQ ONNX: per-channel symmetric INT8 weights, asymmetric **U8** activations "
+        "(S8 activations make SiLU / Hardswish models about 2x slower than FP32 on this CPU: docs/performance.md). "
+        f"Calibrator **{calib_info.get('calibrator')}** on {len(calib_info.get('images', []))} real images "
+        f"through the serving pre-processing; calibration set sha256 `{calib_info.get('sha256', '')}` "
+        "(the image list is in the manifest).",
         "",
         f"Kept in FP32 ({len(fp32_nodes)} nodes): the head's prediction convs and the box decode after them "
         f"(8 bits over a {pre.input_width}-px coordinate range is a {pre.input_width / 255:.1f}-px step).",
@@ -155,9 +184,10 @@ def quant_section(root: Path, manifest: Manifest, calib: Sequence[Path], pre: Pr
     for s_c, s_f, s_m, name, r, _, _ in rows[:8]:
         out.append(f"| `{name}` | [{r.lo:.3f}, {r.hi:.3f}] | {s_c:.1f} | {s_f:.1f} | {s_m:.1f} |")
     if rows:
-        med = [np.median([t[i] for t in rows if np.isfinite(t[i])]) for i in range(3)]
-        out += ["", f"Median over all {len(rows)} quantized activations: chosen {med[0]:.1f} dB, fixed {med[1]:.1f} dB, "
-                    f"min-max {med[2]:.1f} dB."]
+        columns = ([t.sqnr_chosen for t in rows], [t.sqnr_fixed for t in rows], [t.sqnr_minmax for t in rows])
+        med = [np.median([s for s in col if np.isfinite(s)]) for col in columns]
+        out += ["", f"Median over all {len(rows)} quantized activations: chosen {med[0]:.1f} dB, "
+                    f"fixed {med[1]:.1f} dB, min-max {med[2]:.1f} dB."]
     out += ["", "Most sensitive weights (per-channel vs one per-tensor range):", "",
             "| weight | SQNR per-channel (dB) | SQNR per-tensor (dB) |", "|---|---|---|"]
     for s_c, s_t, name, _, _ in wrows[:6]:
@@ -166,7 +196,7 @@ def quant_section(root: Path, manifest: Manifest, calib: Sequence[Path], pre: Pr
     return "\n".join(out) + "\n"
 
 
-def _histograms(plot_dir: Path, acts: list[tuple], weights: list[tuple]) -> list[Path]:
+def _histograms(plot_dir: Path, acts: list[_ActivationRow], weights: list[_WeightRow]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +206,7 @@ def _histograms(plot_dir: Path, acts: list[tuple], weights: list[tuple]) -> list
     paths = []
     if acts:
         fig, axes = plt.subplots(1, len(acts), figsize=(4.2 * len(acts), 3.4), squeeze=False)
-        for ax, (s_c, s_f, _, name, r, fixed, x) in zip(axes[0], acts):
+        for ax, (s_c, s_f, _, name, r, fixed, x) in zip(axes[0], acts, strict=True):
             ax.hist(x, bins=120, color="0.55", log=True)
             ax.axvspan(r.lo, r.hi, color="tab:green", alpha=0.15, label=f"chosen [{r.lo:.2f}, {r.hi:.2f}] {s_c:.0f} dB")
             for b in fixed:
@@ -191,10 +221,11 @@ def _histograms(plot_dir: Path, acts: list[tuple], weights: list[tuple]) -> list
         plt.close(fig)
     if weights:
         fig, axes = plt.subplots(1, len(weights), figsize=(4.2 * len(weights), 3.4), squeeze=False)
-        for ax, (s_c, s_t, name, r, w) in zip(axes[0], weights):
+        for ax, (s_c, s_t, name, r, w) in zip(axes[0], weights, strict=True):
             ax.hist(w, bins=120, color="0.55", log=True)
             lo_ch, hi_ch = 127 * min(r.scales), 127 * max(r.scales)
-            ax.axvspan(-hi_ch, hi_ch, color="tab:green", alpha=0.1, label=f"per-channel ranges +-[{lo_ch:.2f}..{hi_ch:.2f}]")
+            ax.axvspan(-hi_ch, hi_ch, color="tab:green", alpha=0.1,
+                       label=f"per-channel ranges +-[{lo_ch:.2f}..{hi_ch:.2f}]")
             ax.axvline(-lo_ch, color="tab:green")
             ax.axvline(lo_ch, color="tab:green")
             ax.set_title(f"{name[-34:]}\nSQNR {s_c:.0f} dB per-channel, {s_t:.0f} dB per-tensor", fontsize=8)
@@ -217,7 +248,8 @@ def tradeoff_plot(root: Path, manifest: Manifest) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for v in manifest.variants:
         if "p50" in v.latency_ms and "map50_95" in v.metrics:
-            ax.scatter(v.latency_ms["p50"], 100 * v.metrics["map50_95"], color="tab:green" if v.gate.get("passed") else "tab:red")
+            ax.scatter(v.latency_ms["p50"], 100 * v.metrics["map50_95"],
+                       color="tab:green" if v.gate.get("passed") else "tab:red")
             ax.annotate(v.name, (v.latency_ms["p50"], 100 * v.metrics["map50_95"]), fontsize=8)
     ax.set_xlabel("batch-1 latency p50 on this CPU (ms)")
     ax.set_ylabel("mAP50-95 (points)")
@@ -274,7 +306,8 @@ def write_report(
         parts += [f"## {title}", "", body]
     prov = manifest.provenance
     parts += ["## Provenance", "", f"- git sha: `{prov.get('git_sha')}`", f"- built at: {prov.get('built_at')}",
-              f"- checkpoint: `{prov.get('checkpoint', {}).get('file')}` sha256 `{prov.get('checkpoint', {}).get('sha256')}`",
+              f"- checkpoint: `{prov.get('checkpoint', {}).get('file')}` "
+              f"sha256 `{prov.get('checkpoint', {}).get('sha256')}`",
               f"- libraries: {prov.get('libraries')}", f"- host: {prov.get('host')}", ""]
     path = root / "report.md"
     path.write_text("\n".join(parts))
@@ -306,11 +339,13 @@ def pruning_section(manifest: Manifest) -> str:
         rmin = v.latency_ms.get("min", float("nan")) / max(base.latency_ms.get("min", float("nan")), 1e-9)
         drop = 100 * (base.metrics.get("map50_95", 0) - v.metrics.get("map50_95", 0))
         rows.append(
-            f"| {v.name} | {base.name} | {v.macs / 1e6:.1f} M vs {base.macs / 1e6:.1f} M ({v.macs / max(base.macs, 1):.2f}x) | "
+            f"| {v.name} | {base.name} | "
+            f"{v.macs / 1e6:.1f} M vs {base.macs / 1e6:.1f} M ({v.macs / max(base.macs, 1):.2f}x) | "
             f"{v.params / 1e6:.3f} M vs {base.params / 1e6:.3f} M ({v.params / max(base.params, 1):.2f}x) | "
             f"{v.latency_ms.get('p50', float('nan')):.2f} / {v.latency_ms.get('min', float('nan')):.2f} ms "
             f"({r50:.2f}x / {rmin:.2f}x) | {_pct(v.metrics.get('map50_95', 0))} ({drop:+.2f} points drop) | "
-            f"{len(info.get('removed_blocks', []))} | {info.get('channels_after', '?')} of {first.get('channels_before', '?')} |"
+            f"{len(info.get('removed_blocks', []))} | "
+            f"{info.get('channels_after', '?')} of {first.get('channels_before', '?')} |"
         )
         if v.precision == "fp32":
             epochs = info.get("finetune_epochs_total", info.get("finetune_epochs", 0))

@@ -15,11 +15,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from build_engine.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +84,10 @@ def scaling_table(
     paths: dict[str, Path] = {}
     samples: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
-        specs: list[tuple[str, str, Any, bool]] = []
+        specs: list[tuple[str, str, ModelConfig, bool]] = []  # (group, label, config, has the trained weights)
         for label, w, h in resolutions:
-            specs.append(("resolution", f"{label} ({w}x{h})", dataclasses.replace(base, input_width=w, input_height=h), True))
+            at_size = dataclasses.replace(base, input_width=w, input_height=h)
+            specs.append(("resolution", f"{label} ({w}x{h})", at_size, True))
         for d in depths:
             specs.append(("depth", f"depth x{d}", dataclasses.replace(base, depth_mult=d), False))
         for wm in widths:
@@ -100,11 +105,12 @@ def scaling_table(
                 net = build_detector(cfg)  # built for its input size: its decode grid is sized for it
                 if trained or same_arch:
                     net.load_state_dict(model.state_dict())  # fully convolutional: same weights, any size
-                net, _ = fold_batchnorm(net)
-                prof = profile_model(net, (1, 3, cfg.input_height, cfg.input_width))
+                folded, _ = fold_batchnorm(net)
+                prof = profile_model(folded, (1, 3, cfg.input_height, cfg.input_width))
                 progress(f"scaling: exporting {label}")
-                paths[key] = export_onnx(net, Path(tmp) / f"{key}.onnx", (cfg.input_height, cfg.input_width))
-                samples[key] = np.random.default_rng(0).random((1, 3, cfg.input_height, cfg.input_width), dtype=np.float32)
+                paths[key] = export_onnx(folded, Path(tmp) / f"{key}.onnx", (cfg.input_height, cfg.input_width))
+                input_shape = (1, 3, cfg.input_height, cfg.input_width)
+                samples[key] = np.random.default_rng(0).random(input_shape, dtype=np.float32)
                 row = ScalingRow(group, label, cfg.input_width, cfg.input_height, cfg.width_mult, cfg.depth_mult,
                                  prof.total_macs, prof.total_params)
                 if evaluate is not None and (trained or same_arch):
@@ -130,7 +136,8 @@ def scaling_table(
 
 def markdown_table(rows: list[ScalingRow], base_macs: int) -> str:
     """The report's scaling table (MACs relative to the deployed model)."""
-    head = "| group | model | input | width x | depth x | MACs | vs deployed | params | latency p50 (ms) | INT8/FP32 | mAP50-95 |\n"
+    head = ("| group | model | input | width x | depth x | MACs | vs deployed | params | latency p50 (ms) "
+            "| INT8/FP32 | mAP50-95 |\n")
     head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
     lines = []
     for r in rows:

@@ -7,8 +7,9 @@ server's own builder and backend, imported lazily so a CPU-only install imports 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from build_engine.thresholds import GateThresholds
 from perception.errors import ModelError
@@ -35,11 +36,11 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
     exact file it was built from, gated like its parent (through the server's TensorRT
     backend) against the FP32 result."""
     from build_engine.gate import run_gate
-    from server.runtime.tensorrt_engines import tensorrt_source
     from server.runtime.fingerprint import device_fingerprint
     from server.runtime.tensorrt_backend import TensorRTBackend
     from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
     from server.runtime.tensorrt_builder import build_engine
+    from server.runtime.tensorrt_engines import tensorrt_source
 
     staged = Manifest("staging", "0", tuple(classes), pre, post, tuple(variants), variants[0].name, root=staging)
     engines: dict[str, tuple[Path, Variant, Any, Path]] = {}

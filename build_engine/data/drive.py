@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -65,25 +66,32 @@ def drive_world(rng: np.random.Generator, duration_s: float, probe: Camera) -> l
         objs.append(o)
 
     # Our lane: a lead vehicle and a follower at (about) our speed, so nobody drives through us.
-    add(str(rng.choice(["car", "truck", "bus"])), EGO_X, float(rng.uniform(14, 30)), EGO_SPEED + float(rng.uniform(-0.5, 0.8)))
+    add(str(rng.choice(["car", "truck", "bus"])), EGO_X, float(rng.uniform(14, 30)),
+        EGO_SPEED + float(rng.uniform(-0.5, 0.8)))
     add("car", EGO_X, -float(rng.uniform(12, 25)), EGO_SPEED + float(rng.uniform(-0.3, 0.3)))
     # The outer lane overtakes or is overtaken; oncoming lanes pass by.
     for _ in range(int(rng.integers(3, 6))):
-        add(str(rng.choice(["car", "car", "truck", "bus"])), ROAD_HALF - LANE_WIDTH / 2, float(rng.uniform(-60, 90 + span)), float(rng.uniform(6, 14)))
+        add(str(rng.choice(["car", "car", "truck", "bus"])), ROAD_HALF - LANE_WIDTH / 2,
+            float(rng.uniform(-60, 90 + span)), float(rng.uniform(6, 14)))
     for _ in range(int(rng.integers(4, 8))):
         lane = -LANE_WIDTH / 2 if rng.random() < 0.5 else -ROAD_HALF + LANE_WIDTH / 2
-        add(str(rng.choice(["car", "car", "truck", "bus"])), lane, float(rng.uniform(0, 160 + 2 * span)), -float(rng.uniform(8, 13)))
+        add(str(rng.choice(["car", "car", "truck", "bus"])), lane, float(rng.uniform(0, 160 + 2 * span)),
+            -float(rng.uniform(8, 13)))
     for _ in range(int(rng.integers(5, 10))):
         side = float(rng.choice([-1, 1]))
-        add("pedestrian", side * float(rng.uniform(ROAD_HALF + 0.8, ROAD_HALF + 3)), float(rng.uniform(-40, 60 + span)), float(rng.choice([-1, 1])) * float(rng.uniform(0.8, 1.6)))
+        add("pedestrian", side * float(rng.uniform(ROAD_HALF + 0.8, ROAD_HALF + 3)), float(rng.uniform(-40, 60 + span)),
+            float(rng.choice([-1, 1])) * float(rng.uniform(0.8, 1.6)))
     for _ in range(int(rng.integers(1, 4))):
         add("cyclist", ROAD_HALF - 0.6, float(rng.uniform(-30, 60 + span)), float(rng.uniform(3.5, 6)))
     z = -40.0
     while z < 80 + span:  # lights and signs every few tens of metres, on either side
-        add("traffic_light" if rng.random() < 0.4 else "traffic_sign", float(rng.choice([-1, 1])) * (ROAD_HALF + float(rng.uniform(0.8, 2))), z)
+        add("traffic_light" if rng.random() < 0.4 else "traffic_sign",
+            float(rng.choice([-1, 1])) * (ROAD_HALF + float(rng.uniform(0.8, 2))), z)
         z += float(rng.uniform(15, 35))
     for _ in range(int(rng.integers(10, 20))):
-        add(str(rng.choice(["tree", "pole"])), float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF + 4, ROAD_HALF + 12)), float(rng.uniform(-60, 100 + span)))
+        add(str(rng.choice(["tree", "pole"])),
+            float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF + 4, ROAD_HALF + 12)),
+            float(rng.uniform(-60, 100 + span)))
     return objs
 
 
@@ -109,12 +117,14 @@ def write_drive(
     cams = {name: _camera(name, width, height) for name in cameras}
     world = drive_world(rng, frames / fps, next(iter(cams.values())))
     look = replace(Look.random(rng), blur_sigma=0.0, motion_blur=0, noise_sigma=float(rng.uniform(1.0, 2.5)), shadows=0)
-    images, anns = [], []
+    images: list[dict[str, Any]] = []  # COCO images and annotations
+    anns: list[dict[str, Any]] = []
     period_ns = int(round(1e9 / fps))
-    writers = {}
+    writers: dict[str, cv2.VideoWriter] = {}
     if write_mp4:
+        mp4v = cv2.VideoWriter.fourcc("m", "p", "4", "v")
         for name in cameras:
-            writers[name] = cv2.VideoWriter(str(root / f"{name}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+            writers[name] = cv2.VideoWriter(str(root / f"{name}.mp4"), mp4v, fps, (width, height))
     with open(root / "drive.mcap", "wb") as f:
         mw = Ros2Writer(output=f)
         schema = mw.register_msgdef("sensor_msgs/msg/CompressedImage", COMPRESSED_IMAGE_MSGDEF)
@@ -130,16 +140,16 @@ def write_drive(
                     raise RuntimeError("JPEG encoding failed")
                 if name in writers:
                     writers[name].write(r.image)
-                msg = {"header": {"stamp": {"sec": ts // 1_000_000_000, "nanosec": ts % 1_000_000_000}, "frame_id": name},
-                       "format": "jpeg", "data": jpg.tobytes()}
+                stamp = {"sec": ts // 1_000_000_000, "nanosec": ts % 1_000_000_000}
+                msg = {"header": {"stamp": stamp, "frame_id": name}, "format": "jpeg", "data": jpg.tobytes()}
                 mw.write_message(topic_for(name), schema, msg, log_time=ts, publish_time=ts, sequence=seq)
                 iid = len(images) + 1
                 images.append({"id": iid, "file_name": f"{name}/{seq:06d}.jpg", "width": width, "height": height,
                                "camera_id": name, "sequence": seq, "timestamp_ns": ts})
-                for b, c, tr in zip(r.boxes.tolist(), r.class_ids.tolist(), r.track_ids):
+                for b, c, tr in zip(r.boxes.tolist(), r.class_ids.tolist(), r.track_ids, strict=True):
                     bw, bh = b[2] - b[0], b[3] - b[1]
-                    anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(c) + 1, "bbox": [b[0], b[1], bw, bh],
-                                 "area": bw * bh, "iscrowd": 0, "track_id": tr})
+                    anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(c) + 1,
+                                 "bbox": [b[0], b[1], bw, bh], "area": bw * bh, "iscrowd": 0, "track_id": tr})
         mw.finish()
     for w in writers.values():
         w.release()
@@ -164,7 +174,8 @@ def extract_frames(drive_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         h = m.ros_msg.header
         im = by_stamp.get((h.frame_id, h.stamp.sec * 1_000_000_000 + h.stamp.nanosec))
         if im is None:
-            raise ConfigError(f"{src / 'drive.mcap'}: message on {m.channel.topic} at {h.stamp.sec}.{h.stamp.nanosec:09d} has no gt.json entry")
+            raise ConfigError(f"{src / 'drive.mcap'}: message on {m.channel.topic} "
+                              f"at {h.stamp.sec}.{h.stamp.nanosec:09d} has no gt.json entry")
         f = dst / "images" / im["file_name"]
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(bytes(m.ros_msg.data))

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,10 +55,10 @@ def samples_to_coco(samples: list[Sample], classes: tuple[str, ...], root: Path 
         im = {"id": s.image_id, "file_name": name, "width": s.width, "height": s.height}
         im.update(s.extra or {})
         images.append(im)
-        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist()):
+        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist(), strict=True):
             w, h = b[2] - b[0], b[3] - b[1]
-            anns.append({"id": aid, "image_id": s.image_id, "category_id": int(c) + 1, "bbox": [round(v, 2) for v in (b[0], b[1], w, h)],
-                         "area": round(w * h, 2), "iscrowd": 0})
+            anns.append({"id": aid, "image_id": s.image_id, "category_id": int(c) + 1,
+                         "bbox": [round(v, 2) for v in (b[0], b[1], w, h)], "area": round(w * h, 2), "iscrowd": 0})
             aid += 1
     cats = [{"id": i + 1, "name": n, "supercategory": "road"} for i, n in enumerate(classes)]
     return {"info": {"description": "perception dataset"}, "images": images, "annotations": anns, "categories": cats}
@@ -101,7 +102,7 @@ def write_yolo(root: Path, samples: list[Sample], classes: tuple[str, ...]) -> N
     (root / "classes.txt").write_text("\n".join(classes) + "\n")
     for s in samples:
         lines = []
-        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist()):
+        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist(), strict=True):
             cx, cy = (b[0] + b[2]) / 2 / s.width, (b[1] + b[3]) / 2 / s.height
             w, h = (b[2] - b[0]) / s.width, (b[3] - b[1]) / s.height
             lines.append(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
@@ -194,4 +195,5 @@ def read_image(path: Path) -> NDArray[np.uint8]:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DataError(f"{path}: image does not decode")
-    return img
+    # IMREAD_COLOR always decodes to 8-bit BGR; cv2's stubs type every image as the generic MatLike.
+    return cast(NDArray[np.uint8], img)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -33,7 +34,7 @@ def generate_dataset(
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     samples = []
-    it = range(num_images)
+    it: Iterable[int] = range(num_images)
     if progress:
         from tqdm import tqdm
 

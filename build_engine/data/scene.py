@@ -11,7 +11,9 @@ near, so nearer ones occlude farther ones; each label box is the bounding box of
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import cv2
 import numpy as np
@@ -77,11 +79,18 @@ class Camera:
     def project(self, x: float, y: float, z_rel: float) -> tuple[float, float]:
         """Image (u, v) of a world point at lateral x, height y, ``z_rel`` (> 0) metres ahead of
         the camera along its viewing direction (a rear camera sees the world mirrored)."""
-        return self.cx + self.focal * (x - self.x0) * self.facing / z_rel, self.horizon + self.focal * (self.cam_height - y) / z_rel
+        u = self.cx + self.focal * (x - self.x0) * self.facing / z_rel
+        v = self.horizon + self.focal * (self.cam_height - y) / z_rel
+        return u, v
 
     def max_distance(self, height_m: float, min_px: float = 10.0) -> float:
         """Farthest distance at which an object of this height is still ``min_px`` tall."""
         return self.focal * height_m / min_px
+
+
+def _rgb(values: Iterable[int]) -> tuple[int, int, int]:
+    r, g, b = (int(v) for v in values)
+    return r, g, b
 
 
 @dataclass(frozen=True)
@@ -102,16 +111,17 @@ class Look:
     seed: int = 0
 
     @classmethod
-    def random(cls, rng: np.random.Generator) -> "Look":
+    def random(cls, rng: np.random.Generator) -> Look:
         dusk = rng.random() < 0.25
-        sky_top = (40, 60, 110) if dusk else tuple(int(v) for v in rng.integers([60, 110, 170], [120, 170, 235]))
-        sky_bottom = (230, 150, 90) if dusk else tuple(int(v) for v in rng.integers([170, 190, 200], [230, 230, 250]))
+        sky_top = (40, 60, 110) if dusk else _rgb(rng.integers([60, 110, 170], [120, 170, 235]))
+        sky_bottom = (230, 150, 90) if dusk else _rgb(rng.integers([170, 190, 200], [230, 230, 250]))
         g = rng.integers(60, 130)
+        road_grey = int(rng.integers(70, 120))
         return cls(
-            sky_top=sky_top,  # type: ignore[arg-type]
-            sky_bottom=sky_bottom,  # type: ignore[arg-type]
+            sky_top=sky_top,
+            sky_bottom=sky_bottom,
             ground=(int(g * 0.8), int(g * 1.1), int(g * 0.6)),
-            road=tuple([int(rng.integers(70, 120))] * 3),  # type: ignore[arg-type]
+            road=(road_grey, road_grey, road_grey),
             brightness=float(rng.uniform(0.45, 0.8) if dusk else rng.uniform(0.75, 1.25)),
             contrast=float(rng.uniform(0.7, 1.2)),
             blur_sigma=float(rng.uniform(0.4, 1.2)) if rng.random() < 0.3 else 0.0,
@@ -135,7 +145,7 @@ class Rendered:
 
 def _background(cam: Camera, look: Look, travelled: float) -> NDArray[np.float32]:
     W, H = cam.width, cam.height
-    img = np.zeros((H, W, 3), np.float32)
+    img: NDArray[np.float32] = np.zeros((H, W, 3), np.float32)
     hz = int(round(cam.horizon))
     t = np.linspace(0, 1, max(hz, 1))[:, None]
     sky = (1 - t) * np.array(look.sky_top, np.float32) + t * np.array(look.sky_bottom, np.float32)
@@ -146,8 +156,9 @@ def _background(cam: Camera, look: Look, travelled: float) -> NDArray[np.float32
         bw = rng.uniform(0.03, 0.12) * W
         bh = rng.uniform(0.03, 0.15) * H
         bx = (rng.uniform(-0.1, 1.1) * W - travelled * 0.3 * cam.facing) % (W * 1.2) - 0.1 * W
-        c = rng.integers(90, 180)
-        cv2.rectangle(img, (int(bx), int(hz - bh)), (int(bx + bw), hz), (float(c), float(c * 0.95), float(c * 0.9)), -1)
+        shade = rng.integers(90, 180)
+        colour = (float(shade), float(shade * 0.95), float(shade * 0.9))
+        cv2.rectangle(img, (int(bx), int(hz - bh)), (int(bx + bw), hz), colour, -1)
     # Road surface and shoulders: a trapezoid from the bottom row to the vanishing point.
     z_near = cam.focal * cam.cam_height / max(H - cam.horizon, 1)
     def px(x: float, z: float) -> tuple[int, int]:
@@ -158,13 +169,15 @@ def _background(cam: Camera, look: Look, travelled: float) -> NDArray[np.float32
     cv2.fillPoly(img, [np.array(side)], (150.0, 150.0, 145.0), cv2.LINE_AA)
     road = [px(-ROAD_HALF, z_near), px(-ROAD_HALF, far), px(ROAD_HALF, far), px(ROAD_HALF, z_near)]
     cv2.fillPoly(img, [np.array(road)], tuple(float(v) for v in look.road), cv2.LINE_AA)
-    for k in range(look.shadows):
+    for _ in range(look.shadows):
         zs = rng.uniform(z_near, 40)
         xs = rng.uniform(-ROAD_HALF, ROAD_HALF)
-        poly = [px(xs, zs), px(xs + rng.uniform(2, 6), zs), px(xs + rng.uniform(2, 6), zs + rng.uniform(3, 10)), px(xs, zs + 5)]
+        poly = [px(xs, zs), px(xs + rng.uniform(2, 6), zs), px(xs + rng.uniform(2, 6), zs + rng.uniform(3, 10)),
+                px(xs, zs + 5)]
         overlay = img.copy()
         cv2.fillPoly(overlay, [np.array(poly)], (0.0, 0.0, 0.0))
-        img = cv2.addWeighted(img, 0.65, overlay, 0.35, 0)
+        # cv2 keeps the float32 depth; its stubs type every result as the generic MatLike.
+        img = cast(NDArray[np.float32], cv2.addWeighted(img, 0.65, overlay, 0.35, 0))
     # Lane markings: solid edges, dashed lane lines whose phase follows the distance driven.
     white = (235.0, 235.0, 235.0)
     for x in (-ROAD_HALF + 0.15, ROAD_HALF - 0.15):
@@ -237,9 +250,8 @@ def render(
         boxes.append((bx1, by1, bx2, by2))
         classes.append(DEFAULT_CLASSES.index(o.kind))
         tracks.append(o.track_id)
-    img = _sensor(img, look, noise_seed)
     return Rendered(
-        image=img,
+        image=_sensor(img, look, noise_seed),
         boxes=np.array(boxes, np.float32).reshape(-1, 4),
         class_ids=np.array(classes, np.int64),
         track_ids=tracks,
@@ -251,12 +263,13 @@ def _sensor(img: NDArray[np.float32], look: Look, noise_seed: int | None = None)
     rng = np.random.default_rng(look.seed + 1 if noise_seed is None else noise_seed)
     img = (img - 128.0) * look.contrast + 128.0
     img = img * look.brightness
+    # cv2 keeps the float32 depth (filter2D: ddepth -1); its stubs type every result as MatLike.
     if look.blur_sigma > 0:
-        img = cv2.GaussianBlur(img, (0, 0), look.blur_sigma)
+        img = cast(NDArray[np.float32], cv2.GaussianBlur(img, (0, 0), look.blur_sigma))
     if look.motion_blur > 1:
         k = np.zeros((look.motion_blur, look.motion_blur), np.float32)
         k[look.motion_blur // 2, :] = 1.0 / look.motion_blur
-        img = cv2.filter2D(img, -1, k)
+        img = cast(NDArray[np.float32], cv2.filter2D(img, -1, k))
     if look.noise_sigma > 0:
         img = img + rng.normal(0, look.noise_sigma, img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -279,7 +292,9 @@ def _far_biased(rng: np.random.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(rng.random()) ** 0.85
 
 
-def random_object(kind: str, rng: np.random.Generator, cam: Camera, track_id: int = 0, z_min: float = 4.0) -> WorldObject:
+def random_object(
+    kind: str, rng: np.random.Generator, cam: Camera, track_id: int = 0, z_min: float = 4.0
+) -> WorldObject:
     """An object of ``kind`` at a plausible place on or beside the road."""
     (w0, w1), (h0, h1) = CLASS_SIZES[kind]
     w, h = float(rng.uniform(w0, w1)), float(rng.uniform(h0, h1))
@@ -307,10 +322,14 @@ def random_object(kind: str, rng: np.random.Generator, cam: Camera, track_id: in
     return WorldObject(kind, x, z, w, h, elevation, style=int(rng.integers(1 << 31)), track_id=track_id)
 
 
-CLASS_WEIGHTS = {"car": 5, "truck": 1.5, "bus": 1.2, "pedestrian": 3, "cyclist": 1.5, "traffic_light": 2, "traffic_sign": 2}
+CLASS_WEIGHTS = {
+    "car": 5, "truck": 1.5, "bus": 1.2, "pedestrian": 3, "cyclist": 1.5, "traffic_light": 2, "traffic_sign": 2,
+}
 
 
-def random_scene(rng: np.random.Generator, cam: Camera, min_objects: int = 3, max_objects: int = 14) -> list[WorldObject]:
+def random_scene(
+    rng: np.random.Generator, cam: Camera, min_objects: int = 3, max_objects: int = 14
+) -> list[WorldObject]:
     """A random set of objects and distractors for one still image."""
     kinds = list(CLASS_WEIGHTS)
     p = np.array([CLASS_WEIGHTS[k] for k in kinds], np.float64)

@@ -10,6 +10,8 @@ the same in every frame of a recorded drive.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import cv2
 import numpy as np
@@ -18,7 +20,10 @@ from numpy.typing import NDArray
 # Supersample so a sprite is drawn at least this many pixels tall before shrinking.
 DRAW_MIN_HEIGHT = 96
 
-CAR_COLORS = [(200, 200, 205), (30, 30, 35), (150, 20, 25), (20, 40, 140), (90, 95, 100), (235, 235, 235), (40, 90, 40), (170, 120, 30)]
+CAR_COLORS = [
+    (200, 200, 205), (30, 30, 35), (150, 20, 25), (20, 40, 140), (90, 95, 100), (235, 235, 235), (40, 90, 40),
+    (170, 120, 30),
+]
 BUS_COLORS = [(230, 190, 20), (200, 30, 30), (30, 80, 180), (240, 240, 240), (40, 140, 60)]
 TRUCK_COLORS = [(235, 235, 230), (180, 180, 175), (120, 80, 50), (60, 60, 70), (200, 120, 40)]
 SHIRTS = [(200, 40, 40), (40, 60, 180), (230, 200, 40), (60, 160, 70), (240, 240, 240), (30, 30, 30), (150, 60, 160)]
@@ -27,7 +32,14 @@ SKIN = [(240, 200, 170), (200, 150, 110), (140, 95, 60), (90, 60, 40)]
 
 def _rgb(c: tuple[int, int, int], jitter: float, rng: np.random.Generator) -> tuple[int, int, int]:
     j = rng.uniform(1 - jitter, 1 + jitter, 3)
-    return tuple(int(np.clip(v * k, 0, 255)) for v, k in zip(c, j))  # type: ignore[return-value]
+    r, g, b = (int(np.clip(v * k, 0, 255)) for v, k in zip(c, j, strict=True))
+    return r, g, b
+
+
+def _scaled(c: tuple[int, int, int], k: float) -> tuple[int, int, int]:
+    """``c`` darkened (k < 1) by the factor ``k``."""
+    r, g, b = c
+    return int(r * k), int(g * k), int(b * k)
 
 
 def _canvas(w: int, h: int) -> tuple[NDArray[np.uint8], float]:
@@ -46,15 +58,21 @@ def _rect(img: NDArray[np.uint8], x1: float, y1: float, x2: float, y2: float, co
     _fill(img, [(x1, y1), (x2, y1), (x2, y2), (x1, y2)], color)
 
 
-def _ellipse(img: NDArray[np.uint8], cx: float, cy: float, rx: float, ry: float, color: tuple[int, int, int], thick: int = -1) -> None:
+def _ellipse(
+    img: NDArray[np.uint8], cx: float, cy: float, rx: float, ry: float, color: tuple[int, int, int], thick: int = -1
+) -> None:
     H, W = img.shape[:2]
     t = thick if thick < 0 else max(1, int(thick * H / 100))
-    cv2.ellipse(img, (int(cx * W), int(cy * H)), (max(1, int(rx * W)), max(1, int(ry * H))), 0, 0, 360, (*color, 255), t, cv2.LINE_AA)
+    axes = (max(1, int(rx * W)), max(1, int(ry * H)))
+    cv2.ellipse(img, (int(cx * W), int(cy * H)), axes, 0, 0, 360, (*color, 255), t, cv2.LINE_AA)
 
 
-def _line(img: NDArray[np.uint8], x1: float, y1: float, x2: float, y2: float, color: tuple[int, int, int], thick: float) -> None:
+def _line(
+    img: NDArray[np.uint8], x1: float, y1: float, x2: float, y2: float, color: tuple[int, int, int], thick: float
+) -> None:
     H, W = img.shape[:2]
-    cv2.line(img, (int(x1 * W), int(y1 * H)), (int(x2 * W), int(y2 * H)), (*color, 255), max(1, int(thick * W)), cv2.LINE_AA)
+    p1, p2 = (int(x1 * W), int(y1 * H)), (int(x2 * W), int(y2 * H))
+    cv2.line(img, p1, p2, (*color, 255), max(1, int(thick * W)), cv2.LINE_AA)
 
 
 def draw_car(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
@@ -75,7 +93,7 @@ def draw_car(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
 def draw_truck(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
     box = _rgb(TRUCK_COLORS[rng.integers(len(TRUCK_COLORS))], 0.08, rng)
     _rect(img, 0.0, 0.0, 1.0, 0.8, box)
-    seam = tuple(int(v * 0.6) for v in box)
+    seam = _scaled(box, 0.6)
     _line(img, 0.5, 0.02, 0.5, 0.78, seam, 0.02)  # the rear doors
     for y in (0.15, 0.4, 0.65):
         _line(img, 0.1, y, 0.9, y, seam, 0.015)
@@ -102,14 +120,19 @@ def draw_bus(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
     _rect(img, 0.76, 0.9, 0.94, 1.0, (15, 15, 15))
 
 
-def _person(img: NDArray[np.uint8], rng: np.random.Generator, x0: float, x1: float, y0: float, y1: float, legs: bool, phase: float) -> None:
+def _person(
+    img: NDArray[np.uint8], rng: np.random.Generator, x0: float, x1: float, y0: float, y1: float, legs: bool,
+    phase: float,
+) -> None:
     skin = SKIN[rng.integers(len(SKIN))]
     shirt = _rgb(SHIRTS[rng.integers(len(SHIRTS))], 0.1, rng)
     pants = _rgb((40, 45, 70) if rng.random() < 0.6 else (90, 80, 60), 0.2, rng)
     w, h = x1 - x0, y1 - y0
     cx = (x0 + x1) / 2
     _ellipse(img, cx, y0 + 0.07 * h, 0.2 * w, 0.07 * h, skin)
-    _fill(img, [(cx - 0.3 * w, y0 + 0.15 * h), (cx + 0.3 * w, y0 + 0.15 * h), (cx + 0.26 * w, y0 + 0.52 * h), (cx - 0.26 * w, y0 + 0.52 * h)], shirt)
+    torso = [(cx - 0.3 * w, y0 + 0.15 * h), (cx + 0.3 * w, y0 + 0.15 * h), (cx + 0.26 * w, y0 + 0.52 * h),
+             (cx - 0.26 * w, y0 + 0.52 * h)]
+    _fill(img, torso, shirt)
     s = 0.25 * math.sin(phase)
     _line(img, cx - 0.28 * w, y0 + 0.18 * h, cx - (0.4 + s) * w, y0 + 0.48 * h, shirt, 0.16 * w)
     _line(img, cx + 0.28 * w, y0 + 0.18 * h, cx + (0.4 - s) * w, y0 + 0.48 * h, shirt, 0.16 * w)
@@ -143,7 +166,7 @@ def draw_traffic_light(img: NDArray[np.uint8], rng: np.random.Generator, state: 
     lit = int(rng.integers(3)) if state < 0 else state
     colors = [(255, 40, 30), (255, 190, 20), (40, 230, 90)]
     for i, c in enumerate(colors):
-        col = c if i == lit else tuple(int(v * 0.22) for v in c)
+        col = c if i == lit else _scaled(c, 0.22)
         _ellipse(img, 0.5, 0.18 + 0.32 * i, 0.32, 0.12, col)
 
 
@@ -160,9 +183,11 @@ def draw_traffic_sign(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
         _rect(img, 0.46, 0.45, 0.54, 0.75, (20, 20, 20))
     elif kind == 2:  # blue mandatory
         _rect(img, 0.0, 0.0, 1.0, 1.0, (20, 70, 190))
-        _fill(img, [(0.5, 0.15), (0.8, 0.5), (0.6, 0.5), (0.6, 0.85), (0.4, 0.85), (0.4, 0.5), (0.2, 0.5)], (245, 245, 245))
+        arrow = [(0.5, 0.15), (0.8, 0.5), (0.6, 0.5), (0.6, 0.85), (0.4, 0.85), (0.4, 0.5), (0.2, 0.5)]
+        _fill(img, arrow, (245, 245, 245))
     else:  # stop octagon
-        pts = [(0.5 + 0.5 * math.cos(math.pi / 8 + k * math.pi / 4), 0.5 + 0.5 * math.sin(math.pi / 8 + k * math.pi / 4)) for k in range(8)]
+        angles = [math.pi / 8 + k * math.pi / 4 for k in range(8)]
+        pts = [(0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a)) for a in angles]
         _fill(img, pts, (200, 15, 15))
         _rect(img, 0.2, 0.44, 0.8, 0.56, (245, 245, 245))
 
@@ -171,23 +196,27 @@ def draw_tree(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
     _rect(img, 0.44, 0.55, 0.56, 1.0, (90, 60, 35))
     g = _rgb((40, 110, 40), 0.25, rng)
     _ellipse(img, 0.5, 0.35, 0.48, 0.34, g)
-    _ellipse(img, 0.35, 0.45, 0.3, 0.2, tuple(int(v * 0.8) for v in g))
+    _ellipse(img, 0.35, 0.45, 0.3, 0.2, _scaled(g, 0.8))
 
 
 def draw_pole(img: NDArray[np.uint8], rng: np.random.Generator) -> None:
     _rect(img, 0.3, 0.0, 0.7, 1.0, _rgb((120, 120, 120), 0.15, rng))
 
 
-DRAWERS = {
+# Objects that look the same in every frame: drawn from their style seed alone.
+DRAWERS: dict[str, Callable[[NDArray[np.uint8], np.random.Generator], None]] = {
     "car": draw_car,
     "truck": draw_truck,
     "bus": draw_bus,
-    "pedestrian": draw_pedestrian,
-    "cyclist": draw_cyclist,
     "traffic_light": draw_traffic_light,
     "traffic_sign": draw_traffic_sign,
     "tree": draw_tree,
     "pole": draw_pole,
+}
+# Objects that move their limbs: also drawn at a gait ``phase`` (radians).
+ANIMATED_DRAWERS: dict[str, Callable[[NDArray[np.uint8], np.random.Generator, float], None]] = {
+    "pedestrian": draw_pedestrian,
+    "cyclist": draw_cyclist,
 }
 
 
@@ -195,11 +224,11 @@ def render_sprite(kind: str, w: int, h: int, style: int, phase: float = 0.0) -> 
     """(h, w, 4) RGBA sprite of ``kind`` (a class name, or "tree"/"pole" distractors)."""
     img, _ = _canvas(w, h)
     rng = np.random.default_rng(style)
-    fn = DRAWERS[kind]
-    if kind in ("pedestrian", "cyclist"):
-        fn(img, rng, phase)  # type: ignore[call-arg]
+    if kind in ANIMATED_DRAWERS:
+        ANIMATED_DRAWERS[kind](img, rng, phase)
     else:
-        fn(img, rng)
+        DRAWERS[kind](img, rng)
     if img.shape[0] != h or img.shape[1] != w:
-        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+        # resize keeps the uint8 depth; cv2's stubs type every result as the generic MatLike.
+        img = cast(NDArray[np.uint8], cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA))
     return img

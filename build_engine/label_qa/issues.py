@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from build_engine.label_qa.records import LabelSet
+from build_engine.label_qa.records import LabelRecord, LabelSet
 from perception.boxes import box_iou
 
 KINDS = (
@@ -47,6 +47,11 @@ def _name(ls: LabelSet, c: int) -> str:
     return ls.classes[c] if 0 <= c < len(ls.classes) else f"<unknown {c - 10_000 if c >= 10_000 else c}>"
 
 
+def _label_issue(r: LabelRecord, class_name: str, kind: str, score: float, detail: str) -> Issue:
+    """An issue with the label record ``r`` itself (its own box)."""
+    return Issue(r.image, r.image_id, r.box, kind, score, class_name, r.ref, detail)
+
+
 def find_geometric_issues(ls: LabelSet) -> list[Issue]:
     """Boxes outside the image, zero / negative area, duplicates, unknown class ids, and
     implausibly tiny or huge boxes."""
@@ -55,21 +60,21 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
     for i, r in enumerate(ls.records):
         x1, y1, x2, y2 = r.box
         name = _name(ls, r.class_id)
-        mk = lambda kind, score, detail: Issue(r.image, r.image_id, r.box, kind, score, name, r.ref, detail)  # noqa: E731
         if not 0 <= r.class_id < len(ls.classes):
-            out.append(mk("unknown_class", 1.0, f"class id not in 0..{len(ls.classes) - 1}"))
+            out.append(_label_issue(r, name, "unknown_class", 1.0, f"class id not in 0..{len(ls.classes) - 1}"))
             continue
         if x2 <= x1 or y2 <= y1:
-            out.append(mk("zero_area", 1.0, f"width {x2 - x1:.1f}, height {y2 - y1:.1f}"))
+            out.append(_label_issue(r, name, "zero_area", 1.0, f"width {x2 - x1:.1f}, height {y2 - y1:.1f}"))
             continue
         t = OUTSIDE_TOLERANCE_PX
         if x1 < -t or y1 < -t or x2 > r.width + t or y2 > r.height + t:
-            out.append(mk("outside_image", 1.0, f"image is {r.width}x{r.height}"))
+            out.append(_label_issue(r, name, "outside_image", 1.0, f"image is {r.width}x{r.height}"))
         w, h = x2 - x1, y2 - y1
         if w < TINY_SIDE_PX or h < TINY_SIDE_PX:
-            out.append(mk("tiny_box", 0.9, f"{w:.1f}x{h:.1f} px"))
+            out.append(_label_issue(r, name, "tiny_box", 0.9, f"{w:.1f}x{h:.1f} px"))
         elif w * h > HUGE_FRACTION * r.width * r.height:
-            out.append(mk("huge_box", 0.8, f"covers {w * h / (r.width * r.height):.0%} of the image"))
+            out.append(_label_issue(r, name, "huge_box", 0.8,
+                                    f"covers {w * h / (r.width * r.height):.0%} of the image"))
         by_image.setdefault(r.image_id, []).append(i)
     for idx in by_image.values():
         if len(idx) < 2:
@@ -80,8 +85,8 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
             for b in range(a + 1, len(idx)):
                 ra, rb = ls.records[idx[a]], ls.records[idx[b]]
                 if iou[a, b] >= DUPLICATE_IOU and ra.class_id == rb.class_id:
-                    out.append(Issue(rb.image, rb.image_id, rb.box, "duplicate", float(iou[a, b]), _name(ls, rb.class_id), rb.ref,
-                                     f"IoU {iou[a, b]:.2f} with {ra.ref}"))
+                    out.append(_label_issue(rb, _name(ls, rb.class_id), "duplicate", float(iou[a, b]),
+                                            f"IoU {iou[a, b]:.2f} with {ra.ref}"))
     return out
 
 
@@ -94,7 +99,8 @@ def format_table(issues: list[Issue], limit: int = 50) -> str:
     lines = [f"{'#':>4} {'score':>6} {'kind':<14} {'class':<14} {'image':<24} {'box':<28} record / detail"]
     for n, i in enumerate(issues[:limit], start=1):
         box = "[" + ", ".join(f"{v:.0f}" for v in i.box) + "]"
-        lines.append(f"{n:>4} {i.score:>6.3f} {i.kind:<14} {i.class_name:<14} {i.image:<24} {box:<28} {i.ref} {i.detail}".rstrip())
+        row = f"{n:>4} {i.score:>6.3f} {i.kind:<14} {i.class_name:<14} {i.image:<24} {box:<28} {i.ref} {i.detail}"
+        lines.append(row.rstrip())
     if len(issues) > limit:
         lines.append(f"... {len(issues) - limit} more (see --json)")
     counts: dict[str, int] = {}

@@ -26,7 +26,9 @@ MODEL = ("bad_box", "missing_label", "wrong_class", "no_object")
 MIN_SIDE_PX = 16
 
 
-def inject(gt: dict[str, Any], per_kind: int, seed: int, kinds: tuple[str, ...] = GEOMETRIC + MODEL) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def inject(
+    gt: dict[str, Any], per_kind: int, seed: int, kinds: tuple[str, ...] = GEOMETRIC + MODEL
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A copy of ``gt`` with ``per_kind`` mistakes of each kind, and the list of injections
     ({kind, image_id, box xyxy to look for})."""
     rng = np.random.default_rng(seed)
@@ -39,7 +41,8 @@ def inject(gt: dict[str, Any], per_kind: int, seed: int, kinds: tuple[str, ...] 
     next_id = max(a["id"] for a in anns) + 1
 
     def pick(min_side: float) -> int:
-        cand = [i for i, a in enumerate(anns) if i not in used and min(a["bbox"][2], a["bbox"][3]) >= min_side and a["category_id"] <= n_cls]
+        cand = [i for i, a in enumerate(anns)
+                if i not in used and min(a["bbox"][2], a["bbox"][3]) >= min_side and a["category_id"] <= n_cls]
         i = int(rng.choice(cand))
         used.add(i)
         return i
@@ -99,7 +102,8 @@ def inject(gt: dict[str, Any], per_kind: int, seed: int, kinds: tuple[str, ...] 
                 raise ValueError(kind)
             # A corrupted label also leaves its object unlabelled: a flag at the original box
             # (e.g. missing_label there) is a finding about this mistake too.
-            injected.append({"kind": kind, "image_id": a["image_id"], "box": xyxy(a["bbox"]), "ann_id": a["id"], "orig_box": orig})
+            injected.append({"kind": kind, "image_id": a["image_id"], "box": xyxy(a["bbox"]), "ann_id": a["id"],
+                             "orig_box": orig})
     gt["annotations"] = [a for i, a in enumerate(anns) if i not in set(removed)]
     return gt, injected
 
@@ -140,7 +144,10 @@ def score_flags(flags: list[Issue], injected: list[dict[str, Any]]) -> dict[str,
     }
 
 
-def measure(data: str | os.PathLike[str], checkpoint: str | None, out: str | os.PathLike[str], per_kind: int = 10, seed: int = 0) -> dict[str, Any]:
+def measure(
+    data: str | os.PathLike[str], checkpoint: str | None, out: str | os.PathLike[str], per_kind: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
     from build_engine.lint_cli import run
 
     src, dst = Path(data), Path(out)

@@ -41,7 +41,8 @@ def detections_by_image(
     runner: InferFn, ls: LabelSet, input_size: tuple[int, int]
 ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """image_id -> (boxes (N, 4) xyxy source px, scores (N,), class ids (N,)) at a low threshold."""
-    samples = [Sample(iid, ls.root / f, w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for iid, (f, w, h) in ls.images.items()]
+    samples = [Sample(iid, ls.root / f, w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+               for iid, (f, w, h) in ls.images.items()]
     ds = LabelledSet(ls.root, ls.classes, samples)
     pre = PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
     post = PostprocessSpec(score_threshold=SUPPORT, iou_threshold=0.5, max_detections=300, pre_nms_topk=2000)
@@ -76,7 +77,8 @@ def image_issues(
         overlapping = row >= MISSING_IOU
         best_any = float(ds[overlapping].max()) if overlapping.any() else 0.0
         if not (row >= 0.1).any() or float(ds[row >= 0.1].max()) < SUPPORT * 2:
-            out.append(Issue(f, image_id, r.box, "no_object", 1.0 - best_any, name, r.ref, "no detection overlaps this label"))
+            out.append(Issue(f, image_id, r.box, "no_object", 1.0 - best_any, name, r.ref,
+                             "no detection overlaps this label"))
             continue
         same_obj = row >= SAME_OBJECT_IOU
         s_same = float(ds[same_obj & same].max()) if (same_obj & same).any() else 0.0
@@ -94,12 +96,13 @@ def image_issues(
                 # The confident detection must not belong to another label that it fits better.
                 col = iou[:, k]
                 if int(np.argmax(col)) == g:
+                    model_box = np.round(db[k]).astype(int).tolist()
                     out.append(Issue(f, image_id, r.box, "bad_box", float(ds[k] * (1 - row[k])), name, r.ref,
-                                     f"model box {np.round(db[k]).astype(int).tolist()} IoU {row[k]:.2f} ({ds[k]:.2f})"))
-    for k in np.flatnonzero(ds >= CONFIDENT):
-        if len(gb) == 0 or float(iou[:, k].max()) < MISSING_IOU:
-            box = tuple(float(v) for v in db[k])
-            out.append(Issue(f, image_id, box, "missing_label", float(ds[k]), ls.classes[int(dc[k])], "",  # type: ignore[arg-type]
+                                     f"model box {model_box} IoU {row[k]:.2f} ({ds[k]:.2f})"))
+    for d in np.flatnonzero(ds >= CONFIDENT):
+        if len(gb) == 0 or float(iou[:, d].max()) < MISSING_IOU:
+            x1, y1, x2, y2 = (float(v) for v in db[d])
+            out.append(Issue(f, image_id, (x1, y1, x2, y2), "missing_label", float(ds[d]), ls.classes[int(dc[d])], "",
                              "confident detection with no label"))
     return out
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from build_engine.data.formats import IMAGE_EXTS, image_size, parse_yolo_line, read_classes
 from perception.coco import read_json
 from perception.errors import DataError
-
-from build_engine.data.formats import IMAGE_EXTS, image_size, parse_yolo_line, read_classes
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,8 @@ class LabelSet:
 def _coco(root: Path) -> LabelSet:
     path = root / "annotations.json"
     data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("categories"), list):
+    if (not isinstance(data, dict) or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("categories"), list)):
         raise DataError(f"{path}: not a COCO detection file (needs 'images' and 'categories' lists)")
     cat_ids = sorted(int(c["id"]) for c in data["categories"])
     names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
@@ -77,7 +77,8 @@ def _coco(root: Path) -> LabelSet:
 
 def _yolo(root: Path) -> LabelSet:
     classes = read_classes(root / "classes.txt")
-    files = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTS) if (root / "images").is_dir() else []
+    image_dir = root / "images"
+    files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS) if image_dir.is_dir() else []
     if not files:
         raise DataError(f"{root / 'images'}: no images")
     images, records = {}, []
@@ -110,4 +111,5 @@ def boxes_of(ls: LabelSet, image_id: int) -> tuple[np.ndarray, np.ndarray, list[
     """Valid records (known class, positive size) of one image: (N, 4) boxes, (N,) classes, records."""
     recs = [r for r in ls.records if r.image_id == image_id and 0 <= r.class_id < len(ls.classes)
             and r.box[2] > r.box[0] and r.box[3] > r.box[1]]
-    return (np.array([r.box for r in recs], np.float32).reshape(-1, 4), np.array([r.class_id for r in recs], np.int64), recs)
+    boxes = np.array([r.box for r in recs], np.float32).reshape(-1, 4)
+    return boxes, np.array([r.class_id for r in recs], np.int64), recs

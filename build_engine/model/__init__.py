@@ -1,6 +1,6 @@
 """The detector family: one definition, presets (nano, small, ...) by width/depth/input size."""
 
-from build_engine.model.blocks import ConvBNAct, ResidualBlock, CSPStage
+from build_engine.model.blocks import ConvBNAct, CSPStage, ResidualBlock
 from build_engine.model.config import PRESETS, ModelConfig, preset
 from build_engine.model.detector import Detector, build_detector
 

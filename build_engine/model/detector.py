@@ -96,6 +96,8 @@ class HeadLevel(nn.Module):
         self.box_pred = nn.Conv2d(c_head, 4, 1)
         self.obj_pred = nn.Conv2d(c_head, 1, 1)
         prior = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
+        # Built with bias=True above; nn.Conv2d types its bias as optional.
+        assert self.cls_pred.bias is not None and self.obj_pred.bias is not None and self.box_pred.bias is not None
         nn.init.constant_(self.cls_pred.bias, prior)
         nn.init.constant_(self.obj_pred.bias, prior)
         nn.init.zeros_(self.box_pred.weight)
@@ -149,12 +151,12 @@ class Detector(nn.Module):
     def forward_raw(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-level raw maps, each (B, 5 + C, H / s, W / s)."""
         feats = self.neck(self.backbone(x))
-        return [head(f) for head, f in zip(self.heads, feats)]
+        return [head(f) for head, f in zip(self.heads, feats, strict=True)]
 
     def decode(self, raws: list[torch.Tensor]) -> torch.Tensor:
         """(B, N, 5 + C) with xyxy boxes in input pixels and obj/cls logits (not yet sigmoid)."""
         out = []
-        for i, (raw, s) in enumerate(zip(raws, self.strides)):
+        for i, (raw, s) in enumerate(zip(raws, self.strides, strict=True)):
             out.append(decode_level(raw, self.grid(i, raw.shape[2], raw.shape[3]), s))
         return torch.cat(out, 1)
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 from numpy.typing import NDArray
@@ -34,7 +36,9 @@ def random_affine(
     cx, cy = out_w / 2 + tx, out_h / 2 + ty
     m = np.array([[sx, 0, cx - sx * w / 2], [0, s, cy - s * h / 2]], np.float32)
     interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-    canvas = cv2.warpAffine(image, m, (out_w, out_h), flags=interp, borderValue=(PAD_VALUE,) * 3)
+    # warpAffine keeps the uint8 depth of its input; cv2's stubs type every result as MatLike.
+    canvas = cast(NDArray[np.uint8], cv2.warpAffine(image, m, (out_w, out_h), flags=interp,
+                                                    borderValue=(PAD_VALUE,) * 3))
     if len(boxes) == 0:
         return canvas, boxes.reshape(0, 4), np.zeros(0, bool)
     xs = boxes[:, [0, 2]] * sx + m[0, 2]
@@ -59,4 +63,4 @@ def hsv_jitter(image: NDArray[np.uint8], cfg: AugmentConfig, rng: np.random.Gene
     lut_s = np.clip(x * g[1], 0, 255).astype(np.uint8)
     lut_v = np.clip(x * g[2], 0, 255).astype(np.uint8)
     hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    return cast(NDArray[np.uint8], cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR))  # uint8 in, uint8 out

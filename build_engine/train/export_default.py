@@ -23,14 +23,17 @@ import yaml
 from build_engine.checkpoint import load_checkpoint, meta_for, save_checkpoint
 
 
-def model_card(meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str, ...], extra: dict[str, Any]) -> dict[str, Any]:
+def model_card(
+    meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str, ...], extra: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "name": "default",
         "classes": list(classes),
         "model": cfg,
         "preprocess": {"input_width": cfg["input_width"], "input_height": cfg["input_height"], "letterbox": True,
                        "pad_value": 114, "color_order": "RGB", "scale": 1.0 / 255.0},
-        "postprocess": {"output_layout": "yolo_obj", "score_threshold": 0.25, "iou_threshold": 0.5, "max_detections": 100},
+        "postprocess": {"output_layout": "yolo_obj", "score_threshold": 0.25, "iou_threshold": 0.5,
+                        "max_detections": 100},
         "val_kpi": meta_kpi,
         **extra,
     }
@@ -47,7 +50,8 @@ def _epoch_table(path: Path, threads: int) -> list[str]:
              "| epoch | loss | val mAP50 | val mAP50-95 |", "|---|---|---|---|"]
     for h in hist:
         v = h.get("val", {})
-        lines.append(f"| {h['epoch']} | {h.get('loss_total', 0):.3f} | {v.get('map50', float('nan')):.4f} | {v.get('map50_95', float('nan')):.4f} |")
+        lines.append(f"| {h['epoch']} | {h.get('loss_total', 0):.3f} | {v.get('map50', float('nan')):.4f} "
+                     f"| {v.get('map50_95', float('nan')):.4f} |")
     return lines + [""]
 
 
@@ -64,11 +68,14 @@ def _pruned_section(run_dir: Path, out_dir: Path) -> list[str]:
     first = info  # a checkpoint fine-tuned further keeps its pruning step under "previous"
     while first.get("previous"):
         first = first["previous"]
+    epochs = info.get("finetune_epochs_total", info.get("finetune_epochs", 0))
+    macs_ratio = info.get("macs_after", 0) / max(first.get("macs_before", 1), 1)
     lines = ["## Pruned variant", "",
              f"`detector_pruned.pt`: {first.get('method', 'pruned')}; fine-tuned "
-             f"{info.get('finetune_epochs_total', info.get('finetune_epochs', 0))} epochs, distilled from `detector.pt`. "
-             f"{info.get('macs_after', 0) / 1e6:.1f} M MACs ({info.get('macs_after', 0) / max(first.get('macs_before', 1), 1):.2f}x), "
-             f"{info.get('params_after', 0) / 1e6:.3f} M params. `perception build --pruned models/default/detector_pruned.pt` "
+             f"{epochs} epochs, distilled from `detector.pt`. "
+             f"{info.get('macs_after', 0) / 1e6:.1f} M MACs ({macs_ratio:.2f}x), "
+             f"{info.get('params_after', 0) / 1e6:.3f} M params. "
+             "`perception build --pruned models/default/detector_pruned.pt` "
              "adds it to the build's variants.", ""]
     kpi_path = run_dir / "eval_pruned" / "kpi.json"
     if kpi_path.is_file():
@@ -85,13 +92,15 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Shipped in FP16 (half the size in the repository); every loader reads it back as FP32.
     # scripts/train_default.sh scores the published files, so the reports describe these weights.
-    save_checkpoint(out_dir / "detector.pt", model, meta_for(model, meta.classes, epoch=meta.epoch, val_kpi=meta.val_kpi,
-                                                                train_config_hash=meta.train_config_hash), half=True)
+    shipped_meta = meta_for(model, meta.classes, epoch=meta.epoch, val_kpi=meta.val_kpi,
+                            train_config_hash=meta.train_config_hash)
+    save_checkpoint(out_dir / "detector.pt", model, shipped_meta, half=True)
     recipe = TRAIN_CONFIG
     extra: dict[str, Any] = {"train_config": recipe, "train_config_hash": meta.train_config_hash, "epoch": meta.epoch}
     card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra)
-    (out_dir / "config.yaml").write_text("# Written by build_engine.train.export_default; see eval.md for the full report.\n"
-                                         + yaml.safe_dump(card, sort_keys=False))
+    (out_dir / "config.yaml").write_text(
+        "# Written by build_engine.train.export_default; see eval.md for the full report.\n"
+        + yaml.safe_dump(card, sort_keys=False))
     eval_dir = eval_dir or run_dir / "eval"
     if (eval_dir / "kpi.json").is_file():
         from build_engine.eval_cli import format_table
@@ -114,11 +123,13 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
         if val_kpi.is_file():
             v = json.loads(val_kpi.read_text())
             lines += [f"On the val set (seed 2, 300 images; it chose the checkpoint): mAP50 {v['map50']:.4f}, "
-                      f"mAP50-95 {v['map50_95']:.4f}, P {v['precision']:.4f}, R {v['recall']:.4f} at score >= {v['score_threshold']}.", ""]
-        lines += [
-                 "![PR curve](plots/pr_curve.png) ![F1](plots/f1_confidence.png) ![confusion](plots/confusion_matrix.png)", ""]
+                      f"mAP50-95 {v['map50_95']:.4f}, P {v['precision']:.4f}, R {v['recall']:.4f} "
+                      f"at score >= {v['score_threshold']}.", ""]
+        lines += ["![PR curve](plots/pr_curve.png) ![F1](plots/f1_confidence.png) "
+                  "![confusion](plots/confusion_matrix.png)", ""]
         if (run_dir / "train_log.jsonl").is_file():
-            threads = int(json.loads((run_dir / "config.json").read_text()).get("threads", 1)) if (run_dir / "config.json").is_file() else 1
+            run_config = run_dir / "config.json"
+            threads = int(json.loads(run_config.read_text()).get("threads", 1)) if run_config.is_file() else 1
             lines += _epoch_table(run_dir / "train_log.jsonl", threads)
         lines += _pruned_section(run_dir, out_dir)
         (out_dir / "eval.md").write_text("\n".join(lines) + "\n")

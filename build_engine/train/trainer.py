@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,8 @@ import torch
 
 from build_engine.checkpoint import CheckpointMeta, load_payload, meta_for, save_checkpoint
 from build_engine.config import TrainConfig
-from build_engine.data.formats import LabelledSet, read_labelled_set
+from build_engine.data.formats import LabelledSet, read_image, read_labelled_set
 from build_engine.data.generate import generate_dataset
-from build_engine.data.formats import read_image
 from build_engine.evaluate import evaluate_runner, torch_runner
 from build_engine.losses import DetectionLoss
 from build_engine.model import build_detector
@@ -95,7 +95,9 @@ def anchor_points(model: Detector) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on conv / linear weights only (not on BN or biases)."""
-    decay, no_decay, bias = [], [], []
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
+    bias: list[torch.Tensor] = []
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             no_decay.append(m.weight)
@@ -143,7 +145,8 @@ def train(
         try:
             model.load_state_dict(init["state_dict"])
         except RuntimeError as exc:
-            raise ConfigError(f"{cfg.init_checkpoint}: does not fit model config {cfg.model}: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(f"{cfg.init_checkpoint}: does not fit model config {cfg.model}: "
+                              f"{str(exc).splitlines()[0]}") from exc
         log.info("initialised from %s", cfg.init_checkpoint)
     optimizer = make_optimizer(model, cfg)
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
@@ -155,7 +158,8 @@ def train(
         payload = load_payload(last_path)
         st = payload.get("train_state", {})
         if st.get("config_hash") != cfg.hash():
-            raise ConfigError(f"{last_path}: was trained with a different config (hash {st.get('config_hash')} != {cfg.hash()})")
+            raise ConfigError(f"{last_path}: was trained with a different config "
+                              f"(hash {st.get('config_hash')} != {cfg.hash()})")
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(st["optimizer"])
         if ema is not None:
@@ -176,7 +180,7 @@ def train(
         model.train()
         order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train_set)).tolist()
         sums: dict[str, float] = {}
-        it = range(steps_per_epoch)
+        it: Iterable[int] = range(steps_per_epoch)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -186,7 +190,8 @@ def train(
         te = time.time()
         for k in it:
             step = epoch * steps_per_epoch + k
-            lr_w, lr_b = learning_rates(step, steps_per_epoch, o.epochs, o.lr, o.schedule, o.final_lr_ratio, o.warmup_epochs, o.warmup_bias_lr)
+            lr_w, lr_b = learning_rates(step, steps_per_epoch, o.epochs, o.lr, o.schedule, o.final_lr_ratio,
+                                        o.warmup_epochs, o.warmup_bias_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr_b if g["kind"] == "bias" else lr_w
             images, targets = load_batch(train_set, order[k * bs:(k + 1) * bs], cfg, epoch)
@@ -214,7 +219,9 @@ def train(
             record["val"] = kpi
             if kpi["map50_95"] > best["map50_95"]:
                 best = dict(kpi, epoch=epoch + 1)
-                save_checkpoint(best_path, eval_model, meta_for(eval_model, train_set.classes, epoch=epoch + 1, val_kpi=kpi, train_config_hash=cfg.hash()))
+                best_meta = meta_for(eval_model, train_set.classes, epoch=epoch + 1, val_kpi=kpi,
+                                     train_config_hash=cfg.hash())
+                save_checkpoint(best_path, eval_model, best_meta)
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("epoch %d: %s", epoch + 1, json.dumps(record))
@@ -225,7 +232,8 @@ def train(
             "ema": ema.ema.state_dict() if ema is not None else {},
             "ema_updates": ema.updates if ema is not None else 0,
         }
-        save_checkpoint(last_path, model, meta_for(model, train_set.classes, epoch=epoch + 1, train_config_hash=cfg.hash()), state)
+        last_meta = meta_for(model, train_set.classes, epoch=epoch + 1, train_config_hash=cfg.hash())
+        save_checkpoint(last_path, model, last_meta, state)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     return TrainResult(out, best_path, last_path, best, end_epoch - start_epoch, time.time() - t0)
 
