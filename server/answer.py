@@ -104,8 +104,7 @@ def finish_task(
                 raise ModelError(result.message or "inference returned no output")
             # No FrameStatus says "internal error"; OVERLOADED tells the client to send the next
             # frame (this one was not processed), which is what it should do.
-            reason = result.message.removeprefix("inference failed: ")
-            status, message = FrameStatus.OVERLOADED, f"inference failed: {reason}; frame not processed"
+            status, message = FrameStatus.OVERLOADED, f"{result.message or 'inference failed'}; frame not processed"
         else:
             status, message = _JOB_ANSWER[result.status], result.message
     total_s = time.monotonic() - task.received

@@ -5,7 +5,12 @@ that behaves like a ``grpc.Server`` and also owns the scheduler and backend, so 
 ``server.shutdown(grace)`` stops accepting, answers in-flight frames and frees the engine.
 
 Health (``grpc.health.v1``) says NOT_SERVING while the model loads and warms up, SERVING
-after, and NOT_SERVING again from the moment shutdown begins.
+after, and NOT_SERVING again from the moment shutdown begins. It also follows the engine:
+after ``unhealthy_after_failed_batches`` failed batches in a row it says NOT_SERVING and the
+backend is loaded anew in the background; the next batch that succeeds makes it SERVING again.
+
+Health, reflection and model info are unary calls outside the stream cap, on a thread pool
+sized for every allowed stream plus ``max_workers``, so idle streams never lock them out.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from perception.decode import DecodeLimits
 from perception.errors import ConfigError, ModelError
-from perception.manifest import load_manifest
+from perception.manifest import Manifest, load_manifest
 from perception.pipeline import FramePipeline
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.config import ServerConfig
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
+from server.limits import ServiceLimits
 from server.metrics_protocol import NULL_METRICS, Metrics
 from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, backend_for
@@ -56,6 +63,49 @@ class ManagedServer:
         self.ready = ready
         self.draining = draining
         self._stopped = threading.Event()
+        self._failed_batches = 0
+        self._recovering = False
+        self._health_lock = threading.Lock()
+        self.unhealthy_after = 3
+        self.reload: Any = None  # () -> a new activated Backend, set by create_server
+        self.engine_healthy = True
+        self.limits: ServiceLimits | None = None  # the budgets every call shares (for inspection)
+
+    def on_batch(self, ok: bool) -> None:
+        """Scheduler callback after every batch: health follows the engine."""
+        with self._health_lock:
+            if ok:
+                self._failed_batches = 0
+                if not self.engine_healthy:
+                    self.engine_healthy = True
+                    log.info("inference succeeds again: SERVING")
+                    if not self.draining.is_set():
+                        self.set_serving(True)
+                return
+            self._failed_batches += 1
+            if self._failed_batches < self.unhealthy_after or self._recovering:
+                return
+            self.engine_healthy = False
+            self._recovering = True
+        log.error("%d inference batches failed in a row: NOT_SERVING, reloading the backend", self._failed_batches)
+        self.set_serving(False)
+        threading.Thread(target=self._recover, name="backend-reload", daemon=True).start()
+
+    def _recover(self) -> None:
+        try:
+            if self.reload is None or self.draining.is_set():
+                return
+            new = self.reload()
+            old, self.backend = self.backend, new
+            self.scheduler.set_infer(new.infer)
+            old.deactivate()
+            log.info("backend reloaded; SERVING again after the next batch that succeeds")
+        except Exception:
+            log.exception("reloading the backend failed; the next failures will retry")
+        finally:
+            with self._health_lock:
+                self._recovering = False
+                self._failed_batches = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grpc_server, name)
@@ -104,6 +154,23 @@ def _warm_up(backend: Backend, pipeline: FramePipeline, iters: int, max_batch: i
             backend.infer(batch)
 
 
+def _reloader(manifest: Manifest, variant: str, settings: RuntimeSettings, preference: tuple[str, ...],
+              pipeline: FramePipeline) -> Any:
+    """() -> the same variant on a freshly loaded backend, checked against the layout and warm."""
+
+    def reload() -> Backend:
+        backend, _ = backend_for(manifest, variant, settings, preference=preference)
+        try:
+            pipeline.bind_outputs(backend.outputs)
+            _warm_up(backend, pipeline, 1, 1)
+        except BaseException:
+            backend.deactivate()
+            raise
+        return backend
+
+    return reload
+
+
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls:
         return None
@@ -129,8 +196,8 @@ def create_server(
     if metrics is None and registry is not None:
         from server.metrics import ServerMetrics
 
-        if config.cameras:
-            metrics = ServerMetrics(registry, cameras=frozenset(config.cameras))
+        if config.metric_cameras or config.cameras:
+            metrics = ServerMetrics(registry, cameras=frozenset(config.metric_cameras or config.cameras))
         else:
             # Any camera id may connect: bound the label values the ids become.
             from server.camera_labels import CameraLabelledMetrics, CameraLabels
@@ -140,21 +207,38 @@ def create_server(
     if metrics is None:
         metrics = NULL_METRICS
     manifest = load_manifest(config.model)
-    pipeline = FramePipeline.from_manifest(manifest)
+    limits = DecodeLimits(max_pixels=config.max_image_pixels, max_full_buffer_pixels=config.max_full_buffer_pixels)
+    pipeline = FramePipeline.from_manifest(manifest, limits=limits)
+    service_limits = ServiceLimits(config.max_undecoded_bytes, config.max_stream_undecoded_bytes,
+                                   config.decode_threads, config.max_streams, config.max_streams_per_peer,
+                                   config.stream_idle_timeout_s)
+    ms = 1000
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Keepalive enforcement: ping idle connections, drop peers that ping more often than
+        # allowed, and age connections out (with a grace for in-flight calls) so that streams
+        # rebalance across replicas.
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * ms)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * ms)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * ms)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * ms)),
     ]
     interceptors: list[grpc.ServerInterceptor] = []
     if config.auth_tokens:
         interceptors.append(TokenAuthInterceptor(config.auth_tokens, metrics))
     interceptors.append(ErrorInterceptor(metrics))
+    # No maximum_concurrent_rpcs: it counts every RPC, health checks included, so idle streams
+    # would lock out liveness probes. Streams are capped by the servicer (ServiceLimits); the
+    # pool has a thread for every allowed stream plus max_workers for unary calls and health.
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=config.max_streams + config.max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
         options=options,
-        maximum_concurrent_rpcs=config.max_workers,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -170,7 +254,7 @@ def create_server(
     draining = threading.Event()
     service = DetectorService(
         pipeline, metrics, config.outbox_size, frozenset(config.cameras),
-        ready=managed_ready.is_set, draining=draining.is_set,
+        ready=managed_ready.is_set, draining=draining.is_set, limits=service_limits,
     )
     pb_grpc.add_DetectorServicer_to_server(service, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -179,20 +263,27 @@ def create_server(
     backend: Backend | None = None
     scheduler: Scheduler | None = None
     try:
-        backend, variant = backend_for(manifest, config.variant, RuntimeSettings(
+        settings = RuntimeSettings(
             threads=config.threads,
             max_batch=config.max_batch,
             engine_cache_dir=config.engine_cache_dir,
             build_engine_on_start=config.build_engine_on_start,
             engine_precision=config.engine_precision,
-        ), preference=config.backends)
+        )
+        backend, variant = backend_for(manifest, config.variant, settings, preference=config.backends)
         # Refuse a model whose outputs do not fit its declared layout now, not on the first frame.
         pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))
+        health_hook: list[ManagedServer] = []
         scheduler = Scheduler(backend.infer, max_batch, config.max_wait_ms / 1000.0, config.queue_size,
-                              config.max_pending, metrics, to_batch=pipeline.to_batch)
+                              config.max_pending, metrics, to_batch=pipeline.to_batch,
+                              on_batch=lambda ok: health_hook[0].on_batch(ok) if health_hook else None)
         managed = ManagedServer(server, port, scheduler, backend, health_servicer, metrics,
                                 ready=managed_ready, draining=draining)
+        managed.unhealthy_after = config.unhealthy_after_failed_batches
+        managed.limits = service_limits
+        managed.reload = _reloader(manifest, variant.name, settings, config.backends, pipeline)
+        health_hook.append(managed)
         service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch))
         t0 = time.monotonic()
         try:

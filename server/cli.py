@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="YAML file of settings (flat, or under a 'server:' key)")
     a("--variant", help="manifest variant to serve (default: the manifest's default)")
     a("--backend", dest="backends", help="fallback order, e.g. tensorrt,onnxruntime-cuda,onnxruntime-cpu")
-    a("--host", help="address to bind (default 0.0.0.0)")
+    a("--host", help="gRPC address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     a("--port", type=int, help="gRPC port; 0 picks a free one")
+    a("--metrics-host", help="/metrics address to bind (default 127.0.0.1)")
     a("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks a free one")
     a("--threads", type=int, help="inference runtime intra-op threads")
     a("--max-batch", type=int, help="largest cross-camera batch")
@@ -45,7 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tls-key", help="server private key (PEM)")
     a("--tls-client-ca", help="CA bundle for client certificates; enables mutual TLS")
     a("--auth-token-file", help="file with accepted bearer tokens, one per line")
+    a("--insecure-token", action="store_const", const=True,
+      help="accept bearer tokens without TLS (anyone on the network can read them)")
     a("--cameras", help="comma-separated allow-list of camera ids")
+    a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
+    a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")
+    a("--max-streams-per-peer", type=int, help="open StreamDetect calls per client address (default 8)")
+    a("--stream-idle-timeout-s", type=float, help="end a stream that sent nothing this long (default 60)")
+    a("--max-undecoded-bytes", type=int, help="undecoded request bytes held in all (default 256 MiB)")
+    a("--max-stream-undecoded-bytes", type=int, help="undecoded request bytes held per stream (default 64 MiB)")
+    a("--decode-threads", type=int, help="concurrent decodes across all streams (default: one per core)")
+    a("--max-image-pixels", type=int, help="largest frame accepted, in pixels")
+    a("--max-full-buffer-pixels", type=int, help="largest progressive JPEG / PNG accepted, in pixels")
     a("--grace-s", type=float, help="seconds to answer in-flight frames on SIGTERM")
     a("--log-format", choices=("text", "json"), help="log line format")
     a("--warmup-iters", type=int, help="warm-up inferences per batch size before SERVING")
@@ -138,14 +150,14 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     registry = CollectorRegistry()
-    http, metrics_port = start_metrics_http(registry, config.metrics_port, config.host)
+    http, metrics_port = start_metrics_http(registry, config.metrics_port, config.metrics_host)
     try:
         server, port = create_server(config, registry)
     except BaseException:
         http.shutdown()
         http.server_close()
         raise
-    log.info("ready grpc=%s:%d metrics=%s:%d", config.host, port, config.host, metrics_port)
+    log.info("ready grpc=%s:%d metrics=%s:%d", config.host, port, config.metrics_host, metrics_port)
     try:
         while not stop.wait(1.0):
             pass

@@ -31,8 +31,10 @@ class ServerConfig:
     variant: str = ""  # manifest variant name; "" = the manifest's default
     backends: tuple[str, ...] = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")  # fallback order
     threads: int = 2  # intra-op threads of the inference runtime
-    host: str = "0.0.0.0"
+    # Loopback by default: listening on every interface is a deployment's explicit choice.
+    host: str = "127.0.0.1"
     port: int = 50051
+    metrics_host: str = "127.0.0.1"  # /metrics has its own bind address
     metrics_port: int = 9108  # the port deploy/prometheus/prometheus.yml scrapes
     max_batch: int = 8  # clipped to the engine's batch range
     max_wait_ms: float = 4.0  # how long the batcher waits for a fuller batch
@@ -40,12 +42,38 @@ class ServerConfig:
     max_pending: int = 64  # frames queued across all cameras before shedding load
     outbox_size: int = 32  # answers held per stream for a client that is slow to read
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_workers: int = 32  # gRPC handler threads (each open stream holds one)
+    max_workers: int = 16  # gRPC handler threads for unary calls and health, beside one per stream
+    # Open StreamDetect calls, in all and per client address; each holds a handler thread.
+    max_streams: int = 32
+    max_streams_per_peer: int = 8
+    stream_idle_timeout_s: float = 60.0  # a stream that sends nothing this long is ended
+    # HTTP/2 keepalive: ping idle connections, refuse clients that ping too often, and end
+    # connections after max_connection_age_s (with a grace) so long-lived streams rebalance
+    # across replicas behind a load balancer.
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_client_ping_interval_s: float = 10.0
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 30.0
+    # Undecoded request bytes held at once, in all and per stream: memory is bounded in bytes.
+    max_undecoded_bytes: int = 256 * 1024 * 1024
+    max_stream_undecoded_bytes: int = 64 * 1024 * 1024
+    decode_threads: int = 0  # concurrent decodes across all streams; 0 = the number of cores
+    # Decode limits, checked on the header before allocation; lower them to the cameras' sizes.
+    max_image_pixels: int = 7680 * 4320
+    max_full_buffer_pixels: int = 3840 * 2160  # progressive JPEG and PNG decode at full size
+    # Health follows the engine: NOT_SERVING (and a backend reload) after this many failed
+    # batches in a row, SERVING again after the next batch that succeeds.
+    unhealthy_after_failed_batches: int = 3
+    insecure_token: bool = False  # allow bearer tokens over plaintext (they can be sniffed)
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
     auth_tokens: tuple[str, ...] = ()  # non-empty => `authorization: Bearer <token>` required
     cameras: tuple[str, ...] = ()  # allow-list of camera ids; empty = any
+    # Camera ids that get their own metric label; any other is counted as "other" from the
+    # first one. Empty: the `cameras` allow-list, else the first max_camera_labels ids seen.
+    metric_cameras: tuple[str, ...] = ()
     # Without an allow-list: the first N distinct camera ids get their own metric label, the
     # rest are counted as "other" (a vehicle has a few dozen cameras at most; bounds series).
     max_camera_labels: int = 32
@@ -72,13 +100,23 @@ class ServerConfig:
             raise ConfigError(f"max_batch must be in 1..1024, got {self.max_batch}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
-        for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters", "max_camera_labels"):
+        for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters", "max_camera_labels",
+                     "max_streams", "max_streams_per_peer", "max_undecoded_bytes", "max_stream_undecoded_bytes",
+                     "max_image_pixels", "max_full_buffer_pixels", "unhealthy_after_failed_batches"):
             if getattr(self, name) < (0 if name in ("warmup_iters", "max_camera_labels") else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_message_bytes < 3840 * 2160 * 3 + 1024:
             raise ConfigError(
                 f"max_message_bytes {self.max_message_bytes} is too small for a raw 3840x2160 BGR frame"
             )
+        for name in ("stream_idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s",
+                     "max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
+        if self.max_stream_undecoded_bytes > self.max_undecoded_bytes:
+            raise ConfigError("max_stream_undecoded_bytes cannot exceed max_undecoded_bytes")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca and not self.tls_cert:
@@ -89,6 +127,9 @@ class ServerConfig:
                 raise ConfigError(f"{name}: no such file {value}")
         if any(not t or any(ch.isspace() for ch in t) for t in self.auth_tokens):
             raise ConfigError("auth tokens must be non-empty and contain no whitespace")
+        if self.auth_tokens and not self.tls_cert and not self.insecure_token:
+            raise ConfigError("bearer tokens over plaintext can be read by anyone on the network: configure TLS "
+                              "(tls_cert, tls_key) or pass --insecure-token to accept that")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.log_format not in LOG_FORMATS:

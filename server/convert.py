@@ -21,9 +21,14 @@ _STATUS = {
 }
 
 
-def frame_from_proto(request: pb.DetectRequest) -> tuple[FrameInput, RequestOptions]:
-    """The frame and options of a request. Raises InvalidInputError for a frame with no image."""
+def frame_from_proto(request: pb.DetectRequest, max_class_filter: int = 1024) -> tuple[FrameInput, RequestOptions]:
+    """The frame and options of a request. Raises InvalidInputError for a frame with no image
+    or more class-filter entries than ``max_class_filter`` (checked before any is converted)."""
     f = request.frame
+    if len(request.options.class_filter) > max_class_filter:
+        raise InvalidInputError(
+            f"class_filter has {len(request.options.class_filter)} entries; at most {max_class_filter} (one per class)"
+        )
     kind = f.WhichOneof("image")
     encoded = raw = None
     if kind == "encoded":

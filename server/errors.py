@@ -8,6 +8,7 @@ traceback logged (the client gets a one-line message, never the traceback).
 from __future__ import annotations
 
 import logging
+import uuid
 
 import grpc
 
@@ -28,5 +29,7 @@ def status_for(exc: BaseException, method: str = "") -> tuple[grpc.StatusCode, s
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code, str(exc) or cls.__name__
-    log.error("internal error in %s", method or "a call", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the server log"
+    # Internal details stay in the log; the client gets an id to quote that finds them there.
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (error id %s)", method or "a call", error_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}); see the server log"

@@ -9,7 +9,10 @@ answered ``expired``. Past ``max_pending`` queued frames in total, ``submit`` ra
 OverloadedError instead of letting latency grow without bound.
 
 Answers leave through each job's ``on_done`` callback, called on the worker thread (or on the
-submitting thread for a stale drop) and never under the scheduler's lock.
+submitting thread for a stale drop) and never under the scheduler's lock. A queue left empty
+for ``quiet_s`` is forgotten (a camera that went quiet no longer makes batches wait for it, and
+a client inventing camera ids cannot grow the table); its next frame makes it anew. Every
+batch's outcome is reported to ``on_batch`` (health follows the engine).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -86,6 +90,8 @@ class Scheduler:
         max_pending: int,
         metrics: Metrics = NULL_METRICS,
         to_batch: Callable[[list[Any]], NDArray[np.float32]] | None = None,
+        quiet_s: float = 2.0,
+        on_batch: Callable[[bool], None] | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_pending < 1 or max_wait_s < 0:
             raise ValueError("max_batch, queue_size, max_pending must be >= 1 and max_wait_s >= 0")
@@ -98,6 +104,9 @@ class Scheduler:
         self._metrics = metrics
         self._cond = threading.Condition()
         self._queues: dict[Hashable, deque[Job]] = {}  # insertion order = round-robin order
+        self._last_active: dict[Hashable, float] = {}  # queue -> when it last held a frame
+        self._quiet_s = quiet_s
+        self._on_batch = on_batch
         self._transient: set[Hashable] = set()  # queues removed once empty (unary calls)
         self._pending = 0
         self._rr = 0
@@ -131,6 +140,7 @@ class Scheduler:
                     f"server over capacity: {self._pending} frames queued (max_pending {self._max_pending})"
                 )
             q.append(job)
+            self._last_active[job.key] = job.enqueued
             self._pending += 1
             depth = self._pending
             self._cond.notify_all()
@@ -145,6 +155,7 @@ class Scheduler:
         that has announced its camera)."""
         with self._cond:
             self._queues.setdefault(key, deque())
+            self._last_active.setdefault(key, time.monotonic())
 
     def close(self, key: Hashable) -> int:
         """Forget queue ``key`` (its stream ended or was cancelled); queued jobs are answered
@@ -152,6 +163,7 @@ class Scheduler:
         with self._cond:
             q = self._queues.pop(key, None)
             self._transient.discard(key)
+            self._last_active.pop(key, None)
             dropped = list(q or ())
             self._pending -= len(dropped)
             depth = self._pending
@@ -208,7 +220,9 @@ class Scheduler:
                 if self._pending == 0 and self._stopping:
                     return
                 self._wait_for_batch_locked()
-                jobs, expired = self._take_batch_locked(time.monotonic())
+                now = time.monotonic()
+                jobs, expired = self._take_batch_locked(now)
+                self._forget_quiet_locked(now)
                 depth = self._pending
             self._gauge(depth)
             now = time.monotonic()
@@ -264,21 +278,43 @@ class Scheduler:
     def _forget_locked(self, key: Hashable) -> None:
         self._queues.pop(key, None)
         self._transient.discard(key)
+        self._last_active.pop(key, None)
+
+    def _forget_quiet_locked(self, now: float) -> None:
+        quiet = [k for k, q in self._queues.items()
+                 if not q and now - self._last_active.get(k, now) > self._quiet_s]
+        for k in quiet:
+            self._forget_locked(k)
+
+    def set_infer(self, infer: Callable[[NDArray[np.float32]], Mapping[str, NDArray[Any]]]) -> None:
+        """Run the next batches on ``infer`` (a reloaded engine); takes effect between batches."""
+        with self._cond:
+            self._infer = infer
 
     def _run_batch(self, jobs: list[Job]) -> None:
         start = time.monotonic()
+        with self._cond:
+            infer = self._infer
         try:
             batch = self._to_batch([j.tensor for j in jobs])
-            out = self._infer(batch)
+            out = infer(batch)
             error = ""
         except PerceptionError as exc:
-            log.error("inference of a batch of %d failed: %s", len(jobs), exc)
-            out, error = None, str(exc)
-        except Exception as exc:  # a runtime bug must answer the frames, not kill the worker
-            log.exception("inference of a batch of %d failed", len(jobs))
-            out, error = None, f"{type(exc).__name__}: {exc}"
+            # The frames' answers carry an id to quote; the engine's own text stays in the log.
+            error = f"error id {uuid.uuid4().hex[:12]}"
+            log.error("inference of a batch of %d failed (%s): %s", len(jobs), error, exc)
+            out = None
+        except Exception:  # a runtime bug must answer the frames, not kill the worker
+            error = f"error id {uuid.uuid4().hex[:12]}"
+            log.exception("inference of a batch of %d failed (%s)", len(jobs), error)
+            out = None
         end = time.monotonic()
         infer_s = end - start
+        if self._on_batch is not None:
+            try:
+                self._on_batch(out is not None)
+            except Exception:  # health bookkeeping must not take the worker down
+                log.exception("batch outcome callback failed")
         self._metrics.observe_batch(len(jobs))
         self._metrics.observe_stage("inference", infer_s)
         for i, job in enumerate(jobs):
@@ -286,7 +322,7 @@ class Scheduler:
             queue_s = start - job.enqueued
             self._metrics.observe_stage("queue", queue_s)
             if out is None:
-                result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed: {error}")
+                result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed ({error})")
             else:
                 result = JobResult(JobStatus.OK, frame_outputs(out, i), queue_s, infer_s, len(jobs))
             _call(job, result)

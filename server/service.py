@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
-from perception.errors import InvalidInputError, NotReadyError
+from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from perception.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
 from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.answer import FrameTask, finish_task
+from server.limits import ServiceLimits
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.stream import StreamSession
@@ -38,8 +40,13 @@ class DetectorService(pb_grpc.DetectorServicer):
         cameras: frozenset[str],
         ready: Callable[[], bool],
         draining: Callable[[], bool],
+        limits: ServiceLimits | None = None,
+        max_class_filter: int = 0,
     ) -> None:
         self._pipeline = pipeline
+        self._limits = limits or ServiceLimits()
+        # Repeated fields are capped before anything is built from them (class ids: the class count).
+        self._max_class_filter = max_class_filter or len(pipeline.classes)
         self._scheduler: Scheduler | None = None
         self._model_info = pb.ModelInfo()
         self._metrics = metrics
@@ -73,14 +80,22 @@ class DetectorService(pb_grpc.DetectorServicer):
             raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
         task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms)
         self._metrics.frame_received(camera_id)
+        size = request.ByteSize()
+        if not self._limits.undecoded.try_take(size):
+            task.answer_now(FrameStatus.OVERLOADED, "undecoded-bytes budget full")
+            finish_task(task, self._pipeline, self._metrics)
+            raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
         try:
-            frame, opts = convert.frame_from_proto(request)
+            frame, opts = convert.frame_from_proto(request, self._max_class_filter)
             self.admit_camera(frame.camera_id)
-            task.prepared = self._pipeline.prepare(frame, opts)
+            with self._limits.decode.slot():
+                task.prepared = self._pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))
             finish_task(task, self._pipeline, self._metrics)  # counts the drop
             raise
+        finally:
+            self._limits.undecoded.give_back(size)
         key = ("unary", next(_unary_ids))
         deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None
         scheduler.submit(
@@ -99,24 +114,33 @@ class DetectorService(pb_grpc.DetectorServicer):
         self, request_iterator: Iterable[pb.DetectRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.DetectResponse]:
         scheduler = self._check_serving()
+        peer = self._limits.streams.admit(context.peer())
+        cap = self._max_class_filter
         session = StreamSession(
             self._pipeline,
             scheduler,
-            convert.frame_from_proto,
+            lambda request: convert.frame_from_proto(request, cap),
             convert.identify,
             self._metrics,
             self._outbox_size,
             self.admit_camera,
             self._draining,
+            self._limits,
         )
         self._metrics.stream_opened()
         metrics = self._metrics
+        released = threading.Event()
 
         def ended() -> None:  # runs once when the call ends, however it ends
             session.cancel()
+            if not released.is_set():
+                released.set()
+                self._limits.streams.release(peer)
             metrics.stream_closed()
 
-        context.add_callback(ended)
+        if not context.add_callback(ended):  # the call already ended
+            ended()
+            return
         for answer in session.answers(request_iterator):
             yield convert.answer_to_proto(answer, self._pipeline.classes)
 

@@ -10,8 +10,12 @@
 - The handler thread yields answers strictly in arrival order, post-processing each.
 
 The outbox is bounded: when a client stops reading, the reader stops taking frames, so HTTP/2
-flow control pushes back on the client and the server's memory stays flat. Cancellation (or
-the end of the call) closes the stream's scheduler queues, releasing every tensor it held.
+flow control pushes back on the client and the server's memory stays flat. Undecoded bytes are
+budgeted per stream and for the whole server (``server.limits``): a frame that does not fit is
+answered OVERLOADED at once and its bytes let go. Decodes of every stream share one pool of
+slots sized to the cores. A stream that sends nothing for the idle timeout is ended
+(UNAVAILABLE: the client reconnects when it has frames). Cancellation (or the end of the call)
+closes the stream's scheduler queues, releasing every tensor it held.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,6 +33,7 @@ from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
 from perception.types import FrameStatus
 from server.answer import FrameAnswer, FrameTask, finish_task
+from server.limits import ServiceLimits, take_both
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 
@@ -54,8 +61,13 @@ class StreamSession:
         outbox_size: int,
         admit_camera: Callable[[str], None],
         draining: Callable[[], bool],
+        limits: ServiceLimits | None = None,
     ) -> None:
         self.id = next(_ids)
+        self._limits = limits or ServiceLimits()
+        self._bytes = self._limits.stream_budget()
+        self._last_request = time.monotonic()
+        self._idle = False
         self._pipeline = pipeline
         self._scheduler = scheduler
         self._convert = convert
@@ -66,8 +78,8 @@ class StreamSession:
         self._draining = draining
         self._cond = threading.Condition()
         self._outbox: deque[FrameTask] = deque()  # every unanswered frame, in arrival order
-        # camera -> frames waiting to be decoded; dict order = round-robin order.
-        self._inbox: dict[str, deque[tuple[FrameTask, Any]]] = {}
+        # camera -> frames waiting to be decoded (task, request, its size); round-robin order.
+        self._inbox: dict[str, deque[tuple[FrameTask, Any, int]]] = {}
         # Room for a client's usual send window (4) without a drop; beyond it the camera is
         # sending faster than it is served and the oldest undecoded frame is stale.
         self._inbox_size = scheduler.queue_size + 2
@@ -93,6 +105,10 @@ class StreamSession:
                             # Shutting down: in-flight frames are answered, then the call ends.
                             self._stopped_for_drain = self._stopped_for_drain or not self._reader_done
                             break
+                        quiet_s = time.monotonic() - self._last_request
+                        if not self._outbox and quiet_s > self._limits.stream_idle_timeout_s:
+                            self._idle = True
+                            break
                         self._cond.wait(0.1 if self._draining() else 0.5)
                     if self._cancelled or not self._outbox:
                         break
@@ -109,6 +125,9 @@ class StreamSession:
             self.cancel()
         if self._stopped_for_drain:
             raise NotReadyError(SHUTTING_DOWN)
+        if self._idle:
+            raise NotReadyError(f"stream sent no frame for {self._limits.stream_idle_timeout_s:g} s and was ended; "
+                                "reconnect when there are frames to send")
 
     def cancel(self) -> None:
         """The call ended or was cancelled: drop everything the stream still holds."""
@@ -117,9 +136,11 @@ class StreamSession:
                 return
             self._cancelled = True
             keys = list(self._keys)
+            held = sum(n for waiting in self._inbox.values() for _, _, n in waiting)
             self._outbox.clear()
             self._inbox.clear()
             self._cond.notify_all()
+        self._release(held)
         for key in keys:
             self._scheduler.close(key)
 
@@ -153,27 +174,39 @@ class StreamSession:
     def _take(self, request: Any, refuse: str = "") -> None:
         """Queue a request for decoding; with ``refuse``, answer it OVERLOADED right away."""
         camera_id, sequence, ts, deadline_ms = self._identify(request)
+        self._last_request = time.monotonic()
         task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms, on_change=self._notify)
         # Validated before it is counted or becomes an inbox key (metric label, memory).
         invalid = ""
         if len(camera_id) > MAX_CAMERA_ID_LEN:
             invalid = f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters"
         self._metrics.frame_received(camera_id)
+        size = request.ByteSize() if hasattr(request, "ByteSize") else 0
+        if not (invalid or refuse):
+            full = take_both(self._bytes, self._limits.undecoded, size)
+            if full:
+                refuse = f"{full} is full ({size} bytes do not fit); frame not processed"
         replaced = None
         with self._cond:
             self._outbox.append(task)
             if not (invalid or refuse):
                 waiting = self._inbox.setdefault(camera_id, deque())
-                waiting.append((task, request))
+                waiting.append((task, request, size))
                 if len(waiting) > self._inbox_size:
                     replaced = waiting.popleft()
             self._cond.notify_all()
         if invalid or refuse:
             task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
         if replaced is not None:
+            self._release(replaced[2])
             replaced[0].answer_now(
                 FrameStatus.DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded"
             )
+
+    def _release(self, n: int) -> None:
+        if n:
+            self._bytes.give_back(n)
+            self._limits.undecoded.give_back(n)
 
     # -- the pre-processor thread ----------------------------------------------------------
 
@@ -186,25 +219,31 @@ class StreamSession:
                     return
                 camera = next(iter(self._inbox))
                 waiting = self._inbox.pop(camera)
-                task, request = waiting.popleft()
+                task, request, size = waiting.popleft()
                 if waiting:
                     self._inbox[camera] = waiting  # to the back of the round robin
-            self._accept(task, request)
+            try:
+                self._accept(task, request)
+            finally:
+                self._release(size)
 
     def _accept(self, task: FrameTask, request: Any) -> None:
         try:
             fin, opts = self._convert(request)
             self._admit_camera(fin.camera_id)
-            task.prepared = self._pipeline.prepare(fin, opts)
+            with self._limits.decode.slot():
+                task.prepared = self._pipeline.prepare(fin, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))
             return
-        except Exception as exc:  # a bug or a resource error on one frame must not hang the stream
-            log.exception("stream %d: pre-processing camera %r frame %d failed", self.id, task.camera_id, task.sequence)
+        except Exception:  # a bug or a resource error on one frame must not hang the stream
+            # The client gets a reason and an id to quote; the details stay in the log.
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("stream %d: pre-processing camera %r frame %d failed (error id %s)",
+                          self.id, task.camera_id, task.sequence, error_id)
             self._count_internal()
-            task.answer_now(
-                FrameStatus.INVALID, f"internal error while pre-processing this frame: {type(exc).__name__}: {exc}"
-            )
+            task.answer_now(FrameStatus.INVALID,
+                            f"internal error while pre-processing this frame (error id {error_id})")
             return
         key = (self.id, task.camera_id)
         with self._cond:

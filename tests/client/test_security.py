@@ -21,7 +21,7 @@ NO_RETRY = BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=1)
 
 
 def test_bearer_token(tiny_manifest: Path) -> None:
-    srv, port = start_server(tiny_manifest, auth_tokens=("s3cret",))
+    srv, port = start_server(tiny_manifest, auth_tokens=("s3cret",), insecure_token=True)
     addr = f"127.0.0.1:{port}"
     try:
         with DetectorClient(ClientConfig(targets=(addr,), token="s3cret")) as client:

@@ -4,6 +4,7 @@ nothing; camera ids cannot grow the metrics without bound."""
 from __future__ import annotations
 
 import queue
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ def test_unexpected_preprocessing_error_answers_the_frame_and_goes_on(serve, mon
     reqs = [request("front", 0, jpeg()), request("boom", 1, jpeg()), request("front", 2, jpeg())]
     out = list(run.stub.StreamDetect(iter(reqs), timeout=10))  # before the fix: hangs, then DEADLINE
     assert [(a.camera_id, a.status) for a in out] == [("front", OK), ("boom", pb.FRAME_STATUS_INVALID), ("front", OK)]
-    assert out[1].message == "internal error while pre-processing this frame: MemoryError: no room for this frame"
+    assert re.fullmatch(r"internal error while pre-processing this frame \(error id [0-9a-f]{12}\)", out[1].message)
     get = run.registry.get_sample_value
     assert get("perception_grpc_errors_total", {"method": "StreamDetect", "code": "INTERNAL"}) == 1
 
@@ -90,9 +91,9 @@ def test_failed_inference_answers_the_frame_and_the_stream_goes_on(serve):
         out.append(a)
         answers.put(a)
     assert [(a.sequence, a.status) for a in out] == [(0, pb.FRAME_STATUS_OVERLOADED), (1, OK), (2, OK)]
-    assert out[0].message == (
-        "inference failed: CUDA error: an illegal memory access was encountered; frame not processed"
-    )
+    # A reason and an id to find the details in the log; the engine's own text stays there.
+    assert re.fullmatch(r"inference failed \(error id [0-9a-f]{12}\); frame not processed", out[0].message)
+    assert "CUDA" not in out[0].message
     get = run.registry.get_sample_value
     assert get("perception_grpc_errors_total", {"method": "StreamDetect", "code": "INTERNAL"}) == 1
 

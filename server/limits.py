@@ -1,0 +1,135 @@
+"""Budgets that keep the server bounded in bytes, threads and streams, whatever clients send.
+
+- ``ByteBudget``: undecoded request bytes held at once, globally and per stream. A frame that
+  does not fit is answered OVERLOADED at once and its bytes released: memory is bounded by
+  bytes, not by a frame count that a new camera id per frame would get around.
+- ``DecodeSlots``: one bound on concurrent decodes for all streams, sized to the cores, so 32
+  streams cannot run 32 full-size decodes (and their buffers) at once.
+- ``StreamAdmission``: open ``StreamDetect`` calls, globally and per peer. Health and model
+  info are unary calls outside this cap, so idle streams can never lock out a liveness probe.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from perception.errors import OverloadedError
+
+
+class ByteBudget:
+    """A counter of bytes held, with a hard limit. Thread-safe."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        if limit < 1:
+            raise ValueError(f"{name}: byte budget must be positive, got {limit}")
+        self.limit = limit
+        self.name = name
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+    def try_take(self, n: int) -> bool:
+        with self._lock:
+            if self._used + n > self.limit:
+                return False
+            self._used += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - n)
+
+
+def take_both(first: ByteBudget, second: ByteBudget, n: int) -> str:
+    """Take ``n`` bytes from both budgets, or neither; '' on success, else which one is full."""
+    if not first.try_take(n):
+        return first.name
+    if not second.try_take(n):
+        first.give_back(n)
+        return second.name
+    return ""
+
+
+class DecodeSlots:
+    """At most ``count`` decodes at once across every stream and unary call."""
+
+    def __init__(self, count: int = 0) -> None:
+        self.count = count or max(1, os.cpu_count() or 1)
+        self._sem = threading.BoundedSemaphore(self.count)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        self._sem.acquire()
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+class StreamAdmission:
+    """Open streams, globally and per peer (the client's address without its port)."""
+
+    def __init__(self, max_streams: int, max_per_peer: int) -> None:
+        if max_streams < 1 or max_per_peer < 1:
+            raise ValueError("stream limits must be positive")
+        self.max_streams = max_streams
+        self.max_per_peer = max_per_peer
+        self._open: dict[str, int] = {}
+        self._total = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def host_of(peer: str) -> str:
+        """``ipv4:10.0.0.5:4242`` / ``ipv6:[::1]:4242`` -> the address without the port."""
+        addr = peer.split(":", 1)[1] if ":" in peer else peer
+        return addr.rsplit(":", 1)[0] if addr.count(":") >= 1 else addr
+
+    def admit(self, peer: str) -> str:
+        """Count a new stream of ``peer``; OverloadedError when a cap is reached. Returns the key
+        to ``release`` with."""
+        host = self.host_of(peer)
+        with self._lock:
+            if self._total >= self.max_streams:
+                raise OverloadedError(f"server has {self._total} streams open (max {self.max_streams}); retry later")
+            if self._open.get(host, 0) >= self.max_per_peer:
+                raise OverloadedError(f"{host} has {self._open[host]} streams open (max {self.max_per_peer} per peer)")
+            self._open[host] = self._open.get(host, 0) + 1
+            self._total += 1
+        return host
+
+    def release(self, host: str) -> None:
+        with self._lock:
+            n = self._open.get(host, 0) - 1
+            if n > 0:
+                self._open[host] = n
+            else:
+                self._open.pop(host, None)
+            self._total = max(0, self._total - 1)
+
+    @property
+    def open_streams(self) -> int:
+        with self._lock:
+            return self._total
+
+
+class ServiceLimits:
+    """Every budget one server's calls share, built once from the config."""
+
+    def __init__(self, max_undecoded_bytes: int = 256 << 20, max_stream_undecoded_bytes: int = 64 << 20,
+                 decode_threads: int = 0, max_streams: int = 32, max_streams_per_peer: int = 8,
+                 stream_idle_timeout_s: float = 60.0) -> None:
+        self.undecoded = ByteBudget(max_undecoded_bytes, "the server's undecoded-bytes budget")
+        self.stream_undecoded_bytes = max_stream_undecoded_bytes
+        self.decode = DecodeSlots(decode_threads)
+        self.streams = StreamAdmission(max_streams, max_streams_per_peer)
+        self.stream_idle_timeout_s = stream_idle_timeout_s
+
+    def stream_budget(self) -> ByteBudget:
+        return ByteBudget(self.stream_undecoded_bytes, "this stream's undecoded-bytes budget")
