@@ -62,7 +62,7 @@ def raw(draw: Any) -> pb.RawImage:
     fmt = draw(st.integers(0, 6))
     stride = draw(st.sampled_from([0, w * 3, w * 3 + 16, w, draw(st.integers(0, 1 << 20))]))
     size = draw(st.sampled_from([w * h * 3, w * h, (w * h * 3) // 2, draw(st.integers(0, 20_000))]))
-    return pb.RawImage(width=w, height=h, row_stride=stride, format=fmt, data=bytes(size))  # type: ignore[arg-type]  # fuzzed ints, not enum members
+    return pb.RawImage(width=w, height=h, row_stride=stride, format=fmt, data=bytes(size))
 
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
