@@ -14,4 +14,5 @@ COMMANDS = (
             "fold BN, export ONNX, quantize, build engines, gate, write the manifest", 16),
     Command("import", "build_engine.import_cli",
             "make a servable, gated artifact of an ONNX detector trained elsewhere", 17),
+    Command("sign", "build_engine.sign_cli", "sign an artifact's manifest (Ed25519) for devices that check it", 18),
 )

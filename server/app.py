@@ -206,6 +206,10 @@ def create_server(
                                             CameraLabels(config.max_camera_labels))
     if metrics is None:
         metrics = NULL_METRICS
+    if config.manifest_public_key:
+        from server.runtime.signature import verify_manifest
+
+        verify_manifest(config.model, config.manifest_public_key)
     manifest = load_manifest(config.model)
     limits = DecodeLimits(max_pixels=config.max_image_pixels, max_full_buffer_pixels=config.max_full_buffer_pixels)
     pipeline = FramePipeline.from_manifest(manifest, limits=limits)

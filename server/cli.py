@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--auth-token-file", help="file with accepted bearer tokens, one per line")
     a("--insecure-token", action="store_const", const=True,
       help="accept bearer tokens without TLS (anyone on the network can read them)")
+    a("--manifest-public-key", help="Ed25519 public key (PEM): serve only artifacts signed with its private key")
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")

@@ -66,6 +66,8 @@ class ServerConfig:
     # batches in a row, SERVING again after the next batch that succeeds.
     unhealthy_after_failed_batches: int = 3
     insecure_token: bool = False  # allow bearer tokens over plaintext (they can be sniffed)
+    # An Ed25519 public key (PEM): load only artifacts whose manifest.json.sig verifies with it.
+    manifest_public_key: str = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
@@ -121,7 +123,7 @@ class ServerConfig:
             raise ConfigError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("mutual TLS (tls_client_ca) also needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "manifest_public_key"):
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}: no such file {value}")
