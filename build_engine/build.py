@@ -28,7 +28,9 @@ from perception.manifest import (
     Precision,
     PreprocessSpec,
     QdqTwin,
+    SourceFile,
     Variant,
+    Verification,
     Weights,
     save_manifest,
     sha256_file,
@@ -406,6 +408,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 postprocess=post,
                 variants=tuple(variants),
                 default_variant=default,
+                verification=verification_record(staging, valset, results),
                 provenance=provenance(lm, {"calibration": calib_info, "val_set": {
                     "images": len(valset.images), "source": str(opts.data_dir) if opts.data_dir else
                     f"generated seed {VAL_SEED + opts.seed} {opts.image_width}x{opts.image_height}"}}),
@@ -423,6 +426,30 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Path(opts.out_dir) / "manifest.json", all_passed
+
+
+VERIFY_FRAMES = 4  # frames shipped for the server's check before it swaps a model in
+
+
+def verification_record(staging: Path, valset: Any, results: dict[str, Any], n: int = VERIFY_FRAMES) -> Verification:
+    """Copy the first ``n`` val images into ``staging/verify/`` and record what each gated
+    variant detected on them (its gate run's detections at the deployed threshold)."""
+    (staging / "verify").mkdir(exist_ok=True)
+    frames = []
+    for i, (_, path) in enumerate(valset.images[:n]):
+        dst = staging / "verify" / f"{i:03d}{Path(path).suffix.lower()}"
+        shutil.copyfile(path, dst)
+        frames.append(SourceFile(f"verify/{dst.name}", sha256_file(dst)))
+    expected = {}
+    for name, r in results.items():
+        if ":" in name:  # the TensorRT Q/DQ twins' gate runs; not variants of their own
+            continue
+        expected[name] = [
+            [[round(float(v), 3) for v in b] + [round(float(s), 5), float(c)]
+             for b, s, c in zip(d.boxes, d.scores, d.class_ids, strict=True)]
+            for d in r.detections[: len(frames)]
+        ]
+    return Verification(tuple(frames), expected)
 
 
 def _write_nms_model(fp32: Path, path: Path, post: PostprocessSpec) -> dict[str, Any]:

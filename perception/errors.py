@@ -39,3 +39,8 @@ class ModelError(PerceptionError):
 
 class DataError(PerceptionError):
     """A dataset, label file or recording is malformed; the message names file and record."""
+
+
+class RefusedError(PerceptionError):
+    """A requested change was refused and nothing changed, e.g. a model that failed its checks
+    (FAILED_PRECONDITION); the message says why."""

@@ -276,6 +276,22 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """Frames shipped with the artifact and what each variant detected on them at build time
+    (``[x1, y1, x2, y2, score, class]`` per detection, source pixels, the deployed threshold): a
+    server about to swap a model in checks that it still detects that, on this device."""
+
+    frames: tuple[SourceFile, ...]
+    expected: dict[str, list[list[list[float]]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, per_frame in self.expected.items():
+            if len(per_frame) != len(self.frames):
+                raise ManifestError(f"verification: variant {name!r} has {len(per_frame)} frames of detections "
+                                    f"for {len(self.frames)} frames")
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -286,6 +302,7 @@ class Manifest:
     default_variant: str
     schema_version: int = SCHEMA_VERSION
     architecture: str = ""  # the detector family, e.g. "yolo", "ssd", "rcnn", "imported"
+    verification: Verification | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     # Directory the manifest was loaded from; not serialised.
@@ -400,6 +417,11 @@ def manifest_from_dict(data: dict[str, Any], root: Path | None = None) -> Manife
         post = PostprocessSpec(**data.get("postprocess", {}))
         variants = tuple(_variant_from_dict(v) for v in data["variants"])
         rest = {k: v for k, v in data.items() if k not in ("preprocess", "postprocess", "variants", "classes")}
+        if isinstance(rest.get("verification"), dict):
+            ver = rest["verification"]
+            rest["verification"] = Verification(
+                tuple(_sub(SourceFile, f, "verification frame") for f in ver.get("frames", [])),
+                dict(ver.get("expected", {})))
         return Manifest(
             classes=tuple(data["classes"]), preprocess=pre, postprocess=post, variants=variants, root=root, **rest
         )
@@ -510,6 +532,12 @@ def load_manifest(path: str | os.PathLike[str], verify_checksums: bool = True) -
         raise ManifestError(f"{p}: {exc}") from exc
     if verify_checksums:
         assert manifest.root is not None
+        if manifest.verification is not None:
+            for f in manifest.verification.frames:
+                try:
+                    check_file(manifest.root, f.file, f.sha256, "verification frame")
+                except ManifestError as exc:
+                    raise ManifestError(f"{p}: {exc}") from exc
         priors = manifest.postprocess.priors
         if priors is not None:
             try:

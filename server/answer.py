@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class FrameAnswer:
     image_width: int
     image_height: int
     timings: StageTimings
+    model_version: str = ""
+    model_variant: str = ""
 
 
 @dataclass(eq=False)
@@ -51,6 +54,8 @@ class FrameTask:
     deadline_ms: int = 0
     received: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
+    # The model the frame was prepared for: it post-processes the frame and names the answer.
+    model: Any = None
     status: FrameStatus | None = None
     message: str = ""
     result: JobResult | None = None
@@ -95,7 +100,8 @@ def finish_task(
             raise ModelError("a frame was finished before it was answered")
         if result.status is JobStatus.OK and prep is not None and result.outputs is not None:
             t0 = time.perf_counter()
-            detections = pipeline.finish(result.outputs, prep)
+            finisher = task.model.pipeline if task.model is not None else pipeline
+            detections = finisher.finish(result.outputs, prep)
             post_s = time.perf_counter() - t0
             status = FrameStatus.OK
             result.outputs = None
@@ -130,6 +136,8 @@ def finish_task(
         image_width=prep.image_width if prep else 0,
         image_height=prep.image_height if prep else 0,
         timings=timings,
+        model_version=task.model.version if task.model is not None else "",
+        model_variant=task.model.variant.name if task.model is not None else "",
     )
 
 

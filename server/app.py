@@ -38,6 +38,7 @@ from server.config import ServerConfig
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
 from server.limits import ServiceLimits
 from server.metrics_protocol import NULL_METRICS, Metrics
+from server.model_host import LifecycleLimits, ModelHost, ServedModel, load_served_model
 from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
@@ -70,6 +71,9 @@ class ManagedServer:
         self.reload: Any = None  # () -> a new activated Backend, set by create_server
         self.engine_healthy = True
         self.limits: ServiceLimits | None = None  # the budgets every call shares (for inspection)
+        self.models: Any = None  # the ModelHost: what is served, swaps and rollbacks
+        self.admin: grpc.Server | None = None
+        self.admin_port = 0
 
     def on_batch(self, ok: bool) -> None:
         """Scheduler callback after every batch: health follows the engine."""
@@ -95,8 +99,10 @@ class ManagedServer:
         try:
             if self.reload is None or self.draining.is_set():
                 return
-            new = self.reload()
-            old, self.backend = self.backend, new
+            model = self.models.current
+            new = self.reload(model)
+            old, model.backend = model.backend, new
+            self.backend = new
             self.scheduler.set_infer(new.infer)
             old.deactivate()
             log.info("backend reloaded; SERVING again after the next batch that succeeds")
@@ -122,10 +128,15 @@ class ManagedServer:
         t0 = time.monotonic()
         self.draining.set()
         self.set_serving(False)
+        if self.admin is not None:
+            self.admin.stop(0)
         done = self.grpc_server.stop(grace_s)
         finished = done.wait(grace_s + 1.0)
         self.scheduler.stop(timeout=max(0.5, grace_s - (time.monotonic() - t0)))
-        self.backend.deactivate()
+        if self.models is not None:
+            self.models.deactivate_all()
+        else:
+            self.backend.deactivate()
         self._stopped.set()
         log.info("stopped in %.2f s%s", time.monotonic() - t0, "" if finished else " (grace period ran out)")
         return finished
@@ -154,15 +165,14 @@ def _warm_up(backend: Backend, pipeline: FramePipeline, iters: int, max_batch: i
             backend.infer(batch)
 
 
-def _reloader(manifest: Manifest, variant: str, settings: RuntimeSettings, preference: tuple[str, ...],
-              pipeline: FramePipeline) -> Any:
-    """() -> the same variant on a freshly loaded backend, checked against the layout and warm."""
+def _reloader(settings: RuntimeSettings, preference: tuple[str, ...]) -> Any:
+    """(served model) -> its variant on a freshly loaded backend, checked against its layout, warm."""
 
-    def reload() -> Backend:
-        backend, _ = backend_for(manifest, variant, settings, preference=preference)
+    def reload(model: ServedModel) -> Backend:
+        backend, _ = backend_for(model.manifest, model.variant.name, settings, preference=preference)
         try:
-            pipeline.bind_outputs(backend.outputs)
-            _warm_up(backend, pipeline, 1, 1)
+            model.pipeline.bind_outputs(backend.outputs)
+            _warm_up(backend, model.pipeline, 1, 1)
         except BaseException:
             backend.deactivate()
             raise
@@ -266,6 +276,7 @@ def create_server(
     server.start()
     backend: Backend | None = None
     scheduler: Scheduler | None = None
+    managed: ManagedServer | None = None
     try:
         settings = RuntimeSettings(
             threads=config.threads,
@@ -278,17 +289,45 @@ def create_server(
         # Refuse a model whose outputs do not fit its declared layout now, not on the first frame.
         pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))
+        first = ServedModel(str(config.model), manifest, variant, backend, pipeline, max_batch)
         health_hook: list[ManagedServer] = []
-        scheduler = Scheduler(backend.infer, max_batch, config.max_wait_ms / 1000.0, config.queue_size,
-                              config.max_pending, metrics, to_batch=pipeline.to_batch,
-                              on_batch=lambda ok: health_hook[0].on_batch(ok) if health_hook else None)
+
+        def on_batch(ok: bool, model: Any, seconds: float) -> None:
+            if health_hook:
+                health_hook[0].on_batch(ok)
+                health_hook[0].models.observe(ok, model, seconds)
+
+        scheduler = Scheduler(backend.infer, config.max_batch, config.max_wait_ms / 1000.0, config.queue_size,
+                              config.max_pending, metrics, to_batch=pipeline.to_batch, on_batch=on_batch)
         managed = ManagedServer(server, port, scheduler, backend, health_servicer, metrics,
                                 ready=managed_ready, draining=draining)
         managed.unhealthy_after = config.unhealthy_after_failed_batches
         managed.limits = service_limits
-        managed.reload = _reloader(manifest, variant.name, settings, config.backends, pipeline)
+
+        def load(path: str, name: str) -> ServedModel:
+            def make(m: Manifest, v: str) -> tuple[Backend, Any]:
+                return backend_for(m, v, settings, preference=config.backends)
+
+            return load_served_model(path, name, make, lambda m: FramePipeline.from_manifest(m, limits=limits),
+                                     lambda b, p, n: _warm_up(b, p, config.warmup_iters, n), config.max_batch)
+
+        def changed(model: ServedModel) -> None:
+            managed.backend = model.backend
+            service.attach(scheduler, convert.model_info(model.manifest, model.variant, model.backend.name,
+                                                         model.max_batch), managed.models)
+            metrics.set_model_info(model.manifest, model.variant.name, model.backend.name)
+
+        managed.models = ModelHost(first, load, LifecycleLimits(probation_s=config.probation_s,
+                                                                max_error_rate=config.probation_max_error_rate),
+                                   on_change=changed)
+        if config.admin_port >= 0:
+            from server.admin import start_admin_server
+
+            managed.admin, managed.admin_port = start_admin_server(
+                managed.models, f"{config.admin_host}:{config.admin_port}", config.admin_tokens, metrics, creds)
+        managed.reload = _reloader(settings, config.backends)
         health_hook.append(managed)
-        service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch))
+        service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch), managed.models)
         t0 = time.monotonic()
         try:
             _warm_up(backend, pipeline, config.warmup_iters, max_batch)
@@ -301,6 +340,8 @@ def create_server(
         # Nothing may outlive a failed start: the bound port, the scheduler, the engine.
         draining.set()
         server.stop(0).wait(5.0)
+        if managed is not None and managed.admin is not None:
+            managed.admin.stop(0)
         if scheduler is not None:
             scheduler.stop(timeout=1.0)
         if backend is not None:

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--insecure-token", action="store_const", const=True,
       help="accept bearer tokens without TLS (anyone on the network can read them)")
     a("--manifest-public-key", help="Ed25519 public key (PEM): serve only artifacts signed with its private key")
+    a("--admin-port", type=int, help="port of the admin service (model load / rollback); default off")
+    a("--admin-host", help="admin service bind address (default 127.0.0.1)")
+    a("--admin-token-file", help="file with the admin service's bearer tokens, one per line")
+    a("--probation-s", type=float, help="seconds a swapped-in model is watched for automatic rollback")
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")
@@ -118,7 +122,13 @@ def tune_malloc() -> None:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "auth_token_file")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "auth_token_file", "admin_token_file")}
+    if args.admin_token_file:
+        try:
+            lines = Path(args.admin_token_file).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --admin-token-file: {exc}") from exc
+        flags["admin_tokens"] = tuple(line.strip() for line in lines if line.strip())
     if args.auth_token_file:
         try:
             lines = Path(args.auth_token_file).read_text().splitlines()
@@ -126,6 +136,16 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"cannot read --auth-token-file: {exc}") from exc
         flags["auth_tokens"] = tuple(line.strip() for line in lines if line.strip())
     return flags
+
+
+def _reload(server: Any, manifest_path: str, variant: str) -> None:
+    log.info("SIGHUP: loading %s", manifest_path)
+    try:
+        model = server.models.load_and_swap(manifest_path, variant)
+    except Exception as exc:  # refused: logged with the reason, the served model goes on
+        log.error("SIGHUP reload refused: %s", exc)
+        return
+    log.info("SIGHUP reload: now serving %s", model.describe())
 
 
 def main(argv: list[str]) -> int:
@@ -149,6 +169,13 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    reload_requested = threading.Event()
+
+    def on_hup(signum: int, _frame: Any) -> None:
+        # As Unix daemons do: re-read the manifest path the server was started with.
+        reload_requested.set()
+
+    signal.signal(signal.SIGHUP, on_hup)
 
     registry = CollectorRegistry()
     http, metrics_port = start_metrics_http(registry, config.metrics_port, config.metrics_host)
@@ -160,8 +187,11 @@ def main(argv: list[str]) -> int:
         raise
     log.info("ready grpc=%s:%d metrics=%s:%d", config.host, port, config.metrics_host, metrics_port)
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.5):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                threading.Thread(target=_reload, args=(server, config.model, config.variant), name="sighup-reload",
+                                 daemon=True).start()
     finally:
         finished = server.shutdown(config.grace_s)
         http.shutdown()

@@ -68,6 +68,15 @@ class ServerConfig:
     insecure_token: bool = False  # allow bearer tokens over plaintext (they can be sniffed)
     # An Ed25519 public key (PEM): load only artifacts whose manifest.json.sig verifies with it.
     manifest_public_key: str = ""
+    # The admin service (LoadModel, Rollback, GetModelStatus): off unless admin_port is set (0 =
+    # pick a free port, -1 = off); it always needs admin_tokens, and uses the server's TLS.
+    admin_port: int = -1
+    admin_host: str = "127.0.0.1"
+    admin_tokens: tuple[str, ...] = ()
+    # A swapped-in model is watched for probation_s: past max_error_rate failed batches (or a p99
+    # over twice the previous model's) it is rolled back automatically.
+    probation_s: float = 60.0
+    probation_max_error_rate: float = 0.2
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
@@ -119,6 +128,16 @@ class ServerConfig:
             raise ConfigError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
         if self.max_stream_undecoded_bytes > self.max_undecoded_bytes:
             raise ConfigError("max_stream_undecoded_bytes cannot exceed max_undecoded_bytes")
+        if self.admin_port >= 0 and not self.admin_tokens:
+            raise ConfigError("the admin service (admin_port) needs admin_tokens: it can replace the served model")
+        loopback = self.admin_host in ("127.0.0.1", "localhost", "::1", "[::1]")
+        if self.admin_port >= 0 and not (self.tls_cert or loopback or self.insecure_token):
+            raise ConfigError("the admin service's tokens would cross the network in plaintext: configure TLS, keep "
+                              "admin_host on loopback, or pass --insecure-token")
+        if not -1 <= self.admin_port <= 65535:
+            raise ConfigError(f"admin_port must be in -1..65535 (-1 = off, 0 = pick one), got {self.admin_port}")
+        if self.probation_s < 0 or not 0 <= self.probation_max_error_rate <= 1:
+            raise ConfigError("probation_s must be >= 0 and probation_max_error_rate in [0, 1]")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca and not self.tls_cert:

@@ -81,6 +81,8 @@ def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectR
         message=answer.message,
         image_width=answer.image_width,
         image_height=answer.image_height,
+        model_version=answer.model_version,
+        model_variant=answer.model_variant,
         timings=pb.StageTimings(
             queue_us=t.queue_us,
             preprocess_us=t.preprocess_us,

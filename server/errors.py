@@ -12,7 +12,7 @@ import uuid
 
 import grpc
 
-from perception.errors import AuthError, InvalidInputError, NotReadyError, OverloadedError
+from perception.errors import AuthError, InvalidInputError, NotReadyError, OverloadedError, RefusedError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (RefusedError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

@@ -70,6 +70,11 @@ class Job:
     on_done: Callable[[JobResult], None]
     deadline: float | None = None  # time.monotonic() after which the frame is expired
     enqueued: float = field(default_factory=time.monotonic)
+    # The model the frame was prepared for (an object with infer / to_batch / max_batch); None =
+    # the scheduler's own infer. A batch only ever holds frames of one model: after a hot swap,
+    # frames prepared for the old model are still inferred by it.
+    model: Any = None
+    priority: int = 0  # higher is served first and shed last
 
 
 class Scheduler:
@@ -91,7 +96,7 @@ class Scheduler:
         metrics: Metrics = NULL_METRICS,
         to_batch: Callable[[list[Any]], NDArray[np.float32]] | None = None,
         quiet_s: float = 2.0,
-        on_batch: Callable[[bool], None] | None = None,
+        on_batch: Callable[[bool, Any, float], None] | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < 1 or max_pending < 1 or max_wait_s < 0:
             raise ValueError("max_batch, queue_size, max_pending must be >= 1 and max_wait_s >= 0")
@@ -254,21 +259,30 @@ class Scheduler:
         start = self._rr % len(keys)
         order = keys[start:] + keys[:start]
         self._rr = start + 1
+        # Higher priorities first (a stable sort keeps the round robin within a priority).
+        order.sort(key=lambda k: -self._queues[k][0].priority if self._queues.get(k) else 0)
         progress = True
-        while len(jobs) < self.max_batch and progress:
+        model: Any = _UNSET
+        limit = self.max_batch
+        while len(jobs) < limit and progress:
             progress = False
             for key in order:
                 q = self._queues.get(key)
                 if not q:
                     continue
+                if model is not _UNSET and q[0].model is not model:
+                    continue  # another model's frame: the next batch
                 job = q.popleft()
                 self._pending -= 1
                 progress = True
                 if job.deadline is not None and now > job.deadline:
                     expired.append(job)
-                else:
-                    jobs.append(job)
-                if len(jobs) >= self.max_batch:
+                    continue
+                if model is _UNSET:
+                    model = job.model
+                    limit = min(self.max_batch, getattr(model, "max_batch", self.max_batch))
+                jobs.append(job)
+                if len(jobs) >= limit:
                     break
         for key in order:
             if key in self._transient and not self._queues.get(key):
@@ -293,10 +307,12 @@ class Scheduler:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         start = time.monotonic()
+        model = jobs[0].model
         with self._cond:
-            infer = self._infer
+            infer = self._infer if model is None else model.infer
+        to_batch = self._to_batch if model is None else model.to_batch
         try:
-            batch = self._to_batch([j.tensor for j in jobs])
+            batch = to_batch([j.tensor for j in jobs])
             out = infer(batch)
             error = ""
         except PerceptionError as exc:
@@ -312,7 +328,7 @@ class Scheduler:
         infer_s = end - start
         if self._on_batch is not None:
             try:
-                self._on_batch(out is not None)
+                self._on_batch(out is not None, model, infer_s)
             except Exception:  # health bookkeeping must not take the worker down
                 log.exception("batch outcome callback failed")
         self._metrics.observe_batch(len(jobs))
@@ -329,6 +345,9 @@ class Scheduler:
 
     def _gauge(self, depth: int) -> None:
         self._metrics.set_queue_depth(depth)
+
+
+_UNSET = object()
 
 
 def _call(job: Job, result: JobResult) -> None:

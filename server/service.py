@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 
@@ -48,6 +49,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         # Repeated fields are capped before anything is built from them (class ids: the class count).
         self._max_class_filter = max_class_filter or len(pipeline.classes)
         self._scheduler: Scheduler | None = None
+        self._models: Any = None
         self._model_info = pb.ModelInfo()
         self._metrics = metrics
         self._outbox_size = outbox_size
@@ -55,10 +57,19 @@ class DetectorService(pb_grpc.DetectorServicer):
         self._ready = ready
         self._draining = draining
 
-    def attach(self, scheduler: Scheduler, model_info: pb.ModelInfo) -> None:
-        """Called once the model is loaded; until then every call is answered UNAVAILABLE."""
+    def attach(self, scheduler: Scheduler, model_info: pb.ModelInfo, models: Any = None) -> None:
+        """Called once the model is loaded (and again after every swap); until then every call is
+        answered UNAVAILABLE. ``models``: the ModelHost whose current model serves each new frame."""
         self._scheduler = scheduler
         self._model_info = model_info
+        self._models = models
+
+    def _current(self) -> tuple[FramePipeline, Any]:
+        """The pipeline to prepare a new frame with, and the model it is prepared for."""
+        if self._models is None:
+            return self._pipeline, None
+        model = self._models.current
+        return model.pipeline, model
 
     def _check_serving(self) -> Scheduler:
         if self._draining():
@@ -88,8 +99,9 @@ class DetectorService(pb_grpc.DetectorServicer):
         try:
             frame, opts = convert.frame_from_proto(request, self._max_class_filter)
             self.admit_camera(frame.camera_id)
+            pipeline, task.model = self._current()
             with self._limits.decode.slot():
-                task.prepared = self._pipeline.prepare(frame, opts)
+                task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))
             finish_task(task, self._pipeline, self._metrics)  # counts the drop
@@ -99,7 +111,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         key = ("unary", next(_unary_ids))
         deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None
         scheduler.submit(
-            Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline), transient=True
+            Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model),
+            transient=True,
         )
         while not task.done.wait(0.25):
             if not context.is_active():  # the client cancelled or its deadline passed
@@ -108,7 +121,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         if task.result is not None and task.result.status is JobStatus.CANCELLED:
             raise NotReadyError("server is shutting down; retry on another instance")
         answer = finish_task(task, self._pipeline, self._metrics)
-        return convert.answer_to_proto(answer, self._pipeline.classes)
+        classes = task.model.pipeline.classes if task.model is not None else self._pipeline.classes
+        return convert.answer_to_proto(answer, classes)
 
     def StreamDetect(
         self, request_iterator: Iterable[pb.DetectRequest], context: grpc.ServicerContext
@@ -126,6 +140,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.admit_camera,
             self._draining,
             self._limits,
+            current_model=self._current,
         )
         self._metrics.stream_opened()
         metrics = self._metrics
@@ -141,8 +156,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         if not context.add_callback(ended):  # the call already ended
             ended()
             return
-        for answer in session.answers(request_iterator):
-            yield convert.answer_to_proto(answer, self._pipeline.classes)
+        for answer, classes in session.answers_with_classes(request_iterator):
+            yield convert.answer_to_proto(answer, classes)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         self._check_serving()

@@ -62,8 +62,12 @@ class StreamSession:
         admit_camera: Callable[[str], None],
         draining: Callable[[], bool],
         limits: ServiceLimits | None = None,
+        current_model: Callable[[], tuple[FramePipeline, Any]] | None = None,
     ) -> None:
         self.id = next(_ids)
+        # The pipeline and model a new frame is prepared for (they change on a hot swap).
+        self._current_model = current_model or (lambda: (pipeline, None))
+        self._last_classes: tuple[str, ...] = pipeline.classes  # of the model of the last answer
         self._limits = limits or ServiceLimits()
         self._bytes = self._limits.stream_budget()
         self._last_request = time.monotonic()
@@ -120,6 +124,8 @@ class StreamSession:
                     log.error("stream %d: camera %r frame %d not inferred: %s",
                               self.id, task.camera_id, task.sequence, task.result.message)
                     self._count_internal()
+                self._last_classes = (task.model.pipeline.classes if task.model is not None
+                                      else self._pipeline.classes)
                 yield finish_task(task, self._pipeline, self._metrics, answer_errors=True)
         finally:
             self.cancel()
@@ -128,6 +134,11 @@ class StreamSession:
         if self._idle:
             raise NotReadyError(f"stream sent no frame for {self._limits.stream_idle_timeout_s:g} s and was ended; "
                                 "reconnect when there are frames to send")
+
+    def answers_with_classes(self, requests: Iterable[Any]) -> Iterator[tuple[FrameAnswer, tuple[str, ...]]]:
+        """``answers``, each with the class names of the model that answered it."""
+        for answer in self.answers(requests):
+            yield answer, self._last_classes
 
     def cancel(self) -> None:
         """The call ended or was cancelled: drop everything the stream still holds."""
@@ -231,8 +242,9 @@ class StreamSession:
         try:
             fin, opts = self._convert(request)
             self._admit_camera(fin.camera_id)
+            pipeline, task.model = self._current_model()
             with self._limits.decode.slot():
-                task.prepared = self._pipeline.prepare(fin, opts)
+                task.prepared = pipeline.prepare(fin, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))
             return
@@ -251,7 +263,7 @@ class StreamSession:
                 return
             self._keys.add(key)
         deadline = task.received + fin.deadline_ms / 1000.0 if fin.deadline_ms else None
-        job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline)
+        job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model)
         try:
             self._scheduler.submit(job)
         except OverloadedError as exc:

@@ -217,13 +217,31 @@ def test_secure_defaults(tiny_manifest: Any) -> None:
     assert ServerConfig(model=str(tiny_manifest), auth_tokens=("t0ken",), insecure_token=True).auth_tokens
 
 
+class _Broken:
+    """A backend whose every inference fails, as a lost GPU's would."""
+
+    def __init__(self, inner: Any, error: Exception) -> None:
+        self.inner, self.error = inner, error
+        self.name, self.max_batch, self.outputs = inner.name, inner.max_batch, inner.outputs
+
+    def infer(self, batch: Any) -> Any:
+        raise self.error
+
+    def activate(self) -> None:
+        pass
+
+    def deactivate(self) -> None:
+        self.inner.deactivate()
+
+
+def _break(run: Any, error: Exception) -> None:
+    model = run.server.models.current
+    model.backend = _Broken(model.backend, error)
+
+
 def test_internal_errors_carry_an_id_not_the_exception_text(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
     run = serve()
-
-    def broken(_: Any) -> dict[str, np.ndarray]:
-        raise RuntimeError("secret path /opt/models/x.onnx: CUDA error 700")
-
-    run.server.scheduler.set_infer(broken)
+    _break(run, RuntimeError("secret path /opt/models/x.onnx: CUDA error 700"))
     with pytest.raises(grpc.RpcError) as err:
         run.stub.Detect(request("front", 0, jpeg()), timeout=10)
     details = err.value.details() or ""
@@ -238,11 +256,7 @@ def test_health_follows_the_engine_and_recovers(serve: Any) -> None:
     the reloaded engine answers and health is SERVING again."""
     run = serve(unhealthy_after_failed_batches=2)
     check = health_check(run.channel)
-
-    def broken(_: Any) -> dict[str, np.ndarray]:
-        raise RuntimeError("engine lost")
-
-    run.server.scheduler.set_infer(broken)
+    _break(run, RuntimeError("engine lost"))
     for seq in range(2):
         with pytest.raises(grpc.RpcError):
             run.stub.Detect(request("front", seq, jpeg()), timeout=10)

@@ -62,8 +62,8 @@ def test_unexpected_preprocessing_error_answers_the_frame_and_goes_on(serve, mon
 
 def _fail_first_batch(run: Any) -> threading.Event:
     """Make the server's next inference fail (as a broken engine would), once."""
-    scheduler = run.server.scheduler
-    infer = scheduler._infer
+    model = run.server.models.current  # the served model; each batch runs on its backend
+    infer = model.backend.infer
     failed = threading.Event()
 
     def flaky(batch: Any) -> Any:
@@ -72,7 +72,7 @@ def _fail_first_batch(run: Any) -> threading.Event:
             raise ModelError("CUDA error: an illegal memory access was encountered")
         return infer(batch)
 
-    scheduler._infer = flaky
+    model.backend.infer = flaky
     return failed
 
 

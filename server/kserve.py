@@ -1,0 +1,519 @@
+"""The KServe v2 / Open Inference Protocol front door: ``inference.GRPCInferenceService``.
+
+Stock clients (tritonclient, the KServe SDK) see the served detector as one model:
+
+- input ``IMAGE``: BYTES ``[B]`` (or ``[B, 1]``), each element one encoded JPEG/PNG frame; or
+  UINT8 ``[H, W, 3]`` / ``[B, H, W, 3]``, raw BGR pixels (HWC, tightly packed).
+- output ``DETECTIONS``: FP32 ``[N, 6]``, rows ``x1, y1, x2, y2, score, class_id`` in source
+  pixels; the rows of frame 0 first, then those of frame 1, and so on.
+- output ``NUM_DETECTIONS``: INT32 ``[B]``, the rows of ``DETECTIONS`` that belong to each frame.
+- request parameters: ``score_threshold``, ``iou_threshold`` (numbers), ``max_detections`` (int),
+  ``class_filter`` (ids as a string, "0,2"), ``class_agnostic_nms`` (bool), ``camera_id`` (one
+  id, or one per frame comma-separated: the metric label and allow-list key, like the native
+  ``Frame.camera_id``), ``timeout`` (microseconds, as Triton's). Unknown parameters are refused.
+
+Each frame of a request goes through ``FramePipeline.prepare`` and its own scheduler queue, like
+a frame of its own camera: the B frames are batched with each other and with every other
+caller's frames, and each frame is counted in the metrics exactly as a native ``Detect`` frame.
+Errors are project exceptions, mapped to status codes by ``server.interceptors.ErrorInterceptor``
+(registered for the ``/inference.`` prefix). Raw tensor contents (``raw_input_contents`` /
+``raw_output_contents``, little-endian; BYTES elements each prefixed by their 4-byte length) are
+what tritonclient sends and expects; typed ``contents`` are accepted too.
+
+The vendored proto (proto/kserve) is compiled to messages only: the handlers are registered
+here, beside Triton-only RPCs (ModelConfig, ModelStreamInfer) answered UNIMPLEMENTED with a reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import grpc
+import numpy as np
+from numpy.typing import NDArray
+
+import perception
+from perception.decode import PixelFormat
+from perception.errors import InvalidInputError, ModelError, NotReadyError, OverloadedError
+from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RawPixels, RequestOptions
+from perception.types import Detections, FrameStatus
+from perception.v1 import grpc_predict_v2_pb2 as kpb
+from server.answer import FrameTask, finish_task
+from server.limits import ServiceLimits
+from server.metrics_protocol import Metrics
+from server.scheduler import Job, JobStatus, Scheduler
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "perception"
+INPUT = "IMAGE"
+DETECTIONS = "DETECTIONS"
+NUM_DETECTIONS = "NUM_DETECTIONS"
+PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "class_filter", "class_agnostic_nms",
+              "camera_id", "timeout")
+
+
+class Datatype(str, Enum):
+    """The KServe tensor data types this model speaks."""
+
+    BYTES = "BYTES"
+    UINT8 = "UINT8"
+    INT32 = "INT32"
+    FP32 = "FP32"
+
+
+_OUTPUTS = {DETECTIONS: (Datatype.FP32, [-1, 6]), NUM_DETECTIONS: (Datatype.INT32, [-1])}
+
+
+@dataclass(frozen=True)
+class RequestFrames:
+    """The frames of one ModelInfer request, not yet copied out of it."""
+
+    encoded: Sequence[bytes | memoryview] = ()  # one encoded image per frame
+    raw: memoryview | None = None  # B x H x W x 3 BGR bytes
+    height: int = 0
+    width: int = 0
+    count: int = 0
+
+    def frame(self, index: int, camera_id: str) -> FrameInput:
+        if self.raw is None:
+            return FrameInput(camera_id, 0, 0, encoded=bytes(self.encoded[index]))
+        size = self.height * self.width * 3
+        data = bytes(self.raw[index * size:(index + 1) * size])
+        return FrameInput(camera_id, 0, 0, raw=RawPixels(self.width, self.height, 0, PixelFormat.BGR8, data))
+
+
+class KServeService:
+    """Serves one loaded model over KServe v2 gRPC. ``ready()`` / ``draining()`` come from the app."""
+
+    def __init__(
+        self,
+        pipeline: FramePipeline,
+        metrics: Metrics,
+        model_name: str,
+        model_version: str,
+        cameras: frozenset[str],
+        ready: Callable[[], bool],
+        draining: Callable[[], bool],
+        limits: ServiceLimits | None = None,
+        max_class_filter: int = 0,
+    ) -> None:
+        if not model_name:
+            raise ValueError("a KServe model needs a name")
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self.model_name = model_name
+        self.model_version = model_version
+        self._cameras = cameras
+        self._ready = ready
+        self._draining = draining
+        self._limits = limits or ServiceLimits()
+        self._max_class_filter = max_class_filter or len(pipeline.classes)
+        self._scheduler: Scheduler | None = None
+        self._platform = ""
+        self._max_frames = 1
+
+    def attach(self, scheduler: Scheduler, platform: str, max_batch: int) -> None:
+        """Called once the model is loaded; until then inference is answered UNAVAILABLE.
+        ``max_batch``: the most frames one request may carry (the engine's batch)."""
+        self._scheduler = scheduler
+        self._platform = platform
+        self._max_frames = max(1, max_batch)
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Register every method of ``inference.GRPCInferenceService`` on ``server``."""
+
+        def unary(behavior: Callable[[Any, grpc.ServicerContext], Any], request: Any, response: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(
+                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+
+        handlers = {
+            "ServerLive": unary(self.ServerLive, kpb.ServerLiveRequest, kpb.ServerLiveResponse),
+            "ServerReady": unary(self.ServerReady, kpb.ServerReadyRequest, kpb.ServerReadyResponse),
+            "ModelReady": unary(self.ModelReady, kpb.ModelReadyRequest, kpb.ModelReadyResponse),
+            "ServerMetadata": unary(self.ServerMetadata, kpb.ServerMetadataRequest, kpb.ServerMetadataResponse),
+            "ModelMetadata": unary(self.ModelMetadata, kpb.ModelMetadataRequest, kpb.ModelMetadataResponse),
+            "ModelInfer": unary(self.ModelInfer, kpb.ModelInferRequest, kpb.ModelInferResponse),
+            # Triton's extensions beyond the KServe protocol: a clear answer instead of "Method not found".
+            "ModelConfig": grpc.unary_unary_rpc_method_handler(_unimplemented(
+                "ModelConfig is Triton's model-configuration extension, not part of the KServe v2 protocol; "
+                "use ModelMetadata")),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(_unimplemented_stream(
+                "ModelStreamInfer is Triton's streaming extension, not part of the KServe v2 protocol; use "
+                "ModelInfer, or perception.v1.Detector/StreamDetect for camera streams")),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+    # -- health and metadata -------------------------------------------------------------------
+
+    def _serving(self) -> bool:
+        return self._ready() and not self._draining() and self._scheduler is not None
+
+    def _check_serving(self) -> Scheduler:
+        if self._draining():
+            raise NotReadyError("server is shutting down; retry on another instance")
+        if not self._ready() or self._scheduler is None:
+            raise NotReadyError("model is still loading / warming up; retry shortly")
+        return self._scheduler
+
+    def _is_served(self, name: str, version: str) -> bool:
+        return name == self.model_name and version in ("", self.model_version)
+
+    def _check_model(self, name: str, version: str) -> None:
+        if not self._is_served(name, version):
+            asked = f"{name!r}" + (f" version {version!r}" if version else "")
+            raise InvalidInputError(f"unknown model {asked}; this server serves {self.model_name!r} "
+                                    f"version {self.model_version!r}")
+
+    def ServerLive(self, request: kpb.ServerLiveRequest, context: grpc.ServicerContext) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: kpb.ServerReadyRequest, context: grpc.ServicerContext) -> kpb.ServerReadyResponse:
+        return kpb.ServerReadyResponse(ready=self._serving())
+
+    def ModelReady(self, request: kpb.ModelReadyRequest, context: grpc.ServicerContext) -> kpb.ModelReadyResponse:
+        return kpb.ModelReadyResponse(ready=self._serving() and self._is_served(request.name, request.version))
+
+    def ServerMetadata(
+        self, request: kpb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> kpb.ServerMetadataResponse:
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=perception.__version__, extensions=[])
+
+    def ModelMetadata(
+        self, request: kpb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> kpb.ModelMetadataResponse:
+        self._check_model(request.name, request.version)
+        self._check_serving()
+        tensor = kpb.ModelMetadataResponse.TensorMetadata
+        return kpb.ModelMetadataResponse(
+            name=self.model_name,
+            versions=[self.model_version],
+            platform=self._platform,
+            inputs=[tensor(name=INPUT, datatype=Datatype.BYTES.value, shape=[-1])],
+            outputs=[tensor(name=name, datatype=dtype.value, shape=shape) for name, (dtype, shape) in _OUTPUTS.items()],
+        )
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.ServicerContext) -> kpb.ModelInferResponse:
+        scheduler = self._check_serving()
+        self._check_model(request.model_name, request.model_version)
+        opts, camera_ids, timeout_ms = _parameters(request.parameters, self._max_class_filter)
+        self._pipeline.options(opts)  # bad options fail the request before any frame is counted
+        wanted = _requested_outputs(request)
+        frames = _frames(request, self._max_frames)
+        cameras = _cameras(camera_ids, frames.count)
+        deadline_ms = _deadline_ms(timeout_ms, context.time_remaining())
+        tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline_ms) for camera in cameras]
+        for task in tasks:
+            self._metrics.frame_received(task.camera_id)
+        self._prepare(request.ByteSize(), frames, tasks, opts)
+        keys = self._submit(scheduler, tasks)
+        for task in tasks:
+            while not task.done.wait(0.25):
+                if not context.is_active():  # the client cancelled or its deadline passed
+                    for key in keys:
+                        scheduler.close(key)
+                    return kpb.ModelInferResponse()
+        answers = [finish_task(t, self._pipeline, self._metrics, answer_errors=True) for t in tasks]
+        for index, (task, answer) in enumerate(zip(tasks, answers, strict=True)):
+            _raise_unanswered(index, task, answer.status, answer.message)
+        return _response(request, self.model_name, self.model_version, [a.detections for a in answers], wanted)
+
+    def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions) -> None:
+        """Decode + letterbox every frame; on any failure every frame is answered (and counted)."""
+        if not self._limits.undecoded.try_take(size):
+            _answer_all(tasks, FrameStatus.OVERLOADED, "undecoded-bytes budget full", self._pipeline, self._metrics)
+            raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
+        index = 0
+        try:
+            for index, task in enumerate(tasks):
+                if self._cameras and task.camera_id not in self._cameras:
+                    raise InvalidInputError(f"camera {task.camera_id!r} is not in the server's camera allow-list "
+                                            f"{sorted(self._cameras)}")
+                frame = frames.frame(index, task.camera_id)
+                with self._limits.decode.slot():
+                    task.prepared = self._pipeline.prepare(frame, opts)
+        except InvalidInputError as exc:
+            message = f"{INPUT}[{index}]: {exc}" if len(tasks) > 1 else str(exc)
+            _answer_all(tasks, FrameStatus.INVALID, message, self._pipeline, self._metrics)
+            raise InvalidInputError(message) from exc
+        finally:
+            self._limits.undecoded.give_back(size)
+
+    def _submit(self, scheduler: Scheduler, tasks: list[FrameTask]) -> list[tuple[str, int]]:
+        """Queue every frame, each in a queue of its own; all or none (the queued ones cancelled)."""
+        keys: list[tuple[str, int]] = []
+        try:
+            for task in tasks:
+                assert task.prepared is not None  # _prepare prepared every frame or raised
+                key = ("kserve", next(_ids))
+                deadline = task.received + task.deadline_ms / 1000.0 if task.deadline_ms else None
+                scheduler.submit(Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline),
+                                 transient=True)
+                keys.append(key)
+        except (OverloadedError, NotReadyError) as exc:
+            for key in keys:
+                scheduler.close(key)
+            for task in tasks[len(keys):]:
+                task.answer_now(FrameStatus.OVERLOADED, str(exc))
+            for task in tasks:
+                task.done.wait()  # a frame already taken into a batch is answered when it ends
+                finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+            raise
+        return keys
+
+
+def _answer_all(tasks: list[FrameTask], status: FrameStatus, message: str, pipeline: FramePipeline,
+                metrics: Metrics) -> None:
+    for task in tasks:
+        task.answer_now(status, message)
+        finish_task(task, pipeline, metrics)  # counts the drop
+
+
+def _raise_unanswered(index: int, task: FrameTask, status: FrameStatus, message: str) -> None:
+    """Raise the error a frame answered without detections fails its request with."""
+    if status is FrameStatus.OK:
+        return
+    result = task.result.status if task.result is not None else None
+    if result is JobStatus.ERROR:
+        raise ModelError(f"{INPUT}[{index}]: {message}")
+    if result is JobStatus.CANCELLED:
+        raise NotReadyError("server is shutting down; retry on another instance")
+    raise OverloadedError(f"{INPUT}[{index}]: {status.value.lower()}: {message or 'not inferred'}; retry later")
+
+
+def _ms(seconds: float | None) -> float:
+    """Milliseconds, at least 1; 0 for none."""
+    return max(1.0, seconds * 1000.0) if seconds else 0.0
+
+
+def _deadline_ms(timeout_ms: float, remaining_s: float | None) -> int:
+    """A frame's deadline in ms from arrival (0 = none): the sooner of Triton's ``timeout``
+    parameter and the call's gRPC deadline."""
+    limits = [x for x in (timeout_ms, _ms(remaining_s)) if x > 0]
+    return math.ceil(min(limits)) if limits else 0
+
+
+# -- request decoding ---------------------------------------------------------------------------
+
+
+def _parameters(
+    params: Mapping[str, kpb.InferParameter], max_class_filter: int
+) -> tuple[RequestOptions, str, float]:
+    """(options, camera_id parameter, timeout in ms or 0) of a request's parameters."""
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise InvalidInputError(f"unknown parameters {unknown}; this model takes {list(PARAMETERS)}")
+    score = _number(params, "score_threshold")
+    iou = _number(params, "iou_threshold")
+    max_det = 0
+    classes: tuple[int, ...] = ()
+    if "class_filter" in params:
+        p = params["class_filter"]
+        kind = p.WhichOneof("parameter_choice")
+        if kind in ("int64_param", "uint64_param"):
+            classes = (int(getattr(p, kind)),)
+        elif kind == "string_param":
+            text = p.string_param
+            if text.count(",") >= max_class_filter:  # counted before anything is split
+                raise InvalidInputError(f"class_filter has more than {max_class_filter} entries (one per class)")
+            try:
+                classes = tuple(int(t) for t in text.split(",") if t.strip())
+            except ValueError:
+                raise InvalidInputError(f"class_filter must be class ids like \"0,2\", got {text[:64]!r}") from None
+        else:
+            raise InvalidInputError("class_filter must be a string of class ids like \"0,2\" (or one int)")
+    agnostic = False
+    if "class_agnostic_nms" in params:
+        p = params["class_agnostic_nms"]
+        if p.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidInputError("class_agnostic_nms must be a bool")
+        agnostic = p.bool_param
+    camera = ""
+    if "camera_id" in params:
+        p = params["camera_id"]
+        if p.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidInputError("camera_id must be a string")
+        camera = p.string_param
+    timeout_us = _integer(params, "timeout")
+    if timeout_us < 0:
+        raise InvalidInputError(f"timeout must be >= 0 microseconds, got {timeout_us}")
+    opts = RequestOptions(score, iou, max_det, classes, agnostic)
+    return opts, camera, _ms(timeout_us / 1e6)
+
+
+def _number(params: Mapping[str, kpb.InferParameter], name: str) -> float:
+    if name not in params:
+        return 0.0
+    p = params[name]
+    kind = p.WhichOneof("parameter_choice")
+    if kind not in ("double_param", "int64_param", "uint64_param"):
+        raise InvalidInputError(f"{name} must be a number")
+    value = float(getattr(p, kind))
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def _integer(params: Mapping[str, kpb.InferParameter], name: str) -> int:
+    if name not in params:
+        return 0
+    p = params[name]
+    kind = p.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInputError(f"{name} must be an integer")
+    return int(getattr(p, kind))
+
+
+def _cameras(camera_ids: str, count: int) -> list[str]:
+    """One camera id per frame: one id for all of them, or one each (comma-separated)."""
+    if camera_ids.count(",") + 1 not in (1, count):  # counted before anything is split
+        raise InvalidInputError(f"camera_id must name one camera, or {count} comma-separated (one per frame)")
+    ids = camera_ids.split(",")
+    if any(len(c) > MAX_CAMERA_ID_LEN for c in ids):  # before an id is counted (a metric label)
+        raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
+    return ids * count if len(ids) == 1 else ids
+
+
+def _requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
+    names = [o.name for o in request.outputs]
+    for o in request.outputs:
+        if o.name not in _OUTPUTS:
+            raise InvalidInputError(f"unknown output {o.name!r}; this model has {list(_OUTPUTS)}")
+        if o.parameters:
+            raise InvalidInputError(f"output parameters are not supported (got {sorted(o.parameters)} "
+                                    f"for {o.name!r}; shared memory and classification are not served)")
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"outputs requested more than once: {names}")
+    return names or list(_OUTPUTS)
+
+
+def _frames(request: kpb.ModelInferRequest, max_frames: int) -> RequestFrames:
+    """The frames of the request's one input, checked against its datatype and shape."""
+    if [t.name for t in request.inputs] != [INPUT]:
+        raise InvalidInputError(f"this model takes exactly one input {INPUT!r}, got {[t.name for t in request.inputs]}")
+    tensor = request.inputs[0]
+    if tensor.parameters:
+        raise InvalidInputError(f"input parameters are not supported (got {sorted(tensor.parameters)}; "
+                                "shared memory is not served)")
+    raw: bytes | None = None
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
+            raise InvalidInputError("raw_input_contents must hold one entry per input, and no input may also "
+                                    "carry typed contents")
+        raw = request.raw_input_contents[0]
+    shape = list(tensor.shape)
+    if any(d < 1 for d in shape):
+        raise InvalidInputError(f"{INPUT} shape {shape} has a dimension < 1")
+    if tensor.datatype == Datatype.BYTES.value:
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            raise InvalidInputError(f"{INPUT} as BYTES must have shape [B] (one encoded image each), got {shape}")
+        count = _check_count(shape[0], max_frames)
+        if raw is not None:
+            return RequestFrames(encoded=_split_bytes(memoryview(raw), count), count=count)
+        if len(tensor.contents.bytes_contents) != count:
+            raise InvalidInputError(f"{INPUT} shape {shape} needs {count} bytes_contents elements, "
+                                    f"got {len(tensor.contents.bytes_contents)}")
+        return RequestFrames(encoded=list(tensor.contents.bytes_contents), count=count)
+    if tensor.datatype == Datatype.UINT8.value:
+        if len(shape) not in (3, 4) or shape[-1] != 3:
+            raise InvalidInputError(f"{INPUT} as UINT8 must be raw BGR pixels of shape [H, W, 3] or "
+                                    f"[B, H, W, 3], got {shape}")
+        count = _check_count(shape[0] if len(shape) == 4 else 1, max_frames)
+        height, width = shape[-3], shape[-2]
+        need = count * height * width * 3
+        if raw is None:
+            values = tensor.contents.uint_contents
+            if len(values) != need:
+                raise InvalidInputError(f"{INPUT} shape {shape} needs {need} uint_contents elements, got {len(values)}")
+            array = np.asarray(values, np.uint32)
+            if len(array) and int(array.max()) > 255:
+                raise InvalidInputError(f"{INPUT} UINT8 contents hold values above 255")
+            raw = array.astype(np.uint8).tobytes()
+        if len(raw) != need:
+            raise InvalidInputError(f"{INPUT} shape {shape} needs {need} bytes of UINT8 pixels, got {len(raw)}")
+        return RequestFrames(raw=memoryview(raw), height=height, width=width, count=count)
+    raise InvalidInputError(f"{INPUT} must be BYTES (encoded JPEG/PNG) or UINT8 (raw BGR, HWC), "
+                            f"got {tensor.datatype!r}")
+
+
+def _check_count(count: int, max_frames: int) -> int:
+    if count > max_frames:
+        raise InvalidInputError(f"{count} frames in one request; at most {max_frames} (the model's batch)")
+    return count
+
+
+def _split_bytes(raw: memoryview, count: int) -> list[memoryview]:
+    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then its bytes."""
+    out: list[memoryview] = []
+    pos, end = 0, len(raw)
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidInputError(f"{INPUT} raw contents end before element {i} of {count}")
+        (size,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if size > end - pos:
+            raise InvalidInputError(f"{INPUT} element {i} says {size} bytes but {end - pos} remain")
+        out.append(raw[pos:pos + size])
+        pos += size
+    if pos != end:
+        raise InvalidInputError(f"{INPUT} raw contents hold {end - pos} bytes past its {count} elements")
+    return out
+
+
+# -- response encoding --------------------------------------------------------------------------
+
+
+def detection_rows(det: Detections) -> NDArray[np.float32]:
+    """(N, 6) float32: x1, y1, x2, y2, score, class_id; (0, 6) for no detections."""
+    return np.column_stack([det.boxes, det.scores, det.class_ids.astype(np.float32)]).astype(np.float32)
+
+
+def _response(request: kpb.ModelInferRequest, name: str, version: str, detections: list[Detections],
+              wanted: list[str]) -> kpb.ModelInferResponse:
+    arrays: dict[str, NDArray[Any]] = {
+        DETECTIONS: np.concatenate([detection_rows(d) for d in detections]).astype("<f4"),
+        NUM_DETECTIONS: np.array([len(d) for d in detections], "<i4"),
+    }
+    response = kpb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    for out in wanted:
+        array = arrays[out]
+        response.outputs.add(name=out, datatype=_OUTPUTS[out][0].value, shape=list(array.shape))
+        response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+# -- Triton-only RPCs ---------------------------------------------------------------------------
+
+
+def _unimplemented(reason: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    # The status is set rather than raised: ErrorInterceptor would turn an exception into INTERNAL.
+    def run(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details(reason)
+        return b""
+
+    return run
+
+
+def _unimplemented_stream(reason: str) -> Callable[[Iterable[bytes], grpc.ServicerContext], Iterator[bytes]]:
+    def run(requests: Iterable[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details(reason)
+        return iter(())
+
+    return run
+
+
+__all__ = ["KServeService", "SERVICE_NAME", "Datatype", "detection_rows"]

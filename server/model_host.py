@@ -1,0 +1,298 @@
+"""The model lifecycle on a vehicle: hot swap with verification, rollback, and probation.
+
+A new model is loaded BESIDE the served one (its files checksummed, its outputs bound to its
+layout, warmed up), verified on the frames its artifact ships (it must still detect what its
+build recorded for them, and its latency must be within bounds of the served model's on this
+device), and only then swapped in. The swap is one assignment under a lock: frames prepared
+after it go to the new model, frames already prepared for the old one are still inferred by it
+(a batch never mixes models), so streams stay open and no frame is lost or answered twice. The
+previous model stays loaded for ``rollback`` and for the automatic rollback of a probation
+window in which the new model's error rate or p99 crosses its limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.errors import ManifestError, ModelError
+from perception.manifest import Manifest, Variant, load_manifest
+from perception.parity import parity
+from perception.pipeline import FramePipeline, RequestOptions, file_frame
+from perception.types import Detections
+from server.runtime.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One loaded model: what the scheduler runs a batch on, and what post-processes it."""
+
+    manifest_path: str
+    manifest: Manifest
+    variant: Variant
+    backend: Backend
+    pipeline: FramePipeline
+    max_batch: int
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def infer(self, batch: NDArray[np.float32]) -> Any:
+        return self.backend.infer(batch)  # looked up each call: a health reload may replace it
+
+    def to_batch(self, items: list[Any]) -> NDArray[np.float32]:
+        return self.pipeline.to_batch(items)
+
+    def describe(self) -> str:
+        return f"{self.manifest.name} {self.version} ({self.variant.name})"
+
+
+@dataclass(frozen=True)
+class LifecycleLimits:
+    """How a new model is judged before and after it is swapped in."""
+
+    max_changed: float = 0.10  # share of recorded detections that may vanish / appear on the shipped frames
+    max_latency_ratio: float = 1.5  # vs the served model here, times the ratio their builds recorded
+    probation_s: float = 60.0
+    probation_min_batches: int = 5
+    max_error_rate: float = 0.2  # failed batches / batches within probation
+    max_p99_ms: float = 0.0  # 0 = judge p99 against the previous model's: > 2x it rolls back
+
+
+Loader = Callable[[str, str], ServedModel]  # (manifest path, variant) -> an activated model
+
+
+class ModelHost:
+    """The served model, the previous one, and the swaps between them. Thread-safe."""
+
+    def __init__(self, first: ServedModel, loader: Loader, limits: LifecycleLimits | None = None,
+                 on_change: Callable[[ServedModel], None] | None = None) -> None:
+        self._lock = threading.RLock()
+        self._current = first
+        self._previous: ServedModel | None = None
+        self._loader = loader
+        self.limits = limits or LifecycleLimits()
+        self._on_change = on_change
+        self.swaps = 0
+        self.rollbacks = 0
+        self.refusals = 0
+        self.message = f"serving {first.describe()}"
+        self._probation_until = 0.0
+        self._probation: deque[tuple[bool, float]] = deque(maxlen=10_000)  # (ok, seconds) of the new model
+        self._baseline_p99_s = 0.0
+        self._recent: deque[float] = deque(maxlen=500)  # batch seconds of the served model, outside probation
+        self._busy = threading.Lock()  # one load at a time
+
+    # -- what is served --------------------------------------------------------------------
+
+    @property
+    def current(self) -> ServedModel:
+        with self._lock:
+            return self._current
+
+    @property
+    def previous(self) -> ServedModel | None:
+        with self._lock:
+            return self._previous
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            return "probation" if time.monotonic() < self._probation_until else "serving"
+
+    # -- loading and swapping --------------------------------------------------------------
+
+    def load_and_swap(self, manifest_path: str, variant: str = "") -> ServedModel:
+        """Load, check, warm up and verify a model beside the served one, then swap it in.
+        Raises ModelError / ManifestError with the reason; the served model is untouched then."""
+        if not self._busy.acquire(blocking=False):
+            raise ModelError("another model is being loaded; try again when it is done")
+        try:
+            try:
+                new = self._loader(manifest_path, variant)
+            except (ModelError, ManifestError) as exc:
+                self._refused(f"{manifest_path}: {exc}")
+                raise
+            try:
+                self.verify(new)
+            except ModelError as exc:
+                new.backend.deactivate()
+                self._refused(f"{new.describe()}: {exc}")
+                raise
+            self.swap_in(new)
+            return new
+        finally:
+            self._busy.release()
+
+    def _refused(self, why: str) -> None:
+        with self._lock:
+            self.refusals += 1
+            self.message = f"refused {why}; still serving {self._current.describe()}"
+        log.error("model load refused: %s", why)
+
+    def swap_in(self, new: ServedModel, probation: bool = True) -> None:
+        """Serve ``new`` from the next prepared frame on; keep the served one for a rollback."""
+        with self._lock:
+            old, dropped = self._current, self._previous
+            self._previous, self._current = old, new
+            self.swaps += 1
+            self._probation.clear()
+            self._baseline_p99_s = float(np.percentile(self._recent, 99)) if self._recent else 0.0
+            self._recent.clear()
+            self._probation_until = time.monotonic() + self.limits.probation_s if probation else 0.0
+            self.message = f"serving {new.describe()} (was {old.describe()})"
+        log.info("swapped in %s (was %s)", new.describe(), old.describe())
+        if dropped is not None and dropped is not new and dropped is not old:
+            # Frames prepared for a model two swaps back have long been answered (a few batches).
+            threading.Timer(5.0, dropped.backend.deactivate).start()
+        if self._on_change is not None:
+            self._on_change(new)
+
+    def rollback(self, reason: str = "asked for") -> ServedModel:
+        """Serve the previous model again (the current one is kept as the new previous)."""
+        with self._lock:
+            if self._previous is None:
+                raise ModelError("there is no previous model to roll back to")
+            back, off = self._previous, self._current
+            self._current, self._previous = back, off
+            self.rollbacks += 1
+            self._probation_until = 0.0
+            self.message = f"rolled back to {back.describe()} from {off.describe()}: {reason}"
+        log.warning("rolled back to %s from %s: %s", back.describe(), off.describe(), reason)
+        if self._on_change is not None:
+            self._on_change(back)
+        return back
+
+    # -- verification before the swap ------------------------------------------------------
+
+    def verify(self, new: ServedModel) -> None:
+        """ModelError unless ``new`` detects on its shipped frames what its build recorded (within
+        ``max_changed``) and its latency there is within bounds of the served model's."""
+        ver = new.manifest.verification
+        if ver is None or not ver.frames:
+            log.warning("%s ships no verification frames: checked for latency only", new.describe())
+            frames: list[Path | None] = [None]
+        else:
+            frames = [new.manifest.path_of(f.file) for f in ver.frames]
+        got, new_s = self._run(new, frames)
+        if ver is not None and ver.frames:
+            expected = self._expected(new)
+            if expected is not None:
+                par = parity(expected, got)
+                worst = max(par["vanished"], par["appeared"])
+                if worst > self.limits.max_changed:
+                    raise ModelError(f"fails its verification frames: {par['vanished']:.0%} of the recorded detections "
+                                     f"vanished, {par['appeared']:.0%} appeared (limit {self.limits.max_changed:.0%})")
+        _, cur_s = self._run(self.current, frames)
+        recorded = self._recorded_ratio(new, self.current)
+        limit = self.limits.max_latency_ratio * max(1.0, recorded)
+        if cur_s > 0 and new_s / cur_s > limit:
+            raise ModelError(f"too slow here: {1e3 * new_s:.2f} ms per frame vs {1e3 * cur_s:.2f} ms for the served "
+                             f"model ({new_s / cur_s:.2f}x; limit {limit:.2f}x)")
+
+    def _expected(self, m: ServedModel) -> list[Detections] | None:
+        ver = m.manifest.verification
+        assert ver is not None
+        name = m.variant.name if m.variant.name in ver.expected else m.variant.parent
+        rows = ver.expected.get(name)
+        if rows is None:
+            return None
+        out = []
+        for frame in rows:
+            a = np.asarray(frame, np.float32).reshape(-1, 6)
+            out.append(Detections(a[:, :4].copy(), a[:, 4].copy(), a[:, 5].astype(np.int64)))
+        return out
+
+    @staticmethod
+    def _recorded_ratio(new: ServedModel, cur: ServedModel) -> float:
+        a, b = new.variant.latency_ms.get("p50"), cur.variant.latency_ms.get("p50")
+        return float(a / b) if a and b else 1.0
+
+    @staticmethod
+    def _run(m: ServedModel, frames: Sequence[Path | None]) -> tuple[list[Detections], float]:
+        """Detections of each frame (deployed threshold) and the median batch-1 inference time."""
+        dets: list[Detections] = []
+        times: list[float] = []
+        for i, f in enumerate(frames):
+            if f is None:
+                x = np.zeros((1, 3, m.pipeline.spec.input_height, m.pipeline.spec.input_width), np.float32)
+                prepared = None
+            else:
+                prepared = m.pipeline.prepare(file_frame(f, i, "verify"), RequestOptions())
+                x = m.pipeline.to_batch([prepared.tensor])
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out = m.infer(x)
+                times.append(time.perf_counter() - t0)
+            if prepared is not None:
+                dets.append(m.pipeline.finish({n: a[0] for n, a in out.items()}, prepared))
+        return dets, float(np.median(times))
+
+    # -- probation -------------------------------------------------------------------------
+
+    def observe(self, ok: bool, model: Any, seconds: float) -> None:
+        """Scheduler callback after every batch; rolls back a model failing its probation."""
+        with self._lock:
+            if model is not self._current:
+                return
+            if time.monotonic() >= self._probation_until:
+                if ok:
+                    self._recent.append(seconds)
+                return
+            self._probation.append((ok, seconds))
+            n = len(self._probation)
+            if n < self.limits.probation_min_batches:
+                return
+            errors = sum(1 for o, _ in self._probation if not o) / n
+            p99 = float(np.percentile([s for o, s in self._probation if o] or [0.0], 99))
+            limit_p99 = self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms else 2.0 * self._baseline_p99_s
+        if errors > self.limits.max_error_rate:
+            self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})")
+        elif limit_p99 > 0 and p99 > limit_p99:
+            self.rollback(f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation")
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            cur, prev = self._current, self._previous
+            return {"version": cur.version, "variant": cur.variant.name, "manifest_path": cur.manifest_path,
+                    "previous_version": prev.version if prev else "",
+                    "previous_variant": prev.variant.name if prev else "",
+                    "state": self.state, "message": self.message, "swaps": self.swaps, "rollbacks": self.rollbacks}
+
+    def deactivate_all(self) -> None:
+        with self._lock:
+            models = [m for m in (self._current, self._previous) if m is not None]
+        for m in models:
+            m.backend.deactivate()
+
+
+def load_served_model(
+    manifest_path: str, variant: str, make_backend: Callable[[Manifest, str], tuple[Backend, Variant]],
+    pipeline_for: Callable[[Manifest], FramePipeline], warm_up: Callable[[Backend, FramePipeline, int], None],
+    max_batch: int,
+) -> ServedModel:
+    """Load (every file checksummed), bind outputs to the layout, warm up: an activated model."""
+    manifest = load_manifest(manifest_path)
+    backend, chosen = make_backend(manifest, variant)
+    try:
+        pipeline = pipeline_for(manifest)
+        pipeline.bind_outputs(backend.outputs)
+        batch = max(1, min(max_batch, backend.max_batch))
+        warm_up(backend, pipeline, batch)
+    except BaseException:
+        backend.deactivate()
+        raise
+    return ServedModel(str(manifest_path), manifest, chosen, backend, pipeline, batch)

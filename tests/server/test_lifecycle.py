@@ -1,0 +1,228 @@
+"""The model lifecycle on a real server: hot swap under load with no frame lost, refusals that
+leave the old model serving, explicit and automatic rollback, and SIGHUP."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from perception.manifest import SourceFile, Verification, load_manifest, save_manifest, sha256_file
+from perception.pipeline import FramePipeline, RequestOptions, file_frame
+from perception.v1 import admin_pb2 as apb
+from perception.v1 import admin_pb2_grpc as apb_grpc
+from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
+from server.runtime.factory import RuntimeSettings, open_backend
+from tests.server.conftest import jpeg, request
+from tests.tiny_model import make_tiny_artifact, make_tiny_onnx
+
+OK = pb.FRAME_STATUS_OK
+TOKEN = [("authorization", "Bearer adm1n")]
+
+
+def versioned_artifact(d: Path, version: str, seed: int, expected_from_seed: int | None = None) -> Path:
+    """A tiny artifact of ``version`` (model weights from ``seed``) shipping 3 verification
+    frames and what the model of ``expected_from_seed`` (default: its own) detects on them."""
+    manifest_path = make_tiny_artifact(d)
+    make_tiny_onnx(d / "model.fp32.onnx", seed=seed)
+    (d / "verify").mkdir()
+    frames = []
+    for i in range(3):
+        (d / "verify" / f"{i}.jpg").write_bytes(jpeg(160, 120, seed=100 + i))
+        frames.append(SourceFile(f"verify/{i}.jpg", sha256_file(d / "verify" / f"{i}.jpg")))
+    m = load_manifest(manifest_path, verify_checksums=False)
+    variant = m.variant()
+    variant = dataclasses.replace(variant, sha256=sha256_file(d / "model.fp32.onnx"))
+    ref_dir = d.parent / f"ref_{d.name}"
+    if expected_from_seed is not None and expected_from_seed != seed:
+        ref_dir.mkdir()
+        make_tiny_onnx(ref_dir / "model.onnx", seed=expected_from_seed)
+        ref_model = ref_dir / "model.onnx"
+    else:
+        ref_model = d / "model.fp32.onnx"
+    m = dataclasses.replace(m, version=version, variants=(variant,), root=d)
+    backend = open_backend(ref_model, RuntimeSettings(threads=1, max_batch=1))
+    pipe = FramePipeline.from_manifest(m)
+    expected = []
+    for f in frames:
+        dets = pipe.run_batch([file_frame(d / f.file)], RequestOptions(), backend.infer)[0]
+        expected.append([[*map(float, b), float(s), float(c)]
+                         for b, s, c in zip(dets.boxes, dets.scores, dets.class_ids, strict=True)])
+    backend.deactivate()
+    m = dataclasses.replace(m, verification=Verification(tuple(frames), {variant.name: expected}))
+    save_manifest(m, d)
+    assert sum(len(e) for e in expected) > 0, "the verification frames must have detections to compare"
+    return d / "manifest.json"
+
+
+@pytest.fixture
+def arts(tmp_path: Path) -> dict[str, Path]:
+    return {"v1": versioned_artifact(tmp_path / "v1", "0.0.1", seed=0),
+            "v2": versioned_artifact(tmp_path / "v2", "0.0.2", seed=3)}
+
+
+def admin(run: Any) -> apb_grpc.AdminStub:
+    return apb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{run.server.admin_port}"))
+
+
+def test_hot_swap_under_load_loses_no_frame(serve: Any, arts: dict[str, Path]) -> None:
+    """4 cameras streaming while a new model is swapped in: every frame answered once, in order
+    per camera, and each camera's model version changes exactly once."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), max_wait_ms=1.0)
+    frames = 40
+    results: dict[str, list[pb.DetectResponse]] = {}
+    swapped = threading.Event()
+
+    def camera(cam: str) -> None:
+        def gen() -> Iterator[pb.DetectRequest]:
+            for i in range(frames):
+                yield request(cam, i, jpeg(seed=i % 5))
+                time.sleep(0.02)
+
+        results[cam] = list(run.stub.StreamDetect(gen(), timeout=60))
+
+    threads = [threading.Thread(target=camera, args=(f"cam{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    status = admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    swapped.set()
+    for t in threads:
+        t.join(60)
+    assert status.version == "0.0.2" and status.previous_version == "0.0.1" and status.swaps == 1
+    for cam, answers in results.items():
+        assert [a.sequence for a in answers] == list(range(frames)), cam  # all answered, in order, once
+        versions = [a.model_version for a in answers if a.status == OK]
+        assert versions[0] == "0.0.1" and versions[-1] == "0.0.2", (cam, versions)
+        changes = sum(1 for a, b in zip(versions, versions[1:], strict=False) if a != b)
+        assert changes == 1, (cam, versions)
+        assert all(a.status in (OK, pb.FRAME_STATUS_DROPPED_STALE) for a in answers), cam
+
+
+def test_refused_models_leave_the_old_one_serving(serve: Any, arts: dict[str, Path], tmp_path: Path) -> None:
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",))
+    stub = admin(run)
+    # A corrupt manifest.
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(arts["v2"].parent, corrupt)
+    (corrupt / "manifest.json").write_text("{not json")
+    # A checksum mismatch.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(arts["v2"].parent, tampered)
+    make_tiny_onnx(tampered / "model.fp32.onnx", seed=9)
+    # A model that fails its verification frames (the recorded detections are another model's).
+    wrong = versioned_artifact(tmp_path / "wrong", "0.0.9", seed=5, expected_from_seed=6)
+    cases = [(corrupt, "cannot read manifest"), (tampered, "does not match its sha256"),
+             (wrong.parent, "fails its verification frames")]
+    for path, needle in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LoadModel(apb.LoadModelRequest(manifest_path=str(path)), metadata=TOKEN, timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert needle in (err.value.details() or "") and "still serving" in (err.value.details() or "")
+        answer = run.stub.Detect(request("front", 0, jpeg()), timeout=10)
+        assert answer.status == OK and answer.model_version == "0.0.1"
+    # 3x slower than the served model on this device: refused too.
+    host = run.server.models
+    real = host._loader
+
+    def slow_loader(path: str, variant: str) -> Any:
+        model = real(path, variant)
+        inner = model.backend.infer
+        t0 = time.perf_counter()
+        inner(np.zeros((1, 3, 48, 64), np.float32))
+        cost = time.perf_counter() - t0
+
+        def slow(batch: Any) -> Any:
+            time.sleep(3 * cost + 0.002)
+            return inner(batch)
+
+        model.backend.infer = slow
+        return model
+
+    host._loader = slow_loader
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    assert "too slow here" in (err.value.details() or "")
+    host._loader = real
+    assert stub.GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN).version == "0.0.1"
+    # Without the admin token nothing happens.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_rollback_explicit_and_automatic(serve: Any, arts: dict[str, Path]) -> None:
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=30.0,
+                probation_max_error_rate=0.3)
+    stub = admin(run)
+    stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).model_version == "0.0.2"
+    status = stub.Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert status.version == "0.0.1" and status.rollbacks == 1
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).model_version == "0.0.1"
+    # Swap v2 in again, then make it fail: probation rolls it back by itself.
+    stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    bad = run.server.models.current
+    assert bad.version == "0.0.2"
+
+    def broken(batch: Any) -> Any:
+        raise RuntimeError("engine lost")
+
+    bad.backend.infer = broken
+    for seq in range(8):
+        with contextlib.suppress(grpc.RpcError):  # the new model fails every frame
+            run.stub.Detect(request("front", 10 + seq, jpeg()), timeout=10)
+    status = stub.GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN)
+    assert status.version == "0.0.1" and status.rollbacks == 2 and "failed in probation" in status.message
+    assert run.stub.Detect(request("front", 99, jpeg()), timeout=10).status == OK
+
+
+def test_sighup_reloads_the_manifest_path(arts: dict[str, Path], tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(arts["v1"].parent, live)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "perception.cli", "serve", "--model", str(live), "--port", "0",
+                             "--metrics-port", "0", "--threads", "1", "--warmup-iters", "1"],
+                            cwd=root, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert proc.stderr is not None
+        address = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not address:
+            line = proc.stderr.readline()
+            if "ready grpc=" in line:
+                address = line.split("ready grpc=")[1].split()[0]
+        assert address, "server did not start"
+        stub = pb_grpc.DetectorStub(grpc.insecure_channel(address))
+        assert stub.Detect(request("front", 0, jpeg()), timeout=10).model_version == "0.0.1"
+        staged = tmp_path / "staged"
+        shutil.copytree(arts["v2"].parent, staged)
+        old = tmp_path / "old"
+        os.replace(live, old)
+        os.replace(staged, live)  # the fleet's updater swaps the directory in whole
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        version = ""
+        while time.monotonic() < deadline:
+            version = stub.Detect(request("front", 1, jpeg()), timeout=10).model_version
+            if version == "0.0.2":
+                break
+            time.sleep(0.2)
+        assert version == "0.0.2"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
