@@ -26,7 +26,7 @@ DROP_REASON = {FrameStatus.DROPPED_STALE: "stale", FrameStatus.EXPIRED: "expired
                FrameStatus.OVERLOADED: "overloaded"}
 # A scheduler outcome that is not OK -> the answer status it becomes.
 _JOB_ANSWER = {JobStatus.STALE: FrameStatus.DROPPED_STALE, JobStatus.EXPIRED: FrameStatus.EXPIRED,
-               JobStatus.CANCELLED: FrameStatus.OVERLOADED}
+               JobStatus.CANCELLED: FrameStatus.OVERLOADED, JobStatus.SHED: FrameStatus.OVERLOADED}
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,7 @@ def create_server(
     pipeline = FramePipeline.from_manifest(manifest, limits=limits)
     service_limits = ServiceLimits(config.max_undecoded_bytes, config.max_stream_undecoded_bytes,
                                    config.decode_threads, config.max_streams, config.max_streams_per_peer,
-                                   config.stream_idle_timeout_s)
+                                   config.stream_idle_timeout_s, config.priorities())
     ms = 1000
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),

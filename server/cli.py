@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--admin-host", help="admin service bind address (default 127.0.0.1)")
     a("--admin-token-file", help="file with the admin service's bearer tokens, one per line")
     a("--probation-s", type=float, help="seconds a swapped-in model is watched for automatic rollback")
+    a("--camera-priorities", help="comma-separated camera=class (critical, normal, best_effort); unlisted: normal")
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")

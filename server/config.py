@@ -19,6 +19,7 @@ from perception.errors import ConfigError
 ENV_PREFIX = "PERCEPTION_"
 BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 LOG_FORMATS = ("text", "json")
+PRIORITY_CLASSES = {"best_effort": 0, "normal": 1, "critical": 2}
 # A raw 3840x2160 BGR8 frame is 24.9 MB; 64 MiB leaves room for a 4K frame with a stride.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -85,6 +86,9 @@ class ServerConfig:
     # Camera ids that get their own metric label; any other is counted as "other" from the
     # first one. Empty: the `cameras` allow-list, else the first max_camera_labels ids seen.
     metric_cameras: tuple[str, ...] = ()
+    # Camera priority classes, "camera=class" with class critical, normal or best_effort (unlisted:
+    # normal). Under overload the batcher serves higher classes first and sheds lower ones first.
+    camera_priorities: tuple[str, ...] = ()
     # Without an allow-list: the first N distinct camera ids get their own metric label, the
     # rest are counted as "other" (a vehicle has a few dozen cameras at most; bounds series).
     max_camera_labels: int = 32
@@ -128,6 +132,11 @@ class ServerConfig:
             raise ConfigError(f"decode_threads must be >= 0 (0 = one per core), got {self.decode_threads}")
         if self.max_stream_undecoded_bytes > self.max_undecoded_bytes:
             raise ConfigError("max_stream_undecoded_bytes cannot exceed max_undecoded_bytes")
+        for item in self.camera_priorities:
+            cam, sep, cls = item.partition("=")
+            if not sep or not cam or cls not in PRIORITY_CLASSES:
+                raise ConfigError(f"camera_priorities: expected camera=class with class one of "
+                                  f"{sorted(PRIORITY_CLASSES)}, got {item!r}")
         if self.admin_port >= 0 and not self.admin_tokens:
             raise ConfigError("the admin service (admin_port) needs admin_tokens: it can replace the served model")
         loopback = self.admin_host in ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -161,6 +170,10 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    def priorities(self) -> dict[str, int]:
+        """camera id -> priority (higher is served first and shed last)."""
+        return {cam: PRIORITY_CLASSES[cls] for cam, _, cls in (p.partition("=") for p in self.camera_priorities)}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}

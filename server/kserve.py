@@ -317,7 +317,7 @@ def _parameters(
         raise InvalidInputError(f"unknown parameters {unknown}; this model takes {list(PARAMETERS)}")
     score = _number(params, "score_threshold")
     iou = _number(params, "iou_threshold")
-    max_det = 0
+    max_det = _integer(params, "max_detections")
     classes: tuple[int, ...] = ()
     if "class_filter" in params:
         p = params["class_filter"]

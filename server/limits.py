@@ -124,12 +124,17 @@ class ServiceLimits:
 
     def __init__(self, max_undecoded_bytes: int = 256 << 20, max_stream_undecoded_bytes: int = 64 << 20,
                  decode_threads: int = 0, max_streams: int = 32, max_streams_per_peer: int = 8,
-                 stream_idle_timeout_s: float = 60.0) -> None:
+                 stream_idle_timeout_s: float = 60.0, priorities: dict[str, int] | None = None) -> None:
         self.undecoded = ByteBudget(max_undecoded_bytes, "the server's undecoded-bytes budget")
         self.stream_undecoded_bytes = max_stream_undecoded_bytes
         self.decode = DecodeSlots(decode_threads)
         self.streams = StreamAdmission(max_streams, max_streams_per_peer)
         self.stream_idle_timeout_s = stream_idle_timeout_s
+        self.priorities = dict(priorities or {})
+
+    def priority_of(self, camera_id: str) -> int:
+        """The camera's priority class (unlisted cameras are normal: 1)."""
+        return self.priorities.get(camera_id, 1)
 
     def stream_budget(self) -> ByteBudget:
         return ByteBudget(self.stream_undecoded_bytes, "this stream's undecoded-bytes budget")

@@ -45,6 +45,7 @@ class JobStatus(Enum):
     EXPIRED = "expired"  # its deadline passed while it was queued
     ERROR = "error"  # inference of its batch failed
     CANCELLED = "cancelled"  # its stream ended first
+    SHED = "shed"  # dropped under overload to make room for a higher-priority camera
 
 
 @dataclass
@@ -112,6 +113,8 @@ class Scheduler:
         self._last_active: dict[Hashable, float] = {}  # queue -> when it last held a frame
         self._quiet_s = quiet_s
         self._on_batch = on_batch
+        self.starvation_s = 0.5
+        self.shed_for_priority = 0  # frames of lower classes shed to make room for higher ones
         self._transient: set[Hashable] = set()  # queues removed once empty (unary calls)
         self._pending = 0
         self._rr = 0
@@ -135,15 +138,20 @@ class Scheduler:
                 q = self._queues[job.key] = deque()
                 if transient:
                     self._transient.add(job.key)
+            shed: Job | None = None
             if len(q) >= self.queue_size:
                 stale = q.popleft()
                 self._pending -= 1
             elif self._pending >= self._max_pending:
-                if not q:
-                    self._forget_locked(job.key)
-                raise OverloadedError(
-                    f"server over capacity: {self._pending} frames queued (max_pending {self._max_pending})"
-                )
+                # Over capacity: make room by shedding a queued frame of a lower priority class
+                # (the oldest of the lowest), else refuse this one.
+                shed = self._shed_below_locked(job.priority)
+                if shed is None:
+                    if not q:
+                        self._forget_locked(job.key)
+                    raise OverloadedError(
+                        f"server over capacity: {self._pending} frames queued (max_pending {self._max_pending})"
+                    )
             q.append(job)
             self._last_active[job.key] = job.enqueued
             self._pending += 1
@@ -154,6 +162,23 @@ class Scheduler:
             stale.tensor = None
             _call(stale, JobResult(JobStatus.STALE, queue_s=time.monotonic() - stale.enqueued,
                                    message="a newer frame of this camera arrived first"))
+        if shed is not None:
+            shed.tensor = None
+            self.shed_for_priority += 1
+            _call(shed, JobResult(JobStatus.SHED, queue_s=time.monotonic() - shed.enqueued,
+                                  message="shed under overload for a higher-priority camera"))
+
+    def _shed_below_locked(self, priority: int) -> Job | None:
+        victim_key, victim = None, None
+        for key, q in self._queues.items():
+            if q and q[0].priority < priority and (
+                    victim is None or (q[0].priority, q[0].enqueued) < (victim.priority, victim.enqueued)):
+                victim_key, victim = key, q[0]
+        if victim is None:
+            return None
+        self._queues[victim_key].popleft()
+        self._pending -= 1
+        return victim
 
     def open(self, key: Hashable) -> None:
         """Make queue ``key`` known before its first frame, so batches wait for it (a stream
@@ -259,8 +284,16 @@ class Scheduler:
         start = self._rr % len(keys)
         order = keys[start:] + keys[:start]
         self._rr = start + 1
-        # Higher priorities first (a stable sort keeps the round robin within a priority).
-        order.sort(key=lambda k: -self._queues[k][0].priority if self._queues.get(k) else 0)
+        # Higher priorities first (a stable sort keeps the round robin within a priority). A frame
+        # waiting longer than starvation_s climbs one class per starvation_s, so a lower class is
+        # delayed, never starved without bound.
+        def rank(k: Hashable) -> float:
+            q = self._queues.get(k)
+            if not q:
+                return 0.0
+            return -(q[0].priority + (now - q[0].enqueued) / self.starvation_s)
+
+        order.sort(key=rank)
         progress = True
         model: Any = _UNSET
         limit = self.max_batch

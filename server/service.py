@@ -111,7 +111,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         key = ("unary", next(_unary_ids))
         deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None
         scheduler.submit(
-            Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model),
+            Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
+                priority=self._limits.priority_of(camera_id)),
             transient=True,
         )
         while not task.done.wait(0.25):

@@ -263,7 +263,8 @@ class StreamSession:
                 return
             self._keys.add(key)
         deadline = task.received + fin.deadline_ms / 1000.0 if fin.deadline_ms else None
-        job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model)
+        job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
+                  priority=self._limits.priority_of(task.camera_id))
         try:
             self._scheduler.submit(job)
         except OverloadedError as exc:
