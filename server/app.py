@@ -73,6 +73,7 @@ class ManagedServer:
         self.limits: ServiceLimits | None = None  # the budgets every call shares (for inspection)
         self.models: Any = None  # the ModelHost: what is served, swaps and rollbacks
         self.admin: grpc.Server | None = None
+        self.degrader: Any = None
         self.admin_port = 0
 
     def on_batch(self, ok: bool) -> None:
@@ -130,6 +131,8 @@ class ManagedServer:
         self.set_serving(False)
         if self.admin is not None:
             self.admin.stop(0)
+        if self.degrader is not None:
+            self.degrader.stop()
         done = self.grpc_server.stop(grace_s)
         finished = done.wait(grace_s + 1.0)
         self.scheduler.stop(timeout=max(0.5, grace_s - (time.monotonic() - t0)))
@@ -216,6 +219,12 @@ def create_server(
                                             CameraLabels(config.max_camera_labels))
     if metrics is None:
         metrics = NULL_METRICS
+    monitor = None
+    if config.degrade == "auto":
+        from server.degrade import LoadMonitor, MonitoredMetrics
+
+        monitor = LoadMonitor()
+        metrics = MonitoredMetrics(metrics, monitor)
     if config.manifest_public_key:
         from server.runtime.signature import verify_manifest
 
@@ -319,7 +328,13 @@ def create_server(
 
         managed.models = ModelHost(first, load, LifecycleLimits(probation_s=config.probation_s,
                                                                 max_error_rate=config.probation_max_error_rate),
-                                   on_change=changed)
+                                   on_change=changed, on_event=metrics.lifecycle_event)
+        if monitor is not None:
+            from server.degrade import DegradePolicy, Degrader
+
+            managed.degrader = Degrader(managed.models, monitor, DegradePolicy(
+                window_s=config.degrade_window_s, p99_budget_ms=config.degrade_p99_budget_ms,
+                thermal_path=config.thermal_path, thermal_limit=config.thermal_limit), metrics)
         if config.admin_port >= 0:
             from server.admin import start_admin_server
 
@@ -336,6 +351,8 @@ def create_server(
                              f"inference on {backend.name}: {exc}") from exc
         scheduler.start()
         metrics.set_model_info(manifest, variant.name, backend.name)
+        if managed.degrader is not None:
+            managed.degrader.start()
     except BaseException:
         # Nothing may outlive a failed start: the bound port, the scheduler, the engine.
         draining.set()

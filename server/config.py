@@ -78,6 +78,13 @@ class ServerConfig:
     # over twice the previous model's) it is rolled back automatically.
     probation_s: float = 60.0
     probation_max_error_rate: float = 0.2
+    # Graceful degradation: "auto" moves to a faster gated variant of the manifest under sustained
+    # shedding (or past the p99 budget, or at the thermal limit) and back with hysteresis.
+    degrade: str = "off"
+    degrade_p99_budget_ms: float = 0.0  # 0 = judge by shedding alone
+    degrade_window_s: float = 2.0
+    thermal_path: str = ""  # a file holding a number, e.g. /sys/class/thermal/thermal_zone0/temp
+    thermal_limit: float = 0.0
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
@@ -145,6 +152,10 @@ class ServerConfig:
                               "admin_host on loopback, or pass --insecure-token")
         if not -1 <= self.admin_port <= 65535:
             raise ConfigError(f"admin_port must be in -1..65535 (-1 = off, 0 = pick one), got {self.admin_port}")
+        if self.degrade not in ("off", "auto"):
+            raise ConfigError(f"degrade must be off or auto, got {self.degrade!r}")
+        if self.degrade_window_s <= 0 or self.degrade_p99_budget_ms < 0:
+            raise ConfigError("degrade_window_s must be positive and degrade_p99_budget_ms >= 0")
         if self.probation_s < 0 or not 0 <= self.probation_max_error_rate <= 1:
             raise ConfigError("probation_s must be >= 0 and probation_max_error_rate in [0, 1]")
         if bool(self.tls_cert) != bool(self.tls_key):

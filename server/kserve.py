@@ -308,72 +308,56 @@ def _deadline_ms(timeout_ms: float, remaining_s: float | None) -> int:
 # -- request decoding ---------------------------------------------------------------------------
 
 
+_NUMBER = ("double_param", "int64_param", "uint64_param")
+_INTEGER = ("int64_param", "uint64_param")
+
+
 def _parameters(
     params: Mapping[str, kpb.InferParameter], max_class_filter: int
 ) -> tuple[RequestOptions, str, float]:
-    """(options, camera_id parameter, timeout in ms or 0) of a request's parameters."""
+    """(options, the camera_id parameter, the timeout in ms or 0) of a request's parameters."""
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
         raise InvalidInputError(f"unknown parameters {unknown}; this model takes {list(PARAMETERS)}")
-    score = _number(params, "score_threshold")
-    iou = _number(params, "iou_threshold")
-    max_det = _integer(params, "max_detections")
-    classes: tuple[int, ...] = ()
-    if "class_filter" in params:
-        p = params["class_filter"]
-        kind = p.WhichOneof("parameter_choice")
-        if kind in ("int64_param", "uint64_param"):
-            classes = (int(getattr(p, kind)),)
-        elif kind == "string_param":
-            text = p.string_param
-            if text.count(",") >= max_class_filter:  # counted before anything is split
-                raise InvalidInputError(f"class_filter has more than {max_class_filter} entries (one per class)")
-            try:
-                classes = tuple(int(t) for t in text.split(",") if t.strip())
-            except ValueError:
-                raise InvalidInputError(f"class_filter must be class ids like \"0,2\", got {text[:64]!r}") from None
-        else:
-            raise InvalidInputError("class_filter must be a string of class ids like \"0,2\" (or one int)")
-    agnostic = False
-    if "class_agnostic_nms" in params:
-        p = params["class_agnostic_nms"]
-        if p.WhichOneof("parameter_choice") != "bool_param":
-            raise InvalidInputError("class_agnostic_nms must be a bool")
-        agnostic = p.bool_param
-    camera = ""
-    if "camera_id" in params:
-        p = params["camera_id"]
-        if p.WhichOneof("parameter_choice") != "string_param":
-            raise InvalidInputError("camera_id must be a string")
-        camera = p.string_param
-    timeout_us = _integer(params, "timeout")
+    thresholds = {n: float(_param(params, n, _NUMBER, "a number") or 0.0) for n in ("score_threshold", "iou_threshold")}
+    for name, value in thresholds.items():
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{name} must be a finite number, got {value}")
+    opts = RequestOptions(
+        score_threshold=thresholds["score_threshold"],
+        iou_threshold=thresholds["iou_threshold"],
+        max_detections=int(_param(params, "max_detections", _INTEGER, "an integer") or 0),
+        class_filter=_class_ids(_param(params, "class_filter", ("string_param", *_INTEGER), 'ids like "0,2"'),
+                                max_class_filter),
+        class_agnostic=bool(_param(params, "class_agnostic_nms", ("bool_param",), "a bool")),
+    )
+    camera = str(_param(params, "camera_id", ("string_param",), "a string") or "")
+    timeout_us = int(_param(params, "timeout", _INTEGER, "an integer (microseconds)") or 0)
     if timeout_us < 0:
         raise InvalidInputError(f"timeout must be >= 0 microseconds, got {timeout_us}")
-    opts = RequestOptions(score, iou, max_det, classes, agnostic)
     return opts, camera, _ms(timeout_us / 1e6)
 
 
-def _number(params: Mapping[str, kpb.InferParameter], name: str) -> float:
+def _param(params: Mapping[str, kpb.InferParameter], name: str, kinds: tuple[str, ...], what: str) -> Any:
+    """The value of parameter ``name`` (None if absent); InvalidInputError if not one of ``kinds``."""
     if name not in params:
-        return 0.0
-    p = params[name]
-    kind = p.WhichOneof("parameter_choice")
-    if kind not in ("double_param", "int64_param", "uint64_param"):
-        raise InvalidInputError(f"{name} must be a number")
-    value = float(getattr(p, kind))
-    if not math.isfinite(value):
-        raise InvalidInputError(f"{name} must be a finite number, got {value}")
-    return value
+        return None
+    parameter = params[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in kinds:
+        raise InvalidInputError(f"parameter {name} must be {what}")
+    return getattr(parameter, kind)
 
 
-def _integer(params: Mapping[str, kpb.InferParameter], name: str) -> int:
-    if name not in params:
-        return 0
-    p = params[name]
-    kind = p.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
-        raise InvalidInputError(f"{name} must be an integer")
-    return int(getattr(p, kind))
+def _class_ids(value: str | int | None, max_class_filter: int) -> tuple[int, ...]:
+    if value is None or isinstance(value, int):
+        return () if value is None else (value,)
+    if value.count(",") >= max_class_filter:  # counted before anything is split
+        raise InvalidInputError(f"class_filter has more than {max_class_filter} entries (one per class)")
+    try:
+        return tuple(int(t) for t in value.split(",") if t.strip())
+    except ValueError:
+        raise InvalidInputError(f'class_filter must be class ids like "0,2", got {value[:64]!r}') from None
 
 
 def _cameras(camera_ids: str, count: int) -> list[str]:

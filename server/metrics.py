@@ -52,6 +52,8 @@ UNNAMED_CAMERA = "unnamed"
 MAX_METHODS = 32
 
 
+LIFECYCLE_EVENTS = ("swap", "refused", "rollback", "degrade", "recover")
+
 class ServerMetrics:
     """Every metric the server exports, on ``registry``.
 
@@ -140,6 +142,17 @@ class ServerMetrics:
         self.model_input = Gauge(
             "perception_model_input_pixels", "Model input size in pixels, per dimension.", ["dimension"],
             registry=registry,
+        )
+        self.lifecycle_events = Counter(
+            "perception_model_lifecycle_events",
+            "Model lifecycle steps: swap, refused, rollback, degrade (to a faster variant), recover.",
+            ["event"], registry=registry,
+        )
+        for event in LIFECYCLE_EVENTS:
+            self.lifecycle_events.labels(event)
+        self.model_degraded = Gauge(
+            "perception_model_degraded",
+            "1 while graceful degradation serves a faster variant than the configured one.", registry=registry,
         )
         self.model_max_batch = Gauge(
             "perception_model_max_batch_frames", "Largest batch the served variant accepts.", registry=registry
@@ -236,6 +249,14 @@ class ServerMetrics:
                 raise ValueError(f"more than {MAX_METHODS} distinct methods: is {method!r} really an RPC name?")
             self._methods.add(method)
         self.grpc_errors.labels(method, code_name).inc()
+
+    def lifecycle_event(self, event: str) -> None:
+        if event not in LIFECYCLE_EVENTS:
+            raise ValueError(f"unknown lifecycle event {event!r}; known: {LIFECYCLE_EVENTS}")
+        self.lifecycle_events.labels(event).inc()
+
+    def set_degraded(self, degraded: bool) -> None:
+        self.model_degraded.set(1 if degraded else 0)
 
     def stream_opened(self) -> None:
         self.streams_in_flight.inc()

@@ -24,6 +24,8 @@ class Metrics(Protocol):
     def set_queue_depth(self, n: int) -> None: ...
     def observe_batch(self, size: int) -> None: ...
     def set_model_info(self, manifest: Manifest, variant_name: str, backend_name: str) -> None: ...
+    def lifecycle_event(self, event: str) -> None: ...
+    def set_degraded(self, degraded: bool) -> None: ...
 
 
 class NullMetrics:
@@ -60,6 +62,12 @@ class NullMetrics:
         pass
 
     def set_model_info(self, manifest: Manifest, variant_name: str, backend_name: str) -> None:
+        pass
+
+    def lifecycle_event(self, event: str) -> None:
+        pass
+
+    def set_degraded(self, degraded: bool) -> None:
         pass
 
 

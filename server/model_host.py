@@ -79,13 +79,15 @@ class ModelHost:
     """The served model, the previous one, and the swaps between them. Thread-safe."""
 
     def __init__(self, first: ServedModel, loader: Loader, limits: LifecycleLimits | None = None,
-                 on_change: Callable[[ServedModel], None] | None = None) -> None:
+                 on_change: Callable[[ServedModel], None] | None = None,
+                 on_event: Callable[[str], None] | None = None) -> None:
         self._lock = threading.RLock()
         self._current = first
         self._previous: ServedModel | None = None
         self._loader = loader
         self.limits = limits or LifecycleLimits()
         self._on_change = on_change
+        self._on_event = on_event or (lambda _event: None)
         self.swaps = 0
         self.rollbacks = 0
         self.refusals = 0
@@ -141,6 +143,7 @@ class ModelHost:
         with self._lock:
             self.refusals += 1
             self.message = f"refused {why}; still serving {self._current.describe()}"
+        self._on_event("refused")
         log.error("model load refused: %s", why)
 
     def swap_in(self, new: ServedModel, probation: bool = True) -> None:
@@ -155,6 +158,7 @@ class ModelHost:
             self._probation_until = time.monotonic() + self.limits.probation_s if probation else 0.0
             self.message = f"serving {new.describe()} (was {old.describe()})"
         log.info("swapped in %s (was %s)", new.describe(), old.describe())
+        self._on_event("swap")
         if dropped is not None and dropped is not new and dropped is not old:
             # Frames prepared for a model two swaps back have long been answered (a few batches).
             threading.Timer(5.0, dropped.backend.deactivate).start()
@@ -172,6 +176,7 @@ class ModelHost:
             self._probation_until = 0.0
             self.message = f"rolled back to {back.describe()} from {off.describe()}: {reason}"
         log.warning("rolled back to %s from %s: %s", back.describe(), off.describe(), reason)
+        self._on_event("rollback")
         if self._on_change is not None:
             self._on_change(back)
         return back

@@ -1,0 +1,182 @@
+"""Graceful degradation: under sustained load (or heat), serve a faster gated variant of the same
+manifest; go back up, with hysteresis, when the load falls.
+
+The server watches its own queueing through the answers it gives (``LoadMonitor``): the share
+of frames shed (stale, expired, overloaded) and the OK frames' end-to-end p99, over a sliding
+window. ``Degrader`` moves down the manifest's variants that passed their gate, ordered by the
+latency their build measured, when ``down_windows`` windows in a row are overloaded, and back up
+after ``up_windows`` calm ones. A thermal or power signal (a file holding a number, such as a
+thermal zone's millidegrees) counts as overload while it is at or above its limit. Each move is
+a hot swap through the ``ModelHost`` (so the same checks apply), logged, counted as a metric,
+and visible in every answer's model_variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perception.manifest import Variant, VariantFormat
+from server.metrics_protocol import Metrics
+from server.model_host import ModelHost
+
+log = logging.getLogger(__name__)
+
+
+class LoadMonitor:
+    """Frame outcomes of the last window: answered, shed, and OK end-to-end latencies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ok = 0
+        self._shed = 0
+        self._lat: deque[float] = deque(maxlen=20_000)
+
+    def answered(self) -> None:
+        with self._lock:
+            self._ok += 1
+
+    def dropped(self, reason: str) -> None:
+        if reason in ("stale", "expired", "overloaded"):
+            with self._lock:
+                self._shed += 1
+
+    def latency(self, seconds: float) -> None:
+        with self._lock:
+            self._lat.append(seconds)
+
+    def take(self) -> tuple[int, float, float]:
+        """(frames, shed share, OK p99 seconds) since the last call; resets the window."""
+        with self._lock:
+            ok, shed, lat = self._ok, self._shed, list(self._lat)
+            self._ok = self._shed = 0
+            self._lat.clear()
+        n = ok + shed
+        return n, (shed / n if n else 0.0), (float(np.percentile(lat, 99)) if lat else 0.0)
+
+
+class MonitoredMetrics:
+    """The server's metrics, also telling a LoadMonitor what became of every frame."""
+
+    def __init__(self, inner: Metrics, monitor: LoadMonitor) -> None:
+        self._inner = inner
+        self._monitor = monitor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def frame_answered(self, camera_id: str) -> None:
+        self._monitor.answered()
+        self._inner.frame_answered(camera_id)
+
+    def frame_dropped(self, camera_id: str, reason: str) -> None:
+        self._monitor.dropped(reason)
+        self._inner.frame_dropped(camera_id, reason)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        if stage == "end_to_end":
+            self._monitor.latency(seconds)
+        self._inner.observe_stage(stage, seconds)
+
+
+@dataclass(frozen=True)
+class DegradePolicy:
+    window_s: float = 2.0
+    shed_high: float = 0.05  # a window shedding more than this share of frames is overloaded
+    shed_low: float = 0.01  # ... and one shedding less than this (with a p99 in budget) is calm
+    p99_budget_ms: float = 0.0  # 0 = judge by shedding alone
+    down_windows: int = 2
+    up_windows: int = 5
+    min_frames: int = 10  # windows with fewer frames say nothing
+    thermal_path: str = ""  # a file holding a number (e.g. /sys/class/thermal/thermal_zone0/temp)
+    thermal_limit: float = 0.0  # at or above: overloaded
+
+
+def ladder(host: ModelHost) -> list[Variant]:
+    """The current manifest's gated ONNX variants, slowest (most accurate) first."""
+    m = host.current.manifest
+    ok = [v for v in m.variants if v.passed and v.format is VariantFormat.ONNX and v.latency_ms.get("p50")]
+    if host.current.variant not in ok:
+        ok.append(host.current.variant)
+    return sorted(ok, key=lambda v: -v.latency_ms.get("p50", 0.0))
+
+
+class Degrader:
+    """Moves the served variant down and up the ladder from the load it sees."""
+
+    def __init__(self, host: ModelHost, monitor: LoadMonitor, policy: DegradePolicy, metrics: Metrics) -> None:
+        self.host = host
+        self.monitor = monitor
+        self.policy = policy
+        self.metrics = metrics
+        self.top = host.current.variant.name  # the configured variant: never go above it
+        self.moves: list[tuple[float, str, str]] = []  # (time, direction, variant)
+        self._hot = self._calm = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="degrader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _thermal_hot(self) -> bool:
+        p = self.policy
+        if not p.thermal_path:
+            return False
+        try:
+            return float(Path(p.thermal_path).read_text().split()[0]) >= p.thermal_limit
+        except (OSError, ValueError, IndexError):
+            log.warning("cannot read the thermal signal %s", p.thermal_path)
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.window_s):
+            try:
+                self.step()
+            except Exception:  # a failed move is logged; the served model goes on
+                log.exception("degradation step failed")
+
+    def step(self) -> str:
+        """One window: '' (no move), 'degrade' or 'recover'."""
+        p = self.policy
+        frames, shed, p99 = self.monitor.take()
+        hot = self._thermal_hot()
+        if frames < p.min_frames and not hot:
+            return ""
+        over_budget = p.p99_budget_ms > 0 and p99 * 1e3 > p.p99_budget_ms
+        overloaded = hot or shed > p.shed_high or over_budget
+        calm = not hot and shed < p.shed_low and (p.p99_budget_ms <= 0 or p99 * 1e3 < p.p99_budget_ms / 2)
+        self._hot = self._hot + 1 if overloaded else 0
+        self._calm = self._calm + 1 if calm else 0
+        rungs = ladder(self.host)
+        names = [v.name for v in rungs]
+        here = names.index(self.host.current.variant.name) if self.host.current.variant.name in names else 0
+        top = names.index(self.top) if self.top in names else 0
+        if self._hot >= p.down_windows and here + 1 < len(rungs):
+            return self._move(rungs[here + 1], "degrade", f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms"
+                              + (", thermal limit" if hot else ""))
+        if self._calm >= p.up_windows and here > top:
+            return self._move(rungs[here - 1], "recover", f"calm for {self._calm} windows")
+        return ""
+
+    def _move(self, to: Variant, direction: str, why: str) -> str:
+        cur = self.host.current
+        log.warning("%s: %s -> %s (%s)", direction, cur.variant.name, to.name, why)
+        self.host.load_and_swap(cur.manifest_path, to.name)
+        self._hot = self._calm = 0
+        self.moves.append((time.monotonic(), direction, to.name))
+        self.metrics.lifecycle_event(direction)
+        self.metrics.set_degraded(to.name != self.top)
+        return direction

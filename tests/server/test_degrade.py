@@ -1,0 +1,73 @@
+"""Graceful degradation on a real server: sustained shedding (or heat) moves it to a faster
+gated variant, calm moves it back; every answer names the variant that produced it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from perception.manifest import load_manifest, save_manifest
+from tests.server.conftest import jpeg, request
+from tests.server.test_lifecycle import versioned_artifact
+
+
+def two_rung_artifact(d: Path) -> Path:
+    """One model file as two gated variants: "accurate" (p50 10 ms) and "fast" (3 ms)."""
+    path = versioned_artifact(d, "1.0.0", seed=0)
+    m = load_manifest(path)
+    base = m.variant()
+    accurate = dataclasses.replace(base, name="accurate", latency_ms={"p50": 10.0, "min": 9.0})
+    fast = dataclasses.replace(base, name="fast", latency_ms={"p50": 3.0, "min": 2.5}, parent="accurate")
+    ver = m.verification
+    assert ver is not None
+    ver = dataclasses.replace(ver, expected={"accurate": ver.expected[base.name], "fast": ver.expected[base.name]})
+    save_manifest(dataclasses.replace(m, variants=(accurate, fast), default_variant="accurate", verification=ver), d)
+    return path
+
+
+def _overloaded(monitor: Any) -> None:
+    for _ in range(30):
+        monitor.dropped("overloaded")
+    for _ in range(5):
+        monitor.answered()
+
+
+def _calm(monitor: Any) -> None:
+    for _ in range(30):
+        monitor.answered()
+        monitor.latency(0.01)
+
+
+def test_degrades_under_sustained_load_and_recovers_with_hysteresis(serve: Any, tmp_path: Path) -> None:
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0)
+    deg = run.server.degrader
+    assert deg is not None and run.server.models.current.variant.name == "accurate"
+    _overloaded(deg.monitor)
+    assert deg.step() == ""  # one overloaded window is not sustained load
+    _overloaded(deg.monitor)
+    assert deg.step() == "degrade"
+    assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).model_variant == "fast"
+    for _ in range(4):
+        _calm(deg.monitor)
+        assert deg.step() == ""  # hysteresis: not back up before five calm windows
+    _calm(deg.monitor)
+    assert deg.step() == "recover"
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).model_variant == "accurate"
+    _calm(deg.monitor)
+    assert deg.step() == ""  # never above the configured variant
+    get = run.registry.get_sample_value
+    assert get("perception_model_lifecycle_events_total", {"event": "degrade"}) == 1
+    assert get("perception_model_lifecycle_events_total", {"event": "recover"}) == 1
+    assert get("perception_model_degraded") == 0
+
+
+def test_a_thermal_signal_drives_the_same_decision(serve: Any, tmp_path: Path) -> None:
+    zone = tmp_path / "temp"
+    zone.write_text("91000\n")
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0,
+                thermal_path=str(zone), thermal_limit=85000.0)
+    deg = run.server.degrader
+    deg.step()
+    assert deg.step() == "degrade"  # no frames at all: the heat alone decides
+    assert run.registry.get_sample_value("perception_model_degraded") == 1
