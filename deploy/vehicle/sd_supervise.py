@@ -1,6 +1,7 @@
 """systemd notify + watchdog for ``perception serve``, driven by the server's own signals.
 
-    python sd_supervise.py [--health-timeout S] -- perception serve --model ... --port ...
+    python sd_supervise.py [--health-timeout S] [--tls-ca CA] [--auth-token-file F] \
+        -- perception serve --model ... --port ...
 
 systemd runs this as the service's main process (``Type=notify``). It starts the server as a
 child, passes its stderr through to the journal line by line, and speaks the sd_notify
@@ -10,9 +11,17 @@ protocol (a datagram to ``$NOTIFY_SOCKET``; no libsystemd needed):
   i.e. after the model is loaded and warmed up and gRPC health says SERVING;
 * ``WATCHDOG=1`` every ``$WATCHDOG_USEC / 2`` but only while a gRPC health check of that
   address answers SERVING within the timeout, so a wedged server (handler threads stuck,
-  health NOT_SERVING) stops the pings and systemd restarts it after ``WatchdogSec``;
+  health NOT_SERVING) stops the pings and systemd restarts it after ``WatchdogSec``. With
+  ``--tls-ca`` the check speaks TLS and verifies the server against that CA (health needs no
+  bearer token: the server exempts it);
 * ``STOPPING=1`` on SIGTERM, which is forwarded to the server (it answers in-flight frames
   and exits 0 within its grace period); the supervisor exits with the server's exit code.
+
+``--auth-token-file F`` is appended to the server command as ``--auth-token-file F``. It is a
+stop-gap: the unit hands the server its credential paths as ``PERCEPTION_*`` settings
+(``Environment=PERCEPTION_TLS_CERT=%d/tls.crt``), but ``perception serve`` reads a token file
+only from its command line; once it has a ``PERCEPTION_AUTH_TOKEN_FILE`` setting, the unit
+sets that instead and this option goes.
 
 Without ``$NOTIFY_SOCKET`` (run by hand, in a container) it simply execs the command.
 Dependencies: the standard library, and grpcio + grpcio-health-checking for the check
@@ -48,12 +57,21 @@ def notify(message: str, socket_path: str | None = None) -> bool:
     return True
 
 
-def health_serving(address: str, timeout_s: float) -> bool:
-    """True iff the gRPC health service at ``address`` answers SERVING within ``timeout_s``."""
+def health_serving(address: str, timeout_s: float, tls_ca: bytes | None = None, server_name: str = "") -> bool:
+    """True iff the gRPC health service at ``address`` answers SERVING within ``timeout_s``.
+
+    ``tls_ca`` (PEM): speak TLS and verify the server's certificate against it, for the name
+    ``server_name`` (default: the host of ``address``).
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    if tls_ca is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca), options=options)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError:
@@ -81,11 +99,16 @@ def watchdog_interval_s(env: Mapping[str, str] | None = None) -> float | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd_supervise", description=__doc__.split("\n\n")[0])
     parser.add_argument("--health-timeout", type=float, default=3.0, help="seconds per health check")
+    parser.add_argument("--tls-ca", help="CA certificate (PEM): health checks speak TLS and verify the server")
+    parser.add_argument("--tls-server-name", default="", help="name the server certificate is checked for")
+    parser.add_argument("--auth-token-file", help="appended to the server command as --auth-token-file")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the server command line")
     return parser
 
 
-def supervise(command: Sequence[str], health_timeout_s: float) -> int:
+def supervise(
+    command: Sequence[str], health_timeout_s: float, tls_ca: bytes | None = None, server_name: str = ""
+) -> int:
     """Run ``command`` under the sd_notify protocol; returns its exit code."""
     # The supervisor is systemd's main PID and speaks for the server (NotifyAccess=main).
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -122,7 +145,7 @@ def supervise(command: Sequence[str], health_timeout_s: float) -> int:
         except subprocess.TimeoutExpired:
             pass
         if interval and ready.is_set() and not stopping.is_set() and child.poll() is None:
-            if health_serving(address[0], health_timeout_s):
+            if health_serving(address[0], health_timeout_s, tls_ca, server_name):
                 notify("WATCHDOG=1")
             else:
                 logger.warning("health check of %s failed: watchdog not fed", address[0])
@@ -136,10 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         print("sd_supervise: no command given (usage: sd_supervise.py -- perception serve ...)", file=sys.stderr)
         return 2
+    if args.auth_token_file:
+        command = [*command, "--auth-token-file", args.auth_token_file]
+    tls_ca = None
+    if args.tls_ca:
+        try:
+            with open(args.tls_ca, "rb") as f:
+                tls_ca = f.read()
+        except OSError as exc:
+            print(f"sd_supervise: cannot read --tls-ca: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not os.environ.get("NOTIFY_SOCKET"):
         os.execvp(command[0], command)  # nothing to speak to: be the server
-    return supervise(command, args.health_timeout)
+    return supervise(command, args.health_timeout, tls_ca, args.tls_server_name)
 
 
 if __name__ == "__main__":

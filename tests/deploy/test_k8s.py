@@ -1,28 +1,24 @@
 """deploy/k8s, validated offline: core kinds against the Kubernetes JSON schemas
 (kubernetes-validate, strict), the ServiceMonitor against its CRD's structure, and the
 cross-references between manifests, the image and the server (ports, labels, metric names,
-settings). The replay Job's script runs for real against a live server."""
+settings). The replay Job's script runs for real against a live TLS server in
+tests/deploy/test_secrets_k8s.py."""
 
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.cli_check import REPO_ROOT, module_written, parse_perception_argv
+from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
 from tests.deploy.dockerfile import parse_dockerfile
-from tests.deploy.live_server import serve
 
 K8S = REPO_ROOT / "deploy" / "k8s"
-# Oldest release with every feature used (gRPC probes GA 1.27, Job backoffLimitPerIndex 1.29)
+# Oldest release with every feature used (Job backoffLimitPerIndex 1.29)
 # and the newest schemas kubernetes-validate ships.
 VERSIONS = ("1.29.0", "latest")
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -68,7 +64,7 @@ def test_strict_validation_rejects_a_typo() -> None:
     from kubernetes_validate.utils import ValidationError, validate
 
     bad = copy.deepcopy(find("Deployment"))
-    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["prot"] = 50051
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["comand"] = ["perception"]
     with pytest.raises(ValidationError):
         validate(bad, _version("latest"), strict=True)
 
@@ -201,8 +197,12 @@ def test_deployment_gpu_probes_and_ports_match_the_image() -> None:
     args = parse_perception_argv([*entry, *container.get("args", [])])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": args.port, "metrics": args.metrics_port}
+    # The kubelet's `grpc:` probe speaks plaintext only; the server serves TLS, so each probe runs
+    # `perception health --tls-ca` (tests/deploy/test_secrets_k8s.py runs them for real).
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == args.port, f"{probe} does not ask gRPC health"
+        health = parse_perception_argv(container[probe]["exec"]["command"])
+        assert health.address.rpartition(":")[2] == str(args.port), f"{probe} does not ask gRPC health"
+        assert health.tls_ca, f"{probe} does not speak TLS"
     user = stage.of("USER")[-1].args.split(":")[0]
     assert str(pod["spec"]["securityContext"]["runAsUser"]) == user
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -288,43 +288,3 @@ def test_job_replays_every_listed_drive_against_the_headless_service() -> None:
     line = " ".join(script[script.index("exec perception replay") :].replace("\\\n", " ").split())
     argv = shlex.split(line.split("exec ", 1)[1].replace('"${gt[@]}"', ""))
     parse_perception_argv([a.replace("$PERCEPTION_SERVER", env["PERCEPTION_SERVER"]) for a in argv])
-
-
-def test_job_script_runs_against_a_live_server(tmp_path: Path, tiny_manifest: Path) -> None:
-    """The Job's own bash script, with its volumes moved into tmp, replays a recorded drive."""
-    if not (module_written("server.cli") and module_written("client.replay_cli")):
-        pytest.skip("server.cli / client.replay_cli are not in this tree yet")
-    from tests.client.recordings import write_mcap_ros2
-
-    job = _job()
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    volumes = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    drives_txt = find("ConfigMap", "perception-drives")["data"]["drives.txt"]
-    first = drives_txt.split()[0]
-    roots = {name: tmp_path / name for name in volumes}
-    for path in roots.values():
-        path.mkdir()
-    (roots["config"] / "drives.txt").write_text(drives_txt)
-    (roots["drives"] / first).parent.mkdir(parents=True)
-    write_mcap_ros2(roots["drives"] / f"{first}.mcap", cameras=("front", "rear"), n=4)
-    script = container["args"][0]
-    by_mount = {mount: roots[name] for name, mount in volumes.items()}
-    pattern = "|".join(re.escape(m) for m in sorted(by_mount, key=len, reverse=True))
-    script = re.sub(rf"(?<![\w/])({pattern})/", lambda m: f"{by_mount[m.group(1)]}/", script)
-    bin_dir = Path(sys.executable).parent
-    with serve([str(bin_dir / "perception"), "serve"], tiny_manifest) as server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PERCEPTION_")}
-        env.update(JOB_COMPLETION_INDEX="0", PERCEPTION_SERVER=server.address,
-                   PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
-        result = subprocess.run([*container["command"], script], env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert server.stop() == 0
-    out = roots["results"] / first.replace("/", "_")
-    lines = out.with_suffix(".jsonl").read_text().splitlines()
-    assert len(lines) == 8, "4 frames x 2 cameras, each answered"
-    summary = yaml.safe_load(Path(f"{out}.summary.json").read_text())
-    assert summary["frames_answered"] == 8
-    # An index past the list fails loudly instead of replaying nothing.
-    env["JOB_COMPLETION_INDEX"] = "99"
-    result = subprocess.run([*container["command"], script], env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "no drive for index 99" in result.stderr
