@@ -6,6 +6,7 @@ small model, so callers cut candidates by score and a pre-NMS top-k first.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -54,9 +55,34 @@ def batched_nms(
 ) -> NDArray[np.int64]:
     """NMS per class (boxes of different classes never suppress each other) unless agnostic.
 
-    Uses the coordinate-offset trick: each class is shifted to its own region of the plane,
-    so one NMS pass handles every class. Returns kept indices, highest score first.
+    Returns kept indices, highest score first. OpenCV's C++ NMS (4-6x faster than the numpy
+    loop: docs/performance.md) runs when every box has a positive area, where it keeps exactly
+    the boxes ``nms`` keeps (tested against it); zero-area boxes, where the two differ, take the
+    numpy path, which shifts each class to its own region of the plane for one pass.
     """
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if b.shape[0] == 0:
+        return np.zeros((0,), np.int64)
+    wh = b[:, 2:] - b[:, :2]
+    if bool(np.all(wh > 0)):
+        xywh = np.concatenate([b[:, :2], wh], axis=1).astype(np.float64)
+        s = np.asarray(scores, np.float32).reshape(-1)
+        # One class for agnostic NMS (NMSBoxes itself refuses the -1 score floor that keeps every
+        # candidate, including a score of exactly 0).
+        ids = np.zeros(len(b), np.int32) if class_agnostic else np.asarray(class_ids).astype(np.int32).reshape(-1)
+        kept = cv2.dnn.NMSBoxesBatched(xywh, s, ids, -1.0, float(iou_threshold))
+        return np.asarray(kept, np.int64).reshape(-1)
+    return reference_batched_nms(b, scores, class_ids, iou_threshold, class_agnostic)
+
+
+def reference_batched_nms(
+    boxes: NDArray[np.floating],
+    scores: NDArray[np.floating],
+    class_ids: NDArray[np.integer],
+    iou_threshold: float,
+    class_agnostic: bool = False,
+) -> NDArray[np.int64]:
+    """``batched_nms`` in plain numpy: the reference the fast path is tested against."""
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if b.shape[0] == 0:
         return np.zeros((0,), np.int64)

@@ -127,19 +127,13 @@ def tune_malloc() -> None:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "auth_token_file", "admin_token_file")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "admin_token_file")}
     if args.admin_token_file:
         try:
             lines = Path(args.admin_token_file).read_text().splitlines()
         except OSError as exc:
             raise ConfigError(f"cannot read --admin-token-file: {exc}") from exc
         flags["admin_tokens"] = tuple(line.strip() for line in lines if line.strip())
-    if args.auth_token_file:
-        try:
-            lines = Path(args.auth_token_file).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --auth-token-file: {exc}") from exc
-        flags["auth_tokens"] = tuple(line.strip() for line in lines if line.strip())
     return flags
 
 

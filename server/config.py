@@ -89,6 +89,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # set => mutual TLS: clients must present a cert signed by it
     auth_tokens: tuple[str, ...] = ()  # non-empty => `authorization: Bearer <token>` required
+    auth_token_file: str = ""  # a file of accepted tokens, one per line (read once, added to auth_tokens)
     cameras: tuple[str, ...] = ()  # allow-list of camera ids; empty = any
     # Camera ids that get their own metric label; any other is counted as "other" from the
     # first one. Empty: the `cameras` allow-list, else the first max_camera_labels ids seen.
@@ -166,6 +167,16 @@ class ServerConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}: no such file {value}")
+        if self.auth_token_file:
+            try:
+                lines = Path(self.auth_token_file).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read auth_token_file: {exc}") from exc
+            tokens = tuple(line.strip() for line in lines if line.strip())
+            if not tokens:
+                # An empty file must not silently turn authentication off.
+                raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
+            object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens) + tokens)
         if any(not t or any(ch.isspace() for ch in t) for t in self.auth_tokens):
             raise ConfigError("auth tokens must be non-empty and contain no whitespace")
         if self.auth_tokens and not self.tls_cert and not self.insecure_token:

@@ -74,3 +74,25 @@ def test_kept_boxes_do_not_overlap_beyond_threshold() -> None:
 def test_empty_input() -> None:
     assert nms(np.zeros((0, 4)), np.zeros(0), 0.5).shape == (0,)
     assert batched_nms(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), 0.5).shape == (0,)
+
+
+def test_the_fast_path_keeps_exactly_what_the_reference_keeps() -> None:
+    """OpenCV's NMS (used for positive-area boxes) against the numpy reference: same kept boxes,
+    same order, on 600 random clustered sets with ties, both class-aware and agnostic."""
+    from perception.nms import batched_nms, reference_batched_nms
+
+    rng = np.random.default_rng(7)
+    for t in range(600):
+        n = int(rng.integers(0, 300))
+        centers = rng.uniform(0, 300, (max(1, n // 10), 2))
+        c = centers[rng.integers(0, len(centers), n)] + rng.normal(0, 8, (n, 2))
+        wh = rng.uniform(0.5, 60, (n, 2))
+        b = np.concatenate([c, c + wh], 1).astype(np.float32)
+        s = rng.random(n).astype(np.float32)
+        if t % 3 == 0:
+            s = np.round(s, 1)  # ties
+        cls = rng.integers(0, 4, n)
+        iou = float(rng.uniform(0.3, 0.8))
+        for agnostic in (False, True):
+            np.testing.assert_array_equal(batched_nms(b, s, cls, iou, agnostic),
+                                          reference_batched_nms(b, s, cls, iou, agnostic), err_msg=f"case {t}")

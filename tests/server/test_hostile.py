@@ -306,3 +306,13 @@ def test_a_quiet_cameras_queue_is_released(serve: Any) -> None:
 
 def _channel_stub(address: str) -> pb_grpc.DetectorStub:
     return pb_grpc.DetectorStub(grpc.insecure_channel(address))
+
+
+def test_an_empty_token_file_does_not_turn_auth_off(tiny_manifest: Any, tmp_path: Any) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match="holds no token"):
+        ServerConfig(model=str(tiny_manifest), auth_token_file=str(empty), insecure_token=True)
+    empty.write_text("t0k3n\n")
+    cfg = ServerConfig(model=str(tiny_manifest), auth_token_file=str(empty), insecure_token=True)
+    assert cfg.auth_tokens == ("t0k3n",)
