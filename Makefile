@@ -8,7 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/perception/v1/*.proto)
-PROTO_OUT := perception/v1/detector_pb2.py
+# KServe's Open Inference Protocol, vendored as published (package `inference`). Its messages
+# are generated beside ours; server.kserve registers the service's handlers itself.
+KSERVE_PROTO := proto/kserve/grpc_predict_v2.proto
+PROTO_OUT := perception/v1/detector_pb2.py perception/v1/grpc_predict_v2_pb2.py
 
 .PHONY: demo test setup proto bench clean lint
 
@@ -21,8 +24,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Python stubs are generated from the contract, never edited by hand.
-$(PROTO_OUT): $(PROTO_SRC) $(STAMP)
+$(PROTO_OUT) &: $(PROTO_SRC) $(KSERVE_PROTO) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+	$(PY) -m grpc_tools.protoc -Iproto/kserve --python_out=perception/v1 --pyi_out=perception/v1 $(KSERVE_PROTO)
 
 proto: $(PROTO_OUT)
 

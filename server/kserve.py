@@ -27,7 +27,6 @@ here, beside Triton-only RPCs (ModelConfig, ModelStreamInfer) answered UNIMPLEME
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,9 +47,9 @@ from perception.v1 import grpc_predict_v2_pb2 as kpb
 from server.answer import FrameTask, finish_task
 from server.limits import ServiceLimits
 from server.metrics_protocol import Metrics
+from server.model_host import ServedModel
 from server.scheduler import Job, JobStatus, Scheduler
 
-log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -93,41 +92,36 @@ class RequestFrames:
 
 
 class KServeService:
-    """Serves one loaded model over KServe v2 gRPC. ``ready()`` / ``draining()`` come from the app."""
+    """Serves the loaded model over KServe v2 gRPC. ``ready()`` / ``draining()`` come from the app.
+
+    The KServe model is the served one: its manifest's name and version, its backend as the
+    platform, its batch as the most frames one request may carry. After a hot swap, requests
+    are served by (and named after) the new model.
+    """
 
     def __init__(
         self,
-        pipeline: FramePipeline,
         metrics: Metrics,
-        model_name: str,
-        model_version: str,
         cameras: frozenset[str],
         ready: Callable[[], bool],
         draining: Callable[[], bool],
         limits: ServiceLimits | None = None,
         max_class_filter: int = 0,
     ) -> None:
-        if not model_name:
-            raise ValueError("a KServe model needs a name")
-        self._pipeline = pipeline
         self._metrics = metrics
-        self.model_name = model_name
-        self.model_version = model_version
         self._cameras = cameras
         self._ready = ready
         self._draining = draining
         self._limits = limits or ServiceLimits()
-        self._max_class_filter = max_class_filter or len(pipeline.classes)
+        self._max_class_filter = max_class_filter  # 0 = the model's class count
         self._scheduler: Scheduler | None = None
-        self._platform = ""
-        self._max_frames = 1
+        self._current: Callable[[], ServedModel] | None = None
 
-    def attach(self, scheduler: Scheduler, platform: str, max_batch: int) -> None:
+    def attach(self, scheduler: Scheduler, current: Callable[[], ServedModel]) -> None:
         """Called once the model is loaded; until then inference is answered UNAVAILABLE.
-        ``max_batch``: the most frames one request may carry (the engine's batch)."""
+        ``current()``: the model a new request is served by (``ModelHost.current``)."""
         self._scheduler = scheduler
-        self._platform = platform
-        self._max_frames = max(1, max_batch)
+        self._current = current
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Register every method of ``inference.GRPCInferenceService`` on ``server``."""
@@ -156,33 +150,34 @@ class KServeService:
 
     # -- health and metadata -------------------------------------------------------------------
 
-    def _serving(self) -> bool:
-        return self._ready() and not self._draining() and self._scheduler is not None
+    def _serving(self) -> ServedModel | None:
+        """The served model, or None while loading or draining."""
+        if not self._ready() or self._draining() or self._current is None:
+            return None
+        return self._current()
 
-    def _check_serving(self) -> Scheduler:
+    def _check_serving(self, name: str, version: str) -> tuple[Scheduler, ServedModel]:
+        """The scheduler and the model named ``name`` (``version``: "" = the served one)."""
         if self._draining():
             raise NotReadyError("server is shutting down; retry on another instance")
-        if not self._ready() or self._scheduler is None:
+        if not self._ready() or self._scheduler is None or self._current is None:
             raise NotReadyError("model is still loading / warming up; retry shortly")
-        return self._scheduler
-
-    def _is_served(self, name: str, version: str) -> bool:
-        return name == self.model_name and version in ("", self.model_version)
-
-    def _check_model(self, name: str, version: str) -> None:
-        if not self._is_served(name, version):
+        model = self._current()
+        if not _names(model, name, version):
             asked = f"{name!r}" + (f" version {version!r}" if version else "")
-            raise InvalidInputError(f"unknown model {asked}; this server serves {self.model_name!r} "
-                                    f"version {self.model_version!r}")
+            raise InvalidInputError(f"unknown model {asked}; this server serves {model.manifest.name!r} "
+                                    f"version {model.version!r}")
+        return self._scheduler, model
 
     def ServerLive(self, request: kpb.ServerLiveRequest, context: grpc.ServicerContext) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request: kpb.ServerReadyRequest, context: grpc.ServicerContext) -> kpb.ServerReadyResponse:
-        return kpb.ServerReadyResponse(ready=self._serving())
+        return kpb.ServerReadyResponse(ready=self._serving() is not None)
 
     def ModelReady(self, request: kpb.ModelReadyRequest, context: grpc.ServicerContext) -> kpb.ModelReadyResponse:
-        return kpb.ModelReadyResponse(ready=self._serving() and self._is_served(request.name, request.version))
+        model = self._serving()
+        return kpb.ModelReadyResponse(ready=model is not None and _names(model, request.name, request.version))
 
     def ServerMetadata(
         self, request: kpb.ServerMetadataRequest, context: grpc.ServicerContext
@@ -192,13 +187,12 @@ class KServeService:
     def ModelMetadata(
         self, request: kpb.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> kpb.ModelMetadataResponse:
-        self._check_model(request.name, request.version)
-        self._check_serving()
+        _, model = self._check_serving(request.name, request.version)
         tensor = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
-            name=self.model_name,
-            versions=[self.model_version],
-            platform=self._platform,
+            name=model.manifest.name,
+            versions=[model.version],
+            platform=model.backend.name,
             inputs=[tensor(name=INPUT, datatype=Datatype.BYTES.value, shape=[-1])],
             outputs=[tensor(name=name, datatype=dtype.value, shape=shape) for name, (dtype, shape) in _OUTPUTS.items()],
         )
@@ -206,34 +200,36 @@ class KServeService:
     # -- inference -----------------------------------------------------------------------------
 
     def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.ServicerContext) -> kpb.ModelInferResponse:
-        scheduler = self._check_serving()
-        self._check_model(request.model_name, request.model_version)
-        opts, camera_ids, timeout_ms = _parameters(request.parameters, self._max_class_filter)
-        self._pipeline.options(opts)  # bad options fail the request before any frame is counted
+        scheduler, model = self._check_serving(request.model_name, request.model_version)
+        pipeline = model.pipeline
+        opts, camera_ids, timeout_ms = _parameters(request.parameters,
+                                                   self._max_class_filter or len(pipeline.classes))
+        pipeline.options(opts)  # bad options fail the request before any frame is counted
         wanted = _requested_outputs(request)
-        frames = _frames(request, self._max_frames)
+        frames = _frames(request, model.max_batch)
         cameras = _cameras(camera_ids, frames.count)
         deadline_ms = _deadline_ms(timeout_ms, context.time_remaining())
-        tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline_ms) for camera in cameras]
+        tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline_ms, model=model) for camera in cameras]
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
-        self._prepare(request.ByteSize(), frames, tasks, opts)
-        keys = self._submit(scheduler, tasks)
+        self._prepare(request.ByteSize(), frames, tasks, opts, pipeline)
+        keys = self._submit(scheduler, tasks, pipeline)
         for task in tasks:
             while not task.done.wait(0.25):
                 if not context.is_active():  # the client cancelled or its deadline passed
                     for key in keys:
                         scheduler.close(key)
                     return kpb.ModelInferResponse()
-        answers = [finish_task(t, self._pipeline, self._metrics, answer_errors=True) for t in tasks]
+        answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in tasks]
         for index, (task, answer) in enumerate(zip(tasks, answers, strict=True)):
             _raise_unanswered(index, task, answer.status, answer.message)
-        return _response(request, self.model_name, self.model_version, [a.detections for a in answers], wanted)
+        return _response(request, model, [a.detections for a in answers], wanted)
 
-    def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions) -> None:
+    def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions,
+                 pipeline: FramePipeline) -> None:
         """Decode + letterbox every frame; on any failure every frame is answered (and counted)."""
         if not self._limits.undecoded.try_take(size):
-            _answer_all(tasks, FrameStatus.OVERLOADED, "undecoded-bytes budget full", self._pipeline, self._metrics)
+            _answer_all(tasks, FrameStatus.OVERLOADED, "undecoded-bytes budget full", pipeline, self._metrics)
             raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
         index = 0
         try:
@@ -243,15 +239,15 @@ class KServeService:
                                             f"{sorted(self._cameras)}")
                 frame = frames.frame(index, task.camera_id)
                 with self._limits.decode.slot():
-                    task.prepared = self._pipeline.prepare(frame, opts)
+                    task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
             message = f"{INPUT}[{index}]: {exc}" if len(tasks) > 1 else str(exc)
-            _answer_all(tasks, FrameStatus.INVALID, message, self._pipeline, self._metrics)
+            _answer_all(tasks, FrameStatus.INVALID, message, pipeline, self._metrics)
             raise InvalidInputError(message) from exc
         finally:
             self._limits.undecoded.give_back(size)
 
-    def _submit(self, scheduler: Scheduler, tasks: list[FrameTask]) -> list[tuple[str, int]]:
+    def _submit(self, scheduler: Scheduler, tasks: list[FrameTask], pipeline: FramePipeline) -> list[tuple[str, int]]:
         """Queue every frame, each in a queue of its own; all or none (the queued ones cancelled)."""
         keys: list[tuple[str, int]] = []
         try:
@@ -259,7 +255,8 @@ class KServeService:
                 assert task.prepared is not None  # _prepare prepared every frame or raised
                 key = ("kserve", next(_ids))
                 deadline = task.received + task.deadline_ms / 1000.0 if task.deadline_ms else None
-                scheduler.submit(Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline),
+                scheduler.submit(Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline,
+                                     model=task.model, priority=self._limits.priority_of(task.camera_id)),
                                  transient=True)
                 keys.append(key)
         except (OverloadedError, NotReadyError) as exc:
@@ -269,9 +266,14 @@ class KServeService:
                 task.answer_now(FrameStatus.OVERLOADED, str(exc))
             for task in tasks:
                 task.done.wait()  # a frame already taken into a batch is answered when it ends
-                finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+                finish_task(task, pipeline, self._metrics, answer_errors=True)
             raise
         return keys
+
+
+def _names(model: ServedModel, name: str, version: str) -> bool:
+    """Whether ``name`` / ``version`` ("" = any) name the served model."""
+    return name == model.manifest.name and version in ("", model.version)
 
 
 def _answer_all(tasks: list[FrameTask], status: FrameStatus, message: str, pipeline: FramePipeline,
@@ -464,13 +466,13 @@ def detection_rows(det: Detections) -> NDArray[np.float32]:
     return np.column_stack([det.boxes, det.scores, det.class_ids.astype(np.float32)]).astype(np.float32)
 
 
-def _response(request: kpb.ModelInferRequest, name: str, version: str, detections: list[Detections],
+def _response(request: kpb.ModelInferRequest, model: ServedModel, detections: list[Detections],
               wanted: list[str]) -> kpb.ModelInferResponse:
     arrays: dict[str, NDArray[Any]] = {
         DETECTIONS: np.concatenate([detection_rows(d) for d in detections]).astype("<f4"),
         NUM_DETECTIONS: np.array([len(d) for d in detections], "<i4"),
     }
-    response = kpb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    response = kpb.ModelInferResponse(model_name=model.manifest.name, model_version=model.version, id=request.id)
     for out in wanted:
         array = arrays[out]
         response.outputs.add(name=out, datatype=_OUTPUTS[out][0].value, shape=list(array.shape))

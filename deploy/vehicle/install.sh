@@ -30,7 +30,9 @@ pip=("$prefix/venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check
 #    is needed only for this step and is removed again so the runtime carries no compiler.
 "${pip[@]}" install --quiet "grpcio-tools>=1.62"
 "$prefix/venv/bin/python" -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
-    proto/perception/v1/detector.proto
+    proto/perception/v1/admin.proto proto/perception/v1/detector.proto
+"$prefix/venv/bin/python" -m grpc_tools.protoc -Iproto/kserve --python_out=perception/v1 --pyi_out=perception/v1 \
+    proto/kserve/grpc_predict_v2.proto
 
 # 2. The package itself with the runtime extras only: no torch, no build stage.
 "${pip[@]}" install --quiet ".[${extras}]"

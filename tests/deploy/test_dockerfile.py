@@ -68,8 +68,15 @@ def test_build_stage_installs_cpu_torch_generates_stubs_and_builds(dockerfile: D
     assert any('".[build]"' in r for r in runs)
     # Exactly the Makefile's proto recipe, with its variables filled in.
     makefile = (REPO_ROOT / "Makefile").read_text()
-    recipe = next(line.strip() for line in makefile.splitlines() if "grpc_tools.protoc" in line)
-    expected = recipe.replace("$(PY)", "python").replace("$(PROTO_SRC)", "proto/perception/v1/detector.proto")
+    recipes = [line.strip() for line in makefile.splitlines() if "grpc_tools.protoc" in line]
+    sources = {"$(PROTO_SRC)": "proto/perception/v1/admin.proto proto/perception/v1/detector.proto",
+               "$(KSERVE_PROTO)": "proto/kserve/grpc_predict_v2.proto"}
+    filled = []
+    for recipe in recipes:
+        for var, value in sources.items():
+            recipe = recipe.replace(var, value)
+        filled.append(recipe.replace("$(PY)", "python"))
+    expected = " && ".join(filled)
     assert any(" ".join(r.split()) == expected for r in runs), f"no RUN line is the Makefile's `{expected}`"
     # `perception build` on the checkpoint stage's file, into /artifacts/default.
     build_run = next(r for r in runs if "perception build" in r)

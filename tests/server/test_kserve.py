@@ -1,0 +1,434 @@
+"""The KServe v2 front door over loopback, driven by the stock ``tritonclient[grpc]``.
+
+tritonclient cannot run in the test's process: it pins protobuf<7, while the project's stubs
+are generated for the protobuf 7 runtime, and its own ``inference.*`` messages (Triton's
+grpc_service.proto) collide with the vendored KServe ones in protobuf's default descriptor pool.
+So one venv per session gets tritonclient (a few seconds with pip's cache), and each test runs
+its client calls in one subprocess on that interpreter (``_client_main``, sent as source).
+Hand-built requests that no stock client would send go through a plain gRPC channel instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import inspect
+import json
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
+
+from perception.manifest import load_manifest
+from perception.pipeline import FramePipeline
+from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
+from perception.v1 import grpc_predict_v2_pb2 as kpb
+from server import convert
+from server.app import ManagedServer
+from server.interceptors import ErrorInterceptor
+from server.kserve import KServeService
+from server.metrics import ServerMetrics
+from server.metrics_protocol import NULL_METRICS
+from server.model_host import ServedModel
+from server.runtime.factory import RuntimeSettings, backend_for
+from server.scheduler import Scheduler
+from server.service import DetectorService
+from tests.server.conftest import Running, jpeg, request
+
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+MODEL = "tiny"  # tests/tiny_model.py's manifest name
+CLASSES = ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_light", "traffic_sign")
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+def start_with_kserve(manifest_path: Path, served_models: list[ServedModel] | None = None) -> Running:
+    """The native Detector and the KServe service on one server, as create_server will wire them
+    once it has a ``kserve`` setting; then this becomes ``serve(kserve=True)``.
+    ``served_models``: the served model is appended; KServe serves its last one (a hot swap)."""
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry, cameras=None, process=False, gpu=False)
+    manifest = load_manifest(manifest_path)
+    pipeline = FramePipeline.from_manifest(manifest)
+    backend, variant = backend_for(manifest, "", RuntimeSettings(threads=1), preference=("onnxruntime-cpu",))
+    pipeline.bind_outputs(backend.outputs)
+    max_batch = max(1, min(8, backend.max_batch))
+    scheduler = Scheduler(backend.infer, max_batch, 0.004, 2, 64, metrics, to_batch=pipeline.to_batch)
+    ready, draining = threading.Event(), threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         interceptors=[ErrorInterceptor(metrics), ErrorInterceptor(metrics, prefix="/inference.")])
+    native = DetectorService(pipeline, metrics, 32, frozenset(), ready=ready.is_set, draining=draining.is_set)
+    pb_grpc.add_DetectorServicer_to_server(native, server)
+    kserve = KServeService(metrics, frozenset(), ready=ready.is_set, draining=draining.is_set)
+    kserve.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    served = ServedModel(str(manifest_path), manifest, variant, backend, pipeline, max_batch)
+    # Both services prepare frames for the one served model, as with create_server's ModelHost.
+    native.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch),
+                  SimpleNamespace(current=served))
+    models = [] if served_models is None else served_models
+    models.append(served)
+    kserve.attach(scheduler, lambda: models[-1])
+    scheduler.start()
+    ready.set()
+    managed = ManagedServer(server, port, scheduler, backend, health.HealthServicer(), metrics,
+                            ready=ready, draining=draining)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return Running(managed, port, registry, channel, pb_grpc.DetectorStub(channel))
+
+
+@pytest.fixture
+def run(serve: Any) -> Running:
+    """A real server from create_server with the KServe front door on."""
+    started: Running = serve(kserve=True)
+    return started
+
+
+# -- the stock client, in its own venv ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def triton_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv's interpreter with tritonclient installed (protobuf 6 and all)."""
+    venv = tmp_path_factory.mktemp("tritonclient") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--disable-pip-version-check",
+         TRITONCLIENT],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, f"pip install {TRITONCLIENT} failed:\n{done.stdout}\n{done.stderr}"
+    return python
+
+
+def _client_main() -> None:
+    """Run the calls read from stdin with tritonclient; print one JSON result per call.
+    Runs in the tritonclient venv (sent as source): it imports nothing of the project."""
+    import base64
+    import importlib
+    import json
+    import sys
+
+    import numpy as np
+
+    grpcclient = importlib.import_module("tritonclient.grpc")
+    utils = importlib.import_module("tritonclient.utils")
+    job = json.load(sys.stdin)
+    client = grpcclient.InferenceServerClient(job["url"])
+
+    def infer(call: dict[str, Any]) -> Any:
+        inputs = []
+        for spec in call["inputs"]:
+            tensor = grpcclient.InferInput(spec["name"], spec["shape"], spec["datatype"])
+            if spec["datatype"] == "BYTES":
+                elements = [base64.b64decode(e) for e in spec["elements"]]
+                tensor.set_data_from_numpy(np.array(elements, dtype=np.object_).reshape(spec["shape"]))
+            else:
+                raw = base64.b64decode(spec["raw"])
+                tensor.set_data_from_numpy(np.frombuffer(raw, spec["dtype"]).reshape(spec["shape"]))
+            inputs.append(tensor)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in call["outputs"]] if call.get("outputs") else None
+        result = client.infer(call["model"], inputs, model_version=call.get("version", ""), outputs=outputs,
+                              request_id=call.get("id", ""), parameters=call.get("parameters") or None,
+                              timeout=call.get("timeout"))
+        response = result.get_response(as_json=True)
+        arrays = {}
+        for out in response.get("outputs", []):
+            array = result.as_numpy(out["name"])
+            arrays[out["name"]] = {"dtype": array.dtype.str, "shape": list(array.shape),
+                                   "raw": base64.b64encode(array.tobytes()).decode()}
+        return {"response": response, "arrays": arrays}
+
+    ops = {
+        "server_live": lambda c: client.is_server_live(),
+        "server_ready": lambda c: client.is_server_ready(),
+        "model_ready": lambda c: client.is_model_ready(c["model"], c.get("version", "")),
+        "server_metadata": lambda c: client.get_server_metadata(as_json=True),
+        "model_metadata": lambda c: client.get_model_metadata(c["model"], c.get("version", ""), as_json=True),
+        "model_config": lambda c: client.get_model_config(c["model"], as_json=True),
+        "infer": infer,
+    }
+    results = []
+    for call in job["calls"]:
+        try:
+            results.append({"value": ops[call["op"]](call)})
+        except utils.InferenceServerException as exc:
+            results.append({"status": exc.status(), "message": exc.message()})
+    json.dump(results, sys.stdout)
+
+
+_CLIENT_PROGRAM = inspect.getsource(_client_main) + "\n_client_main()\n"
+
+
+def triton(python: Path, address: str, *calls: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run ``calls`` with tritonclient against ``address``, in one subprocess."""
+    header = "from __future__ import annotations\nfrom typing import Any\n"
+    done = subprocess.run([str(python), "-c", header + _CLIENT_PROGRAM], input=json.dumps(
+        {"url": address, "calls": list(calls)}), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    results: list[dict[str, Any]] = json.loads(done.stdout)
+    return results
+
+
+def infer_call(images: list[bytes] | None = None, pixels: np.ndarray | None = None, model: str = MODEL,
+               **extra: Any) -> dict[str, Any]:
+    """An ``infer`` call of encoded images (BYTES [B]) or raw BGR pixels (UINT8, HWC)."""
+    if pixels is not None:
+        spec = {"name": "IMAGE", "datatype": "UINT8", "shape": list(pixels.shape), "dtype": "|u1",
+                "raw": base64.b64encode(pixels.tobytes()).decode()}
+    else:
+        assert images is not None
+        spec = {"name": "IMAGE", "datatype": "BYTES", "shape": [len(images)],
+                "elements": [base64.b64encode(i).decode() for i in images]}
+    return {"op": "infer", "model": model, "inputs": [spec], **extra}
+
+
+def output(result: dict[str, Any], name: str) -> np.ndarray:
+    a = result["value"]["arrays"][name]
+    return np.frombuffer(base64.b64decode(a["raw"]), a["dtype"]).reshape(a["shape"])
+
+
+def native_rows(run: Running, data: bytes | None = None, raw: np.ndarray | None = None,
+                options: pb.DetectOptions | None = None) -> np.ndarray:
+    """(N, 6) rows x1 y1 x2 y2 score class of the native Detect for the same frame."""
+    req = request("native", 1, data)
+    if raw is not None:
+        h, w, _ = raw.shape
+        req.frame.raw.CopyFrom(pb.RawImage(width=w, height=h, format=pb.PIXEL_FORMAT_BGR8, data=raw.tobytes()))
+    if options is not None:
+        req.options.CopyFrom(options)
+    resp = run.stub.Detect(req, timeout=10)
+    assert resp.status == pb.FRAME_STATUS_OK, resp.message
+    return np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2, d.score, d.class_id] for d in resp.detections],
+                    np.float32).reshape(-1, 6)
+
+
+def split(result: dict[str, Any]) -> list[np.ndarray]:
+    """DETECTIONS cut into one (N_i, 6) array per frame by NUM_DETECTIONS."""
+    rows, counts = output(result, "DETECTIONS"), output(result, "NUM_DETECTIONS")
+    assert rows.shape == (int(counts.sum()), 6)
+    return np.split(rows, np.cumsum(counts)[:-1])
+
+
+def counter(run: Running, name: str, **labels: str) -> float:
+    value = run.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_health_and_metadata(run, triton_python):
+    live, ready, model_ready, other_ready, server_md, model_md, unknown_md, config = triton(
+        triton_python, run.address,
+        {"op": "server_live"}, {"op": "server_ready"}, {"op": "model_ready", "model": MODEL},
+        {"op": "model_ready", "model": "nope"}, {"op": "server_metadata"}, {"op": "model_metadata", "model": MODEL},
+        {"op": "model_metadata", "model": "nope"}, {"op": "model_config", "model": MODEL},
+    )
+    assert live["value"] is True and ready["value"] is True
+    assert model_ready["value"] is True and other_ready["value"] is False
+    assert server_md["value"]["name"] == "perception" and server_md["value"]["version"]
+    md = model_md["value"]
+    assert md["name"] == MODEL and md["versions"] == ["0.0.1"] and md["platform"] == "onnxruntime-cpu"
+    assert md["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": ["-1"]}]
+    assert md["outputs"] == [{"name": "DETECTIONS", "datatype": "FP32", "shape": ["-1", "6"]},
+                             {"name": "NUM_DETECTIONS", "datatype": "INT32", "shape": ["-1"]}]
+    assert unknown_md["status"] == "StatusCode.INVALID_ARGUMENT" and "unknown model 'nope'" in unknown_md["message"]
+    assert config["status"] == "StatusCode.UNIMPLEMENTED" and "ModelMetadata" in config["message"]
+
+
+def test_one_jpeg_gives_the_native_detections(run, triton_python):
+    data = jpeg(320, 200, seed=3)
+    (result,) = triton(triton_python, run.address, infer_call([data], id="req-7"))
+    response = result["value"]["response"]
+    assert response["model_name"] == MODEL and response["model_version"] == "0.0.1" and response["id"] == "req-7"
+    rows, counts = output(result, "DETECTIONS"), output(result, "NUM_DETECTIONS")
+    assert rows.dtype == np.float32 and counts.dtype == np.int32
+    expected = native_rows(run, data)
+    assert len(expected) > 0  # the tiny model's objectness leans positive
+    assert counts.tolist() == [len(expected)]
+    np.testing.assert_allclose(rows, expected, atol=1e-4)
+    assert np.all((rows[:, 2] <= 320) & (rows[:, 3] <= 200))  # source pixels
+    assert counter(run, "perception_frames_answered_total", camera="unnamed") == 1
+
+
+def test_a_batch_of_three_frames_from_three_cameras(run, triton_python):
+    frames = [jpeg(320, 200, seed=1), jpeg(160, 120, seed=2), jpeg(640, 360, seed=4)]
+    (result,) = triton(triton_python, run.address,
+                       infer_call(frames, parameters={"camera_id": "front,rear,left"}))
+    per_frame = split(result)
+    assert len(per_frame) == 3
+    for data, rows in zip(frames, per_frame, strict=True):
+        np.testing.assert_allclose(rows, native_rows(run, data), atol=1e-4)
+    for camera in ("front", "rear", "left"):
+        assert counter(run, "perception_frames_received_total", camera=camera) == 1
+        assert counter(run, "perception_frames_answered_total", camera=camera) == 1
+
+
+def test_raw_bgr_pixels_hwc(run, triton_python):
+    pixels = cv2.imdecode(np.frombuffer(jpeg(200, 150, seed=5), np.uint8), cv2.IMREAD_COLOR)
+    assert pixels is not None
+    single, batched = triton(triton_python, run.address, infer_call(pixels=pixels),
+                             infer_call(pixels=np.stack([pixels, pixels[::-1].copy()])))
+    expected = native_rows(run, raw=pixels)
+    np.testing.assert_allclose(output(single, "DETECTIONS"), expected, atol=1e-4)
+    first, flipped = split(batched)
+    np.testing.assert_allclose(first, expected, atol=1e-4)
+    np.testing.assert_allclose(flipped, native_rows(run, raw=pixels[::-1].copy()), atol=1e-4)
+
+
+def test_request_parameters_match_the_native_options(run, triton_python):
+    data = jpeg(320, 200, seed=6)
+    cases = [  # (KServe parameters, the same as native options)
+        ({"score_threshold": 0.78}, pb.DetectOptions(score_threshold=0.78)),
+        ({"iou_threshold": 0.1}, pb.DetectOptions(iou_threshold=0.1)),
+        ({"max_detections": 3}, pb.DetectOptions(max_detections=3)),
+        ({"class_filter": "0,2"}, pb.DetectOptions(class_filter=[0, 2])),
+    ]
+    default, *filtered, counts_only, unknown = triton(
+        triton_python, run.address,
+        infer_call([data]),
+        *[infer_call([data], parameters=params) for params, _ in cases],
+        infer_call([data], outputs=["NUM_DETECTIONS"]),
+        infer_call([data], parameters={"score_thresh": 0.5}),
+    )
+    everything = output(default, "DETECTIONS")
+    assert 1.0 in everything[:, 5]  # so that the class filter has something to remove
+    for (params, options), result in zip(cases, filtered, strict=True):
+        rows = output(result, "DETECTIONS")
+        np.testing.assert_allclose(rows, native_rows(run, data, options=options), atol=1e-4, err_msg=str(params))
+        assert not np.array_equal(rows, everything), f"{params} changed nothing"
+    assert list(counts_only["value"]["arrays"]) == ["NUM_DETECTIONS"]
+    assert output(counts_only, "NUM_DETECTIONS").tolist() == [len(everything)]
+    assert unknown["status"] == "StatusCode.INVALID_ARGUMENT" and "score_thresh" in unknown["message"]
+
+
+def test_corrupt_jpeg_is_invalid_argument_and_the_server_goes_on(run, triton_python):
+    bad, unknown_model, good = triton(
+        triton_python, run.address,
+        infer_call([jpeg()[:200]]), infer_call([jpeg()], model="nope"), infer_call([jpeg()]),
+    )
+    assert bad["status"] == "StatusCode.INVALID_ARGUMENT" and "truncated" in bad["message"]
+    assert unknown_model["status"] in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+    assert "unknown model 'nope'" in unknown_model["message"]
+    assert "value" in good and output(good, "NUM_DETECTIONS").shape == (1,)
+    assert counter(run, "perception_frames_dropped_total", camera="unnamed", reason="invalid") == 1
+    assert counter(run, "perception_grpc_errors_total", method="ModelInfer", code="INVALID_ARGUMENT") == 2
+
+
+# -- requests no stock client sends, over a plain channel ---------------------------------------
+
+
+def method(channel: grpc.Channel, name: str, request_type: Any, response_type: Any) -> Any:
+    """A callable of ``inference.GRPCInferenceService/<name>`` on ``channel``."""
+    return channel.unary_unary(f"/inference.GRPCInferenceService/{name}",
+                               request_serializer=request_type.SerializeToString,
+                               response_deserializer=response_type.FromString)
+
+
+def _plain_infer(run: Running, req: kpb.ModelInferRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)(req, timeout=10)
+    return info.value
+
+
+def _bytes_input(shape: list[int], datatype: str = "BYTES") -> kpb.ModelInferRequest.InferInputTensor:
+    return kpb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype=datatype, shape=shape)
+
+
+def _prefixed(*elements: bytes) -> bytes:
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+@pytest.mark.parametrize("inputs, raw, needle", [
+    ([_bytes_input([1])], [(1000).to_bytes(4, "little") + b"xx"], "says 1000 bytes"),
+    ([_bytes_input([2])], [_prefixed(b"ab")], "end before element 1"),
+    ([_bytes_input([1])], [_prefixed(b"ab") + b"junk"], "past its 1 elements"),
+    ([_bytes_input([9])], [_prefixed(*[b"x"] * 9)], "at most 8"),
+    ([_bytes_input([0])], [b""], "dimension < 1"),
+    ([_bytes_input([1], "FP32")], [b"\0" * 4], "BYTES (encoded JPEG/PNG) or UINT8"),
+    ([_bytes_input([4, 4, 3], "UINT8")], [b"\0" * 47], "needs 48 bytes"),
+    ([_bytes_input([4, 4, 4], "UINT8")], [b"\0" * 64], "[H, W, 3]"),
+    ([_bytes_input([1]), _bytes_input([1])], [b"", b""], "exactly one input"),
+    ([_bytes_input([1])], [], "needs 1 bytes_contents"),
+])
+def test_malformed_tensors_are_invalid_argument(run, inputs, raw, needle):
+    err = _plain_infer(run, kpb.ModelInferRequest(model_name=MODEL, inputs=inputs, raw_input_contents=raw))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in (err.details() or "")
+
+
+def test_typed_contents_are_accepted(run):
+    data = jpeg(160, 120, seed=8)
+    tensor = _bytes_input([1])
+    tensor.contents.bytes_contents.append(data)
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    resp = infer(kpb.ModelInferRequest(model_name=MODEL, inputs=[tensor]), timeout=10)
+    assert [o.name for o in resp.outputs] == ["DETECTIONS", "NUM_DETECTIONS"]
+    rows = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(-1, 6)
+    np.testing.assert_allclose(rows, native_rows(run, data), atol=1e-4)
+
+
+def test_until_the_model_is_attached_inference_is_unavailable(tiny_manifest):
+    service = KServeService(NULL_METRICS, frozenset(), ready=lambda: False, draining=lambda: False)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         interceptors=[ErrorInterceptor(prefix="/inference.")])
+    service.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            live = method(channel, "ServerLive", kpb.ServerLiveRequest, kpb.ServerLiveResponse)
+            ready = method(channel, "ServerReady", kpb.ServerReadyRequest, kpb.ServerReadyResponse)
+            model_ready = method(channel, "ModelReady", kpb.ModelReadyRequest, kpb.ModelReadyResponse)
+            assert live(kpb.ServerLiveRequest(), timeout=5).live is True
+            assert ready(kpb.ServerReadyRequest(), timeout=5).ready is False
+            assert model_ready(kpb.ModelReadyRequest(name=MODEL), timeout=5).ready is False
+            tensor = _bytes_input([1])
+            req = kpb.ModelInferRequest(model_name=MODEL, inputs=[tensor], raw_input_contents=[_prefixed(jpeg())])
+            with pytest.raises(grpc.RpcError) as info:
+                method(channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)(req, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in (info.value.details() or "")
+            stream: grpc.StreamStreamMultiCallable[bytes, bytes]
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+            with pytest.raises(grpc.RpcError) as info:
+                list(stream(iter([b""]), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "StreamDetect" in (info.value.details() or "")
+    finally:
+        server.stop(0)
+
+
+def test_requests_follow_a_hot_swap(tiny_manifest):
+    models: list[ServedModel] = []
+    run = start_with_kserve(tiny_manifest, models)
+    try:
+        metadata = method(run.channel, "ModelMetadata", kpb.ModelMetadataRequest, kpb.ModelMetadataResponse)
+        infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+        assert list(metadata(kpb.ModelMetadataRequest(name=MODEL), timeout=5).versions) == ["0.0.1"]
+        old = models[0]
+        models.append(dataclasses.replace(old, manifest=dataclasses.replace(old.manifest, version="0.0.2")))
+        assert list(metadata(kpb.ModelMetadataRequest(name=MODEL), timeout=5).versions) == ["0.0.2"]
+        req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])],
+                                    raw_input_contents=[_prefixed(jpeg())])
+        assert infer(req, timeout=10).model_version == "0.0.2"
+        req.model_version = "0.0.1"
+        err = _plain_infer(run, req)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "version '0.0.1'" in (err.details() or "")
+    finally:
+        run.channel.close()
+        run.server.shutdown(1.0)
