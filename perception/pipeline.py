@@ -76,6 +76,7 @@ class RequestOptions:
     max_detections: int = 0
     class_filter: tuple[int, ...] = ()
     class_agnostic: bool = False
+    track: bool = False  # give each detection a track id (per stream and camera)
 
 
 # What scoring a model asks of every frame: every detection down to the floor; the other

@@ -7,6 +7,7 @@ was inferred) and records the frame's metrics, so every answer is counted exactl
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from perception.errors import ModelError
+from perception.errors import InvalidInputError, ModelError
 from perception.pipeline import FramePipeline, Prepared
 from perception.types import Detections, FrameStatus, StageTimings
 from server.metrics_protocol import Metrics
@@ -42,6 +43,7 @@ class FrameAnswer:
     timings: StageTimings
     model_version: str = ""
     model_variant: str = ""
+    tracks: Any = None  # perception.tracking.TrackResult when tracking was asked for
 
 
 @dataclass(eq=False)
@@ -56,6 +58,7 @@ class FrameTask:
     prepared: Prepared | None = None
     # The model the frame was prepared for: it post-processes the frame and names the answer.
     model: Any = None
+    track: bool = False  # the request asked for track ids
     status: FrameStatus | None = None
     message: str = ""
     result: JobResult | None = None
@@ -169,3 +172,20 @@ def _record(
 def _class_counts(det: Detections) -> tuple[list[int], list[int]]:
     ids, counts = np.unique(det.class_ids, return_counts=True)
     return [int(i) for i in ids], [int(c) for c in counts]
+
+
+def track_answer(answer: FrameAnswer, task: FrameTask, trackers: Any) -> FrameAnswer:
+    """The answer with track ids from ``trackers`` (a perception.tracking.TrackerPool, keyed by
+    camera id so that a reconnecting stream finds its tracks) when the request asked for them.
+    Runs after NMS, on the stream's handler path, in arrival order; frames answered without
+    detections (stale, expired) are skipped, and the tracker predicts across the gap from the
+    next frame's capture time."""
+    if not task.track or trackers is None or answer.status is not FrameStatus.OK:
+        return answer
+    # A camera that sends no capture time is tracked on the server's arrival clock.
+    ts = task.capture_timestamp_ns or int(task.received * 1e9)
+    try:
+        result = trackers.update(task.camera_id, answer.detections, ts, task.sequence)
+    except InvalidInputError as exc:  # e.g. a non-finite box: the frame is answered untracked
+        return dataclasses.replace(answer, message=f"not tracked: {exc}")
+    return dataclasses.replace(answer, tracks=result)

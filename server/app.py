@@ -31,6 +31,7 @@ from perception.decode import DecodeLimits
 from perception.errors import ConfigError, ModelError
 from perception.manifest import Manifest, load_manifest
 from perception.pipeline import FramePipeline
+from perception.tracking import TrackerConfig, TrackerPool
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
@@ -250,11 +251,18 @@ def create_server(
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.max_connection_age_ms", int(config.max_connection_age_s * ms)),
         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * ms)),
+        # No bandwidth-delay probing: it grows each connection's receive window (and buffers) to
+        # tens of MB for clients sending 16 MiB frames; a bench of 32 such streams peaked at
+        # about half the memory without it (bench/bench_soak.py).
+        ("grpc.http2.bdp_probe", 0),
     ]
     interceptors: list[grpc.ServerInterceptor] = []
     if config.auth_tokens:
         interceptors.append(TokenAuthInterceptor(config.auth_tokens, metrics))
     interceptors.append(ErrorInterceptor(metrics))
+    if config.kserve:
+        # KServe's methods live outside /perception.: their errors are mapped and counted the same way.
+        interceptors.append(ErrorInterceptor(metrics, prefix="/inference.GRPCInferenceService/"))
     # No maximum_concurrent_rpcs: it counts every RPC, health checks included, so idle streams
     # would lock out liveness probes. Streams are capped by the servicer (ServiceLimits); the
     # pool has a thread for every allowed stream plus max_workers for unary calls and health.
@@ -278,9 +286,18 @@ def create_server(
     service = DetectorService(
         pipeline, metrics, config.outbox_size, frozenset(config.cameras),
         ready=managed_ready.is_set, draining=draining.is_set, limits=service_limits,
+        trackers=TrackerPool(TrackerConfig(max_cameras=max(64, config.max_camera_labels))),
     )
     pb_grpc.add_DetectorServicer_to_server(service, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    kserve: Any = None
+    if config.kserve:
+        from server.kserve import KServeService  # stubs from the vendored proto/kserve (make proto)
+
+        kserve = KServeService(metrics, frozenset(config.cameras), ready=managed_ready.is_set,
+                               draining=draining.is_set, limits=service_limits)
+        kserve.add_to_server(server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+                                        + (("inference.GRPCInferenceService",) if kserve else ()), server)
     # Health answers NOT_SERVING (and Detect UNAVAILABLE) while the model loads and warms up.
     server.start()
     backend: Backend | None = None
@@ -343,6 +360,9 @@ def create_server(
         managed.reload = _reloader(settings, config.backends)
         health_hook.append(managed)
         service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch), managed.models)
+        if kserve is not None:
+            host = managed.models
+            kserve.attach(scheduler, lambda: host.current)
         t0 = time.monotonic()
         try:
             _warm_up(backend, pipeline, config.warmup_iters, max_batch)

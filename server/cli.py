@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--thermal-path", help="a file holding a temperature (or power) reading; at --thermal-limit: degrade")
     a("--thermal-limit", type=float, help="the reading at or above which the server degrades")
     a("--camera-priorities", help="comma-separated camera=class (critical, normal, best_effort); unlisted: normal")
+    a("--kserve", action="store_const", const=True,
+      help="also serve the KServe v2 (Open Inference Protocol) gRPC API, for Triton clients")
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")
@@ -104,6 +106,13 @@ def configure_logging(fmt: str) -> None:
         handler.setFormatter(formatter)
 
 
+# Buffers this large (a raw 1080p frame is 6 MB, a hostile frame 16 MiB) are mmapped and given
+# back to the system when freed; everything a 1080p JPEG stream allocates stays below it, so its
+# frames pay no page faults. Without a fixed threshold glibc raises it after the first large free
+# and keeps later 16 MiB buffers in its heap.
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
 def tune_malloc() -> None:
     """Cap glibc at 2 malloc arenas: a server with dozens of threads otherwise keeps freed
     per-frame buffers in per-thread arenas (8 cameras x 30 fps of 1080p JPEG: 490-537 MB RSS
@@ -120,8 +129,9 @@ def tune_malloc() -> None:
         return
     try:
         libc = ctypes.CDLL(name)
-        m_arena_max = -8
+        m_arena_max, m_mmap_threshold = -8, -3
         libc.mallopt(m_arena_max, 2)
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         log.debug("mallopt is not available; keeping the allocator's defaults")
 

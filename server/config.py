@@ -106,6 +106,7 @@ class ServerConfig:
     engine_cache_dir: str = ""  # TensorRT: where engines built on first start are cached
     build_engine_on_start: bool = False  # TensorRT: build (and cache) an engine if none matches
     engine_precision: str = "fp16"  # TensorRT engine of an FP32 variant (fp16: from its fp16 sibling)
+    kserve: bool = False  # also serve KServe v2 / Open Inference Protocol gRPC on the same port
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -8,6 +8,7 @@ import math
 from perception.errors import InvalidInputError
 from perception.manifest import Manifest, Variant
 from perception.pipeline import FrameInput, RawPixels, RequestOptions
+from perception.tracking import TrackState
 from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from server.answer import FrameAnswer
@@ -18,6 +19,14 @@ _STATUS = {
     FrameStatus.EXPIRED: pb.FRAME_STATUS_EXPIRED,
     FrameStatus.INVALID: pb.FRAME_STATUS_INVALID,
     FrameStatus.OVERLOADED: pb.FRAME_STATUS_OVERLOADED,
+}
+
+
+_TRACK_STATE = {
+    None: pb.TRACK_STATE_UNSPECIFIED,
+    TrackState.NEW: pb.TRACK_STATE_NEW,
+    TrackState.CONFIRMED: pb.TRACK_STATE_CONFIRMED,
+    TrackState.COASTING: pb.TRACK_STATE_COASTING,
 }
 
 
@@ -54,6 +63,7 @@ def frame_from_proto(request: pb.DetectRequest, max_class_filter: int = 1024) ->
         max_detections=int(o.max_detections),
         class_filter=tuple(int(c) for c in o.class_filter),
         class_agnostic=bool(o.class_agnostic_nms),
+        track=bool(o.track),
     )
     return frame, opts
 
@@ -96,11 +106,15 @@ def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectR
         boxes = d.boxes.tolist()
         scores = d.scores.tolist()
         ids = d.class_ids.tolist()
+        tracks = answer.tracks
+        track_ids = tracks.track_ids.tolist() if tracks is not None else [0] * len(ids)
+        states = tracks.states if tracks is not None else (None,) * len(ids)
         resp.detections.extend(
             pb.Detection(
-                box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, class_id=c, class_name=classes[c]
+                box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, class_id=c, class_name=classes[c],
+                track_id=t, track_state=_TRACK_STATE[st],
             )
-            for b, s, c in zip(boxes, scores, ids, strict=True)
+            for b, s, c, t, st in zip(boxes, scores, ids, track_ids, states, strict=True)
         )
     return resp
 

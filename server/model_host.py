@@ -65,7 +65,9 @@ class LifecycleLimits:
     """How a new model is judged before and after it is swapped in."""
 
     max_changed: float = 0.10  # share of recorded detections that may vanish / appear on the shipped frames
-    max_latency_ratio: float = 1.5  # vs the served model here, times the ratio their builds recorded
+    # vs the served model here, times the ratio their builds recorded; the least-disturbed of several
+    # runs is compared, as in the build's gate (a shared CPU makes medians swing by 25 %)
+    max_latency_ratio: float = 2.0
     probation_s: float = 60.0
     probation_min_batches: int = 5
     max_error_rate: float = 0.2  # failed batches / batches within probation
@@ -228,7 +230,7 @@ class ModelHost:
 
     @staticmethod
     def _run(m: ServedModel, frames: Sequence[Path | None]) -> tuple[list[Detections], float]:
-        """Detections of each frame (deployed threshold) and the median batch-1 inference time."""
+        """Detections of each frame (deployed threshold) and the least-disturbed batch-1 inference time."""
         dets: list[Detections] = []
         times: list[float] = []
         for i, f in enumerate(frames):
@@ -238,13 +240,13 @@ class ModelHost:
             else:
                 prepared = m.pipeline.prepare(file_frame(f, i, "verify"), RequestOptions())
                 x = m.pipeline.to_batch([prepared.tensor])
-            for _ in range(3):
+            for _ in range(5):
                 t0 = time.perf_counter()
                 out = m.infer(x)
                 times.append(time.perf_counter() - t0)
             if prepared is not None:
                 dets.append(m.pipeline.finish({n: a[0] for n, a in out.items()}, prepared))
-        return dets, float(np.median(times))
+        return dets, float(np.min(times))
 
     # -- probation -------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
-from server.answer import FrameTask, finish_task
+from server.answer import FrameTask, finish_task, track_answer
 from server.limits import ServiceLimits
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
@@ -43,7 +43,9 @@ class DetectorService(pb_grpc.DetectorServicer):
         draining: Callable[[], bool],
         limits: ServiceLimits | None = None,
         max_class_filter: int = 0,
+        trackers: Any = None,
     ) -> None:
+        self._trackers = trackers
         self._pipeline = pipeline
         self._limits = limits or ServiceLimits()
         # Repeated fields are capped before anything is built from them (class ids: the class count).
@@ -100,6 +102,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             frame, opts = convert.frame_from_proto(request, self._max_class_filter)
             self.admit_camera(frame.camera_id)
             pipeline, task.model = self._current()
+            task.track = opts.track
             with self._limits.decode.slot():
                 task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
@@ -121,7 +124,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                 return pb.DetectResponse()
         if task.result is not None and task.result.status is JobStatus.CANCELLED:
             raise NotReadyError("server is shutting down; retry on another instance")
-        answer = finish_task(task, self._pipeline, self._metrics)
+        answer = track_answer(finish_task(task, self._pipeline, self._metrics), task, self._trackers)
         classes = task.model.pipeline.classes if task.model is not None else self._pipeline.classes
         return convert.answer_to_proto(answer, classes)
 
@@ -142,6 +145,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             self._draining,
             self._limits,
             current_model=self._current,
+            trackers=self._trackers,
         )
         self._metrics.stream_opened()
         metrics = self._metrics

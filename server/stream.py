@@ -32,7 +32,7 @@ from typing import Any
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
 from perception.types import FrameStatus
-from server.answer import FrameAnswer, FrameTask, finish_task
+from server.answer import FrameAnswer, FrameTask, finish_task, track_answer
 from server.limits import ServiceLimits, take_both
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
@@ -63,7 +63,9 @@ class StreamSession:
         draining: Callable[[], bool],
         limits: ServiceLimits | None = None,
         current_model: Callable[[], tuple[FramePipeline, Any]] | None = None,
+        trackers: Any = None,
     ) -> None:
+        self._trackers = trackers
         self.id = next(_ids)
         # The pipeline and model a new frame is prepared for (they change on a hot swap).
         self._current_model = current_model or (lambda: (pipeline, None))
@@ -126,7 +128,8 @@ class StreamSession:
                     self._count_internal()
                 self._last_classes = (task.model.pipeline.classes if task.model is not None
                                       else self._pipeline.classes)
-                yield finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+                answer = finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+                yield track_answer(answer, task, self._trackers)
         finally:
             self.cancel()
         if self._stopped_for_drain:
@@ -243,6 +246,7 @@ class StreamSession:
             fin, opts = self._convert(request)
             self._admit_camera(fin.camera_id)
             pipeline, task.model = self._current_model()
+            task.track = opts.track
             with self._limits.decode.slot():
                 task.prepared = pipeline.prepare(fin, opts)
         except InvalidInputError as exc:

@@ -1,0 +1,140 @@
+"""Cost of one ``perception.tracking.Tracker.update`` per frame, at 10, 50 and 100 detections.
+
+Seeded synthetic scenes at 30 fps on a 1920x1080 image: objects of three classes, 20-240 px
+wide, moving at constant velocities of up to 300 px/s, each replaced by a new object when it
+leaves the image, their boxes jittered by 2 px;
+5% of the detections are missed each frame, 20% score below the high threshold, and the
+detections come in a shuffled order. The scenes are stepped round robin, one frame of each in
+turn, so load from other jobs hits every size alike. Per size: p50 / p99 / max of the update's
+wall-clock time, p50 / p99 of its CPU time (the thread's own: on a busy machine the wall-clock
+tail is mostly waiting for a core), the wall-clock p99's ratio to the 1 ms budget per frame,
+and how well identities held
+(distinct confirmed track ids per object over its life; 1.00 is perfect).
+
+Not a test: nothing is asserted. Timings swing with other jobs on a shared machine.
+
+    .venv/bin/python -m bench.bench_tracking [--sizes 10 50 100] [--frames 900] [--seed 0] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.tracking import Tracker, TrackerConfig, TrackState
+from perception.types import Detections
+
+FRAME_NS = 33_333_333  # 30 fps
+IMAGE_WH = (1920.0, 1080.0)
+WARMUP_FRAMES = 30
+BUDGET_MS = 1.0
+
+
+class Scene:
+    """``n`` objects in view, each at constant velocity; one that leaves the image is replaced
+    by a new object (a new key) somewhere in it, so objects come and go as on a road."""
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.keys = np.arange(n, dtype=np.int64)
+        self.next_key = n
+        self.centre = np.zeros((n, 2))
+        self.velocity = np.zeros((n, 2))
+        self.size = np.zeros((n, 2))
+        self.classes = np.zeros((n,), np.int64)
+        self._spawn(np.arange(n))
+
+    def _spawn(self, rows: NDArray[np.int64]) -> None:
+        k = rows.size
+        w = self.rng.uniform(20, 240, k)
+        self.size[rows] = np.column_stack([w, w * self.rng.uniform(0.5, 2.5, k)])
+        self.centre[rows] = self.rng.uniform(self.size[rows] / 2, np.array(IMAGE_WH) - self.size[rows] / 2)
+        self.velocity[rows] = self.rng.uniform(-300, 300, (k, 2))
+        self.classes[rows] = self.rng.integers(0, 3, k)
+
+    def step(self, dt: float) -> tuple[Detections, NDArray[np.int64]]:
+        """Advance ``dt`` seconds; the frame's detections and the object (key) of each one."""
+        self.centre += self.velocity * dt
+        gone = np.flatnonzero(((self.centre < 0) | (self.centre > np.array(IMAGE_WH))).any(axis=1))
+        if gone.size:
+            self.keys[gone] = np.arange(self.next_key, self.next_key + gone.size)
+            self.next_key += gone.size
+            self._spawn(gone)
+        n = self.keys.size
+        seen = np.flatnonzero(self.rng.uniform(0, 1, n) >= 0.05)
+        seen = seen[self.rng.permutation(seen.size)]
+        c, half = self.centre[seen], self.size[seen] / 2
+        boxes = np.concatenate([c - half, c + half], axis=1) + self.rng.normal(0, 2.0, (seen.size, 4))
+        scores = np.where(self.rng.uniform(0, 1, seen.size) < 0.2, self.rng.uniform(0.15, 0.5, seen.size),
+                          self.rng.uniform(0.5, 0.99, seen.size))
+        det = Detections(boxes.astype(np.float32), scores.astype(np.float32), self.classes[seen].astype(np.int64))
+        return det, self.keys[seen]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_tracking", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100], help="detections per frame")
+    p.add_argument("--frames", type=int, default=900, help="frames per scene (30 fps; after a 30-frame warm-up)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the numbers to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.frames < 1 or any(n < 1 for n in args.sizes):
+        print("bench_tracking: --frames and --sizes must be >= 1", file=sys.stderr)
+        return 2
+    config = TrackerConfig()
+    scenes = [Scene(n, np.random.default_rng([args.seed, n])) for n in args.sizes]
+    trackers = [Tracker(config) for _ in args.sizes]
+    times: list[list[int]] = [[] for _ in args.sizes]
+    cpu_times: list[list[int]] = [[] for _ in args.sizes]
+    ids_of: list[dict[int, set[int]]] = [{} for _ in args.sizes]
+    t_ns = 1_700_000_000_000_000_000
+    for frame in range(WARMUP_FRAMES + args.frames):
+        t_ns += FRAME_NS
+        for i, (scene, tracker) in enumerate(zip(scenes, trackers, strict=True)):
+            det, objects = scene.step(FRAME_NS / 1e9)
+            start, cpu_start = time.perf_counter_ns(), time.thread_time_ns()
+            result = tracker.update(det, t_ns)
+            elapsed, cpu = time.perf_counter_ns() - start, time.thread_time_ns() - cpu_start
+            if frame >= WARMUP_FRAMES:
+                times[i].append(elapsed)
+                cpu_times[i].append(cpu)
+                for obj, tid, state in zip(objects.tolist(), result.track_ids.tolist(), result.states, strict=True):
+                    if state is TrackState.CONFIRMED:
+                        ids_of[i].setdefault(obj, set()).add(tid)
+
+    rows = []
+    for n, ts, cts, ids in zip(args.sizes, times, cpu_times, ids_of, strict=True):
+        ms = np.asarray(ts, np.float64) / 1e6
+        cpu_ms = np.asarray(cts, np.float64) / 1e6
+        p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+        rows.append({
+            "detections": n, "frames": len(ts), "p50_ms": p50, "p99_ms": p99, "max_ms": float(ms.max()),
+            "cpu_p50_ms": float(np.percentile(cpu_ms, 50)), "cpu_p99_ms": float(np.percentile(cpu_ms, 99)),
+            "p99_of_budget": p99 / BUDGET_MS,
+            "ids_per_object": float(np.mean([len(s) for s in ids.values()])) if ids else 0.0,
+        })
+    print(f"tracker update per frame, {args.frames} frames per size (numpy {np.__version__})")
+    print("| detections | p50 ms | p99 ms | max ms | CPU p50 ms | CPU p99 ms | p99 / 1 ms budget "
+          "| confirmed ids per object |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['detections']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['max_ms']:.3f} "
+              f"| {r['cpu_p50_ms']:.3f} | {r['cpu_p99_ms']:.3f} | {r['p99_of_budget']:.2f}x "
+              f"| {r['ids_per_object']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

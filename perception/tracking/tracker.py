@@ -1,0 +1,311 @@
+"""Per-camera multi-object tracking, ByteTrack style, stepped by capture time.
+
+Each frame (the detections after NMS, and the frame's capture timestamp in ns):
+
+1. Restart: a timestamp or sequence lower than the previous frame's means the camera
+   restarted, and every track is dropped. Ids keep counting up: no id is reused by a tracker.
+2. Age: tracks not matched for more than ``max_age_s`` of capture time are dropped; the rest
+   are predicted to this frame's time (``dt`` in seconds, so frames dropped upstream as stale
+   or expired are predicted across, not counted).
+3. Match, in three rounds, each a gated IoU matching within one class
+   (``perception.tracking.assignment``):
+   a. high-score detections to confirmed and coasting tracks (``match_iou``);
+   b. the high-score detections left to new tracks (``match_iou``): an established track wins
+      a box over a new one, so a spurious new track cannot steal an identity;
+   c. low-score detections to the confirmed tracks left, i.e. those matched on the previous
+      frame (``low_match_iou``): an object that becomes partly occluded keeps its track, while
+      a low-score box never starts a track nor revives a coasting one.
+4. Update: a matched track takes its detection (Kalman update); a new track with
+   ``confirm_hits`` matches, or a coasting one matched again, is confirmed. Unmatched: a new
+   track is dropped, any other coasts on its prediction.
+5. Birth: each high-score detection left starts a new track, within ``max_tracks`` (the
+   coasting tracks unmatched the longest make room; past that the highest scores win).
+
+Invariants: track ids are > 0 and unique within a tracker; a detection gets at most one track
+and a track at most one detection per frame; a track's class never changes.
+
+A Tracker is not thread-safe: one frame at a time (``TrackerPool`` serialises each camera).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.boxes import box_iou
+from perception.errors import InvalidInputError
+from perception.tracking.assignment import match_by_iou
+from perception.tracking.config import TrackerConfig
+from perception.tracking.kalman import BoxKalmanFilter
+from perception.types import Detections
+
+
+class TrackState(str, Enum):
+    """Where a track stands after a frame. The value is the name shown to users."""
+
+    NEW = "NEW"  # matched on every frame since its birth, fewer than confirm_hits times
+    CONFIRMED = "CONFIRMED"  # matched on this frame, and confirmed
+    COASTING = "COASTING"  # confirmed, not matched on this frame: its box is a prediction
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Codes of the states in the tracker's state array, index into _STATES.
+_NEW, _CONFIRMED, _COASTING = 0, 1, 2
+_STATES = (TrackState.NEW, TrackState.CONFIRMED, TrackState.COASTING)
+_NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """The tracks of one frame's detections, in the order the detections came in.
+
+    track_ids: (N,) int64, the track of each detection; 0 where none (a detection below
+        ``low_score``, a low-score one that extended no track, one over ``max_tracks``).
+    states: the state of that track after this frame (NEW or CONFIRMED: a track matched on
+        this frame does not coast); None where the track id is 0.
+    restarted: the tracker dropped every track first (the camera's time or sequence went back).
+    """
+
+    track_ids: NDArray[np.int64]
+    states: tuple[TrackState | None, ...]
+    restarted: bool = False
+
+    def __len__(self) -> int:
+        return int(self.track_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class TrackView:
+    """A live track as of the last frame. box: x1 y1 x2 y2 pixels, the filtered box (the
+    prediction when coasting)."""
+
+    track_id: int
+    class_id: int
+    state: TrackState
+    box: tuple[float, float, float, float]
+    hits: int
+    last_matched_ns: int
+
+
+class Tracker:
+    """The tracks of one camera; see the module docstring for what one ``update`` does."""
+
+    # The live tracks, one row each (struct of arrays: a frame costs a few numpy calls
+    # whatever the number of tracks).
+    _mean: NDArray[np.float64]  # (T, 8) Kalman means
+    _cov: NDArray[np.float64]  # (T, 8, 8) Kalman covariances
+    _ids: NDArray[np.int64]  # (T,) ascending
+    _cls: NDArray[np.int64]  # (T,)
+    _hits: NDArray[np.int64]  # (T,) frames matched, birth included
+    _state: NDArray[np.int8]  # (T,) _NEW, _CONFIRMED or _COASTING
+    _last_matched: NDArray[np.int64]  # (T,) capture time of the last match, ns
+
+    def __init__(self, config: TrackerConfig | None = None, kalman: BoxKalmanFilter | None = None) -> None:
+        self.config = config if config is not None else TrackerConfig()
+        self._kf = kalman if kalman is not None else BoxKalmanFilter()
+        self._max_age_ns = int(round(self.config.max_age_s * _NS_PER_S))
+        self._next_id = 1
+        self._last_ns: int | None = None
+        self._last_sequence: int | None = None
+        self._clear()
+
+    def __len__(self) -> int:
+        return int(self._ids.shape[0])
+
+    def reset(self) -> None:
+        """Drop every track and forget the last frame's time; ids still never repeat."""
+        self._clear()
+        self._last_ns = None
+        self._last_sequence = None
+
+    def tracks(self) -> tuple[TrackView, ...]:
+        """The live tracks, oldest id first."""
+        boxes = _to_xyxy(self._mean)
+        return tuple(
+            TrackView(
+                track_id=int(self._ids[i]),
+                class_id=int(self._cls[i]),
+                state=_STATES[self._state[i]],
+                box=(float(boxes[i, 0]), float(boxes[i, 1]), float(boxes[i, 2]), float(boxes[i, 3])),
+                hits=int(self._hits[i]),
+                last_matched_ns=int(self._last_matched[i]),
+            )
+            for i in range(len(self))
+        )
+
+    def update(self, detections: Detections, timestamp_ns: int, sequence: int | None = None) -> TrackResult:
+        """Step to the frame captured at ``timestamp_ns`` (ns, the camera's clock) with its
+        detections (after NMS); ``sequence``, when given, is the frame's per-camera number.
+
+        InvalidInputError for a non-integer timestamp or sequence, or non-finite boxes or scores.
+        """
+        ts = _as_int("timestamp_ns", timestamp_ns)
+        seq = None if sequence is None else _as_int("sequence", sequence)
+        boxes = np.asarray(detections.boxes, dtype=np.float64)
+        scores = np.asarray(detections.scores, dtype=np.float64)
+        classes = np.asarray(detections.class_ids, dtype=np.int64)
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise InvalidInputError("detections with non-finite boxes or scores cannot be tracked")
+
+        restarted = self._last_ns is not None and (
+            ts < self._last_ns or (seq is not None and self._last_sequence is not None and seq < self._last_sequence)
+        )
+        if restarted:
+            self._clear()
+        elif self._last_ns is not None and len(self):
+            self._keep(ts - self._last_matched <= self._max_age_ns)
+            dt = (ts - self._last_ns) / _NS_PER_S
+            if dt > 0 and len(self):
+                self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
+        self._last_ns = ts
+        self._last_sequence = seq
+
+        n = int(boxes.shape[0])
+        out_ids = np.zeros((n,), np.int64)
+        out_codes = np.full((n,), -1, np.int8)
+        cfg = self.config
+        high = np.flatnonzero(scores >= cfg.high_score)
+        low = np.flatnonzero((scores >= cfg.low_score) & (scores < cfg.high_score))
+
+        left = high
+        if len(self) and n:
+            iou = box_iou(_to_xyxy(self._mean), boxes)
+            iou *= self._cls[:, None] == classes[None, :]
+            free = np.ones((len(self),), bool)
+            before = self._state.copy()
+            pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
+            left = self._match(iou, free, before != _NEW, left, cfg.match_iou, pairs)
+            left = self._match(iou, free, before == _NEW, left, cfg.match_iou, pairs)
+            self._match(iou, free, before == _CONFIRMED, low, cfg.low_match_iou, pairs)
+            if pairs:
+                t = np.concatenate([p[0] for p in pairs])
+                d = np.concatenate([p[1] for p in pairs])
+                self._mean[t], self._cov[t] = self._kf.update(self._mean[t], self._cov[t], _to_cxcywh(boxes[d]))
+                self._hits[t] += 1
+                self._last_matched[t] = ts
+                self._state[t] = np.where((before[t] == _NEW) & (self._hits[t] < cfg.confirm_hits), _NEW, _CONFIRMED)
+                out_ids[d] = self._ids[t]
+                out_codes[d] = self._state[t]
+            self._state[free & (before != _NEW)] = _COASTING
+            self._keep(~(free & (before == _NEW)))
+        elif len(self):  # no detections: every track missed this frame
+            self._keep(self._state != _NEW)
+            self._state[:] = _COASTING
+
+        born = self._birth(left, boxes, scores, classes, ts)
+        out_ids[born] = self._ids[len(self) - born.size :]
+        out_codes[born] = _NEW if cfg.confirm_hits > 1 else _CONFIRMED
+        states = tuple(None if c < 0 else _STATES[c] for c in out_codes.tolist())
+        return TrackResult(track_ids=out_ids, states=states, restarted=bool(restarted))
+
+    # --- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _match(
+        iou: NDArray[np.float32],
+        free: NDArray[np.bool_],
+        eligible: NDArray[np.bool_],
+        dets: NDArray[np.int64],
+        min_iou: float,
+        pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]],
+    ) -> NDArray[np.int64]:
+        """One matching round between the free eligible tracks and ``dets``; marks the matched
+        tracks taken, appends (tracks, detections) to ``pairs``, returns the detections left."""
+        tracks = np.flatnonzero(free & eligible)
+        if tracks.size == 0 or dets.size == 0:
+            return dets
+        r, c = match_by_iou(iou[tracks[:, None], dets], min_iou)
+        if r.size == 0:
+            return dets
+        free[tracks[r]] = False
+        pairs.append((tracks[r], dets[c]))
+        left = np.ones((dets.size,), bool)
+        left[c] = False
+        return dets[left]
+
+    def _birth(
+        self,
+        dets: NDArray[np.int64],
+        boxes: NDArray[np.float64],
+        scores: NDArray[np.float64],
+        classes: NDArray[np.int64],
+        ts: int,
+    ) -> NDArray[np.int64]:
+        """Start a track for each of ``dets`` (ascending) that fits; returns those, ascending,
+        in the order their tracks were appended."""
+        wh = boxes[dets, 2:] - boxes[dets, :2]
+        dets = dets[(wh > 0).all(axis=1)]  # a degenerate box has no IoU with anything: no track
+        if dets.size == 0:
+            return dets
+        cap = self.config.max_tracks
+        short = dets.size - (cap - len(self))
+        if short > 0:
+            coasting = np.flatnonzero(self._state == _COASTING)
+            if coasting.size:
+                # Oldest match first; ties by age of the track (ids grow with time).
+                order = np.lexsort((self._ids[coasting], self._last_matched[coasting]))
+                drop = np.zeros((len(self),), bool)
+                drop[coasting[order[:short]]] = True
+                self._keep(~drop)
+            room = cap - len(self)
+            if dets.size > room:
+                dets = np.sort(dets[np.argsort(-scores[dets], kind="stable")[:room]])
+        if dets.size == 0:
+            return dets
+        mean, cov = self._kf.initiate(_to_cxcywh(boxes[dets]))
+        k = dets.size
+        self._mean = np.concatenate([self._mean, mean])
+        self._cov = np.concatenate([self._cov, cov])
+        self._ids = np.concatenate([self._ids, np.arange(self._next_id, self._next_id + k, dtype=np.int64)])
+        self._next_id += k
+        self._cls = np.concatenate([self._cls, classes[dets]])
+        self._hits = np.concatenate([self._hits, np.ones((k,), np.int64)])
+        code = _NEW if self.config.confirm_hits > 1 else _CONFIRMED
+        self._state = np.concatenate([self._state, np.full((k,), code, np.int8)])
+        self._last_matched = np.concatenate([self._last_matched, np.full((k,), ts, np.int64)])
+        return dets
+
+    def _clear(self) -> None:
+        self._mean = np.zeros((0, 8), np.float64)
+        self._cov = np.zeros((0, 8, 8), np.float64)
+        self._ids = np.zeros((0,), np.int64)
+        self._cls = np.zeros((0,), np.int64)
+        self._hits = np.zeros((0,), np.int64)
+        self._state = np.zeros((0,), np.int8)
+        self._last_matched = np.zeros((0,), np.int64)
+
+    def _keep(self, mask: NDArray[np.bool_]) -> None:
+        if mask.all():
+            return
+        self._mean = self._mean[mask]
+        self._cov = self._cov[mask]
+        self._ids = self._ids[mask]
+        self._cls = self._cls[mask]
+        self._hits = self._hits[mask]
+        self._state = self._state[mask]
+        self._last_matched = self._last_matched[mask]
+
+
+def _to_cxcywh(xyxy: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+
+
+def _to_xyxy(mean: NDArray[np.float64]) -> NDArray[np.float64]:
+    """x1 y1 x2 y2 of the filtered boxes; a side the filter drove negative is taken as 0."""
+    half = np.maximum(mean[:, 2:4], 0.0) / 2
+    return np.concatenate([mean[:, :2] - half, mean[:, :2] + half], axis=1)
+
+
+def _as_int(name: str, value: int) -> int:
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}") from None

@@ -1,0 +1,432 @@
+"""perception.tracking: the Kalman filter on a hand-computed case, the gated assignment against
+a brute-force reference, and the tracker on seeded synthetic scenes (moving, crossing,
+occluded, dropped frames, restarts, low scores, classes, bounds), and the pool's bounds."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from perception.errors import ConfigError, InvalidInputError
+from perception.tracking import (
+    BoxKalmanFilter,
+    KalmanNoise,
+    Tracker,
+    TrackerConfig,
+    TrackerPool,
+    TrackResult,
+    TrackState,
+    match_by_iou,
+)
+from perception.types import Detections
+
+FRAME_NS = 33_333_333  # 30 fps
+T0 = 1_700_000_000_000_000_000  # a capture time in ns since the epoch
+CAR, PEDESTRIAN = 2, 0
+
+
+def dets(boxes: list[list[float]], scores: list[float] | None = None, classes: list[int] | None = None) -> Detections:
+    n = len(boxes)
+    return Detections(
+        np.asarray(boxes, np.float32).reshape(n, 4),
+        np.asarray(scores if scores is not None else [0.9] * n, np.float32),
+        np.asarray(classes if classes is not None else [CAR] * n, np.int64),
+    )
+
+
+def box(cx: float, cy: float, w: float = 40.0, h: float = 80.0) -> list[float]:
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def moving(start: tuple[float, float], velocity_px_s: tuple[float, float], t_ns: int) -> tuple[float, float]:
+    s = (t_ns - T0) / 1e9
+    return start[0] + velocity_px_s[0] * s, start[1] + velocity_px_s[1] * s
+
+
+# --- Kalman filter --------------------------------------------------------------------------
+
+UNIT_NOISE = KalmanNoise(measurement=0.1, initial_position=0.1, initial_velocity=0.1,
+                         process_position=0.1, process_velocity=0.1)
+
+
+def test_kalman_initiate_predict_update_by_hand() -> None:
+    kf = BoxKalmanFilter(UNIT_NOISE)
+    mean, cov = kf.initiate(np.array([[100.0, 50.0, 20.0, 40.0]]))
+    # Every std is 0.1 x the side (w for x and w, h for y and h): 2, 4, 2, 4 px (and px/s).
+    np.testing.assert_allclose(mean, [[100, 50, 20, 40, 0, 0, 0, 0]])
+    np.testing.assert_allclose(np.diag(cov[0]), [4, 16, 4, 16, 4, 16, 4, 16])
+    assert np.count_nonzero(cov[0] - np.diag(np.diag(cov[0]))) == 0
+
+    mean[0, 4:] = [10.0, -4.0, 0.0, 0.0]
+    mean, cov = kf.predict(mean, cov, dt=0.5)
+    np.testing.assert_allclose(mean, [[105, 48, 20, 40, 10, -4, 0, 0]])
+    # x: P = 4 + dt^2 * 4 + (0.1 * 20)^2 * dt = 7; cross = dt * 4 = 2; velocity 4 + 2 = 6.
+    # y: P = 16 + dt^2 * 16 + (0.1 * 40)^2 * dt = 28; cross = 8; velocity 16 + 8 = 24.
+    for pos, vel, (p, cross, v) in ((0, 4, (7, 2, 6)), (1, 5, (28, 8, 24)), (2, 6, (7, 2, 6)), (3, 7, (28, 8, 24))):
+        assert cov[0, pos, pos] == pytest.approx(p)
+        assert cov[0, pos, vel] == pytest.approx(cross)
+        assert cov[0, vel, pos] == pytest.approx(cross)
+        assert cov[0, vel, vel] == pytest.approx(v)
+    assert cov[0, 0, 1] == 0 and cov[0, 0, 5] == 0  # x and y stay independent
+
+    mean, cov = kf.update(mean, cov, np.array([[107.0, 48.0, 20.0, 40.0]]))
+    # x: R = (0.1 * 20)^2 = 4, S = 11, gain 7/11 (position) and 2/11 (velocity), innovation 2.
+    assert mean[0, 0] == pytest.approx(105 + 14 / 11)
+    assert mean[0, 4] == pytest.approx(10 + 4 / 11)
+    assert cov[0, 0, 0] == pytest.approx(7 - 49 / 11)
+    assert cov[0, 0, 4] == pytest.approx(2 - 14 / 11)
+    assert cov[0, 4, 4] == pytest.approx(6 - 4 / 11)
+    # y: innovation 0 leaves the mean; R = 16, S = 44.
+    assert mean[0, 1] == pytest.approx(48) and mean[0, 5] == pytest.approx(-4)
+    assert cov[0, 1, 1] == pytest.approx(28 - 28 * 28 / 44)
+    np.testing.assert_allclose(cov[0], cov[0].T, atol=1e-12)
+
+
+def test_kalman_is_vectorised_row_by_row() -> None:
+    rng = np.random.default_rng(0)
+    kf = BoxKalmanFilter()
+    z0 = np.column_stack([rng.uniform(0, 1000, (6, 2)), rng.uniform(10, 200, (6, 2))])
+    mean, cov = kf.initiate(z0)
+    mean[:, 4:] = rng.normal(0, 50, (6, 4))
+    z1 = z0 + rng.normal(0, 3, z0.shape)
+    pm, pc = kf.predict(mean, cov, 0.1)
+    um, uc = kf.update(pm, pc, z1)
+    for i in range(6):
+        m1, c1 = kf.predict(mean[i : i + 1], cov[i : i + 1], 0.1)
+        m2, c2 = kf.update(m1, c1, z1[i : i + 1])
+        np.testing.assert_allclose(um[i], m2[0])
+        np.testing.assert_allclose(uc[i], c2[0])
+    empty_m, empty_c = kf.predict(np.zeros((0, 8)), np.zeros((0, 8, 8)), 0.1)
+    assert empty_m.shape == (0, 8) and empty_c.shape == (0, 8, 8)
+
+
+def test_kalman_rejects_bad_noise_and_dt() -> None:
+    with pytest.raises(ConfigError, match="measurement"):
+        KalmanNoise(measurement=0.0)
+    kf = BoxKalmanFilter()
+    mean, cov = kf.initiate(np.array([[10.0, 10.0, 5.0, 5.0]]))
+    with pytest.raises(ValueError, match="dt"):
+        kf.predict(mean, cov, -0.1)
+
+
+# --- assignment -----------------------------------------------------------------------------
+
+
+def reference_match(iou: np.ndarray, min_iou: float) -> float:
+    """Best total of (iou - min_iou) over every matching of allowed pairs: brute force."""
+    r, c = iou.shape
+    best = 0.0
+    for k in range(1, min(r, c) + 1):
+        for rows in itertools.combinations(range(r), k):
+            for cols in itertools.permutations(range(c), k):
+                w = [iou[i, j] - min_iou for i, j in zip(rows, cols, strict=True)]
+                if all(x >= 0 for x in w):
+                    best = max(best, sum(w))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_match_by_iou_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(x) for x in rng.integers(1, 5, 2))
+    iou = rng.uniform(0, 1, shape) * (rng.uniform(0, 1, shape) < 0.6)
+    rows, cols = match_by_iou(iou, 0.3)
+    assert len(set(rows.tolist())) == rows.size and len(set(cols.tolist())) == cols.size
+    assert (iou[rows, cols] >= 0.3).all()
+    assert float((iou[rows, cols] - 0.3).sum()) == pytest.approx(reference_match(iou, 0.3), abs=1e-4)
+
+
+def test_match_by_iou_keeps_one_confident_pair_over_two_marginal_ones() -> None:
+    iou = np.array([[0.9, 0.3], [0.3, 0.0]])
+    rows, cols = match_by_iou(iou, 0.2)
+    assert (rows.tolist(), cols.tolist()) == ([0], [0])
+
+
+def test_match_by_iou_empty_and_gated() -> None:
+    assert match_by_iou(np.zeros((0, 3)), 0.2)[0].size == 0
+    assert match_by_iou(np.full((2, 2), 0.1), 0.2)[0].size == 0
+    rows, cols = match_by_iou(np.array([[0.2]]), 0.2)  # the gate is inclusive
+    assert rows.tolist() == [0] and cols.tolist() == [0]
+
+
+# --- tracker --------------------------------------------------------------------------------
+
+
+def run_scene(tracker: Tracker, starts: list[tuple[float, float]], velocities: list[tuple[float, float]],
+              frames: list[int], rng: np.random.Generator, jitter_px: float = 1.0) -> list[TrackResult]:
+    """Each object moving at constant velocity, detected at every timestamp in ``frames``."""
+    out = []
+    for t in frames:
+        centres = [moving(s, v, t) for s, v in zip(starts, velocities, strict=True)]
+        bs = [np.asarray(box(cx, cy)) + rng.normal(0, jitter_px, 4) for cx, cy in centres]
+        out.append(tracker.update(dets([list(b) for b in bs]), t))
+    return out
+
+
+def ids_per_object(results: list[TrackResult]) -> list[set[int]]:
+    return [{int(r.track_ids[i]) for r in results} for i in range(len(results[0]))]
+
+
+def test_identity_is_kept_for_moving_boxes() -> None:
+    rng = np.random.default_rng(1)
+    starts = [(100.0, 200.0), (400.0, 300.0), (700.0, 150.0), (300.0, 600.0), (900.0, 500.0)]
+    velocities = [(90.0, 0.0), (-60.0, 30.0), (0.0, 120.0), (150.0, -45.0), (-120.0, -60.0)]
+    frames = [T0 + k * FRAME_NS for k in range(90)]
+    results = run_scene(Tracker(), starts, velocities, frames, rng)
+    per_object = ids_per_object(results)
+    assert all(len(ids) == 1 for ids in per_object), per_object
+    assert len(set.union(*per_object)) == 5 and 0 not in set.union(*per_object)
+    assert results[0].states == (TrackState.NEW,) * 5
+    assert all(r.states == (TrackState.CONFIRMED,) * 5 for r in results[1:])
+
+
+def test_two_objects_crossing_keep_their_ids() -> None:
+    # Same class, same size, 480 px/s towards each other: one frame apart they swap places,
+    # so only the velocity tells them apart at the crossing.
+    rng = np.random.default_rng(2)
+    starts, velocities = [(100.0, 300.0), (580.0, 306.0)], [(240.0, 0.0), (-240.0, 0.0)]
+    frames = [T0 + k * FRAME_NS for k in range(60)]  # they cross at k = 30
+    tracker = Tracker()
+    results = run_scene(tracker, starts, velocities, frames, rng, jitter_px=0.5)
+    per_object = ids_per_object(results)
+    assert per_object[0] != per_object[1]
+    assert all(len(ids) == 1 for ids in per_object), per_object
+    assert len(tracker) == 2
+
+
+def test_occluded_object_coasts_and_is_reacquired_within_max_age() -> None:
+    config = TrackerConfig(max_age_s=1.0)
+    tracker = Tracker(config)
+    start, v = (100.0, 300.0), (90.0, 0.0)  # 45 px in the 0.5 s occlusion: more than the box is wide
+    first_id = 0
+    for k in range(20):
+        t = T0 + k * FRAME_NS
+        r = tracker.update(dets([box(*moving(start, v, t))]), t)
+        first_id = int(r.track_ids[0])
+    coast_boxes = []
+    for k in range(20, 35):  # 0.5 s hidden
+        t = T0 + k * FRAME_NS
+        assert len(tracker.update(Detections.empty(), t)) == 0
+        (view,) = tracker.tracks()
+        assert view.state is TrackState.COASTING and view.track_id == first_id
+        coast_boxes.append(view.box[0])
+    assert all(b > a for a, b in itertools.pairwise(coast_boxes))  # the prediction moves on
+    t = T0 + 35 * FRAME_NS
+    r = tracker.update(dets([box(*moving(start, v, t))]), t)
+    assert int(r.track_ids[0]) == first_id and r.states == (TrackState.CONFIRMED,)
+
+
+def test_occlusion_longer_than_max_age_gives_a_new_id() -> None:
+    tracker = Tracker(TrackerConfig(max_age_s=0.3))
+    first = [int(tracker.update(dets([box(100, 300)]), T0 + k * FRAME_NS).track_ids[0]) for k in range(5)]
+    assert len(set(first)) == 1
+    tracker.update(Detections.empty(), T0 + 10 * FRAME_NS)
+    assert len(tracker) == 1  # 6 frames = 0.2 s unmatched: still coasting
+    r = tracker.update(dets([box(100, 300)]), T0 + 20 * FRAME_NS)  # 0.53 s since its last match
+    assert int(r.track_ids[0]) not in (0, first[0]) and r.states == (TrackState.NEW,)
+    assert len(tracker) == 1
+
+
+def test_a_gap_of_ten_dropped_frames_keeps_ids() -> None:
+    # 180 px/s: the 11-frame gap moves each box 66 px, more than its width, so only a
+    # prediction over the real elapsed time overlaps the next detection.
+    rng = np.random.default_rng(3)
+    starts, velocities = [(100.0, 200.0), (100.0, 400.0), (800.0, 300.0)], [(180.0, 0.0), (180.0, 30.0), (-180.0, 0.0)]
+    frames = [T0 + k * FRAME_NS for k in list(range(15)) + list(range(26, 40))]  # 16..25 dropped
+    results = run_scene(Tracker(), starts, velocities, frames, rng)
+    per_object = ids_per_object(results)
+    assert all(len(ids) == 1 for ids in per_object), per_object
+    assert len(set.union(*per_object)) == 3
+    assert results[15].states == (TrackState.CONFIRMED,) * 3
+
+
+def test_backwards_timestamp_resets_the_camera() -> None:
+    tracker = Tracker()
+    for k in range(5):
+        r = tracker.update(dets([box(100, 100), box(300, 100)]), T0 + k * FRAME_NS, sequence=k)
+    old_ids = set(r.track_ids.tolist())
+    r = tracker.update(dets([box(100, 100), box(300, 100)]), T0 + 2 * FRAME_NS, sequence=5)
+    assert r.restarted
+    assert set(r.track_ids.tolist()).isdisjoint(old_ids) and min(r.track_ids) > max(old_ids)
+    assert r.states == (TrackState.NEW, TrackState.NEW)
+    assert len(tracker) == 2
+    r = tracker.update(dets([box(100, 100), box(300, 100)]), T0 + 3 * FRAME_NS, sequence=6)
+    assert not r.restarted and r.states == (TrackState.CONFIRMED,) * 2
+
+
+def test_backwards_sequence_resets_the_camera() -> None:
+    tracker = Tracker()
+    for k in range(3):
+        r = tracker.update(dets([box(100, 100)]), T0 + k * FRAME_NS, sequence=100 + k)
+    old = int(r.track_ids[0])
+    r = tracker.update(dets([box(100, 100)]), T0 + 3 * FRAME_NS, sequence=0)  # time goes on, sequence restarts
+    assert r.restarted and int(r.track_ids[0]) > old
+    r = tracker.update(dets([box(100, 100)]), T0 + 3 * FRAME_NS, sequence=0)  # the same frame again
+    assert not r.restarted
+
+
+def test_low_score_detections_extend_tracks_but_never_start_them() -> None:
+    config = TrackerConfig(high_score=0.5, low_score=0.1)
+    tracker = Tracker(config)
+    r = tracker.update(dets([box(100, 100), box(400, 100)], scores=[0.3, 0.05]), T0)
+    assert r.track_ids.tolist() == [0, 0] and r.states == (None, None) and len(tracker) == 0
+    for k in range(1, 4):
+        r = tracker.update(dets([box(100 + k, 100)], scores=[0.8]), T0 + k * FRAME_NS)
+    tid = int(r.track_ids[0])
+    # Partly occluded: the score drops; the confirmed track takes the low-score box.
+    r = tracker.update(dets([box(104, 100), box(400, 100)], scores=[0.2, 0.3]), T0 + 4 * FRAME_NS)
+    assert r.track_ids.tolist() == [tid, 0] and r.states == (TrackState.CONFIRMED, None)
+    assert len(tracker) == 1
+    # Below low_score it is not even a candidate: the track coasts.
+    r = tracker.update(dets([box(105, 100)], scores=[0.05]), T0 + 5 * FRAME_NS)
+    assert r.track_ids.tolist() == [0] and tracker.tracks()[0].state is TrackState.COASTING
+    # A coasting track is not revived by a low-score box, only by a high-score one.
+    r = tracker.update(dets([box(106, 100)], scores=[0.3]), T0 + 6 * FRAME_NS)
+    assert r.track_ids.tolist() == [0] and tracker.tracks()[0].state is TrackState.COASTING
+    r = tracker.update(dets([box(107, 100)], scores=[0.9]), T0 + 7 * FRAME_NS)
+    assert r.track_ids.tolist() == [tid] and r.states == (TrackState.CONFIRMED,)
+
+
+def test_new_track_needs_confirm_hits_and_dies_on_a_miss() -> None:
+    tracker = Tracker(TrackerConfig(confirm_hits=3))
+    states = [tracker.update(dets([box(100, 100)]), T0 + k * FRAME_NS).states[0] for k in range(4)]
+    assert states == [TrackState.NEW, TrackState.NEW, TrackState.CONFIRMED, TrackState.CONFIRMED]
+    tracker.update(dets([box(100, 100), box(500, 500)]), T0 + 4 * FRAME_NS)
+    assert len(tracker) == 2
+    tracker.update(dets([box(100, 100)]), T0 + 5 * FRAME_NS)  # the new one at 500 is missed once
+    assert [v.state for v in tracker.tracks()] == [TrackState.CONFIRMED]
+
+
+def test_an_established_track_wins_a_box_over_a_new_one() -> None:
+    tracker = Tracker()
+    for k in range(5):
+        r = tracker.update(dets([box(100, 100)]), T0 + k * FRAME_NS)
+    established = int(r.track_ids[0])
+    r = tracker.update(dets([box(100, 100), box(110, 100)]), T0 + 5 * FRAME_NS)  # a spurious second box
+    spurious = int(r.track_ids[1])
+    assert r.states == (TrackState.CONFIRMED, TrackState.NEW)
+    # One box, closer to the new track's (IoU 0.90) than to the established one's (0.67).
+    r = tracker.update(dets([box(108, 100)]), T0 + 6 * FRAME_NS)
+    assert int(r.track_ids[0]) == established != spurious
+    assert [v.track_id for v in tracker.tracks()] == [established]  # the new one missed: dropped
+
+
+def test_classes_are_never_matched_across() -> None:
+    tracker = Tracker()
+    for k in range(3):
+        r = tracker.update(dets([box(100, 100)], classes=[CAR]), T0 + k * FRAME_NS)
+    car = int(r.track_ids[0])
+    r = tracker.update(dets([box(100, 100)], classes=[PEDESTRIAN]), T0 + 3 * FRAME_NS)
+    assert int(r.track_ids[0]) not in (0, car)
+    states = {(v.class_id, v.state) for v in tracker.tracks()}
+    assert states == {(CAR, TrackState.COASTING), (PEDESTRIAN, TrackState.NEW)}
+    # Overlapping boxes of two classes each keep their own track.
+    for k in range(4, 8):
+        r = tracker.update(dets([box(100, 100), box(102, 100)], classes=[PEDESTRIAN, CAR]), T0 + k * FRAME_NS)
+        assert int(r.track_ids[1]) == car and int(r.track_ids[0]) != car
+
+
+def test_max_tracks_bounds_a_camera() -> None:
+    tracker = Tracker(TrackerConfig(max_tracks=3))
+    r = tracker.update(dets([box(100 * i + 50, 100) for i in range(5)], scores=[0.6, 0.9, 0.7, 0.95, 0.8]), T0)
+    assert (r.track_ids > 0).tolist() == [False, True, False, True, True]  # the three best scores
+    assert len(tracker) == 3
+    for k in range(1, 3):
+        tracker.update(dets([box(150, 100), box(350, 100), box(450, 100)]), T0 + k * FRAME_NS)
+    # All three coast; two new objects: the coasting tracks make room, oldest match first.
+    tracker.update(Detections.empty(), T0 + 3 * FRAME_NS)
+    r = tracker.update(dets([box(800, 500), box(900, 500)]), T0 + 4 * FRAME_NS)
+    assert (r.track_ids > 0).all() and len(tracker) == 3
+
+
+def test_output_follows_input_order_and_handles_empty() -> None:
+    tracker = Tracker()
+    r = tracker.update(Detections.empty(), T0)
+    assert r.track_ids.shape == (0,) and r.states == ()
+    r = tracker.update(dets([box(100, 100), box(300, 100), box(500, 100)]), T0 + FRAME_NS)
+    ids = r.track_ids.tolist()
+    r = tracker.update(dets([box(500, 100), box(100, 100), box(300, 100)]), T0 + 2 * FRAME_NS)
+    assert r.track_ids.tolist() == [ids[2], ids[0], ids[1]]
+    assert r.track_ids.dtype == np.int64
+
+
+def test_tracker_rejects_bad_input() -> None:
+    tracker = Tracker()
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        tracker.update(dets([[0, 0, np.nan, 10]]), T0)
+    with pytest.raises(InvalidInputError, match="timestamp_ns"):
+        tracker.update(dets([box(10, 10)]), 1.5e18)  # type: ignore[arg-type]  # misuse on purpose
+    with pytest.raises(InvalidInputError, match="sequence"):
+        tracker.update(dets([box(10, 10)]), T0, sequence=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"high_score": 0.3, "low_score": 0.4}, "low_score"),
+        ({"low_score": 0.0}, "low_score"),
+        ({"match_iou": 0.0}, "match_iou"),
+        ({"low_match_iou": 1.5}, "low_match_iou"),
+        ({"confirm_hits": 0}, "confirm_hits"),
+        ({"max_tracks": 2.5}, "max_tracks"),
+        ({"max_age_s": float("nan")}, "max_age_s"),
+        ({"max_age_s": 2.0, "ttl_s": 1.0}, "ttl_s"),
+        ({"max_cameras": True}, "max_cameras"),
+    ],
+)
+def test_config_is_validated(kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrackerConfig(**kwargs)  # type: ignore[arg-type]  # wrong types on purpose
+
+
+# --- pool -----------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pool_keeps_a_camera_across_a_reconnect_and_forgets_it_after_ttl() -> None:
+    clock = FakeClock()
+    pool = TrackerPool(TrackerConfig(ttl_s=10.0), clock=clock)
+    for k in range(3):
+        r = pool.update("front", dets([box(100, 100)]), T0 + k * FRAME_NS, sequence=k)
+    tid = int(r.track_ids[0])
+    clock.now += 9.0  # the stream reconnects within ttl_s: same camera, same track
+    r = pool.update("front", dets([box(100, 100)]), T0 + 3 * FRAME_NS, sequence=3)
+    assert int(r.track_ids[0]) == tid
+    clock.now += 10.5
+    assert "front" not in pool and len(pool) == 0 and pool.tracks("front") == ()
+    r = pool.update("front", dets([box(100, 100)]), T0 + 4 * FRAME_NS, sequence=4)
+    assert r.states == (TrackState.NEW,) and int(r.track_ids[0]) == 1  # a new tracker
+
+
+def test_pool_forgets_the_least_recently_used_camera() -> None:
+    clock = FakeClock()
+    pool = TrackerPool(TrackerConfig(max_cameras=2), clock=clock)
+    for cam in ("a", "b"):
+        pool.update(cam, dets([box(100, 100)]), T0)
+        clock.now += 1
+    pool.update("a", dets([box(100, 100)]), T0 + FRAME_NS)  # a is now more recent than b
+    clock.now += 1
+    pool.update("c", dets([box(100, 100)]), T0)
+    assert "a" in pool and "c" in pool and "b" not in pool and len(pool) == 2
+    assert [v.track_id for v in pool.tracks("a")] == [1]
+    pool.discard("a")
+    assert "a" not in pool and len(pool) == 1
+
+
+def test_pool_cameras_are_independent() -> None:
+    pool = TrackerPool()
+    front = pool.update("front", dets([box(100, 100)]), T0)
+    rear = pool.update("rear", dets([box(100, 100)]), T0 - 10**9)  # another clock: no restart
+    assert int(front.track_ids[0]) == int(rear.track_ids[0]) == 1
+    assert not rear.restarted
+    r = pool.update("front", dets([box(100, 100)]), T0 + FRAME_NS)
+    assert r.states == (TrackState.CONFIRMED,)

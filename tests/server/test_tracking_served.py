@@ -1,0 +1,36 @@
+"""Track ids over gRPC: asked for per request, kept per camera across frames and across a
+reconnect, absent when not asked for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perception.v1 import detector_pb2 as pb
+from tests.server.conftest import jpeg, request
+
+
+def _tracked(camera: str, seq: int, track: bool = True) -> pb.DetectRequest:
+    req = request(camera, seq, jpeg(seed=3))  # the same scene every frame: the same objects
+    req.frame.capture_timestamp_ns = 1_000_000_000 + seq * 33_000_000
+    req.options.track = track
+    req.options.score_threshold = 0.3
+    return req
+
+
+def test_track_ids_persist_across_frames_and_reconnects(serve: Any) -> None:
+    run = serve()
+    first = list(run.stub.StreamDetect(iter([_tracked("front", i) for i in range(4)]), timeout=30))
+    assert all(a.status == pb.FRAME_STATUS_OK for a in first) and len(first[0].detections) > 0
+    ids = [sorted(d.track_id for d in a.detections) for a in first]
+    assert all(i > 0 for i in ids[0]) and ids[1] == ids[2] == ids[3] == ids[0]
+    assert {d.track_state for d in first[0].detections} == {pb.TRACK_STATE_NEW}
+    assert {d.track_state for d in first[3].detections} == {pb.TRACK_STATE_CONFIRMED}
+    # A new stream of the same camera (a reconnect) finds its tracks.
+    again = list(run.stub.StreamDetect(iter([_tracked("front", 4)]), timeout=30))
+    assert sorted(d.track_id for d in again[0].detections) == ids[0]
+    # Another camera has its own tracker (ids are unique within a camera): all new there.
+    other = run.stub.Detect(_tracked("rear", 0), timeout=10)
+    assert other.detections and {d.track_state for d in other.detections} == {pb.TRACK_STATE_NEW}
+    # A request without track gets none.
+    plain = run.stub.Detect(_tracked("front", 5, track=False), timeout=10)
+    assert plain.detections and {d.track_id for d in plain.detections} == {0}
