@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import bench_build, bench_client, bench_kernels, bench_layouts, bench_server
+from bench import bench_build, bench_client, bench_kernels, bench_layouts, bench_server, bench_soak, bench_tracking
 
 # (title, the bench's main(argv) -> exit code, its arguments)
 BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = (
@@ -19,6 +19,8 @@ BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = 
     ("client: unary vs stream windows, raw vs JPEG payloads", bench_client.main, []),
     ("kernels: reduced JPEG decode, numpy vs OpenCV NMS, INT8 U8 vs S8 activations", bench_kernels.main, []),
     ("layouts: decode + NMS cost per frame of every output layout", bench_layouts.main, []),
+    ("soak: hostile streams, 16 MiB frames", bench_soak.main, ["--duration-s", "60", "--big-duration-s", "20"]),
+    ("tracking: tracker cost per frame at 10 / 50 / 100 detections", bench_tracking.main, []),
 )
 
 
