@@ -9,7 +9,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import bench_build, bench_client, bench_kernels, bench_layouts, bench_server, bench_soak, bench_tracking
+from bench import (
+    bench_build,
+    bench_client,
+    bench_kernels,
+    bench_layouts,
+    bench_lifecycle,
+    bench_server,
+    bench_soak,
+    bench_tracking,
+)
 
 # (title, the bench's main(argv) -> exit code, its arguments)
 BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = (
@@ -21,6 +30,8 @@ BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = 
     ("layouts: decode + NMS cost per frame of every output layout", bench_layouts.main, []),
     ("soak: hostile streams, 16 MiB frames", bench_soak.main, ["--duration-s", "60", "--big-duration-s", "20"]),
     ("tracking: tracker cost per frame at 10 / 50 / 100 detections", bench_tracking.main, []),
+    ("lifecycle: degradation auto vs off at 10 -> 30 -> 10 fps, critical camera with vs without priorities",
+     bench_lifecycle.main, ["--phase-s", "20"]),
 )
 
 

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--probation-s", type=float, help="seconds a swapped-in model is watched for automatic rollback")
     a("--degrade", choices=("off", "auto"), help="auto: serve a faster gated variant under sustained load")
     a("--degrade-p99-budget-ms", type=float, help="with --degrade auto: OK-frame p99 budget (0 = shedding only)")
+    a("--degrade-window-s", type=float, help="with --degrade auto: the load window, seconds (default 2)")
     a("--thermal-path", help="a file holding a temperature (or power) reading; at --thermal-limit: degrade")
     a("--thermal-limit", type=float, help="the reading at or above which the server degrades")
     a("--camera-priorities", help="comma-separated camera=class (critical, normal, best_effort); unlisted: normal")

@@ -305,16 +305,24 @@ class Scheduler:
                     continue
                 if model is not _UNSET and q[0].model is not model:
                     continue  # another model's frame: the next batch
-                job = q.popleft()
-                self._pending -= 1
-                progress = True
-                if job.deadline is not None and now > job.deadline:
-                    expired.append(job)
-                    continue
-                if model is _UNSET:
-                    model = job.model
-                    limit = min(self.max_batch, getattr(model, "max_batch", self.max_batch))
-                jobs.append(job)
+                # A critical camera's whole queue goes into the batch, not one frame per round:
+                # otherwise it gets one frame per batch, however many cameras share the batch.
+                take = len(q) if q[0].priority >= CRITICAL else 1
+                for _ in range(take):
+                    if not q or (model is not _UNSET and q[0].model is not model):
+                        break
+                    job = q.popleft()
+                    self._pending -= 1
+                    progress = True
+                    if job.deadline is not None and now > job.deadline:
+                        expired.append(job)
+                        continue
+                    if model is _UNSET:
+                        model = job.model
+                        limit = min(self.max_batch, getattr(model, "max_batch", self.max_batch))
+                    jobs.append(job)
+                    if len(jobs) >= limit:
+                        break
                 if len(jobs) >= limit:
                     break
         for key in order:
@@ -381,6 +389,7 @@ class Scheduler:
 
 
 _UNSET = object()
+CRITICAL = 2  # the priority of the critical class (server.config.PRIORITY_CLASSES)
 
 
 def _call(job: Job, result: JobResult) -> None:

@@ -58,3 +58,17 @@ def test_a_lower_class_waits_at_most_about_its_starvation_time(backend) -> None:
     s.stop(2)
     assert rec.results["be"].status is JobStatus.OK
     assert rec.results["be"].queue_s < 1.0, rec.results["be"].queue_s
+
+
+def test_a_critical_cameras_whole_queue_joins_the_batch(backend) -> None:  # noqa: F811
+    """8 cameras share a batch of 8: a critical camera gets both its queued frames into it, not
+    one per round (which capped it at one frame per batch)."""
+    rec = Recorder()
+    s = Scheduler(backend.infer, max_batch=8, max_wait_s=0.0, queue_size=2, max_pending=64)
+    s._accepting = True
+    for cam in range(8):
+        for i in range(2):
+            s.submit(Job(f"cam{cam}", tensor(cam * 2 + i), rec.cb(f"cam{cam}-{i}"), priority=2 if cam == 0 else 0))
+    jobs, _ = s._take_batch_locked(time.monotonic())
+    names = [j.key for j in jobs]
+    assert names.count("cam0") == 2 and len(names) == 8
