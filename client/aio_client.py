@@ -10,6 +10,7 @@ behaviour as detector_client + stream, on grpc.aio, for camera nodes written wit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,12 +20,13 @@ import grpc
 
 from client.backoff import Backoff
 from client.channels import ChannelPool
+from client.client_status import is_drain_refusal
 from client.config import ClientConfig
 from client.convert import RequestOptions, from_response, to_request
 from client.detector_client import ModelInfo, model_info_from_pb
 from client.errors import is_retryable, is_retryable_unary, translate
 from client.frames import FrameResult, SourceFrame
-from client.resend_window import Next, ResendWindow
+from client.resend_window import FrameKey, Next, ResendWindow
 from perception.errors import NotReadyError, PerceptionError
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc
@@ -48,7 +50,7 @@ class AsyncDetectorClient:
                 return await getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
             except grpc.aio.AioRpcError as exc:
                 err = translate(exc, endpoint.address)
-                delay = backoff.next_delay() if is_retryable_unary(exc.code()) else None
+                delay = backoff.next_delay(time.monotonic()) if is_retryable_unary(exc.code()) else None
                 if delay is None:
                     raise err from exc
                 log.warning("%s; retrying in %.2fs", err, delay)
@@ -112,6 +114,17 @@ class AsyncStreamSession:
         return self._window.lost
 
     @property
+    def refusals(self) -> dict[FrameKey, str]:
+        """(camera_id, sequence) -> what the draining server said, for each frame it refused
+        that has not been answered since (re-sent and still in flight, or in ``lost``)."""
+        return self._window.refusals
+
+    @property
+    def refused(self) -> int:
+        """Refusals by a draining server (each refused frame is re-sent)."""
+        return self._window.refused
+
+    @property
     def in_flight(self) -> int:
         """Accepted frames not answered yet."""
         return self._window.in_flight
@@ -141,17 +154,19 @@ class AsyncStreamSession:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except asyncio.TimeoutError as exc:
-            await self.abort()
-            raise NotReadyError(f"{self.name}: frames still unanswered after {timeout}s") from exc
+            late = NotReadyError(f"{self.name}: frames still unanswered after {timeout}s")
+            await self.abort(late)
+            raise late from exc
         finally:
             self._watch_task.cancel()
         if self._window.error is not None:
             raise self._window.error
 
-    async def abort(self) -> None:
-        """Stop now; unanswered frames go to ``lost``."""
+    async def abort(self, reason: PerceptionError | None = None) -> None:
+        """Stop now; unanswered frames go to ``lost`` and ``reason`` (default: "aborted")
+        becomes the session's error, unless it already had one."""
         async with self._cond:
-            self._window.abort(PerceptionError(f"{self.name}: aborted"))
+            self._window.abort(reason or PerceptionError(f"{self.name}: aborted"))
             self._cond.notify_all()
         if self._call is not None:
             self._call.cancel()
@@ -214,12 +229,12 @@ class AsyncStreamSession:
                     self._window.end_connection()
                     self._cond.notify_all()
             async with self._cond:
-                decision = self._window.after_failure(failure, retry)
+                decision = self._window.after_failure(failure, retry, time.monotonic())
                 self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
             if decision.next is Next.STOP:
                 return
             if decision.next is Next.GIVE_UP:
-                log.error("%s: giving up: %s", self.name, failure)
+                log.error("%s: %s: %s", self.name, self._window.give_up_note, failure)
                 return
             # The first failure of a streak is news; the retries that follow are not.
             level = logging.WARNING if decision.first_of_streak else logging.INFO
@@ -227,14 +242,24 @@ class AsyncStreamSession:
             await asyncio.sleep(decision.delay_s)
 
     async def _handle(self, resp: Any) -> None:
+        now = time.perf_counter()
+        result = from_response(resp)
+        if is_drain_refusal(result):
+            # Not an answer: re-sent after the reconnect (see stream.StreamSession._handle).
+            async with self._cond:
+                refused = self._window.refuse(result.camera_id, result.sequence, result.message)
+            if refused is not None:
+                log.info("%s: frame %s refused by draining server %s; it will be re-sent", self.name,
+                         (result.camera_id, result.sequence), self.address)
+            return
         async with self._cond:
-            answered = self._window.answer(resp.camera_id, int(resp.sequence), time.perf_counter())
+            answered = self._window.answer(result.camera_id, result.sequence, now)
             if answered is None:
                 return  # a duplicate answer to a re-sent frame
             self._cond.notify_all()
         if answered.reconnected:
             log.info("%s: reconnected to %s", self.name, self.address)
-        out = self._on_result(answered.frame, from_response(resp, latency_ms=answered.latency_ms))
+        out = self._on_result(answered.frame, dataclasses.replace(result, latency_ms=answered.latency_ms))
         if asyncio.iscoroutine(out):
             await out
 

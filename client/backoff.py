@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter for reconnects."""
+"""Exponential backoff with jitter for reconnects, bounded in time and / or attempts."""
 
 from __future__ import annotations
 
@@ -8,23 +8,45 @@ from client.config import BackoffConfig
 
 
 class Backoff:
-    """Delay sequence for consecutive failures; ``reset()`` after a success.
+    """Delay sequence for one streak of consecutive failures; ``reset()`` after a success.
 
-    ``next_delay()`` returns seconds, or None once ``max_attempts`` failures happened.
+    ``next_delay(now)`` returns seconds, or None once the streak has to end: ``max_attempts``
+    failures happened, or ``give_up_after_s`` passed since the streak's first failure. A delay
+    never reaches past that deadline, so the last attempt is made right at it. ``now`` is the
+    caller's clock in seconds (any monotonic clock, the same on every call); without it only
+    ``max_attempts`` bounds the streak.
     """
 
     def __init__(self, config: BackoffConfig, rng: random.Random | None = None) -> None:
         self._config = config
         self._rng = rng or random.Random()
         self.attempts = 0
+        self._streak_start: float | None = None
 
     def reset(self) -> None:
         self.attempts = 0
+        self._streak_start = None
 
-    def next_delay(self) -> float | None:
+    def restart_clock(self) -> None:
+        """Count ``give_up_after_s`` from the next failure on, keeping the delays growing."""
+        self._streak_start = None
+
+    def streak_s(self, now: float) -> float:
+        """Seconds since the first failure of the current streak (0 without one)."""
+        return 0.0 if self._streak_start is None else max(0.0, now - self._streak_start)
+
+    def next_delay(self, now: float | None = None) -> float | None:
         c = self._config
+        if now is not None and self._streak_start is None:
+            self._streak_start = now
         if c.max_attempts and self.attempts >= c.max_attempts:
             return None
+        left: float | None = None
+        if c.give_up_after_s and now is not None:
+            left = c.give_up_after_s - self.streak_s(now)
+            if left <= 0:
+                return None
         ceiling = min(c.max_s, c.initial_s * c.multiplier**self.attempts)
         self.attempts += 1
-        return ceiling * (1.0 - c.jitter * self._rng.random())
+        delay = ceiling * (1.0 - c.jitter * self._rng.random())
+        return delay if left is None else min(delay, left)

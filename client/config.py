@@ -32,23 +32,38 @@ class TlsConfig:
                 raise ConfigError(f"TLS file not found: {p}")
 
 
+# A restart that reuses its cached engine has to fit in here; a first start that builds a
+# TensorRT engine may take up to 10 minutes (the startupProbe in deploy/k8s/deployment.yaml)
+# and needs a longer bound. Not a measurement: no start-up time is measured in this repository.
+DEFAULT_GIVE_UP_AFTER_S = 120.0
+
+
 @dataclass(frozen=True)
 class BackoffConfig:
     """Reconnect delays: ``initial_s * multiplier**attempt``, capped at ``max_s``, with full
-    jitter in [(1 - jitter) * d, d] so a fleet of camera nodes does not reconnect in lock-step."""
+    jitter in [(1 - jitter) * d, d] so a fleet of camera nodes does not reconnect in lock-step.
+
+    A streak of failures (no answer in between) ends in giving up when it has lasted
+    ``give_up_after_s`` seconds since its first failure with frames waiting for an answer, or
+    after ``max_attempts`` failed attempts, whichever comes first; 0 turns a bound off (both 0 =
+    never give up). Time is the bound that matters: a server that restarts is back after its
+    start-up time, however many attempts that takes.
+    """
 
     initial_s: float = 0.1
     max_s: float = 5.0
     multiplier: float = 2.0
     jitter: float = 0.5
-    # Give up after this many consecutive failed attempts; 0 = never.
-    max_attempts: int = 8
+    max_attempts: int = 0
+    give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S
 
     def __post_init__(self) -> None:
         if self.initial_s <= 0 or self.max_s < self.initial_s or self.multiplier < 1.0:
             raise ConfigError("backoff needs 0 < initial_s <= max_s and multiplier >= 1")
         if not 0.0 <= self.jitter <= 1.0 or self.max_attempts < 0:
             raise ConfigError("backoff jitter must be in [0, 1] and max_attempts >= 0")
+        if not self.give_up_after_s >= 0.0:
+            raise ConfigError(f"give_up_after_s must be >= 0 (0 = no time bound), got {self.give_up_after_s}")
 
 
 @dataclass(frozen=True)

@@ -35,19 +35,13 @@ class Pacing:
             raise ConfigError("skip and max_frames must not be negative")
 
 
-def paced(
-    source: Iterable[SourceFrame],
-    pacing: Pacing,
-    stop: threading.Event | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> Iterator[SourceFrame]:
-    """Yield the frames of ``source`` (re-iterated when looping) at their scheduled time."""
-    stop = stop or threading.Event()
+def select(source: Iterable[SourceFrame], pacing: Pacing) -> Iterator[SourceFrame]:
+    """The frames a replay sends, in order, without waiting: ``skip`` applied, laps of a
+    ``loop`` renumbered (sequence numbers and timestamps keep increasing), at most
+    ``max_frames``. Endless for a ``loop`` without ``max_frames``."""
     seq_offset: dict[str, int] = defaultdict(int)
     ts_offset = 0
-    start_wall: float | None = None
-    first_ts: int | None = None
-    sent = 0
+    selected = 0
     while True:
         count: dict[str, int] = defaultdict(int)
         span: dict[str, list[int]] = {}  # camera -> [first, last] timestamp of this lap
@@ -63,22 +57,51 @@ def paced(
                     sequence=frame.sequence + seq_offset[frame.camera_id],
                     timestamp_ns=frame.timestamp_ns + ts_offset,
                 )
-            if pacing.speed is not None:
-                if start_wall is None or first_ts is None:
-                    start_wall, first_ts = clock(), frame.timestamp_ns
-                due = start_wall + (frame.timestamp_ns - first_ts) / 1e9 / pacing.speed
-                wait = due - clock()
-                if wait > 0 and stop.wait(wait):
-                    return
-            if stop.is_set():
-                return
             yield frame
-            sent += 1
-            if pacing.max_frames and sent >= pacing.max_frames:
+            selected += 1
+            if pacing.max_frames and selected >= pacing.max_frames:
                 return
-        if not pacing.loop or not count or stop.is_set():
+        if not pacing.loop or not count:
             return
         # A lap lasts a camera's recorded span plus one of its mean frame periods.
         ts_offset += max((hi - lo) + (hi - lo) // max(1, count[cam] - 1) for cam, (lo, hi) in span.items())
         for cam, c in count.items():
             seq_offset[cam] += c
+
+
+class Schedule:
+    """When each frame is due: ``start + (timestamp - first_timestamp) / speed``, the start
+    being the moment the first frame was due; at once for ``speed=None``."""
+
+    def __init__(self, pacing: Pacing, clock: Callable[[], float] = time.monotonic) -> None:
+        self._speed = pacing.speed
+        self._clock = clock
+        self._start: tuple[float, int] | None = None  # (wall clock, timestamp_ns) of the first frame
+
+    def wait(self, frame: SourceFrame, stop: threading.Event) -> bool:
+        """Wait until ``frame`` is due; False (at once) if ``stop`` is set first."""
+        if self._speed is not None:
+            if self._start is None:
+                self._start = (self._clock(), frame.timestamp_ns)
+            wall, first_ts = self._start
+            due = wall + (frame.timestamp_ns - first_ts) / 1e9 / self._speed
+            wait = due - self._clock()
+            if wait > 0 and stop.wait(wait):
+                return False
+        return not stop.is_set()
+
+
+def paced(
+    source: Iterable[SourceFrame],
+    pacing: Pacing,
+    stop: threading.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[SourceFrame]:
+    """Yield the frames of ``source`` (re-iterated when looping) at their scheduled time; stop
+    early once ``stop`` is set."""
+    stop = stop or threading.Event()
+    schedule = Schedule(pacing, clock)
+    for frame in select(source, pacing):
+        if not schedule.wait(frame, stop):
+            return
+        yield frame

@@ -1,23 +1,38 @@
 """Replaying a recording against a server: one StreamDetect session per camera, all driven by
 one pacing schedule so cameras stay in sync by their recorded timestamps.
 
-Every answered frame goes to the sinks and the statistics. When the source turns out to be
-damaged half-way, or the server is gone for good, the frames answered so far are kept: sinks
-are closed properly and the error is re-raised for the CLI to print as one line.
+Every frame the replay reads from the source ends in exactly one record, for the sinks and the
+statistics:
+
+- the server's answer, whatever its FrameStatus, delivered on a session's receiver thread. A
+  frame a draining server refused is not answered yet: its session re-sends it after
+  reconnecting (stream.py);
+- or, once every session has ended (no answer can arrive any more), a client status with a
+  reason (client_status.ClientStatus): GIVEN_UP or REFUSED_DRAINING for a frame sent and never
+  answered, NOT_SENT for a frame read and never sent because the replay stopped first.
+
+When the replay stops early (a session gave up reconnecting: the server is gone for good; an
+output failed; Ctrl-C; ``stop``), the rest of the source is still read, without pacing, so that
+each of its frames gets its NOT_SENT record (when Ctrl-C broke off the source's iterator, the
+source is read again from the start, skipping the frames that already have a record). An
+endless ``--loop`` has no rest, a damaged recording none that can be read, and a second Ctrl-C
+skips it (logged). The error is in the outcome, for the CLI to print as one line after
+closing the sinks.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from client.client_status import ClientStatus, Unanswered
 from client.convert import RequestOptions
 from client.detector_client import DetectorClient
 from client.frames import FrameResult, SourceFrame
-from client.pacing import Pacing, paced
+from client.pacing import Pacing, Schedule, select
 from client.sinks import Sink
 from client.stream import StreamSession
 from client.summary import ReplayStats
@@ -25,13 +40,22 @@ from perception.errors import PerceptionError
 
 log = logging.getLogger(__name__)
 
+# After an abort a receiver thread ends as soon as its cancelled call returns; only an
+# on_result call in progress (a sink write) can hold it up. Bounded so a stuck sink cannot
+# hang the end of a replay.
+_JOIN_TIMEOUT_S = 5.0
+
+ProgressCallback = Callable[[FrameResult | Unanswered], None]
+
 
 @dataclass(frozen=True)
 class ReplayConfig:
     pacing: Pacing = field(default_factory=Pacing)
     options: RequestOptions | None = None
-    # How long to wait, after the last frame is sent, for the answers still in flight.
-    drain_timeout_s: float = 60.0
+    # How long to wait, after the last frame is sent, for the answers still in flight. None: as
+    # long as the sessions keep reconnecting (the client's BackoffConfig bounds that), so a server
+    # restarting during the last frames is waited for like one restarting earlier.
+    drain_timeout_s: float | None = None
     keep_results: bool = True
 
 
@@ -42,6 +66,8 @@ class ReplayOutcome:
     file_names: dict[tuple[str, int], str]
     error: PerceptionError | None = None
     interrupted: bool = False
+    # Frames the server never answered, with their client status (kept with ``keep_results``).
+    unanswered: list[Unanswered] = field(default_factory=list)
 
 
 class Replay:
@@ -51,7 +77,7 @@ class Replay:
         source: Iterable[SourceFrame],
         config: ReplayConfig,
         sinks: list[Sink] | None = None,
-        on_progress: Callable[[FrameResult], None] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         self._client = client
         self._source = source
@@ -63,26 +89,46 @@ class Replay:
         self.stop = threading.Event()
         self.stats = ReplayStats()
         self.results: list[FrameResult] = []
+        self.unanswered: list[Unanswered] = []
         self.file_names: dict[tuple[str, int], str] = {}
         self._sink_error: BaseException | None = None
         self.interrupted = False
+        self._last_answered: dict[str, int] = {}  # camera -> sequence of its latest answer
+
+    # -- records -------------------------------------------------------------------------
 
     def _on_result(self, frame: SourceFrame, result: FrameResult) -> None:
         if frame.file_name:
             result.extra.setdefault("file_name", frame.file_name)
         with self._lock:
             self.stats.add(result)
+            self._last_answered[frame.camera_id] = frame.sequence
             if self._config.keep_results:
                 self.results.append(result)
+            self._to_sinks(lambda sink: sink.write(frame, result))
+        if self._on_progress is not None:
+            self._on_progress(result)
+
+    def _on_unanswered(self, record: Unanswered) -> None:
+        with self._lock:
+            self.stats.unanswered(record)
+            if self._config.keep_results:
+                self.unanswered.append(record)
+            self._to_sinks(lambda sink: sink.write_unanswered(record))
+        if self._on_progress is not None:
+            self._on_progress(record)
+
+    def _to_sinks(self, write: Callable[[Sink], None]) -> None:
+        """Hand one record to every sink (under ``self._lock``); a failing sink stops the replay."""
+        for sink in self._sinks:
             try:
-                for sink in self._sinks:
-                    sink.write(frame, result)
+                write(sink)
             except Exception as exc:  # a full disk must stop the replay, not kill the receiver thread
                 if self._sink_error is None:
                     self._sink_error = exc
                 self.stop.set()
-        if self._on_progress is not None:
-            self._on_progress(result)
+
+    # -- the run -------------------------------------------------------------------------
 
     def _session(self, camera_id: str) -> StreamSession:
         s = self._sessions.get(camera_id)
@@ -93,12 +139,17 @@ class Replay:
 
     def run(self) -> ReplayOutcome:
         """Replay to the end (or until ``stop`` is set); never raises for a damaged source or
-        a lost server: the error is in the outcome, with everything answered before it."""
+        a lost server: the error is in the outcome, and every frame read has its record."""
+        frames = select(self._source, self._config.pacing)
+        schedule = Schedule(self._config.pacing)
         source_error: PerceptionError | None = None
         session_error: PerceptionError | None = None
-        frames = paced(self._source, self._config.pacing, self.stop)
+        stopped = ""  # why the replay stopped before the end of the source ("" = it did not)
+        unsent: SourceFrame | None = None  # read, and not (yet) accepted by its session
+        reading = False  # an interrupt inside the source's iterator ends that iterator
         try:
-            while not self.stop.is_set():
+            while True:
+                reading = True
                 try:
                     frame = next(frames)
                 except StopIteration:
@@ -106,33 +157,39 @@ class Replay:
                 except PerceptionError as exc:  # a damaged recording: keep what was answered
                     source_error = exc
                     break
+                unsent = frame  # before ``reading`` is cleared: an interrupt between them is safe
+                reading = False
                 if frame.file_name:
                     self.file_names[(frame.camera_id, frame.sequence)] = frame.file_name
                 try:
-                    self._send(frame)
-                except PerceptionError as exc:  # the server is gone for good
-                    session_error = exc
+                    sent = schedule.wait(frame, self.stop) and self._send(frame)
+                except PerceptionError as exc:  # its session gave up: the server is gone for good
+                    session_error = self._session_failure(frame.camera_id, exc)
+                    stopped = f"the replay stopped: {session_error}"
                     break
+                if not sent:
+                    stopped = self._stop_reason()
+                    break
+                unsent = None
         except KeyboardInterrupt:
             # Ctrl-C: stop sending, keep what was answered, let the CLI write its outputs.
-            self._abort_all()
-            session_error = PerceptionError("interrupted")
             self.interrupted = True
+            stopped = "the replay was interrupted"
         except BaseException:
-            self._abort_all()
+            self._abort_all(PerceptionError("the replay failed"))
             raise
-        if session_error is not None or self._sink_error is not None:
-            self._abort_all()
-            error = session_error
-        else:
-            try:
-                error = self._drain() or source_error
-            except KeyboardInterrupt:
-                self._abort_all()
-                error, self.interrupted = PerceptionError("interrupted"), True
+        drain_error = self._end_sessions(stopped)
         self.stats.finish()
-        self.stats.reconnects = sum(s.reconnects for s in self._sessions.values())
-        self.stats.lost = sum(len(s.lost) for s in self._sessions.values())
+        self._account_lost()
+        if stopped and source_error is None:
+            self._account_not_sent(unsent, None if self.interrupted and reading else frames, stopped)
+        for cam, session in self._sessions.items():
+            self.stats.sent(cam, session.accepted)
+        sessions = list(self._sessions.values())
+        self.stats.reconnects = sum(x.reconnects for x in sessions)
+        self.stats.lost = sum(len(x.lost) for x in sessions)
+        self.stats.drain_refusals = sum(x.refused for x in sessions)
+        error = session_error or drain_error or source_error
         if self._sink_error is not None:
             sink_error = self._sink_error
             error = (
@@ -140,27 +197,114 @@ class Replay:
                 if isinstance(sink_error, PerceptionError)
                 else PerceptionError(f"writing results failed: {sink_error}")
             )
-        return ReplayOutcome(self.stats, self.results, self.file_names, error, self.interrupted)
+        return ReplayOutcome(self.stats, self.results, self.file_names, error, self.interrupted, self.unanswered)
 
-    def _send(self, frame: SourceFrame) -> None:
+    def _send(self, frame: SourceFrame) -> bool:
+        """Hand ``frame`` to its camera's session: False if ``stop`` was set while the window
+        was full (the frame was not accepted); raises the session's error once it gave up."""
         session = self._session(frame.camera_id)
         while not session.send(frame, timeout=0.5):
             if self.stop.is_set():
-                return
-        self.stats.sent(frame.camera_id)
+                return False
+        return True
+
+    def _stop_reason(self) -> str:
+        if self._sink_error is not None:
+            return f"the replay stopped: writing results failed: {self._sink_error}"
+        return "the replay was stopped"
+
+    def _session_failure(self, camera_id: str, exc: PerceptionError) -> PerceptionError:
+        """The session's error, saying how it gave up ("... (camera front gave up after 9
+        reconnect attempts in 120.0 s)"), as the same kind of error."""
+        s = self._sessions.get(camera_id)
+        if s is None or not s.give_up_note:
+            return exc
+        return type(exc)(f"{exc} ({s.name} {s.give_up_note})")
+
+    def _end_sessions(self, stopped: str) -> PerceptionError | None:
+        """Close every session, waiting for its answers (after Ctrl-C or a failed output: abort
+        it), then wait until no answer can arrive any more. The first session error."""
+        first: PerceptionError | None = None
+        if self.interrupted or self._sink_error is not None:
+            self._abort_all(PerceptionError(stopped or self._stop_reason()))
+        else:
+            try:
+                first = self._drain()
+            except KeyboardInterrupt:
+                self.interrupted = True
+                self._abort_all(PerceptionError("the replay was interrupted"))
+        for s in self._sessions.values():
+            if not s.join(_JOIN_TIMEOUT_S):
+                log.warning("%s: still delivering an answer after %.0f s", s.name, _JOIN_TIMEOUT_S)
+        return first
 
     def _drain(self) -> PerceptionError | None:
         first: PerceptionError | None = None
-        for s in self._sessions.values():
+        for camera_id, s in self._sessions.items():
             try:
                 s.close(timeout=self._config.drain_timeout_s)
             except PerceptionError as exc:
-                first = first or exc
+                first = first or self._session_failure(camera_id, exc)
         return first
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, reason: PerceptionError | None = None) -> None:
         for s in self._sessions.values():
-            s.abort()
+            s.abort(reason)
+
+    # -- frames without an answer --------------------------------------------------------
+
+    def _account_lost(self) -> None:
+        """A GIVEN_UP or REFUSED_DRAINING record for every frame sent and never answered."""
+        for s in self._sessions.values():
+            why = str(s.error) if s.error is not None else "the session ended"
+            if s.give_up_note:
+                why = f"{why} ({s.name} {s.give_up_note})"
+            for frame in s.lost:
+                refusal = s.refusals.get((frame.camera_id, frame.sequence))
+                if refusal:
+                    reason = f"refused by a draining server ({refusal}); not re-sent: {why}"
+                    self._on_unanswered(Unanswered.of(frame, ClientStatus.REFUSED_DRAINING, reason))
+                else:
+                    self._on_unanswered(Unanswered.of(frame, ClientStatus.GIVEN_UP, f"never answered: {why}"))
+
+    def _last_with_record(self) -> dict[str, int]:
+        """camera -> the sequence of its last frame with a record, once every session ended.
+        A camera's frames are sent in sequence order and each one sent ends answered or lost,
+        so a frame of it has a record exactly when its sequence is at most this. Taken from the
+        outcomes rather than from ``send``, which Ctrl-C may break off half-way."""
+        last = dict(self._last_answered)
+        for s in self._sessions.values():
+            for f in s.lost:
+                last[f.camera_id] = max(last.get(f.camera_id, -1), f.sequence)
+        return last
+
+    def _account_not_sent(self, unsent: SourceFrame | None, rest: Iterator[SourceFrame] | None, why: str) -> None:
+        """A NOT_SENT record for the frame the replay stopped at and for every frame after it:
+        the rest of ``rest``, or, when the source's iterator was broken off (None), every frame
+        of a new pass over the source that has no record yet."""
+        last = self._last_with_record()
+        if unsent is not None and unsent.sequence > last.get(unsent.camera_id, -1):
+            self._on_unanswered(Unanswered.of(unsent, ClientStatus.NOT_SENT, why))
+        pacing = self._config.pacing
+        if pacing.loop and not pacing.max_frames:
+            return  # an endless loop: there is no rest to account for
+        if rest is None:
+            done = None if unsent is None else (unsent.camera_id, unsent.sequence)
+            rest = (
+                f for f in select(self._source, pacing)
+                if f.sequence > last.get(f.camera_id, -1) and (f.camera_id, f.sequence) != done
+            )
+        log.info("recording the frames not sent (%s); Ctrl-C to skip", why)
+        n = 0
+        try:
+            for frame in rest:
+                self._on_unanswered(Unanswered.of(frame, ClientStatus.NOT_SENT, why))
+                n += 1
+        except PerceptionError as exc:  # damaged further on: those frames cannot be named
+            log.warning("the recording is unreadable after %d frames not sent: %s", n, exc)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            log.warning("skipped: the frames after the %d recorded as not sent have no record", n)
 
     def __enter__(self) -> Replay:
         return self

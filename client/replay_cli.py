@@ -1,5 +1,11 @@
 """``perception replay SOURCE --server HOST:PORT --out FILE.jsonl``: replay a recorded drive
-(video, image folder, MCAP, ROS 1 / ROS 2 bag) against one or more servers."""
+(video, image folder, MCAP, ROS 1 / ROS 2 bag) against one or more servers.
+
+``--out`` gets one line per frame read: the server's answer, or a client status with a reason
+(NOT_SENT, GIVEN_UP, REFUSED_DRAINING; client_status.py). A server that restarts or drains is
+reconnected to, and the frames it did not answer are re-sent, for up to ``--reconnect-timeout``
+seconds of failed reconnecting.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.config import BackoffConfig, ClientConfig, TlsConfig
+from client.client_status import Unanswered
+from client.config import DEFAULT_GIVE_UP_AFTER_S, BackoffConfig, ClientConfig, TlsConfig
 from client.convert import RequestOptions
 from client.frames import FrameResult
 from client.pacing import Pacing
@@ -31,8 +38,14 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-server-name", default="", help="name to check in the server certificate")
     g.add_argument("--tls", action="store_true", help="TLS with the system CA bundle")
     g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for a server (default 10)")
-    g.add_argument("--reconnect-attempts", type=int, default=8,
-                   help="consecutive reconnect attempts before giving up (0 = forever; default 8)")
+    g.add_argument("--reconnect-timeout", type=float, default=DEFAULT_GIVE_UP_AFTER_S, metavar="SECONDS",
+                   help="when the server goes away (restart, drain, network), keep reconnecting and re-sending "
+                        "for this many seconds after the first failure before giving up on the frames in flight "
+                        f"(0 = forever; default {DEFAULT_GIVE_UP_AFTER_S:.0f}, longer than a restart that reuses "
+                        "its cached engine; a first start that builds a TensorRT engine can take minutes)")
+    g.add_argument("--reconnect-attempts", type=int, default=0, metavar="N",
+                   help="also give up after N consecutive failed reconnects, whichever bound comes first "
+                        "(0 = no attempt bound, the default: --reconnect-timeout bounds reconnecting)")
 
 
 def client_config(args: argparse.Namespace, window: int = 4, deadline_ms: int = 0) -> ClientConfig:
@@ -41,9 +54,12 @@ def client_config(args: argparse.Namespace, window: int = 4, deadline_ms: int = 
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
     token = args.token if args.token is not None else os.environ.get("PERCEPTION_TOKEN", "")
+    if args.reconnect_timeout < 0 or args.reconnect_attempts < 0:
+        raise ConfigError("--reconnect-timeout and --reconnect-attempts must not be negative (0 = no bound)")
+    backoff = BackoffConfig(max_attempts=args.reconnect_attempts, give_up_after_s=args.reconnect_timeout)
     return ClientConfig(
         targets=targets, tls=tls, token=token, window=window, deadline_ms=deadline_ms,
-        connect_timeout_s=args.connect_timeout, backoff=BackoffConfig(max_attempts=args.reconnect_attempts),
+        connect_timeout_s=args.connect_timeout, backoff=backoff,
     )
 
 
@@ -57,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path, help="recording: video file, image folder, .mcap, .bag or ROS 2 bag directory")
     add_connection_args(p)
     o = p.add_argument_group("outputs")
-    o.add_argument("--out", type=Path, help="JSONL, one object per answered frame")
+    o.add_argument("--out", type=Path,
+                   help="JSONL, one object per frame read: the server's answer, or a client status "
+                        "(NOT_SENT, GIVEN_UP, REFUSED_DRAINING) with a reason; written a whole line at a time")
     o.add_argument("--summary-json", type=Path, help="write the summary (and KPI with --gt) as JSON")
     o.add_argument("--coco-results", type=Path, help="write detections as COCO results JSON")
     o.add_argument("--video-out", type=Path, help="annotated video (boxes, labels, latency overlay) of one camera")
@@ -169,7 +187,7 @@ def main(argv: list[str]) -> int:
                                             camera_id=args.video_camera))
         bar = _progress(_total_frames(source, pacing), args.no_progress)
 
-        def on_progress(result: FrameResult) -> None:
+        def on_progress(record: FrameResult | Unanswered) -> None:
             bar.update(1)
 
         keep = bool(args.gt or args.coco_results)  # a long --loop replay must not grow without bound
@@ -201,7 +219,8 @@ def main(argv: list[str]) -> int:
     print(format_table(summary))
     sys.stdout.flush()
     if outcome.interrupted:
-        print("perception replay: interrupted; outputs hold the frames answered so far", file=sys.stderr)
+        print("perception replay: interrupted; outputs hold the frames answered so far, the others as "
+              "NOT_SENT / GIVEN_UP", file=sys.stderr)
         return 130
     if outcome.error is not None:
         raise outcome.error

@@ -1,6 +1,6 @@
 """The send window of one StreamDetect session, across reconnects: which frames are accepted,
 which are on the wire unanswered, which to re-send after a reconnect, how long to back off,
-and when to give up.
+and when to give up (after a streak of failures that lasted too long, see ``BackoffConfig``).
 
 No gRPC, no threads, no clock: the sync (``stream.py``) and asyncio (``aio_client.py``) fronts
 call it under their own lock and pass the time in, so both follow one set of rules and the
@@ -12,6 +12,12 @@ Invariants, kept by every method:
   accepted frames not yet answered (queued or on the wire).
 - Every accepted frame ends exactly once: answered (``answer``) or ``lost`` (give-up or abort).
   An answer to a frame that is not on the wire (a re-sent duplicate) changes nothing.
+- A frame a draining server refused (``refuse``) is not answered: it stays on the wire, to be
+  re-sent on the next connection, and its refusal is remembered (``refusals``) until it is
+  answered, so a frame lost after a refusal can say so. A refusal does not end a failure
+  streak: only an answer proves the service works.
+- The time bound of a streak counts from a failure with frames waiting: an idle session whose
+  stream drops now and then never gives up by time (there is nothing to give up on).
 - After a reconnect the frames that were on the wire are re-sent first, in the order they were
   first sent, then the queue continues; so one camera's answers stay in sequence order.
 - A connection is a *generation*; a request stream of an ended generation stops taking frames,
@@ -85,6 +91,11 @@ class ResendWindow:
         self._error: PerceptionError | None = None
         self.reconnects = 0
         self.lost: list[SourceFrame] = []
+        self.accepted = 0  # frames ever accepted
+        self.refused = 0  # refusals by a draining server, re-sent or not
+        # Frames refused and not answered since -> the server's words; kept for lost frames.
+        self.refusals: dict[FrameKey, str] = {}
+        self.give_up_note = ""  # how the session gave up by itself (bound reached, not retryable)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -130,6 +141,7 @@ class ResendWindow:
         if key in self._on_wire or any((f.camera_id, f.sequence) == key for f in self._queue):
             raise InvalidInputError(f"{self.name}: frame {key} is already in flight")
         self._queue.append(frame)
+        self.accepted += 1
 
     def close(self) -> None:
         """No more frames; the session finishes when the accepted ones are answered."""
@@ -185,23 +197,49 @@ class ResendWindow:
     def answer(self, camera_id: str, sequence: int, now: float) -> Answered | None:
         """The server answered (camera_id, sequence): its frame leaves the window. None for an
         answer to a frame that is not on the wire (a duplicate of a re-sent frame): ignore it."""
-        entry = self._on_wire.pop((camera_id, int(sequence)), None)
+        key = (camera_id, int(sequence))
+        entry = self._on_wire.pop(key, None)
         if entry is None:
             return None
+        self.refusals.pop(key, None)
         # An answer proves the connection works: the next failure starts a new streak.
         reconnected = self._backoff.attempts > 0
         self._backoff.reset()
         return Answered(entry.frame, (now - entry.sent) * 1e3, reconnected)
 
-    def after_failure(self, failure: PerceptionError, retryable: bool) -> AfterFailure:
+    def refuse(self, camera_id: str, sequence: int, message: str) -> SourceFrame | None:
+        """A draining server refused (camera_id, sequence) unprocessed, saying ``message``: the
+        frame stays on the wire and goes out again first on the next connection. None for a
+        frame that is not on the wire (ignore it, as a duplicate answer)."""
+        key = (camera_id, int(sequence))
+        entry = self._on_wire.get(key)
+        if entry is None:
+            return None
+        self.refused += 1
+        self.refusals[key] = message
+        return entry.frame
+
+    def after_failure(self, failure: PerceptionError, retryable: bool, now: float | None = None) -> AfterFailure:
         """A connection failed with ``failure``: reconnect after a backoff delay, or give up
-        (not retryable, or ``max_attempts`` consecutive failures) with ``failure`` as the
-        session's error and the unanswered frames in ``lost``."""
+        (not retryable, or the streak of failures reached a bound of the ``BackoffConfig``)
+        with ``failure`` as the session's error, the unanswered frames in ``lost`` and
+        ``give_up_note`` saying how. ``now``: the caller's clock in seconds, for the time
+        bound (without it only ``max_attempts`` bounds the streak)."""
         if self._error is not None:
             return AfterFailure(Next.STOP)
-        delay = self._backoff.next_delay() if retryable else None
+        waiting = self.in_flight > 0
+        if not waiting:
+            # An idle stream dropped: no frame waits, none can be given up on, so the time bound
+            # counts from the first failure that keeps frames waiting. The delays keep growing.
+            self._backoff.restart_clock()
+        delay = self._backoff.next_delay(now if waiting else None) if retryable else None
         if delay is None:
             self._error = failure
+            if not retryable:
+                self.give_up_note = "gave up at once: not worth reconnecting"
+            else:
+                during = f" in {self._backoff.streak_s(now):.1f} s" if now is not None else ""
+                self.give_up_note = f"gave up after {self._backoff.attempts} reconnect attempts{during}"
             self._give_up()
             return AfterFailure(Next.GIVE_UP)
         self.reconnects += 1

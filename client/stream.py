@@ -2,11 +2,14 @@
 
 The caller ``send()``s frames (blocking while ``window`` frames are unanswered) and gets every
 answer through ``on_result(frame, result)`` on the session's receiver thread, in order. If the
-stream breaks (server restarted, went away, hung), the session reconnects with exponential
-backoff and jitter to the next server address and re-sends the frames that were on the wire
-but unanswered, so every accepted frame is answered exactly once; a duplicate answer to a
-re-sent frame is ignored. After ``backoff.max_attempts`` consecutive failures the session
-gives up: ``send()`` and ``close()`` raise, and ``lost`` lists the frames never answered.
+stream breaks (server restarted, went away, hung, or drained), the session reconnects with
+exponential backoff and jitter to the next server address and re-sends the frames that were
+on the wire but unanswered, so every accepted frame is answered exactly once; a duplicate
+answer to a re-sent frame is ignored. A frame a draining server refused ("shutting down",
+``client_status.is_drain_refusal``) is not an answer: it is re-sent after the reconnect too.
+When a streak of failures reaches a bound of ``config.backoff`` (``give_up_after_s`` seconds,
+or ``max_attempts``) the session gives up: ``send()`` and ``close()`` raise, ``lost`` lists
+the frames never answered and ``refusals`` which of them a draining server had refused.
 
 Those rules live in ``resend_window.ResendWindow``, shared with the asyncio session; this
 module adds the threads, the lock and gRPC.
@@ -14,6 +17,7 @@ module adds the threads, the lock and gRPC.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,11 +28,12 @@ import grpc
 
 from client.backoff import Backoff
 from client.channels import ChannelPool
+from client.client_status import is_drain_refusal
 from client.config import ClientConfig
 from client.convert import RequestOptions, from_response, to_request
 from client.errors import is_retryable, translate
 from client.frames import FrameResult, SourceFrame
-from client.resend_window import Next, ResendWindow
+from client.resend_window import FrameKey, Next, ResendWindow
 from perception.errors import NotReadyError, PerceptionError
 from perception.v1 import detector_pb2_grpc
 
@@ -60,6 +65,7 @@ class StreamSession:
         self.callback_error: Exception | None = None
         self.address = ""
         self._stop_watchdog = threading.Event()
+        self._wake = threading.Event()  # ends a backoff wait early: the session was aborted
         self._thread = threading.Thread(target=self._run, name=f"{name}-recv", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
         self._thread.start()
@@ -74,6 +80,33 @@ class StreamSession:
     def lost(self) -> list[SourceFrame]:
         """Accepted frames never answered (the session gave up or was aborted)."""
         return self._window.lost
+
+    @property
+    def refusals(self) -> dict[FrameKey, str]:
+        """(camera_id, sequence) -> what the draining server said, for each frame it refused
+        that has not been answered since (re-sent and still in flight, or in ``lost``)."""
+        return self._window.refusals
+
+    @property
+    def refused(self) -> int:
+        """Refusals by a draining server (each refused frame is re-sent)."""
+        return self._window.refused
+
+    @property
+    def accepted(self) -> int:
+        """Frames ``send()`` accepted."""
+        return self._window.accepted
+
+    @property
+    def error(self) -> PerceptionError | None:
+        """Why the session ended without answering everything (gave up, aborted), else None."""
+        return self._window.error
+
+    @property
+    def give_up_note(self) -> str:
+        """How the session gave up by itself ("gave up after 9 reconnect attempts in 120.0 s"),
+        or "" when it did not."""
+        return self._window.give_up_note
 
     # -- caller side ---------------------------------------------------------------------
 
@@ -106,25 +139,34 @@ class StreamSession:
         self._thread.join(timeout)
         self._stop_watchdog.set()
         if self._thread.is_alive():
-            self.abort()
-            raise NotReadyError(f"{self.name}: {self.in_flight} frames still unanswered after {timeout}s")
+            late = NotReadyError(f"{self.name}: {self.in_flight} frames still unanswered after {timeout}s")
+            self.abort(late)
+            raise late
         if self._window.error is not None:
             raise self._window.error
         if self.callback_error is not None:
             raise PerceptionError(f"{self.name}: on_result failed: {self.callback_error}") from self.callback_error
 
-    def abort(self) -> None:
-        """Stop now; unanswered frames go to ``lost``."""
+    def abort(self, reason: PerceptionError | None = None) -> None:
+        """Stop now; unanswered frames go to ``lost`` and ``reason`` (default: "aborted")
+        becomes the session's error, unless it already had one."""
         if not self._thread.is_alive():
             self._stop_watchdog.set()
             return
         with self._cond:
-            self._window.abort(PerceptionError(f"{self.name}: aborted"))
+            self._window.abort(reason or PerceptionError(f"{self.name}: aborted"))
             self._cond.notify_all()
             call = self._call
         self._stop_watchdog.set()
+        self._wake.set()
         if call is not None:
             call.cancel()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the receiver thread to end (after ``close`` or ``abort``): then no
+        ``on_result`` call is running or will come. False if it is still running."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def __enter__(self) -> StreamSession:
         return self
@@ -185,31 +227,41 @@ class StreamSession:
                     self._window.end_connection()
                     self._cond.notify_all()
             with self._cond:
-                decision = self._window.after_failure(failure, retry)
+                decision = self._window.after_failure(failure, retry, time.monotonic())
                 self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
             if decision.next is Next.STOP:
                 return
             if decision.next is Next.GIVE_UP:
-                log.error("%s: giving up: %s", self.name, failure)
+                log.error("%s: %s: %s", self.name, self._window.give_up_note, failure)
                 return
             # The first failure of a streak is news; the retries that follow are not.
             level = logging.WARNING if decision.first_of_streak else logging.INFO
             log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, decision.delay_s)
-            time.sleep(decision.delay_s)
+            self._wake.wait(decision.delay_s)
 
     def _handle(self, resp: Any) -> None:
         now = time.perf_counter()
+        result = from_response(resp)
+        key = (result.camera_id, result.sequence)
+        if is_drain_refusal(result):
+            # Not an answer: the frame stays on the wire and is re-sent after the reconnect
+            # (the draining server ends this stream once its in-flight frames are answered).
+            with self._cond:
+                refused = self._window.refuse(result.camera_id, result.sequence, result.message)
+            if refused is not None:
+                log.info("%s: frame %s refused by draining server %s; it will be re-sent", self.name, key,
+                         self.address)
+            return
         with self._cond:
-            answered = self._window.answer(resp.camera_id, int(resp.sequence), now)
+            answered = self._window.answer(result.camera_id, result.sequence, now)
             if answered is not None:
                 self._cond.notify_all()
         if answered is None:
-            key = (resp.camera_id, int(resp.sequence))
             log.debug("%s: ignoring an answer to %s that is not in flight (a re-sent duplicate)", self.name, key)
             return
         if answered.reconnected:
             log.info("%s: reconnected to %s", self.name, self.address)
-        result = from_response(resp, latency_ms=answered.latency_ms)
+        result = dataclasses.replace(result, latency_ms=answered.latency_ms)
         try:
             self._on_result(answered.frame, result)
         except Exception as exc:  # the caller's callback must not kill the receiver thread

@@ -1,5 +1,10 @@
 """Replay statistics: counts, drops by reason, fps, latency percentiles per camera and per
-server stage; the summary JSON and the table printed at the end."""
+server stage; the summary JSON and the table printed at the end.
+
+Every frame read from the source is counted once: ``frames_source = frames_sent +
+frames_not_sent``, and ``frames_sent = frames_answered + GIVEN_UP + REFUSED_DRAINING`` (the
+client statuses, client_status.ClientStatus, of the frames the server never answered).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from client.client_status import ClientStatus, Unanswered
 from client.frames import DropReason, FrameResult, FrameStatus, drop_reason
 
 STAGES = ("queue", "preprocess", "inference", "postprocess", "total")
@@ -35,16 +41,23 @@ class ReplayStats:
         self.latency_ms: list[float] = []
         self.stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
         self.per_camera: dict[str, dict[str, Any]] = {}
-        self.lost = 0
+        self.lost = 0  # sent, never answered: the GIVEN_UP and REFUSED_DRAINING frames
+        self.client_status: dict[ClientStatus, int] = dict.fromkeys(ClientStatus, 0)
+        self.drain_refusals = 0  # refusals by a draining server (the frames were re-sent)
         self.reconnects = 0
         self.started = time.perf_counter()
         self.finished: float | None = None
 
-    def sent(self, camera_id: str) -> None:
+    def sent(self, camera_id: str, n: int = 1) -> None:
         with self._lock:
-            self.frames_sent += 1
+            self.frames_sent += n
             cam = self._camera(camera_id)
-            cam["sent"] += 1
+            cam["sent"] += n
+
+    def unanswered(self, record: Unanswered) -> None:
+        """A frame the server never answered, by its client status."""
+        with self._lock:
+            self.client_status[record.status] += 1
 
     def _camera(self, camera_id: str) -> dict[str, Any]:
         cam = self.per_camera.get(camera_id)
@@ -96,9 +109,13 @@ class ReplayStats:
             dropped = {reason.value: n for reason, n in sorted(self.dropped.items(), key=lambda kv: kv[0].value)}
             if self.lost:
                 dropped[DropReason.LOST.value] = self.lost
+            not_sent = self.client_status[ClientStatus.NOT_SENT]
             return {
+                "frames_source": self.frames_sent + not_sent,
                 "frames_sent": self.frames_sent,
+                "frames_not_sent": not_sent,
                 "frames_answered": self.frames_answered,
+                "client_status": {status.value: n for status, n in self.client_status.items()},
                 "dropped": dropped,
                 "detections": self.detections,
                 "fps": round(self.frames_answered / dur, 3),
@@ -107,6 +124,7 @@ class ReplayStats:
                 "per_camera": per_camera,
                 "server_stage_ms": {s: percentiles(v) for s, v in self.stage_ms.items()},
                 "reconnects": self.reconnects,
+                "drain_refusals": self.drain_refusals,
             }
 
 
@@ -119,9 +137,17 @@ def format_table(summary: dict[str, Any]) -> str:
         f"frames sent {summary['frames_sent']}  answered {summary['frames_answered']}  "
         f"dropped {sum(dropped.values())} ({drop_text})  detections {summary['detections']}"
     )
+    client = summary.get("client_status", {})
+    if any(client.values()):
+        never = [f"{name} {n}" for name, n in client.items() if n and name != ClientStatus.NOT_SENT.value]
+        lines.append(
+            f"frames read {summary['frames_source']} = sent {summary['frames_sent']} + "
+            f"not sent {summary['frames_not_sent']}" + (f"; never answered: {', '.join(never)}" if never else "")
+        )
     lines.append(
         f"duration {summary['duration_s']:.2f} s  fps {summary['fps']:.1f}  "
         f"reconnect attempts {summary.get('reconnects', 0)}"
+        + (f"  re-sent after a drain {summary['drain_refusals']}" if summary.get("drain_refusals") else "")
     )
     lines.append("")
     header = f"{'latency (ms)':<28}{'p50':>9}{'p95':>9}{'p99':>9}"

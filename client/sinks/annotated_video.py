@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from client.client_status import Unanswered
 from client.frames import FrameResult, FrameStatus, SourceFrame
 from perception.decode import decode_encoded, decode_raw
 from perception.errors import DataError, InvalidInputError
@@ -105,6 +106,9 @@ class AnnotatedVideoSink:
                 img = cv2.resize(img, self._size)
             self._writer.write(annotate(img, result))
             self.frames += 1
+
+    def write_unanswered(self, record: Unanswered) -> None:
+        """Nothing: the video shows what the server answered (the JSONL says what it did not)."""
 
     def close(self) -> None:
         with self._lock:
