@@ -59,6 +59,7 @@ class FrameTask:
     # The model the frame was prepared for: it post-processes the frame and names the answer.
     model: Any = None
     track: bool = False  # the request asked for track ids
+    priority: int = 1  # the camera's priority class (server.config.PRIORITY_CLASSES)
     status: FrameStatus | None = None
     message: str = ""
     result: JobResult | None = None
@@ -129,6 +130,8 @@ def finish_task(
         batch_size=result.batch_size if result and ok else 0,
     )
     _record(metrics, task.camera_id, status, detections, pipeline, timings, total_s)
+    if status is FrameStatus.OK:
+        metrics.observe_priority(task.priority, total_s)
     return FrameAnswer(
         camera_id=task.camera_id,
         sequence=task.sequence,

@@ -53,6 +53,7 @@ MAX_METHODS = 32
 
 
 LIFECYCLE_EVENTS = ("swap", "refused", "rollback", "degrade", "recover")
+PRIORITY_NAMES = {0: "best_effort", 1: "normal", 2: "critical"}  # server.config.PRIORITY_CLASSES
 
 class ServerMetrics:
     """Every metric the server exports, on ``registry``.
@@ -87,6 +88,15 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.priority_latency = Histogram(
+            "perception_priority_latency_seconds",
+            "End-to-end time of OK frames per camera priority class (--camera-priorities).",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        for name in PRIORITY_NAMES.values():
+            self.priority_latency.labels(name)
         self.frames_received = Counter(
             "perception_frames_received", "Frames received, per camera.", ["camera"], registry=registry
         )
@@ -211,6 +221,10 @@ class ServerMetrics:
         if not seconds >= 0.0 or math.isinf(seconds):  # also rejects NaN
             raise ValueError(f"stage duration must be a finite number >= 0 seconds, got {seconds!r}")
         self.stage_latency.labels(stage).observe(seconds)
+
+    def observe_priority(self, priority: int, seconds: float) -> None:
+        """An OK frame's end-to-end time, under its camera's priority class."""
+        self.priority_latency.labels(PRIORITY_NAMES.get(priority, "normal")).observe(max(0.0, seconds))
 
     def frame_received(self, camera_id: str) -> None:
         label = self.camera_label(camera_id)

@@ -25,6 +25,7 @@ class Metrics(Protocol):
     def observe_batch(self, size: int) -> None: ...
     def set_model_info(self, manifest: Manifest, variant_name: str, backend_name: str) -> None: ...
     def lifecycle_event(self, event: str) -> None: ...
+    def observe_priority(self, priority: int, seconds: float) -> None: ...
     def set_degraded(self, degraded: bool) -> None: ...
 
 
@@ -65,6 +66,9 @@ class NullMetrics:
         pass
 
     def lifecycle_event(self, event: str) -> None:
+        pass
+
+    def observe_priority(self, priority: int, seconds: float) -> None:
         pass
 
     def set_degraded(self, degraded: bool) -> None:

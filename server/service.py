@@ -103,6 +103,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.admit_camera(frame.camera_id)
             pipeline, task.model = self._current()
             task.track = opts.track
+            task.priority = self._limits.priority_of(camera_id)
             with self._limits.decode.slot():
                 task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:

@@ -247,6 +247,7 @@ class StreamSession:
             self._admit_camera(fin.camera_id)
             pipeline, task.model = self._current_model()
             task.track = opts.track
+            task.priority = self._limits.priority_of(task.camera_id)
             with self._limits.decode.slot():
                 task.prepared = pipeline.prepare(fin, opts)
         except InvalidInputError as exc:

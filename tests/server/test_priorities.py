@@ -72,3 +72,15 @@ def test_a_critical_cameras_whole_queue_joins_the_batch(backend) -> None:  # noq
     jobs, _ = s._take_batch_locked(time.monotonic())
     names = [j.key for j in jobs]
     assert names.count("cam0") == 2 and len(names) == 8
+
+
+def test_latency_is_exported_per_priority_class(serve) -> None:
+    from tests.server.conftest import jpeg, request
+
+    run = serve(camera_priorities=("front=critical", "cabin=best_effort"))
+    reqs = [request(cam, i, jpeg()) for i, cam in enumerate(("front", "cabin", "rear", "front"))]
+    assert len(list(run.stub.StreamDetect(iter(reqs), timeout=10))) == 4
+    count = run.registry.get_sample_value
+    name = "perception_priority_latency_seconds_count"
+    assert count(name, {"priority": "critical"}) == 2
+    assert count(name, {"priority": "best_effort"}) == 1 and count(name, {"priority": "normal"}) == 1
