@@ -10,21 +10,24 @@ from typing import cast
 
 import numpy as np
 
-from client.frames import FrameResult, FrameStatus, SourceFrame
+from client.frames import FrameResult, FrameStatus, SourceFrame, Tracks
 from perception.errors import ConfigError
+from perception.tracking import TrackState
 from perception.types import Detections, StageTimings
 from perception.v1 import detector_pb2 as pb
 
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """Per-request post-processing options; zero / empty values mean the model's defaults."""
+    """Per-request post-processing options; zero / empty values mean the model's defaults.
+    ``track``: ask the server for a track id per detection (its tracker per camera)."""
 
     score_threshold: float = 0.0
     iou_threshold: float = 0.0
     max_detections: int = 0
     class_filter: tuple[int, ...] = field(default_factory=tuple)
     class_agnostic_nms: bool = False
+    track: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0 or not 0.0 <= self.iou_threshold <= 1.0:
@@ -63,6 +66,7 @@ def to_request(frame: SourceFrame, options: RequestOptions | None = None, deadli
                 max_detections=options.max_detections,
                 class_filter=list(options.class_filter),
                 class_agnostic_nms=options.class_agnostic_nms,
+                track=options.track,
             )
         )
     return req
@@ -77,18 +81,34 @@ _STATUS = {
 }
 
 
+_TRACK_STATE = {
+    pb.TRACK_STATE_NEW: TrackState.NEW,
+    pb.TRACK_STATE_CONFIRMED: TrackState.CONFIRMED,
+    pb.TRACK_STATE_COASTING: TrackState.COASTING,
+}
+
+
 def from_response(resp: pb.DetectResponse, latency_ms: float = 0.0) -> FrameResult:
-    """Convert a response; an unspecified status (an old or broken server) reads as INVALID."""
+    """Convert a response; an unspecified status (an old or broken server) reads as INVALID.
+
+    ``tracks`` is set when a detection carries a track id or state; a response without any
+    (tracking not asked for, or nothing tracked in this frame) has None: the caller that asked
+    for tracking knows which (``client.replay``). An unknown track state reads as None."""
     n = len(resp.detections)
     boxes = np.empty((n, 4), np.float32)
     scores = np.empty((n,), np.float32)
     ids = np.empty((n,), np.int64)
+    track_ids = np.empty((n,), np.int64)
+    states: list[TrackState | None] = []
     names = []
     for i, d in enumerate(resp.detections):
         boxes[i] = (d.box.x1, d.box.y1, d.box.x2, d.box.y2)
         scores[i] = d.score
         ids[i] = d.class_id
         names.append(d.class_name)
+        track_ids[i] = d.track_id
+        states.append(_TRACK_STATE.get(d.track_state))
+    tracked = bool(track_ids.any()) or any(s is not None for s in states)
     status = _STATUS.get(resp.status, FrameStatus.INVALID)
     message = resp.message
     if resp.status not in _STATUS:
@@ -113,4 +133,5 @@ def from_response(resp: pb.DetectResponse, latency_ms: float = 0.0) -> FrameResu
             batch_size=int(t.batch_size),
         ),
         latency_ms=latency_ms,
+        tracks=Tracks(track_ids, tuple(states)) if tracked else None,
     )

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
+from numpy.typing import NDArray
 
 from perception.decode import PixelFormat
 from perception.errors import DataError, InvalidInputError
+from perception.tracking import TrackState
 from perception.types import Detections, FrameStatus, StageTimings
 
 
@@ -88,10 +90,41 @@ _DROP_REASONS = {
 
 
 @dataclass(frozen=True)
+class Tracks:
+    """The server's track of each detection of one frame (``DetectOptions.track``), in the
+    order of the detections.
+
+    ids: (N,) int64, the track id of each detection; 0 = not tracked (below the tracker's low
+        score, over its track limit, or a frame the server could not track).
+    states: the state of each detection's track; None where it has none (id 0).
+    """
+
+    ids: NDArray[np.int64]
+    states: tuple[TrackState | None, ...]
+
+    def __post_init__(self) -> None:
+        n = self.ids.shape[0] if self.ids.ndim == 1 else -1
+        if n < 0 or len(self.states) != n:
+            raise InvalidInputError(f"inconsistent tracks: ids {self.ids.shape}, {len(self.states)} states")
+        if n and int(self.ids.min()) < 0:
+            raise InvalidInputError("a track id is negative")
+
+    @classmethod
+    def untracked(cls, n: int) -> Tracks:
+        """``n`` detections without a track."""
+        return cls(np.zeros((n,), np.int64), (None,) * n)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
 class FrameResult:
     """The server's answer to one frame, plus the client-measured round trip.
 
     detections.boxes are in source-image pixels; ``class_names[i]`` names ``class_ids[i]``.
+    ``tracks``: the track of each detection when tracking was asked for, else None (then the
+    JSONL record carries no ``track_id`` / ``track_state``, as before tracking existed).
     """
 
     camera_id: str
@@ -106,10 +139,19 @@ class FrameResult:
     timings: StageTimings
     latency_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    tracks: Tracks | None = None
+
+    def __post_init__(self) -> None:
+        if self.tracks is not None and len(self.tracks) != len(self.detections):
+            raise InvalidInputError(
+                f"{self.camera_id}/{self.sequence}: {len(self.tracks)} tracks for {len(self.detections)} detections"
+            )
 
     def to_json_dict(self) -> dict[str, object]:
-        """The JSONL record (shared interface: one object per answered frame)."""
-        dets = [
+        """The JSONL record (shared interface: one object per answered frame). Each detection
+        has ``track_id`` (0 = not tracked) and ``track_state`` (a TrackState name, or null)
+        only when the frame has ``tracks``."""
+        dets: list[dict[str, object]] = [
             {
                 "box": [round(float(v), 2) for v in box],
                 "score": round(float(score), 5),
@@ -120,6 +162,10 @@ class FrameResult:
                 self.detections.boxes, self.detections.scores, self.detections.class_ids, self.class_names, strict=True
             )
         ]
+        if self.tracks is not None:
+            for det, tid, state in zip(dets, self.tracks.ids.tolist(), self.tracks.states, strict=True):
+                det["track_id"] = int(tid)
+                det["track_state"] = None if state is None else state.value
         return {
             "camera_id": self.camera_id,
             "sequence": self.sequence,
@@ -146,6 +192,15 @@ class FrameResult:
         scores = np.array([x["score"] for x in dets], np.float32).reshape(n)
         ids = np.array([x["class_id"] for x in dets], np.int64).reshape(n)
         names = tuple(str(x.get("class_name", "")) for x in dets)
+        tracks = None
+        if any("track_id" in x or "track_state" in x for x in dets):
+            try:
+                tracks = Tracks(
+                    np.array([_json_int(x.get("track_id", 0)) for x in dets], np.int64).reshape(n),
+                    tuple(TrackState(x["track_state"]) if x.get("track_state") else None for x in dets),
+                )
+            except InvalidInputError as exc:
+                raise DataError(str(exc)) from exc
         t = d.get("timings") or {}
         if not isinstance(t, dict):
             raise DataError("'timings' must be an object")
@@ -166,6 +221,7 @@ class FrameResult:
             timings=StageTimings(**{k: int(v) for k, v in t.items() if k in StageTimings.__dataclass_fields__}),
             latency_ms=_json_float(d.get("latency_ms", 0.0)),
             extra={k: v for k, v in d.items() if k not in known},
+            tracks=tracks,
         )
 
 

@@ -1,6 +1,9 @@
 """Replaying a recording against a server: one StreamDetect session per camera, all driven by
 one pacing schedule so cameras stay in sync by their recorded timestamps.
 
+With tracking asked for (``RequestOptions.track``) every answer carries ``tracks``, its
+detections' track ids (0 where the server tracked none); without, none does.
+
 Every frame the replay reads from the source ends in exactly one record, for the sinks and the
 statistics:
 
@@ -22,6 +25,7 @@ closing the sinks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +35,7 @@ from typing import Any
 from client.client_status import ClientStatus, Unanswered
 from client.convert import RequestOptions
 from client.detector_client import DetectorClient
-from client.frames import FrameResult, SourceFrame
+from client.frames import FrameResult, SourceFrame, Tracks
 from client.pacing import Pacing, Schedule, select
 from client.sinks import Sink
 from client.stream import StreamSession
@@ -94,10 +98,13 @@ class Replay:
         self._sink_error: BaseException | None = None
         self.interrupted = False
         self._last_answered: dict[str, int] = {}  # camera -> sequence of its latest answer
+        self._tracking = config.options is not None and config.options.track
 
     # -- records -------------------------------------------------------------------------
 
     def _on_result(self, frame: SourceFrame, result: FrameResult) -> None:
+        if self._tracking and result.tracks is None:  # nothing tracked in it: every id 0
+            result = dataclasses.replace(result, tracks=Tracks.untracked(len(result.detections)))
         if frame.file_name:
             result.extra.setdefault("file_name", frame.file_name)
         with self._lock:

@@ -5,6 +5,10 @@
 (NOT_SENT, GIVEN_UP, REFUSED_DRAINING; client_status.py). A server that restarts or drains is
 reconnected to, and the frames it did not answer are re-sent, for up to ``--reconnect-timeout``
 seconds of failed reconnecting.
+
+``--track`` asks the server for a track id per detection; ``--out`` records then carry
+``track_id`` and ``track_state`` per detection, and with ``--gt`` (a drive's ground truth with
+``track_id`` per annotation) the summary scores the tracks (client.track_scoring).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.client_status import Unanswered
 from client.config import DEFAULT_GIVE_UP_AFTER_S, BackoffConfig, ClientConfig, TlsConfig
@@ -22,6 +26,9 @@ from client.convert import RequestOptions
 from client.frames import FrameResult
 from client.pacing import Pacing
 from perception.errors import ConfigError, PerceptionError
+
+if TYPE_CHECKING:
+    from client.ground_truth import GroundTruthIndex
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gt", type=Path, help="COCO ground truth: turn the replay into an evaluation")
     e.add_argument("--kpi-score-threshold", type=float, default=0.25,
                    help="score threshold for precision / recall (default 0.25)")
+    e.add_argument("--track-confirmed-only", action="store_true",
+                   help="with --track --gt: score only detections whose track is confirmed, leaving out those "
+                        "of NEW tracks (ByteTrack's output convention; default: every tracked detection)")
     t = p.add_argument_group("pacing")
     speed = t.add_mutually_exclusive_group()
     speed.add_argument("--speed", type=float, default=1.0, help="playback speed factor (1 = recorded time)")
@@ -109,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-detections", type=int, default=0)
     r.add_argument("--classes", default="", help="comma-separated class ids to keep")
     r.add_argument("--class-agnostic-nms", action="store_true")
+    r.add_argument("--track", action="store_true",
+                   help="ask the server for tracks: every --out detection then carries track_id (0 = not tracked) "
+                        "and track_state (NEW, CONFIRMED, COASTING, or null when not tracked); without --track "
+                        "the records have neither field, as before. --video-out colours boxes by track id. With "
+                        "--gt carrying track_id per annotation (a generated drive's gt.json), the summary adds "
+                        "MOTA, IDF1, ID switches, fragmentations, precision and recall ('tracking')")
     return p
 
 
@@ -143,9 +159,12 @@ def main(argv: list[str]) -> int:
     from client.sinks.atomic_json import write_json_atomic
     from client.sources import SourceOptions, open_source
     from client.summary import format_table
+    from client.track_scoring import has_ground_truth_tracks
 
     if args.loop and args.gt:
         raise ConfigError("--gt cannot be combined with --loop (each frame would be scored once per lap)")
+    if args.track_confirmed_only and not (args.track and args.gt):
+        raise ConfigError("--track-confirmed-only chooses what tracking scores count: it needs --track and --gt")
     if not args.out and not args.summary_json and not args.coco_results and not args.video_out:
         log.info("no --out given: only the summary is printed")
     try:
@@ -153,13 +172,17 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         raise ConfigError(f"--classes must be comma-separated class ids, got {args.classes!r}") from exc
     options = RequestOptions(
-        args.score_threshold, args.iou_threshold, args.max_detections, classes, args.class_agnostic_nms
+        args.score_threshold, args.iou_threshold, args.max_detections, classes, args.class_agnostic_nms, args.track
     )
     pacing = Pacing(
         speed=None if args.max_rate else args.speed, skip=args.skip, loop=args.loop, max_frames=args.max_frames
     )
     config = client_config(args, window=args.window, deadline_ms=args.deadline_ms)
     gt = GroundTruthIndex.load(args.gt) if args.gt else None
+    tracking_skipped = ""
+    if args.track and gt is not None and not has_ground_truth_tracks(gt):
+        tracking_skipped = f"{args.gt} has no track_id in its annotations: tracking is not scored"
+        print(f"perception replay: {tracking_skipped}", file=sys.stderr)
     source = open_source(
         args.source,
         SourceOptions(
@@ -211,6 +234,15 @@ def main(argv: list[str]) -> int:
         except PerceptionError as exc:  # still write what the replay produced
             kpi_error = exc
             summary["kpi_error"] = str(exc)
+    tracking_error: PerceptionError | None = None
+    if tracking_skipped:
+        summary["tracking_skipped"] = tracking_skipped
+    elif args.track and gt is not None and outcome.results:
+        try:
+            summary["tracking"] = _score_tracking(outcome.results, gt, args.track_confirmed_only)
+        except PerceptionError as exc:  # as for the KPI: the rest of the summary is still written
+            tracking_error = exc
+            summary["tracking_error"] = str(exc)
     if args.coco_results:
         preds, _ = coco_predictions(outcome.results, gt, outcome.file_names)
         write_json_atomic(args.coco_results, preds, indent=None)
@@ -226,4 +258,14 @@ def main(argv: list[str]) -> int:
         raise outcome.error
     if kpi_error is not None:
         raise kpi_error
+    if tracking_error is not None:
+        raise tracking_error
     return 0
+
+
+def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool) -> dict[str, Any]:
+    """The summary's ``tracking`` block: client.track_scoring's report of the answered frames."""
+    from client.track_scoring import score_tracks, tracked_frames
+
+    report = score_tracks(tracked_frames(results), gt, confirmed_only=confirmed_only)
+    return {"confirmed_only": confirmed_only, **report.to_dict()}

@@ -169,4 +169,26 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append("")
         keys = [k for k in ("map50_95", "map50", "precision", "recall") if k in kpi]
         lines.append("KPI  " + "  ".join(f"{k} {float(kpi[k]):.4f}" for k in keys))
+    tracking = summary.get("tracking")
+    if tracking:
+        if not kpi:
+            lines.append("")
+        lines.append(_tracking_row("tracking", tracking["overall"]))
+        cameras = tracking.get("cameras", {})
+        if len(cameras) > 1:
+            for cam, scores in cameras.items():
+                lines.append(_tracking_row(f"  camera {cam}", scores))
     return "\n".join(lines)
+
+
+def _tracking_row(name: str, scores: dict[str, Any]) -> str:
+    """One line of tracking scores (client.track_scoring.TrackScores.to_dict(); None = undefined)."""
+
+    def rate(key: str) -> str:
+        v = scores.get(key)
+        return "n/a" if v is None else f"{float(v):.4f}"
+
+    return (
+        f"{name}  MOTA {rate('mota')}  IDF1 {rate('idf1')}  ID switches {scores['id_switches']}  "
+        f"fragmentations {scores['fragmentations']}  precision {rate('precision')}  recall {rate('recall')}"
+    )

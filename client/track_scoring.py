@@ -112,6 +112,26 @@ class TrackedFrame:
         return cls.from_result(result, [int(d.get("track_id", 0)) for d in dets], states if has_states else ())
 
 
+def tracked_frames(results: Iterable[FrameResult]) -> list[TrackedFrame]:
+    """The answered (OK) frames of a replay as TrackedFrames: each detection with its track
+    from ``result.tracks`` (a result without tracks has every detection untracked)."""
+    out: list[TrackedFrame] = []
+    for r in results:
+        if r.status is not FrameStatus.OK:
+            continue
+        if r.tracks is None:
+            out.append(TrackedFrame.from_result(r, np.zeros((len(r.detections),), np.int64)))
+        else:
+            out.append(TrackedFrame.from_result(r, r.tracks.ids, r.tracks.states))
+    return out
+
+
+def has_ground_truth_tracks(gt: GroundTruthIndex) -> bool:
+    """Whether any non-crowd annotation of the ground truth carries a ``track_id`` (a COCO file
+    without, e.g. a labelled image set rather than a drive, cannot score tracking)."""
+    return any("track_id" in a for a in gt.dataset.raw.get("annotations", []) if not a.get("iscrowd"))
+
+
 def load_tracked_frames(path: str | os.PathLike[str]) -> list[TrackedFrame]:
     """The answered (OK) frames of a replay JSONL as TrackedFrames. DataError names file:line of
     a malformed record, or the file if no detection in it carries a ``track_id`` (a replay

@@ -1,5 +1,8 @@
 """An annotated video of one camera: boxes, class labels and scores, and an overlay with the
-frame's client round trip and server time. Frames are decoded on the client only for this."""
+frame's client round trip and server time. Frames are decoded on the client only for this.
+
+A frame with tracks (``--track``) colours each box by its track id, the same colour for the
+same id in every frame, and labels it ``#id``; an untracked box (id 0) is grey."""
 
 from __future__ import annotations
 
@@ -27,6 +30,17 @@ def class_color(class_id: int) -> tuple[int, int, int]:
     return int(b * 255), int(g * 255), int(r * 255)
 
 
+UNTRACKED_COLOR = (160, 160, 160)  # BGR: a detection the tracker gave no id
+
+
+def track_color(track_id: int) -> tuple[int, int, int]:
+    """A stable BGR colour per track id (golden-ratio hue steps, so consecutive ids, the ones
+    most often on screen together, differ most); grey for 0, not tracked."""
+    if track_id == 0:
+        return UNTRACKED_COLOR
+    return class_color(track_id)
+
+
 def frame_image(frame: SourceFrame) -> np.ndarray:
     """The frame's pixels as BGR uint8 (H, W, 3)."""
     if frame.encoded is not None:
@@ -44,11 +58,16 @@ def annotate(image: np.ndarray, result: FrameResult) -> np.ndarray:
     thick = max(1, h // 360)
     font = max(0.35, h / 1400)
     dets = result.detections
-    for box, score, cid, name in zip(dets.boxes, dets.scores, dets.class_ids, result.class_names, strict=True):
+    track_ids = result.tracks.ids.tolist() if result.tracks is not None else [None] * len(dets)
+    for box, score, cid, name, tid in zip(
+        dets.boxes, dets.scores, dets.class_ids, result.class_names, track_ids, strict=True
+    ):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        color = class_color(int(cid))
+        color = class_color(int(cid)) if tid is None else track_color(tid)
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thick)
         label = f"{name or cid} {float(score):.2f}"
+        if tid:
+            label = f"#{tid} {label}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
         ty = max(th + base, y1)
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty), color, -1)
