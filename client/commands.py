@@ -8,4 +8,7 @@ COMMANDS = (
     Command(
         "compare", "client.compare_cli", "diff two replays of the same drive, frame by frame, with KPI side by side", 31
     ),
+    Command(
+        "camera", "client.camera_cli", "stream live cameras (V4L2, RTSP, HTTP) to a server, newest frame first", 32
+    ),
 )

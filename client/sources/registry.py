@@ -3,6 +3,9 @@
 Imports point one way, ``registry -> readers -> base``: the readers know only the interface in
 base.py, and only this module knows the readers. A new recording format is a reader module,
 one ``SourceKind``, one ``OPENERS`` line and the rule in ``locate`` that recognises it.
+
+A live camera (``rtsp://``, ``http://`` URL, ``/dev/videoN``) is not a path: ``open_source``
+recognises it first (live_source.live_target) and never looks for it on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from client.sources.bag_source import BagSource
 from client.sources.base import IMAGE_SUFFIXES, VIDEO_SUFFIXES, FrameSource, SourceOptions
 from client.sources.folder_source import FolderSource
+from client.sources.live_source import LiveSource, live_target
 from client.sources.mcap_source import McapSource
 from client.sources.video_source import VideoFolderSource, VideoSource
 from perception.errors import DataError
@@ -81,7 +85,11 @@ def locate(path: Path) -> tuple[SourceKind, Path]:
 def open_source(path: str | Path, options: SourceOptions | None = None) -> FrameSource:
     """Open the reader for ``path``: a video file, a folder of videos (one per camera), an image
     folder, an MCAP file, a ROS 1 bag (.bag) or a ROS 2 bag (a directory with metadata.yaml,
-    or its .db3 / .mcap)."""
+    or its .db3 / .mcap); or a live camera (RTSP / HTTP URL, V4L2 device), read until its
+    stream ends."""
+    live = live_target(path)
+    if live is not None:
+        return LiveSource(live, options or SourceOptions())
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")

@@ -1,0 +1,287 @@
+"""A camera node: live cameras streamed to a detector server, newest frame first.
+
+Per camera, two threads and one stream:
+
+- the capture thread reads the camera continuously and puts every frame in a one-frame
+  mailbox (latest_frame.py), so the camera's driver buffer never fills and a frame waiting
+  for the link is replaced by a newer one (counted as ``dropped``);
+- the sender takes the newest frame only when the stream's window has room, encodes it (JPEG
+  or raw BGR) and sends it; so at most ``window`` frames are ever in flight and a slow link or
+  server drops old frames at the node instead of queueing them;
+- the ``StreamSession`` (stream.py) answers every sent frame in order, reconnecting to the
+  server by itself; if it gives up (``--reconnect-timeout``) its frames count as ``lost`` and
+  a new session takes over.
+
+A camera that disappears (unplugged, stream server restarted) is reported, reopened with
+exponential backoff (``Backoff`` with neither a time nor an attempt bound) and counted; the
+node keeps running until ``stop`` is set. Invariants kept visibly below: the capture thread
+never waits on the network; the sender never holds the mailbox while sending; answer
+callbacks run on the session's receiver thread and take no lock of the session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from client.backoff import Backoff
+from client.camera_stats import CameraStats, CameraSummary
+from client.config import BackoffConfig
+from client.convert import RequestOptions
+from client.detector_client import DetectorClient
+from client.frames import FrameResult, SourceFrame
+from client.latest_frame import LatestFrame
+from client.live_capture import Camera, Grab
+from client.sources.images import bgr_frame
+from client.sources.live_source import encode_jpeg
+from client.stream import ResultCallback, StreamSession
+from perception.errors import ConfigError, DataError, PerceptionError
+
+log = logging.getLogger(__name__)
+
+# How often waiting threads look at the stop flag and a given-up stream (seconds); a stop
+# takes at most this long to be noticed. Not a measurement.
+_POLL_S = 0.2
+
+
+class FrameEncoding(str, Enum):
+    """How camera images go on the wire."""
+
+    JPEG = "jpeg"  # smaller on the network; the server decodes
+    RAW = "raw"  # BGR8 pixels: no encode / decode cost, for a server on the same host
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """encode / jpeg_quality: wire format of camera images (recordings go as recorded).
+    retry: camera reopen delays; its bounds are ignored, a camera is retried until stopped.
+    stop_timeout_s: at stop, how long to wait for the answers to frames in flight."""
+
+    encode: FrameEncoding = FrameEncoding.JPEG
+    jpeg_quality: int = 90
+    retry: BackoffConfig = field(
+        default_factory=lambda: BackoffConfig(initial_s=0.5, max_s=10.0, give_up_after_s=0.0)
+    )
+    options: RequestOptions | None = None
+    stop_timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.stop_timeout_s < 0:
+            raise ConfigError("stop_timeout_s must not be negative")
+
+
+class CameraWorker:
+    """One camera: its capture thread, its sender thread and its stream to the server."""
+
+    def __init__(
+        self,
+        camera_id: str,
+        camera: Camera,
+        client: DetectorClient,
+        config: NodeConfig,
+        stop: threading.Event,
+        on_answer: ResultCallback | None = None,
+    ) -> None:
+        self.camera_id = camera_id
+        self.stats = CameraStats(camera_id, camera.name)
+        self._camera = camera
+        self._client = client
+        self._config = config
+        self._stop = stop
+        self._on_answer = on_answer
+        self._slot: LatestFrame[tuple[int, Grab]] = LatestFrame()
+        self._session: StreamSession | None = None
+        self._past_server_reconnects = 0
+        self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
+        self._threads = [
+            threading.Thread(target=self._capture_loop, name=f"{camera_id}-capture", daemon=True),
+            threading.Thread(target=self._send_loop, name=f"{camera_id}-send", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout)
+        if any(t.is_alive() for t in self._threads):
+            # A capture blocked inside the camera driver / FFmpeg (bounded by its read timeout);
+            # the threads are daemons, the process may exit under them.
+            log.warning("%s: still busy after %.1fs; leaving it", self.camera_id, timeout)
+
+    def summary(self) -> CameraSummary:
+        session = self._session
+        live = session.reconnects if session is not None else 0
+        return self.stats.summary(self._slot.overwritten, self._past_server_reconnects + live)
+
+    # -- capture thread ------------------------------------------------------------------
+
+    def _capture_loop(self) -> None:
+        backoff = Backoff(self._retry)
+        sequence = 0
+        lost_once = False
+        name = self._camera.name
+        while not self._stop.is_set():
+            try:
+                self._camera.open()
+            except ConfigError as exc:  # cannot work by retrying (e.g. no GStreamer in this OpenCV)
+                log.error("%s: %s", self.camera_id, exc)
+                self.stats.set_state(False, str(exc))
+                return
+            except DataError as exc:
+                self.stats.count("open_failures")
+                self.stats.set_state(False, str(exc))
+                delay = backoff.next_delay() or self._retry.max_s
+                level = logging.WARNING if backoff.attempts == 1 else logging.INFO
+                log.log(level, "%s: %s; retrying in %.1fs", self.camera_id, exc, delay)
+                self._stop.wait(delay)
+                continue
+            if lost_once:
+                self.stats.count("reconnects")
+            log.info("%s: capturing from %s", self.camera_id, name)
+            self.stats.set_state(True)
+            why = "stopped delivering frames"
+            try:
+                while not self._stop.is_set():
+                    grab = self._camera.read()
+                    if grab is None:
+                        break
+                    backoff.reset()
+                    self.stats.count("captured")
+                    self._slot.put((sequence, grab))
+                    sequence += 1
+            except DataError as exc:
+                why = str(exc)
+            finally:
+                self._camera.close()
+            if self._stop.is_set():
+                break
+            lost_once = True
+            self.stats.set_state(False, f"{name}: {why}")
+            delay = backoff.next_delay() or self._retry.max_s
+            log.warning("%s: camera %s %s; reopening in %.1fs", self.camera_id, name, why, delay)
+            self._stop.wait(delay)
+
+    # -- sender thread -------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        session = self._new_session()
+        try:
+            while not self._stop.is_set():
+                item = self._slot.take(functools.partial(self._has_room, session), _POLL_S)
+                if item is None:
+                    if session.error is not None:
+                        session = self._replace(session)
+                    continue
+                frame = self._to_frame(*item)
+                try:
+                    if session.send(frame, timeout=_POLL_S):
+                        self.stats.count("sent")
+                except PerceptionError:  # the session gave up on the server
+                    session = self._replace(session)
+        finally:
+            self._finish(session)
+
+    def _has_room(self, session: StreamSession) -> bool:
+        return session.error is not None or session.in_flight < self._client.config.window
+
+    def _to_frame(self, sequence: int, grab: Grab) -> SourceFrame:
+        if grab.frame is not None:
+            return dataclasses.replace(grab.frame, camera_id=self.camera_id, sequence=sequence,
+                                       timestamp_ns=grab.timestamp_ns, file_name="")
+        assert grab.image is not None  # a Grab holds an image or a frame
+        if self._config.encode is FrameEncoding.RAW:
+            return bgr_frame(self.camera_id, sequence, grab.timestamp_ns, grab.image)
+        data = encode_jpeg(grab.image, self._config.jpeg_quality)
+        return SourceFrame(self.camera_id, sequence, grab.timestamp_ns, encoded=data)
+
+    def _on_result(self, frame: SourceFrame, result: FrameResult) -> None:
+        self.stats.answer(result.status, result.latency_ms)
+        try:
+            if self._on_answer is not None:
+                self._on_answer(frame, result)
+        finally:
+            self._slot.poke()  # the window has room again
+
+    def _new_session(self) -> StreamSession:
+        self._session = self._client.stream(self._on_result, self._config.options, name=self.camera_id)
+        return self._session
+
+    def _replace(self, session: StreamSession) -> StreamSession:
+        log.error("%s: %s; %d frames lost, opening a new stream", self.camera_id,
+                  session.error or "stream ended", len(session.lost))
+        self._retire(session)
+        return self._new_session()
+
+    def _retire(self, session: StreamSession) -> None:
+        session.abort()
+        session.join(self._config.stop_timeout_s)
+        self.stats.count("lost", len(session.lost))
+        self._past_server_reconnects += session.reconnects
+
+    def _finish(self, session: StreamSession) -> None:
+        try:
+            session.close(self._config.stop_timeout_s)
+        except PerceptionError as exc:
+            log.warning("%s: at stop: %s", self.camera_id, exc)
+        self._retire(session)
+        self._session = None
+
+
+class CameraNode:
+    """Every camera of a node; ``start()``, then ``stop()`` (also from a signal handler's
+    event) and read ``summaries()``."""
+
+    def __init__(
+        self,
+        cameras: list[tuple[str, Camera]],
+        client: DetectorClient,
+        config: NodeConfig,
+        on_answer: ResultCallback | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        ids = [cid for cid, _ in cameras]
+        dupes = sorted({c for c in ids if ids.count(c) > 1})
+        if dupes:
+            raise ConfigError(f"camera id {dupes[0]!r} is used twice; give each source its own --camera-id")
+        if not cameras:
+            raise ConfigError("no camera given")
+        self.stop_event = stop or threading.Event()
+        self.workers = [CameraWorker(cid, cam, client, config, self.stop_event, on_answer) for cid, cam in cameras]
+        self._config = config
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def stop(self) -> None:
+        """Stop capturing, wait (bounded) for the answers in flight, end every thread."""
+        self.stop_event.set()
+        for w in self.workers:
+            w.join(self._config.stop_timeout_s + 2 * _POLL_S + 1.0)
+
+    def summaries(self) -> list[CameraSummary]:
+        return [w.summary() for w in self.workers]
+
+    def wait(self, every_s: float, tick: Callable[[list[CameraSummary]], None], duration_s: float = 0.0) -> None:
+        """Block until ``stop_event`` is set (or ``duration_s`` passed, 0 = no limit), calling
+        ``tick`` every ``every_s`` seconds (0 = never)."""
+        start = time.monotonic()
+        next_tick = start + every_s
+        # Short waits: a signal handler in this (main) thread sets the event between them.
+        while not self.stop_event.wait(_POLL_S):
+            now = time.monotonic()
+            if duration_s and now - start >= duration_s:
+                return
+            if every_s > 0 and now >= next_tick:
+                next_tick = now + every_s
+                tick(self.summaries())

@@ -1,0 +1,76 @@
+"""Capture timestamps of a live camera in epoch nanoseconds.
+
+A stream's own clock (OpenCV's ``CAP_PROP_POS_MSEC``: the V4L2 buffer time, the RTP / container
+time of a network stream) says when a frame was taken better than the moment the host got to
+read it. It is mapped to epoch time once, at the first frame, and used while it keeps pace
+with the host's monotonic clock. Some streams have no usable clock: MJPEG over HTTP gets a
+time invented from an assumed 25 fps, which drifts from the real rate. Such a clock (zero
+after it started, going backwards, or drifting more than ``max_drift_ns`` from the host) is dropped for the host
+monotonic clock, itself mapped to epoch once, so timestamps never jump with NTP steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# How far a stream clock may wander from the host clock before it is no longer believed. Not a
+# measurement: larger than the buffering of a healthy stream (well under a second), far smaller
+# than the drift of an invented 25 fps clock over a minute of a 10 fps stream (36 s).
+MAX_DRIFT_NS = 1_000_000_000
+
+
+class CaptureClock:
+    """Stamps the frames of one connection to a camera (a reconnect starts a new one)."""
+
+    def __init__(
+        self,
+        max_drift_ns: int = MAX_DRIFT_NS,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        epoch_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._max_drift_ns = max_drift_ns
+        self._monotonic_ns = monotonic_ns
+        self._host_offset = epoch_ns() - monotonic_ns()  # monotonic -> epoch, mapped once
+        self._stream_offset: int | None = None  # stream clock -> epoch, mapped at the first frame
+        self._last_stream_ns = -1
+        self._last_stamp = 0
+        self.uses_stream_clock = True
+
+    def host_now(self) -> int:
+        """The host's monotonic clock in epoch nanoseconds."""
+        return self._monotonic_ns() + self._host_offset
+
+    def stamp(self, stream_ms: float, where: str = "camera") -> int:
+        """The capture time of a frame the stream stamped ``stream_ms`` (0 = no stamp)."""
+        stamped = self._stamp(stream_ms, where)
+        # Never backwards, also when the stream clock was ahead of the host's and is dropped.
+        self._last_stamp = max(stamped, self._last_stamp + 1)
+        return self._last_stamp
+
+    def _stamp(self, stream_ms: float, where: str) -> int:
+        host = self.host_now()
+        if not self.uses_stream_clock:
+            return host
+        stream_ns = int(round(stream_ms * 1e6))
+        if stream_ns <= 0 and self._stream_offset is None:
+            return host  # streams stamp their first frames 0 (RTSP: until the first RTCP sync)
+        if stream_ns <= 0 or stream_ns < self._last_stream_ns:
+            return self._give_up(host, where, "no stream clock" if stream_ns <= 0 else "stream clock went backwards")
+        if self._stream_offset is None:
+            self._stream_offset = host - stream_ns
+        stamped = stream_ns + self._stream_offset
+        if abs(stamped - host) > self._max_drift_ns:
+            return self._give_up(host, where, f"stream clock drifted {(stamped - host) / 1e9:+.2f} s from the host's")
+        self._last_stream_ns = stream_ns
+        return stamped
+
+    def _give_up(self, host: int, where: str, why: str) -> int:
+        self.uses_stream_clock = False
+        # A stream without a clock is normal (some HTTP cameras), only worth a debug line.
+        level = logging.DEBUG if self._stream_offset is None else logging.INFO
+        log.log(level, "%s: %s; stamping frames with the host clock", where, why)
+        return host

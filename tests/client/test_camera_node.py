@@ -1,0 +1,247 @@
+"""``perception camera``: live cameras streamed to a real server on loopback.
+
+The cameras are real streams too: an HTTP MJPEG server (tests/client/mjpeg_server.py) read by
+OpenCV's FFmpeg, stopped and restarted mid-run; a /dev/video device that does not exist; a
+recording looped as a fake live camera.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import camera_cli
+from client.sources.live_source import opencv_has_gstreamer
+from perception.errors import ConfigError
+from tests.client import recordings as R
+from tests.client.mjpeg_server import MjpegCamera
+from tests.conftest import REPO_ROOT
+
+
+def _answers(path: Path) -> dict[str, list[dict[str, Any]]]:
+    by_camera: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            by_camera[rec["camera_id"]].append(rec)
+    return by_camera
+
+
+def _wait_for(what: str, cond: Any, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _summary_line(stdout: str, camera: str) -> dict[str, int]:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith(f"{camera}: "))
+    pairs = re.findall(r"(captured|sent|dropped|lost|reconnects|failed opens) (\d+)", line)
+    out = {k: int(v) for k, v in pairs}
+    ok, answered = re.search(r"answered OK (\d+)/(\d+)", line).groups()  # type: ignore[union-attr]  # fails the test if absent
+    out["ok"], out["answered"] = int(ok), int(answered)
+    return out
+
+
+def test_camera_node_streams_mjpeg_and_reconnects_after_the_camera_restarts(server: str, tmp_path: Path) -> None:
+    """Two HTTP MJPEG cameras through `perception camera` (a real process, stopped by SIGTERM):
+    answers in order per camera; the camera server goes away and comes back on the same port,
+    and the node reconnects by itself and keeps going."""
+    cam = MjpegCamera(fps=25.0)
+    port = cam.port
+    out = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, "-m", "perception.cli", "camera", cam.url("front.mjpg"), cam.url("rear.mjpg"),
+           "--server", server, "--out", str(out), "--retry-max", "0.3", "--stats-every", "0.5"]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cameras = ("front", "rear")
+    restarted: list[MjpegCamera] = []
+    try:
+        _wait_for("answers before the restart",
+                  lambda: all(len(_answers(out)[c]) >= 10 for c in cameras))
+        cam.stop()
+        time.sleep(1.0)  # down long enough for the node to notice and fail to reopen
+        before = {c: max(r["sequence"] for r in _answers(out)[c]) for c in cameras}
+        restarted.append(MjpegCamera(port=port, fps=25.0))
+        _wait_for("answers after the restart",
+                  lambda: all(sum(r["sequence"] > before[c] for r in _answers(out)[c]) >= 10 for c in cameras))
+        assert proc.poll() is None, "the node must keep running on its own"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for again in restarted:
+            again.stop()
+    assert proc.returncode == 0, stderr
+    answers = _answers(out)
+    for c in cameras:
+        seqs = [r["sequence"] for r in answers[c]]
+        assert seqs == sorted(set(seqs)), f"{c}: answers in order, each frame once"
+        assert sum(r["status"] == "OK" for r in answers[c]) >= 0.9 * len(seqs)
+        assert all(r["image_width"] == 96 and r["image_height"] == 64 for r in answers[c])
+        stamps = [r["capture_timestamp_ns"] for r in answers[c]]
+        assert stamps == sorted(stamps) and abs(stamps[-1] / 1e9 - time.time()) < 60, "epoch capture times"
+        s = _summary_line(stdout, c)
+        assert s["reconnects"] >= 1 and s["failed opens"] >= 1, stdout
+        assert s["answered"] == len(seqs) and s["ok"] <= s["answered"] <= s["sent"] <= s["captured"]
+        assert s["captured"] == s["sent"] + s["dropped"] or s["captured"] == s["sent"] + s["dropped"] + 1
+    assert "camera down" not in stdout
+    assert "front.mjpg" in stderr and "reopening" in stderr, "the loss is reported"
+    assert "captured" in stderr and "p50 ms" in stderr, "--stats-every printed the live table"
+
+
+def _run_in_thread(argv: list[str]) -> tuple[threading.Thread, threading.Event, dict[str, Any]]:
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["rc"] = camera_cli.main(argv, stop=stop)
+        except Exception as exc:  # surfaced by the test's assertions
+            result["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, stop, result
+
+
+def test_a_missing_device_is_reported_and_retried_until_stopped(
+    server: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level(logging.INFO, logger="client")
+    t, stop, result = _run_in_thread(["/dev/video99", "--server", server, "--retry-max", "0.2"])
+    time.sleep(1.5)
+    assert t.is_alive(), f"the node must not exit while the camera may come back: {result}"
+    stop.set()
+    t.join(15)
+    assert not t.is_alive() and result == {"rc": 0}
+    s = _summary_line(capsys.readouterr().out, "video99")
+    assert s["captured"] == 0 and s["reconnects"] == 0
+    assert s["failed opens"] >= 3, "retried with backoff"
+    msgs = [r.getMessage() for r in caplog.records if r.name == "client.camera_node"]
+    assert any("/dev/video99: no such video device" in m and "retrying in" in m for m in msgs), msgs
+
+
+def test_a_looped_recording_is_a_fake_live_camera_sent_raw(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    out = tmp_path / "o.jsonl"
+    t, stop, result = _run_in_thread([str(video), "--loop", "--encode", "raw", "--server", server,
+                                      "--out", str(out), "--duration", "1.0", "--json"])
+    t.join(20)
+    assert result == {"rc": 0}
+    (summary,) = json.loads(capsys.readouterr().out)
+    assert summary["camera_id"] == "dashcam"
+    assert summary["captured"] >= 12, "more than one lap of 6 frames in 1 s at 20 fps"
+    assert summary["ok"] >= 10 and summary["lost"] == 0
+    seqs = [r["sequence"] for r in _answers(out)["dashcam"]]
+    assert seqs == sorted(set(seqs)) and max(seqs) >= 6, "sequence numbers keep growing across laps"
+
+
+def test_a_recording_without_loop_and_duplicate_ids_are_refused(server: str, tmp_path: Path) -> None:
+    video = R.write_mp4(tmp_path / "a.mp4", n=2)
+    with pytest.raises(ConfigError, match="add --loop"):
+        camera_cli.main([str(video), "--server", server])
+    with pytest.raises(ConfigError, match="used twice"):
+        camera_cli.main(["http://127.0.0.1:1/video.mjpg", "http://127.0.0.1:2/video.mjpg", "--server", server])
+
+
+@pytest.mark.skipif(opencv_has_gstreamer(), reason="this OpenCV has GStreamer")
+def test_a_gstreamer_pipeline_is_refused_clearly_without_gstreamer(server: str) -> None:
+    with pytest.raises(ConfigError, match="OpenCV built with GStreamer"):
+        camera_cli.main(["videotestsrc ! videoconvert ! appsink", "--server", server])
+
+
+# The RTSP camera is GStreamer's RTSP server from Debian packages (.ci/run installs them).
+RTSP_PACKAGES = ("gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base "
+                 "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly")
+SYSTEM_PYTHON = "/usr/bin/python3"
+_RTSP_PROBE = (
+    "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); "
+    "from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+    "missing = [e for e in ('videotestsrc', 'x264enc', 'rtph264pay') if Gst.ElementFactory.find(e) is None]; "
+    "assert not missing, missing"
+)
+
+
+def _rtsp_server_available() -> bool:
+    if not Path(SYSTEM_PYTHON).is_file():
+        return False
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", _RTSP_PROBE], capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+class RtspCamera:
+    """tests/client/rtsp_camera.py in its own process (Debian's Python)."""
+
+    def __init__(self, port: int = 0) -> None:
+        script = Path(__file__).with_name("rtsp_camera.py")
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(script), str(port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            self.stop()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"RTSP camera did not start: {line!r} {err}")
+        self.port = int(line)
+        self.url = f"rtsp://127.0.0.1:{self.port}/cam"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def test_camera_node_streams_rtsp_h264_and_reconnects_after_the_rtsp_server_restarts(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not _rtsp_server_available():
+        pytest.skip(f"needs Debian's GStreamer RTSP server: apt-get install -y {RTSP_PACKAGES}")
+    cam = RtspCamera()
+    port = cam.port
+    out = tmp_path / "o.jsonl"
+    t, stop, result = _run_in_thread([cam.url, "--camera-id", "roof", "--server", server, "--out", str(out),
+                                      "--retry-max", "0.3"])
+    restarted: list[RtspCamera] = []
+    try:
+        _wait_for("RTSP answers", lambda: len(_answers(out)["roof"]) >= 10)
+        cam.stop()
+        time.sleep(1.0)
+        before = max(r["sequence"] for r in _answers(out)["roof"])
+        restarted.append(RtspCamera(port))
+        # FFmpeg notices a silent RTSP stream after its read timeout (live_source.STREAM_TIMEOUT_MS).
+        _wait_for("RTSP answers after the restart",
+                  lambda: sum(r["sequence"] > before for r in _answers(out)["roof"]) >= 10, timeout=45)
+        assert t.is_alive()
+    finally:
+        stop.set()
+        t.join(20)
+        for again in restarted:
+            again.stop()
+    assert result == {"rc": 0}
+    recs = _answers(out)["roof"]
+    seqs = [r["sequence"] for r in recs]
+    assert seqs == sorted(set(seqs))
+    assert all(r["status"] == "OK" and (r["image_width"], r["image_height"]) == (96, 64) for r in recs)
+    s = _summary_line(capsys.readouterr().out, "roof")
+    assert s["reconnects"] >= 1 and s["answered"] == len(seqs)

@@ -1,0 +1,129 @@
+"""Live sources outside the camera node: which arguments name a live camera, the capture clock,
+the newest-frame mailbox, and `perception replay` of a live URL (no longer taken for a path)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from client.capture_clock import CaptureClock
+from client.latest_frame import LatestFrame
+from client.sources import open_source
+from client.sources.live_source import LiveKind, LiveSource, LiveTarget, live_target
+from perception.errors import DataError
+from tests.client.mjpeg_server import MjpegCamera
+
+
+@pytest.mark.parametrize(
+    ("given", "kind", "location", "camera_id"),
+    [
+        ("rtsp://cam.local:8554/front", LiveKind.STREAM, "rtsp://cam.local:8554/front", "front"),
+        (Path("rtsp://cam.local:8554/front"), LiveKind.STREAM, "rtsp://cam.local:8554/front", "front"),
+        ("http://user:pw@10.0.0.5:8080/", LiveKind.STREAM, "http://user:pw@10.0.0.5:8080/", "10.0.0.5_8080"),
+        # A Path also drops a trailing slash, which cannot be told back.
+        (Path("http://10.0.0.5:8080/"), LiveKind.STREAM, "http://10.0.0.5:8080", "10.0.0.5_8080"),
+        ("https://cam/stream/rear.mjpg?fps=10", LiveKind.STREAM, "https://cam/stream/rear.mjpg?fps=10", "rear"),
+        ("/dev/video0", LiveKind.V4L2, "/dev/video0", "video0"),
+        ("v4l2src ! videoconvert ! appsink", LiveKind.GSTREAMER, "v4l2src ! videoconvert ! appsink", "gstreamer"),
+    ],
+)
+def test_live_targets(given: str | Path, kind: LiveKind, location: str, camera_id: str) -> None:
+    target = live_target(given)
+    assert target == LiveTarget(kind, location)
+    assert target.default_camera_id() == camera_id
+
+
+def test_recordings_are_not_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    odd = Path("rtsp:") / "host" / "x.mp4"
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(b"")
+    assert live_target(Path("rtsp://host/x.mp4")) is None, "an existing file that looks like a collapsed URL"
+    assert live_target(Path("rtsp://host/y.mp4")) is not None
+    assert live_target(Path("drive/front.mp4")) is None
+    assert live_target("recordings/a.mcap") is None
+
+
+def test_capture_clock_uses_the_stream_clock_while_it_keeps_pace() -> None:
+    mono = [5_000_000_000]
+    clock = CaptureClock(max_drift_ns=100_000_000, monotonic_ns=lambda: mono[0], epoch_ns=lambda: 10**18 + mono[0])
+    assert clock.stamp(0.0) == 10**18 + 5_000_000_000  # first frame stamped 0: host time
+    mono[0] += 40_000_000
+    first = clock.stamp(1000.0)  # mapped once here
+    mono[0] += 45_000_000  # read 5 ms late: the stream's 40 ms is the truth
+    assert clock.stamp(1040.0) == first + 40_000_000 and clock.uses_stream_clock
+    mono[0] += 500_000_000  # stream says 40 ms, host says 500 ms: an invented clock
+    late = clock.stamp(1080.0)
+    assert not clock.uses_stream_clock and late == clock.host_now()
+    mono[0] += 10_000_000
+    assert clock.stamp(5000.0) == clock.host_now(), "the host clock from now on"
+
+
+def test_capture_clock_never_goes_backwards_when_it_drops_a_fast_stream_clock() -> None:
+    mono = [0]
+    clock = CaptureClock(max_drift_ns=100_000_000, monotonic_ns=lambda: mono[0], epoch_ns=lambda: 10**18 + mono[0])
+    stamps = [clock.stamp(0.0)]
+    for i in range(1, 6):
+        mono[0] += 10_000_000
+        stamps.append(clock.stamp(i * 80.0))  # runs 8x faster than the host
+    assert not clock.uses_stream_clock
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+
+
+def test_latest_frame_keeps_only_the_newest() -> None:
+    slot: LatestFrame[int] = LatestFrame()
+    room = threading.Event()
+    for i in range(5):
+        slot.put(i)
+    assert slot.take(room.is_set, timeout=0.05) is None, "no room in the window: nothing taken"
+
+    def make_room() -> None:
+        room.set()
+        slot.poke()
+
+    threading.Timer(0.05, make_room).start()
+    assert slot.take(room.is_set, timeout=2.0) == 4
+    assert slot.overwritten == 4
+    assert slot.take(room.is_set, timeout=0.05) is None, "taken once"
+
+
+def test_open_source_reads_an_http_url_given_as_a_path() -> None:
+    cam = MjpegCamera(fps=50.0)
+    try:
+        source = open_source(Path(cam.url("front.mjpg")))  # Path() made it "http:/127.0.0.1:..."
+        assert isinstance(source, LiveSource) and source.location == cam.url("front.mjpg")
+        frames = []
+        for f in source:
+            frames.append(f)
+            if len(frames) == 3:
+                break
+    finally:
+        cam.stop()
+    assert [f.sequence for f in frames] == [0, 1, 2] and {f.camera_id for f in frames} == {"front"}
+    assert frames[0].raw is not None and (frames[0].raw.width, frames[0].raw.height) == (96, 64)
+
+
+def test_unreachable_live_sources_fail_with_their_real_name() -> None:
+    with pytest.raises(DataError, match=r"^rtsp://127\.0\.0\.1:1/stream: cannot open network stream"):
+        open_source(Path("rtsp://127.0.0.1:1/stream"))
+    with pytest.raises(DataError, match="/dev/video99: no such video device"):
+        open_source("/dev/video99")
+
+
+def test_replay_cli_accepts_an_http_url(server: str, tmp_path: Path) -> None:
+    from perception.cli import main
+
+    cam = MjpegCamera(fps=50.0)
+    out = tmp_path / "o.jsonl"
+    try:
+        rc = main(["replay", cam.url("front.mjpg"), "--server", server, "--max-frames", "6", "--out", str(out),
+                   "--no-progress", "--encode", "jpeg"])
+    finally:
+        cam.stop()
+    assert rc == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["sequence"] for r in recs] == list(range(6)) and {r["camera_id"] for r in recs} == {"front"}
+    assert all(r["status"] == "OK" for r in recs)
