@@ -26,7 +26,7 @@ from client.convert import RequestOptions, from_response, to_request
 from client.detector_client import ModelInfo, model_info_from_pb
 from client.errors import is_retryable, is_retryable_unary, translate
 from client.frames import FrameResult, SourceFrame
-from client.resend_window import FrameKey, Next, ResendWindow
+from client.resend_window import Next, ResendWindow, WindowCounters
 from perception.errors import NotReadyError, PerceptionError
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc
@@ -81,7 +81,7 @@ class AsyncDetectorClient:
         await self.close()
 
 
-class AsyncStreamSession:
+class AsyncStreamSession(WindowCounters):
     """asyncio twin of client.stream.StreamSession: the same window, reconnect and re-send
     rules (``resend_window.ResendWindow``) on grpc.aio. Unlike the sync session, an exception
     raised by ``on_result`` ends the session and comes out of ``close()``."""
@@ -102,27 +102,6 @@ class AsyncStreamSession:
         self._cancelled_by_us = False
         self._task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
-
-    @property
-    def reconnects(self) -> int:
-        """Connections re-opened after a failure."""
-        return self._window.reconnects
-
-    @property
-    def lost(self) -> list[SourceFrame]:
-        """Accepted frames never answered (the session gave up or was aborted)."""
-        return self._window.lost
-
-    @property
-    def refusals(self) -> dict[FrameKey, str]:
-        """(camera_id, sequence) -> what the draining server said, for each frame it refused
-        that has not been answered since (re-sent and still in flight, or in ``lost``)."""
-        return self._window.refusals
-
-    @property
-    def refused(self) -> int:
-        """Refusals by a draining server (each refused frame is re-sent)."""
-        return self._window.refused
 
     @property
     def in_flight(self) -> int:

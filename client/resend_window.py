@@ -258,3 +258,32 @@ class ResendWindow:
         self.lost.extend(self._queue)
         self._on_wire.clear()
         self._queue.clear()
+
+
+class WindowCounters:
+    """What a session front (sync or asyncio) reports about its ``ResendWindow``: one set of
+    read-only counters for both."""
+
+    _window: ResendWindow
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-opened after a failure."""
+        return self._window.reconnects
+
+    @property
+    def lost(self) -> list[SourceFrame]:
+        """Accepted frames never answered (the session gave up or was aborted)."""
+        return self._window.lost
+
+    @property
+    def refusals(self) -> dict[FrameKey, str]:
+        """(camera_id, sequence) -> what the draining server said, for each frame it refused
+        that has not been answered since (re-sent and still in flight, or in ``lost``)."""
+        return self._window.refusals
+
+    @property
+    def refused(self) -> int:
+        """Refusals by a draining server (each refused frame is re-sent)."""
+        return self._window.refused
+

@@ -33,7 +33,7 @@ from client.config import ClientConfig
 from client.convert import RequestOptions, from_response, to_request
 from client.errors import is_retryable, translate
 from client.frames import FrameResult, SourceFrame
-from client.resend_window import FrameKey, Next, ResendWindow
+from client.resend_window import Next, ResendWindow, WindowCounters
 from perception.errors import NotReadyError, PerceptionError
 from perception.v1 import detector_pb2_grpc
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ResultCallback = Callable[[SourceFrame, FrameResult], None]
 
 
-class StreamSession:
+class StreamSession(WindowCounters):
     """A bidirectional stream for one or more cameras; use as a context manager."""
 
     def __init__(
@@ -70,27 +70,6 @@ class StreamSession:
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
         self._thread.start()
         self._watchdog.start()
-
-    @property
-    def reconnects(self) -> int:
-        """Connections re-opened after a failure."""
-        return self._window.reconnects
-
-    @property
-    def lost(self) -> list[SourceFrame]:
-        """Accepted frames never answered (the session gave up or was aborted)."""
-        return self._window.lost
-
-    @property
-    def refusals(self) -> dict[FrameKey, str]:
-        """(camera_id, sequence) -> what the draining server said, for each frame it refused
-        that has not been answered since (re-sent and still in flight, or in ``lost``)."""
-        return self._window.refusals
-
-    @property
-    def refused(self) -> int:
-        """Refusals by a draining server (each refused frame is re-sent)."""
-        return self._window.refused
 
     @property
     def accepted(self) -> int:

@@ -126,3 +126,23 @@ def find_output(
 
 def describe(outputs: Sequence[TensorInfo]) -> str:
     return ", ".join(f"{o.name} {list(o.shape)} {o.dtype}" for o in outputs)
+
+
+def bind_one_rank3(
+    layout: str, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], names: Sequence[str], axis: int,
+    expected: int, shape_text: str,
+) -> dict[str, str]:
+    """Bind a one-output layout whose output is rank 3 with ``expected`` entries on ``axis``: by
+    mapping, usual name, or as the only rank-3 output. ``shape_text``: the shape wanted, as the
+    refusal should say it, e.g. "(B, N, 85) for 80 classes"."""
+    info = find_output(layout, "predictions", outputs, mapping, names, set())
+    if info is None:
+        rank3 = [o for o in outputs if len(o.shape) == 3]
+        if len(rank3) != 1:
+            raise ModelError(f"layout {layout} reads one rank-3 output; the model has {describe(outputs)}: "
+                             "map it explicitly (predictions=NAME)")
+        info = rank3[0]
+    size = static_dim(info, axis)
+    if len(info.shape) != 3 or (size is not None and size != expected):
+        raise ModelError(f"layout {layout}: output {info.name!r} has shape {list(info.shape)}, expected {shape_text}")
+    return {"predictions": info.name}

@@ -12,7 +12,7 @@ import numpy as np
 
 from perception.boxes import cxcywh_to_xyxy
 from perception.errors import ModelError
-from perception.layouts.base import DecodeContext, RoleArrays, TensorInfo, describe, find_output, static_dim
+from perception.layouts.base import DecodeContext, RoleArrays, TensorInfo, bind_one_rank3
 from perception.layouts.yolo_obj import objectness_candidates
 from perception.options import PostprocessOptions
 from perception.types import Detections
@@ -27,18 +27,8 @@ class YoloV5:
     applies_nms = True
 
     def bind(self, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], num_classes: int) -> dict[str, str]:
-        info = find_output(self.name, "predictions", outputs, mapping, NAMES, set())
-        if info is None:
-            rank3 = [o for o in outputs if len(o.shape) == 3]
-            if len(rank3) != 1:
-                raise ModelError(f"layout {self.name} reads one (B, N, 5 + C) output; the model has "
-                                 f"{describe(outputs)}: map it explicitly (predictions=NAME)")
-            info = rank3[0]
-        last = static_dim(info, -1)
-        if len(info.shape) != 3 or (last is not None and last != 5 + num_classes):
-            raise ModelError(f"layout {self.name}: output {info.name!r} has shape {list(info.shape)}, "
-                             f"expected (B, N, {5 + num_classes}) for {num_classes} classes")
-        return {"predictions": info.name}
+        return bind_one_rank3(self.name, outputs, mapping, NAMES, -1, 5 + num_classes,
+                              f"(B, N, {5 + num_classes}) for {num_classes} classes")
 
     def candidates(
         self, outputs: RoleArrays, options: PostprocessOptions, num_classes: int, ctx: DecodeContext | None = None
