@@ -3,6 +3,8 @@ reconnect, absent when not asked for."""
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Iterator
 from typing import Any
 
 from perception.v1 import detector_pb2 as pb
@@ -17,16 +19,32 @@ def _tracked(camera: str, seq: int, track: bool = True) -> pb.DetectRequest:
     return req
 
 
+def _lockstep(run: Any, reqs: list[pb.DetectRequest]) -> list[pb.DetectResponse]:
+    """Send each frame only after the previous one's answer: none is replaced as stale."""
+    answered: queue.Queue[pb.DetectResponse] = queue.Queue()
+
+    def gen() -> Iterator[pb.DetectRequest]:
+        for r in reqs:
+            yield r
+            answered.get(timeout=30)
+
+    out = []
+    for a in run.stub.StreamDetect(gen(), timeout=60):
+        out.append(a)
+        answered.put(a)
+    return out
+
+
 def test_track_ids_persist_across_frames_and_reconnects(serve: Any) -> None:
     run = serve()
-    first = list(run.stub.StreamDetect(iter([_tracked("front", i) for i in range(4)]), timeout=30))
+    first = _lockstep(run, [_tracked("front", i) for i in range(4)])
     assert all(a.status == pb.FRAME_STATUS_OK for a in first) and len(first[0].detections) > 0
     ids = [sorted(d.track_id for d in a.detections) for a in first]
     assert all(i > 0 for i in ids[0]) and ids[1] == ids[2] == ids[3] == ids[0]
     assert {d.track_state for d in first[0].detections} == {pb.TRACK_STATE_NEW}
     assert {d.track_state for d in first[3].detections} == {pb.TRACK_STATE_CONFIRMED}
     # A new stream of the same camera (a reconnect) finds its tracks.
-    again = list(run.stub.StreamDetect(iter([_tracked("front", 4)]), timeout=30))
+    again = _lockstep(run, [_tracked("front", 4)])
     assert sorted(d.track_id for d in again[0].detections) == ids[0]
     # Another camera has its own tracker (ids are unique within a camera): all new there.
     other = run.stub.Detect(_tracked("rear", 0), timeout=10)
