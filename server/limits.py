@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
 from perception.errors import OverloadedError
@@ -58,19 +60,51 @@ def take_both(first: ByteBudget, second: ByteBudget, n: int) -> str:
 
 
 class DecodeSlots:
-    """At most ``count`` decodes at once across every stream and unary call."""
+    """At most ``count`` decodes at once across every stream and unary call, shared fairly.
 
-    def __init__(self, count: int = 0) -> None:
+    A free slot goes to the waiting owner (a stream) that has used the least decode time
+    recently (an exponentially decaying sum, half-life ``half_life_s``), so a stream of costly
+    frames (progressive 4K JPEGs, corrupt data the decoder chews on) cannot take the slots from
+    cameras whose frames decode in milliseconds: it waits behind them instead.
+    """
+
+    def __init__(self, count: int = 0, half_life_s: float = 1.0) -> None:
         self.count = count or max(1, os.cpu_count() or 1)
-        self._sem = threading.BoundedSemaphore(self.count)
+        self._free = self.count
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[float, int, Hashable]] = []  # (recent cost, arrival, owner)
+        self._cost: dict[Hashable, tuple[float, float]] = {}  # owner -> (cost s, when)
+        self._arrivals = itertools.count()
+        self._half_life_s = half_life_s
+
+    def _recent(self, owner: Hashable, now: float) -> float:
+        cost, when = self._cost.get(owner, (0.0, now))
+        return cost * 0.5 ** ((now - when) / self._half_life_s)
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        self._sem.acquire()
+    def slot(self, owner: Hashable = None) -> Iterator[None]:
+        me = None
+        with self._cond:
+            now = time.monotonic()
+            me = (self._recent(owner, now), next(self._arrivals), owner)
+            self._waiting.append(me)
+            while not (self._free > 0 and min(self._waiting) is me):
+                self._cond.wait()
+            self._waiting.remove(me)
+            self._free -= 1
+            self._cond.notify_all()
+        t0 = time.monotonic()
         try:
             yield
         finally:
-            self._sem.release()
+            with self._cond:
+                now = time.monotonic()
+                self._cost[owner] = (self._recent(owner, now) + (now - t0), now)
+                if len(self._cost) > 4096:  # owners come and go (streams): forget the stale ones
+                    for k in [k for k, (_, w) in self._cost.items() if now - w > 10 * self._half_life_s]:
+                        del self._cost[k]
+                self._free += 1
+                self._cond.notify_all()
 
 
 class StreamAdmission:

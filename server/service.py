@@ -104,7 +104,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             pipeline, task.model = self._current()
             task.track = opts.track
             task.priority = self._limits.priority_of(camera_id)
-            with self._limits.decode.slot():
+            with self._limits.decode.slot(("unary", context.peer())):
                 task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))

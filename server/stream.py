@@ -248,7 +248,7 @@ class StreamSession:
             pipeline, task.model = self._current_model()
             task.track = opts.track
             task.priority = self._limits.priority_of(task.camera_id)
-            with self._limits.decode.slot():
+            with self._limits.decode.slot(self.id):
                 task.prepared = pipeline.prepare(fin, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))

@@ -320,3 +320,34 @@ def test_an_empty_token_file_does_not_turn_auth_off(tiny_manifest: Any, tmp_path
     empty.write_text("t0k3n\n")
     cfg = ServerConfig(model=str(tiny_manifest), auth_token_file=str(empty), insecure_token=True)
     assert cfg.auth_tokens == ("t0k3n",)
+
+
+def test_decode_slots_go_to_the_stream_that_used_the_least() -> None:
+    """A stream of costly decodes waits behind a camera whose frames decode in milliseconds."""
+    from server.limits import DecodeSlots
+
+    slots = DecodeSlots(1)
+    with slots.slot("heavy"):
+        time.sleep(0.05)  # the heavy stream has used 50 ms recently
+    order: list[str] = []
+    gate = threading.Event()
+
+    def holder() -> None:
+        with slots.slot("holder"):
+            gate.wait(5)
+
+    def waiter(owner: str) -> None:
+        with slots.slot(owner):
+            order.append(owner)
+
+    t_hold = threading.Thread(target=holder)
+    t_hold.start()
+    time.sleep(0.05)
+    threads = [threading.Thread(target=waiter, args=(o,)) for o in ("heavy", "light")]
+    for t in threads:  # the heavy stream asks first
+        t.start()
+        time.sleep(0.02)
+    gate.set()
+    for t in (t_hold, *threads):
+        t.join(5)
+    assert order == ["light", "heavy"]
