@@ -266,12 +266,12 @@ class FramePipeline:
         out: list[Detections] = []
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            frames = [file_frame(p, start + k) for k, p in enumerate(chunk)]
-            try:
-                prepared = [self.prepare(f, request) for f in frames]
-            except InvalidInputError as exc:
-                bad = next(p for p, f in zip(chunk, frames, strict=True) if not _accepted(self, f, request))
-                raise DataError(f"{bad}: the server would refuse this image: {exc}") from exc
+            prepared = []
+            for k, path in enumerate(chunk):
+                try:
+                    prepared.append(self.prepare(file_frame(path, start + k), request))
+                except InvalidInputError as exc:
+                    raise DataError(f"{path}: the server would refuse this image: {exc}") from exc
             batch_out = infer(self.to_batch([p.tensor for p in prepared]))
             for i, prep in enumerate(prepared):
                 prep.tensor = None
@@ -280,10 +280,3 @@ class FramePipeline:
                 progress(min(start + batch_size, len(paths)), len(paths))
         return out
 
-
-def _accepted(pipeline: FramePipeline, frame: FrameInput, request: RequestOptions) -> bool:
-    try:
-        pipeline.prepare(frame, request)
-    except InvalidInputError:
-        return False
-    return True

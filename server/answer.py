@@ -43,6 +43,7 @@ class FrameAnswer:
     timings: StageTimings
     model_version: str = ""
     model_variant: str = ""
+    class_names: tuple[str, ...] = ()  # of the model that answered (a hot swap may change them)
     tracks: Any = None  # perception.tracking.TrackResult when tracking was asked for
 
 
@@ -96,6 +97,7 @@ def finish_task(
     """
     result = task.result
     status, message = task.status, task.message
+    finisher = task.model.pipeline if task.model is not None else pipeline
     detections = Detections.empty()
     post_s = 0.0
     prep = task.prepared
@@ -104,7 +106,6 @@ def finish_task(
             raise ModelError("a frame was finished before it was answered")
         if result.status is JobStatus.OK and prep is not None and result.outputs is not None:
             t0 = time.perf_counter()
-            finisher = task.model.pipeline if task.model is not None else pipeline
             detections = finisher.finish(result.outputs, prep)
             post_s = time.perf_counter() - t0
             status = FrameStatus.OK
@@ -144,6 +145,7 @@ def finish_task(
         timings=timings,
         model_version=task.model.version if task.model is not None else "",
         model_variant=task.model.variant.name if task.model is not None else "",
+        class_names=finisher.classes,
     )
 
 

@@ -105,7 +105,6 @@ class ManagedServer:
             new = self.reload(model)
             old, model.backend = model.backend, new
             self.backend = new
-            self.scheduler.set_infer(new.infer)
             old.deactivate()
             log.info("backend reloaded; SERVING again after the next batch that succeeds")
         except Exception:

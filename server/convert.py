@@ -80,7 +80,7 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
-def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectResponse:
+def answer_to_proto(answer: FrameAnswer) -> pb.DetectResponse:
     d = answer.detections
     t = answer.timings
     resp = pb.DetectResponse(
@@ -111,7 +111,7 @@ def answer_to_proto(answer: FrameAnswer, classes: tuple[str, ...]) -> pb.DetectR
         states = tracks.states if tracks is not None else (None,) * len(ids)
         resp.detections.extend(
             pb.Detection(
-                box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, class_id=c, class_name=classes[c],
+                box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, class_id=c, class_name=answer.class_names[c],
                 track_id=t, track_state=_TRACK_STATE[st],
             )
             for b, s, c, t, st in zip(boxes, scores, ids, track_ids, states, strict=True)

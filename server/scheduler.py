@@ -341,16 +341,10 @@ class Scheduler:
         for k in quiet:
             self._forget_locked(k)
 
-    def set_infer(self, infer: Callable[[NDArray[np.float32]], Mapping[str, NDArray[Any]]]) -> None:
-        """Run the next batches on ``infer`` (a reloaded engine); takes effect between batches."""
-        with self._cond:
-            self._infer = infer
-
     def _run_batch(self, jobs: list[Job]) -> None:
         start = time.monotonic()
         model = jobs[0].model
-        with self._cond:
-            infer = self._infer if model is None else model.infer
+        infer = self._infer if model is None else model.infer
         to_batch = self._to_batch if model is None else model.to_batch
         try:
             batch = to_batch([j.tensor for j in jobs])

@@ -126,8 +126,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         if task.result is not None and task.result.status is JobStatus.CANCELLED:
             raise NotReadyError("server is shutting down; retry on another instance")
         answer = track_answer(finish_task(task, self._pipeline, self._metrics), task, self._trackers)
-        classes = task.model.pipeline.classes if task.model is not None else self._pipeline.classes
-        return convert.answer_to_proto(answer, classes)
+        return convert.answer_to_proto(answer)
 
     def StreamDetect(
         self, request_iterator: Iterable[pb.DetectRequest], context: grpc.ServicerContext
@@ -162,8 +161,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         if not context.add_callback(ended):  # the call already ended
             ended()
             return
-        for answer, classes in session.answers_with_classes(request_iterator):
-            yield convert.answer_to_proto(answer, classes)
+        for answer in session.answers(request_iterator):
+            yield convert.answer_to_proto(answer)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         self._check_serving()

@@ -69,7 +69,6 @@ class StreamSession:
         self.id = next(_ids)
         # The pipeline and model a new frame is prepared for (they change on a hot swap).
         self._current_model = current_model or (lambda: (pipeline, None))
-        self._last_classes: tuple[str, ...] = pipeline.classes  # of the model of the last answer
         self._limits = limits or ServiceLimits()
         self._bytes = self._limits.stream_budget()
         self._last_request = time.monotonic()
@@ -126,8 +125,6 @@ class StreamSession:
                     log.error("stream %d: camera %r frame %d not inferred: %s",
                               self.id, task.camera_id, task.sequence, task.result.message)
                     self._count_internal()
-                self._last_classes = (task.model.pipeline.classes if task.model is not None
-                                      else self._pipeline.classes)
                 answer = finish_task(task, self._pipeline, self._metrics, answer_errors=True)
                 yield track_answer(answer, task, self._trackers)
         finally:
@@ -137,11 +134,6 @@ class StreamSession:
         if self._idle:
             raise NotReadyError(f"stream sent no frame for {self._limits.stream_idle_timeout_s:g} s and was ended; "
                                 "reconnect when there are frames to send")
-
-    def answers_with_classes(self, requests: Iterable[Any]) -> Iterator[tuple[FrameAnswer, tuple[str, ...]]]:
-        """``answers``, each with the class names of the model that answered it."""
-        for answer in self.answers(requests):
-            yield answer, self._last_classes
 
     def cancel(self) -> None:
         """The call ended or was cancelled: drop everything the stream still holds."""

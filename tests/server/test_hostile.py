@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2
 
 from perception.errors import ConfigError, InvalidInputError
 from perception.v1 import detector_pb2 as pb
-from perception.v1 import detector_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from tests.server.conftest import health_check, jpeg, request
 
@@ -307,9 +306,6 @@ def test_a_quiet_cameras_queue_is_released(serve: Any) -> None:
     stop.set()
     call.cancel()
 
-
-def _channel_stub(address: str) -> pb_grpc.DetectorStub:
-    return pb_grpc.DetectorStub(grpc.insecure_channel(address))
 
 
 def test_an_empty_token_file_does_not_turn_auth_off(tiny_manifest: Any, tmp_path: Any) -> None:
