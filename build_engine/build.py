@@ -144,6 +144,17 @@ def preprocess_spec(lm: LoadedModel) -> PreprocessSpec:
     return PreprocessSpec(input_width=lm.input_width, input_height=lm.input_height, letterbox=True, color_order="RGB")
 
 
+def postprocess_spec(lm: LoadedModel) -> PostprocessSpec:
+    """How the family's outputs are read: ``yolo_obj``, ``ssd`` or ``nms_detections`` (two-stage)."""
+    return PostprocessSpec(output_layout=getattr(lm.model, "output_layout", "yolo_obj"))
+
+
+def max_batch_of(lm: LoadedModel, wanted: int) -> int:
+    """A family that exports a fixed batch (the two-stage family: 1) serves that batch."""
+    fixed = getattr(lm.model, "export_batch", None)
+    return min(wanted, int(fixed)) if fixed else wanted
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(
@@ -208,14 +219,14 @@ def export_fp32_artifact(checkpoint: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path, counts = export_variant_onnx(lm, out_dir / "model.fp32.onnx")
-    variant = _variant(lm, "fp32", onnx_path, Precision.FP32, MAX_BATCH, **counts,
+    variant = _variant(lm, "fp32", onnx_path, Precision.FP32, max_batch_of(lm, MAX_BATCH), **counts,
                        gate={"passed": True, "reason": "reference (not gated)"})
     manifest = Manifest(
         name=lm.checkpoint.parent.name or "model",
         version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
         classes=lm.classes,
         preprocess=preprocess_spec(lm),
-        postprocess=PostprocessSpec(),
+        postprocess=postprocess_spec(lm),
         variants=(variant,),
         default_variant="fp32",
         provenance=provenance(lm),
@@ -310,7 +321,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
     for pm in pruned:
         if (pm.input_width, pm.input_height, pm.classes) != (lm.input_width, lm.input_height, lm.classes):
             raise ConfigError(f"{pm.checkpoint}: input size / classes differ from {lm.checkpoint}")
-    pre, post = preprocess_spec(lm), PostprocessSpec()
+    pre, post = preprocess_spec(lm), postprocess_spec(lm)
     staging = staging_dir(opts.out_dir)
     try:
         with tempfile.TemporaryDirectory(prefix="build_work_") as tmp:
@@ -360,7 +371,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             built = dict(sorted(built.items(), key=lambda kv: (kv[1].family != "base", kv[1].family,
                                                                order.index(kv[1].precision))))
             extra: dict[str, Any] = {}
-            if opts.nms_in_graph:
+            if opts.nms_in_graph and post.output_layout == "yolo_obj":
                 extra["nms_in_graph"] = _write_nms_model(fp32, staging / "model.fp32.nms.onnx", post)
 
             limits = {n: opts.gates.limits(b.family, b.precision) for n, b in built.items()}
@@ -382,7 +393,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                                  "an INT8 engine from it (try another --tensorrt-calibrator)")
                     twin = QdqTwin(trt_qdq[name].path.name, sha256_file(trt_qdq[name].path), trt_qdq[name].calibrator,
                                    metrics=t.metrics, parity=t.parity, gate=t.gate)
-                variants.append(_variant(lm, name, b.path, b.precision, opts.max_batch, **b.counts, family=b.family,
+                variants.append(_variant(lm, name, b.path, b.precision, max_batch_of(lm, opts.max_batch), **b.counts,
+                                         family=b.family,
                                          parent=b.parent, weights=b.weights, calibration=b.calibration,
                                          tensorrt_qdq=twin, metrics=r.metrics, latency_ms=r.latency_ms,
                                          parity=r.parity, gate=r.gate))
@@ -390,8 +402,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 from build_engine.tensorrt_variants import build_tensorrt_variants
 
                 variants += build_tensorrt_variants(staging, variants, results["fp32"], valset, pre, post, opts.gates,
-                                                    opts.max_batch, opts.latency_runs, opts.threads, progress,
-                                                    lm.classes)
+                                                    max_batch_of(lm, opts.max_batch), opts.latency_runs, opts.threads,
+                                                    progress, lm.classes)
             else:
                 progress("TensorRT not available here: skipping engine build")
             all_passed = all(v.passed for v in variants)

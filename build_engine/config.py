@@ -117,8 +117,15 @@ class TrainConfig:
         d = self.to_dict()
         if not d["init_checkpoint"]:
             del d["init_checkpoint"]  # keeps hashes of from-scratch configs stable across versions
+        # Fields added later drop out at their defaults, so older runs keep their hashes.
+        for section, key, default in HASH_STABLE_DEFAULTS:
+            if d[section].get(key) == default:
+                del d[section][key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# (section, key, default) of fields added after the first shipped runs; see TrainConfig.hash.
+HASH_STABLE_DEFAULTS = (("model", "family", "yolo"), ("loss", "neg_pos_ratio", 3.0), ("loss", "fg_iou", 0.5))
 
 SECTIONS = {
     "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "augment": AugmentConfig,

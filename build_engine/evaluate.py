@@ -60,11 +60,16 @@ def predict(
     return results
 
 
-def torch_runner(model: Any, names: tuple[str, ...] = TORCH_OUTPUT_NAMES) -> InferFn:
-    """A PyTorch detector as an ``InferFn``: its outputs (a tensor or a tuple) by name."""
+def torch_runner(model: Any, names: tuple[str, ...] | None = None) -> InferFn:
+    """A PyTorch detector as an ``InferFn``: its outputs (a tensor or a tuple) by name.
+
+    names: default the model's own ``output_names`` (every family declares them), the same
+    names its ONNX export gives them.
+    """
     import torch
 
     model.eval()
+    names = names or tuple(getattr(model, "output_names", TORCH_OUTPUT_NAMES))
 
     def run(batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         with torch.no_grad():
@@ -103,6 +108,11 @@ def onnx_input_size(path: Path) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def postprocess_for(model: Any, score_threshold: float = 0.25) -> PostprocessSpec:
+    """The post-processing spec of a PyTorch detector: the layout its family outputs."""
+    return PostprocessSpec(output_layout=getattr(model, "output_layout", "yolo_obj"), score_threshold=score_threshold)
+
+
 def evaluate_runner(
     runner: InferFn, dataset: LabelledSet, input_size: tuple[int, int], score_threshold: float = 0.25,
     batch_size: int = 8, progress: bool = False, post: PostprocessSpec | None = None,
@@ -124,7 +134,8 @@ def evaluate_checkpoint(
     model, meta = load_any_checkpoint(checkpoint)  # plain or pruned
     ds = read_labelled_set(data_dir)
     width, height = meta.input_size
-    return evaluate_runner(torch_runner(model), ds, (width, height), score_threshold, progress=progress)
+    return evaluate_runner(torch_runner(model), ds, (width, height), score_threshold, progress=progress,
+                           post=postprocess_for(model))
 
 
 def evaluate_onnx(
@@ -135,10 +146,18 @@ def evaluate_onnx(
     if not p.is_file():
         raise ModelError(f"{p}: no such ONNX file")
     size = onnx_input_size(p)
+    post = None
+    if (p.parent / "manifest.json").is_file():  # how to read the outputs: the artifact's own layout
+        import dataclasses
+
+        from perception.manifest import load_manifest
+
+        manifest_post = load_manifest(p.parent / "manifest.json", verify_checksums=False).postprocess
+        post = dataclasses.replace(manifest_post, score_threshold=score_threshold)
     ds = read_labelled_set(data_dir)
     run, close = onnx_runner(p)
     try:
-        return evaluate_runner(run, ds, size, score_threshold, progress=progress)
+        return evaluate_runner(run, ds, size, score_threshold, progress=progress, post=post)
     finally:
         close()
 

@@ -1,7 +1,10 @@
 """ONNX export: an eval-mode detector -> opset >= 17, dynamic batch, simplified ONNX file.
 
 The exported graph has one input ``images`` (batch, 3, H, W) float32 and one output
-``output`` (batch, N, 5 + C) in the ``yolo_obj`` layout the server decodes. An optional
+``output`` (batch, N, 5 + C) in the ``yolo_obj`` layout the server decodes. Other families
+name their outputs themselves: a model with ``output_names`` (e.g. ``("boxes", "scores")`` for
+the ``ssd`` layout) exports every output under those names, and ``export_batch`` (e.g. 1 for
+the two-stage family, whose in-graph proposal selection is per image) fixes the batch axis. An optional
 in-graph NMS (``append_nms``) adds a second output ``selected_indices`` (K, 3) int64 rows of
 (batch index, class id, candidate index), ONNX ``NonMaxSuppression`` semantics, for runtimes
 that want NMS inside the engine; the ``output`` tensor stays, so the server can ignore it.
@@ -65,8 +68,12 @@ def export_onnx(
     h, w = input_hw
     out_path = Path(path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _FirstOutput(model).eval().cpu()
-    dummy = torch.zeros(2, 3, h, w)  # batch 2 so no batch-1 special case gets traced in
+    names = tuple(getattr(model, "output_names", (OUTPUT_NAME,)))
+    fixed_batch = getattr(model, "export_batch", None)
+    wrapped = (model if len(names) > 1 else _FirstOutput(model)).eval().cpu()
+    # batch 2 so no batch-1 special case gets traced in (unless the family fixes the batch)
+    dummy = torch.zeros(fixed_batch or 2, 3, h, w)
+    dynamic = {} if fixed_batch else {n: {0: "batch"} for n in (INPUT_NAME, *names)}
     with tempfile.TemporaryDirectory(prefix="export_") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
@@ -79,8 +86,8 @@ def export_onnx(
                     dynamo=False,  # the dynamo exporter needs onnxscript, not installed
                     opset_version=opset,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    output_names=list(names),
+                    dynamic_axes=dynamic or None,
                     do_constant_folding=True,
                 )
             proto = onnx.load(str(raw))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from perception.errors import ConfigError
 
 CLS_LOSSES = ("bce", "focal", "ce")
-BOX_LOSSES = ("iou", "giou", "diou", "ciou", "l1", "mse")
+BOX_LOSSES = ("iou", "giou", "diou", "ciou", "l1", "mse", "smooth_l1")
 EPS = 1e-7
 
 
@@ -87,7 +87,7 @@ def box_iou_pairs(pred: torch.Tensor, target: torch.Tensor, kind: str = "iou") -
 def box_loss(
     pred: torch.Tensor, target: torch.Tensor, kind: str = "ciou", norm: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-box regression loss (...,): 1 - IoU-family metric, or L1 / MSE summed over the 4
+    """Per-box regression loss (...,): 1 - IoU-family metric, or L1 / MSE / smooth-L1 summed over the 4
     coordinates (divided by ``norm``, e.g. the stride, so they are scale-free)."""
     if kind in ("iou", "giou", "diou", "ciou"):
         return 1.0 - box_iou_pairs(pred, target, kind)
@@ -98,6 +98,9 @@ def box_loss(
         return d.abs().sum(-1)
     if kind == "mse":
         return (d**2).sum(-1)
+    if kind == "smooth_l1":  # Huber with beta 1 (Fast R-CNN / SSD): quadratic below 1, linear above
+        a = d.abs()
+        return torch.where(a < 1.0, 0.5 * a * a, a - 0.5).sum(-1)
     raise ValueError(f"unknown box loss {kind!r}")
 
 
@@ -115,15 +118,22 @@ class LossConfig:
     focal_alpha: float = 0.25
     center_radius: float = 2.5
     obj_focal: bool = False
+    # SSD-style families: hard-negative mining keeps this many background priors per positive
+    # (softmax CE), and a prior is positive at IoU >= fg_iou with a ground truth.
+    neg_pos_ratio: float = 3.0
+    fg_iou: float = 0.5
 
     def __post_init__(self) -> None:
         if self.cls_loss not in CLS_LOSSES:
             raise ConfigError(f"loss.cls_loss must be one of {CLS_LOSSES}, got {self.cls_loss!r}")
         if self.box_loss not in BOX_LOSSES:
             raise ConfigError(f"loss.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
-        for n in ("cls_weight", "box_weight", "obj_weight", "l1_weight", "focal_gamma", "center_radius"):
+        for n in ("cls_weight", "box_weight", "obj_weight", "l1_weight", "focal_gamma", "center_radius",
+                  "neg_pos_ratio"):
             if getattr(self, n) < 0:
                 raise ConfigError(f"loss.{n} must be >= 0, got {getattr(self, n)}")
+        if not 0.0 < self.fg_iou < 1.0:
+            raise ConfigError(f"loss.fg_iou must be in (0, 1), got {self.fg_iou}")
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

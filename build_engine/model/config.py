@@ -10,6 +10,10 @@ from typing import Any
 from perception.errors import ConfigError
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "hardswish")
+# Detector families (the mission's design step): "yolo" anchor-free one-stage (the default),
+# "ssd" single-shot with prior boxes and a background class, "rcnn" two-stage (proposals,
+# RoIAlign, box head). ``build_engine.model.build_detector`` picks the module by this field.
+FAMILIES = ("yolo", "ssd", "rcnn")
 DEFAULT_CLASSES = ("car", "truck", "bus", "pedestrian", "cyclist", "traffic_light", "traffic_sign")
 STRIDES = (8, 16, 32)
 
@@ -41,6 +45,7 @@ class ModelConfig:
     # 12-channel CSP conv ran *slower* in INT8 than in FP32 (0.36 vs 0.31 ms), while the 32-channel
     # head convs ran 2.8x faster (0.10 vs 0.28 ms).
     channel_multiple: int = 8
+    family: str = "yolo"
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -55,6 +60,8 @@ class ModelConfig:
             raise ConfigError(f"model.act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.head_channels < 0:
             raise ConfigError(f"model.head_channels must be >= 0, got {self.head_channels}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
         if self.channel_multiple not in (8, 16, 32):
             raise ConfigError(f"model.channel_multiple must be 8, 16 or 32, got {self.channel_multiple}")
 

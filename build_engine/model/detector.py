@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from build_engine.losses import DetectionLoss, LossConfig
 from build_engine.model.blocks import SPPF, ConvBNAct, CSPStage
 from build_engine.model.config import BASE_CHANNELS, BASE_DEPTHS, BASE_NECK_DEPTH, STRIDES, ModelConfig
 
@@ -125,7 +126,17 @@ def decode_level(raw: torch.Tensor, grid: torch.Tensor, stride: int) -> torch.Te
 
 
 class Detector(nn.Module):
-    """Backbone + PAN + decoupled heads; see the module docstring for the two output modes."""
+    """Backbone + PAN + decoupled heads; see the module docstring for the two output modes.
+
+    The family contract every detector module keeps (``build_engine.model.build_detector``):
+    ``cfg``, ``output_layout`` (the manifest layout its eval-mode outputs are in),
+    ``output_names`` (ONNX output names, in forward's order), ``export_batch`` (None: dynamic
+    batch) and ``training_loss(images, targets, loss_cfg)`` -> (loss, {part: float}).
+    """
+
+    output_layout = "yolo_obj"
+    output_names: tuple[str, ...] = ("output",)
+    export_batch: int | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -138,6 +149,7 @@ class Detector(nn.Module):
         for i, s in enumerate(self.strides):
             g = make_grid(cfg.input_height // s, cfg.input_width // s, s)
             self.register_buffer(f"grid{i}", g, persistent=False)
+        self._criterion: DetectionLoss | None = None
 
     def grid(self, level: int, h: int, w: int) -> torch.Tensor:
         """Cell grid of a level; the cached one when the map has the configured size."""
@@ -168,6 +180,30 @@ class Detector(nn.Module):
         return torch.cat([d[..., :4], d[..., 4:].sigmoid()], -1)
 
 
-def build_detector(cfg: ModelConfig | None = None) -> Detector:
-    """A freshly initialised detector for ``cfg`` (default: the nano preset)."""
-    return Detector(cfg or ModelConfig())
+    def training_loss(
+        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """SimOTA-assigned IoU + objectness + class loss of one batch (train mode)."""
+        if self._criterion is None or self._criterion.cfg != loss_cfg:
+            self._criterion = DetectionLoss(loss_cfg, self.cfg.num_classes)
+        centers, strides = [], []
+        for i, s in enumerate(self.strides):
+            g = getattr(self, f"grid{i}")[0]
+            centers.append((g + 0.5) * s)
+            strides.append(torch.full((g.shape[0],), float(s)))
+        decoded = self.decode(self(images))  # train mode: the raw per-level maps
+        return self._criterion(decoded, torch.cat(centers), torch.cat(strides), targets)
+
+
+def build_detector(cfg: ModelConfig | None = None) -> nn.Module:
+    """A freshly initialised detector of ``cfg.family`` (default: the nano YOLO-style preset)."""
+    cfg = cfg or ModelConfig()
+    if cfg.family == "ssd":
+        from build_engine.model.ssd import SsdDetector
+
+        return SsdDetector(cfg)
+    if cfg.family == "rcnn":
+        from build_engine.model.rcnn import RcnnDetector
+
+        return RcnnDetector(cfg)
+    return Detector(cfg)

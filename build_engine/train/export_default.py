@@ -1,13 +1,14 @@
-"""Publish a training run as a shipped model directory (``models/default``):
+"""Publish a training run as a shipped model directory (``models/default``, ``models/ssd``, ...):
 ``detector.pt`` (weights-only, EMA weights), ``config.yaml`` (model, classes, pre/post-processing
 defaults, provenance) and, when the run has been evaluated, ``eval.json`` + ``eval.md`` + plots.
 When the run holds a pruned, fine-tuned copy (``RUN/pruned.pt``, from ``perception prune``) it is
 published too, as ``detector_pruned.pt`` with ``eval_pruned.json``.
 
-  python -m build_engine.train.export_default RUN_DIR models/default
+  python -m build_engine.train.export_default RUN_DIR models/default [EVAL_DIR] [--config FILE]
 
 scripts/train_default.sh lays the run out: RUN/best.pt, RUN/eval (test), RUN/eval_val,
-RUN/pruned.pt, RUN/eval_pruned (test).
+RUN/pruned.pt, RUN/eval_pruned (test); scripts/train_family.sh does the same (without pruning)
+for the other families' configs (configs/ssd.yaml, configs/rcnn.yaml).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from build_engine.checkpoint import load_checkpoint, meta_for, save_checkpoint
 
 
 def model_card(
-    meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str, ...], extra: dict[str, Any]
+    meta_kpi: dict[str, Any], cfg: dict[str, Any], classes: tuple[str, ...], extra: dict[str, Any],
+    name: str = "default", output_layout: str = "yolo_obj",
 ) -> dict[str, Any]:
     return {
-        "name": "default",
+        "name": name,
         "classes": list(classes),
         "model": cfg,
         "preprocess": {"input_width": cfg["input_width"], "input_height": cfg["input_height"], "letterbox": True,
                        "pad_value": 114, "color_order": "RGB", "scale": 1.0 / 255.0},
-        "postprocess": {"output_layout": "yolo_obj", "score_threshold": 0.25, "iou_threshold": 0.5,
+        "postprocess": {"output_layout": output_layout, "score_threshold": 0.25, "iou_threshold": 0.5,
                         "max_detections": 100},
         "val_kpi": meta_kpi,
         **extra,
@@ -42,10 +44,10 @@ def model_card(
 TRAIN_CONFIG = "configs/default.yaml"
 
 
-def _epoch_table(path: Path, threads: int) -> list[str]:
+def _epoch_table(path: Path, threads: int, recipe: str = TRAIN_CONFIG) -> list[str]:
     hist = [json.loads(line) for line in path.read_text().splitlines()]
     total = sum(h.get("seconds", 0) for h in hist)
-    lines = [f"Training ({TRAIN_CONFIG}): {len(hist)} epochs, {total / 60:.1f} min of epoch time on a 2-core CPU "
+    lines = [f"Training ({recipe}): {len(hist)} epochs, {total / 60:.1f} min of epoch time on a 2-core CPU "
              f"({threads} thread{'s' if threads != 1 else ''}).", "",
              "| epoch | loss | val mAP50 | val mAP50-95 |", "|---|---|---|---|"]
     for h in hist:
@@ -87,7 +89,7 @@ def _pruned_section(run_dir: Path, out_dir: Path) -> list[str]:
     return lines
 
 
-def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
+def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: str = TRAIN_CONFIG) -> Path:
     model, meta = load_checkpoint(run_dir / "best.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
     # Shipped in FP16 (half the size in the repository); every loader reads it back as FP32.
@@ -95,9 +97,9 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
     shipped_meta = meta_for(model, meta.classes, epoch=meta.epoch, val_kpi=meta.val_kpi,
                             train_config_hash=meta.train_config_hash)
     save_checkpoint(out_dir / "detector.pt", model, shipped_meta, half=True)
-    recipe = TRAIN_CONFIG
     extra: dict[str, Any] = {"train_config": recipe, "train_config_hash": meta.train_config_hash, "epoch": meta.epoch}
-    card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra)
+    card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra, out_dir.name,
+                      getattr(model, "output_layout", "yolo_obj"))
     (out_dir / "config.yaml").write_text(
         "# Written by build_engine.train.export_default; see eval.md for the full report.\n"
         + yaml.safe_dump(card, sort_keys=False))
@@ -113,9 +115,11 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
         for png in ("pr_curve.png", "f1_confidence.png", "confusion_matrix.png"):
             if (eval_dir / png).is_file():
                 shutil.copy(eval_dir / png, plots / png)
-        lines = ["# Default detector: evaluation", "",
+        title = "Default detector" if out_dir.name == "default" else f"{out_dir.name} detector"
+        script = "scripts/train_default.sh" if recipe == TRAIN_CONFIG else f"scripts/train_family.sh {out_dir.name}"
+        lines = [f"# {title}: evaluation", "",
                  f"Checkpoint `detector.pt` (epoch {meta.epoch} of {recipe}, config hash {meta.train_config_hash}; "
-                 "reproduce with `scripts/train_default.sh`).",
+                 f"reproduce with `{script}`).",
                  "Held-out generated test set (seed 3, 300 images 640x360; never used for training or for choosing",
                  "the checkpoint), scored through the serving pre/post-processing (letterbox, decode, NMS).", "",
                  "```", format_table(small), "```", ""]
@@ -130,7 +134,7 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
         if (run_dir / "train_log.jsonl").is_file():
             run_config = run_dir / "config.json"
             threads = int(json.loads(run_config.read_text()).get("threads", 1)) if run_config.is_file() else 1
-            lines += _epoch_table(run_dir / "train_log.jsonl", threads)
+            lines += _epoch_table(run_dir / "train_log.jsonl", threads, recipe)
         lines += _pruned_section(run_dir, out_dir)
         (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
     return out_dir
@@ -138,7 +142,13 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None) -> Path:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if len(args) not in (2, 3):
-        print("usage: python -m build_engine.train.export_default RUN_DIR OUT_DIR [EVAL_DIR]", file=sys.stderr)
+    recipe = TRAIN_CONFIG
+    if "--config" in args:
+        i = args.index("--config")
+        recipe = args[i + 1] if i + 1 < len(args) else ""
+        del args[i:i + 2]
+    if len(args) not in (2, 3) or not recipe:
+        print("usage: python -m build_engine.train.export_default RUN_DIR OUT_DIR [EVAL_DIR] [--config FILE]",
+              file=sys.stderr)
         sys.exit(2)
-    print(export(Path(args[0]), Path(args[1]), Path(args[2]) if len(args) == 3 else None))
+    print(export(Path(args[0]), Path(args[1]), Path(args[2]) if len(args) == 3 else None, recipe))

@@ -22,8 +22,7 @@ from build_engine.checkpoint import CheckpointMeta, load_payload, meta_for, save
 from build_engine.config import TrainConfig
 from build_engine.data.formats import LabelledSet, read_image, read_labelled_set
 from build_engine.data.generate import generate_dataset
-from build_engine.evaluate import evaluate_runner, torch_runner
-from build_engine.losses import DetectionLoss
+from build_engine.evaluate import evaluate_runner, postprocess_for, torch_runner
 from build_engine.model import build_detector
 from build_engine.model.detector import Detector
 from build_engine.train.augment import hsv_jitter, random_affine
@@ -119,7 +118,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def validate(model: torch.nn.Module, val: LabelledSet, cfg: TrainConfig) -> dict[str, float]:
     report, _, _ = evaluate_runner(
-        torch_runner(model), val, (cfg.model.input_width, cfg.model.input_height), cfg.score_threshold
+        torch_runner(model), val, (cfg.model.input_width, cfg.model.input_height), cfg.score_threshold,
+        post=postprocess_for(model),
     )
     d = report.to_dict(curves=False)
     return {k: float(d[k]) for k in ("map50_95", "map50", "map75", "precision", "recall", "f1")}
@@ -170,8 +170,6 @@ def train(
         log.info("resumed from %s at epoch %d", last_path, start_epoch)
     elif log_path.exists():
         log_path.unlink()
-    criterion = DetectionLoss(cfg.loss, cfg.model.num_classes)
-    centers, strides = anchor_points(model)
     bs = cfg.optim.batch_size
     steps_per_epoch = max(1, len(train_set) // bs)
     o = cfg.optim
@@ -195,9 +193,7 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr_b if g["kind"] == "bias" else lr_w
             images, targets = load_batch(train_set, order[k * bs:(k + 1) * bs], cfg, epoch)
-            raws = model(images)
-            decoded = model.decode(raws)
-            loss, parts = criterion(decoded, centers, strides, targets)
+            loss, parts = model.training_loss(images, targets, cfg.loss)  # type: ignore[operator]  # family contract
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip > 0:
