@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from build_engine.model import ModelConfig, build_detector
+from build_engine.model import ModelConfig, build_model
 from build_engine.model.config import DEFAULT_CLASSES
 from perception.errors import ConfigError, ModelError
 
@@ -120,7 +120,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, Checkpoint
     payload = load_payload(p)
     try:
         meta = CheckpointMeta.from_dict(payload["meta"])
-        model = build_detector(meta.config)
+        model = build_model(meta.config)
         model.load_state_dict(payload["state_dict"])
     except (ConfigError, RuntimeError, TypeError, KeyError) as exc:
         raise ModelError(f"{p}: checkpoint does not match its model config: {str(exc).splitlines()[0]}") from exc

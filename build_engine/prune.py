@@ -99,6 +99,9 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
 
     import torch_pruning as tp
 
+    family = getattr(getattr(model, "cfg", None), "family", "yolo")
+    if family != "yolo":
+        raise ModelError(f"pruning supports the yolo family (its heads and distillation loss); got {family!r}")
     pruned = copy.deepcopy(model).eval()
     # INT8 kernels want the same channel multiple the architecture was designed with.
     round_to = opts.round_to or int(getattr(getattr(model, "cfg", None), "channel_multiple", 8))

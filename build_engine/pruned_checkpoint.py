@@ -63,7 +63,7 @@ def remove_blocks(model: nn.Module, names: list[str]) -> None:
 def load_any_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointMeta]:
     """``load_checkpoint`` that also understands pruned checkpoints; eval mode."""
     from build_engine.checkpoint import CheckpointMeta, load_checkpoint, load_payload
-    from build_engine.model import build_detector
+    from build_engine.model import build_model
 
     payload = load_payload(path)
     meta_d = payload.get("meta", {})
@@ -72,7 +72,7 @@ def load_any_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, Checkp
         return load_checkpoint(path)
     try:
         meta = CheckpointMeta.from_dict(meta_d)
-        model = build_detector(meta.config)
+        model = build_model(meta.config)
         remove_blocks(model, list(pruned.get("removed_blocks", [])))
         _resize_to_state(model, payload["state_dict"])
         model.load_state_dict(payload["state_dict"])

@@ -76,7 +76,7 @@ def scaling_table(
     from build_engine.export import export_onnx
     from build_engine.fold import fold_batchnorm
     from build_engine.gate import measure_latency
-    from build_engine.model import build_detector
+    from build_engine.model import build_model
     from build_engine.profile import profile_model
 
     base = model.cfg
@@ -102,7 +102,7 @@ def scaling_table(
             else:
                 key = done[ident] = f"row{i}"
                 torch.manual_seed(0)
-                net = build_detector(cfg)  # built for its input size: its decode grid is sized for it
+                net = build_model(cfg)  # built for its input size: its decode grid is sized for it
                 if trained or same_arch:
                     net.load_state_dict(model.state_dict())  # fully convolutional: same weights, any size
                 folded, _ = fold_batchnorm(net)

@@ -2,7 +2,7 @@
 
 from build_engine.model.blocks import ConvBNAct, CSPStage, ResidualBlock
 from build_engine.model.config import PRESETS, ModelConfig, preset
-from build_engine.model.detector import Detector, build_detector
+from build_engine.model.detector import Detector, build_detector, build_model
 
 __all__ = [
     "ConvBNAct",
@@ -13,4 +13,5 @@ __all__ = [
     "preset",
     "Detector",
     "build_detector",
+    "build_model",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 from build_engine.losses import DetectionLoss, LossConfig
 from build_engine.model.blocks import SPPF, ConvBNAct, CSPStage
 from build_engine.model.config import BASE_CHANNELS, BASE_DEPTHS, BASE_NECK_DEPTH, STRIDES, ModelConfig
+from perception.errors import ConfigError
 
 # exp(6) * 32 = 12.9k px: far beyond any input, yet finite in fp16.
 MAX_LOG_WH = 6.0
@@ -195,8 +196,17 @@ class Detector(nn.Module):
         return self._criterion(decoded, torch.cat(centers), torch.cat(strides), targets)
 
 
-def build_detector(cfg: ModelConfig | None = None) -> nn.Module:
-    """A freshly initialised detector of ``cfg.family`` (default: the nano YOLO-style preset)."""
+def build_detector(cfg: ModelConfig | None = None) -> Detector:
+    """A freshly initialised YOLO-style detector for ``cfg`` (default: the nano preset)."""
+    cfg = cfg or ModelConfig()
+    if cfg.family != "yolo":
+        raise ConfigError(f"build_detector builds the yolo family; use build_model for {cfg.family!r}")
+    return Detector(cfg)
+
+
+def build_model(cfg: ModelConfig | None = None) -> nn.Module:
+    """A freshly initialised detector of ``cfg.family``: yolo, ssd or rcnn (the family contract
+    is in ``Detector``'s docstring)."""
     cfg = cfg or ModelConfig()
     if cfg.family == "ssd":
         from build_engine.model.ssd import SsdDetector
@@ -206,4 +216,4 @@ def build_detector(cfg: ModelConfig | None = None) -> nn.Module:
         from build_engine.model.rcnn import RcnnDetector
 
         return RcnnDetector(cfg)
-    return Detector(cfg)
+    return build_detector(cfg)

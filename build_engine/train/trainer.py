@@ -23,7 +23,7 @@ from build_engine.config import TrainConfig
 from build_engine.data.formats import LabelledSet, read_image, read_labelled_set
 from build_engine.data.generate import generate_dataset
 from build_engine.evaluate import evaluate_runner, postprocess_for, torch_runner
-from build_engine.model import build_detector
+from build_engine.model import build_model
 from build_engine.model.detector import Detector
 from build_engine.train.augment import hsv_jitter, random_affine
 from build_engine.train.ema import ModelEMA
@@ -139,7 +139,7 @@ def train(
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     train_set, val_set = prepare_data(cfg, progress)
-    model = build_detector(cfg.model)
+    model = build_model(cfg.model)
     if cfg.init_checkpoint and not resume:
         init = load_payload(cfg.init_checkpoint)
         try:
