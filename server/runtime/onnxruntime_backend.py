@@ -40,6 +40,21 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
 
 
+def concat_ragged(arrays: list[NDArray[Any]]) -> NDArray[Any]:
+    """Concatenate per-chunk outputs along the batch axis, zero-padding the other axes to the
+    largest chunk: a post-NMS model's (1, K, 4) boxes have a different K for every image (its
+    ``num_dets`` says how many rows are real; padded rows score 0)."""
+    if all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays)
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.zeros((sum(a.shape[0] for a in arrays), *shape[1:]), arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        out[(slice(row, row + a.shape[0]),) + tuple(slice(0, d) for d in a.shape[1:])] = a
+        row += a.shape[0]
+    return out
+
+
 class OnnxRuntimeBackend:
     """Runs an ONNX file with onnxruntime; ``infer`` returns every output by name.
 
@@ -142,7 +157,7 @@ class OnnxRuntimeBackend:
             if chunk.shape[0] < k:
                 chunk = np.concatenate([chunk, np.zeros((k - chunk.shape[0], *x.shape[1:]), np.float32)])
             parts.append({name: out[: min(k, n - i)] for name, out in self._run(chunk).items()})
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return {name: concat_ragged([p[name] for p in parts]) for name in parts[0]}
 
     def _run(self, x: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         try:

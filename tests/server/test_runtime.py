@@ -183,3 +183,19 @@ def test_fixed_batch_export_runs_in_padded_chunks(tmp_path):
     x = np.random.default_rng(0).random((6, 3, 48, 64), dtype=np.float32)
     np.testing.assert_allclose(b.infer(x)["output"], a.infer(x)["output"], rtol=1e-5, atol=1e-5)
     assert b.infer(x[:1])["output"].shape[0] == 1
+
+
+def test_fixed_batch_chunks_with_ragged_outputs_are_zero_padded() -> None:
+    """A post-NMS batch-1 model answers (1, K, 4) with a different K per image; a batch of
+    several runs chunk by chunk and the answers are padded to the largest K (num_dets says
+    which rows are real)."""
+    from server.runtime.onnxruntime_backend import concat_ragged
+
+    a, b = np.ones((1, 2, 4), np.float32), np.full((1, 3, 4), 2.0, np.float32)
+    out = concat_ragged([a, b])
+    assert out.shape == (2, 3, 4)
+    np.testing.assert_array_equal(out[0, :2], a[0])
+    np.testing.assert_array_equal(out[0, 2], 0.0)
+    np.testing.assert_array_equal(out[1], b[0])
+    same = concat_ragged([a, a])
+    assert same.shape == (2, 2, 4)
