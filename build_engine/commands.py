@@ -14,5 +14,7 @@ COMMANDS = (
             "fold BN, export ONNX, quantize, build engines, gate, write the manifest", 16),
     Command("import", "build_engine.import_cli",
             "make a servable, gated artifact of an ONNX detector trained elsewhere", 17),
+    Command("design", "build_engine.design_cli",
+            "the design table: families, activations, scaling; MACs, latency, mAP side by side", 19),
     Command("sign", "build_engine.sign_cli", "sign an artifact's manifest (Ed25519) for devices that check it", 18),
 )

@@ -1,0 +1,76 @@
+"""The design table's machinery on tiny real models: export, quantize, score, time, Pareto, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from build_engine import design
+from perception.errors import ConfigError, ModelError
+
+
+def _row(key: str, ms: float, m: float) -> design.DesignRow:
+    return design.DesignRow(key, "yolo", key, "shipped", "relu", 0.5, 0.33, 512, 288, 1, 1,
+                            fp32_ms={"min": ms, "p50": ms}, int8_ms={"min": ms, "p50": ms},
+                            fp32={"map50_95": m, "map50": m}, int8={"map50_95": m, "map50": m})
+
+
+def test_pareto_front_keeps_only_undominated_rows() -> None:
+    rows = [_row("fast-poor", 1.0, 0.2), _row("slow-good", 3.0, 0.6), _row("dominated", 3.5, 0.5),
+            _row("middle", 2.0, 0.4), _row("tie-slower", 2.0, 0.3)]
+    design.mark_pareto(rows)
+    assert {r.key for r in rows if r.pareto} == {"fast-poor", "slow-good", "middle"}
+
+
+def test_rows_are_selected_by_key_and_unknown_keys_are_named() -> None:
+    assert [s.key for s in design.select(["ssd-edge", "rcnn"])] == ["ssd-edge", "rcnn"]
+    assert len(design.select([])) >= 12
+    with pytest.raises(ConfigError, match="no-such-row"):
+        design.select(["no-such-row"])
+    families = {s.family for s in design.SPECS}
+    assert families == {"yolo", "ssd", "rcnn"}
+    assert {s.overrides[0] for s in design.SPECS if s.overrides and s.overrides[0].startswith("model.act")} == {
+        "model.act=silu", "model.act=hardswish"}
+
+
+def test_short_rows_share_one_schedule() -> None:
+    for spec in design.SPECS:
+        if spec.trained_here:
+            cfg = design.short_config(spec)
+            assert (cfg.optim.epochs, cfg.threads, cfg.model.family) == (3, 1, spec.family)
+
+
+def test_measure_writes_json_markdown_and_plot_for_real_models(tmp_path: Path) -> None:
+    import torch
+
+    from build_engine.checkpoint import meta_for, save_checkpoint
+    from build_engine.data.generate import generate_dataset
+    from build_engine.model import build_detector, preset
+
+    torch.manual_seed(0)
+    model = build_detector(preset("pico", input_width=128, input_height=96)).eval()
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", model, meta_for(model))
+    test_dir = generate_dataset(tmp_path / "test", 4, seed=3, width=160, height=96)
+    calib = sorted((generate_dataset(tmp_path / "calib", 2, seed=4, width=160, height=96) / "images").glob("*.jpg"))
+    specs = [design.DesignSpec("tiny", "yolo", "tiny", checkpoint=str(ckpt)),
+             design.DesignSpec("tiny@160x128", "yolo", "tiny resized", checkpoint=str(ckpt), input_size=(160, 128))]
+    rows = design.measure(specs, tmp_path / "out", test_dir, calib, latency_runs=2, threads=1)
+    assert [r.key for r in rows] == ["tiny", "tiny@160x128"]
+    assert rows[1].macs > rows[0].macs > 0  # a larger input costs more
+    for r in rows:
+        assert set(r.fp32) == set(r.int8) == {"map50_95", "map50", "precision", "recall"}
+        assert r.fp32_ms["min"] > 0 and r.int8_ms["min"] > 0
+    assert any(r.pareto for r in rows)
+    md = design.write(rows, tmp_path / "out", {"host": "test", "threads": 1, "latency_runs": 2, "calib_images": 2})
+    data = json.loads((tmp_path / "out" / "design.json").read_text())
+    assert [r["key"] for r in data["rows"]] == ["tiny", "tiny@160x128"]
+    assert (tmp_path / "out" / "design.png").stat().st_size > 1000
+    assert "| tiny@160x128 | yolo | relu |" in md.read_text()
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    spec = design.DesignSpec("gone", "yolo", "gone", checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(ModelError, match="nope.pt"):
+        design.load_row_model(spec, tmp_path)
