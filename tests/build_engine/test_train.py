@@ -110,3 +110,23 @@ def test_augmentation_moves_boxes_with_pixels() -> None:
     plain, pb, _ = random_affine(img, boxes, 128, 96, cfg, None)  # letterbox only, like serving
     # scale min(128/160, 96/90) = 0.8 -> 128x72 content, (96 - 72) / 2 = 12 px pad on top
     np.testing.assert_allclose(pb[0], [30 * 0.8, 20 * 0.8 + 12, 70 * 0.8, 50 * 0.8 + 12], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["ssd", "rcnn"])
+def test_each_family_trains_from_its_config_and_exports_its_layout(tmp_path, repo_root, family) -> None:
+    """`perception train --config configs/<family>.yaml` at a tiny size: a checkpoint that loads
+    as its family and exports an artifact whose manifest names the family's output layout."""
+    from build_engine.build import export_fp32_artifact
+    from build_engine.checkpoint import load_checkpoint
+    from perception.manifest import load_manifest
+
+    cfg = load_config(repo_root / "configs" / f"{family}.yaml",
+                      [o for o in tiny_overrides(tmp_path / "cache") if not o.startswith("preset")]
+                      + ["model.width_mult=0.125", "optim.epochs=1"])
+    assert cfg.model.family == family
+    result = train(cfg, tmp_path / "run", progress=False)
+    model, meta = load_checkpoint(result.best_checkpoint)
+    assert model.cfg.family == family and meta.train_config_hash == cfg.hash()
+    m = load_manifest(export_fp32_artifact(result.best_checkpoint, tmp_path / "artifact"))
+    assert m.postprocess.output_layout == {"ssd": "ssd", "rcnn": "nms_detections"}[family]
+    assert m.variant().max_batch == (1 if family == "rcnn" else 8)
