@@ -77,13 +77,17 @@ SPECS: tuple[DesignSpec, ...] = (
                overrides=("model.act=silu",)),
     DesignSpec("yolo-edge-hardswish-short", "yolo", "YOLO-style edge, Hardswish", config="configs/default.yaml",
                overrides=("model.act=hardswish",)),
-    DesignSpec("yolo-w0.25-relu-short", "yolo", "YOLO-style width 0.25, ReLU", config="configs/default.yaml",
-               overrides=("model.width_mult=0.25", "model.head_channels=0")),
     DesignSpec("ssd-edge", "ssd", "SSD-style edge backbone (shipped)", checkpoint="models/ssd/detector.pt"),
     DesignSpec("ssd-edge@384x224", "ssd", "SSD-style edge backbone, 384x224 input",
                checkpoint="models/ssd/detector.pt", input_size=(384, 224)),
+    DesignSpec("ssd-edge@640x384", "ssd", "SSD-style edge backbone, 640x384 input",
+               checkpoint="models/ssd/detector.pt", input_size=(640, 384)),
     DesignSpec("ssd-edge-short", "ssd", "SSD-style edge backbone", config="configs/ssd.yaml"),
     DesignSpec("rcnn", "rcnn", "Two-stage R-CNN-style (shipped)", checkpoint="models/rcnn/detector.pt"),
+    DesignSpec("rcnn@384x224", "rcnn", "Two-stage R-CNN-style, 384x224 input", checkpoint="models/rcnn/detector.pt",
+               input_size=(384, 224)),
+    DesignSpec("rcnn@640x384", "rcnn", "Two-stage R-CNN-style, 640x384 input", checkpoint="models/rcnn/detector.pt",
+               input_size=(640, 384)),
     DesignSpec("rcnn-short", "rcnn", "Two-stage R-CNN-style", config="configs/rcnn.yaml"),
 )
 
@@ -200,6 +204,8 @@ def measure(
         pre, post = preprocess_spec(lm), postprocess_spec(lm)
         progress(f"{spec.key}: exporting FP32 and quantizing INT8 ({len(calib)} calibration images)")
         fp32, counts = export_variant_onnx(lm, onnx_dir / f"{spec.key}.fp32.onnx")
+        if hasattr(model, "second_stage_macs"):  # two-stage: per-proposal cost at the test-time maximum
+            counts["macs"] = two_stage_macs(model)
         int8 = quantize_int8(fp32, onnx_dir / f"{spec.key}.int8.onnx", ImageCalibrationReader(list(calib), pre)).path
         bs = 1 if getattr(model, "export_batch", None) == 1 else 4
         scores = {}
@@ -220,6 +226,18 @@ def measure(
         r.fp32_ms, r.int8_ms = lat[f"{r.key}:fp32"], lat[f"{r.key}:int8"]
     mark_pareto(rows)
     return rows
+
+
+def two_stage_macs(model: Any) -> int:
+    """First stage (backbone, neck, proposal network) as profiled, plus RoIAlign and the box
+    head at the test-time maximum number of proposals (``post_nms_test``)."""
+    from build_engine.fold import fold_batchnorm
+    from build_engine.profile import profile_model
+
+    folded, _ = fold_batchnorm(model)
+    prof = profile_model(folded, (1, 3, model.cfg.input_height, model.cfg.input_width))
+    first = sum(r.macs for r in prof.layers if not r.name.startswith("box_head"))
+    return int(first + model.second_stage_macs(model.post_nms_test))
 
 
 def mark_pareto(rows: list[DesignRow]) -> None:
@@ -277,7 +295,9 @@ def markdown(rows: Sequence[DesignRow], meta: dict[str, Any]) -> str:
         f"calibrated on {meta['calib_images']} generated images (another seed).",
         f"Schedules: *shipped* rows are the trained checkpoints in `models/` (full schedules, see each "
         f"`eval.md`); *short* rows were trained by this command with the same short schedule ({SHORT_LABEL}, "
-        "`build_engine/design.py` SHORT_SCHEDULE). Compare short with short and shipped with shipped.", "",
+        "`build_engine/design.py` SHORT_SCHEDULE). Compare short with short and shipped with shipped.",
+        "MACs of the BN-folded model; for the two-stage rows, the first stage plus RoIAlign and the box head at "
+        "the test-time maximum of 100 proposals (fewer run on most frames).", "",
         "| row | family | act | width / depth | input | MACs | params | FP32 ms (min / p50) | INT8 ms (min / p50) "
         "| INT8 / FP32 | mAP50 FP32 | mAP50-95 FP32 | mAP50 INT8 | mAP50-95 INT8 | INT8 drop (pts) | schedule "
         "| Pareto |",

@@ -121,6 +121,18 @@ class RcnnDetector(nn.Module):
         self.max_det = 100
         self._rpn_criterion: DetectionLoss | None = None
 
+    def second_stage_macs(self, num_rois: int) -> int:
+        """Multiply-adds of RoIAlign (its two matrix products, ``rcnn_ops.roi_align``) and the
+        box head for ``num_rois`` proposals: what a per-layer profile of one forward cannot
+        know, since the number of proposals depends on the image."""
+        h = self.box_head
+        p, c = self.roi_size, h.fc1.in_channels
+        hf, wf = self.cfg.input_height // self.strides[0], self.cfg.input_width // self.strides[0]
+        align = p * c * wf * (hf + p)
+        head = sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                   for m in (h.fc1, h.fc2, h.cls_score, h.bbox_pred))
+        return num_rois * (align + head)
+
     def grid(self, level: int, h: int, w: int) -> torch.Tensor:
         """Cell grid of a level; the cached one when the map has the configured size."""
         g: torch.Tensor = getattr(self, f"grid{level}")

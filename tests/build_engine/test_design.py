@@ -74,3 +74,18 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     spec = design.DesignSpec("gone", "yolo", "gone", checkpoint=str(tmp_path / "nope.pt"))
     with pytest.raises(ModelError, match="nope.pt"):
         design.load_row_model(spec, tmp_path)
+
+
+def test_two_stage_macs_count_the_box_head_at_the_proposal_maximum() -> None:
+    """A zeros image yields few proposals, so a per-layer profile undercounts the second stage;
+    the table counts RoIAlign and the box head for every proposal the model may keep."""
+    from build_engine.model import preset
+    from build_engine.model.rcnn import RcnnDetector
+
+    m = RcnnDetector(preset("pico", family="rcnn")).eval()
+    per_roi = m.second_stage_macs(1)
+    h = m.box_head
+    head = (h.fc1.in_channels * h.fc1.out_channels * m.roi_size**2 + h.fc2.in_channels * h.fc2.out_channels
+            + h.cls_score.in_channels * h.cls_score.out_channels + h.bbox_pred.in_channels * h.bbox_pred.out_channels)
+    assert per_roi > head and m.second_stage_macs(m.post_nms_test) == m.post_nms_test * per_roi
+    assert design.two_stage_macs(m) > m.second_stage_macs(m.post_nms_test)
