@@ -86,3 +86,34 @@ def write_plots(report: KpiReport, out_dir: Path) -> list[Path]:
         plot_f1_confidence(report, out_dir / "f1_confidence.png"),
         plot_confusion(report, out_dir / "confusion_matrix.png"),
     ]
+
+
+def plot_training_curves(log_path: Path, path: Path) -> Path:
+    """Loss terms and validation mAP per epoch from a run's ``train_log.jsonl``: two panels,
+    so a diverging loss or a stalled mAP shows at a glance."""
+    import json
+
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    hist = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    epochs = [h["epoch"] for h in hist]
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    names = sorted({k for h in hist for k, v in h.items()
+                    if k.startswith("loss_") and not k.startswith("loss_num") and v > 0})  # log axis: no all-zero terms
+    for name in names:
+        ax_loss.plot(epochs, [h.get(name, float("nan")) for h in hist], marker=".", label=name[5:])
+    ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", yscale="log", title="loss")
+    ax_loss.legend(fontsize=7)
+    ax_loss.grid(alpha=0.3)
+    for key in ("map50", "map50_95"):
+        pts = [(h["epoch"], h["val"][key]) for h in hist if key in h.get("val", {})]
+        if pts:
+            ax_map.plot(*zip(*pts, strict=True), marker="o", label=f"val {key}")
+    ax_map.set(xlabel="epoch", ylabel="mAP", ylim=(0, 1), title="validation")
+    ax_map.legend(fontsize=8)
+    ax_map.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,6 +1,7 @@
 """The training loop: CPU, deterministic with a seed, EMA, warm-up + schedule, per-epoch JSONL
-log of losses and validation KPI, weights-only checkpoints (``last.pt`` with resume state,
-``best.pt`` with the best EMA weights by val mAP50-95), resume from ``last.pt``.
+log of losses and validation KPI (plotted beside it as ``train_curves.png``), weights-only
+checkpoints (``last.pt`` with resume state, ``best.pt`` with the best EMA weights by val
+mAP50-95), resume from ``last.pt``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from build_engine.data.generate import generate_dataset
 from build_engine.evaluate import evaluate_runner, postprocess_for, torch_runner
 from build_engine.model import build_model
 from build_engine.model.detector import Detector
+from build_engine.plots import plot_training_curves
 from build_engine.train.augment import hsv_jitter, random_affine
 from build_engine.train.ema import ModelEMA
 from build_engine.train.schedule import learning_rates
@@ -220,6 +222,7 @@ def train(
                 save_checkpoint(best_path, eval_model, best_meta)
         with log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        plot_training_curves(log_path, out / "train_curves.png")
         log.info("epoch %d: %s", epoch + 1, json.dumps(record))
         state = {
             "optimizer": optimizer.state_dict(),
