@@ -135,6 +135,10 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
             run_config = run_dir / "config.json"
             threads = int(json.loads(run_config.read_text()).get("threads", 1)) if run_config.is_file() else 1
             lines += _epoch_table(run_dir / "train_log.jsonl", threads, recipe)
+            from build_engine.plots import plot_training_curves
+
+            plot_training_curves(run_dir / "train_log.jsonl", plots / "train_curves.png")
+            lines += ["![training curves](plots/train_curves.png)", ""]
         lines += _pruned_section(run_dir, out_dir)
         (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
     return out_dir
