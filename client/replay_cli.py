@@ -9,6 +9,9 @@ seconds of failed reconnecting.
 ``--track`` asks the server for a track id per detection; ``--out`` records then carry
 ``track_id`` and ``track_state`` per detection, and with ``--gt`` (a drive's ground truth with
 ``track_id`` per annotation) the summary scores the tracks (client.track_scoring).
+
+``--mcap-out`` writes the images and the detections drawn as Foxglove ImageAnnotations, per
+camera on ``/<camera>/image`` and ``/<camera>/detections`` (client.sinks.mcap_annotations).
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--coco-results", type=Path, help="write detections as COCO results JSON")
     o.add_argument("--video-out", type=Path, help="annotated video (boxes, labels, latency overlay) of one camera")
     o.add_argument("--video-camera", default="", help="camera for --video-out (default: the first one)")
+    o.add_argument("--mcap-out", type=Path, metavar="FILE.mcap",
+                   help="MCAP for Foxglove: per camera, the images on /<camera>/image (foxglove.CompressedImage) "
+                        "and the detections on /<camera>/detections (foxglove.ImageAnnotations: a box outline and "
+                        "a 'class score' label per detection, '#track_id class score' with --track), at the "
+                        "frames' capture times; frames answered with a status other than OK get the image only. "
+                        "Written to a temporary file and renamed when the replay ends")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = p.add_argument_group("evaluation")
     e.add_argument("--gt", type=Path, help="COCO ground truth: turn the replay into an evaluation")
@@ -165,7 +174,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--gt cannot be combined with --loop (each frame would be scored once per lap)")
     if args.track_confirmed_only and not (args.track and args.gt):
         raise ConfigError("--track-confirmed-only chooses what tracking scores count: it needs --track and --gt")
-    if not args.out and not args.summary_json and not args.coco_results and not args.video_out:
+    if not (args.out or args.summary_json or args.coco_results or args.video_out or args.mcap_out):
         log.info("no --out given: only the summary is printed")
     try:
         classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
@@ -198,6 +207,10 @@ def main(argv: list[str]) -> int:
         info = client.model_info()
         log.info("server: model %s %s (%s, %s) at %s", info.name, info.version, info.variant or info.precision,
                  info.backend, ", ".join(e.address for e in client.pool.endpoints))
+        if args.mcap_out:  # first: a bad path fails before --out truncates an earlier run's file
+            from client.sinks.mcap_annotations import McapAnnotationsSink
+
+            sinks.append(McapAnnotationsSink(args.mcap_out))
         if args.out:
             from client.sinks.jsonl import JsonlSink
 
@@ -221,8 +234,7 @@ def main(argv: list[str]) -> int:
         finally:
             bar.close()
     finally:
-        for sink in sinks:
-            sink.close()
+        close_error = _close_sinks(sinks)
         client.close()
 
     summary = outcome.stats.as_dict()
@@ -253,14 +265,30 @@ def main(argv: list[str]) -> int:
     if outcome.interrupted:
         print("perception replay: interrupted; outputs hold the frames answered so far, the others as "
               "NOT_SENT / GIVEN_UP", file=sys.stderr)
+        if close_error is not None:
+            print(f"perception replay: error: {close_error}", file=sys.stderr)
         return 130
     if outcome.error is not None:
         raise outcome.error
+    if close_error is not None:
+        raise close_error
     if kpi_error is not None:
         raise kpi_error
     if tracking_error is not None:
         raise tracking_error
     return 0
+
+
+def _close_sinks(sinks: list[Any]) -> PerceptionError | None:
+    """Close every sink, even when one fails (--mcap-out finishes and renames its file in
+    close()); the first failure, raised by the caller once the summary is out."""
+    first: PerceptionError | None = None
+    for sink in sinks:
+        try:
+            sink.close()
+        except PerceptionError as exc:
+            first = first or exc
+    return first
 
 
 def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool) -> dict[str, Any]:
