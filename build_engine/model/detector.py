@@ -202,18 +202,3 @@ def build_detector(cfg: ModelConfig | None = None) -> Detector:
     if cfg.family != "yolo":
         raise ConfigError(f"build_detector builds the yolo family; use build_model for {cfg.family!r}")
     return Detector(cfg)
-
-
-def build_model(cfg: ModelConfig | None = None) -> nn.Module:
-    """A freshly initialised detector of ``cfg.family``: yolo, ssd or rcnn (the family contract
-    is in ``Detector``'s docstring)."""
-    cfg = cfg or ModelConfig()
-    if cfg.family == "ssd":
-        from build_engine.model.ssd import SsdDetector
-
-        return SsdDetector(cfg)
-    if cfg.family == "rcnn":
-        from build_engine.model.rcnn import RcnnDetector
-
-        return RcnnDetector(cfg)
-    return build_detector(cfg)

@@ -34,12 +34,9 @@ from build_engine.losses import LossConfig
 from build_engine.model.blocks import ConvBNAct
 from build_engine.model.config import ModelConfig
 from build_engine.model.detector import PAN, Backbone
+from build_engine.model.ssd_coding import decode
+from build_engine.model.ssd_loss import ssd_loss
 
-# Box-coding variances (Liu et al. 2016): offsets are scaled to about unit variance.
-VARIANCES = (0.1, 0.2)
-# Cap on dw * v1 and dh * v1 before exp: a 62x growth of a prior is beyond any box, and
-# exp(4.14) stays far inside fp16 range (torchvision's bbox_xform_clip, log(1000 / 16)).
-MAX_LOG_SCALE = math.log(1000.0 / 16)
 # Width / height of the priors: ~2x apart, so every ratio from 0.25 to 2 is within IoU 0.7 of one.
 ASPECT_RATIOS = (0.35, 0.7, 1.4)
 # Prior probability of an object at init (focal-loss paper, Lin et al. 2017).
@@ -97,29 +94,6 @@ def make_priors(input_width: int, input_height: int) -> torch.Tensor:
         wh = c[:, 2:].expand(fh, fw, -1, -1)
         out.append(torch.cat([torch.stack([cx, cy], -1), wh], -1).reshape(-1, 4))
     return torch.cat(out)
-
-
-def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
-    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
-
-
-def encode(boxes: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
-    """Offsets (..., 4) dx dy dw dh of corner boxes (..., 4) x1 y1 x2 y2 against priors cx cy w h,
-    all normalised; the inverse of ``decode``. Degenerate boxes get a finite (large) dw / dh."""
-    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=1e-6)
-    cxcy = (boxes[..., :2] + boxes[..., 2:]) / 2
-    d_xy = (cxcy - priors[..., :2]) / (VARIANCES[0] * priors[..., 2:])
-    d_wh = torch.log(wh / priors[..., 2:]) / VARIANCES[1]
-    return torch.cat([d_xy, d_wh], -1)
-
-
-def decode(offsets: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
-    """Corner boxes (..., 4) from offsets (..., 4) against priors (broadcast), all normalised:
-    cx = pcx + dx * v0 * pw, w = pw * exp(dw * v1) (``perception.layouts.ssd.decode_offsets``),
-    with dw * v1 capped at ``MAX_LOG_SCALE`` so fp16 cannot overflow."""
-    cxcy = priors[..., :2] + offsets[..., :2] * VARIANCES[0] * priors[..., 2:]
-    wh = priors[..., 2:] * torch.exp((offsets[..., 2:] * VARIANCES[1]).clamp(max=MAX_LOG_SCALE))
-    return torch.cat([cxcy - wh / 2, cxcy + wh / 2], -1)
 
 
 class ExtraLayer(nn.Module):
@@ -245,7 +219,6 @@ class SsdDetector(nn.Module):
         self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Matched-prior class + box loss of one batch (``build_engine.model.ssd_loss``)."""
-        from build_engine.model.ssd_loss import ssd_loss  # it imports the box coding from here
 
         self.sigmoid_scores.fill_(loss_cfg.cls_loss == "focal")
         logits, offsets = self.forward_raw(images)

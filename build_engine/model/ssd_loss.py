@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from build_engine.losses import LossConfig, box_loss, focal_loss, pairwise_iou
-from build_engine.model.ssd import cxcywh_to_xyxy, decode, encode
+from build_engine.model.ssd_coding import cxcywh_to_xyxy, decode, encode
 from perception.errors import ConfigError
 
 OFFSET_LOSSES = ("l1", "smooth_l1", "mse")

@@ -13,15 +13,8 @@ from torch import nn
 from build_engine.losses import LossConfig
 from build_engine.model import build_model
 from build_engine.model.config import ModelConfig, preset
-from build_engine.model.ssd import (
-    PRIOR_LEVELS,
-    SsdDetector,
-    SsdHead,
-    cxcywh_to_xyxy,
-    decode,
-    encode,
-    make_priors,
-)
+from build_engine.model.ssd import PRIOR_LEVELS, SsdDetector, SsdHead, make_priors
+from build_engine.model.ssd_coding import cxcywh_to_xyxy, decode, encode
 from build_engine.model.ssd_loss import match_priors, ssd_loss
 from perception.errors import ConfigError
 
