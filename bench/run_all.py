@@ -16,6 +16,7 @@ from bench import (
     bench_layouts,
     bench_lifecycle,
     bench_server,
+    bench_shm,
     bench_soak,
     bench_tracking,
 )
@@ -26,6 +27,7 @@ BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = 
     ("server: loopback vs in-process, batching throughput, reduced decode, memory", bench_server.main,
      ["--duration-s", "60"]),
     ("client: unary vs stream windows, raw vs JPEG payloads", bench_client.main, []),
+    ("shm: 1080p frames as JPEG vs raw over gRPC vs shared memory, latency and CPU per frame", bench_shm.main, []),
     ("kernels: reduced JPEG decode, numpy vs OpenCV NMS, INT8 U8 vs S8 activations", bench_kernels.main, []),
     ("layouts: decode + NMS cost per frame of every output layout", bench_layouts.main, []),
     ("soak: hostile streams, 16 MiB frames", bench_soak.main, ["--duration-s", "60", "--big-duration-s", "20"]),

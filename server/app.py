@@ -44,6 +44,7 @@ from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
 from server.service import DetectorService
+from server.shm import ShmReader
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class ManagedServer:
         self.admin: grpc.Server | None = None
         self.degrader: Any = None
         self.admin_port = 0
+        self.shm: ShmReader | None = None  # reads shared-memory frames (--shm-allow); closed at shutdown
 
     def on_batch(self, ok: bool) -> None:
         """Scheduler callback after every batch: health follows the engine."""
@@ -140,6 +142,8 @@ class ManagedServer:
             self.models.deactivate_all()
         else:
             self.backend.deactivate()
+        if self.shm is not None:
+            self.shm.close()
         self._stopped.set()
         log.info("stopped in %.2f s%s", time.monotonic() - t0, "" if finished else " (grace period ran out)")
         return finished
@@ -282,10 +286,11 @@ def create_server(
 
     managed_ready = threading.Event()
     draining = threading.Event()
+    shm = ShmReader(config.shm_allow, limits, config.shm_max_open) if config.shm_allow else None
     service = DetectorService(
         pipeline, metrics, config.outbox_size, frozenset(config.cameras),
         ready=managed_ready.is_set, draining=draining.is_set, limits=service_limits,
-        trackers=TrackerPool(TrackerConfig(max_cameras=max(64, config.max_camera_labels))),
+        trackers=TrackerPool(TrackerConfig(max_cameras=max(64, config.max_camera_labels))), shm=shm,
     )
     pb_grpc.add_DetectorServicer_to_server(service, server)
     kserve: Any = None
@@ -328,6 +333,7 @@ def create_server(
                                 ready=managed_ready, draining=draining)
         managed.unhealthy_after = config.unhealthy_after_failed_batches
         managed.limits = service_limits
+        managed.shm = shm
 
         def load(path: str, name: str) -> ServedModel:
             def make(m: Manifest, v: str) -> tuple[Backend, Any]:

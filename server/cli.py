@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--camera-priorities", help="comma-separated camera=class (critical, normal, best_effort); unlisted: normal")
     a("--kserve", action="store_const", const=True,
       help="also serve the KServe v2 (Open Inference Protocol) gRPC API, for Triton clients")
+    a("--shm-allow", metavar="PREFIX",
+      help="accept frames in shared memory from clients on this host, from /dev/shm segments named PREFIX* "
+           "only (default: off)")
+    a("--shm-max-open", type=int, help="shared-memory segments kept open at once (default 16)")
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")

@@ -107,6 +107,10 @@ class ServerConfig:
     build_engine_on_start: bool = False  # TensorRT: build (and cache) an engine if none matches
     engine_precision: str = "fp16"  # TensorRT engine of an FP32 variant (fp16: from its fp16 sibling)
     kserve: bool = False  # also serve KServe v2 / Open Inference Protocol gRPC on the same port
+    # Shared-memory frames (proto SharedMemoryRef) from clients on the same host: off unless set
+    # to the only segment-name prefix the server may open in /dev/shm (e.g. "perception-").
+    shm_allow: str = ""
+    shm_max_open: int = 16  # open segments cached; the least recently used is closed first
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -187,6 +191,14 @@ class ServerConfig:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if self.shm_allow:
+            from server.shm import check_prefix
+
+            check_prefix(self.shm_allow)
+            if not Path("/dev/shm").is_dir():
+                raise ConfigError("shm_allow: this host has no /dev/shm (shared-memory frames need Linux)")
+        if self.shm_max_open < 1:
+            raise ConfigError(f"shm_max_open must be positive, got {self.shm_max_open}")
         if self.engine_precision not in ("fp32", "fp16", "int8"):
             raise ConfigError(f"engine_precision must be fp32, fp16 or int8, got {self.engine_precision!r}")
 

@@ -12,6 +12,7 @@ from perception.tracking import TrackState
 from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from server.answer import FrameAnswer
+from server.shm import ShmReader, SlotRef
 
 _STATUS = {
     FrameStatus.OK: pb.FRAME_STATUS_OK,
@@ -30,9 +31,13 @@ _TRACK_STATE = {
 }
 
 
-def frame_from_proto(request: pb.DetectRequest, max_class_filter: int = 1024) -> tuple[FrameInput, RequestOptions]:
+def frame_from_proto(
+    request: pb.DetectRequest, max_class_filter: int = 1024, shm: ShmReader | None = None
+) -> tuple[FrameInput, RequestOptions]:
     """The frame and options of a request. Raises InvalidInputError for a frame with no image
-    or more class-filter entries than ``max_class_filter`` (checked before any is converted)."""
+    or more class-filter entries than ``max_class_filter`` (checked before any is converted).
+    A shared-memory frame is read here (copied out of its slot) by ``shm``; without one (the
+    server's default) it is refused."""
     f = request.frame
     if len(request.options.class_filter) > max_class_filter:
         raise InvalidInputError(
@@ -45,6 +50,13 @@ def frame_from_proto(request: pb.DetectRequest, max_class_filter: int = 1024) ->
     elif kind == "raw":
         r = f.raw
         raw = RawPixels(int(r.width), int(r.height), int(r.row_stride), int(r.format), r.data)
+    elif kind == "shm":
+        if shm is None:
+            raise InvalidInputError("shared-memory frames are off on this server (it maps them only when started "
+                                    "with --shm-allow PREFIX, for a client on the same host)")
+        m = f.shm
+        raw = shm.read(SlotRef(m.segment, int(m.offset), int(m.byte_size), int(m.generation), int(m.width),
+                               int(m.height), int(m.row_stride), int(m.format)))
     frame = FrameInput(
         camera_id=f.camera_id,
         sequence=int(f.sequence),

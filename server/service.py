@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
-from perception.pipeline import MAX_CAMERA_ID_LEN, FramePipeline
+from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
 from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
@@ -24,6 +24,7 @@ from server.answer import FrameTask, finish_task, track_answer
 from server.limits import ServiceLimits
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
+from server.shm import ShmReader
 from server.stream import StreamSession
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class DetectorService(pb_grpc.DetectorServicer):
         limits: ServiceLimits | None = None,
         max_class_filter: int = 0,
         trackers: Any = None,
+        shm: ShmReader | None = None,
     ) -> None:
         self._trackers = trackers
+        self._shm = shm  # reads shared-memory frames; None = refused (the default)
         self._pipeline = pipeline
         self._limits = limits or ServiceLimits()
         # Repeated fields are capped before anything is built from them (class ids: the class count).
@@ -86,6 +89,12 @@ class DetectorService(pb_grpc.DetectorServicer):
                 f"camera {camera_id!r} is not in the server's camera allow-list {sorted(self._cameras)}"
             )
 
+    def _convert(self, request: pb.DetectRequest) -> tuple[FrameInput, RequestOptions]:
+        if request.frame.WhichOneof("image") == "shm":
+            # Before the server reads anything from its host's memory on a client's word.
+            self.admit_camera(request.frame.camera_id)
+        return convert.frame_from_proto(request, self._max_class_filter, self._shm)
+
     def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:
         scheduler = self._check_serving()
         camera_id, sequence, ts, deadline_ms = convert.identify(request)
@@ -99,7 +108,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             finish_task(task, self._pipeline, self._metrics)
             raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
         try:
-            frame, opts = convert.frame_from_proto(request, self._max_class_filter)
+            frame, opts = self._convert(request)
             self.admit_camera(frame.camera_id)
             pipeline, task.model = self._current()
             task.track = opts.track
@@ -133,11 +142,10 @@ class DetectorService(pb_grpc.DetectorServicer):
     ) -> Iterator[pb.DetectResponse]:
         scheduler = self._check_serving()
         peer = self._limits.streams.admit(context.peer())
-        cap = self._max_class_filter
         session = StreamSession(
             self._pipeline,
             scheduler,
-            lambda request: convert.frame_from_proto(request, cap),
+            self._convert,
             convert.identify,
             self._metrics,
             self._outbox_size,

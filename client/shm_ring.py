@@ -1,0 +1,135 @@
+"""A ring of shared-memory frame slots: the producer side of the same-host frame path.
+
+A camera node on the server's host writes each frame into the next slot of a POSIX
+shared-memory segment and sends only the slot's reference (proto ``SharedMemoryRef``) over
+``StreamDetect``; the server (started with ``--shm-allow PREFIX``, the segment's name starting
+with PREFIX) copies the pixels out of the slot. No pixel crosses the socket.
+
+Slot layout (the wire contract; ``server.shm`` checks it): a 64-byte header then the pixels::
+
+    0..8    magic b"PSHMSLT1"
+    8..16   generation, uint64 LE: odd while the producer writes, the next even value after
+    16..24  byte size of the pixels, uint64 LE
+    24..64  reserved (zero)
+
+``write`` is a seqlock writer: generation -> odd, pixels, size, generation -> even, and the
+reference carries the even value; a server that reads a slot overwritten since (or during its
+copy) answers the frame INVALID, never with another frame's pixels. Slots are reused round
+robin, so keep more slots than frames in flight (the stream's window + 1, at least).
+
+    with ShmRing(slots=4, slot_bytes=1920 * 1080 * 3) as ring:
+        ref = ring.write(bgr)  # (H, W, 3) uint8
+        request = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=0, shm=ref))
+
+Single producer: one ring per camera thread (``write`` is not thread-safe). Linux only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import struct
+from multiprocessing import shared_memory
+from typing import cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+from perception.decode import PixelFormat
+from perception.errors import ConfigError, InvalidInputError
+from perception.v1 import detector_pb2 as pb
+
+MAGIC = b"PSHMSLT1"
+HEADER_SIZE = 64
+_HEADER = struct.Struct("<8sQQ")
+_U64 = struct.Struct("<Q")
+_GENERATION_OFFSET = 8
+_SIZE_OFFSET = 16
+_ALIGN = 4096  # slots start on page boundaries (the server needs multiples of 64)
+DEFAULT_PREFIX = "perception-"
+
+
+class ShmRing:
+    """``slots`` slots of ``slot_bytes`` pixel bytes each in one new segment, unlinked on close."""
+
+    def __init__(self, slots: int, slot_bytes: int, prefix: str = DEFAULT_PREFIX, name: str = "") -> None:
+        if slots < 1 or slot_bytes < 1:
+            raise ConfigError(f"a ring needs at least one slot of at least one byte, got {slots} x {slot_bytes}")
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.slot_stride = -(-(HEADER_SIZE + slot_bytes) // _ALIGN) * _ALIGN
+        # The name the server's --shm-allow prefix must cover; unique per process and ring.
+        self.name = name or f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=slots * self.slot_stride)
+        buf = self._shm.buf
+        assert buf is not None  # a segment just created and mapped
+        self._buf: memoryview = buf
+        self._bytes = np.frombuffer(buf, np.uint8)
+        for i in range(slots):
+            _HEADER.pack_into(self._buf, i * self.slot_stride, MAGIC, 0, 0)
+        self._next = 0
+        self._writes = 0
+        self._closed = False
+
+    @property
+    def segment_bytes(self) -> int:
+        return self.slots * self.slot_stride
+
+    def offset_of(self, slot: int) -> int:
+        return slot * self.slot_stride
+
+    def write(self, image: NDArray[np.uint8], pixel_format: PixelFormat = PixelFormat.BGR8) -> pb.SharedMemoryRef:
+        """Copy one frame into the next slot; its reference.
+
+        image: (H, W, 3) for BGR8 / RGB8, (H, W) for GRAY8, (H * 3 / 2, W) for NV12; any strides
+        (one copy, straight into the slot, tightly packed)."""
+        if self._closed:
+            raise InvalidInputError("the shared-memory ring is closed")
+        if image.dtype != np.uint8:
+            raise InvalidInputError(f"frames must be uint8, got {image.dtype}")
+        fmt = PixelFormat(pixel_format)
+        if fmt in (PixelFormat.BGR8, PixelFormat.RGB8):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise InvalidInputError(f"a {fmt.name} frame is (H, W, 3), got {image.shape}")
+            height, width = image.shape[:2]
+        elif fmt == PixelFormat.GRAY8 and image.ndim == 2:
+            height, width = image.shape
+        elif fmt == PixelFormat.NV12 and image.ndim == 2 and image.shape[0] % 3 == 0:
+            height, width = image.shape[0] * 2 // 3, image.shape[1]
+        else:
+            raise InvalidInputError(f"cannot write a {fmt.name} frame of shape {image.shape}")
+        size = int(image.nbytes)
+        if size > self.slot_bytes:
+            raise InvalidInputError(f"a frame of {size} bytes does not fit a slot of {self.slot_bytes}")
+        slot = self._next
+        self._next = (slot + 1) % self.slots
+        offset = self.offset_of(slot)
+        base = self._writes * 2
+        self._writes += 1
+        _U64.pack_into(self._buf, offset + _GENERATION_OFFSET, base + 1)  # odd: being written
+        start = offset + HEADER_SIZE
+        np.copyto(self._bytes[start:start + size].reshape(image.shape), image)
+        _U64.pack_into(self._buf, offset + _SIZE_OFFSET, size)
+        _U64.pack_into(self._buf, offset + _GENERATION_OFFSET, base + 2)  # even: complete
+        return pb.SharedMemoryRef(
+            segment=self.name, offset=offset, byte_size=size, generation=base + 2, width=width, height=height,
+            row_stride=0, format=cast(pb.PixelFormat, int(fmt)),
+        )
+
+    def close(self) -> None:
+        """Unlink the segment (a server holding it open keeps reading the old one until it re-checks
+        the name) and unmap it."""
+        if self._closed:
+            return
+        self._closed = True
+        del self._bytes, self._buf  # the segment refuses to unmap while views of it exist
+        with contextlib.suppress(FileNotFoundError):  # already unlinked (by hand, or a test)
+            self._shm.unlink()
+        self._shm.close()
+
+    def __enter__(self) -> ShmRing:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

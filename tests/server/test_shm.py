@@ -1,0 +1,290 @@
+"""Frames in shared memory (proto SharedMemoryRef) against a real server on loopback.
+
+A valid slot gets the same detections as the same pixels sent raw; every corrupted reference
+is answered INVALID with its reason, its pixels are never read (``server.shm._pread`` is
+watched), the stream goes on and the server stays healthy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+
+from client.shm_ring import HEADER_SIZE, ShmRing
+from perception.decode import PixelFormat
+from perception.errors import ConfigError, InvalidInputError
+from perception.v1 import detector_pb2 as pb
+from server import shm as server_shm
+from server.config import ServerConfig
+from server.shm import ShmReader, SlotRef
+from tests.server.conftest import health_check, jpeg, request
+
+OK = pb.FRAME_STATUS_OK
+INVALID = pb.FRAME_STATUS_INVALID
+PREFIX = f"perception-test-{os.getpid()}-"
+
+
+def _image(seed: int = 5, w: int = 120, h: int = 90) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _shm_request(camera: str, seq: int, ref: pb.SharedMemoryRef) -> pb.DetectRequest:
+    return pb.DetectRequest(frame=pb.Frame(camera_id=camera, sequence=seq, capture_timestamp_ns=seq, shm=ref))
+
+
+def _raw_request(camera: str, seq: int, img: np.ndarray) -> pb.DetectRequest:
+    h, w = img.shape[:2]
+    raw = pb.RawImage(width=w, height=h, format=pb.PIXEL_FORMAT_BGR8, data=img.tobytes())
+    return pb.DetectRequest(frame=pb.Frame(camera_id=camera, sequence=seq, capture_timestamp_ns=seq, raw=raw))
+
+
+def _lockstep(stub: Any, requests: list[pb.DetectRequest]) -> list[pb.DetectResponse]:
+    """One stream, each request sent after the previous answer (no stale drops)."""
+    turn = threading.Semaphore(1)
+
+    def gen() -> Iterator[pb.DetectRequest]:
+        for r in requests:
+            turn.acquire()
+            yield r
+
+    out = []
+    for a in stub.StreamDetect(gen(), timeout=30):
+        out.append(a)
+        turn.release()
+    return out
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every (size, offset) the server reads out of a segment."""
+    seen: list[tuple[int, int]] = []
+    real = os.pread
+
+    def watched(fd: int, size: int, offset: int) -> bytes:
+        seen.append((size, offset))
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(server_shm, "_pread", watched)
+    return seen
+
+
+@pytest.fixture
+def ring() -> Iterator[Callable[..., ShmRing]]:
+    made: list[ShmRing] = []
+
+    def make(slots: int = 4, slot_bytes: int = 120 * 90 * 3, prefix: str = PREFIX) -> ShmRing:
+        r = ShmRing(slots, slot_bytes, prefix=prefix)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_a_shm_frame_gets_the_detections_of_the_same_pixels_sent_raw(serve: Any, ring: Any) -> None:
+    run = serve(shm_allow=PREFIX)
+    r = ring()
+    img = _image()
+    nv12 = np.random.default_rng(1).integers(0, 255, (90 * 3 // 2, 120), dtype=np.uint8)
+    reqs = [_raw_request("front", 1, img), _shm_request("front", 2, r.write(img)),
+            _raw_request("front", 3, img[:, :, ::-1].copy()), _shm_request("front", 4, r.write(img[:, :, ::-1])),
+            pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=5, raw=pb.RawImage(
+                width=120, height=90, format=pb.PIXEL_FORMAT_NV12, data=nv12.tobytes()))),
+            _shm_request("front", 6, r.write(nv12, PixelFormat.NV12))]
+    out = _lockstep(run.stub, reqs)
+    assert [a.status for a in out] == [OK] * 6, [a.message for a in out]
+    boxes = [[(d.class_id, round(d.box.x1, 3), round(d.box.y2, 3), round(d.score, 5)) for d in a.detections]
+             for a in out]
+    assert boxes[0] and boxes[0] == boxes[1]
+    assert boxes[2] == boxes[3] and boxes[4] == boxes[5]
+    assert (out[1].image_width, out[1].image_height) == (120, 90)
+    # Unary Detect takes them too.
+    resp = run.stub.Detect(_shm_request("front", 7, r.write(img)), timeout=10)
+    assert resp.status == OK and [(d.class_id, round(d.box.x1, 3), round(d.box.y2, 3), round(d.score, 5))
+                                  for d in resp.detections] == boxes[0]
+
+
+def test_corrupted_references_are_invalid_never_read_and_the_stream_goes_on(
+    serve: Any, ring: Any, reads: list[tuple[int, int]]
+) -> None:
+    run = serve(shm_allow=PREFIX)
+    good = ring()
+    img = _image()
+    valid = good.write(img)
+    small = ring(slots=2)
+    stale = small.write(img)
+    small.write(img)
+    small.write(img)  # slot 0 again: `stale` now names an overwritten slot
+    foreign = shared_memory.SharedMemory(name=f"other-proc-{os.getpid()}", create=True, size=1 << 16)
+    link = f"{PREFIX}link"
+    os.symlink(f"/dev/shm/{foreign.name}", f"/dev/shm/{link}")
+    fifo = f"{PREFIX}fifo"
+    os.mkfifo(f"/dev/shm/{fifo}")
+
+    def bad(**change: Any) -> pb.SharedMemoryRef:
+        ref = pb.SharedMemoryRef()
+        ref.CopyFrom(valid)
+        for k, v in change.items():
+            setattr(ref, k, v)
+        return ref
+
+    big = 1920 * 1080 * 3
+    # (reference, what the message says, whether the slot's header may be read: a header read
+    # is what finds a stale generation; every other check comes before any read)
+    cases: list[tuple[pb.SharedMemoryRef, str, bool]] = [
+        (bad(offset=good.segment_bytes), "past the segment", False),
+        (bad(offset=2**63), "past the segment", False),
+        (bad(offset=good.segment_bytes - HEADER_SIZE), "past the segment", False),
+        (bad(offset=100), "multiple of 64", False),
+        (bad(byte_size=valid.byte_size + 1), "byte_size says", False),
+        (bad(byte_size=2**64 - 1), "byte_size says", False),
+        (bad(width=1920, height=1080, byte_size=big), "past the segment", False),
+        (bad(width=100000, height=100000, byte_size=100000 * 100000 * 3), "limit", False),
+        (bad(row_stride=10**6), "row_stride", False),
+        (bad(format=pb.PIXEL_FORMAT_UNSPECIFIED), "no pixel format", False),
+        (stale, "stale shared-memory slot", True),
+        (bad(generation=valid.generation + 2), "stale shared-memory slot", True),
+        (bad(generation=valid.generation - 1), "stale shared-memory slot", True),
+        (bad(offset=64 * 4), "bad magic", True),
+        (bad(segment=foreign.name), "outside the prefix", False),
+        (bad(segment=f"{PREFIX}../{foreign.name}"), "not a plain name", False),
+        (bad(segment=f"{PREFIX}/x"), "not a plain name", False),
+        (bad(segment=".."), "not a plain name", False),
+        (bad(segment=""), "names no segment", False),
+        (bad(segment=f"{PREFIX}missing"), "no shared-memory segment", False),
+        (bad(segment=link), "cannot be opened", False),
+        (bad(segment=fifo), "not a regular file", False),
+    ]
+    try:
+        reqs = [_shm_request("front", 0, valid)]
+        for i, (ref, _, _) in enumerate(cases):
+            reqs += [_shm_request("front", 2 * i + 1, ref), request("front", 2 * i + 2, jpeg())]
+        reads.clear()
+        out = _lockstep(run.stub, reqs)
+    finally:
+        os.unlink(f"/dev/shm/{link}")
+        os.unlink(f"/dev/shm/{fifo}")
+        foreign.close()
+        foreign.unlink()
+    assert len(out) == len(reqs)
+    assert out[0].status == OK
+    for i, (ref, needle, _) in enumerate(cases):
+        answer, after = out[2 * i + 1], out[2 * i + 2]
+        assert answer.status == INVALID and needle in answer.message, (i, ref, answer.message)
+        assert after.status == OK, (i, after.message)  # the stream goes on
+    # Pixels were read once: the valid frame's (header, pixels, generation again). Each
+    # corrupted reference read at most its slot's 24-byte header, inside the segment.
+    pixel_reads = [r for r in reads if r[0] > 64]
+    assert pixel_reads == [(valid.byte_size, valid.offset + HEADER_SIZE)]
+    header_reads = [r for r in reads if r[0] == 24]
+    assert len(header_reads) == 1 + sum(h for _, _, h in cases)
+    check = health_check(run.channel)
+    assert check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+    assert run.stub.Detect(_shm_request("front", 99, good.write(img)), timeout=10).status == OK
+
+
+def test_shm_is_off_unless_the_server_allows_a_prefix(serve: Any, ring: Any, reads: list[tuple[int, int]]) -> None:
+    run = serve()
+    ref = ring().write(_image())
+    out = _lockstep(run.stub, [_shm_request("front", 1, ref), request("front", 2, jpeg())])
+    assert [a.status for a in out] == [INVALID, OK]
+    assert "shared-memory frames are off" in out[0].message and "--shm-allow" in out[0].message
+    assert reads == []
+
+
+def test_a_camera_outside_the_allow_list_is_refused_before_its_slot_is_opened(
+    serve: Any, ring: Any, reads: list[tuple[int, int]]
+) -> None:
+    run = serve(shm_allow=PREFIX, cameras=("front",))
+    ref = ring().write(_image())
+    out = _lockstep(run.stub, [_shm_request("intruder", 1, ref), _shm_request("front", 2, ref)])
+    assert [a.status for a in out] == [INVALID, OK]
+    assert "allow-list" in out[0].message
+    assert len([r for r in reads if r[0] > 64]) == 1
+
+
+@pytest.mark.parametrize("prefix", ["", "/dev/shm/x", "../x", ".hidden", "a/b", "a b"])
+def test_the_prefix_must_be_a_plain_name(tiny_manifest: Any, prefix: str) -> None:
+    if not prefix:  # "" is off, not an error
+        assert ServerConfig(model=str(tiny_manifest), shm_allow=prefix).shm_allow == ""
+        return
+    with pytest.raises(ConfigError, match="plain segment-name prefix"):
+        ServerConfig(model=str(tiny_manifest), shm_allow=prefix)
+
+
+# -- the reader alone: what no client can do through the RPC in a test's time ----------------
+
+
+def test_a_slot_overwritten_during_the_copy_is_refused(ring: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = ring(slots=1)
+    ref = r.write(_image())
+    reader = ShmReader(PREFIX)
+    real = os.pread
+
+    def producer_overwrites_during_copy(fd: int, size: int, offset: int) -> bytes:
+        data = real(fd, size, offset)
+        if size > 64:
+            r.write(_image(6))  # the producer wraps around onto the slot being copied
+        return data
+
+    monkeypatch.setattr(server_shm, "_pread", producer_overwrites_during_copy)
+    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0, int(ref.format))
+    with pytest.raises(InvalidInputError, match="overwritten while it was read"):
+        reader.read(slot)
+    reader.close()
+
+
+def test_a_segment_shrunk_under_a_cached_descriptor_is_a_short_read_not_a_crash(ring: Any) -> None:
+    r = ring(slots=2)
+    ref = r.write(_image())
+    reader = ShmReader(PREFIX)
+    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0, int(ref.format))
+    assert reader.read(slot).data == _image().tobytes()
+    assert reader.open_segments == 1
+    os.truncate(f"/dev/shm/{r.name}", 100)  # a hostile producer shrinks its segment
+    with pytest.raises(InvalidInputError, match="past the segment"):
+        reader.read(slot)
+    reader.close()
+
+
+def test_a_recreated_segment_is_reopened_and_open_segments_are_bounded(ring: Any) -> None:
+    reader = ShmReader(PREFIX, max_open=2)
+    img = _image()
+    rings = [ring(slots=1) for _ in range(3)]
+    for r in rings:
+        ref = r.write(img)
+        slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0,
+                       int(ref.format))
+        assert reader.read(slot).data == img.tobytes()
+    assert reader.open_segments == 2
+    # The producer restarts under the same name: the server reads the new segment, not the old.
+    name = rings[-1].name
+    rings[-1].close()
+    with pytest.raises(InvalidInputError, match="no shared-memory segment"):
+        reader.read(slot)
+    again = ShmRing(1, img.nbytes, name=name)
+    try:
+        ref = again.write(img[::-1].copy())
+        slot = SlotRef(name, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0, int(ref.format))
+        assert reader.read(slot).data == img[::-1].tobytes()
+    finally:
+        again.close()
+        reader.close()
+
+
+def test_the_serve_flag_sets_the_prefix(tiny_manifest: Any) -> None:
+    from server.cli import _flags, build_parser
+    from server.config import load_config
+
+    args = build_parser().parse_args(["--model", str(tiny_manifest), "--shm-allow", PREFIX, "--shm-max-open", "4"])
+    config = load_config(_flags(args), env={})
+    assert (config.shm_allow, config.shm_max_open) == (PREFIX, 4)
+    assert load_config({"model": str(tiny_manifest)}, env={}).shm_allow == ""  # off by default
