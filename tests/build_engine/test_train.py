@@ -127,7 +127,9 @@ def test_each_family_trains_from_its_config_and_exports_its_layout(tmp_path, rep
     result = train(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "train_curves.png").stat().st_size > 1000  # loss and mAP curves beside the log
     model, meta = load_checkpoint(result.best_checkpoint)
-    assert model.cfg.family == family and meta.train_config_hash == cfg.hash()
+    assert meta.config.family == family
+    assert type(model).__name__ == {"ssd": "SsdDetector", "rcnn": "RcnnDetector"}[family]
+    assert meta.train_config_hash == cfg.hash()
     m = load_manifest(export_fp32_artifact(result.best_checkpoint, tmp_path / "artifact"))
     assert m.postprocess.output_layout == {"ssd": "ssd", "rcnn": "nms_detections"}[family]
     assert m.variant().max_batch == (1 if family == "rcnn" else 8)
