@@ -234,8 +234,10 @@ def quantize_int8(
                 calibrate(calibrator)
             except ValueError as exc:
                 # numpy refuses a histogram of a tensor whose whole range is narrower than its
-                # bins can resolve (a near-constant map; seen on an untrained pruned model).
-                if calibrator == "minmax" or "bins" not in str(exc):
+                # bins can resolve (a near-constant map; seen on an untrained pruned model), and
+                # onnxruntime's histogram collector cannot stack a tensor whose shape changes
+                # from image to image (a two-stage model's proposals).
+                if calibrator == "minmax" or not ("bins" in str(exc) or "inhomogeneous" in str(exc)):
                     raise
                 log.warning("%s calibration failed (%s); falling back to minmax", calibrator, exc)
                 calibrator, method = "minmax", calibration_method("minmax")
