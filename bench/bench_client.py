@@ -45,9 +45,10 @@ def _scene(i: int, w: int = 1280, h: int = 720) -> np.ndarray:
     return cv2.add(img, rng.integers(0, 20, img.shape, dtype=np.uint8))
 
 
-def start_server(model: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """``perception serve`` on a loopback port 0 (plus ``extra`` flags); (process, address) once ready."""
     cmd = [sys.executable, "-m", "perception.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "0", "--threads", "1"]
+           "--port", "0", "--metrics-port", "0", "--threads", "1", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     stderr = proc.stderr
     assert stderr is not None  # stderr=PIPE

@@ -33,11 +33,8 @@ import argparse
 import json
 import os
 import queue
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +45,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 REPO = Path(__file__).resolve().parents[1]
-READY = re.compile(r"ready grpc=(\S+):(\d+) metrics=")
 VIDEO = REPO / "assets" / "drives" / "demo" / "front.mp4"
 PREFIX = "perception-bench-"
 TRANSPORTS = ("jpeg", "raw", "shm")
@@ -71,24 +67,6 @@ def load_frames(path: Path = VIDEO, size: tuple[int, int] = (1920, 1080), limit:
     if not frames:
         raise SystemExit(f"no frames in {path}")
     return frames
-
-
-def start_server(model: Path) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "perception.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "0", "--threads", "1", "--shm-allow", PREFIX]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    stderr = proc.stderr
-    assert stderr is not None  # stderr=PIPE
-    deadline = time.monotonic() + 120
-    for line in stderr:
-        m = READY.search(line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()  # keep the pipe drained
-            return proc, f"{m.group(1)}:{m.group(2)}"
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit("server did not become ready")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -226,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             from tests.tiny_model import make_tiny_artifact
 
             model = make_tiny_artifact(Path(tmp) / "tiny")
-        proc, address = start_server(model)
+        from bench.bench_client import start_server
+
+        proc, address = start_server(model, "--shm-allow", PREFIX)
         try:
             results = bench(address, proc.pid, frames, args.frames, max(1, args.rounds))
         finally:

@@ -20,7 +20,7 @@ def step_seconds(threads: int, width: int, height: int, batch: int, steps: int, 
     from build_engine.config import load_config
     from build_engine.losses import DetectionLoss
     from build_engine.model import build_detector
-    from build_engine.train.trainer import anchor_points, load_batch, make_optimizer, prepare_data
+    from build_engine.train.trainer import load_batch, make_optimizer, prepare_data
 
     torch.set_num_threads(threads)
     cfg = load_config(None, [f"data.cache_dir={cache}", f"data.train_images={batch * 2}", "data.val_images=2",
@@ -29,7 +29,7 @@ def step_seconds(threads: int, width: int, height: int, batch: int, steps: int, 
     model = build_detector(cfg.model).train()
     opt = make_optimizer(model, cfg)
     crit = DetectionLoss(cfg.loss, cfg.model.num_classes)
-    centers, strides = anchor_points(model)
+    centers, strides = model.anchor_points()
     times = []
     for k in range(steps + 1):
         t = time.perf_counter()

@@ -35,19 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dataset(root: Path, n: int, seed: int) -> Path:
-    from build_engine.data.generate import generate_dataset
-
-    if not (root / ".complete").is_file():
-        generate_dataset(root, n, seed, 640, 360)
-        (root / ".complete").write_text("ok\n")
-    return root
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from build_engine import design
     from build_engine.config import load_config
+    from build_engine.data.generate import cached_dataset
     from perception.errors import ConfigError
 
     if args.list:
@@ -68,11 +60,10 @@ def main(argv: list[str]) -> int:
             design.train_short(spec, out / "runs", progress)
     if args.train_only:
         return 0
-    cache = Path(load_config(design.REPO_ROOT / "configs/default.yaml").data.cache_dir).expanduser()
+    cache = load_config(design.REPO_ROOT / "configs/default.yaml").data.cache_dir
     progress("preparing the held-out test set and the calibration set")
-    test_dir = _dataset(cache / f"test-s{design.TEST_SEED}-n{design.TEST_IMAGES}-640x360", design.TEST_IMAGES,
-                        design.TEST_SEED)
-    calib_dir = _dataset(cache / f"calib-s4-n{design.CALIB_IMAGES}-640x360", design.CALIB_IMAGES, 4)
+    test_dir = cached_dataset(cache, "test", design.TEST_IMAGES, design.TEST_SEED, 640, 360)
+    calib_dir = cached_dataset(cache, "calib", design.CALIB_IMAGES, 4, 640, 360)
     calib = sorted((calib_dir / "images").glob("*.jpg"))
     rows = design.measure(specs, out, test_dir, calib, args.latency_runs, args.threads, progress)
     meta = {"host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

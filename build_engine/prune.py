@@ -160,7 +160,7 @@ def finetune(
     from build_engine.model.detector import Detector
     from build_engine.train.ema import ModelEMA
     from build_engine.train.schedule import learning_rates
-    from build_engine.train.trainer import anchor_points, load_batch, make_optimizer, prepare_data, validate
+    from build_engine.train.trainer import load_batch, make_optimizer, prepare_data, validate
 
     if not isinstance(model, Detector) or not (teacher is None or isinstance(teacher, Detector)):
         raise ModelError("fine-tuning needs detectors (build_engine.model.Detector, pruned or not)")
@@ -181,7 +181,7 @@ def finetune(
     optimizer = make_optimizer(model, cfg)
     ema = ModelEMA(model, o.ema_decay) if o.ema else None
     criterion = DetectionLoss(cfg.loss, cfg.model.num_classes)
-    centers, strides = anchor_points(model)
+    centers, strides = model.anchor_points()
     bs = o.batch_size
     steps = max(1, n // bs)
     for epoch in range(epochs):

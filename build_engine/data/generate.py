@@ -49,3 +49,16 @@ def generate_dataset(
     n = sum(len(s.boxes) for s in samples)
     log.info("wrote %d images with %d objects to %s", num_images, n, root)
     return root
+
+
+def cached_dataset(
+    cache_dir: str | os.PathLike[str], split: str, n: int, seed: int, width: int, height: int, progress: bool = False
+) -> Path:
+    """``cache_dir/<split>-s<seed>-n<n>-<w>x<h>``, generated once: a ``.complete`` marker is
+    written last, so an interrupted generation is redone rather than read half-written."""
+    root = Path(cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{width}x{height}"
+    if not (root / ".complete").is_file():
+        log.info("generating %d %s images into %s", n, split, root)
+        generate_dataset(root, n, seed, width, height, progress=progress)
+        (root / ".complete").write_text("ok\n")
+    return root

@@ -187,13 +187,19 @@ class Detector(nn.Module):
         """SimOTA-assigned IoU + objectness + class loss of one batch (train mode)."""
         if self._criterion is None or self._criterion.cfg != loss_cfg:
             self._criterion = DetectionLoss(loss_cfg, self.cfg.num_classes)
+        centers, strides = self.anchor_points()
+        decoded = self.decode(self(images))  # train mode: the raw per-level maps
+        return self._criterion(decoded, centers, strides, targets)
+
+    def anchor_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 2) cell centres in input px and (N,) strides, in the output order (the loss's
+        assignment candidates)."""
         centers, strides = [], []
         for i, s in enumerate(self.strides):
             g = getattr(self, f"grid{i}")[0]
             centers.append((g + 0.5) * s)
             strides.append(torch.full((g.shape[0],), float(s)))
-        decoded = self.decode(self(images))  # train mode: the raw per-level maps
-        return self._criterion(decoded, torch.cat(centers), torch.cat(strides), targets)
+        return torch.cat(centers), torch.cat(strides)
 
 
 def build_detector(cfg: ModelConfig | None = None) -> Detector:

@@ -22,10 +22,9 @@ import torch
 from build_engine.checkpoint import CheckpointMeta, load_payload, meta_for, save_checkpoint
 from build_engine.config import TrainConfig
 from build_engine.data.formats import LabelledSet, read_image, read_labelled_set
-from build_engine.data.generate import generate_dataset
+from build_engine.data.generate import cached_dataset
 from build_engine.evaluate import evaluate_runner, postprocess_for, torch_runner
 from build_engine.model import build_model
-from build_engine.model.detector import Detector
 from build_engine.plots import plot_training_curves
 from build_engine.train.augment import hsv_jitter, random_affine
 from build_engine.train.ema import ModelEMA
@@ -54,12 +53,8 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> tuple[LabelledSet,
         return read_labelled_set(d.train_dir), read_labelled_set(d.val_dir)
     sets = []
     for split, n, seed in (("train", d.train_images, d.train_seed), ("val", d.val_images, d.val_seed)):
-        root = Path(d.cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{d.image_width}x{d.image_height}"
-        if not (root / ".complete").is_file():
-            log.info("generating %d %s images into %s", n, split, root)
-            generate_dataset(root, n, seed, d.image_width, d.image_height, progress=progress)
-            (root / ".complete").write_text("ok\n")
-        sets.append(read_labelled_set(root))
+        sets.append(read_labelled_set(cached_dataset(d.cache_dir, split, n, seed, d.image_width, d.image_height,
+                                                     progress)))
     return sets[0], sets[1]
 
 
@@ -82,16 +77,6 @@ def load_batch(
         imgs[k] = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).transpose(2, 0, 1) / np.float32(255.0)
         targets.append((torch.from_numpy(boxes[keep]), torch.from_numpy(s.class_ids[keep])))
     return torch.from_numpy(imgs), targets
-
-
-def anchor_points(model: Detector) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 2) cell centres in input px and (N,) strides, in the model's output order."""
-    centers, strides = [], []
-    for i, s in enumerate(model.strides):
-        g = getattr(model, f"grid{i}")[0]
-        centers.append((g + 0.5) * s)
-        strides.append(torch.full((g.shape[0],), float(s)))
-    return torch.cat(centers), torch.cat(strides)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
