@@ -93,6 +93,7 @@ class LockStep:
 
 
 def _requests(transport: str, ring: Any) -> Callable[[int, NDArray[np.uint8]], Any]:
+    from client.convert import shm_ref
     from perception.v1 import detector_pb2 as pb
 
     def make(seq: int, img: NDArray[np.uint8]) -> Any:
@@ -103,7 +104,7 @@ def _requests(transport: str, ring: Any) -> Callable[[int, NDArray[np.uint8]], A
             frame.raw.CopyFrom(pb.RawImage(width=img.shape[1], height=img.shape[0], format=pb.PIXEL_FORMAT_BGR8,
                                            data=img.tobytes()))
         else:
-            frame.shm.CopyFrom(ring.write(img))
+            frame.shm.CopyFrom(shm_ref(ring.write(img)))
         return pb.DetectRequest(frame=frame)
 
     return make

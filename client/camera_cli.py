@@ -44,22 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="camera id of each source, in order (repeat; default: derived from the source)")
     add_connection_args(p)
     c = p.add_argument_group("capture (V4L2 devices: what to ask the driver for; default: its own)")
-    c.add_argument("--width", type=int, default=0)
-    c.add_argument("--height", type=int, default=0)
-    c.add_argument("--fps", type=float, default=0.0)
+    c.add_argument("--width", type=int, default=0, help="frame width to request (0: the driver's)")
+    c.add_argument("--height", type=int, default=0, help="frame height to request (0: the driver's)")
+    c.add_argument("--fps", type=float, default=0.0, help="frame rate to request (0: the driver's)")
     c.add_argument("--fourcc", default="", help="pixel format, e.g. MJPG or YUYV")
     c.add_argument("--loop", action="store_true", help="play recordings in real time, over and over, as live cameras")
     c.add_argument("--topic", action="append", default=[], help="MCAP / bag image topic of a looped recording")
     c.add_argument("--retry-max", type=float, default=10.0, metavar="SECONDS",
                    help="longest wait between attempts to reopen a lost camera (default 10; retried until stopped)")
     s = p.add_argument_group("sending")
-    s.add_argument("--encode", choices=("jpeg", "raw"), default="jpeg",
-                   help="JPEG (default) or raw BGR8 pixels (no encode cost, for a server on the same host)")
-    s.add_argument("--jpeg-quality", type=int, default=90)
+    s.add_argument("--encode", choices=("jpeg", "raw", "shm"), default="jpeg",
+                   help="JPEG (default); raw BGR8 pixels (no encode cost, for a server on the same host); or shm: "
+                        "BGR8 pixels in a shared-memory ring on this host, only a slot reference on the wire "
+                        "(the server needs --shm-allow covering --shm-prefix)")
+    s.add_argument("--shm-prefix", default="perception-",
+                   help="name prefix of the shared-memory rings with --encode shm (default perception-)")
+    s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 with --encode jpeg (default 90)")
     s.add_argument("--window", type=int, default=2,
                    help="frames in flight per camera (default 2); newer frames replace the one waiting")
     s.add_argument("--deadline-ms", type=int, default=0, help="per-frame deadline sent to the server (0 = none)")
-    s.add_argument("--score-threshold", type=float, default=0.0)
+    s.add_argument("--score-threshold", type=float, default=0.0,
+                   help="keep detections scoring at least this (0: the model's default)")
     o = p.add_argument_group("output")
     o.add_argument("--stats-every", type=float, default=0.0, metavar="SECONDS",
                    help="print the per-camera table on stderr every SECONDS (0 = only at the end)")
@@ -87,7 +92,8 @@ def open_cameras(args: argparse.Namespace) -> list[tuple[str, Camera]]:
             if not args.loop:
                 raise ConfigError(f"{src} is a recording: add --loop to play it as a live camera, "
                                   "or use `perception replay`")
-            options = SourceOptions(topics=tuple(args.topic), encode=args.encode, jpeg_quality=args.jpeg_quality)
+            encode = "raw" if args.encode == "shm" else args.encode  # shm: the node copies raw frames into its ring
+            options = SourceOptions(topics=tuple(args.topic), encode=encode, jpeg_quality=args.jpeg_quality)
             camera = RecordingCamera(path, options)
             default_id = path.stem if path.is_file() else path.name
         else:
@@ -123,7 +129,7 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         raise ConfigError("--stats-every and --duration must not be negative, --retry-max must be positive")
     config = client_config(args, window=args.window, deadline_ms=args.deadline_ms)
     node_config = NodeConfig(
-        encode=FrameEncoding(args.encode), jpeg_quality=args.jpeg_quality,
+        encode=FrameEncoding(args.encode), jpeg_quality=args.jpeg_quality, shm_prefix=args.shm_prefix,
         retry=BackoffConfig(initial_s=min(0.5, args.retry_max), max_s=args.retry_max, give_up_after_s=0.0),
         options=RequestOptions(score_threshold=args.score_threshold) if args.score_threshold else None,
     )

@@ -5,9 +5,10 @@ Per camera, two threads and one stream:
 - the capture thread reads the camera continuously and puts every frame in a one-frame
   mailbox (latest_frame.py), so the camera's driver buffer never fills and a frame waiting
   for the link is replaced by a newer one (counted as ``dropped``);
-- the sender takes the newest frame only when the stream's window has room, encodes it (JPEG
-  or raw BGR) and sends it; so at most ``window`` frames are ever in flight and a slow link or
-  server drops old frames at the node instead of queueing them;
+- the sender takes the newest frame only when the stream's window has room, encodes it (JPEG,
+  raw BGR, or into a shared-memory slot for a server on this host) and sends it; so at most
+  ``window`` frames are ever in flight and a slow link or server drops old frames at the node
+  instead of queueing them;
 - the ``StreamSession`` (stream.py) answers every sent frame in order, reconnecting to the
   server by itself; if it gives up (``--reconnect-timeout``) its frames count as ``lost`` and
   a new session takes over.
@@ -30,6 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+from numpy.typing import NDArray
+
 from client.backoff import Backoff
 from client.camera_stats import CameraStats, CameraSummary
 from client.config import BackoffConfig
@@ -38,9 +42,11 @@ from client.detector_client import DetectorClient
 from client.frames import FrameResult, SourceFrame
 from client.latest_frame import LatestFrame
 from client.live_capture import Camera, Grab
+from client.shm_ring import DEFAULT_PREFIX, ShmRing
 from client.sources.images import bgr_frame
 from client.sources.live_source import encode_jpeg
 from client.stream import ResultCallback, StreamSession
+from perception.decode import PixelFormat
 from perception.errors import ConfigError, DataError, PerceptionError
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,9 @@ class FrameEncoding(str, Enum):
 
     JPEG = "jpeg"  # smaller on the network; the server decodes
     RAW = "raw"  # BGR8 pixels: no encode / decode cost, for a server on the same host
+    # BGR8 pixels in a shared-memory ring (client.shm_ring), only the slot's reference on the
+    # wire: for a server on the same host started with --shm-allow covering ``shm_prefix``.
+    SHM = "shm"
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class NodeConfig:
     )
     options: RequestOptions | None = None
     stop_timeout_s: float = 3.0
+    shm_prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -99,6 +109,7 @@ class CameraWorker:
         self._on_answer = on_answer
         self._slot: LatestFrame[tuple[int, Grab]] = LatestFrame()
         self._session: StreamSession | None = None
+        self._ring: ShmRing | None = None  # --encode shm: made at the first frame, sized to it
         self._past_server_reconnects = 0
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
         self._threads = [
@@ -196,13 +207,36 @@ class CameraWorker:
 
     def _to_frame(self, sequence: int, grab: Grab) -> SourceFrame:
         if grab.frame is not None:
+            raw = grab.frame.raw
+            if (self._config.encode is FrameEncoding.SHM and raw is not None and raw.row_stride in (0, raw.width * 3)
+                    and raw.pixel_format is PixelFormat.BGR8):
+                pixels = np.frombuffer(raw.data, np.uint8).reshape(raw.height, raw.width, 3)
+                slot = self._ring_for(pixels).write(pixels)
+                return SourceFrame(self.camera_id, sequence, grab.timestamp_ns, shm=slot)
             return dataclasses.replace(grab.frame, camera_id=self.camera_id, sequence=sequence,
                                        timestamp_ns=grab.timestamp_ns, file_name="")
         assert grab.image is not None  # a Grab holds an image or a frame
+        if self._config.encode is FrameEncoding.SHM:
+            slot = self._ring_for(grab.image).write(grab.image)
+            return SourceFrame(self.camera_id, sequence, grab.timestamp_ns, shm=slot)
         if self._config.encode is FrameEncoding.RAW:
             return bgr_frame(self.camera_id, sequence, grab.timestamp_ns, grab.image)
         data = encode_jpeg(grab.image, self._config.jpeg_quality)
         return SourceFrame(self.camera_id, sequence, grab.timestamp_ns, encoded=data)
+
+    def _ring_for(self, image: NDArray[np.uint8]) -> ShmRing:
+        """This camera's ring, (re)made when a frame does not fit it (a camera reopened at another
+        size). A slot is rewritten only once ``window + 1`` newer frames were sent, and at most
+        ``window`` frames are unanswered, so the server never finds one of ours overwritten
+        before it read it (it would answer that frame INVALID, never with other pixels)."""
+        ring = self._ring
+        if ring is None or image.nbytes > ring.slot_bytes:
+            if ring is not None:
+                ring.close()  # frames still in flight in it are answered INVALID
+            ring = self._ring = ShmRing(self._client.config.window + 2, int(image.nbytes), self._config.shm_prefix)
+            log.info("%s: shared-memory ring %s, %d slots of %d bytes", self.camera_id, ring.name, ring.slots,
+                     ring.slot_bytes)
+        return ring
 
     def _on_result(self, frame: SourceFrame, result: FrameResult) -> None:
         self.stats.answer(result.status, result.latency_ms)
@@ -235,6 +269,9 @@ class CameraWorker:
             log.warning("%s: at stop: %s", self.camera_id, exc)
         self._retire(session)
         self._session = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
 
 class CameraNode:

@@ -10,7 +10,7 @@ from typing import cast
 
 import numpy as np
 
-from client.frames import FrameResult, FrameStatus, SourceFrame, Tracks
+from client.frames import FrameResult, FrameStatus, SharedMemorySlot, SourceFrame, Tracks
 from perception.errors import ConfigError
 from perception.tracking import TrackState
 from perception.types import Detections, StageTimings
@@ -44,13 +44,15 @@ def to_request(frame: SourceFrame, options: RequestOptions | None = None, deadli
         capture_timestamp_ns=frame.timestamp_ns,
         deadline_ms=max(0, int(deadline_ms)),
     )
+    # The generated stub types enum fields as pb.PixelFormat, which is no callable class at
+    # runtime (an EnumTypeWrapper); the wire value is the plain int.
     if frame.encoded is not None:
         msg.encoded = frame.encoded
+    elif frame.shm is not None:
+        msg.shm.CopyFrom(shm_ref(frame.shm))
     else:
         raw = frame.raw
         assert raw is not None
-        # The generated stub types enum fields as pb.PixelFormat, which is no callable class at
-        # runtime (an EnumTypeWrapper); the wire value is the plain int.
         wire_format = cast(pb.PixelFormat, int(raw.pixel_format))
         msg.raw.CopyFrom(
             pb.RawImage(
@@ -70,6 +72,15 @@ def to_request(frame: SourceFrame, options: RequestOptions | None = None, deadli
             )
         )
     return req
+
+
+def shm_ref(slot: SharedMemorySlot) -> pb.SharedMemoryRef:
+    """The wire form of a shared-memory slot reference."""
+    return pb.SharedMemoryRef(
+        segment=slot.segment, offset=slot.offset, byte_size=slot.byte_size, generation=slot.generation,
+        width=slot.width, height=slot.height, row_stride=slot.row_stride,
+        format=cast(pb.PixelFormat, int(slot.pixel_format)),
+    )
 
 
 _STATUS = {

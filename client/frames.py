@@ -32,10 +32,27 @@ class RawPixels:
 
 
 @dataclass(frozen=True)
+class SharedMemorySlot:
+    """Where a frame's pixels wait in a shared-memory ring on this host (client.shm_ring):
+    the server copies them out of segment ``segment`` at ``offset`` if the slot still holds
+    ``generation`` (proto ``SharedMemoryRef``)."""
+
+    segment: str
+    offset: int
+    byte_size: int
+    generation: int
+    width: int
+    height: int
+    pixel_format: PixelFormat
+    row_stride: int = 0
+
+
+@dataclass(frozen=True)
 class SourceFrame:
     """One camera frame as recorded.
 
-    Exactly one of ``encoded`` (JPEG/PNG bytes, sent as-is) or ``raw`` is set.
+    Exactly one of ``encoded`` (JPEG/PNG bytes, sent as-is), ``raw`` or ``shm`` (a slot of a
+    shared-memory ring, for a server on the same host) is set.
     ``sequence`` is the index of the frame in its camera's recording (0-based, timestamp
     order; frames skipped by ``--skip`` keep their index). ``timestamp_ns`` is the capture
     time in nanoseconds. ``file_name`` is "<camera_id>/<sequence:06d>.jpg" unless the source
@@ -48,19 +65,23 @@ class SourceFrame:
     encoded: bytes | None = None
     raw: RawPixels | None = None
     file_name: str = ""
+    shm: SharedMemorySlot | None = None
 
     def __post_init__(self) -> None:
-        if (self.encoded is None) == (self.raw is None):
-            raise InvalidInputError("a SourceFrame carries exactly one of encoded bytes or raw pixels")
+        if sum(x is not None for x in (self.encoded, self.raw, self.shm)) != 1:
+            raise InvalidInputError("a SourceFrame carries exactly one of encoded bytes, raw pixels or a "
+                                    "shared-memory slot")
         if not self.file_name:
             object.__setattr__(self, "file_name", f"{self.camera_id}/{self.sequence:06d}.jpg")
 
     @property
     def nbytes(self) -> int:
+        """Bytes of image data carried in the request (a shared-memory slot's pixels are not)."""
         if self.encoded is not None:
             return len(self.encoded)
-        assert self.raw is not None  # __post_init__: exactly one of encoded / raw is set
-        return len(self.raw.data)
+        if self.raw is not None:
+            return len(self.raw.data)
+        return 0
 
 
 class DropReason(str, Enum):

@@ -18,8 +18,8 @@ copy) answers the frame INVALID, never with another frame's pixels. Slots are re
 robin, so keep more slots than frames in flight (the stream's window + 1, at least).
 
     with ShmRing(slots=4, slot_bytes=1920 * 1080 * 3) as ring:
-        ref = ring.write(bgr)  # (H, W, 3) uint8
-        request = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=0, shm=ref))
+        slot = ring.write(bgr)  # (H, W, 3) uint8
+        frame = SourceFrame("front", 0, time.time_ns(), shm=slot)  # client.convert.to_request sends it
 
 Single producer: one ring per camera thread (``write`` is not thread-safe). Linux only.
 """
@@ -31,14 +31,13 @@ import os
 import secrets
 import struct
 from multiprocessing import shared_memory
-from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
 
+from client.frames import SharedMemorySlot
 from perception.decode import PixelFormat
 from perception.errors import ConfigError, InvalidInputError
-from perception.v1 import detector_pb2 as pb
 
 MAGIC = b"PSHMSLT1"
 HEADER_SIZE = 64
@@ -79,7 +78,7 @@ class ShmRing:
     def offset_of(self, slot: int) -> int:
         return slot * self.slot_stride
 
-    def write(self, image: NDArray[np.uint8], pixel_format: PixelFormat = PixelFormat.BGR8) -> pb.SharedMemoryRef:
+    def write(self, image: NDArray[np.uint8], pixel_format: PixelFormat = PixelFormat.BGR8) -> SharedMemorySlot:
         """Copy one frame into the next slot; its reference.
 
         image: (H, W, 3) for BGR8 / RGB8, (H, W) for GRAY8, (H * 3 / 2, W) for NV12; any strides
@@ -112,10 +111,7 @@ class ShmRing:
         np.copyto(self._bytes[start:start + size].reshape(image.shape), image)
         _U64.pack_into(self._buf, offset + _SIZE_OFFSET, size)
         _U64.pack_into(self._buf, offset + _GENERATION_OFFSET, base + 2)  # even: complete
-        return pb.SharedMemoryRef(
-            segment=self.name, offset=offset, byte_size=size, generation=base + 2, width=width, height=height,
-            row_stride=0, format=cast(pb.PixelFormat, int(fmt)),
-        )
+        return SharedMemorySlot(self.name, offset, size, base + 2, width, height, fmt)
 
     def close(self) -> None:
         """Unlink the segment (a server holding it open keeps reading the old one until it re-checks

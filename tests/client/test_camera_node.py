@@ -154,6 +154,50 @@ def test_a_looped_recording_is_a_fake_live_camera_sent_raw(
     assert seqs == sorted(set(seqs)) and max(seqs) >= 6, "sequence numbers keep growing across laps"
 
 
+def _boxes_by_lap_position(path: Path, camera: str, n: int) -> dict[int, list[tuple[Any, ...]]]:
+    out: dict[int, list[tuple[Any, ...]]] = {}
+    for r in _answers(path)[camera]:
+        assert r["status"] == "OK", r
+        out.setdefault(r["sequence"] % n, [tuple(d["box"]) + (d["class_id"], d["score"]) for d in r["detections"]])
+    return out
+
+
+def test_shared_memory_frames_match_raw_frames_and_the_ring_is_removed_at_stop(
+    tiny_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--encode shm: the same pixels as --encode raw reach the model (equal detections per
+    frame of the looped recording), only a slot reference goes over gRPC, and the node's ring
+    leaves nothing in /dev/shm. A server without --shm-allow answers INVALID, the node runs on."""
+    from tests.client.conftest import start_server
+
+    prefix = f"perception-camtest-{os.getpid()}-"
+    srv, port = start_server(tiny_manifest, shm_allow=prefix)
+    plain, plain_port = start_server(tiny_manifest)
+    video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    try:
+        runs = {}
+        for encode, target in (("raw", port), ("shm", port), ("shm-refused", plain_port)):
+            out = tmp_path / f"{encode}.jsonl"
+            argv = [str(video), "--loop", "--encode", encode.split("-")[0], "--shm-prefix", prefix,
+                    "--server", f"127.0.0.1:{target}", "--out", str(out), "--duration", "1.0", "--json"]
+            t, _, result = _run_in_thread(argv)
+            t.join(20)
+            assert result == {"rc": 0}, encode
+            (runs[encode],) = json.loads(capsys.readouterr().out)
+            if encode != "shm-refused":
+                assert runs[encode]["ok"] >= 10 and runs[encode]["lost"] == 0, runs[encode]
+        raw = _boxes_by_lap_position(tmp_path / "raw.jsonl", "dashcam", 6)
+        shm = _boxes_by_lap_position(tmp_path / "shm.jsonl", "dashcam", 6)
+        assert len(shm) == 6 and shm == raw
+        refused = _answers(tmp_path / "shm-refused.jsonl")["dashcam"]
+        assert refused and all(r["status"] == "INVALID" and "--shm-allow" in r["message"] for r in refused)
+        assert runs["shm-refused"]["ok"] == 0 and runs["shm-refused"]["lost"] == 0
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(prefix)], "rings are unlinked at stop"
+    finally:
+        srv.shutdown(1.0)
+        plain.shutdown(1.0)
+
+
 def test_a_recording_without_loop_and_duplicate_ids_are_refused(server: str, tmp_path: Path) -> None:
     video = R.write_mp4(tmp_path / "a.mp4", n=2)
     with pytest.raises(ConfigError, match="add --loop"):

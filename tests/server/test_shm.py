@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from client.convert import shm_ref
+from client.frames import SharedMemorySlot
 from client.shm_ring import HEADER_SIZE, ShmRing
 from perception.decode import PixelFormat
 from perception.errors import ConfigError, InvalidInputError
@@ -35,7 +37,9 @@ def _image(seed: int = 5, w: int = 120, h: int = 90) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
 
 
-def _shm_request(camera: str, seq: int, ref: pb.SharedMemoryRef) -> pb.DetectRequest:
+def _shm_request(camera: str, seq: int, ref: pb.SharedMemoryRef | SharedMemorySlot) -> pb.DetectRequest:
+    if isinstance(ref, SharedMemorySlot):
+        ref = shm_ref(ref)
     return pb.DetectRequest(frame=pb.Frame(camera_id=camera, sequence=seq, capture_timestamp_ns=seq, shm=ref))
 
 
@@ -118,9 +122,9 @@ def test_corrupted_references_are_invalid_never_read_and_the_stream_goes_on(
     run = serve(shm_allow=PREFIX)
     good = ring()
     img = _image()
-    valid = good.write(img)
+    valid = shm_ref(good.write(img))
     small = ring(slots=2)
-    stale = small.write(img)
+    stale = shm_ref(small.write(img))
     small.write(img)
     small.write(img)  # slot 0 again: `stale` now names an overwritten slot
     foreign = shared_memory.SharedMemory(name=f"other-proc-{os.getpid()}", create=True, size=1 << 16)
@@ -236,7 +240,8 @@ def test_a_slot_overwritten_during_the_copy_is_refused(ring: Any, monkeypatch: p
         return data
 
     monkeypatch.setattr(server_shm, "_pread", producer_overwrites_during_copy)
-    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0, int(ref.format))
+    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation,
+                   ref.width, ref.height, 0, int(ref.pixel_format))
     with pytest.raises(InvalidInputError, match="overwritten while it was read"):
         reader.read(slot)
     reader.close()
@@ -246,7 +251,8 @@ def test_a_segment_shrunk_under_a_cached_descriptor_is_a_short_read_not_a_crash(
     r = ring(slots=2)
     ref = r.write(_image())
     reader = ShmReader(PREFIX)
-    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0, int(ref.format))
+    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation,
+                   ref.width, ref.height, 0, int(ref.pixel_format))
     assert reader.read(slot).data == _image().tobytes()
     assert reader.open_segments == 1
     os.truncate(f"/dev/shm/{r.name}", 100)  # a hostile producer shrinks its segment
@@ -262,7 +268,7 @@ def test_a_recreated_segment_is_reopened_and_open_segments_are_bounded(ring: Any
     for r in rings:
         ref = r.write(img)
         slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0,
-                       int(ref.format))
+                       int(ref.pixel_format))
         assert reader.read(slot).data == img.tobytes()
     assert reader.open_segments == 2
     # The producer restarts under the same name: the server reads the new segment, not the old.
@@ -273,7 +279,8 @@ def test_a_recreated_segment_is_reopened_and_open_segments_are_bounded(ring: Any
     again = ShmRing(1, img.nbytes, name=name)
     try:
         ref = again.write(img[::-1].copy())
-        slot = SlotRef(name, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0, int(ref.format))
+        slot = SlotRef(name, ref.offset, ref.byte_size, ref.generation,
+                       ref.width, ref.height, 0, int(ref.pixel_format))
         assert reader.read(slot).data == img[::-1].tobytes()
     finally:
         again.close()
