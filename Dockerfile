@@ -108,7 +108,7 @@ USER 10001:10001
 EXPOSE 50051 9108
 # First start builds the engine (minutes on a Jetson): a long start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["perception", "health", "--address", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["perception", "health", "--server", "127.0.0.1:50051", "--timeout", "3"]
 ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9108", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
 
 # --------------------------------------------------------------------------- runtime (default)
@@ -137,5 +137,5 @@ WORKDIR /
 USER 10001:10001
 EXPOSE 50051 9108
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["perception", "health", "--address", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["perception", "health", "--server", "127.0.0.1:50051", "--timeout", "3"]
 ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9108", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]

@@ -389,8 +389,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 if name in trt_qdq:
                     t = results[trt_keys[name]]
                     if not t.gate["passed"]:
-                        progress(f"warning: the TensorRT Q/DQ model of {name} failed its gate; devices will not build "
-                                 "an INT8 engine from it (try another --tensorrt-calibrator)")
+                        log.warning("the TensorRT Q/DQ model of %s failed its gate; devices will not build an INT8 "
+                                    "engine from it (try another --tensorrt-calibrator)", name)
                     twin = QdqTwin(trt_qdq[name].path.name, sha256_file(trt_qdq[name].path), trt_qdq[name].calibrator,
                                    metrics=t.metrics, parity=t.parity, gate=t.gate)
                 variants.append(_variant(lm, name, b.path, b.precision, max_batch_of(lm, opts.max_batch), **b.counts,
@@ -405,7 +405,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                                                     max_batch_of(lm, opts.max_batch), opts.latency_runs, opts.threads,
                                                     progress, lm.classes)
             else:
-                progress("TensorRT not available here: skipping engine build")
+                log.warning("TensorRT not available here: skipping engine build")
             all_passed = all(v.passed for v in variants)
             passed = [v for v in variants if v.passed]
             # By the least-disturbed run: p50 swings with other load on a shared machine.

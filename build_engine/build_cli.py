@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from build_engine.build import DEFAULT_CHECKPOINT, BuildOptions, GateThresholds
+from perception.cli import add_progress_flag, show_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset dir (annotations.json + images/) used as the val set; "
                    "its images also calibrate unless --calib-data is given. Default: generated, seeded")
     p.add_argument("--calib-data", type=Path, default=None, help="directory of calibration images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated val / calibration sets")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the exported models (default 17)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines accept")
     p.add_argument("--nms-in-graph", action="store_true",
                    help="also write model.fp32.nms.onnx with ONNX NonMaxSuppression")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scaling", action="store_true", help="skip the report's scaling table (~11 extra models)")
     p.add_argument("--scaling-val-images", type=int, default=32, help="val images for the scaling table's mAP")
     p.add_argument("--name", default="", help="model name in the manifest (default: the checkpoint's directory)")
+    add_progress_flag(p)
     return p
 
 
@@ -111,8 +113,11 @@ def main(argv: list[str]) -> int:
         name=args.name,
     )
 
+    shown = show_progress(args.no_progress)
+
     def progress(msg: str) -> None:
-        print(f"[build] {msg}", file=sys.stderr, flush=True)
+        if shown:
+            print(f"[build] {msg}", file=sys.stderr, flush=True)
 
     manifest_path, _ = run_build(opts, progress)
     print(manifest_path)
@@ -121,11 +126,11 @@ def main(argv: list[str]) -> int:
     manifest = load_manifest(manifest_path, verify_checksums=False)
     failed = [v for v in manifest.variants if not v.passed]
     if failed:
-        print("perception build: these variants failed their gate and will not be served by default: "
+        print("perception build: warning: these variants failed their gate and will not be served by default: "
               + "; ".join(f"{v.name} ({v.gate.get('reason', '')})" for v in failed), file=sys.stderr)
     # Fail only when nothing servable passed: a failed optional variant (say the pruned FP16 one
     # on a noisy machine) must not abort a build whose default variant is fine.
     if not manifest.variant().passed:
-        print("perception build: no variant passed its gate (see the manifest and report.md)", file=sys.stderr)
+        print("perception build: error: no variant passed its gate (see the manifest and report.md)", file=sys.stderr)
         return 0 if args.continue_on_fail else 3
     return 0

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from perception.cli import add_progress_flag, show_progress
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception gen-data",
                                 description="Generate labelled road scenes or a recorded drive.")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same scenes")
     p.add_argument("--width", type=int, default=None, help="image width (default 640; 960 for drives)")
     p.add_argument("--height", type=int, default=None, help="image height (default 360; 540 for drives)")
     p.add_argument("--images", type=int, default=100, help="number of still images")
@@ -22,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a recorded drive (MP4 per camera + drive.mcap + gt.json)")
     p.add_argument("--cameras", default="front,rear", help="comma-separated camera ids (front / rear)")
     p.add_argument("--frames", type=int, default=60, help="frames per camera")
-    p.add_argument("--fps", type=float, default=10.0)
-    p.add_argument("--jpeg-quality", type=int, default=80)
+    p.add_argument("--fps", type=float, default=10.0, help="drive frame rate (default 10)")
+    p.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of the drive's MCAP images (default 80)")
+    add_progress_flag(p)
     return p
 
 
@@ -45,6 +48,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--images must be positive, got {args.images}")
     from build_engine.data.generate import generate_dataset
 
-    out = generate_dataset(args.out, args.images, args.seed, args.width or 640, args.height or 360, progress=True)
+    out = generate_dataset(args.out, args.images, args.seed, args.width or 640, args.height or 360,
+                           progress=show_progress(args.no_progress))
     print(json.dumps({"dataset": str(out), "images": args.images}))
     return 0

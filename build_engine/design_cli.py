@@ -16,6 +16,8 @@ import platform
 import sys
 from pathlib import Path
 
+from perception.cli import add_progress_flag, show_progress
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never train: a short row without a finished run in OUT/runs is an error")
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per model (default 20)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_progress_flag(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     return p
 
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
 
     def progress(msg: str) -> None:
-        if not args.no_progress:
+        if show_progress(args.no_progress):
             print(f"[design] {msg}", flush=True, file=sys.stderr)
 
     for spec in specs:

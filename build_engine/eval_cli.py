@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from perception.cli import add_progress_flag, show_progress
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perception eval", description="Precision, recall, PR curve, AP50, mAP50-95.")
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deployed threshold for P / R / F1 (default 0.25)")
     p.add_argument("--out", help="write kpi.json, results.json and PNG plots here")
     p.add_argument("--json", action="store_true", help="print the KPI JSON (no curves) instead of a table")
-    p.add_argument("--progress", action="store_true", help="progress bar while running a model")
+    add_progress_flag(p)
     return p
 
 
@@ -67,7 +69,8 @@ def main(argv: list[str]) -> int:
         from build_engine.evaluate import evaluate_checkpoint, evaluate_onnx
 
         fn = evaluate_checkpoint if args.checkpoint else evaluate_onnx
-        report, preds, _ = fn(args.checkpoint or args.onnx, args.data, args.score_threshold, progress=args.progress)
+        report, preds, _ = fn(args.checkpoint or args.onnx, args.data, args.score_threshold,
+                              progress=show_progress(args.no_progress))
     else:
         raise ConfigError("nothing to evaluate: give --gt/--pred, --checkpoint/--data or --onnx/--data")
     if args.out:

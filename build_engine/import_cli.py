@@ -7,6 +7,7 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from perception.cli import add_progress_flag, show_progress
 from perception.errors import ConfigError
 from perception.layouts import DECODERS
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, default=30, help="with --data: timed batch-1 runs per variant")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--name", default="", help="model name in the manifest (default: the file's stem)")
+    add_progress_flag(p)
     return p
 
 
@@ -99,12 +101,15 @@ def main(argv: list[str]) -> int:
         val_images=args.val_images, latency_runs=args.latency_runs, threads=args.threads, name=args.name,
     )
 
+    shown = show_progress(args.no_progress)
+
     def progress(msg: str) -> None:
-        print(f"[import] {msg}", file=sys.stderr, flush=True)
+        if shown:
+            print(f"[import] {msg}", file=sys.stderr, flush=True)
 
     manifest = run_import(opts, progress)
     print(manifest)
     if args.data is None:
-        print("perception import: imported without --data: nothing was measured (no accuracy, latency or "
+        print("perception import: warning: imported without --data: nothing was measured (no accuracy, latency or "
               "parity); pass --data to build, score and gate FP16 / INT8 variants", file=sys.stderr)
     return 0

@@ -245,7 +245,7 @@ def _measured_variants(
         except (ModelError, ValueError, RuntimeError) as exc:
             skipped["int8"] = f"INT8 quantization failed: {exc}"
     for name, why in skipped.items():
-        progress(f"skipping {name}: {why}")
+        log.warning("skipping %s: %s", name, why)
     gates = GateThresholds()
     limits = {n: gates.limits("base", p) for n, (_, p, _) in files.items()}
     priors = g.load_priors_of(post, staging)

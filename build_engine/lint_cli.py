@@ -1,4 +1,4 @@
-"""``perception lint-labels --data DIR [--checkpoint CKPT] [--json OUT] [--limit N]``.
+"""``perception lint-labels --data DIR [--checkpoint CKPT] [--json | --json-out FILE] [--limit N]``.
 
 Geometric defects always; with a checkpoint, model-assisted mistakes too. Prints a ranked
 table; ``--json`` writes the full ranked list. Exit code 0 even when issues are found (they are
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset directory (COCO annotations.json or YOLO labels/ + classes.txt)")
     p.add_argument("--checkpoint",
                    help="a trained checkpoint for model-assisted checks (e.g. models/default/detector.pt)")
-    p.add_argument("--json", dest="json_out", help="write the ranked issues as JSON here")
+    p.add_argument("--json", action="store_true", help="print the ranked issues as JSON instead of a table")
+    p.add_argument("--json-out", metavar="FILE", help="also write the ranked issues as JSON to FILE")
     p.add_argument("--limit", type=int, default=50, help="rows in the printed table (default 50)")
     p.add_argument("--min-score", type=float, default=0.0, help="drop issues scored below this")
     return p
@@ -54,7 +55,8 @@ def main(argv: list[str]) -> int:
     from build_engine.label_qa.issues import format_table
 
     issues = run(args.data, args.checkpoint, args.min_score)
+    rows = [i.to_dict() for i in issues]
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps([i.to_dict() for i in issues], indent=1))
-    print(format_table(issues, args.limit))
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows, indent=1) if args.json else format_table(issues, args.limit))
     return 0

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from perception.cli import add_progress_flag, show_progress
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train config for fine-tuning data / loss / optimizer (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a train config value (repeatable)")
-    p.add_argument("--no-progress", action="store_true")
+    add_progress_flag(p)
     return p
 
 
@@ -75,8 +77,8 @@ def main(argv: list[str]) -> int:
         teacher = None
         if args.distill > 0:  # prune_model pruned a copy: model is the parent
             teacher = load_any_checkpoint(args.teacher)[0] if args.teacher else model
-        kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images, progress=not args.no_progress,
-                       teacher=teacher, distill_weight=args.distill)
+        kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images,
+                       progress=show_progress(args.no_progress), teacher=teacher, distill_weight=args.distill)
     prev: dict[str, Any] = dict(meta.extra.get("pruned") or {})
     if prev:  # pruning (or fine-tuning) a pruned checkpoint again: its removed blocks stay removed
         info["removed_blocks"] = list(prev.get("removed_blocks", [])) + info["removed_blocks"]

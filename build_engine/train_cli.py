@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from perception.cli import add_progress_flag, show_progress
+
 log = logging.getLogger(__name__)
 
 
@@ -17,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: checkpoints, train_log.jsonl")
     p.add_argument("--data", help="dataset root with train/ and val/ (COCO or YOLO); default: generated")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(p)
     return p
 
 
@@ -30,7 +32,7 @@ def main(argv: list[str]) -> int:
     if args.data:
         overrides += [f"data.train_dir={args.data}/train", f"data.val_dir={args.data}/val"]
     cfg = load_config(args.config, overrides)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, args.out, resume=args.resume, progress=show_progress(args.no_progress))
     print(json.dumps({"best_checkpoint": str(result.best_checkpoint), "best": result.best_kpi,
                       "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1)}))
     return 0

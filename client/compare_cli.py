@@ -4,7 +4,7 @@ drive when engine A is replaced by engine B — per-frame detection diff and KPI
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pair-iou", type=float, default=0.1, help="lowest IoU at which two detections are paired (default 0.1)"
     )
     p.add_argument("--kpi-score-threshold", type=float, default=0.25, help="score threshold for precision / recall")
-    p.add_argument("--json", type=Path, dest="json_out", help="write the full report (per-frame diffs) as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the full report (per-frame diffs) as JSON instead of a table")
+    p.add_argument("--json-out", type=Path, metavar="FILE", help="also write the full report as JSON to FILE")
     p.add_argument("--top", type=int, default=10, help="list this many most-changed frames (default 10)")
     return p
 
@@ -84,9 +86,11 @@ def main(argv: list[str]) -> int:
             "b": evaluate_replay(rb, gt, args.kpi_score_threshold),
         }
     ranked = sorted((d for d in rep.diffs if d.changes), key=lambda d: -d.changes)[: max(0, args.top)]
-    print(_fmt_table(report, str(args.a), str(args.b), [d.as_dict() for d in ranked]))
-    sys.stdout.flush()
     if args.json_out:
         write_json_atomic(args.json_out, report)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(_fmt_table(report, str(args.a), str(args.b), [d.as_dict() for d in ranked]))
     return 0
 

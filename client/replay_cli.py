@@ -17,6 +17,7 @@ camera on ``/<camera>/image`` and ``/<camera>/detections`` (client.sinks.mcap_an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ from client.config import DEFAULT_GIVE_UP_AFTER_S, BackoffConfig, ClientConfig, 
 from client.convert import RequestOptions
 from client.frames import FrameResult
 from client.pacing import Pacing
+from perception.cli import add_progress_flag, show_progress
 from perception.errors import ConfigError, PerceptionError
 
 if TYPE_CHECKING:
@@ -80,13 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
             "Replay a recording (MP4/AVI, image folder, MCAP, ROS 1 .bag, ROS 2 bag) against a detector server."
         ),
     )
-    p.add_argument("source", type=Path, help="recording: video file, image folder, .mcap, .bag or ROS 2 bag directory")
+    p.add_argument("source", help="recording: video file, image folder, .mcap, .bag or ROS 2 bag directory; "
+                   "or a live camera (rtsp:// or http(s):// URL, /dev/videoN), read until its stream ends")
     add_connection_args(p)
     o = p.add_argument_group("outputs")
     o.add_argument("--out", type=Path,
                    help="JSONL, one object per frame read: the server's answer, or a client status "
                         "(NOT_SENT, GIVEN_UP, REFUSED_DRAINING) with a reason; written a whole line at a time")
-    o.add_argument("--summary-json", type=Path, help="write the summary (and KPI with --gt) as JSON")
+    o.add_argument("--json-out", type=Path, metavar="FILE", help="write the summary (and KPI with --gt) as JSON")
+    # The flag's name before file outputs were --out / --json-out everywhere; kept for old scripts.
+    o.add_argument("--summary-json", type=Path, dest="json_out", help=argparse.SUPPRESS)
+    o.add_argument("--json", action="store_true", help="print the summary as JSON on stdout instead of a table")
     o.add_argument("--coco-results", type=Path, help="write detections as COCO results JSON")
     o.add_argument("--video-out", type=Path, help="annotated video (boxes, labels, latency overlay) of one camera")
     o.add_argument("--video-camera", default="", help="camera for --video-out (default: the first one)")
@@ -96,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a 'class score' label per detection, '#track_id class score' with --track), at the "
                         "frames' capture times; frames answered with a status other than OK get the image only. "
                         "Written to a temporary file and renamed when the replay ends")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(o)
     e = p.add_argument_group("evaluation")
     e.add_argument("--gt", type=Path, help="COCO ground truth: turn the replay into an evaluation")
     e.add_argument("--kpi-score-threshold", type=float, default=0.25,
@@ -123,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encode", choices=("raw", "jpeg"), default="raw",
                    help="send decoded video frames raw (default) or re-encoded as JPEG")
     r = p.add_argument_group("detection options (default: the model's)")
-    r.add_argument("--score-threshold", type=float, default=0.0)
-    r.add_argument("--iou-threshold", type=float, default=0.0)
-    r.add_argument("--max-detections", type=int, default=0)
+    r.add_argument("--score-threshold", type=float, default=0.0, help="keep detections scoring at least this")
+    r.add_argument("--iou-threshold", type=float, default=0.0, help="NMS IoU threshold")
+    r.add_argument("--max-detections", type=int, default=0, help="most detections per frame")
     r.add_argument("--classes", default="", help="comma-separated class ids to keep")
-    r.add_argument("--class-agnostic-nms", action="store_true")
+    r.add_argument("--class-agnostic-nms", action="store_true", help="one NMS across classes (default: per class)")
     r.add_argument("--track", action="store_true",
                    help="ask the server for tracks: every --out detection then carries track_id (0 = not tracked) "
                         "and track_state (NEW, CONFIRMED, COASTING, or null when not tracked); without --track "
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _progress(total: int | None, disable: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="frame", file=sys.stderr, disable=disable or None, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, unit="frame", file=sys.stderr, disable=disable, dynamic_ncols=True, leave=False)
 
 
 def _total_frames(source: Any, pacing: Pacing) -> int | None:
@@ -174,7 +180,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--gt cannot be combined with --loop (each frame would be scored once per lap)")
     if args.track_confirmed_only and not (args.track and args.gt):
         raise ConfigError("--track-confirmed-only chooses what tracking scores count: it needs --track and --gt")
-    if not (args.out or args.summary_json or args.coco_results or args.video_out or args.mcap_out):
+    if not (args.out or args.json_out or args.coco_results or args.video_out or args.mcap_out):
         log.info("no --out given: only the summary is printed")
     try:
         classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
@@ -221,7 +227,7 @@ def main(argv: list[str]) -> int:
             fps = float(getattr(source, "fps", 0.0) or args.fps)
             sinks.append(AnnotatedVideoSink(args.video_out, fps=fps * (1 if args.skip == 0 else 1 / (args.skip + 1)),
                                             camera_id=args.video_camera))
-        bar = _progress(_total_frames(source, pacing), args.no_progress)
+        bar = _progress(_total_frames(source, pacing), not show_progress(args.no_progress))
 
         def on_progress(record: FrameResult | Unanswered) -> None:
             bar.update(1)
@@ -258,9 +264,9 @@ def main(argv: list[str]) -> int:
     if args.coco_results:
         preds, _ = coco_predictions(outcome.results, gt, outcome.file_names)
         write_json_atomic(args.coco_results, preds, indent=None)
-    if args.summary_json:
-        write_json_atomic(args.summary_json, summary)
-    print(format_table(summary))
+    if args.json_out:
+        write_json_atomic(args.json_out, summary)
+    print(json.dumps(summary, indent=1) if args.json else format_table(summary))
     sys.stdout.flush()
     if outcome.interrupted:
         print("perception replay: interrupted; outputs hold the frames answered so far, the others as "

@@ -6,11 +6,13 @@ A sub-command module exposes ``main(argv: list[str]) -> int`` (and its own ``bui
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
 import logging
 import sys
 from dataclasses import dataclass
+from typing import TextIO
 
 OUR_PACKAGES = ("perception", "build_engine", "server", "client")
 # The entry-point group through which the upper layers register their sub-commands: the
@@ -41,6 +43,18 @@ def commands() -> dict[str, Command]:
             continue
         found += list(table)
     return {c.name: c for c in sorted(found, key=lambda c: (c.order, c.name))}
+
+
+def add_progress_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The one ``--no-progress`` flag: every sub-command that shows progress takes it."""
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress output (default: shown when stderr is a terminal, off otherwise)")
+
+
+def show_progress(no_progress: bool, stream: TextIO | None = None) -> bool:
+    """Progress bars and step lines go to a terminal only: a log file or a pipe gets none."""
+    out = sys.stderr if stream is None else stream
+    return not no_progress and bool(getattr(out, "isatty", lambda: False)())
 
 
 def _usage(table: dict[str, Command]) -> str:

@@ -44,7 +44,7 @@ echo "   server ready: gRPC $GRPC, metrics http://$METRICS/metrics"
 
 echo "== 3/3 replay: $DRIVE (recorded timing) against $GRPC"
 perception replay "$DRIVE" --server "$GRPC" --out "$OUT/detections.jsonl" \
-  --summary-json "$OUT/summary.json" --gt "$GT" ${DEMO_REPLAY_ARGS:-}
+  --json-out "$OUT/summary.json" --gt "$GT" ${DEMO_REPLAY_ARGS:-}
 
 echo "== server metrics (excerpt)"
 "$PY" - "$METRICS" <<'PYEOF'

@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
     m = load_manifest(args.model)
     wants_trt = bool(args.engine) or (bool(args.variant) and m.variant(args.variant).format is VariantFormat.TENSORRT)
     if wants_trt and not tensorrt_installed():
-        print("perception verify-engine: TensorRT is not installed on this machine; run this on the device "
+        print("perception verify-engine: error: TensorRT is not installed on this machine; run this on the device "
               "(or compare two ONNX variants with --variant)", file=sys.stderr)
         return 2
     if args.frames is None and not BUNDLED_FRAMES.is_file():

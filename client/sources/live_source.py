@@ -2,8 +2,7 @@
 through FFmpeg) and GStreamer pipelines (only where the installed OpenCV has GStreamer; the
 PyPI wheels do not).
 
-``live_target(text)`` says whether a source argument names a live camera (and undoes the
-``rtsp:/host`` that ``pathlib.Path`` makes of ``rtsp://host``); ``LiveCapture`` opens and
+``live_target(text)`` says whether a source argument names a live camera; ``LiveCapture`` opens and
 reads one; ``LiveSource`` is the ``FrameSource`` a replay reads, until the stream ends.
 
 Capture time: the stream's own clock (``CAP_PROP_POS_MSEC``) mapped once to epoch time, while
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Schemes FFmpeg opens as a live stream.
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<slashes>/{1,2})(?P<rest>.*)$")
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<slashes>//)(?P<rest>.*)$")
 _DEVICE = re.compile(r"^/dev/video(?P<index>\d+)$")
 # How long FFmpeg may wait to connect, and then for a frame, before a read fails and the
 # camera counts as gone. Not a measurement: long enough for a slow RTSP handshake, short
@@ -76,16 +75,11 @@ class LiveTarget:
 
 
 def live_target(source: str | os.PathLike[str]) -> LiveTarget | None:
-    """The live camera ``source`` names, or None for a recording.
-
-    A ``Path`` has collapsed "rtsp://host/x" to "rtsp:/host/x": a known stream scheme with one
-    slash is read back as the URL it was, unless such a file exists.
-    """
+    """The live camera ``source`` names, or None for a recording. Pass a URL as the string it
+    is: ``Path("rtsp://host/x")`` has already collapsed it to "rtsp:/host/x", a file name."""
     text = os.fspath(source)
     match = _URL.match(text)
     if match and match.group("scheme").lower() in STREAM_SCHEMES:
-        if match.group("slashes") == "/" and Path(text).exists():
-            return None
         return LiveTarget(LiveKind.STREAM, f"{match.group('scheme')}://{match.group('rest')}")
     if text.startswith("/dev/video") or text.startswith("/dev/v4l/"):
         return LiveTarget(LiveKind.V4L2, text)

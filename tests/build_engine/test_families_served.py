@@ -41,7 +41,7 @@ def test_family_builds_serves_and_replays(tmp_path: Path, family: str) -> None:
         summary = tmp_path / "summary.json"
         assert cli(["replay", str(drive / "drive.mcap"), "--server", f"127.0.0.1:{port}", "--out",
                     str(tmp_path / "replay.jsonl"), "--max-rate", "--max-frames", "24", "--gt", str(drive / "gt.json"),
-                    "--summary-json", str(summary), "--no-progress"]) == 0
+                    "--json-out", str(summary), "--no-progress"]) == 0
         result = json.loads(summary.read_text())
         assert result["frames_answered"] == 24, result
         assert result["kpi"]["map50"] > 0.5, result["kpi"]

@@ -311,11 +311,12 @@ def test_default_detector_with_nms_in_its_graph_serves_the_same_detections(tmp_p
         out = tmp_path / f"replay{k}.jsonl"
         summary = tmp_path / f"summary{k}.json"
         assert cli(["replay", str(drive / "drive.mcap"), "--server", address, "--out", str(out), "--max-rate",
-                    "--max-frames", "16", "--gt", str(drive / "gt.json"), "--summary-json", str(summary),
+                    "--max-frames", "16", "--gt", str(drive / "gt.json"), "--json-out", str(summary),
                     "--no-progress"]) == 0
         result = json.loads(summary.read_text())
         assert result["frames_answered"] == 16 and result["kpi"]["map50"] > 0.3, result.get("kpi")
         outs.append(out)
     cmp_json = tmp_path / "compare.json"
-    assert cli(["compare", str(outs[0]), str(outs[1]), "--gt", str(drive / "gt.json"), "--json", str(cmp_json)]) == 0
+    assert cli(["compare", str(outs[0]), str(outs[1]), "--gt", str(drive / "gt.json"),
+                "--json-out", str(cmp_json)]) == 0
     assert cmp_json.is_file() and json.loads(cmp_json.read_text())

@@ -53,7 +53,7 @@ def test_lint_cli_json_and_table(val_set, tmp_path, capsys) -> None:
     (d / "images").symlink_to(val_set / "images")
     out = tmp_path / "issues.json"
     capsys.readouterr()
-    assert main(["lint-labels", "--data", str(d), "--json", str(out)]) == 0
+    assert main(["lint-labels", "--data", str(d), "--json-out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert sorted(x["kind"] for x in rows) == ["duplicate", "unknown_class"]
     assert {"image", "box", "kind", "score"} <= set(rows[0])

@@ -66,7 +66,7 @@ def test_replay_cli_when_the_server_goes_away_for_good(tmp_path: Path, tiny_mani
     killer = threading.Timer(0.4, srv.shutdown, args=(0.0,))
     killer.start()
     try:
-        rc = main(["replay", str(src), "--server", f"127.0.0.1:{port}", "--out", str(out), "--summary-json", str(summ),
+        rc = main(["replay", str(src), "--server", f"127.0.0.1:{port}", "--out", str(out), "--json-out", str(summ),
                    "--reconnect-attempts", "2", "--no-progress"])
     finally:
         killer.join()

@@ -28,7 +28,7 @@ def _replay(*args: str) -> int:
 def test_replay_mcap_two_cameras_max_rate(tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]) -> None:
     src = R.write_mcap_ros2(tmp_path / "drive.mcap", cameras=("front", "rear"), n=6, raw_camera="rear")
     out, summ = tmp_path / "out.jsonl", tmp_path / "summary.json"
-    assert _replay(str(src), "--server", server, "--out", str(out), "--summary-json", str(summ), "--max-rate") == 0
+    assert _replay(str(src), "--server", server, "--out", str(out), "--json-out", str(summ), "--max-rate") == 0
     recs = _jsonl(out)
     assert len(recs) == 12
     for cam in ("front", "rear"):
@@ -55,7 +55,7 @@ def test_replay_mcap_two_cameras_max_rate(tmp_path: Path, server: str, capsys: p
 def test_replay_mp4_in_real_time_with_annotated_video(tmp_path: Path, server: str) -> None:
     src = R.write_mp4(tmp_path / "front.mp4", n=6, fps=20.0)  # 250 ms of video
     out, summ, video = tmp_path / "o.jsonl", tmp_path / "s.json", tmp_path / "annotated.mp4"
-    assert _replay(str(src), "--server", server, "--out", str(out), "--summary-json", str(summ),
+    assert _replay(str(src), "--server", server, "--out", str(out), "--json-out", str(summ),
                    "--video-out", str(video)) == 0
     s = json.loads(summ.read_text())
     assert s["frames_answered"] == 6 and s["duration_s"] >= 0.25  # recorded timing was respected
@@ -75,7 +75,7 @@ def test_replay_folder_with_a_corrupt_image(tmp_path: Path, server: str) -> None
     root = R.write_folder(tmp_path / "cam", n=5)
     (root / "000002.jpg").write_bytes((root / "000002.jpg").read_bytes()[:40])  # truncated JPEG
     out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
-    assert _replay(str(root), "--server", server, "--out", str(out), "--summary-json", str(summ), "--max-rate") == 0
+    assert _replay(str(root), "--server", server, "--out", str(out), "--json-out", str(summ), "--max-rate") == 0
     recs = _jsonl(out)
     assert [r["status"] for r in recs] == ["OK", "OK", "INVALID", "OK", "OK"]
     assert recs[2]["message"] and recs[2]["detections"] == []
@@ -115,7 +115,7 @@ def test_replay_with_gt_scores_like_perception_eval(tmp_path: Path, server: str)
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(gt))
     summ, coco = tmp_path / "s.json", tmp_path / "results.json"
-    assert _replay(str(src), "--server", server, "--summary-json", str(summ), "--coco-results", str(coco),
+    assert _replay(str(src), "--server", server, "--json-out", str(summ), "--coco-results", str(coco),
                    "--gt", str(gt_path), "--max-rate") == 0
     kpi = json.loads(summ.read_text())["kpi"]
     assert kpi["recall"] == pytest.approx(1.0)
@@ -149,7 +149,7 @@ def test_truncated_recording_keeps_outputs_valid(
     cut = tmp_path / "cut.mcap"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
-    rc = _replay(str(cut), "--server", server, "--out", str(out), "--summary-json", str(summ), "--max-rate")
+    rc = _replay(str(cut), "--server", server, "--out", str(out), "--json-out", str(summ), "--max-rate")
     assert rc == 1
     assert "truncated or corrupt MCAP" in capsys.readouterr().err
     recs = _jsonl(out)
@@ -184,7 +184,7 @@ def test_compare_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     pa.write_text("".join(json.dumps(r) + "\n" for r in a))
     pb.write_text("".join(json.dumps(r) + "\n" for r in b))
     report = tmp_path / "cmp.json"
-    assert main(["compare", str(pa), str(pb), "--json", str(report)]) == 0
+    assert main(["compare", str(pa), str(pb), "--json-out", str(report)]) == 0
     rep = json.loads(report.read_text())
     t = rep["totals"]
     assert rep["frames_compared"] == 4 and rep["frames_changed"] == 3
@@ -210,7 +210,7 @@ def test_compare_with_gt_puts_kpi_side_by_side(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "b.jsonl").write_text(json.dumps(_rec(0, [car])) + "\n")
     out = tmp_path / "cmp.json"
     assert main(["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--gt", str(tmp_path / "gt.json"),
-                 "--json", str(out)]) == 0
+                 "--json-out", str(out)]) == 0
     kpi = json.loads(out.read_text())["kpi"]
     assert kpi["a"]["recall"] == pytest.approx(1.0) and kpi["b"]["recall"] == pytest.approx(0.5)
     assert "recall" in capsys.readouterr().out
@@ -221,7 +221,7 @@ def test_compare_treats_identical_degenerate_boxes_as_unchanged(tmp_path: Path) 
     p = tmp_path / "a.jsonl"
     p.write_text(json.dumps(_rec(0, [flat, ([5, 5, 9, 9], 0)])) + "\n")
     out = tmp_path / "cmp.json"
-    assert main(["compare", str(p), str(p), "--json", str(out)]) == 0
+    assert main(["compare", str(p), str(p), "--json-out", str(out)]) == 0
     t = json.loads(out.read_text())["totals"]
     assert (t["unchanged"], t["appeared"], t["vanished"]) == (2, 0, 0)
 

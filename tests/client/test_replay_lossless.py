@@ -106,7 +106,7 @@ def test_a_server_restarted_mid_replay_loses_no_frame(tmp_path: Path, tiny_manif
     src = R.write_mp4(tmp_path / "front.mp4", n=60, fps=20.0)  # 3 s in real time
     out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
     with _Outage(tiny_manifest, out, after_lines=10, back_after_s=2.5) as outage:
-        rc = _replay(str(src), "--server", outage.address, "--out", str(out), "--summary-json", str(summ))
+        rc = _replay(str(src), "--server", outage.address, "--out", str(out), "--json-out", str(summ))
     assert rc == 0
     recs = _lines(out)
     _one_line_per_frame(recs, "front", 60)
@@ -124,7 +124,7 @@ def test_frames_refused_by_a_draining_server_are_resent(tmp_path: Path, tiny_man
     # grace 1 s: the server refuses new frames ("shutting down"), answers those in flight,
     # ends the stream UNAVAILABLE and stops; a new one starts on the same port.
     with _Outage(tiny_manifest, out, after_lines=10, back_after_s=0.5, grace_s=1.0) as outage:
-        rc = _replay(str(src), "--server", outage.address, "--out", str(out), "--summary-json", str(summ))
+        rc = _replay(str(src), "--server", outage.address, "--out", str(out), "--json-out", str(summ))
     assert rc == 0
     recs = _lines(out)
     _one_line_per_frame(recs, "front", 60)
@@ -142,7 +142,7 @@ def test_a_server_that_never_comes_back_accounts_for_every_frame(
     out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
     with _Outage(tiny_manifest, out, after_lines=10) as outage:
         # No --reconnect-attempts: the time bound alone ends the reconnecting.
-        rc = _replay(str(src), "--server", outage.address, "--out", str(out), "--summary-json", str(summ),
+        rc = _replay(str(src), "--server", outage.address, "--out", str(out), "--json-out", str(summ),
                      "--reconnect-timeout", "1.5")
         ended = time.monotonic()
     assert outage.down_at is not None and ended - outage.down_at >= 1.5, "gave up only after the timeout"
@@ -205,7 +205,7 @@ def test_ctrl_c_mid_replay_accounts_for_every_frame(tmp_path: Path, server: str)
     src = R.write_mp4(tmp_path / "front.mp4", n=200, fps=20.0)
     out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
     cmd = [sys.executable, "-m", "perception.cli", "replay", str(src), "--server", server, "--out", str(out),
-           "--summary-json", str(summ), "--no-progress"]
+           "--json-out", str(summ), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _run_until(proc, out, 10)

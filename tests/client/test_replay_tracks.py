@@ -101,7 +101,7 @@ def test_replay_with_tracked_gt_reports_tracking_scores(
     capsys.readouterr()
 
     second, summ = tmp_path / "second.jsonl", tmp_path / "s.json"
-    assert _replay(str(src), "--server", server, "--out", str(second), "--summary-json", str(summ),
+    assert _replay(str(src), "--server", server, "--out", str(second), "--json-out", str(summ),
                    "--gt", str(gt_path), "--max-rate", "--track") == 0
     tracking = json.loads(summ.read_text())["tracking"]
     assert tracking["confirmed_only"] is False and set(tracking["cameras"]) == {"front", "rear"}
@@ -127,7 +127,7 @@ def test_replay_with_tracked_gt_reports_tracking_scores(
     assert [line.split()[1] for line in printed[row + 1:row + 3]] == ["front", "rear"]
 
     confirmed = tmp_path / "confirmed.json"
-    assert _replay(str(src), "--server", server, "--summary-json", str(confirmed), "--gt", str(gt_path),
+    assert _replay(str(src), "--server", server, "--json-out", str(confirmed), "--gt", str(gt_path),
                    "--max-rate", "--track", "--track-confirmed-only") == 0
     c = json.loads(confirmed.read_text())["tracking"]
     new_boxes = sum(1 for r in _jsonl(second) for d in r["detections"] if d["track_state"] == "NEW")
@@ -147,7 +147,7 @@ def test_gt_without_track_ids_says_so_in_one_line(
     gt_path.write_text(json.dumps(gt))
     capsys.readouterr()
     summ = tmp_path / "s.json"
-    assert _replay(str(src), "--server", server, "--summary-json", str(summ), "--gt", str(gt_path), "--max-rate",
+    assert _replay(str(src), "--server", server, "--json-out", str(summ), "--gt", str(gt_path), "--max-rate",
                    "--track") == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "track_id" in line]
     assert err == [f"perception replay: {gt_path} has no track_id in its annotations: tracking is not scored"]

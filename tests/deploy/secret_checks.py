@@ -72,5 +72,5 @@ def relocate(arg: str, mounts: Mapping[str, Path]) -> str:
 def run_health(command: list[str], address: str, mounts: Mapping[str, Path]) -> subprocess.CompletedProcess[str]:
     """A target's own `perception health ...` command, its files moved to ``mounts``, aimed at ``address``."""
     argv = [PERCEPTION, *(relocate(a, mounts) for a in command[1:])]
-    argv[argv.index("--address") + 1] = address
+    argv[argv.index("--server") + 1] = address
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)

@@ -126,7 +126,7 @@ def test_healthcheck_asks_grpc_health(dockerfile: Dockerfile, name: str) -> None
     options, _, command = check[0].args.partition("CMD")
     assert re.search(r"--start-period=\d+s", options)
     parsed = json.loads(command.strip())
-    assert parsed[:4] == ["perception", "health", "--address", "127.0.0.1:50051"]
+    assert parsed[:4] == ["perception", "health", "--server", "127.0.0.1:50051"]
     parse_perception_argv(parsed)
 
 

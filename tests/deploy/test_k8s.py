@@ -201,7 +201,7 @@ def test_deployment_gpu_probes_and_ports_match_the_image() -> None:
     # `perception health --tls-ca` (tests/deploy/test_secrets_k8s.py runs them for real).
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         health = parse_perception_argv(container[probe]["exec"]["command"])
-        assert health.address.rpartition(":")[2] == str(args.port), f"{probe} does not ask gRPC health"
+        assert health.server.rpartition(":")[2] == str(args.port), f"{probe} does not ask gRPC health"
         assert health.tls_ca, f"{probe} does not speak TLS"
     user = stage.of("USER")[-1].args.split(":")[0]
     assert str(pod["spec"]["securityContext"]["runAsUser"]) == user

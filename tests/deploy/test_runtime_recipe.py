@@ -141,7 +141,7 @@ def test_runtime_serves_and_answers_its_healthcheck(runtime_install: Path, tiny_
     perception = str(runtime_install / "perception")
     with serve([perception, "serve"], tiny_manifest, cwd=Path("/")) as server:
         argv = [perception, *health[1:]]
-        argv[argv.index("--address") + 1] = server.address
+        argv[argv.index("--server") + 1] = server.address
         ok = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert ok.returncode == 0, ok.stderr
         assert server.stop() == 0

@@ -286,7 +286,7 @@ def test_compose_takes_tls_and_tokens_from_secret_files() -> None:
     test = service["healthcheck"]["test"]
     assert test[0] == "CMD"
     health = parse_perception_argv(test[1:])
-    assert health.tls_ca in mounted and health.address.rpartition(":")[2] == str(args.port)
+    assert health.tls_ca in mounted and health.server.rpartition(":")[2] == str(args.port)
     for name in mounted.values():
         source = (COMPOSE.parent / compose["secrets"][name]["file"]).resolve()
         assert source.parent == COMPOSE.parent / "secrets"

@@ -119,8 +119,8 @@ def test_deployment_takes_tls_and_tokens_from_the_generated_secrets() -> None:
     # Probes: gRPC health over TLS, verified against the Secret's CA, on the server's own port.
     for probe in PROBES:
         health = parse_perception_argv(container[probe]["exec"]["command"])
-        host, _, port = health.address.rpartition(":")
-        assert host in LOOPBACK and int(port) == args.port, f"{probe} asks {health.address}"
+        host, _, port = health.server.rpartition(":")
+        assert host in LOOPBACK and int(port) == args.port, f"{probe} asks {health.server}"
         assert secret_file(mounts, health.tls_ca) == (tls_secret, "ca.crt"), f"{probe} does not verify TLS"
         assert container[probe]["timeoutSeconds"] > health.timeout
     config = next(d for d in _manifests("configmap.yaml") if d["kind"] == "ConfigMap")["data"]

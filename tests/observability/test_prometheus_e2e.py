@@ -88,7 +88,7 @@ def test_prometheus_agrees_with_replay(
         t_start = time.time()
         replay = subprocess.run(
             perception_cmd("replay", str(drive), "--server", serve.grpc, "--out", str(out),
-                           "--summary-json", str(summary_path), "--speed", "1"),
+                           "--json-out", str(summary_path), "--speed", "1"),
             cwd=work, env=child_env(), capture_output=True, text=True, timeout=60,
         )
         t_end = time.time()

@@ -71,7 +71,7 @@ def test_serve_ready_health_and_sigterm_with_stream_in_flight(tiny_manifest, tmp
     try:
         assert sum(bool(READY.search(line)) for line in served.lines) == 1
         address = f"127.0.0.1:{served.grpc_port}"
-        health = subprocess.run([sys.executable, "-m", "perception.cli", "health", "--address", address],
+        health = subprocess.run([sys.executable, "-m", "perception.cli", "health", "--server", address],
                                 capture_output=True, text=True, cwd=REPO, timeout=30)
         assert health.returncode == 0, health.stderr
         assert "SERVING" in health.stdout
@@ -113,7 +113,7 @@ def test_serve_ready_health_and_sigterm_with_stream_in_flight(tiny_manifest, tmp
 
 
 def test_health_cli_fails_without_a_server():
-    r = subprocess.run([sys.executable, "-m", "perception.cli", "health", "--address", "127.0.0.1:1", "--timeout", "1"],
+    r = subprocess.run([sys.executable, "-m", "perception.cli", "health", "--server", "127.0.0.1:1", "--timeout", "1"],
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
 
