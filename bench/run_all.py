@@ -19,6 +19,7 @@ from bench import (
     bench_shm,
     bench_soak,
     bench_tracking,
+    bench_triton,
 )
 
 # (title, the bench's main(argv) -> exit code, its arguments)
@@ -32,6 +33,8 @@ BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = 
     ("layouts: decode + NMS cost per frame of every output layout", bench_layouts.main, []),
     ("soak: hostile streams, 16 MiB frames", bench_soak.main, ["--duration-s", "60", "--big-duration-s", "20"]),
     ("tracking: tracker cost per frame at 10 / 50 / 100 detections", bench_tracking.main, []),
+    ("triton: in-process vs Detect vs StreamDetect vs our KServe v2 vs Triton (PyTriton), tritonclient",
+     bench_triton.main, []),
     ("lifecycle: degradation auto vs off at 10 -> 30 -> 10 fps, critical camera with vs without priorities",
      bench_lifecycle.main, ["--phase-s", "20"]),
 )
