@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             dets.append(len(d))
         return lat, dets
 
+    stages: dict[str, list[float]] = {k: [] for k in ("queue", "preprocess", "inference", "postprocess", "total")}
+
     def detect(n: int) -> tuple[list[float], list[int]]:
         lat, dets = [], []
         for i in range(n):
@@ -236,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             resp = stub.Detect(req, timeout=30)
             lat.append((time.perf_counter() - t0) * 1e3)
             dets.append(len(resp.detections))
+            t = resp.timings
+            for k, us in (("queue", t.queue_us), ("preprocess", t.preprocess_us), ("inference", t.inference_us),
+                          ("postprocess", t.postprocess_us), ("total", t.total_us)):
+                stages[k].append(us / 1e3)
         return lat, dets
 
     def stream(n: int) -> tuple[list[float], list[int]]:
@@ -291,10 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['p50_ms']:.2f} | {' / '.join(f'{v:.2f}' for v in r['p50_per_round'])} "
               f"| {r['p99_ms']:.2f} | {r['p50_ms'] / base:.2f}x | {vs_triton} "
               f"| {'yes' if same.get(name, True) else 'NO'} |")
+    st = {k: statistics.median(v) for k, v in stages.items()}
+    inner = st["preprocess"] + st["inference"] + st["postprocess"]
+    print()
+    print("where a Detect call's time goes (medians, ms; the server's own stage timings of the same calls)")
+    print("| decode + letterbox | inference | NMS + rest | queue / hand-offs | server total | gRPC + client "
+          "(round trip - server total) | round trip |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {st['preprocess']:.2f} | {st['inference']:.2f} | {st['postprocess']:.2f} "
+          f"| {st['total'] - inner:.2f} | {st['total']:.2f} | {rows['Detect']['p50_ms'] - st['total']:.2f} "
+          f"| {rows['Detect']['p50_ms']:.2f} |")
     if peer is None:
         print(f"\nTriton: skipped ({why_not})")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"rows": rows, "same_detections": same, "triton_skipped": why_not},
+        args.json_out.write_text(json.dumps({"rows": rows, "same_detections": same, "triton_skipped": why_not,
+                                             "detect_stages_ms": st},
                                             indent=1) + "\n")
     return 0
 

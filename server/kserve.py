@@ -255,9 +255,12 @@ class KServeService:
                 assert task.prepared is not None  # _prepare prepared every frame or raised
                 key = ("kserve", next(_ids))
                 deadline = task.received + task.deadline_ms / 1000.0 if task.deadline_ms else None
-                scheduler.submit(Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline,
-                                     model=task.model, priority=self._limits.priority_of(task.camera_id)),
-                                 transient=True)
+                job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline,
+                          model=task.model, priority=self._limits.priority_of(task.camera_id))
+                # One frame and an idle engine: run it on this thread (several frames are
+                # queued together, so that they are batched).
+                if not (len(tasks) == 1 and scheduler.run_if_idle(job, transient=True)):
+                    scheduler.submit(job, transient=True)
                 keys.append(key)
         except (OverloadedError, NotReadyError) as exc:
             for key in keys:

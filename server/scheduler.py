@@ -8,8 +8,12 @@ waiting early once every known queue has contributed. Frames whose deadline pass
 answered ``expired``. Past ``max_pending`` queued frames in total, ``submit`` raises
 OverloadedError instead of letting latency grow without bound.
 
-Answers leave through each job's ``on_done`` callback, called on the worker thread (or on the
-submitting thread for a stale drop) and never under the scheduler's lock. A queue left empty
+``run_if_idle`` is the fast path of a frame that finds the engine idle (nothing queued, no
+batch running): it runs as a batch of one on the caller's thread, saving the two thread
+hand-offs to the worker and back. Whichever thread runs a batch, one batch runs at a time.
+
+Answers leave through each job's ``on_done`` callback, called on the thread that ran its batch
+(or on the submitting thread for a stale drop) and never under the scheduler's lock. A queue left empty
 for ``quiet_s`` is forgotten (a camera that went quiet no longer makes batches wait for it, and
 a client inventing camera ids cannot grow the table); its next frame makes it anew. Every
 batch's outcome is reported to ``on_batch`` (health follows the engine).
@@ -117,6 +121,7 @@ class Scheduler:
         self.shed_for_priority = 0  # frames of lower classes shed to make room for higher ones
         self._transient: set[Hashable] = set()  # queues removed once empty (unary calls)
         self._pending = 0
+        self._busy = False  # a batch is running (on the worker, or inline on a caller's thread)
         self._rr = 0
         self._stopping = False
         self._accepting = False
@@ -217,6 +222,33 @@ class Scheduler:
 
     # -- life cycle ------------------------------------------------------------------------
 
+    def run_if_idle(self, job: Job, transient: bool = False) -> bool:
+        """Run ``job`` now, on this thread, if the engine is idle: no batch running, nothing
+        queued, and no other camera known (a known camera is one the batcher would wait up to
+        ``max_wait`` for, to batch with it). False (nothing done) otherwise: ``submit`` it.
+        A job that is not ``transient`` makes its camera known, as ``submit`` does.
+        NotReadyError when not accepting."""
+        with self._cond:
+            if not self._accepting:
+                raise NotReadyError("the server is not accepting frames (starting or shutting down)")
+            if self._busy or self._pending or self._stopping:
+                return False
+            now = time.monotonic()
+            self._forget_quiet_locked(now)  # as the worker does after each batch
+            if any(key != job.key for key in self._queues):
+                return False
+            if not transient:
+                self._queues.setdefault(job.key, deque())
+                self._last_active[job.key] = now
+            self._busy = True
+        try:
+            self._run_batch([job])
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+        return True
+
     def start(self) -> None:
         with self._cond:
             if self._thread is not None:
@@ -245,7 +277,9 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._pending == 0 and not self._stopping:
+                while (self._pending == 0 or self._busy) and not self._stopping:
+                    self._cond.wait()
+                while self._busy:  # stopping: the inline batch finishes first
                     self._cond.wait()
                 if self._pending == 0 and self._stopping:
                     return
@@ -254,6 +288,7 @@ class Scheduler:
                 jobs, expired = self._take_batch_locked(now)
                 self._forget_quiet_locked(now)
                 depth = self._pending
+                self._busy = bool(jobs)
             self._gauge(depth)
             now = time.monotonic()
             for job in expired:
@@ -261,7 +296,12 @@ class Scheduler:
                 _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
                                      message="deadline passed while the frame was queued"))
             if jobs:
-                self._run_batch(jobs)
+                try:
+                    self._run_batch(jobs)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
 
     def _wait_for_batch_locked(self) -> None:
         while not self._stopping:

@@ -123,11 +123,10 @@ class DetectorService(pb_grpc.DetectorServicer):
             self._limits.undecoded.give_back(size)
         key = ("unary", next(_unary_ids))
         deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None
-        scheduler.submit(
-            Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
-                priority=self._limits.priority_of(camera_id)),
-            transient=True,
-        )
+        job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
+                  priority=self._limits.priority_of(camera_id))
+        if not scheduler.run_if_idle(job, transient=True):  # an idle engine runs it on this thread, no hand-offs
+            scheduler.submit(job, transient=True)
         while not task.done.wait(0.25):
             if not context.is_active():  # the client cancelled or its deadline passed
                 scheduler.close(key)

@@ -6,7 +6,8 @@
   does not decode frames it would throw away.
 - The pre-processor thread decodes + letterboxes the waiting frames (round robin across the
   stream's cameras) and submits them to the scheduler, whose per-camera queue drops stale
-  frames again while they wait for a batch slot.
+  frames again while they wait for a batch slot. A frame that finds the engine idle and no
+  frame of its stream waiting to be decoded runs on this thread instead (Scheduler.run_if_idle).
 - The handler thread yields answers strictly in arrival order, post-processing each.
 
 The outbox is bounded: when a client stops reading, the reader stops taking frames, so HTTP/2
@@ -259,11 +260,16 @@ class StreamSession:
             if self._cancelled:
                 return
             self._keys.add(key)
+            # Nothing of this stream waits to be decoded behind this frame: an idle engine may
+            # run it on this thread (no hand-off to the worker and back). With frames waiting,
+            # the worker takes it, so that this thread decodes the next one meanwhile.
+            inline = not self._inbox
         deadline = task.received + fin.deadline_ms / 1000.0 if fin.deadline_ms else None
         job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
                   priority=self._limits.priority_of(task.camera_id))
         try:
-            self._scheduler.submit(job)
+            if not (inline and self._scheduler.run_if_idle(job)):
+                self._scheduler.submit(job)
         except OverloadedError as exc:
             task.answer_now(FrameStatus.OVERLOADED, str(exc))
         except NotReadyError as exc:

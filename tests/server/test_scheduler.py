@@ -169,3 +169,84 @@ def test_close_drops_queued_and_stop_drains(backend):
     assert all(rec.results[f"g{i}"].status is JobStatus.CANCELLED for i in range(3))
     with pytest.raises(NotReadyError):
         s.submit(Job("kept", tensor(0), rec.cb("late")))
+
+
+class OneAtATime:
+    """An engine that records which thread ran each batch, and fails the test if two batches
+    ever run at once."""
+
+    def __init__(self, backend, delay_s: float = 0.0) -> None:
+        self.backend = backend
+        self.delay_s = delay_s
+        self.threads: list[str] = []
+        self.running = 0
+        self.overlapped = False
+        self.lock = threading.Lock()
+
+    def __call__(self, x):
+        with self.lock:
+            self.running += 1
+            self.overlapped |= self.running > 1
+            self.threads.append(threading.current_thread().name)
+        try:
+            time.sleep(self.delay_s)
+            return self.backend.infer(x)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_an_idle_engine_runs_a_frame_on_the_callers_thread(backend):
+    engine = OneAtATime(backend)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=4, max_wait_s=0.05, queue_size=2, max_pending=16)
+    s.start()
+    try:
+        assert s.run_if_idle(Job(("unary", 1), tensor(1), rec.cb("a")), transient=True)
+        assert rec.results["a"].status is JobStatus.OK and engine.threads == [threading.current_thread().name]
+        assert s.queue_count == 0, "a transient job leaves no queue"
+        assert s.run_if_idle(Job("front", tensor(2), rec.cb("b")))
+        assert s.queue_count == 1, "a stream's camera becomes known, as with submit"
+        # Another camera is known now: the batcher would wait for it, so no fast path.
+        assert not s.run_if_idle(Job("rear", tensor(3), rec.cb("c")))
+        assert "c" not in rec.results
+        outputs = rec.results["a"].outputs
+        assert outputs is not None
+        np.testing.assert_allclose(outputs["output"], backend.infer(tensor(1)[None])["output"][0], rtol=1e-5, atol=1e-5)
+    finally:
+        s.stop(2)
+
+
+def test_the_fast_path_never_runs_beside_a_batch(backend):
+    """Many threads racing submit and run_if_idle: every frame answered, one batch at a time,
+    and the fast path taken only while the worker is idle."""
+    engine = OneAtATime(backend, delay_s=0.002)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=4, max_wait_s=0.0, queue_size=64, max_pending=256)
+    s.start()
+    inline = []
+
+    def camera(i: int) -> None:
+        for k in range(20):
+            job = Job(("unary", i, k), tensor(k), rec.cb(f"{i}-{k}"))
+            if s.run_if_idle(job, transient=True):
+                inline.append(1)
+            else:
+                s.submit(job, transient=True)
+
+    threads = [threading.Thread(target=camera, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rec.wait(80, timeout=30)
+    s.stop(5)
+    assert not engine.overlapped
+    assert all(r.status is JobStatus.OK for r in rec.results.values())
+    assert inline and "inference-worker" in engine.threads, "both paths were exercised"
+
+
+def test_not_accepting_refuses_the_fast_path_too(backend):
+    s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=2, max_pending=16)
+    with pytest.raises(NotReadyError):
+        s.run_if_idle(Job("front", tensor(1), lambda r: None))
