@@ -17,6 +17,14 @@ class TrackerConfig:
         matched on the previous frame (ByteTrack's second association); below it they are ignored.
     match_iou: least IoU for a high-score detection to match a track's predicted box.
     low_match_iou: least IoU for a low-score detection (stricter: such boxes are less reliable).
+    buffer_per_s: what plain IoU leaves unmatched gets a second matching, by the IoU of boxes
+        (prediction and detection) widened on each side by this many times their own width
+        and height per second since the previous frame: the buffered IoU of C-BIoU tracking.
+        An object that moves more than its size between two frames (a sign passing at 10 fps,
+        or any object across a dropped frame) still overlaps its prediction; 0 turns it off.
+        In a crowd of objects crossing in every direction it pairs more wrong neighbours
+        (docs/tracking.md): there, 0 is the better setting.
+    max_buffer: the most a box is widened, in its own sizes per side.
     confirm_hits: matches (birth included) on consecutive frames before a new track is
         confirmed; a new track missed once before that is dropped.
     max_age_s: a track not matched for longer than this (capture time) is dropped.
@@ -26,13 +34,17 @@ class TrackerConfig:
 
     The defaults follow ByteTrack (high 0.5, low 0.1, IoU 0.2 then 0.5; 30 frames lost at
     30 fps = 1 s; confirmed on the second match); max_tracks is twice the manifests' default
-    max_detections (100) so that coasting tracks fit beside a full frame.
+    max_detections (100) so that coasting tracks fit beside a full frame. The buffer (8 per
+    second, so 0.8 box sizes per side at 10 fps, 0.27 at 30 fps; at most 2) was chosen on the
+    generated drives with the shipped model (bench/bench_mot.py, docs/tracking.md).
     """
 
     high_score: float = 0.5
     low_score: float = 0.1
     match_iou: float = 0.2
     low_match_iou: float = 0.5
+    buffer_per_s: float = 8.0
+    max_buffer: float = 2.0
     confirm_hits: int = 2
     max_age_s: float = 1.0
     max_tracks: int = 200
@@ -56,6 +68,9 @@ class TrackerConfig:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ConfigError(f"TrackerConfig.{name} must be in (0, 1], got {value}")
+        if self.buffer_per_s < 0 or self.max_buffer < 0:
+            raise ConfigError(f"TrackerConfig.buffer_per_s and max_buffer must be >= 0, got {self.buffer_per_s} "
+                              f"and {self.max_buffer}")
         if self.max_age_s <= 0:
             raise ConfigError(f"TrackerConfig.max_age_s must be > 0, got {self.max_age_s}")
         if self.ttl_s < self.max_age_s:

@@ -8,7 +8,10 @@ Each frame (the detections after NMS, and the frame's capture timestamp in ns):
    are predicted to this frame's time (``dt`` in seconds, so frames dropped upstream as stale
    or expired are predicted across, not counted).
 3. Match, in three rounds, each a gated IoU matching within one class
-   (``perception.tracking.assignment``):
+   (``perception.tracking.assignment``), each first by plain IoU and then, for what that left,
+   by the IoU of boxes widened in proportion to the time since the previous frame
+   (``buffer_per_s``), so that a fast object, or one across a dropped frame, still overlaps its
+   prediction:
    a. high-score detections to confirmed and coasting tracks (``match_iou``);
    b. the high-score detections left to new tracks (``match_iou``): an established track wins
       a box over a new one, so a spurious new track cannot steal an identity;
@@ -158,7 +161,8 @@ class Tracker:
         )
         if restarted:
             self._clear()
-        elif self._last_ns is not None and len(self):
+        dt = 0.0
+        if not restarted and self._last_ns is not None and len(self):
             self._keep(ts - self._last_matched <= self._max_age_ns)
             dt = (ts - self._last_ns) / _NS_PER_S
             if dt > 0 and len(self):
@@ -175,14 +179,21 @@ class Tracker:
 
         left = high
         if len(self) and n:
-            iou = box_iou(_to_xyxy(self._mean), boxes)
-            iou *= self._cls[:, None] == classes[None, :]
+            pred = _to_xyxy(self._mean)
+            same = self._cls[:, None] == classes[None, :]
+            ious = [box_iou(pred, boxes) * same]
+            buffer = min(cfg.buffer_per_s * dt, cfg.max_buffer)
+            if buffer > 0:  # second chance for what plain IoU left: the widened boxes
+                ious.append(box_iou(_widen(pred, buffer), _widen(boxes, buffer)) * same)
             free = np.ones((len(self),), bool)
             before = self._state.copy()
             pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
-            left = self._match(iou, free, before != _NEW, left, cfg.match_iou, pairs)
-            left = self._match(iou, free, before == _NEW, left, cfg.match_iou, pairs)
-            self._match(iou, free, before == _CONFIRMED, low, cfg.low_match_iou, pairs)
+            for iou in ious:
+                left = self._match(iou, free, before != _NEW, left, cfg.match_iou, pairs)
+            for iou in ious:
+                left = self._match(iou, free, before == _NEW, left, cfg.match_iou, pairs)
+            for iou in ious:
+                low = self._match(iou, free, before == _CONFIRMED, low, cfg.low_match_iou, pairs)
             if pairs:
                 t = np.concatenate([p[0] for p in pairs])
                 d = np.concatenate([p[1] for p in pairs])
@@ -300,6 +311,14 @@ def _to_xyxy(mean: NDArray[np.float64]) -> NDArray[np.float64]:
     """x1 y1 x2 y2 of the filtered boxes; a side the filter drove negative is taken as 0."""
     half = np.maximum(mean[:, 2:4], 0.0) / 2
     return np.concatenate([mean[:, :2] - half, mean[:, :2] + half], axis=1)
+
+
+def _widen(xyxy: NDArray[np.float64], buffer: float) -> NDArray[np.float64]:
+    """Boxes grown on each side by ``buffer`` times their own width and height."""
+    if buffer <= 0:
+        return xyxy
+    pad = (xyxy[:, 2:] - xyxy[:, :2]) * buffer
+    return np.concatenate([xyxy[:, :2] - pad, xyxy[:, 2:] + pad], axis=1)
 
 
 def _as_int(name: str, value: int) -> int:

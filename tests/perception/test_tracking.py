@@ -242,6 +242,30 @@ def test_a_gap_of_ten_dropped_frames_keeps_ids() -> None:
     assert results[15].states == (TrackState.CONFIRMED,) * 3
 
 
+def test_a_fast_object_at_a_low_frame_rate_keeps_its_id_through_the_buffered_iou() -> None:
+    """Signs passing at 10 fps: at 480 px/s a 40 px wide box moves 48 px a frame, so a newborn
+    track (no velocity yet) never overlaps its next detection: plain IoU gives a new id every
+    frame, the buffered IoU keeps one. A second sign below it, moving the other way, keeps its
+    own id."""
+    frame_ns = 100_000_000  # 10 fps
+
+    def run(config: TrackerConfig) -> list[set[int]]:
+        tracker = Tracker(config)
+        ids: list[set[int]] = [set(), set()]
+        for k in range(12):
+            t = T0 + k * frame_ns
+            x = 100 + 48 * k
+            r = tracker.update(dets([box(x, 300), box(900 - x, 420)]), t)
+            for i in range(2):
+                ids[i].add(int(r.track_ids[i]))
+        return ids
+
+    buffered = run(TrackerConfig())
+    assert all(len(s) == 1 for s in buffered) and buffered[0] != buffered[1], buffered
+    plain = run(TrackerConfig(buffer_per_s=0.0))
+    assert all(len(s) == 12 for s in plain), "plain IoU: a new track every frame"
+
+
 def test_backwards_timestamp_resets_the_camera() -> None:
     tracker = Tracker()
     for k in range(5):
@@ -374,6 +398,8 @@ def test_tracker_rejects_bad_input() -> None:
         ({"max_age_s": float("nan")}, "max_age_s"),
         ({"max_age_s": 2.0, "ttl_s": 1.0}, "ttl_s"),
         ({"max_cameras": True}, "max_cameras"),
+        ({"buffer_per_s": -1.0}, "buffer_per_s"),
+        ({"max_buffer": float("inf")}, "max_buffer"),
     ],
 )
 def test_config_is_validated(kwargs: dict[str, float], match: str) -> None:
