@@ -749,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="server per-peer stream cap: every client here is 127.0.0.1 (server default 8)")
     a("--server-args", default="", help="more `perception serve` flags, e.g. '--decode-threads 1'")
     a("--only", nargs="*", choices=("soak", "big"), help="run only these phases")
+    a("--hostile", nargs="*", choices=HOSTILE, default=list(HOSTILE),
+      help="hostile clients of the hostile phase (default: all four), to tell which one costs what")
     a("--json-out", help="write the results here as JSON")
     return p
 
@@ -783,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup_s > 0:
                     harness.run("warm-up", args.warmup_s, cameras(args.warmup_s))
                 phases["clean"] = harness.run("clean", args.duration_s, cameras(args.duration_s))
-                hostile = [(hostile_process, (k, addr, args.duration_s, args.open_close_per_s)) for k in HOSTILE]
+                hostile = [(hostile_process, (k, addr, args.duration_s, args.open_close_per_s)) for k in args.hostile]
                 phases["hostile"] = harness.run("hostile", args.duration_s, cameras(args.duration_s) + hostile)
             if "big" in which:
                 n, k = args.big_streams, max(1, min(args.big_processes, args.big_streams))

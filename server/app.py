@@ -33,7 +33,6 @@ from perception.manifest import Manifest, load_manifest
 from perception.pipeline import FramePipeline
 from perception.tracking import TrackerConfig, TrackerPool
 from perception.v1 import detector_pb2 as pb
-from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.config import ServerConfig
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
@@ -43,7 +42,7 @@ from server.model_host import LifecycleLimits, ModelHost, ServedModel, load_serv
 from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
-from server.service import DetectorService
+from server.service import DetectorService, add_detector_service
 from server.shm import ShmReader
 
 log = logging.getLogger(__name__)
@@ -292,7 +291,7 @@ def create_server(
         ready=managed_ready.is_set, draining=draining.is_set, limits=service_limits,
         trackers=TrackerPool(TrackerConfig(max_cameras=max(64, config.max_camera_labels))), shm=shm,
     )
-    pb_grpc.add_DetectorServicer_to_server(service, server)
+    add_detector_service(service, server)
     kserve: Any = None
     if config.kserve:
         from server.kserve import KServeService  # stubs from the vendored proto/kserve (make proto)

@@ -13,6 +13,7 @@ from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from server.answer import FrameAnswer
 from server.shm import ShmReader, SlotRef
+from server.wire import Refused
 
 _STATUS = {
     FrameStatus.OK: pb.FRAME_STATUS_OK,
@@ -32,12 +33,14 @@ _TRACK_STATE = {
 
 
 def frame_from_proto(
-    request: pb.DetectRequest, max_class_filter: int = 1024, shm: ShmReader | None = None
+    request: pb.DetectRequest | Refused, max_class_filter: int = 1024, shm: ShmReader | None = None
 ) -> tuple[FrameInput, RequestOptions]:
-    """The frame and options of a request. Raises InvalidInputError for a frame with no image
-    or more class-filter entries than ``max_class_filter`` (checked before any is converted).
-    A shared-memory frame is read here (copied out of its slot) by ``shm``; without one (the
-    server's default) it is refused."""
+    """The frame and options of a request. Raises InvalidInputError for a request the wire check
+    refused (server.wire), a frame with no image, or more class-filter entries than
+    ``max_class_filter`` (checked before any is converted). A shared-memory frame is read here
+    (copied out of its slot) by ``shm``; without one (the server's default) it is refused."""
+    if isinstance(request, Refused):
+        raise InvalidInputError(request.reason)
     f = request.frame
     if len(request.options.class_filter) > max_class_filter:
         raise InvalidInputError(
@@ -80,9 +83,9 @@ def frame_from_proto(
     return frame, opts
 
 
-def identify(request: pb.DetectRequest) -> tuple[str, int, int, int]:
+def identify(request: pb.DetectRequest | Refused) -> tuple[str, int, int, int]:
     """(camera_id, sequence, capture_timestamp_ns, deadline_ms) of a request, for echoing."""
-    f = request.frame
+    f = request.request.frame if isinstance(request, Refused) else request.frame
     return f.camera_id, int(f.sequence), int(f.capture_timestamp_ns), int(f.deadline_ms)
 
 

@@ -26,8 +26,10 @@ from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.shm import ShmReader
 from server.stream import StreamSession
+from server.wire import Refused, parse_detect_request
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = "perception.v1.Detector"
 _unary_ids = itertools.count(1)
 
 
@@ -89,13 +91,13 @@ class DetectorService(pb_grpc.DetectorServicer):
                 f"camera {camera_id!r} is not in the server's camera allow-list {sorted(self._cameras)}"
             )
 
-    def _convert(self, request: pb.DetectRequest) -> tuple[FrameInput, RequestOptions]:
-        if request.frame.WhichOneof("image") == "shm":
+    def _convert(self, request: pb.DetectRequest | Refused) -> tuple[FrameInput, RequestOptions]:
+        if not isinstance(request, Refused) and request.frame.WhichOneof("image") == "shm":
             # Before the server reads anything from its host's memory on a client's word.
             self.admit_camera(request.frame.camera_id)
         return convert.frame_from_proto(request, self._max_class_filter, self._shm)
 
-    def Detect(self, request: pb.DetectRequest, context: grpc.ServicerContext) -> pb.DetectResponse:
+    def Detect(self, request: pb.DetectRequest | Refused, context: grpc.ServicerContext) -> pb.DetectResponse:
         scheduler = self._check_serving()
         camera_id, sequence, ts, deadline_ms = convert.identify(request)
         if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)
@@ -137,7 +139,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         return convert.answer_to_proto(answer)
 
     def StreamDetect(
-        self, request_iterator: Iterable[pb.DetectRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterable[pb.DetectRequest | Refused], context: grpc.ServicerContext
     ) -> Iterator[pb.DetectResponse]:
         scheduler = self._check_serving()
         peer = self._limits.streams.admit(context.peer())
@@ -174,3 +176,24 @@ class DetectorService(pb_grpc.DetectorServicer):
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         self._check_serving()
         return self._model_info
+
+
+def add_detector_service(service: DetectorService, server: grpc.Server) -> None:
+    """Register ``service`` as perception.v1.Detector, as the generated
+    ``add_DetectorServicer_to_server`` does, except that Detect and StreamDetect requests go
+    through server.wire's look at the wire bytes before protobuf parses them."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Detect": grpc.unary_unary_rpc_method_handler(
+            service.Detect, request_deserializer=parse_detect_request,
+            response_serializer=pb.DetectResponse.SerializeToString),
+        "StreamDetect": grpc.stream_stream_rpc_method_handler(
+            service.StreamDetect, request_deserializer=parse_detect_request,
+            response_serializer=pb.DetectResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    register = getattr(server, "add_registered_method_handlers", None)  # grpcio >= 1.63: no generic lookup per call
+    if register is not None:
+        register(SERVICE_NAME, handlers)

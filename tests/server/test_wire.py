@@ -1,0 +1,143 @@
+"""server.wire: the look at a DetectRequest's wire bytes before protobuf parses it."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+
+from perception.v1 import detector_pb2 as pb
+from server.wire import MAX_FIELDS, MAX_OPTIONS_BYTES, Refused, parse_detect_request
+from tests.server.conftest import jpeg, request
+
+OK = pb.FRAME_STATUS_OK
+INVALID = pb.FRAME_STATUS_INVALID
+
+
+def _requests() -> list[pb.DetectRequest]:
+    full = request("front", 7, jpeg(), deadline_ms=40)
+    full.frame.capture_timestamp_ns = -5  # negative: a camera clock before the epoch
+    full.options.class_filter.extend(range(80))
+    full.options.score_threshold = 0.3
+    full.options.track = True
+    raw = pb.DetectRequest(frame=pb.Frame(camera_id="rear", sequence=2**63, raw=pb.RawImage(
+        width=4, height=2, format=pb.PIXEL_FORMAT_BGR8, data=bytes(24))))
+    shm = pb.DetectRequest(frame=pb.Frame(camera_id="cabin", shm=pb.SharedMemoryRef(
+        segment="perception-1", offset=4096, byte_size=24, generation=2, width=4, height=2,
+        format=pb.PIXEL_FORMAT_BGR8)))
+    return [full, raw, shm, pb.DetectRequest(), pb.DetectRequest(frame=pb.Frame(camera_id="ünïcode"))]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_camera_frames_parse_as_protobuf_parses_them(index: int) -> None:
+    req = _requests()[index]
+    data = req.SerializeToString()
+    got = parse_detect_request(data)
+    assert isinstance(got, pb.DetectRequest) and got == pb.DetectRequest.FromString(data)
+
+
+def _flooded_options(n: int) -> bytes:
+    req = request("front", 3, jpeg(), deadline_ms=25)
+    req.frame.capture_timestamp_ns = 123
+    req.options.class_filter.extend([0] * n)
+    return req.SerializeToString()
+
+
+def test_huge_options_are_refused_before_parsing_with_the_frame_identity_kept() -> None:
+    data = _flooded_options(8_000_000)
+    t0 = time.perf_counter()
+    got = parse_detect_request(data)
+    elapsed = time.perf_counter() - t0
+    assert isinstance(got, Refused) and got.ByteSize() == len(data)
+    assert "options are 8000005 bytes" in got.reason and str(MAX_OPTIONS_BYTES) in got.reason
+    f = got.request.frame
+    assert (f.camera_id, f.sequence, f.capture_timestamp_ns, f.deadline_ms) == ("front", 3, 123, 25)
+    assert not f.encoded, "the image is not copied into the refusal"
+    assert elapsed < 0.005, f"{elapsed * 1e3:.1f} ms: the look must not scale with the entries"
+
+
+@pytest.mark.parametrize("where", ["top level", "frame", "raw image", "options"])
+def test_a_flood_of_fields_is_refused(where: str) -> None:
+    flood = b"".join(bytes([(50 << 3) & 0x7F | 0x80, 50 >> 4, 1]) for _ in range(MAX_FIELDS + 1))  # field 50, varint 1
+
+    def length_delimited(number: int, body: bytes) -> bytes:
+        assert len(body) < 2**14
+        n = len(body)
+        return bytes([number << 3 | 2]) + (bytes([n]) if n < 128 else bytes([n & 0x7F | 0x80, n >> 7])) + body
+
+    camera = length_delimited(1, b"front")
+    if where == "top level":
+        data = length_delimited(1, camera) + flood
+    elif where == "frame":
+        data = length_delimited(1, camera + flood)
+    elif where == "raw image":
+        data = length_delimited(1, camera + length_delimited(5, flood))
+    else:
+        data = length_delimited(1, camera) + length_delimited(2, flood)
+    got = parse_detect_request(data)
+    assert isinstance(got, Refused), got
+    assert f"has more than {MAX_FIELDS} fields" in got.reason and where in got.reason
+    assert got.request.frame.camera_id == "front"
+
+
+def test_bytes_the_walk_cannot_read_go_to_protobuf_which_fails_as_before() -> None:
+    good = request("front", 1, jpeg()).SerializeToString()
+    for bad in (good[:-10], b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0b"):
+        with pytest.raises(DecodeError):
+            pb.DetectRequest.FromString(bad)
+        with pytest.raises(DecodeError):
+            parse_detect_request(bad)
+
+
+def test_a_stream_answers_a_flooded_request_invalid_and_goes_on(serve: Any) -> None:
+    run = serve()
+    flooded = pb.DetectRequest.FromString(_flooded_options(1_000_000))
+    out = list(run.stub.StreamDetect(iter([request("front", 0, jpeg()), flooded, request("front", 2, jpeg())]),
+                                     timeout=30))
+    assert [a.status for a in out] == [OK, INVALID, OK]
+    assert [a.sequence for a in out] == [0, 3, 2] and "options are" in out[1].message
+
+
+def test_flooded_requests_no_longer_stall_the_other_cameras(serve: Any) -> None:
+    """While one client sends 8 M-entry class filters back to back, another camera's round
+    trips stay close to what they are alone: the server never parses those requests, which
+    held the GIL 35-40 ms each."""
+    run = serve()
+    frame = jpeg()
+
+    def round_trips(n: int) -> list[float]:
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            assert run.stub.Detect(request("honest", i, frame), timeout=10).status == OK
+            out.append(time.perf_counter() - t0)
+        return out
+
+    round_trips(10)
+    alone = statistics.median(round_trips(60))
+    flooded = _flooded_options(8_000_000)  # sent as bytes: this process never (de)serializes it
+    stream = run.channel.stream_stream("/perception.v1.Detector/StreamDetect", request_serializer=None,
+                                       response_deserializer=pb.DetectResponse.FromString)
+    stop = threading.Event()
+
+    def flood() -> None:
+        def reqs() -> Any:
+            while not stop.is_set():
+                yield flooded
+
+        for answer in stream(reqs(), timeout=60):
+            assert answer.status == INVALID
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    try:
+        busy = statistics.median(round_trips(60))
+    finally:
+        stop.set()
+        t.join(30)
+    assert busy < 3 * alone + 0.005, (alone, busy)
