@@ -7,10 +7,11 @@
 3. Replay pacing accuracy with no server in the way: how late each frame of a 3-camera,
    10 fps recording leaves in real-time mode (p50 / p99 / max, ms).
 
-    .venv/bin/python -m bench.bench_client [--model manifest.json] [--frames 200] [--json-out FILE]
+    .venv/bin/python -m bench.bench_client [--model manifest.json | --tiny] [--frames 200] [--json-out FILE]
 
-Without --model a tiny random-weight ONNX detector is built in a temp dir (plumbing cost
-only; pass a real manifest to see a real model's share).
+Without --model it serves the model users get (the demo's build of the shipped default,
+artifacts/demo/engine, built now if `make demo` has not run); --tiny serves a tiny
+random-weight ONNX detector instead, to see the plumbing's cost alone.
 """
 
 from __future__ import annotations
@@ -140,17 +141,22 @@ def bench_pacing(seconds: float = 3.0) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, help="manifest.json to serve (default: a tiny built-in model)")
+    p.add_argument("--model", type=Path, help="manifest.json to serve (default: the shipped default model)")
+    p.add_argument("--tiny", action="store_true", help="serve a tiny random-weight model: the plumbing's cost alone")
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is None and args.tiny:
             from tests.tiny_model import make_tiny_artifact
 
             model = make_tiny_artifact(Path(tmp) / "tiny")
+        elif model is None:
+            from bench.bench_server import shipped_model
+
+            model = shipped_model(Path(tmp))
         proc, address = start_server(model)
         try:
             small = [_scene(i, 640, 360) for i in range(8)]

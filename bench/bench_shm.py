@@ -21,10 +21,11 @@ it, only in the server CPU). Frames
 are ``assets/drives/demo/front.mp4`` resized to 1920x1080. Transports run in alternating
 rounds so that drift of the machine hits each alike.
 
-    .venv/bin/python -m bench.bench_shm [--model manifest.json] [--frames 300] [--rounds 3] [--json]
+    .venv/bin/python -m bench.bench_shm [--model manifest.json | --tiny] [--frames 300] [--rounds 3] [--json]
 
-Without --model a tiny random-weight ONNX detector (64x48 input) is served: the numbers are
-the transport's cost, not a real model's. Linux only (/dev/shm, /proc).
+Without --model the model users get is served (artifacts/demo/engine, built now if `make demo`
+has not run); --tiny serves a tiny random-weight ONNX detector (64x48 input) instead, to see the
+transport's cost alone. Linux only (/dev/shm, /proc).
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--model", type=Path, help="manifest.json to serve (default: a tiny built-in model)")
+    p.add_argument("--model", type=Path, help="manifest.json to serve (default: the shipped default model)")
+    p.add_argument("--tiny", action="store_true", help="serve a tiny random-weight model: the transport's cost alone")
     p.add_argument("--frames", type=int, default=300, help="measured frames per transport (default 300)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds the frames are split into")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -201,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     frames = load_frames()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is None and args.tiny:
             from tests.tiny_model import make_tiny_artifact
 
             model = make_tiny_artifact(Path(tmp) / "tiny")
+        elif model is None:
+            from bench.bench_server import shipped_model
+
+            model = shipped_model(Path(tmp))
         from bench.bench_client import start_server
 
         proc, address = start_server(model, "--shm-allow", PREFIX)
