@@ -49,6 +49,7 @@ from server.limits import ServiceLimits
 from server.metrics_protocol import Metrics
 from server.model_host import ServedModel
 from server.scheduler import Job, JobStatus, Scheduler
+from server.wire import RefusedInfer, parse_model_infer_request
 
 _ids = itertools.count(1)
 
@@ -137,7 +138,11 @@ class KServeService:
             "ModelReady": unary(self.ModelReady, kpb.ModelReadyRequest, kpb.ModelReadyResponse),
             "ServerMetadata": unary(self.ServerMetadata, kpb.ServerMetadataRequest, kpb.ServerMetadataResponse),
             "ModelMetadata": unary(self.ModelMetadata, kpb.ModelMetadataRequest, kpb.ModelMetadataResponse),
-            "ModelInfer": unary(self.ModelInfer, kpb.ModelInferRequest, kpb.ModelInferResponse),
+            # Looked at on the wire before protobuf parses it (server.wire): field floods and huge
+            # typed contents would hold the GIL for tens of ms while parsed.
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                self.ModelInfer, request_deserializer=parse_model_infer_request,
+                response_serializer=kpb.ModelInferResponse.SerializeToString),
             # Triton's extensions beyond the KServe protocol: a clear answer instead of "Method not found".
             "ModelConfig": grpc.unary_unary_rpc_method_handler(_unimplemented(
                 "ModelConfig is Triton's model-configuration extension, not part of the KServe v2 protocol; "
@@ -199,7 +204,10 @@ class KServeService:
 
     # -- inference -----------------------------------------------------------------------------
 
-    def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.ServicerContext) -> kpb.ModelInferResponse:
+    def ModelInfer(self, request: kpb.ModelInferRequest | RefusedInfer,
+                   context: grpc.ServicerContext) -> kpb.ModelInferResponse:
+        if isinstance(request, RefusedInfer):
+            raise InvalidInputError(request.reason)
         scheduler, model = self._check_serving(request.model_name, request.model_version)
         pipeline = model.pipeline
         opts, camera_ids, timeout_ms = _parameters(request.parameters,

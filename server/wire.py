@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from perception.v1 import detector_pb2 as pb
 
@@ -150,3 +151,65 @@ def parse_detect_request(data: bytes) -> pb.DetectRequest | Refused:
     if reason:
         return Refused(pb.DetectRequest(frame=identity), reason, len(data))
     return pb.DetectRequest.FromString(data)
+
+
+# -- KServe v2 ModelInferRequest ------------------------------------------------------------------
+#
+# The same look, for the KServe front door. A schema names the fields to descend into (number ->
+# (name, sub-schema)) and caps packed repeated fields in bytes (number -> (name, cap)); every
+# message is walked at most MAX_FIELDS fields deep.
+
+Schema = dict[int, tuple[str, "Schema | int"]]
+MAX_TYPED_CONTENTS_BYTES = 1 << 20
+_MAP_ENTRY: Schema = {2: ("value", {})}
+_CONTENTS: Schema = {n: (name, MAX_TYPED_CONTENTS_BYTES) for n, name in enumerate(
+    ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents",
+     "fp64_contents"), start=1)}
+_INPUT: Schema = {3: ("shape", 256), 4: ("parameters", _MAP_ENTRY), 5: ("contents", _CONTENTS)}
+MODEL_INFER_REQUEST: Schema = {4: ("parameters", _MAP_ENTRY), 5: ("inputs", _INPUT),
+                               6: ("outputs", {2: ("parameters", _MAP_ENTRY)})}
+
+
+def check_schema(data: bytes, schema: Schema, what: str = "request") -> str:
+    """The reason to refuse ``data`` by ``schema`` ("" to parse it); raises _Malformed."""
+    buf = memoryview(data)
+
+    def walk(start: int, end: int, schema: Schema, what: str) -> None:
+        for number, kind, a, b in _fields(buf, start, end, what):
+            entry = schema.get(number)
+            if kind != _LEN or entry is None:
+                continue
+            name, sub = entry
+            if isinstance(sub, int):
+                if b - a > sub:
+                    raise ValueError(f"the {what}'s {name} are {b - a} bytes; at most {sub} (send large "
+                                     "tensors in raw_input_contents)")
+            else:
+                walk(a, b, sub, f"{what}.{name}")
+
+    try:
+        walk(0, len(buf), schema, what)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+@dataclass(frozen=True)
+class RefusedInfer:
+    """A KServe request refused before it was parsed, and why."""
+
+    reason: str
+
+
+def parse_model_infer_request(data: bytes) -> Any:
+    """The request deserializer of the KServe front door's ModelInfer: ``RefusedInfer`` for a
+    field flood or oversized typed contents, else the parsed request."""
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+
+    try:
+        reason = check_schema(data, MODEL_INFER_REQUEST)
+    except _Malformed:
+        return kpb.ModelInferRequest.FromString(data)
+    if reason:
+        return RefusedInfer(reason)
+    return kpb.ModelInferRequest.FromString(data)

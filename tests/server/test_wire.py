@@ -141,3 +141,59 @@ def test_flooded_requests_no_longer_stall_the_other_cameras(serve: Any) -> None:
         stop.set()
         t.join(30)
     assert busy < 3 * alone + 0.005, (alone, busy)
+
+
+# -- the KServe front door's ModelInfer ------------------------------------------------------------
+
+
+def _infer_request(**contents: Any) -> Any:
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+
+    req = kpb.ModelInferRequest(model_name="tiny")
+    tensor = req.inputs.add(name="IMAGE", datatype="UINT8", shape=[4, 4, 3])
+    for name, values in contents.items():
+        getattr(tensor.contents, name).extend(values)
+    return req
+
+
+def test_a_tritonclient_request_parses_as_protobuf_parses_it() -> None:
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+    from server.wire import parse_model_infer_request
+
+    req = kpb.ModelInferRequest(model_name="tiny", id="7")
+    req.inputs.add(name="IMAGE", datatype="BYTES", shape=[2])
+    req.outputs.add(name="DETECTIONS")
+    req.parameters["score_threshold"].double_param = 0.4
+    req.raw_input_contents.append(b"\x03\x00\x00\x00abc" * 2)
+    data = req.SerializeToString()
+    assert parse_model_infer_request(data) == kpb.ModelInferRequest.FromString(data)
+    small = _infer_request(uint_contents=[7] * 48)
+    assert parse_model_infer_request(small.SerializeToString()) == small
+
+
+def test_huge_typed_contents_and_floods_are_refused_before_parsing() -> None:
+    from server.wire import MAX_TYPED_CONTENTS_BYTES, RefusedInfer, parse_model_infer_request
+
+    data = _infer_request(uint_contents=[0] * 6_000_000).SerializeToString()  # a 1080p frame, typed
+    t0 = time.perf_counter()
+    got = parse_model_infer_request(data)
+    assert time.perf_counter() - t0 < 0.005
+    assert isinstance(got, RefusedInfer) and "uint_contents are 6000000 bytes" in got.reason
+    assert str(MAX_TYPED_CONTENTS_BYTES) in got.reason and "raw_input_contents" in got.reason
+    flood = _infer_request(bytes_contents=[b"x"] * (MAX_FIELDS + 1)).SerializeToString()
+    got = parse_model_infer_request(flood)
+    assert isinstance(got, RefusedInfer) and "request.inputs.contents has more than" in got.reason
+
+
+def test_the_kserve_front_door_answers_a_refused_request_invalid_argument(serve: Any) -> None:
+    import grpc
+
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+
+    run = serve(kserve=True)
+    infer = run.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                    response_deserializer=kpb.ModelInferResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        infer(_infer_request(uint_contents=[0] * 6_000_000).SerializeToString(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "uint_contents are 6000000 bytes" in (err.value.details() or "")
