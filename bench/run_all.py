@@ -20,6 +20,7 @@ from bench import (
     bench_soak,
     bench_tracking,
     bench_triton,
+    bench_workers,
 )
 
 # (title, the bench's main(argv) -> exit code, its arguments)
@@ -35,6 +36,9 @@ BENCHES: tuple[tuple[str, Callable[[list[str] | None], int], list[str]], ...] = 
     ("tracking: tracker cost per frame at 10 / 50 / 100 detections", bench_tracking.main, []),
     ("triton: in-process vs Detect vs StreamDetect vs our KServe v2 vs Triton (PyTriton), tritonclient",
      bench_triton.main, []),
+    ("workers: one worker x N threads vs N one-thread workers, the whole job and the engine alone",
+     bench_workers.main, []),
+    ("workers: the same, inference alone", bench_workers.main, ["--engine-only"]),
     ("lifecycle: degradation auto vs off at 10 -> 30 -> 10 fps, critical camera with vs without priorities",
      bench_lifecycle.main, ["--phase-s", "20"]),
 )
