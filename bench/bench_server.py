@@ -161,7 +161,7 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
 
 
 def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: int, seconds: float,
-                     cameras: int = 4, window: int = 3) -> dict[str, float]:
+                     cameras: int = 4, window: int = 3, server_args: list[str] | None = None) -> dict[str, float]:
     import grpc
 
     from perception.manifest import load_manifest
@@ -198,7 +198,7 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     cores = os.cpu_count() or 1
     workers_fps = run_workers(m, frames, cores, 1, batch, seconds) if cores > 1 else pipeline_fps
 
-    server = ServerProcess(manifest, threads, ["--max-batch", str(batch)])
+    server = ServerProcess(manifest, threads, ["--max-batch", str(batch), *(server_args or [])])
     counts: dict[int, int] = {}
     lock = threading.Lock()
     stop_at = time.perf_counter() + 2.0 + seconds
@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=200, help="frames per latency round")
     p.add_argument("--throughput-s", type=float, default=15.0)
     p.add_argument("--duration-s", type=float, default=600.0, help="memory run length (issue: 10 minutes)")
-    p.add_argument("--server-args", help="extra `perception serve` flags for the memory run, e.g. '--queue-size 1'")
+    p.add_argument("--server-args", help="extra `perception serve` flags for the throughput and memory runs, "
+                                         "e.g. '--inference-workers 2'")
     p.add_argument("--only", nargs="*", choices=("latency", "throughput", "decode", "memory"))
     p.add_argument("--json-out", help="write the results here as JSON")
     args = p.parse_args(argv)
@@ -412,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"StreamDetect p50 loopback {r['loopback_p50_ms']:.2f} ms "
                   f"vs in-process {r['inprocess_p50_ms']:.2f} ms = {r['ratio']:.3f}x (target <= 1.10x)", flush=True)
         if "throughput" in which:
-            results["throughput"] = r = bench_throughput(manifest, frames, args.threads, args.batch, args.throughput_s)
+            extra = args.server_args.split() if args.server_args else None
+            results["throughput"] = r = bench_throughput(manifest, frames, args.threads, args.batch, args.throughput_s,
+                                                         server_args=extra)
             print(f"4 cameras flat out: served {r['served_fps']:.1f} OK fps vs the in-process pipeline (decode, "
                   f"letterbox, inference, NMS) {r['pipeline_fps']:.1f} fps at batch {r['batch']} = "
                   f"{r['pipeline_ratio']:.3f}x; vs the same job on {r['cores']} one-thread workers "
