@@ -164,25 +164,6 @@ def detector_only(frames: list[Any]) -> list[Any]:
             for f in frames]
 
 
-def answered_frames(run: Run) -> list[Any]:
-    """Every answered box (tracked or not) as a TrackedFrame with no ids, for detector_only."""
-    from client.track_scoring import TrackedFrame
-    from perception.v1 import detector_pb2 as pb
-
-    out = []
-    for a in run.answers:
-        if a.status != pb.FRAME_STATUS_OK:
-            continue
-        d = list(a.detections)
-        out.append(TrackedFrame(
-            a.camera_id, int(a.sequence),
-            np.array([[x.box.x1, x.box.y1, x.box.x2, x.box.y2] for x in d], np.float32).reshape(-1, 4),
-            np.array([x.class_id for x in d], np.int64), np.zeros((len(d),), np.int64),
-            tuple(x.class_name for x in d), (),
-        ))
-    return out
-
-
 def tracker_cost(run: Run) -> dict[str, float | bool]:
     """Time a local Tracker per camera on the run's answered detections; whether its tracks are
     the server's (the same boxes grouped into the same tracks, whatever the ids' numbers)."""
@@ -285,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                             "drive": drive_name, "rate": rate, "sent": run.sent, "answers": dict(statuses),
                             "replay_s": run.seconds, "scores": score_tracks(frames, gt).to_dict(),
                             "scores_confirmed": score_tracks(frames, gt, confirmed_only=True).to_dict(),
-                            "detector": score_tracks(detector_only(answered_frames(run)), gt).to_dict(),
+                            "detector": score_tracks(detector_only(frames), gt).to_dict(),
                             "tracker": tracker_cost(run),
                         })
         finally:

@@ -10,8 +10,9 @@ from typing import cast
 
 import numpy as np
 
-from client.frames import FrameResult, FrameStatus, SharedMemorySlot, SourceFrame, Tracks
+from client.frames import FrameResult, FrameStatus, SourceFrame, Tracks
 from perception.errors import ConfigError
+from perception.pipeline import SharedMemorySlot
 from perception.tracking import TrackState
 from perception.types import Detections, StageTimings
 from perception.v1 import detector_pb2 as pb

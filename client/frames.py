@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from perception.decode import PixelFormat
 from perception.errors import DataError, InvalidInputError
+from perception.pipeline import SharedMemorySlot
 from perception.tracking import TrackState
 from perception.types import Detections, FrameStatus, StageTimings
 
@@ -28,22 +29,6 @@ class RawPixels:
     height: int
     pixel_format: PixelFormat
     data: bytes
-    row_stride: int = 0
-
-
-@dataclass(frozen=True)
-class SharedMemorySlot:
-    """Where a frame's pixels wait in a shared-memory ring on this host (client.shm_ring):
-    the server copies them out of segment ``segment`` at ``offset`` if the slot still holds
-    ``generation`` (proto ``SharedMemoryRef``)."""
-
-    segment: str
-    offset: int
-    byte_size: int
-    generation: int
-    width: int
-    height: int
-    pixel_format: PixelFormat
     row_stride: int = 0
 
 

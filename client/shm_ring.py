@@ -35,9 +35,9 @@ from multiprocessing import shared_memory
 import numpy as np
 from numpy.typing import NDArray
 
-from client.frames import SharedMemorySlot
 from perception.decode import PixelFormat
 from perception.errors import ConfigError, InvalidInputError
+from perception.pipeline import SharedMemorySlot
 
 MAGIC = b"PSHMSLT1"
 HEADER_SIZE = 64
@@ -111,7 +111,7 @@ class ShmRing:
         np.copyto(self._bytes[start:start + size].reshape(image.shape), image)
         _U64.pack_into(self._buf, offset + _SIZE_OFFSET, size)
         _U64.pack_into(self._buf, offset + _GENERATION_OFFSET, base + 2)  # even: complete
-        return SharedMemorySlot(self.name, offset, size, base + 2, width, height, fmt)
+        return SharedMemorySlot(self.name, offset, size, base + 2, width, height, 0, int(fmt))
 
     def close(self) -> None:
         """Unlink the segment (a server holding it open keeps reading the old one until it re-checks

@@ -54,7 +54,7 @@ def add_progress_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 def show_progress(no_progress: bool, stream: TextIO | None = None) -> bool:
     """Progress bars and step lines go to a terminal only: a log file or a pipe gets none."""
     out = sys.stderr if stream is None else stream
-    return not no_progress and bool(getattr(out, "isatty", lambda: False)())
+    return not no_progress and out.isatty()
 
 
 def _usage(table: dict[str, Command]) -> str:

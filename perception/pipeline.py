@@ -56,6 +56,22 @@ class RawPixels:
 
 
 @dataclass(frozen=True)
+class SharedMemorySlot:
+    """Where a frame's pixels wait in a shared-memory ring on the server's host (see proto
+    SharedMemoryRef): the client's ring writes them (client.shm_ring), the server copies them
+    out of segment ``segment`` at ``offset`` if the slot still holds ``generation`` (server.shm)."""
+
+    segment: str
+    offset: int
+    byte_size: int
+    generation: int
+    width: int
+    height: int
+    row_stride: int  # bytes per row of the first plane; 0 = tightly packed
+    pixel_format: int  # perception.decode.PixelFormat value
+
+
+@dataclass(frozen=True)
 class FrameInput:
     """One frame of one camera: encoded JPEG/PNG bytes or raw pixels (exactly one)."""
 

@@ -7,12 +7,12 @@ import math
 
 from perception.errors import InvalidInputError
 from perception.manifest import Manifest, Variant
-from perception.pipeline import FrameInput, RawPixels, RequestOptions
+from perception.pipeline import FrameInput, RawPixels, RequestOptions, SharedMemorySlot
 from perception.tracking import TrackState
 from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from server.answer import FrameAnswer
-from server.shm import ShmReader, SlotRef
+from server.shm import ShmReader
 from server.wire import Refused
 
 _STATUS = {
@@ -58,7 +58,7 @@ def frame_from_proto(
             raise InvalidInputError("shared-memory frames are off on this server (it maps them only when started "
                                     "with --shm-allow PREFIX, for a client on the same host)")
         m = f.shm
-        raw = shm.read(SlotRef(m.segment, int(m.offset), int(m.byte_size), int(m.generation), int(m.width),
+        raw = shm.read(SharedMemorySlot(m.segment, int(m.offset), int(m.byte_size), int(m.generation), int(m.width),
                                int(m.height), int(m.row_stride), int(m.format)))
     frame = FrameInput(
         camera_id=f.camera_id,

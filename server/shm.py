@@ -42,11 +42,10 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from perception.decode import MAX_ROW_PADDING, DecodeLimits, PixelFormat, check_size
 from perception.errors import ConfigError, InvalidInputError
-from perception.pipeline import RawPixels
+from perception.pipeline import RawPixels, SharedMemorySlot
 
 SHM_DIR = "/dev/shm"
 MAGIC = b"PSHMSLT1"
@@ -68,20 +67,6 @@ def check_prefix(prefix: str) -> str:
         raise ConfigError(f"shm_allow must be a plain segment-name prefix ([A-Za-z0-9._-], not starting with "
                           f"'.', no '/'), got {prefix!r}")
     return prefix
-
-
-@dataclass(frozen=True)
-class SlotRef:
-    """A ``SharedMemoryRef`` as received (no protobuf here)."""
-
-    segment: str
-    offset: int
-    byte_size: int
-    generation: int
-    width: int
-    height: int
-    row_stride: int
-    pixel_format: int
 
 
 def slot_bytes(width: int, height: int, pixel_format: int, row_stride: int = 0) -> tuple[int, int]:
@@ -141,7 +126,7 @@ class ShmReader:
             raise InvalidInputError(f"shared-memory segment {name!r} is outside the prefix {self.prefix!r} "
                                     "this server may map")
 
-    def read(self, ref: SlotRef) -> RawPixels:
+    def read(self, ref: SharedMemorySlot) -> RawPixels:
         """The slot's pixels, copied out; InvalidInputError (never a read outside the segment)."""
         self.check_name(ref.segment)
         check_size(ref.width, ref.height, self.limits)
@@ -157,7 +142,7 @@ class ShmReader:
         finally:
             self._release(seg)
 
-    def _copy(self, fd: int, ref: SlotRef) -> bytes:
+    def _copy(self, fd: int, ref: SharedMemorySlot) -> bytes:
         size = os.fstat(fd).st_size
         end = ref.offset + HEADER_SIZE + ref.byte_size
         if end > size:

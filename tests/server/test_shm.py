@@ -18,14 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from client.convert import shm_ref
-from client.frames import SharedMemorySlot
 from client.shm_ring import HEADER_SIZE, ShmRing
 from perception.decode import PixelFormat
 from perception.errors import ConfigError, InvalidInputError
+from perception.pipeline import SharedMemorySlot
 from perception.v1 import detector_pb2 as pb
 from server import shm as server_shm
 from server.config import ServerConfig
-from server.shm import ShmReader, SlotRef
+from server.shm import ShmReader
 from tests.server.conftest import health_check, jpeg, request
 
 OK = pb.FRAME_STATUS_OK
@@ -240,10 +240,8 @@ def test_a_slot_overwritten_during_the_copy_is_refused(ring: Any, monkeypatch: p
         return data
 
     monkeypatch.setattr(server_shm, "_pread", producer_overwrites_during_copy)
-    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation,
-                   ref.width, ref.height, 0, int(ref.pixel_format))
     with pytest.raises(InvalidInputError, match="overwritten while it was read"):
-        reader.read(slot)
+        reader.read(ref)
     reader.close()
 
 
@@ -251,13 +249,11 @@ def test_a_segment_shrunk_under_a_cached_descriptor_is_a_short_read_not_a_crash(
     r = ring(slots=2)
     ref = r.write(_image())
     reader = ShmReader(PREFIX)
-    slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation,
-                   ref.width, ref.height, 0, int(ref.pixel_format))
-    assert reader.read(slot).data == _image().tobytes()
+    assert reader.read(ref).data == _image().tobytes()
     assert reader.open_segments == 1
     os.truncate(f"/dev/shm/{r.name}", 100)  # a hostile producer shrinks its segment
     with pytest.raises(InvalidInputError, match="past the segment"):
-        reader.read(slot)
+        reader.read(ref)
     reader.close()
 
 
@@ -267,21 +263,17 @@ def test_a_recreated_segment_is_reopened_and_open_segments_are_bounded(ring: Any
     rings = [ring(slots=1) for _ in range(3)]
     for r in rings:
         ref = r.write(img)
-        slot = SlotRef(ref.segment, ref.offset, ref.byte_size, ref.generation, ref.width, ref.height, 0,
-                       int(ref.pixel_format))
-        assert reader.read(slot).data == img.tobytes()
+        assert reader.read(ref).data == img.tobytes()
     assert reader.open_segments == 2
     # The producer restarts under the same name: the server reads the new segment, not the old.
     name = rings[-1].name
     rings[-1].close()
     with pytest.raises(InvalidInputError, match="no shared-memory segment"):
-        reader.read(slot)
+        reader.read(ref)
     again = ShmRing(1, img.nbytes, name=name)
     try:
         ref = again.write(img[::-1].copy())
-        slot = SlotRef(name, ref.offset, ref.byte_size, ref.generation,
-                       ref.width, ref.height, 0, int(ref.pixel_format))
-        assert reader.read(slot).data == img[::-1].tobytes()
+        assert reader.read(ref).data == img[::-1].tobytes()
     finally:
         again.close()
         reader.close()
