@@ -84,21 +84,49 @@ class EncodedHeader:
     full_buffer: bool
 
 
+# Image bytes as the server holds them: its own bytes, or a view of a received message's bytes
+# (server.wire keeps a frame's image out of protobuf's copies).
+ImageBytes = bytes | memoryview
+
+
+def _find_ff(data: ImageBytes, i: int) -> int:
+    """The index of the next 0xFF byte at or after ``i``, or -1; linear in the distance found."""
+    if isinstance(data, bytes):
+        return data.find(b"\xff", i)
+    step = 64
+    while i < len(data):  # a view has no find: search growing windows of it
+        j = bytes(data[i : i + step]).find(b"\xff")
+        if j >= 0:
+            return i + j
+        i += step
+        step = min(step * 2, 1 << 20)
+    return -1
+
+
+# Steps (segments, markers, fill bytes, gaps) read_header takes before the frame header. Cameras'
+# JPEGs have under 30 (APPn, DQT, DHT, DRI, COM, SOF); some encoders pad with a few fill bytes.
+MAX_JPEG_HEADER_STEPS = 4096
+
 # SOF markers of progressive JPEG (SOF2, SOF6, SOF10, SOF14).
 _PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 
 
-def read_header(data: bytes) -> EncodedHeader:
+def read_header(data: ImageBytes) -> EncodedHeader:
     """Parse a JPEG/PNG header in time linear in its size, with no Python loop over bytes:
-    segments are skipped by their length and any fill between them by ``bytes.find``."""
+    segments are skipped by their length and any gap between them by a find. A header is a
+    few dozen segments; one made of millions of length-less markers or fill bytes (FF D0 FF D0
+    ...) would still be a Python step per two bytes, so the walk gives up after
+    ``MAX_JPEG_HEADER_STEPS``."""
     if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n":
         w, h = struct.unpack(">II", data[16:24])
         return EncodedHeader("png", int(w), int(h), True)
     if len(data) >= 4 and data[:2] == b"\xff\xd8":
         i, n = 2, len(data)
-        while i + 4 <= n:
+        for _ in range(MAX_JPEG_HEADER_STEPS):
+            if i + 4 > n:
+                break
             if data[i] != 0xFF:
-                i = data.find(b"\xff", i)
+                i = _find_ff(data, i)
                 if i < 0:
                     break
                 continue
@@ -121,11 +149,15 @@ def read_header(data: bytes) -> EncodedHeader:
             if seg_len < 2:
                 break
             i += 2 + seg_len
+        else:
+            raise InvalidInputError(
+                f"JPEG has more than {MAX_JPEG_HEADER_STEPS} markers or gaps before its frame header (corrupt)"
+            )
         raise InvalidInputError("JPEG has no frame header (truncated or corrupt)")
     raise InvalidInputError("encoded image is neither JPEG nor PNG")
 
 
-def encoded_size(data: bytes) -> tuple[str, int, int]:
+def encoded_size(data: ImageBytes) -> tuple[str, int, int]:
     """(kind, width, height) read from a JPEG/PNG header without decoding the pixels."""
     h = read_header(data)
     return h.kind, h.width, h.height
@@ -146,7 +178,7 @@ def reduction_factor(src_w: int, src_h: int, min_size: tuple[int, int] | None) -
 
 
 def decode_encoded(
-    data: bytes, min_size: tuple[int, int] | None = None, limits: DecodeLimits = DEFAULT_LIMITS
+    data: ImageBytes, min_size: tuple[int, int] | None = None, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> tuple[NDArray[np.uint8], int, int]:
     """Decode JPEG/PNG bytes to BGR (H, W, 3) uint8.
 
@@ -182,7 +214,7 @@ def decode_encoded(
     return img, w, h
 
 
-def _decode_jpeg(data: bytes, min_w: int, min_h: int) -> NDArray[np.uint8]:
+def _decode_jpeg(data: ImageBytes, min_w: int, min_h: int) -> NDArray[np.uint8]:
     import simplejpeg
 
     try:
@@ -193,8 +225,8 @@ def _decode_jpeg(data: bytes, min_w: int, min_h: int) -> NDArray[np.uint8]:
     return cast(NDArray[np.uint8], img)
 
 
-def _decode_png(data: bytes, w: int, h: int) -> NDArray[np.uint8]:
-    if b"IEND" not in data[-32:]:
+def _decode_png(data: ImageBytes, w: int, h: int) -> NDArray[np.uint8]:
+    if b"IEND" not in bytes(data[-32:]):
         raise InvalidInputError("PNG is truncated (no IEND chunk)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | _NO_EXIF_ROTATION)
     if img is None:
@@ -205,7 +237,7 @@ def _decode_png(data: bytes, w: int, h: int) -> NDArray[np.uint8]:
 
 
 def decode_raw(
-    data: bytes, width: int, height: int, pixel_format: int, row_stride: int = 0,
+    data: ImageBytes, width: int, height: int, pixel_format: int, row_stride: int = 0,
     limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> NDArray[np.uint8]:
     """Raw pixels (BGR8, RGB8, GRAY8 or NV12) with an optional row stride -> BGR (H, W, 3)."""

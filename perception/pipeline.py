@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.decode import DEFAULT_LIMITS, DecodeLimits, decode_encoded, decode_raw, reduction_factor
+from perception.decode import DEFAULT_LIMITS, DecodeLimits, ImageBytes, decode_encoded, decode_raw, reduction_factor
 from perception.errors import DataError, InvalidInputError, ModelError
 from perception.layouts import DecodeContext, TensorInfo, decoder_for
 from perception.letterbox import Letterbox
@@ -52,7 +52,7 @@ class RawPixels:
     height: int
     row_stride: int  # bytes per row of the first plane; 0 = tightly packed
     pixel_format: int  # perception.decode.PixelFormat value
-    data: bytes
+    data: ImageBytes
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class FrameInput:
     camera_id: str
     sequence: int
     capture_timestamp_ns: int
-    encoded: bytes | None = None
+    encoded: ImageBytes | None = None
     raw: RawPixels | None = None
     deadline_ms: int = 0  # 0 = none
 

@@ -240,8 +240,8 @@ def create_server(
                                    config.stream_idle_timeout_s, config.priorities())
     ms = 1000
     options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.message_limit()),
+        ("grpc.max_send_message_length", config.message_limit()),
         ("grpc.so_reuseport", 0),
         # Keepalive enforcement: ping idle connections, drop peers that ping more often than
         # allowed, and age connections out (with a grace for in-flight calls) so that streams

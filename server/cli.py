@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--queue-size", type=int, help="frames queued per camera (the latest wins)")
     a("--max-pending", type=int, help="frames queued in total before shedding load")
     a("--outbox-size", type=int, help="answers held per stream for a slow reader")
-    a("--max-message-bytes", type=int, help="largest request / response message")
+    a("--max-message-bytes", type=int, help="largest request / response message; default: the largest raw frame "
+      "--max-image-pixels allows, at most 64 MiB (every open stream can have one such message in gRPC's buffers)")
     a("--tls-cert", help="server certificate (PEM); enables TLS")
     a("--tls-key", help="server private key (PEM)")
     a("--tls-client-ca", help="CA bundle for client certificates; enables mutual TLS")

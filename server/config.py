@@ -20,8 +20,10 @@ ENV_PREFIX = "PERCEPTION_"
 BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 LOG_FORMATS = ("text", "json")
 PRIORITY_CLASSES = {"best_effort": 0, "normal": 1, "critical": 2}
-# A raw 3840x2160 BGR8 frame is 24.9 MB; 64 MiB leaves room for a 4K frame with a stride.
+# The most a derived message limit can be: a raw 3840x2160 BGR8 frame is 24.9 MB; 64 MiB leaves
+# room for one with a stride, and for most of an 8K one's.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MIN_MESSAGE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ServerConfig:
     queue_size: int = 2  # per camera; the latest frame wins, older ones are answered stale
     max_pending: int = 64  # frames queued across all cameras before shedding load
     outbox_size: int = 32  # answers held per stream for a client that is slow to read
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = 0  # largest request / response; 0 = derived (message_limit)
     max_workers: int = 16  # gRPC handler threads for unary calls and health, beside one per stream
     # Open StreamDetect calls, in all and per client address; each holds a handler thread.
     max_streams: int = 32
@@ -133,9 +135,10 @@ class ServerConfig:
                      "max_image_pixels", "max_full_buffer_pixels", "unhealthy_after_failed_batches"):
             if getattr(self, name) < (0 if name in ("warmup_iters", "max_camera_labels") else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_message_bytes < 3840 * 2160 * 3 + 1024:
+        if self.max_message_bytes and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
-                f"max_message_bytes {self.max_message_bytes} is too small for a raw 3840x2160 BGR frame"
+                f"max_message_bytes {self.max_message_bytes} is below {MIN_MESSAGE_BYTES} (0 = derived from "
+                "max_image_pixels)"
             )
         for name in ("stream_idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s",
                      "max_connection_age_s", "max_connection_age_grace_s"):
@@ -205,6 +208,20 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    def message_limit(self) -> int:
+        """The largest gRPC message the server reads: ``max_message_bytes``, or by default the
+        largest raw BGR8 frame ``max_image_pixels`` allows (an eighth more for row padding, plus
+        64 KiB), at most DEFAULT_MAX_MESSAGE_BYTES.
+
+        It bounds memory where nothing else can: gRPC refuses a longer message at its length
+        prefix, before buffering any of it, but HTTP/2 flow control lets every open stream have a
+        whole message of up to this size in gRPC's receive buffers, whatever the server does with
+        the ones it has read. Lowering ``max_image_pixels`` to the cameras' resolution therefore
+        lowers the worst case of memory with it (docs/hardening.md)."""
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        return min(DEFAULT_MAX_MESSAGE_BYTES, self.max_image_pixels * 3 * 9 // 8 + 64 * 1024)
 
     def priorities(self) -> dict[str, int]:
         """camera id -> priority (higher is served first and shed last)."""

@@ -13,7 +13,7 @@ from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from server.answer import FrameAnswer
 from server.shm import ShmReader
-from server.wire import Refused
+from server.wire import Received, Refused
 
 _STATUS = {
     FrameStatus.OK: pb.FRAME_STATUS_OK,
@@ -33,7 +33,7 @@ _TRACK_STATE = {
 
 
 def frame_from_proto(
-    request: pb.DetectRequest | Refused, max_class_filter: int = 1024, shm: ShmReader | None = None
+    request: pb.DetectRequest | Refused | Received, max_class_filter: int = 1024, shm: ShmReader | None = None
 ) -> tuple[FrameInput, RequestOptions]:
     """The frame and options of a request. Raises InvalidInputError for a request the wire check
     refused (server.wire), a frame with no image, or more class-filter entries than
@@ -41,18 +41,25 @@ def frame_from_proto(
     (copied out of its slot) by ``shm``; without one (the server's default) it is refused."""
     if isinstance(request, Refused):
         raise InvalidInputError(request.reason)
+    payload = None
+    if isinstance(request, Received):  # the image bytes were kept out of protobuf (server.wire)
+        request, payload = request.request, request.payload
     f = request.frame
     if len(request.options.class_filter) > max_class_filter:
         raise InvalidInputError(
             f"class_filter has {len(request.options.class_filter)} entries; at most {max_class_filter} (one per class)"
         )
     kind = f.WhichOneof("image")
-    encoded = raw = None
-    if kind == "encoded":
+    encoded: bytes | memoryview | None = None
+    raw = None
+    if kind is None and payload is not None:
+        kind, encoded = "encoded", payload
+    elif kind == "encoded":
         encoded = f.encoded
     elif kind == "raw":
         r = f.raw
-        raw = RawPixels(int(r.width), int(r.height), int(r.row_stride), int(r.format), r.data)
+        raw = RawPixels(int(r.width), int(r.height), int(r.row_stride), int(r.format),
+                        r.data if payload is None else payload)
     elif kind == "shm":
         if shm is None:
             raise InvalidInputError("shared-memory frames are off on this server (it maps them only when started "
@@ -83,9 +90,9 @@ def frame_from_proto(
     return frame, opts
 
 
-def identify(request: pb.DetectRequest | Refused) -> tuple[str, int, int, int]:
+def identify(request: pb.DetectRequest | Refused | Received) -> tuple[str, int, int, int]:
     """(camera_id, sequence, capture_timestamp_ns, deadline_ms) of a request, for echoing."""
-    f = request.request.frame if isinstance(request, Refused) else request.frame
+    f = request.frame if isinstance(request, pb.DetectRequest) else request.request.frame
     return f.camera_id, int(f.sequence), int(f.capture_timestamp_ns), int(f.deadline_ms)
 
 

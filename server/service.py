@@ -26,7 +26,7 @@ from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.shm import ShmReader
 from server.stream import StreamSession
-from server.wire import Refused, parse_detect_request
+from server.wire import Received, Refused, parse_detect_request
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "perception.v1.Detector"
@@ -91,13 +91,13 @@ class DetectorService(pb_grpc.DetectorServicer):
                 f"camera {camera_id!r} is not in the server's camera allow-list {sorted(self._cameras)}"
             )
 
-    def _convert(self, request: pb.DetectRequest | Refused) -> tuple[FrameInput, RequestOptions]:
-        if not isinstance(request, Refused) and request.frame.WhichOneof("image") == "shm":
+    def _convert(self, request: pb.DetectRequest | Refused | Received) -> tuple[FrameInput, RequestOptions]:
+        if isinstance(request, pb.DetectRequest) and request.frame.WhichOneof("image") == "shm":
             # Before the server reads anything from its host's memory on a client's word.
             self.admit_camera(request.frame.camera_id)
         return convert.frame_from_proto(request, self._max_class_filter, self._shm)
 
-    def Detect(self, request: pb.DetectRequest | Refused, context: grpc.ServicerContext) -> pb.DetectResponse:
+    def Detect(self, request: pb.DetectRequest | Refused | Received, context: grpc.ServicerContext) -> pb.DetectResponse:
         scheduler = self._check_serving()
         camera_id, sequence, ts, deadline_ms = convert.identify(request)
         if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)
@@ -139,7 +139,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         return convert.answer_to_proto(answer)
 
     def StreamDetect(
-        self, request_iterator: Iterable[pb.DetectRequest | Refused], context: grpc.ServicerContext
+        self, request_iterator: Iterable[pb.DetectRequest | Refused | Received], context: grpc.ServicerContext
     ) -> Iterator[pb.DetectResponse]:
         scheduler = self._check_serving()
         peer = self._limits.streams.admit(context.peer())

@@ -232,6 +232,7 @@ class StreamSession:
             try:
                 self._accept(task, request)
             finally:
+                del request  # the frame's bytes go now, not when the next frame arrives
                 self._release(size)
 
     def _accept(self, task: FrameTask, request: Any) -> None:

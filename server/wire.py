@@ -9,7 +9,7 @@ meanwhile: a few such requests a second, from one client, multiplied the honest 
 first walks the fields of the messages a frame is made of: the request, its frame, the frame's
 raw image or shared-memory reference, and the options. Payloads (the image bytes) are skipped
 by their length, and each walk stops after ``MAX_FIELDS``, so the look costs microseconds
-whatever the request holds. Then it either lets protobuf parse the request, or refuses it:
+whatever the request holds. Then it either parses the request, or refuses it:
 
 - a message with more than ``MAX_FIELDS`` fields (a camera frame has about ten);
 - options longer than ``MAX_OPTIONS_BYTES`` (a class filter holds at most one entry per class).
@@ -18,6 +18,9 @@ A refused request comes back as ``Refused``: the frame's identity (camera, seque
 time, deadline, read during the walk) and the reason. The service answers it INVALID in
 order, and a stream goes on. Bytes the walk cannot read (a truncated varint, a length past the
 end) go to protobuf as they are, which fails the call as it always did.
+
+An accepted frame comes back as ``Received``: its image bytes a view of the received bytes,
+the rest parsed by protobuf, so the image is held once, not three times (see ``Received``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ MAX_OPTIONS_BYTES = 16 * 1024
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 # DetectRequest: frame = 1, options = 2. Frame: camera_id = 1, sequence = 2,
-# capture_timestamp_ns = 3, raw = 5, deadline_ms = 6, shm = 7 (encoded = 4 is only skipped).
+# capture_timestamp_ns = 3, encoded = 4, raw = 5, deadline_ms = 6, shm = 7. RawImage: data = 5.
 _FRAME, _OPTIONS = 1, 2
-_CAMERA, _SEQUENCE, _CAPTURE, _RAW, _DEADLINE, _SHM = 1, 2, 3, 5, 6, 7
+_CAMERA, _SEQUENCE, _CAPTURE, _ENCODED, _RAW, _DEADLINE, _SHM = 1, 2, 3, 4, 5, 6, 7
+_DATA = 5
 
 
 @dataclass(frozen=True)
@@ -111,13 +115,47 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def check(data: bytes) -> tuple[str, pb.Frame]:
-    """The reason to refuse ``data`` ("" to parse it) and the frame identity read on the way.
+@dataclass(frozen=True)
+class Received:
+    """An accepted camera frame whose image bytes were kept out of protobuf.
+
+    protobuf copies a bytes field when it parses the message and again at every read of it, so
+    a 16 MiB frame would be held three times over (gRPC's bytes, the parsed message, the field's
+    copy). Here the image is ``payload``, a view of the received bytes, and ``request`` is the
+    rest of the message, parsed from a copy that leaves the image out.
+
+    kind: ``"encoded"`` (the frame's JPEG/PNG bytes) or ``"raw"`` (``request.frame.raw`` holds
+    the raw image's size and format, its ``data`` is the payload).
+    size: the request's length on the wire.
+    """
+
+    request: pb.DetectRequest
+    kind: str
+    payload: memoryview
+    size: int
+
+    def ByteSize(self) -> int:  # noqa: N802  # the protobuf name, as callers ask requests
+        return self.size
+
+
+# (tag start, value start, value end, field number) of a length-delimited field.
+_Span = tuple[int, int, int, int]
+
+
+def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
+    """The reason to refuse ``data`` ("" to parse it), the frame identity read on the way, and
+    the path to the frame's image bytes (the frame field, then the encoded field, or the raw
+    field and its data field) when that image can be cut out of the message without changing
+    what protobuf would parse (one frame field, one image field, one data field); else None.
     Raises _Malformed for bytes the walk cannot read."""
     buf = memoryview(data)
     identity = pb.Frame()
     reason = ""
+    frames: list[_Span] = []
+    images: list[_Span] = []
+    datas: list[_Span] = []
     try:
+        start = 0
         for number, kind, a, b in _fields(buf, 0, len(buf), "top level"):
             if number == _OPTIONS and kind == _LEN:
                 if b - a > MAX_OPTIONS_BYTES:
@@ -125,7 +163,11 @@ def check(data: bytes) -> tuple[str, pb.Frame]:
                                         "(a class filter holds at most one entry per class)")
                 else:
                     _walk(_fields(buf, a, b, "options"))
-            elif number == _FRAME and kind == _LEN:
+            elif number == _FRAME and kind != _LEN:
+                frames.append((start, a, b, -1))  # not a message (protobuf will say so): no cut
+            elif number == _FRAME:
+                frames.append((start, a, b, number))
+                f_start = a
                 for f_number, f_kind, fa, fb in _fields(buf, a, b, "frame"):
                     if f_kind == _VARINT and f_number == _SEQUENCE:
                         identity.sequence = fa
@@ -135,22 +177,62 @@ def check(data: bytes) -> tuple[str, pb.Frame]:
                         identity.deadline_ms = fa & 0xFFFFFFFF
                     elif f_kind == _LEN and f_number == _CAMERA:
                         identity.camera_id = bytes(buf[fa:fb]).decode("utf-8", "replace")
-                    elif f_kind == _LEN and f_number in (_RAW, _SHM):
-                        _walk(_fields(buf, fa, fb, "raw image" if f_number == _RAW else "shared-memory reference"))
+                    elif f_number in (_ENCODED, _RAW, _SHM):
+                        images.append((f_start, fa, fb, f_number if f_kind == _LEN else -1))
+                        if f_kind == _LEN and f_number in (_RAW, _SHM):
+                            r_start = fa
+                            for r_number, r_kind, ra, rb in _fields(
+                                    buf, fa, fb, "raw image" if f_number == _RAW else "shared-memory reference"):
+                                if f_number == _RAW and r_number == _DATA:
+                                    datas.append((r_start, ra, rb, r_number if r_kind == _LEN else -1))
+                                r_start = rb
+                    f_start = fb
+            start = b
     except ValueError as exc:
         reason = reason or str(exc)
-    return reason, identity
+    path: list[_Span] | None = None
+    if not reason and len(frames) == 1 and frames[0][3] == _FRAME and len(images) == 1:
+        if images[0][3] == _ENCODED:
+            path = [frames[0], images[0]]
+        elif images[0][3] == _RAW and len(datas) == 1 and datas[0][3] == _DATA:
+            path = [frames[0], images[0], datas[0]]
+    return reason, identity, path
 
 
-def parse_detect_request(data: bytes) -> pb.DetectRequest | Refused:
+def _key_and_length(number: int, length: int) -> bytes:
+    out = bytearray()
+    for value in ((number << 3) | _LEN, length):
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def _cut(buf: memoryview, path: list[_Span], start: int, end: int) -> bytes:
+    """buf[start:end] without the innermost field of ``path``; each enclosing field's length
+    prefix is rewritten for what is left of it."""
+    tag, a, b, number = path[0]
+    if len(path) == 1:
+        return bytes(buf[start:tag]) + bytes(buf[b:end])
+    inner = _cut(buf, path[1:], a, b)
+    return bytes(buf[start:tag]) + _key_and_length(number, len(inner)) + inner + bytes(buf[b:end])
+
+
+def parse_detect_request(data: bytes) -> pb.DetectRequest | Refused | Received:
     """The request deserializer of Detect and StreamDetect (module docstring)."""
     try:
-        reason, identity = check(data)
+        reason, identity, path = check(data)
     except _Malformed:
         return pb.DetectRequest.FromString(data)
     if reason:
         return Refused(pb.DetectRequest(frame=identity), reason, len(data))
-    return pb.DetectRequest.FromString(data)
+    if path is None:
+        return pb.DetectRequest.FromString(data)
+    buf = memoryview(data)
+    rest = pb.DetectRequest.FromString(_cut(buf, path, 0, len(buf)))
+    _, a, b, _ = path[-1]
+    return Received(rest, "encoded" if len(path) == 2 else "raw", buf[a:b], len(data))
 
 
 # -- KServe v2 ModelInferRequest ------------------------------------------------------------------

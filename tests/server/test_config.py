@@ -31,7 +31,7 @@ def test_precedence_flag_env_file(tmp_path):
         ({"backends": ("gpu-magic",)}, "backends"),
         ({"tls_cert": "/nonexistent.crt", "tls_key": "/nonexistent.key"}, "no such file"),
         ({"tls_cert": "x"}, "both"),
-        ({"max_message_bytes": 1024}, "3840x2160"),
+        ({"max_message_bytes": 1024}, "max_image_pixels"),
         ({"auth_tokens": ("has space",)}, "whitespace"),
         ({"log_format": "xml"}, "log_format"),
     ],

@@ -168,6 +168,64 @@ def test_a_16_mib_frame_without_a_header_is_refused_in_linear_time(serve: Any) -
     assert time.perf_counter() - t0 < 0.1  # the parse itself; it was 1.4 s of a Python loop
 
 
+@pytest.mark.parametrize("body", [b"\xff\xd0", b"\xff\x01\x00", b"\xff"], ids=["restart", "tem", "fill"])
+def test_a_header_of_millions_of_markers_is_refused_in_linear_time(body: bytes) -> None:
+    """Length-less markers and fill bytes before the frame header were a Python step per two
+    bytes: 8 MB of them held the GIL for 0.3-0.5 s. The walk gives up after a few thousand."""
+    from perception.decode import MAX_JPEG_HEADER_STEPS, read_header
+
+    data = b"\xff\xd8" + body * (8_000_000 // len(body))
+    for view in (data, memoryview(data)):
+        t0 = time.perf_counter()
+        with pytest.raises(InvalidInputError, match=f"more than {MAX_JPEG_HEADER_STEPS} markers"):
+            read_header(view)
+        assert time.perf_counter() - t0 < 0.05
+
+
+def _send_big_frames(address: str, streams: int, calls: int, codes: Any) -> None:
+    """In a process of its own, so that the test process's memory is the server's alone."""
+    data = request("front", 0, b"\xff\xd8" + bytes(16 << 20)).SerializeToString()
+    with grpc.insecure_channel(address) as ch:
+        detect = ch.unary_unary("/perception.v1.Detector/Detect")  # bytes as they are
+        out: list[str] = []
+
+        def send() -> None:
+            for _ in range(calls):
+                try:
+                    detect(data, timeout=10)
+                    out.append("OK")
+                except grpc.RpcError as exc:
+                    out.append(exc.code().name)
+
+        threads = [threading.Thread(target=send) for _ in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    codes.put(out)
+
+
+def test_messages_above_the_cameras_frame_size_are_refused_before_they_are_buffered(serve: Any) -> None:
+    """With the pixel limit at the cameras' 1080p, the message limit follows it (7.1 MB), and
+    gRPC refuses a 16 MiB frame at its length prefix: 8 clients sending them do not grow the
+    server's memory. (At the default 8K limit, each open stream can have a whole 16 MiB
+    message in gRPC's receive buffers.)"""
+    import multiprocessing
+
+    run = serve(max_image_pixels=1920 * 1080)
+    assert ServerConfig(model="m.json", max_image_pixels=1920 * 1080).message_limit() == 7_063_936
+    ctx = multiprocessing.get_context("spawn")
+    codes = ctx.Queue()
+    rss0 = _rss_mb()
+    sender = ctx.Process(target=_send_big_frames, args=(run.address, 8, 4, codes))
+    sender.start()
+    got = codes.get(timeout=60)
+    sender.join(10)
+    assert got == ["RESOURCE_EXHAUSTED"] * 32
+    assert _rss_mb() - rss0 < 40  # 512 MiB sent
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).status == OK
+
+
 def _png_header_only(w: int, h: int) -> bytes:
     """A small PNG declaring w x h: one IDAT of highly compressible zeros (a decode bomb)."""
     raw = zlib.compress(bytes((w * 3 + 1) * h), 9)

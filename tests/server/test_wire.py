@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from perception.v1 import detector_pb2 as pb
-from server.wire import MAX_FIELDS, MAX_OPTIONS_BYTES, Refused, parse_detect_request
+from server.wire import MAX_FIELDS, MAX_OPTIONS_BYTES, Received, Refused, parse_detect_request
 from tests.server.conftest import jpeg, request
 
 OK = pb.FRAME_STATUS_OK
@@ -32,12 +32,69 @@ def _requests() -> list[pb.DetectRequest]:
     return [full, raw, shm, pb.DetectRequest(), pb.DetectRequest(frame=pb.Frame(camera_id="ünïcode"))]
 
 
+def _whole(got: pb.DetectRequest | Received | Refused) -> pb.DetectRequest:
+    """The request as protobuf would hold it, the image put back into a Received one."""
+    assert not isinstance(got, Refused)
+    if isinstance(got, pb.DetectRequest):
+        return got
+    whole = pb.DetectRequest()
+    whole.CopyFrom(got.request)
+    if got.kind == "encoded":
+        assert not whole.frame.HasField("raw") and not whole.frame.HasField("shm")
+        whole.frame.encoded = bytes(got.payload)
+    else:
+        assert got.kind == "raw" and whole.frame.raw.data == b""
+        whole.frame.raw.data = bytes(got.payload)
+    return whole
+
+
+def _tricky() -> list[bytes]:
+    """Wire bytes protobuf accepts that a frame's usual ones do not look like: fields repeated
+    (last one wins, messages merge), the oneof set twice, unknown fields around the image."""
+    a = request("front", 1, jpeg()).SerializeToString()
+    b = pb.DetectRequest(frame=pb.Frame(camera_id="rear", sequence=9, raw=pb.RawImage(
+        width=4, height=2, format=pb.PIXEL_FORMAT_BGR8, data=bytes(range(24))))).SerializeToString()
+    raw_data_twice = pb.DetectRequest(frame=pb.Frame(raw=pb.RawImage(data=b"x" * 24))).SerializeToString()
+    frame = pb.Frame(camera_id="side", encoded=b"\xff\xd8first").SerializeToString()
+    unknown = b"\xa2\x06\x03abc"  # field 100, length-delimited: kept as an unknown field
+    frame_with_unknowns = unknown + frame + unknown + pb.Frame(encoded=b"\xff\xd8second").SerializeToString()
+    return [
+        a + b,  # two frame fields: protobuf merges them, raw wins the oneof
+        b + a,
+        a + a,
+        b"\x0a" + bytes([len(frame_with_unknowns)]) + frame_with_unknowns,
+        b + raw_data_twice,
+        pb.DetectRequest(frame=pb.Frame(encoded=b"")).SerializeToString(),
+        pb.DetectRequest(frame=pb.Frame(raw=pb.RawImage(width=1))).SerializeToString(),
+    ]
+
+
 @pytest.mark.parametrize("index", range(5))
 def test_camera_frames_parse_as_protobuf_parses_them(index: int) -> None:
     req = _requests()[index]
     data = req.SerializeToString()
+    assert _whole(parse_detect_request(data)) == pb.DetectRequest.FromString(data)
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_unusual_but_valid_wire_bytes_parse_as_protobuf_parses_them(index: int) -> None:
+    data = _tricky()[index]
+    assert _whole(parse_detect_request(data)) == pb.DetectRequest.FromString(data)
+
+
+def test_a_frames_image_is_held_once_as_a_view_of_the_received_bytes() -> None:
+    """protobuf would copy a 16 MiB image twice (parse, then field read); the deserializer's
+    answer refers to gRPC's bytes instead."""
+    data = request("front", 1, jpeg() + bytes(16 << 20)).SerializeToString()
     got = parse_detect_request(data)
-    assert isinstance(got, pb.DetectRequest) and got == pb.DetectRequest.FromString(data)
+    assert isinstance(got, Received) and got.kind == "encoded" and got.size == len(data)
+    assert got.payload.obj is data and len(got.payload) > 16 << 20
+    assert got.request.ByteSize() < 100  # the rest of the message: identity and options
+    raw = pb.DetectRequest(frame=pb.Frame(raw=pb.RawImage(width=1920, height=1080, format=pb.PIXEL_FORMAT_BGR8,
+                                                          data=bytes(1920 * 1080 * 3)))).SerializeToString()
+    got = parse_detect_request(raw)
+    assert isinstance(got, Received) and got.kind == "raw" and got.payload.obj is raw
+    assert (got.request.frame.raw.width, got.request.frame.raw.height) == (1920, 1080)
 
 
 def _flooded_options(n: int) -> bytes:
