@@ -64,11 +64,15 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class ServerProcess:
-    def __init__(self, manifest: Path, threads: int, extra: list[str]) -> None:
+    """``perception serve`` on loopback port 0. ``repo``: the checkout whose server runs (another
+    one, e.g. a git worktree of an older commit, to measure a change against its past)."""
+
+    def __init__(self, manifest: Path, threads: int, extra: list[str], repo: Path = REPO) -> None:
+        env = {**os.environ, "PYTHONPATH": str(repo)} if repo != REPO else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "perception.cli", "serve", "--model", str(manifest), "--host", "127.0.0.1",
              "--port", "0", "--metrics-port", "0", "--threads", str(threads), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo, env=env,
         )
         self.port = 0
         ready = threading.Event()

@@ -477,8 +477,8 @@ def grpc_error_counts(metrics_port: int) -> Counter[str]:
 class Server:
     """The served process: RSS, CPU, log and health as a phase sees them."""
 
-    def __init__(self, manifest: Path, threads: int, extra: list[str]) -> None:
-        self.proc = ServerProcess(manifest, threads, extra)
+    def __init__(self, manifest: Path, threads: int, extra: list[str], repo: Path = REPO) -> None:
+        self.proc = ServerProcess(manifest, threads, extra, repo)
         self.address = f"127.0.0.1:{self.proc.port}"
         ready = next((m for m in map(READY.search, self.proc.log) if m), None)
         self.metrics_port = int(ready.group(4)) if ready else 0
@@ -746,11 +746,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--big-target-mb", type=float, default=600.0)
     a("--threads", type=int, default=2, help="server inference threads (the server's default)")
     a("--max-streams-per-peer", type=int, default=32,
-      help="server per-peer stream cap: every client here is 127.0.0.1 (server default 8)")
+      help="server per-peer stream cap: every client here is 127.0.0.1 (server default 8); 0: flag not passed")
+    a("--server-repo", type=Path, default=REPO,
+      help="run the server of this checkout (e.g. a git worktree of an older commit) to compare against its "
+           "past; --model must then be a manifest that checkout can load")
     a("--server-args", default="", help="more `perception serve` flags, e.g. '--decode-threads 1'")
     a("--only", nargs="*", choices=("soak", "big"), help="run only these phases")
     a("--hostile", nargs="*", choices=HOSTILE, default=list(HOSTILE),
-      help="hostile clients of the hostile phase (default: all four), to tell which one costs what")
+      help="hostile clients of the hostile phase (default: all four), to tell which one costs what; "
+           "given with none, the hostile phase is skipped")
     a("--json-out", help="write the results here as JSON")
     return p
 
@@ -770,8 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             manifest = resolve_model(args.model, Path(tmp))
-            extra = ["--max-streams-per-peer", str(args.max_streams_per_peer), *args.server_args.split()]
-            server = Server(manifest, args.threads, extra)
+            extra = ["--max-streams-per-peer", str(args.max_streams_per_peer)] if args.max_streams_per_peer else []
+            extra += args.server_args.split()
+            server = Server(manifest, args.threads, extra, args.server_repo.resolve())
             harness = Harness(server)
             addr = server.address
             print(f"model {manifest} ({server.variant()}); server {addr} pid {server.ps.pid}, flags {' '.join(extra)}; "
@@ -786,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
                     harness.run("warm-up", args.warmup_s, cameras(args.warmup_s))
                 phases["clean"] = harness.run("clean", args.duration_s, cameras(args.duration_s))
                 hostile = [(hostile_process, (k, addr, args.duration_s, args.open_close_per_s)) for k in args.hostile]
-                phases["hostile"] = harness.run("hostile", args.duration_s, cameras(args.duration_s) + hostile)
+                if hostile:
+                    phases["hostile"] = harness.run("hostile", args.duration_s, cameras(args.duration_s) + hostile)
             if "big" in which:
                 n, k = args.big_streams, max(1, min(args.big_processes, args.big_streams))
                 split = [n // k + (i < n % k) for i in range(k)]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
 import threading
@@ -66,13 +67,17 @@ class DecodeSlots:
     recently (an exponentially decaying sum, half-life ``half_life_s``), so a stream of costly
     frames (progressive 4K JPEGs, corrupt data the decoder chews on) cannot take the slots from
     cameras whose frames decode in milliseconds: it waits behind them instead.
+
+    A slot is handed over directly: the thread that frees it wakes exactly the waiter it goes
+    to, instead of waking every waiting stream (up to ``max_streams`` of them) to compare.
     """
 
     def __init__(self, count: int = 0, half_life_s: float = 1.0) -> None:
         self.count = count or max(1, os.cpu_count() or 1)
         self._free = self.count
-        self._cond = threading.Condition()
-        self._waiting: list[tuple[float, int, Hashable]] = []  # (recent cost, arrival, owner)
+        self._lock = threading.Lock()
+        # (recent cost at arrival, arrival, owner, the waiter's own lock): a heap, least cost first.
+        self._waiting: list[tuple[float, int, Hashable, threading.Lock]] = []
         self._cost: dict[Hashable, tuple[float, float]] = {}  # owner -> (cost s, when)
         self._arrivals = itertools.count()
         self._half_life_s = half_life_s
@@ -83,28 +88,31 @@ class DecodeSlots:
 
     @contextmanager
     def slot(self, owner: Hashable = None) -> Iterator[None]:
-        me = None
-        with self._cond:
-            now = time.monotonic()
-            me = (self._recent(owner, now), next(self._arrivals), owner)
-            self._waiting.append(me)
-            while not (self._free > 0 and min(self._waiting) is me):
-                self._cond.wait()
-            self._waiting.remove(me)
-            self._free -= 1
-            self._cond.notify_all()
+        with self._lock:
+            if self._free > 0 and not self._waiting:
+                self._free -= 1
+                handed = None
+            else:
+                handed = threading.Lock()
+                handed.acquire()
+                heapq.heappush(self._waiting,
+                               (self._recent(owner, time.monotonic()), next(self._arrivals), owner, handed))
+        if handed is not None:
+            handed.acquire()  # released by the thread that hands this waiter its slot
         t0 = time.monotonic()
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 now = time.monotonic()
                 self._cost[owner] = (self._recent(owner, now) + (now - t0), now)
                 if len(self._cost) > 4096:  # owners come and go (streams): forget the stale ones
                     for k in [k for k, (_, w) in self._cost.items() if now - w > 10 * self._half_life_s]:
                         del self._cost[k]
-                self._free += 1
-                self._cond.notify_all()
+                if self._waiting:
+                    heapq.heappop(self._waiting)[3].release()  # the slot passes on, still taken
+                else:
+                    self._free += 1
 
 
 class StreamAdmission:

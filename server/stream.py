@@ -82,7 +82,12 @@ class StreamSession:
         self._outbox_size = outbox_size
         self._admit_camera = admit_camera
         self._draining = draining
-        self._cond = threading.Condition()
+        # One lock; three conditions on it, so that each event wakes only the thread it concerns
+        # (a notify_all of one condition woke all three on every answered frame).
+        self._lock = threading.Lock()
+        self._answerable = threading.Condition(self._lock)  # the handler: the oldest frame is done
+        self._room = threading.Condition(self._lock)  # the reader: room in the outbox
+        self._work = threading.Condition(self._lock)  # the pre-processor: frames in the inbox
         self._outbox: deque[FrameTask] = deque()  # every unanswered frame, in arrival order
         # camera -> frames waiting to be decoded (task, request, its size); round-robin order.
         self._inbox: dict[str, deque[tuple[FrameTask, Any, int]]] = {}
@@ -105,7 +110,7 @@ class StreamSession:
             threading.Thread(target=target, args=args, name=f"stream-{self.id}-{name}", daemon=True).start()
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     while not self._cancelled and not (self._outbox and self._outbox[0].done.is_set()):
                         if not self._outbox and (self._reader_done or self._draining()):
                             # Shutting down: in-flight frames are answered, then the call ends.
@@ -115,11 +120,11 @@ class StreamSession:
                         if not self._outbox and quiet_s > self._limits.stream_idle_timeout_s:
                             self._idle = True
                             break
-                        self._cond.wait(0.1 if self._draining() else 0.5)
+                        self._answerable.wait(0.1 if self._draining() else 0.5)
                     if self._cancelled or not self._outbox:
                         break
                     task = self._outbox.popleft()
-                    self._cond.notify_all()  # room in the outbox for the reader
+                    self._room.notify()  # room in the outbox for the reader
                 if task.result is not None and task.result.status is JobStatus.ERROR:
                     # One failed batch must not end the stream and discard its other answers:
                     # the scheduler logged the traceback; the frame is answered, counted INTERNAL.
@@ -138,7 +143,7 @@ class StreamSession:
 
     def cancel(self) -> None:
         """The call ended or was cancelled: drop everything the stream still holds."""
-        with self._cond:
+        with self._lock:
             if self._cancelled:
                 return
             self._cancelled = True
@@ -146,7 +151,7 @@ class StreamSession:
             held = sum(n for waiting in self._inbox.values() for _, _, n in waiting)
             self._outbox.clear()
             self._inbox.clear()
-            self._cond.notify_all()
+            self._wake_all()
         self._release(held)
         for key in keys:
             self._scheduler.close(key)
@@ -168,14 +173,14 @@ class StreamSession:
             if not self._cancelled:
                 log.debug("stream %d: request stream ended: %s", self.id, exc)
         finally:
-            with self._cond:
+            with self._lock:
                 self._reader_done = True
-                self._cond.notify_all()
+                self._wake_all()
 
     def _wait_for_room(self) -> bool:
-        with self._cond:
+        with self._lock:
             while len(self._outbox) >= self._outbox_size and not self._cancelled:
-                self._cond.wait(0.5)
+                self._room.wait(0.5)
             return not self._cancelled
 
     def _take(self, request: Any, refuse: str = "") -> None:
@@ -194,14 +199,14 @@ class StreamSession:
             if full:
                 refuse = f"{full} is full ({size} bytes do not fit); frame not processed"
         replaced = None
-        with self._cond:
+        with self._lock:
             self._outbox.append(task)
             if not (invalid or refuse):
                 waiting = self._inbox.setdefault(camera_id, deque())
                 waiting.append((task, request, size))
                 if len(waiting) > self._inbox_size:
                     replaced = waiting.popleft()
-            self._cond.notify_all()
+                self._work.notify()
         if invalid or refuse:
             task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
         if replaced is not None:
@@ -219,9 +224,9 @@ class StreamSession:
 
     def _prepare_loop(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._inbox and not self._cancelled and not self._reader_done:
-                    self._cond.wait(0.5)
+                    self._work.wait(0.5)
                 if self._cancelled or not self._inbox:
                     return
                 camera = next(iter(self._inbox))
@@ -257,7 +262,7 @@ class StreamSession:
                             f"internal error while pre-processing this frame (error id {error_id})")
             return
         key = (self.id, task.camera_id)
-        with self._cond:
+        with self._lock:
             if self._cancelled:
                 return
             self._keys.add(key)
@@ -276,7 +281,7 @@ class StreamSession:
         except NotReadyError as exc:
             self._stopped_for_drain = True
             task.answer_now(FrameStatus.OVERLOADED, str(exc))
-        with self._cond:
+        with self._lock:
             cancelled = self._cancelled
         if cancelled:
             # cancel() ran between the check above and submit: it may have closed the key
@@ -287,5 +292,11 @@ class StreamSession:
         self._metrics.grpc_error(METHOD, "INTERNAL")
 
     def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+        with self._lock:
+            self._answerable.notify()
+
+    def _wake_all(self) -> None:
+        """Called with the lock held, when the stream ends or its reader does."""
+        self._answerable.notify_all()
+        self._room.notify_all()
+        self._work.notify_all()
