@@ -5,8 +5,12 @@
   oldest frame is answered stale before anything was spent decoding it: an overloaded server
   does not decode frames it would throw away.
 - The pre-processor thread decodes + letterboxes the waiting frames (round robin across the
-  stream's cameras) and submits them to the scheduler, whose per-camera queue drops stale
-  frames again while they wait for a batch slot. A frame that finds the engine idle and no
+  stream's cameras) and submits them to the scheduler. A camera's next frame is decoded only
+  while it has fewer than ``queue_size`` frames in the engine's hands (decoding, queued or in a
+  batch); until then only its newest frame waits, so frames the engine could not serve are
+  answered stale before they were decoded, not after. (Decoding them all and letting the
+  scheduler's queue drop the older ones spent a third of the decodes on frames thrown away,
+  at 8 cameras x 30 fps.) A frame that finds the engine idle and no
   frame of its stream waiting to be decoded runs on this thread instead (Scheduler.run_if_idle).
 - The handler thread yields answers strictly in arrival order, post-processing each.
 
@@ -21,6 +25,7 @@ closes the stream's scheduler queues, releasing every tensor it held.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -94,6 +99,12 @@ class StreamSession:
         # Room for a client's usual send window (4) without a drop; beyond it the camera is
         # sending faster than it is served and the oldest undecoded frame is stale.
         self._inbox_size = scheduler.queue_size + 2
+        # camera -> its frames taken for decoding and not yet answered (decoding, queued for a
+        # batch, or in one). At most ``_max_in_flight``: a camera's next frame is decoded only
+        # when the engine is ready to take it; meanwhile the newest one waits undecoded, and
+        # frames it replaces are answered stale without ever being decoded.
+        self._in_flight: dict[str, int] = {}
+        self._max_in_flight = scheduler.queue_size
         self._keys: set[tuple[int, str]] = set()
         self._reader_done = False
         self._cancelled = False
@@ -198,20 +209,22 @@ class StreamSession:
             full = take_both(self._bytes, self._limits.undecoded, size)
             if full:
                 refuse = f"{full} is full ({size} bytes do not fit); frame not processed"
-        replaced = None
+        replaced = []
         with self._lock:
             self._outbox.append(task)
             if not (invalid or refuse):
                 waiting = self._inbox.setdefault(camera_id, deque())
                 waiting.append((task, request, size))
-                if len(waiting) > self._inbox_size:
-                    replaced = waiting.popleft()
+                # A camera the engine is not ready for keeps only its newest frame.
+                keep = self._inbox_size if self._ready_locked(camera_id) else 1
+                while len(waiting) > keep:
+                    replaced.append(waiting.popleft())
                 self._work.notify()
         if invalid or refuse:
             task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
-        if replaced is not None:
-            self._release(replaced[2])
-            replaced[0].answer_now(
+        for old, _, old_size in replaced:
+            self._release(old_size)
+            old.answer_now(
                 FrameStatus.DROPPED_STALE, "a newer frame of this camera arrived before this one was decoded"
             )
 
@@ -225,15 +238,21 @@ class StreamSession:
     def _prepare_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._inbox and not self._cancelled and not self._reader_done:
+                while True:
+                    if self._cancelled:
+                        return
+                    camera = next((c for c in self._inbox if self._ready_locked(c)), None)
+                    if camera is not None:
+                        break
+                    if not self._inbox and self._reader_done:
+                        return
                     self._work.wait(0.5)
-                if self._cancelled or not self._inbox:
-                    return
-                camera = next(iter(self._inbox))
                 waiting = self._inbox.pop(camera)
                 task, request, size = waiting.popleft()
                 if waiting:
                     self._inbox[camera] = waiting  # to the back of the round robin
+                self._in_flight[camera] = self._in_flight.get(camera, 0) + 1
+                task.on_change = functools.partial(self._answered_in_flight, camera)
             try:
                 self._accept(task, request)
             finally:
@@ -294,6 +313,21 @@ class StreamSession:
     def _notify(self) -> None:
         with self._lock:
             self._answerable.notify()
+
+    def _ready_locked(self, camera: str) -> bool:
+        return self._in_flight.get(camera, 0) < self._max_in_flight
+
+    def _answered_in_flight(self, camera: str) -> None:
+        """A frame taken for decoding was answered (inferred, dropped, or invalid): the camera
+        may have its next frame decoded."""
+        with self._lock:
+            n = self._in_flight.get(camera, 1) - 1
+            if n > 0:
+                self._in_flight[camera] = n
+            else:
+                self._in_flight.pop(camera, None)
+            self._answerable.notify()
+            self._work.notify()
 
     def _wake_all(self) -> None:
         """Called with the lock held, when the stream ends or its reader does."""

@@ -147,8 +147,8 @@ def test_raw_4k_bgr_frame_fits_the_message_limit(serve):
 
 
 def test_stale_frames_are_answered_dropped_in_order(serve):
-    # One camera, latest wins with a queue of 1; a long max_wait with a second (idle) camera
-    # stream open keeps the batcher waiting, so the three frames meet in the queue.
+    # One camera, a queue of 1; a long max_wait with a second (idle) camera stream open keeps
+    # the batcher waiting, so the three frames meet while the first one waits for its batch.
     run = serve(queue_size=1, max_wait_ms=400, max_batch=4)
     frames = [request("front", i, jpeg(seed=i)) for i in range(3)]
     idle = threading.Event()
@@ -163,9 +163,11 @@ def test_stale_frames_are_answered_dropped_in_order(serve):
         out = list(run.stub.StreamDetect(iter(frames), timeout=20))
     finally:
         idle.set()
+    # Frame 0 is taken for decoding while the engine can take it; frames 1 and 2 wait
+    # undecoded behind it, and 2 replaces 1, which is answered stale without being decoded.
     assert [a.sequence for a in out] == [0, 1, 2]
-    assert [a.status for a in out] == [pb.FRAME_STATUS_DROPPED_STALE, pb.FRAME_STATUS_DROPPED_STALE, OK]
-    assert "newer frame" in out[0].message
+    assert [a.status for a in out] == [OK, pb.FRAME_STATUS_DROPPED_STALE, OK]
+    assert "newer frame of this camera arrived before this one was decoded" in out[1].message
 
 
 def test_deadline_expired(serve):
