@@ -4,8 +4,9 @@ manifest; go back up, with hysteresis, when the load falls.
 The server watches its own queueing through the answers it gives (``LoadMonitor``): the share
 of frames shed (stale, expired, overloaded) and the OK frames' end-to-end p99, over a sliding
 window. ``Degrader`` moves down the manifest's variants that passed their gate, ordered by the
-latency their build measured, when ``down_windows`` windows in a row are overloaded, and back up
-after ``up_windows`` calm ones. A thermal or power signal (a file holding a number, such as a
+latency their build measured, when ``down_windows`` windows in a row are overloaded (as many
+rungs at once as the shed share asks for: ``_down_to``), and back up one rung after
+``up_windows`` calm ones. A thermal or power signal (a file holding a number, such as a
 thermal zone's millidegrees) counts as overload while it is at or above its limit. Each move is
 a hot swap through the ``ModelHost`` (so the same checks apply), logged, counted as a metric,
 and visible in every answer's model_variant.
@@ -108,6 +109,18 @@ def ladder(host: ModelHost) -> list[Variant]:
     return sorted(ok, key=lambda v: -v.latency_ms.get("p50", 0.0))
 
 
+def _down_to(rungs: list[Variant], here: int, shed: float) -> int:
+    """The rung to degrade to: the slowest one below ``here`` whose build-measured latency is at
+    most (1 - shed) times the current one's (the speed-up that would have served what was shed),
+    else the fastest. One rung at a time took four moves, 17 s, from fp32 to pruned_int8 in a
+    30 s overload (bench/bench_lifecycle.py), shedding all along."""
+    want = rungs[here].latency_ms.get("p50", 0.0) * (1.0 - min(max(shed, 0.0), 1.0))
+    for i in range(here + 1, len(rungs)):
+        if rungs[i].latency_ms.get("p50", 0.0) <= want:
+            return i
+    return len(rungs) - 1
+
+
 class Degrader:
     """Moves the served variant down and up the ladder from the load it sees."""
 
@@ -165,8 +178,8 @@ class Degrader:
         here = names.index(self.host.current.variant.name) if self.host.current.variant.name in names else 0
         top = names.index(self.top) if self.top in names else 0
         if self._hot >= p.down_windows and here + 1 < len(rungs):
-            return self._move(rungs[here + 1], "degrade", f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms"
-                              + (", thermal limit" if hot else ""))
+            return self._move(rungs[_down_to(rungs, here, shed)], "degrade",
+                              f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms" + (", thermal limit" if hot else ""))
         if self._calm >= p.up_windows and here > top:
             return self._move(rungs[here - 1], "recover", f"calm for {self._calm} windows")
         return ""

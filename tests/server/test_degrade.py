@@ -26,10 +26,10 @@ def two_rung_artifact(d: Path) -> Path:
     return path
 
 
-def _overloaded(monitor: Any) -> None:
-    for _ in range(30):
+def _overloaded(monitor: Any, dropped: int = 30, answered: int = 5) -> None:
+    for _ in range(dropped):
         monitor.dropped("overloaded")
-    for _ in range(5):
+    for _ in range(answered):
         monitor.answered()
 
 
@@ -71,3 +71,31 @@ def test_a_thermal_signal_drives_the_same_decision(serve: Any, tmp_path: Path) -
     deg.step()
     assert deg.step() == "degrade"  # no frames at all: the heat alone decides
     assert run.registry.get_sample_value("perception_model_degraded") == 1
+
+
+def test_a_heavy_overload_skips_rungs_a_light_one_does_not(serve: Any, tmp_path: Path) -> None:
+    """Three rungs (10, 8 and 3 ms): shedding 10 % asks for 9 ms, the next rung; shedding 86 %
+    asks for 1.4 ms, which only the fastest comes near."""
+    path = two_rung_artifact(tmp_path / "art")
+    m = load_manifest(path)
+    accurate, fast = m.variants
+    middle = dataclasses.replace(fast, name="middle", latency_ms={"p50": 8.0, "min": 7.5})
+    ver = m.verification
+    assert ver is not None
+    ver = dataclasses.replace(ver, expected={**ver.expected, "middle": ver.expected["fast"]})
+    save_manifest(dataclasses.replace(m, variants=(accurate, middle, fast), verification=ver), tmp_path / "art")
+    run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0)
+    deg = run.server.degrader
+    assert deg is not None
+    for _ in range(2):
+        _overloaded(deg.monitor, dropped=3, answered=27)
+        step = deg.step()
+    assert step == "degrade" and run.server.models.current.variant.name == "middle"
+    for _ in range(5):
+        _calm(deg.monitor)
+        step = deg.step()
+    assert step == "recover" and run.server.models.current.variant.name == "accurate"
+    for _ in range(2):
+        _overloaded(deg.monitor)
+        step = deg.step()
+    assert step == "degrade" and run.server.models.current.variant.name == "fast"
