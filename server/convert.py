@@ -41,9 +41,10 @@ def frame_from_proto(
     (copied out of its slot) by ``shm``; without one (the server's default) it is refused."""
     if isinstance(request, Refused):
         raise InvalidInputError(request.reason)
-    payload = None
+    payload: memoryview | None = None
     if isinstance(request, Received):  # the image bytes were kept out of protobuf (server.wire)
-        request, payload = request.request, request.payload
+        payload = request.payload
+        request = request.request
     f = request.frame
     if len(request.options.class_filter) > max_class_filter:
         raise InvalidInputError(

@@ -97,7 +97,9 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.admit_camera(request.frame.camera_id)
         return convert.frame_from_proto(request, self._max_class_filter, self._shm)
 
-    def Detect(self, request: pb.DetectRequest | Refused | Received, context: grpc.ServicerContext) -> pb.DetectResponse:
+    def Detect(
+        self, request: pb.DetectRequest | Refused | Received, context: grpc.ServicerContext
+    ) -> pb.DetectResponse:
         scheduler = self._check_serving()
         camera_id, sequence, ts, deadline_ms = convert.identify(request)
         if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)

@@ -186,7 +186,7 @@ def _send_big_frames(address: str, streams: int, calls: int, codes: Any) -> None
     """In a process of its own, so that the test process's memory is the server's alone."""
     data = request("front", 0, b"\xff\xd8" + bytes(16 << 20)).SerializeToString()
     with grpc.insecure_channel(address) as ch:
-        detect = ch.unary_unary("/perception.v1.Detector/Detect")  # bytes as they are
+        detect: grpc.UnaryUnaryMultiCallable = ch.unary_unary("/perception.v1.Detector/Detect")  # bytes as they are
         out: list[str] = []
 
         def send() -> None:
