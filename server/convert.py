@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from perception.decode import ImageBytes
 from perception.errors import InvalidInputError
 from perception.manifest import Manifest, Variant
 from perception.pipeline import FrameInput, RawPixels, RequestOptions, SharedMemorySlot
@@ -41,26 +42,22 @@ def frame_from_proto(
     (copied out of its slot) by ``shm``; without one (the server's default) it is refused."""
     if isinstance(request, Refused):
         raise InvalidInputError(request.reason)
-    payload: memoryview | None = None
-    if isinstance(request, Received):  # the image bytes were kept out of protobuf (server.wire)
-        payload = request.payload
-        request = request.request
-    f = request.frame
-    if len(request.options.class_filter) > max_class_filter:
+    received = request if isinstance(request, Received) else None  # image kept out of protobuf (server.wire)
+    req = request.request if isinstance(request, Received) else request
+    f = req.frame
+    if len(req.options.class_filter) > max_class_filter:
         raise InvalidInputError(
-            f"class_filter has {len(request.options.class_filter)} entries; at most {max_class_filter} (one per class)"
+            f"class_filter has {len(req.options.class_filter)} entries; at most {max_class_filter} (one per class)"
         )
-    kind = f.WhichOneof("image")
-    encoded: bytes | memoryview | None = None
+    kind = f.WhichOneof("image") if received is None else received.kind
+    encoded: ImageBytes | None = None
     raw = None
-    if kind is None and payload is not None:
-        kind, encoded = "encoded", payload
-    elif kind == "encoded":
-        encoded = f.encoded
+    if kind == "encoded":
+        encoded = f.encoded if received is None else received.payload
     elif kind == "raw":
         r = f.raw
         raw = RawPixels(int(r.width), int(r.height), int(r.row_stride), int(r.format),
-                        r.data if payload is None else payload)
+                        r.data if received is None else received.payload)
     elif kind == "shm":
         if shm is None:
             raise InvalidInputError("shared-memory frames are off on this server (it maps them only when started "
@@ -79,7 +76,7 @@ def frame_from_proto(
     if kind is None:
         # Checked here, with the oneof at hand; the pipeline re-checks for in-process callers.
         frame = FrameInput(frame.camera_id, frame.sequence, frame.capture_timestamp_ns, deadline_ms=frame.deadline_ms)
-    o = request.options
+    o = req.options
     opts = RequestOptions(
         score_threshold=_finite("score_threshold", o.score_threshold),
         iou_threshold=_finite("iou_threshold", o.iou_threshold),
