@@ -222,6 +222,9 @@ class StreamSession:
                 self._work.notify()
         if invalid or refuse:
             task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
+        self._drop_stale(replaced)
+
+    def _drop_stale(self, replaced: list[tuple[FrameTask, Any, int]]) -> None:
         for old, _, old_size in replaced:
             self._release(old_size)
             old.answer_now(
@@ -249,10 +252,15 @@ class StreamSession:
                     self._work.wait(0.5)
                 waiting = self._inbox.pop(camera)
                 task, request, size = waiting.popleft()
-                if waiting:
-                    self._inbox[camera] = waiting  # to the back of the round robin
                 self._in_flight[camera] = self._in_flight.get(camera, 0) + 1
                 task.on_change = functools.partial(self._answered_in_flight, camera)
+                # Frames that queued while the camera was ready: once it is not, only the
+                # newest waits, as for a frame arriving now (``_take``).
+                keep = self._inbox_size if self._ready_locked(camera) else 1
+                replaced = [waiting.popleft() for _ in range(len(waiting) - keep)]
+                if waiting:
+                    self._inbox[camera] = waiting  # to the back of the round robin
+            self._drop_stale(replaced)
             try:
                 self._accept(task, request)
             finally:
