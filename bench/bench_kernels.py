@@ -11,12 +11,16 @@
 3. INT8 on the CPU: a tiny 8-layer Conv(BN folded)+activation detector-like model at 1x3x384x640,
    ReLU / SiLU / Hardswish, FP32 vs QDQ INT8 with U8 activations vs S8 activations (onnxruntime,
    1 intra-op thread, round-robin). Why ``build_engine.quantize`` uses U8 activations.
+4. Decode cost by format: ``perception.decode.decode_encoded`` to a 640x384 input of synthetic
+   road frames at 1280x720, 1920x1080 and 3840x2160 as baseline JPEG (q90; decoded at reduced
+   scale), progressive JPEG (q90) and PNG (both decoded at full size, whatever the input). Why
+   the server's ``max_full_buffer_pixels`` defaults to 1080p.
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
 variants of each measurement are interleaved so load hits them alike: compare ratios.
 
     .venv/bin/python -m bench.bench_kernels [--only decode nms int8] [--decode-runs N]
-        [--nms-runs N] [--int8-runs N] [--cv-threads T] [--json OUT]
+        [--nms-runs N] [--int8-runs N] [--format-runs N] [--cv-threads T] [--json OUT]
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-PARTS = ("decode", "nms", "int8")
+PARTS = ("decode", "nms", "int8", "formats")
 ACTIVATIONS = ("relu", "silu", "hardswish")
 INPUT_HW = (384, 640)
 
@@ -321,6 +325,34 @@ def bench_int8(runs: int, warmup: int, calib_batches: int) -> dict[str, Any]:
 # --- CLI ------------------------------------------------------------------------------------
 
 
+def bench_formats(runs: int) -> list[dict[str, Any]]:
+    """p50 ms of ``decode_encoded`` per size and format, interleaved round robin."""
+    from perception.decode import DecodeLimits, decode_encoded
+
+    limits = DecodeLimits(max_full_buffer_pixels=3840 * 2160)
+    min_size = (INPUT_HW[1], INPUT_HW[0])
+    rows = []
+    for w, h in ((1280, 720), (1920, 1080), (3840, 2160)):
+        img = synthetic_frame(w, h, seed=7)
+        data = {
+            "baseline": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(),
+            "progressive": cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90,
+                                                      cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+            "png": cv2.imencode(".png", img)[1].tobytes(),
+        }
+        times: dict[str, list[float]] = {k: [] for k in data}
+        for k in data:
+            decode_encoded(data[k], min_size, limits)  # warm
+        for _ in range(runs):
+            for k, b in data.items():
+                t0 = time.perf_counter()
+                decode_encoded(b, min_size, limits)
+                times[k].append((time.perf_counter() - t0) * 1000)
+        rows.append({"size": f"{w}x{h}", **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()},
+                     **{f"{k}_kb": len(b) // 1024 for k, b in data.items()}})
+    return rows
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -339,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-runs", type=int, default=30, help="timed round-robin runs per model")
     p.add_argument("--int8-warmup", type=int, default=5)
     p.add_argument("--calib-batches", type=int, default=8, help="random calibration batches for INT8")
+    p.add_argument("--format-runs", type=int, default=10, help="decode runs per size and format")
     p.add_argument("--cv-threads", type=int, help="cv2.setNumThreads (default: OpenCV's own, as the server runs)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p
@@ -391,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['activation']:<10} {r['fp32_p50_ms']:>6.2f} ms {r['int8_u8_p50_ms']:>5.2f} ms "
                   f"{r['int8_s8_p50_ms']:>5.2f} ms  {r['int8_u8_ratio_p50']:>7.2f}x, {r['int8_u8_ratio_min']:.2f}x  "
                   f"{r['int8_s8_ratio_p50']:>8.2f}x, {r['int8_s8_ratio_min']:.2f}x")
+    if "formats" in which:
+        _log("formats")
+        results["formats"] = rows = bench_formats(a.format_runs)
+        print(f"\n4. decode cost by format to a {INPUT_HW[1]}x{INPUT_HW[0]} input (perception.decode), "
+              f"p50 of {a.format_runs} runs; progressive JPEG and PNG decode at full size")
+        print(f"{'size':<10} {'baseline JPEG':>22} {'progressive JPEG':>22} {'PNG':>22}")
+        for r in rows:
+            cells = [f"{r[k + '_p50_ms']:.1f} ms ({r[k + '_kb']} KB)" for k in ("baseline", "progressive", "png")]
+            print(f"{r['size']:<10} " + " ".join(f"{c:>22}" for c in cells))
     print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))

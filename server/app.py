@@ -237,7 +237,8 @@ def create_server(
     pipeline = FramePipeline.from_manifest(manifest, limits=limits)
     service_limits = ServiceLimits(config.max_undecoded_bytes, config.max_stream_undecoded_bytes,
                                    config.decode_threads, config.max_streams, config.max_streams_per_peer,
-                                   config.stream_idle_timeout_s, config.priorities())
+                                   config.stream_idle_timeout_s, config.priorities(),
+                                   config.invalid_backoff_max_s)
     ms = 1000
     options = [
         ("grpc.max_receive_message_length", config.message_limit()),

@@ -71,11 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")
     a("--max-streams-per-peer", type=int, help="open StreamDetect calls per client address (default 8)")
     a("--stream-idle-timeout-s", type=float, help="end a stream that sent nothing this long (default 60)")
+    a("--invalid-backoff-max-s", type=float,
+      help="read a stream whose frames cannot be served slower, down to one request per this many s "
+           "(default 1; 0 = off)")
     a("--max-undecoded-bytes", type=int, help="undecoded request bytes held in all (default 256 MiB)")
     a("--max-stream-undecoded-bytes", type=int, help="undecoded request bytes held per stream (default 64 MiB)")
     a("--decode-threads", type=int, help="concurrent decodes across all streams (default: one per core)")
     a("--max-image-pixels", type=int, help="largest frame accepted, in pixels")
-    a("--max-full-buffer-pixels", type=int, help="largest progressive JPEG / PNG accepted, in pixels")
+    a("--max-full-buffer-pixels", type=int,
+      help="largest progressive JPEG / PNG accepted, in pixels (default 1920x1080 = 2073600)")
     a("--grace-s", type=float, help="seconds to answer in-flight frames on SIGTERM")
     a("--log-format", choices=("text", "json"), help="log line format")
     a("--warmup-iters", type=int, help="warm-up inferences per batch size before SERVING")

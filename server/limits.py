@@ -161,18 +161,53 @@ class StreamAdmission:
             return self._total
 
 
+class InvalidBackoff:
+    """How long a stream's reader waits before taking its next request, after frames that
+    cannot be served (undecodable, over the size limits, malformed options).
+
+    Each such frame triples the stream's strikes plus one and imposes a wait of ``STEP_S`` per
+    strike, at most ``max_s``; each frame served halves the strikes (and imposes nothing). A
+    camera with an occasional corrupt frame waits 5 ms once; a stream of garbage is read at one
+    request per ``max_s`` after six, so its bytes wait in the client (HTTP/2 flow control)
+    instead of costing the server a receive, a parse and a decode attempt each. Good frames
+    mixed in do not undo it: one bad frame adds more strikes than one good frame forgives.
+    ``max_s`` 0 turns it off. Not thread-safe: the stream's lock guards it.
+    """
+
+    STEP_S = 0.005
+
+    def __init__(self, max_s: float = 1.0) -> None:
+        self.max_s = max_s
+        self.strikes = 0.0
+        self.until = 0.0  # monotonic time before which the reader takes no request
+
+    def invalid(self, now: float) -> float:
+        """Count a frame that could not be served; returns the wait it imposes."""
+        if self.max_s <= 0:
+            return 0.0
+        self.strikes = min(self.strikes * 3 + 1, self.max_s / self.STEP_S)
+        wait = min(self.max_s, self.STEP_S * self.strikes)
+        self.until = max(self.until, now + wait)
+        return wait
+
+    def served(self) -> None:
+        self.strikes /= 2
+
+
 class ServiceLimits:
     """Every budget one server's calls share, built once from the config."""
 
     def __init__(self, max_undecoded_bytes: int = 256 << 20, max_stream_undecoded_bytes: int = 64 << 20,
                  decode_threads: int = 0, max_streams: int = 32, max_streams_per_peer: int = 8,
-                 stream_idle_timeout_s: float = 60.0, priorities: dict[str, int] | None = None) -> None:
+                 stream_idle_timeout_s: float = 60.0, priorities: dict[str, int] | None = None,
+                 invalid_backoff_max_s: float = 1.0) -> None:
         self.undecoded = ByteBudget(max_undecoded_bytes, "the server's undecoded-bytes budget")
         self.stream_undecoded_bytes = max_stream_undecoded_bytes
         self.decode = DecodeSlots(decode_threads)
         self.streams = StreamAdmission(max_streams, max_streams_per_peer)
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.priorities = dict(priorities or {})
+        self.invalid_backoff_max_s = invalid_backoff_max_s
 
     def priority_of(self, camera_id: str) -> int:
         """The camera's priority class (unlisted cameras are normal: 1)."""

@@ -14,6 +14,11 @@
   frame of its stream waiting to be decoded runs on this thread instead (Scheduler.run_if_idle).
 - The handler thread yields answers strictly in arrival order, post-processing each.
 
+A stream whose frames cannot be served (undecodable, over the limits, malformed) is read
+slower after each one (``server.limits.InvalidBackoff``, at most one request per second by
+default): a client flooding garbage keeps its bytes, by flow control, instead of costing the
+server a receive and a decode attempt per message.
+
 The outbox is bounded: when a client stops reading, the reader stops taking frames, so HTTP/2
 flow control pushes back on the client and the server's memory stays flat. Undecoded bytes are
 budgeted per stream and for the whole server (``server.limits``): a frame that does not fit is
@@ -39,7 +44,7 @@ from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
 from perception.types import FrameStatus
 from server.answer import FrameAnswer, FrameTask, finish_task, track_answer
-from server.limits import ServiceLimits, take_both
+from server.limits import InvalidBackoff, ServiceLimits, take_both
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 
@@ -109,6 +114,8 @@ class StreamSession:
         self._reader_done = False
         self._cancelled = False
         self._stopped_for_drain = False
+        self._backoff = InvalidBackoff(self._limits.invalid_backoff_max_s)
+        self._backoff_logged = False
 
     # -- called by the servicer ------------------------------------------------------------
 
@@ -189,9 +196,16 @@ class StreamSession:
                 self._wake_all()
 
     def _wait_for_room(self) -> bool:
+        """Room in the outbox, and past the wait of any unservable frames (InvalidBackoff)."""
         with self._lock:
-            while len(self._outbox) >= self._outbox_size and not self._cancelled:
-                self._room.wait(0.5)
+            while not self._cancelled:
+                if len(self._outbox) >= self._outbox_size:
+                    self._room.wait(0.5)
+                    continue
+                wait = self._backoff.until - time.monotonic()
+                if wait <= 0:
+                    break
+                self._room.wait(wait)
             return not self._cancelled
 
     def _take(self, request: Any, refuse: str = "") -> None:
@@ -220,6 +234,8 @@ class StreamSession:
                 while len(waiting) > keep:
                     replaced.append(waiting.popleft())
                 self._work.notify()
+        if invalid:
+            self._unservable(camera_id, invalid)
         if invalid or refuse:
             task.answer_now(FrameStatus.INVALID if invalid else FrameStatus.OVERLOADED, invalid or refuse)
         self._drop_stale(replaced)
@@ -277,6 +293,7 @@ class StreamSession:
             with self._limits.decode.slot(self.id):
                 task.prepared = pipeline.prepare(fin, opts)
         except InvalidInputError as exc:
+            self._unservable(task.camera_id, str(exc))
             task.answer_now(FrameStatus.INVALID, str(exc))
             return
         except Exception:  # a bug or a resource error on one frame must not hang the stream
@@ -290,6 +307,7 @@ class StreamSession:
             return
         key = (self.id, task.camera_id)
         with self._lock:
+            self._backoff.served()
             if self._cancelled:
                 return
             self._keys.add(key)
@@ -314,6 +332,17 @@ class StreamSession:
             # cancel() ran between the check above and submit: it may have closed the key
             # before submit re-created its queue, which nobody else would close.
             self._scheduler.close(key)
+
+    def _unservable(self, camera_id: str, reason: str) -> None:
+        """A frame the client should not have sent: the reader waits before the next request."""
+        with self._lock:
+            wait = self._backoff.invalid(time.monotonic())
+            first_at_max = wait >= self._backoff.max_s > 0 and not self._backoff_logged
+            self._backoff_logged = self._backoff_logged or first_at_max
+        if first_at_max:
+            log.warning("stream %d: camera %r keeps sending frames that cannot be served (last: %s); "
+                        "reading this stream at most once per %g s until its frames are served",
+                        self.id, camera_id, reason, self._backoff.max_s)
 
     def _count_internal(self) -> None:
         self._metrics.grpc_error(METHOD, "INTERNAL")

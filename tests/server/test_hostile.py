@@ -405,3 +405,60 @@ def test_decode_slots_go_to_the_stream_that_used_the_least() -> None:
     for t in (t_hold, *threads):
         t.join(5)
     assert order == ["light", "heavy"]
+
+
+def test_invalid_backoff_grows_faster_than_good_frames_undo_it() -> None:
+    from server.limits import InvalidBackoff
+
+    b = InvalidBackoff(max_s=1.0)
+    waits = [b.invalid(100.0) for _ in range(6)]
+    assert waits == pytest.approx([0.005, 0.020, 0.065, 0.2, 0.605, 1.0])
+    assert b.until == pytest.approx(101.0)
+    honest = InvalidBackoff(max_s=1.0)
+    assert honest.invalid(0.0) == pytest.approx(0.005)  # one corrupt frame: 5 ms, once
+    honest.served()
+    assert honest.invalid(0.0) < 0.02 and honest.until == pytest.approx(0.0125)
+    mixed = InvalidBackoff(max_s=1.0)
+    for _ in range(12):  # a good frame after every bad one does not reset it
+        mixed.invalid(0.0)
+        mixed.served()
+    assert mixed.invalid(0.0) == 1.0
+    assert InvalidBackoff(max_s=0).invalid(0.0) == 0.0
+
+
+def test_a_stream_of_garbage_is_read_slower_and_others_are_not(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    def garbage_then_good(n: int) -> Iterator[Any]:
+        for i in range(n):
+            yield request("junk", i, b"\xff\xd8 not an image " + bytes(64))
+        yield request("junk", n, jpeg())
+
+    def elapsed(run: Any, n: int) -> tuple[float, list[Any]]:
+        t0 = time.perf_counter()
+        out = list(run.stub.StreamDetect(garbage_then_good(n), timeout=60))
+        return time.perf_counter() - t0, out
+
+    off = serve(invalid_backoff_max_s=0)
+    fast, _ = elapsed(off, 40)
+    run = serve(invalid_backoff_max_s=0.2)
+    honest: list[float] = []
+    stop = threading.Event()
+
+    def camera() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            assert run.stub.Detect(request("front", len(honest), jpeg()), timeout=10).status == OK
+            honest.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+
+    cam = threading.Thread(target=camera)
+    cam.start()
+    try:
+        slow, out = elapsed(run, 40)
+    finally:
+        stop.set()
+        cam.join()
+    assert [a.status for a in out] == [INVALID] * 40 + [OK]  # every frame answered
+    # 40 frames: up to the outbox's read-ahead go at once, and then 0.2 s each past the first few.
+    assert fast < 1.0 and slow > 1.0, (fast, slow)
+    assert honest and max(honest) < 0.5, honest
+    assert "keeps sending frames that cannot be served" in caplog.text

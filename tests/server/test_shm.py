@@ -119,7 +119,7 @@ def test_a_shm_frame_gets_the_detections_of_the_same_pixels_sent_raw(serve: Any,
 def test_corrupted_references_are_invalid_never_read_and_the_stream_goes_on(
     serve: Any, ring: Any, reads: list[tuple[int, int]]
 ) -> None:
-    run = serve(shm_allow=PREFIX)
+    run = serve(shm_allow=PREFIX, invalid_backoff_max_s=0)  # a stream of bad references, on purpose
     good = ring()
     img = _image()
     valid = shm_ref(good.write(img))
