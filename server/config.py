@@ -68,8 +68,9 @@ class ServerConfig:
     # Decode limits, checked on the header before allocation; lower them to the cameras' sizes.
     max_image_pixels: int = 7680 * 4320
     # Progressive JPEG and PNG decode at full size, whatever the model's input: at 1080p one costs
-    # about what a baseline 4K JPEG does (15-22 ms against 16 ms; 4K: 62-100 ms). Raise it for
-    # cameras that really send such frames; the kernel's own default (local tools) stays 4K.
+    # about what a baseline 4K JPEG does (12-25 ms against 12 ms; at 4K 52-101 ms; measured by
+    # bench/bench_kernels.py --only formats, docs/hardening.md). Raise it for cameras that
+    # really send such frames; the kernel's own default (local tools) stays 4K.
     max_full_buffer_pixels: int = 1920 * 1080
     # Health follows the engine: NOT_SERVING (and a backend reload) after this many failed
     # batches in a row, SERVING again after the next batch that succeeds.
