@@ -6,8 +6,11 @@ Drives, generated into a temporary directory (seeded, so every run replays the s
 - ``demo``: the bundled drive's recipe (assets/drives/demo/README.md): front + rear, 6 s at
   10 fps, seed 3, JPEG quality 70.
 - ``long``: front + rear, ``--long-seconds`` (default 180) at 10 fps, seed 11, traffic as busy
-  per metre as the demo's (``Traffic.density`` = seconds / 6) plus ``--crossings-per-min``
-  pairs of road users crossing the road and passing behind the vehicle in our lane.
+  per metre as the demo's (``Traffic.density`` from ``density_per_metre_like``: 10.6 for
+  180 s; ``--long-density`` sets another) plus ``--crossings-per-min`` pairs of road users
+  crossing the road and passing behind the vehicle in our lane. Until this was measured, the
+  density was seconds / 6 (30 for 180 s), which the fixed margins of the stretches made about
+  2.5 times as busy per metre as the demo: ``--long-density 30`` replays that drive.
 
 Each drive is replayed twice over one StreamDetect to a server started here (in this process,
 on a loopback port), at recorded pace with ``DetectOptions.track``: every frame, then every
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_mot", description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--long-seconds", type=float, default=180.0, help="length of the long drive (default 180)")
     p.add_argument("--crossings-per-min", type=float, default=6.0, help="crossing pairs per minute in the long drive")
+    p.add_argument("--long-density", type=float,
+                   help="Traffic.density of the long drive (default: as busy per metre as the demo)")
     p.add_argument("--model", type=Path, help="manifest.json to serve (default: the shipped demo model)")
     p.add_argument("--score-threshold", type=float, default=0.0,
                    help="DetectOptions.score_threshold (default 0: the model's own)")
@@ -78,15 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def generate_drives(root: Path, long_seconds: float, crossings_per_min: float) -> dict[str, Path]:
-    from build_engine.data.drive import Traffic, write_drive
+def generate_drives(root: Path, long_seconds: float, crossings_per_min: float,
+                    density: float | None = None) -> dict[str, Path]:
+    from build_engine.data.drive import Traffic, density_per_metre_like, write_drive
 
     t0 = time.perf_counter()
     demo = write_drive(root / "demo", ["front", "rear"], int(DEMO_SECONDS * FPS), FPS, DEMO_SEED, jpeg_quality=70,
                        write_mp4=False)
     log.info("demo drive generated in %.0f s; generating the %.0f s drive", time.perf_counter() - t0, long_seconds)
     t0 = time.perf_counter()
-    traffic = Traffic(density=long_seconds / DEMO_SECONDS, crossings_per_min=crossings_per_min)
+    if density is None:
+        density = density_per_metre_like(long_seconds, DEMO_SECONDS)
+    traffic = Traffic(density=density, crossings_per_min=crossings_per_min)
     long = write_drive(root / "long", ["front", "rear"], int(round(long_seconds * FPS)), FPS, LONG_SEED,
                        write_mp4=False, traffic=traffic)
     log.info("long drive generated in %.0f s", time.perf_counter() - t0)
@@ -164,6 +172,50 @@ def detector_only(frames: list[Any]) -> list[Any]:
             for f in frames]
 
 
+HEIGHT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 1 << 30))  # ground-truth box height, source pixels
+
+
+def recall_by_height(frames: list[Any], gt_path: Path, iou: float = 0.5) -> list[dict[str, Any]]:
+    """The detector's recall per ground-truth box height: each answered frame's boxes matched
+    greedily (highest IoU first, same class, IoU >= ``iou``) to its ground truth. Says which
+    objects a drive's misses are."""
+    gt = json.loads(gt_path.read_text())
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    image_of = {(im["camera_id"], int(im["sequence"])): im["id"] for im in gt["images"]}
+    boxes: dict[int, list[tuple[list[float], str]]] = {}
+    for a in gt["annotations"]:
+        boxes.setdefault(a["image_id"], []).append((a["bbox"], names[a["category_id"]]))
+    found = [0] * len(HEIGHT_BUCKETS)
+    total = [0] * len(HEIGHT_BUCKETS)
+    for f in frames:
+        truth = boxes.get(image_of.get((f.camera_id, f.sequence), -1), [])
+        pairs = []
+        for i, (b, name) in enumerate(truth):
+            g = np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], np.float32)
+            for j, d in enumerate(f.boxes):
+                if f.class_names[j] != name:
+                    continue
+                w = max(0.0, min(g[2], d[2]) - max(g[0], d[0]))
+                h = max(0.0, min(g[3], d[3]) - max(g[1], d[1]))
+                inter = w * h
+                union = b[2] * b[3] + (d[2] - d[0]) * (d[3] - d[1]) - inter
+                if union > 0 and inter / union >= iou:
+                    pairs.append((inter / union, i, j))
+        matched_gt, matched_det = set(), set()
+        for _, i, j in sorted(pairs, reverse=True):
+            if i not in matched_gt and j not in matched_det:
+                matched_gt.add(i)
+                matched_det.add(j)
+        for i, (b, _) in enumerate(truth):
+            k = next(k for k, (lo, hi) in enumerate(HEIGHT_BUCKETS) if lo <= b[3] < hi)
+            total[k] += 1
+            found[k] += i in matched_gt
+    n = sum(total)
+    return [{"height_px": f"{lo}-{hi}" if hi < 1 << 30 else f">={lo}", "gt_boxes": t,
+             "share": t / n if n else None, "recall": f / t if t else None}
+            for (lo, hi), t, f in zip(HEIGHT_BUCKETS, total, found, strict=True)]
+
+
 def tracker_cost(run: Run) -> dict[str, float | bool]:
     """Time a local Tracker per camera on the run's answered detections; whether its tracks are
     the server's (the same boxes grouped into the same tracks, whatever the ids' numbers)."""
@@ -233,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     # motmetrics logs its timings on the root logger at INFO: only this bench's progress is shown.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    if args.long_seconds < 1 or args.crossings_per_min < 0 or not 0 <= args.score_threshold <= 1:
-        print("bench_mot: --long-seconds must be >= 1, --crossings-per-min >= 0, --score-threshold in [0, 1]",
-              file=sys.stderr)
+    if (args.long_seconds < 1 or args.crossings_per_min < 0 or not 0 <= args.score_threshold <= 1
+            or (args.long_density is not None and args.long_density < 0)):
+        print("bench_mot: --long-seconds must be >= 1, --crossings-per-min and --long-density >= 0, "
+              "--score-threshold in [0, 1]", file=sys.stderr)
         return 2
+    from build_engine.data.drive import density_per_metre_like
+
+    density = (density_per_metre_like(args.long_seconds, DEMO_SECONDS) if args.long_density is None
+               else args.long_density)
     import grpc
 
     from client.ground_truth import GroundTruthIndex
@@ -249,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_mot_") as tmp:
         root = Path(tmp)
-        drives = generate_drives(root, args.long_seconds, args.crossings_per_min)
+        drives = generate_drives(root, args.long_seconds, args.crossings_per_min, density)
         manifest = model_manifest(args.model, root)
         server, port = create_server(ServerConfig(model=str(manifest), host="127.0.0.1", port=0, threads=args.threads))
         try:
@@ -267,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                             "replay_s": run.seconds, "scores": score_tracks(frames, gt).to_dict(),
                             "scores_confirmed": score_tracks(frames, gt, confirmed_only=True).to_dict(),
                             "detector": score_tracks(detector_only(frames), gt).to_dict(),
+                            "recall_by_height": recall_by_height(frames, drive / "gt.json"),
                             "tracker": tracker_cost(run),
                         })
         finally:
             server.shutdown(2.0)
 
-    print(f"tracking on generated drives (long drive {args.long_seconds:.0f} s, "
+    print(f"tracking on generated drives (long drive {args.long_seconds:.0f} s, traffic density {density:.2f}, "
           f"{args.crossings_per_min:g} crossings / min; model {manifest.parent.name}/{manifest.name})")
     print()
     print("every box with a track id scored (NEW tracks included)")
@@ -288,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
         o = r["detector"]["overall"]
         ceiling = (o["true_positives"] - o["false_positives"]) / o["gt_boxes"] if o["gt_boxes"] else None
         print(f"| {r['drive']} | {r['rate']} | {_fmt(o['precision'])} | {_fmt(o['recall'])} | {_fmt(ceiling)} |")
+    print()
+    print("the detector's recall by ground-truth box height (source pixels; greedy IoU >= 0.5, same class)")
+    print("| drive | rate | " + " | ".join(f"{r['height_px']} px: share, recall" for r in rows[0]["recall_by_height"])
+          + " |")
+    print("|---|---|" + "---|" * len(HEIGHT_BUCKETS))
+    for r in rows:
+        print(f"| {r['drive']} | {r['rate']} | " + " | ".join(
+            f"{_fmt(b['share'], 2)}, {_fmt(b['recall'], 2)}" for b in r["recall_by_height"]) + " |")
     print()
     print("| drive | boxes scored | half-rate IDF1 / full | half-rate MOTA / full | ID switches half / full |")
     print("|---|---|---|---|---|")

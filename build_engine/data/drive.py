@@ -72,8 +72,9 @@ class Traffic:
     density: multiplies how many road users (vehicles in the outer and oncoming lanes,
         pedestrians, cyclists) and roadside trees and poles are drawn. At 1.0 the counts suit
         a drive of a few seconds (the bundled demo: 6 s); the stretch they spread over grows
-        with the drive, so a drive N times longer needs about N times the density for as much
-        traffic per metre. Signs, lights and the vehicles just ahead and behind are not scaled.
+        with the drive, but not in proportion (it has fixed margins ahead and behind), so use
+        ``density_per_metre_like`` for a longer drive as busy per metre as a shorter one. Signs,
+        lights and the vehicles just ahead and behind are not scaled.
     crossings_per_min: pairs of road users (pedestrians, now and then cyclists) that walk
         across the road in front of a camera from opposite sides: they meet, their boxes
         crossing, beside our lane, and each passes behind the vehicle in our lane (the one
@@ -91,6 +92,28 @@ class Traffic:
                 raise ConfigError(f"Traffic.{name} must be a finite number >= 0, got {value!r}")
 
 
+# The stretch of road (world z, metres, from .. to) each scaled kind of object is spread over,
+# for a drive covering ``span`` metres, and how many of them density 1 draws on average.
+def _stretches(span: float) -> dict[str, tuple[float, float, float]]:
+    return {
+        "outer lane": (-60.0, 90.0 + span, 4.0),
+        "oncoming": (0.0, 160.0 + 2 * span, 5.5),
+        "pedestrian": (-40.0, 60.0 + span, 7.0),
+        "cyclist": (-30.0, 60.0 + span, 2.0),
+        "roadside": (-60.0, 100.0 + span, 14.5),
+    }
+
+
+def density_per_metre_like(duration_s: float, reference_s: float) -> float:
+    """The ``Traffic.density`` at which a ``duration_s`` drive has as many scaled objects per
+    metre of their stretch as a ``reference_s`` drive at density 1 (weighted by how many of
+    each kind there are). Not ``duration_s / reference_s``: each stretch has fixed margins, so
+    that ratio makes a 180 s drive about 2.5 times as busy per metre as a 6 s one."""
+    ref, new = _stretches(EGO_SPEED * reference_s), _stretches(EGO_SPEED * duration_s)
+    total = sum(n for _, _, n in ref.values())
+    return sum(n * (new[k][1] - new[k][0]) / (hi - lo) for k, (lo, hi, n) in ref.items()) / total
+
+
 def topic_for(camera: str) -> str:
     return f"/cameras/{camera}/image/compressed"
 
@@ -101,6 +124,7 @@ def drive_world(
     """Road users and roadside objects along the stretch driven (world z in metres); their
     track ids count from 1. ``density`` scales the counts (see ``Traffic``)."""
     span = EGO_SPEED * duration_s
+    stretch = {k: (lo, hi) for k, (lo, hi, _) in _stretches(span).items()}
     objs: list[WorldObject] = []
     tid = 0
 
@@ -124,17 +148,18 @@ def drive_world(
     # The outer lane overtakes or is overtaken; oncoming lanes pass by.
     for _ in range(count(3, 6)):
         add(str(rng.choice(["car", "car", "truck", "bus"])), ROAD_HALF - LANE_WIDTH / 2,
-            float(rng.uniform(-60, 90 + span)), float(rng.uniform(6, 14)))
+            float(rng.uniform(*stretch["outer lane"])), float(rng.uniform(6, 14)))
     for _ in range(count(4, 8)):
         lane = -LANE_WIDTH / 2 if rng.random() < 0.5 else -ROAD_HALF + LANE_WIDTH / 2
-        add(str(rng.choice(["car", "car", "truck", "bus"])), lane, float(rng.uniform(0, 160 + 2 * span)),
+        add(str(rng.choice(["car", "car", "truck", "bus"])), lane, float(rng.uniform(*stretch["oncoming"])),
             -float(rng.uniform(8, 13)))
     for _ in range(count(5, 10)):
         side = float(rng.choice([-1, 1]))
-        add("pedestrian", side * float(rng.uniform(ROAD_HALF + 0.8, ROAD_HALF + 3)), float(rng.uniform(-40, 60 + span)),
+        add("pedestrian", side * float(rng.uniform(ROAD_HALF + 0.8, ROAD_HALF + 3)),
+            float(rng.uniform(*stretch["pedestrian"])),
             float(rng.choice([-1, 1])) * float(rng.uniform(0.8, 1.6)))
     for _ in range(count(1, 4)):
-        add("cyclist", ROAD_HALF - 0.6, float(rng.uniform(-30, 60 + span)), float(rng.uniform(3.5, 6)))
+        add("cyclist", ROAD_HALF - 0.6, float(rng.uniform(*stretch["cyclist"])), float(rng.uniform(3.5, 6)))
     z = -40.0
     while z < 80 + span:  # lights and signs every few tens of metres, on either side
         add("traffic_light" if rng.random() < 0.4 else "traffic_sign",
@@ -143,7 +168,7 @@ def drive_world(
     for _ in range(count(10, 20)):
         add(str(rng.choice(["tree", "pole"])),
             float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF + 4, ROAD_HALF + 12)),
-            float(rng.uniform(-60, 100 + span)))
+            float(rng.uniform(*stretch["roadside"])))
     return objs
 
 

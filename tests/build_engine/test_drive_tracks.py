@@ -158,3 +158,21 @@ def test_density_scales_the_world_and_crossings_only_add() -> None:
 def test_traffic_rejects_bad_values(kw: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="Traffic"):
         Traffic(**kw)
+
+
+def test_a_long_drive_can_be_as_busy_per_metre_as_the_demo() -> None:
+    from build_engine.data.drive import EGO_SPEED, density_per_metre_like
+
+    assert density_per_metre_like(6, 6) == pytest.approx(1.0)
+    long = density_per_metre_like(180, 6)
+    assert 9 < long < 12, long  # not 180 / 6 = 30: the stretches have fixed margins
+    cam = _camera("front", WIDTH, HEIGHT)
+
+    def movers_per_metre(seconds: float, density: float) -> float:
+        # Pedestrians, cyclists and the outer and oncoming lanes' vehicles (what the density scales).
+        worlds = [drive_world(np.random.default_rng(seed), seconds, cam, density) for seed in range(20)]
+        n = sum(1 for w in worlds for o in w[2:] if o.kind not in ("traffic_light", "traffic_sign", "tree", "pole"))
+        return n / len(worlds) / (EGO_SPEED * seconds + 150)
+
+    ratio = movers_per_metre(180, long) / movers_per_metre(6, 1.0)
+    assert 0.8 < ratio < 1.25, ratio
