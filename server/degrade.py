@@ -5,7 +5,8 @@ The server watches its own queueing through the answers it gives (``LoadMonitor`
 of frames shed (stale, expired, overloaded) and the OK frames' end-to-end p99, over a sliding
 window. ``Degrader`` moves down the manifest's variants that passed their gate, ordered by the
 latency their build measured, when ``down_windows`` windows in a row are overloaded (as many
-rungs at once as the shed share asks for: ``_down_to``), and back up one rung after
+rungs at once as the shed share asks for, given the inference's share of the per-frame work:
+``_down_to``), and back up one rung after
 ``up_windows`` calm ones. A thermal or power signal (a file holding a number, such as a
 thermal zone's millidegrees) counts as overload while it is at or above its limit. Each move is
 a hot swap through the ``ModelHost`` (so the same checks apply), logged, counted as a metric,
@@ -20,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -31,14 +32,26 @@ from server.model_host import ModelHost
 log = logging.getLogger(__name__)
 
 
+class Window(NamedTuple):
+    frames: int  # answered OK or shed
+    shed: float  # share of frames shed
+    p99_s: float  # OK frames' end-to-end p99
+    # Inference's share of the measured work per frame: inference time per frame inferred over
+    # that plus pre-processing time per frame (1.0 when either is unknown).
+    inference_share: float = 1.0
+
+
 class LoadMonitor:
-    """Frame outcomes of the last window: answered, shed, and OK end-to-end latencies."""
+    """Frame outcomes of the last window: answered, shed, and OK end-to-end latencies; and the
+    time spent per frame pre-processing and in inference."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ok = 0
         self._shed = 0
         self._lat: deque[float] = deque(maxlen=20_000)
+        self._pre = [0.0, 0]  # seconds, frames
+        self._inf = [0.0, 0]  # seconds, frames in the batches
 
     def answered(self) -> None:
         with self._lock:
@@ -53,14 +66,31 @@ class LoadMonitor:
         with self._lock:
             self._lat.append(seconds)
 
-    def take(self) -> tuple[int, float, float]:
-        """(frames, shed share, OK p99 seconds) since the last call; resets the window."""
+    def work(self, stage: str, seconds: float) -> None:
+        """A frame's pre-processing time, or a batch's inference time."""
+        if stage in ("preprocess", "inference"):
+            with self._lock:
+                (self._pre if stage == "preprocess" else self._inf)[0] += seconds
+                if stage == "preprocess":
+                    self._pre[1] += 1
+
+    def batch(self, size: int) -> None:
+        with self._lock:
+            self._inf[1] += size
+
+    def take(self) -> Window:
+        """The window since the last call; resets it."""
         with self._lock:
             ok, shed, lat = self._ok, self._shed, list(self._lat)
+            (pre_s, pre_n), (inf_s, inf_n) = self._pre, self._inf
             self._ok = self._shed = 0
             self._lat.clear()
+            self._pre, self._inf = [0.0, 0], [0.0, 0]
         n = ok + shed
-        return n, (shed / n if n else 0.0), (float(np.percentile(lat, 99)) if lat else 0.0)
+        share = 1.0
+        if pre_n and inf_n and inf_s > 0:
+            share = (inf_s / inf_n) / (pre_s / pre_n + inf_s / inf_n)
+        return Window(n, shed / n if n else 0.0, float(np.percentile(lat, 99)) if lat else 0.0, share)
 
 
 class MonitoredMetrics:
@@ -84,7 +114,13 @@ class MonitoredMetrics:
     def observe_stage(self, stage: str, seconds: float) -> None:
         if stage == "end_to_end":
             self._monitor.latency(seconds)
+        else:
+            self._monitor.work(stage, seconds)
         self._inner.observe_stage(stage, seconds)
+
+    def observe_batch(self, size: int) -> None:
+        self._monitor.batch(size)
+        self._inner.observe_batch(size)
 
 
 @dataclass(frozen=True)
@@ -109,12 +145,18 @@ def ladder(host: ModelHost) -> list[Variant]:
     return sorted(ok, key=lambda v: -v.latency_ms.get("p50", 0.0))
 
 
-def _down_to(rungs: list[Variant], here: int, shed: float) -> int:
+def _down_to(rungs: list[Variant], here: int, shed: float, inference_share: float = 1.0) -> int:
     """The rung to degrade to: the slowest one below ``here`` whose build-measured latency is at
-    most (1 - shed) times the current one's (the speed-up that would have served what was shed),
-    else the fastest. One rung at a time took four moves, 17 s, from fp32 to pruned_int8 in a
-    30 s overload (bench/bench_lifecycle.py), shedding all along."""
-    want = rungs[here].latency_ms.get("p50", 0.0) * (1.0 - min(max(shed, 0.0), 1.0))
+    most ``1 - shed / inference_share`` times the current one's, else the fastest.
+
+    To serve what was shed, the work per frame has to fall by the shed share; a faster variant
+    cuts only the inference's part of it (on a CPU, decoding shares the cores with inference),
+    so inference has to fall by shed / inference_share. With inference taking all of the work
+    that is (1 - shed); at 8 cameras x 30 fps here inference was 0.6 of it, and asking for
+    (1 - shed) took two moves, 8 s, from fp32 to pruned_int8 (one rung at a time: four moves,
+    17 s) in a 30 s overload (bench/bench_lifecycle.py), shedding all along."""
+    share = min(max(inference_share, 1e-6), 1.0)
+    want = rungs[here].latency_ms.get("p50", 0.0) * max(0.0, 1.0 - min(max(shed, 0.0), 1.0) / share)
     for i in range(here + 1, len(rungs)):
         if rungs[i].latency_ms.get("p50", 0.0) <= want:
             return i
@@ -164,7 +206,7 @@ class Degrader:
     def step(self) -> str:
         """One window: '' (no move), 'degrade' or 'recover'."""
         p = self.policy
-        frames, shed, p99 = self.monitor.take()
+        frames, shed, p99, share = self.monitor.take()
         hot = self._thermal_hot()
         if frames < p.min_frames and not hot:
             return ""
@@ -178,8 +220,9 @@ class Degrader:
         here = names.index(self.host.current.variant.name) if self.host.current.variant.name in names else 0
         top = names.index(self.top) if self.top in names else 0
         if self._hot >= p.down_windows and here + 1 < len(rungs):
-            return self._move(rungs[_down_to(rungs, here, shed)], "degrade",
-                              f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms" + (", thermal limit" if hot else ""))
+            return self._move(rungs[_down_to(rungs, here, shed, share)], "degrade",
+                              f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms, inference {share:.0%} of the work"
+                              + (", thermal limit" if hot else ""))
         if self._calm >= p.up_windows and here > top:
             return self._move(rungs[here - 1], "recover", f"calm for {self._calm} windows")
         return ""

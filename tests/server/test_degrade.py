@@ -99,3 +99,29 @@ def test_a_heavy_overload_skips_rungs_a_light_one_does_not(serve: Any, tmp_path:
         _overloaded(deg.monitor)
         step = deg.step()
     assert step == "degrade" and run.server.models.current.variant.name == "fast"
+
+
+def test_the_rung_asked_for_counts_only_the_inference_share_of_the_work(tmp_path: Path) -> None:
+    """Rungs of 10, 8 and 3 ms. Shedding 10 % with inference all of the work asks for 9 ms (the
+    8 ms rung); with inference a quarter of it (decoding the rest, on the same cores) inference
+    has to fall by 40 %, to 6 ms (the 3 ms rung)."""
+    from server.degrade import LoadMonitor, _down_to
+
+    m = load_manifest(two_rung_artifact(tmp_path / "art"))
+    accurate, fast = m.variants
+    rungs = [accurate, dataclasses.replace(fast, name="middle", latency_ms={"p50": 8.0}), fast]
+    assert _down_to(rungs, 0, 0.10) == 1
+    assert _down_to(rungs, 0, 0.10, inference_share=0.25) == 2
+    assert _down_to(rungs, 0, 0.30, inference_share=0.25) == 2  # more than inference could give: the fastest
+
+    monitor = LoadMonitor()
+    _overloaded(monitor, dropped=3, answered=27)
+    assert monitor.take().inference_share == 1.0  # nothing measured: inference is all there is
+    for _ in range(8):
+        monitor.work("preprocess", 0.006)
+    monitor.work("inference", 0.008)  # one batch of 4: 2 ms a frame against 6 ms of pre-processing
+    monitor.batch(4)
+    _overloaded(monitor, dropped=3, answered=27)
+    window = monitor.take()
+    assert window.frames == 30 and abs(window.shed - 0.1) < 1e-9 and abs(window.inference_share - 0.25) < 1e-9
+    assert monitor.take().inference_share == 1.0  # the window was reset
