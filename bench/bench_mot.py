@@ -179,6 +179,8 @@ def recall_by_height(frames: list[Any], gt_path: Path, iou: float = 0.5) -> list
     """The detector's recall per ground-truth box height: each answered frame's boxes matched
     greedily (highest IoU first, same class, IoU >= ``iou``) to its ground truth. Says which
     objects a drive's misses are."""
+    from perception.kpi import iou_matrix
+
     gt = json.loads(gt_path.read_text())
     names = {c["id"]: c["name"] for c in gt["categories"]}
     image_of = {(im["camera_id"], int(im["sequence"])): im["id"] for im in gt["images"]}
@@ -189,23 +191,15 @@ def recall_by_height(frames: list[Any], gt_path: Path, iou: float = 0.5) -> list
     total = [0] * len(HEIGHT_BUCKETS)
     for f in frames:
         truth = boxes.get(image_of.get((f.camera_id, f.sequence), -1), [])
-        pairs = []
-        for i, (b, name) in enumerate(truth):
-            g = np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]], np.float32)
-            for j, d in enumerate(f.boxes):
-                if f.class_names[j] != name:
-                    continue
-                w = max(0.0, min(g[2], d[2]) - max(g[0], d[0]))
-                h = max(0.0, min(g[3], d[3]) - max(g[1], d[1]))
-                inter = w * h
-                union = b[2] * b[3] + (d[2] - d[0]) * (d[3] - d[1]) - inter
-                if union > 0 and inter / union >= iou:
-                    pairs.append((inter / union, i, j))
+        gt_xyxy = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b, _ in truth], np.float64).reshape(-1, 4)
+        ious = iou_matrix(f.boxes, gt_xyxy)  # (detections, ground truth)
+        same_class = np.array([[d == name for _, name in truth] for d in f.class_names], bool).reshape(ious.shape)
+        det, gti = np.nonzero(same_class & (ious >= iou))
         matched_gt, matched_det = set(), set()
-        for _, i, j in sorted(pairs, reverse=True):
-            if i not in matched_gt and j not in matched_det:
-                matched_gt.add(i)
-                matched_det.add(j)
+        for k in sorted(range(len(det)), key=lambda k: -ious[det[k], gti[k]]):
+            if gti[k] not in matched_gt and det[k] not in matched_det:
+                matched_gt.add(gti[k])
+                matched_det.add(det[k])
         for i, (b, _) in enumerate(truth):
             k = next(k for k, (lo, hi) in enumerate(HEIGHT_BUCKETS) if lo <= b[3] < hi)
             total[k] += 1

@@ -38,7 +38,7 @@ class Window(NamedTuple):
     p99_s: float  # OK frames' end-to-end p99
     # Inference's share of the measured work per frame: inference time per frame inferred over
     # that plus pre-processing time per frame (1.0 when either is unknown).
-    inference_share: float = 1.0
+    inference_share: float
 
 
 class LoadMonitor:
@@ -50,8 +50,8 @@ class LoadMonitor:
         self._ok = 0
         self._shed = 0
         self._lat: deque[float] = deque(maxlen=20_000)
-        self._pre = [0.0, 0]  # seconds, frames
-        self._inf = [0.0, 0]  # seconds, frames in the batches
+        self._pre_s = self._inf_s = 0.0  # pre-processing and inference seconds
+        self._pre_n = self._inf_n = 0  # frames pre-processed; frames in the batches inferred
 
     def answered(self) -> None:
         with self._lock:
@@ -68,24 +68,26 @@ class LoadMonitor:
 
     def work(self, stage: str, seconds: float) -> None:
         """A frame's pre-processing time, or a batch's inference time."""
-        if stage in ("preprocess", "inference"):
+        if stage == "preprocess":
             with self._lock:
-                (self._pre if stage == "preprocess" else self._inf)[0] += seconds
-                if stage == "preprocess":
-                    self._pre[1] += 1
+                self._pre_s += seconds
+                self._pre_n += 1
+        elif stage == "inference":
+            with self._lock:
+                self._inf_s += seconds
 
     def batch(self, size: int) -> None:
         with self._lock:
-            self._inf[1] += size
+            self._inf_n += size
 
     def take(self) -> Window:
         """The window since the last call; resets it."""
         with self._lock:
             ok, shed, lat = self._ok, self._shed, list(self._lat)
-            (pre_s, pre_n), (inf_s, inf_n) = self._pre, self._inf
-            self._ok = self._shed = 0
+            pre_s, pre_n, inf_s, inf_n = self._pre_s, self._pre_n, self._inf_s, self._inf_n
+            self._ok = self._shed = self._pre_n = self._inf_n = 0
+            self._pre_s = self._inf_s = 0.0
             self._lat.clear()
-            self._pre, self._inf = [0.0, 0], [0.0, 0]
         n = ok + shed
         share = 1.0
         if pre_n and inf_n and inf_s > 0:
@@ -152,7 +154,7 @@ def _down_to(rungs: list[Variant], here: int, shed: float, inference_share: floa
     To serve what was shed, the work per frame has to fall by the shed share; a faster variant
     cuts only the inference's part of it (on a CPU, decoding shares the cores with inference),
     so inference has to fall by shed / inference_share. With inference taking all of the work
-    that is (1 - shed); at 8 cameras x 30 fps here inference was 0.6 of it, and asking for
+    that is (1 - shed); at 8 cameras x 30 fps here inference was 0.53-0.57 of it, and asking for
     (1 - shed) took two moves, 8 s, from fp32 to pruned_int8 (one rung at a time: four moves,
     17 s) in a 30 s overload (bench/bench_lifecycle.py), shedding all along."""
     share = min(max(inference_share, 1e-6), 1.0)
