@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--priority-variant", default="", help="variant served in the priorities runs (default: the manifest's)")
     a("--degrade-window-s", type=float, default=2.0, help="the degrader's window (the server's default)")
     a("--degrade-p99-budget-ms", type=float, default=0.0, help="OK-frame p99 budget (0: judge by shedding alone)")
-    a("--threads", type=int, default=2, help="server inference threads (the server's default)")
+    a("--threads", type=int, default=0, help="server inference threads per batch (default: the server's choice)")
     a("--max-streams-per-peer", type=int, default=32,
       help="server per-peer stream cap: every client here is 127.0.0.1 (server default 8)")
     a("--server-args", default="", help="more `perception serve` flags for every run")

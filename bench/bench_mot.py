@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="manifest.json to serve (default: the shipped demo model)")
     p.add_argument("--score-threshold", type=float, default=0.0,
                    help="DetectOptions.score_threshold (default 0: the model's own)")
-    p.add_argument("--threads", type=int, default=2, help="inference threads of the server")
+    p.add_argument("--threads", type=int, default=0, help="inference threads per batch of the server (default: "
+                   "its own choice)")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     return p
 

@@ -71,7 +71,7 @@ class ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(repo)} if repo != REPO else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "perception.cli", "serve", "--model", str(manifest), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", "--threads", str(threads), *extra],
+             "--port", "0", "--metrics-port", "0", *(["--threads", str(threads)] if threads else []), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo, env=env,
         )
         self.port = 0
@@ -129,6 +129,13 @@ def lockstep_stream(stub: Any, frames: list[bytes], n: int) -> list[float]:
     return lat
 
 
+def served_threads() -> int:
+    """The intra-op threads per batch the server chooses here when not told."""
+    from server.runtime.settings import resolve_arrangement, usable_cores
+
+    return resolve_arrangement(0, 0, usable_cores())[0]
+
+
 def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> dict[str, float]:
     import grpc
 
@@ -139,7 +146,7 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
 
     m = load_manifest(manifest)
     pipe = FramePipeline.from_manifest(m)
-    backend, _ = backend_for(m, "", RuntimeSettings(threads=threads, max_batch=1))
+    backend, _ = backend_for(m, "", RuntimeSettings(threads=threads or served_threads(), max_batch=1))
     pipe.bind_outputs(backend.outputs)
     server = ServerProcess(manifest, threads, ["--max-batch", "1"])
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
@@ -175,7 +182,9 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     from server.runtime.factory import RuntimeSettings, backend_for
 
     m = load_manifest(manifest)
-    backend, _ = backend_for(m, "", RuntimeSettings(threads=threads, max_batch=batch))
+    # One worker spreading each batch over every core (or the threads given), as before this
+    # server ran one batch per core.
+    backend, _ = backend_for(m, "", RuntimeSettings(threads=threads or (os.cpu_count() or 1), max_batch=batch))
     pipe = FramePipeline.from_manifest(m)
     pipe.bind_outputs(backend.outputs)
     x = np.repeat(pipe.model_inputs([FrameInput("front", 0, 0, encoded=frames[0])]), batch, axis=0)
@@ -382,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="serve a tiny random model instead (plumbing only)")
     p.add_argument("--checkpoint", help="a detector.pt to export to an fp32 artifact first")
     p.add_argument("--random-preset", help="export a randomly initialised model of this preset (e.g. small)")
-    p.add_argument("--threads", type=int, default=2, help="inference threads, same in-process and served")
+    p.add_argument("--threads", type=int, default=0, help="inference threads, same in-process and served (default: "
+                   "the server's own choice, one per batch on a CPU)")
     p.add_argument("--batch", type=int, default=4, help="batch size for the throughput comparison")
     p.add_argument("--frames", type=int, default=200, help="frames per latency round")
     p.add_argument("--throughput-s", type=float, default=15.0)

@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--big-processes", type=int, default=4, help="client processes the big-frame streams are spread over")
     a("--big-frame-mib", type=int, default=16)
     a("--big-target-mb", type=float, default=600.0)
-    a("--threads", type=int, default=2, help="server inference threads (the server's default)")
+    a("--threads", type=int, default=0, help="server inference threads per batch (default: the server's choice)")
     a("--max-streams-per-peer", type=int, default=32,
       help="server per-peer stream cap: every client here is 127.0.0.1 (server default 8); 0: flag not passed")
     a("--server-repo", type=Path, default=REPO,

@@ -22,7 +22,7 @@ Triton row is skipped with the reason, and tritonclient gets a venv of this inte
 The served model is the shipped default (artifacts/demo/engine, built by `make demo`) unless
 ``--model`` says otherwise. Detections are checked equal across paths (count per frame).
 
-    .venv/bin/python -m bench.bench_triton [--model M.json] [--rounds 3] [--n 200] [--threads 2] [--json-out F]
+    .venv/bin/python -m bench.bench_triton [--model M.json] [--rounds 3] [--n 200] [--threads T] [--json-out F]
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--n", type=int, default=200, help="timed calls per path per round (default 200)")
     p.add_argument("--warmup", type=int, default=20, help="untimed calls per path per round (default 20)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads everywhere (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads everywhere (default: what "
+                   "the server chooses here when not told, one on a CPU)")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_PEER, help="where the Triton peer venv is made")
     p.add_argument("--json-out", type=Path, help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -200,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     from perception.v1 import detector_pb2_grpc as pb_grpc
     from server.runtime.factory import RuntimeSettings, backend_for
 
+    if not args.threads:
+        from bench.bench_server import served_threads
+
+        args.threads = served_threads()
     python, can_triton, why_not = make_peer(args.peer_venv)
     manifest = load_manifest(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="bench_triton_"))

@@ -41,6 +41,7 @@ from server.metrics_protocol import NULL_METRICS, Metrics
 from server.model_host import LifecycleLimits, ModelHost, ServedModel, load_served_model
 from server.runtime.base import Backend
 from server.runtime.factory import RuntimeSettings, backend_for
+from server.runtime.settings import resolve_arrangement, usable_cores
 from server.scheduler import Scheduler
 from server.service import DetectorService, add_detector_service
 from server.shm import ShmReader
@@ -308,8 +309,9 @@ def create_server(
     scheduler: Scheduler | None = None
     managed: ManagedServer | None = None
     try:
+        threads, workers = resolve_arrangement(config.threads, config.inference_workers, usable_cores())
         settings = RuntimeSettings(
-            threads=config.threads,
+            threads=threads,
             max_batch=config.max_batch,
             engine_cache_dir=config.engine_cache_dir,
             build_engine_on_start=config.build_engine_on_start,
@@ -319,6 +321,12 @@ def create_server(
         # Refuse a model whose outputs do not fit its declared layout now, not on the first frame.
         pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))
+        on_cpu = backend.name.endswith("-cpu")
+        if not on_cpu and not config.inference_workers:
+            workers = 1  # a GPU engine runs one batch at a time (a TensorRT context is not shared)
+        run_batch = max(1, min(config.inference_batch or (1 if on_cpu else max_batch), max_batch))
+        log.info("inference: %d run(s) at once of up to %d frame(s), %d intra-op thread(s) each, on %d core(s)",
+                 workers, run_batch, threads, usable_cores())
         first = ServedModel(str(config.model), manifest, variant, backend, pipeline, max_batch)
         health_hook: list[ManagedServer] = []
 
@@ -327,8 +335,9 @@ def create_server(
                 health_hook[0].on_batch(ok)
                 health_hook[0].models.observe(ok, model, seconds)
 
-        scheduler = Scheduler(backend.infer, config.max_batch, config.max_wait_ms / 1000.0, config.queue_size,
-                              config.max_pending, metrics, to_batch=pipeline.to_batch, on_batch=on_batch)
+        scheduler = Scheduler(backend.infer, run_batch, config.max_wait_ms / 1000.0, config.queue_size,
+                              config.max_pending, metrics, to_batch=pipeline.to_batch, on_batch=on_batch,
+                              workers=workers)
         managed = ManagedServer(server, port, scheduler, backend, health_servicer, metrics,
                                 ready=managed_ready, draining=draining)
         managed.unhealthy_after = config.unhealthy_after_failed_batches

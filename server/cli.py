@@ -35,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int, help="gRPC port; 0 picks a free one")
     a("--metrics-host", help="/metrics address to bind (default 127.0.0.1)")
     a("--metrics-port", type=int, help="Prometheus /metrics port; 0 picks a free one")
-    a("--threads", type=int, help="inference runtime intra-op threads")
-    a("--max-batch", type=int, help="largest cross-camera batch")
+    a("--threads", type=int, help="inference runtime intra-op threads per batch (default: 1 on a CPU)")
+    a("--inference-workers", type=int, help="inference batches run at once (default: one per core on a CPU, "
+      "1 on a GPU)")
+    a("--max-batch", type=int, help="largest batch a request or the engine takes")
+    a("--inference-batch", type=int, help="frames per inference run, batched across cameras (default: 1 on a "
+      "CPU, --max-batch on a GPU)")
     a("--max-wait-ms", type=float, help="longest wait for a batch to fill")
     a("--queue-size", type=int, help="frames queued per camera (the latest wins)")
     a("--max-pending", type=int, help="frames queued in total before shedding load")

@@ -33,13 +33,21 @@ class ServerConfig:
     model: str = ""  # path of manifest.json (or its directory)
     variant: str = ""  # manifest variant name; "" = the manifest's default
     backends: tuple[str, ...] = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")  # fallback order
-    threads: int = 2  # intra-op threads of the inference runtime
+    # How inference spends the cores (resolve_arrangement): intra-op threads per batch, and batches
+    # run at once. 0 = chosen from the core count: on a CPU one thread per batch and one batch per
+    # core (bench/bench_workers.py: more frames per core than one batch over every core).
+    threads: int = 0
+    inference_workers: int = 0
     # Loopback by default: listening on every interface is a deployment's explicit choice.
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_host: str = "127.0.0.1"  # /metrics has its own bind address
     metrics_port: int = 9108  # the port deploy/prometheus/prometheus.yml scrapes
-    max_batch: int = 8  # clipped to the engine's batch range
+    max_batch: int = 8  # largest batch a request or the engine takes; clipped to the engine's range
+    # Frames per inference run, batched across cameras; 0 = chosen: 1 on a CPU (with one run per
+    # core, batches of 4-8 served fewer frames at a longer latency: bench/bench_soak.py, docs/
+    # performance.md), max_batch on a GPU.
+    inference_batch: int = 0
     max_wait_ms: float = 4.0  # how long the batcher waits for a fuller batch
     queue_size: int = 2  # per camera; the latest frame wins, older ones are answered stale
     max_pending: int = 64  # frames queued across all cameras before shedding load
@@ -127,14 +135,18 @@ class ServerConfig:
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise ConfigError(f"backends must be a non-empty list from {BACKENDS}, got {list(self.backends)}")
-        if not 1 <= self.threads <= 256:
-            raise ConfigError(f"threads must be in 1..256, got {self.threads}")
+        for name in ("threads", "inference_workers"):
+            if not 0 <= getattr(self, name) <= 256:
+                raise ConfigError(f"{name} must be in 0..256 (0 = from the core count), got {getattr(self, name)}")
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be in 0..65535 (0 = pick a free port), got {value}")
         if not 1 <= self.max_batch <= 1024:
             raise ConfigError(f"max_batch must be in 1..1024, got {self.max_batch}")
+        if not 0 <= self.inference_batch <= 1024:
+            raise ConfigError(f"inference_batch must be in 0..1024 (0 = chosen for the runtime), got "
+                              f"{self.inference_batch}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise ConfigError(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
         for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters", "max_camera_labels",

@@ -1,16 +1,21 @@
-"""Cross-camera dynamic batching in front of one inference worker thread.
+"""Cross-camera dynamic batching in front of ``workers`` inference worker threads.
 
 Every camera of every stream has its own bounded queue in which the latest frame wins: when
-it is full, the oldest queued frame is answered ``stale`` (never silently lost). One worker
+it is full, the oldest queued frame is answered ``stale`` (never silently lost). A worker
 thread takes frames round robin across queues into a batch of up to ``max_batch``, waiting at
 most ``max_wait`` after the oldest queued frame arrived for the batch to fill; it stops
 waiting early once every known queue has contributed. Frames whose deadline passed are
 answered ``expired``. Past ``max_pending`` queued frames in total, ``submit`` raises
 OverloadedError instead of letting latency grow without bound.
 
-``run_if_idle`` is the fast path of a frame that finds the engine idle (nothing queued, no
-batch running): it runs as a batch of one on the caller's thread, saving the two thread
-hand-offs to the worker and back. Whichever thread runs a batch, one batch runs at a time.
+Up to ``workers`` batches run at once, each on its own thread (on a CPU, one onnxruntime
+session of one intra-op thread per core served more frames than one session spreading each
+batch over every core: ``bench/bench_workers.py``). Answers still leave each stream in arrival
+order (the stream's outbox orders them), whichever batch finishes first.
+
+``run_if_idle`` is the fast path of a frame that finds the engine idle (nothing queued, a
+worker free): it runs as a batch of one on the caller's thread, saving the two thread
+hand-offs to the worker and back; it counts as one of the ``workers`` batches.
 
 Answers leave through each job's ``on_done`` callback, called on the thread that ran its batch
 (or on the submitting thread for a stale drop) and never under the scheduler's lock. A queue left empty
@@ -83,12 +88,14 @@ class Job:
 
 
 class Scheduler:
-    """Batches jobs from many queues into calls of ``infer`` on one worker thread.
+    """Batches jobs from many queues into calls of ``infer`` on ``workers`` worker threads.
 
     infer: (B, 3, H, W) float32 -> every model output (B, ...) by name, B <= max_batch.
     to_batch: the queued items of a batch -> infer's input (default: np.stack of float tensors;
     the server queues uint8 canvases and normalises here, on the inference thread).
     metrics: where batch sizes, stage times and the queue depth are recorded.
+    workers: how many batches may run at once (``infer`` must then be safe to call from that
+    many threads at once, as an onnxruntime session is).
     """
 
     def __init__(
@@ -102,9 +109,11 @@ class Scheduler:
         to_batch: Callable[[list[Any]], NDArray[np.float32]] | None = None,
         quiet_s: float = 2.0,
         on_batch: Callable[[bool, Any, float], None] | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_batch < 1 or queue_size < 1 or max_pending < 1 or max_wait_s < 0:
-            raise ValueError("max_batch, queue_size, max_pending must be >= 1 and max_wait_s >= 0")
+        if max_batch < 1 or queue_size < 1 or max_pending < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError("max_batch, queue_size, max_pending, workers must be >= 1 and max_wait_s >= 0")
+        self.workers = workers
         self._infer = infer
         self._to_batch = to_batch or (lambda items: np.stack(items))
         self.max_batch = max_batch
@@ -121,11 +130,11 @@ class Scheduler:
         self.shed_for_priority = 0  # frames of lower classes shed to make room for higher ones
         self._transient: set[Hashable] = set()  # queues removed once empty (unary calls)
         self._pending = 0
-        self._busy = False  # a batch is running (on the worker, or inline on a caller's thread)
+        self._running = 0  # batches running (on the workers, or inline on a caller's thread)
         self._rr = 0
         self._stopping = False
         self._accepting = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- producers -------------------------------------------------------------------------
 
@@ -231,7 +240,7 @@ class Scheduler:
         with self._cond:
             if not self._accepting:
                 raise NotReadyError("the server is not accepting frames (starting or shutting down)")
-            if self._busy or self._pending or self._stopping:
+            if self._running >= self.workers or self._pending or self._stopping:
                 return False
             now = time.monotonic()
             self._forget_quiet_locked(now)  # as the worker does after each batch
@@ -240,23 +249,25 @@ class Scheduler:
             if not transient:
                 self._queues.setdefault(job.key, deque())
                 self._last_active[job.key] = now
-            self._busy = True
+            self._running += 1
         try:
             self._run_batch([job])
         finally:
             with self._cond:
-                self._busy = False
+                self._running -= 1
                 self._cond.notify_all()
         return True
 
     def start(self) -> None:
         with self._cond:
-            if self._thread is not None:
+            if self._threads:
                 return
             self._accepting = True
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._run, name=f"inference-worker-{k}", daemon=True)
+                             for k in range(self.workers)]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; answer every queued frame (drain), then end the worker."""
@@ -264,31 +275,32 @@ class Scheduler:
             self._accepting = False
             self._stopping = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+            threads = list(self._threads)
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
             if thread.is_alive():
                 log.warning("inference worker did not finish within %.1f s", timeout or 0.0)
         with self._cond:
-            self._thread = None
+            self._threads = []
 
     # -- the worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while (self._pending == 0 or self._busy) and not self._stopping:
-                    self._cond.wait()
-                while self._busy:  # stopping: the inline batch finishes first
+                while (self._pending == 0 or self._running >= self.workers) and not self._stopping:
                     self._cond.wait()
                 if self._pending == 0 and self._stopping:
+                    while self._running:  # every other batch (inline ones too) finishes first
+                        self._cond.wait()
                     return
                 self._wait_for_batch_locked()
                 now = time.monotonic()
                 jobs, expired = self._take_batch_locked(now)
                 self._forget_quiet_locked(now)
                 depth = self._pending
-                self._busy = bool(jobs)
+                self._running += bool(jobs)
             self._gauge(depth)
             now = time.monotonic()
             for job in expired:
@@ -300,7 +312,7 @@ class Scheduler:
                     self._run_batch(jobs)
                 finally:
                     with self._cond:
-                        self._busy = False
+                        self._running -= 1
                         self._cond.notify_all()
 
     def _wait_for_batch_locked(self) -> None:

@@ -14,6 +14,7 @@ outputs matter is the caller's business, not the runtime's.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class TensorRTBackend:
         self._input = ""
         self._outputs: tuple[TensorInfo, ...] = ()
         self._out_dtypes: dict[str, np.dtype[Any]] = {}
+        self._infer_lock = threading.Lock()
 
     @property
     def max_batch(self) -> int:
@@ -119,7 +121,12 @@ class TensorRTBackend:
         return ptr
 
     def infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
-        """Run one (B, 3, H, W) batch; every output by name, each of shape (B, ...) in its engine dtype."""
+        """Run one (B, 3, H, W) batch; every output by name, each of shape (B, ...) in its engine dtype.
+        One batch at a time: the execution context, its stream and buffers are not shared."""
+        with self._infer_lock:
+            return self._infer(batch)
+
+    def _infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         context = self._context
         if context is None:
             raise ModelError("backend is not activated")

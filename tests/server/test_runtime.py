@@ -199,3 +199,16 @@ def test_fixed_batch_chunks_with_ragged_outputs_are_zero_padded() -> None:
     np.testing.assert_array_equal(out[1], b[0])
     same = concat_ragged([a, a])
     assert same.shape == (2, 2, 4)
+
+
+def test_the_cores_go_to_one_thread_batches_unless_told_otherwise() -> None:
+    from server.runtime.settings import resolve_arrangement, usable_cores
+
+    assert resolve_arrangement(0, 0, 2) == (1, 2)  # one one-thread batch per core
+    assert resolve_arrangement(0, 0, 8) == (1, 8)
+    assert resolve_arrangement(2, 0, 2) == (2, 1)  # the threads given fill the cores
+    assert resolve_arrangement(3, 0, 2) == (3, 1)  # never zero workers
+    assert resolve_arrangement(0, 2, 8) == (4, 2)
+    assert resolve_arrangement(0, 4, 2) == (1, 4)
+    assert resolve_arrangement(2, 3, 2) == (2, 3)  # both given: as given
+    assert usable_cores() >= 1

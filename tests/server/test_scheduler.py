@@ -172,21 +172,24 @@ def test_close_drops_queued_and_stop_drains(backend):
 
 
 class OneAtATime:
-    """An engine that records which thread ran each batch, and fails the test if two batches
-    ever run at once."""
+    """An engine that records which thread ran each batch, and fails the test if more than
+    ``allowed`` batches ever run at once (``most``: the most that did)."""
 
-    def __init__(self, backend, delay_s: float = 0.0) -> None:
+    def __init__(self, backend, delay_s: float = 0.0, allowed: int = 1) -> None:
         self.backend = backend
         self.delay_s = delay_s
+        self.allowed = allowed
         self.threads: list[str] = []
         self.running = 0
+        self.most = 0
         self.overlapped = False
         self.lock = threading.Lock()
 
     def __call__(self, x):
         with self.lock:
             self.running += 1
-            self.overlapped |= self.running > 1
+            self.most = max(self.most, self.running)
+            self.overlapped |= self.running > self.allowed
             self.threads.append(threading.current_thread().name)
         try:
             time.sleep(self.delay_s)
@@ -243,7 +246,54 @@ def test_the_fast_path_never_runs_beside_a_batch(backend):
     s.stop(5)
     assert not engine.overlapped
     assert all(r.status is JobStatus.OK for r in rec.results.values())
-    assert inline and "inference-worker" in engine.threads, "both paths were exercised"
+    assert inline and any(t.startswith("inference-worker") for t in engine.threads), "both paths were exercised"
+
+
+def test_two_workers_run_two_batches_at_once_and_never_more(backend):
+    """With workers=2, batches of different cameras overlap (two worker threads, and the fast
+    path counting as one of the two), never three at once; every frame is answered."""
+    engine = OneAtATime(backend, delay_s=0.01, allowed=2)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=2, max_wait_s=0.0, queue_size=64, max_pending=256, workers=2)
+    s.start()
+    inline = []
+
+    def camera(i: int) -> None:
+        for k in range(15):
+            job = Job(("cam", i), tensor(k), rec.cb(f"{i}-{k}"))
+            if s.run_if_idle(job):
+                inline.append(1)
+            else:
+                s.submit(job)
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=camera, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rec.wait(60, timeout=30)
+    s.stop(5)
+    assert not engine.overlapped, "more than two batches ran at once"
+    assert engine.most == 2, "two workers never ran side by side"
+    assert {t for t in engine.threads if t.startswith("inference-worker")} == {"inference-worker-0",
+                                                                                "inference-worker-1"}
+    assert len(rec.results) == 60
+    assert all(r.status in (JobStatus.OK, JobStatus.STALE) for r in rec.results.values())
+
+
+def test_stop_drains_every_queued_frame_with_two_workers(backend):
+    engine = OneAtATime(backend, delay_s=0.005, allowed=2)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=2, max_wait_s=0.0, queue_size=64, max_pending=256, workers=2)
+    s.start()
+    for i in range(30):
+        s.submit(Job(("cam", i % 5), tensor(i), rec.cb(str(i))))
+    s.stop(10)
+    assert len(rec.results) == 30
+    assert all(r.status is JobStatus.OK for r in rec.results.values())
+    with pytest.raises(NotReadyError):
+        s.submit(Job("late", tensor(1), rec.cb("late")))
 
 
 def test_not_accepting_refuses_the_fast_path_too(backend):

@@ -149,7 +149,7 @@ def test_raw_4k_bgr_frame_fits_the_message_limit(serve):
 def test_stale_frames_are_answered_dropped_in_order(serve):
     # One camera, a queue of 1; a long max_wait with a second (idle) camera stream open keeps
     # the batcher waiting, so the three frames meet while the first one waits for its batch.
-    run = serve(queue_size=1, max_wait_ms=400, max_batch=4)
+    run = serve(queue_size=1, max_wait_ms=400, max_batch=4, inference_batch=4)
     frames = [request("front", i, jpeg(seed=i)) for i in range(3)]
     idle = threading.Event()
 
@@ -171,7 +171,7 @@ def test_stale_frames_are_answered_dropped_in_order(serve):
 
 
 def test_deadline_expired(serve):
-    run = serve(max_wait_ms=300, max_batch=8)
+    run = serve(max_wait_ms=300, max_batch=8, inference_batch=8)
 
     def reqs():
         yield request("rear", 0, jpeg())
@@ -187,7 +187,7 @@ def test_deadline_expired(serve):
 
 
 def test_overload_is_resource_exhausted_not_unbounded_queueing(serve):
-    run = serve(max_pending=1, max_wait_ms=400, max_batch=8)
+    run = serve(max_pending=1, max_wait_ms=400, max_batch=8, inference_batch=8)
     img = jpeg()
     codes: list[str] = []
     lock = threading.Lock()
@@ -274,7 +274,7 @@ def test_model_info_health_and_reflection(serve):
 
 
 def test_shutdown_answers_in_flight_then_refuses(serve):
-    run = serve(max_wait_ms=300, max_batch=8)
+    run = serve(max_wait_ms=300, max_batch=8, inference_batch=8)
     results: list = []
 
     def call():
@@ -322,7 +322,7 @@ def test_metrics_count_every_answer(serve):
 
 
 def test_stream_over_capacity_answers_overloaded_and_goes_on(serve):
-    run = serve(max_pending=1, max_wait_ms=400, max_batch=8)
+    run = serve(max_pending=1, max_wait_ms=400, max_batch=8, inference_batch=8)
     hold = threading.Event()
 
     def idle():
@@ -409,3 +409,19 @@ def test_not_serving_until_warm(tiny_manifest):
         channel.close()
         for server, _ in started:
             server.shutdown(1)
+
+
+def test_on_a_cpu_frames_run_one_at_a_time_on_every_worker_and_answers_stay_in_order(serve):
+    """The CPU default: one frame per inference run, two runs at once (inference_workers=2 here,
+    whatever this machine's cores), while the model still takes and advertises its full batch."""
+    run = serve(inference_workers=2, queue_size=8)
+    frames = [request(f"cam{i % 4}", i, jpeg(seed=i % 3)) for i in range(24)]
+    out = list(run.stub.StreamDetect(iter(frames), timeout=30))
+    assert [a.sequence for a in out] == list(range(24))
+    ok = [a for a in out if a.status == OK]
+    assert ok and all(a.timings.batch_size == 1 for a in ok)
+    assert run.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).max_batch > 1
+    # Told otherwise, frames of several cameras share a run again.
+    batched = serve(inference_workers=1, inference_batch=8, max_wait_ms=50, queue_size=8)
+    out = list(batched.stub.StreamDetect(iter(frames), timeout=30))
+    assert max(a.timings.batch_size for a in out if a.status == OK) > 1
