@@ -15,14 +15,15 @@ Every answer is logged with its send and arrival time, status and ``model_varian
    phase to the first answer a rung up and the first of the configured variant.
    Target: the shed rate at 8 x 30 fps at least halves with auto.
 2. priorities: 8 cameras at 30 fps, ``cam0=critical`` and the other seven ``best_effort``, vs
-   the same without priorities (the manifest's default variant unless ``--priority-variant``).
+   the same without priorities (the degradation runs' variant unless ``--priority-variant``: the
+   manifest's default serves all 8 x 30 fps on 2 cores, so its runs would not overload).
    Reported: the critical camera's OK share and p99, the best-effort cameras' OK throughput
    (starvation). Target: >= 95 % of the critical camera's frames OK while the seven overload.
 
 Frames are attributed to the phase in which they were sent. Clients share the machine with the
 server; the 1-minute load average is printed beside each run, and the share of the run the
-server's inference thread was busy (from its /metrics): where it is low, a lighter variant
-cannot relieve the server.
+server's inference workers were busy (from its /metrics; summed over the workers, so up to
+100 % per worker): where it is low, a lighter variant cannot relieve the server.
 
     .venv/bin/python -m bench.bench_lifecycle [--model manifest.json] [--phase-s 60]
         [--only degrade priorities] [--json-out FILE]
@@ -72,7 +73,7 @@ from perception.errors import PerceptionError
 Schedule = tuple[tuple[float, float], ...]  # (seconds, fps) per phase, in order
 UNANSWERED = "UNANSWERED"
 # After a swap the old model answers only the batches already prepared for it: one batch took
-# 70-100 ms in this bench's runs (its "inference thread busy" lines); 1 s is ample.
+# 70-100 ms in this bench's runs (its "inference busy" lines); 1 s is ample.
 SWAP_TAIL_S = 1.0
 
 
@@ -440,7 +441,8 @@ def report_servers(runs: Sequence[Run]) -> None:
         pre_ms = 1e3 * w.get("stage_latency_seconds.preprocess.sum", 0.0) / max(
             1.0, w.get("stage_latency_seconds.preprocess.count", 0.0))
         if batches:
-            print(f"{r.name}: inference thread busy {infer_s / r.phase.seconds:.0%} of the run: {batches:.0f} batches "
+            print(f"{r.name}: inference busy {infer_s / r.phase.seconds:.0%} of the run (summed over the server's "
+                  f"inference workers, so up to 100 % per worker): {batches:.0f} batches "
                   f"of {w.get('batch_size_frames..sum', 0.0) / batches:.1f} frames, {infer_s / batches * 1e3:.0f} ms "
                   f"each; preprocess {pre_ms:.1f} ms per OK frame")
         for line in r.phase.error_lines[:5]:
@@ -479,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--window", type=int, default=4, help="frames in flight per camera (the client library's default)")
     a("--variant", help="variant served in the degradation runs (default: fp32 if it passed its gate, else the "
                         "slowest gated ONNX variant)")
-    a("--priority-variant", default="", help="variant served in the priorities runs (default: the manifest's)")
+    a("--priority-variant", default="", help="variant served in the priorities runs (default: --variant's "
+                                              "default, heavy enough that 8 x 30 fps overloads the server)")
     a("--degrade-window-s", type=float, default=2.0, help="the degrader's window (the server's default)")
     a("--degrade-p99-budget-ms", type=float, default=0.0, help="OK-frame p99 budget (0: judge by shedding alone)")
     a("--threads", type=int, default=0, help="server inference threads per batch (default: the server's choice)")
@@ -524,8 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             if "priorities" in which:
                 steady: Schedule = ((args.priority_s or args.phase_s, hi),)
                 classes = ",".join(f"cam{c}={'critical' if c == 0 else 'best_effort'}" for c in range(n))
+                # The default variant serves 8 x 30 fps whole on 2 cores: the seven must overload the
+                # server, so the priorities runs serve the degradation runs' heavier variant by default.
+                pvariant = args.priority_variant or default_degrade_variant(rungs)
                 for name, flags in (("without", []), ("with", ["--camera-priorities", classes])):
-                    runs[name] = run_once(name, manifest, args.priority_variant, steady, n, args.window, flags, args,
+                    runs[name] = run_once(name, manifest, pvariant, steady, n, args.window, flags, args,
                                           Path(tmp), harnesses)
         except KeyboardInterrupt:
             print("interrupted: stopping every client and the server", file=sys.stderr)

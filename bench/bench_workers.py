@@ -7,13 +7,17 @@ the bundled drive's frames as 1280x720 JPEGs. Each arrangement runs for ``--seco
 arrangements alternate over ``--rounds`` rounds, and the table gives each one's median frames/s.
 
 - ``1 worker x N threads``: one onnxruntime session with N intra-op threads, batches one after
-  another (what the server does today);
+  another (what the server did before it chose from the core count);
 - ``N workers x 1 thread``: N sessions of one thread each, every worker taking its own batches
-  (decode included) in its own Python thread.
+  (decode included) in its own Python thread (the server's choice on a CPU: one run per core).
+
+Each arrangement runs at every ``--batch`` given (frames per inference run; the server's
+``--inference-batch``, 1 by default on a CPU), with onnxruntime's memory arena off as the
+server runs it.
 
 Not a test: nothing is asserted.
 
-    .venv/bin/python -m bench.bench_workers [--model M.json] [--batch 4] [--seconds 8] [--rounds 3]
+    .venv/bin/python -m bench.bench_workers [--model M.json] [--batch 1 4] [--seconds 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def run(manifest: Any, frames: list[bytes], workers: int, threads: int, batch: i
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_workers", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--model", type=Path, help="manifest.json (default: the shipped default model)")
-    p.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="frames per batch (default: 1 and 4)")
     p.add_argument("--seconds", type=float, default=8.0, help="length of each measurement (default 8)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--engine-only", action="store_true",
@@ -100,20 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         arrangements = {f"1 worker x {cores} threads": (1, cores), f"{cores} workers x 1 thread": (cores, 1)}
         if cores > 1:
             arrangements["1 worker x 1 thread"] = (1, 1)
-        fps: dict[str, list[float]] = {k: [] for k in arrangements}
+        fps: dict[tuple[str, int], list[float]] = {(k, b): [] for b in args.batch for k in arrangements}
         for _ in range(args.rounds):
-            for name, (workers, threads) in arrangements.items():
-                fps[name].append(run(manifest, frames, workers, threads, args.batch, args.seconds, args.engine_only))
+            for (name, batch) in fps:
+                workers, threads = arrangements[name]
+                fps[(name, batch)].append(run(manifest, frames, workers, threads, batch, args.seconds,
+                                              args.engine_only))
     best = max(statistics.median(v) for v in fps.values())
     what = "inference alone (tensors prepared once)" if args.engine_only else "decode + inference + NMS"
-    print(f"{what}, 1280x720 JPEGs, batch {args.batch}, model {manifest.name} "
+    print(f"{what}, 1280x720 JPEGs, model {manifest.name} "
           f"({manifest.variant().name}), {cores} cores, {args.rounds} rounds of {args.seconds:g} s")
     print()
-    print("| arrangement | frames/s (median) | per round | x best |")
-    print("|---|---|---|---|")
-    for name, v in fps.items():
+    print("| arrangement | frames per run | frames/s (median) | per round | x best |")
+    print("|---|---|---|---|---|")
+    for (name, batch), v in fps.items():
         med = statistics.median(v)
-        print(f"| {name} | {med:.1f} | {' / '.join(f'{x:.1f}' for x in v)} | {med / best:.2f}x |")
+        print(f"| {name} | {batch} | {med:.1f} | {' / '.join(f'{x:.1f}' for x in v)} | {med / best:.2f}x |")
     return 0
 
 

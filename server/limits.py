@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import threading
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
 from perception.errors import OverloadedError
+from server.runtime.settings import usable_cores
 
 
 class ByteBudget:
@@ -73,7 +73,7 @@ class DecodeSlots:
     """
 
     def __init__(self, count: int = 0, half_life_s: float = 1.0) -> None:
-        self.count = count or max(1, os.cpu_count() or 1)
+        self.count = count or usable_cores()
         self._free = self.count
         self._lock = threading.Lock()
         # (recent cost at arrival, arrival, owner, the waiter's own lock): a heap, least cost first.

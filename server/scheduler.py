@@ -92,7 +92,7 @@ class Scheduler:
 
     infer: (B, 3, H, W) float32 -> every model output (B, ...) by name, B <= max_batch.
     to_batch: the queued items of a batch -> infer's input (default: np.stack of float tensors;
-    the server queues uint8 canvases and normalises here, on the inference thread).
+    the server queues uint8 canvases and normalises here, on the inference worker).
     metrics: where batch sizes, stage times and the queue depth are recorded.
     workers: how many batches may run at once (``infer`` must then be safe to call from that
     many threads at once, as an onnxruntime session is).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,20 @@ class RuntimeSettings:
     engine_precision: str = "fp16"
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity (e.g. a container's cpuset), and no more
+    than its cgroup's CPU quota rounded up (a Kubernetes CPU limit of 2 on a 16-core node)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]  # "max 100000" when unlimited
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):  # cgroup v1, or no cgroup file: the affinity alone
+        pass
+    return cores
 
 
 def resolve_arrangement(threads: int, workers: int, cores: int) -> tuple[int, int]:

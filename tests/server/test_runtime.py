@@ -212,3 +212,21 @@ def test_the_cores_go_to_one_thread_batches_unless_told_otherwise() -> None:
     assert resolve_arrangement(0, 4, 2) == (1, 4)
     assert resolve_arrangement(2, 3, 2) == (2, 3)  # both given: as given
     assert usable_cores() >= 1
+
+
+def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path) -> None:
+    import os
+
+    from server.runtime.settings import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("100000 100000\n")  # one CPU's worth
+    assert usable_cores(str(quota)) == 1
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: rounded up
+    assert usable_cores(str(quota)) == min(2, affinity)
+    quota.write_text("max 100000\n")
+    assert usable_cores(str(quota)) == affinity
+    quota.write_text("garbage\n")
+    assert usable_cores(str(quota)) == affinity
+    assert usable_cores(str(tmp_path / "absent")) == affinity
