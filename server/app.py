@@ -40,7 +40,7 @@ from server.limits import ServiceLimits
 from server.metrics_protocol import NULL_METRICS, Metrics
 from server.model_host import LifecycleLimits, ModelHost, ServedModel, load_served_model
 from server.runtime.base import Backend
-from server.runtime.factory import RuntimeSettings, backend_for
+from server.runtime.factory import Availability, RuntimeSettings, backend_for, plan
 from server.runtime.settings import resolve_arrangement, usable_cores
 from server.scheduler import Scheduler
 from server.service import DetectorService, add_detector_service
@@ -309,7 +309,11 @@ def create_server(
     scheduler: Scheduler | None = None
     managed: ManagedServer | None = None
     try:
-        threads, workers = resolve_arrangement(config.threads, config.inference_workers, usable_cores())
+        # The arrangement depends on where the model will run: the first backend this machine offers.
+        tries, _ = plan(config.backends, Availability.detect())
+        planned_cpu = not tries or tries[0] == "onnxruntime-cpu"
+        cores = usable_cores()
+        threads, workers = resolve_arrangement(config.threads, config.inference_workers, cores, planned_cpu)
         settings = RuntimeSettings(
             threads=threads,
             max_batch=config.max_batch,
@@ -322,11 +326,11 @@ def create_server(
         pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))
         on_cpu = backend.name.endswith("-cpu")
-        if not on_cpu and not config.inference_workers:
-            workers = 1  # a GPU engine runs one batch at a time (a TensorRT context is not shared)
+        if on_cpu != planned_cpu and not config.inference_workers:  # a GPU backend failed to load, or the reverse
+            workers = resolve_arrangement(threads, 0, cores, on_cpu)[1]
         run_batch = max(1, min(config.inference_batch or (1 if on_cpu else max_batch), max_batch))
-        log.info("inference: %d run(s) at once of up to %d frame(s), %d intra-op thread(s) each, on %d core(s)",
-                 workers, run_batch, threads, usable_cores())
+        log.info("inference on %s: %d run(s) at once of up to %d frame(s), %d intra-op thread(s) each, on %d core(s)",
+                 backend.name, workers, run_batch, threads, cores)
         first = ServedModel(str(config.model), manifest, variant, backend, pipeline, max_batch)
         health_hook: list[ManagedServer] = []
 

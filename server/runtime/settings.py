@@ -35,8 +35,11 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return cores
 
 
-def resolve_arrangement(threads: int, workers: int, cores: int) -> tuple[int, int]:
-    """(intra-op threads per batch, batches run at once) for a CPU runtime; 0 = choose.
+def resolve_arrangement(threads: int, workers: int, cores: int, on_cpu: bool = True) -> tuple[int, int]:
+    """(intra-op threads per batch, batches run at once); 0 = choose.
+
+    On a GPU (``on_cpu`` false) one batch runs at a time, and the threads (for the operators
+    left on the CPU) are the cores.
 
     Nothing set: one thread per batch and one batch per core. On the 2-core machines this was
     measured on, the whole job (decode, inference, NMS) of the shipped model ran 1.5-1.8x the
@@ -45,6 +48,8 @@ def resolve_arrangement(threads: int, workers: int, cores: int) -> tuple[int, in
     hand-offs, and two runs keep both cores busy where one leaves gaps between its parallel
     sections. One of them set: the other fills the cores.
     """
+    if not on_cpu:
+        return threads or cores, workers or 1
     if threads and workers:
         return threads, workers
     if threads:

@@ -211,6 +211,9 @@ def test_the_cores_go_to_one_thread_batches_unless_told_otherwise() -> None:
     assert resolve_arrangement(0, 2, 8) == (4, 2)
     assert resolve_arrangement(0, 4, 2) == (1, 4)
     assert resolve_arrangement(2, 3, 2) == (2, 3)  # both given: as given
+    assert resolve_arrangement(0, 0, 8, on_cpu=False) == (8, 1)  # a GPU: one batch at a time
+    assert resolve_arrangement(2, 0, 8, on_cpu=False) == (2, 1)
+    assert resolve_arrangement(0, 2, 8, on_cpu=False) == (8, 2)
     assert usable_cores() >= 1
 
 
