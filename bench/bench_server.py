@@ -206,11 +206,18 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     backend.deactivate()
     # The same job with one worker per core, each a one-thread session taking its own batches of
     # `batch` frames or of one (bench/bench_workers.py): the best in-process arrangement here.
+    import psutil
+
     from bench.bench_workers import run as run_workers
 
+    me = psutil.Process()
     cores = os.cpu_count() or 1
-    workers_fps = max([pipeline_fps] + [run_workers(m, frames, cores, 1, b, seconds) for b in sorted({1, batch})
-                                        if cores > 1])
+    workers_fps, workers_cpu_ms = pipeline_fps, float("nan")
+    for b in sorted({1, batch}) if cores > 1 else ():
+        cpu0 = sum(me.cpu_times()[:2])
+        fps = run_workers(m, frames, cores, 1, b, seconds)
+        if fps > workers_fps:  # CPU per frame of the best arrangement (setup and warm-up counted too)
+            workers_fps, workers_cpu_ms = fps, 1e3 * (sum(me.cpu_times()[:2]) - cpu0) / (fps * seconds)
 
     server = ServerProcess(manifest, threads, ["--max-batch", str(batch), *(server_args or [])])
     counts: dict[int, int] = {}
@@ -236,19 +243,32 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
                     counts[resp.status] = counts.get(resp.status, 0) + 1
         ch.close()
 
+    served = psutil.Process(server.proc.pid)
+    cpu: dict[str, float] = {}
+
+    def sample(key: str, at: float) -> None:  # both processes' CPU seconds when counting starts / ends
+        time.sleep(max(0.0, at - time.perf_counter()))
+        cpu[key + "_server"] = sum(served.cpu_times()[:2])
+        cpu[key + "_clients"] = sum(me.cpu_times()[:2])
+
     ts = [threading.Thread(target=camera, args=(c,)) for c in range(cameras)]
+    ts += [threading.Thread(target=sample, args=(k, at)) for k, at in (("t0", stop_at - seconds), ("t1", stop_at))]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
     server.stop()
     ok_fps = counts.get(pb.FRAME_STATUS_OK, 0) / seconds
+    server_cpu, client_cpu = cpu["t1_server"] - cpu["t0_server"], cpu["t1_clients"] - cpu["t0_clients"]
     best = max(pipeline_fps, workers_fps)
     return {"offline_fps": offline_fps, "pipeline_fps": pipeline_fps, "served_fps": ok_fps,
             "ratio": ok_fps / offline_fps, "pipeline_ratio": ok_fps / pipeline_fps, "batch": batch,
             "pipeline_workers_fps": workers_fps, "best_pipeline_ratio": ok_fps / best, "cores": cores,
             "stale": counts.get(pb.FRAME_STATUS_DROPPED_STALE, 0),
-            "overloaded": counts.get(pb.FRAME_STATUS_OVERLOADED, 0)}
+            "overloaded": counts.get(pb.FRAME_STATUS_OVERLOADED, 0),
+            "server_cores": server_cpu / seconds, "client_cores": client_cpu / seconds,
+            "server_cpu_ms_per_ok": 1e3 * server_cpu / max(1.0, ok_fps * seconds),
+            "pipeline_workers_cpu_ms": workers_cpu_ms}
 
 
 def drive_frame(path: Path = REPO / "assets/drives/demo/front.mp4") -> np.ndarray | None:
@@ -438,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['pipeline_workers_fps']:.1f} fps: "
                   f"{r['best_pipeline_ratio']:.3f}x (target >= 0.9x of the best); vs the engine alone "
                   f"{r['offline_fps']:.1f} fps = {r['ratio']:.3f}x; stale {r['stale']}", flush=True)
+            print(f"  CPU: the server used {r['server_cores']:.2f} cores, {r['server_cpu_ms_per_ok']:.2f} ms per OK "
+                  "frame "
+                  f"(the best in-process arrangement: {r['pipeline_workers_cpu_ms']:.2f} ms per frame); the 4 "
+                  f"cameras' client threads {r['client_cores']:.2f} cores", flush=True)
         if "memory" in which:
             results["memory"] = r = bench_memory(manifest, frames, args.threads, args.duration_s,
                                                  server_args=args.server_args.split() if args.server_args else None)
