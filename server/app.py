@@ -310,7 +310,8 @@ def create_server(
     managed: ManagedServer | None = None
     try:
         # The arrangement depends on where the model will run: the first backend this machine offers.
-        tries, _ = plan(config.backends, Availability.detect())
+        avail = Availability.detect()
+        tries, _ = plan(config.backends, avail)
         planned_cpu = not tries or tries[0] == "onnxruntime-cpu"
         cores = usable_cores()
         threads, workers = resolve_arrangement(config.threads, config.inference_workers, cores, planned_cpu)
@@ -321,7 +322,7 @@ def create_server(
             build_engine_on_start=config.build_engine_on_start,
             engine_precision=config.engine_precision,
         )
-        backend, variant = backend_for(manifest, config.variant, settings, preference=config.backends)
+        backend, variant = backend_for(manifest, config.variant, settings, preference=config.backends, avail=avail)
         # Refuse a model whose outputs do not fit its declared layout now, not on the first frame.
         pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))

@@ -42,8 +42,8 @@ def resolve_arrangement(threads: int, workers: int, cores: int, on_cpu: bool = T
     left on the CPU) are the cores.
 
     Nothing set: one thread per batch and one batch per core. On the 2-core machines this was
-    measured on, the whole job (decode, inference, NMS) of the shipped model ran 1.5-1.8x the
-    frames/s with two one-thread workers than with one two-thread worker
+    measured on, the whole job (decode, inference, NMS) of the shipped model ran more
+    frames/s with two one-thread workers than with one two-thread worker (1.6-1.9x)
     (``bench/bench_workers.py``, docs/performance.md): one thread per run has no intra-op
     hand-offs, and two runs keep both cores busy where one leaves gaps between its parallel
     sections. One of them set: the other fills the cores.

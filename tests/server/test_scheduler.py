@@ -220,6 +220,28 @@ def test_an_idle_engine_runs_a_frame_on_the_callers_thread(backend):
         s.stop(2)
 
 
+def race(s: Scheduler, rec: Recorder, frames: int, transient: bool, pause_s: float = 0.0) -> list[int]:
+    """Four camera threads each offering ``frames`` frames, through the fast path when it takes
+    them, else queued (``transient``: one queue per frame, as unary calls). 1 per inline run."""
+    inline: list[int] = []
+
+    def camera(i: int) -> None:
+        for k in range(frames):
+            job = Job(("unary", i, k) if transient else ("cam", i), tensor(k), rec.cb(f"{i}-{k}"))
+            if s.run_if_idle(job, transient=transient):
+                inline.append(1)
+            else:
+                s.submit(job, transient=transient)
+            time.sleep(pause_s)
+
+    threads = [threading.Thread(target=camera, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return inline
+
+
 def test_the_fast_path_never_runs_beside_a_batch(backend):
     """Many threads racing submit and run_if_idle: every frame answered, one batch at a time,
     and the fast path taken only while the worker is idle."""
@@ -227,21 +249,7 @@ def test_the_fast_path_never_runs_beside_a_batch(backend):
     rec = Recorder()
     s = Scheduler(engine, max_batch=4, max_wait_s=0.0, queue_size=64, max_pending=256)
     s.start()
-    inline = []
-
-    def camera(i: int) -> None:
-        for k in range(20):
-            job = Job(("unary", i, k), tensor(k), rec.cb(f"{i}-{k}"))
-            if s.run_if_idle(job, transient=True):
-                inline.append(1)
-            else:
-                s.submit(job, transient=True)
-
-    threads = [threading.Thread(target=camera, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    inline = race(s, rec, 20, transient=True)
     rec.wait(80, timeout=30)
     s.stop(5)
     assert not engine.overlapped
@@ -250,28 +258,13 @@ def test_the_fast_path_never_runs_beside_a_batch(backend):
 
 
 def test_two_workers_run_two_batches_at_once_and_never_more(backend):
-    """With workers=2, batches of different cameras overlap (two worker threads, and the fast
-    path counting as one of the two), never three at once; every frame is answered."""
+    """With workers=2, batches of different cameras overlap on the two worker threads, never
+    three at once (the fast path counts as one of the two); every frame is answered."""
     engine = OneAtATime(backend, delay_s=0.01, allowed=2)
     rec = Recorder()
     s = Scheduler(engine, max_batch=2, max_wait_s=0.0, queue_size=64, max_pending=256, workers=2)
     s.start()
-    inline = []
-
-    def camera(i: int) -> None:
-        for k in range(15):
-            job = Job(("cam", i), tensor(k), rec.cb(f"{i}-{k}"))
-            if s.run_if_idle(job):
-                inline.append(1)
-            else:
-                s.submit(job)
-            time.sleep(0.002)
-
-    threads = [threading.Thread(target=camera, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    race(s, rec, 15, transient=False, pause_s=0.002)
     rec.wait(60, timeout=30)
     s.stop(5)
     assert not engine.overlapped, "more than two batches ran at once"
