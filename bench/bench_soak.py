@@ -1,4 +1,4 @@
-"""Soak: 8 honest cameras with and without hostile streams, then 32 streams of 16 MiB frames.
+"""Soak: 8 honest cameras with and without hostile streams, then 32 streams of big frames.
 
 Every phase runs against one ``perception serve`` subprocess serving the shipped default model
 (``artifacts/demo/engine`` if it was built, else built from ``models/default/detector.pt``
@@ -13,8 +13,11 @@ first), with the server's default limits except one: every client here connects 
    filters; c) a PNG decode bomb (8192x4050 declared in ~100 KB) and progressive 4K JPEGs;
    d) an idle stream (re-opened whenever the server ends it) plus streams opened and closed
    in quick succession.
-3. big frames: 32 streams each sending 16 MiB JPEGs (a 1280x720 picture padded with APP15
-   segments: valid, so each one is held, decoded and inferred) back to back.
+3. big frames: 32 streams each sending JPEGs just under the server's default 8 MiB message limit
+   (``--big-frame-mib``, default 7.9: a 1280x720 picture padded with APP15 segments; valid, so
+   each one is held, decoded and inferred) back to back. Larger frames need a raised limit
+   (``--server-args '--max-message-bytes ...'``); at the default they are refused at their
+   length prefix.
 
 Reported per phase: every frame accounted for (sent = answered + unanswered), OK latency
 p50 / p99 taken as each answer arrives, the cameras' OK fps and its ratio hostile / clean
@@ -429,10 +432,10 @@ def hostile_process(kind: str, address: str, seconds: float, open_close_per_s: f
     client_process(kind, setup, seconds, start, out)
 
 
-def big_process(address: str, index: int, streams: int, frame_mib: int, seconds: float, start: Event,
+def big_process(address: str, index: int, streams: int, frame_mib: float, seconds: float, start: Event,
                 out: Queue[Any]) -> None:
     def setup() -> Jobs:
-        data = padded_jpeg(jpeg(road_frame(1280, 720, seed=index)), frame_mib * MIB)
+        data = padded_jpeg(jpeg(road_frame(1280, 720, seed=index)), int(frame_mib * MIB))
         payload = [request_bytes(f"big{index}", data)]
         # A subchannel pool of each channel's own: one HTTP/2 connection per stream, as separate clients.
         channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -742,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--open-close-per-s", type=float, default=50.0, help="rate of hostile (d)'s stream open/close")
     a("--big-streams", type=int, default=32)
     a("--big-processes", type=int, default=4, help="client processes the big-frame streams are spread over")
-    a("--big-frame-mib", type=int, default=16)
+    a("--big-frame-mib", type=float, default=7.9, help="size of each big frame (default: under the 8 MiB limit)")
     a("--big-target-mb", type=float, default=600.0)
     a("--threads", type=int, default=0, help="server inference threads per batch (default: the server's choice)")
     a("--max-streams-per-peer", type=int, default=32,

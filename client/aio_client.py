@@ -50,7 +50,7 @@ class AsyncDetectorClient:
                 return await getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
             except grpc.aio.AioRpcError as exc:
                 err = translate(exc, endpoint.address)
-                delay = backoff.next_delay(time.monotonic()) if is_retryable_unary(exc.code()) else None
+                delay = backoff.next_delay(time.monotonic()) if is_retryable_unary(exc.code(), exc.details()) else None
                 if delay is None:
                     raise err from exc
                 log.warning("%s; retrying in %.2fs", err, delay)
@@ -196,7 +196,7 @@ class AsyncStreamSession(WindowCounters):
                 failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
             except grpc.aio.AioRpcError as exc:
                 failure = translate(exc, endpoint.address)
-                retry = is_retryable(exc.code()) or self._cancelled_by_us
+                retry = is_retryable(exc.code(), exc.details()) or self._cancelled_by_us
             except asyncio.CancelledError:
                 # grpc.aio reports a call we cancelled (the watchdog) as a cancelled await.
                 if not self._cancelled_by_us or self._window.error is not None:

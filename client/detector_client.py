@@ -90,7 +90,7 @@ class DetectorClient:
                 return getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
             except grpc.RpcError as exc:
                 err = translate(exc, endpoint.address)
-                delay = backoff.next_delay(time.monotonic()) if is_retryable_unary(exc.code()) else None
+                delay = backoff.next_delay(time.monotonic()) if is_retryable_unary(exc.code(), exc.details()) else None
                 if delay is None:
                     raise err from exc
                 log.warning("%s; retrying in %.2fs", err, delay)

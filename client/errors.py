@@ -19,17 +19,28 @@ RETRYABLE = frozenset(
 )
 
 
-def is_retryable(code: grpc.StatusCode | None) -> bool:
-    """Whether a stream that failed with ``code`` is worth reconnecting."""
-    return code in RETRYABLE
+# What gRPC says (on either side) of a message over the receiver's or sender's limit.
+TOO_LARGE_MARK = "message larger than max"
+TOO_LARGE_HINT = ("a frame this size needs a higher message limit on the server (--max-message-bytes) and in the "
+                  "client, or shared memory")
 
 
-def is_retryable_unary(code: grpc.StatusCode | None) -> bool:
+def is_too_large(code: grpc.StatusCode | None, details: str | None) -> bool:
+    """A message over a limit: sending the same frame again would fail the same way."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE_MARK in (details or "").lower()
+
+
+def is_retryable(code: grpc.StatusCode | None, details: str | None = "") -> bool:
+    """Whether a stream that failed with ``code`` (and ``details``) is worth reconnecting."""
+    return code in RETRYABLE and not is_too_large(code, details)
+
+
+def is_retryable_unary(code: grpc.StatusCode | None, details: str | None = "") -> bool:
     """Whether a unary call that failed with ``code`` is worth repeating on the next server.
 
     A frame's own deadline passing is an answer, not a reason to retry.
     """
-    return is_retryable(code) and code != grpc.StatusCode.DEADLINE_EXCEEDED
+    return is_retryable(code, details) and code != grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def translate(exc: grpc.RpcError, address: str) -> PerceptionError:
@@ -41,6 +52,8 @@ def translate(exc: grpc.RpcError, address: str) -> PerceptionError:
     text = f"server {address}: {name}" + (f": {details}" if details else "")
     if code == grpc.StatusCode.UNAVAILABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return NotReadyError(text)
+    if is_too_large(code, details):
+        return InvalidInputError(f"{text} ({TOO_LARGE_HINT})")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return OverloadedError(text)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

@@ -199,7 +199,7 @@ class StreamSession(WindowCounters):
                 failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
             except grpc.RpcError as exc:
                 failure = translate(exc, endpoint.address)
-                retry = is_retryable(exc.code()) or self._cancelled_by_us
+                retry = is_retryable(exc.code(), exc.details()) or self._cancelled_by_us
             finally:
                 with self._cond:
                     self._call = None

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-pending", type=int, help="frames queued in total before shedding load")
     a("--outbox-size", type=int, help="answers held per stream for a slow reader")
     a("--max-message-bytes", type=int, help="largest request / response message; default: the largest raw frame "
-      "--max-image-pixels allows, at most 64 MiB (every open stream can have one such message in gRPC's buffers)")
+      "--max-image-pixels allows, at most 8 MiB (every open stream can have one such message in gRPC's buffers; "
+      "raw frames above that go through --shm-allow, or raise this)")
     a("--tls-cert", help="server certificate (PEM); enables TLS")
     a("--tls-key", help="server private key (PEM)")
     a("--tls-client-ca", help="CA bundle for client certificates; enables mutual TLS")
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--invalid-backoff-max-s", type=float,
       help="read a stream whose frames cannot be served slower, down to one request per this many s "
            "(default 1; 0 = off)")
-    a("--max-undecoded-bytes", type=int, help="undecoded request bytes held in all (default 256 MiB)")
+    a("--max-undecoded-bytes", type=int, help="undecoded request bytes held in all (default 128 MiB)")
     a("--max-stream-undecoded-bytes", type=int, help="undecoded request bytes held per stream (default 64 MiB)")
     a("--decode-threads", type=int, help="concurrent decodes across all streams (default: one per core)")
     a("--max-image-pixels", type=int, help="largest frame accepted, in pixels")

@@ -20,9 +20,12 @@ ENV_PREFIX = "PERCEPTION_"
 BACKENDS = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 LOG_FORMATS = ("text", "json")
 PRIORITY_CLASSES = {"best_effort": 0, "normal": 1, "critical": 2}
-# The most a derived message limit can be: a raw 3840x2160 BGR8 frame is 24.9 MB; 64 MiB leaves
-# room for one with a stride, and for most of an 8K one's.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The most a derived message limit can be. Every open stream can have a whole message of this
+# size in gRPC's receive buffers (docs/hardening.md), so it sets the floor of the server's worst
+# case: 8 MiB holds any encoded frame of a camera up to 8K, and a raw 1920x1080 BGR8 (6.2 MB) or
+# 3840x1080 NV12 frame. Larger raw frames go through shared memory (--shm-allow), or the limit is
+# raised with --max-message-bytes (and the memory it costs with it).
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MIN_MESSAGE_BYTES = 64 * 1024
 
 
@@ -70,7 +73,7 @@ class ServerConfig:
     max_connection_age_s: float = 1800.0
     max_connection_age_grace_s: float = 30.0
     # Undecoded request bytes held at once, in all and per stream: memory is bounded in bytes.
-    max_undecoded_bytes: int = 256 * 1024 * 1024
+    max_undecoded_bytes: int = 128 * 1024 * 1024
     max_stream_undecoded_bytes: int = 64 * 1024 * 1024
     decode_threads: int = 0  # concurrent decodes across all streams; 0 = the number of cores
     # Decode limits, checked on the header before allocation; lower them to the cameras' sizes.

@@ -178,8 +178,14 @@ class StreamSession:
 
     def _read(self, requests: Iterable[Any]) -> None:
         try:
-            for request in requests:
+            pending = iter(requests)
+            while True:
+                # Room first, then the next request: a frame read while the outbox is full would
+                # be held here, beside the one gRPC already buffers for the stream.
                 if not self._wait_for_room():
+                    break
+                request = next(pending, None)
+                if request is None:
                     break
                 if self._draining():
                     # Already taken off the wire: answer it rather than drop it silently.
@@ -187,6 +193,7 @@ class StreamSession:
                     self._take(request, refuse=SHUTTING_DOWN)
                     break
                 self._take(request)
+                request = None  # the inbox holds it now; not this thread while it waits
         except Exception as exc:  # the call was cancelled or the client went away
             if not self._cancelled:
                 log.debug("stream %d: request stream ended: %s", self.id, exc)

@@ -79,3 +79,30 @@ def test_replay_cli_when_the_server_goes_away_for_good(tmp_path: Path, tiny_mani
     # Every frame of the source has a line: its answer, or a client-side status with a reason.
     assert len(recs) == 40 and 0 < s["frames_answered"] < 40
     assert s["frames_sent"] == s["frames_answered"] + s["dropped"].get("lost", 0)
+
+
+def test_a_frame_over_the_servers_message_limit_ends_the_replay_with_the_reason(tiny_manifest: Path) -> None:
+    """gRPC refuses a message over the server's limit (RESOURCE_EXHAUSTED, "Received message
+    larger than max"). Sending the same frame again fails the same way, so the client says why
+    at once instead of reconnecting until its time runs out."""
+    from client.frames import PixelFormat, RawPixels
+    from perception.errors import InvalidInputError
+
+    srv, port = start_server(tiny_manifest)
+    raw_4k = RawPixels(3840, 2160, PixelFormat.BGR8, bytes(3840 * 2160 * 3))  # 24.9 MB; the server takes 8 MiB
+    frames = [SourceFrame("front", 0, R.T0_NS, encoded=R.jpeg(R.scene(0))),
+              SourceFrame("front", 1, R.T0_NS + 25_000_000, raw=raw_4k)]
+    cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), window=1,
+                       backoff=BackoffConfig(initial_s=0.05, max_s=0.3, max_attempts=40))
+    t0 = time.monotonic()
+    try:
+        with DetectorClient(cfg) as client:
+            outcome = Replay(client, frames, ReplayConfig(pacing=Pacing(speed=None))).run()
+    finally:
+        srv.shutdown(0.0)
+    assert isinstance(outcome.error, InvalidInputError)
+    assert "larger than max" in str(outcome.error) and "--max-message-bytes" in str(outcome.error)
+    assert outcome.stats.reconnects == 0 and time.monotonic() - t0 < 10
+    assert [(r.sequence, r.status) for r in outcome.results] == [(0, FrameStatus.OK)]
+    assert [(u.sequence, u.status.value) for u in outcome.unanswered] == [(1, "GIVEN_UP")]  # its own JSONL line
+    assert "larger than max" in outcome.unanswered[0].reason

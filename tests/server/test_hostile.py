@@ -155,7 +155,7 @@ def test_undecoded_bytes_are_budgeted_across_camera_ids(serve: Any) -> None:
 
 
 def test_a_16_mib_frame_without_a_header_is_refused_in_linear_time(serve: Any) -> None:
-    run = serve()
+    run = serve(max_message_bytes=32 << 20)  # past the default limit, to reach the parser
     garbage = b"\xff\xd8" + bytes(16 << 20)
     with pytest.raises(grpc.RpcError) as err:
         run.stub.Detect(request("front", 0, garbage), timeout=30)
@@ -462,3 +462,40 @@ def test_a_stream_of_garbage_is_read_slower_and_others_are_not(serve: Any, caplo
     assert fast < 1.0 and slow > 1.0, (fast, slow)
     assert honest and max(honest) < 0.5, honest
     assert "keeps sending frames that cannot be served" in caplog.text
+
+
+def test_a_stream_reads_no_request_while_its_outbox_is_full(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader waits for room in the outbox *before* it takes the next request off the wire.
+    It used to take one and then wait, holding a frame (up to the message limit) per stream
+    beside the one gRPC buffers for it: with 32 streams of 16 MiB frames, 1.67 GB instead of
+    1.04 GB (bench_soak --only big)."""
+    import server.service
+
+    parsed: list[int] = []
+    real_parse = server.service.parse_detect_request
+
+    def counting_parse(data: bytes) -> Any:  # gRPC deserializes a request when the reader asks for it
+        parsed.append(len(data))
+        return real_parse(data)
+
+    monkeypatch.setattr(server.service, "parse_detect_request", counting_parse)
+    run = serve(outbox_size=2)
+    model = run.server.models.current
+    infer = model.backend.infer
+    release = threading.Event()
+
+    def held(batch: Any) -> Any:
+        release.wait(20)
+        return infer(batch)
+
+    model.backend.infer = held
+    frames = [request("front", i, jpeg(seed=i)) for i in range(6)]
+    call = run.stub.StreamDetect(iter(frames), timeout=30)
+    deadline = time.monotonic() + 5
+    while len(parsed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # time for a read-ahead, were there one
+    assert len(parsed) == 2  # the outbox's two frames; the third waits in gRPC's buffers
+    release.set()
+    answers = list(call)
+    assert [a.sequence for a in answers] == list(range(6)) and len(parsed) == 6

@@ -137,12 +137,20 @@ def test_raw_frames_match_encoded_png(serve):
     assert boxes[0] == boxes[1] == boxes[2] and boxes[0]
 
 
-def test_raw_4k_bgr_frame_fits_the_message_limit(serve):
-    run = serve()
+def test_raw_4k_bgr_frame_needs_a_raised_message_limit(serve):
+    """The default message limit (8 MiB) holds any encoded frame and a raw 1080p one; a raw 4K
+    frame (24.9 MB) is refused at its length prefix, before gRPC buffers it, and fits once the
+    limit is raised (or goes through shared memory)."""
     data = bytes(3840 * 2160 * 3)
     req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=1, raw=pb.RawImage(
         width=3840, height=2160, format=pb.PIXEL_FORMAT_BGR8, data=data)))
-    resp = run.stub.Detect(req, timeout=30)
+    run = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        run.stub.Detect(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.value.details()
+    assert run.stub.Detect(request("front", 2, jpeg()), timeout=10).status == OK  # and it goes on
+    raised = serve(max_message_bytes=32 << 20)
+    resp = raised.stub.Detect(req, timeout=30)
     assert resp.status == OK and (resp.image_width, resp.image_height) == (3840, 2160)
 
 
