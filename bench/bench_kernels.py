@@ -15,11 +15,15 @@
    road frames at 1280x720, 1920x1080 and 3840x2160 as baseline JPEG (q90; decoded at reduced
    scale), progressive JPEG (q90) and PNG (both decoded at full size, whatever the input). Why
    the server's ``max_full_buffer_pixels`` defaults to 1080p.
+5. Normalisation of a letterboxed 512x288 canvas (the shipped model's input) to the float CHW
+   input: multiplying the strided, transposed uint8 view at once (before) vs ``cv2.split`` into
+   contiguous planes then one multiply per plane (``perception.preprocess.normalize_into``);
+   ms each, and whether the results are equal to the bit.
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
 variants of each measurement are interleaved so load hits them alike: compare ratios.
 
-    .venv/bin/python -m bench.bench_kernels [--only decode nms int8] [--decode-runs N]
+    .venv/bin/python -m bench.bench_kernels [--only decode nms int8 formats normalize] [--decode-runs N]
         [--nms-runs N] [--int8-runs N] [--format-runs N] [--cv-threads T] [--json OUT]
 """
 
@@ -41,7 +45,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-PARTS = ("decode", "nms", "int8", "formats")
+PARTS = ("decode", "nms", "int8", "formats", "normalize")
 ACTIVATIONS = ("relu", "silu", "hardswish")
 INPUT_HW = (384, 640)
 
@@ -353,6 +357,35 @@ def bench_formats(runs: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _normalize_strided(canvas: NDArray[np.uint8], scale: np.float32, out: NDArray[np.float32]) -> None:
+    """The normalisation before: one multiply of the channel-reversed, transposed view."""
+    np.multiply(canvas[:, :, ::-1].transpose(2, 0, 1), scale, out=out, casting="unsafe")
+
+
+def bench_normalize(runs: int, rounds: int = 5) -> dict[str, Any]:
+    """p50 / min ms of the strided multiply vs ``normalize_into`` (RGB, 1/255), interleaved in blocks."""
+    from perception.manifest import PreprocessSpec
+    from perception.preprocess import normalize_into
+
+    w, h = 512, 288
+    spec = PreprocessSpec(w, h, color_order="RGB", scale=1 / 255)
+    canvas = cv2.resize(synthetic_frame(1280, 720, seed=3), (w, h))
+    a, b = np.empty((3, h, w), np.float32), np.empty((3, h, w), np.float32)
+    scale = np.float32(spec.scale)
+    kernels: dict[str, Callable[[], None]] = {"strided": partial(_normalize_strided, canvas, scale, a),
+                                              "split": partial(normalize_into, canvas, spec, b)}
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for _ in range(rounds):
+        for k, fn in kernels.items():
+            for _ in range(runs // rounds):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return {"input": f"{w}x{h}", "same": bool(np.array_equal(a, b)),
+            **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()},
+            **{f"{k}_min_ms": min(v) for k, v in times.items()}}
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -372,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-warmup", type=int, default=5)
     p.add_argument("--calib-batches", type=int, default=8, help="random calibration batches for INT8")
     p.add_argument("--format-runs", type=int, default=10, help="decode runs per size and format")
+    p.add_argument("--normalize-runs", type=int, default=2000, help="normalisation runs per variant")
     p.add_argument("--cv-threads", type=int, help="cv2.setNumThreads (default: OpenCV's own, as the server runs)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p
@@ -433,6 +467,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             cells = [f"{r[k + '_p50_ms']:.1f} ms ({r[k + '_kb']} KB)" for k in ("baseline", "progressive", "png")]
             print(f"{r['size']:<10} " + " ".join(f"{c:>22}" for c in cells))
+    if "normalize" in which:
+        _log("normalize")
+        results["normalize"] = r = bench_normalize(a.normalize_runs)
+        print(f"\n5. normalise a {r['input']} uint8 canvas to float CHW (RGB, 1/255), {a.normalize_runs} runs each")
+        print(f"strided multiply p50 {r['strided_p50_ms']:.3f} ms (min {r['strided_min_ms']:.3f}); "
+              f"split + per-plane multiply p50 {r['split_p50_ms']:.3f} ms (min {r['split_min_ms']:.3f}); "
+              f"ratio p50 {r['split_p50_ms'] / r['strided_p50_ms']:.2f}x; "
+              f"same to the bit: {'yes' if r['same'] else 'NO'}")
     print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))

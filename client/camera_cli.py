@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest wait between attempts to reopen a lost camera (default 10; retried until stopped)")
     s = p.add_argument_group("sending")
     s.add_argument("--encode", choices=("jpeg", "raw", "shm"), default="jpeg",
-                   help="JPEG (default); raw BGR8 pixels (no encode cost, for a server on the same host); or shm: "
+                   help="JPEG (default); raw BGR8 pixels (no encode cost, for a server on the same host; above 1080p "
+                        "the server's default 8 MiB message limit needs raising); or shm: "
                         "BGR8 pixels in a shared-memory ring on this host, only a slot reference on the wire "
                         "(the server needs --shm-allow covering --shm-prefix)")
     s.add_argument("--shm-prefix", default="perception-",

@@ -45,10 +45,15 @@ def letterbox_canvas(image_bgr: NDArray[np.uint8], spec: PreprocessSpec) -> tupl
 def normalize_into(canvas: NDArray[np.uint8], spec: PreprocessSpec, out: NDArray[np.float32]) -> None:
     """The second half: a (H, W, 3) uint8 BGR canvas -> (3, H, W) float32 model input in ``out``
     (colour order, scale, mean / std as the manifest says)."""
-    if spec.color_order == "RGB":
-        canvas = canvas[:, :, ::-1]
-    chw = canvas.transpose(2, 0, 1)
-    np.multiply(chw, np.float32(spec.scale), out=out, casting="unsafe")
+    # One SIMD pass splits the interleaved canvas into three contiguous planes; each is then
+    # scaled into its contiguous output plane. Multiplying the strided (transposed) view directly
+    # took 0.14 ms per 512x288 frame against 0.09 ms so, with the same result to the bit
+    # (bench/bench_kernels.py --only normalize).
+    planes = cv2.split(canvas)
+    order = (2, 1, 0) if spec.color_order == "RGB" else (0, 1, 2)
+    scale = np.float32(spec.scale)
+    for c, src in enumerate(order):
+        np.multiply(planes[src], scale, out=out[c], casting="unsafe")
     if any(m != 0.0 for m in spec.mean) or any(s != 1.0 for s in spec.std):
         mean = np.asarray(spec.mean, np.float32).reshape(3, 1, 1)
         std = np.asarray(spec.std, np.float32).reshape(3, 1, 1)

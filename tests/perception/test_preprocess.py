@@ -41,3 +41,24 @@ def test_canvas_then_normalize_is_exactly_preprocess():
     parts = [letterbox_canvas(i, spec) for i in imgs]
     assert [lb for _, lb in parts] == ref_lbs
     np.testing.assert_array_equal(normalize_batch([c for c, _ in parts], spec), ref)
+
+
+def test_normalize_matches_the_plain_formula_for_every_colour_order_and_layout():
+    """normalize_into splits the canvas into planes (a faster path); the result must be the
+    textbook one to the bit: channel order, x * scale, then (x - mean) / std, for contiguous and
+    strided canvases alike."""
+    from perception.preprocess import normalize_into
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    for canvas in (base[:, :64], np.ascontiguousarray(base[:, :64])):
+        for order in ("RGB", "BGR"):
+            for mean, std in (((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+                spec = PreprocessSpec(64, 40, color_order=order, scale=1 / 255, mean=mean, std=std)
+                src = canvas[:, :, ::-1] if order == "RGB" else canvas
+                want = src.transpose(2, 0, 1).astype(np.float32) * np.float32(spec.scale)
+                m, s = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in (mean, std))
+                want = (want - m) / s
+                got = np.empty((3, 40, 64), np.float32)
+                normalize_into(canvas, spec, got)
+                np.testing.assert_array_equal(got, want)
