@@ -2,8 +2,10 @@
 
 1. StreamDetect p50 over loopback (lockstep, one camera) vs the same pipeline in-process
    (same frames, model, threads); target <= 1.10x.
-2. Four cameras streaming as fast as they can: answered fps vs the engine's best offline
-   throughput at the same batch size; target >= 0.9x.
+2. Four cameras streaming as fast as they can, each on a connection of its own: answered fps
+   vs the engine's best offline throughput at the same batch size, and vs the best in-process
+   arrangement of the whole job; target >= 0.9x. Then the same from one server process per
+   core sharing the port (``--reuse-port``, ``--processes``).
 3. Reduced-scale decode + letterbox of a 1920x1080 JPEG vs full decode + letterbox; target >= 2x.
 4. Server RSS with 8 camera streams at 30 fps, and its growth over --duration-s (issue: 10 min).
 
@@ -67,11 +69,11 @@ class ServerProcess:
     """``perception serve`` on loopback port 0. ``repo``: the checkout whose server runs (another
     one, e.g. a git worktree of an older commit, to measure a change against its past)."""
 
-    def __init__(self, manifest: Path, threads: int, extra: list[str], repo: Path = REPO) -> None:
+    def __init__(self, manifest: Path, threads: int, extra: list[str], repo: Path = REPO, port: int = 0) -> None:
         env = {**os.environ, "PYTHONPATH": str(repo)} if repo != REPO else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "perception.cli", "serve", "--model", str(manifest), "--host", "127.0.0.1",
-             "--port", "0", "--metrics-port", "0", *(["--threads", str(threads)] if threads else []), *extra],
+             "--port", str(port), "--metrics-port", "0", *(["--threads", str(threads)] if threads else []), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo, env=env,
         )
         self.port = 0
@@ -172,13 +174,11 @@ def bench_latency(manifest: Path, frames: list[bytes], threads: int, n: int) -> 
 
 
 def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: int, seconds: float,
-                     cameras: int = 4, window: int = 3, server_args: list[str] | None = None) -> dict[str, float]:
-    import grpc
-
+                     cameras: int = 4, window: int = 3, server_args: list[str] | None = None,
+                     processes: int = 0) -> dict[str, Any]:
     from perception.manifest import load_manifest
     from perception.pipeline import FrameInput, FramePipeline, RequestOptions
     from perception.v1 import detector_pb2 as pb
-    from perception.v1 import detector_pb2_grpc as pb_grpc
     from server.runtime.factory import RuntimeSettings, backend_for
 
     m = load_manifest(manifest)
@@ -219,13 +219,61 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
         if fps > workers_fps:  # CPU per frame of the best arrangement (setup and warm-up counted too)
             workers_fps, workers_cpu_ms = fps, 1e3 * (sum(me.cpu_times()[:2]) - cpu0) / (fps * seconds)
 
-    server = ServerProcess(manifest, threads, ["--max-batch", str(batch), *(server_args or [])])
+    flags = ["--max-batch", str(batch), *(server_args or [])]
+    counts, cpus, client_cpu = _flat_out([ServerProcess(manifest, threads, flags)], frames, cameras, window, seconds)
+    server_cpu = cpus[0]
+    ok_fps = counts.get(pb.FRAME_STATUS_OK, 0) / seconds
+    multi: dict[str, Any] = {}
+    if processes > 1:
+        # The same job on `processes` servers sharing one port (--reuse-port), one inference
+        # worker and one decode thread each: a GIL per process instead of one for every thread.
+        port = _free_port()
+        one_core = ["--reuse-port", "--inference-workers", "1", "--decode-threads", "1"]
+        servers = [ServerProcess(manifest, threads, [*flags, *one_core], port=port) for _ in range(processes)]
+        m_counts, m_cpus, _ = _flat_out(servers, frames, cameras, window, seconds)
+        m_fps, m_cpu = m_counts.get(pb.FRAME_STATUS_OK, 0) / seconds, sum(m_cpus)
+        multi = {"processes": processes, "multi_fps": m_fps, "multi_ratio": m_fps / max(pipeline_fps, workers_fps),
+                 "multi_cores": m_cpu / seconds, "multi_cpu_ms_per_ok": 1e3 * m_cpu / max(1.0, m_fps * seconds),
+                 "multi_cores_each": [round(c / seconds, 2) for c in m_cpus]}
+    best = max(pipeline_fps, workers_fps)
+    return {"offline_fps": offline_fps, "pipeline_fps": pipeline_fps, "served_fps": ok_fps,
+            "ratio": ok_fps / offline_fps, "pipeline_ratio": ok_fps / pipeline_fps, "batch": batch,
+            "pipeline_workers_fps": workers_fps, "best_pipeline_ratio": ok_fps / best, "cores": cores,
+            "stale": counts.get(pb.FRAME_STATUS_DROPPED_STALE, 0),
+            "overloaded": counts.get(pb.FRAME_STATUS_OVERLOADED, 0),
+            "server_cores": server_cpu / seconds, "client_cores": client_cpu / seconds,
+            "server_cpu_ms_per_ok": 1e3 * server_cpu / max(1.0, ok_fps * seconds),
+            "pipeline_workers_cpu_ms": workers_cpu_ms, **multi}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _flat_out(servers: list[ServerProcess], frames: list[bytes], cameras: int, window: int,
+              seconds: float) -> tuple[dict[int, int], list[float], float]:
+    """``cameras`` streams, each on a connection of its own and keeping ``window`` frames in
+    flight, against ``servers`` (one, or several sharing a port); stops them. (answers by status,
+    each server's CPU seconds, this process's CPU seconds) over ``seconds`` after a 2 s ramp-up."""
+    import grpc
+    import psutil
+
+    from perception.v1 import detector_pb2_grpc as pb_grpc
+
+    me = psutil.Process()
     counts: dict[int, int] = {}
     lock = threading.Lock()
     stop_at = time.perf_counter() + 2.0 + seconds
+    address = f"127.0.0.1:{servers[0].port}"
 
     def camera(cam: int) -> None:
-        ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        # Its own connection (no subchannel shared between channels), as separate camera nodes:
+        # the kernel hands each connection to one of the servers sharing the port.
+        ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
         stub = pb_grpc.DetectorStub(ch)
         credits = threading.Semaphore(window)
 
@@ -243,12 +291,13 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
                     counts[resp.status] = counts.get(resp.status, 0) + 1
         ch.close()
 
-    served = psutil.Process(server.proc.pid)
+    served = [psutil.Process(s.proc.pid) for s in servers]
     cpu: dict[str, float] = {}
 
-    def sample(key: str, at: float) -> None:  # both processes' CPU seconds when counting starts / ends
+    def sample(key: str, at: float) -> None:  # both sides' CPU seconds when counting starts / ends
         time.sleep(max(0.0, at - time.perf_counter()))
-        cpu[key + "_server"] = sum(served.cpu_times()[:2])
+        for i, p in enumerate(served):
+            cpu[f"{key}_server{i}"] = sum(p.cpu_times()[:2])
         cpu[key + "_clients"] = sum(me.cpu_times()[:2])
 
     ts = [threading.Thread(target=camera, args=(c,)) for c in range(cameras)]
@@ -257,18 +306,10 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
         t.start()
     for t in ts:
         t.join()
-    server.stop()
-    ok_fps = counts.get(pb.FRAME_STATUS_OK, 0) / seconds
-    server_cpu, client_cpu = cpu["t1_server"] - cpu["t0_server"], cpu["t1_clients"] - cpu["t0_clients"]
-    best = max(pipeline_fps, workers_fps)
-    return {"offline_fps": offline_fps, "pipeline_fps": pipeline_fps, "served_fps": ok_fps,
-            "ratio": ok_fps / offline_fps, "pipeline_ratio": ok_fps / pipeline_fps, "batch": batch,
-            "pipeline_workers_fps": workers_fps, "best_pipeline_ratio": ok_fps / best, "cores": cores,
-            "stale": counts.get(pb.FRAME_STATUS_DROPPED_STALE, 0),
-            "overloaded": counts.get(pb.FRAME_STATUS_OVERLOADED, 0),
-            "server_cores": server_cpu / seconds, "client_cores": client_cpu / seconds,
-            "server_cpu_ms_per_ok": 1e3 * server_cpu / max(1.0, ok_fps * seconds),
-            "pipeline_workers_cpu_ms": workers_cpu_ms}
+    for server in servers:
+        server.stop()
+    each = [cpu[f"t1_server{i}"] - cpu[f"t0_server{i}"] for i in range(len(servers))]
+    return counts, each, cpu["t1_clients"] - cpu["t0_clients"]
 
 
 def drive_frame(path: Path = REPO / "assets/drives/demo/front.mp4") -> np.ndarray | None:
@@ -417,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="batch size for the throughput comparison")
     p.add_argument("--frames", type=int, default=200, help="frames per latency round")
     p.add_argument("--throughput-s", type=float, default=15.0)
+    p.add_argument("--processes", type=int, default=-1,
+                   help="also serve the 4 cameras from this many server processes sharing the port (--reuse-port); "
+                        "default: one per core when there are several; 0 or 1: not")
     p.add_argument("--duration-s", type=float, default=600.0, help="memory run length (issue: 10 minutes)")
     p.add_argument("--server-args", help="extra `perception serve` flags for the throughput and memory runs, "
                                          "e.g. '--inference-workers 2'")
@@ -449,8 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"vs in-process {r['inprocess_p50_ms']:.2f} ms = {r['ratio']:.3f}x (target <= 1.10x)", flush=True)
         if "throughput" in which:
             extra = args.server_args.split() if args.server_args else None
+            procs = (os.cpu_count() or 1) if args.processes < 0 else args.processes
             results["throughput"] = r = bench_throughput(manifest, frames, args.threads, args.batch, args.throughput_s,
-                                                         server_args=extra)
+                                                         server_args=extra, processes=procs)
             print(f"4 cameras flat out: served {r['served_fps']:.1f} OK fps vs the in-process pipeline (decode, "
                   f"letterbox, inference, NMS) {r['pipeline_fps']:.1f} fps at batch {r['batch']} = "
                   f"{r['pipeline_ratio']:.3f}x; vs the best in-process arrangement here (that, or the same job "
@@ -462,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
                   "frame "
                   f"(the best in-process arrangement: {r['pipeline_workers_cpu_ms']:.2f} ms per frame); the 4 "
                   f"cameras' client threads {r['client_cores']:.2f} cores", flush=True)
+            if "multi_fps" in r:
+                print(f"  {r['processes']} server processes sharing the port (--reuse-port, one inference worker and "
+                      f"one decode thread each; the kernel spreads the 4 connections): {r['multi_fps']:.1f} OK fps = "
+                      f"{r['multi_ratio']:.3f}x the best in-process arrangement; {r['multi_cores']:.2f} cores "
+                      f"({' + '.join(str(c) for c in r['multi_cores_each'])}: the connections' split), "
+                      f"{r['multi_cpu_ms_per_ok']:.2f} ms per OK frame", flush=True)
         if "memory" in which:
             results["memory"] = r = bench_memory(manifest, frames, args.threads, args.duration_s,
                                                  server_args=args.server_args.split() if args.server_args else None)

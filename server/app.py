@@ -244,7 +244,7 @@ def create_server(
     options = [
         ("grpc.max_receive_message_length", config.message_limit()),
         ("grpc.max_send_message_length", config.message_limit()),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         # Keepalive enforcement: ping idle connections, drop peers that ping more often than
         # allowed, and age connections out (with a grace for in-flight calls) so that streams
         # rebalance across replicas.

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tls-key", help="server private key (PEM)")
     a("--tls-client-ca", help="CA bundle for client certificates; enables mutual TLS")
     a("--auth-token-file", help="file with accepted bearer tokens, one per line")
+    a("--reuse-port", action="store_const", const=True,
+      help="let several server processes share the gRPC port (SO_REUSEPORT): the kernel spreads connections "
+           "(not streams) across them, each process its own server with its own GIL, metrics port and limits "
+           "(docs/performance.md)")
     a("--insecure-token", action="store_const", const=True,
       help="accept bearer tokens without TLS (anyone on the network can read them)")
     a("--manifest-public-key", help="Ed25519 public key (PEM): serve only artifacts signed with its private key")

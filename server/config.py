@@ -87,6 +87,9 @@ class ServerConfig:
     # batches in a row, SERVING again after the next batch that succeeds.
     unhealthy_after_failed_batches: int = 3
     insecure_token: bool = False  # allow bearer tokens over plaintext (they can be sniffed)
+    # Let several server processes listen on the same gRPC port (SO_REUSEPORT); the kernel spreads
+    # connections across them. Off: a second server on a taken port fails at start-up.
+    reuse_port: bool = False
     # An Ed25519 public key (PEM): load only artifacts whose manifest.json.sig verifies with it.
     manifest_public_key: str = ""
     # The admin service (LoadModel, Rollback, GetModelStatus): off unless admin_port is set (0 =

@@ -433,3 +433,34 @@ def test_on_a_cpu_frames_run_one_at_a_time_on_every_worker_and_answers_stay_in_o
     batched = serve(inference_workers=1, inference_batch=8, max_wait_ms=50, queue_size=8)
     out = list(batched.stub.StreamDetect(iter(frames), timeout=30))
     assert max(a.timings.batch_size for a in out if a.status == OK) > 1
+
+
+def test_reuse_port_lets_two_servers_share_a_port_and_spreads_connections(serve):
+    """--reuse-port: several server processes (here two servers) on one port, the kernel handing
+    each new connection to one of them. Off (the default), a taken port fails the start."""
+    import socket
+
+    from perception.errors import PerceptionError
+    from perception.v1 import detector_pb2_grpc as pb_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = serve(channel=False, port=port, reuse_port=True)
+    b = serve(channel=False, port=port, reuse_port=True)
+    assert a.port == b.port == port
+    served = {id(a.registry): 0, id(b.registry): 0}
+    for i in range(40):  # a connection of its own each (no shared subchannel), as separate camera nodes
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            assert pb_grpc.DetectorStub(ch).Detect(request("front", i, jpeg()), timeout=10).status == OK
+        finally:
+            ch.close()
+        for run in (a, b):
+            served[id(run.registry)] = int(run.registry.get_sample_value(
+                "perception_frames_received_total", {"camera": "front"}) or 0)
+        if all(served.values()):
+            break
+    assert all(served.values()), f"one server took every connection: {served}"
+    with pytest.raises((PerceptionError, RuntimeError, OSError)):
+        serve(channel=False, port=port)  # without --reuse-port: the port is taken
