@@ -19,11 +19,15 @@
    input: multiplying the strided, transposed uint8 view at once (before) vs ``cv2.split`` into
    contiguous planes then one multiply per plane (``perception.preprocess.normalize_into``);
    ms each, and whether the results are equal to the bit.
+6. The floor of a gRPC call in Python: a bare grpcio server in another process whose handlers
+   answer at once (no pipeline, no interceptors), a 100 KB request (a 1280x720 JPEG's size)
+   and a 700-byte answer (20 detections), unary and stream lockstep; p50 of the round trip.
+   What any Python gRPC server pays per frame before it does any work.
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
 variants of each measurement are interleaved so load hits them alike: compare ratios.
 
-    .venv/bin/python -m bench.bench_kernels [--only decode nms int8 formats normalize] [--decode-runs N]
+    .venv/bin/python -m bench.bench_kernels [--only decode nms int8 formats normalize grpc] [--decode-runs N]
         [--nms-runs N] [--int8-runs N] [--format-runs N] [--cv-threads T] [--json OUT]
 """
 
@@ -45,7 +49,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-PARTS = ("decode", "nms", "int8", "formats", "normalize")
+PARTS = ("decode", "nms", "int8", "formats", "normalize", "grpc")
 ACTIVATIONS = ("relu", "silu", "hardswish")
 INPUT_HW = (384, 640)
 
@@ -369,7 +373,7 @@ def bench_normalize(runs: int, rounds: int = 5) -> dict[str, Any]:
 
     w, h = 512, 288
     spec = PreprocessSpec(w, h, color_order="RGB", scale=1 / 255)
-    canvas = cv2.resize(synthetic_frame(1280, 720, seed=3), (w, h))
+    canvas: NDArray[np.uint8] = np.ascontiguousarray(cv2.resize(synthetic_frame(1280, 720, seed=3), (w, h)), np.uint8)
     a, b = np.empty((3, h, w), np.float32), np.empty((3, h, w), np.float32)
     scale = np.float32(spec.scale)
     kernels: dict[str, Callable[[], None]] = {"strided": partial(_normalize_strided, canvas, scale, a),
@@ -384,6 +388,68 @@ def bench_normalize(runs: int, rounds: int = 5) -> dict[str, Any]:
     return {"input": f"{w}x{h}", "same": bool(np.array_equal(a, b)),
             **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()},
             **{f"{k}_min_ms": min(v) for k, v in times.items()}}
+
+
+_ECHO_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+answer = bytes(700)
+def ident(b): return b
+def unary(req, ctx): return answer
+def stream(reqs, ctx):
+    for _ in reqs:
+        yield answer
+handlers = {"U": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=ident, response_serializer=ident),
+            "S": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=ident, response_serializer=ident)}
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()
+"""
+
+
+def bench_grpc_floor(calls: int, size: int = 100_000) -> dict[str, Any]:
+    """p50 ms of a bare grpcio round trip (unary, stream lockstep) to a server process."""
+    import queue as queue_mod
+    import subprocess
+
+    import grpc
+
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        payload = bytes(size)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            ident: Callable[[bytes], bytes] = lambda b: b  # noqa: E731
+            unary = ch.unary_unary("/echo.Echo/U", request_serializer=ident, response_deserializer=ident)
+            warm = calls // 10
+            times: dict[str, list[float]] = {"unary": [], "stream": []}
+            for i in range(calls + warm):
+                t0 = time.perf_counter()
+                unary(payload)
+                if i >= warm:
+                    times["unary"].append((time.perf_counter() - t0) * 1e3)
+            sends: queue_mod.Queue[bytes | None] = queue_mod.Queue()
+            answers = ch.stream_stream("/echo.Echo/S", request_serializer=ident,
+                                       response_deserializer=ident)(iter(sends.get, None))
+            for i in range(calls + warm):
+                t0 = time.perf_counter()
+                sends.put(payload)
+                next(answers)
+                if i >= warm:
+                    times["stream"].append((time.perf_counter() - t0) * 1e3)
+            sends.put(None)
+            for _ in answers:
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    return {"request_bytes": size, "calls": calls, "grpcio": grpc.__version__,
+            **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()}}
 
 
 def cpu_model() -> str:
@@ -406,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batches", type=int, default=8, help="random calibration batches for INT8")
     p.add_argument("--format-runs", type=int, default=10, help="decode runs per size and format")
     p.add_argument("--normalize-runs", type=int, default=2000, help="normalisation runs per variant")
+    p.add_argument("--grpc-calls", type=int, default=2000, help="timed calls per gRPC floor measurement")
     p.add_argument("--cv-threads", type=int, help="cv2.setNumThreads (default: OpenCV's own, as the server runs)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p
@@ -475,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
               f"split + per-plane multiply p50 {r['split_p50_ms']:.3f} ms (min {r['split_min_ms']:.3f}); "
               f"ratio p50 {r['split_p50_ms'] / r['strided_p50_ms']:.2f}x; "
               f"same to the bit: {'yes' if r['same'] else 'NO'}")
+    if "grpc" in which:
+        _log("grpc")
+        results["grpc"] = g = bench_grpc_floor(a.grpc_calls)
+        print(f"\n6. bare grpcio {g['grpcio']} round trip, {g['request_bytes'] // 1000} KB request, 700 B answer, "
+              f"server in another process, {g['calls']} calls: unary p50 {g['unary_p50_ms']:.3f} ms, "
+              f"stream lockstep p50 {g['stream_p50_ms']:.3f} ms")
     print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))

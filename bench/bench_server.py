@@ -5,7 +5,8 @@
 2. Four cameras streaming as fast as they can, each on a connection of its own: answered fps
    vs the engine's best offline throughput at the same batch size, and vs the best in-process
    arrangement of the whole job; target >= 0.9x. Then the same from one server process per
-   core sharing the port (``--reuse-port``, ``--processes``).
+   core (``--processes``): on a port each, the cameras spread round robin; and sharing one port
+   (``--reuse-port``), the kernel spreading the connections.
 3. Reduced-scale decode + letterbox of a 1920x1080 JPEG vs full decode + letterbox; target >= 2x.
 4. Server RSS with 8 camera streams at 30 fps, and its growth over --duration-s (issue: 10 min).
 
@@ -225,16 +226,22 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     ok_fps = counts.get(pb.FRAME_STATUS_OK, 0) / seconds
     multi: dict[str, Any] = {}
     if processes > 1:
-        # The same job on `processes` servers sharing one port (--reuse-port), one inference
-        # worker and one decode thread each: a GIL per process instead of one for every thread.
-        port = _free_port()
-        one_core = ["--reuse-port", "--inference-workers", "1", "--decode-threads", "1"]
-        servers = [ServerProcess(manifest, threads, [*flags, *one_core], port=port) for _ in range(processes)]
-        m_counts, m_cpus, _ = _flat_out(servers, frames, cameras, window, seconds)
-        m_fps, m_cpu = m_counts.get(pb.FRAME_STATUS_OK, 0) / seconds, sum(m_cpus)
-        multi = {"processes": processes, "multi_fps": m_fps, "multi_ratio": m_fps / max(pipeline_fps, workers_fps),
-                 "multi_cores": m_cpu / seconds, "multi_cpu_ms_per_ok": 1e3 * m_cpu / max(1.0, m_fps * seconds),
-                 "multi_cores_each": [round(c / seconds, 2) for c in m_cpus]}
+        # The same job on `processes` servers, one inference worker and one decode thread each:
+        # a GIL per process instead of one for every thread. First on a port each, the cameras
+        # spread round robin (as the client library spreads its sessions over several targets);
+        # then sharing one port (--reuse-port), where the kernel hands out the connections.
+        one_core = ["--inference-workers", "1", "--decode-threads", "1"]
+        multi["processes"] = processes
+        for name, reuse in (("multi", False), ("reuse", True)):
+            port = _free_port() if reuse else 0
+            servers = [ServerProcess(manifest, threads, [*flags, *one_core, *(["--reuse-port"] if reuse else [])],
+                                     port=port) for _ in range(processes)]
+            m_counts, m_cpus, _ = _flat_out(servers, frames, cameras, window, seconds)
+            m_fps, m_cpu = m_counts.get(pb.FRAME_STATUS_OK, 0) / seconds, sum(m_cpus)
+            multi |= {f"{name}_fps": m_fps, f"{name}_ratio": m_fps / max(pipeline_fps, workers_fps),
+                      f"{name}_cores": m_cpu / seconds,
+                      f"{name}_cpu_ms_per_ok": 1e3 * m_cpu / max(1.0, m_fps * seconds),
+                      f"{name}_cores_each": [round(c / seconds, 2) for c in m_cpus]}
     best = max(pipeline_fps, workers_fps)
     return {"offline_fps": offline_fps, "pipeline_fps": pipeline_fps, "served_fps": ok_fps,
             "ratio": ok_fps / offline_fps, "pipeline_ratio": ok_fps / pipeline_fps, "batch": batch,
@@ -268,11 +275,11 @@ def _flat_out(servers: list[ServerProcess], frames: list[bytes], cameras: int, w
     counts: dict[int, int] = {}
     lock = threading.Lock()
     stop_at = time.perf_counter() + 2.0 + seconds
-    address = f"127.0.0.1:{servers[0].port}"
 
     def camera(cam: int) -> None:
-        # Its own connection (no subchannel shared between channels), as separate camera nodes:
-        # the kernel hands each connection to one of the servers sharing the port.
+        # Its own connection (no subchannel shared between channels), as separate camera nodes,
+        # to the servers in turn (on a shared port the kernel picks one per connection).
+        address = f"127.0.0.1:{servers[cam % len(servers)].port}"
         ch = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
         stub = pb_grpc.DetectorStub(ch)
         credits = threading.Semaphore(window)
@@ -459,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=200, help="frames per latency round")
     p.add_argument("--throughput-s", type=float, default=15.0)
     p.add_argument("--processes", type=int, default=-1,
-                   help="also serve the 4 cameras from this many server processes sharing the port (--reuse-port); "
-                        "default: one per core when there are several; 0 or 1: not")
+                   help="also serve the 4 cameras from this many server processes (a port each, then one shared "
+                        "port); default: one per core when there are several; 0 or 1: not")
     p.add_argument("--duration-s", type=float, default=600.0, help="memory run length (issue: 10 minutes)")
     p.add_argument("--server-args", help="extra `perception serve` flags for the throughput and memory runs, "
                                          "e.g. '--inference-workers 2'")
@@ -507,12 +514,14 @@ def main(argv: list[str] | None = None) -> int:
                   "frame "
                   f"(the best in-process arrangement: {r['pipeline_workers_cpu_ms']:.2f} ms per frame); the 4 "
                   f"cameras' client threads {r['client_cores']:.2f} cores", flush=True)
-            if "multi_fps" in r:
-                print(f"  {r['processes']} server processes sharing the port (--reuse-port, one inference worker and "
-                      f"one decode thread each; the kernel spreads the 4 connections): {r['multi_fps']:.1f} OK fps = "
-                      f"{r['multi_ratio']:.3f}x the best in-process arrangement; {r['multi_cores']:.2f} cores "
-                      f"({' + '.join(str(c) for c in r['multi_cores_each'])}: the connections' split), "
-                      f"{r['multi_cpu_ms_per_ok']:.2f} ms per OK frame", flush=True)
+            for name, how in (("multi", "a port each, the cameras spread round robin"),
+                              ("reuse", "sharing one port with --reuse-port, the kernel spreading the connections")):
+                if f"{name}_fps" in r:
+                    print(f"  {r['processes']} server processes ({how}; one inference worker and one decode thread "
+                          f"each): {r[name + '_fps']:.1f} OK fps = {r[name + '_ratio']:.3f}x the best in-process "
+                          f"arrangement; {r[name + '_cores']:.2f} cores "
+                          f"({' + '.join(str(c) for c in r[name + '_cores_each'])}), "
+                          f"{r[name + '_cpu_ms_per_ok']:.2f} ms per OK frame", flush=True)
         if "memory" in which:
             results["memory"] = r = bench_memory(manifest, frames, args.threads, args.duration_s,
                                                  server_args=args.server_args.split() if args.server_args else None)
