@@ -22,8 +22,8 @@ LOG_FORMATS = ("text", "json")
 PRIORITY_CLASSES = {"best_effort": 0, "normal": 1, "critical": 2}
 # The most a derived message limit can be. Every open stream can have a whole message of this
 # size in gRPC's receive buffers (docs/hardening.md), so it sets the floor of the server's worst
-# case: 8 MiB holds any encoded frame of a camera up to 8K, and a raw 1920x1080 BGR8 (6.2 MB) or
-# 3840x1080 NV12 frame. Larger raw frames go through shared memory (--shm-allow), or the limit is
+# case: 8 MiB holds a camera's JPEG up to 4K (a few MB at quality 90), and a raw 1920x1080 BGR8
+# (6.2 MB) or 3840x1080 NV12 frame. Larger raw frames go through shared memory (--shm-allow), or the limit is
 # raised with --max-message-bytes (and the memory it costs with it).
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MIN_MESSAGE_BYTES = 64 * 1024

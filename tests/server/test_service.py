@@ -138,7 +138,7 @@ def test_raw_frames_match_encoded_png(serve):
 
 
 def test_raw_4k_bgr_frame_needs_a_raised_message_limit(serve):
-    """The default message limit (8 MiB) holds any encoded frame and a raw 1080p one; a raw 4K
+    """The default message limit (8 MiB) holds a 4K JPEG and a raw 1080p frame; a raw 4K
     frame (24.9 MB) is refused at its length prefix, before gRPC buffers it, and fits once the
     limit is raised (or goes through shared memory)."""
     data = bytes(3840 * 2160 * 3)
