@@ -82,6 +82,10 @@ class BuildOptions:
     scaling: bool = True  # the report's scaling table (exports and times ~11 models)
     scaling_val_images: int = 32
     name: str = ""
+    # (width, height) to export the checkpoint at instead of its trained input size (YOLO-style
+    # family only: fully convolutional, its decode grid follows the feature maps). The same
+    # weights at a larger input see far, small objects (docs/tracking.md); gated like any build.
+    input_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         from build_engine.calibration import CALIBRATORS
@@ -98,6 +102,8 @@ class BuildOptions:
             raise ConfigError(f"opset must be >= 17, got {self.opset}")
         if not 1 <= self.max_batch <= 64 or self.latency_runs < 1 or self.threads < 1:
             raise ConfigError("max_batch must be 1..64, latency_runs and threads >= 1")
+        if self.input_size is not None and any(v < 32 or v % 32 for v in self.input_size):
+            raise ConfigError(f"input size must be multiples of 32 (the largest stride), got {self.input_size}")
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,11 @@ class LoadedModel:
     meta: dict[str, Any]
 
 
-def load_model(checkpoint: Path) -> LoadedModel:
-    """Load a (possibly pruned) checkpoint; ModelError with a one-line reason otherwise."""
+def load_model(checkpoint: Path, input_size: tuple[int, int] | None = None) -> LoadedModel:
+    """Load a (possibly pruned) checkpoint; ModelError with a one-line reason otherwise.
+
+    ``input_size`` (width, height): export it at that size instead of its trained one; the
+    YOLO-style family only (the others' priors and proposals are sized for their input)."""
     from build_engine.pruned_checkpoint import load_any_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -136,6 +145,13 @@ def load_model(checkpoint: Path) -> LoadedModel:
         raise ModelError(f"{checkpoint}: no such checkpoint{hint}")
     model, meta = load_any_checkpoint(checkpoint)
     w, h = (int(v) for v in meta.input_size)
+    if input_size is not None and input_size != (w, h):
+        layout = getattr(model, "output_layout", "yolo_obj")
+        if layout != "yolo_obj" or not hasattr(model, "resize_input"):
+            raise ConfigError(f"{checkpoint}: --input-size works for the YOLO-style family only (this one's "
+                              f"outputs are {layout!r}, sized for its {w}x{h} input)")
+        w, h = input_size
+        model.resize_input(w, h)
     return LoadedModel(model, tuple(meta.classes), w, h, checkpoint, sha256_file(checkpoint), meta.to_dict())
 
 
@@ -316,8 +332,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
     from build_engine.quantize import convert_fp16, quantize_int8
 
     progress(f"loading {opts.checkpoint}")
-    lm = load_model(opts.checkpoint)
-    pruned = [load_model(p) for p in opts.pruned]
+    lm = load_model(opts.checkpoint, opts.input_size)
+    pruned = [load_model(p, opts.input_size) for p in opts.pruned]
     for pm in pruned:
         if (pm.input_width, pm.input_height, pm.classes) != (lm.input_width, lm.input_height, lm.classes):
             raise ConfigError(f"{pm.checkpoint}: input size / classes differ from {lm.checkpoint}")

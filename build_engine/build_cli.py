@@ -8,6 +8,7 @@ from pathlib import Path
 
 from build_engine.build import DEFAULT_CHECKPOINT, BuildOptions, GateThresholds
 from perception.cli import add_progress_flag, show_progress
+from perception.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots/")
     p.add_argument("--no-scaling", action="store_true", help="skip the report's scaling table (~11 extra models)")
     p.add_argument("--scaling-val-images", type=int, default=32, help="val images for the scaling table's mAP")
+    p.add_argument("--input-size", metavar="WxH",
+                   help="export at this input size instead of the checkpoint's (multiples of 32; YOLO-style family "
+                        "only): the same weights see far, small objects at a larger input, at more MACs")
     p.add_argument("--name", default="", help="model name in the manifest (default: the checkpoint's directory)")
     add_progress_flag(p)
     return p
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """"1024x576" -> (1024, 576); ConfigError for anything else."""
+    if text is None:
+        return None
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit()):
+        raise ConfigError(f"--input-size wants WIDTHxHEIGHT (e.g. 1024x576), got {text!r}")
+    return int(w), int(h)
 
 
 def gate_thresholds(args: argparse.Namespace) -> GateThresholds:
@@ -111,6 +125,7 @@ def main(argv: list[str]) -> int:
         scaling=not args.no_scaling,
         scaling_val_images=args.scaling_val_images,
         name=args.name,
+        input_size=_size(args.input_size),
     )
 
     shown = show_progress(args.no_progress)

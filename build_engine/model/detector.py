@@ -152,6 +152,16 @@ class Detector(nn.Module):
             self.register_buffer(f"grid{i}", g, persistent=False)
         self._criterion: DetectionLoss | None = None
 
+    def resize_input(self, width: int, height: int) -> None:
+        """Serve these weights at another input size: the config and the cached cell grids
+        (which an export bakes in) follow it. Fully convolutional, nothing else changes."""
+        import dataclasses
+
+        self.cfg = dataclasses.replace(self.cfg, input_width=width, input_height=height)
+        for i, s in enumerate(self.strides):
+            g = getattr(self, f"grid{i}")
+            setattr(self, f"grid{i}", make_grid(height // s, width // s, s).to(g.device))
+
     def grid(self, level: int, h: int, w: int) -> torch.Tensor:
         """Cell grid of a level; the cached one when the map has the configured size."""
         g: torch.Tensor = getattr(self, f"grid{level}")

@@ -268,3 +268,45 @@ def test_cli_gate_flags_become_the_thresholds() -> None:
     assert gate_thresholds(build_parser().parse_args(["--out", "x"])).latency_budget_ms is None
     with pytest.raises(ConfigError):
         gate_thresholds(build_parser().parse_args(["--out", "x", "--gate-int8-latency", "-1"]))
+
+
+def test_input_size_exports_the_same_weights_at_a_larger_input(inputs, capsys):
+    """--input-size: the YOLO-style detector is fully convolutional, so the same weights serve at
+    another input size; the manifest, the ONNX input and the decode grid follow it (a grid left
+    at the trained size failed the export), and its detections land where the trained size's do."""
+    import numpy as np
+
+    from perception.cli import main
+    from perception.manifest import load_manifest
+    from perception.pipeline import FrameInput, FramePipeline, RequestOptions
+    from server.runtime.factory import RuntimeSettings, backend_for
+
+    base = load_manifest(inputs["tmp"] / "ref")
+    w, h = base.preprocess.input_width * 2, base.preprocess.input_height * 2
+    out = inputs["tmp"] / "art_big"
+    assert main(_argv(inputs, out, "--precisions", "fp32", "--continue-on-fail", "--no-report",
+                      "--input-size", f"{w}x{h}")) == 0
+    m = load_manifest(out)
+    assert (m.preprocess.input_width, m.preprocess.input_height) == (w, h)
+    frame = FrameInput("front", 0, 0, raw=None, encoded=(inputs["calib"] / sorted(
+        p.name for p in inputs["calib"].iterdir())[0]).read_bytes())
+    boxes = []
+    for manifest in (base, m):
+        backend, _ = backend_for(manifest, "", RuntimeSettings(threads=1, max_batch=1))
+        pipe = FramePipeline.from_manifest(manifest)
+        pipe.bind_outputs(backend.outputs)
+        boxes.append(pipe.run_batch([frame], RequestOptions(score_threshold=0.0), backend.infer)[0])
+    assert boxes[1].boxes.shape[0] > 0 and np.isfinite(boxes[1].boxes).all()
+    # Boxes come back in source pixels either way: the strongest box is in the same place.
+    assert np.abs(boxes[0].boxes[0] - boxes[1].boxes[0]).max() < 0.25 * max(frame_size(frame))
+    for bad in ("1000x576", "big"):
+        assert main(_argv(inputs, inputs["tmp"] / "art_bad", "--input-size", bad)) != 0
+    assert "--input-size" in capsys.readouterr().err
+
+
+def frame_size(frame) -> tuple[int, int]:
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(frame.encoded, np.uint8), cv2.IMREAD_COLOR)
+    return img.shape[1], img.shape[0]
