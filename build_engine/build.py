@@ -147,11 +147,12 @@ def load_model(checkpoint: Path, input_size: tuple[int, int] | None = None) -> L
     w, h = (int(v) for v in meta.input_size)
     if input_size is not None and input_size != (w, h):
         layout = getattr(model, "output_layout", "yolo_obj")
-        if layout != "yolo_obj" or not hasattr(model, "resize_input"):
+        resize = getattr(model, "resize_input", None)
+        if layout != "yolo_obj" or not callable(resize):
             raise ConfigError(f"{checkpoint}: --input-size works for the YOLO-style family only (this one's "
                               f"outputs are {layout!r}, sized for its {w}x{h} input)")
         w, h = input_size
-        model.resize_input(w, h)
+        resize(w, h)
     return LoadedModel(model, tuple(meta.classes), w, h, checkpoint, sha256_file(checkpoint), meta.to_dict())
 
 

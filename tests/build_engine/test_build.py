@@ -309,4 +309,5 @@ def frame_size(frame) -> tuple[int, int]:
     import numpy as np
 
     img = cv2.imdecode(np.frombuffer(frame.encoded, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None
     return img.shape[1], img.shape[0]
