@@ -88,6 +88,9 @@ class NodeConfig:
             raise ConfigError("stop_timeout_s must not be negative")
 
 
+REPEAT_LOG_S = 10.0  # the same reason for replacing a stream is logged at most this often
+
+
 class CameraWorker:
     """One camera: its capture thread, its sender thread and its stream to the server."""
 
@@ -111,6 +114,12 @@ class CameraWorker:
         self._session: StreamSession | None = None
         self._ring: ShmRing | None = None  # --encode shm: made at the first frame, sized to it
         self._past_server_reconnects = 0
+        # The last reason a stream was replaced, when it was logged, and how often it recurred
+        # since: a cause that ends every stream at once (a frame over the server's message limit)
+        # is logged once per REPEAT_LOG_S, not once per frame.
+        self._replaced_for = ""
+        self._replaced_logged_at = float("-inf")
+        self._replaced_repeats = 0
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
         self._threads = [
             threading.Thread(target=self._capture_loop, name=f"{camera_id}-capture", daemon=True),
@@ -251,8 +260,15 @@ class CameraWorker:
         return self._session
 
     def _replace(self, session: StreamSession) -> StreamSession:
-        log.error("%s: %s; %d frames lost, opening a new stream", self.camera_id,
-                  session.error or "stream ended", len(session.lost))
+        reason, now = str(session.error or "stream ended"), time.monotonic()
+        if reason == self._replaced_for and now - self._replaced_logged_at < REPEAT_LOG_S:
+            self._replaced_repeats += 1
+            log.debug("%s: %s; %d frames lost, opening a new stream", self.camera_id, reason, len(session.lost))
+        else:
+            again = f" ({self._replaced_repeats} more times since it was last logged)" if self._replaced_repeats else ""
+            log.error("%s: %s; %d frames lost, opening a new stream%s", self.camera_id, reason, len(session.lost),
+                      again)
+            self._replaced_for, self._replaced_logged_at, self._replaced_repeats = reason, now, 0
         self._retire(session)
         return self._new_session()
 

@@ -289,3 +289,34 @@ def test_camera_node_streams_rtsp_h264_and_reconnects_after_the_rtsp_server_rest
     assert all(r["status"] == "OK" and (r["image_width"], r["image_height"]) == (96, 64) for r in recs)
     s = _summary_line(capsys.readouterr().out, "roof")
     assert s["reconnects"] >= 1 and s["answered"] == len(seqs)
+
+
+def test_a_stream_ended_again_and_again_for_the_same_reason_is_logged_once_per_interval(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A frame over the server's message limit ends each new stream at once (retrying cannot
+    help); the node opens another for the next frame, and says why once per REPEAT_LOG_S, with a
+    count, instead of once per frame."""
+    import logging
+    import types
+
+    from client import camera_node as cn
+
+    worker = object.__new__(cn.CameraWorker)
+    worker.camera_id = "front"
+    worker._replaced_for, worker._replaced_logged_at, worker._replaced_repeats = "", float("-inf"), 0
+    monkeypatch.setattr(worker, "_retire", lambda s: None, raising=False)
+    monkeypatch.setattr(worker, "_new_session", lambda: "next", raising=False)
+    clock = [100.0]
+    monkeypatch.setattr(cn.time, "monotonic", lambda: clock[0])
+    too_big = types.SimpleNamespace(error="server a:1: RESOURCE_EXHAUSTED: Received message larger than max",
+                                    lost=[1])
+    caplog.set_level(logging.DEBUG, logger="client.camera_node")
+    for t in (100.0, 100.1, 100.2, 109.0, 111.0, 111.1):
+        clock[0] = t
+        assert worker._replace(too_big) == "next"  # type: ignore[arg-type]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and "larger than max" in errors[0]
+    assert errors[1].endswith("(3 more times since it was last logged)")
+    clock[0] = 111.2
+    worker._replace(types.SimpleNamespace(error="another reason", lost=[]))  # type: ignore[arg-type]
+    assert sum(r.levelno == logging.ERROR for r in caplog.records) == 3  # a new reason is news
