@@ -27,7 +27,9 @@ class ClientStatus(str, Enum):
     """Why a frame read from the source has no answer from the server. The value is the name
     written to the JSONL ``status`` field; none collides with a FrameStatus name."""
 
-    NOT_SENT = "NOT_SENT"  # read, never sent: the replay stopped before it (server gone, Ctrl-C, ...)
+    # read, never sent: the replay stopped before it (server gone, Ctrl-C, ...), or it is over the
+    # message limit (the server would refuse it unread and end the stream)
+    NOT_SENT = "NOT_SENT"
     GIVEN_UP = "GIVEN_UP"  # sent, never answered: the client stopped reconnecting, or the replay stopped
     REFUSED_DRAINING = "REFUSED_DRAINING"  # refused by a draining server; not re-sent before the client gave up
 

@@ -49,6 +49,7 @@ class ModelInfo:
     max_batch: int
     kpi: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    max_message_bytes: int = 0  # the largest request the server reads (0: not reported)
 
 
 def model_info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
@@ -70,6 +71,7 @@ def model_info_from_pb(msg: pb.ModelInfo) -> ModelInfo:
         max_batch=int(msg.max_batch),
         kpi={m.name: float(m.value) for m in msg.kpi},
         manifest=manifest,
+        max_message_bytes=int(msg.max_message_bytes),
     )
 
 

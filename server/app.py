@@ -359,7 +359,7 @@ def create_server(
         def changed(model: ServedModel) -> None:
             managed.backend = model.backend
             service.attach(scheduler, convert.model_info(model.manifest, model.variant, model.backend.name,
-                                                         model.max_batch), managed.models)
+                                                         model.max_batch, config.message_limit()), managed.models)
             metrics.set_model_info(model.manifest, model.variant.name, model.backend.name)
 
         managed.models = ModelHost(first, load, LifecycleLimits(probation_s=config.probation_s,
@@ -378,7 +378,8 @@ def create_server(
                 managed.models, f"{config.admin_host}:{config.admin_port}", config.admin_tokens, metrics, creds)
         managed.reload = _reloader(settings, config.backends)
         health_hook.append(managed)
-        service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch), managed.models)
+        service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch,
+                                                     config.message_limit()), managed.models)
         if kserve is not None:
             host = managed.models
             kserve.attach(scheduler, lambda: host.current)

@@ -145,7 +145,8 @@ def status_only(camera_id: str, sequence: int, ts: int, status: FrameStatus, mes
     )
 
 
-def model_info(manifest: Manifest, variant: Variant, backend: str, max_batch: int) -> pb.ModelInfo:
+def model_info(manifest: Manifest, variant: Variant, backend: str, max_batch: int,
+               max_message_bytes: int = 0) -> pb.ModelInfo:
     kpi = {**variant.metrics}
     return pb.ModelInfo(
         name=manifest.name,
@@ -161,6 +162,7 @@ def model_info(manifest: Manifest, variant: Variant, backend: str, max_batch: in
         variant=variant.name,
         max_batch=max_batch,
         manifest_json=json.dumps(manifest.to_dict(), default=str),
+        max_message_bytes=max_message_bytes,
     )
 
 

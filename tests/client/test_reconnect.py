@@ -81,28 +81,54 @@ def test_replay_cli_when_the_server_goes_away_for_good(tmp_path: Path, tiny_mani
     assert s["frames_sent"] == s["frames_answered"] + s["dropped"].get("lost", 0)
 
 
-def test_a_frame_over_the_servers_message_limit_ends_the_replay_with_the_reason(tiny_manifest: Path) -> None:
-    """gRPC refuses a message over the server's limit (RESOURCE_EXHAUSTED, "Received message
-    larger than max"). Sending the same frame again fails the same way, so the client says why
-    at once instead of reconnecting until its time runs out."""
+def test_a_frame_over_the_servers_message_limit_is_recorded_not_sent_and_the_replay_goes_on(
+        tiny_manifest: Path) -> None:
+    """gRPC refuses a message over the server's limit at its length prefix and ends the stream.
+    The replay asks the server for its limit (GetModelInfo) at the first big frame and does not
+    send what would be refused: that frame gets a NOT_SENT line with the reason, the others
+    their answers."""
     from client.frames import PixelFormat, RawPixels
-    from perception.errors import InvalidInputError
 
     srv, port = start_server(tiny_manifest)
     raw_4k = RawPixels(3840, 2160, PixelFormat.BGR8, bytes(3840 * 2160 * 3))  # 24.9 MB; the server takes 8 MiB
+    raw_small = RawPixels(640, 360, PixelFormat.BGR8, bytes(640 * 360 * 3))
     frames = [SourceFrame("front", 0, R.T0_NS, encoded=R.jpeg(R.scene(0))),
-              SourceFrame("front", 1, R.T0_NS + 25_000_000, raw=raw_4k)]
-    cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), window=1,
+              SourceFrame("front", 1, R.T0_NS + 25_000_000, raw=raw_4k),
+              SourceFrame("front", 2, R.T0_NS + 50_000_000, raw=raw_small),
+              SourceFrame("front", 3, R.T0_NS + 75_000_000, encoded=R.jpeg(R.scene(1)))]
+    cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), window=2,
                        backoff=BackoffConfig(initial_s=0.05, max_s=0.3, max_attempts=40))
-    t0 = time.monotonic()
     try:
         with DetectorClient(cfg) as client:
             outcome = Replay(client, frames, ReplayConfig(pacing=Pacing(speed=None))).run()
     finally:
         srv.shutdown(0.0)
-    assert isinstance(outcome.error, InvalidInputError)
-    assert "larger than max" in str(outcome.error) and "--max-message-bytes" in str(outcome.error)
-    assert outcome.stats.reconnects == 0 and time.monotonic() - t0 < 10
-    assert [(r.sequence, r.status) for r in outcome.results] == [(0, FrameStatus.OK)]
-    assert [(u.sequence, u.status.value) for u in outcome.unanswered] == [(1, "GIVEN_UP")]  # its own JSONL line
-    assert "larger than max" in outcome.unanswered[0].reason
+    assert outcome.error is None and outcome.stats.reconnects == 0
+    assert [(r.sequence, r.status) for r in outcome.results] == [(0, FrameStatus.OK), (2, FrameStatus.OK),
+                                                                (3, FrameStatus.OK)]
+    assert [(u.sequence, u.status.value) for u in outcome.unanswered] == [(1, "NOT_SENT")]  # its own JSONL line
+    assert "over the message limit of 8388608 bytes" in outcome.unanswered[0].reason
+
+
+def test_a_stream_that_sends_a_frame_over_the_limit_gives_up_at_once_with_the_reason(tiny_manifest: Path) -> None:
+    """Without the replay's check (a client of its own), the stream ends RESOURCE_EXHAUSTED
+    ("Received message larger than max"). Sending the same frame again would fail the same way,
+    so the session says why at once instead of reconnecting until its time runs out."""
+    from client.frames import PixelFormat, RawPixels
+    from perception.errors import InvalidInputError
+
+    srv, port = start_server(tiny_manifest)
+    raw_4k = RawPixels(3840, 2160, PixelFormat.BGR8, bytes(3840 * 2160 * 3))
+    cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), window=1,
+                       backoff=BackoffConfig(initial_s=0.05, max_s=0.3, max_attempts=40))
+    answers: list[int] = []
+    t0 = time.monotonic()
+    try:
+        with DetectorClient(cfg) as client:
+            session = client.stream(lambda frame, result: answers.append(frame.sequence))
+            session.send(SourceFrame("front", 0, R.T0_NS, raw=raw_4k))
+            with pytest.raises(InvalidInputError, match="larger than max.*--max-message-bytes"):
+                session.close(10)
+    finally:
+        srv.shutdown(0.0)
+    assert answers == [] and session.reconnects == 0 and time.monotonic() - t0 < 10
