@@ -230,10 +230,12 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
         # a GIL per process instead of one for every thread. First on a port each, the cameras
         # spread round robin (as the client library spreads its sessions over several targets);
         # then sharing one port (--reuse-port), where the kernel hands out the connections.
+        from bench.bench_triton import free_port
+
         one_core = ["--inference-workers", "1", "--decode-threads", "1"]
         multi["processes"] = processes
         for name, reuse in (("multi", False), ("reuse", True)):
-            port = _free_port() if reuse else 0
+            port = free_port() if reuse else 0
             servers = [ServerProcess(manifest, threads, [*flags, *one_core, *(["--reuse-port"] if reuse else [])],
                                      port=port) for _ in range(processes)]
             m_counts, m_cpus, _ = _flat_out(servers, frames, cameras, window, seconds)
@@ -251,14 +253,6 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
             "server_cores": server_cpu / seconds, "client_cores": client_cpu / seconds,
             "server_cpu_ms_per_ok": 1e3 * server_cpu / max(1.0, ok_fps * seconds),
             "pipeline_workers_cpu_ms": workers_cpu_ms, **multi}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _flat_out(servers: list[ServerProcess], frames: list[bytes], cameras: int, window: int,

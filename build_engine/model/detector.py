@@ -15,6 +15,7 @@ size = exp(p) * stride with p clamped so an untrained head cannot overflow.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -155,8 +156,6 @@ class Detector(nn.Module):
     def resize_input(self, width: int, height: int) -> None:
         """Serve these weights at another input size: the config and the cached cell grids
         (which an export bakes in) follow it. Fully convolutional, nothing else changes."""
-        import dataclasses
-
         self.cfg = dataclasses.replace(self.cfg, input_width=width, input_height=height)
         for i, s in enumerate(self.strides):
             g = getattr(self, f"grid{i}")
