@@ -39,9 +39,11 @@ from client.camera_stats import CameraStats, CameraSummary
 from client.config import BackoffConfig
 from client.convert import RequestOptions
 from client.detector_client import DetectorClient
+from client.errors import TOO_LARGE_HINT
 from client.frames import FrameResult, SourceFrame
 from client.latest_frame import LatestFrame
 from client.live_capture import Camera, Grab
+from client.message_limit import MessageLimit
 from client.shm_ring import DEFAULT_PREFIX, ShmRing
 from client.sources.images import bgr_frame
 from client.sources.live_source import encode_jpeg
@@ -88,7 +90,27 @@ class NodeConfig:
             raise ConfigError("stop_timeout_s must not be negative")
 
 
-REPEAT_LOG_S = 10.0  # the same reason for replacing a stream is logged at most this often
+REPEAT_LOG_S = 10.0  # the same reason (a stream replaced, a frame not sent) is logged at most this often
+
+
+class RepeatedLog:
+    """Whether a reason is worth logging now: not if it was logged less than REPEAT_LOG_S ago
+    and nothing else came between (that time is counted instead). Used from one thread."""
+
+    def __init__(self) -> None:
+        self._reason = ""
+        self._logged_at = float("-inf")
+        self._repeats = 0
+
+    def due(self, reason: str) -> str | None:
+        """None: not now. Otherwise the suffix to log with it: how often it recurred unlogged."""
+        now = time.monotonic()
+        if reason == self._reason and now - self._logged_at < REPEAT_LOG_S:
+            self._repeats += 1
+            return None
+        again = f" ({self._repeats} more times since it was last logged)" if self._repeats else ""
+        self._reason, self._logged_at, self._repeats = reason, now, 0
+        return again
 
 
 class CameraWorker:
@@ -102,6 +124,7 @@ class CameraWorker:
         config: NodeConfig,
         stop: threading.Event,
         on_answer: ResultCallback | None = None,
+        limit: MessageLimit | None = None,
     ) -> None:
         self.camera_id = camera_id
         self.stats = CameraStats(camera_id, camera.name)
@@ -114,12 +137,11 @@ class CameraWorker:
         self._session: StreamSession | None = None
         self._ring: ShmRing | None = None  # --encode shm: made at the first frame, sized to it
         self._past_server_reconnects = 0
-        # The last reason a stream was replaced, when it was logged, and how often it recurred
-        # since: a cause that ends every stream at once (a frame over the server's message limit)
-        # is logged once per REPEAT_LOG_S, not once per frame.
-        self._replaced_for = ""
-        self._replaced_logged_at = float("-inf")
-        self._replaced_repeats = 0
+        self._limit = limit or MessageLimit(client, config.options)
+        # A cause that recurs at every frame (a stream ended by the same error, frames over the
+        # message limit) is logged once per REPEAT_LOG_S, not once per frame.
+        self._replaced_log = RepeatedLog()
+        self._too_large_log = RepeatedLog()
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
         self._threads = [
             threading.Thread(target=self._capture_loop, name=f"{camera_id}-capture", daemon=True),
@@ -203,6 +225,15 @@ class CameraWorker:
                         session = self._replace(session)
                     continue
                 frame = self._to_frame(*item)
+                too_large = self._limit.refusal(frame)
+                if too_large:
+                    # The server would end the stream at its length prefix, with every frame in
+                    # flight beside it; the next frame of this camera is most likely as large.
+                    self.stats.count("too_large")
+                    again = self._too_large_log.due("too large")  # its size varies a little
+                    if again is not None:
+                        log.error("%s: frame %d: %s%s", self.camera_id, frame.sequence, too_large, again)
+                    continue
                 try:
                     if session.send(frame, timeout=_POLL_S):
                         self.stats.count("sent")
@@ -260,15 +291,15 @@ class CameraWorker:
         return self._session
 
     def _replace(self, session: StreamSession) -> StreamSession:
-        reason, now = str(session.error or "stream ended"), time.monotonic()
-        if reason == self._replaced_for and now - self._replaced_logged_at < REPEAT_LOG_S:
-            self._replaced_repeats += 1
+        reason = str(session.error or "stream ended")
+        if TOO_LARGE_HINT in reason:
+            self._limit.forget()  # the server may have restarted with a lower limit: ask it again
+        again = self._replaced_log.due(reason)
+        if again is None:
             log.debug("%s: %s; %d frames lost, opening a new stream", self.camera_id, reason, len(session.lost))
         else:
-            again = f" ({self._replaced_repeats} more times since it was last logged)" if self._replaced_repeats else ""
             log.error("%s: %s; %d frames lost, opening a new stream%s", self.camera_id, reason, len(session.lost),
                       again)
-            self._replaced_for, self._replaced_logged_at, self._replaced_repeats = reason, now, 0
         self._retire(session)
         return self._new_session()
 
@@ -309,7 +340,9 @@ class CameraNode:
         if not cameras:
             raise ConfigError("no camera given")
         self.stop_event = stop or threading.Event()
-        self.workers = [CameraWorker(cid, cam, client, config, self.stop_event, on_answer) for cid, cam in cameras]
+        limit = MessageLimit(client, config.options)  # the server is asked once for the node
+        self.workers = [CameraWorker(cid, cam, client, config, self.stop_event, on_answer, limit)
+                        for cid, cam in cameras]
         self._config = config
 
     def start(self) -> None:

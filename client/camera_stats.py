@@ -2,7 +2,8 @@
 
 captured = frames read from the camera; sent = frames handed to the stream; dropped = frames
 replaced by a newer one before they could be sent (the link or the server was slower than the
-camera); answered = answers received, ``ok`` of them with status OK; lost = sent frames never
+camera); too_large = frames not sent because the server would refuse them (over its message
+limit: client.message_limit); answered = answers received, ``ok`` of them with status OK; lost = sent frames never
 answered (the stream gave up on them, or the node stopped first); reconnects = times the
 camera was reopened after a loss, open_failures = attempts to open it that failed;
 server_reconnects = times the stream to the server was.
@@ -35,6 +36,7 @@ class CameraSummary:
     answered: int
     ok: int
     dropped: int
+    too_large: int
     lost: int
     open_failures: int
     reconnects: int
@@ -49,9 +51,10 @@ class CameraSummary:
     def line(self) -> str:
         """One line: ``front: captured 300, sent 120, ok 118/120, dropped 180, ...``."""
         state = "" if self.connected else " [camera down]"
+        too_large = f", too large to send {self.too_large}" if self.too_large else ""
         return (
             f"{self.camera_id}: captured {self.captured}, sent {self.sent}, answered OK {self.ok}/{self.answered}, "
-            f"dropped {self.dropped}, lost {self.lost}, reconnects {self.reconnects} "
+            f"dropped {self.dropped}{too_large}, lost {self.lost}, reconnects {self.reconnects} "
             f"(failed opens {self.open_failures}, server {self.server_reconnects}), "
             f"latency p50 {self.p50_ms:.1f} ms p99 {self.p99_ms:.1f} ms{state}"
         )
@@ -69,6 +72,7 @@ class CameraStats:
         self.sent = 0
         self.answered = 0
         self.ok = 0
+        self.too_large = 0
         self.lost = 0
         self.open_failures = 0
         self.reconnects = 0
@@ -98,9 +102,8 @@ class CameraStats:
             p50, p99 = (float(v) for v in np.percentile(lat, [50, 99])) if lat.size else (0.0, 0.0)
             return CameraSummary(
                 self.camera_id, self.source, self.connected, self.captured, self.sent, self.answered, self.ok,
-                dropped, self.lost, self.open_failures, self.reconnects, server_reconnects, round(p50, 3),
-                round(p99, 3),
-                self.last_error,
+                dropped, self.too_large, self.lost, self.open_failures, self.reconnects, server_reconnects,
+                round(p50, 3), round(p99, 3), self.last_error,
             )
 
 

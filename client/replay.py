@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.client_status import ClientStatus, Unanswered
-from client.convert import RequestOptions, to_request
+from client.convert import RequestOptions
 from client.detector_client import DetectorClient
-from client.errors import TOO_LARGE_HINT
 from client.frames import FrameResult, SourceFrame, Tracks
+from client.message_limit import MessageLimit
 from client.pacing import Pacing, Schedule, select
 from client.sinks import Sink
 from client.stream import StreamSession
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 _JOIN_TIMEOUT_S = 5.0
 
 ProgressCallback = Callable[[FrameResult | Unanswered], None]
-# A frame whose pixels or bytes pass this asks the server for its message limit (once): every
-# usual encoded frame stays below it, and no server limit is lower unless set so on purpose.
-CHECK_SERVER_LIMIT_FROM = 1024 * 1024
-REQUEST_OVERHEAD = 4096  # ids, options and field headers around the frame's bytes, at most
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ class Replay:
         self._sink_error: BaseException | None = None
         self.interrupted = False
         self._last_answered: dict[str, int] = {}  # camera -> sequence of its latest answer
-        self._message_limit: int | None = None  # the largest request worth sending, once known
+        self._message_limit = MessageLimit(client, config.options)  # the largest request worth sending
         self._tracking = config.options is not None and config.options.track
 
     # -- records -------------------------------------------------------------------------
@@ -218,7 +214,7 @@ class Replay:
 
         A frame over the message limit is not sent: the server would refuse it at its length
         prefix and end the camera's stream. It gets its NOT_SENT record, and the replay goes on."""
-        too_large = self._over_limit(frame)
+        too_large = self._message_limit.refusal(frame)
         if too_large:
             self._on_unanswered(Unanswered.of(frame, ClientStatus.NOT_SENT, too_large))
             return True
@@ -227,27 +223,6 @@ class Replay:
             if self.stop.is_set():
                 return False
         return True
-
-    def _over_limit(self, frame: SourceFrame) -> str:
-        """Why ``frame`` is too large to send, or "". The limit is the client's own and, for a
-        frame over CHECK_SERVER_LIMIT_FROM, the server's (GetModelInfo, asked once)."""
-        payload = len(frame.encoded) if frame.encoded is not None else len(frame.raw.data) if frame.raw else 0
-        limit = self._client.config.max_message_bytes
-        if payload > CHECK_SERVER_LIMIT_FROM and self._message_limit is None:
-            try:
-                server = self._client.model_info().max_message_bytes
-            except PerceptionError as exc:  # unknown: the stream finds out if it matters
-                log.info("the server's message limit is unknown (%s); frames are checked against the client's", exc)
-                server = 0
-            self._message_limit = min(limit, server) if server else limit
-        limit = min(limit, self._message_limit or limit)
-        if payload + REQUEST_OVERHEAD <= limit:
-            return ""
-        size = to_request(frame, self._config.options).ByteSize()
-        if size <= limit:
-            return ""
-        return (f"the request is {size} bytes, over the message limit of {limit} bytes ({TOO_LARGE_HINT}); "
-                "not sent")
 
     def _stop_reason(self) -> str:
         if self._sink_error is not None:

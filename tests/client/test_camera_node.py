@@ -303,7 +303,7 @@ def test_a_stream_ended_again_and_again_for_the_same_reason_is_logged_once_per_i
 
     worker = object.__new__(cn.CameraWorker)
     worker.camera_id = "front"
-    worker._replaced_for, worker._replaced_logged_at, worker._replaced_repeats = "", float("-inf"), 0
+    worker._replaced_log = cn.RepeatedLog()
     monkeypatch.setattr(worker, "_retire", lambda s: None, raising=False)
     monkeypatch.setattr(worker, "_new_session", lambda: "next", raising=False)
     clock = [100.0]
@@ -320,3 +320,34 @@ def test_a_stream_ended_again_and_again_for_the_same_reason_is_logged_once_per_i
     clock[0] = 111.2
     worker._replace(types.SimpleNamespace(error="another reason", lost=[]))  # type: ignore[arg-type]
     assert sum(r.levelno == logging.ERROR for r in caplog.records) == 3  # a new reason is news
+
+
+def test_a_frame_over_the_servers_message_limit_is_counted_not_sent_and_the_other_camera_goes_on(
+    tiny_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw 1280x720 frame (2.8 MB) to a server that reads at most 1 MB per message: sent, it
+    would end the camera's stream at its length prefix, frame after frame. The node asks the
+    server for its limit (GetModelInfo) once, counts such frames ``too_large``, does not send
+    them and says why once; the node's other camera, whose frames fit, is answered as usual."""
+    from tests.client.conftest import start_server
+
+    srv, port = start_server(tiny_manifest, max_message_bytes=1_000_000)
+    wide = R.write_mp4(tmp_path / "wide.mp4", n=4, w=1280, h=720, fps=20.0)
+    small = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    out = tmp_path / "o.jsonl"
+    caplog.set_level(logging.INFO, logger="client")
+    try:
+        t, _, result = _run_in_thread([str(wide), str(small), "--loop", "--encode", "raw", "--server",
+                                       f"127.0.0.1:{port}", "--out", str(out), "--duration", "1.0", "--json"])
+        t.join(20)
+    finally:
+        srv.shutdown(1.0)
+    assert result == {"rc": 0}
+    runs = {s["camera_id"]: s for s in json.loads(capsys.readouterr().out)}
+    assert runs["wide"]["too_large"] >= 5, runs["wide"]
+    assert runs["wide"]["sent"] == 0 and runs["wide"]["lost"] == 0 and runs["wide"]["server_reconnects"] == 0
+    assert runs["dashcam"]["ok"] >= 10 and runs["dashcam"]["too_large"] == 0 and runs["dashcam"]["lost"] == 0
+    answers = _answers(out)
+    assert "wide" not in answers and len(answers["dashcam"]) == runs["dashcam"]["answered"]
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(told) == 1 and "over the message limit of 1000000 bytes" in told[0] and "--max-message-bytes" in told[0]
