@@ -55,6 +55,7 @@ class FrameTask:
     sequence: int
     capture_timestamp_ns: int
     deadline_ms: int = 0
+    size: int = 0  # the request's bytes on the wire (a stream counts what its unanswered frames hold)
     received: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
     # The model the frame was prepared for: it post-processes the frame and names the answer.

@@ -75,6 +75,9 @@ class ServerConfig:
     # Undecoded request bytes held at once, in all and per stream: memory is bounded in bytes.
     max_undecoded_bytes: int = 128 * 1024 * 1024
     max_stream_undecoded_bytes: int = 64 * 1024 * 1024
+    # Request bytes a stream's unanswered frames may hold before it reads the next request: a
+    # stream of bigger frames has one in the server at a time (server.stream).
+    max_stream_inflight_bytes: int = 4 * 1024 * 1024
     decode_threads: int = 0  # concurrent decodes across all streams; 0 = the number of cores
     # Decode limits, checked on the header before allocation; lower them to the cameras' sizes.
     max_image_pixels: int = 7680 * 4320
@@ -157,6 +160,7 @@ class ServerConfig:
             raise ConfigError(f"max_wait_ms must be in 0..10000, got {self.max_wait_ms}")
         for name in ("queue_size", "max_pending", "outbox_size", "max_workers", "warmup_iters", "max_camera_labels",
                      "max_streams", "max_streams_per_peer", "max_undecoded_bytes", "max_stream_undecoded_bytes",
+                     "max_stream_inflight_bytes",
                      "max_image_pixels", "max_full_buffer_pixels", "unhealthy_after_failed_batches"):
             if getattr(self, name) < (0 if name in ("warmup_iters", "max_camera_labels") else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

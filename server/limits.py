@@ -200,9 +200,10 @@ class ServiceLimits:
     def __init__(self, max_undecoded_bytes: int = 256 << 20, max_stream_undecoded_bytes: int = 64 << 20,
                  decode_threads: int = 0, max_streams: int = 32, max_streams_per_peer: int = 8,
                  stream_idle_timeout_s: float = 60.0, priorities: dict[str, int] | None = None,
-                 invalid_backoff_max_s: float = 1.0) -> None:
+                 invalid_backoff_max_s: float = 1.0, stream_inflight_bytes: int = 4 << 20) -> None:
         self.undecoded = ByteBudget(max_undecoded_bytes, "the server's undecoded-bytes budget")
         self.stream_undecoded_bytes = max_stream_undecoded_bytes
+        self.stream_inflight_bytes = stream_inflight_bytes
         self.decode = DecodeSlots(decode_threads)
         self.streams = StreamAdmission(max_streams, max_streams_per_peer)
         self.stream_idle_timeout_s = stream_idle_timeout_s
