@@ -4,7 +4,7 @@ Streams live cameras (V4L2 ``/dev/videoN``, ``rtsp://`` / ``http(s)://`` streams
 pipelines where this OpenCV has GStreamer; or a recording with ``--loop``, as a fake live
 camera) to a detector server, newest frame first (camera_node.py). Runs until SIGTERM / SIGINT
 (or ``--duration``), then prints one line per camera: frames captured, sent, answered OK,
-dropped, lost, reconnects, p50 / p99 latency.
+dropped, too large to send (when any), lost, reconnects, p50 / p99 latency.
 """
 
 from __future__ import annotations

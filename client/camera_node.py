@@ -8,7 +8,8 @@ Per camera, two threads and one stream:
 - the sender takes the newest frame only when the stream's window has room, encodes it (JPEG,
   raw BGR, or into a shared-memory slot for a server on this host) and sends it; so at most
   ``window`` frames are ever in flight and a slow link or server drops old frames at the node
-  instead of queueing them;
+  instead of queueing them. A frame over the server's message limit (client.message_limit)
+  is counted ``too_large`` and not sent: sent, it would end the stream;
 - the ``StreamSession`` (stream.py) answers every sent frame in order, reconnecting to the
   server by itself; if it gives up (``--reconnect-timeout``) its frames count as ``lost`` and
   a new session takes over.
@@ -103,12 +104,17 @@ class RepeatedLog:
         self._repeats = 0
 
     def due(self, reason: str) -> str | None:
-        """None: not now. Otherwise the suffix to log with it: how often it recurred unlogged."""
+        """None: not now. Otherwise the suffix to log with it: how often it (or, for a new
+        reason, the one before it) recurred unlogged."""
         now = time.monotonic()
-        if reason == self._reason and now - self._logged_at < REPEAT_LOG_S:
+        same = reason == self._reason
+        if same and now - self._logged_at < REPEAT_LOG_S:
             self._repeats += 1
             return None
-        again = f" ({self._repeats} more times since it was last logged)" if self._repeats else ""
+        again = ""
+        if self._repeats:
+            again = (f" ({self._repeats} more times since it was last logged)" if same else
+                     f" (the reason before it recurred {self._repeats} more times unlogged: {self._reason})")
         self._reason, self._logged_at, self._repeats = reason, now, 0
         return again
 

@@ -109,12 +109,12 @@ class CameraStats:
 
 def format_table(rows: list[CameraSummary]) -> str:
     """The live table ``--stats-every`` prints."""
-    head = f"{'camera':<16} {'captured':>8} {'sent':>6} {'ok':>6} {'dropped':>7} {'lost':>5} {'reconn':>6} " \
-           f"{'p50 ms':>7} {'p99 ms':>7}  state"
+    head = f"{'camera':<16} {'captured':>8} {'sent':>6} {'ok':>6} {'dropped':>7} {'too big':>7} {'lost':>5} " \
+           f"{'reconn':>6} {'p50 ms':>7} {'p99 ms':>7}  state"
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r.camera_id[:16]:<16} {r.captured:>8} {r.sent:>6} {r.ok:>6} {r.dropped:>7} {r.lost:>5} "
+            f"{r.camera_id[:16]:<16} {r.captured:>8} {r.sent:>6} {r.ok:>6} {r.dropped:>7} {r.too_large:>7} {r.lost:>5} "
             f"{r.reconnects:>6} {r.p50_ms:>7.1f} {r.p99_ms:>7.1f}  {'up' if r.connected else 'DOWN'}"
         )
     return "\n".join(lines)

@@ -82,8 +82,9 @@ class DetectorClient:
         self.config = config
         self.pool = ChannelPool(config)
 
-    def _unary(self, method: str, request: Any, timeout: float) -> Any:
-        """Call ``method``, moving to the next server with backoff on retryable failures."""
+    def _unary(self, method: str, request: Any, timeout: float, retry: bool = True) -> Any:
+        """Call ``method``, moving to the next server with backoff on retryable failures
+        (without ``retry``: once, raising its error)."""
         backoff = Backoff(self.config.backoff)
         while True:
             endpoint = self.pool.next()
@@ -92,7 +93,8 @@ class DetectorClient:
                 return getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
             except grpc.RpcError as exc:
                 err = translate(exc, endpoint.address)
-                delay = backoff.next_delay(time.monotonic()) if is_retryable_unary(exc.code(), exc.details()) else None
+                retryable = retry and is_retryable_unary(exc.code(), exc.details())
+                delay = backoff.next_delay(time.monotonic()) if retryable else None
                 if delay is None:
                     raise err from exc
                 log.warning("%s; retrying in %.2fs", err, delay)
@@ -106,8 +108,11 @@ class DetectorClient:
         resp = self._unary("Detect", to_request(frame, options, self.config.deadline_ms), timeout)
         return from_response(resp, latency_ms=(time.perf_counter() - t0) * 1e3)
 
-    def model_info(self) -> ModelInfo:
-        return model_info_from_pb(self._unary("GetModelInfo", pb.GetModelInfoRequest(), self.config.rpc_timeout_s))
+    def model_info(self, once: bool = False, timeout: float | None = None) -> ModelInfo:
+        """What the server reports about its model. ``once``: one attempt, on the next server,
+        no retries (a caller that must not wait on a server that is down); raises its error."""
+        timeout = self.config.rpc_timeout_s if timeout is None else timeout
+        return model_info_from_pb(self._unary("GetModelInfo", pb.GetModelInfoRequest(), timeout, retry=not once))
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until some server's channel is connected; raises NotReadyError on timeout."""

@@ -5,6 +5,9 @@ gRPC refuses a message over the server's limit at its length prefix and ends the
 sending it again fails the same way. ``MessageLimit`` says, before a frame is sent, whether it
 would be refused: against the client's own limit and, for a frame large enough that it might
 matter, the server's (``GetModelInfo.max_message_bytes``, asked once and kept until ``forget``).
+The question is one attempt of at most ``ASK_TIMEOUT_S``, asked by one thread while the others
+go on with the client's own limit, and asked again ``RETRY_AFTER_S`` after a failure: a camera
+must not stop sending while the server is away.
 
 Used by the replay (the frame gets a NOT_SENT record) and the camera node (the frame is counted
 ``too_large`` and not sent).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from client.convert import RequestOptions, to_request
 from client.detector_client import DetectorClient
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 # usual encoded frame stays below it, and no server limit is lower unless set so on purpose.
 CHECK_SERVER_LIMIT_FROM = 1024 * 1024
 REQUEST_OVERHEAD = 4096  # ids, options and field headers around the frame's bytes, at most
+ASK_TIMEOUT_S = 2.0  # a GetModelInfo answers in milliseconds; a server that does not is away
+RETRY_AFTER_S = 10.0  # after a failed question; frames are checked against the client's limit meanwhile
 
 
 class MessageLimit:
@@ -36,7 +42,9 @@ class MessageLimit:
         self._client = client
         self._options = options
         self._lock = threading.Lock()
-        self._server: int | None = None  # the server's limit once asked (0: not reported)
+        self._server: int | None = None  # the server's limit once known (0: not reported)
+        self._asking = False
+        self._retry_at = 0.0
 
     def refusal(self, frame: SourceFrame) -> str:
         """Why ``frame`` would be refused by the server or this client, or "" if it fits."""
@@ -58,12 +66,23 @@ class MessageLimit:
             self._server = None
 
     def _server_limit(self) -> int:
+        """The server's limit, or 0 while it is not known (or not reported)."""
         with self._lock:
-            if self._server is None:
-                try:
-                    self._server = self._client.model_info().max_message_bytes
-                except PerceptionError as exc:  # unknown: the stream finds out if it matters
-                    log.info("the server's message limit is unknown (%s); frames are checked against the client's",
-                             exc)
-                    self._server = 0
-            return self._server
+            if self._server is not None:
+                return self._server
+            if self._asking or time.monotonic() < self._retry_at:
+                return 0
+            self._asking = True
+        server: int | None = None
+        try:
+            server = self._client.model_info(once=True, timeout=ASK_TIMEOUT_S).max_message_bytes
+        except PerceptionError as exc:  # unknown for now: the stream finds out if it matters
+            log.info("the server's message limit is unknown (%s); frames are checked against the client's "
+                     "for %.0f s", exc, RETRY_AFTER_S)
+        with self._lock:
+            self._asking = False
+            if server is None:
+                self._retry_at = time.monotonic() + RETRY_AFTER_S
+                return 0
+            self._server = server
+            return server
