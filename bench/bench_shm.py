@@ -21,7 +21,15 @@ it, only in the server CPU). Frames
 are ``assets/drives/demo/front.mp4`` resized to 1920x1080. Transports run in alternating
 rounds so that drift of the machine hits each alike.
 
+Then raw frames flat out (``--flat-out-s``, 0 to skip): one stream keeping ``window`` (4) raw
+1080p frames in flight, as a camera node sending ``--encode raw`` does when the server is the
+bottleneck, against a server with the default ``--max-stream-inflight-bytes`` (4 MiB: a 6.2 MB
+frame is read only once the one before it is answered) and one with it raised to 64 MiB (every
+frame of the window read at once, as before that bound), alternating. Per run: OK frames/s,
+and the p50 from handing a frame to gRPC to its answer.
+
     .venv/bin/python -m bench.bench_shm [--model manifest.json | --tiny] [--frames 300] [--rounds 3] [--json]
+        [--flat-out-s 10]
 
 Without --model the model users get is served (artifacts/demo/engine, built now if `make demo`
 has not run); --tiny serves a tiny random-weight ONNX detector (64x48 input) instead, to see the
@@ -179,6 +187,50 @@ def bench(address: str, server_pid: int, frames: list[NDArray[np.uint8]], total:
     return out
 
 
+def flat_out_raw(model: Path, frames: list[NDArray[np.uint8]], seconds: float, inflight: int,
+                 window: int = 4) -> dict[str, float]:
+    """One stream of raw frames, ``window`` in flight, for ``seconds`` after a 2 s ramp-up,
+    against a server with ``--max-stream-inflight-bytes inflight``."""
+    import threading
+
+    import grpc
+
+    from bench.bench_client import start_server
+    from perception.v1 import detector_pb2_grpc as pb_grpc
+
+    proc, address = start_server(model, "--max-stream-inflight-bytes", str(inflight))
+    make = _requests("raw", None)
+    requests = [make(0, img) for img in frames[:8]]  # built once: the client's copies are not measured
+    credits = threading.Semaphore(window)
+    sent_at: dict[int, float] = {}
+    start, stop_at = time.perf_counter() + 2.0, time.perf_counter() + 2.0 + seconds
+    ok, latencies = 0, []
+
+    def gen() -> Any:
+        seq = 0
+        while time.perf_counter() < stop_at:
+            credits.acquire()
+            req = requests[seq % len(requests)]
+            req.frame.sequence = seq
+            sent_at[seq] = time.perf_counter()
+            yield req
+            seq += 1
+
+    try:
+        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20),
+                                                     ("grpc.max_receive_message_length", 64 << 20)]) as ch:
+            for resp in pb_grpc.DetectorStub(ch).StreamDetect(gen(), timeout=seconds + 60):
+                credits.release()
+                now = time.perf_counter()
+                if start <= now <= stop_at and resp.status == 1:  # FRAME_STATUS_OK
+                    ok += 1
+                    latencies.append((now - sent_at.pop(resp.sequence, now)) * 1e3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"ok_fps": ok / seconds, "p50_ms": float(np.percentile(latencies, 50)) if latencies else float("nan")}
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     cols = (("transport", 9), ("request B", 10), ("rtt p50 ms", 11), ("rtt p95 ms", 11), ("srv prep p50", 13),
             ("client CPU ms/f", 16), ("server CPU ms/f", 16), ("total CPU ms/f", 15), ("not OK", 7))
@@ -198,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds the frames are split into")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--json-out", type=Path, help="also write the results here as JSON")
+    p.add_argument("--flat-out-s", type=float, default=10.0,
+                   help="seconds per run of raw frames flat out, window 4 (0: skip; two rounds of two runs)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     frames = load_frames()
@@ -219,17 +273,28 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        flat: dict[str, list[dict[str, float]]] = {"4 MiB (default)": [], "64 MiB": []}
+        for _ in range(2 if args.flat_out_s > 0 else 0):
+            for name, inflight in (("4 MiB (default)", 4 << 20), ("64 MiB", 64 << 20)):
+                flat[name].append(flat_out_raw(model, frames, args.flat_out_s, inflight))
     h, w = frames[0].shape[:2]
     ratios = {f"{t}_over_raw_{k}": round(results[t][k] / results["raw"][k], 2)
               for t in ("jpeg", "shm") for k in ("rtt_ms_p50", "total_cpu_ms_per_frame") if results["raw"][k]}
     doc = {"frame": f"{w}x{h} BGR8 from {VIDEO.relative_to(REPO)}", "lockstep": True, "transports": results,
-           "ratios": ratios}
+           "ratios": ratios, "raw_flat_out_window4": flat}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(f"{doc['frame']}, one frame in flight per transport, {results['raw']['frames']} frames each")
         print(table(results))
         print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+        if any(flat.values()):
+            print(f"\nraw frames flat out, one stream, window 4, {args.flat_out_s:g} s a run, two rounds")
+            print("| --max-stream-inflight-bytes | OK frames/s | p50 ms (sent -> answered) |")
+            print("|---|---|---|")
+            for name, runs in flat.items():
+                print(f"| {name} | " + ", ".join(f"{r['ok_fps']:.1f}" for r in runs) + " | "
+                      + ", ".join(f"{r['p50_ms']:.1f}" for r in runs) + " |")
     if args.json_out:
         args.json_out.write_text(json.dumps(doc, indent=2))
     return 0
