@@ -175,7 +175,7 @@ def detector_only(frames: list[Any]) -> list[Any]:
 
 # Ground-truth box height, source pixels. The shipped model sees a 960x540 drive frame at 0.53x:
 # under 8 px is under about 4 px at its input, 8-16 px about 4-8 px (its training images hold
-# nothing under about 9 px at its input).
+# nothing under about 8-13 px at its input).
 HEIGHT_BUCKETS = ((0, 8), (8, 16), (16, 32), (32, 64), (64, 1 << 30))
 
 
