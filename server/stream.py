@@ -22,9 +22,8 @@ server a receive and a decode attempt per message.
 The outbox is bounded: when a client stops reading, the reader stops taking frames, so HTTP/2
 flow control pushes back on the client and the server's memory stays flat. It is bounded in
 bytes too (``--max-stream-inflight-bytes``): a stream of big frames has one in the server at a
-time. Undecoded bytes are
-budgeted per stream and for the whole server (``server.limits``): a frame that does not fit is
-answered OVERLOADED at once and its bytes let go. Decodes of every stream share one pool of
+time. Undecoded bytes are budgeted per stream and for the whole server (``server.limits``): a
+frame that does not fit is answered OVERLOADED at once and its bytes let go. Decodes of every stream share one pool of
 slots sized to the cores. A stream that sends nothing for the idle timeout is ended
 (UNAVAILABLE: the client reconnects when it has frames). Cancellation (or the end of the call)
 closes the stream's scheduler queues, releasing every tensor it held.
