@@ -120,6 +120,21 @@ def test_an_idle_stream_is_ended(serve: Any) -> None:
     assert time.perf_counter() - t0 < 5.0
 
 
+def _occupy_the_decoder(limits: Any) -> threading.Event:
+    """Hold the server's one decode slot until the returned Event is set: every frame must wait
+    undecoded, as on a busy server."""
+    hold, holding = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        with limits.decode.slot():
+            holding.set()
+            hold.wait(20)
+
+    threading.Thread(target=occupy, daemon=True).start()
+    holding.wait(5)
+    return hold
+
+
 def test_undecoded_bytes_are_budgeted_across_camera_ids_and_streams(serve: Any) -> None:
     """A new camera id per frame used to get past the per-camera caps. A stream now holds one
     big frame at a time (--max-stream-inflight-bytes), and the bytes all streams hold are budgeted: frames of
@@ -130,16 +145,7 @@ def test_undecoded_bytes_are_budgeted_across_camera_ids_and_streams(serve: Any) 
     big = b"\xff\xd8" + bytes(8 << 20)  # 8 MiB that will fail to parse (after waiting to be decoded)
     limits = run.server.limits
     assert limits is not None
-    hold = threading.Event()
-    holding = threading.Event()
-
-    def occupy_the_decoder() -> None:  # every frame must wait undecoded, as on a busy server
-        with limits.decode.slot():
-            holding.set()
-            hold.wait(20)
-
-    threading.Thread(target=occupy_the_decoder, daemon=True).start()
-    holding.wait(5)
+    hold = _occupy_the_decoder(limits)
     rss0 = _rss_mb()
     calls = [run.stub.StreamDetect(iter([request(f"cam{i}", i, big)]), timeout=60) for i in range(8)]
     time.sleep(1.5)
@@ -162,19 +168,10 @@ def test_a_streams_undecoded_bytes_are_budgeted_across_its_camera_ids(serve: Any
     big frames; its own undecoded budget still bounds them, whatever camera ids they carry."""
     run = serve(max_undecoded_bytes=24 << 20, max_stream_undecoded_bytes=20 << 20, decode_threads=1,
                 max_message_bytes=64 << 20, max_stream_inflight_bytes=256 << 20)
-    big = b"\xff\xd8" + bytes(8 << 20)
+    big = b"\xff\xd8" + bytes(8 << 20)  # 8 MiB that will fail to parse (after waiting to be decoded)
     limits = run.server.limits
     assert limits is not None
-    hold = threading.Event()
-    holding = threading.Event()
-
-    def occupy_the_decoder() -> None:
-        with limits.decode.slot():
-            holding.set()
-            hold.wait(20)
-
-    threading.Thread(target=occupy_the_decoder, daemon=True).start()
-    holding.wait(5)
+    hold = _occupy_the_decoder(limits)
     rss0 = _rss_mb()
     call = run.stub.StreamDetect(iter([request(f"cam{i}", i, big) for i in range(8)]), timeout=60)
     time.sleep(1.5)
@@ -502,22 +499,20 @@ def test_a_stream_of_garbage_is_read_slower_and_others_are_not(serve: Any, caplo
     assert "keeps sending frames that cannot be served" in caplog.text
 
 
-def test_a_stream_reads_no_request_while_its_outbox_is_full(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reader waits for room in the outbox *before* it takes the next request off the wire.
-    It used to take one and then wait, holding a frame (up to the message limit) per stream
-    beside the one gRPC buffers for it: with 32 streams of 16 MiB frames, 1.67 GB instead of
-    1.04 GB (bench_soak --only big)."""
+def _held_inference(serve: Any, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> tuple[Any, list[int], Any]:
+    """A server whose inference waits for ``release`` (an Event), and the sizes of the requests
+    gRPC deserialized so far (it does so when a stream's reader asks for the next one)."""
     import server.service
 
     parsed: list[int] = []
     real_parse = server.service.parse_detect_request
 
-    def counting_parse(data: bytes) -> Any:  # gRPC deserializes a request when the reader asks for it
+    def counting_parse(data: bytes) -> Any:
         parsed.append(len(data))
         return real_parse(data)
 
     monkeypatch.setattr(server.service, "parse_detect_request", counting_parse)
-    run = serve(outbox_size=2)
+    run = serve(**settings)
     model = run.server.models.current
     infer = model.backend.infer
     release = threading.Event()
@@ -527,6 +522,15 @@ def test_a_stream_reads_no_request_while_its_outbox_is_full(serve: Any, monkeypa
         return infer(batch)
 
     model.backend.infer = held
+    return run, parsed, release
+
+
+def test_a_stream_reads_no_request_while_its_outbox_is_full(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader waits for room in the outbox *before* it takes the next request off the wire.
+    It used to take one and then wait, holding a frame (up to the message limit) per stream
+    beside the one gRPC buffers for it: with 32 streams of 16 MiB frames, 1.67 GB instead of
+    1.04 GB (bench_soak --only big)."""
+    run, parsed, release = _held_inference(serve, monkeypatch, outbox_size=2)
     frames = [request("front", i, jpeg(seed=i)) for i in range(6)]
     call = run.stub.StreamDetect(iter(frames), timeout=30)
     deadline = time.monotonic() + 5
@@ -554,27 +558,8 @@ def test_a_stream_of_big_frames_has_one_in_the_server_at_a_time(serve: Any, monk
     32 streams of 7.9 MB frames peaked at 844-852 MB without this and 483-554 MB with it
     (bench_soak --only big), with every frame answered OK instead of one in seven refused
     OVERLOADED. A stream of small frames still has several in the server."""
-    import server.service
-
-    parsed: list[int] = []
-    real_parse = server.service.parse_detect_request
-
-    def counting_parse(data: bytes) -> Any:
-        parsed.append(len(data))
-        return real_parse(data)
-
-    monkeypatch.setattr(server.service, "parse_detect_request", counting_parse)
     limit = 1 << 20
-    run = serve(max_stream_inflight_bytes=limit)  # and the default outbox: 32 frames
-    model = run.server.models.current
-    infer = model.backend.infer
-    release = threading.Event()
-
-    def held(batch: Any) -> Any:
-        release.wait(20)
-        return infer(batch)
-
-    model.backend.infer = held
+    run, parsed, release = _held_inference(serve, monkeypatch, max_stream_inflight_bytes=limit)  # outbox: 32
     frames = [request("front", i, _padded_jpeg(i, limit + 70_000)) for i in range(3)]
     call = run.stub.StreamDetect(iter(frames), timeout=30)
     small = run.stub.StreamDetect(iter([request("rear", i, jpeg(seed=i)) for i in range(4)]), timeout=30)
