@@ -319,7 +319,9 @@ class Scheduler:
         while not self._stopping:
             heads = [q[0] for q in self._queues.values() if q]
             target = min(self.max_batch, len(self._queues))
-            if len(heads) >= target or self._pending >= self.max_batch:
+            # No heads: the frames this worker waited for went while it slept (the other worker
+            # took them, or their stream closed); the caller takes an empty batch and waits again.
+            if not heads or len(heads) >= target or self._pending >= self.max_batch:
                 return
             remaining = min(j.enqueued for j in heads) + self._max_wait - time.monotonic()
             if remaining <= 0:

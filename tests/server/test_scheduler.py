@@ -289,6 +289,27 @@ def test_stop_drains_every_queued_frame_with_two_workers(backend):
         s.submit(Job("late", tensor(1), rec.cb("late")))
 
 
+def test_a_worker_whose_frames_went_while_it_waited_keeps_serving(backend):
+    """Both workers wait for a fuller batch; the frame they waited for goes (its stream closes).
+    Neither worker dies of it (CI once lost a worker to min() of no queue heads): later frames
+    are still answered, by both workers."""
+    engine = OneAtATime(backend, delay_s=0.0, allowed=2)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=4, max_wait_s=0.2, queue_size=8, max_pending=64, workers=2)
+    s.start()
+    s.open("other")  # a known camera: the workers wait up to max_wait for its frame
+    s.submit(Job("gone", tensor(0), rec.cb("gone")))
+    time.sleep(0.05)  # both workers are now in their max_wait
+    assert s.close("gone") == 1
+    time.sleep(0.3)  # past max_wait: each wakes to no queue heads
+    assert all(t.is_alive() for t in s._threads)
+    for i in range(4):
+        s.submit(Job(("cam", i), tensor(i), rec.cb(str(i))))
+    rec.wait(5)
+    s.stop(5)
+    assert all(rec.results[str(i)].status is JobStatus.OK for i in range(4))
+
+
 def test_not_accepting_refuses_the_fast_path_too(backend):
     s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=2, max_pending=16)
     with pytest.raises(NotReadyError):
