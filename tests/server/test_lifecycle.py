@@ -206,6 +206,40 @@ def test_rollback_explicit_and_automatic(serve: Any, arts: dict[str, Path]) -> N
     assert run.stub.Detect(request("front", 99, jpeg()), timeout=10).status == OK
 
 
+def test_probation_rolls_back_a_slow_model_not_a_jittery_one(serve: Any, arts: dict[str, Path]) -> None:
+    """p99 is judged from 50 batches on, against max(2x, +5 ms) of the previous model's p99: a
+    new model 20 ms slower per batch is rolled back; one with a few slow batches stays."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=60.0)
+    stub = admin(run)
+    for seq in range(20):  # the served model's baseline
+        assert run.stub.Detect(request("front", seq, jpeg()), timeout=10).status == OK
+    stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    new = run.server.models.current
+    fast = new.backend.infer
+    calls = itertools.count()
+
+    def jittery(batch: Any) -> Any:  # 3 of 60 batches 4 ms slower: within the slack
+        if next(calls) % 20 == 0:
+            time.sleep(0.004)
+        return fast(batch)
+
+    new.backend.infer = jittery
+    for seq in range(60):
+        assert run.stub.Detect(request("front", 100 + seq, jpeg()), timeout=10).status == OK
+    status = stub.GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN)
+    assert status.version == "0.0.2" and status.rollbacks == 0, status.message
+
+    def slow(batch: Any) -> Any:
+        time.sleep(0.02)
+        return fast(batch)
+
+    new.backend.infer = slow
+    for seq in range(60):
+        run.stub.Detect(request("front", 200 + seq, jpeg()), timeout=10)
+    status = stub.GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN)
+    assert status.version == "0.0.1" and status.rollbacks == 1 and "p99" in status.message, status.message
+
+
 def test_sighup_reloads_the_manifest_path(arts: dict[str, Path], tmp_path: Path) -> None:
     live = tmp_path / "live"
     shutil.copytree(arts["v1"].parent, live)
