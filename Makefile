@@ -34,6 +34,7 @@ demo: setup
 	PY=$(PY) bash scripts/demo.sh
 
 test: setup
+	bash scripts/test_services.sh
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # TensorRT itself cannot be installed on CPU machines, so mypy checks the TensorRT calls against

@@ -212,7 +212,7 @@ def test_a_gstreamer_pipeline_is_refused_clearly_without_gstreamer(server: str) 
         camera_cli.main(["videotestsrc ! videoconvert ! appsink", "--server", server])
 
 
-# The RTSP camera is GStreamer's RTSP server from Debian packages (.ci/run installs them).
+# The RTSP camera is GStreamer's RTSP server from Debian packages (`make test` installs them: scripts/test_services.sh).
 RTSP_PACKAGES = ("gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-base "
                  "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly")
 SYSTEM_PYTHON = "/usr/bin/python3"
