@@ -287,6 +287,18 @@ class Scheduler:
     # -- the worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # A bug in the batcher's own bookkeeping must not end the worker: a dead worker leaves
+        # the server SERVING while its frames wait for their deadlines (CI once lost one so).
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception:
+                log.exception("inference worker %s: unexpected error in the batcher; it goes on",
+                              threading.current_thread().name)
+                time.sleep(0.01)  # a bug that repeats does not spin a core
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while (self._pending == 0 or self._running >= self.workers) and not self._stopping:
@@ -297,20 +309,21 @@ class Scheduler:
                     return
                 self._wait_for_batch_locked()
                 now = time.monotonic()
+                self._forget_quiet_locked(now)  # before the take: a bug in it loses no frame
                 jobs, expired = self._take_batch_locked(now)
-                self._forget_quiet_locked(now)
                 depth = self._pending
                 self._running += bool(jobs)
-            self._gauge(depth)
-            now = time.monotonic()
-            for job in expired:
-                job.tensor = None
-                _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
-                                     message="deadline passed while the frame was queued"))
-            if jobs:
-                try:
+            try:
+                self._gauge(depth)
+                now = time.monotonic()
+                for job in expired:
+                    job.tensor = None
+                    _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
+                                         message="deadline passed while the frame was queued"))
+                if jobs:
                     self._run_batch(jobs)
-                finally:
+            finally:
+                if jobs:
                     with self._cond:
                         self._running -= 1
                         self._cond.notify_all()

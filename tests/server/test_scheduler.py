@@ -310,6 +310,31 @@ def test_a_worker_whose_frames_went_while_it_waited_keeps_serving(backend):
     assert all(rec.results[str(i)].status is JobStatus.OK for i in range(4))
 
 
+def test_a_bug_in_the_batchers_bookkeeping_does_not_end_the_worker(backend, caplog):
+    """An unexpected error between batches is logged, the worker goes on serving, and the
+    frame queued when it struck is still answered."""
+    rec = Recorder()
+    s = Scheduler(backend.infer, max_batch=2, max_wait_s=0.0, queue_size=8, max_pending=64)
+    real = s._forget_quiet_locked
+    calls = []
+
+    def buggy(now: float) -> None:
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("bookkeeping bug")
+        real(now)
+
+    s._forget_quiet_locked = buggy  # type: ignore[method-assign]
+    s.start()
+    s.submit(Job("front", tensor(0), rec.cb("a")))  # the bug hits before it is taken: it waits
+    time.sleep(0.1)
+    s.submit(Job("front", tensor(1), rec.cb("b")))
+    rec.wait(2)
+    s.stop(5)
+    assert rec.results["a"].status is OK and rec.results["b"].status is OK
+    assert "bookkeeping bug" in caplog.text
+
+
 def test_not_accepting_refuses_the_fast_path_too(backend):
     s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=2, max_pending=16)
     with pytest.raises(NotReadyError):
