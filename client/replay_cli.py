@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--track-confirmed-only", action="store_true",
                    help="with --track --gt: score only detections whose track is confirmed, leaving out those "
                         "of NEW tracks (ByteTrack's output convention; default: every tracked detection)")
+    e.add_argument("--track-min-gt-height", type=float, default=0.0, metavar="PX",
+                   help="with --track --gt: ground-truth boxes shorter than PX source pixels are 'don't care' "
+                        "(KITTI's convention): not misses, and a detection on one is no false positive "
+                        "(default 0: every box scored)")
     t = p.add_argument_group("pacing")
     speed = t.add_mutually_exclusive_group()
     speed.add_argument("--speed", type=float, default=1.0, help="playback speed factor (1 = recorded time)")
@@ -180,6 +185,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--gt cannot be combined with --loop (each frame would be scored once per lap)")
     if args.track_confirmed_only and not (args.track and args.gt):
         raise ConfigError("--track-confirmed-only chooses what tracking scores count: it needs --track and --gt")
+    if args.track_min_gt_height and not (args.track and args.gt):
+        raise ConfigError("--track-min-gt-height chooses what tracking scores count: it needs --track and --gt")
+    if not (math.isfinite(args.track_min_gt_height) and args.track_min_gt_height >= 0):
+        raise ConfigError(f"--track-min-gt-height must be a number of pixels >= 0, got {args.track_min_gt_height}")
     if not (args.out or args.json_out or args.coco_results or args.video_out or args.mcap_out):
         log.info("no --out given: only the summary is printed")
     try:
@@ -257,7 +266,8 @@ def main(argv: list[str]) -> int:
         summary["tracking_skipped"] = tracking_skipped
     elif args.track and gt is not None and outcome.results:
         try:
-            summary["tracking"] = _score_tracking(outcome.results, gt, args.track_confirmed_only)
+            summary["tracking"] = _score_tracking(outcome.results, gt, args.track_confirmed_only,
+                                                  args.track_min_gt_height)
         except PerceptionError as exc:  # as for the KPI: the rest of the summary is still written
             tracking_error = exc
             summary["tracking_error"] = str(exc)
@@ -297,9 +307,10 @@ def _close_sinks(sinks: list[Any]) -> PerceptionError | None:
     return first
 
 
-def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool) -> dict[str, Any]:
+def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool,
+                    min_gt_height: float = 0.0) -> dict[str, Any]:
     """The summary's ``tracking`` block: client.track_scoring's report of the answered frames."""
     from client.track_scoring import score_tracks, tracked_frames
 
-    report = score_tracks(tracked_frames(results), gt, confirmed_only=confirmed_only)
+    report = score_tracks(tracked_frames(results), gt, confirmed_only=confirmed_only, min_gt_height=min_gt_height)
     return {"confirmed_only": confirmed_only, **report.to_dict()}

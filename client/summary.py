@@ -173,7 +173,10 @@ def format_table(summary: dict[str, Any]) -> str:
     if tracking:
         if not kpi:
             lines.append("")
-        lines.append(_tracking_row("tracking", tracking["overall"]))
+        name = "tracking"
+        if tracking.get("min_gt_height"):
+            name += f" (ground truth under {float(tracking['min_gt_height']):g} px don't care)"
+        lines.append(_tracking_row(name, tracking["overall"]))
         cameras = tracking.get("cameras", {})
         if len(cameras) > 1:
             for cam, scores in cameras.items():

@@ -27,6 +27,12 @@ Rules, applied before motmetrics sees a box:
   output convention, where a track is reported from its confirmation on. By default they are
   scored: they carry an id, and a client that uses every id sees them.
 - Ground-truth boxes marked ``iscrowd`` are no tracks and are left out.
+- With ``min_gt_height`` (KITTI's "don't care" convention), ground-truth boxes shorter than that
+  many source pixels are neither misses nor matches: they are left out, and so is a detection
+  that overlaps one (same class, IoU >= ``min_iou``) or is itself that short, unless it could
+  match a ground-truth box that is kept. Both are counted (``dont_care_gt_boxes``,
+  ``dont_care_detections``). A drive whose far objects are a few pixels tall then scores the
+  tracker on the objects a detector can see; the score over every box stays the default.
 """
 
 from __future__ import annotations
@@ -191,8 +197,9 @@ class TrackReport:
 
     frames_without_gt: frames given that the ground truth does not have.
     gt_frames_not_scored: ground-truth images of the scored cameras that no frame answered.
-    untracked_detections / unconfirmed_detections / unknown_class_detections: detections left
-    out (see the module docstring).
+    untracked_detections / unconfirmed_detections / unknown_class_detections /
+    dont_care_detections: detections left out (see the module docstring).
+    dont_care_gt_boxes: ground-truth boxes under ``min_gt_height`` left out.
     """
 
     cameras: dict[str, TrackScores]
@@ -202,6 +209,9 @@ class TrackReport:
     untracked_detections: int
     unconfirmed_detections: int
     unknown_class_detections: int
+    min_gt_height: float = 0.0
+    dont_care_gt_boxes: int = 0
+    dont_care_detections: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -212,6 +222,9 @@ class TrackReport:
             "untracked_detections": self.untracked_detections,
             "unconfirmed_detections": self.unconfirmed_detections,
             "unknown_class_detections": self.unknown_class_detections,
+            "min_gt_height": self.min_gt_height,
+            "dont_care_gt_boxes": self.dont_care_gt_boxes,
+            "dont_care_detections": self.dont_care_detections,
         }
 
 
@@ -254,16 +267,20 @@ def _ground_truth_tracks(gt: GroundTruthIndex) -> dict[int, _GtFrame]:
 
 
 def score_tracks(
-    frames: Iterable[TrackedFrame], gt: GroundTruthIndex, min_iou: float = 0.5, confirmed_only: bool = False
+    frames: Iterable[TrackedFrame], gt: GroundTruthIndex, min_iou: float = 0.5, confirmed_only: bool = False,
+    min_gt_height: float = 0.0,
 ) -> TrackReport:
     """Score the tracked frames against the ground truth's tracks (see the module docstring).
 
     DataError if no frame is in the ground truth, a frame is given twice, a frame has a track
     id on two boxes, or ``confirmed_only`` meets a frame with tracked boxes and no track
-    states; InvalidInputError for ``min_iou`` outside (0, 1].
+    states; InvalidInputError for ``min_iou`` outside (0, 1] or a negative or non-finite
+    ``min_gt_height``.
     """
     if not 0.0 < min_iou <= 1.0:
         raise InvalidInputError(f"min_iou must be in (0, 1], got {min_iou}")
+    if not (math.isfinite(min_gt_height) and min_gt_height >= 0):
+        raise InvalidInputError(f"min_gt_height must be a finite number >= 0, got {min_gt_height}")
     import motmetrics as mm  # type: ignore[import-untyped]  # ships no types (no py.typed, no stub package)
 
     gt_frames = _ground_truth_tracks(gt)
@@ -282,7 +299,7 @@ def score_tracks(
     if not per_camera:
         raise DataError(f"{gt.path or 'ground truth'}: no tracked frame matches a ground-truth image "
                         "(by camera_id + sequence)")
-    untracked = unconfirmed = unknown = 0
+    untracked = unconfirmed = unknown = dont_care_gt = dont_care_dets = 0
     accumulators = {}
     for camera in sorted(per_camera):
         acc = mm.MOTAccumulator(auto_id=False)
@@ -303,9 +320,16 @@ def score_tracks(
                 raise DataError(f"frame {camera}/{seq} has a track id on more than one box")
             hyp_boxes = f.boxes[keep].astype(np.float64)
             hyp_boxes[:, 2:] -= hyp_boxes[:, :2]  # x1 y1 x2 y2 -> x y w h, as motmetrics takes them
+            hyp_cats = cats[keep]
             g = gt_frames[iid]
+            if min_gt_height > 0:
+                g, ignored = _dont_care(g, min_gt_height)
+                dont_care_gt += len(ignored.boxes)
+                cares = _cared_for(mm, g, ignored, hyp_boxes, hyp_cats, min_iou, min_gt_height)
+                dont_care_dets += int((~cares).sum())
+                hyp_ids, hyp_boxes, hyp_cats = hyp_ids[cares], hyp_boxes[cares], hyp_cats[cares]
             acc.update(g.track_ids.tolist(), hyp_ids.tolist(),
-                       _distances(mm, g.boxes, g.categories, hyp_boxes, cats[keep], min_iou), frameid=seq)
+                       _distances(mm, g.boxes, g.categories, hyp_boxes, hyp_cats, min_iou), frameid=seq)
         accumulators[camera] = acc
     summary = mm.metrics.create().compute_many(
         list(accumulators.values()), names=list(accumulators), metrics=list(_METRICS),
@@ -322,7 +346,30 @@ def score_tracks(
         untracked_detections=untracked,
         unconfirmed_detections=unconfirmed,
         unknown_class_detections=unknown,
+        min_gt_height=min_gt_height,
+        dont_care_gt_boxes=dont_care_gt,
+        dont_care_detections=dont_care_dets,
     )
+
+
+def _dont_care(g: _GtFrame, min_height: float) -> tuple[_GtFrame, _GtFrame]:
+    """(the boxes at least ``min_height`` tall, the shorter ones)."""
+    tall = g.boxes[:, 3] >= min_height
+    return (_GtFrame(g.boxes[tall], g.categories[tall], g.track_ids[tall]),
+            _GtFrame(g.boxes[~tall], g.categories[~tall], g.track_ids[~tall]))
+
+
+def _cared_for(
+    mm: Any, kept: _GtFrame, ignored: _GtFrame, hyp_boxes: NDArray[np.float64], hyp_cats: NDArray[np.int64],
+    min_iou: float, min_height: float,
+) -> NDArray[np.bool_]:
+    """Which detections are scored when ground truth under ``min_height`` is don't-care: all but
+    those that overlap an ignored box of their class (IoU >= ``min_iou``) or are that short
+    themselves, and could match no kept box."""
+    could_match = ~np.isnan(_distances(mm, kept.boxes, kept.categories, hyp_boxes, hyp_cats, min_iou)).all(axis=0)
+    on_ignored = ~np.isnan(_distances(mm, ignored.boxes, ignored.categories, hyp_boxes, hyp_cats, min_iou)).all(axis=0)
+    short = hyp_boxes[:, 3] < min_height
+    return np.asarray(could_match | ~(on_ignored | short), bool)
 
 
 def _category(gt: GroundTruthIndex, by_index: list[int], f: TrackedFrame, i: int) -> int:

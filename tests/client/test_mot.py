@@ -96,6 +96,46 @@ def test_hand_computed_case() -> None:
     assert report.to_dict()["overall"]["mota"] == pytest.approx(2 / 3)
 
 
+def test_ground_truth_under_min_height_is_dont_care() -> None:
+    """KITTI's convention, by hand. Three frames of one camera:
+
+    ground truth: car A (track 11, 30 px tall) in frames 0-2; car C (track 33, 6 px tall, far
+    away) in frames 0-2.
+    tracker: track 1 on A in every frame; track 5 on C in frame 0 only; track 6, a 5 px car where
+    nothing is, in frame 1; track 7, a 30 px car where nothing is, in frame 2.
+
+    Every box: 6 ground-truth boxes, 4 matched, 2 misses (C), 2 false positives: MOTA 1/3.
+    Under 10 px don't care: C's 3 boxes leave, and so do track 5 (on C) and track 6 (itself
+    under 10 px); track 7 stays a false positive. 3 boxes, 3 matched, 1 false positive: MOTA 2/3.
+    """
+    def a(f: int) -> list[float]:
+        return [10.0 + 10 * f, 10.0, 40.0, 30.0]
+
+    c = [300.0, 100.0, 8.0, 6.0]
+    gt = _gt({("front", f): [(11, 1, a(f)), (33, 1, c)] for f in range(3)}, {"front": 3})
+    frames = [
+        _frame("front", 0, [(1, "car", a(0)), (5, "car", c)]),
+        _frame("front", 1, [(1, "car", a(1)), (6, "car", [500.0, 200.0, 7.0, 5.0])]),
+        _frame("front", 2, [(1, "car", a(2)), (7, "car", [400.0, 200.0, 40.0, 30.0])]),
+    ]
+    every = score_tracks(frames, gt).overall
+    assert (every.gt_boxes, every.true_positives, every.misses, every.false_positives) == (6, 4, 2, 2)
+    assert every.mota == pytest.approx(1 / 3)
+    report = score_tracks(frames, gt, min_gt_height=10)
+    o = report.overall
+    assert (o.gt_boxes, o.gt_tracks, o.true_positives, o.misses, o.false_positives) == (3, 1, 3, 0, 1)
+    assert o.mota == pytest.approx(2 / 3) and o.precision == pytest.approx(3 / 4) and o.recall == pytest.approx(1.0)
+    assert (report.dont_care_gt_boxes, report.dont_care_detections) == (3, 2)
+    assert report.to_dict()["min_gt_height"] == 10
+    # A detection that could match a kept box stays, however small the ignored box beside it.
+    small_kept = _gt({("front", 0): [(11, 1, [10.0, 10.0, 12.0, 12.0]), (33, 1, [10.0, 10.0, 12.0, 9.0])]},
+                     {"front": 1})
+    r = score_tracks([_frame("front", 0, [(1, "car", [10.0, 10.0, 12.0, 12.0])])], small_kept, min_gt_height=10)
+    assert (r.overall.true_positives, r.overall.false_positives, r.dont_care_detections) == (1, 0, 0)
+    with pytest.raises(InvalidInputError, match="min_gt_height"):
+        score_tracks(frames, gt, min_gt_height=-1)
+
+
 def test_confirmed_only_leaves_new_tracks_out() -> None:
     """The hand case with states: tracks 1 and 2 are NEW in frame 0 (born there), 3 in frame 3
     and 4 in frame 4; the rest CONFIRMED. Confirmed only, by hand: A matched in frames 1, 3, 4

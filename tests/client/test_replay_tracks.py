@@ -135,6 +135,18 @@ def test_replay_with_tracked_gt_reports_tracking_scores(
     assert c["overall"]["tracked_boxes"] == hyps - new_boxes
     assert c["overall"]["misses"] > 0, "the ground truth has the boxes of tracks not yet confirmed"
 
+    # Under 1e6 px every ground-truth box is don't care, and so is every detection (each is on
+    # one, or under 1e6 px itself); the summary says which rule it scored by.
+    capsys.readouterr()
+    dont_care = tmp_path / "dont_care.json"
+    assert _replay(str(src), "--server", server, "--json-out", str(dont_care), "--gt", str(gt_path),
+                   "--max-rate", "--track", "--track-min-gt-height", "1e6") == 0
+    d = json.loads(dont_care.read_text())["tracking"]
+    assert d["min_gt_height"] == 1e6 and d["dont_care_gt_boxes"] == kept and d["overall"]["gt_boxes"] == 0
+    assert d["dont_care_detections"] == hyps, "every detection is on a don't-care box or itself under 1e6 px"
+    assert any(line.startswith("tracking (ground truth under 1e+06 px don't care)  MOTA n/a")
+               for line in capsys.readouterr().out.splitlines())
+
 
 def test_gt_without_track_ids_says_so_in_one_line(
     tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
@@ -160,6 +172,14 @@ def test_track_confirmed_only_needs_track_and_gt(tmp_path: Path, capsys: pytest.
     assert _replay(str(src), "--server", "127.0.0.1:1", "--track", "--track-confirmed-only") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("perception replay: error: --track-confirmed-only chooses what tracking scores count: "
+                       "it needs --track and --gt")
+
+
+def test_track_min_gt_height_needs_track_and_gt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = R.write_folder(tmp_path / "cam", n=1)
+    assert _replay(str(src), "--server", "127.0.0.1:1", "--track", "--track-min-gt-height", "16") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("perception replay: error: --track-min-gt-height chooses what tracking scores count: "
                        "it needs --track and --gt")
 
 
