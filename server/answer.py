@@ -8,6 +8,7 @@ was inferred) and records the frame's metrics, so every answer is counted exactl
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from perception.pipeline import FramePipeline, Prepared
 from perception.types import Detections, FrameStatus, StageTimings
 from server.metrics_protocol import Metrics
 from server.scheduler import JobResult, JobStatus
+
+log = logging.getLogger(__name__)
 
 # Metric drop reasons per non-OK status.
 DROP_REASON = {FrameStatus.DROPPED_STALE: "stale", FrameStatus.EXPIRED: "expired", FrameStatus.INVALID: "invalid",
@@ -131,9 +134,12 @@ def finish_task(
         total_us=_us(total_s),
         batch_size=result.batch_size if result and ok else 0,
     )
-    _record(metrics, task.camera_id, status, detections, pipeline, timings, total_s)
-    if status is FrameStatus.OK:
-        metrics.observe_priority(task.priority, total_s)
+    try:  # the answer goes out whatever its metrics do
+        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s)
+        if status is FrameStatus.OK:
+            metrics.observe_priority(task.priority, total_s)
+    except Exception:
+        log.exception("recording the metrics of %s/%d failed", task.camera_id, task.sequence)
     return FrameAnswer(
         camera_id=task.camera_id,
         sequence=task.sequence,

@@ -314,7 +314,9 @@ class ServerMetrics:
             if _is_number(value):
                 self.model_build_latency.labels(key).set(float(value) / 1000.0)
         self.model_loaded.set(time.time())
-        self._classes = frozenset(manifest.classes)
+        # Every model this server has served: frames of the previous model can still be answered
+        # after a swap to one with other classes, and their labels stay as bounded as the loads.
+        self._classes = (self._classes or frozenset()) | frozenset(manifest.classes)
         for name in manifest.classes:
             self.detections.labels(name)
 

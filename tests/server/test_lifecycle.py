@@ -35,9 +35,11 @@ OK = pb.FRAME_STATUS_OK
 TOKEN = [("authorization", "Bearer adm1n")]
 
 
-def versioned_artifact(d: Path, version: str, seed: int, expected_from_seed: int | None = None) -> Path:
-    """A tiny artifact of ``version`` (model weights from ``seed``) shipping 3 verification
-    frames and what the model of ``expected_from_seed`` (default: its own) detects on them."""
+def versioned_artifact(d: Path, version: str, seed: int, expected_from_seed: int | None = None,
+                       classes: tuple[str, ...] | None = None) -> Path:
+    """A tiny artifact of ``version`` (model weights from ``seed``, class names ``classes`` or the
+    tiny model's) shipping 3 verification frames and what the model of ``expected_from_seed``
+    (default: its own) detects on them."""
     manifest_path = make_tiny_artifact(d)
     make_tiny_onnx(d / "model.fp32.onnx", seed=seed)
     (d / "verify").mkdir()
@@ -55,7 +57,7 @@ def versioned_artifact(d: Path, version: str, seed: int, expected_from_seed: int
         ref_model = ref_dir / "model.onnx"
     else:
         ref_model = d / "model.fp32.onnx"
-    m = dataclasses.replace(m, version=version, variants=(variant,), root=d)
+    m = dataclasses.replace(m, version=version, variants=(variant,), root=d, classes=classes or m.classes)
     backend = open_backend(ref_model, RuntimeSettings(threads=1, max_batch=1))
     pipe = FramePipeline.from_manifest(m)
     expected = []
@@ -204,6 +206,42 @@ def test_rollback_explicit_and_automatic(serve: Any, arts: dict[str, Path]) -> N
     status = stub.GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN)
     assert status.version == "0.0.1" and status.rollbacks == 2 and "failed in probation" in status.message
     assert run.stub.Detect(request("front", 99, jpeg()), timeout=10).status == OK
+
+
+def test_a_swap_to_other_class_names_keeps_answering(serve: Any, arts: dict[str, Path], tmp_path: Path) -> None:
+    """A new model whose classes have other names: its answers carry its names, frames of the
+    old model still in flight are answered too, and metrics count both (a swap used to answer
+    every frame with a detection INTERNAL: the metrics were given the first model's names)."""
+    renamed = tuple(f"{c}_v3" for c in load_manifest(arts["v1"], verify_checksums=False).classes)  # same count
+    v3 = versioned_artifact(tmp_path / "v3", "0.0.3", seed=0, classes=renamed)
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",))
+    frame = (arts["v1"].parent / "verify" / "0.jpg").read_bytes()  # the tiny model detects things here
+    before = run.stub.Detect(request("front", 0, frame), timeout=10)
+    old_names = load_manifest(arts["v1"], verify_checksums=False).classes
+    assert before.status == OK and before.detections and {d.class_name for d in before.detections} <= set(old_names)
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v3)), metadata=TOKEN, timeout=30)
+    after = run.stub.Detect(request("front", 1, frame), timeout=10)
+    assert after.status == OK and after.model_version == "0.0.3" and after.detections
+    assert {d.class_name for d in after.detections} <= set(renamed)
+    answers = list(run.stub.StreamDetect(iter([request("rear", i, frame) for i in range(3)]), timeout=30))
+    assert [a.status for a in answers] == [OK] * 3
+    def counted(names: tuple[str, ...]) -> float:
+        return sum(run.registry.get_sample_value("perception_detections_total", {"class_name": c}) or 0.0
+                   for c in names)
+
+    assert counted(old_names) >= len(before.detections) and counted(renamed) > 0
+
+
+def test_two_probation_rollbacks_at_once_roll_back_once(serve: Any, arts: dict[str, Path]) -> None:
+    """Two failed batches judged at once both ask to roll the new model back: the second finds
+    it already gone and does nothing (it used to swap the failing model back in)."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",))
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    host = run.server.models
+    bad = host.current
+    assert host.rollback("first", expect=bad).version == "0.0.1"
+    assert host.rollback("second", expect=bad).version == "0.0.1"
+    assert host.current.version == "0.0.1" and host.rollbacks == 1
 
 
 def test_probation_rolls_back_a_slow_model_not_a_jittery_one(serve: Any, arts: dict[str, Path]) -> None:
