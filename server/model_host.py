@@ -173,9 +173,13 @@ class ModelHost:
         if self._on_change is not None:
             self._on_change(new)
 
-    def rollback(self, reason: str = "asked for") -> ServedModel:
-        """Serve the previous model again (the current one is kept as the new previous)."""
+    def rollback(self, reason: str = "asked for", expect: ServedModel | None = None) -> ServedModel:
+        """Serve the previous model again (the current one is kept as the new previous). With
+        ``expect``, only if that model is still the one served: two failed batches of a model on
+        probation judged at once roll it back once, not back and forth."""
         with self._lock:
+            if expect is not None and self._current is not expect:
+                return self._current
             if self._previous is None:
                 raise ModelError("there is no previous model to roll back to")
             back, off = self._previous, self._current
@@ -276,9 +280,11 @@ class ModelHost:
             limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
                          else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
         if errors > self.limits.max_error_rate:
-            self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})")
+            self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})",
+                          expect=model)
         elif limit_p99 > 0 and p99 > limit_p99:
-            self.rollback(f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation")
+            self.rollback(f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation",
+                          expect=model)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
