@@ -254,9 +254,13 @@ class StreamSession:
                 refuse = f"{full} is full ({size} bytes do not fit); frame not processed"
         replaced = []
         with self._lock:
-            self._outbox.append(task)
-            self._inflight += size
-            if not (invalid or refuse):
+            if self._cancelled:  # the call ended while this request was read: nothing will decode it
+                gone = True
+            else:
+                gone = False
+                self._outbox.append(task)
+                self._inflight += size
+            if not gone and not (invalid or refuse):
                 waiting = self._inbox.setdefault(camera_id, deque())
                 waiting.append((task, request, size))
                 # A camera the engine is not ready for keeps only its newest frame.
@@ -264,6 +268,10 @@ class StreamSession:
                 while len(waiting) > keep:
                     replaced.append(waiting.popleft())
                 self._work.notify()
+        if gone:
+            if not (invalid or refuse):
+                self._release(size)  # taken from the budgets above: cancel() has already summed its own
+            return
         if invalid:
             self._unservable(camera_id, invalid)
         if invalid or refuse:
@@ -356,6 +364,14 @@ class StreamSession:
         except NotReadyError as exc:
             self._stopped_for_drain = True
             task.answer_now(FrameStatus.OVERLOADED, str(exc))
+        except Exception:  # a bug in the hand-off must answer the frame, not end this thread
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("stream %d: queueing camera %r frame %d failed (error id %s)",
+                          self.id, task.camera_id, task.sequence, error_id)
+            self._count_internal()
+            if not task.done.is_set():
+                task.answer_now(FrameStatus.OVERLOADED,
+                                f"internal error while queueing this frame (error id {error_id}); frame not processed")
         with self._lock:
             cancelled = self._cancelled
         if cancelled:

@@ -28,11 +28,13 @@ from perception.manifest import (
     sha256_file,
 )
 from perception.pipeline import FramePipeline
+from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from server import convert
 from server.answer import FrameTask
 from server.app import create_server
 from server.config import ServerConfig
+from server.limits import ServiceLimits
 from server.metrics_protocol import NULL_METRICS
 from server.scheduler import Job, JobStatus, Scheduler
 from server.stream import StreamSession
@@ -143,9 +145,45 @@ def _no_boxes(batch: np.ndarray) -> dict[str, np.ndarray]:
     return {"output": np.zeros((len(batch), 1, 5 + len(CLASSES)), np.float32)}
 
 
-def _session(pipeline: FramePipeline, scheduler: Scheduler, draining: Any = lambda: False) -> StreamSession:
+def _session(pipeline: FramePipeline, scheduler: Scheduler, draining: Any = lambda: False,
+             limits: ServiceLimits | None = None) -> StreamSession:
     return StreamSession(pipeline, scheduler, convert.frame_from_proto, convert.identify, NULL_METRICS, 8,
-                         lambda camera: None, draining)
+                         lambda camera: None, draining, limits)
+
+
+def test_a_request_read_as_the_stream_ends_gives_its_bytes_back(tiny_manifest: Path):
+    """The reader took a request off the wire; the call ended (cancel) before it was queued.
+    Its bytes go back to the server's budget: before the fix each such end kept a frame's worth
+    of the 256 MiB budget for good, until every frame was refused as over budget."""
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
+    scheduler = Scheduler(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    limits = ServiceLimits()
+    session = _session(pipeline, scheduler, limits=limits)
+    session.cancel()
+    session._take(request("front", 0, jpeg()))
+    assert limits.undecoded.used == 0 and session._bytes.used == 0
+    assert not session._inbox and not session._outbox
+
+
+def test_an_unexpected_error_in_the_hand_off_answers_the_frame(tiny_manifest: Path, caplog):
+    """A bug between decoding and the batcher answers the frame OVERLOADED with an error id,
+    where it used to end the stream's decode thread and leave the stream hanging."""
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
+
+    class Broken(Scheduler):
+        def run_if_idle(self, job: Job, transient: bool = False) -> bool:
+            raise RuntimeError("hand-off bug")
+
+    scheduler = Broken(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    scheduler._accepting = True
+    session = _session(pipeline, scheduler)
+    req = request("front", 0, jpeg())
+    camera_id, seq, ts, deadline_ms = convert.identify(req)
+    task = FrameTask(camera_id, seq, ts, deadline_ms=deadline_ms)
+    session._accept(task, req)
+    assert task.done.is_set() and task.status is FrameStatus.OVERLOADED
+    assert re.search(r"internal error while queueing this frame \(error id [0-9a-f]{12}\)", task.message)
+    assert "hand-off bug" in caplog.text and "hand-off bug" not in task.message
 
 
 def test_cancel_between_accept_and_submit_leaves_no_queue(tiny_manifest: Path):
