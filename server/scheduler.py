@@ -308,6 +308,8 @@ class Scheduler:
                         self._cond.wait()
                     return
                 self._wait_for_batch_locked()
+                if self._running >= self.workers and not self._stopping:
+                    continue  # the other worker or an inline run took the capacity while this one waited
                 now = time.monotonic()
                 self._forget_quiet_locked(now)  # before the take: a bug in it loses no frame
                 jobs, expired = self._take_batch_locked(now)
@@ -433,16 +435,24 @@ class Scheduler:
                 self._on_batch(out is not None, model, infer_s)
             except Exception:  # health bookkeeping must not take the worker down
                 log.exception("batch outcome callback failed")
-        self._metrics.observe_batch(len(jobs))
-        self._metrics.observe_stage("inference", infer_s)
+        try:
+            self._metrics.observe_batch(len(jobs))
+            self._metrics.observe_stage("inference", infer_s)
+        except Exception:  # nor must metrics
+            log.exception("recording a batch's metrics failed")
         for i, job in enumerate(jobs):
             job.tensor = None
             queue_s = start - job.enqueued
-            self._metrics.observe_stage("queue", queue_s)
-            if out is None:
-                result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed ({error})")
-            else:
+            try:
+                self._metrics.observe_stage("queue", queue_s)
+                if out is None:
+                    raise _BatchFailed(error)
                 result = JobResult(JobStatus.OK, frame_outputs(out, i), queue_s, infer_s, len(jobs))
+            except Exception as exc:  # e.g. an output without the batch's axis: every frame is still answered
+                if not isinstance(exc, _BatchFailed):
+                    error = f"error id {uuid.uuid4().hex[:12]}"
+                    log.exception("the output of frame %d of a batch of %d is unusable (%s)", i, len(jobs), error)
+                result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed ({error})")
             _call(job, result)
 
     def _gauge(self, depth: int) -> None:
@@ -450,6 +460,10 @@ class Scheduler:
 
 
 _UNSET = object()
+
+
+class _BatchFailed(Exception):
+    """The batch's inference failed (logged with its error id): its frames are answered ERROR."""
 CRITICAL = 2  # the priority of the critical class (server.config.PRIORITY_CLASSES)
 
 

@@ -159,19 +159,22 @@ class TensorRTBackend:
         return outs
 
     def deactivate(self) -> None:
-        if self._engine is None:
-            return
-        from server.runtime.cuda import cudart
+        # Under the inference lock: a batch that looked this backend up before a recovery or a
+        # swap replaced it finishes on live buffers, and the next one finds it deactivated.
+        with self._infer_lock:
+            if self._engine is None:
+                return
+            from server.runtime.cuda import cudart
 
-        rt = cudart()
-        self._context = None  # before its engine: a context must not outlive the engine it came from
-        self._engine = None
-        for ptr, _ in self._buffers.values():
-            rt.cudaFree(ptr)
-        self._buffers.clear()
-        if self._stream is not None:
-            rt.cudaStreamDestroy(self._stream)
-        self._stream = None
+            rt = cudart()
+            self._context = None  # before its engine: a context must not outlive the engine it came from
+            self._engine = None
+            for ptr, _ in self._buffers.values():
+                rt.cudaFree(ptr)
+            self._buffers.clear()
+            if self._stream is not None:
+                rt.cudaStreamDestroy(self._stream)
+            self._stream = None
 
 
 def _shape(dims: trt.Dims) -> tuple[int, ...]:
