@@ -335,6 +335,26 @@ def test_a_bug_in_the_batchers_bookkeeping_does_not_end_the_worker(backend, capl
     assert "bookkeeping bug" in caplog.text
 
 
+def test_a_batch_whose_output_lacks_a_frame_answers_every_frame(backend, caplog):
+    """An engine that returns one frame's output for a batch of two: the first frame is
+    answered OK, the second ERROR with an error id (it used to be lost, never answered)."""
+    rec = Recorder()
+
+    def short(x):
+        return {k: v[:1] for k, v in backend.infer(x).items()}
+
+    s = Scheduler(short, max_batch=2, max_wait_s=0.5, queue_size=8, max_pending=64)
+    s._accepting = True
+    s.submit(Job("a", tensor(0), rec.cb("a")))
+    s.submit(Job("b", tensor(1), rec.cb("b")))
+    s.start()  # both are queued: one batch of two
+    rec.wait(2)
+    s.stop(5)
+    assert rec.results["a"].status is OK and rec.results["a"].batch_size == 2
+    assert rec.results["b"].status is JobStatus.ERROR and "error id" in rec.results["b"].message
+    assert "unusable" in caplog.text
+
+
 def test_not_accepting_refuses_the_fast_path_too(backend):
     s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=2, max_pending=16)
     with pytest.raises(NotReadyError):
