@@ -39,6 +39,7 @@ from client.frames import FrameResult, SourceFrame, Tracks
 from client.message_limit import MessageLimit
 from client.pacing import Pacing, Schedule, select
 from client.sinks import Sink
+from client.sources.live_source import LiveSource
 from client.stream import StreamSession
 from client.summary import ReplayStats
 from perception.errors import PerceptionError
@@ -98,7 +99,7 @@ class Replay:
         self.file_names: dict[tuple[str, int], str] = {}
         self._sink_error: BaseException | None = None
         self.interrupted = False
-        self._last_answered: dict[str, int] = {}  # camera -> sequence of its latest answer
+        self._last_recorded: dict[str, int] = {}  # camera -> the highest sequence with a record
         self._message_limit = MessageLimit(client, config.options)  # the largest request worth sending
         self._tracking = config.options is not None and config.options.track
 
@@ -111,7 +112,7 @@ class Replay:
             result.extra.setdefault("file_name", frame.file_name)
         with self._lock:
             self.stats.add(result)
-            self._last_answered[frame.camera_id] = frame.sequence
+            self._recorded(frame.camera_id, frame.sequence)
             if self._config.keep_results:
                 self.results.append(result)
             self._to_sinks(lambda sink: sink.write(frame, result))
@@ -121,11 +122,17 @@ class Replay:
     def _on_unanswered(self, record: Unanswered) -> None:
         with self._lock:
             self.stats.unanswered(record)
+            self._recorded(record.camera_id, record.sequence)
             if self._config.keep_results:
                 self.unanswered.append(record)
             self._to_sinks(lambda sink: sink.write_unanswered(record))
         if self._on_progress is not None:
             self._on_progress(record)
+
+    def _recorded(self, camera_id: str, sequence: int) -> None:
+        """(under ``self._lock``) A record of this frame was written: answers, frames lost and
+        frames over the message limit alike, so that no frame gets a second record."""
+        self._last_recorded[camera_id] = max(self._last_recorded.get(camera_id, -1), sequence)
 
     def _to_sinks(self, write: Callable[[Sink], None]) -> None:
         """Hand one record to every sink (under ``self._lock``); a failing sink stops the replay."""
@@ -187,7 +194,13 @@ class Replay:
         except BaseException:
             self._abort_all(PerceptionError("the replay failed"))
             raise
-        drain_error = self._end_sessions(stopped)
+        try:
+            drain_error = self._end_sessions(stopped)
+        except KeyboardInterrupt:  # a second Ctrl-C while the answers drain: stop waiting, keep the records
+            self.interrupted = True
+            stopped = stopped or "the replay was interrupted"
+            self._abort_all(PerceptionError(stopped))
+            drain_error = None
         self.stats.finish()
         self._account_lost()
         if stopped and source_error is None:
@@ -287,8 +300,10 @@ class Replay:
         """camera -> the sequence of its last frame with a record, once every session ended.
         A camera's frames are sent in sequence order and each one sent ends answered or lost,
         so a frame of it has a record exactly when its sequence is at most this. Taken from the
-        outcomes rather than from ``send``, which Ctrl-C may break off half-way."""
-        last = dict(self._last_answered)
+        records (answers, frames lost, frames over the message limit) rather than from ``send``,
+        which Ctrl-C may break off half-way."""
+        with self._lock:
+            last = dict(self._last_recorded)
         for s in self._sessions.values():
             for f in s.lost:
                 last[f.camera_id] = max(last.get(f.camera_id, -1), f.sequence)
@@ -304,6 +319,8 @@ class Replay:
         pacing = self._config.pacing
         if pacing.loop and not pacing.max_frames:
             return  # an endless loop: there is no rest to account for
+        if isinstance(self._source, LiveSource):
+            return  # a live camera has no rest: reading on would record frames of after the run
         if rest is None:
             done = None if unsent is None else (unsent.camera_id, unsent.sequence)
             rest = (

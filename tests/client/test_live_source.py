@@ -120,3 +120,38 @@ def test_replay_cli_accepts_an_http_url(server: str, tmp_path: Path) -> None:
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["sequence"] for r in recs] == list(range(6)) and {r["camera_id"] for r in recs} == {"front"}
     assert all(r["status"] == "OK" for r in recs)
+
+
+def test_a_live_replay_that_gives_up_on_the_server_ends(tiny_manifest: Path, tmp_path: Path) -> None:
+    """A replay of a live camera whose server goes away for good ends once it gives up, with a
+    line for each frame it read. A recording's rest is read to record it NOT_SENT; a live camera
+    has no rest (it used to be read, and written NOT_SENT, until someone pressed Ctrl-C)."""
+    import time
+
+    from perception.cli import main
+    from tests.client.conftest import start_server
+
+    srv, port = start_server(tiny_manifest)
+    cam = MjpegCamera(fps=50.0)
+    out = tmp_path / "o.jsonl"
+    result: dict[str, int] = {}
+    t = threading.Thread(target=lambda: result.update(rc=main([
+        "replay", cam.url("front.mjpg"), "--server", f"127.0.0.1:{port}", "--out", str(out), "--no-progress",
+        "--encode", "jpeg", "--reconnect-timeout", "1"])), daemon=True)
+    try:
+        t.start()
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not (out.exists() and out.read_bytes().count(b"\n") >= 5):
+            time.sleep(0.02)
+        srv.shutdown(0.5)  # gone for good
+        t.join(30)
+        assert not t.is_alive(), "the replay of a live camera never ended after giving up"
+    finally:
+        srv.shutdown(0.5)
+        cam.stop()
+    assert result.get("rc", 0) != 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["sequence"] for r in recs] == list(range(len(recs))), "one line per frame read, in order"
+    after = [r for r in recs if r["status"] != "OK"]
+    assert after and {r["status"] for r in after} <= {"GIVEN_UP", "NOT_SENT"}
+    assert len([r for r in after if r["status"] == "NOT_SENT"]) <= 1, "only the frame it stopped at"

@@ -201,7 +201,12 @@ def test_a_replay_killed_mid_run_leaves_only_whole_lines(tmp_path: Path, server:
     assert [x["sequence"] for x in recs] == list(range(len(recs)))
 
 
-def test_ctrl_c_mid_replay_accounts_for_every_frame(tmp_path: Path, server: str) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_mid_replay_accounts_for_every_frame(
+    tmp_path: Path, server: str, sig: signal.Signals, code: int
+) -> None:
+    """Ctrl-C, and SIGTERM (docker stop, systemd) alike: every frame has its line (SIGTERM used
+    to kill the replay at once, with no record of the frames in flight or not sent)."""
     src = R.write_mp4(tmp_path / "front.mp4", n=200, fps=20.0)
     out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
     cmd = [sys.executable, "-m", "perception.cli", "replay", str(src), "--server", server, "--out", str(out),
@@ -209,8 +214,8 @@ def test_ctrl_c_mid_replay_accounts_for_every_frame(tmp_path: Path, server: str)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _run_until(proc, out, 10)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 130
+        proc.send_signal(sig)
+        assert proc.wait(20) == code
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -289,3 +294,23 @@ def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines(tmp_path: Path
     recs = _lines(out)
     assert len(recs) == int(failed_at) and [x["sequence"] for x in recs] == list(range(len(recs)))
     assert out.stat().st_size <= limit
+
+
+def test_frames_over_the_limit_keep_one_line_when_ctrl_c_breaks_the_source(tmp_path: Path, server: str) -> None:
+    """A camera whose frames are all over the server's message limit gets NOT_SENT lines as it
+    goes; Ctrl-C inside the source then re-reads it for the rest. Those frames are not written a
+    second time (they used to be: only answers and lost frames counted as having a line)."""
+    jpeg, huge = R.jpeg(R.scene(0)), b"\xff\xd8" + bytes(9 << 20)  # over the 8 MiB default limit
+    frames = [SourceFrame(cam, i, R.T0_NS + i * 1_000_000 + k, encoded=data)
+              for i in range(8) for k, (cam, data) in enumerate((("front", jpeg), ("wide", huge)))]
+    sink = JsonlSink(tmp_path / "o.jsonl")
+    source = _InterruptedWhileReading(frames, at=5)
+    with DetectorClient(ClientConfig(targets=(server,), window=2)) as client:
+        outcome = Replay(client, source, ReplayConfig(pacing=Pacing(speed=None)), [sink]).run()
+    sink.close()
+    assert outcome.interrupted
+    lines = [(x["camera_id"], x["sequence"]) for x in _lines(tmp_path / "o.jsonl")]
+    assert sorted(lines) == sorted((f.camera_id, f.sequence) for f in frames), "every frame exactly once"
+    wide = [x for x in _lines(tmp_path / "o.jsonl") if x["camera_id"] == "wide"]
+    assert all(x["status"] == "NOT_SENT" for x in wide)
+    assert any("message limit" in x["reason"] or "too large" in x["reason"] for x in wide), wide[0]["reason"]
