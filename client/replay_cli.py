@@ -17,11 +17,15 @@ camera on ``/<camera>/image`` and ``/<camera>/detections`` (client.sinks.mcap_an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -245,7 +249,8 @@ def main(argv: list[str]) -> int:
         replay_config = ReplayConfig(pacing=pacing, options=options, keep_results=keep)
         replay = Replay(client, source, replay_config, sinks, on_progress)
         try:
-            outcome = replay.run()
+            with _sigterm_as_interrupt() as terminated:
+                outcome = replay.run()
         finally:
             bar.close()
     finally:
@@ -279,11 +284,11 @@ def main(argv: list[str]) -> int:
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))
     sys.stdout.flush()
     if outcome.interrupted:
-        print("perception replay: interrupted; outputs hold the frames answered so far, the others as "
-              "NOT_SENT / GIVEN_UP", file=sys.stderr)
+        print(f"perception replay: {'terminated (SIGTERM)' if terminated else 'interrupted'}; outputs hold the "
+              "frames answered so far, the others as NOT_SENT / GIVEN_UP", file=sys.stderr)
         if close_error is not None:
             print(f"perception replay: error: {close_error}", file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
     if outcome.error is not None:
         raise outcome.error
     if close_error is not None:
@@ -293,6 +298,29 @@ def main(argv: list[str]) -> int:
     if tracking_error is not None:
         raise tracking_error
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+    """SIGTERM (docker stop, systemd, timeout) ends the replay as Ctrl-C does: every frame gets
+    its record and --mcap-out is finished, where the default action killed the process at once.
+    Yields a list that holds True once SIGTERM came. Only the main thread can install a handler:
+    elsewhere (main() called from a thread) SIGTERM keeps its action."""
+    came: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def on_term(signum: int, _frame: Any) -> None:
+        if not came:
+            came.append(True)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _close_sinks(sinks: list[Any]) -> PerceptionError | None:
