@@ -148,6 +148,7 @@ class CameraWorker:
         # message limit) is logged once per REPEAT_LOG_S, not once per frame.
         self._replaced_log = RepeatedLog()
         self._too_large_log = RepeatedLog()
+        self._failed_log = RepeatedLog()
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
         self._threads = [
             threading.Thread(target=self._capture_loop, name=f"{camera_id}-capture", daemon=True),
@@ -209,6 +210,9 @@ class CameraWorker:
                     sequence += 1
             except DataError as exc:
                 why = str(exc)
+            except Exception as exc:  # a driver or decoder bug: a lost camera, reopened, not a dead thread
+                log.exception("%s: capturing from %s failed", self.camera_id, name)
+                why = f"failed ({type(exc).__name__}: {exc})"
             finally:
                 self._camera.close()
             if self._stop.is_set():
@@ -230,8 +234,12 @@ class CameraWorker:
                     if session.error is not None:
                         session = self._replace(session)
                     continue
-                frame = self._to_frame(*item)
-                too_large = self._limit.refusal(frame)
+                try:
+                    frame = self._to_frame(*item)
+                    too_large = self._limit.refusal(frame)
+                except Exception as exc:  # e.g. a recorded raw frame shorter than its size says
+                    self._failed(item[0], exc)
+                    continue
                 if too_large:
                     # The server would end the stream at its length prefix, with every frame in
                     # flight beside it; the next frame of this camera is most likely as large.
@@ -245,8 +253,20 @@ class CameraWorker:
                         self.stats.count("sent")
                 except PerceptionError:  # the session gave up on the server
                     session = self._replace(session)
+                except Exception as exc:
+                    self._failed(frame.sequence, exc)
         finally:
             self._finish(session)
+
+    def _failed(self, sequence: int, exc: Exception) -> None:
+        """A frame that could not be sent for a reason of this node's own: counted ``failed``,
+        logged (with its traceback) once per REPEAT_LOG_S; the sender goes on with the next."""
+        self.stats.count("failed")
+        why = f"{type(exc).__name__}: {exc}"
+        self.stats.set_state(self.stats.connected, f"frame {sequence} not sent: {why}")
+        again = self._failed_log.due(type(exc).__name__)
+        if again is not None:
+            log.error("%s: frame %d not sent: %s%s", self.camera_id, sequence, why, again, exc_info=exc)
 
     def _has_room(self, session: StreamSession) -> bool:
         return session.error is not None or session.in_flight < self._client.config.window

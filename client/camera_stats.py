@@ -3,10 +3,11 @@
 captured = frames read from the camera; sent = frames handed to the stream; dropped = frames
 replaced by a newer one before they could be sent (the link or the server was slower than the
 camera); too_large = frames not sent because the server would refuse them (over its message
-limit: client.message_limit); answered = answers received, ``ok`` of them with status OK; lost = sent frames never
-answered (the stream gave up on them, or the node stopped first); reconnects = times the
-camera was reopened after a loss, open_failures = attempts to open it that failed;
-server_reconnects = times the stream to the server was.
+limit: client.message_limit); failed = frames not sent because of an error of the node's own
+(a frame it could not turn into a request; logged); answered = answers received, ``ok`` of them
+with status OK; lost = sent frames never answered (the stream gave up on them, or the node
+stopped first); reconnects = times the camera was reopened after a loss, open_failures =
+attempts to open it that failed; server_reconnects = times the stream to the server was.
 Latency = send to answer, over the last ``LATENCY_WINDOW`` answers.
 """
 
@@ -44,6 +45,7 @@ class CameraSummary:
     p50_ms: float
     p99_ms: float
     last_error: str
+    failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +54,7 @@ class CameraSummary:
         """One line: ``front: captured 300, sent 120, ok 118/120, dropped 180, ...``."""
         state = "" if self.connected else " [camera down]"
         too_large = f", too large to send {self.too_large}" if self.too_large else ""
+        too_large += f", failed to send {self.failed}" if self.failed else ""
         return (
             f"{self.camera_id}: captured {self.captured}, sent {self.sent}, answered OK {self.ok}/{self.answered}, "
             f"dropped {self.dropped}{too_large}, lost {self.lost}, reconnects {self.reconnects} "
@@ -73,6 +76,7 @@ class CameraStats:
         self.answered = 0
         self.ok = 0
         self.too_large = 0
+        self.failed = 0
         self.lost = 0
         self.open_failures = 0
         self.reconnects = 0
@@ -103,7 +107,7 @@ class CameraStats:
             return CameraSummary(
                 self.camera_id, self.source, self.connected, self.captured, self.sent, self.answered, self.ok,
                 dropped, self.too_large, self.lost, self.open_failures, self.reconnects, server_reconnects,
-                round(p50, 3), round(p99, 3), self.last_error,
+                round(p50, 3), round(p99, 3), self.last_error, self.failed,
             )
 
 

@@ -74,6 +74,8 @@ def ros_image_frame(
         raise DataError(f"{where}: unsupported image encoding {encoding!r}")
     w, h, step = int(width), int(height), int(step)
     if enc == "mono16":
+        if len(data) < step * (h - 1) + w * 2 or step < w * 2:
+            raise DataError(f"{where}: {encoding} image {w}x{h} (step {step}) has only {len(data)} bytes")
         rows = np.frombuffer(data, np.uint8)[: step * h].reshape(h, step)[:, : w * 2]
         img16 = np.ascontiguousarray(rows).view(np.uint16).reshape(h, w)
         gray = (img16 >> 8).astype(np.uint8)

@@ -184,7 +184,13 @@ class McapSource:
                         raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
                     if schema is None:  # a schemaless channel sharing an image topic's name
                         raise DataError(f"{where}: channel has no schema")
-                    yield message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
+                    try:
+                        frame = message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
+                    except DataError:
+                        raise
+                    except Exception as exc:  # e.g. raw pixels too short for the size it declares
+                        raise DataError(f"{where}: malformed image message ({type(exc).__name__}: {exc})") from exc
+                    yield frame
         except (McapError, OSError, EOFError) as exc:
             raise DataError(f"{self.path}: truncated or corrupt MCAP ({type(exc).__name__}: {exc})") from exc
         if not counters:

@@ -351,3 +351,50 @@ def test_a_frame_over_the_servers_message_limit_is_counted_not_sent_and_the_othe
     assert "wide" not in answers and len(answers["dashcam"]) == runs["dashcam"]["answered"]
     told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(told) == 1 and "over the message limit of 1000000 bytes" in told[0] and "--max-message-bytes" in told[0]
+
+
+def _mcap_bgr8(path: Path, n: int, short: int) -> Path:
+    """A ROS 2 MCAP of ``n`` bgr8 frames on /cameras/front/image_raw; frame ``short`` carries
+    half the pixels its size declares (a recorder cut it off)."""
+    from mcap_ros2.writer import Writer
+
+    with open(path, "wb") as f:
+        writer = Writer(f)
+        raw = writer.register_msgdef("sensor_msgs/msg/Image", R.IMAGE_DEF)
+        for i in range(n):
+            img = R.scene(i)
+            data = img.tobytes()
+            ts = R.T0_NS + i * 50_000_000
+            writer.write_message("/cameras/front/image_raw", raw, {
+                "header": {"stamp": {"sec": ts // 10**9, "nanosec": ts % 10**9}, "frame_id": "front"},
+                "height": img.shape[0], "width": img.shape[1], "encoding": "bgr8", "is_bigendian": 0,
+                "step": img.shape[1] * 3, "data": data[: len(data) // 2] if i == short else data,
+            }, log_time=ts)
+        writer.finish()
+    return path
+
+
+def test_a_frame_the_node_cannot_send_is_counted_and_the_camera_goes_on(
+    tiny_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """--encode shm of a looped recording with one truncated raw frame: the node cannot make a
+    request of it. That frame is counted ``failed`` and logged; the sender goes on with the next
+    (it used to die, leaving the camera "up" and nothing sent)."""
+    from tests.client.conftest import start_server
+
+    prefix = f"perception-camfail-{os.getpid()}-"
+    srv, port = start_server(tiny_manifest, shm_allow=prefix)
+    mcap = _mcap_bgr8(tmp_path / "front.mcap", n=6, short=2)
+    out = tmp_path / "o.jsonl"
+    caplog.set_level(logging.INFO, logger="client")
+    try:
+        t, _, result = _run_in_thread([str(mcap), "--loop", "--encode", "shm", "--shm-prefix", prefix, "--server",
+                                       f"127.0.0.1:{port}", "--out", str(out), "--duration", "1.5", "--json"])
+        t.join(20)
+    finally:
+        srv.shutdown(1.0)
+    assert result == {"rc": 0}, result
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["failed"] >= 1 and s["ok"] >= 10 and s["lost"] == 0, s
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert told and "not sent: ValueError" in told[0], told
