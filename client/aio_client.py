@@ -202,6 +202,16 @@ class AsyncStreamSession(WindowCounters):
                 if not self._cancelled_by_us or self._window.error is not None:
                     raise
                 failure = NotReadyError(f"server {endpoint.address} stopped answering")
+            except Exception as exc:
+                # on_result failed (e.g. a full disk): end the session with that error, so that a
+                # sender waiting for room in the window raises instead of waiting for ever.
+                async with self._cond:
+                    self._window.abort(PerceptionError(
+                        f"{self.name}: handling an answer failed ({type(exc).__name__}: {exc})"))
+                    self._cond.notify_all()
+                if self._call is not None:
+                    self._call.cancel()
+                raise
             finally:
                 self._call = None
                 async with self._cond:

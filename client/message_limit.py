@@ -79,6 +79,9 @@ class MessageLimit:
         except PerceptionError as exc:  # unknown for now: the stream finds out if it matters
             log.info("the server's message limit is unknown (%s); frames are checked against the client's "
                      "for %.0f s", exc, RETRY_AFTER_S)
+        except Exception as exc:  # e.g. a channel closed at shutdown: asked again later, as above
+            log.info("asking the server's message limit failed (%s: %s); asked again in %.0f s",
+                     type(exc).__name__, exc, RETRY_AFTER_S)
         with self._lock:
             self._asking = False
             if server is None:

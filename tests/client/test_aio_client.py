@@ -13,7 +13,7 @@ import pytest
 from client.aio_client import AsyncDetectorClient, AsyncStreamSession
 from client.config import BackoffConfig, ClientConfig
 from client.frames import FrameResult, FrameStatus, SourceFrame
-from perception.errors import InvalidInputError, NotReadyError
+from perception.errors import InvalidInputError, NotReadyError, PerceptionError
 from tests.client import recordings as R
 from tests.client.conftest import start_server
 from tests.tiny_model import CLASSES
@@ -51,6 +51,23 @@ def test_async_detect_and_two_concurrent_streams(server: str) -> None:
     for cam in ("left", "right"):
         assert [r.sequence for r in got[cam]] == list(range(8))
         assert all(r.status is FrameStatus.OK and r.camera_id == cam for r in got[cam])
+
+
+def test_a_failing_on_result_ends_the_session_instead_of_hanging_send(server: str) -> None:
+    """on_result raises (a full disk): the session ends with that error, and a sender waiting
+    for room in the window raises it, where it used to wait for ever."""
+    async def run() -> None:
+        async with AsyncDetectorClient(ClientConfig(targets=(server,), window=1)) as client:
+            def on_result(frame: SourceFrame, result: FrameResult) -> None:
+                raise OSError("No space left on device")
+
+            s = client.stream(on_result, name="full-disk")
+            with pytest.raises(PerceptionError, match="handling an answer failed .*No space left"):
+                for f in _frames(8, "full-disk"):
+                    await asyncio.wait_for(s.send(f), timeout=10)
+            await s.abort()
+
+    asyncio.run(run())
 
 
 def test_async_stream_gives_up_on_a_dead_server() -> None:
