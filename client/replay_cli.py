@@ -4,7 +4,9 @@
 ``--out`` gets one line per frame read: the server's answer, or a client status with a reason
 (NOT_SENT, GIVEN_UP, REFUSED_DRAINING; client_status.py). A server that restarts or drains is
 reconnected to, and the frames it did not answer are re-sent, for up to ``--reconnect-timeout``
-seconds of failed reconnecting.
+seconds of failed reconnecting. Ctrl-C and SIGTERM stop the replay with every frame still
+accounted for (exit code 130 / 143); a recording's frames after the stop are recorded NOT_SENT,
+a live camera's are not read.
 
 ``--track`` asks the server for a track id per detection; ``--out`` records then carry
 ``track_id`` and ``track_state`` per detection, and with ``--gt`` (a drive's ground truth with
