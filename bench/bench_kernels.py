@@ -23,11 +23,14 @@
    answer at once (no pipeline, no interceptors), a 100 KB request (a 1280x720 JPEG's size)
    and a 700-byte answer (20 detections), unary and stream lockstep; p50 of the round trip.
    What any Python gRPC server pays per frame before it does any work.
+7. Box IoU matrices (``perception.boxes.box_iou``, twice per tracker update) at 10, 50 and 100
+   boxes a side: broadcasting (N, 1, 2) corner pairs against (1, M, 2) (before) vs coordinate by
+   coordinate, (N, 1) columns against (M,) rows (now); us each, and whether equal to the bit.
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
 variants of each measurement are interleaved so load hits them alike: compare ratios.
 
-    .venv/bin/python -m bench.bench_kernels [--only decode nms int8 formats normalize grpc] [--decode-runs N]
+    .venv/bin/python -m bench.bench_kernels [--only decode nms int8 formats normalize grpc iou] [--decode-runs N]
         [--nms-runs N] [--int8-runs N] [--format-runs N] [--cv-threads T] [--json OUT]
 """
 
@@ -49,7 +52,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-PARTS = ("decode", "nms", "int8", "formats", "normalize", "grpc")
+PARTS = ("decode", "nms", "int8", "formats", "normalize", "grpc", "iou")
 ACTIVATIONS = ("relu", "silu", "hardswish")
 INPUT_HW = (384, 640)
 
@@ -390,6 +393,45 @@ def bench_normalize(runs: int, rounds: int = 5) -> dict[str, Any]:
             **{f"{k}_min_ms": min(v) for k, v in times.items()}}
 
 
+def _box_iou_broadcast(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.float32]:
+    """box_iou before: (N, 1, 2) corner pairs broadcast against (1, M, 2)."""
+    from perception.boxes import box_area
+
+    a = np.asarray(a, dtype=np.float32).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0).astype(np.float32)
+
+
+def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5) -> list[dict[str, Any]]:
+    """p50 / min us of the two box_iou forms on seeded boxes (degenerate ones included), interleaved."""
+    from perception.boxes import box_iou
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        a, b = (rng.random((n, 4)) * 400).astype(np.float64), (rng.random((n, 4)) * 400).astype(np.float64)
+        a[: n // 2, 2:] += a[: n // 2, :2]  # half the boxes well formed, half possibly inverted
+        b[: n // 2, 2:] += b[: n // 2, :2]
+        kernels: dict[str, Callable[[], Any]] = {"broadcast": partial(_box_iou_broadcast, a, b),
+                                                 "columns": partial(box_iou, a, b)}
+        times: dict[str, list[float]] = {k: [] for k in kernels}
+        for _ in range(rounds):
+            for k, fn in kernels.items():
+                for _ in range(runs // rounds):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append((time.perf_counter() - t0) * 1e6)
+        rows.append({"boxes": n, "same": bool(np.array_equal(_box_iou_broadcast(a, b), box_iou(a, b))),
+                     **{f"{k}_p50_us": statistics.median(v) for k, v in times.items()},
+                     **{f"{k}_min_us": min(v) for k, v in times.items()}})
+    return rows
+
+
 _ECHO_SERVER = """
 import sys
 from concurrent import futures
@@ -473,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-runs", type=int, default=10, help="decode runs per size and format")
     p.add_argument("--normalize-runs", type=int, default=2000, help="normalisation runs per variant")
     p.add_argument("--grpc-calls", type=int, default=2000, help="timed calls per gRPC floor measurement")
+    p.add_argument("--iou-runs", type=int, default=2000, help="box IoU runs per form and size")
     p.add_argument("--cv-threads", type=int, help="cv2.setNumThreads (default: OpenCV's own, as the server runs)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p
@@ -548,6 +591,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n6. bare grpcio {g['grpcio']} round trip, {g['request_bytes'] // 1000} KB request, 700 B answer, "
               f"server in another process, {g['calls']} calls: unary p50 {g['unary_p50_ms']:.3f} ms, "
               f"stream lockstep p50 {g['stream_p50_ms']:.3f} ms")
+    if "iou" in which:
+        _log("iou")
+        results["iou"] = rows = bench_iou(a.iou_runs)
+        print(f"\n7. box IoU matrix N x N (perception.boxes.box_iou), {a.iou_runs} runs each: (N, 1, 2) pairs "
+              "broadcast (before) vs coordinate columns (now)")
+        print(f"{'N':>4} {'broadcast p50':>14} {'columns p50':>12} {'ratio p50':>10} {'ratio min':>10}  "
+              "same to the bit")
+        for r in rows:
+            print(f"{r['boxes']:>4} {r['broadcast_p50_us']:>11.1f} us {r['columns_p50_us']:>9.1f} us "
+                  f"{r['columns_p50_us'] / r['broadcast_p50_us']:>9.2f}x "
+                  f"{r['columns_min_us'] / r['broadcast_min_us']:>9.2f}x  {'yes' if r['same'] else 'NO'}")
     print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
