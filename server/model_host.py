@@ -68,14 +68,18 @@ class LifecycleLimits:
     # vs the served model here, times the ratio their builds recorded; the least-disturbed of several
     # runs is compared, as in the build's gate (a shared CPU makes medians swing by 25 %)
     max_latency_ratio: float = 2.0
+    # ... and slower by more than this: the ratio of two sub-millisecond times on a shared CPU is
+    # noise (CI refused a tiny model at 0.12 ms against 0.03 ms).
+    latency_slack_ms: float = 1.0
     probation_s: float = 60.0
     probation_min_batches: int = 5
     max_error_rate: float = 0.2  # failed batches / batches within probation
-    max_p99_ms: float = 0.0  # 0 = judge p99 against the previous model's: > 2x it rolls back
+    max_p99_ms: float = 0.0  # 0 = judge p99 against the previous model's: > max(2x, + p99_slack_ms) rolls back
     # A p99 of a handful of batches is their maximum, and a sub-millisecond model's maximum on a
     # shared CPU is scheduling jitter: p99 is judged from this many successful batches on, and
     # against at least the previous p99 plus this slack (CI once rolled back a tiny model for
-    # 1.7 ms against a 1.5 ms limit on 5 batches).
+    # 1.7 ms against a 1.5 ms limit on 5 batches). A model whose median is over the limit is
+    # rolled back from probation_min_batches on: one too slow to run 50 batches is not spared.
     probation_min_latency_batches: int = 50
     p99_slack_ms: float = 5.0
 
@@ -216,7 +220,7 @@ class ModelHost:
         _, cur_s = self._run(self.current, frames)
         recorded = self._recorded_ratio(new, self.current)
         limit = self.limits.max_latency_ratio * max(1.0, recorded)
-        if cur_s > 0 and new_s / cur_s > limit:
+        if cur_s > 0 and new_s / cur_s > limit and new_s - cur_s > self.limits.latency_slack_ms / 1e3:
             raise ModelError(f"too slow here: {1e3 * new_s:.2f} ms per frame vs {1e3 * cur_s:.2f} ms for the served "
                              f"model ({new_s / cur_s:.2f}x; limit {limit:.2f}x)")
 
@@ -276,12 +280,16 @@ class ModelHost:
             errors = sum(1 for o, _ in self._probation if not o) / n
             ok_s = [s for o, s in self._probation if o]
             p99 = float(np.percentile(ok_s, 99)) if len(ok_s) >= self.limits.probation_min_latency_batches else 0.0
+            p50 = float(np.median(ok_s)) if len(ok_s) >= self.limits.probation_min_batches else 0.0
             base = self._baseline_p99_s
             limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
                          else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
         if errors > self.limits.max_error_rate:
             self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})",
                           expect=model)
+        elif limit_p99 > 0 and p50 > limit_p99:
+            self.rollback(f"its inference median {1e3 * p50:.1f} ms crossed the p99 limit {1e3 * limit_p99:.1f} ms "
+                          "in probation", expect=model)
         elif limit_p99 > 0 and p99 > limit_p99:
             self.rollback(f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation",
                           expect=model)
