@@ -24,6 +24,7 @@ from server.metrics_protocol import Metrics
 from server.scheduler import JobResult, JobStatus
 
 log = logging.getLogger(__name__)
+_FINISH_LOCK = threading.Lock()  # held for a check and a set only
 
 # Metric drop reasons per non-OK status.
 DROP_REASON = {FrameStatus.DROPPED_STALE: "stale", FrameStatus.EXPIRED: "expired", FrameStatus.INVALID: "invalid",
@@ -73,6 +74,8 @@ class FrameTask:
 
     def complete(self, result: JobResult) -> None:
         """Scheduler callback: the frame was inferred, dropped or expired."""
+        if self.done.is_set():
+            return
         self.result = result
         if self.prepared is not None:
             self.prepared.tensor = None  # inferred or dropped: only the placement is still needed
@@ -80,13 +83,18 @@ class FrameTask:
 
     def answer_now(self, status: FrameStatus, message: str) -> None:
         """Answer without inference (invalid input, overload)."""
+        if self.done.is_set():
+            return
         self.status, self.message = status, message
         if self.prepared is not None:
             self.prepared.tensor = None
         self._finish()
 
     def _finish(self) -> None:
-        self.done.set()
+        with _FINISH_LOCK:  # once: a frame answered twice (a bug's error path) must not count twice
+            if self.done.is_set():
+                return
+            self.done.set()
         if self.on_change is not None:
             self.on_change()
 

@@ -316,7 +316,10 @@ class Scheduler:
                 depth = self._pending
                 self._running += bool(jobs)
             try:
-                self._gauge(depth)
+                try:
+                    self._gauge(depth)
+                except Exception:  # a metrics error must not cost the frames just taken
+                    log.exception("updating the queue depth failed")
                 now = time.monotonic()
                 for job in expired:
                     job.tensor = None
@@ -430,16 +433,12 @@ class Scheduler:
             out = None
         end = time.monotonic()
         infer_s = end - start
-        if self._on_batch is not None:
-            try:
-                self._on_batch(out is not None, model, infer_s)
-            except Exception:  # health bookkeeping must not take the worker down
-                log.exception("batch outcome callback failed")
         try:
             self._metrics.observe_batch(len(jobs))
             self._metrics.observe_stage("inference", infer_s)
         except Exception:  # nor must metrics
             log.exception("recording a batch's metrics failed")
+        results: list[JobResult] = []
         for i, job in enumerate(jobs):
             job.tensor = None
             queue_s = start - job.enqueued
@@ -453,6 +452,13 @@ class Scheduler:
                     error = f"error id {uuid.uuid4().hex[:12]}"
                     log.exception("the output of frame %d of a batch of %d is unusable (%s)", i, len(jobs), error)
                 result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed ({error})")
+            results.append(result)
+        if self._on_batch is not None:  # failed if any frame's output was unusable: health and probation see it
+            try:
+                self._on_batch(all(r.status is JobStatus.OK for r in results), model, infer_s)
+            except Exception:  # health bookkeeping must not take the worker down
+                log.exception("batch outcome callback failed")
+        for job, result in zip(jobs, results, strict=True):
             _call(job, result)
 
     def _gauge(self, depth: int) -> None:

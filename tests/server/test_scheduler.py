@@ -343,7 +343,9 @@ def test_a_batch_whose_output_lacks_a_frame_answers_every_frame(backend, caplog)
     def short(x):
         return {k: v[:1] for k, v in backend.infer(x).items()}
 
-    s = Scheduler(short, max_batch=2, max_wait_s=0.5, queue_size=8, max_pending=64)
+    outcomes: list[bool] = []
+    s = Scheduler(short, max_batch=2, max_wait_s=0.5, queue_size=8, max_pending=64,
+                  on_batch=lambda ok, model, seconds: outcomes.append(ok))
     s._accepting = True
     s.submit(Job("a", tensor(0), rec.cb("a")))
     s.submit(Job("b", tensor(1), rec.cb("b")))
@@ -353,6 +355,7 @@ def test_a_batch_whose_output_lacks_a_frame_answers_every_frame(backend, caplog)
     assert rec.results["a"].status is OK and rec.results["a"].batch_size == 2
     assert rec.results["b"].status is JobStatus.ERROR and "error id" in rec.results["b"].message
     assert "unusable" in caplog.text
+    assert outcomes == [False], "health and probation see the batch as failed"
 
 
 def test_not_accepting_refuses_the_fast_path_too(backend):
