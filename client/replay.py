@@ -169,6 +169,7 @@ class Replay:
                 try:
                     frame = next(frames)
                 except StopIteration:
+                    reading = False  # the source ended: an interrupt from here on must not re-read it
                     break
                 except PerceptionError as exc:  # a damaged recording: keep what was answered
                     source_error = exc

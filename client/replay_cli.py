@@ -322,7 +322,8 @@ def _sigterm_as_interrupt() -> Iterator[list[bool]]:
     try:
         yield came
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: the handler before was not installed from Python; the default is the closest.
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _close_sinks(sinks: list[Any]) -> PerceptionError | None:

@@ -76,7 +76,10 @@ def ros_image_frame(
     if enc == "mono16":
         if len(data) < step * (h - 1) + w * 2 or step < w * 2:
             raise DataError(f"{where}: {encoding} image {w}x{h} (step {step}) has only {len(data)} bytes")
-        rows = np.frombuffer(data, np.uint8)[: step * h].reshape(h, step)[:, : w * 2]
+        buf16 = np.frombuffer(data, np.uint8)
+        if len(buf16) < step * h:  # the last row's padding may be left out, as for 8-bit images
+            buf16 = np.concatenate([buf16, np.zeros(step * h - len(buf16), np.uint8)])
+        rows = buf16[: step * h].reshape(h, step)[:, : w * 2]
         img16 = np.ascontiguousarray(rows).view(np.uint16).reshape(h, w)
         gray = (img16 >> 8).astype(np.uint8)
         return bgr_frame(camera_id, sequence, timestamp_ns, cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))

@@ -153,5 +153,6 @@ def test_a_live_replay_that_gives_up_on_the_server_ends(tiny_manifest: Path, tmp
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["sequence"] for r in recs] == list(range(len(recs))), "one line per frame read, in order"
     after = [r for r in recs if r["status"] != "OK"]
-    assert after and {r["status"] for r in after} <= {"GIVEN_UP", "NOT_SENT"}
+    # A draining server refuses the frames it gets meanwhile; they are lost with the server too.
+    assert after and {r["status"] for r in after} <= {"GIVEN_UP", "NOT_SENT", "REFUSED_DRAINING", "OVERLOADED"}
     assert len([r for r in after if r["status"] == "NOT_SENT"]) <= 1, "only the frame it stopped at"

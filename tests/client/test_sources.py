@@ -184,3 +184,22 @@ def test_folder_of_videos_is_one_camera_per_file(tmp_path: Path) -> None:
     assert [(f.camera_id, f.sequence) for f in frames] == [
         ("front", 0), ("rear", 0), ("front", 1), ("rear", 1), ("front", 2), ("rear", 2), ("front", 3)
     ]
+
+
+def test_ros_mono16_images_short_or_without_last_padding() -> None:
+    """A mono16 image whose bytes stop short is a DataError naming it (it was a ValueError that
+    killed the reading thread); one whose last row leaves out its padding is read, as 8-bit
+    images are."""
+    from client.sources.images import ros_image_frame
+
+    w, h, step = 4, 3, 10  # 8 bytes of pixels and 2 of padding per row
+    img = np.arange(w * h, dtype=np.uint16).reshape(h, w) << 8
+    rows = [img[r].tobytes() + b"\0\0" for r in range(h)]
+    full = b"".join(rows)
+    unpadded_last = full[:-2]
+    got = ros_image_frame("front", 0, 0, "mono16", w, h, step, unpadded_last, "here")
+    assert got.raw is not None
+    bgr = np.frombuffer(got.raw.data, np.uint8).reshape(h, w, 3)
+    assert np.array_equal(bgr[:, :, 0], (img >> 8).astype(np.uint8))
+    with pytest.raises(DataError, match="here: mono16 image 4x3 \\(step 10\\) has only 15 bytes"):
+        ros_image_frame("front", 0, 0, "mono16", w, h, step, full[:15], "here")
