@@ -106,9 +106,11 @@ def _flooded_options(n: int) -> bytes:
 
 def test_huge_options_are_refused_before_parsing_with_the_frame_identity_kept() -> None:
     data = _flooded_options(8_000_000)
-    t0 = time.perf_counter()
-    got = parse_detect_request(data)
-    elapsed = time.perf_counter() - t0
+    elapsed = float("inf")
+    for _ in range(3):  # the least-disturbed of three: one preemption on a loaded machine is 5 ms
+        t0 = time.perf_counter()
+        got = parse_detect_request(data)
+        elapsed = min(elapsed, time.perf_counter() - t0)
     assert isinstance(got, Refused) and got.ByteSize() == len(data)
     assert "options are 8000005 bytes" in got.reason and str(MAX_OPTIONS_BYTES) in got.reason
     f = got.request.frame
