@@ -364,6 +364,19 @@ def bench_formats(runs: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _interleaved(kernels: dict[str, Callable[[], Any]], runs: int, rounds: int, unit: float) -> dict[str, list[float]]:
+    """Each kernel's run times (seconds x ``unit``), ``runs`` each, in ``rounds`` interleaved blocks
+    so that load from other jobs hits every kernel alike."""
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for _ in range(rounds):
+        for k, fn in kernels.items():
+            for _ in range(runs // rounds):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * unit)
+    return times
+
+
 def _normalize_strided(canvas: NDArray[np.uint8], scale: np.float32, out: NDArray[np.float32]) -> None:
     """The normalisation before: one multiply of the channel-reversed, transposed view."""
     np.multiply(canvas[:, :, ::-1].transpose(2, 0, 1), scale, out=out, casting="unsafe")
@@ -381,13 +394,7 @@ def bench_normalize(runs: int, rounds: int = 5) -> dict[str, Any]:
     scale = np.float32(spec.scale)
     kernels: dict[str, Callable[[], None]] = {"strided": partial(_normalize_strided, canvas, scale, a),
                                               "split": partial(normalize_into, canvas, spec, b)}
-    times: dict[str, list[float]] = {k: [] for k in kernels}
-    for _ in range(rounds):
-        for k, fn in kernels.items():
-            for _ in range(runs // rounds):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+    times = _interleaved(kernels, runs, rounds, 1e3)
     return {"input": f"{w}x{h}", "same": bool(np.array_equal(a, b)),
             **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()},
             **{f"{k}_min_ms": min(v) for k, v in times.items()}}
@@ -419,13 +426,7 @@ def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5
         b[: n // 2, 2:] += b[: n // 2, :2]
         kernels: dict[str, Callable[[], Any]] = {"broadcast": partial(_box_iou_broadcast, a, b),
                                                  "columns": partial(box_iou, a, b)}
-        times: dict[str, list[float]] = {k: [] for k in kernels}
-        for _ in range(rounds):
-            for k, fn in kernels.items():
-                for _ in range(runs // rounds):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append((time.perf_counter() - t0) * 1e6)
+        times = _interleaved(kernels, runs, rounds, 1e6)
         rows.append({"boxes": n, "same": bool(np.array_equal(_box_iou_broadcast(a, b), box_iou(a, b))),
                      **{f"{k}_p50_us": statistics.median(v) for k, v in times.items()},
                      **{f"{k}_min_us": min(v) for k, v in times.items()}})

@@ -22,7 +22,7 @@ from client.config import ClientConfig
 from client.detector_client import DetectorClient
 from client.frames import SourceFrame
 from client.pacing import Pacing
-from client.replay import Replay, ReplayConfig
+from client.replay import Replay, ReplayConfig, ReplayOutcome
 from client.sinks.jsonl import JsonlSink
 from perception.cli import main
 from perception.types import FrameStatus
@@ -242,16 +242,23 @@ class _InterruptedWhileReading:
             yield f
 
 
+def _replay_interrupted_at(tmp_path: Path, server: str, frames: list[SourceFrame], at: int) -> ReplayOutcome:
+    """Replay ``frames`` into tmp_path/o.jsonl as fast as answered, Ctrl-C striking while frame
+    sequence ``at`` is read; the outcome, which must say it was interrupted."""
+    sink = JsonlSink(tmp_path / "o.jsonl")
+    with DetectorClient(ClientConfig(targets=(server,), window=2)) as client:
+        outcome = Replay(client, _InterruptedWhileReading(frames, at), ReplayConfig(pacing=Pacing(speed=None)),
+                         [sink]).run()
+    sink.close()
+    assert outcome.interrupted
+    return outcome
+
+
 def test_ctrl_c_inside_the_source_still_accounts_for_the_rest(tmp_path: Path, server: str) -> None:
     jpeg = R.jpeg(R.scene(0))
     frames = [SourceFrame(cam, i, R.T0_NS + i * 1_000_000 + k, encoded=jpeg)
               for i in range(12) for k, cam in enumerate(("front", "rear"))]
-    sink = JsonlSink(tmp_path / "o.jsonl")
-    source = _InterruptedWhileReading(frames, at=7)
-    with DetectorClient(ClientConfig(targets=(server,), window=2)) as client:
-        outcome = Replay(client, source, ReplayConfig(pacing=Pacing(speed=None)), [sink]).run()
-    sink.close()
-    assert outcome.interrupted
+    outcome = _replay_interrupted_at(tmp_path, server, frames, 7)
     keys = sorted([(r.camera_id, r.sequence) for r in outcome.results]
                   + [(u.camera_id, u.sequence) for u in outcome.unanswered])
     assert keys == sorted((f.camera_id, f.sequence) for f in frames), "every frame once, the re-read ones too"
@@ -303,12 +310,7 @@ def test_frames_over_the_limit_keep_one_line_when_ctrl_c_breaks_the_source(tmp_p
     jpeg, huge = R.jpeg(R.scene(0)), b"\xff\xd8" + bytes(9 << 20)  # over the 8 MiB default limit
     frames = [SourceFrame(cam, i, R.T0_NS + i * 1_000_000 + k, encoded=data)
               for i in range(8) for k, (cam, data) in enumerate((("front", jpeg), ("wide", huge)))]
-    sink = JsonlSink(tmp_path / "o.jsonl")
-    source = _InterruptedWhileReading(frames, at=5)
-    with DetectorClient(ClientConfig(targets=(server,), window=2)) as client:
-        outcome = Replay(client, source, ReplayConfig(pacing=Pacing(speed=None)), [sink]).run()
-    sink.close()
-    assert outcome.interrupted
+    _replay_interrupted_at(tmp_path, server, frames, 5)
     lines = [(x["camera_id"], x["sequence"]) for x in _lines(tmp_path / "o.jsonl")]
     assert sorted(lines) == sorted((f.camera_id, f.sequence) for f in frames), "every frame exactly once"
     wide = [x for x in _lines(tmp_path / "o.jsonl") if x["camera_id"] == "wide"]
