@@ -442,17 +442,22 @@ class Scheduler:
         for i, job in enumerate(jobs):
             job.tensor = None
             queue_s = start - job.enqueued
-            try:
-                self._metrics.observe_stage("queue", queue_s)
-                if out is None:
-                    raise _BatchFailed(error)
-                result = JobResult(JobStatus.OK, frame_outputs(out, i), queue_s, infer_s, len(jobs))
-            except Exception as exc:  # e.g. an output without the batch's axis: every frame is still answered
-                if not isinstance(exc, _BatchFailed):
+            outputs = None
+            if out is not None:
+                try:
+                    outputs = frame_outputs(out, i)
+                except Exception:  # e.g. an output without the batch's axis: every frame is still answered
                     error = f"error id {uuid.uuid4().hex[:12]}"
                     log.exception("the output of frame %d of a batch of %d is unusable (%s)", i, len(jobs), error)
-                result = JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs), f"inference failed ({error})")
-            results.append(result)
+            if outputs is None:
+                results.append(JobResult(JobStatus.ERROR, None, queue_s, infer_s, len(jobs),
+                                         f"inference failed ({error})"))
+            else:
+                results.append(JobResult(JobStatus.OK, outputs, queue_s, infer_s, len(jobs)))
+            try:
+                self._metrics.observe_stage("queue", queue_s)
+            except Exception:
+                log.exception("recording a frame's queue time failed")
         if self._on_batch is not None:  # failed if any frame's output was unusable: health and probation see it
             try:
                 self._on_batch(all(r.status is JobStatus.OK for r in results), model, infer_s)
@@ -466,10 +471,6 @@ class Scheduler:
 
 
 _UNSET = object()
-
-
-class _BatchFailed(Exception):
-    """The batch's inference failed (logged with its error id): its frames are answered ERROR."""
 CRITICAL = 2  # the priority of the critical class (server.config.PRIORITY_CLASSES)
 
 

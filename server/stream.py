@@ -254,10 +254,8 @@ class StreamSession:
                 refuse = f"{full} is full ({size} bytes do not fit); frame not processed"
         replaced = []
         with self._lock:
-            if self._cancelled:  # the call ended while this request was read: nothing will decode it
-                gone = True
-            else:
-                gone = False
+            gone = self._cancelled  # the call ended while this request was read: nothing will decode it
+            if not gone:
                 self._outbox.append(task)
                 self._inflight += size
             if not gone and not (invalid or refuse):
@@ -369,9 +367,8 @@ class StreamSession:
             log.exception("stream %d: queueing camera %r frame %d failed (error id %s)",
                           self.id, task.camera_id, task.sequence, error_id)
             self._count_internal()
-            if not task.done.is_set():
-                task.answer_now(FrameStatus.OVERLOADED,
-                                f"internal error while queueing this frame (error id {error_id}); frame not processed")
+            task.answer_now(FrameStatus.OVERLOADED,  # a no-op if the frame was answered before the error
+                            f"internal error while queueing this frame (error id {error_id}); frame not processed")
         with self._lock:
             cancelled = self._cancelled
         if cancelled:
