@@ -303,12 +303,8 @@ class Replay:
         so a frame of it has a record exactly when its sequence is at most this. Taken from the
         records (answers, frames lost, frames over the message limit) rather than from ``send``,
         which Ctrl-C may break off half-way."""
-        with self._lock:
-            last = dict(self._last_recorded)
-        for s in self._sessions.values():
-            for f in s.lost:
-                last[f.camera_id] = max(last.get(f.camera_id, -1), f.sequence)
-        return last
+        with self._lock:  # frames lost have their records by now (_account_lost runs first)
+            return dict(self._last_recorded)
 
     def _account_not_sent(self, unsent: SourceFrame | None, rest: Iterator[SourceFrame] | None, why: str) -> None:
         """A NOT_SENT record for the frame the replay stopped at and for every frame after it:
