@@ -489,10 +489,11 @@ def test_a_stream_of_garbage_is_read_slower_and_others_are_not(serve: Any, caplo
         stop.set()
         cam.join()
     # Every frame answered: INVALID, or stale where a newer one of the camera arrived before it
-    # was decoded (the inbox keeps the newest; on a busy machine it happened once in five runs).
+    # was decoded (the inbox keeps the newest: on a busy machine it happened once in five runs,
+    # and a machine three times slower left 27 of 40 INVALID). At least half are decoded.
     statuses = [a.status for a in out]
     assert len(statuses) == 41 and statuses[-1] == OK, statuses
-    assert set(statuses[:40]) <= {INVALID, pb.FRAME_STATUS_DROPPED_STALE} and statuses.count(INVALID) >= 30, statuses
+    assert set(statuses[:40]) <= {INVALID, pb.FRAME_STATUS_DROPPED_STALE} and statuses.count(INVALID) >= 20, statuses
     # 40 frames: up to the outbox's read-ahead go at once, and then 0.2 s each past the first few.
     assert fast < 1.0 and slow > 1.0, (fast, slow)
     assert honest and max(honest) < 0.5, honest
