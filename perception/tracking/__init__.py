@@ -7,7 +7,7 @@ scipy for the assignment.
 
 from perception.tracking.assignment import match_by_iou
 from perception.tracking.config import TrackerConfig
-from perception.tracking.kalman import BoxKalmanFilter, KalmanNoise
+from perception.tracking.kalman import BoxKalmanFilter, KalmanNoise, full_covariance
 from perception.tracking.pool import TrackerPool
 from perception.tracking.tracker import Tracker, TrackResult, TrackState, TrackView
 
@@ -20,5 +20,6 @@ __all__ = [
     "Tracker",
     "TrackerConfig",
     "TrackerPool",
+    "full_covariance",
     "match_by_iou",
 ]

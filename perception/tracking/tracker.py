@@ -102,7 +102,7 @@ class Tracker:
     # The live tracks, one row each (struct of arrays: a frame costs a few numpy calls
     # whatever the number of tracks).
     _mean: NDArray[np.float64]  # (T, 8) Kalman means
-    _cov: NDArray[np.float64]  # (T, 8, 8) Kalman covariances
+    _cov: NDArray[np.float64]  # (T, 3, 4) Kalman covariances, per-coordinate blocks (see kalman)
     _ids: NDArray[np.int64]  # (T,) ascending
     _cls: NDArray[np.int64]  # (T,)
     _hits: NDArray[np.int64]  # (T,) frames matched, birth included
@@ -284,7 +284,7 @@ class Tracker:
 
     def _clear(self) -> None:
         self._mean = np.zeros((0, 8), np.float64)
-        self._cov = np.zeros((0, 8, 8), np.float64)
+        self._cov = np.zeros((0, 3, 4), np.float64)
         self._ids = np.zeros((0,), np.int64)
         self._cls = np.zeros((0,), np.int64)
         self._hits = np.zeros((0,), np.int64)

@@ -18,6 +18,7 @@ from perception.tracking import (
     TrackerPool,
     TrackResult,
     TrackState,
+    full_covariance,
     match_by_iou,
 )
 from perception.types import Detections
@@ -53,14 +54,16 @@ UNIT_NOISE = KalmanNoise(measurement=0.1, initial_position=0.1, initial_velocity
 
 def test_kalman_initiate_predict_update_by_hand() -> None:
     kf = BoxKalmanFilter(UNIT_NOISE)
-    mean, cov = kf.initiate(np.array([[100.0, 50.0, 20.0, 40.0]]))
+    mean, blocks = kf.initiate(np.array([[100.0, 50.0, 20.0, 40.0]]))
+    cov = full_covariance(blocks)
     # Every std is 0.1 x the side (w for x and w, h for y and h): 2, 4, 2, 4 px (and px/s).
     np.testing.assert_allclose(mean, [[100, 50, 20, 40, 0, 0, 0, 0]])
     np.testing.assert_allclose(np.diag(cov[0]), [4, 16, 4, 16, 4, 16, 4, 16])
     assert np.count_nonzero(cov[0] - np.diag(np.diag(cov[0]))) == 0
 
     mean[0, 4:] = [10.0, -4.0, 0.0, 0.0]
-    mean, cov = kf.predict(mean, cov, dt=0.5)
+    mean, blocks = kf.predict(mean, blocks, dt=0.5)
+    cov = full_covariance(blocks)
     np.testing.assert_allclose(mean, [[105, 48, 20, 40, 10, -4, 0, 0]])
     # x: P = 4 + dt^2 * 4 + (0.1 * 20)^2 * dt = 7; cross = dt * 4 = 2; velocity 4 + 2 = 6.
     # y: P = 16 + dt^2 * 16 + (0.1 * 40)^2 * dt = 28; cross = 8; velocity 16 + 8 = 24.
@@ -71,7 +74,8 @@ def test_kalman_initiate_predict_update_by_hand() -> None:
         assert cov[0, vel, vel] == pytest.approx(v)
     assert cov[0, 0, 1] == 0 and cov[0, 0, 5] == 0  # x and y stay independent
 
-    mean, cov = kf.update(mean, cov, np.array([[107.0, 48.0, 20.0, 40.0]]))
+    mean, blocks = kf.update(mean, blocks, np.array([[107.0, 48.0, 20.0, 40.0]]))
+    cov = full_covariance(blocks)
     # x: R = (0.1 * 20)^2 = 4, S = 11, gain 7/11 (position) and 2/11 (velocity), innovation 2.
     assert mean[0, 0] == pytest.approx(105 + 14 / 11)
     assert mean[0, 4] == pytest.approx(10 + 4 / 11)
@@ -98,8 +102,50 @@ def test_kalman_is_vectorised_row_by_row() -> None:
         m2, c2 = kf.update(m1, c1, z1[i : i + 1])
         np.testing.assert_allclose(um[i], m2[0])
         np.testing.assert_allclose(uc[i], c2[0])
-    empty_m, empty_c = kf.predict(np.zeros((0, 8)), np.zeros((0, 8, 8)), 0.1)
-    assert empty_m.shape == (0, 8) and empty_c.shape == (0, 8, 8)
+    empty_m, empty_c = kf.predict(np.zeros((0, 8)), np.zeros((0, 3, 4)), 0.1)
+    assert empty_m.shape == (0, 8) and empty_c.shape == (0, 3, 4)
+    empty_m, empty_c = kf.update(empty_m, empty_c, np.zeros((0, 4)))
+    assert empty_m.shape == (0, 8) and empty_c.shape == (0, 3, 4)
+
+
+def textbook_step(kf: BoxKalmanFilter, mean: np.ndarray, cov: np.ndarray, dt: float,
+                  z: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One predict (and update, if ``z``) of one track in the 8x8 matrix form, as written in
+    textbooks: what the filter's per-coordinate blocks must reproduce."""
+    n = kf.noise
+    side = np.maximum(np.abs(np.r_[mean[2:4], mean[2:4]]), 1.0)
+    f = np.eye(8)
+    f[:4, 4:] = dt * np.eye(4)
+    q = np.diag(np.r_[(n.process_position * side) ** 2, (n.process_velocity * side) ** 2])
+    mean, cov = f @ mean, f @ cov @ f.T + dt * q
+    if z is None:
+        return mean, cov
+    side = np.maximum(np.abs(np.r_[mean[2:4], mean[2:4]]), 1.0)
+    h = np.eye(4, 8)
+    s = h @ cov @ h.T + np.diag((n.measurement * side) ** 2)
+    k = cov @ h.T @ np.linalg.inv(s)
+    return mean + k @ (z - h @ mean), cov - k @ s @ k.T
+
+
+def test_kalman_blocks_match_the_matrix_form() -> None:
+    # Random gaps (dropped frames) and random misses: every step, every entry of the 8x8 matrix.
+    rng = np.random.default_rng(3)
+    kf = BoxKalmanFilter()
+    z = np.array([[400.0, 300.0, 60.0, 120.0], [900.0, 200.0, 2.0, 0.5]])  # a degenerate one too
+    mean, blocks = kf.initiate(z)
+    ref = [(mean[i].copy(), full_covariance(blocks)[i]) for i in range(2)]
+    for _ in range(40):
+        dt = float(rng.choice([0.0, 1 / 30, 0.1, 0.5]))
+        z = z + rng.normal(0, 3, z.shape)
+        seen = rng.uniform() < 0.7
+        mean, blocks = kf.predict(mean, blocks, dt)
+        if seen:
+            mean, blocks = kf.update(mean, blocks, z)
+        full = full_covariance(blocks)
+        for i in range(2):
+            ref[i] = textbook_step(kf, *ref[i], dt, z[i] if seen else None)
+            np.testing.assert_allclose(mean[i], ref[i][0], rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(full[i], ref[i][1], rtol=1e-9, atol=1e-9)
 
 
 def test_kalman_rejects_bad_noise_and_dt() -> None:
