@@ -23,9 +23,11 @@
    answer at once (no pipeline, no interceptors), a 100 KB request (a 1280x720 JPEG's size)
    and a 700-byte answer (20 detections), unary and stream lockstep; p50 of the round trip.
    What any Python gRPC server pays per frame before it does any work.
-7. Box IoU matrices (``perception.boxes.box_iou``, twice per tracker update) at 10, 50 and 100
-   boxes a side: broadcasting (N, 1, 2) corner pairs against (1, M, 2) (before) vs coordinate by
-   coordinate, (N, 1) columns against (M,) rows (now); us each, and whether equal to the bit.
+7. Box IoU matrices (``perception.boxes.box_iou``) at 10, 50 and 100 boxes a side:
+   broadcasting (N, 1, 2) corner pairs against (1, M, 2) (before) vs coordinate by coordinate,
+   (N, 1) columns against (M,) rows (now); and the tracker's two matrices a frame (plain and
+   widened boxes) as two ``box_iou`` calls vs one ``box_iou_stacked``; us each, and whether
+   equal to the bit.
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
 variants of each measurement are interleaved so load hits them alike: compare ratios.
@@ -415,8 +417,9 @@ def _box_iou_broadcast(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDAr
 
 
 def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5) -> list[dict[str, Any]]:
-    """p50 / min us of the two box_iou forms on seeded boxes (degenerate ones included), interleaved."""
-    from perception.boxes import box_iou
+    """p50 / min us of the two box_iou forms, and of the tracker's pair of matrices as two calls
+    or one stacked call, on seeded boxes (degenerate ones included), interleaved."""
+    from perception.boxes import box_iou, box_iou_stacked
 
     rng = np.random.default_rng(0)
     rows = []
@@ -424,10 +427,21 @@ def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5
         a, b = (rng.random((n, 4)) * 400).astype(np.float64), (rng.random((n, 4)) * 400).astype(np.float64)
         a[: n // 2, 2:] += a[: n // 2, :2]  # half the boxes well formed, half possibly inverted
         b[: n // 2, 2:] += b[: n // 2, :2]
+        wide_a, wide_b = a * 1.1, b * 1.1  # any second pair of sets: the cost is the same
+        pair_a, pair_b = np.stack([a, wide_a]), np.stack([b, wide_b])
+
+        def two_calls(a: Any = a, b: Any = b, wa: Any = wide_a, wb: Any = wide_b) -> Any:
+            return box_iou(a, b), box_iou(wa, wb)
+
         kernels: dict[str, Callable[[], Any]] = {"broadcast": partial(_box_iou_broadcast, a, b),
-                                                 "columns": partial(box_iou, a, b)}
+                                                 "columns": partial(box_iou, a, b),
+                                                 "two": two_calls,
+                                                 "stacked": partial(box_iou_stacked, pair_a, pair_b)}
         times = _interleaved(kernels, runs, rounds, 1e6)
+        stacked = box_iou_stacked(pair_a, pair_b)
         rows.append({"boxes": n, "same": bool(np.array_equal(_box_iou_broadcast(a, b), box_iou(a, b))),
+                     "stacked_same": bool(np.array_equal(stacked[0], box_iou(a, b))
+                                          and np.array_equal(stacked[1], box_iou(wide_a, wide_b))),
                      **{f"{k}_p50_us": statistics.median(v) for k, v in times.items()},
                      **{f"{k}_min_us": min(v) for k, v in times.items()}})
     return rows
@@ -603,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['boxes']:>4} {r['broadcast_p50_us']:>11.1f} us {r['columns_p50_us']:>9.1f} us "
                   f"{r['columns_p50_us'] / r['broadcast_p50_us']:>9.2f}x "
                   f"{r['columns_min_us'] / r['broadcast_min_us']:>9.2f}x  {'yes' if r['same'] else 'NO'}")
+        print("the tracker's plain and widened matrices: two box_iou calls vs one box_iou_stacked")
+        print(f"{'N':>4} {'two calls p50':>14} {'stacked p50':>12} {'ratio p50':>10} {'ratio min':>10}  "
+              "same to the bit")
+        for r in rows:
+            print(f"{r['boxes']:>4} {r['two_p50_us']:>11.1f} us {r['stacked_p50_us']:>9.1f} us "
+                  f"{r['stacked_p50_us'] / r['two_p50_us']:>9.2f}x "
+                  f"{r['stacked_min_us'] / r['two_min_us']:>9.2f}x  {'yes' if r['stacked_same'] else 'NO'}")
     print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))

@@ -20,10 +20,26 @@ def box_iou(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.floa
     (the tracker calls this twice a frame; `bench_kernels --only iou`). The same float32
     operations, so the same values.
     """
-    a = np.asarray(a, dtype=np.float32).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
-    ax1, ay1, ax2, ay2 = (a[:, i : i + 1] for i in range(4))
-    bx1, by1, bx2, by2 = (b[:, i] for i in range(4))
+    a = np.asarray(a, dtype=np.float32).reshape(1, -1, 4)
+    b = np.asarray(b, dtype=np.float32).reshape(1, -1, 4)
+    return _pairwise_iou(a, b)[0]
+
+
+def box_iou_stacked(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.float32]:
+    """(K, N, M) IoU matrices between K pairs of box sets, (K, N, 4) and (K, M, 4): ``box_iou``
+    of each pair, to the bit, in one pass: the tracker's plain and widened boxes, where one pass
+    of NumPy calls over twice the elements took 0.66x the time of two at 50 x 50
+    (`bench_kernels --only iou`)."""
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != 4 or b.shape[2] != 4:
+        raise ValueError(f"box_iou_stacked takes (K, N, 4) and (K, M, 4) boxes, got {a.shape} and {b.shape}")
+    return _pairwise_iou(a, b)
+
+
+def _pairwise_iou(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float32]:
+    ax1, ay1, ax2, ay2 = (a[..., i : i + 1] for i in range(4))  # (K, N, 1)
+    bx1, by1, bx2, by2 = (b[:, None, :, i] for i in range(4))  # (K, 1, M)
     w = np.minimum(ax2, bx2) - np.maximum(ax1, bx1)
     h = np.minimum(ay2, by2) - np.maximum(ay1, by1)
     inter = np.maximum(w, 0, out=w) * np.maximum(h, 0, out=h)

@@ -27,19 +27,39 @@ def match_by_iou(
     Pairs with IoU < ``min_iou`` (``min_iou`` > 0) are never matched: zero the entries of
     pairs that must not match (another class) before calling. Empty input gives empty output.
     """
-    if min_iou <= 0:
-        raise ValueError(f"min_iou must be > 0, got {min_iou}")
     m = np.asarray(iou, dtype=np.float64)
     if m.ndim != 2:
         raise ValueError(f"iou must be a 2-D matrix, got shape {m.shape}")
-    allowed = m >= min_iou
-    if not allowed.any():
-        return np.zeros((0,), np.int64), np.zeros((0,), np.int64)
-    rows = np.flatnonzero(allowed.any(axis=1))
-    cols = np.flatnonzero(allowed.any(axis=0))
-    sub = m[rows[:, None], cols]
-    sub_allowed = sub >= min_iou
-    weight = np.where(sub_allowed, sub - min_iou + _TIE, 0.0)
-    r, c = linear_sum_assignment(weight, maximize=True)
-    keep = sub_allowed[r, c]
-    return rows[r[keep]].astype(np.int64), cols[c[keep]].astype(np.int64)
+    rows, cols = np.nonzero(m >= min_iou)
+    return match_pairs(rows, cols, m[rows, cols], min_iou)
+
+
+def match_pairs(
+    rows: NDArray[np.integer], cols: NDArray[np.integer], iou: NDArray[np.floating], min_iou: float
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``match_by_iou`` on a sparse matrix: the candidate pairs (``rows[k]``, ``cols[k]``) with
+    IoU ``iou[k]``, in row-major order (rows ascending, then columns; as ``np.nonzero`` gives),
+    each pair at most once; a pair not listed has IoU 0. Returns the matched pairs, rows
+    ascending.
+
+    When no row and no column is in two allowed pairs, every allowed pair is the optimum and
+    no solver runs (the common case in a sparse scene). Otherwise the solver gets the dense
+    matrix of the rows and columns that have an allowed pair, in ascending order.
+    """
+    if min_iou <= 0:
+        raise ValueError(f"min_iou must be > 0, got {min_iou}")
+    allowed = np.asarray(iou, dtype=np.float64) >= min_iou
+    r = np.asarray(rows, dtype=np.int64)[allowed]
+    c = np.asarray(cols, dtype=np.int64)[allowed]
+    if r.size < 2 or not ((r[1:] == r[:-1]).any() or np.bincount(c).max() > 1):
+        return r, c
+    weight = np.asarray(iou, dtype=np.float64)[allowed] - min_iou + _TIE
+    first = np.ones((r.size,), bool)  # the first pair of each row (rows come ascending)
+    np.not_equal(r[1:], r[:-1], out=first[1:])
+    used = np.zeros((int(c.max()) + 1,), bool)
+    used[c] = True
+    dense = np.zeros((int(first.sum()), int(used.sum())), np.float64)
+    dense[np.cumsum(first) - 1, (np.cumsum(used) - 1)[c]] = weight
+    i, j = linear_sum_assignment(dense, maximize=True)
+    keep = dense[i, j] > 0
+    return r[first][i[keep]], np.flatnonzero(used)[j[keep]]

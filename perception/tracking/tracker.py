@@ -39,9 +39,9 @@ from enum import Enum
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.boxes import box_iou
+from perception.boxes import box_iou_stacked
 from perception.errors import InvalidInputError
-from perception.tracking.assignment import match_by_iou
+from perception.tracking.assignment import match_pairs
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
 from perception.types import Detections
@@ -61,6 +61,7 @@ class TrackState(str, Enum):
 # Codes of the states in the tracker's state array, index into _STATES.
 _NEW, _CONFIRMED, _COASTING = 0, 1, 2
 _STATES = (TrackState.NEW, TrackState.CONFIRMED, TrackState.COASTING)
+_STATE_OR_NONE = (*_STATES, None)  # indexed by a code, or by -1 for "no track"
 _NS_PER_S = 1_000_000_000
 
 
@@ -181,19 +182,27 @@ class Tracker:
         if len(self) and n:
             pred = _to_xyxy(self._mean)
             same = self._cls[:, None] == classes[None, :]
-            ious = [box_iou(pred, boxes) * same]
             buffer = min(cfg.buffer_per_s * dt, cfg.max_buffer)
             if buffer > 0:  # second chance for what plain IoU left: the widened boxes
-                ious.append(box_iou(_widen(pred, buffer), _widen(boxes, buffer)) * same)
+                iou = box_iou_stacked(np.stack([pred, _widen(pred, buffer)]), np.stack([boxes, _widen(boxes, buffer)]))
+            else:
+                iou = box_iou_stacked(pred[None], boxes[None])
+            candidates = _candidates(iou, same, min(cfg.match_iou, cfg.low_match_iou))
             free = np.ones((len(self),), bool)
+            open_high = np.zeros((n,), bool)
+            open_high[high] = True
+            open_low = np.zeros((n,), bool)
+            open_low[low] = True
             before = self._state.copy()
             pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
-            for iou in ious:
-                left = self._match(iou, free, before != _NEW, left, cfg.match_iou, pairs)
-            for iou in ious:
-                left = self._match(iou, free, before == _NEW, left, cfg.match_iou, pairs)
-            for iou in ious:
-                low = self._match(iou, free, before == _CONFIRMED, low, cfg.low_match_iou, pairs)
+            for eligible, open_dets, min_iou in (
+                (before != _NEW, open_high, cfg.match_iou),
+                (before == _NEW, open_high, cfg.match_iou),
+                (before == _CONFIRMED, open_low, cfg.low_match_iou),
+            ):
+                for candidate in candidates:
+                    self._match(candidate, free, eligible, open_dets, min_iou, pairs)
+            left = np.flatnonzero(open_high)
             if pairs:
                 t = np.concatenate([p[0] for p in pairs])
                 d = np.concatenate([p[1] for p in pairs])
@@ -212,33 +221,32 @@ class Tracker:
         born = self._birth(left, boxes, scores, classes, ts)
         out_ids[born] = self._ids[len(self) - born.size :]
         out_codes[born] = _NEW if cfg.confirm_hits > 1 else _CONFIRMED
-        states = tuple(None if c < 0 else _STATES[c] for c in out_codes.tolist())
+        states = tuple(map(_STATE_OR_NONE.__getitem__, out_codes.tolist()))
         return TrackResult(track_ids=out_ids, states=states, restarted=bool(restarted))
 
     # --- internals --------------------------------------------------------------------------
 
     @staticmethod
     def _match(
-        iou: NDArray[np.float32],
+        candidates: _Candidates,
         free: NDArray[np.bool_],
         eligible: NDArray[np.bool_],
-        dets: NDArray[np.int64],
+        open_dets: NDArray[np.bool_],
         min_iou: float,
         pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]],
-    ) -> NDArray[np.int64]:
-        """One matching round between the free eligible tracks and ``dets``; marks the matched
-        tracks taken, appends (tracks, detections) to ``pairs``, returns the detections left."""
-        tracks = np.flatnonzero(free & eligible)
-        if tracks.size == 0 or dets.size == 0:
-            return dets
-        r, c = match_by_iou(iou[tracks[:, None], dets], min_iou)
-        if r.size == 0:
-            return dets
-        free[tracks[r]] = False
-        pairs.append((tracks[r], dets[c]))
-        left = np.ones((dets.size,), bool)
-        left[c] = False
-        return dets[left]
+    ) -> None:
+        """One matching round between the free eligible tracks and the open detections, on one
+        IoU matrix's candidate pairs (``match_pairs``: the optimal gated matching of that
+        sub-matrix). Marks the matched tracks taken and their detections closed, and appends
+        (tracks, detections) to ``pairs``."""
+        ok = open_dets[candidates.dets] & (free & eligible)[candidates.tracks]
+        if not ok.any():
+            return
+        t, d = match_pairs(candidates.tracks[ok], candidates.dets[ok], candidates.iou[ok], min_iou)
+        if t.size:
+            free[t] = False
+            open_dets[d] = False
+            pairs.append((t, d))
 
     def _birth(
         self,
@@ -301,6 +309,25 @@ class Tracker:
         self._hits = self._hits[mask]
         self._state = self._state[mask]
         self._last_matched = self._last_matched[mask]
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The pairs of one IoU matrix that some round could match: same class, IoU at or above
+    the lowest gate; tracks ascending, then detections ascending (row-major order)."""
+
+    tracks: NDArray[np.int64]
+    dets: NDArray[np.int64]
+    iou: NDArray[np.float32]
+
+
+def _candidates(iou: NDArray[np.float32], same: NDArray[np.bool_], gate: float) -> list[_Candidates]:
+    """The candidates of each of the (K, T, N) IoU matrices, in order."""
+    k, tracks, dets = np.nonzero((iou >= gate) & same)
+    values = iou[k, tracks, dets]
+    ends = np.searchsorted(k, np.arange(1, iou.shape[0] + 1)).tolist()
+    starts = [0, *ends[:-1]]
+    return [_Candidates(tracks[i:j], dets[i:j], values[i:j]) for i, j in zip(starts, ends, strict=True)]
 
 
 def _to_cxcywh(xyxy: NDArray[np.float64]) -> NDArray[np.float64]:

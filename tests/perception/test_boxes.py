@@ -1,0 +1,51 @@
+"""perception.boxes: the IoU matrices against a scalar reference, the stacked form against the
+single one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perception.boxes import box_iou, box_iou_stacked
+
+
+def reference_iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
+    xy = rng.uniform(0, 100, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(-5, 40, (n, 2))], axis=1)  # some inverted or empty
+    boxes[: n // 4, 2:] = boxes[: n // 4, :2]  # degenerate: zero area
+    return boxes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_box_iou_matches_the_scalar_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = random_boxes(rng, 12), random_boxes(rng, 9)
+    iou = box_iou(a, b)
+    assert iou.shape == (12, 9) and iou.dtype == np.float32
+    a32, b32 = a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+    want = np.array([[reference_iou(x, y) for y in b32] for x in a32])
+    np.testing.assert_allclose(iou, want, rtol=1e-5, atol=1e-6)
+    assert box_iou(np.zeros((0, 4)), b).shape == (0, 9)
+
+
+def test_box_iou_stacked_is_box_iou_of_each_pair_to_the_bit() -> None:
+    rng = np.random.default_rng(7)
+    a = np.stack([random_boxes(rng, 20), random_boxes(rng, 20)])
+    b = np.stack([random_boxes(rng, 15), random_boxes(rng, 15)])
+    stacked = box_iou_stacked(a, b)
+    assert stacked.shape == (2, 20, 15)
+    for k in range(2):
+        assert np.array_equal(stacked[k], box_iou(a[k], b[k]))
+    assert box_iou_stacked(np.zeros((2, 0, 4)), b).shape == (2, 0, 15)
+    with pytest.raises(ValueError, match="K, N, 4"):
+        box_iou_stacked(a[0], b[0])
+    with pytest.raises(ValueError, match="K, N, 4"):
+        box_iou_stacked(a, b[:1])
