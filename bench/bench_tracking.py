@@ -11,18 +11,28 @@ tail is mostly waiting for a core), the wall-clock p99's ratio to the 1 ms budge
 and how well identities held
 (distinct confirmed track ids per object over its life; 1.00 is perfect).
 
+With ``--against REV`` the tracker of git revision REV (``perception/tracking`` and
+``perception/boxes.py`` as they were there) runs beside today's, on the same detections, the
+two alternating within every frame: on a machine whose speed drifts by half from one run to
+the next, only this comparison is fair. Printed: each one's p50 / p99 and the ratios, and the
+frames where their track ids differ (0 for a change meant to be a pure speed-up).
+
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine.
 
-    .venv/bin/python -m bench.bench_tracking [--sizes 10 50 100] [--frames 900] [--seed 0] [--json OUT]
+    .venv/bin/python -m bench.bench_tracking [--sizes 10 50 100] [--frames 900] [--seed 0] [--against REV] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -77,11 +87,75 @@ class Scene:
         return det, self.keys[seen]
 
 
+REPO = Path(__file__).resolve().parents[1]
+_REF_PACKAGE = "_ref_tracking"
+
+
+def load_reference(rev: str, into: Path) -> Any:
+    """The ``perception.tracking`` package of git revision ``rev``, with the ``perception.boxes``
+    of that revision, imported as ``_ref_tracking`` from a copy under ``into``."""
+    def show(path: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
+                              capture_output=True, text=True).stdout
+
+    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", rev, "perception/tracking/"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    package = into / _REF_PACKAGE
+    package.mkdir()
+    files = [(n, Path(n).name) for n in names if n.endswith(".py")] + [("perception/boxes.py", "_boxes.py")]
+    for path, target in files:
+        text = show(path).replace("perception.tracking", _REF_PACKAGE)
+        text = text.replace("perception.boxes", f"{_REF_PACKAGE}._boxes")
+        (package / target).write_text(text)
+    sys.path.insert(0, str(into))
+    return importlib.import_module(_REF_PACKAGE)
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Today's tracker and the one at ``args.against`` on the same frames, alternating first."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = load_reference(args.against, Path(tmp))
+        rows = []
+        for n in args.sizes:
+            scene = Scene(n, np.random.default_rng([args.seed, n]))
+            ours, theirs = Tracker(TrackerConfig()), ref.Tracker(ref.TrackerConfig())
+            times: dict[str, list[int]] = {"ours": [], "ref": []}
+            differ = 0
+            t_ns = 1_700_000_000_000_000_000
+            for frame in range(WARMUP_FRAMES + args.frames):
+                t_ns += FRAME_NS
+                det, _ = scene.step(FRAME_NS / 1e9)
+                order = (("ours", ours), ("ref", theirs)) if frame % 2 else (("ref", theirs), ("ours", ours))
+                out = {}
+                for name, tracker in order:
+                    start = time.perf_counter_ns()
+                    out[name] = tracker.update(det, t_ns)
+                    if frame >= WARMUP_FRAMES:
+                        times[name].append(time.perf_counter_ns() - start)
+                if frame >= WARMUP_FRAMES:
+                    differ += not np.array_equal(out["ours"].track_ids, out["ref"].track_ids)
+            row: dict[str, Any] = {"detections": n, "frames": args.frames, "frames_with_other_ids": differ}
+            for name, ts in times.items():
+                ms = np.asarray(ts, np.float64) / 1e6
+                row[f"{name}_p50_ms"] = float(np.percentile(ms, 50))
+                row[f"{name}_p99_ms"] = float(np.percentile(ms, 99))
+            rows.append(row)
+    print(f"\ntracker update per frame, today's vs {args.against}'s, alternating within each frame")
+    print("| detections | p50 ms | ref p50 ms | p50 ratio | p99 ms | ref p99 ms | p99 ratio | frames with other ids |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['detections']} | {r['ours_p50_ms']:.3f} | {r['ref_p50_ms']:.3f} "
+              f"| {r['ours_p50_ms'] / r['ref_p50_ms']:.2f}x | {r['ours_p99_ms']:.3f} | {r['ref_p99_ms']:.3f} "
+              f"| {r['ours_p99_ms'] / r['ref_p99_ms']:.2f}x | {r['frames_with_other_ids']} |")
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_tracking", description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100], help="detections per frame")
     p.add_argument("--frames", type=int, default=900, help="frames per scene (30 fps; after a 30-frame warm-up)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--against", metavar="REV", help="also run the tracker of this git revision beside today's")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     return p
 
@@ -131,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['detections']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['max_ms']:.3f} "
               f"| {r['cpu_p50_ms']:.3f} | {r['cpu_p99_ms']:.3f} | {r['p99_of_budget']:.2f}x "
               f"| {r['ids_per_object']:.2f} |")
+    against = compare(args) if args.against else None
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "against": against}, indent=2) + "\n")
     return 0
 
 
