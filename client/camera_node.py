@@ -143,6 +143,7 @@ class CameraWorker:
         self._session: StreamSession | None = None
         self._ring: ShmRing | None = None  # --encode shm: made at the first frame, sized to it
         self._past_server_reconnects = 0
+        self._session_lock = threading.Lock()  # _session and _past_server_reconnects, together
         self._limit = limit or MessageLimit(client, config.options)
         # A cause that recurs at every frame (a stream ended by the same error, frames over the
         # message limit) is logged once per REPEAT_LOG_S, not once per frame.
@@ -168,9 +169,10 @@ class CameraWorker:
             log.warning("%s: still busy after %.1fs; leaving it", self.camera_id, timeout)
 
     def summary(self) -> CameraSummary:
-        session = self._session
+        with self._session_lock:  # a retired session's reconnects are in the past count, once
+            session, past = self._session, self._past_server_reconnects
         live = session.reconnects if session is not None else 0
-        return self.stats.summary(self._slot.overwritten, self._past_server_reconnects + live)
+        return self.stats.summary(self._slot.overwritten, past + live)
 
     # -- capture thread ------------------------------------------------------------------
 
@@ -248,15 +250,27 @@ class CameraWorker:
                     if again is not None:
                         log.error("%s: frame %d: %s%s", self.camera_id, frame.sequence, too_large, again)
                     continue
-                try:
-                    if session.send(frame, timeout=_POLL_S):
-                        self.stats.count("sent")
-                except PerceptionError:  # the session gave up on the server
-                    session = self._replace(session)
-                except Exception as exc:
-                    self._failed(frame.sequence, exc)
+                session = self._send(session, frame)
         finally:
             self._finish(session)
+
+    def _send(self, session: StreamSession, frame: SourceFrame) -> StreamSession:
+        """Send ``frame``; the session to go on with. When the session has given up on the
+        server, a new one takes its place and the frame goes first on it (it is the newest
+        frame: it used to be in no count at all)."""
+        for _ in range(2):
+            try:
+                if session.send(frame, timeout=_POLL_S):
+                    self.stats.count("sent")
+                return session
+            except PerceptionError as exc:  # the session gave up on the server
+                session = self._replace(session)
+                error: Exception = exc
+            except Exception as exc:
+                self._failed(frame.sequence, exc)
+                return session
+        self._failed(frame.sequence, error)  # a new stream that gave up at once, too
+        return session
 
     def _failed(self, sequence: int, exc: Exception) -> None:
         """A frame that could not be sent for a reason of this node's own: counted ``failed``,
@@ -313,8 +327,10 @@ class CameraWorker:
             self._slot.poke()  # the window has room again
 
     def _new_session(self) -> StreamSession:
-        self._session = self._client.stream(self._on_result, self._config.options, name=self.camera_id)
-        return self._session
+        session = self._client.stream(self._on_result, self._config.options, name=self.camera_id)
+        with self._session_lock:
+            self._session = session
+        return session
 
     def _replace(self, session: StreamSession) -> StreamSession:
         reason = str(session.error or "stream ended")
@@ -333,7 +349,10 @@ class CameraWorker:
         session.abort()
         session.join(self._config.stop_timeout_s)
         self.stats.count("lost", len(session.lost))
-        self._past_server_reconnects += session.reconnects
+        with self._session_lock:
+            self._past_server_reconnects += session.reconnects
+            if self._session is session:
+                self._session = None
 
     def _finish(self, session: StreamSession) -> None:
         try:
@@ -341,7 +360,6 @@ class CameraWorker:
         except PerceptionError as exc:
             log.warning("%s: at stop: %s", self.camera_id, exc)
         self._retire(session)
-        self._session = None
         if self._ring is not None:
             self._ring.close()
             self._ring = None

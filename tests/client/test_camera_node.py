@@ -24,7 +24,7 @@ import pytest
 
 from client import camera_cli
 from client.sources.live_source import opencv_has_gstreamer
-from perception.errors import ConfigError
+from perception.errors import ConfigError, PerceptionError
 from tests.client import recordings as R
 from tests.client.mjpeg_server import MjpegCamera
 from tests.conftest import REPO_ROOT
@@ -398,3 +398,90 @@ def test_a_frame_the_node_cannot_send_is_counted_and_the_camera_goes_on(
     assert s["failed"] >= 1 and s["ok"] >= 10 and s["lost"] == 0, s
     told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert told and "not sent: ValueError" in told[0], told
+
+
+class _FakeSession:
+    """Stands in for a StreamSession in the sender's bookkeeping: ``gave_up`` makes ``send``
+    raise as a session that gave up on the server does."""
+
+    def __init__(self, gave_up: bool, reconnects: int = 0) -> None:
+        self.gave_up, self.reconnects = gave_up, reconnects
+        self.sent: list[Any] = []
+        self.error = PerceptionError("server a:1: gave up") if gave_up else None
+        self.lost: list[Any] = []
+
+    def send(self, frame: Any, timeout: float | None = None) -> bool:
+        if self.gave_up:
+            raise PerceptionError("server a:1: gave up")
+        self.sent.append(frame)
+        return True
+
+    def abort(self, reason: Any = None) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> bool:
+        return True
+
+
+def _bare_worker(monkeypatch: pytest.MonkeyPatch, sessions: list[_FakeSession]) -> Any:
+    """A CameraWorker without threads or a server, its new streams taken from ``sessions``."""
+    import types
+
+    from client import camera_node as cn
+    from client.camera_stats import CameraStats
+    from client.latest_frame import LatestFrame
+
+    worker: Any = object.__new__(cn.CameraWorker)
+    worker.camera_id = "front"
+    worker.stats = CameraStats("front", "test")
+    worker._slot = LatestFrame()
+    worker._config = types.SimpleNamespace(stop_timeout_s=1.0)
+    worker._replaced_log, worker._failed_log = cn.RepeatedLog(), cn.RepeatedLog()
+    worker._session_lock = threading.Lock()
+    worker._session, worker._past_server_reconnects = None, 0
+    queue = iter(sessions)
+
+    def new_session() -> Any:
+        s = next(queue)
+        with worker._session_lock:
+            worker._session = s
+        return s
+
+    monkeypatch.setattr(worker, "_new_session", new_session, raising=False)
+    return worker
+
+
+def test_the_frame_taken_when_the_stream_gave_up_goes_first_on_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to be in no count: neither sent, nor lost, nor failed."""
+    from client.frames import SourceFrame
+
+    dead, fresh = _FakeSession(gave_up=True, reconnects=3), _FakeSession(gave_up=False)
+    worker = _bare_worker(monkeypatch, [dead, fresh])
+    first = worker._new_session()
+    frame = SourceFrame("front", 7, 0, encoded=b"x")
+    assert worker._send(first, frame) is fresh
+    assert fresh.sent == [frame]
+    s = worker.summary()
+    assert s.sent == 1 and s.failed == 0
+    assert s.server_reconnects == 3  # the retired stream's reconnects, counted once
+
+
+def test_a_retired_streams_reconnects_are_counted_once_while_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between retiring a stream and opening the next, the summary counted the old stream's
+    reconnects twice: once as past, once as the live stream's."""
+    old = _FakeSession(gave_up=True, reconnects=2)
+    worker = _bare_worker(monkeypatch, [old])
+    worker._new_session()
+    worker._retire(old)
+    assert worker.summary().server_reconnects == 2
+
+
+def test_a_frame_no_new_stream_takes_is_counted_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.frames import SourceFrame
+
+    worker = _bare_worker(monkeypatch, [_FakeSession(gave_up=True), _FakeSession(gave_up=True),
+                                        _FakeSession(gave_up=False)])
+    first = worker._new_session()
+    worker._send(first, SourceFrame("front", 1, 0, encoded=b"x"))
+    s = worker.summary()
+    assert s.sent == 0 and s.failed == 1 and "gave up" in s.last_error
