@@ -19,7 +19,6 @@ camera on ``/<camera>/image`` and ``/<camera>/detections`` (client.sinks.mcap_an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -27,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -223,6 +221,7 @@ def main(argv: list[str]) -> int:
 
     sinks: list[Any] = []
     client = DetectorClient(config)
+    sigterm = _SigtermAsInterrupt()
     try:
         client.wait_ready()
         info = client.model_info()
@@ -251,13 +250,18 @@ def main(argv: list[str]) -> int:
         replay_config = ReplayConfig(pacing=pacing, options=options, keep_results=keep)
         replay = Replay(client, source, replay_config, sinks, on_progress)
         try:
-            with _sigterm_as_interrupt() as terminated:
-                outcome = replay.run()
+            sigterm.install()
+            outcome = replay.run()
         finally:
+            sigterm.raising = False  # from here on SIGTERM is only noted: the sinks must finish
             bar.close()
     finally:
-        close_error = _close_sinks(sinks)
-        client.close()
+        try:
+            close_error = _close_sinks(sinks)
+            client.close()
+        finally:
+            sigterm.restore()
+    terminated = sigterm.came
 
     summary = outcome.stats.as_dict()
     summary["source"] = str(args.source)
@@ -302,28 +306,42 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+class _SigtermAsInterrupt:
     """SIGTERM (docker stop, systemd, timeout) ends the replay as Ctrl-C does: every frame gets
     its record and --mcap-out is finished, where the default action killed the process at once.
-    Yields a list that holds True once SIGTERM came. Only the main thread can install a handler:
-    elsewhere (main() called from a thread) SIGTERM keeps its action."""
-    came: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield came
-        return
 
-    def on_term(signum: int, _frame: Any) -> None:
-        if not came:
-            came.append(True)
+    ``install()`` (just before the replay runs) sets the handler: while ``raising``, the first
+    SIGTERM raises KeyboardInterrupt in the main thread. The caller clears ``raising`` once the
+    replay has returned, and the handler stays until ``restore()``, after the sinks are closed:
+    a SIGTERM while they finish (an MCAP file's summary and rename) is only noted, where the
+    default action would leave the file unfinished. A second SIGTERM while the replay drains its
+    answers is noted too: the replay is already stopping. ``came``: SIGTERM arrived. Only the
+    main thread can install a handler: elsewhere (main() called from a thread) SIGTERM keeps its
+    action."""
+
+    def __init__(self) -> None:
+        self.came = False
+        self.raising = True
+        self._previous: Any = None
+        self._installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        self._installed = True
+
+    def restore(self) -> None:
+        if self._installed:
+            # None: the handler before was not installed from Python; the default is the closest.
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def _on_term(self, signum: int, _frame: Any) -> None:
+        first = not self.came
+        self.came = True
+        if first and self.raising:
             raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield came
-    finally:
-        # None: the handler before was not installed from Python; the default is the closest.
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _close_sinks(sinks: list[Any]) -> PerceptionError | None:

@@ -227,6 +227,31 @@ def test_ctrl_c_or_sigterm_mid_replay_accounts_for_every_frame(
     assert s["frames_source"] == s["frames_sent"] + s["frames_not_sent"] == 200
 
 
+def test_sigterm_while_the_sinks_close_is_only_noted() -> None:
+    """The replay's SIGTERM handler: the first SIGTERM stops the replay (KeyboardInterrupt);
+    once the replay has returned, one while the sinks finish (an MCAP file's summary and
+    rename) is noted and does not kill the process, until the handler before is restored."""
+    import os
+
+    from client.replay_cli import _SigtermAsInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    term = _SigtermAsInterrupt()
+    term.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs between bytecodes of the main thread
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one while the replay drains: noted
+        term.raising = False
+        os.kill(os.getpid(), signal.SIGTERM)  # while the sinks close: noted
+        time.sleep(0.05)
+        assert term.came
+    finally:
+        term.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 class _InterruptedWhileReading:
     """A recording whose first pass is broken off by Ctrl-C while frame ``at`` is being read."""
 
