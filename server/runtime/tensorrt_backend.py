@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long deactivate() waits for a batch in progress. Not measured: a policy, far over any
+# batch of a detector this size (milliseconds) and under a supervisor's stop timeout (systemd's
+# default is 90 s), so a hung driver call cannot keep the server from stopping.
+DEACTIVATE_WAIT_S = 30.0
+
 
 class TensorRTBackend:
     """Runs one TensorRT engine on one GPU: input (B, 3, H, W) float32 -> every output by name."""
@@ -161,20 +166,32 @@ class TensorRTBackend:
     def deactivate(self) -> None:
         # Under the inference lock: a batch that looked this backend up before a recovery or a
         # swap replaced it finishes on live buffers, and the next one finds it deactivated.
-        with self._infer_lock:
-            if self._engine is None:
-                return
-            from server.runtime.cuda import cudart
+        # A batch hung in the driver would hold the lock for ever, and with it a swap, a
+        # recovery or the server's shutdown: after DEACTIVATE_WAIT_S the buffers are left to the
+        # process's end instead (freeing them under a running kernel is worse than leaking them).
+        if not self._infer_lock.acquire(timeout=DEACTIVATE_WAIT_S):
+            log.error("TensorRT engine %s: a batch has run for over %.0f s; leaving its GPU memory allocated",
+                      self.path, DEACTIVATE_WAIT_S)
+            return
+        try:
+            self._release()
+        finally:
+            self._infer_lock.release()
 
-            rt = cudart()
-            self._context = None  # before its engine: a context must not outlive the engine it came from
-            self._engine = None
-            for ptr, _ in self._buffers.values():
-                rt.cudaFree(ptr)
-            self._buffers.clear()
-            if self._stream is not None:
-                rt.cudaStreamDestroy(self._stream)
-            self._stream = None
+    def _release(self) -> None:
+        if self._engine is None:
+            return
+        from server.runtime.cuda import cudart
+
+        rt = cudart()
+        self._context = None  # before its engine: a context must not outlive the engine it came from
+        self._engine = None
+        for ptr, _ in self._buffers.values():
+            rt.cudaFree(ptr)
+        self._buffers.clear()
+        if self._stream is not None:
+            rt.cudaStreamDestroy(self._stream)
+        self._stream = None
 
 
 def _shape(dims: trt.Dims) -> tuple[int, ...]:

@@ -233,3 +233,37 @@ def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path) -> None:
     quota.write_text("garbage\n")
     assert usable_cores(str(quota)) == affinity
     assert usable_cores(str(tmp_path / "absent")) == affinity
+
+
+def test_tensorrt_deactivate_does_not_wait_for_ever_behind_a_hung_batch(monkeypatch, caplog):
+    """A batch hung in the driver holds the inference lock; deactivate (a swap, a recovery, the
+    server's shutdown) gives up after DEACTIVATE_WAIT_S, leaving the GPU memory allocated,
+    instead of hanging with it. No GPU needed: the lock is held as a hung batch would hold it."""
+    import threading
+    import time
+
+    from server.runtime import tensorrt_backend as tb
+
+    monkeypatch.setattr(tb, "DEACTIVATE_WAIT_S", 0.2)
+    backend = tb.TensorRTBackend("model.engine", None)
+    backend._engine = object()  # type: ignore[assignment]  # "activated": deactivate has work to do
+    hung = threading.Event()
+    release = threading.Event()
+
+    def batch() -> None:
+        with backend._infer_lock:
+            hung.set()
+            release.wait(10)
+
+    t = threading.Thread(target=batch)
+    t.start()
+    try:
+        assert hung.wait(5)
+        start = time.monotonic()
+        backend.deactivate()
+        assert 0.15 <= time.monotonic() - start < 5
+    finally:
+        release.set()
+        t.join(5)
+    assert backend._engine is not None  # nothing was freed under the running batch
+    assert any("leaving its GPU memory allocated" in r.getMessage() for r in caplog.records)
