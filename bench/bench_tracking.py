@@ -15,7 +15,8 @@ With ``--against REV`` the tracker of git revision REV (``perception/tracking`` 
 ``perception/boxes.py`` as they were there) runs beside today's, on the same detections, the
 two alternating within every frame: on a machine whose speed drifts by half from one run to
 the next, only this comparison is fair. Printed: each one's p50 / p99 and the ratios, and the
-frames where their track ids differ (0 for a change meant to be a pure speed-up).
+frames where their tracks differ (ids, states, restarts; 0 for a change meant to be a pure
+speed-up).
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine.
 
@@ -25,12 +26,14 @@ Not a test: nothing is asserted. Timings swing with other jobs on a shared machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +94,27 @@ REPO = Path(__file__).resolve().parents[1]
 _REF_PACKAGE = "_ref_tracking"
 
 
-def load_reference(rev: str, into: Path) -> Any:
+@contextlib.contextmanager
+def reference_tracking(rev: str) -> Iterator[Any]:
     """The ``perception.tracking`` package of git revision ``rev``, with the ``perception.boxes``
-    of that revision, imported as ``_ref_tracking`` from a copy under ``into``."""
+    of that revision, imported as ``_ref_tracking`` from a temporary copy; on leaving, the copy,
+    its ``sys.path`` entry and its modules are gone (a second revision loads afresh)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _forget_reference()
+        sys.path.insert(0, tmp)
+        try:
+            yield _load_reference(rev, Path(tmp))
+        finally:
+            sys.path.remove(tmp)
+            _forget_reference()
+
+
+def _forget_reference() -> None:
+    for name in [m for m in sys.modules if m == _REF_PACKAGE or m.startswith(f"{_REF_PACKAGE}.")]:
+        del sys.modules[name]
+
+
+def _load_reference(rev: str, into: Path) -> Any:
     def show(path: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
                               capture_output=True, text=True).stdout
@@ -107,14 +128,14 @@ def load_reference(rev: str, into: Path) -> Any:
         text = show(path).replace("perception.tracking", _REF_PACKAGE)
         text = text.replace("perception.boxes", f"{_REF_PACKAGE}._boxes")
         (package / target).write_text(text)
-    sys.path.insert(0, str(into))
+    importlib.invalidate_caches()
     return importlib.import_module(_REF_PACKAGE)
 
 
 def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Today's tracker and the one at ``args.against`` on the same frames, alternating first."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = load_reference(args.against, Path(tmp))
+    """Today's tracker and the one at ``args.against`` on the same frames, alternating first;
+    a frame differs when its track ids, states or restart flag do (warm-up frames included)."""
+    with reference_tracking(args.against) as ref:
         rows = []
         for n in args.sizes:
             scene = Scene(n, np.random.default_rng([args.seed, n]))
@@ -132,21 +153,23 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                     out[name] = tracker.update(det, t_ns)
                     if frame >= WARMUP_FRAMES:
                         times[name].append(time.perf_counter_ns() - start)
-                if frame >= WARMUP_FRAMES:
-                    differ += not np.array_equal(out["ours"].track_ids, out["ref"].track_ids)
-            row: dict[str, Any] = {"detections": n, "frames": args.frames, "frames_with_other_ids": differ}
+                a, b = out["ours"], out["ref"]
+                differ += not (np.array_equal(a.track_ids, b.track_ids) and a.restarted == b.restarted
+                               and [str(s) for s in a.states] == [str(s) for s in b.states])
+            row: dict[str, Any] = {"detections": n, "frames": args.frames, "frames_with_other_tracks": differ}
             for name, ts in times.items():
                 ms = np.asarray(ts, np.float64) / 1e6
                 row[f"{name}_p50_ms"] = float(np.percentile(ms, 50))
                 row[f"{name}_p99_ms"] = float(np.percentile(ms, 99))
             rows.append(row)
     print(f"\ntracker update per frame, today's vs {args.against}'s, alternating within each frame")
-    print("| detections | p50 ms | ref p50 ms | p50 ratio | p99 ms | ref p99 ms | p99 ratio | frames with other ids |")
+    print("| detections | p50 ms | ref p50 ms | p50 ratio | p99 ms | ref p99 ms | p99 ratio "
+          "| frames with other tracks |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['detections']} | {r['ours_p50_ms']:.3f} | {r['ref_p50_ms']:.3f} "
               f"| {r['ours_p50_ms'] / r['ref_p50_ms']:.2f}x | {r['ours_p99_ms']:.3f} | {r['ref_p99_ms']:.3f} "
-              f"| {r['ours_p99_ms'] / r['ref_p99_ms']:.2f}x | {r['frames_with_other_ids']} |")
+              f"| {r['ours_p99_ms'] / r['ref_p99_ms']:.2f}x | {r['frames_with_other_tracks']} |")
     return rows
 
 

@@ -30,6 +30,8 @@ def match_by_iou(
     m = np.asarray(iou, dtype=np.float64)
     if m.ndim != 2:
         raise ValueError(f"iou must be a 2-D matrix, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("iou must be finite")
     rows, cols = np.nonzero(m >= min_iou)
     return match_pairs(rows, cols, m[rows, cols], min_iou)
 
@@ -39,8 +41,9 @@ def match_pairs(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """``match_by_iou`` on a sparse matrix: the candidate pairs (``rows[k]``, ``cols[k]``) with
     IoU ``iou[k]``, in row-major order (rows ascending, then columns; as ``np.nonzero`` gives),
-    each pair at most once; a pair not listed has IoU 0. Returns the matched pairs, rows
-    ascending.
+    each pair at most once (not checked: the tracker's pairs come from ``np.nonzero``, and a
+    check would cost what this saves); a pair not listed has IoU 0. Returns the matched pairs,
+    rows ascending.
 
     When no row and no column is in two allowed pairs, every allowed pair is the optimum and
     no solver runs (the common case in a sparse scene). Otherwise the solver gets the dense

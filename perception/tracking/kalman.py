@@ -18,10 +18,10 @@ coordinate with its own rate, H reads each coordinate alone, and the initial, pr
 measurement noises are diagonal, so every covariance the filter makes is zero outside four 2x2
 blocks (coordinate k, rate k). Row ``cov[:, 0]`` holds the four position variances, ``cov[:, 1]``
 the position-rate covariances, ``cov[:, 2]`` the rate variances, and the filter is four scalar
-filters run side by side: the same numbers as the 8x8 matrix form (a test checks every entry)
-without its batched matrix products and solve, which were about a quarter of a tracker update
-at 50 detections under the profiler; the blocks cost a third of that. ``full_covariance``
-gives the 8x8 matrices.
+filters run side by side: the numbers of the 8x8 matrix form to rounding (the operations come
+in another order; a test checks every entry) without its batched matrix products and solve,
+which were about a quarter of a tracker update at 50 detections under the profiler; the
+blocks cost a third of that. ``full_covariance`` gives the 8x8 matrices.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ stream that reconnects finds its camera's tracks). A camera not updated for ``tt
 pool's monotonic clock, not the cameras' capture clocks) is forgotten, and so is the least
 recently updated one when a new camera would exceed ``max_cameras``: a client inventing camera
 ids cannot grow the table. Each tracker holds at most ``max_tracks`` tracks, so the pool's
-memory is bounded by ``max_cameras * max_tracks`` tracks (about 600 bytes each: an 8x8
-float64 covariance and an 8-vector, mostly).
+memory is bounded by ``max_cameras * max_tracks`` tracks (about 200 bytes each: a 3x4
+float64 covariance block and an 8-vector, mostly).
 
 Thread-safe: the pool's lock covers only the table (lookup, recency, eviction); each camera's
 frames are stepped under that camera's own lock, one at a time, so no camera waits for another

@@ -193,6 +193,8 @@ def test_match_by_iou_keeps_one_confident_pair_over_two_marginal_ones() -> None:
 def test_match_by_iou_empty_and_gated() -> None:
     assert match_by_iou(np.zeros((0, 3)), 0.2)[0].size == 0
     assert match_by_iou(np.full((2, 2), 0.1), 0.2)[0].size == 0
+    with pytest.raises(ValueError, match="finite"):
+        match_by_iou(np.array([[np.inf, 0.5]]), 0.2)
     rows, cols = match_by_iou(np.array([[0.2]]), 0.2)  # the gate is inclusive
     assert rows.tolist() == [0] and cols.tolist() == [0]
 
