@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--admin-host", help="admin service bind address (default 127.0.0.1)")
     a("--admin-token-file", help="file with the admin service's bearer tokens, one per line")
     a("--probation-s", type=float, help="seconds a swapped-in model is watched for automatic rollback")
+    a("--probation-max-error-rate", type=float,
+      help="share of failed batches in probation past which the new model is rolled back (default 0.2)")
     a("--degrade", choices=("off", "auto"), help="auto: serve a faster gated variant under sustained load")
     a("--degrade-p99-budget-ms", type=float, help="with --degrade auto: OK-frame p99 budget (0 = shedding only)")
     a("--degrade-window-s", type=float, help="with --degrade auto: the load window, seconds (default 2)")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")
     a("--max-streams", type=int, help="open StreamDetect calls in all (default 32)")
+    a("--max-workers", type=int, help="gRPC handler threads for unary calls and health checks, beside one per "
+      "stream (default 16)")
     a("--max-streams-per-peer", type=int, help="open StreamDetect calls per client address (default 8)")
     a("--stream-idle-timeout-s", type=float, help="end a stream that sent nothing this long (default 60)")
     a("--invalid-backoff-max-s", type=float,

@@ -57,3 +57,18 @@ def test_max_camera_labels_default_and_validation():
     assert ServerConfig(model="m.json").max_camera_labels == 32
     with pytest.raises(ConfigError, match="max_camera_labels"):
         ServerConfig(model="m.json", max_camera_labels=-1)
+
+
+def test_every_serve_flag_is_a_setting_and_the_documented_ones_exist():
+    """Each `perception serve` flag sets the setting of its name; the flags the docs name for
+    the unary handler threads and the probation error rate exist (they were documented while
+    only the config file and PERCEPTION_* could set them)."""
+    from server.cli import _flags, build_parser
+
+    args = build_parser().parse_args(["--model", "m.json", "--max-workers", "3", "--probation-max-error-rate", "0.5"])
+    cfg = load_config(_flags(args), env={})
+    assert cfg.max_workers == 3 and cfg.probation_max_error_rate == 0.5
+    fields = set(ServerConfig.__dataclass_fields__)
+    # --admin-token-file is read into the admin_tokens setting
+    dests = {a.dest for a in build_parser()._actions if a.dest not in ("help", "config", "admin_token_file")}
+    assert dests <= fields, sorted(dests - fields)
