@@ -34,6 +34,9 @@ COPY models/default/ /
 FROM --platform=$BUILDPLATFORM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG CHECKPOINT_FILE=detector.pt
+# The pruned twin, built and gated beside it (its pruned_int8 is the shipped default variant,
+# as in `make demo`); --build-arg PRUNED_FILE= for a checkpoint that has none.
+ARG PRUNED_FILE=detector_pruned.pt
 ARG MODEL_NAME=default
 # Extra flags for `perception build`, e.g. --build-arg BUILD_FLAGS="--continue-on-fail".
 ARG BUILD_FLAGS=""
@@ -60,7 +63,8 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
     && python -m grpc_tools.protoc -Iproto/kserve --python_out=perception/v1 --pyi_out=perception/v1 \
         proto/kserve/grpc_predict_v2.proto
 RUN --mount=type=bind,from=checkpoint,target=/checkpoint \
-    perception build --checkpoint "/checkpoint/${CHECKPOINT_FILE}" --name "${MODEL_NAME}" \
+    perception build --checkpoint "/checkpoint/${CHECKPOINT_FILE}" \
+        ${PRUNED_FILE:+--pruned "/checkpoint/${PRUNED_FILE}"} --name "${MODEL_NAME}" \
         --out /artifacts/default ${BUILD_FLAGS} \
     && test -f /artifacts/default/manifest.json
 
@@ -130,9 +134,10 @@ RUN groupadd --system --gid 10001 perception \
         --shell /usr/sbin/nologin perception
 # Artifacts stay root-owned: the service reads them and can never rewrite them.
 COPY --from=build /artifacts/default /models/default
+# No PERCEPTION_THREADS: the server sizes inference to the container's cores (on a CPU, one
+# one-thread run per core, measured faster than one run on every core: docs/performance.md).
 ENV PATH=/opt/perception/venv/bin:$PATH \
-    PERCEPTION_BACKENDS=onnxruntime-cpu \
-    PERCEPTION_THREADS=2
+    PERCEPTION_BACKENDS=onnxruntime-cpu
 WORKDIR /
 USER 10001:10001
 EXPOSE 50051 9108

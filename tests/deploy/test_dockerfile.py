@@ -83,10 +83,14 @@ def test_build_stage_installs_cpu_torch_generates_stubs_and_builds(dockerfile: D
     defaults = {i.args.split("=", 1)[0]: i.args.split("=", 1)[1].strip('"') for i in build.of("ARG") if "=" in i.args}
     command = build_run.split("&&")[0]
     command = command[command.index("perception build") :]
-    for name, value in defaults.items():
+    for name, value in defaults.items():  # ${NAME:+WORD}: WORD when NAME is set (bash), then ${NAME}
+        command = re.sub(r"\$\{" + name + r":\+([^}]*\}[^}]*)\}", r"\1" if value else "", command)
         command = command.replace("${" + name + "}", value)
     argv = shlex.split(command)
     assert argv[argv.index("--out") + 1] == "/artifacts/default"
+    # the pruned twin is built beside the checkpoint, as `make demo` does: the shipped default variant
+    assert argv[argv.index("--pruned") + 1] == "/checkpoint/detector_pruned.pt"
+    assert (REPO_ROOT / "models/default/detector_pruned.pt").is_file()
     parse_perception_argv(argv)
 
 
