@@ -17,11 +17,13 @@ protocol (a datagram to ``$NOTIFY_SOCKET``; no libsystemd needed):
 * ``STOPPING=1`` on SIGTERM, which is forwarded to the server (it answers in-flight frames
   and exits 0 within its grace period); the supervisor exits with the server's exit code.
 
-``--auth-token-file F`` is appended to the server command as ``--auth-token-file F``. It is a
-stop-gap: the unit hands the server its credential paths as ``PERCEPTION_*`` settings
-(``Environment=PERCEPTION_TLS_CERT=%d/tls.crt``), but ``perception serve`` reads a token file
-only from its command line; once it has a ``PERCEPTION_AUTH_TOKEN_FILE`` setting, the unit
-sets that instead and this option goes.
+* SIGHUP is passed on to the server, which reloads its model (``systemctl reload``,
+  ``ExecReload=``); the supervisor's default action would have ended it, and the service.
+
+``--auth-token-file F`` is appended to the server command as ``--auth-token-file F``. The unit
+no longer uses it: it hands the server every credential path as a ``PERCEPTION_*`` setting
+(``Environment=PERCEPTION_AUTH_TOKEN_FILE=%d/tokens``); the option stays for units written
+with it.
 
 Without ``$NOTIFY_SOCKET`` (run by hand, in a container) it simply execs the command.
 Dependencies: the standard library, and grpcio + grpcio-health-checking for the check
@@ -133,8 +135,12 @@ def supervise(
         notify("STOPPING=1")
         child.send_signal(signum)
 
+    def reload(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     reader = threading.Thread(target=pump_stderr, name="stderr-pump", daemon=True)
     reader.start()
 

@@ -186,11 +186,12 @@ def test_unit_loads_tls_and_tokens_as_credentials_placed_by_the_readme() -> None
     assert credential_id(env["PERCEPTION_TLS_KEY"], "%d/") in creds
     argv = shlex.split(unit["Service"]["ExecStart"][0])
     supervisor = _load_supervisor().build_parser().parse_args(argv[2 : argv.index("--")])
-    tokens_id = credential_id(supervisor.auth_token_file, "${CREDENTIALS_DIRECTORY}/")
+    tokens_id = credential_id(env["PERCEPTION_AUTH_TOKEN_FILE"], "%d/")
     ca_id = credential_id(supervisor.tls_ca, "${CREDENTIALS_DIRECTORY}/")
     assert {tokens_id, ca_id} <= set(creds), "the token file and the watchdog's CA are credentials"
     assert "PERCEPTION_AUTH_TOKENS" not in {**env, **env_file}
-    assert not {"PERCEPTION_TLS_CERT", "PERCEPTION_TLS_KEY"} & set(env_file), "would override the credentials"
+    assert not {"PERCEPTION_TLS_CERT", "PERCEPTION_TLS_KEY", "PERCEPTION_AUTH_TOKEN_FILE"} & set(env_file), (
+        "would override the credentials")
     for settings in (env, env_file):
         assert not secrets_in("\n".join(f"{k}={v}" for k, v in settings.items()))
     # /metrics is plain HTTP without auth: loopback on a vehicle.
@@ -250,8 +251,20 @@ def test_unit_serves_tls_and_tokens_from_its_credentials(tmp_path: Path, tiny_ma
             notify.wait_for("never", 0.3)
         assert sum("WATCHDOG=1" in m for m in notify.messages) >= 2, "the watchdog's TLS health check fails"
         assert_tls_and_token_required(address, pki)
+        # `systemctl reload` (ExecReload= sends SIGHUP to the supervisor): passed on, the
+        # server reloads its model and goes on serving; it used to end the supervisor.
+        assert "kill -HUP $MAINPID" in unit["Service"]["ExecReload"][0]
+        pings = sum("WATCHDOG=1" in m for m in notify.messages)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while sum("WATCHDOG=1" in m for m in notify.messages) < pings + 2 and time.monotonic() < deadline:
+            notify.wait_for("never", 0.3)
+        assert proc.poll() is None, "SIGHUP ended the service"
+        assert sum("WATCHDOG=1" in m for m in notify.messages) >= pings + 2, "not serving after the reload"
+        assert_tls_and_token_required(address, pki)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        assert "SIGHUP reload" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
