@@ -17,10 +17,15 @@ PROTO_OUT := perception/v1/detector_pb2.py perception/v1/grpc_predict_v2_pb2.py
 
 setup: $(STAMP) $(PROTO_OUT)
 
+# torch==2.13.0: PyPI's Linux wheel is the CUDA build (GBs). Where no CPU wheel of it is at hand
+# (these machines have one), TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build.
+TORCH_INDEX_URL ?=
+PIP_TORCH := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "make: cannot create $(VENV): $(PYTHON) needs its venv module (Debian / Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[test]'
 	touch $(STAMP)
 
 # Python stubs are generated from the contract, never edited by hand.
