@@ -18,12 +18,24 @@ if [[ ! -f pyproject.toml || ! -d proto/perception/v1 ]]; then
     exit 2
 fi
 
+prefix="$("$python" -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "$prefix")"  # we cd below
+
 # --system-site-packages only for the GPU image, whose base image ships the TensorRT bindings.
 venv_flags=()
 if [[ "${PERCEPTION_SYSTEM_SITE_PACKAGES:-0}" == "1" ]]; then
     venv_flags+=(--system-site-packages)
 fi
 "$python" -m venv "${venv_flags[@]}" "$prefix/venv"
+
+# The stubs are generated and the package built in a copy of the sources: run with sudo in a
+# checkout, generating them there left root-owned files that a later `make setup` could not
+# rewrite.
+src="$(mktemp -d)"
+trap 'rm -rf "$src"' EXIT
+for part in pyproject.toml README.md proto perception build_engine server client; do
+    if [[ -e "$part" ]]; then cp -r "$part" "$src/"; fi
+done
+cd "$src"
 pip=("$prefix/venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check)
 
 # 1. Python stubs from the wire contract: exactly the Makefile's `proto` target. grpcio-tools

@@ -319,6 +319,8 @@ def check_install(cmd: Command, argv: list[str], state: State) -> None:
     unit_text = UNIT.read_text()
     if source.endswith(".service"):
         assert dest == f"/etc/systemd/system/{Path(source).name}"
+    elif source.endswith(".py"):  # a program the unit runs (the supervisor)
+        assert f" {dest} " in unit_text, f"{cmd}: the unit does not run {dest}"
     else:
         assert f"EnvironmentFile={dest}" in unit_text, f"{cmd}: the unit does not read {dest}"
 

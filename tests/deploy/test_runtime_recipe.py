@@ -96,6 +96,9 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 f"Dockerfile line {ins.line} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
             )
             ran_install |= "install.sh" in ins.args
+            # install.sh builds in a copy: run with sudo in a checkout, stubs generated there
+            # were root-owned files that a later `make setup` could not rewrite.
+            assert not list(workdir.glob("perception/v1/*_pb2*.py")), "install.sh wrote into the source tree"
     assert ran_install, "the runtime stage no longer runs deploy/vehicle/install.sh"
     return prefix / "venv" / "bin"
 
