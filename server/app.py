@@ -99,6 +99,19 @@ class ManagedServer:
         self.set_serving(False)
         threading.Thread(target=self._recover, name="backend-reload", daemon=True).start()
 
+    def model_changed(self) -> None:
+        """Another model is served: the failure streak belonged to the one before. A probation
+        rollback of a failing model used to leave the server NOT_SERVING until a batch
+        succeeded, which needs a client that sends to a server saying NOT_SERVING."""
+        with self._health_lock:
+            self._failed_batches = 0
+            if self.engine_healthy:
+                return
+            self.engine_healthy = True  # a reload still running replaces the backend of the model gone
+        log.info("a new model is served: SERVING")
+        if not self.draining.is_set():
+            self.set_serving(True)
+
     def _recover(self) -> None:
         try:
             if self.reload is None or self.draining.is_set():
@@ -353,14 +366,22 @@ def create_server(
             def make(m: Manifest, v: str) -> tuple[Backend, Any]:
                 return backend_for(m, v, settings, preference=config.backends)
 
+            if config.manifest_public_key:  # every model served, not only the first (admin, SIGHUP, degrade)
+                from server.runtime.signature import verify_manifest
+
+                verify_manifest(path, config.manifest_public_key)
+
             return load_served_model(path, name, make, lambda m: FramePipeline.from_manifest(m, limits=limits),
                                      lambda b, p, n: _warm_up(b, p, config.warmup_iters, n), config.max_batch)
 
-        def changed(model: ServedModel) -> None:
+        def changed(model: ServedModel, cause: str) -> None:
             managed.backend = model.backend
             service.attach(scheduler, convert.model_info(model.manifest, model.variant, model.backend.name,
                                                          model.max_batch, config.message_limit()), managed.models)
             metrics.set_model_info(model.manifest, model.variant.name, model.backend.name)
+            managed.model_changed()
+            if managed.degrader is not None:
+                managed.degrader.model_changed(model, cause)
 
         managed.models = ModelHost(first, load, LifecycleLimits(probation_s=config.probation_s,
                                                                 max_error_rate=config.probation_max_error_rate),

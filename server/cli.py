@@ -166,10 +166,16 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
+# How long a SIGHUP reload waits for a load in progress (a degrade step, an admin load) instead
+# of being refused: a fleet update's reload must not be lost. Not measured: over a TensorRT
+# engine build on a Jetson (minutes).
+RELOAD_WAIT_S = 900.0
+
+
 def _reload(server: Any, manifest_path: str, variant: str) -> None:
     log.info("SIGHUP: loading %s", manifest_path)
     try:
-        model = server.models.load_and_swap(manifest_path, variant)
+        model = server.models.load_and_swap(manifest_path, variant, wait_s=RELOAD_WAIT_S)
     except Exception as exc:  # refused: logged with the reason, the served model goes on
         log.error("SIGHUP reload refused: %s", exc)
         return

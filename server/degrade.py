@@ -25,9 +25,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from perception.errors import ManifestError, ModelError
 from perception.manifest import Variant, VariantFormat
 from server.metrics_protocol import Metrics
-from server.model_host import ModelHost
+from server.model_host import ModelHost, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,11 @@ class DegradePolicy:
     min_frames: int = 10  # windows with fewer frames say nothing
     thermal_path: str = ""  # a file holding a number (e.g. /sys/class/thermal/thermal_zone0/temp)
     thermal_limit: float = 0.0  # at or above: overloaded
+    # After a move is refused (its variant failed verification, or the artifact on disk changed),
+    # no move for this long, doubling at each refusal up to retry_max_s: a load, warm-up and
+    # verification every window would load a CPU already overloaded. Not measured: a policy.
+    retry_s: float = 30.0
+    retry_max_s: float = 600.0
 
 
 def ladder(host: ModelHost) -> list[Variant]:
@@ -173,9 +179,12 @@ class Degrader:
         self.monitor = monitor
         self.policy = policy
         self.metrics = metrics
-        self.top = host.current.variant.name  # the configured variant: never go above it
-        self.moves: list[tuple[float, str, str]] = []  # (time, direction, variant)
+        self.top = host.current.variant.name  # the operator's variant: never go above it
+        self.moves: deque[tuple[float, str, str]] = deque(maxlen=1000)  # (time, direction, variant)
+        self.refused = 0
         self._hot = self._calm = 0
+        self._retry_at = 0.0
+        self._retry_s = policy.retry_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -205,10 +214,26 @@ class Degrader:
             except Exception:  # a failed move is logged; the served model goes on
                 log.exception("degradation step failed")
 
+    def model_changed(self, model: ServedModel, cause: str) -> None:
+        """The host serves ``model`` (its on_change hook). An operator's load (admin, SIGHUP)
+        sets the variant the degrader comes back up to: it used to climb back to the variant of
+        the server's start. A rollback to a variant above that one undoes such a load, and sets
+        it back. The degraded gauge follows whatever changed the model (a rollback too)."""
+        names = [v.name for v in ladder(self.host)]
+        here = model.variant.name
+        above_top = here in names and self.top in names and names.index(here) < names.index(self.top)
+        if cause == "load" or (cause == "rollback" and above_top):  # a rollback may undo an operator's load
+            self.top = here
+            self._hot = self._calm = 0
+            self._retry_at, self._retry_s = 0.0, self.policy.retry_s
+        self.metrics.set_degraded(here != self.top)
+
     def step(self) -> str:
         """One window: '' (no move), 'degrade' or 'recover'."""
         p = self.policy
         frames, shed, p99, share = self.monitor.take()
+        if time.monotonic() < self._retry_at:
+            return ""
         hot = self._thermal_hot()
         if frames < p.min_frames and not hot:
             return ""
@@ -232,8 +257,16 @@ class Degrader:
     def _move(self, to: Variant, direction: str, why: str) -> str:
         cur = self.host.current
         log.warning("%s: %s -> %s (%s)", direction, cur.variant.name, to.name, why)
-        self.host.load_and_swap(cur.manifest_path, to.name)
         self._hot = self._calm = 0
+        try:
+            self.host.load_and_swap(cur.manifest_path, to.name, cause=direction, expect_version=cur.version)
+        except (ModelError, ManifestError) as exc:
+            self.refused += 1
+            self._retry_at = time.monotonic() + self._retry_s
+            log.error("%s to %s refused (%s); no move for %.0f s", direction, to.name, exc, self._retry_s)
+            self._retry_s = min(2 * self._retry_s, self.policy.retry_max_s)
+            return ""
+        self._retry_s = self.policy.retry_s
         self.moves.append((time.monotonic(), direction, to.name))
         self.metrics.lifecycle_event(direction)
         self.metrics.set_degraded(to.name != self.top)

@@ -85,15 +85,23 @@ class LifecycleLimits:
 
 
 Loader = Callable[[str, str], ServedModel]  # (manifest path, variant) -> an activated model
+# on_change(model, cause): ``model`` is now served; cause "load" (an operator's load: admin,
+# SIGHUP), "degrade" / "recover" (the degrader's moves) or "rollback".
+ChangeHook = Callable[[ServedModel, str], None]
+
+# A dropped model is deactivated this long after the swap that dropped it: frames prepared for
+# it are inferred within a few batches. Not measured: a margin over those batches.
+DROPPED_DEACTIVATE_S = 5.0
 
 
 class ModelHost:
     """The served model, the previous one, and the swaps between them. Thread-safe."""
 
     def __init__(self, first: ServedModel, loader: Loader, limits: LifecycleLimits | None = None,
-                 on_change: Callable[[ServedModel], None] | None = None,
+                 on_change: ChangeHook | None = None,
                  on_event: Callable[[str], None] | None = None) -> None:
         self._lock = threading.RLock()
+        self._notify_lock = threading.Lock()  # on_change calls, one at a time, for the model served
         self._current = first
         self._previous: ServedModel | None = None
         self._loader = loader
@@ -105,8 +113,11 @@ class ModelHost:
         self.refusals = 0
         self.message = f"serving {first.describe()}"
         self._probation_until = 0.0
-        self._probation: deque[tuple[bool, float]] = deque(maxlen=10_000)  # (ok, seconds) of the new model
+        self._probation_n = 0  # batches of the model on probation
         self._baseline_p99_s = 0.0
+        self._latency_allowance = 1.0  # how much slower than the previous model its build measured it
+        self._probation_errors = 0
+        self._probation_ok_s: deque[float] = deque(maxlen=10_000)  # seconds of its successful batches
         self._recent: deque[float] = deque(maxlen=500)  # batch seconds of the served model, outside probation
         self._busy = threading.Lock()  # one load at a time
 
@@ -129,24 +140,38 @@ class ModelHost:
 
     # -- loading and swapping --------------------------------------------------------------
 
-    def load_and_swap(self, manifest_path: str, variant: str = "") -> ServedModel:
+    def load_and_swap(self, manifest_path: str, variant: str = "", *, cause: str = "load", wait_s: float = 0.0,
+                      expect_version: str = "") -> ServedModel:
         """Load, check, warm up and verify a model beside the served one, then swap it in.
-        Raises ModelError / ManifestError with the reason; the served model is untouched then."""
-        if not self._busy.acquire(blocking=False):
+        Raises ModelError / ManifestError with the reason; the served model is untouched then.
+
+        ``wait_s``: how long to wait for a load in progress (0: refuse at once). ``expect_version``:
+        refuse a manifest of another version (the degrader moves between the variants of the
+        served version; an artifact replaced on disk is an operator's load, not a degrade step).
+        ``cause`` is passed to ``on_change``."""
+        acquired = self._busy.acquire(timeout=wait_s) if wait_s > 0 else self._busy.acquire(blocking=False)
+        if not acquired:
             raise ModelError("another model is being loaded; try again when it is done")
         try:
             try:
                 new = self._loader(manifest_path, variant)
-            except (ModelError, ManifestError) as exc:
+            except Exception as exc:  # any failure to load is a refusal, with its reason
                 self._refused(f"{manifest_path}: {exc}")
-                raise
+                if isinstance(exc, (ModelError, ManifestError)):
+                    raise
+                raise ModelError(f"{manifest_path}: {type(exc).__name__}: {exc}") from exc
             try:
+                if expect_version and new.version != expect_version:
+                    raise ModelError(f"{manifest_path} is now version {new.version!r}, not the served "
+                                     f"{expect_version!r}; it is loaded by a reload, not by this step")
                 self.verify(new)
-            except ModelError as exc:
+            except Exception as exc:  # the new model never served: free it whatever went wrong
                 new.backend.deactivate()
                 self._refused(f"{new.describe()}: {exc}")
-                raise
-            self.swap_in(new)
+                if isinstance(exc, ModelError):
+                    raise
+                raise ModelError(f"{new.describe()}: {type(exc).__name__}: {exc}") from exc
+            self.swap_in(new, cause=cause)
             return new
         finally:
             self._busy.release()
@@ -158,24 +183,40 @@ class ModelHost:
         self._on_event("refused")
         log.error("model load refused: %s", why)
 
-    def swap_in(self, new: ServedModel, probation: bool = True) -> None:
-        """Serve ``new`` from the next prepared frame on; keep the served one for a rollback."""
+    def swap_in(self, new: ServedModel, probation: bool = True, cause: str = "load") -> None:
+        """Serve ``new`` from the next prepared frame on; keep the served one for a rollback.
+
+        A model swapped out while still on probation has not earned that place: the model to
+        roll back to stays the one before it (the last that served through its probation), with
+        its latency baseline, and the unproven one is dropped. A degrade step or a second load
+        within a probation window would otherwise have made the unproven model the fallback and
+        dropped the good one."""
         with self._lock:
-            old, dropped = self._current, self._previous
-            self._previous, self._current = old, new
+            old = self._current
+            unproven = time.monotonic() < self._probation_until and self._previous is not None
+            dropped: ServedModel | None
+            if unproven:
+                dropped = old
+            else:
+                dropped, self._previous = self._previous, old
+                self._baseline_p99_s = float(np.percentile(self._recent, 99)) if self._recent else 0.0
+            self._current = new
             self.swaps += 1
-            self._probation.clear()
-            self._baseline_p99_s = float(np.percentile(self._recent, 99)) if self._recent else 0.0
+            fallback = self._previous
+            self._latency_allowance = max(1.0, self._recorded_ratio(new, fallback)) if fallback is not None else 1.0
+            self._probation_n = self._probation_errors = 0
+            self._probation_ok_s.clear()
             self._recent.clear()
             self._probation_until = time.monotonic() + self.limits.probation_s if probation else 0.0
             self.message = f"serving {new.describe()} (was {old.describe()})"
-        log.info("swapped in %s (was %s)", new.describe(), old.describe())
+        log.info("swapped in %s (was %s%s)", new.describe(), old.describe(),
+                 ", still on probation: dropped" if unproven else "")
         self._on_event("swap")
-        if dropped is not None and dropped is not new and dropped is not old:
-            # Frames prepared for a model two swaps back have long been answered (a few batches).
-            threading.Timer(5.0, dropped.backend.deactivate).start()
-        if self._on_change is not None:
-            self._on_change(new)
+        if dropped is not None and dropped is not new and dropped is not fallback:
+            timer = threading.Timer(DROPPED_DEACTIVATE_S, dropped.backend.deactivate)
+            timer.daemon = True  # the process's end frees it anyway
+            timer.start()
+        self._notify(new, cause)
 
     def rollback(self, reason: str = "asked for", expect: ServedModel | None = None) -> ServedModel:
         """Serve the previous model again (the current one is kept as the new previous). With
@@ -190,12 +231,22 @@ class ModelHost:
             self._current, self._previous = back, off
             self.rollbacks += 1
             self._probation_until = 0.0
+            self._recent.clear()
             self.message = f"rolled back to {back.describe()} from {off.describe()}: {reason}"
         log.warning("rolled back to %s from %s: %s", back.describe(), off.describe(), reason)
         self._on_event("rollback")
-        if self._on_change is not None:
-            self._on_change(back)
+        self._notify(back, "rollback")
         return back
+
+    def _notify(self, model: ServedModel, cause: str) -> None:
+        """``on_change`` for ``model``, unless another change has replaced it since: calls come
+        one at a time, and the last one made is for the model served (two changes racing, a
+        swap and a rollback, used to leave the model info of the one not served)."""
+        if self._on_change is None:
+            return
+        with self._notify_lock:
+            if self.current is model:
+                self._on_change(model, cause)
 
     # -- verification before the swap ------------------------------------------------------
 
@@ -217,7 +268,12 @@ class ModelHost:
                 if worst > self.limits.max_changed:
                     raise ModelError(f"fails its verification frames: {par['vanished']:.0%} of the recorded detections "
                                      f"vanished, {par['appeared']:.0%} appeared (limit {self.limits.max_changed:.0%})")
-        _, cur_s = self._run(self.current, frames)
+        try:
+            _, cur_s = self._run(self.current, frames)
+        except Exception as exc:  # the served model failing here is no reason to refuse its replacement
+            log.warning("the served model %s fails on the verification frames (%s: %s): the latency of %s is not "
+                        "compared", self.current.describe(), type(exc).__name__, exc, new.describe())
+            cur_s = 0.0
         recorded = self._recorded_ratio(new, self.current)
         limit = self.limits.max_latency_ratio * max(1.0, recorded)
         if cur_s > 0 and new_s / cur_s > limit and new_s - cur_s > self.limits.latency_slack_ms / 1e3:
@@ -265,7 +321,12 @@ class ModelHost:
     # -- probation -------------------------------------------------------------------------
 
     def observe(self, ok: bool, model: Any, seconds: float) -> None:
-        """Scheduler callback after every batch; rolls back a model failing its probation."""
+        """Scheduler callback after every batch; rolls back a model failing its probation.
+
+        The error rate is judged at every batch; the latency (a sort of up to 10,000 batch
+        times, under the lock) at every batch of the first 100 and every 16th after. The p99
+        limit scales with how much slower than its fallback the new model's build measured it
+        (a recover step up to a slower variant is expected to be slower), as verification does."""
         with self._lock:
             if model is not self._current:
                 return
@@ -273,17 +334,23 @@ class ModelHost:
                 if ok:
                     self._recent.append(seconds)
                 return
-            self._probation.append((ok, seconds))
-            n = len(self._probation)
+            self._probation_n += 1
+            if ok:
+                self._probation_ok_s.append(seconds)
+            else:
+                self._probation_errors += 1
+            n = self._probation_n
             if n < self.limits.probation_min_batches:
                 return
-            errors = sum(1 for o, _ in self._probation if not o) / n
-            ok_s = [s for o, s in self._probation if o]
-            p99 = float(np.percentile(ok_s, 99)) if len(ok_s) >= self.limits.probation_min_latency_batches else 0.0
-            p50 = float(np.median(ok_s)) if len(ok_s) >= self.limits.probation_min_batches else 0.0
-            base = self._baseline_p99_s
-            limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
-                         else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
+            errors = self._probation_errors / n
+            p50 = p99 = limit_p99 = 0.0
+            if n <= 100 or n % 16 == 0 or not ok:
+                ok_s = np.fromiter(self._probation_ok_s, np.float64, len(self._probation_ok_s))
+                p99 = float(np.percentile(ok_s, 99)) if ok_s.size >= self.limits.probation_min_latency_batches else 0.0
+                p50 = float(np.median(ok_s)) if ok_s.size >= self.limits.probation_min_batches else 0.0
+                base = self._baseline_p99_s * self._latency_allowance
+                limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
+                             else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
         if errors > self.limits.max_error_rate:
             self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})",
                           expect=model)

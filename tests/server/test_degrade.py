@@ -125,3 +125,49 @@ def test_the_rung_asked_for_counts_only_the_inference_share_of_the_work(tmp_path
     window = monitor.take()
     assert window.frames == 30 and abs(window.shed - 0.1) < 1e-9 and abs(window.inference_share - 0.25) < 1e-9
     assert monitor.take().inference_share == 1.0  # the window was reset
+
+
+def test_an_operators_load_sets_the_variant_to_come_back_to(serve: Any, tmp_path: Path) -> None:
+    """An admin load of the fast variant is the operator's choice: calm windows do not climb
+    back to the variant the server started with (they used to), and a rollback sets the
+    degraded gauge from what is then served."""
+    from perception.v1 import admin_pb2 as apb
+    from tests.server.test_lifecycle import TOKEN, admin
+
+    path = two_rung_artifact(tmp_path / "art")
+    run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0, admin_port=0, admin_tokens=("adm1n",))
+    deg, get = run.server.degrader, run.registry.get_sample_value
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(path), variant="fast"), metadata=TOKEN, timeout=30)
+    assert deg.top == "fast" and get("perception_model_degraded") == 0
+    for _ in range(6):
+        _calm(deg.monitor)
+        assert deg.step() == ""
+    assert run.server.models.current.variant.name == "fast"
+    admin(run).Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert run.server.models.current.variant.name == "accurate" and get("perception_model_degraded") == 0
+    _overloaded(deg.monitor)
+    deg.step()
+    _overloaded(deg.monitor)
+    assert deg.step() == "degrade" and get("perception_model_degraded") == 1
+    admin(run).Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert get("perception_model_degraded") == 0  # it used to stay 1 after any change but a move
+
+
+def test_a_refused_move_waits_before_the_next_and_never_loads_another_version(serve: Any, tmp_path: Path) -> None:
+    """The artifact on disk replaced by another version (a fleet update between its copy and its
+    reload): a degrade step must not load it, and a refused step is not retried at every window
+    (each try is a load, a warm-up and a verification on a CPU already overloaded)."""
+    path = two_rung_artifact(tmp_path / "art")
+    run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0)
+    deg, host = run.server.degrader, run.server.models
+    m = load_manifest(path)
+    save_manifest(dataclasses.replace(m, version="2.0.0"), path.parent)
+    _overloaded(deg.monitor)
+    deg.step()
+    _overloaded(deg.monitor)
+    assert deg.step() == "" and deg.refused == 1 and host.refusals == 1
+    assert "now version '2.0.0'" in host.message and host.current.variant.name == "accurate"
+    for _ in range(4):
+        _overloaded(deg.monitor)
+        assert deg.step() == ""
+    assert host.refusals == 1, "retried before its back-off"

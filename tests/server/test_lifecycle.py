@@ -315,3 +315,145 @@ def test_sighup_reloads_the_manifest_path(arts: dict[str, Path], tmp_path: Path)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+# --- the host's rules, on stand-in models (no engine: swaps, rollbacks and probation only) ---
+
+
+class _Model:
+    """What ModelHost reads of a served model outside verification."""
+
+    def __init__(self, version: str, p50_ms: float = 1.0) -> None:
+        self.version = version
+        self.variant = type("V", (), {"name": version, "latency_ms": {"p50": p50_ms}})()
+        self.deactivated = threading.Event()
+        self.backend = type("B", (), {"deactivate": lambda _self, e=self.deactivated: e.set()})()
+
+    def describe(self) -> str:
+        return self.version
+
+
+def _host(first: Any, loader: Any = None, probation_s: float = 600.0, **kw: Any) -> Any:
+    from server.model_host import LifecycleLimits, ModelHost
+
+    load: Any = loader or (lambda path, variant: _Model(path))
+    return ModelHost(first, load, LifecycleLimits(probation_s=probation_s), **kw)
+
+
+def test_a_swap_during_probation_keeps_the_proven_model_to_fall_back_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second load (or a degrade step) while the new model is still on probation: the model
+    to roll back to stays the one that served through its probation, with its latency baseline,
+    and the unproven one is dropped (it used to become the fallback, and the good one was
+    dropped: a failing version could then only roll back to another unproven one)."""
+    from server import model_host
+
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.0)
+    a, b, c = _Model("a"), _Model("b"), _Model("c")
+    host = _host(a)
+    for _ in range(20):
+        host.observe(True, a, 0.001)
+    host.swap_in(b)
+    assert host.previous is a and host.state == "probation"
+    host.swap_in(c)  # b is still on probation
+    assert host.current is c and host.previous is a
+    assert b.deactivated.wait(5) and not a.deactivated.is_set()
+    for _ in range(60):
+        host.observe(True, c, 0.021)  # a's baseline (1 ms) still judges c: limit 6 ms
+    assert host.current is a and host.rollbacks == 1, host.message
+
+
+def test_probation_allows_a_slower_variant_what_its_build_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recover step up to a variant its build measured 3x slower is judged against 3x the
+    baseline, as verification does (it used to be rolled back for being slower, as expected)."""
+    fast, slow = _Model("fast", p50_ms=1.0), _Model("slow", p50_ms=3.0)
+    host = _host(fast)
+    for _ in range(20):
+        host.observe(True, fast, 0.004)
+    host.swap_in(slow, cause="recover")
+    for _ in range(200):
+        host.observe(True, slow, 0.011)  # 2.75x: under 2 x 3 x 4 ms, over the unscaled 8 ms
+    assert host.current is slow and host.rollbacks == 0, host.message
+    for _ in range(200):
+        host.observe(True, slow, 0.030)
+    assert host.current is fast and host.rollbacks == 1, host.message
+
+
+def test_a_load_that_fails_in_any_way_is_a_refusal_and_frees_the_new_model() -> None:
+    """Verification that raises something else than a ModelError (a verification frame over the
+    vehicle's pixel limit, malformed expected rows) used to leak the new model's engine and skip
+    the refusal's bookkeeping."""
+    from perception.errors import ModelError
+
+    a, b = _Model("a"), _Model("b")
+    host = _host(a, loader=lambda path, variant: b)
+
+    def verify(new: Any) -> None:
+        raise ValueError("expected rows are malformed")
+
+    host.verify = verify
+    with pytest.raises(ModelError, match="ValueError: expected rows are malformed"):
+        host.load_and_swap("b/manifest.json")
+    assert b.deactivated.is_set() and host.refusals == 1 and host.current is a
+    assert "refused" in host.message
+
+    def loader(path: str, variant: str) -> Any:
+        raise OSError("disk gone")
+
+    host = _host(a, loader=loader)
+    with pytest.raises(ModelError, match="OSError: disk gone"):
+        host.load_and_swap("b/manifest.json")
+    assert host.refusals == 1
+
+
+def test_a_reload_waits_for_a_load_in_progress_and_change_hooks_name_the_served_model() -> None:
+    """SIGHUP's reload waits (wait_s) for a load in progress instead of being lost; and a
+    change hook is never left describing a model that another change replaced."""
+    a, b = _Model("a"), _Model("b")
+    seen: list[tuple[str, str]] = []
+    host = _host(a, loader=lambda path, variant: b, on_change=lambda m, cause: seen.append((m.version, cause)))
+    host.verify = lambda new: None
+    host._busy.acquire()
+    threading.Timer(0.3, host._busy.release).start()
+    with pytest.raises(Exception, match="another model is being loaded"):
+        host.load_and_swap("b")
+    assert host.load_and_swap("b", wait_s=10) is b
+    assert seen == [("b", "load")]
+    host.rollback()
+    assert seen[-1] == ("a", "rollback")
+    host._notify(b, "load")  # a late call for a model no longer served changes nothing
+    assert seen[-1] == ("a", "rollback")
+
+
+def test_a_probation_rollback_of_a_failing_model_makes_the_server_serving_again(
+        serve: Any, arts: dict[str, Path]) -> None:
+    """The failing model's batches made health NOT_SERVING; once probation rolled it back the
+    server said NOT_SERVING until a batch succeeded, which needs a client that sends to a server
+    saying NOT_SERVING. The change of model now ends that streak."""
+    from grpc_health.v1 import health_pb2
+
+    from tests.server.conftest import health_check
+
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=30.0,
+                probation_max_error_rate=0.3, unhealthy_after_failed_batches=2)
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    host = run.server.models
+    bad = host.current
+
+    def broken(batch: Any) -> Any:
+        raise RuntimeError("engine lost")
+
+    bad.backend.infer = broken
+
+    def no_reload(model: Any) -> Any:  # the engine stays lost: its reload fails too
+        raise RuntimeError("engine still lost")
+
+    run.server.reload = no_reload
+    check = health_check(grpc.insecure_channel(run.address))
+    seq = 0
+    while host.current is bad and seq < 20:
+        with contextlib.suppress(grpc.RpcError):
+            run.stub.Detect(request("front", seq, jpeg()), timeout=10)
+        seq += 1
+    assert host.current.version == "0.0.1" and "failed in probation" in host.message, host.message
+    status = check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING

@@ -42,3 +42,26 @@ def test_only_signed_artifacts_are_served(tiny_manifest: Path, tmp_path: Path, s
     manifest.write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="does not verify"):
         serve(model=str(manifest), manifest_public_key=str(pub))
+
+
+def test_every_model_swapped_in_is_checked_too(tmp_path: Path, serve: Any) -> None:
+    """The key guards every load, not only the first: an unsigned artifact given to the admin
+    service (or put in place for a SIGHUP) is refused, and the signed model goes on serving."""
+    import grpc
+
+    from perception.v1 import admin_pb2 as apb
+    from tests.server.test_lifecycle import TOKEN, admin, versioned_artifact
+
+    priv, pub = _keys(tmp_path, "fleet")
+    v1 = versioned_artifact(tmp_path / "v1", "0.0.1", seed=0)
+    v2 = versioned_artifact(tmp_path / "v2", "0.0.2", seed=3)
+    assert cli(["sign", "--model", str(v1.parent), "--key", str(priv)]) == 0
+    run = serve(model=str(v1), manifest_public_key=str(pub), admin_port=0, admin_tokens=("adm1n",))
+    with pytest.raises(grpc.RpcError) as refused:
+        admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v2)), metadata=TOKEN, timeout=30)
+    assert "no signature" in str(refused.value.details())
+    host = run.server.models
+    assert host.current.version == "0.0.1" and host.refusals == 1
+    assert cli(["sign", "--model", str(v2.parent), "--key", str(priv)]) == 0
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v2)), metadata=TOKEN, timeout=30)
+    assert host.current.version == "0.0.2"
