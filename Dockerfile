@@ -61,7 +61,7 @@ RUN python -m pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
         proto/perception/v1/admin.proto proto/perception/v1/detector.proto \
     && python -m grpc_tools.protoc -Iproto/kserve --python_out=perception/v1 --pyi_out=perception/v1 \
-        proto/kserve/grpc_predict_v2.proto
+        proto/kserve/grpc_predict_v2.proto proto/kserve/model_config.proto
 RUN --mount=type=bind,from=checkpoint,target=/checkpoint \
     perception build --checkpoint "/checkpoint/${CHECKPOINT_FILE}" \
         ${PRUNED_FILE:+--pruned "/checkpoint/${PRUNED_FILE}"} --name "${MODEL_NAME}" \

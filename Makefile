@@ -8,10 +8,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/perception/v1/*.proto)
-# KServe's Open Inference Protocol, vendored as published (package `inference`). Its messages
-# are generated beside ours; server.kserve registers the service's handlers itself.
-KSERVE_PROTO := proto/kserve/grpc_predict_v2.proto
-PROTO_OUT := perception/v1/detector_pb2.py perception/v1/grpc_predict_v2_pb2.py
+# KServe's Open Inference Protocol, vendored as published (package `inference`), and the subset
+# of Triton's ModelConfig extension the server answers. Their messages are generated beside ours;
+# server.kserve registers the service's handlers itself.
+KSERVE_PROTO := proto/kserve/grpc_predict_v2.proto proto/kserve/model_config.proto
+PROTO_OUT := perception/v1/detector_pb2.py perception/v1/grpc_predict_v2_pb2.py perception/v1/model_config_pb2.py
 
 .PHONY: demo test setup proto bench clean lint
 

@@ -2,7 +2,9 @@
 
 InvalidInputError -> INVALID_ARGUMENT, NotReadyError -> UNAVAILABLE, OverloadedError ->
 RESOURCE_EXHAUSTED, AuthError -> UNAUTHENTICATED; anything else -> INTERNAL, with the
-traceback logged (the client gets a one-line message, never the traceback).
+traceback logged (the client gets a one-line message, never the traceback). Two refinements
+the KServe front door answers as Triton does: NotFoundError (an unknown model) -> NOT_FOUND,
+DeadlineError (a frame past its deadline) -> DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -16,7 +18,18 @@ from perception.errors import AuthError, InvalidInputError, NotReadyError, Overl
 
 log = logging.getLogger(__name__)
 
+
+class NotFoundError(InvalidInputError):
+    """What a request names (a model, a version) is not served: NOT_FOUND."""
+
+
+class DeadlineError(OverloadedError):
+    """The answer could not come before the request's deadline: DEADLINE_EXCEEDED."""
+
+
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -21,7 +21,11 @@ Errors are project exceptions, mapped to status codes by ``server.interceptors.E
 what tritonclient sends and expects; typed ``contents`` are accepted too.
 
 The vendored proto (proto/kserve) is compiled to messages only: the handlers are registered
-here, beside Triton-only RPCs (ModelConfig, ModelStreamInfer) answered UNIMPLEMENTED with a reason.
+here. Of Triton's RPCs beyond KServe, ModelConfig is answered (proto/kserve/model_config.proto:
+the subset of Triton's messages that describes this detector), ModelStreamInfer is
+UNIMPLEMENTED with a reason. As Triton does, an unknown model or version is NOT_FOUND and a
+frame past its deadline DEADLINE_EXCEEDED. Client strings quoted in errors are cut to 64
+characters, and each client's decodes are its own in the decode slots' fairness.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from perception.errors import InvalidInputError, ModelError, NotReadyError, Over
 from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RawPixels, RequestOptions
 from perception.types import Detections, FrameStatus
 from perception.v1 import grpc_predict_v2_pb2 as kpb
+from perception.v1 import model_config_pb2 as mcpb
 from server.answer import FrameTask, finish_task
+from server.errors import DeadlineError, NotFoundError
 from server.limits import ServiceLimits
 from server.metrics_protocol import Metrics
 from server.model_host import ServedModel
@@ -143,10 +149,10 @@ class KServeService:
             "ModelInfer": grpc.unary_unary_rpc_method_handler(
                 self.ModelInfer, request_deserializer=parse_model_infer_request,
                 response_serializer=kpb.ModelInferResponse.SerializeToString),
-            # Triton's extensions beyond the KServe protocol: a clear answer instead of "Method not found".
-            "ModelConfig": grpc.unary_unary_rpc_method_handler(_unimplemented(
-                "ModelConfig is Triton's model-configuration extension, not part of the KServe v2 protocol; "
-                "use ModelMetadata")),
+            # Triton's extension beyond the KServe protocol, which stock Triton clients and
+            # perf_analyzer ask for: the subset of its ModelConfig that describes this detector.
+            "ModelConfig": unary(self.ModelConfig, mcpb.ModelConfigRequest, mcpb.ModelConfigResponse),
+            # ... and a clear answer instead of "Method not found" for its streaming one.
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(_unimplemented_stream(
                 "ModelStreamInfer is Triton's streaming extension, not part of the KServe v2 protocol; use "
                 "ModelInfer, or perception.v1.Detector/StreamDetect for camera streams")),
@@ -169,9 +175,9 @@ class KServeService:
             raise NotReadyError("model is still loading / warming up; retry shortly")
         model = self._current()
         if not _names(model, name, version):
-            asked = f"{name!r}" + (f" version {version!r}" if version else "")
-            raise InvalidInputError(f"unknown model {asked}; this server serves {model.manifest.name!r} "
-                                    f"version {model.version!r}")
+            asked = _shown(name) + (f" version {_shown(version)}" if version else "")
+            raise NotFoundError(f"unknown model {asked}; this server serves {model.manifest.name!r} "
+                                f"version {model.version!r}")
         return self._scheduler, model
 
     def ServerLive(self, request: kpb.ServerLiveRequest, context: grpc.ServicerContext) -> kpb.ServerLiveResponse:
@@ -202,6 +208,24 @@ class KServeService:
             outputs=[tensor(name=name, datatype=dtype.value, shape=shape) for name, (dtype, shape) in _OUTPUTS.items()],
         )
 
+    def ModelConfig(self, request: mcpb.ModelConfigRequest, context: grpc.ServicerContext) -> mcpb.ModelConfigResponse:
+        """Triton's ModelConfig of the served detector: no implicit batch dimension
+        (max_batch_size 0: a request's frames are IMAGE's first dimension, and DETECTIONS holds
+        every frame's rows one after the other, NUM_DETECTIONS how many each), the same tensors
+        as ModelMetadata."""
+        _, model = self._check_serving(request.name, request.version)
+        string, fp32, int32 = mcpb.DataType.TYPE_STRING, mcpb.DataType.TYPE_FP32, mcpb.DataType.TYPE_INT32
+        types = {Datatype.FP32: fp32, Datatype.INT32: int32}
+        return mcpb.ModelConfigResponse(config=mcpb.ModelConfig(
+            name=model.manifest.name,
+            platform=model.backend.name,
+            backend="perception",
+            max_batch_size=0,
+            input=[mcpb.ModelInput(name=INPUT, data_type=string, dims=[-1])],
+            output=[mcpb.ModelOutput(name=name, data_type=types[dtype], dims=shape)
+                    for name, (dtype, shape) in _OUTPUTS.items()],
+        ))
+
     # -- inference -----------------------------------------------------------------------------
 
     def ModelInfer(self, request: kpb.ModelInferRequest | RefusedInfer,
@@ -220,7 +244,7 @@ class KServeService:
         tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline_ms, model=model) for camera in cameras]
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
-        self._prepare(request.ByteSize(), frames, tasks, opts, pipeline)
+        self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, ("kserve", context.peer()))
         keys = self._submit(scheduler, tasks, pipeline)
         for task in tasks:
             while not task.done.wait(0.25):
@@ -234,8 +258,9 @@ class KServeService:
         return _response(request, model, [a.detections for a in answers], wanted)
 
     def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions,
-                 pipeline: FramePipeline) -> None:
-        """Decode + letterbox every frame; on any failure every frame is answered (and counted)."""
+                 pipeline: FramePipeline, owner: Any = None) -> None:
+        """Decode + letterbox every frame; on any failure every frame is answered (and counted).
+        ``owner``: whose decodes these are for the decode slots' fairness (a client: its peer)."""
         if not self._limits.undecoded.try_take(size):
             _answer_all(tasks, FrameStatus.OVERLOADED, "undecoded-bytes budget full", pipeline, self._metrics)
             raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
@@ -246,7 +271,7 @@ class KServeService:
                     raise InvalidInputError(f"camera {task.camera_id!r} is not in the server's camera allow-list "
                                             f"{sorted(self._cameras)}")
                 frame = frames.frame(index, task.camera_id)
-                with self._limits.decode.slot():
+                with self._limits.decode.slot(owner):
                     task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
             message = f"{INPUT}[{index}]: {exc}" if len(tasks) > 1 else str(exc)
@@ -303,6 +328,8 @@ def _raise_unanswered(index: int, task: FrameTask, status: FrameStatus, message:
         raise ModelError(f"{INPUT}[{index}]: {message}")
     if result is JobStatus.CANCELLED:
         raise NotReadyError("server is shutting down; retry on another instance")
+    if status is FrameStatus.EXPIRED:
+        raise DeadlineError(f"{INPUT}[{index}]: {message or 'its deadline passed before it was answered'}")
     raise OverloadedError(f"{INPUT}[{index}]: {status.value.lower()}: {message or 'not inferred'}; retry later")
 
 
@@ -314,6 +341,8 @@ def _ms(seconds: float | None) -> float:
 def _deadline_ms(timeout_ms: float, remaining_s: float | None) -> int:
     """A frame's deadline in ms from arrival (0 = none): the sooner of Triton's ``timeout``
     parameter and the call's gRPC deadline."""
+    if remaining_s is not None and remaining_s <= 0:
+        return 1  # the call is already past its deadline: its frames expire at once, not never
     limits = [x for x in (timeout_ms, _ms(remaining_s)) if x > 0]
     return math.ceil(min(limits)) if limits else 0
 
@@ -331,7 +360,8 @@ def _parameters(
     """(options, the camera_id parameter, the timeout in ms or 0) of a request's parameters."""
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
-        raise InvalidInputError(f"unknown parameters {unknown}; this model takes {list(PARAMETERS)}")
+        raise InvalidInputError(f"unknown parameters {[_shown(u) for u in unknown[:8]]}; this model takes "
+                                f"{list(PARAMETERS)}")
     thresholds = {n: float(_param(params, n, _NUMBER, "a number") or 0.0) for n in ("score_threshold", "iou_threshold")}
     for name, value in thresholds.items():
         if not math.isfinite(value):
@@ -387,23 +417,25 @@ def _requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
     names = [o.name for o in request.outputs]
     for o in request.outputs:
         if o.name not in _OUTPUTS:
-            raise InvalidInputError(f"unknown output {o.name!r}; this model has {list(_OUTPUTS)}")
+            raise InvalidInputError(f"unknown output {_shown(o.name)}; this model has {list(_OUTPUTS)}")
         if o.parameters:
-            raise InvalidInputError(f"output parameters are not supported (got {sorted(o.parameters)} "
-                                    f"for {o.name!r}; shared memory and classification are not served)")
+            got = [_shown(p) for p in o.parameters][:8]
+            raise InvalidInputError(f"output parameters are not supported (got {got} for {_shown(o.name)}; "
+                                    "shared memory and classification are not served)")
     if len(set(names)) != len(names):
-        raise InvalidInputError(f"outputs requested more than once: {names}")
+        raise InvalidInputError(f"outputs requested more than once: {[_shown(n) for n in names][:8]}")
     return names or list(_OUTPUTS)
 
 
 def _frames(request: kpb.ModelInferRequest, max_frames: int) -> RequestFrames:
     """The frames of the request's one input, checked against its datatype and shape."""
     if [t.name for t in request.inputs] != [INPUT]:
-        raise InvalidInputError(f"this model takes exactly one input {INPUT!r}, got {[t.name for t in request.inputs]}")
+        raise InvalidInputError(f"this model takes exactly one input {INPUT!r}, got "
+                                f"{[_shown(t.name) for t in request.inputs][:8]}")
     tensor = request.inputs[0]
     if tensor.parameters:
-        raise InvalidInputError(f"input parameters are not supported (got {sorted(tensor.parameters)}; "
-                                "shared memory is not served)")
+        got = [_shown(p) for p in tensor.parameters][:8]
+        raise InvalidInputError(f"input parameters are not supported (got {got}; shared memory is not served)")
     raw: bytes | None = None
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
@@ -442,7 +474,14 @@ def _frames(request: kpb.ModelInferRequest, max_frames: int) -> RequestFrames:
             raise InvalidInputError(f"{INPUT} shape {shape} needs {need} bytes of UINT8 pixels, got {len(raw)}")
         return RequestFrames(raw=memoryview(raw), height=height, width=width, count=count)
     raise InvalidInputError(f"{INPUT} must be BYTES (encoded JPEG/PNG) or UINT8 (raw BGR, HWC), "
-                            f"got {tensor.datatype!r}")
+                            f"got {_shown(tensor.datatype)}")
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """A client's string as an error message quotes it: at most ``limit`` characters. Quoted
+    whole, a 20 KB model name made the answer's status too large for gRPC's metadata, and the
+    client got RESOURCE_EXHAUSTED instead of the error."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _check_count(count: int, max_frames: int) -> int:
@@ -492,16 +531,6 @@ def _response(request: kpb.ModelInferRequest, model: ServedModel, detections: li
 
 
 # -- Triton-only RPCs ---------------------------------------------------------------------------
-
-
-def _unimplemented(reason: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-    # The status is set rather than raised: ErrorInterceptor would turn an exception into INTERNAL.
-    def run(request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details(reason)
-        return b""
-
-    return run
 
 
 def _unimplemented_stream(reason: str) -> Callable[[Iterable[bytes], grpc.ServicerContext], Iterator[bytes]]:

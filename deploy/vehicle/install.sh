@@ -44,7 +44,7 @@ pip=("$prefix/venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check
 "$prefix/venv/bin/python" -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
     proto/perception/v1/admin.proto proto/perception/v1/detector.proto
 "$prefix/venv/bin/python" -m grpc_tools.protoc -Iproto/kserve --python_out=perception/v1 --pyi_out=perception/v1 \
-    proto/kserve/grpc_predict_v2.proto
+    proto/kserve/grpc_predict_v2.proto proto/kserve/model_config.proto
 
 # 2. The package itself with the runtime extras only: no torch, no build stage.
 "${pip[@]}" install --quiet ".[${extras}]"

@@ -70,7 +70,7 @@ def test_build_stage_installs_cpu_torch_generates_stubs_and_builds(dockerfile: D
     makefile = (REPO_ROOT / "Makefile").read_text()
     recipes = [line.strip() for line in makefile.splitlines() if "grpc_tools.protoc" in line]
     sources = {"$(PROTO_SRC)": "proto/perception/v1/admin.proto proto/perception/v1/detector.proto",
-               "$(KSERVE_PROTO)": "proto/kserve/grpc_predict_v2.proto"}
+               "$(KSERVE_PROTO)": "proto/kserve/grpc_predict_v2.proto proto/kserve/model_config.proto"}
     filled = []
     for recipe in recipes:
         for var, value in sources.items():

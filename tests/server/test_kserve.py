@@ -247,8 +247,14 @@ def test_health_and_metadata(run, triton_python):
     assert md["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": ["-1"]}]
     assert md["outputs"] == [{"name": "DETECTIONS", "datatype": "FP32", "shape": ["-1", "6"]},
                              {"name": "NUM_DETECTIONS", "datatype": "INT32", "shape": ["-1"]}]
-    assert unknown_md["status"] == "StatusCode.INVALID_ARGUMENT" and "unknown model 'nope'" in unknown_md["message"]
-    assert config["status"] == "StatusCode.UNIMPLEMENTED" and "ModelMetadata" in config["message"]
+    assert unknown_md["status"] == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in unknown_md["message"]
+    # Triton's ModelConfig (stock get_model_config, perf_analyzer): no implicit batch dimension.
+    cfg = config["value"]["config"]
+    assert cfg["name"] == MODEL and cfg["platform"] == "onnxruntime-cpu" and cfg["backend"] == "perception"
+    assert cfg.get("max_batch_size", 0) == 0
+    assert cfg["input"] == [{"name": "IMAGE", "data_type": "TYPE_STRING", "dims": ["-1"]}]
+    assert cfg["output"] == [{"name": "DETECTIONS", "data_type": "TYPE_FP32", "dims": ["-1", "6"]},
+                             {"name": "NUM_DETECTIONS", "data_type": "TYPE_INT32", "dims": ["-1"]}]
 
 
 def test_one_jpeg_gives_the_native_detections(run, triton_python):
@@ -323,11 +329,12 @@ def test_corrupt_jpeg_is_invalid_argument_and_the_server_goes_on(run, triton_pyt
         infer_call([jpeg()[:200]]), infer_call([jpeg()], model="nope"), infer_call([jpeg()]),
     )
     assert bad["status"] == "StatusCode.INVALID_ARGUMENT" and "truncated" in bad["message"]
-    assert unknown_model["status"] in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+    assert unknown_model["status"] == "StatusCode.NOT_FOUND"  # as Triton answers an unknown model
     assert "unknown model 'nope'" in unknown_model["message"]
     assert "value" in good and output(good, "NUM_DETECTIONS").shape == (1,)
     assert counter(run, "perception_frames_dropped_total", camera="unnamed", reason="invalid") == 1
-    assert counter(run, "perception_grpc_errors_total", method="ModelInfer", code="INVALID_ARGUMENT") == 2
+    assert counter(run, "perception_grpc_errors_total", method="ModelInfer", code="INVALID_ARGUMENT") == 1
+    assert counter(run, "perception_grpc_errors_total", method="ModelInfer", code="NOT_FOUND") == 1
 
 
 # -- requests no stock client sends, over a plain channel ---------------------------------------
@@ -428,7 +435,28 @@ def test_requests_follow_a_hot_swap(tiny_manifest):
         assert infer(req, timeout=10).model_version == "0.0.2"
         req.model_version = "0.0.1"
         err = _plain_infer(run, req)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "version '0.0.1'" in (err.details() or "")
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "version '0.0.1'" in (err.details() or "")
     finally:
         run.channel.close()
         run.server.shutdown(1.0)
+
+
+def test_long_names_and_bytes_that_are_no_request_get_a_clear_error(run):
+    """A 20 KB model or input name used to be quoted whole in the error, whose status then
+    exceeded gRPC's metadata limit: the client got RESOURCE_EXHAUSTED instead of the error.
+    Bytes that parse as no ModelInferRequest got INTERNAL ("Exception deserializing request")."""
+    metadata = method(run.channel, "ModelMetadata", kpb.ModelMetadataRequest, kpb.ModelMetadataResponse)
+    with pytest.raises(grpc.RpcError) as err:
+        metadata(kpb.ModelMetadataRequest(name="x" * 20_000), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "(20000 characters)" in (err.value.details() or "") and len(err.value.details() or "") < 500
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())])
+    req.inputs[0].datatype = "Q" * 20_000
+    err2 = _plain_infer(run, req)
+    assert err2.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err2.details() or "") < 500
+    garbage = run.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc.RpcError) as err3:
+        garbage(b"\x0a\xff\xff\xff\xff\x0f", timeout=5)  # model_name claiming 4 GB
+    assert err3.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a ModelInferRequest" in (err3.value.details() or "")
+    assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).status == pb.FRAME_STATUS_OK

@@ -237,7 +237,7 @@ def test_huge_typed_contents_and_floods_are_refused_before_parsing() -> None:
     t0 = time.perf_counter()
     got = parse_model_infer_request(data)
     assert time.perf_counter() - t0 < 0.005
-    assert isinstance(got, RefusedInfer) and "uint_contents are 6000000 bytes" in got.reason
+    assert isinstance(got, RefusedInfer) and "uint_contents make 6000000 bytes" in got.reason
     assert str(MAX_TYPED_CONTENTS_BYTES) in got.reason and "raw_input_contents" in got.reason
     flood = _infer_request(bytes_contents=[b"x"] * (MAX_FIELDS + 1)).SerializeToString()
     got = parse_model_infer_request(flood)
@@ -255,4 +255,37 @@ def test_the_kserve_front_door_answers_a_refused_request_invalid_argument(serve:
     with pytest.raises(grpc.RpcError) as err:
         infer(_infer_request(uint_contents=[0] * 6_000_000).SerializeToString(), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "uint_contents are 6000000 bytes" in (err.value.details() or "")
+    assert "uint_contents make 6000000 bytes" in (err.value.details() or "")
+
+
+def test_typed_contents_split_into_chunks_count_as_one() -> None:
+    """protobuf joins every occurrence of a packed field (and of the contents message): seven
+    chunks of 200 KB parse as one 1.4 MB field. The cap is on their sum over the request, over
+    every typed field together; a request just under it still parses."""
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+    from server.wire import MAX_TYPED_CONTENTS_BYTES, RefusedInfer, parse_model_infer_request
+
+    def request_of(*contents: Any) -> bytes:
+        tensor = kpb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="UINT8", shape=[4, 4, 3])
+        tensor_bytes = tensor.SerializeToString() + b"".join(
+            kpb.ModelInferRequest.InferInputTensor(contents=c).SerializeToString() for c in contents)
+        field = bytes([5 << 3 | 2]) + _varint(len(tensor_bytes)) + tensor_bytes  # ModelInferRequest.inputs
+        return kpb.ModelInferRequest(model_name="tiny").SerializeToString() + field
+
+    chunk = kpb.InferTensorContents(uint_contents=[1] * 200_000)  # 200 KB of one-byte varints
+    got = parse_model_infer_request(request_of(*[chunk] * 7))
+    assert isinstance(got, RefusedInfer) and str(MAX_TYPED_CONTENTS_BYTES) in got.reason, got
+    two_fields = [kpb.InferTensorContents(uint_contents=[1] * 600_000),
+                  kpb.InferTensorContents(int_contents=[1] * 600_000)]
+    assert isinstance(parse_model_infer_request(request_of(*two_fields)), RefusedInfer)
+    ok = parse_model_infer_request(request_of(chunk, chunk))
+    assert not isinstance(ok, RefusedInfer) and len(ok.inputs[0].contents.uint_contents) == 400_000
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
