@@ -112,6 +112,7 @@ def finish_task(
     finisher = task.model.pipeline if task.model is not None else pipeline
     detections = Detections.empty()
     post_s = 0.0
+    reason = ""  # the drop reason when it is not the status's own
     prep = task.prepared
     if status is None:
         if result is None:
@@ -128,6 +129,7 @@ def finish_task(
             # No FrameStatus says "internal error"; OVERLOADED tells the client to send the next
             # frame (this one was not processed), which is what it should do.
             status, message = FrameStatus.OVERLOADED, f"{result.message or 'inference failed'}; frame not processed"
+            reason = "error"
         else:
             status, message = _JOB_ANSWER[result.status], result.message
     total_s = time.monotonic() - task.received
@@ -143,7 +145,7 @@ def finish_task(
         batch_size=result.batch_size if result and ok else 0,
     )
     try:  # the answer goes out whatever its metrics do
-        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s)
+        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, reason)
         if status is FrameStatus.OK:
             metrics.observe_priority(task.priority, total_s)
     except Exception:
@@ -174,7 +176,7 @@ def _us(seconds: float) -> int:
 
 def _record(
     metrics: Metrics, camera: str, status: FrameStatus, det: Detections, pipeline: FramePipeline, t: StageTimings,
-    total_s: float,
+    total_s: float, reason: str = "",
 ) -> None:
     if status is FrameStatus.OK:
         metrics.frame_answered(camera)
@@ -186,7 +188,7 @@ def _record(
             for cid, n in zip(ids, counts, strict=True):
                 metrics.detections_emitted(pipeline.classes[cid], n)
     else:
-        metrics.frame_dropped(camera, DROP_REASON[status])
+        metrics.frame_dropped(camera, reason or DROP_REASON[status])
 
 
 def _class_counts(det: Detections) -> tuple[list[int], list[int]]:

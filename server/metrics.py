@@ -37,7 +37,9 @@ LATENCY_BUCKETS = (
 # Batches are formed across cameras; a vehicle has at most a few dozen.
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 STAGES = ("queue", "preprocess", "inference", "postprocess", "end_to_end")
-DROP_REASONS = ("stale", "expired", "invalid", "overloaded")
+# "error": the model failed on the frame (the client is told OVERLOADED: send the next one); it
+# used to be counted "overloaded", so a broken runtime looked like load shedding.
+DROP_REASONS = ("stale", "expired", "invalid", "overloaded", "error")
 # The canonical gRPC status code names (grpc.StatusCode.<X>.name); a fixed, bounded set.
 GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -82,8 +84,8 @@ class ServerMetrics:
 
         self.stage_latency = Histogram(
             "perception_stage_latency_seconds",
-            "Wall-clock time per frame spent in each pipeline stage (end_to_end: from receipt "
-            "of the request to the response being handed to gRPC).",
+            "Wall-clock time spent in each pipeline stage: per frame, except inference, per batch run "
+            "(end_to_end: from receipt of the request to the response being handed to gRPC).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -101,7 +103,8 @@ class ServerMetrics:
             "perception_frames_received", "Frames received, per camera.", ["camera"], registry=registry
         )
         self.frames_answered = Counter(
-            "perception_frames_answered", "Frames answered with detections, per camera.", ["camera"], registry=registry
+            "perception_frames_answered", "Frames answered OK (with or without detections), per camera.", ["camera"],
+            registry=registry
         )
         self.frames_dropped = Counter(
             "perception_frames_dropped",
@@ -112,6 +115,13 @@ class ServerMetrics:
         self.last_frame = Gauge(
             "perception_camera_last_frame_timestamp_seconds",
             "Unix time the last frame of each camera was received (0 = never).",
+            ["camera"],
+            registry=registry,
+        )
+        self.camera_configured = Gauge(
+            "perception_camera_configured",
+            "1 for each camera the server was configured with (--cameras / --metric-cameras): a camera "
+            "expected to send. Cameras named first-come are not here: one that stops may have moved or ended.",
             ["camera"],
             registry=registry,
         )
@@ -198,6 +208,7 @@ class ServerMetrics:
             self.frames_received.labels(camera)
             self.frames_answered.labels(camera)
             self.last_frame.labels(camera)
+            self.camera_configured.labels(camera).set(1)
             for reason in DROP_REASONS:
                 self.frames_dropped.labels(camera, reason)
         if process:

@@ -67,6 +67,11 @@ def test_camera_label_is_bounded_by_configuration() -> None:
     # configured cameras exist at zero before any frame: a silent camera is visible as stalled
     assert _value(registry, "perception_frames_received_total", camera="rear") == 0
     assert _value(registry, "perception_frames_dropped_total", camera="rear", reason="overloaded") == 0
+    # ... and are the cameras the stalled-camera alert watches (first-come ones are not)
+    assert _value(registry, "perception_camera_configured", camera="rear") == 1
+    first_come = CollectorRegistry()
+    ServerMetrics(first_come, cameras=None, process=False, gpu=False).frame_received("replay-7")
+    assert first_come.get_sample_value("perception_camera_configured", {"camera": "replay-7"}) is None
     for i in range(50):
         m.frame_received(f"intruder-{i}")  # unbounded ids collapse into one series
     m.frame_received("front")

@@ -98,6 +98,9 @@ def test_failed_inference_answers_the_frame_and_the_stream_goes_on(serve):
     assert "CUDA" not in out[0].message
     get = run.registry.get_sample_value
     assert get("perception_grpc_errors_total", {"method": "StreamDetect", "code": "INTERNAL"}) == 1
+    # Counted as a model error, not as load shed (it used to be reason="overloaded").
+    assert get("perception_frames_dropped_total", {"camera": "front", "reason": "error"}) == 1
+    assert not get("perception_frames_dropped_total", {"camera": "front", "reason": "overloaded"})
 
 
 def test_failed_inference_of_a_unary_call_is_internal(serve):
