@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from build_engine.thresholds import GateLimits, GateThresholds  # also build_cli's import of GateThresholds
-from perception.errors import ConfigError, ModelError
+from perception.errors import ConfigError, ManifestError, ModelError
 from perception.manifest import (
     Calibration,
     Manifest,
@@ -251,9 +251,19 @@ def export_fp32_artifact(checkpoint: Path, out_dir: Path) -> Path:
     return save_manifest(manifest, out_dir)
 
 
+def check_out_dir(path: Path) -> None:
+    """Refuse to build or import over something that is not a previous artifact (a checkpoint's
+    directory, a source tree): the new artifact replaces what is there."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").is_file())):
+        raise ManifestError(f"{path}: exists and is not an artifact directory (no manifest.json); choose another "
+                            "--out")
+
+
 def replace_dir(staging: Path, out_dir: Path) -> None:
     """Move a finished ``staging`` dir to ``out_dir``, replacing an old build there."""
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     old: Path | None = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", type=int, default=300,
                    help="val images for the gate (default: %(default)s, the training run's whole val split)")
     p.add_argument("--data", type=Path, default=None,
-                   help="dataset dir (annotations.json + images/) used as the val set; "
-                   "its images also calibrate unless --calib-data is given. Default: generated, seeded")
+                   help="dataset dir (annotations.json + images/) used as the val set (INT8 never calibrates on "
+                   "val images: it calibrates on --calib-data, else on generated, seeded images). "
+                   "Default: generated, seeded")
     p.add_argument("--calib-data", type=Path, default=None, help="directory of calibration images")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated val / calibration sets")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset of the exported models (default 17)")
@@ -95,7 +96,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
-    from build_engine.build import run_build
+    from build_engine.build import check_out_dir, run_build
+
+    check_out_dir(args.out)  # before minutes of work: --out models/default would have been replaced
 
     # One "[build] ..." line per step is the progress output; per-session load logs are noise.
     for noisy in ("server.runtime", "build_engine.export", "build_engine.data"):

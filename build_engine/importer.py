@@ -22,7 +22,7 @@ import numpy as np
 
 from build_engine.gate import ValSet
 from build_engine.thresholds import GateThresholds
-from perception.errors import ConfigError, DataError, ManifestError, ModelError
+from perception.errors import ConfigError, DataError, ModelError
 from perception.layouts import DECODERS, TensorInfo
 from perception.manifest import (
     Calibration,
@@ -112,7 +112,10 @@ def probe_outputs(path: Path) -> tuple[TensorInfo, ...]:
 
 def load_valset(data: Path, classes: tuple[str, ...], limit: int) -> ValSet:
     """Labelled images (a COCO JSON file, or a COCO / YOLO dataset folder) as a ValSet whose
-    category ids, in order, are the model's classes."""
+    category ids, in order, are the model's classes: the same names in another order is refused
+    (every id would be scored against another class); other names are only warned about (a
+    dataset may name its classes its own way). Images without a labelled object are refused:
+    every variant would score "no data" and pass the accuracy gate."""
     from build_engine.data.formats import read_labelled_set, samples_to_coco
 
     if data.suffix.lower() == ".json" and data.is_file():
@@ -125,9 +128,40 @@ def load_valset(data: Path, classes: tuple[str, ...], limit: int) -> ValSet:
     names = vs.class_names()
     if len(names) != len(classes):
         raise DataError(f"{data}: the data has {len(names)} categories {names}, the class list {len(classes)}")
+    folded = [n.strip().lower() for n in names], [c.strip().lower() for c in classes]
+    if folded[0] != folded[1]:
+        if sorted(folded[0]) == sorted(folded[1]):
+            raise DataError(f"{data}: its categories in id order are {list(names)}, the class list's order is "
+                            f"{list(classes)}: every class id would be scored against another class; reorder "
+                            "--classes to the data's order (or the data to the model's)")
+        log.warning("%s: its categories %s are not named as the class list %s; scored by position", data,
+                    list(names), list(classes))
     if not vs.images:
         raise DataError(f"{data}: no images")
+    if not vs.gt.get("annotations"):
+        raise DataError(f"{data}: the first {len(vs.images)} images have no labelled object: the accuracy gate "
+                        "would have nothing to score")
     return vs
+
+
+def calibration_images(data: Path, skip: int, count: int) -> list[Path]:
+    """``count`` images of ``data`` after its first ``skip`` (the scored ones), in the val set's
+    order: INT8 is calibrated on images the gate does not score, as the build does. Fewer when
+    the data has fewer."""
+    from build_engine.data.formats import read_labelled_set
+
+    if data.suffix.lower() == ".json" and data.is_file():
+        from perception.coco import load_coco
+
+        ds = load_coco(data)
+        out = []
+        for i in sorted(ds.images)[skip: skip + count]:
+            name = ds.images[i].file_name
+            found = [c for c in (data.parent / name, data.parent / "images" / name) if c.is_file()]
+            if found:
+                out.append(found[0])
+        return out
+    return [Path(s.file) for s in read_labelled_set(data).samples[skip: skip + count]]
 
 
 def _coco_json_valset(path: Path, limit: int) -> ValSet:
@@ -193,7 +227,17 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
                                                            "--data (no accuracy, latency or parity measured)"})]
             progress("no --data: FP32 only, nothing measured")
         else:
-            variants = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch, progress)
+            assert opts.data is not None  # a valset comes from --data
+            calib = calibration_images(opts.data, len(valset.images), opts.calib_images)
+            if not calib:
+                log.warning("%s has no images beyond the %d scored: INT8 is calibrated on scored images, so its "
+                            "accuracy gate is optimistic (give more images, or fewer --val-images)", opts.data,
+                            len(valset.images))
+                calib = [p for _, p in valset.images[: opts.calib_images]]
+            input_name = next(i.name for i in proto.graph.input
+                              if i.name not in {t.name for t in proto.graph.initializer})
+            variants = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch, progress,
+                                          calib, input_name)
         passed = [v for v in variants if v.passed]
         default = min(passed, key=lambda v: v.latency_ms.get("min", float("inf"))).name if passed else "fp32"
         manifest = Manifest(
@@ -222,13 +266,15 @@ def _stage_priors(path: Path, staging: Path, variances: tuple[float, float]) -> 
 
 def _measured_variants(
     opts: ImportOptions, valset: ValSet, src: Path, staging: Path, pre: PreprocessSpec, post: PostprocessSpec,
-    input_shape: tuple[int, ...], max_batch: int, progress: Progress,
+    input_shape: tuple[int, ...], max_batch: int, progress: Progress, calib: list[Path], input_name: str,
 ) -> list[Variant]:
+    """Every precision asked for, gated on ``valset``; INT8 calibrated on ``calib`` through the
+    model's own input (``input_name``: it used to be fed as "images", and INT8 was skipped for
+    every model whose input is named otherwise)."""
     from build_engine import gate as g
     from build_engine.calibration import ImageCalibrationReader, calibration_set_hash
     from build_engine.quantize import convert_fp16, quantize_int8
 
-    calib = [p for _, p in valset.images[: opts.calib_images]]
     files: dict[str, tuple[Path, Precision, Calibration | None]] = {"fp32": (src, Precision.FP32, None)}
     skipped: dict[str, str] = {}
     if "fp16" in opts.precisions:
@@ -239,7 +285,8 @@ def _measured_variants(
     if "int8" in opts.precisions:
         progress(f"calibrating INT8 ({opts.calibrator}) on {len(calib)} images through the frame pipeline")
         try:
-            q = quantize_int8(src, staging / "model.int8.onnx", ImageCalibrationReader(calib, pre), opts.calibrator)
+            reader = ImageCalibrationReader(calib, pre, input_name=input_name)
+            q = quantize_int8(src, staging / "model.int8.onnx", reader, opts.calibrator)
             files["int8"] = (q.path, Precision.INT8, Calibration(q.calibrator, calibration_set_hash(calib),
                                                                  tuple(q.excluded_nodes)))
         except (ModelError, ValueError, RuntimeError) as exc:
@@ -273,8 +320,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def check_manifest_dir(path: Path) -> None:
     """Refuse to import over something that is not a previous artifact."""
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").is_file())):
-        raise ManifestError(f"{path}: exists and is not an artifact directory; choose another --out")
+    from build_engine.build import check_out_dir
+
+    check_out_dir(path)
 
 
 __all__ = ["ImportOptions", "check_manifest_dir", "load_valset", "parse_size", "read_onnx", "run_import"]

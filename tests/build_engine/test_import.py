@@ -19,6 +19,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
+from build_engine.calibration import calibration_set_hash
 from perception.cli import main as cli
 from perception.manifest import load_manifest
 from perception.v1 import detector_pb2 as pb
@@ -124,10 +125,10 @@ MODELS: dict[str, tuple[str, Any, list[str], dict[str, Any]]] = {
 }
 
 
-def export(name: str, path: Path) -> Path:
+def export(name: str, path: Path, input_name: str = "images") -> Path:
     layout, make, names, kw = MODELS[name]
     dummy = torch.zeros(3, H, W) if name == "torchvision" else torch.zeros(1, 3, H, W)
-    torch.onnx.export(make().eval(), (dummy,), str(path), dynamo=False, opset_version=17, input_names=["images"],
+    torch.onnx.export(make().eval(), (dummy,), str(path), dynamo=False, opset_version=17, input_names=[input_name],
                       output_names=names, **kw)
     return path
 
@@ -140,9 +141,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def import_model(work: Path, name: str, *extra: str) -> Path:
+def import_model(work: Path, name: str, *extra: str, input_name: str = "images") -> Path:
     layout = MODELS[name][0]
-    onnx_path = export(name, work / f"{name}.onnx")
+    onnx_path = export(name, work / f"{name}.onnx", input_name)
     out = work / f"art_{name}"
     args = ["import", "--onnx", str(onnx_path), "--layout", layout, "--classes", str(work / "classes.txt"),
             "--out", str(out), *extra]
@@ -222,6 +223,21 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
     four.write_text("a\nb\nc\nd\n")
     empty = work / "empty_data"
     empty.mkdir(exist_ok=True)
+    (work / "data_img.jpg").write_bytes(jpeg(320, 256))
+
+    def coco(path: Path, names: tuple[str, ...], annotations: bool) -> Path:
+        anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500, "iscrowd": 0}]
+        path.write_text(json.dumps({
+            "images": [{"id": 1, "file_name": "data_img.jpg", "width": 320, "height": 256}],
+            "annotations": anns if annotations else [],
+            "categories": [{"id": c + 1, "name": n} for c, n in enumerate(names)]}))
+        return path
+
+    reordered = coco(work / "reordered.json", ("truck", "car", "pedestrian"), annotations=True)
+    unlabelled = coco(work / "unlabelled.json", CLASSES, annotations=False)
+    not_artifact = work / "a_checkpoint_dir"
+    not_artifact.mkdir(exist_ok=True)
+    (not_artifact / "detector.pt").write_bytes(b"weights")
     cases = [
         (["import", "--onnx", str(not_onnx), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
           "--out", str(out)], "not an ONNX model"),
@@ -230,6 +246,10 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
         (["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(four), "--out", str(out)],
          "expected (B, 8, N) for 4 classes"),
         ([*base, "--layout", "yolov8", "--data", str(empty)], "neither annotations.json"),
+        # the same names in another order: every id would be scored against another class
+        ([*base, "--layout", "yolov8", "--data", str(reordered)], "reorder --classes"),
+        # nothing labelled: every variant would score "no data" and pass
+        ([*base, "--layout", "yolov8", "--data", str(unlabelled)], "no labelled object"),
     ]
     for argv, needle in cases:
         assert cli(argv) == 1, argv
@@ -237,6 +257,12 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
         assert needle in err and len(err.splitlines()) == 1, err
         assert not out.exists(), "a refused import left a directory behind"
     assert not [p for p in work.iterdir() if p.name.startswith(".refused")], "staging left behind"
+    # Neither import nor build replaces a directory that is not an artifact (a checkpoint's).
+    for argv in (["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
+                  "--out", str(not_artifact)], ["build", "--out", str(not_artifact)]):
+        assert cli(argv) == 1, argv
+        assert "is not an artifact directory" in capsys.readouterr().err
+        assert (not_artifact / "detector.pt").read_bytes() == b"weights"
 
 
 def test_import_with_data_builds_scores_and_gates_variants(work: Path, tmp_path: Path) -> None:
@@ -254,15 +280,19 @@ def test_import_with_data_builds_scores_and_gates_variants(work: Path, tmp_path:
                      "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     cats = [{"id": c + 1, "name": n} for c, n in enumerate(CLASSES)]
     (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    # An input named otherwise than "images" (as most exports name it): INT8 used to be skipped.
+    # Two images scored, the other two calibrate INT8: calibration never sees a scored image.
     manifest = import_model(work, "yolov8", "--data", str(data / "annotations.json"), "--latency-runs", "3",
-                            "--threads", "1", "--calib-images", "4")
+                            "--threads", "1", "--calib-images", "4", "--val-images", "2", input_name="input")
     m = load_manifest(manifest)
     assert [v.name for v in m.variants] == ["fp32", "fp16", "int8"]
     for v in m.variants:
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["min"] > 0
         assert v.metrics["map50"] == pytest.approx(1.0) and v.metrics["recall"] == pytest.approx(1.0)
         assert isinstance(v.gate["passed"], bool) and v.gate["reason"]
-    assert m.variant("int8").calibration is not None and m.variant("int8").parent == "fp32"
+    cal = m.variant("int8").calibration
+    assert cal is not None and m.variant("int8").parent == "fp32"
+    assert cal.set_sha256 == calibration_set_hash([data / "images" / "3.jpg", data / "images" / "4.jpg"])
 
 
 def test_default_detector_with_nms_in_its_graph_serves_the_same_detections(tmp_path: Path, server: Any) -> None:
