@@ -190,7 +190,7 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
     ModelError / ManifestError in one line; ``opts.out`` is untouched on failure."""
     import onnx
 
-    from build_engine.build import library_versions, replace_dir, staging_dir
+    from build_engine.build import library_versions, replace_dir, staging_dir, verification_record
     from build_engine.data.formats import read_classes
 
     proto, size, batch = read_onnx(opts.onnx)
@@ -221,6 +221,7 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         max_batch = min(opts.max_batch, batch or opts.max_batch)
         input_shape = (batch or -1, 3, height, width)
         variants: list[Variant]
+        verification = None
         if valset is None:
             variants = [Variant("fp32", src.name, Precision.FP32, sha256_file(src), input_shape=input_shape,
                                 max_batch=max_batch, gate={"passed": True, "reason": "not measured: imported without "
@@ -236,14 +237,16 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
                 calib = [p for _, p in valset.images[: opts.calib_images]]
             input_name = next(i.name for i in proto.graph.input
                               if i.name not in {t.name for t in proto.graph.initializer})
-            variants = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch, progress,
-                                          calib, input_name)
+            variants, results = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch,
+                                                   progress, calib, input_name)
+            # The frames a device checks the model on before swapping it in, as the build ships them.
+            verification = verification_record(staging, valset, results)
         passed = [v for v in variants if v.passed]
         default = min(passed, key=lambda v: v.latency_ms.get("min", float("inf"))).name if passed else "fp32"
         manifest = Manifest(
             name=opts.name or opts.onnx.stem, version=f"imported+{sha256_file(opts.onnx)[:8]}", classes=classes,
             preprocess=pre, postprocess=post, variants=tuple(variants), default_variant=default,
-            architecture="imported",
+            architecture="imported", verification=verification,
             provenance={"imported_from": {"file": opts.onnx.name, "sha256": sha256_file(opts.onnx)},
                         "data": str(opts.data) if opts.data else None, "libraries": library_versions()},
         )
@@ -267,7 +270,7 @@ def _stage_priors(path: Path, staging: Path, variances: tuple[float, float]) -> 
 def _measured_variants(
     opts: ImportOptions, valset: ValSet, src: Path, staging: Path, pre: PreprocessSpec, post: PostprocessSpec,
     input_shape: tuple[int, ...], max_batch: int, progress: Progress, calib: list[Path], input_name: str,
-) -> list[Variant]:
+) -> tuple[list[Variant], dict[str, Any]]:
     """Every precision asked for, gated on ``valset``; INT8 calibrated on ``calib`` through the
     model's own input (``input_name``: it used to be fed as "images", and INT8 was skipped for
     every model whose input is named otherwise)."""
@@ -304,7 +307,7 @@ def _measured_variants(
         out.append(Variant(name, path.name, precision, sha256_file(path), input_shape=input_shape,
                            max_batch=max_batch, parent="" if name == "fp32" else "fp32", calibration=cal,
                            metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate))
-    return out
+    return out, results
 
 
 def parse_size(text: str) -> tuple[int, int]:

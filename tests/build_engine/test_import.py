@@ -290,6 +290,10 @@ def test_import_with_data_builds_scores_and_gates_variants(work: Path, tmp_path:
         assert set(v.metrics) == {"map50_95", "map50", "precision", "recall"} and v.latency_ms["min"] > 0
         assert v.metrics["map50"] == pytest.approx(1.0) and v.metrics["recall"] == pytest.approx(1.0)
         assert isinstance(v.gate["passed"], bool) and v.gate["reason"]
+    # The frames a server verifies the model on before a hot swap, as `perception build` ships them.
+    assert m.verification is not None and len(m.verification.frames) == 2
+    assert set(m.verification.expected) == {"fp32", "fp16", "int8"}
+    assert all(len(rows) == 1 for rows in m.verification.expected["fp32"])  # the planted truck
     cal = m.variant("int8").calibration
     assert cal is not None and m.variant("int8").parent == "fp32"
     assert cal.set_sha256 == calibration_set_hash([data / "images" / "3.jpg", data / "images" / "4.jpg"])
