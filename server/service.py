@@ -53,8 +53,9 @@ class DetectorService(pb_grpc.DetectorServicer):
         self._shm = shm  # reads shared-memory frames; None = refused (the default)
         self._pipeline = pipeline
         self._limits = limits or ServiceLimits()
-        # Repeated fields are capped before anything is built from them (class ids: the class count).
-        self._max_class_filter = max_class_filter or len(pipeline.classes)
+        # Repeated fields are capped before anything is built from them (class ids: the served
+        # model's class count, looked up per request: a swapped-in model may have more classes).
+        self._max_class_filter = max_class_filter
         self._scheduler: Scheduler | None = None
         self._models: Any = None
         self._model_info = pb.ModelInfo()
@@ -95,7 +96,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         if isinstance(request, pb.DetectRequest) and request.frame.WhichOneof("image") == "shm":
             # Before the server reads anything from its host's memory on a client's word.
             self.admit_camera(request.frame.camera_id)
-        return convert.frame_from_proto(request, self._max_class_filter, self._shm)
+        cap = self._max_class_filter or len(self._current()[0].classes)
+        return convert.frame_from_proto(request, cap, self._shm)
 
     def Detect(
         self, request: pb.DetectRequest | Refused | Received, context: grpc.ServicerContext

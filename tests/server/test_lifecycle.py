@@ -41,7 +41,7 @@ def versioned_artifact(d: Path, version: str, seed: int, expected_from_seed: int
     tiny model's) shipping 3 verification frames and what the model of ``expected_from_seed``
     (default: its own) detects on them."""
     manifest_path = make_tiny_artifact(d)
-    make_tiny_onnx(d / "model.fp32.onnx", seed=seed)
+    make_tiny_onnx(d / "model.fp32.onnx", seed=seed, **({"num_classes": len(classes)} if classes else {}))
     (d / "verify").mkdir()
     frames = []
     for i in range(3):
@@ -53,7 +53,8 @@ def versioned_artifact(d: Path, version: str, seed: int, expected_from_seed: int
     ref_dir = d.parent / f"ref_{d.name}"
     if expected_from_seed is not None and expected_from_seed != seed:
         ref_dir.mkdir()
-        make_tiny_onnx(ref_dir / "model.onnx", seed=expected_from_seed)
+        make_tiny_onnx(ref_dir / "model.onnx", seed=expected_from_seed,
+                       **({"num_classes": len(classes)} if classes else {}))
         ref_model = ref_dir / "model.onnx"
     else:
         ref_model = d / "model.fp32.onnx"
@@ -236,6 +237,20 @@ def test_a_swap_to_other_class_names_keeps_answering(serve: Any, arts: dict[str,
                    for c in names)
 
     assert counted(old_names) >= len(before.detections) and counted(renamed) > 0
+
+
+def test_a_class_filter_is_bounded_by_the_served_models_classes(serve: Any, arts: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """The cap on a request's class_filter followed the first model's class count: after a swap
+    to a model with more classes, a filter naming all of them was refused."""
+    more = (*load_manifest(arts["v1"], verify_checksums=False).classes, "tram", "scooter")
+    v9 = versioned_artifact(tmp_path / "v9", "0.0.9", seed=0, classes=more)
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",))
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v9)), metadata=TOKEN, timeout=30)
+    req = request("front", 0, jpeg())
+    req.options.class_filter.extend(range(len(more)))
+    answer = run.stub.Detect(req, timeout=10)
+    assert answer.status == OK and answer.model_version == "0.0.9"
 
 
 def test_two_probation_rollbacks_at_once_roll_back_once(serve: Any, arts: dict[str, Path]) -> None:
