@@ -119,7 +119,8 @@ class ManagedServer:
             model = self.models.current
             new = self.reload(model)
             old, model.backend = model.backend, new
-            self.backend = new
+            if self.models.current is model:  # a rollback during the reload serves another model now
+                self.backend = new
             old.deactivate()
             log.info("backend reloaded; SERVING again after the next batch that succeeds")
         except Exception:
@@ -242,10 +243,15 @@ def create_server(
 
         monitor = LoadMonitor()
         metrics = MonitoredMetrics(metrics, monitor)
-    if config.manifest_public_key:
-        from server.runtime.signature import verify_manifest
+    def check_signature(path: str) -> None:
+        """With --manifest-public-key, every model served is signed: at start, and each one a
+        SIGHUP, the admin service or a degrade step loads."""
+        if config.manifest_public_key:
+            from server.runtime.signature import verify_manifest
 
-        verify_manifest(config.model, config.manifest_public_key)
+            verify_manifest(path, config.manifest_public_key)
+
+    check_signature(config.model)
     manifest = load_manifest(config.model)
     limits = DecodeLimits(max_pixels=config.max_image_pixels, max_full_buffer_pixels=config.max_full_buffer_pixels)
     pipeline = FramePipeline.from_manifest(manifest, limits=limits)
@@ -366,10 +372,7 @@ def create_server(
             def make(m: Manifest, v: str) -> tuple[Backend, Any]:
                 return backend_for(m, v, settings, preference=config.backends)
 
-            if config.manifest_public_key:  # every model served, not only the first (admin, SIGHUP, degrade)
-                from server.runtime.signature import verify_manifest
-
-                verify_manifest(path, config.manifest_public_key)
+            check_signature(path)
 
             return load_served_model(path, name, make, lambda m: FramePipeline.from_manifest(m, limits=limits),
                                      lambda b, p, n: _warm_up(b, p, config.warmup_iters, n), config.max_batch)

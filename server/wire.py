@@ -247,7 +247,7 @@ _MAP_ENTRY: Schema = {2: ("value", {})}
 _CONTENTS: Schema = {n: (name, MAX_TYPED_CONTENTS_BYTES) for n, name in enumerate(
     ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents",
      "fp64_contents"), start=1)}
-_INPUT: Schema = {3: ("shape", 4096), 4: ("parameters", _MAP_ENTRY), 5: ("contents", _CONTENTS)}
+_INPUT: Schema = {3: ("shape", 256), 4: ("parameters", _MAP_ENTRY), 5: ("contents", _CONTENTS)}
 MODEL_INFER_REQUEST: Schema = {4: ("parameters", _MAP_ENTRY), 5: ("inputs", _INPUT),
                                6: ("outputs", {2: ("parameters", _MAP_ENTRY)})}
 

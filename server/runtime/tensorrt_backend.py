@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # How long deactivate() waits for a batch in progress. Not measured: a policy, far over any
-# batch of a detector this size (milliseconds) and under a supervisor's stop timeout (systemd's
-# default is 90 s), so a hung driver call cannot keep the server from stopping.
-DEACTIVATE_WAIT_S = 30.0
+# batch of a detector this size (milliseconds), and short enough that the server's 10 s grace
+# plus this wait stays under the deploy files' stop timeouts (20 s in the vehicle unit and
+# compose, 30 s in Kubernetes), so a hung driver call cannot keep the server from stopping.
+DEACTIVATE_WAIT_S = 5.0
 
 
 class TensorRTBackend:
