@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou-threshold", type=float, default=0.5, help="default NMS IoU threshold")
     p.add_argument("--max-detections", type=int, default=100, help="default max detections per frame")
     p.add_argument("--precisions", default="fp32,fp16,int8", help="with --data: variants to build (comma list)")
-    p.add_argument("--calib-images", type=int, default=48, help="with --data: calibration images")
+    p.add_argument("--calib-images", type=int, default=48,
+                   help="with --data: calibration images, taken after the --val-images scored ones (when the data "
+                   "has no more images, the scored ones calibrate too, with a warning)")
     p.add_argument("--val-images", type=int, default=300, help="with --data: images scored")
     p.add_argument("--latency-runs", type=int, default=30, help="with --data: timed batch-1 runs per variant")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")

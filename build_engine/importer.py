@@ -87,8 +87,7 @@ def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
         proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends, untyped
         raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if len(inputs) != 1:
         raise ModelError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
@@ -97,6 +96,12 @@ def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
     h, w = dims[-2], dims[-1]
     batch = dims[0] if len(dims) == 4 and dims[0] else None
     return proto, ((int(w), int(h)) if h and w else None), batch
+
+
+def input_name(proto: Any) -> str:
+    """The name of the model's one image input (``read_onnx`` checked there is one)."""
+    inits = {i.name for i in proto.graph.initializer}
+    return next(i.name for i in proto.graph.input if i.name not in inits)
 
 
 def probe_outputs(path: Path) -> tuple[TensorInfo, ...]:
@@ -154,14 +159,17 @@ def calibration_images(data: Path, skip: int, count: int) -> list[Path]:
         from perception.coco import load_coco
 
         ds = load_coco(data)
-        out = []
-        for i in sorted(ds.images)[skip: skip + count]:
-            name = ds.images[i].file_name
-            found = [c for c in (data.parent / name, data.parent / "images" / name) if c.is_file()]
-            if found:
-                out.append(found[0])
-        return out
+        return [_coco_image(data, ds, i) for i in sorted(ds.images)[skip: skip + count]]
     return [Path(s.file) for s in read_labelled_set(data).samples[skip: skip + count]]
+
+
+def _coco_image(path: Path, ds: Any, image_id: int) -> Path:
+    """The file of a COCO JSON's image: beside the JSON, or in images/ beside it."""
+    name = ds.images[image_id].file_name
+    for cand in (path.parent / name, path.parent / "images" / name):
+        if cand.is_file():
+            return cand
+    raise DataError(f"{path}: image {name!r} (id {image_id}) is neither beside the JSON nor in images/")
 
 
 def _coco_json_valset(path: Path, limit: int) -> ValSet:
@@ -169,15 +177,7 @@ def _coco_json_valset(path: Path, limit: int) -> ValSet:
 
     ds = load_coco(path)
     ids = sorted(ds.images)[:limit]
-    images = []
-    for i in ids:
-        name = ds.images[i].file_name
-        for cand in (path.parent / name, path.parent / "images" / name):
-            if cand.is_file():
-                images.append((i, cand))
-                break
-        else:
-            raise DataError(f"{path}: image {name!r} (id {i}) is neither beside the JSON nor in images/")
+    images = [(i, _coco_image(path, ds, i)) for i in ids]
     keep = set(ids)
     gt = dict(ds.raw)
     gt["images"] = [im for im in ds.raw["images"] if im["id"] in keep]
@@ -235,10 +235,8 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
                             "accuracy gate is optimistic (give more images, or fewer --val-images)", opts.data,
                             len(valset.images))
                 calib = [p for _, p in valset.images[: opts.calib_images]]
-            input_name = next(i.name for i in proto.graph.input
-                              if i.name not in {t.name for t in proto.graph.initializer})
             variants, results = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch,
-                                                   progress, calib, input_name)
+                                                   progress, calib, input_name(proto))
             # The frames a device checks the model on before swapping it in, as the build ships them.
             verification = verification_record(staging, valset, results)
         passed = [v for v in variants if v.passed]
