@@ -294,7 +294,10 @@ def _unit_name() -> str:
 
 def check_systemctl(cmd: Command, argv: list[str], state: State) -> None:
     verb, *units = [a for a in argv[1:] if not a.startswith("-")]
-    assert verb in ("daemon-reload", "enable", "start", "stop", "restart", "status", "reset-failed", "disable")
+    assert verb in ("daemon-reload", "enable", "start", "stop", "restart", "reload", "status", "reset-failed",
+                    "disable")
+    if verb == "reload":
+        assert "ExecReload=" in UNIT.read_text(), f"{cmd}: the unit has no ExecReload="
     if verb == "daemon-reload":
         assert not units
         return
