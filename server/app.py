@@ -356,8 +356,12 @@ def create_server(
 
         def on_batch(ok: bool, model: Any, seconds: float) -> None:
             if health_hook:
-                health_hook[0].on_batch(ok)
-                health_hook[0].models.observe(ok, model, seconds)
+                server_ = health_hook[0]
+                # Health follows the model served: a failed batch of one swapped or rolled out
+                # (frames prepared for it before the change) is no failure of the one now served.
+                if ok or model is None or model is server_.models.current:
+                    server_.on_batch(ok)
+                server_.models.observe(ok, model, seconds)
 
         scheduler = Scheduler(backend.infer, run_batch, config.max_wait_ms / 1000.0, config.queue_size,
                               config.max_pending, metrics, to_batch=pipeline.to_batch, on_batch=on_batch,

@@ -472,3 +472,20 @@ def test_a_probation_rollback_of_a_failing_model_makes_the_server_serving_again(
     assert host.current.version == "0.0.1" and "failed in probation" in host.message, host.message
     status = check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_failed_batches_of_a_model_no_longer_served_do_not_make_the_server_unhealthy(
+        serve: Any, arts: dict[str, Path]) -> None:
+    """Frames prepared for a model before a swap still run on it; their failures are not the
+    served model's, so they do not count towards NOT_SERVING (a run of them used to)."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), unhealthy_after_failed_batches=2)
+    host = run.server.models
+    old = host.current
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    report = run.server.scheduler._on_batch
+    for _ in range(3):
+        report(False, old, 0.001)
+    assert run.server.engine_healthy
+    for _ in range(2):
+        report(False, host.current, 0.001)
+    assert not run.server.engine_healthy
