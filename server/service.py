@@ -116,10 +116,12 @@ class DetectorService(pb_grpc.DetectorServicer):
         try:
             frame, opts = self._convert(request)
             self.admit_camera(frame.camera_id)
-            pipeline, task.model = self._current()
             task.track = opts.track
             task.priority = self._limits.priority_of(camera_id)
             with self._limits.decode.slot(("unary", context.peer())):
+                # The model is taken once the slot is ours: a wait for it can outlast a swap, and
+                # the model swapped out is freed a few seconds after.
+                pipeline, task.model = self._current()
                 task.prepared = pipeline.prepare(frame, opts)
         except InvalidInputError as exc:
             task.answer_now(FrameStatus.INVALID, str(exc))

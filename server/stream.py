@@ -323,10 +323,12 @@ class StreamSession:
         try:
             fin, opts = self._convert(request)
             self._admit_camera(fin.camera_id)
-            pipeline, task.model = self._current_model()
             task.track = opts.track
             task.priority = self._limits.priority_of(task.camera_id)
             with self._limits.decode.slot(self.id):
+                # The model is taken once the slot is ours: a wait for it can outlast a swap, and
+                # the model swapped out is freed a few seconds after.
+                pipeline, task.model = self._current_model()
                 task.prepared = pipeline.prepare(fin, opts)
         except InvalidInputError as exc:
             self._unservable(task.camera_id, str(exc))

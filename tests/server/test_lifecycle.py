@@ -489,3 +489,23 @@ def test_failed_batches_of_a_model_no_longer_served_do_not_make_the_server_unhea
     for _ in range(2):
         report(False, host.current, 0.001)
     assert not run.server.engine_healthy
+
+
+def test_a_frame_waiting_for_a_decode_slot_across_a_swap_goes_to_the_new_model(
+        serve: Any, arts: dict[str, Path]) -> None:
+    """A frame took its model before waiting for a decode slot: one that waited across a swap
+    was inferred by the model swapped out, which is freed a few seconds after. It now takes the
+    model once the slot is its own."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",))
+    slots = run.server.limits.decode
+    with contextlib.ExitStack() as held:
+        for i in range(slots.count):
+            held.enter_context(slots.slot(("test", i)))  # every decode slot busy
+        answer: list[Any] = []
+        waiting = threading.Thread(target=lambda: answer.append(
+            run.stub.Detect(request("front", 0, jpeg()), timeout=30)))
+        waiting.start()
+        time.sleep(0.3)  # the frame is waiting for a slot
+        admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    waiting.join(30)
+    assert answer and answer[0].status == OK and answer[0].model_version == "0.0.2"
