@@ -5,11 +5,14 @@ Outputs: ``num_dets (B, 1)`` (optional: without it every row counts), ``boxes (B
 ``x1, y1, x2, y2`` in model-input pixels, ``scores (B, K)``, ``classes (B, K)`` (ints or floats;
 ``class_offset`` in the manifest is subtracted, 1 for exports whose class 0 is the background).
 The server's own NMS is skipped; the request's score threshold, class filter and max
-detections still apply.
+detections still apply. A row whose class id is outside the model's classes (after the offset)
+is dropped, and the first such row is logged: a torchvision export imported without
+``--class-offset 1`` would otherwise lose its last class and shift the others in silence.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -18,6 +21,9 @@ from perception.errors import ModelError
 from perception.layouts.base import DecodeContext, RoleArrays, TensorInfo, describe, find_output, static_dim
 from perception.options import PostprocessOptions
 from perception.types import Detections
+
+log = logging.getLogger(__name__)
+_told_out_of_range = False  # the first class id out of range is logged, once per process
 
 NAMES = {
     "num_dets": ("num_dets", "num_detections", "num"),
@@ -89,10 +95,26 @@ class NmsDetections:
             n = max(0, min(n, int(np.asarray(outputs["num_dets"]).reshape(-1)[0])))
         offset = ctx.class_offset if ctx is not None else 0
         cls = np.rint(classes[:n]).astype(np.int64) - offset
-        keep = (scores[:n] >= options.score_threshold) & (cls >= 0) & (cls < num_classes)
+        in_range = (cls >= 0) & (cls < num_classes)
+        keep = scores[:n] >= options.score_threshold
+        if not in_range[keep].all():  # over the rows that count (padding rows score 0)
+            _tell_out_of_range(int(cls[keep & ~in_range][0]), num_classes, offset)
+        keep &= in_range
         if options.class_filter:
             keep &= np.isin(cls, options.class_filter)
         idx = np.flatnonzero(keep)
         if idx.size == 0:
             return Detections.empty()
         return Detections(boxes[idx], scores[idx], cls[idx])
+
+
+def _tell_out_of_range(class_id: int, num_classes: int, offset: int) -> None:
+    global _told_out_of_range
+    if _told_out_of_range:
+        return
+    _told_out_of_range = True
+    hint = (" Its ids may start at 1 (torchvision, background 0): import it with --class-offset 1."
+            if offset == 0 and class_id == num_classes else "")
+    log.warning("the model gave class id %d (after class offset %d), outside its %d classes: such detections are "
+                "dropped (logged once).%s", class_id, offset, num_classes, hint)
+

@@ -111,3 +111,32 @@ def test_merge_options_rejects_absurd_values():
                {"class_filter": (7,)}, {"score_threshold": float("inf")}):
         with pytest.raises(InvalidInputError):
             merge_options(spec, 7, **kw)
+
+
+def test_a_post_nms_models_class_ids_out_of_range_are_dropped_and_told_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A torchvision export (ids from 1, background 0) served without class_offset 1: its last
+    class's rows are dropped, which used to happen in silence. The first is logged, with the
+    fix; padding rows (score 0) are not counted."""
+    import logging
+
+    from perception.layouts import nms_detections as nd
+    from perception.options import PostprocessOptions
+
+    monkeypatch.setattr(nd, "_told_out_of_range", False)
+    caplog.set_level(logging.WARNING, logger=nd.__name__)
+    opts = PostprocessOptions(score_threshold=0.3, iou_threshold=0.5, max_detections=100, pre_nms_topk=1000)
+    outputs = {"boxes": np.array([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 1, 1]], np.float32),
+               "scores": np.array([0.9, 0.8, 0.0], np.float32),
+               "classes": np.array([1, 3, -1], np.float32)}  # 3 classes: id 3 is out of range
+    for _ in range(2):
+        det = nd.NmsDetections().candidates(outputs, opts, num_classes=3)
+        assert det.class_ids.tolist() == [1]
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 1 and "class id 3" in told[0] and "--class-offset 1" in told[0]
+    caplog.clear()
+    padded = {**outputs, "classes": np.array([1, 2, -1], np.float32)}  # only the padding row is out
+    nd.NmsDetections().candidates(padded, opts, num_classes=3)
+    monkeypatch.setattr(nd, "_told_out_of_range", False)
+    nd.NmsDetections().candidates(padded, opts, num_classes=3)
+    assert not caplog.records
