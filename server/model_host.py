@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.errors import ManifestError, ModelError
+from perception.errors import ManifestError, ModelError, PerceptionError
 from perception.manifest import Manifest, Variant, load_manifest
 from perception.parity import parity
 from perception.pipeline import FramePipeline, RequestOptions, file_frame
@@ -156,10 +156,10 @@ class ModelHost:
             try:
                 new = self._loader(manifest_path, variant)
             except Exception as exc:  # any failure to load is a refusal, with its reason
-                self._refused(f"{manifest_path}: {exc}")
-                if isinstance(exc, (ModelError, ManifestError)):
+                error = self._refusal(manifest_path, exc)
+                if error is exc:
                     raise
-                raise ModelError(f"{manifest_path}: {type(exc).__name__}: {exc}") from exc
+                raise error from exc
             try:
                 if expect_version and new.version != expect_version:
                     raise ModelError(f"{manifest_path} is now version {new.version!r}, not the served "
@@ -167,14 +167,22 @@ class ModelHost:
                 self.verify(new)
             except Exception as exc:  # the new model never served: free it whatever went wrong
                 new.backend.deactivate()
-                self._refused(f"{new.describe()}: {exc}")
-                if isinstance(exc, ModelError):
+                error = self._refusal(new.describe(), exc)
+                if error is exc:
                     raise
-                raise ModelError(f"{new.describe()}: {type(exc).__name__}: {exc}") from exc
+                raise error from exc
             self.swap_in(new, cause=cause)
             return new
         finally:
             self._busy.release()
+
+    def _refusal(self, what: str, exc: Exception) -> PerceptionError:
+        """Record the refusal of ``what``; the error to raise: ``exc`` itself when it says why in
+        the project's terms, else a ModelError naming its type."""
+        self._refused(f"{what}: {exc}")
+        if isinstance(exc, (ModelError, ManifestError)):
+            return exc
+        return ModelError(f"{what}: {type(exc).__name__}: {exc}")
 
     def _refused(self, why: str) -> None:
         with self._lock:
@@ -344,7 +352,7 @@ class ModelHost:
                 return
             errors = self._probation_errors / n
             p50 = p99 = limit_p99 = 0.0
-            if n <= 100 or n % 16 == 0 or not ok:
+            if n <= 100 or n % 16 == 0:
                 ok_s = np.fromiter(self._probation_ok_s, np.float64, len(self._probation_ok_s))
                 p99 = float(np.percentile(ok_s, 99)) if ok_s.size >= self.limits.probation_min_latency_batches else 0.0
                 p50 = float(np.median(ok_s)) if ok_s.size >= self.limits.probation_min_batches else 0.0
