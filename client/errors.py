@@ -30,8 +30,16 @@ def is_too_large(code: grpc.StatusCode | None, details: str | None) -> bool:
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE_MARK in (details or "").lower()
 
 
+# INTERNAL with this text is gRPC's own transport failing (a server gone mid-stream, seen by the
+# asyncio client when a server shut down under it), not an answer of the server: the server
+# answers its own internal errors "internal error (error id ...)".
+CORE_TRANSPORT_MARK = "internal error from core"
+
+
 def is_retryable(code: grpc.StatusCode | None, details: str | None = "") -> bool:
     """Whether a stream that failed with ``code`` (and ``details``) is worth reconnecting."""
+    if code == grpc.StatusCode.INTERNAL:
+        return CORE_TRANSPORT_MARK in (details or "").lower()
     return code in RETRYABLE and not is_too_large(code, details)
 
 
