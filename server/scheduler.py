@@ -232,9 +232,10 @@ class Scheduler:
     # -- life cycle ------------------------------------------------------------------------
 
     def run_if_idle(self, job: Job, transient: bool = False) -> bool:
-        """Run ``job`` now, on this thread, if the engine is idle: no batch running, nothing
-        queued, and no other camera known (a known camera is one the batcher would wait up to
-        ``max_wait`` for, to batch with it). False (nothing done) otherwise: ``submit`` it.
+        """Run ``job`` now, on this thread, if the engine can take it at once: a worker free,
+        nothing queued, and, when batches may hold several frames, no other camera known (a
+        known camera is one the batcher would wait up to ``max_wait`` for, to batch with it).
+        False (nothing done) otherwise: ``submit`` it.
         A job that is not ``transient`` makes its camera known, as ``submit`` does.
         NotReadyError when not accepting."""
         with self._cond:
@@ -244,7 +245,9 @@ class Scheduler:
                 return False
             now = time.monotonic()
             self._forget_quiet_locked(now)  # as the worker does after each batch
-            if any(key != job.key for key in self._queues):
+            # Another known camera is one a batch of several would wait for; runs of one frame
+            # (a CPU's default) wait for nobody, so it does not keep this frame off the fast path.
+            if self.max_batch > 1 and any(key != job.key for key in self._queues):
                 return False
             if not transient:
                 self._queues.setdefault(job.key, deque())

@@ -220,6 +220,23 @@ def test_an_idle_engine_runs_a_frame_on_the_callers_thread(backend):
         s.stop(2)
 
 
+def test_runs_of_one_frame_take_the_fast_path_beside_other_cameras(backend):
+    """With one frame per run (a CPU's default) nobody is waited for: another known camera does
+    not keep a frame off the fast path, while a worker is free and nothing is queued."""
+    engine = OneAtATime(backend)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=1, max_wait_s=0.05, queue_size=2, max_pending=16, workers=2)
+    s.start()
+    try:
+        assert s.run_if_idle(Job("front", tensor(1), rec.cb("a")))
+        assert s.run_if_idle(Job("rear", tensor(2), rec.cb("b")))
+        assert engine.threads == [threading.current_thread().name] * 2
+        assert s.queue_count == 2
+        assert rec.results["a"].status is JobStatus.OK and rec.results["b"].status is JobStatus.OK
+    finally:
+        s.stop(2)
+
+
 def race(s: Scheduler, rec: Recorder, frames: int, transient: bool, pause_s: float = 0.0) -> list[int]:
     """Four camera threads each offering ``frames`` frames, through the fast path when it takes
     them, else queued (``transient``: one queue per frame, as unary calls). 1 per inline run."""
