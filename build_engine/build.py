@@ -7,6 +7,7 @@ at the very end, so a failed or interrupted build never leaves a half-written ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,21 @@ def load_model(checkpoint: Path, input_size: tuple[int, int] | None = None) -> L
     return LoadedModel(model, tuple(meta.classes), w, h, checkpoint, sha256_file(checkpoint), meta.to_dict())
 
 
+def artifact_version(lm: LoadedModel, pruned: Sequence[LoadedModel] = ()) -> str:
+    """The artifact's version: what went into it, so that two different artifacts never share
+    one (the server's degrader steps between variants only within one version: an artifact
+    rebuilt in place at another input size must not pass for the one it replaced). The
+    checkpoint's sha256; then, when there are any, the pruned checkpoints' (one short hash
+    over them all); then the input size when it is not the trained one (``--input-size``)."""
+    version = f"0.1.0+{lm.checkpoint_sha256[:8]}"
+    if pruned:
+        version += ".p" + hashlib.sha256("".join(pm.checkpoint_sha256 for pm in pruned).encode()).hexdigest()[:8]
+    trained = tuple(int(v) for v in lm.meta.get("input_size", (lm.input_width, lm.input_height)))
+    if trained != (lm.input_width, lm.input_height):
+        version += f".{lm.input_width}x{lm.input_height}"
+    return version
+
+
 def preprocess_spec(lm: LoadedModel) -> PreprocessSpec:
     """The detector family's input contract: letterboxed RGB in [0, 1], NCHW."""
     return PreprocessSpec(input_width=lm.input_width, input_height=lm.input_height, letterbox=True, color_order="RGB")
@@ -240,7 +256,7 @@ def export_fp32_artifact(checkpoint: Path, out_dir: Path) -> Path:
                        gate={"passed": True, "reason": "reference (not gated)"})
     manifest = Manifest(
         name=lm.checkpoint.parent.name or "model",
-        version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
+        version=artifact_version(lm),
         classes=lm.classes,
         preprocess=preprocess_spec(lm),
         postprocess=postprocess_spec(lm),
@@ -441,7 +457,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                      f"default variant: {default} (no variant passed its gate: the fastest of all)")
             manifest = Manifest(
                 name=opts.name or lm.checkpoint.parent.name or "model",
-                version=f"0.1.0+{lm.checkpoint_sha256[:8]}",
+                version=artifact_version(lm, pruned),
                 classes=lm.classes,
                 preprocess=pre,
                 postprocess=post,

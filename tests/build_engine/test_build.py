@@ -288,6 +288,8 @@ def test_input_size_exports_the_same_weights_at_a_larger_input(inputs, capsys):
                       "--input-size", f"{w}x{h}")) == 0
     m = load_manifest(out)
     assert (m.preprocess.input_width, m.preprocess.input_height) == (w, h)
+    # Another artifact, another version: the degrader steps between variants of one version only.
+    assert m.version == f"{base.version}.{w}x{h}" and f"{w}x{h}" not in base.version
     frame = FrameInput("front", 0, 0, raw=None, encoded=(inputs["calib"] / sorted(
         p.name for p in inputs["calib"].iterdir())[0]).read_bytes())
     boxes = []
