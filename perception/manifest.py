@@ -497,7 +497,10 @@ def _v1_engine_source_file(data: dict[str, Any], parent: str, precision: str) ->
 
 
 def check_file(root: Path, name: str, sha256: str, what: str) -> Path:
-    """``root/name`` as a regular file inside ``root`` (after resolving links) with this sha256."""
+    """``root/name`` as a regular file inside ``root`` (after resolving links) with this sha256.
+
+    The file is hashed here and read again by whoever opens the path returned: a loader that
+    must run exactly the checked bytes hashes the bytes it loads instead (``read_checked``)."""
     check_relative(name, what)
     path = root / name
     try:
@@ -509,17 +512,43 @@ def check_file(root: Path, name: str, sha256: str, what: str) -> Path:
     if not resolved.is_file():
         raise ManifestError(f"{what} names {name}, which is not a regular file")
     if sha256_file(resolved) != sha256:
-        raise ManifestError(f"{what}: {name} does not match its sha256 in the manifest (corrupt or replaced file)")
+        raise ManifestError(_mismatch(what, name))
     return resolved
 
 
-def load_manifest(path: str | os.PathLike[str], verify_checksums: bool = True) -> Manifest:
-    """Load ``manifest.json`` (or a directory holding one) and check every file it names."""
+def read_checked(path: Path, sha256: str, what: str) -> bytes:
+    """The bytes of ``path``, read once, if they have this sha256.
+
+    Loading these bytes loads what was checked: opening the path again after a check would load
+    whatever the file holds by then (an artifact directory changed in between). Where the file
+    lies was checked when its manifest loaded (``check_file``); its content is bound here."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{what}: cannot read {path.name}: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ManifestError(_mismatch(what, path.name))
+    return data
+
+
+def _mismatch(what: str, name: str) -> str:
+    return f"{what}: {name} does not match its sha256 in the manifest (corrupt or replaced file)"
+
+
+def load_manifest(path: str | os.PathLike[str], verify_checksums: bool = True, *,
+                  content: bytes | None = None) -> Manifest:
+    """Load ``manifest.json`` (or a directory holding one) and check every file it names.
+
+    content: the manifest's bytes, when the caller has read them already: the manifest is parsed
+    from exactly those (``path`` still places the artifact directory). A server that verified
+    the manifest's signature passes the bytes it verified (``verify_manifest`` returns them):
+    reading the file a second time would parse whatever it holds by then, signed or not.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / "manifest.json"
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_bytes() if content is None else content)
     except FileNotFoundError as exc:
         raise ManifestError(f"{p}: no such manifest") from exc
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:

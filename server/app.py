@@ -243,16 +243,18 @@ def create_server(
 
         monitor = LoadMonitor()
         metrics = MonitoredMetrics(metrics, monitor)
-    def check_signature(path: str) -> None:
+    def check_signature(path: str) -> bytes | None:
         """With --manifest-public-key, every model served is signed: at start, and each one a
-        SIGHUP, the admin service or a degrade step loads."""
-        if config.manifest_public_key:
-            from server.runtime.signature import verify_manifest
+        SIGHUP, the admin service or a degrade step loads. Returns the verified bytes, which the
+        manifest is then parsed from (None without a key): a second read of the file could find
+        an unsigned manifest put there after the check."""
+        if not config.manifest_public_key:
+            return None
+        from server.runtime.signature import verify_manifest
 
-            verify_manifest(path, config.manifest_public_key)
+        return verify_manifest(path, config.manifest_public_key)
 
-    check_signature(config.model)
-    manifest = load_manifest(config.model)
+    manifest = load_manifest(config.model, content=check_signature(config.model))
     limits = DecodeLimits(max_pixels=config.max_image_pixels, max_full_buffer_pixels=config.max_full_buffer_pixels)
     pipeline = FramePipeline.from_manifest(manifest, limits=limits)
     service_limits = ServiceLimits(config.max_undecoded_bytes, config.max_stream_undecoded_bytes,
@@ -376,10 +378,9 @@ def create_server(
             def make(m: Manifest, v: str) -> tuple[Backend, Any]:
                 return backend_for(m, v, settings, preference=config.backends)
 
-            check_signature(path)
-
             return load_served_model(path, name, make, lambda m: FramePipeline.from_manifest(m, limits=limits),
-                                     lambda b, p, n: _warm_up(b, p, config.warmup_iters, n), config.max_batch)
+                                     lambda b, p, n: _warm_up(b, p, config.warmup_iters, n), config.max_batch,
+                                     manifest_bytes=check_signature(path))
 
         def changed(model: ServedModel, cause: str) -> None:
             managed.backend = model.backend

@@ -387,10 +387,13 @@ class ModelHost:
 def load_served_model(
     manifest_path: str, variant: str, make_backend: Callable[[Manifest, str], tuple[Backend, Variant]],
     pipeline_for: Callable[[Manifest], FramePipeline], warm_up: Callable[[Backend, FramePipeline, int], None],
-    max_batch: int,
+    max_batch: int, *, manifest_bytes: bytes | None = None,
 ) -> ServedModel:
-    """Load (every file checksummed), bind outputs to the layout, warm up: an activated model."""
-    manifest = load_manifest(manifest_path)
+    """Load (every file checksummed), bind outputs to the layout, warm up: an activated model.
+
+    manifest_bytes: the manifest as its signature was verified, parsed instead of the file
+    (which may have changed since the check)."""
+    manifest = load_manifest(manifest_path, content=manifest_bytes)
     backend, chosen = make_backend(manifest, variant)
     try:
         pipeline = pipeline_for(manifest)

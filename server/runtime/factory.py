@@ -58,7 +58,9 @@ Loader = Callable[[Manifest, Variant, RuntimeSettings], tuple[Backend, Variant]]
 def _ort_loader(name: str) -> Loader:
     def load(m: Manifest, v: Variant, s: RuntimeSettings) -> tuple[Backend, Variant]:
         onnx = m.onnx_of(v)
-        return OnnxRuntimeBackend(m.path_of(onnx), PROVIDERS[name], s.threads, min(s.max_batch, onnx.max_batch)), onnx
+        # With the manifest's sha256 the session is made from the bytes hashed, not the path reopened.
+        return OnnxRuntimeBackend(m.path_of(onnx), PROVIDERS[name], s.threads, min(s.max_batch, onnx.max_batch),
+                                  sha256=onnx.sha256), onnx
 
     return load
 

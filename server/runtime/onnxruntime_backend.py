@@ -16,6 +16,7 @@ from numpy.typing import NDArray
 
 from perception.errors import ModelError
 from perception.layouts import TensorInfo
+from perception.manifest import read_checked
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class OnnxRuntimeBackend:
     providers: execution providers in preference order; those not available in the installed
     onnxruntime build are skipped (CPU is always last resort).
     memory_arena: keep onnxruntime's CPU memory arena (faster allocation, but it never shrinks).
+    sha256: the file's hash in its manifest. The session is then made from the bytes that were
+    hashed, read once at each activation, so a file replaced after its manifest was checked is
+    refused (ManifestError) instead of served; without it (a file the build stage has just
+    written, which has no manifest yet) onnxruntime opens the path.
     """
 
     def __init__(
@@ -70,8 +75,10 @@ class OnnxRuntimeBackend:
         intra_op_threads: int = 0,
         max_batch: int = 8,
         memory_arena: bool = False,
+        sha256: str = "",
     ) -> None:
         self.path = Path(path)
+        self._sha256 = sha256
         self._providers = tuple(providers)
         self._threads = intra_op_threads
         self._max_batch = max_batch
@@ -114,8 +121,19 @@ class OnnxRuntimeBackend:
         # here); inference time did not measurably change.
         opts.enable_cpu_mem_arena = self._memory_arena
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        model: str | bytes = str(self.path)
+        if self._sha256:
+            # (onnxruntime's Python session keeps these bytes, to remake itself on a fallback
+            # provider: one copy of the model file, a few MB, while it serves.)
+            model = read_checked(self.path, self._sha256, "onnxruntime model")
+            # A model given as bytes has no directory of its own: external weights, if it names
+            # any, are looked for beside its file, as when it is opened by path. The manifest's
+            # sha256 covers the .onnx file only (`perception build` and `import` write models
+            # without external data), so such weights are read by path, unverified, as before.
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(self.path.parent))
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=chosen)
+            self._session = ort.InferenceSession(model, sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {self.path}: {exc}") from exc
         self._outputs = tuple(

@@ -2,7 +2,11 @@
 
 The manifest names every file of the artifact with its sha256 (and the server checks each one
 before loading it), so a signature over ``manifest.json`` covers the whole artifact: a device
-configured with the fleet's public key loads only artifacts the build host signed.
+configured with the fleet's public key loads only artifacts the build host signed. The manifest
+is parsed from the bytes verified, and an onnxruntime model is loaded from the bytes hashed, so
+a file changed after its check is not what runs. Files read again by path after their check
+(an SSD family's priors, the verification frames, TensorRT's ONNX source) are bound only as
+far as the directory is not written between the two reads.
 ``manifest.json.sig`` holds the 64-byte signature, base64-encoded.
 """
 
@@ -38,9 +42,13 @@ def sign_manifest(manifest: str | Path, private_key_pem: str | Path) -> Path:
     return sig
 
 
-def verify_manifest(manifest: str | Path, public_key_pem: str | Path) -> None:
-    """ManifestError unless ``manifest.json.sig`` is a valid signature of the manifest's bytes by
-    the Ed25519 public key (PEM)."""
+def verify_manifest(manifest: str | Path, public_key_pem: str | Path) -> bytes:
+    """The manifest's bytes, read once, if ``manifest.json.sig`` is a valid signature of them by
+    the Ed25519 public key (PEM); ManifestError otherwise.
+
+    Load the manifest from the bytes returned (``load_manifest(path, content=...)``), not from the
+    file again: an artifact directory changed between the check and a second read would get an
+    unsigned manifest served."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -55,9 +63,11 @@ def verify_manifest(manifest: str | Path, public_key_pem: str | Path) -> None:
     sig = path.with_name(path.name + SUFFIX)
     try:
         signature = base64.b64decode(sig.read_text().strip(), validate=True)
-        key.verify(signature, path.read_bytes())
+        content = path.read_bytes()
+        key.verify(signature, content)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no signature ({sig.name}) and a public key is configured") from None
     except (OSError, ValueError, InvalidSignature) as exc:
         raise ManifestError(f"{path}: signature {sig.name} does not verify with {Path(public_key_pem).name}"
                             f" ({type(exc).__name__})") from None
+    return content

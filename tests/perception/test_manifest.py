@@ -61,6 +61,26 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_manifest(tmp_path)
 
 
+def test_a_manifest_read_once_is_parsed_from_those_bytes(tiny_manifest: Path, tmp_path: Path) -> None:
+    """``content``: the manifest is the bytes the caller read (and had verified), not a second
+    read of the file, which may hold another manifest by then; the file still places the
+    artifact directory, whose files are checked against the given manifest's hashes."""
+    path = tmp_path / "manifest.json"
+    checked = tiny_manifest.read_bytes()
+    (tmp_path / "model.fp32.onnx").write_bytes((tiny_manifest.parent / "model.fp32.onnx").read_bytes())
+    replaced = json.loads(checked)
+    replaced["version"] = "replaced after the check"
+    path.write_text(json.dumps(replaced))
+    m = load_manifest(tmp_path, content=checked)
+    assert m.version == "0.0.1" and m.root == tmp_path.resolve()
+    assert load_manifest(path).version == "replaced after the check"
+    (tmp_path / "model.fp32.onnx").write_bytes(b"not the model")
+    with pytest.raises(ManifestError, match="sha256"):
+        load_manifest(path, content=checked)
+    with pytest.raises(ManifestError, match="cannot read"):
+        load_manifest(path, verify_checksums=False, content=b"{not json")
+
+
 def _v1(tiny_manifest: Path) -> dict:
     """The tiny manifest as `perception build` wrote it before schema 2."""
     data = json.loads(tiny_manifest.read_text())

@@ -50,6 +50,83 @@ def test_backend_for_falls_back_to_cpu(tiny_manifest):
                     avail=Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"})))
 
 
+def _artifact_and_another_model(tiny_manifest, tmp_path):
+    """(a copy of the tiny artifact, loaded; the bytes of another model of the same shape)."""
+    import shutil
+
+    from tests.tiny_model import make_tiny_onnx
+
+    shutil.copytree(tiny_manifest.parent, tmp_path / "art")
+    make_tiny_onnx(tmp_path / "other.onnx", seed=3)
+    return load_manifest(tmp_path / "art"), (tmp_path / "other.onnx").read_bytes()
+
+
+def test_an_onnx_file_replaced_after_its_manifest_loaded_is_refused(tiny_manifest, tmp_path):
+    """The manifest's checks passed, then the file changed: onnxruntime is not given it."""
+    from perception.errors import ManifestError
+
+    m, other = _artifact_and_another_model(tiny_manifest, tmp_path)
+    m.path_of(m.variant()).write_bytes(other)
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        backend_for(m, "", RuntimeSettings(threads=1, max_batch=1))
+
+
+def test_the_session_is_made_from_the_bytes_that_were_hashed(tiny_manifest, tmp_path, monkeypatch):
+    """The file is replaced by another model after it was hashed, just before onnxruntime makes
+    its session (a real one): the model served is still the one hashed."""
+    import onnxruntime as ort
+
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    m, other = _artifact_and_another_model(tiny_manifest, tmp_path)
+    path = m.path_of(m.variant())
+    x = np.random.default_rng(0).random((2, 3, 48, 64), dtype=np.float32)
+    outputs = {}
+    for name, model in (("hashed", path), ("other", tmp_path / "other.onnx")):
+        ref = OnnxRuntimeBackend(model, intra_op_threads=1)
+        ref.activate()
+        outputs[name] = ref.infer(x)["output"]
+        ref.deactivate()
+    assert not np.allclose(outputs["hashed"], outputs["other"])
+    make_session = ort.InferenceSession
+
+    def replace_then_make(model: Any, *args: Any, **kw: Any) -> Any:
+        path.write_bytes(other)
+        return make_session(model, *args, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", replace_then_make)
+    backend, _ = backend_for(m, "", RuntimeSettings(threads=1, max_batch=2))
+    try:
+        assert path.read_bytes() == other
+        np.testing.assert_allclose(backend.infer(x)["output"], outputs["hashed"], rtol=1e-6)
+    finally:
+        backend.deactivate()
+
+
+def test_a_model_with_external_weights_still_loads_from_its_bytes(tmp_path, monkeypatch):
+    """A model given to onnxruntime as bytes finds external weights beside its file, as one
+    opened by path does, wherever the server runs from."""
+    import onnx
+
+    from perception.manifest import sha256_file
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from tests.tiny_model import make_tiny_onnx
+
+    make_tiny_onnx(tmp_path / "single.onnx")
+    art = tmp_path / "art"
+    art.mkdir()
+    onnx.save(onnx.load(str(tmp_path / "single.onnx")), str(art / "model.onnx"), save_as_external_data=True,
+              location="model.weights", size_threshold=1024)
+    assert (art / "model.weights").stat().st_size > 0
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).random((2, 3, 48, 64), dtype=np.float32)
+    single = OnnxRuntimeBackend(tmp_path / "single.onnx", intra_op_threads=1)
+    external = OnnxRuntimeBackend(art / "model.onnx", intra_op_threads=1, sha256=sha256_file(art / "model.onnx"))
+    single.activate()
+    external.activate()
+    np.testing.assert_allclose(external.infer(x)["output"], single.infer(x)["output"], rtol=1e-6)
+
+
 def fp(**kw: Any) -> EngineFingerprint:
     base = EngineFingerprint(tensorrt_version="10.3.0", compute_capability="8.7", precision="fp16",
                              onnx_sha256="ab" * 32, max_batch=8, device_name="Orin")

@@ -65,3 +65,50 @@ def test_every_model_swapped_in_is_checked_too(tmp_path: Path, serve: Any) -> No
     assert cli(["sign", "--model", str(v2.parent), "--key", str(priv)]) == 0
     admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v2)), metadata=TOKEN, timeout=30)
     assert host.current.version == "0.0.2"
+
+
+def test_verify_manifest_returns_the_bytes_it_verified(tiny_manifest: Path, tmp_path: Path) -> None:
+    from server.runtime.signature import verify_manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_manifest.parent, art)
+    priv, pub = _keys(tmp_path, "fleet")
+    assert cli(["sign", "--model", str(art), "--key", str(priv)]) == 0
+    assert verify_manifest(art, pub) == (art / "manifest.json").read_bytes()
+
+
+def test_the_manifest_served_is_the_one_whose_signature_was_checked(
+    tmp_path: Path, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest replaced right after its signature was checked (an artifact directory changed
+    between the check and the load) is not what gets served: the manifest is parsed from the
+    bytes that were verified, at start and for every model swapped in (the admin service here;
+    a SIGHUP and a degrade step load through the same path)."""
+    from perception.v1 import admin_pb2 as apb
+    from server.runtime import signature
+    from tests.server.test_lifecycle import TOKEN, admin, versioned_artifact
+
+    priv, pub = _keys(tmp_path, "fleet")
+    v1 = versioned_artifact(tmp_path / "v1", "0.0.1", seed=0)
+    v2 = versioned_artifact(tmp_path / "v2", "0.0.2", seed=3)
+    unsigned: dict[Path, bytes] = {}
+    for manifest in (v1, v2):
+        assert cli(["sign", "--model", str(manifest.parent), "--key", str(priv)]) == 0
+        data = json.loads(manifest.read_text())
+        data["version"] = "unsigned"  # loads, every file matches: only the signature tells it apart
+        unsigned[manifest] = json.dumps(data).encode()
+    verify = signature.verify_manifest
+
+    def verify_then_replace(manifest: str | Path, key: str | Path) -> bytes:
+        verified = verify(manifest, key)
+        Path(manifest).write_bytes(unsigned[Path(manifest)])
+        return verified
+
+    monkeypatch.setattr(signature, "verify_manifest", verify_then_replace)
+    run = serve(model=str(v1), manifest_public_key=str(pub), admin_port=0, admin_tokens=("adm1n",))
+    assert v1.read_bytes() == unsigned[v1]  # replaced after the check, before the load
+    assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).model_version == "0.0.1"
+    status = admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v2)), metadata=TOKEN, timeout=30)
+    assert v2.read_bytes() == unsigned[v2]
+    assert status.version == "0.0.2" and run.server.models.current.version == "0.0.2"
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).model_version == "0.0.2"
