@@ -11,7 +11,9 @@ path's figure is the median of its per-round p50s):
 - ``KServe v2 (ours)``: our ``--kserve`` front door, driven by stock ``tritonclient``;
 - ``Triton``: Triton 2.51 through PyTriton 0.7 serving the same pipeline code (its Python
   backend calling FramePipeline and our onnxruntime backend with the same settings), driven by
-  the same ``tritonclient`` code (bench/triton_peer.py, bench/triton_driver.py).
+  the same ``tritonclient`` code (bench/triton_peer.py, bench/triton_driver.py);
+- ``KServe v2 stream (ours)`` and ``Triton stream``: the same two servers on one
+  ModelStreamInfer stream (Triton's streaming extension), lockstep.
 
 Triton and tritonclient run in a peer venv this script makes (``--peer-venv``, default
 ~/.cache/perception/triton-peer): PyTriton needs Python 3.12 (its Python backend stub loads
@@ -54,7 +56,11 @@ DEFAULT_PEER = Path.home() / ".cache" / "perception" / "triton-peer"
 PEER_PACKAGES = ("nvidia-pytriton==0.7.0", "tritonclient[grpc]==2.73.0", "numpy==1.26.4",
                  "opencv-python-headless==4.11.0.86", "pyyaml")
 CLIENT_PACKAGES = ("tritonclient[grpc]==2.73.0", "numpy")
-PATHS = ("in-process", "Detect", "StreamDetect", "KServe v2 (ours)", "Triton")
+PATHS = ("in-process", "Detect", "StreamDetect", "KServe v2 (ours)", "Triton", "KServe v2 stream (ours)",
+         "Triton stream")
+# The KServe paths: (ours or Triton's, on a ModelStreamInfer stream or not).
+KSERVE_PATHS = {"KServe v2 (ours)": (True, False), "Triton": (False, False),
+                "KServe v2 stream (ours)": (True, True), "Triton stream": (False, True)}
 
 
 def _installed(name: str) -> str:
@@ -167,9 +173,11 @@ class TritonPeer:
                 self.proc.wait(10)
 
 
-def drive_kserve(python: Path, address: str, model: str, frames_dir: Path, n: int, warmup: int) -> dict[str, Any]:
+def drive_kserve(python: Path, address: str, model: str, frames_dir: Path, n: int, warmup: int,
+                 stream: bool = False) -> dict[str, Any]:
     done = subprocess.run([str(python), str(REPO / "bench" / "triton_driver.py"), "--url", address, "--model", model,
-                           "--frames", str(frames_dir), "--n", str(n), "--warmup", str(warmup)],
+                           "--frames", str(frames_dir), "--n", str(n), "--warmup", str(warmup),
+                           *(["--stream"] if stream else [])],
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"tritonclient driver failed: {done.stderr[-2000:]}")
@@ -258,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             print(f"[bench_triton] round {rnd + 1}/{args.rounds}", file=sys.stderr, flush=True)
             for name in PATHS:
-                if name == "Triton" and peer is None:
-                    continue
-                if name in ("KServe v2 (ours)", "Triton"):
-                    target = address if name.startswith("KServe") else peer.address  # type: ignore[union-attr]
-                    r = drive_kserve(python, target, manifest.name, tmp / "frames", args.n, args.warmup)
+                if name in KSERVE_PATHS:
+                    ours, on_stream = KSERVE_PATHS[name]
+                    if not ours and peer is None:
+                        continue
+                    target = address if ours else peer.address  # type: ignore[union-attr]
+                    r = drive_kserve(python, target, manifest.name, tmp / "frames", args.n, args.warmup, on_stream)
                     lat, dets = r["latency_ms"], r["detections"]
                 else:
                     fn = {"in-process": inprocess, "Detect": detect, "StreamDetect": stream}[name]
@@ -302,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['p50_ms']:.2f} | {' / '.join(f'{v:.2f}' for v in r['p50_per_round'])} "
               f"| {r['p99_ms']:.2f} | {r['p50_ms'] / base:.2f}x | {vs_triton} "
               f"| {'yes' if same.get(name, True) else 'NO'} |")
+    tri_stream = rows.get("Triton stream", {}).get("p50_ms")
+    if tri_stream and "KServe v2 stream (ours)" in rows:
+        print(f"\nModelStreamInfer, ours against Triton's: "
+              f"{rows['KServe v2 stream (ours)']['p50_ms'] / tri_stream:.2f}x (p50)")
     st = {k: statistics.median(v) for k, v in stages.items()}
     inner = st["preprocess"] + st["inference"] + st["postprocess"]
     print()

@@ -22,8 +22,9 @@ what tritonclient sends and expects; typed ``contents`` are accepted too.
 
 The vendored proto (proto/kserve) is compiled to messages only: the handlers are registered
 here. Of Triton's RPCs beyond KServe, ModelConfig is answered (proto/kserve/model_config.proto:
-the subset of Triton's messages that describes this detector), ModelStreamInfer is
-UNIMPLEMENTED with a reason. As Triton does, an unknown model or version is NOT_FOUND and a
+the subset of Triton's messages that describes this detector), and ModelStreamInfer serves a
+stream of ModelInfer requests, answered in order, up to ``STREAM_WINDOW`` of them in the server
+at once. As Triton does, an unknown model or version is NOT_FOUND and a
 frame past its deadline DEADLINE_EXCEEDED. Client strings quoted in errors are cut to 64
 characters, and each client's decodes are its own in the decode slots' fairness.
 """
@@ -31,9 +32,13 @@ characters, and each client's decodes are its own in the decode slots' fairness.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -50,13 +55,14 @@ from perception.types import Detections, FrameStatus
 from perception.v1 import grpc_predict_v2_pb2 as kpb
 from perception.v1 import model_config_pb2 as mcpb
 from server.answer import FrameTask, finish_task
-from server.errors import DeadlineError, NotFoundError
-from server.limits import ServiceLimits
+from server.errors import DeadlineError, NotFoundError, status_for
+from server.limits import InvalidBackoff, ServiceLimits
 from server.metrics_protocol import Metrics
 from server.model_host import ServedModel
 from server.scheduler import Job, JobStatus, Scheduler
 from server.wire import RefusedInfer, parse_model_infer_request
 
+log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -64,6 +70,8 @@ SERVER_NAME = "perception"
 INPUT = "IMAGE"
 DETECTIONS = "DETECTIONS"
 NUM_DETECTIONS = "NUM_DETECTIONS"
+SHUTTING_DOWN = "server is shutting down; retry on another instance"
+STREAM_WINDOW = 4  # requests of one ModelStreamInfer stream in the server at once (decoded, queued or inferred)
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "class_filter", "class_agnostic_nms",
               "camera_id", "timeout")
 
@@ -152,10 +160,10 @@ class KServeService:
             # Triton's extension beyond the KServe protocol, which stock Triton clients and
             # perf_analyzer ask for: the subset of its ModelConfig that describes this detector.
             "ModelConfig": unary(self.ModelConfig, mcpb.ModelConfigRequest, mcpb.ModelConfigResponse),
-            # ... and a clear answer instead of "Method not found" for its streaming one.
-            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(_unimplemented_stream(
-                "ModelStreamInfer is Triton's streaming extension, not part of the KServe v2 protocol; use "
-                "ModelInfer, or perception.v1.Detector/StreamDetect for camera streams")),
+            # ... and its streaming one, which Triton's clients use for a camera's frames.
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.ModelStreamInfer, request_deserializer=parse_model_infer_request,
+                response_serializer=mcpb.ModelStreamInferResponse.SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
@@ -167,18 +175,23 @@ class KServeService:
             return None
         return self._current()
 
-    def _check_serving(self, name: str, version: str) -> tuple[Scheduler, ServedModel]:
-        """The scheduler and the model named ``name`` (``version``: "" = the served one)."""
+    def _check_ready(self) -> tuple[Scheduler, Callable[[], ServedModel]]:
+        """NotReadyError while loading or draining."""
         if self._draining():
-            raise NotReadyError("server is shutting down; retry on another instance")
+            raise NotReadyError(SHUTTING_DOWN)
         if not self._ready() or self._scheduler is None or self._current is None:
             raise NotReadyError("model is still loading / warming up; retry shortly")
-        model = self._current()
+        return self._scheduler, self._current
+
+    def _check_serving(self, name: str, version: str) -> tuple[Scheduler, ServedModel]:
+        """The scheduler and the model named ``name`` (``version``: "" = the served one)."""
+        scheduler, current = self._check_ready()
+        model = current()
         if not _names(model, name, version):
             asked = _shown(name) + (f" version {_shown(version)}" if version else "")
             raise NotFoundError(f"unknown model {asked}; this server serves {model.manifest.name!r} "
                                 f"version {model.version!r}")
-        return self._scheduler, model
+        return scheduler, model
 
     def ServerLive(self, request: kpb.ServerLiveRequest, context: grpc.ServicerContext) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)
@@ -230,6 +243,41 @@ class KServeService:
 
     def ModelInfer(self, request: kpb.ModelInferRequest | RefusedInfer,
                    context: grpc.ServicerContext) -> kpb.ModelInferResponse:
+        started = self._start(request, context.time_remaining(), ("kserve", context.peer()))
+        return self._finish(started, context.is_active) or kpb.ModelInferResponse()
+
+    def ModelStreamInfer(self, requests: Iterator[kpb.ModelInferRequest | RefusedInfer],
+                         context: grpc.ServicerContext) -> Iterator[mcpb.ModelStreamInferResponse]:
+        """Triton's streaming extension: every request on the stream is a ModelInfer request,
+        answered on the stream in the order it came, with the ``infer_response`` ModelInfer
+        would give or, where ModelInfer would fail, an ``error_message`` (the stream goes on, as
+        Triton's does). Up to ``STREAM_WINDOW`` requests are in the server at once: the next one
+        is read only when one of them is answered, so a client that sends faster is held back
+        by flow control. The stream holds one of the server's stream slots, as a StreamDetect
+        does, and ends (UNAVAILABLE, to reconnect) when the server is not ready or drains, or
+        when it sends nothing for the stream idle timeout."""
+        self._check_ready()
+        peer = self._limits.streams.admit(context.peer())
+        stream = _InferStream(self, requests, context, STREAM_WINDOW, self._limits.stream_idle_timeout_s)
+        self._metrics.stream_opened()
+        released = threading.Event()
+
+        def ended() -> None:  # runs once when the call ends, however it ends
+            stream.cancel()
+            if not released.is_set():
+                released.set()
+                self._limits.streams.release(peer)
+                self._metrics.stream_closed()
+
+        if not context.add_callback(ended):  # the call already ended
+            ended()
+            return
+        yield from stream.responses()
+
+    def _start(self, request: kpb.ModelInferRequest | RefusedInfer, remaining_s: float | None,
+               owner: Any) -> _Started:
+        """Take a request in: check it, count, decode and queue its frames. ``remaining_s``: the
+        call's time left (None: no deadline); ``owner``: whose decodes these are."""
         if isinstance(request, RefusedInfer):
             raise InvalidInputError(request.reason)
         scheduler, model = self._check_serving(request.model_name, request.model_version)
@@ -240,22 +288,27 @@ class KServeService:
         wanted = _requested_outputs(request)
         frames = _frames(request, model.max_batch)
         cameras = _cameras(camera_ids, frames.count)
-        deadline_ms = _deadline_ms(timeout_ms, context.time_remaining())
+        deadline_ms = _deadline_ms(timeout_ms, remaining_s)
         tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline_ms, model=model) for camera in cameras]
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
-        self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, ("kserve", context.peer()))
+        self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, owner)
         keys = self._submit(scheduler, tasks, pipeline)
-        for task in tasks:
+        return _Started(request.id, scheduler, model, tasks, keys, wanted)
+
+    def _finish(self, started: _Started, active: Callable[[], bool]) -> kpb.ModelInferResponse | None:
+        """Wait for a started request's frames and answer it; None if the call ended first
+        (``active()`` false), its frames then taken out of the queues."""
+        for task in started.tasks:
             while not task.done.wait(0.25):
-                if not context.is_active():  # the client cancelled or its deadline passed
-                    for key in keys:
-                        scheduler.close(key)
-                    return kpb.ModelInferResponse()
-        answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in tasks]
-        for index, (task, answer) in enumerate(zip(tasks, answers, strict=True)):
+                if not active():  # the client cancelled or its deadline passed
+                    started.cancel()
+                    return None
+        pipeline = started.model.pipeline
+        answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in started.tasks]
+        for index, (task, answer) in enumerate(zip(started.tasks, answers, strict=True)):
             _raise_unanswered(index, task, answer.status, answer.message)
-        return _response(request, model, [a.detections for a in answers], wanted)
+        return _response(started.request_id, started.model, [a.detections for a in answers], started.wanted)
 
     def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions,
                  pipeline: FramePipeline, owner: Any = None) -> None:
@@ -307,6 +360,141 @@ class KServeService:
         return keys
 
 
+@dataclass
+class _Started:
+    """A request taken in (its frames decoded and queued), not yet answered."""
+
+    request_id: str
+    scheduler: Scheduler
+    model: ServedModel
+    tasks: list[FrameTask]
+    keys: list[tuple[str, int]]
+    wanted: list[str]
+
+    def cancel(self) -> None:
+        """Take its frames out of the queues (a frame in a batch is answered when it ends)."""
+        for key in self.keys:
+            self.scheduler.close(key)
+
+
+class _InferStream:
+    """One ModelStreamInfer call: a reader thread takes requests in (``KServeService._start``:
+    decode and queue, so the next request's decode overlaps the last one's inference) while the
+    call's own thread answers them in order (``responses``)."""
+
+    def __init__(self, service: KServeService, requests: Iterator[kpb.ModelInferRequest | RefusedInfer],
+                 context: grpc.ServicerContext, window: int, idle_timeout_s: float) -> None:
+        self._service = service
+        self._requests = requests
+        self._context = context
+        self._window = window
+        self._idle_timeout_s = idle_timeout_s
+        self._cond = threading.Condition()
+        # In arrival order: a started request, or (its id, the error it met on the way in).
+        self._pending: deque[_Started | tuple[str, Exception]] = deque()
+        self._reader_done = False
+        self._cancelled = False
+        self._last_request = time.monotonic()
+        # Requests that cannot be served slow the reading, as on a StreamDetect stream: a client
+        # sending garbage waits in flow control instead of costing a parse and a decode each.
+        self._backoff = InvalidBackoff(service._limits.invalid_backoff_max_s)
+
+    def cancel(self) -> None:
+        """The call ended: the reader stops, and the frames of every unanswered request leave
+        the queues."""
+        with self._cond:
+            self._cancelled = True
+            started = [item for item in self._pending if isinstance(item, _Started)]
+            self._pending.clear()
+            self._cond.notify_all()
+        for item in started:
+            item.cancel()
+
+    def responses(self) -> Iterator[mcpb.ModelStreamInferResponse]:
+        threading.Thread(target=self._read, name="kserve-stream-reader", daemon=True).start()
+        while True:
+            with self._cond:
+                while not self._pending and not self._reader_done and not self._cancelled:
+                    quiet_s = time.monotonic() - self._last_request
+                    if quiet_s >= self._idle_timeout_s:
+                        raise NotReadyError(f"stream sent no request for {self._idle_timeout_s:g} s and was "
+                                            "ended; reconnect when you have frames")
+                    self._cond.wait(min(1.0, self._idle_timeout_s - quiet_s))
+                if not self._pending:
+                    return
+                item = self._pending[0]
+            response = self._answer(item)
+            with self._cond:
+                if self._pending and self._pending[0] is item:
+                    self._pending.popleft()
+                self._cond.notify_all()
+            if response is None:
+                return
+            yield response
+
+    def _answer(self, item: _Started | tuple[str, Exception]) -> mcpb.ModelStreamInferResponse | None:
+        """The stream's answer to one request; None if the call ended first. A server that is
+        not ready or drains ends the stream (NotReadyError: the client reconnects elsewhere)."""
+        request_id = item.request_id if isinstance(item, _Started) else item[0]
+        try:
+            if not isinstance(item, _Started):
+                raise item[1]
+            response = self._service._finish(item, self._context.is_active)
+            if response is None:
+                return None
+            return mcpb.ModelStreamInferResponse(infer_response=response.SerializeToString())
+        except NotReadyError:
+            raise
+        except Exception as exc:  # what ModelInfer would fail with: this request's answer
+            code, message = status_for(exc, "ModelStreamInfer")
+            self._service._metrics.grpc_error("ModelStreamInfer", code.name)
+            return mcpb.ModelStreamInferResponse(
+                error_message=message, infer_response=kpb.ModelInferResponse(id=request_id).SerializeToString())
+
+    def _read(self) -> None:
+        owner = ("kserve", self._context.peer())
+        try:
+            while True:
+                with self._cond:
+                    while not self._cancelled:
+                        wait = self._backoff.until - time.monotonic()
+                        if len(self._pending) < self._window and wait <= 0:
+                            break
+                        self._cond.wait(wait if wait > 0 else None)
+                    if self._cancelled:
+                        return
+                request = next(self._requests, None)
+                if request is None:
+                    return
+                with self._cond:
+                    self._last_request = time.monotonic()
+                item: _Started | tuple[str, Exception]
+                try:
+                    item = self._service._start(request, self._context.time_remaining(), owner)
+                except Exception as exc:  # answered in its turn, as ModelInfer would fail
+                    item = (getattr(request, "id", ""), exc)
+                del request  # its bytes go now, not when the next request arrives
+                with self._cond:
+                    if isinstance(item, _Started):
+                        self._backoff.served()
+                    elif isinstance(item[1], InvalidInputError):
+                        self._backoff.invalid(time.monotonic())
+                    cancelled = self._cancelled
+                    if not cancelled:
+                        self._pending.append(item)
+                        self._cond.notify_all()
+                if cancelled:
+                    if isinstance(item, _Started):
+                        item.cancel()
+                    return
+        except Exception as exc:  # the call ended under the reader (gRPC raises from the iterator)
+            log.debug("ModelStreamInfer reader ended: %s", exc)
+        finally:
+            with self._cond:
+                self._reader_done = True
+                self._cond.notify_all()
+
+
 def _names(model: ServedModel, name: str, version: str) -> bool:
     """Whether ``name`` / ``version`` ("" = any) name the served model."""
     return name == model.manifest.name and version in ("", model.version)
@@ -327,7 +515,7 @@ def _raise_unanswered(index: int, task: FrameTask, status: FrameStatus, message:
     if result is JobStatus.ERROR:
         raise ModelError(f"{INPUT}[{index}]: {message}")
     if result is JobStatus.CANCELLED:
-        raise NotReadyError("server is shutting down; retry on another instance")
+        raise NotReadyError(SHUTTING_DOWN)
     if status is FrameStatus.EXPIRED:
         raise DeadlineError(f"{INPUT}[{index}]: {message or 'its deadline passed before it was answered'}")
     raise OverloadedError(f"{INPUT}[{index}]: {status.value.lower()}: {message or 'not inferred'}; retry later")
@@ -516,30 +704,18 @@ def detection_rows(det: Detections) -> NDArray[np.float32]:
     return np.column_stack([det.boxes, det.scores, det.class_ids.astype(np.float32)]).astype(np.float32)
 
 
-def _response(request: kpb.ModelInferRequest, model: ServedModel, detections: list[Detections],
+def _response(request_id: str, model: ServedModel, detections: list[Detections],
               wanted: list[str]) -> kpb.ModelInferResponse:
     arrays: dict[str, NDArray[Any]] = {
         DETECTIONS: np.concatenate([detection_rows(d) for d in detections]).astype("<f4"),
         NUM_DETECTIONS: np.array([len(d) for d in detections], "<i4"),
     }
-    response = kpb.ModelInferResponse(model_name=model.manifest.name, model_version=model.version, id=request.id)
+    response = kpb.ModelInferResponse(model_name=model.manifest.name, model_version=model.version, id=request_id)
     for out in wanted:
         array = arrays[out]
         response.outputs.add(name=out, datatype=_OUTPUTS[out][0].value, shape=list(array.shape))
         response.raw_output_contents.append(array.tobytes())
     return response
-
-
-# -- Triton-only RPCs ---------------------------------------------------------------------------
-
-
-def _unimplemented_stream(reason: str) -> Callable[[Iterable[bytes], grpc.ServicerContext], Iterator[bytes]]:
-    def run(requests: Iterable[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details(reason)
-        return iter(())
-
-    return run
 
 
 __all__ = ["KServeService", "SERVICE_NAME", "Datatype", "detection_rows"]

@@ -135,7 +135,8 @@ class ServerMetrics:
             registry=registry,
         )
         self.streams_in_flight = Gauge(
-            "perception_streams_in_flight", "Open StreamDetect streams.", registry=registry
+            "perception_streams_in_flight", "Open streams (StreamDetect, and KServe ModelStreamInfer).",
+            registry=registry
         )
         self.queue_depth = Gauge(
             "perception_queue_depth_frames", "Frames waiting for a batch slot.", registry=registry

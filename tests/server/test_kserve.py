@@ -17,6 +17,8 @@ import json
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from types import SimpleNamespace
@@ -130,7 +132,7 @@ def _client_main() -> None:
     job = json.load(sys.stdin)
     client = grpcclient.InferenceServerClient(job["url"])
 
-    def infer(call: dict[str, Any]) -> Any:
+    def tensors(call: dict[str, Any]) -> Any:
         inputs = []
         for spec in call["inputs"]:
             tensor = grpcclient.InferInput(spec["name"], spec["shape"], spec["datatype"])
@@ -142,9 +144,9 @@ def _client_main() -> None:
                 tensor.set_data_from_numpy(np.frombuffer(raw, spec["dtype"]).reshape(spec["shape"]))
             inputs.append(tensor)
         outputs = [grpcclient.InferRequestedOutput(n) for n in call["outputs"]] if call.get("outputs") else None
-        result = client.infer(call["model"], inputs, model_version=call.get("version", ""), outputs=outputs,
-                              request_id=call.get("id", ""), parameters=call.get("parameters") or None,
-                              timeout=call.get("timeout"))
+        return inputs, outputs
+
+    def decoded(result: Any) -> Any:
         response = result.get_response(as_json=True)
         arrays = {}
         for out in response.get("outputs", []):
@@ -152,6 +154,32 @@ def _client_main() -> None:
             arrays[out["name"]] = {"dtype": array.dtype.str, "shape": list(array.shape),
                                    "raw": base64.b64encode(array.tobytes()).decode()}
         return {"response": response, "arrays": arrays}
+
+    def infer(call: dict[str, Any]) -> Any:
+        inputs, outputs = tensors(call)
+        return decoded(client.infer(call["model"], inputs, model_version=call.get("version", ""), outputs=outputs,
+                                    request_id=call.get("id", ""), parameters=call.get("parameters") or None,
+                                    timeout=call.get("timeout")))
+
+    def stream(call: dict[str, Any]) -> Any:
+        """Every call of ``call["calls"]`` sent on one ModelStreamInfer stream before any answer
+        is read; their answers (or errors), in the order they came."""
+        import queue
+
+        answers: Any = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        try:
+            for c in call["calls"]:
+                inputs, outputs = tensors(c)
+                client.async_stream_infer(c["model"], inputs, model_version=c.get("version", ""), outputs=outputs,
+                                          request_id=c.get("id", ""), parameters=c.get("parameters") or None)
+            out = []
+            for _ in call["calls"]:
+                result, error = answers.get(timeout=60)
+                out.append({"message": error.message()} if error is not None else {"value": decoded(result)})
+            return out
+        finally:
+            client.stop_stream()
 
     ops = {
         "server_live": lambda c: client.is_server_live(),
@@ -161,6 +189,7 @@ def _client_main() -> None:
         "model_metadata": lambda c: client.get_model_metadata(c["model"], c.get("version", ""), as_json=True),
         "model_config": lambda c: client.get_model_config(c["model"], as_json=True),
         "infer": infer,
+        "stream": stream,
     }
     results = []
     for call in job["calls"]:
@@ -337,6 +366,81 @@ def test_corrupt_jpeg_is_invalid_argument_and_the_server_goes_on(run, triton_pyt
     assert counter(run, "perception_grpc_errors_total", method="ModelInfer", code="NOT_FOUND") == 1
 
 
+def test_a_stream_answers_in_order_and_goes_on_after_bad_requests(run, triton_python):
+    """ModelStreamInfer, Triton's streaming extension (tritonclient's start_stream and
+    async_stream_infer): every request answered in the order sent, as ModelInfer would answer
+    it; a bad one gets an error on the stream, which goes on."""
+    frames = [jpeg(seed=k) for k in range(3)]
+    calls = [infer_call([frames[0]], id="a"), infer_call([frames[0][:200]], id="b"), infer_call([frames[1]], id="c"),
+             infer_call([frames[2]], model="nope", id="d"), infer_call(frames[1:], id="e")]
+    [result] = triton(triton_python, run.address, {"op": "stream", "calls": calls})
+    answers = result["value"]
+    assert [a["value"]["response"].get("id") if "value" in a else None for a in answers] == ["a", None, "c", None, "e"]
+    assert "truncated" in answers[1]["message"] and "unknown model 'nope'" in answers[3]["message"]
+    for answer, data in ((answers[0], frames[0]), (answers[2], frames[1])):
+        np.testing.assert_allclose(output(answer, "DETECTIONS"), native_rows(run, data), atol=1e-4)
+    for rows, data in zip(split(answers[4]), frames[1:], strict=True):
+        np.testing.assert_allclose(rows, native_rows(run, data), atol=1e-4)
+    assert counter(run, "perception_grpc_errors_total", method="ModelStreamInfer", code="INVALID_ARGUMENT") == 1
+    assert counter(run, "perception_grpc_errors_total", method="ModelStreamInfer", code="NOT_FOUND") == 1
+    assert counter(run, "perception_frames_dropped_total", camera="unnamed", reason="invalid") == 1
+    end = time.monotonic() + 5  # the call's end reaches the server a moment after the client's
+    while counter(run, "perception_streams_in_flight") and time.monotonic() < end:
+        time.sleep(0.05)
+    assert counter(run, "perception_streams_in_flight") == 0, "the stream's slot is given back when it ends"
+
+
+def test_a_quiet_stream_is_ended_and_a_stream_takes_a_slot(serve):
+    """A ModelStreamInfer stream holds one of the server's stream slots, like a StreamDetect,
+    and one that sends nothing for the idle timeout is ended UNAVAILABLE (to reconnect)."""
+    run = serve(kserve=True, stream_idle_timeout_s=0.5, max_streams=1)
+    stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=bytes)
+    release = threading.Event()
+
+    def quiet() -> Iterator[kpb.ModelInferRequest]:
+        release.wait(10)
+        return
+        yield  # a generator that sends nothing
+
+    calls = stream(quiet(), timeout=10)
+    time.sleep(0.2)
+    with pytest.raises(grpc.RpcError) as second:  # the one slot is taken
+        list(stream(iter([]), timeout=5))
+    assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as first:
+        list(calls)
+    release.set()
+    assert first.value.code() == grpc.StatusCode.UNAVAILABLE and "sent no request" in (first.value.details() or "")
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_stream_of_garbage_is_read_slower(serve):
+    """Requests that cannot be served slow a ModelStreamInfer stream's reading, as they slow a
+    StreamDetect stream's: a client flooding garbage waits in flow control."""
+    from perception.v1 import model_config_pb2 as mcpb
+
+    garbage = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])],
+                                    raw_input_contents=[_prefixed(b"\xff\xd8 not an image " + bytes(64))])
+
+    def elapsed(run: Running, n: int) -> tuple[float, list[Any]]:
+        stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                           request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                           response_deserializer=mcpb.ModelStreamInferResponse.FromString)
+        t0 = time.perf_counter()
+        out = list(stream(iter([garbage] * n), timeout=60))
+        return time.perf_counter() - t0, out
+
+    fast, answers = elapsed(serve(kserve=True, invalid_backoff_max_s=0), 20)
+    assert len(answers) == 20 and all("JPEG" in a.error_message or "decode" in a.error_message for a in answers), \
+        answers[0].error_message
+    slow, answers = elapsed(serve(kserve=True, invalid_backoff_max_s=0.2), 20)
+    assert len(answers) == 20
+    assert fast < 1.0 < slow, (fast, slow)
+
+
 # -- requests no stock client sends, over a plain channel ---------------------------------------
 
 
@@ -414,8 +518,7 @@ def test_until_the_model_is_attached_inference_is_unavailable(tiny_manifest):
             stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
             with pytest.raises(grpc.RpcError) as info:
                 list(stream(iter([b""]), timeout=5))
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "StreamDetect" in (info.value.details() or "")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in (info.value.details() or "")
     finally:
         server.stop(0)
 
