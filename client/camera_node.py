@@ -15,7 +15,8 @@ Per camera, two threads and one stream:
   a new session takes over.
 
 A camera that disappears (unplugged, stream server restarted) is reported, reopened with
-exponential backoff (``Backoff`` with neither a time nor an attempt bound) and counted; the
+exponential backoff (``Backoff`` with neither a time nor an attempt bound) and counted: a
+reconnect once it delivers a frame again, a failed open for each attempt that gives none; the
 node keeps running until ``stop`` is set. Invariants kept visibly below: the capture thread
 never waits on the network; the sender never holds the mailbox while sending; answer
 callbacks run on the session's receiver thread and take no lock of the session.
@@ -189,24 +190,22 @@ class CameraWorker:
                 self.stats.set_state(False, str(exc))
                 return
             except DataError as exc:
-                self.stats.count("open_failures")
-                self.stats.set_state(False, str(exc))
-                delay = backoff.next_delay() or self._retry.max_s
-                level = logging.WARNING if backoff.attempts == 1 else logging.INFO
-                log.log(level, "%s: %s; retrying in %.1fs", self.camera_id, exc, delay)
-                self._stop.wait(delay)
+                self._open_failed(backoff, str(exc))
                 continue
-            if lost_once:
-                self.stats.count("reconnects")
             log.info("%s: capturing from %s", self.camera_id, name)
-            self.stats.set_state(True)
-            why = "stopped delivering frames"
+            delivered = False
+            why = ""
             try:
                 while not self._stop.is_set():
                     grab = self._camera.read()
                     if grab is None:
                         break
-                    backoff.reset()
+                    if not delivered:  # the camera is back only now: opened, it may still give nothing
+                        delivered = True
+                        backoff.reset()
+                        self.stats.set_state(True)
+                        if lost_once:
+                            self.stats.count("reconnects")
                     self.stats.count("captured")
                     self._slot.put((sequence, grab))
                     sequence += 1
@@ -219,11 +218,25 @@ class CameraWorker:
                 self._camera.close()
             if self._stop.is_set():
                 break
+            if not delivered:  # an attempt that failed, not a camera back and lost again
+                self._open_failed(backoff, f"camera {name} {why or 'opened, but delivered no frame'}")
+                continue
+            why = why or "stopped delivering frames"
             lost_once = True
             self.stats.set_state(False, f"{name}: {why}")
             delay = backoff.next_delay() or self._retry.max_s
             log.warning("%s: camera %s %s; reopening in %.1fs", self.camera_id, name, why, delay)
             self._stop.wait(delay)
+
+    def _open_failed(self, backoff: Backoff, why: str) -> None:
+        """An attempt to (re)open the camera that gave no frame: counted ``open_failures`` and
+        retried after the backoff's next delay; said at WARNING once a streak, then at INFO."""
+        self.stats.count("open_failures")
+        self.stats.set_state(False, why)
+        delay = backoff.next_delay() or self._retry.max_s
+        level = logging.WARNING if backoff.attempts == 1 else logging.INFO
+        log.log(level, "%s: %s; retrying in %.1fs", self.camera_id, why, delay)
+        self._stop.wait(delay)
 
     # -- sender thread -------------------------------------------------------------------
 
@@ -257,19 +270,21 @@ class CameraWorker:
     def _send(self, session: StreamSession, frame: SourceFrame) -> StreamSession:
         """Send ``frame``; the session to go on with. When the session has given up on the
         server, a new one takes its place and the frame goes first on it (it is the newest
-        frame: it used to be in no count at all)."""
+        frame: it used to be in no count at all). When the new one has given up too (a server
+        refusing every stream, e.g. a wrong token; a race with this send decides), the frame is
+        ``dropped`` like every frame the server cannot take, not ``failed``: that is the count
+        of the node's own errors."""
         for _ in range(2):
             try:
                 if session.send(frame, timeout=_POLL_S):
                     self.stats.count("sent")
                 return session
-            except PerceptionError as exc:  # the session gave up on the server
+            except PerceptionError:  # the session gave up on the server; _replace says why
                 session = self._replace(session)
-                error: Exception = exc
             except Exception as exc:
                 self._failed(frame.sequence, exc)
                 return session
-        self._failed(frame.sequence, error)  # a new stream that gave up at once, too
+        self.stats.count("dropped")
         return session
 
     def _failed(self, sequence: int, exc: Exception) -> None:
@@ -277,7 +292,7 @@ class CameraWorker:
         logged (with its traceback) once per REPEAT_LOG_S; the sender goes on with the next."""
         self.stats.count("failed")
         why = f"{type(exc).__name__}: {exc}"
-        self.stats.set_state(self.stats.connected, f"frame {sequence} not sent: {why}")
+        self.stats.note(f"frame {sequence} not sent: {why}")
         again = self._failed_log.due(type(exc).__name__)
         if again is not None:
             log.error("%s: frame %d not sent: %s%s", self.camera_id, sequence, why, again, exc_info=exc)
@@ -334,6 +349,7 @@ class CameraWorker:
 
     def _replace(self, session: StreamSession) -> StreamSession:
         reason = str(session.error or "stream ended")
+        self.stats.note(f"stream to the server gave up: {reason}")
         if TOO_LARGE_HINT in reason:
             self._limit.forget()  # the server may have restarted with a lower limit: ask it again
         again = self._replaced_log.due(reason)

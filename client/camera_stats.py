@@ -1,13 +1,17 @@
 """Per-camera counters of a camera node and the lines it prints (live table, final summary).
 
 captured = frames read from the camera; sent = frames handed to the stream; dropped = frames
-replaced by a newer one before they could be sent (the link or the server was slower than the
-camera); too_large = frames not sent because the server would refuse them (over its message
-limit: client.message_limit); failed = frames not sent because of an error of the node's own
-(a frame it could not turn into a request; logged); answered = answers received, ``ok`` of them
-with status OK; lost = sent frames never answered (the stream gave up on them, or the node
-stopped first); reconnects = times the camera was reopened after a loss, open_failures =
-attempts to open it that failed; server_reconnects = times the stream to the server was.
+not sent because the link or the server could not take them: replaced by a newer one while the
+send window was full (the link or the server was slower than the camera), or taken when every
+stream to the server had given up on it; too_large = frames not sent because the server would
+refuse them (over its message limit: client.message_limit); failed = frames not sent because of
+an error of the node's own (a frame it could not turn into a request; logged); answered =
+answers received, ``ok`` of them with status OK; lost = sent frames never answered (the stream
+gave up on them, or the node stopped first); reconnects = times the camera delivered frames
+again after a loss, open_failures = attempts to (re)open it that gave no frame (it would not
+open, or opened and delivered none); server_reconnects = times the stream to the server was
+reconnected. Once the node stopped, captured = sent + dropped + too_large + failed (+ 1: a frame
+left in the mailbox) and sent = answered + lost: each frame is in one count.
 Latency = send to answer, over the last ``LATENCY_WINDOW`` answers.
 """
 
@@ -75,6 +79,7 @@ class CameraStats:
         self.sent = 0
         self.answered = 0
         self.ok = 0
+        self.dropped = 0  # taken to send, but no stream would take it; the mailbox counts the rest
         self.too_large = 0
         self.failed = 0
         self.lost = 0
@@ -93,6 +98,11 @@ class CameraStats:
             if error:
                 self.last_error = error
 
+    def note(self, error: str) -> None:
+        """Keep ``error`` as the last one, leaving ``connected`` as the capture thread set it."""
+        with self._lock:
+            self.last_error = error
+
     def answer(self, status: FrameStatus, latency_ms: float) -> None:
         with self._lock:
             self.answered += 1
@@ -100,13 +110,15 @@ class CameraStats:
                 self.ok += 1
             self._latencies.append(latency_ms)
 
-    def summary(self, dropped: int, server_reconnects: int) -> CameraSummary:
+    def summary(self, overwritten: int, server_reconnects: int) -> CameraSummary:
+        """overwritten: frames the mailbox replaced by a newer one, the rest of ``dropped``."""
         with self._lock:
             lat = np.asarray(self._latencies, np.float64)
             p50, p99 = (float(v) for v in np.percentile(lat, [50, 99])) if lat.size else (0.0, 0.0)
             return CameraSummary(
                 self.camera_id, self.source, self.connected, self.captured, self.sent, self.answered, self.ok,
-                dropped, self.too_large, self.lost, self.open_failures, self.reconnects, server_reconnects,
+                overwritten + self.dropped, self.too_large, self.lost, self.open_failures, self.reconnects,
+                server_reconnects,
                 round(p50, 3), round(p99, 3), self.last_error, self.failed,
             )
 

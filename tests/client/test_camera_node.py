@@ -300,9 +300,11 @@ def test_a_stream_ended_again_and_again_for_the_same_reason_is_logged_once_per_i
     import types
 
     from client import camera_node as cn
+    from client.camera_stats import CameraStats
 
     worker = object.__new__(cn.CameraWorker)
     worker.camera_id = "front"
+    worker.stats = CameraStats("front", "test")
     worker._replaced_log = cn.RepeatedLog()
     monkeypatch.setattr(worker, "_retire", lambda s: None, raising=False)
     monkeypatch.setattr(worker, "_new_session", lambda: "next", raising=False)
@@ -476,12 +478,101 @@ def test_a_retired_streams_reconnects_are_counted_once_while_it_is_replaced(monk
     assert worker.summary().server_reconnects == 2
 
 
-def test_a_frame_no_new_stream_takes_is_counted_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_frame_no_new_stream_takes_is_dropped_not_failed(
+    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that refuses every stream (here a wrong token) makes each new stream give up at
+    once. The frame taken as one gave up goes first on the next; when that one has given up too,
+    the frame is ``dropped``, as is every frame the server cannot take, and the server's refusal
+    is the camera's last error. It was counted ``failed``, the count of the node's own errors,
+    and logged with a traceback as one; by a race: the frames the same refusal met a moment
+    later were sent and lost. Here every new stream is handed over once its refusal arrived."""
+    from client import camera_node as cn
+    from client.config import ClientConfig
+    from client.detector_client import DetectorClient
     from client.frames import SourceFrame
+    from client.live_capture import RecordingCamera
+    from client.sources.base import SourceOptions
+    from tests.client.conftest import start_server
 
-    worker = _bare_worker(monkeypatch, [_FakeSession(gave_up=True), _FakeSession(gave_up=True),
-                                        _FakeSession(gave_up=False)])
-    first = worker._new_session()
-    worker._send(first, SourceFrame("front", 1, 0, encoded=b"x"))
+    srv, port = start_server(tiny_manifest, auth_tokens=("right",), insecure_token=True)
+    client = DetectorClient(ClientConfig(targets=(f"127.0.0.1:{port}",), token="wrong"))
+    camera = RecordingCamera(R.write_mp4(tmp_path / "front.mp4", n=2), SourceOptions())
+    worker = cn.CameraWorker("front", camera, client, cn.NodeConfig(stop_timeout_s=1.0), threading.Event())
+    open_stream = worker._new_session
+
+    def refused_stream() -> Any:
+        session = open_stream()
+        _wait_for("the server's refusal", lambda: session.error is not None, timeout=10)
+        return session
+
+    monkeypatch.setattr(worker, "_new_session", refused_stream)
+    try:
+        frame = SourceFrame("front", 0, 0, encoded=R.jpeg(R.scene(0)))
+        worker._finish(worker._send(worker._new_session(), frame))
+    finally:
+        client.close()
+        srv.shutdown(1.0)
     s = worker.summary()
-    assert s.sent == 0 and s.failed == 1 and "gave up" in s.last_error
+    assert (s.sent, s.lost, s.failed, s.dropped) == (0, 0, 0, 1), s
+    assert "UNAUTHENTICATED" in s.last_error, s
+
+
+def test_a_server_refusing_every_stream_costs_frames_dropped_or_lost_never_failed(
+    tiny_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same refusal through `perception camera`: the node keeps opening streams, and every
+    frame it captured is accounted for once: sent (and lost: never answered) or dropped."""
+    from tests.client.conftest import start_server
+
+    srv, port = start_server(tiny_manifest, auth_tokens=("right",), insecure_token=True)
+    video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    try:
+        t, _, result = _run_in_thread([str(video), "--loop", "--server", f"127.0.0.1:{port}", "--token", "wrong",
+                                       "--duration", "1.5", "--json"])
+        t.join(20)
+    finally:
+        srv.shutdown(1.0)
+    assert result == {"rc": 0}, result
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["captured"] >= 20 and s["answered"] == 0 and s["failed"] == 0, s
+    assert s["lost"] == s["sent"] and s["captured"] - s["sent"] - s["dropped"] in (0, 1), s
+    assert "UNAUTHENTICATED" in s["last_error"], s
+
+
+def _mcap_unreadable(path: Path, n: int) -> Path:
+    """A ROS 2 MCAP that opens, but whose every image is cut short: no frame can be read."""
+    from mcap_ros2.writer import Writer
+
+    with open(path, "wb") as f:
+        writer = Writer(f)
+        raw = writer.register_msgdef("sensor_msgs/msg/Image", R.IMAGE_DEF)
+        for i in range(n):
+            ts = R.T0_NS + i * 50_000_000
+            writer.write_message("/cameras/front/image_raw", raw, {
+                "header": {"stamp": {"sec": ts // 10**9, "nanosec": ts % 10**9}, "frame_id": "front"},
+                "height": 64, "width": 96, "encoding": "mono16", "is_bigendian": 0, "step": 192,
+                "data": bytes(100),
+            }, log_time=ts)
+        writer.finish()
+    return path
+
+
+def test_a_camera_that_opens_but_delivers_no_frame_is_a_failed_open_not_a_reconnect(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each attempt opens the camera and reads nothing (a stream whose packets never come, a
+    recording no frame of which can be read): a failed open, retried with backoff and said once
+    at WARNING. Each used to be counted a reconnect, of a camera that never came back."""
+    mcap = _mcap_unreadable(tmp_path / "front.mcap", n=4)
+    caplog.set_level(logging.INFO, logger="client")
+    t, _, result = _run_in_thread([str(mcap), "--loop", "--server", server, "--retry-max", "0.2",
+                                   "--duration", "1.5"])
+    t.join(20)
+    assert result == {"rc": 0}, result
+    out = capsys.readouterr().out
+    s = _summary_line(out, "front")
+    assert s["captured"] == 0 and s["reconnects"] == 0 and s["failed opens"] >= 3, out
+    assert "[camera down]" in out
+    said = [r for r in caplog.records if r.name == "client.camera_node" and "has only 100 bytes" in r.getMessage()]
+    assert len(said) >= 3 and [r.levelno for r in said].count(logging.WARNING) == 1, said
