@@ -152,6 +152,10 @@ class CameraWorker:
         self._too_large_log = RepeatedLog()
         self._failed_log = RepeatedLog()
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
+        # Between replacement streams that got no answer (a server refusing every stream: a
+        # wrong token, a full server), so that the node does not open one per frame.
+        self._replace_backoff = Backoff(self._retry)
+        self._answered_before = 0  # stats.answered when the current stream was opened
         self._threads = [
             threading.Thread(target=self._capture_loop, name=f"{camera_id}-capture", daemon=True),
             threading.Thread(target=self._send_loop, name=f"{camera_id}-send", daemon=True),
@@ -359,6 +363,13 @@ class CameraWorker:
             log.error("%s: %s; %d frames lost, opening a new stream%s", self.camera_id, reason, len(session.lost),
                       again)
         self._retire(session)
+        answered = self.stats.answered  # one int read: needs no lock
+        if answered > self._answered_before:
+            self._replace_backoff.reset()  # that stream served: the next one starts at once
+        else:
+            # Frames captured meanwhile are overwritten in the mailbox (counted dropped).
+            self._stop.wait(self._replace_backoff.next_delay() or self._retry.max_s)
+        self._answered_before = answered
         return self._new_session()
 
     def _retire(self, session: StreamSession) -> None:
