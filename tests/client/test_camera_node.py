@@ -306,6 +306,7 @@ def test_a_stream_ended_again_and_again_for_the_same_reason_is_logged_once_per_i
     worker.camera_id = "front"
     worker.stats = CameraStats("front", "test")
     worker._replaced_log = cn.RepeatedLog()
+    _short_replace_backoff(worker)
     monkeypatch.setattr(worker, "_retire", lambda s: None, raising=False)
     monkeypatch.setattr(worker, "_new_session", lambda: "next", raising=False)
     clock = [100.0]
@@ -425,6 +426,17 @@ class _FakeSession:
         return True
 
 
+def _short_replace_backoff(worker: Any) -> None:
+    """A bare worker's backoff between streams that got no answer: 1 ms, for tests about
+    something else."""
+    from client import camera_node as cn
+
+    worker._retry = cn.BackoffConfig(initial_s=0.001, max_s=0.001)
+    worker._replace_backoff = cn.Backoff(worker._retry)
+    worker._answered_before = 0
+    worker._stop = threading.Event()
+
+
 def _bare_worker(monkeypatch: pytest.MonkeyPatch, sessions: list[_FakeSession]) -> Any:
     """A CameraWorker without threads or a server, its new streams taken from ``sessions``."""
     import types
@@ -441,6 +453,7 @@ def _bare_worker(monkeypatch: pytest.MonkeyPatch, sessions: list[_FakeSession]) 
     worker._replaced_log, worker._failed_log = cn.RepeatedLog(), cn.RepeatedLog()
     worker._session_lock = threading.Lock()
     worker._session, worker._past_server_reconnects = None, 0
+    _short_replace_backoff(worker)
     queue = iter(sessions)
 
     def new_session() -> Any:
