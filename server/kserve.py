@@ -255,7 +255,10 @@ class KServeService:
         is read only when one of them is answered, so a client that sends faster is held back
         by flow control. The stream holds one of the server's stream slots, as a StreamDetect
         does, and ends (UNAVAILABLE, to reconnect) when the server is not ready or drains, or
-        when it sends nothing for the stream idle timeout."""
+        when it sends nothing for the stream idle timeout (``--stream-idle-timeout-s``; Triton
+        never ends an idle stream: a tritonclient user calls ``stop_stream`` and
+        ``start_stream`` again after that error). A client's cancel is no error: its frames
+        still queued leave the queues."""
         self._check_ready()
         peer = self._limits.streams.admit(context.peer())
         stream = _InferStream(self, requests, context, STREAM_WINDOW, self._limits.stream_idle_timeout_s)
@@ -377,6 +380,18 @@ class _Started:
             self.scheduler.close(key)
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """A stream's request that failed on the way in, as its answer will say it: the status's
+    message only (an exception kept until its turn would keep, through its traceback, the
+    request's bytes alive). ``ends_stream``: the server is not ready or drains."""
+
+    request_id: str
+    message: str
+    ends_stream: bool
+    invalid: bool  # the client's fault: the stream is read slower after it
+
+
 class _InferStream:
     """One ModelStreamInfer call: a reader thread takes requests in (``KServeService._start``:
     decode and queue, so the next request's decode overlaps the last one's inference) while the
@@ -390,11 +405,10 @@ class _InferStream:
         self._window = window
         self._idle_timeout_s = idle_timeout_s
         self._cond = threading.Condition()
-        # In arrival order: a started request, or (its id, the error it met on the way in).
-        self._pending: deque[_Started | tuple[str, Exception]] = deque()
+        self._pending: deque[_Started | _Refused] = deque()  # in arrival order
         self._reader_done = False
         self._cancelled = False
-        self._last_request = time.monotonic()
+        self._last_activity = time.monotonic()  # a request read or an answer sent
         # Requests that cannot be served slow the reading, as on a StreamDetect stream: a client
         # sending garbage waits in flow control instead of costing a parse and a decode each.
         self._backoff = InvalidBackoff(service._limits.invalid_backoff_max_s)
@@ -410,16 +424,25 @@ class _InferStream:
         for item in started:
             item.cancel()
 
+    def _active(self) -> bool:
+        with self._cond:
+            cancelled = self._cancelled
+        return not cancelled and self._context.is_active()
+
     def responses(self) -> Iterator[mcpb.ModelStreamInferResponse]:
         threading.Thread(target=self._read, name="kserve-stream-reader", daemon=True).start()
         while True:
             with self._cond:
                 while not self._pending and not self._reader_done and not self._cancelled:
-                    quiet_s = time.monotonic() - self._last_request
+                    # Quiet: a drain ends the stream now (not at the grace period's end), and
+                    # so does the idle timeout.
+                    if self._service._draining():
+                        raise NotReadyError(SHUTTING_DOWN)
+                    quiet_s = time.monotonic() - self._last_activity
                     if quiet_s >= self._idle_timeout_s:
                         raise NotReadyError(f"stream sent no request for {self._idle_timeout_s:g} s and was "
                                             "ended; reconnect when you have frames")
-                    self._cond.wait(min(1.0, self._idle_timeout_s - quiet_s))
+                    self._cond.wait(min(0.1, self._idle_timeout_s - quiet_s))
                 if not self._pending:
                     return
                 item = self._pending[0]
@@ -427,29 +450,32 @@ class _InferStream:
             with self._cond:
                 if self._pending and self._pending[0] is item:
                     self._pending.popleft()
+                self._last_activity = time.monotonic()
                 self._cond.notify_all()
             if response is None:
                 return
             yield response
 
-    def _answer(self, item: _Started | tuple[str, Exception]) -> mcpb.ModelStreamInferResponse | None:
+    def _answer(self, item: _Started | _Refused) -> mcpb.ModelStreamInferResponse | None:
         """The stream's answer to one request; None if the call ended first. A server that is
         not ready or drains ends the stream (NotReadyError: the client reconnects elsewhere)."""
-        request_id = item.request_id if isinstance(item, _Started) else item[0]
+        if isinstance(item, _Refused):
+            if item.ends_stream:
+                raise NotReadyError(item.message)
+            return _stream_error(item.request_id, item.message)
         try:
-            if not isinstance(item, _Started):
-                raise item[1]
-            response = self._service._finish(item, self._context.is_active)
-            if response is None:
+            response = self._service._finish(item, self._active)
+        except Exception as exc:
+            if not self._active():  # the call ended: its frames were taken out, not failed
                 return None
-            return mcpb.ModelStreamInferResponse(infer_response=response.SerializeToString())
-        except NotReadyError:
-            raise
-        except Exception as exc:  # what ModelInfer would fail with: this request's answer
-            code, message = status_for(exc, "ModelStreamInfer")
+            if isinstance(exc, NotReadyError):
+                raise
+            code, message = status_for(exc, "ModelStreamInfer")  # what ModelInfer would fail with
             self._service._metrics.grpc_error("ModelStreamInfer", code.name)
-            return mcpb.ModelStreamInferResponse(
-                error_message=message, infer_response=kpb.ModelInferResponse(id=request_id).SerializeToString())
+            return _stream_error(item.request_id, message)
+        if response is None:
+            return None
+        return mcpb.ModelStreamInferResponse(infer_response=response.SerializeToString())
 
     def _read(self) -> None:
         owner = ("kserve", self._context.peer())
@@ -467,17 +493,19 @@ class _InferStream:
                 if request is None:
                     return
                 with self._cond:
-                    self._last_request = time.monotonic()
-                item: _Started | tuple[str, Exception]
+                    if self._cancelled:  # ended while waiting for the request: no decode for nobody
+                        return
+                    self._last_activity = time.monotonic()
+                item: _Started | _Refused
                 try:
                     item = self._service._start(request, self._context.time_remaining(), owner)
                 except Exception as exc:  # answered in its turn, as ModelInfer would fail
-                    item = (getattr(request, "id", ""), exc)
+                    item = self._refused(getattr(request, "id", ""), exc)
                 del request  # its bytes go now, not when the next request arrives
                 with self._cond:
                     if isinstance(item, _Started):
                         self._backoff.served()
-                    elif isinstance(item[1], InvalidInputError):
+                    elif item.invalid:
                         self._backoff.invalid(time.monotonic())
                     cancelled = self._cancelled
                     if not cancelled:
@@ -493,6 +521,18 @@ class _InferStream:
             with self._cond:
                 self._reader_done = True
                 self._cond.notify_all()
+
+    def _refused(self, request_id: str, exc: Exception) -> _Refused:
+        code, message = status_for(exc, "ModelStreamInfer")  # an internal error is logged here, once
+        ends = isinstance(exc, NotReadyError)
+        if not ends:  # the stream's end is counted where it ends (the error interceptor)
+            self._service._metrics.grpc_error("ModelStreamInfer", code.name)
+        return _Refused(request_id, message, ends, isinstance(exc, InvalidInputError))
+
+
+def _stream_error(request_id: str, message: str) -> mcpb.ModelStreamInferResponse:
+    return mcpb.ModelStreamInferResponse(
+        error_message=message, infer_response=kpb.ModelInferResponse(id=request_id).SerializeToString())
 
 
 def _names(model: ServedModel, name: str, version: str) -> bool:

@@ -417,6 +417,58 @@ def test_a_quiet_stream_is_ended_and_a_stream_takes_a_slot(serve):
     assert time.monotonic() - t0 < 5
 
 
+def test_a_quiet_stream_ends_at_once_when_the_server_drains(serve):
+    """A drain ends a ModelStreamInfer stream with nothing in flight at once (UNAVAILABLE,
+    "shutting down": the client reconnects to another instance), not at the end of the grace
+    period, which the shutdown would otherwise wait out."""
+    run = serve(kserve=True)
+    stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=bytes)
+    release = threading.Event()
+
+    def quiet() -> Iterator[kpb.ModelInferRequest]:
+        release.wait(20)
+        return
+        yield  # a generator that sends nothing
+
+    calls = stream(quiet(), timeout=20)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    done: list[bool] = []
+    stopper = threading.Thread(target=lambda: done.append(run.server.shutdown(10.0)))
+    stopper.start()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(calls)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (info.value.details() or "")
+        stopper.join(15)
+    finally:
+        release.set()
+    assert done == [True] and time.monotonic() - t0 < 5, "the shutdown did not wait out its grace period"
+
+
+def test_a_client_cancelling_a_stream_is_no_error(run):
+    """A client that cancels its stream with requests in flight: their frames leave the queues,
+    the stream's slot is given back, and no error is counted (a cancel is the client's choice)."""
+    request = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])],
+                                    raw_input_contents=[_prefixed(jpeg())])
+    stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=bytes)
+    for _ in range(3):
+        calls = stream(iter([request] * 8), timeout=20)
+        next(calls)  # one answer, and the rest in flight
+        calls.cancel()
+    end = time.monotonic() + 5
+    while counter(run, "perception_streams_in_flight") and time.monotonic() < end:
+        time.sleep(0.05)
+    assert counter(run, "perception_streams_in_flight") == 0
+    errors = [s for m in run.registry.collect() if m.name == "perception_grpc_errors" for s in m.samples
+              if s.labels.get("method") == "ModelStreamInfer" and s.value]
+    assert errors == []
+
+
 def test_a_stream_of_garbage_is_read_slower(serve):
     """Requests that cannot be served slow a ModelStreamInfer stream's reading, as they slow a
     StreamDetect stream's: a client flooding garbage waits in flow control."""
