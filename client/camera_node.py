@@ -245,13 +245,13 @@ class CameraWorker:
     # -- sender thread -------------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        session = self._new_session()
+        session: StreamSession | None = self._new_session()
         try:
-            while not self._stop.is_set():
+            while session is not None and not self._stop.is_set():
                 item = self._slot.take(functools.partial(self._has_room, session), _POLL_S)
                 if item is None:
                     if session.error is not None:
-                        session = self._replace(session)
+                        session, _ = self._replace(session)  # None: stopped while waiting to reopen
                     continue
                 try:
                     frame = self._to_frame(*item)
@@ -267,24 +267,31 @@ class CameraWorker:
                     if again is not None:
                         log.error("%s: frame %d: %s%s", self.camera_id, frame.sequence, too_large, again)
                     continue
-                session = self._send(session, frame)
+                session = self._send(session, frame)  # None: stopped while waiting to reopen
         finally:
-            self._finish(session)
+            if session is not None:  # a session replaced is retired already
+                self._finish(session)
 
-    def _send(self, session: StreamSession, frame: SourceFrame) -> StreamSession:
-        """Send ``frame``; the session to go on with. When the session has given up on the
-        server, a new one takes its place and the frame goes first on it (it is the newest
-        frame: it used to be in no count at all). When the new one has given up too (a server
-        refusing every stream, e.g. a wrong token; a race with this send decides), the frame is
-        ``dropped`` like every frame the server cannot take, not ``failed``: that is the count
-        of the node's own errors."""
+    def _send(self, session: StreamSession, frame: SourceFrame) -> StreamSession | None:
+        """Send ``frame``; the session to go on with (None: stopped while waiting to reopen).
+        When the session has given up on the server, a new one takes its place and the frame
+        goes first on it (it is the newest frame: it used to be in no count at all), unless the
+        camera gave a newer one while the node waited to reopen (backoff): then this one is
+        ``dropped`` and the newest goes. When the new one has given up too (a server refusing every
+        stream, e.g. a wrong token; a race with this send decides), the frame is ``dropped``
+        like every frame the server cannot take, not ``failed``: that is the count of the
+        node's own errors."""
         for _ in range(2):
             try:
                 if session.send(frame, timeout=_POLL_S):
                     self.stats.count("sent")
                 return session
             except PerceptionError:  # the session gave up on the server; _replace says why
-                session = self._replace(session)
+                replaced, waited = self._replace(session)
+                if replaced is None or (waited and self._slot.holds()):
+                    self.stats.count("dropped")
+                    return replaced
+                session = replaced
             except Exception as exc:
                 self._failed(frame.sequence, exc)
                 return session
@@ -351,7 +358,10 @@ class CameraWorker:
             self._session = session
         return session
 
-    def _replace(self, session: StreamSession) -> StreamSession:
+    def _replace(self, session: StreamSession) -> tuple[StreamSession | None, bool]:
+        """Retire ``session`` (it gave up on the server) and open the next; whether it first
+        waited (the retired one got no answer: backoff). None instead of a session when the
+        node stopped meanwhile."""
         reason = str(session.error or "stream ended")
         self.stats.note(f"stream to the server gave up: {reason}")
         if TOO_LARGE_HINT in reason:
@@ -364,13 +374,16 @@ class CameraWorker:
                       again)
         self._retire(session)
         answered = self.stats.answered  # one int read: needs no lock
-        if answered > self._answered_before:
-            self._replace_backoff.reset()  # that stream served: the next one starts at once
-        else:
+        waited = answered <= self._answered_before
+        if waited:
             # Frames captured meanwhile are overwritten in the mailbox (counted dropped).
             self._stop.wait(self._replace_backoff.next_delay() or self._retry.max_s)
+        else:
+            self._replace_backoff.reset()  # that stream served: the next one starts at once
         self._answered_before = answered
-        return self._new_session()
+        if self._stop.is_set():
+            return None, waited
+        return self._new_session(), waited
 
     def _retire(self, session: StreamSession) -> None:
         session.abort()

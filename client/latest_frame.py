@@ -37,6 +37,11 @@ class LatestFrame(Generic[T]):
         with self._cond:
             self._cond.notify_all()
 
+    def holds(self) -> bool:
+        """Whether a frame is waiting to be taken."""
+        with self._cond:
+            return self._item is not None
+
     def take(self, ready: Callable[[], bool], timeout: float) -> T | None:
         """The newest item once one is there and ``ready()`` holds; None after ``timeout``
         seconds. ``ready`` runs under the slot's lock: it must not call back into the slot."""

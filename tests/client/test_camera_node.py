@@ -316,7 +316,7 @@ def test_a_stream_ended_again_and_again_for_the_same_reason_is_logged_once_per_i
     caplog.set_level(logging.DEBUG, logger="client.camera_node")
     for t in (100.0, 100.1, 100.2, 109.0, 111.0, 111.1):
         clock[0] = t
-        assert worker._replace(too_big) == "next"  # type: ignore[arg-type]
+        assert worker._replace(too_big)[0] == "next"  # type: ignore[arg-type]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 2 and "larger than max" in errors[0]
     assert errors[1].endswith("(3 more times since it was last logged)")
@@ -481,6 +481,26 @@ def test_the_frame_taken_when_the_stream_gave_up_goes_first_on_the_next(monkeypa
     assert s.server_reconnects == 3  # the retired stream's reconnects, counted once
 
 
+def test_after_a_wait_to_reopen_the_newest_frame_goes_and_a_stop_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that gave up without an answer is reopened after a backoff. If the camera gave
+    a newer frame meanwhile, the frame held is dropped for it (it could be seconds old); and a
+    node stopped during the wait opens no stream, the frame held counted dropped."""
+    from client.frames import SourceFrame
+
+    dead, fresh = _FakeSession(gave_up=True), _FakeSession(gave_up=False)
+    worker = _bare_worker(monkeypatch, [dead, fresh])
+    first = worker._new_session()
+    worker._slot.put((8, "newer"))
+    assert worker._send(first, SourceFrame("front", 7, 0, encoded=b"x")) is fresh
+    assert fresh.sent == [] and worker.stats.dropped == 1
+
+    worker = _bare_worker(monkeypatch, [_FakeSession(gave_up=True)])  # a second stream would fail the test
+    first = worker._new_session()
+    worker._stop.set()
+    assert worker._send(first, SourceFrame("front", 9, 0, encoded=b"x")) is None
+    assert worker.stats.dropped == 1 and worker.stats.sent == 0
+
+
 def test_a_retired_streams_reconnects_are_counted_once_while_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     """Between retiring a stream and opening the next, the summary counted the old stream's
     reconnects twice: once as past, once as the live stream's."""
@@ -522,7 +542,9 @@ def test_a_frame_no_new_stream_takes_is_dropped_not_failed(
     monkeypatch.setattr(worker, "_new_session", refused_stream)
     try:
         frame = SourceFrame("front", 0, 0, encoded=R.jpeg(R.scene(0)))
-        worker._finish(worker._send(worker._new_session(), frame))
+        session = worker._send(worker._new_session(), frame)
+        assert session is not None  # not stopped
+        worker._finish(session)
     finally:
         client.close()
         srv.shutdown(1.0)
