@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -187,6 +187,31 @@ def test_an_unexpected_error_in_the_hand_off_answers_the_frame(tiny_manifest: Pa
     assert task.done.is_set() and task.status is FrameStatus.OVERLOADED
     assert re.search(r"internal error while queueing this frame \(error id [0-9a-f]{12}\)", task.message)
     assert "hand-off bug" in caplog.text and "hand-off bug" not in task.message
+
+
+def test_a_frame_runs_on_the_streams_thread_only_when_no_other_camera_of_it_is_in_flight(tiny_manifest: Path):
+    """The fast path runs a frame on the stream's decode thread; on a stream carrying several
+    cameras a frame of one camera would then wait for another's inference before its decode,
+    so a frame goes inline only while no other camera of its stream is in the engine's hands."""
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
+    offered: list[str] = []
+
+    class Recording(Scheduler):
+        def run_if_idle(self, job: Job, transient: bool = False) -> bool:
+            key = cast(tuple[int, str], job.key)  # (stream id, camera id)
+            offered.append(key[1])
+            return False
+
+    scheduler = Recording(_no_boxes, 1, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    scheduler._accepting = True  # the worker is not started: the jobs stay queued
+    session = _session(pipeline, scheduler)
+    for camera in ("front", "rear"):
+        req = request(camera, 0, jpeg())
+        camera_id, seq, ts, deadline_ms = convert.identify(req)
+        session._in_flight[camera_id] = session._in_flight.get(camera_id, 0) + 1  # as the decode loop counts it
+        session._accept(FrameTask(camera_id, seq, ts, deadline_ms=deadline_ms), req)
+    assert offered == ["front"], "rear's frame went inline while front's was in flight"
+    session.cancel()
 
 
 def test_cancel_between_accept_and_submit_leaves_no_queue(tiny_manifest: Path):
