@@ -74,6 +74,7 @@ class TrackedFrame:
     track_ids: NDArray[np.int64]
     class_names: tuple[str, ...] = ()
     track_states: tuple[TrackState | None, ...] = ()
+    file_name: str = ""  # the source's name of the frame (an image folder's file), if it has one
 
     def __post_init__(self) -> None:
         n = self.boxes.shape[0] if self.boxes.ndim == 2 else -1
@@ -104,6 +105,7 @@ class TrackedFrame:
         return cls(
             result.camera_id, result.sequence, result.detections.boxes, result.detections.class_ids,
             np.asarray(track_ids, np.int64).reshape(-1), result.class_names, tuple(track_states),
+            str(result.extra.get("file_name", "")),
         )
 
     @classmethod
@@ -288,7 +290,7 @@ def score_tracks(
     per_camera: dict[str, dict[int, tuple[TrackedFrame, int]]] = {}
     without_gt = 0
     for f in frames:
-        iid = gt.image_id(f.camera_id, f.sequence)
+        iid = gt.image_id(f.camera_id, f.sequence, f.file_name)  # matched as the detection score matches
         if iid is None:
             without_gt += 1
             continue

@@ -196,6 +196,24 @@ def test_only_the_frames_given_are_scored() -> None:
     assert report.frames_without_gt == 1 and report.gt_frames_not_scored == 2
 
 
+def test_frames_match_ground_truth_by_file_name_as_the_detection_score_does() -> None:
+    """Ground truth with no camera_id / sequence fields whose images are named from 1 (the
+    MOTChallenge style), replayed as an image folder (sequences from 0): each frame is its
+    file's image. Tracking matched by "<camera>/<sequence>.jpg" alone, so every frame was scored
+    against the image before it, where the detection score matched the right one."""
+    box = [10.0, 10.0, 40.0, 30.0]
+    data = {"images": [{"id": 1, "file_name": "front/000001.jpg", "width": 640, "height": 360},
+                       {"id": 2, "file_name": "front/000002.jpg", "width": 640, "height": 360}],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": box, "area": box[2] * box[3],
+                             "iscrowd": 0, "track_id": 7}],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    gt = GroundTruthIndex.from_dataset(parse_coco(data, "gt.json"), Path("gt.json"))
+    frames = [dataclasses.replace(_frame("front", 0, []), file_name="front/000001.jpg"),
+              dataclasses.replace(_frame("front", 1, [(1, "car", box)]), file_name="front/000002.jpg")]
+    s = score_tracks(frames, gt).overall
+    assert (s.frames, s.gt_boxes, s.true_positives, s.false_positives, s.misses) == (2, 1, 1, 0, 0)
+
+
 def test_empty_frames_and_undefined_rates() -> None:
     gt = _gt({("front", 0): [(7, 1, [10.0, 10.0, 40.0, 30.0])]}, {"front": 2})
     report = score_tracks([_frame("front", 0, []), _frame("front", 1, [])], gt)
