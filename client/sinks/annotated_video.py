@@ -121,9 +121,10 @@ class AnnotatedVideoSink:
                 self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter.fourcc(*fourcc), self.fps, self._size)
                 if not self._writer.isOpened():
                     raise DataError(f"{self.path}: OpenCV cannot write this video file")
-            elif (img.shape[1], img.shape[0]) != self._size:
+            img = annotate(img, result)  # boxes are in this frame's pixels: drawn before any resize
+            if (img.shape[1], img.shape[0]) != self._size:  # a camera that changed resolution mid-drive
                 img = cv2.resize(img, self._size)
-            self._writer.write(annotate(img, result))
+            self._writer.write(img)
             self.frames += 1
 
     def write_unanswered(self, record: Unanswered) -> None:

@@ -4,6 +4,7 @@ colour per track."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -233,6 +234,38 @@ def test_annotate_colours_a_track_the_same_in_every_frame() -> None:
     # Without tracks the colour is the class's, as before.
     plain = annotate(blank, _result(0, [a0], [2], None))
     assert _bottom_edge_color(plain, a0) == class_color(2)
+
+
+def test_a_frame_of_another_size_has_its_boxes_drawn_where_its_objects_are(tmp_path: Path) -> None:
+    """The annotated video keeps the first frame's size. A later frame of another size (a
+    camera that changed resolution) is drawn on first and then resized, so its boxes, in its own
+    pixels, land on its objects; resized first, they were drawn at twice the scale, off the
+    picture here."""
+    import cv2
+
+    from client.sinks.annotated_video import AnnotatedVideoSink
+
+    def frame(seq: int, w: int, h: int) -> SourceFrame:
+        return SourceFrame("front", seq, seq, encoded=cv2.imencode(".jpg", np.zeros((h, w, 3), np.uint8))[1].tobytes())
+
+    def result(seq: int, w: int, h: int, boxes: list[list[float]]) -> FrameResult:
+        return dataclasses.replace(_result(seq, boxes, [0] * len(boxes), None), image_width=w, image_height=h)
+
+    video = tmp_path / "annotated.avi"
+    sink = AnnotatedVideoSink(video, fps=5)
+    sink.write(frame(0, 640, 360), result(0, 640, 360, []))
+    sink.write(frame(1, 1280, 720), result(1, 1280, 720, [[400.0, 200.0, 800.0, 600.0]]))
+    sink.close()
+    cap = cv2.VideoCapture(str(video))
+    images = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        images.append(img)
+    assert [im.shape for im in images] == [(360, 640, 3)] * 2
+    # The box at half scale: x 200-400, bottom edge at y 300.
+    assert images[1][297:304, 280:320].max() > 80, "no box edge where the object is"
 
 
 def test_track_colors_are_stable_and_distinct_for_neighbouring_ids() -> None:
