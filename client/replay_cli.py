@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 from client.client_status import Unanswered
 from client.config import DEFAULT_GIVE_UP_AFTER_S, BackoffConfig, ClientConfig, TlsConfig
 from client.convert import RequestOptions
-from client.frames import FrameResult
+from client.frames import FrameResult, FrameStatus
 from client.pacing import Pacing
 from perception.cli import add_progress_flag, show_progress
-from perception.errors import ConfigError, PerceptionError
+from perception.errors import ConfigError, DataError, PerceptionError
 
 if TYPE_CHECKING:
     from client.ground_truth import GroundTruthIndex
+    from client.replay import ReplayOutcome
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,13 @@ def main(argv: list[str]) -> int:
     summary = outcome.stats.as_dict()
     summary["source"] = str(args.source)
     kpi_error: PerceptionError | None = None
-    if gt is not None and outcome.results:
+    answered_ok = any(r.status is FrameStatus.OK for r in outcome.results)
+    if gt is not None and not answered_ok and not outcome.interrupted:
+        # Scored against --gt, a replay with nothing to score is a failure, not a zero.
+        kpi_error = DataError(f"no frame was answered OK ({_statuses(outcome)}): nothing to score against the "
+                              "ground truth")
+        summary["kpi_error"] = str(kpi_error)
+    elif gt is not None and answered_ok:
         try:
             summary["kpi"] = evaluate_replay(outcome.results, gt, args.kpi_score_threshold, outcome.file_names)
         except PerceptionError as exc:  # still write what the replay produced
@@ -275,7 +282,7 @@ def main(argv: list[str]) -> int:
     tracking_error: PerceptionError | None = None
     if tracking_skipped:
         summary["tracking_skipped"] = tracking_skipped
-    elif args.track and gt is not None and outcome.results:
+    elif args.track and gt is not None and answered_ok:
         try:
             summary["tracking"] = _score_tracking(outcome.results, gt, args.track_confirmed_only,
                                                   args.track_min_gt_height)
@@ -354,6 +361,16 @@ def _close_sinks(sinks: list[Any]) -> PerceptionError | None:
         except PerceptionError as exc:
             first = first or exc
     return first
+
+
+def _statuses(outcome: ReplayOutcome) -> str:
+    """How the replay's frames ended, e.g. "12 OVERLOADED, 3 NOT_SENT"; "no frame" if none."""
+    counts: dict[str, int] = {}
+    for r in outcome.results:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    for u in outcome.unanswered:
+        counts[u.status.value] = counts.get(u.status.value, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "no frame"
 
 
 def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool,

@@ -82,6 +82,25 @@ def test_replay_folder_with_a_corrupt_image(tmp_path: Path, server: str) -> None
     assert json.loads(summ.read_text())["dropped"] == {"invalid": 1}
 
 
+def test_scoring_a_replay_with_no_frame_answered_ok_is_an_error(
+    tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --gt, a replay where no frame was answered OK has nothing to score: it fails and
+    says how the frames ended (it exited 0 when nothing was answered at all, and blamed the
+    ground truth's image names when every answer was an error)."""
+    root = R.write_folder(tmp_path / "cam", n=3)
+    for f in root.iterdir():
+        f.write_bytes(f.read_bytes()[:40])  # every image truncated: INVALID
+    gt = {"images": [{"id": i + 1, "file_name": f"cam/{i:06d}.jpg", "width": 96, "height": 64} for i in range(3)],
+          "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    summ = tmp_path / "s.json"
+    assert _replay(str(root), "--server", server, "--json-out", str(summ), "--gt", str(tmp_path / "gt.json"),
+                   "--max-rate") != 0
+    assert "no frame was answered OK (3 INVALID)" in capsys.readouterr().err
+    assert "3 INVALID" in json.loads(summ.read_text())["kpi_error"]
+
+
 def test_replay_ros1_bag_with_skip_and_loop(tmp_path: Path, server: str) -> None:
     bag = R.write_bag(tmp_path / "d.bag", ros1=True, n=4)
     out = tmp_path / "o.jsonl"
