@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from perception.errors import ModelError
 from perception.layouts import TensorInfo
+from perception.manifest import read_checked
 from server.runtime.fingerprint import EngineFingerprint, check_engine
 
 if TYPE_CHECKING:
@@ -40,8 +41,14 @@ DEACTIVATE_WAIT_S = 5.0
 class TensorRTBackend:
     """Runs one TensorRT engine on one GPU: input (B, 3, H, W) float32 -> every output by name."""
 
-    def __init__(self, engine_path: str | Path, wanted: EngineFingerprint | None, max_batch: int = 8, device: int = 0):
+    def __init__(self, engine_path: str | Path, wanted: EngineFingerprint | None, max_batch: int = 8, device: int = 0,
+                 sha256: str = ""):
+        """``sha256``: the plan's hash in its manifest (a shipped engine variant). The engine is
+        then deserialized from the bytes that were hashed, read once at activation, so a plan
+        replaced after its manifest was checked is refused; an engine of the device's own cache
+        has no manifest hash and is read as it is."""
         self.path = Path(engine_path)
+        self._sha256 = sha256
         self._wanted = wanted
         self._max_batch = max_batch
         self._device = device
@@ -87,7 +94,9 @@ class TensorRTBackend:
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)  # the engine keeps its runtime alive (pybind11 keep_alive)
         # None on a bad or foreign plan, though the stubs promise an engine.
-        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        plan = read_checked(self.path, self._sha256, "TensorRT engine") if self._sha256 else self.path.read_bytes()
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(plan)
+        del plan  # the engine holds what it needs: the plan's bytes need not live as long
         if engine is None:
             raise ModelError(f"TensorRT could not deserialize {self.path} (built by another version or GPU?)")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

@@ -40,8 +40,12 @@ class BuildOptions:
             raise ModelError(f"max_batch must be >= 1, got {self.max_batch}")
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOptions, fp: EngineFingerprint) -> Path:
-    """Build ``engine_path`` (+ its fingerprint) from ``onnx_path``. Raises ModelError."""
+def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOptions, fp: EngineFingerprint,
+                 onnx_bytes: bytes | None = None) -> Path:
+    """Build ``engine_path`` (+ its fingerprint) from ``onnx_path``. Raises ModelError.
+
+    ``onnx_bytes``: the model's bytes as they were checked against its manifest; parsed instead
+    of the file (``onnx_path`` still locates external weight data, if the model has any)."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -52,7 +56,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
     # Required for this on 10.x, the only mode on 11.x (where the flag is accepted and ignored).
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # (from the file: resolves external weight data too)
+    parsed = (parser.parse_from_file(str(onnx_path)) if onnx_bytes is None  # (resolves external weight data too)
+              else parser.parse(onnx_bytes, str(onnx_path)))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()

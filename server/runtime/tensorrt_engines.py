@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from perception.errors import ModelError
-from perception.manifest import Manifest, Precision, Variant, VariantFormat, check_file
+from perception.manifest import Manifest, Precision, Variant, VariantFormat, check_file, read_checked
 from server.runtime.settings import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -36,8 +36,10 @@ def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Back
     source = m.onnx_of(named)
     build_from: Path | None = None
     engine: Path | None
+    engine_sha = ""  # a shipped engine's hash in the manifest: its plan is loaded from the bytes hashed
     if named.format is VariantFormat.TENSORRT:
         precision, engine, variant = named.precision, m.path_of(named), named
+        engine_sha = named.sha256
         # The source file itself is only resolved if this device must rebuild the engine.
         onnx_sha = engine_source_sha(named)
     else:
@@ -48,12 +50,13 @@ def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Back
                    and v.engine is not None and v.engine.onnx_sha256 == onnx_sha]
         variant = shipped[0] if shipped else source
         engine = m.path_of(shipped[0]) if shipped else None
+        engine_sha = shipped[0].sha256 if shipped else ""
     batch = min(s.max_batch, variant.max_batch)
     wanted = device_fingerprint(precision.value, onnx_sha, batch)
     if engine is not None:
         try:
             check_engine(engine, wanted)
-            return TensorRTBackend(engine, wanted, batch), variant
+            return TensorRTBackend(engine, wanted, batch, sha256=engine_sha), variant
         except ModelError:
             if not s.build_engine_on_start:
                 raise
@@ -72,8 +75,12 @@ def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Back
             build_from, source_sha = tensorrt_source(m, source, precision)
             if source_sha != onnx_sha:
                 raise ModelError(f"{build_from.name} is not the ONNX model engine {named.file} was built from")
+        # Built from the bytes hashed (the engine is cached under that hash), not from a second
+        # read of the file, which could find another model there.
+        onnx = read_checked(build_from, onnx_sha, "TensorRT's ONNX source")
         build_engine(build_from, cached,
-                     BuildOptions(precision.value, batch, timing_cache=str(cache / wanted.timing_cache_name())), wanted)
+                     BuildOptions(precision.value, batch, timing_cache=str(cache / wanted.timing_cache_name())), wanted,
+                     onnx_bytes=onnx)
     return TensorRTBackend(cached, wanted, batch), variant
 
 
