@@ -123,15 +123,17 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         model: str | bytes = str(self.path)
         if self._sha256:
-            # (onnxruntime's Python session keeps these bytes, to remake itself on a fallback
-            # provider: one copy of the model file, a few MB, while it serves.)
-            model = read_checked(self.path, self._sha256, "onnxruntime model")
-            # A model given as bytes has no directory of its own: external weights, if it names
-            # any, are looked for beside its file, as when it is opened by path. The manifest's
-            # sha256 covers the .onnx file only (`perception build` and `import` write models
-            # without external data), so such weights are read by path, unverified, as before.
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                          str(self.path.parent))
+            data = read_checked(self.path, self._sha256, "onnxruntime model")
+            # A model with external weights (its tensors name a "location" file) is opened by
+            # path: given as bytes it has no directory to find them in, which only newer
+            # onnxruntimes can be told. Its weights are outside the manifest's hash anyway
+            # (`perception build` and `import` write none); the word in a node name only costs
+            # a model the bytes' guarantee, never its load.
+            if b"location" not in data:
+                # (onnxruntime's Python session keeps these bytes, to remake itself on a fallback
+                # provider: one copy of the model file, a few MB, while it serves.)
+                model = data
+            del data
         try:
             self._session = ort.InferenceSession(model, sess_options=opts, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own untyped errors

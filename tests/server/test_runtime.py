@@ -103,9 +103,10 @@ def test_the_session_is_made_from_the_bytes_that_were_hashed(tiny_manifest, tmp_
         backend.deactivate()
 
 
-def test_a_model_with_external_weights_still_loads_from_its_bytes(tmp_path, monkeypatch):
-    """A model given to onnxruntime as bytes finds external weights beside its file, as one
-    opened by path does, wherever the server runs from."""
+def test_a_model_with_external_weights_still_loads(tmp_path, monkeypatch):
+    """A model with external weights, checked against its manifest hash, still loads with its
+    weights found beside its file, wherever the server runs from (it is opened by path: as
+    bytes only newer onnxruntimes could be told where its weights are)."""
     import onnx
 
     from perception.manifest import sha256_file
