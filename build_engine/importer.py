@@ -11,9 +11,12 @@ manifest is written once and the directory moved into place whole: a failure lea
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +245,8 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         passed = [v for v in variants if v.passed]
         default = min(passed, key=lambda v: v.latency_ms.get("min", float("inf"))).name if passed else "fp32"
         manifest = Manifest(
-            name=opts.name or opts.onnx.stem, version=f"imported+{sha256_file(opts.onnx)[:8]}", classes=classes,
+            name=opts.name or opts.onnx.stem, version=import_version(opts.onnx, classes, pre, post, input_shape),
+            classes=classes,
             preprocess=pre, postprocess=post, variants=tuple(variants), default_variant=default,
             architecture="imported", verification=verification,
             provenance={"imported_from": {"file": opts.onnx.name, "sha256": sha256_file(opts.onnx)},
@@ -254,6 +258,18 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Path(opts.out) / "manifest.json"
+
+
+def import_version(onnx: Path, classes: Sequence[str], pre: PreprocessSpec, post: PostprocessSpec,
+                   input_shape: Sequence[int]) -> str:
+    """The imported artifact's version: the ONNX file's hash, then a hash of how it is served
+    (classes, preprocessing, output layout and priors, input shape). The same file imported
+    again at another --input-size or with other classes is another artifact, and the server's
+    degrader steps between variants of one version only."""
+    contract = json.dumps({"classes": list(classes), "preprocess": dataclasses.asdict(pre),
+                           "postprocess": dataclasses.asdict(post), "input_shape": list(input_shape)},
+                          sort_keys=True, default=str)
+    return f"imported+{sha256_file(onnx)[:8]}.{hashlib.sha256(contract.encode()).hexdigest()[:8]}"
 
 
 def _stage_priors(path: Path, staging: Path, variances: tuple[float, float]) -> Priors:

@@ -211,6 +211,21 @@ def test_every_layout_serves_boxes_in_source_pixels(work: Path, server: Any, nam
     assert len(high.detections) == 0 and len(other.detections) == 0
 
 
+def test_the_same_file_served_otherwise_is_another_version(work: Path) -> None:
+    """An imported artifact's version names how it is served, not only its ONNX file: imported
+    again with BGR input it is another artifact (the degrader steps between variants of one
+    version only), and the same import again is the same version."""
+    versions = []
+    for out, extra in (("v_rgb", []), ("v_bgr", ["--bgr"]), ("v_rgb_again", [])):
+        onnx_path = export("yolov8", work / "versioned.onnx")
+        args = ["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
+                "--out", str(work / out), *extra]
+        assert cli(args) == 0
+        versions.append(load_manifest(work / out).version)
+    assert versions[0] != versions[1] and versions[0] == versions[2], versions
+    assert all(v.startswith("imported+") for v in versions)
+
+
 def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
     work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
