@@ -169,6 +169,10 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append("")
         keys = [k for k in ("map50_95", "map50", "precision", "recall") if k in kpi]
         lines.append("KPI  " + "  ".join(f"{k} {float(kpi[k]):.4f}" for k in keys))
+        if "frames_evaluated" in kpi:  # what the score is over: frames left out change it
+            lines.append(f"     over {kpi['frames_evaluated']} frames; answered frames with no ground-truth image "
+                         f"{kpi.get('frames_without_gt', 0)}, ground-truth images not replayed "
+                         f"{kpi.get('gt_images_not_replayed', 0)}")
     tracking = summary.get("tracking")
     if tracking:
         if not kpi:

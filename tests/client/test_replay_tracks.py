@@ -123,7 +123,10 @@ def test_replay_with_tracked_gt_reports_tracking_scores(
     )
     printed = capsys.readouterr().out.splitlines()
     row = next(i for i, line in enumerate(printed) if line.startswith("tracking  MOTA "))
-    assert printed[row - 1].startswith("KPI  "), "the tracking scores come under the KPI line"
+    assert printed[row - 2].startswith("KPI  "), "the tracking scores come under the KPI lines"
+    kpi = json.loads(summ.read_text())["kpi"]
+    assert printed[row - 1].strip() == (f"over {kpi['frames_evaluated']} frames; answered frames with no "
+                                        "ground-truth image 0, ground-truth images not replayed 0")
     assert f"MOTA {o['mota']:.4f}  IDF1 {o['idf1']:.4f}  ID switches 0  fragmentations 0" in printed[row]
     assert [line.split()[1] for line in printed[row + 1:row + 3]] == ["front", "rear"]
 
