@@ -27,6 +27,7 @@ def evaluate_replay(
     file_names = file_names or {}
     preds, unmatched = coco_predictions(results, gt, file_names)
     seen: set[int] = set()
+    other_size: list[str] = []
     for r in results:
         if r.status is not FrameStatus.OK:
             continue
@@ -34,6 +35,16 @@ def evaluate_replay(
         iid = gt.image_id(r.camera_id, r.sequence, fname)
         if iid is not None:
             seen.add(iid)
+            image = gt.dataset.images[iid]
+            if image.width > 0 and image.height > 0 and (r.image_width, r.image_height) != (image.width, image.height):
+                other_size.append(f"{r.camera_id}/{r.sequence}: {r.image_width}x{r.image_height} answered, "
+                                  f"{image.width}x{image.height} in the ground truth ({image.file_name})")
+    if other_size:
+        # Boxes come back in the frame's pixels: scored against another size they are scored in
+        # the wrong place, and the KPI would be near 0 with nothing to say why.
+        raise DataError(f"{len(other_size)} replayed frames are not the size of their ground-truth image, e.g. "
+                        f"{other_size[0]}: a recording re-encoded at another resolution, or frames matched to the "
+                        "wrong images")
     if not seen:
         raise DataError(
             f"{gt.path or 'ground truth'}: no replayed frame matches a ground-truth image "

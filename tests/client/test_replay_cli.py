@@ -101,6 +101,20 @@ def test_scoring_a_replay_with_no_frame_answered_ok_is_an_error(
     assert "3 INVALID" in json.loads(summ.read_text())["kpi_error"]
 
 
+def test_frames_of_another_size_than_their_ground_truth_are_an_error(
+    tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Boxes come back in the frame's pixels: scored against ground truth labelled at another
+    resolution they land in the wrong place. That is an error naming a frame, not a KPI near 0."""
+    root = R.write_folder(tmp_path / "cam", n=3)
+    gt = {"images": [{"id": i + 1, "file_name": f"cam/{i:06d}.jpg", "width": 192, "height": 128} for i in range(3)],
+          "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert _replay(str(root), "--server", server, "--gt", str(tmp_path / "gt.json"), "--max-rate") != 0
+    err = capsys.readouterr().err
+    assert "3 replayed frames are not the size of their ground-truth image" in err and "192x128" in err, err
+
+
 def test_replay_ros1_bag_with_skip_and_loop(tmp_path: Path, server: str) -> None:
     bag = R.write_bag(tmp_path / "d.bag", ros1=True, n=4)
     out = tmp_path / "o.jsonl"
