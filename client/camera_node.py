@@ -271,6 +271,8 @@ class CameraWorker:
         finally:
             if session is not None:  # a session replaced is retired already
                 self._finish(session)
+            elif self._ring is not None:  # stopped while waiting to reopen: no session, the ring all the same
+                self._ring.close()
 
     def _send(self, session: StreamSession, frame: SourceFrame) -> StreamSession | None:
         """Send ``frame``; the session to go on with (None: stopped while waiting to reopen).
