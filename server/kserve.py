@@ -307,6 +307,9 @@ class KServeService:
                 if not active():  # the client cancelled or its deadline passed
                     started.cancel()
                     return None
+        if not active():  # ended as the frames were answered (a stream's cancel answers them CANCELLED)
+            started.cancel()
+            return None
         pipeline = started.model.pipeline
         answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in started.tasks]
         for index, (task, answer) in enumerate(zip(started.tasks, answers, strict=True)):
