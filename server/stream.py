@@ -349,12 +349,12 @@ class StreamSession:
             if self._cancelled:
                 return
             self._keys.add(key)
-            # Nothing of this stream waits to be decoded behind this frame, and no other camera
-            # of it is in the engine's hands: an idle engine may run it on this thread (no
-            # hand-off to the worker and back). Otherwise the worker takes it, so that this
-            # thread decodes the next frame meanwhile: a stream carrying several cameras gets
-            # their frames close together, and one would wait for another's inference.
-            inline = not self._inbox and self._in_flight.keys() <= {task.camera_id}
+            # Nothing of this stream waits to be decoded behind this frame, and the stream has
+            # carried no other camera: an idle engine may run it on this thread (no hand-off to
+            # the worker and back). Otherwise the worker takes it, so that this thread decodes
+            # the next frame meanwhile: a stream carrying several cameras gets their frames
+            # close together, and one would wait undecoded for another's inference.
+            inline = not self._inbox and self._keys == {key}
         deadline = task.received + fin.deadline_ms / 1000.0 if fin.deadline_ms else None
         job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
                   priority=self._limits.priority_of(task.camera_id))

@@ -189,10 +189,10 @@ def test_an_unexpected_error_in_the_hand_off_answers_the_frame(tiny_manifest: Pa
     assert "hand-off bug" in caplog.text and "hand-off bug" not in task.message
 
 
-def test_a_frame_runs_on_the_streams_thread_only_when_no_other_camera_of_it_is_in_flight(tiny_manifest: Path):
+def test_a_frame_runs_on_the_streams_thread_only_on_a_stream_of_one_camera(tiny_manifest: Path):
     """The fast path runs a frame on the stream's decode thread; on a stream carrying several
-    cameras a frame of one camera would then wait for another's inference before its decode,
-    so a frame goes inline only while no other camera of its stream is in the engine's hands."""
+    cameras a frame of one camera would then wait undecoded for another's inference, so only a
+    stream that has carried one camera runs its frames inline."""
     pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
     offered: list[str] = []
 
@@ -210,7 +210,7 @@ def test_a_frame_runs_on_the_streams_thread_only_when_no_other_camera_of_it_is_i
         camera_id, seq, ts, deadline_ms = convert.identify(req)
         session._in_flight[camera_id] = session._in_flight.get(camera_id, 0) + 1  # as the decode loop counts it
         session._accept(FrameTask(camera_id, seq, ts, deadline_ms=deadline_ms), req)
-    assert offered == ["front"], "rear's frame went inline while front's was in flight"
+    assert offered == ["front"], "rear's frame went inline on a stream of two cameras"
     session.cancel()
 
 
