@@ -20,6 +20,9 @@ from perception.manifest import read_checked
 
 log = logging.getLogger(__name__)
 
+# StringStringEntryProto field 1 (tag 0x0a), 8 bytes, "location": TensorProto.external_data's key.
+_EXTERNAL_DATA_KEY = b"\x0a\x08location"
+
 PROVIDERS: dict[str, tuple[str, ...]] = {
     "onnxruntime-tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
     "onnxruntime-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -124,12 +127,13 @@ class OnnxRuntimeBackend:
         model: str | bytes = str(self.path)
         if self._sha256:
             data = read_checked(self.path, self._sha256, "onnxruntime model")
-            # A model with external weights (its tensors name a "location" file) is opened by
-            # path: given as bytes it has no directory to find them in, which only newer
-            # onnxruntimes can be told. Its weights are outside the manifest's hash anyway
-            # (`perception build` and `import` write none); the word in a node name only costs
-            # a model the bytes' guarantee, never its load.
-            if b"location" not in data:
+            # A model with external weights is opened by path: given as bytes it has no
+            # directory to find them in, which only newer onnxruntimes can be told. Its weights
+            # are outside the manifest's hash anyway (`perception build` and `import` write
+            # none). Its tensors carry the entry key "location": protobuf's bytes of that key,
+            # which a tensor or node name of the same 8 letters could also hold (opened by path
+            # then, as before this check; never refused).
+            if _EXTERNAL_DATA_KEY not in data:
                 # (onnxruntime's Python session keeps these bytes, to remake itself on a fallback
                 # provider: one copy of the model file, a few MB, while it serves.)
                 model = data
