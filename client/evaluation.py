@@ -36,7 +36,9 @@ def evaluate_replay(
         if iid is not None:
             seen.add(iid)
             image = gt.dataset.images[iid]
-            if image.width > 0 and image.height > 0 and (r.image_width, r.image_height) != (image.width, image.height):
+            # (0: a saved record that does not say its size)
+            if r.image_width > 0 and r.image_height > 0 and (r.image_width, r.image_height) != (image.width,
+                                                                                                image.height):
                 other_size.append(f"{r.camera_id}/{r.sequence}: {r.image_width}x{r.image_height} answered, "
                                   f"{image.width}x{image.height} in the ground truth ({image.file_name})")
     if other_size:

@@ -282,7 +282,7 @@ def main(argv: list[str]) -> int:
     tracking_error: PerceptionError | None = None
     if tracking_skipped:
         summary["tracking_skipped"] = tracking_skipped
-    elif args.track and gt is not None and answered_ok:
+    elif args.track and gt is not None and answered_ok and kpi_error is None:  # (frames the KPI refused: no score)
         try:
             summary["tracking"] = _score_tracking(outcome.results, gt, args.track_confirmed_only,
                                                   args.track_min_gt_height)
