@@ -34,13 +34,19 @@ class GroundTruthIndex:
     def from_dataset(cls, ds: CocoDataset, path: Path | None = None) -> GroundTruthIndex:
         by_key: dict[tuple[str, int], int] = {}
         by_file: dict[str, int] = {}
+        by_base: dict[str, set[int]] = {}
         for img in ds.images.values():
             cam, seq = img.extra.get("camera_id"), img.extra.get("sequence")
             if isinstance(cam, str) and isinstance(seq, int):
                 by_key[(cam, seq)] = img.id
             if img.file_name:
                 by_file[img.file_name] = img.id
-                by_file.setdefault(Path(img.file_name).name, img.id)
+                by_base.setdefault(Path(img.file_name).name, set()).add(img.id)
+        # A bare file name finds its image only if one image has it: "000000.jpg" of a rear/
+        # folder replayed alone must not take front/000000.jpg (the first one used to win).
+        for base, ids in by_base.items():
+            if len(ids) == 1:
+                by_file.setdefault(base, next(iter(ids)))
         cats = {name: cid for cid, name in ds.categories.items()}
         return cls(ds, by_key, by_file, cats, path)
 

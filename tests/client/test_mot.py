@@ -214,6 +214,19 @@ def test_frames_match_ground_truth_by_file_name_as_the_detection_score_does() ->
     assert (s.frames, s.gt_boxes, s.true_positives, s.false_positives, s.misses) == (2, 1, 1, 0, 0)
 
 
+def test_a_bare_file_name_two_cameras_share_finds_no_image_by_itself() -> None:
+    """A rear/ folder replayed alone names its frames "000000.jpg": against ground truth of two
+    cameras without camera ids, that name is front's and rear's both, so the camera and
+    sequence decide (the first image of the name used to win: front's)."""
+    data = {"images": [{"id": 1, "file_name": "front/000000.jpg", "width": 640, "height": 360},
+                       {"id": 2, "file_name": "rear/000000.jpg", "width": 640, "height": 360},
+                       {"id": 3, "file_name": "rear/only_here.jpg", "width": 640, "height": 360}],
+            "annotations": [], "categories": [{"id": 1, "name": "car"}]}
+    gt = GroundTruthIndex.from_dataset(parse_coco(data, "gt.json"), Path("gt.json"))
+    assert gt.image_id("rear", 0, "000000.jpg") == 2
+    assert gt.image_id("rear", 5, "only_here.jpg") == 3  # a name one image has still finds it
+
+
 def test_empty_frames_and_undefined_rates() -> None:
     gt = _gt({("front", 0): [(7, 1, [10.0, 10.0, 40.0, 30.0])]}, {"front": 2})
     report = score_tracks([_frame("front", 0, []), _frame("front", 1, [])], gt)
