@@ -54,6 +54,8 @@ class GroundTruthIndex:
         hit = self.by_key.get((camera_id, sequence))
         if hit is None and file_name:
             hit = self.by_file.get(file_name)
+            if hit is None and "/" not in file_name:  # a bare name in a folder named after its camera
+                hit = self.by_file.get(f"{camera_id}/{file_name}")
         if hit is None:
             hit = self.by_file.get(f"{camera_id}/{sequence:06d}.jpg")
         return hit

@@ -225,6 +225,8 @@ def test_a_bare_file_name_two_cameras_share_finds_no_image_by_itself() -> None:
     gt = GroundTruthIndex.from_dataset(parse_coco(data, "gt.json"), Path("gt.json"))
     assert gt.image_id("rear", 0, "000000.jpg") == 2
     assert gt.image_id("rear", 5, "only_here.jpg") == 3  # a name one image has still finds it
+    # The name, not the position: rear's frame 4 named 000000.jpg (a folder numbered otherwise).
+    assert gt.image_id("rear", 4, "000000.jpg") == 2
 
 
 def test_empty_frames_and_undefined_rates() -> None:
