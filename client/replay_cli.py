@@ -280,6 +280,8 @@ def main(argv: list[str]) -> int:
             kpi_error = exc
             summary["kpi_error"] = str(exc)
     tracking_error: PerceptionError | None = None
+    if not tracking_skipped and args.track and gt is not None and kpi_error is not None:
+        tracking_skipped = "the KPI refused the frames (kpi_error): their tracks are not scored either"
     if tracking_skipped:
         summary["tracking_skipped"] = tracking_skipped
     elif args.track and gt is not None and answered_ok and kpi_error is None:  # (frames the KPI refused: no score)
