@@ -393,7 +393,7 @@ def test_a_stream_answers_in_order_and_goes_on_after_bad_requests(run, triton_py
 def test_a_quiet_stream_is_ended_and_a_stream_takes_a_slot(serve):
     """A ModelStreamInfer stream holds one of the server's stream slots, like a StreamDetect,
     and one that sends nothing for the idle timeout is ended UNAVAILABLE (to reconnect)."""
-    run = serve(kserve=True, stream_idle_timeout_s=0.5, max_streams=1)
+    run = serve(kserve=True, stream_idle_timeout_s=1.5, max_streams=1)  # the second stream comes well within it
     stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
                                        request_serializer=kpb.ModelInferRequest.SerializeToString,
                                        response_deserializer=bytes)
