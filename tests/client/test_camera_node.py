@@ -575,7 +575,7 @@ def test_a_server_refusing_every_stream_costs_frames_dropped_or_lost_never_faile
     assert "UNAUTHENTICATED" in s["last_error"], s
     # Streams that got no answer are reopened with backoff (0.1 s, doubling, with jitter), not
     # once per frame: a handful of streams in 1.5 s, each sending at most a frame or two.
-    assert s["sent"] <= 12 < s["dropped"], s
+    assert s["sent"] <= 12 and s["dropped"] >= s["captured"] // 2, s
 
 
 def _mcap_unreadable(path: Path, n: int) -> Path:
