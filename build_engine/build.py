@@ -371,6 +371,7 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             work = Path(tmp)
             val_dir, calib, calib_root = _prepare_data(opts, work, progress)
             valset = g.ValSet.load(val_dir, limit=opts.val_images)
+            g.check_valset(valset, lm.classes, val_dir)
             calib_hash = calibration_set_hash(calib, calib_root)
             built: dict[str, _Built] = {}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +82,32 @@ class ValSet:
 
     def class_names(self) -> list[str]:
         return [str(c.get("name", c["id"])) for c in sorted(self.gt["categories"], key=lambda c: c["id"])]
+
+
+def check_valset(vs: ValSet, classes: Sequence[str], source: object,
+                 reorder: str = "put the data's categories in the model's order") -> None:
+    """DataError unless ``vs`` can score a model of ``classes``: the same number of categories,
+    not the same names in another order (every class id would be scored against another class),
+    and at least one labelled object (with none, every variant scores "no data" and passes the
+    accuracy gate). Other names are only warned about: a dataset may name its classes its own
+    way, and is then scored by position. ``source``: what to name in the error (the data);
+    ``reorder``: how to fix the order, as the caller's flags say it."""
+    names = vs.class_names()
+    if len(names) != len(classes):
+        raise DataError(f"{source}: the data has {len(names)} categories {names}, the model {len(classes)} "
+                        f"{list(classes)}")
+    folded = [n.strip().lower() for n in names], [c.strip().lower() for c in classes]
+    if folded[0] != folded[1]:
+        if sorted(folded[0]) == sorted(folded[1]):
+            raise DataError(f"{source}: its categories in id order are {list(names)}, the model's classes are "
+                            f"{list(classes)}: every class id would be scored against another class; {reorder}")
+        log.warning("%s: its categories %s are not named as the model's classes %s; scored by position", source,
+                    list(names), list(classes))
+    if not vs.images:
+        raise DataError(f"{source}: no images")
+    if not vs.gt.get("annotations"):
+        raise DataError(f"{source}: the first {len(vs.images)} images have no labelled object: the accuracy gate "
+                        "would have nothing to score")
 
 
 @dataclass

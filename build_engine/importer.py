@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from build_engine.gate import ValSet
+from build_engine.gate import ValSet, check_valset
 from build_engine.thresholds import GateThresholds
 from perception.errors import ConfigError, DataError, ModelError
 from perception.layouts import DECODERS, TensorInfo
@@ -133,22 +133,7 @@ def load_valset(data: Path, classes: tuple[str, ...], limit: int) -> ValSet:
         samples = ds.samples[:limit]
         gt = samples_to_coco(samples, ds.classes, ds.root)
         vs = ValSet(ds.root, gt, tuple((s.image_id, s.file) for s in samples))
-    names = vs.class_names()
-    if len(names) != len(classes):
-        raise DataError(f"{data}: the data has {len(names)} categories {names}, the class list {len(classes)}")
-    folded = [n.strip().lower() for n in names], [c.strip().lower() for c in classes]
-    if folded[0] != folded[1]:
-        if sorted(folded[0]) == sorted(folded[1]):
-            raise DataError(f"{data}: its categories in id order are {list(names)}, the class list's order is "
-                            f"{list(classes)}: every class id would be scored against another class; reorder "
-                            "--classes to the data's order (or the data to the model's)")
-        log.warning("%s: its categories %s are not named as the class list %s; scored by position", data,
-                    list(names), list(classes))
-    if not vs.images:
-        raise DataError(f"{data}: no images")
-    if not vs.gt.get("annotations"):
-        raise DataError(f"{data}: the first {len(vs.images)} images have no labelled object: the accuracy gate "
-                        "would have nothing to score")
+    check_valset(vs, classes, data, reorder="reorder --classes to the data's order (or the data to the model's)")
     return vs
 
 

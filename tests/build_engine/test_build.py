@@ -257,6 +257,37 @@ def test_latency_gates_reach_the_manifest(inputs, case):
         assert m.default_variant == min(m.variants, key=lambda v: v.latency_ms["min"]).name
 
 
+def test_data_scored_against_other_classes_or_no_labels_is_refused_before_any_work(inputs, capsys):
+    """--data whose categories are the model's classes in another order would score every class
+    id against another class, and data with no labelled object scores "no data" for every
+    variant, which passes every relative gate: both are refused, and nothing is written."""
+    import json
+    import shutil
+
+    from perception.cli import main
+
+    for case in ("reordered", "unlabelled"):
+        data = inputs["tmp"] / f"val_{case}"
+        shutil.copytree(inputs["val"], data)
+        gt = json.loads((data / "annotations.json").read_text())
+        if case == "reordered":
+            names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+            for c, name in zip(sorted(gt["categories"], key=lambda c: c["id"]), [names[1], names[0], *names[2:]],
+                               strict=True):
+                c["name"] = name
+        else:
+            gt["annotations"] = []
+        (data / "annotations.json").write_text(json.dumps(gt))
+        out = inputs["tmp"] / f"art_{case}"
+        argv = _argv(inputs, out)
+        argv[argv.index("--data") + 1] = str(data)
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        needle = "scored against another class" if case == "reordered" else "no labelled object"
+        assert needle in err, err
+        assert not out.exists()
+
+
 def test_cli_gate_flags_become_the_thresholds() -> None:
     from build_engine.build_cli import build_parser, gate_thresholds
     from perception.errors import ConfigError
