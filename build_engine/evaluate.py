@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from build_engine.data.formats import LabelledSet, read_labelled_set, samples_to_coco
+from build_engine.gate import check_classes
 from perception.coco import category_ids, detections_to_results
 from perception.errors import ModelError
 from perception.kpi import KpiReport, evaluate_coco
@@ -116,10 +117,12 @@ def postprocess_for(model: Any, score_threshold: float = 0.25) -> PostprocessSpe
 def evaluate_runner(
     runner: InferFn, dataset: LabelledSet, input_size: tuple[int, int], score_threshold: float = 0.25,
     batch_size: int = 8, progress: bool = False, post: PostprocessSpec | None = None,
+    pre: PreprocessSpec | None = None, priors: Any = None,
 ) -> tuple[KpiReport, list[dict[str, Any]], dict[str, Any]]:
-    """(KPI report, COCO results, COCO ground truth) of a runner on a dataset."""
-    pre = PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
-    pipeline = FramePipeline(pre, post or PostprocessSpec(), dataset.classes)
+    """(KPI report, COCO results, COCO ground truth) of a runner on a dataset. ``pre`` (default:
+    this project's letterboxed RGB at ``input_size``) and ``priors``: an artifact's own."""
+    pre = pre or PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
+    pipeline = FramePipeline(pre, post or PostprocessSpec(), dataset.classes, priors=priors)
     preds = predict(runner, dataset, pipeline, EVAL_REQUEST, batch_size, progress)
     gt = samples_to_coco(dataset.samples, dataset.classes, dataset.root)
     return evaluate_coco(gt, preds, score_threshold), preds, gt
@@ -133,6 +136,7 @@ def evaluate_checkpoint(
 
     model, meta = load_any_checkpoint(checkpoint)  # plain or pruned
     ds = read_labelled_set(data_dir)
+    check_classes(ds.classes, meta.classes, data_dir)
     width, height = meta.input_size
     return evaluate_runner(torch_runner(model), ds, (width, height), score_threshold, progress=progress,
                            post=postprocess_for(model))
@@ -146,18 +150,22 @@ def evaluate_onnx(
     if not p.is_file():
         raise ModelError(f"{p}: no such ONNX file")
     size = onnx_input_size(p)
-    post = None
-    if (p.parent / "manifest.json").is_file():  # how to read the outputs: the artifact's own layout
+    ds = read_labelled_set(data_dir)
+    post, pre, priors = None, None, None
+    if (p.parent / "manifest.json").is_file():  # the artifact's own contract: its input, layout and priors
         import dataclasses
 
+        from build_engine.gate import load_priors_of
         from perception.manifest import load_manifest
 
-        manifest_post = load_manifest(p.parent / "manifest.json", verify_checksums=False).postprocess
-        post = dataclasses.replace(manifest_post, score_threshold=score_threshold)
-    ds = read_labelled_set(data_dir)
+        manifest = load_manifest(p.parent / "manifest.json", verify_checksums=False)
+        check_classes(ds.classes, manifest.classes, data_dir)
+        pre = manifest.preprocess
+        post = dataclasses.replace(manifest.postprocess, score_threshold=score_threshold)
+        priors = load_priors_of(manifest.postprocess, p.parent)
     run, close = onnx_runner(p)
     try:
-        return evaluate_runner(run, ds, size, score_threshold, progress=progress, post=post)
+        return evaluate_runner(run, ds, size, score_threshold, progress=progress, post=post, pre=pre, priors=priors)
     finally:
         close()
 

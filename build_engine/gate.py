@@ -84,17 +84,15 @@ class ValSet:
         return [str(c.get("name", c["id"])) for c in sorted(self.gt["categories"], key=lambda c: c["id"])]
 
 
-def check_valset(vs: ValSet, classes: Sequence[str], source: object,
-                 reorder: str = "put the data's categories in the model's order") -> None:
-    """DataError unless ``vs`` can score a model of ``classes``: the same number of categories,
-    not the same names in another order (every class id would be scored against another class),
-    and at least one labelled object (with none, every variant scores "no data" and passes the
-    accuracy gate). Other names are only warned about: a dataset may name its classes its own
-    way, and is then scored by position. ``source``: what to name in the error (the data);
-    ``reorder``: how to fix the order, as the caller's flags say it."""
-    names = vs.class_names()
+def check_classes(names: Sequence[str], classes: Sequence[str], source: object,
+                  reorder: str = "put the data's categories in the model's order") -> None:
+    """DataError unless data whose categories are ``names`` (in id order) can score a model of
+    ``classes``: the same number, and not the same names in another order (every class id would
+    be scored against another class). Other names are only warned about: a dataset may name its
+    classes its own way, and is then scored by position. ``source``: what to name in the error
+    (the data); ``reorder``: how to fix the order, as the caller's flags say it."""
     if len(names) != len(classes):
-        raise DataError(f"{source}: the data has {len(names)} categories {names}, the model {len(classes)} "
+        raise DataError(f"{source}: the data has {len(names)} categories {list(names)}, the model {len(classes)} "
                         f"{list(classes)}")
     folded = [n.strip().lower() for n in names], [c.strip().lower() for c in classes]
     if folded[0] != folded[1]:
@@ -103,6 +101,14 @@ def check_valset(vs: ValSet, classes: Sequence[str], source: object,
                             f"{list(classes)}: every class id would be scored against another class; {reorder}")
         log.warning("%s: its categories %s are not named as the model's classes %s; scored by position", source,
                     list(names), list(classes))
+
+
+def check_valset(vs: ValSet, classes: Sequence[str], source: object,
+                 reorder: str = "put the data's categories in the model's order") -> None:
+    """``check_classes`` of the val set's categories, and DataError unless it has images with at
+    least one labelled object: with none, every variant scores "no data" and passes the
+    accuracy gate."""
+    check_classes(vs.class_names(), classes, source, reorder)
     if not vs.images:
         raise DataError(f"{source}: no images")
     if not vs.gt.get("annotations"):

@@ -280,6 +280,33 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
         assert (not_artifact / "detector.pt").read_bytes() == b"weights"
 
 
+def test_eval_of_an_imported_onnx_reads_it_as_its_artifact_says(work: Path, tmp_path: Path) -> None:
+    """`perception eval --onnx` of an artifact's model decodes and pre-processes it as the
+    artifact declares: an SSD imported with its priors (eval used to decode it without them)
+    finds the planted truck everywhere; data whose classes are the model's in another order is
+    refused."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i, (fw, fh) in enumerate(FRAMES, start=1):
+        (data / "images" / f"{i}.jpg").write_bytes(jpeg(fw, fh))
+        x1, y1, x2, y2 = expected(fw, fh)
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": fw, "height": fh})
+        anns.append({"id": i, "image_id": i, "category_id": CLS + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                     "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    cats = [{"id": c + 1, "name": n} for c, n in enumerate(CLASSES)]
+    (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    manifest = import_model(work, "ssd_priors")
+    out = tmp_path / "kpi"
+    assert cli(["eval", "--onnx", str(manifest.parent / "model.fp32.onnx"), "--data", str(data), "--out",
+                str(out)]) == 0
+    kpi = json.loads((out / "kpi.json").read_text())
+    assert kpi["recall"] == pytest.approx(1.0) and kpi["map50"] > 0.9, kpi
+    swapped = [{"id": c + 1, "name": n} for c, n in enumerate((CLASSES[1], CLASSES[0], *CLASSES[2:]))]
+    (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": swapped}))
+    assert cli(["eval", "--onnx", str(manifest.parent / "model.fp32.onnx"), "--data", str(data)]) != 0
+
+
 def test_import_with_data_builds_scores_and_gates_variants(work: Path, tmp_path: Path) -> None:
     """With labelled data: FP16 and INT8 variants are calibrated and scored through the frame
     pipeline with the project's KPI and gated like `perception build`; the planted model
