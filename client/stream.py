@@ -173,6 +173,19 @@ class StreamSession(WindowCounters):
             yield to_request(next_frame, self._options, self._config.deadline_ms)
 
     def _run(self) -> None:
+        """The receiver thread. Whatever ends it, the session ends with an error if frames are
+        left: an exception that is no gRPC error (a channel closed under the session, say) used
+        to end the thread silently, with senders blocked and the frames in no count."""
+        try:
+            self._serve()
+        except Exception as exc:
+            log.exception("%s: the stream's receiver failed", self.name)
+            with self._cond:
+                self._window.abort(PerceptionError(f"{self.name}: the stream's receiver failed: "
+                                                   f"{type(exc).__name__}: {exc}"))
+                self._cond.notify_all()
+
+    def _serve(self) -> None:
         stub_cache: dict[str, Any] = {}
         while True:
             with self._cond:

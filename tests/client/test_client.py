@@ -4,6 +4,7 @@ window, invalid frames, round-robin over several servers."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,45 @@ def test_stream_window_order_and_invalid_frame(server: str) -> None:
     assert got[5][1].status is FrameStatus.INVALID and got[5][1].message
     assert all(r.status is FrameStatus.OK for i, (_, r) in enumerate(got) if i != 5)
     assert peak == 2
+
+
+def test_what_the_wire_cannot_carry_is_refused_where_the_frame_is_made() -> None:
+    """A sequence or raw size the wire's unsigned fields cannot hold failed while the stream
+    built its request: the call was cancelled, and the frame, re-sent first, ended every
+    reconnect until the session gave up. It is refused when the frame is made."""
+    from client.frames import RawPixels
+    from perception.decode import PixelFormat
+
+    for bad in (lambda: SourceFrame("front", -1, 0, encoded=b"x"),
+                lambda: SourceFrame("front", 1 << 64, 0, encoded=b"x"),
+                lambda: RawPixels(-4, 4, PixelFormat.BGR8, b"")):
+        with pytest.raises(InvalidInputError):
+            bad()
+    with pytest.raises(Exception, match="deadline_ms"):
+        ClientConfig(targets=("127.0.0.1:1",), deadline_ms=1 << 32)
+
+
+def test_a_session_whose_channel_closes_under_it_ends_with_an_error(server: str) -> None:
+    """The client closed while a session is open: the receiver met an error that is no gRPC
+    error and its thread ended silently, leaving senders blocked and frames in no count. The
+    session now ends with an error: sends raise, close raises, the frames in flight are lost."""
+    from perception.errors import PerceptionError
+
+    client = DetectorClient(ClientConfig(targets=(server,), window=2))
+    got: list[FrameResult] = []
+    session = client.stream(lambda f, r: got.append(r))
+    frames = _frames(3)
+    session.send(frames[0])
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert got, "the first frame was answered"
+    client.close()
+    with pytest.raises(PerceptionError):
+        for f in frames[1:] * 20:  # a sender is never left blocked: one of these raises
+            session.send(f, timeout=5)
+        session.close(timeout=10)
+    assert session.join(10)
 
 
 def test_send_blocks_while_the_window_is_full() -> None:
