@@ -99,8 +99,8 @@ class ClientConfig:
                 raise ConfigError(f"server address must be HOST:PORT, got {t!r}")
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
-        if self.deadline_ms < 0 or self.rpc_timeout_s <= 0 or self.response_timeout_s <= 0:
-            raise ConfigError("deadline_ms must be >= 0 and timeouts positive")
+        if not 0 <= self.deadline_ms < 1 << 32 or self.rpc_timeout_s <= 0 or self.response_timeout_s <= 0:
+            raise ConfigError("deadline_ms must be in [0, 2^32) (the wire's uint32) and timeouts positive")
         if any(c in self.token for c in "\r\n"):
             raise ConfigError("token must be a single line")
 

@@ -31,6 +31,11 @@ class RawPixels:
     data: bytes
     row_stride: int = 0
 
+    def __post_init__(self) -> None:
+        if not all(0 <= v < 1 << 32 for v in (self.width, self.height, self.row_stride)):
+            raise InvalidInputError(f"raw width, height and row stride must be in [0, 2^32), got {self.width}, "
+                                    f"{self.height}, {self.row_stride}")
+
 
 @dataclass(frozen=True)
 class SourceFrame:
@@ -56,6 +61,12 @@ class SourceFrame:
         if sum(x is not None for x in (self.encoded, self.raw, self.shm)) != 1:
             raise InvalidInputError("a SourceFrame carries exactly one of encoded bytes, raw pixels or a "
                                     "shared-memory slot")
+        # What the wire cannot carry fails here, at the caller: found while a stream builds its
+        # request, it cancelled the call, and the frame, re-sent first, ended every reconnect.
+        if not 0 <= self.sequence < 1 << 64:
+            raise InvalidInputError(f"sequence must be in [0, 2^64), got {self.sequence}")
+        if not -(1 << 63) <= self.timestamp_ns < 1 << 63:
+            raise InvalidInputError(f"timestamp_ns must fit a signed 64-bit integer, got {self.timestamp_ns}")
         if not self.file_name:
             object.__setattr__(self, "file_name", f"{self.camera_id}/{self.sequence:06d}.jpg")
 
