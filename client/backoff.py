@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from client.config import BackoffConfig
@@ -23,12 +24,12 @@ class Backoff:
         self.attempts = 0
         self._streak_start: float | None = None
 
+    def unbounded(self) -> Backoff:
+        """A backoff of the same delays that never ends its streak (no time or attempt bound)."""
+        return Backoff(dataclasses.replace(self._config, max_attempts=0, give_up_after_s=0.0), self._rng)
+
     def reset(self) -> None:
         self.attempts = 0
-        self._streak_start = None
-
-    def restart_clock(self) -> None:
-        """Count ``give_up_after_s`` from the next failure on, keeping the delays growing."""
         self._streak_start = None
 
     def streak_s(self, now: float) -> float:

@@ -45,7 +45,8 @@ class BackoffConfig:
 
     A streak of failures (no answer in between) ends in giving up when it has lasted
     ``give_up_after_s`` seconds since its first failure with frames waiting for an answer, or
-    after ``max_attempts`` failed attempts, whichever comes first; 0 turns a bound off (both 0 =
+    after ``max_attempts`` failed attempts with frames waiting, whichever comes first (a stream
+    with nothing in flight is never given up on); 0 turns a bound off (both 0 =
     never give up). Time is the bound that matters: a server that restarts is back after its
     start-up time, however many attempts that takes.
     """

@@ -84,6 +84,9 @@ class ResendWindow:
         self.window = window
         self.name = name
         self._backoff = backoff
+        # Drops of an idle stream (the server ends one that sends nothing): their own delays,
+        # growing, and never a give-up; the bounded backoff counts failures with frames waiting.
+        self._idle_backoff = backoff.unbounded()
         self._queue: deque[SourceFrame] = deque()  # accepted, not yet on the wire
         self._on_wire: OrderedDict[FrameKey, _OnWire] = OrderedDict()  # in first-sent order
         self._closed = False
@@ -203,8 +206,9 @@ class ResendWindow:
             return None
         self.refusals.pop(key, None)
         # An answer proves the connection works: the next failure starts a new streak.
-        reconnected = self._backoff.attempts > 0
+        reconnected = self._backoff.attempts > 0 or self._idle_backoff.attempts > 0
         self._backoff.reset()
+        self._idle_backoff.reset()
         return Answered(entry.frame, (now - entry.sent) * 1e3, reconnected)
 
     def refuse(self, camera_id: str, sequence: int, message: str) -> SourceFrame | None:
@@ -228,11 +232,16 @@ class ResendWindow:
         if self._error is not None:
             return AfterFailure(Next.STOP)
         waiting = self.in_flight > 0
-        if not waiting:
-            # An idle stream dropped: no frame waits, none can be given up on, so the time bound
-            # counts from the first failure that keeps frames waiting. The delays keep growing.
-            self._backoff.restart_clock()
-        delay = self._backoff.next_delay(now if waiting else None) if retryable else None
+        if not waiting and retryable:
+            # An idle stream dropped: no frame waits, none can be given up on, whatever the
+            # attempt bound (a camera offline for minutes with --reconnect-attempts set gave up
+            # here). Reconnect after the idle backoff's growing delay; the bounded streak starts
+            # at the first failure that keeps frames waiting.
+            delay = self._idle_backoff.next_delay()
+            assert delay is not None  # unbounded
+            self.reconnects += 1
+            return AfterFailure(Next.RECONNECT, delay, first_of_streak=self._idle_backoff.attempts == 1)
+        delay = self._backoff.next_delay(now) if retryable else None
         if delay is None:
             self._error = failure
             if not retryable:

@@ -151,7 +151,25 @@ def test_stream_gives_up_on_a_dead_server() -> None:
         with pytest.raises(NotReadyError, match="UNAVAILABLE"):
             session.close(timeout=10)
         assert [f.sequence for f in session.lost] == [0]
-        assert session.reconnects == 2
+        # The bound counts the 2 reconnects with the frame waiting; the session, connecting as
+        # soon as it is made, may have reconnected idle before the frame was sent (not counted).
+        assert session.reconnects >= 2
+
+
+def test_an_idle_session_never_gives_up_on_the_attempt_bound() -> None:
+    """With max_attempts set, drops of a session with nothing in flight (a server ending a quiet
+    stream, or down while the camera is) counted towards the bound, and the session gave up
+    with no frame to give up on; later sends raised. Idle drops now never end it."""
+    cfg = ClientConfig(targets=(f"127.0.0.1:{_free_port()}",),
+                       backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
+    with DetectorClient(cfg) as client:
+        session = client.stream(lambda f, r: None)
+        deadline = time.monotonic() + 10
+        while session.reconnects < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert session.reconnects >= 5, "the idle session stopped reconnecting"
+        assert session.send(_frames(1)[0], timeout=1), "the session gave up while idle"
+        session.abort()
 
 
 def test_per_frame_deadline_is_sent_and_enforced(server: str) -> None:
