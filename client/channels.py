@@ -1,18 +1,19 @@
 """Channels to one or more servers, handed out round-robin.
 
 A target list ("a:50051,b:50051") or one DNS name that resolves to several addresses is
-expanded to one channel per address; each new stream (and each unary call) takes the next
-one, and a failed address is skipped on retry. gRPC's own ``round_robin`` policy balances
+expanded to one channel per address, and resolved again every 30 s (servers behind a name
+come and go); each new stream (and each unary call) takes the next one, so a retry goes to
+the next address in the rotation. gRPC's own ``round_robin`` policy balances
 per call, but a stream is pinned to the sub-channel it started on, so spreading cameras
 over servers has to happen here anyway.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,36 +97,87 @@ def channel_options(config: ClientConfig, host: str) -> list[tuple[str, Any]]:
 class ChannelPool:
     """One channel per resolved server address; ``next()`` rotates through them.
 
-    ``aio=True`` makes grpc.aio channels (for the asyncio client).
+    The targets are resolved again every ``refresh_s`` seconds (outside the lock, by the next
+    caller past that time): a name behind which servers come and go (a Kubernetes headless
+    Service through a rolling update or a scale-out) follows them, where an address list fixed
+    at start pointed at pods long gone. An address that disappears leaves the rotation at once;
+    its channel is closed ``retire_s`` later (its streams then end and reconnect elsewhere), so
+    a caller that was just handed it does not find it closed.
+
+    ``aio=True`` makes grpc.aio channels (for the asyncio client; those retired are closed by
+    ``aclose``).
     """
 
-    def __init__(self, config: ClientConfig, aio: bool = False) -> None:
+    def __init__(self, config: ClientConfig, aio: bool = False, resolver: Callable[..., Any] = socket.getaddrinfo,
+                 refresh_s: float = 30.0, retire_s: float = 60.0) -> None:
         self._config = config
         self._aio = aio
+        self._resolver = resolver
+        self._refresh_s = refresh_s
+        self._retire_s = retire_s
         self._lock = threading.Lock()
-        creds = _credentials(config)
-        self.endpoints: list[Endpoint] = []
-        mod: Any = grpc.aio if aio else grpc
-        for address, host in resolve_targets(config.targets):
-            opts = channel_options(config, host)
-            if creds is None:
-                ch = mod.insecure_channel(address, options=opts)
-            else:
-                ch = mod.secure_channel(address, creds, options=opts)
-            self.endpoints.append(Endpoint(address, ch))
+        self._creds = _credentials(config)
+        self.endpoints: list[Endpoint] = [self._endpoint(a, h) for a, h in resolve_targets(config.targets, resolver)]
         log.debug("server endpoints: %s", [e.address for e in self.endpoints])
-        self._cycle = itertools.cycle(range(len(self.endpoints)))
+        self._turn = 0
+        self._resolved_at = time.monotonic()
+        self._resolving = False
+        self._retired: list[tuple[float, Endpoint]] = []  # (when, endpoint) left the rotation
+
+    def _endpoint(self, address: str, host: str) -> Endpoint:
+        mod: Any = grpc.aio if self._aio else grpc
+        opts = channel_options(self._config, host)
+        if self._creds is None:
+            return Endpoint(address, mod.insecure_channel(address, options=opts))
+        return Endpoint(address, mod.secure_channel(address, self._creds, options=opts))
 
     def next(self) -> Endpoint:
         with self._lock:
-            return self.endpoints[next(self._cycle)]
+            due = not self._resolving and time.monotonic() - self._resolved_at >= self._refresh_s
+            self._resolving = self._resolving or due
+        if due:
+            self._refresh()
+        with self._lock:
+            endpoint = self.endpoints[self._turn % len(self.endpoints)]
+            self._turn += 1
+            return endpoint
+
+    def _refresh(self) -> None:
+        """Resolve the targets again (a DNS lookup: not under the lock) and follow them."""
+        try:
+            wanted = resolve_targets(self._config.targets, self._resolver)
+        finally:
+            with self._lock:
+                self._resolving = False
+                self._resolved_at = time.monotonic()
+        with self._lock:
+            current = {e.address: e for e in self.endpoints}
+            endpoints = [current.get(a) or self._endpoint(a, h) for a, h in wanted]
+            kept = {e.address for e in endpoints}
+            now = time.monotonic()
+            gone = [e for e in self.endpoints if e.address not in kept]
+            if gone or len(endpoints) != len(self.endpoints):
+                log.info("server endpoints now %s (were %s)", [e.address for e in endpoints],
+                         [e.address for e in self.endpoints])
+            self.endpoints = endpoints
+            self._retired += [(now, e) for e in gone]
+            due = [e for t, e in self._retired if now - t >= self._retire_s]
+            if not self._aio:  # (aio channels are closed by aclose, on the event loop)
+                self._retired = [(t, e) for t, e in self._retired if now - t < self._retire_s]
+        if not self._aio:
+            for e in due:
+                e.channel.close()
 
     def close(self) -> None:
         """Close sync channels (aio channels are closed with ``aclose``)."""
         if not self._aio:
-            for e in self.endpoints:
+            with self._lock:
+                every = self.endpoints + [e for _, e in self._retired]
+            for e in every:
                 e.channel.close()
 
     async def aclose(self) -> None:
-        for e in self.endpoints:
+        with self._lock:
+            every = self.endpoints + [e for _, e in self._retired]
+        for e in every:
             await e.channel.close()

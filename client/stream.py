@@ -186,7 +186,7 @@ class StreamSession(WindowCounters):
                 self._cond.notify_all()
 
     def _serve(self) -> None:
-        stub_cache: dict[str, Any] = {}
+        stub_cache: dict[Any, Any] = {}  # by channel: an address gone and back has a new channel
         while True:
             with self._cond:
                 generation = self._window.begin_connection()
@@ -195,9 +195,9 @@ class StreamSession(WindowCounters):
                 self._cancelled_by_us = False
             endpoint = self._pool.next()
             self.address = endpoint.address
-            stub = stub_cache.get(endpoint.address)
+            stub = stub_cache.get(endpoint.channel)
             if stub is None:
-                stub = stub_cache[endpoint.address] = detector_pb2_grpc.DetectorStub(endpoint.channel)
+                stub = stub_cache[endpoint.channel] = detector_pb2_grpc.DetectorStub(endpoint.channel)
             failure: PerceptionError
             retry = True
             try:

@@ -59,6 +59,36 @@ def test_resolve_targets_expands_a_name_with_several_addresses() -> None:
     assert got[0][1] == "edge"  # TLS checks the certificate against the name, not the IP
 
 
+def test_the_pool_follows_a_name_whose_addresses_change() -> None:
+    """A name behind which servers come and go (a headless Service through a rolling update) is
+    resolved again: new addresses join the rotation, gone ones leave it at once and their
+    channels are closed after the retire delay. The addresses fixed at start used to be kept for
+    ever, pointing at pods long gone."""
+    from client.channels import ChannelPool
+    from client.config import ClientConfig
+
+    table = {"edge": ["10.0.0.1", "10.0.0.2"]}
+
+    def resolver(host: str, port: int, type: int = 0) -> list:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in table[host]]
+
+    pool = ChannelPool(ClientConfig(targets=("edge:50051",)), resolver=resolver, refresh_s=0.0, retire_s=3600.0)
+    try:
+        assert {pool.next().address for _ in range(4)} == {"10.0.0.1:50051", "10.0.0.2:50051"}
+        first = {e.address: e for e in pool.endpoints}
+        table["edge"] = ["10.0.0.2", "10.0.0.3"]  # .1 replaced by .3
+        assert {pool.next().address for _ in range(4)} == {"10.0.0.2:50051", "10.0.0.3:50051"}
+        assert pool.endpoints[0] is first["10.0.0.2:50051"], "a kept address keeps its channel (and streams)"
+        gone = first["10.0.0.1:50051"].channel
+        gone.unary_unary("/x/y")  # still open: a caller just handed it may use it
+        pool._retire_s = 0.0
+        pool.next()
+        with pytest.raises(ValueError):  # closed once the retire delay passed
+            gone.unary_unary("/x/y")(b"", timeout=1)
+    finally:
+        pool.close()
+
+
 def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
     jpg = b"\xff\xd8\xff\xe0fake"
     opts = RequestOptions(score_threshold=0.3, class_filter=(0, 3))
