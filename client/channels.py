@@ -81,7 +81,9 @@ def channel_options(config: ClientConfig, host: str) -> list[tuple[str, Any]]:
     opts: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", 10_000),
+        # Twice the server's minimum ping interval (--min-client-ping-interval-s, 10 s): at the
+        # minimum itself, a ping a little early is a strike, and two get the connection closed.
+        ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 0),
         # Our own backoff decides when to retry; keep gRPC's reconnect probing snappy.
