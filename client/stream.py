@@ -204,6 +204,9 @@ class StreamSession(WindowCounters):
                 call = stub.StreamDetect(self._requests(generation), metadata=self._config.metadata())
                 with self._cond:
                     self._call = call
+                    aborted = self._window.error is not None  # abort() came before the call was set
+                if aborted:
+                    call.cancel()
                 for resp in call:
                     self._handle(resp)
                 with self._cond:
