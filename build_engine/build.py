@@ -406,6 +406,8 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
                 q = quantize_int8(src.path, staging / f"model.{name.replace('_', '.')}.onnx", reader, opts.calibrator)
                 built[name] = _Built(q.path, Precision.INT8, src.counts, src.family, parent, src.weights,
                                      Calibration(q.calibrator, calib_hash, tuple(q.excluded_nodes)))
+                if q.calibrator != opts.calibrator:  # it fell back: record what calibrated, not what was asked
+                    calib_info["calibrator"] = f"{q.calibrator} (asked for {opts.calibrator}, which failed)"
                 if opts.tensorrt_qdq:
                     progress(f"quantizing {name} for TensorRT (signed INT8, zero points 0, {opts.tensorrt_calibrator})")
                     trt_qdq[name] = quantize_int8(src.path, staging / f"model.{name.replace('_', '.')}.trt.onnx",

@@ -144,7 +144,8 @@ def main(argv: list[str]) -> int:
     manifest = load_manifest(manifest_path, verify_checksums=False)
     failed = [v for v in manifest.variants if not v.passed]
     if failed:
-        print("perception build: warning: these variants failed their gate and will not be served by default: "
+        print("perception build: warning: these variants failed their gate (one is served by default only if "
+              "none passed): "
               + "; ".join(f"{v.name} ({v.gate.get('reason', '')})" for v in failed), file=sys.stderr)
     # Fail only when nothing servable passed: a failed optional variant (say the pruned FP16 one
     # on a noisy machine) must not abort a build whose default variant is fine.

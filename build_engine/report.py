@@ -274,12 +274,14 @@ def write_report(
     (pruning, scaling) computed by the caller."""
     tradeoff_plot(root, manifest)
     progress("report: quantization sensitivity")
+    chosen = ("the fastest that passed its gate" if manifest.variant().passed
+              else "no variant passed its gate: the fastest of all")
     parts = [
         f"# Build report: {manifest.name} {manifest.version}",
         "",
         f"Classes: {', '.join(manifest.classes)}. Input {pre.input_width}x{pre.input_height} letterboxed "
         f"{pre.color_order}, scale {pre.scale:.6f}. Default variant: **{manifest.default_variant}** "
-        "(the fastest that passed its gate). Gates (max mAP50-95 drop vs FP32, points): "
+        f"({chosen}). Gates (max mAP50-95 drop vs FP32, points): "
         f"{manifest.extra.get('gates_points', {})}; latency (max min-latency ratio vs FP32, optional p95 budget): "
         f"{manifest.extra.get('gates_latency', {})}. Every variant was run through the server's own frame pipeline "
         f"(server.pipeline.FramePipeline: the served decode, letterbox, runtime and NMS) on "
