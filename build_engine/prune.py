@@ -17,7 +17,7 @@ saved tensor shapes, and loads the weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,7 @@ def prune_model(model: nn.Module, images: torch.Tensor, opts: PruneOptions) -> t
 
 def finetune(
     model: nn.Module, train_cfg: Any, epochs: int, lr: float, max_images: int = 0, progress: bool = True,
-    teacher: nn.Module | None = None, distill_weight: float = 1.0,
+    teacher: nn.Module | None = None, distill_weight: float = 1.0, classes: Sequence[str] = (),
 ) -> dict[str, float]:
     """Fine-tune a (pruned) detector with the training code's data, loss, optimizer, schedule
     and EMA; return the val KPI of the EMA weights. ``max_images`` > 0 caps the train set.
@@ -153,6 +153,9 @@ def finetune(
     teacher: the unpruned parent; when given, ``distill_weight`` x ``losses.distillation_loss``
     (the student's raw head maps pulled towards the teacher's on every batch) is added to the
     detection loss. The teacher sees the same augmented images and stays frozen in eval mode.
+    classes: the model's classes (its checkpoint's); ConfigError unless the config's data has
+    them, in order (a model trained on its own data would be fine-tuned on the generated set's
+    classes, every id another class's).
     """
     import dataclasses
 
@@ -177,6 +180,9 @@ def finetune(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train_set, val_set = prepare_data(cfg, progress)
+    if classes and tuple(train_set.classes) != tuple(classes):
+        raise ConfigError(f"the fine-tuning data's classes {list(train_set.classes)} are not the model's "
+                          f"{list(classes)}: give --config / overrides with the data the model was trained on")
     n = min(len(train_set), max_images) if max_images > 0 else len(train_set)
     optimizer = make_optimizer(model, cfg)
     ema = ModelEMA(model, o.ema_decay) if o.ema else None

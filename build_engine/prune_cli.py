@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
         if args.distill > 0:  # prune_model pruned a copy: model is the parent
             teacher = load_any_checkpoint(args.teacher)[0] if args.teacher else model
         kpi = finetune(pruned, cfg, args.finetune_epochs, args.lr, args.finetune_images,
-                       progress=show_progress(args.no_progress), teacher=teacher, distill_weight=args.distill)
+                       progress=show_progress(args.no_progress), teacher=teacher, distill_weight=args.distill,
+                       classes=meta.classes)
     prev: dict[str, Any] = dict(meta.extra.get("pruned") or {})
     if prev:  # pruning (or fine-tuning) a pruned checkpoint again: its removed blocks stay removed
         info["removed_blocks"] = list(prev.get("removed_blocks", [])) + info["removed_blocks"]
@@ -93,7 +94,9 @@ def main(argv: list[str]) -> int:
         parent_checkpoint=args.checkpoint.name, teacher_checkpoint=(args.teacher or args.checkpoint).name,
         parent_sha256=sha256_file(args.checkpoint),
     )
-    new_meta = meta_for(pruned, meta.classes, epoch=meta.epoch, val_kpi=kpi or dict(meta.val_kpi),
+    # Without fine-tuning the pruned model's accuracy is not measured: the parent's val KPI would
+    # pass for it (`perception build` measures it on its val set either way).
+    new_meta = meta_for(pruned, meta.classes, epoch=meta.epoch, val_kpi=kpi,
                         train_config_hash=meta.train_config_hash, extra={**meta.extra, "pruned": info})
     save_checkpoint(args.out, pruned, new_meta)
     load_any_checkpoint(args.out)  # prove it reloads before reporting success

@@ -127,6 +127,10 @@ def test_finetune_updates_weights_with_the_training_code(tmp_path):
     })
     pruned, _ = prune_model(_model(), _images(2), PruneOptions(ratio=0.3, remove_blocks=0))
     before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    from perception.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not the model's"):  # data of other classes: refused before training
+        finetune(pruned, cfg, epochs=1, lr=0.01, progress=False, classes=("truck", "car"))
     kpi = finetune(pruned, cfg, epochs=1, lr=0.01, progress=False)
     assert set(kpi) >= {"map50_95", "map50", "precision", "recall"}
     changed = [k for k, v in pruned.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
@@ -144,7 +148,8 @@ def test_prune_cli(tmp_path, capsys):
     assert main(["prune", "--checkpoint", str(ckpt), "--ratio", "0.5", "--out", str(out)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["macs_after"] < res["macs_before"] and res["channels_after"] < res["channels_before"]
-    loaded, _ = load_any_checkpoint(out)
+    loaded, loaded_meta = load_any_checkpoint(out)
+    assert loaded_meta.val_kpi == {}, "not fine-tuned: no accuracy measured, not the parent's passed on"
     assert conv_channels(loaded) == res["channels_after"]
     assert main(["prune", "--checkpoint", str(tmp_path / "missing.pt"), "--ratio", "0.5",
                  "--out", str(tmp_path / "x.pt")]) == 1
