@@ -37,7 +37,7 @@ def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> lis
     ls = read_label_set(data)
     issues = find_geometric_issues(ls)
     if checkpoint:
-        from build_engine.evaluate import torch_runner
+        from build_engine.evaluate import postprocess_for, torch_runner
         from build_engine.label_qa.model_assisted import find_model_issues
         from build_engine.pruned_checkpoint import load_any_checkpoint
         from perception.errors import ConfigError
@@ -46,7 +46,8 @@ def run(data: str, checkpoint: str | None = None, min_score: float = 0.0) -> lis
         if tuple(meta.classes) != tuple(ls.classes):
             raise ConfigError(f"{checkpoint}: model classes {list(meta.classes)} "
                               f"differ from the dataset's {list(ls.classes)}")
-        issues += find_model_issues(ls, torch_runner(model), meta.input_size)
+        # Read as the model's family outputs (an SSD or two-stage checkpoint is no YOLO head).
+        issues += find_model_issues(ls, torch_runner(model), meta.input_size, postprocess_for(model).output_layout)
     return rank([i for i in issues if i.score >= min_score])
 
 

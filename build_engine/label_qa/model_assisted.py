@@ -38,14 +38,16 @@ MIN_JUDGED_PX = 8.0
 
 
 def detections_by_image(
-    runner: InferFn, ls: LabelSet, input_size: tuple[int, int]
+    runner: InferFn, ls: LabelSet, input_size: tuple[int, int], output_layout: str = "yolo_obj"
 ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """image_id -> (boxes (N, 4) xyxy source px, scores (N,), class ids (N,)) at a low threshold."""
+    """image_id -> (boxes (N, 4) xyxy source px, scores (N,), class ids (N,)) at a low threshold.
+    ``output_layout``: how the runner's outputs read (the model family's: ``postprocess_for``)."""
     samples = [Sample(iid, ls.root / f, w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
                for iid, (f, w, h) in ls.images.items()]
     ds = LabelledSet(ls.root, ls.classes, samples)
     pre = PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
-    post = PostprocessSpec(score_threshold=SUPPORT, iou_threshold=0.5, max_detections=300, pre_nms_topk=2000)
+    post = PostprocessSpec(output_layout=output_layout, score_threshold=SUPPORT, iou_threshold=0.5,
+                           max_detections=300, pre_nms_topk=2000)
     preds = predict(runner, ds, FramePipeline(pre, post, ls.classes), RequestOptions())
     rows: dict[int, list[tuple[list[float], float, int]]] = {iid: [] for iid in ls.images}
     for p in preds:
@@ -108,10 +110,10 @@ def image_issues(
 
 
 def find_model_issues(
-    ls: LabelSet, runner: InferFn, input_size: tuple[int, int]
+    ls: LabelSet, runner: InferFn, input_size: tuple[int, int], output_layout: str = "yolo_obj"
 ) -> list[Issue]:
-    """All model-assisted issues of a dataset (unranked)."""
-    dets = detections_by_image(runner, ls, input_size)
+    """All model-assisted issues of a dataset (unranked); ``output_layout``: the model family's."""
+    dets = detections_by_image(runner, ls, input_size, output_layout)
     out: list[Issue] = []
     for iid in ls.images:
         out += image_issues(ls, iid, dets[iid])

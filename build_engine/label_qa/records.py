@@ -53,7 +53,10 @@ def _coco(root: Path) -> LabelSet:
     images: dict[int, tuple[str, int, int]] = {}
     for i, im in enumerate(data["images"]):
         try:
-            images[int(im["id"])] = ("images/" + str(im["file_name"]), int(im["width"]), int(im["height"]))
+            name = str(im["file_name"])
+            # In images/ (this project's layout) or beside the JSON, as the other readers take it.
+            rel = name if not (root / "images" / name).is_file() and (root / name).is_file() else "images/" + name
+            images[int(im["id"])] = (rel, int(im["width"]), int(im["height"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path}: images[{i}] needs id, file_name, width and height") from exc
     records = []

@@ -60,6 +60,29 @@ def test_lint_cli_json_and_table(val_set, tmp_path, capsys) -> None:
     assert "issues: duplicate 1, unknown_class 1" in capsys.readouterr().out
 
 
+def test_model_assisted_checks_read_an_ssd_checkpoint_as_an_ssd(val_set, tmp_path) -> None:
+    """lint-labels --checkpoint read every model's outputs as a YOLO head's: an SSD (or
+    two-stage) checkpoint failed to decode. It now reads them as the model's family outputs.
+    And its images may lie beside annotations.json, as the other readers take them (the model
+    could not open them there)."""
+    import shutil
+
+    from build_engine.checkpoint import meta_for, save_checkpoint
+    from perception.cli import main
+    from tests.build_engine.test_ssd_family import _tiny_ssd
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(val_set / "annotations.json", flat)
+    for image in (val_set / "images").iterdir():
+        shutil.copy(image, flat)
+    model = _tiny_ssd()
+    ckpt = save_checkpoint(tmp_path / "ssd.pt", model, meta_for(model))
+    assert main(["lint-labels", "--data", str(flat), "--checkpoint", str(ckpt),
+                 "--json-out", str(tmp_path / "issues.json")]) == 0
+    assert isinstance(json.loads((tmp_path / "issues.json").read_text()), list)
+
+
 def test_model_rules_on_given_detections(val_set) -> None:
     ls = read_label_set(val_set)
 
