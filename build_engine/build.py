@@ -228,7 +228,39 @@ def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[P
     folded, _ = fold_batchnorm(lm.model)
     prof = profile_model(folded, (1, 3, lm.input_height, lm.input_width))
     export_onnx(folded, path, (lm.input_height, lm.input_width), opset=opset)
+    check_export(lm, path)
     return path, {"macs": prof.total_macs, "params": prof.total_params}
+
+
+def check_export(lm: LoadedModel, path: Path, tolerance: float = 1e-3) -> None:
+    """ModelError unless the exported model computes what the checkpoint does: its raw outputs
+    on a seeded input, within ``tolerance`` of each output's scale. Every gate is relative to
+    the exported FP32 model, so an error in BN folding, the export or onnxslim would move the
+    reference and every variant together, and no gate could see it. Not for a family with NMS
+    in its graph (``nms_detections``): a rounding difference may keep another box there."""
+    import numpy as np
+    import torch
+
+    from build_engine.evaluate import onnx_runner, torch_runner
+
+    if getattr(lm.model, "output_layout", "yolo_obj") == "nms_detections":
+        return
+    batch = int(getattr(lm.model, "export_batch", None) or 2)
+    x = np.random.default_rng(0).random((batch, 3, lm.input_height, lm.input_width), dtype=np.float32)
+    with torch.no_grad():
+        want = torch_runner(lm.model)(x)
+    run, close = onnx_runner(path, threads=1)
+    try:
+        got = run(x)
+    finally:
+        close()
+    for name, ref in want.items():
+        out = got.get(name)
+        scale = max(1.0, float(np.abs(ref).max()))
+        diff = float(np.abs(out - ref).max()) if out is not None and out.shape == ref.shape else float("inf")
+        if not diff <= tolerance * scale:
+            raise ModelError(f"{path.name}: output {name!r} differs from the checkpoint's by {diff:.3g} (scale "
+                             f"{scale:.3g}): the BN folding or the export changed the model")
 
 
 def _variant(lm: LoadedModel, name: str, file: Path, precision: Precision, max_batch: int, **kw: Any) -> Variant:

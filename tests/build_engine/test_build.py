@@ -288,6 +288,21 @@ def test_data_scored_against_other_classes_or_no_labels_is_refused_before_any_wo
         assert not out.exists()
 
 
+def test_an_export_that_does_not_compute_the_checkpoint_is_refused(inputs, tmp_path) -> None:
+    """Every gate is relative to the exported FP32 model: an export that changed the model (BN
+    folding, the exporter, onnxslim) would move the reference and every variant together. The
+    build checks the export against its checkpoint; here another checkpoint's export fails it."""
+    from build_engine.build import check_export, export_variant_onnx, load_model
+    from perception.errors import ModelError
+
+    lm = load_model(inputs["ckpt"])
+    path, _ = export_variant_onnx(lm, tmp_path / "model.fp32.onnx")  # checked: it passes
+    other, _ = export_variant_onnx(load_model(inputs["pruned"]), tmp_path / "other.fp32.onnx")
+    with pytest.raises(ModelError, match="differs from the checkpoint"):
+        check_export(lm, other)
+    check_export(lm, path)
+
+
 def test_cli_gate_flags_become_the_thresholds() -> None:
     from build_engine.build_cli import build_parser, gate_thresholds
     from perception.errors import ConfigError
