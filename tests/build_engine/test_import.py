@@ -280,12 +280,9 @@ def test_import_refuses_bad_input_in_one_line_and_writes_nothing(
         assert (not_artifact / "detector.pt").read_bytes() == b"weights"
 
 
-def test_eval_of_an_imported_onnx_reads_it_as_its_artifact_says(work: Path, tmp_path: Path) -> None:
-    """`perception eval --onnx` of an artifact's model decodes and pre-processes it as the
-    artifact declares: an SSD imported with its priors (eval used to decode it without them)
-    finds the planted truck everywhere; data whose classes are the model's in another order is
-    refused."""
-    data = tmp_path / "data"
+def planted_data(data: Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A COCO set of FRAMES, each with the planted truck labelled where it is: the directory,
+    its images and its annotations."""
     (data / "images").mkdir(parents=True)
     images, anns = [], []
     for i, (fw, fh) in enumerate(FRAMES, start=1):
@@ -296,6 +293,15 @@ def test_eval_of_an_imported_onnx_reads_it_as_its_artifact_says(work: Path, tmp_
                      "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     cats = [{"id": c + 1, "name": n} for c, n in enumerate(CLASSES)]
     (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return data, images, anns
+
+
+def test_eval_of_an_imported_onnx_reads_it_as_its_artifact_says(work: Path, tmp_path: Path) -> None:
+    """`perception eval --onnx` of an artifact's model decodes and pre-processes it as the
+    artifact declares: an SSD imported with its priors (eval used to decode it without them)
+    finds the planted truck everywhere; data whose classes are the model's in another order is
+    refused."""
+    data, images, anns = planted_data(tmp_path / "data")
     manifest = import_model(work, "ssd_priors")
     out = tmp_path / "kpi"
     assert cli(["eval", "--onnx", str(manifest.parent / "model.fp32.onnx"), "--data", str(data), "--out",
@@ -311,17 +317,7 @@ def test_import_with_data_builds_scores_and_gates_variants(work: Path, tmp_path:
     """With labelled data: FP16 and INT8 variants are calibrated and scored through the frame
     pipeline with the project's KPI and gated like `perception build`; the planted model
     finds the one labelled truck in every image."""
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    images, anns = [], []
-    for i, (fw, fh) in enumerate(FRAMES, start=1):
-        (data / "images" / f"{i}.jpg").write_bytes(jpeg(fw, fh))
-        x1, y1, x2, y2 = expected(fw, fh)
-        images.append({"id": i, "file_name": f"{i}.jpg", "width": fw, "height": fh})
-        anns.append({"id": i, "image_id": i, "category_id": CLS + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                     "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-    cats = [{"id": c + 1, "name": n} for c, n in enumerate(CLASSES)]
-    (data / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    data, images, anns = planted_data(tmp_path / "data")
     # An input named otherwise than "images" (as most exports name it): INT8 used to be skipped.
     # Two images scored, the other two calibrate INT8: calibration never sees a scored image.
     manifest = import_model(work, "yolov8", "--data", str(data / "annotations.json"), "--latency-runs", "3",

@@ -390,21 +390,27 @@ def test_a_stream_answers_in_order_and_goes_on_after_bad_requests(run, triton_py
     assert counter(run, "perception_streams_in_flight") == 0, "the stream's slot is given back when it ends"
 
 
+def _stream_infer(channel: grpc.Channel, response: Any = bytes) -> Any:
+    """ModelStreamInfer on ``channel``, over a plain gRPC channel."""
+    return channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                 request_serializer=kpb.ModelInferRequest.SerializeToString,
+                                 response_deserializer=response)
+
+
+def _quiet(release: threading.Event, wait_s: float) -> Iterator[kpb.ModelInferRequest]:
+    """A stream's requests: none, until ``release`` is set (or ``wait_s`` passed)."""
+    release.wait(wait_s)
+    return
+    yield
+
+
 def test_a_quiet_stream_is_ended_and_a_stream_takes_a_slot(serve):
     """A ModelStreamInfer stream holds one of the server's stream slots, like a StreamDetect,
     and one that sends nothing for the idle timeout is ended UNAVAILABLE (to reconnect)."""
     run = serve(kserve=True, stream_idle_timeout_s=1.5, max_streams=1)  # the second stream comes well within it
-    stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                       request_serializer=kpb.ModelInferRequest.SerializeToString,
-                                       response_deserializer=bytes)
+    stream = _stream_infer(run.channel)
     release = threading.Event()
-
-    def quiet() -> Iterator[kpb.ModelInferRequest]:
-        release.wait(10)
-        return
-        yield  # a generator that sends nothing
-
-    calls = stream(quiet(), timeout=10)
+    calls = stream(_quiet(release, 10), timeout=10)
     time.sleep(0.2)
     with pytest.raises(grpc.RpcError) as second:  # the one slot is taken
         list(stream(iter([]), timeout=5))
@@ -422,17 +428,9 @@ def test_a_quiet_stream_ends_at_once_when_the_server_drains(serve):
     "shutting down": the client reconnects to another instance), not at the end of the grace
     period, which the shutdown would otherwise wait out."""
     run = serve(kserve=True)
-    stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                       request_serializer=kpb.ModelInferRequest.SerializeToString,
-                                       response_deserializer=bytes)
+    stream = _stream_infer(run.channel)
     release = threading.Event()
-
-    def quiet() -> Iterator[kpb.ModelInferRequest]:
-        release.wait(20)
-        return
-        yield  # a generator that sends nothing
-
-    calls = stream(quiet(), timeout=20)
+    calls = stream(_quiet(release, 20), timeout=20)
     time.sleep(0.3)
     t0 = time.monotonic()
     done: list[bool] = []
@@ -453,9 +451,7 @@ def test_a_client_cancelling_a_stream_is_no_error(run):
     the stream's slot is given back, and no error is counted (a cancel is the client's choice)."""
     request = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])],
                                     raw_input_contents=[_prefixed(jpeg())])
-    stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                       request_serializer=kpb.ModelInferRequest.SerializeToString,
-                                       response_deserializer=bytes)
+    stream = _stream_infer(run.channel)
     for _ in range(3):
         calls = stream(iter([request] * 8), timeout=20)
         next(calls)  # one answer, and the rest in flight
@@ -478,9 +474,7 @@ def test_a_stream_of_garbage_is_read_slower(serve):
                                     raw_input_contents=[_prefixed(b"\xff\xd8 not an image " + bytes(64))])
 
     def elapsed(run: Running, n: int) -> tuple[float, list[Any]]:
-        stream = run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                           request_serializer=kpb.ModelInferRequest.SerializeToString,
-                                           response_deserializer=mcpb.ModelStreamInferResponse.FromString)
+        stream = _stream_infer(run.channel, mcpb.ModelStreamInferResponse.FromString)
         t0 = time.perf_counter()
         out = list(stream(iter([garbage] * n), timeout=60))
         return time.perf_counter() - t0, out
