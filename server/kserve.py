@@ -260,20 +260,14 @@ class KServeService:
         ``start_stream`` again after that error). A client's cancel is no error: its frames
         still queued leave the queues."""
         self._check_ready()
-        peer = self._limits.streams.admit(context.peer())
         stream = _InferStream(self, requests, context, STREAM_WINDOW, self._limits.stream_idle_timeout_s)
-        self._metrics.stream_opened()
-        released = threading.Event()
+        metrics = self._metrics
 
-        def ended() -> None:  # runs once when the call ends, however it ends
+        def ended() -> None:
             stream.cancel()
-            if not released.is_set():
-                released.set()
-                self._limits.streams.release(peer)
-                self._metrics.stream_closed()
+            metrics.stream_closed()
 
-        if not context.add_callback(ended):  # the call already ended
-            ended()
+        if not self._limits.streams.hold(context, metrics.stream_opened, ended):  # the call already ended
             return
         yield from stream.responses()
 

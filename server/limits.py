@@ -15,8 +15,9 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from perception.errors import OverloadedError
 from server.runtime.settings import usable_cores
@@ -145,6 +146,28 @@ class StreamAdmission:
             self._open[host] = self._open.get(host, 0) + 1
             self._total += 1
         return host
+
+    def hold(self, context: Any, on_start: Callable[[], None], on_end: Callable[[], None]) -> bool:
+        """Admit a stream of the call ``context`` (a grpc.ServicerContext; OverloadedError when
+        a cap is reached), then ``on_start``; once the call ends, however it ends, ``on_end``
+        (the stream's own clean-up) and the slot is given back. False if the call had already
+        ended (all of them have run then): nothing to serve."""
+        peer = self.admit(context.peer())
+        on_start()
+        released = threading.Event()
+
+        def ended() -> None:  # once, when the call ends
+            try:
+                on_end()
+            finally:
+                if not released.is_set():
+                    released.set()
+                    self.release(peer)
+
+        if not context.add_callback(ended):
+            ended()
+            return False
+        return True
 
     def release(self, host: str) -> None:
         with self._lock:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -148,7 +147,6 @@ class DetectorService(pb_grpc.DetectorServicer):
         self, request_iterator: Iterable[pb.DetectRequest | Refused | Received], context: grpc.ServicerContext
     ) -> Iterator[pb.DetectResponse]:
         scheduler = self._check_serving()
-        peer = self._limits.streams.admit(context.peer())
         session = StreamSession(
             self._pipeline,
             scheduler,
@@ -162,19 +160,13 @@ class DetectorService(pb_grpc.DetectorServicer):
             current_model=self._current,
             trackers=self._trackers,
         )
-        self._metrics.stream_opened()
         metrics = self._metrics
-        released = threading.Event()
 
-        def ended() -> None:  # runs once when the call ends, however it ends
+        def ended() -> None:
             session.cancel()
-            if not released.is_set():
-                released.set()
-                self._limits.streams.release(peer)
             metrics.stream_closed()
 
-        if not context.add_callback(ended):  # the call already ended
-            ended()
+        if not self._limits.streams.hold(context, metrics.stream_opened, ended):  # the call already ended
             return
         for answer in session.answers(request_iterator):
             yield convert.answer_to_proto(answer)
