@@ -103,7 +103,10 @@ def onnx_input_size(path: Path) -> tuple[int, int]:
     except Exception as exc:
         raise ModelError(f"{path}: not a readable ONNX file: {exc}") from exc
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    h, w = dims[2].dim_value, dims[3].dim_value
+    if len(dims) not in (3, 4):
+        raise ModelError(f"{path}: input of rank {len(dims)}; expected (B, 3, H, W) or (3, H, W)")
+    # The last two axes: a single-image export's input is (3, H, W), without a batch axis.
+    h, w = dims[-2].dim_value, dims[-1].dim_value
     if not h or not w:
         raise ModelError(f"{path}: input height/width are not static; pass a manifest.json beside it")
     return int(w), int(h)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--letterbox", dest="letterbox", action="store_true",
                      help="keep the aspect ratio and pad (default)")
     fit.add_argument("--resize", dest="letterbox", action="store_false", help="stretch to the input size")
+    p.add_argument("--pad-value", type=int, default=114,
+                   help="the letterbox's padding grey, 0..255 (default 114, as YOLO exports pad); the image is "
+                   "centred, padding split evenly on both sides")
     p.add_argument("--map", dest="outputs", type=_role, action="append", default=[],
                    help="bind a layout role to an output name, e.g. --map boxes=bbox_out (repeatable)")
     p.add_argument("--priors", type=Path, help="ssd only: a .npy of (N, 4) prior boxes cx cy w h (0..1) when the "
@@ -97,6 +100,7 @@ def main(argv: list[str]) -> int:
         onnx=args.onnx, layout=args.layout, classes=args.classes, out=args.out,
         input_size=parse_size(args.input_size) if args.input_size else None, data=args.data,
         color_order=args.color_order, scale=args.scale, mean=args.mean, std=args.std, letterbox=args.letterbox,
+        pad_value=args.pad_value,
         outputs=dict(args.outputs), priors=args.priors, variances=tuple(args.variances),
         class_offset=args.class_offset, score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
         max_detections=args.max_detections, precisions=precisions, calib_images=args.calib_images,

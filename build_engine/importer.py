@@ -1,7 +1,9 @@
 """``perception import``: a detector trained elsewhere, as an artifact this project can serve.
 
-The ONNX model is checked (it loads, its input size is known, its outputs fit the declared
-layout and the class list) and copied into a staging directory beside ``--out``. Without data,
+The ONNX model is checked (it loads, takes a float32 channel-first image of a known size, its
+outputs fit the declared layout and the class list, and one pad-coloured frame goes through it
+and the layout's decoder as the server would run it) and copied into a staging directory
+beside ``--out``. Without data,
 the artifact has the FP32 model only and says that nothing was measured. With labelled data
 (COCO or YOLO), the same build steps as ``perception build`` follow: FP16 and calibrated INT8
 variants, every variant scored through the one frame pipeline with the project's KPI, timed
@@ -21,12 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from numpy.typing import NDArray
 
+from build_engine.calibration import ImageCalibrationReader
 from build_engine.gate import ValSet, check_valset
 from build_engine.thresholds import GateThresholds
 from perception.errors import ConfigError, DataError, ModelError
-from perception.layouts import DECODERS, TensorInfo
+from perception.layouts import DECODERS
+from perception.layouts.base import static_dim
 from perception.manifest import (
     Calibration,
     Manifest,
@@ -56,6 +62,7 @@ class ImportOptions:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     letterbox: bool = True
+    pad_value: int = 114  # the letterbox's padding grey, 0..255 (most YOLO exports: 114)
     outputs: dict[str, str] = field(default_factory=dict)  # role -> output name
     priors: Path | None = None
     variances: tuple[float, float] = (0.1, 0.2)
@@ -77,6 +84,13 @@ class ImportOptions:
             raise ConfigError(f"unknown layout {self.layout!r}; choose one of {sorted(DECODERS)}")
         if self.priors is not None and self.layout != "ssd":
             raise ConfigError("--priors only applies to --layout ssd")
+        # Only a post-NMS model's class ids are read as numbers; every other layout takes the
+        # class from a column index, where an offset would be accepted and silently do nothing.
+        if self.class_offset and self.layout != "nms_detections":
+            raise ConfigError("--class-offset only applies to --layout nms_detections (other layouts take the class "
+                              "from the column of its score, where there is no background id to skip)")
+        if not 0 <= self.pad_value <= 255:
+            raise ConfigError(f"--pad-value must be in 0..255, got {self.pad_value}")
 
 
 def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
@@ -90,15 +104,47 @@ def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
         proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends, untyped
         raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
+    plugins = tensorrt_only_ops(proto)
+    if plugins:
+        # onnxruntime (which checks, scores and serves imports) has no kernel for these: its own
+        # error ("Could not find an implementation for EfficientNMS_TRT") does not say what to do.
+        raise ModelError(f"{path}: the graph uses TensorRT plugin op(s) {plugins}, which only TensorRT can run (a "
+                         "TensorRT end-to-end export); re-export it with NMS built from standard ONNX ops "
+                         "(NonMaxSuppression; import as nms_detections) or without NMS (e.g. --layout yolov8)")
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if len(inputs) != 1:
         raise ModelError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}")
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.FLOAT):
+        # Every runtime here feeds float32: a half-precision input fails on the first frame.
+        raise ModelError(f"{path}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem).lower()}; the "
+                         "server feeds float32: re-export with a float32 input (e.g. Ultralytics without half=True); "
+                         "`perception import --data` builds and gates an FP16 variant itself")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     if len(dims) not in (3, 4) or (dims[-3] not in (3, None)):
         raise ModelError(f"{path}: input {inputs[0].name!r} has shape {dims}; expected (B, 3, H, W) or (3, H, W)")
+    if dims[-3] is None and dims[-1] == 3:
+        # (1, H?, W?, 3): channel-last with a dynamic size, which the check above lets through.
+        raise ModelError(f"{path}: input {inputs[0].name!r} has shape {dims}, channel-last (NHWC); the server "
+                         "feeds (B, 3, H, W): re-export it channel-first")
     h, w = dims[-2], dims[-1]
     batch = dims[0] if len(dims) == 4 and dims[0] else None
     return proto, ((int(w), int(h)) if h and w else None), batch
+
+
+def tensorrt_only_ops(proto: Any) -> list[str]:
+    """The distinct TensorRT plugin ops of the graph (``EfficientNMS_TRT``, ``BatchedNMS_TRT``,
+    ... or anything in a ``trt`` domain), which only TensorRT has kernels for."""
+    ops = {n.op_type for n in proto.graph.node
+           if n.op_type.endswith("_TRT") or n.domain.lower().startswith("trt")}
+    return sorted(ops)
+
+
+def input_rank(proto: Any) -> int:
+    """The rank of the model's one image input: 3 for a single-image export."""
+    inits = {i.name for i in proto.graph.initializer}
+    first = next(i for i in proto.graph.input if i.name not in inits)
+    return len(first.type.tensor_type.shape.dim)
 
 
 def input_name(proto: Any) -> str:
@@ -107,13 +153,50 @@ def input_name(proto: Any) -> str:
     return next(i.name for i in proto.graph.input if i.name not in inits)
 
 
-def probe_outputs(path: Path) -> tuple[TensorInfo, ...]:
-    """The model's outputs as the server's runtime reports them."""
+def probe_model(
+    path: Path, pre: PreprocessSpec, post: PostprocessSpec, classes: Sequence[str], root: Path,
+    dynamic_size: bool,
+) -> dict[str, str]:
+    """Bind the model's outputs to its layout's roles (as the server's runtime reports them),
+    then run one pad-coloured frame of the chosen input size through the model and the
+    layout's decoder as the server would; return {role: output name}.
+
+    Without --data nothing else runs the model before a server does, and a server that loads
+    it starts healthy and then fails every frame: a half-precision or channel-last input, an
+    input size the network cannot take, prior boxes of another count than its boxes, outputs
+    the layout cannot decode. Each is refused here in one line (ModelError / ConfigError).
+    ``root``: the staging directory the priors file is in."""
+    from perception.layouts.ssd import implausible_outputs
+    from perception.pipeline import EVAL_REQUEST, FrameInput, FramePipeline, frame_outputs, load_priors
     from server.runtime.factory import RuntimeSettings, open_backend
 
+    priors = load_priors(root / post.priors.file) if post.priors is not None else None
+    pipeline = FramePipeline(pre, post, classes, priors=priors)
     backend = open_backend(path, RuntimeSettings(threads=1, max_batch=1))
     try:
-        return backend.outputs
+        roles = pipeline.bind_outputs(backend.outputs)
+        if priors is not None:
+            info = next(o for o in backend.outputs if o.name == roles["boxes"])
+            n = static_dim(info, -2)
+            if n is not None and n != len(priors):
+                raise ConfigError(f"--priors has {len(priors)} prior boxes, but the model's boxes output {info.name!r} "
+                                  f"{list(info.shape)} has {n}: pass the priors this model was trained with")
+        ok, png = cv2.imencode(".png", np.full((pre.input_height, pre.input_width, 3), pre.pad_value, np.uint8))
+        assert ok  # a small uint8 image always encodes
+        prepared = pipeline.prepare(FrameInput("import-probe", 0, 0, encoded=png.tobytes()), EVAL_REQUEST)
+        try:
+            out = frame_outputs(backend.infer(pipeline.to_batch([prepared.tensor])), 0)
+            pipeline.finish(out, prepared)
+        except (ModelError, ValueError, IndexError) as exc:
+            hint = (f" (is {pre.input_width}x{pre.input_height} a size it takes, e.g. a multiple of its stride?)"
+                    if dynamic_size else "")
+            raise ModelError(f"{path.name}: one {pre.input_width}x{pre.input_height} frame does not go through the "
+                             f"model and the {post.output_layout} decoder{hint}: {exc}") from exc
+        if post.output_layout == "ssd":
+            why = implausible_outputs({role: out[name] for role, name in roles.items()}, pipeline.context)
+            if why:
+                raise ModelError(f"{path.name}: its outputs on one frame do not read as the ssd layout: {why}")
+        return roles
     finally:
         backend.deactivate()
 
@@ -191,8 +274,8 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
     classes = read_classes(opts.classes)
     # Bad data is refused before anything is written or run.
     valset = load_valset(opts.data, classes, opts.val_images) if opts.data is not None else None
-    pre = PreprocessSpec(width, height, letterbox=opts.letterbox, color_order=opts.color_order, scale=opts.scale,
-                         mean=opts.mean, std=opts.std)
+    pre = PreprocessSpec(width, height, letterbox=opts.letterbox, pad_value=opts.pad_value,
+                         color_order=opts.color_order, scale=opts.scale, mean=opts.mean, std=opts.std)
     staging = staging_dir(opts.out)
     try:
         src = staging / "model.fp32.onnx"
@@ -203,8 +286,7 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         post = PostprocessSpec(output_layout=opts.layout, score_threshold=opts.score_threshold,
                                iou_threshold=opts.iou_threshold, max_detections=opts.max_detections,
                                outputs=dict(opts.outputs), priors=priors, class_offset=opts.class_offset)
-        outputs = probe_outputs(src)
-        roles = DECODERS[opts.layout].bind(outputs, post.outputs, len(classes))
+        roles = probe_model(src, pre, post, classes, staging, dynamic_size=size is None)
         progress(f"outputs bound as {opts.layout}: " + ", ".join(f"{r}={n}" for r, n in roles.items()))
         max_batch = min(opts.max_batch, batch or opts.max_batch)
         input_shape = (batch or -1, 3, height, width)
@@ -224,7 +306,7 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
                             len(valset.images))
                 calib = [p for _, p in valset.images[: opts.calib_images]]
             variants, results = _measured_variants(opts, valset, src, staging, pre, post, input_shape, max_batch,
-                                                   progress, calib, input_name(proto))
+                                                   progress, calib, input_name(proto), input_rank(proto) == 3)
             # The frames a device checks the model on before swapping it in, as the build ships them.
             verification = verification_record(staging, valset, results)
         passed = [v for v in variants if v.passed]
@@ -269,12 +351,14 @@ def _stage_priors(path: Path, staging: Path, variances: tuple[float, float]) -> 
 def _measured_variants(
     opts: ImportOptions, valset: ValSet, src: Path, staging: Path, pre: PreprocessSpec, post: PostprocessSpec,
     input_shape: tuple[int, ...], max_batch: int, progress: Progress, calib: list[Path], input_name: str,
+    single_image: bool = False,
 ) -> tuple[list[Variant], dict[str, Any]]:
     """Every precision asked for, gated on ``valset``; INT8 calibrated on ``calib`` through the
     model's own input (``input_name``: it used to be fed as "images", and INT8 was skipped for
-    every model whose input is named otherwise)."""
+    every model whose input is named otherwise; ``single_image``: a (3, H, W) input, fed each
+    image without the batch axis, which it used to refuse)."""
     from build_engine import gate as g
-    from build_engine.calibration import ImageCalibrationReader, calibration_set_hash
+    from build_engine.calibration import calibration_set_hash
     from build_engine.quantize import convert_fp16, quantize_int8
 
     files: dict[str, tuple[Path, Precision, Calibration | None]] = {"fp32": (src, Precision.FP32, None)}
@@ -287,7 +371,8 @@ def _measured_variants(
     if "int8" in opts.precisions:
         progress(f"calibrating INT8 ({opts.calibrator}) on {len(calib)} images through the frame pipeline")
         try:
-            reader = ImageCalibrationReader(calib, pre, input_name=input_name)
+            reader = (_SingleImageCalibrationReader if single_image else ImageCalibrationReader)(
+                calib, pre, input_name=input_name)
             q = quantize_int8(src, staging / "model.int8.onnx", reader, opts.calibrator)
             files["int8"] = (q.path, Precision.INT8, Calibration(q.calibrator, calibration_set_hash(calib),
                                                                  tuple(q.excluded_nodes)))
@@ -307,6 +392,14 @@ def _measured_variants(
                            max_batch=max_batch, parent="" if name == "fp32" else "fp32", calibration=cal,
                            metrics=r.metrics, latency_ms=r.latency_ms, parity=r.parity, gate=r.gate))
     return out, results
+
+
+class _SingleImageCalibrationReader(ImageCalibrationReader):
+    """Calibration images for a single-image export: (3, H, W), the batch axis taken off."""
+
+    def get_next(self) -> dict[str, NDArray[np.float32]] | None:
+        feed = super().get_next()
+        return None if feed is None else {name: batch[0] for name, batch in feed.items()}
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -58,7 +58,9 @@ def batched_nms(
     Returns kept indices, highest score first. OpenCV's C++ NMS (4-6x faster than the numpy
     loop: docs/performance.md) runs when every box has a positive area, where it keeps exactly
     the boxes ``nms`` keeps (tested against it); zero-area boxes, where the two differ, take the
-    numpy path, which shifts each class to its own region of the plane for one pass.
+    numpy path, which shifts each class to its own region of the plane for one pass. Boxes and
+    scores must be finite (``perception.postprocess`` drops the others first): one NaN box makes
+    every shifted box NaN there, and an inf one makes the shift itself inf.
     """
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if b.shape[0] == 0:

@@ -73,6 +73,12 @@ def postprocess(
     outputs: this image's outputs by the decoder's roles (batch axis taken off).
     """
     cand = decoder.candidates(outputs, options, num_classes, ctx)
+    # A NaN or inf box (a diverged export, an overflowing decode) must not reach NMS: one NaN
+    # makes every class-offset box NaN (nothing is suppressed), an inf one suppresses across
+    # classes; nor a client. One pass over the few candidates left after the score cut.
+    finite = np.isfinite(cand.boxes).all(axis=1) & np.isfinite(cand.scores)
+    if not finite.all():
+        cand = cand.take(finite)
     if len(cand) == 0:
         return cand
     if decoder.applies_nms:

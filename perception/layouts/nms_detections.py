@@ -1,5 +1,7 @@
-"""``nms_detections``: a model with NMS inside its graph (TensorRT's EfficientNMS plugin, YOLO
-TensorRT exports, torchvision-style two-stage exports).
+"""``nms_detections``: a model with NMS inside its graph, built from standard ONNX ops (ONNX
+exports with NMS included, torchvision-style two-stage exports; the outputs follow TensorRT's
+EfficientNMS naming, but its ``EfficientNMS_TRT`` plugin op itself is refused at import: no
+onnxruntime kernel runs it).
 
 Outputs: ``num_dets (B, 1)`` (optional: without it every row counts), ``boxes (B, K, 4)``
 ``x1, y1, x2, y2`` in model-input pixels, ``scores (B, K)``, ``classes (B, K)`` (ints or floats;

@@ -94,3 +94,26 @@ class Ssd:
             return Detections.empty()
         scale = np.array([ctx.input_width, ctx.input_height, ctx.input_width, ctx.input_height], np.float32)
         return top_candidates(boxes[anchor] * scale, cls[anchor, cls_id], cls_id, options)
+
+
+def implausible_outputs(outputs: RoleArrays, ctx: DecodeContext) -> str:
+    """Why one frame's SSD outputs do not read as this layout says (empty if they do).
+
+    Nothing in the shapes tells decoded corners from raw offsets, or probabilities from logits,
+    and both read without error: raw offsets (what outputs named ``loc`` or ``box_regression``
+    usually hold) come out as boxes anywhere, logits as scores above 1. Decoded corners that
+    leave -1..2 (a box more than an image's width outside it) and scores outside 0..1 cannot be
+    what the layout reads; the import checks one frame with this and refuses the model."""
+    problems = []
+    scores = np.asarray(outputs["scores"], np.float32)
+    s = scores[np.isfinite(scores)]
+    if s.size and (float(s.min()) < -1e-3 or float(s.max()) > 1 + 1e-3):
+        problems.append(f"scores range {float(s.min()):.3g}..{float(s.max()):.3g}, not probabilities (logits?): "
+                        "export the softmax'd (or sigmoid'd) scores")
+    if ctx.priors is None:
+        boxes = np.asarray(outputs["boxes"], np.float32)
+        b = boxes[np.isfinite(boxes)]
+        if b.size and (float(b.min()) < -1.0 or float(b.max()) > 2.0):
+            problems.append(f"boxes range {float(b.min()):.3g}..{float(b.max()):.3g}, not corners normalised to 0..1: "
+                            "raw offsets against prior boxes need --priors PRIORS.npy (and --variances)")
+    return "; ".join(problems)

@@ -168,9 +168,16 @@ class OnnxRuntimeBackend:
             raise ModelError("backend is not activated")
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if self._single_image:
-            if x.shape[0] != 1:
-                raise ModelError(f"a single-image model got a batch of {x.shape[0]}")
-            return {name: out[None] for name, out in self._run(x[0]).items()}
+            # One run per frame. The server never batches past max_batch 1, but the gate, INT8
+            # scoring and `perception eval` hand their batches to any model; each frame's outputs
+            # get the batch axis and are joined like a fixed-batch model's chunks (a two-stage
+            # export's K differs per frame).
+            if x.shape[0] == 1:
+                return {name: out[None] for name, out in self._run(x[0]).items()}
+            if x.shape[0] == 0:
+                raise ModelError("a single-image model got an empty batch")
+            frames = [self._run(frame) for frame in x]
+            return {name: concat_ragged([f[name][None] for f in frames]) for name in frames[0]}
         if not self._static_batch:
             return self._run(x)
         # A fixed-batch export runs in chunks of exactly its batch, the last one zero-padded.

@@ -392,3 +392,180 @@ def test_default_detector_with_nms_in_its_graph_serves_the_same_detections(tmp_p
     assert cli(["compare", str(outs[0]), str(outs[1]), "--gt", str(drive / "gt.json"),
                 "--json-out", str(cmp_json)]) == 0
     assert cmp_json.is_file() and json.loads(cmp_json.read_text())
+
+
+def test_a_single_image_export_imports_with_data_and_is_scored_by_eval(work: Path, tmp_path: Path) -> None:
+    """A single-image export (input (3, H, W)) used to be refused by `import --data` ("a
+    single-image model got a batch of 4": the gate scores in batches) and by `eval --onnx`; its
+    INT8 calibration fed (1, 3, H, W) into the rank-3 input. Now every variant is built and
+    scored, and eval of the artifact's model finds the planted truck everywhere."""
+    data, _, _ = planted_data(tmp_path / "data")
+    manifest = import_model(work, "torchvision", "--data", str(data), "--latency-runs", "2", "--threads", "1",
+                            "--val-images", "2", "--calib-images", "2")
+    m = load_manifest(manifest)
+    assert [v.name for v in m.variants] == ["fp32", "fp16", "int8"]
+    for v in m.variants:
+        assert v.metrics["map50"] == pytest.approx(1.0) and v.metrics["recall"] == pytest.approx(1.0), v.name
+    out = tmp_path / "kpi"
+    assert cli(["eval", "--onnx", str(manifest.parent / "model.fp32.onnx"), "--data", str(data), "--out",
+                str(out)]) == 0
+    kpi = json.loads((out / "kpi.json").read_text())
+    assert kpi["num_images"] == len(FRAMES) and kpi["recall"] == pytest.approx(1.0), kpi
+
+
+class Stride32(nn.Module):
+    """The planted yolov8 output behind a stride-32 pool and upsample added back to the input,
+    as a real backbone's feature pyramid does: runs only at sizes that are multiples of 32."""
+
+    def __init__(self, channels_last: bool = False) -> None:
+        super().__init__()
+        self.head = yolov8_model()
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        up = nn.functional.interpolate(nn.functional.avg_pool2d(x, 32), scale_factor=32.0)
+        return self.head((up + x).mean() * 0 + x)
+
+
+def _dynamic_size_model(path: Path, channels_last: bool = False) -> Path:
+    shape = (1, H, W, 3) if channels_last else (1, 3, H, W)
+    axes = {1: "h", 2: "w"} if channels_last else {2: "h", 3: "w"}
+    torch.onnx.export(Stride32(channels_last).eval(), (torch.zeros(shape),), str(path), dynamo=False,
+                      opset_version=17, input_names=["images"], output_names=["output0"],
+                      dynamic_axes={"images": axes})
+    return path
+
+
+def _half_input_model(path: Path) -> Path:
+    """The yolov8 export behind a float16 input (as Ultralytics' half=True writes it)."""
+    import onnx
+
+    model = onnx.load(str(export("yolov8", path)))
+    inp = model.graph.input[0]
+    inner = inp.name
+    inp.name = "images_half"
+    inp.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    model.graph.node.insert(0, onnx.helper.make_node("Cast", ["images_half"], [inner], to=onnx.TensorProto.FLOAT))
+    onnx.save(model, str(path))
+    return path
+
+
+def _undecodable_model(path: Path) -> Path:
+    """A yolov8-named output whose channel count the graph computes at run time (so neither
+    it nor onnxruntime can tell it, and binding accepts it) and which holds 4 + 5 channels,
+    not 4 + 3: it cannot be decoded for three classes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def const(name: str, dtype: int, dims: list[int], values: list[Any]) -> Any:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", dtype, dims, values))
+
+    nodes = [const("zeros", TensorProto.FLOAT, [1, 1, 5], [0.0] * 5),
+             const("nine", TensorProto.FLOAT, [1], [9.0]),
+             const("one", TensorProto.INT64, [1], [1]),
+             const("five", TensorProto.INT64, [1], [5]),
+             helper.make_node("ReduceMean", ["images"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["m", "zeros_0"], ["m0"]),
+             helper.make_node("Add", ["m0", "nine"], ["c_float"]),
+             helper.make_node("Cast", ["c_float"], ["c"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["one", "c", "five"], ["shape"], axis=0),
+             helper.make_node("Expand", ["zeros", "shape"], ["output0"])]
+    nodes.insert(0, const("zeros_0", TensorProto.FLOAT, [], [0.0]))
+    graph = helper.make_graph(
+        nodes, "undecodable", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, H, W])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, "channels", 5])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _ssd(path: Path, boxes: list[float], scores: list[float]) -> Path:
+    """An SSD with outputs named as raw-offset exports name them; box row 2 and score row 2
+    planted, the rest 0."""
+    b, s = torch.zeros(1, 6, 4), torch.zeros(1, 6, len(CLASSES) + 1)
+    b[0, 2], s[0, 2] = torch.tensor(boxes), torch.tensor(scores)
+    torch.onnx.export(Planted(b, s).eval(), (torch.zeros(1, 3, H, W),), str(path), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["loc", "conf"])
+    return path
+
+
+def _tensorrt_nms(path: Path) -> Path:
+    """A YOLO TensorRT end-to-end export's tail: EfficientNMS_TRT over constant boxes/scores."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    k = 10
+    nodes = [helper.make_node("Constant", [], ["raw_boxes"], value=helper.make_tensor(
+                 "b", TensorProto.FLOAT, [1, 100, 4], [0.0] * 400)),
+             helper.make_node("Constant", [], ["raw_scores"], value=helper.make_tensor(
+                 "s", TensorProto.FLOAT, [1, 100, 3], [0.0] * 300)),
+             helper.make_node("EfficientNMS_TRT", ["raw_boxes", "raw_scores"],
+                              ["num_dets", "det_boxes", "det_scores", "det_classes"], background_class=-1,
+                              max_output_boxes=k, score_threshold=0.25, iou_threshold=0.45, plugin_version="1",
+                              score_activation=0, box_coding=0)]
+    graph = helper.make_graph(
+        nodes, "trt_end2end", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, H, W])],
+        [helper.make_tensor_value_info("num_dets", TensorProto.INT32, [1, 1]),
+         helper.make_tensor_value_info("det_boxes", TensorProto.FLOAT, [1, k, 4]),
+         helper.make_tensor_value_info("det_scores", TensorProto.FLOAT, [1, k]),
+         helper.make_tensor_value_info("det_classes", TensorProto.INT32, [1, k])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+REFUSED: dict[str, tuple[Any, str, list[str], str]] = {
+    # case: (model writer, layout, extra flags, what the one-line refusal must say)
+    "tensorrt_plugin": (_tensorrt_nms, "nms_detections", [], "TensorRT plugin op(s) ['EfficientNMS_TRT']"),
+    "half_input": (_half_input_model, "yolov8", [], "is float16; the server feeds float32"),
+    "channels_last": (lambda p: _dynamic_size_model(p, channels_last=True), "yolov8", ["--input-size", "320x256"],
+                      "channel-last (NHWC)"),
+    "size_off_stride": (_dynamic_size_model, "yolov8", ["--input-size", "330x250"],
+                        "is 330x250 a size it takes, e.g. a multiple of its stride?"),
+    "undecodable": (_undecodable_model, "yolov8", [], "expected one image's output (7, N), got (9, 5)"),
+    "priors_count": (lambda p: export("ssd_priors", p), "ssd",
+                     ["--map", "boxes=bbox_regression", "--map", "scores=cls_probs"],
+                     "--priors has 8 prior boxes, but the model's boxes output 'bbox_regression' [1, 6, 4] has 6"),
+    "ssd_raw_offsets": (lambda p: _ssd(p, [1.7, -2.4, 3.1, -0.6], [0.1, 0.05, 0.8, 0.05]), "ssd", [],
+                        "need --priors"),
+    "ssd_logits": (lambda p: _ssd(p, [0.4, 0.4, 0.6, 0.6], [-2.0, 0.5, 4.0, -1.0]), "ssd", [],
+                   "export the softmax'd"),
+    "class_offset_not_nms": (lambda p: export("yolov5", p), "yolov5", ["--class-offset", "1"],
+                             "--class-offset only applies to --layout nms_detections"),
+    "pad_value": (lambda p: export("yolov8", p), "yolov8", ["--pad-value", "300"], "--pad-value must be in 0..255"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_import_without_data_refuses_what_the_server_could_not_serve(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    """Import without --data used to accept each of these, and a server loading the artifact
+    started healthy and then failed (or misread) every frame: now each is refused in one line
+    naming the fix, and nothing is written."""
+    write, layout, extra, needle = REFUSED[case]
+    onnx_path = write(tmp_path / f"{case}.onnx")
+    eight = np.tile(priors()[:1], (8, 1))
+    np.save(tmp_path / "eight_priors.npy", eight)
+    if case == "priors_count":
+        extra = [*extra, "--priors", str(tmp_path / "eight_priors.npy")]
+    out = tmp_path / "out"
+    assert cli(["import", "--onnx", str(onnx_path), "--layout", layout, "--classes", str(work / "classes.txt"),
+                "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--pad-value", "0"]])
+def test_the_counterparts_of_the_refused_import_and_serve(work: Path, tmp_path: Path, extra: list[str]) -> None:
+    """The same dynamic-size model at a multiple of its stride, and an SSD whose boxes are
+    normalised corners and scores probabilities, import; --pad-value is recorded."""
+    for name, onnx_path, layout, more in (
+        ("stride", _dynamic_size_model(tmp_path / "stride.onnx"), "yolov8", ["--input-size", "320x256"]),
+        ("ssd", _ssd(tmp_path / "ssd.onnx", [0.4, 0.4, 0.6, 0.6], [0.1, 0.05, 0.8, 0.05]), "ssd", []),
+    ):
+        out = tmp_path / name
+        assert cli(["import", "--onnx", str(onnx_path), "--layout", layout, "--classes", str(work / "classes.txt"),
+                    "--out", str(out), *more, *extra]) == 0
+        assert load_manifest(out / "manifest.json").preprocess.pad_value == (0 if extra else 114)

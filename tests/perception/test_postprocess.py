@@ -140,3 +140,34 @@ def test_a_post_nms_models_class_ids_out_of_range_are_dropped_and_told_once(
     monkeypatch.setattr(nd, "_told_out_of_range", False)
     nd.NmsDetections().candidates(padded, opts, num_classes=3)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("bad", [[np.nan, 0, 5, 5], [np.inf, 0, np.inf, 5], [0, -np.inf, 5, 5]])
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_a_non_finite_box_is_dropped_and_the_rest_of_the_frame_still_goes_through_nms(bad, agnostic):
+    """One NaN box used to make every class-shifted box NaN in NMS (nothing suppressed, and the
+    NaN box sent on to clients); an inf one made the class shift inf, with the same effect. The
+    bad row is dropped and the others come out as they do without it."""
+    lb = compute_letterbox(100, 100, 100, 100)
+    opts = PostprocessOptions(score_threshold=0.25, iou_threshold=0.5, max_detections=100, pre_nms_topk=1000,
+                              class_agnostic=agnostic)
+    clean = np.array([[10, 10, 50, 50, 1, 0.9, 0],
+                      [11, 11, 51, 51, 1, 0.8, 0],  # overlaps the first, same class: suppressed
+                      [60, 60, 90, 90, 1, 0, 0.7]], np.float32)
+    want = postprocess(clean, lb, opts)
+    assert want.scores.tolist() == pytest.approx([0.9, 0.7])
+    for score in (0.95, 0.6):  # ranked above and below the others
+        out = np.concatenate([clean, np.array([[*bad, 1, score, 0]], np.float32)])
+        det = postprocess(out, lb, opts)
+        assert np.isfinite(det.boxes).all()
+        np.testing.assert_array_equal(det.boxes, want.boxes)
+        np.testing.assert_array_equal(det.class_ids, want.class_ids)
+        np.testing.assert_allclose(det.scores, want.scores)
+
+
+def test_an_inf_score_is_dropped() -> None:
+    lb = compute_letterbox(100, 100, 100, 100)
+    opts = PostprocessOptions(0.25, 0.5, 100, 1000)
+    out = np.array([[10, 10, 50, 50, 1, 0.9, 0], [60, 60, 90, 90, np.inf, 1, 0]], np.float32)
+    det = postprocess(out, lb, opts)
+    assert det.scores.tolist() == pytest.approx([0.9]) and np.isfinite(det.scores).all()
