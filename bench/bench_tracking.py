@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=900, help="frames per scene (30 fps; after a 30-frame warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--against", metavar="REV", help="also run the tracker of this git revision beside today's")
+    p.add_argument("--buffer-per-s", type=float, default=TrackerConfig.buffer_per_s,
+                   help="TrackerConfig.buffer_per_s of today's tracker (0: plain IoU only; docs/tracking.md)")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     return p
 
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.frames < 1 or any(n < 1 for n in args.sizes):
         print("bench_tracking: --frames and --sizes must be >= 1", file=sys.stderr)
         return 2
-    config = TrackerConfig()
+    config = TrackerConfig(buffer_per_s=args.buffer_per_s)
     scenes = [Scene(n, np.random.default_rng([args.seed, n])) for n in args.sizes]
     trackers = [Tracker(config) for _ in args.sizes]
     times: list[list[int]] = [[] for _ in args.sizes]
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             "p99_of_budget": p99 / BUDGET_MS,
             "ids_per_object": float(np.mean([len(s) for s in ids.values()])) if ids else 0.0,
         })
-    print(f"tracker update per frame, {args.frames} frames per size (numpy {np.__version__})")
+    print(f"tracker update per frame, {args.frames} frames per size, buffer_per_s {config.buffer_per_s:g} "
+          f"(numpy {np.__version__})")
     print("| detections | p50 ms | p99 ms | max ms | CPU p50 ms | CPU p99 ms | p99 / 1 ms budget "
           "| confirmed ids per object |")
     print("|---|---|---|---|---|---|---|---|")

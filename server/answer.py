@@ -11,13 +11,14 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from perception.errors import InvalidInputError, ModelError
+from perception.errors import InvalidInputError, ModelError, PerceptionError
 from perception.pipeline import FramePipeline, Prepared
 from perception.types import Detections, FrameStatus, StageTimings
 from server.metrics_protocol import Metrics
@@ -65,6 +66,9 @@ class FrameTask:
     # The model the frame was prepared for: it post-processes the frame and names the answer.
     model: Any = None
     track: bool = False  # the request asked for track ids
+    # Whose camera it is, for tracking: the client's host (a camera id is the client's own name,
+    # so two vehicles may both call theirs "front"; a reconnect comes from the same host).
+    owner: str = ""
     priority: int = 1  # the camera's priority class (server.config.PRIORITY_CLASSES)
     status: FrameStatus | None = None
     message: str = ""
@@ -119,9 +123,18 @@ def finish_task(
             raise ModelError("a frame was finished before it was answered")
         if result.status is JobStatus.OK and prep is not None and result.outputs is not None:
             t0 = time.perf_counter()
-            detections = finisher.finish(result.outputs, prep)
+            try:
+                detections = finisher.finish(result.outputs, prep)
+                status = FrameStatus.OK
+            except Exception as exc:  # an output the model's layout cannot decode, or a bug
+                error = f"error id {uuid.uuid4().hex[:12]}"
+                log.error("post-processing %s/%d failed (%s)", task.camera_id, task.sequence, error,
+                          exc_info=not isinstance(exc, PerceptionError))
+                if not answer_errors:
+                    raise ModelError(f"post-processing failed ({error})") from exc
+                status, message = FrameStatus.OVERLOADED, f"post-processing failed ({error}); frame not processed"
+                reason = "error"
             post_s = time.perf_counter() - t0
-            status = FrameStatus.OK
             result.outputs = None
         elif result.status is JobStatus.ERROR or result.status is JobStatus.OK:
             if not answer_errors:
@@ -198,16 +211,16 @@ def _class_counts(det: Detections) -> tuple[list[int], list[int]]:
 
 def track_answer(answer: FrameAnswer, task: FrameTask, trackers: Any) -> FrameAnswer:
     """The answer with track ids from ``trackers`` (a perception.tracking.TrackerPool, keyed by
-    camera id so that a reconnecting stream finds its tracks) when the request asked for them.
+    the client's host and camera id, not by stream, so that a reconnecting stream finds its
+    tracks) when the request asked for them.
     Runs after NMS, on the stream's handler path, in arrival order; frames answered without
     detections (stale, expired) are skipped, and the tracker predicts across the gap from the
     next frame's capture time."""
     if not task.track or trackers is None or answer.status is not FrameStatus.OK:
         return answer
-    # A camera that sends no capture time is tracked on the server's arrival clock.
-    ts = task.capture_timestamp_ns or int(task.received * 1e9)
-    try:
-        result = trackers.update(task.camera_id, answer.detections, ts, task.sequence)
+    try:  # a capture time of 0 (none sent): the pool tracks the camera on the arrival clock
+        result = trackers.update((task.owner, task.camera_id), answer.detections, task.capture_timestamp_ns,
+                                 task.sequence, arrival_s=task.received, classes=answer.class_names)
     except InvalidInputError as exc:  # e.g. a non-finite box: the frame is answered untracked
         return dataclasses.replace(answer, message=f"not tracked: {exc}")
     return dataclasses.replace(answer, tracks=result)

@@ -12,6 +12,23 @@ Thread-safe: the pool's lock covers only the table (lookup, recency, eviction); 
 frames are stepped under that camera's own lock, one at a time, so no camera waits for another
 camera's frame. A frame of a camera being forgotten at that moment is still tracked; the tracks
 are dropped afterwards.
+
+What a live stream adds on top of ``Tracker.update``:
+
+- **One id counter for the pool.** A camera forgotten and seen again starts a new tracker,
+  whose ids go on from the pool's counter: an id never names two objects within a pool.
+- **Re-sent frames.** A client that reconnects sends again the frames it had no answer for,
+  some of which the server may have tracked already. A frame whose sequence is not past the
+  camera's last, but which is one of its last ``RESENT_FRAMES`` frames (same sequence and
+  capture time), is answered with the track ids it got the first time and does not step the
+  tracker; only a sequence going back beyond those is a camera restart.
+- **Cameras without capture times** (``timestamp_ns`` 0 with ``arrival_s``): the frame is
+  stepped on the arrival clock, continued from the camera's last frame. A camera that starts
+  sending capture times after such frames (a recording whose first frame is at time 0) has its
+  tracker's clock moved onto them, rather than being taken for a camera whose time went back.
+- **The model's classes.** Tracks hold class indices; when the frames come from a model with
+  other classes (a hot swap), the camera's tracks are dropped rather than continued under
+  another class's name.
 """
 
 from __future__ import annotations
@@ -23,12 +40,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
-from perception.tracking.tracker import Tracker, TrackResult, TrackView
+from perception.tracking.tracker import IdCounter, Tracker, TrackResult, TrackView
 from perception.types import Detections
 
 log = logging.getLogger(__name__)
+
+# Frames remembered per camera to recognise a re-send: more than a client keeps in flight (the
+# client library's window is at most 32 frames).
+RESENT_FRAMES = 64
+_NS_PER_S = 1_000_000_000
 
 
 @dataclass(eq=False)
@@ -36,6 +60,12 @@ class _Entry:
     tracker: Tracker
     last_used: float
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # sequence -> (the capture time it came with, its result), the last RESENT_FRAMES frames
+    recent: OrderedDict[int, tuple[int, TrackResult]] = field(default_factory=OrderedDict)
+    last_sequence: int | None = None
+    last_arrival_s: float | None = None  # when the last frame arrived (server clock), if known
+    on_arrival_clock: bool = False  # the last frame had no capture time
+    classes: tuple[str, ...] | None = None  # of the model whose detections were tracked
 
 
 class TrackerPool:
@@ -55,6 +85,7 @@ class TrackerPool:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
+        self._new_ids = IdCounter()
 
     def __len__(self) -> int:
         with self._lock:
@@ -67,15 +98,82 @@ class TrackerPool:
             return camera_id in self._entries
 
     def update(
-        self, camera_id: Hashable, detections: Detections, timestamp_ns: int, sequence: int | None = None
+        self,
+        camera_id: Hashable,
+        detections: Detections,
+        timestamp_ns: int,
+        sequence: int | None = None,
+        *,
+        arrival_s: float | None = None,
+        classes: tuple[str, ...] | None = None,
     ) -> TrackResult:
-        """Step ``camera_id``'s tracker with one frame (``Tracker.update``), making it if new."""
+        """Step ``camera_id``'s tracker with one frame (``Tracker.update``), making it if new.
+
+        arrival_s: when the frame arrived (seconds, a monotonic clock); with it, a
+        ``timestamp_ns`` of 0 means the camera sent no capture time. classes: the class names
+        of the model the detections come from. See the module docstring for both, and for
+        re-sent frames.
+        """
         entry = self._entry(camera_id)
         with entry.lock:
-            result = entry.tracker.update(detections, timestamp_ns, sequence)
+            if classes is not None and entry.classes is not None and classes != entry.classes:
+                log.info("camera %r: the model's classes changed; its tracks were reset", camera_id)
+                self._reset(entry)
+            entry.classes = classes if classes is not None else entry.classes
+            resent = self._resent(entry, timestamp_ns, sequence, len(detections))
+            if resent is not None:
+                return resent
+            tracker = entry.tracker
+            unknown = timestamp_ns == 0 and arrival_s is not None
+            elapsed_ns = 0
+            if arrival_s is not None and entry.last_arrival_s is not None:
+                elapsed_ns = int(round(max(0.0, arrival_s - entry.last_arrival_s) * _NS_PER_S))
+            last = tracker.last_timestamp_ns
+            if timestamp_ns == 0 and arrival_s is not None:  # no capture time: the arrival clock
+                ts = int(round(arrival_s * _NS_PER_S)) if last is None else last + elapsed_ns
+            else:
+                ts = timestamp_ns
+                if entry.on_arrival_clock and last is not None and arrival_s is not None:
+                    # Onto the camera's own clock: its last frame was this long before this one.
+                    tracker.shift_clock(ts - elapsed_ns - last)
+            result = tracker.update(detections, ts, sequence)
+            entry.on_arrival_clock = unknown
+            entry.last_arrival_s = arrival_s
+            if result.restarted:
+                entry.recent.clear()
+            if sequence is not None:
+                entry.last_sequence = sequence
+                entry.recent[sequence] = (timestamp_ns, result)
+                entry.recent.move_to_end(sequence)
+                while len(entry.recent) > RESENT_FRAMES:
+                    entry.recent.popitem(last=False)
         if result.restarted:
             log.info("camera %r restarted (capture time or sequence went back): its tracks were reset", camera_id)
         return result
+
+    @staticmethod
+    def _resent(entry: _Entry, timestamp_ns: int, sequence: int | None, n: int) -> TrackResult | None:
+        """The result a re-sent frame got the first time (no track ids if its detections are
+        not the same number as then: another model answered it); None if it is not one."""
+        if sequence is None or entry.last_sequence is None or sequence > entry.last_sequence:
+            return None
+        if timestamp_ns == 0 and sequence == entry.last_sequence:
+            return None  # no capture time: a camera that numbers no frames sends 0, 0 every time
+        seen = entry.recent.get(sequence)
+        if seen is None or seen[0] != timestamp_ns:
+            return None
+        first = seen[1]
+        if len(first) == n:
+            return TrackResult(track_ids=first.track_ids.copy(), states=first.states)
+        return TrackResult(track_ids=np.zeros((n,), np.int64), states=(None,) * n)
+
+    @staticmethod
+    def _reset(entry: _Entry) -> None:
+        entry.tracker.reset()
+        entry.recent.clear()
+        entry.last_sequence = None
+        entry.last_arrival_s = None
+        entry.on_arrival_clock = False
 
     def tracks(self, camera_id: Hashable) -> tuple[TrackView, ...]:
         """The live tracks of ``camera_id`` as of its last frame; () for an unknown camera.
@@ -102,7 +200,7 @@ class TrackerPool:
                 while len(self._entries) >= self.config.max_cameras:
                     old, _ = self._entries.popitem(last=False)
                     log.debug("forgot the tracks of camera %r: over max_cameras=%d", old, self.config.max_cameras)
-                entry = _Entry(Tracker(self.config, self._kalman), now)
+                entry = _Entry(Tracker(self.config, self._kalman, self._new_ids), now)
                 self._entries[camera_id] = entry
             else:
                 entry.last_used = now

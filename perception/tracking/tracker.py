@@ -3,15 +3,16 @@
 Each frame (the detections after NMS, and the frame's capture timestamp in ns):
 
 1. Restart: a timestamp or sequence lower than the previous frame's means the camera
-   restarted, and every track is dropped. Ids keep counting up: no id is reused by a tracker.
+   restarted, and every track is dropped. Ids keep counting up: no id is reused by a tracker
+   (nor by a pool of trackers, which share one counter).
 2. Age: tracks not matched for more than ``max_age_s`` of capture time are dropped; the rest
    are predicted to this frame's time (``dt`` in seconds, so frames dropped upstream as stale
    or expired are predicted across, not counted).
 3. Match, in three rounds, each a gated IoU matching within one class
-   (``perception.tracking.assignment``), each first by plain IoU and then, for what that left,
-   by the IoU of boxes widened in proportion to the time since the previous frame
-   (``buffer_per_s``), so that a fast object, or one across a dropped frame, still overlaps its
-   prediction:
+   (``perception.tracking.assignment``); the three rounds run first by plain IoU, and then
+   again, for what that left, by the IoU of boxes widened in proportion to the time since the
+   previous frame (``buffer_per_s``), so that a fast object, or one across a dropped frame,
+   still overlaps its prediction (a plain-IoU match of any round wins over a widened one):
    a. high-score detections to confirmed and coasting tracks (``match_iou``);
    b. the high-score detections left to new tracks (``match_iou``): an established track wins
       a box over a new one, so a spurious new track cannot steal an identity;
@@ -33,6 +34,8 @@ A Tracker is not thread-safe: one frame at a time (``TrackerPool`` serialises ea
 from __future__ import annotations
 
 import operator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -110,11 +113,20 @@ class Tracker:
     _state: NDArray[np.int8]  # (T,) _NEW, _CONFIRMED or _COASTING
     _last_matched: NDArray[np.int64]  # (T,) capture time of the last match, ns
 
-    def __init__(self, config: TrackerConfig | None = None, kalman: BoxKalmanFilter | None = None) -> None:
+    def __init__(
+        self,
+        config: TrackerConfig | None = None,
+        kalman: BoxKalmanFilter | None = None,
+        new_ids: Callable[[int], int] | None = None,
+    ) -> None:
+        """new_ids: ``new_ids(k)`` is the first of ``k`` consecutive ids never given before
+        (a ``TrackerPool`` shares one counter between its cameras, so that a camera forgotten
+        and seen again, or another camera, never repeats an id); default: this tracker's own,
+        from 1."""
         self.config = config if config is not None else TrackerConfig()
         self._kf = kalman if kalman is not None else BoxKalmanFilter()
         self._max_age_ns = int(round(self.config.max_age_s * _NS_PER_S))
-        self._next_id = 1
+        self._new_ids = new_ids if new_ids is not None else IdCounter()
         self._last_ns: int | None = None
         self._last_sequence: int | None = None
         self._clear()
@@ -127,6 +139,19 @@ class Tracker:
         self._clear()
         self._last_ns = None
         self._last_sequence = None
+
+    @property
+    def last_timestamp_ns(self) -> int | None:
+        """The capture time of the last frame (None before the first, and after ``reset``)."""
+        return self._last_ns
+
+    def shift_clock(self, delta_ns: int) -> None:
+        """Move every time the tracker holds by ``delta_ns``: the camera's frames go on on
+        another clock (``TrackerPool`` does this when a camera that sent no capture time, and
+        was tracked on the arrival clock, starts sending one)."""
+        if self._last_ns is not None:
+            self._last_ns += int(delta_ns)
+        self._last_matched = self._last_matched + np.int64(delta_ns)
 
     def tracks(self) -> tuple[TrackView, ...]:
         """The live tracks, oldest id first."""
@@ -195,12 +220,15 @@ class Tracker:
             open_low[low] = True
             before = self._state.copy()
             pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
-            for eligible, open_dets, min_iou in (
+            rounds = (
                 (before != _NEW, open_high, cfg.match_iou),
                 (before == _NEW, open_high, cfg.match_iou),
                 (before == _CONFIRMED, open_low, cfg.low_match_iou),
-            ):
-                for candidate in candidates:
+            )
+            # Plain IoU for every round before any widened pass: an exact match of a new track
+            # must not go to an established track that only the widened boxes pair with it.
+            for candidate in candidates:
+                for eligible, open_dets, min_iou in rounds:
                     self._match(candidate, free, eligible, open_dets, min_iou, pairs)
             left = np.flatnonzero(open_high)
             if pairs:
@@ -281,8 +309,8 @@ class Tracker:
         k = dets.size
         self._mean = np.concatenate([self._mean, mean])
         self._cov = np.concatenate([self._cov, cov])
-        self._ids = np.concatenate([self._ids, np.arange(self._next_id, self._next_id + k, dtype=np.int64)])
-        self._next_id += k
+        first = self._new_ids(k)
+        self._ids = np.concatenate([self._ids, np.arange(first, first + k, dtype=np.int64)])
         self._cls = np.concatenate([self._cls, classes[dets]])
         self._hits = np.concatenate([self._hits, np.ones((k,), np.int64)])
         code = _NEW if self.config.confirm_hits > 1 else _CONFIRMED
@@ -309,6 +337,21 @@ class Tracker:
         self._hits = self._hits[mask]
         self._state = self._state[mask]
         self._last_matched = self._last_matched[mask]
+
+
+class IdCounter:
+    """Track ids from 1 up, never repeated; ``counter(k)`` takes ``k`` of them at once and
+    returns the first. Thread-safe, so that one counter can serve every camera of a pool."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def __call__(self, k: int) -> int:
+        with self._lock:
+            first = self._next
+            self._next += k
+            return first
 
 
 @dataclass(frozen=True)

@@ -478,7 +478,8 @@ def test_pool_keeps_a_camera_across_a_reconnect_and_forgets_it_after_ttl() -> No
     clock.now += 10.5
     assert "front" not in pool and len(pool) == 0 and pool.tracks("front") == ()
     r = pool.update("front", dets([box(100, 100)]), T0 + 4 * FRAME_NS, sequence=4)
-    assert r.states == (TrackState.NEW,) and int(r.track_ids[0]) == 1  # a new tracker
+    # A new tracker, whose ids go on from the pool's: the forgotten camera's id is not reused.
+    assert r.states == (TrackState.NEW,) and int(r.track_ids[0]) > tid
 
 
 def test_pool_forgets_the_least_recently_used_camera() -> None:
@@ -500,7 +501,79 @@ def test_pool_cameras_are_independent() -> None:
     pool = TrackerPool()
     front = pool.update("front", dets([box(100, 100)]), T0)
     rear = pool.update("rear", dets([box(100, 100)]), T0 - 10**9)  # another clock: no restart
-    assert int(front.track_ids[0]) == int(rear.track_ids[0]) == 1
+    assert (int(front.track_ids[0]), int(rear.track_ids[0])) == (1, 2)  # one id counter per pool
     assert not rear.restarted
     r = pool.update("front", dets([box(100, 100)]), T0 + FRAME_NS)
     assert r.states == (TrackState.CONFIRMED,)
+
+
+def test_a_plain_match_of_a_new_track_beats_a_widened_one_of_an_established_track() -> None:
+    """A confirmed track A is occluded while a new track B, 60 px away, is seen exactly where it
+    was: only the widened boxes pair A with B's box (IoU 0.27), plain IoU pairs B with it (1.0).
+    B keeps its box; A coasts. (Widened matching for every round before plain IoU for new
+    tracks gave B's box to A and dropped B: an identity swap.)"""
+    frame_ns = 100_000_000  # 10 fps: a buffer of 0.8 box sizes per side
+    tracker = Tracker()
+    for k in range(3):
+        a = tracker.update(dets([box(100, 300)]), T0 + k * frame_ns)
+    a_id = int(a.track_ids[0])
+    r = tracker.update(dets([box(100, 300), box(160, 300)]), T0 + 3 * frame_ns)
+    b_id = int(r.track_ids[1])
+    assert int(r.track_ids[0]) == a_id and r.states[1] is TrackState.NEW
+    r = tracker.update(dets([box(160, 300)]), T0 + 4 * frame_ns)  # A occluded
+    assert int(r.track_ids[0]) == b_id and r.states == (TrackState.CONFIRMED,)
+    assert {v.track_id: v.state for v in tracker.tracks()} == {a_id: TrackState.COASTING, b_id: TrackState.CONFIRMED}
+
+
+def test_pool_answers_a_resent_frame_as_the_first_time_and_does_not_step_the_tracker() -> None:
+    """A client that reconnects re-sends the frames it had no answer for: frames the server
+    tracked already get their first answer again, the tracker does not restart, and a re-sent
+    frame does not count as a second match (a new track is not confirmed by a duplicate)."""
+    pool = TrackerPool()
+    frames = [(k, T0 + k * FRAME_NS) for k in range(6)]
+    first = [pool.update("front", dets([box(100, 100), box(300, 100)]), ts, sequence=k) for k, ts in frames[:4]]
+    ids = first[0].track_ids.tolist()
+    again = [pool.update("front", dets([box(100, 100), box(300, 100)]), ts, sequence=k) for k, ts in frames[2:]]
+    assert [r.track_ids.tolist() for r in again] == [ids] * 4
+    assert not any(r.restarted for r in again)
+    assert [r.states for r in again[:2]] == [first[2].states, first[3].states]
+    # Another number of detections than the first time (another model answered it): no ids.
+    r = pool.update("front", dets([box(100, 100)]), frames[5][1], sequence=5)
+    assert r.track_ids.tolist() == [0] and r.states == (None,)
+    # A new track seen once, then its frame re-sent: still NEW, not confirmed by the duplicate.
+    pool.update("front", dets([box(100, 100), box(300, 100), box(600, 100)]), T0 + 6 * FRAME_NS, sequence=6)
+    r = pool.update("front", dets([box(100, 100), box(300, 100), box(600, 100)]), T0 + 6 * FRAME_NS, sequence=6)
+    assert r.states[2] is TrackState.NEW
+    # A sequence going back to a frame not seen (other capture time): a camera restart.
+    r = pool.update("front", dets([box(100, 100)]), T0 + 7 * FRAME_NS, sequence=0)
+    assert r.restarted
+
+
+def test_pool_moves_a_camera_without_capture_time_onto_its_clock_when_one_comes() -> None:
+    """A recording whose first frame is at time 0 sends it as "no capture time": that frame is
+    stepped on the arrival clock, and the next one, at 100 ms of the recording's own clock, must
+    not look like time going back (it restarted the camera, and every object changed id)."""
+    clock = FakeClock()
+    pool = TrackerPool()
+    r0 = pool.update("front", dets([box(100, 100)]), 0, sequence=0, arrival_s=clock.now)
+    clock.now += 0.1
+    r1 = pool.update("front", dets([box(102, 100)]), 100_000_000, sequence=1, arrival_s=clock.now)
+    assert not r1.restarted and r1.track_ids.tolist() == r0.track_ids.tolist()
+    assert r1.states == (TrackState.CONFIRMED,)
+    # And a camera that never sends one is aged on the arrival clock: 1.5 s without its object.
+    for k in range(3):
+        clock.now += 0.5
+        pool.update("rear", dets([box(100, 100)] if k == 0 else []), 0, sequence=k, arrival_s=clock.now)
+    clock.now += 0.5
+    r = pool.update("rear", dets([box(100, 100)]), 0, sequence=3, arrival_s=clock.now)
+    assert r.states == (TrackState.NEW,) and not r.restarted
+
+
+def test_pool_drops_a_cameras_tracks_when_the_models_classes_change() -> None:
+    pool = TrackerPool()
+    cars = ("pedestrian", "cyclist", "car")
+    for k in range(3):
+        r = pool.update("front", dets([box(100, 100)]), T0 + k * FRAME_NS, sequence=k, classes=cars)
+    old = int(r.track_ids[0])
+    r = pool.update("front", dets([box(100, 100)]), T0 + 3 * FRAME_NS, sequence=3, classes=("a", "b", "c"))
+    assert int(r.track_ids[0]) > old and r.states == (TrackState.NEW,)
