@@ -114,6 +114,10 @@ def check_valset(vs: ValSet, classes: Sequence[str], source: object,
     if not vs.gt.get("annotations"):
         raise DataError(f"{source}: the first {len(vs.images)} images have no labelled object: the accuracy gate "
                         "would have nothing to score")
+    if all(a.get("iscrowd", 0) for a in vs.gt["annotations"]):
+        # COCO scores no crowd box as an object to find: every class would score "no data".
+        raise DataError(f"{source}: every labelled object in the first {len(vs.images)} images is a crowd region "
+                        "(iscrowd 1): the accuracy gate would have nothing to score")
 
 
 @dataclass

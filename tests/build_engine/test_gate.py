@@ -359,3 +359,25 @@ def test_gate_refuses_a_val_image_the_server_would_refuse(tmp_path):
         evaluate_variant("v", tmp_path / "unused.onnx", ValSet.load(root),
                          PreprocessSpec(input_width=128, input_height=96), PostprocessSpec(),
                          backend=_RecordingBackend())
+
+
+@pytest.mark.parametrize("crowd", [(1, 1), (1, 0)])
+def test_check_valset_refuses_a_set_with_only_crowd_regions(tmp_path: Path, crowd: tuple[int, int]) -> None:
+    """COCO scores no crowd region as an object to find: a val set of crowd boxes only scored
+    "no data" for every variant, and the accuracy gate passed them all."""
+    from build_engine.gate import ValSet, check_valset
+    from perception.errors import DataError
+
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.jpg"), np.zeros((32, 32, 3), np.uint8))
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": c}
+            for k, c in enumerate(crowd)]
+    (tmp_path / "annotations.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 32, "height": 32}],
+        "annotations": anns, "categories": [{"id": 1, "name": "car"}]}))
+    vs = ValSet.load(tmp_path)
+    if all(crowd):
+        with pytest.raises(DataError, match="crowd region"):
+            check_valset(vs, ["car"], tmp_path)
+    else:
+        check_valset(vs, ["car"], tmp_path)  # one object to find is enough
