@@ -118,7 +118,10 @@ class ManagedServer:
                 return
             model = self.models.current
             new = self.reload(model)
-            old, model.backend = model.backend, new
+            # Under the host's lock: a model swapped out and dropped during the reload has the
+            # new backend freed there (it used to keep it for ever: the drop timer had freed
+            # the backend it replaced); one dropped later by its timer, which looks it up then.
+            old = self.models.replace_backend(model, new)
             if self.models.current is model:  # a rollback during the reload serves another model now
                 self.backend = new
             old.deactivate()
@@ -144,6 +147,11 @@ class ManagedServer:
             return True
         t0 = time.monotonic()
         self.draining.set()
+        if self.models is not None:
+            # First: a swap still loading (a SIGHUP reload, a degrade step the degrader's stop
+            # does not wait out) is refused from now on, instead of completing after the models
+            # are freed below.
+            self.models.close()
         self.set_serving(False)
         if self.admin is not None:
             self.admin.stop(0)

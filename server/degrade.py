@@ -28,7 +28,7 @@ import numpy as np
 from perception.errors import ManifestError, ModelError
 from perception.manifest import Variant, VariantFormat
 from server.metrics_protocol import Metrics
-from server.model_host import ModelHost, ServedModel
+from server.model_host import STEP_CAUSES, ModelHost, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +179,12 @@ class Degrader:
         self.monitor = monitor
         self.policy = policy
         self.metrics = metrics
-        self.top = host.current.variant.name  # the operator's variant: never go above it
         self.moves: deque[tuple[float, str, str]] = deque(maxlen=1000)  # (time, direction, variant)
         self.refused = 0
         self._hot = self._calm = 0
         self._retry_at = 0.0
         self._retry_s = policy.retry_s
+        self._moved: ServedModel | None = None  # the model of the last move, until it passed probation
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -214,24 +214,45 @@ class Degrader:
             except Exception:  # a failed move is logged; the served model goes on
                 log.exception("degradation step failed")
 
+    @property
+    def top(self) -> str:
+        """The operator's variant of the served version: never go above it. The host keeps it
+        with each model (an operator's load sets it, a move passes it on), so a rollback to an
+        older version brings that version's own: it used to climb back to the variant of the
+        server's start, or stay on the one a rollback rolled off."""
+        return self.host.current.operator_variant
+
     def model_changed(self, model: ServedModel, cause: str) -> None:
-        """The host serves ``model`` (its on_change hook). An operator's load (admin, SIGHUP)
-        sets the variant the degrader comes back up to: it used to climb back to the variant of
-        the server's start. A rollback to a variant above that one undoes such a load, and sets
-        it back. The degraded gauge follows whatever changed the model (a rollback too)."""
-        names = [v.name for v in ladder(self.host)]
-        here = model.variant.name
-        above_top = here in names and self.top in names and names.index(here) < names.index(self.top)
-        if cause == "load" or (cause == "rollback" and above_top):  # a rollback may undo an operator's load
-            self.top = here
+        """The host serves ``model`` (its on_change hook). After an operator's load or any
+        rollback the windows counted so far were another model's: they start again. A probation
+        rollback of one of the degrader's own moves backs off as a refusal does: the move failed
+        on this device, and the next overloaded windows would make it again, and again (a move
+        and its rollback every few windows). The degraded gauge follows whatever changed the
+        model (a rollback too)."""
+        if cause == "load":
             self._hot = self._calm = 0
             self._retry_at, self._retry_s = 0.0, self.policy.retry_s
-        self.metrics.set_degraded(here != self.top)
+        elif cause == "rollback":
+            self._hot = self._calm = 0
+            last = self.host.last_rollback
+            if last is not None and last.back is model and last.automatic and last.off.cause in STEP_CAUSES:
+                self._back_off(f"{last.off.cause} to {last.off.variant.name} rolled back in probation")
+        self.metrics.set_degraded(model.variant.name != model.operator_variant)
+
+    def _back_off(self, why: str) -> None:
+        """No move for the current back-off (30 s, doubling at each one up to 10 minutes)."""
+        self._retry_at = time.monotonic() + self._retry_s
+        log.error("%s; no move for %.0f s", why, self._retry_s)
+        self._retry_s = min(2 * self._retry_s, self.policy.retry_max_s)
 
     def step(self) -> str:
         """One window: '' (no move), 'degrade' or 'recover'."""
         p = self.policy
         frames, shed, p99, share = self.monitor.take()
+        if self._moved is not None and self.host.state == "serving":
+            if self.host.current is self._moved:  # the last move held: back-offs start again from retry_s
+                self._retry_s = p.retry_s
+            self._moved = None
         if time.monotonic() < self._retry_at:
             return ""
         hot = self._thermal_hot()
@@ -259,15 +280,16 @@ class Degrader:
         log.warning("%s: %s -> %s (%s)", direction, cur.variant.name, to.name, why)
         self._hot = self._calm = 0
         try:
-            self.host.load_and_swap(cur.manifest_path, to.name, cause=direction, expect_version=cur.version)
+            # base: refused if a rollback (or a load) serves another model by the time the
+            # variant is loaded; the step was computed from this one.
+            moved = self.host.load_and_swap(cur.manifest_path, to.name, cause=direction,
+                                            expect_version=cur.version, base=cur)
         except (ModelError, ManifestError) as exc:
             self.refused += 1
-            self._retry_at = time.monotonic() + self._retry_s
-            log.error("%s to %s refused (%s); no move for %.0f s", direction, to.name, exc, self._retry_s)
-            self._retry_s = min(2 * self._retry_s, self.policy.retry_max_s)
+            self._back_off(f"{direction} to {to.name} refused ({exc})")
             return ""
-        self._retry_s = self.policy.retry_s
+        self._moved = moved  # the back-off is reset once it served through its probation
         self.moves.append((time.monotonic(), direction, to.name))
         self.metrics.lifecycle_event(direction)
-        self.metrics.set_degraded(to.name != self.top)
+        self.metrics.set_degraded(to.name != cur.operator_variant)
         return direction

@@ -8,6 +8,12 @@ after it go to the new model, frames already prepared for the old one are still 
 (a batch never mixes models), so streams stay open and no frame is lost or answered twice. The
 previous model stays loaded for ``rollback`` and for the automatic rollback of a probation
 window in which the new model's error rate or p99 crosses its limit.
+
+"Previous" is the operator's fallback: the model an operator's load (admin, SIGHUP) replaced.
+The degrader's moves between the variants of the served version do not take that place (they
+used to, so that a degrade and a recover left Rollback with a variant of the same version and
+the older version freed): the variant a move leaves is kept only while the variant it moved to
+is on probation, as what that probation rolls back to, then freed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,6 +51,16 @@ class ServedModel:
     pipeline: FramePipeline
     max_batch: int
     loaded_at: float = field(default_factory=time.time)
+    # Set by the host when it swaps the model in: "start", "load" (an operator's), "degrade" or
+    # "recover" (the degrader's moves). A probation rollback of a move backs the degrader off.
+    cause: str = "start"
+    # The variant an operator chose for this version (a move keeps its predecessor's): what the
+    # degrader climbs back to, whichever way the model came to be served (a rollback too).
+    operator_variant: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.operator_variant:
+            self.operator_variant = self.variant.name
 
     @property
     def version(self) -> str:
@@ -93,9 +109,19 @@ ChangeHook = Callable[[ServedModel, str], None]
 # it are inferred within a few batches. Not measured: a margin over those batches.
 DROPPED_DEACTIVATE_S = 5.0
 
+STEP_CAUSES = ("degrade", "recover")  # the degrader's moves between the variants of one version
+
+
+class RollbackRecord(NamedTuple):
+    """The last rollback: the model served again, the one rolled off, and whether probation did it."""
+
+    back: ServedModel
+    off: ServedModel
+    automatic: bool
+
 
 class ModelHost:
-    """The served model, the previous one, and the swaps between them. Thread-safe."""
+    """The served model, the operator's previous one, and the swaps between them. Thread-safe."""
 
     def __init__(self, first: ServedModel, loader: Loader, limits: LifecycleLimits | None = None,
                  on_change: ChangeHook | None = None,
@@ -103,7 +129,15 @@ class ModelHost:
         self._lock = threading.RLock()
         self._notify_lock = threading.Lock()  # on_change calls, one at a time, for the model served
         self._current = first
-        self._previous: ServedModel | None = None
+        self._previous: ServedModel | None = None  # the operator's fallback: what Rollback serves
+        # The variant a degrade / recover move left, kept while the variant it moved to is on
+        # probation: what that probation rolls back to. None outside such a window.
+        self._left: ServedModel | None = None
+        # The model probation last rolled off (kept as the previous one): a rollback into it
+        # starts a probation window again, instead of serving a failed model unwatched.
+        self._rolled_off: ServedModel | None = None
+        self._closed = False  # shutdown began: no swap any more (it would serve a freed engine)
+        self._freed = False  # deactivate_all ran: an engine given to a model now is nobody's to free
         self._loader = loader
         self.limits = limits or LifecycleLimits()
         self._on_change = on_change
@@ -111,6 +145,7 @@ class ModelHost:
         self.swaps = 0
         self.rollbacks = 0
         self.refusals = 0
+        self.last_rollback: RollbackRecord | None = None
         self.message = f"serving {first.describe()}"
         self._probation_until = 0.0
         self._probation_n = 0  # batches of the model on probation
@@ -134,25 +169,72 @@ class ModelHost:
             return self._previous
 
     @property
+    def left(self) -> ServedModel | None:
+        """The variant a degrade / recover move on probation left (what its probation rolls back to)."""
+        with self._lock:
+            return self._left
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    @property
     def state(self) -> str:
         with self._lock:
             return "probation" if time.monotonic() < self._probation_until else "serving"
 
+    def holds(self, model: ServedModel) -> bool:
+        """Whether ``model`` is still kept (served, previous, or left by a move on probation):
+        a model no longer held is, or is about to be, deactivated."""
+        with self._lock:
+            return not self._freed and self._holds(model)
+
+    def _holds(self, model: ServedModel | None) -> bool:
+        return model is not None and any(model is m for m in (self._current, self._previous, self._left))
+
+    def replace_backend(self, model: ServedModel, backend: Backend) -> Backend:
+        """Give ``model`` a freshly loaded backend (health recovery); returns the one replaced.
+
+        Under the lock, so that a drop cannot slip between the check and the assignment: a model
+        dropped (or every model freed at shutdown) before it gets the new backend has it
+        deactivated here; one dropped after, by its drop timer, which looks the backend up when
+        it fires. The old backend is the caller's to free."""
+        with self._lock:
+            old, model.backend = model.backend, backend
+            held = not self._freed and self._holds(model)
+        if not held:
+            log.info("%s is no longer kept: its reloaded backend is freed", model.describe())
+            backend.deactivate()
+        return old
+
+    def close(self) -> None:
+        """Shutdown began: every later swap is refused (and its new model freed), so none can
+        complete after ``deactivate_all`` freed the engines; a rollback is refused too."""
+        with self._lock:
+            self._closed = True
+
     # -- loading and swapping --------------------------------------------------------------
 
     def load_and_swap(self, manifest_path: str, variant: str = "", *, cause: str = "load", wait_s: float = 0.0,
-                      expect_version: str = "") -> ServedModel:
+                      expect_version: str = "", base: ServedModel | None = None) -> ServedModel:
         """Load, check, warm up and verify a model beside the served one, then swap it in.
         Raises ModelError / ManifestError with the reason; the served model is untouched then.
 
         ``wait_s``: how long to wait for a load in progress (0: refuse at once). ``expect_version``:
         refuse a manifest of another version (the degrader moves between the variants of the
-        served version; an artifact replaced on disk is an operator's load, not a degrade step).
-        ``cause`` is passed to ``on_change``."""
+        served version; an artifact replaced on disk is an operator's load, not a degrade step),
+        read from the manifest alone before anything is loaded. ``base``: the model a degrade /
+        recover step was computed from (default: the one served when the step starts); the step
+        is refused if another model is served by the time it would swap, e.g. after a rollback
+        during its load, which it would otherwise undo. ``cause`` is passed to ``on_change``."""
         acquired = self._busy.acquire(timeout=wait_s) if wait_s > 0 else self._busy.acquire(blocking=False)
         if not acquired:
             raise ModelError("another model is being loaded; try again when it is done")
         try:
+            if cause in STEP_CAUSES and base is None:
+                base = self.current
+            self._precheck(manifest_path, expect_version, base)
             try:
                 new = self._loader(manifest_path, variant)
             except Exception as exc:  # any failure to load is a refusal, with its reason
@@ -161,7 +243,7 @@ class ModelHost:
                     raise
                 raise error from exc
             try:
-                if expect_version and new.version != expect_version:
+                if expect_version and new.version != expect_version:  # replaced on disk since the pre-check
                     raise ModelError(f"{manifest_path} is now version {new.version!r}, not the served "
                                      f"{expect_version!r}; it is loaded by a reload, not by this step")
                 self.verify(new)
@@ -171,10 +253,38 @@ class ModelHost:
                 if error is exc:
                     raise
                 raise error from exc
-            self.swap_in(new, cause=cause)
+            self.swap_in(new, cause=cause, base=base)
             return new
         finally:
             self._busy.release()
+
+    def _precheck(self, manifest_path: str, expect_version: str, base: ServedModel | None) -> None:
+        """Refuse before loading what would be refused after: a load is seconds of a CPU (minutes
+        of a TensorRT build) that a degrade step under load can least afford. The manifest is
+        parsed alone (no checksums, nothing loaded) to read its version."""
+        why = ""
+        with self._lock:
+            if self._closed:
+                why = "the server is shutting down"
+            elif base is not None and self._current is not base:
+                why = (f"the served model changed to {self._current.describe()} since this step was computed "
+                       f"from {base.describe()}")
+        if why:
+            error = ModelError(f"{manifest_path}: {why}")
+            self._refused(str(error))
+            raise error
+        if not expect_version:
+            return
+        try:
+            version = load_manifest(manifest_path, verify_checksums=False).version
+        except ManifestError as exc:
+            self._refused(f"{manifest_path}: {exc}")
+            raise
+        if version != expect_version:
+            error = ModelError(f"{manifest_path} is now version {version!r}, not the served {expect_version!r}; "
+                               "it is loaded by a reload, not by this step")
+            self._refused(str(error))
+            raise error
 
     def _refusal(self, what: str, exc: Exception) -> PerceptionError:
         """Record the refusal of ``what``; the error to raise: ``exc`` itself when it says why in
@@ -191,58 +301,180 @@ class ModelHost:
         self._on_event("refused")
         log.error("model load refused: %s", why)
 
-    def swap_in(self, new: ServedModel, probation: bool = True, cause: str = "load") -> None:
-        """Serve ``new`` from the next prepared frame on; keep the served one for a rollback.
+    def swap_in(self, new: ServedModel, probation: bool = True, cause: str = "load",
+                base: ServedModel | None = None) -> None:
+        """Serve ``new`` from the next prepared frame on.
 
-        A model swapped out while still on probation has not earned that place: the model to
-        roll back to stays the one before it (the last that served through its probation), with
-        its latency baseline, and the unproven one is dropped. A degrade step or a second load
+        An operator's load keeps the served model as the previous one (Rollback's). A degrade /
+        recover move does not: the previous one stays the operator's fallback, and the variant
+        the move leaves is kept only while ``new`` is on probation (what that probation rolls
+        back to), then freed.
+
+        A model swapped out while still on probation has not earned a place: the model to roll
+        back to stays the one before it (the last that served through its probation), with its
+        latency baseline, and the unproven one is dropped. A degrade step or a second load
         within a probation window would otherwise have made the unproven model the fallback and
-        dropped the good one."""
+        dropped the good one.
+
+        Refused (``new`` freed, ModelError) once the host is closed, or when ``base`` is given
+        and is no longer the model served."""
+        step = cause in STEP_CAUSES
         with self._lock:
-            old = self._current
-            unproven = time.monotonic() < self._probation_until and self._previous is not None
-            dropped: ServedModel | None
-            if unproven:
-                dropped = old
-            else:
-                dropped, self._previous = self._previous, old
-                self._baseline_p99_s = float(np.percentile(self._recent, 99)) if self._recent else 0.0
-            self._current = new
-            self.swaps += 1
-            fallback = self._previous
-            self._latency_allowance = max(1.0, self._recorded_ratio(new, fallback)) if fallback is not None else 1.0
-            self._probation_n = self._probation_errors = 0
-            self._probation_ok_s.clear()
-            self._recent.clear()
-            self._probation_until = time.monotonic() + self.limits.probation_s if probation else 0.0
-            self.message = f"serving {new.describe()} (was {old.describe()})"
-        log.info("swapped in %s (was %s%s)", new.describe(), old.describe(),
+            why = ""
+            if self._closed:
+                why = "the server is shutting down"
+            elif base is not None and self._current is not base:
+                why = (f"the served model changed to {self._current.describe()} while it was loaded; this "
+                       f"{cause} step was computed from {base.describe()}")
+            if not why:
+                now = time.monotonic()
+                pending = self._expire_left(now)
+                old = self._current
+                fallback_before = self._left if self._left is not None else self._previous
+                unproven = now < self._probation_until and fallback_before is not None
+                if unproven:
+                    pending.append(old)
+                    if not step and self._left is not None:
+                        # An operator's load during a move's probation: the proven variant the
+                        # move left is the version to go back to, not the one before it.
+                        pending.append(self._previous)
+                        self._previous, self._left = self._left, None
+                else:
+                    self._baseline_p99_s = float(np.percentile(self._recent, 99)) if self._recent else 0.0
+                    if step:
+                        pending.append(self._left)
+                        watched = probation and self.limits.probation_s > 0
+                        self._left = old if watched else None
+                        if not watched:
+                            pending.append(old)
+                    else:
+                        pending += [self._previous, self._left]
+                        self._previous, self._left = old, None
+                new.cause = cause
+                new.operator_variant = old.operator_variant if step else new.variant.name
+                self._current = new
+                self.swaps += 1
+                fallback = self._left if self._left is not None else self._previous
+                self._latency_allowance = (max(1.0, self._recorded_ratio(new, fallback))
+                                           if fallback is not None else 1.0)
+                self._probation_n = self._probation_errors = 0
+                self._probation_ok_s.clear()
+                self._recent.clear()
+                self._probation_until = now + self.limits.probation_s if probation else 0.0
+                self.message = f"serving {new.describe()} (was {old.describe()})"
+                settle_s = self.limits.probation_s if self._left is not None else 0.0
+                dropped = self._unheld(pending, new)
+        if why:
+            new.backend.deactivate()
+            error = ModelError(f"{new.describe()}: {why}")
+            self._refused(str(error))
+            raise error
+        log.info("swapped in %s by %s (was %s%s)", new.describe(), cause, old.describe(),
                  ", still on probation: dropped" if unproven else "")
         self._on_event("swap")
-        if dropped is not None and dropped is not new and dropped is not fallback:
-            timer = threading.Timer(DROPPED_DEACTIVATE_S, dropped.backend.deactivate)
-            timer.daemon = True  # the process's end frees it anyway
+        self._drop_later(dropped)
+        if settle_s > 0:  # free the variant left once its successor served its probation, traffic or not
+            timer = threading.Timer(settle_s + 0.01, self._settle)
+            timer.daemon = True
             timer.start()
         self._notify(new, cause)
 
-    def rollback(self, reason: str = "asked for", expect: ServedModel | None = None) -> ServedModel:
-        """Serve the previous model again (the current one is kept as the new previous). With
-        ``expect``, only if that model is still the one served: two failed batches of a model on
-        probation judged at once roll it back once, not back and forth."""
+    def _expire_left(self, now: float) -> list[ServedModel | None]:
+        """Under the lock: the variant a move left, once its successor served through probation
+        (returned for dropping); and the mark of a model probation rolled off, once it served
+        through a probation window of its own."""
+        if now < self._probation_until:
+            return []
+        if self._rolled_off is self._current:
+            self._rolled_off = None
+        left, self._left = self._left, None
+        return [left]
+
+    def _settle(self) -> None:
         with self._lock:
-            if expect is not None and self._current is not expect:
+            dropped = self._unheld(self._expire_left(time.monotonic()))
+        self._drop_later(dropped)
+
+    def _unheld(self, models: Sequence[ServedModel | None], *keep: ServedModel) -> list[ServedModel]:
+        """Under the lock: those of ``models`` no longer held, once each; forgets the rolled-off
+        mark of a model dropped."""
+        out: list[ServedModel] = []
+        for m in models:
+            if m is None or self._holds(m) or any(m is k for k in keep) or any(m is o for o in out):
+                continue
+            out.append(m)
+            if self._rolled_off is m:
+                self._rolled_off = None
+        return out
+
+    @staticmethod
+    def _drop_later(models: Sequence[ServedModel]) -> None:
+        """Deactivate each model DROPPED_DEACTIVATE_S from now, its backend looked up then: a
+        health recovery may have given it another one since (binding the backend now leaked
+        that one)."""
+        for m in models:
+            timer = threading.Timer(DROPPED_DEACTIVATE_S, lambda m=m: m.backend.deactivate())
+            timer.daemon = True  # the process's end frees it anyway
+            timer.start()
+
+    def rollback(self, reason: str = "asked for", expect: ServedModel | None = None) -> ServedModel:
+        """Serve the previous model again. Without ``expect`` (an operator's Rollback) that is
+        the operator's previous model, and the one rolled off becomes the previous (during a
+        move's probation: the proven variant the move left, the unproven one is dropped). With
+        ``expect`` (probation's), only if that model is still the one served (two failed batches
+        of a model on probation judged at once roll it back once, not back and forth); a
+        degrade / recover move is rolled back to the variant it left.
+
+        A rollback into a model that probation rolled off starts a probation window again: it
+        failed once, and would otherwise serve unwatched."""
+        automatic = expect is not None
+        with self._lock:
+            if automatic and self._current is not expect:
                 return self._current
-            if self._previous is None:
-                raise ModelError("there is no previous model to roll back to")
-            back, off = self._previous, self._current
-            self._current, self._previous = back, off
+            if self._closed:
+                if automatic:
+                    return self._current
+                raise ModelError("the server is shutting down")
+            now = time.monotonic()
+            pending = self._expire_left(now)
+            off = self._current
+            if automatic and self._left is not None:
+                back, self._left = self._left, None
+                pending.append(off)
+                self._current = back
+            else:
+                if self._previous is None:
+                    raise ModelError("there is no previous model to roll back to")
+                back = self._previous
+                keep = off
+                if self._left is not None:
+                    keep, self._left = self._left, None
+                    pending.append(off)
+                self._current, self._previous = back, keep
+                if automatic:
+                    self._rolled_off = off
+            again = not automatic and back is self._rolled_off
             self.rollbacks += 1
-            self._probation_until = 0.0
+            self._probation_n = self._probation_errors = 0
+            self._probation_ok_s.clear()
+            if again:
+                if self._recent:
+                    self._baseline_p99_s = float(np.percentile(self._recent, 99))
+                fallback = self._previous
+                self._latency_allowance = (max(1.0, self._recorded_ratio(back, fallback))
+                                           if fallback is not None else 1.0)
+                self._probation_until = now + self.limits.probation_s
+            else:
+                self._probation_until = 0.0
             self._recent.clear()
-            self.message = f"rolled back to {back.describe()} from {off.describe()}: {reason}"
-        log.warning("rolled back to %s from %s: %s", back.describe(), off.describe(), reason)
+            self.last_rollback = RollbackRecord(back, off, automatic)
+            self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
+                            + ("; on probation again: probation rolled it back before" if again else ""))
+            dropped = self._unheld(pending)
+        log.warning("rolled back to %s from %s: %s%s", back.describe(), off.describe(), reason,
+                    " (on probation again)" if again else "")
         self._on_event("rollback")
+        self._drop_later(dropped)
         self._notify(back, "rollback")
         return back
 
@@ -335,30 +567,24 @@ class ModelHost:
         times, under the lock) at every batch of the first 100 and every 16th after. The p99
         limit scales with how much slower than its fallback the new model's build measured it
         (a recover step up to a slower variant is expected to be slower), as verification does."""
+        drops: list[ServedModel] = []
+        judged: tuple[float, float, float, float] | None = None
         with self._lock:
             if model is not self._current:
                 return
-            if time.monotonic() >= self._probation_until:
+            now = time.monotonic()
+            if now >= self._probation_until:
                 if ok:
                     self._recent.append(seconds)
-                return
-            self._probation_n += 1
-            if ok:
-                self._probation_ok_s.append(seconds)
+                if self._left is not None or self._rolled_off is not None:  # a probation just ended
+                    drops = self._unheld(self._expire_left(now))
             else:
-                self._probation_errors += 1
-            n = self._probation_n
-            if n < self.limits.probation_min_batches:
-                return
-            errors = self._probation_errors / n
-            p50 = p99 = limit_p99 = 0.0
-            if n <= 100 or n % 16 == 0:
-                ok_s = np.fromiter(self._probation_ok_s, np.float64, len(self._probation_ok_s))
-                p99 = float(np.percentile(ok_s, 99)) if ok_s.size >= self.limits.probation_min_latency_batches else 0.0
-                p50 = float(np.median(ok_s)) if ok_s.size >= self.limits.probation_min_batches else 0.0
-                base = self._baseline_p99_s * self._latency_allowance
-                limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
-                             else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
+                judged = self._probation_batch(ok, seconds)
+        if drops:
+            self._drop_later(drops)
+        if judged is None:
+            return
+        errors, p50, p99, limit_p99 = judged
         if errors > self.limits.max_error_rate:
             self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})",
                           expect=model)
@@ -369,6 +595,28 @@ class ModelHost:
             self.rollback(f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation",
                           expect=model)
 
+    def _probation_batch(self, ok: bool, seconds: float) -> tuple[float, float, float, float] | None:
+        """Under the lock: count a batch of the model on probation; (error rate, p50, p99, p99
+        limit) once there are enough batches to judge, else None."""
+        self._probation_n += 1
+        if ok:
+            self._probation_ok_s.append(seconds)
+        else:
+            self._probation_errors += 1
+        n = self._probation_n
+        if n < self.limits.probation_min_batches:
+            return None
+        errors = self._probation_errors / n
+        p50 = p99 = limit_p99 = 0.0
+        if n <= 100 or n % 16 == 0:
+            ok_s = np.fromiter(self._probation_ok_s, np.float64, len(self._probation_ok_s))
+            p99 = float(np.percentile(ok_s, 99)) if ok_s.size >= self.limits.probation_min_latency_batches else 0.0
+            p50 = float(np.median(ok_s)) if ok_s.size >= self.limits.probation_min_batches else 0.0
+            base = self._baseline_p99_s * self._latency_allowance
+            limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
+                         else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
+        return errors, p50, p99, limit_p99
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             cur, prev = self._current, self._previous
@@ -378,10 +626,13 @@ class ModelHost:
                     "state": self.state, "message": self.message, "swaps": self.swaps, "rollbacks": self.rollbacks}
 
     def deactivate_all(self) -> None:
+        """Free every model kept; closes the host first, so no swap completes after. The engines
+        are looked up under the lock: a health recovery's engine given after is freed by it."""
         with self._lock:
-            models = [m for m in (self._current, self._previous) if m is not None]
-        for m in models:
-            m.backend.deactivate()
+            self._closed = self._freed = True
+            backends = [m.backend for m in (self._current, self._previous, self._left) if m is not None]
+        for b in backends:
+            b.deactivate()
 
 
 def load_served_model(

@@ -4,17 +4,20 @@ gated variant, calm moves it back; every answer names the variant that produced 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from perception.manifest import load_manifest, save_manifest
 from tests.server.conftest import jpeg, request
 from tests.server.test_lifecycle import versioned_artifact
 
 
-def two_rung_artifact(d: Path) -> Path:
+def two_rung_artifact(d: Path, version: str = "1.0.0", seed: int = 0) -> Path:
     """One model file as two gated variants: "accurate" (p50 10 ms) and "fast" (3 ms)."""
-    path = versioned_artifact(d, "1.0.0", seed=0)
+    path = versioned_artifact(d, version, seed=seed)
     m = load_manifest(path)
     base = m.variant()
     accurate = dataclasses.replace(base, name="accurate", latency_ms={"p50": 10.0, "min": 9.0})
@@ -31,6 +34,19 @@ def _overloaded(monitor: Any, dropped: int = 30, answered: int = 5) -> None:
         monitor.dropped("overloaded")
     for _ in range(answered):
         monitor.answered()
+
+
+def _count_loads(host: Any) -> list[tuple[str, str]]:
+    """The (manifest path, variant) of every model ``host`` loads from now on (the real loader)."""
+    loads: list[tuple[str, str]] = []
+    real = host._loader
+
+    def counted(path: str, variant: str) -> Any:
+        loads.append((path, variant))
+        return real(path, variant)
+
+    host._loader = counted
+    return loads
 
 
 def _calm(monitor: Any) -> None:
@@ -160,6 +176,7 @@ def test_a_refused_move_waits_before_the_next_and_never_loads_another_version(se
     path = two_rung_artifact(tmp_path / "art")
     run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0)
     deg, host = run.server.degrader, run.server.models
+    loads = _count_loads(host)
     m = load_manifest(path)
     save_manifest(dataclasses.replace(m, version="2.0.0"), path.parent)
     _overloaded(deg.monitor)
@@ -167,7 +184,117 @@ def test_a_refused_move_waits_before_the_next_and_never_loads_another_version(se
     _overloaded(deg.monitor)
     assert deg.step() == "" and deg.refused == 1 and host.refusals == 1
     assert "now version '2.0.0'" in host.message and host.current.variant.name == "accurate"
+    assert loads == [], "refused after a full load (engine, warm-up) instead of from the manifest alone"
     for _ in range(4):
         _overloaded(deg.monitor)
         assert deg.step() == ""
     assert host.refusals == 1, "retried before its back-off"
+
+
+def _eventually(check: Any, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _degrade(deg: Any) -> str:
+    _overloaded(deg.monitor)
+    deg.step()
+    _overloaded(deg.monitor)
+    return str(deg.step())
+
+
+def test_rollback_after_a_degrade_and_a_recover_serves_the_operators_previous_version(
+        serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serving v1, the operator loads v2; it passes probation; the degrader moves v2 down and
+    back up. Rollback serves v1 again: the moves used to take the one rollback slot (Rollback
+    served v2's fast variant, and v1 was freed 5 s after the degrade)."""
+    from perception.v1 import admin_pb2 as apb
+    from server import model_host
+    from tests.server.test_lifecycle import TOKEN, admin, freed
+
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.0)
+    v1 = two_rung_artifact(tmp_path / "v1", "1.0.0", seed=0)
+    v2 = two_rung_artifact(tmp_path / "v2", "2.0.0", seed=3)
+    run = serve(model=str(v1), degrade="auto", degrade_window_s=3600.0, admin_port=0, admin_tokens=("adm1n",),
+                probation_s=1.0)
+    deg, host, get = run.server.degrader, run.server.models, run.registry.get_sample_value
+    first = host.current
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v2)), metadata=TOKEN, timeout=30)
+    time.sleep(1.1)  # v2 served through its probation
+    v2_accurate = host.current
+    assert _degrade(deg) == "degrade" and host.current.variant.name == "fast"
+    assert host.previous is first, "the move took the operator's fallback"
+    assert not freed(v2_accurate.backend, v2_accurate)  # kept while the move is on probation ...
+    assert _eventually(lambda: freed(v2_accurate.backend, v2_accurate))  # ... then freed: the move held
+    for _ in range(5):
+        _calm(deg.monitor)
+        step = deg.step()
+    assert step == "recover" and host.current.variant.name == "accurate" and host.current.version == "2.0.0"
+    assert host.previous is first
+    time.sleep(1.1)
+    status = admin(run).Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert (status.version, status.variant) == ("1.0.0", "accurate"), status
+    assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).model_version == "1.0.0"
+    assert get("perception_model_degraded") == 0
+    status = admin(run).Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert (status.version, status.variant) == ("2.0.0", "accurate"), status
+
+
+def test_a_move_loading_while_a_rollback_happens_does_not_undo_it(serve: Any, tmp_path: Path) -> None:
+    """The operator rolls v2 back to v1 while the degrader loads v2's fast variant: the move is
+    refused (it was computed from v2) and its model freed; it used to swap v2 back in."""
+    from perception.v1 import admin_pb2 as apb
+    from tests.server.test_lifecycle import TOKEN, admin, freed
+
+    v1 = two_rung_artifact(tmp_path / "v1", "1.0.0", seed=0)
+    v2 = two_rung_artifact(tmp_path / "v2", "2.0.0", seed=3)
+    run = serve(model=str(v1), degrade="auto", degrade_window_s=3600.0, admin_port=0, admin_tokens=("adm1n",),
+                probation_s=600.0)
+    deg, host = run.server.degrader, run.server.models
+    admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(v2)), metadata=TOKEN, timeout=30)
+    real = host._loader
+    loaded: list[Any] = []
+
+    def rolled_back_meanwhile(path: str, variant: str) -> Any:
+        model = real(path, variant)
+        loaded.append(model)
+        admin(run).Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+        return model
+
+    host._loader = rolled_back_meanwhile
+    assert _degrade(deg) == "" and deg.refused == 1
+    assert loaded and loaded[0].variant.name == "fast"
+    assert host.current.version == "1.0.0" and host.current.variant.name == "accurate", host.message
+    assert "changed to" in host.message
+    assert freed(loaded[0].backend, loaded[0])  # at once: it never served
+    assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).model_version == "1.0.0"
+
+
+def test_a_probation_rollback_of_a_move_backs_the_degrader_off(serve: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast variant fails its probation and is rolled back to the variant it left: the
+    degrader waits, as after a refusal, instead of making the same move two windows later (a
+    move and its rollback every few windows)."""
+    from server import model_host
+    from tests.server.test_lifecycle import freed
+
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.0)
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0,
+                probation_s=600.0)
+    deg, host, get = run.server.degrader, run.server.models, run.registry.get_sample_value
+    accurate = host.current
+    assert _degrade(deg) == "degrade"
+    fast = host.current
+    for _ in range(5):
+        host.observe(False, fast, 0.001)  # every batch of the fast variant fails
+    assert host.current is accurate and host.rollbacks == 1 and "failed in probation" in host.message
+    assert get("perception_model_degraded") == 0
+    for _ in range(4):
+        _overloaded(deg.monitor)
+        assert deg.step() == ""
+    assert host.current is accurate and host.swaps == 1 and host.refusals == 0
+    assert _eventually(lambda: freed(fast.backend, fast))  # the failed variant is not kept

@@ -79,6 +79,20 @@ def arts(tmp_path: Path) -> dict[str, Path]:
             "v2": versioned_artifact(tmp_path / "v2", "0.0.2", seed=3)}
 
 
+def freed(backend: Any, model: Any) -> bool:
+    """Whether ``backend`` (an engine of ``model``) was deactivated: a real one refuses to run then."""
+    from perception.errors import ModelError
+
+    spec = model.pipeline.spec
+    try:
+        backend.infer(np.zeros((1, 3, spec.input_height, spec.input_width), np.float32))
+    except ModelError as exc:
+        if "not activated" in str(exc):
+            return True
+        raise
+    return False
+
+
 def admin(run: Any) -> apb_grpc.AdminStub:
     return apb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{run.server.admin_port}"))
 
@@ -343,6 +357,7 @@ class _Model:
         self.variant = type("V", (), {"name": version, "latency_ms": {"p50": p50_ms}})()
         self.deactivated = threading.Event()
         self.backend = type("B", (), {"deactivate": lambda _self, e=self.deactivated: e.set()})()
+        self.cause, self.operator_variant = "start", version  # set by the host at each swap
 
     def describe(self) -> str:
         return self.version
@@ -509,3 +524,100 @@ def test_a_frame_waiting_for_a_decode_slot_across_a_swap_goes_to_the_new_model(
         admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
     waiting.join(30)
     assert answer and answer[0].status == OK and answer[0].model_version == "0.0.2"
+
+
+def test_a_rollback_into_a_model_probation_rolled_off_puts_it_on_probation_again(
+        serve: Any, arts: dict[str, Path]) -> None:
+    """Probation rolled v2 back; the operator's Rollback serves it again, watched: it used to
+    serve the failed model with no probation at all, so its failures rolled nothing back."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=600.0)
+    stub, host = admin(run), run.server.models
+    stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    v2 = host.current
+    for _ in range(5):
+        host.observe(False, v2, 0.001)
+    assert host.current.version == "0.0.1" and host.previous is v2 and host.rollbacks == 1
+    status = stub.Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert status.version == "0.0.2" and status.state == "probation", status
+    assert "on probation again" in status.message
+    for _ in range(5):
+        host.observe(False, v2, 0.001)
+    assert host.current.version == "0.0.1" and host.rollbacks == 3, host.message
+
+
+def test_a_backend_reloaded_for_a_model_dropped_meanwhile_is_freed(
+        serve: Any, arts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Health recovery reloads the served model's engine; two loads meanwhile drop that model,
+    and its drop timer frees the engine it had then. The reloaded one it gets after used to be
+    kept for ever."""
+    from server import model_host
+
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.0)
+    v3 = versioned_artifact(tmp_path / "v3", "0.0.3", seed=5)
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=0.0,
+                unhealthy_after_failed_batches=1)
+    stub, host = admin(run), run.server.models
+    first = host.current
+    real = run.server.reload
+    started, go, reloaded = threading.Event(), threading.Event(), threading.Event()
+    new_backends: list[Any] = []
+
+    def slow_reload(model: Any) -> Any:
+        assert model is first
+        started.set()
+        assert go.wait(30)
+        backend = real(model)
+        new_backends.append(backend)
+        return backend
+
+    def done_reloading() -> None:
+        while run.server._recovering:
+            time.sleep(0.02)
+        reloaded.set()
+
+    run.server.reload = slow_reload
+    run.server.on_batch(False)  # the served model's engine failed: reload it in the background
+    assert started.wait(30)
+    old_backend = first.backend
+    for target in (arts["v2"], v3):
+        stub.LoadModel(apb.LoadModelRequest(manifest_path=str(target)), metadata=TOKEN, timeout=30)
+    assert host.current.version == "0.0.3" and host.previous is not first
+    deadline = time.monotonic() + 10
+    while not freed(old_backend, first) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the drop timer ran
+    go.set()
+    threading.Thread(target=done_reloading, daemon=True).start()
+    assert reloaded.wait(30) and new_backends
+    assert first.backend is new_backends[0]
+    assert freed(new_backends[0], first), "the engine reloaded for a dropped model is never freed"
+
+
+def test_a_swap_still_loading_at_shutdown_is_refused(serve: Any, arts: dict[str, Path]) -> None:
+    """A SIGHUP reload still loading when shutdown frees the engines: it used to complete the
+    swap after, serving a model nobody frees. It is refused now, and its model freed."""
+    from server.cli import _reload
+
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",))
+    host = run.server.models
+    first = host.current
+    real = host._loader
+    loading, go = threading.Event(), threading.Event()
+    loaded: list[Any] = []
+
+    def slow_loader(path: str, variant: str) -> Any:
+        model = real(path, variant)
+        loaded.append(model)
+        loading.set()
+        assert go.wait(30)
+        return model
+
+    host._loader = slow_loader
+    reload = threading.Thread(target=_reload, args=(run.server, str(arts["v2"]), ""))
+    reload.start()
+    assert loading.wait(30)
+    assert run.server.shutdown(0.5)
+    go.set()
+    reload.join(30)
+    assert host.current is first and host.swaps == 0, host.message
+    assert "shutting down" in host.message
+    assert freed(loaded[0].backend, loaded[0]) and freed(first.backend, first)
