@@ -210,6 +210,14 @@ def _reloader(settings: RuntimeSettings, preference: tuple[str, ...]) -> Any:
     return reload
 
 
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC binds it: an IPv6 host in brackets (``::`` -> ``[::]:50051``;
+    gRPC cannot bind ``:::50051``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls:
         return None
@@ -308,7 +316,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    address = f"{config.host}:{config.port}"
+    address = grpc_address(config.host, config.port)
     creds = _credentials(config)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
@@ -412,7 +420,7 @@ def create_server(
             from server.admin import start_admin_server
 
             managed.admin, managed.admin_port = start_admin_server(
-                managed.models, f"{config.admin_host}:{config.admin_port}", config.admin_tokens, metrics, creds)
+                managed.models, grpc_address(config.admin_host, config.admin_port), config.admin_tokens, metrics, creds)
         managed.reload = _reloader(settings, config.backends)
         health_hook.append(managed)
         service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch,

@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
 
     from prometheus_client import CollectorRegistry
 
-    from server.app import create_server
+    from server.app import create_server, grpc_address
     from server.metrics import start_metrics_http
 
     stop = threading.Event()
@@ -219,7 +219,8 @@ def main(argv: list[str]) -> int:
         http.shutdown()
         http.server_close()
         raise
-    log.info("ready grpc=%s:%d metrics=%s:%d", config.host, port, config.metrics_host, metrics_port)
+    log.info("ready grpc=%s metrics=%s", grpc_address(config.host, port),
+             grpc_address(config.metrics_host, metrics_port))
     try:
         while not stop.wait(0.5):
             if reload_requested.is_set():

@@ -148,3 +148,27 @@ def test_serve_config_errors_are_one_line(tiny_manifest, tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 1
     assert "max_batch must be in 1..1024" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_binds_an_ipv6_host_and_names_it_in_brackets(tiny_manifest):
+    """``--host ::1`` used to fail with a bind error (gRPC cannot bind ``::1:0``), and an
+    unbracketed ready line could not be parsed by the vehicle supervisor."""
+    served = start_serve(["--model", str(tiny_manifest), "--host", "::1", "--port", "0", "--metrics-host", "::1",
+                          "--metrics-port", "0", "--threads", "1"])
+    try:
+        line = next(line for line in served.lines if READY.search(line))
+        assert f"ready grpc=[::1]:{served.grpc_port} metrics=[::1]:{served.metrics_port}" in line
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("sd_supervise", REPO / "deploy/vehicle/sd_supervise.py")
+        assert spec is not None and spec.loader is not None
+        supervise = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(supervise)
+        m = supervise.READY_RE.search(line)
+        assert m is not None and (m["host"], int(m["port"])) == ("[::1]", served.grpc_port)
+        channel = grpc.insecure_channel(f"[::1]:{served.grpc_port}")
+        answer = pb_grpc.DetectorStub(channel).Detect(request("front", 0, jpeg()), timeout=20)
+        assert answer.status == pb.FRAME_STATUS_OK
+        channel.close()
+    finally:
+        assert stop(served) == 0
