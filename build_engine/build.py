@@ -220,16 +220,23 @@ def provenance(lm: LoadedModel, extra: dict[str, Any] | None = None) -> dict[str
 
 
 def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[Path, dict[str, int]]:
-    """Fold BN, export ``lm.model`` to ``path``; return the path and its MAC/param counts."""
+    """Fold BN, export ``lm.model`` to ``path``; return the path and its MAC/param counts.
+
+    MACs are the per-layer profile of one forward, except for a two-stage model (one with
+    ``second_stage_macs``): its second stage's cost depends on how many proposals the image
+    makes, so it is counted at the test-time maximum (``design.two_stage_macs``), RoIAlign
+    included."""
+    from build_engine.design import two_stage_macs
     from build_engine.export import export_onnx
     from build_engine.fold import fold_batchnorm
     from build_engine.profile import profile_model
 
     folded, _ = fold_batchnorm(lm.model)
     prof = profile_model(folded, (1, 3, lm.input_height, lm.input_width))
+    macs = two_stage_macs(folded, prof) if hasattr(folded, "second_stage_macs") else prof.total_macs
     export_onnx(folded, path, (lm.input_height, lm.input_width), opset=opset)
     check_export(lm, path)
-    return path, {"macs": prof.total_macs, "params": prof.total_params}
+    return path, {"macs": macs, "params": prof.total_params}
 
 
 def check_export(lm: LoadedModel, path: Path, tolerance: float = 1e-3) -> None:

@@ -203,9 +203,8 @@ def measure(
         lm = LoadedModel(model, tuple(meta.classes), cfg.input_width, cfg.input_height, Path(spec.key), "", {})
         pre, post = preprocess_spec(lm), postprocess_spec(lm)
         progress(f"{spec.key}: exporting FP32 and quantizing INT8 ({len(calib)} calibration images)")
+        # A two-stage row's MACs count its second stage at the test-time maximum of proposals.
         fp32, counts = export_variant_onnx(lm, onnx_dir / f"{spec.key}.fp32.onnx")
-        if hasattr(model, "second_stage_macs"):  # two-stage: per-proposal cost at the test-time maximum
-            counts["macs"] = two_stage_macs(model)
         int8 = quantize_int8(fp32, onnx_dir / f"{spec.key}.int8.onnx", ImageCalibrationReader(list(calib), pre)).path
         bs = 1 if getattr(model, "export_batch", None) == 1 else 4
         scores = {}
@@ -228,14 +227,18 @@ def measure(
     return rows
 
 
-def two_stage_macs(model: Any) -> int:
+def two_stage_macs(model: Any, prof: Any = None) -> int:
     """First stage (backbone, neck, proposal network) as profiled, plus RoIAlign and the box
-    head at the test-time maximum number of proposals (``post_nms_test``)."""
-    from build_engine.fold import fold_batchnorm
-    from build_engine.profile import profile_model
+    head at the test-time maximum number of proposals (``post_nms_test``).
 
-    folded, _ = fold_batchnorm(model)
-    prof = profile_model(folded, (1, 3, model.cfg.input_height, model.cfg.input_width))
+    ``prof``: the model's ``profile_model`` result when the caller has one (else it is made here,
+    of the BN-folded model)."""
+    if prof is None:
+        from build_engine.fold import fold_batchnorm
+        from build_engine.profile import profile_model
+
+        folded, _ = fold_batchnorm(model)
+        prof = profile_model(folded, (1, 3, model.cfg.input_height, model.cfg.input_width))
     first = sum(r.macs for r in prof.layers if not r.name.startswith("box_head"))
     return int(first + model.second_stage_macs(model.post_nms_test))
 

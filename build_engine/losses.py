@@ -108,6 +108,8 @@ def box_loss(
 class LossConfig:
     """Loss choices and weights (the ``loss:`` section of a train config)."""
 
+    # bce / focal: per-class sigmoids (the YOLO family needs one, DetectionLoss refuses ce);
+    # ce: softmax over classes + background (the SSD family; the two-stage box head always uses it).
     cls_loss: str = "bce"
     box_loss: str = "ciou"
     cls_weight: float = 1.0
@@ -198,8 +200,27 @@ def simota_assign(
     return fg, matched, ious[matched, fg_c.nonzero(as_tuple=True)[0]]
 
 
+# Class losses whose logits are read back through a per-class sigmoid, as the YOLO family's
+# exported graph does (``yolo_obj``: score = sigmoid(obj) * sigmoid(class)). Softmax CE fixes only
+# the differences between a cell's class logits, so their sigmoids, the served scores, would
+# be arbitrary.
+SIGMOID_CLS_LOSSES = ("bce", "focal")
+
+
+def check_sigmoid_cls_loss(cfg: LossConfig, who: str) -> None:
+    """ConfigError unless ``cfg.cls_loss`` trains per-class sigmoids (``who`` reads them so)."""
+    if cfg.cls_loss not in SIGMOID_CLS_LOSSES:
+        raise ConfigError(
+            f"{who} reads class scores through a sigmoid: loss.cls_loss must be one of {SIGMOID_CLS_LOSSES}, "
+            f"got {cfg.cls_loss!r} (softmax CE leaves the sigmoid scores it serves arbitrary; use bce or focal)"
+        )
+
+
 class DetectionLoss:
     """Total loss over a batch of raw head maps.
+
+    The YOLO family's loss (also the two-stage family's proposal network, with bce): class logits
+    are trained as per-class sigmoids, so ``cfg.cls_loss`` must be ``bce`` or ``focal``.
 
     ``__call__(raws, centers, strides, targets, decode)``: ``decode(raws)`` -> (B, N, 5 + C);
     ``targets`` is a list of (boxes (M, 4) xyxy input px, classes (M,)) per image.
@@ -207,6 +228,7 @@ class DetectionLoss:
     """
 
     def __init__(self, cfg: LossConfig, num_classes: int) -> None:
+        check_sigmoid_cls_loss(cfg, "the yolo family")
         self.cfg = cfg
         self.num_classes = num_classes
 
@@ -230,10 +252,7 @@ class DetectionLoss:
                 continue
             obj_t[i, fg] = 1.0
             cls_logits.append(decoded[i, fg, 5:])
-            if cfg.cls_loss == "ce":
-                cls_t.append(gc[mg])
-            else:
-                cls_t.append(F.one_hot(gc[mg], self.num_classes).float() * miou[:, None].clamp(min=0.0))
+            cls_t.append(F.one_hot(gc[mg], self.num_classes).float() * miou[:, None].clamp(min=0.0))
             box_p.append(decoded[i, fg, :4])
             box_t.append(gb[mg])
             stride_fg.append(strides[fg])
@@ -251,9 +270,7 @@ class DetectionLoss:
             if cfg.l1_weight > 0:
                 l_l1 = box_loss(bp, bt, "l1", st).sum() / num_fg
             cl = torch.cat(cls_logits)
-            if cfg.cls_loss == "ce":
-                l_cls = ce_loss(cl, torch.cat(cls_t)).sum() / num_fg
-            elif cfg.cls_loss == "focal":
+            if cfg.cls_loss == "focal":
                 l_cls = focal_loss(cl, torch.cat(cls_t), cfg.focal_gamma, cfg.focal_alpha).sum() / num_fg
             else:
                 l_cls = bce_loss(cl, torch.cat(cls_t)).sum() / num_fg

@@ -89,3 +89,24 @@ def test_two_stage_macs_count_the_box_head_at_the_proposal_maximum() -> None:
             + h.cls_score.in_channels * h.cls_score.out_channels + h.bbox_pred.in_channels * h.bbox_pred.out_channels)
     assert per_roi > head and m.second_stage_macs(m.post_nms_test) == m.post_nms_test * per_roi
     assert design.two_stage_macs(m) > m.second_stage_macs(m.post_nms_test)
+
+
+def test_the_build_records_two_stage_macs_at_the_proposal_maximum(tmp_path: Path) -> None:
+    """``perception build`` writes the manifest's MACs through export_variant_onnx: for the
+    two-stage family the same count as the design table, RoIAlign and the box head at the
+    proposal maximum, not the profile of one blank-image forward."""
+    import torch
+
+    from build_engine.build import LoadedModel, export_variant_onnx
+    from build_engine.fold import fold_batchnorm
+    from build_engine.model import preset
+    from build_engine.model.rcnn import RcnnDetector
+    from build_engine.profile import profile_model
+
+    torch.manual_seed(0)
+    m = RcnnDetector(preset("pico", family="rcnn", input_width=256, input_height=160)).eval()
+    lm = LoadedModel(m, ("a", "b", "c"), 256, 160, Path("rcnn.pt"), "", {})
+    _, counts = export_variant_onnx(lm, tmp_path / "rcnn.fp32.onnx")
+    one_forward = profile_model(fold_batchnorm(m)[0], (1, 3, 160, 256)).total_macs
+    assert counts["macs"] == design.two_stage_macs(m)
+    assert counts["macs"] > one_forward

@@ -145,3 +145,13 @@ def test_distillation_loss_by_hand() -> None:
     assert distillation_loss([s2], [t2]).item() == pytest.approx(0.25, abs=1e-4)
     with pytest.raises(ValueError):
         distillation_loss([student], [torch.zeros(1, c, 2, 2)])
+
+
+def test_the_yolo_loss_refuses_softmax_ce() -> None:
+    """The YOLO family serves sigmoid(obj) * sigmoid(class); softmax CE only fixes the
+    differences between a cell's class logits, so those scores would be arbitrary."""
+    with pytest.raises(ConfigError, match="cls_loss.*use bce or focal"):
+        DetectionLoss(LossConfig(cls_loss="ce"), 2)
+    for ok in ("bce", "focal"):
+        DetectionLoss(LossConfig(cls_loss=ok), 2)
+    LossConfig(cls_loss="ce")  # still a valid config: the SSD family trains with it

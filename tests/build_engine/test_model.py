@@ -157,3 +157,15 @@ def test_half_checkpoint_is_smaller_and_loads_as_fp32(tmp_path) -> None:
         assert torch.allclose(loaded(x), m(x), atol=0.05)
     payload = torch.load(half, weights_only=True)
     assert all(v.dtype == torch.float16 for v in payload["state_dict"].values() if v.is_floating_point())
+
+
+def test_training_the_yolo_family_with_softmax_ce_is_refused() -> None:
+    """Its graph reads class scores through a sigmoid: CE-trained logits would serve arbitrary scores."""
+    from build_engine.losses import LossConfig
+
+    m = build_detector(preset("pico", **SMALL)).train()
+    targets = [(torch.tensor([[10.0, 10.0, 40.0, 50.0]]), torch.tensor([1]))]
+    with pytest.raises(ConfigError, match="use bce or focal"):
+        m.training_loss(torch.rand(1, 3, 96, 128), targets, LossConfig(cls_loss="ce"))
+    loss, _ = m.training_loss(torch.rand(1, 3, 96, 128), targets, LossConfig(cls_loss="focal"))
+    assert torch.isfinite(loss)
