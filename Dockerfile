@@ -70,8 +70,9 @@ RUN --mount=type=bind,from=checkpoint,target=/checkpoint \
 
 # --------------------------------------------------------------------------- runtime-gpu
 FROM ${GPU_IMAGE} AS runtime-gpu
-# Jetson (L4T) bases: RUNTIME_EXTRAS=server,client (no onnxruntime-gpu / tensorrt wheels for
-# Jetson on PyPI; the JetPack TensorRT bindings come from the base image). deploy/README.md.
+# Jetson (L4T) bases: RUNTIME_EXTRAS=server,client,jetson (no onnxruntime-gpu / tensorrt wheels
+# for Jetson on PyPI; the JetPack TensorRT bindings come from the base image, cuda-python from
+# the extra); run it with --group-add video for the GPU device nodes. deploy/README.md.
 ARG RUNTIME_EXTRAS=server,client,gpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The TensorRT image ships python3 and the TensorRT bindings system-wide; the venv sees
@@ -106,13 +107,21 @@ ENV PATH=/opt/perception/venv/bin:$PATH \
     PERCEPTION_ENGINE_CACHE_DIR=/cache \
     PERCEPTION_BUILD_ENGINE_ON_START=1 \
     PERCEPTION_ENGINE_PRECISION=fp16
+# The commit built (perception_build_info{git_sha}); the build context has no .git:
+#   docker build --build-arg GIT_SHA="$(git rev-parse HEAD)" ...
+# Declared after the install so a new commit does not invalidate its cached layers.
+ARG GIT_SHA=unknown
+ENV PERCEPTION_GIT_SHA=${GIT_SHA}
 VOLUME ["/cache"]
 WORKDIR /
 USER 10001:10001
 EXPOSE 50051 9108
 # First start builds the engine (minutes on a Jetson): a long start period.
+# gRPC health over TLS when the server serves TLS (--tls-cert): run the container with
+# -e PERCEPTION_HEALTH_TLS_CA=<the CA file, mounted> (and _CERT / _KEY for mutual TLS); without
+# them the check speaks plaintext. The certificate must name 127.0.0.1 (deploy/README.md).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["perception", "health", "--server", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["/bin/sh", "-c", "exec perception health --server 127.0.0.1:50051 --timeout 3 ${PERCEPTION_HEALTH_TLS_CA:+--tls-ca \"$PERCEPTION_HEALTH_TLS_CA\"} ${PERCEPTION_HEALTH_TLS_CERT:+--tls-cert \"$PERCEPTION_HEALTH_TLS_CERT\"} ${PERCEPTION_HEALTH_TLS_KEY:+--tls-key \"$PERCEPTION_HEALTH_TLS_KEY\"}"]
 ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9108", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
 
 # --------------------------------------------------------------------------- runtime (default)
@@ -138,9 +147,17 @@ COPY --from=build /artifacts/default /models/default
 # one-thread run per core, measured faster than one run on every core: docs/performance.md).
 ENV PATH=/opt/perception/venv/bin:$PATH \
     PERCEPTION_BACKENDS=onnxruntime-cpu
+# The commit built (perception_build_info{git_sha}); the build context has no .git:
+#   docker build --build-arg GIT_SHA="$(git rev-parse HEAD)" ...
+# Declared after the install so a new commit does not invalidate its cached layers.
+ARG GIT_SHA=unknown
+ENV PERCEPTION_GIT_SHA=${GIT_SHA}
 WORKDIR /
 USER 10001:10001
 EXPOSE 50051 9108
+# gRPC health over TLS when the server serves TLS (--tls-cert): run the container with
+# -e PERCEPTION_HEALTH_TLS_CA=<the CA file, mounted> (and _CERT / _KEY for mutual TLS); without
+# them the check speaks plaintext. The certificate must name 127.0.0.1 (deploy/README.md).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["perception", "health", "--server", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["/bin/sh", "-c", "exec perception health --server 127.0.0.1:50051 --timeout 3 ${PERCEPTION_HEALTH_TLS_CA:+--tls-ca \"$PERCEPTION_HEALTH_TLS_CA\"} ${PERCEPTION_HEALTH_TLS_CERT:+--tls-cert \"$PERCEPTION_HEALTH_TLS_CERT\"} ${PERCEPTION_HEALTH_TLS_KEY:+--tls-key \"$PERCEPTION_HEALTH_TLS_KEY\"}"]
 ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9108", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]

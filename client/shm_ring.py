@@ -22,11 +22,19 @@ robin, so keep more slots than frames in flight (the stream's window + 1, at lea
         frame = SourceFrame("front", 0, time.time_ns(), shm=slot)  # client.convert.to_request sends it
 
 Single producer: one ring per camera thread (``write`` is not thread-safe). Linux only.
+
+Access: the segment is the camera node's file in ``/dev/shm``, mode 0600 (only its own user can
+read it) unless ``mode`` says otherwise. For a server running as another user (the vehicle's
+systemd unit runs as a dynamic user), give the ring ``mode=0o640`` and ``group=`` a group the
+server is a member of (``SupplementaryGroups=`` in its unit); deploy/README.md, "Shared-memory
+frames".
+Group or others are never given write access: only the producer writes a slot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import secrets
 import struct
@@ -47,20 +55,59 @@ _GENERATION_OFFSET = 8
 _SIZE_OFFSET = 16
 _ALIGN = 4096  # slots start on page boundaries (the server needs multiples of 64)
 DEFAULT_PREFIX = "perception-"
+DEFAULT_MODE = 0o600
+
+
+def check_mode(mode: int) -> int:
+    """A segment mode: the owner reads and writes; group and others may read, never write or execute."""
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600 or mode & 0o133:
+        raise ConfigError(f"a shared-memory ring's mode must give its owner rw and no one else write or execute "
+                          f"(e.g. 0o600, 0o640), got {mode:#o}")
+    return mode
+
+
+def _gid(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"a shared-memory ring's group {group!r} does not exist") from None
 
 
 class ShmRing:
-    """``slots`` slots of ``slot_bytes`` pixel bytes each in one new segment, unlinked on close."""
+    """``slots`` slots of ``slot_bytes`` pixel bytes each in one new segment, unlinked on close.
 
-    def __init__(self, slots: int, slot_bytes: int, prefix: str = DEFAULT_PREFIX, name: str = "") -> None:
+    ``mode`` (default 0600) and ``group`` (a name or gid; default the process's group) set who
+    else may read the segment: 0o640 with a group the server is in lets a server running as
+    another user read the frames."""
+
+    def __init__(
+        self, slots: int, slot_bytes: int, prefix: str = DEFAULT_PREFIX, name: str = "",
+        mode: int = DEFAULT_MODE, group: str | int | None = None,
+    ) -> None:
         if slots < 1 or slot_bytes < 1:
             raise ConfigError(f"a ring needs at least one slot of at least one byte, got {slots} x {slot_bytes}")
+        check_mode(mode)
+        gid = None if group is None else _gid(group)
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.slot_stride = -(-(HEADER_SIZE + slot_bytes) // _ALIGN) * _ALIGN
         # The name the server's --shm-allow prefix must cover; unique per process and ring.
         self.name = name or f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
         self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=slots * self.slot_stride)
+        try:
+            # On the descriptor the segment was created with (shm_open's 0600, less the umask):
+            # the mode asked for exactly, before a frame is in it.
+            fd: int = self._shm._fd  # type: ignore[attr-defined]  # CPython's SharedMemory keeps it
+            if gid is not None:
+                os.fchown(fd, -1, gid)  # a group this user is a member of (else PermissionError)
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            self._shm.close()
+            self._shm.unlink()
+            raise ConfigError(f"shared-memory ring {self.name}: cannot set group {group!r} / mode {mode:#o}: "
+                              f"{exc.strerror}") from exc
         buf = self._shm.buf
         assert buf is not None  # a segment just created and mapped
         self._buf: memoryview = buf

@@ -8,6 +8,7 @@ prometheus_client. Every metric is documented in docs/metrics.md, with its Trito
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -339,18 +340,37 @@ class BuildInfo:
     git_sha: str
 
 
+# Written into the installed package by deploy/vehicle/install.sh (``{"git_sha": ...}``): an
+# install is built from a copy of the sources without .git.
+BUILD_INFO_FILE = Path(__file__).with_name("build_info.json")
+
+
 def resolve_build_info() -> BuildInfo:
     """The installed package version and the git commit it was built from.
 
-    The sha comes from ``PERCEPTION_GIT_SHA`` (set by the image build, where no .git exists),
-    else from the source checkout's .git, else "unknown". Reads files only; runs no git.
+    The sha comes from ``PERCEPTION_GIT_SHA`` (set by the image build, ``--build-arg GIT_SHA``,
+    where no .git exists), else from ``server/build_info.json`` (written by
+    deploy/vehicle/install.sh when it installs from a git checkout), else from the source
+    checkout's .git, else "unknown". Reads files only; runs no git.
     """
     try:
         version = metadata.version("perception")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    sha = os.environ.get("PERCEPTION_GIT_SHA", "").strip() or _git_sha(Path(__file__).resolve().parents[1])
+    sha = os.environ.get("PERCEPTION_GIT_SHA", "").strip()
+    if sha in ("", "unknown"):
+        sha = _packaged_sha(BUILD_INFO_FILE) or _git_sha(Path(__file__).resolve().parents[1])
     return BuildInfo(version=version, git_sha=sha)
+
+
+def _packaged_sha(path: Path) -> str:
+    """The ``git_sha`` recorded in ``path`` at install time; '' when there is none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    sha = data.get("git_sha") if isinstance(data, dict) else None
+    return sha.strip()[:40] if isinstance(sha, str) else ""
 
 
 def _git_sha(root: Path) -> str:

@@ -8,6 +8,10 @@
 # it in a fresh virtual environment so the image's recipe cannot rot unnoticed.
 # EXTRAS defaults to "server,client"; the GPU image passes "server,client,gpu".
 set -euo pipefail
+# Everything installed is for the service to read: a dynamic user (the vehicle's unit) or the
+# image's user, never the installer. A caller's umask 077 (e.g. left from making the secrets)
+# would make the venv unreadable to it.
+umask 022
 
 prefix="${1:?usage: deploy/vehicle/install.sh PREFIX [EXTRAS]}"
 extras="${2:-server,client}"
@@ -35,6 +39,21 @@ trap 'rm -rf "$src"' EXIT
 for part in pyproject.toml README.md proto perception build_engine server client; do
     if [[ -e "$part" ]]; then cp -r "$part" "$src/"; fi
 done
+# The commit installed, for perception_build_info{git_sha}: the copy has no .git, so it is
+# recorded in the package (server/build_info.json, read by server.metrics). PERCEPTION_GIT_SHA
+# overrides; an install from a tree that is not a git checkout records nothing ("unknown").
+git_sha="${PERCEPTION_GIT_SHA:-}"
+if [[ -z "$git_sha" || "$git_sha" == "unknown" ]] && command -v git >/dev/null 2>&1; then
+    # safe.directory: run with sudo in a checkout another user owns, git would refuse it.
+    git_sha="$(git -c safe.directory="$PWD" rev-parse --verify -q HEAD 2>/dev/null || true)"
+fi
+if [[ -n "$git_sha" && "$git_sha" != "unknown" ]]; then
+    if [[ ! "$git_sha" =~ ^[0-9A-Za-z._-]+$ ]]; then
+        echo "install.sh: PERCEPTION_GIT_SHA must be a commit id, got '$git_sha'" >&2
+        exit 2
+    fi
+    printf '{"git_sha": "%s"}\n' "$git_sha" >"$src/server/build_info.json"
+fi
 cd "$src"
 pip=("$prefix/venv/bin/python" -m pip --no-cache-dir --disable-pip-version-check)
 

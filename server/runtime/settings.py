@@ -3,6 +3,7 @@ cores are spent on inference."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +20,55 @@ class RuntimeSettings:
     engine_precision: str = "fp16"
 
 
-def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int:
     """The cores this process may use: its CPU affinity (e.g. a container's cpuset), and no more
-    than its cgroup's CPU quota rounded up (a Kubernetes CPU limit of 2 on a 16-core node)."""
+    than its cgroup's CPU quota rounded up (a Kubernetes CPU limit of 2 on a 16-core node, a
+    systemd unit's ``CPUQuota=150%``).
+
+    ``cgroup_root`` is the cgroup v2 mount and ``self_cgroup`` this process's membership file
+    (parameters so tests can hand in a fake tree)."""
     try:
         cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         cores = max(1, os.cpu_count() or 1)
-    try:
-        quota, period = Path(cpu_max).read_text().split()[:2]  # "max 100000" when unlimited
-        if quota != "max" and int(period) > 0:
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):  # cgroup v1, or no cgroup file: the affinity alone
-        pass
+    limit = cgroup_cpu_limit(cgroup_root, self_cgroup)
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
     return cores
+
+
+def cgroup_cpu_limit(cgroup_root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs' worth of time this process's cgroup v2 may use (quota / period), None = no limit.
+
+    The quota that binds is the lowest on the way from the process's own cgroup to the root:
+    a systemd service's ``CPUQuota=`` is in its own cgroup (``/system.slice/NAME.service``,
+    read from ``self_cgroup``'s ``0::PATH`` line), a slice's above it, and a container with its
+    own cgroup namespace sees its limit at the root of its mount (``0::/``). cgroup v1 (no
+    ``0::`` line, no ``cpu.max``): None, the affinity alone.
+    """
+    root = Path(cgroup_root)
+    own = ""
+    try:
+        for line in Path(self_cgroup).read_text().splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if hierarchy == "0" and controllers == "":
+                own = path.strip()
+                break
+    except OSError:
+        pass
+    parts = [p for p in own.split("/") if p and p not in (".", "..")]
+    lowest: float | None = None
+    for depth in range(len(parts), -1, -1):  # the leaf first, the root last
+        try:
+            quota, period = (root.joinpath(*parts[:depth]) / "cpu.max").read_text().split()[:2]
+            if quota == "max" or int(period) <= 0:  # "max 100000": no limit at this level
+                continue
+            cpus = int(quota) / int(period)
+        except (OSError, ValueError):  # no cpu.max here (the host's root, a cgroup v1 tree)
+            continue
+        lowest = cpus if lowest is None else min(lowest, cpus)
+    return lowest
 
 
 def resolve_arrangement(threads: int, workers: int, cores: int, on_cpu: bool = True) -> tuple[int, int]:

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,3 +145,33 @@ def ignored(path: str, patterns: list[str]) -> bool:
             if pat.startswith("**/") and fnmatch.fnmatchcase(parts[depth - 1], pat[3:]):
                 return True
     return False
+
+
+def healthcheck_exec(instruction: Instruction) -> list[str]:
+    """The exec-form array after a HEALTHCHECK's ``CMD``."""
+    assert instruction.keyword == "HEALTHCHECK"
+    command = instruction.args.partition("CMD")[2].strip()
+    argv = Instruction("CMD", command, instruction.line).exec_form()
+    if argv is None:
+        raise ValueError(f"line {instruction.line}: HEALTHCHECK CMD must use the exec form")
+    return argv
+
+
+_ECHO_ARGV = "#!/bin/sh\nexec \"$ECHO_PYTHON\" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n"
+
+
+def healthcheck_argv(instruction: Instruction, env: Mapping[str, str] | None = None) -> list[str]:
+    """The ``perception ...`` command line a HEALTHCHECK runs in a container whose environment
+    is ``env``: a ``/bin/sh -c`` script is run for real with a ``perception`` on PATH that
+    only prints its arguments, so the shell's expansions are what is checked."""
+    argv = healthcheck_exec(instruction)
+    if argv[:2] != ["/bin/sh", "-c"]:
+        return argv
+    with tempfile.TemporaryDirectory() as tmp:
+        stub = Path(tmp) / "perception"
+        stub.write_text(_ECHO_ARGV)
+        stub.chmod(0o755)
+        run_env = {"PATH": f"{tmp}{os.pathsep}{os.environ.get('PATH', '')}", "ECHO_PYTHON": sys.executable}
+        run_env.update(env or {})
+        result = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=30, check=True)
+    return ["perception", *json.loads(result.stdout)]

@@ -4,17 +4,24 @@ test_runtime_recipe.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
-from tests.deploy.dockerfile import Dockerfile, dockerignore_patterns, ignored, parse_dockerfile, parse_env
+from tests.deploy.dockerfile import (
+    Dockerfile,
+    dockerignore_patterns,
+    healthcheck_argv,
+    ignored,
+    parse_dockerfile,
+    parse_env,
+)
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 RUNTIME_STAGES = ("runtime", "runtime-gpu")
@@ -127,11 +134,46 @@ def test_entrypoint_is_the_serve_command(dockerfile: Dockerfile, name: str) -> N
 def test_healthcheck_asks_grpc_health(dockerfile: Dockerfile, name: str) -> None:
     check = dockerfile.stage(name).of("HEALTHCHECK")
     assert len(check) == 1
-    options, _, command = check[0].args.partition("CMD")
+    options, _, _ = check[0].args.partition("CMD")
     assert re.search(r"--start-period=\d+s", options)
-    parsed = json.loads(command.strip())
-    assert parsed[:4] == ["perception", "health", "--server", "127.0.0.1:50051"]
-    parse_perception_argv(parsed)
+    plain = healthcheck_argv(check[0])
+    assert plain[:4] == ["perception", "health", "--server", "127.0.0.1:50051"]
+    assert parse_perception_argv(plain).tls_ca is None
+
+
+@pytest.mark.parametrize("name", RUNTIME_STAGES)
+def test_healthcheck_speaks_tls_with_the_ca_it_is_given(dockerfile: Dockerfile, name: str) -> None:
+    """A container serving TLS (--tls-cert after the image name) is checked over TLS once it is
+    given PERCEPTION_HEALTH_TLS_CA (and the client pair for mutual TLS); it used to be checked in
+    plaintext whatever it served, so it was never healthy."""
+    check = dockerfile.stage(name).of("HEALTHCHECK")[0]
+    env = {"PERCEPTION_HEALTH_TLS_CA": "/run/secrets/my ca.crt"}
+    args = parse_perception_argv(healthcheck_argv(check, env))
+    assert args.tls_ca == "/run/secrets/my ca.crt" and args.tls_cert is None
+    env.update(PERCEPTION_HEALTH_TLS_CERT="/run/secrets/client.crt",
+               PERCEPTION_HEALTH_TLS_KEY="/run/secrets/client.key")
+    args = parse_perception_argv(healthcheck_argv(check, env))
+    assert (args.tls_ca, args.tls_cert, args.tls_key) == (
+        "/run/secrets/my ca.crt", "/run/secrets/client.crt", "/run/secrets/client.key")
+    # the image's ENV does not set them: plaintext unless asked
+    image_env: dict[str, str] = {}
+    for ins in dockerfile.stage(name).of("ENV"):
+        image_env.update(parse_env(ins.args))
+    assert not any(k.startswith("PERCEPTION_HEALTH_") for k in image_env)
+
+
+@pytest.mark.parametrize("name", RUNTIME_STAGES)
+def test_runtime_stages_take_the_commit_as_a_build_arg(dockerfile: Dockerfile, name: str) -> None:
+    """perception_build_info{git_sha}: the build context has no .git, so the commit comes in as
+    --build-arg GIT_SHA and reaches the server as PERCEPTION_GIT_SHA, after the install (a new
+    commit must not invalidate the install's cached layers)."""
+    stage = dockerfile.stage(name)
+    args = [i for i in stage.of("ARG") if i.args.split("=", 1)[0] == "GIT_SHA"]
+    assert len(args) == 1 and args[0].args == "GIT_SHA=unknown"
+    envs = [i for i in stage.of("ENV") if "PERCEPTION_GIT_SHA" in parse_env(i.args)]
+    assert len(envs) == 1 and parse_env(envs[0].args)["PERCEPTION_GIT_SHA"] == "${GIT_SHA}"
+    install = max(i.line for i in stage.of("RUN") if "install.sh" in i.args)
+    assert install < args[0].line < envs[0].line
 
 
 def test_server_settings_in_env_are_valid(dockerfile: Dockerfile) -> None:
@@ -143,8 +185,9 @@ def test_server_settings_in_env_are_valid(dockerfile: Dockerfile) -> None:
         env: dict[str, str] = {}
         for ins in dockerfile.stage(name).of("ENV"):
             env.update(parse_env(ins.args))
-        server_env = {k: v for k, v in env.items()
-                      if k.startswith("PERCEPTION_") and k != "PERCEPTION_SYSTEM_SITE_PACKAGES"}
+        # install.sh's switch and the build's commit (server.metrics) are not server settings
+        not_settings = ("PERCEPTION_SYSTEM_SITE_PACKAGES", "PERCEPTION_GIT_SHA")
+        server_env = {k: v for k, v in env.items() if k.startswith("PERCEPTION_") and k not in not_settings}
         assert server_env, name
         assert set(server_env) <= fields, f"{name}: unknown server settings {set(server_env) - fields}"
         load_config(flags={"model": "/models/default/manifest.json"}, env=server_env)
@@ -170,3 +213,29 @@ def test_dockerignore_keeps_what_the_stages_copy(dockerfile: Dockerfile) -> None
         assert not ignored(rel, patterns), f".dockerignore excludes {rel}, which a stage COPYs"
     for heavy in (".venv", ".git", "perception/v1/detector_pb2.py", "assets/drives/demo/drive.mcap"):
         assert ignored(heavy, patterns), f".dockerignore should exclude {heavy}"
+
+
+def _extras() -> dict[str, set[str]]:
+    """The distribution names of each extra ('' = the default dependencies)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+        groups = [("", project["dependencies"]), *project["optional-dependencies"].items()]
+        return {extra: {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs} for extra, reqs in groups}
+    pytest.skip("tomllib is 3.11+")
+
+
+def test_gpu_extras_install_what_the_gpu_code_imports(dockerfile: Dockerfile) -> None:
+    """The TensorRT backend's CUDA calls (server/runtime/cuda.py: cuda-python) and the GPU
+    metrics (server/gpu_metrics.py: pynvml, from nvidia-ml-py) come with the `gpu` extra the
+    GPU image installs; a Jetson takes cuda-python alone (`jetson`); the CPU installs neither."""
+    assert "from cuda" in (REPO_ROOT / "server/runtime/cuda.py").read_text()
+    assert "import pynvml" in (REPO_ROOT / "server/gpu_metrics.py").read_text()
+    extras = _extras()
+    assert {"onnxruntime-gpu", "tensorrt", "cuda-python", "nvidia-ml-py"} <= extras["gpu"]
+    assert extras["jetson"] == {"cuda-python"}
+    for cpu in ("", "server", "client", "test"):
+        assert not {"cuda-python", "nvidia-ml-py"} & extras[cpu], cpu
+    default = next(i.args for i in dockerfile.stage("runtime-gpu").of("ARG") if i.args.startswith("RUNTIME_EXTRAS="))
+    assert "gpu" in default.split("=", 1)[1].split(",")

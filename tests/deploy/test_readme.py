@@ -199,7 +199,8 @@ def check_docker(cmd: Command, argv: list[str], state: State) -> None:
     elif sub == "run":
         opts, rest = _options(
             argv[2:],
-            {"--name", "-p", "--publish", "-v", "--volume", "--tmpfs", "--gpus", "--runtime", "-e", "--env"},
+            {"--name", "-p", "--publish", "-v", "--volume", "--tmpfs", "--gpus", "--runtime", "-e", "--env",
+             "--group-add"},
             {"--rm", "-d", "--detach", "--read-only"},
         )
         assert rest, f"{cmd}: no image"
@@ -441,3 +442,22 @@ def test_checkers_reject_wrong_commands(bad: str) -> None:
         return  # an unknown program is rejected by test_every_readme_command_is_known_and_valid
     with pytest.raises((AssertionError, KeyError)):
         checker(cmd, argv, State())
+
+
+def test_jetson_container_reaches_the_gpu_and_its_cuda_runtime() -> None:
+    """The Jetson image runs as user 10001: without the `video` group it cannot open the GPU
+    device nodes (the vehicle unit has SupplementaryGroups=video), and without the `jetson`
+    extra the TensorRT backend has no cuda-python."""
+    jetson_tags = set()
+    runs = 0
+    for cmd in fenced_commands(README.read_text()):
+        argv = _peel(cmd.argv)
+        if argv[:2] == ["docker", "build"] and any("l4t" in a for a in argv):
+            extras = next(a.split("=", 1)[1] for a in argv if a.startswith("RUNTIME_EXTRAS="))
+            assert "jetson" in extras.split(","), f"{cmd}: the jetson extra is missing"
+            jetson_tags.add(argv[argv.index("-t") + 1])
+        elif argv[:2] == ["docker", "run"] and jetson_tags & set(argv):
+            assert "video" in [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--group-add"], f"{cmd}"
+            runs += 1
+    assert jetson_tags and runs
+    assert "SupplementaryGroups=video" in UNIT.read_text()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.cli_check import REPO_ROOT, module_written
-from tests.deploy.dockerfile import dockerignore_patterns, ignored, parse_dockerfile, parse_env
+from tests.deploy.dockerfile import dockerignore_patterns, healthcheck_exec, ignored, parse_dockerfile, parse_env
 from tests.deploy.live_server import serve
 
 # RUN lines that only change the host's accounts: not meaningful (or safe) outside a container.
@@ -139,16 +139,17 @@ def test_runtime_serves_and_answers_its_healthcheck(runtime_install: Path, tiny_
     if not (module_written("server.cli") and module_written("server.health_cli")):
         pytest.skip("server.cli / server.health_cli are not in this tree yet")
     stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime")
-    check = stage.of("HEALTHCHECK")[0].args.partition("CMD")[2]
-    health = json.loads(check)
+    health = healthcheck_exec(stage.of("HEALTHCHECK")[0])
     perception = str(runtime_install / "perception")
+    # As the container runs it: the image's PATH leads to the venv's `perception`.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERCEPTION_")}
+    env["PATH"] = f"{runtime_install}{os.pathsep}{env.get('PATH', '')}"
     with serve([perception, "serve"], tiny_manifest, cwd=Path("/")) as server:
-        argv = [perception, *health[1:]]
-        argv[argv.index("--server") + 1] = server.address
-        ok = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        argv = [a.replace("127.0.0.1:50051", server.address) for a in health]
+        ok = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
         assert ok.returncode == 0, ok.stderr
         assert server.stop() == 0
-    down = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    down = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
     assert down.returncode != 0, "health must fail once the server is gone"
 
 
@@ -162,3 +163,65 @@ def test_install_script_refuses_to_run_outside_the_repo(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "run from the repository root" in result.stderr
     assert not (tmp_path / "p").exists(), "nothing is installed when the script refuses"
+
+
+# A PYTHON for install.sh that stops it at its first pip call: it runs `-c` with the real
+# interpreter, makes `-m venv DIR` a directory holding itself as DIR/bin/python, and as that
+# venv's python reports what the install would build from (the umask, the copy's recorded
+# commit) and fails.
+_STOP_AT_PIP = """#!/bin/sh
+case "$1" in
+    -c) exec "$REAL_PYTHON" "$@" ;;
+    -m) if [ "$2" = venv ]; then for last; do :; done; mkdir -p "$last/bin"; cp "$0" "$last/bin/python"; exit 0; fi ;;
+esac
+umask >"$RECORD/umask"
+if [ -f server/build_info.json ]; then cp server/build_info.json "$RECORD/"; fi
+exit 9
+"""
+
+
+def _install_until_pip(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    import sys
+
+    stub = tmp_path / "python"
+    stub.write_text(_STOP_AT_PIP)
+    stub.chmod(0o755)
+    record = tmp_path / "record"
+    record.mkdir()
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("PERCEPTION_")}
+    run_env.update(PYTHON=str(stub), REAL_PYTHON=sys.executable, RECORD=str(record), **env)
+    # The caller's umask 077: what deploy/README.md's secrets block used to leave in the shell.
+    result = subprocess.run(
+        ["bash", "-c", 'umask 077; exec bash deploy/vehicle/install.sh "$0"', str(tmp_path / "prefix")],
+        cwd=REPO_ROOT, env=run_env, capture_output=True, text=True, timeout=120,
+    )
+    return result, record
+
+
+def test_install_script_installs_readable_files_whatever_the_callers_umask(tmp_path: Path) -> None:
+    """The vehicle's service runs as a dynamic user: a venv made under the caller's umask 077
+    would be unreadable to it."""
+    result, record = _install_until_pip(tmp_path)
+    assert result.returncode == 9, result.stderr  # stopped by the stub at the first pip call
+    assert (record / "umask").read_text().strip() == "0022"
+
+
+def test_install_script_records_the_commit_in_the_package(tmp_path: Path) -> None:
+    """perception_build_info{git_sha}: the install builds from a copy without .git, so the
+    commit is written into the package (server/build_info.json, read by server.metrics)."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+    result, record = _install_until_pip(tmp_path)
+    assert result.returncode == 9, result.stderr
+    assert json.loads((record / "build_info.json").read_text()) == {"git_sha": head}
+    given = tmp_path / "given"
+    given.mkdir()
+    result, record = _install_until_pip(given, PERCEPTION_GIT_SHA="0123abc")
+    assert result.returncode == 9, result.stderr
+    assert json.loads((record / "build_info.json").read_text()) == {"git_sha": "0123abc"}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    result, _ = _install_until_pip(bad, PERCEPTION_GIT_SHA='x", "evil": "1')
+    assert result.returncode == 2 and "must be a commit id" in result.stderr

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.deploy.cli_check import REPO_ROOT, module_written, parse_perception_argv
-from tests.deploy.dockerfile import parse_dockerfile
+from tests.deploy.dockerfile import healthcheck_exec, parse_dockerfile
 from tests.deploy.live_server import serve
 from tests.deploy.secret_checks import (
     LOOPBACK,
@@ -43,6 +43,7 @@ from tests.deploy.secret_setup import (
     CREATED_IN,
     commands,
     create_secrets,
+    creation_block,
     indented_blocks,
     placed_at,
     placements,
@@ -172,6 +173,15 @@ def unit_environment(unit: dict[str, dict[str, list[str]]]) -> dict[str, str]:
     return dict(a.split("=", 1) for v in unit["Service"].get("Environment", []) for a in shlex.split(v))
 
 
+def unit_serve_args(unit: dict[str, dict[str, list[str]]]) -> argparse.Namespace:
+    """The server command of the unit's ExecStart (after the supervisor's ``--``), parsed; the
+    settings it takes from the environment file filled in, ${CREDENTIALS_DIRECTORY} left as is."""
+    settings = parse_env_file(VEHICLE / "perception.env")
+    argv = [re.sub(r"\$\{(PERCEPTION_\w+)\}", lambda m: settings[m.group(1)], a)
+            for a in shlex.split(unit["Service"]["ExecStart"][0])]
+    return parse_perception_argv(["perception", *argv[argv.index("--") + 2 :]])
+
+
 def credential_id(value: str, prefix: str) -> str:
     assert value.startswith(prefix) and "/" not in value[len(prefix):], f"{value} is not a credential ({prefix}ID)"
     return value[len(prefix):]
@@ -182,13 +192,18 @@ def test_unit_loads_tls_and_tokens_as_credentials_placed_by_the_readme() -> None
     creds = unit_credentials(unit)
     env = unit_environment(unit)
     env_file = parse_env_file(VEHICLE / "perception.env")
-    assert credential_id(env["PERCEPTION_TLS_CERT"], "%d/") in creds
-    assert credential_id(env["PERCEPTION_TLS_KEY"], "%d/") in creds
+    # The server command names each credential through ${CREDENTIALS_DIRECTORY} (systemd >= 247),
+    # never the %d specifier, which the systemd 249 of JetPack 6 / Ubuntu 22.04 rejects.
+    serve = unit_serve_args(unit)
+    cert_id = credential_id(serve.tls_cert, "${CREDENTIALS_DIRECTORY}/")
+    key_id = credential_id(serve.tls_key, "${CREDENTIALS_DIRECTORY}/")
+    assert {cert_id, key_id} <= set(creds)
     argv = shlex.split(unit["Service"]["ExecStart"][0])
     supervisor = _load_supervisor().build_parser().parse_args(argv[2 : argv.index("--")])
-    tokens_id = credential_id(env["PERCEPTION_AUTH_TOKEN_FILE"], "%d/")
+    tokens_id = credential_id(serve.auth_token_file, "${CREDENTIALS_DIRECTORY}/")
     ca_id = credential_id(supervisor.tls_ca, "${CREDENTIALS_DIRECTORY}/")
     assert {tokens_id, ca_id} <= set(creds), "the token file and the watchdog's CA are credentials"
+    assert not any("%d" in v for v in env.values()), "%d is unknown to systemd 249"
     assert "PERCEPTION_AUTH_TOKENS" not in {**env, **env_file}
     assert not {"PERCEPTION_TLS_CERT", "PERCEPTION_TLS_KEY", "PERCEPTION_AUTH_TOKEN_FILE"} & set(env_file), (
         "would override the credentials")
@@ -203,10 +218,10 @@ def test_unit_loads_tls_and_tokens_as_credentials_placed_by_the_readme() -> None
         placement = placed_at(source)
         assert placement is not None, f"deploy/README.md does not place the {cred} credential at {source}"
         assert placement.name == cred
-        private = cred in (PurePosixPath(env["PERCEPTION_TLS_KEY"]).name, tokens_id)
+        private = cred in (key_id, tokens_id)
         assert placement.mode == ("0600" if private else "0644"), f"{source}: mode {placement.mode}"
     encrypted = [p for p in placements() if p.tool == "systemd-creds"]
-    assert {p.credential_name for p in encrypted} == {PurePosixPath(env["PERCEPTION_TLS_KEY"]).name, tokens_id}
+    assert {p.credential_name for p in encrypted} == {key_id, tokens_id}
     for placement in encrypted:
         assert placement.credential_name == placement.name, "the embedded name must be the credential's ID"
         assert f"LoadCredentialEncrypted={placement.credential_name}:{placement.dest}" in secrets_section()
@@ -218,8 +233,9 @@ def _expand(arg: str, settings: Mapping[str, str]) -> str:
 
 def test_unit_serves_tls_and_tokens_from_its_credentials(tmp_path: Path, tiny_manifest: Path, pki: Path) -> None:
     """The unit's whole ExecStart (supervisor options included) with systemd's side played by the
-    test: the credentials copied into $CREDENTIALS_DIRECTORY, %d expanded, the environment file
-    over Environment=. READY=1, the watchdog fed by health checks over TLS, token required."""
+    test: the credentials copied into $CREDENTIALS_DIRECTORY and ${CREDENTIALS_DIRECTORY}
+    expanded, the environment file over Environment=. READY=1, the watchdog fed by health checks
+    over TLS, token required."""
     if not module_written("server.cli"):
         pytest.skip("server.cli is not in this tree yet")
     unit = parse_unit(UNIT.read_text())
@@ -228,7 +244,7 @@ def test_unit_serves_tls_and_tokens_from_its_credentials(tmp_path: Path, tiny_ma
     for cred in unit_credentials(unit):
         shutil.copy(pki / cred, creds_dir / cred)
         (creds_dir / cred).chmod(0o400)
-    settings = {k: v.replace("%d", str(creds_dir)) for k, v in unit_environment(unit).items()}
+    settings = dict(unit_environment(unit))  # the unit sets none today; systemd would apply them
     settings.update(parse_env_file(VEHICLE / "perception.env"))
     settings.update(PERCEPTION_MODEL=str(tiny_manifest), PERCEPTION_PORT="0", PERCEPTION_METRICS_PORT="0",
                     PERCEPTION_HOST="127.0.0.1", PERCEPTION_ENGINE_CACHE_DIR=str(tmp_path / "cache"),
@@ -335,3 +351,41 @@ def test_compose_server_and_healthcheck_work_with_the_readme_secrets(tiny_manife
         result = run_health(compose["services"]["perception"]["healthcheck"]["test"][1:], server.address, mounts)
         assert result.returncode == 0, result.stderr
         assert server.stop() == 0
+
+
+# --- a single container serving TLS: the image's own HEALTHCHECK ---------------------------------
+
+
+@pytest.mark.parametrize("stage", ["runtime", "runtime-gpu"])
+def test_image_healthcheck_checks_a_tls_server_with_the_ca_env(tiny_manifest: Path, pki: Path, stage: str) -> None:
+    """`docker run ... IMAGE --tls-cert ... --tls-key ...` with `-e PERCEPTION_HEALTH_TLS_CA=...`
+    (deploy/README.md): the image's HEALTHCHECK, run by a real shell, verifies the server over
+    TLS; without the variable it speaks plaintext and the TLS server is (rightly) unhealthy."""
+    if not (module_written("server.cli") and module_written("server.health_cli")):
+        pytest.skip("server.cli / server.health_cli are not in this tree yet")
+    health = healthcheck_exec(parse_dockerfile(REPO_ROOT / "Dockerfile").stage(stage).of("HEALTHCHECK")[0])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERCEPTION_")}
+    env["PATH"] = f"{Path(PERCEPTION).parent}{os.pathsep}{env.get('PATH', '')}"
+    tls = ["--tls-cert", str(pki / "tls.crt"), "--tls-key", str(pki / "tls.key"),
+           "--auth-token-file", str(pki / "tokens")]
+    with serve([PERCEPTION, "serve"], tiny_manifest, extra=tls) as server:
+        argv = [a.replace("127.0.0.1:50051", server.address) for a in health]
+        ok = subprocess.run(argv, env={**env, "PERCEPTION_HEALTH_TLS_CA": str(pki / "ca.crt")},
+                            capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0
+        assert server.stop() == 0
+
+
+def test_readme_creation_block_leaves_the_callers_shell_as_it_was(tmp_path: Path) -> None:
+    """The block runs in a subshell: its `umask 077` and `cd` must not outlive it, or the
+    install.sh / install / cp commands run next from the same shell make the venv and models
+    unreadable to the service's dynamic user."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+    script = f"umask 022\n{creation_block()}\numask\npwd\n"
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["0022", str(tmp_path)]
+    assert stat.S_IMODE((tmp_path / CREATED_IN / "tls.key").stat().st_mode) & 0o077 == 0, "secrets still private"

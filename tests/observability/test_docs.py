@@ -32,3 +32,15 @@ def test_every_exported_metric_is_documented(live_metrics: LiveMetrics) -> None:
 def test_triton_names_are_mapped() -> None:
     text = DOCS.read_text()
     assert [n for n in TRITON if n not in text] == []
+
+
+def test_label_table_lists_every_drop_reason() -> None:
+    """The `reason` row of the label table names every value server.metrics may emit, no other."""
+    import re
+
+    from server.metrics import DROP_REASONS
+
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith("| `reason` |"))
+    values = row.split("|")[2]
+    documented = set(re.findall(r"`(\w+)`", values))
+    assert documented == set(DROP_REASONS)

@@ -160,6 +160,24 @@ def test_build_info(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _value(registry, "perception_build_info", version=info.version, git_sha="0123abc") == 1
 
 
+def test_build_info_from_the_installed_package(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """An install made from a copy without .git (deploy/vehicle/install.sh) records its commit in
+    the package; the image's ENV default "unknown" does not hide it."""
+    import server.metrics as metrics_module
+
+    recorded = tmp_path / "build_info.json"
+    recorded.write_text('{"git_sha": "feedbeef"}\n')
+    monkeypatch.setattr(metrics_module, "BUILD_INFO_FILE", recorded)
+    for env in (None, "unknown", ""):
+        if env is None:
+            monkeypatch.delenv("PERCEPTION_GIT_SHA", raising=False)
+        else:
+            monkeypatch.setenv("PERCEPTION_GIT_SHA", env)
+        assert resolve_build_info().git_sha == "feedbeef"
+    monkeypatch.setenv("PERCEPTION_GIT_SHA", "0123abc")  # the environment still wins
+    assert resolve_build_info().git_sha == "0123abc"
+
+
 def test_process_metrics_are_exported() -> None:
     registry = CollectorRegistry()
     ServerMetrics(registry, gpu=False)

@@ -295,22 +295,68 @@ def test_the_cores_go_to_one_thread_batches_unless_told_otherwise() -> None:
     assert usable_cores() >= 1
 
 
-def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path) -> None:
+def _cgroup_tree(tmp_path, own: str, quotas: dict[str, str]):
+    """A fake cgroup v2 mount (``root``) and membership file (``own``: the process's cgroup path)."""
+    root = tmp_path / "cgroup"
+    root.mkdir(exist_ok=True)
+    for rel, text in quotas.items():
+        d = root / rel.strip("/") if rel.strip("/") else root
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpu.max").write_text(text)
+    (root / own.strip("/")).mkdir(parents=True, exist_ok=True)
+    membership = tmp_path / "self_cgroup"
+    membership.write_text(f"0::{own}\n")
+    return str(root), str(membership)
+
+
+@pytest.fixture()
+def eight_cores(monkeypatch):
     import os
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+
+
+SERVICE = "/system.slice/perception.service"
+
+
+@pytest.mark.parametrize(
+    ("own", "quotas", "cores"),
+    [
+        # a container with its own cgroup namespace: its limit at the root of its mount
+        ("/", {"/": "100000 100000\n"}, 1),
+        ("/", {"/": "150000 100000\n"}, 2),  # 1.5 CPUs, rounded up
+        # a systemd service (CPUQuota=150%): the quota is in its own cgroup, the root has none
+        (SERVICE, {SERVICE: "150000 100000\n"}, 2),
+        # the slice above it is lower
+        (SERVICE, {"/system.slice": "100000 100000\n", SERVICE: "max 100000\n"}, 1),
+        # the leaf is lower than its parent: the lowest binds
+        (SERVICE, {"/system.slice": "400000 100000\n", SERVICE: "250000 100000\n"}, 3),
+        # "max" everywhere, and no cpu.max anywhere: the affinity alone
+        (SERVICE, {"/": "max 100000\n", "/system.slice": "max 100000\n", SERVICE: "max 100000\n"}, 8),
+        (SERVICE, {}, 8),
+        ("/", {"/": "garbage\n"}, 8),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path, eight_cores, own, quotas, cores) -> None:
     from server.runtime.settings import usable_cores
 
-    affinity = len(os.sched_getaffinity(0))
-    quota = tmp_path / "cpu.max"
-    quota.write_text("100000 100000\n")  # one CPU's worth
-    assert usable_cores(str(quota)) == 1
-    quota.write_text("150000 100000\n")  # 1.5 CPUs: rounded up
-    assert usable_cores(str(quota)) == min(2, affinity)
-    quota.write_text("max 100000\n")
-    assert usable_cores(str(quota)) == affinity
-    quota.write_text("garbage\n")
-    assert usable_cores(str(quota)) == affinity
-    assert usable_cores(str(tmp_path / "absent")) == affinity
+    root, membership = _cgroup_tree(tmp_path, own, quotas)
+    assert usable_cores(root, membership) == cores
+
+
+def test_no_cgroup_v2_membership_leaves_the_affinity(tmp_path, eight_cores) -> None:
+    """cgroup v1 (no ``0::`` line) or no /proc: only a quota at the mount's root would count."""
+    from server.runtime.settings import usable_cores
+
+    root = tmp_path / "cgroup"
+    (root / "system.slice").mkdir(parents=True)
+    (root / "system.slice" / "cpu.max").write_text("100000 100000\n")
+    v1 = tmp_path / "self_cgroup"
+    v1.write_text("4:cpu,cpuacct:/system.slice\n")
+    assert usable_cores(str(root), str(v1)) == 8
+    assert usable_cores(str(root), str(tmp_path / "absent")) == 8
+    (root / "cpu.max").write_text("200000 100000\n")
+    assert usable_cores(str(root), str(v1)) == 2
 
 
 def test_tensorrt_deactivate_does_not_wait_for_ever_behind_a_hung_batch(monkeypatch, caplog):
@@ -345,3 +391,42 @@ def test_tensorrt_deactivate_does_not_wait_for_ever_behind_a_hung_batch(monkeypa
         t.join(5)
     assert backend._engine is not None  # nothing was freed under the running batch
     assert any("leaving its GPU memory allocated" in r.getMessage() for r in caplog.records)
+
+
+def test_a_single_image_export_runs_a_batch_frame_by_frame(tmp_path) -> None:
+    """A (3, H, W) model used to refuse every batch but 1, so the gate, INT8 scoring and
+    `perception eval`, which batch 4-8 frames, could not score it. Each frame runs alone and
+    the outputs are joined; a two-stage export's K differs per frame and is zero-padded."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+             helper.make_node("Greater", ["flat", "half"], ["hit"]),
+             helper.make_node("NonZero", ["hit"], ["where"])]  # (1, K): K per frame
+    graph = helper.make_graph(
+        nodes, "single", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 2])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("where", TensorProto.INT64, [1, None])],
+        [helper.make_tensor("flat_shape", TensorProto.INT64, [1], [12]),
+         helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])])
+    path = tmp_path / "single.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    backend = OnnxRuntimeBackend(path, intra_op_threads=1, max_batch=8)
+    backend.activate()
+    try:
+        assert backend.max_batch == 1  # the server still batches it one frame at a time
+        x = np.zeros((3, 3, 2, 2), np.float32)
+        x[0].flat[[1, 5]] = 1.0
+        x[2].flat[[0, 2, 7, 11]] = 1.0
+        out = backend.infer(x)
+        np.testing.assert_allclose(out["total"], [2.0, 0.0, 4.0])
+        assert out["where"].shape == (3, 1, 4)
+        assert out["where"][0, 0].tolist() == [1, 5, 0, 0] and out["where"][1, 0].tolist() == [0, 0, 0, 0]
+        assert out["where"][2, 0].tolist() == [0, 2, 7, 11]
+        one = backend.infer(x[:1])
+        assert one["total"].shape == (1,) and one["where"].tolist() == [[[1, 5]]]
+    finally:
+        backend.deactivate()
