@@ -224,12 +224,11 @@ def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[P
 
     MACs are the per-layer profile of one forward, except for a two-stage model (one with
     ``second_stage_macs``): its second stage's cost depends on how many proposals the image
-    makes, so it is counted at the test-time maximum (``design.two_stage_macs``), RoIAlign
+    makes, so it is counted at the test-time maximum (``profile.two_stage_macs``), RoIAlign
     included."""
-    from build_engine.design import two_stage_macs
     from build_engine.export import export_onnx
     from build_engine.fold import fold_batchnorm
-    from build_engine.profile import profile_model
+    from build_engine.profile import profile_model, two_stage_macs
 
     folded, _ = fold_batchnorm(lm.model)
     prof = profile_model(folded, (1, 3, lm.input_height, lm.input_width))

@@ -219,3 +219,18 @@ def load_model_spec(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model spec {spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def two_stage_macs(model: Any, prof: Any = None) -> int:
+    """First stage (backbone, neck, proposal network) as profiled, plus RoIAlign and the box
+    head at the test-time maximum number of proposals (``post_nms_test``).
+
+    ``prof``: the model's ``profile_model`` result when the caller has one (else it is made here,
+    of the BN-folded model)."""
+    if prof is None:
+        from build_engine.fold import fold_batchnorm
+
+        folded, _ = fold_batchnorm(model)
+        prof = profile_model(folded, (1, 3, model.cfg.input_height, model.cfg.input_width))
+    first = sum(r.macs for r in prof.layers if not r.name.startswith("box_head"))
+    return int(first + model.second_stage_macs(model.post_nms_test))
