@@ -276,7 +276,8 @@ def create_server(
     service_limits = ServiceLimits(config.max_undecoded_bytes, config.max_stream_undecoded_bytes,
                                    config.decode_threads, config.max_streams, config.max_streams_per_peer,
                                    config.stream_idle_timeout_s, config.priorities(),
-                                   config.invalid_backoff_max_s, config.max_stream_inflight_bytes)
+                                   config.invalid_backoff_max_s, config.max_stream_inflight_bytes,
+                                   max_unary_detect_calls=config.unary_detect_limit())
     ms = 1000
     options = [
         ("grpc.max_receive_message_length", config.message_limit()),

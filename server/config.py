@@ -57,6 +57,10 @@ class ServerConfig:
     outbox_size: int = 32  # answers held per stream for a client that is slow to read
     max_message_bytes: int = 0  # largest request / response; 0 = derived (message_limit)
     max_workers: int = 16  # gRPC handler threads for unary calls and health, beside one per stream
+    # Unary Detect calls at once, below max_workers so that slow ones cannot take every handler
+    # thread from health checks; past it a call is refused RESOURCE_EXHAUSTED. 0 = derived
+    # (unary_detect_limit: max_workers less a quarter of them).
+    max_unary_detect_calls: int = 0
     # Open StreamDetect calls, in all and per client address; each holds a handler thread.
     max_streams: int = 32
     max_streams_per_peer: int = 8
@@ -164,6 +168,11 @@ class ServerConfig:
                      "max_image_pixels", "max_full_buffer_pixels", "unhealthy_after_failed_batches"):
             if getattr(self, name) < (0 if name in ("warmup_iters", "max_camera_labels") else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_unary_detect_calls < 0 or (self.max_unary_detect_calls
+                                               and self.max_unary_detect_calls >= max(2, self.max_workers)):
+            raise ConfigError(f"max_unary_detect_calls must be in 1..{max(1, self.max_workers - 1)}, below max_workers "
+                              f"({self.max_workers}) so that health checks keep a thread (0 = derived), got "
+                              f"{self.max_unary_detect_calls}")
         if self.max_message_bytes and self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
                 f"max_message_bytes {self.max_message_bytes} is below {MIN_MESSAGE_BYTES} (0 = derived from "
@@ -253,6 +262,15 @@ class ServerConfig:
         if self.max_message_bytes:
             return self.max_message_bytes
         return min(DEFAULT_MAX_MESSAGE_BYTES, self.max_image_pixels * 3 * 9 // 8 + 64 * 1024)
+
+    def unary_detect_limit(self) -> int:
+        """Unary Detect calls at once: ``max_unary_detect_calls``, or by default ``max_workers``
+        less a quarter of them (at least one left; 12 of the default 16). The handler pool has
+        ``max_streams + max_workers`` threads and every allowed stream can hold one, so
+        ``max_workers`` is what unary calls and health checks share."""
+        if self.max_unary_detect_calls:
+            return self.max_unary_detect_calls
+        return max(1, self.max_workers - max(1, self.max_workers // 4))
 
     def priorities(self) -> dict[str, int]:
         """camera id -> priority (higher is served first and shed last)."""

@@ -56,7 +56,7 @@ from perception.v1 import grpc_predict_v2_pb2 as kpb
 from perception.v1 import model_config_pb2 as mcpb
 from server.answer import FrameTask, finish_task
 from server.errors import DeadlineError, NotFoundError, status_for
-from server.limits import InvalidBackoff, ServiceLimits
+from server.limits import InvalidBackoff, ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.model_host import ServedModel
 from server.scheduler import Job, JobStatus, Scheduler
@@ -243,8 +243,11 @@ class KServeService:
 
     def ModelInfer(self, request: kpb.ModelInferRequest | RefusedInfer,
                    context: grpc.ServicerContext) -> kpb.ModelInferResponse:
-        started = self._start(request, context.time_remaining(), ("kserve", context.peer()))
-        return self._finish(started, context.is_active) or kpb.ModelInferResponse()
+        # The unary Detect cap covers these too: they share the handler pool with health checks.
+        with self._limits.unary_detect.hold():
+            owner = ("kserve", StreamAdmission.host_of(context.peer()))
+            started = self._start(request, context.time_remaining(), owner)
+            return self._finish(started, context.is_active) or kpb.ModelInferResponse()
 
     def ModelStreamInfer(self, requests: Iterator[kpb.ModelInferRequest | RefusedInfer],
                          context: grpc.ServicerContext) -> Iterator[mcpb.ModelStreamInferResponse]:

@@ -7,6 +7,9 @@
   streams cannot run 32 full-size decodes (and their buffers) at once.
 - ``StreamAdmission``: open ``StreamDetect`` calls, globally and per peer. Health and model
   info are unary calls outside this cap, so idle streams can never lock out a liveness probe.
+- ``CallSlots``: unary ``Detect`` calls at once. They share the handler pool with health, model
+  info and reflection (``max_streams + max_workers`` threads); capped below ``max_workers``, slow
+  ones cannot take every thread and starve a liveness probe.
 """
 
 from __future__ import annotations
@@ -184,6 +187,38 @@ class StreamAdmission:
             return self._total
 
 
+class CallSlots:
+    """At most ``limit`` calls at once; one past it is refused at once (OverloadedError, answered
+    RESOURCE_EXHAUSTED) rather than queued: a queued call would hold a handler thread while it
+    waits, which is what the cap is there to leave free. Thread-safe."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        if limit < 1:
+            raise ValueError(f"{what}: the call limit must be positive, got {limit}")
+        self.limit = limit
+        self.what = what
+        self._in_use = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        with self._lock:
+            return self._in_use
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._lock:
+            if self._in_use >= self.limit:
+                raise OverloadedError(f"server has {self._in_use} {self.what} calls in progress (max {self.limit}); "
+                                      "retry later, or send frames on a StreamDetect stream")
+            self._in_use += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use -= 1
+
+
 class InvalidBackoff:
     """How long a stream's reader waits before taking its next request, after frames that
     cannot be served (undecodable, over the size limits, malformed options).
@@ -217,13 +252,25 @@ class InvalidBackoff:
         self.strikes /= 2
 
 
+# Unary Detect calls at once by default: the default max_workers (16) less a quarter of them,
+# left for health checks, model info and reflection (ServerConfig.unary_detect_limit).
+DEFAULT_MAX_UNARY_DETECT_CALLS = 12
+# Distinct camera ids one stream may carry: a vehicle has a few dozen cameras at most, and a
+# stream remembers each one it carried until it ends (server.stream).
+DEFAULT_MAX_STREAM_CAMERAS = 64
+
+
 class ServiceLimits:
     """Every budget one server's calls share, built once from the config."""
 
     def __init__(self, max_undecoded_bytes: int = 256 << 20, max_stream_undecoded_bytes: int = 64 << 20,
                  decode_threads: int = 0, max_streams: int = 32, max_streams_per_peer: int = 8,
                  stream_idle_timeout_s: float = 60.0, priorities: dict[str, int] | None = None,
-                 invalid_backoff_max_s: float = 1.0, stream_inflight_bytes: int = 4 << 20) -> None:
+                 invalid_backoff_max_s: float = 1.0, stream_inflight_bytes: int = 4 << 20,
+                 max_unary_detect_calls: int = DEFAULT_MAX_UNARY_DETECT_CALLS,
+                 max_stream_cameras: int = DEFAULT_MAX_STREAM_CAMERAS) -> None:
+        if max_stream_cameras < 1:
+            raise ValueError(f"max_stream_cameras must be positive, got {max_stream_cameras}")
         self.undecoded = ByteBudget(max_undecoded_bytes, "the server's undecoded-bytes budget")
         self.stream_undecoded_bytes = max_stream_undecoded_bytes
         self.stream_inflight_bytes = stream_inflight_bytes
@@ -232,6 +279,8 @@ class ServiceLimits:
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.priorities = dict(priorities or {})
         self.invalid_backoff_max_s = invalid_backoff_max_s
+        self.unary_detect = CallSlots(max_unary_detect_calls, "unary Detect")
+        self.max_stream_cameras = max_stream_cameras
 
     def priority_of(self, camera_id: str) -> int:
         """The camera's priority class (unlisted cameras are normal: 1)."""

@@ -20,7 +20,7 @@ from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
 from server.answer import FrameTask, finish_task, track_answer
-from server.limits import ServiceLimits
+from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.shm import ShmReader
@@ -102,6 +102,14 @@ class DetectorService(pb_grpc.DetectorServicer):
         self, request: pb.DetectRequest | Refused | Received, context: grpc.ServicerContext
     ) -> pb.DetectResponse:
         scheduler = self._check_serving()
+        # Unary calls share the handler pool with health checks: at most max_unary_detect_calls
+        # at once, the next refused RESOURCE_EXHAUSTED here, before it holds anything.
+        with self._limits.unary_detect.hold():
+            return self._detect(scheduler, request, context)
+
+    def _detect(
+        self, scheduler: Scheduler, request: pb.DetectRequest | Refused | Received, context: grpc.ServicerContext
+    ) -> pb.DetectResponse:
         camera_id, sequence, ts, deadline_ms = convert.identify(request)
         if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)
             raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
@@ -116,8 +124,11 @@ class DetectorService(pb_grpc.DetectorServicer):
             frame, opts = self._convert(request)
             self.admit_camera(frame.camera_id)
             task.track = opts.track
+            task.owner = StreamAdmission.host_of(context.peer())
             task.priority = self._limits.priority_of(camera_id)
-            with self._limits.decode.slot(("unary", context.peer())):
+            # The decode slots' fairness is by client host: a new connection (a new port) per
+            # call would otherwise start with no decode time used every time.
+            with self._limits.decode.slot(("unary", StreamAdmission.host_of(context.peer()))):
                 # The model is taken once the slot is ours: a wait for it can outlast a swap, and
                 # the model swapped out is freed a few seconds after.
                 pipeline, task.model = self._current()
@@ -159,6 +170,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             self._limits,
             current_model=self._current,
             trackers=self._trackers,
+            cancel_call=context.cancel,
+            owner=StreamAdmission.host_of(context.peer()),
         )
         metrics = self._metrics
 

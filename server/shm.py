@@ -18,8 +18,9 @@ reason otherwise (``InvalidInputError``):
 - the name is a plain name (``[A-Za-z0-9._-]``, no ``/``, not ``.``/``..``) with the allowed
   prefix; the segment is opened read-only, without following a symlink, and must be a regular
   file (``/dev/shm`` is world-writable);
-- the frame's size fits the decode limits, its stride fits a row (+ at most 64 KiB padding) and
-  ``byte_size`` is exactly ``row_stride x rows``;
+- the frame's size fits the decode limits, its stride fits a row (+ at most 64 KiB padding), the
+  padding of all its rows together is at most an eighth of its pixel bytes or 4 MiB, whichever
+  is more (``slot_bytes``), and ``byte_size`` is exactly ``row_stride x rows``;
 - ``offset`` is a multiple of 64 and header + pixels end inside the segment's current size;
 - the header's magic, generation (equal to the reference's, i.e. the slot was not overwritten
   since) and byte size match the reference;
@@ -59,6 +60,9 @@ _NAME = re.compile(r"[A-Za-z0-9._-]+")
 # The only way pixels leave a segment (a name to wrap in tests that prove what is never read).
 _pread = os.pread
 _BYTES_PER_PIXEL = {PixelFormat.BGR8: 3, PixelFormat.RGB8: 3, PixelFormat.GRAY8: 1, PixelFormat.NV12: 1}
+# Row padding a slot may hold across the whole frame: an eighth of its pixel bytes, or this much,
+# whichever is more (``slot_bytes``).
+MAX_FRAME_PADDING = 4 * 1024 * 1024
 
 
 def check_prefix(prefix: str) -> str:
@@ -70,7 +74,15 @@ def check_prefix(prefix: str) -> str:
 
 
 def slot_bytes(width: int, height: int, pixel_format: int, row_stride: int = 0) -> tuple[int, int]:
-    """(row stride, pixel bytes) of a frame in a slot; InvalidInputError for an impossible one."""
+    """(row stride, pixel bytes) of a frame in a slot; InvalidInputError for an impossible one.
+
+    The server copies stride x rows bytes out of the slot, so the padding is bounded over the
+    whole frame, not only per row: 64 KiB a row times the 12,288 rows of a 4050x8192 NV12 frame
+    (inside the 8K pixel limit) made a ~100-byte reference to a sparse segment cost an 855 MB
+    copy, where the frame's pixels are 50 MB. Cameras pad rows to an alignment (64 to 4096
+    bytes): 1920x1080 NV12 at a 2048-byte pitch pads 6 %, a 640-pixel row aligned to 512 pads
+    60 % of a frame of 0.5 MB, and 1080p BGR8 rows aligned to 4096 pad 2.6 MB; all of them are
+    within an eighth of the pixels or 4 MiB."""
     try:
         fmt = PixelFormat(pixel_format)
     except ValueError:
@@ -84,6 +96,11 @@ def slot_bytes(width: int, height: int, pixel_format: int, row_stride: int = 0) 
     if fmt == PixelFormat.NV12 and (width % 2 or height % 2):
         raise InvalidInputError(f"NV12 needs even width and height, got {width}x{height}")
     rows = height + height // 2 if fmt == PixelFormat.NV12 else height
+    padding, allowed = (stride - row) * rows, max(row * rows // 8, MAX_FRAME_PADDING)
+    if padding > allowed:
+        raise InvalidInputError(
+            f"shared-memory frame {width}x{height}: row_stride {stride} pads its {rows} rows of {row} bytes by "
+            f"{padding} bytes in all; at most {allowed} (an eighth of the pixel bytes, or {MAX_FRAME_PADDING})")
     return stride, stride * rows
 
 

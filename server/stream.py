@@ -25,8 +25,15 @@ bytes too (``--max-stream-inflight-bytes``): a stream of big frames has one in t
 time. Undecoded bytes are budgeted per stream and for the whole server (``server.limits``): a
 frame that does not fit is answered OVERLOADED at once and its bytes let go. Decodes of every stream share one pool of
 slots sized to the cores. A stream that sends nothing for the idle timeout is ended
-(UNAVAILABLE: the client reconnects when it has frames). Cancellation (or the end of the call)
-closes the stream's scheduler queues, releasing every tensor it held.
+(UNAVAILABLE: the client reconnects when it has frames). A stream whose client stops reading
+its answers is cancelled once no answer could be sent for the same timeout (the send watchdog,
+``_watch_sends``): its send blocks inside gRPC when the client's HTTP/2 window is full, where no
+check of this module runs, and it would otherwise hold its slot and threads until the
+connection ages out. Cancellation (or the end of the call) closes the stream's scheduler
+queues, releasing every tensor it held.
+
+A stream carries at most ``ServiceLimits.max_stream_cameras`` distinct camera ids; a frame of one
+more is answered INVALID (the stream remembers every camera it carried, to close its queues).
 """
 
 from __future__ import annotations
@@ -76,8 +83,14 @@ class StreamSession:
         limits: ServiceLimits | None = None,
         current_model: Callable[[], tuple[FramePipeline, Any]] | None = None,
         trackers: Any = None,
+        cancel_call: Callable[[], object] | None = None,
+        owner: str = "",
     ) -> None:
         self._trackers = trackers
+        self._owner = owner  # the client's host: whose cameras these are, for tracking
+        # Ends the gRPC call (context.cancel): the one way to unblock a send the client's full
+        # window holds inside gRPC (the send watchdog).
+        self._cancel_call = cancel_call
         self.id = next(_ids)
         # The pipeline and model a new frame is prepared for (they change on a hot swap).
         self._current_model = current_model or (lambda: (pipeline, None))
@@ -100,6 +113,9 @@ class StreamSession:
         self._answerable = threading.Condition(self._lock)  # the handler: the oldest frame is done
         self._room = threading.Condition(self._lock)  # the reader: room in the outbox
         self._work = threading.Condition(self._lock)  # the pre-processor: frames in the inbox
+        self._watch = threading.Condition(self._lock)  # the send watchdog: the stream ended
+        # When the answer being sent was handed to gRPC; None while no send is in progress.
+        self._sending_since: float | None = None
         self._outbox: deque[FrameTask] = deque()  # every unanswered frame, in arrival order
         # camera -> frames waiting to be decoded (task, request, its size); round-robin order.
         self._inbox: dict[str, deque[tuple[FrameTask, Any, int]]] = {}
@@ -113,6 +129,9 @@ class StreamSession:
         self._in_flight: dict[str, int] = {}
         self._max_in_flight = scheduler.queue_size
         self._keys: set[tuple[int, str]] = set()
+        # Distinct camera ids taken off the wire (by the reader), at most max_stream_cameras: every
+        # key above is one of them, and each is remembered until the stream ends.
+        self._cameras: set[str] = set()
         self._reader_done = False
         self._cancelled = False
         self._stopped_for_drain = False
@@ -126,7 +145,8 @@ class StreamSession:
 
         Raises NotReadyError at the end if the server started draining mid-stream.
         """
-        for target, name, args in ((self._read, "reader", (requests,)), (self._prepare_loop, "prep", ())):
+        for target, name, args in ((self._read, "reader", (requests,)), (self._prepare_loop, "prep", ()),
+                                   (self._watch_sends, "watch", ())):
             threading.Thread(target=target, args=args, name=f"stream-{self.id}-{name}", daemon=True).start()
         try:
             while True:
@@ -153,7 +173,11 @@ class StreamSession:
                               self.id, task.camera_id, task.sequence, task.result.message)
                     self._count_internal()
                 answer = finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+                # Until the caller asks for the next answer, this one is being sent: gRPC's send
+                # returns once the client's flow-control window has room for it.
+                self._sending_since = time.monotonic()
                 yield track_answer(answer, task, self._trackers)
+                self._sending_since = None
         finally:
             self.cancel()
         if self._stopped_for_drain:
@@ -177,6 +201,34 @@ class StreamSession:
         self._release(held)
         for key in keys:
             self._scheduler.close(key)
+
+    # -- the send watchdog -----------------------------------------------------------------
+
+    def _watch_sends(self) -> None:
+        """Cancel the call when an answer could not be sent for ``stream_idle_timeout_s``.
+
+        A client that stops reading fills its HTTP/2 window, and the send of the next answer
+        then blocks inside gRPC: the idle check of ``answers`` never runs again, and the
+        stream's slot, its handler thread and its reader and pre-processor threads were held
+        until the connection aged out (``max_connection_age_s`` plus grace, 30 min by default).
+        Cancelling the call fails the blocked send, and the call's end releases all of them.
+        Sleeps between checks for as long as no stall can be due: about one wake-up per
+        timeout while answers flow."""
+        timeout = self._limits.stream_idle_timeout_s
+        with self._lock:
+            while True:
+                if self._cancelled:
+                    return
+                since = self._sending_since
+                now = time.monotonic()
+                if since is not None and now - since > timeout:
+                    break
+                self._watch.wait(timeout if since is None else since + timeout - now + 0.01)
+        log.warning("stream %d: no answer could be sent for %g s (the client stopped reading); cancelling it",
+                    self.id, timeout)
+        if self._cancel_call is not None:
+            self._cancel_call()
+        self.cancel()
 
     # -- the reader thread -----------------------------------------------------------------
 
@@ -241,11 +293,17 @@ class StreamSession:
         """Queue a request for decoding; with ``refuse``, answer it OVERLOADED right away."""
         camera_id, sequence, ts, deadline_ms = self._identify(request)
         self._last_request = time.monotonic()
-        task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms, on_change=self._notify)
+        task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms, on_change=self._notify, owner=self._owner)
         # Validated before it is counted or becomes an inbox key (metric label, memory).
         invalid = ""
         if len(camera_id) > MAX_CAMERA_ID_LEN:
             invalid = f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters"
+        elif camera_id not in self._cameras:  # only this thread touches the set
+            if len(self._cameras) >= self._limits.max_stream_cameras:
+                invalid = (f"this stream has carried {len(self._cameras)} cameras, the most one stream may; "
+                           f"camera {camera_id[:64]!r} is one more (send it on another stream)")
+            else:
+                self._cameras.add(camera_id)
         self._metrics.frame_received(camera_id)
         size = task.size = request.ByteSize() if hasattr(request, "ByteSize") else 0
         if not (invalid or refuse):
@@ -418,3 +476,4 @@ class StreamSession:
         self._answerable.notify_all()
         self._room.notify_all()
         self._work.notify_all()
+        self._watch.notify_all()

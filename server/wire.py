@@ -12,12 +12,20 @@ by their length, and each walk stops after ``MAX_FIELDS``, so the look costs mic
 whatever the request holds. Then it either parses the request, or refuses it:
 
 - a message with more than ``MAX_FIELDS`` fields (a camera frame has about ten);
-- options longer than ``MAX_OPTIONS_BYTES`` (a class filter holds at most one entry per class).
+- options longer than ``MAX_OPTIONS_BYTES`` in all: protobuf merges every occurrence of the
+  options field into one message, so the cap is on their sum, not on each (62 occurrences of
+  16 KiB parsed into a million class ids);
+- bytes the walk cannot read: a truncated varint, a length past the end, a group or a reserved
+  wire type. They are refused, not handed to protobuf, which accepts an unknown group: two
+  bytes (an empty group in an unknown field) appended to a request with 7 million class ids
+  made the walk give up, and protobuf then built all 7 million with the GIL held;
+- bytes protobuf refuses after the walk passed them (a camera id that is not UTF-8, field
+  number 0). Raised from the deserializer, its error would end the call INTERNAL ("Exception
+  deserializing request!") and a stream's every camera would lose its answers in flight.
 
 A refused request comes back as ``Refused``: the frame's identity (camera, sequence, capture
-time, deadline, read during the walk) and the reason. The service answers it INVALID in
-order, and a stream goes on. Bytes the walk cannot read (a truncated varint, a length past the
-end) go to protobuf as they are, which fails the call as it always did.
+time, deadline, read during the walk, as far as it got) and the reason. The service answers it
+INVALID in order, and a stream goes on.
 
 An accepted frame comes back as ``Received``: its image bytes a view of the received bytes,
 the rest parsed by protobuf, so the image is held once, not three times (see ``Received``).
@@ -28,6 +36,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from perception.v1 import detector_pb2 as pb
 
@@ -59,14 +69,14 @@ class Refused:
 
 
 class _Malformed(Exception):
-    """The walk could not read the bytes: protobuf gets them and reports it."""
+    """The walk could not read the bytes (the message says where): the request is refused."""
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
-            raise _Malformed
+            raise _Malformed("a varint is truncated or longer than 10 bytes")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -78,7 +88,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
 def _fields(buf: memoryview, start: int, end: int, what: str) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value start, value end) of each field in buf[start:end], in
     order; for a varint the value is in the third slot. Raises ValueError at field
-    MAX_FIELDS + 1 (after yielding the first MAX_FIELDS)."""
+    MAX_FIELDS + 1 (after yielding the first MAX_FIELDS), _Malformed for bytes it cannot read."""
     count = 0
     pos = start
     while pos < end:
@@ -93,17 +103,19 @@ def _fields(buf: memoryview, start: int, end: int, what: str) -> Iterator[tuple[
         elif kind == _LEN:
             length, pos = _varint(buf, pos, end)
             if pos + length > end:
-                raise _Malformed
+                raise _Malformed(f"field {number} (in the {what}) is {length} bytes long, past its end")
             yield number, kind, pos, pos + length
             pos += length
         elif kind in (_I64, _I32):
             size = 8 if kind == _I64 else 4
             if pos + size > end:
-                raise _Malformed
+                raise _Malformed(f"field {number} (in the {what}) is cut off")
             yield number, kind, pos, pos + size
             pos += size
         else:  # groups (3, 4) and the unused wire types 6, 7: nothing a camera sends
-            raise _Malformed
+            what_kind = "a group" if kind in (3, 4) else "a reserved wire type"
+            raise _Malformed(f"field {number} (in the {what}) has wire type {kind} ({what_kind}), which no "
+                             "proto3 message has")
 
 
 def _walk(fields: Iterator[tuple[int, int, int, int]]) -> None:
@@ -147,20 +159,25 @@ def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
     the path to the frame's image bytes (the frame field, then the encoded field, or the raw
     field and its data field) when that image can be cut out of the message without changing
     what protobuf would parse (one frame field, one image field, one data field); else None.
-    Raises _Malformed for bytes the walk cannot read."""
+    Bytes the walk cannot read are a reason to refuse too (module docstring)."""
     buf = memoryview(data)
     identity = pb.Frame()
     reason = ""
     frames: list[_Span] = []
     images: list[_Span] = []
     datas: list[_Span] = []
+    options_bytes = options_seen = 0
     try:
         start = 0
         for number, kind, a, b in _fields(buf, 0, len(buf), "top level"):
             if number == _OPTIONS and kind == _LEN:
-                if b - a > MAX_OPTIONS_BYTES:
-                    reason = reason or (f"the request's options are {b - a} bytes; at most {MAX_OPTIONS_BYTES} "
-                                        "(a class filter holds at most one entry per class)")
+                # protobuf merges every occurrence into one message: the cap is on their sum.
+                options_bytes += b - a
+                options_seen += 1
+                if options_bytes > MAX_OPTIONS_BYTES:
+                    across = f" across {options_seen} occurrences of the field" if options_seen > 1 else ""
+                    reason = reason or (f"the request's options are {options_bytes} bytes{across}; at most "
+                                        f"{MAX_OPTIONS_BYTES} (a class filter holds at most one entry per class)")
                 else:
                     _walk(_fields(buf, a, b, "options"))
             elif number == _FRAME and kind != _LEN:
@@ -190,6 +207,8 @@ def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
             start = b
     except ValueError as exc:
         reason = reason or str(exc)
+    except _Malformed as exc:
+        reason = reason or f"the request is not a DetectRequest: its bytes cannot be read ({exc})"
     path: list[_Span] | None = None
     if not reason and len(frames) == 1 and frames[0][3] == _FRAME and len(images) == 1:
         if images[0][3] == _ENCODED:
@@ -220,17 +239,19 @@ def _cut(buf: memoryview, path: list[_Span], start: int, end: int) -> bytes:
 
 
 def parse_detect_request(data: bytes) -> pb.DetectRequest | Refused | Received:
-    """The request deserializer of Detect and StreamDetect (module docstring)."""
-    try:
-        reason, identity, path = check(data)
-    except _Malformed:
-        return pb.DetectRequest.FromString(data)
+    """The request deserializer of Detect and StreamDetect (module docstring). Never raises for
+    what a client sent: whatever cannot be parsed comes back ``Refused``."""
+    reason, identity, path = check(data)
     if reason:
         return Refused(pb.DetectRequest(frame=identity), reason, len(data))
-    if path is None:
-        return pb.DetectRequest.FromString(data)
     buf = memoryview(data)
-    rest = pb.DetectRequest.FromString(_cut(buf, path, 0, len(buf)))
+    try:
+        if path is None:
+            return pb.DetectRequest.FromString(data)
+        rest = pb.DetectRequest.FromString(_cut(buf, path, 0, len(buf)))
+    except DecodeError as exc:
+        return Refused(pb.DetectRequest(frame=identity), f"the request is not a valid DetectRequest: {exc}",
+                       len(data))
     _, a, b, _ = path[-1]
     return Received(rest, "encoded" if len(path) == 2 else "raw", buf[a:b], len(data))
 
@@ -292,16 +313,16 @@ class RefusedInfer:
 
 def parse_model_infer_request(data: bytes) -> Any:
     """The request deserializer of the KServe front door's ModelInfer: ``RefusedInfer`` for a
-    field flood, oversized typed contents or bytes that are no ModelInferRequest (which gRPC
-    would answer INTERNAL, "Exception deserializing request!"), else the parsed request."""
-    from google.protobuf.message import DecodeError
-
+    field flood, oversized typed contents, bytes the walk cannot read (a group would make it
+    give up while protobuf parses the rest, typed contents and all: refused, as for
+    DetectRequest) or bytes that are no ModelInferRequest (which gRPC would answer INTERNAL,
+    "Exception deserializing request!"), else the parsed request."""
     from perception.v1 import grpc_predict_v2_pb2 as kpb
 
     try:
         reason = check_schema(data, MODEL_INFER_REQUEST)
-    except _Malformed:
-        reason = ""
+    except _Malformed as exc:
+        reason = f"the request is not a ModelInferRequest: its bytes cannot be read ({exc})"
     if reason:
         return RefusedInfer(reason)
     try:

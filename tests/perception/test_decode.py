@@ -10,7 +10,15 @@ import cv2
 import numpy as np
 import pytest
 
-from perception.decode import MAX_ROW_PADDING, PixelFormat, decode_encoded, decode_raw, encoded_size
+from perception.decode import (
+    MAX_ROW_PADDING,
+    DecodeLimits,
+    PixelFormat,
+    decode_encoded,
+    decode_raw,
+    encoded_size,
+    read_header,
+)
 from perception.errors import InvalidInputError
 
 
@@ -146,3 +154,59 @@ def test_raw_stride_never_allocates_the_padding():
 def test_raw_absurd_stride_refused(stride):
     with pytest.raises(InvalidInputError, match="row_stride"):
         decode_raw(b"\x01\x02\x03", 1, 1, PixelFormat.BGR8, stride)
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def flat_jpeg(w: int, h: int, interleaved: bool, sof: int = 0xC0, components: int = 3) -> bytes:
+    """A valid baseline JPEG of a flat grey image, written by hand: no encoder at hand writes a
+    scan per component. One Huffman code of one bit for DC difference 0 and one for end of
+    block make every 8x8 block two zero bits, so the scans are zero bytes (1 MB at 8K, not a
+    byte of 0xFF to stuff). ``interleaved``: one scan of every component (what cameras send),
+    else one scan per component."""
+    out = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64))
+    ids = tuple(range(1, components + 1))
+    out += _segment(sof, struct.pack(">BHHB", 8, h, w, components) + b"".join(bytes([c, 0x11, 0]) for c in ids))
+    one_code = bytes([1] + [0] * 15) + b"\x00"  # one code of length 1, for symbol 0
+    out += _segment(0xC4, b"\x00" + one_code + b"\x10" + one_code)  # DC table 0, AC table 0
+    blocks = -(-w // 8) * -(-h // 8)
+
+    def scan(of: tuple[int, ...]) -> bytes:
+        bits = 2 * blocks * len(of)
+        data = bytes(bits // 8) + (bytes([0xFF >> (bits % 8)]) if bits % 8 else b"")  # padded with 1 bits
+        header = bytes([len(of)]) + b"".join(bytes([c, 0]) for c in of) + b"\x00\x3f\x00"
+        return _segment(0xDA, header) + data
+
+    out += scan(ids) if interleaved else b"".join(scan((c,)) for c in ids)
+    return out + b"\xff\xd9"
+
+
+def test_a_jpeg_of_one_scan_per_component_needs_a_full_buffer():
+    """libjpeg keeps every DCT coefficient of a JPEG whose first scan leaves components out, as
+    for a progressive one: a 0.4 MB 7680x4320 baseline JPEG of three scans decoded with +190 MB
+    RSS (its interleaved twin +1 MB). The header walk goes on to the first scan to tell."""
+    for interleaved in (True, False):  # the hand-written JPEGs are real ones
+        out, w, h = decode_encoded(flat_jpeg(64, 48, interleaved))
+        assert (w, h) == (64, 48) and out.shape == (48, 64, 3) and set(np.unique(out)) == {128}
+    head = read_header(flat_jpeg(64, 48, interleaved=False))
+    assert head.full_buffer and head.what == "non-interleaved JPEG"
+    assert not read_header(flat_jpeg(64, 48, interleaved=True)).full_buffer
+    assert not read_header(flat_jpeg(64, 48, interleaved=True, components=1)).full_buffer  # grey: one scan
+    assert not read_header(cv2.imencode(".jpg", img())[1].tobytes()).full_buffer
+    # Lossless and hierarchical frames, and a frame header with no scan after it, count as full-buffer.
+    for sof, what in ((0xC3, "lossless JPEG"), (0xC5, "hierarchical JPEG"), (0xC2, "progressive JPEG")):
+        head = read_header(flat_jpeg(64, 48, interleaved=True, sof=sof))
+        assert head.full_buffer and head.what == what, (hex(sof), head)
+    cut = flat_jpeg(64, 48, interleaved=True)
+    head = read_header(cut[: cut.index(b"\xff\xda")])
+    assert head.full_buffer and (head.width, head.height) == (64, 48)
+
+    limits = DecodeLimits(max_full_buffer_pixels=1920 * 1080)
+    big = flat_jpeg(7680, 4320, interleaved=False)
+    assert len(big) < 400_000
+    with pytest.raises(InvalidInputError, match="non-interleaved JPEG 7680x4320 needs a full-size decode buffer"):
+        decode_encoded(big, (640, 384), limits)
+    out, w, h = decode_encoded(flat_jpeg(7680, 4320, interleaved=True), (640, 384), limits)
+    assert (w, h) == (7680, 4320) and out.shape == (540, 960, 3)  # reduced scale, no full buffer

@@ -287,3 +287,52 @@ def test_the_serve_flag_sets_the_prefix(tiny_manifest: Any) -> None:
     config = load_config(_flags(args), env={})
     assert (config.shm_allow, config.shm_max_open) == (PREFIX, 4)
     assert load_config({"model": str(tiny_manifest)}, env={}).shm_allow == ""  # off by default
+
+
+def test_row_padding_is_bounded_over_the_whole_frame_not_only_per_row() -> None:
+    """Cameras' pitches (alignment to 64..4096 bytes) pass; 64 KiB on each of a tall, narrow
+    frame's rows does not (it was an 855 MB copy for a frame of 50 MB of pixels)."""
+    nv12, bgr8 = int(PixelFormat.NV12), int(PixelFormat.BGR8)
+    assert server_shm.slot_bytes(1920, 1080, nv12, 2048) == (2048, 2048 * 1620)  # Jetson NVMM pitch
+    assert server_shm.slot_bytes(640, 480, nv12, 1024) == (1024, 1024 * 720)  # 512-aligned rows
+    assert server_shm.slot_bytes(1920, 1080, bgr8, 8192) == (8192, 8192 * 1080)  # 4096-aligned rows
+    assert server_shm.slot_bytes(7680, 4320, nv12, 8192) == (8192, 8192 * 6480)
+    assert server_shm.slot_bytes(4050, 8192, nv12, 4096) == (4096, 4096 * 12288)
+    with pytest.raises(InvalidInputError, match="pads its 12288 rows of 4050 bytes by 805306368 bytes in all"):
+        server_shm.slot_bytes(4050, 8192, nv12, 4050 + 65536)
+
+
+def test_a_tall_narrow_frame_with_padded_rows_is_refused_before_it_is_copied(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ~100-byte reference to a sparse segment (no memory until read) with a valid slot
+    header: the old check passed it and pread allocated 855 MB. Refused now, nothing read."""
+    width, height, stride = 4050, 8192, 4050 + 65536
+    byte_size = stride * (height * 3 // 2)
+    assert byte_size == 855_072_768
+    seen: list[int] = []
+    real = os.pread
+
+    def bounded(fd: int, size: int, offset: int) -> bytes:
+        seen.append(size)
+        if size > 64 << 20:  # what the old code did; refuse here instead of allocating it
+            raise MemoryError(f"a {size}-byte read out of shared memory")
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(server_shm, "_pread", bounded)
+    run = serve(shm_allow=PREFIX, invalid_backoff_max_s=0)
+    name = f"{PREFIX}sparse"
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, HEADER_SIZE + byte_size)  # sparse: costs nothing until read
+        os.pwrite(fd, server_shm.HEADER.pack(server_shm.MAGIC, 2, byte_size), 0)
+        ref = pb.SharedMemoryRef(segment=name, offset=0, byte_size=byte_size, generation=2, width=width,
+                                 height=height, row_stride=stride, format=pb.PIXEL_FORMAT_NV12)
+        assert len(ref.SerializeToString()) < 100
+        out = _lockstep(run.stub, [_shm_request("front", 1, ref), request("front", 2, jpeg())])
+    finally:
+        os.close(fd)
+        os.unlink(f"/dev/shm/{name}")
+    assert [a.status for a in out] == [INVALID, OK], [a.message for a in out]
+    assert "805306368 bytes in all" in out[0].message, out[0].message
+    assert seen == []  # refused before the segment was opened

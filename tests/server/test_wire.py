@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.message import DecodeError
 
@@ -143,13 +144,99 @@ def test_a_flood_of_fields_is_refused(where: str) -> None:
     assert got.request.frame.camera_id == "front"
 
 
-def test_bytes_the_walk_cannot_read_go_to_protobuf_which_fails_as_before() -> None:
+def test_bytes_the_walk_cannot_read_are_refused_not_handed_to_protobuf() -> None:
+    """Truncated or unreadable bytes come back Refused (answered INVALID), with the frame's
+    identity as far as the walk read it; protobuf would refuse them too."""
     good = request("front", 1, jpeg()).SerializeToString()
     for bad in (good[:-10], b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0b"):
         with pytest.raises(DecodeError):
             pb.DetectRequest.FromString(bad)
+        got = parse_detect_request(bad)
+        assert isinstance(got, Refused) and "not a DetectRequest: its bytes cannot be read" in got.reason, got
+        assert got.ByteSize() == len(bad)
+
+
+def test_a_group_does_not_turn_the_flood_check_off() -> None:
+    """protobuf accepts an unknown group (here an empty one in field 15: two bytes, 0x7b 0x7c);
+    the walk cannot read groups. When that handed the request to protobuf unchecked, 7 million
+    class ids behind those two bytes were parsed with the GIL held. Refused now, in the time of
+    the walk, with the frame's identity."""
+    data = _flooded_options(7_000_000) + b"\x7b\x7c"
+    assert len(pb.DetectRequest.FromString(data).options.class_filter) == 7_000_000  # what protobuf would do
+    elapsed = float("inf")
+    for _ in range(3):  # the least-disturbed of three, as above
+        t0 = time.perf_counter()
+        got = parse_detect_request(data)
+        elapsed = min(elapsed, time.perf_counter() - t0)
+    assert isinstance(got, Refused), type(got)
+    assert "options are" in got.reason  # the first reason found: the options' size
+    assert got.request.frame.camera_id == "front" and got.request.frame.sequence == 3
+    assert elapsed < 0.005, f"{elapsed * 1e3:.1f} ms: the look must not scale with the entries"
+    alone = request("front", 4, jpeg()).SerializeToString() + b"\x7b\x7c"  # a group and nothing else odd
+    got = parse_detect_request(alone)
+    assert isinstance(got, Refused) and "wire type 3 (a group)" in got.reason and got.request.frame.sequence == 4
+
+
+def test_bytes_protobuf_refuses_after_the_walk_are_refused_with_the_identity() -> None:
+    """A camera id that is not UTF-8 passes the walk, and protobuf's DecodeError used to escape
+    the deserializer: gRPC ended the whole call INTERNAL."""
+    bad_utf8 = request("ab", 5, jpeg()).SerializeToString().replace(b"\x0a\x02ab", b"\x0a\x02\xff\xfe", 1)
+    field_zero = request("front", 6, jpeg()).SerializeToString() + b"\x00\x01"  # field number 0
+    for data, seq in ((bad_utf8, 5), (field_zero, 6)):
         with pytest.raises(DecodeError):
-            parse_detect_request(bad)
+            pb.DetectRequest.FromString(data)
+        got = parse_detect_request(data)
+        assert isinstance(got, Refused) and "not a valid DetectRequest" in got.reason, got
+        assert got.request.frame.sequence == seq and got.ByteSize() == len(data)
+
+
+def test_the_options_cap_is_on_all_occurrences_together() -> None:
+    """protobuf merges repeated occurrences of the options field: 62 of 16 KiB each parsed into
+    a million class ids while each one passed the 16 KiB cap."""
+    chunk = pb.DetectOptions(class_filter=[0] * 16_000).SerializeToString()
+    assert len(chunk) < MAX_OPTIONS_BYTES
+    field = bytes([2 << 3 | 2]) + _varint(len(chunk)) + chunk
+    data = request("front", 8, jpeg()).SerializeToString() + field * 62
+    assert len(pb.DetectRequest.FromString(data).options.class_filter) == 992_000  # protobuf merges them
+    got = parse_detect_request(data)
+    assert isinstance(got, Refused), type(got)
+    assert "across 2 occurrences" in got.reason and str(MAX_OPTIONS_BYTES) in got.reason
+    assert got.request.frame.sequence == 8
+    two_small = request("front", 9, jpeg()).SerializeToString() + field + b"\x12\x02\x08\x07"  # + max_detections
+    ok = parse_detect_request(two_small)
+    assert not isinstance(ok, Refused) and _whole(ok) == pb.DetectRequest.FromString(two_small)
+
+
+def test_a_stream_answers_unparseable_requests_invalid_in_order_and_goes_on(serve: Any) -> None:
+    """One bad frame used to end the stream INTERNAL ("Exception deserializing request!") and
+    lose every other answer in flight; now it is answered INVALID in its place."""
+    run = serve(invalid_backoff_max_s=0)
+    bad_utf8 = request("ab", 1, jpeg()).SerializeToString().replace(b"\x0a\x02ab", b"\x0a\x02\xff\xfe", 1)
+    grouped = request("front", 2, jpeg()).SerializeToString() + b"\x7b\x7c"
+    truncated = request("front", 3, jpeg()).SerializeToString() + b"\x12\x05\x08"  # options cut off
+    reqs = [request("front", 0, jpeg()).SerializeToString(), bad_utf8, grouped, truncated,
+            request("front", 4, jpeg()).SerializeToString()]
+    stream = run.channel.stream_stream("/perception.v1.Detector/StreamDetect", request_serializer=None,
+                                       response_deserializer=pb.DetectResponse.FromString)
+    turn = threading.Semaphore(1)
+
+    def lockstep() -> Any:  # one at a time: no frame of the camera is dropped stale for a newer one
+        for r in reqs:
+            turn.acquire()
+            yield r
+
+    out = []
+    for answer in stream(lockstep(), timeout=30):
+        out.append(answer)
+        turn.release()
+    assert [a.status for a in out] == [OK, INVALID, INVALID, INVALID, OK], [a.message for a in out]
+    assert [a.sequence for a in out] == [0, 1, 2, 3, 4]
+    assert "not a valid DetectRequest" in out[1].message and "a group" in out[2].message
+    detect = run.channel.unary_unary("/perception.v1.Detector/Detect", request_serializer=None,
+                                     response_deserializer=pb.DetectResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        detect(bad_utf8, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
 
 
 def test_a_stream_answers_a_flooded_request_invalid_and_goes_on(serve: Any) -> None:
@@ -256,6 +343,23 @@ def test_the_kserve_front_door_answers_a_refused_request_invalid_argument(serve:
         infer(_infer_request(uint_contents=[0] * 6_000_000).SerializeToString(), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "uint_contents make 6000000 bytes" in (err.value.details() or "")
+
+
+def test_a_group_does_not_turn_the_kserve_check_off() -> None:
+    """The same two bytes made the KServe walk give up and protobuf parse 6 MB of typed
+    contents."""
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+    from server.wire import RefusedInfer, parse_model_infer_request
+
+    data = _infer_request(uint_contents=[0] * 6_000_000).SerializeToString() + b"\x7b\x7c"
+    assert len(kpb.ModelInferRequest.FromString(data).inputs[0].contents.uint_contents) == 6_000_000
+    t0 = time.perf_counter()
+    got = parse_model_infer_request(data)
+    assert time.perf_counter() - t0 < 0.005
+    assert isinstance(got, RefusedInfer), got
+    alone = _infer_request(uint_contents=[7] * 48).SerializeToString() + b"\x7b\x7c"
+    got = parse_model_infer_request(alone)
+    assert isinstance(got, RefusedInfer) and "a group" in got.reason, got
 
 
 def test_typed_contents_split_into_chunks_count_as_one() -> None:
