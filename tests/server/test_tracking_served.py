@@ -52,3 +52,27 @@ def test_track_ids_persist_across_frames_and_reconnects(serve: Any) -> None:
     # A request without track gets none.
     plain = run.stub.Detect(_tracked("front", 5, track=False), timeout=10)
     assert plain.detections and {d.track_id for d in plain.detections} == {0}
+
+
+def test_a_reconnect_that_resends_tracked_frames_keeps_the_tracks(serve: Any) -> None:
+    """The client library re-sends, on a new stream, the frames it had no answer for. Frames the
+    server had tracked came back with a sequence that went back, and every track of the camera
+    was dropped as if the camera had restarted."""
+    run = serve()
+    first = _lockstep(run, [_tracked("front", i) for i in range(4)])
+    ids = [sorted(d.track_id for d in a.detections) for a in first]
+    again = _lockstep(run, [_tracked("front", i) for i in (2, 3, 4, 5)])
+    assert [sorted(d.track_id for d in a.detections) for a in again] == [ids[0]] * 4
+    assert {d.track_state for d in again[3].detections} == {pb.TRACK_STATE_CONFIRMED}
+
+
+def test_a_recording_whose_first_frame_is_at_time_zero_keeps_its_ids(serve: Any) -> None:
+    """A video or image folder stamps its first frame 0, which the wire reads as "no capture
+    time": tracked on the arrival clock, the next frame (100 ms) looked like time going back."""
+    run = serve()
+    reqs = [_tracked("rear", i) for i in range(3)]
+    for i, r in enumerate(reqs):
+        r.frame.capture_timestamp_ns = i * 100_000_000
+    answers = _lockstep(run, reqs)
+    ids = [sorted(d.track_id for d in a.detections) for a in answers]
+    assert ids[0] and ids[0] == ids[1] == ids[2]
