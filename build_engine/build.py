@@ -189,6 +189,11 @@ def max_batch_of(lm: LoadedModel, wanted: int) -> int:
 
 
 def git_sha() -> str:
+    """The commit of this code: ``PERCEPTION_GIT_SHA`` when set (an image or install built
+    without ``.git`` records it there), else ``git rev-parse HEAD``; "unknown" without either."""
+    env = os.environ.get("PERCEPTION_GIT_SHA", "")
+    if env and env != "unknown":
+        return env
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from build_engine.losses import LossConfig
+from build_engine.losses import LossConfig, check_sigmoid_cls_loss
 from build_engine.model.config import PRESETS, ModelConfig
 from perception.errors import ConfigError
 
@@ -108,6 +108,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.threads < 1 or self.eval_every < 1:
             raise ConfigError("threads and eval_every must be >= 1")
+        if self.model.family == "yolo":  # at load, not at the first batch of a training run
+            check_sigmoid_cls_loss(self.loss, "the yolo family")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

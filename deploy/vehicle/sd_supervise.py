@@ -21,8 +21,8 @@ protocol (a datagram to ``$NOTIFY_SOCKET``; no libsystemd needed):
   ``ExecReload=``); the supervisor's default action would have ended it, and the service.
 
 ``--auth-token-file F`` is appended to the server command as ``--auth-token-file F``. The unit
-no longer uses it: it hands the server every credential path as a ``PERCEPTION_*`` setting
-(``Environment=PERCEPTION_AUTH_TOKEN_FILE=%d/tokens``); the option stays for units written
+no longer uses it: its server command names every credential path itself
+(``--auth-token-file ${CREDENTIALS_DIRECTORY}/tokens``); the option stays for units written
 with it.
 
 Without ``$NOTIFY_SOCKET`` (run by hand, in a container) it simply execs the command.

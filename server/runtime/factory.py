@@ -101,7 +101,9 @@ def backend_for(
     wanted = manifest.variant(variant or None)
     tries, skipped = plan(preference, avail or Availability.detect())
     for name, why in skipped.items():
-        log.info("backend %s skipped: %s", name, why)
+        # The first choice missing is worth a warning: a GPU image serving on the CPU is
+        # otherwise found only by its latency.
+        (log.warning if name == preference[0] else log.info)("backend %s skipped: %s", name, why)
     errors: list[str] = []
     for name in tries:
         try:

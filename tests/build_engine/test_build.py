@@ -359,3 +359,14 @@ def frame_size(frame) -> tuple[int, int]:
     img = cv2.imdecode(np.frombuffer(frame.encoded, np.uint8), cv2.IMREAD_COLOR)
     assert img is not None
     return img.shape[1], img.shape[0]
+
+
+def test_provenance_names_the_commit_an_image_was_built_from(monkeypatch) -> None:
+    """An image or install without .git records its commit in PERCEPTION_GIT_SHA; the build's
+    provenance said "unknown" there."""
+    from build_engine.build import git_sha
+
+    monkeypatch.setenv("PERCEPTION_GIT_SHA", "0123abcd")
+    assert git_sha() == "0123abcd"
+    monkeypatch.setenv("PERCEPTION_GIT_SHA", "unknown")
+    assert git_sha() != "unknown"  # this checkout has .git

@@ -155,3 +155,12 @@ def test_the_yolo_loss_refuses_softmax_ce() -> None:
     for ok in ("bce", "focal"):
         DetectionLoss(LossConfig(cls_loss=ok), 2)
     LossConfig(cls_loss="ce")  # still a valid config: the SSD family trains with it
+
+
+def test_a_yolo_config_with_softmax_ce_is_refused_when_loaded() -> None:
+    """At load, not at the first batch of a training run minutes later."""
+    from build_engine.config import ModelConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="use bce or focal"):
+        TrainConfig(model=ModelConfig(family="yolo"), loss=LossConfig(cls_loss="ce"))
+    TrainConfig(model=ModelConfig(family="ssd"), loss=LossConfig(cls_loss="ce"))

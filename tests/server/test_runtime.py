@@ -430,3 +430,17 @@ def test_a_single_image_export_runs_a_batch_frame_by_frame(tmp_path) -> None:
         assert one["total"].shape == (1,) and one["where"].tolist() == [[[1, 5]]]
     finally:
         backend.deactivate()
+
+
+def test_a_missing_first_choice_backend_is_a_warning(tiny_manifest, caplog):
+    """A GPU image whose first backend is not installed served on the CPU with one INFO line:
+    found only by its latency. The first choice skipped is a warning; a later one stays INFO."""
+    import logging
+
+    m = load_manifest(tiny_manifest)
+    cpu = Availability(tensorrt=False, ort_providers=frozenset({"CPUExecutionProvider"}))
+    with caplog.at_level(logging.INFO, logger="server.runtime.factory"):
+        backend, _ = backend_for(m, preference=("tensorrt", "onnxruntime-cpu", "onnxruntime-cuda"), avail=cpu)
+    backend.deactivate()
+    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if "skipped" in r.getMessage()}
+    assert levels == {"backend tensorrt skipped": logging.WARNING, "backend onnxruntime-cuda skipped": logging.INFO}
