@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the server needs --shm-allow covering --shm-prefix)")
     s.add_argument("--shm-prefix", default="perception-",
                    help="name prefix of the shared-memory rings with --encode shm (default perception-)")
+    s.add_argument("--shm-mode", type=lambda v: int(v, 8), default=0o600,
+                   help="octal mode of the rings (default 600: this user only); 640 with --shm-group lets a "
+                        "server running as another user in that group read them")
+    s.add_argument("--shm-group", default=None, help="group (name or id) the rings belong to, with --shm-mode 640")
     s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 with --encode jpeg (default 90)")
     s.add_argument("--window", type=int, default=2,
                    help="frames in flight per camera (default 2); newer frames replace the one waiting")
@@ -131,6 +135,7 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
     config = client_config(args, window=args.window, deadline_ms=args.deadline_ms)
     node_config = NodeConfig(
         encode=FrameEncoding(args.encode), jpeg_quality=args.jpeg_quality, shm_prefix=args.shm_prefix,
+        shm_mode=args.shm_mode, shm_group=args.shm_group,
         retry=BackoffConfig(initial_s=min(0.5, args.retry_max), max_s=args.retry_max, give_up_after_s=0.0),
         options=RequestOptions(score_threshold=args.score_threshold) if args.score_threshold else None,
     )

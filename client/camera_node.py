@@ -46,7 +46,7 @@ from client.frames import FrameResult, SourceFrame
 from client.latest_frame import LatestFrame
 from client.live_capture import Camera, Grab
 from client.message_limit import MessageLimit
-from client.shm_ring import DEFAULT_PREFIX, ShmRing
+from client.shm_ring import DEFAULT_MODE, DEFAULT_PREFIX, ShmRing, check_mode, group_id
 from client.sources.images import bgr_frame
 from client.sources.live_source import encode_jpeg
 from client.stream import ResultCallback, StreamSession
@@ -84,10 +84,17 @@ class NodeConfig:
     options: RequestOptions | None = None
     stop_timeout_s: float = 3.0
     shm_prefix: str = DEFAULT_PREFIX
+    # Who may read the rings besides this node (client.shm_ring): a server running as another
+    # user reads them through a shared group, e.g. mode 0o640 and group "perception-shm".
+    shm_mode: int = DEFAULT_MODE
+    shm_group: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        check_mode(self.shm_mode)
+        if self.shm_group is not None:
+            group_id(self.shm_group)  # a group that does not exist fails here, not at every frame
         if self.stop_timeout_s < 0:
             raise ConfigError("stop_timeout_s must not be negative")
 
@@ -341,7 +348,8 @@ class CameraWorker:
         if ring is None or image.nbytes > ring.slot_bytes:
             if ring is not None:
                 ring.close()  # frames still in flight in it are answered INVALID
-            ring = self._ring = ShmRing(self._client.config.window + 2, int(image.nbytes), self._config.shm_prefix)
+            ring = self._ring = ShmRing(self._client.config.window + 2, int(image.nbytes), self._config.shm_prefix,
+                                        mode=self._config.shm_mode, group=self._config.shm_group)
             log.info("%s: shared-memory ring %s, %d slots of %d bytes", self.camera_id, ring.name, ring.slots,
                      ring.slot_bytes)
         return ring

@@ -66,9 +66,12 @@ def check_mode(mode: int) -> int:
     return mode
 
 
-def _gid(group: str | int) -> int:
+def group_id(group: str | int) -> int:
+    """The id of a group given by name or id (an int, or a string of digits: ``--shm-group 1001``)."""
     if isinstance(group, int):
         return group
+    if group.isdigit():
+        return int(group)
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -89,7 +92,7 @@ class ShmRing:
         if slots < 1 or slot_bytes < 1:
             raise ConfigError(f"a ring needs at least one slot of at least one byte, got {slots} x {slot_bytes}")
         check_mode(mode)
-        gid = None if group is None else _gid(group)
+        gid = None if group is None else group_id(group)
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.slot_stride = -(-(HEADER_SIZE + slot_bytes) // _ALIGN) * _ALIGN

@@ -614,3 +614,34 @@ def test_a_camera_that_opens_but_delivers_no_frame_is_a_failed_open_not_a_reconn
     assert "[camera down]" in out
     said = [r for r in caplog.records if r.name == "client.camera_node" and "has only 100 bytes" in r.getMessage()]
     assert len(said) >= 3 and [r.levelno for r in said].count(logging.WARNING) == 1, said
+
+
+def test_shm_rings_take_the_mode_and_group_given(tiny_manifest: Path, tmp_path: Path) -> None:
+    """--shm-mode 640 --shm-group G: a server running as another user of group G can read the
+    rings (the vehicle unit's dynamic user); the node used to make them 0600 whatever it was told."""
+    from tests.client.conftest import start_server
+
+    prefix = f"perception-modetest-{os.getpid()}-"
+    srv, port = start_server(tiny_manifest, shm_allow=prefix)
+    video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    gid = os.getgid()
+    try:
+        argv = [str(video), "--loop", "--encode", "shm", "--shm-prefix", prefix, "--shm-mode", "640",
+                "--shm-group", str(gid), "--server", f"127.0.0.1:{port}", "--duration", "2.0"]
+        t, _, result = _run_in_thread(argv)
+        seen: list[os.stat_result] = []
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            seen = [os.stat(f"/dev/shm/{f}") for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+            time.sleep(0.05)
+        t.join(20)
+        assert result == {"rc": 0}
+        assert seen and all(s.st_mode & 0o777 == 0o640 and s.st_gid == gid for s in seen), seen
+    finally:
+        srv.shutdown(1.0)
+    from client.camera_node import NodeConfig
+
+    with pytest.raises(ConfigError, match="mode"):
+        NodeConfig(shm_mode=0o666)
+    with pytest.raises(ConfigError, match="does not exist"):
+        NodeConfig(shm_mode=0o640, shm_group="no-such-group-here")
