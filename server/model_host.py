@@ -120,6 +120,17 @@ class RollbackRecord(NamedTuple):
     automatic: bool
 
 
+@dataclass(frozen=True)
+class _RolledBack:
+    """A rollback made under the lock, for what follows it outside (``ModelHost._after_rollback``)."""
+
+    back: ServedModel
+    off: ServedModel
+    reason: str
+    again: bool
+    dropped: list[ServedModel]
+
+
 class ModelHost:
     """The served model, the operator's previous one, and the swaps between them. Thread-safe."""
 
@@ -427,50 +438,68 @@ class ModelHost:
 
         A rollback into a model that probation rolled off starts a probation window again: it
         failed once, and would otherwise serve unwatched."""
-        automatic = expect is not None
         with self._lock:
-            if automatic and self._current is not expect:
+            done = self._rollback_locked(reason, expect)
+        return self._after_rollback(done) if isinstance(done, _RolledBack) else done
+
+    def _rollback_locked(self, reason: str, expect: ServedModel | None) -> _RolledBack | ServedModel:
+        """Under the lock: ``rollback``'s change of models; the model served if there is none
+        to make (probation's, for a model no longer served, or after shutdown). ``observe``
+        calls it within the same hold of the lock as its judgement: a probation that ended
+        between the two would otherwise have let the variant a move left go, and the rollback
+        then served the operator's previous model instead."""
+        automatic = expect is not None
+        if automatic and self._current is not expect:
+            return self._current
+        if self._closed:
+            if automatic:
                 return self._current
-            if self._closed:
-                if automatic:
-                    return self._current
-                raise ModelError("the server is shutting down")
-            now = time.monotonic()
-            pending = self._expire_left(now)
-            off = self._current
-            if automatic and self._left is not None:
-                back, self._left = self._left, None
+            raise ModelError("the server is shutting down")
+        now = time.monotonic()
+        to_left = automatic and self._left is not None
+        back_to = self._left if to_left else self._previous
+        if back_to is None:
+            raise ModelError("there is no previous model to roll back to")
+        back = back_to
+        # Probation's rollback goes to the variant the move left even when the probation's
+        # time ran out since the judgement (it was judged within it).
+        pending = [] if automatic else self._expire_left(now)
+        off = self._current
+        if to_left:
+            self._left = None
+            pending.append(off)
+            self._current = back
+        else:
+            keep = off
+            if self._left is not None:
+                keep, self._left = self._left, None
                 pending.append(off)
-                self._current = back
-            else:
-                if self._previous is None:
-                    raise ModelError("there is no previous model to roll back to")
-                back = self._previous
-                keep = off
-                if self._left is not None:
-                    keep, self._left = self._left, None
-                    pending.append(off)
-                self._current, self._previous = back, keep
-                if automatic:
-                    self._rolled_off = off
-            again = not automatic and back is self._rolled_off
-            self.rollbacks += 1
-            self._probation_n = self._probation_errors = 0
-            self._probation_ok_s.clear()
-            if again:
-                if self._recent:
-                    self._baseline_p99_s = float(np.percentile(self._recent, 99))
-                fallback = self._previous
-                self._latency_allowance = (max(1.0, self._recorded_ratio(back, fallback))
-                                           if fallback is not None else 1.0)
-                self._probation_until = now + self.limits.probation_s
-            else:
-                self._probation_until = 0.0
-            self._recent.clear()
-            self.last_rollback = RollbackRecord(back, off, automatic)
-            self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
-                            + ("; on probation again: probation rolled it back before" if again else ""))
-            dropped = self._unheld(pending)
+            self._current, self._previous = back, keep
+            if automatic:
+                self._rolled_off = off
+        again = not automatic and back is self._rolled_off
+        self.rollbacks += 1
+        self._probation_n = self._probation_errors = 0
+        self._probation_ok_s.clear()
+        if again:
+            if self._recent:
+                self._baseline_p99_s = float(np.percentile(self._recent, 99))
+            fallback = self._previous
+            self._latency_allowance = (max(1.0, self._recorded_ratio(back, fallback))
+                                       if fallback is not None else 1.0)
+            self._probation_until = now + self.limits.probation_s
+        else:
+            self._probation_until = 0.0
+        self._recent.clear()
+        self.last_rollback = RollbackRecord(back, off, automatic)
+        self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
+                        + ("; on probation again: probation rolled it back before" if again else ""))
+        dropped = self._unheld(pending)
+        return _RolledBack(back, off, reason, again, dropped)
+
+    def _after_rollback(self, done: _RolledBack) -> ServedModel:
+        """Outside the lock: what follows a rollback (log, event, drops, change hooks)."""
+        back, off, reason, again, dropped = done.back, done.off, done.reason, done.again, done.dropped
         log.warning("rolled back to %s from %s: %s%s", back.describe(), off.describe(), reason,
                     " (on probation again)" if again else "")
         self._on_event("rollback")
@@ -566,9 +595,10 @@ class ModelHost:
         The error rate is judged at every batch; the latency (a sort of up to 10,000 batch
         times, under the lock) at every batch of the first 100 and every 16th after. The p99
         limit scales with how much slower than its fallback the new model's build measured it
-        (a recover step up to a slower variant is expected to be slower), as verification does."""
+        (a recover step up to a slower variant is expected to be slower), as verification does.
+        A failed judgement rolls back within the same hold of the lock."""
         drops: list[ServedModel] = []
-        judged: tuple[float, float, float, float] | None = None
+        done: _RolledBack | ServedModel | None = None
         with self._lock:
             if model is not self._current:
                 return
@@ -579,21 +609,31 @@ class ModelHost:
                 if self._left is not None or self._rolled_off is not None:  # a probation just ended
                     drops = self._unheld(self._expire_left(now))
             else:
-                judged = self._probation_batch(ok, seconds)
+                reason = self._probation_failure(self._probation_batch(ok, seconds))
+                if reason:
+                    try:
+                        done = self._rollback_locked(reason, expect=model)
+                    except ModelError as exc:  # nothing to roll back to: it goes on serving, said loudly
+                        log.error("%s failed its probation (%s) but cannot be rolled back: %s",
+                                  model.describe(), reason, exc)
         if drops:
             self._drop_later(drops)
+        if isinstance(done, _RolledBack):
+            self._after_rollback(done)
+
+    def _probation_failure(self, judged: tuple[float, float, float, float] | None) -> str:
+        """Why the model on probation fails it ("" if it does not, or is not judged yet)."""
         if judged is None:
-            return
+            return ""
         errors, p50, p99, limit_p99 = judged
         if errors > self.limits.max_error_rate:
-            self.rollback(f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})",
-                          expect=model)
-        elif limit_p99 > 0 and p50 > limit_p99:
-            self.rollback(f"its inference median {1e3 * p50:.1f} ms crossed the p99 limit {1e3 * limit_p99:.1f} ms "
-                          "in probation", expect=model)
-        elif limit_p99 > 0 and p99 > limit_p99:
-            self.rollback(f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation",
-                          expect=model)
+            return f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})"
+        if limit_p99 > 0 and p50 > limit_p99:
+            return (f"its inference median {1e3 * p50:.1f} ms crossed the p99 limit {1e3 * limit_p99:.1f} ms "
+                    "in probation")
+        if limit_p99 > 0 and p99 > limit_p99:
+            return f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation"
+        return ""
 
     def _probation_batch(self, ok: bool, seconds: float) -> tuple[float, float, float, float] | None:
         """Under the lock: count a batch of the model on probation; (error rate, p50, p99, p99

@@ -298,3 +298,20 @@ def test_a_probation_rollback_of_a_move_backs_the_degrader_off(serve: Any, tmp_p
         assert deg.step() == ""
     assert host.current is accurate and host.swaps == 1 and host.refusals == 0
     assert _eventually(lambda: freed(fast.backend, fast))  # the failed variant is not kept
+
+
+def test_probations_rollback_goes_to_the_variant_left_even_when_its_time_ran_out_meanwhile(
+        serve: Any, tmp_path: Path) -> None:
+    """Probation judges a move's variant failed, and its rollback comes a moment later: if the
+    probation's time ran out in between, the variant the move left had already been let go, and
+    the rollback served the operator's previous model, or, with none, raised and left the
+    failing variant serving with its predecessor's engine never freed."""
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0,
+                probation_s=600.0)
+    deg, host = run.server.degrader, run.server.models
+    accurate = host.current
+    assert _degrade(deg) == "degrade" and host.previous is None
+    fast = host.current
+    host._probation_until = time.monotonic() - 0.001  # judged within it, rolled back just after
+    assert host.rollback("failed in probation", expect=fast) is accurate
+    assert host.current is accurate and host.rollbacks == 1
