@@ -97,6 +97,7 @@ class StreamSession:
         self._limits = limits or ServiceLimits()
         self._bytes = self._limits.stream_budget()
         self._last_request = time.monotonic()
+        self._last_answer = 0.0  # when the last answer was sent (monotonic; 0: none yet)
         self._idle = False
         self._pipeline = pipeline
         self._scheduler = scheduler
@@ -156,7 +157,9 @@ class StreamSession:
                             # Shutting down: in-flight frames are answered, then the call ends.
                             self._stopped_for_drain = self._stopped_for_drain or not self._reader_done
                             break
-                        quiet_s = time.monotonic() - self._last_request
+                        # Quiet since the client's last frame or this stream's last answer, the
+                        # later: a client in lockstep sends its next frame once it has the answer.
+                        quiet_s = time.monotonic() - max(self._last_request, self._last_answer)
                         if not self._outbox and quiet_s > self._limits.stream_idle_timeout_s:
                             self._idle = True
                             break
@@ -178,6 +181,7 @@ class StreamSession:
                 self._sending_since = time.monotonic()
                 yield track_answer(answer, task, self._trackers)
                 self._sending_since = None
+                self._last_answer = time.monotonic()
         finally:
             self.cancel()
         if self._stopped_for_drain:

@@ -74,13 +74,21 @@ def test_a_client_that_stops_reading_loses_its_stream_after_the_idle_timeout(ser
 
 def test_a_slow_reader_keeps_its_stream(serve: Any) -> None:
     """The watchdog counts only time an answer could not be sent: a client that reads, slowly,
-    and a stream quiet for less than the timeout are not cut."""
-    run = serve(stream_idle_timeout_s=1.0)
+    and a stream whose next answer the server itself takes longer than the timeout to make
+    (its frame waits for a decode slot: the stream is not idle, a frame is in flight) are not
+    cut. A watchdog that kept counting from the last answer sent cut the second case; so did the
+    idle check, which counted the quiet from the client's last frame, so that a lockstep client
+    whose answer took longer than the timeout was ended as idle the moment it got it."""
+    run = serve(stream_idle_timeout_s=1.0, decode_threads=1)
     turn = threading.Semaphore(1)
+    held: list[threading.Event] = []
 
     def lockstep() -> Iterator[pb.DetectRequest]:
         for i in range(4):
             turn.acquire()
+            if i == 2:  # this frame waits 1.5 s in the server for a decode slot
+                held.append(_hold_the_decoder(run.server.limits))
+                threading.Timer(1.5, held[0].set).start()
             yield request("front", i, jpeg())
 
     got = []
@@ -88,7 +96,7 @@ def test_a_slow_reader_keeps_its_stream(serve: Any) -> None:
         got.append(answer.status)
         time.sleep(0.6)  # reads each answer late, but well within the timeout
         turn.release()
-    assert got == [OK] * 4
+    assert got == [OK] * 4 and held and held[0].is_set()
 
 
 def _hold_the_decoder(limits: Any) -> threading.Event:
