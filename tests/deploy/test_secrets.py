@@ -193,7 +193,7 @@ def test_unit_loads_tls_and_tokens_as_credentials_placed_by_the_readme() -> None
     env = unit_environment(unit)
     env_file = parse_env_file(VEHICLE / "perception.env")
     # The server command names each credential through ${CREDENTIALS_DIRECTORY} (systemd >= 247),
-    # never the %d specifier, which the systemd 249 of JetPack 6 / Ubuntu 22.04 rejects.
+    # never the %d specifier, newer than the credentials themselves.
     serve = unit_serve_args(unit)
     cert_id = credential_id(serve.tls_cert, "${CREDENTIALS_DIRECTORY}/")
     key_id = credential_id(serve.tls_key, "${CREDENTIALS_DIRECTORY}/")
@@ -203,7 +203,7 @@ def test_unit_loads_tls_and_tokens_as_credentials_placed_by_the_readme() -> None
     tokens_id = credential_id(serve.auth_token_file, "${CREDENTIALS_DIRECTORY}/")
     ca_id = credential_id(supervisor.tls_ca, "${CREDENTIALS_DIRECTORY}/")
     assert {tokens_id, ca_id} <= set(creds), "the token file and the watchdog's CA are credentials"
-    assert not any("%d" in v for v in env.values()), "%d is unknown to systemd 249"
+    assert not any("%d" in v for v in env.values()), "%d is unknown to older systemds with credentials"
     assert "PERCEPTION_AUTH_TOKENS" not in {**env, **env_file}
     assert not {"PERCEPTION_TLS_CERT", "PERCEPTION_TLS_KEY", "PERCEPTION_AUTH_TOKEN_FILE"} & set(env_file), (
         "would override the credentials")

@@ -135,11 +135,12 @@ def test_unit_restarts_watchdogs_limits_and_sandboxes(
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
-# The specifiers of systemd 249, the oldest systemd the unit must run on (JetPack 6 and Ubuntu
-# 22.04 ship it), that the unit may use; systemd rejects an unknown one and drops the whole
-# assignment. Newer ones are left out: %d (the credentials directory) made the unit start the
-# server without TLS or tokens there. Use ${CREDENTIALS_DIRECTORY} in Exec*= lines instead.
-SYSTEMD_249_SPECIFIERS = frozenset("abBCEfgGhHiIjJlLmnNopPsStTuUvVwW%")
+# The specifiers the unit may use: those older than the credentials it loads (LoadCredential=,
+# systemd 247); systemd drops a whole assignment with a specifier it does not know. %d (the
+# credentials directory) came in a later release: a unit naming its credentials with it started
+# the server without TLS or tokens on a systemd that lacked it. ${CREDENTIALS_DIRECTORY} in
+# Exec*= lines works wherever credentials do.
+OLD_SPECIFIERS = frozenset("abBCEfgGhHiIjJlLmnNopPsStTuUvVwW%")
 
 
 def unit_specifiers(unit: dict[str, dict[str, list[str]]]) -> set[str]:
@@ -148,11 +149,11 @@ def unit_specifiers(unit: dict[str, dict[str, list[str]]]) -> set[str]:
             for m in re.finditer(r"%(.)", value)}
 
 
-def test_unit_uses_no_specifier_newer_than_systemd_249(unit: dict[str, dict[str, list[str]]]) -> None:
+def test_unit_uses_no_specifier_newer_than_its_credentials(unit: dict[str, dict[str, list[str]]]) -> None:
     assert unit_specifiers(parse_unit("[Service]\nEnvironment=A=%d/x B=%%d\nCPUQuota=150%\n")) == {"d", "%"}
     used = unit_specifiers(unit)
-    unknown = sorted(used - SYSTEMD_249_SPECIFIERS)
-    assert not unknown, f"specifiers systemd 249 does not know: {unknown}"
+    unknown = sorted(used - OLD_SPECIFIERS)
+    assert not unknown, f"specifiers newer than systemd's credentials: {unknown}"
 
 
 def test_env_file_is_a_valid_server_config(env_file: dict[str, str]) -> None:
