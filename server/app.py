@@ -38,11 +38,12 @@ from server.config import ServerConfig
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
 from server.limits import ServiceLimits
 from server.metrics_protocol import NULL_METRICS, Metrics
-from server.model_host import LifecycleLimits, ModelHost, ServedModel, load_served_model
+from server.model_host import LifecycleLimits, ModelHost
 from server.runtime.base import Backend
 from server.runtime.factory import Availability, RuntimeSettings, backend_for, plan
 from server.runtime.settings import resolve_arrangement, usable_cores
 from server.scheduler import Scheduler
+from server.served_model import ServedModel, load_served_model
 from server.service import DetectorService, add_detector_service
 from server.shm import ShmReader
 

@@ -28,7 +28,8 @@ import numpy as np
 from perception.errors import ManifestError, ModelError
 from perception.manifest import Variant, VariantFormat
 from server.metrics_protocol import Metrics
-from server.model_host import STEP_CAUSES, ModelHost, ServedModel
+from server.model_host import STEP_CAUSES, ModelHost
+from server.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 

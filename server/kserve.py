@@ -58,8 +58,8 @@ from server.answer import FrameTask, finish_task
 from server.errors import DeadlineError, NotFoundError, status_for
 from server.limits import InvalidBackoff, ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
-from server.model_host import ServedModel
 from server.scheduler import Job, JobStatus, Scheduler
+from server.served_model import ServedModel
 from server.wire import RefusedInfer, parse_model_infer_request
 
 log = logging.getLogger(__name__)

@@ -23,57 +23,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from numpy.typing import NDArray
 
 from perception.errors import ManifestError, ModelError, PerceptionError
-from perception.manifest import Manifest, Variant, load_manifest
-from perception.parity import parity
-from perception.pipeline import FramePipeline, RequestOptions, file_frame
-from perception.types import Detections
+from perception.manifest import load_manifest
 from server.runtime.base import Backend
+from server.served_model import ServedModel, recorded_latency_ratio
+from server.verification import verify_before_swap
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class ServedModel:
-    """One loaded model: what the scheduler runs a batch on, and what post-processes it."""
-
-    manifest_path: str
-    manifest: Manifest
-    variant: Variant
-    backend: Backend
-    pipeline: FramePipeline
-    max_batch: int
-    loaded_at: float = field(default_factory=time.time)
-    # Set by the host when it swaps the model in: "start", "load" (an operator's), "degrade" or
-    # "recover" (the degrader's moves). A probation rollback of a move backs the degrader off.
-    cause: str = "start"
-    # The variant an operator chose for this version (a move keeps its predecessor's): what the
-    # degrader climbs back to, whichever way the model came to be served (a rollback too).
-    operator_variant: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.operator_variant:
-            self.operator_variant = self.variant.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    def infer(self, batch: NDArray[np.float32]) -> Any:
-        return self.backend.infer(batch)  # looked up each call: a health reload may replace it
-
-    def to_batch(self, items: list[Any]) -> NDArray[np.float32]:
-        return self.pipeline.to_batch(items)
-
-    def describe(self) -> str:
-        return f"{self.manifest.name} {self.version} ({self.variant.name})"
 
 
 @dataclass(frozen=True)
@@ -366,7 +327,7 @@ class ModelHost:
                 self._current = new
                 self.swaps += 1
                 fallback = self._left if self._left is not None else self._previous
-                self._latency_allowance = (max(1.0, self._recorded_ratio(new, fallback))
+                self._latency_allowance = (max(1.0, recorded_latency_ratio(new, fallback))
                                            if fallback is not None else 1.0)
                 self._probation_n = self._probation_errors = 0
                 self._probation_ok_s.clear()
@@ -485,7 +446,7 @@ class ModelHost:
             if self._recent:
                 self._baseline_p99_s = float(np.percentile(self._recent, 99))
             fallback = self._previous
-            self._latency_allowance = (max(1.0, self._recorded_ratio(back, fallback))
+            self._latency_allowance = (max(1.0, recorded_latency_ratio(back, fallback))
                                        if fallback is not None else 1.0)
             self._probation_until = now + self.limits.probation_s
         else:
@@ -520,72 +481,10 @@ class ModelHost:
     # -- verification before the swap ------------------------------------------------------
 
     def verify(self, new: ServedModel) -> None:
-        """ModelError unless ``new`` detects on its shipped frames what its build recorded (within
-        ``max_changed``) and its latency there is within bounds of the served model's."""
-        ver = new.manifest.verification
-        if ver is None or not ver.frames:
-            log.warning("%s ships no verification frames: checked for latency only", new.describe())
-            frames: list[Path | None] = [None]
-        else:
-            frames = [new.manifest.path_of(f.file) for f in ver.frames]
-        got, new_s = self._run(new, frames)
-        if ver is not None and ver.frames:
-            expected = self._expected(new)
-            if expected is not None:
-                par = parity(expected, got)
-                worst = max(par["vanished"], par["appeared"])
-                if worst > self.limits.max_changed:
-                    raise ModelError(f"fails its verification frames: {par['vanished']:.0%} of the recorded detections "
-                                     f"vanished, {par['appeared']:.0%} appeared (limit {self.limits.max_changed:.0%})")
-        try:
-            _, cur_s = self._run(self.current, frames)
-        except Exception as exc:  # the served model failing here is no reason to refuse its replacement
-            log.warning("the served model %s fails on the verification frames (%s: %s): the latency of %s is not "
-                        "compared", self.current.describe(), type(exc).__name__, exc, new.describe())
-            cur_s = 0.0
-        recorded = self._recorded_ratio(new, self.current)
-        limit = self.limits.max_latency_ratio * max(1.0, recorded)
-        if cur_s > 0 and new_s / cur_s > limit and new_s - cur_s > self.limits.latency_slack_ms / 1e3:
-            raise ModelError(f"too slow here: {1e3 * new_s:.2f} ms per frame vs {1e3 * cur_s:.2f} ms for the served "
-                             f"model ({new_s / cur_s:.2f}x; limit {limit:.2f}x)")
-
-    def _expected(self, m: ServedModel) -> list[Detections] | None:
-        ver = m.manifest.verification
-        assert ver is not None
-        name = m.variant.name if m.variant.name in ver.expected else m.variant.parent
-        rows = ver.expected.get(name)
-        if rows is None:
-            return None
-        out = []
-        for frame in rows:
-            a = np.asarray(frame, np.float32).reshape(-1, 6)
-            out.append(Detections(a[:, :4].copy(), a[:, 4].copy(), a[:, 5].astype(np.int64)))
-        return out
-
-    @staticmethod
-    def _recorded_ratio(new: ServedModel, cur: ServedModel) -> float:
-        a, b = new.variant.latency_ms.get("p50"), cur.variant.latency_ms.get("p50")
-        return float(a / b) if a and b else 1.0
-
-    @staticmethod
-    def _run(m: ServedModel, frames: Sequence[Path | None]) -> tuple[list[Detections], float]:
-        """Detections of each frame (deployed threshold) and the least-disturbed batch-1 inference time."""
-        dets: list[Detections] = []
-        times: list[float] = []
-        for i, f in enumerate(frames):
-            if f is None:
-                x = np.zeros((1, 3, m.pipeline.spec.input_height, m.pipeline.spec.input_width), np.float32)
-                prepared = None
-            else:
-                prepared = m.pipeline.prepare(file_frame(f, i, "verify"), RequestOptions())
-                x = m.pipeline.to_batch([prepared.tensor])
-            for _ in range(5):
-                t0 = time.perf_counter()
-                out = m.infer(x)
-                times.append(time.perf_counter() - t0)
-            if prepared is not None:
-                dets.append(m.pipeline.finish({n: a[0] for n, a in out.items()}, prepared))
-        return dets, float(np.min(times))
+        """ModelError unless ``new`` passes its verification beside the served model
+        (``server.verification.verify_before_swap``)."""
+        verify_before_swap(new, self.current, self.limits.max_changed, self.limits.max_latency_ratio,
+                           self.limits.latency_slack_ms)
 
     # -- probation -------------------------------------------------------------------------
 
@@ -673,25 +572,3 @@ class ModelHost:
             backends = [m.backend for m in (self._current, self._previous, self._left) if m is not None]
         for b in backends:
             b.deactivate()
-
-
-def load_served_model(
-    manifest_path: str, variant: str, make_backend: Callable[[Manifest, str], tuple[Backend, Variant]],
-    pipeline_for: Callable[[Manifest], FramePipeline], warm_up: Callable[[Backend, FramePipeline, int], None],
-    max_batch: int, *, manifest_bytes: bytes | None = None,
-) -> ServedModel:
-    """Load (every file checksummed), bind outputs to the layout, warm up: an activated model.
-
-    manifest_bytes: the manifest as its signature was verified, parsed instead of the file
-    (which may have changed since the check)."""
-    manifest = load_manifest(manifest_path, content=manifest_bytes)
-    backend, chosen = make_backend(manifest, variant)
-    try:
-        pipeline = pipeline_for(manifest)
-        pipeline.bind_outputs(backend.outputs)
-        batch = max(1, min(max_batch, backend.max_batch))
-        warm_up(backend, pipeline, batch)
-    except BaseException:
-        backend.deactivate()
-        raise
-    return ServedModel(str(manifest_path), manifest, chosen, backend, pipeline, batch)

@@ -42,9 +42,9 @@ from server.interceptors import ErrorInterceptor
 from server.kserve import KServeService
 from server.metrics import ServerMetrics
 from server.metrics_protocol import NULL_METRICS
-from server.model_host import ServedModel
 from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
+from server.served_model import ServedModel
 from server.service import DetectorService
 from tests.server.conftest import Running, jpeg, request
 
