@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from build_engine.data.formats import LabelledSet, read_labelled_set, samples_to_coco
+from build_engine.data.formats import LabelledSet, read_labelled_set
 from build_engine.gate import check_classes
-from perception.coco import category_ids, detections_to_results
+from perception.coco import detections_to_results
 from perception.errors import ModelError
 from perception.kpi import KpiReport, evaluate_coco
 from perception.manifest import PostprocessSpec, PreprocessSpec
@@ -54,7 +54,7 @@ def predict(
     finally:
         if bar is not None:
             bar.close()
-    cats = category_ids(samples_to_coco(dataset.samples[:0], dataset.classes, dataset.root))
+    cats = list(dataset.coco_category_ids())  # the dataset's own ids, not 1..C: results.json must match its GT
     results: list[dict[str, Any]] = []
     for s, d in zip(dataset.samples, dets, strict=True):
         results += detections_to_results(d.boxes, d.scores, d.class_ids, s.image_id, cats)
@@ -127,7 +127,8 @@ def evaluate_runner(
     pre = pre or PreprocessSpec(input_width=input_size[0], input_height=input_size[1])
     pipeline = FramePipeline(pre, post or PostprocessSpec(), dataset.classes, priors=priors)
     preds = predict(runner, dataset, pipeline, EVAL_REQUEST, batch_size, progress)
-    gt = samples_to_coco(dataset.samples, dataset.classes, dataset.root)
+    # Crowd regions and given areas kept: scored as ``perception eval --gt --pred`` scores the file.
+    gt = dataset.to_coco()
     return evaluate_coco(gt, preds, score_threshold), preds, gt
 
 

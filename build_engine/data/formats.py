@@ -1,7 +1,10 @@
 """Label formats users bring their data in: COCO JSON and YOLO txt, read and written.
 
 In memory a dataset is a list of ``Sample``: image file, size, boxes (N, 4) float32 xyxy in
-pixels and class indices (N,) int64 into the dataset's class list.
+pixels and class indices (N,) int64 into the dataset's class list. A COCO set also keeps each
+annotation's ``iscrowd`` and ``area`` (training skips crowd regions, evaluation ignores
+detections on them and sizes objects by ``area``, as pycocotools does) and its category ids
+(results carry the dataset's own ids, which need not be 1..C).
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image. boxes: (N, 4) float32 xyxy pixels; class_ids: (N,) int64 indices."""
+    """One labelled image. boxes: (N, 4) float32 xyxy pixels; class_ids: (N,) int64 indices.
+
+    iscrowd: (N,) bool, COCO crowd regions (None: none); areas: (N,) float64, the COCO
+    annotations' ``area`` (None: the box areas). ``extra``: the image record's other keys.
+    """
 
     image_id: int
     file: Path
@@ -32,22 +39,50 @@ class Sample:
     boxes: NDArray[np.float32]
     class_ids: NDArray[np.int64]
     extra: dict | None = None
+    iscrowd: NDArray[np.bool_] | None = None
+    areas: NDArray[np.float64] | None = None
+
+    def crowd_mask(self) -> NDArray[np.bool_]:
+        """(N,) True for crowd regions (never training targets)."""
+        return self.iscrowd if self.iscrowd is not None else np.zeros(len(self.class_ids), bool)
 
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Samples plus the class names their indices refer to; ``root`` is the dataset directory."""
+    """Samples plus the class names their indices refer to; ``root`` is the dataset directory.
+
+    category_ids: the dataset's COCO category id of each class index (empty: 1..C).
+    """
 
     root: Path
     classes: tuple[str, ...]
     samples: list[Sample]
+    category_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.category_ids and len(self.category_ids) != len(self.classes):
+            raise DataError(f"{self.root}: {len(self.category_ids)} category ids for {len(self.classes)} classes")
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def coco_category_ids(self) -> tuple[int, ...]:
+        """The COCO category id of each class index, as results and ground truth carry them."""
+        return self.category_ids or tuple(range(1, len(self.classes) + 1))
 
-def samples_to_coco(samples: list[Sample], classes: tuple[str, ...], root: Path | None = None) -> dict:
-    """A COCO dict (category ids 1..C) for the samples; file names relative to ``root/images``."""
+    def to_coco(self, samples: list[Sample] | None = None) -> dict:
+        """COCO ground truth of ``samples`` (default: all) under this set's category ids."""
+        return samples_to_coco(self.samples if samples is None else samples, self.classes, self.root,
+                               self.coco_category_ids())
+
+
+def samples_to_coco(
+    samples: list[Sample], classes: tuple[str, ...], root: Path | None = None,
+    category_ids: tuple[int, ...] | None = None,
+) -> dict:
+    """A COCO dict for the samples; file names relative to ``root/images``. category_ids: the
+    id of each class index (default 1..C). Crowd flags and given areas are kept."""
+    cat_ids = category_ids or tuple(range(1, len(classes) + 1))
     images, anns = [], []
     aid = 1
     for s in samples:
@@ -55,12 +90,14 @@ def samples_to_coco(samples: list[Sample], classes: tuple[str, ...], root: Path 
         im = {"id": s.image_id, "file_name": name, "width": s.width, "height": s.height}
         im.update(s.extra or {})
         images.append(im)
-        for b, c in zip(s.boxes.tolist(), s.class_ids.tolist(), strict=True):
+        crowd = s.crowd_mask().tolist()
+        for j, (b, c) in enumerate(zip(s.boxes.tolist(), s.class_ids.tolist(), strict=True)):
             w, h = b[2] - b[0], b[3] - b[1]
-            anns.append({"id": aid, "image_id": s.image_id, "category_id": int(c) + 1,
-                         "bbox": [round(v, 2) for v in (b[0], b[1], w, h)], "area": round(w * h, 2), "iscrowd": 0})
+            area = float(s.areas[j]) if s.areas is not None else round(w * h, 2)
+            anns.append({"id": aid, "image_id": s.image_id, "category_id": int(cat_ids[int(c)]),
+                         "bbox": [round(v, 2) for v in (b[0], b[1], w, h)], "area": area, "iscrowd": int(crowd[j])})
             aid += 1
-    cats = [{"id": i + 1, "name": n, "supercategory": "road"} for i, n in enumerate(classes)]
+    cats = [{"id": cid, "name": n, "supercategory": "road"} for cid, n in zip(cat_ids, classes, strict=True)]
     return {"info": {"description": "perception dataset"}, "images": images, "annotations": anns, "categories": cats}
 
 
@@ -83,8 +120,9 @@ def read_coco_set(root: Path, ann_path: Path | None = None) -> LabelledSet:
         if not f.is_file():
             raise DataError(f"{ann_path}: image id {iid} names {im.file_name!r}, which does not exist under {root}")
         labels = np.array([index[int(c)] for c in gt.labels[iid]], np.int64)
-        samples.append(Sample(iid, f, im.width, im.height, gt.boxes[iid].copy(), labels, dict(im.extra)))
-    return LabelledSet(root, tuple(gt.categories[c] for c in cat_ids), samples)
+        samples.append(Sample(iid, f, im.width, im.height, gt.boxes[iid].copy(), labels, dict(im.extra),
+                              gt.iscrowd[iid].copy(), gt.areas[iid].copy()))
+    return LabelledSet(root, tuple(gt.categories[c] for c in cat_ids), samples, tuple(cat_ids))
 
 
 def read_classes(path: Path) -> tuple[str, ...]:

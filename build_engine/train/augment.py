@@ -34,11 +34,9 @@ def random_affine(
         flip = bool(rng.random() < cfg.flip)
     sx = -s if flip else s
     cx, cy = out_w / 2 + tx, out_h / 2 + ty
+    # Box (edge) coordinates: u' = sx * u + m[0, 2], v' = s * v + m[1, 2].
     m = np.array([[sx, 0, cx - sx * w / 2], [0, s, cy - s * h / 2]], np.float32)
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-    # warpAffine keeps the uint8 depth of its input; cv2's stubs type every result as MatLike.
-    canvas = cast(NDArray[np.uint8], cv2.warpAffine(image, m, (out_w, out_h), flags=interp,
-                                                    borderValue=(PAD_VALUE,) * 3))
+    canvas = _warp(image, m, out_w, out_h)
     if len(boxes) == 0:
         return canvas, boxes.reshape(0, 4), np.zeros(0, bool)
     xs = boxes[:, [0, 2]] * sx + m[0, 2]
@@ -50,6 +48,34 @@ def random_affine(
     bw, bh = nb[:, 2] - nb[:, 0], nb[:, 3] - nb[:, 1]
     keep = (bw >= cfg.min_box_px) & (bh >= cfg.min_box_px) & (bw * bh >= cfg.min_visible * np.maximum(area0, 1e-6))
     return canvas, nb, keep
+
+
+def _warp(image: NDArray[np.uint8], m: NDArray[np.float32], out_w: int, out_h: int) -> NDArray[np.uint8]:
+    """``image`` warped by ``m``, an axis-aligned map in edge coordinates (pixel i spans
+    [i, i + 1), as boxes do), onto an (out_h, out_w) canvas padded with ``PAD_VALUE``.
+
+    warpAffine maps pixel indices (centres at integers), so each axis's offset is shifted by
+    0.5 * (1 - scale): without it a flipped image (scale -s) lands ~1 px left of its boxes.
+    warpAffine also samples bilinearly whatever flag it gets (INTER_AREA included), which
+    aliases large downscales; serving (``perception.letterbox``) area-averages downscales by
+    2x or more, so those are first area-resized to about the target scale here too, and only
+    the rest (flip, fractional scale, shift) is warped.
+    """
+    h, w = image.shape[:2]
+    m = m.astype(np.float64)
+    scale = abs(float(m[0, 0]))
+    if scale <= 0.5:
+        rw, rh = max(1, round(w * scale)), max(1, round(h * abs(float(m[1, 1]))))
+        # resize keeps the uint8 depth; cv2's stubs type every result as MatLike.
+        image = cast(NDArray[np.uint8], cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA))
+        m[0, 0] *= w / rw  # edge coordinates of the resized image are u * rw / w
+        m[1, 1] *= h / rh
+    idx = m.copy()
+    idx[0, 2] -= 0.5 * (1 - m[0, 0])
+    idx[1, 2] -= 0.5 * (1 - m[1, 1])
+    # warpAffine keeps the uint8 depth of its input.
+    return cast(NDArray[np.uint8], cv2.warpAffine(image, idx, (out_w, out_h), flags=cv2.INTER_LINEAR,
+                                                  borderValue=(PAD_VALUE,) * 3))
 
 
 def hsv_jitter(image: NDArray[np.uint8], cfg: AugmentConfig, rng: np.random.Generator) -> NDArray[np.uint8]:

@@ -45,23 +45,48 @@ class TrainResult:
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = False) -> tuple[LabelledSet, LabelledSet]:
-    """Read ``data.train_dir``/``val_dir``, or generate (once) into the cache directory."""
+    """Read ``data.train_dir``/``val_dir``, or generate (once) into the cache directory.
+
+    ConfigError unless both sets list the same classes in the same order: class indices are
+    positions in that list, so a val set ordered otherwise would be scored silently under
+    the wrong mapping.
+    """
     d = cfg.data
     if d.train_dir or d.val_dir:
         if not (d.train_dir and d.val_dir):
             raise ConfigError("data.train_dir and data.val_dir must be given together")
-        return read_labelled_set(d.train_dir), read_labelled_set(d.val_dir)
-    sets = []
-    for split, n, seed in (("train", d.train_images, d.train_seed), ("val", d.val_images, d.val_seed)):
-        sets.append(read_labelled_set(cached_dataset(d.cache_dir, split, n, seed, d.image_width, d.image_height,
-                                                     progress)))
-    return sets[0], sets[1]
+        train_set, val_set = read_labelled_set(d.train_dir), read_labelled_set(d.val_dir)
+    else:
+        sets = []
+        for split, n, seed in (("train", d.train_images, d.train_seed), ("val", d.val_images, d.val_seed)):
+            sets.append(read_labelled_set(cached_dataset(d.cache_dir, split, n, seed, d.image_width,
+                                                         d.image_height, progress)))
+        train_set, val_set = sets[0], sets[1]
+    if train_set.classes != val_set.classes:
+        raise ConfigError(f"{val_set.root}: val classes {list(val_set.classes)} are not the train set's "
+                          f"{list(train_set.classes)} ({train_set.root}); both must list the same classes in "
+                          "the same order")
+    return train_set, val_set
+
+
+def check_num_classes(cfg: TrainConfig, classes: tuple[str, ...], root: Path) -> None:
+    """ConfigError unless the model has one output per class of the data: otherwise a run fails
+    only at its first validation (fewer classes) or its first batch (more), and not clearly.
+    The count is not derived from the data on purpose: the config (and its hash, which
+    checkpoints and resume check) stays what was given."""
+    if len(classes) != cfg.model.num_classes:
+        raise ConfigError(f"{root}: the data has {len(classes)} classes ({', '.join(classes)}) but "
+                          f"model.num_classes is {cfg.model.num_classes}: pass --set model.num_classes={len(classes)}")
 
 
 def load_batch(
     ds: LabelledSet, indices: list[int], cfg: TrainConfig, epoch: int, augment: bool = True
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(B, 3, H, W) float RGB in [0, 1] and per-image (boxes xyxy input px, classes)."""
+    """(B, 3, H, W) float RGB in [0, 1] and per-image (boxes xyxy input px, classes).
+
+    COCO crowd regions (``iscrowd``) are no targets: one box around a group of objects is not
+    an object the model should learn to find (evaluation ignores detections on them instead).
+    """
     w, h = cfg.model.input_width, cfg.model.input_height
     imgs = np.empty((len(indices), 3, h, w), np.float32)
     targets = []
@@ -71,11 +96,12 @@ def load_batch(
         if img.shape[1] != s.width or img.shape[0] != s.height:
             raise DataError(f"{s.file}: image is {img.shape[1]}x{img.shape[0]} but its labels say {s.width}x{s.height}")
         rng = np.random.default_rng((cfg.seed, epoch, i)) if augment else None
-        canvas, boxes, keep = random_affine(img, s.boxes, w, h, cfg.augment, rng)
+        positive = ~s.crowd_mask()
+        canvas, boxes, keep = random_affine(img, s.boxes[positive], w, h, cfg.augment, rng)
         if rng is not None:
             canvas = hsv_jitter(canvas, cfg.augment, rng)
         imgs[k] = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).transpose(2, 0, 1) / np.float32(255.0)
-        targets.append((torch.from_numpy(boxes[keep]), torch.from_numpy(s.class_ids[keep])))
+        targets.append((torch.from_numpy(boxes[keep]), torch.from_numpy(s.class_ids[positive][keep])))
     return torch.from_numpy(imgs), targets
 
 
@@ -126,6 +152,7 @@ def train(
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     train_set, val_set = prepare_data(cfg, progress)
+    check_num_classes(cfg, train_set.classes, train_set.root)
     model = build_model(cfg.model)
     if cfg.init_checkpoint and not resume:
         init = load_payload(cfg.init_checkpoint)
@@ -154,6 +181,10 @@ def train(
             ema.updates = int(st["ema_updates"])
         start_epoch = int(payload["meta"]["epoch"])
         best = dict(st.get("best", best))
+        if "torch_rng" in st:  # absent in a last.pt written before it was saved
+            torch.set_rng_state(st["torch_rng"])
+        else:
+            log.warning("%s: has no RNG state; the resumed run will not repeat an uninterrupted one", last_path)
         log.info("resumed from %s at epoch %d", last_path, start_epoch)
     elif log_path.exists():
         log_path.unlink()
@@ -215,6 +246,10 @@ def train(
             "best": best,
             "ema": ema.ema.state_dict() if ema is not None else {},
             "ema_updates": ema.updates if ema is not None else 0,
+            # The global torch RNG draws during training (the two-stage family samples RoIs
+            # with it): a resumed run continues from here, not from manual_seed(cfg.seed).
+            # Data order and augmentation draw from generators seeded by (seed, epoch).
+            "torch_rng": torch.get_rng_state(),
         }
         last_meta = meta_for(model, train_set.classes, epoch=epoch + 1, train_config_hash=cfg.hash())
         save_checkpoint(last_path, model, last_meta, state)

@@ -87,3 +87,57 @@ def test_eval_cli_gt_pred_json_and_errors(model_and_data, tmp_path, capsys) -> N
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1], "score": 1}]')
     code, _, err = run_cli(capsys, "--gt", str(data / "annotations.json"), "--pred", str(tmp_path / "bad.json"))
     assert code == 1 and "bad.json: [0]" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _crowd_coco_set(root):
+    """One 128x96 image; categories with ids 3, 7, 11 (not 1..C); a car, a bus, and a crowd
+    region of people whose 'area' (its segment's) is smaller than its box."""
+    import cv2
+    import numpy as np
+
+    (root / "images").mkdir(parents=True)
+    cv2.imwrite(str(root / "images" / "a.png"), np.full((96, 128, 3), 90, np.uint8))
+    gt = {
+        "images": [{"id": 5, "file_name": "a.png", "width": 128, "height": 96}],
+        "categories": [{"id": 3, "name": "car"}, {"id": 7, "name": "bus"}, {"id": 11, "name": "person"}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 3, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+            {"id": 2, "image_id": 5, "category_id": 7, "bbox": [60, 20, 40, 50], "area": 2000, "iscrowd": 0},
+            {"id": 3, "image_id": 5, "category_id": 11, "bbox": [5, 50, 45, 40], "area": 900, "iscrowd": 1},
+        ],
+    }
+    (root / "annotations.json").write_text(json.dumps(gt))
+    return root
+
+
+def test_eval_keeps_crowd_regions_areas_and_the_datasets_category_ids(tmp_path) -> None:
+    """The build-stage reader dropped iscrowd and area and renumbered category ids to 1..C:
+    a crowd region the model (rightly) does not detect counted as a miss, results.json named
+    categories the dataset does not have, and ``eval --checkpoint --data`` disagreed with
+    ``eval --gt --pred`` on the same detections. Now both score the same."""
+    import numpy as np
+
+    from build_engine.data.formats import read_labelled_set
+    from build_engine.evaluate import evaluate_runner
+    from perception.coco import load_coco
+    from perception.kpi import evaluate_coco
+
+    data = _crowd_coco_set(tmp_path / "d")
+    ds = read_labelled_set(data)
+    assert ds.classes == ("car", "bus", "person") and ds.coco_category_ids() == (3, 7, 11)
+    s = ds.samples[0]
+    assert s.crowd_mask().tolist() == [False, False, True] and s.areas is not None and s.areas[2] == 900
+
+    def runner(batch):  # sees the car and the bus exactly (the input is the image: no letterbox)
+        out = np.zeros((len(batch), 2, 8), np.float32)
+        out[:, 0, :6] = [10, 10, 40, 30, 0.9, 0.9]
+        out[:, 1, :5] = [60, 20, 100, 70, 0.9]
+        out[:, 1, 6] = 0.9
+        return {"output": out}
+
+    report, preds, gt = evaluate_runner(runner, ds, (128, 96))
+    assert sorted(p["category_id"] for p in preds) == [3, 7]
+    assert [a["iscrowd"] for a in gt["annotations"]] == [0, 0, 1] and gt["annotations"][2]["area"] == 900
+    assert report.recall == pytest.approx(1.0) and report.precision == pytest.approx(1.0)
+    file_report = evaluate_coco(load_coco(data / "annotations.json"), preds)  # what eval --gt --pred says
+    assert report.map50_95 == pytest.approx(file_report.map50_95) and report.recall == file_report.recall

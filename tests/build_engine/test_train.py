@@ -133,3 +133,145 @@ def test_each_family_trains_from_its_config_and_exports_its_layout(tmp_path, rep
     m = load_manifest(export_fp32_artifact(result.best_checkpoint, tmp_path / "artifact"))
     assert m.postprocess.output_layout == {"ssd": "ssd", "rcnn": "nms_detections"}[family]
     assert m.variant().max_batch == (1 if family == "rcnn" else 8)
+
+
+def _object_on_pad(h: int, w: int, box: tuple[int, int, int, int]):
+    """An image of the pad colour with one white object at ``box`` (x1 y1 x2 y2) whose left half
+    is also marked in the red channel (to tell a flipped placement)."""
+    import numpy as np
+
+    from build_engine.train.augment import PAD_VALUE
+
+    img = np.full((h, w, 3), PAD_VALUE, np.uint8)
+    x1, y1, x2, y2 = box
+    img[y1:y2, x1:x2, :2] = 255
+    img[y1:y2, x1:(x1 + x2) // 2, 2] = 255
+    return img
+
+
+def _centroid(canvas, channel: int) -> tuple[float, float, float]:
+    """(x, y, mass) of a channel's excess over the pad colour, in edge coordinates (pixel i's centre is i + 0.5)."""
+    import numpy as np
+
+    from build_engine.train.augment import PAD_VALUE
+
+    wgt = (canvas[..., channel].astype(np.float64) - PAD_VALUE) / (255 - PAD_VALUE)
+    ys, xs = np.mgrid[: canvas.shape[0], : canvas.shape[1]] + 0.5
+    mass = float(wgt.sum())
+    return float((wgt * xs).sum() / mass), float((wgt * ys).sum() / mass), mass
+
+
+@pytest.mark.parametrize("size", [(160, 90), (640, 360)])  # the second downscales by 5x, through INTER_AREA
+def test_augmented_pixels_sit_under_their_boxes_to_a_third_of_a_pixel(size) -> None:
+    """warpAffine maps pixel centres, boxes map edges: without the 0.5 * (1 - scale) term a
+    flipped object sat ~1 px left of its box (and ~0.2 px off at other scales). The object's
+    intensity centroid and extent must match its box within 0.3 px, flipped or not."""
+    import numpy as np
+
+    from build_engine.config import AugmentConfig
+    from build_engine.train.augment import random_affine
+
+    w, h = size
+    k = w // 160
+    box = (30 * k, 20 * k, 70 * k, 50 * k)
+    img = _object_on_pad(h, w, box)
+    boxes = np.array([box], np.float32)
+    cfg = AugmentConfig(flip=0.5, scale_min=0.6, scale_max=1.5, translate=0.2)
+    flips = set()
+    for seed in range(16):
+        out, nb, keep = random_affine(img, boxes, 128, 96, cfg, np.random.default_rng(seed))
+        x1, y1, x2, y2 = nb[0].tolist()
+        if not keep[0] or x1 < 1 or y1 < 1 or x2 > 127 or y2 > 95:
+            continue  # clipped by the canvas: its pixels are not all there
+        cx, cy, mass = _centroid(out, 0)
+        assert abs(cx - (x1 + x2) / 2) <= 0.3 and abs(cy - (y1 + y2) / 2) <= 0.3, (seed, cx, cy, nb[0])
+        assert mass == pytest.approx((x2 - x1) * (y2 - y1), rel=0.03)
+        flips.add(_centroid(out, 2)[0] > cx)  # the marked half ends up on the right when flipped
+    assert flips == {False, True}
+
+
+def test_large_downscale_is_area_averaged_like_serving() -> None:
+    """warpAffine ignores INTER_AREA (it samples bilinearly), so a 1080p frame scaled to 512
+    wide aliased in training while serving's letterbox area-averages it: on noise the pixel
+    spread was 2.8x serving's. Training's placement now matches serving's pixels."""
+    import cv2
+    import numpy as np
+
+    from build_engine.config import AugmentConfig
+    from build_engine.train.augment import random_affine
+    from perception.letterbox import letterbox_image
+
+    img = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    served, _ = letterbox_image(img, 512, 288)
+    ours, _, _ = random_affine(img, np.zeros((0, 4), np.float32), 512, 288, AugmentConfig(), None)
+    s = 512 / 1920
+    linear = cv2.warpAffine(img, np.array([[s, 0, 0], [0, s, 0]], np.float32), (512, 288), flags=cv2.INTER_LINEAR)
+    assert linear.std() > 2 * served.std()  # what plain warping gives
+    assert ours.std() == pytest.approx(served.std(), rel=0.05)
+    assert np.abs(ours.astype(int) - served.astype(int)).mean() < 1.0
+
+
+def test_two_stage_resume_repeats_an_uninterrupted_run(tmp_path, repo_root) -> None:
+    """The two-stage family samples RoIs with the global torch RNG. last.pt did not keep its
+    state, so a resumed run restarted it from manual_seed(seed) and drew other RoIs than an
+    uninterrupted run: other weights. The state is now saved and restored."""
+    cfg = load_config(repo_root / "configs" / "rcnn.yaml",
+                      [o for o in tiny_overrides(tmp_path / "cache") if not o.startswith("preset")]
+                      + ["model.width_mult=0.125", "optim.ema=false"])
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False, stop_after=1)
+    saved = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["train_state"]["torch_rng"]
+    assert isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8
+    train(cfg, tmp_path / "b", progress=False, resume=True)
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _write_yolo_set(root, classes: tuple[str, ...], n_images: int = 2) -> None:
+    import cv2
+    import numpy as np
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i in range(n_images):
+        cv2.imwrite(str(root / "images" / f"{i:03d}.png"), np.full((48, 64, 3), 90, np.uint8))
+        (root / "labels" / f"{i:03d}.txt").write_text(f"{i % len(classes)} 0.5 0.5 0.25 0.25\n")
+
+
+def test_class_count_and_order_must_fit_the_model(tmp_path) -> None:
+    """A 3-class set with the default 7-class model trained a whole epoch, then failed in
+    validation ("expected (B, N, 8)"); more than 7 classes crashed the first batch in one_hot;
+    a val set with its classes in another order was scored under the wrong mapping. All are
+    now refused before the model is built, saying what to pass."""
+    three = ("car", "bus", "person")
+    _write_yolo_set(tmp_path / "train", three)
+    _write_yolo_set(tmp_path / "val", three)
+    _write_yolo_set(tmp_path / "val_reordered", ("bus", "car", "person"))
+    base = tiny_overrides(tmp_path / "cache") + [f"data.train_dir={tmp_path / 'train'}"]
+    cfg = load_config(None, base + [f"data.val_dir={tmp_path / 'val'}"])
+    with pytest.raises(ConfigError, match=r"3 classes .*model.num_classes is 7: pass --set model.num_classes=3"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
+    cfg = load_config(None, base + [f"data.val_dir={tmp_path / 'val_reordered'}", "model.num_classes=3"])
+    with pytest.raises(ConfigError, match=r"val_reordered: val classes \['bus', 'car', 'person'\] are not"):
+        train(cfg, tmp_path / "run", progress=False)
+    # With the count given and the same classes on both sides, it trains (one step, one epoch).
+    cfg = load_config(None, base + [f"data.val_dir={tmp_path / 'val'}", "model.num_classes=3", "optim.epochs=1",
+                                    "optim.batch_size=2"])
+    assert train(cfg, tmp_path / "run", progress=False).epochs_run == 1
+
+
+def test_crowd_regions_are_no_training_targets(tmp_path) -> None:
+    """A COCO crowd region (one box around a group) became an ordinary positive target."""
+    from build_engine.data.formats import read_labelled_set
+    from build_engine.train.trainer import load_batch
+    from tests.build_engine.test_evaluate import _crowd_coco_set
+
+    ds = read_labelled_set(_crowd_coco_set(tmp_path / "d"))
+    cfg = load_config(None, ["model.input_width=128", "model.input_height=96"])
+    _, targets = load_batch(ds, [0], cfg, epoch=0, augment=False)
+    boxes, classes = targets[0]
+    assert classes.tolist() == [0, 1]  # car and bus; not the crowd of people (class 2)
+    assert boxes.tolist() == [[10, 10, 40, 30], [60, 20, 100, 70]]
