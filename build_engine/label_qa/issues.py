@@ -6,6 +6,7 @@ certain (1.0), except implausible sizes, which are scored by how extreme they ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from perception.boxes import box_iou
 
 KINDS = (
     "outside_image", "zero_area", "duplicate", "unknown_class", "tiny_box", "huge_box",  # geometric
+    "non_finite", "class_conflict",  # geometric
     "bad_box", "missing_label", "wrong_class", "no_object",  # model-assisted
 )
 # A box may poke out of the image by this much (rounding of the labelling tool).
@@ -38,7 +40,8 @@ class Issue:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["box"] = [round(v, 1) for v in self.box]
+        # JSON has no NaN / inf (json.dumps would write a file strict parsers refuse): null.
+        d["box"] = [round(v, 1) if math.isfinite(v) else None for v in self.box]
         d["score"] = round(self.score, 4)
         return d
 
@@ -53,8 +56,10 @@ def _label_issue(r: LabelRecord, class_name: str, kind: str, score: float, detai
 
 
 def find_geometric_issues(ls: LabelSet) -> list[Issue]:
-    """Boxes outside the image, zero / negative area, duplicates, unknown class ids, and
-    implausibly tiny or huge boxes."""
+    """Boxes outside the image, zero / negative area, non-finite coordinates (NaN / inf: JSON
+    and float() parse them, every comparison with NaN is false, and a training run refuses the
+    file), duplicates, one object labelled under two classes (``class_conflict``: a near-
+    duplicate box of another class), unknown class ids, and implausibly tiny or huge boxes."""
     out: list[Issue] = []
     by_image: dict[int, list[int]] = {}
     for i, r in enumerate(ls.records):
@@ -62,6 +67,9 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
         name = _name(ls, r.class_id)
         if not 0 <= r.class_id < len(ls.classes):
             out.append(_label_issue(r, name, "unknown_class", 1.0, f"class id not in 0..{len(ls.classes) - 1}"))
+            continue
+        if not all(math.isfinite(v) for v in r.box):
+            out.append(_label_issue(r, name, "non_finite", 1.0, "box coordinates must be finite numbers"))
             continue
         if x2 <= x1 or y2 <= y1:
             out.append(_label_issue(r, name, "zero_area", 1.0, f"width {x2 - x1:.1f}, height {y2 - y1:.1f}"))
@@ -84,9 +92,14 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
         for a in range(len(idx)):
             for b in range(a + 1, len(idx)):
                 ra, rb = ls.records[idx[a]], ls.records[idx[b]]
-                if iou[a, b] >= DUPLICATE_IOU and ra.class_id == rb.class_id:
+                if iou[a, b] < DUPLICATE_IOU:
+                    continue
+                if ra.class_id == rb.class_id:
                     out.append(_label_issue(rb, _name(ls, rb.class_id), "duplicate", float(iou[a, b]),
                                             f"IoU {iou[a, b]:.2f} with {ra.ref}"))
+                else:
+                    out.append(_label_issue(rb, _name(ls, rb.class_id), "class_conflict", float(iou[a, b]),
+                                            f"IoU {iou[a, b]:.2f} with {ra.ref} labelled {_name(ls, ra.class_id)}"))
     return out
 
 

@@ -1,6 +1,7 @@
 """A lenient view of a dataset's labels for linting: every box as a record with where it came
 from (``annotations[17]``, ``labels/000003.txt:4``), keeping what a strict reader would refuse
-(unknown class ids, boxes outside the image, zero area) so the linter can report it.
+(unknown class ids, boxes outside the image, zero area, NaN / inf coordinates) so the linter
+can report it.
 
 Files that cannot be parsed at all (broken JSON, a YOLO line without 5 fields) are still a
 one-line ``DataError``: there is no record to report.
@@ -8,6 +9,7 @@ one-line ``DataError``: there is no record to report.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +113,9 @@ def read_label_set(root: str | os.PathLike[str]) -> LabelSet:
 
 
 def boxes_of(ls: LabelSet, image_id: int) -> tuple[np.ndarray, np.ndarray, list[LabelRecord]]:
-    """Valid records (known class, positive size) of one image: (N, 4) boxes, (N,) classes, records."""
+    """Valid records (known class, finite coordinates, positive size) of one image: (N, 4) boxes,
+    (N,) classes, records. The others are reported by the geometric checks, not judged here."""
     recs = [r for r in ls.records if r.image_id == image_id and 0 <= r.class_id < len(ls.classes)
-            and r.box[2] > r.box[0] and r.box[3] > r.box[1]]
+            and all(math.isfinite(v) for v in r.box) and r.box[2] > r.box[0] and r.box[3] > r.box[1]]
     boxes = np.array([r.box for r in recs], np.float32).reshape(-1, 4)
     return boxes, np.array([r.class_id for r in recs], np.int64), recs

@@ -114,6 +114,17 @@ def test_model_rules_on_given_detections(val_set) -> None:
     got = {(i.kind, i.ref) for i in image_issues(ls, iid, det)}
     assert got == {("wrong_class", recs[0].ref), ("bad_box", recs[1].ref), ("missing_label", ""),
                    ("no_object", recs[z].ref)}
+    # Label 1 a third of its width off (IoU 0.5) is flagged; a quarter off (IoU 0.6) is not: the
+    # model's own boxes of small objects are that far off (the band is [0.2, 0.5)).
+    conf = np.full(len(recs), 0.9, np.float32)
+    for shift, flagged in ((1 / 3 + 0.01, True), (0.25, False)):
+        near = boxes.copy()
+        near[1, [0, 2]] += shift * w1
+        issues = image_issues(ls, iid, (near, conf, cls))
+        assert [(i.kind, i.ref) for i in issues] == ([("bad_box", recs[1].ref)] if flagged else []), shift
+    # ... and not when another confident detection of its class fits it well.
+    both = (np.concatenate([near, boxes[1:2]]), np.append(conf, np.float32(0.9)), np.append(cls, cls[1]))
+    assert image_issues(ls, iid, both) == []
 
 
 def test_model_assisted_finds_injected_mistakes(repo_root, tmp_path) -> None:
@@ -135,3 +146,57 @@ def test_score_flags_counts() -> None:
              Issue("a", 1, (50, 50, 60, 60), "missing_label", 0.8)]
     r = score_flags(flags, inj)
     assert r["recall"] == 1.0 and r["precision"] == 0.5 and r["precision_at_n_injected"] == 1.0
+
+
+def test_non_finite_boxes_are_flagged_in_coco_and_yolo(val_set, tmp_path) -> None:
+    """JSON and float() parse NaN / Infinity; every comparison with NaN is false, so no check
+    fired and the model-assisted pass silently dropped the record, while `perception train`
+    refuses the file. They are now flagged (and kept out of the model-assisted pass)."""
+    import shutil
+
+    from build_engine.label_qa.records import boxes_of
+
+    gt = read_json(val_set / "annotations.json")
+    gt["annotations"][0]["bbox"][0] = float("nan")
+    gt["annotations"][1]["bbox"][2] = float("inf")
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "annotations.json").write_text(json.dumps(gt))  # writes NaN / Infinity, as some tools do
+    (d / "images").symlink_to(val_set / "images")
+    ls = read_label_set(d)
+    got = [(i.kind, i.ref) for i in find_geometric_issues(ls)]
+    ids = [a["id"] for a in gt["annotations"][:2]]
+    assert got == [("non_finite", f"annotations[0] (id {ids[0]})"), ("non_finite", f"annotations[1] (id {ids[1]})")]
+    iid = gt["annotations"][0]["image_id"]
+    assert all(r.ref != got[0][1] for r in boxes_of(ls, iid)[2])
+    rows = [i.to_dict() for i in find_geometric_issues(ls)]
+    assert rows[0]["box"][0] is None and "NaN" not in json.dumps(rows)  # strict JSON out
+    y = tmp_path / "y"
+    shutil.copytree(val_set, y)
+    (y / "annotations.json").unlink()
+    (y / "labels" / "000001.txt").write_text("0 nan 0.5 0.1 0.1\n1 0.5 0.5 inf 0.1\n")
+    got = sorted((i.kind, i.ref) for i in find_geometric_issues(read_label_set(y)))
+    assert got == [("non_finite", "labels/000001.txt:1"), ("non_finite", "labels/000001.txt:2")]
+
+
+def test_one_object_labelled_under_two_classes_is_a_class_conflict(val_set, tmp_path) -> None:
+    """The duplicate check required the same class: a car also labelled truck (IoU 0.95) was
+    not reported. Such a pair is now a class_conflict; a same-class pair is still a duplicate."""
+    import copy
+
+    gt = read_json(val_set / "annotations.json")
+    a = next(x for x in gt["annotations"] if min(x["bbox"][2:]) >= 20)
+    other = copy.deepcopy(a)
+    other["id"] = max(x["id"] for x in gt["annotations"]) + 1
+    other["category_id"] = a["category_id"] % len(gt["categories"]) + 1
+    x, y, w, h = a["bbox"]
+    other["bbox"] = [x + 0.025 * w, y, w, h]  # IoU 0.95
+    gt["annotations"].append(other)
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "annotations.json").write_text(json.dumps(gt))
+    (d / "images").symlink_to(val_set / "images")
+    issues = find_geometric_issues(read_label_set(d))
+    assert [(i.kind, i.ref) for i in issues] == [("class_conflict", f"annotations[{len(gt['annotations']) - 1}] "
+                                                                    f"(id {other['id']})")]
+    assert issues[0].score == pytest.approx(0.95, abs=0.01) and f"(id {a['id']})" in issues[0].detail
