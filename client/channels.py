@@ -10,6 +10,7 @@ over servers has to happen here anyway.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -32,7 +33,10 @@ def resolve_targets(
     """Expand "host:port" targets to (address, host) pairs, one per distinct IP.
 
     A name that does not resolve is kept as given (gRPC resolves it again and reports the
-    failure when it connects); IPv6 addresses are bracketed.
+    failure when it connects), and so is one that resolves to loopback addresses only:
+    "localhost" is ::1 and 127.0.0.1, one machine, whose server often listens on one of them;
+    a channel per address spread sessions onto the one nobody listens on. gRPC's own channel
+    tries its addresses in turn. IPv6 addresses are bracketed.
     """
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -44,7 +48,8 @@ def resolve_targets(
             ips = list(dict.fromkeys(info[4][0] for info in infos))
         except (OSError, UnicodeError):
             ips = []
-        addrs = [target] if len(ips) <= 1 else [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
+        one_host = len(ips) <= 1 or all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips)
+        addrs = [target] if one_host else [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
         for a in addrs:
             if a not in seen:
                 seen.add(a)
