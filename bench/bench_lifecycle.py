@@ -516,11 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             if "degrade" in which:
                 variant = args.variant or default_degrade_variant(rungs)
                 steps: Schedule = ((args.phase_s, lo), (args.phase_s, hi), (args.phase_s, lo))
-                # `perception serve` has no flag for the window: it is set through a config file.
-                cfg = Path(tmp) / "degrade.yaml"
-                cfg.write_text(f"degrade_window_s: {args.degrade_window_s}\n")
                 auto = ["--degrade", "auto", "--degrade-p99-budget-ms", str(args.degrade_p99_budget_ms),
-                        "--config", str(cfg)]
+                        "--degrade-window-s", str(args.degrade_window_s)]
                 for name, flags in (("degrade off", []), ("degrade auto", auto)):
                     runs[name] = run_once(name, manifest, variant, steps, n, args.window, flags, args, Path(tmp),
                                           harnesses)

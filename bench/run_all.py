@@ -1,4 +1,5 @@
-"""`make bench`: every benchmark, one after another, each printing its side-by-side ratios.
+"""`make bench`: the benchmarks, one after another, each printing its side-by-side ratios; all but
+bench_mot and bench_train, which take tens of minutes each (run them alone).
 
 Benchmarks are not tests: they measure, they do not assert. Run one alone with
 `python -m bench.bench_<name> --help` for its options (durations, models, sizes).
