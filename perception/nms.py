@@ -68,6 +68,12 @@ def batched_nms(
     wh = b[:, 2:] - b[:, :2]
     if bool(np.all(wh > 0)):
         xywh = np.concatenate([b[:, :2], wh], axis=1).astype(np.float64)
+        # OpenCV shifts each class by (largest coordinate + 1) and assumes none is negative: a
+        # box past the top-left corner landed in the previous class's region and suppressed
+        # across classes. Moving every box by the same amount changes no IoU.
+        low = float(xywh[:, :2].min())
+        if low < 0:
+            xywh[:, :2] -= low
         s = np.asarray(scores, np.float32).reshape(-1)
         # One class for agnostic NMS (NMSBoxes itself refuses the -1 score floor that keeps every
         # candidate, including a score of exactly 0).

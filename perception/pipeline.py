@@ -259,7 +259,8 @@ class FramePipeline:
             boxes = det.boxes.copy()
             boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, prepared.image_width)
             boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, prepared.image_height)
-            det = dataclasses.replace(det, boxes=boxes)
+            real = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # none wholly past the edge
+            det = Detections(boxes[real], det.scores[real], det.class_ids[real])
         return det
 
     def run_batch(self, frames: Sequence[FrameInput], req: RequestOptions, infer: InferFn) -> list[Detections]:

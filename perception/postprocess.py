@@ -85,6 +85,9 @@ def postprocess(
         keep = batched_nms(cand.boxes, cand.scores, cand.class_ids, options.iou_threshold, options.class_agnostic)
     else:
         keep = np.argsort(-cand.scores, kind="stable")
-    kept = cand.take(keep[: options.max_detections])
+    kept = cand.take(keep)
     boxes = boxes_to_source(kept.boxes, letterbox, clip=True)
-    return Detections(boxes, kept.scores, kept.class_ids)
+    # A box wholly in the letterbox's padding clips to nothing: it is no detection, and must not
+    # take one of the max_detections places from a real one.
+    real = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[: options.max_detections]
+    return Detections(boxes[real], kept.scores[real], kept.class_ids[real])

@@ -230,7 +230,9 @@ def read_image(path: Path) -> NDArray[np.uint8]:
     scoring a model reads images through ``perception.pipeline`` instead)."""
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # Stored orientation, as the server decodes frames and as labels' sizes are read: with the
+    # EXIF orientation applied, a tagged photo trained rotated pixels against unrotated boxes.
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise DataError(f"{path}: image does not decode")
     # IMREAD_COLOR always decodes to 8-bit BGR; cv2's stubs type every image as the generic MatLike.

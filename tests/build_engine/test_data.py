@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -211,3 +212,25 @@ def test_gen_data_cli(tmp_path, capsys) -> None:
     assert main(["gen-data", "--drive", "--out", str(tmp_path / "d"), "--cameras", "left", "--frames", "2"]) == 1
     err = capsys.readouterr().err
     assert "unknown camera 'left'" in err and "Traceback" not in err
+
+
+def test_training_reads_an_image_in_its_stored_orientation(tmp_path: Path) -> None:
+    """The server decodes frames as stored, and labels' sizes are read so; cv2's IMREAD_COLOR
+    applied an EXIF orientation tag, so a tagged photo trained rotated pixels under unrotated
+    boxes."""
+    import numpy as np
+    from PIL import Image
+
+    from build_engine.data.formats import read_image
+    from perception.decode import decode_encoded
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:10, :10] = 255  # a white block top-left, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: rotated 180 degrees
+    path = tmp_path / "tagged.jpg"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    img = read_image(path)
+    assert img.shape == (40, 60, 3) and img[:10, :10].mean() > 200 and img[-10:, -10:].mean() < 50
+    served, _, _ = decode_encoded(path.read_bytes())
+    assert np.abs(served.astype(int) - img.astype(int)).mean() < 2

@@ -96,3 +96,15 @@ def test_the_fast_path_keeps_exactly_what_the_reference_keeps() -> None:
         for agnostic in (False, True):
             np.testing.assert_array_equal(batched_nms(b, s, cls, iou, agnostic),
                                           reference_batched_nms(b, s, cls, iou, agnostic), err_msg=f"case {t}")
+
+
+def test_the_fast_path_keeps_boxes_of_other_classes_past_the_top_left_corner() -> None:
+    """OpenCV shifts classes apart by the largest coordinate and assumes no negative one: a
+    class-1 box past the top-left corner landed in class 0's region and was suppressed by a
+    class-0 box there (IoU 0.45 after the shift)."""
+    from perception.nms import reference_batched_nms
+
+    boxes = np.array([[610, 610, 640, 640], [-30, -30, 5, 5]], np.float32)
+    scores, classes = np.array([0.9, 0.8], np.float32), np.array([0, 1])
+    assert sorted(reference_batched_nms(boxes, scores, classes, 0.3).tolist()) == [0, 1]
+    assert sorted(batched_nms(boxes, scores, classes, 0.3).tolist()) == [0, 1]

@@ -48,15 +48,15 @@ def reference(out, lb, opts: PostprocessOptions):
                 break
         if not suppressed:
             kept.append((s, c, b))
-    kept = kept[: opts.max_detections]
     res = []
     for s, c, b in kept:
         x1 = min(max((b[0] - lb.pad_left) / lb.scale_x, 0), lb.src_w)
         y1 = min(max((b[1] - lb.pad_top) / lb.scale_y, 0), lb.src_h)
         x2 = min(max((b[2] - lb.pad_left) / lb.scale_x, 0), lb.src_w)
         y2 = min(max((b[3] - lb.pad_top) / lb.scale_y, 0), lb.src_h)
-        res.append((s, c, (x1, y1, x2, y2)))
-    return res
+        if x2 > x1 and y2 > y1:  # a box wholly in the padding is none
+            res.append((s, c, (x1, y1, x2, y2)))
+    return res[: opts.max_detections]
 
 
 def head(rng, n=400, c=7, w=96, h=64):
@@ -171,3 +171,16 @@ def test_an_inf_score_is_dropped() -> None:
     out = np.array([[10, 10, 50, 50, 1, 0.9, 0], [60, 60, 90, 90, np.inf, 1, 0]], np.float32)
     det = postprocess(out, lb, opts)
     assert det.scores.tolist() == pytest.approx([0.9]) and np.isfinite(det.scores).all()
+
+
+def test_a_box_wholly_in_the_padding_is_no_detection_and_takes_no_place() -> None:
+    """A 1920x1080 frame in a 640x640 input has 140 px of padding above it: a box there clipped
+    to zero height and came out first, with its score, and pushed a real one past
+    max_detections."""
+    lb = compute_letterbox(1920, 1080, 640, 640)
+    assert lb.pad_top == 140
+    opts = PostprocessOptions(score_threshold=0.25, iou_threshold=0.5, max_detections=1, pre_nms_topk=1000)
+    out = np.array([[100, 10, 200, 120, 1, 0.9, 0],  # wholly above the image
+                    [300, 300, 360, 380, 1, 0.8, 0]], np.float32)
+    det = postprocess(out, lb, opts)
+    assert det.scores.tolist() == pytest.approx([0.8]) and (det.boxes[:, 2:] > det.boxes[:, :2]).all()
