@@ -19,9 +19,12 @@ What a live stream adds on top of ``Tracker.update``:
   whose ids go on from the pool's counter: an id never names two objects within a pool.
 - **Re-sent frames.** A client that reconnects sends again the frames it had no answer for,
   some of which the server may have tracked already. A frame whose sequence is not past the
-  camera's last, but which is one of its last ``RESENT_FRAMES`` frames (same sequence and
-  capture time), is answered with the track ids it got the first time and does not step the
-  tracker; only a sequence going back beyond those is a camera restart.
+  camera's last, but which is one of its last ``RESENT_FRAMES`` frames (same sequence, capture
+  time and detections, boxes within ``RESENT_BOX_PX``), is answered with the track ids it got
+  the first time and does not step the tracker; any other sequence going back is a camera
+  restart. The detections are part of the test: two recordings replayed one after the other
+  can number and stamp their frames alike (generated drives do), and the second one's frames
+  were answered with the first one's track ids.
 - **Cameras without capture times** (``timestamp_ns`` 0 with ``arrival_s``): the frame is
   stepped on the arrival clock, continued from the camera's last frame. A camera that starts
   sending capture times after such frames (a recording whose first frame is at time 0) has its
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 # Frames remembered per camera to recognise a re-send: more than a client keeps in flight (the
 # client library's window is at most 32 frames).
 RESENT_FRAMES = 64
+# How far a re-sent frame's boxes may be from the first answer's: the same bytes through the
+# same model, in another batch (a GPU batches frames; its kernels may round differently).
+RESENT_BOX_PX = 0.5
 _NS_PER_S = 1_000_000_000
 
 
@@ -60,8 +66,9 @@ class _Entry:
     tracker: Tracker
     last_used: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # sequence -> (the capture time it came with, its result), the last RESENT_FRAMES frames
-    recent: OrderedDict[int, tuple[int, TrackResult]] = field(default_factory=OrderedDict)
+    # sequence -> (the capture time it came with, its detections, its result), the last
+    # RESENT_FRAMES frames
+    recent: OrderedDict[int, tuple[int, Detections, TrackResult]] = field(default_factory=OrderedDict)
     last_sequence: int | None = None
     last_arrival_s: float | None = None  # when the last frame arrived (server clock), if known
     on_arrival_clock: bool = False  # the last frame had no capture time
@@ -120,7 +127,7 @@ class TrackerPool:
                 log.info("camera %r: the model's classes changed; its tracks were reset", camera_id)
                 self._reset(entry)
             entry.classes = classes if classes is not None else entry.classes
-            resent = self._resent(entry, timestamp_ns, sequence, len(detections))
+            resent = self._resent(entry, timestamp_ns, sequence, detections)
             if resent is not None:
                 return resent
             tracker = entry.tracker
@@ -143,7 +150,7 @@ class TrackerPool:
                 entry.recent.clear()
             if sequence is not None:
                 entry.last_sequence = sequence
-                entry.recent[sequence] = (timestamp_ns, result)
+                entry.recent[sequence] = (timestamp_ns, detections, result)
                 entry.recent.move_to_end(sequence)
                 while len(entry.recent) > RESENT_FRAMES:
                     entry.recent.popitem(last=False)
@@ -152,20 +159,17 @@ class TrackerPool:
         return result
 
     @staticmethod
-    def _resent(entry: _Entry, timestamp_ns: int, sequence: int | None, n: int) -> TrackResult | None:
-        """The result a re-sent frame got the first time (no track ids if its detections are
-        not the same number as then: another model answered it); None if it is not one."""
+    def _resent(entry: _Entry, timestamp_ns: int, sequence: int | None, detections: Detections) -> TrackResult | None:
+        """The result a re-sent frame got the first time; None if it is not one."""
         if sequence is None or entry.last_sequence is None or sequence > entry.last_sequence:
             return None
         if timestamp_ns == 0 and sequence == entry.last_sequence:
             return None  # no capture time: a camera that numbers no frames sends 0, 0 every time
         seen = entry.recent.get(sequence)
-        if seen is None or seen[0] != timestamp_ns:
+        if seen is None or seen[0] != timestamp_ns or not _same(seen[1], detections):
             return None
-        first = seen[1]
-        if len(first) == n:
-            return TrackResult(track_ids=first.track_ids.copy(), states=first.states)
-        return TrackResult(track_ids=np.zeros((n,), np.int64), states=(None,) * n)
+        first = seen[2]
+        return TrackResult(track_ids=first.track_ids.copy(), states=first.states)
 
     @staticmethod
     def _reset(entry: _Entry) -> None:
@@ -216,3 +220,11 @@ class TrackerPool:
                 break
             del self._entries[camera_id]
             log.debug("forgot the tracks of camera %r: unused for over ttl_s=%g s", camera_id, self.config.ttl_s)
+
+
+def _same(a: Detections, b: Detections) -> bool:
+    """The same detections, boxes within RESENT_BOX_PX."""
+    if len(a) != len(b) or not np.array_equal(np.asarray(a.class_ids), np.asarray(b.class_ids)):
+        return False
+    return bool(np.allclose(np.asarray(a.boxes, np.float64), np.asarray(b.boxes, np.float64), rtol=0.0,
+                            atol=RESENT_BOX_PX))

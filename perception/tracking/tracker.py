@@ -9,10 +9,10 @@ Each frame (the detections after NMS, and the frame's capture timestamp in ns):
    are predicted to this frame's time (``dt`` in seconds, so frames dropped upstream as stale
    or expired are predicted across, not counted).
 3. Match, in three rounds, each a gated IoU matching within one class
-   (``perception.tracking.assignment``); the three rounds run first by plain IoU, and then
-   again, for what that left, by the IoU of boxes widened in proportion to the time since the
-   previous frame (``buffer_per_s``), so that a fast object, or one across a dropped frame,
-   still overlaps its prediction (a plain-IoU match of any round wins over a widened one):
+   (``perception.tracking.assignment``), each first by plain IoU and then, for what that left,
+   by the IoU of boxes widened in proportion to the time since the previous frame
+   (``buffer_per_s``), so that a fast object, or one across a dropped frame, still overlaps its
+   prediction:
    a. high-score detections to confirmed and coasting tracks (``match_iou``);
    b. the high-score detections left to new tracks (``match_iou``): an established track wins
       a box over a new one, so a spurious new track cannot steal an identity;
@@ -225,10 +225,12 @@ class Tracker:
                 (before == _NEW, open_high, cfg.match_iou),
                 (before == _CONFIRMED, open_low, cfg.low_match_iou),
             )
-            # Plain IoU for every round before any widened pass: an exact match of a new track
-            # must not go to an established track that only the widened boxes pair with it.
-            for candidate in candidates:
-                for eligible, open_dets, min_iou in rounds:
+            # Each round by plain IoU, then by the widened boxes, before the next round: an
+            # established track wins a box over a new one even through the widened boxes. (Plain
+            # IoU for every round first did better in a synthetic crowd and worse on the drives:
+            # docs/tracking.md.)
+            for eligible, open_dets, min_iou in rounds:
+                for candidate in candidates:
                     self._match(candidate, free, eligible, open_dets, min_iou, pairs)
             left = np.flatnonzero(open_high)
             if pairs:

@@ -507,22 +507,23 @@ def test_pool_cameras_are_independent() -> None:
     assert r.states == (TrackState.CONFIRMED,)
 
 
-def test_a_plain_match_of_a_new_track_beats_a_widened_one_of_an_established_track() -> None:
-    """A confirmed track A is occluded while a new track B, 60 px away, is seen exactly where it
-    was: only the widened boxes pair A with B's box (IoU 0.27), plain IoU pairs B with it (1.0).
-    B keeps its box; A coasts. (Widened matching for every round before plain IoU for new
-    tracks gave B's box to A and dropped B: an identity swap.)"""
+def test_an_established_track_wins_a_box_over_a_new_track_even_through_the_widened_boxes() -> None:
+    """A confirmed track A misses its object while a new track B, 60 px away, is seen exactly where
+    it was: the widened boxes pair A with B's box (IoU 0.27), plain IoU pairs B with it (1.0). A
+    takes it, by design (an established track wins a box over a new one, round by round): on the
+    drives a new track is most often born from a box its established track missed on the frame
+    before, and giving the box to it cost identities. The other order (plain IoU for every round
+    first) was measured: docs/tracking.md."""
     frame_ns = 100_000_000  # 10 fps: a buffer of 0.8 box sizes per side
     tracker = Tracker()
     for k in range(3):
         a = tracker.update(dets([box(100, 300)]), T0 + k * frame_ns)
     a_id = int(a.track_ids[0])
     r = tracker.update(dets([box(100, 300), box(160, 300)]), T0 + 3 * frame_ns)
-    b_id = int(r.track_ids[1])
     assert int(r.track_ids[0]) == a_id and r.states[1] is TrackState.NEW
-    r = tracker.update(dets([box(160, 300)]), T0 + 4 * frame_ns)  # A occluded
-    assert int(r.track_ids[0]) == b_id and r.states == (TrackState.CONFIRMED,)
-    assert {v.track_id: v.state for v in tracker.tracks()} == {a_id: TrackState.COASTING, b_id: TrackState.CONFIRMED}
+    r = tracker.update(dets([box(160, 300)]), T0 + 4 * frame_ns)
+    assert int(r.track_ids[0]) == a_id and r.states == (TrackState.CONFIRMED,)
+    assert [v.track_id for v in tracker.tracks()] == [a_id]  # the new track, unmatched, is dropped
 
 
 def test_pool_answers_a_resent_frame_as_the_first_time_and_does_not_step_the_tracker() -> None:
@@ -537,9 +538,9 @@ def test_pool_answers_a_resent_frame_as_the_first_time_and_does_not_step_the_tra
     assert [r.track_ids.tolist() for r in again] == [ids] * 4
     assert not any(r.restarted for r in again)
     assert [r.states for r in again[:2]] == [first[2].states, first[3].states]
-    # Another number of detections than the first time (another model answered it): no ids.
+    # Other detections than the first time: not a re-send, the frame is tracked (its box goes on).
     r = pool.update("front", dets([box(100, 100)]), frames[5][1], sequence=5)
-    assert r.track_ids.tolist() == [0] and r.states == (None,)
+    assert r.track_ids.tolist() == [ids[0]] and not r.restarted
     # A new track seen once, then its frame re-sent: still NEW, not confirmed by the duplicate.
     pool.update("front", dets([box(100, 100), box(300, 100), box(600, 100)]), T0 + 6 * FRAME_NS, sequence=6)
     r = pool.update("front", dets([box(100, 100), box(300, 100), box(600, 100)]), T0 + 6 * FRAME_NS, sequence=6)
@@ -577,3 +578,15 @@ def test_pool_drops_a_cameras_tracks_when_the_models_classes_change() -> None:
     old = int(r.track_ids[0])
     r = pool.update("front", dets([box(100, 100)]), T0 + 3 * FRAME_NS, sequence=3, classes=("a", "b", "c"))
     assert int(r.track_ids[0]) > old and r.states == (TrackState.NEW,)
+
+
+def test_a_second_recording_stamped_like_the_first_is_no_resend() -> None:
+    """Two generated drives replayed one after the other number and stamp their frames alike:
+    the second one's frames were taken for re-sends of the first's and answered with its track
+    ids. Only a frame with the same detections too is a re-send; the second drive restarts."""
+    pool = TrackerPool()
+    first = [pool.update("front", dets([box(100, 100)]), T0 + k * FRAME_NS, sequence=k) for k in range(5)]
+    other = pool.update("front", dets([box(400, 300), box(700, 300)]), T0, sequence=0)
+    assert other.restarted and set(other.track_ids.tolist()).isdisjoint(first[0].track_ids.tolist())
+    again = pool.update("front", dets([box(400, 300), box(700, 300)]), T0 + FRAME_NS, sequence=1)
+    assert again.track_ids.tolist() == other.track_ids.tolist() and not again.restarted
