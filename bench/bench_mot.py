@@ -114,7 +114,12 @@ def generate_drives(root: Path, long_seconds: float, crossings_per_min: float,
 def cached_drives(cache: Path, long_seconds: float, crossings_per_min: float, density: float) -> dict[str, Path]:
     """The drives of these settings under ``cache``, generated there the first time (the drives
     are seeded: the same settings make the same frames)."""
-    root = cache / f"long{long_seconds:g}s_crossings{crossings_per_min:g}_density{density:.4f}"
+    # The generator's code is part of the key: drives made by an older one are not reused.
+    import hashlib
+
+    import build_engine.data.drive as drive_code
+    code = hashlib.sha256(Path(drive_code.__file__).read_bytes()).hexdigest()[:8]
+    root = cache / f"long{long_seconds:g}s_crossings{crossings_per_min:g}_density{density:.4f}_{code}"
     done = root / "complete"
     if done.is_file():
         log.info("reusing the drives in %s", root)

@@ -48,7 +48,11 @@ def resolve_targets(
             ips = list(dict.fromkeys(info[4][0] for info in infos))
         except (OSError, UnicodeError):
             ips = []
-        one_host = len(ips) <= 1 or all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips)
+        # One host: one address, or this machine's loopback in each family (127.0.0.1 and ::1);
+        # 127.0.0.1 and 127.0.0.2 may be two local servers.
+        loopback = [ipaddress.ip_address(ip.split("%")[0]) for ip in ips]
+        one_host = len(ips) <= 1 or (all(a.is_loopback for a in loopback)
+                                     and len({a.version for a in loopback}) == len(loopback))
         addrs = [target] if one_host else [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
         for a in addrs:
             if a not in seen:

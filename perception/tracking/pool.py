@@ -19,12 +19,13 @@ What a live stream adds on top of ``Tracker.update``:
   whose ids go on from the pool's counter: an id never names two objects within a pool.
 - **Re-sent frames.** A client that reconnects sends again the frames it had no answer for,
   some of which the server may have tracked already. A frame whose sequence is not past the
-  camera's last, but which is one of its last ``RESENT_FRAMES`` frames (same sequence, capture
-  time and detections, boxes within ``RESENT_BOX_PX``), is answered with the track ids it got
-  the first time and does not step the tracker; any other sequence going back is a camera
-  restart. The detections are part of the test: two recordings replayed one after the other
-  can number and stamp their frames alike (generated drives do), and the second one's frames
-  were answered with the first one's track ids.
+  camera's last, but which is one of its last ``RESENT_FRAMES`` frames (same sequence and
+  capture time, and at least half of its detections where the first answer had one of their
+  class, IoU >= ``RESENT_IOU``), is answered with the track ids those boxes got the first time
+  (0 for the others: another model may have answered it) and does not step the tracker; any
+  other sequence going back is a camera restart. The detections are part of the test: two
+  recordings replayed one after the other can number and stamp their frames alike (generated
+  drives do), and the second one's frames were answered with the first one's track ids.
 - **Cameras without capture times** (``timestamp_ns`` 0 with ``arrival_s``): the frame is
   stepped on the arrival clock, continued from the camera's last frame. A camera that starts
   sending capture times after such frames (a recording whose first frame is at time 0) has its
@@ -44,7 +45,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import NDArray
 
+from perception.boxes import box_iou
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
 from perception.tracking.tracker import IdCounter, Tracker, TrackResult, TrackView
@@ -55,9 +58,9 @@ log = logging.getLogger(__name__)
 # Frames remembered per camera to recognise a re-send: more than a client keeps in flight (the
 # client library's window is at most 32 frames).
 RESENT_FRAMES = 64
-# How far a re-sent frame's boxes may be from the first answer's: the same bytes through the
-# same model, in another batch (a GPU batches frames; its kernels may round differently).
-RESENT_BOX_PX = 0.5
+# A re-sent frame's box is the first answer's box of its class that it overlaps this much: the
+# same bytes through the same model, or through another variant after a degrade step or a swap.
+RESENT_IOU = 0.7
 _NS_PER_S = 1_000_000_000
 
 
@@ -166,10 +169,14 @@ class TrackerPool:
         if timestamp_ns == 0 and sequence == entry.last_sequence:
             return None  # no capture time: a camera that numbers no frames sends 0, 0 every time
         seen = entry.recent.get(sequence)
-        if seen is None or seen[0] != timestamp_ns or not _same(seen[1], detections):
+        if seen is None or seen[0] != timestamp_ns:
+            return None
+        match = _match_first(seen[1], detections)
+        if match is None:
             return None
         first = seen[2]
-        return TrackResult(track_ids=first.track_ids.copy(), states=first.states)
+        ids = np.where(match >= 0, first.track_ids[np.maximum(match, 0)], 0).astype(np.int64)
+        return TrackResult(track_ids=ids, states=tuple(first.states[m] if m >= 0 else None for m in match.tolist()))
 
     @staticmethod
     def _reset(entry: _Entry) -> None:
@@ -222,9 +229,23 @@ class TrackerPool:
             log.debug("forgot the tracks of camera %r: unused for over ttl_s=%g s", camera_id, self.config.ttl_s)
 
 
-def _same(a: Detections, b: Detections) -> bool:
-    """The same detections, boxes within RESENT_BOX_PX."""
-    if len(a) != len(b) or not np.array_equal(np.asarray(a.class_ids), np.asarray(b.class_ids)):
-        return False
-    return bool(np.allclose(np.asarray(a.boxes, np.float64), np.asarray(b.boxes, np.float64), rtol=0.0,
-                            atol=RESENT_BOX_PX))
+def _match_first(first: Detections, again: Detections) -> NDArray[np.int64] | None:
+    """For each of ``again``'s detections, the index of the box of ``first`` it is (same class,
+    the highest IoU, at least RESENT_IOU; -1 if none), in any order; None when fewer than half
+    of them have one (another frame than the first, not a re-send)."""
+    n = len(again)
+    if n == 0 or len(first) == 0:
+        return np.full((n,), -1, np.int64) if n == len(first) else None
+    iou = box_iou(np.asarray(again.boxes, np.float32), np.asarray(first.boxes, np.float32))
+    iou[np.asarray(again.class_ids)[:, None] != np.asarray(first.class_ids)[None, :]] = 0.0
+    best = np.argmax(iou, axis=1)
+    ok = iou[np.arange(n), best] >= RESENT_IOU
+    match = np.where(ok, best, -1).astype(np.int64)
+    taken = match[ok]
+    if np.unique(taken).size != taken.size:  # two boxes on one: keep the first of each
+        seen: set[int] = set()
+        for k, m in enumerate(match.tolist()):
+            if m >= 0:
+                match[k] = -1 if m in seen else m
+                seen.add(m)
+    return match if 2 * int((match >= 0).sum()) >= max(n, len(first)) else None

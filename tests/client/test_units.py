@@ -63,11 +63,12 @@ def test_resolve_targets_keeps_localhost_one_target() -> None:
     """localhost is ::1 and 127.0.0.1: one machine, whose server often listens on one of them. A
     channel per address sent every other session to the address nobody listens on."""
     def resolver(host: str, port: int, type: int = 0) -> list:
-        ips = {"localhost": ["::1", "127.0.0.1"], "pair": ["10.0.0.1", "::1"]}[host]
+        ips = {"localhost": ["::1", "127.0.0.1"], "pair": ["10.0.0.1", "::1"], "two": ["127.0.0.1", "127.0.0.2"]}[host]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ips]
 
     assert [a for a, _ in resolve_targets(("localhost:50051",), resolver)] == ["localhost:50051"]
     assert [a for a, _ in resolve_targets(("pair:1",), resolver)] == ["10.0.0.1:1", "[::1]:1"]
+    assert [a for a, _ in resolve_targets(("two:1",), resolver)] == ["127.0.0.1:1", "127.0.0.2:1"]
 
 
 def test_the_pool_follows_a_name_whose_addresses_change() -> None:

@@ -590,3 +590,19 @@ def test_a_second_recording_stamped_like_the_first_is_no_resend() -> None:
     assert other.restarted and set(other.track_ids.tolist()).isdisjoint(first[0].track_ids.tolist())
     again = pool.update("front", dets([box(400, 300), box(700, 300)]), T0 + FRAME_NS, sequence=1)
     assert again.track_ids.tolist() == other.track_ids.tolist() and not again.restarted
+
+
+def test_a_resent_frame_answered_a_little_differently_is_still_a_resend() -> None:
+    """A re-send answered by another variant (a degrade step between the two) or in another order
+    is the same frame: it gets its first ids box by box, and the camera does not restart (an
+    exact comparison reset every track of the camera)."""
+    pool = TrackerPool()
+    for k in range(6):
+        first = pool.update("front", dets([box(100, 100), box(300, 100)]), T0 + k * FRAME_NS, sequence=k)
+    ids = first.track_ids.tolist()
+    swapped = pool.update("front", dets([box(300.6, 100), box(100, 100.6)]), T0 + 5 * FRAME_NS, sequence=5)
+    assert swapped.track_ids.tolist() == ids[::-1] and not swapped.restarted
+    fewer = pool.update("front", dets([box(300, 101), box(100, 100), box(700, 100)]), T0 + 5 * FRAME_NS, sequence=5)
+    assert fewer.track_ids.tolist() == [ids[1], ids[0], 0] and fewer.states[2] is None and not fewer.restarted
+    nxt = pool.update("front", dets([box(100, 100), box(300, 100)]), T0 + 6 * FRAME_NS, sequence=6)
+    assert nxt.track_ids.tolist() == ids and not nxt.restarted
