@@ -33,7 +33,8 @@ from tests.conftest import REPO_ROOT
 def _answers(path: Path) -> dict[str, list[dict[str, Any]]]:
     by_camera: dict[str, list[dict[str, Any]]] = defaultdict(list)
     if path.exists():
-        for line in path.read_text().splitlines():
+        # Read while the node writes: a last line without its newline is still being written.
+        for line in path.read_text().split("\n")[:-1]:
             rec = json.loads(line)
             by_camera[rec["camera_id"]].append(rec)
     return by_camera
