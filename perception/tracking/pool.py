@@ -72,7 +72,6 @@ class _Entry:
     # sequence -> (the capture time it came with, its detections, its result), the last
     # RESENT_FRAMES frames
     recent: OrderedDict[int, tuple[int, Detections, TrackResult]] = field(default_factory=OrderedDict)
-    last_sequence: int | None = None
     last_arrival_s: float | None = None  # when the last frame arrived (server clock), if known
     on_arrival_clock: bool = False  # the last frame had no capture time
     classes: tuple[str, ...] | None = None  # of the model whose detections were tracked
@@ -152,7 +151,6 @@ class TrackerPool:
             if result.restarted:
                 entry.recent.clear()
             if sequence is not None:
-                entry.last_sequence = sequence
                 entry.recent[sequence] = (timestamp_ns, detections, result)
                 entry.recent.move_to_end(sequence)
                 while len(entry.recent) > RESENT_FRAMES:
@@ -164,9 +162,10 @@ class TrackerPool:
     @staticmethod
     def _resent(entry: _Entry, timestamp_ns: int, sequence: int | None, detections: Detections) -> TrackResult | None:
         """The result a re-sent frame got the first time; None if it is not one."""
-        if sequence is None or entry.last_sequence is None or sequence > entry.last_sequence:
+        last = entry.tracker.last_sequence
+        if sequence is None or last is None or sequence > last:
             return None
-        if timestamp_ns == 0 and sequence == entry.last_sequence:
+        if timestamp_ns == 0 and sequence == last:
             return None  # no capture time: a camera that numbers no frames sends 0, 0 every time
         seen = entry.recent.get(sequence)
         if seen is None or seen[0] != timestamp_ns:
@@ -182,7 +181,6 @@ class TrackerPool:
     def _reset(entry: _Entry) -> None:
         entry.tracker.reset()
         entry.recent.clear()
-        entry.last_sequence = None
         entry.last_arrival_s = None
         entry.on_arrival_clock = False
 

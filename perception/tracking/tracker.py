@@ -145,6 +145,12 @@ class Tracker:
         """The capture time of the last frame (None before the first, and after ``reset``)."""
         return self._last_ns
 
+    @property
+    def last_sequence(self) -> int | None:
+        """The sequence of the last frame (None before the first, after ``reset``, or when it
+        came without one)."""
+        return self._last_sequence
+
     def shift_clock(self, delta_ns: int) -> None:
         """Move every time the tracker holds by ``delta_ns``: the camera's frames go on on
         another clock (``TrackerPool`` does this when a camera that sent no capture time, and

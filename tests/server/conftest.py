@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,37 @@ class Running:
         assert self.own_stub is not None, "this server was started with channel=False"
         return self.own_stub
 
+
+
+def occupy_the_decoder(limits: Any) -> threading.Event:
+    """Take the server's decode slot (one with ``decode_threads=1``) until the returned Event is
+    set: every frame, and every Detect call, then waits undecoded in the server, holding its
+    handler thread, as on a busy server."""
+    hold, holding = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        with limits.decode.slot():
+            holding.set()
+            hold.wait(20)
+
+    threading.Thread(target=occupy, daemon=True).start()
+    assert holding.wait(5)
+    return hold
+
+
+def stalled_reader_channel(address: str) -> grpc.Channel:
+    """A channel with a tiny receive window and no window growth: once its client stops
+    reading, HTTP/2 flow control makes the server's sends block."""
+    return grpc.insecure_channel(address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
+
+
+def window_filling_request(camera: str, seq: int) -> pb.DetectRequest:
+    """A raw 320x240 frame of noise asking for up to 100 boxes at a 0.01 threshold: big answers,
+    that fill a stalled reader's window fast."""
+    raw = pb.RawImage(width=320, height=240, format=pb.PIXEL_FORMAT_BGR8,
+                      data=np.random.default_rng(0).integers(0, 255, 320 * 240 * 3, dtype=np.uint8).tobytes())
+    return pb.DetectRequest(frame=pb.Frame(camera_id=camera, sequence=seq, raw=raw),
+                            options=pb.DetectOptions(score_threshold=0.01, max_detections=100))
 
 @pytest.fixture
 def serve(tiny_manifest: Path) -> Iterator[Callable[..., Running]]:

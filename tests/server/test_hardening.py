@@ -10,13 +10,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
-from tests.server.conftest import health_check, jpeg, request
+from tests.server.conftest import (
+    health_check,
+    jpeg,
+    occupy_the_decoder,
+    request,
+    stalled_reader_channel,
+    window_filling_request,
+)
 
 OK = pb.FRAME_STATUS_OK
 INVALID = pb.FRAME_STATUS_INVALID
@@ -37,21 +43,15 @@ def test_a_client_that_stops_reading_loses_its_stream_after_the_idle_timeout(ser
     were held until the connection aged out (30 min by default). The stream's send watchdog
     cancels the call when no answer could be sent for the idle timeout."""
     run = serve(stream_idle_timeout_s=1.0, outbox_size=4, queue_size=1, invalid_backoff_max_s=0)
-    # A client with a tiny receive window and no window growth (as in test_service).
-    channel = grpc.insecure_channel(
-        run.address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-    )
+    channel = stalled_reader_channel(run.address)
     stub = pb_grpc.DetectorStub(channel)
-    raw = pb.RawImage(width=320, height=240, format=pb.PIXEL_FORMAT_BGR8,
-                      data=np.random.default_rng(0).integers(0, 255, 320 * 240 * 3, dtype=np.uint8).tobytes())
-    opts = pb.DetectOptions(score_threshold=0.01, max_detections=100)  # big answers fill the window fast
     stop = threading.Event()
 
     def reqs() -> Iterator[pb.DetectRequest]:
         for i in range(300):
             if stop.is_set():
                 return
-            yield pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, raw=raw), options=opts)
+            yield window_filling_request("front", i)
         stop.wait(30)
 
     streams = run.server.limits.streams
@@ -89,7 +89,7 @@ def test_a_slow_reader_keeps_its_stream(serve: Any) -> None:
         for i in range(4):
             turn.acquire()
             if i == 2:  # this frame waits 1.5 s in the server for a decode slot
-                held.append(_hold_the_decoder(run.server.limits))
+                held.append(occupy_the_decoder(run.server.limits))
                 threading.Timer(1.5, held[0].set).start()
             yield request("front", i, jpeg())
 
@@ -101,21 +101,6 @@ def test_a_slow_reader_keeps_its_stream(serve: Any) -> None:
     assert got == [OK] * 4 and held and held[0].is_set()
 
 
-def _hold_the_decoder(limits: Any) -> threading.Event:
-    """Take every decode slot until the returned Event is set: each Detect call then waits in
-    the server, holding its handler thread, as slow calls do on a busy server."""
-    hold, holding = threading.Event(), threading.Event()
-
-    def occupy() -> None:
-        with limits.decode.slot():
-            holding.set()
-            hold.wait(20)
-
-    threading.Thread(target=occupy, daemon=True).start()
-    assert holding.wait(5)
-    return hold
-
-
 def test_slow_unary_calls_cannot_take_every_handler_thread(serve: Any) -> None:
     """Unary Detect had no cap of its own: with decodes slow, enough concurrent calls held
     every thread of the pool that health checks are served from. Now one past
@@ -125,7 +110,7 @@ def test_slow_unary_calls_cannot_take_every_handler_thread(serve: Any) -> None:
     run = serve(decode_threads=1, max_workers=16)
     cap = ServerConfig(model="m.json", max_workers=16).unary_detect_limit()
     assert cap == 12 == run.server.limits.unary_detect.limit
-    hold = _hold_the_decoder(run.server.limits)
+    hold = occupy_the_decoder(run.server.limits)
     codes: list[str] = []
     lock = threading.Lock()
 

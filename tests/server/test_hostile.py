@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from perception.errors import ConfigError, InvalidInputError
 from perception.v1 import detector_pb2 as pb
 from server.config import ServerConfig
-from tests.server.conftest import health_check, jpeg, request
+from tests.server.conftest import health_check, jpeg, occupy_the_decoder, request
 
 OK = pb.FRAME_STATUS_OK
 INVALID = pb.FRAME_STATUS_INVALID
@@ -120,21 +120,6 @@ def test_an_idle_stream_is_ended(serve: Any) -> None:
     assert time.perf_counter() - t0 < 5.0
 
 
-def _occupy_the_decoder(limits: Any) -> threading.Event:
-    """Hold the server's one decode slot until the returned Event is set: every frame must wait
-    undecoded, as on a busy server."""
-    hold, holding = threading.Event(), threading.Event()
-
-    def occupy() -> None:
-        with limits.decode.slot():
-            holding.set()
-            hold.wait(20)
-
-    threading.Thread(target=occupy, daemon=True).start()
-    holding.wait(5)
-    return hold
-
-
 def test_undecoded_bytes_are_budgeted_across_camera_ids_and_streams(serve: Any) -> None:
     """A new camera id per frame used to get past the per-camera caps. A stream now holds one
     big frame at a time (--max-stream-inflight-bytes), and the bytes all streams hold are budgeted: frames of
@@ -145,7 +130,7 @@ def test_undecoded_bytes_are_budgeted_across_camera_ids_and_streams(serve: Any) 
     big = b"\xff\xd8" + bytes(8 << 20)  # 8 MiB that will fail to parse (after waiting to be decoded)
     limits = run.server.limits
     assert limits is not None
-    hold = _occupy_the_decoder(limits)
+    hold = occupy_the_decoder(limits)
     rss0 = _rss_mb()
     calls = [run.stub.StreamDetect(iter([request(f"cam{i}", i, big)]), timeout=60) for i in range(8)]
     time.sleep(1.5)
@@ -171,7 +156,7 @@ def test_a_streams_undecoded_bytes_are_budgeted_across_its_camera_ids(serve: Any
     big = b"\xff\xd8" + bytes(8 << 20)  # 8 MiB that will fail to parse (after waiting to be decoded)
     limits = run.server.limits
     assert limits is not None
-    hold = _occupy_the_decoder(limits)
+    hold = occupy_the_decoder(limits)
     rss0 = _rss_mb()
     call = run.stub.StreamDetect(iter([request(f"cam{i}", i, big) for i in range(8)]), timeout=60)
     time.sleep(1.5)

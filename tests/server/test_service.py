@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from perception.v1 import detector_pb2 as pb
-from tests.server.conftest import health_check, jpeg, request
+from tests.server.conftest import health_check, jpeg, request, stalled_reader_channel, window_filling_request
 
 OK = pb.FRAME_STATUS_OK
 
@@ -230,24 +230,17 @@ def test_overload_is_resource_exhausted_not_unbounded_queueing(serve):
 
 def test_client_that_stops_reading_does_not_grow_the_server(serve):
     run = serve(outbox_size=4, queue_size=1)
-    # A client with a tiny receive window and no window growth: once it stops reading,
-    # HTTP/2 flow control makes the server's sends block.
-    channel = grpc.insecure_channel(
-        run.address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-    )
     from perception.v1 import detector_pb2_grpc as pb_grpc
 
+    channel = stalled_reader_channel(run.address)
     stub = pb_grpc.DetectorStub(channel)
-    raw = pb.RawImage(width=320, height=240, format=pb.PIXEL_FORMAT_BGR8,
-                      data=np.random.default_rng(0).integers(0, 255, 320 * 240 * 3, dtype=np.uint8).tobytes())
-    opts = pb.DetectOptions(score_threshold=0.01, max_detections=100)  # big answers fill the window fast
     consumed = 0
 
     def reqs():
         nonlocal consumed
         for i in range(300):
             consumed += 1
-            yield pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, raw=raw), options=opts)
+            yield window_filling_request("front", i)
 
     call = stub.StreamDetect(reqs(), timeout=30)
     time.sleep(2.0)  # never read: the server must stop taking frames
