@@ -107,8 +107,8 @@ class Prepared:
     tensor: the (H, W, 3) uint8 letterboxed canvas (``FramePipeline.to_batch`` turns canvases
     into the float model input: queued frames take a quarter of the memory). letterbox:
     placement in SOURCE pixels (already corrected for a reduced-scale decode, whose placed
-    image may span a few pixels more than the source: boxes are clipped to image_width x
-    image_height in ``finish``).
+    image may span a few pixels more than the source: ``finish`` clips boxes to image_width x
+    image_height, before the max_detections cut).
     """
 
     tensor: NDArray[np.uint8] | None
@@ -252,16 +252,9 @@ class FramePipeline:
     def finish(self, outputs: Outputs, prepared: Prepared) -> Detections:
         """One frame's model outputs (name -> array without the batch axis) -> detections in
         source pixels."""
-        det = postprocess(self._role_arrays(outputs), prepared.letterbox, prepared.options, self.decoder,
-                          self.num_classes, self.context)
-        lb = prepared.letterbox
-        if len(det) and (lb.src_w, lb.src_h) != (prepared.image_width, prepared.image_height):
-            boxes = det.boxes.copy()
-            boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, prepared.image_width)
-            boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, prepared.image_height)
-            real = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # none wholly past the edge
-            det = Detections(boxes[real], det.scores[real], det.class_ids[real])
-        return det
+        # Clipped to the true source size, which a reduced-scale decode's placement can exceed.
+        return postprocess(self._role_arrays(outputs), prepared.letterbox, prepared.options, self.decoder,
+                           self.num_classes, self.context, (prepared.image_width, prepared.image_height))
 
     def run_batch(self, frames: Sequence[FrameInput], req: RequestOptions, infer: InferFn) -> list[Detections]:
         """The whole pipeline in-process: prepare each frame, one inference, finish each."""

@@ -66,11 +66,14 @@ def merge_options(
 
 def postprocess(
     outputs: RoleArrays, letterbox: Letterbox, options: PostprocessOptions, decoder: LayoutDecoder, num_classes: int,
-    ctx: DecodeContext | None = None,
+    ctx: DecodeContext | None = None, image_size: tuple[int, int] | None = None,
 ) -> Detections:
     """Detections of one image in source pixels, clipped, sorted by score, at most max_detections.
 
     outputs: this image's outputs by the decoder's roles (batch axis taken off).
+    image_size: (width, height) of the true source image, when the letterbox's placement spans
+    more (a reduced-scale decode: ``FramePipeline.prepare``); boxes are clipped to it rather
+    than to ``letterbox.src_w x letterbox.src_h``.
     """
     cand = decoder.candidates(outputs, options, num_classes, ctx)
     # A NaN or inf box (a diverged export, an overflowing decode) must not reach NMS: one NaN
@@ -86,8 +89,12 @@ def postprocess(
     else:
         keep = np.argsort(-cand.scores, kind="stable")
     kept = cand.take(keep)
-    boxes = boxes_to_source(kept.boxes, letterbox, clip=True)
-    # A box wholly in the letterbox's padding clips to nothing: it is no detection, and must not
-    # take one of the max_detections places from a real one.
+    width, height = image_size if image_size is not None else (letterbox.src_w, letterbox.src_h)
+    boxes = boxes_to_source(kept.boxes, letterbox, clip=False)
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    # A box wholly in the letterbox's padding, or wholly past the true image edge of a
+    # reduced-scale decode, clips to nothing: it is no detection, and must not take one of the
+    # max_detections places from a real one.
     real = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[: options.max_detections]
     return Detections(boxes[real], kept.scores[real], kept.class_ids[real])

@@ -1,0 +1,90 @@
+"""The frame pipeline's post-processing of a reduced-scale decode: boxes wholly past the true
+image edge are no detections, and take none of the max_detections places."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from perception.manifest import load_manifest
+from perception.pipeline import FrameInput, FramePipeline, Prepared, RequestOptions
+from perception.postprocess import MAX_DETECTIONS_LIMIT
+
+
+@pytest.fixture(scope="module")
+def pipe_and_frame(tiny_manifest):
+    """A pipeline whose 224x126 input makes a 1913x1081 JPEG decode at 1/8 scale, and the
+    prepared frame: the 1/8 image is 240x136 and spans 1920x1088 source pixels, 7 px past the
+    true right and bottom edges."""
+    manifest = load_manifest(tiny_manifest)
+    spec = dataclasses.replace(manifest.preprocess, input_width=224, input_height=126)
+    pipe = FramePipeline.from_manifest(dataclasses.replace(manifest, preprocess=spec), reduced_decode=True)
+    rng = np.random.default_rng(3)
+    img = cv2.resize(rng.integers(0, 255, (27, 48, 3), dtype=np.uint8), (1913, 1081))
+    frame = FrameInput("front", 1, 0, encoded=cv2.imencode(".jpg", img)[1].tobytes())
+    return pipe, frame
+
+
+def _prepare(pipe_and_frame, max_detections: int) -> tuple[FramePipeline, Prepared]:
+    pipe, frame = pipe_and_frame
+    p = pipe.prepare(frame, RequestOptions(score_threshold=0.01, max_detections=max_detections))
+    lb = p.letterbox
+    # The premise: the placement spans more than the true image.
+    assert (p.image_width, p.image_height) == (1913, 1081)
+    assert (lb.src_w, lb.src_h) == (1920, 1088)
+    return pipe, p
+
+
+def _outputs(boxes: list[list[float]], scores: list[float], num_classes: int) -> dict[str, np.ndarray]:
+    out = np.zeros((len(boxes), 5 + num_classes), np.float32)
+    out[:, :4] = boxes
+    out[:, 4] = 1.0
+    out[:, 5] = scores
+    return {"output": out}
+
+
+def _model_x(p: Prepared, source_x: float) -> float:
+    lb = p.letterbox
+    return lb.pad_left + source_x * lb.scale_x
+
+
+def test_boxes_past_the_true_edge_take_no_max_detections_place(pipe_and_frame):
+    pipe, p = _prepare(pipe_and_frame, max_detections=2)
+    # Two slivers between the true right edge (1913) and the decoded span's (1920), scored
+    # highest; two real boxes scored lower.
+    x1, x2 = _model_x(p, 1914.5), _model_x(p, 1919.5)
+    boxes: list[list[float]] = [[x1, 10, x2, 20], [x1, 40, x2, 50], [10, 10, 50, 50], [100, 60, 140, 100]]
+    det = pipe.finish(_outputs(boxes, [0.95, 0.9, 0.8, 0.7], pipe.num_classes), p)
+    assert len(det) == 2
+    np.testing.assert_allclose(det.scores, [0.8, 0.7], rtol=1e-6)
+    assert (det.boxes[:, [0, 2]] <= 1913).all() and (det.boxes[:, [1, 3]] <= 1081).all()
+
+
+def test_answer_is_the_best_valid_boxes_in_order(pipe_and_frame):
+    """Whatever the cut, the answer is the first max_detections of the uncut answer: the same
+    boxes, scores and order; boxes crossing the true edge are clipped to it, not dropped."""
+    rng = np.random.default_rng(7)
+    pipe, p_all = _prepare(pipe_and_frame, max_detections=MAX_DETECTIONS_LIMIT)
+    lb = p_all.letterbox
+    n = 60
+    # Small boxes anywhere in the placed image, many of them at or past the true edges.
+    x1 = rng.uniform(lb.pad_left, _model_x(p_all, 1920) - 0.2, n)
+    y1 = rng.uniform(lb.pad_top, lb.pad_top + lb.new_h - 0.2, n)
+    y1[: n // 3] = rng.uniform(lb.pad_top + 1081 * lb.scale_y, lb.pad_top + lb.new_h - 0.2, n // 3)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(0.1, 1.5, n), y1 + rng.uniform(0.1, 1.5, n)], axis=1)
+    scores = rng.uniform(0.05, 1.0, n)
+    outputs = _outputs(boxes.tolist(), scores.tolist(), pipe.num_classes)
+    full = pipe.finish(outputs, p_all)
+    assert 0 < len(full) < n  # some boxes were wholly past the edge, and some were kept
+    assert (full.boxes[:, [0, 2]] <= 1913).all() and (full.boxes[:, [1, 3]] <= 1081).all()
+    assert ((full.boxes[:, 2] > full.boxes[:, 0]) & (full.boxes[:, 3] > full.boxes[:, 1])).all()
+    for k in (1, 5, len(full) - 1, len(full), len(full) + 3):
+        _, p = _prepare(pipe_and_frame, max_detections=k)
+        det = pipe.finish(outputs, p)
+        assert len(det) == min(k, len(full))
+        np.testing.assert_array_equal(det.boxes, full.boxes[:k])
+        np.testing.assert_array_equal(det.scores, full.scores[:k])
+        np.testing.assert_array_equal(det.class_ids, full.class_ids[:k])
