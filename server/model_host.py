@@ -14,6 +14,15 @@ The degrader's moves between the variants of the served version do not take that
 used to, so that a degrade and a recover left Rollback with a variant of the same version and
 the older version freed): the variant a move leaves is kept only while the variant it moved to
 is on probation, as what that probation rolls back to, then freed.
+
+A model no longer kept is retired, not freed on the spot: its engine is freed when the last
+run holding it ends (``server.served_model.ModelUses``), never under a run however long it takes.
+The frames prepared for it but not yet in a batch hold no lease of their own: the host holds
+one for them for ``DROPPED_DEACTIVATE_S`` after the drop.
+
+Change hooks (``on_change``) are called outside every lock of the host, one at a time and in
+the order of the changes: a slow hook delays no swap or rollback, and a hook may call back into
+the host (a change it makes is delivered after its own call returns).
 """
 
 from __future__ import annotations
@@ -66,8 +75,9 @@ Loader = Callable[[str, str], ServedModel]  # (manifest path, variant) -> an act
 # SIGHUP), "degrade" / "recover" (the degrader's moves) or "rollback".
 ChangeHook = Callable[[ServedModel, str], None]
 
-# A dropped model is deactivated this long after the swap that dropped it: frames prepared for
-# it are inferred within a few batches. Not measured: a margin over those batches.
+# A dropped model's engine is held this long after the swap that dropped it, for the frames
+# prepared for it but not yet in a batch (they hold no lease: they are inferred within a few
+# batches); then it is freed when its last run ends. Not measured: a margin over those batches.
 DROPPED_DEACTIVATE_S = 5.0
 
 STEP_CAUSES = ("degrade", "recover")  # the degrader's moves between the variants of one version
@@ -81,6 +91,14 @@ class RollbackRecord(NamedTuple):
     automatic: bool
 
 
+@dataclass(frozen=True, eq=False)
+class _Change:
+    """A change of the model served, recorded under the lock, for ``on_change`` outside it."""
+
+    model: ServedModel
+    cause: str
+
+
 @dataclass(frozen=True)
 class _RolledBack:
     """A rollback made under the lock, for what follows it outside (``ModelHost._after_rollback``)."""
@@ -90,6 +108,7 @@ class _RolledBack:
     reason: str
     again: bool
     dropped: list[ServedModel]
+    change: _Change | None
 
 
 class ModelHost:
@@ -99,7 +118,11 @@ class ModelHost:
                  on_change: ChangeHook | None = None,
                  on_event: Callable[[str], None] | None = None) -> None:
         self._lock = threading.RLock()
-        self._notify_lock = threading.Lock()  # on_change calls, one at a time, for the model served
+        # The changes not yet given to on_change, in the order they were made, and whether a
+        # thread is giving them (outside every lock; ``_deliver``).
+        self._notify_lock = threading.Lock()
+        self._changes: deque[_Change] = deque()
+        self._delivering = False
         self._current = first
         self._previous: ServedModel | None = None  # the operator's fallback: what Rollback serves
         # The variant a degrade / recover move left, kept while the variant it moved to is on
@@ -170,8 +193,8 @@ class ModelHost:
 
         Under the lock, so that a drop cannot slip between the check and the assignment: a model
         dropped (or every model freed at shutdown) before it gets the new backend has it
-        deactivated here; one dropped after, by its drop timer, which looks the backend up when
-        it fires. The old backend is the caller's to free."""
+        deactivated here; one dropped after, when its last lease is released, which looks the
+        backend up then. The old backend is the caller's to free."""
         with self._lock:
             old, model.backend = model.backend, backend
             held = not self._freed and self._holds(model)
@@ -291,6 +314,7 @@ class ModelHost:
         Refused (``new`` freed, ModelError) once the host is closed, or when ``base`` is given
         and is no longer the model served."""
         step = cause in STEP_CAUSES
+        change: _Change | None = None
         with self._lock:
             why = ""
             if self._closed:
@@ -336,6 +360,7 @@ class ModelHost:
                 self.message = f"serving {new.describe()} (was {old.describe()})"
                 settle_s = self.limits.probation_s if self._left is not None else 0.0
                 dropped = self._unheld(pending, new)
+                change = self._record_change(new, cause)
         if why:
             new.backend.deactivate()
             error = ModelError(f"{new.describe()}: {why}")
@@ -349,7 +374,7 @@ class ModelHost:
             timer = threading.Timer(settle_s + 0.01, self._settle)
             timer.daemon = True
             timer.start()
-        self._notify(new, cause)
+        self._deliver(change)
 
     def _expire_left(self, now: float) -> list[ServedModel | None]:
         """Under the lock: the variant a move left, once its successor served through probation
@@ -381,13 +406,27 @@ class ModelHost:
 
     @staticmethod
     def _drop_later(models: Sequence[ServedModel]) -> None:
-        """Deactivate each model DROPPED_DEACTIVATE_S from now, its backend looked up then: a
-        health recovery may have given it another one since (binding the backend now leaked
-        that one)."""
+        """Retire each model, holding a lease on it for DROPPED_DEACTIVATE_S for the frames
+        prepared for it and not yet in a batch: it is freed when that lease and every run's is
+        released, its backend looked up then (a health recovery may have given it another one).
+
+        A run that never ends (stuck in the driver) keeps the engine until the process ends,
+        said in the log when the grace ends."""
         for m in models:
-            timer = threading.Timer(DROPPED_DEACTIVATE_S, lambda m=m: m.backend.deactivate())
+            if not m.uses.acquire():
+                continue  # freed already: nothing holds it
+            m.uses.retire()
+            timer = threading.Timer(DROPPED_DEACTIVATE_S, ModelHost._end_grace, (m,))
             timer.daemon = True  # the process's end frees it anyway
             timer.start()
+
+    @staticmethod
+    def _end_grace(model: ServedModel) -> None:
+        model.uses.release()
+        running = model.uses.held
+        if running:
+            log.warning("%s was dropped %.0f s ago and %d run(s) still hold it: its engine is freed "
+                        "when the last one ends", model.describe(), DROPPED_DEACTIVATE_S, running)
 
     def rollback(self, reason: str = "asked for", expect: ServedModel | None = None) -> ServedModel:
         """Serve the previous model again. Without ``expect`` (an operator's Rollback) that is
@@ -456,7 +495,7 @@ class ModelHost:
         self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
                         + ("; on probation again: probation rolled it back before" if again else ""))
         dropped = self._unheld(pending)
-        return _RolledBack(back, off, reason, again, dropped)
+        return _RolledBack(back, off, reason, again, dropped, self._record_change(back, "rollback"))
 
     def _after_rollback(self, done: _RolledBack) -> ServedModel:
         """Outside the lock: what follows a rollback (log, event, drops, change hooks)."""
@@ -465,18 +504,71 @@ class ModelHost:
                     " (on probation again)" if again else "")
         self._on_event("rollback")
         self._drop_later(dropped)
-        self._notify(back, "rollback")
+        self._deliver(done.change)
         return back
 
-    def _notify(self, model: ServedModel, cause: str) -> None:
-        """``on_change`` for ``model``, unless another change has replaced it since: calls come
-        one at a time, and the last one made is for the model served (two changes racing, a
-        swap and a rollback, used to leave the model info of the one not served)."""
+    # -- change hooks ----------------------------------------------------------------------
+
+    def _record_change(self, model: ServedModel, cause: str) -> _Change | None:
+        """Under the lock, as the change is made: queue ``on_change(model, cause)``. Queued in
+        the order of the changes, so that the hook sees them in that order."""
         if self._on_change is None:
+            return None
+        change = _Change(model, cause)
+        with self._notify_lock:
+            self._changes.append(change)
+        return change
+
+    def _notify(self, model: ServedModel, cause: str) -> None:
+        """``on_change`` for ``model`` (skipped if it is no longer served by the time its turn comes)."""
+        with self._lock:
+            change = self._record_change(model, cause)
+        self._deliver(change)
+
+    def _deliver(self, mine: _Change | None) -> None:
+        """Outside the lock: call ``on_change`` for every change queued, one at a time, in order.
+
+        One thread delivers at a time: the first one to find none delivering delivers every
+        change queued until there is none left, its own and those queued meanwhile (by another
+        thread, or by a hook calling back into the host); the others return at once. A change
+        whose model is no longer served when its turn comes is skipped: the last call made is
+        for the model served (two changes racing, a swap and a rollback, used to leave the
+        model info of the one not served).
+
+        A hook's exception does not stop the delivery of the changes after it. It is raised
+        to the caller of the change it was called for (as when hooks were called in that
+        caller's thread) if that caller is the one delivering, after the queue is empty;
+        otherwise that caller has returned, and it is logged."""
+        hook = self._on_change
+        if mine is None or hook is None:
             return
         with self._notify_lock:
-            if self.current is model:
-                self._on_change(model, cause)
+            if self._delivering:
+                return
+            self._delivering = True
+        error: Exception | None = None
+        try:
+            while True:
+                with self._notify_lock:
+                    if not self._changes:
+                        self._delivering = False
+                        break
+                    change = self._changes.popleft()
+                if self.current is not change.model:
+                    continue
+                try:
+                    hook(change.model, change.cause)
+                except Exception as exc:
+                    if change is mine:
+                        error = exc
+                    else:
+                        log.exception("the change hook for %s (%s) failed", change.model.describe(), change.cause)
+        except BaseException:  # out of a hook (an interrupt): the next change delivers what is queued
+            with self._notify_lock:
+                self._delivering = False
+            raise
+        if error is not None:
+            raise error
 
     # -- verification before the swap ------------------------------------------------------
 
@@ -565,10 +657,12 @@ class ModelHost:
                     "state": self.state, "message": self.message, "swaps": self.swaps, "rollbacks": self.rollbacks}
 
     def deactivate_all(self) -> None:
-        """Free every model kept; closes the host first, so no swap completes after. The engines
-        are looked up under the lock: a health recovery's engine given after is freed by it."""
+        """Free every model kept; closes the host first, so no swap completes after. Each is
+        retired: freed now, or by a run still on it (the scheduler's stop timed out) when it
+        ends. The models are taken under the lock: a health recovery's engine given after is
+        freed by it. Models dropped earlier are freed by their own leases, as ever."""
         with self._lock:
             self._closed = self._freed = True
-            backends = [m.backend for m in (self._current, self._previous, self._left) if m is not None]
-        for b in backends:
-            b.deactivate()
+            kept = [m for m in (self._current, self._previous, self._left) if m is not None]
+        for m in kept:
+            m.uses.retire()

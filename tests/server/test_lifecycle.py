@@ -28,6 +28,7 @@ from perception.v1 import admin_pb2_grpc as apb_grpc
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server.runtime.factory import RuntimeSettings, open_backend
+from server.served_model import ModelUses
 from tests.server.conftest import jpeg, request
 from tests.tiny_model import make_tiny_artifact, make_tiny_onnx
 
@@ -358,6 +359,7 @@ class _Model:
         self.deactivated = threading.Event()
         self.backend = type("B", (), {"deactivate": lambda _self, e=self.deactivated: e.set()})()
         self.cause, self.operator_variant = "start", version  # set by the host at each swap
+        self.uses = ModelUses(self.backend.deactivate)  # the real leases: the host retires what it drops
 
     def describe(self) -> str:
         return self.version

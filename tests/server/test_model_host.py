@@ -1,0 +1,232 @@
+"""ModelHost with real tiny models: a dropped model is freed when its last run ends, never under
+one; change hooks are called outside the host's locks, in the order of the changes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from perception.errors import ModelError
+from perception.layouts import TensorInfo
+from perception.manifest import Manifest
+from perception.pipeline import FramePipeline
+from server import model_host
+from server.model_host import LifecycleLimits, ModelHost
+from server.runtime.base import Backend
+from server.runtime.factory import RuntimeSettings, backend_for
+from server.served_model import ModelUses, ServedModel, load_served_model
+from tests.tiny_model import make_tiny_artifact
+
+
+class _HeldBackend:
+    """A real backend whose runs wait for ``go`` before they run on it: a run as long as a test
+    needs. Records when it is freed."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.running, self.go, self.freed = threading.Event(), threading.Event(), threading.Event()
+
+    @property
+    def max_batch(self) -> int:
+        return self.inner.max_batch
+
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        return self.inner.outputs
+
+    def activate(self) -> None:
+        self.inner.activate()
+
+    def infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
+        self.running.set()
+        assert self.go.wait(30)
+        return self.inner.infer(batch)
+
+    def deactivate(self) -> None:
+        self.freed.set()
+        self.inner.deactivate()
+
+
+@pytest.fixture
+def load(tmp_path: Path) -> Any:
+    """() -> a newly loaded real tiny model (each call its own engine)."""
+    manifest_path = make_tiny_artifact(tmp_path / "tiny")
+
+    def make(m: Manifest, v: str) -> tuple[Backend, Any]:
+        return backend_for(m, v, RuntimeSettings(threads=1), preference=("onnxruntime-cpu",))
+
+    def one() -> ServedModel:
+        return load_served_model(str(manifest_path), "", make, FramePipeline.from_manifest,
+                                 lambda b, p, n: None, 1)
+
+    return one
+
+
+def _batch(model: ServedModel) -> NDArray[np.float32]:
+    spec = model.pipeline.spec
+    return np.zeros((1, 3, spec.input_height, spec.input_width), np.float32)
+
+
+def _host(first: ServedModel, **kw: Any) -> ModelHost:
+    return ModelHost(first, lambda path, variant: first, LifecycleLimits(probation_s=0.0), **kw)
+
+
+# -- a dropped model is freed at its last release ------------------------------------------------
+
+
+def test_a_dropped_model_is_freed_when_its_last_run_ends_not_under_it(
+        load: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A degrade step drops the model a batch is still running on; the grace for its queued
+    frames ends (at once here: as if the run outlasted the 5 s) before the run does. The engine
+    used to be freed on that timer, under the run; it is now freed when the run ends."""
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.0)
+    old, new = load(), load()
+    held = _HeldBackend(old.backend)
+    old.backend = held
+    host = _host(old)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(old.infer(_batch(old)))
+        except Exception as exc:  # recorded: the assertion below says what went wrong
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    assert held.running.wait(30)
+    with caplog.at_level(logging.WARNING, logger="server.model_host"):
+        host.swap_in(new, probation=False, cause="degrade")
+        assert not host.holds(old)
+        deadline = time.monotonic() + 10
+        while not held.freed.is_set() and "still hold it" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the grace ended
+    assert not held.freed.is_set(), "the engine was freed under a running batch"
+    assert "still hold it" in caplog.text
+    held.go.set()
+    runner.join(30)
+    assert outcome and isinstance(outcome[0], dict), outcome
+    assert held.freed.is_set() and old.uses.freed, "the engine was not freed when its last run ended"
+    with pytest.raises(ModelError, match="swapped out"):
+        old.infer(_batch(old))
+    assert not new.uses.freed and new.infer(_batch(new))
+
+
+def test_a_dropped_model_nothing_runs_on_is_freed_when_the_grace_ends(
+        load: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.5)
+    old, new = load(), load()
+    host = _host(old)
+    t0 = time.monotonic()
+    host.swap_in(new, probation=False, cause="degrade")
+    # The frames prepared for it still have their grace (unless this thread was descheduled past it).
+    assert not old.uses.freed or time.monotonic() - t0 >= 0.5
+    deadline = time.monotonic() + 10
+    while not old.uses.freed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert old.uses.freed and old.uses.held == 0
+
+
+def test_model_uses_free_once_at_the_last_release_and_reject_misuse() -> None:
+    frees: list[int] = []
+    uses = ModelUses(lambda: frees.append(1))
+    assert uses.acquire() and uses.acquire()
+    uses.retire()
+    uses.release()
+    assert frees == [] and uses.held == 1 and uses.acquire()  # retired, still held: another run may start
+    uses.release()
+    uses.release()
+    assert frees == [1] and uses.freed
+    assert not uses.acquire()  # freed: nothing to run on
+    uses.retire()
+    assert frees == [1]
+    with pytest.raises(RuntimeError, match="never acquired"):
+        uses.release()
+
+
+def test_a_failing_free_is_logged_not_raised_into_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise OSError("driver gone")
+
+    uses = ModelUses(broken)
+    assert uses.acquire()
+    uses.retire()
+    uses.release()
+    assert uses.freed and "freeing a retired model's engine failed" in caplog.text
+
+
+# -- change hooks outside the lock ---------------------------------------------------------------
+
+
+def test_a_change_hook_may_call_back_into_the_host(load: Any) -> None:
+    """A hook that rolls back the load it is told of: the rollback's own notification used to
+    wait for the lock its caller (the hook) held, for ever. It is delivered after the hook returns."""
+    a, b = load(), load()
+    seen: list[tuple[ServedModel, str]] = []
+    host: ModelHost | None = None
+
+    def hook(model: ServedModel, cause: str) -> None:
+        seen.append((model, cause))
+        if cause == "load":
+            assert host is not None
+            host.rollback("the hook said so")
+
+    host = _host(a, on_change=hook)
+    swap = threading.Thread(target=host.swap_in, args=(b,), daemon=True)
+    swap.start()
+    swap.join(10)
+    assert not swap.is_alive(), "a hook calling back into the host deadlocked it"
+    assert seen == [(b, "load"), (a, "rollback")] and host.current is a
+
+
+def test_a_slow_change_hook_delays_no_other_change_and_sees_the_changes_in_order(load: Any) -> None:
+    """A hook still busy with a swap: a rollback meanwhile used to wait for it. It returns at
+    once now, and the hook is told of it after the swap, not before."""
+    a, b = load(), load()
+    seen: list[tuple[ServedModel, str]] = []
+    busy, go = threading.Event(), threading.Event()
+
+    def hook(model: ServedModel, cause: str) -> None:
+        seen.append((model, cause))
+        if cause == "load":
+            busy.set()
+            assert go.wait(30)
+
+    host = _host(a, on_change=hook)
+    swap = threading.Thread(target=host.swap_in, args=(b,), daemon=True)
+    swap.start()
+    try:
+        assert busy.wait(30)
+        rollback = threading.Thread(target=host.rollback, daemon=True)
+        rollback.start()
+        rollback.join(5)
+        assert not rollback.is_alive(), "a rollback waited for a slow hook of another change"
+        assert host.current is a and seen == [(b, "load")]
+    finally:
+        go.set()
+    swap.join(30)
+    assert seen == [(b, "load"), (a, "rollback")]
+
+
+def test_a_failing_change_hook_reaches_its_caller_and_breaks_no_later_change(load: Any) -> None:
+    a, b = load(), load()
+    seen: list[str] = []
+
+    def hook(model: ServedModel, cause: str) -> None:
+        seen.append(cause)
+        if cause == "load":
+            raise RuntimeError("hook failed")
+
+    host = _host(a, on_change=hook)
+    with pytest.raises(RuntimeError, match="hook failed"):
+        host.swap_in(b)
+    assert host.current is b
+    assert host.rollback() is a and seen == ["load", "rollback"]
