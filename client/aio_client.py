@@ -10,6 +10,7 @@ behaviour as detector_client + stream, on grpc.aio, for camera nodes written wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -83,8 +84,9 @@ class AsyncDetectorClient:
 
 class AsyncStreamSession(WindowCounters):
     """asyncio twin of client.stream.StreamSession: the same window, reconnect and re-send
-    rules (``resend_window.ResendWindow``) on grpc.aio. Unlike the sync session, an exception
-    raised by ``on_result`` ends the session and comes out of ``close()``."""
+    rules (``resend_window.ResendWindow``) on grpc.aio, and the same lazy call (opened at the
+    first frame, closed after ``config.idle_close_s`` with nothing in flight). Unlike the sync
+    session, an exception raised by ``on_result`` ends the session and comes out of ``close()``."""
 
     def __init__(
         self, pool: ChannelPool, config: ClientConfig, on_result: AsyncResultCallback,
@@ -168,7 +170,13 @@ class AsyncStreamSession(WindowCounters):
             yield to_request(frame, self._options, self._config.deadline_ms)
         while True:
             async with self._cond:
-                await self._cond.wait_for(lambda: self._window.has_work(generation))
+                while not self._window.has_work(generation):
+                    if self._window.close_if_idle(generation, time.perf_counter(), self._config.idle_close_s):
+                        log.debug("%s: nothing to send for %gs; closing the stream", self.name,
+                                  self._config.idle_close_s)
+                        return  # the half-close: the server answers what it has and ends the call
+                    with contextlib.suppress(asyncio.TimeoutError):  # look at the clock again
+                        await asyncio.wait_for(self._cond.wait(), 0.2)
                 next_frame = self._window.take(generation, time.perf_counter())
             if next_frame is None:
                 return
@@ -177,6 +185,8 @@ class AsyncStreamSession(WindowCounters):
     async def _run(self) -> None:
         while True:
             async with self._cond:
+                # Nothing to send: hold none of the server's stream slots (see stream.py).
+                await self._cond.wait_for(lambda: self._window.wants_connection)
                 generation = self._window.begin_connection()
                 if generation is None:
                     return
@@ -184,7 +194,7 @@ class AsyncStreamSession(WindowCounters):
             endpoint = self._pool.next()
             self.address = endpoint.address
             stub = detector_pb2_grpc.DetectorStub(endpoint.channel)
-            failure: PerceptionError
+            failure: PerceptionError | None = None
             retry = True
             try:
                 self._call = stub.StreamDetect(self._requests(generation), metadata=self._config.metadata())
@@ -193,7 +203,9 @@ class AsyncStreamSession(WindowCounters):
                 async with self._cond:
                     if self._window.finished:
                         return
-                failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
+                    quiet = self._window.ended_quietly
+                if not quiet:
+                    failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
             except grpc.aio.AioRpcError as exc:
                 failure = translate(exc, endpoint.address)
                 retry = is_retryable(exc.code(), exc.details()) or self._cancelled_by_us
@@ -217,8 +229,11 @@ class AsyncStreamSession(WindowCounters):
                 async with self._cond:
                     self._window.end_connection()
                     self._cond.notify_all()
+            if failure is None:  # closed by us, quiet: the next frame opens the next call
+                continue
             async with self._cond:
                 decision = self._window.after_failure(failure, retry, time.monotonic())
+                waiting = self._window.in_flight > 0
                 self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
             if decision.next is Next.STOP:
                 return
@@ -227,7 +242,9 @@ class AsyncStreamSession(WindowCounters):
                 return
             # The first failure of a streak is news; the retries that follow are not.
             level = logging.WARNING if decision.first_of_streak else logging.INFO
-            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, decision.delay_s)
+            when = f"in {decision.delay_s:.2f}s" if waiting else (
+                f"at the next frame, not before {decision.delay_s:.2f}s")
+            log.log(level, "%s: %s; reconnecting %s", self.name, failure, when)
             await asyncio.sleep(decision.delay_s)
 
     async def _handle(self, resp: Any) -> None:

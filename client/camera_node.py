@@ -286,10 +286,11 @@ class CameraWorker:
         When the session has given up on the server, a new one takes its place and the frame
         goes first on it (it is the newest frame: it used to be in no count at all), unless the
         camera gave a newer one while the node waited to reopen (backoff): then this one is
-        ``dropped`` and the newest goes. When the new one has given up too (a server refusing every
-        stream, e.g. a wrong token; a race with this send decides), the frame is ``dropped``
-        like every frame the server cannot take, not ``failed``: that is the count of the
-        node's own errors."""
+        ``dropped`` and the newest goes. A server refusing every stream (e.g. a wrong token)
+        refuses the new one only once it took the frame (a stream opens its call at its first
+        frame): that frame is ``sent``, then ``lost``. Should the new one have ended before
+        taking it all the same, the frame is ``dropped`` like every frame the server cannot
+        take, not ``failed``: that is the count of the node's own errors."""
         for _ in range(2):
             try:
                 if session.send(frame, timeout=_POLL_S):

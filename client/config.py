@@ -67,6 +67,11 @@ class BackoffConfig:
             raise ConfigError(f"give_up_after_s must be >= 0 (0 = no time bound), got {self.give_up_after_s}")
 
 
+# Half the server's default idle timeout (``stream_idle_timeout_s``, 60 s): a quiet session ends
+# its call itself, before the server ends it as idle. Not a measurement.
+DEFAULT_IDLE_CLOSE_S = 30.0
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """How a client talks to one or more servers.
@@ -78,6 +83,9 @@ class ClientConfig:
         (plus ``rpc_timeout_s``) as their gRPC deadline.
     response_timeout_s: a stream whose oldest unanswered frame waits longer than this is
         considered dead and reconnected (a hung server sends no error).
+    idle_close_s: a stream session with nothing in flight for this long ends its call, giving
+        the server its stream slot back; the next frame opens a new one (a session opens its
+        call only at its first frame).
     """
 
     targets: tuple[str, ...]
@@ -90,6 +98,7 @@ class ClientConfig:
     connect_timeout_s: float = 10.0
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
     max_message_bytes: int = 64 * 1024 * 1024
+    idle_close_s: float = DEFAULT_IDLE_CLOSE_S
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -100,6 +109,8 @@ class ClientConfig:
                 raise ConfigError(f"server address must be HOST:PORT, got {t!r}")
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
+        if not self.idle_close_s > 0:
+            raise ConfigError(f"idle_close_s must be positive, got {self.idle_close_s}")
         if not 0 <= self.deadline_ms < 1 << 32 or self.rpc_timeout_s <= 0 or self.response_timeout_s <= 0:
             raise ConfigError("deadline_ms must be in [0, 2^32) (the wire's uint32) and timeouts positive")
         if any(c in self.token for c in "\r\n"):

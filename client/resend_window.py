@@ -22,6 +22,10 @@ Invariants, kept by every method:
   first sent, then the queue continues; so one camera's answers stay in sequence order.
 - A connection is a *generation*; a request stream of an ended generation stops taking frames,
   so two connections never send the same queued frame.
+- A connection is wanted only while a frame is in flight (or to end the session): each one
+  holds a stream slot of the server, so a session with nothing to send opens none, and one
+  quiet for a while ends its request stream itself (``close_if_idle``). That end is no failure:
+  no reconnect is counted, no backoff runs, the next frame opens the next connection.
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class ResendWindow:
         self._on_wire: OrderedDict[FrameKey, _OnWire] = OrderedDict()  # in first-sent order
         self._closed = False
         self._generation = 0
+        self._quiet_since: float | None = None  # the caller's clock: nothing in flight since then
+        self._idle_closed = False  # the current connection's request stream ended: it was quiet
         self._error: PerceptionError | None = None
         self.reconnects = 0
         self.lost: list[SourceFrame] = []
@@ -115,6 +121,20 @@ class ResendWindow:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def wants_connection(self) -> bool:
+        """Whether the connection loop should connect now (``begin_connection``): a frame is in
+        flight, or the session is closing or ended (``begin_connection`` then says whether
+        anything is left). Otherwise it waits: an open call holds one of the server's stream
+        slots, which a session with nothing to send must leave to others."""
+        return self.in_flight > 0 or self._closed or self._error is not None
+
+    @property
+    def ended_quietly(self) -> bool:
+        """The current connection ended because it was quiet (``close_if_idle``) and every
+        frame sent on it was answered: no failure, nothing to re-send."""
+        return self._idle_closed and not self._on_wire
 
     @property
     def finished(self) -> bool:
@@ -165,6 +185,8 @@ class ResendWindow:
         if self._error is not None or self.finished:
             return None
         self._generation += 1
+        self._quiet_since = None
+        self._idle_closed = False
         return self._generation
 
     def end_connection(self) -> None:
@@ -182,6 +204,20 @@ class ResendWindow:
         """Whether the request stream of ``generation`` can stop waiting: a frame is queued, or
         the stream has to end (closed, its connection ended, the session ended)."""
         return bool(self._queue) or self._closed or generation != self._generation or self._error is not None
+
+    def close_if_idle(self, generation: int, now: float, after_s: float) -> bool:
+        """Whether the request stream of ``generation`` should end now because nothing has
+        been in flight for ``after_s`` seconds (since the last answer, or since the stream
+        first found nothing to send); then the connection ``ended_quietly`` once its call
+        ends. ``now``: the caller's clock in seconds, the one ``answer`` gets."""
+        if generation != self._generation or self.in_flight > 0:
+            return False
+        if self._quiet_since is None:
+            self._quiet_since = now
+        if now - self._quiet_since < after_s:
+            return False
+        self._idle_closed = True
+        return True
 
     def take(self, generation: int, now: float) -> SourceFrame | None:
         """The next queued frame for the request stream of ``generation``, now on the wire; None
@@ -205,6 +241,8 @@ class ResendWindow:
         if entry is None:
             return None
         self.refusals.pop(key, None)
+        if self.in_flight == 0:
+            self._quiet_since = now
         # An answer proves the connection works: the next failure starts a new streak.
         reconnected = self._backoff.attempts > 0 or self._idle_backoff.attempts > 0
         self._backoff.reset()

@@ -11,6 +11,12 @@ When a streak of failures reaches a bound of ``config.backoff`` (``give_up_after
 or ``max_attempts``) the session gives up: ``send()`` and ``close()`` raise, ``lost`` lists
 the frames never answered and ``refusals`` which of them a draining server had refused.
 
+The StreamDetect call holds one of the server's stream slots, so the session opens it only
+when it has a frame to send (at the first ``send()``, not when it is made) and ends it by
+itself once nothing was in flight for ``config.idle_close_s`` (a half-close: the server ends
+the call cleanly), well before the server's own idle timeout would; the next frame opens a new
+call. That quiet end is no failure: no reconnect, no backoff, nothing logged above DEBUG.
+
 Those rules live in ``resend_window.ResendWindow``, shared with the asyncio session; this
 module adds the threads, the lock and gRPC.
 """
@@ -166,6 +172,10 @@ class StreamSession(WindowCounters):
         while True:
             with self._cond:
                 while not self._window.has_work(generation):
+                    if self._window.close_if_idle(generation, time.perf_counter(), self._config.idle_close_s):
+                        log.debug("%s: nothing to send for %gs; closing the stream", self.name,
+                                  self._config.idle_close_s)
+                        return  # the half-close: the server answers what it has and ends the call
                     self._cond.wait(0.2)
                 next_frame = self._window.take(generation, time.perf_counter())
             if next_frame is None:
@@ -189,6 +199,8 @@ class StreamSession(WindowCounters):
         stub_cache: dict[Any, Any] = {}  # by channel: an address gone and back has a new channel
         while True:
             with self._cond:
+                while not self._window.wants_connection:  # nothing to send: hold no stream slot
+                    self._cond.wait()
                 generation = self._window.begin_connection()
                 if generation is None:
                     return
@@ -198,7 +210,7 @@ class StreamSession(WindowCounters):
             stub = stub_cache.get(endpoint.channel)
             if stub is None:
                 stub = stub_cache[endpoint.channel] = detector_pb2_grpc.DetectorStub(endpoint.channel)
-            failure: PerceptionError
+            failure: PerceptionError | None = None
             retry = True
             try:
                 call = stub.StreamDetect(self._requests(generation), metadata=self._config.metadata())
@@ -212,7 +224,9 @@ class StreamSession(WindowCounters):
                 with self._cond:
                     if self._window.finished:
                         return
-                failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
+                    quiet = self._window.ended_quietly
+                if not quiet:
+                    failure = NotReadyError(f"server {endpoint.address} ended the stream with frames unanswered")
             except grpc.RpcError as exc:
                 failure = translate(exc, endpoint.address)
                 retry = is_retryable(exc.code(), exc.details()) or self._cancelled_by_us
@@ -221,8 +235,11 @@ class StreamSession(WindowCounters):
                     self._call = None
                     self._window.end_connection()
                     self._cond.notify_all()
+            if failure is None:  # closed by us, quiet: the next frame opens the next call
+                continue
             with self._cond:
                 decision = self._window.after_failure(failure, retry, time.monotonic())
+                waiting = self._window.in_flight > 0
                 self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
             if decision.next is Next.STOP:
                 return
@@ -231,7 +248,9 @@ class StreamSession(WindowCounters):
                 return
             # The first failure of a streak is news; the retries that follow are not.
             level = logging.WARNING if decision.first_of_streak else logging.INFO
-            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, decision.delay_s)
+            when = f"in {decision.delay_s:.2f}s" if waiting else (
+                f"at the next frame, not before {decision.delay_s:.2f}s")
+            log.log(level, "%s: %s; reconnecting %s", self.name, failure, when)
             self._wake.wait(decision.delay_s)
 
     def _handle(self, resp: Any) -> None:

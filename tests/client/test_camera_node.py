@@ -512,45 +512,48 @@ def test_a_retired_streams_reconnects_are_counted_once_while_it_is_replaced(monk
     assert worker.summary().server_reconnects == 2
 
 
-def test_a_frame_no_new_stream_takes_is_dropped_not_failed(
-    tiny_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_frame_a_refused_stream_took_is_sent_and_lost_not_failed(
+    tiny_manifest: Path, tmp_path: Path
 ) -> None:
-    """A server that refuses every stream (here a wrong token) makes each new stream give up at
-    once. The frame taken as one gave up goes first on the next; when that one has given up too,
-    the frame is ``dropped``, as is every frame the server cannot take, and the server's refusal
-    is the camera's last error. It was counted ``failed``, the count of the node's own errors,
-    and logged with a traceback as one; by a race: the frames the same refusal met a moment
-    later were sent and lost. Here every new stream is handed over once its refusal arrived."""
+    """A server that refuses every stream (here a wrong token). A stream opens its call only
+    at its first frame, so each new stream takes the frame and then gives up: the frame taken
+    as one stream gave up goes first on the next, and every such frame is ``sent`` and ``lost``,
+    never ``failed`` (the count of the node's own errors, once logged with a traceback as one);
+    the server's refusal is the camera's last error. (The frame is ``dropped`` only when the new
+    stream has given up before it could take it, which a stream without a call cannot.)"""
     from client import camera_node as cn
     from client.config import ClientConfig
     from client.detector_client import DetectorClient
     from client.frames import SourceFrame
     from client.live_capture import RecordingCamera
     from client.sources.base import SourceOptions
+    from client.stream import StreamSession
     from tests.client.conftest import start_server
 
     srv, port = start_server(tiny_manifest, auth_tokens=("right",), insecure_token=True)
     client = DetectorClient(ClientConfig(targets=(f"127.0.0.1:{port}",), token="wrong"))
     camera = RecordingCamera(R.write_mp4(tmp_path / "front.mp4", n=2), SourceOptions())
     worker = cn.CameraWorker("front", camera, client, cn.NodeConfig(stop_timeout_s=1.0), threading.Event())
-    open_stream = worker._new_session
 
-    def refused_stream() -> Any:
-        session = open_stream()
+    def frame(seq: int) -> SourceFrame:
+        return SourceFrame("front", seq, 0, encoded=R.jpeg(R.scene(seq)))
+
+    def refused(session: StreamSession) -> StreamSession:
         _wait_for("the server's refusal", lambda: session.error is not None, timeout=10)
         return session
 
-    monkeypatch.setattr(worker, "_new_session", refused_stream)
     try:
-        frame = SourceFrame("front", 0, 0, encoded=R.jpeg(R.scene(0)))
-        session = worker._send(worker._new_session(), frame)
-        assert session is not None  # not stopped
+        first = worker._new_session()
+        assert worker._send(first, frame(0)) is first
+        second = worker._send(refused(first), frame(1))
+        assert second is not None and second is not first, "the second frame goes first on a new stream"
+        session = refused(second)
         worker._finish(session)
     finally:
         client.close()
         srv.shutdown(1.0)
     s = worker.summary()
-    assert (s.sent, s.lost, s.failed, s.dropped) == (0, 0, 0, 1), s
+    assert (s.sent, s.lost, s.failed, s.dropped) == (2, 2, 0, 0), s
     assert "UNAUTHENTICATED" in s.last_error, s
 
 

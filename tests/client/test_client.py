@@ -130,7 +130,9 @@ def test_round_robin_over_servers_and_failover(tiny_manifest: Path, server: str)
                     s.send(f)
             for s in sessions:
                 s.close(timeout=10)
-            assert [s.address for s in sessions] == [server, second, server, second]
+            # Each session connects at its first frame, on its own thread: in whichever order
+            # those threads get there, the four connections alternate between the two servers.
+            assert sorted(s.address for s in sessions) == sorted([server, second, server, second])
             assert len(got) == 8
     finally:
         srv2.shutdown(0.5)
@@ -151,23 +153,22 @@ def test_stream_gives_up_on_a_dead_server() -> None:
         with pytest.raises(NotReadyError, match="UNAVAILABLE"):
             session.close(timeout=10)
         assert [f.sequence for f in session.lost] == [0]
-        # The bound counts the 2 reconnects with the frame waiting; the session, connecting as
-        # soon as it is made, may have reconnected idle before the frame was sent (not counted).
-        assert session.reconnects >= 2
+        # The bound counts the 2 reconnects with the frame waiting; the session connects only
+        # once it has the frame, so it made no idle attempt before.
+        assert session.reconnects == 2
 
 
 def test_an_idle_session_never_gives_up_on_the_attempt_bound() -> None:
     """With max_attempts set, drops of a session with nothing in flight (a server ending a quiet
     stream, or down while the camera is) counted towards the bound, and the session gave up
-    with no frame to give up on; later sends raised. Idle drops now never end it."""
+    with no frame to give up on; later sends raised. A session with nothing to send now makes
+    no attempt at all (it holds no call), so it has nothing to give up on."""
     cfg = ClientConfig(targets=(f"127.0.0.1:{_free_port()}",),
                        backoff=BackoffConfig(initial_s=0.01, max_s=0.02, max_attempts=2))
     with DetectorClient(cfg) as client:
         session = client.stream(lambda f, r: None)
-        deadline = time.monotonic() + 10
-        while session.reconnects < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert session.reconnects >= 5, "the idle session stopped reconnecting"
+        time.sleep(0.5)  # long enough for dozens of attempts at these delays
+        assert session.reconnects == 0 and session.error is None, "the idle session tried to connect"
         assert session.send(_frames(1)[0], timeout=1), "the session gave up while idle"
         session.abort()
 

@@ -95,6 +95,32 @@ def test_take_waits_for_work_and_stops_for_an_ended_connection() -> None:
     assert g3 is not None and w.take(g2, 0.0) is None and w.take(g3, 0.0) == _frame(1)
 
 
+def test_a_connection_is_wanted_only_with_frames_and_a_quiet_one_ends_as_no_failure() -> None:
+    w = _window(2)
+    assert not w.wants_connection, "nothing to send: no call, no stream slot of the server"
+    w.accept(_frame(0))
+    assert w.wants_connection
+    g = w.begin_connection()
+    assert g is not None and _send_all(w, g, 10.0) == [0]
+    assert not w.close_if_idle(g, 99.0, 1.0), "a frame on the wire: not quiet, however long it waits"
+    assert w.answer("front", 0, 10.0) is not None and not w.wants_connection
+    assert not w.close_if_idle(g, 10.9, 1.0), "quiet for less than 1 s"
+    assert w.close_if_idle(g, 11.0, 1.0) and w.ended_quietly, "quiet since the answer, for 1 s"
+    w.end_connection()
+    assert not w.close_if_idle(g, 20.0, 1.0), "an ended connection has no request stream to end"
+    w.accept(_frame(1))  # the next frame opens the next connection, quiet from its own start
+    g2 = w.begin_connection()
+    assert g2 is not None and not w.ended_quietly and _send_all(w, g2, 20.0) == [1]
+    w.close_if_idle(g2, 30.0, 1.0)
+    w.end_connection()
+    assert w.after_failure(NotReadyError("down"), retryable=True, now=30.0).next is Next.RECONNECT
+    assert w.reconnects == 1 and w.wants_connection, "frame 1 unanswered: re-sent on a new connection"
+    w.close()
+    g3 = w.begin_connection()
+    assert g3 is not None and w.resend(31.0) == [_frame(1)]
+    assert not w.close_if_idle(g3, 99.0, 1.0) and not w.ended_quietly
+
+
 def test_reconnect_resends_unanswered_frames_first_in_sent_order() -> None:
     w = _window(4)
     for i in range(4):
