@@ -5,17 +5,21 @@ Boxes are (..., 4) xyxy tensors in pixels. Element-wise losses return per-elemen
 caller reduces. ``DetectionLoss`` assigns targets with a simplified SimOTA (YOLOX, Ge et al.
 2021): candidate cells are those whose centre lies in a ground-truth box or within 2.5 strides
 of its centre; each ground truth takes its ``k`` lowest-cost candidates, k from the sum of its
-top-10 IoUs; cost = class BCE + 3 * -log(IoU).
+top-10 IoUs; cost = class BCE + 3 * -log(IoU). A cell whose centre lies in an ignore region (a
+crowd box, ``build_engine.ignore_regions``) and that SimOTA assigned to no object gets no
+objectness loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from build_engine.ignore_regions import points_in_regions
 from perception.errors import ConfigError
 
 CLS_LOSSES = ("bce", "focal", "ce")
@@ -222,8 +226,11 @@ class DetectionLoss:
     The YOLO family's loss (also the two-stage family's proposal network, with bce): class logits
     are trained as per-class sigmoids, so ``cfg.cls_loss`` must be ``bce`` or ``focal``.
 
-    ``__call__(raws, centers, strides, targets, decode)``: ``decode(raws)`` -> (B, N, 5 + C);
-    ``targets`` is a list of (boxes (M, 4) xyxy input px, classes (M,)) per image.
+    ``__call__(decoded, centers, strides, targets, ignore=...)``: ``decoded`` (B, N, 5 + C) as
+    ``Detector.decode`` gives it; ``targets`` is a list of (boxes (M, 4) xyxy input px, classes
+    (M,)) per image; ``ignore`` (optional) a list of (K, 4) xyxy input px ignore regions (crowd
+    boxes) per image: a cell whose centre is inside one and that is no positive has no objectness
+    loss. Without regions the loss is what it is without ``ignore``.
     Returns (total, parts) with parts = {"box", "obj", "cls", "l1", "num_fg"}.
     """
 
@@ -239,15 +246,22 @@ class DetectionLoss:
         strides: torch.Tensor,
         targets: list[tuple[torch.Tensor, torch.Tensor]],
         raw_flat: torch.Tensor | None = None,
+        *,
+        ignore: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         b = decoded.shape[0]
+        if ignore is not None and len(ignore) != len(targets):
+            raise ValueError(f"{len(targets)} target entries but {len(ignore)} ignore entries")
         obj_t = torch.zeros(decoded.shape[:2])
+        ignored = torch.zeros(decoded.shape[:2], dtype=torch.bool)
         fg_all, cls_logits, cls_t, box_p, box_t, stride_fg = [], [], [], [], [], []
         for i, (gb, gc) in enumerate(targets):
             fg, mg, miou = simota_assign(decoded[i].detach(), centers, strides, gb, gc, self.num_classes,
                                          cfg.center_radius)
             fg_all.append(fg)
+            if ignore is not None:
+                ignored[i] = points_in_regions(centers, ignore[i]) & ~fg
             if mg.numel() == 0:
                 continue
             obj_t[i, fg] = 1.0
@@ -259,9 +273,12 @@ class DetectionLoss:
         num_fg = max(1.0, float(sum(int(f.sum()) for f in fg_all)))
         obj_logits = decoded[..., 4]
         if cfg.obj_focal:
-            l_obj = focal_loss(obj_logits, obj_t, cfg.focal_gamma, cfg.focal_alpha).sum() / num_fg
+            obj = focal_loss(obj_logits, obj_t, cfg.focal_gamma, cfg.focal_alpha)
         else:
-            l_obj = bce_loss(obj_logits, obj_t).sum() / num_fg
+            obj = bce_loss(obj_logits, obj_t)
+        if bool(ignored.any()):  # without ignore regions the sum (and its gradient) is untouched
+            obj = obj.masked_fill(ignored, 0.0)
+        l_obj = obj.sum() / num_fg
         zero = decoded.sum() * 0.0
         l_box = l_cls = l_l1 = zero
         if box_p:

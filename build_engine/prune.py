@@ -163,7 +163,7 @@ def finetune(
     from build_engine.model.detector import Detector
     from build_engine.train.ema import ModelEMA
     from build_engine.train.schedule import learning_rates
-    from build_engine.train.trainer import load_batch, make_optimizer, prepare_data, validate
+    from build_engine.train.trainer import load_train_batch, make_optimizer, prepare_data, validate
 
     if not isinstance(model, Detector) or not (teacher is None or isinstance(teacher, Detector)):
         raise ModelError("fine-tuning needs detectors (build_engine.model.Detector, pruned or not)")
@@ -203,9 +203,9 @@ def finetune(
             lr_w, lr_b = learning_rates(epoch * steps + k, steps, epochs, o.lr, o.schedule, o.final_lr_ratio, 0.0, o.lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr_b if g["kind"] == "bias" else lr_w
-            images, targets = load_batch(train_set, order[k * bs : (k + 1) * bs], cfg, epoch)
+            images, targets, ignore = load_train_batch(train_set, order[k * bs : (k + 1) * bs], cfg, epoch)
             raws = model(images)
-            loss, _ = criterion(model.decode(raws), centers, strides, targets)
+            loss, _ = criterion(model.decode(raws), centers, strides, targets, ignore=ignore)
             if teacher is not None and distill_weight > 0:
                 with torch.no_grad():
                     teacher_raws = teacher.forward_raw(images)

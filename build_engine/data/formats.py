@@ -2,9 +2,10 @@
 
 In memory a dataset is a list of ``Sample``: image file, size, boxes (N, 4) float32 xyxy in
 pixels and class indices (N,) int64 into the dataset's class list. A COCO set also keeps each
-annotation's ``iscrowd`` and ``area`` (training skips crowd regions, evaluation ignores
-detections on them and sizes objects by ``area``, as pycocotools does) and its category ids
-(results carry the dataset's own ids, which need not be 1..C).
+annotation's ``iscrowd`` and ``area`` (crowd regions are ignore regions: training counts no
+prediction on them as background, evaluation ignores detections on them and sizes objects by
+``area``, as pycocotools does) and its category ids (results carry the dataset's own ids, which
+need not be 1..C).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Sample:
     areas: NDArray[np.float64] | None = None
 
     def crowd_mask(self) -> NDArray[np.bool_]:
-        """(N,) True for crowd regions (never training targets)."""
+        """(N,) True for crowd regions (never training targets: ignore regions)."""
         return self.iscrowd if self.iscrowd is not None else np.zeros(len(self.class_ids), bool)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -133,7 +134,9 @@ class Detector(nn.Module):
     The family contract every detector module keeps (``build_engine.model.build_detector``):
     ``cfg``, ``output_layout`` (the manifest layout its eval-mode outputs are in),
     ``output_names`` (ONNX output names, in forward's order), ``export_batch`` (None: dynamic
-    batch) and ``training_loss(images, targets, loss_cfg)`` -> (loss, {part: float}).
+    batch) and ``training_loss(images, targets, loss_cfg, ignore=None)`` -> (loss, {part: float}),
+    ``ignore`` per image (K, 4) xyxy input px ignore regions (crowd boxes,
+    ``build_engine.ignore_regions``) whose unassigned predictions are no negatives.
     """
 
     output_layout = "yolo_obj"
@@ -191,14 +194,16 @@ class Detector(nn.Module):
 
 
     def training_loss(
-        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig
+        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig,
+        ignore: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """SimOTA-assigned IoU + objectness + class loss of one batch (train mode)."""
+        """SimOTA-assigned IoU + objectness + class loss of one batch (train mode); ``ignore``: per
+        image (K, 4) xyxy input px ignore regions (crowd boxes, ``DetectionLoss``)."""
         if self._criterion is None or self._criterion.cfg != loss_cfg:
             self._criterion = DetectionLoss(loss_cfg, self.cfg.num_classes)
         centers, strides = self.anchor_points()
         decoded = self.decode(self(images))  # train mode: the raw per-level maps
-        return self._criterion(decoded, centers, strides, targets)
+        return self._criterion(decoded, centers, strides, targets, ignore=ignore)
 
     def anchor_points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 2) cell centres in input px and (N,) strides, in the output order (the loss's

@@ -34,6 +34,8 @@ the box head's loss on RoIs sampled from the (detached) proposals and the ground
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,15 +203,21 @@ class RcnnDetector(nn.Module):
                 torch.stack([F.pad(d[2], (0, k - d[2].shape[0])) for d in dets]))
 
     def training_loss(
-        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig
+        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig,
+        ignore: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """RPN loss + box head loss of one batch (train mode).
 
         Total = RPN SimOTA loss (its own box / objectness / quality terms, weighted as in the
         one-stage family) + cls_weight x box-head CE + box_weight x box-head regression.
+        ``ignore``: per image (K, 4) xyxy input px ignore regions (crowd boxes): no objectness
+        loss for the proposal cells in them, no background RoIs sampled from them
+        (``build_engine.model.rcnn_loss``).
         """
         if len(targets) != images.shape[0]:
             raise ModelError(f"{images.shape[0]} images but {len(targets)} target entries")
+        if ignore is not None and len(ignore) != len(targets):
+            raise ModelError(f"{len(targets)} target entries but {len(ignore)} ignore entries")
         rpn_cfg = rpn_loss_config(loss_cfg)
         if self._rpn_criterion is None or self._rpn_criterion.cfg != rpn_cfg:
             self._rpn_criterion = DetectionLoss(rpn_cfg, 1)
@@ -221,12 +229,13 @@ class RcnnDetector(nn.Module):
             centers.append((g + 0.5) * s)
             strides.append(torch.full((g.shape[0],), float(s)))
         agnostic = [(b, torch.zeros_like(c)) for b, c in targets]
-        l_rpn, rpn_parts = self._rpn_criterion(rpn, torch.cat(centers), torch.cat(strides), agnostic)
+        l_rpn, rpn_parts = self._rpn_criterion(rpn, torch.cat(centers), torch.cat(strides), agnostic, ignore=ignore)
         rois, labels, matched, pooled = [], [], [], []
         for i, (gb, gc) in enumerate(targets):
             with torch.no_grad():
                 props, _ = self.propose(rpn[i].detach(), w, h, self.pre_nms_train, self.post_nms_train, 0.0)
-            r, lab, m = sample_rois(props, gb, gc, self.rois_per_image, self.fg_fraction, loss_cfg.fg_iou)
+            r, lab, m = sample_rois(props, gb, gc, self.rois_per_image, self.fg_fraction, loss_cfg.fg_iou,
+                                    None if ignore is None else ignore[i])
             rois.append(r)
             labels.append(lab)
             matched.append(m)

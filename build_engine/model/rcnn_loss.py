@@ -7,6 +7,10 @@ Box head (Fast R-CNN, Girshick 2015): every sampled RoI is classified over C + 1
 also regresses its ground truth with the deltas of the ground truth's class: smooth-L1 / L1 /
 MSE on ``BoxCoder`` deltas, or 1 - IoU-family on the decoded box, averaged over the
 foreground RoIs.
+
+Ignore regions (crowd boxes, ``build_engine.ignore_regions``): the proposal network's loss leaves
+them out as the one-stage loss does, and a candidate RoI that is no foreground and whose
+intersection over its own area with one is >= ``IGNORE_IOF`` is never sampled as background.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 
 import torch
 
+from build_engine.ignore_regions import boxes_in_regions
 from build_engine.losses import LossConfig, box_loss, ce_loss, pairwise_iou
 from build_engine.model.rcnn_ops import BoxCoder
 
@@ -32,15 +37,17 @@ def rpn_loss_config(loss_cfg: LossConfig) -> LossConfig:
 @torch.no_grad()
 def sample_rois(
     proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_cls: torch.Tensor, num_rois: int, fg_fraction: float,
-    fg_iou: float,
+    fg_iou: float, ignore: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoIs of one image for the box head: (rois (R, 4), labels (R,) int64, matched gt boxes (R, 4)).
 
     Candidates are the proposals plus the ground truths themselves (so the head sees
     foreground from the first step). A candidate whose best IoU with a ground truth is
     >= ``fg_iou`` is foreground with label gt class + 1, else background 0 (its matched box is
-    then meaningless). At most ``fg_fraction * num_rois`` foreground and ``num_rois`` in all
-    are drawn at random (the global torch RNG: seeded runs repeat).
+    then meaningless). A background candidate in an ``ignore`` region ((K, 4) xyxy, crowd boxes;
+    IoF >= ``IGNORE_IOF``) is no candidate. At most ``fg_fraction * num_rois`` foreground and
+    ``num_rois`` in all are drawn at random (the global torch RNG: seeded runs repeat; without
+    ignore regions the draws are those without ``ignore``).
     """
     cand = torch.cat([proposals, gt_boxes.to(proposals.dtype)])
     labels = torch.zeros(cand.shape[0], dtype=torch.long)
@@ -51,7 +58,10 @@ def sample_rois(
         labels[fg] = gt_cls[best[fg]].long() + 1
         matched = gt_boxes[best].to(cand.dtype)
     fg_idx = (labels > 0).nonzero(as_tuple=True)[0]
-    bg_idx = (labels == 0).nonzero(as_tuple=True)[0]
+    bg = labels == 0
+    if ignore is not None:
+        bg &= ~boxes_in_regions(cand, ignore)
+    bg_idx = bg.nonzero(as_tuple=True)[0]
     n_fg = min(fg_idx.numel(), int(num_rois * fg_fraction))
     n_bg = min(bg_idx.numel(), num_rois - n_fg)
     keep = torch.cat([fg_idx[torch.randperm(fg_idx.numel())[:n_fg]], bg_idx[torch.randperm(bg_idx.numel())[:n_bg]]])

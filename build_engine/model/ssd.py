@@ -25,6 +25,7 @@ The two smallest stride-8 sizes are therefore densified 2x2 per cell (FaceBoxes,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -216,11 +217,13 @@ class SsdDetector(nn.Module):
         return boxes, self.scores(logits)
 
     def training_loss(
-        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig
+        self, images: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], loss_cfg: LossConfig,
+        ignore: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Matched-prior class + box loss of one batch (``build_engine.model.ssd_loss``)."""
+        """Matched-prior class + box loss of one batch (``build_engine.model.ssd_loss``); ``ignore``:
+        per image (K, 4) xyxy input px ignore regions (crowd boxes)."""
 
         self.sigmoid_scores.fill_(loss_cfg.cls_loss == "focal")
         logits, offsets = self.forward_raw(images)
         h, w = images.shape[2], images.shape[3]
-        return ssd_loss(logits, offsets, self.priors_for(h, w), targets, loss_cfg, (w, h))
+        return ssd_loss(logits, offsets, self.priors_for(h, w), targets, loss_cfg, (w, h), ignore)

@@ -11,13 +11,20 @@ down-weights the easy negatives itself). Box loss, on positives only: ``l1`` / `
 ``mse`` on the encoded offsets (SSD's own), or an IoU-family loss on the decoded boxes in input
 pixels (so IoU-aware terms see true aspect ratios), optionally plus ``l1_weight`` x smooth-L1 on
 the offsets. Both are summed and divided by the number of positives in the batch.
+
+Ignore regions (crowd boxes, ``build_engine.ignore_regions``): a prior that is no positive and
+whose intersection over its own area with one is >= ``IGNORE_IOF`` is never a negative: ``ce``
+does not mine it, ``focal`` gives it no loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from build_engine.ignore_regions import boxes_in_regions
 from build_engine.losses import LossConfig, box_loss, focal_loss, pairwise_iou
 from build_engine.model.ssd_coding import cxcywh_to_xyxy, decode, encode
 from perception.errors import ConfigError
@@ -63,12 +70,15 @@ def ssd_loss(
     targets: list[tuple[torch.Tensor, torch.Tensor]],
     cfg: LossConfig,
     input_wh: tuple[int, int],
+    ignore: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts {"cls", "box", "l1", "num_pos" (per image)}.
 
     logits (B, C + 1, N), offsets (B, N, 4) raw head outputs (``SsdDetector.forward_raw``); priors (N, 4) cx cy w h
     normalised; targets per image (boxes (M, 4) x1 y1 x2 y2 input px, classes (M,) int64);
-    input_wh the input (width, height) in px.
+    input_wh the input (width, height) in px; ignore (optional) per image ignore regions (K, 4)
+    x1 y1 x2 y2 input px (crowd boxes): the priors in them that are no positive are no negatives.
+    Without regions the loss is what it is without ``ignore``.
 
     An image without objects still teaches the background: it mines ``neg_pos_ratio`` negatives
     as if it had one positive (the batch's normaliser stays its positive count, at least 1).
@@ -76,12 +86,17 @@ def ssd_loss(
     if cfg.cls_loss not in CLS_LOSSES:
         raise ConfigError(f"the ssd family needs loss.cls_loss in {CLS_LOSSES}, got {cfg.cls_loss!r}")
     b, k, n = logits.shape
+    if ignore is not None and len(ignore) != len(targets):
+        raise ValueError(f"{len(targets)} target entries but {len(ignore)} ignore entries")
     w, h = input_wh
     scale = torch.tensor([w, h, w, h], dtype=offsets.dtype, device=offsets.device)
     priors_xyxy = cxcywh_to_xyxy(priors)
     labels = torch.zeros(b, n, dtype=torch.long, device=logits.device)
     matched = torch.zeros(b, n, 4, dtype=offsets.dtype, device=offsets.device)
+    in_regions = torch.zeros(b, n, dtype=torch.bool, device=logits.device)
     for i, (boxes, classes) in enumerate(targets):
+        if ignore is not None:
+            in_regions[i] = boxes_in_regions(priors_xyxy, ignore[i].to(offsets) / scale)
         if boxes.shape[0] == 0:
             continue
         gt = boxes.to(offsets) / scale
@@ -89,18 +104,23 @@ def ssd_loss(
         labels[i] = torch.where(pos_i, classes[idx] + 1, 0)
         matched[i] = gt[idx]
     pos = labels > 0
+    ignored = in_regions & ~pos
     num_pos = pos.sum(1)
     norm = num_pos.sum().clamp(min=1).to(offsets.dtype)
 
     if cfg.cls_loss == "ce":
         ce = F.cross_entropy(logits, labels, reduction="none")  # (B, N)
         with torch.no_grad():
-            num_neg = (cfg.neg_pos_ratio * num_pos.clamp(min=1)).long().clamp(max=n - num_pos)
-            neg = hardest_negatives(ce.detach().masked_fill(pos, float("-inf")), num_neg)
+            # Positives and ignored priors at -inf, and never more negatives than the rest.
+            num_neg = (cfg.neg_pos_ratio * num_pos.clamp(min=1)).long().clamp(max=n - num_pos - ignored.sum(1))
+            neg = hardest_negatives(ce.detach().masked_fill(pos | ignored, float("-inf")), num_neg)
         l_cls = ce[pos | neg].sum() / norm
     else:
         onehot = torch.zeros_like(logits).scatter_(1, labels[:, None], 1.0)[:, 1:]
-        l_cls = focal_loss(logits[:, 1:], onehot, cfg.focal_gamma, cfg.focal_alpha).sum() / norm
+        focal = focal_loss(logits[:, 1:], onehot, cfg.focal_gamma, cfg.focal_alpha)
+        if bool(ignored.any()):  # without ignore regions the sum (and its gradient) is untouched
+            focal = focal.masked_fill(ignored[:, None], 0.0)
+        l_cls = focal.sum() / norm
 
     pri = priors.expand(b, n, 4)[pos]
     pred, gt = offsets[pos], matched[pos]

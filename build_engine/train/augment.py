@@ -21,7 +21,9 @@ def random_affine(
 ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.bool_]]:
     """Place ``image`` (H, W, 3) on an (out_h, out_w) canvas; without ``rng`` a plain letterbox.
 
-    Returns (canvas, boxes (N, 4) xyxy canvas px, keep (N,) mask of boxes still usable).
+    Returns (canvas, boxes (N, 4) xyxy canvas px, keep (N,) mask of boxes still usable as
+    targets). The draws from ``rng`` do not depend on ``boxes``: any boxes (targets and ignore
+    regions together) move as the image does.
     """
     h, w = image.shape[:2]
     s = min(out_w / w, out_h / h)

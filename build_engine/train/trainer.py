@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -79,30 +79,59 @@ def check_num_classes(cfg: TrainConfig, classes: tuple[str, ...], root: Path) ->
                           f"model.num_classes is {cfg.model.num_classes}: pass --set model.num_classes={len(classes)}")
 
 
-def load_batch(
-    ds: LabelledSet, indices: list[int], cfg: TrainConfig, epoch: int, augment: bool = True
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(B, 3, H, W) float RGB in [0, 1] and per-image (boxes xyxy input px, classes).
+class TrainBatch(NamedTuple):
+    """One training batch: ``images`` (B, 3, H, W) float RGB in [0, 1]; ``targets`` per image
+    (boxes (M, 4) float32 xyxy input px, classes (M,) int64); ``ignore`` per image (K, 4) float32
+    xyxy input px, the crowd regions (``build_engine.ignore_regions``)."""
 
-    COCO crowd regions (``iscrowd``) are no targets: one box around a group of objects is not
-    an object the model should learn to find (evaluation ignores detections on them instead).
+    images: torch.Tensor
+    targets: list[tuple[torch.Tensor, torch.Tensor]]
+    ignore: list[torch.Tensor]
+
+
+def load_train_batch(
+    ds: LabelledSet, indices: list[int], cfg: TrainConfig, epoch: int, augment: bool = True
+) -> TrainBatch:
+    """The images of ``indices``, augmented (``augment``) and placed on the model's input canvas,
+    with their targets and ignore regions.
+
+    COCO crowd regions (``iscrowd``) are no targets but ignore regions: one box around a group of
+    objects is not an object the model should learn to find, nor background it should learn to
+    see there (evaluation ignores detections on them); each family's loss leaves the predictions
+    in them that are assigned to no object out of its negatives. They move with the image exactly
+    as the targets do (one ``random_affine`` for both) and stay while any of them is visible.
     """
     w, h = cfg.model.input_width, cfg.model.input_height
     imgs = np.empty((len(indices), 3, h, w), np.float32)
-    targets = []
+    targets, ignore = [], []
     for k, i in enumerate(indices):
         s = ds.samples[i]
         img = read_image(s.file)
         if img.shape[1] != s.width or img.shape[0] != s.height:
             raise DataError(f"{s.file}: image is {img.shape[1]}x{img.shape[0]} but its labels say {s.width}x{s.height}")
         rng = np.random.default_rng((cfg.seed, epoch, i)) if augment else None
-        positive = ~s.crowd_mask()
-        canvas, boxes, keep = random_affine(img, s.boxes[positive], w, h, cfg.augment, rng)
+        crowd = s.crowd_mask()
+        canvas, boxes, keep = random_affine(img, s.boxes, w, h, cfg.augment, rng)
         if rng is not None:
             canvas = hsv_jitter(canvas, cfg.augment, rng)
         imgs[k] = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).transpose(2, 0, 1) / np.float32(255.0)
-        targets.append((torch.from_numpy(boxes[keep]), torch.from_numpy(s.class_ids[positive][keep])))
-    return torch.from_numpy(imgs), targets
+        positive = keep & ~crowd
+        targets.append((torch.from_numpy(boxes[positive]), torch.from_numpy(s.class_ids[positive])))
+        # An ignore region is not held to the targets' minimum size: any visible part of a crowd
+        # still shows its objects.
+        visible = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        ignore.append(torch.from_numpy(boxes[crowd & visible]))
+    return TrainBatch(torch.from_numpy(imgs), targets, ignore)
+
+
+def load_batch(
+    ds: LabelledSet, indices: list[int], cfg: TrainConfig, epoch: int, augment: bool = True
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(images, targets) of ``load_train_batch``, without the ignore regions: for a loss that
+    takes none (``bench/bench_train.py`` times the one-stage step on generated data, which has
+    no crowd regions). Training passes the ignore regions on (``train``)."""
+    batch = load_train_batch(ds, indices, cfg, epoch, augment)
+    return batch.images, batch.targets
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -210,8 +239,9 @@ def train(
                                         o.warmup_epochs, o.warmup_bias_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr_b if g["kind"] == "bias" else lr_w
-            images, targets = load_batch(train_set, order[k * bs:(k + 1) * bs], cfg, epoch)
-            loss, parts = model.training_loss(images, targets, cfg.loss)  # type: ignore[operator]  # family contract
+            batch = load_train_batch(train_set, order[k * bs:(k + 1) * bs], cfg, epoch)
+            loss, parts = model.training_loss(  # type: ignore[operator]  # family contract
+                batch.images, batch.targets, cfg.loss, ignore=batch.ignore)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip > 0:

@@ -123,6 +123,40 @@ def test_detection_loss_weights_and_no_objects() -> None:
     assert total.item() == pytest.approx(0.5 * 16 * math.log(2) + 2.0 * 2 * math.log(2), abs=1e-4)
 
 
+def test_cells_in_a_crowd_region_get_no_objectness_loss() -> None:
+    """A crowd box (one box around a group) was trained as background: every cell in it was
+    pushed towards "no object". Now a cell whose centre lies in it and that holds no object is
+    neither positive nor negative; the cells outside, and an object's cell inside, train as before."""
+    centers, strides, pred = _setup()
+    pred[:, :4] = torch.cat([centers - 4, centers + 4], 1)
+    pred = pred[None].clone().requires_grad_(True)
+    crowd = [torch.tensor([[0.0, 0.0, 16.0, 32.0]])]  # the left two columns: 8 of the 16 cell centres
+    no_objects = [(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))]
+    inside = centers[:, 0] < 16
+    for obj_focal in (False, True):
+        loss = DetectionLoss(LossConfig(obj_focal=obj_focal), 2)
+        total, parts = loss(pred, centers, strides, no_objects, ignore=crowd)
+        before, _ = loss(pred, centers, strides, no_objects)
+        # BCE at logit 0 is log 2 per cell; focal (gamma 2, alpha 0.25) at target 0: 0.75 * 0.25 log 2.
+        per_cell = 0.1875 * math.log(2) if obj_focal else math.log(2)
+        assert parts["obj"] == pytest.approx(8 * per_cell, abs=1e-5)
+        assert before.item() == pytest.approx(16 * per_cell, abs=1e-5)
+        (grad,) = torch.autograd.grad(total, pred)
+        assert (grad[0, inside, 4] == 0).all() and (grad[0, ~inside, 4] != 0).all()
+        (grad_before,) = torch.autograd.grad(before, pred)
+        assert (grad_before[0, inside, 4] != 0).all()
+    # An object inside the crowd box keeps its cell (5, centre (12, 12)) positive: 1 + 8 cells.
+    gt = [(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), torch.tensor([1]))]
+    _, parts = DetectionLoss(LossConfig(), 2)(pred.detach(), centers, strides, gt, ignore=crowd)
+    assert parts["obj"] == pytest.approx(9 * math.log(2), abs=1e-5) and parts["num_fg"] == 1.0
+    # No regions: exactly the loss without them.
+    empty = [torch.zeros(0, 4)]
+    assert torch.equal(DetectionLoss(LossConfig(), 2)(pred, centers, strides, gt, ignore=empty)[0],
+                       DetectionLoss(LossConfig(), 2)(pred, centers, strides, gt)[0])
+    with pytest.raises(ValueError, match="1 target entries but 2 ignore entries"):
+        DetectionLoss(LossConfig(), 2)(pred, centers, strides, gt, ignore=empty * 2)
+
+
 def test_bernoulli_kl_by_hand() -> None:
     # teacher p = 0.75 (logit ln 3), student p = 0.5 (logit 0):
     # 0.75 ln(0.75 / 0.5) + 0.25 ln(0.25 / 0.5) = 0.130812

@@ -93,6 +93,35 @@ def test_roi_sampling_labels() -> None:
     assert labels.tolist() == [0, 0, 0]
 
 
+def test_roi_sampling_draws_no_background_from_a_crowd_region() -> None:
+    """A crowd box (one box around a group) was trained as background: RoIs on it were sampled
+    as background. Now a candidate that is no foreground and lies in one (IoF >= 0.5) is never
+    drawn; foreground inside it and background outside are drawn as before."""
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    gt_cls = torch.tensor([2])
+    proposals = torch.tensor([
+        [0.0, 0.0, 10.0, 5.0],  # foreground, inside the crowd box
+        [20.0, 20.0, 30.0, 30.0],  # background, inside it
+        [25.0, 20.0, 35.0, 30.0],  # background, half inside it (IoF 0.5): ignored
+        [26.0, 20.0, 36.0, 30.0],  # background, IoF 0.4: drawn
+        [50.0, 50.0, 60.0, 60.0],  # background, outside it
+    ])
+    crowd = torch.tensor([[0.0, 0.0, 30.0, 40.0]])
+    torch.manual_seed(0)
+    rois, labels, _ = sample_rois(proposals, gt, gt_cls, 16, 0.5, 0.5, crowd)
+    got = {tuple(r.tolist()): int(c) for r, c in zip(rois, labels, strict=True)}
+    assert got == {(0.0, 0.0, 10.0, 5.0): 3, (0.0, 0.0, 10.0, 10.0): 3, (26.0, 20.0, 36.0, 30.0): 0,
+                   (50.0, 50.0, 60.0, 60.0): 0}
+    _, labels, _ = sample_rois(proposals, gt, gt_cls, 16, 0.5, 0.5)
+    assert (labels == 0).sum() == 4  # without the region all four backgrounds
+    # No regions: the same draws as without them (the RNG included).
+    torch.manual_seed(1)
+    a = sample_rois(proposals, gt, gt_cls, 4, 0.25, 0.5, torch.zeros(0, 4))
+    torch.manual_seed(1)
+    b = sample_rois(proposals, gt, gt_cls, 4, 0.25, 0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def naive_roi_align(feature: torch.Tensor, rois: torch.Tensor, stride: int, size: int, ratio: int) -> torch.Tensor:
     """Loop RoIAlign: feature coordinate x / stride - 0.5, bilinear with border clamping."""
     _, c, hf, wf = feature.shape

@@ -37,9 +37,9 @@ LOGITS = torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
 OFFSETS = torch.tensor([[[0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
 
 
-def _loss(logits, offsets, targets, **kw):
+def _loss(logits, offsets, targets, ignore=None, **kw):
     cfg = LossConfig(**{"cls_loss": "ce", "box_loss": "smooth_l1", "box_weight": 2.0, "neg_pos_ratio": 1.0, **kw})
-    return ssd_loss(logits, offsets, PRIORS, targets, cfg, (100, 100))
+    return ssd_loss(logits, offsets, PRIORS, targets, cfg, (100, 100), ignore)
 
 
 def test_priors_count_order_and_size() -> None:
@@ -102,6 +102,38 @@ def test_image_without_objects_mines_negatives_and_has_no_box_term() -> None:
     _, parts = _loss(LOGITS.repeat(2, 1, 1), OFFSETS.repeat(2, 1, 1), [GT, NO_GT])
     assert parts["cls"] == pytest.approx(0.693147 + 2 * 1.313262, abs=1e-5)
     assert parts["box"] == pytest.approx(0.75, abs=1e-5) and parts["num_pos"] == 0.5
+
+
+def test_priors_in_a_crowd_region_are_no_negatives() -> None:
+    """A crowd box (one box around a group) was trained as background: its priors were mined as
+    the hardest negatives. Now a prior that is no positive and lies in one (IoF >= 0.5) is never
+    a negative; a positive inside it and the priors outside train as before."""
+    crowd = [torch.tensor([[80.0, 80.0, 100.0, 100.0]])]  # holds prior 2, (85, 85)-(95, 95) px
+    logits = LOGITS.clone().requires_grad_(True)
+    # ce, one negative per image without objects: prior 2 (1.313262) was mined; now prior 0 (log 2).
+    total, parts = _loss(logits, OFFSETS, [NO_GT], ignore=crowd)
+    assert parts["cls"] == pytest.approx(0.693147, abs=1e-5)
+    (grad,) = torch.autograd.grad(total, logits)
+    assert (grad[0, :, 2] == 0).all() and (grad[0, :, 0] != 0).all()
+    before, parts = _loss(logits, OFFSETS, [NO_GT])
+    assert parts["cls"] == pytest.approx(1.313262, abs=1e-5)
+    assert (torch.autograd.grad(before, logits)[0][0, :, 2] != 0).all()
+    # Three negatives asked for, two left once prior 2 is ignored: priors 0 and 1.
+    _, parts = _loss(LOGITS, OFFSETS, [NO_GT], ignore=crowd, neg_pos_ratio=3.0)
+    assert parts["cls"] == pytest.approx(0.693147 + 0.126928, abs=1e-5)
+    # A region over the ground truth too: prior 0 stays positive, prior 1 is the mined negative.
+    _, parts = _loss(LOGITS, OFFSETS, [GT], ignore=[torch.tensor([[30.0, 30.0, 100.0, 100.0]])])
+    assert parts["cls"] == pytest.approx(0.693147 + 0.126928, abs=1e-5) and parts["num_pos"] == 1.0
+    assert parts["box"] == pytest.approx(0.75, abs=1e-5)
+    # focal: prior 2's 0.526396 goes; priors 0 and 1 (target 0, logit 0) keep 0.129965 each.
+    total, parts = _loss(logits, OFFSETS, [NO_GT], ignore=crowd, cls_loss="focal")
+    assert parts["cls"] == pytest.approx(2 * 0.129965, abs=1e-5)
+    (grad,) = torch.autograd.grad(total, logits)
+    assert (grad[0, :, 2] == 0).all() and (grad[0, 1:, :2] != 0).all()
+    _, parts = _loss(logits, OFFSETS, [NO_GT], cls_loss="focal")
+    assert parts["cls"] == pytest.approx(2 * 0.129965 + 0.526396, abs=1e-5)
+    with pytest.raises(ValueError, match="1 target entries but 2 ignore entries"):
+        _loss(LOGITS, OFFSETS, [NO_GT], ignore=crowd * 2)
 
 
 def test_iou_box_loss_on_decoded_boxes_plus_offset_term_by_hand() -> None:

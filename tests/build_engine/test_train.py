@@ -264,14 +264,51 @@ def test_class_count_and_order_must_fit_the_model(tmp_path) -> None:
 
 
 def test_crowd_regions_are_no_training_targets(tmp_path) -> None:
-    """A COCO crowd region (one box around a group) became an ordinary positive target."""
+    """A COCO crowd region (one box around a group) became an ordinary positive target; then it
+    was dropped, and its pixels trained as background. It is an ignore region now."""
     from build_engine.data.formats import read_labelled_set
-    from build_engine.train.trainer import load_batch
+    from build_engine.train.trainer import load_batch, load_train_batch
     from tests.build_engine.test_evaluate import _crowd_coco_set
 
     ds = read_labelled_set(_crowd_coco_set(tmp_path / "d"))
     cfg = load_config(None, ["model.input_width=128", "model.input_height=96"])
-    _, targets = load_batch(ds, [0], cfg, epoch=0, augment=False)
+    _, targets, ignore = load_train_batch(ds, [0], cfg, epoch=0, augment=False)
     boxes, classes = targets[0]
     assert classes.tolist() == [0, 1]  # car and bus; not the crowd of people (class 2)
     assert boxes.tolist() == [[10, 10, 40, 30], [60, 20, 100, 70]]
+    assert ignore[0].tolist() == [[5, 50, 50, 90]] and ignore[0].dtype == torch.float32
+    images, plain = load_batch(ds, [0], cfg, epoch=0, augment=False)  # the same, without the regions
+    assert torch.equal(images, load_train_batch(ds, [0], cfg, epoch=0, augment=False).images)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], targets[0], strict=True))
+
+
+def test_crowd_regions_move_with_the_image_like_targets(tmp_path) -> None:
+    """Augmentation (scale, shift, flip) moves an ignore region exactly as a target with the same
+    box, and keeps it while any of it is visible; the targets are those without crowd regions."""
+    import cv2
+    import numpy as np
+
+    from build_engine.data.formats import read_labelled_set
+    from build_engine.train.trainer import load_train_batch
+
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((120, 160, 3), 90, np.uint8))
+    ann = [([30, 40, 50, 40], 0), ([30, 40, 50, 40], 1), ([100, 10, 40, 30], 0), ([77, 57, 6, 6], 1)]
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 120}],
+          "categories": [{"id": 1, "name": "person"}],
+          "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": b[2] * b[3],
+                           "iscrowd": c} for k, (b, c) in enumerate(ann)]}
+    (tmp_path / "annotations.json").write_text(json.dumps(gt))
+    ds = read_labelled_set(tmp_path)
+    cfg = load_config(None, ["model.input_width=128", "model.input_height=96", "augment.flip=0.5",
+                             "augment.min_box_px=8"])
+    flipped = 0
+    for epoch in range(8):
+        _, targets, ignore = load_train_batch(ds, [0], cfg, epoch=epoch)
+        boxes = targets[0][0]
+        # Target 0 and crowd region 0 share a box: both land on the same canvas pixels.
+        assert len(boxes) == 2 and torch.equal(ignore[0][0], boxes[0])
+        # The small crowd box (3-7 px on the canvas) would be no target (min_box_px 8), yet it stays.
+        assert ignore[0].shape == (2, 4)
+        flipped += int(boxes[1, 0] < boxes[0, 0])  # the right-hand box is on the left once flipped
+    assert 0 < flipped < 8
