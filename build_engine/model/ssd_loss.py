@@ -94,9 +94,12 @@ def ssd_loss(
     labels = torch.zeros(b, n, dtype=torch.long, device=logits.device)
     matched = torch.zeros(b, n, 4, dtype=offsets.dtype, device=offsets.device)
     in_regions = torch.zeros(b, n, dtype=torch.bool, device=logits.device)
+    # A prior is judged by its part in the image (edge priors reach past it; detections are
+    # clipped to the image before evaluation ignores them on a crowd region).
+    in_image = priors_xyxy.clamp(0, 1) if ignore is not None else priors_xyxy
     for i, (boxes, classes) in enumerate(targets):
         if ignore is not None:
-            in_regions[i] = boxes_in_regions(priors_xyxy, ignore[i].to(offsets) / scale)
+            in_regions[i] = boxes_in_regions(in_image, ignore[i].to(offsets) / scale)
         if boxes.shape[0] == 0:
             continue
         gt = boxes.to(offsets) / scale

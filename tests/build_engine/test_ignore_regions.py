@@ -142,7 +142,8 @@ def test_priors_in_a_crowd_region_get_no_background_loss(monkeypatch: pytest.Mon
     model = tiny_model("ssd")
     assert isinstance(model, SsdDetector)
     scale = torch.tensor([W, H, W, H])
-    inside = boxes_in_regions(cxcywh_to_xyxy(model.priors) * scale, CROWD)
+    # A prior is judged by its part in the image: edge priors reach past it.
+    inside = boxes_in_regions(cxcywh_to_xyxy(model.priors).clamp(0, 1) * scale, CROWD)
     assert 0 < int(inside.sum()) < inside.shape[0]
     cfg = LossConfig(cls_loss=cls_loss, neg_pos_ratio=1e6)
     grads = {}
@@ -152,6 +153,18 @@ def test_priors_in_a_crowd_region_get_no_background_loss(monkeypatch: pytest.Mon
         grads[ignore is None] = g[0]
     assert (grads[False][inside] == 0).all() and (grads[False][~inside] > 0).all()
     assert (grads[True][inside] > 0).all()
+
+
+def test_a_crowd_region_over_the_whole_frame_leaves_no_prior_to_mine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Edge priors reach past the image; judged by their full area, some of them stayed under
+    IoF 0.5 of a crowd box covering the whole frame and were still mined as background."""
+    model = tiny_model("ssd")
+    assert isinstance(model, SsdDetector)
+    whole = torch.tensor([[0.0, 0.0, float(W), float(H)]])
+    assert not boxes_in_regions(cxcywh_to_xyxy(model.priors) * torch.tensor([W, H, W, H]), whole).all()
+    g = _grads_in_and_out(monkeypatch, model, "forward_raw", lambda out: out[0], lambda g: g.abs().sum(1),
+                          LossConfig(cls_loss="ce", neg_pos_ratio=1e6), [whole])
+    assert (g[0] == 0).all()
 
 
 def test_the_box_head_samples_no_background_in_a_crowd_region(monkeypatch: pytest.MonkeyPatch) -> None:
