@@ -231,6 +231,12 @@ class AsyncStreamSession(WindowCounters):
                     self._cond.notify_all()
             if failure is None:  # closed by us, quiet: the next frame opens the next call
                 continue
+            if retry and not self._cancelled_by_us:
+                async with self._cond:
+                    lost_nothing = self._window.in_flight == 0
+                if lost_nothing:  # e.g. the server's idle timeout: the next frame opens the next call
+                    log.debug("%s: %s, with nothing in flight", self.name, failure)
+                    continue
             async with self._cond:
                 decision = self._window.after_failure(failure, retry, time.monotonic())
                 waiting = self._window.in_flight > 0

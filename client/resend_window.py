@@ -97,6 +97,7 @@ class ResendWindow:
         self._generation = 0
         self._quiet_since: float | None = None  # the caller's clock: nothing in flight since then
         self._idle_closed = False  # the current connection's request stream ended: it was quiet
+        self._idle_closed_at = 0.0  # when (the caller's clock)
         self._error: PerceptionError | None = None
         self.reconnects = 0
         self.lost: list[SourceFrame] = []
@@ -217,6 +218,7 @@ class ResendWindow:
         if now - self._quiet_since < after_s:
             return False
         self._idle_closed = True
+        self._idle_closed_at = now
         return True
 
     def take(self, generation: int, now: float) -> SourceFrame | None:
@@ -294,7 +296,12 @@ class ResendWindow:
 
     def stalled(self, now: float, timeout_s: float) -> bool:
         """Whether the oldest frame on the wire has waited longer than ``timeout_s``: a hung
-        server sends no error, so only this shows the connection is dead."""
+        server sends no error, so only this shows the connection is dead. Also when frames
+        wait for a call that this session half-closed as quiet more than ``timeout_s`` ago and
+        the server has not ended: they go on the next call only, and a healthy server ends the
+        call within a round trip."""
+        if self._idle_closed and self._queue and now - self._idle_closed_at > timeout_s:
+            return True
         if not self._on_wire:
             return False
         oldest = next(iter(self._on_wire.values()))

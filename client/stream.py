@@ -15,7 +15,10 @@ The StreamDetect call holds one of the server's stream slots, so the session ope
 when it has a frame to send (at the first ``send()``, not when it is made) and ends it by
 itself once nothing was in flight for ``config.idle_close_s`` (a half-close: the server ends
 the call cleanly), well before the server's own idle timeout would; the next frame opens a new
-call. That quiet end is no failure: no reconnect, no backoff, nothing logged above DEBUG.
+call. That quiet end is no failure: no reconnect, no backoff, nothing logged above DEBUG; nor
+is a call the server ends while nothing is in flight (its own idle timeout, shorter than
+``idle_close_s``). Frames sent while a half-closed call has not ended yet wait for it; a
+server that never ends it is taken as hung after ``response_timeout_s``.
 
 Those rules live in ``resend_window.ResendWindow``, shared with the asyncio session; this
 module adds the threads, the lock and gRPC.
@@ -237,6 +240,12 @@ class StreamSession(WindowCounters):
                     self._cond.notify_all()
             if failure is None:  # closed by us, quiet: the next frame opens the next call
                 continue
+            if retry and not self._cancelled_by_us:
+                with self._cond:
+                    lost_nothing = self._window.in_flight == 0
+                if lost_nothing:  # e.g. the server's idle timeout: the next frame opens the next call
+                    log.debug("%s: %s, with nothing in flight", self.name, failure)
+                    continue
             with self._cond:
                 decision = self._window.after_failure(failure, retry, time.monotonic())
                 waiting = self._window.in_flight > 0

@@ -121,6 +121,25 @@ def test_a_connection_is_wanted_only_with_frames_and_a_quiet_one_ends_as_no_fail
     assert not w.close_if_idle(g3, 99.0, 1.0) and not w.ended_quietly
 
 
+def test_a_frame_waiting_on_a_half_closed_call_the_server_never_ends_is_stalled() -> None:
+    """A frame accepted after the quiet half-close waits for that call to end before it goes on
+    the next one; a hung server never ends it, and the frame was on no wire the watchdog looks
+    at: it waited for ever."""
+    w = _window(4)
+    w.accept(_frame(0))
+    g = w.begin_connection()
+    assert g is not None and _send_all(w, g, 10.0) == [0]
+    assert w.answer("front", 0, 10.0) is not None
+    assert w.close_if_idle(g, 11.0, 1.0)
+    assert not w.stalled(50.0, timeout_s=1.0), "nothing waits: a quiet call may take its time to end"
+    w.accept(_frame(1))  # the old call has not ended yet: the frame is queued, on no wire
+    assert not w.stalled(11.5, timeout_s=1.0), "a healthy server ends the call within a round trip"
+    assert w.stalled(12.1, timeout_s=1.0), "the half-closed call outlived the answer timeout"
+    w.end_connection()
+    g2 = w.begin_connection()
+    assert g2 is not None and not w.stalled(12.2, timeout_s=1.0), "a new connection: the half-close is history"
+
+
 def test_reconnect_resends_unanswered_frames_first_in_sent_order() -> None:
     w = _window(4)
     for i in range(4):
