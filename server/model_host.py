@@ -18,11 +18,15 @@ is on probation, as what that probation rolls back to, then freed.
 A model no longer kept is retired, not freed on the spot: its engine is freed when the last
 run holding it ends (``server.served_model.ModelUses``), never under a run however long it takes.
 The frames prepared for it but not yet in a batch hold no lease of their own: the host holds
-one for them for ``DROPPED_DEACTIVATE_S`` after the drop.
+one for them for ``DROPPED_DEACTIVATE_S`` after the drop. An engine a health recovery gives a
+model dropped meanwhile serves those frames, and is freed with the model.
 
 Change hooks (``on_change``) are called outside every lock of the host, one at a time and in
-the order of the changes: a slow hook delays no swap or rollback, and a hook may call back into
-the host (a change it makes is delivered after its own call returns).
+the order of the changes (``server.model_changes``). A slow hook delays no change of model (each
+is made under the lock at once) and no load after its own, but the caller of a change returns
+once its own hook ran (and gets its exception), after the hooks of the changes before it. A hook
+may call back into the host: a change it makes is delivered after its own call returns. A change
+is delivered whatever fails between it and its delivery.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import numpy as np
 
 from perception.errors import ManifestError, ModelError, PerceptionError
 from perception.manifest import load_manifest
+from server.model_changes import Change, ChangeHook, ChangeQueue
 from server.runtime.base import Backend
 from server.served_model import ServedModel, recorded_latency_ratio
 from server.verification import verify_before_swap
@@ -71,9 +76,6 @@ class LifecycleLimits:
 
 
 Loader = Callable[[str, str], ServedModel]  # (manifest path, variant) -> an activated model
-# on_change(model, cause): ``model`` is now served; cause "load" (an operator's load: admin,
-# SIGHUP), "degrade" / "recover" (the degrader's moves) or "rollback".
-ChangeHook = Callable[[ServedModel, str], None]
 
 # A dropped model's engine is held this long after the swap that dropped it, for the frames
 # prepared for it but not yet in a batch (they hold no lease: they are inferred within a few
@@ -91,12 +93,17 @@ class RollbackRecord(NamedTuple):
     automatic: bool
 
 
-@dataclass(frozen=True, eq=False)
-class _Change:
-    """A change of the model served, recorded under the lock, for ``on_change`` outside it."""
+@dataclass(frozen=True)
+class _Swapped:
+    """A swap made under the lock, for what follows it outside (``ModelHost._after_swap``)."""
 
-    model: ServedModel
+    new: ServedModel
+    old: ServedModel
     cause: str
+    unproven: bool  # the model swapped out was still on probation: dropped
+    dropped: list[ServedModel]
+    settle_s: float  # when to free the variant a move left (0: none is kept)
+    change: Change | None
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class _RolledBack:
     reason: str
     again: bool
     dropped: list[ServedModel]
-    change: _Change | None
+    change: Change | None
 
 
 class ModelHost:
@@ -118,11 +125,6 @@ class ModelHost:
                  on_change: ChangeHook | None = None,
                  on_event: Callable[[str], None] | None = None) -> None:
         self._lock = threading.RLock()
-        # The changes not yet given to on_change, in the order they were made, and whether a
-        # thread is giving them (outside every lock; ``_deliver``).
-        self._notify_lock = threading.Lock()
-        self._changes: deque[_Change] = deque()
-        self._delivering = False
         self._current = first
         self._previous: ServedModel | None = None  # the operator's fallback: what Rollback serves
         # The variant a degrade / recover move left, kept while the variant it moved to is on
@@ -135,7 +137,8 @@ class ModelHost:
         self._freed = False  # deactivate_all ran: an engine given to a model now is nobody's to free
         self._loader = loader
         self.limits = limits or LifecycleLimits()
-        self._on_change = on_change
+        # Recorded under the lock in the order of the changes, delivered to on_change outside it.
+        self._changes = ChangeQueue(on_change, lambda: self.current)
         self._on_event = on_event or (lambda _event: None)
         self.swaps = 0
         self.rollbacks = 0
@@ -189,17 +192,24 @@ class ModelHost:
         return model is not None and any(model is m for m in (self._current, self._previous, self._left))
 
     def replace_backend(self, model: ServedModel, backend: Backend) -> Backend:
-        """Give ``model`` a freshly loaded backend (health recovery); returns the one replaced.
+        """Give ``model`` a freshly loaded backend (health recovery); returns the one replaced,
+        which is the caller's to free.
 
-        Under the lock, so that a drop cannot slip between the check and the assignment: a model
-        dropped (or every model freed at shutdown) before it gets the new backend has it
-        deactivated here; one dropped after, when its last lease is released, which looks the
-        backend up then. The old backend is the caller's to free."""
+        Under the lock, so that a drop cannot slip between the check and the assignment. A model
+        no longer kept (dropped, or every model freed at shutdown) keeps the new backend for what
+        still holds it (the frames prepared for it, under the host's grace lease; runs): it is
+        freed with the model, by the last lease released, which looks the backend up then. It
+        used to be freed here at once, and every such frame failed. Only a model whose engine
+        is freed already (no lease can be taken) has it freed here."""
         with self._lock:
             old, model.backend = model.backend, backend
-            held = not self._freed and self._holds(model)
-        if not held:
-            log.info("%s is no longer kept: its reloaded backend is freed", model.describe())
+            kept = not self._freed and self._holds(model)
+            leased = not kept and model.uses.acquire()
+        if leased:  # given back at once: if it is the last, the new backend is freed now
+            log.info("%s is no longer kept: its reloaded backend is freed with it", model.describe())
+            model.uses.release()
+        elif not kept:
+            log.info("%s was freed: so is its reloaded backend", model.describe())
             backend.deactivate()
         return old
 
@@ -222,7 +232,9 @@ class ModelHost:
         read from the manifest alone before anything is loaded. ``base``: the model a degrade /
         recover step was computed from (default: the one served when the step starts); the step
         is refused if another model is served by the time it would swap, e.g. after a rollback
-        during its load, which it would otherwise undo. ``cause`` is passed to ``on_change``."""
+        during its load, which it would otherwise undo. ``cause`` is passed to ``on_change``, once
+        the next load may start: a slow hook used to make that one fail (or wait) as "another
+        model is being loaded"."""
         acquired = self._busy.acquire(timeout=wait_s) if wait_s > 0 else self._busy.acquire(blocking=False)
         if not acquired:
             raise ModelError("another model is being loaded; try again when it is done")
@@ -248,10 +260,11 @@ class ModelHost:
                 if error is exc:
                     raise
                 raise error from exc
-            self.swap_in(new, cause=cause, base=base)
-            return new
+            swapped = self._swap(new, True, cause, base)
         finally:
             self._busy.release()
+        self._after_swap(swapped)
+        return new
 
     def _precheck(self, manifest_path: str, expect_version: str, base: ServedModel | None) -> None:
         """Refuse before loading what would be refused after: a load is seconds of a CPU (minutes
@@ -312,9 +325,13 @@ class ModelHost:
         dropped the good one.
 
         Refused (``new`` freed, ModelError) once the host is closed, or when ``base`` is given
-        and is no longer the model served."""
+        and is no longer the model served. Returns once ``on_change`` ran for it."""
+        self._after_swap(self._swap(new, probation, cause, base))
+
+    def _swap(self, new: ServedModel, probation: bool, cause: str, base: ServedModel | None) -> _Swapped:
+        """``swap_in``'s change of models, made under the lock with its change hook queued, for
+        ``_after_swap``; or its refusal."""
         step = cause in STEP_CAUSES
-        change: _Change | None = None
         with self._lock:
             why = ""
             if self._closed:
@@ -360,21 +377,27 @@ class ModelHost:
                 self.message = f"serving {new.describe()} (was {old.describe()})"
                 settle_s = self.limits.probation_s if self._left is not None else 0.0
                 dropped = self._unheld(pending, new)
-                change = self._record_change(new, cause)
-        if why:
-            new.backend.deactivate()
-            error = ModelError(f"{new.describe()}: {why}")
-            self._refused(str(error))
-            raise error
-        log.info("swapped in %s by %s (was %s%s)", new.describe(), cause, old.describe(),
-                 ", still on probation: dropped" if unproven else "")
-        self._on_event("swap")
-        self._drop_later(dropped)
-        if settle_s > 0:  # free the variant left once its successor served its probation, traffic or not
-            timer = threading.Timer(settle_s + 0.01, self._settle)
-            timer.daemon = True
-            timer.start()
-        self._deliver(change)
+                change = self._changes.record(new, cause)  # last: nothing raises before its delivery
+                return _Swapped(new, old, cause, unproven, dropped, settle_s, change)
+        new.backend.deactivate()
+        error = ModelError(f"{new.describe()}: {why}")
+        self._refused(str(error))
+        raise error
+
+    def _after_swap(self, done: _Swapped) -> None:
+        """Outside every lock: what follows a swap (log, event, drops, settle timer), then its
+        change hook, delivered whatever failed before."""
+        try:
+            log.info("swapped in %s by %s (was %s%s)", done.new.describe(), done.cause, done.old.describe(),
+                     ", still on probation: dropped" if done.unproven else "")
+            self._on_event("swap")
+            self._drop_later(done.dropped)
+            if done.settle_s > 0:  # free the variant left once its successor served its probation, traffic or not
+                timer = threading.Timer(done.settle_s + 0.01, self._settle)
+                timer.daemon = True
+                timer.start()
+        finally:
+            self._changes.deliver(done.change)
 
     def _expire_left(self, now: float) -> list[ServedModel | None]:
         """Under the lock: the variant a move left, once its successor served through probation
@@ -411,14 +434,23 @@ class ModelHost:
         released, its backend looked up then (a health recovery may have given it another one).
 
         A run that never ends (stuck in the driver) keeps the engine until the process ends,
-        said in the log when the grace ends."""
+        said in the log when the grace ends. A grace whose timer cannot start is given up (its
+        engine freed once no run holds it, not never), the other models are retired all the
+        same, and the first such error is raised after."""
+        failed: BaseException | None = None
         for m in models:
             if not m.uses.acquire():
                 continue  # freed already: nothing holds it
             m.uses.retire()
-            timer = threading.Timer(DROPPED_DEACTIVATE_S, ModelHost._end_grace, (m,))
-            timer.daemon = True  # the process's end frees it anyway
-            timer.start()
+            try:
+                timer = threading.Timer(DROPPED_DEACTIVATE_S, ModelHost._end_grace, (m,))
+                timer.daemon = True  # the process's end frees it anyway
+                timer.start()
+            except BaseException as exc:  # e.g. no thread to be had
+                m.uses.release()
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     @staticmethod
     def _end_grace(model: ServedModel) -> None:
@@ -495,80 +527,28 @@ class ModelHost:
         self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
                         + ("; on probation again: probation rolled it back before" if again else ""))
         dropped = self._unheld(pending)
-        return _RolledBack(back, off, reason, again, dropped, self._record_change(back, "rollback"))
+        change = self._changes.record(back, "rollback")  # last: nothing raises before its delivery
+        return _RolledBack(back, off, reason, again, dropped, change)
 
     def _after_rollback(self, done: _RolledBack) -> ServedModel:
-        """Outside the lock: what follows a rollback (log, event, drops, change hooks)."""
-        back, off, reason, again, dropped = done.back, done.off, done.reason, done.again, done.dropped
-        log.warning("rolled back to %s from %s: %s%s", back.describe(), off.describe(), reason,
-                    " (on probation again)" if again else "")
-        self._on_event("rollback")
-        self._drop_later(dropped)
-        self._deliver(done.change)
-        return back
+        """Outside every lock: what follows a rollback (log, event, drops), then its change hook,
+        delivered whatever failed before."""
+        try:
+            log.warning("rolled back to %s from %s: %s%s", done.back.describe(), done.off.describe(), done.reason,
+                        " (on probation again)" if done.again else "")
+            self._on_event("rollback")
+            self._drop_later(done.dropped)
+        finally:
+            self._changes.deliver(done.change)
+        return done.back
 
     # -- change hooks ----------------------------------------------------------------------
-
-    def _record_change(self, model: ServedModel, cause: str) -> _Change | None:
-        """Under the lock, as the change is made: queue ``on_change(model, cause)``. Queued in
-        the order of the changes, so that the hook sees them in that order."""
-        if self._on_change is None:
-            return None
-        change = _Change(model, cause)
-        with self._notify_lock:
-            self._changes.append(change)
-        return change
 
     def _notify(self, model: ServedModel, cause: str) -> None:
         """``on_change`` for ``model`` (skipped if it is no longer served by the time its turn comes)."""
         with self._lock:
-            change = self._record_change(model, cause)
-        self._deliver(change)
-
-    def _deliver(self, mine: _Change | None) -> None:
-        """Outside the lock: call ``on_change`` for every change queued, one at a time, in order.
-
-        One thread delivers at a time: the first one to find none delivering delivers every
-        change queued until there is none left, its own and those queued meanwhile (by another
-        thread, or by a hook calling back into the host); the others return at once. A change
-        whose model is no longer served when its turn comes is skipped: the last call made is
-        for the model served (two changes racing, a swap and a rollback, used to leave the
-        model info of the one not served).
-
-        A hook's exception does not stop the delivery of the changes after it. It is raised
-        to the caller of the change it was called for (as when hooks were called in that
-        caller's thread) if that caller is the one delivering, after the queue is empty;
-        otherwise that caller has returned, and it is logged."""
-        hook = self._on_change
-        if mine is None or hook is None:
-            return
-        with self._notify_lock:
-            if self._delivering:
-                return
-            self._delivering = True
-        error: Exception | None = None
-        try:
-            while True:
-                with self._notify_lock:
-                    if not self._changes:
-                        self._delivering = False
-                        break
-                    change = self._changes.popleft()
-                if self.current is not change.model:
-                    continue
-                try:
-                    hook(change.model, change.cause)
-                except Exception as exc:
-                    if change is mine:
-                        error = exc
-                    else:
-                        log.exception("the change hook for %s (%s) failed", change.model.describe(), change.cause)
-        except BaseException:  # out of a hook (an interrupt): the next change delivers what is queued
-            with self._notify_lock:
-                self._delivering = False
-            raise
-        if error is not None:
-            raise error
+            change = self._changes.record(model, cause)
+        self._changes.deliver(change)
 
     # -- verification before the swap ------------------------------------------------------
 
@@ -607,10 +587,12 @@ class ModelHost:
                     except ModelError as exc:  # nothing to roll back to: it goes on serving, said loudly
                         log.error("%s failed its probation (%s) but cannot be rolled back: %s",
                                   model.describe(), reason, exc)
-        if drops:
-            self._drop_later(drops)
-        if isinstance(done, _RolledBack):
-            self._after_rollback(done)
+        try:
+            if drops:
+                self._drop_later(drops)
+        finally:  # the rollback's change is delivered whatever failed
+            if isinstance(done, _RolledBack):
+                self._after_rollback(done)
 
     def _probation_failure(self, judged: tuple[float, float, float, float] | None) -> str:
         """Why the model on probation fails it ("" if it does not, or is not judged yet)."""

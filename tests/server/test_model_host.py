@@ -1,5 +1,6 @@
 """ModelHost with real tiny models: a dropped model is freed when its last run ends, never under
-one; change hooks are called outside the host's locks, in the order of the changes."""
+one (nor a health recovery's engine given to it meanwhile); change hooks are called outside the
+host's locks, in the order of the changes, and the caller of a change returns after its own."""
 
 from __future__ import annotations
 
@@ -166,9 +167,10 @@ def test_a_failing_free_is_logged_not_raised_into_the_run(caplog: pytest.LogCapt
 # -- change hooks outside the lock ---------------------------------------------------------------
 
 
-def test_a_change_hook_may_call_back_into_the_host(load: Any) -> None:
+def test_a_change_hook_may_call_back_into_the_host(load: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A hook that rolls back the load it is told of: the rollback's own notification used to
-    wait for the lock its caller (the hook) held, for ever. It is delivered after the hook returns."""
+    wait for the lock its caller (the hook) held, for ever. It is delivered after the hook returns
+    (the hook's call does not wait for it: it would wait for itself), so its failure is logged."""
     a, b = load(), load()
     seen: list[tuple[ServedModel, str]] = []
     host: ModelHost | None = None
@@ -178,6 +180,8 @@ def test_a_change_hook_may_call_back_into_the_host(load: Any) -> None:
         if cause == "load":
             assert host is not None
             host.rollback("the hook said so")
+        else:
+            raise RuntimeError("rollback hook failed")
 
     host = _host(a, on_change=hook)
     swap = threading.Thread(target=host.swap_in, args=(b,), daemon=True)
@@ -185,11 +189,14 @@ def test_a_change_hook_may_call_back_into_the_host(load: Any) -> None:
     swap.join(10)
     assert not swap.is_alive(), "a hook calling back into the host deadlocked it"
     assert seen == [(b, "load"), (a, "rollback")] and host.current is a
+    assert "the change hook for" in caplog.text and "rollback hook failed" in caplog.text
 
 
-def test_a_slow_change_hook_delays_no_other_change_and_sees_the_changes_in_order(load: Any) -> None:
-    """A hook still busy with a swap: a rollback meanwhile used to wait for it. It returns at
-    once now, and the hook is told of it after the swap, not before."""
+def test_a_slow_change_hook_delays_no_change_and_the_caller_of_the_next_gets_its_own_hooks_error(
+        load: Any) -> None:
+    """A hook still busy with a swap: a rollback meanwhile is made at once, and its caller returns
+    once its own hook ran, with that hook's exception. It used to return at once, before its hook
+    ran, and the exception only reached the log."""
     a, b = load(), load()
     seen: list[tuple[ServedModel, str]] = []
     busy, go = threading.Event(), threading.Event()
@@ -199,21 +206,77 @@ def test_a_slow_change_hook_delays_no_other_change_and_sees_the_changes_in_order
         if cause == "load":
             busy.set()
             assert go.wait(30)
+        elif cause == "rollback":
+            raise RuntimeError("rollback hook failed")
 
     host = _host(a, on_change=hook)
+    outcome: list[Any] = []
+
+    def rollback() -> None:
+        try:
+            outcome.append(host.rollback())
+        except Exception as exc:  # recorded: the assertion below says what went wrong
+            outcome.append(exc)
+
     swap = threading.Thread(target=host.swap_in, args=(b,), daemon=True)
     swap.start()
     try:
         assert busy.wait(30)
-        rollback = threading.Thread(target=host.rollback, daemon=True)
-        rollback.start()
-        rollback.join(5)
-        assert not rollback.is_alive(), "a rollback waited for a slow hook of another change"
-        assert host.current is a and seen == [(b, "load")]
+        back = threading.Thread(target=rollback, daemon=True)
+        back.start()
+        deadline = time.monotonic() + 10
+        while host.current is not a and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert host.current is a, "a slow hook of another change delayed the rollback"
+        back.join(0.5)
+        assert back.is_alive() and not outcome, "the rollback returned before its hook ran"
     finally:
         go.set()
+    back.join(30)
     swap.join(30)
     assert seen == [(b, "load"), (a, "rollback")]
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+
+
+def test_a_slow_change_hook_does_not_make_the_next_load_find_one_in_progress(load: Any) -> None:
+    """The hook of a load still running: the load is done, so the next one (an admin LoadModel,
+    which does not wait) goes ahead. It used to be refused with "another model is being loaded"
+    while the hook ran."""
+    a, b, c = load(), load(), load()
+    loaded = iter([b, c])
+    seen: list[tuple[ServedModel, str]] = []
+    busy, go = threading.Event(), threading.Event()
+
+    def hook(model: ServedModel, cause: str) -> None:
+        seen.append((model, cause))
+        if model is b:
+            busy.set()
+            assert go.wait(30)
+
+    host = ModelHost(a, lambda path, variant: next(loaded), LifecycleLimits(probation_s=0.0), on_change=hook)
+    outcome: list[Any] = []
+
+    def second() -> None:
+        try:
+            outcome.append(host.load_and_swap("c/manifest.json"))
+        except Exception as exc:  # recorded: the assertion below says what went wrong
+            outcome.append(exc)
+
+    first = threading.Thread(target=host.load_and_swap, args=("b/manifest.json",), daemon=True)
+    first.start()
+    try:
+        assert busy.wait(30)
+        later = threading.Thread(target=second, daemon=True)
+        later.start()
+        deadline = time.monotonic() + 30
+        while host.current is not c and not outcome and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert host.current is c, f"a slow hook held up the next load: {[str(o) for o in outcome]}"
+    finally:
+        go.set()
+    later.join(30)
+    first.join(30)
+    assert outcome == [c] and seen == [(b, "load"), (c, "load")]
 
 
 def test_a_failing_change_hook_reaches_its_caller_and_breaks_no_later_change(load: Any) -> None:
@@ -230,3 +293,92 @@ def test_a_failing_change_hook_reaches_its_caller_and_breaks_no_later_change(loa
         host.swap_in(b)
     assert host.current is b
     assert host.rollback() is a and seen == ["load", "rollback"]
+
+
+def test_a_change_is_delivered_when_what_follows_it_fails(load: Any) -> None:
+    """The lifecycle event callback fails after a swap: the hook is still told of it (it used
+    to be stranded until the next change, the model info naming the model swapped out)."""
+    a, b = load(), load()
+    seen: list[tuple[ServedModel, str]] = []
+
+    def on_event(event: str) -> None:
+        if event == "swap":
+            raise RuntimeError("metrics gone")
+
+    host = _host(a, on_change=lambda model, cause: seen.append((model, cause)), on_event=on_event)
+    with pytest.raises(RuntimeError, match="metrics gone"):
+        host.swap_in(b)
+    assert host.current is b and seen == [(b, "load")]
+
+
+class _Interrupt(BaseException):
+    """Not an Exception: what an interrupt out of a hook is."""
+
+
+def test_an_interrupt_out_of_a_hook_strands_no_change_queued_behind_it(load: Any) -> None:
+    """A hook rolls back the load it is told of, then is interrupted: the rollback queued
+    behind it is still delivered before the interrupt goes on (it used to wait for the next
+    change), and the interrupt reaches the caller."""
+    a, b = load(), load()
+    seen: list[tuple[ServedModel, str]] = []
+    host: ModelHost | None = None
+
+    def hook(model: ServedModel, cause: str) -> None:
+        seen.append((model, cause))
+        if cause == "load":
+            assert host is not None
+            host.rollback("the hook said so")
+            raise _Interrupt()
+
+    host = _host(a, on_change=hook)
+    with pytest.raises(_Interrupt):
+        host.swap_in(b)
+    assert host.current is a and seen == [(b, "load"), (a, "rollback")]
+
+
+# -- a health recovery's engine for a model dropped meanwhile --------------------------------------
+
+
+def test_a_reloaded_engine_of_a_dropped_model_serves_its_runs_and_is_freed_with_it(
+        load: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served model's engine is reloaded (health recovery) while a degrade step drops the
+    model; a run still holds it (as the host's grace lease does for the frames prepared for it:
+    here the grace ends at once). The reloaded engine used to be freed on arrival, failing every
+    frame still inferred on the model; it now serves them and is freed with the model."""
+    monkeypatch.setattr(model_host, "DROPPED_DEACTIVATE_S", 0.0)
+    old, new, spare = load(), load(), load()
+    held = _HeldBackend(old.backend)
+    old.backend = held
+    reloaded = _HeldBackend(spare.backend)
+    reloaded.go.set()
+    host = _host(old)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(old.infer(_batch(old)))
+        except Exception as exc:  # recorded: the assertion below says what went wrong
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    assert held.running.wait(30)
+    host.swap_in(new, probation=False, cause="degrade")
+    assert not host.holds(old)
+    assert host.replace_backend(old, reloaded) is held  # the old one is the caller's to free
+    assert not reloaded.freed.is_set(), "the reloaded engine was freed while a run held its model"
+    assert isinstance(old.infer(_batch(old)), dict)  # a frame of the dropped model, on the reloaded engine
+    held.go.set()
+    runner.join(30)
+    assert outcome and isinstance(outcome[0], dict), outcome
+    deadline = time.monotonic() + 10
+    while not old.uses.freed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert old.uses.freed and reloaded.freed.is_set(), "the reloaded engine was not freed with its model"
+    assert not held.freed.is_set()
+    held.deactivate()
+
+    # A model already freed: an engine given to it now is nobody's to keep.
+    late = _HeldBackend(load().backend)
+    host.replace_backend(old, late)
+    assert late.freed.is_set()
