@@ -231,16 +231,12 @@ class AsyncStreamSession(WindowCounters):
                     self._cond.notify_all()
             if failure is None:  # closed by us, quiet: the next frame opens the next call
                 continue
-            if retry and not self._cancelled_by_us:
-                async with self._cond:
-                    lost_nothing = self._window.in_flight == 0
-                if lost_nothing:  # e.g. the server's idle timeout: the next frame opens the next call
-                    log.debug("%s: %s, with nothing in flight", self.name, failure)
-                    continue
             async with self._cond:
                 decision = self._window.after_failure(failure, retry, time.monotonic())
-                waiting = self._window.in_flight > 0
                 self._cond.notify_all()  # a give-up wakes blocked senders, which then raise
+            if decision.next is Next.IDLE:  # e.g. the server's idle timeout: nothing was lost
+                log.debug("%s: %s, with nothing in flight", self.name, failure)
+                continue
             if decision.next is Next.STOP:
                 return
             if decision.next is Next.GIVE_UP:
@@ -248,9 +244,7 @@ class AsyncStreamSession(WindowCounters):
                 return
             # The first failure of a streak is news; the retries that follow are not.
             level = logging.WARNING if decision.first_of_streak else logging.INFO
-            when = f"in {decision.delay_s:.2f}s" if waiting else (
-                f"at the next frame, not before {decision.delay_s:.2f}s")
-            log.log(level, "%s: %s; reconnecting %s", self.name, failure, when)
+            log.log(level, "%s: %s; reconnecting in %.2fs", self.name, failure, decision.delay_s)
             await asyncio.sleep(decision.delay_s)
 
     async def _handle(self, resp: Any) -> None:

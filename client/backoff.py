@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 from client.config import BackoffConfig
@@ -23,10 +22,6 @@ class Backoff:
         self._rng = rng or random.Random()
         self.attempts = 0
         self._streak_start: float | None = None
-
-    def unbounded(self) -> Backoff:
-        """A backoff of the same delays that never ends its streak (no time or attempt bound)."""
-        return Backoff(dataclasses.replace(self._config, max_attempts=0, give_up_after_s=0.0), self._rng)
 
     def reset(self) -> None:
         self.attempts = 0

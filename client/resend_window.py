@@ -45,6 +45,7 @@ class Next(Enum):
     """What the connection loop does after a connection failed."""
 
     RECONNECT = "reconnect"  # wait ``delay_s``, then connect again and re-send
+    IDLE = "idle"  # nothing waited on the connection: connect again at the next frame, no failure
     GIVE_UP = "give up"  # this failure ended the session: ``error`` is set, frames are in ``lost``
     STOP = "stop"  # the session had already ended (aborted or gave up): nothing to do
 
@@ -87,10 +88,7 @@ class ResendWindow:
             raise ConfigError(f"window must be >= 1, got {window}")
         self.window = window
         self.name = name
-        self._backoff = backoff
-        # Drops of an idle stream (the server ends one that sends nothing): their own delays,
-        # growing, and never a give-up; the bounded backoff counts failures with frames waiting.
-        self._idle_backoff = backoff.unbounded()
+        self._backoff = backoff  # bounds the failures with frames waiting
         self._queue: deque[SourceFrame] = deque()  # accepted, not yet on the wire
         self._on_wire: OrderedDict[FrameKey, _OnWire] = OrderedDict()  # in first-sent order
         self._closed = False
@@ -246,9 +244,8 @@ class ResendWindow:
         if self.in_flight == 0:
             self._quiet_since = now
         # An answer proves the connection works: the next failure starts a new streak.
-        reconnected = self._backoff.attempts > 0 or self._idle_backoff.attempts > 0
+        reconnected = self._backoff.attempts > 0
         self._backoff.reset()
-        self._idle_backoff.reset()
         return Answered(entry.frame, (now - entry.sent) * 1e3, reconnected)
 
     def refuse(self, camera_id: str, sequence: int, message: str) -> SourceFrame | None:
@@ -271,16 +268,12 @@ class ResendWindow:
         bound (without it only ``max_attempts`` bounds the streak)."""
         if self._error is not None:
             return AfterFailure(Next.STOP)
-        waiting = self.in_flight > 0
-        if not waiting and retryable:
-            # An idle stream dropped: no frame waits, none can be given up on, whatever the
-            # attempt bound (a camera offline for minutes with --reconnect-attempts set gave up
-            # here). Reconnect after the idle backoff's growing delay; the bounded streak starts
-            # at the first failure that keeps frames waiting.
-            delay = self._idle_backoff.next_delay()
-            assert delay is not None  # unbounded
-            self.reconnects += 1
-            return AfterFailure(Next.RECONNECT, delay, first_of_streak=self._idle_backoff.attempts == 1)
+        if retryable and self.in_flight == 0:
+            # A connection ended with no frame waiting (the server's idle timeout, a restart
+            # between frames): nothing was lost and nothing can be given up on, whatever the
+            # attempt bound. No reconnect: the next frame opens the next connection, and the
+            # bounded streak starts at the first failure that keeps frames waiting.
+            return AfterFailure(Next.IDLE)
         delay = self._backoff.next_delay(now) if retryable else None
         if delay is None:
             self._error = failure

@@ -76,26 +76,28 @@ def test_window_gives_up_after_the_time_bound_and_says_how() -> None:
 
 
 def test_an_idle_session_does_not_give_up_by_time() -> None:
-    # A camera node that sends now and then: its stream dropped long ago, reconnected, and
-    # drops again. Nothing waited meanwhile, so the old failure starts no clock.
+    # A camera node that sends now and then: its stream was dropped while nothing waited (the
+    # server's idle timeout), again and again. Nothing was lost, so no reconnect is counted,
+    # nothing waits for a delay, and the old drops start no clock.
     w = ResendWindow(2, Backoff(STEADY, random.Random(0)), name="cam")
-    assert w.begin_connection() is not None
-    delays = []
+    w.accept(_frame(0))
+    g = w.begin_connection()
+    assert g is not None and w.take(g, 0.0) is not None and w.answer("front", 0, 0.0) is not None
     for now in (0.0, 100.0, 200.0):
         w.end_connection()
         d = w.after_failure(NotReadyError("dropped"), retryable=True, now=now)
-        assert d.next is Next.RECONNECT
-        delays.append(d.delay_s)
-        assert w.begin_connection() is not None
-    assert delays == [1.0, 2.0, 4.0], "the delays keep growing: no tight reconnect loop"
-    w.accept(_frame(0))  # now a frame waits: the clock runs from the next failure
+        assert d.next is Next.IDLE and d.delay_s == 0.0
+        assert not w.wants_connection, "connected again only for the next frame"
+    assert w.reconnects == 0
+    w.accept(_frame(1))  # now a frame waits: the clock runs from the next failure
+    assert w.wants_connection and w.begin_connection() is not None
     for now in (300.0, 305.0, 309.0):
         w.end_connection()
         assert w.after_failure(NotReadyError("down"), retryable=True, now=now).next is Next.RECONNECT
         assert w.begin_connection() is not None
     w.end_connection()
     assert w.after_failure(NotReadyError("down"), retryable=True, now=310.0).next is Next.GIVE_UP
-    assert [f.sequence for f in w.lost] == [0]
+    assert [f.sequence for f in w.lost] == [1]
 
 
 def test_a_drain_refusal_is_told_from_an_answer() -> None:
