@@ -90,16 +90,19 @@ def boxes_to_model(boxes: NDArray[np.floating], lb: Letterbox) -> NDArray[np.flo
 
 
 def boxes_to_source(
-    boxes: NDArray[np.floating], lb: Letterbox, clip: bool = True
+    boxes: NDArray[np.floating], lb: Letterbox, clip: bool = True, image_size: tuple[int, int] | None = None
 ) -> NDArray[np.float32]:
     """Map (N, 4) x1 y1 x2 y2 boxes from model-input pixels back to source pixels.
 
-    With ``clip`` the result is clipped to the source image, ``[0, src_w] x [0, src_h]``.
+    With ``clip`` the result is clipped to the source image, ``[0, src_w] x [0, src_h]``, or to
+    ``image_size`` (width, height) when given: the true image of a reduced-scale decode, whose
+    placement may span a few pixels more.
     """
     out = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
     out[:, [0, 2]] = (out[:, [0, 2]] - lb.pad_left) / lb.scale_x
     out[:, [1, 3]] = (out[:, [1, 3]] - lb.pad_top) / lb.scale_y
     if clip:
-        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, lb.src_w)
-        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, lb.src_h)
+        width, height = image_size if image_size is not None else (lb.src_w, lb.src_h)
+        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)
+        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, height)
     return out

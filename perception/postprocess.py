@@ -89,10 +89,7 @@ def postprocess(
     else:
         keep = np.argsort(-cand.scores, kind="stable")
     kept = cand.take(keep)
-    width, height = image_size if image_size is not None else (letterbox.src_w, letterbox.src_h)
-    boxes = boxes_to_source(kept.boxes, letterbox, clip=False)
-    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
-    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    boxes = boxes_to_source(kept.boxes, letterbox, clip=True, image_size=image_size)
     # A box wholly in the letterbox's padding, or wholly past the true image edge of a
     # reduced-scale decode, clips to nothing: it is no detection, and must not take one of the
     # max_detections places from a real one.
