@@ -164,7 +164,11 @@ class OnnxRuntimeBackend:
         log.info("loaded %s with %s", self.path.name, chosen)
 
     def infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
-        if self._session is None:
+        # One session for the whole batch, taken once: a deactivate() meanwhile (a health
+        # recovery replacing this backend) lets a run of several chunks or frames end on the
+        # session it began on, freed when the run lets it go; it used to fail mid-run.
+        session = self._session
+        if session is None:
             raise ModelError("backend is not activated")
         x = np.ascontiguousarray(batch, dtype=np.float32)
         if self._single_image:
@@ -173,13 +177,13 @@ class OnnxRuntimeBackend:
             # get the batch axis and are joined like a fixed-batch model's chunks (a two-stage
             # export's K differs per frame).
             if x.shape[0] == 1:
-                return {name: out[None] for name, out in self._run(x[0]).items()}
+                return {name: out[None] for name, out in self._run(session, x[0]).items()}
             if x.shape[0] == 0:
                 raise ModelError("a single-image model got an empty batch")
-            frames = [self._run(frame) for frame in x]
+            frames = [self._run(session, frame) for frame in x]
             return {name: concat_ragged([f[name][None] for f in frames]) for name in frames[0]}
         if not self._static_batch:
-            return self._run(x)
+            return self._run(session, x)
         # A fixed-batch export runs in chunks of exactly its batch, the last one zero-padded.
         k, n = self._static_batch, x.shape[0]
         parts: list[dict[str, NDArray[Any]]] = []
@@ -187,12 +191,12 @@ class OnnxRuntimeBackend:
             chunk = x[i : i + k]
             if chunk.shape[0] < k:
                 chunk = np.concatenate([chunk, np.zeros((k - chunk.shape[0], *x.shape[1:]), np.float32)])
-            parts.append({name: out[: min(k, n - i)] for name, out in self._run(chunk).items()})
+            parts.append({name: out[: min(k, n - i)] for name, out in self._run(session, chunk).items()})
         return {name: concat_ragged([p[name] for p in parts]) for name in parts[0]}
 
-    def _run(self, x: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
+    def _run(self, session: Any, x: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
         try:
-            values = self._session.run(None, {self._input_name: x})
+            values = session.run(None, {self._input_name: x})
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime inference failed: {exc}") from exc
         return {info.name: np.asarray(v) for info, v in zip(self._outputs, values, strict=True)}

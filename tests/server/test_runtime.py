@@ -263,6 +263,46 @@ def test_fixed_batch_export_runs_in_padded_chunks(tmp_path):
     assert b.infer(x[:1])["output"].shape[0] == 1
 
 
+def test_a_run_of_several_chunks_ends_on_its_session_when_deactivated_midway(tmp_path):
+    """A health recovery replaces a backend and deactivates the old one while a batch may still
+    run on it: a fixed-batch export's run of several chunks used to fail on the next chunk
+    ("'NoneType' object has no attribute 'run'")."""
+    import onnx
+
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from tests.tiny_model import make_tiny_onnx
+
+    dyn = tmp_path / "dyn.onnx"
+    make_tiny_onnx(dyn)
+    model = onnx.load(str(dyn))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    b = OnnxRuntimeBackend(fixed, intra_op_threads=1, max_batch=2)
+    b.activate()
+    x = np.random.default_rng(0).random((5, 3, 48, 64), dtype=np.float32)
+    expected = b.infer(x)["output"]
+    chunks = 0
+    session = b._session
+
+    class Deactivating:
+        """The real session; the backend is deactivated once the first chunk has run on it."""
+
+        def run(self, names, feeds):
+            nonlocal chunks
+            out = session.run(names, feeds)
+            chunks += 1
+            if chunks == 1:
+                b.deactivate()
+            return out
+
+    b._session = Deactivating()
+    np.testing.assert_array_equal(b.infer(x)["output"], expected)
+    assert chunks == 3 and b._session is None
+    with pytest.raises(ModelError, match="not activated"):
+        b.infer(x)
+
+
 def test_fixed_batch_chunks_with_ragged_outputs_are_zero_padded() -> None:
     """A post-NMS batch-1 model answers (1, K, 4) with a different K per image; a batch of
     several runs chunk by chunk and the answers are padded to the largest K (num_dets says
