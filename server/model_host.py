@@ -542,14 +542,6 @@ class ModelHost:
             self._changes.deliver(done.change)
         return done.back
 
-    # -- change hooks ----------------------------------------------------------------------
-
-    def _notify(self, model: ServedModel, cause: str) -> None:
-        """``on_change`` for ``model`` (skipped if it is no longer served by the time its turn comes)."""
-        with self._lock:
-            change = self._changes.record(model, cause)
-        self._changes.deliver(change)
-
     # -- verification before the swap ------------------------------------------------------
 
     def verify(self, new: ServedModel) -> None:

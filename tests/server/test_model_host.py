@@ -80,6 +80,22 @@ def _host(first: ServedModel, **kw: Any) -> ModelHost:
     return ModelHost(first, lambda path, variant: first, LifecycleLimits(probation_s=0.0), **kw)
 
 
+def _start_run(model: ServedModel, held: _HeldBackend, outcome: list[Any]) -> threading.Thread:
+    """A batch of ``model`` running on a thread, waiting on ``held`` (its backend) for ``go``;
+    its result, or its exception, goes to ``outcome``."""
+
+    def run() -> None:
+        try:
+            outcome.append(model.infer(_batch(model)))
+        except Exception as exc:  # recorded: the test's assertion says what went wrong
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    assert held.running.wait(30)
+    return runner
+
+
 # -- a dropped model is freed at its last release ------------------------------------------------
 
 
@@ -94,16 +110,7 @@ def test_a_dropped_model_is_freed_when_its_last_run_ends_not_under_it(
     old.backend = held
     host = _host(old)
     outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(old.infer(_batch(old)))
-        except Exception as exc:  # recorded: the assertion below says what went wrong
-            outcome.append(exc)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    assert held.running.wait(30)
+    runner = _start_run(old, held, outcome)
     with caplog.at_level(logging.WARNING, logger="server.model_host"):
         host.swap_in(new, probation=False, cause="degrade")
         assert not host.holds(old)
@@ -353,16 +360,7 @@ def test_a_reloaded_engine_of_a_dropped_model_serves_its_runs_and_is_freed_with_
     reloaded.go.set()
     host = _host(old)
     outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(old.infer(_batch(old)))
-        except Exception as exc:  # recorded: the assertion below says what went wrong
-            outcome.append(exc)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    assert held.running.wait(30)
+    runner = _start_run(old, held, outcome)
     host.swap_in(new, probation=False, cause="degrade")
     assert not host.holds(old)
     assert host.replace_backend(old, reloaded) is held  # the old one is the caller's to free

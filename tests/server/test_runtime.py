@@ -242,18 +242,25 @@ def test_tensorrt_build_and_run_matches_onnxruntime(tiny_manifest, tmp_path):
     trt_b.deactivate()
 
 
-def test_fixed_batch_export_runs_in_padded_chunks(tmp_path):
+def _tiny_onnx_pair(tmp_path, batch: int):
+    """The tiny model exported with a dynamic batch, and the same with a fixed ``batch``."""
     import onnx
 
-    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from tests.tiny_model import make_tiny_onnx
 
     dyn = tmp_path / "dyn.onnx"
     make_tiny_onnx(dyn)
     model = onnx.load(str(dyn))
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
     fixed = tmp_path / "fixed.onnx"
     onnx.save(model, str(fixed))
+    return dyn, fixed
+
+
+def test_fixed_batch_export_runs_in_padded_chunks(tmp_path):
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    dyn, fixed = _tiny_onnx_pair(tmp_path, 4)
     a, b = OnnxRuntimeBackend(dyn, intra_op_threads=1), OnnxRuntimeBackend(fixed, intra_op_threads=1, max_batch=8)
     a.activate()
     b.activate()
@@ -267,17 +274,9 @@ def test_a_run_of_several_chunks_ends_on_its_session_when_deactivated_midway(tmp
     """A health recovery replaces a backend and deactivates the old one while a batch may still
     run on it: a fixed-batch export's run of several chunks used to fail on the next chunk
     ("'NoneType' object has no attribute 'run'")."""
-    import onnx
-
     from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from tests.tiny_model import make_tiny_onnx
 
-    dyn = tmp_path / "dyn.onnx"
-    make_tiny_onnx(dyn)
-    model = onnx.load(str(dyn))
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
-    fixed = tmp_path / "fixed.onnx"
-    onnx.save(model, str(fixed))
+    _, fixed = _tiny_onnx_pair(tmp_path, 2)
     b = OnnxRuntimeBackend(fixed, intra_op_threads=1, max_batch=2)
     b.activate()
     x = np.random.default_rng(0).random((5, 3, 48, 64), dtype=np.float32)
