@@ -11,6 +11,12 @@ rungs at once as the shed share asks for, given the inference's share of the per
 thermal zone's millidegrees) counts as overload while it is at or above its limit. Each move is
 a hot swap through the ``ModelHost`` (so the same checks apply), logged, counted as a metric,
 and visible in every answer's model_variant.
+
+The degrader's state is written by two threads: its own (each window's ``step``) and whichever
+thread delivers the host's change hook (``model_changed``: an admin handler's load or rollback,
+probation's rollback on an inference thread, or the degrader's own move). A lock makes each
+transition whole; it is never held across a swap, which returns only once its change hook ran,
+maybe on another thread waiting for that lock.
 """
 
 from __future__ import annotations
@@ -145,12 +151,12 @@ class DegradePolicy:
     retry_max_s: float = 600.0
 
 
-def ladder(host: ModelHost) -> list[Variant]:
-    """The current manifest's gated ONNX variants, slowest (most accurate) first."""
-    m = host.current.manifest
-    ok = [v for v in m.variants if v.passed and v.format is VariantFormat.ONNX and v.latency_ms.get("p50")]
-    if host.current.variant not in ok:
-        ok.append(host.current.variant)
+def ladder(model: ServedModel) -> list[Variant]:
+    """The gated ONNX variants of ``model``'s manifest, slowest (most accurate) first."""
+    ok = [v for v in model.manifest.variants
+          if v.passed and v.format is VariantFormat.ONNX and v.latency_ms.get("p50")]
+    if model.variant not in ok:
+        ok.append(model.variant)
     return sorted(ok, key=lambda v: -v.latency_ms.get("p50", 0.0))
 
 
@@ -180,6 +186,9 @@ class Degrader:
         self.monitor = monitor
         self.policy = policy
         self.metrics = metrics
+        # Guards the state below. Held for reads and writes of it only: never across a swap, nor
+        # a read of the thermal file (the hook waiting for it may be on an inference thread).
+        self._lock = threading.Lock()
         self.moves: deque[tuple[float, str, str]] = deque(maxlen=1000)  # (time, direction, variant)
         self.refused = 0
         self._hot = self._calm = 0
@@ -229,68 +238,86 @@ class Degrader:
         rollback of one of the degrader's own moves backs off as a refusal does: the move failed
         on this device, and the next overloaded windows would make it again, and again (a move
         and its rollback every few windows). The degraded gauge follows whatever changed the
-        model (a rollback too)."""
-        if cause == "load":
-            self._hot = self._calm = 0
-            self._retry_at, self._retry_s = 0.0, self.policy.retry_s
-        elif cause == "rollback":
-            self._hot = self._calm = 0
-            last = self.host.last_rollback
-            if last is not None and last.back is model and last.automatic and last.off.cause in STEP_CAUSES:
-                self._back_off(f"{last.off.cause} to {last.off.variant.name} rolled back in probation")
+        model (a rollback too).
+
+        The hooks of the host's changes are delivered one at a time, in order, so the gauge is
+        left as the last change set it."""
+        with self._lock:
+            if cause == "load":
+                self._hot = self._calm = 0
+                self._retry_at, self._retry_s = 0.0, self.policy.retry_s
+            elif cause == "rollback":
+                self._hot = self._calm = 0
+                last = self.host.last_rollback
+                if last is not None and last.back is model and last.automatic and last.off.cause in STEP_CAUSES:
+                    self._back_off(f"{last.off.cause} to {last.off.variant.name} rolled back in probation")
         self.metrics.set_degraded(model.variant.name != model.operator_variant)
 
     def _back_off(self, why: str) -> None:
-        """No move for the current back-off (30 s, doubling at each one up to 10 minutes)."""
+        """Under the lock: no move for the current back-off (30 s, doubling at each one up to 10
+        minutes)."""
         self._retry_at = time.monotonic() + self._retry_s
         log.error("%s; no move for %.0f s", why, self._retry_s)
         self._retry_s = min(2 * self._retry_s, self.policy.retry_max_s)
 
     def step(self) -> str:
-        """One window: '' (no move), 'degrade' or 'recover'."""
+        """One window: '' (no move), 'degrade' or 'recover'. One thread at a time (the degrader's).
+
+        The step is computed from the served model read once, and its move is based on that
+        model: a load or rollback after the read refuses the move. The move used to read the
+        served model again, and so could move an operator's newly loaded model as the windows of
+        the one before it asked."""
         p = self.policy
         frames, shed, p99, share = self.monitor.take()
-        if self._moved is not None and self.host.state == "serving":
-            if self.host.current is self._moved:  # the last move held: back-offs start again from retry_s
-                self._retry_s = p.retry_s
-            self._moved = None
-        if time.monotonic() < self._retry_at:
-            return ""
         hot = self._thermal_hot()
-        if frames < p.min_frames and not hot:
-            return ""
-        over_budget = p.p99_budget_ms > 0 and p99 * 1e3 > p.p99_budget_ms
-        overloaded = hot or shed > p.shed_high or over_budget
-        calm = not hot and shed < p.shed_low and (p.p99_budget_ms <= 0 or p99 * 1e3 < p.p99_budget_ms / 2)
-        self._hot = self._hot + 1 if overloaded else 0
-        self._calm = self._calm + 1 if calm else 0
-        rungs = ladder(self.host)
-        names = [v.name for v in rungs]
-        here = names.index(self.host.current.variant.name) if self.host.current.variant.name in names else 0
-        top = names.index(self.top) if self.top in names else 0
-        if self._hot >= p.down_windows and here + 1 < len(rungs):
-            return self._move(rungs[_down_to(rungs, here, shed, share)], "degrade",
-                              f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms, inference {share:.0%} of the work"
-                              + (", thermal limit" if hot else ""))
-        if self._calm >= p.up_windows and here > top:
-            return self._move(rungs[here - 1], "recover", f"calm for {self._calm} windows")
-        return ""
-
-    def _move(self, to: Variant, direction: str, why: str) -> str:
+        serving = self.host.state == "serving"
         cur = self.host.current
+        with self._lock:
+            if self._moved is not None and serving:
+                if cur is self._moved:  # the last move held: back-offs start again from retry_s
+                    self._retry_s = p.retry_s
+                self._moved = None
+            if time.monotonic() < self._retry_at:
+                return ""
+            if frames < p.min_frames and not hot:
+                return ""
+            over_budget = p.p99_budget_ms > 0 and p99 * 1e3 > p.p99_budget_ms
+            overloaded = hot or shed > p.shed_high or over_budget
+            calm = not hot and shed < p.shed_low and (p.p99_budget_ms <= 0 or p99 * 1e3 < p.p99_budget_ms / 2)
+            self._hot = self._hot + 1 if overloaded else 0
+            self._calm = self._calm + 1 if calm else 0
+            rungs = ladder(cur)
+            names = [v.name for v in rungs]
+            here = names.index(cur.variant.name) if cur.variant.name in names else 0
+            top = names.index(cur.operator_variant) if cur.operator_variant in names else 0
+            if self._hot >= p.down_windows and here + 1 < len(rungs):
+                to, direction = rungs[_down_to(rungs, here, shed, share)], "degrade"
+                why = (f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms, inference {share:.0%} of the work"
+                       + (", thermal limit" if hot else ""))
+            elif self._calm >= p.up_windows and here > top:
+                to, direction, why = rungs[here - 1], "recover", f"calm for {self._calm} windows"
+            else:
+                return ""
+            self._hot = self._calm = 0
+        return self._move(cur, to, direction, why)
+
+    def _move(self, cur: ServedModel, to: Variant, direction: str, why: str) -> str:
+        """Swap ``to`` in for ``cur``, outside the lock: the swap returns once its change hook
+        (``model_changed``, which takes the lock) ran, maybe on another thread. The degraded
+        gauge is that hook's to set: set here too, it could overwrite a later change's."""
         log.warning("%s: %s -> %s (%s)", direction, cur.variant.name, to.name, why)
-        self._hot = self._calm = 0
         try:
             # base: refused if a rollback (or a load) serves another model by the time the
             # variant is loaded; the step was computed from this one.
             moved = self.host.load_and_swap(cur.manifest_path, to.name, cause=direction,
                                             expect_version=cur.version, base=cur)
         except (ModelError, ManifestError) as exc:
-            self.refused += 1
-            self._back_off(f"{direction} to {to.name} refused ({exc})")
+            with self._lock:
+                self.refused += 1
+                self._back_off(f"{direction} to {to.name} refused ({exc})")
             return ""
-        self._moved = moved  # the back-off is reset once it served through its probation
-        self.moves.append((time.monotonic(), direction, to.name))
+        with self._lock:
+            self._moved = moved  # the back-off is reset once it served through its probation
+            self.moves.append((time.monotonic(), direction, to.name))
         self.metrics.lifecycle_event(direction)
-        self.metrics.set_degraded(to.name != cur.operator_variant)
         return direction

@@ -4,6 +4,8 @@ gated variant, calm moves it back; every answer names the variant that produced 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -315,3 +317,78 @@ def test_probations_rollback_goes_to_the_variant_left_even_when_its_time_ran_out
     host._probation_until = time.monotonic() - 0.001  # judged within it, rolled back just after
     assert host.rollback("failed in probation", expect=fast) is accurate
     assert host.current is accurate and host.rollbacks == 1
+
+
+class _WatchedLock:
+    """A lock that tells (``waited``) when a thread has to wait for it."""
+
+    def __init__(self, waited: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._waited = waited
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self._waited.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class _PauseAtBackOff(logging.Handler):
+    """Holds the thread logging a back-off (halfway through writing it) until ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "no move for" in record.getMessage():
+            self.reached.set()
+            self.go.wait(30)
+
+
+def test_an_operators_load_during_a_back_off_resets_it_whole(serve: Any, tmp_path: Path) -> None:
+    """A refused step backs off on the degrader's thread while an operator's load, on another,
+    resets the back-off: the load comes second, so its reset stands. The back-off, halfway
+    written when the load's hook ran, used to go on to double the wait the load had just reset
+    (the next refusal waited 60 s, not 30)."""
+    path = two_rung_artifact(tmp_path / "art")
+    run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0)
+    deg, host = run.server.degrader, run.server.models
+    settled = threading.Event()  # the load's hook ran, or waits for the degrader's lock
+    deg._lock = _WatchedLock(settled)
+    m = load_manifest(path)
+    save_manifest(dataclasses.replace(m, version="2.0.0"), path.parent)  # the step is refused; the operator loads it
+    pause = _PauseAtBackOff()
+    logging.getLogger("server.degrade").addHandler(pause)
+    errors: list[BaseException] = []
+
+    def operators_load() -> None:
+        try:
+            host.load_and_swap(str(path))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            settled.set()
+
+    try:
+        _overloaded(deg.monitor)
+        deg.step()
+        _overloaded(deg.monitor)
+        stepping = threading.Thread(target=deg.step)
+        stepping.start()
+        assert pause.reached.wait(30), "the step was not refused"
+        loading = threading.Thread(target=operators_load)
+        loading.start()
+        assert settled.wait(30)
+        pause.go.set()
+        stepping.join(30)
+        loading.join(30)
+    finally:
+        pause.go.set()
+        logging.getLogger("server.degrade").removeHandler(pause)
+    assert not errors, errors
+    assert deg.refused == 1 and host.current.version == "2.0.0"
+    assert (deg._retry_at, deg._retry_s) == (0.0, deg.policy.retry_s), "the load's reset of the back-off was lost"
