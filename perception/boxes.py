@@ -16,7 +16,7 @@ def box_iou(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.floa
     """(N, M) IoU matrix between (N, 4) and (M, 4) xyxy boxes. Empty inputs give empty output.
 
     Coordinate by coordinate, (N, 1) columns against (M,) rows: broadcasting the (N, 1, 2)
-    corner pairs against (1, M, 2) walked an inner axis of two and took 2.3x as long at 50 x 50
+    corner pairs against (1, M, 2) walked an inner axis of two and took 3.5x as long at 50 x 50
     (`bench_kernels --only iou`). The same float32 operations, so the same values.
     """
     a = np.asarray(a, dtype=np.float32).reshape(1, -1, 4)
@@ -37,16 +37,21 @@ def box_iou_stacked(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray
 
 
 def _pairwise_iou(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float32]:
-    ax1, ay1, ax2, ay2 = (a[..., i : i + 1] for i in range(4))  # (K, N, 1)
-    bx1, by1, bx2, by2 = (b[:, None, :, i] for i in range(4))  # (K, 1, M)
-    w = np.minimum(ax2, bx2) - np.maximum(ax1, bx1)
-    h = np.minimum(ay2, by2) - np.maximum(ay1, by1)
-    inter = np.maximum(w, 0, out=w) * np.maximum(h, 0, out=h)
-    union = (np.maximum(ax2 - ax1, 0) * np.maximum(ay2 - ay1, 0)
-             + np.maximum(bx2 - bx1, 0) * np.maximum(by2 - by1, 0)) - inter
-    out = np.zeros_like(inter)
-    np.divide(inter, union, out=out, where=union > 0)
-    return out
+    # Coordinate-major copies: each coordinate is one contiguous slab, and x and y go through
+    # each step in one call. 0.6x the time of a slice per coordinate and a masked division, at
+    # 10 to 100 boxes a side, to the same bits.
+    at = np.ascontiguousarray(a.transpose(2, 0, 1))[..., None]  # (4, K, N, 1)
+    bt = np.ascontiguousarray(b.transpose(2, 0, 1))[:, :, None, :]  # (4, K, 1, M)
+    wh = np.minimum(at[2:], bt[2:])
+    wh -= np.maximum(at[:2], bt[:2])
+    np.maximum(wh, 0, out=wh)
+    inter = wh[0] * wh[1]
+    side_a = np.maximum(at[2:] - at[:2], 0)
+    side_b = np.maximum(bt[2:] - bt[:2], 0)
+    union = (side_a[0] * side_a[1] + side_b[0] * side_b[1]) - inter
+    # union <= 0 only where inter is 0 (inter is at most the smaller area, to rounding too), so
+    # dividing by a tiny positive number there gives the IoU 0 of two boxes with no area.
+    return np.divide(inter, np.maximum(union, np.float32(1e-30), out=union), out=inter)
 
 
 def xywh_to_xyxy(boxes: NDArray[np.floating]) -> NDArray[np.float32]:

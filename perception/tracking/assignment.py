@@ -51,18 +51,28 @@ def match_pairs(
     """
     if min_iou <= 0:
         raise ValueError(f"min_iou must be > 0, got {min_iou}")
-    allowed = np.asarray(iou, dtype=np.float64) >= min_iou
+    values = np.asarray(iou, dtype=np.float64)
+    allowed = values >= min_iou
     r = np.asarray(rows, dtype=np.int64)[allowed]
     c = np.asarray(cols, dtype=np.int64)[allowed]
-    if r.size < 2 or not ((r[1:] == r[:-1]).any() or np.bincount(c).max() > 1):
-        return r, c
-    weight = np.asarray(iou, dtype=np.float64)[allowed] - min_iou + _TIE
-    first = np.ones((r.size,), bool)  # the first pair of each row (rows come ascending)
-    np.not_equal(r[1:], r[:-1], out=first[1:])
-    used = np.zeros((int(c.max()) + 1,), bool)
-    used[c] = True
+    return match_allowed(r, c, values[allowed], min_iou)
+
+
+def match_allowed(
+    rows: NDArray[np.int64], cols: NDArray[np.int64], iou: NDArray[np.float64], min_iou: float
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``match_pairs`` of pairs that are all allowed (int64 indices in row-major order, float64
+    IoU at or above ``min_iou`` > 0): what the tracker calls, having filtered its pairs in the
+    same pass as its own conditions."""
+    if rows.size < 2 or not ((rows[1:] == rows[:-1]).any() or np.bincount(cols).max() > 1):
+        return rows, cols
+    weight = iou - min_iou + _TIE
+    first = np.ones((rows.size,), bool)  # the first pair of each row (rows come ascending)
+    np.not_equal(rows[1:], rows[:-1], out=first[1:])
+    used = np.zeros((int(cols.max()) + 1,), bool)
+    used[cols] = True
     dense = np.zeros((int(first.sum()), int(used.sum())), np.float64)
-    dense[np.cumsum(first) - 1, (np.cumsum(used) - 1)[c]] = weight
+    dense[np.cumsum(first) - 1, (np.cumsum(used) - 1)[cols]] = weight
     i, j = linear_sum_assignment(dense, maximize=True)
     keep = dense[i, j] > 0
-    return r[first][i[keep]], np.flatnonzero(used)[j[keep]]
+    return rows[first][i[keep]], np.flatnonzero(used)[j[keep]]

@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 
 from perception.boxes import box_iou_stacked
 from perception.errors import InvalidInputError
-from perception.tracking.assignment import match_pairs
+from perception.tracking.assignment import match_allowed
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
 from perception.types import Detections
@@ -215,10 +215,11 @@ class Tracker:
             same = self._cls[:, None] == classes[None, :]
             buffer = min(cfg.buffer_per_s * dt, cfg.max_buffer)
             if buffer > 0:  # second chance for what plain IoU left: the widened boxes
-                iou = box_iou_stacked(np.stack([pred, _widen(pred, buffer)]), np.stack([boxes, _widen(boxes, buffer)]))
+                iou = box_iou_stacked(_and_widened(pred, buffer), _and_widened(boxes, buffer))
             else:
                 iou = box_iou_stacked(pred[None], boxes[None])
-            candidates = _candidates(iou, same, min(cfg.match_iou, cfg.low_match_iou))
+            gate = min(cfg.match_iou, cfg.low_match_iou)
+            candidates = _candidates(iou, same, gate)
             free = np.ones((len(self),), bool)
             open_high = np.zeros((n,), bool)
             open_high[high] = True
@@ -237,7 +238,10 @@ class Tracker:
             # docs/tracking.md.)
             for eligible, open_dets, min_iou in rounds:
                 for candidate in candidates:
-                    self._match(candidate, free, eligible, open_dets, min_iou, pairs)
+                    takers = free & eligible
+                    if not takers.any():
+                        break
+                    self._match(candidate, takers, free, open_dets, min_iou if min_iou > gate else None, pairs)
             left = np.flatnonzero(open_high)
             if pairs:
                 t = np.concatenate([p[0] for p in pairs])
@@ -265,20 +269,24 @@ class Tracker:
     @staticmethod
     def _match(
         candidates: _Candidates,
+        takers: NDArray[np.bool_],
         free: NDArray[np.bool_],
-        eligible: NDArray[np.bool_],
         open_dets: NDArray[np.bool_],
-        min_iou: float,
+        min_iou: float | None,
         pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]],
     ) -> None:
-        """One matching round between the free eligible tracks and the open detections, on one
-        IoU matrix's candidate pairs (``match_pairs``: the optimal gated matching of that
-        sub-matrix). Marks the matched tracks taken and their detections closed, and appends
-        (tracks, detections) to ``pairs``."""
-        ok = open_dets[candidates.dets] & (free & eligible)[candidates.tracks]
+        """One matching round between the tracks that may take a detection (``takers``: free and
+        eligible) and the open detections, on one IoU matrix's candidate pairs (``match_allowed``:
+        the optimal gated matching of that sub-matrix; ``min_iou`` None when the round's gate is
+        the candidates' own). Marks the matched tracks taken and their detections closed, and
+        appends (tracks, detections) to ``pairs``."""
+        ok = open_dets[candidates.dets] & takers[candidates.tracks]
+        if min_iou is not None:
+            ok &= candidates.iou >= min_iou
         if not ok.any():
             return
-        t, d = match_pairs(candidates.tracks[ok], candidates.dets[ok], candidates.iou[ok], min_iou)
+        t, d = match_allowed(candidates.tracks[ok], candidates.dets[ok], candidates.iou[ok],
+                             min_iou if min_iou is not None else candidates.gate)
         if t.size:
             free[t] = False
             open_dets[d] = False
@@ -369,16 +377,23 @@ class _Candidates:
 
     tracks: NDArray[np.int64]
     dets: NDArray[np.int64]
-    iou: NDArray[np.float32]
+    iou: NDArray[np.float64]
+    gate: float
 
 
 def _candidates(iou: NDArray[np.float32], same: NDArray[np.bool_], gate: float) -> list[_Candidates]:
     """The candidates of each of the (K, T, N) IoU matrices, in order."""
-    k, tracks, dets = np.nonzero((iou >= gate) & same)
-    values = iou[k, tracks, dets]
+    # The least float32 at or above the gate: float32 IoUs that pass it are those at or above
+    # the gate in float64, as ``match_allowed`` takes them (a gate rounded down to the nearest
+    # float32 would let in values below it).
+    gate32 = np.float32(gate)
+    if float(gate32) < gate:
+        gate32 = np.nextafter(gate32, np.float32(np.inf))
+    k, tracks, dets = np.nonzero((iou >= gate32) & same)
+    values = iou[k, tracks, dets].astype(np.float64)
     ends = np.searchsorted(k, np.arange(1, iou.shape[0] + 1)).tolist()
     starts = [0, *ends[:-1]]
-    return [_Candidates(tracks[i:j], dets[i:j], values[i:j]) for i, j in zip(starts, ends, strict=True)]
+    return [_Candidates(tracks[i:j], dets[i:j], values[i:j], gate) for i, j in zip(starts, ends, strict=True)]
 
 
 def _to_cxcywh(xyxy: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -391,12 +406,15 @@ def _to_xyxy(mean: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.concatenate([mean[:, :2] - half, mean[:, :2] + half], axis=1)
 
 
-def _widen(xyxy: NDArray[np.float64], buffer: float) -> NDArray[np.float64]:
-    """Boxes grown on each side by ``buffer`` times their own width and height."""
-    if buffer <= 0:
-        return xyxy
+def _and_widened(xyxy: NDArray[np.float64], buffer: float) -> NDArray[np.float64]:
+    """(2, N, 4): the boxes, and the boxes grown on each side by ``buffer`` times their own
+    width and height."""
+    out = np.empty((2, *xyxy.shape), np.float64)
+    out[0] = xyxy
     pad = (xyxy[:, 2:] - xyxy[:, :2]) * buffer
-    return np.concatenate([xyxy[:, :2] - pad, xyxy[:, 2:] + pad], axis=1)
+    np.subtract(xyxy[:, :2], pad, out=out[1, :, :2])
+    np.add(xyxy[:, 2:], pad, out=out[1, :, 2:])
+    return out
 
 
 def _as_int(name: str, value: int) -> int:

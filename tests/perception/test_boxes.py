@@ -36,6 +36,27 @@ def test_box_iou_matches_the_scalar_reference(seed: int) -> None:
     assert box_iou(np.zeros((0, 4)), b).shape == (0, 9)
 
 
+def reference_iou_float32(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """The IoU in float32 scalar operations, in the order the kernel does them: its values to
+    the bit, whatever the kernel's array layout."""
+    zero = np.float32(0)
+    w = max(min(a[2], b[2]) - max(a[0], b[0]), zero)
+    h = max(min(a[3], b[3]) - max(a[1], b[1]), zero)
+    inter = w * h
+    union = (max(a[2] - a[0], zero) * max(a[3] - a[1], zero) + max(b[2] - b[0], zero) * max(b[3] - b[1], zero)) - inter
+    return inter / union if union > 0 else zero
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_box_iou_is_the_float32_reference_to_the_bit(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    a, b = random_boxes(rng, 17).astype(np.float32), random_boxes(rng, 11).astype(np.float32)
+    a[0], b[0] = a[1], a[1]  # identical boxes: IoU 1
+    want = np.array([[reference_iou_float32(x, y) for y in b] for x in a], np.float32)
+    assert np.array_equal(box_iou(a, b), want)
+    assert np.array_equal(box_iou_stacked(np.stack([a, a[::-1]]), np.stack([b, b[::-1]]))[1], want[::-1, ::-1])
+
+
 def test_box_iou_stacked_is_box_iou_of_each_pair_to_the_bit() -> None:
     rng = np.random.default_rng(7)
     a = np.stack([random_boxes(rng, 20), random_boxes(rng, 20)])

@@ -606,3 +606,16 @@ def test_a_resent_frame_answered_a_little_differently_is_still_a_resend() -> Non
     assert fewer.track_ids.tolist() == [ids[1], ids[0], 0] and fewer.states[2] is None and not fewer.restarted
     nxt = pool.update("front", dets([box(100, 100), box(300, 100)]), T0 + 6 * FRAME_NS, sequence=6)
     assert nxt.track_ids.tolist() == ids and not nxt.restarted
+
+
+def test_a_gate_that_rounds_down_in_float32_is_still_the_least_iou() -> None:
+    """0.9 is just above its nearest float32, which is the float32 IoU of a 10x10 box and a
+    10x9 one at the same place: below the gate, so no match, though the float32 IoU and the
+    gate rounded to float32 compare equal."""
+    assert float(np.float32(0.9)) < 0.9
+    tracker = Tracker(TrackerConfig(match_iou=0.9, low_match_iou=0.9, buffer_per_s=0.0))
+    first = tracker.update(dets([[0.0, 0.0, 10.0, 10.0]]), T0)
+    second = tracker.update(dets([[0.0, 0.0, 10.0, 9.0]]), T0 + FRAME_NS)
+    assert second.track_ids[0] != first.track_ids[0]  # the first box's new track died unmatched
+    third = tracker.update(dets([[0.0, 0.0, 10.0, 9.2]]), T0 + 2 * FRAME_NS)  # IoU 0.978: matched
+    assert third.track_ids[0] == second.track_ids[0] and third.states == (TrackState.CONFIRMED,)
