@@ -6,8 +6,8 @@ build recorded for them, and its latency must be within bounds of the served mod
 device), and only then swapped in. The swap is one assignment under a lock: frames prepared
 after it go to the new model, frames already prepared for the old one are still inferred by it
 (a batch never mixes models), so streams stay open and no frame is lost or answered twice. The
-previous model stays loaded for ``rollback`` and for the automatic rollback of a probation
-window in which the new model's error rate or p99 crosses its limit.
+previous model stays loaded for ``rollback`` and for the automatic rollback of a model that fails
+its probation (``server.probation``).
 
 "Previous" is the operator's fallback: the model an operator's load (admin, SIGHUP) replaced.
 The degrader's moves between the variants of the served version do not take that place (they
@@ -34,26 +34,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from perception.errors import ManifestError, ModelError, PerceptionError
 from perception.manifest import load_manifest
 from server.model_changes import Change, ChangeHook, ChangeQueue
+from server.probation import Probation, ProbationLimits
 from server.runtime.base import Backend
-from server.served_model import ServedModel, recorded_latency_ratio
+from server.served_model import ServedModel
 from server.verification import verify_before_swap
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LifecycleLimits:
-    """How a new model is judged before and after it is swapped in."""
+@dataclass(frozen=True, kw_only=True)
+class LifecycleLimits(ProbationLimits):
+    """How a new model is judged before it is swapped in, and after (``ProbationLimits``)."""
 
     max_changed: float = 0.10  # share of recorded detections that may vanish / appear on the shipped frames
     # vs the served model here, times the ratio their builds recorded; the least-disturbed of several
@@ -62,17 +60,6 @@ class LifecycleLimits:
     # ... and slower by more than this: the ratio of two sub-millisecond times on a shared CPU is
     # noise (CI refused a tiny model at 0.12 ms against 0.03 ms).
     latency_slack_ms: float = 1.0
-    probation_s: float = 60.0
-    probation_min_batches: int = 5
-    max_error_rate: float = 0.2  # failed batches / batches within probation
-    max_p99_ms: float = 0.0  # 0 = judge p99 against the previous model's: > max(2x, + p99_slack_ms) rolls back
-    # A p99 of a handful of batches is their maximum, and a sub-millisecond model's maximum on a
-    # shared CPU is scheduling jitter: p99 is judged from this many successful batches on, and
-    # against at least the previous p99 plus this slack (CI once rolled back a tiny model for
-    # 1.7 ms against a 1.5 ms limit on 5 batches). A model whose median is over the limit is
-    # rolled back from probation_min_batches on: one too slow to run 50 batches is not spared.
-    probation_min_latency_batches: int = 50
-    p99_slack_ms: float = 5.0
 
 
 Loader = Callable[[str, str], ServedModel]  # (manifest path, variant) -> an activated model
@@ -145,13 +132,7 @@ class ModelHost:
         self.refusals = 0
         self.last_rollback: RollbackRecord | None = None
         self.message = f"serving {first.describe()}"
-        self._probation_until = 0.0
-        self._probation_n = 0  # batches of the model on probation
-        self._baseline_p99_s = 0.0
-        self._latency_allowance = 1.0  # how much slower than the previous model its build measured it
-        self._probation_errors = 0
-        self._probation_ok_s: deque[float] = deque(maxlen=10_000)  # seconds of its successful batches
-        self._recent: deque[float] = deque(maxlen=500)  # batch seconds of the served model, outside probation
+        self._probation = Probation(self.limits)
         self._busy = threading.Lock()  # one load at a time
 
     # -- what is served --------------------------------------------------------------------
@@ -180,7 +161,7 @@ class ModelHost:
     @property
     def state(self) -> str:
         with self._lock:
-            return "probation" if time.monotonic() < self._probation_until else "serving"
+            return "probation" if self._probation.on(time.monotonic()) else "serving"
 
     def holds(self, model: ServedModel) -> bool:
         """Whether ``model`` is still kept (served, previous, or left by a move on probation):
@@ -344,7 +325,7 @@ class ModelHost:
                 pending = self._expire_left(now)
                 old = self._current
                 fallback_before = self._left if self._left is not None else self._previous
-                unproven = now < self._probation_until and fallback_before is not None
+                unproven = self._probation.on(now) and fallback_before is not None
                 if unproven:
                     pending.append(old)
                     if not step and self._left is not None:
@@ -353,7 +334,7 @@ class ModelHost:
                         pending.append(self._previous)
                         self._previous, self._left = self._left, None
                 else:
-                    self._baseline_p99_s = float(np.percentile(self._recent, 99)) if self._recent else 0.0
+                    self._probation.measure_baseline()
                     if step:
                         pending.append(self._left)
                         watched = probation and self.limits.probation_s > 0
@@ -367,13 +348,10 @@ class ModelHost:
                 new.operator_variant = old.operator_variant if step else new.variant.name
                 self._current = new
                 self.swaps += 1
-                fallback = self._left if self._left is not None else self._previous
-                self._latency_allowance = (max(1.0, recorded_latency_ratio(new, fallback))
-                                           if fallback is not None else 1.0)
-                self._probation_n = self._probation_errors = 0
-                self._probation_ok_s.clear()
-                self._recent.clear()
-                self._probation_until = now + self.limits.probation_s if probation else 0.0
+                if probation:
+                    self._probation.start(now, new, self._left if self._left is not None else self._previous)
+                else:
+                    self._probation.end()
                 self.message = f"serving {new.describe()} (was {old.describe()})"
                 settle_s = self.limits.probation_s if self._left is not None else 0.0
                 dropped = self._unheld(pending, new)
@@ -403,7 +381,7 @@ class ModelHost:
         """Under the lock: the variant a move left, once its successor served through probation
         (returned for dropping); and the mark of a model probation rolled off, once it served
         through a probation window of its own."""
-        if now < self._probation_until:
+        if self._probation.on(now):
             return []
         if self._rolled_off is self._current:
             self._rolled_off = None
@@ -511,18 +489,11 @@ class ModelHost:
                 self._rolled_off = off
         again = not automatic and back is self._rolled_off
         self.rollbacks += 1
-        self._probation_n = self._probation_errors = 0
-        self._probation_ok_s.clear()
         if again:
-            if self._recent:
-                self._baseline_p99_s = float(np.percentile(self._recent, 99))
-            fallback = self._previous
-            self._latency_allowance = (max(1.0, recorded_latency_ratio(back, fallback))
-                                       if fallback is not None else 1.0)
-            self._probation_until = now + self.limits.probation_s
+            self._probation.measure_baseline(keep=True)
+            self._probation.start(now, back, self._previous)
         else:
-            self._probation_until = 0.0
-        self._recent.clear()
+            self._probation.end()
         self.last_rollback = RollbackRecord(back, off, automatic)
         self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
                         + ("; on probation again: probation rolled it back before" if again else ""))
@@ -553,74 +524,29 @@ class ModelHost:
     # -- probation -------------------------------------------------------------------------
 
     def observe(self, ok: bool, model: Any, seconds: float) -> None:
-        """Scheduler callback after every batch; rolls back a model failing its probation.
-
-        The error rate is judged at every batch; the latency (a sort of up to 10,000 batch
-        times, under the lock) at every batch of the first 100 and every 16th after. The p99
-        limit scales with how much slower than its fallback the new model's build measured it
-        (a recover step up to a slower variant is expected to be slower), as verification does.
-        A failed judgement rolls back within the same hold of the lock."""
+        """Scheduler callback after every batch; rolls back a model failing its probation
+        (``server.probation``), within the same hold of the lock as the judgement."""
         drops: list[ServedModel] = []
         done: _RolledBack | ServedModel | None = None
         with self._lock:
             if model is not self._current:
                 return
             now = time.monotonic()
-            if now >= self._probation_until:
-                if ok:
-                    self._recent.append(seconds)
-                if self._left is not None or self._rolled_off is not None:  # a probation just ended
-                    drops = self._unheld(self._expire_left(now))
-            else:
-                reason = self._probation_failure(self._probation_batch(ok, seconds))
-                if reason:
-                    try:
-                        done = self._rollback_locked(reason, expect=model)
-                    except ModelError as exc:  # nothing to roll back to: it goes on serving, said loudly
-                        log.error("%s failed its probation (%s) but cannot be rolled back: %s",
-                                  model.describe(), reason, exc)
+            reason = self._probation.record(ok, seconds, now)
+            if reason is not None:
+                try:
+                    done = self._rollback_locked(reason, expect=model)
+                except ModelError as exc:  # nothing to roll back to: it goes on serving, said loudly
+                    log.error("%s failed its probation (%s) but cannot be rolled back: %s",
+                              model.describe(), reason, exc)
+            elif self._left is not None or self._rolled_off is not None:  # kept by a probation: let go once it ended
+                drops = self._unheld(self._expire_left(now))
         try:
             if drops:
                 self._drop_later(drops)
         finally:  # the rollback's change is delivered whatever failed
             if isinstance(done, _RolledBack):
                 self._after_rollback(done)
-
-    def _probation_failure(self, judged: tuple[float, float, float, float] | None) -> str:
-        """Why the model on probation fails it ("" if it does not, or is not judged yet)."""
-        if judged is None:
-            return ""
-        errors, p50, p99, limit_p99 = judged
-        if errors > self.limits.max_error_rate:
-            return f"{errors:.0%} of its batches failed in probation (limit {self.limits.max_error_rate:.0%})"
-        if limit_p99 > 0 and p50 > limit_p99:
-            return (f"its inference median {1e3 * p50:.1f} ms crossed the p99 limit {1e3 * limit_p99:.1f} ms "
-                    "in probation")
-        if limit_p99 > 0 and p99 > limit_p99:
-            return f"its inference p99 {1e3 * p99:.1f} ms crossed {1e3 * limit_p99:.1f} ms in probation"
-        return ""
-
-    def _probation_batch(self, ok: bool, seconds: float) -> tuple[float, float, float, float] | None:
-        """Under the lock: count a batch of the model on probation; (error rate, p50, p99, p99
-        limit) once there are enough batches to judge, else None."""
-        self._probation_n += 1
-        if ok:
-            self._probation_ok_s.append(seconds)
-        else:
-            self._probation_errors += 1
-        n = self._probation_n
-        if n < self.limits.probation_min_batches:
-            return None
-        errors = self._probation_errors / n
-        p50 = p99 = limit_p99 = 0.0
-        if n <= 100 or n % 16 == 0:
-            ok_s = np.fromiter(self._probation_ok_s, np.float64, len(self._probation_ok_s))
-            p99 = float(np.percentile(ok_s, 99)) if ok_s.size >= self.limits.probation_min_latency_batches else 0.0
-            p50 = float(np.median(ok_s)) if ok_s.size >= self.limits.probation_min_batches else 0.0
-            base = self._baseline_p99_s * self._latency_allowance
-            limit_p99 = (self.limits.max_p99_ms / 1e3 if self.limits.max_p99_ms
-                         else max(2.0 * base, base + self.limits.p99_slack_ms / 1e3) if base > 0 else 0.0)
-        return errors, p50, p99, limit_p99
 
     def status(self) -> dict[str, Any]:
         with self._lock:

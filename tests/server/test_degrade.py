@@ -314,7 +314,7 @@ def test_probations_rollback_goes_to_the_variant_left_even_when_its_time_ran_out
     accurate = host.current
     assert _degrade(deg) == "degrade" and host.previous is None
     fast = host.current
-    host._probation_until = time.monotonic() - 0.001  # judged within it, rolled back just after
+    host._probation.until = time.monotonic() - 0.001  # judged within it, rolled back just after
     assert host.rollback("failed in probation", expect=fast) is accurate
     assert host.current is accurate and host.rollbacks == 1
 
