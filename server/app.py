@@ -401,13 +401,15 @@ def create_server(
                                      manifest_bytes=check_signature(path))
 
         def changed(model: ServedModel, cause: str) -> None:
-            managed.backend = model.backend
-            service.attach(scheduler, convert.model_info(model.manifest, model.variant, model.backend.name,
-                                                         model.max_batch, config.message_limit()), managed.models)
-            metrics.set_model_info(model.manifest, model.variant.name, model.backend.name)
-            managed.model_changed()
-            if managed.degrader is not None:
-                managed.degrader.model_changed(model, cause)
+            try:
+                managed.backend = model.backend
+                service.attach(scheduler, convert.model_info(model.manifest, model.variant, model.backend.name,
+                                                             model.max_batch, config.message_limit()), managed.models)
+                metrics.set_model_info(model.manifest, model.variant.name, model.backend.name)
+                managed.model_changed()
+            finally:  # the degrader makes no move until it has heard of the change
+                if managed.degrader is not None:
+                    managed.degrader.model_changed(model, cause)
 
         managed.models = ModelHost(first, load, LifecycleLimits(probation_s=config.probation_s,
                                                                 max_error_rate=config.probation_max_error_rate),

@@ -195,6 +195,9 @@ class Degrader:
         self._retry_at = 0.0
         self._retry_s = policy.retry_s
         self._moved: ServedModel | None = None  # the model of the last move, until it passed probation
+        # The model the last change hook reported: until the hook of a change has run, the
+        # windows counted are the model's before it.
+        self._seen = host.current
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -243,6 +246,7 @@ class Degrader:
         The hooks of the host's changes are delivered one at a time, in order, so the gauge is
         left as the last change set it."""
         with self._lock:
+            self._seen = model
             if cause == "load":
                 self._hot = self._calm = 0
                 self._retry_at, self._retry_s = 0.0, self.policy.retry_s
@@ -266,13 +270,16 @@ class Degrader:
         The step is computed from the served model read once, and its move is based on that
         model: a load or rollback after the read refuses the move. The move used to read the
         served model again, and so could move an operator's newly loaded model as the windows of
-        the one before it asked."""
+        the one before it asked. A model swapped in whose change hook has not run yet (the hook
+        resets the windows) is not moved either."""
         p = self.policy
         frames, shed, p99, share = self.monitor.take()
         hot = self._thermal_hot()
         serving = self.host.state == "serving"
         cur = self.host.current
         with self._lock:
+            if cur is not self._seen:  # swapped, its hook not run yet: these windows are not its own
+                return ""
             if self._moved is not None and serving:
                 if cur is self._moved:  # the last move held: back-offs start again from retry_s
                     self._retry_s = p.retry_s

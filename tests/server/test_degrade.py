@@ -392,3 +392,39 @@ def test_an_operators_load_during_a_back_off_resets_it_whole(serve: Any, tmp_pat
     assert not errors, errors
     assert deg.refused == 1 and host.current.version == "2.0.0"
     assert (deg._retry_at, deg._retry_s) == (0.0, deg.policy.retry_s), "the load's reset of the back-off was lost"
+
+
+def test_no_move_on_a_model_swapped_in_before_its_change_hook_ran(serve: Any, tmp_path: Path) -> None:
+    """An operator's load swaps v2 in; until its change hook (which resets the windows) has run,
+    the degrader's windows are v1's. A step in between used to degrade v2 on them."""
+    path = two_rung_artifact(tmp_path / "art")
+    run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0)
+    deg, host = run.server.degrader, run.server.models
+    hooked, go = threading.Event(), threading.Event()
+    heard = deg.model_changed
+
+    def late_hook(model: Any, cause: str) -> None:
+        hooked.set()
+        assert go.wait(30)
+        heard(model, cause)
+
+    deg.model_changed = late_hook
+    m = load_manifest(path)
+    save_manifest(dataclasses.replace(m, version="2.0.0"), path.parent)
+    loading = threading.Thread(target=host.load_and_swap, args=(str(path),))
+    answers: list[str] = []
+    try:
+        _overloaded(deg.monitor)
+        assert deg.step() == ""  # one overloaded window of v1's: two make a move
+        loading.start()
+        assert hooked.wait(30) and host.current.version == "2.0.0"
+        _overloaded(deg.monitor)
+        stepping = threading.Thread(target=lambda: answers.append(deg.step()))
+        stepping.start()
+        stepping.join(10)
+        assert not stepping.is_alive() and answers == [""], "v2 was moved on v1's windows"
+    finally:
+        go.set()
+        loading.join(30)
+    assert host.current.version == "2.0.0" and host.current.variant.name == host.current.operator_variant
+    assert _degrade(deg) == "degrade"  # once the hook ran, v2's own windows count
