@@ -2,7 +2,8 @@
 
 Servicers raise project exceptions; ``ErrorInterceptor`` maps them (server.errors) and counts
 them per method and code. ``TokenAuthInterceptor`` demands ``authorization: Bearer <token>``
-on every method except the health service (probes carry no credentials).
+on every method except the health service (probes carry no credentials), and refuses a call
+without it before its request is parsed.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def _wrap_handler(
     handler: grpc.RpcMethodHandler,
     unary: Callable[[Callable[..., Any]], Callable[..., Any]],
     streaming: Callable[[Callable[..., Any]], Callable[..., Any]],
+    parse: bool = True,
 ) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped (unary- or stream-response aware)."""
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    """The same handler with its behaviour wrapped (unary- or stream-response aware). With
+    ``parse=False`` it has no request deserializer: gRPC hands the behaviour the received bytes."""
+    kw = dict(request_deserializer=handler.request_deserializer if parse else None,
+              response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
     if handler.unary_stream:
@@ -121,4 +125,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
             return run
 
-        return _wrap_handler(handler, deny, deny)
+        # Not parsed: a client without a token must not make the server run a request
+        # deserializer (for a flooded request, the costliest thing it does before a handler).
+        # No deserializer, not one returning None: gRPC answers a None request INTERNAL.
+        return _wrap_handler(handler, deny, deny, parse=False)

@@ -8,10 +8,15 @@ meanwhile: a few such requests a second, from one client, multiplied the honest 
 ``parse_detect_request`` is the request deserializer of ``Detect`` and ``StreamDetect``. It
 first walks the fields of the messages a frame is made of: the request, its frame, the frame's
 raw image or shared-memory reference, and the options. Payloads (the image bytes) are skipped
-by their length, and each walk stops after ``MAX_FIELDS``, so the look costs microseconds
-whatever the request holds. Then it either parses the request, or refuses it:
+by their length. The walk gives up past ``MAX_FIELDS`` fields in one message, and past
+``MAX_REQUEST_FIELDS`` in the whole request, all its messages together: with the cap per message
+alone, 64 frames of 62 raw images of 64 fields (774 KB) made a walk of 258,000 fields, 0.2 s of
+pure Python. So the walk costs at most about a millisecond (0.7-0.9 ms measured on a 2-core
+machine, for 256 fields of 15 bytes, the costliest to read); of a camera id it decodes only as
+many bytes as make an id too long. Then it either parses the request, or refuses it:
 
-- a message with more than ``MAX_FIELDS`` fields (a camera frame has about ten);
+- a message with more than ``MAX_FIELDS`` fields (a camera frame has about ten), or a request
+  with more than ``MAX_REQUEST_FIELDS`` in all;
 - options longer than ``MAX_OPTIONS_BYTES`` in all: protobuf merges every occurrence of the
   options field into one message, so the cap is on their sum, not on each (62 occurrences of
   16 KiB parsed into a million class ids);
@@ -39,10 +44,19 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from perception.pipeline import MAX_CAMERA_ID_LEN
 from perception.v1 import detector_pb2 as pb
 
-MAX_FIELDS = 64
+MAX_FIELDS = 64  # in one message of a DetectRequest (a camera frame has about ten)
+# Fields in all the messages of one request together. A camera frame has 10-20 (its options
+# included); a KServe batch of BYTES frames has one per frame (at most 1024, ServerConfig's
+# largest max_batch) and a few dozen more.
+MAX_REQUEST_FIELDS = 256
+MAX_INFER_REQUEST_FIELDS = 2048
 MAX_OPTIONS_BYTES = 16 * 1024
+# The bytes of a camera id the walk decodes: enough for MAX_CAMERA_ID_LEN + 1 characters of up
+# to 4 bytes each, so an id cut there is still refused as too long.
+_CAMERA_ID_BYTES = 4 * (MAX_CAMERA_ID_LEN + 1)
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 # DetectRequest: frame = 1, options = 2. Frame: camera_id = 1, sequence = 2,
@@ -85,16 +99,29 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int, what: str) -> Iterator[tuple[int, int, int, int]]:
+class _Budget:
+    """The fields one request's walk may still visit, over all its messages together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+
+def _fields(buf: memoryview, start: int, end: int, what: str, budget: _Budget,
+            cap: int | None = None) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value start, value end) of each field in buf[start:end], in
-    order; for a varint the value is in the third slot. Raises ValueError at field
-    MAX_FIELDS + 1 (after yielding the first MAX_FIELDS), _Malformed for bytes it cannot read."""
+    order; for a varint the value is in the third slot. Every field yielded is taken from
+    ``budget``. Raises ValueError at field ``cap`` + 1 of this message (None: no cap) or at the
+    field past the budget, _Malformed for bytes it cannot read."""
     count = 0
     pos = start
     while pos < end:
-        if count == MAX_FIELDS:
-            raise ValueError(f"the request's {what} has more than {MAX_FIELDS} fields: not a camera frame")
+        if count == cap:
+            raise ValueError(f"the request's {what} has more than {cap} fields: not a camera frame")
+        if not budget.left:
+            raise ValueError(f"the request has more than {budget.limit} fields in all its messages, the "
+                             f"field budget of the look before parsing (it ran out in the {what})")
         count += 1
+        budget.left -= 1
         key, pos = _varint(buf, pos, end)
         number, kind = key >> 3, key & 7
         if kind == _VARINT:
@@ -161,6 +188,7 @@ def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
     what protobuf would parse (one frame field, one image field, one data field); else None.
     Bytes the walk cannot read are a reason to refuse too (module docstring)."""
     buf = memoryview(data)
+    budget = _Budget(MAX_REQUEST_FIELDS)
     identity = pb.Frame()
     reason = ""
     frames: list[_Span] = []
@@ -169,7 +197,7 @@ def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
     options_bytes = options_seen = 0
     try:
         start = 0
-        for number, kind, a, b in _fields(buf, 0, len(buf), "top level"):
+        for number, kind, a, b in _fields(buf, 0, len(buf), "top level", budget, MAX_FIELDS):
             if number == _OPTIONS and kind == _LEN:
                 # protobuf merges every occurrence into one message: the cap is on their sum.
                 options_bytes += b - a
@@ -179,13 +207,13 @@ def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
                     reason = reason or (f"the request's options are {options_bytes} bytes{across}; at most "
                                         f"{MAX_OPTIONS_BYTES} (a class filter holds at most one entry per class)")
                 else:
-                    _walk(_fields(buf, a, b, "options"))
+                    _walk(_fields(buf, a, b, "options", budget, MAX_FIELDS))
             elif number == _FRAME and kind != _LEN:
                 frames.append((start, a, b, -1))  # not a message (protobuf will say so): no cut
             elif number == _FRAME:
                 frames.append((start, a, b, number))
                 f_start = a
-                for f_number, f_kind, fa, fb in _fields(buf, a, b, "frame"):
+                for f_number, f_kind, fa, fb in _fields(buf, a, b, "frame", budget, MAX_FIELDS):
                     if f_kind == _VARINT and f_number == _SEQUENCE:
                         identity.sequence = fa
                     elif f_kind == _VARINT and f_number == _CAPTURE:
@@ -193,13 +221,17 @@ def check(data: bytes) -> tuple[str, pb.Frame, list[_Span] | None]:
                     elif f_kind == _VARINT and f_number == _DEADLINE:
                         identity.deadline_ms = fa & 0xFFFFFFFF
                     elif f_kind == _LEN and f_number == _CAMERA:
-                        identity.camera_id = bytes(buf[fa:fb]).decode("utf-8", "replace")
+                        # At most what makes an id too long (4 bytes a character), however
+                        # long the field: an 8 MiB id that is not UTF-8 took 0.2-0.3 s to decode.
+                        cut = min(fb, fa + _CAMERA_ID_BYTES)
+                        identity.camera_id = bytes(buf[fa:cut]).decode("utf-8", "replace")
                     elif f_number in (_ENCODED, _RAW, _SHM):
                         images.append((f_start, fa, fb, f_number if f_kind == _LEN else -1))
                         if f_kind == _LEN and f_number in (_RAW, _SHM):
                             r_start = fa
                             for r_number, r_kind, ra, rb in _fields(
-                                    buf, fa, fb, "raw image" if f_number == _RAW else "shared-memory reference"):
+                                    buf, fa, fb, "raw image" if f_number == _RAW else "shared-memory reference",
+                                    budget, MAX_FIELDS):
                                 if f_number == _RAW and r_number == _DATA:
                                     datas.append((r_start, ra, rb, r_number if r_kind == _LEN else -1))
                                 r_start = rb
@@ -259,8 +291,12 @@ def parse_detect_request(data: bytes) -> pb.DetectRequest | Refused | Received:
 # -- KServe v2 ModelInferRequest ------------------------------------------------------------------
 #
 # The same look, for the KServe front door. A schema names the fields to descend into (number ->
-# (name, sub-schema)) and caps packed repeated fields in bytes (number -> (name, cap)); every
-# message is walked at most MAX_FIELDS fields deep.
+# (name, sub-schema)) and caps packed repeated fields in bytes (number -> (name, cap)). The
+# request's messages share a budget of MAX_INFER_REQUEST_FIELDS fields, and none has a cap of
+# its own: a batch's bytes_contents are one field per frame. With a cap of 64 per message
+# instead, 14 inputs of 63 parameters of 63 values of 64 fields (6.95 MiB) made a walk of 3.5
+# million fields, 3.1 s; the budget bounds the walk at 6-10 ms (measured on a 2-core machine,
+# for 2048 fields of 15 bytes, the costliest to read).
 
 Schema = dict[int, tuple[str, "Schema | int"]]
 MAX_TYPED_CONTENTS_BYTES = 1 << 20
@@ -281,10 +317,11 @@ def check_schema(data: bytes, schema: Schema, what: str = "request") -> str:
     message field) into one, so seven 1 MiB chunks of one field parse as a 7 MiB field, tens of
     milliseconds with the GIL held, and seven fields of 1 MiB cost the same."""
     buf = memoryview(data)
+    budget = _Budget(MAX_INFER_REQUEST_FIELDS)
     totals: dict[str, int] = {}
 
     def walk(start: int, end: int, schema: Schema, what: str) -> None:
-        for number, kind, a, b in _fields(buf, start, end, what):
+        for number, kind, a, b in _fields(buf, start, end, what, budget):
             entry = schema.get(number)
             if kind != _LEN or entry is None:
                 continue

@@ -35,6 +35,59 @@ def test_token_auth(serve):
     assert check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_a_call_without_a_token_is_refused_before_its_request_is_parsed(serve, monkeypatch):
+    """The deny handler used to keep the method's request deserializer: gRPC ran it on a
+    unary call's request before the UNAUTHENTICATED answer, so a client without a token made
+    the server parse whatever it sent (a flooded request: up to seconds of CPU). Counted here
+    by wrapping the deserializers the services register (looked up when the server is made)."""
+    import server.kserve
+    import server.service
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+
+    parsed: list[str] = []
+
+    def counting(name: str, real):
+        def parse(data: bytes):
+            parsed.append(name)
+            return real(data)
+
+        return parse
+
+    monkeypatch.setattr(server.service, "parse_detect_request",
+                        counting("detect", server.service.parse_detect_request))
+    monkeypatch.setattr(server.kserve, "parse_model_infer_request",
+                        counting("infer", server.kserve.parse_model_infer_request))
+    run = serve(auth_tokens=("s3cret-token",), insecure_token=True, kserve=True)
+    # 100,000 occurrences of the options field, of the parameters field: floods the walk refuses.
+    flooded = request("front", 1, jpeg()).SerializeToString() + bytes([2 << 3 | 2, 2, 0x08, 0x01]) * 100_000
+    infer = kpb.ModelInferRequest(model_name="tiny").SerializeToString() + bytes([4 << 3 | 2, 0]) * 100_000
+    detect, answer = pb.DetectResponse.FromString, kpb.ModelInferResponse.FromString
+    unary = [(run.channel.unary_unary("/perception.v1.Detector/Detect", request_serializer=None,
+                                      response_deserializer=detect), flooded),
+             (run.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                                      response_deserializer=answer), infer)]
+    streams = [(run.channel.stream_stream("/perception.v1.Detector/StreamDetect", request_serializer=None,
+                                          response_deserializer=detect), flooded),
+               (run.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                          request_serializer=None, response_deserializer=answer), infer)]
+    for metadata in ([], [("authorization", "Bearer wrong")]):
+        for call, data in unary:
+            with pytest.raises(grpc.RpcError) as err:
+                call(data, metadata=metadata, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+        for stream, data in streams:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream(iter([data, data]), metadata=metadata, timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+    assert parsed == []
+    # With the token the same requests reach the (wrapped) deserializers, and are refused there.
+    for call, data in unary:
+        with pytest.raises(grpc.RpcError) as err:
+            call(data, metadata=[("authorization", "Bearer s3cret-token")], timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert parsed == ["detect", "infer"]
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 

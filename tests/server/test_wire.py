@@ -12,7 +12,16 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from perception.v1 import detector_pb2 as pb
-from server.wire import MAX_FIELDS, MAX_OPTIONS_BYTES, Received, Refused, parse_detect_request
+from server.config import ConfigError, ServerConfig
+from server.wire import (
+    MAX_FIELDS,
+    MAX_INFER_REQUEST_FIELDS,
+    MAX_OPTIONS_BYTES,
+    MAX_REQUEST_FIELDS,
+    Received,
+    Refused,
+    parse_detect_request,
+)
 from tests.server.conftest import jpeg, request
 
 OK = pb.FRAME_STATUS_OK
@@ -156,6 +165,103 @@ def test_bytes_the_walk_cannot_read_are_refused_not_handed_to_protobuf() -> None
         assert got.ByteSize() == len(bad)
 
 
+def _field(number: int, body: bytes) -> bytes:
+    """A length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def _varints(number: int, n: int) -> bytes:
+    """n occurrences of varint field ``number``, each holding 1."""
+    return (_varint(number << 3) + b"\x01") * n
+
+
+def _nested_detect_flood() -> bytes:
+    """64 frames, each its identity and 62 raw images of 64 unknown varint fields: 774 KB that
+    protobuf parses, and a walk allowed 64 fields per message visited all 258,000 of them."""
+    frame = _field(1, b"front") + _varints(2, 1) + _field(5, _varints(50, 64)) * 62
+    return _field(1, frame) * 64
+
+
+def _nested_parameter_flood() -> bytes:
+    """ModelInferRequest: 14 inputs of 63 parameters entries, each 63 occurrences of the entry's
+    value (an InferParameter: protobuf merges them) of 64 bool_param varints. 6.95 MiB, 3.5
+    million fields; the walk took 3.1 s over them."""
+    entry = _field(2, _varints(1, 64)) * 63
+    return _field(5, _field(4, entry) * 63) * 14
+
+
+def _nested_contents_flood() -> bytes:
+    """ModelInferRequest: 63 inputs of 62 contents occurrences, each 64 fp64_contents sent
+    unpacked (one field per element, which protobuf accepts). 2.2 MiB, 0.18 s to walk."""
+    contents = (_varint(7 << 3 | 1) + bytes(8)) * 64
+    return _field(5, _field(5, contents) * 62) * 63
+
+
+@pytest.mark.parametrize("flood", ["detect", "parameters", "contents"])
+def test_nested_floods_are_refused_in_the_time_of_the_field_budget(flood: str) -> None:
+    """Each message used to have its own MAX_FIELDS: 64 fields of 64 messages of 64 fields
+    and so on, a walk of 64^3-64^4 fields, 0.18-3.1 s of pure Python per request, after which
+    protobuf parsed them all. One budget for the whole request now refuses each after
+    MAX_REQUEST_FIELDS (DetectRequest) or MAX_INFER_REQUEST_FIELDS (ModelInferRequest) fields,
+    in 0.2-3 ms."""
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+    from server.wire import RefusedInfer, parse_model_infer_request
+
+    if flood == "detect":
+        data, parse, limit = _nested_detect_flood(), parse_detect_request, MAX_REQUEST_FIELDS
+        assert pb.DetectRequest.FromString(data).frame.camera_id == "front"  # what protobuf would do
+    else:
+        data = _nested_parameter_flood() if flood == "parameters" else _nested_contents_flood()
+        parse, limit = parse_model_infer_request, MAX_INFER_REQUEST_FIELDS
+        assert len(kpb.ModelInferRequest.FromString(data).inputs) in (14, 63)  # what protobuf would do
+    elapsed = float("inf")
+    for _ in range(3):  # the least-disturbed of three, as above
+        t0 = time.perf_counter()
+        got = parse(data)
+        elapsed = min(elapsed, time.perf_counter() - t0)
+    assert isinstance(got, (Refused, RefusedInfer)), type(got)
+    assert f"more than {limit} fields in all its messages, the field budget" in got.reason, got.reason
+    if isinstance(got, Refused):
+        assert (got.request.frame.camera_id, got.request.frame.sequence) == ("front", 1)
+        assert got.ByteSize() == len(data)
+    assert elapsed < 0.1, f"{elapsed * 1e3:.1f} ms: the walk must stop at the budget"
+
+
+def test_an_honest_frame_with_options_and_a_class_filter_parses_within_the_budget() -> None:
+    req = request("front", 11, jpeg(), deadline_ms=30)
+    req.frame.capture_timestamp_ns = 1_700_000_000_000_000_000
+    req.options.CopyFrom(pb.DetectOptions(score_threshold=0.25, iou_threshold=0.5, max_detections=300,
+                                          class_filter=range(80), class_agnostic_nms=True, track=True))
+    data = req.SerializeToString()
+    got = parse_detect_request(data)
+    assert isinstance(got, Received) and _whole(got) == req
+
+
+def test_a_kserve_batch_at_the_largest_max_batch_parses_within_the_budget() -> None:
+    """A BYTES batch sent in bytes_contents is one field per frame: 1024 of them (ServerConfig's
+    largest max_batch, which a request may fill) with the parameters tritonclient sends."""
+    from perception.v1 import grpc_predict_v2_pb2 as kpb
+    from server.wire import parse_model_infer_request
+
+    largest = 1024
+    assert ServerConfig(model="manifest.json", max_batch=largest).max_batch == largest
+    with pytest.raises(ConfigError, match="max_batch"):  # a larger one needs a larger MAX_INFER_REQUEST_FIELDS
+        ServerConfig(model="manifest.json", max_batch=largest + 1)
+    images = [jpeg(32, 24, seed) for seed in range(8)]
+    req = kpb.ModelInferRequest(model_name="tiny", model_version="1", id="batch-1")
+    tensor = req.inputs.add(name="IMAGE", datatype="BYTES", shape=[largest])
+    tensor.contents.bytes_contents.extend(images[i % len(images)] for i in range(largest))
+    req.outputs.add(name="DETECTIONS")
+    req.parameters["score_threshold"].double_param = 0.4
+    req.parameters["iou_threshold"].double_param = 0.5
+    req.parameters["max_detections"].int64_param = 100
+    req.parameters["class_filter"].string_param = "0,2,5"
+    req.parameters["camera_id"].string_param = "dock-3"
+    req.parameters["timeout"].int64_param = 200_000
+    data = req.SerializeToString()
+    assert parse_model_infer_request(data) == req
+
+
 def test_a_group_does_not_turn_the_flood_check_off() -> None:
     """protobuf accepts an unknown group (here an empty one in field 15: two bytes, 0x7b 0x7c);
     the walk cannot read groups. When that handed the request to protobuf unchecked, 7 million
@@ -188,6 +294,34 @@ def test_bytes_protobuf_refuses_after_the_walk_are_refused_with_the_identity() -
         got = parse_detect_request(data)
         assert isinstance(got, Refused) and "not a valid DetectRequest" in got.reason, got
         assert got.request.frame.sequence == seq and got.ByteSize() == len(data)
+
+
+def test_a_huge_camera_id_is_decoded_only_as_far_as_makes_it_too_long() -> None:
+    """An 8 MiB camera id that is not UTF-8 took the walk 0.2-0.3 s to decode into the refusal's
+    identity; the walk now decodes at most what makes an id too long, so it is still refused
+    as one."""
+    from perception.pipeline import MAX_CAMERA_ID_LEN
+
+    huge = b"\xff" * (8 << 20)
+    frame = b"\x0a" + bytes(_varint_bytes(len(huge))) + huge + pb.Frame(sequence=3, encoded=jpeg()).SerializeToString()
+    data = b"\x0a" + bytes(_varint_bytes(len(frame))) + frame
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        got = parse_detect_request(data)
+        best = min(best, time.perf_counter() - start)
+    assert isinstance(got, Refused) and got.request.frame.sequence == 3
+    assert MAX_CAMERA_ID_LEN < len(got.request.frame.camera_id) <= 4 * (MAX_CAMERA_ID_LEN + 1)
+    assert best < 0.1, f"{best * 1e3:.0f} ms"
+
+
+def _varint_bytes(n: int) -> bytearray:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return out
 
 
 def test_the_options_cap_is_on_all_occurrences_together() -> None:
@@ -326,9 +460,10 @@ def test_huge_typed_contents_and_floods_are_refused_before_parsing() -> None:
     assert time.perf_counter() - t0 < 0.005
     assert isinstance(got, RefusedInfer) and "uint_contents make 6000000 bytes" in got.reason
     assert str(MAX_TYPED_CONTENTS_BYTES) in got.reason and "raw_input_contents" in got.reason
-    flood = _infer_request(bytes_contents=[b"x"] * (MAX_FIELDS + 1)).SerializeToString()
+    flood = _infer_request(bytes_contents=[b"x"] * MAX_INFER_REQUEST_FIELDS).SerializeToString()
     got = parse_model_infer_request(flood)
-    assert isinstance(got, RefusedInfer) and "request.inputs.contents has more than" in got.reason
+    assert isinstance(got, RefusedInfer) and "field budget" in got.reason, got
+    assert "ran out in the request.inputs.contents" in got.reason
 
 
 def test_the_kserve_front_door_answers_a_refused_request_invalid_argument(serve: Any) -> None:
