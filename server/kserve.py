@@ -24,7 +24,8 @@ The vendored proto (proto/kserve) is compiled to messages only: the handlers are
 here. Of Triton's RPCs beyond KServe, ModelConfig is answered (proto/kserve/model_config.proto:
 the subset of Triton's messages that describes this detector), and ModelStreamInfer serves a
 stream of ModelInfer requests, answered in order, up to ``STREAM_WINDOW`` of them in the server
-at once. As Triton does, an unknown model or version is NOT_FOUND and a
+at once (``server.kserve_stream``). Bytes that are no request of the method's type are
+INVALID_ARGUMENT, never INTERNAL. As Triton does, an unknown model or version is NOT_FOUND and a
 frame past its deadline DEADLINE_EXCEEDED. Client strings quoted in errors are cut to 64
 characters, and each client's decodes are its own in the decode slots' fairness.
 """
@@ -35,9 +36,6 @@ import itertools
 import logging
 import math
 import struct
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -45,6 +43,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from numpy.typing import NDArray
 
 import perception
@@ -55,8 +54,9 @@ from perception.types import Detections, FrameStatus
 from perception.v1 import grpc_predict_v2_pb2 as kpb
 from perception.v1 import model_config_pb2 as mcpb
 from server.answer import FrameTask, finish_task
-from server.errors import DeadlineError, NotFoundError, status_for
-from server.limits import InvalidBackoff, ServiceLimits, StreamAdmission
+from server.errors import DeadlineError, NotFoundError
+from server.kserve_stream import SHUTTING_DOWN, InferStream, Started
+from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.served_model import ServedModel
@@ -70,7 +70,6 @@ SERVER_NAME = "perception"
 INPUT = "IMAGE"
 DETECTIONS = "DETECTIONS"
 NUM_DETECTIONS = "NUM_DETECTIONS"
-SHUTTING_DOWN = "server is shutting down; retry on another instance"
 STREAM_WINDOW = 4  # requests of one ModelStreamInfer stream in the server at once (decoded, queued or inferred)
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "class_filter", "class_agnostic_nms",
               "camera_id", "timeout")
@@ -142,8 +141,22 @@ class KServeService:
         """Register every method of ``inference.GRPCInferenceService`` on ``server``."""
 
         def unary(behavior: Callable[[Any, grpc.ServicerContext], Any], request: Any, response: Any) -> Any:
+            # A deserializer that raised (a name that is not UTF-8, truncated bytes) ended the
+            # call INTERNAL, "Exception deserializing request!", before any handler or the error
+            # interceptor ran: a client error reported as the server's, and not counted.
+            def parse(data: bytes) -> Any:
+                try:
+                    return request.FromString(data)
+                except DecodeError as exc:
+                    return RefusedInfer(f"the request is not a {request.DESCRIPTOR.name}: {exc}")
+
+            def serve(parsed: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(parsed, RefusedInfer):
+                    raise InvalidInputError(parsed.reason)
+                return behavior(parsed, context)
+
             return grpc.unary_unary_rpc_method_handler(
-                behavior, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+                serve, request_deserializer=parse, response_serializer=response.SerializeToString
             )
 
         handlers = {
@@ -260,10 +273,11 @@ class KServeService:
         does, and ends (UNAVAILABLE, to reconnect) when the server is not ready or drains, or
         when it sends nothing for the stream idle timeout (``--stream-idle-timeout-s``; Triton
         never ends an idle stream: a tritonclient user calls ``stop_stream`` and
-        ``start_stream`` again after that error). A client's cancel is no error: its frames
-        still queued leave the queues."""
+        ``start_stream`` again after that error). A client that stops reading its answers has
+        its call cancelled once an answer could not be sent for the same timeout. A client's
+        cancel is no error: its frames still queued leave the queues."""
         self._check_ready()
-        stream = _InferStream(self, requests, context, STREAM_WINDOW, self._limits.stream_idle_timeout_s)
+        stream = InferStream(self, requests, context, STREAM_WINDOW, self._limits.stream_idle_timeout_s)
         metrics = self._metrics
 
         def ended() -> None:
@@ -275,7 +289,7 @@ class KServeService:
         yield from stream.responses()
 
     def _start(self, request: kpb.ModelInferRequest | RefusedInfer, remaining_s: float | None,
-               owner: Any) -> _Started:
+               owner: Any) -> Started:
         """Take a request in: check it, count, decode and queue its frames. ``remaining_s``: the
         call's time left (None: no deadline); ``owner``: whose decodes these are."""
         if isinstance(request, RefusedInfer):
@@ -294,9 +308,9 @@ class KServeService:
             self._metrics.frame_received(task.camera_id)
         self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, owner)
         keys = self._submit(scheduler, tasks, pipeline)
-        return _Started(request.id, scheduler, model, tasks, keys, wanted)
+        return Started(request.id, scheduler, model, tasks, keys, wanted)
 
-    def _finish(self, started: _Started, active: Callable[[], bool]) -> kpb.ModelInferResponse | None:
+    def _finish(self, started: Started, active: Callable[[], bool]) -> kpb.ModelInferResponse | None:
         """Wait for a started request's frames and answer it; None if the call ended first
         (``active()`` false), its frames then taken out of the queues."""
         for task in started.tasks:
@@ -361,178 +375,6 @@ class KServeService:
                 finish_task(task, pipeline, self._metrics, answer_errors=True)
             raise
         return keys
-
-
-@dataclass
-class _Started:
-    """A request taken in (its frames decoded and queued), not yet answered."""
-
-    request_id: str
-    scheduler: Scheduler
-    model: ServedModel
-    tasks: list[FrameTask]
-    keys: list[tuple[str, int]]
-    wanted: list[str]
-
-    def cancel(self) -> None:
-        """Take its frames out of the queues (a frame in a batch is answered when it ends)."""
-        for key in self.keys:
-            self.scheduler.close(key)
-
-
-@dataclass(frozen=True)
-class _Refused:
-    """A stream's request that failed on the way in, as its answer will say it: the status's
-    message only (an exception kept until its turn would keep, through its traceback, the
-    request's bytes alive). ``ends_stream``: the server is not ready or drains."""
-
-    request_id: str
-    message: str
-    ends_stream: bool
-    invalid: bool  # the client's fault: the stream is read slower after it
-
-
-class _InferStream:
-    """One ModelStreamInfer call: a reader thread takes requests in (``KServeService._start``:
-    decode and queue, so the next request's decode overlaps the last one's inference) while the
-    call's own thread answers them in order (``responses``)."""
-
-    def __init__(self, service: KServeService, requests: Iterator[kpb.ModelInferRequest | RefusedInfer],
-                 context: grpc.ServicerContext, window: int, idle_timeout_s: float) -> None:
-        self._service = service
-        self._requests = requests
-        self._context = context
-        self._window = window
-        self._idle_timeout_s = idle_timeout_s
-        self._cond = threading.Condition()
-        self._pending: deque[_Started | _Refused] = deque()  # in arrival order
-        self._reader_done = False
-        self._cancelled = False
-        self._last_activity = time.monotonic()  # a request read or an answer sent
-        # Requests that cannot be served slow the reading, as on a StreamDetect stream: a client
-        # sending garbage waits in flow control instead of costing a parse and a decode each.
-        self._backoff = InvalidBackoff(service._limits.invalid_backoff_max_s)
-
-    def cancel(self) -> None:
-        """The call ended: the reader stops, and the frames of every unanswered request leave
-        the queues."""
-        with self._cond:
-            self._cancelled = True
-            started = [item for item in self._pending if isinstance(item, _Started)]
-            self._pending.clear()
-            self._cond.notify_all()
-        for item in started:
-            item.cancel()
-
-    def _active(self) -> bool:
-        with self._cond:
-            cancelled = self._cancelled
-        return not cancelled and self._context.is_active()
-
-    def responses(self) -> Iterator[mcpb.ModelStreamInferResponse]:
-        threading.Thread(target=self._read, name="kserve-stream-reader", daemon=True).start()
-        while True:
-            with self._cond:
-                while not self._pending and not self._reader_done and not self._cancelled:
-                    # Quiet: a drain ends the stream now (not at the grace period's end), and
-                    # so does the idle timeout.
-                    if self._service._draining():
-                        raise NotReadyError(SHUTTING_DOWN)
-                    quiet_s = time.monotonic() - self._last_activity
-                    if quiet_s >= self._idle_timeout_s:
-                        raise NotReadyError(f"stream sent no request for {self._idle_timeout_s:g} s and was "
-                                            "ended; reconnect when you have frames")
-                    self._cond.wait(min(0.1, self._idle_timeout_s - quiet_s))
-                if not self._pending:
-                    return
-                item = self._pending[0]
-            response = self._answer(item)
-            with self._cond:
-                if self._pending and self._pending[0] is item:
-                    self._pending.popleft()
-                self._last_activity = time.monotonic()
-                self._cond.notify_all()
-            if response is None:
-                return
-            yield response
-
-    def _answer(self, item: _Started | _Refused) -> mcpb.ModelStreamInferResponse | None:
-        """The stream's answer to one request; None if the call ended first. A server that is
-        not ready or drains ends the stream (NotReadyError: the client reconnects elsewhere)."""
-        if isinstance(item, _Refused):
-            if item.ends_stream:
-                raise NotReadyError(item.message)
-            return _stream_error(item.request_id, item.message)
-        try:
-            response = self._service._finish(item, self._active)
-        except Exception as exc:
-            if not self._active():  # the call ended: its frames were taken out, not failed
-                return None
-            if isinstance(exc, NotReadyError):
-                raise
-            code, message = status_for(exc, "ModelStreamInfer")  # what ModelInfer would fail with
-            self._service._metrics.grpc_error("ModelStreamInfer", code.name)
-            return _stream_error(item.request_id, message)
-        if response is None:
-            return None
-        return mcpb.ModelStreamInferResponse(infer_response=response.SerializeToString())
-
-    def _read(self) -> None:
-        owner = ("kserve", self._context.peer())
-        try:
-            while True:
-                with self._cond:
-                    while not self._cancelled:
-                        wait = self._backoff.until - time.monotonic()
-                        if len(self._pending) < self._window and wait <= 0:
-                            break
-                        self._cond.wait(wait if wait > 0 else None)
-                    if self._cancelled:
-                        return
-                request = next(self._requests, None)
-                if request is None:
-                    return
-                with self._cond:
-                    if self._cancelled:  # ended while waiting for the request: no decode for nobody
-                        return
-                    self._last_activity = time.monotonic()
-                item: _Started | _Refused
-                try:
-                    item = self._service._start(request, self._context.time_remaining(), owner)
-                except Exception as exc:  # answered in its turn, as ModelInfer would fail
-                    item = self._refused(getattr(request, "id", ""), exc)
-                del request  # its bytes go now, not when the next request arrives
-                with self._cond:
-                    if isinstance(item, _Started):
-                        self._backoff.served()
-                    elif item.invalid:
-                        self._backoff.invalid(time.monotonic())
-                    cancelled = self._cancelled
-                    if not cancelled:
-                        self._pending.append(item)
-                        self._cond.notify_all()
-                if cancelled:
-                    if isinstance(item, _Started):
-                        item.cancel()
-                    return
-        except Exception as exc:  # the call ended under the reader (gRPC raises from the iterator)
-            log.debug("ModelStreamInfer reader ended: %s", exc)
-        finally:
-            with self._cond:
-                self._reader_done = True
-                self._cond.notify_all()
-
-    def _refused(self, request_id: str, exc: Exception) -> _Refused:
-        code, message = status_for(exc, "ModelStreamInfer")  # an internal error is logged here, once
-        ends = isinstance(exc, NotReadyError)
-        if not ends:  # the stream's end is counted where it ends (the error interceptor)
-            self._service._metrics.grpc_error("ModelStreamInfer", code.name)
-        return _Refused(request_id, message, ends, isinstance(exc, InvalidInputError))
-
-
-def _stream_error(request_id: str, message: str) -> mcpb.ModelStreamInferResponse:
-    return mcpb.ModelStreamInferResponse(
-        error_message=message, infer_response=kpb.ModelInferResponse(id=request_id).SerializeToString())
 
 
 def _names(model: ServedModel, name: str, version: str) -> bool:

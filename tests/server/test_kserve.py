@@ -36,6 +36,7 @@ from perception.pipeline import FramePipeline
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from perception.v1 import grpc_predict_v2_pb2 as kpb
+from perception.v1 import model_config_pb2 as mcpb
 from server import convert
 from server.app import ManagedServer
 from server.interceptors import ErrorInterceptor
@@ -46,7 +47,8 @@ from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
 from server.served_model import ServedModel
 from server.service import DetectorService
-from tests.server.conftest import Running, jpeg, request
+from tests.server.conftest import Running, jpeg, occupy_the_decoder, request, stalled_reader_channel
+from tests.server.test_hardening import _wait_for
 
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 MODEL = "tiny"  # tests/tiny_model.py's manifest name
@@ -472,8 +474,6 @@ def test_a_client_cancelling_a_stream_is_no_error(run):
 def test_a_stream_of_garbage_is_read_slower(serve):
     """Requests that cannot be served slow a ModelStreamInfer stream's reading, as they slow a
     StreamDetect stream's: a client flooding garbage waits in flow control."""
-    from perception.v1 import model_config_pb2 as mcpb
-
     garbage = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])],
                                     raw_input_contents=[_prefixed(b"\xff\xd8 not an image " + bytes(64))])
 
@@ -489,6 +489,69 @@ def test_a_stream_of_garbage_is_read_slower(serve):
     slow, answers = elapsed(serve(kserve=True, invalid_backoff_max_s=0.2), 20)
     assert len(answers) == 20
     assert fast < 1.0 < slow, (fast, slow)
+
+
+def test_a_client_that_stops_reading_loses_its_stream_after_the_idle_timeout(serve):
+    """Once the client's HTTP/2 window is full, the stream's send blocks inside gRPC, where its
+    idle check never runs: the stream's slot, its threads and its queued frames were held until
+    the connection died. The send watchdog cancels the call when no answer could be sent for
+    the idle timeout, as StreamDetect's does."""
+    run = serve(kserve=True, stream_idle_timeout_s=1.0, invalid_backoff_max_s=0)
+    pixels = np.random.default_rng(0).integers(0, 255, 240 * 320 * 3, dtype=np.uint8).tobytes()
+    big_answers = {"score_threshold": kpb.InferParameter(double_param=0.01),
+                   "max_detections": kpb.InferParameter(int64_param=100)}
+    frame = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([240, 320, 3], "UINT8")],
+                                  raw_input_contents=[pixels], parameters=big_answers)
+    stop = threading.Event()
+
+    def requests() -> Iterator[kpb.ModelInferRequest]:
+        for _ in range(300):
+            if stop.is_set():
+                return
+            yield frame
+        stop.wait(30)
+
+    streams = run.server.limits.streams
+    earlier = {t for t in threading.enumerate() if t.name.startswith("kserve-stream-")}  # other tests' streams
+    channel = stalled_reader_channel(run.address)
+    call = _stream_infer(channel)(requests(), timeout=30)  # never read
+    try:
+        assert _wait_for(lambda: streams.open_streams == 1, 5)
+        assert _wait_for(lambda: streams.open_streams == 0, 5), "the stream still holds its slot"
+        assert _wait_for(lambda: not [t for t in threading.enumerate()
+                                      if t.name.startswith("kserve-stream-") and t not in earlier], 5)
+        infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+        assert infer(frame, timeout=10).outputs  # the server goes on
+    finally:
+        stop.set()
+        call.cancel()
+        channel.close()
+
+
+def test_a_request_taken_in_slowly_does_not_end_its_stream_as_idle(serve):
+    """While the reader takes a request in (waiting for a decode slot, decoding, inferring it
+    on its own thread) nothing waits to be answered: the stream counted that time as quiet, and
+    a lockstep client whose request waited longer than the idle timeout for a decode slot lost
+    it, the stream ended "sent no request"."""
+    run = serve(kserve=True, stream_idle_timeout_s=1.0, decode_threads=1)
+    turn = threading.Semaphore(1)
+    held: list[threading.Event] = []
+
+    def lockstep() -> Iterator[kpb.ModelInferRequest]:
+        for i in range(4):
+            turn.acquire()
+            if i == 2:  # this request waits 1.5 s in the server for a decode slot
+                held.append(occupy_the_decoder(run.server.limits))
+                threading.Timer(1.5, held[0].set).start()
+            yield kpb.ModelInferRequest(model_name=MODEL, id=str(i), inputs=[_bytes_input([1])],
+                                        raw_input_contents=[_prefixed(jpeg(seed=i))])
+
+    answered = []
+    for answer in _stream_infer(run.channel, mcpb.ModelStreamInferResponse.FromString)(lockstep(), timeout=20):
+        assert not answer.error_message, answer.error_message
+        answered.append(kpb.ModelInferResponse.FromString(answer.infer_response).id)
+        turn.release()
+    assert answered == ["0", "1", "2", "3"] and held and held[0].is_set()
 
 
 # -- requests no stock client sends, over a plain channel ---------------------------------------
@@ -613,3 +676,16 @@ def test_long_names_and_bytes_that_are_no_request_get_a_clear_error(run):
     assert err3.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a ModelInferRequest" in (err3.value.details() or "")
     assert run.stub.Detect(request("front", 0, jpeg()), timeout=10).status == pb.FRAME_STATUS_OK
+
+
+@pytest.mark.parametrize("name, kind", [("ModelMetadata", "ModelMetadataRequest"), ("ModelReady", "ModelReadyRequest"),
+                                        ("ModelConfig", "ModelConfigRequest")])
+def test_bytes_that_are_no_request_of_the_other_methods_are_invalid_argument(run, name, kind):
+    """Their deserializer raised on bytes protobuf refuses (here a name that is not UTF-8): the
+    call ended INTERNAL, "Exception deserializing request!", and no error was counted."""
+    call = run.channel.unary_unary(f"/inference.GRPCInferenceService/{name}")
+    with pytest.raises(grpc.RpcError) as err:
+        call(b"\x0a\x02\xff\xfe", timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert f"not a {kind}" in (err.value.details() or "")
+    assert counter(run, "perception_grpc_errors_total", method=name, code="INVALID_ARGUMENT") == 1
