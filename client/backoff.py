@@ -21,10 +21,12 @@ class Backoff:
         self._config = config
         self._rng = rng or random.Random()
         self.attempts = 0
+        self._ceiling = config.initial_s  # the next delay's upper bound before jitter
         self._streak_start: float | None = None
 
     def reset(self) -> None:
         self.attempts = 0
+        self._ceiling = self._config.initial_s
         self._streak_start = None
 
     def streak_s(self, now: float) -> float:
@@ -42,7 +44,10 @@ class Backoff:
             left = c.give_up_after_s - self.streak_s(now)
             if left <= 0:
                 return None
-        ceiling = min(c.max_s, c.initial_s * c.multiplier**self.attempts)
+        # Grown and capped one step at a time: ``initial_s * multiplier**attempts`` raised
+        # OverflowError from the 1024th attempt at 2.0, and a camera node retries for ever.
+        ceiling = self._ceiling
+        self._ceiling = min(c.max_s, ceiling * c.multiplier)
         self.attempts += 1
         delay = ceiling * (1.0 - c.jitter * self._rng.random())
         return delay if left is None else min(delay, left)

@@ -4,7 +4,8 @@ Streams live cameras (V4L2 ``/dev/videoN``, ``rtsp://`` / ``http(s)://`` streams
 pipelines where this OpenCV has GStreamer; or a recording with ``--loop``, as a fake live
 camera) to a detector server, newest frame first (camera_node.py). Runs until SIGTERM / SIGINT
 (or ``--duration``), then prints one line per camera: frames captured, sent, answered OK,
-dropped, too large to send (when any), lost, reconnects, p50 / p99 latency.
+dropped, too large to send (when any), lost, reconnects, p50 / p99 latency. An answer that
+cannot be written to ``--out`` stops the node, which then exits with that error.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from client.live_capture import Camera, LiveCamera, RecordingCamera
 from client.replay_cli import add_connection_args, client_config
 from client.sources.base import SourceOptions
 from client.sources.live_source import CaptureRequest, LiveKind, live_target, opencv_has_gstreamer
-from perception.errors import ConfigError
+from perception.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,34 @@ def open_cameras(args: argparse.Namespace) -> list[tuple[str, Camera]]:
     return out
 
 
+class AnswersOut:
+    """``--out``: every answer as a line of JSONL. The first write that fails (a full disk, an
+    I/O error) is logged once and stops the node: every later one would fail alike, each with a
+    traceback, while the node ran on writing nothing and exited 0."""
+
+    def __init__(self, path: Path, stop: threading.Event) -> None:
+        from client.sinks.jsonl import JsonlSink
+
+        self._sink = JsonlSink(path)
+        self._stop = stop
+        self._lock = threading.Lock()  # each camera's answers come on its own thread
+        self.error: DataError | None = None
+
+    def write(self, frame: SourceFrame, result: FrameResult) -> None:
+        with self._lock:
+            if self.error is not None:
+                return  # the node is stopping; the answers to frames in flight go unwritten
+            try:
+                self._sink.write(frame, result)
+            except (DataError, OSError) as exc:
+                self.error = exc if isinstance(exc, DataError) else DataError(f"{self._sink.path}: {exc}")
+                log.error("writing answers failed: %s; stopping the node", self.error)
+                self._stop.set()
+
+    def close(self) -> None:
+        self._sink.close()
+
+
 def _print_summary(rows: list[CameraSummary], as_json: bool) -> None:
     if as_json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
@@ -140,17 +169,8 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         options=RequestOptions(score_threshold=args.score_threshold) if args.score_threshold else None,
     )
     cameras = open_cameras(args)
-    sink: Any = None
-    if args.out:
-        from client.sinks.jsonl import JsonlSink
-
-        sink = JsonlSink(args.out)
-
-    def on_answer(frame: SourceFrame, result: FrameResult) -> None:
-        if sink is not None:
-            sink.write(frame, result)
-
     stop_event = stop or threading.Event()
+    out = AnswersOut(args.out, stop_event) if args.out else None
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
 
@@ -162,7 +182,7 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
             previous[sig] = signal.signal(sig, on_signal)
     client = DetectorClient(config)
     try:
-        node = CameraNode(cameras, client, node_config, on_answer, stop=stop_event)
+        node = CameraNode(cameras, client, node_config, out.write if out else None, stop=stop_event)
         log.info("streaming %s to %s", ", ".join(f"{cid} ({cam.name})" for cid, cam in cameras),
                  ", ".join(e.address for e in client.pool.endpoints))
         node.start()
@@ -174,8 +194,10 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         _print_summary(node.summaries(), args.json)
     finally:
         client.close()
-        if sink is not None:
-            sink.close()
+        if out is not None:
+            out.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if out is not None and out.error is not None:
+        raise DataError(f"writing answers failed, the node stopped: {out.error}") from out.error
     return 0

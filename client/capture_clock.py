@@ -7,6 +7,12 @@ with the host's monotonic clock. Some streams have no usable clock: MJPEG over H
 time invented from an assumed 25 fps, which drifts from the real rate. Such a clock (zero
 after it started, going backwards, or drifting more than ``max_drift_ns`` from the host) is dropped for the host
 monotonic clock, itself mapped to epoch once, so timestamps never jump with NTP steps.
+
+One clock stamps every connection to a camera: a reconnect maps the new stream's clock anew,
+but the stamps go on from the last one. A stream clock runs up to ``max_drift_ns`` ahead of
+the host's, so the first stamps of a new connection could fall before the last of the old one,
+and the server's tracker takes a capture time going backwards for a camera restart (it drops
+every track of the camera).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ MAX_DRIFT_NS = 1_000_000_000
 
 
 class CaptureClock:
-    """Stamps the frames of one connection to a camera (a reconnect starts a new one)."""
+    """Stamps the frames of one camera, across its connections (``reconnected()``)."""
 
     def __init__(
         self,
@@ -38,6 +44,13 @@ class CaptureClock:
         self._stream_offset: int | None = None  # stream clock -> epoch, mapped at the first frame
         self._last_stream_ns = -1
         self._last_stamp = 0
+        self.uses_stream_clock = True
+
+    def reconnected(self) -> None:
+        """A new connection to the camera: its stream clock is mapped at its first frame and
+        believed again; the stamps stay after the last one of the connection before."""
+        self._stream_offset = None
+        self._last_stream_ns = -1
         self.uses_stream_clock = True
 
     def host_now(self) -> int:

@@ -88,6 +88,7 @@ class RecordingCamera:
     def __init__(self, path: Path, options: SourceOptions) -> None:
         self.name = str(path)
         self._source = open_source(path, options)
+        self._fps = options.fps
         n = camera_count(self._source)
         if n != 1:
             raise ConfigError(f"{path}: holds {n} cameras; a looped recording stands in for one camera "
@@ -98,7 +99,7 @@ class RecordingCamera:
         self._first_ns = 0
 
     def open(self) -> None:
-        self._frames = select(self._source, Pacing(speed=1.0, loop=True))
+        self._frames = select(self._source, Pacing(speed=1.0, loop=True, fps=self._fps))
         self._start = time.monotonic()
         self._first_ns = -1
 

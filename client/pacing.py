@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from client.frames import SourceFrame
+from client.sources.base import SourceOptions
 from perception.errors import ConfigError
 
 
@@ -21,16 +22,21 @@ class Pacing:
     """speed: 1.0 = recorded time, 2.0 = twice as fast, None = as fast as the server takes
     them. skip: after each frame sent, skip this many of the same camera. loop: start over at
     the end (sequence numbers and timestamps keep increasing). max_frames: stop after this
-    many frames sent in total (0 = no limit)."""
+    many frames sent in total (0 = no limit). fps: the frame rate of a loop where neither the
+    source states one (a video does) nor a camera's frames give one (a single frame, or all
+    stamped alike); such a camera's lap lasts one frame period."""
 
     speed: float | None = 1.0
     skip: int = 0
     loop: bool = False
     max_frames: int = 0
+    fps: float = SourceOptions.fps
 
     def __post_init__(self) -> None:
         if self.speed is not None and not self.speed > 0:
             raise ConfigError(f"speed must be positive, got {self.speed}")
+        if not self.fps > 0:
+            raise ConfigError(f"fps must be positive, got {self.fps}")
         if self.skip < 0 or self.max_frames < 0:
             raise ConfigError("skip and max_frames must not be negative")
 
@@ -41,6 +47,7 @@ def select(source: Iterable[SourceFrame], pacing: Pacing) -> Iterator[SourceFram
     ``max_frames``. Endless for a ``loop`` without ``max_frames``."""
     seq_offset: dict[str, int] = defaultdict(int)
     ts_offset = 0
+    period_ns = round(1e9 / (getattr(source, "fps", 0.0) or pacing.fps))
     selected = 0
     while True:
         count: dict[str, int] = defaultdict(int)
@@ -63,10 +70,17 @@ def select(source: Iterable[SourceFrame], pacing: Pacing) -> Iterator[SourceFram
                 return
         if not pacing.loop or not count:
             return
-        # A lap lasts a camera's recorded span plus one of its mean frame periods.
-        ts_offset += max((hi - lo) + (hi - lo) // max(1, count[cam] - 1) for cam, (lo, hi) in span.items())
+        ts_offset += max(_lap_ns(lo, hi, count[cam], period_ns) for cam, (lo, hi) in span.items())
         for cam, c in count.items():
             seq_offset[cam] += c
+
+
+def _lap_ns(first_ns: int, last_ns: int, frames: int, period_ns: int) -> int:
+    """How long a camera's lap lasts: its recorded span plus one of its mean frame periods, or
+    plus ``period_ns`` when its frames give no period (one frame, or all stamped alike). A lap
+    of 0 ns would stamp every lap alike, and a paced loop would release them all at once."""
+    mean_ns = (last_ns - first_ns) // (frames - 1) if frames > 1 else 0
+    return last_ns - first_ns + (mean_ns or period_ns)
 
 
 class Schedule:

@@ -157,7 +157,7 @@ class LiveCapture:
             cap.release()
             raise DataError(f"{t.location}: cannot open {t.kind.value} (not reachable, busy or unsupported format)")
         self._cap = cap
-        self._clock = CaptureClock()
+        self._clock.reconnected()
 
     def _apply(self, cap: cv2.VideoCapture) -> None:
         r = self.request
