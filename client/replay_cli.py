@@ -40,6 +40,7 @@ from perception.errors import ConfigError, DataError, PerceptionError
 if TYPE_CHECKING:
     from client.ground_truth import GroundTruthIndex
     from client.replay import ReplayOutcome
+    from client.sinks import Sink
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def main(argv: list[str]) -> int:
         args.score_threshold, args.iou_threshold, args.max_detections, classes, args.class_agnostic_nms, args.track
     )
     pacing = Pacing(
-        speed=None if args.max_rate else args.speed, skip=args.skip, loop=args.loop, max_frames=args.max_frames
+        speed=None if args.max_rate else args.speed, skip=args.skip, loop=args.loop, max_frames=args.max_frames,
+        fps=args.fps,
     )
     config = client_config(args, window=args.window, deadline_ms=args.deadline_ms)
     gt = GroundTruthIndex.load(args.gt) if args.gt else None
@@ -220,7 +222,8 @@ def main(argv: list[str]) -> int:
     )
     log.info("source: %s", source.describe())
 
-    sinks: list[Any] = []
+    sinks: list[Sink] = []
+    started = False  # the replay ran: its sinks publish what it wrote, else they are discarded
     client = DetectorClient(config)
     sigterm = _SigtermAsInterrupt()
     try:
@@ -228,7 +231,16 @@ def main(argv: list[str]) -> int:
         info = client.model_info()
         log.info("server: model %s %s (%s, %s) at %s", info.name, info.version, info.variant or info.precision,
                  info.backend, ", ".join(e.address for e in client.pool.endpoints))
-        if args.mcap_out:  # first: a bad path fails before --out truncates an earlier run's file
+        # In this order, so that an output that cannot be opened leaves the others' files as they
+        # were: the video file is created at its first frame, the MCAP goes to a temporary file
+        # (removed unless the replay runs), and --out, emptied when opened, comes last.
+        if args.video_out:
+            from client.sinks.annotated_video import AnnotatedVideoSink
+
+            fps = float(getattr(source, "fps", 0.0) or args.fps)
+            sinks.append(AnnotatedVideoSink(args.video_out, fps=fps * (1 if args.skip == 0 else 1 / (args.skip + 1)),
+                                            camera_id=args.video_camera))
+        if args.mcap_out:
             from client.sinks.mcap_annotations import McapAnnotationsSink
 
             sinks.append(McapAnnotationsSink(args.mcap_out))
@@ -236,12 +248,6 @@ def main(argv: list[str]) -> int:
             from client.sinks.jsonl import JsonlSink
 
             sinks.append(JsonlSink(args.out))
-        if args.video_out:
-            from client.sinks.annotated_video import AnnotatedVideoSink
-
-            fps = float(getattr(source, "fps", 0.0) or args.fps)
-            sinks.append(AnnotatedVideoSink(args.video_out, fps=fps * (1 if args.skip == 0 else 1 / (args.skip + 1)),
-                                            camera_id=args.video_camera))
         bar = _progress(_total_frames(source, pacing), not show_progress(args.no_progress))
 
         def on_progress(record: FrameResult | Unanswered) -> None:
@@ -252,13 +258,17 @@ def main(argv: list[str]) -> int:
         replay = Replay(client, source, replay_config, sinks, on_progress)
         try:
             sigterm.install()
+            started = True
             outcome = replay.run()
         finally:
             sigterm.raising = False  # from here on SIGTERM is only noted: the sinks must finish
             bar.close()
     finally:
         try:
-            close_error = _close_sinks(sinks)
+            if started:
+                close_error = _close_sinks(sinks)
+            else:
+                _discard_sinks(sinks)
             client.close()
         finally:
             sigterm.restore()
@@ -353,7 +363,7 @@ class _SigtermAsInterrupt:
             raise KeyboardInterrupt
 
 
-def _close_sinks(sinks: list[Any]) -> PerceptionError | None:
+def _close_sinks(sinks: list[Sink]) -> PerceptionError | None:
     """Close every sink, even when one fails (--mcap-out finishes and renames its file in
     close()); the first failure, raised by the caller once the summary is out."""
     first: PerceptionError | None = None
@@ -363,6 +373,17 @@ def _close_sinks(sinks: list[Any]) -> PerceptionError | None:
         except PerceptionError as exc:
             first = first or exc
     return first
+
+
+def _discard_sinks(sinks: list[Sink]) -> None:
+    """The replay never ran (an output could not be opened, Ctrl-C during set-up): publish
+    nothing, so that no earlier run's file is replaced by an empty one. The error on its way
+    out is the one to report; a temporary file that cannot be removed only adds a log line."""
+    for sink in sinks:
+        try:
+            sink.discard()
+        except OSError as exc:
+            log.warning("cannot remove an unused output: %s", exc)
 
 
 def _statuses(outcome: ReplayOutcome) -> str:

@@ -2,7 +2,8 @@
 ``write(frame, result)`` for a server answer, ``write_unanswered(record)`` for a frame the
 server never answered (``client_status.Unanswered``) and ``close()``; files are valid after
 every write (JSONL: whole lines only) or are written whole through a temporary file and a
-rename (JSON)."""
+rename (JSON). ``discard()`` instead of ``close()`` when the replay never started: nothing is
+published over the target."""
 
 from __future__ import annotations
 
@@ -18,3 +19,5 @@ class Sink(Protocol):
     def write_unanswered(self, record: Unanswered) -> None: ...
 
     def close(self) -> None: ...
+
+    def discard(self) -> None: ...

@@ -89,7 +89,8 @@ class AnnotatedVideoSink:
     """Writes the frames of ``camera_id`` (default: the first camera answered) to an MP4/AVI.
 
     Frames of another size than the first are resized to it; frames that cannot be decoded
-    (the server said INVALID) are skipped.
+    (the server said INVALID) are skipped. The file is created at the first frame written, so
+    a video without frames is an error at ``close()``, not a missing file nobody mentions.
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 10.0, camera_id: str = "") -> None:
@@ -99,6 +100,8 @@ class AnnotatedVideoSink:
         self._writer: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._cameras: set[str] = set()  # every camera with a record, to name them when camera_id has none
+        self._closed = False
         self.frames = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +110,7 @@ class AnnotatedVideoSink:
 
     def write(self, frame: SourceFrame, result: FrameResult) -> None:
         with self._lock:
+            self._cameras.add(frame.camera_id)
             if not self.camera_id:
                 self.camera_id = frame.camera_id
             if frame.camera_id != self.camera_id:
@@ -128,10 +132,32 @@ class AnnotatedVideoSink:
             self.frames += 1
 
     def write_unanswered(self, record: Unanswered) -> None:
-        """Nothing: the video shows what the server answered (the JSONL says what it did not)."""
+        """Only notes the camera: the video shows what the server answered (the JSONL says what it did not)."""
+        with self._lock:
+            self._cameras.add(record.camera_id)
 
     def close(self) -> None:
+        """Finish the video. DataError if it has no frame (no file was written): the replay has
+        no camera ``camera_id``, or none of its frames was answered with an image to draw."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             if self._writer is not None:
                 self._writer.release()
                 self._writer = None
+                return
+            if not self.camera_id:
+                problem = "no frame was answered"
+            elif self.camera_id not in self._cameras:
+                cameras = ", ".join(sorted(self._cameras)) or "none"
+                problem = f"the replay has no camera {self.camera_id!r} (its cameras: {cameras})"
+            else:
+                problem = f"no frame of camera {self.camera_id!r} was answered with an image to draw"
+            raise DataError(f"{self.path}: not written: {problem}")
+
+    def discard(self) -> None:
+        """Close without writing, for a replay that never started: the file is created at the
+        first frame, so there is none to remove."""
+        with self._lock:
+            self._closed = True

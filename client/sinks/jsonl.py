@@ -72,6 +72,11 @@ class JsonlSink:
             finally:
                 os.close(fd)
 
+    def discard(self) -> None:
+        """Close, for a replay that never started. Opening emptied the file already, which cannot
+        be undone: that is why the replay CLI opens ``--out`` after its other outputs."""
+        self.close()
+
 
 def _cut_back(fd: int, torn: int) -> None:
     """Remove the last ``torn`` bytes of ``fd``: the start of a line that could not be written whole."""

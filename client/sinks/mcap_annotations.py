@@ -25,6 +25,8 @@ Written whole or not at all: into a temporary file beside the target, renamed ov
 ``close()`` after the MCAP summary is written and synced, so the target is never a half
 file. ``close()`` after Ctrl-C publishes the frames answered so far (like the other outputs);
 after a failed write it discards the temporary file (the write error is what gets reported).
+``discard()``, for a replay that never started, removes the temporary file: an empty MCAP
+must not replace an earlier run's.
 """
 
 from __future__ import annotations
@@ -325,6 +327,11 @@ class McapAnnotationsSink:
                     raise DataError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
                 raise
             log.info("%s: %d images, %d annotation messages", self.path, self.images, self.annotations)
+
+    def discard(self) -> None:
+        """Remove the temporary file, leaving ``path`` as it was."""
+        with self._lock:
+            self._discard()
 
     def _discard(self, f: IO[bytes] | None = None) -> None:
         """Close and remove the temporary file, whatever state it is in."""

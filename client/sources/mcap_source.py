@@ -4,6 +4,11 @@ CompressedImage (ROS 2, JSON or protobuf encoding).
 Camera id = the message's frame_id, else the topic ("/cameras/<id>/..."); capture time =
 the message's header stamp, else the MCAP log time. A file without a readable summary
 (truncated while recording) is streamed record by record up to the damage.
+
+A damaged file makes the mcap library raise almost anything (struct, zstd, Unicode, key,
+overflow and schema-parser errors besides its own McapError), at open, in the summary, while
+reading chunks and while parsing a schema: every one of them becomes a DataError naming the
+file and what failed.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,14 +131,13 @@ class McapSource:
 
     def _image_topics(self) -> dict[str, tuple[str, int]]:
         """topic -> (schema name, message count or -1) of the image channels."""
-        from mcap.exceptions import McapError
         from mcap.reader import NonSeekingReader, SeekingReader
 
         try:
             with open(self.path, "rb") as f:
                 summary = SeekingReader(f).get_summary()
-        except (McapError, OSError, ValueError, EOFError, KeyError) as exc:
-            log.debug("%s: no summary (%s)", self.path, exc)
+        except Exception as exc:  # a damaged summary or footer: the records before it may still be readable
+            log.debug("%s: no summary (%s: %s)", self.path, type(exc).__name__, exc)
             summary = None
         if summary is not None:
             counts = summary.statistics.channel_message_counts if summary.statistics else {}
@@ -150,7 +155,7 @@ class McapSource:
                 for schema, ch, _ in NonSeekingReader(f).iter_messages(log_time_order=False):
                     if schema is not None and schema.name in IMAGE_SCHEMAS and ch.topic not in out:
                         out[ch.topic] = (schema.name, -1)
-        except (McapError, OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # the library fails anywhere in a damaged record (module docstring)
             if not out:
                 raise DataError(f"{self.path}: not a readable MCAP file ({type(exc).__name__}: {exc})") from exc
             log.warning("%s: truncated MCAP (%s); replaying the readable part", self.path, exc)
@@ -161,37 +166,56 @@ class McapSource:
         return f"MCAP {self.path.name}: " + "; ".join(parts)
 
     def __iter__(self) -> Iterator[SourceFrame]:
-        from mcap.exceptions import McapError
-        from mcap.reader import NonSeekingReader, SeekingReader
-
         counters: dict[str, int] = defaultdict(int)
         decoders: dict[int, Callable[[bytes], Any]] = {}
         topics = list(self.topics)
-        try:
-            with open(self.path, "rb") as f:
-                if self.seekable:
-                    messages = SeekingReader(f).iter_messages(topics=topics, log_time_order=True)
-                else:
-                    messages = NonSeekingReader(f).iter_messages(topics=topics, log_time_order=False)
-                for schema, channel, message in messages:
-                    dec = decoders.get(channel.id)
-                    if dec is None:
-                        dec = decoders[channel.id] = make_decoder(schema, channel.message_encoding)
-                    where = f"{self.path}: {channel.topic} message at {message.log_time}"
-                    try:
-                        msg = dec(message.data)
-                    except Exception as exc:  # decoders raise anything on a corrupt payload
-                        raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
-                    if schema is None:  # a schemaless channel sharing an image topic's name
-                        raise DataError(f"{where}: channel has no schema")
-                    try:
-                        frame = message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
-                    except DataError:
-                        raise
-                    except Exception as exc:  # e.g. raw pixels too short for the size it declares
-                        raise DataError(f"{where}: malformed image message ({type(exc).__name__}: {exc})") from exc
-                    yield frame
-        except (McapError, OSError, EOFError) as exc:
-            raise DataError(f"{self.path}: truncated or corrupt MCAP ({type(exc).__name__}: {exc})") from exc
+        for schema, channel, message in self._messages(topics):
+            dec = decoders.get(channel.id)
+            if dec is None:
+                try:
+                    dec = decoders[channel.id] = make_decoder(schema, channel.message_encoding)
+                except DataError as exc:
+                    raise DataError(f"{self.path}: {channel.topic}: {exc}") from exc
+                except Exception as exc:  # a damaged schema record fails in the schema parser
+                    name = schema.name if schema is not None else "?"
+                    raise DataError(f"{self.path}: {channel.topic}: cannot read the schema of {name} "
+                                    f"({type(exc).__name__}: {exc})") from exc
+            where = f"{self.path}: {channel.topic} message at {message.log_time}"
+            try:
+                msg = dec(message.data)
+            except Exception as exc:  # decoders raise anything on a corrupt payload
+                raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
+            if schema is None:  # a schemaless channel sharing an image topic's name
+                raise DataError(f"{where}: channel has no schema")
+            try:
+                frame = message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
+            except DataError:
+                raise
+            except Exception as exc:  # e.g. raw pixels too short for the size it declares
+                raise DataError(f"{where}: malformed image message ({type(exc).__name__}: {exc})") from exc
+            yield frame
         if not counters:
             raise DataError(f"{self.path}: no image messages on {', '.join(topics)}")
+
+    def _messages(self, topics: list[str]) -> Iterator[tuple[Any, Any, Any]]:
+        """The library's (schema, channel, message) on ``topics``. Whatever it raises on a damaged
+        file becomes a DataError saying how far the reading got: the messages already yielded
+        (each replayed) and the byte it had reached, where a truncation ends or past a damaged chunk."""
+        from mcap.reader import NonSeekingReader, SeekingReader
+
+        read = 0
+        try:
+            with open(self.path, "rb") as f:
+                try:
+                    reader = SeekingReader(f) if self.seekable else NonSeekingReader(f)
+                    # Without a summary there is no index to merge by: records come in file order.
+                    for item in reader.iter_messages(topics=topics, log_time_order=self.seekable):
+                        yield item
+                        read += 1
+                except Exception as exc:  # only the library runs in here: the consumer's errors stay with it
+                    raise DataError(
+                        f"{self.path}: truncated or corrupt MCAP: unreadable after {read} image messages, at "
+                        f"byte {f.tell()} of {os.fstat(f.fileno()).st_size} ({type(exc).__name__}: {exc})"
+                    ) from exc
+        except OSError as exc:  # opening or closing the file; the reading's errors are DataErrors by now
+            raise DataError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
