@@ -50,6 +50,9 @@ class FrameAnswer:
     model_variant: str = ""
     class_names: tuple[str, ...] = ()  # of the model that answered (a hot swap may change them)
     tracks: Any = None  # perception.tracking.TrackResult when tracking was asked for
+    # The server failed on the frame (inference or post-processing): a stream counts it INTERNAL,
+    # as the error a unary call ends with is counted.
+    internal_error: bool = False
 
 
 @dataclass(eq=False)
@@ -108,15 +111,16 @@ def finish_task(
 ) -> FrameAnswer:
     """The answer of a done task; post-processes an inferred frame. Records metrics.
 
-    If inference itself failed: raises perception.errors.ModelError (a unary call ends
-    INTERNAL), or with ``answer_errors`` (a stream, which goes on) answers the frame OVERLOADED.
+    If inference or post-processing failed, the frame is counted dropped ("error"), then:
+    raises perception.errors.ModelError (a unary call ends INTERNAL), or with ``answer_errors``
+    (a stream, which goes on) answers the frame OVERLOADED, marked ``internal_error``.
     """
     result = task.result
     status, message = task.status, task.message
     finisher = task.model.pipeline if task.model is not None else pipeline
     detections = Detections.empty()
     post_s = 0.0
-    reason = ""  # the drop reason when it is not the status's own
+    failure = ""  # why the server failed on the frame; '' when it did not
     prep = task.prepared
     if status is None:
         if result is None:
@@ -130,19 +134,15 @@ def finish_task(
                 error = f"error id {uuid.uuid4().hex[:12]}"
                 log.error("post-processing %s/%d failed (%s)", task.camera_id, task.sequence, error,
                           exc_info=not isinstance(exc, PerceptionError))
-                if not answer_errors:
-                    raise ModelError(f"post-processing failed ({error})") from exc
-                status, message = FrameStatus.OVERLOADED, f"post-processing failed ({error}); frame not processed"
-                reason = "error"
+                failure = f"post-processing failed ({error})"
+                status, message = FrameStatus.OVERLOADED, f"{failure}; frame not processed"
             post_s = time.perf_counter() - t0
             result.outputs = None
         elif result.status is JobStatus.ERROR or result.status is JobStatus.OK:
-            if not answer_errors:
-                raise ModelError(result.message or "inference returned no output")
+            failure = result.message or "inference returned no output"
             # No FrameStatus says "internal error"; OVERLOADED tells the client to send the next
             # frame (this one was not processed), which is what it should do.
             status, message = FrameStatus.OVERLOADED, f"{result.message or 'inference failed'}; frame not processed"
-            reason = "error"
         else:
             status, message = _JOB_ANSWER[result.status], result.message
     total_s = time.monotonic() - task.received
@@ -158,11 +158,13 @@ def finish_task(
         batch_size=result.batch_size if result and ok else 0,
     )
     try:  # the answer goes out whatever its metrics do
-        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, reason)
+        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, "error" if failure else "")
         if status is FrameStatus.OK:
             metrics.observe_priority(task.priority, total_s)
     except Exception:
         log.exception("recording the metrics of %s/%d failed", task.camera_id, task.sequence)
+    if failure and not answer_errors:
+        raise ModelError(failure)  # counted above: a unary call's failed frame is a dropped one too
     return FrameAnswer(
         camera_id=task.camera_id,
         sequence=task.sequence,
@@ -176,6 +178,7 @@ def finish_task(
         model_version=task.model.version if task.model is not None else "",
         model_variant=task.model.variant.name if task.model is not None else "",
         class_names=finisher.classes,
+        internal_error=bool(failure),
     )
 
 

@@ -169,9 +169,8 @@ class Scheduler:
             q.append(job)
             self._last_active[job.key] = job.enqueued
             self._pending += 1
-            depth = self._pending
+            self._gauge_locked()
             self._cond.notify_all()
-        self._gauge(depth)
         if stale is not None:
             stale.tensor = None
             _call(stale, JobResult(JobStatus.STALE, queue_s=time.monotonic() - stale.enqueued,
@@ -210,8 +209,7 @@ class Scheduler:
             self._last_active.pop(key, None)
             dropped = list(q or ())
             self._pending -= len(dropped)
-            depth = self._pending
-        self._gauge(depth)
+            self._gauge_locked()
         for job in dropped:
             job.tensor = None
             _call(job, JobResult(JobStatus.CANCELLED, message="stream closed"))
@@ -235,7 +233,8 @@ class Scheduler:
         """Run ``job`` now, on this thread, if the engine can take it at once: a worker free,
         nothing queued, and, when batches may hold several frames, no other camera known (a
         known camera is one the batcher would wait up to ``max_wait`` for, to batch with it).
-        False (nothing done) otherwise: ``submit`` it.
+        False (nothing done) otherwise: ``submit`` it. True also for a job already past its
+        deadline: it is answered ``expired`` instead of run, as a queued one would be.
         A job that is not ``transient`` makes its camera known, as ``submit`` does.
         NotReadyError when not accepting."""
         with self._cond:
@@ -252,7 +251,14 @@ class Scheduler:
             if not transient:
                 self._queues.setdefault(job.key, deque())
                 self._last_active[job.key] = now
-            self._running += 1
+            # Past its deadline already (its decode took that long): inferring it would spend
+            # the engine on an answer that is late whatever it says.
+            expired = job.deadline is not None and now > job.deadline
+            if not expired:
+                self._running += 1
+        if expired:
+            _expire(job, now)
+            return True
         try:
             self._run_batch([job])
         finally:
@@ -316,18 +322,12 @@ class Scheduler:
                 now = time.monotonic()
                 self._forget_quiet_locked(now)  # before the take: a bug in it loses no frame
                 jobs, expired = self._take_batch_locked(now)
-                depth = self._pending
+                self._gauge_locked()
                 self._running += bool(jobs)
             try:
-                try:
-                    self._gauge(depth)
-                except Exception:  # a metrics error must not cost the frames just taken
-                    log.exception("updating the queue depth failed")
                 now = time.monotonic()
                 for job in expired:
-                    job.tensor = None
-                    _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
-                                         message="deadline passed while the frame was queued"))
+                    _expire(job, now)
                 if jobs:
                     self._run_batch(jobs)
             finally:
@@ -469,12 +469,24 @@ class Scheduler:
         for job, result in zip(jobs, results, strict=True):
             _call(job, result)
 
-    def _gauge(self, depth: int) -> None:
-        self._metrics.set_queue_depth(depth)
+    def _gauge_locked(self) -> None:
+        """Set the queue-depth gauge; called with ``_cond`` held, so that the gauge is written in
+        the order the depth changed (written after the lock was let go, an older depth could land
+        last and stay there once traffic stops). A gauge's set takes only prometheus' own lock."""
+        try:
+            self._metrics.set_queue_depth(self._pending)
+        except Exception:  # a metrics error must not cost the frames being queued or taken
+            log.exception("updating the queue depth failed")
 
 
 _UNSET = object()
 CRITICAL = 2  # the priority of the critical class (server.config.PRIORITY_CLASSES)
+
+
+def _expire(job: Job, now: float) -> None:
+    job.tensor = None
+    _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
+                         message="deadline passed while the frame was queued"))
 
 
 def _call(job: Job, result: JobResult) -> None:

@@ -114,11 +114,12 @@ class DetectorService(pb_grpc.DetectorServicer):
         if len(camera_id) > MAX_CAMERA_ID_LEN:  # before the id is counted (a metric label)
             raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
         task = FrameTask(camera_id, sequence, ts, deadline_ms=deadline_ms)
+        # From here on every way out counts the frame answered or dropped, once, with the reason
+        # a stream's frame would be dropped for.
         self._metrics.frame_received(camera_id)
         size = request.ByteSize()
         if not self._limits.undecoded.try_take(size):
-            task.answer_now(FrameStatus.OVERLOADED, "undecoded-bytes budget full")
-            finish_task(task, self._pipeline, self._metrics)
+            self._drop(task, FrameStatus.OVERLOADED, "undecoded-bytes budget full")
             raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
         try:
             frame, opts = self._convert(request)
@@ -133,9 +134,8 @@ class DetectorService(pb_grpc.DetectorServicer):
                 # the model swapped out is freed a few seconds after.
                 pipeline, task.model = self._current()
                 task.prepared = pipeline.prepare(frame, opts)
-        except InvalidInputError as exc:
-            task.answer_now(FrameStatus.INVALID, str(exc))
-            finish_task(task, self._pipeline, self._metrics)  # counts the drop
+        except Exception as exc:  # bad input; or an internal error, answered INVALID on a stream
+            self._drop(task, FrameStatus.INVALID, str(exc))
             raise
         finally:
             self._limits.undecoded.give_back(size)
@@ -143,16 +143,28 @@ class DetectorService(pb_grpc.DetectorServicer):
         deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None
         job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
                   priority=self._limits.priority_of(camera_id))
-        if not scheduler.run_if_idle(job, transient=True):  # an idle engine runs it on this thread, no hand-offs
-            scheduler.submit(job, transient=True)
+        try:
+            if not scheduler.run_if_idle(job, transient=True):  # an idle engine runs it on this thread, no hand-offs
+                scheduler.submit(job, transient=True)
+        except Exception as exc:  # over capacity or shutting down (or a bug): OVERLOADED on a stream
+            self._drop(task, FrameStatus.OVERLOADED, str(exc))
+            raise
         while not task.done.wait(0.25):
             if not context.is_active():  # the client cancelled or its deadline passed
-                scheduler.close(key)
+                scheduler.close(key)  # answers the frame CANCELLED, unless a batch has it
+                self._drop(task, FrameStatus.OVERLOADED, "the call ended before the frame was answered")
                 return pb.DetectResponse()
+        # Counts the frame; if its inference or post-processing failed, raises ModelError after.
+        answer = finish_task(task, self._pipeline, self._metrics)
         if task.result is not None and task.result.status is JobStatus.CANCELLED:
             raise NotReadyError("server is shutting down; retry on another instance")
-        answer = track_answer(finish_task(task, self._pipeline, self._metrics), task, self._trackers)
-        return convert.answer_to_proto(answer)
+        return convert.answer_to_proto(track_answer(answer, task, self._trackers))
+
+    def _drop(self, task: FrameTask, status: FrameStatus, message: str) -> None:
+        """Answer a frame ``status`` unless it was answered already (then as it was), and count it.
+        The call then ends its own way, so a frame whose inference failed meanwhile raises nothing."""
+        task.answer_now(status, message)
+        finish_task(task, self._pipeline, self._metrics, answer_errors=True)
 
     def StreamDetect(
         self, request_iterator: Iterable[pb.DetectRequest | Refused | Received], context: grpc.ServicerContext

@@ -54,7 +54,7 @@ from perception.types import FrameStatus
 from server.answer import FrameAnswer, FrameTask, finish_task, track_answer
 from server.limits import InvalidBackoff, ServiceLimits, take_both
 from server.metrics_protocol import Metrics
-from server.scheduler import Job, JobStatus, Scheduler
+from server.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -134,6 +134,10 @@ class StreamSession:
         # key above is one of them, and each is remembered until the stream ends.
         self._cameras: set[str] = set()
         self._reader_done = False
+        # The reader has a request off the wire that is not in the outbox yet (it is being
+        # identified and counted): the stream holds a frame, and a drain or the idle timeout
+        # that ended it now would leave that frame unanswered.
+        self._taking = False
         self._cancelled = False
         self._stopped_for_drain = False
         self._backoff = InvalidBackoff(self._limits.invalid_backoff_max_s)
@@ -153,14 +157,15 @@ class StreamSession:
             while True:
                 with self._lock:
                     while not self._cancelled and not (self._outbox and self._outbox[0].done.is_set()):
-                        if not self._outbox and (self._reader_done or self._draining()):
+                        empty = not self._outbox and not self._taking  # the stream holds no frame
+                        if empty and (self._reader_done or self._draining()):
                             # Shutting down: in-flight frames are answered, then the call ends.
                             self._stopped_for_drain = self._stopped_for_drain or not self._reader_done
                             break
                         # Quiet since the client's last frame or this stream's last answer, the
                         # later: a client in lockstep sends its next frame once it has the answer.
                         quiet_s = time.monotonic() - max(self._last_request, self._last_answer)
-                        if not self._outbox and quiet_s > self._limits.stream_idle_timeout_s:
+                        if empty and quiet_s > self._limits.stream_idle_timeout_s:
                             self._idle = True
                             break
                         self._answerable.wait(0.1 if self._draining() else 0.5)
@@ -169,13 +174,14 @@ class StreamSession:
                     task = self._outbox.popleft()
                     self._inflight -= task.size
                     self._room.notify()  # room in the outbox for the reader
-                if task.result is not None and task.result.status is JobStatus.ERROR:
-                    # One failed batch must not end the stream and discard its other answers:
-                    # the scheduler logged the traceback; the frame is answered, counted INTERNAL.
-                    log.error("stream %d: camera %r frame %d not inferred: %s",
-                              self.id, task.camera_id, task.sequence, task.result.message)
-                    self._count_internal()
                 answer = finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+                if answer.internal_error:
+                    # One failed batch or post-processing must not end the stream and discard its
+                    # other answers: the traceback is in the log already; the frame is answered,
+                    # counted INTERNAL as a unary call's failure is.
+                    log.error("stream %d: camera %r frame %d: %s",
+                              self.id, task.camera_id, task.sequence, answer.message)
+                    self._count_internal()
                 # Until the caller asks for the next answer, this one is being sent: gRPC's send
                 # returns once the client's flow-control window has room for it.
                 self._sending_since = time.monotonic()
@@ -247,6 +253,10 @@ class StreamSession:
                 request = next(pending, None)
                 if request is None:
                     break
+                # Only now, not while next() waits for the client: a stream waiting for its
+                # client's next frame holds none, and a drain must not wait for it.
+                with self._lock:
+                    self._taking = True
                 if self._draining():
                     # Already taken off the wire: answer it rather than drop it silently.
                     self._stopped_for_drain = True
@@ -260,6 +270,7 @@ class StreamSession:
         finally:
             with self._lock:
                 self._reader_done = True
+                self._taking = False  # a request _take failed on is not waited for
                 self._wake_all()
 
     def _wait_for_room(self) -> bool:
@@ -316,6 +327,7 @@ class StreamSession:
                 refuse = f"{full} is full ({size} bytes do not fit); frame not processed"
         replaced = []
         with self._lock:
+            self._taking = False  # in the outbox now, unless the stream is gone
             gone = self._cancelled  # the call ended while this request was read: nothing will decode it
             if not gone:
                 self._outbox.append(task)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from perception.errors import NotReadyError, OverloadedError
 from perception.manifest import load_manifest
+from server.metrics_protocol import NullMetrics
 from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from server.scheduler import Job, JobResult, JobStatus, Scheduler
 
@@ -379,3 +381,67 @@ def test_not_accepting_refuses_the_fast_path_too(backend):
     s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=2, max_pending=16)
     with pytest.raises(NotReadyError):
         s.run_if_idle(Job("front", tensor(1), lambda r: None))
+
+
+def test_a_frame_past_its_deadline_is_answered_expired_on_the_fast_path_not_run(backend):
+    """A frame whose deadline passed before it reached an idle engine (a slow decode) is answered
+    EXPIRED, as the worker answers a queued one, without spending an inference on it."""
+    engine = OneAtATime(backend)
+    rec = Recorder()
+    s = Scheduler(engine, max_batch=4, max_wait_s=0.0, queue_size=2, max_pending=16)
+    s.start()
+    try:
+        late = Job(("unary", 1), tensor(0), rec.cb("late"), deadline=time.monotonic() - 0.001)
+        assert s.run_if_idle(late, transient=True)
+        assert rec.results["late"].status is EXPIRED
+        assert rec.results["late"].message == "deadline passed while the frame was queued"
+        assert engine.threads == [], "the expired frame was inferred"
+        # The engine is still idle and takes the next frame on the fast path.
+        assert s.run_if_idle(Job(("unary", 2), tensor(1), rec.cb("fine"), deadline=time.monotonic() + 60),
+                             transient=True)
+        assert rec.results["fine"].status is OK and s.queue_count == 0
+    finally:
+        s.stop(2)
+
+
+class Depths(NullMetrics):
+    """Keeps the last queue depth set; ``during_set`` runs inside the next set, before it lands."""
+
+    def __init__(self) -> None:
+        self.depth: int | None = None
+        self.during_set: Callable[[], None] | None = None
+
+    def set_queue_depth(self, n: int) -> None:
+        hook, self.during_set = self.during_set, None
+        if hook is not None:
+            hook()
+        self.depth = n
+
+
+def test_the_queue_depth_gauge_ends_at_the_depth_left(backend):
+    """A submit and a close of the same queue on two threads: the gauge must end at the depth
+    left (0). Set after the scheduler's lock was let go, the submit's depth (1) could land after
+    the close's and stay there on an idle scheduler. Here the close runs while the submit sets
+    its depth, if the scheduler's lock lets it; otherwise (the lock held, as it must be) after."""
+    metrics = Depths()
+    s = Scheduler(backend.infer, max_batch=1, max_wait_s=0.0, queue_size=2, max_pending=16, metrics=metrics)
+    s._accepting = True  # no worker: only the submit and the close change the depth
+    closed: list[int] = []
+
+    def close_if_the_lock_is_free() -> None:
+        if s._cond.acquire(blocking=False):
+            try:
+                closed.append(s.close("front"))
+            finally:
+                s._cond.release()
+
+    def close_meanwhile() -> None:
+        thread = threading.Thread(target=close_if_the_lock_is_free)
+        thread.start()
+        thread.join(5)
+
+    metrics.during_set = close_meanwhile
+    s.submit(Job("front", tensor(0), lambda r: None))
+    if not closed:
+        s.close("front")
+    assert s.pending == 0 and metrics.depth == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import cv2
 import grpc
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from perception.pipeline import FramePipeline
 from perception.v1 import detector_pb2 as pb
+from server.metrics import DROP_REASONS
+from server.scheduler import Job
 from tests.server.conftest import health_check, jpeg, request, stalled_reader_channel, window_filling_request
 
 OK = pb.FRAME_STATUS_OK
@@ -457,3 +461,86 @@ def test_reuse_port_lets_two_servers_share_a_port_and_spreads_connections(serve)
     assert all(served.values()), f"one server took every connection: {served}"
     with pytest.raises((PerceptionError, RuntimeError, OSError)):
         serve(channel=False, port=port)  # without --reuse-port: the port is taken
+
+
+def _hold_the_engine(run: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Keep the server's one inference worker (inference_workers=1) busy until the returned Event
+    is set: a Detect call of camera "busy" runs, and its inference waits for the Event."""
+    backend = run.server.models.current.backend
+    infer, running, release = backend.infer, threading.Event(), threading.Event()
+
+    def held(batch: Any) -> Any:
+        running.set()
+        release.wait(20)
+        return infer(batch)
+
+    monkeypatch.setattr(backend, "infer", held)
+    threading.Thread(target=run.stub.Detect, args=(request("busy", 0, jpeg()),), kwargs={"timeout": 30},
+                     daemon=True).start()
+    assert running.wait(10)
+    return release
+
+
+@pytest.mark.parametrize("case, code, reason", [
+    ("over capacity", grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
+    ("client gone", grpc.StatusCode.CANCELLED, "overloaded"),
+    ("queue closed", grpc.StatusCode.UNAVAILABLE, "overloaded"),
+    ("pre-processing bug", grpc.StatusCode.INTERNAL, "invalid"),
+])
+def test_a_unary_frame_left_unanswered_is_counted_dropped_once(serve, monkeypatch, case, code, reason):
+    """A Detect call's frame that gets no answer is counted dropped, for the reason a stream's
+    frame is dropped for in the same case: refused over capacity, its client gone (cancelled)
+    while it waits, its queue closed under it (CANCELLED), an unexpected pre-processing error.
+    It used to be counted received only."""
+    run = serve(inference_workers=1, max_pending=1)
+    scheduler, metrics = run.server.scheduler, run.server.metrics
+    count_drop, dropped = metrics.frame_dropped, threading.Event()
+
+    def frame_dropped(camera_id: str, why: str) -> None:
+        count_drop(camera_id, why)
+        if camera_id == "front":
+            dropped.set()
+
+    monkeypatch.setattr(metrics, "frame_dropped", frame_dropped)
+    release = threading.Event()  # lets a held engine go, at the end
+    if case == "pre-processing bug":
+        def prepare(*args: Any) -> Any:
+            raise MemoryError("no room for this frame")
+
+        monkeypatch.setattr(FramePipeline, "prepare", prepare)
+    else:  # the frame cannot run at once: it is queued, or refused when no room is left
+        release = _hold_the_engine(run, monkeypatch)
+    if case == "over capacity":  # the one frame max_pending allows, of a class no Detect call may shed
+        scheduler.submit(Job("filler", None, lambda result: None, priority=2))
+    queued = threading.Event()
+    if case in ("queue closed", "client gone"):
+        submit = scheduler.submit
+
+        def submitted(job: Job, transient: bool = False) -> None:
+            submit(job, transient)
+            if case == "queue closed":
+                scheduler.close(job.key)  # as the end of a stream closes its queues
+            queued.set()
+
+        monkeypatch.setattr(scheduler, "submit", submitted)
+    frame = request("front", 1, jpeg())
+    try:
+        if case == "client gone":
+            call = run.stub.Detect.future(frame, timeout=10)
+            assert queued.wait(10)
+            call.cancel()
+            got = call.code()
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                run.stub.Detect(frame, timeout=10)
+            got = err.value.code()
+        assert got == code
+        assert dropped.wait(10), "the frame was not counted dropped"  # the server notices a client gone later
+    finally:
+        scheduler.close("filler")
+        release.set()
+    get = run.registry.get_sample_value
+    assert get("perception_frames_received_total", {"camera": "front"}) == 1
+    assert get("perception_frames_dropped_total", {"camera": "front", "reason": reason}) == 1
+    assert sum(get("perception_frames_dropped_total", {"camera": "front", "reason": r}) or 0 for r in DROP_REASONS) == 1
+    assert not get("perception_frames_answered_total", {"camera": "front"})

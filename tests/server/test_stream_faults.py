@@ -7,6 +7,7 @@ import queue
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -37,7 +38,7 @@ from server.config import ServerConfig
 from server.limits import ServiceLimits
 from server.metrics_protocol import NULL_METRICS
 from server.scheduler import Job, JobStatus, Scheduler
-from server.stream import StreamSession
+from server.stream import Identifier, StreamSession
 from tests.server.conftest import jpeg, request
 from tests.tiny_model import CLASSES, make_tiny_onnx
 
@@ -62,20 +63,30 @@ def test_unexpected_preprocessing_error_answers_the_frame_and_goes_on(serve, mon
     assert get("perception_grpc_errors_total", {"method": "StreamDetect", "code": "INTERNAL"}) == 1
 
 
-def _fail_first_batch(run: Any) -> threading.Event:
-    """Make the server's next inference fail (as a broken engine would), once."""
-    model = run.server.models.current  # the served model; each batch runs on its backend
-    infer = model.backend.infer
+def _fail_once(owner: Any, method: str, error: Exception) -> None:
+    """Make ``owner``'s next call of ``method`` raise ``error``, once."""
+    call = getattr(owner, method)
     failed = threading.Event()
 
-    def flaky(batch: Any) -> Any:
+    def flaky(*args: Any) -> Any:
         if not failed.is_set():
             failed.set()
-            raise ModelError("CUDA error: an illegal memory access was encountered")
-        return infer(batch)
+            raise error
+        return call(*args)
 
-    model.backend.infer = flaky
-    return failed
+    setattr(owner, method, flaky)
+
+
+def _fail_first_batch(run: Any) -> None:
+    """Make the server's next inference fail (as a broken engine would), once."""
+    # The served model: each batch runs on its backend.
+    _fail_once(run.server.models.current.backend, "infer",
+               ModelError("CUDA error: an illegal memory access was encountered"))
+
+
+def _fail_first_finish(run: Any) -> None:
+    """Make the served model's next post-processing fail (an output its layout cannot decode), once."""
+    _fail_once(run.server.models.current.pipeline, "finish", ValueError("the output does not match the model's layout"))
 
 
 def test_failed_inference_answers_the_frame_and_the_stream_goes_on(serve):
@@ -101,6 +112,28 @@ def test_failed_inference_answers_the_frame_and_the_stream_goes_on(serve):
     # Counted as a model error, not as load shed (it used to be reason="overloaded").
     assert get("perception_frames_dropped_total", {"camera": "front", "reason": "error"}) == 1
     assert not get("perception_frames_dropped_total", {"camera": "front", "reason": "overloaded"})
+
+
+@pytest.mark.parametrize("stage", ["inference", "post-processing"])
+@pytest.mark.parametrize("method", ["StreamDetect", "Detect"])
+def test_a_frame_the_server_fails_on_is_counted_internal_and_dropped_once(serve, method, stage):
+    """Inference or post-processing failing on a frame counts INTERNAL under the call's method
+    (a stream answers the frame and goes on) and the frame dropped for "error", once. A stream
+    used to count no INTERNAL for post-processing; a unary call counted the frame received only."""
+    run = serve()
+    (_fail_first_batch if stage == "inference" else _fail_first_finish)(run)
+    if method == "Detect":
+        with pytest.raises(grpc.RpcError) as err:
+            run.stub.Detect(request("front", 0, jpeg()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+    else:
+        out = list(run.stub.StreamDetect(iter([request("front", 0, jpeg())]), timeout=10))
+        assert [a.status for a in out] == [pb.FRAME_STATUS_OVERLOADED]
+    get = run.registry.get_sample_value
+    assert get("perception_grpc_errors_total", {"method": method, "code": "INTERNAL"}) == 1
+    assert get("perception_frames_received_total", {"camera": "front"}) == 1
+    assert get("perception_frames_dropped_total", {"camera": "front", "reason": "error"}) == 1
+    assert not get("perception_frames_answered_total", {"camera": "front"})
 
 
 def test_failed_inference_of_a_unary_call_is_internal(serve):
@@ -149,9 +182,10 @@ def _no_boxes(batch: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _session(pipeline: FramePipeline, scheduler: Scheduler, draining: Any = lambda: False,
-             limits: ServiceLimits | None = None) -> StreamSession:
-    return StreamSession(pipeline, scheduler, convert.frame_from_proto, convert.identify, NULL_METRICS, 8,
-                         lambda camera: None, draining, limits)
+             limits: ServiceLimits | None = None, identify: Identifier = convert.identify,
+             kind: type[StreamSession] = StreamSession) -> StreamSession:
+    return kind(pipeline, scheduler, convert.frame_from_proto, identify, NULL_METRICS, 8, lambda camera: None,
+                draining, limits)
 
 
 def test_a_request_read_as_the_stream_ends_gives_its_bytes_back(tiny_manifest: Path):
@@ -256,6 +290,73 @@ def test_request_taken_while_draining_is_answered(tiny_manifest: Path):
         scheduler.stop(2)
     assert [(a.sequence, a.status) for a in out] == [(0, "OK"), (1, "OVERLOADED")]
     assert "shutting down" in out[1].message
+
+
+@pytest.mark.parametrize("end", ["drain the reader sees", "drain as it is taken", "idle timeout"])
+def test_a_frame_being_taken_in_is_answered_before_the_stream_ends(tiny_manifest: Path, end):
+    """The reader has frame 1 off the wire and is still taking it in (identifying it, stalled
+    here) when the answer loop finds the outbox empty and the server draining, or the stream
+    quiet past its idle timeout. The stream used to end there, frame 1 unanswered.
+
+    The stall lasts until the stream ended, or the answer loop looked at the drain or its idle
+    clock three times while either called for an end. Before the fix it ended at its first or
+    second such look (one in its wait's timeout, then one in its check): a third is a loop that
+    waits for the frame."""
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
+    scheduler = Scheduler(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    scheduler.start()
+    idle_s = 0.5 if end == "idle timeout" else 60.0
+    drain, taking, decided, first_answered, hold = (threading.Event() for _ in range(5))
+    answering = threading.current_thread()  # the answer loop runs on the thread iterating answers()
+    looks = 0
+
+    def draining() -> bool:
+        nonlocal looks
+        if threading.current_thread() is not answering:
+            return drain.is_set()
+        if not taking.is_set():  # the answer loop sees the drain once the reader has frame 1
+            return False
+        quiet_s = time.monotonic() - max(session._last_request, session._last_answer)
+        if drain.is_set() or quiet_s > idle_s:
+            looks += 1
+            if looks == 3:
+                decided.set()
+        return drain.is_set()
+
+    def identify(req: Any) -> tuple[str, int, int, int]:
+        if req.frame.sequence == 1:
+            if end == "drain as it is taken":
+                drain.set()  # after the reader's own look: frame 1 is taken in as any other
+            taking.set()
+            decided.wait(10)
+        return convert.identify(req)
+
+    def reqs() -> Iterator[pb.DetectRequest]:
+        yield request("front", 0, jpeg())
+        first_answered.wait(10)
+        if end == "drain the reader sees":
+            drain.set()
+        yield request("front", 1, jpeg())
+        hold.wait(10)  # the client keeps the stream open, sending nothing
+
+    class Ending(StreamSession):
+        def cancel(self) -> None:
+            super().cancel()
+            decided.set()  # the stream ended: the answer loop's last act
+
+    session = _session(pipeline, scheduler, draining, ServiceLimits(stream_idle_timeout_s=idle_s), identify, Ending)
+    out = []
+    try:
+        with pytest.raises(NotReadyError) as err:
+            for a in session.answers(reqs()):
+                out.append((a.sequence, a.status.name))
+                first_answered.set()
+    finally:
+        hold.set()
+        scheduler.stop(2)
+    # Off the wire once the drain began, frame 1 is refused; in the server before, it is inferred.
+    assert out == [(0, "OK"), (1, "OVERLOADED" if end == "drain the reader sees" else "OK")]
+    assert ("sent no frame" if end == "idle timeout" else "shutting down") in str(err.value)
 
 
 def _mismatched_manifest(directory: Path) -> Path:
