@@ -53,7 +53,7 @@ from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, Ra
 from perception.types import Detections, FrameStatus
 from perception.v1 import grpc_predict_v2_pb2 as kpb
 from perception.v1 import model_config_pb2 as mcpb
-from server.answer import FrameTask, finish_task
+from server.answer import FrameAnswer, FrameTask, finish_task
 from server.errors import DeadlineError, NotFoundError
 from server.kserve_stream import SHUTTING_DOWN, InferStream, Started
 from server.limits import ServiceLimits, StreamAdmission
@@ -324,7 +324,7 @@ class KServeService:
         pipeline = started.model.pipeline
         answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in started.tasks]
         for index, (task, answer) in enumerate(zip(started.tasks, answers, strict=True)):
-            _raise_unanswered(index, task, answer.status, answer.message)
+            _raise_unanswered(index, task, answer)
         return _response(started.request_id, started.model, [a.detections for a in answers], started.wanted)
 
     def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions,
@@ -389,13 +389,15 @@ def _answer_all(tasks: list[FrameTask], status: FrameStatus, message: str, pipel
         finish_task(task, pipeline, metrics)  # counts the drop
 
 
-def _raise_unanswered(index: int, task: FrameTask, status: FrameStatus, message: str) -> None:
-    """Raise the error a frame answered without detections fails its request with."""
+def _raise_unanswered(index: int, task: FrameTask, answer: FrameAnswer) -> None:
+    """Raise the error a frame answered without detections fails its request with: INTERNAL
+    when the server failed on it (inference or post-processing), as for ``Detect``."""
+    status, message = answer.status, answer.message
     if status is FrameStatus.OK:
         return
-    result = task.result.status if task.result is not None else None
-    if result is JobStatus.ERROR:
+    if answer.internal_error:
         raise ModelError(f"{INPUT}[{index}]: {message}")
+    result = task.result.status if task.result is not None else None
     if result is JobStatus.CANCELLED:
         raise NotReadyError(SHUTTING_DOWN)
     if status is FrameStatus.EXPIRED:

@@ -596,6 +596,24 @@ def test_malformed_tensors_are_invalid_argument(run, inputs, raw, needle):
     assert needle in (err.details() or "")
 
 
+@pytest.mark.parametrize("stage", ["inference", "post-processing"])
+def test_a_request_the_server_fails_on_is_internal(serve, stage):
+    """A frame whose inference or post-processing failed fails its ModelInfer INTERNAL, as a
+    Detect call does; a post-processing failure used to come back RESOURCE_EXHAUSTED ("retry
+    later"), as if the server were only busy."""
+    from tests.server.test_stream_faults import _fail_first_batch, _fail_first_finish
+
+    run = serve(kserve=True)
+    (_fail_first_batch if stage == "inference" else _fail_first_finish)(run)
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())])
+    with pytest.raises(grpc.RpcError) as err:
+        infer(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INTERNAL, err.value.details()
+    assert counter(run, "perception_grpc_errors_total", method="ModelInfer", code="INTERNAL") == 1
+    assert len(infer(req, timeout=10).outputs) == 2  # the next request is served
+
+
 def test_typed_contents_are_accepted(run):
     data = jpeg(160, 120, seed=8)
     tensor = _bytes_input([1])
