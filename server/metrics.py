@@ -40,7 +40,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 STAGES = ("queue", "preprocess", "inference", "postprocess", "end_to_end")
 # "error": the model failed on the frame (the client is told OVERLOADED: send the next one); it
 # used to be counted "overloaded", so a broken runtime looked like load shedding.
-DROP_REASONS = ("stale", "expired", "invalid", "overloaded", "error")
+DROP_REASONS = ("stale", "expired", "invalid", "overloaded", "error", "cancelled")
 # The canonical gRPC status code names (grpc.StatusCode.<X>.name); a fixed, bounded set.
 GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -248,7 +248,8 @@ class ServerMetrics:
         self.frames_answered.labels(self.camera_label(camera_id)).inc()
 
     def frame_dropped(self, camera_id: str, reason: str) -> None:
-        """Count a frame answered without detections; ``reason`` is one of DROP_REASONS."""
+        """Count a frame answered without detections, or left unanswered by the end of its stream
+        ("cancelled"); ``reason`` is one of DROP_REASONS."""
         if reason not in DROP_REASONS:
             raise ValueError(f"unknown drop reason {reason!r}; known: {DROP_REASONS}")
         self.frames_dropped.labels(self.camera_label(camera_id), reason).inc()

@@ -204,6 +204,7 @@ class StreamSession:
             self._cancelled = True
             keys = list(self._keys)
             held = sum(n for waiting in self._inbox.values() for _, _, n in waiting)
+            unanswered = [task.camera_id for task in self._outbox]
             self._outbox.clear()
             self._inflight = 0
             self._inbox.clear()
@@ -211,6 +212,8 @@ class StreamSession:
         self._release(held)
         for key in keys:
             self._scheduler.close(key)
+        for camera_id in unanswered:  # counted received; the client left before their answers
+            self._metrics.frame_dropped(camera_id, "cancelled")
 
     # -- the send watchdog -----------------------------------------------------------------
 
@@ -341,6 +344,7 @@ class StreamSession:
                     replaced.append(waiting.popleft())
                 self._work.notify()
         if gone:
+            self._metrics.frame_dropped(camera_id, "cancelled")
             if not (invalid or refuse):
                 self._release(size)  # taken from the budgets above: cancel() has already summed its own
             return

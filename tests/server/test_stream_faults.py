@@ -36,7 +36,7 @@ from server.answer import FrameTask
 from server.app import create_server
 from server.config import ServerConfig
 from server.limits import ServiceLimits
-from server.metrics_protocol import NULL_METRICS
+from server.metrics_protocol import NULL_METRICS, NullMetrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.stream import Identifier, StreamSession
 from tests.server.conftest import jpeg, request
@@ -200,6 +200,34 @@ def test_a_request_read_as_the_stream_ends_gives_its_bytes_back(tiny_manifest: P
     session._take(request("front", 0, jpeg()))
     assert limits.undecoded.used == 0 and session._bytes.used == 0
     assert not session._inbox and not session._outbox
+
+
+class _Counts(NullMetrics):
+    def __init__(self) -> None:
+        self.received = 0
+        self.dropped: dict[str, int] = {}
+
+    def frame_received(self, camera_id: str) -> None:
+        self.received += 1
+
+    def frame_dropped(self, camera_id: str, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+def test_the_frames_a_cancelled_stream_still_held_are_counted_dropped(tiny_manifest: Path):
+    """Frames received and not yet answered when the stream ends, and one read off the wire as
+    it ended, are counted dropped ("cancelled"): they used to be counted received only, so
+    received frames did not add up to answered plus dropped ones."""
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
+    scheduler = Scheduler(_no_boxes, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    counts = _Counts()
+    session = StreamSession(pipeline, scheduler, convert.frame_from_proto, convert.identify, counts, 8,
+                            lambda camera: None, lambda: False, None)
+    for seq in range(3):  # no decode thread runs: they stay held
+        session._take(request("front", seq, jpeg()))
+    session.cancel()
+    session._take(request("front", 3, jpeg()))
+    assert counts.received == 4 and counts.dropped == {"cancelled": 4}
 
 
 def test_an_unexpected_error_in_the_hand_off_answers_the_frame(tiny_manifest: Path, caplog):
