@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVAL_SCORE_FLOOR", "GateResult", "ValSet", "evaluate_variant", "measure_latency", "parity", "run_gate"]
+__all__ = ["EVAL_BATCH", "EVAL_SCORE_FLOOR", "GateResult", "ValSet", "evaluate_shown", "evaluate_variant",
+           "measure_latency", "parity", "run_gate"]
+
+# Images per inference call when a variant is scored (at most the model's max batch).
+EVAL_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def evaluate_variant(
     pre: PreprocessSpec,
     post: PostprocessSpec,
     threads: int = 2,
-    batch_size: int = 4,
+    batch_size: int = EVAL_BATCH,
     progress: Callable[[int, int], None] | None = None,
     backend: Backend | None = None,
     priors: np.ndarray | None = None,
@@ -170,6 +174,30 @@ def evaluate_variant(
     report = evaluate_coco(valset.gt, ev.predictions, score_threshold=post.score_threshold).to_dict()
     ev.metrics = {k: float(report[k]) for k in ("map50_95", "map50", "precision", "recall")}
     return ev
+
+
+def evaluate_shown(
+    name: str,
+    path: Path,
+    valset: ValSet,
+    pre: PreprocessSpec,
+    post: PostprocessSpec,
+    threads: int,
+    batch_size: int = EVAL_BATCH,
+    backend: Backend | None = None,
+    priors: np.ndarray | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> VariantEval:
+    """``evaluate_variant``, announced through ``progress`` and with a progress bar on a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    progress(f"gate: evaluating {name} on {len(valset.images)} val images")
+    with tqdm(total=len(valset.images), desc=f"gate {name}", unit="img", leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        return evaluate_variant(name, path, valset, pre, post, threads=threads, batch_size=batch_size,
+                                backend=backend, priors=priors, progress=_bar_progress(bar))
 
 
 def load_priors_of(post: PostprocessSpec, root: Path) -> np.ndarray | None:
@@ -301,25 +329,23 @@ def run_gate(
     factory: Callable[[str, Path], Backend] | None = None,
     progress: Callable[[str], None] = lambda _: None,
     priors: np.ndarray | None = None,
+    batch_size: int = EVAL_BATCH,
+    evaluated: dict[str, VariantEval] | None = None,
 ) -> dict[str, GateResult]:
     """Evaluate, time (round-robin) and judge ``variants`` (name -> model file).
 
     limits[name]: that variant's gate (``GateThresholds.limits``). The reference is the variant
     named ``fp32`` unless ``reference`` is given (e.g. when gating TensorRT engines against an
-    earlier FP32 result).
+    earlier FP32 result). batch_size: images per inference call when scoring. evaluated: those
+    of ``variants`` already scored (``evaluate_shown``), which are not scored again.
     """
-    import sys
-
-    from tqdm import tqdm
-
     evals: dict[str, VariantEval] = {}
     for name, path in variants.items():
-        progress(f"gate: evaluating {name} on {len(valset.images)} val images")
+        if evaluated and name in evaluated:
+            evals[name] = evaluated[name]
+            continue
         backend = factory(name, path) if factory else None
-        with tqdm(total=len(valset.images), desc=f"gate {name}", unit="img", leave=False,
-                  disable=not sys.stderr.isatty()) as bar:
-            evals[name] = evaluate_variant(name, path, valset, pre, post, threads=threads, backend=backend,
-                                           priors=priors, progress=_bar_progress(bar))
+        evals[name] = evaluate_shown(name, path, valset, pre, post, threads, batch_size, backend, priors, progress)
     progress(f"gate: timing {len(variants)} variants round-robin ({runs} runs, batch 1)")
     # Timed on the backend alone: decode and letterbox cost the same for every variant.
     sample = latency_sample(valset, pre, post)

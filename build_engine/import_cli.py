@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "has no more images, the scored ones calibrate too, with a warning)")
     p.add_argument("--val-images", type=int, default=300, help="with --data: images scored")
     p.add_argument("--latency-runs", type=int, default=30, help="with --data: timed batch-1 runs per variant")
+    p.add_argument("--min-map50", type=float, default=0.01,
+                   help="with --data: the least mAP50 (0..1) the FP32 model must reach on it, else the import fails "
+                   "(a model that finds nothing is almost always declared wrongly); default 0.01, 0 turns it off")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     p.add_argument("--name", default="", help="model name in the manifest (default: the file's stem)")
     add_progress_flag(p)
@@ -105,6 +108,7 @@ def main(argv: list[str]) -> int:
         class_offset=args.class_offset, score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
         max_detections=args.max_detections, precisions=precisions, calib_images=args.calib_images,
         val_images=args.val_images, latency_runs=args.latency_runs, threads=args.threads, name=args.name,
+        min_map50=args.min_map50,
     )
 
     shown = show_progress(args.no_progress)

@@ -2,10 +2,14 @@
 
 The ONNX model is checked (it loads, takes a float32 channel-first image of a known size, its
 outputs fit the declared layout and the class list, and one pad-coloured frame goes through it
-and the layout's decoder as the server would run it) and copied into a staging directory
+and the layout's decoder as the server would run it, then a batch of them: a model that runs
+one frame at a time only is recorded with max batch 1) and copied into a staging directory
 beside ``--out``. Without data,
 the artifact has the FP32 model only and says that nothing was measured. With labelled data
-(COCO or YOLO), the same build steps as ``perception build`` follow: FP16 and calibrated INT8
+(COCO or YOLO), the FP32 model must first find the labelled objects (mAP50 at least
+``--min-map50``): one that finds nothing is almost always read wrongly (layout, colour order,
+scale, normalised boxes, class order), and would otherwise pass, as FP16 and INT8 are judged
+against it. Then the same build steps as ``perception build`` follow: FP16 and calibrated INT8
 variants, every variant scored through the one frame pipeline with the project's KPI, timed
 round-robin, gated against FP32, and the fastest variant that passed becomes the default. The
 manifest is written once and the directory moved into place whole: a failure leaves nothing.
@@ -21,14 +25,14 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from build_engine.calibration import ImageCalibrationReader
-from build_engine.gate import ValSet, check_valset
+from build_engine.gate import ValSet, VariantEval, check_valset
 from build_engine.thresholds import GateThresholds
 from perception.errors import ConfigError, DataError, ModelError
 from perception.layouts import DECODERS
@@ -44,6 +48,10 @@ from perception.manifest import (
     save_manifest,
     sha256_file,
 )
+
+if TYPE_CHECKING:
+    from perception.pipeline import FramePipeline, Prepared
+    from server.runtime.base import Backend
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -78,6 +86,9 @@ class ImportOptions:
     threads: int = 2
     max_batch: int = 8
     name: str = ""
+    # With data: the least mAP50 (0..1) the FP32 model must reach; 0 = no check. Low enough
+    # that any model read rightly clears it, high enough that one read wrongly (mAP50 ~0) does not.
+    min_map50: float = 0.01
 
     def __post_init__(self) -> None:
         if self.layout not in DECODERS:
@@ -91,6 +102,8 @@ class ImportOptions:
                               "from the column of its score, where there is no background id to skip)")
         if not 0 <= self.pad_value <= 255:
             raise ConfigError(f"--pad-value must be in 0..255, got {self.pad_value}")
+        if not 0 <= self.min_map50 <= 1:
+            raise ConfigError(f"--min-map50 must be in 0..1 (0 turns the check off), got {self.min_map50}")
 
 
 def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
@@ -155,11 +168,12 @@ def input_name(proto: Any) -> str:
 
 def probe_model(
     path: Path, pre: PreprocessSpec, post: PostprocessSpec, classes: Sequence[str], root: Path,
-    dynamic_size: bool,
-) -> dict[str, str]:
+    dynamic_size: bool, max_batch: int,
+) -> tuple[dict[str, str], int]:
     """Bind the model's outputs to its layout's roles (as the server's runtime reports them),
     then run one pad-coloured frame of the chosen input size through the model and the
-    layout's decoder as the server would; return {role: output name}.
+    layout's decoder as the server would, then a batch of up to ``max_batch`` such frames;
+    return ({role: output name}, the max batch to record).
 
     Without --data nothing else runs the model before a server does, and a server that loads
     it starts healthy and then fails every frame: a half-precision or channel-last input, an
@@ -172,7 +186,7 @@ def probe_model(
 
     priors = load_priors(root / post.priors.file) if post.priors is not None else None
     pipeline = FramePipeline(pre, post, classes, priors=priors)
-    backend = open_backend(path, RuntimeSettings(threads=1, max_batch=1))
+    backend = open_backend(path, RuntimeSettings(threads=1, max_batch=max_batch))
     try:
         roles = pipeline.bind_outputs(backend.outputs)
         if priors is not None:
@@ -196,9 +210,34 @@ def probe_model(
             why = implausible_outputs({role: out[name] for role, name in roles.items()}, pipeline.context)
             if why:
                 raise ModelError(f"{path.name}: its outputs on one frame do not read as the ssd layout: {why}")
-        return roles
+        return roles, _batch_that_runs(backend, pipeline, prepared, min(max_batch, backend.max_batch))
     finally:
         backend.deactivate()
+
+
+def _batch_that_runs(backend: Backend, pipeline: FramePipeline, prepared: Prepared, batch: int) -> int:
+    """``batch`` if that many copies of the probe frame go through the model and the decoder
+    frame by frame, else 1 (with a warning).
+
+    A graph can declare a dynamic batch and still run only at batch 1 (a reshape to a fixed
+    shape, an output without the batch's axis); recorded with the default max batch, a server
+    failed to start (its warm-up runs the max batch) or answered only the first frame of each
+    batch. With max batch 1 it serves the model one frame at a time."""
+    from perception.pipeline import frame_outputs
+
+    if batch <= 1:
+        return 1
+    try:
+        out = backend.infer(pipeline.to_batch([prepared.tensor] * batch))
+        for i in range(batch):
+            pipeline.finish(frame_outputs(out, i), prepared)
+    except (ModelError, ValueError, IndexError) as exc:
+        log.warning("the model declares a dynamic batch, but a batch of %d frames does not go through it and the %s "
+                    "decoder; recording max batch 1, so servers run it one frame at a time (re-export it with a "
+                    "working dynamic batch axis to batch frames): %s", batch, pipeline.postprocess.output_layout,
+                    str(exc).strip())
+        return 1
+    return batch
 
 
 def load_valset(data: Path, classes: tuple[str, ...], limit: int) -> ValSet:
@@ -271,6 +310,7 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         raise ConfigError(f"{opts.onnx}: the model's input is {size[0]}x{size[1]}, not --input-size "
                           f"{opts.input_size[0]}x{opts.input_size[1]}")
     width, height = size or opts.input_size  # type: ignore[misc]  # one of them is set (checked above)
+    _warn_mixed_units(opts)
     classes = read_classes(opts.classes)
     # Bad data is refused before anything is written or run.
     valset = load_valset(opts.data, classes, opts.val_images) if opts.data is not None else None
@@ -286,9 +326,9 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         post = PostprocessSpec(output_layout=opts.layout, score_threshold=opts.score_threshold,
                                iou_threshold=opts.iou_threshold, max_detections=opts.max_detections,
                                outputs=dict(opts.outputs), priors=priors, class_offset=opts.class_offset)
-        roles = probe_model(src, pre, post, classes, staging, dynamic_size=size is None)
+        roles, max_batch = probe_model(src, pre, post, classes, staging, dynamic_size=size is None,
+                                       max_batch=min(opts.max_batch, batch or opts.max_batch))
         progress(f"outputs bound as {opts.layout}: " + ", ".join(f"{r}={n}" for r, n in roles.items()))
-        max_batch = min(opts.max_batch, batch or opts.max_batch)
         input_shape = (batch or -1, 3, height, width)
         variants: list[Variant]
         verification = None
@@ -327,6 +367,40 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
     return Path(opts.out) / "manifest.json"
 
 
+def _warn_mixed_units(opts: ImportOptions) -> None:
+    """Warn when --mean or --std look like 0..255 values while --scale brings pixels to 0..1:
+    they apply after scaling, and ImageNet's (123.675, ...) with the default 1/255 leave every
+    input far outside what the model was trained on."""
+    if opts.scale >= 1:
+        return
+    for flag, values in (("--mean", opts.mean), ("--std", opts.std)):
+        if max(values) > 1:
+            log.warning("%s %s looks like 0..255 units, but it applies after --scale %.6g, which brings pixels to "
+                        "0..%.6g: divide it by 255 (e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225), or pass "
+                        "--scale 1 if the model takes 0..255 pixels", flag, ",".join(f"{v:g}" for v in values),
+                        opts.scale, 255 * opts.scale)
+
+
+def _check_reference(opts: ImportOptions, reference: VariantEval, valset: ValSet) -> None:
+    """ModelError unless the FP32 model's mAP50 on the labelled data reaches ``--min-map50``.
+
+    FP16 and INT8 are gated by their drop against FP32, so a model that finds nothing passed
+    (0 vs 0), became the default, and its verification frames recorded "no detections" as what
+    a server must see before swapping it in. Such a model is almost always declared wrongly;
+    the message lists how, and the check runs before any other variant is built."""
+    map50 = reference.metrics["map50"]
+    if map50 >= opts.min_map50:
+        return
+    objects = sum(1 for a in valset.gt["annotations"] if not a.get("iscrowd", 0))
+    raise ModelError(
+        f"{opts.onnx.name}: FP32 mAP50 {map50:.4f} on {opts.data} (images {len(valset.images)}, labelled objects "
+        f"{objects}, its detections {len(reference.predictions)}) is below --min-map50 {opts.min_map50:g}: it is "
+        f"most likely read wrongly. Check --layout ({opts.layout}), the colour order (--bgr / --rgb), --scale "
+        f"({opts.scale:.6g}; 1 if it takes 0..255 pixels), --mean / --std (applied after --scale, so in 0..1 units "
+        "with 1/255), that its boxes are pixels of its input (not normalised to 0..1), and that --classes is in "
+        "the model's training order; --min-map50 0 imports it anyway")
+
+
 def import_version(onnx: Path, classes: Sequence[str], pre: PreprocessSpec, post: PostprocessSpec,
                    input_shape: Sequence[int]) -> str:
     """The imported artifact's version: the ONNX file's hash, then a hash of how it is served
@@ -361,6 +435,12 @@ def _measured_variants(
     from build_engine.calibration import calibration_set_hash
     from build_engine.quantize import convert_fp16, quantize_int8
 
+    priors = g.load_priors_of(post, staging)
+    # A model recorded with max batch 1 (it runs one frame at a time) is scored one frame at a time.
+    batch = min(g.EVAL_BATCH, max_batch)
+    reference = g.evaluate_shown("fp32", src, valset, pre, post, opts.threads, batch, priors=priors,
+                                 progress=progress)
+    _check_reference(opts, reference, valset)
     files: dict[str, tuple[Path, Precision, Calibration | None]] = {"fp32": (src, Precision.FP32, None)}
     skipped: dict[str, str] = {}
     if "fp16" in opts.precisions:
@@ -382,9 +462,9 @@ def _measured_variants(
         log.warning("skipping %s: %s", name, why)
     gates = GateThresholds()
     limits = {n: gates.limits("base", p) for n, (_, p, _) in files.items()}
-    priors = g.load_priors_of(post, staging)
     results = g.run_gate({n: f[0] for n, f in files.items()}, limits, valset, pre, post, opts.latency_runs,
-                         opts.threads, progress=progress, priors=priors)
+                         opts.threads, progress=progress, priors=priors, batch_size=batch,
+                         evaluated={"fp32": reference})
     out = []
     for name, (path, precision, cal) in files.items():
         r = results[name]

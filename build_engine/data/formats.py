@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -127,12 +128,35 @@ def read_coco_set(root: Path, ann_path: Path | None = None) -> LabelledSet:
 
 
 def read_classes(path: Path) -> tuple[str, ...]:
+    """Class names, one per line, in class-id order; blank lines after the last are ignored.
+
+    DataError naming the file unless it is UTF-8 (a byte-order mark, as some Windows editors
+    write, is not part of the first name) and its names are distinct (compared as the val
+    data's are, case and outer spaces folded) with none blank before the last: a blank line
+    skipped would move every later name one class id down, and two classes of one name cannot
+    be told apart."""
     if not path.is_file():
         raise DataError(f"{path}: no such class list (one class name per line)")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    if not names:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: the class list is not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                        "as UTF-8") from exc
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
         raise DataError(f"{path}: the class list is empty")
-    return names
+    blank = [n for n, name in enumerate(lines, start=1) if not name]
+    if blank:
+        raise DataError(f"{path}: line(s) {blank} are blank, before the last class name: skipped, they would move "
+                        "every later name one class id down; name the class there or remove the line")
+    counts = Counter(name.lower() for name in lines)
+    dupes = [name for name in lines if counts[name.lower()] > 1]
+    if dupes:
+        raise DataError(f"{path}: class names {dupes} are given more than once (case aside): each class needs a "
+                        "name of its own")
+    return tuple(lines)
 
 
 def write_yolo(root: Path, samples: list[Sample], classes: tuple[str, ...]) -> None:

@@ -569,3 +569,128 @@ def test_the_counterparts_of_the_refused_import_and_serve(work: Path, tmp_path: 
         assert cli(["import", "--onnx", str(onnx_path), "--layout", layout, "--classes", str(work / "classes.txt"),
                     "--out", str(out), *more, *extra]) == 0
         assert load_manifest(out / "manifest.json").preprocess.pad_value == (0 if extra else 114)
+
+
+def _constant_yolov8(path: Path, boxes_normalised: bool = False, batch_one_only: bool = False) -> Path:
+    """A yolov8 graph, written with onnx.helper, that outputs the planted truck (in pixels, or
+    with ``boxes_normalised`` as fractions of the input: a common export mistake) plus 0 x each
+    image's mean, over a dynamic batch axis. With ``batch_one_only`` the per-image means are
+    reshaped to [1, 1, 1], as a graph traced with a fixed batch does: it runs at batch 1 only."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = yolov8_model().outs[0].detach().numpy().copy()
+    if boxes_normalised:
+        out[0, :4] /= np.array([W, H, W, H], np.float32)[:, None]
+    inits = [numpy_helper.from_array(out, "planted"), numpy_helper.from_array(np.array(0, np.float32), "zero"),
+             numpy_helper.from_array(np.array([1 if batch_one_only else -1, 1, 1], np.int64), "shape")]
+    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Reshape", ["mean", "shape"], ["per_image"]),
+             helper.make_node("Mul", ["per_image", "zero"], ["nothing"]),
+             helper.make_node("Add", ["planted", "nothing"], ["output0"])]
+    graph = helper.make_graph(
+        nodes, "constant_yolov8", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, H, W])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 4 + len(CLASSES), 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_import_with_data_refuses_a_model_that_finds_nothing(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A yolov8 export whose boxes are fractions of the input, not pixels, finds none of the
+    labelled trucks: it used to import with --data (FP32 is the reference, judged on latency
+    only; FP16 / INT8 drop nothing from 0) and ship, its verification frames recording "no
+    detections". Now the import fails in one line naming the likely causes, and writes
+    nothing; --min-map50 0 turns the check off."""
+    data, _, _ = planted_data(tmp_path / "data")
+    onnx_path = _constant_yolov8(tmp_path / "normalised.onnx", boxes_normalised=True)
+    out = tmp_path / "out"
+    argv = ["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
+            "--out", str(out), "--data", str(data), "--latency-runs", "2", "--threads", "1", "--no-progress"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "FP32 mAP50 0.0000" in err and "is below --min-map50 0.01" in err, err
+    for cause in ("--layout (yolov8)", "--bgr", "--scale", "--mean / --std", "normalised to 0..1", "--classes"):
+        assert cause in err, (cause, err)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert cli([*argv, "--precisions", "fp32", "--min-map50", "0"]) == 0
+    assert load_manifest(out).variant("fp32").metrics["map50"] == 0.0
+    assert cli([*argv, "--min-map50", "1.5"]) == 1
+    assert "--min-map50 must be in 0..1" in capsys.readouterr().err
+
+
+def test_import_warns_of_mean_and_std_in_0_255_units_after_a_0_1_scale(
+    work: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--mean / --std apply after --scale: ImageNet's 0..255 values with the default 1/255 scale
+    feed the model inputs far from any it was trained on, so the import warns; with --scale 1
+    they are in the right units and it does not."""
+    onnx_path = _constant_yolov8(tmp_path / "m.onnx")
+    base = ["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
+            "--mean", "123.675,116.28,103.53", "--std", "58.395,57.12,57.375", "--no-progress"]
+    assert cli([*base, "--out", str(tmp_path / "mixed")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "looks like 0..255 units" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("--mean 123.675,116.28,103.53") and \
+        warned[1].startswith("--std 58.395,57.12,57.375"), warned
+    caplog.clear()
+    assert cli([*base, "--scale", "1", "--out", str(tmp_path / "unscaled")]) == 0
+    assert not [r for r in caplog.records if "0..255 units" in r.getMessage()]
+
+
+def test_a_model_that_runs_at_batch_1_only_is_recorded_with_max_batch_1(
+    work: Path, tmp_path: Path, server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A graph declaring a dynamic batch that runs at batch 1 only used to be recorded with max
+    batch 8: the server's warm-up at batch 8 then failed with onnxruntime's own error, and with
+    --data the gate's batches of 4 failed the import. Now the import runs a batch of the max
+    batch it would record and, as that fails, records 1 with a warning: the model serves, and
+    with --data it is scored one frame at a time. The same graph with a working batch axis is
+    recorded with 8."""
+    one = _constant_yolov8(tmp_path / "batch_one.onnx", batch_one_only=True)
+    any_batch = _constant_yolov8(tmp_path / "any_batch.onnx")
+    base = ["import", "--layout", "yolov8", "--classes", str(work / "classes.txt"), "--no-progress"]
+    assert cli([*base, "--onnx", str(one), "--out", str(tmp_path / "one")]) == 0
+    v = load_manifest(tmp_path / "one").variant()
+    assert v.max_batch == 1 and tuple(v.input_shape) == (-1, 3, H, W)
+    assert any("recording max batch 1" in r.getMessage() for r in caplog.records)
+    stub, _ = server(tmp_path / "one" / "manifest.json")
+    frame = pb.Frame(camera_id="cam", sequence=1, encoded=jpeg(640, 512))
+    resp = stub.Detect(pb.DetectRequest(frame=frame), timeout=30)
+    assert resp.status == pb.FRAME_STATUS_OK and [d.class_name for d in resp.detections] == ["truck"]
+    assert cli([*base, "--onnx", str(any_batch), "--out", str(tmp_path / "any")]) == 0
+    assert load_manifest(tmp_path / "any").variant().max_batch == 8
+    data, _, _ = planted_data(tmp_path / "data")
+    assert cli([*base, "--onnx", str(one), "--out", str(tmp_path / "scored"), "--data", str(data), "--latency-runs",
+                "2", "--threads", "1", "--calib-images", "2", "--val-images", "2"]) == 0
+    m = load_manifest(tmp_path / "scored")
+    assert [(v.name, v.max_batch, v.metrics["map50"]) for v in m.variants] == [
+        ("fp32", 1, pytest.approx(1.0)), ("fp16", 1, pytest.approx(1.0)), ("int8", 1, pytest.approx(1.0))]
+
+
+def test_the_class_list_is_read_as_utf8_with_distinct_names(work: Path, tmp_path: Path) -> None:
+    """A byte-order mark (Windows editors write one) used to become part of the first class
+    name ('\\ufeffcar'), a file in another encoding failed with a bare codec error naming no
+    file, and duplicate names or a blank line between names (every later name one class id
+    down) were accepted. Now the mark is dropped, and the others are DataErrors naming the file
+    and the names or lines."""
+    from build_engine.data.formats import read_classes
+    from perception.errors import DataError
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfcar\r\ntruck\r\npedestrian\r\n\r\n")
+    assert read_classes(bom) == CLASSES
+    onnx_path = _constant_yolov8(tmp_path / "m.onnx")
+    assert cli(["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(bom), "--out",
+                str(tmp_path / "art"), "--no-progress"]) == 0
+    assert load_manifest(tmp_path / "art").classes == CLASSES
+    cases = {"latin1.txt": ("café\ntruck\npedestrian\n".encode("latin-1"), "is not UTF-8 text"),
+             "dupes.txt": (b"car\ntruck\nCar \n", "class names ['car', 'Car'] are given more than once"),
+             "gap.txt": (b"car\n\ntruck\npedestrian\n", "line(s) [2] are blank, before the last class name")}
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError) as err:
+            read_classes(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: ") and needle in str(err.value), err.value
