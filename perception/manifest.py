@@ -12,6 +12,11 @@ is inferred from variant names.
 Schema versions: 2 is current. A version-1 manifest (``perception build`` before typed
 provenance) loads through ``migrate_v1``, which is the one place that reads the old
 free-form ``extra`` keys and name conventions; anything older or newer is refused.
+
+Every field is checked on construction against its declared type, the way JSON carries it
+(an int is not a float or a bool, a list of names is not a string), and the values the server
+sizes buffers and loops by against the bounds below: a manifest may come from outside the
+build, and a wrong value would otherwise load and fail on every frame, or serve nothing.
 """
 
 from __future__ import annotations
@@ -19,17 +24,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import reprlib
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from perception.errors import ManifestError
 from perception.layouts import DECODERS
+from perception.options import MAX_DETECTIONS_LIMIT
 
 SCHEMA_VERSION = 2
+
+# Bounds on what a manifest may declare (max_detections: ``MAX_DETECTIONS_LIMIT``, as for a
+# request). One 8192x8192 input is 768 MiB of float32 per frame of a batch.
+MAX_INPUT_SIDE = 8192
+# The decoders cut candidates to this many before NMS, whose numpy cost grows with the square
+# of their number: 4,000 already cost 11 ms (docs/performance.md); the default is 1,000.
+MAX_PRE_NMS_TOPK = 10_000
+# A variant's max_batch: the server's own ceiling for its max_batch setting (server.config).
+MAX_BATCH_LIMIT = 1024
+# Over three times LVIS's 1,203, the largest common detection vocabulary.
+MAX_CLASSES = 4096
 
 
 class Precision(str, Enum):
@@ -60,9 +82,61 @@ def _enum(cls: type[Enum], value: Any, what: str) -> Any:
         raise ManifestError(f"{what} must be one of {[m.value for m in cls]}, got {value!r}") from None
 
 
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the declared type ``tp``, strictly: a bool is not an int, a float
+    is not an int (an int is a float), a list is not a tuple (the loader turns the JSON lists
+    of tuple fields into tuples)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                               for k, v in value.items())
+    return isinstance(value, tp)  # str, bool, Path, an enum, a nested spec
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace(f"{__name__}.", "")
+
+
+def _check_types(obj: Any, what: str) -> None:
+    """Every field of ``obj`` (a manifest dataclass) holds its declared type."""
+    hints = _field_types(obj.__class__)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _conforms(value, hints[f.name]):
+            raise ManifestError(f"{what}: {f.name} must be {_type_name(hints[f.name])}, got {reprlib.repr(value)}")
+
+
+def _check_range(value: int, lo: int, hi: int, what: str) -> None:
+    if not lo <= value <= hi:
+        raise ManifestError(f"{what} must be in {lo}..{hi}, got {value}")
+
+
 def check_relative(path: str, what: str) -> None:
     """A path the manifest names must stay inside the artifact directory."""
-    if not path or os.path.isabs(path) or ".." in Path(path).parts:
+    if not path or os.path.isabs(path) or ".." in Path(path).parts or "\0" in path:
         raise ManifestError(f"{what}: file must be a relative path inside the artifact dir, got {path!r}")
 
 
@@ -86,16 +160,20 @@ class PreprocessSpec:
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
-        if self.input_width <= 0 or self.input_height <= 0:
-            raise ManifestError(f"input size must be positive, got {self.input_width}x{self.input_height}")
+        _check_types(self, "preprocess")
+        _check_range(self.input_width, 1, MAX_INPUT_SIDE, "preprocess: input_width")
+        _check_range(self.input_height, 1, MAX_INPUT_SIDE, "preprocess: input_height")
         if self.color_order not in ("RGB", "BGR"):
             raise ManifestError(f"color_order must be RGB or BGR, got {self.color_order!r}")
         if self.layout != "NCHW":
             raise ManifestError(f"only NCHW layout is supported, got {self.layout!r}")
-        if not 0 <= self.pad_value <= 255:
-            raise ManifestError(f"pad_value must be in 0..255, got {self.pad_value}")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s == 0 for s in self.std):
-            raise ManifestError("mean and std need three values each, and std no zero")
+        _check_range(self.pad_value, 0, 255, "preprocess: pad_value")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ManifestError(f"preprocess: scale must be a finite number > 0, got {self.scale}")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ManifestError(f"preprocess: mean must be finite, got {self.mean}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ManifestError(f"preprocess: std must be finite and > 0, got {self.std}")
 
 
 @dataclass(frozen=True)
@@ -108,10 +186,11 @@ class Priors:
     variances: tuple[float, float] = (0.1, 0.2)
 
     def __post_init__(self) -> None:
+        _check_types(self, "priors")
         check_relative(self.file, "priors")
         _check_sha(self.sha256, f"priors {self.file}")
-        if len(self.variances) != 2 or not all(v > 0 for v in self.variances):
-            raise ManifestError(f"priors: two positive variances needed, got {self.variances}")
+        if not all(math.isfinite(v) and v > 0 for v in self.variances):
+            raise ManifestError(f"priors: variances must be finite and > 0, got {self.variances}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +216,7 @@ class PostprocessSpec:
     def __post_init__(self) -> None:
         if isinstance(self.priors, dict):
             object.__setattr__(self, "priors", Priors(**_tuple_fields(self.priors, ("variances",))))
+        _check_types(self, "postprocess")
         if self.priors is not None and self.output_layout != "ssd":
             raise ManifestError(f"priors only apply to the ssd layout, not {self.output_layout}")
         if not 0 <= self.class_offset <= 1:
@@ -145,8 +225,8 @@ class PostprocessSpec:
             raise ManifestError(f"unknown output_layout {self.output_layout!r}; known: {sorted(DECODERS)}")
         if not 0.0 <= self.score_threshold <= 1.0 or not 0.0 < self.iou_threshold <= 1.0:
             raise ManifestError("score_threshold must be in [0, 1] and iou_threshold in (0, 1]")
-        if self.max_detections <= 0 or self.pre_nms_topk <= 0:
-            raise ManifestError("max_detections and pre_nms_topk must be positive")
+        _check_range(self.max_detections, 1, MAX_DETECTIONS_LIMIT, "postprocess: max_detections")
+        _check_range(self.pre_nms_topk, 1, MAX_PRE_NMS_TOPK, "postprocess: pre_nms_topk")
         roles = DECODERS[self.output_layout].roles
         unknown = sorted(set(self.outputs) - set(roles))
         if unknown:
@@ -161,6 +241,7 @@ class SourceFile:
     sha256: str
 
     def __post_init__(self) -> None:
+        _check_types(self, "source file")
         check_relative(self.file, "source file")
         _check_sha(self.sha256, f"source file {self.file}")
 
@@ -180,6 +261,7 @@ class QdqTwin:
     gate: dict[str, Any] = field(default_factory=lambda: {"passed": True, "reason": "not gated"})
 
     def __post_init__(self) -> None:
+        _check_types(self, "TensorRT Q/DQ twin")
         check_relative(self.file, "TensorRT Q/DQ twin")
         _check_sha(self.sha256, f"TensorRT Q/DQ twin {self.file}")
 
@@ -199,6 +281,9 @@ class EngineRecord:
     max_batch: int
     device_name: str = ""
 
+    def __post_init__(self) -> None:
+        _check_types(self, "engine record")
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -209,6 +294,9 @@ class Calibration:
     set_sha256: str
     fp32_nodes: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        _check_types(self, "calibration")
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -217,6 +305,9 @@ class Weights:
     checkpoint: str
     sha256: str
     pruning: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "weights")
 
 
 @dataclass(frozen=True)
@@ -253,10 +344,12 @@ class Variant:
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", _enum(Precision, self.precision, f"variant {self.name!r}: precision"))
         object.__setattr__(self, "format", _enum(VariantFormat, self.format, f"variant {self.name!r}: format"))
+        _check_types(self, f"variant {self.name!r}")
         check_relative(self.file, f"variant {self.name!r}")
         _check_sha(self.sha256, f"variant {self.name!r}")
-        if not self.family:
-            raise ManifestError(f"variant {self.name!r}: family must be named")
+        if not self.name or not self.family:
+            raise ManifestError(f"variant {self.name!r}: name and family must be non-empty")
+        _check_range(self.max_batch, 1, MAX_BATCH_LIMIT, f"variant {self.name!r}: max_batch")
         if self.format is VariantFormat.TENSORRT and (self.source is None or self.engine is None):
             raise ManifestError(f"TensorRT variant {self.name!r} must declare its source ONNX file and engine record")
         if self.tensorrt_qdq is not None and self.precision is not Precision.INT8:
@@ -285,6 +378,7 @@ class Verification:
     expected: dict[str, list[list[list[float]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self, "verification")
         for name, per_frame in self.expected.items():
             if len(per_frame) != len(self.frames):
                 raise ManifestError(f"verification: variant {name!r} has {len(per_frame)} frames of detections "
@@ -309,10 +403,12 @@ class Manifest:
     root: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        _check_types(self, "manifest")
         if self.schema_version != SCHEMA_VERSION:
             raise ManifestError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
-        if not self.classes:
-            raise ManifestError("manifest lists no classes")
+        _check_range(len(self.classes), 1, MAX_CLASSES, "manifest: the number of classes")
+        if not all(self.classes) or len(set(self.classes)) != len(self.classes):
+            raise ManifestError(f"manifest: class names must be non-empty and unique, got {reprlib.repr(self.classes)}")
         if not self.variants:
             raise ManifestError("manifest lists no variants")
         names = [v.name for v in self.variants]
@@ -392,7 +488,9 @@ def _sub(cls: type, value: Any, what: str, tuples: tuple[str, ...] = ()) -> Any:
     return cls(**_tuple_fields(value, tuples))
 
 
-def _variant_from_dict(v: dict[str, Any]) -> Variant:
+def _variant_from_dict(v: Any) -> Variant:
+    if not isinstance(v, dict):
+        raise ManifestError(f"a variant must be an object, got {reprlib.repr(v)}")
     name = v.get("name", "?")
     d = _tuple_fields(v, ("input_shape",))
     d["weights"] = _sub(Weights, d.get("weights"), f"variant {name!r}: weights")
@@ -413,9 +511,12 @@ def manifest_from_dict(data: dict[str, Any], root: Path | None = None) -> Manife
             raise ManifestError(
                 f"manifest schema_version {version} is not supported (this release reads 1 and {SCHEMA_VERSION})"
             )
-        pre = PreprocessSpec(**_tuple_fields(data["preprocess"], ("mean", "std")))
-        post = PostprocessSpec(**data.get("postprocess", {}))
+        pre = _sub(PreprocessSpec, data["preprocess"], "preprocess", ("mean", "std"))
+        post = _sub(PostprocessSpec, data.get("postprocess", {}), "postprocess")
+        if not isinstance(data["variants"], list):
+            raise ManifestError("variants must be a list of objects")
         variants = tuple(_variant_from_dict(v) for v in data["variants"])
+        data = _tuple_fields(data, ("classes",))
         rest = {k: v for k, v in data.items() if k not in ("preprocess", "postprocess", "variants", "classes")}
         if isinstance(rest.get("verification"), dict):
             ver = rest["verification"]
@@ -423,7 +524,7 @@ def manifest_from_dict(data: dict[str, Any], root: Path | None = None) -> Manife
                 tuple(_sub(SourceFile, f, "verification frame") for f in ver.get("frames", [])),
                 dict(ver.get("expected", {})))
         return Manifest(
-            classes=tuple(data["classes"]), preprocess=pre, postprocess=post, variants=variants, root=root, **rest
+            classes=data["classes"], preprocess=pre, postprocess=post, variants=variants, root=root, **rest
         )
     except ManifestError:
         raise
@@ -507,11 +608,17 @@ def check_file(root: Path, name: str, sha256: str, what: str) -> Path:
         resolved = path.resolve(strict=True)
     except (FileNotFoundError, RuntimeError):
         raise ManifestError(f"{what} names {name}, which does not exist") from None
+    except OSError as exc:  # a name the OS refuses, e.g. too long (check_relative refused NUL bytes)
+        raise ManifestError(f"{what} names {name!r}, which cannot be resolved: {exc}") from None
     if not resolved.is_relative_to(root.resolve()):
         raise ManifestError(f"{what} names {name}, which resolves outside the artifact directory")
     if not resolved.is_file():
         raise ManifestError(f"{what} names {name}, which is not a regular file")
-    if sha256_file(resolved) != sha256:
+    try:
+        digest = sha256_file(resolved)
+    except OSError as exc:
+        raise ManifestError(f"{what}: cannot read {name}: {exc}") from exc
+    if digest != sha256:
         raise ManifestError(_mismatch(what, name))
     return resolved
 

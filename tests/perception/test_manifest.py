@@ -139,3 +139,70 @@ def test_a_link_out_of_the_artifact_dir_is_refused(tiny_manifest: Path, tmp_path
     (art / "model.fp32.onnx").symlink_to(outside)
     with pytest.raises(ManifestError, match="outside the artifact directory"):
         load_manifest(_write(art, data))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d.update(classes="person"), r"classes must be tuple\[str, \.\.\.\], got 'person'"),
+        (lambda d: d.update(classes=[1, 2, 3, 4, 5, 6, 7]), "classes must be tuple"),
+        (lambda d: d.update(classes=["car", "car"]), "class names must be non-empty and unique"),
+        (lambda d: d.update(classes=["car", ""]), "class names must be non-empty and unique"),
+        (lambda d: d.update(classes=[f"c{i}" for i in range(4097)]), r"number of classes must be in 1\.\.4096"),
+        (lambda d: d["preprocess"].update(scale=float("nan")), "scale must be a finite number > 0, got nan"),
+        (lambda d: d["preprocess"].update(scale=0), "scale must be a finite number > 0"),
+        (lambda d: d["preprocess"].update(scale=-1), "scale must be a finite number > 0"),
+        (lambda d: d["preprocess"].update(mean=[float("nan")] * 3), "mean must be finite"),
+        (lambda d: d["preprocess"].update(mean=[0.0, 0.0]), "mean must be tuple"),
+        (lambda d: d["preprocess"].update(std=[float("inf")] * 3), "std must be finite and > 0"),
+        (lambda d: d["preprocess"].update(std=[1.0, -1.0, 1.0]), "std must be finite and > 0"),
+        (lambda d: d["preprocess"].update(input_width=64.0), "input_width must be int, got 64.0"),
+        (lambda d: d["preprocess"].update(input_height=True), "input_height must be int, got True"),
+        (lambda d: d["preprocess"].update(input_width=8193), r"input_width must be in 1\.\.8192"),
+        (lambda d: d["preprocess"].update(pad_value=114.7), "pad_value must be int"),
+        (lambda d: d["preprocess"].update(letterbox="false"), "letterbox must be bool"),
+        (lambda d: d["postprocess"].update(max_detections=2.5), "max_detections must be int, got 2.5"),
+        (lambda d: d["postprocess"].update(max_detections=10_001), r"max_detections must be in 1\.\.10000"),
+        (lambda d: d["postprocess"].update(pre_nms_topk=0.5), "pre_nms_topk must be int"),
+        (lambda d: d["postprocess"].update(pre_nms_topk=10_001), r"pre_nms_topk must be in 1\.\.10000"),
+        (lambda d: d["postprocess"].update(class_offset=0.5), "class_offset must be int"),
+        (lambda d: d["postprocess"].update(class_agnostic="no"), "class_agnostic must be bool"),
+        (lambda d: d["postprocess"].update(score_threshold=True), "score_threshold must be float"),
+        (lambda d: d["postprocess"].update(outputs=["predictions"]), r"outputs must be dict\[str, str\]"),
+        (lambda d: d["postprocess"].update(outputs={"predictions": 0}), r"outputs must be dict\[str, str\]"),
+        (lambda d: d["variants"][0].update(file="model\0.onnx"), "relative path"),
+        (lambda d: d["variants"][0].update(max_batch=0), r"max_batch must be in 1\.\.1024"),
+        (lambda d: d["variants"][0].update(max_batch=2.0), "max_batch must be int"),
+        (lambda d: d["variants"][0].update(input_shape=[-1, 3, 48.0, 64]), "input_shape must be"),
+        (lambda d: d.update(variants="fp32"), "variants must be a list of objects"),
+        (lambda d: d.update(variants=["fp32"]), "a variant must be an object"),
+        (lambda d: d.update(preprocess=[64, 48]), "preprocess must be an object"),
+    ],
+)
+def test_field_types_and_bounds_are_checked_on_load(tiny_manifest: Path, tmp_path: Path, mutate, match: str) -> None:
+    """A value of the wrong JSON type, out of bounds or not finite is refused on load, naming the
+    field: the server would otherwise serve nothing (a NaN scale), or fail on every frame (a
+    float max_detections), at warm-up (a float input size) or at bind (outputs as a list)."""
+    data = json.loads(tiny_manifest.read_text())
+    mutate(data)
+    with pytest.raises(ManifestError, match=match):
+        load_manifest(_write(tmp_path, data), verify_checksums=False)
+
+
+def test_json_integers_load_where_numbers_are_declared(tiny_manifest: Path, tmp_path: Path) -> None:
+    """JSON has one number type: an integral value is a valid float field (a hand-written
+    ``"scale": 1``); only the reverse, a float where an int is declared, is refused."""
+    data = json.loads(tiny_manifest.read_text())
+    data["preprocess"].update(scale=1, mean=[0, 0, 0], std=[1, 1, 1])
+    data["postprocess"].update(score_threshold=0, iou_threshold=1)
+    m = load_manifest(_write(tmp_path, data), verify_checksums=False)
+    assert (m.preprocess.scale, m.preprocess.std, m.postprocess.iou_threshold) == (1, (1, 1, 1), 1)
+
+
+def test_a_file_name_the_os_refuses_is_a_manifest_error(tiny_manifest: Path, tmp_path: Path) -> None:
+    """A name the file system cannot even look up (longer than NAME_MAX) is refused like a
+    missing file, not raised as an OSError past the loader."""
+    data = json.loads(tiny_manifest.read_text())
+    data["variants"][0]["file"] = "m" * 300 + ".onnx"
+    with pytest.raises(ManifestError, match="cannot be resolved"):
+        load_manifest(_write(tmp_path, data))
