@@ -37,7 +37,7 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
     backend) against the FP32 result, on accuracy and the latency budget (not on a latency
     ratio to FP32, which was timed on the CPU)."""
     from build_engine.gate import run_gate
-    from server.runtime.fingerprint import device_fingerprint
+    from server.runtime.fingerprint import device_fingerprint, dynamic_input_size
     from server.runtime.tensorrt_backend import TensorRTBackend
     from server.runtime.tensorrt_builder import BuildOptions as TrtOptions
     from server.runtime.tensorrt_builder import build_engine
@@ -56,11 +56,13 @@ def build_tensorrt_variants(staging: Path, variants: list[Variant], fp32: Any, v
         except ModelError as exc:  # e.g. a twin that failed its accuracy gate
             progress(f"skipping the TensorRT engine of {v.name}: {exc}")
             continue
-        fp = device_fingerprint(v.precision.value, onnx_sha, max_batch)
+        fp = device_fingerprint(v.precision.value, onnx_sha, max_batch,
+                                input_size=dynamic_input_size(v.input_shape, pre.input_width, pre.input_height))
         engine = staging / fp.cache_name()
         progress(f"building TensorRT {v.precision.value} engine from {onnx_file.name}")
         build_engine(onnx_file, engine, TrtOptions(v.precision.value, max_batch,
-                                                   timing_cache=str(staging / fp.timing_cache_name())), fp)
+                                                   timing_cache=str(staging / fp.timing_cache_name()),
+                                                   input_height=pre.input_height, input_width=pre.input_width), fp)
         engines[f"trt_{v.name}"] = (engine, v, fp, onnx_file)
 
     def factory(name: str, path: Path) -> Any:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from perception.decode import DecodeLimits
 from perception.errors import ConfigError, ModelError
-from perception.manifest import Manifest, load_manifest
+from perception.manifest import Manifest, Variant, load_manifest
 from perception.pipeline import FramePipeline
 from perception.tracking import TrackerConfig, TrackerPool
 from perception.v1 import detector_pb2 as pb
@@ -42,6 +42,7 @@ from server.model_host import LifecycleLimits, ModelHost
 from server.runtime.base import Backend
 from server.runtime.factory import Availability, RuntimeSettings, backend_for, plan
 from server.runtime.settings import resolve_arrangement, usable_cores
+from server.runtime.tensorrt_engines import check_signed_engine_cache
 from server.scheduler import Scheduler
 from server.served_model import ServedModel, load_served_model
 from server.service import DetectorService, add_detector_service
@@ -153,7 +154,9 @@ class ManagedServer:
             # does not wait out) is refused from now on, instead of completing after the models
             # are freed below.
             self.models.close()
-        self.set_serving(False)
+        # NOT_SERVING for good: a later set() is ignored. A batch that recovered (or a model
+        # swapped in) just before draining was set would otherwise say SERVING for the drain.
+        self.health.enter_graceful_shutdown()
         if self.admin is not None:
             self.admin.stop(0)
         if self.degrader is not None:
@@ -217,6 +220,15 @@ def grpc_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    """Bind ``address`` (with TLS if ``credentials``); the port bound. ConfigError if it cannot
+    be bound: gRPC says only "Failed to bind", in a RuntimeError."""
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot bind {what} to {address} (in use, or not a local address?)") from exc
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -318,11 +330,8 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    address = grpc_address(config.host, config.port)
     creds = _credentials(config)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise ConfigError(f"cannot bind {address} (in use, or not a local address?)")
+    port = bind(server, grpc_address(config.host, config.port), creds, "the gRPC server")
 
     managed_ready = threading.Event()
     draining = threading.Event()
@@ -361,7 +370,15 @@ def create_server(
             build_engine_on_start=config.build_engine_on_start,
             engine_precision=config.engine_precision,
         )
-        backend, variant = backend_for(manifest, config.variant, settings, preference=config.backends, avail=avail)
+
+        def load_backend(m: Manifest, v: str) -> tuple[Backend, Variant]:
+            # The signature does not cover engines cached in the artifact's directory: with a key,
+            # such a cache is refused where TensorRT could load from it (check_signed_engine_cache).
+            if config.manifest_public_key and "tensorrt" in tries:
+                check_signed_engine_cache(m, settings)
+            return backend_for(m, v, settings, preference=config.backends, avail=avail)
+
+        backend, variant = load_backend(manifest, config.variant)
         # Refuse a model whose outputs do not fit its declared layout now, not on the first frame.
         pipeline.bind_outputs(backend.outputs)
         max_batch = max(1, min(config.max_batch, backend.max_batch))
@@ -393,12 +410,18 @@ def create_server(
         managed.shm = shm
 
         def load(path: str, name: str) -> ServedModel:
-            def make(m: Manifest, v: str) -> tuple[Backend, Any]:
-                return backend_for(m, v, settings, preference=config.backends)
+            # Each step first checks that the server is not shutting down (ModelHost.check_open):
+            # a load running at shutdown stops at its next step, freeing the engine it loaded.
+            def make(m: Manifest, v: str) -> tuple[Backend, Variant]:
+                managed.models.check_open()
+                return load_backend(m, v)
+
+            def warm_up(b: Backend, p: FramePipeline, n: int) -> None:
+                managed.models.check_open()
+                _warm_up(b, p, config.warmup_iters, n)
 
             return load_served_model(path, name, make, lambda m: FramePipeline.from_manifest(m, limits=limits),
-                                     lambda b, p, n: _warm_up(b, p, config.warmup_iters, n), config.max_batch,
-                                     manifest_bytes=check_signature(path))
+                                     warm_up, config.max_batch, manifest_bytes=check_signature(path))
 
         def changed(model: ServedModel, cause: str) -> None:
             try:

@@ -200,6 +200,14 @@ class ModelHost:
         with self._lock:
             self._closed = True
 
+    def check_open(self) -> None:
+        """ModelError once shutdown began. A load checks it between its steps (loading the
+        engine, warming it up, verifying it): one still running at shutdown stops at its next
+        step, its model freed, instead of going on for minutes (a TensorRT build, a warm-up)
+        on a model that can no longer be served."""
+        if self.closed:
+            raise ModelError("the server is shutting down")
+
     # -- loading and swapping --------------------------------------------------------------
 
     def load_and_swap(self, manifest_path: str, variant: str = "", *, cause: str = "load", wait_s: float = 0.0,
@@ -231,6 +239,7 @@ class ModelHost:
                     raise
                 raise error from exc
             try:
+                self.check_open()
                 if expect_version and new.version != expect_version:  # replaced on disk since the pre-check
                     raise ModelError(f"{manifest_path} is now version {new.version!r}, not the served "
                                      f"{expect_version!r}; it is loaded by a reload, not by this step")

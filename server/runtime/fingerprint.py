@@ -27,6 +27,10 @@ class EngineFingerprint:
     onnx_sha256: str  # of the ONNX file the engine was built from
     max_batch: int
     device_name: str = ""  # informational only; not compared
+    # WxH the engine's optimisation profile was built for, when the ONNX leaves the input's
+    # height or width dynamic (an import with --input-size): the same file at another size is
+    # another engine. "" when the ONNX fixes the size (its sha256 says it all).
+    input_size: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -42,6 +46,8 @@ class EngineFingerprint:
     def cache_name(self) -> str:
         """A file name unique to everything that makes an engine incompatible."""
         key = f"{self.tensorrt_version}|{self.compute_capability}|{self.precision}|{self.onnx_sha256}|{self.max_batch}"
+        if self.input_size:  # a fixed-size model's name stays what it was: no rebuild on upgrade
+            key += f"|{self.input_size}"
         return f"model.{self.precision}.b{self.max_batch}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.engine"
 
     def timing_cache_name(self) -> str:
@@ -72,7 +78,16 @@ def mismatches(built: EngineFingerprint, wanted: EngineFingerprint) -> list[str]
         out.append("built from a different ONNX file than the manifest names (sha256 differs)")
     if built.max_batch < wanted.max_batch:
         out.append(f"max batch {built.max_batch} < the {wanted.max_batch} this server is configured for")
+    if built.input_size != wanted.input_size:
+        out.append(f"built for input {built.input_size or 'of the ONNX size'}, the manifest needs "
+                   f"{wanted.input_size or 'the ONNX size'}")
     return out
+
+
+def dynamic_input_size(input_shape: tuple[int, ...], width: int, height: int) -> str:
+    """``EngineFingerprint.input_size`` for a model whose ONNX input is ``input_shape`` (NCHW,
+    -1 for a dynamic axis), served at ``width`` x ``height``."""
+    return f"{width}x{height}" if any(d < 0 for d in input_shape[2:4]) else ""
 
 
 def check_engine(engine: str | Path, wanted: EngineFingerprint) -> None:
@@ -98,7 +113,8 @@ def write_fingerprint(engine: str | Path, fp: EngineFingerprint) -> Path:
     return path
 
 
-def device_fingerprint(precision: str, onnx_sha256: str, max_batch: int, device: int = 0) -> EngineFingerprint:
+def device_fingerprint(precision: str, onnx_sha256: str, max_batch: int, device: int = 0,
+                       input_size: str = "") -> EngineFingerprint:
     """This device's fingerprint (imports tensorrt and the CUDA runtime bindings lazily)."""
     try:
         import tensorrt as trt
@@ -114,4 +130,5 @@ def device_fingerprint(precision: str, onnx_sha256: str, max_batch: int, device:
         onnx_sha256=onnx_sha256,
         max_batch=max_batch,
         device_name=name,
+        input_size=input_size,
     )

@@ -7,8 +7,10 @@ calibrators; 11.x removed them). So the ONNX file decides (``factory.tensorrt_so
 - FP16: the build stage's FP16 model (FP16 weights and activations, FP32 IO and box decode).
 - INT8: the build stage's TensorRT Q/DQ model (explicit quantization: signed INT8, zero
   points 0, per-channel weights); the layers it leaves unquantized run in FP32.
-- An optimisation profile for batch 1..max_batch (opt = max_batch), and a timing cache so a
-  rebuild on the same device takes seconds instead of minutes.
+- An optimisation profile for batch 1..max_batch (opt = max_batch) at the model's input size,
+  or the manifest's where the ONNX input leaves height and width dynamic (a model imported
+  with ``--input-size``), and a timing cache so a rebuild on the same device takes seconds
+  instead of minutes.
 The engine is written with its fingerprint (``fingerprint.py``). TensorRT is imported lazily.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 class BuildOptions:
     precision: str  # fp32 | fp16 | int8: what the ONNX model holds (recorded in the fingerprint)
     max_batch: int
+    # The manifest's input size: the profile's, where the ONNX input's height / width are dynamic.
+    input_height: int | None = None
+    input_width: int | None = None
     workspace_bytes: int = 1 << 30
     timing_cache: str = ""  # file; created if missing, updated after the build
 
@@ -38,6 +44,32 @@ class BuildOptions:
             raise ModelError(f"unknown TensorRT precision {self.precision!r}")
         if self.max_batch < 1:
             raise ModelError(f"max_batch must be >= 1, got {self.max_batch}")
+        for side in (self.input_height, self.input_width):
+            if side is not None and side < 1:
+                raise ModelError(f"the input height and width must be >= 1, got {side}")
+
+
+def profile_shapes(dims: Sequence[int], opts: BuildOptions, what: str) -> tuple[list[int], list[int]]:
+    """The optimisation profile's smallest and largest input shapes for an ONNX input of shape
+    ``dims`` (-1: dynamic): batch 1 and ``max_batch``, then the model's channels, height and
+    width, or where the model leaves them dynamic, 3 channels and the manifest's height and
+    width (``opts``): TensorRT builds no profile with a dynamic dimension left in it. A fixed
+    side the manifest contradicts is refused. ``what`` names the input in errors."""
+    if len(dims) != 4:
+        raise ModelError(f"{what} has shape {list(dims)}, expected (batch, 3, H, W)")
+    sides = [_side(dims[2], opts.input_height, "height", what), _side(dims[3], opts.input_width, "width", what)]
+    channels = dims[1] if dims[1] > 0 else 3  # the pre-processing always feeds 3 (RGB or BGR)
+    return [1, channels, *sides], [opts.max_batch, channels, *sides]
+
+
+def _side(model: int, manifest: int | None, name: str, what: str) -> int:
+    if model > 0:
+        if manifest is not None and manifest != model:
+            raise ModelError(f"{what} has {name} {model}, but the manifest's input {name} is {manifest}")
+        return model
+    if manifest is None:
+        raise ModelError(f"{what} has a dynamic {name}: the engine build needs the manifest's input {name}")
+    return manifest
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOptions, fp: EngineFingerprint,
@@ -67,19 +99,17 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: BuildOpti
         raise ModelError(f"{onnx_path.name} has {network.num_inputs} inputs; the detector takes one image batch")
     inp = network.get_input(0)
     dims = inp.shape
-    if len(dims) != 4:
-        raise ModelError(f"{onnx_path.name}: input {inp.name!r} has shape {dims}, expected (batch, 3, H, W)")
-    c, h, w = dims[1], dims[2], dims[3]
-    lo, hi = trt.Dims([1, c, h, w]), trt.Dims([opts.max_batch, c, h, w])
+    lo, hi = profile_shapes([dims[i] for i in range(len(dims))], opts, f"{onnx_path.name}: input {inp.name!r}")
     profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, lo, hi, hi)  # min, opt, max: opt = max, the batch the server fills
+    # min, opt, max: opt = max, the batch the server fills
+    profile.set_shape(inp.name, trt.Dims(lo), trt.Dims(hi), trt.Dims(hi))
     config.add_optimization_profile(profile)
     cache_file = Path(opts.timing_cache) if opts.timing_cache else None
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         log.warning("timing cache %s does not fit this TensorRT / GPU; starting a fresh one", cache_file)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    log.info("building TensorRT %s engine from %s (batch 1..%d)", opts.precision, onnx_path.name, opts.max_batch)
+    log.info("building TensorRT %s engine from %s (input %s..%s)", opts.precision, onnx_path.name, lo, hi)
     # None when the build fails (the reason is in TensorRT's log), though the stubs promise memory.
     serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     if serialized is None:

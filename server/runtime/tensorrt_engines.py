@@ -30,7 +30,7 @@ def engine_source_sha(engine: Variant) -> str:
 
 
 def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Backend, Variant]:
-    from server.runtime.fingerprint import check_engine, device_fingerprint
+    from server.runtime.fingerprint import check_engine, device_fingerprint, dynamic_input_size
     from server.runtime.tensorrt_backend import TensorRTBackend
 
     source = m.onnx_of(named)
@@ -52,7 +52,9 @@ def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Back
         engine = m.path_of(shipped[0]) if shipped else None
         engine_sha = shipped[0].sha256 if shipped else ""
     batch = min(s.max_batch, variant.max_batch)
-    wanted = device_fingerprint(precision.value, onnx_sha, batch)
+    pre = m.preprocess
+    wanted = device_fingerprint(precision.value, onnx_sha, batch,
+                                input_size=dynamic_input_size(source.input_shape, pre.input_width, pre.input_height))
     if engine is not None:
         try:
             check_engine(engine, wanted)
@@ -61,7 +63,7 @@ def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Back
             if not s.build_engine_on_start:
                 raise
             log.warning("engine %s does not fit this device; building one", engine.name)
-    cache = Path(s.engine_cache_dir) if s.engine_cache_dir else (m.root or Path(".")) / "engines"
+    cache = engine_cache_dir(m, s)
     cached = cache / wanted.cache_name()
     if not cached.is_file():
         if not s.build_engine_on_start:
@@ -79,9 +81,32 @@ def load_tensorrt(m: Manifest, named: Variant, s: RuntimeSettings) -> tuple[Back
         # read of the file, which could find another model there.
         onnx = read_checked(build_from, onnx_sha, "TensorRT's ONNX source")
         build_engine(build_from, cached,
-                     BuildOptions(precision.value, batch, timing_cache=str(cache / wanted.timing_cache_name())), wanted,
+                     BuildOptions(precision.value, batch, timing_cache=str(cache / wanted.timing_cache_name()),
+                                  input_height=pre.input_height, input_width=pre.input_width), wanted,
                      onnx_bytes=onnx)
     return TensorRTBackend(cached, wanted, batch), variant
+
+
+def engine_cache_dir(m: Manifest, s: RuntimeSettings) -> Path:
+    """Where the engines TensorRT builds on this device for ``m`` are cached: ``engine_cache_dir``,
+    or by default the artifact's ``engines/`` directory."""
+    return Path(s.engine_cache_dir) if s.engine_cache_dir else (m.root or Path(".")) / "engines"
+
+
+def check_signed_engine_cache(m: Manifest, s: RuntimeSettings) -> None:
+    """ModelError if the engine cache for ``m`` is inside its artifact directory (the default is).
+
+    For a server with a manifest public key: the signature covers the files the manifest names,
+    and a cached engine is not one of them (its name encodes the device). Whoever can deliver an
+    artifact could put an engine of the expected name in its ``engines/``, loaded after a check
+    of its fingerprint alone. Refused, not rebuilt at every start, which takes minutes on a
+    Jetson: the cache belongs where the deliverer cannot write (the deploy configs set one)."""
+    root = (m.root or Path(".")).resolve()
+    cache = engine_cache_dir(m, s).resolve()
+    if cache.is_relative_to(root):
+        raise ModelError(f"the TensorRT engine cache {cache} is inside the artifact directory {root}: the "
+                         "manifest's signature does not cover engines cached there; set engine_cache_dir "
+                         "(--engine-cache-dir) to a directory outside it")
 
 
 def tensorrt_source(manifest: Manifest, source: Variant, precision: Precision) -> tuple[Path, str]:

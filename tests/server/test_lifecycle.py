@@ -623,3 +623,18 @@ def test_a_swap_still_loading_at_shutdown_is_refused(serve: Any, arts: dict[str,
     assert host.current is first and host.swaps == 0, host.message
     assert "shutting down" in host.message
     assert freed(loaded[0].backend, loaded[0]) and freed(first.backend, first)
+
+
+def test_a_port_in_use_fails_the_start_with_a_clear_error(serve: Any) -> None:
+    """gRPC binds with SO_REUSEPORT unless told not to: a second server's admin service used to
+    bind the first one's admin port, and the kernel split admin calls between the two
+    processes. The serving port in use was refused, but as a bare RuntimeError."""
+    from perception.errors import ConfigError
+
+    first = serve(admin_port=0, admin_tokens=("adm1n",))
+    with pytest.raises(ConfigError, match="cannot bind the admin service to 127.0.0.1:"):
+        serve(admin_port=first.server.admin_port, admin_tokens=("adm1n",))
+    with pytest.raises(ConfigError, match="cannot bind the gRPC server to 127.0.0.1:"):
+        serve(port=first.port)
+    status = admin(first).GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN, timeout=10)
+    assert status.version == first.server.models.current.version

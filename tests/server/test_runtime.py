@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from typing import Any
@@ -149,6 +150,24 @@ def test_fingerprint_mismatches_are_explained():
     assert EngineFingerprint.from_json(fp().to_json()) == fp()
 
 
+def test_a_dynamic_size_model_at_another_size_is_another_engine():
+    """An ONNX with dynamic height and width served at 512x288 and at 1024x576 (two imports of
+    one file with --input-size) are two engines, under two names; a fixed-size model keeps the
+    name it had, so no device rebuilds its engine for this."""
+    from server.runtime.fingerprint import dynamic_input_size
+
+    assert dynamic_input_size((-1, 3, -1, -1), 512, 288) == "512x288"
+    assert dynamic_input_size((-1, 3, 288, 512), 512, 288) == ""
+    small, large = fp(input_size="512x288"), fp(input_size="1024x576")
+    assert small.cache_name() != large.cache_name() != fp().cache_name()
+    old_key = f"10.3.0|8.7|fp16|{'ab' * 32}|8"  # the key before input sizes were part of it
+    assert fp().cache_name() == f"model.fp16.b8.{hashlib.sha256(old_key.encode()).hexdigest()[:16]}.engine"
+    assert any("built for input 512x288, the manifest needs 1024x576" in p for p in mismatches(small, large))
+    assert mismatches(small, small) == [] and EngineFingerprint.from_json(small.to_json()) == small
+    # A fingerprint written before the field existed reads as a fixed-size engine's.
+    assert EngineFingerprint.from_json(fp().to_json().replace(',\n  "input_size": ""', "")) == fp()
+
+
 def test_check_engine_refuses_a_mismatched_engine(tmp_path):
     engine = tmp_path / "model.engine"
     with pytest.raises(ModelError, match="does not exist"):
@@ -171,6 +190,28 @@ def test_tensorrt_modules_import_without_tensorrt():
         __import__(name)
     if not HAS_TRT:
         assert "tensorrt" not in sys.modules
+
+
+def test_tensorrt_profile_takes_dynamic_sizes_from_the_manifest():
+    """The optimisation profile has no dynamic dimension left: a model imported with
+    ``--input-size`` (dynamic height and width in its ONNX) is profiled at the manifest's size,
+    a fixed-size model at its own; batch 1..max_batch, optimised for max_batch."""
+    from server.runtime.tensorrt_builder import BuildOptions, profile_shapes
+
+    sized = BuildOptions("fp32", 4, input_height=48, input_width=64)
+    want = ([1, 3, 48, 64], [4, 3, 48, 64])
+    assert profile_shapes([-1, 3, -1, -1], sized, "m.onnx") == want
+    assert profile_shapes([-1, -1, -1, -1], sized, "m.onnx") == want  # the pre-processing feeds 3 channels
+    assert profile_shapes([-1, 3, 48, 64], sized, "m.onnx") == want
+    assert profile_shapes([-1, 3, 48, 64], BuildOptions("fp32", 4), "m.onnx") == want
+    with pytest.raises(ModelError, match="m.onnx has a dynamic height: the engine build needs the manifest's"):
+        profile_shapes([-1, 3, -1, -1], BuildOptions("fp32", 4), "m.onnx")
+    with pytest.raises(ModelError, match="m.onnx has width 64, but the manifest's input width is 640"):
+        profile_shapes([-1, 3, 48, 64], BuildOptions("fp32", 4, input_height=48, input_width=640), "m.onnx")
+    with pytest.raises(ModelError, match=r"expected \(batch, 3, H, W\)"):
+        profile_shapes([-1, 48, 64], sized, "m.onnx")
+    with pytest.raises(ModelError, match="input height and width must be >= 1"):
+        BuildOptions("fp32", 4, input_height=0, input_width=64)
 
 
 def test_tensorrt_source_is_the_onnx_that_holds_the_precision(tiny_manifest, tmp_path):
@@ -238,6 +279,37 @@ def test_tensorrt_build_and_run_matches_onnxruntime(tiny_manifest, tmp_path):
     trt_b.activate()
     ort_b.activate()
     x = np.random.default_rng(0).random((3, 3, 48, 64), dtype=np.float32)
+    np.testing.assert_allclose(trt_b.infer(x)["output"], ort_b.infer(x)["output"], atol=1e-3)
+    trt_b.deactivate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (CPU-only machine)")
+def test_tensorrt_builds_a_dynamic_size_model_at_the_manifest_size(tmp_path):
+    import onnx
+
+    from perception.manifest import sha256_file
+    from server.runtime.fingerprint import device_fingerprint
+    from server.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from server.runtime.tensorrt_backend import TensorRTBackend
+    from server.runtime.tensorrt_builder import BuildOptions, build_engine
+    from tests.tiny_model import make_tiny_onnx
+
+    fixed = tmp_path / "fixed.onnx"
+    make_tiny_onnx(fixed, 64, 48)
+    model = onnx.load(str(fixed))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"  # as an export for --input-size leaves them
+    dynamic = tmp_path / "dynamic.onnx"
+    onnx.save(model, str(dynamic))
+    want = device_fingerprint("fp32", sha256_file(dynamic), 2)
+    engine = build_engine(dynamic, tmp_path / "m.engine", BuildOptions("fp32", 2, input_height=48, input_width=64),
+                          want)
+    trt_b = TensorRTBackend(engine, want, 2)
+    ort_b = OnnxRuntimeBackend(fixed, max_batch=2)
+    trt_b.activate()
+    ort_b.activate()
+    x = np.random.default_rng(0).random((2, 3, 48, 64), dtype=np.float32)
     np.testing.assert_allclose(trt_b.infer(x)["output"], ort_b.infer(x)["output"], atol=1e-3)
     trt_b.deactivate()
 
@@ -483,3 +555,39 @@ def test_a_missing_first_choice_backend_is_a_warning(tiny_manifest, caplog):
     backend.deactivate()
     levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if "skipped" in r.getMessage()}
     assert levels == {"backend tensorrt skipped": logging.WARNING, "backend onnxruntime-cuda skipped": logging.INFO}
+
+
+def test_with_a_signing_key_no_engine_cache_inside_the_artifact(tiny_manifest, tmp_path):
+    """The manifest's signature does not cover engines cached on the device: the cache must be
+    outside the artifact directory, by its real path, and the default (its engines/) is inside."""
+    from server.runtime.tensorrt_engines import check_signed_engine_cache
+
+    m = load_manifest(tiny_manifest)
+    assert m.root is not None
+    (tmp_path / "link").symlink_to(m.root, target_is_directory=True)
+    for inside in ("", str(m.root / "engines"), str(m.root), str(m.root / "a" / "b"), str(tmp_path / "link" / "c")):
+        with pytest.raises(ModelError, match="inside the artifact directory"):
+            check_signed_engine_cache(m, RuntimeSettings(engine_cache_dir=inside))
+    check_signed_engine_cache(m, RuntimeSettings(engine_cache_dir=str(tmp_path / "engines")))
+
+
+def test_a_signed_server_with_tensorrt_refuses_an_engine_cache_in_the_artifact(tiny_manifest, tmp_path, serve,
+                                                                               monkeypatch):
+    """With --manifest-public-key and the default engine cache, a TensorRT engine put in the
+    artifact's engines/ was loaded after a check of its fingerprint alone. A server that may
+    run TensorRT now refuses to start so; with a cache outside the artifact it starts."""
+    import shutil
+
+    from perception.cli import main as cli
+    from tests.server.test_signature import _keys
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_manifest.parent, art)
+    priv, pub = _keys(tmp_path, "fleet")
+    assert cli(["sign", "--model", str(art), "--key", str(priv)]) == 0
+    gpu = Availability(tensorrt=True, ort_providers=frozenset({"CPUExecutionProvider"}))
+    monkeypatch.setattr(Availability, "detect", classmethod(lambda cls: gpu))
+    with pytest.raises(ModelError, match="inside the artifact directory"):
+        serve(model=str(art), manifest_public_key=str(pub))
+    run = serve(model=str(art), manifest_public_key=str(pub), engine_cache_dir=str(tmp_path / "cache"))
+    assert run.server.backend.name == "onnxruntime-cpu"  # TensorRT tried, and not installed here
