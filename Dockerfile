@@ -99,10 +99,18 @@ RUN groupadd --system --gid 10001 perception \
     && mkdir -p /cache \
     && chown perception:perception /cache
 COPY --from=build /artifacts/default /models/default
+# The server's settings are PERCEPTION_* variables, not flags in the ENTRYPOINT, so that `docker
+# run -e`, compose's environment and a Kubernetes ConfigMap can change them (a flag would beat
+# them). The HEALTHCHECK asks the port PERCEPTION_PORT names: move the port with it, not --port.
 # TensorRT engines are specific to the GPU, TensorRT version and precision: build them on
 # first start and keep them in the mounted cache (server/runtime/fingerprint.py refuses a
 # mismatched engine, so a cache shared across devices is safe, only slower once).
 ENV PATH=/opt/perception/venv/bin:$PATH \
+    PERCEPTION_MODEL=/models/default/manifest.json \
+    PERCEPTION_HOST=0.0.0.0 \
+    PERCEPTION_PORT=50051 \
+    PERCEPTION_METRICS_HOST=0.0.0.0 \
+    PERCEPTION_METRICS_PORT=9108 \
     PERCEPTION_BACKENDS=tensorrt,onnxruntime-cuda,onnxruntime-cpu \
     PERCEPTION_ENGINE_CACHE_DIR=/cache \
     PERCEPTION_BUILD_ENGINE_ON_START=1 \
@@ -121,8 +129,8 @@ EXPOSE 50051 9108
 # -e PERCEPTION_HEALTH_TLS_CA=<the CA file, mounted> (and _CERT / _KEY for mutual TLS); without
 # them the check speaks plaintext. The certificate must name 127.0.0.1 (deploy/README.md).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["/bin/sh", "-c", "exec perception health --server 127.0.0.1:50051 --timeout 3 ${PERCEPTION_HEALTH_TLS_CA:+--tls-ca \"$PERCEPTION_HEALTH_TLS_CA\"} ${PERCEPTION_HEALTH_TLS_CERT:+--tls-cert \"$PERCEPTION_HEALTH_TLS_CERT\"} ${PERCEPTION_HEALTH_TLS_KEY:+--tls-key \"$PERCEPTION_HEALTH_TLS_KEY\"}"]
-ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9108", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
+    CMD ["/bin/sh", "-c", "exec perception health --server 127.0.0.1:${PERCEPTION_PORT:-50051} --timeout 3 ${PERCEPTION_HEALTH_TLS_CA:+--tls-ca \"$PERCEPTION_HEALTH_TLS_CA\"} ${PERCEPTION_HEALTH_TLS_CERT:+--tls-cert \"$PERCEPTION_HEALTH_TLS_CERT\"} ${PERCEPTION_HEALTH_TLS_KEY:+--tls-key \"$PERCEPTION_HEALTH_TLS_KEY\"}"]
+ENTRYPOINT ["perception", "serve"]
 
 # --------------------------------------------------------------------------- runtime (default)
 FROM ${PYTHON_IMAGE} AS runtime
@@ -143,9 +151,17 @@ RUN groupadd --system --gid 10001 perception \
         --shell /usr/sbin/nologin perception
 # Artifacts stay root-owned: the service reads them and can never rewrite them.
 COPY --from=build /artifacts/default /models/default
+# The server's settings are PERCEPTION_* variables, not flags in the ENTRYPOINT, so that `docker
+# run -e`, compose's environment and a Kubernetes ConfigMap can change them (a flag would beat
+# them). The HEALTHCHECK asks the port PERCEPTION_PORT names: move the port with it, not --port.
 # No PERCEPTION_THREADS: the server sizes inference to the container's cores (on a CPU, one
 # one-thread run per core, measured faster than one run on every core: docs/performance.md).
 ENV PATH=/opt/perception/venv/bin:$PATH \
+    PERCEPTION_MODEL=/models/default/manifest.json \
+    PERCEPTION_HOST=0.0.0.0 \
+    PERCEPTION_PORT=50051 \
+    PERCEPTION_METRICS_HOST=0.0.0.0 \
+    PERCEPTION_METRICS_PORT=9108 \
     PERCEPTION_BACKENDS=onnxruntime-cpu
 # The commit built (perception_build_info{git_sha}); the build context has no .git:
 #   docker build --build-arg GIT_SHA="$(git rev-parse HEAD)" ...
@@ -159,5 +175,5 @@ EXPOSE 50051 9108
 # -e PERCEPTION_HEALTH_TLS_CA=<the CA file, mounted> (and _CERT / _KEY for mutual TLS); without
 # them the check speaks plaintext. The certificate must name 127.0.0.1 (deploy/README.md).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["/bin/sh", "-c", "exec perception health --server 127.0.0.1:50051 --timeout 3 ${PERCEPTION_HEALTH_TLS_CA:+--tls-ca \"$PERCEPTION_HEALTH_TLS_CA\"} ${PERCEPTION_HEALTH_TLS_CERT:+--tls-cert \"$PERCEPTION_HEALTH_TLS_CERT\"} ${PERCEPTION_HEALTH_TLS_KEY:+--tls-key \"$PERCEPTION_HEALTH_TLS_KEY\"}"]
-ENTRYPOINT ["perception", "serve", "--model", "/models/default/manifest.json", "--port", "50051", "--metrics-port", "9108", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
+    CMD ["/bin/sh", "-c", "exec perception health --server 127.0.0.1:${PERCEPTION_PORT:-50051} --timeout 3 ${PERCEPTION_HEALTH_TLS_CA:+--tls-ca \"$PERCEPTION_HEALTH_TLS_CA\"} ${PERCEPTION_HEALTH_TLS_CERT:+--tls-cert \"$PERCEPTION_HEALTH_TLS_CERT\"} ${PERCEPTION_HEALTH_TLS_KEY:+--tls-key \"$PERCEPTION_HEALTH_TLS_KEY\"}"]
+ENTRYPOINT ["perception", "serve"]

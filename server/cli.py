@@ -13,10 +13,7 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
-
-from perception.errors import ConfigError
 
 log = logging.getLogger("server")
 
@@ -158,13 +155,11 @@ def tune_malloc() -> None:
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    from server.config import read_token_file
+
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "admin_token_file")}
     if args.admin_token_file:
-        try:
-            lines = Path(args.admin_token_file).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --admin-token-file: {exc}") from exc
-        flags["admin_tokens"] = tuple(line.strip() for line in lines if line.strip())
+        flags["admin_tokens"] = read_token_file(args.admin_token_file, "--admin-token-file")
     return flags
 
 

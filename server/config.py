@@ -8,6 +8,7 @@ anywhere else.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ PRIORITY_CLASSES = {"best_effort": 0, "normal": 1, "critical": 2}
 # raised with --max-message-bytes (and the memory it costs with it).
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MIN_MESSAGE_BYTES = 64 * 1024
+# gRPC takes message limits as a signed 32-bit int.
+MAX_MESSAGE_BYTES = 2**31 - 1
+# The longest time a setting (a field named *_s) can name, about 24.8 days: gRPC takes its time
+# settings in milliseconds as a signed 32-bit int, and the one bound keeps every other wait
+# (grace_s, the stream and probation timers) well inside what Python's timeouts accept.
+MAX_DURATION_S = (2**31 - 1) // 1000
+# What YAML 1.1 does to unquoted values that look like text to a person: the reason a YAML value
+# must already be of its setting's kind rather than be converted back to text.
+YAML_QUOTING = "quote it in YAML, which reads 007 as 7, 0123 as 83, on / off / yes / no as booleans and ~ as null"
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,14 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("no model given: pass --model path/to/manifest.json (or PERCEPTION_MODEL)")
+        # First: NaN compares false with everything, so it would pass every range check below.
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, float):
+                value = getattr(self, f.name)
+                if not math.isfinite(value):
+                    raise ConfigError(f"{f.name} must be a finite number, got {value}")
+                if f.name.endswith("_s") and value > MAX_DURATION_S:
+                    raise ConfigError(f"{f.name} must be at most {MAX_DURATION_S} s (about 24.8 days), got {value}")
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise ConfigError(f"backends must be a non-empty list from {BACKENDS}, got {list(self.backends)}")
@@ -173,10 +191,10 @@ class ServerConfig:
             raise ConfigError(f"max_unary_detect_calls must be in 1..{max(1, self.max_workers - 1)}, below max_workers "
                               f"({self.max_workers}) so that health checks keep a thread (0 = derived), got "
                               f"{self.max_unary_detect_calls}")
-        if self.max_message_bytes and self.max_message_bytes < MIN_MESSAGE_BYTES:
+        if self.max_message_bytes and not MIN_MESSAGE_BYTES <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
             raise ConfigError(
-                f"max_message_bytes {self.max_message_bytes} is below {MIN_MESSAGE_BYTES} (0 = derived from "
-                "max_image_pixels)"
+                f"max_message_bytes must be in {MIN_MESSAGE_BYTES}..{MAX_MESSAGE_BYTES} (0 = derived from "
+                f"max_image_pixels), got {self.max_message_bytes}"
             )
         for name in ("stream_idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s",
                      "max_connection_age_s", "max_connection_age_grace_s"):
@@ -195,6 +213,10 @@ class ServerConfig:
                                   f"{sorted(PRIORITY_CLASSES)}, got {item!r}")
         if self.admin_port >= 0 and not self.admin_tokens:
             raise ConfigError("the admin service (admin_port) needs admin_tokens: it can replace the served model")
+        if self.admin_port > 0 and self.admin_port == self.port:
+            # Without reuse_port the second bind fails at start-up; with it both servers bind, and
+            # the kernel hands each of them some of the other's connections.
+            raise ConfigError(f"admin_port must differ from port, got {self.admin_port} for both")
         loopback = self.admin_host in ("127.0.0.1", "localhost", "::1", "[::1]")
         if self.admin_port >= 0 and not (self.tls_cert or loopback or self.insecure_token):
             raise ConfigError("the admin service's tokens would cross the network in plaintext: configure TLS, keep "
@@ -216,17 +238,13 @@ class ServerConfig:
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}: no such file {value}")
         if self.auth_token_file:
-            try:
-                lines = Path(self.auth_token_file).read_text().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"cannot read auth_token_file: {exc}") from exc
-            tokens = tuple(line.strip() for line in lines if line.strip())
-            if not tokens:
-                # An empty file must not silently turn authentication off.
-                raise ConfigError(f"auth_token_file {self.auth_token_file} holds no token")
+            tokens = read_token_file(self.auth_token_file, "auth_token_file")
             object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens) + tokens)
-        if any(not t or any(ch.isspace() for ch in t) for t in self.auth_tokens):
-            raise ConfigError("auth tokens must be non-empty and contain no whitespace")
+        _check_tokens("auth_tokens", self.auth_tokens)
+        _check_tokens("admin_tokens", self.admin_tokens)
+        if set(self.admin_tokens) & set(self.auth_tokens):
+            raise ConfigError("admin_tokens must differ from auth_tokens: the admin service has its own tokens, and a "
+                              "client token that is also an admin one lets every camera replace the model")
         if self.auth_tokens and not self.tls_cert and not self.insecure_token:
             raise ConfigError("bearer tokens over plaintext can be read by anyone on the network: configure TLS "
                               "(tls_cert, tls_key) or pass --insecure-token to accept that")
@@ -277,11 +295,35 @@ class ServerConfig:
         return {cam: PRIORITY_CLASSES[cls] for cam, _, cls in (p.partition("=") for p in self.camera_priorities)}
 
 
+def read_token_file(path: str, setting: str) -> tuple[str, ...]:
+    """The bearer tokens in a file, one a line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {setting}: {exc}") from exc
+    tokens = tuple(line.strip() for line in lines if line.strip())
+    if not tokens:
+        # An empty file must not silently turn authentication off.
+        raise ConfigError(f"{setting} {path} holds no token")
+    return tokens
+
+
+def _check_tokens(name: str, tokens: tuple[str, ...]) -> None:
+    """Bearer tokens are compared with what follows ``Bearer `` in a call's metadata, stripped:
+    an empty token would let in a call that sends none, and one with whitespace never matches."""
+    if any(not isinstance(t, str) or not t or any(ch.isspace() for ch in t) for t in tokens):
+        raise ConfigError(f"{name}: every token must be a non-empty string without whitespace")
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Turn a YAML / environment value into the field's type; one-line error otherwise."""
+    """Turn a YAML / environment value into the field's type; one-line error otherwise.
+
+    Text (environment, flags) is parsed. A YAML value must already be of the setting's kind:
+    turning a number or a boolean back into text, or a fraction into an integer, would quietly
+    change the setting (YAML_QUOTING)."""
     default = _FIELDS[name].default
     try:
         if isinstance(default, bool):
@@ -290,18 +332,31 @@ def _coerce(name: str, value: Any) -> Any:
                 if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ValueError(value)
                 return low in ("1", "true", "yes", "on")
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)
         if isinstance(default, tuple):
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             if isinstance(value, (list, tuple)):
-                return tuple(str(v) for v in value)
+                for item in value:
+                    if not isinstance(item, str):
+                        raise ConfigError(f"config {name}: list items must be text, got {item!r}; {YAML_QUOTING}")
+                return tuple(value)
             raise ValueError(value)
+        if isinstance(default, str):
+            if isinstance(value, str):
+                return value
+            if name == "degrade" and value is False:
+                return "off"  # YAML's reading of an unquoted `degrade: off`
+            raise ConfigError(f"config {name}: expected text, got {value!r}; {YAML_QUOTING}")
+        if isinstance(value, bool):
+            raise ValueError(value)  # YAML's yes / no / on / off where a number belongs
         if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)  # int() would make 8.9 an 8
             return int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
+        return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"config {name}: cannot use {value!r} ({type(default).__name__} expected)") from exc
 
@@ -335,12 +390,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def load_config(
+def given_settings(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     file: str | os.PathLike[str] | None = None,
-) -> ServerConfig:
-    """Merge defaults < YAML ``file`` < ``env`` (PERCEPTION_*) < ``flags`` (None values ignored)."""
+) -> dict[str, Any]:
+    """The settings given, each in its field's type, not yet validated (the defaults fill the
+    rest): YAML ``file`` < ``env`` (PERCEPTION_*) < ``flags`` (None values ignored)."""
     merged: dict[str, Any] = {}
     if file:
         merged.update(_from_file(file))
@@ -350,7 +406,16 @@ def load_config(
             raise ConfigError(f"unknown setting {name!r}")
         if value is not None:
             merged[name] = value
-    return ServerConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+    return {k: _coerce(k, v) for k, v in merged.items()}
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> ServerConfig:
+    """Merge defaults < YAML ``file`` < ``env`` (PERCEPTION_*) < ``flags`` (None values ignored)."""
+    return ServerConfig(**given_settings(flags, env, file))
 
 
 def with_overrides(config: ServerConfig, **changes: Any) -> ServerConfig:
@@ -358,4 +423,4 @@ def with_overrides(config: ServerConfig, **changes: Any) -> ServerConfig:
     return dataclasses.replace(config, **changes)
 
 
-__all__ = ["ServerConfig", "load_config", "with_overrides", "BACKENDS"]
+__all__ = ["ServerConfig", "load_config", "given_settings", "read_token_file", "with_overrides", "BACKENDS"]

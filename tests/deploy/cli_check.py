@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import io
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -51,3 +54,27 @@ def parse_perception_argv(argv: list[str]) -> argparse.Namespace:
             return parser.parse_args(argv[2:])
     except SystemExit as exc:
         raise AssertionError(f"`{' '.join(argv)}` is rejected by {module_name}: {err.getvalue().strip()}") from exc
+
+
+def serve_settings(argv: list[str], env: Mapping[str, str]) -> SimpleNamespace:
+    """The settings ``perception serve`` runs with, started as ``argv`` in the environment
+    ``env`` (a container's: the image's ENV with what the deployment adds): the flags, parsed by
+    the real parser, over the PERCEPTION_* variables over the defaults, merged by server.config
+    itself. Not validated: the files the settings name are the container's."""
+    from server.cli import _flags
+    from server.config import ServerConfig, given_settings
+
+    args = parse_perception_argv(argv)
+    assert argv[1] == "serve", f"not a serve command: {argv}"
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    return SimpleNamespace(**{**defaults, **given_settings(_flags(args), env=env)})
+
+
+def env_beaten_by_flags(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """The PERCEPTION_* variables of ``env`` whose setting a flag of ``argv`` gives instead: a
+    deployment that sets one of them changes nothing."""
+    from server.cli import _flags
+    from server.config import ENV_PREFIX, given_settings
+
+    flagged = given_settings(_flags(parse_perception_argv(argv)), env={})
+    return sorted(key for key in env if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in flagged)

@@ -46,6 +46,13 @@ class Stage:
     def of(self, keyword: str) -> list[Instruction]:
         return [i for i in self.instructions if i.keyword == keyword]
 
+    def env(self) -> dict[str, str]:
+        """The variables the stage's ENV instructions set, as written (``$PATH`` unexpanded)."""
+        out: dict[str, str] = {}
+        for ins in self.of("ENV"):
+            out.update(parse_env(ins.args))
+        return out
+
 
 @dataclass
 class Dockerfile:
@@ -163,7 +170,8 @@ _ECHO_ARGV = "#!/bin/sh\nexec \"$ECHO_PYTHON\" -c 'import json, sys; print(json.
 def healthcheck_argv(instruction: Instruction, env: Mapping[str, str] | None = None) -> list[str]:
     """The ``perception ...`` command line a HEALTHCHECK runs in a container whose environment
     is ``env``: a ``/bin/sh -c`` script is run for real with a ``perception`` on PATH that
-    only prints its arguments, so the shell's expansions are what is checked."""
+    only prints its arguments, so the shell's expansions are what is checked (the container's
+    own PATH, if ``env`` has one, gives way to the stub's)."""
     argv = healthcheck_exec(instruction)
     if argv[:2] != ["/bin/sh", "-c"]:
         return argv
@@ -171,7 +179,7 @@ def healthcheck_argv(instruction: Instruction, env: Mapping[str, str] | None = N
         stub = Path(tmp) / "perception"
         stub.write_text(_ECHO_ARGV)
         stub.chmod(0o755)
-        run_env = {"PATH": f"{tmp}{os.pathsep}{os.environ.get('PATH', '')}", "ECHO_PYTHON": sys.executable}
-        run_env.update(env or {})
+        run_env = {**(env or {}), "PATH": f"{tmp}{os.pathsep}{os.environ.get('PATH', '')}",
+                   "ECHO_PYTHON": sys.executable}
         result = subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=30, check=True)
     return ["perception", *json.loads(result.stdout)]

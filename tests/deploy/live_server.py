@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +56,18 @@ def serve(
 ) -> Iterator[LiveServer]:
     """``command`` is the serve prefix, e.g. ``[".../bin/perception", "serve"]``."""
     argv = [*command, "--model", str(manifest), "--port", "0", "--metrics-port", "0", "--host", "127.0.0.1", *extra]
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd, env=_env())
+    with run_server(argv, _env(), cwd=cwd, timeout_s=timeout_s) as server:
+        yield server
+
+
+@contextmanager
+def run_server(
+    argv: Sequence[str], env: Mapping[str, str], *, cwd: Path | None = None, timeout_s: float = 60.0
+) -> Iterator[LiveServer]:
+    """``perception serve`` started exactly as ``argv`` and ``env`` say: an image's ENTRYPOINT in
+    the container's environment, say."""
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=cwd,
+                               env=dict(env))
     lines: list[str] = []
     ready = threading.Event()
     found: dict[str, int] = {}

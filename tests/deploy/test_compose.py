@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
-from tests.deploy.dockerfile import parse_dockerfile
+from tests.deploy.cli_check import REPO_ROOT, env_beaten_by_flags, serve_settings
+from tests.deploy.dockerfile import Stage, parse_dockerfile
 
 COMPOSE = REPO_ROOT / "deploy" / "compose" / "compose.yaml"
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -71,14 +71,22 @@ def published(service: dict) -> set[int]:
     return {int(str(p).split(":")[-2 if str(p).count(":") else -1].split("/")[0]) for p in service.get("ports", [])}
 
 
+def _server_stage(compose: dict) -> Stage:
+    build = compose["services"]["perception"]["build"]
+    return parse_dockerfile(REPO_ROOT / build.get("dockerfile", "Dockerfile")).stage(build["target"])
+
+
 def server_argv(compose: dict) -> list[str]:
     """The server container's full command: the image's ENTRYPOINT + the compose command."""
-    service = compose["services"]["perception"]
-    dockerfile = parse_dockerfile(REPO_ROOT / service["build"].get("dockerfile", "Dockerfile"))
-    stage = dockerfile.stage(service["build"]["target"])
-    entry = stage.of("ENTRYPOINT")[-1].exec_form()
+    entry = _server_stage(compose).of("ENTRYPOINT")[-1].exec_form()
     assert entry is not None
-    return [*entry, *service.get("command", [])]
+    return [*entry, *compose["services"]["perception"].get("command", [])]
+
+
+def server_env(compose: dict) -> dict[str, str]:
+    """The server container's environment: the compose environment over the image's ENV."""
+    given = compose["services"]["perception"].get("environment", {})
+    return {**_server_stage(compose).env(), **{k: str(v) for k, v in given.items()}}
 
 
 def test_services_and_build(compose: dict) -> None:
@@ -105,12 +113,11 @@ def test_every_mounted_path_exists(compose: dict) -> None:
 
 
 def test_server_command_and_settings(compose: dict) -> None:
-    args = parse_perception_argv(server_argv(compose))
-    assert args is not None
     from server.config import load_config
 
-    env = {k: str(v) for k, v in compose["services"]["perception"].get("environment", {}).items()}
-    load_config(flags={"model": "/models/default/manifest.json"}, env=env)
+    given = {k: str(v) for k, v in compose["services"]["perception"].get("environment", {}).items()}
+    assert not env_beaten_by_flags(server_argv(compose), given), "the server's flags override these settings"
+    load_config(env=server_env(compose))
 
 
 def test_prometheus_scrapes_the_server_and_loads_every_rule_file(compose: dict) -> None:
@@ -129,7 +136,7 @@ def test_prometheus_scrapes_the_server_and_loads_every_rule_file(compose: dict) 
             f"rule file {rule} is not mounted beside the config"
         )
 
-    metrics_port = parse_perception_argv(server_argv(compose)).metrics_port
+    metrics_port = serve_settings(server_argv(compose), server_env(compose)).metrics_port
     owner = netns_owner(compose, "prometheus")
     targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
     assert targets
@@ -171,7 +178,7 @@ def test_grafana_gets_datasource_and_dashboards(compose: dict) -> None:
     assert 3000 in published(compose["services"][netns_owner(compose, "grafana")])
     server = compose["services"][netns_owner(compose, "perception")]
     assert prom_port in published(compose["services"][netns_owner(compose, "prometheus")])
-    assert 50051 in published(server)
+    assert serve_settings(server_argv(compose), server_env(compose)).port in published(server)
 
 
 def test_the_checks_catch_drift(compose: dict) -> None:
@@ -180,6 +187,11 @@ def test_the_checks_catch_drift(compose: dict) -> None:
     wrong_port["services"]["perception"]["command"] = ["--metrics-port", "9999"]
     with pytest.raises(AssertionError, match="exports on 9999"):
         test_prometheus_scrapes_the_server_and_loads_every_rule_file(wrong_port)
+    # the environment moves it too: the image's defaults are variables, not ENTRYPOINT flags
+    wrong_env = copy.deepcopy(compose)
+    wrong_env["services"]["perception"].setdefault("environment", {})["PERCEPTION_METRICS_PORT"] = "9999"
+    with pytest.raises(AssertionError, match="exports on 9999"):
+        test_prometheus_scrapes_the_server_and_loads_every_rule_file(wrong_env)
     missing = copy.deepcopy(compose)
     missing["services"]["grafana"]["volumes"][0] = "../grafana/no-such-dir:/etc/grafana/provisioning:ro"
     with pytest.raises(AssertionError, match="not in the repository"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
+from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv, serve_settings
 from tests.deploy.dockerfile import (
     Dockerfile,
     dockerignore_patterns,
@@ -119,15 +119,20 @@ def test_runtime_stages_hold_no_build_code_and_run_as_non_root(dockerfile: Docke
 
 @pytest.mark.parametrize("name", RUNTIME_STAGES)
 def test_entrypoint_is_the_serve_command(dockerfile: Dockerfile, name: str) -> None:
-    argv = dockerfile.stage(name).of("ENTRYPOINT")[-1].exec_form()
+    """The image's defaults are PERCEPTION_* variables and the ENTRYPOINT sets no flag: a flag
+    there beat `docker run -e` and the Kubernetes ConfigMap (PERCEPTION_MODEL had no effect)."""
+    stage = dockerfile.stage(name)
+    argv = stage.of("ENTRYPOINT")[-1].exec_form()
     assert argv is not None, "ENTRYPOINT must use the exec form (signals reach the server)"
-    assert argv[:2] == ["perception", "serve"]
-    flags = dict(zip(argv[2::2], argv[3::2], strict=True))
-    assert flags["--model"] == "/models/default/manifest.json"
-    assert flags["--port"] == "50051" and flags["--metrics-port"] == "9108"
-    parse_perception_argv(argv)
-    exposed = {p for i in dockerfile.stage(name).of("EXPOSE") for p in i.args.split()}
-    assert {"50051", "9108"} <= exposed
+    assert argv == ["perception", "serve"], "set the image's server settings with ENV: the environment can change them"
+    settings = serve_settings(argv, stage.env())
+    assert settings.model == "/models/default/manifest.json"
+    assert (settings.port, settings.metrics_port) == (50051, 9108)
+    assert settings.host == settings.metrics_host == "0.0.0.0"
+    changed = serve_settings(argv, {**stage.env(), "PERCEPTION_MODEL": "/models/mine/manifest.json"})
+    assert changed.model == "/models/mine/manifest.json"
+    exposed = {p for i in stage.of("EXPOSE") for p in i.args.split()}
+    assert {str(settings.port), str(settings.metrics_port)} <= exposed
 
 
 @pytest.mark.parametrize("name", RUNTIME_STAGES)
@@ -136,9 +141,24 @@ def test_healthcheck_asks_grpc_health(dockerfile: Dockerfile, name: str) -> None
     assert len(check) == 1
     options, _, _ = check[0].args.partition("CMD")
     assert re.search(r"--start-period=\d+s", options)
-    plain = healthcheck_argv(check[0])
+    plain = healthcheck_argv(check[0], dockerfile.stage(name).env())
     assert plain[:4] == ["perception", "health", "--server", "127.0.0.1:50051"]
     assert parse_perception_argv(plain).tls_ca is None
+
+
+@pytest.mark.parametrize("name", RUNTIME_STAGES)
+def test_healthcheck_asks_the_port_the_server_binds(dockerfile: Dockerfile, name: str) -> None:
+    """`docker run -e PERCEPTION_PORT=6000 ...` moves the server and its health check with it;
+    the check used to ask 50051 whatever the server bound. An empty PERCEPTION_PORT is no
+    setting (server.config), so both take the default."""
+    stage = dockerfile.stage(name)
+    entry = stage.of("ENTRYPOINT")[-1].exec_form()
+    assert entry is not None
+    for given, port in (("6000", 6000), ("", 50051)):
+        env = {**stage.env(), "PERCEPTION_PORT": given}
+        assert serve_settings(entry, env).port == port
+        health = parse_perception_argv(healthcheck_argv(stage.of("HEALTHCHECK")[0], env))
+        assert health.server == f"127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("name", RUNTIME_STAGES)
@@ -156,10 +176,7 @@ def test_healthcheck_speaks_tls_with_the_ca_it_is_given(dockerfile: Dockerfile, 
     assert (args.tls_ca, args.tls_cert, args.tls_key) == (
         "/run/secrets/my ca.crt", "/run/secrets/client.crt", "/run/secrets/client.key")
     # the image's ENV does not set them: plaintext unless asked
-    image_env: dict[str, str] = {}
-    for ins in dockerfile.stage(name).of("ENV"):
-        image_env.update(parse_env(ins.args))
-    assert not any(k.startswith("PERCEPTION_HEALTH_") for k in image_env)
+    assert not any(k.startswith("PERCEPTION_HEALTH_") for k in dockerfile.stage(name).env())
 
 
 @pytest.mark.parametrize("name", RUNTIME_STAGES)
@@ -182,19 +199,14 @@ def test_server_settings_in_env_are_valid(dockerfile: Dockerfile) -> None:
 
     fields = {f"{ENV_PREFIX}{f.upper()}" for f in ServerConfig.__dataclass_fields__}
     for name in RUNTIME_STAGES:
-        env: dict[str, str] = {}
-        for ins in dockerfile.stage(name).of("ENV"):
-            env.update(parse_env(ins.args))
+        env = dockerfile.stage(name).env()
         # install.sh's switch and the build's commit (server.metrics) are not server settings
         not_settings = ("PERCEPTION_SYSTEM_SITE_PACKAGES", "PERCEPTION_GIT_SHA")
         server_env = {k: v for k, v in env.items() if k.startswith("PERCEPTION_") and k not in not_settings}
         assert server_env, name
         assert set(server_env) <= fields, f"{name}: unknown server settings {set(server_env) - fields}"
-        load_config(flags={"model": "/models/default/manifest.json"}, env=server_env)
-    gpu_env: dict[str, str] = {}
-    for ins in dockerfile.stage("runtime-gpu").of("ENV"):
-        gpu_env.update(parse_env(ins.args))
-    assert gpu_env["PERCEPTION_ENGINE_CACHE_DIR"] == "/cache"
+        load_config(env=server_env)
+    assert dockerfile.stage("runtime-gpu").env()["PERCEPTION_ENGINE_CACHE_DIR"] == "/cache"
     assert any('"/cache"' in v.args for v in dockerfile.stage("runtime-gpu").of("VOLUME"))
 
 

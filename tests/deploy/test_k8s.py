@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
+from tests.deploy.cli_check import REPO_ROOT, env_beaten_by_flags, parse_perception_argv, serve_settings
 from tests.deploy.dockerfile import parse_dockerfile
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -186,15 +186,26 @@ def _container(deployment: dict) -> dict:
     return containers[0]
 
 
+def server_command(container: dict) -> tuple[list[str], dict[str, str]]:
+    """The server's command line (the GPU image's ENTRYPOINT + the container's args) and the
+    environment the pod gives it (ConfigMaps, then the container's own env, over the image's ENV)."""
+    stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime-gpu")
+    entry = stage.of("ENTRYPOINT")[-1].exec_form()
+    assert entry is not None
+    env = stage.env()
+    for source in container.get("envFrom", []):
+        env.update(find("ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return [*entry, *container.get("args", [])], env
+
+
 def test_deployment_gpu_probes_and_ports_match_the_image() -> None:
     deployment = find("Deployment", "perception")
     pod, container = _pod(deployment), _container(deployment)
     assert pod["spec"]["nodeSelector"], "GPU pods need a node selector"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime-gpu")
-    entry = stage.of("ENTRYPOINT")[-1].exec_form()
-    assert entry is not None
-    args = parse_perception_argv([*entry, *container.get("args", [])])
+    args = serve_settings(*server_command(container))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": args.port, "metrics": args.metrics_port}
     # The kubelet's `grpc:` probe speaks plaintext only; the server serves TLS, so each probe runs
@@ -220,6 +231,17 @@ def test_configmap_is_a_valid_server_config() -> None:
     assert set(data) <= fields, f"unknown settings: {set(data) - fields}"
     config = load_config(env=data)
     assert _pod(deployment)["spec"]["terminationGracePeriodSeconds"] > config.grace_s
+
+
+def test_every_configmap_setting_reaches_the_server() -> None:
+    """No flag of the server's command line (the image's ENTRYPOINT, the container's args) gives
+    a setting the ConfigMap sets: a flag beats the environment, so that setting would do nothing
+    (the ENTRYPOINT's --model made the ConfigMap's PERCEPTION_MODEL dead)."""
+    container = _container(find("Deployment", "perception"))
+    argv, env = server_command(container)
+    data = find("ConfigMap", container["envFrom"][0]["configMapRef"]["name"])["data"]
+    assert not env_beaten_by_flags(argv, data), "the server's flags override these ConfigMap settings"
+    assert serve_settings(argv, env).model == data["PERCEPTION_MODEL"]
 
 
 def test_headless_service_pdb_and_hpa_point_at_the_pods() -> None:

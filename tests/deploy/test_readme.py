@@ -9,7 +9,8 @@ fails the test, so a new kind of command cannot slip in unchecked:
 * ``docker build``: ``--target`` is a stage, ``--build-arg`` a declared ARG,
   ``--build-context NAME=`` a stage it replaces, the context the repository root;
   ``docker run``: the image was built above, the arguments after it are appended to that
-  stage's ENTRYPOINT and the whole is parsed by ``perception serve``'s parser;
+  stage's ENTRYPOINT and the whole is parsed by ``perception serve``'s parser, in the stage's
+  ENV with the command's ``-e`` over it: the gRPC port the server binds is published;
   ``docker compose -f FILE``: the file exists;
 * ``kubectl apply -f/-k``: the file or kustomization exists (and is validated by
   test_k8s.py); other ``kubectl`` verbs: the namespace and ``kind/name`` exist in deploy/k8s;
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv
+from tests.deploy.cli_check import REPO_ROOT, parse_perception_argv, serve_settings
 from tests.deploy.dockerfile import parse_dockerfile
 
 README = REPO_ROOT / "deploy" / "README.md"
@@ -209,7 +210,9 @@ def check_docker(cmd: Command, argv: list[str], state: State) -> None:
         stage = dockerfile.stage(state.images[image])
         entry = stage.of("ENTRYPOINT")[-1].exec_form()
         assert entry is not None
-        args = parse_perception_argv([*entry, *extra])
+        env = stage.env()
+        env.update(dict(v.split("=", 1) for k, v in opts if k in ("-e", "--env") and "=" in v))
+        args = serve_settings([*entry, *extra], env)
         published = {int(v.split(":")[-1]) for k, v in opts if k in ("-p", "--publish")}
         assert args.port in published, f"{cmd}: the gRPC port {args.port} is not published"
         for key, value in opts:
@@ -217,9 +220,6 @@ def check_docker(cmd: Command, argv: list[str], state: State) -> None:
                 source, target = value.split(":")[:2]
                 assert target.startswith("/")
                 if target == "/cache":
-                    env = {}
-                    for ins in stage.of("ENV"):
-                        env.update(dict(t.split("=", 1) for t in shlex.split(ins.args)))
                     assert env.get("PERCEPTION_ENGINE_CACHE_DIR") == "/cache", f"{cmd}: /cache is not the engine cache"
     elif sub == "compose":
         opts, rest = _options(argv[2:], {"-f", "--file"}, set())

@@ -8,9 +8,9 @@ prefix moved into tmp, and its RUN lines executed with bash in a fresh virtual e
 itself (creating the service user) are skipped, and only those listed in OS_ONLY.
 
 Then: `import torch` must fail there, `perception serve --help` and `perception health
---help` must work, and the freshly installed server must serve the tiny model and answer the
-image's own HEALTHCHECK command. About 20 s on this machine (the packages come from pip's
-local index / cache).
+--help` must work, and the image's own ENTRYPOINT, in the image's environment, must serve the
+tiny model and answer the image's own HEALTHCHECK command. About 20 s on this machine (the
+packages come from pip's local index / cache).
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.cli_check import REPO_ROOT, module_written
 from tests.deploy.dockerfile import dockerignore_patterns, healthcheck_exec, ignored, parse_dockerfile, parse_env
-from tests.deploy.live_server import serve
+from tests.deploy.live_server import run_server
 
 # RUN lines that only change the host's accounts: not meaningful (or safe) outside a container.
 OS_ONLY = ("groupadd ", "useradd ")
@@ -50,9 +52,15 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), value)
 
 
+@dataclass(frozen=True)
+class RuntimeImage:
+    bin: Path  # the venv's bin directory
+    env: dict[str, str]  # the stage's ENV (its paths moved into tmp) over this host's environment
+
+
 @pytest.fixture(scope="module")
-def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Replay the runtime stage; returns the venv's bin directory."""
+def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> RuntimeImage:
+    """Replay the runtime stage."""
     root = tmp_path_factory.mktemp("runtime_image")
     stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime")
     patterns = dockerignore_patterns(REPO_ROOT / ".dockerignore")
@@ -100,12 +108,12 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
             # were root-owned files that a later `make setup` could not rewrite.
             assert not list(workdir.glob("perception/v1/*_pb2*.py")), "install.sh wrote into the source tree"
     assert ran_install, "the runtime stage no longer runs deploy/vehicle/install.sh"
-    return prefix / "venv" / "bin"
+    return RuntimeImage(prefix / "venv" / "bin", env)
 
 
-def test_runtime_has_no_torch(runtime_install: Path) -> None:
+def test_runtime_has_no_torch(runtime_install: RuntimeImage) -> None:
     # cwd=/ so the repository checkout is not on sys.path ('' = cwd for `python -c`).
-    python = str(runtime_install / "python")
+    python = str(runtime_install.bin / "python")
     result = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, cwd="/")
     assert result.returncode != 0 and "No module named 'torch'" in result.stderr
     for absent in ("build_engine", "grpc_tools"):
@@ -113,43 +121,51 @@ def test_runtime_has_no_torch(runtime_install: Path) -> None:
         assert result.returncode != 0, f"{absent} is importable in the runtime environment"
 
 
-def test_runtime_has_the_generated_contract(runtime_install: Path) -> None:
+def test_runtime_has_the_generated_contract(runtime_install: RuntimeImage) -> None:
     code = "import perception.v1.detector_pb2 as p, perception.v1.detector_pb2_grpc as g; print(p.__file__)"
-    result = subprocess.run([str(runtime_install / "python"), "-c", code], capture_output=True, text=True, cwd="/")
+    result = subprocess.run([str(runtime_install.bin / "python"), "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
     assert "site-packages" in result.stdout
 
 
 @pytest.mark.parametrize("sub", ["serve", "health", "replay"])
-def test_runtime_commands_work(runtime_install: Path, sub: str) -> None:
+def test_runtime_commands_work(runtime_install: RuntimeImage, sub: str) -> None:
     from perception.cli import commands
 
     COMMANDS = commands()
     if not module_written(COMMANDS[sub].module):
         pytest.skip(f"{COMMANDS[sub].module} is not in this tree yet")
     result = subprocess.run(
-        [str(runtime_install / "perception"), sub, "--help"], capture_output=True, text=True, timeout=60, cwd="/"
+        [str(runtime_install.bin / "perception"), sub, "--help"], capture_output=True, text=True, timeout=60, cwd="/"
     )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
 
 
-def test_runtime_serves_and_answers_its_healthcheck(runtime_install: Path, tiny_manifest: Path) -> None:
-    """The image's own ENTRYPOINT and HEALTHCHECK commands, run from the fresh environment."""
+def test_runtime_serves_and_answers_its_healthcheck(runtime_install: RuntimeImage, tiny_manifest: Path) -> None:
+    """The image's own ENTRYPOINT and HEALTHCHECK commands, run from the fresh environment in
+    the image's ENV, with the model and the ports changed as `docker run -e` or a Kubernetes
+    ConfigMap changes them: the ENTRYPOINT's flags used to beat the environment, and the check
+    asked 50051 whatever port the server bound."""
     if not (module_written("server.cli") and module_written("server.health_cli")):
         pytest.skip("server.cli / server.health_cli are not in this tree yet")
     stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime")
+    entry = stage.of("ENTRYPOINT")[-1].exec_form()
+    assert entry is not None
     health = healthcheck_exec(stage.of("HEALTHCHECK")[0])
-    perception = str(runtime_install / "perception")
-    # As the container runs it: the image's PATH leads to the venv's `perception`.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERCEPTION_")}
-    env["PATH"] = f"{runtime_install}{os.pathsep}{env.get('PATH', '')}"
-    with serve([perception, "serve"], tiny_manifest, cwd=Path("/")) as server:
-        argv = [a.replace("127.0.0.1:50051", server.address) for a in health]
-        ok = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    with socket.socket() as probe:  # a free port, set for the server and its check alike
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # As the container runs them: the image's PATH leads to the venv's `perception`.
+    env = {**runtime_install.env, "PERCEPTION_MODEL": str(tiny_manifest), "PERCEPTION_HOST": "127.0.0.1",
+           "PERCEPTION_PORT": str(port), "PERCEPTION_METRICS_HOST": "127.0.0.1", "PERCEPTION_METRICS_PORT": "0",
+           "OMP_NUM_THREADS": "1"}
+    with run_server(entry, env, cwd=Path("/")) as server:
+        assert server.port == port
+        ok = subprocess.run(health, capture_output=True, text=True, timeout=30, env=env)
         assert ok.returncode == 0, ok.stderr
         assert server.stop() == 0
-    down = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    down = subprocess.run(health, capture_output=True, text=True, timeout=30, env=env)
     assert down.returncode != 0, "health must fail once the server is gone"
 
 

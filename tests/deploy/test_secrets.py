@@ -21,13 +21,13 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.deploy.cli_check import REPO_ROOT, module_written, parse_perception_argv
+from tests.deploy.cli_check import REPO_ROOT, module_written, parse_perception_argv, serve_settings
 from tests.deploy.dockerfile import healthcheck_exec, parse_dockerfile
 from tests.deploy.live_server import serve
 from tests.deploy.secret_checks import (
@@ -49,6 +49,7 @@ from tests.deploy.secret_setup import (
     placements,
     secrets_section,
 )
+from tests.deploy.test_compose import server_argv, server_env
 from tests.deploy.test_vehicle import NotifySocket, parse_env_file, parse_unit
 
 VEHICLE = REPO_ROOT / "deploy" / "vehicle"
@@ -291,8 +292,8 @@ def test_unit_serves_tls_and_tokens_from_its_credentials(tmp_path: Path, tiny_ma
 # --- compose: secrets from files -----------------------------------------------------------------
 
 
-def _compose() -> tuple[dict[str, Any], dict[str, str], argparse.Namespace]:
-    """The compose file, its server's secrets (container path -> secret name) and parsed command."""
+def _compose() -> tuple[dict[str, Any], dict[str, str], SimpleNamespace]:
+    """The compose file, its server's secrets (container path -> secret name) and settings."""
     compose = yaml.safe_load(COMPOSE.read_text())
     service = compose["services"]["perception"]
     mounted = {}
@@ -301,10 +302,7 @@ def _compose() -> tuple[dict[str, Any], dict[str, str], argparse.Namespace]:
             entry = {"source": entry}
         source, target = entry["source"], entry.get("target", entry["source"])
         mounted[target if target.startswith("/") else f"/run/secrets/{target}"] = source
-    stage = parse_dockerfile(REPO_ROOT / "Dockerfile").stage(service["build"]["target"])
-    entry_point = stage.of("ENTRYPOINT")[-1].exec_form()
-    assert entry_point is not None
-    return compose, mounted, parse_perception_argv([*entry_point, *service.get("command", [])])
+    return compose, mounted, serve_settings(server_argv(compose), server_env(compose))
 
 
 def test_compose_takes_tls_and_tokens_from_secret_files() -> None:
@@ -369,11 +367,11 @@ def test_image_healthcheck_checks_a_tls_server_with_the_ca_env(tiny_manifest: Pa
     tls = ["--tls-cert", str(pki / "tls.crt"), "--tls-key", str(pki / "tls.key"),
            "--auth-token-file", str(pki / "tokens")]
     with serve([PERCEPTION, "serve"], tiny_manifest, extra=tls) as server:
-        argv = [a.replace("127.0.0.1:50051", server.address) for a in health]
-        ok = subprocess.run(argv, env={**env, "PERCEPTION_HEALTH_TLS_CA": str(pki / "ca.crt")},
+        env["PERCEPTION_PORT"] = str(server.port)  # the server's port, which the check asks
+        ok = subprocess.run(health, env={**env, "PERCEPTION_HEALTH_TLS_CA": str(pki / "ca.crt")},
                             capture_output=True, text=True, timeout=30)
         assert ok.returncode == 0, ok.stderr
-        plain = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        plain = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
         assert plain.returncode != 0
         assert server.stop() == 0
 

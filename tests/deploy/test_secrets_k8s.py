@@ -6,20 +6,19 @@ the Job's script, run for real against the secrets deploy/README.md's commands m
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.deploy.cli_check import REPO_ROOT, module_written, parse_perception_argv
-from tests.deploy.dockerfile import parse_dockerfile
+from tests.deploy.cli_check import REPO_ROOT, module_written, parse_perception_argv, serve_settings
 from tests.deploy.live_server import serve
 from tests.deploy.secret_checks import (
     LOOPBACK,
@@ -30,6 +29,7 @@ from tests.deploy.secret_checks import (
     secrets_in,
 )
 from tests.deploy.secret_setup import create_secrets, placed_at
+from tests.deploy.test_k8s import server_command
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
@@ -89,14 +89,12 @@ def secret_file(mounts: Mounts, path: str) -> tuple[str, str]:
     return secret, files[name]
 
 
-def _server() -> tuple[dict[str, Any], dict[str, Any], argparse.Namespace]:
-    """The Deployment's pod spec, its container and the server's parsed command line."""
+def _server() -> tuple[dict[str, Any], dict[str, Any], SimpleNamespace]:
+    """The Deployment's pod spec, its container and the server's settings."""
     deployment = next(d for d in _manifests("deployment.yaml") if d["kind"] == "Deployment")
     pod_spec = deployment["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
-    entry = parse_dockerfile(REPO_ROOT / "Dockerfile").stage("runtime-gpu").of("ENTRYPOINT")[-1].exec_form()
-    assert entry is not None
-    return pod_spec, container, parse_perception_argv([*entry, *container.get("args", [])])
+    return pod_spec, container, serve_settings(*server_command(container))
 
 
 def _job_pod() -> dict[str, Any]:

@@ -172,3 +172,23 @@ def test_serve_binds_an_ipv6_host_and_names_it_in_brackets(tiny_manifest):
         channel.close()
     finally:
         assert stop(served) == 0
+
+
+@pytest.mark.parametrize("admin_file, needle", [
+    ("tokens", "admin_tokens must differ from auth_tokens"),
+    ("empty", "holds no token"),
+    ("latin1", "cannot read --admin-token-file"),
+])
+def test_serve_refuses_admin_token_files_that_open_the_admin_service(tiny_manifest, tmp_path, admin_file, needle):
+    """The client tokens' file given as the admin one used to make every camera an admin; an
+    empty admin file or one that is not UTF-8 is refused in one line, as a client token file is."""
+    (tmp_path / "tokens").write_text("camera-token\n")
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "latin1").write_bytes(b"caf\xe9\n")
+    r = subprocess.run([sys.executable, "-m", "perception.cli", "serve", "--model", str(tiny_manifest),
+                        "--port", "0", "--metrics-port", "0", "--insecure-token",
+                        "--auth-token-file", str(tmp_path / "tokens"), "--admin-port", "0",
+                        "--admin-token-file", str(tmp_path / admin_file)],
+                       capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert r.returncode == 1
+    assert needle in r.stderr and "Traceback" not in r.stderr

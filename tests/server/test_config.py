@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+from typing import Any
+
 import pytest
 
 from perception.errors import ConfigError
-from server.config import ServerConfig, load_config
+from perception.v1 import detector_pb2 as pb
+from server.config import MAX_DURATION_S, MAX_MESSAGE_BYTES, ServerConfig, load_config
 
 
 def test_precedence_flag_env_file(tmp_path):
@@ -72,3 +78,120 @@ def test_every_serve_flag_is_a_setting_and_the_documented_ones_exist():
     # --admin-token-file is read into the admin_tokens setting
     dests = {a.dest for a in build_parser()._actions if a.dest not in ("help", "config", "admin_token_file")}
     assert dests <= fields, sorted(dests - fields)
+
+
+# --- bearer tokens ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [("",), (" ",), ("a b",), (None,)])
+@pytest.mark.parametrize("name", ["auth_tokens", "admin_tokens"])
+def test_tokens_are_non_empty_text_without_whitespace(name, tokens):
+    """The admin tokens get the client tokens' checks: `admin_tokens: [""]` used to open the
+    admin service (LoadModel, Rollback) to `authorization: Bearer ` with nothing after it."""
+    with pytest.raises(ConfigError, match=f"{name}: every token must be a non-empty string without whitespace"):
+        ServerConfig(model="m.json", insecure_token=True, **{name: tokens})
+
+
+@pytest.mark.parametrize("text", ["admin_tokens: ['']\n", "admin_tokens: [~]\n", "admin_tokens: [0123]\n"])
+def test_yaml_admin_tokens_that_are_not_text_are_refused(tmp_path, text):
+    """`admin_tokens: [~]` used to become the guessable token "None", and [0123] the token "83"."""
+    f = tmp_path / "server.yaml"
+    f.write_text("model: m.json\nadmin_port: 0\n" + text)
+    with pytest.raises(ConfigError, match="admin_tokens"):
+        load_config({}, env={}, file=f)
+
+
+def test_admin_tokens_must_not_be_client_tokens(tmp_path):
+    """docs/lifecycle.md: the admin service has its own tokens. One file for both made every
+    camera an admin; the overlap is refused however the client tokens are given."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("camera-token\nshared-token\n")
+    for client in ({"auth_tokens": ("shared-token",)}, {"auth_token_file": str(tokens)}):
+        with pytest.raises(ConfigError, match="admin_tokens must differ from auth_tokens"):
+            ServerConfig(model="m.json", insecure_token=True, admin_port=0, admin_tokens=("shared-token",), **client)
+    assert ServerConfig(model="m.json", insecure_token=True, admin_port=0, admin_tokens=("admin-token",),
+                        auth_token_file=str(tokens)).auth_tokens == ("camera-token", "shared-token")
+
+
+def test_admin_port_must_not_be_the_grpc_port():
+    """With reuse_port both servers bound it and the kernel spread connections across them: a
+    quarter of Detector calls were answered UNIMPLEMENTED by the admin service."""
+    with pytest.raises(ConfigError, match="admin_port must differ from port"):
+        ServerConfig(model="m.json", port=50051, admin_port=50051, admin_tokens=("adm1n",), reuse_port=True)
+
+
+# --- numbers that pass a range check but not gRPC ------------------------------------------------
+
+FLOAT_SETTINGS = [f.name for f in dataclasses.fields(ServerConfig) if isinstance(f.default, float)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_every_float_setting_is_finite(name, value):
+    """NaN passed every range check (grace_s=nan: shutdown returned at once without draining;
+    probation_s=nan turned automatic rollback off; keepalive_time_s=nan crashed start-up) and
+    inf made grace_s wait for ever or gRPC overflow."""
+    with pytest.raises(ConfigError, match=f"^{name} must be a finite number"):
+        ServerConfig(model="m.json", **{name: value})
+
+
+@pytest.mark.parametrize("name", [n for n in FLOAT_SETTINGS if n.endswith("_s")])
+def test_durations_are_bounded_by_what_grpc_takes_in_milliseconds(name):
+    """max_connection_age_s=2592000 (30 days) passed validation and crashed grpc.server() with
+    OverflowError: gRPC takes it in milliseconds as a 32-bit int."""
+    longest: dict[str, Any] = {name: float(MAX_DURATION_S)}
+    assert getattr(ServerConfig(model="m.json", **longest), name) == MAX_DURATION_S
+    thirty_days: dict[str, Any] = {name: 2592000.0}
+    with pytest.raises(ConfigError, match=f"{name} must be at most 2147483 s"):
+        ServerConfig(model="m.json", **thirty_days)
+
+
+def test_max_message_bytes_fits_grpcs_int():
+    assert ServerConfig(model="m.json", max_message_bytes=2**31 - 1).message_limit() == 2**31 - 1
+    with pytest.raises(ConfigError, match=r"max_message_bytes must be in 65536\.\.2147483647"):
+        ServerConfig(model="m.json", max_message_bytes=2**31)
+
+
+def test_the_largest_accepted_values_start_a_server(serve):
+    """The bounds are gRPC's: a server starts with every millisecond setting and the message limit
+    at the largest value the config accepts (one more crashed grpc.server())."""
+    grpc_ms = ("keepalive_time_s", "keepalive_timeout_s", "min_client_ping_interval_s", "max_connection_age_s",
+               "max_connection_age_grace_s")
+    run = serve(max_message_bytes=MAX_MESSAGE_BYTES, **{name: float(MAX_DURATION_S) for name in grpc_ms})
+    assert run.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).version
+
+
+# --- YAML values are not converted behind the user's back ----------------------------------------
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("cameras: [front, 007]\n", "config cameras: list items must be text, got 7; quote it"),
+    ("metric_cameras: [front, on]\n", "config metric_cameras: list items must be text, got True; quote it"),
+    ("variant: ~\n", "config variant: expected text, got None; quote it"),
+    ("degrade: on\n", "config degrade: expected text, got True; quote it"),
+    ("max_batch: 8.9\n", "config max_batch: cannot use 8.9"),
+    ("max_batch: yes\n", "config max_batch: cannot use True"),
+    ("grace_s: no\n", "config grace_s: cannot use False"),
+    ("insecure_token: 2\n", "config insecure_token: cannot use 2"),
+])
+def test_yaml_values_of_the_wrong_kind_are_refused(tmp_path, text, needle):
+    """YAML reads unquoted 007 as 7 and on as true: `cameras: [front, 007]` used to allow camera
+    "7", and a fraction was cut to an integer."""
+    f = tmp_path / "server.yaml"
+    f.write_text("model: m.json\n" + text)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config({}, env={}, file=f)
+
+
+def test_yaml_values_of_the_right_kind_are_taken_as_written(tmp_path):
+    f = tmp_path / "server.yaml"
+    f.write_text("model: m.json\ncameras: [front, '007']\ndegrade: off\nmax_batch: 4.0\nreuse_port: 1\n"
+                 "grace_s: 5\n")
+    cfg = load_config({}, env={}, file=f)
+    assert cfg.cameras == ("front", "007")
+    assert cfg.degrade == "off"  # YAML's false: what an unquoted off means for degrade (off or auto)
+    assert (cfg.max_batch, cfg.reuse_port, cfg.grace_s) == (4, True, 5.0)
+    # text (environment, flags) is parsed as before
+    env = {"PERCEPTION_CAMERAS": "front, 007", "PERCEPTION_DEGRADE": "off", "PERCEPTION_REUSE_PORT": "on"}
+    cfg = load_config({"model": "m.json"}, env=env)
+    assert (cfg.cameras, cfg.degrade, cfg.reuse_port) == (("front", "007"), "off", True)
