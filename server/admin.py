@@ -84,8 +84,8 @@ def start_admin_server(host: ModelHost, address: str, tokens: tuple[str, ...], m
 
     Its port is its own (no SO_REUSEPORT, which gRPC sets by default): a second server on it
     fails to start (ConfigError) instead of the kernel splitting admin calls between the two."""
-    from server.app import bind
     from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
+    from server.listen import bind
 
     # gRPC only calls the executor's submit(); its type stubs ask for a ThreadPoolExecutor.
     server = grpc.server(DaemonThreads(),  # type: ignore[arg-type]

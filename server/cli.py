@@ -189,7 +189,8 @@ def main(argv: list[str]) -> int:
 
     from prometheus_client import CollectorRegistry
 
-    from server.app import create_server, grpc_address
+    from server.app import create_server
+    from server.listen import grpc_address
     from server.metrics import start_metrics_http
 
     stop = threading.Event()
