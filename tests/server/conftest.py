@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,13 @@ def serve(tiny_manifest: Path) -> Iterator[Callable[..., Running]]:
         if run.own_channel is not None:
             run.own_channel.close()
         run.server.shutdown(1.0)
+
+
+def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:
+    """Whether ``predicate()`` became true within ``timeout_s`` (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())

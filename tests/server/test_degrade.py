@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from perception.manifest import load_manifest, save_manifest
-from tests.server.conftest import jpeg, request
+from tests.server.conftest import jpeg, request, wait_for
 from tests.server.test_lifecycle import versioned_artifact
 
 
@@ -193,14 +193,6 @@ def test_a_refused_move_waits_before_the_next_and_never_loads_another_version(se
     assert host.refusals == 1, "retried before its back-off"
 
 
-def _eventually(check: Any, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
 
 def _degrade(deg: Any) -> str:
     _overloaded(deg.monitor)
@@ -231,7 +223,7 @@ def test_rollback_after_a_degrade_and_a_recover_serves_the_operators_previous_ve
     assert _degrade(deg) == "degrade" and host.current.variant.name == "fast"
     assert host.previous is first, "the move took the operator's fallback"
     assert not freed(v2_accurate.backend, v2_accurate)  # kept while the move is on probation ...
-    assert _eventually(lambda: freed(v2_accurate.backend, v2_accurate))  # ... then freed: the move held
+    assert wait_for(lambda: freed(v2_accurate.backend, v2_accurate))  # ... then freed: the move held
     for _ in range(5):
         _calm(deg.monitor)
         step = deg.step()
@@ -299,7 +291,7 @@ def test_a_probation_rollback_of_a_move_backs_the_degrader_off(serve: Any, tmp_p
         _overloaded(deg.monitor)
         assert deg.step() == ""
     assert host.current is accurate and host.swaps == 1 and host.refusals == 0
-    assert _eventually(lambda: freed(fast.backend, fast))  # the failed variant is not kept
+    assert wait_for(lambda: freed(fast.backend, fast))  # the failed variant is not kept
 
 
 def test_probations_rollback_goes_to_the_variant_left_even_when_its_time_ran_out_meanwhile(

@@ -21,20 +21,13 @@ from tests.server.conftest import (
     occupy_the_decoder,
     request,
     stalled_reader_channel,
+    wait_for,
     window_filling_request,
 )
 
 OK = pb.FRAME_STATUS_OK
 INVALID = pb.FRAME_STATUS_INVALID
 
-
-def _wait_for(predicate: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_a_client_that_stops_reading_loses_its_stream_after_the_idle_timeout(serve: Any) -> None:
@@ -58,12 +51,12 @@ def test_a_client_that_stops_reading_loses_its_stream_after_the_idle_timeout(ser
     earlier = {t for t in threading.enumerate() if t.name.startswith("stream-")}  # other tests' streams
     call = stub.StreamDetect(reqs(), timeout=30)  # never read
     try:
-        assert _wait_for(lambda: streams.open_streams == 1, 5)
+        assert wait_for(lambda: streams.open_streams == 1, 5)
         t0 = time.monotonic()
-        assert _wait_for(lambda: streams.open_streams == 0, 8), "the stream still holds its slot"
+        assert wait_for(lambda: streams.open_streams == 0, 8), "the stream still holds its slot"
         assert time.monotonic() - t0 < 8
         # ... and the stream's own threads (reader, pre-processor, watchdog) are gone.
-        assert _wait_for(lambda: not [t for t in threading.enumerate()
+        assert wait_for(lambda: not [t for t in threading.enumerate()
                                       if t.name.startswith("stream-") and t not in earlier], 5)
         check = health_check(run.channel)
         assert check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
@@ -128,7 +121,7 @@ def test_slow_unary_calls_cannot_take_every_handler_thread(serve: Any) -> None:
         for t in threads:
             t.start()
         # Every call waits for a decode slot (DecodeSlots' waiters), each on a handler thread.
-        assert _wait_for(lambda: len(run.server.limits.decode._waiting) == cap, 10)
+        assert wait_for(lambda: len(run.server.limits.decode._waiting) == cap, 10)
         t0 = time.perf_counter()
         with pytest.raises(grpc.RpcError) as err:
             run.stub.Detect(request("front", 99, jpeg()), timeout=5)

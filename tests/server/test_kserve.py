@@ -47,8 +47,7 @@ from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
 from server.served_model import ServedModel
 from server.service import DetectorService
-from tests.server.conftest import Running, jpeg, occupy_the_decoder, request, stalled_reader_channel
-from tests.server.test_hardening import _wait_for
+from tests.server.conftest import Running, jpeg, occupy_the_decoder, request, stalled_reader_channel, wait_for
 
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 MODEL = "tiny"  # tests/tiny_model.py's manifest name
@@ -516,9 +515,9 @@ def test_a_client_that_stops_reading_loses_its_stream_after_the_idle_timeout(ser
     channel = stalled_reader_channel(run.address)
     call = _stream_infer(channel)(requests(), timeout=30)  # never read
     try:
-        assert _wait_for(lambda: streams.open_streams == 1, 5)
-        assert _wait_for(lambda: streams.open_streams == 0, 5), "the stream still holds its slot"
-        assert _wait_for(lambda: not [t for t in threading.enumerate()
+        assert wait_for(lambda: streams.open_streams == 1, 5)
+        assert wait_for(lambda: streams.open_streams == 0, 5), "the stream still holds its slot"
+        assert wait_for(lambda: not [t for t in threading.enumerate()
                                       if t.name.startswith("kserve-stream-") and t not in earlier], 5)
         infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
         assert infer(frame, timeout=10).outputs  # the server goes on
