@@ -35,11 +35,14 @@ class CocoDataset:
 
     ``boxes[image_id]``: (N, 4) float32 xyxy pixels; ``labels[image_id]``: (N,) int64 category
     ids (COCO ids, not indices); ``ann_ids[image_id]``: (N,) annotation ids; ``iscrowd`` likewise.
+    ``xywh[image_id]``: (N, 4) float64, the annotations' ``bbox`` as given: evaluation compares
+    these, as pycocotools does (float32 moves an IoU that sits exactly on a threshold).
     """
 
     images: dict[int, CocoImage]
     categories: dict[int, str]
     boxes: dict[int, NDArray[np.float32]]
+    xywh: dict[int, NDArray[np.float64]]
     labels: dict[int, NDArray[np.int64]]
     ann_ids: dict[int, NDArray[np.int64]]
     iscrowd: dict[int, NDArray[np.bool_]]
@@ -126,16 +129,23 @@ def parse_coco(data: Any, source: str = "<coco>", require_annotations: bool = Fa
             raise DataError(f"{where} has a negative bbox width/height {bbox!r}")
         given_area = a.get("area")
         area = float(given_area) if _num(given_area) else float(bbox[2]) * float(bbox[3])
-        xyxy = [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]
-        per_img[a["image_id"]].append((xyxy, a["category_id"], a.get("id", -1), bool(a.get("iscrowd", 0)), area))
-    boxes, labels, ids, crowd, areas = {}, {}, {}, {}, {}
+        per_img[a["image_id"]].append((bbox, a["category_id"], a.get("id", -1), bool(a.get("iscrowd", 0)), area))
+    boxes, xywh, labels, ids, crowd, areas = {}, {}, {}, {}, {}, {}
     for k, rows in per_img.items():
-        boxes[k] = np.array([r[0] for r in rows], np.float32).reshape(-1, 4)
+        xywh[k] = np.array([r[0] for r in rows], np.float64).reshape(-1, 4)
+        boxes[k] = bbox_corners(xywh[k])[0].astype(np.float32)
         labels[k] = np.array([r[1] for r in rows], np.int64)
         ids[k] = np.array([r[2] for r in rows], np.int64)
         crowd[k] = np.array([r[3] for r in rows], bool)
         areas[k] = np.array([r[4] for r in rows], np.float64)
-    return CocoDataset(images, categories, boxes, labels, ids, crowd, areas, data)
+    return CocoDataset(images, categories, boxes, xywh, labels, ids, crowd, areas, data)
+
+
+def bbox_corners(xywh: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """xyxy corners and w * h areas of (N, 4) COCO [x, y, w, h] boxes, in float64 as pycocotools
+    computes them (the area is not the corners' ((x + w) - x) * ((y + h) - y): see kpi.iou_matrix)."""
+    b = np.asarray(xywh, np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1), b[:, 2] * b[:, 3]
 
 
 def load_coco(path: str | os.PathLike[str], require_annotations: bool = False) -> CocoDataset:

@@ -3,7 +3,8 @@ mAP50-95 / mAP50 (the exact COCO protocol: 101-point interpolation, max 100 dete
 image and class, crowd and area-range ignores), per class, per object size, confusion matrix,
 and P / R / F1 at the deployed score threshold.
 
-Boxes are xyxy pixels here; COCO files carry xywh and are converted on entry.
+Boxes are xyxy pixels here; COCO files carry xywh and are converted on entry, in float64 and
+with the w * h areas beside them, as pycocotools computes (``perception.coco.bbox_corners``).
 """
 
 from __future__ import annotations
@@ -14,25 +15,34 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.coco import CocoDataset, parse_coco, parse_results
+from perception.coco import CocoDataset, bbox_corners, parse_coco, parse_results
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 AREA_RANGES = {"all": (0.0, 1e10), "small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e10)}
 MAX_DETS = 100
 
+# (image id, category id) -> the predictions' (xyxy boxes, scores, w * h areas), all float64
+Grouped = dict[tuple[int, int], tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]]
+
 
 def iou_matrix(
-    dt: NDArray[np.floating], gt: NDArray[np.floating], crowd: NDArray[np.bool_] | None = None
+    dt: NDArray[np.floating], gt: NDArray[np.floating], crowd: NDArray[np.bool_] | None = None,
+    dt_area: NDArray[np.floating] | None = None, gt_area: NDArray[np.floating] | None = None,
 ) -> NDArray[np.float64]:
-    """(D, G) IoU of xyxy boxes; for a crowd ground truth, intersection over the detection's area (COCO)."""
+    """(D, G) IoU of xyxy boxes; for a crowd ground truth, intersection over the detection's area (COCO).
+
+    dt_area, gt_area: the boxes' areas, if known, else computed from the corners. COCO boxes
+    give w * h, which pycocotools uses and ((x + w) - x) * ((y + h) - y) can miss in the last
+    bit: enough to move an IoU that sits exactly on a threshold across it.
+    """
     dt = np.asarray(dt, np.float64).reshape(-1, 4)
     gt = np.asarray(gt, np.float64).reshape(-1, 4)
     lt = np.maximum(dt[:, None, :2], gt[None, :, :2])
     rb = np.minimum(dt[:, None, 2:], gt[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(-1)
-    a_dt = np.clip(dt[:, 2:] - dt[:, :2], 0, None).prod(-1)
-    a_gt = np.clip(gt[:, 2:] - gt[:, :2], 0, None).prod(-1)
+    a_dt = np.clip(dt[:, 2:] - dt[:, :2], 0, None).prod(-1) if dt_area is None else np.asarray(dt_area, np.float64)
+    a_gt = np.clip(gt[:, 2:] - gt[:, :2], 0, None).prod(-1) if gt_area is None else np.asarray(gt_area, np.float64)
     union = a_dt[:, None] + a_gt[None, :] - inter
     if crowd is not None and crowd.any():
         union = np.where(crowd[None, :], a_dt[:, None], union)
@@ -41,24 +51,27 @@ def iou_matrix(
 
 def match_image(
     dt_boxes: NDArray[np.floating], dt_scores: NDArray[np.floating], dt_area: NDArray[np.floating],
-    gt_boxes: NDArray[np.floating], gt_area: NDArray[np.floating], gt_crowd: NDArray[np.bool_],
-    area_range: tuple[float, float], iou_thresholds: NDArray[np.floating] = IOU_THRESHOLDS, max_dets: int = MAX_DETS,
+    gt_boxes: NDArray[np.floating], gt_box_area: NDArray[np.floating], gt_area: NDArray[np.floating],
+    gt_crowd: NDArray[np.bool_], area_range: tuple[float, float],
+    iou_thresholds: NDArray[np.floating] = IOU_THRESHOLDS, max_dets: int = MAX_DETS,
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_]]:
     """Greedy COCO matching of one image and class.
 
-    Returns (scores (D,), matched (T, D), dt_ignored (T, D), gt_ignored (G,)), detections
-    sorted by descending score and cut to ``max_dets``.
+    dt_area: the detections' w * h, for the IoU and the area range alike (pycocotools);
+    gt_box_area: the ground truth's w * h, for the IoU; gt_area: its annotated area, for the
+    area range. Returns (scores (D,), matched (T, D), dt_ignored (T, D), gt_ignored (G,)),
+    detections sorted by descending score and cut to ``max_dets``.
     """
     gt_ig = gt_crowd | (gt_area < area_range[0]) | (gt_area > area_range[1])
     g_order = np.argsort(gt_ig, kind="mergesort")
-    gt_b, gt_ig_s, crowd_s = gt_boxes[g_order], gt_ig[g_order], gt_crowd[g_order]
+    gt_b, gt_b_area, gt_ig_s, crowd_s = gt_boxes[g_order], gt_box_area[g_order], gt_ig[g_order], gt_crowd[g_order]
     d_order = np.argsort(-dt_scores, kind="mergesort")[:max_dets]
     dt_b, scores, d_area = dt_boxes[d_order], dt_scores[d_order], dt_area[d_order]
     T, D, G = len(iou_thresholds), len(d_order), len(g_order)
     matched = np.zeros((T, D), bool)
     dt_ig = np.zeros((T, D), bool)
     if D and G:
-        ious = iou_matrix(dt_b, gt_b, crowd_s)
+        ious = iou_matrix(dt_b, gt_b, crowd_s, d_area, gt_b_area)
         for ti, t in enumerate(iou_thresholds):
             gtm = np.zeros(G, bool)
             for di in range(D):
@@ -145,15 +158,15 @@ class KpiReport:
         return d
 
 
-def _group_predictions(predictions: list[dict[str, Any]]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+def _group_predictions(predictions: list[dict[str, Any]]) -> Grouped:
     rows: dict[tuple[int, int], list[tuple[list[float], float]]] = {}
     for p in predictions:
-        x, y, w, h = p["bbox"]
-        key = (int(p["image_id"]), int(p["category_id"]))
-        rows.setdefault(key, []).append(([x, y, x + w, y + h], float(p["score"])))
-    return {
-        k: (np.array([r[0] for r in v], np.float64), np.array([r[1] for r in v], np.float64)) for k, v in rows.items()
-    }
+        rows.setdefault((int(p["image_id"]), int(p["category_id"])), []).append((p["bbox"], float(p["score"])))
+    grouped: Grouped = {}
+    for k, v in rows.items():
+        boxes, areas = bbox_corners(np.array([r[0] for r in v], np.float64))
+        grouped[k] = boxes, np.array([r[1] for r in v], np.float64), areas
+    return grouped
 
 
 def evaluate_coco(
@@ -176,18 +189,17 @@ def evaluate_coco(
     all_scores, all_tp = [], []
     total_gt = 0
     per_class: dict[str, dict[str, float]] = {}
-    empty4 = np.zeros((0, 4))
+    nothing = (np.zeros((0, 4)), np.zeros(0), np.zeros(0))
     for ci, cid in enumerate(cat_ids):
         for area_name, rng in AREA_RANGES.items():
             sc, mt, ig, n_gt = [], [], [], 0
             for iid in img_ids:
                 mask = g.labels[iid] == cid
-                gb = g.boxes[iid][mask].astype(np.float64)
-                db, ds = grouped.get((iid, cid), (empty4, np.zeros(0)))
+                gb, gb_area = bbox_corners(g.xywh[iid][mask])
+                db, ds, d_area = grouped.get((iid, cid), nothing)
                 if len(gb) == 0 and len(db) == 0:
                     continue
-                d_area = (db[:, 2] - db[:, 0]) * (db[:, 3] - db[:, 1]) if len(db) else np.zeros(0)
-                s, m, di, gi = match_image(db, ds, d_area, gb, g.areas[iid][mask], g.iscrowd[iid][mask], rng)
+                s, m, di, gi = match_image(db, ds, d_area, gb, gb_area, g.areas[iid][mask], g.iscrowd[iid][mask], rng)
                 sc.append(s)
                 mt.append(m)
                 ig.append(di)
@@ -259,28 +271,34 @@ def evaluate_coco(
 
 
 def confusion_matrix(
-    g: CocoDataset, grouped: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], cat_ids: list[int],
-    score_threshold: float, iou_threshold: float = 0.5,
+    g: CocoDataset, grouped: Grouped, cat_ids: list[int], score_threshold: float, iou_threshold: float = 0.5,
 ) -> NDArray[np.int64]:
     """(C + 1, C + 1) counts: rows ground-truth class, columns predicted class; index C is
     background (a missed object: row c, column C; a false detection: row C, column c).
-    Class-agnostic greedy matching by score at ``iou_threshold``."""
+    Class-agnostic greedy matching by score at ``iou_threshold``. A detection left over on a
+    crowd region of its own class (intersection over the detection's area at ``iou_threshold``)
+    counts nowhere: COCO ignores it, so precision and recall do too."""
     C = len(cat_ids)
     index = {c: i for i, c in enumerate(cat_ids)}
     cm = np.zeros((C + 1, C + 1), np.int64)
-    by_image: dict[int, list[tuple[np.ndarray, float, int]]] = {}
-    for (iid, cid), (boxes, scores) in grouped.items():
-        for b, s in zip(boxes, scores, strict=True):
+    by_image: dict[int, list[tuple[np.ndarray, float, int, float]]] = {}
+    for (iid, cid), (boxes, scores, areas) in grouped.items():
+        for b, s, a in zip(boxes, scores, areas, strict=True):
             if s >= score_threshold:
-                by_image.setdefault(iid, []).append((b, s, index[cid]))
+                by_image.setdefault(iid, []).append((b, s, index[cid], a))
     for iid in g.images:
-        keep = ~g.iscrowd[iid]
-        gb, gl = g.boxes[iid][keep], g.labels[iid][keep]
+        crowd = g.iscrowd[iid]
+        boxes, box_area = bbox_corners(g.xywh[iid])
+        gb, ga, gl = boxes[~crowd], box_area[~crowd], g.labels[iid][~crowd]
         dets = sorted(by_image.get(iid, []), key=lambda r: -r[1])
         used = np.zeros(len(gb), bool)
-        if dets and len(gb):
-            ious = iou_matrix(np.array([d[0] for d in dets]), gb)
-        for di, (_, _, pc) in enumerate(dets):
+        if dets:
+            db, da = np.array([d[0] for d in dets]), np.array([d[3] for d in dets])
+            ious = iou_matrix(db, gb, None, da, ga)
+            # (D, crowd regions): the detection lies on the region and is of its class
+            on_crowd = (iou_matrix(db, boxes[crowd], crowd[crowd], da, box_area[crowd]) >= iou_threshold) & (
+                g.labels[iid][crowd][None, :] == np.array([cat_ids[d[2]] for d in dets])[:, None])
+        for di, (_, _, pc, _) in enumerate(dets):
             if len(gb):
                 cand = np.where(used, -1.0, ious[di])
                 gi = int(np.argmax(cand))
@@ -288,7 +306,8 @@ def confusion_matrix(
                     used[gi] = True
                     cm[index[int(gl[gi])], pc] += 1
                     continue
-            cm[C, pc] += 1
+            if not on_crowd[di].any():
+                cm[C, pc] += 1
         for missed in np.flatnonzero(~used):
             cm[index[int(gl[missed])], C] += 1
     return cm

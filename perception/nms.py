@@ -58,9 +58,9 @@ def batched_nms(
     Returns kept indices, highest score first. OpenCV's C++ NMS (4-6x faster than the numpy
     loop: docs/performance.md) runs when every box has a positive area, where it keeps exactly
     the boxes ``nms`` keeps (tested against it); zero-area boxes, where the two differ, take the
-    numpy path, which shifts each class to its own region of the plane for one pass. Boxes and
-    scores must be finite (``perception.postprocess`` drops the others first): one NaN box makes
-    every shifted box NaN there, and an inf one makes the shift itself inf.
+    numpy path, ``nms`` class by class. Boxes and scores must be finite (``perception.postprocess``
+    drops the others first): OpenCV shifts each class to its own region of the plane by the
+    largest coordinate, which one inf box makes inf.
     """
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if b.shape[0] == 0:
@@ -91,12 +91,20 @@ def reference_batched_nms(
     iou_threshold: float,
     class_agnostic: bool = False,
 ) -> NDArray[np.int64]:
-    """``batched_nms`` in plain numpy: the reference the fast path is tested against."""
+    """``batched_nms`` in plain numpy: the reference the fast path is tested against.
+
+    ``nms`` of each class alone, not one pass over boxes shifted to a region per class: a float32
+    shift of class_id * span rounds away the low bits of every coordinate and so moves IoUs near
+    the threshold across it (80 classes at 640 px: 3 of 3000 random pairs decided otherwise).
+    """
     b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if b.shape[0] == 0:
         return np.zeros((0,), np.int64)
     if class_agnostic:
         return nms(b, scores, iou_threshold)
-    span = float(b.max() - min(float(b.min()), 0.0)) + 1.0
-    offsets = np.asarray(class_ids, dtype=np.float32).reshape(-1, 1) * span
-    return nms(b + offsets, scores, iou_threshold)
+    s = np.asarray(scores, dtype=np.float32).reshape(-1)
+    cls = np.asarray(class_ids).reshape(-1)
+    keep = np.sort(np.concatenate([idx[nms(b[idx], s[idx], iou_threshold)]
+                                   for idx in (np.flatnonzero(cls == c) for c in np.unique(cls))]))
+    # Highest score first, ties lower index first: the order ``nms`` gives over all the boxes.
+    return keep[np.argsort(-s[keep], kind="stable")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from perception.coco import load_coco, load_results, parse_coco
@@ -25,7 +26,16 @@ def write(tmp_path, data, name="gt.json"):
 def test_good_file_loads(tmp_path) -> None:
     ds = load_coco(write(tmp_path, GOOD))
     assert ds.boxes[1].tolist() == [[1, 2, 11, 22]] and ds.labels[1].tolist() == [1]
+    assert ds.xywh[1].tolist() == [[1, 2, 10, 20]]
     assert ds.images[1].extra == {"camera_id": "front"} and ds.class_names() == ["car"]
+
+
+def test_boxes_for_evaluation_are_the_bbox_as_given() -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["annotations"][0]["bbox"] = [0.1, 0.1, 10.0, 10.0]
+    ds = parse_coco(data)
+    assert ds.xywh[1].dtype == np.float64 and ds.xywh[1].tolist() == [[0.1, 0.1, 10.0, 10.0]]
+    assert ds.boxes[1].tolist() == np.array([[0.1, 0.1, 10.1, 10.1]], np.float32).tolist()
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,53 @@ def test_precision_recall_at_threshold_and_confusion_by_hand() -> None:
     assert r.confusion == [[1, 1, 0], [0, 0, 0], [1, 0, 0]]
 
 
+@pytest.mark.parametrize(
+    "gt_box, det_box",
+    [
+        # float32 ground truth made this IoU 0.49999...: 0.1 is not a float32 value
+        ([0.1, 0.1, 10.0, 10.0], [0.1, 0.1, 10.0, 5.0]),
+        # areas from the corners, (147.86 - 90.86) * (251.27 - 249.27), made it 0.49999...
+        ([90.86, 249.27, 57.0, 4.0], [90.86, 249.27, 57.0, 2.0]),
+    ],
+)
+def test_an_iou_exactly_on_a_threshold_matches_as_in_pycocotools(gt_box: list[float], det_box: list[float]) -> None:
+    # The detection is the ground truth's top half: IoU 0.5 exactly, which pycocotools (float64,
+    # w * h areas, IoU >= threshold) matches at 0.5 and at no higher threshold.
+    gt = {"images": [{"id": 1, "width": 500, "height": 500}], "categories": [{"id": 1, "name": "car"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": gt_box, "area": 1.0}]}
+    r = evaluate_coco(gt, [{"image_id": 1, "category_id": 1, "bbox": det_box, "score": 0.9}])
+    assert (r.map50, r.map75, r.map50_95) == (1.0, 0.0, pytest.approx(0.1))
+
+
+def test_detection_size_band_is_by_its_width_times_height() -> None:
+    # A 32 x 32 detection at x = 32.02, where (32.02 + 32) - 32.02 > 32: its area is 1024, in
+    # COCO's small band [0, 32**2] (pycocotools: w * h), so as an unmatched false positive it
+    # counts there. Small AP: a FP at 0.9 above the TP at 0.5 -> precision 0.5 at every recall.
+    gt = {"images": [{"id": 1, "width": 500, "height": 500}], "categories": [{"id": 1, "name": "car"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400}]}
+    preds = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.5},
+             {"image_id": 1, "category_id": 1, "bbox": [32.02, 300.0, 32.0, 32.0], "score": 0.9}]
+    r = evaluate_coco(gt, preds)
+    assert r.per_size["small"]["map50_95"] == pytest.approx(0.5) and r.map50_95 == pytest.approx(0.5)
+
+
+def test_confusion_ignores_detections_on_a_crowd_region_of_their_class() -> None:
+    # A car crowd region [0, 200]^2 and a car. Cars at 0.9 on the crowd (all inside: ignored, as
+    # COCO does), 0.8 on the car (hit), 0.6 a quarter on the crowd (intersection over its area
+    # 0.25 < 0.5: false); a bus at 0.7 on the crowd: no car, so a false bus.
+    gt = {"images": [{"id": 1, "width": 500, "height": 500}],
+          "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 200, 200], "iscrowd": 1},
+                          {"id": 2, "image_id": 1, "category_id": 1, "bbox": [300, 300, 50, 50]}]}
+    preds = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.9},
+             {"image_id": 1, "category_id": 1, "bbox": [300, 300, 50, 50], "score": 0.8},
+             {"image_id": 1, "category_id": 2, "bbox": [100, 100, 50, 50], "score": 0.7},
+             {"image_id": 1, "category_id": 1, "bbox": [150, 150, 100, 100], "score": 0.6}]
+    r = evaluate_coco(gt, preds)
+    assert r.per_class["car"]["precision"] == pytest.approx(0.5) and r.recall == 1.0
+    assert r.confusion == [[1, 0, 0], [0, 0, 0], [1, 1, 0]]
+
+
 def test_ap_helpers() -> None:
     p, r, _ = precision_recall(np.array([0.9, 0.8, 0.7]), np.array([True, False, True]), 2)
     assert p.tolist() == pytest.approx([1.0, 0.5, 2 / 3]) and r.tolist() == pytest.approx([0.5, 0.5, 1.0])

@@ -108,3 +108,15 @@ def test_the_fast_path_keeps_boxes_of_other_classes_past_the_top_left_corner() -
     scores, classes = np.array([0.9, 0.8], np.float32), np.array([0, 1])
     assert sorted(reference_batched_nms(boxes, scores, classes, 0.3).tolist()) == [0, 1]
     assert sorted(batched_nms(boxes, scores, classes, 0.3).tolist()) == [0, 1]
+
+
+def test_zero_area_path_decides_each_class_as_nms_of_that_class_alone() -> None:
+    """Two class-79 boxes 3.3335 apart: IoU 66.665 / 133.335 = 0.49998, under 0.5, so both stay.
+    The zero-area box sends batched_nms down the numpy path, which shifted class 79 by 79 * 640
+    in float32, where the step is 1/256: 3.3335 became 3.33203, IoU 0.50015, and box 1 went."""
+    from perception.nms import reference_batched_nms
+
+    boxes = np.array([[0, 0, 10, 10], [3.3335, 0, 13.3335, 10], [5, 5, 5, 9], [0, 0, 639, 10]], np.float32)
+    scores, classes = np.array([0.9, 0.8, 0.5, 0.1], np.float32), np.array([79, 79, 3, 0])
+    assert batched_nms(boxes, scores, classes, 0.5).tolist() == [0, 1, 2, 3]
+    assert reference_batched_nms(boxes, scores, classes, 0.5).tolist() == [0, 1, 2, 3]
