@@ -225,19 +225,15 @@ def provenance(lm: LoadedModel, extra: dict[str, Any] | None = None) -> dict[str
 
 
 def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[Path, dict[str, int]]:
-    """Fold BN, export ``lm.model`` to ``path``; return the path and its MAC/param counts.
-
-    MACs are the per-layer profile of one forward, except for a two-stage model (one with
-    ``second_stage_macs``): its second stage's cost depends on how many proposals the image
-    makes, so it is counted at the test-time maximum (``profile.two_stage_macs``), RoIAlign
-    included."""
+    """Fold BN, export ``lm.model`` to ``path``; return the path and its MAC/param counts
+    (``model_macs``)."""
     from build_engine.export import export_onnx
     from build_engine.fold import fold_batchnorm
-    from build_engine.profile import profile_model, two_stage_macs
+    from build_engine.profile import model_macs, profile_model
 
     folded, _ = fold_batchnorm(lm.model)
     prof = profile_model(folded, (1, 3, lm.input_height, lm.input_width))
-    macs = two_stage_macs(folded, prof) if hasattr(folded, "second_stage_macs") else prof.total_macs
+    macs = model_macs(folded, prof)
     export_onnx(folded, path, (lm.input_height, lm.input_width), opset=opset)
     check_export(lm, path)
     return path, {"macs": macs, "params": prof.total_params}
@@ -245,10 +241,17 @@ def export_variant_onnx(lm: LoadedModel, path: Path, opset: int = 17) -> tuple[P
 
 def check_export(lm: LoadedModel, path: Path, tolerance: float = 1e-3) -> None:
     """ModelError unless the exported model computes what the checkpoint does: its raw outputs
-    on a seeded input, within ``tolerance`` of each output's scale. Every gate is relative to
-    the exported FP32 model, so an error in BN folding, the export or onnxslim would move the
-    reference and every variant together, and no gate could see it. Not for a family with NMS
-    in its graph (``nms_detections``): a rounding difference may keep another box there."""
+    on a seeded input, each column of an output's last axis within ``tolerance`` x max(1, the
+    column's largest magnitude). Every gate is relative to the exported FP32 model, so an error
+    in BN folding, the export or onnxslim would move the reference and every variant together,
+    and no gate could see it. Not for a family with NMS in its graph (``nms_detections``): a
+    rounding difference may keep another box there.
+
+    Per column, because one output can hold pixels beside probabilities: a YOLO-style row is
+    (x1, y1, x2, y2 in input pixels, objectness, class scores...), and one scale for the whole
+    output (about the input width) would let every score be off by 0.5 at a 512-pixel width.
+    Box coordinates are so held to a fraction of their range, scores (<= 1) to ``tolerance``
+    itself. The SSD-style family's outputs (normalised boxes, probabilities) are of order 1."""
     import numpy as np
     import torch
 
@@ -267,11 +270,18 @@ def check_export(lm: LoadedModel, path: Path, tolerance: float = 1e-3) -> None:
         close()
     for name, ref in want.items():
         out = got.get(name)
-        scale = max(1.0, float(np.abs(ref).max()))
-        diff = float(np.abs(out - ref).max()) if out is not None and out.shape == ref.shape else float("inf")
-        if not diff <= tolerance * scale:
-            raise ModelError(f"{path.name}: output {name!r} differs from the checkpoint's by {diff:.3g} (scale "
-                             f"{scale:.3g}): the BN folding or the export changed the model")
+        if out is None or out.shape != ref.shape:
+            what = "missing" if out is None else f"of shape {out.shape}"
+            raise ModelError(f"{path.name}: output {name!r} is {what}, the checkpoint's is of shape {ref.shape}: "
+                             "the export changed the model")
+        cols = ref.shape[-1]
+        scale = np.maximum(1.0, np.abs(ref).reshape(-1, cols).max(0))
+        diff = np.abs(out - ref).reshape(-1, cols).max(0)
+        bad = np.flatnonzero(~(diff <= tolerance * scale))  # a NaN fails too
+        if bad.size:
+            j = int(bad[0])
+            raise ModelError(f"{path.name}: output {name!r} column {j} differs from the checkpoint's by "
+                             f"{diff[j]:.3g} (scale {scale[j]:.3g}): the BN folding or the export changed the model")
 
 
 def _variant(lm: LoadedModel, name: str, file: Path, precision: Precision, max_batch: int, **kw: Any) -> Variant:

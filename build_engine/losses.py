@@ -1,5 +1,5 @@
-"""Detection losses: classification (BCE, focal, CE), box regression (IoU, GIoU, DIoU, CIoU,
-L1, MSE), objectness, and ``DetectionLoss`` combining them with cls / box / obj weights.
+"""Detection losses: classification (BCE, focal, quality focal, CE), box regression (IoU, GIoU,
+DIoU, CIoU, L1, MSE), objectness, and ``DetectionLoss`` combining them with cls / box / obj weights.
 
 Boxes are (..., 4) xyxy tensors in pixels. Element-wise losses return per-element values; the
 caller reduces. ``DetectionLoss`` assigns targets with a simplified SimOTA (YOLOX, Ge et al.
@@ -41,6 +41,16 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, 
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
     return loss
+
+
+def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Element-wise Quality Focal Loss (GFL, Li et al. 2020): |t - p|^gamma BCE, for soft targets.
+
+    Focal loss's (1 - p_t)^gamma is not minimised at p = t for 0 < t < 1 (gamma 2: target 0.3
+    trains p towards 0.12, 0.9 towards 0.99), so it would teach scores other than the targets;
+    |t - p|^gamma keeps the minimum at p = t, as BCE's. For t in {0, 1}, |t - p| = 1 - p_t: this
+    is ``focal_loss`` without alpha; it has no alpha, as in GFL."""
+    return bce_loss(logits, targets) * (targets - torch.sigmoid(logits)).abs() ** gamma
 
 
 def ce_loss(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
@@ -121,6 +131,8 @@ class LossConfig:
     obj_weight: float = 1.0
     l1_weight: float = 0.0  # an extra L1 term on top of an IoU loss (0 = off)
     focal_gamma: float = 2.0
+    # The weight of positives in the focal losses with hard 0/1 targets (the SSD family's classes,
+    # obj_focal); the YOLO family's class loss with focal is quality focal loss, which has none.
     focal_alpha: float = 0.25
     center_radius: float = 2.5
     obj_focal: bool = False
@@ -224,7 +236,10 @@ class DetectionLoss:
     """Total loss over a batch of raw head maps.
 
     The YOLO family's loss (also the two-stage family's proposal network, with bce): class logits
-    are trained as per-class sigmoids, so ``cfg.cls_loss`` must be ``bce`` or ``focal``.
+    are trained as per-class sigmoids, so ``cfg.cls_loss`` must be ``bce`` or ``focal``. Their
+    targets are soft (one-hot x the IoU of the assigned box), so ``focal`` is quality focal loss
+    here, the form whose minimum is at the target (``focal_alpha`` does not apply); objectness
+    targets are 0/1, and ``obj_focal`` is plain focal loss.
 
     ``__call__(decoded, centers, strides, targets, ignore=...)``: ``decoded`` (B, N, 5 + C) as
     ``Detector.decode`` gives it; ``targets`` is a list of (boxes (M, 4) xyxy input px, classes
@@ -288,7 +303,7 @@ class DetectionLoss:
                 l_l1 = box_loss(bp, bt, "l1", st).sum() / num_fg
             cl = torch.cat(cls_logits)
             if cfg.cls_loss == "focal":
-                l_cls = focal_loss(cl, torch.cat(cls_t), cfg.focal_gamma, cfg.focal_alpha).sum() / num_fg
+                l_cls = quality_focal_loss(cl, torch.cat(cls_t), cfg.focal_gamma).sum() / num_fg
             else:
                 l_cls = bce_loss(cl, torch.cat(cls_t)).sum() / num_fg
         total = cfg.box_weight * l_box + cfg.obj_weight * l_obj + cfg.cls_weight * l_cls + cfg.l1_weight * l_l1

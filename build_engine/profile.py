@@ -234,3 +234,12 @@ def two_stage_macs(model: Any, prof: Any = None) -> int:
         prof = profile_model(folded, (1, 3, model.cfg.input_height, model.cfg.input_width))
     first = sum(r.macs for r in prof.layers if not r.name.startswith("box_head"))
     return int(first + model.second_stage_macs(model.post_nms_test))
+
+
+def model_macs(model: Any, prof: ProfileResult) -> int:
+    """The MACs of one image through ``model``, as the manifest records them, from its
+    ``profile.profile_model`` result ``prof`` (batch 1, the model's input size): the per-layer
+    profile, except for a two-stage model (one with ``second_stage_macs``). The profile cannot
+    count its second stage, whose cost depends on how many proposals the image makes, so it is
+    counted at the test-time maximum (``profile.two_stage_macs``), RoIAlign included."""
+    return two_stage_macs(model, prof) if hasattr(model, "second_stage_macs") else prof.total_macs

@@ -84,21 +84,22 @@ def tensorrt_qdq_table(manifest: Manifest) -> str:
 
 def profile_section(model: Any, pre: PreprocessSpec, top: int = 10) -> str:
     from build_engine.fold import fold_batchnorm
-    from build_engine.profile import profile_model
+    from build_engine.profile import model_macs, profile_model
 
     folded, n_folded = fold_batchnorm(model)
     r = profile_model(folded, (1, 3, pre.input_height, pre.input_width))
+    macs = model_macs(folded, r)  # a two-stage model's second stage at its proposal maximum, as the manifest counts
     rows = sorted(r.layers, key=lambda x: -x.macs)[:top]
     out = [
         f"Input 1x3x{pre.input_height}x{pre.input_width}, after folding {n_folded} Conv+BN pairs: "
-        f"**{r.total_macs / 1e6:.1f} M MACs** (multiply-accumulates; = {r.total_flops / 1e6:.1f} M FLOPs), "
+        f"**{macs / 1e6:.1f} M MACs** (multiply-accumulates; = {2 * macs / 1e6:.1f} M FLOPs), "
         f"**{r.total_params / 1e6:.3f} M params**. Convolution MACs count OC x OH x OW x KH x KW x IC / groups.",
         "",
         "| layer | type | MACs | share | params | output |",
         "|---|---|---|---|---|---|",
     ]
     for x in rows:
-        out.append(f"| {x.name} | {x.type} | {x.macs / 1e6:.2f} M | {100 * x.macs / max(r.total_macs, 1):.1f} % | "
+        out.append(f"| {x.name} | {x.type} | {x.macs / 1e6:.2f} M | {100 * x.macs / max(macs, 1):.1f} % | "
                    f"{x.params} | {'x'.join(map(str, x.output_shape))} |")
     return "\n".join(out) + "\n"
 

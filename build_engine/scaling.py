@@ -43,7 +43,7 @@ class ScalingRow:
     input_height: int
     width_mult: float
     depth_mult: float
-    macs: int
+    macs: int  # as the manifest counts them (build.model_macs), which "vs deployed" divides by
     params: int
     latency_ms: float = float("nan")
     map50_95: float | None = None
@@ -77,7 +77,7 @@ def scaling_table(
     from build_engine.fold import fold_batchnorm
     from build_engine.gate import measure_latency
     from build_engine.model import build_model
-    from build_engine.profile import profile_model
+    from build_engine.profile import model_macs, profile_model
 
     base = model.cfg
     rows: list[ScalingRow] = []
@@ -112,7 +112,7 @@ def scaling_table(
                 input_shape = (1, 3, cfg.input_height, cfg.input_width)
                 samples[key] = np.random.default_rng(0).random(input_shape, dtype=np.float32)
                 row = ScalingRow(group, label, cfg.input_width, cfg.input_height, cfg.width_mult, cfg.depth_mult,
-                                 prof.total_macs, prof.total_params)
+                                 model_macs(folded, prof), prof.total_params)
                 if evaluate is not None and (trained or same_arch):
                     progress(f"scaling: scoring the trained weights at {cfg.input_width}x{cfg.input_height}")
                     row.map50_95 = evaluate(paths[key], cfg.input_width, cfg.input_height)

@@ -203,6 +203,32 @@ def test_scaling_table_rows_are_real_models():
     assert "| resolution | double (256x192) |" in markdown_table(rows, base.macs)
 
 
+def test_scaling_table_counts_a_two_stage_model_as_the_manifest_does(tmp_path):
+    """The table's "vs deployed" column divides by the manifest's MACs, which count a two-stage
+    model's RoIAlign and box head at the proposal maximum; its rows count them the same way (a
+    profile of one blank-image forward misses RoIAlign), so the deployed model's row is 1.00x."""
+    import torch
+
+    from build_engine.build import LoadedModel, export_variant_onnx
+    from build_engine.model import preset
+    from build_engine.model.rcnn import RcnnDetector
+    from build_engine.profile import two_stage_macs
+    from build_engine.scaling import markdown_table, scaling_table
+
+    torch.manual_seed(0)
+    model = RcnnDetector(preset("pico", family="rcnn", input_width=128, input_height=96)).eval()
+    lm = LoadedModel(model, ("a", "b", "c"), 128, 96, tmp_path / "rcnn.pt", "", {})
+    _, counts = export_variant_onnx(lm, tmp_path / "rcnn.fp32.onnx")  # the manifest's figure
+    rows = scaling_table(model, None, runs=1, threads=1, resolutions=(("deployed", 128, 96), ("double", 256, 192)),
+                         depths=(), widths=())
+    by = {r.label: r for r in rows}
+    assert by["deployed (128x96)"].macs == counts["macs"]
+    double = RcnnDetector(preset("pico", family="rcnn", input_width=256, input_height=192))
+    assert by["double (256x192)"].macs == two_stage_macs(double)
+    deployed_row = f"| deployed (128x96) | 128x96 | 0.125 | 0.33 | {counts['macs'] / 1e6:.1f} M | 1.00x |"
+    assert deployed_row in markdown_table(rows, counts["macs"])
+
+
 def _has_tensorrt_gpu() -> bool:
     from build_engine.build import tensorrt_available
 
@@ -301,6 +327,35 @@ def test_an_export_that_does_not_compute_the_checkpoint_is_refused(inputs, tmp_p
     with pytest.raises(ModelError, match="differs from the checkpoint"):
         check_export(lm, other)
     check_export(lm, path)
+
+
+def test_the_export_check_holds_scores_to_their_own_scale(tmp_path) -> None:
+    """A YOLO-style output row holds pixel boxes beside probabilities. An export whose class
+    scores alone are off (by less than 1e-3 of the boxes' pixel range: one scale for the whole
+    output passed it) is refused by the per-column check."""
+    import copy
+
+    import torch
+
+    from build_engine.build import LoadedModel, check_export
+    from build_engine.export import export_onnx
+    from build_engine.model.detector import HeadLevel
+    from tests.build_engine.test_quantize import H, W, _tiny_detector
+
+    model = _tiny_detector()
+    off = copy.deepcopy(model)
+    with torch.no_grad():
+        for head in off.heads:
+            assert isinstance(head, HeadLevel) and head.cls_pred.bias is not None
+            head.cls_pred.bias += 0.2  # an export error that touches class scores only
+        x = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(0))
+        want, got = model(x), off(x)
+    score_diff = float((want[..., 5:] - got[..., 5:]).abs().max())
+    assert 1e-2 < score_diff < 1e-3 * float(want.abs().max())
+    lm = LoadedModel(model, tuple(f"c{i}" for i in range(model.cfg.num_classes)), W, H, tmp_path / "x.pt", "", {})
+    with pytest.raises(ModelError, match="output 'output' column 5 differs"):  # the first class score
+        check_export(lm, export_onnx(off, tmp_path / "off.onnx", (H, W)))
+    check_export(lm, export_onnx(model, tmp_path / "model.onnx", (H, W)))
 
 
 def test_cli_gate_flags_become_the_thresholds() -> None:

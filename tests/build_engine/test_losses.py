@@ -17,6 +17,7 @@ from build_engine.losses import (
     ce_loss,
     distillation_loss,
     focal_loss,
+    quality_focal_loss,
     simota_assign,
 )
 from perception.errors import ConfigError
@@ -43,6 +44,27 @@ def test_focal() -> None:
     assert negative == pytest.approx(0.1875 * math.log(2), abs=1e-7)
     x, t = torch.tensor([1.3, -0.4]), torch.tensor([1.0, 0.0])
     assert torch.allclose(focal_loss(x, t, 0.0, -1.0), bce_loss(x, t))
+
+
+def test_quality_focal_loss_is_minimised_at_the_target() -> None:
+    """The YOLO family's class targets are soft (one-hot x IoU). Focal loss trains target 0.3
+    towards 0.12 and 0.9 towards 0.99; quality focal loss, like BCE, towards the target."""
+    logits = torch.linspace(-8.0, 8.0, 16001)
+    for t in (0.1, 0.3, 0.6, 0.75, 0.9):
+        targets = torch.full_like(logits, t)
+        best = torch.sigmoid(logits[quality_focal_loss(logits, targets, 2.0).argmin()]).item()
+        assert best == pytest.approx(t, abs=1e-3)
+        focal_best = torch.sigmoid(logits[focal_loss(logits, targets, 2.0, 0.25).argmin()]).item()
+        assert abs(focal_best - t) > 0.03  # what it replaces in that family
+    # Logit 0, target 0.3: BCE log 2 (p = 0.5 either way), |0.3 - 0.5|^2 = 0.04 -> 0.04 log 2.
+    by_hand = quality_focal_loss(torch.tensor([0.0]), torch.tensor([0.3]), 2.0).item()
+    assert by_hand == pytest.approx(0.04 * math.log(2), abs=1e-7)
+    # Hard targets: |t - p| = 1 - p_t, so it is focal loss without alpha (quality focal loss has none).
+    x = torch.linspace(-6.0, 6.0, 25)
+    for hard in (0.0, 1.0):
+        hard_t = torch.full_like(x, hard)
+        for gamma in (2.0, 1.5):
+            torch.testing.assert_close(quality_focal_loss(x, hard_t, gamma), focal_loss(x, hard_t, gamma, -1.0))
 
 
 def test_ce() -> None:
@@ -121,6 +143,23 @@ def test_detection_loss_weights_and_no_objects() -> None:
     assert parts["obj"] == pytest.approx(16 * math.log(2), abs=1e-5)
     assert parts["cls"] == pytest.approx(2 * math.log(2), abs=1e-5)
     assert total.item() == pytest.approx(0.5 * 16 * math.log(2) + 2.0 * 2 * math.log(2), abs=1e-4)
+
+
+def test_the_yolo_focal_class_loss_is_at_rest_when_the_score_is_the_target() -> None:
+    """The class target of an assigned cell is its box's IoU (0.75 here). With ``focal`` the class
+    loss and its gradient vanish where the class score is 0.75; plain focal loss (the old
+    ``focal``) still pushed it, towards 0.92."""
+    centers, strides, pred = _setup()
+    pred[:, :4] = torch.cat([centers - 4, centers + 4], 1)
+    pred[5, :4] = torch.tensor([8.0, 8.0, 16.0, 14.0])  # cell 5 (centre (12, 12)): IoU 48 / 64 with the object
+    pred[5, 5:] = torch.tensor([-30.0, math.log(3.0)])  # class scores (~0, 0.75)
+    pred = pred[None].clone().requires_grad_(True)
+    gt = [(torch.tensor([[8.0, 8.0, 16.0, 16.0]]), torch.tensor([1]))]
+    total, parts = DetectionLoss(LossConfig(cls_loss="focal"), 2)(pred, centers, strides, gt)
+    assert parts["num_fg"] == 1.0
+    assert parts["cls"] == pytest.approx(0.0, abs=1e-9)
+    (grad,) = torch.autograd.grad(total, pred)
+    assert grad[0, 5, 5:].abs().max().item() < 1e-6
 
 
 def test_cells_in_a_crowd_region_get_no_objectness_loss() -> None:

@@ -132,3 +132,30 @@ def test_cli_json_and_errors(capsys, tmp_path):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["profile", "--model", str(tmp_path / "missing.pt"), "--input", "1x3x64x64"]) != 0
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def tiny_rcnn() -> nn.Module:
+    from build_engine.model import preset
+    from build_engine.model.rcnn import RcnnDetector
+
+    return RcnnDetector(preset("pico", family="rcnn", input_width=128, input_height=96))
+
+
+def test_cli_counts_a_two_stage_model_as_the_manifest_does(capsys):
+    """A profile of one forward counts the box head only for the proposals an all-zeros image
+    makes, and RoIAlign not at all; the CLI's total is the manifest's, with both at the proposal
+    maximum (``profile.two_stage_macs``), and names the one input shape it holds for."""
+    from build_engine.profile import two_stage_macs
+    from perception.cli import main
+
+    spec = "tests.build_engine.test_profile:tiny_rcnn"
+    assert main(["profile", "--model", spec, "--input", "1x3x96x128", "--fold-bn", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = two_stage_macs(tiny_rcnn())  # of the BN-folded model, as the build counts it
+    assert out["total_macs"] == want and out["total_flops"] == 2 * want
+    assert "100 proposals" in out["note"]
+    assert main(["profile", "--model", spec, "--input", "1x3x96x128", "--fold-bn"]) == 0
+    text = capsys.readouterr().out
+    assert f"total {want / 1e6:.2f}M MACs" in text and "100 proposals" in text
+    assert main(["profile", "--model", spec, "--input", "2x3x96x128"]) != 0
+    assert "use --input 1x3x96x128" in capsys.readouterr().err
