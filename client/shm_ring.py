@@ -119,6 +119,10 @@ class ShmRing:
             _HEADER.pack_into(self._buf, i * self.slot_stride, MAGIC, 0, 0)
         self._next = 0
         self._writes = 0
+        # A reference names a frame by its slot's generation, which the server checks before it
+        # reads: a client that cannot read this ring must not guess it from the frame count
+        # (numbered 2, 4, 6..., another local client read a camera's frame in 9 tries).
+        self._first = secrets.randbits(62) * 2
         self._closed = False
 
     @property
@@ -154,7 +158,7 @@ class ShmRing:
         slot = self._next
         self._next = (slot + 1) % self.slots
         offset = self.offset_of(slot)
-        base = self._writes * 2
+        base = self._first + self._writes * 2
         self._writes += 1
         _U64.pack_into(self._buf, offset + _GENERATION_OFFSET, base + 1)  # odd: being written
         start = offset + HEADER_SIZE

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kserve", action="store_const", const=True,
       help="also serve the KServe v2 (Open Inference Protocol) gRPC API, for Triton clients")
     a("--shm-allow", metavar="PREFIX",
-      help="accept frames in shared memory from clients on this host, from /dev/shm segments named PREFIX* "
-           "only (default: off)")
+      help="accept frames in shared memory from clients on this host (loopback or a unix socket), from "
+           "/dev/shm segments named PREFIX* only (default: off)")
     a("--shm-max-open", type=int, help="shared-memory segments kept open at once (default 16)")
     a("--cameras", help="comma-separated allow-list of camera ids")
     a("--metric-cameras", help="comma-separated camera ids with their own metric label (others: 'other')")

@@ -6,6 +6,7 @@ Errors are raised as project exceptions and mapped to status codes by
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -14,7 +15,7 @@ from typing import Any
 import grpc
 
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
-from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
+from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, Prepared, RequestOptions
 from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
@@ -23,7 +24,7 @@ from server.answer import FrameTask, finish_task, track_answer
 from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
-from server.shm import ShmReader
+from server.shm import ShmReader, local_peer
 from server.stream import StreamSession
 from server.wire import Received, Refused, parse_detect_request
 
@@ -91,9 +92,15 @@ class DetectorService(pb_grpc.DetectorServicer):
                 f"camera {camera_id!r} is not in the server's camera allow-list {sorted(self._cameras)}"
             )
 
-    def _convert(self, request: pb.DetectRequest | Refused | Received) -> tuple[FrameInput, RequestOptions]:
+    def _convert(
+        self, request: pb.DetectRequest | Refused | Received, local: bool
+    ) -> tuple[FrameInput, RequestOptions]:
+        """``local``: the call's client is on this host (``server.shm.local_peer``)."""
         if isinstance(request, pb.DetectRequest) and request.frame.WhichOneof("image") == "shm":
             # Before the server reads anything from its host's memory on a client's word.
+            if not local:
+                raise InvalidInputError("shared-memory frames are taken only from a client on the server's host, "
+                                        "connected over loopback or a unix socket")
             self.admit_camera(request.frame.camera_id)
         cap = self._max_class_filter or len(self._current()[0].classes)
         return convert.frame_from_proto(request, cap, self._shm)
@@ -122,18 +129,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             self._drop(task, FrameStatus.OVERLOADED, "undecoded-bytes budget full")
             raise OverloadedError(f"{self._limits.undecoded.name} is full ({size} bytes do not fit); retry later")
         try:
-            frame, opts = self._convert(request)
-            self.admit_camera(frame.camera_id)
-            task.track = opts.track
-            task.owner = StreamAdmission.host_of(context.peer())
-            task.priority = self._limits.priority_of(camera_id)
-            # The decode slots' fairness is by client host: a new connection (a new port) per
-            # call would otherwise start with no decode time used every time.
-            with self._limits.decode.slot(("unary", StreamAdmission.host_of(context.peer()))):
-                # The model is taken once the slot is ours: a wait for it can outlast a swap, and
-                # the model swapped out is freed a few seconds after.
-                pipeline, task.model = self._current()
-                task.prepared = pipeline.prepare(frame, opts)
+            task.prepared = self._prepare(task, request, context.peer())
         except Exception as exc:  # bad input; or an internal error, answered INVALID on a stream
             self._drop(task, FrameStatus.INVALID, str(exc))
             raise
@@ -160,6 +156,24 @@ class DetectorService(pb_grpc.DetectorServicer):
             raise NotReadyError("server is shutting down; retry on another instance")
         return convert.answer_to_proto(track_answer(answer, task, self._trackers))
 
+    def _prepare(self, task: FrameTask, request: pb.DetectRequest | Refused | Received, peer: str) -> Prepared:
+        """The frame converted, checked and prepared, all in a decode slot. Converting copies a
+        shared-memory frame out of its slot (the undecoded-bytes budget saw only its ~100-byte
+        request): in the slot, the server holds one such copy per slot however many calls wait,
+        and none once the frame is prepared (the copy is this method's own)."""
+        task.owner = StreamAdmission.host_of(peer)
+        # The decode slots' fairness is by client host: a new connection (a new port) per call
+        # would otherwise start with no decode time used every time.
+        with self._limits.decode.slot(("unary", task.owner)):
+            frame, opts = self._convert(request, local_peer(peer))
+            self.admit_camera(frame.camera_id)
+            task.track = opts.track
+            task.priority = self._limits.priority_of(task.camera_id)
+            # The model is taken once the slot is ours: a wait for it can outlast a swap, and the
+            # model swapped out is freed a few seconds after.
+            pipeline, task.model = self._current()
+            return pipeline.prepare(frame, opts)
+
     def _drop(self, task: FrameTask, status: FrameStatus, message: str) -> None:
         """Answer a frame ``status`` unless it was answered already (then as it was), and count it.
         The call then ends its own way, so a frame whose inference failed meanwhile raises nothing."""
@@ -173,7 +187,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         session = StreamSession(
             self._pipeline,
             scheduler,
-            self._convert,
+            functools.partial(self._convert, local=local_peer(context.peer())),
             convert.identify,
             self._metrics,
             self._outbox_size,

@@ -3,7 +3,8 @@
 A camera node on the same host writes each frame into a slot of a POSIX shared-memory segment
 (``client.shm_ring.ShmRing``) and sends only the slot's reference over ``StreamDetect``. Off
 unless the server is started with ``--shm-allow PREFIX`` (like Triton's registration of system
-shared memory): only segments whose name starts with PREFIX are ever opened.
+shared memory): only segments whose name starts with PREFIX are ever opened, and only for a
+client on this host (loopback or a unix socket, ``local_peer``; the servicer checks it).
 
 A slot (the wire contract, proto ``SharedMemoryRef``) is a 64-byte header then the pixels::
 
@@ -17,32 +18,45 @@ reason otherwise (``InvalidInputError``):
 
 - the name is a plain name (``[A-Za-z0-9._-]``, no ``/``, not ``.``/``..``) with the allowed
   prefix; the segment is opened read-only, without following a symlink, and must be a regular
-  file (``/dev/shm`` is world-writable);
+  file on the shared-memory filesystem itself (``/dev/shm`` is world-writable; a file mounted
+  over a name there, FUSE for one, is another filesystem);
 - the frame's size fits the decode limits, its stride fits a row (+ at most 64 KiB padding), the
   padding of all its rows together is at most an eighth of its pixel bytes or 4 MiB, whichever
   is more (``slot_bytes``), and ``byte_size`` is exactly ``row_stride x rows``;
 - ``offset`` is a multiple of 64 and header + pixels end inside the segment's current size;
+- the segment has at least the frame's bytes in memory (``st_blocks``): a producer wrote its
+  pixels, so only a sparse segment, whose holes read as zeros into a copy as big as a real
+  frame's at no cost to whoever made it, is refused;
 - the header's magic, generation (equal to the reference's, i.e. the slot was not overwritten
   since) and byte size match the reference;
 - seqlock: the generation is read again after the pixels were copied out; if it changed, the
   producer overwrote the slot during the copy and the frame is refused.
 
+A refusal never says what the segment holds (its size, the slot's generation or byte size): the
+generation is what makes a reference name a frame, and a client that could read it back from a
+refusal could have any frame of a ring read for it by the server, however the ring's mode keeps
+the client out.
+
 Pixels are copied out once with ``pread`` on a cached read-only descriptor, straight into the
 ``bytes`` the raw-pixel decoder reads (the one copy raw gRPC also makes after parsing). Not
 ``mmap``: a producer that shrinks its segment while a mapping is read would kill the whole
-server with SIGBUS; ``pread`` past the end is a short read, refused INVALID. Open segments are
-cached (at most ``max_open``, least recently used closed first) and re-opened when the name
-now refers to a new segment (the producer restarted).
+server with SIGBUS; ``pread`` past the end is a short read, refused INVALID. The servicer reads
+inside a decode slot, so the server holds at most one copy per slot (a reference is ~100 bytes
+of undecoded budget; the copy up to ~112 MB at the 8K pixel limit). Open segments are cached
+(at most ``max_open``, least recently used closed first), re-opened when the name now refers to
+a new segment (the producer restarted), and closed once their producer has unlinked them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
 import struct
 import threading
 from collections import OrderedDict
+from urllib.parse import unquote
 
 from perception.decode import MAX_ROW_PADDING, DecodeLimits, PixelFormat, check_size
 from perception.errors import ConfigError, InvalidInputError
@@ -63,6 +77,25 @@ _BYTES_PER_PIXEL = {PixelFormat.BGR8: 3, PixelFormat.RGB8: 3, PixelFormat.GRAY8:
 # Row padding a slot may hold across the whole frame: an eighth of its pixel bytes, or this much,
 # whichever is more (``slot_bytes``).
 MAX_FRAME_PADDING = 4 * 1024 * 1024
+
+
+def local_peer(peer: str) -> bool:
+    """Whether a gRPC peer (``context.peer()``: ``ipv4:127.0.0.1:port``, ``ipv6:%5B::1%5D:port``
+    (a URI: gRPC escapes the brackets), ``unix:path``) is on this host: a unix socket or a
+    loopback address. A connection to one of the host's other addresses is not taken for local:
+    which addresses are the host's own changes (DHCP, VPNs), and a camera node on this host
+    reaches the server on loopback."""
+    scheme, _, address = peer.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme not in ("ipv4", "ipv6"):
+        return False
+    try:
+        ip = ipaddress.ip_address(unquote(address).rpartition(":")[0].removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # ::ffff:127.0.0.1
+    return (mapped or ip).is_loopback
 
 
 def check_prefix(prefix: str) -> str:
@@ -125,6 +158,7 @@ class ShmReader:
         self.limits = limits or DecodeLimits()
         self.max_open = max_open
         self.directory = directory
+        self._device = os.stat(directory).st_dev  # the filesystem every segment must be on
         self._open: OrderedDict[str, _Segment] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -160,11 +194,14 @@ class ShmReader:
             self._release(seg)
 
     def _copy(self, fd: int, ref: SharedMemorySlot) -> bytes:
-        size = os.fstat(fd).st_size
-        end = ref.offset + HEADER_SIZE + ref.byte_size
-        if end > size:
+        st = os.fstat(fd)
+        if ref.offset + HEADER_SIZE + ref.byte_size > st.st_size:
             raise InvalidInputError(f"shared-memory slot at offset {ref.offset} + {HEADER_SIZE}-byte header + "
-                                    f"{ref.byte_size} bytes ends at {end}, past the segment's {size} bytes")
+                                    f"{ref.byte_size} bytes ends past the segment")
+        # tmpfs counts the pages written (or swapped out) in st_blocks, never holes.
+        if st.st_blocks * 512 < ref.byte_size:
+            raise InvalidInputError("shared-memory segment is sparse: it holds fewer bytes than the frame, so no "
+                                    "producer wrote the frame's pixels")
         head = _pread(fd, HEADER.size, ref.offset)
         if len(head) != HEADER.size:
             raise InvalidInputError("shared-memory segment shrank below the slot")
@@ -172,13 +209,12 @@ class ShmReader:
         if magic != MAGIC:
             raise InvalidInputError(f"no shared-memory slot at offset {ref.offset} (bad magic)")
         if generation != ref.generation:
-            state = "is being written" if generation % 2 else f"holds generation {generation}"
-            raise InvalidInputError(f"stale shared-memory slot: the slot {state}, the frame refers to generation "
-                                    f"{ref.generation}")
+            raise InvalidInputError(f"stale shared-memory slot: it does not hold generation {ref.generation} "
+                                    "(overwritten since, or being written)")
         if generation % 2:
             raise InvalidInputError(f"shared-memory frame generation {generation} is odd (a slot being written)")
         if byte_size != ref.byte_size:
-            raise InvalidInputError(f"shared-memory slot holds {byte_size} bytes, the frame says {ref.byte_size}")
+            raise InvalidInputError(f"shared-memory slot does not hold {ref.byte_size} bytes, the frame's byte_size")
         data = _pread(fd, ref.byte_size, ref.offset + HEADER_SIZE)
         if len(data) != ref.byte_size:
             raise InvalidInputError("shared-memory segment shrank while the slot was read")
@@ -201,6 +237,7 @@ class ShmReader:
             raise InvalidInputError(f"shared-memory segment {name!r} cannot be opened: {exc.strerror}") from None
         inode = (st.st_dev, st.st_ino)
         with self._lock:
+            self._close_unlinked()
             seg = self._open.get(name)
             if seg is not None and seg.inode == inode:
                 self._open.move_to_end(name)
@@ -230,7 +267,18 @@ class ShmReader:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise InvalidInputError(f"shared-memory segment {name!r} is not a regular file")
+        if st.st_dev != self._device:
+            os.close(fd)
+            raise InvalidInputError(f"shared-memory segment {name!r} is not on {self.directory}'s filesystem")
         return _Segment(fd, (st.st_dev, st.st_ino))
+
+    def _close_unlinked(self) -> None:
+        """With the lock held: close the segments their producers have unlinked. A camera node
+        that restarts makes a ring of a new name and unlinks the old one, whose memory tmpfs frees
+        only once the last descriptor of it is closed; left to the LRU, up to ``max_open`` dead
+        rings stayed in memory. One fstat per open segment, at most ``max_open``."""
+        for name in [name for name, seg in self._open.items() if os.fstat(seg.fd).st_nlink == 0]:
+            self._evict(self._open.pop(name))
 
     def _release(self, seg: _Segment) -> None:
         with self._lock:

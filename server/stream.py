@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
-from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RequestOptions
+from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, Prepared, RequestOptions
 from perception.types import FrameStatus
 from server.answer import FrameAnswer, FrameTask, finish_task, track_answer
 from server.limits import InvalidBackoff, ServiceLimits, take_both
@@ -397,17 +397,24 @@ class StreamSession:
                 del request  # the frame's bytes go now, not when the next frame arrives
                 self._release(size)
 
-    def _accept(self, task: FrameTask, request: Any) -> None:
-        try:
+    def _prepare(self, task: FrameTask, request: Any) -> Prepared:
+        """The frame converted, checked and prepared, all in a decode slot. Converting copies a
+        shared-memory frame out of its slot (the undecoded-bytes budgets saw only its ~100-byte
+        request): in the slot, the server holds one such copy per slot however many streams wait,
+        and none once the frame is prepared (the copy is this method's own)."""
+        with self._limits.decode.slot(self.id):
             fin, opts = self._convert(request)
             self._admit_camera(fin.camera_id)
             task.track = opts.track
             task.priority = self._limits.priority_of(task.camera_id)
-            with self._limits.decode.slot(self.id):
-                # The model is taken once the slot is ours: a wait for it can outlast a swap, and
-                # the model swapped out is freed a few seconds after.
-                pipeline, task.model = self._current_model()
-                task.prepared = pipeline.prepare(fin, opts)
+            # The model is taken once the slot is ours: a wait for it can outlast a swap, and the
+            # model swapped out is freed a few seconds after.
+            pipeline, task.model = self._current_model()
+            return pipeline.prepare(fin, opts)
+
+    def _accept(self, task: FrameTask, request: Any) -> None:
+        try:
+            task.prepared = self._prepare(task, request)
         except InvalidInputError as exc:
             self._unservable(task.camera_id, str(exc))
             task.answer_now(FrameStatus.INVALID, str(exc))
@@ -433,7 +440,7 @@ class StreamSession:
             # the next frame meanwhile: a stream carrying several cameras gets their frames
             # close together, and one would wait undecoded for another's inference.
             inline = not self._inbox and self._keys == {key}
-        deadline = task.received + fin.deadline_ms / 1000.0 if fin.deadline_ms else None
+        deadline = task.received + task.deadline_ms / 1000.0 if task.deadline_ms else None
         job = Job(key=key, tensor=task.prepared.tensor, on_done=task.complete, deadline=deadline, model=task.model,
                   priority=self._limits.priority_of(task.camera_id))
         try:

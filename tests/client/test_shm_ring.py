@@ -74,3 +74,16 @@ def test_another_user_in_the_group_reads_the_frames(tmp_path: Path) -> None:
     with ShmRing(2, 64, prefix=PREFIX) as ring:
         refused = read_as_server(ring)
         assert refused.returncode != 0 and b"denied" in refused.stderr
+
+
+def test_generations_cannot_be_guessed_from_the_frame_count() -> None:
+    """A reference names a frame by its slot's generation; counted from 2 (2, 4, 6...), another
+    local client read a camera's frame through the server in a few tries."""
+    frame = np.zeros((2, 4, 3), np.uint8)
+    firsts = []
+    for _ in range(3):
+        with ShmRing(2, 64, prefix=PREFIX) as ring:
+            a, b = ring.write(frame), ring.write(frame)
+            assert b.generation == a.generation + 2 and a.generation % 2 == 0  # even: complete
+            firsts.append(a.generation)
+    assert len(set(firsts)) == 3 and min(firsts) > 1 << 20

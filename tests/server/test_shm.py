@@ -7,12 +7,18 @@ watched), the stream goes on and the server stays healthy.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import shutil
+import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
@@ -23,10 +29,11 @@ from perception.decode import PixelFormat
 from perception.errors import ConfigError, InvalidInputError
 from perception.pipeline import SharedMemorySlot
 from perception.v1 import detector_pb2 as pb
+from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import shm as server_shm
 from server.config import ServerConfig
 from server.shm import ShmReader
-from tests.server.conftest import health_check, jpeg, request
+from tests.server.conftest import health_check, jpeg, occupy_the_decoder, request, wait_for
 
 OK = pb.FRAME_STATUS_OK
 INVALID = pb.FRAME_STATUS_INVALID
@@ -336,3 +343,202 @@ def test_a_tall_narrow_frame_with_padded_rows_is_refused_before_it_is_copied(
     assert [a.status for a in out] == [INVALID, OK], [a.message for a in out]
     assert "805306368 bytes in all" in out[0].message, out[0].message
     assert seen == []  # refused before the segment was opened
+
+
+def test_shm_frames_are_copied_in_a_decode_slot_not_while_they_wait_for_one(
+    serve: Any, ring: Any, reads: list[tuple[int, int]]
+) -> None:
+    """A ~100-byte reference is all the undecoded-bytes budgets see of a shared-memory frame.
+    It was copied out of its slot before the frame waited for a decode slot, so every stream
+    and unary call could hold a full copy (up to ~112 MB at the 8K limit) while it waited: 32
+    streams and 12 calls, ~4.9 GB. Now nothing is copied until the frame has its slot."""
+    run = serve(shm_allow=PREFIX, decode_threads=1)
+    limits = run.server.limits
+    assert limits is not None
+    r = ring(slots=8)
+    img = _image()
+    refs = [r.write(img) for _ in range(5)]
+    unary: list[int] = []
+
+    def detect(i: int) -> None:
+        unary.append(run.stub.Detect(_shm_request(f"cam{i}", i, refs[i]), timeout=30).status)
+
+    callers = [threading.Thread(target=detect, args=(i,)) for i in (3, 4)]
+    hold = occupy_the_decoder(limits)
+    try:
+        streams = [run.stub.StreamDetect(iter([_shm_request(f"cam{i}", i, refs[i])]), timeout=30) for i in range(3)]
+        for t in callers:
+            t.start()
+        assert wait_for(lambda: len(limits.decode._waiting) == 5, 10)  # 3 streams and 2 calls wait
+        assert [n for n, _ in reads if n > 64] == []  # no copy made while they wait
+    finally:
+        hold.set()
+        for t in callers:
+            t.join(30)
+    assert [a.status for call in streams for a in call] == [OK] * 3 and unary == [OK, OK]
+    assert len([n for n, _ in reads if n > 64]) == 5
+
+
+def test_a_sparse_segment_is_refused_before_its_pixels_are_read(reads: list[tuple[int, int]]) -> None:
+    """A segment of holes with one valid header costs its maker a page, and the copy of a frame
+    read out of it as much memory as a real one (t2: four references to an 8K frame, +427 MB)."""
+    width, height = 640, 480
+    need = width * height * 3
+    name = f"{PREFIX}sparse-holes"
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    reader = ShmReader(PREFIX)
+    try:
+        os.ftruncate(fd, HEADER_SIZE + need)
+        os.pwrite(fd, server_shm.HEADER.pack(server_shm.MAGIC, 2, need), 0)
+        ref = SharedMemorySlot(name, 0, need, 2, width, height, 0, int(PixelFormat.BGR8))
+        with pytest.raises(InvalidInputError, match="sparse"):
+            reader.read(ref)
+        assert reads == []
+        os.pwrite(fd, bytes(need), HEADER_SIZE)  # the producer writes the pixels (black ones, too)
+        assert reader.read(ref).data == bytes(need)
+    finally:
+        reader.close()
+        os.close(fd)
+        os.unlink(f"/dev/shm/{name}")
+
+
+@pytest.mark.parametrize(("peer", "local"), [
+    ("ipv4:127.0.0.1:50000", True), ("ipv4:127.8.9.10:1", True), ("ipv6:%5B::1%5D:50000", True),
+    ("ipv6:[::1]:50000", True), ("ipv6:%5B::ffff:127.0.0.1%5D:50000", True), ("unix:/run/perception.sock", True),
+    ("unix:", True), ("unix-abstract:perception", True),
+    ("ipv4:10.0.0.5:50000", False), ("ipv4:192.0.2.2:1", False), ("ipv6:%5Bfe80::1%25eth0%5D:50000", False),
+    ("ipv6:%5B::ffff:10.0.0.5%5D:50000", False), ("ipv6:%5B2001:db8::1%5D:1", False), ("ipv4:localhost:1", False),
+    ("", False), ("127.0.0.1:1", False),
+])
+def test_local_peers_are_loopback_or_unix_sockets(peer: str, local: bool) -> None:
+    assert server_shm.local_peer(peer) is local
+
+
+def _an_address_not_on_loopback() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP: sends nothing, only picks the route's source address
+        except OSError:
+            pytest.skip("this host has no network address besides loopback")
+        address: str = s.getsockname()[0]
+    if address.startswith("127."):
+        pytest.skip("this host has no network address besides loopback")
+    return address
+
+
+def test_shm_frames_are_refused_from_a_client_not_on_loopback(
+    serve: Any, ring: Any, reads: list[tuple[int, int]]
+) -> None:
+    """Anyone who could reach the port could have the server read any slot it can read; the
+    flag says "from clients on this host". A client that reaches it through another address
+    is refused before anything is opened, on a stream and in a unary call."""
+    address = _an_address_not_on_loopback()
+    run = serve(channel=False, host=address, shm_allow=PREFIX)
+    ref = ring().write(_image())
+    with grpc.insecure_channel(f"{address}:{run.port}") as channel:
+        stub = pb_grpc.DetectorStub(channel)
+        out = _lockstep(stub, [_shm_request("front", 1, ref), request("front", 2, jpeg())])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Detect(_shm_request("front", 3, ref), timeout=10)
+    assert [a.status for a in out] == [INVALID, OK]
+    assert "only from a client on the server's host" in out[0].message
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only from a client on the server's host" in (err.value.details() or "")
+    assert reads == []
+
+
+def test_a_client_on_ipv6_loopback_is_on_this_host(serve: Any, ring: Any) -> None:
+    """gRPC names an IPv6 peer as a URI, brackets escaped (``ipv6:%5B::1%5D:port``)."""
+    try:
+        run = serve(channel=False, host="::1", shm_allow=PREFIX)
+    except ConfigError:
+        pytest.skip("this host has no IPv6 loopback")
+    with grpc.insecure_channel(f"[::1]:{run.port}") as channel:
+        resp = pb_grpc.DetectorStub(channel).Detect(_shm_request("front", 1, ring().write(_image())), timeout=10)
+    assert resp.status == OK, resp.message
+
+
+def test_refusals_do_not_tell_what_the_segment_holds(ring: Any) -> None:
+    """The slot's generation is what a reference must name: a refusal that said it ("the slot
+    holds generation 18") let a client that cannot read a ring have the server read any frame
+    of it, in two requests. Nor the segment's size, nor the slot's byte size."""
+    r = ring(slots=2)
+    img = _image()
+    for _ in range(9):
+        ref = r.write(img)
+    reader = ShmReader(PREFIX)
+    # (a guess, what its refusal says, what it must not say: the guess's own numbers aside)
+    guesses = [
+        (dataclasses.replace(ref, generation=0), "stale", [ref.generation]),
+        (dataclasses.replace(ref, offset=r.segment_bytes - 128), "past the segment", [r.segment_bytes]),
+        (dataclasses.replace(ref, width=60, byte_size=60 * 90 * 3), "byte_size", [ref.byte_size]),
+    ]
+    try:
+        for guess, needle, secrets in guesses:
+            with pytest.raises(InvalidInputError, match=needle) as err:
+                reader.read(guess)
+            told = str(err.value)
+            assert not any(re.search(rf"\b{n}\b", told) for n in secrets), told
+    finally:
+        reader.close()
+
+
+def test_a_segment_its_producer_unlinked_is_closed_at_the_next_read(ring: Any) -> None:
+    """A camera node that restarts makes a ring of a new name and unlinks the old one; the
+    server kept the old one open (and its memory in tmpfs) until --shm-max-open newer names
+    pushed it out: 6 restarts of a 1080p node held 355 MB."""
+    reader = ShmReader(PREFIX)
+    img = _image()
+    try:
+        for _ in range(3):  # the node restarts twice
+            r = ring(slots=2)
+            assert reader.read(r.write(img)).data == img.tobytes()
+            assert reader.open_segments == 1
+            r.close()
+        assert _deleted_segments_open() == 1  # the last ring, until the next read
+        again = ring(slots=2)
+        reader.read(again.write(img))
+        assert _deleted_segments_open() == 0 and reader.open_segments == 1
+    finally:
+        reader.close()
+
+
+def _deleted_segments_open() -> int:
+    """Descriptors of this process on unlinked segments of this test's prefix."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        n += target.startswith(f"/dev/shm/{PREFIX}") and target.endswith(" (deleted)")
+    return n
+
+
+def test_a_file_of_another_filesystem_mounted_under_the_prefix_is_refused(tmp_path: Any) -> None:
+    """Only files of /dev/shm's own filesystem are segments: a file mounted over a name there
+    (FUSE, a bind mount) is refused before it is read. Needs the right to mount (root)."""
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("mounting a file needs root")
+    width, height = 16, 8
+    need = width * height * 3
+    source = tmp_path / "slot"
+    source.write_bytes(server_shm.HEADER.pack(server_shm.MAGIC, 2, need) + bytes(HEADER_SIZE - 24 + need))
+    if os.stat(source).st_dev == os.stat("/dev/shm").st_dev:
+        pytest.skip(f"{tmp_path} is on /dev/shm's filesystem")
+    name = f"{PREFIX}mounted"
+    target = f"/dev/shm/{name}"
+    open(target, "wb").close()
+    try:
+        if subprocess.run([mount, "--bind", str(source), target], capture_output=True).returncode:
+            pytest.skip("this process may not mount")
+        reader = ShmReader(PREFIX)
+        try:
+            with pytest.raises(InvalidInputError, match="not on /dev/shm's filesystem"):
+                reader.read(SharedMemorySlot(name, 0, need, 2, width, height, 0, int(PixelFormat.BGR8)))
+        finally:
+            reader.close()
+            subprocess.run(["umount", target], check=True)
+    finally:
+        os.unlink(target)
