@@ -329,7 +329,9 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         roles, max_batch = probe_model(src, pre, post, classes, staging, dynamic_size=size is None,
                                        max_batch=min(opts.max_batch, batch or opts.max_batch))
         progress(f"outputs bound as {opts.layout}: " + ", ".join(f"{r}={n}" for r, n in roles.items()))
-        input_shape = (batch or -1, 3, height, width)
+        # -1 where the ONNX leaves an axis dynamic: a TensorRT engine of this file is built for
+        # the manifest's size then, and that size is part of the engine's name (fingerprint).
+        input_shape = (batch or -1, 3, height if size else -1, width if size else -1)
         variants: list[Variant]
         verification = None
         if valset is None:

@@ -280,6 +280,7 @@ class EngineRecord:
     onnx_sha256: str
     max_batch: int
     device_name: str = ""
+    input_size: str = ""  # WxH its profile was built for when the ONNX's size is dynamic, else ""
 
     def __post_init__(self) -> None:
         _check_types(self, "engine record")

@@ -568,7 +568,12 @@ def test_the_counterparts_of_the_refused_import_and_serve(work: Path, tmp_path: 
         out = tmp_path / name
         assert cli(["import", "--onnx", str(onnx_path), "--layout", layout, "--classes", str(work / "classes.txt"),
                     "--out", str(out), *more, *extra]) == 0
-        assert load_manifest(out / "manifest.json").preprocess.pad_value == (0 if extra else 114)
+        m = load_manifest(out / "manifest.json")
+        assert m.preprocess.pad_value == (0 if extra else 114)
+        # A dynamic height and width are recorded as such: a TensorRT engine of the file is then
+        # built for, and named by, the manifest's size (server.runtime.fingerprint).
+        assert m.variants[0].input_shape[2:] == ((-1, -1) if name == "stride" else (m.preprocess.input_height,
+                                                                                     m.preprocess.input_width))
 
 
 def _constant_yolov8(path: Path, boxes_normalised: bool = False, batch_one_only: bool = False) -> Path:

@@ -168,6 +168,16 @@ def test_a_dynamic_size_model_at_another_size_is_another_engine():
     assert EngineFingerprint.from_json(fp().to_json().replace(',\n  "input_size": ""', "")) == fp()
 
 
+def test_a_manifests_engine_record_holds_every_field_of_a_fingerprint():
+    """The build writes each engine's fingerprint into the manifest as an EngineRecord, field for
+    field: a field added to one and not the other crashed every build with TensorRT."""
+    from perception.manifest import EngineRecord
+
+    full = fp(input_size="512x288")
+    assert EngineRecord(**dataclasses.asdict(full)) == EngineRecord(**dataclasses.asdict(full))
+    assert [f.name for f in dataclasses.fields(EngineRecord)] == [f.name for f in dataclasses.fields(EngineFingerprint)]
+
+
 def test_check_engine_refuses_a_mismatched_engine(tmp_path):
     engine = tmp_path / "model.engine"
     with pytest.raises(ModelError, match="does not exist"):
