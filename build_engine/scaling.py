@@ -43,7 +43,7 @@ class ScalingRow:
     input_height: int
     width_mult: float
     depth_mult: float
-    macs: int  # as the manifest counts them (build.model_macs), which "vs deployed" divides by
+    macs: int  # as the manifest counts them (profile.model_macs), which "vs deployed" divides by
     params: int
     latency_ms: float = float("nan")
     map50_95: float | None = None

@@ -107,13 +107,15 @@ class FrameTask:
 
 
 def finish_task(
-    task: FrameTask, pipeline: FramePipeline, metrics: Metrics, answer_errors: bool = False
+    task: FrameTask, pipeline: FramePipeline, metrics: Metrics, answer_errors: bool = False, call_ended: bool = False
 ) -> FrameAnswer:
     """The answer of a done task; post-processes an inferred frame. Records metrics.
 
     If inference or post-processing failed, the frame is counted dropped ("error"), then:
     raises perception.errors.ModelError (a unary call ends INTERNAL), or with ``answer_errors``
-    (a stream, which goes on) answers the frame OVERLOADED, marked ``internal_error``.
+    (a stream, which goes on) answers the frame OVERLOADED, marked ``internal_error``. A frame
+    not answered because its call ended (``call_ended``) or the server cancelled its job (at
+    shutdown) is counted dropped "cancelled", not "overloaded": the server was not busy.
     """
     result = task.result
     status, message = task.status, task.message
@@ -158,7 +160,9 @@ def finish_task(
         batch_size=result.batch_size if result and ok else 0,
     )
     try:  # the answer goes out whatever its metrics do
-        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, "error" if failure else "")
+        cancelled = call_ended or (result is not None and result.status is JobStatus.CANCELLED)
+        reason = "error" if failure else "cancelled" if cancelled and status is not FrameStatus.OK else ""
+        _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, reason)
         if status is FrameStatus.OK:
             metrics.observe_priority(task.priority, total_s)
     except Exception:

@@ -227,14 +227,6 @@ class Degrader:
             except Exception:  # a failed move is logged; the served model goes on
                 log.exception("degradation step failed")
 
-    @property
-    def top(self) -> str:
-        """The operator's variant of the served version: never go above it. The host keeps it
-        with each model (an operator's load sets it, a move passes it on), so a rollback to an
-        older version brings that version's own: it used to climb back to the variant of the
-        server's start, or stay on the one a rollback rolled off."""
-        return self.host.current.operator_variant
-
     def model_changed(self, model: ServedModel, cause: str) -> None:
         """The host serves ``model`` (its on_change hook). After an operator's load or any
         rollback the windows counted so far were another model's: they start again. A probation

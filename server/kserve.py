@@ -316,10 +316,10 @@ class KServeService:
         for task in started.tasks:
             while not task.done.wait(0.25):
                 if not active():  # the client cancelled or its deadline passed
-                    started.cancel()
+                    started.cancel(self._metrics)
                     return None
         if not active():  # ended as the frames were answered (a stream's cancel answers them CANCELLED)
-            started.cancel()
+            started.cancel(self._metrics)
             return None
         pipeline = started.model.pipeline
         answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in started.tasks]
@@ -347,6 +347,9 @@ class KServeService:
             message = f"{INPUT}[{index}]: {exc}" if len(tasks) > 1 else str(exc)
             _answer_all(tasks, FrameStatus.INVALID, message, pipeline, self._metrics)
             raise InvalidInputError(message) from exc
+        except Exception as exc:  # the call fails as it would; its frames are counted first
+            _answer_all(tasks, FrameStatus.OVERLOADED, f"not processed: {type(exc).__name__}", pipeline, self._metrics)
+            raise
         finally:
             self._limits.undecoded.give_back(size)
 

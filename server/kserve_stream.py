@@ -58,10 +58,13 @@ class Started:
     keys: list[tuple[str, int]]
     wanted: list[str]
 
-    def cancel(self) -> None:
-        """Take its frames out of the queues (a frame in a batch is answered when it ends)."""
+    def cancel(self, metrics: Metrics) -> None:
+        """Its call ended first: take its frames out of the queues (a frame in a batch is
+        answered when it ends, to nobody) and count them dropped, "cancelled"."""
         for key in self.keys:
             self.scheduler.close(key)
+        for task in self.tasks:
+            metrics.frame_dropped(task.camera_id, "cancelled")
 
 
 class _Service(Protocol):
@@ -124,7 +127,7 @@ class InferStream:
             self._cond.notify_all()
         self._ended.set()
         for item in started:
-            item.cancel()
+            item.cancel(self._service._metrics)
 
     def _active(self) -> bool:
         with self._cond:
@@ -139,7 +142,7 @@ class InferStream:
                 while not self._pending and not self._reader_done and not self._cancelled:
                     # Quiet: a drain ends the stream now (not at the grace period's end), and
                     # so does the idle timeout.
-                    if self._service._draining():
+                    if self._service._draining() and not self._starting:  # one being taken in is answered
                         raise NotReadyError(SHUTTING_DOWN)
                     quiet_s = 0.0 if self._starting else time.monotonic() - self._last_activity
                     if quiet_s >= self._idle_timeout_s:
@@ -241,7 +244,7 @@ class InferStream:
                         self._cond.notify_all()
                 if cancelled:
                     if not isinstance(item, _Refused):
-                        item.cancel()
+                        item.cancel(self._service._metrics)
                     return
         except Exception as exc:  # the call ended under the reader (gRPC raises from the iterator)
             log.debug("ModelStreamInfer reader ended: %s", exc)

@@ -486,7 +486,7 @@ CRITICAL = 2  # the priority of the critical class (server.config.PRIORITY_CLASS
 def _expire(job: Job, now: float) -> None:
     job.tensor = None
     _call(job, JobResult(JobStatus.EXPIRED, queue_s=now - job.enqueued,
-                         message="deadline passed while the frame was queued"))
+                         message="deadline passed before the frame was inferred"))
 
 
 def _call(job: Job, result: JobResult) -> None:

@@ -148,7 +148,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         while not task.done.wait(0.25):
             if not context.is_active():  # the client cancelled or its deadline passed
                 scheduler.close(key)  # answers the frame CANCELLED, unless a batch has it
-                self._drop(task, FrameStatus.OVERLOADED, "the call ended before the frame was answered")
+                self._drop(task, FrameStatus.OVERLOADED, "the call ended before the frame was answered",
+                           call_ended=True)
                 return pb.DetectResponse()
         # Counts the frame; if its inference or post-processing failed, raises ModelError after.
         answer = finish_task(task, self._pipeline, self._metrics)
@@ -174,11 +175,11 @@ class DetectorService(pb_grpc.DetectorServicer):
             pipeline, task.model = self._current()
             return pipeline.prepare(frame, opts)
 
-    def _drop(self, task: FrameTask, status: FrameStatus, message: str) -> None:
+    def _drop(self, task: FrameTask, status: FrameStatus, message: str, call_ended: bool = False) -> None:
         """Answer a frame ``status`` unless it was answered already (then as it was), and count it.
         The call then ends its own way, so a frame whose inference failed meanwhile raises nothing."""
         task.answer_now(status, message)
-        finish_task(task, self._pipeline, self._metrics, answer_errors=True)
+        finish_task(task, self._pipeline, self._metrics, answer_errors=True, call_ended=call_ended)
 
     def StreamDetect(
         self, request_iterator: Iterable[pb.DetectRequest | Refused | Received], context: grpc.ServicerContext

@@ -295,7 +295,7 @@ def parse_detect_request(data: bytes) -> pb.DetectRequest | Refused | Received:
 # request's messages share a budget of MAX_INFER_REQUEST_FIELDS fields, and none has a cap of
 # its own: a batch's bytes_contents are one field per frame. With a cap of 64 per message
 # instead, 14 inputs of 63 parameters of 63 values of 64 fields (6.95 MiB) made a walk of 3.5
-# million fields, 3.1 s; the budget bounds the walk at 6-10 ms (measured on a 2-core machine,
+# million fields, 3.1-5.6 s; the budget bounds the walk at 6-10 ms (measured on a 2-core machine,
 # for 2048 fields of 15 bytes, the costliest to read).
 
 Schema = dict[int, tuple[str, "Schema | int"]]

@@ -156,7 +156,7 @@ def test_an_operators_load_sets_the_variant_to_come_back_to(serve: Any, tmp_path
     run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0, admin_port=0, admin_tokens=("adm1n",))
     deg, get = run.server.degrader, run.registry.get_sample_value
     admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(path), variant="fast"), metadata=TOKEN, timeout=30)
-    assert deg.top == "fast" and get("perception_model_degraded") == 0
+    assert run.server.models.current.operator_variant == "fast" and get("perception_model_degraded") == 0
     for _ in range(6):
         _calm(deg.monitor)
         assert deg.step() == ""

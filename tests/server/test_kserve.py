@@ -613,6 +613,27 @@ def test_a_request_the_server_fails_on_is_internal(serve, stage):
     assert len(infer(req, timeout=10).outputs) == 2  # the next request is served
 
 
+def test_a_request_whose_call_ends_first_is_counted_cancelled(serve, monkeypatch):
+    """A ModelInfer call that ends (here its deadline) while its frame waits behind a busy engine:
+    the frame was counted received and never answered nor dropped."""
+    from tests.server.test_service import _hold_the_engine
+
+    run = serve(kserve=True, inference_workers=1)
+    release = _hold_the_engine(run, monkeypatch)
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())],
+                                parameters={"camera_id": kpb.InferParameter(string_param="late")})
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            infer(req, timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_for(lambda: counter(run, "perception_frames_dropped_total", camera="late", reason="cancelled") == 1)
+    finally:
+        release.set()
+    assert counter(run, "perception_frames_received_total", camera="late") == 1
+    assert not counter(run, "perception_frames_answered_total", camera="late")
+
+
 def test_typed_contents_are_accepted(run):
     data = jpeg(160, 120, seed=8)
     tensor = _bytes_input([1])

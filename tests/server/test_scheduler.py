@@ -394,7 +394,7 @@ def test_a_frame_past_its_deadline_is_answered_expired_on_the_fast_path_not_run(
         late = Job(("unary", 1), tensor(0), rec.cb("late"), deadline=time.monotonic() - 0.001)
         assert s.run_if_idle(late, transient=True)
         assert rec.results["late"].status is EXPIRED
-        assert rec.results["late"].message == "deadline passed while the frame was queued"
+        assert rec.results["late"].message == "deadline passed before the frame was inferred"
         assert engine.threads == [], "the expired frame was inferred"
         # The engine is still idle and takes the next frame on the fast path.
         assert s.run_if_idle(Job(("unary", 2), tensor(1), rec.cb("fine"), deadline=time.monotonic() + 60),

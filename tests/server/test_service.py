@@ -483,8 +483,8 @@ def _hold_the_engine(run: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Eve
 
 @pytest.mark.parametrize("case, code, reason", [
     ("over capacity", grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
-    ("client gone", grpc.StatusCode.CANCELLED, "overloaded"),
-    ("queue closed", grpc.StatusCode.UNAVAILABLE, "overloaded"),
+    ("client gone", grpc.StatusCode.CANCELLED, "cancelled"),
+    ("queue closed", grpc.StatusCode.UNAVAILABLE, "cancelled"),
     ("pre-processing bug", grpc.StatusCode.INTERNAL, "invalid"),
 ])
 def test_a_unary_frame_left_unanswered_is_counted_dropped_once(serve, monkeypatch, case, code, reason):
