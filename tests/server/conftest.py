@@ -93,6 +93,25 @@ def occupy_the_decoder(limits: Any) -> threading.Event:
     return hold
 
 
+def lockstep_with_a_slow_decode(limits: Any, make: Callable[[int], Any]
+                                 ) -> tuple[Iterator[Any], threading.Semaphore, list[threading.Event]]:
+    """Four requests ``make(i)`` sent in lockstep (release the semaphore at each answer), the
+    third one waiting 1.5 s in the server for the decode slot (``decode_threads=1``); the list
+    holds that slot's Event once it was taken."""
+    turn = threading.Semaphore(1)
+    held: list[threading.Event] = []
+
+    def lockstep() -> Iterator[Any]:
+        for i in range(4):
+            turn.acquire()
+            if i == 2:
+                held.append(occupy_the_decoder(limits))
+                threading.Timer(1.5, held[0].set).start()
+            yield make(i)
+
+    return lockstep(), turn, held
+
+
 def stalled_reader_channel(address: str) -> grpc.Channel:
     """A channel with a tiny receive window and no window growth: once its client stops
     reading, HTTP/2 flow control makes the server's sends block."""

@@ -18,6 +18,7 @@ from perception.v1 import detector_pb2_grpc as pb_grpc
 from tests.server.conftest import (
     health_check,
     jpeg,
+    lockstep_with_a_slow_decode,
     occupy_the_decoder,
     request,
     stalled_reader_channel,
@@ -75,19 +76,9 @@ def test_a_slow_reader_keeps_its_stream(serve: Any) -> None:
     idle check, which counted the quiet from the client's last frame, so that a lockstep client
     whose answer took longer than the timeout was ended as idle the moment it got it."""
     run = serve(stream_idle_timeout_s=1.0, decode_threads=1)
-    turn = threading.Semaphore(1)
-    held: list[threading.Event] = []
-
-    def lockstep() -> Iterator[pb.DetectRequest]:
-        for i in range(4):
-            turn.acquire()
-            if i == 2:  # this frame waits 1.5 s in the server for a decode slot
-                held.append(occupy_the_decoder(run.server.limits))
-                threading.Timer(1.5, held[0].set).start()
-            yield request("front", i, jpeg())
-
+    requests, turn, held = lockstep_with_a_slow_decode(run.server.limits, lambda i: request("front", i, jpeg()))
     got = []
-    for answer in run.stub.StreamDetect(lockstep(), timeout=30):
+    for answer in run.stub.StreamDetect(requests, timeout=30):
         got.append(answer.status)
         time.sleep(0.6)  # reads each answer late, but well within the timeout
         turn.release()

@@ -47,7 +47,14 @@ from server.runtime.factory import RuntimeSettings, backend_for
 from server.scheduler import Scheduler
 from server.served_model import ServedModel
 from server.service import DetectorService
-from tests.server.conftest import Running, jpeg, occupy_the_decoder, request, stalled_reader_channel, wait_for
+from tests.server.conftest import (
+    Running,
+    jpeg,
+    lockstep_with_a_slow_decode,
+    request,
+    stalled_reader_channel,
+    wait_for,
+)
 
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 MODEL = "tiny"  # tests/tiny_model.py's manifest name
@@ -533,20 +540,10 @@ def test_a_request_taken_in_slowly_does_not_end_its_stream_as_idle(serve):
     a lockstep client whose request waited longer than the idle timeout for a decode slot lost
     it, the stream ended "sent no request"."""
     run = serve(kserve=True, stream_idle_timeout_s=1.0, decode_threads=1)
-    turn = threading.Semaphore(1)
-    held: list[threading.Event] = []
-
-    def lockstep() -> Iterator[kpb.ModelInferRequest]:
-        for i in range(4):
-            turn.acquire()
-            if i == 2:  # this request waits 1.5 s in the server for a decode slot
-                held.append(occupy_the_decoder(run.server.limits))
-                threading.Timer(1.5, held[0].set).start()
-            yield kpb.ModelInferRequest(model_name=MODEL, id=str(i), inputs=[_bytes_input([1])],
-                                        raw_input_contents=[_prefixed(jpeg(seed=i))])
-
+    requests, turn, held = lockstep_with_a_slow_decode(run.server.limits, lambda i: kpb.ModelInferRequest(
+        model_name=MODEL, id=str(i), inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg(seed=i))]))
     answered = []
-    for answer in _stream_infer(run.channel, mcpb.ModelStreamInferResponse.FromString)(lockstep(), timeout=20):
+    for answer in _stream_infer(run.channel, mcpb.ModelStreamInferResponse.FromString)(requests, timeout=20):
         assert not answer.error_message, answer.error_message
         answered.append(kpb.ModelInferResponse.FromString(answer.infer_response).id)
         turn.release()
