@@ -27,35 +27,42 @@ stream of ModelInfer requests, answered in order, up to ``STREAM_WINDOW`` of the
 at once (``server.kserve_stream``). Bytes that are no request of the method's type are
 INVALID_ARGUMENT, never INTERNAL. As Triton does, an unknown model or version is NOT_FOUND and a
 frame past its deadline DEADLINE_EXCEEDED. Client strings quoted in errors are cut to 64
-characters, and each client's decodes are its own in the decode slots' fairness.
+characters, and each client's decodes are its own in the decode slots' fairness. Reading a
+request's tensors and parameters, and writing its answer, is ``server.kserve_tensors``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
-import struct
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
-from numpy.typing import NDArray
 
 import perception
-from perception.decode import PixelFormat
 from perception.errors import InvalidInputError, ModelError, NotReadyError, OverloadedError
-from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, RawPixels, RequestOptions
-from perception.types import Detections, FrameStatus
+from perception.pipeline import FramePipeline, RequestOptions
+from perception.types import FrameStatus
 from perception.v1 import grpc_predict_v2_pb2 as kpb
 from perception.v1 import model_config_pb2 as mcpb
 from server.answer import FrameAnswer, FrameTask, finish_task
 from server.errors import DeadlineError, NotFoundError
 from server.kserve_stream import SHUTTING_DOWN, InferStream, Started
+from server.kserve_tensors import (
+    INPUT,
+    OUTPUTS,
+    Datatype,
+    RequestFrames,
+    deadline_ms,
+    frame_cameras,
+    infer_response,
+    parse_parameters,
+    request_frames,
+    requested_outputs,
+    shown,
+)
 from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
@@ -67,42 +74,7 @@ _ids = itertools.count(1)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "perception"
-INPUT = "IMAGE"
-DETECTIONS = "DETECTIONS"
-NUM_DETECTIONS = "NUM_DETECTIONS"
 STREAM_WINDOW = 4  # requests of one ModelStreamInfer stream in the server at once (decoded, queued or inferred)
-PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "class_filter", "class_agnostic_nms",
-              "camera_id", "timeout")
-
-
-class Datatype(str, Enum):
-    """The KServe tensor data types this model speaks."""
-
-    BYTES = "BYTES"
-    UINT8 = "UINT8"
-    INT32 = "INT32"
-    FP32 = "FP32"
-
-
-_OUTPUTS = {DETECTIONS: (Datatype.FP32, [-1, 6]), NUM_DETECTIONS: (Datatype.INT32, [-1])}
-
-
-@dataclass(frozen=True)
-class RequestFrames:
-    """The frames of one ModelInfer request, not yet copied out of it."""
-
-    encoded: Sequence[bytes | memoryview] = ()  # one encoded image per frame
-    raw: memoryview | None = None  # B x H x W x 3 BGR bytes
-    height: int = 0
-    width: int = 0
-    count: int = 0
-
-    def frame(self, index: int, camera_id: str) -> FrameInput:
-        if self.raw is None:
-            return FrameInput(camera_id, 0, 0, encoded=bytes(self.encoded[index]))
-        size = self.height * self.width * 3
-        data = bytes(self.raw[index * size:(index + 1) * size])
-        return FrameInput(camera_id, 0, 0, raw=RawPixels(self.width, self.height, 0, PixelFormat.BGR8, data))
 
 
 class KServeService:
@@ -201,7 +173,7 @@ class KServeService:
         scheduler, current = self._check_ready()
         model = current()
         if not _names(model, name, version):
-            asked = _shown(name) + (f" version {_shown(version)}" if version else "")
+            asked = shown(name) + (f" version {shown(version)}" if version else "")
             raise NotFoundError(f"unknown model {asked}; this server serves {model.manifest.name!r} "
                                 f"version {model.version!r}")
         return scheduler, model
@@ -231,7 +203,7 @@ class KServeService:
             versions=[model.version],
             platform=model.backend.name,
             inputs=[tensor(name=INPUT, datatype=Datatype.BYTES.value, shape=[-1])],
-            outputs=[tensor(name=name, datatype=dtype.value, shape=shape) for name, (dtype, shape) in _OUTPUTS.items()],
+            outputs=[tensor(name=name, datatype=dtype.value, shape=shape) for name, (dtype, shape) in OUTPUTS.items()],
         )
 
     def ModelConfig(self, request: mcpb.ModelConfigRequest, context: grpc.ServicerContext) -> mcpb.ModelConfigResponse:
@@ -249,7 +221,7 @@ class KServeService:
             max_batch_size=0,
             input=[mcpb.ModelInput(name=INPUT, data_type=string, dims=[-1])],
             output=[mcpb.ModelOutput(name=name, data_type=types[dtype], dims=shape)
-                    for name, (dtype, shape) in _OUTPUTS.items()],
+                    for name, (dtype, shape) in OUTPUTS.items()],
         ))
 
     # -- inference -----------------------------------------------------------------------------
@@ -296,14 +268,14 @@ class KServeService:
             raise InvalidInputError(request.reason)
         scheduler, model = self._check_serving(request.model_name, request.model_version)
         pipeline = model.pipeline
-        opts, camera_ids, timeout_ms = _parameters(request.parameters,
-                                                   self._max_class_filter or len(pipeline.classes))
+        opts, camera_ids, timeout_ms = parse_parameters(request.parameters,
+                                                        self._max_class_filter or len(pipeline.classes))
         pipeline.options(opts)  # bad options fail the request before any frame is counted
-        wanted = _requested_outputs(request)
-        frames = _frames(request, model.max_batch)
-        cameras = _cameras(camera_ids, frames.count)
-        deadline_ms = _deadline_ms(timeout_ms, remaining_s)
-        tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline_ms, model=model) for camera in cameras]
+        wanted = requested_outputs(request)
+        frames = request_frames(request, model.max_batch)
+        cameras = frame_cameras(camera_ids, frames.count)
+        deadline = deadline_ms(timeout_ms, remaining_s)
+        tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline, model=model) for camera in cameras]
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
         self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, owner)
@@ -325,7 +297,7 @@ class KServeService:
         answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in started.tasks]
         for index, (task, answer) in enumerate(zip(started.tasks, answers, strict=True)):
             _raise_unanswered(index, task, answer)
-        return _response(started.request_id, started.model, [a.detections for a in answers], started.wanted)
+        return infer_response(started.request_id, started.model, [a.detections for a in answers], started.wanted)
 
     def _prepare(self, size: int, frames: RequestFrames, tasks: list[FrameTask], opts: RequestOptions,
                  pipeline: FramePipeline, owner: Any = None) -> None:
@@ -408,201 +380,4 @@ def _raise_unanswered(index: int, task: FrameTask, answer: FrameAnswer) -> None:
     raise OverloadedError(f"{INPUT}[{index}]: {status.value.lower()}: {message or 'not inferred'}; retry later")
 
 
-def _ms(seconds: float | None) -> float:
-    """Milliseconds, at least 1; 0 for none."""
-    return max(1.0, seconds * 1000.0) if seconds else 0.0
-
-
-def _deadline_ms(timeout_ms: float, remaining_s: float | None) -> int:
-    """A frame's deadline in ms from arrival (0 = none): the sooner of Triton's ``timeout``
-    parameter and the call's gRPC deadline."""
-    if remaining_s is not None and remaining_s <= 0:
-        return 1  # the call is already past its deadline: its frames expire at once, not never
-    limits = [x for x in (timeout_ms, _ms(remaining_s)) if x > 0]
-    return math.ceil(min(limits)) if limits else 0
-
-
-# -- request decoding ---------------------------------------------------------------------------
-
-
-_NUMBER = ("double_param", "int64_param", "uint64_param")
-_INTEGER = ("int64_param", "uint64_param")
-
-
-def _parameters(
-    params: Mapping[str, kpb.InferParameter], max_class_filter: int
-) -> tuple[RequestOptions, str, float]:
-    """(options, the camera_id parameter, the timeout in ms or 0) of a request's parameters."""
-    unknown = sorted(set(params) - set(PARAMETERS))
-    if unknown:
-        raise InvalidInputError(f"unknown parameters {[_shown(u) for u in unknown[:8]]}; this model takes "
-                                f"{list(PARAMETERS)}")
-    thresholds = {n: float(_param(params, n, _NUMBER, "a number") or 0.0) for n in ("score_threshold", "iou_threshold")}
-    for name, value in thresholds.items():
-        if not math.isfinite(value):
-            raise InvalidInputError(f"{name} must be a finite number, got {value}")
-    opts = RequestOptions(
-        score_threshold=thresholds["score_threshold"],
-        iou_threshold=thresholds["iou_threshold"],
-        max_detections=int(_param(params, "max_detections", _INTEGER, "an integer") or 0),
-        class_filter=_class_ids(_param(params, "class_filter", ("string_param", *_INTEGER), 'ids like "0,2"'),
-                                max_class_filter),
-        class_agnostic=bool(_param(params, "class_agnostic_nms", ("bool_param",), "a bool")),
-    )
-    camera = str(_param(params, "camera_id", ("string_param",), "a string") or "")
-    timeout_us = int(_param(params, "timeout", _INTEGER, "an integer (microseconds)") or 0)
-    if timeout_us < 0:
-        raise InvalidInputError(f"timeout must be >= 0 microseconds, got {timeout_us}")
-    return opts, camera, _ms(timeout_us / 1e6)
-
-
-def _param(params: Mapping[str, kpb.InferParameter], name: str, kinds: tuple[str, ...], what: str) -> Any:
-    """The value of parameter ``name`` (None if absent); InvalidInputError if not one of ``kinds``."""
-    if name not in params:
-        return None
-    parameter = params[name]
-    kind = parameter.WhichOneof("parameter_choice")
-    if kind not in kinds:
-        raise InvalidInputError(f"parameter {name} must be {what}")
-    return getattr(parameter, kind)
-
-
-def _class_ids(value: str | int | None, max_class_filter: int) -> tuple[int, ...]:
-    if value is None or isinstance(value, int):
-        return () if value is None else (value,)
-    if value.count(",") >= max_class_filter:  # counted before anything is split
-        raise InvalidInputError(f"class_filter has more than {max_class_filter} entries (one per class)")
-    try:
-        return tuple(int(t) for t in value.split(",") if t.strip())
-    except ValueError:
-        raise InvalidInputError(f'class_filter must be class ids like "0,2", got {value[:64]!r}') from None
-
-
-def _cameras(camera_ids: str, count: int) -> list[str]:
-    """One camera id per frame: one id for all of them, or one each (comma-separated)."""
-    if camera_ids.count(",") + 1 not in (1, count):  # counted before anything is split
-        raise InvalidInputError(f"camera_id must name one camera, or {count} comma-separated (one per frame)")
-    ids = camera_ids.split(",")
-    if any(len(c) > MAX_CAMERA_ID_LEN for c in ids):  # before an id is counted (a metric label)
-        raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters")
-    return ids * count if len(ids) == 1 else ids
-
-
-def _requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
-    names = [o.name for o in request.outputs]
-    for o in request.outputs:
-        if o.name not in _OUTPUTS:
-            raise InvalidInputError(f"unknown output {_shown(o.name)}; this model has {list(_OUTPUTS)}")
-        if o.parameters:
-            got = [_shown(p) for p in o.parameters][:8]
-            raise InvalidInputError(f"output parameters are not supported (got {got} for {_shown(o.name)}; "
-                                    "shared memory and classification are not served)")
-    if len(set(names)) != len(names):
-        raise InvalidInputError(f"outputs requested more than once: {[_shown(n) for n in names][:8]}")
-    return names or list(_OUTPUTS)
-
-
-def _frames(request: kpb.ModelInferRequest, max_frames: int) -> RequestFrames:
-    """The frames of the request's one input, checked against its datatype and shape."""
-    if [t.name for t in request.inputs] != [INPUT]:
-        raise InvalidInputError(f"this model takes exactly one input {INPUT!r}, got "
-                                f"{[_shown(t.name) for t in request.inputs][:8]}")
-    tensor = request.inputs[0]
-    if tensor.parameters:
-        got = [_shown(p) for p in tensor.parameters][:8]
-        raise InvalidInputError(f"input parameters are not supported (got {got}; shared memory is not served)")
-    raw: bytes | None = None
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
-            raise InvalidInputError("raw_input_contents must hold one entry per input, and no input may also "
-                                    "carry typed contents")
-        raw = request.raw_input_contents[0]
-    shape = list(tensor.shape)
-    if any(d < 1 for d in shape):
-        raise InvalidInputError(f"{INPUT} shape {shape} has a dimension < 1")
-    if tensor.datatype == Datatype.BYTES.value:
-        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-            raise InvalidInputError(f"{INPUT} as BYTES must have shape [B] (one encoded image each), got {shape}")
-        count = _check_count(shape[0], max_frames)
-        if raw is not None:
-            return RequestFrames(encoded=_split_bytes(memoryview(raw), count), count=count)
-        if len(tensor.contents.bytes_contents) != count:
-            raise InvalidInputError(f"{INPUT} shape {shape} needs {count} bytes_contents elements, "
-                                    f"got {len(tensor.contents.bytes_contents)}")
-        return RequestFrames(encoded=list(tensor.contents.bytes_contents), count=count)
-    if tensor.datatype == Datatype.UINT8.value:
-        if len(shape) not in (3, 4) or shape[-1] != 3:
-            raise InvalidInputError(f"{INPUT} as UINT8 must be raw BGR pixels of shape [H, W, 3] or "
-                                    f"[B, H, W, 3], got {shape}")
-        count = _check_count(shape[0] if len(shape) == 4 else 1, max_frames)
-        height, width = shape[-3], shape[-2]
-        need = count * height * width * 3
-        if raw is None:
-            values = tensor.contents.uint_contents
-            if len(values) != need:
-                raise InvalidInputError(f"{INPUT} shape {shape} needs {need} uint_contents elements, got {len(values)}")
-            array = np.asarray(values, np.uint32)
-            if len(array) and int(array.max()) > 255:
-                raise InvalidInputError(f"{INPUT} UINT8 contents hold values above 255")
-            raw = array.astype(np.uint8).tobytes()
-        if len(raw) != need:
-            raise InvalidInputError(f"{INPUT} shape {shape} needs {need} bytes of UINT8 pixels, got {len(raw)}")
-        return RequestFrames(raw=memoryview(raw), height=height, width=width, count=count)
-    raise InvalidInputError(f"{INPUT} must be BYTES (encoded JPEG/PNG) or UINT8 (raw BGR, HWC), "
-                            f"got {_shown(tensor.datatype)}")
-
-
-def _shown(text: str, limit: int = 64) -> str:
-    """A client's string as an error message quotes it: at most ``limit`` characters. Quoted
-    whole, a 20 KB model name made the answer's status too large for gRPC's metadata, and the
-    client got RESOURCE_EXHAUSTED instead of the error."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
-
-
-def _check_count(count: int, max_frames: int) -> int:
-    if count > max_frames:
-        raise InvalidInputError(f"{count} frames in one request; at most {max_frames} (the model's batch)")
-    return count
-
-
-def _split_bytes(raw: memoryview, count: int) -> list[memoryview]:
-    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then its bytes."""
-    out: list[memoryview] = []
-    pos, end = 0, len(raw)
-    for i in range(count):
-        if pos + 4 > end:
-            raise InvalidInputError(f"{INPUT} raw contents end before element {i} of {count}")
-        (size,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        if size > end - pos:
-            raise InvalidInputError(f"{INPUT} element {i} says {size} bytes but {end - pos} remain")
-        out.append(raw[pos:pos + size])
-        pos += size
-    if pos != end:
-        raise InvalidInputError(f"{INPUT} raw contents hold {end - pos} bytes past its {count} elements")
-    return out
-
-
-# -- response encoding --------------------------------------------------------------------------
-
-
-def detection_rows(det: Detections) -> NDArray[np.float32]:
-    """(N, 6) float32: x1, y1, x2, y2, score, class_id; (0, 6) for no detections."""
-    return np.column_stack([det.boxes, det.scores, det.class_ids.astype(np.float32)]).astype(np.float32)
-
-
-def _response(request_id: str, model: ServedModel, detections: list[Detections],
-              wanted: list[str]) -> kpb.ModelInferResponse:
-    arrays: dict[str, NDArray[Any]] = {
-        DETECTIONS: np.concatenate([detection_rows(d) for d in detections]).astype("<f4"),
-        NUM_DETECTIONS: np.array([len(d) for d in detections], "<i4"),
-    }
-    response = kpb.ModelInferResponse(model_name=model.manifest.name, model_version=model.version, id=request_id)
-    for out in wanted:
-        array = arrays[out]
-        response.outputs.add(name=out, datatype=_OUTPUTS[out][0].value, shape=list(array.shape))
-        response.raw_output_contents.append(array.tobytes())
-    return response
-
-
-__all__ = ["KServeService", "SERVICE_NAME", "Datatype", "detection_rows"]
+__all__ = ["KServeService", "SERVICE_NAME"]
