@@ -38,10 +38,16 @@ class DataConfig:
     image_height: int = 360
     train_seed: int = 1
     val_seed: int = 2
+    # Generated objects are placed out to where they are this many pixels tall (0: 11-16 px by
+    # class, the default). Lower it to train for far, small objects.
+    min_object_px: float = 0.0
 
     def __post_init__(self) -> None:
         if self.train_images <= 0 or self.val_images <= 0:
             raise ConfigError("data.train_images and data.val_images must be positive")
+        px = self.min_object_px
+        if isinstance(px, bool) or not isinstance(px, (int, float)) or not (px == 0 or 2.0 <= px <= 64.0):
+            raise ConfigError(f"data.min_object_px must be 0 (the classes' own floors) or 2-64 pixels, got {px!r}")
         if self.image_width <= 0 or self.image_height <= 0:
             raise ConfigError("data.image_width and data.image_height must be positive")
 
@@ -127,7 +133,10 @@ class TrainConfig:
 
 
 # (section, key, default) of fields added after the first shipped runs; see TrainConfig.hash.
-HASH_STABLE_DEFAULTS = (("model", "family", "yolo"), ("loss", "neg_pos_ratio", 3.0), ("loss", "fg_iou", 0.5))
+HASH_STABLE_DEFAULTS = (
+    ("model", "family", "yolo"), ("loss", "neg_pos_ratio", 3.0), ("loss", "fg_iou", 0.5),
+    ("data", "min_object_px", 0.0),
+)
 
 SECTIONS = {
     "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "augment": AugmentConfig,

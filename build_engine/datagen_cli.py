@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width (default 640; 960 for drives)")
     p.add_argument("--height", type=int, default=None, help="image height (default 360; 540 for drives)")
     p.add_argument("--images", type=int, default=100, help="number of still images")
+    p.add_argument("--min-object-px", type=float, default=0.0,
+                   help="place objects out to where they are this many pixels tall (default 0: 11-16 px by class)")
     p.add_argument("--drive", action="store_true",
                    help="write a recorded drive (MP4 per camera + drive.mcap + gt.json)")
     p.add_argument("--cameras", default="front,rear", help="comma-separated camera ids (front / rear)")
@@ -48,7 +50,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--images must be positive, got {args.images}")
     from build_engine.data.generate import generate_dataset
 
+    if args.min_object_px and not 2.0 <= args.min_object_px <= 64.0:
+        raise ConfigError(f"--min-object-px must be 0 or 2-64 pixels, got {args.min_object_px}")
     out = generate_dataset(args.out, args.images, args.seed, args.width or 640, args.height or 360,
-                           progress=show_progress(args.no_progress))
+                           progress=show_progress(args.no_progress), min_object_px=args.min_object_px)
     print(json.dumps({"dataset": str(out), "images": args.images}))
     return 0

@@ -24,10 +24,12 @@ def generate_dataset(
     width: int = 640,
     height: int = 360,
     progress: bool = False,
+    min_object_px: float = 0.0,
 ) -> Path:
     """Write ``out_dir/images/*.jpg``, ``annotations.json`` (COCO), ``labels/*.txt`` +
-    ``classes.txt`` (YOLO). Image ``i`` depends only on (seed, i): same seed, same dataset.
-    Returns ``out_dir``.
+    ``classes.txt`` (YOLO). Image ``i`` depends only on (seed, i, min_object_px): same seed,
+    same dataset. ``min_object_px`` > 0 places objects out to where they are that many pixels
+    tall (default 0: 11-16 px by class). Returns ``out_dir``.
     """
     if num_images <= 0:
         raise ValueError(f"num_images must be positive, got {num_images}")
@@ -40,7 +42,7 @@ def generate_dataset(
 
         it = tqdm(it, desc="gen-data", unit="img")
     for i in it:
-        r = random_image(seed * 1_000_003 + i, width, height)
+        r = random_image(seed * 1_000_003 + i, width, height, min_object_px)
         f = root / "images" / f"{i:06d}.jpg"
         cv2.imwrite(str(f), r.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         samples.append(Sample(i + 1, f, width, height, r.boxes, r.class_ids))
@@ -52,13 +54,16 @@ def generate_dataset(
 
 
 def cached_dataset(
-    cache_dir: str | os.PathLike[str], split: str, n: int, seed: int, width: int, height: int, progress: bool = False
+    cache_dir: str | os.PathLike[str], split: str, n: int, seed: int, width: int, height: int, progress: bool = False,
+    min_object_px: float = 0.0,
 ) -> Path:
-    """``cache_dir/<split>-s<seed>-n<n>-<w>x<h>``, generated once: a ``.complete`` marker is
-    written last, so an interrupted generation is redone rather than read half-written."""
-    root = Path(cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{width}x{height}"
+    """``cache_dir/<split>-s<seed>-n<n>-<w>x<h>`` (``-far<px>`` appended when ``min_object_px``
+    is set), generated once: a ``.complete`` marker is written last, so an interrupted
+    generation is redone rather than read half-written."""
+    far = f"-far{min_object_px:g}" if min_object_px > 0 else ""
+    root = Path(cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{width}x{height}{far}"
     if not (root / ".complete").is_file():
         log.info("generating %d %s images into %s", n, split, root)
-        generate_dataset(root, n, seed, width, height, progress=progress)
+        generate_dataset(root, n, seed, width, height, progress=progress, min_object_px=min_object_px)
         (root / ".complete").write_text("ok\n")
     return root

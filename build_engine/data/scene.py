@@ -287,34 +287,42 @@ def random_camera(rng: np.random.Generator, width: int, height: int) -> Camera:
     )
 
 
+def _floor(class_px: float, min_px: float) -> float:
+    return min(class_px, min_px) if min_px > 0 else class_px
+
+
 def _far_biased(rng: np.random.Generator, lo: float, hi: float) -> float:
     # biased towards far: many small objects, as in real driving data.
     return lo + (hi - lo) * float(rng.random()) ** 0.85
 
 
 def random_object(
-    kind: str, rng: np.random.Generator, cam: Camera, track_id: int = 0, z_min: float = 4.0
+    kind: str, rng: np.random.Generator, cam: Camera, track_id: int = 0, z_min: float = 4.0, min_px: float = 0.0
 ) -> WorldObject:
-    """An object of ``kind`` at a plausible place on or beside the road."""
+    """An object of ``kind`` at a plausible place on or beside the road.
+
+    A road user, light or sign is placed no farther than where it is still 11-16 pixels tall
+    (by class), or ``min_px`` tall when that is smaller (0: the class's own floor): a lower
+    floor puts far, small objects in the images."""
     (w0, w1), (h0, h1) = CLASS_SIZES[kind]
     w, h = float(rng.uniform(w0, w1)), float(rng.uniform(h0, h1))
     elevation = 0.0
     if kind in ("car", "truck", "bus"):
         x = float(rng.choice([-1.5, -0.5, 0.5, 1.5])) * LANE_WIDTH + float(rng.normal(0, 0.3))
-        z_max = cam.max_distance(h, 12.0)
+        z_max = cam.max_distance(h, _floor(12.0, min_px))
     elif kind in ("pedestrian", "cyclist"):
         x = float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF - 0.5, ROAD_HALF + 3))
         if rng.random() < 0.2:  # crossing the road
             x = float(rng.uniform(-ROAD_HALF, ROAD_HALF))
-        z_max = cam.max_distance(h, 16.0)
+        z_max = cam.max_distance(h, _floor(16.0, min_px))
     elif kind == "traffic_light":
         x = float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF + 0.5, ROAD_HALF + 2))
         elevation = float(rng.uniform(3.5, 5.0))
-        z_max = cam.max_distance(h, 12.0)
+        z_max = cam.max_distance(h, _floor(12.0, min_px))
     elif kind == "traffic_sign":
         x = float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF + 0.5, ROAD_HALF + 2.5))
         elevation = float(rng.uniform(1.8, 2.6))
-        z_max = cam.max_distance(h, 11.0)
+        z_max = cam.max_distance(h, _floor(11.0, min_px))
     else:  # distractors beyond the shoulder
         x = float(rng.choice([-1, 1])) * float(rng.uniform(ROAD_HALF + 3.5, ROAD_HALF + 12))
         z_max = 120.0
@@ -328,19 +336,20 @@ CLASS_WEIGHTS = {
 
 
 def random_scene(
-    rng: np.random.Generator, cam: Camera, min_objects: int = 3, max_objects: int = 14
+    rng: np.random.Generator, cam: Camera, min_objects: int = 3, max_objects: int = 14, min_px: float = 0.0
 ) -> list[WorldObject]:
-    """A random set of objects and distractors for one still image."""
+    """A random set of objects and distractors for one still image (``min_px``: random_object's)."""
     kinds = list(CLASS_WEIGHTS)
     p = np.array([CLASS_WEIGHTS[k] for k in kinds], np.float64)
     n = int(rng.integers(min_objects, max_objects + 1))
-    objs = [random_object(kinds[i], rng, cam, t + 1) for t, i in enumerate(rng.choice(len(kinds), n, p=p / p.sum()))]
+    picks = rng.choice(len(kinds), n, p=p / p.sum())
+    objs = [random_object(kinds[i], rng, cam, t + 1, min_px=min_px) for t, i in enumerate(picks)]
     objs += [random_object(str(rng.choice(["tree", "pole"])), rng, cam) for _ in range(int(rng.integers(0, 6)))]
     return objs
 
 
-def random_image(seed: int, width: int, height: int) -> Rendered:
-    """One labelled still image, fully determined by ``seed``."""
+def random_image(seed: int, width: int, height: int, min_px: float = 0.0) -> Rendered:
+    """One labelled still image, fully determined by ``seed`` (and ``min_px``: random_object's)."""
     rng = np.random.default_rng(seed)
     cam = random_camera(rng, width, height)
-    return render(random_scene(rng, cam), cam, Look.random(rng), time_s=float(rng.uniform(0, 10)))
+    return render(random_scene(rng, cam, min_px=min_px), cam, Look.random(rng), time_s=float(rng.uniform(0, 10)))

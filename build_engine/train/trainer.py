@@ -60,7 +60,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> tuple[LabelledSet,
         sets = []
         for split, n, seed in (("train", d.train_images, d.train_seed), ("val", d.val_images, d.val_seed)):
             sets.append(read_labelled_set(cached_dataset(d.cache_dir, split, n, seed, d.image_width,
-                                                         d.image_height, progress)))
+                                                         d.image_height, progress, d.min_object_px)))
         train_set, val_set = sets[0], sets[1]
     if train_set.classes != val_set.classes:
         raise ConfigError(f"{val_set.root}: val classes {list(val_set.classes)} are not the train set's "

@@ -46,6 +46,42 @@ def test_all_classes_and_many_small_objects() -> None:
     assert (h < 32).mean() > 0.4 and (h > 64).any()  # many small far objects, and some near
 
 
+def test_min_object_px_places_objects_farther() -> None:
+    # The default floor (11-16 px by class) keeps road users, lights and signs over ~10 px; a
+    # lower floor puts far ones in the images, and the default images are the same as before.
+    def heights(min_px: float) -> np.ndarray:
+        return np.concatenate([np.diff(random_image(2000 + i, 640, 360, min_px).boxes[:, 1::2], axis=1)[:, 0]
+                               for i in range(60)])
+
+    default, far = heights(0.0), heights(6.0)
+    assert (default < 9).mean() < 0.05
+    assert (far < 9).mean() > 0.2 and (far >= 5).mean() > 0.97 and (far > 64).any()
+    a, b = random_image(7, 320, 192), random_image(7, 320, 192, 0.0)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.boxes, b.boxes)
+
+
+@pytest.mark.parametrize("value", [1.0, -3.0, 65.0, True, float("nan")])
+def test_min_object_px_config_bounds(value) -> None:
+    from build_engine.config import DataConfig
+    from perception.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_object_px"):
+        DataConfig(min_object_px=value)
+
+
+def test_min_object_px_cache_and_hash(tmp_path, repo_root) -> None:
+    from build_engine.config import load_config
+    from build_engine.data.generate import cached_dataset
+
+    # A config that leaves the floor alone keeps the hash it had before the field existed.
+    recipe = repo_root / "configs" / "default.yaml"
+    assert load_config(recipe).hash() == "91521771832f6a2e"
+    assert load_config(recipe, ["data.min_object_px=6"]).hash() != "91521771832f6a2e"
+    root = cached_dataset(tmp_path, "val", 2, 5, 160, 96, min_object_px=6)
+    assert root.name == "val-s5-n2-160x96-far6" and (root / ".complete").is_file()
+    assert cached_dataset(tmp_path, "val", 2, 5, 160, 96).name == "val-s5-n2-160x96"
+
+
 def test_generation_is_deterministic(tmp_path) -> None:
     a, b = random_image(42, 320, 192), random_image(42, 320, 192)
     assert np.array_equal(a.image, b.image) and np.array_equal(a.boxes, b.boxes)
