@@ -44,10 +44,45 @@ def model_card(
 TRAIN_CONFIG = "configs/default.yaml"
 
 
-def _epoch_table(path: Path, threads: int, recipe: str = TRAIN_CONFIG) -> list[str]:
+def _fine_tune(run_cfg: dict[str, Any]) -> str:
+    """How a fine-tuning run (one with ``init_checkpoint``) departs from its recipe, in words;
+    "" for a run trained from scratch."""
+    if not run_cfg.get("init_checkpoint"):
+        return ""
+    optim, data = run_cfg.get("optim", {}), run_cfg.get("data", {})
+    said = [f"optim.epochs={optim.get('epochs')}", f"optim.lr={optim.get('lr')}",
+            f"optim.warmup_epochs={optim.get('warmup_epochs')}"]
+    if data.get("min_object_px"):
+        said.insert(0, f"data.min_object_px={data['min_object_px']:g}")
+    return ", ".join(f"`{s}`" for s in said)
+
+
+def _base_training(init: Path, out_dir: Path, recipe: str) -> list[str]:
+    """The epoch table of the training a fine-tune started from: its run's log when the init
+    checkpoint sits in its run directory; the table of the report it was published with when
+    it is this model directory's own ``detector.pt`` (fine-tuned in place); else nothing."""
+    log = init.parent / "train_log.jsonl"
+    if log.is_file():
+        cfg = init.parent / "config.json"
+        threads = int(json.loads(cfg.read_text()).get("threads", 1)) if cfg.is_file() else 1
+        return _epoch_table(log, threads, f"Training ({recipe})")
+    report = out_dir / "eval.md"
+    if init.resolve() != (out_dir / "detector.pt").resolve() or not report.is_file():
+        return []
+    old = report.read_text().splitlines()
+    start = next((i for i, line in enumerate(old) if line.startswith(f"Training ({recipe})")), None)
+    if start is None:
+        return []
+    end = start + 2  # the title and the blank line under it, then the table's rows
+    while end < len(old) and old[end].startswith("|"):
+        end += 1
+    return old[start:end] + [""]
+
+
+def _epoch_table(path: Path, threads: int, title: str) -> list[str]:
     hist = [json.loads(line) for line in path.read_text().splitlines()]
     total = sum(h.get("seconds", 0) for h in hist)
-    lines = [f"Training ({recipe}): {len(hist)} epochs, {total / 60:.1f} min of epoch time on a 2-core CPU "
+    lines = [f"{title}: {len(hist)} epochs, {total / 60:.1f} min of epoch time on a 2-core CPU "
              f"({threads} thread{'s' if threads != 1 else ''}).", "",
              "| epoch | loss | val mAP50 | val mAP50-95 |", "|---|---|---|---|"]
     for h in hist:
@@ -97,7 +132,12 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
     shipped_meta = meta_for(model, meta.classes, epoch=meta.epoch, val_kpi=meta.val_kpi,
                             train_config_hash=meta.train_config_hash)
     save_checkpoint(out_dir / "detector.pt", model, shipped_meta, half=True)
+    run_config = run_dir / "config.json"
+    run_cfg = json.loads(run_config.read_text()) if run_config.is_file() else {}
     extra: dict[str, Any] = {"train_config": recipe, "train_config_hash": meta.train_config_hash, "epoch": meta.epoch}
+    if run_cfg.get("init_checkpoint"):  # a fine-tune: what it started from, and on what data
+        extra["fine_tuned_from"] = run_cfg["init_checkpoint"]
+        extra["min_object_px"] = run_cfg.get("data", {}).get("min_object_px", 0)
     card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra, out_dir.name,
                       getattr(model, "output_layout", "yolo_obj"))
     (out_dir / "config.yaml").write_text(
@@ -117,12 +157,25 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
                 shutil.copy(eval_dir / png, plots / png)
         title = "Default detector" if out_dir.name == "default" else f"{out_dir.name} detector"
         script = "scripts/train_default.sh" if recipe == TRAIN_CONFIG else f"scripts/train_family.sh {out_dir.name}"
-        lines = [f"# {title}: evaluation", "",
-                 f"Checkpoint `detector.pt` (epoch {meta.epoch} of {recipe}, config hash {meta.train_config_hash}; "
-                 f"reproduce with `{script}`).",
+        tune = _fine_tune(run_cfg)
+        if tune:
+            provenance = (f"Checkpoint `detector.pt`: `{run_cfg['init_checkpoint']}` fine-tuned on {recipe} with "
+                          f"{tune} (epoch {meta.epoch} of the fine-tune, config hash {meta.train_config_hash}; "
+                          f"reproduce with `{script}`).")
+        else:
+            provenance = (f"Checkpoint `detector.pt` (epoch {meta.epoch} of {recipe}, config hash "
+                          f"{meta.train_config_hash}; reproduce with `{script}`).")
+        lines = [f"# {title}: evaluation", "", provenance,
                  "Held-out generated test set (seed 3, 300 images 640x360; never used for training or for choosing",
                  "the checkpoint), scored through the serving pre/post-processing (letterbox, decode, NMS).", "",
                  "```", format_table(small), "```", ""]
+        far_px = float(run_cfg.get("data", {}).get("min_object_px", 0) or 0)
+        far_kpi = run_dir / "eval_far" / "kpi.json"
+        if far_px and far_kpi.is_file():
+            far = {k: v for k, v in json.loads(far_kpi.read_text()).items() if k not in ("pr_curves", "f1_curve")}
+            lines += [f"The same test images' scenes with objects out to {far_px:g} px tall (`gen-data --seed 3 "
+                      f"--min-object-px {far_px:g}`, the fine-tune's kind of data):", "",
+                      "```", format_table(far), "```", ""]
         val_kpi = run_dir / "eval_val" / "kpi.json"
         if val_kpi.is_file():
             v = json.loads(val_kpi.read_text())
@@ -131,10 +184,12 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
                       f"at score >= {v['score_threshold']}.", ""]
         lines += ["![PR curve](plots/pr_curve.png) ![F1](plots/f1_confidence.png) "
                   "![confusion](plots/confusion_matrix.png)", ""]
+        if tune:
+            lines += _base_training(Path(run_cfg["init_checkpoint"]), out_dir, recipe)
         if (run_dir / "train_log.jsonl").is_file():
-            run_config = run_dir / "config.json"
-            threads = int(json.loads(run_config.read_text()).get("threads", 1)) if run_config.is_file() else 1
-            lines += _epoch_table(run_dir / "train_log.jsonl", threads, recipe)
+            threads = int(run_cfg.get("threads", 1))
+            title = f"Fine-tune ({recipe} with {tune})" if tune else f"Training ({recipe})"
+            lines += _epoch_table(run_dir / "train_log.jsonl", threads, title)
             from build_engine.plots import plot_training_curves
 
             plot_training_curves(run_dir / "train_log.jsonl", plots / "train_curves.png")

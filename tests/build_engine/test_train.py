@@ -312,3 +312,35 @@ def test_crowd_regions_move_with_the_image_like_targets(tmp_path) -> None:
         assert ignore[0].shape == (2, 4)
         flipped += int(boxes[1, 0] < boxes[0, 0])  # the right-hand box is on the left once flipped
     assert 0 < flipped < 8
+
+
+def test_far_object_fine_tune_is_published_with_its_provenance(tmp_path) -> None:
+    # scripts/train_default.sh's last stage: a run trained from scratch, fine-tuned on far
+    # objects (data.min_object_px) from its best checkpoint, scored and published. The report
+    # says what the fine-tune changed, scores the far test scenes too, and keeps both epoch tables.
+    from build_engine.data.generate import generate_dataset
+    from build_engine.train.export_default import export
+    from perception.cli import main
+
+    base = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache") + ["optim.epochs=1"])
+    train(cfg, base, progress=False)
+    far = base / "far"
+    ft = load_config(None, tiny_overrides(tmp_path / "cache") + [
+        f"init_checkpoint={base / 'best.pt'}", "data.min_object_px=6", "optim.epochs=1", "optim.lr=0.005"])
+    train(ft, far, progress=False)
+    assert (tmp_path / "cache" / "train-s1-n8-160x96-far6" / ".complete").is_file()
+    test = generate_dataset(tmp_path / "test", 3, seed=3, width=160, height=96)
+    far_test = generate_dataset(tmp_path / "test_far", 3, seed=3, width=160, height=96, min_object_px=6)
+    for data, out in ((test, "eval"), (far_test, "eval_far")):
+        assert main(["eval", "--checkpoint", str(far / "best.pt"), "--data", str(data), "--out", str(far / out),
+                     "--no-progress"]) == 0
+    pub = export(far, tmp_path / "default")
+    report = (pub / "eval.md").read_text()
+    assert f"`{base / 'best.pt'}` fine-tuned on configs/default.yaml with `data.min_object_px=6`" in report
+    assert "objects out to 6 px tall" in report
+    assert "Training (configs/default.yaml): 1 epochs" in report and "Fine-tune (configs/default.yaml with" in report
+    import yaml
+
+    card = yaml.safe_load((pub / "config.yaml").read_text())
+    assert card["fine_tuned_from"] == str(base / "best.pt") and card["min_object_px"] == 6
