@@ -24,6 +24,19 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+# data.min_object_px: from 2 px up to (not including) 16, the largest of the generator's
+# per-class floors (build_engine.data.scene.random_object), above which it changes nothing.
+MIN_OBJECT_PX = (2.0, 16.0)
+
+
+def check_min_object_px(value: object, name: str) -> None:
+    """ConfigError unless ``value`` is 0 (the classes' own floors) or in ``MIN_OBJECT_PX``."""
+    lo, hi = MIN_OBJECT_PX
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value == 0 or lo <= value < hi):
+        raise ConfigError(f"{name} must be 0 (the classes' own floors, 11-16 px) or from {lo:g} up to {hi:g} "
+                          f"pixels (a floor at or above a class's own changes nothing), got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where training data comes from: ``train_dir``/``val_dir`` (COCO or YOLO), or, when empty,
@@ -45,9 +58,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.train_images <= 0 or self.val_images <= 0:
             raise ConfigError("data.train_images and data.val_images must be positive")
-        px = self.min_object_px
-        if isinstance(px, bool) or not isinstance(px, (int, float)) or not (px == 0 or 2.0 <= px <= 64.0):
-            raise ConfigError(f"data.min_object_px must be 0 (the classes' own floors) or 2-64 pixels, got {px!r}")
+        check_min_object_px(self.min_object_px, "data.min_object_px")
+        if self.min_object_px and (self.train_dir or self.val_dir):
+            raise ConfigError("data.min_object_px shapes generated data only; it does nothing with "
+                              "data.train_dir / data.val_dir")
         if self.image_width <= 0 or self.image_height <= 0:
             raise ConfigError("data.image_width and data.image_height must be positive")
 

@@ -34,10 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from build_engine.config import check_min_object_px
     from perception.errors import ConfigError
 
     if args.drive:
         from build_engine.data.drive import write_drive
+
+        if args.min_object_px:
+            raise ConfigError("--min-object-px is for still images; a drive's objects come and go along the road")
 
         cams = [c.strip() for c in args.cameras.split(",") if c.strip()]
         if not cams:
@@ -50,8 +54,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--images must be positive, got {args.images}")
     from build_engine.data.generate import generate_dataset
 
-    if args.min_object_px and not 2.0 <= args.min_object_px <= 64.0:
-        raise ConfigError(f"--min-object-px must be 0 or 2-64 pixels, got {args.min_object_px}")
+    check_min_object_px(args.min_object_px, "--min-object-px")
     out = generate_dataset(args.out, args.images, args.seed, args.width or 640, args.height or 360,
                            progress=show_progress(args.no_progress), min_object_px=args.min_object_px)
     print(json.dumps({"dataset": str(out), "images": args.images}))

@@ -25,6 +25,17 @@ PRUNE_BLOCKS=${PRUNE_BLOCKS:-2}
 PRUNE_EPOCHS=${PRUNE_EPOCHS:-10}
 FAR_PX=${FAR_PX:-6}
 FAR_EPOCHS=${FAR_EPOCHS:-0}
+# The val sets that choose the checkpoints, named as the generator caches them; a bad FAR_PX
+# fails here, before hours of training.
+val_dir() {
+    "$PY" -c 'import sys
+from build_engine.config import load_config
+from build_engine.data.generate import dataset_dir
+d = load_config("configs/default.yaml", sys.argv[1:]).data
+print(dataset_dir(d.cache_dir, "val", d.val_images, d.val_seed, d.image_width, d.image_height, d.min_object_px))' "$@"
+}
+VAL=$(val_dir)
+FAR_VAL=$(val_dir "data.min_object_px=$FAR_PX")
 mkdir -p "$RUN"
 extra=()
 if [[ "${RESUME:-0}" == 1 ]]; then extra+=(--resume); fi
@@ -54,7 +65,6 @@ if (( FAR_EPOCHS > 0 )); then
 else
     cp "$RUN/pruned_stage$stage.pt" "$RUN/pruned.pt"
 fi
-VAL=$(eval echo "$("$PY" -c 'from build_engine.config import load_config; d = load_config("configs/default.yaml").data; print(f"{d.cache_dir}/val-s{d.val_seed}-n{d.val_images}-{d.image_width}x{d.image_height}")')")
 TEST=$(dirname "$VAL")/test-s3-n300-640x360
 [[ -f "$TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$TEST" --images 300 --seed 3 --width 640 --height 360
 # Publish the weights (stored in FP16), score the published files, then publish again with the
@@ -64,7 +74,7 @@ TEST=$(dirname "$VAL")/test-s3-n300-640x360
 "$PY" -m build_engine.train.export_default "$PUB" models/default
 CHOSE_ON=$VAL
 if (( FAR_EPOCHS > 0 )); then
-    CHOSE_ON=$VAL-far$FAR_PX
+    CHOSE_ON=$FAR_VAL
     FAR_TEST=$TEST-far$FAR_PX
     [[ -f "$FAR_TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$FAR_TEST" --images 300 --seed 3 \
         --width 640 --height 360 --min-object-px "$FAR_PX"

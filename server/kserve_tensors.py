@@ -246,7 +246,7 @@ def detection_rows(det: Detections) -> NDArray[np.float32]:
 
 
 def infer_response(request_id: str, model: ServedModel, detections: list[Detections],
-              wanted: list[str]) -> kpb.ModelInferResponse:
+                   wanted: list[str]) -> kpb.ModelInferResponse:
     arrays: dict[str, NDArray[Any]] = {
         DETECTIONS: np.concatenate([detection_rows(d) for d in detections]).astype("<f4"),
         NUM_DETECTIONS: np.array([len(d) for d in detections], "<i4"),

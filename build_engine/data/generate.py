@@ -53,6 +53,15 @@ def generate_dataset(
     return root
 
 
+def dataset_dir(
+    cache_dir: str | os.PathLike[str], split: str, n: int, seed: int, width: int, height: int,
+    min_object_px: float = 0.0,
+) -> Path:
+    """Where ``cached_dataset`` keeps a generated split (``~`` expanded)."""
+    far = f"-far{min_object_px:g}" if min_object_px > 0 else ""
+    return Path(cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{width}x{height}{far}"
+
+
 def cached_dataset(
     cache_dir: str | os.PathLike[str], split: str, n: int, seed: int, width: int, height: int, progress: bool = False,
     min_object_px: float = 0.0,
@@ -60,8 +69,7 @@ def cached_dataset(
     """``cache_dir/<split>-s<seed>-n<n>-<w>x<h>`` (``-far<px>`` appended when ``min_object_px``
     is set), generated once: a ``.complete`` marker is written last, so an interrupted
     generation is redone rather than read half-written."""
-    far = f"-far{min_object_px:g}" if min_object_px > 0 else ""
-    root = Path(cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{width}x{height}{far}"
+    root = dataset_dir(cache_dir, split, n, seed, width, height, min_object_px)
     if not (root / ".complete").is_file():
         log.info("generating %d %s images into %s", n, split, root)
         generate_dataset(root, n, seed, width, height, progress=progress, min_object_px=min_object_px)

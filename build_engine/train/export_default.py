@@ -8,7 +8,9 @@ published too, as ``detector_pruned.pt`` with ``eval_pruned.json``.
 
 scripts/train_default.sh lays the run out: RUN/best.pt, RUN/eval (test), RUN/eval_val,
 RUN/pruned.pt, RUN/eval_pruned (test); scripts/train_family.sh does the same (without pruning)
-for the other families' configs (configs/ssd.yaml, configs/rcnn.yaml).
+for the other families' configs (configs/ssd.yaml, configs/rcnn.yaml). A fine-tune (a run whose
+config has ``init_checkpoint``, e.g. the far-object stage's RUN/far, with RUN/far/eval_far on
+far test scenes) is published with what it started from and what it changed of its recipe.
 """
 
 from __future__ import annotations
@@ -44,16 +46,27 @@ def model_card(
 TRAIN_CONFIG = "configs/default.yaml"
 
 
-def _fine_tune(run_cfg: dict[str, Any]) -> str:
-    """How a fine-tuning run (one with ``init_checkpoint``) departs from its recipe, in words;
-    "" for a run trained from scratch."""
-    if not run_cfg.get("init_checkpoint"):
+def _overrides(run_cfg: dict[str, Any], recipe: str) -> str:
+    """What a run changed of its recipe (the config file it names), in words: every value that
+    differs, the init checkpoint aside ("" for none, or when the recipe cannot be read)."""
+    from build_engine.config import load_config
+    from perception.errors import ConfigError
+
+    if not run_cfg:
         return ""
-    optim, data = run_cfg.get("optim", {}), run_cfg.get("data", {})
-    said = [f"optim.epochs={optim.get('epochs')}", f"optim.lr={optim.get('lr')}",
-            f"optim.warmup_epochs={optim.get('warmup_epochs')}"]
-    if data.get("min_object_px"):
-        said.insert(0, f"data.min_object_px={data['min_object_px']:g}")
+    try:
+        base = load_config(recipe).to_dict()
+    except ConfigError:
+        return ""
+    said = []
+    for key, value in sorted(run_cfg.items()):
+        if key == "init_checkpoint":
+            continue
+        if isinstance(value, dict):
+            said += [f"{key}.{k}={v:g}" if isinstance(v, float) else f"{key}.{k}={v}"
+                     for k, v in sorted(value.items()) if base.get(key, {}).get(k) != v]
+        elif base.get(key) != value:
+            said.append(f"{key}={value}")
     return ", ".join(f"`{s}`" for s in said)
 
 
@@ -62,7 +75,7 @@ def _base_training(init: Path, out_dir: Path, recipe: str) -> list[str]:
     checkpoint sits in its run directory; the table of the report it was published with when
     it is this model directory's own ``detector.pt`` (fine-tuned in place); else nothing."""
     log = init.parent / "train_log.jsonl"
-    if log.is_file():
+    if log.is_file() and init.parent.resolve() != out_dir.resolve():
         cfg = init.parent / "config.json"
         threads = int(json.loads(cfg.read_text()).get("threads", 1)) if cfg.is_file() else 1
         return _epoch_table(log, threads, f"Training ({recipe})")
@@ -70,7 +83,7 @@ def _base_training(init: Path, out_dir: Path, recipe: str) -> list[str]:
     if init.resolve() != (out_dir / "detector.pt").resolve() or not report.is_file():
         return []
     old = report.read_text().splitlines()
-    start = next((i for i, line in enumerate(old) if line.startswith(f"Training ({recipe})")), None)
+    start = next((i for i, line in enumerate(old) if line.startswith(f"Training ({recipe}")), None)
     if start is None:
         return []
     end = start + 2  # the title and the blank line under it, then the table's rows
@@ -135,9 +148,15 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
     run_config = run_dir / "config.json"
     run_cfg = json.loads(run_config.read_text()) if run_config.is_file() else {}
     extra: dict[str, Any] = {"train_config": recipe, "train_config_hash": meta.train_config_hash, "epoch": meta.epoch}
-    if run_cfg.get("init_checkpoint"):  # a fine-tune: what it started from, and on what data
-        extra["fine_tuned_from"] = run_cfg["init_checkpoint"]
-        extra["min_object_px"] = run_cfg.get("data", {}).get("min_object_px", 0)
+    init = str(run_cfg.get("init_checkpoint") or "")
+    if init:  # a fine-tune: what it started from (and, while that file is there, which training made it)
+        extra["fine_tuned_from"] = init
+        if Path(init).is_file():
+            base = load_checkpoint(init)[1]
+            extra["fine_tuned_from_config_hash"], extra["fine_tuned_from_epoch"] = base.train_config_hash, base.epoch
+    far_px = float(run_cfg.get("data", {}).get("min_object_px", 0) or 0)
+    if far_px:  # trained on far objects (data.min_object_px)
+        extra["min_object_px"] = far_px
     card = model_card(meta.val_kpi, meta.model_config, meta.classes, extra, out_dir.name,
                       getattr(model, "output_layout", "yolo_obj"))
     (out_dir / "config.yaml").write_text(
@@ -157,19 +176,18 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
                 shutil.copy(eval_dir / png, plots / png)
         title = "Default detector" if out_dir.name == "default" else f"{out_dir.name} detector"
         script = "scripts/train_default.sh" if recipe == TRAIN_CONFIG else f"scripts/train_family.sh {out_dir.name}"
-        tune = _fine_tune(run_cfg)
-        if tune:
-            provenance = (f"Checkpoint `detector.pt`: `{run_cfg['init_checkpoint']}` fine-tuned on {recipe} with "
-                          f"{tune} (epoch {meta.epoch} of the fine-tune, config hash {meta.train_config_hash}; "
-                          f"reproduce with `{script}`).")
+        changed = _overrides(run_cfg, recipe)
+        with_changes = f"{recipe} with {changed}" if changed else recipe
+        if init:
+            provenance = (f"Checkpoint `detector.pt`: `{init}` fine-tuned on {with_changes} (epoch {meta.epoch} "
+                          f"of the fine-tune, config hash {meta.train_config_hash}; reproduce with `{script}`).")
         else:
-            provenance = (f"Checkpoint `detector.pt` (epoch {meta.epoch} of {recipe}, config hash "
+            provenance = (f"Checkpoint `detector.pt` (epoch {meta.epoch} of {with_changes}, config hash "
                           f"{meta.train_config_hash}; reproduce with `{script}`).")
         lines = [f"# {title}: evaluation", "", provenance,
                  "Held-out generated test set (seed 3, 300 images 640x360; never used for training or for choosing",
                  "the checkpoint), scored through the serving pre/post-processing (letterbox, decode, NMS).", "",
                  "```", format_table(small), "```", ""]
-        far_px = float(run_cfg.get("data", {}).get("min_object_px", 0) or 0)
         far_kpi = run_dir / "eval_far" / "kpi.json"
         if far_px and far_kpi.is_file():
             far = {k: v for k, v in json.loads(far_kpi.read_text()).items() if k not in ("pr_curves", "f1_curve")}
@@ -179,16 +197,17 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
         val_kpi = run_dir / "eval_val" / "kpi.json"
         if val_kpi.is_file():
             v = json.loads(val_kpi.read_text())
-            lines += [f"On the val set (seed 2, 300 images; it chose the checkpoint): mAP50 {v['map50']:.4f}, "
+            kind = f", objects out to {far_px:g} px" if far_px else ""
+            lines += [f"On the val set (seed 2, 300 images{kind}; it chose the checkpoint): mAP50 {v['map50']:.4f}, "
                       f"mAP50-95 {v['map50_95']:.4f}, P {v['precision']:.4f}, R {v['recall']:.4f} "
                       f"at score >= {v['score_threshold']}.", ""]
         lines += ["![PR curve](plots/pr_curve.png) ![F1](plots/f1_confidence.png) "
                   "![confusion](plots/confusion_matrix.png)", ""]
-        if tune:
-            lines += _base_training(Path(run_cfg["init_checkpoint"]), out_dir, recipe)
+        if init:
+            lines += _base_training(Path(init), out_dir, recipe)
         if (run_dir / "train_log.jsonl").is_file():
             threads = int(run_cfg.get("threads", 1))
-            title = f"Fine-tune ({recipe} with {tune})" if tune else f"Training ({recipe})"
+            title = f"Fine-tune ({with_changes})" if init else f"Training ({with_changes})"
             lines += _epoch_table(run_dir / "train_log.jsonl", threads, title)
             from build_engine.plots import plot_training_curves
 
