@@ -11,10 +11,11 @@
 # channels of every prunable layer (kept counts rounded to the model's multiple of 16) and
 # PRUNE_BLOCKS whole residual blocks, then fine-tuning on the whole train set (PRUNE_EPOCHS, then
 # the passes of PRUNE_PASSES distilled from the unpruned model: 45 epochs in all by default).
-# Far objects (FAR_EPOCHS > 0; the shipped model has none): both models then fine-tuned
-# FAR_EPOCHS on generated images whose objects go out to FAR_PX pixels tall (the generator's
-# default floor is 11-16 px by class), the pruned one distilled from the fine-tuned one, and
-# those are published instead (docs/tracking.md has what 6 epochs at 6 px measured).
+# Far objects (FAR_EPOCHS > 0; off by default): both models then fine-tuned FAR_EPOCHS on
+# generated images whose objects go out to FAR_PX pixels tall (the generator's default floor is
+# 11-16 px by class), the pruned one distilled from the fine-tuned one, scored the same way plus
+# on far test scenes, and published into models/far/ (docs/tracking.md has what 6 epochs at 6 px
+# measured).
 # See models/default/eval.md for the times measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,40 +52,39 @@ for pass in $PRUNE_PASSES; do
         --finetune-epochs "${pass#*:}" --lr "${pass%%:*}" --out "$RUN/pruned_stage$((stage + 1)).pt" 2>&1 | tee "$RUN/prune$((stage + 1)).log"
     stage=$((stage + 1))
 done
-# The run published: RUN itself, or RUN/far when the far-object fine-tune ran.
-PUB=$RUN
-if (( FAR_EPOCHS > 0 )); then
-    PUB=$RUN/far
-    mkdir -p "$PUB"
-    "$PY" -m perception.cli train --config configs/default.yaml --out "$PUB" --set init_checkpoint="$RUN/best.pt" \
-        --set data.min_object_px="$FAR_PX" --set optim.epochs="$FAR_EPOCHS" --set optim.lr=0.005 \
-        --set optim.warmup_epochs=0 2>&1 | tee "$PUB/train.log"
-    "$PY" -m perception.cli prune --checkpoint "$RUN/pruned_stage$stage.pt" --teacher "$PUB/best.pt" --ratio 0 \
-        --remove-blocks 0 --finetune-epochs "$FAR_EPOCHS" --lr 0.003 --set data.min_object_px="$FAR_PX" \
-        --out "$PUB/pruned.pt" 2>&1 | tee "$PUB/prune.log"
-else
-    cp "$RUN/pruned_stage$stage.pt" "$RUN/pruned.pt"
-fi
+cp "$RUN/pruned_stage$stage.pt" "$RUN/pruned.pt"
 TEST=$(dirname "$VAL")/test-s3-n300-640x360
 [[ -f "$TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$TEST" --images 300 --seed 3 --width 640 --height 360
-# Publish the weights (stored in FP16), score the published files, then publish again with the
-# reports (eval.json, eval_pruned.json, eval.md and plots come from the runs' eval directories).
-# The val set scored is the one that chose the checkpoint; a far-object fine-tune is also scored
-# on the test scenes with objects out to FAR_PX (eval_far).
-"$PY" -m build_engine.train.export_default "$PUB" models/default
-CHOSE_ON=$VAL
-if (( FAR_EPOCHS > 0 )); then
-    CHOSE_ON=$FAR_VAL
-    FAR_TEST=$TEST-far$FAR_PX
-    [[ -f "$FAR_TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$FAR_TEST" --images 300 --seed 3 \
-        --width 640 --height 360 --min-object-px "$FAR_PX"
-    "$PY" -m perception.cli eval --checkpoint models/default/detector.pt --data "$FAR_TEST" --out "$PUB/eval_far"
-fi
-"$PY" -m perception.cli eval --checkpoint models/default/detector.pt --data "$CHOSE_ON" --out "$PUB/eval_val"
-"$PY" -m perception.cli eval --checkpoint models/default/detector.pt --data "$TEST" --out "$PUB/eval"
-"$PY" -m perception.cli eval --checkpoint models/default/detector_pruned.pt --data "$TEST" --out "$PUB/eval_pruned"
-"$PY" -m build_engine.train.export_default "$PUB" models/default
+# publish RUN_DIR MODEL_DIR CHOSE_ON: publish the weights (stored in FP16), score the published
+# files (on CHOSE_ON, the val set that chose the checkpoint, and on the test set), then publish
+# again with the reports (eval.json, eval_pruned.json, eval.md and plots come from the run's
+# eval directories).
+publish() {
+    "$PY" -m build_engine.train.export_default "$1" "$2"
+    "$PY" -m perception.cli eval --checkpoint "$2/detector.pt" --data "$3" --out "$1/eval_val"
+    "$PY" -m perception.cli eval --checkpoint "$2/detector.pt" --data "$TEST" --out "$1/eval"
+    "$PY" -m perception.cli eval --checkpoint "$2/detector_pruned.pt" --data "$TEST" --out "$1/eval_pruned"
+    "$PY" -m build_engine.train.export_default "$1" "$2"
+}
+publish "$RUN" models/default "$VAL"
 # Label QA measured with the published model: 8 injected mistakes of each of 8 kinds in a copy
 # of the val set; recall and flag precision land in models/default/label_qa_measure.json.
 "$PY" -m build_engine.label_qa.measure --data "$VAL" --checkpoint models/default/detector.pt --out "$RUN/label_qa" --per-kind 8 >/dev/null
 cp "$RUN/label_qa/label_qa_measure.json" models/default/
+if (( FAR_EPOCHS > 0 )); then
+    FAR=$RUN/far
+    mkdir -p "$FAR"
+    "$PY" -m perception.cli train --config configs/default.yaml --out "$FAR" --set init_checkpoint="$RUN/best.pt" \
+        --set data.min_object_px="$FAR_PX" --set optim.epochs="$FAR_EPOCHS" --set optim.lr=0.005 \
+        --set optim.warmup_epochs=0 2>&1 | tee "$FAR/train.log"
+    "$PY" -m perception.cli prune --checkpoint "$RUN/pruned.pt" --teacher "$FAR/best.pt" --ratio 0 \
+        --remove-blocks 0 --finetune-epochs "$FAR_EPOCHS" --lr 0.003 --set data.min_object_px="$FAR_PX" \
+        --out "$FAR/pruned.pt" 2>&1 | tee "$FAR/prune.log"
+    FAR_TEST=$TEST-far$FAR_PX
+    [[ -f "$FAR_TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$FAR_TEST" --images 300 --seed 3 \
+        --width 640 --height 360 --min-object-px "$FAR_PX"
+    mkdir -p models/far
+    "$PY" -m build_engine.train.export_default "$FAR" models/far
+    "$PY" -m perception.cli eval --checkpoint models/far/detector.pt --data "$FAR_TEST" --out "$FAR/eval_far"
+    publish "$FAR" models/far "$FAR_VAL"
+fi

@@ -73,14 +73,15 @@ def _overrides(run_cfg: dict[str, Any], recipe: str) -> str:
 def _base_training(init: Path, out_dir: Path, recipe: str) -> list[str]:
     """The epoch table of the training a fine-tune started from: its run's log when the init
     checkpoint sits in its run directory; the table of the report it was published with when
-    it is this model directory's own ``detector.pt`` (fine-tuned in place); else nothing."""
+    it is a published model's ``detector.pt`` (this directory's own, fine-tuned in place, or
+    another's, e.g. models/default's); else nothing."""
     log = init.parent / "train_log.jsonl"
     if log.is_file() and init.parent.resolve() != out_dir.resolve():
         cfg = init.parent / "config.json"
         threads = int(json.loads(cfg.read_text()).get("threads", 1)) if cfg.is_file() else 1
         return _epoch_table(log, threads, f"Training ({recipe})")
-    report = out_dir / "eval.md"
-    if init.resolve() != (out_dir / "detector.pt").resolve() or not report.is_file():
+    report = init.parent / "eval.md"
+    if init.name != "detector.pt" or not report.is_file():
         return []
     old = report.read_text().splitlines()
     start = next((i for i, line in enumerate(old) if line.startswith(f"Training ({recipe}")), None)
@@ -125,7 +126,7 @@ def _pruned_section(run_dir: Path, out_dir: Path) -> list[str]:
              f"{epochs} epochs, distilled from `detector.pt`. "
              f"{info.get('macs_after', 0) / 1e6:.1f} M MACs ({macs_ratio:.2f}x), "
              f"{info.get('params_after', 0) / 1e6:.3f} M params. "
-             "`perception build --pruned models/default/detector_pruned.pt` "
+             f"`perception build --pruned {out_dir.as_posix()}/detector_pruned.pt` "
              "adds it to the build's variants.", ""]
     kpi_path = run_dir / "eval_pruned" / "kpi.json"
     if kpi_path.is_file():
@@ -176,6 +177,8 @@ def export(run_dir: Path, out_dir: Path, eval_dir: Path | None = None, recipe: s
                 shutil.copy(eval_dir / png, plots / png)
         title = "Default detector" if out_dir.name == "default" else f"{out_dir.name} detector"
         script = "scripts/train_default.sh" if recipe == TRAIN_CONFIG else f"scripts/train_family.sh {out_dir.name}"
+        if init and far_px and recipe == TRAIN_CONFIG:  # the script's optional far-object stage
+            script = f"FAR_EPOCHS={run_cfg.get('optim', {}).get('epochs')} FAR_PX={far_px:g} {script}"
         changed = _overrides(run_cfg, recipe)
         with_changes = f"{recipe} with {changed}" if changed else recipe
         if init:
