@@ -55,12 +55,15 @@ done
 cp "$RUN/pruned_stage$stage.pt" "$RUN/pruned.pt"
 TEST=$(dirname "$VAL")/test-s3-n300-640x360
 [[ -f "$TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$TEST" --images 300 --seed 3 --width 640 --height 360
-# publish RUN_DIR MODEL_DIR CHOSE_ON: publish the weights (stored in FP16), score the published
-# files (on CHOSE_ON, the val set that chose the checkpoint, and on the test set), then publish
-# again with the reports (eval.json, eval_pruned.json, eval.md and plots come from the run's
-# eval directories).
+# publish RUN_DIR MODEL_DIR CHOSE_ON [FAR_TEST]: publish the weights (stored in FP16), score the
+# published files (on CHOSE_ON, the val set that chose the checkpoint, on the test set, and on
+# FAR_TEST when given), then publish again with the reports (eval.json, eval_pruned.json,
+# eval.md and plots come from the run's eval directories).
 publish() {
     "$PY" -m build_engine.train.export_default "$1" "$2"
+    if [[ -n "${4:-}" ]]; then
+        "$PY" -m perception.cli eval --checkpoint "$2/detector.pt" --data "$4" --out "$1/eval_far"
+    fi
     "$PY" -m perception.cli eval --checkpoint "$2/detector.pt" --data "$3" --out "$1/eval_val"
     "$PY" -m perception.cli eval --checkpoint "$2/detector.pt" --data "$TEST" --out "$1/eval"
     "$PY" -m perception.cli eval --checkpoint "$2/detector_pruned.pt" --data "$TEST" --out "$1/eval_pruned"
@@ -84,7 +87,5 @@ if (( FAR_EPOCHS > 0 )); then
     [[ -f "$FAR_TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$FAR_TEST" --images 300 --seed 3 \
         --width 640 --height 360 --min-object-px "$FAR_PX"
     mkdir -p models/far
-    "$PY" -m build_engine.train.export_default "$FAR" models/far
-    "$PY" -m perception.cli eval --checkpoint models/far/detector.pt --data "$FAR_TEST" --out "$FAR/eval_far"
-    publish "$FAR" models/far "$FAR_VAL"
+    publish "$FAR" models/far "$FAR_VAL" "$FAR_TEST"
 fi
