@@ -114,7 +114,8 @@ ENV PATH=/opt/perception/venv/bin:$PATH \
     PERCEPTION_BACKENDS=tensorrt,onnxruntime-cuda,onnxruntime-cpu \
     PERCEPTION_ENGINE_CACHE_DIR=/cache \
     PERCEPTION_BUILD_ENGINE_ON_START=1 \
-    PERCEPTION_ENGINE_PRECISION=fp16
+    PERCEPTION_ENGINE_PRECISION=fp16 \
+    NUMBA_CACHE_DIR=/tmp/perception-numba
 # The commit built (perception_build_info{git_sha}); the build context has no .git:
 #   docker build --build-arg GIT_SHA="$(git rev-parse HEAD)" ...
 # Declared after the install so a new commit does not invalidate its cached layers.
@@ -154,6 +155,9 @@ COPY --from=build /artifacts/default /models/default
 # The server's settings are PERCEPTION_* variables, not flags in the ENTRYPOINT, so that `docker
 # run -e`, compose's environment and a Kubernetes ConfigMap can change them (a flag would beat
 # them). The HEALTHCHECK asks the port PERCEPTION_PORT names: move the port with it, not --port.
+# NUMBA_CACHE_DIR: the tracker's compiled loops (perception.tracking.kernels) are compiled at
+# start, about 10 s, and kept there for the container's later starts while /tmp lives (the
+# compose file's tmpfs, the Kubernetes emptyDir); with no writable place they are compiled anew.
 # No PERCEPTION_THREADS: the server sizes inference to the container's cores (on a CPU, one
 # one-thread run per core, measured faster than one run on every core: docs/performance.md).
 ENV PATH=/opt/perception/venv/bin:$PATH \
@@ -162,7 +166,8 @@ ENV PATH=/opt/perception/venv/bin:$PATH \
     PERCEPTION_PORT=50051 \
     PERCEPTION_METRICS_HOST=0.0.0.0 \
     PERCEPTION_METRICS_PORT=9108 \
-    PERCEPTION_BACKENDS=onnxruntime-cpu
+    PERCEPTION_BACKENDS=onnxruntime-cpu \
+    NUMBA_CACHE_DIR=/tmp/perception-numba
 # The commit built (perception_build_info{git_sha}); the build context has no .git:
 #   docker build --build-arg GIT_SHA="$(git rev-parse HEAD)" ...
 # Declared after the install so a new commit does not invalidate its cached layers.

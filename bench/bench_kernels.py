@@ -25,10 +25,9 @@
    What any Python gRPC server pays per frame before it does any work.
 7. Box IoU matrices (``perception.boxes.box_iou``) at 10, 50 and 100 boxes a side:
    broadcasting (N, 1, 2) corner pairs against (1, M, 2) (before) vs coordinate by coordinate,
-   (N, 1) columns against (M,) rows (now); and the tracker's two matrices a frame (plain and
-   widened boxes) as two ``box_iou`` calls vs one ``box_iou_stacked``; and ``box_iou_stacked``
-   with a slice per coordinate and a masked division (before) vs coordinate-major slabs (now);
-   us each, and whether equal to the bit.
+   (N, 1) columns against (M,) rows (now); and ``box_iou`` vs the tracker's compiled loop
+   (``perception.tracking.kernels.pairwise_iou``, its first call's compile not timed); us
+   each, and whether equal to the bit.
 
 Not a test: nothing is asserted. Timings swing with other jobs on a shared machine; the
 variants of each measurement are interleaved so load hits them alike: compare ratios.
@@ -417,26 +416,11 @@ def _box_iou_broadcast(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDAr
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0).astype(np.float32)
 
 
-def _stacked_iou_sliced(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.float32]:
-    """box_iou_stacked before: a slice per coordinate and a masked division."""
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    ax1, ay1, ax2, ay2 = (a[..., i : i + 1] for i in range(4))
-    bx1, by1, bx2, by2 = (b[:, None, :, i] for i in range(4))
-    w = np.minimum(ax2, bx2) - np.maximum(ax1, bx1)
-    h = np.minimum(ay2, by2) - np.maximum(ay1, by1)
-    inter = np.maximum(w, 0, out=w) * np.maximum(h, 0, out=h)
-    union = (np.maximum(ax2 - ax1, 0) * np.maximum(ay2 - ay1, 0)
-             + np.maximum(bx2 - bx1, 0) * np.maximum(by2 - by1, 0)) - inter
-    out = np.zeros_like(inter)
-    np.divide(inter, union, out=out, where=union > 0)
-    return out
-
-
 def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5) -> list[dict[str, Any]]:
-    """p50 / min us of the two box_iou forms, and of the tracker's pair of matrices as two calls
-    or one stacked call, on seeded boxes (degenerate ones included), interleaved."""
-    from perception.boxes import box_iou, box_iou_stacked
+    """p50 / min us of the two box_iou forms, and of box_iou against the tracker's compiled
+    loop, on seeded boxes (degenerate ones included), interleaved."""
+    from perception.boxes import box_iou
+    from perception.tracking.kernels import pairwise_iou
 
     rng = np.random.default_rng(0)
     rows = []
@@ -444,23 +428,15 @@ def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5
         a, b = (rng.random((n, 4)) * 400).astype(np.float64), (rng.random((n, 4)) * 400).astype(np.float64)
         a[: n // 2, 2:] += a[: n // 2, :2]  # half the boxes well formed, half possibly inverted
         b[: n // 2, 2:] += b[: n // 2, :2]
-        wide_a, wide_b = a * 1.1, b * 1.1  # any second pair of sets: the cost is the same
-        pair_a, pair_b = np.stack([a, wide_a]), np.stack([b, wide_b])
-
-        def two_calls(a: Any = a, b: Any = b, wa: Any = wide_a, wb: Any = wide_b) -> Any:
-            return box_iou(a, b), box_iou(wa, wb)
+        a32, b32 = a.astype(np.float32), b.astype(np.float32)
+        pairwise_iou(a32, b32)  # compiled (or loaded) before the timing
 
         kernels: dict[str, Callable[[], Any]] = {"broadcast": partial(_box_iou_broadcast, a, b),
                                                  "columns": partial(box_iou, a, b),
-                                                 "two": two_calls,
-                                                 "sliced": partial(_stacked_iou_sliced, pair_a, pair_b),
-                                                 "stacked": partial(box_iou_stacked, pair_a, pair_b)}
+                                                 "compiled": partial(pairwise_iou, a32, b32)}
         times = _interleaved(kernels, runs, rounds, 1e6)
-        stacked = box_iou_stacked(pair_a, pair_b)
         rows.append({"boxes": n, "same": bool(np.array_equal(_box_iou_broadcast(a, b), box_iou(a, b))),
-                     "stacked_same": bool(np.array_equal(stacked[0], box_iou(a, b))
-                                          and np.array_equal(stacked[1], box_iou(wide_a, wide_b))),
-                     "sliced_same": bool(np.array_equal(stacked, _stacked_iou_sliced(pair_a, pair_b))),
+                     "compiled_same": bool(np.array_equal(pairwise_iou(a32, b32), box_iou(a, b))),
                      **{f"{k}_p50_us": statistics.median(v) for k, v in times.items()},
                      **{f"{k}_min_us": min(v) for k, v in times.items()}})
     return rows
@@ -636,20 +612,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['boxes']:>4} {r['broadcast_p50_us']:>11.1f} us {r['columns_p50_us']:>9.1f} us "
                   f"{r['columns_p50_us'] / r['broadcast_p50_us']:>9.2f}x "
                   f"{r['columns_min_us'] / r['broadcast_min_us']:>9.2f}x  {'yes' if r['same'] else 'NO'}")
-        print("the tracker's plain and widened matrices: two box_iou calls vs one box_iou_stacked")
-        print(f"{'N':>4} {'two calls p50':>14} {'stacked p50':>12} {'ratio p50':>10} {'ratio min':>10}  "
+        print("box_iou (NumPy) vs the tracker's compiled loop (perception.tracking.kernels.pairwise_iou)")
+        print(f"{'N':>4} {'NumPy p50':>14} {'compiled p50':>12} {'ratio p50':>10} {'ratio min':>10}  "
               "same to the bit")
         for r in rows:
-            print(f"{r['boxes']:>4} {r['two_p50_us']:>11.1f} us {r['stacked_p50_us']:>9.1f} us "
-                  f"{r['stacked_p50_us'] / r['two_p50_us']:>9.2f}x "
-                  f"{r['stacked_min_us'] / r['two_min_us']:>9.2f}x  {'yes' if r['stacked_same'] else 'NO'}")
-        print("box_iou_stacked: a slice per coordinate and a masked division (before) vs coordinate-major "
-              "slabs (now)")
-        print(f"{'N':>4} {'sliced p50':>14} {'slabs p50':>12} {'ratio p50':>10} {'ratio min':>10}  same to the bit")
-        for r in rows:
-            print(f"{r['boxes']:>4} {r['sliced_p50_us']:>11.1f} us {r['stacked_p50_us']:>9.1f} us "
-                  f"{r['stacked_p50_us'] / r['sliced_p50_us']:>9.2f}x "
-                  f"{r['stacked_min_us'] / r['sliced_min_us']:>9.2f}x  {'yes' if r['sliced_same'] else 'NO'}")
+            print(f"{r['boxes']:>4} {r['columns_p50_us']:>11.1f} us {r['compiled_p50_us']:>9.1f} us "
+                  f"{r['compiled_p50_us'] / r['columns_p50_us']:>9.2f}x "
+                  f"{r['compiled_min_us'] / r['columns_min_us']:>9.2f}x  {'yes' if r['compiled_same'] else 'NO'}")
     print("(p50 swings with other jobs on a shared machine; min is the least-disturbed run)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))

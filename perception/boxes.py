@@ -24,18 +24,6 @@ def box_iou(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.floa
     return _pairwise_iou(a, b)[0]
 
 
-def box_iou_stacked(a: NDArray[np.floating], b: NDArray[np.floating]) -> NDArray[np.float32]:
-    """(K, N, M) IoU matrices between K pairs of box sets, (K, N, 4) and (K, M, 4): ``box_iou``
-    of each pair, to the bit, in one pass: the tracker's plain and widened boxes, where one pass
-    of NumPy calls over twice the elements took 0.66x the time of two at 50 x 50
-    (`bench_kernels --only iou`)."""
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != 4 or b.shape[2] != 4:
-        raise ValueError(f"box_iou_stacked takes (K, N, 4) and (K, M, 4) boxes, got {a.shape} and {b.shape}")
-    return _pairwise_iou(a, b)
-
-
 def _pairwise_iou(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float32]:
     # Coordinate-major copies: each coordinate is one contiguous slab, and x and y go through
     # each step in one call. 0.64-0.70x the time of a slice per coordinate and a masked

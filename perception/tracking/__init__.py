@@ -1,8 +1,8 @@
 """Per-camera multi-object tracking of detections, ByteTrack style, stepped by capture time.
 
 ``Tracker`` tracks one camera (``tracker.py`` states what one frame does), ``TrackerPool``
-holds one per camera within bounds, ``TrackerConfig`` sets both. Framework-free: numpy, and
-scipy for the assignment.
+holds one per camera within bounds, ``TrackerConfig`` sets both. Framework-free: numpy, scipy
+for the assignment, and numba to compile the per-frame loops (``kernels``).
 """
 
 from perception.tracking.assignment import match_by_iou

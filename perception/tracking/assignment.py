@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import linear_sum_assignment
 
-# Added to every allowed pair's weight, so a pair at exactly min_iou is still matched.
-_TIE = 1e-6
+from perception.tracking import kernels
 
 
 def match_by_iou(
@@ -62,17 +60,7 @@ def match_allowed(
     rows: NDArray[np.int64], cols: NDArray[np.int64], iou: NDArray[np.float64], min_iou: float
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """``match_pairs`` of pairs that are all allowed (int64 indices in row-major order, float64
-    IoU at or above ``min_iou`` > 0): what the tracker calls, having filtered its pairs in the
-    same pass as its own conditions."""
-    if rows.size < 2 or not ((rows[1:] == rows[:-1]).any() or np.bincount(cols).max() > 1):
-        return rows, cols
-    weight = iou - min_iou + _TIE
-    first = np.ones((rows.size,), bool)  # the first pair of each row (rows come ascending)
-    np.not_equal(rows[1:], rows[:-1], out=first[1:])
-    used = np.zeros((int(cols.max()) + 1,), bool)
-    used[cols] = True
-    dense = np.zeros((int(first.sum()), int(used.sum())), np.float64)
-    dense[np.cumsum(first) - 1, (np.cumsum(used) - 1)[cols]] = weight
-    i, j = linear_sum_assignment(dense, maximize=True)
-    keep = dense[i, j] > 0
-    return rows[first][i[keep]], np.flatnonzero(used)[j[keep]]
+    IoU at or above ``min_iou`` > 0). The compiled ``kernels.match_allowed``, which the
+    tracker's rounds call from their own compiled loop."""
+    return kernels.match_allowed(np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(cols, np.int64),
+                                 np.ascontiguousarray(iou, np.float64), float(min_iou))

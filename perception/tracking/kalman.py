@@ -21,7 +21,8 @@ the position-rate covariances, ``cov[:, 2]`` the rate variances, and the filter 
 filters run side by side: the numbers of the 8x8 matrix form to rounding (the operations come
 in another order; a test checks every entry) without its batched matrix products and solve,
 which were about a quarter of a tracker update at 50 detections under the profiler; the
-blocks cost a third of that. ``full_covariance`` gives the 8x8 matrices.
+blocks cost a third of that. ``full_covariance`` gives the 8x8 matrices. ``predict`` and
+``update`` run the blocks' formulas as compiled loops (``perception.tracking.kernels``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from perception.errors import ConfigError
+from perception.tracking import kernels
 
 # The smallest side, in pixels, that noise is scaled by: a degenerate (zero-width) box must not
 # make a covariance singular.
@@ -99,15 +101,9 @@ class BoxKalmanFilter:
         """
         if not (math.isfinite(dt) and dt >= 0):
             raise ValueError(f"dt must be a finite number of seconds >= 0, got {dt!r}")
-        new_mean = mean.copy()
-        new_mean[:, :4] += dt * mean[:, 4:]
-        pp, pv, vv = cov[:, _PP], cov[:, _PV], cov[:, _VV]
-        side2 = _sides(mean[:, :4]) ** 2
-        new_cov = np.empty_like(cov)
-        new_cov[:, _PP] = pp + dt * (2 * pv + dt * vv + self.noise.process_position**2 * side2)
-        new_cov[:, _PV] = pv + dt * vv
-        new_cov[:, _VV] = vv + (dt * self.noise.process_velocity**2) * side2
-        return new_mean, new_cov
+        mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
+        return kernels.kalman_predict(mean, cov, float(dt), self.noise.process_position**2,
+                                      self.noise.process_velocity**2)
 
     def update(
         self, mean: NDArray[np.float64], cov: NDArray[np.float64], measurements: NDArray[np.floating]
@@ -121,12 +117,8 @@ class BoxKalmanFilter:
         z = np.asarray(measurements, dtype=np.float64).reshape(-1, 4)
         if z.shape[0] != mean.shape[0]:
             raise ValueError(f"{z.shape[0]} measurements for {mean.shape[0]} tracks")
-        s = cov[:, _PP] + self.noise.measurement**2 * _sides(mean[:, :4]) ** 2
-        gain = cov[:, :2] / s[:, None]  # (N, 2, 4): position and velocity gains
-        new_mean = mean + (gain * (z - mean[:, :4])[:, None]).reshape(-1, 8)
-        # pp - kp pp, pv - kp pv, vv - kv pv
-        new_cov = cov - gain[:, (0, 0, 1)] * cov[:, (_PP, _PV, _PV)]
-        return new_mean, new_cov
+        mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
+        return kernels.kalman_update(mean, cov, z, self.noise.measurement**2)
 
 
 def full_covariance(cov: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -48,6 +48,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from perception.boxes import box_iou
+from perception.tracking import kernels
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
 from perception.tracking.tracker import IdCounter, Tracker, TrackResult, TrackView
@@ -95,6 +96,7 @@ class TrackerPool:
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
         self._new_ids = IdCounter()
+        kernels.warm()  # compiled (or loaded) now, not on a camera's first tracked frame
 
     def __len__(self) -> int:
         with self._lock:

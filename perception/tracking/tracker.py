@@ -9,7 +9,8 @@ Each frame (the detections after NMS, and the frame's capture timestamp in ns):
    are predicted to this frame's time (``dt`` in seconds, so frames dropped upstream as stale
    or expired are predicted across, not counted).
 3. Match, in three rounds, each a gated IoU matching within one class
-   (``perception.tracking.assignment``), each first by plain IoU and then, for what that left,
+   (``perception.tracking.assignment``'s rule; compiled with the rounds in
+   ``perception.tracking.kernels``), each first by plain IoU and then, for what that left,
    by the IoU of boxes widened in proportion to the time since the previous frame
    (``buffer_per_s``), so that a fast object, or one across a dropped frame, still overlaps its
    prediction:
@@ -42,9 +43,8 @@ from enum import Enum
 import numpy as np
 from numpy.typing import NDArray
 
-from perception.boxes import box_iou_stacked
 from perception.errors import InvalidInputError
-from perception.tracking.assignment import match_allowed
+from perception.tracking import kernels
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
 from perception.types import Detections
@@ -126,6 +126,13 @@ class Tracker:
         self.config = config if config is not None else TrackerConfig()
         self._kf = kalman if kalman is not None else BoxKalmanFilter()
         self._max_age_ns = int(round(self.config.max_age_s * _NS_PER_S))
+        # The lowest round IoU, and the least float32 at or above it: float32 IoUs that pass
+        # it are those at or above the gate in float64, as the rounds take them (a gate rounded
+        # down to the nearest float32 would let in values below it).
+        self._gate = min(self.config.match_iou, self.config.low_match_iou)
+        gate32 = np.float32(self._gate)
+        self._gate32 = gate32 if float(gate32) >= self._gate else np.nextafter(gate32, np.float32(np.inf))
+        kernels.warm()
         self._new_ids = new_ids if new_ids is not None else IdCounter()
         self._last_ns: int | None = None
         self._last_sequence: int | None = None
@@ -182,9 +189,10 @@ class Tracker:
         """
         ts = _as_int("timestamp_ns", timestamp_ns)
         seq = None if sequence is None else _as_int("sequence", sequence)
-        boxes = np.asarray(detections.boxes, dtype=np.float64)
-        scores = np.asarray(detections.scores, dtype=np.float64)
-        classes = np.asarray(detections.class_ids, dtype=np.int64)
+        # Contiguous, of the kernels' types: an array of another layout would compile them anew.
+        boxes = np.ascontiguousarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
+        scores = np.ascontiguousarray(detections.scores, dtype=np.float64).reshape(-1)
+        classes = np.ascontiguousarray(detections.class_ids, dtype=np.int64).reshape(-1)
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise InvalidInputError("detections with non-finite boxes or scores cannot be tracked")
 
@@ -211,41 +219,20 @@ class Tracker:
 
         left = high
         if len(self) and n:
-            pred = _to_xyxy(self._mean)
-            same = self._cls[:, None] == classes[None, :]
-            buffer = min(cfg.buffer_per_s * dt, cfg.max_buffer)
-            if buffer > 0:  # second chance for what plain IoU left: the widened boxes
-                iou = box_iou_stacked(_and_widened(pred, buffer), _and_widened(boxes, buffer))
-            else:
-                iou = box_iou_stacked(pred[None], boxes[None])
-            gate = min(cfg.match_iou, cfg.low_match_iou)
-            candidates = _candidates(iou, same, gate)
-            free = np.ones((len(self),), bool)
             open_high = np.zeros((n,), bool)
             open_high[high] = True
             open_low = np.zeros((n,), bool)
             open_low[low] = True
             before = self._state.copy()
-            pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]] = []
-            rounds = (
-                (before != _NEW, open_high, cfg.match_iou),
-                (before == _NEW, open_high, cfg.match_iou),
-                (before == _CONFIRMED, open_low, cfg.low_match_iou),
-            )
-            # Each round by plain IoU, then by the widened boxes, before the next round: an
-            # established track wins a box over a new one even through the widened boxes. (Plain
-            # IoU for every round first did better in a synthetic crowd and worse on the drives:
-            # docs/tracking.md.)
-            for eligible, open_dets, min_iou in rounds:
-                for candidate in candidates:
-                    takers = free & eligible
-                    if not takers.any():
-                        break
-                    self._match(candidate, takers, free, open_dets, min_iou if min_iou > gate else None, pairs)
+            buffer = min(cfg.buffer_per_s * dt, cfg.max_buffer)
+            # Rounds 3a-3c, each by plain IoU, then by the widened boxes (when buffer > 0),
+            # before the next round: an established track wins a box over a new one even
+            # through the widened boxes. (Plain IoU for every round first did better in a
+            # synthetic crowd and worse on the drives: docs/tracking.md.)
+            t, d, free = kernels.associate(self._mean, self._cls, before, boxes, classes, open_high, open_low,
+                                           float(buffer), self._gate32, self._gate, cfg.match_iou, cfg.low_match_iou)
             left = np.flatnonzero(open_high)
-            if pairs:
-                t = np.concatenate([p[0] for p in pairs])
-                d = np.concatenate([p[1] for p in pairs])
+            if t.size:
                 self._mean[t], self._cov[t] = self._kf.update(self._mean[t], self._cov[t], _to_cxcywh(boxes[d]))
                 self._hits[t] += 1
                 self._last_matched[t] = ts
@@ -265,32 +252,6 @@ class Tracker:
         return TrackResult(track_ids=out_ids, states=states, restarted=bool(restarted))
 
     # --- internals --------------------------------------------------------------------------
-
-    @staticmethod
-    def _match(
-        candidates: _Candidates,
-        takers: NDArray[np.bool_],
-        free: NDArray[np.bool_],
-        open_dets: NDArray[np.bool_],
-        min_iou: float | None,
-        pairs: list[tuple[NDArray[np.int64], NDArray[np.int64]]],
-    ) -> None:
-        """One matching round between the tracks that may take a detection (``takers``: free and
-        eligible) and the open detections, on one IoU matrix's candidate pairs (``match_allowed``:
-        the optimal gated matching of that sub-matrix; ``min_iou`` None when the round's gate is
-        the candidates' own). Marks the matched tracks taken and their detections closed, and
-        appends (tracks, detections) to ``pairs``."""
-        ok = open_dets[candidates.dets] & takers[candidates.tracks]
-        if min_iou is not None:
-            ok &= candidates.iou >= min_iou
-        if not ok.any():
-            return
-        t, d = match_allowed(candidates.tracks[ok], candidates.dets[ok], candidates.iou[ok],
-                             min_iou if min_iou is not None else candidates.gate)
-        if t.size:
-            free[t] = False
-            open_dets[d] = False
-            pairs.append((t, d))
 
     def _birth(
         self,
@@ -370,32 +331,6 @@ class IdCounter:
             return first
 
 
-@dataclass(frozen=True)
-class _Candidates:
-    """The pairs of one IoU matrix that some round could match: same class, IoU at or above
-    the lowest gate; tracks ascending, then detections ascending (row-major order)."""
-
-    tracks: NDArray[np.int64]
-    dets: NDArray[np.int64]
-    iou: NDArray[np.float64]
-    gate: float
-
-
-def _candidates(iou: NDArray[np.float32], same: NDArray[np.bool_], gate: float) -> list[_Candidates]:
-    """The candidates of each of the (K, T, N) IoU matrices, in order."""
-    # The least float32 at or above the gate: float32 IoUs that pass it are those at or above
-    # the gate in float64, as ``match_allowed`` takes them (a gate rounded down to the nearest
-    # float32 would let in values below it).
-    gate32 = np.float32(gate)
-    if float(gate32) < gate:
-        gate32 = np.nextafter(gate32, np.float32(np.inf))
-    k, tracks, dets = np.nonzero((iou >= gate32) & same)
-    values = iou[k, tracks, dets].astype(np.float64)
-    ends = np.searchsorted(k, np.arange(1, iou.shape[0] + 1)).tolist()
-    starts = [0, *ends[:-1]]
-    return [_Candidates(tracks[i:j], dets[i:j], values[i:j], gate) for i, j in zip(starts, ends, strict=True)]
-
-
 def _to_cxcywh(xyxy: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
 
@@ -404,17 +339,6 @@ def _to_xyxy(mean: NDArray[np.float64]) -> NDArray[np.float64]:
     """x1 y1 x2 y2 of the filtered boxes; a side the filter drove negative is taken as 0."""
     half = np.maximum(mean[:, 2:4], 0.0) / 2
     return np.concatenate([mean[:, :2] - half, mean[:, :2] + half], axis=1)
-
-
-def _and_widened(xyxy: NDArray[np.float64], buffer: float) -> NDArray[np.float64]:
-    """(2, N, 4): the boxes, and the boxes grown on each side by ``buffer`` times their own
-    width and height."""
-    out = np.empty((2, *xyxy.shape), np.float64)
-    out[0] = xyxy
-    pad = (xyxy[:, 2:] - xyxy[:, :2]) * buffer
-    np.subtract(xyxy[:, :2], pad, out=out[1, :, :2])
-    np.add(xyxy[:, 2:], pad, out=out[1, :, 2:])
-    return out
 
 
 def _as_int(name: str, value: int) -> int:

@@ -1,12 +1,11 @@
-"""perception.boxes: the IoU matrices against a scalar reference, the stacked form against the
-single one."""
+"""perception.boxes: the IoU matrix against a scalar reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from perception.boxes import box_iou, box_iou_stacked
+from perception.boxes import box_iou
 
 
 def reference_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,19 +53,6 @@ def test_box_iou_is_the_float32_reference_to_the_bit(seed: int) -> None:
     a[0], b[0] = a[1], a[1]  # identical boxes: IoU 1
     want = np.array([[reference_iou_float32(x, y) for y in b] for x in a], np.float32)
     assert np.array_equal(box_iou(a, b), want)
-    assert np.array_equal(box_iou_stacked(np.stack([a, a[::-1]]), np.stack([b, b[::-1]]))[1], want[::-1, ::-1])
+    assert np.array_equal(box_iou(a[::-1], b[::-1]), want[::-1, ::-1])
 
 
-def test_box_iou_stacked_is_box_iou_of_each_pair_to_the_bit() -> None:
-    rng = np.random.default_rng(7)
-    a = np.stack([random_boxes(rng, 20), random_boxes(rng, 20)])
-    b = np.stack([random_boxes(rng, 15), random_boxes(rng, 15)])
-    stacked = box_iou_stacked(a, b)
-    assert stacked.shape == (2, 20, 15)
-    for k in range(2):
-        assert np.array_equal(stacked[k], box_iou(a[k], b[k]))
-    assert box_iou_stacked(np.zeros((2, 0, 4)), b).shape == (2, 0, 15)
-    with pytest.raises(ValueError, match="K, N, 4"):
-        box_iou_stacked(a[0], b[0])
-    with pytest.raises(ValueError, match="K, N, 4"):
-        box_iou_stacked(a, b[:1])
