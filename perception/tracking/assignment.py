@@ -39,8 +39,7 @@ def match_pairs(
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """``match_by_iou`` on a sparse matrix: the candidate pairs (``rows[k]``, ``cols[k]``) with
     IoU ``iou[k]``, in row-major order (rows ascending, then columns; as ``np.nonzero`` gives),
-    each pair at most once (not checked: the tracker's pairs come from ``np.nonzero``, and a
-    check would cost what this saves); a pair not listed has IoU 0. Returns the matched pairs,
+    each pair at most once (not checked); a pair not listed has IoU 0. Returns the matched pairs,
     rows ascending.
 
     When no row and no column is in two allowed pairs, every allowed pair is the optimum and
@@ -62,5 +61,7 @@ def match_allowed(
     """``match_pairs`` of pairs that are all allowed (int64 indices in row-major order, float64
     IoU at or above ``min_iou`` > 0). The compiled ``kernels.match_allowed``, which the
     tracker's rounds call from their own compiled loop."""
-    return kernels.match_allowed(np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(cols, np.int64),
-                                 np.ascontiguousarray(iou, np.float64), float(min_iou))
+    r, c = kernels.kernel_array(rows, np.int64), kernels.kernel_array(cols, np.int64)
+    if (r.size and r.min() < 0) or (c.size and c.min() < 0):
+        raise ValueError("row and column indices must be >= 0")
+    return kernels.match_allowed(r, c, kernels.kernel_array(iou, np.float64), float(min_iou))

@@ -36,13 +36,11 @@ from numpy.typing import NDArray
 from perception.errors import ConfigError
 from perception.tracking import kernels
 
-# The smallest side, in pixels, that noise is scaled by: a degenerate (zero-width) box must not
-# make a covariance singular.
-_MIN_SIDE_PX = 1.0
+_MIN_SIDE_PX = kernels.MIN_SIDE_PX  # the smallest side, in pixels, that noise is scaled by
 
 # Rows of the (N, 3, 4) covariance: per coordinate, its variance, its covariance with its own
 # rate, and the rate's variance.
-_PP, _PV, _VV = 0, 1, 2
+_PP, _PV, _VV = kernels.PP, kernels.PV, kernels.VV
 
 
 @dataclass(frozen=True)
@@ -101,9 +99,9 @@ class BoxKalmanFilter:
         """
         if not (math.isfinite(dt) and dt >= 0):
             raise ValueError(f"dt must be a finite number of seconds >= 0, got {dt!r}")
-        mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
-        return kernels.kalman_predict(mean, cov, float(dt), self.noise.process_position**2,
-                                      self.noise.process_velocity**2)
+        return kernels.kalman_predict(kernels.kernel_array(mean, np.float64), kernels.kernel_array(cov, np.float64),
+                                      float(dt), float(self.noise.process_position**2),
+                                      float(self.noise.process_velocity**2))
 
     def update(
         self, mean: NDArray[np.float64], cov: NDArray[np.float64], measurements: NDArray[np.floating]
@@ -114,11 +112,11 @@ class BoxKalmanFilter:
         by the predicted sides (a measurement's own size is what is uncertain); per coordinate
         S is the scalar pp + r and the gain is (pp, pv) / S.
         """
-        z = np.asarray(measurements, dtype=np.float64).reshape(-1, 4)
+        z = kernels.kernel_array(np.asarray(measurements, dtype=np.float64).reshape(-1, 4), np.float64)
         if z.shape[0] != mean.shape[0]:
             raise ValueError(f"{z.shape[0]} measurements for {mean.shape[0]} tracks")
-        mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
-        return kernels.kalman_update(mean, cov, z, self.noise.measurement**2)
+        return kernels.kalman_update(kernels.kernel_array(mean, np.float64), kernels.kernel_array(cov, np.float64), z,
+                                     float(self.noise.measurement**2))
 
 
 def full_covariance(cov: NDArray[np.float64]) -> NDArray[np.float64]:

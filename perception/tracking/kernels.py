@@ -4,18 +4,23 @@ Written in NumPy, one tracker update at 50 detections was about 235 NumPy calls 
 microseconds each, and its p99 sat at the 1 ms budget on a slow machine with no single cost to
 cut (docs/tracking.md). These loops do the same work, in the same floating-point operations and
 order, so they give the same numbers to the bit (no fast-math: no reassociation, no fused
-multiply-add) and the tracker the same tracks; the tests compare them with the NumPy forms.
+multiply-add) and the tracker the same tracks: ``bench_tracking --against`` a revision before
+them found no frame with other tracks, and the tests compare the IoU with ``box_iou`` and the
+Kalman steps with their 8x8 matrix form.
 
 The optimal assignment of a round whose candidate pairs conflict (a track or a detection in
 two of them) is still scipy's ``linear_sum_assignment``, called from the compiled loop.
 
 Compiled on first use and cached on disk (``_compiled``); ``warm`` compiles, or loads, every
 kernel on a tiny frame, and ``TrackerPool`` calls it when made, so a server pays this at start
-rather than on its first tracked frame.
+rather than on its first tracked frame. Each kernel is compiled for one signature: callers pass
+``kernel_array``s and floats, since an array of another layout, a read-only one or an int
+would compile another, mid-stream.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -26,20 +31,30 @@ try:
     import numba
 except ImportError as exc:  # pragma: no cover - the server and test installs have it
     raise ImportError(
-        "perception's tracker needs numba (pip install 'perception[tracking]'; the server extra has it)"
+        "perception's tracker needs numba, one of perception's own dependencies (pip install numba)"
     ) from exc
 from scipy.optimize import linear_sum_assignment
 
-# Track state codes, as in tracker.py.
-_NEW, _CONFIRMED = 0, 1
-# Added to every allowed pair's weight, so a pair at exactly the gate is still matched
-# (assignment._TIE: the same rule).
-_TIE = 1e-6
-# Rows of the (N, 3, 4) Kalman covariance (kalman.py).
-_PP, _PV, _VV = 0, 1, 2
-_MIN_SIDE_PX = 1.0
+_log = logging.getLogger(__name__)
 
+# The codes of the tracker's track states (tracker.py's state array).
+NEW, CONFIRMED, COASTING = 0, 1, 2
+# Rows of the (N, 3, 4) Kalman covariance: per coordinate, its variance, its covariance with
+# its own rate, the rate's variance (kalman.py).
+PP, PV, VV = 0, 1, 2
+# The smallest side, in pixels, that noise is scaled by: a degenerate (zero-width) box must not
+# make a covariance singular.
+MIN_SIDE_PX = 1.0
+# Added to every allowed pair's weight, so a pair at exactly the gate is still matched.
+_TIE = 1e-6
 _TINY = np.float32(1e-30)
+_KERNELS: list[str] = []  # the names of the compiled functions, in the order defined
+
+
+def kernel_array(a: Any, dtype: type[np.generic]) -> NDArray[Any]:
+    """``a`` as a C-contiguous, writable array of ``dtype``: the one array type the kernels are
+    compiled for (a copy only where ``a`` is not one already)."""
+    return np.require(a, dtype, ["C", "W"])
 
 
 def _compiled(fn: Callable[..., Any]) -> Any:
@@ -47,6 +62,7 @@ def _compiled(fn: Callable[..., Any]) -> Any:
     place (beside the source, ``NUMBA_CACHE_DIR``, or the user's cache directory): a cached
     compile loads in a fraction of a second, a fresh one takes seconds. With none (a read-only
     install and no ``NUMBA_CACHE_DIR``), compiled anew in each process."""
+    _KERNELS.append(fn.__name__)
     try:
         return numba.njit(cache=True)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
@@ -77,7 +93,7 @@ def pairwise_iou(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.f
 @_compiled
 def _widened(xyxy: NDArray[np.float64], buffer: float) -> NDArray[np.float32]:
     """The boxes grown on each side by ``buffer`` times their own width and height, in float64,
-    then as float32 (tracker._and_widened's second half, cast as box_iou casts it)."""
+    then as float32 (as ``box_iou`` casts its input)."""
     out = np.empty(xyxy.shape, np.float32)
     for i in range(xyxy.shape[0]):
         pw = (xyxy[i, 2] - xyxy[i, 0]) * buffer
@@ -234,7 +250,7 @@ def associate(
             anyone = False
             for t in range(n_t):
                 s = before[t]
-                eligible = (s != _NEW) if rnd == 0 else ((s == _NEW) if rnd == 1 else (s == _CONFIRMED))
+                eligible = (s != NEW) if rnd == 0 else ((s == NEW) if rnd == 1 else (s == CONFIRMED))
                 takers[t] = free[t] and eligible
                 anyone = anyone or takers[t]
             if not anyone:
@@ -254,12 +270,12 @@ def kalman_predict(
     for i in range(mean.shape[0]):
         for c in range(4):
             new_mean[i, c] = mean[i, c] + dt * mean[i, 4 + c]
-            side = max(abs(mean[i, 2 + (c % 2)]), _MIN_SIDE_PX)
+            side = max(abs(mean[i, 2 + (c % 2)]), MIN_SIDE_PX)
             side2 = side**2
-            pp, pv, vv = cov[i, _PP, c], cov[i, _PV, c], cov[i, _VV, c]
-            new_cov[i, _PP, c] = pp + dt * (2 * pv + dt * vv + q_pos * side2)
-            new_cov[i, _PV, c] = pv + dt * vv
-            new_cov[i, _VV, c] = vv + (dt * q_vel) * side2
+            pp, pv, vv = cov[i, PP, c], cov[i, PV, c], cov[i, VV, c]
+            new_cov[i, PP, c] = pp + dt * (2 * pv + dt * vv + q_pos * side2)
+            new_cov[i, PV, c] = pv + dt * vv
+            new_cov[i, VV, c] = vv + (dt * q_vel) * side2
     return new_mean, new_cov
 
 
@@ -272,16 +288,16 @@ def kalman_update(
     new_cov = np.empty_like(cov)
     for i in range(mean.shape[0]):
         for c in range(4):
-            side = max(abs(mean[i, 2 + (c % 2)]), _MIN_SIDE_PX)
-            pp, pv, vv = cov[i, _PP, c], cov[i, _PV, c], cov[i, _VV, c]
+            side = max(abs(mean[i, 2 + (c % 2)]), MIN_SIDE_PX)
+            pp, pv, vv = cov[i, PP, c], cov[i, PV, c], cov[i, VV, c]
             s = pp + r * side**2
             kp, kv = pp / s, pv / s
             innovation = z[i, c] - mean[i, c]
             new_mean[i, c] = mean[i, c] + kp * innovation
             new_mean[i, 4 + c] = mean[i, 4 + c] + kv * innovation
-            new_cov[i, _PP, c] = pp - kp * pp
-            new_cov[i, _PV, c] = pv - kp * pv
-            new_cov[i, _VV, c] = vv - kv * pv
+            new_cov[i, PP, c] = pp - kp * pp
+            new_cov[i, PV, c] = pv - kp * pv
+            new_cov[i, VV, c] = vv - kv * pv
     return new_mean, new_cov
 
 
@@ -291,10 +307,26 @@ _warmed = False
 def warm() -> None:
     """Compile (or load from the cache) every kernel, by running each on a tiny input that
     takes every path: a conflict that needs the solver, plain and widened boxes. Once per
-    process; thread-safe enough (a second concurrent call compiles nothing twice: numba locks)."""
+    process; a second concurrent call compiles nothing twice (numba compiles under a lock).
+
+    A cache that cannot be read or written (an index emptied by a power cut, a directory gone
+    or full) would otherwise fail every start of the server: then the kernels are compiled
+    again without a cache, and the reason logged."""
     global _warmed
     if _warmed:
         return
+    try:
+        _run_every_kernel()
+    except Exception as exc:  # whatever numba's cache raised; a fault of the kernels raises again below
+        _log.warning("the tracker's compiled loops could not use numba's cache (%s: %s); compiling them "
+                     "without it", type(exc).__name__, exc)
+        for name in _KERNELS:
+            globals()[name] = numba.njit(cache=False)(globals()[name].py_func)
+        _run_every_kernel()
+    _warmed = True
+
+
+def _run_every_kernel() -> None:
     mean = np.array([[10.0, 10, 8, 8, 1, 0, 0, 0], [12, 10, 8, 8, 0, 0, 0, 0]])
     cov = np.ones((2, 3, 4))
     mean, cov = kalman_predict(mean, cov, 0.03, 1.0, 1.0)
@@ -305,4 +337,3 @@ def warm() -> None:
         associate(mean, cls, before, boxes, cls, np.ones(2, np.bool_), np.zeros(2, np.bool_), buffer,
                   np.float32(0.1), 0.1, 0.2, 0.1)
     kalman_update(mean, cov, mean[:, :4].copy(), 1.0)
-    _warmed = True

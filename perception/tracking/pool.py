@@ -51,7 +51,8 @@ from perception.boxes import box_iou
 from perception.tracking import kernels
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
-from perception.tracking.tracker import IdCounter, Tracker, TrackResult, TrackView
+from perception.tracking.state import TrackResult, TrackView
+from perception.tracking.tracker import IdCounter, Tracker
 from perception.types import Detections
 
 log = logging.getLogger(__name__)

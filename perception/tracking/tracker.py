@@ -37,8 +37,6 @@ from __future__ import annotations
 import operator
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 from numpy.typing import NDArray
@@ -47,57 +45,14 @@ from perception.errors import InvalidInputError
 from perception.tracking import kernels
 from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
+from perception.tracking.state import TrackResult, TrackState, TrackView
 from perception.types import Detections
 
-
-class TrackState(str, Enum):
-    """Where a track stands after a frame. The value is the name shown to users."""
-
-    NEW = "NEW"  # matched on every frame since its birth, fewer than confirm_hits times
-    CONFIRMED = "CONFIRMED"  # matched on this frame, and confirmed
-    COASTING = "COASTING"  # confirmed, not matched on this frame: its box is a prediction
-
-    def __str__(self) -> str:
-        return self.value
-
-
-# Codes of the states in the tracker's state array, index into _STATES.
-_NEW, _CONFIRMED, _COASTING = 0, 1, 2
+# Codes of the states in the tracker's state array (the kernels' own), index into _STATES.
+_NEW, _CONFIRMED, _COASTING = kernels.NEW, kernels.CONFIRMED, kernels.COASTING
 _STATES = (TrackState.NEW, TrackState.CONFIRMED, TrackState.COASTING)
 _STATE_OR_NONE = (*_STATES, None)  # indexed by a code, or by -1 for "no track"
 _NS_PER_S = 1_000_000_000
-
-
-@dataclass(frozen=True)
-class TrackResult:
-    """The tracks of one frame's detections, in the order the detections came in.
-
-    track_ids: (N,) int64, the track of each detection; 0 where none (a detection below
-        ``low_score``, a low-score one that extended no track, one over ``max_tracks``).
-    states: the state of that track after this frame (NEW or CONFIRMED: a track matched on
-        this frame does not coast); None where the track id is 0.
-    restarted: the tracker dropped every track first (the camera's time or sequence went back).
-    """
-
-    track_ids: NDArray[np.int64]
-    states: tuple[TrackState | None, ...]
-    restarted: bool = False
-
-    def __len__(self) -> int:
-        return int(self.track_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class TrackView:
-    """A live track as of the last frame. box: x1 y1 x2 y2 pixels, the filtered box (the
-    prediction when coasting)."""
-
-    track_id: int
-    class_id: int
-    state: TrackState
-    box: tuple[float, float, float, float]
-    hits: int
-    last_matched_ns: int
 
 
 class Tracker:
@@ -129,7 +84,7 @@ class Tracker:
         # The lowest round IoU, and the least float32 at or above it: float32 IoUs that pass
         # it are those at or above the gate in float64, as the rounds take them (a gate rounded
         # down to the nearest float32 would let in values below it).
-        self._gate = min(self.config.match_iou, self.config.low_match_iou)
+        self._gate = float(min(self.config.match_iou, self.config.low_match_iou))
         gate32 = np.float32(self._gate)
         self._gate32 = gate32 if float(gate32) >= self._gate else np.nextafter(gate32, np.float32(np.inf))
         kernels.warm()
@@ -189,10 +144,11 @@ class Tracker:
         """
         ts = _as_int("timestamp_ns", timestamp_ns)
         seq = None if sequence is None else _as_int("sequence", sequence)
-        # Contiguous, of the kernels' types: an array of another layout would compile them anew.
-        boxes = np.ascontiguousarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
-        scores = np.ascontiguousarray(detections.scores, dtype=np.float64).reshape(-1)
-        classes = np.ascontiguousarray(detections.class_ids, dtype=np.int64).reshape(-1)
+        # The kernels' array types: an array of another layout, or a read-only one, would
+        # compile them anew, mid-stream.
+        boxes = kernels.kernel_array(np.reshape(detections.boxes, (-1, 4)), np.float64)
+        scores = np.asarray(detections.scores, dtype=np.float64).reshape(-1)
+        classes = kernels.kernel_array(np.reshape(detections.class_ids, (-1,)), np.int64)
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise InvalidInputError("detections with non-finite boxes or scores cannot be tracked")
 
@@ -230,7 +186,8 @@ class Tracker:
             # through the widened boxes. (Plain IoU for every round first did better in a
             # synthetic crowd and worse on the drives: docs/tracking.md.)
             t, d, free = kernels.associate(self._mean, self._cls, before, boxes, classes, open_high, open_low,
-                                           float(buffer), self._gate32, self._gate, cfg.match_iou, cfg.low_match_iou)
+                                           float(buffer), self._gate32, self._gate, float(cfg.match_iou),
+                                           float(cfg.low_match_iou))
             left = np.flatnonzero(open_high)
             if t.size:
                 self._mean[t], self._cov[t] = self._kf.update(self._mean[t], self._cov[t], _to_cxcywh(boxes[d]))
