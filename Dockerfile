@@ -155,10 +155,11 @@ COPY --from=build /artifacts/default /models/default
 # The server's settings are PERCEPTION_* variables, not flags in the ENTRYPOINT, so that `docker
 # run -e`, compose's environment and a Kubernetes ConfigMap can change them (a flag would beat
 # them). The HEALTHCHECK asks the port PERCEPTION_PORT names: move the port with it, not --port.
-# NUMBA_CACHE_DIR: the tracker's compiled loops (perception.tracking.kernels) are compiled at
-# start, about 10 s, and kept there while /tmp lives: a Kubernetes emptyDir keeps them across
-# the pod's container restarts; the compose file's tmpfs and `docker run --tmpfs /tmp` are new
-# at every start, so each start compiles. With no writable place they are compiled anyway.
+# NUMBA_CACHE_DIR: the multi-object tracker's compiled loops (perception.tracking.kernels) are
+# compiled when the tracker is loaded (the first tracked frame, or the start with
+# PERCEPTION_PRELOAD_TRACKER=true), about 10 s, and kept there while /tmp lives: a Kubernetes
+# emptyDir keeps them across the pod's container restarts; the compose file's tmpfs and
+# `docker run --tmpfs /tmp` are new at every start. With no writable place they are compiled anyway.
 # No PERCEPTION_THREADS: the server sizes inference to the container's cores (on a CPU, one
 # one-thread run per core, measured faster than one run on every core: docs/performance.md).
 ENV PATH=/opt/perception/venv/bin:$PATH \

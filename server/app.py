@@ -31,7 +31,7 @@ from perception.decode import DecodeLimits
 from perception.errors import ConfigError, ModelError
 from perception.manifest import Manifest, Variant, load_manifest
 from perception.pipeline import FramePipeline
-from perception.tracking import TrackerConfig, TrackerPool
+from perception.tracking import TrackerConfig
 from perception.v1 import detector_pb2 as pb
 from server import convert
 from server.config import ServerConfig
@@ -48,6 +48,7 @@ from server.scheduler import Scheduler
 from server.served_model import ServedModel, load_served_model
 from server.service import DetectorService, add_detector_service
 from server.shm import ShmReader
+from server.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class ManagedServer:
         self.reload: Any = None  # () -> a new activated Backend, set by create_server
         self.engine_healthy = True
         self.limits: ServiceLimits | None = None  # the budgets every call shares (for inspection)
+        self.trackers: Trackers | None = None  # the multi-object trackers, loaded on demand (for inspection)
         self.models: Any = None  # the ModelHost: what is served, swaps and rollbacks
         self.admin: grpc.Server | None = None
         self.degrader: Any = None
@@ -320,10 +322,11 @@ def create_server(
     managed_ready = threading.Event()
     draining = threading.Event()
     shm = ShmReader(config.shm_allow, limits, config.shm_max_open) if config.shm_allow else None
+    trackers = Trackers(TrackerConfig(max_cameras=max(64, config.max_camera_labels)), config.preload_tracker)
     service = DetectorService(
         pipeline, metrics, config.outbox_size, frozenset(config.cameras),
         ready=managed_ready.is_set, draining=draining.is_set, limits=service_limits,
-        trackers=TrackerPool(TrackerConfig(max_cameras=max(64, config.max_camera_labels))), shm=shm,
+        trackers=trackers, shm=shm,
     )
     add_detector_service(service, server)
     kserve: Any = None
@@ -392,6 +395,7 @@ def create_server(
         managed.unhealthy_after = config.unhealthy_after_failed_batches
         managed.limits = service_limits
         managed.shm = shm
+        managed.trackers = trackers
 
         def load(path: str, name: str) -> ServedModel:
             # Each step first checks that the server is not shutting down (ModelHost.check_open):

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="let several server processes share the gRPC port (SO_REUSEPORT): the kernel spreads connections "
            "(not streams) across them, each process its own server with its own GIL, metrics port and limits "
            "(docs/performance.md)")
+    a("--preload-tracker", action="store_const", const=True,
+      help="load the multi-object tracker (numba's compiled loops, about 150 MB) at start; by default it is "
+           "loaded when a frame first asks for tracks, and that frame waits for it (seconds; docs/tracking.md)")
     a("--insecure-token", action="store_const", const=True,
       help="accept bearer tokens without TLS (anyone on the network can read them)")
     a("--manifest-public-key", help="Ed25519 public key (PEM): serve only artifacts signed with its private key")

@@ -107,6 +107,9 @@ class ServerConfig:
     # Let several server processes listen on the same gRPC port (SO_REUSEPORT); the kernel spreads
     # connections across them. Off: a second server on a taken port fails at start-up.
     reuse_port: bool = False
+    # Load the multi-object tracker (numba, about 150 MB) at start, not when a frame first asks
+    # for tracks (that frame then waits for it: seconds).
+    preload_tracker: bool = False
     # An Ed25519 public key (PEM): load only artifacts whose manifest.json.sig verifies with it.
     manifest_public_key: str = ""
     # The admin service (LoadModel, Rollback, GetModelStatus): off unless admin_port is set (0 =

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,8 @@ def test_a_pool_compiles_the_loops_when_made_and_odd_arrays_compile_nothing_more
     # Ints where floats are meant: accepted by the settings, and still floats to the kernels.
     noise = KalmanNoise(measurement=1, initial_position=1, initial_velocity=1, process_position=1, process_velocity=1)
     tracker = Tracker(TrackerConfig(match_iou=1, low_match_iou=1, high_score=1), BoxKalmanFilter(noise))
-    frozen = np.array([[10, 10, 50, 50], [12, 10, 52, 50]], np.float64)
+    # Read-only float64 boxes (the type says float32; float64 is what a replayed file may hold).
+    frozen: Any = np.array([[10, 10, 50, 50], [12, 10, 52, 50]], np.float64)
     frozen.flags.writeable = False
     frozen_classes = np.zeros((2,), np.int64)
     frozen_classes.flags.writeable = False

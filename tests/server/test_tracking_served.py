@@ -4,7 +4,10 @@ reconnect, absent when not asked for."""
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from perception.v1 import detector_pb2 as pb
@@ -76,3 +79,29 @@ def test_a_recording_whose_first_frame_is_at_time_zero_keeps_its_ids(serve: Any)
     answers = _lockstep(run, reqs)
     ids = [sorted(d.track_id for d in a.detections) for a in answers]
     assert ids[0] and ids[0] == ids[1] == ids[2]
+
+
+def test_the_tracker_is_loaded_when_a_frame_first_asks_for_tracks(serve: Any) -> None:
+    """A server nobody asks for tracks does without the tracker's compiled loops (numba, about
+    150 MB: 32 streams of big frames went over the soak bench's 600 MB with them); the first
+    tracked frame loads them and is answered with track ids."""
+    run = serve()
+    assert run.server.trackers is not None and not run.server.trackers.loaded
+    plain = run.stub.Detect(_tracked("front", 0, track=False), timeout=10)
+    assert plain.detections and not run.server.trackers.loaded
+    tracked = run.stub.Detect(_tracked("front", 1), timeout=60)
+    assert tracked.detections and all(d.track_id > 0 for d in tracked.detections)
+    assert run.server.trackers.loaded
+
+
+def test_preload_tracker_loads_it_at_start(serve: Any) -> None:
+    run = serve(preload_tracker=True)
+    assert run.server.trackers is not None and run.server.trackers.loaded
+
+
+def test_the_server_imports_without_numba() -> None:
+    """Nothing in the server's own import chain loads numba: only a tracked frame (or
+    --preload-tracker) does."""
+    code = ("import sys; import server.cli, server.app, server.service, server.stream, server.kserve; "
+            "assert 'numba' not in sys.modules, 'numba loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
