@@ -301,8 +301,10 @@ class CameraWindow:
     unanswered (``send`` waits, as the client library's does; the ticks that pass meanwhile are
     not sent, and counted), and each frame's send time until its answer arrives."""
 
-    def __init__(self, cam: int, frames: Sequence[bytes], fps: float, window: int, end: float, t: Tally) -> None:
+    def __init__(self, cam: int, frames: Sequence[bytes], fps: float, window: int, end: float, t: Tally,
+                 deadline_ms: int = 0) -> None:
         self.cam, self.frames, self.fps, self.end, self.t = cam, frames, fps, end, t
+        self.deadline_ms = deadline_ms
         self.lock = threading.Lock()
         self.in_flight: dict[int, float] = {}
         self.credits = threading.Semaphore(window)
@@ -327,7 +329,7 @@ class CameraWindow:
                     return
                 self.in_flight[self.seq] = now
             frame = pb.Frame(camera_id=f"cam{self.cam}", sequence=self.seq, capture_timestamp_ns=time.time_ns(),
-                             encoded=self.frames[self.seq % len(self.frames)])
+                             encoded=self.frames[self.seq % len(self.frames)], deadline_ms=self.deadline_ms)
             self.seq += 1
             self.t.sent += 1
             yield pb.DetectRequest(frame=frame)
@@ -350,13 +352,13 @@ class CameraWindow:
 
 
 def camera_stream(stub: Any, cam: int, frames: Sequence[bytes], fps: float, window: int, end: float,
-                  t: Tally) -> None:
+                  t: Tally, deadline_ms: int = 0) -> None:
     """An honest camera until ``end``: latency from handing a frame to gRPC to its answer's
     arrival. A broken stream is re-opened; the frames it held are counted unanswered."""
     seq = 0
     while time.perf_counter() < end:
         t.streams += 1
-        cw = CameraWindow(cam, frames, fps, window, end, t)
+        cw = CameraWindow(cam, frames, fps, window, end, t, deadline_ms)
         cw.seq = seq
         try:
             for resp in stub.StreamDetect(cw.requests(), timeout=max(0.1, end - time.perf_counter()) + DRAIN_S):
@@ -398,8 +400,8 @@ def client_process(role: str, setup: Callable[[], Jobs], seconds: float, start: 
         out.put(("failed", role, f"{type(exc).__name__}: {exc}"))
 
 
-def honest_process(address: str, cam: int, fps: float, window: int, seconds: float, start: Event,
-                   out: Queue[Any]) -> None:
+def honest_process(address: str, cam: int, fps: float, window: int, deadline_ms: int, seconds: float,
+                   start: Event, out: Queue[Any]) -> None:
     def setup() -> Jobs:
         from perception.v1 import detector_pb2_grpc as pb_grpc
 
@@ -407,7 +409,8 @@ def honest_process(address: str, cam: int, fps: float, window: int, seconds: flo
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=60)
         stub = pb_grpc.DetectorStub(channel)
-        return lambda end: [("camera", functools.partial(camera_stream, stub, cam, frames, fps, window, end))]
+        return lambda end: [("camera", functools.partial(camera_stream, stub, cam, frames, fps, window, end,
+                                                         deadline_ms=deadline_ms))]
 
     client_process(f"cam{cam}", setup, seconds, start, out)
 
@@ -742,6 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cameras", type=int, default=8)
     a("--fps", type=float, default=30.0)
     a("--window", type=int, default=4, help="frames in flight per camera (the client library's default)")
+    a("--deadline-ms", type=int, default=0,
+      help="each honest camera's per-frame deadline (Frame.deadline_ms; the client library's "
+           "ClientConfig.deadline_ms): a frame still queued that long after the server received it is answered "
+           "EXPIRED instead of inferred. 0 (default): none")
     a("--open-close-per-s", type=float, default=50.0, help="rate of hostile (d)'s stream open/close")
     a("--big-streams", type=int, default=32)
     a("--big-processes", type=int, default=4, help="client processes the big-frame streams are spread over")
@@ -787,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
             def cameras(seconds: float) -> list[Worker]:
-                return [(honest_process, (addr, c, args.fps, args.window, seconds)) for c in range(args.cameras)]
+                return [(honest_process, (addr, c, args.fps, args.window, args.deadline_ms, seconds))
+                        for c in range(args.cameras)]
 
             if "soak" in which:
                 if args.warmup_s > 0:
