@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TRACKER_CACHE := $(VENV)/.tracker-compiled
 PROTO_SRC := $(wildcard proto/perception/v1/*.proto)
 # KServe's Open Inference Protocol, vendored as published (package `inference`), and the subset
 # of Triton's ModelConfig extension the server answers. Their messages are generated beside ours;
@@ -16,7 +17,7 @@ PROTO_OUT := perception/v1/detector_pb2.py perception/v1/grpc_predict_v2_pb2.py 
 
 .PHONY: demo test setup proto bench clean lint
 
-setup: $(STAMP) $(PROTO_OUT)
+setup: $(STAMP) $(PROTO_OUT) $(TRACKER_CACHE)
 
 # torch==2.13.0: PyPI's Linux wheel is the CUDA build (GBs). Where no CPU wheel of it is at hand
 # (these machines have one), TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build.
@@ -28,6 +29,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(PIP_TORCH) -e '.[test]'
 	touch $(STAMP)
+
+# The tracker's compiled loops, compiled once into numba's cache beside their source (about 10 s),
+# so that no test, bench or server here waits for that compile on its first tracked frame.
+$(TRACKER_CACHE): perception/tracking/kernels.py $(STAMP)
+	$(PY) -c "from perception.tracking import kernels; kernels.warm()"
+	touch $(TRACKER_CACHE)
 
 # Python stubs are generated from the contract, never edited by hand.
 $(PROTO_OUT) &: $(PROTO_SRC) $(KSERVE_PROTO) $(STAMP)

@@ -352,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             for rate, skip in (("full", 0), ("half", 1)):
                 # A server per run: one server's tracker would answer the half-rate replay's frames,
                 # the same frames as the full-rate one's, as re-sends of them (their first ids).
+                # The tracker loaded at start, as a deployment that tracks from its first frame
+                # has it: the first frames would otherwise wait for its load.
                 server, port = create_server(ServerConfig(model=str(manifest), host="127.0.0.1", port=0,
-                                                          threads=args.threads))
+                                                          threads=args.threads, preload_tracker=True))
                 try:
                     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                         log.info("replaying %s at %s rate", drive_name, rate)
