@@ -747,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--window", type=int, default=4, help="frames in flight per camera (the client library's default)")
     a("--deadline-ms", type=int, default=0,
       help="each honest camera's per-frame deadline (Frame.deadline_ms; the client library's "
-           "ClientConfig.deadline_ms): a frame still queued that long after the server received it is answered "
-           "EXPIRED instead of inferred. 0 (default): none")
+           "ClientConfig.deadline_ms): a frame whose deadline passes in the server (queued, or during its "
+           "inference) is answered EXPIRED. 0 (default): none")
     a("--open-close-per-s", type=float, default=50.0, help="rate of hostile (d)'s stream open/close")
     a("--big-streams", type=int, default=32)
     a("--big-processes", type=int, default=4, help="client processes the big-frame streams are spread over")

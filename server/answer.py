@@ -23,6 +23,7 @@ from perception.pipeline import FramePipeline, Prepared
 from perception.types import Detections, FrameStatus, StageTimings
 from server.metrics_protocol import Metrics
 from server.scheduler import JobResult, JobStatus
+from server.trackers import TrackerUnavailable
 
 log = logging.getLogger(__name__)
 _FINISH_LOCK = threading.Lock()  # held for a check and a set only
@@ -217,7 +218,7 @@ def _class_counts(det: Detections) -> tuple[list[int], list[int]]:
 
 
 def track_answer(answer: FrameAnswer, task: FrameTask, trackers: Any) -> FrameAnswer:
-    """The answer with track ids from ``trackers`` (a perception.tracking.TrackerPool, keyed by
+    """The answer with track ids from ``trackers`` (``server.trackers.Trackers``, keyed by
     the client's host and camera id, not by stream, so that a reconnecting stream finds its
     tracks) when the request asked for them.
     Runs after NMS, on the stream's handler path, in arrival order; frames answered without
@@ -228,6 +229,6 @@ def track_answer(answer: FrameAnswer, task: FrameTask, trackers: Any) -> FrameAn
     try:  # a capture time of 0 (none sent): the pool tracks the camera on the arrival clock
         result = trackers.update((task.owner, task.camera_id), answer.detections, task.capture_timestamp_ns,
                                  task.sequence, arrival_s=task.received, classes=answer.class_names)
-    except InvalidInputError as exc:  # e.g. a non-finite box: the frame is answered untracked
+    except (InvalidInputError, TrackerUnavailable) as exc:  # a non-finite box, no tracker: answered untracked
         return dataclasses.replace(answer, message=f"not tracked: {exc}")
     return dataclasses.replace(answer, tracks=result)

@@ -322,7 +322,7 @@ def create_server(
     managed_ready = threading.Event()
     draining = threading.Event()
     shm = ShmReader(config.shm_allow, limits, config.shm_max_open) if config.shm_allow else None
-    trackers = Trackers(TrackerConfig(max_cameras=max(64, config.max_camera_labels)), config.preload_tracker)
+    trackers = Trackers(TrackerConfig(max_cameras=max(64, config.max_camera_labels)))
     service = DetectorService(
         pipeline, metrics, config.outbox_size, frozenset(config.cameras),
         ready=managed_ready.is_set, draining=draining.is_set, limits=service_limits,
@@ -449,6 +449,8 @@ def create_server(
         except Exception as exc:
             raise ModelError(f"model {manifest.name} {manifest.version} ({variant.name}) failed its warm-up "
                              f"inference on {backend.name}: {exc}") from exc
+        if config.preload_tracker:  # before the server says it is ready: no tracked frame waits
+            trackers.load()
         scheduler.start()
         metrics.set_model_info(manifest, variant.name, backend.name)
         if managed.degrader is not None:

@@ -182,10 +182,11 @@ class StreamSession:
                     log.error("stream %d: camera %r frame %d: %s",
                               self.id, task.camera_id, task.sequence, answer.message)
                     self._count_internal()
+                answer = track_answer(answer, task, self._trackers)  # may first wait for the tracker's load
                 # Until the caller asks for the next answer, this one is being sent: gRPC's send
                 # returns once the client's flow-control window has room for it.
                 self._sending_since = time.monotonic()
-                yield track_answer(answer, task, self._trackers)
+                yield answer
                 self._sending_since = None
                 self._last_answer = time.monotonic()
         finally:

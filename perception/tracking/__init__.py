@@ -6,7 +6,7 @@ for the assignment, and numba to compile the per-frame loops (``kernels``).
 
 The tracker, the pool, the filter and the matching are imported on first use: code that only
 reads tracks (``TrackState``, ``TrackResult``, ``TrackView``: the client's conversions and
-sinks) does not load numba, about 115 MB of a camera node's memory.
+sinks) does not load numba, about 150 MB of a process's memory.
 """
 
 from __future__ import annotations

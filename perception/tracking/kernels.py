@@ -12,10 +12,10 @@ The optimal assignment of a round whose candidate pairs conflict (a track or a d
 two of them) is still scipy's ``linear_sum_assignment``, called from the compiled loop.
 
 Compiled on first use and cached on disk (``_compiled``); ``warm`` compiles, or loads, every
-kernel on a tiny frame, and ``TrackerPool`` calls it when made, so a server pays this at start
-rather than on its first tracked frame. Each kernel is compiled for one signature: callers pass
-``kernel_array``s and floats, since an array of another layout, a read-only one or an int
-would compile another, mid-stream.
+kernel on a tiny frame, and ``TrackerPool`` calls it when made: the server makes one when a frame
+first asks for tracks, or at start with ``--preload-tracker`` (``server.trackers``). Each
+kernel is compiled for one signature: callers pass ``kernel_array``s and floats, since an array
+of another layout, a read-only one or an int would compile another, mid-stream.
 """
 
 from __future__ import annotations

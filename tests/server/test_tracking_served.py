@@ -10,6 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
+
 from perception.v1 import detector_pb2 as pb
 from tests.server.conftest import jpeg, request
 
@@ -97,6 +100,45 @@ def test_the_tracker_is_loaded_when_a_frame_first_asks_for_tracks(serve: Any) ->
 def test_preload_tracker_loads_it_at_start(serve: Any) -> None:
     run = serve(preload_tracker=True)
     assert run.server.trackers is not None and run.server.trackers.loaded
+
+
+def test_a_tracker_that_cannot_be_loaded_ends_no_stream(serve: Any, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """numba missing (or its compile failing): a preloading server starts all the same, and the
+    frames that ask for tracks are answered with their detections, untracked, saying why; the
+    stream goes on, and the load is not tried again on every frame."""
+    monkeypatch.setitem(sys.modules, "perception.tracking.pool", None)  # its import raises ImportError
+    run = serve(preload_tracker=True)
+    assert run.server.trackers is not None and not run.server.trackers.loaded
+    answers = _lockstep(run, [_tracked("front", i) for i in range(3)])
+    assert [a.status for a in answers] == [pb.FRAME_STATUS_OK] * 3
+    assert all(a.detections and {d.track_id for d in a.detections} == {0} for a in answers)
+    why = "not tracked: the tracker could not be loaded (ModuleNotFoundError"
+    assert all(a.message.startswith(why) for a in answers)
+    assert caplog.text.count("the tracker could not be loaded") == 1  # the start's try; frames wait out RETRY_S
+    unary = run.stub.Detect(_tracked("rear", 0), timeout=10)
+    assert unary.status == pb.FRAME_STATUS_OK and "not tracked" in unary.message
+
+
+def test_a_failed_load_is_tried_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    from perception.tracking import TrackerConfig
+    from perception.types import Detections
+    from server.trackers import RETRY_S, Trackers, TrackerUnavailable
+
+    now = [100.0]
+    trackers = Trackers(TrackerConfig(), clock=lambda: now[0])
+    det = Detections(np.array([[0, 0, 10, 10]], np.float32), np.array([0.9], np.float32), np.array([0]))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "perception.tracking.pool", None)
+        with pytest.raises(TrackerUnavailable, match="ModuleNotFoundError"):
+            trackers.update("cam", det, 1)
+        m.delitem(sys.modules, "perception.tracking.pool")  # loadable again, but not yet tried
+        now[0] += RETRY_S / 2
+        with pytest.raises(TrackerUnavailable, match="tried again"):
+            trackers.update("cam", det, 2)
+    assert not trackers.loaded
+    now[0] += RETRY_S
+    assert trackers.update("cam", det, 3).track_ids.tolist() != [] and trackers.loaded
 
 
 def test_the_server_imports_without_numba() -> None:
