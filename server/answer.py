@@ -12,14 +12,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from perception.errors import InvalidInputError, ModelError, PerceptionError
 from perception.pipeline import FramePipeline, Prepared
+from perception.tracking import TrackResult
 from perception.types import Detections, FrameStatus, StageTimings
 from server.metrics_protocol import Metrics
 from server.scheduler import JobResult, JobStatus
@@ -217,7 +218,15 @@ def _class_counts(det: Detections) -> tuple[list[int], list[int]]:
     return [int(i) for i in ids], [int(c) for c in counts]
 
 
-def track_answer(answer: FrameAnswer, task: FrameTask, trackers: Any) -> FrameAnswer:
+class TrackSource(Protocol):
+    """What tracks a frame's detections: ``server.trackers.Trackers`` (the server's, loaded on
+    demand), or a ``perception.tracking.TrackerPool`` itself."""
+
+    def update(self, camera_id: Hashable, detections: Detections, timestamp_ns: int, sequence: int | None = None, *,
+               arrival_s: float | None = None, classes: tuple[str, ...] | None = None) -> TrackResult: ...
+
+
+def track_answer(answer: FrameAnswer, task: FrameTask, trackers: TrackSource | None) -> FrameAnswer:
     """The answer with track ids from ``trackers`` (``server.trackers.Trackers``, keyed by
     the client's host and camera id, not by stream, so that a reconnecting stream finds its
     tracks) when the request asked for them.

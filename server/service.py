@@ -20,7 +20,7 @@ from perception.types import FrameStatus
 from perception.v1 import detector_pb2 as pb
 from perception.v1 import detector_pb2_grpc as pb_grpc
 from server import convert
-from server.answer import FrameTask, finish_task, track_answer
+from server.answer import FrameTask, TrackSource, finish_task, track_answer
 from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
@@ -46,7 +46,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         draining: Callable[[], bool],
         limits: ServiceLimits | None = None,
         max_class_filter: int = 0,
-        trackers: Any = None,
+        trackers: TrackSource | None = None,
         shm: ShmReader | None = None,
     ) -> None:
         self._trackers = trackers

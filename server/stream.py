@@ -51,7 +51,7 @@ from typing import Any
 from perception.errors import InvalidInputError, NotReadyError, OverloadedError
 from perception.pipeline import MAX_CAMERA_ID_LEN, FrameInput, FramePipeline, Prepared, RequestOptions
 from perception.types import FrameStatus
-from server.answer import FrameAnswer, FrameTask, finish_task, track_answer
+from server.answer import FrameAnswer, FrameTask, TrackSource, finish_task, track_answer
 from server.limits import InvalidBackoff, ServiceLimits, take_both
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, Scheduler
@@ -82,7 +82,7 @@ class StreamSession:
         draining: Callable[[], bool],
         limits: ServiceLimits | None = None,
         current_model: Callable[[], tuple[FramePipeline, Any]] | None = None,
-        trackers: Any = None,
+        trackers: TrackSource | None = None,
         cancel_call: Callable[[], object] | None = None,
         owner: str = "",
     ) -> None:
