@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TRACKER_CACHE := $(VENV)/.tracker-compiled
+# Beside numba's cache itself (gitignored), so that removing the cache removes the mark too.
+TRACKER_CACHE := perception/tracking/__pycache__/.kernels-compiled
 PROTO_SRC := $(wildcard proto/perception/v1/*.proto)
 # KServe's Open Inference Protocol, vendored as published (package `inference`), and the subset
 # of Triton's ModelConfig extension the server answers. Their messages are generated beside ours;
@@ -34,7 +35,7 @@ $(STAMP): pyproject.toml
 # so that no test, bench or server here waits for that compile on its first tracked frame.
 $(TRACKER_CACHE): perception/tracking/kernels.py $(STAMP)
 	$(PY) -c "from perception.tracking import kernels; kernels.warm()"
-	touch $(TRACKER_CACHE)
+	mkdir -p $(dir $(TRACKER_CACHE)) && touch $(TRACKER_CACHE)
 
 # Python stubs are generated from the contract, never edited by hand.
 $(PROTO_OUT) &: $(PROTO_SRC) $(KSERVE_PROTO) $(STAMP)
