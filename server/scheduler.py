@@ -264,7 +264,7 @@ class Scheduler:
         finally:
             with self._cond:
                 self._running -= 1
-                self._cond.notify_all()
+                self._capacity_freed_locked()
         return True
 
     def start(self) -> None:
@@ -334,7 +334,15 @@ class Scheduler:
                 if jobs:
                     with self._cond:
                         self._running -= 1
-                        self._cond.notify_all()
+                        self._capacity_freed_locked()
+
+    def _capacity_freed_locked(self) -> None:
+        """A run ended. Only a worker with frames to take (or a stop draining the runs) waits for
+        that; with nothing queued, every idle worker would wake, find nothing and sleep again.
+        Each fast-path frame woke both idle workers so, and they took the interpreter from the
+        thread answering it."""
+        if self._pending or self._stopping:
+            self._cond.notify_all()
 
     def _wait_for_batch_locked(self) -> None:
         while not self._stopping:

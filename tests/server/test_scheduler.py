@@ -239,6 +239,48 @@ def test_runs_of_one_frame_take_the_fast_path_beside_other_cameras(backend):
         s.stop(2)
 
 
+class CountingCondition(threading.Condition):
+    """Counts the wake-ups of the scheduler's idle workers (waits that returned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken: dict[str, int] = {}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        done = super().wait(timeout)
+        name = threading.current_thread().name
+        if name.startswith("inference-worker"):
+            self.woken[name] = self.woken.get(name, 0) + 1
+        return done
+
+
+def test_idle_workers_sleep_through_runs_that_leave_nothing_queued(backend):
+    """A run ended wakes a worker only when it has frames to take: with nothing queued, each
+    fast-path frame woke both idle workers (to find nothing and sleep again), and they took the
+    interpreter from the thread answering it (25 context switches a unary Detect, 14 since)."""
+    s = Scheduler(backend.infer, max_batch=1, max_wait_s=0.05, queue_size=2, max_pending=16, workers=2)
+    s._cond = cond = CountingCondition()
+    rec = Recorder()
+    s.start()
+    try:
+        time.sleep(0.2)  # both workers asleep, waiting for frames
+        for k in range(20):
+            assert s.run_if_idle(Job(("unary", k), tensor(k), rec.cb(f"inline-{k}")), transient=True)
+        time.sleep(0.2)
+        assert cond.woken == {}, "fast-path runs with nothing queued woke the idle workers"
+        # A queued frame still wakes a worker, and the batch it runs wakes no other: one worker
+        # woken per frame (the first to wake takes it; the other sleeps on).
+        for k in range(5):
+            s.submit(Job(("unary", "q", k), tensor(k), rec.cb(f"queued-{k}")), transient=True)
+            rec.wait(21 + k)
+        time.sleep(0.2)
+        assert all(r.status is JobStatus.OK for r in rec.results.values())
+        assert sum(cond.woken.values()) <= 2 * 5, cond.woken
+    finally:
+        s.stop(2)
+    assert not any(t.is_alive() for t in s._threads), "stop still wakes the workers to drain and end"
+
+
 def race(s: Scheduler, rec: Recorder, frames: int, transient: bool, pause_s: float = 0.0) -> list[int]:
     """Four camera threads each offering ``frames`` frames, through the fast path when it takes
     them, else queued (``transient``: one queue per frame, as unary calls). 1 per inline run."""
