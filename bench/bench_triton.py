@@ -8,6 +8,10 @@ path's figure is the median of its per-round p50s):
   server's own onnxruntime backend, ``--threads`` intra-op threads);
 - ``Detect``: our unary RPC over loopback;
 - ``StreamDetect``: our stream, lockstep (the next frame sent when the answer arrived);
+- ``bare grpcio Detect`` and ``bare grpcio StreamDetect``: the same two calls, driven by the
+  same client code, to a plain grpcio server whose handlers call the same pipeline and nothing
+  else (bench/bare_grpc_server.py): the floor of any grpcio server doing this job, so that our
+  server's own overhead is the distance to it;
 - ``KServe v2 (ours)``: our ``--kserve`` front door, driven by stock ``tritonclient``;
 - ``Triton``: Triton 2.51 through PyTriton 0.7 serving the same pipeline code (its Python
   backend calling FramePipeline and our onnxruntime backend with the same settings), driven by
@@ -51,13 +55,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "artifacts" / "demo" / "engine" / "manifest.json"
 DRIVE = REPO / "assets" / "drives" / "demo" / "front.mp4"
 DEFAULT_PEER = Path.home() / ".cache" / "perception" / "triton-peer"
+READY_MARK = "ready grpc="  # what bench/triton_peer.py prints once Triton serves
+START_TIMEOUT_S = 300.0  # Triton loading the model (the peer venv is made before)
 # The peer's pins: PyTriton 0.7 (Triton 2.51) wants numpy < 2, so numpy and OpenCV are the
 # newest it accepts; onnxruntime and simplejpeg are the project's own versions.
 PEER_PACKAGES = ("nvidia-pytriton==0.7.0", "tritonclient[grpc]==2.73.0", "numpy==1.26.4",
                  "opencv-python-headless==4.11.0.86", "pyyaml")
 CLIENT_PACKAGES = ("tritonclient[grpc]==2.73.0", "numpy")
-PATHS = ("in-process", "Detect", "StreamDetect", "KServe v2 (ours)", "Triton", "KServe v2 stream (ours)",
-         "Triton stream")
+PATHS = ("in-process", "Detect", "StreamDetect", "bare grpcio Detect", "bare grpcio StreamDetect",
+         "KServe v2 (ours)", "Triton", "KServe v2 stream (ours)", "Triton stream")
+# The floor of a grpcio server doing this job (bench/bare_grpc_server.py), driven by the same
+# client code as ours: what our server adds is the distance to it.
+BARE_PATHS = {"bare grpcio Detect": "Detect", "bare grpcio StreamDetect": "StreamDetect"}
 # The KServe paths: (ours or Triton's, on a ModelStreamInfer stream or not).
 KSERVE_PATHS = {"KServe v2 (ours)": (True, False), "Triton": (False, False),
                 "KServe v2 stream (ours)": (True, True), "Triton stream": (False, True)}
@@ -134,6 +143,27 @@ def bench_frames(out: Path, n: int = 30) -> list[bytes]:
     return frames
 
 
+class BareServer:
+    """bench/bare_grpc_server.py, the same pipeline behind a plain grpcio server, in its own process."""
+
+    def __init__(self, manifest: Path, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads)],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        stdout = self.proc.stdout
+        assert stdout is not None
+        for line in stdout:  # its only line; it ends (EOF) if the server fails to start
+            if line.startswith(READY_MARK):
+                self.address = line[len(READY_MARK):].strip()
+                return
+        self.proc.wait(10)
+        raise RuntimeError("bench/bare_grpc_server.py did not start (its error is above)")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 class TritonPeer:
     """bench/triton_peer.py in the peer venv, on free loopback ports."""
 
@@ -151,14 +181,22 @@ class TritonPeer:
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, start_new_session=True)
         stdout = self.proc.stdout
         assert stdout is not None
-        # tritonserver logs on the same stdout; "ready grpc=..." follows once the model is loaded.
-        for line in stdout:
-            if line.startswith("ready"):
-                break
-        else:
-            self.stop()
-            raise RuntimeError(f"Triton did not start; see {self.log.name}")
-        threading.Thread(target=lambda: [None for _ in stdout], daemon=True).start()  # keep the pipe drained
+        # tritonserver logs on the same stdout, through a thread of PyTriton's that may leave a
+        # line unfinished when "ready grpc=..." is printed: the marker is looked for anywhere in
+        # a line (it was missed once at the start of one, and the bench waited for ever).
+        ready = threading.Event()
+
+        def drain() -> None:  # reads until the peer exits, so that its pipe never fills
+            for line in stdout:
+                if READY_MARK in line:
+                    ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.wait(0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Triton did not start within {START_TIMEOUT_S:g} s; see {self.log.name}")
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -228,8 +266,17 @@ def main(argv: list[str] | None = None) -> int:
             peer = TritonPeer(python, args.model, args.threads)
         except RuntimeError as exc:
             why_not = str(exc)
+    try:
+        bare = BareServer(args.model, args.threads)
+    except RuntimeError:
+        proc.terminate()
+        if peer is not None:
+            peer.stop()
+        raise
     channel = grpc.insecure_channel(address)
     stub = pb_grpc.DetectorStub(channel)
+    bare_channel = grpc.insecure_channel(bare.address)
+    bare_stub = pb_grpc.DetectorStub(bare_channel)
 
     def inprocess(n: int) -> tuple[list[float], list[int]]:
         lat, dets = [], []
@@ -243,22 +290,24 @@ def main(argv: list[str] | None = None) -> int:
 
     stages: dict[str, list[float]] = {k: [] for k in ("queue", "preprocess", "inference", "postprocess", "total")}
 
-    def detect(n: int) -> tuple[list[float], list[int]]:
+    def detect(n: int, on: Any = stub) -> tuple[list[float], list[int]]:
         lat, dets = [], []
         for i in range(n):
             req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, encoded=frames[i % len(frames)]))
             t0 = time.perf_counter()
-            resp = stub.Detect(req, timeout=30)
+            resp = on.Detect(req, timeout=30)
             lat.append((time.perf_counter() - t0) * 1e3)
             dets.append(len(resp.detections))
+            if on is not stub:
+                continue
             t = resp.timings
             for k, us in (("queue", t.queue_us), ("preprocess", t.preprocess_us), ("inference", t.inference_us),
                           ("postprocess", t.postprocess_us), ("total", t.total_us)):
                 stages[k].append(us / 1e3)
         return lat, dets
 
-    def stream(n: int) -> tuple[list[float], list[int]]:
-        return lockstep_stream(stub, frames, n), []
+    def stream(n: int, on: Any = stub) -> tuple[list[float], list[int]]:
+        return lockstep_stream(on, frames, n), []
 
     runs: dict[str, list[list[float]]] = {k: [] for k in PATHS}
     counts: dict[str, list[int]] = {}
@@ -274,14 +323,18 @@ def main(argv: list[str] | None = None) -> int:
                     r = drive_kserve(python, target, manifest.name, tmp / "frames", args.n, args.warmup, on_stream)
                     lat, dets = r["latency_ms"], r["detections"]
                 else:
-                    fn = {"in-process": inprocess, "Detect": detect, "StreamDetect": stream}[name]
-                    fn(args.warmup)
-                    lat, dets = fn(args.n)
+                    method = BARE_PATHS.get(name, name)
+                    fn = {"in-process": inprocess, "Detect": detect, "StreamDetect": stream}[method]
+                    on = (bare_stub,) if name in BARE_PATHS else ()
+                    fn(args.warmup, *on)
+                    lat, dets = fn(args.n, *on)
                 runs[name].append(lat)
                 if dets:
                     counts.setdefault(name, dets)
     finally:
         channel.close()
+        bare_channel.close()
+        bare.stop()
         proc.terminate()
         proc.wait(30)
         if peer is not None:
@@ -315,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     if tri_stream and "KServe v2 stream (ours)" in rows:
         print(f"\nModelStreamInfer, ours against Triton's: "
               f"{rows['KServe v2 stream (ours)']['p50_ms'] / tri_stream:.2f}x (p50)")
+    print("\nour server against the bare grpcio server running the same pipeline (p50): "
+          + ", ".join(f"{ours} {rows[ours]['p50_ms'] / rows[name]['p50_ms']:.2f}x"
+                      for name, ours in BARE_PATHS.items() if name in rows and ours in rows))
     st = {k: statistics.median(v) for k, v in stages.items()}
     inner = st["preprocess"] + st["inference"] + st["postprocess"]
     print()
