@@ -22,7 +22,10 @@
 6. The floor of a gRPC call in Python: a bare grpcio server in another process whose handlers
    answer at once (no pipeline, no interceptors), a 100 KB request (a 1280x720 JPEG's size)
    and a 700-byte answer (20 detections), unary and stream lockstep; p50 of the round trip.
-   What any Python gRPC server pays per frame before it does any work.
+   What any Python gRPC server pays per frame before it does any work. And a unary call to a
+   handler that sleeps 7 ms before answering (as a frame's work keeps it): the time the call
+   spends outside the handler, which an echo understates where threads woken from idle start
+   late.
 7. Box IoU matrices (``perception.boxes.box_iou``) at 10, 50 and 100 boxes a side:
    broadcasting (N, 1, 2) corner pairs against (1, M, 2) (before) vs coordinate by coordinate,
    (N, 1) columns against (M,) rows (now); and ``box_iou`` vs the tracker's compiled loop
@@ -443,16 +446,22 @@ def bench_iou(runs: int, sizes: tuple[int, ...] = (10, 50, 100), rounds: int = 5
 
 
 _ECHO_SERVER = """
-import sys
+import struct, sys, time
 from concurrent import futures
 import grpc
 answer = bytes(700)
+wait_s = float(sys.argv[1])
 def ident(b): return b
 def unary(req, ctx): return answer
+def wait(req, ctx):  # sleeps, then answers how long it took (its first 8 bytes)
+    t0 = time.perf_counter()
+    time.sleep(wait_s)
+    return struct.pack("d", time.perf_counter() - t0) + answer[8:]
 def stream(reqs, ctx):
     for _ in reqs:
         yield answer
 handlers = {"U": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=ident, response_serializer=ident),
+            "W": grpc.unary_unary_rpc_method_handler(wait, request_deserializer=ident, response_serializer=ident),
             "S": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=ident, response_serializer=ident)}
 server = grpc.server(futures.ThreadPoolExecutor(4))
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
@@ -462,15 +471,18 @@ sys.stdin.read()
 """
 
 
-def bench_grpc_floor(calls: int, size: int = 100_000) -> dict[str, Any]:
-    """p50 ms of a bare grpcio round trip (unary, stream lockstep) to a server process."""
+def bench_grpc_floor(calls: int, size: int = 100_000, wait_ms: float = 7.0) -> dict[str, Any]:
+    """p50 ms of a bare grpcio round trip (unary, stream lockstep) to a server process; and the
+    time a unary call spends outside a handler that sleeps ``wait_ms`` (as a frame's work would
+    keep it), for a quarter as many calls."""
     import queue as queue_mod
+    import struct
     import subprocess
 
     import grpc
 
-    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, str(wait_ms / 1e3)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
@@ -485,6 +497,13 @@ def bench_grpc_floor(calls: int, size: int = 100_000) -> dict[str, Any]:
                 unary(payload)
                 if i >= warm:
                     times["unary"].append((time.perf_counter() - t0) * 1e3)
+            wait = ch.unary_unary("/echo.Echo/W", request_serializer=ident, response_deserializer=ident)
+            times["outside_waiting_handler"] = []
+            for i in range(calls // 4 + warm):
+                t0 = time.perf_counter()
+                (inside,) = struct.unpack_from("d", wait(payload))
+                if i >= warm:
+                    times["outside_waiting_handler"].append((time.perf_counter() - t0 - inside) * 1e3)
             sends: queue_mod.Queue[bytes | None] = queue_mod.Queue()
             answers = ch.stream_stream("/echo.Echo/S", request_serializer=ident,
                                        response_deserializer=ident)(iter(sends.get, None))
@@ -500,7 +519,7 @@ def bench_grpc_floor(calls: int, size: int = 100_000) -> dict[str, Any]:
     finally:
         proc.kill()
         proc.wait()
-    return {"request_bytes": size, "calls": calls, "grpcio": grpc.__version__,
+    return {"request_bytes": size, "calls": calls, "grpcio": grpc.__version__, "wait_ms": wait_ms,
             **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()}}
 
 
@@ -600,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         results["grpc"] = g = bench_grpc_floor(a.grpc_calls)
         print(f"\n6. bare grpcio {g['grpcio']} round trip, {g['request_bytes'] // 1000} KB request, 700 B answer, "
               f"server in another process, {g['calls']} calls: unary p50 {g['unary_p50_ms']:.3f} ms, "
-              f"stream lockstep p50 {g['stream_p50_ms']:.3f} ms")
+              f"stream lockstep p50 {g['stream_p50_ms']:.3f} ms; unary to a handler that sleeps {g['wait_ms']:g} ms "
+              f"({g['calls'] // 4} calls): p50 {g['outside_waiting_handler_p50_ms']:.3f} ms outside the handler")
     if "iou" in which:
         _log("iou")
         results["iou"] = rows = bench_iou(a.iou_runs)
