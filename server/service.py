@@ -134,6 +134,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             self._drop(task, FrameStatus.INVALID, str(exc))
             raise
         finally:
+            if isinstance(request, Received):
+                request.release()  # the bytes go when the budget stops counting them, not at the answer
             self._limits.undecoded.give_back(size)
         key = ("unary", next(_unary_ids))
         deadline = task.received + deadline_ms / 1000.0 if deadline_ms else None

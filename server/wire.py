@@ -176,6 +176,13 @@ class Received:
     def ByteSize(self) -> int:  # noqa: N802  # the protobuf name, as callers ask requests
         return self.size
 
+    def release(self) -> None:
+        """Let the image bytes go once the frame is prepared (decoded and letterboxed). A unary
+        call's request is held by gRPC until the call returns, so without this a frame waiting
+        for the engine kept its encoded bytes (up to the message limit) beside its tensor.
+        ``size`` stays what was received."""
+        object.__setattr__(self, "payload", memoryview(b""))
+
 
 # (tag start, value start, value end, field number) of a length-delimited field.
 _Span = tuple[int, int, int, int]

@@ -17,7 +17,7 @@ from perception.pipeline import FramePipeline
 from perception.v1 import detector_pb2 as pb
 from server.metrics import DROP_REASONS
 from server.scheduler import Job
-from tests.server.conftest import health_check, jpeg, request, stalled_reader_channel, window_filling_request
+from tests.server.conftest import health_check, jpeg, request, stalled_reader_channel, wait_for, window_filling_request
 
 OK = pb.FRAME_STATUS_OK
 
@@ -550,3 +550,34 @@ def test_a_unary_frame_left_unanswered_is_counted_dropped_once(serve, monkeypatc
     assert get("perception_frames_dropped_total", {"camera": "front", "reason": reason}) == 1
     assert sum(get("perception_frames_dropped_total", {"camera": "front", "reason": r}) or 0 for r in DROP_REASONS) == 1
     assert not get("perception_frames_answered_total", {"camera": "front"})
+
+
+def test_a_unary_frame_waiting_for_the_engine_no_longer_holds_its_bytes(serve, monkeypatch):
+    """Once a Detect call's frame is prepared its encoded bytes are let go, as a stream's are:
+    gRPC holds the call's request until the call returns, and a frame queued behind a busy
+    engine kept its bytes (up to the message limit) beside its tensor until its answer."""
+    import server.service as service_module
+    from server.wire import Received
+
+    received: list[Received] = []
+    parse = service_module.parse_detect_request
+
+    def parse_and_keep(data: bytes) -> Any:
+        request = parse(data)
+        if isinstance(request, Received) and request.request.frame.camera_id == "front":
+            received.append(request)
+        return request
+
+    monkeypatch.setattr(service_module, "parse_detect_request", parse_and_keep)  # bound when the server is made
+    run = serve(inference_workers=1)
+    release = _hold_the_engine(run, monkeypatch)
+    frame = jpeg(640, 480)
+    try:
+        call = run.stub.Detect.future(request("front", 1, frame), timeout=20)
+        assert wait_for(lambda: bool(received) and received[0].payload.nbytes == 0, 10), (
+            "the frame waits for the engine with its encoded bytes still held")
+        assert not call.done() and received[0].size > len(frame), "the frame was answered before the check"
+    finally:
+        release.set()
+    answer = call.result()
+    assert answer.status == OK and (answer.image_width, answer.image_height) == (640, 480)
