@@ -499,7 +499,7 @@ def bench_grpc_floor(calls: int, size: int = 100_000, wait_ms: float = 7.0) -> d
                     times["unary"].append((time.perf_counter() - t0) * 1e3)
             wait = ch.unary_unary("/echo.Echo/W", request_serializer=ident, response_deserializer=ident)
             times["outside_waiting_handler"] = []
-            for i in range(calls // 4 + warm):
+            for i in range(max(1, calls // 4) + warm):
                 t0 = time.perf_counter()
                 (inside,) = struct.unpack_from("d", wait(payload))
                 if i >= warm:
@@ -620,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n6. bare grpcio {g['grpcio']} round trip, {g['request_bytes'] // 1000} KB request, 700 B answer, "
               f"server in another process, {g['calls']} calls: unary p50 {g['unary_p50_ms']:.3f} ms, "
               f"stream lockstep p50 {g['stream_p50_ms']:.3f} ms; unary to a handler that sleeps {g['wait_ms']:g} ms "
-              f"({g['calls'] // 4} calls): p50 {g['outside_waiting_handler_p50_ms']:.3f} ms outside the handler")
+              f"({max(1, g['calls'] // 4)} calls): p50 {g['outside_waiting_handler_p50_ms']:.3f} ms "
+              "outside the handler")
     if "iou" in which:
         _log("iou")
         results["iou"] = rows = bench_iou(a.iou_runs)

@@ -34,6 +34,7 @@ The served model is the shipped default (artifacts/demo/engine, built by `make d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -55,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "artifacts" / "demo" / "engine" / "manifest.json"
 DRIVE = REPO / "assets" / "drives" / "demo" / "front.mp4"
 DEFAULT_PEER = Path.home() / ".cache" / "perception" / "triton-peer"
-READY_MARK = "ready grpc="  # what bench/triton_peer.py prints once Triton serves
+READY_MARK = "ready grpc="  # what bench/triton_peer.py and bench/bare_grpc_server.py print once they serve
 START_TIMEOUT_S = 300.0  # Triton loading the model (the peer venv is made before)
 # The peer's pins: PyTriton 0.7 (Triton 2.51) wants numpy < 2, so numpy and OpenCV are the
 # newest it accepts; onnxruntime and simplejpeg are the project's own versions.
@@ -143,6 +144,54 @@ def bench_frames(out: Path, n: int = 30) -> list[bytes]:
     return frames
 
 
+def wait_for_mark(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
+    """The first line of ``proc``'s stdout holding READY_MARK, or None if the process exits or
+    ``timeout_s`` passes first. Its stdout is read on a thread until it exits (a full pipe would
+    stall it), and the mark is looked for anywhere in a line: tritonserver logs on the peer's
+    stdout through a thread of PyTriton's that can leave a line unfinished when the peer prints
+    its mark (it was missed once at the start of a line, and the bench waited for ever)."""
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
+    found: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:
+        for line in stdout:
+            if not found and READY_MARK in line:
+                found.append(line[line.index(READY_MARK) + len(READY_MARK):].strip())
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.5):
+        if proc.poll() is not None:
+            ready.wait(1.0)  # a mark printed just before it exited is still read
+            break
+        if time.monotonic() > deadline:
+            break
+    return found[0] if found else None
+
+
+def stop_process(proc: subprocess.Popen[str], group: bool = False) -> None:
+    """SIGTERM (to its process group with ``group``), then SIGKILL if it has not ended in 30 s."""
+    import signal
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    if proc.poll() is None:
+        send(signal.SIGTERM if not group else signal.SIGINT)  # PyTriton stops its tritonserver on SIGINT
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            proc.wait(10)
+
+
 class BareServer:
     """bench/bare_grpc_server.py, the same pipeline behind a plain grpcio server, in its own process."""
 
@@ -150,18 +199,14 @@ class BareServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads)],
             cwd=REPO, stdout=subprocess.PIPE, text=True)
-        stdout = self.proc.stdout
-        assert stdout is not None
-        for line in stdout:  # its only line; it ends (EOF) if the server fails to start
-            if line.startswith(READY_MARK):
-                self.address = line[len(READY_MARK):].strip()
-                return
-        self.proc.wait(10)
-        raise RuntimeError("bench/bare_grpc_server.py did not start (its error is above)")
+        address = wait_for_mark(self.proc, START_TIMEOUT_S)
+        if address is None:
+            self.stop()
+            raise RuntimeError("bench/bare_grpc_server.py did not start (its error is above)")
+        self.address = address
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        stop_process(self.proc)
 
 
 class TritonPeer:
@@ -179,36 +224,14 @@ class TritonPeer:
              str(self.port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
              "--threads", str(threads)],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, start_new_session=True)
-        stdout = self.proc.stdout
-        assert stdout is not None
-        # tritonserver logs on the same stdout, through a thread of PyTriton's that may leave a
-        # line unfinished when "ready grpc=..." is printed: the marker is looked for anywhere in
-        # a line (it was missed once at the start of one, and the bench waited for ever).
-        ready = threading.Event()
-
-        def drain() -> None:  # reads until the peer exits, so that its pipe never fills
-            for line in stdout:
-                if READY_MARK in line:
-                    ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.wait(0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Triton did not start within {START_TIMEOUT_S:g} s; see {self.log.name}")
+        if wait_for_mark(self.proc, START_TIMEOUT_S) is None:
+            why = "exited" if self.proc.poll() is not None else f"did not start within {START_TIMEOUT_S:g} s"
+            self.stop()
+            raise RuntimeError(f"Triton {why}; see {self.log.name}")
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # tritonserver is PyTriton's child: the whole group
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc, group=True)  # tritonserver is PyTriton's child: the whole group
 
 
 def drive_kserve(python: Path, address: str, model: str, frames_dir: Path, n: int, warmup: int,
@@ -253,65 +276,67 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = served_threads()
     python, can_triton, why_not = make_peer(args.peer_venv)
     manifest = load_manifest(args.model)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_triton_"))
-    frames = bench_frames(tmp / "frames")
+    # Everything started is stopped, in reverse, however the run ends (an error, Ctrl-C).
+    with contextlib.ExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_triton_"))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        frames = bench_frames(tmp / "frames")
 
-    pipe = FramePipeline.from_manifest(manifest)
-    backend, _ = backend_for(manifest, "", RuntimeSettings(threads=args.threads, max_batch=1))
-    pipe.bind_outputs(backend.outputs)
-    proc, address = start_server(args.model, "--kserve", "--threads", str(args.threads))
-    peer = None
-    if can_triton:
-        try:
-            peer = TritonPeer(python, args.model, args.threads)
-        except RuntimeError as exc:
-            why_not = str(exc)
-    try:
+        pipe = FramePipeline.from_manifest(manifest)
+        backend, _ = backend_for(manifest, "", RuntimeSettings(threads=args.threads, max_batch=1))
+        stack.callback(backend.deactivate)
+        pipe.bind_outputs(backend.outputs)
+        proc, address = start_server(args.model, "--kserve", "--threads", str(args.threads))
+        stack.callback(stop_process, proc)
+        peer = None
+        if can_triton:
+            try:
+                peer = TritonPeer(python, args.model, args.threads)
+                stack.callback(peer.stop)
+            except RuntimeError as exc:
+                why_not = str(exc)
         bare = BareServer(args.model, args.threads)
-    except RuntimeError:
-        proc.terminate()
-        if peer is not None:
-            peer.stop()
-        raise
-    channel = grpc.insecure_channel(address)
-    stub = pb_grpc.DetectorStub(channel)
-    bare_channel = grpc.insecure_channel(bare.address)
-    bare_stub = pb_grpc.DetectorStub(bare_channel)
+        stack.callback(bare.stop)
+        channel = grpc.insecure_channel(address)
+        stack.callback(channel.close)
+        stub = pb_grpc.DetectorStub(channel)
+        bare_channel = grpc.insecure_channel(bare.address)
+        stack.callback(bare_channel.close)
+        bare_stub = pb_grpc.DetectorStub(bare_channel)
 
-    def inprocess(n: int) -> tuple[list[float], list[int]]:
-        lat, dets = [], []
-        for i in range(n):
-            t0 = time.perf_counter()
-            (d,) = pipe.run_batch([FrameInput("front", i, 0, encoded=frames[i % len(frames)])], RequestOptions(),
-                                  backend.infer)
-            lat.append((time.perf_counter() - t0) * 1e3)
-            dets.append(len(d))
-        return lat, dets
+        def inprocess(n: int) -> tuple[list[float], list[int]]:
+            lat, dets = [], []
+            for i in range(n):
+                t0 = time.perf_counter()
+                (d,) = pipe.run_batch([FrameInput("front", i, 0, encoded=frames[i % len(frames)])], RequestOptions(),
+                                      backend.infer)
+                lat.append((time.perf_counter() - t0) * 1e3)
+                dets.append(len(d))
+            return lat, dets
 
-    stages: dict[str, list[float]] = {k: [] for k in ("queue", "preprocess", "inference", "postprocess", "total")}
+        stages: dict[str, list[float]] = {k: [] for k in ("queue", "preprocess", "inference", "postprocess", "total")}
 
-    def detect(n: int, on: Any = stub) -> tuple[list[float], list[int]]:
-        lat, dets = [], []
-        for i in range(n):
-            req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, encoded=frames[i % len(frames)]))
-            t0 = time.perf_counter()
-            resp = on.Detect(req, timeout=30)
-            lat.append((time.perf_counter() - t0) * 1e3)
-            dets.append(len(resp.detections))
-            if on is not stub:
-                continue
-            t = resp.timings
-            for k, us in (("queue", t.queue_us), ("preprocess", t.preprocess_us), ("inference", t.inference_us),
-                          ("postprocess", t.postprocess_us), ("total", t.total_us)):
-                stages[k].append(us / 1e3)
-        return lat, dets
+        def detect(n: int, on: Any = stub) -> tuple[list[float], list[int]]:
+            lat, dets = [], []
+            for i in range(n):
+                req = pb.DetectRequest(frame=pb.Frame(camera_id="front", sequence=i, encoded=frames[i % len(frames)]))
+                t0 = time.perf_counter()
+                resp = on.Detect(req, timeout=30)
+                lat.append((time.perf_counter() - t0) * 1e3)
+                dets.append(len(resp.detections))
+                if on is not stub:
+                    continue
+                t = resp.timings
+                for k, us in (("queue", t.queue_us), ("preprocess", t.preprocess_us), ("inference", t.inference_us),
+                              ("postprocess", t.postprocess_us), ("total", t.total_us)):
+                    stages[k].append(us / 1e3)
+            return lat, dets
 
-    def stream(n: int, on: Any = stub) -> tuple[list[float], list[int]]:
-        return lockstep_stream(on, frames, n), []
+        def stream(n: int, on: Any = stub) -> tuple[list[float], list[int]]:
+            return lockstep_stream(on, frames, n), []
 
-    runs: dict[str, list[list[float]]] = {k: [] for k in PATHS}
-    counts: dict[str, list[int]] = {}
-    try:
+        runs: dict[str, list[list[float]]] = {k: [] for k in PATHS}
+        counts: dict[str, list[int]] = {}
         for rnd in range(args.rounds):
             print(f"[bench_triton] round {rnd + 1}/{args.rounds}", file=sys.stderr, flush=True)
             for name in PATHS:
@@ -331,16 +356,6 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(lat)
                 if dets:
                     counts.setdefault(name, dets)
-    finally:
-        channel.close()
-        bare_channel.close()
-        bare.stop()
-        proc.terminate()
-        proc.wait(30)
-        if peer is not None:
-            peer.stop()
-        backend.deactivate()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     ref = counts["in-process"]
     same = {k: v == ref for k, v in counts.items()}
@@ -368,9 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     if tri_stream and "KServe v2 stream (ours)" in rows:
         print(f"\nModelStreamInfer, ours against Triton's: "
               f"{rows['KServe v2 stream (ours)']['p50_ms'] / tri_stream:.2f}x (p50)")
-    print("\nour server against the bare grpcio server running the same pipeline (p50): "
-          + ", ".join(f"{ours} {rows[ours]['p50_ms'] / rows[name]['p50_ms']:.2f}x"
-                      for name, ours in BARE_PATHS.items() if name in rows and ours in rows))
+    against_bare = [f"{ours} {rows[ours]['p50_ms'] / rows[name]['p50_ms']:.2f}x"
+                    for name, ours in BARE_PATHS.items() if name in rows and ours in rows]
+    if against_bare:
+        print("\nour server against the bare grpcio server running the same pipeline (p50): " + ", ".join(against_bare))
     st = {k: statistics.median(v) for k, v in stages.items()}
     inner = st["preprocess"] + st["inference"] + st["postprocess"]
     print()
