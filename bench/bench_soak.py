@@ -17,7 +17,8 @@ first), with the server's default limits except one: every client here connects 
    (``--big-frame-mib``, default 7.9: a 1280x720 picture padded with APP15 segments; valid, so
    each one is held, decoded and inferred) back to back. Larger frames need a raised limit
    (``--server-args '--max-message-bytes ...'``); at the default they are refused at their
-   length prefix.
+   length prefix. With ``--big-unary`` the same clients send unary ``Detect`` calls back to back
+   instead (one call in flight each): frames a busy engine keeps waiting after decoding them.
 
 Reported per phase: every frame accounted for (sent = answered + unanswered), OK latency
 p50 / p99 taken as each answer arrives, the cameras' OK fps and its ratio hostile / clean
@@ -26,7 +27,7 @@ ERROR log lines and INTERNAL codes, and whether it is alive and SERVING (gRPC he
 end. The clients share the machine with the server: their CPU seconds are printed beside its.
 
     .venv/bin/python -m bench.bench_soak [--model manifest.json] [--duration-s 600]
-        [--big-duration-s 60] [--json-out FILE]
+        [--big-duration-s 60] [--big-unary] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import numpy as np
 from bench.bench_server import READY, REPO, ServerProcess, jpeg, pct, road_frame
 
 METHOD = "/perception.v1.Detector/StreamDetect"
+UNARY_METHOD = "/perception.v1.Detector/Detect"
 MIB = 1 << 20
 DEMO_MANIFEST = REPO / "artifacts/demo/engine/manifest.json"
 DRAIN_S = 15.0  # after a phase's sending ends, how long its in-flight frames may take to be answered
@@ -253,6 +255,27 @@ def firehose(channel: grpc.Channel, payloads: Sequence[bytes], end: float, t: Ta
         _pause_before_retry(end)
 
 
+def firehose_unary(channel: grpc.Channel, payloads: Sequence[bytes], end: float, t: Tally) -> None:
+    """Unary ``Detect`` calls back to back, one in flight, until ``end``. A call that fails is
+    counted sent, unanswered, and by its code (``errors``)."""
+    from perception.v1 import detector_pb2 as pb
+
+    detect: Any = channel.unary_unary(UNARY_METHOD, request_serializer=None,
+                                      response_deserializer=pb.DetectResponse.FromString)
+    while time.perf_counter() < end:
+        for payload in payloads:
+            t.sent += 1
+            try:
+                resp = detect(payload, timeout=max(0.1, end - time.perf_counter()) + DRAIN_S)
+            except grpc.RpcError as exc:
+                t.errors[exc.code().name] += 1
+                t.unanswered += 1
+                _pause_before_retry(end)
+                continue
+            t.answered += 1
+            t.statuses[_status(resp.status)] += 1
+
+
 def idle_streams(channel: grpc.Channel, end: float, t: Tally) -> None:
     """Hold a stream that sends nothing; when the server ends it, open the next one."""
     stream = _raw_stream(channel)
@@ -435,15 +458,17 @@ def hostile_process(kind: str, address: str, seconds: float, open_close_per_s: f
     client_process(kind, setup, seconds, start, out)
 
 
-def big_process(address: str, index: int, streams: int, frame_mib: float, seconds: float, start: Event,
-                out: Queue[Any]) -> None:
+def big_process(address: str, index: int, streams: int, frame_mib: float, seconds: float, unary: bool,
+                start: Event, out: Queue[Any]) -> None:
+    send = firehose_unary if unary else firehose
+
     def setup() -> Jobs:
         data = padded_jpeg(jpeg(road_frame(1280, 720, seed=index)), int(frame_mib * MIB))
         payload = [request_bytes(f"big{index}", data)]
         # A subchannel pool of each channel's own: one HTTP/2 connection per stream, as separate clients.
         channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                     for _ in range(streams)]
-        return lambda end: [(f"big{index}.{i}", functools.partial(firehose, ch, payload, end))
+        return lambda end: [(f"big{index}.{i}", functools.partial(send, ch, payload, end))
                             for i, ch in enumerate(channels)]
 
     client_process(f"big{index}", setup, seconds, start, out)
@@ -675,7 +700,7 @@ def server_row(p: Phase) -> list[object]:
             "yes" if p.alive else "NO", p.health, f"{p.load_1m:.1f}"]
 
 
-def report(phases: dict[str, Phase], target_mb: float) -> None:
+def report(phases: dict[str, Phase], target_mb: float, big_unary: bool = False) -> None:
     soak = [phases[k] for k in ("clean", "hostile") if k in phases]
     if soak:
         print("\nhonest cameras (latency: frame handed to gRPC -> its answer arrives, OK frames only; "
@@ -691,7 +716,8 @@ def report(phases: dict[str, Phase], target_mb: float) -> None:
             for label, t in hostile]
     if "big" in phases:
         t = merged(phases["big"].tallies.values())
-        rows.append([f"big: {len(phases['big'].tallies)} streams", t.streams, t.sent, t.answered, t.unanswered,
+        rows.append([f"big: {len(phases['big'].tallies)} {'unary callers' if big_unary else 'streams'}",
+                     t.streams, t.sent, t.answered, t.unanswered,
                      counts(t.statuses), counts(t.errors)])
     if rows:
         print("\nhostile and big-frame streams (stream errors: the codes that ended a stream; CANCELLED: ours)")
@@ -753,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--big-streams", type=int, default=32)
     a("--big-processes", type=int, default=4, help="client processes the big-frame streams are spread over")
     a("--big-frame-mib", type=float, default=7.9, help="size of each big frame (default: under the 8 MiB limit)")
+    p.add_argument("--big-unary", action="store_true",
+                   help="the big-frame clients send unary Detect calls back to back instead of streams")
     a("--big-target-mb", type=float, default=600.0)
     a("--threads", type=int, default=0, help="server inference threads per batch (default: the server's choice)")
     a("--max-streams-per-peer", type=int, default=32,
@@ -808,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
                 n, k = args.big_streams, max(1, min(args.big_processes, args.big_streams))
                 split = [n // k + (i < n % k) for i in range(k)]
                 phases["big"] = harness.run("big", args.big_duration_s, [
-                    (big_process, (addr, i, s, args.big_frame_mib, args.big_duration_s)) for i, s in enumerate(split)])
+                    (big_process, (addr, i, s, args.big_frame_mib, args.big_duration_s, args.big_unary))
+                    for i, s in enumerate(split)])
         except KeyboardInterrupt:
             print("interrupted: stopping every client and the server", file=sys.stderr)
             code = 130
@@ -821,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = server.stop() if server is not None else None
             signal.signal(signal.SIGTERM, previous)
     if phases:
-        report(phases, args.big_target_mb)
+        report(phases, args.big_target_mb, args.big_unary)
         print(f"server exit code after SIGTERM: {exit_code}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({n: phase_json(p) for n, p in phases.items()}, indent=2))
