@@ -83,7 +83,7 @@ class Tally:
     answered: int = 0
     unanswered: int = 0  # sent on a stream that ended without answering them
     statuses: Counter[str] = field(default_factory=Counter)  # answers by FrameStatus
-    errors: Counter[str] = field(default_factory=Counter)  # gRPC codes that ended a stream
+    errors: Counter[str] = field(default_factory=Counter)  # gRPC codes that ended a stream (or a unary call)
     ok_ms: list[float] = field(default_factory=list)  # send -> answer, OK frames
     skipped: int = 0  # camera ticks not sent because the window was full
     cpu_s: float = 0.0
@@ -717,10 +717,11 @@ def report(phases: dict[str, Phase], target_mb: float, big_unary: bool = False) 
     if "big" in phases:
         t = merged(phases["big"].tallies.values())
         rows.append([f"big: {len(phases['big'].tallies)} {'unary callers' if big_unary else 'streams'}",
-                     t.streams, t.sent, t.answered, t.unanswered,
+                     "-" if big_unary else t.streams, t.sent, t.answered, t.unanswered,
                      counts(t.statuses), counts(t.errors)])
     if rows:
-        print("\nhostile and big-frame streams (stream errors: the codes that ended a stream; CANCELLED: ours)")
+        print("\nhostile and big-frame streams (stream errors: the codes that ended a stream, or a unary call; "
+              "CANCELLED: ours)")
         print(table(["client", "streams", "sent", "answered", "unanswered", "answers", "stream errors"], rows))
     print("\nserver (RSS MB start / max sampled each 0.5 s / peak VmHWM / end; CPU s in the phase)")
     print(table(["phase", "RSS MB", "server CPU s", "clients CPU s", "ERROR lines", "INTERNAL", "alive", "health",
@@ -779,8 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--big-streams", type=int, default=32)
     a("--big-processes", type=int, default=4, help="client processes the big-frame streams are spread over")
     a("--big-frame-mib", type=float, default=7.9, help="size of each big frame (default: under the 8 MiB limit)")
-    p.add_argument("--big-unary", action="store_true",
-                   help="the big-frame clients send unary Detect calls back to back instead of streams")
+    a("--big-unary", action="store_true",
+      help="the big-frame clients send unary Detect calls back to back instead of streams")
     a("--big-target-mb", type=float, default=600.0)
     a("--threads", type=int, default=0, help="server inference threads per batch (default: the server's choice)")
     a("--max-streams-per-peer", type=int, default=32,

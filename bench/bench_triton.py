@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +145,14 @@ def bench_frames(out: Path, n: int = 30) -> list[bytes]:
     return frames
 
 
-def wait_for_mark(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
+def wait_for_mark(proc: subprocess.Popen[str], timeout_s: float,
+                  sink: Callable[[str], object] | None = None) -> str | None:
     """The first line of ``proc``'s stdout holding READY_MARK, or None if the process exits or
     ``timeout_s`` passes first. Its stdout is read on a thread until it exits (a full pipe would
     stall it), and the mark is looked for anywhere in a line: tritonserver logs on the peer's
     stdout through a thread of PyTriton's that can leave a line unfinished when the peer prints
-    its mark (it was missed once at the start of a line, and the bench waited for ever)."""
+    its mark (it was missed once at the start of a line, and the bench waited for ever). Every
+    line read is also given to ``sink`` (the peer's log: tritonserver's own errors are there)."""
     stdout = proc.stdout
     assert stdout is not None  # stdout=PIPE
     found: list[str] = []
@@ -157,6 +160,8 @@ def wait_for_mark(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
 
     def drain() -> None:
         for line in stdout:
+            if sink is not None:
+                sink(line)
             if not found and READY_MARK in line:
                 found.append(line[line.index(READY_MARK) + len(READY_MARK):].strip())
                 ready.set()
@@ -190,6 +195,8 @@ def stop_process(proc: subprocess.Popen[str], group: bool = False) -> None:
         except subprocess.TimeoutExpired:
             send(signal.SIGKILL)
             proc.wait(10)
+    if group:  # whatever of its group outlived it (a tritonserver whose PyTriton parent died)
+        send(signal.SIGKILL)
 
 
 class BareServer:
@@ -199,10 +206,16 @@ class BareServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads)],
             cwd=REPO, stdout=subprocess.PIPE, text=True)
-        address = wait_for_mark(self.proc, START_TIMEOUT_S)
-        if address is None:
+        try:
+            address = wait_for_mark(self.proc, START_TIMEOUT_S)
+        except BaseException:  # Ctrl-C while it loads
             self.stop()
-            raise RuntimeError("bench/bare_grpc_server.py did not start (its error is above)")
+            raise
+        if address is None:
+            why = (f"exited ({self.proc.returncode}; its error is above)" if self.proc.poll() is not None
+                   else f"did not start within {START_TIMEOUT_S:g} s")
+            self.stop()
+            raise RuntimeError(f"bench/bare_grpc_server.py {why}")
         self.address = address
 
     def stop(self) -> None:
@@ -224,8 +237,19 @@ class TritonPeer:
              str(self.port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
              "--threads", str(threads)],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, start_new_session=True)
-        if wait_for_mark(self.proc, START_TIMEOUT_S) is None:
-            why = "exited" if self.proc.poll() is not None else f"did not start within {START_TIMEOUT_S:g} s"
+        def to_log(line: str) -> None:
+            self.log.write(line.encode())
+            self.log.flush()
+
+        try:
+            # Its own session: a Ctrl-C at the terminal does not reach it, so it is stopped here.
+            mark = wait_for_mark(self.proc, START_TIMEOUT_S, sink=to_log)
+        except BaseException:
+            self.stop()
+            raise
+        if mark is None:
+            why = (f"exited ({self.proc.returncode})" if self.proc.poll() is not None
+                   else f"did not start within {START_TIMEOUT_S:g} s")
             self.stop()
             raise RuntimeError(f"Triton {why}; see {self.log.name}")
         self.address = f"127.0.0.1:{self.port}"
