@@ -199,6 +199,24 @@ def stop_process(proc: subprocess.Popen[str], group: bool = False) -> None:
         send(signal.SIGKILL)
 
 
+def await_start(proc: subprocess.Popen[str], stop: Callable[[], None], what: str,
+                sink: Callable[[str], object] | None = None) -> str:
+    """What follows READY_MARK on ``proc``'s stdout once it serves (``wait_for_mark``). If it
+    exits, times out or the wait is interrupted (Ctrl-C while it loads), ``stop`` runs first;
+    then RuntimeError names ``what`` and why."""
+    try:
+        mark = wait_for_mark(proc, START_TIMEOUT_S, sink)
+    except BaseException:
+        stop()
+        raise
+    if mark is None:
+        why = (f"exited ({proc.returncode})" if proc.poll() is not None
+               else f"did not start within {START_TIMEOUT_S:g} s")
+        stop()
+        raise RuntimeError(f"{what}: {why}")
+    return mark
+
+
 class BareServer:
     """bench/bare_grpc_server.py, the same pipeline behind a plain grpcio server, in its own process."""
 
@@ -206,17 +224,7 @@ class BareServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads)],
             cwd=REPO, stdout=subprocess.PIPE, text=True)
-        try:
-            address = wait_for_mark(self.proc, START_TIMEOUT_S)
-        except BaseException:  # Ctrl-C while it loads
-            self.stop()
-            raise
-        if address is None:
-            why = (f"exited ({self.proc.returncode}; its error is above)" if self.proc.poll() is not None
-                   else f"did not start within {START_TIMEOUT_S:g} s")
-            self.stop()
-            raise RuntimeError(f"bench/bare_grpc_server.py {why}")
-        self.address = address
+        self.address = await_start(self.proc, self.stop, "bench/bare_grpc_server.py (its error is above)")
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -237,21 +245,13 @@ class TritonPeer:
              str(self.port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
              "--threads", str(threads)],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, start_new_session=True)
+
         def to_log(line: str) -> None:
             self.log.write(line.encode())
             self.log.flush()
 
-        try:
-            # Its own session: a Ctrl-C at the terminal does not reach it, so it is stopped here.
-            mark = wait_for_mark(self.proc, START_TIMEOUT_S, sink=to_log)
-        except BaseException:
-            self.stop()
-            raise
-        if mark is None:
-            why = (f"exited ({self.proc.returncode})" if self.proc.poll() is not None
-                   else f"did not start within {START_TIMEOUT_S:g} s")
-            self.stop()
-            raise RuntimeError(f"Triton {why}; see {self.log.name}")
+        # Its own session: a Ctrl-C at the terminal does not reach it, so it is stopped here.
+        await_start(self.proc, self.stop, f"Triton (see {self.log.name})", sink=to_log)
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:

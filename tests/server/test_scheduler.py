@@ -269,8 +269,8 @@ def test_idle_workers_sleep_through_runs_that_leave_nothing_queued(backend):
             assert s.run_if_idle(Job(("unary", k), tensor(k), rec.cb(f"inline-{k}")), transient=True)
         time.sleep(0.2)
         assert cond.woken == {}, "fast-path runs with nothing queued woke the idle workers"
-        # A queued frame still wakes a worker, and the batch it runs wakes no other: one worker
-        # woken per frame (the first to wake takes it; the other sleeps on).
+        # A queued frame still wakes the workers (submit wakes both; one takes it), and the run
+        # that leaves nothing queued wakes neither again: at most two wake-ups a frame.
         for k in range(5):
             s.submit(Job(("unary", "q", k), tensor(k), rec.cb(f"queued-{k}")), transient=True)
             rec.wait(21 + k)
