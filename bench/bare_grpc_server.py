@@ -17,9 +17,10 @@ Prints ``ready grpc=127.0.0.1:P`` on stdout once it serves, then serves until SI
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="manifest.json")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--port", type=int, default=0, help="loopback port (default: any free one)")
+    p.add_argument("--aio", action="store_true",
+                   help="serve on grpc.aio, the handlers running the pipeline on the event loop's thread")
     args = p.parse_args(argv)
 
     import grpc
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             yield answer(request)
 
     parse, serialize = pb.DetectRequest.FromString, pb.DetectResponse.SerializeToString
+    if args.aio:
+        try:
+            asyncio.run(serve_aio(args.port, answer, parse, serialize))
+        finally:
+            backend.deactivate()
+        return 0
     handlers: dict[str, grpc.RpcMethodHandler] = {
         "Detect": grpc.unary_unary_rpc_method_handler(detect, request_deserializer=parse,
                                                       response_serializer=serialize),
@@ -82,6 +91,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         backend.deactivate()
     return 0
+
+
+async def serve_aio(port: int, answer: Callable[[Any], Any], parse: Callable[[bytes], Any],
+                    serialize: Callable[[Any], bytes]) -> None:
+    """The same two handlers on grpc.aio: one thread reads, runs the pipeline and answers."""
+    import grpc
+
+    async def detect(request: Any, _context: Any) -> Any:
+        return answer(request)
+
+    async def stream(requests: AsyncIterator[Any], _context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield answer(request)
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {
+        "Detect": grpc.unary_unary_rpc_method_handler(detect, request_deserializer=parse,
+                                                      response_serializer=serialize),
+        "StreamDetect": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=parse,
+                                                              response_serializer=serialize),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("perception.v1.Detector", handlers),))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"{READY_MARK}127.0.0.1:{bound}", flush=True)
+    await server.wait_for_termination()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ path's figure is the median of its per-round p50s):
   same client code, to a plain grpcio server whose handlers call the same pipeline and nothing
   else (bench/bare_grpc_server.py): the floor of any grpcio server doing this job, so that our
   server's own overhead is the distance to it;
+- ``bare grpc.aio Detect`` and ``bare grpc.aio StreamDetect``: the same bare server on
+  grpc.aio (``--aio``), its handlers running the pipeline on the event loop's thread: whether
+  an asyncio server would lower that floor;
 - ``KServe v2 (ours)``: our ``--kserve`` front door, driven by stock ``tritonclient``;
 - ``Triton``: Triton 2.51 through PyTriton 0.7 serving the same pipeline code (its Python
   backend calling FramePipeline and our onnxruntime backend with the same settings), driven by
@@ -65,10 +68,12 @@ PEER_PACKAGES = ("nvidia-pytriton==0.7.0", "tritonclient[grpc]==2.73.0", "numpy=
                  "opencv-python-headless==4.11.0.86", "pyyaml")
 CLIENT_PACKAGES = ("tritonclient[grpc]==2.73.0", "numpy")
 PATHS = ("in-process", "Detect", "StreamDetect", "bare grpcio Detect", "bare grpcio StreamDetect",
+         "bare grpc.aio Detect", "bare grpc.aio StreamDetect",
          "KServe v2 (ours)", "Triton", "KServe v2 stream (ours)", "Triton stream")
 # The floor of a grpcio server doing this job (bench/bare_grpc_server.py), driven by the same
-# client code as ours: what our server adds is the distance to it.
-BARE_PATHS = {"bare grpcio Detect": "Detect", "bare grpcio StreamDetect": "StreamDetect"}
+# client code as ours: what our server adds is the distance to it. (the method, on grpc.aio)
+BARE_PATHS = {"bare grpcio Detect": ("Detect", False), "bare grpcio StreamDetect": ("StreamDetect", False),
+              "bare grpc.aio Detect": ("Detect", True), "bare grpc.aio StreamDetect": ("StreamDetect", True)}
 # The KServe paths: (ours or Triton's, on a ModelStreamInfer stream or not).
 KSERVE_PATHS = {"KServe v2 (ours)": (True, False), "Triton": (False, False),
                 "KServe v2 stream (ours)": (True, True), "Triton stream": (False, True)}
@@ -220,11 +225,13 @@ def await_start(proc: subprocess.Popen[str], stop: Callable[[], None], what: str
 class BareServer:
     """bench/bare_grpc_server.py, the same pipeline behind a plain grpcio server, in its own process."""
 
-    def __init__(self, manifest: Path, threads: int) -> None:
+    def __init__(self, manifest: Path, threads: int, aio: bool = False) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads)],
+            [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads),
+             *(["--aio"] if aio else [])],
             cwd=REPO, stdout=subprocess.PIPE, text=True)
         self.address = await_start(self.proc, self.stop, "bench/bare_grpc_server.py (its error is above)")
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -319,14 +326,16 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(peer.stop)
             except RuntimeError as exc:
                 why_not = str(exc)
-        bare = BareServer(args.model, args.threads)
-        stack.callback(bare.stop)
+        bare_stubs = {}
+        for aio in (False, True):
+            bare = BareServer(args.model, args.threads, aio=aio)
+            stack.callback(bare.stop)
+            bare_channel = grpc.insecure_channel(bare.address)
+            stack.callback(bare_channel.close)
+            bare_stubs[aio] = pb_grpc.DetectorStub(bare_channel)
         channel = grpc.insecure_channel(address)
         stack.callback(channel.close)
         stub = pb_grpc.DetectorStub(channel)
-        bare_channel = grpc.insecure_channel(bare.address)
-        stack.callback(bare_channel.close)
-        bare_stub = pb_grpc.DetectorStub(bare_channel)
 
         def inprocess(n: int) -> tuple[list[float], list[int]]:
             lat, dets = [], []
@@ -372,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = drive_kserve(python, target, manifest.name, tmp / "frames", args.n, args.warmup, on_stream)
                     lat, dets = r["latency_ms"], r["detections"]
                 else:
-                    method = BARE_PATHS.get(name, name)
+                    method, aio = BARE_PATHS.get(name, (name, False))
                     fn = {"in-process": inprocess, "Detect": detect, "StreamDetect": stream}[method]
-                    on = (bare_stub,) if name in BARE_PATHS else ()
+                    on = (bare_stubs[aio],) if name in BARE_PATHS else ()
                     fn(args.warmup, *on)
                     lat, dets = fn(args.n, *on)
                 runs[name].append(lat)
@@ -408,9 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nModelStreamInfer, ours against Triton's: "
               f"{rows['KServe v2 stream (ours)']['p50_ms'] / tri_stream:.2f}x (p50)")
     against_bare = [f"{ours} {rows[ours]['p50_ms'] / rows[name]['p50_ms']:.2f}x"
-                    for name, ours in BARE_PATHS.items() if name in rows and ours in rows]
+                    for name, (ours, aio) in BARE_PATHS.items() if not aio and name in rows and ours in rows]
     if against_bare:
         print("\nour server against the bare grpcio server running the same pipeline (p50): " + ", ".join(against_bare))
+    aio_vs = [f"{method} {rows[name]['p50_ms'] / rows[sync]['p50_ms']:.2f}x"
+              for name, (method, aio) in BARE_PATHS.items() if aio
+              for sync in [f"bare grpcio {method}"] if name in rows and sync in rows]
+    if aio_vs:
+        print("the bare server on grpc.aio against the same on grpcio's thread pool (p50): " + ", ".join(aio_vs))
     st = {k: statistics.median(v) for k, v in stages.items()}
     inner = st["preprocess"] + st["inference"] + st["postprocess"]
     print()
