@@ -6,7 +6,10 @@
    vs the engine's best offline throughput at the same batch size, and vs the best in-process
    arrangement of the whole job; target >= 0.9x. Then the same from one server process per
    core (``--processes``): on a port each, the cameras spread round robin; and sharing one port
-   (``--reuse-port``), the kernel spreading the connections.
+   (``--reuse-port``), the kernel spreading the connections. And the same cameras against
+   bench/bare_grpc_server.py, a plain grpcio server whose handler threads run the pipeline a
+   stream's frames one after another and nothing else: how far a grpcio server in one process
+   gets, so that what our server adds is the distance to it.
 3. Reduced-scale decode + letterbox of a 1920x1080 JPEG vs full decode + letterbox; target >= 2x.
 4. Server RSS with 8 camera streams at 30 fps, and its growth over --duration-s (issue: 10 min).
 
@@ -30,9 +33,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -244,8 +247,17 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
                       f"{name}_cores": m_cpu / seconds,
                       f"{name}_cpu_ms_per_ok": 1e3 * m_cpu / max(1.0, m_fps * seconds),
                       f"{name}_cores_each": [round(c / seconds, 2) for c in m_cpus]}
+    # The floor: a plain grpcio server running the pipeline on each stream's handler thread
+    # (one onnxruntime session of one thread per run, every stream's runs at once).
+    from bench.bench_triton import BareServer
+
+    b_counts, b_cpus, _ = _flat_out([BareServer(manifest, threads or served_threads())], frames, cameras, window,
+                                    seconds)
+    bare_fps = b_counts.get(pb.FRAME_STATUS_OK, 0) / seconds
     best = max(pipeline_fps, workers_fps)
-    return {"offline_fps": offline_fps, "pipeline_fps": pipeline_fps, "served_fps": ok_fps,
+    return {"bare_fps": bare_fps, "bare_ratio": bare_fps / best, "ours_vs_bare": ok_fps / max(bare_fps, 1e-9),
+            "bare_cores": b_cpus[0] / seconds, "bare_cpu_ms_per_ok": 1e3 * b_cpus[0] / max(1.0, bare_fps * seconds),
+            "offline_fps": offline_fps, "pipeline_fps": pipeline_fps, "served_fps": ok_fps,
             "ratio": ok_fps / offline_fps, "pipeline_ratio": ok_fps / pipeline_fps, "batch": batch,
             "pipeline_workers_fps": workers_fps, "best_pipeline_ratio": ok_fps / best, "cores": cores,
             "stale": counts.get(pb.FRAME_STATUS_DROPPED_STALE, 0),
@@ -255,7 +267,16 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
             "pipeline_workers_cpu_ms": workers_cpu_ms, **multi}
 
 
-def _flat_out(servers: list[ServerProcess], frames: list[bytes], cameras: int, window: int,
+class Served(Protocol):
+    """A server process the flat-out cameras drive: ours (ServerProcess) or the bare one."""
+
+    port: int
+    proc: subprocess.Popen[str]
+
+    def stop(self) -> object: ...
+
+
+def _flat_out(servers: Sequence[Served], frames: list[bytes], cameras: int, window: int,
               seconds: float) -> tuple[dict[int, int], list[float], float]:
     """``cameras`` streams, each on a connection of its own and keeping ``window`` frames in
     flight, against ``servers`` (one, or several sharing a port); stops them. (answers by status,
@@ -508,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                   "frame "
                   f"(the best in-process arrangement: {r['pipeline_workers_cpu_ms']:.2f} ms per frame); the 4 "
                   f"cameras' client threads {r['client_cores']:.2f} cores", flush=True)
+            print(f"  the bare grpcio server (bench/bare_grpc_server.py: each stream's frames run start to end on "
+                  f"its handler thread, nothing else): {r['bare_fps']:.1f} OK fps = {r['bare_ratio']:.3f}x the best "
+                  f"in-process arrangement, {r['bare_cores']:.2f} cores, {r['bare_cpu_ms_per_ok']:.2f} ms per OK "
+                  f"frame; ours is {r['ours_vs_bare']:.3f}x it", flush=True)
             for name, how in (("multi", "a port each, the cameras spread round robin"),
                               ("reuse", "sharing one port with --reuse-port, the kernel spreading the connections")):
                 if f"{name}_fps" in r:
