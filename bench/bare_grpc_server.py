@@ -3,13 +3,15 @@
 A plain grpcio server (the ``perception.v1.Detector`` service's ``Detect`` and ``StreamDetect``
 methods, generated messages) whose handlers call the same in-process pipeline (decode,
 letterbox, the same onnxruntime backend and session settings, NMS) on the thread gRPC hands
-them, and answer boxes, scores and classes. Nothing else: no scheduler, no limits, no metrics,
-no interceptors, no stream threads, one frame at a time per call. It is not a server anyone
-should run (one bad frame ends its stream, it has no bounds); it shows what the gRPC round trip
-costs in Python when the handler does this job's work, so that ``bench_triton`` can tell our own
-overhead from grpcio's.
+them, and answer boxes, scores and classes. Nothing else: no scheduler, no limits, no
+metrics, no interceptors, no stream threads, one frame at a time per call. With ``--aio`` the
+same handlers are served on grpc.aio, running the pipeline on the event loop's thread (one
+frame at a time in all). It is not a server anyone should run (one bad frame ends its stream,
+it has no bounds); it shows what the gRPC round trip costs in Python when the handler does this
+job's work, so that ``bench_triton`` and ``bench_server`` can tell our own overhead from
+grpcio's.
 
-    .venv/bin/python -m bench.bare_grpc_server --model MANIFEST [--threads N]
+    .venv/bin/python -m bench.bare_grpc_server --model MANIFEST [--threads N] [--streams N] [--aio]
 
 Prints ``ready grpc=127.0.0.1:P`` on stdout once it serves, then serves until SIGTERM.
 """
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="manifest.json")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--port", type=int, default=0, help="loopback port (default: any free one)")
+    p.add_argument("--streams", type=int, default=4,
+                   help="calls served at once (gRPC's handler threads; a stream holds one while it lasts)")
     p.add_argument("--aio", action="store_true",
                    help="serve on grpc.aio, the handlers running the pipeline on the event loop's thread")
     args = p.parse_args(argv)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "StreamDetect": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=parse,
                                                               response_serializer=serialize),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.streams))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("perception.v1.Detector", handlers),))
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()

@@ -225,13 +225,17 @@ def await_start(proc: subprocess.Popen[str], stop: Callable[[], None], what: str
 class BareServer:
     """bench/bare_grpc_server.py, the same pipeline behind a plain grpcio server, in its own process."""
 
-    def __init__(self, manifest: Path, threads: int, aio: bool = False) -> None:
+    def __init__(self, manifest: Path, threads: int, aio: bool = False, streams: int = 4) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.bare_grpc_server", "--model", str(manifest), "--threads", str(threads),
-             *(["--aio"] if aio else [])],
+             "--streams", str(streams), *(["--aio"] if aio else [])],
             cwd=REPO, stdout=subprocess.PIPE, text=True)
         self.address = await_start(self.proc, self.stop, "bench/bare_grpc_server.py (its error is above)")
-        self.port = int(self.address.rsplit(":", 1)[1])
+        try:
+            self.port = int(self.address.rsplit(":", 1)[1])
+        except ValueError:
+            self.stop()
+            raise RuntimeError(f"bench/bare_grpc_server.py said it serves on {self.address!r}") from None
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -328,7 +332,14 @@ def main(argv: list[str] | None = None) -> int:
                 why_not = str(exc)
         bare_stubs = {}
         for aio in (False, True):
-            bare = BareServer(args.model, args.threads, aio=aio)
+            try:
+                bare = BareServer(args.model, args.threads, aio=aio)
+            except RuntimeError as exc:
+                if not aio:
+                    raise
+                print(f"[bench_triton] the grpc.aio bare server did not start, its rows are skipped: {exc}",
+                      file=sys.stderr, flush=True)
+                continue
             stack.callback(bare.stop)
             bare_channel = grpc.insecure_channel(bare.address)
             stack.callback(bare_channel.close)
@@ -382,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                     lat, dets = r["latency_ms"], r["detections"]
                 else:
                     method, aio = BARE_PATHS.get(name, (name, False))
+                    if name in BARE_PATHS and aio not in bare_stubs:
+                        continue
                     fn = {"in-process": inprocess, "Detect": detect, "StreamDetect": stream}[method]
                     on = (bare_stubs[aio],) if name in BARE_PATHS else ()
                     fn(args.warmup, *on)
