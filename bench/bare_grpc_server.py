@@ -79,14 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             backend.deactivate()
         return 0
-    handlers: dict[str, grpc.RpcMethodHandler] = {
-        "Detect": grpc.unary_unary_rpc_method_handler(detect, request_deserializer=parse,
-                                                      response_serializer=serialize),
-        "StreamDetect": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=parse,
-                                                              response_serializer=serialize),
-    }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.streams))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("perception.v1.Detector", handlers),))
+    server.add_generic_rpc_handlers((service(detect, stream, parse, serialize),))
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print(f"{READY_MARK}127.0.0.1:{port}", flush=True)
@@ -95,6 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         backend.deactivate()
     return 0
+
+
+def service(detect: Callable[..., Any], stream: Callable[..., Any], parse: Callable[[bytes], Any],
+            serialize: Callable[[Any], bytes]) -> Any:
+    """The ``perception.v1.Detector`` service with these two handlers (sync or async alike)."""
+    import grpc
+
+    return grpc.method_handlers_generic_handler("perception.v1.Detector", {
+        "Detect": grpc.unary_unary_rpc_method_handler(detect, request_deserializer=parse,
+                                                      response_serializer=serialize),
+        "StreamDetect": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=parse,
+                                                              response_serializer=serialize),
+    })
 
 
 async def serve_aio(port: int, answer: Callable[[Any], Any], parse: Callable[[bytes], Any],
@@ -109,14 +116,8 @@ async def serve_aio(port: int, answer: Callable[[Any], Any], parse: Callable[[by
         async for request in requests:
             yield answer(request)
 
-    handlers: dict[str, grpc.RpcMethodHandler] = {
-        "Detect": grpc.unary_unary_rpc_method_handler(detect, request_deserializer=parse,
-                                                      response_serializer=serialize),
-        "StreamDetect": grpc.stream_stream_rpc_method_handler(stream, request_deserializer=parse,
-                                                              response_serializer=serialize),
-    }
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("perception.v1.Detector", handlers),))
+    server.add_generic_rpc_handlers((service(detect, stream, parse, serialize),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"{READY_MARK}127.0.0.1:{bound}", flush=True)

@@ -252,7 +252,7 @@ def bench_throughput(manifest: Path, frames: list[bytes], threads: int, batch: i
     # (one onnxruntime session shared by every stream's runs, at once), with our thread count.
     from bench.bench_triton import BareServer
 
-    bare: dict[str, Any] = {}
+    bare: dict[str, Any]
     try:
         b_counts, b_cpus, _ = _flat_out([BareServer(manifest, threads or served_threads(), streams=cameras)],
                                         frames, cameras, window, seconds)
