@@ -77,8 +77,11 @@ class Trackers:
                 raise TrackerUnavailable(self._failed[1])
             try:
                 from perception.tracking.pool import TrackerPool  # numba: only once tracks are asked for
+                from perception.tracking.tracker import first_id_from_clock
 
-                self._pool = TrackerPool(self._config)
+                # Ids no earlier start of the server gave: a consumer keyed by track id does not
+                # take a new track for an old one after a restart.
+                self._pool = TrackerPool(self._config, first_id=first_id_from_clock())
             except Exception as exc:  # whatever the import or the compile raised: no stream ends on it
                 why = f"the tracker could not be loaded ({type(exc).__name__}: {exc}); tried again after {RETRY_S:g} s"
                 log.exception("%s", why)

@@ -82,7 +82,8 @@ class _Entry:
 class TrackerPool:
     """A ``Tracker`` per camera, made on the camera's first frame; see the module docstring.
 
-    clock: seconds, monotonic (injected for tests).
+    clock: seconds, monotonic (injected for tests). first_id: the first track id handed out
+    (a server's: ``first_id_from_clock``, so that its ids never repeat an earlier start's).
     """
 
     def __init__(
@@ -90,13 +91,14 @@ class TrackerPool:
         config: TrackerConfig | None = None,
         kalman: BoxKalmanFilter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        first_id: int = 1,
     ) -> None:
         self.config = config if config is not None else TrackerConfig()
         self._kalman = kalman if kalman is not None else BoxKalmanFilter()
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
-        self._new_ids = IdCounter()
+        self._new_ids = IdCounter(first_id)
         kernels.warm()  # compiled (or loaded) now, not on a camera's first tracked frame
 
     def __len__(self) -> int:

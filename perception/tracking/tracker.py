@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -47,6 +48,11 @@ from perception.tracking.config import TrackerConfig
 from perception.tracking.kalman import BoxKalmanFilter
 from perception.tracking.state import TrackResult, TrackState, TrackView
 from perception.types import Detections
+
+# Track ids are exact in a double (JSON readers in JavaScript) below 2**53: ``first_id_from_clock``
+# leaves 1,024 per millisecond between two starts of a server.
+MAX_TRACK_ID = 2**53 - 1
+IDS_PER_MS = 1024
 
 # Codes of the states in the tracker's state array (the kernels' own), index into _STATES.
 _NEW, _CONFIRMED, _COASTING = kernels.NEW, kernels.CONFIRMED, kernels.COASTING
@@ -274,11 +280,13 @@ class Tracker:
 
 
 class IdCounter:
-    """Track ids from 1 up, never repeated; ``counter(k)`` takes ``k`` of them at once and
-    returns the first. Thread-safe, so that one counter can serve every camera of a pool."""
+    """Track ids from ``first`` up, never repeated; ``counter(k)`` takes ``k`` of them at once
+    and returns the first. Thread-safe, so that one counter can serve every camera of a pool."""
 
-    def __init__(self) -> None:
-        self._next = 1
+    def __init__(self, first: int = 1) -> None:
+        if not 1 <= first <= MAX_TRACK_ID:
+            raise ValueError(f"the first track id must be in 1..{MAX_TRACK_ID}, got {first}")
+        self._next = first
         self._lock = threading.Lock()
 
     def __call__(self, k: int) -> int:
@@ -286,6 +294,18 @@ class IdCounter:
             first = self._next
             self._next += k
             return first
+
+
+def first_id_from_clock(now_ns: int | None = None) -> int:
+    """A first track id that no earlier start of a server handed out: the wall-clock
+    millisecond times ``IDS_PER_MS``. A consumer that keys state by track id (a planner, a log
+    joined across a restart) then never takes a track of the server's next start for one of its
+    last, as it would if every start counted from 1. A run that hands out fewer than
+    ``IDS_PER_MS`` ids per millisecond of its life, on a clock that does not step back, never
+    reaches the next start's ids; they stay below 2**53 (exact as a JSON number read by
+    JavaScript) until the year 2248."""
+    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+    return ms * IDS_PER_MS + 1
 
 
 def _to_cxcywh(xyxy: NDArray[np.float64]) -> NDArray[np.float64]:

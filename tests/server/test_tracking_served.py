@@ -120,6 +120,29 @@ def test_a_tracker_that_cannot_be_loaded_ends_no_stream(serve: Any, monkeypatch:
     assert unary.status == pb.FRAME_STATUS_OK and "not tracked" in unary.message
 
 
+def test_a_restarted_server_does_not_repeat_track_ids(serve: Any) -> None:
+    """Every start counted from 1 before: after a restart a consumer keyed by track id (a
+    planner, a log joined across the restart) took the new server's tracks for the old one's."""
+    before = _lockstep(serve(), [_tracked("front", i) for i in range(2)])
+    after = _lockstep(serve(), [_tracked("front", i) for i in range(2)])  # another server, same camera
+    old = {d.track_id for a in before for d in a.detections}
+    new = {d.track_id for a in after for d in a.detections}
+    assert old and new and min(new) > max(old), (old, new)
+    assert max(new) < 2**53  # exact as a JSON number in JavaScript
+
+
+def test_first_track_ids_leave_room_between_starts() -> None:
+    from perception.tracking.tracker import IDS_PER_MS, MAX_TRACK_ID, IdCounter, first_id_from_clock
+
+    t0 = 1_800_000_000 * 10**9  # 2027
+    assert first_id_from_clock(t0 + 1_000_000) - first_id_from_clock(t0) == IDS_PER_MS  # 1 ms later
+    assert first_id_from_clock(7_000_000_000 * 10**9) < MAX_TRACK_ID  # the year 2191
+    ids = IdCounter(first_id_from_clock(t0))
+    assert ids(3) == first_id_from_clock(t0) and ids(1) == first_id_from_clock(t0) + 3
+    with pytest.raises(ValueError, match="first track id"):
+        IdCounter(0)
+
+
 def test_a_failed_load_is_tried_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
     from perception.tracking import TrackerConfig
     from perception.types import Detections
