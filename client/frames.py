@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from perception.decode import PixelFormat
 from perception.errors import DataError, InvalidInputError
-from perception.pipeline import SharedMemorySlot
+from perception.pipeline import MAX_CAMERA_ID_LEN, SharedMemorySlot
 from perception.tracking import TrackState
 from perception.types import Detections, FrameStatus, StageTimings
 
@@ -63,6 +63,14 @@ class SourceFrame:
                                     "shared-memory slot")
         # What the wire cannot carry fails here, at the caller: found while a stream builds its
         # request, it cancelled the call, and the frame, re-sent first, ended every reconnect.
+        try:
+            self.camera_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"camera_id {self.camera_id!r} is not valid UTF-8 text (a file or folder name "
+                                    "in another encoding?): rename it, or name a single camera with --camera") from None
+        if len(self.camera_id) > MAX_CAMERA_ID_LEN:
+            raise InvalidInputError(f"camera_id is longer than {MAX_CAMERA_ID_LEN} characters: "
+                                    f"{self.camera_id[:40]!r}...; name the camera with --camera")
         if not 0 <= self.sequence < 1 << 64:
             raise InvalidInputError(f"sequence must be in [0, 2^64), got {self.sequence}")
         if not -(1 << 63) <= self.timestamp_ns < 1 << 63:

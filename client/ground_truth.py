@@ -1,8 +1,11 @@
 """Matching replayed frames and classes to a COCO ground truth.
 
-An image is found by its ``camera_id`` + ``sequence`` fields (the bundled drive's gt.json has
-them), else by ``file_name`` ("<camera_id>/<sequence:06d>.jpg" or the image folder's
-relative path). A class is found by name, else treated as absent from the ground truth.
+A frame read from a file is found by that file's name first (the image folder's relative path,
+or a bare name under its camera's folder): a folder with frames removed numbers the rest from 0,
+so their positions name other images. Then by the ``camera_id`` + ``sequence`` fields (the
+bundled drive's gt.json has them), then by a bare file name only one image has, then by
+"<camera_id>/<sequence:06d>.jpg". A class is found by name, else treated as absent from the
+ground truth.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from perception.coco import CocoDataset, load_coco
 class GroundTruthIndex:
     dataset: CocoDataset
     by_key: dict[tuple[str, int], int]
-    by_file: dict[str, int]
+    by_file: dict[str, int]  # the images' file names, exactly
+    by_base: dict[str, int]  # a bare file name (no folder) only one image has
     category_by_name: dict[str, int]
     path: Path | None = None
 
@@ -34,28 +38,31 @@ class GroundTruthIndex:
     def from_dataset(cls, ds: CocoDataset, path: Path | None = None) -> GroundTruthIndex:
         by_key: dict[tuple[str, int], int] = {}
         by_file: dict[str, int] = {}
-        by_base: dict[str, set[int]] = {}
+        bases: dict[str, set[int]] = {}
         for img in ds.images.values():
             cam, seq = img.extra.get("camera_id"), img.extra.get("sequence")
             if isinstance(cam, str) and isinstance(seq, int):
                 by_key[(cam, seq)] = img.id
             if img.file_name:
                 by_file[img.file_name] = img.id
-                by_base.setdefault(Path(img.file_name).name, set()).add(img.id)
+                bases.setdefault(Path(img.file_name).name, set()).add(img.id)
         # A bare file name finds its image only if one image has it: "000000.jpg" of a rear/
         # folder replayed alone must not take front/000000.jpg (the first one used to win).
-        for base, ids in by_base.items():
-            if len(ids) == 1:
-                by_file.setdefault(base, next(iter(ids)))
+        by_base = {base: next(iter(ids)) for base, ids in bases.items() if len(ids) == 1}
         cats = {name: cid for cid, name in ds.categories.items()}
-        return cls(ds, by_key, by_file, cats, path)
+        return cls(ds, by_key, by_file, by_base, cats, path)
 
     def image_id(self, camera_id: str, sequence: int, file_name: str = "") -> int | None:
-        hit = self.by_key.get((camera_id, sequence))
-        if hit is None and file_name:
+        """The ground-truth image of a frame (see the module docstring), or None."""
+        hit = None
+        if file_name:
             hit = self.by_file.get(file_name)
             if hit is None and "/" not in file_name:  # a bare name in a folder named after its camera
                 hit = self.by_file.get(f"{camera_id}/{file_name}")
+        if hit is None:
+            hit = self.by_key.get((camera_id, sequence))
+        if hit is None and file_name and "/" not in file_name:
+            hit = self.by_base.get(file_name)
         if hit is None:
             hit = self.by_file.get(f"{camera_id}/{sequence:06d}.jpg")
         return hit
@@ -80,9 +87,11 @@ def coco_predictions(
     unmatched = 0
     for n, r in enumerate(ordered, 1):
         key = (r.camera_id, r.sequence)
-        fname = file_names.get(key) or str(r.extra.get("file_name", "")) or f"{r.camera_id}/{r.sequence:06d}.jpg"
+        # The frame's own file, if it came from one (a name made up here would outrank its position).
+        own = file_names.get(key) or str(r.extra.get("file_name", ""))
+        fname = own or f"{r.camera_id}/{r.sequence:06d}.jpg"
         if gt is not None:
-            image_id = gt.image_id(r.camera_id, r.sequence, fname)
+            image_id = gt.image_id(r.camera_id, r.sequence, own)
             if image_id is None:
                 unmatched += 1
                 continue

@@ -1,7 +1,9 @@
 """Image folders: sorted files of one camera, or one sub-folder per camera.
 
-Timestamps come from a timestamps file (one integer nanoseconds per line in sorted-file
-order, or "<file name> <ns>" per line) or, without one, from ``fps``. JPEG and PNG files go
+Files play in name order, numbers in names compared as numbers: ``ffmpeg -i drive.mp4 %d.jpg``
+writes 1.jpg ... 10.jpg unpadded, which sorted as text would play 1, 10, 11, ..., 2.
+Timestamps come from a timestamps file (one integer nanoseconds per line in that order, or
+"<file name> <ns>" per line) or, without one, from ``fps``. JPEG and PNG files go
 as-is; other formats are decoded and sent raw.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                  key=lambda p: _name_order(p.name))
+
+
+def _name_order(name: str) -> tuple[tuple[int, str], ...]:
+    """Sort key: the name's runs of digits by value (ties by the text: 01 after 1), the rest as text."""
+    return tuple((int(part), part) if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name))
 
 
 def read_timestamps(path: Path, files: list[Path]) -> list[int]:

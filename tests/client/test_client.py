@@ -73,6 +73,10 @@ def test_what_the_wire_cannot_carry_is_refused_where_the_frame_is_made() -> None
 
     for bad in (lambda: SourceFrame("front", -1, 0, encoded=b"x"),
                 lambda: SourceFrame("front", 1 << 64, 0, encoded=b"x"),
+                # A folder name in another encoding (os.fsdecode keeps its bytes as surrogates):
+                # protobuf cannot encode it, and every reconnect re-sent it for 120 s.
+                lambda: SourceFrame("cam\udcff", 0, 0, encoded=b"x"),
+                lambda: SourceFrame("c" * 129, 0, 0, encoded=b"x"),  # longer than a server takes
                 lambda: RawPixels(-4, 4, PixelFormat.BGR8, b"")):
         with pytest.raises(InvalidInputError):
             bad()

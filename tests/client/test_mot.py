@@ -229,6 +229,22 @@ def test_a_bare_file_name_two_cameras_share_finds_no_image_by_itself() -> None:
     assert gt.image_id("rear", 4, "000000.jpg") == 2
 
 
+def test_a_frame_of_a_file_is_that_file_s_image_before_its_position() -> None:
+    """Ground truth with camera_id / sequence fields (extracted frames), replayed from a folder
+    with frames removed: the folder numbers its frames from 0, so front/000005.jpg comes as
+    sequence 0. The position used to win, scoring it against front/000000.jpg's boxes."""
+    data = {"images": [{"id": 1, "file_name": "front/000000.jpg", "width": 640, "height": 360,
+                        "camera_id": "front", "sequence": 0},
+                       {"id": 2, "file_name": "front/000005.jpg", "width": 640, "height": 360,
+                        "camera_id": "front", "sequence": 5}],
+            "annotations": [], "categories": [{"id": 1, "name": "car"}]}
+    gt = GroundTruthIndex.from_dataset(parse_coco(data, "gt.json"), Path("gt.json"))
+    assert gt.image_id("front", 0, "front/000005.jpg") == 2
+    assert gt.image_id("front", 0, "000005.jpg") == 2  # a bare name under its camera's folder
+    assert gt.image_id("front", 5) == 2 and gt.image_id("front", 0) == 1  # no file: the position
+    assert gt.image_id("front", 0, "front/not_in_gt.jpg") == 1
+
+
 def test_empty_frames_and_undefined_rates() -> None:
     gt = _gt({("front", 0): [(7, 1, [10.0, 10.0, 40.0, 30.0])]}, {"front": 2})
     report = score_tracks([_frame("front", 0, []), _frame("front", 1, [])], gt)

@@ -77,6 +77,17 @@ def test_image_folder_cameras_and_timestamps(tmp_path: Path) -> None:
     assert frames[0].file_name == "left/000000.jpg"
 
 
+def test_image_folder_unpadded_numbers_play_in_number_order(tmp_path: Path) -> None:
+    """``ffmpeg ... %d.jpg`` writes 1.jpg ... 12.jpg: sorted as text they played 1, 10, 11, 12, 2."""
+    root = tmp_path / "cam"
+    root.mkdir()
+    for i in (1, 2, 10, 11, 12, 3):
+        cv2.imwrite(str(root / f"{i}.jpg"), R.scene(i))
+    frames = list(open_source(root, SourceOptions(fps=10.0)))
+    assert [f.file_name for f in frames] == [f"{i}.jpg" for i in (1, 2, 3, 10, 11, 12)]
+    assert [f.sequence for f in frames] == list(range(6))
+
+
 def test_image_folder_bad_timestamps_file(tmp_path: Path) -> None:
     root = R.write_folder(tmp_path / "cam", n=3)
     (root / "timestamps.txt").write_text("1\n2\n")
