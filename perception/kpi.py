@@ -175,7 +175,8 @@ def evaluate_coco(
     """Score COCO results against COCO ground truth.
 
     mAP50-95 / mAP50 / per-size follow pycocotools exactly; precision, recall and F1 are at
-    ``score_threshold`` (IoU 0.5, all sizes, micro-averaged over classes).
+    ``score_threshold`` (IoU 0.5, all sizes, micro-averaged over classes, counting the
+    detections of classes the ground truth has no box of as false positives).
     """
     g = gt if isinstance(gt, CocoDataset) else parse_coco(gt, "<gt>")
     preds = parse_results(predictions, g, "<predictions>")
@@ -204,11 +205,17 @@ def evaluate_coco(
                 mt.append(m)
                 ig.append(di)
                 n_gt += int((~gi).sum())
-            if n_gt == 0:
-                continue
             scores = np.concatenate(sc) if sc else np.zeros(0)
             matched = np.concatenate(mt, axis=1) if mt else np.zeros((T, 0), bool)
             ignored = np.concatenate(ig, axis=1) if ig else np.zeros((T, 0), bool)
+            if n_gt == 0:
+                # No AP for a class the ground truth lacks (pycocotools), but its detections are
+                # false positives all the same: left out, 10 spurious buses beside one right car
+                # scored precision 1.0.
+                if area_name == "all":
+                    all_scores.append(scores[~ignored[0]])
+                    all_tp.append(np.zeros(int((~ignored[0]).sum()), bool))
+                continue
             for ti in range(T):
                 keep = ~ignored[ti]
                 p, r, _ = precision_recall(scores[keep], matched[ti][keep], n_gt)

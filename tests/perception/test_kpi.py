@@ -104,9 +104,11 @@ def test_precision_recall_at_threshold_and_confusion_by_hand() -> None:
     ]
     r = evaluate_coco(gt, preds, score_threshold=0.5)
     # Car class at >= 0.5: 2 detections (0.9 hit, 0.7 miss), 1 TP; bus: 1 FP with no bus GT.
-    # Micro P/R counts classes that have ground truth: P = 1/2, R = 1/2.
-    assert r.precision == pytest.approx(0.5) and r.recall == pytest.approx(0.5)
-    assert r.per_class["car"]["precision"] == pytest.approx(0.5)
+    # Micro P/R over every detection, the bus's too (a class the frames lack has no AP, but its
+    # boxes are false positives): P = 1/3, R = 1/2.
+    assert r.precision == pytest.approx(1 / 3) and r.recall == pytest.approx(0.5)
+    assert r.f1 == pytest.approx(2 * (1 / 3) * 0.5 / (1 / 3 + 0.5))
+    assert r.per_class["car"]["precision"] == pytest.approx(0.5) and "bus" not in r.per_class
     # Car AP50: ranked 0.9 TP, 0.7 FP, 0.2 TP -> precision (1, .5, .67) -> interpolated 1 up
     # to recall 0.5 (51 points) and 0.667 after (50 points).
     assert r.per_class["car"]["ap50"] == pytest.approx((51 * 1 + 50 * 2 / 3) / 101, abs=1e-9)
