@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -74,13 +75,19 @@ class DecodeSlots:
 
     A slot is handed over directly: the thread that frees it wakes exactly the waiter it goes
     to, instead of waking every waiting stream (up to ``max_streams`` of them) to compare.
+
+    Waiters are ordered by ``log2(recent cost) + arrival / half-life``: every owner's cost decays
+    at the same rate, so this orders them as their decayed costs compare at any later moment,
+    once, in the heap. Ordered by the cost at arrival, a waiter whose last decode was costly
+    kept that key while newcomers' fresh, smaller costs went ahead of it for as long as the
+    slots stayed busy: a stream starved for the whole overload (10 s in a review's run).
     """
 
     def __init__(self, count: int = 0, half_life_s: float = 1.0) -> None:
         self.count = count or usable_cores()
         self._free = self.count
         self._lock = threading.Lock()
-        # (recent cost at arrival, arrival, owner, the waiter's own lock): a heap, least cost first.
+        # (decay-invariant cost key, arrival, owner, the waiter's own lock): a heap, least cost first.
         self._waiting: list[tuple[float, int, Hashable, threading.Lock]] = []
         self._cost: dict[Hashable, tuple[float, float]] = {}  # owner -> (cost s, when)
         self._arrivals = itertools.count()
@@ -89,6 +96,13 @@ class DecodeSlots:
     def _recent(self, owner: Hashable, now: float) -> float:
         cost, when = self._cost.get(owner, (0.0, now))
         return cost * 0.5 ** ((now - when) / self._half_life_s)
+
+    def _key(self, owner: Hashable, now: float) -> float:
+        """Orders owners as their decayed costs will compare at any later time (see the class):
+        c1 * 2**(-(t - t1) / h) < c2 * 2**(-(t - t2) / h)  <=>  log2(c1) + t1 / h < log2(c2) + t2 / h.
+        An owner with no recent cost goes first (FIFO among such)."""
+        recent = self._recent(owner, now)
+        return math.log2(recent) + now / self._half_life_s if recent > 0 else -math.inf
 
     @contextmanager
     def slot(self, owner: Hashable = None) -> Iterator[None]:
@@ -99,8 +113,8 @@ class DecodeSlots:
             else:
                 handed = threading.Lock()
                 handed.acquire()
-                heapq.heappush(self._waiting,
-                               (self._recent(owner, time.monotonic()), next(self._arrivals), owner, handed))
+                now = time.monotonic()
+                heapq.heappush(self._waiting, (self._key(owner, now), next(self._arrivals), owner, handed))
         if handed is not None:
             handed.acquire()  # released by the thread that hands this waiter its slot
         t0 = time.monotonic()

@@ -423,6 +423,49 @@ def test_decode_slots_go_to_the_stream_that_used_the_least() -> None:
     assert order == ["light", "heavy"]
 
 
+def test_a_waiting_stream_s_cost_decays_while_it_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its cost at arrival used to be its key for good: a stream whose last decode was costly
+    waited while newcomers, their fresh costs lower, went first for as long as the slots stayed
+    busy. Decayed, 3 half-lives later its 0.7 s is 0.09 s, under a newcomer's 0.5 s."""
+    from server import limits as limits_module
+    from server.limits import DecodeSlots
+
+    now = [1000.0]
+    monkeypatch.setattr(limits_module.time, "monotonic", lambda: now[0])
+    slots = DecodeSlots(1, half_life_s=1.0)
+    slots._cost["heavy"] = (0.7, now[0])  # its last decodes took 0.7 s
+    order: list[str] = []
+    held, go = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with slots.slot("holder"):
+            held.set()
+            go.wait(5)
+
+    def waiter(owner: str) -> None:
+        with slots.slot(owner):
+            order.append(owner)
+
+    t_hold = threading.Thread(target=holder)
+    t_hold.start()
+    assert held.wait(5)
+    heavy = threading.Thread(target=waiter, args=("heavy",))
+    heavy.start()  # waits from now on
+    while len(slots._waiting) < 1:
+        time.sleep(0.001)
+    now[0] += 3.0  # the slots stay busy for 3 half-lives; then a newcomer asks
+    with slots._lock:
+        slots._cost["fresh"] = (0.5, now[0])
+    fresh = threading.Thread(target=waiter, args=("fresh",))
+    fresh.start()
+    while len(slots._waiting) < 2:
+        time.sleep(0.001)
+    go.set()
+    for t in (t_hold, heavy, fresh):
+        t.join(5)
+    assert order == ["heavy", "fresh"]
+
+
 def test_invalid_backoff_grows_faster_than_good_frames_undo_it() -> None:
     from server.limits import InvalidBackoff
 
