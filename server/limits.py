@@ -83,8 +83,10 @@ class DecodeSlots:
     slots stayed busy: a stream starved for the whole overload (10 s in a review's run).
     """
 
-    def __init__(self, count: int = 0, half_life_s: float = 1.0) -> None:
+    def __init__(self, count: int = 0, half_life_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # the clock: seconds (injected by tests)
         self.count = count or usable_cores()
+        self._clock = clock
         self._free = self.count
         self._lock = threading.Lock()
         # (decay-invariant cost key, arrival, owner, the waiter's own lock): a heap, least cost first.
@@ -113,16 +115,16 @@ class DecodeSlots:
             else:
                 handed = threading.Lock()
                 handed.acquire()
-                now = time.monotonic()
+                now = self._clock()
                 heapq.heappush(self._waiting, (self._key(owner, now), next(self._arrivals), owner, handed))
         if handed is not None:
             handed.acquire()  # released by the thread that hands this waiter its slot
-        t0 = time.monotonic()
+        t0 = self._clock()
         try:
             yield
         finally:
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 self._cost[owner] = (self._recent(owner, now) + (now - t0), now)
                 if len(self._cost) > 4096:  # owners come and go (streams): forget the stale ones
                     for k in [k for k, (_, w) in self._cost.items() if now - w > 10 * self._half_life_s]:

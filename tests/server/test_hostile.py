@@ -423,16 +423,14 @@ def test_decode_slots_go_to_the_stream_that_used_the_least() -> None:
     assert order == ["light", "heavy"]
 
 
-def test_a_waiting_stream_s_cost_decays_while_it_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_waiting_stream_s_cost_decays_while_it_waits() -> None:
     """Its cost at arrival used to be its key for good: a stream whose last decode was costly
     waited while newcomers, their fresh costs lower, went first for as long as the slots stayed
     busy. Decayed, 3 half-lives later its 0.7 s is 0.09 s, under a newcomer's 0.5 s."""
-    from server import limits as limits_module
     from server.limits import DecodeSlots
 
     now = [1000.0]
-    monkeypatch.setattr(limits_module.time, "monotonic", lambda: now[0])
-    slots = DecodeSlots(1, half_life_s=1.0)
+    slots = DecodeSlots(1, half_life_s=1.0, clock=lambda: now[0])
     slots._cost["heavy"] = (0.7, now[0])  # its last decodes took 0.7 s
     order: list[str] = []
     held, go = threading.Event(), threading.Event()
