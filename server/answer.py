@@ -80,12 +80,17 @@ class FrameTask:
     result: JobResult | None = None
     done: threading.Event = field(default_factory=threading.Event)
     on_change: Callable[[], None] | None = None
+    # Bytes of model output the frame holds until it is answered (post-processed when its turn
+    # comes): a stream counts them with its unanswered requests' bytes.
+    output_bytes: int = 0
 
     def complete(self, result: JobResult) -> None:
         """Scheduler callback: the frame was inferred, dropped or expired."""
         if self.done.is_set():
             return
         self.result = result
+        if result.outputs:
+            self.output_bytes = sum(int(a.nbytes) for a in result.outputs.values())
         if self.prepared is not None:
             self.prepared.tensor = None  # inferred or dropped: only the placement is still needed
         self._finish()

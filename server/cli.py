@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
            "(default 1; 0 = off)")
     a("--max-undecoded-bytes", type=int, help="undecoded request bytes held in all (default 128 MiB)")
     a("--max-stream-undecoded-bytes", type=int, help="undecoded request bytes held per stream (default 64 MiB)")
-    a("--max-stream-inflight-bytes", type=int, help="request bytes of a stream's unanswered frames before it reads "
-      "the next (default 4 MiB: a stream of bigger frames has one in the server at a time)")
+    a("--max-stream-inflight-bytes", type=int, help="bytes a stream's unanswered frames hold (their requests, and "
+      "the model outputs of those inferred) before it reads the next (default 4 MiB: a stream of bigger frames "
+      "has one in the server at a time)")
     a("--max-unary-detect-calls", type=int, help="unary Detect (and KServe ModelInfer) calls at once, below "
       "--max-workers; one more is refused RESOURCE_EXHAUSTED (default: max workers less a quarter)")
     a("--decode-threads", type=int, help="concurrent decodes across all streams (default: one per core)")

@@ -281,8 +281,9 @@ class StreamSession:
         """Room in the outbox, and past the wait of any unservable frames (InvalidBackoff).
 
         Room in frames (``outbox_size``) and in bytes: once the stream's unanswered requests
-        add up to ``stream_inflight_bytes`` (4 MiB by default), the next is taken off the wire
-        only when they are answered. A stream of big frames (raw, 4K) has one in the server at
+        (and the model outputs of those inferred, ``_held_locked``) add up to
+        ``stream_inflight_bytes`` (4 MiB by default), the next is taken off the wire only when
+        they are answered. A stream of big frames (raw, 4K) has one in the server at
         a time; a stream of camera JPEGs (0.1-0.5 MB) still a pipeline of them. 32 streams of
         7.9 MB frames sent back to back (bench_soak --only big): RSS max 844-852 MB without
         it, 483-554 MB with it, and every frame answered OK instead of one in seven refused
@@ -296,7 +297,7 @@ class StreamSession:
         with self._lock:
             while not self._cancelled:
                 full = len(self._outbox) >= self._outbox_size
-                if full or (self._outbox and self._inflight >= self._limits.stream_inflight_bytes):
+                if full or (self._outbox and self._held_locked() >= self._limits.stream_inflight_bytes):
                     waited = True
                     self._room.wait(0.5)
                     continue
@@ -307,6 +308,15 @@ class StreamSession:
                     break
                 self._room.wait(wait)
             return not self._cancelled
+
+    def _held_locked(self) -> int:
+        """Bytes the stream's unanswered frames hold: their requests', and the model outputs of
+        those inferred and waiting for their turn to be answered (post-processed then). Outputs
+        counted too: a client that sent small frames (tiny JPEGs, shared-memory frames of 100
+        bytes) and stopped reading had every frame decoded and inferred until the outbox was
+        full, each holding its output (2.8 MB for a YOLOv8 COCO head: 90 MB a stream, counted as
+        6,400 bytes, in a review's run)."""
+        return self._inflight + sum(task.output_bytes for task in self._outbox)
 
     def _take(self, request: Any, refuse: str = "") -> None:
         """Queue a request for decoding; with ``refuse``, answer it OVERLOADED right away."""

@@ -424,3 +424,52 @@ def test_failed_warm_up_stops_the_server_and_releases_the_port(tmp_path: Path):
     finally:
         again.stop(0)
     assert "failed its warm-up inference" in str(err.value) and "broken" in str(err.value)
+
+
+def test_a_stream_that_is_not_read_holds_a_bounded_amount_of_model_output(tiny_manifest: Path):
+    """Frames inferred and waiting to be answered hold their model output until then (it is
+    post-processed when the frame's turn comes). Only their requests' bytes were counted
+    against --max-stream-inflight-bytes: a client sending small frames that stopped reading
+    had every frame decoded and inferred until the outbox was full, each holding its output
+    (2.8 MB a frame for a YOLOv8 COCO head). Here each output is 1 MB and the stream may hold
+    2 MB: the reader stops taking frames after about two, not after the outbox's eight. (A
+    burst read before any is inferred is bounded by the outbox, as before.)"""
+    pipeline = FramePipeline.from_manifest(load_manifest(tiny_manifest))
+
+    def big_head(batch: np.ndarray) -> dict[str, np.ndarray]:  # sees nothing, in 1 MB a frame
+        return {"output": np.zeros((len(batch), (1 << 20) // (4 * (5 + len(CLASSES))), 5 + len(CLASSES)),
+                                   np.float32)}
+
+    scheduler = Scheduler(big_head, 4, 0.0, 2, 64, to_batch=pipeline.to_batch)
+    scheduler.start()
+    session = _session(pipeline, scheduler, limits=ServiceLimits(stream_inflight_bytes=2 << 20))
+    read: list[int] = []
+
+    def frames() -> Iterator[pb.DetectRequest]:  # a camera's pace: each frame inferred before the next comes
+        for i in range(12):
+            if i:
+                time.sleep(0.05)
+            read.append(i)
+            yield request("front", i, jpeg(seed=i))
+
+    try:
+        answers = session.answers(frames())
+        first = next(answers)  # then the client stops reading
+        assert first.sequence == 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with session._lock:
+                held = [t.output_bytes for t in session._outbox]
+                if sum(1 for n in held if n) >= 2:
+                    break
+            time.sleep(0.01)
+        time.sleep(0.6)  # time for the reader to read on, were it allowed
+        with session._lock:
+            outputs = sum(t.output_bytes for t in session._outbox)
+        assert len(read) <= 4, read  # two inferred frames and what was read before they were
+        assert outputs <= 4 << 20
+        rest = [a.sequence for a in answers]  # reading again: every frame answered, in order
+        assert [first.sequence, *rest] == list(range(12))
+    finally:
+        session.cancel()
+        scheduler.stop(timeout=2)
