@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 import perception
 from perception.errors import InvalidInputError, ModelError, NotReadyError, OverloadedError
@@ -67,7 +66,7 @@ from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.served_model import ServedModel
-from server.wire import RefusedInfer, parse_model_infer_request
+from server.wire import RefusedInfer, parse_model_infer_request, refuse_or, small_request_parser
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -115,20 +114,11 @@ class KServeService:
         def unary(behavior: Callable[[Any, grpc.ServicerContext], Any], request: Any, response: Any) -> Any:
             # A deserializer that raised (a name that is not UTF-8, truncated bytes) ended the
             # call INTERNAL, "Exception deserializing request!", before any handler or the error
-            # interceptor ran: a client error reported as the server's, and not counted.
-            def parse(data: bytes) -> Any:
-                try:
-                    return request.FromString(data)
-                except DecodeError as exc:
-                    return RefusedInfer(f"the request is not a {request.DESCRIPTOR.name}: {exc}")
-
-            def serve(parsed: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(parsed, RefusedInfer):
-                    raise InvalidInputError(parsed.reason)
-                return behavior(parsed, context)
-
+            # interceptor ran: a client error reported as the server's, and not counted. And
+            # these requests are small: a big one is refused unparsed (server.wire).
             return grpc.unary_unary_rpc_method_handler(
-                serve, request_deserializer=parse, response_serializer=response.SerializeToString
+                refuse_or(behavior), request_deserializer=small_request_parser(request),
+                response_serializer=response.SerializeToString
             )
 
         handlers = {
@@ -292,6 +282,8 @@ class KServeService:
                     return None
         if not active():  # ended as the frames were answered (a stream's cancel answers them CANCELLED)
             started.cancel(self._metrics)
+            return None
+        if not started.settle():  # the stream's cancel took it between the check and here: counted dropped
             return None
         pipeline = started.model.pipeline
         answers = [finish_task(t, pipeline, self._metrics, answer_errors=True) for t in started.tasks]

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -57,10 +57,23 @@ class Started:
     tasks: list[FrameTask]
     keys: list[tuple[str, int]]
     wanted: list[str]
+    _settled: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def settle(self) -> bool:
+        """Claim the request's frames for counting, answered or cancelled: True the first time
+        only. The stream's cancel and its handler's wait both cancelled a request whose frames
+        the engine held, and each counted them dropped: twice for one frame received."""
+        with self._lock:
+            settled, self._settled = self._settled, True
+            return not settled
 
     def cancel(self, metrics: Metrics) -> None:
         """Its call ended first: take its frames out of the queues (a frame in a batch is
-        answered when it ends, to nobody) and count them dropped, "cancelled"."""
+        answered when it ends, to nobody) and count them dropped, "cancelled", unless they
+        were answered or cancelled already."""
+        if not self.settle():
+            return
         for key in self.keys:
             self.scheduler.close(key)
         for task in self.tasks:

@@ -26,7 +26,7 @@ from server.metrics_protocol import Metrics
 from server.scheduler import Job, JobStatus, Scheduler
 from server.shm import ShmReader, local_peer
 from server.stream import StreamSession
-from server.wire import Received, Refused, parse_detect_request
+from server.wire import Received, Refused, parse_detect_request, refuse_or, small_request_parser
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "perception.v1.Detector"
@@ -230,7 +230,7 @@ def add_detector_service(service: DetectorService, server: grpc.Server) -> None:
             service.StreamDetect, request_deserializer=parse_detect_request,
             response_serializer=pb.DetectResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            service.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            refuse_or(service.GetModelInfo), request_deserializer=small_request_parser(pb.GetModelInfoRequest),
             response_serializer=pb.ModelInfo.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -631,6 +631,36 @@ def test_a_request_whose_call_ends_first_is_counted_cancelled(serve, monkeypatch
     assert not counter(run, "perception_frames_answered_total", camera="late")
 
 
+def test_a_stream_cancelled_while_its_request_waits_counts_its_frame_dropped_once(serve, monkeypatch):
+    """The stream's cancel and its handler's wait for the engine both cancelled the request at
+    the head of the stream, and each counted its frame dropped: 2 for 1 received."""
+    from tests.server.test_service import _hold_the_engine
+
+    run = serve(kserve=True, inference_workers=1)
+    release = _hold_the_engine(run, monkeypatch)
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())],
+                                parameters={"camera_id": kpb.InferParameter(string_param="gone")})
+    more = threading.Event()
+
+    def requests():
+        yield req
+        more.wait(30)
+
+    try:
+        calls = _stream_infer(run.channel)(requests(), timeout=30)
+        assert wait_for(lambda: counter(run, "perception_frames_received_total", camera="gone") == 1)
+        time.sleep(0.3)  # the handler waits for the frame
+        calls.cancel()
+        assert wait_for(lambda: counter(run, "perception_frames_dropped_total", camera="gone", reason="cancelled"))
+        time.sleep(1.0)  # the handler's next look at the frame (every 0.25 s)
+    finally:
+        release.set()
+        more.set()
+    time.sleep(0.3)
+    assert counter(run, "perception_frames_dropped_total", camera="gone", reason="cancelled") == 1
+    assert not counter(run, "perception_frames_answered_total", camera="gone")
+
+
 def test_typed_contents_are_accepted(run):
     data = jpeg(160, 120, seed=8)
     tensor = _bytes_input([1])
@@ -690,6 +720,52 @@ def test_requests_follow_a_hot_swap(tiny_manifest):
     finally:
         run.channel.close()
         run.server.shutdown(1.0)
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def test_long_values_quoted_in_errors_are_cut(run):
+    """Quoted whole, a class_filter of 4,300-digit ids, or a shape of 1,900 dims sent unpacked
+    (19 KB on the wire: the packed form's size cap does not see it), made an error status too
+    large for gRPC's metadata: the client got RESOURCE_EXHAUSTED, the server counted
+    INVALID_ARGUMENT."""
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())],
+                                parameters={"class_filter": kpb.InferParameter(string_param=",".join(["9" * 4300] * 7))})
+    err = _plain_infer(run, req)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.details() or "") < 500, err.details()
+
+    def ld(field: int, payload: bytes) -> bytes:
+        return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+    dims = b"".join(_varint(3 << 3) + _varint(2**63 - 1) for _ in range(1900))  # shape, one varint each
+    wire = ld(1, MODEL.encode()) + ld(5, ld(1, b"IMAGE") + ld(2, b"BYTES") + dims) + ld(7, _prefixed(jpeg()))
+    raw = run.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc.RpcError) as err2:
+        raw(wire, timeout=10)
+    assert err2.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err2.value.details()
+    assert "(1900 dims)" in (err2.value.details() or "") and len(err2.value.details() or "") < 500
+
+
+@pytest.mark.parametrize("service, name", [("/inference.GRPCInferenceService/", "ModelMetadata"),
+                                           ("/inference.GRPCInferenceService/", "ServerLive"),
+                                           ("/perception.v1.Detector/", "GetModelInfo")])
+def test_a_big_request_of_a_method_that_carries_no_frame_is_refused_unparsed(run, service, name):
+    """8 MiB of one repeated field held the GIL for 38-62 ms while protobuf parsed it, stalling
+    every thread of the server; such requests take a few hundred bytes."""
+    from server.wire import MAX_SMALL_REQUEST_BYTES
+
+    call = run.channel.unary_unary(service + name)
+    with pytest.raises(grpc.RpcError) as err:
+        call(b"\x0a\x00" * (MAX_SMALL_REQUEST_BYTES // 2 + 1), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "at most 65536" in (err.value.details() or "")
 
 
 def test_long_names_and_bytes_that_are_no_request_get_a_clear_error(run):
