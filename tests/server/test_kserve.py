@@ -736,8 +736,9 @@ def test_long_values_quoted_in_errors_are_cut(run):
     (19 KB on the wire: the packed form's size cap does not see it), made an error status too
     large for gRPC's metadata: the client got RESOURCE_EXHAUSTED, the server counted
     INVALID_ARGUMENT."""
+    huge_ids = kpb.InferParameter(string_param=",".join(["9" * 4300] * 7))
     req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())],
-                                parameters={"class_filter": kpb.InferParameter(string_param=",".join(["9" * 4300] * 7))})
+                                parameters={"class_filter": huge_ids})
     err = _plain_infer(run, req)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.details() or "") < 500, err.details()
 
