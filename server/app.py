@@ -7,7 +7,8 @@ that behaves like a ``grpc.Server`` and also owns the scheduler and backend, so 
 Health (``grpc.health.v1``) says NOT_SERVING while the model loads and warms up, SERVING
 after, and NOT_SERVING again from the moment shutdown begins. It also follows the engine:
 after ``unhealthy_after_failed_batches`` failed batches in a row it says NOT_SERVING and the
-backend is loaded anew in the background; the next batch that succeeds makes it SERVING again.
+backend is loaded anew in the background (again and again, backing off, until one loads); once
+it is warm, or a batch succeeds, it says SERVING again.
 
 Health, reflection and model info are unary calls outside the stream cap, on a thread pool
 sized for every allowed stream plus ``max_workers``, so idle streams never lock them out.
@@ -53,6 +54,11 @@ from server.trackers import Trackers
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+# A failed reload of a failing engine is tried again after 1 s, doubling up to 30 s: a device
+# that comes back (a driver reset) is served again without a restart, and one that does not
+# costs a load attempt every 30 s.
+RELOAD_RETRY_FIRST_S = 1.0
+RELOAD_RETRY_MAX_S = 30.0
 
 
 class ManagedServer:
@@ -118,21 +124,41 @@ class ManagedServer:
             self.set_serving(True)
 
     def _recover(self) -> None:
+        """Reload the served model's backend until one loads (or the server drains, or another
+        model is served), then say SERVING: the new backend passed its warm-up inference, as a
+        starting server's does. It used to wait for a client's batch to succeed, and a reload
+        that failed was tried again only on the next failures: a server whose clients follow
+        health (a Kubernetes readiness probe takes it out of its Service) got no batch, and
+        stayed NOT_SERVING for good."""
+        delay_s = RELOAD_RETRY_FIRST_S
         try:
-            if self.reload is None or self.draining.is_set():
+            while self.reload is not None and not self.draining.is_set():
+                model = self.models.current
+                try:
+                    new = self.reload(model)
+                except Exception:
+                    log.exception("reloading the backend failed; trying again in %g s", delay_s)
+                    if self.draining.wait(delay_s):
+                        return
+                    delay_s = min(2 * delay_s, RELOAD_RETRY_MAX_S)
+                    with self._health_lock:
+                        if self.engine_healthy:  # another model is served now (model_changed)
+                            return
+                    continue
+                # Under the host's lock: a model swapped out and dropped during the reload has the
+                # new backend freed there (it used to keep it for ever: the drop timer had freed
+                # the backend it replaced); one dropped later by its timer, which looks it up then.
+                old = self.models.replace_backend(model, new)
+                if self.models.current is model:  # a rollback during the reload serves another model now
+                    self.backend = new
+                old.deactivate()
+                with self._health_lock:
+                    self._failed_batches = 0
+                    recovered, self.engine_healthy = not self.engine_healthy, True
+                if recovered and not self.draining.is_set():
+                    self.set_serving(True)
+                log.info("backend reloaded and warm: SERVING")
                 return
-            model = self.models.current
-            new = self.reload(model)
-            # Under the host's lock: a model swapped out and dropped during the reload has the
-            # new backend freed there (it used to keep it for ever: the drop timer had freed
-            # the backend it replaced); one dropped later by its timer, which looks it up then.
-            old = self.models.replace_backend(model, new)
-            if self.models.current is model:  # a rollback during the reload serves another model now
-                self.backend = new
-            old.deactivate()
-            log.info("backend reloaded; SERVING again after the next batch that succeeds")
-        except Exception:
-            log.exception("reloading the backend failed; the next failures will retry")
         finally:
             with self._health_lock:
                 self._recovering = False

@@ -333,23 +333,56 @@ def test_health_follows_the_engine_and_recovers(serve: Any) -> None:
     the reloaded engine answers and health is SERVING again."""
     run = serve(unhealthy_after_failed_batches=2)
     check = health_check(run.channel)
+    real, go = run.server.reload, threading.Event()
+
+    def slow_reload(model: Any) -> Any:
+        assert go.wait(20)
+        return real(model)
+
+    run.server.reload = slow_reload
     _break(run, RuntimeError("engine lost"))
     for seq in range(2):
         with pytest.raises(grpc.RpcError):
             run.stub.Detect(request("front", seq, jpeg()), timeout=10)
     status = check(health_pb2.HealthCheckRequest(), timeout=2).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    go.set()
+    # SERVING once the reloaded backend is warm, with no client batch: clients that follow
+    # health (a readiness probe) send none to a NOT_SERVING server, which then never recovered.
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # the reload swapped in a working backend
-        try:
-            if run.stub.Detect(request("front", 9, jpeg()), timeout=10).status == OK:
-                break
-        except grpc.RpcError:
-            time.sleep(0.2)
-    else:
-        pytest.fail("the backend was not reloaded")
-    status = check(health_pb2.HealthCheckRequest(), timeout=2).status
-    assert status == health_pb2.HealthCheckResponse.SERVING
+    while check(health_pb2.HealthCheckRequest(), timeout=2).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "the backend was not reloaded"
+        time.sleep(0.1)
+    assert run.stub.Detect(request("front", 9, jpeg()), timeout=10).status == OK
+
+
+def test_a_reload_that_fails_is_tried_again_without_traffic(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine fails and so does the first reload (a device still resetting): the reload is
+    tried again on its own, not only when more batches fail, which no client sent to a
+    NOT_SERVING server."""
+    from server import app as app_module
+
+    monkeypatch.setattr(app_module, "RELOAD_RETRY_FIRST_S", 0.1)
+    run = serve(unhealthy_after_failed_batches=1)
+    check = health_check(run.channel)
+    real, tries = run.server.reload, []
+
+    def flaky_reload(model: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("device not ready")
+        return real(model)
+
+    run.server.reload = flaky_reload
+    _break(run, RuntimeError("engine lost"))
+    with pytest.raises(grpc.RpcError):
+        run.stub.Detect(request("front", 0, jpeg()), timeout=10)
+    deadline = time.monotonic() + 20
+    while check(health_pb2.HealthCheckRequest(), timeout=2).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, f"not SERVING again after {len(tries)} reloads"
+        time.sleep(0.1)
+    assert len(tries) == 2
+    assert run.stub.Detect(request("front", 1, jpeg()), timeout=10).status == OK
 
 
 def test_metric_camera_allow_list_counts_the_rest_as_other(serve: Any) -> None:
