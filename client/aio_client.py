@@ -167,7 +167,7 @@ class AsyncStreamSession(WindowCounters):
 
     async def _requests(self, generation: int) -> AsyncIterator[Any]:
         for frame in self._window.resend(time.perf_counter()):
-            yield to_request(frame, self._options, self._config.deadline_ms)
+            yield to_request(frame, self._options, self._config.deadline_ms, resent=True)
         while True:
             async with self._cond:
                 while not self._window.has_work(generation):

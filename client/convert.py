@@ -37,13 +37,16 @@ class RequestOptions:
             raise ConfigError("max_detections and class ids must not be negative")
 
 
-def to_request(frame: SourceFrame, options: RequestOptions | None = None, deadline_ms: int = 0) -> pb.DetectRequest:
-    """Build the wire request. Encoded bytes go as-is; raw pixels as a RawImage."""
+def to_request(frame: SourceFrame, options: RequestOptions | None = None, deadline_ms: int = 0,
+               resent: bool = False) -> pb.DetectRequest:
+    """Build the wire request. Encoded bytes go as-is; raw pixels as a RawImage. ``resent``:
+    the frame goes again on a new connection, unanswered on the last one (``Frame.resent``)."""
     msg = pb.Frame(
         camera_id=frame.camera_id,
         sequence=frame.sequence,
         capture_timestamp_ns=frame.timestamp_ns,
         deadline_ms=max(0, int(deadline_ms)),
+        resent=resent,
     )
     # The generated stub types enum fields as pb.PixelFormat, which is no callable class at
     # runtime (an EnumTypeWrapper); the wire value is the plain int.

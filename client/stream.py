@@ -171,7 +171,7 @@ class StreamSession(WindowCounters):
         with self._cond:
             resend = self._window.resend(time.perf_counter())
         for frame in resend:
-            yield to_request(frame, self._options, self._config.deadline_ms)
+            yield to_request(frame, self._options, self._config.deadline_ms, resent=True)
         while True:
             with self._cond:
                 while not self._window.has_work(generation):

@@ -81,6 +81,9 @@ class FrameInput:
     encoded: ImageBytes | None = None
     raw: RawPixels | None = None
     deadline_ms: int = 0  # 0 = none
+    # Sent again on a new connection, unanswered on the last (the wire's Frame.resent): a tracked
+    # camera answers it with the track ids it got, and does not take it for a restart.
+    resent: bool = False
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class FrameTask:
     # The model the frame was prepared for: it post-processes the frame and names the answer.
     model: Any = None
     track: bool = False  # the request asked for track ids
+    resent: bool = False  # the client sent it again after a reconnect (Frame.resent)
     # Whose camera it is, for tracking: the client's host (a camera id is the client's own name,
     # so two vehicles may both call theirs "front"; a reconnect comes from the same host).
     owner: str = ""
@@ -228,7 +229,8 @@ class TrackSource(Protocol):
     demand), or a ``perception.tracking.TrackerPool`` itself."""
 
     def update(self, camera_id: Hashable, detections: Detections, timestamp_ns: int, sequence: int | None = None, *,
-               arrival_s: float | None = None, classes: tuple[str, ...] | None = None) -> TrackResult: ...
+               arrival_s: float | None = None, classes: tuple[str, ...] | None = None,
+               resent: bool | None = None) -> TrackResult: ...
 
 
 def track_answer(answer: FrameAnswer, task: FrameTask, trackers: TrackSource | None) -> FrameAnswer:
@@ -242,7 +244,8 @@ def track_answer(answer: FrameAnswer, task: FrameTask, trackers: TrackSource | N
         return answer
     try:  # a capture time of 0 (none sent): the pool tracks the camera on the arrival clock
         result = trackers.update((task.owner, task.camera_id), answer.detections, task.capture_timestamp_ns,
-                                 task.sequence, arrival_s=task.received, classes=answer.class_names)
+                                 task.sequence, arrival_s=task.received, classes=answer.class_names,
+                                 resent=task.resent)
     except (InvalidInputError, TrackerUnavailable) as exc:  # a non-finite box, no tracker: answered untracked
         return dataclasses.replace(answer, message=f"not tracked: {exc}")
     return dataclasses.replace(answer, tracks=result)

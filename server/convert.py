@@ -72,6 +72,7 @@ def frame_from_proto(
         encoded=encoded,
         raw=raw,
         deadline_ms=int(f.deadline_ms),
+        resent=bool(f.resent),
     )
     if kind is None:
         # Checked here, with the oneof at hand; the pipeline re-checks for in-process callers.

@@ -170,7 +170,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         with self._limits.decode.slot(("unary", task.owner)):
             frame, opts = self._convert(request, local_peer(peer))
             self.admit_camera(frame.camera_id)
-            task.track = opts.track
+            task.track, task.resent = opts.track, frame.resent
             task.priority = self._limits.priority_of(task.camera_id)
             # The model is taken once the slot is ours: a wait for it can outlast a swap, and the
             # model swapped out is freed a few seconds after.

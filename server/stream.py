@@ -416,7 +416,7 @@ class StreamSession:
         with self._limits.decode.slot(self.id):
             fin, opts = self._convert(request)
             self._admit_camera(fin.camera_id)
-            task.track = opts.track
+            task.track, task.resent = opts.track, fin.resent
             task.priority = self._limits.priority_of(task.camera_id)
             # The model is taken once the slot is ours: a wait for it can outlast a swap, and the
             # model swapped out is freed a few seconds after.

@@ -52,11 +52,13 @@ class Trackers:
         return self._pool is not None
 
     def update(self, camera_id: Hashable, detections: Detections, timestamp_ns: int, sequence: int | None = None, *,
-               arrival_s: float | None = None, classes: tuple[str, ...] | None = None) -> TrackResult:
+               arrival_s: float | None = None, classes: tuple[str, ...] | None = None,
+               resent: bool | None = None) -> TrackResult:
         """``TrackerPool.update``, the pool loaded first if it is not yet. TrackerUnavailable
         when it cannot be."""
         pool = self._pool if self._pool is not None else self._load(retry_now=False)
-        return pool.update(camera_id, detections, timestamp_ns, sequence, arrival_s=arrival_s, classes=classes)
+        return pool.update(camera_id, detections, timestamp_ns, sequence, arrival_s=arrival_s, classes=classes,
+                           resent=resent)
 
     def load(self) -> bool:
         """Load the tracker now (``--preload-tracker``); whether it loaded. A server whose tracker

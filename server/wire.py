@@ -61,7 +61,8 @@ _CAMERA_ID_BYTES = 4 * (MAX_CAMERA_ID_LEN + 1)
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 # DetectRequest: frame = 1, options = 2. Frame: camera_id = 1, sequence = 2,
-# capture_timestamp_ns = 3, encoded = 4, raw = 5, deadline_ms = 6, shm = 7. RawImage: data = 5.
+# capture_timestamp_ns = 3, encoded = 4, raw = 5, deadline_ms = 6, shm = 7 (and resent = 8, which
+# protobuf parses with the rest). RawImage: data = 5.
 _FRAME, _OPTIONS = 1, 2
 _CAMERA, _SEQUENCE, _CAPTURE, _ENCODED, _RAW, _DEADLINE, _SHM = 1, 2, 3, 4, 5, 6, 7
 _DATA = 5

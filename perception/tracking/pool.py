@@ -18,14 +18,18 @@ What a live stream adds on top of ``Tracker.update``:
 - **One id counter for the pool.** A camera forgotten and seen again starts a new tracker,
   whose ids go on from the pool's counter: an id never names two objects within a pool.
 - **Re-sent frames.** A client that reconnects sends again the frames it had no answer for,
-  some of which the server may have tracked already. A frame whose sequence is not past the
-  camera's last, but which is one of its last ``RESENT_FRAMES`` frames (same sequence and
+  some of which the server may have tracked already. The client library marks them
+  (``Frame.resent``, ``resent=True`` here). A marked frame whose sequence is not past the
+  camera's last, and which is one of its last ``RESENT_FRAMES`` frames (same sequence and
   capture time, and at least half of its detections where the first answer had one of their
   class, IoU >= ``RESENT_IOU``), is answered with the track ids those boxes got the first time
-  (0 for the others: another model may have answered it) and does not step the tracker; any
-  other sequence going back is a camera restart. The detections are part of the test: two
-  recordings replayed one after the other can number and stamp their frames alike (generated
-  drives do), and the second one's frames were answered with the first one's track ids.
+  (0 for the others: another model may have answered it) and does not step the tracker; a
+  marked frame the tracker has moved past without tracking it (answered stale the first time)
+  is answered without tracks, and does not step it either. A frame not marked (``resent=False``)
+  whose sequence goes back is a camera restart: the same recording replayed again within
+  ``ttl_s`` numbers, stamps and detects its frames exactly as the first time, and was answered
+  with the first replay's track ids from memory. A caller that cannot say (``resent=None``)
+  gets the test above without the mark, and a sequence going back otherwise is a restart.
 - **Cameras without capture times** (``timestamp_ns`` 0 with ``arrival_s``): the frame is
   stepped on the arrival clock, continued from the camera's last frame. A camera that starts
   sending capture times after such frames (a recording whose first frame is at time 0) has its
@@ -120,13 +124,15 @@ class TrackerPool:
         *,
         arrival_s: float | None = None,
         classes: tuple[str, ...] | None = None,
+        resent: bool | None = None,
     ) -> TrackResult:
         """Step ``camera_id``'s tracker with one frame (``Tracker.update``), making it if new.
 
         arrival_s: when the frame arrived (seconds, a monotonic clock); with it, a
         ``timestamp_ns`` of 0 means the camera sent no capture time. classes: the class names
-        of the model the detections come from. See the module docstring for both, and for
-        re-sent frames.
+        of the model the detections come from. resent: whether the client says it sends the
+        frame again after a reconnect (None: it does not say). See the module docstring for
+        all three.
         """
         entry = self._entry(camera_id)
         with entry.lock:
@@ -134,9 +140,16 @@ class TrackerPool:
                 log.info("camera %r: the model's classes changed; its tracks were reset", camera_id)
                 self._reset(entry)
             entry.classes = classes if classes is not None else entry.classes
-            resent = self._resent(entry, timestamp_ns, sequence, detections)
-            if resent is not None:
-                return resent
+            if resent is not False:  # a frame the client does not call re-sent is never one
+                again = self._resent(entry, timestamp_ns, sequence, detections)
+                if again is not None:
+                    return again
+                last = entry.tracker.last_sequence
+                if resent and sequence is not None and last is not None and sequence <= last:
+                    # Re-sent, and the tracker has moved past it without tracking it (answered
+                    # stale the first time, say): no tracks, and no restart of the camera.
+                    return TrackResult(track_ids=np.zeros(len(detections), np.int64),
+                                       states=(None,) * len(detections))
             tracker = entry.tracker
             unknown = timestamp_ns == 0 and arrival_s is not None
             elapsed_ns = 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,3 +134,51 @@ def test_a_stream_that_sends_a_frame_over_the_limit_gives_up_at_once_with_the_re
     finally:
         srv.shutdown(0.0)
     assert answers == [] and session.reconnects == 0 and time.monotonic() - t0 < 10
+
+
+def test_frames_re_sent_after_a_reconnect_say_so() -> None:
+    """The server's tracker tells a re-sent frame from a replay starting over by this mark
+    (``Frame.resent``): a peer on loopback that drops the first stream after three frames, then
+    answers everything, records what came on the wire."""
+    from concurrent import futures
+
+    import grpc
+
+    from perception.v1 import detector_pb2 as pb
+
+    seen: list[list[tuple[int, bool]]] = []
+
+    def stream_detect(requests: Any, context: grpc.ServicerContext) -> Iterator[pb.DetectResponse]:
+        calls: list[tuple[int, bool]] = []
+        seen.append(calls)
+        for req in requests:
+            calls.append((req.frame.sequence, req.frame.resent))
+            if len(seen) == 1 and len(calls) == 3:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+            yield pb.DetectResponse(camera_id=req.frame.camera_id, sequence=req.frame.sequence,
+                                    capture_timestamp_ns=req.frame.capture_timestamp_ns, status=pb.FRAME_STATUS_OK)
+
+    handler = grpc.method_handlers_generic_handler("perception.v1.Detector", {
+        "StreamDetect": grpc.stream_stream_rpc_method_handler(
+            stream_detect, request_deserializer=pb.DetectRequest.FromString,
+            response_serializer=pb.DetectResponse.SerializeToString)})
+    peer = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    peer.add_generic_rpc_handlers((handler,))
+    port = peer.add_insecure_port("127.0.0.1:0")
+    peer.start()
+    try:
+        cfg = ClientConfig(targets=(f"127.0.0.1:{port}",), window=3,
+                           backoff=BackoffConfig(initial_s=0.01, max_s=0.05, max_attempts=10))
+        got: list[int] = []
+        with DetectorClient(cfg) as client, client.stream(lambda f, r: got.append(r.sequence)) as session:
+            for i in range(6):
+                session.send(SourceFrame("front", i, R.T0_NS + i * 10**8, encoded=R.jpeg(R.scene(i))))
+    finally:
+        peer.stop(0)
+    assert got == list(range(6))
+    assert seen[0] == [(0, False), (1, False), (2, False)]  # 0 and 1 answered, then the stream dropped
+    # Frame 2 (read, unanswered) and any sent behind it on the dropped stream come again first,
+    # marked; the frames sent for the first time after them are not.
+    flags = [resent for _, resent in seen[1]]
+    assert [s for s, _ in seen[1]] == [2, 3, 4, 5] and flags[0], seen
+    assert flags == sorted(flags, reverse=True) and not flags[-1], seen

@@ -67,9 +67,41 @@ def test_a_reconnect_that_resends_tracked_frames_keeps_the_tracks(serve: Any) ->
     run = serve()
     first = _lockstep(run, [_tracked("front", i) for i in range(4)])
     ids = [sorted(d.track_id for d in a.detections) for a in first]
-    again = _lockstep(run, [_tracked("front", i) for i in (2, 3, 4, 5)])
+    reqs = [_tracked("front", i) for i in (2, 3, 4, 5)]
+    for r in reqs[:2]:
+        r.frame.resent = True  # as the client library marks them
+    again = _lockstep(run, reqs)
     assert [sorted(d.track_id for d in a.detections) for a in again] == [ids[0]] * 4
     assert {d.track_state for d in again[3].detections} == {pb.TRACK_STATE_CONFIRMED}
+
+
+def test_a_recording_replayed_again_is_tracked_anew(serve: Any) -> None:
+    """The same recording replayed twice within the tracker's time-to-live numbers, stamps and
+    detects its frames exactly as the first time: every frame of the second replay passed for
+    a re-sent one and came back with the first replay's track ids, from memory, the tracker
+    never stepped. Frames not marked re-sent are new frames: a sequence going back restarts
+    the camera's tracks."""
+    run = serve()
+    first = _lockstep(run, [_tracked("front", i) for i in range(3)])
+    second = _lockstep(run, [_tracked("front", i) for i in range(3)])
+    old = {d.track_id for a in first for d in a.detections}
+    new = {d.track_id for a in second for d in a.detections}
+    assert old and new and not old & new
+    assert {d.track_state for d in second[0].detections} == {pb.TRACK_STATE_NEW}
+
+
+def test_a_resent_frame_the_tracker_moved_past_does_not_restart_it(serve: Any) -> None:
+    """A frame answered stale (never tracked) and re-sent after a reconnect came back with a
+    sequence that went back and no first answer to repeat: every track of the camera was
+    dropped as if it had restarted. It is answered without tracks now."""
+    run = serve()
+    first = _lockstep(run, [_tracked("front", i) for i in (0, 1, 3)])  # 2 never reached the tracker
+    ids = sorted(d.track_id for d in first[-1].detections)
+    resent = _tracked("front", 2)
+    resent.frame.resent = True
+    again = _lockstep(run, [resent, _tracked("front", 4)])
+    assert again[0].detections and {d.track_id for d in again[0].detections} == {0}
+    assert sorted(d.track_id for d in again[1].detections) == ids  # the tracks go on
 
 
 def test_a_recording_whose_first_frame_is_at_time_zero_keeps_its_ids(serve: Any) -> None:
