@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from client.frames import SourceFrame
 from client.sources.base import SourceOptions
-from client.sources.mcap_source import IMAGE_SCHEMAS, RAW_SCHEMAS, message_to_frame
+from client.sources.images import UnsupportedEncoding
+from client.sources.mcap_source import IMAGE_SCHEMAS, RAW_SCHEMAS, TopicCameras, UnsupportedTopics, message_to_frame
 from perception.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,28 @@ class BagSource:
         return f"ROS bag {self.path.name}: " + "; ".join(parts)
 
     def __iter__(self) -> Iterator[SourceFrame]:
-        counters: dict[str, int] = defaultdict(int)
+        cameras = TopicCameras()
+        skipped = UnsupportedTopics(chosen=bool(self._opts.topics))
         try:
             with _reader(self.path) as reader:
                 conns = [c for c in reader.connections if c.topic in self.topics]
                 for conn, log_time, raw in reader.messages(connections=conns):
+                    if conn.topic in skipped:
+                        continue
                     where = f"{self.path}: {conn.topic} message at {log_time}"
                     try:
                         msg = reader.deserialize(raw, conn.msgtype)
                     except Exception as exc:  # a corrupt payload can fail anywhere in the deserializer
                         raise DataError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
                     schema = _normalise(conn.msgtype)
-                    yield message_to_frame(msg, schema if schema in RAW_SCHEMAS else "sensor_msgs/msg/CompressedImage",
-                                           conn.topic, log_time, counters, where)
+                    try:
+                        frame = message_to_frame(msg, schema if schema in RAW_SCHEMAS
+                                                 else "sensor_msgs/msg/CompressedImage",
+                                                 conn.topic, log_time, cameras, where)
+                    except UnsupportedEncoding as exc:
+                        skipped.add(conn.topic, exc)
+                        continue
+                    yield frame
         except DataError:
             raise
         except Exception as exc:  # truncated bag: rosbags raises format-specific errors

@@ -27,6 +27,10 @@ _ROS_CONVERT = {
 }
 
 
+class UnsupportedEncoding(DataError):
+    """An image message in an encoding no camera frame has (a depth topic's 16UC1 or 32FC1)."""
+
+
 def is_encoded_image(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" or data[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -71,7 +75,7 @@ def ros_image_frame(
         raw = RawPixels(int(width), int(height), fmt, data, row_stride=int(step))
         return SourceFrame(camera_id, sequence, timestamp_ns, raw=raw)
     if enc not in _ROS_CONVERT:
-        raise DataError(f"{where}: unsupported image encoding {encoding!r}")
+        raise UnsupportedEncoding(f"{where}: unsupported image encoding {encoding!r}")
     w, h, step = int(width), int(height), int(step)
     if enc == "mono16":
         if len(data) < step * (h - 1) + w * 2 or step < w * 2:

@@ -1,8 +1,12 @@
 """MCAP recordings: ROS 2 sensor_msgs/Image and CompressedImage (CDR), Foxglove
 CompressedImage (ROS 2, JSON or protobuf encoding).
 
-Camera id = the message's frame_id, else the topic ("/cameras/<id>/..."); capture time =
-the message's header stamp, else the MCAP log time. A file without a readable summary
+Camera id = the message's frame_id, else the topic ("/cameras/<id>/..."); two topics whose
+messages share a frame_id (a camera's raw and compressed topics, two cameras left at a generic
+frame_id) are two cameras, the second named from its topic (``TopicCameras``). Capture time =
+the message's header stamp, else the MCAP log time. With no topics chosen, every image topic is
+replayed but those whose encoding no camera frame has (a depth topic's 16UC1), which are left
+out with a warning. A file without a readable summary
 (truncated while recording) is streamed record by record up to the damage.
 
 A damaged file makes the mcap library raise almost anything (struct, zstd, Unicode, key,
@@ -24,7 +28,7 @@ from typing import Any
 
 from client.frames import SourceFrame
 from client.sources.base import SourceOptions
-from client.sources.images import camera_from_topic, compressed_frame, ros_image_frame
+from client.sources.images import UnsupportedEncoding, camera_from_topic, compressed_frame, ros_image_frame
 from perception.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -59,8 +63,41 @@ def stamp_ns(stamp: Any) -> int:
     return int(sec) * 1_000_000_000 + int(nsec)
 
 
+class TopicCameras:
+    """The camera id and next sequence of each (topic, frame_id) a recording's messages carry.
+
+    A pair's camera is its frame_id (else a name from the topic), unless another pair took that
+    name first: then its topic, slashes as underscores. Two topics with one frame_id (a camera's raw and
+    compressed topics, two cameras left at a generic "camera_optical_frame") were merged into one
+    camera, each capture sent twice with the sequences interleaved."""
+
+    def __init__(self) -> None:
+        self._cameras: dict[tuple[str, str], str] = {}
+        self._taken: set[str] = set()
+        self.counts: dict[str, int] = defaultdict(int)  # frames per camera
+
+    def next(self, topic: str, frame_id: str) -> tuple[str, int]:
+        """The camera of a message and its sequence (counted up)."""
+        camera = self._cameras.get((topic, frame_id))
+        if camera is None:
+            camera = frame_id or camera_from_topic(topic)
+            if camera in self._taken:
+                taken = camera
+                camera = base = topic.strip("/").replace("/", "_") or "camera"  # the topic, whole
+                n = 2
+                while camera in self._taken:
+                    camera, n = f"{base}_{n}", n + 1
+                log.warning("topic %s: frame_id %r is another topic's camera already; its frames are camera %r",
+                            topic, taken, camera)
+            self._taken.add(camera)
+            self._cameras[(topic, frame_id)] = camera
+        seq = self.counts[camera]
+        self.counts[camera] += 1
+        return camera, seq
+
+
 def message_to_frame(
-    msg: Any, schema_name: str, topic: str, log_time: int, counters: dict[str, int], where: str
+    msg: Any, schema_name: str, topic: str, log_time: int, cameras: TopicCameras, where: str
 ) -> SourceFrame:
     """Convert one decoded image message (ROS 2, ROS 1 or Foxglove) to a SourceFrame and
     advance its camera's sequence counter."""
@@ -71,10 +108,8 @@ def message_to_frame(
     else:  # Foxglove: timestamp + frame_id at top level
         frame_id = _get(msg, "frame_id", default="") or ""
         ts = stamp_ns(_get(msg, "timestamp"))
-    camera = str(frame_id) or camera_from_topic(topic)
+    camera, seq = cameras.next(topic, str(frame_id))
     ts = ts or int(log_time)
-    seq = counters[camera]
-    counters[camera] += 1
     if schema_name in RAW_SCHEMAS:
         return ros_image_frame(
             camera, seq, ts, str(_get(msg, "encoding")), int(_get(msg, "width")), int(_get(msg, "height")),
@@ -112,6 +147,26 @@ def make_decoder(schema: Any, message_encoding: str) -> Callable[[bytes], Any]:
     name = schema.name if schema is not None else "?"
     raise DataError(f"cannot decode {name} messages encoded as {message_encoding!r}")
 
+
+class UnsupportedTopics:
+    """Topics left out of a replay for an encoding no camera frame has. A topic the user chose
+    (``--topic``) is an error instead: they asked for it."""
+
+    def __init__(self, chosen: bool) -> None:
+        self._chosen = chosen
+        self._why: dict[str, str] = {}
+
+    def __contains__(self, topic: str) -> bool:
+        return topic in self._why
+
+    def add(self, topic: str, exc: UnsupportedEncoding) -> None:
+        if self._chosen:
+            raise exc
+        log.warning("%s; the topic is left out of the replay (choose topics with --topic)", exc)
+        self._why[topic] = str(exc)
+
+    def why(self) -> str:
+        return "".join(f" ({reason})" for reason in self._why.values())
 
 class McapSource:
     def __init__(self, path: Path, options: SourceOptions) -> None:
@@ -166,10 +221,13 @@ class McapSource:
         return f"MCAP {self.path.name}: " + "; ".join(parts)
 
     def __iter__(self) -> Iterator[SourceFrame]:
-        counters: dict[str, int] = defaultdict(int)
+        cameras = TopicCameras()
         decoders: dict[int, Callable[[bytes], Any]] = {}
         topics = list(self.topics)
+        skipped = UnsupportedTopics(chosen=bool(self._opts.topics))
         for schema, channel, message in self._messages(topics):
+            if channel.topic in skipped:
+                continue
             dec = decoders.get(channel.id)
             if dec is None:
                 try:
@@ -188,14 +246,18 @@ class McapSource:
             if schema is None:  # a schemaless channel sharing an image topic's name
                 raise DataError(f"{where}: channel has no schema")
             try:
-                frame = message_to_frame(msg, schema.name, channel.topic, message.log_time, counters, where)
+                frame = message_to_frame(msg, schema.name, channel.topic, message.log_time, cameras, where)
+            except UnsupportedEncoding as exc:
+                skipped.add(channel.topic, exc)
+                continue
             except DataError:
                 raise
             except Exception as exc:  # e.g. raw pixels too short for the size it declares
                 raise DataError(f"{where}: malformed image message ({type(exc).__name__}: {exc})") from exc
             yield frame
-        if not counters:
-            raise DataError(f"{self.path}: no image messages on {', '.join(topics)}")
+        if not cameras.counts:
+            raise DataError(f"{self.path}: no image messages on {', '.join(topics)}{skipped.why()}")
+
 
     def _messages(self, topics: list[str]) -> Iterator[tuple[Any, Any, Any]]:
         """The library's (schema, channel, message) on ``topics``. Whatever it raises on a damaged

@@ -120,6 +120,54 @@ def test_mcap_ros2_compressed_and_raw_cameras_in_sync(tmp_path: Path) -> None:
     assert {f.camera_id for f in only} == {"rear"}
 
 
+def _write_mcap(path: Path, topics: dict[str, tuple[str, str]], n: int = 3) -> Path:
+    """ROS 2 MCAP of ``n`` captures: topic -> (frame_id, "jpeg" | "rgb8" | "16UC1")."""
+    from mcap_ros2.writer import Writer
+
+    with open(path, "wb") as f:
+        w = Writer(f)
+        comp = w.register_msgdef("sensor_msgs/msg/CompressedImage", R.COMPRESSED_DEF)
+        raw = w.register_msgdef("sensor_msgs/msg/Image", R.IMAGE_DEF)
+        for i in range(n):
+            for k, (topic, (frame_id, kind)) in enumerate(topics.items()):
+                ts = R.T0_NS + i * 100_000_000 + k * 1000
+                header = {"header": {"stamp": R._stamp(ts), "frame_id": frame_id}}
+                if kind == "jpeg":
+                    w.write_message(topic, comp, {**header, "format": "jpeg", "data": R.jpeg(R.scene(i))}, log_time=ts)
+                else:
+                    depth = kind == "16UC1"
+                    data = np.zeros((64, 96), np.uint16).tobytes() if depth else R.scene(i)[:, :, ::-1].tobytes()
+                    w.write_message(topic, raw, {**header, "height": 64, "width": 96, "encoding": kind,
+                                                 "is_bigendian": 0, "step": 96 * (2 if depth else 3), "data": data},
+                                    log_time=ts)
+        w.finish()
+    return path
+
+
+def test_mcap_topics_sharing_a_frame_id_are_two_cameras(tmp_path: Path) -> None:
+    """A camera's raw and compressed topics carry one frame_id: they were merged into one camera,
+    every capture sent twice, sequences interleaved (0, 1 at one capture time)."""
+    path = _write_mcap(tmp_path / "d.mcap", {"/camera/image_raw": ("camera_optical_frame", "rgb8"),
+                                             "/camera/image_raw/compressed": ("camera_optical_frame", "jpeg")})
+    frames = list(open_source(path))
+    by_camera: dict[str, list[tuple[int, int]]] = {}
+    for f in frames:
+        by_camera.setdefault(f.camera_id, []).append((f.sequence, f.timestamp_ns - R.T0_NS))
+    assert by_camera == {"camera_optical_frame": [(0, 0), (1, 100_000_000), (2, 200_000_000)],
+                         "camera_image_raw_compressed": [(0, 1000), (1, 100_001_000), (2, 200_001_000)]}
+
+
+def test_a_depth_topic_is_left_out_unless_chosen(tmp_path: Path) -> None:
+    """A depth camera's 16UC1 topic beside the colour one ended the whole replay after the first
+    frame ("unsupported image encoding"). Left out with a warning; chosen by name, it is an error."""
+    path = _write_mcap(tmp_path / "rs.mcap", {"/camera/color/image_raw/compressed": ("color", "jpeg"),
+                                              "/camera/depth/image_rect_raw": ("depth", "16UC1")})
+    frames = list(open_source(path))
+    assert [(f.camera_id, f.sequence) for f in frames] == [("color", 0), ("color", 1), ("color", 2)]
+    with pytest.raises(DataError, match="unsupported image encoding '16UC1'"):
+        list(open_source(path, SourceOptions(topics=("/camera/depth/image_rect_raw",))))
+
+
 @pytest.mark.parametrize("encoding", ["json", "cdr", "protobuf"])
 def test_mcap_foxglove_compressed_image(tmp_path: Path, encoding: str) -> None:
     path = R.write_mcap_foxglove(tmp_path / "fox.mcap", n=3, encoding=encoding)
