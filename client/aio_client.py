@@ -45,7 +45,7 @@ class AsyncDetectorClient:
     async def _unary(self, method: str, request: Any, timeout: float) -> Any:
         backoff = Backoff(self.config.backoff)
         while True:
-            endpoint = self.pool.next()
+            endpoint = await self.pool.anext()
             stub = detector_pb2_grpc.DetectorStub(endpoint.channel)
             try:
                 return await getattr(stub, method)(request, timeout=timeout, metadata=self.config.metadata())
@@ -191,7 +191,7 @@ class AsyncStreamSession(WindowCounters):
                 if generation is None:
                     return
                 self._cancelled_by_us = False
-            endpoint = self._pool.next()
+            endpoint = await self._pool.anext()
             self.address = endpoint.address
             stub = detector_pb2_grpc.DetectorStub(endpoint.channel)
             failure: PerceptionError | None = None

@@ -115,8 +115,11 @@ class ChannelPool:
     its channel is closed ``retire_s`` later (its streams then end and reconnect elsewhere), so
     a caller that was just handed it does not find it closed.
 
-    ``aio=True`` makes grpc.aio channels (for the asyncio client; those retired are closed by
-    ``aclose``).
+    ``aio=True`` makes grpc.aio channels for the asyncio client, which calls ``anext``: the
+    lookup runs in a worker thread (a DNS lookup on the event loop stalled every camera for as
+    long as it took), and retired channels are closed on the loop ``retire_s`` later (they
+    used to be kept until ``aclose``: 50 refreshes left 100 channels open, their streams never
+    ended).
     """
 
     def __init__(self, config: ClientConfig, aio: bool = False, resolver: Callable[..., Any] = socket.getaddrinfo,
@@ -147,20 +150,41 @@ class ChannelPool:
             due = not self._resolving and time.monotonic() - self._resolved_at >= self._refresh_s
             self._resolving = self._resolving or due
         if due:
-            self._refresh()
+            for e in self._follow(self._resolve()):
+                e.channel.close()
+        return self._take()
+
+    async def anext(self) -> Endpoint:
+        """``next`` for grpc.aio channels, on the event loop (see the class docstring)."""
+        import asyncio
+
+        with self._lock:
+            due = not self._resolving and time.monotonic() - self._resolved_at >= self._refresh_s
+            self._resolving = self._resolving or due
+        if due:
+            wanted = await asyncio.to_thread(self._resolve)
+            for e in self._follow(wanted):  # aio channels are made (and closed) on the loop
+                await e.channel.close()
+        return self._take()
+
+    def _take(self) -> Endpoint:
         with self._lock:
             endpoint = self.endpoints[self._turn % len(self.endpoints)]
             self._turn += 1
             return endpoint
 
-    def _refresh(self) -> None:
-        """Resolve the targets again (a DNS lookup: not under the lock) and follow them."""
+    def _resolve(self) -> list[tuple[str, str]]:
+        """Resolve the targets again: a DNS lookup, not under the lock."""
         try:
-            wanted = resolve_targets(self._config.targets, self._resolver)
+            return resolve_targets(self._config.targets, self._resolver)
         finally:
             with self._lock:
                 self._resolving = False
                 self._resolved_at = time.monotonic()
+
+    def _follow(self, wanted: list[tuple[str, str]]) -> list[Endpoint]:
+        """Rotate through ``wanted``'s addresses from now on; the retired endpoints whose
+        channels are due to close, for the caller to close."""
         with self._lock:
             current = {e.address: e for e in self.endpoints}
             endpoints = [current.get(a) or self._endpoint(a, h) for a, h in wanted]
@@ -173,11 +197,8 @@ class ChannelPool:
             self.endpoints = endpoints
             self._retired += [(now, e) for e in gone]
             due = [e for t, e in self._retired if now - t >= self._retire_s]
-            if not self._aio:  # (aio channels are closed by aclose, on the event loop)
-                self._retired = [(t, e) for t, e in self._retired if now - t < self._retire_s]
-        if not self._aio:
-            for e in due:
-                e.channel.close()
+            self._retired = [(t, e) for t, e in self._retired if now - t < self._retire_s]
+        return due
 
     def close(self) -> None:
         """Close sync channels (aio channels are closed with ``aclose``)."""

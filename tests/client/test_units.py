@@ -101,6 +101,43 @@ def test_the_pool_follows_a_name_whose_addresses_change() -> None:
         pool.close()
 
 
+def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() -> None:
+    """The asyncio client's pool kept every retired channel open until the client closed (50
+    refreshes of a name whose pods changed: 100 channels, their streams never ended), and
+    resolved the name on the event loop, stalling every camera for the lookup."""
+    import asyncio
+    import itertools
+    import threading
+
+    from client.channels import ChannelPool
+    from client.config import ClientConfig
+
+    lookups = itertools.count()
+    threads: list[int] = []  # the thread of each lookup
+
+    def resolver(host: str, port: int, type: int = 0) -> list:
+        k = next(lookups)
+        threads.append(threading.get_ident())
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"10.0.{k}.{i}", port)) for i in (1, 2)]
+
+    async def run() -> tuple[int, int, int]:
+        pool = ChannelPool(ClientConfig(targets=("svc:50051",)), aio=True, resolver=resolver, refresh_s=0.0,
+                           retire_s=0.0)
+        try:
+            first = pool.endpoints[0].channel
+            for _ in range(50):
+                await pool.anext()
+            with pytest.raises(Exception):  # closed: a call on it fails at once
+                await first.unary_unary("/x/y")(b"", timeout=1)
+            return len(pool.endpoints), len(pool._retired), threading.get_ident()
+        finally:
+            await pool.aclose()
+
+    endpoints, retired, loop_thread = asyncio.run(run())
+    assert endpoints == 2 and retired <= 2
+    assert len(threads) == 51 and threads.count(loop_thread) == 1  # only the constructor.s own lookup
+
+
 def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
     jpg = b"\xff\xd8\xff\xe0fake"
     opts = RequestOptions(score_threshold=0.3, class_filter=(0, 3))
