@@ -109,6 +109,8 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
     import itertools
     import threading
 
+    import grpc
+
     from client.channels import ChannelPool
     from client.config import ClientConfig
 
@@ -127,7 +129,7 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
             first = pool.endpoints[0].channel
             for _ in range(50):
                 await pool.anext()
-            with pytest.raises(Exception):  # closed: a call on it fails at once
+            with pytest.raises(grpc.aio.UsageError):  # closed: a call on it fails at once
                 await first.unary_unary("/x/y")(b"", timeout=1)
             return len(pool.endpoints), len(pool._retired), threading.get_ident()
         finally:
@@ -135,7 +137,7 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
 
     endpoints, retired, loop_thread = asyncio.run(run())
     assert endpoints == 2 and retired <= 2
-    assert len(threads) == 51 and threads.count(loop_thread) == 1  # only the constructor.s own lookup
+    assert len(threads) == 51 and threads.count(loop_thread) == 1  # only the constructor's own lookup
 
 
 def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
