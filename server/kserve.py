@@ -219,7 +219,7 @@ class KServeService:
     def ModelInfer(self, request: kpb.ModelInferRequest | RefusedInfer,
                    context: grpc.ServicerContext) -> kpb.ModelInferResponse:
         # The unary Detect cap covers these too: they share the handler pool with health checks.
-        with self._limits.unary_detect.hold():
+        with self._limits.unary_detect.hold(stream="ModelStreamInfer"):
             owner = ("kserve", StreamAdmission.host_of(context.peer()))
             started = self._start(request, context.time_remaining(), owner)
             return self._finish(started, context.is_active) or kpb.ModelInferResponse()

@@ -222,11 +222,13 @@ class CallSlots:
             return self._in_use
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self, stream: str = "StreamDetect") -> Iterator[None]:
+        """A slot for the call; ``stream``: the streaming method the caller's protocol has
+        (a KServe client has no StreamDetect), named in the refusal."""
         with self._lock:
             if self._in_use >= self.limit:
                 raise OverloadedError(f"server has {self._in_use} {self.what} calls in progress (max {self.limit}); "
-                                      "retry later, or send frames on a StreamDetect stream")
+                                      f"retry later, or send frames on a {stream} stream")
             self._in_use += 1
         try:
             yield
@@ -295,7 +297,7 @@ class ServiceLimits:
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.priorities = dict(priorities or {})
         self.invalid_backoff_max_s = invalid_backoff_max_s
-        self.unary_detect = CallSlots(max_unary_detect_calls, "unary Detect")
+        self.unary_detect = CallSlots(max_unary_detect_calls, "unary Detect and ModelInfer")
         self.max_stream_cameras = max_stream_cameras
 
     def priority_of(self, camera_id: str) -> int:

@@ -497,6 +497,23 @@ def test_a_waiting_stream_s_cost_decays_while_it_waits() -> None:
     assert order == ["heavy", "fresh"]
 
 
+def test_a_refused_unary_call_names_the_stream_its_protocol_has() -> None:
+    """A KServe client refused for too many unary calls was told to send its frames on a
+    StreamDetect stream, a method of the native service it may not have."""
+    from perception.errors import OverloadedError
+    from server.limits import CallSlots
+
+    slots = CallSlots(1, "unary Detect and ModelInfer")
+    with slots.hold():
+        with pytest.raises(OverloadedError, match="on a StreamDetect stream"):
+            with slots.hold():
+                pass
+        with pytest.raises(OverloadedError, match="on a ModelStreamInfer stream"):
+            with slots.hold(stream="ModelStreamInfer"):
+                pass
+    assert slots.in_use == 0
+
+
 def test_invalid_backoff_grows_faster_than_good_frames_undo_it() -> None:
     from server.limits import InvalidBackoff
 
