@@ -505,12 +505,11 @@ def test_a_refused_unary_call_names_the_stream_its_protocol_has() -> None:
 
     slots = CallSlots(1, "unary Detect and ModelInfer")
     with slots.hold():
-        with pytest.raises(OverloadedError, match="on a StreamDetect stream"):
-            with slots.hold():
-                pass
-        with pytest.raises(OverloadedError, match="on a ModelStreamInfer stream"):
-            with slots.hold(stream="ModelStreamInfer"):
-                pass
+        with pytest.raises(OverloadedError, match="on a StreamDetect stream"), slots.hold():
+            pass
+        kserve = pytest.raises(OverloadedError, match="on a ModelStreamInfer stream")
+        with kserve, slots.hold(stream="ModelStreamInfer"):
+            pass
     assert slots.in_use == 0
 
 
