@@ -141,7 +141,7 @@ class DegradePolicy:
     p99_budget_ms: float = 0.0  # 0 = judge by shedding alone
     down_windows: int = 2
     up_windows: int = 5
-    min_frames: int = 10  # windows with fewer frames say nothing
+    min_frames: int = 10  # windows with fewer frames are calm if they shed nothing, else say nothing
     thermal_path: str = ""  # a file holding a number (e.g. /sys/class/thermal/thermal_zone0/temp)
     thermal_limit: float = 0.0  # at or above: overloaded
     # After a move is refused (its variant failed verification, or the artifact on disk changed),
@@ -152,11 +152,16 @@ class DegradePolicy:
 
 
 def ladder(model: ServedModel) -> list[Variant]:
-    """The gated ONNX variants of ``model``'s manifest, slowest (most accurate) first."""
+    """The gated ONNX variants of ``model``'s manifest, slowest (most accurate) first, with the
+    served variant and the operator's on it whatever their gate or format. The operator's variant
+    was left off when it was not a gated ONNX variant with a measured latency (one named although
+    it failed its gate, a TensorRT engine): after the first degrade, recovery then climbed to the
+    slowest variant of all, past the one the operator chose."""
     ok = [v for v in model.manifest.variants
           if v.passed and v.format is VariantFormat.ONNX and v.latency_ms.get("p50")]
-    if model.variant not in ok:
-        ok.append(model.variant)
+    for v in (model.variant, *(v for v in model.manifest.variants if v.name == model.operator_variant)):
+        if v not in ok:
+            ok.append(v)
     return sorted(ok, key=lambda v: -v.latency_ms.get("p50", 0.0))
 
 
@@ -194,6 +199,13 @@ class Degrader:
         self._hot = self._calm = 0
         self._retry_at = 0.0
         self._retry_s = policy.retry_s
+        # A recover that the load undid (a degrade within a few windows of it): no recover before
+        # _recover_at, the wait doubling at each such one (retry_s up to retry_max_s). Without it a
+        # load the lighter rung keeps up with and the heavier does not moved down and up for ever,
+        # every up_windows + down_windows windows, each move a load, warm-up and verification.
+        self._recovered_at: float | None = None  # when the last recover moved, until it held
+        self._recover_at = 0.0
+        self._recover_wait_s = policy.retry_s
         self._moved: ServedModel | None = None  # the model of the last move, until it passed probation
         # The model the last change hook reported: until the hook of a change has run, the
         # windows counted are the model's before it.
@@ -242,6 +254,7 @@ class Degrader:
             if cause == "load":
                 self._hot = self._calm = 0
                 self._retry_at, self._retry_s = 0.0, self.policy.retry_s
+                self._recovered_at, self._recover_at, self._recover_wait_s = None, 0.0, self.policy.retry_s
             elif cause == "rollback":
                 self._hot = self._calm = 0
                 last = self.host.last_rollback
@@ -267,7 +280,7 @@ class Degrader:
         p = self.policy
         frames, shed, p99, share = self.monitor.take()
         hot = self._thermal_hot()
-        serving = self.host.state == "serving"
+        serving = self.host.state != "probation"  # the last move is through its probation
         cur = self.host.current
         with self._lock:
             if cur is not self._seen:  # swapped, its hook not run yet: these windows are not its own
@@ -276,29 +289,64 @@ class Degrader:
                 if cur is self._moved:  # the last move held: back-offs start again from retry_s
                     self._retry_s = p.retry_s
                 self._moved = None
-            if time.monotonic() < self._retry_at:
+            now = time.monotonic()
+            if now < self._retry_at:
                 return ""
-            if frames < p.min_frames and not hot:
-                return ""
-            over_budget = p.p99_budget_ms > 0 and p99 * 1e3 > p.p99_budget_ms
-            overloaded = hot or shed > p.shed_high or over_budget
-            calm = not hot and shed < p.shed_low and (p.p99_budget_ms <= 0 or p99 * 1e3 < p.p99_budget_ms / 2)
-            self._hot = self._hot + 1 if overloaded else 0
-            self._calm = self._calm + 1 if calm else 0
             rungs = ladder(cur)
             names = [v.name for v in rungs]
             here = names.index(cur.variant.name) if cur.variant.name in names else 0
             top = names.index(cur.operator_variant) if cur.operator_variant in names else 0
+            if frames < p.min_frames and not hot:
+                # Too few frames to judge load by, but a window that shed none of them is calm:
+                # an idle server used to stay degraded (and its degraded alert firing) for good.
+                overloaded, calm = False, shed == 0
+            else:
+                over_budget = p.p99_budget_ms > 0 and p99 * 1e3 > p.p99_budget_ms
+                overloaded = hot or shed > p.shed_high or over_budget
+                calm = not hot and shed < p.shed_low and (p.p99_budget_ms <= 0 or self._fits_budget(p99, rungs, here))
+            self._hot = self._hot + 1 if overloaded else 0
+            self._calm = self._calm + 1 if calm else 0
+            if self._recovered_at is not None and now - self._recovered_at > self._held_s():
+                self._recovered_at, self._recover_wait_s = None, p.retry_s  # the last recover held
             if self._hot >= p.down_windows and here + 1 < len(rungs):
                 to, direction = rungs[_down_to(rungs, here, shed, share)], "degrade"
                 why = (f"shed {shed:.0%}, p99 {p99 * 1e3:.0f} ms, inference {share:.0%} of the work"
                        + (", thermal limit" if hot else ""))
-            elif self._calm >= p.up_windows and here > top:
+                if self._recovered_at is not None:  # the load undid the last recover
+                    self._recover_at = now + self._recover_wait_s
+                    log.warning("the recover %.0f s ago did not hold; no recover for %.0f s",
+                                now - self._recovered_at, self._recover_wait_s)
+                    self._recover_wait_s = min(2 * self._recover_wait_s, p.retry_max_s)
+                    self._recovered_at = None
+            elif self._calm >= p.up_windows and here > top and now >= self._recover_at:
                 to, direction, why = rungs[here - 1], "recover", f"calm for {self._calm} windows"
             else:
                 return ""
             self._hot = self._calm = 0
-        return self._move(cur, to, direction, why)
+        moved = self._move(cur, to, direction, why)
+        if moved == "recover":
+            with self._lock:
+                self._recovered_at = time.monotonic()
+        return moved
+
+    def _held_s(self) -> float:
+        """How long a recover must go without a degrade to have held: the windows a degrade
+        right after it takes (down_windows), and as many again."""
+        return 2 * (self.policy.down_windows + 1) * self.policy.window_s
+
+    def _fits_budget(self, p99_s: float, rungs: list[Variant], here: int) -> bool:
+        """Whether the rung above would keep the p99 budget: this window's p99 plus the inference
+        time the build measured the rung above to add (p50s; the rest of a frame's time, decode
+        and the wire, does not change with the variant). Half the budget, a fixed margin, was
+        never met by a model whose p99 idles above half of it (the shipped one idles at about
+        25 ms end to end, half the 50 ms the docs suggest): it never recovered. A rung without a
+        measured latency is taken to double the p99."""
+        p = self.policy
+        if here == 0:
+            return p99_s * 1e3 < p.p99_budget_ms
+        now_ms, up_ms = rungs[here].latency_ms.get("p50", 0.0), rungs[here - 1].latency_ms.get("p50", 0.0)
+        extra_ms = max(up_ms - now_ms, 0.0) if now_ms > 0 and up_ms > 0 else p99_s * 1e3
+        return p99_s * 1e3 + extra_ms < p.p99_budget_ms
 
     def _move(self, cur: ServedModel, to: Variant, direction: str, why: str) -> str:
         """Swap ``to`` in for ``cur``, outside the lock: the swap returns once its change hook

@@ -160,8 +160,14 @@ class ModelHost:
 
     @property
     def state(self) -> str:
+        """"probation" while a change is on probation; else "degraded" while a lighter variant
+        than the operator's serves (the admin service's contract: it said "serving"), else
+        "serving"."""
         with self._lock:
-            return "probation" if self._probation.on(time.monotonic()) else "serving"
+            if self._probation.on(time.monotonic()):
+                return "probation"
+            cur = self._current
+            return "degraded" if cur.variant.name != cur.operator_variant else "serving"
 
     def holds(self, model: ServedModel) -> bool:
         """Whether ``model`` is still kept (served, previous, or left by a move on probation):

@@ -420,3 +420,90 @@ def test_no_move_on_a_model_swapped_in_before_its_change_hook_ran(serve: Any, tm
         loading.join(30)
     assert host.current.version == "2.0.0" and host.current.variant.name == host.current.operator_variant
     assert _degrade(deg) == "degrade"  # once the hook ran, v2's own windows count
+
+
+def _three_rungs(d: Path, mid_passed: bool = True) -> Path:
+    """accurate (10 ms), mid (6 ms; its gate failed unless ``mid_passed``), fast (3 ms)."""
+    path = two_rung_artifact(d)
+    m = load_manifest(path)
+    accurate, fast = m.variants
+    mid = dataclasses.replace(fast, name="mid", latency_ms={"p50": 6.0},
+                              gate={"passed": mid_passed, "reason": "" if mid_passed else "accuracy"})
+    ver = m.verification
+    assert ver is not None
+    ver = dataclasses.replace(ver, expected={**ver.expected, "mid": ver.expected["fast"]})
+    save_manifest(dataclasses.replace(m, variants=(accurate, mid, fast), verification=ver), d)
+    return path
+
+
+def test_recovery_stops_at_the_operators_variant_whatever_its_gate(serve: Any, tmp_path: Path) -> None:
+    """The operator serves "mid", whose gate failed (named, a server serves it). It was left off
+    the ladder: after a degrade, recovery climbed to "accurate", the slowest of all, and the
+    degraded gauge read 1 while a slower model than the operator's served."""
+    run = serve(model=str(_three_rungs(tmp_path / "art", mid_passed=False)), variant="mid", degrade="auto",
+                degrade_window_s=3600.0, probation_s=0.0)
+    deg, host, get = run.server.degrader, run.server.models, run.registry.get_sample_value
+    assert _degrade(deg) == "degrade" and host.current.variant.name == "fast"
+    assert host.state == "degraded"  # the admin service's GetModelStatus said "serving"
+    moves = []
+    for _ in range(12):
+        _calm(deg.monitor)
+        moves.append(deg.step())
+    assert [m for m in moves if m] == ["recover"] and host.current.variant.name == "mid"
+    assert get("perception_model_degraded") == 0 and host.state == "serving"
+
+
+def test_a_recover_the_load_undoes_is_not_tried_again_at_once(serve: Any, tmp_path: Path) -> None:
+    """A load the fast variant keeps up with and the accurate one does not: degrade, five calm
+    windows, recover, two hot windows, degrade, and so on for ever (11 moves in 40 windows), each
+    move a load, warm-up and verification on a CPU already overloaded."""
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0,
+                probation_s=0.0)
+    deg, host = run.server.degrader, run.server.models
+    moves = []
+    for _ in range(40):
+        (_overloaded if host.current.variant.name == "accurate" else _calm)(deg.monitor)
+        moved = deg.step()
+        if moved:
+            moves.append(moved)
+    assert moves == ["degrade", "recover", "degrade"], moves  # then no recover for retry_s (30 s)
+    assert host.current.variant.name == "fast"
+
+
+def test_an_idle_server_recovers(serve: Any, tmp_path: Path) -> None:
+    """Windows with fewer than min_frames frames said nothing: a server that went idle after a
+    degrade stayed degraded, its degraded alert firing on an idle vehicle."""
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0,
+                probation_s=0.0)
+    deg, host = run.server.degrader, run.server.models
+    assert _degrade(deg) == "degrade"
+    moved = []
+    for _ in range(5):
+        for _ in range(3):
+            deg.monitor.answered()
+        moved.append(deg.step())
+    assert moved[-1] == "recover" and host.current.variant.name == "accurate"
+    assert _degrade(deg) == "degrade"  # a few frames shed in a quiet window are no calm one
+    for _ in range(6):
+        deg.monitor.answered()
+        deg.monitor.dropped("stale")
+        assert deg.step() == ""
+
+
+def test_a_p99_budget_recovers_when_the_rung_above_would_keep_it(serve: Any, tmp_path: Path) -> None:
+    """Calm meant p99 under half the budget: a model idling at 30 ms end to end under a 50 ms
+    budget never recovered. The rung above adds its measured 7 ms (10 - 3): 37 ms keeps it."""
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0,
+                probation_s=0.0, degrade_p99_budget_ms=50.0)
+    deg, host = run.server.degrader, run.server.models
+
+    def window(p99_s: float) -> str:
+        for _ in range(30):
+            deg.monitor.answered()
+            deg.monitor.latency(p99_s)
+        return deg.step()
+
+    window(0.08)
+    assert window(0.08) == "degrade"
+    assert [window(0.045) for _ in range(8)] == [""] * 8  # 45 + 7 ms would not keep the budget
+    assert [window(0.03) for _ in range(5)][-1] == "recover" and host.current.variant.name == "accurate"
