@@ -230,6 +230,14 @@ class ServerConfig:
             raise ConfigError(f"degrade must be off or auto, got {self.degrade!r}")
         if self.degrade_window_s <= 0 or self.degrade_p99_budget_ms < 0:
             raise ConfigError("degrade_window_s must be positive and degrade_p99_budget_ms >= 0")
+        if self.thermal_path:
+            # Without a limit every reading was "hot": degraded to the fastest rung within two
+            # windows, and never back. Without degrade the signal was read by nothing, silently.
+            if not (math.isfinite(self.thermal_limit) and self.thermal_limit > 0):
+                raise ConfigError(f"thermal_path needs thermal_limit, the reading at which to degrade (e.g. 85000 "
+                                  f"for a thermal zone's millidegrees), got {self.thermal_limit}")
+            if self.degrade != "auto":
+                raise ConfigError("thermal_path is read only with degrade auto (--degrade auto)")
         if self.probation_s < 0 or not 0 <= self.probation_max_error_rate <= 1:
             raise ConfigError("probation_s must be >= 0 and probation_max_error_rate in [0, 1]")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -328,6 +336,8 @@ def _coerce(name: str, value: Any) -> Any:
     turning a number or a boolean back into text, or a fraction into an integer, would quietly
     change the setting (YAML_QUOTING)."""
     default = _FIELDS[name].default
+    # A secret's value is never quoted in an error (it goes to stderr, the journal).
+    shown = "(a value not shown: it is a secret)" if name.endswith("_tokens") else repr(value)
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
@@ -344,7 +354,8 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, (list, tuple)):
                 for item in value:
                     if not isinstance(item, str):
-                        raise ConfigError(f"config {name}: list items must be text, got {item!r}; {YAML_QUOTING}")
+                        got = "a value not shown (a secret)" if name.endswith("_tokens") else repr(item)
+                        raise ConfigError(f"config {name}: list items must be text, got {got}; {YAML_QUOTING}")
                 return tuple(value)
             raise ValueError(value)
         if isinstance(default, str):
@@ -352,7 +363,7 @@ def _coerce(name: str, value: Any) -> Any:
                 return value
             if name == "degrade" and value is False:
                 return "off"  # YAML's reading of an unquoted `degrade: off`
-            raise ConfigError(f"config {name}: expected text, got {value!r}; {YAML_QUOTING}")
+            raise ConfigError(f"config {name}: expected text, got {shown}; {YAML_QUOTING}")
         if isinstance(value, bool):
             raise ValueError(value)  # YAML's yes / no / on / off where a number belongs
         if isinstance(default, int):
@@ -360,8 +371,8 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError(value)  # int() would make 8.9 an 8
             return int(value)
         return float(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config {name}: cannot use {value!r} ({type(default).__name__} expected)") from exc
+    except (TypeError, ValueError):
+        raise ConfigError(f"config {name}: cannot use {shown} ({type(default).__name__} expected)") from None
 
 
 def _from_file(path: str | os.PathLike[str]) -> dict[str, Any]:

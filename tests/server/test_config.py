@@ -101,6 +101,32 @@ def test_yaml_admin_tokens_that_are_not_text_are_refused(tmp_path, text):
         load_config({}, env={}, file=f)
 
 
+def test_a_token_that_is_not_text_is_not_quoted_in_the_error(tmp_path):
+    """The error goes to stderr and the journal: "list items must be text, got 84736251" showed
+    the secret."""
+    f = tmp_path / "server.yaml"
+    f.write_text("model: m.json\nadmin_port: 0\nadmin_tokens: [84736251]\nauth_tokens: 84736252\n")
+    with pytest.raises(ConfigError, match="admin_tokens") as err:
+        load_config({}, env={}, file=f)
+    assert "84736251" not in str(err.value) and "not shown" in str(err.value)
+    f.write_text("model: m.json\nauth_tokens: 84736252\n")
+    with pytest.raises(ConfigError, match="auth_tokens") as err:
+        load_config({}, env={}, file=f)
+    assert "84736252" not in str(err.value) and "not shown" in str(err.value)
+
+
+def test_a_thermal_signal_needs_its_limit_and_degrade_auto(tmp_path):
+    """Without a limit every reading counted as hot (degraded to the fastest variant within two
+    windows, for good); without degrade auto the signal was read by nothing, silently."""
+    zone = tmp_path / "temp"
+    zone.write_text("45000\n")
+    with pytest.raises(ConfigError, match="thermal_path needs thermal_limit"):
+        ServerConfig(model="m.json", degrade="auto", thermal_path=str(zone))
+    with pytest.raises(ConfigError, match="only with degrade auto"):
+        ServerConfig(model="m.json", thermal_path=str(zone), thermal_limit=85000.0)
+    ServerConfig(model="m.json", degrade="auto", thermal_path=str(zone), thermal_limit=85000.0)
+
+
 def test_admin_tokens_must_not_be_client_tokens(tmp_path):
     """docs/lifecycle.md: the admin service has its own tokens. One file for both made every
     camera an admin; the overlap is refused however the client tokens are given."""
