@@ -442,7 +442,7 @@ def create_server(
                 managed.backend = model.backend
                 service.attach(scheduler, convert.model_info(model.manifest, model.variant, model.backend.name,
                                                              model.max_batch, config.message_limit()), managed.models)
-                metrics.set_model_info(model.manifest, model.variant.name, model.backend.name)
+                metrics.set_model_info(model.manifest, model.variant.name, model.backend.name, model.loaded_at)
                 managed.model_changed()
             finally:  # the degrader makes no move until it has heard of the change
                 if managed.degrader is not None:

@@ -35,7 +35,10 @@ def verify_before_swap(new: ServedModel, current: ServedModel, max_changed: floa
     got, new_s = _run(new, frames)
     if ver is not None and ver.frames:
         expected = _expected(new)
-        if expected is not None:
+        if expected is None:  # it used to be served on latency alone without a word
+            log.warning("%s ships verification frames but no detections recorded for %s or its parent: checked "
+                        "for latency only", new.describe(), new.variant.name)
+        else:
             par = parity(expected, got)
             worst = max(par["vanished"], par["appeared"])
             if worst > max_changed:

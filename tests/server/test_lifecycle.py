@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -150,6 +151,36 @@ def test_hot_swap_under_load_loses_no_frame(serve: Any, arts: dict[str, Path]) -
         batch_s = max(a.timings.inference_us for a in answers) / 1e6
         # 50 ms of slack for a loaded test machine; the swap itself adds no wait.
         assert at_swap <= max(usual, loading) + batch_s + 0.05, (cam, at_swap, usual, loading, batch_s)
+
+
+def test_frames_without_recorded_detections_for_the_variant_are_said_to_check_latency_only(
+        serve: Any, arts: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Verification frames shipped, but nothing recorded for the variant or its parent: the
+    model was swapped in on latency alone without a word (no frames at all does warn)."""
+    path = versioned_artifact(tmp_path / "no_expected", "0.0.2", seed=0)
+    m = load_manifest(path)
+    assert m.verification is not None
+    save_manifest(dataclasses.replace(m, verification=dataclasses.replace(m.verification, expected={})), path.parent)
+    run = serve(model=str(arts["v1"]))
+    caplog.set_level(logging.WARNING)
+    run.server.models.load_and_swap(str(path))
+    assert run.server.models.current.version == "0.0.2"
+    assert "ships verification frames but no detections recorded" in caplog.text
+
+
+def test_a_rollback_reports_when_the_model_it_serves_was_loaded(serve: Any, arts: dict[str, Path]) -> None:
+    """perception_model_loaded_timestamp_seconds was set to now on every change: a rollback to a
+    model loaded long before looked freshly loaded."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=0.0)
+    first = run.server.models.current
+    stub = admin(run)
+    time.sleep(0.05)
+    stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    loaded = run.registry.get_sample_value("perception_model_loaded_timestamp_seconds")
+    assert loaded == run.server.models.current.loaded_at > first.loaded_at
+    stub.Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert run.server.models.current is first
+    assert run.registry.get_sample_value("perception_model_loaded_timestamp_seconds") == first.loaded_at
 
 
 def test_refused_models_leave_the_old_one_serving(serve: Any, arts: dict[str, Path], tmp_path: Path) -> None:
