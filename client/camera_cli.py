@@ -170,7 +170,12 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
     )
     cameras = open_cameras(args)
     stop_event = stop or threading.Event()
-    out = AnswersOut(args.out, stop_event) if args.out else None
+    out: AnswersOut | None = None  # opened (truncating the file) once every argument has passed its checks
+
+    def write(frame: SourceFrame, result: FrameResult) -> None:
+        if out is not None:
+            out.write(frame, result)
+
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
 
@@ -182,7 +187,10 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
             previous[sig] = signal.signal(sig, on_signal)
     client = DetectorClient(config)
     try:
-        node = CameraNode(cameras, client, node_config, out.write if out else None, stop=stop_event)
+        node = CameraNode(cameras, client, node_config, write if args.out else None, stop=stop_event)
+        # Only now: a refused argument (two cameras with one id) used to leave the last run's
+        # answers truncated to nothing.
+        out = AnswersOut(args.out, stop_event) if args.out else None
         log.info("streaming %s to %s", ", ".join(f"{cid} ({cam.name})" for cid, cam in cameras),
                  ", ".join(e.address for e in client.pool.endpoints))
         node.start()

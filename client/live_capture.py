@@ -55,7 +55,7 @@ class LiveCamera:
     """A V4L2 device, network stream or GStreamer pipeline."""
 
     def __init__(self, target: LiveTarget, request: CaptureRequest) -> None:
-        self.name = target.location
+        self.name = target.shown  # logged and in the summary: no credentials
         self._capture = LiveCapture(target, request)
 
     def open(self) -> None:

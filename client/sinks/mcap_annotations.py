@@ -36,7 +36,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -46,6 +45,7 @@ import cv2
 from client.client_status import Unanswered
 from client.frames import FrameResult, FrameStatus, SourceFrame
 from client.sinks.annotated_video import class_color, frame_image, track_color
+from client.sinks.atomic_json import temp_beside
 from perception.errors import DataError, InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class McapAnnotationsSink:
             raise DataError(f"{self.path}: cannot write: is a directory")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            fd, tmp = temp_beside(self.path)
         except OSError as exc:
             raise DataError(f"{self.path}: cannot write: {exc.strerror or exc}") from exc
         self._tmp = Path(tmp)

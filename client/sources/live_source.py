@@ -58,6 +58,19 @@ class LiveTarget:
     kind: LiveKind
     location: str
 
+    @property
+    def shown(self) -> str:
+        """``location`` as logs, errors and summaries print it: a URL's user and password (an
+        RTSP camera's usual ``rtsp://admin:secret@host/...``) replaced by ``***``."""
+        m = _URL.match(self.location)
+        if self.kind is not LiveKind.STREAM or not m:
+            return self.location
+        host, sep, path = m.group("rest").partition("/")
+        userinfo, at, rest = host.rpartition("@")
+        if at and userinfo:  # (udp://@:1234 is a multicast address, no user)
+            host = "***@" + rest
+        return f"{m.group('scheme')}://{host}{sep}{path}"
+
     def default_camera_id(self) -> str:
         """"/dev/video0" -> "video0", "rtsp://cam-front.local:8554/front" -> "front",
         "http://10.0.0.5:8080/" -> "10.0.0.5_8080", a pipeline -> "gstreamer"."""
@@ -144,7 +157,7 @@ class LiveCapture:
         elif t.kind is LiveKind.V4L2:
             real = os.path.realpath(t.location)
             if not os.path.exists(real):
-                raise DataError(f"{t.location}: no such video device (unplugged, or another /dev/videoN)")
+                raise DataError(f"{t.shown}: no such video device (unplugged, or another /dev/videoN)")
             index = _DEVICE.match(real)
             cap = cv2.VideoCapture(int(index.group("index")) if index else real, cv2.CAP_V4L2)
             if cap.isOpened():
@@ -155,7 +168,7 @@ class LiveCapture:
             cap = cv2.VideoCapture(t.location, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
-            raise DataError(f"{t.location}: cannot open {t.kind.value} (not reachable, busy or unsupported format)")
+            raise DataError(f"{t.shown}: cannot open {t.kind.value} (not reachable, busy or unsupported format)")
         self._cap = cap
         self._clock.reconnected()
 
@@ -172,11 +185,11 @@ class LiveCapture:
             cap.set(cv2.CAP_PROP_FPS, r.fps)
         got = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
                float(cap.get(cv2.CAP_PROP_FPS)), _fourcc_text(cap.get(cv2.CAP_PROP_FOURCC)))
-        log.info("%s: %dx%d at %.1f fps, %s", self.target.location, *got)
+        log.info("%s: %dx%d at %.1f fps, %s", self.target.shown, *got)
         wanted = (r.width or got[0], r.height or got[1], r.fps or got[2], r.fourcc or got[3])
         if wanted != got:
             log.warning("%s: asked for %dx%d at %.1f fps %s; the driver gave %dx%d at %.1f fps %s",
-                        self.target.location, *wanted, *got)
+                        self.target.shown, *wanted, *got)
 
     def read(self) -> tuple[NDArray[np.uint8], int] | None:
         """The next frame (H, W, 3) uint8 BGR and its capture time in epoch nanoseconds; None
@@ -187,7 +200,7 @@ class LiveCapture:
         if not ok or img is None:
             return None
         stamp_ms = float(self._cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0)
-        return np.asarray(img, np.uint8), self._clock.stamp(stamp_ms, self.target.location)
+        return np.asarray(img, np.uint8), self._clock.stamp(stamp_ms, self.target.shown)
 
     def close(self) -> None:
         if self._cap is not None:
@@ -211,7 +224,7 @@ class LiveSource:
         probe.close()
 
     def describe(self) -> str:
-        return f"live {self.target.kind.value} {self.location}: camera {self.camera_id!r}"
+        return f"live {self.target.kind.value} {self.target.shown}: camera {self.camera_id!r}"
 
     def __iter__(self) -> Iterator[SourceFrame]:
         cap = LiveCapture(self.target)
@@ -231,8 +244,8 @@ class LiveSource:
         finally:
             cap.close()
         if count == 0:
-            raise DataError(f"{self.location}: the stream delivered no frame")
-        log.warning("%s: stream ended after %d frames", self.location, count)
+            raise DataError(f"{self.target.shown}: the stream delivered no frame")
+        log.warning("%s: stream ended after %d frames", self.target.shown, count)
 
 
 def encode_jpeg(image: NDArray[np.uint8], quality: int) -> bytes:

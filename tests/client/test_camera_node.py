@@ -199,12 +199,39 @@ def test_shared_memory_frames_match_raw_frames_and_the_ring_is_removed_at_stop(
         plain.shutdown(1.0)
 
 
+def test_a_camera_url_s_password_is_never_printed(
+    server: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole URL was the camera's name: rtsp://admin:S3cret@... went into every open-failure
+    warning, the "capturing"/"streaming" lines and the summary's source."""
+    caplog.set_level(logging.INFO, logger="client")
+    t, stop, result = _run_in_thread(["rtsp://admin:S3cret@127.0.0.1:9/front", "--server", server,
+                                      "--retry-max", "0.2", "--json"])
+    time.sleep(1.0)
+    stop.set()
+    t.join(15)
+    assert result == {"rc": 0}
+    out = capsys.readouterr()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "rtsp://***@127.0.0.1:9/front" in logged
+    for text in (logged, out.out, out.err):
+        assert "S3cret" not in text and "admin:" not in text
+
+
 def test_a_recording_without_loop_and_duplicate_ids_are_refused(server: str, tmp_path: Path) -> None:
     video = R.write_mp4(tmp_path / "a.mp4", n=2)
     with pytest.raises(ConfigError, match="add --loop"):
         camera_cli.main([str(video), "--server", server])
     with pytest.raises(ConfigError, match="used twice"):
         camera_cli.main(["http://127.0.0.1:1/video.mjpg", "http://127.0.0.1:2/video.mjpg", "--server", server])
+    # The last run's answers stay: --out used to be opened (truncated) before the check.
+    previous = tmp_path / "answers.jsonl"
+    previous.write_text('{"camera_id": "front"}\n')
+    with pytest.raises(ConfigError, match="used twice"):
+        camera_cli.main(["http://127.0.0.1:1/video.mjpg", "http://127.0.0.1:2/video.mjpg", "--server", server,
+                         "--out", str(previous)])
+    assert previous.read_text() == '{"camera_id": "front"}\n'
+
 
 
 @pytest.mark.skipif(opencv_has_gstreamer(), reason="this OpenCV has GStreamer")

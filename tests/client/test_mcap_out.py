@@ -239,6 +239,25 @@ def test_sink_writes_the_image_only_for_a_frame_not_answered_ok_and_encodes_raw_
     assert raw_img["format"] == "jpeg" and decoded is not None and decoded.shape == (64, 96, 3)
 
 
+def test_outputs_written_whole_get_the_mode_any_new_file_gets(tmp_path: Path) -> None:
+    """The MCAP and JSON outputs came out 0600 (mkstemp's mode, kept through the rename) where
+    the JSONL beside them was 0644: a replay Job's results on a shared volume could not be read
+    by anyone else."""
+    from client.sinks.atomic_json import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        sink = McapAnnotationsSink(tmp_path / "o.mcap")
+        frame = SourceFrame("front", 0, R.T0_NS, encoded=R.jpeg(R.scene(0)))
+        sink.write(frame, _answer(frame, FrameStatus.OK, []))
+        sink.close()
+        write_json_atomic(tmp_path / "o.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "o.mcap").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "o.json").stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_sink_discards_its_file_after_a_failed_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from perception.errors import DataError
 
