@@ -12,7 +12,10 @@ One clock stamps every connection to a camera: a reconnect maps the new stream's
 but the stamps go on from the last one. A stream clock runs up to ``max_drift_ns`` ahead of
 the host's, so the first stamps of a new connection could fall before the last of the old one,
 and the server's tracker takes a capture time going backwards for a camera restart (it drops
-every track of the camera).
+every track of the camera). Until the new clock catches up with the last stamp, frames are
+stamped after it at ``SLEW`` (0.9) times their spacing on the new clock: every frame one
+nanosecond after the last, as they were, squeezed a second of frames onto one instant, and a
+tracker stepping them saw a car stand still, then jump (4 track ids for one car).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ log = logging.getLogger(__name__)
 # measurement: larger than the buffering of a healthy stream (well under a second), far smaller
 # than the drift of an invented 25 fps clock over a minute of a 10 fps stream (36 s).
 MAX_DRIFT_NS = 1_000_000_000
+# While the stamps are ahead of the clock that makes them (after a reconnect, or a stream clock
+# that ran ahead and was dropped), each frame advances by this share of its spacing on that
+# clock: the stamps keep nearly the frames' spacing and meet the clock after ten times the lead
+# (10 s for the largest, 1 s). A policy, not a measurement.
+SLEW = 0.9
 
 
 class CaptureClock:
@@ -44,6 +52,8 @@ class CaptureClock:
         self._stream_offset: int | None = None  # stream clock -> epoch, mapped at the first frame
         self._last_stream_ns = -1
         self._last_stamp = 0
+        self._last_clock: int | None = None  # the last frame's time on the clock now stamping; None after a switch
+        self._last_host = 0  # when the last frame was stamped (host clock)
         self.uses_stream_clock = True
 
     def reconnected(self) -> None:
@@ -51,6 +61,7 @@ class CaptureClock:
         believed again; the stamps stay after the last one of the connection before."""
         self._stream_offset = None
         self._last_stream_ns = -1
+        self._last_clock = None
         self.uses_stream_clock = True
 
     def host_now(self) -> int:
@@ -59,10 +70,19 @@ class CaptureClock:
 
     def stamp(self, stream_ms: float, where: str = "camera") -> int:
         """The capture time of a frame the stream stamped ``stream_ms`` (0 = no stamp)."""
+        was_stream = self.uses_stream_clock
         stamped = self._stamp(stream_ms, where)
-        # Never backwards, also when the stream clock was ahead of the host's and is dropped.
-        self._last_stamp = max(stamped, self._last_stamp + 1)
-        return self._last_stamp
+        host = self.host_now()
+        if was_stream != self.uses_stream_clock:
+            self._last_clock = None  # dropped the stream clock for the host's: another clock
+        # Never backwards, also when the stream clock was ahead of the host's and is dropped:
+        # at least nearly the frame's spacing on the clock now stamping after the last stamp (the
+        # host's time since the last frame, just after a switch of clocks). On a clock not behind
+        # the stamps, that is the clock's own time.
+        since = stamped - self._last_clock if self._last_clock is not None else host - self._last_host
+        out = max(stamped, self._last_stamp + max(1, int(SLEW * since)))
+        self._last_stamp, self._last_clock, self._last_host = out, stamped, host
+        return out
 
     def _stamp(self, stream_ms: float, where: str) -> int:
         host = self.host_now()

@@ -6,6 +6,7 @@ cannot be written."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import random
 import threading
@@ -112,9 +113,41 @@ def test_a_reconnect_maps_the_new_stream_clock_and_never_stamps_backwards() -> N
     clock.reconnected()  # the new stream's clock starts again at 0
     first = clock.stamp(0.0)
     assert first > last, "not before the last frame of the connection before"
-    mono[0] += 1_000_000_000  # the host caught up: the new stream's clock is mapped and believed
-    assert clock.stamp(1000.0) == host + 1_100_000_000
-    assert clock.stamp(1040.0) == host + 1_140_000_000 and clock.uses_stream_clock
+    mono[0] += 1_000_000_000  # the new stream's clock is mapped and believed
+    second = clock.stamp(1000.0)
+    assert second - first == 900_000_000 and clock.uses_stream_clock  # behind the stamps: 0.9 of its 1 s
+    ms = 1000.0
+    for _ in range(300):  # 40 ms frames: the stamps meet the new clock (host + 1.1 s at 1000 ms)
+        mono[0] += 40_000_000
+        ms += 40.0
+        stamped = clock.stamp(ms)
+    assert stamped == host + 1_100_000_000 + int((ms - 1000.0) * 1e6)
+
+
+def test_frames_stamped_behind_the_last_keep_their_spacing() -> None:
+    """A stream clock 0.9 s ahead of the host's, then a reconnect whose new clock starts at the
+    host's: until it caught up, every frame was stamped 1 ns after the last, a second of frames
+    on one instant (a tracker saw a car stand still, then jump: 4 ids for one car). They keep
+    0.9 of their spacing now, and meet the new clock within ten times the lead."""
+    mono = [5 * 10**9]
+    clock = CaptureClock(**_host_clock(mono))
+    clock.stamp(0.0)
+    pos = 0.0
+    for _ in range(30):  # read in a burst at connect: the stream clock runs ahead
+        mono[0] += 3_000_000
+        pos += 33.333333
+        last = clock.stamp(pos)
+    assert last - clock.host_now() > 800_000_000 and clock.uses_stream_clock
+    mono[0] += 100_000_000
+    clock.reconnected()
+    stamps, pos = [last], 0.0
+    for _ in range(400):  # 13 s at 30 fps on the new connection
+        mono[0] += 33_333_333
+        stamps.append(clock.stamp(pos))
+        pos += 33.333333
+    gaps = [b - a for a, b in itertools.pairwise(stamps[2:])]
+    assert min(gaps) >= 0.9 * 33_333_333 - 1, min(gaps)
+    assert stamps[-1] == clock.host_now(), "caught up with the new clock"
 
 
 class _FakeStream:
