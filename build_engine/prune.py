@@ -186,7 +186,9 @@ def finetune(
     n = min(len(train_set), max_images) if max_images > 0 else len(train_set)
     optimizer = make_optimizer(model, cfg)
     ema = ModelEMA(model, o.ema_decay) if o.ema else None
-    criterion = DetectionLoss(cfg.loss, cfg.model.num_classes)
+    # The model's class count, not the config's: a 3-class checkpoint fine-tuned with the default
+    # config (7 classes) failed after pruning and loading the data, on the first batch.
+    criterion = DetectionLoss(cfg.loss, model.cfg.num_classes)
     centers, strides = model.anchor_points()
     bs = o.batch_size
     steps = max(1, n // bs)

@@ -64,8 +64,10 @@ class GateThresholds:
     latency_budget_ms: float | None = None
 
     def __post_init__(self) -> None:
-        if min(self.fp16, self.int8, self.pruned) < 0:
-            raise ConfigError("gate thresholds must be >= 0 mAP points")
+        drops = (self.fp16, self.int8, self.pruned)
+        if not all(math.isfinite(d) and d >= 0 for d in drops):
+            # NaN passed a "< 0" check and failed the build only after export and quantization.
+            raise ConfigError(f"gate thresholds must be finite mAP points >= 0, got {drops}")
         ratios = (self.fp16_max_latency_ratio, self.int8_max_latency_ratio, self.pruned_max_latency_ratio)
         if not all(math.isfinite(r) and r > 0 for r in ratios):
             raise ConfigError(f"gate latency ratios must be > 0, got {ratios}")

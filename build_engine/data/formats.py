@@ -24,6 +24,9 @@ from perception.coco import load_coco
 from perception.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+# A YOLO value past this is no fraction of the image: a box may reach a little past its edges
+# (some tools write 1.0x), never half an image beyond them.
+YOLO_MAX_FRACTION = 1.5
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,12 @@ def read_yolo_set(root: Path) -> LabelledSet:
                     raise DataError(f"{lf}:{ln}: class id {c} out of range 0..{len(classes) - 1}")
                 if not all(np.isfinite([cx, cy, bw, bh])) or bw < 0 or bh < 0:
                     raise DataError(f"{lf}:{ln}: box values must be finite with non-negative size")
+                if max(abs(cx), abs(cy), bw, bh) > YOLO_MAX_FRACTION:
+                    # Pixels taken for fractions made boxes thousands of image widths away: every
+                    # one was clipped away in training, which then ran to the end on no objects.
+                    raise DataError(f"{lf}:{ln}: YOLO box values are fractions of the image size (0..1), got "
+                                    f"{cx:g} {cy:g} {bw:g} {bh:g} for a {w}x{h} image: pixels? Divide x and width by "
+                                    "the image width, y and height by its height")
                 rows.append([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
                 cls.append(c)
         samples.append(Sample(i + 1, f, w, h, np.array(rows, np.float32).reshape(-1, 4), np.array(cls, np.int64)))

@@ -21,7 +21,7 @@ import torch
 
 from build_engine.checkpoint import CheckpointMeta, load_payload, meta_for, save_checkpoint
 from build_engine.config import TrainConfig
-from build_engine.data.formats import LabelledSet, read_image, read_labelled_set
+from build_engine.data.formats import LabelledSet, Sample, read_image, read_labelled_set
 from build_engine.data.generate import cached_dataset
 from build_engine.evaluate import evaluate_runner, postprocess_for, torch_runner
 from build_engine.model import build_model
@@ -66,7 +66,18 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> tuple[LabelledSet,
         raise ConfigError(f"{val_set.root}: val classes {list(val_set.classes)} are not the train set's "
                           f"{list(train_set.classes)} ({train_set.root}); both must list the same classes in "
                           "the same order")
+    for ds, what in ((train_set, "train"), (val_set, "val")):
+        if not any(_objects(s) for s in ds.samples):
+            # A val set without one scores "no data" (-1) every epoch, never above the -1 the
+            # best starts at: training ran to the end and wrote no best.pt, whose path it printed.
+            raise DataError(f"{ds.root}: the {what} set has no labelled object (crowd regions aside): "
+                            + ("nothing to learn" if what == "train" else "nothing to score the epochs on"))
     return train_set, val_set
+
+
+def _objects(sample: Sample) -> int:
+    """The sample's labelled objects that are not crowd regions."""
+    return int(len(sample.boxes) - (0 if sample.iscrowd is None else int(sample.iscrowd.sum())))
 
 
 def check_num_classes(cfg: TrainConfig, classes: tuple[str, ...], root: Path) -> None:

@@ -167,6 +167,8 @@ def yolo_copy(src, tmp_path):
         ("9 0.5 0.5 0.1 0.1", "class id 9 out of range"),
         ("0 0.5 0.5 0.1", "malformed YOLO line"),
         ("x 0.5 0.5 0.1 0.1", "malformed"),
+        # Pixels for fractions: every box was clipped away in training, which ran on no objects.
+        ("0 64 48 32 24", "pixels?"),
     ],
 )
 def test_bad_yolo_lines_name_file_and_line(small_set, tmp_path, line, fragment) -> None:

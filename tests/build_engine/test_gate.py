@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def test_thresholds_per_variant():
     with pytest.raises(ValueError):
         t.limits("base", "int4")
     for bad in ({"int8_max_latency_ratio": 0.0}, {"fp16_max_latency_ratio": -1.0}, {"latency_budget_ms": 0.0},
-                {"int8": -0.1}):
+                {"int8": -0.1}, {"int8": math.nan}, {"fp16": math.inf}):  # NaN failed the build after export
         with pytest.raises(ConfigError):
             GateThresholds(**bad)
 

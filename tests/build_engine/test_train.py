@@ -11,7 +11,7 @@ import torch
 from build_engine.config import load_config
 from build_engine.train.schedule import learning_rates
 from build_engine.train.trainer import train
-from perception.errors import ConfigError
+from perception.errors import ConfigError, DataError
 
 
 def tiny_overrides(cache) -> list[str]:
@@ -260,7 +260,24 @@ def test_class_count_and_order_must_fit_the_model(tmp_path) -> None:
     # With the count given and the same classes on both sides, it trains (one step, one epoch).
     cfg = load_config(None, base + [f"data.val_dir={tmp_path / 'val'}", "model.num_classes=3", "optim.epochs=1",
                                     "optim.batch_size=2"])
-    assert train(cfg, tmp_path / "run", progress=False).epochs_run == 1
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.epochs_run == 1
+    # Fine-tuning that model (perception prune --finetune-epochs) with the default 7-class config:
+    # the loss was sized by the config, and the first batch failed after pruning and data loading.
+    from build_engine.prune import finetune
+    from build_engine.pruned_checkpoint import load_any_checkpoint
+
+    model, meta = load_any_checkpoint(result.last_checkpoint)
+    cfg7 = load_config(None, base + [f"data.val_dir={tmp_path / 'val'}", "optim.batch_size=2"])
+    assert "map50_95" in finetune(model, cfg7, 1, 0.01, progress=False, classes=meta.classes)
+    # A val set without one labelled object scored "no data" every epoch: training ran to the end
+    # and wrote no best.pt, whose path it printed.
+    _write_yolo_set(tmp_path / "val_unlabelled", three)
+    for f in (tmp_path / "val_unlabelled" / "labels").iterdir():
+        f.write_text("")
+    cfg = load_config(None, base + [f"data.val_dir={tmp_path / 'val_unlabelled'}", "model.num_classes=3"])
+    with pytest.raises(DataError, match="val set has no labelled object"):
+        train(cfg, tmp_path / "run_unlabelled", progress=False)
 
 
 def test_crowd_regions_are_no_training_targets(tmp_path) -> None:
