@@ -36,6 +36,8 @@ SUPPORT = 0.05  # any support at all for an object
 MISSING_IOU = 0.3
 BAD_BOX_IOU = (0.2, 0.5)  # up to 0.7 flagged mostly right labels of small objects (module docstring)
 SAME_OBJECT_IOU = 0.5
+# A detection this much inside a crowd region is one of its objects (COCO matches by this share).
+CROWD_INSIDE = 0.5
 # Labels smaller than this are not judged by the model (it cannot see them reliably).
 MIN_JUDGED_PX = 8.0
 
@@ -72,7 +74,13 @@ def image_issues(
     f = ls.images[image_id][0]
     out: list[Issue] = []
     iou = box_iou(gb, db) if len(gb) and len(db) else np.zeros((len(gb), len(db)), np.float32)
+    # Crowd regions (COCO iscrowd) are judged by none of the checks below, as training and
+    # evaluation ignore them: the objects in one are no missing labels (a region around four
+    # cars had two of them flagged), and the region itself is no object of one box.
+    crowd = np.array([r.crowd for r in recs], bool)
     for g, r in enumerate(recs):
+        if r.crowd:
+            continue
         w, h = gb[g, 2] - gb[g, 0], gb[g, 3] - gb[g, 1]
         if min(w, h) < MIN_JUDGED_PX:
             continue
@@ -106,11 +114,25 @@ def image_issues(
                     out.append(Issue(f, image_id, r.box, "bad_box", float(ds[k] * (1 - row[k])), name, r.ref,
                                      f"model box {model_box} IoU {row[k]:.2f} ({ds[k]:.2f})"))
     for d in np.flatnonzero(ds >= CONFIDENT):
-        if len(gb) == 0 or float(iou[:, d].max()) < MISSING_IOU:
+        if crowd.any() and float(_inside(db[d], gb[crowd]).max()) >= CROWD_INSIDE:
+            continue  # in a crowd region
+        if not (~crowd).any() or float(iou[~crowd, d].max()) < MISSING_IOU:
             x1, y1, x2, y2 = (float(v) for v in db[d])
             out.append(Issue(f, image_id, (x1, y1, x2, y2), "missing_label", float(ds[d]), ls.classes[int(dc[d])], "",
                              "confident detection with no label"))
     return out
+
+
+def _inside(box: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """The share of ``box``'s area inside each of ``regions`` (xyxy), as COCO matches a
+    detection to a crowd region (intersection over the detection's area)."""
+    x1 = np.maximum(box[0], regions[:, 0])
+    y1 = np.maximum(box[1], regions[:, 1])
+    x2 = np.minimum(box[2], regions[:, 2])
+    y2 = np.minimum(box[3], regions[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = max(float((box[2] - box[0]) * (box[3] - box[1])), 1e-9)
+    return np.asarray(inter / area, np.float64)
 
 
 def find_model_issues(

@@ -32,6 +32,7 @@ class LabelRecord:
     box: tuple[float, float, float, float]
     class_id: int
     ref: str  # where the record lives
+    crowd: bool = False  # a COCO crowd region (iscrowd 1): many objects, an ignore region in training
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,13 @@ def _coco(root: Path) -> LabelSet:
     if (not isinstance(data, dict) or not isinstance(data.get("images"), list)
             or not isinstance(data.get("categories"), list)):
         raise DataError(f"{path}: not a COCO detection file (needs 'images' and 'categories' lists)")
-    cat_ids = sorted(int(c["id"]) for c in data["categories"])
-    names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    try:
+        cat_ids = sorted(int(c["id"]) for c in data["categories"])
+        names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    except (KeyError, TypeError, ValueError) as exc:  # it printed "error: 'id'"
+        bad = next((i for i, c in enumerate(data["categories"])
+                    if not (isinstance(c, dict) and "id" in c and "name" in c)), 0)
+        raise DataError(f"{path}: categories[{bad}] needs an integer id and a name") from exc
     index = {cid: i for i, cid in enumerate(cat_ids)}
     images: dict[int, tuple[str, int, int]] = {}
     for i, im in enumerate(data["images"]):
@@ -76,7 +82,7 @@ def _coco(root: Path) -> LabelSet:
         if cls < 0:
             cls = 10_000 + (cid if isinstance(cid, int) else 0)  # reported as unknown
         x, y, bw, bh = (float(v) for v in bbox)
-        records.append(LabelRecord(iid, f, w, h, (x, y, x + bw, y + bh), cls, ref))
+        records.append(LabelRecord(iid, f, w, h, (x, y, x + bw, y + bh), cls, ref, bool(a.get("iscrowd", 0))))
     return LabelSet(root, tuple(names[c] for c in cat_ids), images, records, "coco")
 
 

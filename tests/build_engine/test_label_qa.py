@@ -127,6 +127,26 @@ def test_model_rules_on_given_detections(val_set) -> None:
     assert image_issues(ls, iid, both) == []
 
 
+def test_objects_in_a_crowd_region_are_no_missing_labels(val_set) -> None:
+    """Label QA dropped the crowd flag: the cars inside a crowd region (which training and
+    evaluation ignore) were flagged as missing labels, and the region itself, no one object,
+    could be flagged as a box no detection fits."""
+    import dataclasses
+
+    ls = read_label_set(val_set)
+    iid = next(iter(ls.images))
+    f, w, h = ls.images[iid]
+    region = LabelRecord(iid, f, w, h, (100.0, 100.0, 300.0, 200.0), 0, "annotations[crowd]", crowd=True)
+    alone = LabelRecord(iid, f, w, h, (400.0, 100.0, 440.0, 140.0), 0, "annotations[alone]")
+    ls = dataclasses.replace(ls, records=[region, alone])
+    inside = np.array([[110, 110, 150, 150], [200, 120, 260, 170], [400, 100, 440, 140]], np.float32)
+    det = (inside, np.full(3, 0.9, np.float32), np.zeros(3, np.int64))
+    assert image_issues(ls, iid, det) == []
+    outside = np.array([[500, 10, 540, 50]], np.float32)  # in no region, no label: missing
+    got = image_issues(ls, iid, (np.concatenate([inside, outside]), np.full(4, 0.9, np.float32), np.zeros(4, np.int64)))
+    assert [(i.kind, tuple(round(v) for v in i.box)) for i in got] == [("missing_label", (500, 10, 540, 50))]
+
+
 def test_model_assisted_finds_injected_mistakes(repo_root, tmp_path) -> None:
     ckpt = repo_root / "models" / "default" / "detector.pt"
     if not ckpt.is_file():
