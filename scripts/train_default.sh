@@ -83,7 +83,7 @@ if (( FAR_EPOCHS > 0 )); then
     "$PY" -m perception.cli prune --checkpoint "$RUN/pruned.pt" --teacher "$FAR/best.pt" --ratio 0 \
         --remove-blocks 0 --finetune-epochs "$FAR_EPOCHS" --lr 0.003 --set data.min_object_px="$FAR_PX" \
         --out "$FAR/pruned.pt" 2>&1 | tee "$FAR/prune.log"
-    FAR_TEST=$TEST-far$FAR_PX
+    FAR_TEST=$TEST-far${FAR_PX}l2  # labelled down to 2 px (scene.FAR_MIN_LABEL_PX)
     [[ -f "$FAR_TEST/annotations.json" ]] || "$PY" -m perception.cli gen-data --out "$FAR_TEST" --images 300 --seed 3 \
         --width 640 --height 360 --min-object-px "$FAR_PX"
     mkdir -p models/far

@@ -58,7 +58,9 @@ def dataset_dir(
     min_object_px: float = 0.0,
 ) -> Path:
     """Where ``cached_dataset`` keeps a generated split (``~`` expanded)."""
-    far = f"-far{min_object_px:g}" if min_object_px > 0 else ""
+    # "l2": labelled down to FAR_MIN_LABEL_PX; a cache made before (its thin objects unlabelled)
+    # is not reused.
+    far = f"-far{min_object_px:g}l2" if min_object_px > 0 else ""
     return Path(cache_dir).expanduser() / f"{split}-s{seed}-n{n}-{width}x{height}{far}"
 
 

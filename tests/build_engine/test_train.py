@@ -359,7 +359,7 @@ def test_far_object_fine_tune_is_published_with_its_provenance(tmp_path) -> None
     train(load_config(None, tiny_overrides(tmp_path / "cache") + ["optim.epochs=1"]), base, progress=False)
     far = base / "far"
     fine_tune(base / "best.pt", far)
-    assert (tmp_path / "cache" / "train-s1-n8-160x96-far6" / ".complete").is_file()
+    assert (tmp_path / "cache" / "train-s1-n8-160x96-far6l2" / ".complete").is_file()
     evaluate(far / "best.pt", far, far_too=True)
     pub = export(far, tmp_path / "default")
     report = (pub / "eval.md").read_text()
