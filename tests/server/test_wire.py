@@ -487,10 +487,14 @@ def test_a_group_does_not_turn_the_kserve_check_off() -> None:
     from server.wire import RefusedInfer, parse_model_infer_request
 
     data = _infer_request(uint_contents=[0] * 6_000_000).SerializeToString() + b"\x7b\x7c"
+    t0 = time.perf_counter()
     assert len(kpb.ModelInferRequest.FromString(data).inputs[0].contents.uint_contents) == 6_000_000
+    parse_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     got = parse_model_infer_request(data)
-    assert time.perf_counter() - t0 < 0.005
+    # Refused without the parse (a ratio, measured side by side: an absolute 5 ms failed on a
+    # loaded CI machine at 6.5 ms, against tens of ms for the parse).
+    assert time.perf_counter() - t0 < parse_s / 4, parse_s
     assert isinstance(got, RefusedInfer), got
     alone = _infer_request(uint_contents=[7] * 48).SerializeToString() + b"\x7b\x7c"
     got = parse_model_infer_request(alone)
