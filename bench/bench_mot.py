@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         for drive_name, drive in drives.items():
             gt = GroundTruthIndex.load(drive / "gt.json")
             for rate, skip in (("full", 0), ("half", 1)):
-                # A server per run: one server's tracker would answer the half-rate replay's frames,
+                # A server per run, each replay's tracks its own: before the client marked re-sent
+                # frames (Frame.resent), one server's tracker answered the half-rate replay's frames,
                 # the same frames as the full-rate one's, as re-sends of them (their first ids).
                 # The tracker loaded at start, as a deployment that tracks from its first frame
                 # has it: the first frames would otherwise wait for its load.

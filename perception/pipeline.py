@@ -82,8 +82,9 @@ class FrameInput:
     raw: RawPixels | None = None
     deadline_ms: int = 0  # 0 = none
     # Sent again on a new connection, unanswered on the last (the wire's Frame.resent): a tracked
-    # camera answers it with the track ids it got, and does not take it for a restart.
-    resent: bool = False
+    # camera answers it with the track ids it got, and does not take it for a restart. None: the
+    # client did not say (one older than the field); the tracker guesses.
+    resent: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class FrameTask:
     # The model the frame was prepared for: it post-processes the frame and names the answer.
     model: Any = None
     track: bool = False  # the request asked for track ids
-    resent: bool = False  # the client sent it again after a reconnect (Frame.resent)
+    resent: bool | None = None  # the client sent it again after a reconnect (Frame.resent; None: not said)
     # Whose camera it is, for tracking: the client's host (a camera id is the client's own name,
     # so two vehicles may both call theirs "front"; a reconnect comes from the same host).
     owner: str = ""

@@ -72,7 +72,7 @@ def frame_from_proto(
         encoded=encoded,
         raw=raw,
         deadline_ms=int(f.deadline_ms),
-        resent=bool(f.resent),
+        resent=f.resent if f.HasField("resent") else None,  # None: a client older than the field
     )
     if kind is None:
         # Checked here, with the oneof at hand; the pipeline re-checks for in-process callers.

@@ -17,11 +17,15 @@ from perception.v1 import detector_pb2 as pb
 from tests.server.conftest import jpeg, request
 
 
-def _tracked(camera: str, seq: int, track: bool = True) -> pb.DetectRequest:
-    req = request(camera, seq, jpeg(seed=3))  # the same scene every frame: the same objects
+def _tracked(camera: str, seq: int, track: bool = True, resent: bool | None = False) -> pb.DetectRequest:
+    """A frame of the same scene every time (the same objects), marked re-sent or not as the
+    client library marks every frame (None: unmarked, as a client older than the field sends)."""
+    req = request(camera, seq, jpeg(seed=3))
     req.frame.capture_timestamp_ns = 1_000_000_000 + seq * 33_000_000
     req.options.track = track
     req.options.score_threshold = 0.3
+    if resent is not None:
+        req.frame.resent = resent
     return req
 
 
@@ -67,12 +71,14 @@ def test_a_reconnect_that_resends_tracked_frames_keeps_the_tracks(serve: Any) ->
     run = serve()
     first = _lockstep(run, [_tracked("front", i) for i in range(4)])
     ids = [sorted(d.track_id for d in a.detections) for a in first]
-    reqs = [_tracked("front", i) for i in (2, 3, 4, 5)]
-    for r in reqs[:2]:
-        r.frame.resent = True  # as the client library marks them
+    reqs = [_tracked("front", i, resent=i < 4) for i in (2, 3, 4, 5)]  # 2 and 3 again, as the library marks them
     again = _lockstep(run, reqs)
     assert [sorted(d.track_id for d in a.detections) for a in again] == [ids[0]] * 4
     assert {d.track_state for d in again[3].detections} == {pb.TRACK_STATE_CONFIRMED}
+    # A client older than the mark re-sends unmarked: the server's guess (same sequence, time
+    # and detections) keeps its tracks, as before the mark existed.
+    legacy = _lockstep(run, [_tracked("front", i, resent=None) for i in (4, 5, 6)])
+    assert [sorted(d.track_id for d in a.detections) for a in legacy] == [ids[0]] * 3
 
 
 def test_a_recording_replayed_again_is_tracked_anew(serve: Any) -> None:
@@ -97,9 +103,7 @@ def test_a_resent_frame_the_tracker_moved_past_does_not_restart_it(serve: Any) -
     run = serve()
     first = _lockstep(run, [_tracked("front", i) for i in (0, 1, 3)])  # 2 never reached the tracker
     ids = sorted(d.track_id for d in first[-1].detections)
-    resent = _tracked("front", 2)
-    resent.frame.resent = True
-    again = _lockstep(run, [resent, _tracked("front", 4)])
+    again = _lockstep(run, [_tracked("front", 2, resent=True), _tracked("front", 4)])
     assert again[0].detections and {d.track_id for d in again[0].detections} == {0}
     assert sorted(d.track_id for d in again[1].detections) == ids  # the tracks go on
 
