@@ -31,6 +31,12 @@ class UnsupportedEncoding(DataError):
     """An image message in an encoding no camera frame has (a depth topic's 16UC1 or 32FC1)."""
 
 
+def check_encoding(encoding: str, where: str) -> None:
+    """UnsupportedEncoding unless a sensor_msgs/Image in ``encoding`` can be sent."""
+    if encoding.lower() not in _ROS_RAW and encoding.lower() not in _ROS_CONVERT:
+        raise UnsupportedEncoding(f"{where}: unsupported image encoding {encoding!r}")
+
+
 def is_encoded_image(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" or data[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -74,8 +80,7 @@ def ros_image_frame(
         fmt = _ROS_RAW[enc]
         raw = RawPixels(int(width), int(height), fmt, data, row_stride=int(step))
         return SourceFrame(camera_id, sequence, timestamp_ns, raw=raw)
-    if enc not in _ROS_CONVERT:
-        raise UnsupportedEncoding(f"{where}: unsupported image encoding {encoding!r}")
+    check_encoding(encoding, where)
     w, h, step = int(width), int(height), int(step)
     if enc == "mono16":
         if len(data) < step * (h - 1) + w * 2 or step < w * 2:

@@ -28,7 +28,13 @@ from typing import Any
 
 from client.frames import SourceFrame
 from client.sources.base import SourceOptions
-from client.sources.images import UnsupportedEncoding, camera_from_topic, compressed_frame, ros_image_frame
+from client.sources.images import (
+    UnsupportedEncoding,
+    camera_from_topic,
+    check_encoding,
+    compressed_frame,
+    ros_image_frame,
+)
 from perception.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,11 @@ def message_to_frame(
     else:  # Foxglove: timestamp + frame_id at top level
         frame_id = _get(msg, "frame_id", default="") or ""
         ts = stamp_ns(_get(msg, "timestamp"))
+    if schema_name in RAW_SCHEMAS:
+        # Before the camera is named and counted: a depth topic sharing the colour camera's
+        # frame_id took its name when its message came first, and a recording of depth topics
+        # only replayed nothing without saying so.
+        check_encoding(str(_get(msg, "encoding")), where)
     camera, seq = cameras.next(topic, str(frame_id))
     ts = ts or int(log_time)
     if schema_name in RAW_SCHEMAS:

@@ -160,10 +160,14 @@ def test_mcap_topics_sharing_a_frame_id_are_two_cameras(tmp_path: Path) -> None:
 def test_a_depth_topic_is_left_out_unless_chosen(tmp_path: Path) -> None:
     """A depth camera's 16UC1 topic beside the colour one ended the whole replay after the first
     frame ("unsupported image encoding"). Left out with a warning; chosen by name, it is an error."""
-    path = _write_mcap(tmp_path / "rs.mcap", {"/camera/color/image_raw/compressed": ("color", "jpeg"),
-                                              "/camera/depth/image_rect_raw": ("depth", "16UC1")})
+    # Aligned depth shares the colour camera's frame_id, and its messages come first.
+    path = _write_mcap(tmp_path / "rs.mcap", {"/camera/depth/image_rect_raw": ("color", "16UC1"),
+                                              "/camera/color/image_raw/compressed": ("color", "jpeg")})
     frames = list(open_source(path))
     assert [(f.camera_id, f.sequence) for f in frames] == [("color", 0), ("color", 1), ("color", 2)]
+    depth_only = _write_mcap(tmp_path / "depth.mcap", {"/camera/depth/image_rect_raw": ("depth", "16UC1")})
+    with pytest.raises(DataError, match="no image messages.*unsupported image encoding"):
+        list(open_source(depth_only))
     with pytest.raises(DataError, match="unsupported image encoding '16UC1'"):
         list(open_source(path, SourceOptions(topics=("/camera/depth/image_rect_raw",))))
 
