@@ -23,9 +23,15 @@ from perception.errors import DataError, InvalidInputError
 log = logging.getLogger(__name__)
 
 
+# The golden ratio's fraction in 64-bit fixed point: hue steps computed exactly, whatever the id.
+_GOLDEN_64 = 0x9E3779B97F4A7C15
+
+
 def class_color(class_id: int) -> tuple[int, int, int]:
-    """A distinct, stable BGR colour per class id (golden-ratio hue steps)."""
-    h = (class_id * 0.618033988749895) % 1.0
+    """A distinct, stable BGR colour per class id (golden-ratio hue steps). In integers: a
+    track id is about 1.8e15 (``first_id_from_clock``), where ``id * 0.618`` in a double keeps
+    steps of 0.125, so every track on screen took one of eight hues."""
+    h = (int(class_id) * _GOLDEN_64 % (1 << 64)) / float(1 << 64)
     r, g, b = colorsys.hsv_to_rgb(h, 0.85, 1.0)
     return int(b * 255), int(g * 255), int(r * 255)
 

@@ -277,6 +277,10 @@ def test_track_colors_are_stable_and_distinct_for_neighbouring_ids() -> None:
     assert colours == [track_color(i) for i in range(1, 33)]
     assert all(a != b for a, b in zip(colours, colours[1:], strict=False))
     assert UNTRACKED_COLOR not in colours
+    # A server's ids start near 1.8e15 (restart-safe): the hue was computed in doubles, whose
+    # steps there are 0.125, and 32 tracks took 8 colours.
+    base = 1_800_000_000_000_000
+    assert len({track_color(base + i) for i in range(32)}) == 32
 
 
 def test_tracks_on_the_wire_and_in_jsonl() -> None:
