@@ -184,6 +184,7 @@ def main(argv: list[str]) -> int:
     from client.replay import Replay, ReplayConfig
     from client.sinks.atomic_json import write_json_atomic
     from client.sources import SourceOptions, open_source
+    from client.sources.live_source import without_credentials
     from client.summary import format_table
     from client.track_scoring import has_ground_truth_tracks
 
@@ -275,7 +276,7 @@ def main(argv: list[str]) -> int:
     terminated = sigterm.came
 
     summary = outcome.stats.as_dict()
-    summary["source"] = str(args.source)
+    summary["source"] = without_credentials(str(args.source))
     kpi_error: PerceptionError | None = None
     answered_ok = any(r.status is FrameStatus.OK for r in outcome.results)
     if gt is not None and not answered_ok and not outcome.interrupted:

@@ -43,6 +43,17 @@ _DEVICE = re.compile(r"^/dev/video(?P<index>\d+)$")
 STREAM_TIMEOUT_MS = 5_000
 
 
+# A URL's user and password, anywhere in a text (a GStreamer pipeline's rtspsrc location too).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with every URL's user and password (an RTSP camera's usual
+    ``rtsp://admin:secret@host/...``) replaced by ``***``: the whole URL was the camera's name,
+    in every log line and summary. ``udp://@:1234`` (a multicast address) has none."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
+
+
 class LiveKind(Enum):
     """How a live camera is opened."""
 
@@ -60,16 +71,8 @@ class LiveTarget:
 
     @property
     def shown(self) -> str:
-        """``location`` as logs, errors and summaries print it: a URL's user and password (an
-        RTSP camera's usual ``rtsp://admin:secret@host/...``) replaced by ``***``."""
-        m = _URL.match(self.location)
-        if self.kind is not LiveKind.STREAM or not m:
-            return self.location
-        host, sep, path = m.group("rest").partition("/")
-        userinfo, at, rest = host.rpartition("@")
-        if at and userinfo:  # (udp://@:1234 is a multicast address, no user)
-            host = "***@" + rest
-        return f"{m.group('scheme')}://{host}{sep}{path}"
+        """``location`` as logs, errors and summaries print it (``without_credentials``)."""
+        return without_credentials(self.location)
 
     def default_camera_id(self) -> str:
         """"/dev/video0" -> "video0", "rtsp://cam-front.local:8554/front" -> "front",

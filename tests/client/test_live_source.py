@@ -156,3 +156,14 @@ def test_a_live_replay_that_gives_up_on_the_server_ends(tiny_manifest: Path, tmp
     # A draining server refuses the frames it gets meanwhile; they are lost with the server too.
     assert after and {r["status"] for r in after} <= {"GIVEN_UP", "NOT_SENT", "REFUSED_DRAINING", "OVERLOADED"}
     assert len([r for r in after if r["status"] == "NOT_SENT"]) <= 1, "only the frame it stopped at"
+
+
+def test_credentials_are_masked_wherever_a_url_is_printed() -> None:
+    """A camera's URL is its name in logs and summaries: its user and password must not be."""
+    from client.sources.live_source import without_credentials
+
+    assert without_credentials("rtsp://admin:S3cret@10.0.0.5:554/front") == "rtsp://***@10.0.0.5:554/front"
+    assert (without_credentials("rtspsrc location=rtsp://u:p@cam/x latency=0 ! decodebin ! appsink")
+            == "rtspsrc location=rtsp://***@cam/x latency=0 ! decodebin ! appsink")
+    for plain in ("udp://@:1234", "/dev/video0", "http://10.0.0.5:8080/video.mjpg"):
+        assert without_credentials(plain) == plain
