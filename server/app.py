@@ -136,7 +136,12 @@ class ManagedServer:
                 model = self.models.current
                 try:
                     new = self.reload(model)
-                except Exception:
+                    # Under the host's lock: a model swapped out and dropped during the reload has
+                    # the new backend freed there (it used to keep it for ever: the drop timer had
+                    # freed the backend it replaced); one dropped later by its timer, which looks
+                    # it up then.
+                    old = self.models.replace_backend(model, new)
+                except Exception:  # the next try may succeed (a device that comes back)
                     log.exception("reloading the backend failed; trying again in %g s", delay_s)
                     if self.draining.wait(delay_s):
                         return
@@ -145,13 +150,12 @@ class ManagedServer:
                         if self.engine_healthy:  # another model is served now (model_changed)
                             return
                     continue
-                # Under the host's lock: a model swapped out and dropped during the reload has the
-                # new backend freed there (it used to keep it for ever: the drop timer had freed
-                # the backend it replaced); one dropped later by its timer, which looks it up then.
-                old = self.models.replace_backend(model, new)
                 if self.models.current is model:  # a rollback during the reload serves another model now
                     self.backend = new
-                old.deactivate()
+                try:
+                    old.deactivate()
+                except Exception:  # the new backend serves all the same
+                    log.exception("freeing the replaced backend failed")
                 with self._health_lock:
                     self._failed_batches = 0
                     recovered, self.engine_healthy = not self.engine_healthy, True

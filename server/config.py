@@ -101,7 +101,7 @@ class ServerConfig:
     # really send such frames; the kernel's own default (local tools) stays 4K.
     max_full_buffer_pixels: int = 1920 * 1080
     # Health follows the engine: NOT_SERVING (and a backend reload) after this many failed
-    # batches in a row, SERVING again after the next batch that succeeds.
+    # batches in a row, SERVING again once the reloaded backend is warm (or a batch succeeds).
     unhealthy_after_failed_batches: int = 3
     insecure_token: bool = False  # allow bearer tokens over plaintext (they can be sniffed)
     # Let several server processes listen on the same gRPC port (SO_REUSEPORT); the kernel spreads
