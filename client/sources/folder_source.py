@@ -32,7 +32,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _name_order(name: str) -> tuple[tuple[int, str], ...]:
-    """Sort key: the name's runs of digits by value (ties by the text: 01 after 1), the rest as text."""
+    """Sort key: the name's runs of digits by value (ties by the text: 01 before 1), the rest as text."""
     return tuple((int(part), part) if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name))
 
 

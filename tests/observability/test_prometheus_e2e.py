@@ -34,8 +34,9 @@ SILENT_CAMERA = "side"
 FPS = 20.0  # per camera, replayed at real speed
 FRAMES = 120  # per camera: 6 s of drive
 SCRAPE_S = 1.0
-# Bucket edges of LATENCY_BUCKETS are at most x1.67 apart: histogram_quantile's answer lies in
-# the bucket holding the true quantile, so it can read up to that much above or below it.
+# Bucket edges of LATENCY_BUCKETS are at most x1.67 apart from 1 ms up: histogram_quantile's
+# answer lies in the bucket holding the true quantile, so it can read up to that much above or
+# below it (below 1 ms they are up to x2.5 apart; the checks' 1 ms of slack covers those).
 BUCKET_SLACK = 1.7
 
 

@@ -448,7 +448,7 @@ def test_a_stream_that_is_not_read_holds_a_bounded_amount_of_model_output(tiny_m
     def frames() -> Iterator[pb.DetectRequest]:  # a camera's pace: each frame inferred before the next comes
         for i in range(12):
             if i:
-                time.sleep(0.05)
+                time.sleep(0.15)
             read.append(i)
             yield request("front", i, jpeg(seed=i))
 
@@ -456,17 +456,17 @@ def test_a_stream_that_is_not_read_holds_a_bounded_amount_of_model_output(tiny_m
         answers = session.answers(frames())
         first = next(answers)  # then the client stops reading
         assert first.sequence == 0
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with session._lock:
                 held = [t.output_bytes for t in session._outbox]
                 if sum(1 for n in held if n) >= 2:
                     break
             time.sleep(0.01)
-        time.sleep(0.6)  # time for the reader to read on, were it allowed
+        time.sleep(1.5)  # time for the reader to read on (ten frames' worth), were it allowed
         with session._lock:
             outputs = sum(t.output_bytes for t in session._outbox)
-        assert len(read) <= 4, read  # two inferred frames and what was read before they were
+        assert len(read) <= 5, read  # two inferred frames and what was read before they were (the outbox: 8)
         assert outputs <= 4 << 20
         rest = [a.sequence for a in answers]  # reading again: every frame answered, in order
         assert [first.sequence, *rest] == list(range(12))
