@@ -203,6 +203,11 @@ class CameraWorker:
             except DataError as exc:
                 self._open_failed(backoff, str(exc))
                 continue
+            except Exception as exc:  # a driver or library bug: retried as a failed open, as a read's
+                # (it ended the capture thread: the node ran on idle, and exited 0 with nothing sent)
+                log.exception("%s: opening %s failed", self.camera_id, name)
+                self._open_failed(backoff, f"opening {name} failed ({type(exc).__name__}: {exc})")
+                continue
             log.info("%s: capturing from %s", self.camera_id, name)
             delivered = False
             why = ""

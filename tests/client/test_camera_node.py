@@ -627,6 +627,32 @@ def _mcap_unreadable(path: Path, n: int) -> Path:
     return path
 
 
+def test_an_unexpected_error_opening_a_camera_is_a_failed_open_retried(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open() raising anything but DataError / ConfigError (a driver or library bug) ended the
+    capture thread: the node ran on idle and exited 0, nothing sent. It is a failed open now,
+    retried, and the camera streams once it opens."""
+    from client import live_capture
+
+    video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    real_open, calls = live_capture.RecordingCamera.open, []
+
+    def flaky_open(self: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("driver hiccup")
+        real_open(self)
+
+    monkeypatch.setattr(live_capture.RecordingCamera, "open", flaky_open)
+    t, _, result = _run_in_thread([str(video), "--loop", "--server", server, "--retry-max", "0.2",
+                                   "--duration", "2.0"])
+    t.join(20)
+    assert result == {"rc": 0}, result
+    s = _summary_line(capsys.readouterr().out, "dashcam")
+    assert s["failed opens"] == 1 and s["captured"] > 0 and s["ok"] > 0, s
+
+
 def test_a_camera_that_opens_but_delivers_no_frame_is_a_failed_open_not_a_reconnect(
     server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
