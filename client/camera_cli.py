@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--deadline-ms", type=int, default=0, help="per-frame deadline sent to the server (0 = none)")
     s.add_argument("--score-threshold", type=float, default=0.0,
                    help="keep detections scoring at least this (0: the model's default)")
+    s.add_argument("--track", action="store_true",
+                   help="ask the server for a track id per detection (per camera; --out then carries track_id and "
+                        "track_state)")
     o = p.add_argument_group("output")
     o.add_argument("--stats-every", type=float, default=0.0, metavar="SECONDS",
                    help="print the per-camera table on stderr every SECONDS (0 = only at the end)")
@@ -166,7 +169,8 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         encode=FrameEncoding(args.encode), jpeg_quality=args.jpeg_quality, shm_prefix=args.shm_prefix,
         shm_mode=args.shm_mode, shm_group=args.shm_group,
         retry=BackoffConfig(initial_s=min(0.5, args.retry_max), max_s=args.retry_max, give_up_after_s=0.0),
-        options=RequestOptions(score_threshold=args.score_threshold) if args.score_threshold else None,
+        options=(RequestOptions(score_threshold=args.score_threshold, track=args.track)
+                 if args.score_threshold or args.track else None),
     )
     cameras = open_cameras(args)
     stop_event = stop or threading.Event()

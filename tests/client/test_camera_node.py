@@ -155,6 +155,19 @@ def test_a_looped_recording_is_a_fake_live_camera_sent_raw(
     assert seqs == sorted(set(seqs)) and max(seqs) >= 6, "sequence numbers keep growing across laps"
 
 
+def test_track_asks_the_server_for_track_ids(server: str, tmp_path: Path) -> None:
+    """A camera node could not ask for tracks (the replay CLI could): --track."""
+    video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
+    out = tmp_path / "o.jsonl"
+    t, _, result = _run_in_thread([str(video), "--loop", "--track", "--server", server, "--out", str(out),
+                                   "--duration", "1.5"])
+    t.join(30)
+    assert result == {"rc": 0}, result
+    dets = [d for r in _answers(out)["dashcam"] if r["status"] == "OK" for d in r["detections"]]
+    assert dets and all("track_id" in d and "track_state" in d for d in dets)
+    assert any(d["track_id"] > 0 for d in dets)
+
+
 def _boxes_by_lap_position(path: Path, camera: str, n: int) -> dict[int, list[tuple[Any, ...]]]:
     out: dict[int, list[tuple[Any, ...]]] = {}
     for r in _answers(path)[camera]:
