@@ -117,9 +117,11 @@ class ModelHost:
         # The variant a degrade / recover move left, kept while the variant it moved to is on
         # probation: what that probation rolls back to. None outside such a window.
         self._left: ServedModel | None = None
-        # The model probation last rolled off (kept as the previous one): a rollback into it
-        # starts a probation window again, instead of serving a failed model unwatched.
+        # The model probation last rolled off (kept as the previous one), or one an operator's
+        # Rollback took off before its probation ended (``_cut_short``): a rollback into it starts
+        # a probation window again, instead of serving a failed (or unproven) model unwatched.
         self._rolled_off: ServedModel | None = None
+        self._cut_short = False
         self._closed = False  # shutdown began: no swap any more (it would serve a freed engine)
         self._freed = False  # deactivate_all ran: an engine given to a model now is nobody's to free
         self._loader = loader
@@ -499,9 +501,13 @@ class ModelHost:
             if self._left is not None:
                 keep, self._left = self._left, None
                 pending.append(off)
+            elif not automatic and self._probation.on(now):
+                # The operator took it off before its probation ended: served again by a second
+                # Rollback, it used to be served unwatched, never having passed probation.
+                self._rolled_off, self._cut_short = off, True
             self._current, self._previous = back, keep
             if automatic:
-                self._rolled_off = off
+                self._rolled_off, self._cut_short = off, False
         again = not automatic and back is self._rolled_off
         self.rollbacks += 1
         if again:
@@ -510,8 +516,10 @@ class ModelHost:
         else:
             self._probation.end()
         self.last_rollback = RollbackRecord(back, off, automatic)
+        why_again = ("a rollback cut its probation short before" if self._cut_short
+                     else "probation rolled it back before")
         self.message = (f"rolled back to {back.describe()} from {off.describe()}: {reason}"
-                        + ("; on probation again: probation rolled it back before" if again else ""))
+                        + (f"; on probation again: {why_again}" if again else ""))
         dropped = self._unheld(pending)
         change = self._changes.record(back, "rollback")  # last: nothing raises before its delivery
         return _RolledBack(back, off, reason, again, dropped, change)

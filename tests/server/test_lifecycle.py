@@ -578,6 +578,25 @@ def test_a_rollback_into_a_model_probation_rolled_off_puts_it_on_probation_again
     assert host.current.version == "0.0.1" and host.rollbacks == 3, host.message
 
 
+def test_a_model_rolled_back_during_its_probation_is_watched_if_served_again(
+        serve: Any, arts: dict[str, Path]) -> None:
+    """The operator rolls v2 back while it is on probation, then rolls back again: v2 used to be
+    served unwatched, though it never passed probation."""
+    run = serve(model=str(arts["v1"]), admin_port=0, admin_tokens=("adm1n",), probation_s=600.0)
+    stub, host = admin(run), run.server.models
+    stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    v2 = host.current
+    assert host.state == "probation"
+    stub.Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert host.current.version == "0.0.1" and host.previous is v2 and host.state == "serving"
+    status = stub.Rollback(apb.RollbackRequest(), metadata=TOKEN, timeout=10)
+    assert status.version == "0.0.2" and status.state == "probation", status
+    assert "a rollback cut its probation short" in status.message
+    for _ in range(5):
+        host.observe(False, v2, 0.001)
+    assert host.current.version == "0.0.1", host.message  # its failures roll it back
+
+
 def test_a_backend_reloaded_for_a_model_dropped_meanwhile_is_freed(
         serve: Any, arts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Health recovery reloads the served model's engine; two loads meanwhile drop that model,
