@@ -434,19 +434,8 @@ def test_decode_slots_go_to_the_stream_that_used_the_least() -> None:
         time.sleep(0.05)  # the heavy stream has used 50 ms recently
     order: list[str] = []
     gate = threading.Event()
-
-    def holder() -> None:
-        with slots.slot("holder"):
-            gate.wait(5)
-
-    def waiter(owner: str) -> None:
-        with slots.slot(owner):
-            order.append(owner)
-
-    t_hold = threading.Thread(target=holder)
-    t_hold.start()
-    time.sleep(0.05)
-    threads = [threading.Thread(target=waiter, args=(o,)) for o in ("heavy", "light")]
+    t_hold = _hold_slot(slots, gate)
+    threads = [threading.Thread(target=_take_slot, args=(slots, o, order)) for o in ("heavy", "light")]
     for t in threads:  # the heavy stream asks first
         t.start()
         time.sleep(0.02)
@@ -454,6 +443,26 @@ def test_decode_slots_go_to_the_stream_that_used_the_least() -> None:
     for t in (t_hold, *threads):
         t.join(5)
     assert order == ["light", "heavy"]
+
+
+def _hold_slot(slots: Any, release: threading.Event) -> threading.Thread:
+    """A thread holding one of ``slots`` until ``release`` is set; returns once it holds it."""
+    held = threading.Event()
+
+    def holder() -> None:
+        with slots.slot("holder"):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(5)
+    return t
+
+
+def _take_slot(slots: Any, owner: str, order: list[str]) -> None:
+    with slots.slot(owner):
+        order.append(owner)
 
 
 def test_a_waiting_stream_s_cost_decays_while_it_waits() -> None:
@@ -466,28 +475,16 @@ def test_a_waiting_stream_s_cost_decays_while_it_waits() -> None:
     slots = DecodeSlots(1, half_life_s=1.0, clock=lambda: now[0])
     slots._cost["heavy"] = (0.7, now[0])  # its last decodes took 0.7 s
     order: list[str] = []
-    held, go = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with slots.slot("holder"):
-            held.set()
-            go.wait(5)
-
-    def waiter(owner: str) -> None:
-        with slots.slot(owner):
-            order.append(owner)
-
-    t_hold = threading.Thread(target=holder)
-    t_hold.start()
-    assert held.wait(5)
-    heavy = threading.Thread(target=waiter, args=("heavy",))
+    go = threading.Event()
+    t_hold = _hold_slot(slots, go)
+    heavy = threading.Thread(target=_take_slot, args=(slots, "heavy", order))
     heavy.start()  # waits from now on
     while len(slots._waiting) < 1:
         time.sleep(0.001)
     now[0] += 3.0  # the slots stay busy for 3 half-lives; then a newcomer asks
     with slots._lock:
         slots._cost["fresh"] = (0.5, now[0])
-    fresh = threading.Thread(target=waiter, args=("fresh",))
+    fresh = threading.Thread(target=_take_slot, args=(slots, "fresh", order))
     fresh.start()
     while len(slots._waiting) < 2:
         time.sleep(0.001)

@@ -722,20 +722,13 @@ def test_requests_follow_a_hot_swap(tiny_manifest):
         run.server.shutdown(1.0)
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
 def test_long_values_quoted_in_errors_are_cut(run):
     """Quoted whole, a class_filter of 4,300-digit ids, or a shape of 1,900 dims sent unpacked
     (19 KB on the wire: the packed form's size cap does not see it), made an error status too
     large for gRPC's metadata: the client got RESOURCE_EXHAUSTED, the server counted
     INVALID_ARGUMENT."""
+    from tests.server.test_wire import _varint
+
     huge_ids = kpb.InferParameter(string_param=",".join(["9" * 4300] * 7))
     req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())],
                                 parameters={"class_filter": huge_ids})
