@@ -171,6 +171,10 @@ def finish_task(
         cancelled = call_ended or (result is not None and result.status is JobStatus.CANCELLED)
         reason = "error" if failure else "cancelled" if cancelled and status is not FrameStatus.OK else ""
         _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, reason)
+        stats = getattr(task.model, "stats", None)  # a ServedModel's: Triton's ModelStatistics
+        if stats is not None:
+            stats.answered(ok, total_s, result.queue_s if result else 0.0, prep.preprocess_s if prep else 0.0,
+                           result.inference_s if result and ok else 0.0, post_s)
         if status is FrameStatus.OK:
             metrics.observe_priority(task.priority, total_s)
     except Exception:

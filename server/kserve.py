@@ -10,7 +10,10 @@ Stock clients (tritonclient, the KServe SDK) see the served detector as one mode
 - request parameters: ``score_threshold``, ``iou_threshold`` (numbers), ``max_detections`` (int),
   ``class_filter`` (ids as a string, "0,2"), ``class_agnostic_nms`` (bool), ``camera_id`` (one
   id, or one per frame comma-separated: the metric label and allow-list key, like the native
-  ``Frame.camera_id``), ``timeout`` (microseconds, as Triton's). Unknown parameters are refused.
+  ``Frame.camera_id``), ``timeout`` (microseconds, as Triton's). Unknown parameters are refused;
+  of Triton's reserved ``triton_*`` ones, ``triton_enable_empty_final_response`` (bool) is taken,
+  as Triton takes it: perf_analyzer sends it on every request, and a stream's answers to a request
+  that sets it carry ``triton_final_response: true`` (each request has one answer, its last).
 
 Each frame of a request goes through ``FramePipeline.prepare`` and its own scheduler queue, like
 a frame of its own camera: the B frames are batched with each other and with every other
@@ -22,7 +25,8 @@ what tritonclient sends and expects; typed ``contents`` are accepted too.
 
 The vendored proto (proto/kserve) is compiled to messages only: the handlers are registered
 here. Of Triton's RPCs beyond KServe, ModelConfig is answered (proto/kserve/model_config.proto:
-the subset of Triton's messages that describes this detector), and ModelStreamInfer serves a
+the subset of Triton's messages that describes this detector), ModelStatistics with the served
+model's running sums (``server.model_stats``), and ModelStreamInfer serves a
 stream of ModelInfer requests, answered in order, up to ``STREAM_WINDOW`` of them in the server
 at once (``server.kserve_stream``). Bytes that are no request of the method's type are
 INVALID_ARGUMENT, never INTERNAL. As Triton does, an unknown model or version is NOT_FOUND and a
@@ -64,6 +68,7 @@ from server.kserve_tensors import (
 )
 from server.limits import ServiceLimits, StreamAdmission
 from server.metrics_protocol import Metrics
+from server.model_stats import Duration
 from server.scheduler import Job, JobStatus, Scheduler
 from server.served_model import ServedModel
 from server.wire import RefusedInfer, parse_model_infer_request, refuse_or, small_request_parser
@@ -73,6 +78,12 @@ _ids = itertools.count(1)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "perception"
+# Triton's names for the extensions served (ServerMetadata): its ModelConfig and request
+# parameters. ModelStatistics is served but not listed as "statistics": perf_analyzer asks for it
+# only when listed, then reads model versions as integers (Triton's), and this server's are the
+# manifest's ("0.1.0+70af047c..."), so it stopped with "missing statistics for requested model"
+# instead of measuring. tritonclient's get_inference_statistics does not look at the list.
+EXTENSIONS = ["model_configuration", "parameters"]
 STREAM_WINDOW = 4  # requests of one ModelStreamInfer stream in the server at once (decoded, queued or inferred)
 
 
@@ -135,6 +146,8 @@ class KServeService:
             # Triton's extension beyond the KServe protocol, which stock Triton clients and
             # perf_analyzer ask for: the subset of its ModelConfig that describes this detector.
             "ModelConfig": unary(self.ModelConfig, mcpb.ModelConfigRequest, mcpb.ModelConfigResponse),
+            # ... its statistics, which perf_analyzer reads for the server's side of a measurement ...
+            "ModelStatistics": unary(self.ModelStatistics, mcpb.ModelStatisticsRequest, mcpb.ModelStatisticsResponse),
             # ... and its streaming one, which Triton's clients use for a camera's frames.
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.ModelStreamInfer, request_deserializer=parse_model_infer_request,
@@ -181,7 +194,7 @@ class KServeService:
     def ServerMetadata(
         self, request: kpb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> kpb.ServerMetadataResponse:
-        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=perception.__version__, extensions=[])
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=perception.__version__, extensions=EXTENSIONS)
 
     def ModelMetadata(
         self, request: kpb.ModelMetadataRequest, context: grpc.ServicerContext
@@ -213,6 +226,29 @@ class KServeService:
             output=[mcpb.ModelOutput(name=name, data_type=types[dtype], dims=shape)
                     for name, (dtype, shape) in OUTPUTS.items()],
         ))
+
+    def ModelStatistics(self, request: mcpb.ModelStatisticsRequest,
+                        context: grpc.ServicerContext) -> mcpb.ModelStatisticsResponse:
+        """Triton's cumulative statistics of the served model (``server.model_stats``). An empty
+        name asks for every model: the one served. Triton answers an unknown model NOT_FOUND."""
+        _, current = self._check_ready()
+        model = current()
+        if (request.name or request.version) and not _names(model, request.name, request.version):
+            _, model = self._check_serving(request.name, request.version)  # raises NotFoundError
+        s = model.stats.snapshot()
+
+        def d(x: Duration) -> mcpb.StatisticDuration:
+            return mcpb.StatisticDuration(count=x.count, ns=x.ns)
+
+        return mcpb.ModelStatisticsResponse(model_stats=[mcpb.ModelStatistics(
+            name=model.manifest.name, version=model.version, last_inference=s.last_inference_ms,
+            inference_count=s.inference_count, execution_count=s.execution_count,
+            inference_stats=mcpb.InferStatistics(
+                success=d(s.success), fail=d(s.fail), queue=d(s.queue), compute_input=d(s.compute_input),
+                compute_infer=d(s.compute_infer), compute_output=d(s.compute_output)),
+            batch_stats=[mcpb.InferBatchStatistics(batch_size=size, compute_infer=d(runs))
+                         for size, runs in sorted(s.batches.items())],
+        )])
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -258,8 +294,8 @@ class KServeService:
             raise InvalidInputError(request.reason)
         scheduler, model = self._check_serving(request.model_name, request.model_version)
         pipeline = model.pipeline
-        opts, camera_ids, timeout_ms = parse_parameters(request.parameters,
-                                                        self._max_class_filter or len(pipeline.classes))
+        opts, camera_ids, timeout_ms, final_flag = parse_parameters(request.parameters,
+                                                                    self._max_class_filter or len(pipeline.classes))
         pipeline.options(opts)  # bad options fail the request before any frame is counted
         wanted = requested_outputs(request)
         frames = request_frames(request, model.max_batch)
@@ -270,7 +306,7 @@ class KServeService:
             self._metrics.frame_received(task.camera_id)
         self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, owner)
         keys = self._submit(scheduler, tasks, pipeline)
-        return Started(request.id, scheduler, model, tasks, keys, wanted)
+        return Started(request.id, scheduler, model, tasks, keys, wanted, final_flag)
 
     def _finish(self, started: Started, active: Callable[[], bool]) -> kpb.ModelInferResponse | None:
         """Wait for a started request's frames and answer it; None if the call ended first

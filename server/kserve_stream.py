@@ -36,6 +36,7 @@ from perception.v1 import grpc_predict_v2_pb2 as kpb
 from perception.v1 import model_config_pb2 as mcpb
 from server.answer import FrameTask
 from server.errors import status_for
+from server.kserve_tensors import EMPTY_FINAL_RESPONSE, FINAL_RESPONSE
 from server.limits import InvalidBackoff, ServiceLimits
 from server.metrics_protocol import Metrics
 from server.scheduler import Scheduler
@@ -57,6 +58,7 @@ class Started:
     tasks: list[FrameTask]
     keys: list[tuple[str, int]]
     wanted: list[str]
+    final_flag: bool = False  # the request asked for triton_final_response on its stream answer
     _settled: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -105,6 +107,7 @@ class _Refused:
     message: str
     ends_stream: bool
     invalid: bool  # the client's fault: the stream is read slower after it
+    final_flag: bool = False  # it asked for triton_final_response (as far as it could be read)
 
 
 class InferStream:
@@ -204,7 +207,7 @@ class InferStream:
         if isinstance(item, _Refused):
             if item.ends_stream:
                 raise NotReadyError(item.message)
-            return _stream_error(item.request_id, item.message)
+            return _stream_error(item.request_id, item.message, item.final_flag)
         try:
             response = self._service._finish(item, self._active)
         except Exception as exc:
@@ -214,9 +217,11 @@ class InferStream:
                 raise
             code, message = status_for(exc, "ModelStreamInfer")  # what ModelInfer would fail with
             self._service._metrics.grpc_error("ModelStreamInfer", code.name)
-            return _stream_error(item.request_id, message)
+            return _stream_error(item.request_id, message, item.final_flag)
         if response is None:
             return None
+        if item.final_flag:  # each request has one answer, so each is its last (Triton's mark)
+            response.parameters[FINAL_RESPONSE].bool_param = True
         return mcpb.ModelStreamInferResponse(infer_response=response.SerializeToString())
 
     def _read(self) -> None:
@@ -243,7 +248,7 @@ class InferStream:
                 try:
                     item = self._service._start(request, self._context.time_remaining(), owner)
                 except Exception as exc:  # answered in its turn, as ModelInfer would fail
-                    item = self._refused(getattr(request, "id", ""), exc)
+                    item = self._refused(request, exc)
                 del request  # its bytes go now, not when the next request arrives
                 with self._cond:
                     self._starting = False
@@ -266,17 +271,23 @@ class InferStream:
                 self._reader_done = True
                 self._cond.notify_all()
 
-    def _refused(self, request_id: str, exc: Exception) -> _Refused:
+    def _refused(self, request: kpb.ModelInferRequest | RefusedInfer, exc: Exception) -> _Refused:
         code, message = status_for(exc, "ModelStreamInfer")  # an internal error is logged here, once
         ends = isinstance(exc, NotReadyError)
         if not ends:  # the stream's end is counted where it ends (the error interceptor)
             self._service._metrics.grpc_error("ModelStreamInfer", code.name)
-        return _Refused(request_id, message, ends, isinstance(exc, InvalidInputError))
+        final_flag = False
+        if isinstance(request, kpb.ModelInferRequest):
+            asked = request.parameters.get(EMPTY_FINAL_RESPONSE)
+            final_flag = asked is not None and asked.WhichOneof("parameter_choice") == "bool_param" and asked.bool_param
+        return _Refused(getattr(request, "id", ""), message, ends, isinstance(exc, InvalidInputError), final_flag)
 
 
-def _stream_error(request_id: str, message: str) -> mcpb.ModelStreamInferResponse:
-    return mcpb.ModelStreamInferResponse(
-        error_message=message, infer_response=kpb.ModelInferResponse(id=request_id).SerializeToString())
+def _stream_error(request_id: str, message: str, final_flag: bool = False) -> mcpb.ModelStreamInferResponse:
+    response = kpb.ModelInferResponse(id=request_id)
+    if final_flag:
+        response.parameters[FINAL_RESPONSE].bool_param = True
+    return mcpb.ModelStreamInferResponse(error_message=message, infer_response=response.SerializeToString())
 
 
 __all__ = ["InferStream", "SHUTTING_DOWN"]

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,6 +30,12 @@ DETECTIONS = "DETECTIONS"
 NUM_DETECTIONS = "NUM_DETECTIONS"
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "class_filter", "class_agnostic_nms",
               "camera_id", "timeout")
+# Triton reserves request parameters starting "triton_" and refuses those it does not know; stock
+# clients send this one (perf_analyzer on every request, tritonclient's stream_infer when asked):
+# answers on a stream then carry ``triton_final_response``.
+EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
+TRITON_PARAMETERS = (EMPTY_FINAL_RESPONSE,)
 
 
 class Datatype(str, Enum):
@@ -83,11 +89,21 @@ _NUMBER = ("double_param", "int64_param", "uint64_param")
 _INTEGER = ("int64_param", "uint64_param")
 
 
-def parse_parameters(
-    params: Mapping[str, kpb.InferParameter], max_class_filter: int
-) -> tuple[RequestOptions, str, float]:
-    """(options, the camera_id parameter, the timeout in ms or 0) of a request's parameters."""
-    unknown = sorted(set(params) - set(PARAMETERS))
+class Parameters(NamedTuple):
+    """A request's parameters, read."""
+
+    options: RequestOptions
+    camera_ids: str  # the camera_id parameter: one id, or one per frame comma-separated
+    timeout_ms: float  # 0: none
+    final_flag: bool  # triton_enable_empty_final_response: mark a stream's answers final
+
+
+def parse_parameters(params: Mapping[str, kpb.InferParameter], max_class_filter: int) -> Parameters:
+    reserved = sorted(p for p in params if p.startswith("triton_") and p not in TRITON_PARAMETERS)
+    if reserved:  # as Triton answers them
+        raise InvalidInputError(f"parameters starting with 'triton_' are reserved; of those, only "
+                                f"{list(TRITON_PARAMETERS)} are allowed, got {[shown(r) for r in reserved[:8]]}")
+    unknown = sorted(set(params) - set(PARAMETERS) - set(TRITON_PARAMETERS))
     if unknown:
         raise InvalidInputError(f"unknown parameters {[shown(u) for u in unknown[:8]]}; this model takes "
                                 f"{list(PARAMETERS)}")
@@ -107,7 +123,8 @@ def parse_parameters(
     timeout_us = int(_param(params, "timeout", _INTEGER, "an integer (microseconds)") or 0)
     if timeout_us < 0:
         raise InvalidInputError(f"timeout must be >= 0 microseconds, got {timeout_us}")
-    return opts, camera, _ms(timeout_us / 1e6)
+    final_flag = bool(_param(params, EMPTY_FINAL_RESPONSE, ("bool_param",), "a bool"))
+    return Parameters(opts, camera, _ms(timeout_us / 1e6), final_flag)
 
 
 def _param(params: Mapping[str, kpb.InferParameter], name: str, kinds: tuple[str, ...], what: str) -> Any:
@@ -274,6 +291,6 @@ def infer_response(request_id: str, model: ServedModel, detections: list[Detecti
     return response
 
 
-__all__ = ["DETECTIONS", "INPUT", "NUM_DETECTIONS", "OUTPUTS", "PARAMETERS", "Datatype", "RequestFrames",
-           "deadline_ms", "detection_rows", "frame_cameras", "infer_response", "parse_parameters", "request_frames",
-           "requested_outputs", "shown"]
+__all__ = ["DETECTIONS", "EMPTY_FINAL_RESPONSE", "FINAL_RESPONSE", "INPUT", "NUM_DETECTIONS", "OUTPUTS",
+           "PARAMETERS", "Datatype", "Parameters", "RequestFrames", "deadline_ms", "detection_rows", "frame_cameras",
+           "infer_response", "parse_parameters", "request_frames", "requested_outputs", "shown"]

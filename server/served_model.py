@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from perception.errors import ModelError
 from perception.manifest import Manifest, Variant, load_manifest
 from perception.pipeline import FramePipeline
+from server.model_stats import InferenceStats
 from server.runtime.base import Backend
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class ServedModel:
 
     # Who runs on the engine; the host retires the model when it drops it (``ModelUses``).
     uses: ModelUses = field(init=False, repr=False)
+    # Its inferences for clients, counted as Triton's ModelStatistics reports them.
+    stats: InferenceStats = field(default_factory=InferenceStats, repr=False)
 
     def __post_init__(self) -> None:
         if not self.operator_variant:

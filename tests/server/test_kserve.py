@@ -180,7 +180,8 @@ def _client_main() -> None:
             for c in call["calls"]:
                 inputs, outputs = tensors(c)
                 client.async_stream_infer(c["model"], inputs, model_version=c.get("version", ""), outputs=outputs,
-                                          request_id=c.get("id", ""), parameters=c.get("parameters") or None)
+                                          request_id=c.get("id", ""), parameters=c.get("parameters") or None,
+                                          enable_empty_final_response=c.get("final", False))
             out = []
             for _ in call["calls"]:
                 result, error = answers.get(timeout=60)
@@ -196,6 +197,7 @@ def _client_main() -> None:
         "server_metadata": lambda c: client.get_server_metadata(as_json=True),
         "model_metadata": lambda c: client.get_model_metadata(c["model"], c.get("version", ""), as_json=True),
         "model_config": lambda c: client.get_model_config(c["model"], as_json=True),
+        "statistics": lambda c: client.get_inference_statistics(c["model"], c.get("version", ""), as_json=True),
         "infer": infer,
         "stream": stream,
     }
@@ -279,6 +281,9 @@ def test_health_and_metadata(run, triton_python):
     assert live["value"] is True and ready["value"] is True
     assert model_ready["value"] is True and other_ready["value"] is False
     assert server_md["value"]["name"] == "perception" and server_md["value"]["version"]
+    # Not "statistics", though ModelStatistics is served: perf_analyzer would then parse this
+    # server's model versions ("0.0.1") as Triton's integers and stop (server.kserve.EXTENSIONS).
+    assert server_md["value"]["extensions"] == ["model_configuration", "parameters"]
     md = model_md["value"]
     assert md["name"] == MODEL and md["versions"] == ["0.0.1"] and md["platform"] == "onnxruntime-cpu"
     assert md["inputs"] == [{"name": "IMAGE", "datatype": "BYTES", "shape": ["-1"]}]
@@ -400,6 +405,73 @@ def test_a_stream_answers_in_order_and_goes_on_after_bad_requests(run, triton_py
     while counter(run, "perception_streams_in_flight") and time.monotonic() < end:
         time.sleep(0.05)
     assert counter(run, "perception_streams_in_flight") == 0, "the stream's slot is given back when it ends"
+
+
+def test_the_final_response_flag_perf_analyzer_and_stream_clients_send_is_taken(run, triton_python):
+    """perf_analyzer sends Triton's reserved ``triton_enable_empty_final_response`` on every request
+    (tritonclient's async_stream_infer when asked). It was refused as an unknown parameter, so stock
+    perf_analyzer stopped at its first request. Taken now as Triton takes it: a stream's answer to a
+    request that sets it says it is the request's last (``triton_final_response``). Other
+    ``triton_`` keys are Triton's reserved ones, refused as Triton refuses them."""
+    data = jpeg(seed=2)
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+
+    def req(**parameters: kpb.InferParameter) -> kpb.ModelInferRequest:
+        return kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(data)],
+                                     parameters=parameters)
+
+    resp = infer(req(triton_enable_empty_final_response=kpb.InferParameter(bool_param=True)), timeout=10)
+    rows = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(-1, 6)
+    np.testing.assert_allclose(rows, native_rows(run, data), atol=1e-4)
+    assert "triton_final_response" not in resp.parameters  # a unary call's one answer: no stream to mark
+    for parameters, needle in (
+        ({"triton_enable_empty_final_response": kpb.InferParameter(string_param="yes")}, "must be a bool"),
+        ({"triton_other": kpb.InferParameter(bool_param=True)}, "reserved"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            infer(req(**parameters), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in (err.value.details() or "")
+
+    calls = [infer_call([data], id="a", final=True), infer_call([data], id="b"), infer_call([data], id="c", final=True)]
+    [result] = triton(triton_python, run.address, {"op": "stream", "calls": calls})
+    marks = [a["value"]["response"].get("parameters", {}).get("triton_final_response") for a in result["value"]]
+    assert marks == [{"bool_param": True}, None, {"bool_param": True}]
+    for answer in result["value"]:
+        np.testing.assert_allclose(output(answer, "DETECTIONS"), rows, atol=1e-4)
+
+
+def test_model_statistics_count_what_the_model_served(run, triton_python):
+    """Triton's ModelStatistics (tritonclient's get_inference_statistics): the served model's
+    running sums, frames as requests. The warm-up before serving is not counted; a frame that
+    failed is, as a failure."""
+    before, _, _, _, after, everything, by_version, unknown, old = triton(
+        triton_python, run.address,
+        {"op": "statistics", "model": MODEL},
+        infer_call([jpeg(seed=1), jpeg(seed=2)]), infer_call([jpeg(seed=3)]), infer_call([jpeg()[:200]]),
+        {"op": "statistics", "model": MODEL}, {"op": "statistics", "model": ""},
+        {"op": "statistics", "model": MODEL, "version": "0.0.1"}, {"op": "statistics", "model": "nope"},
+        {"op": "statistics", "model": MODEL, "version": "9"},
+    )
+    (zero,) = before["value"]["model_stats"]
+    assert zero["name"] == MODEL and zero["version"] == "0.0.1"
+    assert int(zero.get("inference_count", 0)) == 0 and int(zero.get("execution_count", 0)) == 0
+    (stats,) = after["value"]["model_stats"]
+    assert everything["value"] == after["value"] == by_version["value"]
+    assert int(stats["inference_count"]) == 3
+    infer = stats["inference_stats"]
+    assert int(infer["success"]["count"]) == 3 and int(infer["fail"]["count"]) == 1
+    for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert int(infer[stage]["count"]) == 3, stage
+    for stage in ("success", "compute_input", "compute_infer", "compute_output"):
+        assert int(infer[stage]["ns"]) > 0, stage
+    # A request's in-server time covers its stages.
+    stages = sum(int(infer[s]["ns"]) for s in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert int(infer["success"]["ns"]) >= stages * 0.9
+    runs = stats["batch_stats"]
+    assert sum(int(b["compute_infer"]["count"]) for b in runs) == int(stats["execution_count"])
+    assert sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in runs) == 3
+    assert abs(int(stats["last_inference"]) / 1000 - time.time()) < 60
+    assert unknown["status"] == "StatusCode.NOT_FOUND" and old["status"] == "StatusCode.NOT_FOUND"
 
 
 def _stream_infer(channel: grpc.Channel, response: Any = bytes) -> Any:
