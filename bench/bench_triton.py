@@ -244,7 +244,7 @@ class BareServer:
 class TritonPeer:
     """bench/triton_peer.py in the peer venv, on free loopback ports."""
 
-    def __init__(self, python: Path, manifest: Path, threads: int) -> None:
+    def __init__(self, python: Path, manifest: Path, threads: int, instances: int = 1) -> None:
         self.port = free_port()
         libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                                 capture_output=True, text=True, check=True).stdout.strip()
@@ -254,7 +254,7 @@ class TritonPeer:
         self.proc = subprocess.Popen(
             [str(python), str(REPO / "bench" / "triton_peer.py"), "--manifest", str(manifest), "--grpc-port",
              str(self.port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
-             "--threads", str(threads)],
+             "--threads", str(threads), "--instances", str(instances)],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, start_new_session=True)
 
         def to_log(line: str) -> None:

@@ -474,6 +474,32 @@ def test_model_statistics_count_what_the_model_served(run, triton_python):
     assert unknown["status"] == "StatusCode.NOT_FOUND" and old["status"] == "StatusCode.NOT_FOUND"
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_stock_perf_analyzer_measures_the_front_door(run, tmp_path, streaming):
+    """Triton's benchmark tool, the binary NVIDIA ships (bench/bench_perf_analyzer.py fetches it
+    from PyPI), against the front door: it stopped at its first request until the server took
+    the reserved parameter it sends with every one."""
+    from bench.bench_perf_analyzer import input_data, perf_analyzer
+
+    try:
+        binary, env = perf_analyzer()
+    except RuntimeError as exc:
+        pytest.skip(f"perf_analyzer cannot run here: {exc} (make test installs libb64 where it can)")
+    data = input_data([jpeg(seed=k) for k in range(3)], tmp_path / "input.json")
+    out = tmp_path / "out.csv"
+    done = subprocess.run(
+        [str(binary), "-m", MODEL, "-i", "grpc", "-u", run.address, "--input-data", str(data), "--concurrency-range",
+         "2", "--measurement-mode", "count_windows", "--measurement-request-count", "20",
+         "--stability-percentage", "999", "--max-trials", "3", "-f", str(out), *(["--streaming"] if streaming else [])],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    text = out.read_text()
+    rows = text.splitlines()
+    assert len(rows) == 2 and float(rows[1].split(",")[1]) > 0, text  # Concurrency,Inferences/Second,...
+    assert counter(run, "perception_frames_answered_total", camera="unnamed") >= 60  # 3 windows of 20
+    assert counter(run, "perception_frames_dropped_total", camera="unnamed", reason="invalid") == 0
+
+
 def _stream_infer(channel: grpc.Channel, response: Any = bytes) -> Any:
     """ModelStreamInfer on ``channel``, over a plain gRPC channel."""
     return channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
