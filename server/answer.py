@@ -234,7 +234,7 @@ class TrackSource(Protocol):
 
     def update(self, camera_id: Hashable, detections: Detections, timestamp_ns: int, sequence: int | None = None, *,
                arrival_s: float | None = None, classes: tuple[str, ...] | None = None,
-               resent: bool | None = None) -> TrackResult: ...
+               resent: bool | None = None, frame_size: tuple[int, int] | None = None) -> TrackResult: ...
 
 
 def track_answer(answer: FrameAnswer, task: FrameTask, trackers: TrackSource | None) -> FrameAnswer:
@@ -249,7 +249,7 @@ def track_answer(answer: FrameAnswer, task: FrameTask, trackers: TrackSource | N
     try:  # a capture time of 0 (none sent): the pool tracks the camera on the arrival clock
         result = trackers.update((task.owner, task.camera_id), answer.detections, task.capture_timestamp_ns,
                                  task.sequence, arrival_s=task.received, classes=answer.class_names,
-                                 resent=task.resent)
+                                 resent=task.resent, frame_size=(answer.image_width, answer.image_height))
     except (InvalidInputError, TrackerUnavailable) as exc:  # a non-finite box, no tracker: answered untracked
         return dataclasses.replace(answer, message=f"not tracked: {exc}")
     return dataclasses.replace(answer, tracks=result)

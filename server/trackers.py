@@ -53,12 +53,12 @@ class Trackers:
 
     def update(self, camera_id: Hashable, detections: Detections, timestamp_ns: int, sequence: int | None = None, *,
                arrival_s: float | None = None, classes: tuple[str, ...] | None = None,
-               resent: bool | None = None) -> TrackResult:
+               resent: bool | None = None, frame_size: tuple[int, int] | None = None) -> TrackResult:
         """``TrackerPool.update``, the pool loaded first if it is not yet. TrackerUnavailable
         when it cannot be."""
         pool = self._pool if self._pool is not None else self._load(retry_now=False)
         return pool.update(camera_id, detections, timestamp_ns, sequence, arrival_s=arrival_s, classes=classes,
-                           resent=resent)
+                           resent=resent, frame_size=frame_size)
 
     def load(self) -> bool:
         """Load the tracker now (``--preload-tracker``); whether it loaded. A server whose tracker

@@ -37,6 +37,11 @@ What a live stream adds on top of ``Tracker.update``:
 - **The model's classes.** Tracks hold class indices; when the frames come from a model with
   other classes (a hot swap), the camera's tracks are dropped rather than continued under
   another class's name.
+- **The frames' size.** Boxes are in the frame's pixels. A camera that changes resolution (a
+  camera node lowering it under load) keeps its tracks, scaled onto the new pixels; one whose
+  frames change aspect shows another view, and its tracks are reset. (Before, tracks went on
+  in the old pixels: none matched, every object got a new id, and the old tracks coasted as
+  ghosts where the objects had been.)
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ RESENT_FRAMES = 64
 # same bytes through the same model, or through another variant after a degrade step or a swap.
 RESENT_IOU = 0.7
 _NS_PER_S = 1_000_000_000
+# Frames of a camera that change size with their aspect within this fraction show the same view
+# at another resolution (1280x720 -> 960x540, or 1920x1080 -> 1280x736 with its encoder's rounding).
+SAME_VIEW_ASPECT = 0.03
 
 
 @dataclass(eq=False)
@@ -81,6 +89,7 @@ class _Entry:
     last_arrival_s: float | None = None  # when the last frame arrived (server clock), if known
     on_arrival_clock: bool = False  # the last frame had no capture time
     classes: tuple[str, ...] | None = None  # of the model whose detections were tracked
+    frame_size: tuple[int, int] | None = None  # (width, height) of the last frame stepped, if known
 
 
 class TrackerPool:
@@ -125,14 +134,15 @@ class TrackerPool:
         arrival_s: float | None = None,
         classes: tuple[str, ...] | None = None,
         resent: bool | None = None,
+        frame_size: tuple[int, int] | None = None,
     ) -> TrackResult:
         """Step ``camera_id``'s tracker with one frame (``Tracker.update``), making it if new.
 
         arrival_s: when the frame arrived (seconds, a monotonic clock); with it, a
         ``timestamp_ns`` of 0 means the camera sent no capture time. classes: the class names
         of the model the detections come from. resent: whether the client says it sends the
-        frame again after a reconnect (None: it does not say). See the module docstring for
-        all three.
+        frame again after a reconnect (None: it does not say). frame_size: the frame's (width,
+        height) in the pixels of its boxes. See the module docstring for all four.
         """
         entry = self._entry(camera_id)
         with entry.lock:
@@ -150,6 +160,7 @@ class TrackerPool:
                     # stale the first time, say): no tracks, and no restart of the camera.
                     return TrackResult(track_ids=np.zeros(len(detections), np.int64),
                                        states=(None,) * len(detections))
+            self._resize(camera_id, entry, frame_size)
             tracker = entry.tracker
             unknown = timestamp_ns == 0 and arrival_s is not None
             elapsed_ns = 0
@@ -194,6 +205,24 @@ class TrackerPool:
         first = seen[2]
         ids = np.where(match >= 0, first.track_ids[np.maximum(match, 0)], 0).astype(np.int64)
         return TrackResult(track_ids=ids, states=tuple(first.states[m] if m >= 0 else None for m in match.tolist()))
+
+    @staticmethod
+    def _resize(camera_id: Hashable, entry: _Entry, size: tuple[int, int] | None) -> None:
+        """A camera whose frames changed size: the same view at another resolution (the aspect
+        within ``SAME_VIEW_ASPECT``) has its tracks scaled onto the new pixels; another view
+        (a crop, another sensor mode) is a new scene, and its tracks are reset."""
+        old, entry.frame_size = entry.frame_size, size if size is not None else entry.frame_size
+        if size is None or old is None or size == old or min(*size, *old) <= 0:
+            return
+        sx, sy = size[0] / old[0], size[1] / old[1]
+        if abs(sx / sy - 1.0) <= SAME_VIEW_ASPECT:
+            entry.tracker.rescale(sx, sy)
+            log.info("camera %r: frames went from %dx%d to %dx%d; its tracks were scaled", camera_id, *old, *size)
+        else:
+            entry.tracker.reset()
+            entry.recent.clear()
+            log.info("camera %r: frames went from %dx%d to %dx%d, another view; its tracks were reset",
+                     camera_id, *old, *size)
 
     @staticmethod
     def _reset(entry: _Entry) -> None:

@@ -127,6 +127,14 @@ class Tracker:
             self._last_ns += int(delta_ns)
         self._last_matched = self._last_matched + np.int64(delta_ns)
 
+    def rescale(self, sx: float, sy: float) -> None:
+        """The camera's frames are now ``sx`` times as wide and ``sy`` times as tall in pixels (a
+        camera node that lowers its resolution): every track's box, rate and uncertainty
+        are scaled onto the new pixels, so the same objects keep their ids."""
+        scale = np.array([sx, sy, sx, sy], np.float64)
+        self._mean = self._mean * np.concatenate([scale, scale])
+        self._cov = self._cov * (scale * scale)  # each row of the blocks: a coordinate's (pos, rate) pair
+
     def tracks(self) -> tuple[TrackView, ...]:
         """The live tracks, oldest id first."""
         boxes = _to_xyxy(self._mean)

@@ -619,3 +619,43 @@ def test_a_gate_that_rounds_down_in_float32_is_still_the_least_iou() -> None:
     assert second.track_ids[0] != first.track_ids[0]  # the first box's new track died unmatched
     third = tracker.update(dets([[0.0, 0.0, 10.0, 9.2]]), T0 + 2 * FRAME_NS)  # IoU 0.978: matched
     assert third.track_ids[0] == second.track_ids[0] and third.states == (TrackState.CONFIRMED,)
+
+
+def _drive(pool: TrackerPool, frames: range, size: tuple[int, int], scale: float) -> list[TrackResult]:
+    """Two cars moving right at 300 px/s (in 1280x720 pixels), their boxes in ``size``'s pixels
+    (``scale`` of those)."""
+    out = []
+    for k in frames:
+        t = T0 + k * FRAME_NS
+        boxes = [[v * scale for v in box(*moving(start, (300.0, 0.0), t), w=60, h=40)]
+                 for start in ((200.0, 300.0), (400.0, 500.0))]
+        out.append(pool.update("front", dets(boxes), t, sequence=k, frame_size=size))
+    return out
+
+
+def test_a_camera_that_lowers_its_resolution_keeps_its_track_ids() -> None:
+    """A camera node that drops from 1280x720 to 640x360 sends the same scene in half the
+    pixels: its tracks are scaled onto them. Before, the tracks went on in the old pixels, no box
+    matched them, both cars got new ids and their old tracks coasted where they had been."""
+    pool = TrackerPool()
+    before = _drive(pool, range(10), (1280, 720), 1.0)
+    after = _drive(pool, range(10, 20), (640, 360), 0.5)
+    assert after[0].track_ids.tolist() == before[-1].track_ids.tolist()
+    assert all(r.track_ids.tolist() == before[-1].track_ids.tolist() for r in after)
+    assert all(s is TrackState.CONFIRMED for r in after for s in r.states)
+    views = pool.tracks("front")
+    assert len(views) == 2  # no ghosts of the old pixels coasting
+    expected = box(*moving((200.0, 300.0), (300.0, 0.0), T0 + 19 * FRAME_NS), w=60, h=40)
+    first = min(views, key=lambda v: v.box[0])
+    np.testing.assert_allclose(first.box, [v * 0.5 for v in expected], atol=2.0)
+
+
+def test_a_camera_whose_frames_change_aspect_starts_over() -> None:
+    """Frames of another aspect are another view (a crop, another sensor mode): the camera's
+    tracks are reset, not matched across."""
+    pool = TrackerPool()
+    before = _drive(pool, range(10), (1280, 720), 1.0)
+    after = _drive(pool, range(10, 13), (720, 720), 1.0)
+    assert set(after[0].track_ids.tolist()).isdisjoint(before[-1].track_ids.tolist())
+    assert after[0].states == (TrackState.NEW, TrackState.NEW)
+    assert len(pool.tracks("front")) == 2

@@ -59,3 +59,26 @@ def test_tracks_are_kept_per_client_host_and_camera(tiny_manifest: Path) -> None
     a_ids = {int(r.tracks.track_ids[0]) for r in results[0::2]}
     b_ids = {int(r.tracks.track_ids[0]) for r in results[1::2]}
     assert len(a_ids) == len(b_ids) == 1 and a_ids != b_ids
+
+
+def test_a_served_camera_that_halves_its_resolution_keeps_its_track_ids() -> None:
+    """The answer's frame size reaches the tracker: a camera going from 1280x720 to 640x360
+    keeps its ids (perception.tracking.pool, ``frame_size``)."""
+    from perception.types import Detections, StageTimings
+    from server.answer import FrameAnswer
+
+    pool = TrackerPool()
+
+    def frame(seq: int, width: int, height: int) -> FrameAnswer:
+        s = width / 1280
+        x = 100 + 10 * seq  # moving right, in 1280x720 pixels
+        box = Detections(np.array([[x * s, 200 * s, (x + 80) * s, 260 * s]], np.float32), np.array([0.9], np.float32),
+                         np.array([0], np.int64))
+        task = FrameTask("front", seq, 1_000_000_000 + seq * 33_333_333, track=True, owner="10.0.0.1")
+        answer = FrameAnswer("front", seq, task.capture_timestamp_ns, FrameStatus.OK, "", box, width, height,
+                             StageTimings(), class_names=("car",))
+        return track_answer(answer, task, pool)
+
+    ids = [int(frame(k, 1280, 720).tracks.track_ids[0]) for k in range(5)]
+    ids += [int(frame(k, 640, 360).tracks.track_ids[0]) for k in range(5, 10)]
+    assert len(set(ids)) == 1 and ids[0] > 0
