@@ -304,6 +304,11 @@ class KServeService:
         tasks = [FrameTask(camera, 0, 0, deadline_ms=deadline, model=model) for camera in cameras]
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
+        try:  # over capacity: all refused before any is decoded, not after all were
+            scheduler.check_room(len(tasks), max(self._limits.priority_of(t.camera_id) for t in tasks))
+        except OverloadedError as exc:
+            _answer_all(tasks, FrameStatus.OVERLOADED, str(exc), pipeline, self._metrics)
+            raise
         self._prepare(request.ByteSize(), frames, tasks, opts, pipeline, owner)
         keys = self._submit(scheduler, tasks, pipeline)
         return Started(request.id, scheduler, model, tasks, keys, wanted, final_flag)

@@ -138,6 +138,22 @@ class Scheduler:
 
     # -- producers -------------------------------------------------------------------------
 
+    def check_room(self, frames: int = 1, priority: int = 1, key: Hashable | None = None) -> None:
+        """OverloadedError, as ``submit`` would raise it, if ``frames`` more frames of ``priority``
+        would be refused now: checked before they are decoded, so that a server over capacity
+        refuses them before it spends a decode on each (a KServe request of 8 frames decoded all
+        8 first). No reservation: ``submit`` decides. ``key``: the queue a single frame would
+        join; a full one makes room by dropping its own oldest frame, so it always has room."""
+        with self._cond:
+            if key is not None and len(self._queues.get(key, ())) >= self.queue_size:
+                return
+            if self._pending + frames <= self._max_pending:
+                return
+            if any(q and q[0].priority < priority for q in self._queues.values()):
+                return  # submit sheds a lower class's frame for it
+            raise OverloadedError(f"server over capacity: {self._pending} frames queued "
+                                  f"(max_pending {self._max_pending})")
+
     def submit(self, job: Job, transient: bool = False) -> None:
         """Queue ``job``. Raises OverloadedError when over capacity, NotReadyError when stopped.
 

@@ -124,6 +124,11 @@ class DetectorService(pb_grpc.DetectorServicer):
         # From here on every way out counts the frame answered or dropped, once, with the reason
         # a stream's frame would be dropped for.
         self._metrics.frame_received(camera_id)
+        try:  # over capacity: refused before its decode, not after
+            scheduler.check_room(priority=self._limits.priority_of(camera_id))
+        except OverloadedError as exc:
+            self._drop(task, FrameStatus.OVERLOADED, str(exc))
+            raise
         size = request.ByteSize()
         if not self._limits.undecoded.try_take(size):
             self._drop(task, FrameStatus.OVERLOADED, "undecoded-bytes budget full")

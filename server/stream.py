@@ -424,6 +424,12 @@ class StreamSession:
             return pipeline.prepare(fin, opts)
 
     def _accept(self, task: FrameTask, request: Any) -> None:
+        try:  # over capacity: answered before its decode, not after
+            self._scheduler.check_room(priority=self._limits.priority_of(task.camera_id),
+                                       key=(self.id, task.camera_id))
+        except OverloadedError as exc:
+            task.answer_now(FrameStatus.OVERLOADED, str(exc))
+            return
         try:
             task.prepared = self._prepare(task, request)
         except InvalidInputError as exc:

@@ -759,6 +759,49 @@ def test_a_stream_cancelled_while_its_request_waits_counts_its_frame_dropped_onc
     assert not counter(run, "perception_frames_answered_total", camera="gone")
 
 
+@pytest.mark.parametrize("door", ["ModelInfer", "Detect", "StreamDetect"])
+def test_over_capacity_a_frame_is_refused_before_it_is_decoded(serve, monkeypatch, door):
+    """A server at max_pending refuses a frame before decoding it: a KServe request of 8 frames
+    decoded all 8 and was then refused (as were a Detect call's and a stream's frame)."""
+    from server.scheduler import Job
+    from tests.server.test_service import _hold_the_engine
+
+    run = serve(kserve=True, inference_workers=1, max_pending=1)
+    release = _hold_the_engine(run, monkeypatch)
+    decodes: list[str] = []
+    prepare = FramePipeline.prepare
+
+    def counted(self: FramePipeline, frame: Any, *args: Any) -> Any:
+        decodes.append(frame.camera_id)
+        return prepare(self, frame, *args)
+
+    monkeypatch.setattr(FramePipeline, "prepare", counted)
+    # The one frame max_pending allows, of a class no other frame may shed.
+    run.server.scheduler.submit(Job("filler", None, lambda result: None, priority=2))
+    try:
+        if door == "ModelInfer":
+            infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+            req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([8])],
+                                        raw_input_contents=[_prefixed(*[jpeg(seed=k) for k in range(8)])])
+            with pytest.raises(grpc.RpcError) as err:
+                infer(req, timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over capacity" in (err.value.details() or "")
+        elif door == "Detect":
+            with pytest.raises(grpc.RpcError) as err:
+                run.stub.Detect(request("front", 1, jpeg()), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        else:
+            (answer,) = run.stub.StreamDetect(iter([request("front", 1, jpeg())]), timeout=10)
+            assert answer.status == pb.FRAME_STATUS_OVERLOADED and "over capacity" in answer.message
+    finally:
+        release.set()
+    assert [c for c in decodes if c != "busy"] == []
+    frames = 8 if door == "ModelInfer" else 1
+    camera = "unnamed" if door == "ModelInfer" else "front"
+    assert counter(run, "perception_frames_dropped_total", camera=camera, reason="overloaded") == frames
+
+
 def test_typed_contents_are_accepted(run):
     data = jpeg(160, 120, seed=8)
     tensor = _bytes_input([1])

@@ -64,6 +64,29 @@ class Batches:
         return self.backend.infer(x)
 
 
+def test_check_room_says_what_submit_would_before_a_frame_is_decoded(backend):
+    """The front doors ask before decoding: a frame the scheduler would refuse OverloadedError is
+    refused before its decode (a KServe request of 8 frames decoded all 8 first)."""
+    rec = Recorder()
+    s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=1, max_pending=2)
+    s._accepting = True  # accept without a worker: the queues fill deterministically
+    s.check_room(2)
+    s.submit(Job("a", tensor(0), rec.cb("a0"), priority=1))
+    s.check_room(1)
+    with pytest.raises(OverloadedError, match="over capacity"):
+        s.check_room(2)
+    s.submit(Job("b", tensor(1), rec.cb("b0"), priority=1))
+    for frames, priority, key in ((1, 1, None), (1, 0, "c"), (3, 1, None)):
+        with pytest.raises(OverloadedError, match="over capacity: 2 frames queued"):
+            s.check_room(frames, priority=priority, key=key)
+        with pytest.raises(OverloadedError):  # as submit decides
+            s.submit(Job(key or "c", tensor(2), rec.cb("c0"), priority=priority), transient=True)
+    s.check_room(key="b")  # its own full queue makes room: a stale frame is replaced
+    s.check_room(priority=2)  # a lower class's frame is shed for it
+    s.submit(Job("d", tensor(3), rec.cb("d0"), priority=2))
+    assert rec.results["a0"].status is JobStatus.SHED and s.pending == 2
+
+
 def test_latest_frame_wins_and_overload_before_start(backend):
     rec = Recorder()
     s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=1, max_pending=2)
