@@ -146,9 +146,20 @@ class ServedModel:
             self.uses.release()
 
     def infer(self, batch: NDArray[np.float32]) -> Any:
-        """The engine's outputs for ``batch``, run under a lease (``lease``)."""
+        """The engine's outputs for ``batch``, run under a lease (``lease``).
+
+        The backend is looked up each call: a health reload may replace it. A run that took the
+        old one just before the reload freed it finds it deactivated; it runs again on the new
+        one, instead of failing its frames (and counting towards another reload)."""
         with self.lease():
-            return self.backend.infer(batch)  # looked up each call: a health reload may replace it
+            backend = self.backend
+            try:
+                return backend.infer(batch)
+            except ModelError:
+                if self.backend is backend:
+                    raise
+                log.info("%s: its engine was reloaded under a run; running it on the new one", self.describe())
+                return self.backend.infer(batch)
 
     def to_batch(self, items: list[Any]) -> NDArray[np.float32]:
         return self.pipeline.to_batch(items)

@@ -380,3 +380,29 @@ def test_a_reloaded_engine_of_a_dropped_model_serves_its_runs_and_is_freed_with_
     late = _HeldBackend(load().backend)
     host.replace_backend(old, late)
     assert late.freed.is_set()
+
+
+def test_a_run_that_took_the_engine_a_reload_replaced_runs_on_the_new_one(load: Any) -> None:
+    """A health reload replaced the engine and freed the old one between a run's looking it up
+    and running on it: the run found it deactivated and failed its frames ("backend is not
+    activated"), one failed batch towards the next reload. It now runs on the new engine."""
+    served, spare = load(), load()
+    host = _host(served)
+    old, new = served.backend, spare.backend
+
+    class _ReloadedUnderTheRun:
+        """The engine as a run finds it when the reload lands at that moment: replaced and freed."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(old, name)
+
+        def infer(self, batch: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
+            assert host.replace_backend(served, new) is self
+            old.deactivate()  # as the health recovery frees what it replaced
+            return old.infer(batch)
+
+    served.backend = _ReloadedUnderTheRun()
+    out = served.infer(_batch(served))
+    assert isinstance(out, dict) and served.backend is new
+    with pytest.raises(ModelError, match="not activated"):  # a freed engine still fails a run of its own
+        old.infer(_batch(served))
