@@ -211,7 +211,12 @@ def read_yolo_set(root: Path) -> LabelledSet:
     files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise DataError(f"{img_dir}: no images (looked for {', '.join(IMAGE_EXTS)})")
-    stems = {p.stem for p in files}
+    stems: dict[str, Path] = {}
+    for f in files:
+        other = stems.setdefault(f.stem, f)
+        if other is not f:  # both would read labels/<stem>.txt: one image's boxes taught for the other
+            raise DataError(f"{img_dir}: {other.name} and {f.name} share the label file labels/{f.stem}.txt; "
+                            "rename one of them (and its labels)")
     if lbl_dir.is_dir():
         orphans = sorted(p.name for p in lbl_dir.glob("*.txt") if p.stem not in stems)
         if orphans:

@@ -206,6 +206,17 @@ def test_undecodable_image_and_orphan_label(small_set, tmp_path) -> None:
         read_labelled_set(d2)
 
 
+def test_two_images_of_one_name_are_refused_not_given_one_label_file(small_set, tmp_path) -> None:
+    """a.jpg and a.png both map to labels/a.txt: one image's boxes were taught for the other."""
+    import cv2
+
+    d = yolo_copy(small_set, tmp_path)
+    img = cv2.imread(str(d / "images" / "000002.jpg"))
+    cv2.imwrite(str(d / "images" / "000002.png"), cv2.flip(img, 1))
+    with pytest.raises(DataError, match="000002.jpg and 000002.png share the label file labels/000002.txt"):
+        read_labelled_set(d)
+
+
 def test_missing_or_empty_dataset(tmp_path) -> None:
     with pytest.raises(DataError, match="no such dataset"):
         read_labelled_set(tmp_path / "nothing")
