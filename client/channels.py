@@ -115,11 +115,13 @@ class ChannelPool:
     its channel is closed ``retire_s`` later (its streams then end and reconnect elsewhere), so
     a caller that was just handed it does not find it closed.
 
-    ``aio=True`` makes grpc.aio channels for the asyncio client, which calls ``anext``: the
+    ``aio=True`` makes grpc.aio channels for the asyncio client, which calls ``anext``: every
     lookup runs in a worker thread (a DNS lookup on the event loop stalled every camera for as
-    long as it took), and retired channels are closed on the loop ``retire_s`` later (they
-    used to be kept until ``aclose``: 50 refreshes left 100 channels open, their streams never
-    ended).
+    long as it took), the first one too: the pool resolves and makes its channels at the first
+    ``anext``, on the loop that uses them, not in the constructor (which ran its lookup on the
+    loop of whoever made the client); and retired channels are closed on the loop ``retire_s``
+    later (they used to be kept until ``aclose``: 50 refreshes left 100 channels open, their
+    streams never ended).
     """
 
     def __init__(self, config: ClientConfig, aio: bool = False, resolver: Callable[..., Any] = socket.getaddrinfo,
@@ -131,7 +133,9 @@ class ChannelPool:
         self._retire_s = retire_s
         self._lock = threading.Lock()
         self._creds = _credentials(config)
-        self.endpoints: list[Endpoint] = [self._endpoint(a, h) for a, h in resolve_targets(config.targets, resolver)]
+        # An asyncio pool has none until its first anext resolves them, off the loop.
+        self.endpoints: list[Endpoint] = [] if aio else [
+            self._endpoint(a, h) for a, h in resolve_targets(config.targets, resolver)]
         log.debug("server endpoints: %s", [e.address for e in self.endpoints])
         self._turn = 0
         self._resolved_at = time.monotonic()
@@ -158,14 +162,19 @@ class ChannelPool:
         """``next`` for grpc.aio channels, on the event loop (see the class docstring)."""
         import asyncio
 
-        with self._lock:
-            due = not self._resolving and time.monotonic() - self._resolved_at >= self._refresh_s
-            self._resolving = self._resolving or due
-        if due:
-            wanted = await asyncio.to_thread(self._resolve)
-            for e in self._follow(wanted):  # aio channels are made (and closed) on the loop
-                await e.channel.close()
-        return self._take()
+        while True:
+            with self._lock:
+                first = not self.endpoints  # the first lookup (or one that failed): every caller waits for it
+                due = not self._resolving and (first or time.monotonic() - self._resolved_at >= self._refresh_s)
+                self._resolving = self._resolving or due
+            if due:
+                wanted = await asyncio.to_thread(self._resolve)
+                for e in self._follow(wanted):  # aio channels are made (and closed) on the loop
+                    await e.channel.close()
+            elif first:
+                await asyncio.sleep(0.005)  # another caller's first lookup is under way
+                continue
+            return self._take()
 
     def _take(self) -> Endpoint:
         with self._lock:
@@ -174,13 +183,17 @@ class ChannelPool:
             return endpoint
 
     def _resolve(self) -> list[tuple[str, str]]:
-        """Resolve the targets again: a DNS lookup, not under the lock."""
+        """Resolve the targets again: a DNS lookup, not under the lock. If it fails, the next
+        caller due tries again; when it does not, ``_follow`` ends the lookup, once the
+        endpoints are in place (a caller of an asyncio pool waiting for its first lookup used
+        to find it over with no endpoints yet, and looked up again)."""
         try:
             return resolve_targets(self._config.targets, self._resolver)
-        finally:
+        except BaseException:
             with self._lock:
                 self._resolving = False
                 self._resolved_at = time.monotonic()
+            raise
 
     def _follow(self, wanted: list[tuple[str, str]]) -> list[Endpoint]:
         """Rotate through ``wanted``'s addresses from now on; the retired endpoints whose
@@ -195,6 +208,8 @@ class ChannelPool:
                 log.info("server endpoints now %s (were %s)", [e.address for e in endpoints],
                          [e.address for e in self.endpoints])
             self.endpoints = endpoints
+            self._resolving = False
+            self._resolved_at = now
             self._retired += [(now, e) for e in gone]
             due = [e for t, e in self._retired if now - t >= self._retire_s]
             self._retired = [(t, e) for t, e in self._retired if now - t < self._retire_s]

@@ -104,7 +104,8 @@ def test_the_pool_follows_a_name_whose_addresses_change() -> None:
 def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() -> None:
     """The asyncio client's pool kept every retired channel open until the client closed (50
     refreshes of a name whose pods changed: 100 channels, their streams never ended), and
-    resolved the name on the event loop, stalling every camera for the lookup."""
+    resolved the name on the event loop, stalling every camera for the lookup: its refreshes,
+    then its first lookup too, which the constructor made on the loop of whoever built it."""
     import asyncio
     import itertools
     import threading
@@ -126,6 +127,8 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
         pool = ChannelPool(ClientConfig(targets=("svc:50051",)), aio=True, resolver=resolver, refresh_s=0.0,
                            retire_s=0.0)
         try:
+            assert pool.endpoints == [] and not threads  # nothing looked up, no channel made, before use
+            await pool.anext()
             first = pool.endpoints[0].channel
             for _ in range(50):
                 await pool.anext()
@@ -137,7 +140,19 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
 
     endpoints, retired, loop_thread = asyncio.run(run())
     assert endpoints == 2 and retired <= 2
-    assert len(threads) == 51 and threads.count(loop_thread) == 1  # only the constructor's own lookup
+    assert len(threads) == 51 and threads.count(loop_thread) == 0  # every lookup off the loop
+
+    async def at_once() -> list[str]:
+        """Callers at once on a fresh pool all wait for its one first lookup."""
+        pool = ChannelPool(ClientConfig(targets=("svc:50051",)), aio=True, resolver=resolver)
+        try:
+            return [e.address for e in await asyncio.gather(*(pool.anext() for _ in range(3)))]
+        finally:
+            await pool.aclose()
+
+    threads.clear()
+    got = asyncio.run(at_once())
+    assert len(threads) == 1 and set(got) <= {"10.0.51.1:50051", "10.0.51.2:50051"} and len(got) == 3
 
 
 def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
