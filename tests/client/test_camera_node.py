@@ -157,6 +157,18 @@ def test_a_looped_recording_is_a_fake_live_camera_sent_raw(
 
 def test_track_asks_the_server_for_track_ids(server: str, tmp_path: Path) -> None:
     """A camera node could not ask for tracks (the replay CLI could): --track."""
+    import grpc
+
+    from perception.v1 import detector_pb2 as pb
+    from perception.v1 import detector_pb2_grpc as pb_grpc
+    from tests.server.conftest import jpeg
+
+    # The server loads its tracker at the first tracked frame (numba: seconds on a loaded
+    # machine, which this 1.5 s run once spent waiting for it, with 2 frames sent): loaded first.
+    with grpc.insecure_channel(server) as channel:
+        warm = pb.DetectRequest(frame=pb.Frame(camera_id="warm-up", encoded=jpeg()),
+                                options=pb.DetectOptions(track=True))
+        pb_grpc.DetectorStub(channel).Detect(warm, timeout=60)
     video = R.write_mp4(tmp_path / "dashcam.mp4", n=6, fps=20.0)
     out = tmp_path / "o.jsonl"
     t, _, result = _run_in_thread([str(video), "--loop", "--track", "--server", server, "--out", str(out),
