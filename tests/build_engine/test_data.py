@@ -212,6 +212,7 @@ def test_two_images_of_one_name_are_refused_not_given_one_label_file(small_set, 
 
     d = yolo_copy(small_set, tmp_path)
     img = cv2.imread(str(d / "images" / "000002.jpg"))
+    assert img is not None
     cv2.imwrite(str(d / "images" / "000002.png"), cv2.flip(img, 1))
     with pytest.raises(DataError, match="000002.jpg and 000002.png share the label file labels/000002.txt"):
         read_labelled_set(d)
