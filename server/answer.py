@@ -172,7 +172,7 @@ def finish_task(
         reason = "error" if failure else "cancelled" if cancelled and status is not FrameStatus.OK else ""
         _record(metrics, task.camera_id, status, detections, finisher, timings, total_s, reason)
         stats = getattr(task.model, "stats", None)  # a ServedModel's: Triton's ModelStatistics
-        if stats is not None:
+        if stats is not None and prep is not None:  # decoded for the model (server.model_stats)
             stats.answered(ok, total_s, result.queue_s if result else 0.0, prep.preprocess_s if prep else 0.0,
                            result.inference_s if result and ok else 0.0, post_s)
         if status is FrameStatus.OK:

@@ -229,8 +229,9 @@ class KServeService:
 
     def ModelStatistics(self, request: mcpb.ModelStatisticsRequest,
                         context: grpc.ServicerContext) -> mcpb.ModelStatisticsResponse:
-        """Triton's cumulative statistics of the served model (``server.model_stats``). An empty
-        name asks for every model: the one served. Triton answers an unknown model NOT_FOUND."""
+        """Triton's cumulative statistics of the served model's version (``server.model_stats``).
+        An empty name asks for every model: the one served. Triton answers an unknown model
+        NOT_FOUND."""
         _, current = self._check_ready()
         model = current()
         if (request.name or request.version) and not _names(model, request.name, request.version):

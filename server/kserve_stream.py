@@ -80,6 +80,8 @@ class Started:
             self.scheduler.close(key)
         for task in self.tasks:
             metrics.frame_dropped(task.camera_id, "cancelled")
+            if task.prepared is not None:  # decoded for the model: a failure in its statistics
+                self.model.stats.answered(False, time.monotonic() - task.received)
 
 
 class _Service(Protocol):

@@ -4,16 +4,19 @@ A Triton user's tools read these: tritonclient's ``get_inference_statistics`` an
 which prints the server's side of each measurement (queue, compute input / infer / output) from
 the difference of two snapshots. The KServe front door answers ``ModelStatistics`` from them
 (``server.kserve``). Prometheus has the same stages as histograms (``server.metrics``); these are
-plain running sums, kept per model: a hot swap starts the new model at zero, and the model
-swapped out keeps its own (a rollback brings them back).
+plain running sums, kept per model name and version (``stats_for``): every loaded model of one
+version (its variants, which the degrader moves between; a reload; a rollback to it) adds to the
+same sums, and a hot swap to another version starts that one at zero.
 
-What is counted, in Triton's terms, per frame (a frame is a request: a KServe request of B images
-counts B, as Triton's ``inference_count`` does):
+What is counted, in Triton's terms, per frame: a frame is a request (one Detect call, one
+stream frame; a KServe request of B images counts B, where Triton counts a request of a model
+without a batch dimension, as ModelConfig describes this one, once):
 
 - ``success``: frames answered with detections, and their time in the server (arrival to answer);
-- ``fail``: frames the model was given and did not answer with detections (dropped, expired,
-  failed), and their time in the server. A frame answered stale before it was decoded never
-  reached a model and is not counted; the Prometheus drop counters have it;
+- ``fail``: frames decoded for the model and not answered with detections (dropped, expired,
+  failed, or their call ended first), and their time in the server. A frame refused before its
+  decode (undecodable, over capacity, answered stale) never reached the model and is not
+  counted; the Prometheus drop counters have every frame;
 - ``queue``, ``compute_input`` (decode + letterbox + normalise), ``compute_infer`` (the run of
   the batch the frame was in), ``compute_output`` (decoding the outputs + NMS): per successful
   frame;
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -98,4 +102,21 @@ class InferenceStats:
             return copy
 
 
-__all__ = ["Duration", "InferenceStats", "StatsSnapshot"]
+_SHARED: weakref.WeakValueDictionary[tuple[str, str], InferenceStats] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def stats_for(name: str, version: str) -> InferenceStats:
+    """The sums of model ``name`` at ``version``, shared by every loaded model of it: Triton's
+    clients take rates from the difference of two snapshots of one name and version, and a
+    degrade step (another variant of the version), a reload of the version or a rollback to it
+    must not set them back (perf_analyzer subtracts unsigned: a drop wraps). Kept while a model
+    of that version is loaded; one loaded again after that starts at zero, as Triton's does."""
+    with _SHARED_LOCK:
+        stats = _SHARED.get((name, version))
+        if stats is None:
+            stats = _SHARED[(name, version)] = InferenceStats()
+        return stats
+
+
+__all__ = ["Duration", "InferenceStats", "StatsSnapshot", "stats_for"]

@@ -487,7 +487,10 @@ class Scheduler:
                 log.exception("recording a frame's queue time failed")
         stats = getattr(model, "stats", None)  # a ServedModel's (server.model_stats)
         if stats is not None and out is not None:
-            stats.executed(len(jobs), infer_s)
+            try:
+                stats.executed(len(jobs), infer_s)
+            except Exception:  # nor must statistics
+                log.exception("recording a batch's statistics failed")
         if self._on_batch is not None:  # failed if any frame's output was unusable: health and probation see it
             try:
                 self._on_batch(all(r.status is JobStatus.OK for r in results), model, infer_s)

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from perception.errors import ModelError
 from perception.manifest import Manifest, Variant, load_manifest
 from perception.pipeline import FramePipeline
-from server.model_stats import InferenceStats
+from server.model_stats import InferenceStats, stats_for
 from server.runtime.base import Backend
 
 log = logging.getLogger(__name__)
@@ -121,14 +121,16 @@ class ServedModel:
 
     # Who runs on the engine; the host retires the model when it drops it (``ModelUses``).
     uses: ModelUses = field(init=False, repr=False)
-    # Its inferences for clients, counted as Triton's ModelStatistics reports them.
-    stats: InferenceStats = field(default_factory=InferenceStats, repr=False)
+    # Its version's inferences for clients, as Triton's ModelStatistics reports them (shared by
+    # every loaded model of the version: ``server.model_stats.stats_for``).
+    stats: InferenceStats = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.operator_variant:
             self.operator_variant = self.variant.name
         # The backend is looked up when it is freed: a health reload may have replaced it.
         self.uses = ModelUses(lambda: self.backend.deactivate())
+        self.stats = stats_for(self.manifest.name, self.version)
 
     @property
     def version(self) -> str:

@@ -440,38 +440,97 @@ def test_the_final_response_flag_perf_analyzer_and_stream_clients_send_is_taken(
         np.testing.assert_allclose(output(answer, "DETECTIONS"), rows, atol=1e-4)
 
 
+def _stats(result: dict[str, Any]) -> dict[str, Any]:
+    (stats,) = result["value"]["model_stats"]
+    return stats
+
+
+def _count(stats: dict[str, Any], *path: str) -> int:
+    """A counter of a ModelStatistics answer as JSON (absent: 0, as protobuf leaves a zero out)."""
+    value: Any = stats
+    for key in path:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    return int(value or 0)
+
+
 def test_model_statistics_count_what_the_model_served(run, triton_python):
-    """Triton's ModelStatistics (tritonclient's get_inference_statistics): the served model's
-    running sums, frames as requests. The warm-up before serving is not counted; a frame that
-    failed is, as a failure."""
-    before, _, _, _, after, everything, by_version, unknown, old = triton(
+    """Triton's ModelStatistics (tritonclient's get_inference_statistics): the served version's
+    running sums, frames as requests. A frame the engine failed on is a failure; one refused
+    before its decode (a corrupt JPEG) never reached the model and is not counted."""
+    from tests.server.test_stream_faults import _fail_first_batch
+
+    (before,) = triton(triton_python, run.address, {"op": "statistics", "model": MODEL})
+    start = _stats(before)
+    assert start["name"] == MODEL and start["version"] == "0.0.1"
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    _fail_first_batch(run)
+    for data, code in ((jpeg(seed=4), grpc.StatusCode.INTERNAL), (jpeg()[:200], grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as err:
+            infer(kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])],
+                                        raw_input_contents=[_prefixed(data)]), timeout=10)
+        assert err.value.code() == code
+    _, _, after, everything, by_version, unknown, old = triton(
         triton_python, run.address,
-        {"op": "statistics", "model": MODEL},
-        infer_call([jpeg(seed=1), jpeg(seed=2)]), infer_call([jpeg(seed=3)]), infer_call([jpeg()[:200]]),
+        infer_call([jpeg(seed=1), jpeg(seed=2)]), infer_call([jpeg(seed=3)]),
         {"op": "statistics", "model": MODEL}, {"op": "statistics", "model": ""},
         {"op": "statistics", "model": MODEL, "version": "0.0.1"}, {"op": "statistics", "model": "nope"},
         {"op": "statistics", "model": MODEL, "version": "9"},
     )
-    (zero,) = before["value"]["model_stats"]
-    assert zero["name"] == MODEL and zero["version"] == "0.0.1"
-    assert int(zero.get("inference_count", 0)) == 0 and int(zero.get("execution_count", 0)) == 0
-    (stats,) = after["value"]["model_stats"]
+    stats = _stats(after)
     assert everything["value"] == after["value"] == by_version["value"]
-    assert int(stats["inference_count"]) == 3
-    infer = stats["inference_stats"]
-    assert int(infer["success"]["count"]) == 3 and int(infer["fail"]["count"]) == 1
+
+    def grew(*path: str) -> int:
+        return _count(stats, *path) - _count(start, *path)
+
+    assert grew("inference_count") == 3
+    assert grew("inference_stats", "success", "count") == 3 and grew("inference_stats", "fail", "count") == 1
     for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
-        assert int(infer[stage]["count"]) == 3, stage
+        assert grew("inference_stats", stage, "count") == 3, stage
     for stage in ("success", "compute_input", "compute_infer", "compute_output"):
-        assert int(infer[stage]["ns"]) > 0, stage
-    # A request's in-server time covers its stages.
-    stages = sum(int(infer[s]["ns"]) for s in ("queue", "compute_input", "compute_infer", "compute_output"))
-    assert int(infer["success"]["ns"]) >= stages * 0.9
-    runs = stats["batch_stats"]
-    assert sum(int(b["compute_infer"]["count"]) for b in runs) == int(stats["execution_count"])
-    assert sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in runs) == 3
+        assert grew("inference_stats", stage, "ns") > 0, stage
+    # The frames' time in the server covers their stages.
+    stages = sum(grew("inference_stats", s, "ns")
+                 for s in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert grew("inference_stats", "success", "ns") >= stages * 0.9
+    runs, runs_before = stats["batch_stats"], {b["batch_size"]: b for b in start.get("batch_stats", [])}
+
+    def ran(b: dict[str, Any]) -> int:
+        earlier = runs_before.get(b["batch_size"], {})
+        return _count(b, "compute_infer", "count") - _count(earlier, "compute_infer", "count")
+
+    # The failed run is no execution; the three frames ran in 2 or 3 runs.
+    assert sum(ran(b) for b in runs) == grew("execution_count") in (2, 3)
+    assert sum(int(b["batch_size"]) * ran(b) for b in runs) == 3
     assert abs(int(stats["last_inference"]) / 1000 - time.time()) < 60
     assert unknown["status"] == "StatusCode.NOT_FOUND" and old["status"] == "StatusCode.NOT_FOUND"
+
+
+def test_model_statistics_go_on_across_models_of_one_version(tiny_manifest):
+    """Triton's clients take rates from two snapshots of one name and version: a degrade step
+    (another variant of the version), a reload or a rollback loads another model object of the
+    same version, and its sums started at zero (perf_analyzer subtracts unsigned: a wrap). Every
+    loaded model of a version shares them; one loaded again once none is, starts anew."""
+    import gc
+
+    from server.model_stats import stats_for
+
+    manifest = load_manifest(tiny_manifest)
+    pipeline = FramePipeline.from_manifest(manifest)
+    backend, variant = backend_for(manifest, "", RuntimeSettings(threads=1), preference=("onnxruntime-cpu",))
+    try:
+        one = ServedModel(str(tiny_manifest), manifest, variant, backend, pipeline, 1)
+        one.stats.executed(1, 0.01)
+        two = ServedModel(str(tiny_manifest), manifest, variant, backend, pipeline, 1)
+        assert two.stats is one.stats and two.stats.snapshot().execution_count >= 1
+        assert stats_for(manifest.name, "another version") is not one.stats
+    finally:
+        backend.deactivate()
+    gone = stats_for("a model no test loads", "1")
+    gone.executed(2, 0.01)
+    assert stats_for("a model no test loads", "1") is gone
+    del gone
+    gc.collect()
+    assert stats_for("a model no test loads", "1").snapshot().execution_count == 0
 
 
 @pytest.mark.parametrize("streaming", [False, True])
