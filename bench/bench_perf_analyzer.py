@@ -24,6 +24,7 @@ import contextlib
 import csv
 import json
 import os
+import platform
 import shutil
 import struct
 import subprocess
@@ -35,9 +36,10 @@ from typing import Any
 
 from bench.bench_triton import DEFAULT_PEER, SHIPPED_MODEL, TritonPeer, bench_frames, make_peer, stop_process
 
-CACHE = Path.home() / ".cache" / "perception" / "perf-analyzer"
 WHEEL = "tritonclient==2.41.0"  # the newest tritonclient wheel that ships bin/perf_analyzer
 CUDART = "nvidia-cuda-runtime-cu12==12.9.79"
+# Named after the pins: a change of either fetches them again.
+CACHE = Path.home() / ".cache" / "perception" / f"perf-analyzer-{WHEEL.split('==')[1]}-cudart-{CUDART.split('==')[1]}"
 
 
 def _extract(spec: str, suffix: str, dest: Path) -> None:
@@ -63,6 +65,9 @@ def _extract(spec: str, suffix: str, dest: Path) -> None:
 
 def perf_analyzer() -> tuple[Path, dict[str, str]]:
     """(the binary, the environment it runs in); RuntimeError with what is missing."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        raise RuntimeError(f"the wheel's perf_analyzer is built for Linux x86_64, not {platform.system()} "
+                           f"{platform.machine()} (on a Jetson, use the one in NVIDIA's Triton client image)")
     binary = CACHE / "perf_analyzer"
     libdir = CACHE / "lib"
     try:
@@ -74,8 +79,11 @@ def perf_analyzer() -> tuple[Path, dict[str, str]]:
         raise RuntimeError(f"fetching perf_analyzer ({WHEEL}, {CUDART}) failed: {exc}") from exc
     env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
         p for p in (str(libdir), os.environ.get("LD_LIBRARY_PATH", "")) if p))
-    missing = [line.split("=>")[0].strip() for line in subprocess.run(
-        ["ldd", str(binary)], capture_output=True, text=True, env=env).stdout.splitlines() if "not found" in line]
+    try:
+        linked = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"cannot check what perf_analyzer links (ldd): {exc}") from exc
+    missing = [line.split("=>")[0].strip() for line in linked.splitlines() if "not found" in line]
     if missing:
         hint = " (Debian: apt-get install libb64-0d)" if any("libb64" in m for m in missing) else ""
         raise RuntimeError(f"perf_analyzer cannot load {', '.join(missing)}{hint}")
@@ -100,7 +108,10 @@ def run_once(binary: Path, env: dict[str, str], address: str, model: str, data: 
            # 2-core machine often missed for Triton at concurrency 4.
            "--stability-percentage", "15", "--max-trials", "20",
            *(["--streaming"] if streaming else [])]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"perf_analyzer did not run against {address}: {exc}") from exc
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed against {address}: {(done.stdout + done.stderr)[-1500:]}")
     with out.open() as f:
@@ -158,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
             if why_not:
                 print(f"[bench_perf_analyzer] no Triton row: {why_not}", file=sys.stderr)
         results: dict[str, dict[int, list[dict[str, float]]]] = {s: {c: [] for c in concurrencies} for s in servers}
+        failed = 0
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for c in concurrencies:
                 for name in order:
-                    got = run_once(binary, env, servers[name], model, data, c, args.interval_ms, args.streaming,
-                                   tmp / "out.csv")
+                    try:
+                        got = run_once(binary, env, servers[name], model, data, c, args.interval_ms,
+                                       args.streaming, tmp / "out.csv")
+                    except RuntimeError as exc:  # one measurement lost (unstable, say), not the rest
+                        failed += 1
+                        print(f"[bench_perf_analyzer] round {r + 1} concurrency {c} {name}: no figure: {exc}",
+                              file=sys.stderr, flush=True)
+                        continue
                     results[name][c].append(got)
                     print(f"[bench_perf_analyzer] round {r + 1} concurrency {c} {name}: {got['fps']:.1f} fps, "
                           f"p50 {got['p50_ms']:.2f} ms, p99 {got['p99_ms']:.2f} ms", file=sys.stderr, flush=True)
@@ -171,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps({"streaming": args.streaming, "results": {
             name: {str(c): runs for c, runs in by_c.items()} for name, by_c in results.items()}}, indent=2))
-    return 0
+    if failed:
+        print(f"[bench_perf_analyzer] {failed} measurement(s) failed; the table has the rest", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _median(xs: list[float]) -> float:

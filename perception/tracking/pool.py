@@ -211,8 +211,10 @@ class TrackerPool:
         """A camera whose frames changed size: the same view at another resolution (the aspect
         within ``SAME_VIEW_ASPECT``) has its tracks scaled onto the new pixels; another view
         (a crop, another sensor mode) is a new scene, and its tracks are reset."""
-        old, entry.frame_size = entry.frame_size, size if size is not None else entry.frame_size
-        if size is None or old is None or size == old or min(*size, *old) <= 0:
+        if size is None or min(size) <= 0:  # not known: the last size stays the reference
+            return
+        old, entry.frame_size = entry.frame_size, size
+        if old is None or size == old:
             return
         sx, sy = size[0] / old[0], size[1] / old[1]
         if abs(sx / sy - 1.0) <= SAME_VIEW_ASPECT:
