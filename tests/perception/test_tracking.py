@@ -659,3 +659,13 @@ def test_a_camera_whose_frames_change_aspect_starts_over() -> None:
     assert set(after[0].track_ids.tolist()).isdisjoint(before[-1].track_ids.tolist())
     assert after[0].states == (TrackState.NEW, TrackState.NEW)
     assert len(pool.tracks("front")) == 2
+
+
+def test_a_frame_of_unknown_size_keeps_the_last_size_as_the_reference() -> None:
+    """A frame without a size (0 x 0) between two sizes used to become the reference, and the
+    real change after it was not seen: the tracks stayed in the old pixels."""
+    pool = TrackerPool()
+    before = _drive(pool, range(10), (1280, 720), 1.0)
+    _drive(pool, range(10, 11), (0, 0), 1.0)
+    after = _drive(pool, range(11, 16), (640, 360), 0.5)
+    assert all(r.track_ids.tolist() == before[-1].track_ids.tolist() for r in after)
