@@ -17,7 +17,7 @@ from perception.boxes import box_iou
 
 KINDS = (
     "outside_image", "zero_area", "duplicate", "unknown_class", "tiny_box", "huge_box",  # geometric
-    "non_finite", "class_conflict",  # geometric
+    "non_finite", "class_conflict", "shared_label_file",  # geometric
     "bad_box", "missing_label", "wrong_class", "no_object",  # model-assisted
 )
 # A box may poke out of the image by this much (rounding of the labelling tool).
@@ -59,8 +59,15 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
     """Boxes outside the image, zero / negative area, non-finite coordinates (NaN / inf: JSON
     and float() parse them, every comparison with NaN is false, and a training run refuses the
     file), duplicates, one object labelled under two classes (``class_conflict``: a near-
-    duplicate box of another class), unknown class ids, and implausibly tiny or huge boxes."""
+    duplicate box of another class), unknown class ids, implausibly tiny or huge boxes, and YOLO
+    images that share a label file (``shared_label_file``: a.jpg and a.png read labels/a.txt,
+    which training refuses)."""
     out: list[Issue] = []
+    for image, other, label_file in ls.shared_label_files:
+        iid, (_, image_w, image_h) = next((i, v) for i, v in ls.images.items() if v[0] == image)
+        out.append(Issue(image, iid, (0.0, 0.0, float(image_w), float(image_h)), "shared_label_file", 1.0,
+                         ref=label_file,
+                         detail=f"{other} reads the same label file: training refuses the set; rename one"))
     by_image: dict[int, list[int]] = {}
     for i, r in enumerate(ls.records):
         x1, y1, x2, y2 = r.box

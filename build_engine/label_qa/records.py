@@ -42,6 +42,9 @@ class LabelSet:
     images: dict[int, tuple[str, int, int]]  # image_id -> (relative file, width, height)
     records: list[LabelRecord]
     source: str  # "coco" or "yolo"
+    # YOLO images whose label file another image of the same name reads too (a.jpg and a.png:
+    # labels/a.txt): (the image, the other image, the label file), which training refuses.
+    shared_label_files: tuple[tuple[str, str, str], ...] = ()
 
 
 def _coco(root: Path) -> LabelSet:
@@ -93,10 +96,15 @@ def _yolo(root: Path) -> LabelSet:
     if not files:
         raise DataError(f"{root / 'images'}: no images")
     images, records = {}, []
+    first_of: dict[str, Path] = {}
+    shared: list[tuple[str, str, str]] = []
     for iid, f in enumerate(files, start=1):
         w, h = image_size(f)
         images[iid] = (f"images/{f.name}", w, h)
         lf = root / "labels" / f"{f.stem}.txt"
+        other = first_of.setdefault(f.stem, f)
+        if other is not f:
+            shared.append((f"images/{f.name}", f"images/{other.name}", f"labels/{lf.name}"))
         if not lf.is_file():
             continue
         for ln, line in enumerate(lf.read_text().splitlines(), start=1):
@@ -105,7 +113,7 @@ def _yolo(root: Path) -> LabelSet:
             c, cx, cy, bw, bh = parse_yolo_line(line, lf, ln)
             box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
             records.append(LabelRecord(iid, f"images/{f.name}", w, h, box, c, f"labels/{lf.name}:{ln}"))
-    return LabelSet(root, classes, images, records, "yolo")
+    return LabelSet(root, classes, images, records, "yolo", tuple(shared))
 
 
 def read_label_set(root: str | os.PathLike[str]) -> LabelSet:

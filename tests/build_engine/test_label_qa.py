@@ -43,6 +43,19 @@ def test_yolo_unknown_class_is_flagged_not_fatal(val_set, tmp_path) -> None:
     assert kinds == [("unknown_class", "labels/000001.txt:1"), ("zero_area", "labels/000001.txt:2")]
 
 
+def test_two_yolo_images_of_one_name_are_flagged(val_set, tmp_path) -> None:
+    """a.jpg and a.png read labels/a.txt (training refuses the set): flagged, not fatal here."""
+    import shutil
+
+    d = tmp_path / "y"
+    shutil.copytree(val_set, d)
+    (d / "annotations.json").unlink()
+    shutil.copy(d / "images" / "000001.jpg", d / "images" / "000001.png")
+    issues = [i for i in find_geometric_issues(read_label_set(d)) if i.kind == "shared_label_file"]
+    assert [(i.image, i.ref, i.score) for i in issues] == [("images/000001.png", "labels/000001.txt", 1.0)]
+    assert "images/000001.jpg reads the same label file" in issues[0].detail
+
+
 def test_lint_cli_json_and_table(val_set, tmp_path, capsys) -> None:
     from perception.cli import main
 
