@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from client.config import ClientConfig
-from perception.errors import ConfigError
+from perception.errors import ConfigError, NotReadyError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,13 @@ def channel_options(config: ClientConfig, host: str) -> list[tuple[str, Any]]:
     return opts
 
 
+def _log_lookup_failure(task: Any) -> None:
+    """An asyncio pool's lookup that failed: its error is raised to the callers that awaited it
+    (the first lookup); a refresh nobody awaited is logged, and tried again by the next call."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("resolving the server targets failed: %s", task.exception())
+
+
 class ChannelPool:
     """One channel per resolved server address; ``next()`` rotates through them.
 
@@ -141,6 +148,8 @@ class ChannelPool:
         self._resolved_at = time.monotonic()
         self._resolving = False
         self._retired: list[tuple[float, Endpoint]] = []  # (when, endpoint) left the rotation
+        self._lookup: Any = None  # an asyncio pool's lookup task (asyncio.Task), the last one
+        self._closed = False
 
     def _endpoint(self, address: str, host: str) -> Endpoint:
         mod: Any = grpc.aio if self._aio else grpc
@@ -159,22 +168,36 @@ class ChannelPool:
         return self._take()
 
     async def anext(self) -> Endpoint:
-        """``next`` for grpc.aio channels, on the event loop (see the class docstring)."""
+        """``next`` for grpc.aio channels, on the event loop (see the class docstring).
+
+        The lookup is a task of the pool's own, not of the caller: callers use the endpoints
+        they have while it runs (the first lookup, which has none yet, every caller awaits),
+        and a caller cancelled while waiting (a ``wait_for`` around a call, a stream closed)
+        does not cancel it. The caller's own await of the lookup used to be it: a cancelled
+        first lookup left the pool resolving for ever, and every later call waiting."""
         import asyncio
 
-        while True:
+        task = self._lookup
+        if task is None or task.done():
             with self._lock:
-                first = not self.endpoints  # the first lookup (or one that failed): every caller waits for it
-                due = not self._resolving and (first or time.monotonic() - self._resolved_at >= self._refresh_s)
-                self._resolving = self._resolving or due
+                due = not self.endpoints or time.monotonic() - self._resolved_at >= self._refresh_s
             if due:
-                wanted = await asyncio.to_thread(self._resolve)
-                for e in self._follow(wanted):  # aio channels are made (and closed) on the loop
-                    await e.channel.close()
-            elif first:
-                await asyncio.sleep(0.005)  # another caller's first lookup is under way
-                continue
-            return self._take()
+                task = self._lookup = asyncio.get_running_loop().create_task(self._refresh_aio())
+                task.add_done_callback(_log_lookup_failure)
+        if not self.endpoints and task is not None:
+            await asyncio.shield(task)  # raises the lookup's error, if it failed
+        if self._closed:
+            raise NotReadyError("the client was closed")
+        return self._take()
+
+    async def _refresh_aio(self) -> None:
+        import asyncio
+
+        wanted = await asyncio.to_thread(self._resolve)
+        if self._closed:  # aclose ran meanwhile: no channel is made for nobody to close
+            return
+        for e in self._follow(wanted):  # aio channels are made (and closed) on the loop
+            await e.channel.close()
 
     def _take(self) -> Endpoint:
         with self._lock:
@@ -224,6 +247,7 @@ class ChannelPool:
                 e.channel.close()
 
     async def aclose(self) -> None:
+        self._closed = True
         with self._lock:
             every = self.endpoints + [e for _, e in self._retired]
         for e in every:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -131,7 +131,8 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
             await pool.anext()
             first = pool.endpoints[0].channel
             for _ in range(50):
-                await pool.anext()
+                await pool.anext()  # starts a refresh and returns at once, on the endpoints it has
+                await pool._lookup  # the refresh, run to its end
             with pytest.raises(grpc.aio.UsageError):  # closed: a call on it fails at once
                 await first.unary_unary("/x/y")(b"", timeout=1)
             return len(pool.endpoints), len(pool._retired), threading.get_ident()
@@ -153,6 +154,45 @@ def test_the_asyncio_pool_closes_retired_channels_and_resolves_off_the_loop() ->
     threads.clear()
     got = asyncio.run(at_once())
     assert len(threads) == 1 and set(got) <= {"10.0.51.1:50051", "10.0.51.2:50051"} and len(got) == 3
+
+
+def test_a_caller_cancelled_during_the_asyncio_pools_first_lookup_does_not_stop_it() -> None:
+    """The caller's own await was the lookup: cancelled (a wait_for around a call on a slow DNS,
+    a stream closed), it left the pool resolving for ever with no endpoints, and every later
+    call waited for good. The lookup is the pool's: the next caller gets its endpoints. A pool
+    closed while its first lookup runs makes no channel, and says it is closed."""
+    import asyncio
+    import time as _time
+
+    from client.channels import ChannelPool
+    from client.config import ClientConfig
+    from perception.errors import NotReadyError
+
+    lookups: list[str] = []
+
+    def slow(host: str, port: int, type: int = 0) -> list:
+        lookups.append(host)
+        _time.sleep(0.3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.0.1", port))]
+
+    async def run() -> tuple[str, list[Any]]:
+        pool = ChannelPool(ClientConfig(targets=("svc:50051",)), aio=True, resolver=slow)
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(pool.anext(), 0.05)
+            endpoint = await asyncio.wait_for(pool.anext(), 5)
+        finally:
+            await pool.aclose()
+        closed = ChannelPool(ClientConfig(targets=("svc:50051",)), aio=True, resolver=slow)
+        waiting = asyncio.ensure_future(closed.anext())
+        await asyncio.sleep(0.05)
+        await closed.aclose()
+        with pytest.raises(NotReadyError, match="closed"):
+            await waiting
+        return endpoint.address, closed.endpoints
+
+    address, left = asyncio.run(run())
+    assert address == "svc:50051" and lookups == ["svc", "svc"] and left == []
 
 
 def test_request_carries_jpeg_as_is_and_raw_pixels() -> None:
