@@ -114,10 +114,13 @@ def run_once(binary: Path, env: dict[str, str], address: str, model: str, data: 
         raise RuntimeError(f"perf_analyzer did not run against {address}: {exc}") from exc
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed against {address}: {(done.stdout + done.stderr)[-1500:]}")
-    with out.open() as f:
-        row = next(csv.DictReader(f))
-    return {"fps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
-            "p99_ms": float(row["p99 latency"]) / 1000}
+    try:
+        with out.open() as f:
+            row = next(csv.DictReader(f))
+        return {"fps": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+                "p99_ms": float(row["p99 latency"]) / 1000}
+    except (OSError, StopIteration, KeyError, ValueError) as exc:
+        raise RuntimeError(f"perf_analyzer's report {out} is not what this bench reads: {exc!r}") from exc
 
 
 def main(argv: list[str] | None = None) -> int:

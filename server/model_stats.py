@@ -14,9 +14,9 @@ without a batch dimension, as ModelConfig describes this one, once):
 
 - ``success``: frames answered with detections, and their time in the server (arrival to answer);
 - ``fail``: frames decoded for the model and not answered with detections (dropped, expired,
-  failed, or their call ended first), and their time in the server. A frame refused before its
-  decode (undecodable, over capacity, answered stale) never reached the model and is not
-  counted; the Prometheus drop counters have every frame;
+  failed, refused after its decode, or their call ended first), and their time in the server.
+  A frame refused before its decode (undecodable, over capacity, answered stale) never reached
+  the model and is not counted; the Prometheus drop counters have every frame;
 - ``queue``, ``compute_input`` (decode + letterbox + normalise), ``compute_infer`` (the run of
   the batch the frame was in), ``compute_output`` (decoding the outputs + NMS): per successful
   frame;

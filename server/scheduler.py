@@ -147,10 +147,12 @@ class Scheduler:
         with self._cond:
             if key is not None and len(self._queues.get(key, ())) >= self.queue_size:
                 return
-            if self._pending + frames <= self._max_pending:
+            over = self._pending + frames - self._max_pending
+            if over <= 0:
                 return
-            if any(q and q[0].priority < priority for q in self._queues.values()):
-                return  # submit sheds a lower class's frame for it
+            # submit sheds a lower class's queued frame for each frame past capacity
+            if sum(1 for q in self._queues.values() for job in q if job.priority < priority) >= over:
+                return
             raise OverloadedError(f"server over capacity: {self._pending} frames queued "
                                   f"(max_pending {self._max_pending})")
 

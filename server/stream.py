@@ -205,7 +205,7 @@ class StreamSession:
             self._cancelled = True
             keys = list(self._keys)
             held = sum(n for waiting in self._inbox.values() for _, _, n in waiting)
-            unanswered = [task.camera_id for task in self._outbox]
+            unanswered = list(self._outbox)
             self._outbox.clear()
             self._inflight = 0
             self._inbox.clear()
@@ -213,8 +213,12 @@ class StreamSession:
         self._release(held)
         for key in keys:
             self._scheduler.close(key)
-        for camera_id in unanswered:  # counted received; the client left before their answers
-            self._metrics.frame_dropped(camera_id, "cancelled")
+        now = time.monotonic()
+        for task in unanswered:  # counted received; the client left before their answers
+            self._metrics.frame_dropped(task.camera_id, "cancelled")
+            stats = getattr(task.model, "stats", None)
+            if stats is not None and task.prepared is not None:  # decoded for the model: a failure there
+                stats.answered(False, now - task.received)
 
     # -- the send watchdog -----------------------------------------------------------------
 

@@ -505,6 +505,33 @@ def test_model_statistics_count_what_the_model_served(run, triton_python):
     assert unknown["status"] == "StatusCode.NOT_FOUND" and old["status"] == "StatusCode.NOT_FOUND"
 
 
+def test_a_stream_cancelled_with_frames_decoded_counts_them_failed(serve, monkeypatch):
+    """A StreamDetect call that ends with frames decoded and queued: they count as failures in
+    the model's statistics, as a Detect call's and a KServe request's do (they were not
+    counted at all)."""
+    from tests.server.test_service import _hold_the_engine
+
+    run = serve(kserve=True, inference_workers=1)
+    stats = run.server.models.current.stats
+    before = stats.snapshot().fail.count
+    release = _hold_the_engine(run, monkeypatch)
+    sent = threading.Event()
+
+    def frames() -> Iterator[pb.DetectRequest]:
+        yield request("front", 1, jpeg())
+        sent.set()
+        time.sleep(30)
+
+    call = run.stub.StreamDetect(frames(), timeout=30)
+    try:
+        assert sent.wait(10)
+        assert wait_for(lambda: run.server.scheduler.pending == 1, 10)  # decoded, queued behind the held run
+        call.cancel()
+        assert wait_for(lambda: stats.snapshot().fail.count == before + 1, 10)
+    finally:
+        release.set()
+
+
 def test_model_statistics_go_on_across_models_of_one_version(tiny_manifest):
     """Triton's clients take rates from two snapshots of one name and version: a degrade step
     (another variant of the version), a reload or a rollback loads another model object of the

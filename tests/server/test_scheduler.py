@@ -87,6 +87,21 @@ def test_check_room_says_what_submit_would_before_a_frame_is_decoded(backend):
     assert rec.results["a0"].status is JobStatus.SHED and s.pending == 2
 
 
+def test_check_room_for_several_frames_needs_a_lower_frame_to_shed_for_each(backend):
+    """Of a KServe request of 8 frames past capacity, each needs a frame of a lower class to shed
+    for it: one such frame let all 8 be decoded, then submit shed it and refused the second."""
+    rec = Recorder()
+    s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=4, max_pending=4)
+    s._accepting = True
+    for k, priority in enumerate((2, 2, 2, 0)):
+        s.submit(Job(f"q{k}", tensor(k), rec.cb(f"q{k}"), priority=priority))
+    with pytest.raises(OverloadedError, match="over capacity"):
+        s.check_room(8, priority=2)
+    with pytest.raises(OverloadedError):
+        s.check_room(2, priority=2)
+    s.check_room(1, priority=2)  # the one lower frame is shed for it
+
+
 def test_latest_frame_wins_and_overload_before_start(backend):
     rec = Recorder()
     s = Scheduler(backend.infer, max_batch=4, max_wait_s=0.0, queue_size=1, max_pending=2)
