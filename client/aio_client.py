@@ -191,7 +191,15 @@ class AsyncStreamSession(WindowCounters):
                 if generation is None:
                     return
                 self._cancelled_by_us = False
-            endpoint = await self._pool.anext()
+            try:
+                endpoint = await self._pool.anext()
+            except Exception as exc:  # the client was closed (or its first lookup failed): end the
+                # session, so that a sender waiting for room in the window raises instead of waiting for ever
+                async with self._cond:
+                    self._window.abort(PerceptionError(f"{self.name}: no server to stream to ({exc})"))
+                    self._window.end_connection()
+                    self._cond.notify_all()
+                raise
             self.address = endpoint.address
             stub = detector_pb2_grpc.DetectorStub(endpoint.channel)
             failure: PerceptionError | None = None

@@ -178,6 +178,8 @@ class ChannelPool:
         import asyncio
 
         task = self._lookup
+        if task is not None and task.get_loop() is not asyncio.get_running_loop():
+            task = None  # a lookup of a loop since closed (pending for ever): this loop makes its own
         if task is None or task.done():
             with self._lock:
                 due = not self.endpoints or time.monotonic() - self._resolved_at >= self._refresh_s

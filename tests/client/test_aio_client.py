@@ -123,3 +123,20 @@ def test_async_stream_reconnects_and_resends_when_the_server_restarts(tiny_manif
     assert session.reconnects >= 1, "the restart must actually have been crossed"
     assert got == list(range(24)), "every frame answered exactly once, in order"
     assert session.lost == [] and session.in_flight == 0
+
+
+def test_a_stream_of_a_closed_client_raises_instead_of_hanging_send(server: str) -> None:
+    """A client closed while a camera still sends: the session's connection attempt fails ("the
+    client was closed") and ends the session, so that a sender waiting for room raises. Outside
+    the session's error handling, it left the window open and send waited for ever."""
+    async def run() -> None:
+        client = AsyncDetectorClient(ClientConfig(targets=(server,), window=1))
+        await client.close()
+        session = client.stream(lambda frame, result: None, name="late")
+        with pytest.raises(PerceptionError, match="closed"):
+            for f in _frames(3, "late"):
+                await asyncio.wait_for(session.send(f), 10)
+        with pytest.raises(PerceptionError):
+            await session.close(timeout=5)
+
+    asyncio.run(run())

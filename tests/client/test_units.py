@@ -263,3 +263,36 @@ def test_status_strings_in_jsonl_summary_and_compare_are_unchanged() -> None:
         _ = drop_reason(results[0].status)
     diff = diff_frame(results[0], results[1]).as_dict()["status"]
     assert diff == {"a": "OK", "b": "DROPPED_STALE"} and all(type(v) is str for v in diff.values())
+
+
+def test_a_lookup_left_pending_by_a_closed_loop_does_not_break_the_asyncio_pool() -> None:
+    """A loop closed with the pool's lookup still pending (run_until_complete, then close):
+    every later anext on another loop awaited that task and failed ("attached to a different
+    loop"). The new loop makes its own lookup."""
+    import asyncio
+    import time as _time
+    import warnings
+
+    from client.channels import ChannelPool
+    from client.config import ClientConfig
+
+    def slow(host: str, port: int, type: int = 0) -> list:
+        _time.sleep(0.2)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.2.0.1", port))]
+
+    pool = ChannelPool(ClientConfig(targets=("svc:50051",)), aio=True, resolver=slow)
+    first = asyncio.new_event_loop()
+    waiting = first.create_task(pool.anext())
+    first.run_until_complete(asyncio.sleep(0.05))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.close()  # the lookup and its caller left pending
+    del waiting
+
+    async def again() -> str:
+        try:
+            return (await asyncio.wait_for(pool.anext(), 5)).address
+        finally:
+            await pool.aclose()
+
+    assert asyncio.run(again()) == "svc:50051"
