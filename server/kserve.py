@@ -306,7 +306,9 @@ class KServeService:
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
         try:  # over capacity: all refused before any is decoded, not after all were
-            scheduler.check_room(len(tasks), max(self._limits.priority_of(t.camera_id) for t in tasks))
+            # As its lowest class: only frames below that are shed for all of its frames (its
+            # higher ones could shed its own lower ones, failing the request all the same).
+            scheduler.check_room(len(tasks), min(self._limits.priority_of(t.camera_id) for t in tasks))
         except OverloadedError as exc:
             _answer_all(tasks, FrameStatus.OVERLOADED, str(exc), pipeline, self._metrics)
             raise

@@ -888,6 +888,39 @@ def test_over_capacity_a_frame_is_refused_before_it_is_decoded(serve, monkeypatc
     assert counter(run, "perception_frames_dropped_total", camera=camera, reason="overloaded") == frames
 
 
+def test_a_request_of_mixed_classes_over_capacity_is_refused_before_its_decodes(serve, monkeypatch):
+    """A KServe request whose frames are of two camera classes, past capacity: only frames below
+    its lowest class can be shed for all of its frames. Asked as its highest, it was let through,
+    both frames were decoded, and its lower frame was then refused (failing the request)."""
+    from server.scheduler import Job
+    from tests.server.test_service import _hold_the_engine
+
+    run = serve(kserve=True, inference_workers=1, max_pending=4,
+                camera_priorities=("crit=critical", "low=best_effort"))
+    release = _hold_the_engine(run, monkeypatch)
+    decodes: list[str] = []
+    prepare = FramePipeline.prepare
+
+    def counted(self: FramePipeline, frame: Any, *args: Any) -> Any:
+        decodes.append(frame.camera_id)
+        return prepare(self, frame, *args)
+
+    monkeypatch.setattr(FramePipeline, "prepare", counted)
+    for k in range(3):  # other clients' frames of the normal class
+        run.server.scheduler.submit(Job(f"filler{k}", None, lambda result: None, priority=1))
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([2])],
+                                raw_input_contents=[_prefixed(jpeg(seed=1), jpeg(seed=2))],
+                                parameters={"camera_id": kpb.InferParameter(string_param="crit,low")})
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            infer(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        release.set()
+    assert [c for c in decodes if c != "busy"] == []
+
+
 def test_typed_contents_are_accepted(run):
     data = jpeg(160, 120, seed=8)
     tensor = _bytes_input([1])
