@@ -248,7 +248,13 @@ class Degrader:
         model (a rollback too).
 
         The hooks of the host's changes are delivered one at a time, in order, so the gauge is
-        left as the last change set it."""
+        left as the last change set it.
+
+        The outcomes counted until now were the model before's, while the change loaded,
+        warmed up and verified this one: they are let go, so that the next window is this
+        model's. They used to make it: a degrade under load judged its new rung on the frames
+        the old one shed while it loaded, and was one overloaded window from the next."""
+        self.monitor.take()
         with self._lock:
             self._seen = model
             if cause == "load":

@@ -80,6 +80,28 @@ def test_degrades_under_sustained_load_and_recovers_with_hysteresis(serve: Any, 
     assert get("perception_model_degraded") == 0
 
 
+def test_the_first_window_after_a_move_is_the_new_rungs_own(serve: Any, tmp_path: Path) -> None:
+    """Frames the old rung shed while the move loaded its successor are not the new rung's: the
+    window after a degrade counted them, and the new rung was one overloaded window from the next."""
+    run = serve(model=str(two_rung_artifact(tmp_path / "art")), degrade="auto", degrade_window_s=3600.0)
+    deg = run.server.degrader
+    assert deg is not None
+    real = run.server.models._loader
+
+    def loading_under_load(path: str, variant: str) -> Any:
+        _overloaded(deg.monitor)  # the old rung sheds while the new one loads
+        return real(path, variant)
+
+    run.server.models._loader = loading_under_load
+    _overloaded(deg.monitor)
+    deg.step()
+    _overloaded(deg.monitor)
+    assert deg.step() == "degrade"
+    _calm(deg.monitor)  # the new rung keeps up
+    assert deg.step() == ""
+    assert (deg._hot, deg._calm) == (0, 1)
+
+
 def test_a_thermal_signal_drives_the_same_decision(serve: Any, tmp_path: Path) -> None:
     zone = tmp_path / "temp"
     zone.write_text("91000\n")
