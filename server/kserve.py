@@ -306,9 +306,9 @@ class KServeService:
         for task in tasks:
             self._metrics.frame_received(task.camera_id)
         try:  # over capacity: all refused before any is decoded, not after all were
-            # As its lowest class: only frames below that are shed for all of its frames (its
-            # higher ones could shed its own lower ones, failing the request all the same).
-            scheduler.check_room(len(tasks), min(self._limits.priority_of(t.camera_id) for t in tasks))
+            # Its frames' classes in the order _submit queues them: a frame past the room left
+            # sheds a lower one, which may be one of the request's own (failing it all the same).
+            scheduler.check_room(priorities=[self._limits.priority_of(t.camera_id) for t in tasks])
         except OverloadedError as exc:
             _answer_all(tasks, FrameStatus.OVERLOADED, str(exc), pipeline, self._metrics)
             raise

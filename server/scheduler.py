@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -138,20 +138,40 @@ class Scheduler:
 
     # -- producers -------------------------------------------------------------------------
 
-    def check_room(self, frames: int = 1, priority: int = 1, key: Hashable | None = None) -> None:
+    def check_room(self, frames: int = 1, priority: int = 1, key: Hashable | None = None,
+                   priorities: Sequence[int] = ()) -> None:
         """OverloadedError, as ``submit`` would raise it, if ``frames`` more frames of ``priority``
         would be refused now: checked before they are decoded, so that a server over capacity
         refuses them before it spends a decode on each (a KServe request of 8 frames decoded all
         8 first). No reservation: ``submit`` decides. ``key``: the queue a single frame would
-        join; a full one makes room by dropping its own oldest frame, so it always has room."""
+        join; a full one makes room by dropping its own oldest frame, so it always has room.
+        ``priorities``: the classes of several frames submitted in this order, each in a queue of
+        its own, all or none (a KServe request): instead of ``frames`` and ``priority``."""
+        classes = list(priorities) or [priority] * frames
         with self._cond:
             if key is not None and len(self._queues.get(key, ())) >= self.queue_size:
                 return
-            over = self._pending + frames - self._max_pending
-            if over <= 0:
+            room = self._max_pending - self._pending
+            if len(classes) <= room:
                 return
-            # submit sheds a lower class's queued frame for each frame past capacity
-            if sum(1 for q in self._queues.values() for job in q if job.priority < priority) >= over:
+            # As submit would go: the first frames take the room left, and each later one sheds
+            # the oldest queued frame of the lowest class below its own, maybe one of the
+            # request's own (which fails the request as surely as a refusal).
+            heads = [deque((job.priority, job.enqueued, False) for job in q) for q in self._queues.values() if q]
+            now = time.monotonic()
+            for i, cls in enumerate(classes):
+                if i < room:
+                    heads.append(deque([(cls, now + i * 1e-9, True)]))
+                    continue
+                lower = [q for q in heads if q and q[0][0] < cls]
+                if not lower:
+                    break
+                victim = min(lower, key=lambda q: q[0][:2])
+                if victim[0][2]:
+                    break
+                victim.popleft()
+                heads.append(deque([(cls, now + i * 1e-9, True)]))
+            else:
                 return
             raise OverloadedError(f"server over capacity: {self._pending} frames queued "
                                   f"(max_pending {self._max_pending})")
