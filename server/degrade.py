@@ -284,12 +284,14 @@ class Degrader:
         the one before it asked. A model swapped in whose change hook has not run yet (the hook
         resets the windows) is not moved either."""
         p = self.policy
+        with self._lock:  # the model this window is counted for, read before the window is taken:
+            seen = self._seen  # a change hook between the two discards what the window then holds
         frames, shed, p99, share = self.monitor.take()
         hot = self._thermal_hot()
         serving = self.host.state != "probation"  # the last move is through its probation
         cur = self.host.current
         with self._lock:
-            if cur is not self._seen:  # swapped, its hook not run yet: these windows are not its own
+            if cur is not self._seen or cur is not seen:  # swapped meanwhile: this window is not its own
                 return ""
             if self._moved is not None and serving:
                 if cur is self._moved:  # the last move held: back-offs start again from retry_s

@@ -102,6 +102,31 @@ def test_the_first_window_after_a_move_is_the_new_rungs_own(serve: Any, tmp_path
     assert (deg._hot, deg._calm) == (0, 1)
 
 
+def test_a_change_of_model_while_a_window_is_judged_leaves_that_window_uncounted(serve: Any, tmp_path: Path) -> None:
+    """An operator's load landing between the degrader taking its window and judging it: the
+    window (the old model's, overloaded) was counted for the model just loaded, one overloaded
+    window from degrading it."""
+    from perception.v1 import admin_pb2 as apb
+    from tests.server.test_lifecycle import TOKEN, admin
+
+    path = two_rung_artifact(tmp_path / "art")
+    run = serve(model=str(path), degrade="auto", degrade_window_s=3600.0, admin_port=0, admin_tokens=("adm1n",))
+    deg = run.server.degrader
+    assert deg is not None
+    judged = deg._thermal_hot  # read between taking the window and judging it
+
+    def load_meanwhile() -> bool:
+        deg._thermal_hot = judged
+        admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(path), variant="accurate"), metadata=TOKEN,
+                             timeout=30)
+        return judged()
+
+    deg._thermal_hot = load_meanwhile
+    _overloaded(deg.monitor)
+    assert deg.step() == ""
+    assert deg._hot == 0, "the old model's window was counted for the new one"
+
+
 def test_a_thermal_signal_drives_the_same_decision(serve: Any, tmp_path: Path) -> None:
     zone = tmp_path / "temp"
     zone.write_text("91000\n")
