@@ -149,6 +149,7 @@ class ChannelPool:
         self._resolving = False
         self._retired: list[tuple[float, Endpoint]] = []  # (when, endpoint) left the rotation
         self._lookup: Any = None  # an asyncio pool's lookup task (asyncio.Task), the last one
+        self._loop: Any = None  # the event loop an asyncio pool's channels and lookup belong to
         self._closed = False
 
     def _endpoint(self, address: str, host: str) -> Endpoint:
@@ -177,14 +178,20 @@ class ChannelPool:
         first lookup left the pool resolving for ever, and every later call waiting."""
         import asyncio
 
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            # Channels and a lookup of another loop (since closed: asyncio.run twice with one
+            # client): they can be neither used nor closed here, so this loop makes its own.
+            with self._lock:
+                self.endpoints, self._retired = [], []
+            self._lookup, self._loop = None, None
         task = self._lookup
-        if task is not None and task.get_loop() is not asyncio.get_running_loop():
-            task = None  # a lookup of a loop since closed (pending for ever): this loop makes its own
         if task is None or task.done():
             with self._lock:
                 due = not self.endpoints or time.monotonic() - self._resolved_at >= self._refresh_s
             if due:
-                task = self._lookup = asyncio.get_running_loop().create_task(self._refresh_aio())
+                self._loop = loop
+                task = self._lookup = loop.create_task(self._refresh_aio())
                 task.add_done_callback(_log_lookup_failure)
         if not self.endpoints and task is not None:
             await asyncio.shield(task)  # raises the lookup's error, if it failed

@@ -140,3 +140,18 @@ def test_a_stream_of_a_closed_client_raises_instead_of_hanging_send(server: str)
             await session.close(timeout=5)
 
     asyncio.run(run())
+
+
+def test_one_client_on_two_event_loops_in_turn(server: str) -> None:
+    """asyncio.run twice with one client: the second loop was handed the first loop's channels,
+    and every call failed ("Event loop is closed"). Each loop gets channels of its own."""
+    client = AsyncDetectorClient(ClientConfig(targets=(server,)))
+
+    async def detect() -> FrameStatus:
+        return (await client.detect(_frames(1, "left")[0])).status
+
+    try:
+        assert asyncio.run(detect()) is FrameStatus.OK
+        assert asyncio.run(detect()) is FrameStatus.OK
+    finally:
+        asyncio.run(client.close())
