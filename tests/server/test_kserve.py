@@ -845,6 +845,19 @@ def test_a_stream_cancelled_while_its_request_waits_counts_its_frame_dropped_onc
     assert not counter(run, "perception_frames_answered_total", camera="gone")
 
 
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The camera id of every frame the server decodes from now on (the real decode runs)."""
+    decodes: list[str] = []
+    prepare = FramePipeline.prepare
+
+    def counted(self: FramePipeline, frame: Any, *args: Any) -> Any:
+        decodes.append(frame.camera_id)
+        return prepare(self, frame, *args)
+
+    monkeypatch.setattr(FramePipeline, "prepare", counted)
+    return decodes
+
+
 @pytest.mark.parametrize("door", ["ModelInfer", "Detect", "StreamDetect"])
 def test_over_capacity_a_frame_is_refused_before_it_is_decoded(serve, monkeypatch, door):
     """A server at max_pending refuses a frame before decoding it: a KServe request of 8 frames
@@ -854,14 +867,7 @@ def test_over_capacity_a_frame_is_refused_before_it_is_decoded(serve, monkeypatc
 
     run = serve(kserve=True, inference_workers=1, max_pending=1)
     release = _hold_the_engine(run, monkeypatch)
-    decodes: list[str] = []
-    prepare = FramePipeline.prepare
-
-    def counted(self: FramePipeline, frame: Any, *args: Any) -> Any:
-        decodes.append(frame.camera_id)
-        return prepare(self, frame, *args)
-
-    monkeypatch.setattr(FramePipeline, "prepare", counted)
+    decodes = _count_decodes(monkeypatch)
     # The one frame max_pending allows, of a class no other frame may shed.
     run.server.scheduler.submit(Job("filler", None, lambda result: None, priority=2))
     try:
@@ -889,23 +895,16 @@ def test_over_capacity_a_frame_is_refused_before_it_is_decoded(serve, monkeypatc
 
 
 def test_a_request_of_mixed_classes_over_capacity_is_refused_before_its_decodes(serve, monkeypatch):
-    """A KServe request whose frames are of two camera classes, past capacity: only frames below
-    its lowest class can be shed for all of its frames. Asked as its highest, it was let through,
-    both frames were decoded, and its lower frame was then refused (failing the request)."""
+    """A KServe request whose frames are of two camera classes, past capacity, whose later,
+    lower frame has nothing to shed: refused before its decodes. Asked as its highest class, it
+    was let through, both frames were decoded, and its lower frame was then refused."""
     from server.scheduler import Job
     from tests.server.test_service import _hold_the_engine
 
     run = serve(kserve=True, inference_workers=1, max_pending=4,
                 camera_priorities=("crit=critical", "low=best_effort"))
     release = _hold_the_engine(run, monkeypatch)
-    decodes: list[str] = []
-    prepare = FramePipeline.prepare
-
-    def counted(self: FramePipeline, frame: Any, *args: Any) -> Any:
-        decodes.append(frame.camera_id)
-        return prepare(self, frame, *args)
-
-    monkeypatch.setattr(FramePipeline, "prepare", counted)
+    decodes = _count_decodes(monkeypatch)
     for k in range(3):  # other clients' frames of the normal class
         run.server.scheduler.submit(Job(f"filler{k}", None, lambda result: None, priority=1))
     infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
