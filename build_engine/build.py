@@ -6,13 +6,11 @@ at the very end, so a failed or interrupted build never leaves a half-written ar
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from build_engine.artifact_dir import replace_dir, staging_dir
+from build_engine.provenance import git_sha, library_versions
 from build_engine.thresholds import GateLimits, GateThresholds  # also build_cli's import of GateThresholds
-from perception.errors import ConfigError, ManifestError, ModelError
+from perception.errors import ConfigError, ModelError
 from perception.manifest import (
     Calibration,
     Manifest,
@@ -188,31 +188,6 @@ def max_batch_of(lm: LoadedModel, wanted: int) -> int:
     return min(wanted, int(fixed)) if fixed else wanted
 
 
-def git_sha() -> str:
-    """The commit of this code: ``PERCEPTION_GIT_SHA`` when set (an image or install built
-    without ``.git`` records it there), else ``git rev-parse HEAD``; "unknown" without either."""
-    env = os.environ.get("PERCEPTION_GIT_SHA", "")
-    if env and env != "unknown":
-        return env
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxslim", "torch-pruning", "numpy", "opencv-python-headless"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[dist] = md.version(dist)
-    return out
-
-
 def provenance(lm: LoadedModel, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "git_sha": git_sha(),
@@ -318,36 +293,6 @@ def export_fp32_artifact(checkpoint: Path, out_dir: Path) -> Path:
         provenance=provenance(lm),
     )
     return save_manifest(manifest, out_dir)
-
-
-def check_out_dir(path: Path) -> None:
-    """Refuse to build or import over something that is not a previous artifact (a checkpoint's
-    directory, a source tree): the new artifact replaces what is there."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").is_file())):
-        raise ManifestError(f"{path}: exists and is not an artifact directory (no manifest.json); choose another "
-                            "--out")
-
-
-def replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move a finished ``staging`` dir to ``out_dir``, replacing an old build there."""
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    old: Path | None = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def staging_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    d.chmod(0o755)  # mkdtemp makes 0700; the server may run as another user
-    return d
 
 
 Progress = Callable[[str], None]

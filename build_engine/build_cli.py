@@ -96,7 +96,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     import logging
 
-    from build_engine.build import check_out_dir, run_build
+    from build_engine.artifact_dir import check_out_dir
+    from build_engine.build import run_build
 
     check_out_dir(args.out)  # before minutes of work: --out models/default would have been replaced
 

@@ -300,8 +300,10 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
     ModelError / ManifestError in one line; ``opts.out`` is untouched on failure."""
     import onnx
 
-    from build_engine.build import library_versions, replace_dir, staging_dir, verification_record
+    from build_engine.artifact_dir import replace_dir, staging_dir
+    from build_engine.build import verification_record
     from build_engine.data.formats import read_classes
+    from build_engine.provenance import library_versions
 
     proto, size, batch = read_onnx(opts.onnx)
     if size is None and opts.input_size is None:
@@ -497,7 +499,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def check_manifest_dir(path: Path) -> None:
     """Refuse to import over something that is not a previous artifact."""
-    from build_engine.build import check_out_dir
+    from build_engine.artifact_dir import check_out_dir
 
     check_out_dir(path)
 

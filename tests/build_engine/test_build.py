@@ -419,7 +419,7 @@ def frame_size(frame) -> tuple[int, int]:
 def test_provenance_names_the_commit_an_image_was_built_from(monkeypatch) -> None:
     """An image or install without .git records its commit in PERCEPTION_GIT_SHA; the build's
     provenance said "unknown" there."""
-    from build_engine.build import git_sha
+    from build_engine.provenance import git_sha
 
     monkeypatch.setenv("PERCEPTION_GIT_SHA", "0123abcd")
     assert git_sha() == "0123abcd"
