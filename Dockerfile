@@ -35,8 +35,10 @@ FROM --platform=$BUILDPLATFORM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG CHECKPOINT_FILE=detector.pt
 # The pruned twin, built and gated beside it (its pruned_int8 is the shipped default variant,
-# as in `make demo`); --build-arg PRUNED_FILE= for a checkpoint that has none.
-ARG PRUNED_FILE=detector_pruned.pt
+# as in `make demo`). "auto": detector_pruned.pt when the checkpoint directory has one (the
+# shipped models/default/ does; a training run's directory does not), else none. A file named
+# here must exist; --build-arg PRUNED_FILE= builds without a twin.
+ARG PRUNED_FILE=auto
 ARG MODEL_NAME=default
 # Extra flags for `perception build`, e.g. --build-arg BUILD_FLAGS="--continue-on-fail".
 ARG BUILD_FLAGS=""
@@ -63,8 +65,12 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
     && python -m grpc_tools.protoc -Iproto/kserve --python_out=perception/v1 --pyi_out=perception/v1 \
         proto/kserve/grpc_predict_v2.proto proto/kserve/model_config.proto
 RUN --mount=type=bind,from=checkpoint,target=/checkpoint \
+    pruned="${PRUNED_FILE}"; \
+    if [ "${pruned}" = auto ]; then \
+        pruned=""; if [ -f /checkpoint/detector_pruned.pt ]; then pruned=detector_pruned.pt; fi; \
+    fi; \
     perception build --checkpoint "/checkpoint/${CHECKPOINT_FILE}" \
-        ${PRUNED_FILE:+--pruned "/checkpoint/${PRUNED_FILE}"} --name "${MODEL_NAME}" \
+        ${pruned:+--pruned "/checkpoint/${pruned}"} --name "${MODEL_NAME}" \
         --out /artifacts/default ${BUILD_FLAGS} \
     && test -f /artifacts/default/manifest.json
 

@@ -22,7 +22,7 @@ K8S = REPO_ROOT / "deploy" / "k8s"
 # and the newest schemas kubernetes-validate ships.
 VERSIONS = ("1.29.0", "latest")
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-APPLIED_SEPARATELY = {"prometheus-adapter-rules.yaml", "replay-job.yaml"}
+APPLIED_SEPARATELY = {"prometheus-adapter-rules.yaml", "replay-job.yaml", "replay-volumes.yaml"}
 
 
 def load_all() -> list[tuple[str, dict]]:
@@ -310,3 +310,15 @@ def test_job_replays_every_listed_drive_against_the_headless_service() -> None:
     line = " ".join(script[script.index("exec perception replay") :].replace("\\\n", " ").split())
     argv = shlex.split(line.split("exec ", 1)[1].replace('"${gt[@]}"', ""))
     parse_perception_argv([a.replace("$PERCEPTION_SERVER", env["PERCEPTION_SERVER"]) for a in argv])
+
+
+def test_job_volumes_are_claims_shipped_beside_it() -> None:
+    """Each claim the Job mounts is defined here (its pods stayed Pending on claims nothing made),
+    shareable by its parallel pods."""
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in _job()["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert sorted(claims) == ["recorded-drives", "replay-results"]
+    for name in claims:
+        pvc = find("PersistentVolumeClaim", name)
+        assert pvc["metadata"]["namespace"] == _job()["metadata"]["namespace"]
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]

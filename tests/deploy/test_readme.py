@@ -379,6 +379,7 @@ def check_path_argument(cmd: Command, argv: list[str], state: State) -> None:
 CHECKERS: dict[str, Callable[[Command, list[str], State], None]] = {
     "perception": check_perception,
     ".venv/bin/perception": check_perception,
+    "/opt/perception/venv/bin/perception": check_perception,  # the vehicle install (deploy/vehicle/install.sh)
     "docker": check_docker,
     "kubectl": check_kubectl,
     "systemctl": check_systemctl,
