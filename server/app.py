@@ -461,11 +461,6 @@ def create_server(
             managed.degrader = Degrader(managed.models, monitor, DegradePolicy(
                 window_s=config.degrade_window_s, p99_budget_ms=config.degrade_p99_budget_ms,
                 thermal_path=config.thermal_path, thermal_limit=config.thermal_limit), metrics)
-        if config.admin_port >= 0:
-            from server.admin import start_admin_server
-
-            managed.admin, managed.admin_port = start_admin_server(
-                managed.models, grpc_address(config.admin_host, config.admin_port), config.admin_tokens, metrics, creds)
         managed.reload = _reloader(settings, config.backends)
         health_hook.append(managed)
         service.attach(scheduler, convert.model_info(manifest, variant, backend.name, max_batch,
@@ -483,6 +478,14 @@ def create_server(
             trackers.load()
         scheduler.start()
         metrics.set_model_info(manifest, variant.name, backend.name)
+        if config.admin_port >= 0:
+            # Only now: a LoadModel taken during the warm-up above was served, then the line
+            # before wrote the first model's info over it; and a swap could free the first
+            # model while it was still warming up, failing the start.
+            from server.admin import start_admin_server
+
+            managed.admin, managed.admin_port = start_admin_server(
+                managed.models, grpc_address(config.admin_host, config.admin_port), config.admin_tokens, metrics, creds)
         if managed.degrader is not None:
             managed.degrader.start()
     except BaseException:

@@ -127,7 +127,8 @@ def test_hot_swap_under_load_loses_no_frame(serve: Any, arts: dict[str, Path]) -
     for t in threads:
         t.start()
     time.sleep(0.3)
-    status = admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30)
+    status = admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30,
+                                  wait_for_ready=True)  # past the reconnect backoff of the refused call
     swapped.set()
     for t in threads:
         t.join(60)
@@ -688,3 +689,48 @@ def test_a_port_in_use_fails_the_start_with_a_clear_error(serve: Any) -> None:
         serve(port=first.port)
     status = admin(first).GetModelStatus(apb.GetModelStatusRequest(), metadata=TOKEN, timeout=10)
     assert status.version == first.server.models.current.version
+
+
+def test_the_admin_service_takes_no_load_until_the_first_model_is_warm(
+        serve: Any, arts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin service started before the first model's warm-up: a LoadModel taken then was
+    served, and the start wrote the first model's info over it in the metrics (or, once its
+    drop grace ran out, freed the first model mid-warm-up and failed the start)."""
+    import socket
+
+    from server import app
+
+    with socket.socket() as s:  # a port to find the admin service at while the start runs
+        s.bind(("127.0.0.1", 0))
+        admin_port = s.getsockname()[1]
+    warming, go_on = threading.Event(), threading.Event()
+    real = app._warm_up
+    calls = itertools.count()
+
+    def first_held(*args: Any, **kw: Any) -> None:
+        if next(calls) == 0:  # the first model's warm-up; a load's own runs through
+            warming.set()
+            go_on.wait(30)
+        real(*args, **kw)
+
+    monkeypatch.setattr(app, "_warm_up", first_held)
+    started: list[Any] = []
+    starter = threading.Thread(target=lambda: started.append(
+        serve(model=str(arts["v1"]), admin_port=admin_port, admin_tokens=("adm1n",))))
+    starter.start()
+    try:
+        assert warming.wait(30)
+        stub = apb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{admin_port}"))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        go_on.set()
+        starter.join(60)
+    run = started[0]
+    assert run.server.models.current.manifest.version == "0.0.1"
+    status = admin(run).LoadModel(apb.LoadModelRequest(manifest_path=str(arts["v2"])), metadata=TOKEN, timeout=30,
+                                  wait_for_ready=True)  # past the reconnect backoff of the refused call
+    assert status.version == "0.0.2"
+    info_metric = [s for m in run.registry.collect() if m.name == "perception_model_info" for s in m.samples]
+    assert [s.labels["version"] for s in info_metric if s.value == 1.0] == ["0.0.2"]
