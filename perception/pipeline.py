@@ -15,6 +15,7 @@ torch: callers convert their inputs to the dataclasses below.
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,12 +124,18 @@ class Prepared:
     preprocess_s: float
 
 
-def load_priors(path: Path) -> NDArray[np.float32]:
-    """An SSD's prior boxes, (N, 4) float32 cx cy w h normalised; ManifestError if malformed."""
+def load_priors(path: Path, sha256: str = "") -> NDArray[np.float32]:
+    """An SSD's prior boxes, (N, 4) float32 cx cy w h normalised; ManifestError if malformed.
+
+    With ``sha256`` (the manifest's), loaded from bytes read once and checked against it: the
+    manifest's check hashed the file when it loaded, and a server loads the engine in between
+    (minutes for a TensorRT build), so reading the path again could load other priors."""
     from perception.errors import ManifestError
+    from perception.manifest.files import read_checked
 
     try:
-        priors = np.load(path, allow_pickle=False)
+        source: Path | io.BytesIO = io.BytesIO(read_checked(path, sha256, "priors")) if sha256 else path
+        priors = np.load(source, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{path}: cannot read prior boxes: {exc}") from exc
     if priors.ndim != 2 or priors.shape[1] != 4 or not np.all(np.isfinite(priors)):
@@ -136,8 +143,14 @@ def load_priors(path: Path) -> NDArray[np.float32]:
     return np.asarray(priors, np.float32)
 
 
-def file_frame(path: Path, sequence: int = 0, camera_id: str = "file") -> FrameInput:
-    """An image file as the server receives it from ``perception replay``: its encoded bytes."""
+def file_frame(path: Path, sequence: int = 0, camera_id: str = "file", sha256: str = "") -> FrameInput:
+    """An image file as the server receives it from ``perception replay``: its encoded bytes
+    (with ``sha256``, the bytes must have it: ManifestError otherwise)."""
+    if sha256:
+        from perception.manifest.files import read_checked
+
+        return FrameInput(camera_id=camera_id, sequence=sequence, capture_timestamp_ns=0,
+                          encoded=read_checked(Path(path), sha256, "verification frame"))
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -180,7 +193,8 @@ class FramePipeline:
     ) -> FramePipeline:
         priors = None
         if manifest.postprocess.priors is not None:
-            priors = load_priors(manifest.path_of(manifest.postprocess.priors.file))
+            ref = manifest.postprocess.priors
+            priors = load_priors(manifest.path_of(ref.file), ref.sha256)
         return cls(manifest.preprocess, manifest.postprocess, manifest.classes, reduced_decode, priors, limits)
 
     @property

@@ -29,9 +29,11 @@ def verify_before_swap(new: ServedModel, current: ServedModel, max_changed: floa
     ver = new.manifest.verification
     if ver is None or not ver.frames:
         log.warning("%s ships no verification frames: checked for latency only", new.describe())
-        frames: list[Path | None] = [None]
+        frames: list[tuple[Path, str] | None] = [None]
     else:
-        frames = [new.manifest.path_of(f.file) for f in ver.frames]
+        # Read and hashed again here, not only when the manifest loaded: the engine's load came
+        # in between, and the frames must be those the recorded detections were made on.
+        frames = [(new.manifest.path_of(f.file), f.sha256) for f in ver.frames]
     got, new_s = _run(new, frames)
     if ver is not None and ver.frames:
         expected = _expected(new)
@@ -76,7 +78,7 @@ def _expected(m: ServedModel) -> list[Detections] | None:
     return out
 
 
-def _run(m: ServedModel, frames: Sequence[Path | None]) -> tuple[list[Detections], float]:
+def _run(m: ServedModel, frames: Sequence[tuple[Path, str] | None]) -> tuple[list[Detections], float]:
     """Detections of each frame (deployed threshold) and the least-disturbed batch-1 inference time."""
     dets: list[Detections] = []
     times: list[float] = []
@@ -85,7 +87,7 @@ def _run(m: ServedModel, frames: Sequence[Path | None]) -> tuple[list[Detections
             x = np.zeros((1, 3, m.pipeline.spec.input_height, m.pipeline.spec.input_width), np.float32)
             prepared = None
         else:
-            prepared = m.pipeline.prepare(file_frame(f, i, "verify"), RequestOptions())
+            prepared = m.pipeline.prepare(file_frame(f[0], i, "verify", sha256=f[1]), RequestOptions())
             x = m.pipeline.to_batch([prepared.tensor])
         for _ in range(5):
             t0 = time.perf_counter()

@@ -3,15 +3,14 @@
 The manifest names every file of the artifact with its sha256 (and the server checks each one
 before loading it), so a signature over ``manifest.json`` covers the whole artifact: a device
 configured with the fleet's public key loads only artifacts the build host signed. The manifest
-is parsed from the bytes verified, and an onnxruntime model, a shipped TensorRT engine and the
-ONNX model TensorRT builds an engine from are loaded from the bytes hashed, so a file changed
-after its check is not what runs. Files read again by path after their check (an SSD family's
-priors, the verification frames, an ONNX model with external weights, which onnxruntime must
-open by path to find them) are bound only as far as the directory is not written between the
-two reads. Engines TensorRT builds on the device are cached outside the manifest (their file
-names encode the device and the source's hash): with a public key, keep that cache
-(``--engine-cache-dir``) where the artifact's deliverer cannot write, not in the artifact's
-``engines/`` directory, the default.
+is parsed from the bytes verified, and an onnxruntime model, a shipped TensorRT engine, the
+ONNX model TensorRT builds an engine from, an SSD family's priors and the verification frames
+are loaded from the bytes hashed, so a file changed after its check is not what runs. An ONNX
+model with external weights, which onnxruntime must open by path to find them, is bound only as
+far as the directory is not written between the check and the load. Engines TensorRT builds
+on the device are cached outside the manifest (their file names encode the device and the
+source's hash): with a public key, keep that cache (``--engine-cache-dir``) where the
+artifact's deliverer cannot write, not in the artifact's ``engines/`` directory, the default.
 ``manifest.json.sig`` holds the 64-byte signature, base64-encoded.
 """
 

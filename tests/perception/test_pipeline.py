@@ -88,3 +88,23 @@ def test_answer_is_the_best_valid_boxes_in_order(pipe_and_frame):
         np.testing.assert_array_equal(det.boxes, full.boxes[:k])
         np.testing.assert_array_equal(det.scores, full.scores[:k])
         np.testing.assert_array_equal(det.class_ids, full.class_ids[:k])
+
+
+def test_priors_are_the_bytes_the_manifest_hashed(tmp_path) -> None:
+    """The manifest's check hashed the priors file when it loaded; the pipeline read the path
+    again, after the engine's load (minutes for a TensorRT build), and used whatever it held."""
+    from perception.errors import ManifestError
+    from perception.manifest import Priors, sha256_file
+    from tests.tiny_model import make_tiny_artifact
+
+    d = tmp_path / "ssd"
+    m = load_manifest(make_tiny_artifact(d))
+    np.save(d / "priors.npy", np.tile(np.array([[0.5, 0.5, 0.2, 0.2]], np.float32), (6, 1)))
+    priors = Priors("priors.npy", sha256_file(d / "priors.npy"))
+    post = dataclasses.replace(m.postprocess, output_layout="ssd", priors=priors)
+    m = dataclasses.replace(m, postprocess=post)
+    loaded = FramePipeline.from_manifest(m).context.priors
+    assert loaded is not None and loaded[0].tolist() == pytest.approx([0.5, 0.5, 0.2, 0.2])
+    np.save(d / "priors.npy", np.tile(np.array([[0.1, 0.1, 0.9, 0.9]], np.float32), (6, 1)))  # replaced since
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        FramePipeline.from_manifest(m)

@@ -734,3 +734,24 @@ def test_the_admin_service_takes_no_load_until_the_first_model_is_warm(
     assert status.version == "0.0.2"
     info_metric = [s for m in run.registry.collect() if m.name == "perception_model_info" for s in m.samples]
     assert [s.labels["version"] for s in info_metric if s.value == 1.0] == ["0.0.2"]
+
+
+def test_a_verification_frame_replaced_while_the_model_loads_refuses_the_model(
+        serve: Any, arts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frames were hashed when the manifest loaded and read again by path after the engine's
+    load and warm-up: a frame replaced in between was checked against detections recorded on
+    another image."""
+    from perception.errors import PerceptionError
+    from server import app
+
+    run = serve(model=str(arts["v1"]))
+    real = app._warm_up
+
+    def replacing(*args: Any, **kw: Any) -> None:
+        (arts["v2"].parent / "verify" / "0.jpg").write_bytes(jpeg(160, 120, seed=7))
+        real(*args, **kw)
+
+    monkeypatch.setattr(app, "_warm_up", replacing)
+    with pytest.raises(PerceptionError, match="verification frame: 0.jpg does not match its sha256"):
+        run.server.models.load_and_swap(str(arts["v2"]))
+    assert run.server.models.current.version == "0.0.1"
