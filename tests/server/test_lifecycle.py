@@ -755,3 +755,43 @@ def test_a_verification_frame_replaced_while_the_model_loads_refuses_the_model(
     with pytest.raises(PerceptionError, match="verification frame: 0.jpg does not match its sha256"):
         run.server.models.load_and_swap(str(arts["v2"]))
     assert run.server.models.current.version == "0.0.1"
+
+
+def _nan_artifact(d: Path) -> Path:
+    """The tiny artifact with its one output multiplied by NaN: a model that computes nothing."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = make_tiny_artifact(d)
+    model = onnx.load(str(d / "model.fp32.onnx"))
+    out = model.graph.output[0]
+    raw = f"{out.name}_before_nan"
+    for node in model.graph.node:
+        node.output[:] = [raw if o == out.name else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    model.graph.node.append(helper.make_node("Mul", [raw, "nan"], [out.name]))
+    onnx.save(model, str(d / "model.fp32.onnx"))
+    m = load_manifest(path, verify_checksums=False)
+    variant = dataclasses.replace(m.variant(), sha256=sha256_file(d / "model.fp32.onnx"))
+    save_manifest(dataclasses.replace(m, version="0.0.9", variants=(variant,), root=d), d)
+    return path
+
+
+def test_a_model_that_computes_only_nan_is_refused_not_served(serve: Any, arts: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """Post-processing drops non-finite candidates: an all-NaN model was swapped in, answered
+    every frame OK with no detection, and kept through probation with health SERVING."""
+    from prometheus_client import CollectorRegistry
+
+    from perception.errors import PerceptionError
+    from server.app import create_server
+    from server.config import ServerConfig
+
+    nan = _nan_artifact(tmp_path / "nan")
+    run = serve(model=str(arts["v1"]))
+    with pytest.raises(PerceptionError, match="all NaN or infinite"):
+        run.server.models.load_and_swap(str(nan))
+    assert run.server.models.current.version == "0.0.1"
+    with pytest.raises(PerceptionError, match="all NaN or infinite"):  # nor does a server start with it
+        create_server(ServerConfig(model=str(nan), host="127.0.0.1", port=0, metrics_port=0, threads=1,
+                                   warmup_iters=1, grace_s=1.0), CollectorRegistry())
