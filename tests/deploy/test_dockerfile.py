@@ -5,7 +5,6 @@ test_runtime_recipe.py)."""
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -105,8 +104,8 @@ def _build_argv(dockerfile: Dockerfile, checkpoint_dir: Path, **build_args: str)
     env = {i.args.split("=", 1)[0]: i.args.split("=", 1)[1].strip('"') for i in build.of("ARG") if "=" in i.args}
     env.update(build_args)
     script = 'perception() { printf "%s\\n" "$@"; }; test() { :; }; ' + run.replace("\\\n", " ")
-    out = subprocess.run(["bash", "-o", "pipefail", "-c", script], env={**env, "CKPT": str(checkpoint_dir), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=True)
+    env.update(CKPT=str(checkpoint_dir), PATH="/usr/bin:/bin")
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env, capture_output=True, text=True, check=True)
     argv = out.stdout.splitlines()
     return ["perception", *(a.replace(str(checkpoint_dir), "/checkpoint") for a in argv)]
 
