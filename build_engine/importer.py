@@ -1,18 +1,19 @@
 """``perception import``: a detector trained elsewhere, as an artifact this project can serve.
 
-The ONNX model is checked (it loads, takes a float32 channel-first image of a known size, its
-outputs fit the declared layout and the class list, and one pad-coloured frame goes through it
-and the layout's decoder as the server would run it, then a batch of them: a model that runs
-one frame at a time only is recorded with max batch 1) and copied into a staging directory
-beside ``--out``. Without data,
-the artifact has the FP32 model only and says that nothing was measured. With labelled data
-(COCO or YOLO), the FP32 model must first find the labelled objects (mAP50 at least
-``--min-map50``): one that finds nothing is almost always read wrongly (layout, colour order,
-scale, normalised boxes, class order), and would otherwise pass, as FP16 and INT8 are judged
-against it. Then the same build steps as ``perception build`` follow: FP16 and calibrated INT8
-variants, every variant scored through the one frame pipeline with the project's KPI, timed
-round-robin, gated against FP32, and the fastest variant that passed becomes the default. The
-manifest is written once and the directory moved into place whole: a failure leaves nothing.
+The ONNX model is checked (``build_engine.onnx_inspect``: it loads, takes a float32
+channel-first image of a known size and a dynamic batch or 1, its outputs fit the declared
+layout and the class list, and one pad-coloured frame goes through it and the layout's decoder
+as the server would run it, giving boxes and scores that are not all NaN / Inf, then a batch
+of them: a model that runs one frame at a time only is recorded with max batch 1) and copied
+into a staging directory beside ``--out``. Without data, the artifact has the FP32 model
+only and says that nothing was measured. With labelled data (COCO or YOLO), the FP32 model
+must first find the labelled objects (mAP50 at least ``--min-map50``): one that finds nothing
+is almost always read wrongly (layout, colour order, scale, normalised boxes, class order),
+and would otherwise pass, as FP16 and INT8 are judged against it. Then the same build steps
+as ``perception build`` follow: FP16 and calibrated INT8 variants, every variant scored
+through the one frame pipeline with the project's KPI, timed round-robin, gated against FP32,
+and the fastest variant that passed becomes the default. The manifest is written once and the
+directory moved into place whole: a failure leaves nothing.
 """
 
 from __future__ import annotations
@@ -25,18 +26,17 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from build_engine.calibration import ImageCalibrationReader
 from build_engine.gate import ValSet, VariantEval, check_valset
+from build_engine.onnx_inspect import input_name, input_rank, probe_model, read_onnx
 from build_engine.thresholds import GateThresholds
 from perception.errors import ConfigError, DataError, ModelError
 from perception.layouts import DECODERS
-from perception.layouts.base import static_dim
 from perception.manifest import (
     Calibration,
     Manifest,
@@ -48,10 +48,6 @@ from perception.manifest import (
     save_manifest,
     sha256_file,
 )
-
-if TYPE_CHECKING:
-    from perception.pipeline import FramePipeline, Prepared
-    from server.runtime.base import Backend
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -104,140 +100,6 @@ class ImportOptions:
             raise ConfigError(f"--pad-value must be in 0..255, got {self.pad_value}")
         if not 0 <= self.min_map50 <= 1:
             raise ConfigError(f"--min-map50 must be in 0..1 (0 turns the check off), got {self.min_map50}")
-
-
-def read_onnx(path: Path) -> tuple[Any, tuple[int, int] | None, int | None]:
-    """(model proto, (width, height) of its image input if fixed, its fixed batch if any).
-    ModelError in one line if the file is not a usable ONNX model."""
-    import onnx
-
-    if not path.is_file():
-        raise ModelError(f"{path}: no such file")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and friends, untyped
-        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
-    plugins = tensorrt_only_ops(proto)
-    if plugins:
-        # onnxruntime (which checks, scores and serves imports) has no kernel for these: its own
-        # error ("Could not find an implementation for EfficientNMS_TRT") does not say what to do.
-        raise ModelError(f"{path}: the graph uses TensorRT plugin op(s) {plugins}, which only TensorRT can run (a "
-                         "TensorRT end-to-end export); re-export it with NMS built from standard ONNX ops "
-                         "(NonMaxSuppression; import as nms_detections) or without NMS (e.g. --layout yolov8)")
-    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    if len(inputs) != 1:
-        raise ModelError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}")
-    elem = inputs[0].type.tensor_type.elem_type
-    if elem not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.FLOAT):
-        # Every runtime here feeds float32: a half-precision input fails on the first frame.
-        raise ModelError(f"{path}: input {inputs[0].name!r} is {onnx.TensorProto.DataType.Name(elem).lower()}; the "
-                         "server feeds float32: re-export with a float32 input (e.g. Ultralytics without half=True); "
-                         "`perception import --data` builds and gates an FP16 variant itself")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) not in (3, 4) or (dims[-3] not in (3, None)):
-        raise ModelError(f"{path}: input {inputs[0].name!r} has shape {dims}; expected (B, 3, H, W) or (3, H, W)")
-    if dims[-3] is None and dims[-1] == 3:
-        # (1, H?, W?, 3): channel-last with a dynamic size, which the check above lets through.
-        raise ModelError(f"{path}: input {inputs[0].name!r} has shape {dims}, channel-last (NHWC); the server "
-                         "feeds (B, 3, H, W): re-export it channel-first")
-    h, w = dims[-2], dims[-1]
-    batch = dims[0] if len(dims) == 4 and dims[0] else None
-    return proto, ((int(w), int(h)) if h and w else None), batch
-
-
-def tensorrt_only_ops(proto: Any) -> list[str]:
-    """The distinct TensorRT plugin ops of the graph (``EfficientNMS_TRT``, ``BatchedNMS_TRT``,
-    ... or anything in a ``trt`` domain), which only TensorRT has kernels for."""
-    ops = {n.op_type for n in proto.graph.node
-           if n.op_type.endswith("_TRT") or n.domain.lower().startswith("trt")}
-    return sorted(ops)
-
-
-def input_rank(proto: Any) -> int:
-    """The rank of the model's one image input: 3 for a single-image export."""
-    inits = {i.name for i in proto.graph.initializer}
-    first = next(i for i in proto.graph.input if i.name not in inits)
-    return len(first.type.tensor_type.shape.dim)
-
-
-def input_name(proto: Any) -> str:
-    """The name of the model's one image input (``read_onnx`` checked there is one)."""
-    inits = {i.name for i in proto.graph.initializer}
-    return next(i.name for i in proto.graph.input if i.name not in inits)
-
-
-def probe_model(
-    path: Path, pre: PreprocessSpec, post: PostprocessSpec, classes: Sequence[str], root: Path,
-    dynamic_size: bool, max_batch: int,
-) -> tuple[dict[str, str], int]:
-    """Bind the model's outputs to its layout's roles (as the server's runtime reports them),
-    then run one pad-coloured frame of the chosen input size through the model and the
-    layout's decoder as the server would, then a batch of up to ``max_batch`` such frames;
-    return ({role: output name}, the max batch to record).
-
-    Without --data nothing else runs the model before a server does, and a server that loads
-    it starts healthy and then fails every frame: a half-precision or channel-last input, an
-    input size the network cannot take, prior boxes of another count than its boxes, outputs
-    the layout cannot decode. Each is refused here in one line (ModelError / ConfigError).
-    ``root``: the staging directory the priors file is in."""
-    from perception.layouts.ssd import implausible_outputs
-    from perception.pipeline import EVAL_REQUEST, FrameInput, FramePipeline, frame_outputs, load_priors
-    from server.runtime.factory import RuntimeSettings, open_backend
-
-    priors = load_priors(root / post.priors.file) if post.priors is not None else None
-    pipeline = FramePipeline(pre, post, classes, priors=priors)
-    backend = open_backend(path, RuntimeSettings(threads=1, max_batch=max_batch))
-    try:
-        roles = pipeline.bind_outputs(backend.outputs)
-        if priors is not None:
-            info = next(o for o in backend.outputs if o.name == roles["boxes"])
-            n = static_dim(info, -2)
-            if n is not None and n != len(priors):
-                raise ConfigError(f"--priors has {len(priors)} prior boxes, but the model's boxes output {info.name!r} "
-                                  f"{list(info.shape)} has {n}: pass the priors this model was trained with")
-        ok, png = cv2.imencode(".png", np.full((pre.input_height, pre.input_width, 3), pre.pad_value, np.uint8))
-        assert ok  # a small uint8 image always encodes
-        prepared = pipeline.prepare(FrameInput("import-probe", 0, 0, encoded=png.tobytes()), EVAL_REQUEST)
-        try:
-            out = frame_outputs(backend.infer(pipeline.to_batch([prepared.tensor])), 0)
-            pipeline.finish(out, prepared)
-        except (ModelError, ValueError, IndexError) as exc:
-            hint = (f" (is {pre.input_width}x{pre.input_height} a size it takes, e.g. a multiple of its stride?)"
-                    if dynamic_size else "")
-            raise ModelError(f"{path.name}: one {pre.input_width}x{pre.input_height} frame does not go through the "
-                             f"model and the {post.output_layout} decoder{hint}: {exc}") from exc
-        if post.output_layout == "ssd":
-            why = implausible_outputs({role: out[name] for role, name in roles.items()}, pipeline.context)
-            if why:
-                raise ModelError(f"{path.name}: its outputs on one frame do not read as the ssd layout: {why}")
-        return roles, _batch_that_runs(backend, pipeline, prepared, min(max_batch, backend.max_batch))
-    finally:
-        backend.deactivate()
-
-
-def _batch_that_runs(backend: Backend, pipeline: FramePipeline, prepared: Prepared, batch: int) -> int:
-    """``batch`` if that many copies of the probe frame go through the model and the decoder
-    frame by frame, else 1 (with a warning).
-
-    A graph can declare a dynamic batch and still run only at batch 1 (a reshape to a fixed
-    shape, an output without the batch's axis); recorded with the default max batch, a server
-    failed to start (its warm-up runs the max batch) or answered only the first frame of each
-    batch. With max batch 1 it serves the model one frame at a time."""
-    from perception.pipeline import frame_outputs
-
-    if batch <= 1:
-        return 1
-    try:
-        out = backend.infer(pipeline.to_batch([prepared.tensor] * batch))
-        for i in range(batch):
-            pipeline.finish(frame_outputs(out, i), prepared)
-    except (ModelError, ValueError, IndexError) as exc:
-        log.warning("the model declares a dynamic batch, but a batch of %d frames does not go through it and the %s "
-                    "decoder; recording max batch 1, so servers run it one frame at a time (re-export it with a "
-                    "working dynamic batch axis to batch frames): %s", batch, pipeline.postprocess.output_layout,
-                    str(exc).strip())
-        return 1
-    return batch
 
 
 def load_valset(data: Path, classes: tuple[str, ...], limit: int) -> ValSet:
@@ -328,7 +190,7 @@ def run_import(opts: ImportOptions, progress: Progress = lambda _: None) -> Path
         post = PostprocessSpec(output_layout=opts.layout, score_threshold=opts.score_threshold,
                                iou_threshold=opts.iou_threshold, max_detections=opts.max_detections,
                                outputs=dict(opts.outputs), priors=priors, class_offset=opts.class_offset)
-        roles, max_batch = probe_model(src, pre, post, classes, staging, dynamic_size=size is None,
+        roles, max_batch = probe_model(src, opts.onnx, pre, post, classes, staging, dynamic_size=size is None,
                                        max_batch=min(opts.max_batch, batch or opts.max_batch))
         progress(f"outputs bound as {opts.layout}: " + ", ".join(f"{r}={n}" for r, n in roles.items()))
         # -1 where the ONNX leaves an axis dynamic: a TensorRT engine of this file is built for
@@ -504,4 +366,4 @@ def check_manifest_dir(path: Path) -> None:
     check_out_dir(path)
 
 
-__all__ = ["ImportOptions", "check_manifest_dir", "load_valset", "parse_size", "read_onnx", "run_import"]
+__all__ = ["ImportOptions", "check_manifest_dir", "load_valset", "parse_size", "run_import"]

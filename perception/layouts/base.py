@@ -52,6 +52,13 @@ class LayoutDecoder(Protocol):
         pre-NMS top-k (or, for a post-NMS layout, the final detections before mapping back)."""
         ...
 
+    def parts(self, outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+        """One image's outputs as what they hold: {"boxes" / "scores" / ...: (the role read
+        from, its values)}, only the values the decoder reads. A check of the values (the
+        import refuses boxes that are all NaN) speaks of boxes, not of the one tensor that
+        holds boxes and scores together; the shapes are the decoder's (``candidates`` ran)."""
+        ...
+
 
 def bind_single(layout: str, outputs: Sequence[TensorInfo], mapping: Mapping[str, str], role: str) -> dict[str, str]:
     """Bind a one-output layout: the mapped name, the only output, or a refusal."""
@@ -110,17 +117,27 @@ def find_output(
     taken: set[str],
 ) -> TensorInfo | None:
     """The output playing ``role``: the explicitly mapped one, else the first of the family's
-    usual ``names`` present (case-insensitive), else None (the caller matches by shape)."""
+    usual ``names`` present, spelt exactly or else in another case, else None (the caller
+    matches by shape). Outputs that differ only in case (``output0`` and ``OUTPUT0``: a head
+    and an auxiliary output) used to be folded into one name, the later silently winning: the
+    exact spelling wins now, and several other-case matches are refused."""
     by_name = {o.name: o for o in outputs}
     if role in mapping:
         if mapping[role] not in by_name:
             raise ModelError(f"layout {layout}: output {mapping[role]!r} mapped to {role!r} is not one of "
                              f"{list(by_name)}")
         return by_name[mapping[role]]
-    lower = {o.name.lower(): o for o in outputs if o.name not in taken}
+    free = [o for o in outputs if o.name not in taken]
     for n in names:
-        if n.lower() in lower:
-            return lower[n.lower()]
+        exact = [o for o in free if o.name == n]
+        if exact:
+            return exact[0]
+        folded = [o for o in free if o.name.lower() == n.lower()]
+        if len(folded) > 1:
+            raise ModelError(f"layout {layout}: outputs {[o.name for o in folded]} differ only in case, and "
+                             f"none is spelt {n!r}: map the one that is {role!r} explicitly ({role}=NAME)")
+        if folded:
+            return folded[0]
     return None
 
 

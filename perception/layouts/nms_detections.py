@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from perception.errors import ModelError
 from perception.layouts.base import DecodeContext, RoleArrays, TensorInfo, describe, find_output, static_dim
@@ -92,9 +93,7 @@ class NmsDetections:
         if boxes.ndim != 2 or boxes.shape[1] != 4 or not scores.shape[0] == boxes.shape[0] == classes.shape[0]:
             raise ModelError(f"layout {self.name}: expected one image's boxes (K, 4), scores (K,) and classes (K,), "
                              f"got {boxes.shape}, {scores.shape} and {classes.shape}")
-        n = boxes.shape[0]
-        if "num_dets" in outputs:
-            n = max(0, min(n, int(np.asarray(outputs["num_dets"]).reshape(-1)[0])))
+        n = _counted(outputs, boxes.shape[0])
         offset = ctx.class_offset if ctx is not None else 0
         cls = np.rint(classes[:n]).astype(np.int64) - offset
         in_range = (cls >= 0) & (cls < num_classes)
@@ -108,6 +107,18 @@ class NmsDetections:
         if idx.size == 0:
             return Detections.empty()
         return Detections(boxes[idx], scores[idx], cls[idx])
+
+    def parts(self, outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+        # The rows past num_dets are padding, whatever they hold: never read, never judged.
+        n = _counted(outputs, np.asarray(outputs["boxes"]).shape[0])
+        return {role: (role, np.asarray(outputs[role])[:n]) for role in ("boxes", "scores", "classes")}
+
+
+def _counted(outputs: RoleArrays, rows: int) -> int:
+    """How many of one image's ``rows`` are detections: ``num_dets`` of them, else all."""
+    if "num_dets" not in outputs:
+        return rows
+    return max(0, min(rows, int(np.asarray(outputs["num_dets"]).reshape(-1)[0])))
 
 
 def _tell_out_of_range(class_id: int, num_classes: int, offset: int) -> None:

@@ -95,6 +95,9 @@ class Ssd:
         scale = np.array([ctx.input_width, ctx.input_height, ctx.input_width, ctx.input_height], np.float32)
         return top_candidates(boxes[anchor] * scale, cls[anchor, cls_id], cls_id, options)
 
+    def parts(self, outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+        return {role: (role, np.asarray(outputs[role])) for role in self.roles}
+
 
 def implausible_outputs(outputs: RoleArrays, ctx: DecodeContext) -> str:
     """Why one frame's SSD outputs do not read as this layout says (empty if they do).

@@ -40,6 +40,16 @@ class YoloObj:
             raise ModelError(f"layout {self.name}: expected one image's output (N, {5 + num_classes}), got {out.shape}")
         return objectness_candidates(out, out[:, :4], options)
 
+    def parts(self, outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+        return objectness_parts(outputs)
+
+
+def objectness_parts(outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+    """What an objectness head's one-image output ``(N, 5 + C)`` holds, column by column."""
+    out = np.asarray(outputs["predictions"])
+    return {"boxes": ("predictions", out[:, :4]), "objectness": ("predictions", out[:, 4]),
+            "scores": ("predictions", out[:, 5:])}
+
 
 def objectness_candidates(
     out: NDArray[np.floating], boxes_xyxy: NDArray[np.floating], options: PostprocessOptions

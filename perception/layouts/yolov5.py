@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from perception.boxes import cxcywh_to_xyxy
 from perception.errors import ModelError
 from perception.layouts.base import DecodeContext, RoleArrays, TensorInfo, bind_one_rank3
-from perception.layouts.yolo_obj import objectness_candidates
+from perception.layouts.yolo_obj import objectness_candidates, objectness_parts
 from perception.options import PostprocessOptions
 from perception.types import Detections
 
@@ -37,3 +38,6 @@ class YoloV5:
         if out.ndim != 2 or out.shape[1] != 5 + num_classes:
             raise ModelError(f"layout {self.name}: expected one image's output (N, {5 + num_classes}), got {out.shape}")
         return objectness_candidates(out, cxcywh_to_xyxy(out[:, :4]), options)
+
+    def parts(self, outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+        return objectness_parts(outputs)

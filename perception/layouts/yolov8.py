@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from perception.boxes import cxcywh_to_xyxy
 from perception.errors import ModelError
@@ -46,3 +47,7 @@ class YoloV8:
         if idx.size == 0:
             return Detections.empty()
         return top_candidates(cxcywh_to_xyxy(out[:4, idx].T), scores[idx], cls_id[idx], options)
+
+    def parts(self, outputs: RoleArrays) -> dict[str, tuple[str, NDArray[np.generic]]]:
+        out = np.asarray(outputs["predictions"])
+        return {"boxes": ("predictions", out[:4]), "scores": ("predictions", out[4:])}

@@ -533,6 +533,32 @@ REFUSED: dict[str, tuple[Any, str, list[str], str]] = {
     "class_offset_not_nms": (lambda p: export("yolov5", p), "yolov5", ["--class-offset", "1"],
                              "--class-offset only applies to --layout nms_detections"),
     "pad_value": (lambda p: export("yolov8", p), "yolov8", ["--pad-value", "300"], "--pad-value must be in 0..255"),
+    # A model whose boxes or scores are NaN / Inf throughout used to import (exit 0) and serve
+    # nothing, or NaN boxes, to every frame.
+    "all_nan": (lambda p: _constant_yolov8(p, planted=_planted(np.s_[:])), "yolov8", [],
+                "all_nan.onnx: every value of its boxes (output 'output0') and scores (output 'output0') is NaN/Inf "
+                f"on one {W}x{H} frame"),
+    "nan_boxes": (lambda p: _constant_yolov8(p, planted=_planted(np.s_[:4])), "yolov8", [],
+                  "every value of its boxes (output 'output0') is NaN/Inf"),
+    "inf_scores": (lambda p: _constant_yolov8(p, planted=_planted(np.s_[4:], np.inf)), "yolov8", [],
+                   "every value of its scores (output 'output0') is NaN/Inf"),
+    # A fixed batch of 16 used to import as max batch 8, every run then computing 16 frames.
+    "fixed_batch": (lambda p: _edited(p, _fixed_batch(16)), "yolov8", [],
+                    "fixed_batch.onnx: input 'images' has a fixed batch of 16 ([16, 3, 256, 320]): every run would "
+                    "compute 16 frames however few are sent"),
+    # onnxruntime's refusals used to name the staging copy (deleted by then), not the user's file.
+    "ir_too_new": (lambda p: _edited(p, lambda m: setattr(m, "ir_version", 99)), "yolov8", [],
+                   "ir_too_new.onnx: onnxruntime cannot load it: Unsupported model IR version: 99"),
+    "opset_too_new": (lambda p: _edited(p, lambda m: setattr(m.opset_import[0], "version", 99)), "yolov8", [],
+                      "opset_too_new.onnx: onnxruntime cannot load it: ONNX Runtime only *guarantees*"),
+    "no_opset": (lambda p: _edited(p, lambda m: m.ClearField("opset_import")), "yolov8", [],
+                 "no_opset.onnx: onnxruntime cannot load it: Missing opset in the model."),
+    "custom_op": (lambda p: _edited(p, _custom_op), "yolov8", [],
+                  "custom_op.onnx: onnxruntime cannot load it: Fatal error: com.example:Frobnicate(-1) is not a "
+                  "registered function/op"),
+    # protobuf reads an empty file as an empty model: it "had no image input" ([]).
+    "empty_file": (lambda p: (p.write_bytes(b""), p)[1], "yolov8", [], "empty_file.onnx: not an ONNX model (the file "
+                   "is empty)"),
 }
 
 
@@ -555,6 +581,84 @@ def test_import_without_data_refuses_what_the_server_could_not_serve(
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+    assert ".building-" not in err and "model.fp32.onnx" not in err, err  # the staging copy is no name to give
+
+
+def _planted(where: Any, value: float = np.nan) -> np.ndarray:
+    """The planted yolov8 output (1, 7, 5) with ``value`` at ``where`` of its one image."""
+    out = yolov8_model().outs[0].detach().numpy().copy()
+    out[0][where] = value
+    return out
+
+
+def _edited(path: Path, edit: Any) -> Path:
+    """The constant yolov8 graph, its ModelProto changed by ``edit`` before it is saved."""
+    import onnx
+
+    model = onnx.load(str(_constant_yolov8(path)))
+    edit(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _fixed_batch(batch: int) -> Any:
+    def edit(model: Any) -> None:
+        for value in (model.graph.input[0], model.graph.output[0]):
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    return edit
+
+
+def _custom_op(model: Any) -> None:
+    """An op of a domain onnxruntime has no kernel for, as a second output."""
+    from onnx import TensorProto, helper
+
+    model.graph.node.append(helper.make_node("Frobnicate", ["mean"], ["fx"], domain="com.example"))
+    model.graph.output.append(helper.make_tensor_value_info("fx", TensorProto.FLOAT, None))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+
+
+def test_import_warns_of_outputs_partly_nan(work: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Some NaN among the values (a decoy candidate's box) imports, warning how many: the rest
+    may well be read; it used to pass without a word."""
+    onnx_path = _constant_yolov8(tmp_path / "m.onnx", planted=_planted(np.s_[:4, 0]))
+    assert cli(["import", "--onnx", str(onnx_path), "--layout", "yolov8", "--classes", str(work / "classes.txt"),
+                "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "NaN/Inf" in r.getMessage()]
+    assert warned == [f"{onnx_path}: 4 of the 20 values of its boxes (output 'output0') are NaN/Inf on one {W}x{H} "
+                      "frame: the detections read from them will be missing or wrong"], warned
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_a_dimension_written_as_minus_one_or_zero_is_dynamic(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], dim: int
+) -> None:
+    """Exporters write a dynamic axis as dim_value -1 (Paddle2ONNX, tf2onnx) or 0: a batch of -1
+    was recorded as max batch 1 in silence, a height / width of -1 refused with no way forward
+    ("input_width must be in 1..8192, got -1"), and of 0 run as a literal 0 by onnxruntime. Each
+    is dynamic now: the batch is tried at 8, and the size taken from --input-size."""
+    import onnx
+
+    def batch(model: Any) -> None:
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = dim
+
+    def size(model: Any) -> None:
+        for axis in (2, 3):
+            model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = dim
+
+    base = ["import", "--layout", "yolov8", "--classes", str(work / "classes.txt"), "--no-progress"]
+    assert cli([*base, "--onnx", str(_edited(tmp_path / "batch.onnx", batch)), "--out", str(tmp_path / "b")]) == 0
+    v = load_manifest(tmp_path / "b").variant()
+    assert (v.max_batch, tuple(v.input_shape)) == (8, (-1, 3, H, W))
+    sized = _edited(tmp_path / "size.onnx", size)
+    capsys.readouterr()
+    assert cli([*base, "--onnx", str(sized), "--out", str(tmp_path / "never")]) == 1
+    assert capsys.readouterr().err.strip() == (f"perception import: error: {sized}: the input height/width are "
+                                               "dynamic; pass --input-size WxH")
+    assert cli([*base, "--onnx", str(sized), "--out", str(tmp_path / "s"), "--input-size", f"{W}x{H}"]) == 0
+    v = load_manifest(tmp_path / "s").variant()
+    assert tuple(v.input_shape) == (-1, 3, -1, -1)
+    shipped = onnx.load(str(tmp_path / "s" / v.file)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_param") for d in shipped] == [True, False, True, True]  # no literal 0 or -1 left
 
 
 @pytest.mark.parametrize("extra", [[], ["--pad-value", "0"]])
@@ -576,15 +680,17 @@ def test_the_counterparts_of_the_refused_import_and_serve(work: Path, tmp_path: 
                                                                                      m.preprocess.input_width))
 
 
-def _constant_yolov8(path: Path, boxes_normalised: bool = False, batch_one_only: bool = False) -> Path:
+def _constant_yolov8(path: Path, boxes_normalised: bool = False, batch_one_only: bool = False,
+                     planted: np.ndarray | None = None) -> Path:
     """A yolov8 graph, written with onnx.helper, that outputs the planted truck (in pixels, or
-    with ``boxes_normalised`` as fractions of the input: a common export mistake) plus 0 x each
-    image's mean, over a dynamic batch axis. With ``batch_one_only`` the per-image means are
-    reshaped to [1, 1, 1], as a graph traced with a fixed batch does: it runs at batch 1 only."""
+    with ``boxes_normalised`` as fractions of the input: a common export mistake; or the
+    ``planted`` (1, 7, 5) values) plus 0 x each image's mean, over a dynamic batch axis. With
+    ``batch_one_only`` the per-image means are reshaped to [1, 1, 1], as a graph traced with a
+    fixed batch does: it runs at batch 1 only."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    out = yolov8_model().outs[0].detach().numpy().copy()
+    out = yolov8_model().outs[0].detach().numpy().copy() if planted is None else planted
     if boxes_normalised:
         out[0, :4] /= np.array([W, H, W, H], np.float32)[:, None]
     inits = [numpy_helper.from_array(out, "planted"), numpy_helper.from_array(np.array(0, np.float32), "zero"),
