@@ -42,7 +42,7 @@ from client.config import BackoffConfig
 from client.convert import RequestOptions
 from client.detector_client import DetectorClient
 from client.errors import TOO_LARGE_HINT
-from client.frames import FrameResult, SourceFrame
+from client.frames import FrameResult, FrameStatus, SourceFrame
 from client.latest_frame import LatestFrame
 from client.live_capture import Camera, Grab
 from client.message_limit import MessageLimit
@@ -158,6 +158,8 @@ class CameraWorker:
         self._replaced_log = RepeatedLog()
         self._too_large_log = RepeatedLog()
         self._failed_log = RepeatedLog()
+        self._answer_log = RepeatedLog()  # answers other than OK
+        self._answer_log_lock = threading.Lock()
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
         # Between replacement streams that got no answer (a server refusing every stream: a
         # wrong token, a full server), so that the node does not open one per frame.
@@ -362,11 +364,24 @@ class CameraWorker:
 
     def _on_result(self, frame: SourceFrame, result: FrameResult) -> None:
         self.stats.answer(result.status, result.latency_ms)
+        if result.status is not FrameStatus.OK:
+            self._not_ok(result)
         try:
             if self._on_answer is not None:
                 self._on_answer(frame, result)
         finally:
             self._slot.poke()  # the window has room again
+
+    def _not_ok(self, result: FrameResult) -> None:
+        """An answer other than OK: why, in the stats' note and the log, once per REPEAT_LOG_S
+        for a status that recurs (a camera whose every frame the server refuses)."""
+        with self._answer_log_lock:  # a retired session's receiver may still be delivering
+            again = self._answer_log.due(result.status.value)  # by status: messages name the frame
+        if again is None:
+            return
+        why = f"frame {result.sequence} answered {result.status.value}: {result.message or '(no message)'}"
+        self.stats.note(why)
+        log.warning("%s: %s%s", self.camera_id, why, again)
 
     def _new_session(self) -> StreamSession:
         session = self._client.stream(self._on_result, self._config.options, name=self.camera_id)

@@ -21,26 +21,25 @@ def evaluate_replay(
     score_threshold: float = 0.25,
     file_names: dict[tuple[str, int], str] | None = None,
 ) -> dict[str, Any]:
-    """KPI dict (map50_95, map50, precision, recall, ...) plus how the frames matched."""
+    """KPI dict (map50_95, map50, precision, recall, ...) plus how the frames matched and what
+    was left out: frames_without_gt, gt_images_not_replayed, unknown_class_detections (of a class
+    the ground truth has no category for) and classes_matched_by ("name" or "class id").
+    DataError when no frame or two frames match one image, or a frame is not its image's size."""
     from perception.kpi import evaluate_coco
 
-    file_names = file_names or {}
-    preds, unmatched = coco_predictions(results, gt, file_names)
-    seen: set[int] = set()
+    preds = coco_predictions(results, gt, file_names)
+    seen = set(preds.image_ids.values())
     other_size: list[str] = []
     for r in results:
-        if r.status is not FrameStatus.OK:
+        iid = preds.image_ids.get((r.camera_id, r.sequence))
+        if r.status is not FrameStatus.OK or iid is None:
             continue
-        fname = file_names.get((r.camera_id, r.sequence)) or str(r.extra.get("file_name", ""))
-        iid = gt.image_id(r.camera_id, r.sequence, fname)
-        if iid is not None:
-            seen.add(iid)
-            image = gt.dataset.images[iid]
-            # (0: a saved record that does not say its size)
-            if r.image_width > 0 and r.image_height > 0 and (r.image_width, r.image_height) != (image.width,
-                                                                                                image.height):
-                other_size.append(f"{r.camera_id}/{r.sequence}: {r.image_width}x{r.image_height} answered, "
-                                  f"{image.width}x{image.height} in the ground truth ({image.file_name})")
+        image = gt.dataset.images[iid]
+        # (0: a saved record that does not say its size)
+        if r.image_width > 0 and r.image_height > 0 and (r.image_width, r.image_height) != (image.width,
+                                                                                            image.height):
+            other_size.append(f"{r.camera_id}/{r.sequence}: {r.image_width}x{r.image_height} answered, "
+                              f"{image.width}x{image.height} in the ground truth ({image.file_name})")
     if other_size:
         # Boxes come back in the frame's pixels: scored against another size they are scored in
         # the wrong place, and the KPI would be near 0 with nothing to say why.
@@ -58,11 +57,13 @@ def evaluate_replay(
         "images": [im for im in raw["images"] if im["id"] in seen],
         "annotations": [a for a in raw.get("annotations", []) if a.get("image_id") in seen],
     }
-    report = evaluate_coco(subset, preds, score_threshold)
+    report = evaluate_coco(subset, preds.records, score_threshold)
     out = report.to_dict(curves=False)
     out.update(
         frames_evaluated=len(seen),
-        frames_without_gt=unmatched,
+        frames_without_gt=preds.frames_without_gt,
         gt_images_not_replayed=len(gt.dataset.images) - len(seen),
+        unknown_class_detections=preds.unknown_class_detections,
+        classes_matched_by=preds.classes_matched_by,
     )
     return out

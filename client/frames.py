@@ -45,8 +45,10 @@ class SourceFrame:
     shared-memory ring, for a server on the same host) is set.
     ``sequence`` is the index of the frame in its camera's recording (0-based, timestamp
     order; frames skipped by ``--skip`` keep their index). ``timestamp_ns`` is the capture
-    time in nanoseconds. ``file_name`` is "<camera_id>/<sequence:06d>.jpg" unless the source
-    knows a better one (an image folder).
+    time in nanoseconds. ``file_name`` is the frame's own file, relative to the recording (an
+    image folder's), and "" for a frame that has none (a video's, an MCAP's, a bag's): a name
+    made up from the position would be taken for a file and match ground truth by name, where
+    ground truth numbered otherwise (from 1, say) names another frame.
     """
 
     camera_id: str
@@ -75,8 +77,6 @@ class SourceFrame:
             raise InvalidInputError(f"sequence must be in [0, 2^64), got {self.sequence}")
         if not -(1 << 63) <= self.timestamp_ns < 1 << 63:
             raise InvalidInputError(f"timestamp_ns must fit a signed 64-bit integer, got {self.timestamp_ns}")
-        if not self.file_name:
-            object.__setattr__(self, "file_name", f"{self.camera_id}/{self.sequence:06d}.jpg")
 
     @property
     def nbytes(self) -> int:

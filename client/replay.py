@@ -69,6 +69,8 @@ class ReplayConfig:
 class ReplayOutcome:
     stats: ReplayStats
     results: list[FrameResult]
+    # (camera_id, sequence) -> the file each frame was read from, for frames that have one (an
+    # image folder's); kept, like ``results``, only with ``keep_results``.
     file_names: dict[tuple[str, int], str]
     error: PerceptionError | None = None
     interrupted: bool = False
@@ -176,7 +178,8 @@ class Replay:
                     break
                 unsent = frame  # before ``reading`` is cleared: an interrupt between them is safe
                 reading = False
-                if frame.file_name:
+                # Kept for scoring, like the results: a --loop or live replay must not grow without bound.
+                if frame.file_name and self._config.keep_results:
                     self.file_names[(frame.camera_id, frame.sequence)] = frame.file_name
                 try:
                     sent = schedule.wait(frame, self.stop) and self._send(frame)

@@ -303,8 +303,12 @@ def main(argv: list[str]) -> int:
             tracking_error = exc
             summary["tracking_error"] = str(exc)
     if args.coco_results:
-        preds, _ = coco_predictions(outcome.results, gt, outcome.file_names)
-        write_json_atomic(args.coco_results, preds, indent=None)
+        try:
+            preds = coco_predictions(outcome.results, gt, outcome.file_names)
+        except PerceptionError as exc:  # frames the ground truth cannot tell apart: the KPI met it first
+            kpi_error = kpi_error or exc
+        else:
+            write_json_atomic(args.coco_results, preds.records, indent=None)
     if args.json_out:
         write_json_atomic(args.json_out, summary)
     print(json.dumps(summary, indent=1) if args.json else format_table(summary))

@@ -4,13 +4,19 @@ server stage; the summary JSON and the table printed at the end.
 Every frame read from the source is counted once: ``frames_source = frames_sent +
 frames_not_sent``, and ``frames_sent = frames_answered + GIVEN_UP + REFUSED_DRAINING`` (the
 client statuses, client_status.ClientStatus, of the frames the server never answered).
+
+Latency percentiles are over every answer of a replay of up to ``LATENCY_WINDOW`` answers (per
+camera, and per server stage); past that (``--loop``, a live camera) over the last
+``LATENCY_WINDOW``, and the summary then says so (``latency_window``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,26 +26,67 @@ from client.frames import DropReason, FrameResult, FrameStatus, drop_reason
 
 STAGES = ("queue", "preprocess", "inference", "postprocess", "total")
 
+# Latencies kept per list (overall, per camera, per server stage) for the percentiles: a --loop
+# or live replay runs for days, and kept whole they grew without bound. 8 bytes a value, so at
+# most 0.8 MB a list; a drive of up to this many answers keeps its exact percentiles. Not a
+# measured value (the camera node keeps 10 000: it reports a live window, not a run).
+LATENCY_WINDOW = 100_000
 
-def percentiles(values: list[float]) -> dict[str, float]:
+
+class LatencyWindow:
+    """The last ``size`` values added (all of them until there are more), for percentiles:
+    their order is not kept. Not thread-safe (ReplayStats holds its lock)."""
+
+    def __init__(self, size: int = LATENCY_WINDOW) -> None:
+        if size < 1:
+            raise ValueError(f"a latency window holds at least 1 value, not {size}")
+        self.size = size
+        self.count = 0  # values ever added
+        self._values = array("d")
+        self._next = 0  # where the next value goes once the window is full
+
+    def append(self, value: float) -> None:
+        self.count += 1
+        if len(self._values) < self.size:
+            self._values.append(value)
+        else:
+            self._values[self._next] = value
+            self._next = (self._next + 1) % self.size
+
+    @property
+    def windowed(self) -> bool:
+        """Whether values were left out: the percentiles are over the last ``size`` only."""
+        return self.count > self.size
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def values(self) -> np.ndarray:
+        return np.frombuffer(self._values, np.float64).copy() if self._values else np.empty(0)
+
+
+def percentiles(values: Sequence[float] | LatencyWindow | np.ndarray) -> dict[str, float]:
     """p50 / p95 / p99 (linear interpolation); zeros when there are no values."""
-    if not values:
+    arr = values.values() if isinstance(values, LatencyWindow) else np.asarray(values, np.float64)
+    if not arr.size:
         return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-    p = np.percentile(np.asarray(values, np.float64), [50, 95, 99])
+    p = np.percentile(arr, [50, 95, 99])
     return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
 
 
 class ReplayStats:
-    """Thread-safe accumulator fed by every stream's receiver thread."""
+    """Thread-safe accumulator fed by every stream's receiver thread. ``latency_window``: the
+    most latencies kept per list for the percentiles (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, latency_window: int = LATENCY_WINDOW) -> None:
         self._lock = threading.Lock()
+        self._window = latency_window
         self.frames_sent = 0
         self.frames_answered = 0
         self.detections = 0
         self.dropped: dict[DropReason, int] = defaultdict(int)
-        self.latency_ms: list[float] = []
-        self.stage_ms: dict[str, list[float]] = {s: [] for s in STAGES}
+        self.latency_ms = LatencyWindow(latency_window)
+        self.stage_ms: dict[str, LatencyWindow] = {s: LatencyWindow(latency_window) for s in STAGES}
         self.per_camera: dict[str, dict[str, Any]] = {}
         self.lost = 0  # sent, never answered: the GIVEN_UP and REFUSED_DRAINING frames
         self.client_status: dict[ClientStatus, int] = dict.fromkeys(ClientStatus, 0)
@@ -62,7 +109,8 @@ class ReplayStats:
     def _camera(self, camera_id: str) -> dict[str, Any]:
         cam = self.per_camera.get(camera_id)
         if cam is None:
-            cam = self.per_camera[camera_id] = {"sent": 0, "frames": 0, "latency": [], "first": None, "last": None}
+            cam = self.per_camera[camera_id] = {"sent": 0, "frames": 0, "latency": LatencyWindow(self._window),
+                                                "first": None, "last": None}
         return cam
 
     def add(self, result: FrameResult) -> None:
@@ -110,6 +158,8 @@ class ReplayStats:
             if self.lost:
                 dropped[DropReason.LOST.value] = self.lost
             not_sent = self.client_status[ClientStatus.NOT_SENT]
+            windows = [self.latency_ms, *self.stage_ms.values(), *(c["latency"] for c in self.per_camera.values())]
+            windowed = {"latency_window": self._window} if any(w.windowed for w in windows) else {}
             return {
                 "frames_source": self.frames_sent + not_sent,
                 "frames_sent": self.frames_sent,
@@ -121,6 +171,8 @@ class ReplayStats:
                 "fps": round(self.frames_answered / dur, 3),
                 "duration_s": round(dur, 3),
                 "latency_ms": percentiles(self.latency_ms),
+                # Only when some percentiles are over the last this-many answers, not the whole replay.
+                **windowed,
                 "per_camera": per_camera,
                 "server_stage_ms": {s: percentiles(v) for s, v in self.stage_ms.items()},
                 "reconnects": self.reconnects,
@@ -151,6 +203,8 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     lines.append("")
     header = f"{'latency (ms)':<28}{'p50':>9}{'p95':>9}{'p99':>9}"
+    if summary.get("latency_window"):  # the percentiles are no longer over the whole replay: say so
+        header += f"  (over the last {summary['latency_window']} answers)"
     lines.append(header)
     lines.append("-" * len(header))
 
@@ -173,6 +227,11 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"     over {kpi['frames_evaluated']} frames; answered frames with no ground-truth image "
                          f"{kpi.get('frames_without_gt', 0)}, ground-truth images not replayed "
                          f"{kpi.get('gt_images_not_replayed', 0)}")
+        if kpi.get("unknown_class_detections"):
+            lines.append(f"     detections left out, of a class the ground truth does not have: "
+                         f"{kpi['unknown_class_detections']}")
+        if kpi.get("classes_matched_by") == "class id":
+            lines.append("     classes matched by class id, in category id order: no class name is a category's")
     tracking = summary.get("tracking")
     if tracking:
         if not kpi:

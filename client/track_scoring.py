@@ -11,8 +11,10 @@ Rules, applied before motmetrics sees a box:
 
 - A detection and a ground-truth box can match only if they are of the same class and their
   IoU is at least ``min_iou`` (0.5: motmetrics' IoU distance, 1 - IoU, at most 0.5). The class
-  is found by name in the ground truth's categories; a frame without names maps its class ids
-  through the categories in id order (``perception.coco.category_ids``), as the build does.
+  is found as the detection score finds it (client.ground_truth): by name in the ground truth's
+  categories (case, spaces, hyphens and underscores aside); a frame without names, or frames
+  none of whose names is a category's, map their class ids through the categories in id order
+  (``perception.coco.category_ids``), as the build does.
 - A camera is one sequence: the server keeps a tracker per camera, so ids are compared within
   a camera only. The same id in two cameras is two tracks (and the drive's one object seen by
   two cameras is two ground-truth tracks).
@@ -47,9 +49,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client.frames import FrameResult
-from client.ground_truth import GroundTruthIndex
+from client.ground_truth import CategoryMap, GroundTruthIndex
 from client.sinks.jsonl import is_client_status_record, read_jsonl
-from perception.coco import category_ids
 from perception.errors import DataError, InvalidInputError
 from perception.tracking import TrackState
 from perception.types import FrameStatus
@@ -198,7 +199,9 @@ class TrackReport:
     """Scores per camera (sorted by camera id) and over all cameras, plus what was left out.
 
     frames_without_gt: frames given that the ground truth does not have.
-    gt_frames_not_scored: ground-truth images of the scored cameras that no frame answered.
+    gt_frames_not_scored: ground-truth images no frame given was matched to, of every camera (as
+        the detection score's ``gt_images_not_replayed``; ground truth without camera ids does
+        not say which camera an image is of).
     untracked_detections / unconfirmed_detections / unknown_class_detections /
     dont_care_detections: detections left out (see the module docstring).
     dont_care_gt_boxes: ground-truth boxes under ``min_gt_height`` left out.
@@ -274,10 +277,10 @@ def score_tracks(
 ) -> TrackReport:
     """Score the tracked frames against the ground truth's tracks (see the module docstring).
 
-    DataError if no frame is in the ground truth, a frame is given twice, a frame has a track
-    id on two boxes, or ``confirmed_only`` meets a frame with tracked boxes and no track
-    states; InvalidInputError for ``min_iou`` outside (0, 1] or a negative or non-finite
-    ``min_gt_height``.
+    DataError if no frame is in the ground truth, a frame is given twice, two frames match one
+    ground-truth image, a frame has a track id on two boxes, or ``confirmed_only`` meets a frame
+    with tracked boxes and no track states; InvalidInputError for ``min_iou`` outside (0, 1] or
+    a negative or non-finite ``min_gt_height``.
     """
     if not 0.0 < min_iou <= 1.0:
         raise InvalidInputError(f"min_iou must be in (0, 1], got {min_iou}")
@@ -286,27 +289,26 @@ def score_tracks(
     import motmetrics as mm  # type: ignore[import-untyped]  # ships no types (no py.typed, no stub package)
 
     gt_frames = _ground_truth_tracks(gt)
-    by_index = category_ids(gt.dataset)
+    frames = list(frames)
+    image_ids = gt.match((f.camera_id, f.sequence, f.file_name) for f in frames)  # as the detection score does
     per_camera: dict[str, dict[int, tuple[TrackedFrame, int]]] = {}
     without_gt = 0
     for f in frames:
-        iid = gt.image_id(f.camera_id, f.sequence, f.file_name)  # matched as the detection score matches
+        iid = image_ids.get((f.camera_id, f.sequence))
         if iid is None:
             without_gt += 1
             continue
-        cam = per_camera.setdefault(f.camera_id, {})
-        if f.sequence in cam:
-            raise DataError(f"frame {f.camera_id}/{f.sequence} is given twice")
-        cam[f.sequence] = (f, iid)
+        per_camera.setdefault(f.camera_id, {})[f.sequence] = (f, iid)
     if not per_camera:
         raise DataError(f"{gt.path or 'ground truth'}: no tracked frame matches a ground-truth image "
-                        "(by camera_id + sequence)")
+                        "(by camera_id + sequence or file_name)")
+    classes = gt.categories_for(n for cam in per_camera.values() for f, _ in cam.values() for n in f.class_names)
     untracked = unconfirmed = unknown = dont_care_gt = dont_care_dets = 0
     accumulators = {}
     for camera in sorted(per_camera):
         acc = mm.MOTAccumulator(auto_id=False)
         for seq, (f, iid) in sorted(per_camera[camera].items()):
-            cats = np.array([_category(gt, by_index, f, i) for i in range(len(f.track_ids))], np.int64)
+            cats = np.array([_category(classes, f, i) for i in range(len(f.track_ids))], np.int64)
             known, tracked = cats >= 0, f.track_ids > 0
             unknown += int((~known).sum())
             untracked += int((known & ~tracked).sum())
@@ -339,12 +341,11 @@ def score_tracks(
     )
     rows = [_scores(summary.iloc[i]) for i in range(len(summary))]  # one per camera, in order, then the overall
     scored = {iid for cam in per_camera.values() for _, iid in cam.values()}
-    gt_of_cameras = {im.id for im in gt.dataset.images.values() if im.extra.get("camera_id") in per_camera}
     return TrackReport(
         cameras=dict(zip(accumulators, rows[:-1], strict=True)),
         overall=rows[-1],
         frames_without_gt=without_gt,
-        gt_frames_not_scored=len(gt_of_cameras - scored),
+        gt_frames_not_scored=len(gt.dataset.images) - len(scored),
         untracked_detections=untracked,
         unconfirmed_detections=unconfirmed,
         unknown_class_detections=unknown,
@@ -374,13 +375,10 @@ def _cared_for(
     return np.asarray(could_match | ~(on_ignored | short), bool)
 
 
-def _category(gt: GroundTruthIndex, by_index: list[int], f: TrackedFrame, i: int) -> int:
+def _category(classes: CategoryMap, f: TrackedFrame, i: int) -> int:
     """The ground-truth category id of detection ``i``, or -1 if the ground truth has no such class."""
-    if f.class_names:
-        cid = gt.category_id(f.class_names[i])
-        return -1 if cid is None else cid
-    index = int(f.class_ids[i])
-    return by_index[index] if 0 <= index < len(by_index) else -1
+    cid = classes(f.class_names[i] if f.class_names else "", int(f.class_ids[i]))
+    return -1 if cid is None else cid
 
 
 def _distances(

@@ -82,3 +82,5 @@ class BagSource:
             raise
         except Exception as exc:  # truncated bag: rosbags raises format-specific errors
             raise DataError(f"{self.path}: truncated or corrupt bag ({type(exc).__name__}: {exc})") from exc
+        if not cameras.counts:  # as an MCAP: a replay of nothing is no success (it exited 0 with 0 frames)
+            raise DataError(f"{self.path}: no image messages on {', '.join(self.topics)}{skipped.why()}")

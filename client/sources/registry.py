@@ -61,11 +61,17 @@ def locate(path: Path) -> tuple[SourceKind, Path]:
     if path.is_dir():
         if (path / "metadata.yaml").is_file():
             return SourceKind.ROS_BAG, path
-        # Videos and no image anywhere below: one camera per video file; otherwise image folders.
-        has_images = any(f.suffix.lower() in IMAGE_SUFFIXES for f in path.rglob("*"))
-        if _video_files(path) and not has_images:
-            return SourceKind.VIDEO_FOLDER, path
-        return SourceKind.IMAGE_FOLDER, path
+        # Videos: one camera per video file; images: image folders. Not both: a screenshot in a
+        # notes/ folder made a folder of videos one camera of one frame.
+        videos = _video_files(path)
+        images = [f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES] if videos else []
+        if videos and images:
+            shown = ", ".join(f.relative_to(path).as_posix() for f in sorted(images)[:3])
+            more = f" and {len(images) - 3} more" if len(images) > 3 else ""
+            raise DataError(f"{path}: videos ({', '.join(f.name for f in videos[:3])}"
+                            f"{' ...' if len(videos) > 3 else ''}) and images ({shown}{more}) both: a folder "
+                            "replays one kind; move the images out, or replay a video or an image folder on its own")
+        return (SourceKind.VIDEO_FOLDER if videos else SourceKind.IMAGE_FOLDER), path
     if suffix == ".mcap":
         if (path.parent / "metadata.yaml").is_file():
             return SourceKind.ROS_BAG, path.parent

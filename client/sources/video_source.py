@@ -86,6 +86,15 @@ class VideoFolderSource:
             raise DataError(
                 f"{self.path}: --camera applies to a single video; camera ids come from the file names here"
             )
+        by_camera: dict[str, list[str]] = {}
+        for f in files:
+            by_camera.setdefault(f.stem, []).append(f.name)
+        # Two videos of one camera id interleave one camera's sequences: the second frame 0 found
+        # the first still in flight, and one of them ended without a record.
+        same = next((names for names in by_camera.values() if len(names) > 1), None)
+        if same:
+            raise DataError(f"{self.path}: {' and '.join(same)} would both be camera {Path(same[0]).stem!r}: "
+                            "keep one video per camera in the folder")
         self.videos = [VideoSource(f, options) for f in files]
         self.fps = max(v.fps for v in self.videos)
         self.frame_count = sum(v.frame_count for v in self.videos)

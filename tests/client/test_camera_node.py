@@ -155,6 +155,25 @@ def test_a_looped_recording_is_a_fake_live_camera_sent_raw(
     assert seqs == sorted(set(seqs)) and max(seqs) >= 6, "sequence numbers keep growing across laps"
 
 
+def test_answers_other_than_ok_say_why_in_the_summary_and_in_the_log_once(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera whose frames the server answered INVALID showed only "answered OK 7/10": no
+    note, no log line said why. The status and the server's message go into both, the log once
+    per REPEAT_LOG_S."""
+    root = R.write_folder(tmp_path / "cam", n=4)
+    (root / "000001.jpg").write_bytes((root / "000001.jpg").read_bytes()[:40])  # truncated: INVALID
+    caplog.set_level(logging.INFO, logger="client")
+    t, _, result = _run_in_thread([str(root), "--loop", "--server", server, "--duration", "1.2", "--json"])
+    t.join(20)
+    assert result == {"rc": 0}
+    (summary,) = json.loads(capsys.readouterr().out)
+    assert summary["answered"] - summary["ok"] >= 2, "frame 1 of every lap of 4 frames at 10 fps"
+    assert re.fullmatch(r"frame \d+ answered INVALID: .+", summary["last_error"]), summary["last_error"]
+    told = [r.getMessage() for r in caplog.records if "answered INVALID" in r.getMessage()]
+    assert len(told) == 1 and told[0].startswith("cam: frame 1 answered INVALID: "), told
+
+
 def test_track_asks_the_server_for_track_ids(server: str, tmp_path: Path) -> None:
     """A camera node could not ask for tracks (the replay CLI could): --track."""
     import grpc

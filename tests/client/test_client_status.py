@@ -4,6 +4,7 @@ and a summary that accounts for every frame."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -161,8 +162,12 @@ def test_a_frame_lost_after_a_refusal_remembers_it() -> None:
 def test_client_statuses_are_apart_from_server_statuses() -> None:
     assert not {s.value for s in ClientStatus} & {s.value for s in FrameStatus}
     rec = Unanswered.of(_frame(7), ClientStatus.NOT_SENT, "the replay was interrupted").to_json_dict()
+    # A frame of no file (a video's, an MCAP's) carries no file name: a made-up one matched
+    # ground truth by name (client.ground_truth).
     assert rec == {"camera_id": "front", "sequence": 7, "capture_timestamp_ns": 7_000_000, "status": "NOT_SENT",
-                   "reason": "the replay was interrupted", "detections": [], "file_name": "front/000007.jpg"}
+                   "reason": "the replay was interrupted", "detections": []}
+    filed = SourceFrame("front", 7, 7_000_000, encoded=b"\xff\xd8", file_name="front/a.jpg")
+    assert Unanswered.of(filed, ClientStatus.NOT_SENT, "stopped").to_json_dict()["file_name"] == "front/a.jpg"
 
 
 def test_jsonl_holds_both_and_load_results_reads_the_answers(tmp_path: Path) -> None:
@@ -195,3 +200,19 @@ def test_summary_accounts_for_every_frame() -> None:
     table = format_table(s)
     assert "frames sent 5  answered 3" in table
     assert "frames read 9 = sent 5 + not sent 4; never answered: GIVEN_UP 1, REFUSED_DRAINING 1" in table
+
+
+def test_latency_percentiles_are_over_a_bounded_window_and_the_summary_says_so() -> None:
+    """A --loop or live replay kept every latency (overall, per camera, per stage) for as long
+    as it ran. Past the window the percentiles are over its last answers, and the summary says so."""
+    stats = ReplayStats(latency_window=4)
+    for i in range(3):
+        stats.add(dataclasses.replace(_answer(i), latency_ms=1000.0))
+    assert "latency_window" not in stats.as_dict(), "a replay within the window is summed up whole"
+    for i in range(3, 10):
+        stats.add(dataclasses.replace(_answer(i), latency_ms=float(i)))
+    s = stats.as_dict()
+    assert len(stats.latency_ms) == len(stats.per_camera["front"]["latency"]) == len(stats.stage_ms["total"]) == 4
+    assert s["latency_window"] == 4 and s["frames_answered"] == 10
+    assert s["latency_ms"] == s["per_camera"]["front"]["latency_ms"] == {"p50": 7.5, "p95": 8.85, "p99": 8.97}
+    assert "(over the last 4 answers)" in format_table(s)

@@ -82,6 +82,42 @@ def test_replay_folder_with_a_corrupt_image(tmp_path: Path, server: str) -> None
     assert json.loads(summ.read_text())["dropped"] == {"invalid": 1}
 
 
+def test_replay_folder_with_an_empty_and_an_undecodable_file_goes_on(tmp_path: Path, server: str) -> None:
+    """A BMP that does not decode, or an empty file, ended the replay there ("not a readable
+    image"), the files after it without a record. Sent as they are, they are answered INVALID."""
+    root = tmp_path / "cam"
+    root.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(root / f"{i:03d}.bmp"), R.scene(i))
+    (root / "001.bmp").write_bytes(b"BM not really")
+    (root / "003.bmp").write_bytes(b"")
+    out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
+    assert _replay(str(root), "--server", server, "--out", str(out), "--json-out", str(summ), "--max-rate") == 0
+    recs = _jsonl(out)
+    assert [(r["file_name"], r["status"]) for r in recs] == [
+        ("000.bmp", "OK"), ("001.bmp", "INVALID"), ("002.bmp", "OK"), ("003.bmp", "INVALID"), ("004.bmp", "OK")]
+    assert all(recs[i]["message"] for i in (1, 3))
+    assert json.loads(summ.read_text())["dropped"] == {"invalid": 2}
+
+
+def test_a_looped_replay_keeps_no_file_names_unless_it_keeps_results(tmp_path: Path, server: str) -> None:
+    """--loop without --gt keeps no results: it kept every frame's file name all the same."""
+    from client.config import ClientConfig
+    from client.detector_client import DetectorClient
+    from client.pacing import Pacing
+    from client.replay import Replay, ReplayConfig
+    from client.sources import open_source
+
+    src = open_source(R.write_folder(tmp_path / "cam", n=3))
+    with DetectorClient(ClientConfig(targets=(server,), window=2)) as client:
+        for keep in (False, True):
+            config = ReplayConfig(pacing=Pacing(speed=None, loop=True, max_frames=9), keep_results=keep)
+            out = Replay(client, src, config).run()
+            assert out.error is None and out.stats.frames_answered == 9
+            assert len(out.results) == len(out.file_names) == (9 if keep else 0)
+    assert out.file_names[("cam", 4)] == "000001.jpg"  # the second lap numbers on
+
+
 def test_scoring_a_replay_with_no_frame_answered_ok_is_an_error(
     tmp_path: Path, server: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -124,17 +160,22 @@ def test_replay_ros1_bag_with_skip_and_loop(tmp_path: Path, server: str) -> None
     assert [(r["camera_id"], r["sequence"]) for r in recs] == [("side", s) for s in (0, 2, 4, 6, 8)]
 
 
-def test_replay_with_gt_scores_like_perception_eval(tmp_path: Path, server: str) -> None:
+@pytest.mark.parametrize("first_file", [0, 1], ids=["files-from-0", "files-from-1"])
+def test_replay_with_gt_scores_like_perception_eval(tmp_path: Path, server: str, first_file: int) -> None:
+    """Ground truth with camera_id + sequence, whose file names count from 0 or from 1 (ffmpeg's
+    %06d.jpg): an MCAP's frames, which have no file, are found by camera and sequence. They were
+    named "<camera>/<seq:06d>.jpg" and found by that name first: the image after theirs."""
     src = R.write_mcap_ros2(tmp_path / "drive.mcap", cameras=("front", "rear"), n=4)
     first = tmp_path / "first.jsonl"
     assert _replay(str(src), "--server", server, "--out", str(first), "--max-rate") == 0
+    assert not any("file_name" in r for r in _jsonl(first)), "a frame of no file has no file name"
     # Ground truth = the first run's detections (2 of 3 kept, and only boxes of at least 2x2 px:
     # the random tiny model also emits sliver boxes whose IoU does not survive JSON rounding).
     # The second run must find them all.
     images: list[dict[str, Any]] = []
     anns: list[dict[str, Any]] = []
     for k, r in enumerate(_jsonl(first), 1):
-        images.append({"id": 100 + k, "file_name": f"{r['camera_id']}/{r['sequence']:06d}.jpg",
+        images.append({"id": 100 + k, "file_name": f"{r['camera_id']}/{r['sequence'] + first_file:06d}.jpg",
                        "width": 96, "height": 64, "camera_id": r["camera_id"], "sequence": r["sequence"],
                        "timestamp_ns": r["capture_timestamp_ns"]})
         for j, d in enumerate(r["detections"]):

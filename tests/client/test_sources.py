@@ -266,3 +266,93 @@ def test_ros_mono16_images_short_or_without_last_padding() -> None:
     assert np.array_equal(bgr[:, :, 0], (img >> 8).astype(np.uint8))
     with pytest.raises(DataError, match="here: mono16 image 4x3 \\(step 10\\) has only 15 bytes"):
         ros_image_frame("front", 0, 0, "mono16", w, h, step, full[:15], "here")
+
+
+def test_frames_of_a_video_an_mcap_and_a_bag_have_no_made_up_file_name(tmp_path: Path) -> None:
+    """Only an image folder's frames have files. The others were named "<camera>/<seq:06d>.jpg",
+    which ground truth numbered from 1 has for the frame after: scored against the wrong frames."""
+    for path in (R.write_mp4(tmp_path / "front.mp4", n=2), R.write_mcap_ros2(tmp_path / "d.mcap", n=2),
+                 R.write_bag(tmp_path / "d.bag", ros1=True, n=2)):
+        assert {f.file_name for f in open_source(path)} == {""}, path.name
+    assert [f.file_name for f in open_source(R.write_folder(tmp_path / "cam", n=2))] == ["000000.jpg", "000001.jpg"]
+
+
+def test_top_level_images_beside_camera_folders_are_refused(tmp_path: Path) -> None:
+    """One preview.jpg beside front/ and rear/ made the drive one camera of one frame (exit 0)."""
+    root = R.write_folder(tmp_path / "drive", cameras=("front", "rear"), n=3)
+    cv2.imwrite(str(root / "preview.jpg"), R.scene(0))
+    with pytest.raises(DataError, match=r"drive: images at the top \(preview.jpg\) and camera sub-folders of "
+                                        r"images \(front, rear\) both"):
+        open_source(root)
+
+
+def test_videos_and_images_in_one_folder_are_refused(tmp_path: Path) -> None:
+    """A screenshot in notes/ made a folder of videos an image folder of one frame."""
+    d = tmp_path / "drive"
+    d.mkdir()
+    R.write_mp4(d / "front.mp4", n=2)
+    R.write_mp4(d / "rear.mp4", n=2)
+    (d / "notes").mkdir()
+    cv2.imwrite(str(d / "notes" / "screenshot.jpg"), R.scene(0))
+    with pytest.raises(DataError, match=r"videos \(front.mp4, rear.mp4\) and images \(notes/screenshot.jpg\) both"):
+        open_source(d)
+
+
+def test_two_videos_of_one_camera_id_are_refused(tmp_path: Path) -> None:
+    """front.mp4 and front.avi were both camera "front": "already in flight", and a frame without a record."""
+    d = tmp_path / "drive"
+    d.mkdir()
+    R.write_mp4(d / "front.mp4", n=2)
+    R.write_mp4(d / "front.avi", n=2)
+    R.write_mp4(d / "rear.mp4", n=2)
+    with pytest.raises(DataError, match=r"front.avi and front.mp4 would both be camera 'front'"):
+        open_source(d)
+
+
+def test_a_timestamps_file_longer_than_the_folder_is_refused(tmp_path: Path) -> None:
+    """Extra lines were cut silently: which line goes with which image is then anybody's guess."""
+    root = R.write_folder(tmp_path / "cam", n=3)
+    (root / "timestamps.txt").write_text("1\n2\n3\n4\n")
+    with pytest.raises(DataError, match="4 timestamps for 3 images"):
+        open_source(root)
+
+
+def test_an_undecodable_or_empty_image_file_is_sent_as_it_is(tmp_path: Path) -> None:
+    """As a damaged JPEG: the server answers it INVALID. It ended the folder's replay instead."""
+    root = tmp_path / "cam"
+    root.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(root / f"{i:03d}.bmp"), R.scene(i))
+    (root / "001.bmp").write_bytes(b"nope")
+    (root / "003.bmp").write_bytes(b"")
+    frames = list(open_source(root))
+    assert [f.file_name for f in frames] == [f"{i:03d}.bmp" for i in range(5)]
+    assert (frames[1].encoded, frames[3].encoded) == (b"nope", b"")
+    assert frames[4].raw is not None and np.array_equal(_pixels(frames[4]), R.scene(4))
+
+
+def _depth_only_bag(path: Path) -> Path:
+    """A ROS 1 bag of one 16UC1 depth topic: image messages, none of them replayable."""
+    from rosbags.rosbag1 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS1_NOETIC)
+    Header, Time = store.types["std_msgs/msg/Header"], store.types["builtin_interfaces/msg/Time"]
+    Img = store.types["sensor_msgs/msg/Image"]
+    with Writer(path) as w:
+        conn = w.add_connection("/camera/depth/image_raw", Img.__msgtype__, typestore=store)
+        for i in range(3):
+            ts = R.T0_NS + i * 100_000_000
+            msg = Img(header=Header(seq=i, stamp=Time(sec=ts // 10**9, nanosec=ts % 10**9), frame_id="depth"),
+                      height=4, width=4, encoding="16UC1", is_bigendian=0, step=8,
+                      data=np.zeros(32, np.uint8))
+            w.write(conn, ts, store.serialize_ros1(msg, Img.__msgtype__))
+    return path
+
+
+def test_a_bag_without_a_replayable_image_is_an_error_as_an_mcap_is(tmp_path: Path) -> None:
+    """It replayed 0 frames and exited 0, where the same recording as MCAP is a DataError."""
+    bag = _depth_only_bag(tmp_path / "depth.bag")
+    with pytest.raises(DataError, match="depth.bag: no image messages on /camera/depth/image_raw.*unsupported image "
+                                        "encoding '16UC1'"):
+        list(open_source(bag))
