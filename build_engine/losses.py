@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,24 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
 
 
+# The focal factors' base is clamped to this before the power: a saturated logit (or a score
+# exactly at its soft target) makes the base 0 in float32, where x^gamma has an infinite slope
+# for 0 < gamma < 1; times the base's zero slope that is a NaN gradient, which clip_grad_norm_
+# spreads to every parameter. Below it the factor is at most 1e-6 (gamma 0.5), no loss to speak of.
+MODULATING_BASE_MIN = 1e-12
+
+
+def _modulating(base: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``base ** gamma`` with a finite gradient everywhere (see ``MODULATING_BASE_MIN``)."""
+    return base.clamp(min=MODULATING_BASE_MIN) ** gamma
+
+
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
     """Element-wise focal loss (Lin et al. 2017): alpha_t (1 - p_t)^gamma BCE; alpha < 0 disables alpha."""
     p = torch.sigmoid(logits)
     ce = bce_loss(logits, targets)
     p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
+    loss = ce * _modulating(1 - p_t, gamma)
     if alpha >= 0:
         loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
     return loss
@@ -50,7 +62,7 @@ def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float
     trains p towards 0.12, 0.9 towards 0.99), so it would teach scores other than the targets;
     |t - p|^gamma keeps the minimum at p = t, as BCE's. For t in {0, 1}, |t - p| = 1 - p_t: this
     is ``focal_loss`` without alpha; it has no alpha, as in GFL."""
-    return bce_loss(logits, targets) * (targets - torch.sigmoid(logits)).abs() ** gamma
+    return bce_loss(logits, targets) * _modulating((targets - torch.sigmoid(logits)).abs(), gamma)
 
 
 def ce_loss(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
@@ -132,7 +144,8 @@ class LossConfig:
     l1_weight: float = 0.0  # an extra L1 term on top of an IoU loss (0 = off)
     focal_gamma: float = 2.0
     # The weight of positives in the focal losses with hard 0/1 targets (the SSD family's classes,
-    # obj_focal); the YOLO family's class loss with focal is quality focal loss, which has none.
+    # obj_focal), in [0, 1]; negative turns the weighting off. The YOLO family's class loss with
+    # focal is quality focal loss, which has none.
     focal_alpha: float = 0.25
     center_radius: float = 2.5
     obj_focal: bool = False
@@ -146,10 +159,19 @@ class LossConfig:
             raise ConfigError(f"loss.cls_loss must be one of {CLS_LOSSES}, got {self.cls_loss!r}")
         if self.box_loss not in BOX_LOSSES:
             raise ConfigError(f"loss.box_loss must be one of {BOX_LOSSES}, got {self.box_loss!r}")
+        if not isinstance(self.obj_focal, bool):
+            raise ConfigError(f"loss.obj_focal must be true or false, got {self.obj_focal!r}")
         for n in ("cls_weight", "box_weight", "obj_weight", "l1_weight", "focal_gamma", "center_radius",
-                  "neg_pos_ratio"):
-            if getattr(self, n) < 0:
-                raise ConfigError(f"loss.{n} must be >= 0, got {getattr(self, n)}")
+                  "neg_pos_ratio", "focal_alpha", "fg_iou"):
+            v = getattr(self, n)
+            # NaN passes every "< 0" test and inf every ">= 0" one: both would train on NaN.
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"loss.{n} must be a finite number, got {v!r}")
+            if n not in ("focal_alpha", "fg_iou") and v < 0:
+                raise ConfigError(f"loss.{n} must be >= 0, got {v}")
+        if self.focal_alpha > 1.0:  # alpha weighs positives, 1 - alpha negatives: past 1 a loss < 0
+            raise ConfigError(f"loss.focal_alpha must be in [0, 1] (or negative: no alpha weighting), "
+                              f"got {self.focal_alpha}")
         if not 0.0 < self.fg_iou < 1.0:
             raise ConfigError(f"loss.fg_iou must be in (0, 1), got {self.fg_iou}")
 
@@ -230,6 +252,26 @@ def check_sigmoid_cls_loss(cfg: LossConfig, who: str) -> None:
             f"{who} reads class scores through a sigmoid: loss.cls_loss must be one of {SIGMOID_CLS_LOSSES}, "
             f"got {cfg.cls_loss!r} (softmax CE leaves the sigmoid scores it serves arbitrary; use bce or focal)"
         )
+
+
+def set_but_unread(cfg: LossConfig, unread: dict[str, str]) -> list[str]:
+    """The settings of ``unread`` (name -> when a family would read it, "" never) that ``cfg``
+    moves off their defaults, as ``loss.name=value (when)``: a family's check at load
+    (``TrainConfig``) refuses them, since they would change nothing in its training."""
+    defaults = {f.name: f.default for f in fields(LossConfig)}
+    return [f"loss.{n}={getattr(cfg, n)}" + (f" ({when})" if when else "")
+            for n, when in unread.items() if getattr(cfg, n) != defaults[n]]
+
+
+def yolo_ignored_settings(cfg: LossConfig) -> list[str]:
+    """The settings ``cfg`` moves off their defaults that ``DetectionLoss`` does not read, worded
+    as ``set_but_unread`` words them (``TrainConfig`` refuses them at load)."""
+    unread = {"neg_pos_ratio": "", "fg_iou": ""}  # SSD-style matching and mining: SimOTA has neither
+    if cfg.cls_loss != "focal" and not cfg.obj_focal:
+        unread["focal_gamma"] = "read with loss.cls_loss focal or loss.obj_focal true"
+    if not cfg.obj_focal:
+        unread["focal_alpha"] = "read with loss.obj_focal true; the focal class loss here has none"
+    return set_but_unread(cfg, unread)
 
 
 class DetectionLoss:

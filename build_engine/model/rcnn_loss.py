@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from build_engine.ignore_regions import boxes_in_regions
-from build_engine.losses import LossConfig, box_loss, ce_loss, pairwise_iou
+from build_engine.losses import LossConfig, box_loss, ce_loss, pairwise_iou, set_but_unread
 from build_engine.model.rcnn_ops import BoxCoder
 
 IOU_LOSSES = ("iou", "giou", "diou", "ciou")
@@ -32,6 +32,25 @@ def rpn_loss_config(loss_cfg: LossConfig) -> LossConfig:
     else CIoU."""
     kind = loss_cfg.box_loss if loss_cfg.box_loss in IOU_LOSSES else "ciou"
     return dataclasses.replace(loss_cfg, cls_loss="bce", box_loss=kind, l1_weight=0.0)
+
+
+# loss.cls_loss values this family accepts though it reads none (its proposals train with BCE,
+# its box head with softmax CE): bce is the default, ce what configs/rcnn.yaml records; focal
+# would change nothing, and is refused.
+RCNN_CLS_LOSSES = ("bce", "ce")
+
+
+def rcnn_ignored_settings(cfg: LossConfig) -> list[str]:
+    """The settings ``cfg`` moves off their defaults that this family's loss does not read, worded
+    as ``set_but_unread`` words them (``TrainConfig`` refuses them at load)."""
+    unread = {"l1_weight": "", "neg_pos_ratio": ""}  # rpn_loss_config turns l1 off; nothing mines
+    if not cfg.obj_focal:
+        when = "read with loss.obj_focal true, by the proposal objectness"
+        unread.update(focal_gamma=when, focal_alpha=when)
+    out = set_but_unread(cfg, unread)
+    if cfg.cls_loss not in RCNN_CLS_LOSSES:
+        out.insert(0, f"loss.cls_loss={cfg.cls_loss} (the proposals train with bce, the box head with ce)")
+    return out
 
 
 @torch.no_grad()

@@ -25,12 +25,31 @@ import torch
 import torch.nn.functional as F
 
 from build_engine.ignore_regions import boxes_in_regions
-from build_engine.losses import LossConfig, box_loss, focal_loss, pairwise_iou
+from build_engine.losses import LossConfig, box_loss, focal_loss, pairwise_iou, set_but_unread
 from build_engine.model.ssd_coding import cxcywh_to_xyxy, decode, encode
 from perception.errors import ConfigError
 
 OFFSET_LOSSES = ("l1", "smooth_l1", "mse")
 CLS_LOSSES = ("ce", "focal")
+
+
+def check_ssd_cls_loss(cfg: LossConfig) -> None:
+    """ConfigError unless ``cfg.cls_loss`` is one this loss has (``TrainConfig`` checks at load)."""
+    if cfg.cls_loss not in CLS_LOSSES:
+        raise ConfigError(f"the ssd family needs loss.cls_loss in {CLS_LOSSES}, got {cfg.cls_loss!r}")
+
+
+def ssd_ignored_settings(cfg: LossConfig) -> list[str]:
+    """The settings ``cfg`` moves off their defaults that ``ssd_loss`` does not read, worded as
+    ``set_but_unread`` words them (``TrainConfig`` refuses them at load)."""
+    unread = {"obj_weight": "", "obj_focal": "", "center_radius": ""}  # no objectness, no SimOTA
+    if cfg.cls_loss == "ce":
+        unread.update(focal_gamma="read with loss.cls_loss focal", focal_alpha="read with loss.cls_loss focal")
+    else:
+        unread["neg_pos_ratio"] = "read with loss.cls_loss ce: focal mines no negatives"
+    if cfg.box_loss in OFFSET_LOSSES:
+        unread["l1_weight"] = "read with an IoU-family loss.box_loss, as an extra term on the offsets"
+    return set_but_unread(cfg, unread)
 
 
 @torch.no_grad()
@@ -83,8 +102,7 @@ def ssd_loss(
     An image without objects still teaches the background: it mines ``neg_pos_ratio`` negatives
     as if it had one positive (the batch's normaliser stays its positive count, at least 1).
     """
-    if cfg.cls_loss not in CLS_LOSSES:
-        raise ConfigError(f"the ssd family needs loss.cls_loss in {CLS_LOSSES}, got {cfg.cls_loss!r}")
+    check_ssd_cls_loss(cfg)
     b, k, n = logits.shape
     if ignore is not None and len(ignore) != len(targets):
         raise ValueError(f"{len(targets)} target entries but {len(ignore)} ignore entries")

@@ -237,3 +237,36 @@ def test_a_yolo_config_with_softmax_ce_is_refused_when_loaded() -> None:
     with pytest.raises(ConfigError, match="use bce or focal"):
         TrainConfig(model=ModelConfig(family="yolo"), loss=LossConfig(cls_loss="ce"))
     TrainConfig(model=ModelConfig(family="ssd"), loss=LossConfig(cls_loss="ce"))
+
+
+def test_focal_losses_have_finite_gradients_at_saturated_logits() -> None:
+    """With 0 < gamma < 1, (1 - p_t)^gamma has an infinite slope at 0, where a saturated logit
+    puts it in float32: 0 x inf, a NaN gradient that clip_grad_norm_ spread to every parameter.
+    Quality focal loss likewise where the score is its target exactly."""
+    for gamma in (0.5, 2.0):
+        x = torch.tensor([-30.0, 30.0, -120.0, 120.0, 0.0], requires_grad=True)
+        t = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5])
+        for loss in (focal_loss(x[:4], t[:4], gamma, 0.25), quality_focal_loss(x, t, gamma)):
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), (gamma, loss, grad)
+            assert float(loss.sum()) < 1e-6  # every prediction is (all but) right
+        # Unsaturated logits: the formulas exactly, alpha_t (1 - p_t)^gamma BCE and |t - p|^gamma BCE.
+        x, t = torch.tensor([0.3, -1.2, 2.0]), torch.tensor([1.0, 0.0, 0.7])
+        p = torch.sigmoid(x)
+        bce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+        p_t = torch.where(t[:2] == 1, p[:2], 1 - p[:2])
+        alpha_t = torch.where(t[:2] == 1, 0.25, 0.75)
+        want = alpha_t * (1 - p_t) ** gamma * bce[:2]
+        assert torch.allclose(focal_loss(x[:2], t[:2], gamma, 0.25), want, atol=1e-6)
+        assert torch.allclose(quality_focal_loss(x, t, gamma), (t - p).abs() ** gamma * bce, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"cls_weight": math.nan}, {"box_weight": math.inf}, {"focal_gamma": math.nan},
+                                {"neg_pos_ratio": math.inf}, {"focal_alpha": math.nan}, {"focal_alpha": 2.0}])
+def test_loss_config_refuses_non_finite_numbers_and_alpha_past_one(kw) -> None:
+    """NaN passed the ">= 0" checks (every comparison with it is false); alpha 2 made the
+    negatives' weight 1 - alpha negative: a loss that rewards being wrong."""
+    (name,) = kw
+    with pytest.raises(ConfigError, match=f"loss.{name} must be"):
+        LossConfig(**kw)
+    LossConfig(focal_alpha=-1.0)  # negative: no alpha weighting, as focal_loss documents
