@@ -185,6 +185,15 @@ def image_size(path: Path) -> tuple[int, int]:
     return int(img.shape[1]), int(img.shape[0])
 
 
+def read_label_text(path: Path) -> str:
+    """A YOLO label file's text: DataError naming the file unless it is UTF-8 (a byte-order mark,
+    as some Windows editors write, is not part of the first line), not a bare codec error."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: the label file is not UTF-8 text ({exc.reason} at byte {exc.start}); YOLO "
+                        "labels are text lines 'class cx cy w h'") from exc
+
 
 def parse_yolo_line(line: str, path: Path, line_no: int) -> tuple[int, float, float, float, float]:
     """One YOLO label line: class id, then centre x, centre y, width, height (fractions of the
@@ -198,6 +207,7 @@ def parse_yolo_line(line: str, path: Path, line_no: int) -> tuple[int, float, fl
     except ValueError as exc:
         raise DataError(f"{path}:{line_no}: malformed YOLO line {line.strip()!r} ({exc})") from exc
     return c, cx, cy, bw, bh
+
 
 def read_yolo_set(root: Path) -> LabelledSet:
     """A YOLO dataset: ``root/images/*``, ``root/labels/<stem>.txt``, ``root/classes.txt``.
@@ -228,7 +238,7 @@ def read_yolo_set(root: Path) -> LabelledSet:
         rows: list[list[float]] = []
         cls: list[int] = []
         if lf.is_file():
-            for ln, line in enumerate(lf.read_text().splitlines(), start=1):
+            for ln, line in enumerate(read_label_text(lf).splitlines(), start=1):
                 if not line.strip():
                     continue
                 c, cx, cy, bw, bh = parse_yolo_line(line, lf, ln)

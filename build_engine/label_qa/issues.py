@@ -17,7 +17,7 @@ from perception.boxes import box_iou
 
 KINDS = (
     "outside_image", "zero_area", "duplicate", "unknown_class", "tiny_box", "huge_box",  # geometric
-    "non_finite", "class_conflict", "shared_label_file",  # geometric
+    "non_finite", "class_conflict", "shared_label_file", "orphan_label_file", "repeated_image_id",  # geometric
     "bad_box", "missing_label", "wrong_class", "no_object",  # model-assisted
 )
 # A box may poke out of the image by this much (rounding of the labelling tool).
@@ -59,15 +59,28 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
     """Boxes outside the image, zero / negative area, non-finite coordinates (NaN / inf: JSON
     and float() parse them, every comparison with NaN is false, and a training run refuses the
     file), duplicates, one object labelled under two classes (``class_conflict``: a near-
-    duplicate box of another class), unknown class ids, implausibly tiny or huge boxes, and YOLO
-    images that share a label file (``shared_label_file``: a.jpg and a.png read labels/a.txt,
-    which training refuses)."""
+    duplicate box of another class), unknown class ids, implausibly tiny or huge boxes (crowd
+    regions aside: one box around a group is no object, and training ignores it), and what
+    training refuses of a set that parses: YOLO images that share a label file
+    (``shared_label_file``: a.jpg and a.png read labels/a.txt), YOLO label files without an
+    image (``orphan_label_file``) and COCO image records repeating an id (``repeated_image_id``).
+
+    A record is reported at most once per kind: of three copies of a box, the second and the
+    third are each a ``duplicate`` of the first (the most overlapping earlier box)."""
     out: list[Issue] = []
     for image, other, label_file in ls.shared_label_files:
         iid, (_, image_w, image_h) = next((i, v) for i, v in ls.images.items() if v[0] == image)
         out.append(Issue(image, iid, (0.0, 0.0, float(image_w), float(image_h)), "shared_label_file", 1.0,
                          ref=label_file,
                          detail=f"{other} reads the same label file: training refuses the set; rename one"))
+    for label_file in ls.orphan_label_files:
+        out.append(Issue("", 0, (0.0, 0.0, 0.0, 0.0), "orphan_label_file", 1.0, ref=label_file,
+                         detail="no image in images/ has this name: training refuses the set; add the image "
+                                "or remove the file"))
+    for iid, ref, image, image_w, image_h, earlier in ls.repeated_image_ids:
+        out.append(Issue(image, iid, (0.0, 0.0, float(image_w), float(image_h)), "repeated_image_id", 1.0,
+                         ref=ref, detail=f"repeats the id of {earlier}: training refuses the set; give each image "
+                                         f"its own id (its annotations are checked against {earlier} here)"))
     by_image: dict[int, list[int]] = {}
     for i, r in enumerate(ls.records):
         x1, y1, x2, y2 = r.box
@@ -85,7 +98,9 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
         if x1 < -t or y1 < -t or x2 > r.width + t or y2 > r.height + t:
             out.append(_label_issue(r, name, "outside_image", 1.0, f"image is {r.width}x{r.height}"))
         w, h = x2 - x1, y2 - y1
-        if w < TINY_SIDE_PX or h < TINY_SIDE_PX:
+        if r.crowd:  # a crowd region may cover most of an image, or a few pixels of a far group
+            pass
+        elif w < TINY_SIDE_PX or h < TINY_SIDE_PX:
             out.append(_label_issue(r, name, "tiny_box", 0.9, f"{w:.1f}x{h:.1f} px"))
         elif w * h > HUGE_FRACTION * r.width * r.height:
             out.append(_label_issue(r, name, "huge_box", 0.8,
@@ -96,17 +111,21 @@ def find_geometric_issues(ls: LabelSet) -> list[Issue]:
             continue
         boxes = np.array([ls.records[i].box for i in idx], np.float32)
         iou = box_iou(boxes, boxes)
-        for a in range(len(idx)):
-            for b in range(a + 1, len(idx)):
-                ra, rb = ls.records[idx[a]], ls.records[idx[b]]
-                if iou[a, b] < DUPLICATE_IOU:
+        classes = np.array([ls.records[i].class_id for i in idx])
+        for b in range(1, len(idx)):
+            rb = ls.records[idx[b]]
+            # Each pair once, against the most overlapping earlier box: of three copies, every
+            # pair was reported, the third copy twice, and one duplicate too many in the counts.
+            for kind, partners in (("duplicate", classes[:b] == classes[b]),
+                                   ("class_conflict", classes[:b] != classes[b])):
+                overlap = np.where(partners, iou[b, :b], -1.0)
+                a = int(overlap.argmax())
+                if overlap[a] < DUPLICATE_IOU:
                     continue
-                if ra.class_id == rb.class_id:
-                    out.append(_label_issue(rb, _name(ls, rb.class_id), "duplicate", float(iou[a, b]),
-                                            f"IoU {iou[a, b]:.2f} with {ra.ref}"))
-                else:
-                    out.append(_label_issue(rb, _name(ls, rb.class_id), "class_conflict", float(iou[a, b]),
-                                            f"IoU {iou[a, b]:.2f} with {ra.ref} labelled {_name(ls, ra.class_id)}"))
+                ra = ls.records[idx[a]]
+                also = "" if kind == "duplicate" else f" labelled {_name(ls, ra.class_id)}"
+                out.append(_label_issue(rb, _name(ls, rb.class_id), kind, float(iou[b, a]),
+                                        f"IoU {iou[b, a]:.2f} with {ra.ref}{also}"))
     return out
 
 

@@ -3,8 +3,11 @@ from (``annotations[17]``, ``labels/000003.txt:4``), keeping what a strict reade
 (unknown class ids, boxes outside the image, zero area, NaN / inf coordinates) so the linter
 can report it.
 
-Files that cannot be parsed at all (broken JSON, a YOLO line without 5 fields) are still a
-one-line ``DataError``: there is no record to report.
+Files that cannot be parsed at all (broken JSON, a YOLO line without 5 fields, a label file
+that is not text, an image record without a positive size to measure boxes against) are still a
+one-line ``DataError`` naming the file and record: there is no record to report. What training
+refuses of a set that parses (a repeated COCO image id, a YOLO label file without an image, two
+YOLO images reading one label file) is kept here for the linter to report.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from build_engine.data.formats import IMAGE_EXTS, image_size, parse_yolo_line, read_classes
+from build_engine.data.formats import IMAGE_EXTS, image_size, parse_yolo_line, read_classes, read_label_text
 from perception.coco import read_json
 from perception.errors import DataError
 
@@ -45,6 +48,13 @@ class LabelSet:
     # YOLO images whose label file another image of the same name reads too (a.jpg and a.png:
     # labels/a.txt): (the image, the other image, the label file), which training refuses.
     shared_label_files: tuple[tuple[str, str, str], ...] = ()
+    # YOLO label files no image reads (labels/b.txt without images/b.*), relative to the root,
+    # which training refuses.
+    orphan_label_files: tuple[str, ...] = ()
+    # COCO image records whose id an earlier one has, which training refuses: (the id, the
+    # record "images[3]", its file, width, height, the earlier record "images[1]"). ``images``
+    # keeps the earlier one, so the id's annotations are checked against one image, not a blend.
+    repeated_image_ids: tuple[tuple[int, str, str, int, int, str], ...] = ()
 
 
 def _coco(root: Path) -> LabelSet:
@@ -61,17 +71,32 @@ def _coco(root: Path) -> LabelSet:
                     if not (isinstance(c, dict) and "id" in c and "name" in c)), 0)
         raise DataError(f"{path}: categories[{bad}] needs an integer id and a name") from exc
     index = {cid: i for i, cid in enumerate(cat_ids)}
+    anns = data.get("annotations", [])
+    if not isinstance(anns, list):  # null iterated as "'NoneType' object is not iterable"
+        got = "null" if anns is None else type(anns).__name__
+        raise DataError(f"{path}: 'annotations' must be a list, got {got}")
     images: dict[int, tuple[str, int, int]] = {}
+    first: dict[int, int] = {}
+    repeated: list[tuple[int, str, str, int, int, str]] = []
     for i, im in enumerate(data["images"]):
         try:
             name = str(im["file_name"])
             # In images/ (this project's layout) or beside the JSON, as the other readers take it.
             rel = name if not (root / "images" / name).is_file() and (root / name).is_file() else "images/" + name
-            images[int(im["id"])] = (rel, int(im["width"]), int(im["height"]))
+            iid, w, h = int(im["id"]), im["width"], im["height"]
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path}: images[{i}] needs id, file_name, width and height") from exc
+        # Boxes are judged against the size (a width of 0 divided by zero), as training refuses it.
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in (w, h)):
+            raise DataError(f"{path}: images[{i}] (id {iid}, {name}) needs a positive integer width and height, "
+                            f"got {w!r} x {h!r}")
+        if iid in first:
+            repeated.append((iid, f"images[{i}]", rel, w, h, f"images[{first[iid]}]"))
+            continue
+        first[iid] = i
+        images[iid] = (rel, w, h)
     records = []
-    for i, a in enumerate(data.get("annotations", [])):
+    for i, a in enumerate(anns):
         ref = f"annotations[{i}] (id {a.get('id', '?')})" if isinstance(a, dict) else f"annotations[{i}]"
         bbox = a.get("bbox") if isinstance(a, dict) else None
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
@@ -86,7 +111,8 @@ def _coco(root: Path) -> LabelSet:
             cls = 10_000 + (cid if isinstance(cid, int) else 0)  # reported as unknown
         x, y, bw, bh = (float(v) for v in bbox)
         records.append(LabelRecord(iid, f, w, h, (x, y, x + bw, y + bh), cls, ref, bool(a.get("iscrowd", 0))))
-    return LabelSet(root, tuple(names[c] for c in cat_ids), images, records, "coco")
+    return LabelSet(root, tuple(names[c] for c in cat_ids), images, records, "coco",
+                    repeated_image_ids=tuple(repeated))
 
 
 def _yolo(root: Path) -> LabelSet:
@@ -107,13 +133,16 @@ def _yolo(root: Path) -> LabelSet:
             shared.append((f"images/{f.name}", f"images/{other.name}", f"labels/{lf.name}"))
         if not lf.is_file():
             continue
-        for ln, line in enumerate(lf.read_text().splitlines(), start=1):
+        for ln, line in enumerate(read_label_text(lf).splitlines(), start=1):
             if not line.strip():
                 continue
             c, cx, cy, bw, bh = parse_yolo_line(line, lf, ln)
             box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
             records.append(LabelRecord(iid, f"images/{f.name}", w, h, box, c, f"labels/{lf.name}:{ln}"))
-    return LabelSet(root, classes, images, records, "yolo", tuple(shared))
+    # As read_yolo_set finds them: a label file whose stem no image has.
+    label_files = (root / "labels").glob("*.txt") if (root / "labels").is_dir() else ()
+    orphans = sorted(f"labels/{p.name}" for p in label_files if p.stem not in first_of)
+    return LabelSet(root, classes, images, records, "yolo", tuple(shared), tuple(orphans))
 
 
 def read_label_set(root: str | os.PathLike[str]) -> LabelSet:

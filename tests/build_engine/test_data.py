@@ -195,6 +195,18 @@ def test_bad_yolo_lines_name_file_and_line(small_set, tmp_path, line, fragment) 
     assert f"{lf}:" in str(ei.value) and fragment in str(ei.value)
 
 
+def test_a_label_file_that_is_not_text_is_named(small_set, tmp_path) -> None:
+    """It was a bare codec error ("'utf-8' codec can't decode byte 0xff"), no file named."""
+    d = yolo_copy(small_set, tmp_path)
+    lf = d / "labels" / "000003.txt"
+    lf.write_bytes(b"\xff\xfe\x00garbage\x80\x81")
+    with pytest.raises(DataError, match=f"{lf}: the label file is not UTF-8 text"):
+        read_labelled_set(d)
+    lf.write_bytes(b"\xef\xbb\xbf0 0.5 0.5 0.1 0.1\n")  # a byte-order mark is no part of the class id
+    (sample,) = [s for s in read_labelled_set(d).samples if s.file.stem == "000003"]
+    assert sample.class_ids.tolist() == [0]
+
+
 def test_undecodable_image_and_orphan_label(small_set, tmp_path) -> None:
     d = yolo_copy(small_set, tmp_path)
     (d / "images" / "000002.jpg").write_bytes(b"\xff\xd8garbage")

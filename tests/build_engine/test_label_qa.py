@@ -233,3 +233,95 @@ def test_one_object_labelled_under_two_classes_is_a_class_conflict(val_set, tmp_
     assert [(i.kind, i.ref) for i in issues] == [("class_conflict", f"annotations[{len(gt['annotations']) - 1}] "
                                                                     f"(id {other['id']})")]
     assert issues[0].score == pytest.approx(0.95, abs=0.01) and f"(id {a['id']})" in issues[0].detail
+
+
+def _coco_set(d, images, annotations, write_images=True):
+    """A tiny COCO set in ``d``: ``images`` as (id, file, width, height), grey images written."""
+    import cv2
+
+    (d / "images").mkdir(parents=True)
+    for _, f, w, h in images:
+        if write_images and w > 0 and h > 0:
+            cv2.imwrite(str(d / "images" / f), np.full((h, w, 3), 128, np.uint8))
+    gt = {"images": [{"id": i, "file_name": f, "width": w, "height": h} for i, f, w, h in images],
+          "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "pedestrian"}], "annotations": annotations}
+    (d / "annotations.json").write_text(json.dumps(gt))
+    return d
+
+
+def _yolo_set(d, labels):
+    """A tiny YOLO set in ``d``: one 100x80 image a.jpg, classes car / pedestrian, ``labels``
+    {file name: bytes} under labels/."""
+    import cv2
+
+    (d / "images").mkdir(parents=True)
+    (d / "labels").mkdir()
+    cv2.imwrite(str(d / "images" / "a.jpg"), np.full((80, 100, 3), 128, np.uint8))
+    (d / "classes.txt").write_text("car\npedestrian\n")
+    for name, data in labels.items():
+        (d / "labels" / name).write_bytes(data)
+    return d
+
+
+def test_unreadable_label_files_are_one_line_errors_naming_the_file_and_record(tmp_path) -> None:
+    """An image of width 0 gave "float division by zero", annotations null "'NoneType' object is
+    not iterable", a label file that is not text a codec error naming no file."""
+    from perception.errors import DataError
+
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]}
+    zero = _coco_set(tmp_path / "zero", [(1, "a.jpg", 0, 80)], [box])
+    with pytest.raises(DataError, match=r"zero/annotations.json: images\[0\] \(id 1, a.jpg\) needs a positive"):
+        find_geometric_issues(read_label_set(zero))
+    null = _coco_set(tmp_path / "null", [(1, "a.jpg", 100, 80)], None)
+    with pytest.raises(DataError, match="null/annotations.json: 'annotations' must be a list"):
+        read_label_set(null)
+    binary = _yolo_set(tmp_path / "bin", {"a.txt": b"\xff\xfe\x00garbage\x80\x81"})
+    with pytest.raises(DataError, match=r"bin/labels/a.txt: the label file is not UTF-8 text") as ei:
+        read_label_set(binary)
+    assert len(str(ei.value).splitlines()) == 1
+
+
+def test_what_training_refuses_is_flagged_not_merged_or_missed(tmp_path) -> None:
+    """A label file without an image was "issues: none" while training refused the set; a
+    repeated image id was merged silently (the second image's size judged the first image's
+    box: a bogus outside_image) while training refused it too. Both are flagged now, as
+    training's refusals are (score 1)."""
+    from build_engine.data.formats import read_labelled_set
+    from build_engine.label_qa.issues import KINDS
+    from perception.errors import DataError
+
+    orphan = _yolo_set(tmp_path / "orphan", {"a.txt": b"0 0.5 0.5 0.2 0.2\n", "b.txt": b"0 0.5 0.5 0.2 0.2\n"})
+    issues = find_geometric_issues(read_label_set(orphan))
+    assert [(i.kind, i.ref, i.score) for i in issues] == [("orphan_label_file", "labels/b.txt", 1.0)]
+    with pytest.raises(DataError, match="b.txt: label file has no image"):
+        read_labelled_set(orphan)
+    box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 40, 20, 20]}  # inside a.jpg, not b.jpg
+    twice = _coco_set(tmp_path / "twice", [(1, "a.jpg", 100, 80), (1, "b.jpg", 40, 30)], [box])
+    issues = find_geometric_issues(read_label_set(twice))
+    got = [(i.kind, i.image, i.ref, i.score) for i in issues]
+    assert got == [("repeated_image_id", "images/b.jpg", "images[1]", 1.0)]
+    assert "images[0]" in issues[0].detail
+    with pytest.raises(DataError, match="repeats image id 1"):
+        read_labelled_set(twice)
+    assert {"orphan_label_file", "repeated_image_id"} <= set(KINDS)
+
+
+def test_crowd_regions_are_sized_by_no_one_object_and_copies_are_reported_once(tmp_path) -> None:
+    """A crowd region (iscrowd 1, an ignore region in training) around most of the image was
+    flagged huge_box. Three copies of a box gave three duplicates (every pair), the third copy
+    flagged twice."""
+    anns = [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 100, 78], "iscrowd": 1},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 5, 1, 1], "iscrowd": 1},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+            {"id": 4, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+            {"id": 6, "image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20]}]
+    d = _coco_set(tmp_path / "c", [(1, "a.jpg", 100, 80)], anns)
+    got = sorted((i.kind, i.ref, i.detail) for i in find_geometric_issues(read_label_set(d)))
+    assert got == [("class_conflict", "annotations[5] (id 6)", "IoU 1.00 with annotations[2] (id 3) labelled car"),
+                   ("duplicate", "annotations[3] (id 4)", "IoU 1.00 with annotations[2] (id 3)"),
+                   ("duplicate", "annotations[4] (id 5)", "IoU 1.00 with annotations[2] (id 3)")]
+    anns[0]["iscrowd"] = 0  # an object that size is still worth a look
+    d = _coco_set(tmp_path / "o", [(1, "a.jpg", 100, 80)], anns)
+    huge = [i.ref for i in find_geometric_issues(read_label_set(d)) if i.kind == "huge_box"]
+    assert huge == ["annotations[0] (id 1)"]
