@@ -46,7 +46,7 @@ from server.runtime.factory import Availability, RuntimeSettings, backend_for, p
 from server.runtime.settings import resolve_arrangement, usable_cores
 from server.runtime.tensorrt_engines import check_signed_engine_cache
 from server.scheduler import Scheduler
-from server.served_model import ServedModel, check_finite, load_served_model
+from server.served_model import ServedModel, load_served_model
 from server.service import DetectorService, add_detector_service
 from server.shm import ShmReader
 from server.trackers import Trackers
@@ -228,7 +228,7 @@ def _warm_up(backend: Backend, pipeline: FramePipeline, iters: int, max_batch: i
     for b in sorted({1, max_batch}):
         batch = np.repeat(x, b, axis=0)
         for _ in range(iters):
-            check_finite(backend.infer(batch))  # a model that computes only NaN does not start
+            pipeline.check_finite(backend.infer(batch))  # a model that computes only NaN does not start
 
 
 def _reloader(settings: RuntimeSettings, preference: tuple[str, ...]) -> Any:

@@ -162,7 +162,7 @@ class ServedModel:
                     raise
                 log.info("%s: its engine was reloaded under a run; running it on the new one", self.describe())
                 out = self.backend.infer(batch)
-        check_finite(out)
+        self.pipeline.check_finite(out)
         return out
 
     def to_batch(self, items: list[Any]) -> NDArray[np.float32]:
@@ -170,19 +170,6 @@ class ServedModel:
 
     def describe(self) -> str:
         return f"{self.manifest.name} {self.version} ({self.variant.name})"
-
-
-def check_finite(outputs: Any) -> None:
-    """ModelError when an output of a run holds no finite value at all (a model that diverged,
-    an export or quantization gone wrong): post-processing drops non-finite candidates, so every
-    frame was answered OK with no detection, health stayed SERVING and probation kept the model.
-    Failed instead, the run counts against health and probation, and a swap's verification
-    refuses the model. O(1) per output unless its first value is not finite."""
-    for name, arr in outputs.items():
-        a = np.asarray(arr)
-        if a.size and a.dtype.kind in "fc" and not np.isfinite(a.flat[0]) and not np.isfinite(a).any():
-            raise ModelError(f"the model's output {name!r} is all NaN or infinite ({a.shape}): it computes nothing "
-                             "usable on this runtime")
 
 
 def recorded_latency_ratio(new: ServedModel, cur: ServedModel) -> float:

@@ -798,3 +798,66 @@ def test_a_model_that_computes_only_nan_is_refused_not_served(serve: Any, arts: 
     with pytest.raises(PerceptionError, match="all NaN or infinite"):  # nor does a server start with it
         create_server(ServerConfig(model=str(nan), host="127.0.0.1", port=0, metrics_port=0, threads=1,
                                    warmup_iters=1, grace_s=1.0), CollectorRegistry())
+
+
+def _constant_nms_model(path: Path, num_dets: int, rows: int = 5) -> None:
+    """A post-NMS (nms_detections) model of 64x96 input answering ``num_dets`` detections of
+    ``rows``, every box row NaN: padding when ``num_dets`` is 0, boxes when it is not."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.full((1, rows, 4), np.nan, np.float32), "nan_boxes"),
+             numpy_helper.from_array(np.full((1, rows), 0.9, np.float32), "scores"),
+             numpy_helper.from_array(np.array(0, np.float32), "zero"),
+             numpy_helper.from_array(np.array([[num_dets]], np.int64), "count"),
+             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "s3"),
+             numpy_helper.from_array(np.array([-1, 1], np.int64), "s2")]
+    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Mul", ["mean", "zero"], ["z"]),
+             helper.make_node("Reshape", ["z", "s3"], ["z3"]),
+             helper.make_node("Reshape", ["z", "s2"], ["z2"]),
+             helper.make_node("Add", ["nan_boxes", "z3"], ["det_boxes"]),
+             helper.make_node("Add", ["scores", "z2"], ["det_scores"]),
+             helper.make_node("Cast", ["z2"], ["zero_ids"], to=TensorProto.INT64),
+             helper.make_node("Add", ["zero_ids", "count"], ["num_dets_wide"]),
+             helper.make_node("Slice", ["num_dets_wide", "first", "one", "axis1"], ["num_dets"]),
+             helper.make_node("Mul", ["det_scores", "zero"], ["class_zero"]),
+             helper.make_node("Cast", ["class_zero"], ["det_classes"], to=TensorProto.INT64)]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), n) for n in ("first", "axis1")]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    graph = helper.make_graph(
+        nodes, "constant_nms", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 96])],
+        [helper.make_tensor_value_info("num_dets", TensorProto.INT64, ["batch", 1]),
+         helper.make_tensor_value_info("det_boxes", TensorProto.FLOAT, ["batch", rows, 4]),
+         helper.make_tensor_value_info("det_scores", TensorProto.FLOAT, ["batch", rows]),
+         helper.make_tensor_value_info("det_classes", TensorProto.INT64, ["batch", rows])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_post_nms_model_padding_an_empty_frame_with_nan_is_served(serve: Any, tmp_path: Path) -> None:
+    """A post-NMS model may pad the rows past num_dets with anything: import does not judge
+    them, and the served check judged whole outputs, so such a model failed its warm-up (random
+    noise, no detection) and could not be served. NaN boxes it does count are still refused."""
+    from perception.cli import main as cli
+    from perception.errors import PerceptionError
+
+    (tmp_path / "classes.txt").write_text("car\ntruck\n")
+    for n in (0, 3):
+        _constant_nms_model(tmp_path / f"nms{n}.onnx", num_dets=n)
+    argv = ["import", "--layout", "nms_detections", "--classes", str(tmp_path / "classes.txt"), "--no-progress"]
+    assert cli([*argv, "--onnx", str(tmp_path / "nms0.onnx"), "--out", str(tmp_path / "padded")]) == 0
+    run = serve(model=str(tmp_path / "padded" / "manifest.json"))
+    answer = run.stub.Detect(request("cam", 0, jpeg()), timeout=10)
+    assert answer.status == pb.FRAME_STATUS_OK and len(answer.detections) == 0
+    counted = cli([*argv, "--onnx", str(tmp_path / "nms3.onnx"), "--out", str(tmp_path / "counted")])
+    assert counted != 0  # the import refuses NaN boxes it counts, and so does the server below
+    shutil.copytree(tmp_path / "padded", tmp_path / "counted_art")
+    shutil.copy(tmp_path / "nms3.onnx", tmp_path / "counted_art" / "model.fp32.onnx")
+    m = load_manifest(tmp_path / "counted_art" / "manifest.json", verify_checksums=False)
+    variant = dataclasses.replace(m.variant(), sha256=sha256_file(tmp_path / "counted_art" / "model.fp32.onnx"))
+    save_manifest(dataclasses.replace(m, version="0.0.3", variants=(variant,), root=tmp_path / "counted_art"),
+                  tmp_path / "counted_art")
+    with pytest.raises(PerceptionError, match="boxes .* are all NaN or infinite"):
+        run.server.models.load_and_swap(str(tmp_path / "counted_art" / "manifest.json"))
