@@ -158,7 +158,9 @@ class CameraWorker:
         self._replaced_log = RepeatedLog()
         self._too_large_log = RepeatedLog()
         self._failed_log = RepeatedLog()
-        self._answer_log = RepeatedLog()  # answers other than OK
+        # Answers other than OK, one log per status: with one for all, stale, expired and
+        # overloaded answers interleaving under overload each reset it, and every answer was logged.
+        self._answer_logs: dict[str, RepeatedLog] = {}
         self._answer_log_lock = threading.Lock()
         self._retry = dataclasses.replace(config.retry, give_up_after_s=0.0, max_attempts=0)
         # Between replacement streams that got no answer (a server refusing every stream: a
@@ -376,7 +378,8 @@ class CameraWorker:
         """An answer other than OK: why, in the stats' note and the log, once per REPEAT_LOG_S
         for a status that recurs (a camera whose every frame the server refuses)."""
         with self._answer_log_lock:  # a retired session's receiver may still be delivering
-            again = self._answer_log.due(result.status.value)  # by status: messages name the frame
+            status = result.status.value  # by status: messages name the frame
+            again = self._answer_logs.setdefault(status, RepeatedLog()).due(status)
         if again is None:
             return
         why = f"frame {result.sequence} answered {result.status.value}: {result.message or '(no message)'}"

@@ -746,3 +746,23 @@ def test_shm_rings_take_the_mode_and_group_given(tiny_manifest: Path, tmp_path: 
         NodeConfig(shm_mode=0o666)
     with pytest.raises(ConfigError, match="does not exist"):
         NodeConfig(shm_mode=0o640, shm_group="no-such-group-here")
+
+
+def test_interleaved_statuses_are_each_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Under overload stale, expired and overloaded answers interleave: with one repeat guard for
+    every status each reset it, and every answer was logged (90 lines for 90 answers)."""
+    import threading
+    import types
+
+    from client.camera_node import CameraWorker
+    from client.frames import FrameStatus
+
+    notes: list[str] = []
+    worker = types.SimpleNamespace(_answer_logs={}, _answer_log_lock=threading.Lock(), camera_id="front",
+                                   stats=types.SimpleNamespace(note=notes.append))
+    caplog.set_level(logging.WARNING, logger="client")
+    statuses = [FrameStatus.DROPPED_STALE, FrameStatus.EXPIRED, FrameStatus.OVERLOADED] * 30
+    for i, status in enumerate(statuses):
+        CameraWorker._not_ok(worker, types.SimpleNamespace(status=status, sequence=i, message="why"))  # type: ignore[arg-type]
+    told = [r.getMessage() for r in caplog.records if r.name.startswith("client")]
+    assert len(told) == 3 and len(notes) == 3, told
