@@ -8,6 +8,7 @@ missed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from client.frames import FrameResult, FrameStatus
@@ -20,6 +21,7 @@ def evaluate_replay(
     gt: GroundTruthIndex,
     score_threshold: float = 0.25,
     file_names: dict[tuple[str, int], str] | None = None,
+    model_classes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """KPI dict (map50_95, map50, precision, recall, ...) plus how the frames matched and what
     was left out: frames_without_gt, gt_images_not_replayed, unknown_class_detections (of a class
@@ -27,7 +29,7 @@ def evaluate_replay(
     DataError when no frame or two frames match one image, or a frame is not its image's size."""
     from perception.kpi import evaluate_coco
 
-    preds = coco_predictions(results, gt, file_names)
+    preds = coco_predictions(results, gt, file_names, model_classes)
     seen = set(preds.image_ids.values())
     other_size: list[str] = []
     for r in results:

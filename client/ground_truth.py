@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,10 +135,13 @@ class GroundTruthIndex:
             hit = self.category_by_key.get(_name_key(class_name))
         return hit
 
-    def categories_for(self, class_names: Iterable[str]) -> CategoryMap:
+    def categories_for(self, class_names: Iterable[str], model_classes: Sequence[str] = ()) -> CategoryMap:
         """How detections whose classes are named ``class_names`` find their categories (see the
-        module docstring): by name if any of the names is a category's, else by class id."""
-        names = {n for n in class_names if n}
+        module docstring): by name if any of the names is a category's, else by class id.
+        ``model_classes``, the served model's class list when known, counts as named too: a
+        model of car and truck that detected only trucks on a ground truth of cars and
+        pedestrians has its trucks left out, not scored as pedestrians by their class id."""
+        names = {n for n in (*class_names, *model_classes) if n}
         # (No names at all: every detection goes by its class id all the same, see CategoryMap.)
         by_name = not names or any(self.category_id(n) is not None for n in names)
         if not by_name and not self._told_id_order:
@@ -201,7 +204,8 @@ class Predictions:
 
 
 def coco_predictions(
-    results: list[FrameResult], gt: GroundTruthIndex | None = None, file_names: dict[FrameKey, str] | None = None
+    results: list[FrameResult], gt: GroundTruthIndex | None = None, file_names: dict[FrameKey, str] | None = None,
+    model_classes: Sequence[str] = (),
 ) -> Predictions:
     """COCO results ({image_id, category_id, bbox [x, y, w, h], score}) of the OK frames.
 
@@ -216,7 +220,8 @@ def coco_predictions(
     cats: CategoryMap | None = None
     if gt is not None:
         image_ids = gt.match((r.camera_id, r.sequence, frame_file_name(r, file_names)) for r in ordered)
-        cats = gt.categories_for(n for r in ordered if (r.camera_id, r.sequence) in image_ids for n in r.class_names)
+        cats = gt.categories_for((n for r in ordered if (r.camera_id, r.sequence) in image_ids for n in r.class_names),
+                                 model_classes)
     out: list[dict[str, Any]] = []
     unmatched = unknown = 0
     for n, r in enumerate(ordered, 1):

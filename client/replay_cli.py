@@ -227,9 +227,11 @@ def main(argv: list[str]) -> int:
     started = False  # the replay ran: its sinks publish what it wrote, else they are discarded
     client = DetectorClient(config)
     sigterm = _SigtermAsInterrupt()
+    model_classes: tuple[str, ...] = ()  # the served model's classes: how scoring maps them to categories
     try:
         client.wait_ready()
         info = client.model_info()
+        model_classes = info.classes
         log.info("server: model %s %s (%s, %s) at %s", info.name, info.version, info.variant or info.precision,
                  info.backend, ", ".join(e.address for e in client.pool.endpoints))
         # In this order, so that an output that cannot be opened leaves the others' files as they
@@ -286,7 +288,8 @@ def main(argv: list[str]) -> int:
         summary["kpi_error"] = str(kpi_error)
     elif gt is not None and answered_ok:
         try:
-            summary["kpi"] = evaluate_replay(outcome.results, gt, args.kpi_score_threshold, outcome.file_names)
+            summary["kpi"] = evaluate_replay(outcome.results, gt, args.kpi_score_threshold, outcome.file_names,
+                                             model_classes)
         except PerceptionError as exc:  # still write what the replay produced
             kpi_error = exc
             summary["kpi_error"] = str(exc)
@@ -298,13 +301,13 @@ def main(argv: list[str]) -> int:
     elif args.track and gt is not None and answered_ok and kpi_error is None:  # (frames the KPI refused: no score)
         try:
             summary["tracking"] = _score_tracking(outcome.results, gt, args.track_confirmed_only,
-                                                  args.track_min_gt_height)
+                                                  args.track_min_gt_height, model_classes)
         except PerceptionError as exc:  # as for the KPI: the rest of the summary is still written
             tracking_error = exc
             summary["tracking_error"] = str(exc)
     if args.coco_results:
         try:
-            preds = coco_predictions(outcome.results, gt, outcome.file_names)
+            preds = coco_predictions(outcome.results, gt, outcome.file_names, model_classes)
         except PerceptionError as exc:  # frames the ground truth cannot tell apart: the KPI met it first
             kpi_error = kpi_error or exc
         else:
@@ -402,9 +405,10 @@ def _statuses(outcome: ReplayOutcome) -> str:
 
 
 def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool,
-                    min_gt_height: float = 0.0) -> dict[str, Any]:
+                    min_gt_height: float = 0.0, model_classes: tuple[str, ...] = ()) -> dict[str, Any]:
     """The summary's ``tracking`` block: client.track_scoring's report of the answered frames."""
     from client.track_scoring import score_tracks, tracked_frames
 
-    report = score_tracks(tracked_frames(results), gt, confirmed_only=confirmed_only, min_gt_height=min_gt_height)
+    report = score_tracks(tracked_frames(results), gt, confirmed_only=confirmed_only, min_gt_height=min_gt_height,
+                          model_classes=model_classes)
     return {"confirmed_only": confirmed_only, **report.to_dict()}

@@ -273,9 +273,10 @@ def _ground_truth_tracks(gt: GroundTruthIndex) -> dict[int, _GtFrame]:
 
 def score_tracks(
     frames: Iterable[TrackedFrame], gt: GroundTruthIndex, min_iou: float = 0.5, confirmed_only: bool = False,
-    min_gt_height: float = 0.0,
+    min_gt_height: float = 0.0, model_classes: Sequence[str] = (),
 ) -> TrackReport:
     """Score the tracked frames against the ground truth's tracks (see the module docstring).
+    ``model_classes``: the served model's class list, when known (``GroundTruthIndex.categories_for``).
 
     DataError if no frame is in the ground truth, a frame is given twice, two frames match one
     ground-truth image, a frame has a track id on two boxes, or ``confirmed_only`` meets a frame
@@ -302,7 +303,8 @@ def score_tracks(
     if not per_camera:
         raise DataError(f"{gt.path or 'ground truth'}: no tracked frame matches a ground-truth image "
                         "(by camera_id + sequence or file_name)")
-    classes = gt.categories_for(n for cam in per_camera.values() for f, _ in cam.values() for n in f.class_names)
+    classes = gt.categories_for((n for cam in per_camera.values() for f, _ in cam.values() for n in f.class_names),
+                                model_classes)
     untracked = unconfirmed = unknown = dont_care_gt = dont_care_dets = 0
     accumulators = {}
     for camera in sorted(per_camera):

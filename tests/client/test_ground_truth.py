@@ -132,3 +132,16 @@ def test_tracking_counts_every_ground_truth_image_not_scored_as_the_detection_sc
     answers = [_answer("front", s, f"front/{s:06d}.jpg") for s in range(2)]
     report = score_tracks(tracked_frames(answers), gt)
     assert report.gt_frames_not_scored == 8 == evaluate_replay(answers, gt)["gt_images_not_replayed"]
+
+
+def test_a_class_the_ground_truth_lacks_is_left_out_when_the_model_names_one_it_has() -> None:
+    """Whether classes go by name or by id was judged on the names detected alone: a model of
+    car and truck that detected only trucks on ground truth of cars and pedestrians had its
+    trucks scored as pedestrians (class id 1), false positives in the KPI and in MOTA."""
+    gt = _gt({"front": 2}, categories=("car", "pedestrian"))
+    trucks = [_answer("front", s, name="truck", class_id=1) for s in range(2)]
+    kpi = evaluate_replay(trucks, gt, model_classes=("car", "truck"))
+    assert kpi["classes_matched_by"] == "name" and kpi["unknown_class_detections"] == 2
+    report = score_tracks(tracked_frames(trucks), gt, model_classes=("car", "truck"))
+    assert report.unknown_class_detections == 2 and report.overall.false_positives == 0
+    assert evaluate_replay(trucks, gt)["classes_matched_by"] == "class id"  # without the list, as before
