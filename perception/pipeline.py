@@ -262,18 +262,17 @@ class FramePipeline:
         import judges them) holds no finite value: a model that diverged, or an export or
         quantization gone wrong. Post-processing drops non-finite candidates, so such a model
         answered every frame OK with no detection, and health and probation saw nothing wrong.
-        ``outputs`` are a run's, with the batch axis. O(1) per output unless its first value is
-        not finite (a post-NMS model's NaN padding of an empty frame is judged by its parts)."""
+        ``outputs`` are a run's, with the batch axis. Each part of each frame is judged on its
+        own (finite boxes beside NaN scores, or one NaN frame of a batch, are caught); O(1) per
+        part unless its first value is not finite."""
         arrays = {name: np.asarray(a) for name, a in outputs.items()}
-        if all(a.size == 0 or a.dtype.kind not in "fc" or np.isfinite(a.flat[0]) for a in arrays.values()):
-            return
-        if any(a.ndim == 0 for a in arrays.values()):
+        if not arrays or any(a.ndim == 0 for a in arrays.values()):
             return  # no batch axis to read frames along: nothing the decoder could take either
         for i in range(min(len(a) for a in arrays.values())):
             roles = self._role_arrays({name: a[i] for name, a in arrays.items()})
             for part, (role, values) in self.decoder.parts(roles).items():
                 v = np.asarray(values)
-                if v.size and v.dtype.kind in "fc" and not np.isfinite(v).any():
+                if v.size and v.dtype.kind in "fc" and not np.isfinite(v.flat[0]) and not np.isfinite(v).any():
                     name = (self._roles or {}).get(role, role)
                     raise ModelError(f"the model's {part} (output {name!r}) are all NaN or infinite: it computes "
                                      "nothing usable on this runtime")

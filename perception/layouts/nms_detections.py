@@ -118,7 +118,12 @@ def _counted(outputs: RoleArrays, rows: int) -> int:
     """How many of one image's ``rows`` are detections: ``num_dets`` of them, else all."""
     if "num_dets" not in outputs:
         return rows
-    return max(0, min(rows, int(np.asarray(outputs["num_dets"]).reshape(-1)[0])))
+    count = np.asarray(outputs["num_dets"]).reshape(-1)
+    if count.size == 0 or not np.isfinite(count[0]):
+        # A float count of NaN made int() raise ValueError: a crash, not the model's fault named.
+        raise ModelError(f"the model's detection count (num_dets) is {count[0] if count.size else 'empty'}, "
+                         "not a number of rows: it computes nothing usable on this runtime")
+    return max(0, min(rows, int(count[0])))
 
 
 def _tell_out_of_range(class_id: int, num_classes: int, offset: int) -> None:

@@ -108,3 +108,66 @@ def test_priors_are_the_bytes_the_manifest_hashed(tmp_path) -> None:
     np.save(d / "priors.npy", np.tile(np.array([[0.1, 0.1, 0.9, 0.9]], np.float32), (6, 1)))  # replaced since
     with pytest.raises(ManifestError, match="does not match its sha256"):
         FramePipeline.from_manifest(m)
+
+
+def _bound(layout: str, outputs: dict[str, np.ndarray]) -> FramePipeline:
+    from perception.layouts import TensorInfo
+    from perception.manifest.schema import PostprocessSpec, PreprocessSpec
+
+    pipe = FramePipeline(PreprocessSpec(64, 64), PostprocessSpec(output_layout=layout), ("car", "truck"))
+    pipe.bind_outputs([TensorInfo(n, (None, *a.shape[1:]), str(a.dtype)) for n, a in outputs.items()])
+    return pipe
+
+
+def _yolov8(frames: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).random((frames, 4 + 2, 50)).astype(np.float32)
+
+
+def _yolov5(frames: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).random((frames, 50, 5 + 2)).astype(np.float32)
+
+
+def _nan_scores(a: np.ndarray) -> np.ndarray:
+    a[:, 4:] = np.nan
+    return a
+
+
+def _nan_objectness(a: np.ndarray) -> np.ndarray:
+    a[:, :, 4] = np.nan
+    return a
+
+
+def _nan_second_frame(a: np.ndarray) -> np.ndarray:
+    a[1] = np.nan
+    return a
+
+
+@pytest.mark.parametrize("layout, name, outputs, part", [
+    # The check judged whole outputs by their first value: finite boxes ahead of all-NaN scores
+    # or objectness in the same tensor, or a batch whose first frame was fine, passed.
+    ("yolov8", "output0", _nan_scores(_yolov8()), "scores"),
+    ("yolov5", "output0", _nan_objectness(_yolov5()), "objectness"),
+    ("yolo_obj", "predictions", _nan_objectness(_yolov5()), "objectness"),
+    ("yolov8", "output0", _nan_second_frame(_yolov8()), "boxes"),
+])
+def test_a_part_or_a_frame_that_is_all_nan_is_refused(layout, name, outputs, part) -> None:
+    from perception.errors import ModelError
+
+    pipe = _bound(layout, {name: outputs})
+    with pytest.raises(ModelError, match=f"the model's {part} \\(output '{name}'\\) are all NaN or infinite"):
+        pipe.check_finite({name: outputs})
+    pipe.check_finite({name: _yolov8() if layout == "yolov8" else _yolov5()})  # a sound model passes
+
+
+def test_a_post_nms_count_that_is_nan_is_a_model_error_not_a_crash() -> None:
+    """TF-style detectors give num_detections as float: NaN made int() raise ValueError."""
+    from perception.errors import ModelError
+
+    nan = np.full((2, 5), np.nan, np.float32)
+    outputs = {"num_detections": np.full((2, 1), np.nan, np.float32), "detection_boxes": np.full((2, 5, 4), np.nan,
+               np.float32), "detection_scores": nan, "detection_classes": nan.copy()}
+    pipe = _bound("nms_detections", outputs)
+    with pytest.raises(ModelError, match="detection count .* is nan"):
+        pipe.check_finite(outputs)
+    padded = dict(outputs, num_detections=np.zeros((2, 1), np.float32))  # NaN padding past a count of 0 is fine
+    pipe.check_finite(padded)
