@@ -149,4 +149,6 @@ def from_response(resp: pb.DetectResponse, latency_ms: float = 0.0) -> FrameResu
         ),
         latency_ms=latency_ms,
         tracks=Tracks(track_ids, tuple(states)) if tracked else None,
+        model_version=resp.model_version,
+        model_variant=resp.model_variant,
     )

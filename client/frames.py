@@ -165,6 +165,8 @@ class FrameResult:
     latency_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
     tracks: Tracks | None = None
+    model_version: str = ""  # which model answered (changes on a hot swap); "" if the server did not say
+    model_variant: str = ""  # and its variant (changes when the server degrades)
 
     def __post_init__(self) -> None:
         if self.tracks is not None and len(self.tracks) != len(self.detections):
@@ -175,7 +177,8 @@ class FrameResult:
     def to_json_dict(self) -> dict[str, object]:
         """The JSONL record (shared interface: one object per answered frame). Each detection
         has ``track_id`` (0 = not tracked) and ``track_state`` (a TrackState name, or null)
-        only when the frame has ``tracks``."""
+        only when the frame has ``tracks``; ``model_version`` / ``model_variant`` only when the
+        server named the model that answered."""
         dets: list[dict[str, object]] = [
             {
                 "box": [round(float(v), 2) for v in box],
@@ -202,6 +205,8 @@ class FrameResult:
             "detections": dets,
             "timings": self.timings.as_dict(),
             "latency_ms": round(self.latency_ms, 3),
+            **({"model_version": self.model_version} if self.model_version else {}),
+            **({"model_variant": self.model_variant} if self.model_variant else {}),
             **self.extra,
         }
 
@@ -231,7 +236,7 @@ class FrameResult:
             raise DataError("'timings' must be an object")
         known = {
             "camera_id", "sequence", "capture_timestamp_ns", "status", "message", "image_width",
-            "image_height", "detections", "timings", "latency_ms",
+            "image_height", "detections", "timings", "latency_ms", "model_version", "model_variant",
         }
         return cls(
             camera_id=str(d["camera_id"]),
@@ -247,6 +252,8 @@ class FrameResult:
             latency_ms=_json_float(d.get("latency_ms", 0.0)),
             extra={k: v for k, v in d.items() if k not in known},
             tracks=tracks,
+            model_version=str(d.get("model_version", "")),
+            model_variant=str(d.get("model_variant", "")),
         )
 
 

@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,10 +229,11 @@ def main(argv: list[str]) -> int:
     client = DetectorClient(config)
     sigterm = _SigtermAsInterrupt()
     model_classes: tuple[str, ...] = ()  # the served model's classes: how scoring maps them to categories
+    model_version = ""  # ... and which model they are of
     try:
         client.wait_ready()
         info = client.model_info()
-        model_classes = info.classes
+        model_classes, model_version = info.classes, info.version
         log.info("server: model %s %s (%s, %s) at %s", info.name, info.version, info.variant or info.precision,
                  info.backend, ", ".join(e.address for e in client.pool.endpoints))
         # In this order, so that an output that cannot be opened leaves the others' files as they
@@ -279,6 +281,7 @@ def main(argv: list[str]) -> int:
 
     summary = outcome.stats.as_dict()
     summary["source"] = without_credentials(str(args.source))
+    model_classes = _classes_of_answers(outcome.results, model_classes, model_version)
     kpi_error: PerceptionError | None = None
     answered_ok = any(r.status is FrameStatus.OK for r in outcome.results)
     if gt is not None and not answered_ok and not outcome.interrupted:
@@ -402,6 +405,18 @@ def _statuses(outcome: ReplayOutcome) -> str:
     for u in outcome.unanswered:
         counts[u.status.value] = counts.get(u.status.value, 0) + 1
     return ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "no frame"
+
+
+def _classes_of_answers(results: Sequence[FrameResult], classes: tuple[str, ...], version: str) -> tuple[str, ...]:
+    """``classes`` (the class list of model ``version``, read when the replay began) if that
+    model answered every OK frame, else (): a model swapped in mid-replay may name other
+    classes, and scoring then goes by the classes the answers name, as for a saved replay."""
+    others = {r.model_version for r in results if r.status is FrameStatus.OK and r.model_version} - {version}
+    if others and classes:
+        log.warning("frames were answered by model %s, not only by %s whose classes were read when the replay began: "
+                    "scoring matches classes by the names the answers carry", ", ".join(sorted(others)), version)
+        return ()
+    return classes
 
 
 def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool,

@@ -39,6 +39,7 @@ def test_replay_mcap_two_cameras_max_rate(tmp_path: Path, server: str, capsys: p
     assert set(r0["timings"]) == {"queue_us", "preprocess_us", "inference_us", "postprocess_us", "total_us",
                                   "batch_size"}
     assert r0["latency_ms"] > 0
+    assert r0["model_version"] and r0["model_variant"]  # which model answered (it changes on a swap)
     for d in (x for r in recs for x in r["detections"]):
         x1, y1, x2, y2 = d["box"]
         assert 0 <= x1 <= x2 <= 96 and 0 <= y1 <= y2 <= 64 and d["class_name"] == CLASSES[d["class_id"]]
