@@ -1,4 +1,4 @@
-"""``perception compare A.jsonl B.jsonl [--gt GT.json] [--iou 0.5]``: what changes on the same
+"""``perception compare A.jsonl B.jsonl [--gt GT.json [--model-classes M]] [--iou 0.5]``: what changes on the same
 drive when engine A is replaced by engine B — per-frame detection diff and KPI side by side."""
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pair-iou", type=float, default=0.1, help="lowest IoU at which two detections are paired (default 0.1)"
     )
+    p.add_argument("--model-classes", type=Path, metavar="FILE",
+                   help="with --gt: the class list of the models that answered (their manifest.json, or a text "
+                        "file of one name per line), as a live replay reads it from the server; it decides "
+                        "whether classes are matched to categories by name or by class id")
     p.add_argument("--kpi-score-threshold", type=float, default=0.25, help="score threshold for precision / recall")
     p.add_argument("--json", action="store_true",
                    help="print the full report (per-frame diffs) as JSON instead of a table")
@@ -66,6 +70,21 @@ def _fmt_table(report: dict[str, Any], a: str, b: str, top: list[dict[str, Any]]
     return "\n".join(lines)
 
 
+def _model_classes(path: Path) -> tuple[str, ...]:
+    """The classes of a model's manifest.json, or of a text file of one name per line."""
+    if path.suffix == ".json":
+        from perception.manifest import load_manifest
+
+        return load_manifest(path, verify_checksums=False).classes
+    try:
+        names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--model-classes {path}: cannot read it: {exc}") from exc
+    if not names:
+        raise ConfigError(f"--model-classes {path}: no class name in it")
+    return names
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.iou <= 1.0 or not 0.0 < args.pair_iou <= args.iou:
@@ -81,9 +100,10 @@ def main(argv: list[str]) -> int:
     report = rep.as_dict()
     if args.gt:
         gt = GroundTruthIndex.load(args.gt)
+        classes = _model_classes(args.model_classes) if args.model_classes else ()
         report["kpi"] = {
-            "a": evaluate_replay(ra, gt, args.kpi_score_threshold),
-            "b": evaluate_replay(rb, gt, args.kpi_score_threshold),
+            "a": evaluate_replay(ra, gt, args.kpi_score_threshold, model_classes=classes),
+            "b": evaluate_replay(rb, gt, args.kpi_score_threshold, model_classes=classes),
         }
     ranked = sorted((d for d in rep.diffs if d.changes), key=lambda d: -d.changes)[: max(0, args.top)]
     if args.json_out:

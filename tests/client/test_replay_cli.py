@@ -291,6 +291,30 @@ def test_compare_with_gt_puts_kpi_side_by_side(tmp_path: Path, capsys: pytest.Ca
     assert "recall" in capsys.readouterr().out
 
 
+def test_compare_scores_with_the_model_classes_as_a_live_replay_does(tmp_path: Path) -> None:
+    """Without the model's class list a saved replay was scored by the names detected alone:
+    trucks only, on ground truth of car and pedestrian, went by class id (truck = id 1 =
+    pedestrian), where the live replay, told the model also has car, left them out."""
+    gt = {"images": [{"id": 1, "file_name": "front/000000.jpg", "width": 640, "height": 480}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 50, 30], "area": 1500,
+                           "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "pedestrian"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    truck = _rec(0, [([10, 10, 60, 40], 1)])
+    truck["file_name"] = "front/000000.jpg"
+    (tmp_path / "a.jsonl").write_text(json.dumps(truck) + "\n")
+    (tmp_path / "classes.txt").write_text("car\ntruck\n")
+    argv = ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"), "--gt", str(tmp_path / "gt.json")]
+    for extra, matched_by, unknown in (([], "class id", 0),
+                                       (["--model-classes", str(tmp_path / "classes.txt")], "name", 1)):
+        out = tmp_path / "cmp.json"
+        assert main([*argv, *extra, "--json-out", str(out)]) == 0
+        kpi = json.loads(out.read_text())["kpi"]["a"]
+        assert (kpi["classes_matched_by"], kpi["unknown_class_detections"]) == (matched_by, unknown)
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main([*argv, "--model-classes", str(tmp_path / "empty.txt")]) != 0
+
+
 def test_compare_treats_identical_degenerate_boxes_as_unchanged(tmp_path: Path) -> None:
     flat = ([10, 0, 60, 0], 2)  # zero height: IoU is 0/0, but it is the same detection
     p = tmp_path / "a.jsonl"
