@@ -1,7 +1,8 @@
 """Greedy non-maximum suppression, vectorised over the candidate set.
 
 Measured (docs/performance.md): numpy NMS over thousands of candidates costs as much as a
-small model, so callers cut candidates by score and a pre-NMS top-k first.
+small model, so callers cut candidates by score and a pre-NMS top-k first, and ``batched_nms``
+runs OpenCV's C++ NMS where it keeps the same boxes.
 """
 
 from __future__ import annotations
