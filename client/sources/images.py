@@ -3,12 +3,16 @@ stay raw (re-encoding costs client CPU and image quality for nothing)."""
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 
 from client.frames import RawPixels, SourceFrame
 from perception.decode import PixelFormat
 from perception.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # ROS sensor_msgs/Image encodings the wire carries without conversion.
 _ROS_RAW = {
@@ -43,13 +47,18 @@ def is_encoded_image(data: bytes) -> bool:
 
 def compressed_frame(camera_id: str, sequence: int, timestamp_ns: int, data: bytes, where: str) -> SourceFrame:
     """A CompressedImage payload: JPEG/PNG as-is; any other still-image format OpenCV reads
-    (BMP, TIFF, WebP) is decoded and sent raw."""
+    (BMP, TIFF, WebP) is decoded and sent raw; a payload nothing reads (empty, damaged) is sent
+    as it is, for the server to answer INVALID, as a damaged JPEG is."""
     data = bytes(data)
     if is_encoded_image(data):
         return SourceFrame(camera_id, sequence, timestamp_ns, encoded=data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
-        raise DataError(f"{where}: compressed image is neither JPEG, PNG nor another format OpenCV can read")
+        # Raising here ended the whole replay at the first bad message; the frames after it got no record.
+        log.warning("%s: %s; sent as it is, for the server to answer INVALID", where,
+                    "empty compressed image" if not data else "compressed image is neither JPEG, PNG nor another "
+                    "format OpenCV can read")
+        return SourceFrame(camera_id, sequence, timestamp_ns, encoded=data)
     return bgr_frame(camera_id, sequence, timestamp_ns, img)
 
 

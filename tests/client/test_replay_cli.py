@@ -101,6 +101,33 @@ def test_replay_folder_with_an_empty_and_an_undecodable_file_goes_on(tmp_path: P
     assert json.loads(summ.read_text())["dropped"] == {"invalid": 2}
 
 
+def test_replay_mcap_with_an_empty_and_a_damaged_image_message_goes_on(tmp_path: Path, server: str) -> None:
+    """A CompressedImage payload nothing could read ended the replay at that message, the
+    messages after it without a record, where a damaged image file in a folder is answered
+    INVALID and the replay goes on. Now the recording's is too."""
+    from mcap_ros2.writer import Writer
+
+    payloads = [R.jpeg(R.scene(0)), b"\x00not an image", R.jpeg(R.scene(2)), b"", R.jpeg(R.scene(4))]
+    src = tmp_path / "d.mcap"
+    with open(src, "wb") as f:
+        w = Writer(f)
+        comp = w.register_msgdef("sensor_msgs/msg/CompressedImage", R.COMPRESSED_DEF)
+        for i, data in enumerate(payloads):
+            ts = R.T0_NS + i * 50_000_000
+            stamp = {"sec": ts // 10**9, "nanosec": ts % 10**9}
+            w.write_message("/cameras/front/image/compressed", comp,
+                            {"header": {"stamp": stamp, "frame_id": "front"}, "format": "jpeg", "data": data},
+                            log_time=ts)
+        w.finish()
+    out, summ = tmp_path / "o.jsonl", tmp_path / "s.json"
+    assert _replay(str(src), "--server", server, "--out", str(out), "--json-out", str(summ), "--max-rate") == 0
+    recs = _jsonl(out)
+    assert [(r["sequence"], r["status"]) for r in recs] == [
+        (0, "OK"), (1, "INVALID"), (2, "OK"), (3, "INVALID"), (4, "OK")]
+    assert all(recs[i]["message"] for i in (1, 3))
+    assert json.loads(summ.read_text())["dropped"] == {"invalid": 2}
+
+
 def test_a_looped_replay_keeps_no_file_names_unless_it_keeps_results(tmp_path: Path, server: str) -> None:
     """--loop without --gt keeps no results: it kept every frame's file name all the same."""
     from client.config import ClientConfig
