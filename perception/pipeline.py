@@ -257,25 +257,36 @@ class FramePipeline:
         return normalize_batch([c for c in canvases if c is not None], self.spec)
 
     def check_finite(self, outputs: Outputs) -> None:
-        """ModelError when, on a frame of a run, a part of what the layout's decoder reads (its
-        boxes, scores, objectness...; a post-NMS model's rows up to ``num_dets`` only, as the
-        import judges them) holds no finite value: a model that diverged, or an export or
-        quantization gone wrong. Post-processing drops non-finite candidates, so such a model
-        answered every frame OK with no detection, and health and probation saw nothing wrong.
-        ``outputs`` are a run's, with the batch axis. Each part of each frame is judged on its
-        own (finite boxes beside NaN scores, or one NaN frame of a batch, are caught); O(1) per
-        part unless its first value is not finite."""
+        """ModelError when, on any frame of a run (``outputs`` with the batch axis), a part of
+        what the layout's decoder reads holds no finite value (``check_frame``): the warm-up's
+        and the verification's test of a whole model."""
         arrays = {name: np.asarray(a) for name, a in outputs.items()}
         if not arrays or any(a.ndim == 0 for a in arrays.values()):
             return  # no batch axis to read frames along: nothing the decoder could take either
         for i in range(min(len(a) for a in arrays.values())):
-            roles = self._role_arrays({name: a[i] for name, a in arrays.items()})
-            for part, (role, values) in self.decoder.parts(roles).items():
-                v = np.asarray(values)
-                if v.size and v.dtype.kind in "fc" and not np.isfinite(v.flat[0]) and not np.isfinite(v).any():
-                    name = (self._roles or {}).get(role, role)
-                    raise ModelError(f"the model's {part} (output {name!r}) are all NaN or infinite: it computes "
-                                     "nothing usable on this runtime")
+            self.check_frame({name: a[i] for name, a in arrays.items()})
+
+    def check_frame(self, outputs: Outputs) -> None:
+        """ModelError when a part of what the layout's decoder reads of one frame's outputs (its
+        boxes, scores, objectness...; a post-NMS model's rows up to ``num_dets`` only, as the
+        import judges them) holds no finite value: a model that diverged, or an export or
+        quantization gone wrong. Post-processing drops non-finite candidates, so such a model
+        answered every frame OK with no detection, and health and probation saw nothing wrong.
+        Each part is judged on its own (finite boxes beside NaN scores in one tensor are
+        caught); O(1) per part unless its first value is not finite. The server judges each
+        frame of a batch alone, so one frame's NaN costs only that frame its answer."""
+        roles = self._role_arrays(outputs)
+        try:
+            parts = self.decoder.parts(roles)
+        except (IndexError, ValueError) as exc:  # e.g. an output at another rank than it bound with
+            raise ModelError(f"the model's outputs do not read as the {self.postprocess.output_layout} layout: "
+                             f"{exc}") from exc
+        for part, (role, values) in parts.items():
+            v = np.asarray(values)
+            if v.size and v.dtype.kind in "fc" and not np.isfinite(v.flat[0]) and not np.isfinite(v).any():
+                name = (self._roles or {}).get(role, role)
+                raise ModelError(f"the model's {part} (output {name!r}) are all NaN or infinite: it computes "
+                                 "nothing usable on this runtime")
 
     def _role_arrays(self, outputs: Outputs) -> dict[str, NDArray[Any]]:
         if self._roles is None:

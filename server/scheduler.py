@@ -467,6 +467,7 @@ class Scheduler:
         model = jobs[0].model
         infer = self._infer if model is None else model.infer
         to_batch = self._to_batch if model is None else model.to_batch
+        one_frame = frame_outputs if model is None else model.frame_outputs  # a model's checks each frame
         try:
             batch = to_batch([j.tensor for j in jobs])
             out = infer(batch)
@@ -494,7 +495,10 @@ class Scheduler:
             outputs = None
             if out is not None:
                 try:
-                    outputs = frame_outputs(out, i)
+                    outputs = one_frame(out, i)
+                except PerceptionError as exc:  # e.g. its outputs are all NaN: this frame fails, not the batch
+                    error = f"error id {uuid.uuid4().hex[:12]}"
+                    log.error("the output of frame %d of a batch of %d is unusable (%s): %s", i, len(jobs), error, exc)
                 except Exception:  # e.g. an output without the batch's axis: every frame is still answered
                     error = f"error id {uuid.uuid4().hex[:12]}"
                     log.exception("the output of frame %d of a batch of %d is unusable (%s)", i, len(jobs), error)

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from perception.errors import ModelError
 from perception.manifest import Manifest, Variant, load_manifest
-from perception.pipeline import FramePipeline
+from perception.pipeline import FramePipeline, frame_outputs
 from server.model_stats import InferenceStats, stats_for
 from server.runtime.base import Backend
 
@@ -162,7 +162,13 @@ class ServedModel:
                     raise
                 log.info("%s: its engine was reloaded under a run; running it on the new one", self.describe())
                 out = self.backend.infer(batch)
-        self.pipeline.check_finite(out)
+        return out
+
+    def frame_outputs(self, outputs: Any, index: int) -> dict[str, Any]:
+        """Frame ``index``'s outputs of a run; ModelError if what the decoder reads of them holds
+        no finite value (``FramePipeline.check_frame``): that frame fails, not its batch."""
+        out = frame_outputs(outputs, index)
+        self.pipeline.check_frame(out)
         return out
 
     def to_batch(self, items: list[Any]) -> NDArray[np.float32]:

@@ -93,6 +93,7 @@ def _run(m: ServedModel, frames: Sequence[tuple[Path, str] | None]) -> tuple[lis
             t0 = time.perf_counter()
             out = m.infer(x)
             times.append(time.perf_counter() - t0)
+        m.pipeline.check_finite(out)  # a model that computes only NaN is no candidate either
         if prepared is not None:
             dets.append(m.pipeline.finish({n: a[0] for n, a in out.items()}, prepared))
     return dets, float(np.min(times))

@@ -560,3 +560,44 @@ def test_the_queue_depth_gauge_ends_at_the_depth_left(backend):
     if not closed:
         s.close("front")
     assert s.pending == 0 and metrics.depth == 0
+
+
+def test_a_frame_whose_outputs_are_all_nan_fails_alone(backend, tiny_manifest, caplog):
+    """The served model's non-finite check failed the whole batch when one frame's outputs were
+    all NaN: the other cameras' frames in it lost their answers too. Only that frame fails
+    now; health and probation still see the batch as failed."""
+    from perception.pipeline import FramePipeline
+    from server.served_model import ServedModel
+
+    class NanSecondFrame:
+        """The real engine, with every output of frame 1 of a batch NaN (input-dependent NaN)."""
+
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def infer(self, x):
+            out = {k: np.array(v, copy=True) for k, v in backend.infer(x).items()}
+            for v in out.values():
+                v[1:2] = np.nan
+            return out
+
+    m = load_manifest(tiny_manifest)
+    pipeline = FramePipeline.from_manifest(m)
+    pipeline.bind_outputs(backend.outputs)
+    model = ServedModel(str(tiny_manifest), m, m.variant(), NanSecondFrame(), pipeline, 2)
+    rec = Recorder()
+    outcomes: list[bool] = []
+    s = Scheduler(backend.infer, max_batch=2, max_wait_s=0.5, queue_size=8, max_pending=64,
+                  on_batch=lambda ok, model, seconds: outcomes.append(ok))
+    s._accepting = True
+    canvas = np.random.default_rng(0).integers(0, 255, (m.preprocess.input_height, m.preprocess.input_width, 3),
+                                               dtype=np.uint8)  # what the served model batches: letterboxed frames
+    s.submit(Job("front", canvas, rec.cb("front"), model=model))
+    s.submit(Job("rear", canvas.copy(), rec.cb("rear"), model=model))
+    s.start()  # both are queued: one batch of two
+    rec.wait(2)
+    s.stop(5)
+    assert rec.results["front"].status is OK and rec.results["front"].batch_size == 2
+    assert rec.results["rear"].status is JobStatus.ERROR and "error id" in rec.results["rear"].message
+    assert "all NaN or infinite" in caplog.text
+    assert outcomes == [False], "health and probation see the batch as failed"
