@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pair-iou", type=float, default=0.1, help="lowest IoU at which two detections are paired (default 0.1)"
     )
     p.add_argument("--model-classes", type=Path, metavar="FILE",
-                   help="with --gt: the class list of the models that answered (their manifest.json, or a text "
-                        "file of one name per line), as a live replay reads it from the server; it decides "
-                        "whether classes are matched to categories by name or by class id")
+                   help="with --gt: the class list of the model that answered (its manifest.json or directory, "
+                        "used only for a run that model answered, or a text file of one name per line), as a "
+                        "live replay reads it from the server; it decides whether classes are matched to "
+                        "categories by name or by class id")
     p.add_argument("--kpi-score-threshold", type=float, default=0.25, help="score threshold for precision / recall")
     p.add_argument("--json", action="store_true",
                    help="print the full report (per-frame diffs) as JSON instead of a table")
@@ -70,27 +71,35 @@ def _fmt_table(report: dict[str, Any], a: str, b: str, top: list[dict[str, Any]]
     return "\n".join(lines)
 
 
-def _model_classes(path: Path) -> tuple[str, ...]:
-    """The classes of a model's manifest.json, or of a text file of one name per line."""
-    if path.suffix == ".json":
+def _model_classes(path: Path) -> tuple[tuple[str, ...], str]:
+    """(classes, version) of a model's manifest.json or directory, or (classes, "") of a text
+    file of one name per line."""
+    if path.is_dir() or path.suffix.lower() == ".json":
+        from perception.errors import PerceptionError
         from perception.manifest import load_manifest
 
-        return load_manifest(path, verify_checksums=False).classes
+        try:
+            manifest = load_manifest(path, verify_checksums=False)
+        except PerceptionError as exc:
+            raise ConfigError(f"--model-classes {path}: {exc}") from exc
+        return manifest.classes, manifest.version
     try:
         names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--model-classes {path}: cannot read it: {exc}") from exc
     if not names:
         raise ConfigError(f"--model-classes {path}: no class name in it")
-    return names
+    return names, ""
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.iou <= 1.0 or not 0.0 < args.pair_iou <= args.iou:
         raise ConfigError("need 0 < --pair-iou <= --iou <= 1")
+    if args.model_classes and not args.gt:
+        raise ConfigError("--model-classes needs --gt: it decides how the runs are scored against it")
     from client.compare import compare_runs
-    from client.evaluation import evaluate_replay
+    from client.evaluation import classes_of_answers, evaluate_replay
     from client.ground_truth import GroundTruthIndex
     from client.sinks.atomic_json import write_json_atomic
     from client.sinks.jsonl import load_results
@@ -100,10 +109,11 @@ def main(argv: list[str]) -> int:
     report = rep.as_dict()
     if args.gt:
         gt = GroundTruthIndex.load(args.gt)
-        classes = _model_classes(args.model_classes) if args.model_classes else ()
-        report["kpi"] = {
-            "a": evaluate_replay(ra, gt, args.kpi_score_threshold, model_classes=classes),
-            "b": evaluate_replay(rb, gt, args.kpi_score_threshold, model_classes=classes),
+        classes, version = _model_classes(args.model_classes) if args.model_classes else ((), "")
+        report["kpi"] = {  # each run with the list only if that model answered it (a manifest says which)
+            side: evaluate_replay(run, gt, args.kpi_score_threshold, model_classes=classes_of_answers(
+                run, classes, version, f"given by --model-classes (for run {side.upper()})"))
+            for side, run in (("a", ra), ("b", rb))
         }
     ranked = sorted((d for d in rep.diffs if d.changes), key=lambda d: -d.changes)[: max(0, args.top)]
     if args.json_out:

@@ -8,12 +8,15 @@ missed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from client.frames import FrameResult, FrameStatus
 from client.ground_truth import GroundTruthIndex, coco_predictions
 from perception.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_replay(
@@ -69,3 +72,17 @@ def evaluate_replay(
         classes_matched_by=preds.classes_matched_by,
     )
     return out
+
+
+def classes_of_answers(results: Sequence[FrameResult], classes: tuple[str, ...], version: str,
+                       whence: str) -> tuple[str, ...]:
+    """``classes`` (the class list of model ``version``) if that model answered every OK frame
+    that says which model answered it, else (): another model (one swapped in mid-replay) may
+    name other classes, and scoring then goes by the names the answers carry, as without a
+    list. ``version`` "" (a list of names alone): ``classes`` as they are."""
+    others = {r.model_version for r in results if r.status is FrameStatus.OK and r.model_version} - {version}
+    if version and others and classes:
+        log.warning("frames were answered by model %s, not only by %s whose classes were %s: scoring matches classes "
+                    "by the names the answers carry", ", ".join(sorted(others)), version, whence)
+        return ()
+    return classes

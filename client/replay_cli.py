@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,7 +179,7 @@ def _total_frames(source: Any, pacing: Pacing) -> int | None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from client.detector_client import DetectorClient
-    from client.evaluation import evaluate_replay
+    from client.evaluation import classes_of_answers, evaluate_replay
     from client.ground_truth import GroundTruthIndex, coco_predictions
     from client.replay import Replay, ReplayConfig
     from client.sinks.atomic_json import write_json_atomic
@@ -281,7 +280,9 @@ def main(argv: list[str]) -> int:
 
     summary = outcome.stats.as_dict()
     summary["source"] = without_credentials(str(args.source))
-    model_classes = _classes_of_answers(outcome.results, model_classes, model_version)
+    if gt is not None or args.coco_results:  # (what is scored: a swap mid-replay is told only then)
+        model_classes = classes_of_answers(outcome.results, model_classes, model_version,
+                                           "read when the replay began")
     kpi_error: PerceptionError | None = None
     answered_ok = any(r.status is FrameStatus.OK for r in outcome.results)
     if gt is not None and not answered_ok and not outcome.interrupted:
@@ -405,18 +406,6 @@ def _statuses(outcome: ReplayOutcome) -> str:
     for u in outcome.unanswered:
         counts[u.status.value] = counts.get(u.status.value, 0) + 1
     return ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "no frame"
-
-
-def _classes_of_answers(results: Sequence[FrameResult], classes: tuple[str, ...], version: str) -> tuple[str, ...]:
-    """``classes`` (the class list of model ``version``, read when the replay began) if that
-    model answered every OK frame, else (): a model swapped in mid-replay may name other
-    classes, and scoring then goes by the classes the answers name, as for a saved replay."""
-    others = {r.model_version for r in results if r.status is FrameStatus.OK and r.model_version} - {version}
-    if others and classes:
-        log.warning("frames were answered by model %s, not only by %s whose classes were read when the replay began: "
-                    "scoring matches classes by the names the answers carry", ", ".join(sorted(others)), version)
-        return ()
-    return classes
 
 
 def _score_tracking(results: list[FrameResult], gt: GroundTruthIndex, confirmed_only: bool,

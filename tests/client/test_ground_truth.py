@@ -152,14 +152,14 @@ def test_the_model_list_is_used_only_for_answers_of_that_model() -> None:
     on the answers) may name other classes, so scoring falls back to the names answered."""
     import dataclasses
 
-    from client.replay_cli import _classes_of_answers
+    from client.evaluation import classes_of_answers
 
     answers = [dataclasses.replace(_answer("front", s), model_version="1.0.0") for s in range(2)]
-    assert _classes_of_answers(answers, ("car", "truck"), "1.0.0") == ("car", "truck")
+    assert classes_of_answers(answers, ("car", "truck"), "1.0.0", "read first") == ("car", "truck")
     swapped = [answers[0], dataclasses.replace(answers[1], model_version="2.0.0")]
-    assert _classes_of_answers(swapped, ("car", "truck"), "1.0.0") == ()
+    assert classes_of_answers(swapped, ("car", "truck"), "1.0.0", "read first") == ()
     dropped = dataclasses.replace(answers[1], model_version="2.0.0", status=FrameStatus.EXPIRED)
-    assert _classes_of_answers([answers[0], dropped], ("car", "truck"), "1.0.0") == ("car", "truck")
+    assert classes_of_answers([answers[0], dropped], ("car", "truck"), "1.0.0", "read first") == ("car", "truck")
     record = swapped[1].to_json_dict()  # the JSONL says which model answered each frame
     assert (record["model_version"], FrameResult.from_json_dict(record).model_version) == ("2.0.0", "2.0.0")
     assert "model_version" not in _answer("front", 0).to_json_dict()  # a server that did not say: as before

@@ -340,6 +340,28 @@ def test_compare_scores_with_the_model_classes_as_a_live_replay_does(tmp_path: P
         assert (kpi["classes_matched_by"], kpi["unknown_class_detections"]) == (matched_by, unknown)
     (tmp_path / "empty.txt").write_text("\n")
     assert main([*argv, "--model-classes", str(tmp_path / "empty.txt")]) != 0
+    assert main([*argv[:3], "--model-classes", str(tmp_path / "classes.txt")]) != 0  # nothing to score without --gt
+
+
+def test_compare_takes_a_manifests_classes_only_for_runs_that_model_answered(tmp_path: Path,
+                                                                             tiny_manifest: Path) -> None:
+    """One list for both runs scored a run another model answered with the wrong model's
+    classes; the records say which model answered, and a manifest says which model it is."""
+    gt = {"images": [{"id": 1, "file_name": "front/000000.jpg", "width": 640, "height": 480}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 50, 30], "area": 1500,
+                           "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "pedestrian"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    truck = dict(_rec(0, [([10, 10, 60, 40], 1)]), file_name="front/000000.jpg")
+    (tmp_path / "a.jsonl").write_text(json.dumps(dict(truck, model_version="0.0.1")) + "\n")  # the tiny model's
+    (tmp_path / "b.jsonl").write_text(json.dumps(dict(truck, model_version="2.0.0")) + "\n")
+    argv = ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--gt", str(tmp_path / "gt.json")]
+    for given in (tiny_manifest, tiny_manifest.parent):  # the manifest, or the model's directory
+        out = tmp_path / "cmp.json"
+        assert main([*argv, "--model-classes", str(given), "--json-out", str(out)]) == 0
+        kpi = json.loads(out.read_text())["kpi"]
+        assert (kpi["a"]["classes_matched_by"], kpi["b"]["classes_matched_by"]) == ("name", "class id")
+    assert main([*argv, "--model-classes", str(tmp_path / "missing.json")]) != 0
 
 
 def test_compare_treats_identical_degenerate_boxes_as_unchanged(tmp_path: Path) -> None:
