@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--class-agnostic-nms", action="store_true", help="one NMS across classes (default: per class)")
     r.add_argument("--track", action="store_true",
                    help="ask the server for tracks: every --out detection then carries track_id (0 = not tracked) "
-                        "and track_state (NEW, CONFIRMED, COASTING, or null when not tracked); without --track "
+                        "and track_state (NEW or CONFIRMED, or null when not tracked); without --track "
                         "the records have neither field, as before. --video-out colours boxes by track id. With "
                         "--gt carrying track_id per annotation (a generated drive's gt.json), the summary adds "
                         "MOTA, IDF1, ID switches, fragmentations, precision and recall ('tracking')")

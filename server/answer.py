@@ -252,4 +252,11 @@ def track_answer(answer: FrameAnswer, task: FrameTask, trackers: TrackSource | N
                                  resent=task.resent, frame_size=(answer.image_width, answer.image_height))
     except (InvalidInputError, TrackerUnavailable) as exc:  # a non-finite box, no tracker: answered untracked
         return dataclasses.replace(answer, message=f"not tracked: {exc}")
+    except Exception:  # a tracker bug costs this frame its tracks, never the stream and its other cameras
+        error = f"error id {uuid.uuid4().hex[:12]}"
+        log.exception("tracking camera %r frame %d failed (%s)", task.camera_id, task.sequence, error)
+        return dataclasses.replace(answer, message=f"not tracked: the tracker failed ({error})")
+    if result.late:
+        return dataclasses.replace(answer, tracks=result,
+                                   message="not tracked: it came after a later frame of its camera")
     return dataclasses.replace(answer, tracks=result)

@@ -4,9 +4,11 @@ Keyed by camera id (any hashable the caller picks; key by the camera, not by the
 stream that reconnects finds its camera's tracks). A camera not updated for ``ttl_s`` (on the
 pool's monotonic clock, not the cameras' capture clocks) is forgotten, and so is the least
 recently updated one when a new camera would exceed ``max_cameras``: a client inventing camera
-ids cannot grow the table. Each tracker holds at most ``max_tracks`` tracks, so the pool's
-memory is bounded by ``max_cameras * max_tracks`` tracks (about 200 bytes each: a 3x4
-float64 covariance block and an 8-vector, mostly).
+ids cannot grow the table. Each tracker holds at most ``max_tracks`` tracks (about 200 bytes
+each: a 3x4 float64 covariance block and an 8-vector, mostly), and each camera remembers its
+last frames' detections for re-sends within ``RESENT_DETECTIONS`` (about 44 bytes each), so
+the pool's memory is bounded by ``max_cameras`` times both: 64 cameras at 200 tracks, about
+2.6 MB of tracks and at most 23 MB of remembered detections.
 
 Thread-safe: the pool's lock covers only the table (lookup, recency, eviction); each camera's
 frames are stepped under that camera's own lock, one at a time, so no camera waits for another
@@ -69,6 +71,11 @@ log = logging.getLogger(__name__)
 # Frames remembered per camera to recognise a re-send: more than a client keeps in flight (the
 # client library's window is at most 32 frames).
 RESENT_FRAMES = 64
+# ... and at most this many of their detections in all (the oldest frames go first; the last
+# frame is always kept): a client asking for a thousand detections a frame made the memory of
+# 64 frames of 64 cameras 180 MB. At about 44 bytes a detection, 0.36 MB a camera at most
+# (a window of 32 frames in flight at 256 detections each).
+RESENT_DETECTIONS = 8 * 1024
 # A re-sent frame's box is the first answer's box of its class that it overlaps this much: the
 # same bytes through the same model, or through another variant after a degrade step or a swap.
 RESENT_IOU = 0.7
@@ -86,6 +93,7 @@ class _Entry:
     # sequence -> (the capture time it came with, its detections, its result), the last
     # RESENT_FRAMES frames
     recent: OrderedDict[int, tuple[int, Detections, TrackResult]] = field(default_factory=OrderedDict)
+    recent_detections: int = 0  # how many detections ``recent`` holds
     last_arrival_s: float | None = None  # when the last frame arrived (server clock), if known
     on_arrival_clock: bool = False  # the last frame had no capture time
     classes: tuple[str, ...] | None = None  # of the model whose detections were tracked
@@ -175,18 +183,36 @@ class TrackerPool:
                     # Onto the camera's own clock: its last frame was this long before this one.
                     tracker.shift_clock(ts - elapsed_ns - last)
             result = tracker.update(detections, ts, sequence)
+            if result.late:  # untracked, the tracker as it was: nothing of the camera's changes
+                return result
             entry.on_arrival_clock = unknown
             entry.last_arrival_s = arrival_s
             if result.restarted:
-                entry.recent.clear()
+                self._forget_recent(entry)
             if sequence is not None:
-                entry.recent[sequence] = (timestamp_ns, detections, result)
-                entry.recent.move_to_end(sequence)
-                while len(entry.recent) > RESENT_FRAMES:
-                    entry.recent.popitem(last=False)
+                self._remember(entry, sequence, (timestamp_ns, detections, result))
         if result.restarted:
             log.info("camera %r restarted (capture time or sequence went back): its tracks were reset", camera_id)
         return result
+
+    @staticmethod
+    def _remember(entry: _Entry, sequence: int, frame: tuple[int, Detections, TrackResult]) -> None:
+        """Keep ``frame`` among the camera's recent ones, within RESENT_FRAMES frames and
+        RESENT_DETECTIONS detections."""
+        old = entry.recent.pop(sequence, None)
+        if old is not None:
+            entry.recent_detections -= len(old[1])
+        entry.recent[sequence] = frame
+        entry.recent_detections += len(frame[1])
+        while len(entry.recent) > RESENT_FRAMES or (len(entry.recent) > 1
+                                                   and entry.recent_detections > RESENT_DETECTIONS):
+            _, dropped = entry.recent.popitem(last=False)
+            entry.recent_detections -= len(dropped[1])
+
+    @staticmethod
+    def _forget_recent(entry: _Entry) -> None:
+        entry.recent.clear()
+        entry.recent_detections = 0
 
     @staticmethod
     def _resent(entry: _Entry, timestamp_ns: int, sequence: int | None, detections: Detections) -> TrackResult | None:
@@ -222,14 +248,14 @@ class TrackerPool:
             log.info("camera %r: frames went from %dx%d to %dx%d; its tracks were scaled", camera_id, *old, *size)
         else:
             entry.tracker.reset()
-            entry.recent.clear()
+            TrackerPool._forget_recent(entry)
             log.info("camera %r: frames went from %dx%d to %dx%d, another view; its tracks were reset",
                      camera_id, *old, *size)
 
     @staticmethod
     def _reset(entry: _Entry) -> None:
         entry.tracker.reset()
-        entry.recent.clear()
+        TrackerPool._forget_recent(entry)
         entry.last_arrival_s = None
         entry.on_arrival_clock = False
 

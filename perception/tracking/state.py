@@ -33,11 +33,14 @@ class TrackResult:
     states: the state of that track after this frame (NEW or CONFIRMED: a track matched on
         this frame does not coast); None where the track id is 0.
     restarted: the tracker dropped every track first (the camera's time or sequence went back).
+    late: the frame came after a later frame of its camera; it is not tracked (every id 0) and
+        did not step the tracker.
     """
 
     track_ids: NDArray[np.int64]
     states: tuple[TrackState | None, ...]
     restarted: bool = False
+    late: bool = False
 
     def __len__(self) -> int:
         return int(self.track_ids.shape[0])

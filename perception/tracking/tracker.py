@@ -2,9 +2,17 @@
 
 Each frame (the detections after NMS, and the frame's capture timestamp in ns):
 
-1. Restart: a timestamp or sequence lower than the previous frame's means the camera
-   restarted, and every track is dropped. Ids keep counting up: no id is reused by a tracker
-   (nor by a pool of trackers, which share one counter).
+1. Order: a frame behind the previous one is one of three things.
+   - Late: its sequence a little behind (by at most ``LATE_FRAMES``, and not back to 0) and
+     its capture time too (by at most ``max_age_s``): a frame that arrived after a later one
+     of its camera (two calls in flight, two streams of one camera during a reconnect). It is
+     answered without tracks and does not step the tracker (``TrackResult.late``).
+   - A clock step: its capture time a little behind (by at most ``max_age_s``) while its
+     sequence goes on (or there is none), as when NTP or PTP steps the camera's clock: the
+     tracks go on, predicted across no time.
+   - Otherwise a restart (the sequence went back to 0 or far back, or the time far back): every
+     track is dropped. Ids keep counting up: no id is reused by a tracker (nor by a pool of
+     trackers, which share one counter).
 2. Age: tracks not matched for more than ``max_age_s`` of capture time are dropped; the rest
    are predicted to this frame's time (``dt`` in seconds, so frames dropped upstream as stale
    or expired are predicted across, not counted).
@@ -59,6 +67,12 @@ _NEW, _CONFIRMED, _COASTING = kernels.NEW, kernels.CONFIRMED, kernels.COASTING
 _STATES = (TrackState.NEW, TrackState.CONFIRMED, TrackState.COASTING)
 _STATE_OR_NONE = (*_STATES, None)  # indexed by a code, or by -1 for "no track"
 _NS_PER_S = 1_000_000_000
+# How far behind the previous frame's sequence a frame may be and still be a late one rather
+# than a camera restart: the frames a client keeps in flight (the client library's window is 32).
+LATE_FRAMES = 32
+# Capture times within this of 0 ns keep every sum and difference the tracker takes in int64
+# (2**62 ns is 146 years either side of the clock's epoch); others are refused, not wrapped.
+MAX_ABS_TIMESTAMP_NS = 2**62
 
 
 class Tracker:
@@ -123,9 +137,15 @@ class Tracker:
         """Move every time the tracker holds by ``delta_ns``: the camera's frames go on on
         another clock (``TrackerPool`` does this when a camera that sent no capture time, and
         was tracked on the arrival clock, starts sending one)."""
+        delta = int(delta_ns)
+        moved = [t + delta for t in ([self._last_ns] if self._last_ns is not None else [])]
+        if len(self):
+            moved += [int(self._last_matched.min()) + delta, int(self._last_matched.max()) + delta]
+        if any(abs(t) > MAX_ABS_TIMESTAMP_NS for t in moved):  # checked before anything is changed
+            raise InvalidInputError(f"moving the camera's clock by {delta} ns takes its times past 2**62 ns")
         if self._last_ns is not None:
-            self._last_ns += int(delta_ns)
-        self._last_matched = self._last_matched + np.int64(delta_ns)
+            self._last_ns += delta
+        self._last_matched = self._last_matched + np.int64(delta)
 
     def rescale(self, sx: float, sy: float) -> None:
         """The camera's frames are now ``sx`` times as wide and ``sy`` times as tall in pixels (a
@@ -157,6 +177,8 @@ class Tracker:
         InvalidInputError for a non-integer timestamp or sequence, or non-finite boxes or scores.
         """
         ts = _as_int("timestamp_ns", timestamp_ns)
+        if not -MAX_ABS_TIMESTAMP_NS <= ts <= MAX_ABS_TIMESTAMP_NS:
+            raise InvalidInputError(f"timestamp_ns {ts} is more than 2**62 ns (146 years) from the clock's epoch")
         seq = None if sequence is None else _as_int("sequence", sequence)
         # The kernels' array types: an array of another layout, or a read-only one, would
         # compile them anew, mid-stream.
@@ -166,15 +188,17 @@ class Tracker:
         if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
             raise InvalidInputError("detections with non-finite boxes or scores cannot be tracked")
 
-        restarted = self._last_ns is not None and (
-            ts < self._last_ns or (seq is not None and self._last_sequence is not None and seq < self._last_sequence)
-        )
+        order = self._order(ts, seq)
+        if order == "late":  # answered untracked; the tracker is left as it was
+            return TrackResult(track_ids=np.zeros((boxes.shape[0],), np.int64), states=(None,) * boxes.shape[0],
+                               late=True)
+        restarted = order == "restart"
         if restarted:
             self._clear()
         dt = 0.0
         if not restarted and self._last_ns is not None and len(self):
             self._keep(ts - self._last_matched <= self._max_age_ns)
-            dt = (ts - self._last_ns) / _NS_PER_S
+            dt = max(0.0, (ts - self._last_ns) / _NS_PER_S)  # a clock step back: predicted across no time
             if dt > 0 and len(self):
                 self._mean, self._cov = self._kf.predict(self._mean, self._cov, dt)
         self._last_ns = ts
@@ -223,6 +247,20 @@ class Tracker:
         return TrackResult(track_ids=out_ids, states=states, restarted=bool(restarted))
 
     # --- internals --------------------------------------------------------------------------
+
+    def _order(self, ts: int, seq: int | None) -> str:
+        """"next", "late", "clock step" or "restart": a frame at ``ts`` / ``seq`` against the
+        previous one (see the module docstring)."""
+        if self._last_ns is None:
+            return "next"
+        last_seq = self._last_sequence
+        behind_ns = self._last_ns - ts
+        if seq is not None and last_seq is not None and seq < last_seq:
+            late = seq > 0 and last_seq - seq <= LATE_FRAMES and 0 <= behind_ns <= self._max_age_ns
+            return "late" if late else "restart"
+        if behind_ns <= 0:
+            return "next"
+        return "clock step" if behind_ns <= self._max_age_ns else "restart"
 
     def _birth(
         self,

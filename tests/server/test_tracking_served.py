@@ -206,3 +206,23 @@ def test_the_server_imports_without_numba() -> None:
     code = ("import sys; import server.cli, server.app, server.service, server.stream, server.kserve; "
             "assert 'numba' not in sys.modules, 'numba loaded'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+
+
+def test_hostile_capture_times_and_late_frames_keep_the_stream_and_its_tracks(serve: Any) -> None:
+    """A capture time of 2**63 - 1, then a frame without one, ended the whole stream with
+    INTERNAL (an OverflowError in the tracker), its other cameras' answers gone; a frame that
+    came after a later one of its camera reset every track of the camera."""
+    run = serve()
+    frames = [_tracked("front", i) for i in range(3)]
+    huge = _tracked("rear", 0)
+    huge.frame.capture_timestamp_ns = 2**63 - 1
+    none = _tracked("rear", 1)
+    none.frame.capture_timestamp_ns = 0
+    late, after = _tracked("front", 4), _tracked("front", 3)  # 4 answered before 3
+    answers = _lockstep(run, [*frames, huge, none, late, after, _tracked("front", 5)])
+    assert len(answers) == 8 and all(a.status == pb.FRAME_STATUS_OK for a in answers)
+    assert "not tracked" in answers[3].message and {d.track_id for d in answers[3].detections} == {0}
+    ids = sorted(d.track_id for d in answers[0].detections)
+    assert sorted(d.track_id for d in answers[5].detections) == ids  # frame 4
+    assert "after a later frame" in answers[6].message and {d.track_id for d in answers[6].detections} == {0}
+    assert sorted(d.track_id for d in answers[7].detections) == ids  # frame 5: the tracks went on
