@@ -36,6 +36,8 @@ PARAMETERS = ("score_threshold", "iou_threshold", "max_detections", "class_filte
 EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 FINAL_RESPONSE = "triton_final_response"
 TRITON_PARAMETERS = (EMPTY_FINAL_RESPONSE,)
+# The one input parameter taken: the size of the input's raw contents, as the KServe SDK sends it.
+BINARY_DATA_SIZE = "binary_data_size"
 
 
 class Datatype(str, Enum):
@@ -101,12 +103,13 @@ class Parameters(NamedTuple):
 def parse_parameters(params: Mapping[str, kpb.InferParameter], max_class_filter: int) -> Parameters:
     reserved = sorted(p for p in params if p.startswith("triton_") and p not in TRITON_PARAMETERS)
     if reserved:  # as Triton answers them
+        got = ", ".join(shown(r) for r in reserved[:8])
         raise InvalidInputError(f"parameters starting with 'triton_' are reserved; of those, only "
-                                f"{list(TRITON_PARAMETERS)} are allowed, got {[shown(r) for r in reserved[:8]]}")
+                                f"{list(TRITON_PARAMETERS)} are allowed, got [{got}]")
     unknown = sorted(set(params) - set(PARAMETERS) - set(TRITON_PARAMETERS))
     if unknown:
-        raise InvalidInputError(f"unknown parameters {[shown(u) for u in unknown[:8]]}; this model takes "
-                                f"{list(PARAMETERS)}")
+        got = ", ".join(shown(u) for u in unknown[:8])
+        raise InvalidInputError(f"unknown parameters [{got}]; this model takes {list(PARAMETERS)}")
     thresholds = {n: float(_param(params, n, _NUMBER, "a number") or 0.0) for n in ("score_threshold", "iou_threshold")}
     for name, value in thresholds.items():
         if not math.isfinite(value):
@@ -141,15 +144,16 @@ def _param(params: Mapping[str, kpb.InferParameter], name: str, kinds: tuple[str
 def _class_ids(value: str | int | None, max_class_filter: int) -> tuple[int, ...]:
     if value is None or isinstance(value, int):
         return () if value is None else (value,)
-    if value.count(",") >= max_class_filter:  # counted before anything is split
-        raise InvalidInputError(f"class_filter has more than {max_class_filter} entries (one per class)")
+    if len(value) > max_class_filter * 12:  # measured before anything is split: 10 digits, a comma, a space
+        raise InvalidInputError(f"class_filter is {len(value)} characters long; the ids of this model's "
+                                f"{max_class_filter} classes take at most {max_class_filter * 12}")
     tokens = [t.strip() for t in value.split(",") if t.strip()]
-    try:
-        if any(len(t) > 10 for t in tokens):  # no class id has more digits; quoted whole, 4,300 did
-            raise ValueError
-        return tuple(int(t) for t in tokens)
-    except ValueError:
-        raise InvalidInputError(f'class_filter must be class ids like "0,2", got {shown(value)}') from None
+    if len(tokens) > max_class_filter:
+        raise InvalidInputError(f"class_filter has more than {max_class_filter} entries (one per class)")
+    # ASCII digits only: int() also read "1_0" as 10, "+1" and other scripts' digits.
+    if not all(t.isascii() and t.isdigit() and len(t) <= 10 for t in tokens):
+        raise InvalidInputError(f'class_filter must be class ids like "0,2", got {shown(value)}')
+    return tuple(int(t) for t in tokens)
 
 
 def frame_cameras(camera_ids: str, count: int) -> list[str]:
@@ -167,12 +171,15 @@ def requested_outputs(request: kpb.ModelInferRequest) -> list[str]:
     for o in request.outputs:
         if o.name not in OUTPUTS:
             raise InvalidInputError(f"unknown output {shown(o.name)}; this model has {list(OUTPUTS)}")
-        if o.parameters:
-            got = [shown(p) for p in o.parameters][:8]
-            raise InvalidInputError(f"output parameters are not supported (got {got} for {shown(o.name)}; "
+        # binary_data: the KServe SDK's RequestedOutput sends it; gRPC answers are binary anyway.
+        other = [p for p in o.parameters if not (p == "binary_data" and
+                                                 o.parameters[p].WhichOneof("parameter_choice") == "bool_param")]
+        if other:
+            got = ", ".join(shown(p) for p in other[:8])
+            raise InvalidInputError(f"output parameters are not supported (got [{got}] for {shown(o.name)}; "
                                     "shared memory and classification are not served)")
     if len(set(names)) != len(names):
-        raise InvalidInputError(f"outputs requested more than once: {[shown(n) for n in names][:8]}")
+        raise InvalidInputError(f"outputs requested more than once: [{', '.join(shown(n) for n in names[:8])}]")
     return names or list(OUTPUTS)
 
 
@@ -180,17 +187,29 @@ def request_frames(request: kpb.ModelInferRequest, max_frames: int) -> RequestFr
     """The frames of the request's one input, checked against its datatype and shape."""
     if [t.name for t in request.inputs] != [INPUT]:
         raise InvalidInputError(f"this model takes exactly one input {INPUT!r}, got "
-                                f"{[shown(t.name) for t in request.inputs][:8]}")
+                                f"[{', '.join(shown(t.name) for t in request.inputs[:8])}]")
     tensor = request.inputs[0]
-    if tensor.parameters:
-        got = [shown(p) for p in tensor.parameters][:8]
-        raise InvalidInputError(f"input parameters are not supported (got {got}; shared memory is not served)")
+    # binary_data_size: the KServe SDK's InferInput sends it with every numpy input (its
+    # binary_data default), and its gRPC client passes input parameters on: refused, every
+    # request of that client was.
+    other = [p for p in tensor.parameters if p != BINARY_DATA_SIZE]
+    if other:
+        got = ", ".join(shown(p) for p in other[:8])
+        raise InvalidInputError(f"input parameters are not supported (got [{got}]; shared memory is not served)")
     raw: bytes | None = None
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
             raise InvalidInputError("raw_input_contents must hold one entry per input, and no input may also "
                                     "carry typed contents")
         raw = request.raw_input_contents[0]
+    if BINARY_DATA_SIZE in tensor.parameters:
+        size = tensor.parameters[BINARY_DATA_SIZE]
+        kind = size.WhichOneof("parameter_choice")
+        if kind not in _INTEGER:
+            raise InvalidInputError(f"parameter {BINARY_DATA_SIZE} must be an integer")
+        if raw is not None and getattr(size, kind) != len(raw):
+            raise InvalidInputError(f"{BINARY_DATA_SIZE} is {getattr(size, kind)} but raw_input_contents holds "
+                                    f"{len(raw)} bytes")
     shape = _Shape(tensor.shape)
     if any(d < 1 for d in shape):
         raise InvalidInputError(f"{INPUT} shape {shape} has a dimension < 1")

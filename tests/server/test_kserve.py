@@ -931,6 +931,43 @@ def test_typed_contents_are_accepted(run):
     np.testing.assert_allclose(rows, native_rows(run, data), atol=1e-4)
 
 
+def test_a_request_shaped_as_the_kserve_sdk_sends_it_is_served(run):
+    """The KServe SDK's InferInput sets binary_data_size on every numpy input (its default) and
+    its gRPC client sends input parameters on; its RequestedOutput carries binary_data. Every
+    request of that client was refused ("input parameters are not supported")."""
+    data = jpeg(160, 120, seed=8)
+    raw = _prefixed(data)
+    tensor = _bytes_input([1])
+    tensor.parameters["binary_data_size"].int64_param = len(raw)
+    out = kpb.ModelInferRequest.InferRequestedOutputTensor(name="DETECTIONS")
+    out.parameters["binary_data"].bool_param = True
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    resp = infer(kpb.ModelInferRequest(model_name=MODEL, inputs=[tensor], outputs=[out], raw_input_contents=[raw]),
+                 timeout=10)
+    rows = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(-1, 6)
+    np.testing.assert_allclose(rows, native_rows(run, data), atol=1e-4)
+    tensor.parameters["binary_data_size"].int64_param = len(raw) + 1  # a size that is not the contents'
+    err = _plain_infer(run, kpb.ModelInferRequest(model_name=MODEL, inputs=[tensor], raw_input_contents=[raw]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents holds" in (err.details() or "")
+    tensor.parameters["shared_memory_region"].string_param = "cams"  # still not served, named once
+    err = _plain_infer(run, kpb.ModelInferRequest(model_name=MODEL, inputs=[tensor], raw_input_contents=[raw]))
+    assert "got ['shared_memory_region']" in (err.details() or ""), err.details()
+
+
+@pytest.mark.parametrize("ids, ok", [("0,2,", True), (" 1 , 3", True), ("1_0", False), ("+1", False),
+                                     ("\u0663", False), ("-1", False)])
+def test_class_filter_takes_ascii_ids_only(run, ids, ok):
+    """int() read "1_0" as 10, "+1" as 1 and an Arabic-Indic three as 3; a list with a trailing
+    comma was refused as having an entry too many."""
+    req = kpb.ModelInferRequest(model_name=MODEL, inputs=[_bytes_input([1])], raw_input_contents=[_prefixed(jpeg())],
+                                parameters={"class_filter": kpb.InferParameter(string_param=ids)})
+    infer = method(run.channel, "ModelInfer", kpb.ModelInferRequest, kpb.ModelInferResponse)
+    if ok:
+        infer(req, timeout=10)
+    else:
+        assert 'class ids like "0,2"' in (_plain_infer(run, req).details() or "")
+
+
 def test_until_the_model_is_attached_inference_is_unavailable(tiny_manifest):
     service = KServeService(NULL_METRICS, frozenset(), ready=lambda: False, draining=lambda: False)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
