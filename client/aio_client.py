@@ -133,11 +133,17 @@ class AsyncStreamSession(WindowCounters):
         if self._task is None or self._watch_task is None:
             raise RuntimeError(f"{self.name}: session tasks were not started")
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except asyncio.TimeoutError as exc:
-            late = NotReadyError(f"{self.name}: frames still unanswered after {timeout}s")
-            await self.abort(late)
-            raise late from exc
+            # asyncio.wait, not wait_for(shield(task)): a task that ``abort`` cancelled is done,
+            # not a CancelledError out of close() (which ``except Exception`` does not catch, and
+            # which reads as the caller's own cancellation); the session's error follows.
+            done, _ = await asyncio.wait({self._task}, timeout=timeout)
+            if not done:
+                late = NotReadyError(f"{self.name}: frames still unanswered after {timeout}s")
+                await self.abort(late)
+                raise late
+            failed = None if self._task.cancelled() else self._task.exception()
+            if failed is not None:
+                raise failed
         finally:
             self._watch_task.cancel()
         if self._window.error is not None:

@@ -176,9 +176,12 @@ class CameraWorker:
         for t in self._threads:
             t.start()
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float, deadline: float | None = None) -> None:
+        """Wait for the threads, ``timeout`` s at most, or until ``deadline`` (monotonic) when
+        given: one deadline for every camera of a node, not a timeout each."""
+        end = deadline if deadline is not None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, end - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
             # A capture blocked inside the camera driver / FFmpeg (bounded by its read timeout);
             # the threads are daemons, the process may exit under them.
@@ -470,8 +473,12 @@ class CameraNode:
     def stop(self) -> None:
         """Stop capturing, wait (bounded) for the answers in flight, end every thread."""
         self.stop_event.set()
+        # One deadline for the node: each stuck camera took the whole timeout in turn (12 s for
+        # three, past a container runtime's 10 s before SIGKILL and the lost summary).
+        timeout = self._config.stop_timeout_s + 2 * _POLL_S + 1.0
+        deadline = time.monotonic() + timeout
         for w in self.workers:
-            w.join(self._config.stop_timeout_s + 2 * _POLL_S + 1.0)
+            w.join(timeout, deadline)
 
     def summaries(self) -> list[CameraSummary]:
         return [w.summary() for w in self.workers]

@@ -70,6 +70,22 @@ def test_a_failing_on_result_ends_the_session_instead_of_hanging_send(server: st
     asyncio.run(run())
 
 
+def test_close_after_abort_raises_the_sessions_error_not_cancelled(server: str) -> None:
+    """Cleanup code that always closes: after abort(), close() raised CancelledError, which
+    ``except Exception`` does not catch and which took the caller's task down as if it had been
+    cancelled. The sync session raises its error; so does this one now."""
+    async def run() -> None:
+        async with AsyncDetectorClient(ClientConfig(targets=(server,), window=2)) as client:
+            s = client.stream(lambda f, r: None, name="aborted")
+            await s.send(_frames(1, "aborted")[0])
+            await s.abort()
+            with pytest.raises(PerceptionError, match="aborted"):
+                await s.close(5)
+            await asyncio.sleep(0)  # the caller's task was not cancelled: it goes on
+
+    asyncio.run(run())
+
+
 def test_async_stream_gives_up_on_a_dead_server() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -262,6 +262,44 @@ def test_a_camera_url_s_password_is_never_printed(
         assert "S3cret" not in text and "admin:" not in text
 
 
+def test_a_stop_waits_once_for_all_cameras_stuck_opening(server: str) -> None:
+    """Network cameras that take the connection and never answer are stuck inside OpenCV's open
+    (one at a time per process). SIGTERM joined each camera with the whole stop timeout in turn:
+    three such cameras took 12 s to exit, past a container runtime's 10 s before SIGKILL, and
+    the summary was lost. One deadline for the node now."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[Any] = []
+
+    def take() -> None:  # connections taken and never answered
+        try:
+            for _ in range(16):
+                held.append(listener.accept())
+        except OSError:  # the test closed the listener
+            pass
+
+    threading.Thread(target=take, daemon=True).start()
+    port = listener.getsockname()[1]
+    cameras = [f"http://127.0.0.1:{port}/hung{i}.mjpg" for i in range(3)]
+    cmd = [sys.executable, "-m", "perception.cli", "camera", *cameras, "--server", server]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for("the cameras to be opening", lambda: len(held) >= 1, timeout=30)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+        listener.close()
+    assert proc.returncode == 0 and took < 8.0, f"exit {proc.returncode} {took:.1f} s after SIGTERM"
+    assert all(f"hung{i}: captured 0" in out for i in range(3)), out  # the summary was printed
+
+
 def test_a_recording_without_loop_and_duplicate_ids_are_refused(server: str, tmp_path: Path) -> None:
     video = R.write_mp4(tmp_path / "a.mp4", n=2)
     with pytest.raises(ConfigError, match="add --loop"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,27 @@ def test_a_live_replay_that_gives_up_on_the_server_ends(tiny_manifest: Path, tmp
     assert len([r for r in after if r["status"] == "NOT_SENT"]) <= 1, "only the frame it stopped at"
 
 
+def test_an_unreachable_network_camera_fails_before_opencv_opens_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCV's FFmpeg backend opens one stream at a time per process: a dead camera held that
+    for its whole open timeout, and every other camera's reconnect waited behind it. A TCP
+    connect outside OpenCV fails it first, holding nothing."""
+    import cv2
+
+    from client.sources.live_source import LiveCapture
+
+    def no_open(*args: object) -> None:
+        raise AssertionError("OpenCV was asked to open an unreachable camera")
+
+    monkeypatch.setattr(cv2, "VideoCapture", no_open)
+    for url in ("rtsp://127.0.0.1:1/stream", "http://user:pw@127.0.0.1:1/video.mjpg"):
+        target = live_target(url)
+        assert target is not None
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match=r"127\.0\.0\.1:1 not reachable") as err:
+            LiveCapture(target).open()
+        assert time.monotonic() - t0 < 1.0 and "pw" not in str(err.value)
+
+
 def test_credentials_are_masked_wherever_a_url_is_printed() -> None:
     """A camera's URL is its name in logs and summaries: its user and password must not be."""
     from client.sources.live_source import without_credentials
@@ -165,5 +187,12 @@ def test_credentials_are_masked_wherever_a_url_is_printed() -> None:
     assert without_credentials("rtsp://admin:S3cret@10.0.0.5:554/front") == "rtsp://***@10.0.0.5:554/front"
     assert (without_credentials("rtspsrc location=rtsp://u:p@cam/x latency=0 ! decodebin ! appsink")
             == "rtspsrc location=rtsp://***@cam/x latency=0 ! decodebin ! appsink")
-    for plain in ("udp://@:1234", "/dev/video0", "http://10.0.0.5:8080/video.mjpg"):
+    for plain in ("udp://@:1234", "/dev/video0", "http://10.0.0.5:8080/video.mjpg",
+                  "http://cam/x?resolution=640x480&fps=15", "rtsp://cam/a@b"):  # "@" in the path: no user
         assert without_credentials(plain) == plain
+    # FFmpeg splits the user from the host at the last "@": a password holding one leaked its tail.
+    assert without_credentials("http://admin:p@ssW0rd@10.0.0.5/snap.jpg") == "http://***@10.0.0.5/snap.jpg"
+    assert (without_credentials("http://10.0.0.5/video.mjpg?user=admin&pwd=S3cretQ&fps=5")
+            == "http://10.0.0.5/video.mjpg?user=***&pwd=***&fps=5")
+    assert (without_credentials('rtspsrc location=rtsp://cam/x user-id=admin user-pw="S3 cret" ! appsink')
+            == "rtspsrc location=rtsp://cam/x user-id=*** user-pw=*** ! appsink")
