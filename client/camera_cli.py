@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -190,6 +191,7 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
     client = DetectorClient(config)
+    node: CameraNode | None = None
     try:
         node = CameraNode(cameras, client, node_config, write if args.out else None, stop=stop_event)
         # Only now: a refused argument (two cameras with one id) used to leave the last run's
@@ -210,6 +212,23 @@ def main(argv: list[str], stop: threading.Event | None = None) -> int:
             out.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if out is not None and out.error is not None:
-        raise DataError(f"writing answers failed, the node stopped: {out.error}") from out.error
+    failed = out.error if out is not None else None
+    if stop is None and node is not None and node.stuck:
+        # The node owns the process, and a camera's thread is stuck in OpenCV / FFmpeg, which
+        # nothing interrupts: finalizing the interpreter under it can abort the process
+        # (SIGABRT, exit -6, seen with three cameras that never answered). The summary and the
+        # answers are out: end the process now, with the exit code it would have had.
+        if failed:
+            print(f"perception camera: error: writing answers failed, the node stopped: {failed}", file=sys.stderr)
+        _exit_now(1 if failed else 0)
+    if failed is not None:
+        raise DataError(f"writing answers failed, the node stopped: {failed}") from failed
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once (no interpreter finalization), output flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -176,6 +176,11 @@ class CameraWorker:
         for t in self._threads:
             t.start()
 
+    @property
+    def busy(self) -> bool:
+        """A thread of the camera is still running (after ``join``: stuck in a native call)."""
+        return any(t.is_alive() for t in self._threads)
+
     def join(self, timeout: float, deadline: float | None = None) -> None:
         """Wait for the threads, ``timeout`` s at most, or until ``deadline`` (monotonic) when
         given: one deadline for every camera of a node, not a timeout each."""
@@ -479,6 +484,12 @@ class CameraNode:
         deadline = time.monotonic() + timeout
         for w in self.workers:
             w.join(timeout, deadline)
+
+    @property
+    def stuck(self) -> bool:
+        """After ``stop``: a camera's thread is still inside a native call (an open or a read
+        the camera never answers, bounded only by its own timeout)."""
+        return any(w.busy for w in self.workers)
 
     def summaries(self) -> list[CameraSummary]:
         return [w.summary() for w in self.workers]
