@@ -36,6 +36,7 @@ from perception.tracking import TrackerConfig
 from perception.v1 import detector_pb2 as pb
 from server import convert
 from server.config import ServerConfig
+from server.health_service import OwnServicesHealth
 from server.interceptors import ErrorInterceptor, TokenAuthInterceptor
 from server.limits import ServiceLimits
 from server.listen import bind, grpc_address
@@ -342,7 +343,7 @@ def create_server(
         interceptors=interceptors,
         options=options,
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = OwnServicesHealth(("", SERVICE_NAME))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -660,3 +660,23 @@ def test_a_stream_of_big_frames_has_one_in_the_server_at_a_time(serve: Any, monk
     # Every small frame answered: OK, or stale where a newer one of its camera waited with it.
     statuses = [a.status for a in small]
     assert len(statuses) == 4 and set(statuses) <= {pb.FRAME_STATUS_OK, pb.FRAME_STATUS_DROPPED_STALE}
+
+
+def test_health_watches_of_other_services_keep_nothing(serve: Any) -> None:
+    """The stock health servicer kept an entry for every service name a Watch asked about, and
+    health takes no token: a client grew the server by about 8 MB a call (a name as long as the
+    message limit), for good. Unknown services are answered SERVICE_UNKNOWN and the call ends;
+    the server's own services are watched as before."""
+    run = serve()
+    watch = run.channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+    for k in range(20):
+        name = f"not-served-{k}-" + "x" * 100_000
+        answers = list(watch(health_pb2.HealthCheckRequest(service=name), timeout=5))
+        assert [a.status for a in answers] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
+    servicer = run.server.health
+    assert set(servicer._send_response_callbacks) <= {"", "perception.v1.Detector"}
+    own = watch(health_pb2.HealthCheckRequest(service="perception.v1.Detector"), timeout=5)
+    assert next(own).status == health_pb2.HealthCheckResponse.SERVING  # and the call stays open
+    own.cancel()
