@@ -118,6 +118,37 @@ def _secure_stub(port: int, pki: Path, client_cert: bool) -> tuple[grpc.Channel,
     return ch, pb_grpc.DetectorStub(ch)
 
 
+def test_a_call_without_a_token_is_refused_before_its_request_arrives(serve):
+    """The refusal was a unary handler: gRPC waits for the request message before running it, so
+    a call that sent its headers and never a message held a handler thread until the connection
+    aged out (48 of them made health checks time out). Refused now as soon as the call starts."""
+    import threading
+    import time
+
+    run = serve(auth_tokens=("s3cret-token",), insecure_token=True)
+    never = threading.Event()
+
+    def no_message():  # headers go out; the message never does
+        never.wait(30)
+        return
+        yield
+
+    calls = []
+    for method in ("/perception.v1.Detector/GetModelInfo", "/perception.v1.Detector/Detect"):
+        open_call = run.channel.stream_unary(method, request_serializer=lambda b: b,
+                                             response_deserializer=lambda b: b)
+        calls += [open_call.future(no_message(), timeout=20) for _ in range(64)]
+    t0 = time.monotonic()
+    try:
+        for call in calls:
+            assert call.exception(timeout=10).code() == grpc.StatusCode.UNAUTHENTICATED
+        assert time.monotonic() - t0 < 5.0
+        check = health_check(run.channel)
+        assert check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        never.set()
+
+
 def test_tls(serve, pki):
     run = serve(channel=False, tls_cert=str(pki / "server.crt"), tls_key=str(pki / "server.key"))
     ch, stub = _secure_stub(run.port, pki, client_cert=False)
