@@ -417,6 +417,10 @@ def run_build(opts: BuildOptions, progress: Progress = _noop) -> tuple[Path, boo
             extra: dict[str, Any] = {}
             if opts.nms_in_graph and post.output_layout == "yolo_obj":
                 extra["nms_in_graph"] = _write_nms_model(fp32, staging / "model.fp32.nms.onnx", post)
+            elif opts.nms_in_graph:  # it finished without the file asked for, and said nothing
+                log.warning("--nms-in-graph writes model.fp32.nms.onnx for the YOLO-style family only; this model "
+                            "(layout %s) gets none%s", post.output_layout,
+                            " (its graph ends in NMS already)" if post.output_layout == "nms_detections" else "")
 
             limits = {n: opts.gates.limits(b.family, b.precision) for n, b in built.items()}
             # A TensorRT Q/DQ model is scored here through onnxruntime (the same quantization

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset of the exported models (default 17)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the engines accept")
     p.add_argument("--nms-in-graph", action="store_true",
-                   help="also write model.fp32.nms.onnx with ONNX NonMaxSuppression")
+                   help="also write model.fp32.nms.onnx with ONNX NonMaxSuppression (YOLO-style family only)")
     p.add_argument("--gate-fp16", type=float, default=0.2, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-int8", type=float, default=1.0, help="max mAP50-95 drop in points (default: %(default)s)")
     p.add_argument("--gate-pruned", type=float, default=1.5, help="max mAP50-95 drop in points (default: %(default)s)")

@@ -20,11 +20,14 @@ FAMILIES = {"ssd": "ssd", "rcnn": "nms_detections"}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_builds_serves_and_replays(tmp_path: Path, family: str) -> None:
+def test_family_builds_serves_and_replays(tmp_path: Path, family: str, caplog: pytest.LogCaptureFixture) -> None:
     checkpoint = REPO_ROOT / "models" / family / "detector.pt"
     out = tmp_path / "artifact"
     assert cli(["build", "--checkpoint", str(checkpoint), "--out", str(out), "--val-images", "24",
-                "--calib-images", "8", "--latency-runs", "3", "--no-report", "--continue-on-fail"]) == 0
+                "--calib-images", "8", "--latency-runs", "3", "--no-report", "--continue-on-fail",
+                "--nms-in-graph"]) == 0
+    # --nms-in-graph is the YOLO-style family's: said, where the build finished without the file
+    assert not (out / "model.fp32.nms.onnx").exists() and "YOLO-style family only" in caplog.text
     m = load_manifest(out / "manifest.json")
     assert m.postprocess.output_layout == FAMILIES[family]
     assert {v.precision.value for v in m.variants} == {"fp32", "fp16", "int8"}
