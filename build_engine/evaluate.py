@@ -146,6 +146,24 @@ def evaluate_checkpoint(
                            post=postprocess_for(model))
 
 
+def _layout_of_outputs(path: Path) -> str:
+    """The layout this project's exports of each family use, known by their output names: an
+    SSD head's decoded ``boxes`` and ``scores``, a two-stage model's post-NMS ``num_dets`` and
+    ``det_*``; else the YOLO-style ``yolo_obj``. (Read as ``yolo_obj`` whatever they were, the
+    other families' exports failed with a hint to map outputs, an option eval does not have.)"""
+    import onnx
+
+    try:
+        names = {o.name for o in onnx.load(str(path), load_external_data=False).graph.output}
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX file: {exc}") from exc
+    if "num_dets" in names and {"det_boxes", "det_scores", "det_classes"} <= names:
+        return "nms_detections"
+    if {"boxes", "scores"} <= names:
+        return "ssd"
+    return "yolo_obj"
+
+
 def evaluate_onnx(
     onnx_path: str | os.PathLike[str], data_dir: str | os.PathLike[str], score_threshold: float = 0.25,
     progress: bool = False,
@@ -167,6 +185,10 @@ def evaluate_onnx(
         pre = manifest.preprocess
         post = dataclasses.replace(manifest.postprocess, score_threshold=score_threshold)
         priors = load_priors_of(manifest.postprocess, p.parent)
+    else:  # a bare export: its layout read off its output names (the default YOLO head's otherwise)
+        from perception.manifest.schema import PostprocessSpec
+
+        post = PostprocessSpec(output_layout=_layout_of_outputs(p), score_threshold=score_threshold)
     run, close = onnx_runner(p)
     try:
         return evaluate_runner(run, ds, size, score_threshold, progress=progress, post=post, pre=pre, priors=priors)

@@ -5,6 +5,7 @@ against its ground truth - the same path the default model takes, nothing family
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def test_family_builds_serves_and_replays(tmp_path: Path, family: str, caplog: p
         assert v.metrics["map50"] > 0.5, (v.name, v.metrics)
     if family == "rcnn":
         assert all(v.max_batch == 1 for v in m.variants)  # proposal selection in the graph is per image
+    # The export alone, without its manifest: eval read every bare file as the YOLO-style layout
+    # and failed with a hint to map outputs, an option eval does not have.
+    bare, data = tmp_path / "bare", tmp_path / "val"
+    bare.mkdir()
+    shutil.copy(out / "model.fp32.onnx", bare / "model.onnx")
+    assert cli(["gen-data", "--out", str(data), "--images", "8", "--seed", "5", "--no-progress"]) == 0
+    for where in (bare / "model.onnx", out / "model.fp32.onnx"):
+        assert cli(["eval", "--onnx", str(where), "--data", str(data), "--out", str(tmp_path / where.parent.name),
+                    "--no-progress"]) == 0
+    kpis = [json.loads((tmp_path / d / "kpi.json").read_text())["map50_95"] for d in ("bare", "artifact")]
+    assert kpis[0] == kpis[1] > 0.3, kpis
     srv, port = create_server(ServerConfig(model=str(out / "manifest.json"), host="127.0.0.1", port=0,
                                            metrics_port=0, threads=1, warmup_iters=1, grace_s=1.0),
                               CollectorRegistry())
