@@ -320,3 +320,21 @@ def test_training_steps_reduce_the_loss() -> None:
     assert set(parts[0]) == {"rpn", "rpn_box", "rpn_obj", "cls", "box", "num_fg"} and parts[0]["num_fg"] > 0
     assert losses[-1] < 0.8 * losses[0]
     assert parts[-1]["rpn"] < parts[0]["rpn"] and parts[-1]["cls"] < parts[0]["cls"]  # both stages learn
+
+
+def test_the_export_check_holds_a_two_stage_export_to_its_checkpoints_detections(tmp_path: Path) -> None:
+    """check_export returned at once for the post-NMS layout: the export of another two-stage
+    model passed for the shipped checkpoint, so a broken fold or export moved the reference of
+    every gate unseen. Its detections on generated scenes are compared now."""
+    from build_engine.build import check_export, export_variant_onnx, load_model
+    from perception.errors import ModelError
+    from tests.conftest import REPO_ROOT
+
+    lm = load_model(REPO_ROOT / "models" / "rcnn" / "detector.pt")
+    own, _ = export_variant_onnx(lm, tmp_path / "own.onnx")
+    check_export(lm, own)
+    torch.manual_seed(0)
+    other = build_model(preset("edge", family="rcnn")).eval()
+    unrelated = export_onnx(other, str(tmp_path / "other.onnx"), (lm.input_height, lm.input_width))
+    with pytest.raises(ModelError, match="the BN folding or the export changed the model"):
+        check_export(lm, Path(unrelated))
