@@ -290,8 +290,7 @@ def _check_post_nms_export(lm: LoadedModel, path: Path, min_matched: float = 0.9
             (wb, wc), (gb, gc) = sets
             if not max(len(wb), len(gb)):
                 continue
-            ious = box_iou(np.asarray(wb, np.float32), np.asarray(gb, np.float32)) if len(wb) and len(gb) else \
-                np.zeros((len(wb), len(gb)), np.float32)
+            ious = box_iou(np.asarray(wb, np.float32), np.asarray(gb, np.float32))
             ious[wc[:, None] != gc[None, :]] = 0.0
             matched = int((ious.max(axis=1) >= iou).sum()) if ious.size else 0
             if matched < min_matched * max(len(wb), len(gb)):

@@ -469,23 +469,30 @@ def test_a_bug_in_the_batchers_bookkeeping_does_not_end_the_worker(backend, capl
     assert "bookkeeping bug" in caplog.text
 
 
+def _one_batch(infer, jobs) -> tuple[Recorder, list[bool]]:
+    """Run ``jobs`` ((name, tensor, model) each), all queued before the worker starts: one batch.
+    Returns their answers and what each batch told health and probation."""
+    rec = Recorder()
+    outcomes: list[bool] = []
+    s = Scheduler(infer, max_batch=len(jobs), max_wait_s=0.5, queue_size=8, max_pending=64,
+                  on_batch=lambda ok, model, seconds: outcomes.append(ok))
+    s._accepting = True
+    for name, x, model in jobs:
+        s.submit(Job(name, x, rec.cb(name), model=model))
+    s.start()
+    rec.wait(len(jobs))
+    s.stop(5)
+    return rec, outcomes
+
+
 def test_a_batch_whose_output_lacks_a_frame_answers_every_frame(backend, caplog):
     """An engine that returns one frame's output for a batch of two: the first frame is
     answered OK, the second ERROR with an error id (it used to be lost, never answered)."""
-    rec = Recorder()
 
     def short(x):
         return {k: v[:1] for k, v in backend.infer(x).items()}
 
-    outcomes: list[bool] = []
-    s = Scheduler(short, max_batch=2, max_wait_s=0.5, queue_size=8, max_pending=64,
-                  on_batch=lambda ok, model, seconds: outcomes.append(ok))
-    s._accepting = True
-    s.submit(Job("a", tensor(0), rec.cb("a")))
-    s.submit(Job("b", tensor(1), rec.cb("b")))
-    s.start()  # both are queued: one batch of two
-    rec.wait(2)
-    s.stop(5)
+    rec, outcomes = _one_batch(short, [("a", tensor(0), None), ("b", tensor(1), None)])
     assert rec.results["a"].status is OK and rec.results["a"].batch_size == 2
     assert rec.results["b"].status is JobStatus.ERROR and "error id" in rec.results["b"].message
     assert "unusable" in caplog.text
@@ -585,18 +592,9 @@ def test_a_frame_whose_outputs_are_all_nan_fails_alone(backend, tiny_manifest, c
     pipeline = FramePipeline.from_manifest(m)
     pipeline.bind_outputs(backend.outputs)
     model = ServedModel(str(tiny_manifest), m, m.variant(), NanSecondFrame(), pipeline, 2)
-    rec = Recorder()
-    outcomes: list[bool] = []
-    s = Scheduler(backend.infer, max_batch=2, max_wait_s=0.5, queue_size=8, max_pending=64,
-                  on_batch=lambda ok, model, seconds: outcomes.append(ok))
-    s._accepting = True
     canvas = np.random.default_rng(0).integers(0, 255, (m.preprocess.input_height, m.preprocess.input_width, 3),
                                                dtype=np.uint8)  # what the served model batches: letterboxed frames
-    s.submit(Job("front", canvas, rec.cb("front"), model=model))
-    s.submit(Job("rear", canvas.copy(), rec.cb("rear"), model=model))
-    s.start()  # both are queued: one batch of two
-    rec.wait(2)
-    s.stop(5)
+    rec, outcomes = _one_batch(backend.infer, [("front", canvas, model), ("rear", canvas.copy(), model)])
     assert rec.results["front"].status is OK and rec.results["front"].batch_size == 2
     assert rec.results["rear"].status is JobStatus.ERROR and "error id" in rec.results["rear"].message
     assert "all NaN or infinite" in caplog.text
